@@ -1,0 +1,413 @@
+//! The daemon's settings: defaults, the config file and command-line flags.
+//!
+//! The file uses nix.conf syntax (`key = value`, `#` comments). Every key is
+//! also a `--key value` flag; flags are applied after the file, so they win.
+//! Anything unknown or malformed stops the daemon before it binds a socket,
+//! with a message naming the file and line (or the flag), the key and the
+//! accepted form.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::sys;
+
+/// File name of the socket in the per-user runtime directory and under `/run`.
+pub const SOCKET_NAME: &str = "nix-post-build-hook-queue.sock";
+/// Name of the state directory under `/var/lib` or `$XDG_STATE_HOME`.
+pub const STATE_NAME: &str = "nix-post-build-hook-queue";
+
+/// Every setting of the daemon, after defaults, the file and the flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Unix socket the daemon listens on.
+    pub socket: PathBuf,
+    /// Directory of the journal.
+    pub state_dir: PathBuf,
+    /// Directory where clients leave requests while the daemon is away.
+    pub spool_dir: Option<PathBuf>,
+    /// The Nix store directory every path must be directly under.
+    pub store_dir: String,
+    /// Secret key for `nix store sign`; `None` means no signing.
+    pub signing_key_file: Option<PathBuf>,
+    /// Store URL for `nix copy --to`; `None` means no upload.
+    pub upload_to: Option<String>,
+    /// Sign the whole closure (`--recursive`), not only the queued paths.
+    pub sign_closure: bool,
+    /// Most paths given to one nix invocation.
+    pub batch_size: usize,
+    /// Longest a single nix invocation may run before it is killed.
+    pub command_timeout: Duration,
+    /// The `nix` program; `nix-store` is looked up beside it.
+    pub nix: PathBuf,
+    /// First delay after a failed upload.
+    pub retry_initial_delay: Duration,
+    /// Longest delay between two attempts for one path.
+    pub retry_max_delay: Duration,
+    /// Permission bits of the socket file (who may enqueue).
+    pub socket_mode: u32,
+    /// Group that owns the socket file, if not the daemon's own.
+    pub socket_group: Option<String>,
+    /// Prometheus text file rewritten every few seconds, if set.
+    pub metrics_file: Option<PathBuf>,
+    /// Most client connections served at once; more get `err busy`.
+    pub max_connections: usize,
+}
+
+/// A setting that could not be read, with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// `FILE:LINE`, `--flag` or the file name alone.
+    pub origin: String,
+    /// What is wrong and what is accepted.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.origin, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every key, with the form it takes, as shown by `--help` and in errors.
+pub const KEYS: &[(&str, &str)] = &[
+    ("socket", "path of the unix socket"),
+    ("state-dir", "directory of the journal"),
+    (
+        "spool-dir",
+        "directory of requests left while the daemon was away",
+    ),
+    ("store-dir", "absolute path of the Nix store"),
+    (
+        "signing-key-file",
+        "secret key file for nix store sign (empty: no signing)",
+    ),
+    (
+        "upload-to",
+        "store URL for nix copy --to (empty: no upload)",
+    ),
+    ("sign-closure", "true or false"),
+    ("batch-size", "whole number of paths, 1 or more"),
+    ("command-timeout", "seconds, e.g. 600 or 2.5"),
+    ("nix", "the nix program"),
+    ("retry-initial-delay", "seconds"),
+    ("retry-max-delay", "seconds"),
+    ("socket-mode", "octal permission bits, e.g. 0600 or 0660"),
+    (
+        "socket-group",
+        "group name or number (empty: the daemon's group)",
+    ),
+    (
+        "metrics-file",
+        "path of a Prometheus text file (empty: none)",
+    ),
+    ("max-connections", "whole number, 1 or more"),
+];
+
+/// The default socket path for this user: `/run/...` for root, else the
+/// per-user runtime directory. The client uses the same rule.
+pub fn default_socket() -> PathBuf {
+    if sys::is_root() {
+        return Path::new("/run").join(SOCKET_NAME);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join(SOCKET_NAME),
+        None => std::env::temp_dir().join(format!("nix-post-build-hook-queue-{}.sock", sys::uid())),
+    }
+}
+
+/// The default state directory: `/var/lib/...` for root, else
+/// `$XDG_STATE_HOME/...` (or `~/.local/state/...`).
+pub fn default_state_dir() -> PathBuf {
+    if sys::is_root() {
+        return Path::new("/var/lib").join(STATE_NAME);
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join(STATE_NAME);
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state").join(STATE_NAME),
+        None => std::env::temp_dir().join(format!("{STATE_NAME}-{}", sys::uid())),
+    }
+}
+
+/// The store directory Nix itself uses here: `$NIX_STORE_DIR` or `/nix/store`.
+pub fn default_store_dir() -> String {
+    match std::env::var("NIX_STORE_DIR") {
+        Ok(dir) if !dir.is_empty() => dir.trim_end_matches('/').to_string(),
+        _ => "/nix/store".to_string(),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            socket: default_socket(),
+            state_dir: default_state_dir(),
+            spool_dir: None,
+            store_dir: default_store_dir(),
+            signing_key_file: None,
+            upload_to: None,
+            sign_closure: true,
+            batch_size: 1000,
+            command_timeout: Duration::from_secs(600),
+            nix: PathBuf::from("nix"),
+            retry_initial_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(300),
+            socket_mode: 0o600,
+            socket_group: None,
+            metrics_file: None,
+            max_connections: 256,
+        }
+    }
+}
+
+impl Config {
+    /// The spool directory: `spool-dir` if set, else `<state-dir>/spool`.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("spool"))
+    }
+
+    /// Applies one `key = value` setting; the error says what is accepted.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let opt_path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
+        match key {
+            "socket" => self.socket = non_empty_path(value)?,
+            "state-dir" => self.state_dir = non_empty_path(value)?,
+            "spool-dir" => self.spool_dir = opt_path(value),
+            "store-dir" => {
+                if !value.starts_with('/') || value.len() < 2 {
+                    return Err(format!(
+                        "expected an absolute path such as /nix/store, got {value:?}"
+                    ));
+                }
+                self.store_dir = value.trim_end_matches('/').to_string();
+            }
+            "signing-key-file" => self.signing_key_file = opt_path(value),
+            "upload-to" => self.upload_to = (!value.is_empty()).then(|| value.to_string()),
+            "sign-closure" => self.sign_closure = parse_bool(value)?,
+            "batch-size" => self.batch_size = parse_count(value)?,
+            "command-timeout" => self.command_timeout = parse_seconds(value)?,
+            "nix" => self.nix = non_empty_path(value)?,
+            "retry-initial-delay" => self.retry_initial_delay = parse_seconds(value)?,
+            "retry-max-delay" => self.retry_max_delay = parse_seconds(value)?,
+            "socket-mode" => self.socket_mode = parse_mode(value)?,
+            "socket-group" => self.socket_group = (!value.is_empty()).then(|| value.to_string()),
+            "metrics-file" => self.metrics_file = opt_path(value),
+            "max-connections" => self.max_connections = parse_count(value)?,
+            _ => {
+                let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+                return Err(format!(
+                    "unknown key {key:?}; known keys: {}",
+                    known.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies every line of a config file's text; `origin` names the file.
+    pub fn apply_file_text(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        for (index, raw) in text.lines().enumerate() {
+            let at = |message: String| ConfigError {
+                origin: format!("{origin}:{}", index + 1),
+                message,
+            };
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (key, value) = line
+                .split_once('=')
+                .ok_or_else(|| at(format!("expected 'key = value', got {line:?}")))?;
+            let key = key.trim();
+            self.set(key, value.trim())
+                .map_err(|m| at(format!("key {key:?}: {m}")))?;
+        }
+        Ok(())
+    }
+
+    /// Reads and applies a config file.
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: origin.clone(),
+            message: format!("cannot read config file: {e}"),
+        })?;
+        self.apply_file_text(&text, &origin)
+    }
+
+    /// Builds the configuration from `serve`'s arguments: defaults, then the
+    /// `--config` file, then every `--key value` (or `--key=value`) flag.
+    pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
+        let flags = split_flags(args)?;
+        let mut config = Config::default();
+        for (flag, value) in &flags {
+            if flag == "config" {
+                config.apply_file(Path::new(value))?;
+            }
+        }
+        for (flag, value) in flags.iter().filter(|(f, _)| f != "config") {
+            config.set(flag, value).map_err(|message| ConfigError {
+                origin: format!("--{flag}"),
+                message,
+            })?;
+        }
+        Ok(config)
+    }
+}
+
+/// Splits `--key value` and `--key=value` arguments into pairs.
+fn split_flags(args: &[String]) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let err = |message: String| ConfigError {
+            origin: arg.clone(),
+            message,
+        };
+        let flag = arg
+            .strip_prefix("--")
+            .ok_or_else(|| err("expected a flag such as --upload-to URL (see --help)".into()))?;
+        match flag.split_once('=') {
+            Some((k, v)) => out.push((k.to_string(), v.to_string())),
+            None => {
+                let value = iter
+                    .next()
+                    .ok_or_else(|| err(format!("--{flag} needs a value")))?;
+                out.push((flag.to_string(), value.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn non_empty_path(value: &str) -> Result<PathBuf, String> {
+    if value.is_empty() {
+        Err("expected a path, got an empty value".into())
+    } else {
+        Ok(PathBuf::from(value))
+    }
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("expected true or false, got {value:?}")),
+    }
+}
+
+fn parse_count(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "expected a whole number of 1 or more, got {value:?}"
+        )),
+    }
+}
+
+/// Parses a number of seconds (`600`, `2.5`) into a duration.
+pub fn parse_seconds(value: &str) -> Result<Duration, String> {
+    match value.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s <= 1e9 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!(
+            "expected a positive number of seconds such as 600 or 2.5, got {value:?}"
+        )),
+    }
+}
+
+fn parse_mode(value: &str) -> Result<u32, String> {
+    match u32::from_str_radix(value, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "expected octal permission bits such as 0600 or 0660, got {value:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let mut c = Config::default();
+        c.apply_file_text(
+            "# comment\n\nbatch-size = 50 # trailing\nupload-to = file:///tmp/c?compression=none\nsign-closure = false\ncommand-timeout = 2.5\nsocket-mode = 0660\n",
+            "f.conf",
+        )
+        .unwrap();
+        assert_eq!(c.batch_size, 50);
+        assert_eq!(
+            c.upload_to.as_deref(),
+            Some("file:///tmp/c?compression=none")
+        );
+        assert!(!c.sign_closure);
+        assert_eq!(c.command_timeout, Duration::from_millis(2500));
+        assert_eq!(c.socket_mode, 0o660);
+
+        let c = Config::from_args(&args(&["--batch-size", "7", "--upload-to=ssh-ng://h"])).unwrap();
+        assert_eq!(c.batch_size, 7);
+        assert_eq!(c.upload_to.as_deref(), Some("ssh-ng://h"));
+    }
+
+    #[test]
+    fn empty_value_unsets_optional_keys() {
+        let mut c = Config::default();
+        c.set("upload-to", "file:///x").unwrap();
+        c.set("upload-to", "").unwrap();
+        assert_eq!(c.upload_to, None);
+        assert!(c.set("socket", "").is_err());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let mut c = Config::default();
+        let e = c
+            .apply_file_text("batch-size = 1\nbatch-size = lots\n", "/etc/q.conf")
+            .unwrap_err();
+        assert_eq!(e.origin, "/etc/q.conf:2");
+        assert!(e.message.contains("batch-size"), "{e}");
+        assert!(e.message.contains("whole number"), "{e}");
+
+        let e = c.apply_file_text("colour = blue\n", "q.conf").unwrap_err();
+        assert!(e.to_string().contains("unknown key \"colour\""), "{e}");
+        let e = c.apply_file_text("just words\n", "q.conf").unwrap_err();
+        assert!(e.to_string().contains("key = value"), "{e}");
+
+        for bad in [
+            &["--batch-size", "0"][..],
+            &["--sign-closure", "yes"],
+            &["--command-timeout", "-1"],
+            &["--socket-mode", "999"],
+            &["--store-dir", "relative"],
+            &["--batch-size"],
+            &["upload-to"],
+        ] {
+            let e = Config::from_args(&args(bad)).unwrap_err();
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_config_file_is_reported() {
+        let e = Config::from_args(&args(&["--config", "/nonexistent/q.conf"])).unwrap_err();
+        assert_eq!(e.origin, "/nonexistent/q.conf");
+        assert!(e.message.contains("cannot read"));
+    }
+
+    #[test]
+    fn spool_follows_state_dir() {
+        let c = Config::from_args(&args(&["--state-dir", "/s"])).unwrap();
+        assert_eq!(c.spool_dir(), PathBuf::from("/s/spool"));
+    }
+}

@@ -1,0 +1,254 @@
+//! The socket protocol: one request line in, reply lines out.
+//!
+//! A request is `VERB [ARG...]` terminated by `\n`, in UTF-8, arguments
+//! separated by single spaces. Every reply ends with a final line starting
+//! with `ok` or `err`; `status` and `wait` send informational lines before it.
+//! Parsing validates every path, so a [`Request`] only ever holds paths that
+//! are safe to journal and to hand to `nix`.
+
+use std::fmt;
+
+use crate::store_path::{PathError, StorePath};
+
+/// Longest request line accepted, newline included.
+pub const MAX_LINE: usize = 1 << 20;
+/// Most paths in one `enqueue` request.
+pub const MAX_PATHS: usize = 10_000;
+
+/// A parsed, validated request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Queue these output paths.
+    Enqueue(Vec<StorePath>),
+    /// Queue the outputs of this derivation (the daemon looks them up).
+    Drv(StorePath),
+    /// Liveness check; the reply carries the daemon's version.
+    Ping,
+    /// Report the queue's state.
+    Status,
+    /// Block until everything queued before this request is done.
+    Wait,
+    /// Make every backing-off path due now.
+    Retry,
+}
+
+/// Why a request line was refused; the text is sent back after `err `.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// The line is longer than [`MAX_LINE`].
+    TooLong,
+    /// The line is not UTF-8.
+    NotUtf8,
+    /// The line is empty.
+    Empty,
+    /// The verb is not one of the known ones.
+    UnknownVerb(String),
+    /// The verb takes no arguments, or a different number.
+    Arguments(&'static str),
+    /// More paths than [`MAX_PATHS`].
+    TooManyPaths(usize),
+    /// An argument is not a valid store path.
+    BadPath {
+        /// 1-based position among the arguments.
+        index: usize,
+        /// The broken rule.
+        error: PathError,
+    },
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::TooLong => {
+                write!(f, "request line longer than {MAX_LINE} bytes")
+            }
+            ProtocolError::NotUtf8 => write!(f, "request is not valid UTF-8"),
+            ProtocolError::Empty => write!(
+                f,
+                "empty request; verbs: enqueue PATH..., drv DRV, ping, status, wait, retry"
+            ),
+            ProtocolError::UnknownVerb(v) => write!(
+                f,
+                "unknown verb {v:?}; verbs: enqueue PATH..., drv DRV, ping, status, wait, retry"
+            ),
+            ProtocolError::Arguments(usage) => write!(f, "usage: {usage}"),
+            ProtocolError::TooManyPaths(n) => {
+                write!(
+                    f,
+                    "{n} paths in one request; at most {MAX_PATHS} are accepted"
+                )
+            }
+            ProtocolError::BadPath { index, error } => write!(f, "path {index}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// Parses one request line (without its `\n`) against the store directory.
+pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolError> {
+    if line.len() >= MAX_LINE {
+        return Err(ProtocolError::TooLong);
+    }
+    let line = std::str::from_utf8(line).map_err(|_| ProtocolError::NotUtf8)?;
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    if line.is_empty() {
+        return Err(ProtocolError::Empty);
+    }
+    let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let no_args = |req: Request, usage: &'static str| {
+        if rest.is_empty() {
+            Ok(req)
+        } else {
+            Err(ProtocolError::Arguments(usage))
+        }
+    };
+    match verb {
+        "enqueue" => {
+            if rest.is_empty() {
+                return Err(ProtocolError::Arguments("enqueue PATH [PATH...]"));
+            }
+            let args: Vec<&str> = rest.split(' ').collect();
+            if args.len() > MAX_PATHS {
+                return Err(ProtocolError::TooManyPaths(args.len()));
+            }
+            args.iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    StorePath::parse_output(a, store_dir).map_err(|error| ProtocolError::BadPath {
+                        index: i + 1,
+                        error,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Request::Enqueue)
+        }
+        "drv" => {
+            if rest.is_empty() || rest.contains(' ') {
+                return Err(ProtocolError::Arguments("drv DRV_PATH"));
+            }
+            StorePath::parse_drv(rest, store_dir)
+                .map(Request::Drv)
+                .map_err(|error| ProtocolError::BadPath { index: 1, error })
+        }
+        "ping" => no_args(Request::Ping, "ping"),
+        "status" => no_args(Request::Status, "status"),
+        "wait" => no_args(Request::Wait, "wait"),
+        "retry" => no_args(Request::Retry, "retry"),
+        other => Err(ProtocolError::UnknownVerb(truncate(other, 40))),
+    }
+}
+
+/// Formats a request line for the client side, newline included.
+pub fn request_line(verb: &str, args: &[&str]) -> String {
+    let mut line = String::from(verb);
+    for a in args {
+        line.push(' ');
+        line.push_str(a);
+    }
+    line.push('\n');
+    line
+}
+
+/// The final reply line: `ok ...` or `err ...`, newline included.
+pub fn final_line(result: Result<&str, &str>) -> String {
+    let (word, text) = match result {
+        Ok(t) => ("ok", t),
+        Err(t) => ("err", t),
+    };
+    let text = one_line(text);
+    if text.is_empty() {
+        format!("{word}\n")
+    } else {
+        format!("{word} {text}\n")
+    }
+}
+
+/// Replaces line breaks so a message can never split a reply or log line.
+pub fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect()
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let cut: String = s.chars().take(max).collect();
+        format!("{cut}...")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: &str = "/nix/store";
+    const H: &str = "0123456789abcdfghijklmnpqrsvwxyz";
+
+    #[test]
+    fn parses_each_verb() {
+        let a = format!("{S}/{H}-a");
+        let b = format!("{S}/{H}-b");
+        let d = format!("{S}/{H}-a.drv");
+        assert_eq!(
+            parse_request(format!("enqueue {a} {b}").as_bytes(), S),
+            Ok(Request::Enqueue(vec![
+                StorePath::parse(&a, S).unwrap(),
+                StorePath::parse(&b, S).unwrap()
+            ]))
+        );
+        assert_eq!(
+            parse_request(format!("drv {d}").as_bytes(), S),
+            Ok(Request::Drv(StorePath::parse(&d, S).unwrap()))
+        );
+        assert_eq!(parse_request(b"ping", S), Ok(Request::Ping));
+        assert_eq!(parse_request(b"status\r", S), Ok(Request::Status));
+        assert_eq!(parse_request(b"wait", S), Ok(Request::Wait));
+        assert_eq!(parse_request(b"retry", S), Ok(Request::Retry));
+    }
+
+    #[test]
+    fn refuses_malformed_requests() {
+        let good = format!("{S}/{H}-a");
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"".to_vec(), "empty request"),
+            (b"\xff\xfe".to_vec(), "UTF-8"),
+            (b"frobnicate".to_vec(), "unknown verb"),
+            (b"enqueue".to_vec(), "usage"),
+            (b"ping now".to_vec(), "usage"),
+            (
+                format!("enqueue {good}  {good}").into_bytes(),
+                "path 2: empty path",
+            ),
+            (format!("enqueue {good} --to").into_bytes(), "path 2"),
+            (format!("enqueue {S}/{H}-a.drv").into_bytes(), "derivation"),
+            (format!("drv {good}").into_bytes(), "not a derivation"),
+            (format!("drv {good}.drv {good}.drv").into_bytes(), "usage"),
+            (vec![b'x'; MAX_LINE], "longer than"),
+        ];
+        for (line, want) in cases {
+            let err = parse_request(&line, S).unwrap_err().to_string();
+            assert!(
+                err.contains(want),
+                "{:?}: {err}",
+                String::from_utf8_lossy(&line[..line.len().min(60)])
+            );
+            assert!(!err.contains('\n'));
+        }
+        let many = format!("enqueue{}", format!(" {good}").repeat(MAX_PATHS + 1));
+        assert_eq!(
+            parse_request(many.as_bytes(), S),
+            Err(ProtocolError::TooManyPaths(MAX_PATHS + 1))
+        );
+    }
+
+    #[test]
+    fn reply_lines_are_single_lines() {
+        assert_eq!(final_line(Ok("3")), "ok 3\n");
+        assert_eq!(final_line(Err("a\nb")), "err a b\n");
+        assert_eq!(final_line(Ok("")), "ok\n");
+        assert_eq!(request_line("enqueue", &["x", "y"]), "enqueue x y\n");
+    }
+}

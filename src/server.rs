@@ -1,0 +1,441 @@
+//! The daemon: recovery at start, the listener, and one thread per client.
+//!
+//! Startup is recovery: open and replay the journal, hand every live path to
+//! the worker, ingest the spool, then accept. Each connection gets its own
+//! thread (bounded by `max-connections`) that reads request lines, journals
+//! paths before acknowledging them, and passes them to the worker through
+//! the channel. A slow client therefore never delays another one, and the
+//! worker's nix calls never delay an acknowledgement.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::journal::Journal;
+use crate::protocol::{final_line, parse_request, Request, MAX_LINE};
+use crate::status::{seconds_until, Shared};
+use crate::store_path::StorePath;
+use crate::worker::{Msg, Worker};
+use crate::{error, info, redact, systemd, warning};
+
+/// Longest a client may take to send one request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `wait` looks at the queue.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+/// Most backing-off paths listed in a `status` reply.
+const STATUS_MAX_BACKOFF: usize = 100;
+
+/// Why the daemon could not start.
+#[derive(Debug)]
+pub enum ServeError {
+    /// The state directory or journal could not be opened.
+    Journal(PathBuf, io::Error),
+    /// Another daemon already listens on the socket.
+    AlreadyRunning(PathBuf),
+    /// The socket could not be created or set up.
+    Socket(PathBuf, io::Error),
+    /// systemd's socket could not be used.
+    Activation(io::Error),
+    /// The worker thread could not be started.
+    Thread(io::Error),
+}
+
+impl std::fmt::Display for ServeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServeError::Journal(p, e) => {
+                write!(f, "cannot open the journal in {}: {e}", p.display())
+            }
+            ServeError::AlreadyRunning(p) => write!(
+                f,
+                "another daemon is already listening on {}; stop it or choose another --socket",
+                p.display()
+            ),
+            ServeError::Socket(p, e) => write!(f, "cannot listen on {}: {e}", p.display()),
+            ServeError::Activation(e) => write!(f, "cannot use the socket passed by systemd: {e}"),
+            ServeError::Thread(e) => write!(f, "cannot start the worker thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+/// What every connection thread shares.
+struct Context {
+    journal: Arc<Journal>,
+    shared: Arc<Shared>,
+    tx: Sender<Msg>,
+    store_dir: String,
+    target: Option<String>,
+    signing: bool,
+    active: AtomicUsize,
+    max_connections: usize,
+}
+
+/// Runs the daemon until it is killed or the listener fails.
+pub fn serve(config: Config) -> Result<(), ServeError> {
+    let activated = systemd::listener_from_env().map_err(ServeError::Activation)?;
+
+    let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
+        .map_err(|e| ServeError::Journal(config.state_dir.clone(), e))?;
+    if replay.torn_bytes > 0 {
+        warning!(
+            "journal: cut off a torn last record of {} bytes (a crash during a write)",
+            replay.torn_bytes
+        );
+    }
+    if replay.bad_records > 0 {
+        warning!("journal: skipped {} unreadable records", replay.bad_records);
+    }
+    info!(
+        "journal {} replayed: {} paths queued",
+        config.state_dir.join(crate::journal::FILE_NAME).display(),
+        replay.paths.len()
+    );
+    let journal = Arc::new(journal);
+    let shared = Arc::new(Shared::new());
+    let (tx, rx) = mpsc::channel();
+    if !replay.paths.is_empty() {
+        let _ = tx.send(Msg::Queued(replay.paths));
+    }
+
+    let listener = match activated {
+        Some(l) => {
+            info!("listening on the socket passed by systemd");
+            l
+        }
+        None => bind(&config)?,
+    };
+
+    let worker = Worker::new(&config, Arc::clone(&journal), Arc::clone(&shared), rx);
+    std::thread::Builder::new()
+        .name("worker".into())
+        .spawn(move || worker.run())
+        .map_err(ServeError::Thread)?;
+
+    let ctx = Arc::new(Context {
+        journal,
+        shared,
+        tx,
+        store_dir: config.store_dir.clone(),
+        target: config.upload_to.as_deref().map(redact::url),
+        signing: config.signing_key_file.is_some(),
+        active: AtomicUsize::new(0),
+        max_connections: config.max_connections,
+    });
+    info!(
+        "ready: store {}, signing {}, upload to {}",
+        config.store_dir,
+        if ctx.signing { "on" } else { "off" },
+        ctx.target.as_deref().unwrap_or("(none)")
+    );
+    if let Err(e) = systemd::notify_ready() {
+        warning!("cannot notify systemd of readiness: {e}");
+    }
+
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => accept(&ctx, stream),
+            Err(e) => {
+                error!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Binds the socket path: a stale socket file is replaced only when nothing
+/// answers on it. The socket is created under a temporary name, given its
+/// mode and group, then renamed into place, so it is never reachable with
+/// looser permissions.
+fn bind(config: &Config) -> Result<UnixListener, ServeError> {
+    let path = &config.socket;
+    let err = |e: io::Error| ServeError::Socket(path.clone(), e);
+    if UnixStream::connect(path).is_ok() {
+        return Err(ServeError::AlreadyRunning(path.clone()));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp_name);
+    let _ = fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(err)?;
+    let setup = || -> io::Result<()> {
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))?;
+        if let Some(group) = &config.socket_group {
+            let gid = group_id(group)?;
+            std::os::unix::fs::chown(&tmp, None, Some(gid))?;
+        }
+        fs::rename(&tmp, path)
+    };
+    if let Err(e) = setup() {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    info!(
+        "listening on {} (mode {:04o})",
+        path.display(),
+        config.socket_mode
+    );
+    Ok(listener)
+}
+
+/// Resolves a group name (from /etc/group) or number.
+fn group_id(group: &str) -> io::Result<u32> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let text = fs::read_to_string("/etc/group")?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == group)
+        .and_then(|(_, gid)| gid.parse().ok())
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "socket-group {group:?}: no such group in /etc/group"
+            ))
+        })
+}
+
+fn accept(ctx: &Arc<Context>, mut stream: UnixStream) {
+    if ctx.active.fetch_add(1, Ordering::SeqCst) >= ctx.max_connections {
+        ctx.active.fetch_sub(1, Ordering::SeqCst);
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+        let _ =
+            stream.write_all(final_line(Err("busy: too many connections, try again")).as_bytes());
+        return;
+    }
+    let ctx2 = Arc::clone(ctx);
+    let spawned = std::thread::Builder::new()
+        .name("conn".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            handle(&ctx2, stream);
+            ctx2.active.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        ctx.active.fetch_sub(1, Ordering::SeqCst);
+        warning!("cannot start a connection thread: {e}");
+    }
+}
+
+/// Reads one line of at most `MAX_LINE` bytes, all of it within `timeout`.
+/// Returns `Ok(None)` at a clean end of stream.
+fn read_line(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    pending: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<Option<()>, String> {
+    buf.clear();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(i) = pending.iter().position(|&b| b == b'\n') {
+            buf.extend_from_slice(&pending[..i]);
+            pending.drain(..=i);
+            return Ok(Some(()));
+        }
+        if pending.len() >= MAX_LINE {
+            return Err(format!("request line longer than {MAX_LINE} bytes"));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no complete request line within {} s",
+                timeout.as_secs()
+            ));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let mut chunk = [0u8; 16 * 1024];
+        match stream.read(&mut chunk) {
+            Ok(0) if pending.is_empty() => return Ok(None),
+            Ok(0) => return Err("request line not terminated by a newline".into()),
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "no complete request line within {} s",
+                    timeout.as_secs()
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn handle(ctx: &Context, mut stream: UnixStream) {
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let mut line = Vec::new();
+    let mut pending = Vec::new();
+    loop {
+        match read_line(&mut stream, &mut line, &mut pending, REQUEST_TIMEOUT) {
+            Ok(Some(())) => {}
+            Ok(None) => return,
+            Err(why) => {
+                let _ = stream.write_all(final_line(Err(&why)).as_bytes());
+                return;
+            }
+        }
+        let reply = match parse_request(&line, &ctx.store_dir) {
+            Ok(req) => respond(ctx, &mut stream, req),
+            Err(e) => final_line(Err(&e.to_string())),
+        };
+        if stream.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
+    match req {
+        Request::Enqueue(paths) => enqueue(ctx, &paths),
+        Request::Drv(drv) => enqueue(ctx, &[drv]),
+        Request::Ping => final_line(Ok(&format!("nix-post-build-hook-queue {}", crate::VERSION))),
+        Request::Status => status(ctx),
+        Request::Retry => {
+            let n = ctx.shared.lock().backoff.len();
+            let _ = ctx.tx.send(Msg::Retry);
+            final_line(Ok(&n.to_string()))
+        }
+        Request::Wait => wait(ctx, stream),
+    }
+}
+
+/// Journals the paths and only then acknowledges them.
+fn enqueue(ctx: &Context, paths: &[StorePath]) -> String {
+    match ctx.journal.append(paths) {
+        Ok(added) => {
+            let n = added.len();
+            if n > 0 && ctx.tx.send(Msg::Queued(added)).is_err() {
+                return final_line(Err("the worker has stopped; the paths are journaled and will be uploaded after a restart"));
+            }
+            final_line(Ok(&n.to_string()))
+        }
+        Err(e) => {
+            error!("cannot journal {} paths: {e}", paths.len());
+            final_line(Err(&format!(
+                "cannot write the journal: {e}; nothing was queued"
+            )))
+        }
+    }
+}
+
+/// The `status` reply: `key value` lines, then `ok`.
+fn status(ctx: &Context) -> String {
+    let queued = ctx.journal.len();
+    let oldest = ctx.journal.oldest().map(|e| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        now.saturating_sub(e.queued_at)
+    });
+    let stats = ctx.shared.lock();
+    let mut out = String::new();
+    let mut kv = |k: &str, v: &dyn std::fmt::Display| out.push_str(&format!("{k} {v}\n"));
+    kv("version", &crate::VERSION);
+    kv("uptime-seconds", &stats.started.elapsed().as_secs());
+    kv("queued", &queued);
+    kv("in-flight", &stats.in_flight);
+    kv("uploaded", &stats.uploaded);
+    kv("dropped", &stats.dropped);
+    kv("failed-calls", &stats.failed_calls);
+    kv("backing-off", &stats.backoff.len());
+    kv(
+        "oldest-queued-seconds",
+        &oldest.map_or("-".to_string(), |s| s.to_string()),
+    );
+    kv(
+        "upload-seconds-sum",
+        &format!("{:.3}", stats.upload_seconds),
+    );
+    kv("upload-batches", &stats.upload_batches);
+    kv("signing", &ctx.signing);
+    kv("target", &ctx.target.as_deref().unwrap_or("-"));
+    let mut backoff: Vec<_> = stats.backoff.iter().collect();
+    backoff.sort_by_key(|(_, b)| b.next_try);
+    for (path, b) in backoff.into_iter().take(STATUS_MAX_BACKOFF) {
+        out.push_str(&format!(
+            "backoff {} {:.1} {} {}\n",
+            b.attempts,
+            seconds_until(b.next_try),
+            path,
+            crate::protocol::one_line(&b.last_error)
+        ));
+    }
+    out.push_str(&final_line(Ok("")));
+    out
+}
+
+/// The `wait` reply: `remaining N failing M` lines while paths queued before
+/// the request are still queued, then `ok N` or `err ...` when none is left.
+fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
+    let target = ctx.journal.last_seq();
+    let drops_before = ctx.shared.lock().dropped;
+    let mut last: Option<(usize, usize)> = None;
+    let mut last_sent = Instant::now();
+    loop {
+        let remaining = ctx.journal.count_up_to(target);
+        let (failing, new_drops) = {
+            let s = ctx.shared.lock();
+            let new = (s.dropped - drops_before) as usize;
+            let recent_new = s
+                .recent_drops
+                .iter()
+                .rev()
+                .take(new)
+                .filter(|&&q| q <= target)
+                .count();
+            (
+                s.backoff
+                    .values()
+                    .filter(|b| b.attempts > 0)
+                    .count()
+                    .min(remaining),
+                recent_new,
+            )
+        };
+        if remaining == 0 {
+            return if new_drops == 0 {
+                final_line(Ok("all uploaded"))
+            } else {
+                final_line(Err(&format!(
+                    "{new_drops} path(s) were dropped; see the daemon's log"
+                )))
+            };
+        }
+        if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {
+            let line = format!("remaining {remaining} failing {failing}\n");
+            if stream.write_all(line.as_bytes()).is_err() {
+                return String::new();
+            }
+            last = Some((remaining, failing));
+            last_sent = Instant::now();
+        }
+        std::thread::sleep(WAIT_POLL);
+    }
+}
+
+/// Removes the socket file if it is ours (used on a clean stop).
+pub fn remove_socket(path: &Path) {
+    let _ = fs::remove_file(path);
+}

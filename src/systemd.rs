@@ -1,0 +1,70 @@
+//! systemd integration: socket activation and readiness notification.
+//!
+//! Both follow sd_listen_fds(3) and sd_notify(3) and need no library: the
+//! listening socket arrives as fd 3 when `LISTEN_PID` is our pid, and
+//! readiness is one datagram, `READY=1`, to the socket in `NOTIFY_SOCKET`.
+
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
+
+use crate::sys;
+
+/// First descriptor passed by systemd.
+const SD_LISTEN_FDS_START: i32 = 3;
+
+/// The listening socket systemd passed us, if any.
+pub fn listener_from_env() -> io::Result<Option<UnixListener>> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let count: i32 = fds
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::other(format!("LISTEN_FDS={fds:?} is not a number")))?;
+    if count < 1 {
+        return Ok(None);
+    }
+    if count > 1 {
+        return Err(io::Error::other(format!(
+            "systemd passed {count} sockets; exactly one (a ListenStream= unix socket) is expected"
+        )));
+    }
+    sys::set_cloexec(SD_LISTEN_FDS_START)?;
+    // SAFETY: systemd passed fd 3 to this process (LISTEN_PID matched) and
+    // nothing else in the process owns it; we take ownership exactly once.
+    let listener = unsafe { UnixListener::from_raw_fd(SD_LISTEN_FDS_START) };
+    // Fails with ENOTSOCK/EINVAL if fd 3 is not a listening unix socket.
+    listener.local_addr()?;
+    Ok(Some(listener))
+}
+
+/// Tells the service manager we are ready, when it asked to be told.
+pub fn notify_ready() -> io::Result<()> {
+    notify("READY=1")
+}
+
+/// Tells the service manager we are stopping.
+pub fn notify_stopping() -> io::Result<()> {
+    notify("STOPPING=1")
+}
+
+fn notify(state: &str) -> io::Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(&path)?,
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! The one worker thread: takes queued paths in batches and signs and uploads
+//! them with `nix`, outside the build loop.
+//!
+//! It is fed through an `mpsc` channel by the connection threads (after they
+//! journaled the paths) and owns the order of work. For each batch it finds
+//! the outputs of derivations, drops paths that are gone from the store, then
+//! runs one `nix store sign` and one `nix copy`. A failed batch is split in
+//! halves to find the paths at fault (within a budget of calls, so an outage
+//! does not turn into a storm of calls); those back off exponentially with
+//! jitter. Only success or a drop removes a path from the journal.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::journal::Journal;
+use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
+use crate::status::{Backoff, Shared};
+use crate::store_path::StorePath;
+use crate::{drv, info, spool, warning};
+
+/// How often an idle worker looks at the spool directory.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Messages to the worker.
+#[derive(Debug)]
+pub enum Msg {
+    /// These paths were journaled and are ready for upload.
+    Queued(Vec<StorePath>),
+    /// Make every backing-off path due now.
+    Retry,
+    /// Finish the current batch and return.
+    Shutdown,
+}
+
+/// The worker's state; run it with [`Worker::run`] on its own thread.
+pub struct Worker {
+    journal: Arc<Journal>,
+    shared: Arc<Shared>,
+    rx: Receiver<Msg>,
+    nix: Nix,
+    store_dir: String,
+    signing_key: Option<PathBuf>,
+    upload_to: Option<String>,
+    sign_closure: bool,
+    batch_size: usize,
+    retry_initial: Duration,
+    retry_max: Duration,
+    spool_dir: PathBuf,
+    ready: VecDeque<StorePath>,
+}
+
+impl Worker {
+    /// A worker for `config`, reading messages from `rx`.
+    pub fn new(
+        config: &Config,
+        journal: Arc<Journal>,
+        shared: Arc<Shared>,
+        rx: Receiver<Msg>,
+    ) -> Worker {
+        Worker {
+            journal,
+            shared,
+            rx,
+            nix: Nix::new(
+                &config.nix,
+                config.command_timeout,
+                config.upload_to.as_deref(),
+            ),
+            store_dir: config.store_dir.clone(),
+            signing_key: config.signing_key_file.clone(),
+            upload_to: config.upload_to.clone(),
+            sign_closure: config.sign_closure,
+            batch_size: config.batch_size,
+            retry_initial: config.retry_initial_delay,
+            retry_max: config.retry_max_delay.max(config.retry_initial_delay),
+            spool_dir: config.spool_dir(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    fn has_work_to_do(&self) -> bool {
+        self.signing_key.is_some() || self.upload_to.is_some()
+    }
+
+    /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
+    pub fn run(mut self) {
+        if !self.has_work_to_do() {
+            info!("neither signing-key-file nor upload-to is set: paths are acknowledged and then dropped from the queue, nothing to do");
+        }
+        self.ingest_spool();
+        loop {
+            let wait = if self.ready.is_empty() {
+                self.next_due().map_or(IDLE_TICK, |d| d.min(IDLE_TICK))
+            } else {
+                Duration::ZERO
+            };
+            let mut shutdown = false;
+            match self.rx.recv_timeout(wait) {
+                Ok(msg) => shutdown |= self.handle(msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            while let Ok(msg) = self.rx.try_recv() {
+                shutdown |= self.handle(msg);
+            }
+            if shutdown {
+                return;
+            }
+            self.promote_due();
+            if self.ready.is_empty() {
+                self.ingest_spool();
+                continue;
+            }
+            let batch = self.take_batch();
+            self.process(batch);
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Queued(paths) => self.ready.extend(paths),
+            Msg::Retry => {
+                let now = Instant::now();
+                for b in self.shared.lock().backoff.values_mut() {
+                    b.next_try = now;
+                }
+            }
+            Msg::Shutdown => return true,
+        }
+        false
+    }
+
+    fn next_due(&self) -> Option<Duration> {
+        let stats = self.shared.lock();
+        let next = stats.backoff.values().map(|b| b.next_try).min()?;
+        Some(next.saturating_duration_since(Instant::now()))
+    }
+
+    /// Moves backing-off paths whose time has come to the ready queue, in
+    /// the order they were queued.
+    fn promote_due(&mut self) {
+        let now = Instant::now();
+        let mut due: Vec<StorePath> = {
+            let mut stats = self.shared.lock();
+            let due: Vec<StorePath> = stats
+                .backoff
+                .iter()
+                .filter(|(_, b)| b.next_try <= now)
+                .map(|(p, _)| p.clone())
+                .collect();
+            // Keep the entries (attempt counts) until the path succeeds.
+            for p in &due {
+                if let Some(b) = stats.backoff.get_mut(p) {
+                    b.next_try = now + Duration::from_secs(365 * 24 * 3600);
+                }
+            }
+            due
+        };
+        due.sort_by_key(|p| self.journal.entry(p).map_or(u64::MAX, |e| e.seq));
+        self.ready.extend(due);
+    }
+
+    fn take_batch(&mut self) -> Vec<StorePath> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while batch.len() < self.batch_size {
+            let Some(next) = self.ready.front() else {
+                break;
+            };
+            let len = next.as_str().len() + 1;
+            if !batch.is_empty() && bytes + len > MAX_ARG_BYTES {
+                break;
+            }
+            bytes += len;
+            if let Some(p) = self.ready.pop_front() {
+                batch.push(p);
+            }
+        }
+        batch
+    }
+
+    fn drop_paths(&self, paths: &[StorePath], why: &str) {
+        if paths.is_empty() {
+            return;
+        }
+        let seqs: Vec<Option<u64>> = paths
+            .iter()
+            .map(|p| self.journal.entry(p).map(|e| e.seq))
+            .collect();
+        for p in paths {
+            warning!("dropping {p}: {why}");
+        }
+        if let Err(e) = self.journal.complete(paths) {
+            warning!("cannot journal {} dropped paths: {e}", paths.len());
+        }
+        let mut stats = self.shared.lock();
+        for (p, seq) in paths.iter().zip(seqs) {
+            stats.backoff.remove(p);
+            stats.record_drop(seq);
+        }
+    }
+
+    fn process(&mut self, batch: Vec<StorePath>) {
+        self.shared.lock().in_flight = batch.len();
+        let batch = self.resolve_derivations(batch);
+        if !batch.is_empty() {
+            if self.has_work_to_do() {
+                self.upload(batch);
+            } else {
+                self.finish(&batch, Duration::ZERO);
+            }
+        }
+        self.shared.lock().in_flight = 0;
+    }
+
+    /// Replaces derivations by their outputs, in the journal and the batch.
+    fn resolve_derivations(&mut self, batch: Vec<StorePath>) -> Vec<StorePath> {
+        let mut out = Vec::with_capacity(batch.len());
+        for path in batch {
+            if !path.is_drv() {
+                out.push(path);
+                continue;
+            }
+            let outputs = match drv::read_outputs(&path, &self.store_dir) {
+                Ok(outputs) => outputs,
+                Err(drv::DrvError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.drop_paths(&[path], "the derivation is no longer in the store");
+                    continue;
+                }
+                Err(_) => match self.query_outputs(&path) {
+                    Ok(outputs) => outputs,
+                    Err(e) => {
+                        self.back_off(vec![path], &e);
+                        continue;
+                    }
+                },
+            };
+            match self.journal.replace(&path, &outputs) {
+                Ok(added) => out.extend(added),
+                Err(e) => self.back_off(vec![path], &format!("cannot journal the outputs: {e}")),
+            }
+        }
+        out
+    }
+
+    fn query_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, String> {
+        let lines = self
+            .nix
+            .query_outputs(std::slice::from_ref(drv))
+            .map_err(|e| e.to_string())?;
+        lines
+            .iter()
+            .map(|l| {
+                StorePath::parse_output(l, &self.store_dir)
+                    .map_err(|e| format!("nix-store printed {l:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Signs and uploads a batch, splitting it on failure to isolate the
+    /// paths at fault.
+    fn upload(&mut self, batch: Vec<StorePath>) {
+        let batch = match self.nix.invalid_paths(&batch) {
+            Ok(invalid) if !invalid.is_empty() => {
+                let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
+                    .into_iter()
+                    .partition(|p| invalid.iter().any(|i| i == p.as_str()));
+                self.drop_paths(&gone, "no longer valid in the store (garbage-collected?)");
+                valid
+            }
+            _ => batch,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        // Enough calls to find one bad path by halving, plus a little.
+        let mut budget = 2 * (usize::BITS - batch.len().leading_zeros()) + 2;
+        let mut groups = vec![batch];
+        while let Some(group) = groups.pop() {
+            let started = Instant::now();
+            match self.attempt(&group) {
+                Ok(()) => self.finish(&group, started.elapsed()),
+                Err(failure) => {
+                    self.shared.lock().failed_calls += 1;
+                    let systemic = failure.timed_out();
+                    if group.len() > 1 && budget > 0 && !systemic {
+                        budget -= 1;
+                        warning!(
+                            "batch of {} paths failed, splitting it to find the paths at fault: {failure}",
+                            group.len()
+                        );
+                        let mut left = group;
+                        let right = left.split_off(left.len() / 2);
+                        groups.push(right);
+                        groups.push(left);
+                    } else {
+                        self.back_off(group, &failure);
+                    }
+                }
+            }
+        }
+    }
+
+    fn attempt(&self, paths: &[StorePath]) -> Result<(), Failure> {
+        if let Some(key) = &self.signing_key {
+            self.nix.sign(key, self.sign_closure, paths)?;
+        }
+        if let Some(url) = &self.upload_to {
+            self.nix.copy(url, paths)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&self, paths: &[StorePath], took: Duration) {
+        if let Err(e) = self.journal.complete(paths) {
+            // The paths stay done in memory; after a restart they are
+            // uploaded once more, which is harmless.
+            warning!("cannot journal {} finished paths: {e}", paths.len());
+        }
+        if self.has_work_to_do() {
+            match paths {
+                [one] => info!("uploaded {one} in {:.3} s", took.as_secs_f64()),
+                [first, ..] => info!(
+                    "uploaded {} paths ({first}, ...) in {:.3} s",
+                    paths.len(),
+                    took.as_secs_f64()
+                ),
+                [] => {}
+            }
+        }
+        let mut stats = self.shared.lock();
+        stats.uploaded += paths.len() as u64;
+        if self.has_work_to_do() {
+            stats.upload_seconds += took.as_secs_f64();
+            stats.upload_batches += 1;
+        }
+        for p in paths {
+            stats.backoff.remove(p);
+        }
+    }
+
+    fn back_off(&self, paths: Vec<StorePath>, error: &dyn std::fmt::Display) {
+        let error = error.to_string();
+        let now = Instant::now();
+        let mut stats = self.shared.lock();
+        let mut first_delay = None;
+        for p in &paths {
+            let attempts = stats.backoff.get(p).map_or(0, |b| b.attempts) + 1;
+            let delay = self.delay(attempts);
+            first_delay.get_or_insert((attempts, delay));
+            stats.backoff.insert(
+                p.clone(),
+                Backoff {
+                    attempts,
+                    next_try: now + delay,
+                    last_error: error.clone(),
+                },
+            );
+        }
+        if let (Some((attempts, delay)), Some(first)) = (first_delay, paths.first()) {
+            warning!(
+                "{} path(s) ({first}{}) failed attempt {attempts}, next try in {:.1} s: {error}",
+                paths.len(),
+                if paths.len() > 1 { ", ..." } else { "" },
+                delay.as_secs_f64()
+            );
+        }
+    }
+
+    /// Exponential backoff with jitter: between half and all of
+    /// `initial * 2^(attempts-1)`, capped at the maximum delay.
+    fn delay(&self, attempts: u32) -> Duration {
+        let factor = 2f64.powi(attempts.saturating_sub(1).min(40) as i32);
+        let full = (self.retry_initial.as_secs_f64() * factor).min(self.retry_max.as_secs_f64());
+        Duration::from_secs_f64(full * (0.5 + 0.5 * random_unit()))
+    }
+
+    /// Queues the requests clients left in the spool while we were away.
+    fn ingest_spool(&mut self) {
+        let paths = spool::ingest(&self.spool_dir, &self.store_dir, &self.journal);
+        self.ready.extend(paths);
+    }
+}
+
+/// A number in [0, 1) from the standard library's randomly seeded hasher.
+fn random_unit() -> f64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_unit_is_in_range_and_varies() {
+        let xs: Vec<f64> = (0..100).map(|_| random_unit()).collect();
+        assert!(xs.iter().all(|x| (0.0..1.0).contains(x)));
+        assert!(xs.iter().any(|x| (x - xs[0]).abs() > 1e-9));
+    }
+}
