@@ -9,7 +9,8 @@ use std::fmt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use crate::store_path::StorePath;
@@ -76,6 +77,7 @@ pub struct Nix {
     nix_store: PathBuf,
     timeout: Duration,
     ssh_opts: Option<String>,
+    running: Arc<AtomicU32>,
 }
 
 impl Nix {
@@ -96,7 +98,15 @@ impl Nix {
             nix_store,
             timeout,
             ssh_opts,
+            running: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// Uses `running` to publish the process group of the call in progress,
+    /// so that a stopping daemon can kill it.
+    pub fn with_running(mut self, running: Arc<AtomicU32>) -> Nix {
+        self.running = running;
+        self
     }
 
     fn nix_command(&self, subcommand: &[&str]) -> Command {
@@ -164,6 +174,8 @@ impl Nix {
             .spawn()
             .map_err(|e| fail(FailureKind::Spawn(e.to_string()), b""))?;
         let pid = child.id();
+        self.running.store(pid, Ordering::SeqCst);
+        let _running = ClearOnDrop(&self.running);
         let (tx, rx) = mpsc::channel::<std::io::Result<Output>>();
         std::thread::spawn(move || {
             let _ = tx.send(child.wait_with_output());
@@ -190,6 +202,15 @@ impl Nix {
                 &output.stderr,
             ))
         }
+    }
+}
+
+/// Resets the published process group when a call ends, however it ends.
+struct ClearOnDrop<'a>(&'a AtomicU32);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::SeqCst);
     }
 }
 

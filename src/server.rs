@@ -20,17 +20,15 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::journal::Journal;
 use crate::protocol::{final_line, parse_request, Request, MAX_LINE};
-use crate::status::{seconds_until, Shared};
+use crate::status::{self, Shared, Snapshot};
 use crate::store_path::StorePath;
 use crate::worker::{Msg, Worker};
-use crate::{error, info, redact, systemd, warning};
+use crate::{error, info, redact, sys, systemd, warning};
 
 /// Longest a client may take to send one request line.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often `wait` looks at the queue.
 const WAIT_POLL: Duration = Duration::from_millis(50);
-/// Most backing-off paths listed in a `status` reply.
-const STATUS_MAX_BACKOFF: usize = 100;
 
 /// Why the daemon could not start.
 #[derive(Debug)]
@@ -81,6 +79,8 @@ struct Context {
 
 /// Runs the daemon until it is killed or the listener fails.
 pub fn serve(config: Config) -> Result<(), ServeError> {
+    // Before any thread starts, so that only the stop thread sees them.
+    sys::block_stop_signals().map_err(ServeError::Thread)?;
     let activated = systemd::listener_from_env().map_err(ServeError::Activation)?;
 
     let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
@@ -106,16 +106,16 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         let _ = tx.send(Msg::Queued(replay.paths));
     }
 
-    let listener = match activated {
+    let (listener, own_socket) = match activated {
         Some(l) => {
             info!("listening on the socket passed by systemd");
-            l
+            (l, None)
         }
-        None => bind(&config)?,
+        None => (bind(&config)?, Some(config.socket.clone())),
     };
 
     let worker = Worker::new(&config, Arc::clone(&journal), Arc::clone(&shared), rx);
-    std::thread::Builder::new()
+    let worker = std::thread::Builder::new()
         .name("worker".into())
         .spawn(move || worker.run())
         .map_err(ServeError::Thread)?;
@@ -136,6 +136,21 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         if ctx.signing { "on" } else { "off" },
         ctx.target.as_deref().unwrap_or("(none)")
     );
+    if let Some(file) = config.metrics_file.clone() {
+        let ctx = Arc::clone(&ctx);
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || write_metrics(&ctx, &file))
+            .map_err(ServeError::Thread)?;
+    }
+    {
+        let ctx = Arc::clone(&ctx);
+        let metrics = config.metrics_file.clone();
+        std::thread::Builder::new()
+            .name("stop".into())
+            .spawn(move || stop_on_signal(&ctx, worker, own_socket, metrics))
+            .map_err(ServeError::Thread)?;
+    }
     if let Err(e) = systemd::notify_ready() {
         warning!("cannot notify systemd of readiness: {e}");
     }
@@ -210,7 +225,89 @@ fn group_id(group: &str) -> io::Result<u32> {
         })
 }
 
+/// How often the metrics file is rewritten.
+const METRICS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a stop waits for the nix call in progress.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+fn snapshot(ctx: &Context) -> Snapshot {
+    Snapshot::take(
+        &ctx.journal,
+        &ctx.shared,
+        ctx.signing,
+        ctx.target.as_deref(),
+    )
+}
+
+fn write_metrics(ctx: &Context, file: &Path) {
+    let mut failing = false;
+    loop {
+        match status::write_atomically(file, &snapshot(ctx).prometheus()) {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                warning!("cannot write metrics file {}: {e}", file.display());
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(METRICS_INTERVAL);
+    }
+}
+
+/// The one way to stop: on SIGTERM or SIGINT, refuse new work, let the nix
+/// call in progress finish within the grace period (then kill it), and exit.
+/// Whatever was not uploaded is still in the journal.
+fn stop_on_signal(
+    ctx: &Context,
+    worker: std::thread::JoinHandle<()>,
+    own_socket: Option<PathBuf>,
+    metrics: Option<PathBuf>,
+) {
+    let sig = match sys::wait_for_stop_signal() {
+        Ok(sig) => sig,
+        Err(e) => {
+            error!("cannot wait for signals: {e}; stop the daemon with SIGKILL");
+            return;
+        }
+    };
+    info!("received signal {sig}, stopping");
+    ctx.shared.stopping.store(true, Ordering::SeqCst);
+    let _ = systemd::notify_stopping();
+    let _ = ctx.tx.send(Msg::Shutdown);
+    let deadline = Instant::now() + STOP_GRACE;
+    while !worker.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !worker.is_finished() {
+        let pgid = ctx.shared.running_pgid.load(Ordering::SeqCst);
+        warning!(
+            "the nix call in progress outlasted the {} s grace period; killing it",
+            STOP_GRACE.as_secs()
+        );
+        if pgid != 0 {
+            let _ = sys::kill_process_group(pgid, sys::SIGKILL);
+        }
+    }
+    if let Some(file) = metrics {
+        let _ = status::write_atomically(&file, &snapshot(ctx).prometheus());
+    }
+    if let Some(socket) = own_socket {
+        let _ = fs::remove_file(socket);
+    }
+    info!(
+        "stopped; {} paths stay queued in the journal",
+        ctx.journal.len()
+    );
+    std::process::exit(0);
+}
+
 fn accept(ctx: &Arc<Context>, mut stream: UnixStream) {
+    if ctx.shared.stopping.load(Ordering::SeqCst) {
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+        let _ =
+            stream.write_all(final_line(Err("stopping: the daemon is shutting down")).as_bytes());
+        return;
+    }
     if ctx.active.fetch_add(1, Ordering::SeqCst) >= ctx.max_connections {
         ctx.active.fetch_sub(1, Ordering::SeqCst);
         let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
@@ -311,7 +408,7 @@ fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
         Request::Enqueue(paths) => enqueue(ctx, &paths),
         Request::Drv(drv) => enqueue(ctx, &[drv]),
         Request::Ping => final_line(Ok(&format!("nix-post-build-hook-queue {}", crate::VERSION))),
-        Request::Status => status(ctx),
+        Request::Status => snapshot(ctx).reply_lines() + &final_line(Ok("")),
         Request::Retry => {
             let n = ctx.shared.lock().backoff.len();
             let _ = ctx.tx.send(Msg::Retry);
@@ -338,52 +435,6 @@ fn enqueue(ctx: &Context, paths: &[StorePath]) -> String {
             )))
         }
     }
-}
-
-/// The `status` reply: `key value` lines, then `ok`.
-fn status(ctx: &Context) -> String {
-    let queued = ctx.journal.len();
-    let oldest = ctx.journal.oldest().map(|e| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        now.saturating_sub(e.queued_at)
-    });
-    let stats = ctx.shared.lock();
-    let mut out = String::new();
-    let mut kv = |k: &str, v: &dyn std::fmt::Display| out.push_str(&format!("{k} {v}\n"));
-    kv("version", &crate::VERSION);
-    kv("uptime-seconds", &stats.started.elapsed().as_secs());
-    kv("queued", &queued);
-    kv("in-flight", &stats.in_flight);
-    kv("uploaded", &stats.uploaded);
-    kv("dropped", &stats.dropped);
-    kv("failed-calls", &stats.failed_calls);
-    kv("backing-off", &stats.backoff.len());
-    kv(
-        "oldest-queued-seconds",
-        &oldest.map_or("-".to_string(), |s| s.to_string()),
-    );
-    kv(
-        "upload-seconds-sum",
-        &format!("{:.3}", stats.upload_seconds),
-    );
-    kv("upload-batches", &stats.upload_batches);
-    kv("signing", &ctx.signing);
-    kv("target", &ctx.target.as_deref().unwrap_or("-"));
-    let mut backoff: Vec<_> = stats.backoff.iter().collect();
-    backoff.sort_by_key(|(_, b)| b.next_try);
-    for (path, b) in backoff.into_iter().take(STATUS_MAX_BACKOFF) {
-        out.push_str(&format!(
-            "backoff {} {:.1} {} {}\n",
-            b.attempts,
-            seconds_until(b.next_try),
-            path,
-            crate::protocol::one_line(&b.last_error)
-        ));
-    }
-    out.push_str(&final_line(Ok("")));
-    out
 }
 
 /// The `wait` reply: `remaining N failing M` lines while paths queued before
@@ -433,9 +484,4 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
         }
         std::thread::sleep(WAIT_POLL);
     }
-}
-
-/// Removes the socket file if it is ours (used on a clean stop).
-pub fn remove_socket(path: &Path) {
-    let _ = fs::remove_file(path);
 }

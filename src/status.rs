@@ -5,8 +5,12 @@
 //! and the paths that are backing off after failures.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::journal::Journal;
 
 use crate::store_path::StorePath;
 
@@ -65,28 +69,39 @@ impl Stats {
     }
 }
 
-/// The shared, lockable statistics.
-pub struct Shared(Mutex<Stats>);
+/// What the daemon's threads share besides the journal.
+pub struct Shared {
+    stats: Mutex<Stats>,
+    /// Set when the daemon is stopping: no new connections, no new batches.
+    pub stopping: AtomicBool,
+    /// Process group of the nix call running now (0: none), killed when a
+    /// stop outlasts its grace period.
+    pub running_pgid: Arc<AtomicU32>,
+}
 
 impl Shared {
     /// Fresh statistics, starting now.
     pub fn new() -> Shared {
-        Shared(Mutex::new(Stats {
-            started: Instant::now(),
-            uploaded: 0,
-            dropped: 0,
-            failed_calls: 0,
-            in_flight: 0,
-            upload_seconds: 0.0,
-            upload_batches: 0,
-            backoff: HashMap::new(),
-            recent_drops: VecDeque::new(),
-        }))
+        Shared {
+            stopping: AtomicBool::new(false),
+            running_pgid: Arc::new(AtomicU32::new(0)),
+            stats: Mutex::new(Stats {
+                started: Instant::now(),
+                uploaded: 0,
+                dropped: 0,
+                failed_calls: 0,
+                in_flight: 0,
+                upload_seconds: 0.0,
+                upload_batches: 0,
+                backoff: HashMap::new(),
+                recent_drops: VecDeque::new(),
+            }),
+        }
     }
 
     /// Locks the statistics; a poisoned lock still holds usable counters.
     pub fn lock(&self) -> MutexGuard<'_, Stats> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -99,4 +114,182 @@ impl Default for Shared {
 /// Seconds until `when`, or 0 when it has passed.
 pub fn seconds_until(when: Instant) -> f64 {
     when.saturating_duration_since(Instant::now()).as_secs_f64()
+}
+
+/// Most backing-off paths listed in a `status` reply.
+const STATUS_MAX_BACKOFF: usize = 100;
+
+/// One consistent look at the queue, for `status` and the metrics file.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Seconds since the daemon started.
+    pub uptime_seconds: u64,
+    /// Paths in the journal.
+    pub queued: usize,
+    /// Paths in the worker's current batch.
+    pub in_flight: usize,
+    /// Paths finished since start.
+    pub uploaded: u64,
+    /// Paths dropped since start.
+    pub dropped: u64,
+    /// Failed nix calls since start.
+    pub failed_calls: u64,
+    /// Age of the oldest queued path, if any.
+    pub oldest_queued_seconds: Option<u64>,
+    /// Total seconds of successful upload batches.
+    pub upload_seconds: f64,
+    /// Number of successful upload batches.
+    pub upload_batches: u64,
+    /// Whether a signing key is configured.
+    pub signing: bool,
+    /// The upload target with secrets masked.
+    pub target: Option<String>,
+    /// Backing-off paths, soonest first: (attempts, seconds to next try,
+    /// path, last error).
+    pub backoff: Vec<(u32, f64, StorePath, String)>,
+}
+
+impl Snapshot {
+    /// Takes a snapshot of the journal and the statistics.
+    pub fn take(
+        journal: &Journal,
+        shared: &Shared,
+        signing: bool,
+        target: Option<&str>,
+    ) -> Snapshot {
+        let queued = journal.len();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let oldest_queued_seconds = journal.oldest().map(|e| now.saturating_sub(e.queued_at));
+        let stats = shared.lock();
+        let mut backoff: Vec<(u32, f64, StorePath, String)> = stats
+            .backoff
+            .iter()
+            .map(|(p, b)| {
+                (
+                    b.attempts,
+                    seconds_until(b.next_try),
+                    p.clone(),
+                    b.last_error.clone(),
+                )
+            })
+            .collect();
+        backoff.sort_by(|a, b| a.1.total_cmp(&b.1));
+        Snapshot {
+            uptime_seconds: stats.started.elapsed().as_secs(),
+            queued,
+            in_flight: stats.in_flight,
+            uploaded: stats.uploaded,
+            dropped: stats.dropped,
+            failed_calls: stats.failed_calls,
+            oldest_queued_seconds,
+            upload_seconds: stats.upload_seconds,
+            upload_batches: stats.upload_batches,
+            signing,
+            target: target.map(String::from),
+            backoff,
+        }
+    }
+
+    /// The informational lines of the `status` reply: `key value`, then one
+    /// `backoff ATTEMPTS NEXT-TRY-SECONDS PATH ERROR` line per failing path.
+    pub fn reply_lines(&self) -> String {
+        let mut out = String::new();
+        let mut kv = |k: &str, v: &dyn std::fmt::Display| out.push_str(&format!("{k} {v}\n"));
+        kv("version", &crate::VERSION);
+        kv("uptime-seconds", &self.uptime_seconds);
+        kv("queued", &self.queued);
+        kv("in-flight", &self.in_flight);
+        kv("uploaded", &self.uploaded);
+        kv("dropped", &self.dropped);
+        kv("failed-calls", &self.failed_calls);
+        kv("backing-off", &self.backoff.len());
+        match self.oldest_queued_seconds {
+            Some(s) => kv("oldest-queued-seconds", &s),
+            None => kv("oldest-queued-seconds", &"-"),
+        }
+        kv("upload-seconds-sum", &format!("{:.3}", self.upload_seconds));
+        kv("upload-batches", &self.upload_batches);
+        kv("signing", &self.signing);
+        kv("target", &self.target.as_deref().unwrap_or("-"));
+        for (attempts, next, path, error) in self.backoff.iter().take(STATUS_MAX_BACKOFF) {
+            out.push_str(&format!(
+                "backoff {attempts} {next:.1} {path} {}\n",
+                crate::protocol::one_line(error)
+            ));
+        }
+        out
+    }
+
+    /// The Prometheus text exposition of the snapshot.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+            out.push_str(&format!(
+                "# HELP nix_post_build_hook_queue_{name} {help}\n# TYPE nix_post_build_hook_queue_{name} {kind}\nnix_post_build_hook_queue_{name} {value}\n"
+            ));
+        };
+        metric(
+            "queued",
+            "gauge",
+            "Paths journaled and not yet uploaded.",
+            self.queued.to_string(),
+        );
+        metric(
+            "in_flight",
+            "gauge",
+            "Paths in the batch being uploaded now.",
+            self.in_flight.to_string(),
+        );
+        metric(
+            "backing_off",
+            "gauge",
+            "Paths waiting to be retried after a failure.",
+            self.backoff.len().to_string(),
+        );
+        metric(
+            "uploaded_total",
+            "counter",
+            "Paths signed and uploaded since the daemon started.",
+            self.uploaded.to_string(),
+        );
+        metric(
+            "dropped_total",
+            "counter",
+            "Paths given up on since the daemon started.",
+            self.dropped.to_string(),
+        );
+        metric(
+            "failed_calls_total",
+            "counter",
+            "Failed nix calls since the daemon started.",
+            self.failed_calls.to_string(),
+        );
+        metric(
+            "oldest_queued_age_seconds",
+            "gauge",
+            "Age of the oldest queued path (0 when the queue is empty).",
+            self.oldest_queued_seconds.unwrap_or(0).to_string(),
+        );
+        out.push_str(
+            "# HELP nix_post_build_hook_queue_upload_duration_seconds Time spent in successful upload batches.\n\
+             # TYPE nix_post_build_hook_queue_upload_duration_seconds summary\n",
+        );
+        out.push_str(&format!(
+            "nix_post_build_hook_queue_upload_duration_seconds_sum {:.6}\nnix_post_build_hook_queue_upload_duration_seconds_count {}\n",
+            self.upload_seconds, self.upload_batches
+        ));
+        out
+    }
+}
+
+/// Writes `text` to `path` atomically: a temporary file in the same
+/// directory, then a rename over the old one.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }

@@ -65,3 +65,57 @@ pub fn set_cloexec(fd: i32) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// SIGINT on every Linux architecture.
+pub const SIGINT: i32 = 2;
+
+/// Storage for the C library's `sigset_t` (1024 bits in glibc and musl).
+#[repr(C)]
+struct SigSet([u64; 16]);
+
+extern "C" {
+    fn sigemptyset(set: *mut SigSet) -> i32;
+    fn sigaddset(set: *mut SigSet, sig: i32) -> i32;
+    fn pthread_sigmask(how: i32, set: *const SigSet, old: *mut SigSet) -> i32;
+    fn sigwait(set: *const SigSet, sig: *mut i32) -> i32;
+}
+
+const SIG_BLOCK: i32 = 0;
+
+fn stop_signals() -> SigSet {
+    let mut set = SigSet([0; 16]);
+    // SAFETY: `set` is a valid, writable sigset_t-sized buffer we own.
+    unsafe {
+        sigemptyset(&mut set);
+        sigaddset(&mut set, SIGTERM);
+        sigaddset(&mut set, SIGINT);
+    }
+    set
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it
+/// starts afterwards, so that [`wait_for_stop_signal`] receives them.
+/// (Child processes start with an empty mask: the standard library resets it.)
+pub fn block_stop_signals() -> io::Result<()> {
+    let set = stop_signals();
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Waits until SIGTERM or SIGINT arrives; returns the signal number.
+pub fn wait_for_stop_signal() -> io::Result<i32> {
+    let set = stop_signals();
+    let mut sig = 0;
+    // SAFETY: both pointers refer to live values owned by this frame.
+    let rc = unsafe { sigwait(&set, &mut sig) };
+    if rc == 0 {
+        Ok(sig)
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}

@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,7 +109,7 @@ impl Worker {
             while let Ok(msg) = self.rx.try_recv() {
                 shutdown |= self.handle(msg);
             }
-            if shutdown {
+            if shutdown || self.shared.stopping.load(Ordering::SeqCst) {
                 return;
             }
             self.promote_due();
@@ -282,6 +283,10 @@ impl Worker {
         let mut budget = 2 * (usize::BITS - batch.len().leading_zeros()) + 2;
         let mut groups = vec![batch];
         while let Some(group) = groups.pop() {
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                // Still journaled: uploaded after the restart.
+                return;
+            }
             let started = Instant::now();
             match self.attempt(&group) {
                 Ok(()) => self.finish(&group, started.elapsed()),
