@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -99,26 +99,32 @@ impl Journal {
         fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let mut file = open_append(&path)?;
-        let mut data = Vec::new();
-        file.read_to_end(&mut data)?;
 
+        // Read record by record, so replay needs no copy of the whole file.
         let mut replay = Replay::default();
-        let complete_len = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        replay.torn_bytes = data.len() - complete_len;
-        if replay.torn_bytes > 0 {
-            file.set_len(complete_len as u64)?;
-            file.sync_data()?;
-        }
-
         let mut live: HashMap<StorePath, Entry> = HashMap::new();
         let mut next_seq = 0u64;
         let mut records = 0usize;
-        for line in data[..complete_len].split(|&b| b == b'\n') {
-            if line.is_empty() {
+        let mut complete_len = 0u64;
+        let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
+        let mut line = Vec::with_capacity(256);
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 {
+                break;
+            }
+            if line.last() != Some(&b'\n') {
+                replay.torn_bytes = n;
+                break;
+            }
+            complete_len += n as u64;
+            let record = &line[..n - 1];
+            if record.is_empty() {
                 continue;
             }
             records += 1;
-            match parse_record(line, store_dir) {
+            match parse_record(record, store_dir) {
                 Some(Record::Add(path, queued_at)) => {
                     live.entry(path).or_insert_with(|| {
                         next_seq += 1;
@@ -134,6 +140,11 @@ impl Journal {
                 None => replay.bad_records += 1,
             }
         }
+        drop(reader);
+        if replay.torn_bytes > 0 {
+            file.set_len(complete_len)?;
+            file.sync_data()?;
+        }
         let mut ordered: Vec<(&StorePath, &Entry)> = live.iter().collect();
         ordered.sort_by_key(|(_, e)| e.seq);
         replay.paths = ordered.into_iter().map(|(p, _)| p.clone()).collect();
@@ -142,7 +153,7 @@ impl Journal {
             inner: Mutex::new(Inner {
                 dir: dir.to_path_buf(),
                 file: Arc::new(file),
-                len: complete_len as u64,
+                len: complete_len,
                 dead: records - live.len(),
                 live,
                 next_seq,

@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The alphabet of Nix's base-32 encoding (no `e`, `o`, `t`, `u`).
 const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
@@ -17,8 +18,10 @@ pub const HASH_LEN: usize = 32;
 pub const MAX_NAME_LEN: usize = 211;
 
 /// A store path that passed every check: safe to journal and to pass to `nix`.
+/// Clones share the text, so the journal and the worker's queues can each
+/// hold the same path cheaply.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StorePath(String);
+pub struct StorePath(Arc<str>);
 
 /// Why a string is not a store path; each message names the broken rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +142,7 @@ impl StorePath {
         if name.starts_with('.') {
             return Err(PathError::NameDot);
         }
-        Ok(StorePath(s.to_string()))
+        Ok(StorePath(Arc::from(s)))
     }
 
     /// Parses an output path: like [`StorePath::parse`], but refuses a `.drv`.
@@ -184,13 +187,13 @@ impl fmt::Display for StorePath {
 
 impl AsRef<Path> for StorePath {
     fn as_ref(&self) -> &Path {
-        Path::new(&self.0)
+        Path::new(&*self.0)
     }
 }
 
 impl AsRef<std::ffi::OsStr> for StorePath {
     fn as_ref(&self) -> &std::ffi::OsStr {
-        std::ffi::OsStr::new(&self.0)
+        std::ffi::OsStr::new(&*self.0)
     }
 }
 
