@@ -1,0 +1,1672 @@
+//! Integration-test harness for nix-post-build-hook-queue (std only, no crates).
+//!
+//! Every integration test file pulls this in with `mod common;` and gets:
+//!
+//! - [`TempDir`]: a unique scratch directory, removed on drop (kept when the
+//!   environment variable `NPBHQ_KEEP_TMP` is set; the base directory is
+//!   `$NPBHQ_TEST_TMP` or [`std::env::temp_dir`]). Removal first makes every
+//!   directory writable, because Nix store paths are read-only.
+//! - [`NixEnv`]: a private, hermetic Nix store per test (its own store, state,
+//!   log and config directories), with helpers to build trivial derivations
+//!   with a post-build-hook, add paths, make signing keys, sign, copy, verify a
+//!   binary cache and read signatures.
+//! - [`Sshd`]: a real `/usr/sbin/sshd` on 127.0.0.1 and a free port whose
+//!   `nix-daemon --stdio` serves a separate receiving store that demands
+//!   signatures (`require-sigs = true`, `trusted-public-keys = <test key>`),
+//!   reachable as an `ssh-ng://` store URL.
+//! - [`Daemon`]: the real `post-build-hook-queue serve` daemon with a config
+//!   file, log capture, `kill9`/`restart`/`stop`, and the protocol client
+//!   [`Daemon::request`].
+//! - [`wait_until`], [`wait_until_ok`]: bounded polling for asynchronous
+//!   outcomes. Their timeout is a correctness bound (the test fails if the
+//!   thing never happens), never a performance assertion.
+//! - [`kill_tree`]: SIGKILL a process and all its descendants (used for
+//!   `Daemon::kill9` and on drop, so no orphaned `nix copy` outlives a test).
+//! - [`Json`]: a tiny JSON reader for `nix path-info --json` and similar output.
+//!
+//! Useful environment variables: `NPBHQ_KEEP_TMP=1` keeps every temp dir (its
+//! path is printed) for post-mortems; `NPBHQ_TEST_TMP=DIR` moves them (keep
+//! it short: unix socket paths are limited to 107 bytes).
+//!
+//! Facts about Debian's Nix 2.8 this harness relies on:
+//!
+//! - `--option post-build-hook PATH` on the `nix-build` command line works for
+//!   root in single-user mode (no nix-daemon); the hook inherits the whole
+//!   environment of `nix-build` (so `NPBHQ_SOCKET`, `NIX_STORE_DIR`, ...), plus
+//!   `DRV_PATH`, `OUT_PATHS` (always empty in 2.8, NixOS/nix#6446) and
+//!   `NIX_CONFIG`. Its stderr appears in nix-build's stderr prefixed with
+//!   `post-build-hook: `. A failing hook fails the build.
+//! - Paths made by [`NixEnv::add_text_path`] (`nix-store --add`) are
+//!   content-addressed: `nix store verify` accepts them with *any* key and an
+//!   `ssh-ng` receiver with `require-sigs = true` accepts them unsigned. Use
+//!   built paths ([`NixEnv::build`]) when a test is about signatures;
+//!   [`NixEnv::verify_in_cache`] also checks that every path carries a
+//!   signature by the key's name, so it is meaningful for both kinds.
+//! - Locally built paths are "ultimate" in the local store, so verification
+//!   is done against the destination store (cache or receiver), never the
+//!   sending store.
+//! - The `ssh-ng` receiver refuses an unsigned input-addressed path
+//!   (`cannot add path ... because it lacks a valid signature`) unless the
+//!   client passes `--no-check-sigs` (the root client is trusted, so that flag
+//!   is honoured).
+
+#![allow(dead_code)]
+
+use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long [`Daemon::start`] waits for the socket to accept connections.
+pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// A generous default bound for "eventually uploaded" style waits.
+pub const UPLOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An empty environment list, for calls like `env.build(1, "t", None, NO_ENV)`.
+pub const NO_ENV: &[(&str, &str)] = &[];
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A string unique within this machine for this test run: pid, a process-wide
+/// counter and the sub-second clock.
+pub fn unique_id() -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{}-{}-{:x}", std::process::id(), n, nanos)
+}
+
+/// Turns `s` into something valid inside a Nix store path name
+/// (`A-Za-z0-9+-._?=`, not starting with a dot); other characters become `-`.
+pub fn sanitize_name(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "+-._?=".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if out.is_empty() || out.starts_with('.') {
+        out.insert(0, 'x');
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// TempDir
+// ---------------------------------------------------------------------------
+
+/// A unique directory under `$NPBHQ_TEST_TMP` (or the system temp dir),
+/// removed recursively on drop unless `NPBHQ_KEEP_TMP` is set.
+///
+/// Keep the base path short: unix socket paths inside it are limited to 107
+/// bytes.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `<base>/npbhq-<prefix>-<unique>`. Panics if it cannot.
+    pub fn new(prefix: &str) -> TempDir {
+        let base = std::env::var_os("NPBHQ_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        fs::create_dir_all(&base)
+            .unwrap_or_else(|e| panic!("cannot create test tmp base {}: {e}", base.display()));
+        let prefix = sanitize_name(prefix);
+        for _ in 0..100 {
+            let path = base.join(format!("npbhq-{prefix}-{}", unique_id()));
+            match fs::create_dir(&path) {
+                Ok(()) => {
+                    // Canonical, so that store paths and URLs built from it are stable.
+                    let path = fs::canonicalize(&path).unwrap_or(path);
+                    return TempDir { path };
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("cannot create temp dir {}: {e}", path.display()),
+            }
+        }
+        panic!(
+            "could not find a free temp dir name under {}",
+            base.display()
+        );
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `self.path().join(rel)`.
+    pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.path.join(rel)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("NPBHQ_KEEP_TMP").is_some() {
+            eprintln!("NPBHQ_KEEP_TMP: keeping {}", self.path.display());
+            return;
+        }
+        remove_tree(&self.path);
+    }
+}
+
+/// Gives the owner rwx on every directory below `p` (not following symlinks),
+/// so that read-only Nix store trees can be removed.
+pub fn make_dirs_writable(p: &Path) {
+    let Ok(md) = fs::symlink_metadata(p) else {
+        return;
+    };
+    if !md.is_dir() {
+        return;
+    }
+    let mode = md.permissions().mode();
+    if mode & 0o700 != 0o700 {
+        let _ = fs::set_permissions(p, fs::Permissions::from_mode(mode | 0o700));
+    }
+    if let Ok(rd) = fs::read_dir(p) {
+        for e in rd.flatten() {
+            make_dirs_writable(&e.path());
+        }
+    }
+}
+
+/// Removes `p` recursively, making directories writable first if needed.
+/// Failures are reported on stderr, not panicked on (this runs in `Drop`).
+/// Retries a few times: a process killed a moment ago may still finish a
+/// last write.
+pub fn remove_tree(p: &Path) {
+    let mut last = None;
+    for attempt in 0..5 {
+        if attempt > 0 {
+            thread::sleep(Duration::from_millis(50));
+            make_dirs_writable(p);
+        }
+        match fs::remove_dir_all(p) {
+            Ok(()) => return,
+            Err(_) if !p.exists() => return,
+            Err(e) => last = Some(e),
+        }
+    }
+    if let Some(e) = last {
+        eprintln!("warning: could not remove {}: {e}", p.display());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// `(pid, ppid, state)` of every process, from `/proc/*/stat`.
+fn proc_table() -> Vec<(u32, u32, char)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may contain spaces and parens.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        out.push((pid, ppid, state));
+    }
+    out
+}
+
+/// All live descendants of `pid` (children, grandchildren, ...).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let table = proc_table();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        for &(p, pp, state) in &table {
+            if pp == parent && state != 'Z' && !found.contains(&p) {
+                found.push(p);
+            }
+        }
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// Sends `sig` (e.g. `"KILL"`) to `pids` with the `kill` command; errors
+/// (already gone) are ignored.
+pub fn signal_pids(sig: &str, pids: &[u32]) {
+    if pids.is_empty() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .args(pids.iter().map(u32::to_string))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// SIGKILLs `pid` and every descendant of it (the `nix` commands a daemon
+/// runs in their own process groups, the sessions of an sshd). The tree is
+/// frozen with SIGSTOP first so nothing new is spawned while it is
+/// collected. Does not reap `pid` (call `Child::wait`).
+pub fn kill_tree(pid: u32) {
+    signal_pids("STOP", &[pid]);
+    let mut all = vec![pid];
+    for _ in 0..5 {
+        let more: Vec<u32> = descendants(pid)
+            .into_iter()
+            .filter(|p| !all.contains(p))
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        signal_pids("STOP", &more);
+        all.extend(more);
+    }
+    signal_pids("KILL", &all);
+    // Wait (bounded) until the descendants are gone or zombies.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let table = proc_table();
+        let alive = all[1..]
+            .iter()
+            .any(|p| table.iter().any(|&(q, _, st)| q == *p && st != 'Z'));
+        if !alive {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tools
+// ---------------------------------------------------------------------------
+
+/// Panics (so the test fails, never skips) unless the Nix 2.x command line
+/// tools are on PATH. Checked once per test binary.
+pub fn require_nix() {
+    static CHECK: OnceLock<Result<String, String>> = OnceLock::new();
+    let r = CHECK.get_or_init(|| {
+        for tool in ["nix", "nix-build", "nix-store"] {
+            match Command::new(tool).arg("--version").output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    return Err(format!(
+                        "`{tool} --version` failed: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    ))
+                }
+                Err(e) => return Err(format!("`{tool}` not runnable: {e}")),
+            }
+        }
+        let o = Command::new("nix").arg("--version").output().unwrap();
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    });
+    if let Err(e) = r {
+        panic!("Nix is required for these tests (apt-get install nix-bin): {e}");
+    }
+}
+
+/// Path of the sshd binary; panics (test fails) if it is not installed.
+pub fn require_sshd() -> PathBuf {
+    let sshd = PathBuf::from("/usr/sbin/sshd");
+    assert!(
+        sshd.exists(),
+        "sshd is required for these tests (apt-get install openssh-server)"
+    );
+    for tool in ["ssh", "ssh-keygen"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool} >/dev/null")])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            found,
+            "{tool} is required for these tests (apt-get install openssh-client)"
+        );
+    }
+    sshd
+}
+
+/// The `post-build-hook` client binary built by cargo for this test run.
+pub fn hook_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_post-build-hook"))
+}
+
+/// The `post-build-hook-queue` daemon/CLI binary built by cargo for this test run.
+pub fn daemon_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_post-build-hook-queue"))
+}
+
+/// Runs `cmd`, capturing stdout and stderr; panics if it cannot be spawned.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs `cmd` and panics with its stderr unless it exits 0; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let o = run(cmd);
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// wait_until
+// ---------------------------------------------------------------------------
+
+/// Polls `cond` (every 50 ms, first call at once) until it returns true;
+/// panics with `what` if `timeout` passes first. The timeout bounds
+/// correctness ("this eventually happens"), it is not a speed assertion:
+/// choose it generously.
+pub fn wait_until(timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
+    wait_until_diag(timeout, what, cond, String::new);
+}
+
+/// [`wait_until`], and on timeout also prints `diag()` (e.g. a daemon log).
+pub fn wait_until_diag(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+    diag: impl FnOnce() -> String,
+) {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return;
+        }
+        if start.elapsed() >= timeout {
+            panic!("timed out after {timeout:?} waiting for {what}\n{}", diag());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `check` until it returns Ok; on timeout panics with `what`, the
+/// last Err and `diag()` (e.g. a daemon log). Same bound semantics as
+/// [`wait_until`].
+pub fn wait_until_ok(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<(), String>,
+    diag: impl FnOnce() -> String,
+) {
+    let start = Instant::now();
+    loop {
+        let last = match check() {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        if start.elapsed() >= timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\nlast check: {last}\n{}",
+                diag()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// NixEnv
+// ---------------------------------------------------------------------------
+
+/// One entry of [`NixEnv::path_infos`]: the path and, if it is valid in that
+/// store, its signatures.
+pub type PathInfo = (PathBuf, Option<Vec<String>>);
+
+/// The outcome of [`NixEnv::build`].
+#[derive(Debug)]
+pub struct BuildResult {
+    /// Output paths printed by `nix-build`, in the order of the derivations.
+    pub out_paths: Vec<PathBuf>,
+    /// Wall time of the `nix-build` command (for reports, not for assertions).
+    pub elapsed: Duration,
+    /// Exit status of `nix-build`.
+    pub status: ExitStatus,
+    /// Everything `nix-build` wrote to stderr (including hook output, each
+    /// line prefixed `post-build-hook: `).
+    pub stderr: String,
+    /// The generated `.nix` file.
+    pub nix_file: PathBuf,
+}
+
+impl BuildResult {
+    /// Panics with stderr unless the build exited 0.
+    pub fn assert_success(&self) -> &Self {
+        assert!(
+            self.status.success(),
+            "nix-build failed ({}):\n{}",
+            self.status,
+            self.stderr
+        );
+        self
+    }
+
+    /// The lines the post-build-hook wrote (prefix `post-build-hook: ` removed).
+    pub fn hook_lines(&self) -> Vec<String> {
+        self.stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("post-build-hook: "))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A private Nix store for one test: `store/`, `var/`, `log/`, `etc/nix.conf`
+/// and a `home/` under a [`TempDir`]. Every command made by [`NixEnv::cmd`]
+/// uses only these (no `NIX_REMOTE`, no user config, no substituters).
+///
+/// The `nix.conf` written is
+///
+/// ```text
+/// build-users-group =            # single-user, no nixbld group needed
+/// sandbox = false                # builders need /bin/sh
+/// substituters =                 # no network
+/// experimental-features = nix-command
+/// require-sigs = true            # Nix's default, spelled out
+/// fsync-metadata = false         # faster; the store DB is not under test
+/// ```
+///
+/// `require-sigs` stays true: on the sending side it only matters when paths
+/// are imported *into* this store (e.g. `nix copy --from`), and there it should
+/// demand signatures. Locally built and `nix-store --add`ed paths are always
+/// accepted.
+#[derive(Debug)]
+pub struct NixEnv {
+    tmp: TempDir,
+}
+
+impl NixEnv {
+    /// A fresh private store. Panics (test fails) if Nix is not installed.
+    pub fn new(tag: &str) -> NixEnv {
+        NixEnv::with_conf(tag, "")
+    }
+
+    /// [`NixEnv::new`] with extra lines appended to `nix.conf`.
+    pub fn with_conf(tag: &str, extra_conf: &str) -> NixEnv {
+        require_nix();
+        let tmp = TempDir::new(tag);
+        for d in [
+            "store",
+            "var",
+            "log",
+            "etc",
+            "home",
+            "home/.cache",
+            "home/.config",
+        ] {
+            fs::create_dir_all(tmp.join(d)).unwrap();
+        }
+        let conf = format!(
+            "build-users-group =\n\
+             sandbox = false\n\
+             substituters =\n\
+             experimental-features = nix-command\n\
+             require-sigs = true\n\
+             fsync-metadata = false\n\
+             {extra_conf}\n"
+        );
+        fs::write(tmp.join("etc/nix.conf"), conf).unwrap();
+        NixEnv { tmp }
+    }
+
+    /// The temp directory holding everything of this environment.
+    pub fn root(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// The (logical and physical) store directory, `$NIX_STORE_DIR`.
+    pub fn store_dir(&self) -> PathBuf {
+        self.tmp.join("store")
+    }
+
+    /// `$NIX_CONF_DIR` (holds `nix.conf`).
+    pub fn conf_dir(&self) -> PathBuf {
+        self.tmp.join("etc")
+    }
+
+    /// The environment variables that select this store, as name/value pairs.
+    /// [`NixEnv::cmd`] applies them; pass them to any other process that runs
+    /// nix for this store.
+    pub fn env_vars(&self) -> Vec<(String, OsString)> {
+        let r = self.root();
+        vec![
+            ("NIX_STORE_DIR".into(), r.join("store").into()),
+            ("NIX_STATE_DIR".into(), r.join("var").into()),
+            ("NIX_LOG_DIR".into(), r.join("log").into()),
+            ("NIX_CONF_DIR".into(), r.join("etc").into()),
+            // A file that does not exist: no user-level nix.conf is read.
+            (
+                "NIX_USER_CONF_FILES".into(),
+                r.join("etc/no-user.conf").into(),
+            ),
+            ("HOME".into(), r.join("home").into()),
+            ("XDG_CACHE_HOME".into(), r.join("home/.cache").into()),
+            ("XDG_CONFIG_HOME".into(), r.join("home/.config").into()),
+        ]
+    }
+
+    /// Applies [`NixEnv::env_vars`] to `cmd` and removes `NIX_REMOTE` and
+    /// `NIX_CONFIG` (so nothing talks to a system nix-daemon).
+    pub fn apply_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env_remove("NIX_REMOTE").env_remove("NIX_CONFIG");
+        for (k, v) in self.env_vars() {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// A [`Command`] for `program` in this environment.
+    pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new(program);
+        self.apply_env(&mut c);
+        c
+    }
+
+    /// Builds `n` independent trivial derivations named `npbhq-<tag>-<i>`
+    /// with `nix-build --no-out-link`, with `--option post-build-hook HOOK`
+    /// when `hook` is given, and `env` added to nix-build's environment (the
+    /// hook inherits it). Each call makes new, never-built paths.
+    pub fn build<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+        &self,
+        n: usize,
+        tag: &str,
+        hook: Option<&Path>,
+        env: &[(K, V)],
+    ) -> BuildResult {
+        self.build_args(n, tag, hook, env, &[])
+    }
+
+    /// [`NixEnv::build`] with extra `nix-build` arguments (e.g. `["-j", "4"]`).
+    pub fn build_args<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+        &self,
+        n: usize,
+        tag: &str,
+        hook: Option<&Path>,
+        env: &[(K, V)],
+        extra_args: &[&str],
+    ) -> BuildResult {
+        let id = unique_id();
+        let tag = sanitize_name(tag);
+        let mut expr = String::from("[\n");
+        for i in 0..n {
+            writeln!(
+                expr,
+                "  (derivation {{ name = \"npbhq-{tag}-{i}\"; system = builtins.currentSystem; \
+                 builder = \"/bin/sh\"; args = [ \"-c\" \"echo {tag}-{i}-{id} > $out\" ]; }})"
+            )
+            .unwrap();
+        }
+        expr.push_str("]\n");
+        let nix_file = self.root().join(format!("build-{tag}-{id}.nix"));
+        fs::write(&nix_file, expr).unwrap();
+
+        let mut cmd = self.cmd("nix-build");
+        cmd.arg("--no-out-link");
+        if let Some(h) = hook {
+            cmd.arg("--option").arg("post-build-hook").arg(h);
+        }
+        cmd.args(extra_args).arg(&nix_file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let start = Instant::now();
+        let out = run(&mut cmd);
+        let elapsed = start.elapsed();
+        BuildResult {
+            out_paths: String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| PathBuf::from(l.trim()))
+                .collect(),
+            elapsed,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            nix_file,
+        }
+    }
+
+    /// Builds `n` derivations without a hook and returns their (input-addressed,
+    /// unsigned) output paths; panics if the build fails.
+    pub fn build_paths(&self, n: usize, tag: &str) -> Vec<PathBuf> {
+        let b = self.build(n, tag, None, NO_ENV);
+        b.assert_success();
+        assert_eq!(b.out_paths.len(), n, "nix-build printed: {:?}", b.out_paths);
+        b.out_paths
+    }
+
+    /// Adds a file `name` with `contents` to the store (`nix-store --add`),
+    /// without building. The result is a *content-addressed* path: signature
+    /// checks never reject it (see the module doc).
+    pub fn add_text_path(&self, name: &str, contents: &str) -> PathBuf {
+        let dir = self.root().join(format!("add-{}", unique_id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(sanitize_name(name));
+        fs::write(&file, contents).unwrap();
+        let out = run_ok(self.cmd("nix-store").arg("--add").arg(&file));
+        PathBuf::from(out.trim())
+    }
+
+    /// The outputs of derivation `drv` (`nix-store --query --outputs`).
+    pub fn drv_outputs(&self, drv: &Path) -> Vec<PathBuf> {
+        run_ok(
+            self.cmd("nix-store")
+                .args(["--query", "--outputs"])
+                .arg(drv),
+        )
+        .lines()
+        .map(PathBuf::from)
+        .collect()
+    }
+
+    /// Makes a binary-cache signing key pair named `name` (e.g. `test-1`).
+    /// Returns the secret key file and the public key string `name:base64`.
+    pub fn gen_signing_key(&self, name: &str) -> (PathBuf, String) {
+        let dir = self.root().join(format!("key-{}", unique_id()));
+        fs::create_dir_all(&dir).unwrap();
+        let sk = dir.join("secret");
+        let pk = dir.join("public");
+        run_ok(
+            self.cmd("nix-store")
+                .arg("--generate-binary-cache-key")
+                .arg(name)
+                .arg(&sk)
+                .arg(&pk),
+        );
+        let public = fs::read_to_string(&pk).unwrap().trim().to_string();
+        (sk, public)
+    }
+
+    /// Signs `paths` in the local store with `key_file` (`nix store sign`);
+    /// panics on failure.
+    pub fn sign(&self, key_file: &Path, paths: &[PathBuf]) {
+        run_ok(
+            self.cmd("nix")
+                .args(["store", "sign", "--key-file"])
+                .arg(key_file)
+                .args(paths),
+        );
+    }
+
+    /// `nix copy --to URL [extra] PATHS`, with `extra_env` (e.g. NIX_SSHOPTS).
+    pub fn copy_to<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+        &self,
+        url: &str,
+        paths: &[PathBuf],
+        extra_args: &[&str],
+        extra_env: &[(K, V)],
+    ) -> Output {
+        let mut c = self.cmd("nix");
+        c.args(["copy", "--to", url]).args(extra_args).args(paths);
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        run(&mut c)
+    }
+
+    /// Ok if every path is present in the store at `store_url` (a binary
+    /// cache such as `file:///...`, or `local?root=...`), verifies with
+    /// `nix store verify --store URL --trusted-public-keys PK`, and carries a
+    /// signature by `public_key`'s key name. The last check matters for
+    /// content-addressed paths, which `nix store verify` accepts unsigned.
+    /// Err carries the reason (for polling, treat Err as "not yet").
+    pub fn verify_in_cache(
+        &self,
+        store_url: &str,
+        public_key: &str,
+        paths: &[PathBuf],
+    ) -> Result<(), String> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let o = run(self
+            .cmd("nix")
+            .args(["store", "verify", "--store", store_url])
+            .args(["--trusted-public-keys", public_key])
+            .args(paths));
+        if !o.status.success() {
+            return Err(format!(
+                "nix store verify exited {}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        let key_name = public_key.split(':').next().unwrap_or(public_key);
+        let infos = self.path_infos(store_url, paths)?;
+        for p in paths {
+            let sigs = infos
+                .iter()
+                .find(|(q, _)| q == p)
+                .and_then(|(_, s)| s.clone())
+                .ok_or_else(|| format!("{} is not in {store_url}", p.display()))?;
+            if !sigs.iter().any(|s| s.starts_with(&format!("{key_name}:"))) {
+                return Err(format!(
+                    "{} in {store_url} has no signature by {key_name}: {sigs:?}",
+                    p.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The signatures of `path` in the store at `store_url`
+    /// (`nix path-info --json --sigs --store URL PATH`). Err if the path is
+    /// not valid there or the command fails.
+    pub fn path_sigs(&self, store_url: &str, path: &Path) -> Result<Vec<String>, String> {
+        let infos = self.path_infos(store_url, &[path.to_path_buf()])?;
+        infos
+            .into_iter()
+            .find(|(p, _)| p == path)
+            .and_then(|(_, s)| s)
+            .ok_or_else(|| format!("{} is not valid in {store_url}", path.display()))
+    }
+
+    /// True if `path` is valid in the store at `store_url`.
+    pub fn is_valid_in(&self, store_url: &str, path: &Path) -> bool {
+        self.path_sigs(store_url, path).is_ok()
+    }
+
+    /// For each path: `(path, Some(signatures))` if valid in `store_url`,
+    /// `(path, None)` if not.
+    pub fn path_infos(&self, store_url: &str, paths: &[PathBuf]) -> Result<Vec<PathInfo>, String> {
+        let o = run(self
+            .cmd("nix")
+            .args(["path-info", "--json", "--sigs", "--store", store_url])
+            .args(paths));
+        if !o.status.success() {
+            return Err(format!(
+                "nix path-info exited {}: {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        let text = String::from_utf8_lossy(&o.stdout);
+        let json = Json::parse(&text).map_err(|e| format!("bad path-info JSON ({e}): {text}"))?;
+        let arr = json
+            .as_array()
+            .ok_or_else(|| format!("path-info JSON is not an array: {text}"))?;
+        let mut out = Vec::new();
+        for item in arr {
+            let p = item
+                .get("path")
+                .and_then(Json::as_str)
+                .ok_or_else(|| format!("path-info entry without path: {text}"))?;
+            let valid = item.get("valid").and_then(Json::as_bool).unwrap_or(true);
+            let sigs = if valid {
+                Some(
+                    item.get("signatures")
+                        .and_then(Json::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|s| s.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                )
+            } else {
+                None
+            };
+            out.push((PathBuf::from(p), sigs));
+        }
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sshd
+// ---------------------------------------------------------------------------
+
+/// A real sshd on 127.0.0.1 serving a separate receiving Nix store over
+/// `ssh-ng://`.
+///
+/// - sshd runs as `/usr/sbin/sshd -D -e -f CONFIG` with a per-instance host
+///   key, key-only root login with a generated ed25519 client key,
+///   `UsePAM no`, `StrictModes no`; it is killed on drop.
+/// - The receiving store is the chroot-style store `local?root=<dir>/remote`:
+///   its *logical* store dir is the sender's `NIX_STORE_DIR` (so the same
+///   store paths are valid there), its files live under
+///   `<dir>/remote/nix/store` and its database under `<dir>/remote/nix/var`,
+///   so it shares nothing on disk with the sender.
+/// - sshd's `SetEnv` gives the `nix-daemon --stdio` started by ssh-ng the
+///   sender's `NIX_STORE_DIR` and the receiver's own `NIX_CONF_DIR`, whose
+///   `nix.conf` has `require-sigs = true` and `trusted-public-keys = <key>`.
+///
+/// What holds (Nix 2.8): a path signed by the trusted key copies with plain
+/// `nix copy --to URL`; an unsigned input-addressed path is refused
+/// (`lacks a valid signature`, exit 1); `--no-check-sigs` lets the unsigned
+/// path in (root is a trusted client); content-addressed paths are accepted
+/// unsigned.
+#[derive(Debug)]
+pub struct Sshd {
+    tmp: TempDir,
+    child: Child,
+    port: u16,
+    client_key: PathBuf,
+    receiver_root: PathBuf,
+}
+
+impl Sshd {
+    /// Starts sshd for a receiver that shares `sender`'s store dir and trusts
+    /// `trusted_public_keys` (space separated `name:base64` keys).
+    pub fn start(sender: &NixEnv, trusted_public_keys: &str) -> Sshd {
+        let sshd_bin = require_sshd();
+        let tmp = TempDir::new("sshd");
+        let dir = tmp.path().to_path_buf();
+        fs::create_dir_all("/run/sshd").expect("mkdir -p /run/sshd");
+        let host_key = dir.join("host_ed25519");
+        let client_key = dir.join("client_ed25519");
+        for k in [&host_key, &client_key] {
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-C", "npbhq-test", "-f"])
+                    .arg(k),
+            );
+        }
+        let authorized = dir.join("authorized_keys");
+        fs::copy(client_key.with_extension("pub"), &authorized).unwrap();
+
+        let receiver_root = dir.join("remote");
+        let recv_etc = dir.join("remote-etc");
+        let recv_home = dir.join("remote-home");
+        fs::create_dir_all(&receiver_root).unwrap();
+        fs::create_dir_all(&recv_etc).unwrap();
+        fs::create_dir_all(recv_home.join(".cache")).unwrap();
+        fs::write(
+            recv_etc.join("nix.conf"),
+            format!(
+                "build-users-group =\n\
+                 sandbox = false\n\
+                 substituters =\n\
+                 experimental-features = nix-command\n\
+                 fsync-metadata = false\n\
+                 require-sigs = true\n\
+                 trusted-public-keys = {trusted_public_keys}\n"
+            ),
+        )
+        .unwrap();
+        let set_env = format!(
+            "NIX_STORE_DIR={} NIX_STATE_DIR={} NIX_LOG_DIR={} NIX_CONF_DIR={} \
+             NIX_USER_CONF_FILES={} XDG_CACHE_HOME={}",
+            sender.store_dir().display(),
+            receiver_root.join("nix/var/nix").display(),
+            receiver_root.join("nix/var/log/nix").display(),
+            recv_etc.display(),
+            recv_etc.join("no-user.conf").display(),
+            recv_home.join(".cache").display(),
+        );
+        let config = dir.join("sshd_config");
+        let log = dir.join("sshd.log");
+
+        let mut last_err = String::new();
+        for _attempt in 0..10 {
+            let port = free_port();
+            fs::write(
+                &config,
+                format!(
+                    "ListenAddress 127.0.0.1\n\
+                     Port {port}\n\
+                     HostKey {}\n\
+                     PidFile none\n\
+                     UsePAM no\n\
+                     StrictModes no\n\
+                     UseDNS no\n\
+                     PermitRootLogin prohibit-password\n\
+                     PubkeyAuthentication yes\n\
+                     PasswordAuthentication no\n\
+                     KbdInteractiveAuthentication no\n\
+                     AuthorizedKeysFile {}\n\
+                     SetEnv {set_env}\n\
+                     LogLevel ERROR\n",
+                    host_key.display(),
+                    authorized.display(),
+                ),
+            )
+            .unwrap();
+            let logf = fs::File::create(&log).unwrap();
+            let mut child = Command::new(&sshd_bin)
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone().unwrap())
+                .stderr(logf)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start sshd: {e}"));
+            let start = Instant::now();
+            let mut up = false;
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(st)) = child.try_wait() {
+                    last_err = format!(
+                        "sshd exited {st}: {}",
+                        fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    up = matches!(child.try_wait(), Ok(None));
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            if up {
+                return Sshd {
+                    tmp,
+                    child,
+                    port,
+                    client_key,
+                    receiver_root,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            if last_err.is_empty() {
+                last_err = format!(
+                    "sshd did not listen on port {port}: {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+        panic!("could not start sshd: {last_err}");
+    }
+
+    /// The port sshd listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The `ssh-ng://` store URL of the receiving store.
+    pub fn url(&self) -> String {
+        format!(
+            "ssh-ng://root@127.0.0.1?remote-store={}",
+            self.receiver_root.display()
+        )
+    }
+
+    /// The `NIX_SSHOPTS` value to reach this sshd (port, key, no host key
+    /// checks, batch mode, connect timeout).
+    pub fn ssh_opts(&self) -> String {
+        format!(
+            "-p {} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+             -o BatchMode=yes -o ConnectTimeout=5 -o LogLevel=ERROR",
+            self.port,
+            self.client_key.display()
+        )
+    }
+
+    /// `[("NIX_SSHOPTS", ssh_opts())]`, to add to any process that copies to
+    /// [`Sshd::url`].
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![("NIX_SSHOPTS".to_string(), self.ssh_opts())]
+    }
+
+    /// A store URL (`local?root=...`) that opens the receiving store directly,
+    /// without ssh, from the sender's [`NixEnv`] (same `NIX_STORE_DIR`): use it
+    /// to inspect what arrived (`path_sigs`, `verify_in_cache`).
+    pub fn local_store_url(&self) -> String {
+        format!("local?root={}", self.receiver_root.display())
+    }
+
+    /// The receiving store's chroot directory.
+    pub fn receiver_root(&self) -> &Path {
+        &self.receiver_root
+    }
+
+    /// sshd's stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.tmp.join("sshd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        // Also ends live sessions and their `nix-daemon --stdio`.
+        kill_tree(self.child.id());
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0).
+pub fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+// ---------------------------------------------------------------------------
+// Daemon
+// ---------------------------------------------------------------------------
+
+/// The real `post-build-hook-queue serve --config FILE` daemon for a
+/// [`NixEnv`].
+///
+/// Its files live in `<nixenv>/daemon-<id>/`: `config`, `sock` (the socket),
+/// `state/` (the state dir, journal and default spool) and `daemon.log`
+/// (stdout and stderr of every run, appended across restarts). It runs with
+/// the NixEnv's environment plus any extra variables given. It is killed
+/// (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    dir: PathBuf,
+    config_path: PathBuf,
+    config: Vec<(String, String)>,
+    env: Vec<(String, OsString)>,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts a daemon with `config` key/value pairs (the harness adds
+    /// `socket` and `state-dir` unless given) and waits until its socket
+    /// accepts; panics with the log if it does not within
+    /// [`DAEMON_START_TIMEOUT`].
+    pub fn start(env: &NixEnv, config: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with_env(env, config, NO_ENV)
+    }
+
+    /// [`Daemon::start`] with extra environment variables (e.g. from
+    /// [`Sshd::env`]).
+    pub fn start_with_env<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+        env: &NixEnv,
+        config: &[(&str, &str)],
+        extra_env: &[(K, V)],
+    ) -> Daemon {
+        let mut d = Daemon::new_stopped(env, config, extra_env);
+        if let Err(e) = d.try_spawn() {
+            panic!("{e}");
+        }
+        d
+    }
+
+    /// Prepares the directory and config but does not start the daemon (see
+    /// [`Daemon::try_spawn`], [`Daemon::restart`]).
+    pub fn new_stopped<K: AsRef<OsStr>, V: AsRef<OsStr>>(
+        env: &NixEnv,
+        config: &[(&str, &str)],
+        extra_env: &[(K, V)],
+    ) -> Daemon {
+        let dir = env
+            .root()
+            .join(format!("daemon-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        fs::create_dir_all(&dir).unwrap();
+        let mut cfg: Vec<(String, String)> = config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if !cfg.iter().any(|(k, _)| k == "socket") {
+            let sock = dir.join("sock");
+            assert!(
+                sock.as_os_str().len() < 108,
+                "socket path {} is too long for a unix socket; use a shorter NPBHQ_TEST_TMP",
+                sock.display()
+            );
+            cfg.push(("socket".into(), sock.display().to_string()));
+        }
+        if !cfg.iter().any(|(k, _)| k == "state-dir") {
+            cfg.push(("state-dir".into(), dir.join("state").display().to_string()));
+        }
+        let mut vars = env.env_vars();
+        for (k, v) in extra_env {
+            vars.push((
+                k.as_ref().to_string_lossy().into_owned(),
+                v.as_ref().to_os_string(),
+            ));
+        }
+        let d = Daemon {
+            config_path: dir.join("config"),
+            dir,
+            config: cfg,
+            env: vars,
+            child: None,
+        };
+        d.write_config();
+        d
+    }
+
+    fn write_config(&self) {
+        let mut s = String::from("# written by tests/common/mod.rs\n");
+        for (k, v) in &self.config {
+            writeln!(s, "{k} = {v}").unwrap();
+        }
+        fs::write(&self.config_path, s).unwrap();
+    }
+
+    /// Sets (or replaces) config key `key`; takes effect at the next
+    /// (re)start.
+    pub fn set_config(&mut self, key: &str, value: &str) {
+        if let Some(e) = self.config.iter_mut().find(|(k, _)| k == key) {
+            e.1 = value.to_string();
+        } else {
+            self.config.push((key.to_string(), value.to_string()));
+        }
+        self.write_config();
+    }
+
+    /// The value of config key `key`, if set.
+    pub fn config_value(&self, key: &str) -> Option<&str> {
+        self.config
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Spawns the daemon and waits for its socket. On failure (it exits, or
+    /// the socket does not accept within [`DAEMON_START_TIMEOUT`]) the child
+    /// is killed and Err carries the log.
+    pub fn try_spawn(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut cmd = Command::new(daemon_bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env_remove("NIX_REMOTE")
+            .env_remove("NIX_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", daemon_bin().display()))?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!(
+                    "daemon exited ({st}) before its socket accepted; log:\n{}",
+                    self.log()
+                ));
+            }
+            if UnixStream::connect(self.socket()).is_ok() {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if start.elapsed() > DAEMON_START_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "daemon socket {} did not accept within {DAEMON_START_TIMEOUT:?}; log:\n{}",
+                    self.socket().display(),
+                    self.log()
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> PathBuf {
+        PathBuf::from(self.config_value("socket").expect("socket is always set"))
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from(
+            self.config_value("state-dir")
+                .expect("state-dir is always set"),
+        )
+    }
+
+    /// The spool directory clients should use: the `spool-dir` config value,
+    /// else `<state-dir>/spool` (the daemon's default).
+    pub fn spool_dir(&self) -> PathBuf {
+        self.config_value("spool-dir")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.state_dir().join("spool"))
+    }
+
+    /// The config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// This daemon's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The log file (stdout+stderr of all runs).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
+    /// Everything the daemon wrote so far (all runs).
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The daemon's pid, if running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True if the daemon process is alive.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILLs the daemon *and every process it started* (its running
+    /// `nix store sign` / `nix copy`, which it puts in their own process
+    /// groups), like a crash of the whole service (systemd kills the whole
+    /// cgroup). Without this an orphaned `nix copy` could still finish an
+    /// upload after the "crash" and hide a lost journal entry. No-op if not
+    /// running.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_tree(c.id());
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILLs only the daemon process; commands it was running are
+    /// orphaned and keep running (the harness cannot clean them up later).
+    pub fn kill9_daemon_only(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM (`kill -TERM PID`) and waits (bounded, 30 s) for the
+    /// exit; returns its status. Panics if it does not exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("daemon is not running");
+        if let Ok(Some(st)) = c.try_wait() {
+            return st;
+        }
+        run_ok(Command::new("kill").args(["-TERM", &c.id().to_string()]));
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("daemon ignored SIGTERM for 30 s; log:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon if it runs (SIGTERM) and starts it again with the
+    /// current config (same socket and state dir); panics with the log if it
+    /// does not come up.
+    pub fn restart(&mut self) {
+        if self.is_running() {
+            self.stop();
+        }
+        self.child = None;
+        if let Err(e) = self.try_spawn() {
+            panic!("restart failed: {e}");
+        }
+    }
+
+    /// Environment for the hook and CLI: `NPBHQ_SOCKET` and `NPBHQ_SPOOL_DIR`.
+    pub fn hook_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("NPBHQ_SOCKET".into(), self.socket().display().to_string()),
+            (
+                "NPBHQ_SPOOL_DIR".into(),
+                self.spool_dir().display().to_string(),
+            ),
+        ]
+    }
+
+    /// A [`Command`] for the `post-build-hook` client with the NixEnv's
+    /// environment and [`Daemon::hook_env`] (add `DRV_PATH`/`OUT_PATHS`).
+    pub fn hook_cmd(&self) -> Command {
+        let mut c = Command::new(hook_bin());
+        c.env_remove("NIX_REMOTE").env_remove("NIX_CONFIG");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        for (k, v) in self.hook_env() {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// A [`Command`] for `post-build-hook-queue` (the CLI, e.g. `enqueue`)
+    /// with the same environment as the daemon and `NPBHQ_SOCKET` set. Pass
+    /// `--socket` yourself where the CLI needs it.
+    pub fn cli_cmd(&self) -> Command {
+        let mut c = Command::new(daemon_bin());
+        c.env_remove("NIX_REMOTE").env_remove("NIX_CONFIG");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.env("NPBHQ_SOCKET", self.socket());
+        c
+    }
+
+    /// Sends one protocol line (newline added) and returns the final reply
+    /// line (the one starting with `ok` or `err`), without its newline.
+    /// Panics on I/O errors or if the connection closes first (30 s timeouts).
+    pub fn request(&self, line: &str) -> String {
+        self.request_lines(line)
+            .pop()
+            .expect("request_lines returns at least the final line")
+    }
+
+    /// Sends one protocol line and returns every reply line up to and
+    /// including the final `ok`/`err` line (informational lines of `status`
+    /// and `wait` come first).
+    pub fn request_lines(&self, line: &str) -> Vec<String> {
+        let mut r = self.connect_and_send(line);
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            let n = r
+                .read_line(&mut l)
+                .unwrap_or_else(|e| panic!("reading reply to {line:?}: {e}\nlog:\n{}", self.log()));
+            if n == 0 {
+                panic!(
+                    "connection closed before a final ok/err line in reply to {line:?}; \
+                     got {lines:?}\nlog:\n{}",
+                    self.log()
+                );
+            }
+            let l = l.trim_end_matches(['\n', '\r']).to_string();
+            let last = l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ");
+            lines.push(l);
+            if last {
+                return lines;
+            }
+        }
+    }
+
+    fn connect_and_send(&self, line: &str) -> BufReader<UnixStream> {
+        let mut s = UnixStream::connect(self.socket()).unwrap_or_else(|e| {
+            panic!(
+                "connect {}: {e}\nlog:\n{}",
+                self.socket().display(),
+                self.log()
+            )
+        });
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(format!("{line}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("sending {line:?}: {e}"));
+        BufReader::new(s)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Json
+// ---------------------------------------------------------------------------
+
+/// A parsed JSON value (numbers as f64, objects keep their key order).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json {
+    /// `null`
+    Null,
+    /// `true` / `false`
+    Bool(bool),
+    /// any number
+    Num(f64),
+    /// a string
+    Str(String),
+    /// an array
+    Arr(Vec<Json>),
+    /// an object
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    /// Parses a complete JSON text (surrounding whitespace allowed).
+    pub fn parse(s: &str) -> Result<Json, String> {
+        let mut p = JsonParser {
+            b: s.as_bytes(),
+            i: 0,
+        };
+        let v = p.value()?;
+        p.ws();
+        if p.i != p.b.len() {
+            return Err(format!("trailing data at byte {}", p.i));
+        }
+        Ok(v)
+    }
+
+    /// Member `key` of an object.
+    pub fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// The string, if this is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The number, if this is one.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Json::Num(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// The boolean, if this is one.
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Json::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// The elements, if this is an array.
+    pub fn as_array(&self) -> Option<&[Json]> {
+        match self {
+            Json::Arr(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+struct JsonParser<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> Result<(), String> {
+        self.ws();
+        if self.b.get(self.i) == Some(&c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(format!("expected {:?} at byte {}", c as char, self.i))
+        }
+    }
+
+    fn lit(&mut self, word: &str, v: Json) -> Result<Json, String> {
+        if self.b[self.i..].starts_with(word.as_bytes()) {
+            self.i += word.len();
+            Ok(v)
+        } else {
+            Err(format!("bad literal at byte {}", self.i))
+        }
+    }
+
+    fn value(&mut self) -> Result<Json, String> {
+        self.ws();
+        match self.b.get(self.i) {
+            None => Err("unexpected end".into()),
+            Some(b'n') => self.lit("null", Json::Null),
+            Some(b't') => self.lit("true", Json::Bool(true)),
+            Some(b'f') => self.lit("false", Json::Bool(false)),
+            Some(b'"') => self.string().map(Json::Str),
+            Some(b'[') => {
+                self.i += 1;
+                let mut v = Vec::new();
+                self.ws();
+                if self.b.get(self.i) == Some(&b']') {
+                    self.i += 1;
+                    return Ok(Json::Arr(v));
+                }
+                loop {
+                    v.push(self.value()?);
+                    self.ws();
+                    match self.b.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b']') => {
+                            self.i += 1;
+                            return Ok(Json::Arr(v));
+                        }
+                        _ => return Err(format!("expected , or ] at byte {}", self.i)),
+                    }
+                }
+            }
+            Some(b'{') => {
+                self.i += 1;
+                let mut m = Vec::new();
+                self.ws();
+                if self.b.get(self.i) == Some(&b'}') {
+                    self.i += 1;
+                    return Ok(Json::Obj(m));
+                }
+                loop {
+                    self.ws();
+                    let k = self.string()?;
+                    self.eat(b':')?;
+                    let v = self.value()?;
+                    m.push((k, v));
+                    self.ws();
+                    match self.b.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b'}') => {
+                            self.i += 1;
+                            return Ok(Json::Obj(m));
+                        }
+                        _ => return Err(format!("expected , or }} at byte {}", self.i)),
+                    }
+                }
+            }
+            Some(_) => {
+                let start = self.i;
+                while self.i < self.b.len() && b"+-.0123456789eE".contains(&self.b[self.i]) {
+                    self.i += 1;
+                }
+                std::str::from_utf8(&self.b[start..self.i])
+                    .ok()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .map(Json::Num)
+                    .ok_or_else(|| format!("bad value at byte {start}"))
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32, String> {
+        let h = self
+            .b
+            .get(self.i..self.i + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or_else(|| format!("bad \\u escape at byte {}", self.i))?;
+        self.i += 4;
+        Ok(h)
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        self.eat(b'"')?;
+        let mut out: Vec<u8> = Vec::new();
+        loop {
+            let c = *self.b.get(self.i).ok_or("unterminated string")?;
+            self.i += 1;
+            match c {
+                b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
+                b'\\' => {
+                    let e = *self.b.get(self.i).ok_or("unterminated escape")?;
+                    self.i += 1;
+                    let ch = match e {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => {
+                            let mut cp = self.hex4()?;
+                            if (0xd800..0xdc00).contains(&cp)
+                                && self.b.get(self.i..self.i + 2) == Some(b"\\u")
+                            {
+                                self.i += 2;
+                                let lo = self.hex4()?;
+                                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo.wrapping_sub(0xdc00));
+                            }
+                            char::from_u32(cp).unwrap_or('\u{fffd}')
+                        }
+                        _ => return Err(format!("bad escape at byte {}", self.i)),
+                    };
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                }
+                _ => out.push(c),
+            }
+        }
+    }
+}

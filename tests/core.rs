@@ -1,0 +1,475 @@
+//! Core integration tests: the real `post-build-hook` client and
+//! `post-build-hook-queue` daemon against real Nix (private stores), a
+//! `file://` binary cache and an `ssh-ng://` receiver behind a real sshd.
+//!
+//! Timeouts in `wait_until` are correctness bounds ("this eventually
+//! happens"), never speed assertions.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::PathBuf;
+
+/// A `file://` cache under the env: (url for uploads, url for reading).
+fn file_cache(env: &NixEnv, name: &str) -> (String, String) {
+    let dir = env.root().join(name);
+    let read = format!("file://{}", dir.display());
+    (format!("{read}?compression=none"), read)
+}
+
+fn strs(paths: &[PathBuf]) -> Vec<String> {
+    paths.iter().map(|p| p.display().to_string()).collect()
+}
+
+fn wait_verified(env: &NixEnv, d: &Daemon, url: &str, pk: &str, paths: &[PathBuf], what: &str) {
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        what,
+        || env.verify_in_cache(url, pk, paths),
+        || format!("daemon log:\n{}", d.log()),
+    );
+}
+
+/// 1. A nix-build with our hook and a daemon that signs and uploads to a
+///    file:// cache: the build succeeds and every output arrives, signed.
+///    (Nix 2.8 passes an empty OUT_PATHS, so the daemon resolves DRV_PATH.)
+#[test]
+fn hook_build_is_signed_and_uploaded_to_file_cache() {
+    let env = NixEnv::new("core-file");
+    let (sk, pk) = env.gen_signing_key("core-file-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+        ],
+    );
+    let b = env.build(3, "file", Some(&hook_bin()), &d.hook_env());
+    assert!(
+        b.status.success(),
+        "build failed: {}\ndaemon log:\n{}",
+        b.stderr,
+        d.log()
+    );
+    assert_eq!(b.out_paths.len(), 3, "{b:?}");
+    wait_verified(
+        &env,
+        &d,
+        &read,
+        &pk,
+        &b.out_paths,
+        "all 3 outputs signed in the file:// cache",
+    );
+}
+
+/// 2. The same to an ssh-ng receiver that requires signatures: the outputs
+///    arrive and the receiver holds our signature.
+#[test]
+fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
+    let env = NixEnv::new("core-ssh");
+    let (sk, pk) = env.gen_signing_key("core-ssh-1");
+    let sshd = Sshd::start(&env, &pk);
+    let d = Daemon::start_with_env(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &sshd.url()),
+            ("command-timeout", "60"),
+        ],
+        &sshd.env(),
+    );
+    let b = env.build(3, "ssh", Some(&hook_bin()), &d.hook_env());
+    assert!(
+        b.status.success(),
+        "build failed: {}\ndaemon log:\n{}",
+        b.stderr,
+        d.log()
+    );
+    assert_eq!(b.out_paths.len(), 3, "{b:?}");
+    let recv = sshd.local_store_url();
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "all 3 outputs in the ssh-ng receiver",
+        || {
+            b.out_paths
+                .iter()
+                .try_for_each(|p| env.path_sigs(&recv, p).map(drop))
+        },
+        || format!("daemon log:\n{}\nsshd log:\n{}", d.log(), sshd.log()),
+    );
+    for p in &b.out_paths {
+        let sigs = env.path_sigs(&recv, p).unwrap();
+        assert!(
+            sigs.iter().any(|s| s.starts_with("core-ssh-1:")),
+            "{} arrived without our signature: {sigs:?}",
+            p.display()
+        );
+    }
+    env.verify_in_cache(&recv, &pk, &b.out_paths).unwrap();
+}
+
+/// 3. With the hook set and no daemon running, the build still succeeds and
+///    the hook says so in one line.
+#[test]
+fn build_succeeds_when_daemon_is_down() {
+    let env = NixEnv::new("core-down");
+    let spool = env.root().join("spool");
+    let socket = env.root().join("no-daemon.sock");
+    let b = env.build(
+        1,
+        "down",
+        Some(&hook_bin()),
+        &[
+            ("NPBHQ_SOCKET", socket.display().to_string()),
+            ("NPBHQ_SPOOL_DIR", spool.display().to_string()),
+        ],
+    );
+    assert!(
+        b.status.success(),
+        "build failed with the daemon down: {}",
+        b.stderr
+    );
+    assert_eq!(b.out_paths.len(), 1);
+    let hook_lines = b.hook_lines();
+    assert_eq!(
+        hook_lines.len(),
+        1,
+        "expected exactly one line from the hook, got {hook_lines:?}\nstderr:\n{}",
+        b.stderr
+    );
+}
+
+/// 3b. What the hook spooled while the daemon was down is uploaded once a
+///     daemon using that spool dir starts.
+#[test]
+fn spooled_paths_are_uploaded_when_daemon_starts() {
+    let env = NixEnv::new("core-spool");
+    let (sk, pk) = env.gen_signing_key("core-spool-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let spool = env.root().join("spool");
+    let mut d = Daemon::new_stopped(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+            ("spool-dir", &spool.display().to_string()),
+        ],
+        NO_ENV,
+    );
+    let b = env.build(2, "spool", Some(&hook_bin()), &d.hook_env());
+    b.assert_success();
+    let spooled = fs::read_dir(&spool).map(|r| r.count()).unwrap_or(0);
+    assert!(
+        spooled > 0,
+        "the hook wrote nothing to NPBHQ_SPOOL_DIR {} with the daemon down; stderr:\n{}",
+        spool.display(),
+        b.stderr
+    );
+    d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
+    wait_verified(
+        &env,
+        &d,
+        &read,
+        &pk,
+        &b.out_paths,
+        "spooled outputs uploaded after the daemon started",
+    );
+}
+
+/// 4. `post-build-hook-queue enqueue` of an existing path uploads it; bad
+///    arguments give a non-zero exit and a one-line error.
+#[test]
+fn enqueue_cli_uploads_and_rejects_bad_arguments() {
+    let env = NixEnv::new("core-enq");
+    let (sk, pk) = env.gen_signing_key("core-enq-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+        ],
+    );
+    let paths = env.build_paths(2, "enq");
+    let sock = d.socket().display().to_string();
+
+    let o = run(d
+        .cli_cmd()
+        .args(["enqueue", "--socket", &sock])
+        .args(&paths));
+    assert!(
+        o.status.success(),
+        "enqueue failed ({}): {}\ndaemon log:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr),
+        d.log()
+    );
+    wait_verified(&env, &d, &read, &pk, &paths, "enqueued paths uploaded");
+
+    for bad in [vec!["/tmp/x"], vec!["--to"], vec!["/tmp/x", "--to"]] {
+        let o = run(d.cli_cmd().args(["enqueue", "--socket", &sock]).args(&bad));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "enqueue {bad:?} exited 0; stderr: {err}"
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "enqueue {bad:?}: expected a one-line error, got {err:?}"
+        );
+    }
+}
+
+/// 4b. `enqueue -` reads paths from stdin.
+#[test]
+fn enqueue_cli_reads_stdin() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let env = NixEnv::new("core-stdin");
+    let (sk, pk) = env.gen_signing_key("core-stdin-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+        ],
+    );
+    let paths = env.build_paths(2, "stdin");
+    let mut child = d
+        .cli_cmd()
+        .args([
+            "enqueue",
+            "--socket",
+            &d.socket().display().to_string(),
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = strs(&paths).join("\n") + "\n";
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "enqueue - failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    wait_verified(
+        &env,
+        &d,
+        &read,
+        &pk,
+        &paths,
+        "stdin-enqueued paths uploaded",
+    );
+}
+
+/// 4c. A daemon with neither a signing key nor an upload target acks
+///     requests and says in its log that it has nothing to do.
+#[test]
+fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
+    let env = NixEnv::new("core-idle");
+    let d = Daemon::start(&env, &[]);
+    let ping = d.request("ping");
+    assert!(ping.starts_with("ok"), "ping: {ping}");
+    let p = env.build_paths(1, "idle");
+    let reply = d.request(&format!("enqueue {}", p[0].display()));
+    assert!(
+        reply.starts_with("ok"),
+        "enqueue reply: {reply}\nlog:\n{}",
+        d.log()
+    );
+    wait_until_diag(
+        std::time::Duration::from_secs(10),
+        "the daemon log to say it has nothing to do",
+        || d.log().to_lowercase().contains("nothing to do"),
+        || d.log(),
+    );
+}
+
+/// 4d. Protocol replies for `ping`, `enqueue`, `drv` and bad requests.
+#[test]
+fn protocol_replies() {
+    let env = NixEnv::new("core-proto");
+    let (upload, _read) = file_cache(&env, "cache");
+    let d = Daemon::start(&env, &[("upload-to", &upload)]);
+    let paths = env.build_paths(2, "proto");
+    let reply = d.request(&format!(
+        "enqueue {} {}",
+        paths[0].display(),
+        paths[1].display()
+    ));
+    assert_eq!(reply, "ok 2", "log:\n{}", d.log());
+    for bad in ["enqueue /tmp/x", "frobnicate", "enqueue"] {
+        let r = d.request(bad);
+        assert!(r.starts_with("err "), "{bad:?} -> {r:?}");
+    }
+    let drv = PathBuf::from(
+        run_ok(
+            env.cmd("nix-store")
+                .args(["--query", "--deriver"])
+                .arg(&paths[0]),
+        )
+        .trim(),
+    );
+    let r = d.request(&format!("drv {}", drv.display()));
+    assert!(r.starts_with("ok"), "drv -> {r:?}\nlog:\n{}", d.log());
+}
+
+/// 5. Journal durability: acked paths survive `kill -9` while the upload
+///    target is failing, and arrive after a restart with a working target.
+#[test]
+fn journal_survives_kill9_and_uploads_after_restart() {
+    let env = NixEnv::new("core-crash");
+    let (sk, pk) = env.gen_signing_key("core-crash-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", "file:///dev/null/x"),
+        ],
+    );
+    let paths = env.build_paths(3, "crash");
+    let line = format!("enqueue {}", strs(&paths).join(" "));
+    let reply = d.request(&line);
+    assert_eq!(reply, "ok 3", "log:\n{}", d.log());
+    d.kill9();
+    assert!(
+        env.verify_in_cache(&read, &pk, &paths).is_err(),
+        "paths were uploaded to the good cache before it was configured"
+    );
+    d.set_config("upload-to", &upload);
+    d.restart();
+    wait_verified(
+        &env,
+        &d,
+        &read,
+        &pk,
+        &paths,
+        "journaled paths uploaded after kill -9 and restart",
+    );
+}
+
+/// The harness's `hook_cmd` runs the client directly: with the daemon up,
+/// a DRV_PATH handed over by hand is uploaded and the client exits 0.
+#[test]
+fn hook_client_run_directly_hands_over_drv() {
+    let env = NixEnv::new("core-direct");
+    let (sk, pk) = env.gen_signing_key("core-direct-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+        ],
+    );
+    let paths = env.build_paths(1, "direct");
+    let drv = run_ok(
+        env.cmd("nix-store")
+            .args(["--query", "--deriver"])
+            .arg(&paths[0]),
+    );
+    let o = run(d
+        .hook_cmd()
+        .env("DRV_PATH", drv.trim())
+        .env("OUT_PATHS", ""));
+    assert!(
+        o.status.success(),
+        "hook exited {}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    wait_verified(
+        &env,
+        &d,
+        &read,
+        &pk,
+        &paths,
+        "directly hooked path uploaded",
+    );
+}
+
+/// A well-formed store path that is not valid (never built, or garbage
+/// collected) must not block the valid paths queued with it: one invalid
+/// path fails a whole `nix copy` call.
+#[test]
+fn invalid_path_does_not_block_valid_ones() {
+    let env = NixEnv::new("core-invalid");
+    let (sk, pk) = env.gen_signing_key("core-invalid-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+        ],
+    );
+    let paths = env.build_paths(2, "invalid");
+    let bogus = env
+        .store_dir()
+        .join("0000000000000000000000000000000a-npbhq-never-built");
+    let reply = d.request(&format!(
+        "enqueue {} {} {}",
+        paths[0].display(),
+        bogus.display(),
+        paths[1].display()
+    ));
+    assert!(reply.starts_with("ok"), "{reply}\nlog:\n{}", d.log());
+    wait_verified(
+        &env,
+        &d,
+        &read,
+        &pk,
+        &paths,
+        "valid paths uploaded despite an invalid one in the same batch",
+    );
+    assert!(!env.is_valid_in(&read, &bogus));
+}
+
+/// SIGTERM stops the daemon cleanly (exit 0) and a restart resumes the
+/// queue from the journal.
+#[test]
+fn sigterm_stops_cleanly_and_restart_resumes_queue() {
+    let env = NixEnv::new("core-term");
+    let (sk, pk) = env.gen_signing_key("core-term-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", "file:///dev/null/x"),
+        ],
+    );
+    let paths = env.build_paths(2, "term");
+    let reply = d.request(&format!("enqueue {}", strs(&paths).join(" ")));
+    assert_eq!(reply, "ok 2", "log:\n{}", d.log());
+    let status = d.stop();
+    assert!(
+        status.success(),
+        "daemon did not exit 0 on SIGTERM: {status}\nlog:\n{}",
+        d.log()
+    );
+    d.set_config("upload-to", &upload);
+    d.restart();
+    wait_verified(
+        &env,
+        &d,
+        &read,
+        &pk,
+        &paths,
+        "queued paths uploaded after SIGTERM and restart",
+    );
+}

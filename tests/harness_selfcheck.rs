@@ -1,0 +1,244 @@
+//! Self-checks of the test harness in `tests/common` against real Nix and a
+//! real sshd, without the daemon. If these fail, the other integration tests
+//! cannot be trusted. They fail (never skip) when nix or sshd is missing.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[test]
+fn tempdir_is_unique_and_removes_read_only_trees() {
+    let a = TempDir::new("selfcheck");
+    let b = TempDir::new("selfcheck");
+    assert_ne!(a.path(), b.path());
+    let ro = a.join("ro/inner");
+    fs::create_dir_all(&ro).unwrap();
+    fs::write(ro.join("f"), "x").unwrap();
+    fs::set_permissions(ro.join("f"), fs::Permissions::from_mode(0o444)).unwrap();
+    fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
+    fs::set_permissions(a.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
+    let path = a.path().to_path_buf();
+    drop(a);
+    if std::env::var_os("NPBHQ_KEEP_TMP").is_none() {
+        assert!(!path.exists(), "{} was not removed", path.display());
+    }
+}
+
+#[test]
+fn json_reads_path_info_output() {
+    let text = r#"[{"path":"/s/abc-x","narSize":120,"valid":true,"references":[],
+        "signatures":["k-1:AAA=","other:B\u0042=="]},{"path":"/s/def-y","valid":false}]"#;
+    let j = Json::parse(text).unwrap();
+    let a = j.as_array().unwrap();
+    assert_eq!(a.len(), 2);
+    assert_eq!(a[0].get("narSize").and_then(Json::as_f64), Some(120.0));
+    let sigs: Vec<&str> = a[0]
+        .get("signatures")
+        .and_then(Json::as_array)
+        .unwrap()
+        .iter()
+        .filter_map(Json::as_str)
+        .collect();
+    assert_eq!(sigs, ["k-1:AAA=", "other:BB=="]);
+    assert_eq!(a[1].get("valid").and_then(Json::as_bool), Some(false));
+    assert!(Json::parse("[1,").is_err());
+}
+
+#[test]
+#[should_panic(expected = "timed out")]
+fn wait_until_panics_on_timeout() {
+    wait_until(
+        Duration::from_millis(100),
+        "something that never happens",
+        || false,
+    );
+}
+
+#[test]
+fn build_with_true_hook_succeeds_and_makes_new_paths() {
+    let env = NixEnv::new("sc-build");
+    let b = env.build(
+        2,
+        "truehook",
+        Some(std::path::Path::new("/bin/true")),
+        NO_ENV,
+    );
+    b.assert_success();
+    assert_eq!(b.out_paths.len(), 2, "{b:?}");
+    for p in &b.out_paths {
+        assert!(
+            p.starts_with(env.store_dir()),
+            "{} not in private store",
+            p.display()
+        );
+        assert!(p.exists());
+    }
+    assert_eq!(
+        b.stderr.matches("running post-build-hook").count(),
+        2,
+        "{}",
+        b.stderr
+    );
+    // The same tag again gives different paths (every build is new work).
+    let again = env.build(2, "truehook", None, NO_ENV);
+    again.assert_success();
+    assert!(again.out_paths.iter().all(|p| !b.out_paths.contains(p)));
+}
+
+#[test]
+fn hook_inherits_nix_build_environment() {
+    let env = NixEnv::new("sc-hookenv");
+    let record = env.root().join("hook-record");
+    let hook = env.root().join("hook.sh");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$NPBHQ_PROBE|$NIX_STORE_DIR|$DRV_PATH|$OUT_PATHS\" >> {}\n\
+             echo one line from the hook >&2\n",
+            record.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let b = env.build(2, "hookenv", Some(&hook), &[("NPBHQ_PROBE", "probe-42")]);
+    b.assert_success();
+    assert_eq!(
+        b.hook_lines(),
+        ["one line from the hook", "one line from the hook"],
+        "{}",
+        b.stderr
+    );
+    let rec = fs::read_to_string(&record).unwrap();
+    let lines: Vec<&str> = rec.lines().collect();
+    assert_eq!(lines.len(), 2, "{rec}");
+    let mut outs = Vec::new();
+    for l in lines {
+        let f: Vec<&str> = l.split('|').collect();
+        assert_eq!(f[0], "probe-42", "hook did not inherit env: {l}");
+        assert_eq!(PathBuf::from(f[1]), env.store_dir());
+        assert!(f[2].ends_with(".drv"), "DRV_PATH: {l}");
+        // Nix 2.8 passes an empty OUT_PATHS (NixOS/nix#6446); outputs come
+        // from the derivation.
+        outs.extend(env.drv_outputs(&PathBuf::from(f[2])));
+    }
+    outs.sort();
+    let mut expected = b.out_paths.clone();
+    expected.sort();
+    assert_eq!(outs, expected);
+}
+
+#[test]
+fn signed_file_cache_verifies_with_right_key_only() {
+    let env = NixEnv::new("sc-cache");
+    let (sk, pk) = env.gen_signing_key("sc-test-1");
+    let (_wrong_sk, wrong_pk) = env.gen_signing_key("sc-wrong-1");
+    assert!(pk.starts_with("sc-test-1:"), "{pk}");
+    let paths = env.build_paths(2, "cache");
+    let unsigned = env.build_paths(1, "cache-unsigned");
+    let ca = env.add_text_path("ca-text", "content addressed\n");
+    assert!(ca.starts_with(env.store_dir()));
+
+    env.sign(&sk, &paths);
+    let cache = env.root().join("cache");
+    let url = format!("file://{}", cache.display());
+    let write_url = format!("{url}?compression=none");
+    let mut all = paths.clone();
+    all.extend(unsigned.iter().cloned());
+    all.push(ca.clone());
+    let o = env.copy_to(&write_url, &all, &[], NO_ENV);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    env.verify_in_cache(&url, &pk, &paths).unwrap();
+    let sigs = env.path_sigs(&url, &paths[0]).unwrap();
+    assert!(sigs.iter().any(|s| s.starts_with("sc-test-1:")), "{sigs:?}");
+
+    let e = env.verify_in_cache(&url, &wrong_pk, &paths).unwrap_err();
+    assert!(e.contains("untrusted") || e.contains("exited"), "{e}");
+    assert!(env.verify_in_cache(&url, &pk, &unsigned).is_err());
+    // `nix store verify` alone accepts an unsigned content-addressed path;
+    // the harness's signature check does not.
+    let e = env
+        .verify_in_cache(&url, &pk, std::slice::from_ref(&ca))
+        .unwrap_err();
+    assert!(e.contains("no signature"), "{e}");
+    // A path that is not in the cache.
+    let missing = env.build_paths(1, "cache-missing");
+    assert!(env.verify_in_cache(&url, &pk, &missing).is_err());
+    assert!(env.path_sigs(&url, &missing[0]).is_err());
+    assert!(!env.is_valid_in(&url, &missing[0]));
+}
+
+#[test]
+fn ssh_ng_receiver_accepts_signed_and_refuses_unsigned() {
+    let env = NixEnv::new("sc-ssh");
+    let (sk, pk) = env.gen_signing_key("sc-ssh-1");
+    let sshd = Sshd::start(&env, &pk);
+    let paths = env.build_paths(3, "ssh");
+    env.sign(&sk, &paths[..1]);
+    let url = sshd.url();
+    let recv = sshd.local_store_url();
+
+    // Signed: arrives, with our signature.
+    let o = env.copy_to(&url, &paths[..1], &[], &sshd.env());
+    assert!(
+        o.status.success(),
+        "signed copy failed: {}\nsshd log: {}",
+        String::from_utf8_lossy(&o.stderr),
+        sshd.log()
+    );
+    let sigs = env.path_sigs(&recv, &paths[0]).unwrap();
+    assert!(sigs.iter().any(|s| s.starts_with("sc-ssh-1:")), "{sigs:?}");
+    env.verify_in_cache(&recv, &pk, &paths[..1]).unwrap();
+    // Also visible through ssh-ng itself.
+    let o = run(env
+        .cmd("nix")
+        .args(["path-info", "--store", &url])
+        .arg(&paths[0])
+        .env("NIX_SSHOPTS", sshd.ssh_opts()));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Unsigned, without --no-check-sigs: the receiver refuses it.
+    let o = env.copy_to(&url, &paths[1..2], &[], &sshd.env());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "unsigned path was accepted: {err}");
+    assert!(err.contains("lacks a valid signature"), "{err}");
+    assert!(!env.is_valid_in(&recv, &paths[1]));
+
+    // With --no-check-sigs the trusted root client gets it in, unsigned: so
+    // "copy succeeded" alone proves nothing about signing.
+    let o = env.copy_to(&url, &paths[2..3], &["--no-check-sigs"], &sshd.env());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(env.is_valid_in(&recv, &paths[2]));
+    assert!(env.verify_in_cache(&recv, &pk, &paths[2..3]).is_err());
+}
+
+#[test]
+fn kill_tree_ends_grandchildren() {
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "sleep 60 & sh -c 'sleep 60 & wait' & wait"])
+        .spawn()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the shell to start its children",
+        || descendants(child.id()).len() >= 3,
+    );
+    let tree = descendants(child.id());
+    kill_tree(child.id());
+    child.wait().unwrap();
+    for pid in tree {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .unwrap_or("gone");
+        assert!(
+            state == "gone" || state == "Z",
+            "pid {pid} still alive: {stat}"
+        );
+    }
+}
