@@ -1,0 +1,559 @@
+# NixOS module: services.nix-post-build-hook-queue
+#
+# Without flakes:  imports = [ "${nix-post-build-hook-queue-src}/module.nix" ];
+# With flakes:     imports = [ nix-post-build-hook-queue.nixosModules.default ];
+#
+# Nix runs `post-build-hook` (from `package`) as root after every local build;
+# it hands the built paths to the daemon over /run/nix-post-build-hook-queue.sock
+# and exits at once. The daemon (socket activated, unprivileged, sandboxed)
+# journals them, signs them (`nix store sign`) and uploads them (`nix copy`).
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkOption
+    optional
+    optionals
+    types
+    ;
+
+  cfg = config.services.nix-post-build-hook-queue;
+
+  name = "nix-post-build-hook-queue";
+  defaultUser = name;
+  # Both are also the built-in defaults of the client and the daemon when run
+  # as root, so the hook needs no environment: keep them fixed.
+  stateDir = "/var/lib/${name}";
+  socketPath = "/run/${name}.sock";
+
+  sshConnectTimeout = 10;
+
+  # Key paths are used as strings. toString of an absolute path literal is
+  # its path and does NOT copy the file into the store (interpolating the
+  # path literal, "${/some/key}", would).
+  keyPath = p: if p == null then null else toString p;
+  signingKey = keyPath cfg.signingPrivateKeyPath;
+  sshKey = keyPath cfg.sshPrivateKeyPath;
+  inStore = p: p != null && lib.hasPrefix "${builtins.storeDir}/" p;
+
+  upload = cfg.uploadTo;
+  uploadScheme =
+    if upload == null then
+      null
+    else if lib.hasPrefix "/" upload then
+      "local"
+    else
+      builtins.head (lib.splitString "?" (builtins.head (lib.splitString "://" upload)));
+  # Store URLs that never leave the machine: no AF_INET needed.
+  uploadIsLocal = builtins.elem uploadScheme [
+    "file"
+    "local"
+    "unix"
+    "daemon"
+    "auto"
+  ];
+  needsInet = upload != null && !uploadIsLocal;
+  uploadIsSsh = builtins.elem uploadScheme [
+    "ssh"
+    "ssh-ng"
+  ];
+  # Directory `nix copy` writes into for file:// and local chroot stores.
+  uploadDir =
+    if upload == null || !(uploadScheme == "file" || lib.hasPrefix "/" upload) then
+      null
+    else
+      builtins.head (lib.splitString "?" (lib.removePrefix "file://" upload));
+
+  metricsFile = keyPath cfg.settings.metrics-file;
+  metricsDir = if metricsFile == null then null else dirOf metricsFile;
+
+  # The nix-daemon decides whether this user may sign (see the assertion).
+  nixVersion = lib.getVersion config.nix.package;
+  nixLetsAnyUserSign = lib.versionAtLeast nixVersion "2.17";
+  trustedUsers = config.nix.settings.trusted-users or [ "root" ];
+  userIsTrusted =
+    builtins.elem cfg.user trustedUsers
+    || builtins.elem "@${cfg.group}" trustedUsers
+    || builtins.elem "*" trustedUsers;
+  allowedUsers = config.nix.settings.allowed-users or [ "*" ];
+  userIsAllowed =
+    userIsTrusted
+    || builtins.any (u: builtins.elem u allowedUsers) (
+      [
+        "*"
+        cfg.user
+        "@${cfg.group}"
+      ]
+      ++ map (g: "@${g}") (config.users.users.${cfg.user}.extraGroups or [ ])
+    );
+
+  # Keys the module sets itself (or that must not move); settings may not.
+  moduleOwnedKeys = {
+    signing-key-file = "set services.nix-post-build-hook-queue.signingPrivateKeyPath instead (the key reaches the daemon as a systemd credential)";
+    upload-to = "set services.nix-post-build-hook-queue.uploadTo instead";
+    state-dir = "the state directory is fixed to ${stateDir} (StateDirectory=, and the hook's spool default)";
+    spool-dir = "the hook, run as root by the Nix daemon, spools to ${stateDir}/spool; a different spool-dir would never be read";
+    socket = "the socket is fixed to ${socketPath} (the socket unit; the hook's default)";
+    socket-mode = "the socket unit creates the socket: set systemd.sockets.${name}.socketConfig.SocketMode";
+    socket-group = "the socket unit creates the socket: set systemd.sockets.${name}.socketConfig.SocketGroup";
+  };
+  # Every key the daemon reads (src/config.rs KEYS); others stop it at start.
+  knownKeys = [
+    "socket"
+    "state-dir"
+    "spool-dir"
+    "store-dir"
+    "signing-key-file"
+    "upload-to"
+    "sign-closure"
+    "batch-size"
+    "command-timeout"
+    "nix"
+    "retry-initial-delay"
+    "retry-max-delay"
+    "socket-mode"
+    "socket-group"
+    "metrics-file"
+    "max-connections"
+  ];
+
+  # The config file: nix.conf syntax, one `key = value` per line, sorted by
+  # key. Booleans are true/false, lists are space separated, paths are
+  # written as their absolute path (not copied to the store), null means
+  # "not set" and writes no line. The daemon cuts each line at the first `#`
+  # and trims the value, so values may hold neither `#` nor a newline
+  # (checked by an assertion).
+  renderValue =
+    v:
+    if builtins.isBool v then
+      lib.boolToString v
+    else if builtins.isList v then
+      lib.concatStringsSep " " v
+    else
+      toString v;
+  fileSettings =
+    lib.filterAttrs (_: v: v != null) cfg.settings
+    // lib.optionalAttrs (upload != null) { upload-to = upload; };
+  renderedValues = lib.mapAttrs (_: renderValue) fileSettings;
+  configText =
+    "# ${name} configuration, generated by module.nix\n"
+    + lib.concatStrings (lib.mapAttrsToList (k: v: "${k} = ${v}\n") renderedValues);
+  configFile = pkgs.writeText "${name}.conf" configText;
+  badValues = lib.filterAttrs (
+    _: v: lib.hasInfix "#" v || lib.hasInfix "\n" v || lib.hasInfix "\r" v
+  ) renderedValues;
+
+  # Seconds: a whole number, a float or a decimal string ("2.5").
+  seconds = types.oneOf [
+    types.ints.positive
+    types.float
+    (types.strMatching "[0-9]+(\\.[0-9]+)?")
+  ];
+in
+{
+  options.services.nix-post-build-hook-queue = {
+    enable = mkEnableOption "nix-post-build-hook-queue, a post-build-hook that queues built paths for a daemon that signs and uploads them";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./default.nix { };
+      defaultText = literalExpression "pkgs.callPackage \"\${nix-post-build-hook-queue}/default.nix\" { }";
+      description = ''
+        The nix-post-build-hook-queue package: its `bin/post-build-hook`
+        becomes `nix.settings.post-build-hook` and its
+        `bin/post-build-hook-queue` runs as the daemon.
+        The Nix the daemon runs is `config.nix.package`.
+      '';
+    };
+
+    # The next three keep the original module's names, types and meaning.
+    signingPrivateKeyPath = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/cache-signing-priv-key";
+      description = ''
+        Path to the secret key (from `nix-store --generate-binary-cache-key`)
+        the daemon signs built paths with before uploading them. Paths are not
+        signed if null.
+
+        Give it as a string outside the Nix store (for example a sops-nix or
+        agenix secret): the file is read by systemd when the service starts
+        (`LoadCredential=`) and is never copied into the store. It may be
+        readable by root only.
+
+        With a Nix older than 2.17 the service user must be in
+        `nix.settings.trusted-users` to sign (an assertion says so).
+      '';
+    };
+
+    sshPrivateKeyPath = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/cache-ssh-priv-key";
+      description = ''
+        Path to the private SSH key used to upload to an `ssh://` or
+        `ssh-ng://` `uploadTo`. Like `signingPrivateKeyPath` it is a string
+        outside the Nix store, read by systemd (`LoadCredential=`) and never
+        copied into the store.
+
+        The host key of the cache must be known: set
+        `programs.ssh.knownHosts` for it (uploads run with `BatchMode=yes`,
+        so an unknown host key fails instead of prompting).
+      '';
+    };
+
+    uploadTo = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "ssh://nix-ssh@nix-cache.example.com";
+      description = ''
+        Store URL the daemon uploads built paths to (`nix copy --to`), for
+        example `ssh://nix-ssh@nix-cache.example.com`, `ssh-ng://...`,
+        `s3://...` or `file:///var/cache/nix?compression=zstd`. Paths are not
+        uploaded if null.
+
+        For `file://` the directory must exist and be writable by `user`.
+      '';
+    };
+
+    user = mkOption {
+      type = types.str;
+      default = defaultUser;
+      description = ''
+        User the daemon runs as; give it ownership of the key files
+        (for example `sops.secrets.<name>.owner = config.services.nix-post-build-hook-queue.user;`,
+        though systemd reads them as root either way).
+        The default user is created by this module; any other must exist.
+      '';
+    };
+
+    group = mkOption {
+      type = types.str;
+      default = defaultUser;
+      description = ''
+        Group the daemon runs as. The default group is created by this
+        module; any other must exist.
+      '';
+    };
+
+    settings = mkOption {
+      default = { };
+      example = literalExpression ''
+        {
+          batch-size = 100;
+          retry-max-delay = 600;
+          metrics-file = "/var/lib/nix-post-build-hook-queue/metrics.prom";
+        }
+      '';
+      description = ''
+        The daemon's configuration file (`--config`), one `key = value` line
+        per attribute (nix.conf syntax). See `post-build-hook-queue --help`
+        for every key. `signing-key-file`, `upload-to`, `state-dir`,
+        `spool-dir`, `socket`, `socket-mode` and `socket-group` are set by
+        the module and may not appear here. A null value writes no line.
+      '';
+      type = types.submodule {
+        freeformType = types.attrsOf (
+          types.oneOf [
+            types.bool
+            types.int
+            types.str
+            types.path
+            (types.listOf types.str)
+          ]
+        );
+        options = {
+          batch-size = mkOption {
+            type = types.ints.positive;
+            default = 1000;
+            description = "Most store paths given to one `nix store sign` or `nix copy` call.";
+          };
+          sign-closure = mkOption {
+            type = types.bool;
+            default = true;
+            description = "Sign the whole closure of each built path (`nix store sign --recursive`), not only the path itself.";
+          };
+          command-timeout = mkOption {
+            type = seconds;
+            default = 600;
+            description = "Seconds one nix call may run before it is killed and retried.";
+          };
+          retry-initial-delay = mkOption {
+            type = seconds;
+            default = 1;
+            description = "Seconds before the first retry of a failed upload; doubled after each failure.";
+          };
+          retry-max-delay = mkOption {
+            type = seconds;
+            default = 300;
+            description = "Longest delay, in seconds, between two attempts.";
+          };
+          max-connections = mkOption {
+            type = types.ints.positive;
+            default = 256;
+            description = "Most client connections served at once.";
+          };
+          metrics-file = mkOption {
+            type = types.nullOr types.path;
+            default = null;
+            example = "/var/lib/nix-post-build-hook-queue/metrics.prom";
+            description = ''
+              Prometheus text file the daemon rewrites every few seconds.
+              Its directory must be writable by `user` (the module adds it to
+              `ReadWritePaths=`); the default state directory is.
+            '';
+          };
+        };
+      };
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = !inStore signingKey;
+        message = ''
+          services.nix-post-build-hook-queue.signingPrivateKeyPath (${toString signingKey})
+          is in the Nix store. Everything in the store is world-readable and is
+          copied along with the system closure, so the key would no longer be
+          secret. Use a quoted absolute path to a file outside the store, e.g.
+          signingPrivateKeyPath = "/run/secrets/cache-signing-priv-key";
+          (a sops-nix or agenix secret), and generate a new key.
+        '';
+      }
+      {
+        assertion = !inStore sshKey;
+        message = ''
+          services.nix-post-build-hook-queue.sshPrivateKeyPath (${toString sshKey})
+          is in the Nix store. Everything in the store is world-readable and is
+          copied along with the system closure, so the key would no longer be
+          secret. Use a quoted absolute path to a file outside the store, e.g.
+          sshPrivateKeyPath = "/run/secrets/cache-ssh-priv-key";
+          (a sops-nix or agenix secret), and generate a new key.
+        '';
+      }
+      {
+        assertion = signingKey == null || nixLetsAnyUserSign || userIsTrusted;
+        message = ''
+          services.nix-post-build-hook-queue.signingPrivateKeyPath is set, but
+          nix.package is Nix ${nixVersion}. The daemon runs as the unprivileged
+          user "${cfg.user}" and signs through the Nix daemon, and Nix before 2.17
+          lets only trusted users add signatures ("you are not privileged to add
+          signatures"). Either
+            - use Nix 2.17 or newer: nix.package = pkgs.nixVersions.latest; or
+            - make the service user trusted:
+                nix.settings.trusted-users = [ "${cfg.user}" ];
+              (what the original module did; a trusted user is as good as root,
+              so whoever takes over the daemon gets root).
+          (user = "root" only works through root's own trusted-users entry and
+          drops the user separation; it is not a third way.)
+        '';
+      }
+      {
+        assertion = !(builtins.elem (lib.getName cfg.package) [
+          "nix"
+          "lix"
+        ]);
+        message = ''
+          services.nix-post-build-hook-queue.package is ${lib.getName cfg.package}. In this
+          module `package` is the nix-post-build-hook-queue package (it provides
+          the post-build-hook); in the original module it chose the Nix to run.
+          Remove it, and set nix.package to choose the Nix instead.
+        '';
+      }
+      {
+        assertion = builtins.all (k: !(cfg.settings ? ${k})) (builtins.attrNames moduleOwnedKeys);
+        message = lib.concatStringsSep "\n" (
+          lib.mapAttrsToList (k: why: "services.nix-post-build-hook-queue.settings.${k}: ${why}.") (
+            lib.filterAttrs (k: _: cfg.settings ? ${k}) moduleOwnedKeys
+          )
+        );
+      }
+      {
+        assertion = badValues == { };
+        message = ''
+          services.nix-post-build-hook-queue.settings: the value of
+          ${lib.concatStringsSep ", " (builtins.attrNames badValues)} holds a `#` or a line break,
+          which the config file cannot hold (everything after `#` on a line is
+          a comment).
+        '';
+      }
+    ];
+
+    warnings =
+      optional (sshKey != null && !uploadIsSsh) ''
+        services.nix-post-build-hook-queue.sshPrivateKeyPath is set but uploadTo
+        (${if upload == null then "not set" else upload}) is not an ssh:// or ssh-ng:// URL; the key is unused.
+      ''
+      ++ optional (!userIsAllowed) ''
+        services.nix-post-build-hook-queue: user "${cfg.user}" does not seem to be in
+        nix.settings.allowed-users, so the Nix daemon will refuse the daemon's
+        nix store sign / nix copy calls.
+      ''
+      ++ optional (builtins.any (k: !(builtins.elem k knownKeys)) (builtins.attrNames cfg.settings)) ''
+        services.nix-post-build-hook-queue.settings has keys the daemon does not know
+        (${
+          lib.concatStringsSep ", " (
+            builtins.filter (k: !(builtins.elem k knownKeys)) (builtins.attrNames cfg.settings)
+          )
+        }); it will refuse to start. Known keys: ${lib.concatStringsSep ", " knownKeys}.
+      '';
+
+    users.users = mkIf (cfg.user == defaultUser) {
+      ${defaultUser} = {
+        isSystemUser = true;
+        inherit (cfg) group;
+        description = "nix-post-build-hook-queue daemon";
+        # ssh looks for ~/.ssh (known_hosts) in the passwd home, not $HOME.
+        home = stateDir;
+      };
+    };
+    users.groups = mkIf (cfg.group == defaultUser) { ${defaultUser} = { }; };
+
+    nix.settings.post-build-hook = "${cfg.package}/bin/post-build-hook";
+
+    systemd.sockets.${name} = {
+      description = "nix-post-build-hook-queue socket (the post-build-hook's way in)";
+      wantedBy = [ "sockets.target" ];
+      listenStreams = [ socketPath ];
+      socketConfig = {
+        # Owned by root, 0600: the Nix daemon runs the post-build-hook as root,
+        # and nobody else should be able to make the daemon upload paths.
+        SocketMode = "0600";
+      };
+    };
+
+    systemd.services.${name} = {
+      description = "nix-post-build-hook-queue: sign and upload built store paths";
+      # Socket activation starts it on the first hook; starting it at boot as
+      # well retries what the journal still holds from before a reboot.
+      wantedBy = [ "multi-user.target" ];
+      # It reaches the store only through the Nix daemon.
+      wants = [ "nix-daemon.socket" ];
+      after = [ "nix-daemon.socket" ] ++ optional needsInet "network.target";
+
+      path = [
+        config.nix.package
+        pkgs.openssh
+      ];
+
+      environment = {
+        # nix writes ~/.cache/nix (and ssh ~/.ssh): keep both in the state dir.
+        HOME = stateDir;
+        XDG_CACHE_HOME = "${stateDir}/.cache";
+        # The store is read-only in this sandbox: always go through the daemon
+        # rather than rely on nix's auto-detection.
+        NIX_REMOTE = "daemon";
+        # systemd expands %d (the credentials directory) in Environment= too.
+        # BatchMode: never prompt (password, passphrase, unknown host key).
+        # ConnectTimeout: a host that accepts and never answers would
+        # otherwise hang the upload for good.
+        NIX_SSHOPTS = lib.concatStringsSep " " (
+          [
+            "-o BatchMode=yes"
+            "-o ConnectTimeout=${toString sshConnectTimeout}"
+            "-o IPQoS=throughput"
+          ]
+          ++ optionals (sshKey != null) [
+            "-o IdentitiesOnly=yes"
+            "-i %d/ssh-key"
+          ]
+        );
+      };
+
+      serviceConfig = {
+        Type = "notify"; # the daemon sends READY=1 once it is listening
+        ExecStart = lib.concatStringsSep " " (
+          [
+            "${cfg.package}/bin/post-build-hook-queue"
+            "serve"
+            "--config"
+            "${configFile}"
+            # As a flag, not in the file: the daemon runs as a non-root user,
+            # whose built-in default would be ~/.local/state.
+            "--state-dir"
+            stateDir
+          ]
+          # %d is expanded by systemd; the config file could not do that.
+          ++ optionals (signingKey != null) [
+            "--signing-key-file"
+            "%d/signing-key"
+          ]
+        );
+        Restart = "on-failure";
+        RestartSec = 5;
+
+        User = cfg.user;
+        Group = cfg.group;
+        StateDirectory = name;
+        StateDirectoryMode = "0700";
+        UMask = "0077";
+
+        # systemd (as root) copies the keys to /run/credentials/<unit>/, a
+        # non-swappable directory only this service's user can read; the
+        # files never enter the store. toString: see keyPath.
+        LoadCredential =
+          optional (signingKey != null) "signing-key:${signingKey}"
+          ++ optional (sshKey != null) "ssh-key:${sshKey}";
+
+        # Hardening. The Nix daemon socket (/nix/var/nix/daemon-socket/socket)
+        # needs no exception: connecting to a unix socket works on a read-only
+        # mount, and AF_UNIX is allowed below.
+        CapabilityBoundingSet = "";
+        AmbientCapabilities = "";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        # Writable besides the state directory: only what the configuration
+        # names (a file:// cache, the metrics file's directory).
+        ReadWritePaths =
+          optional (uploadDir != null) uploadDir
+          ++ optional (
+            metricsDir != null && metricsDir != stateDir && !lib.hasPrefix "${stateDir}/" metricsDir
+          ) metricsDir;
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        DevicePolicy = "closed";
+        PrivateMounts = true;
+        PrivateUsers = true;
+        # No network namespace access at all unless uploading off the machine
+        # (unix sockets by path, socket activation and sd_notify still work).
+        PrivateNetwork = !needsInet;
+        ProtectClock = true;
+        ProtectControlGroups = true;
+        ProtectHostname = true;
+        ProtectKernelLogs = true;
+        ProtectKernelModules = true;
+        ProtectKernelTunables = true;
+        ProtectProc = "invisible";
+        # Relaxed from "pid": nix's garbage collector (Boehm GC) reads
+        # /proc/stat and warns "GC Warning: Couldn't read /proc/stat" otherwise.
+        ProcSubset = "all";
+        RestrictAddressFamilies = [ "AF_UNIX" ] ++ optionals needsInet [
+          "AF_INET"
+          "AF_INET6"
+        ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        RemoveIPC = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+          "~@resources"
+        ];
+      };
+    };
+  };
+}
