@@ -27,6 +27,10 @@ fn usage() -> String {
   post-build-hook-queue retry [--socket PATH]                      retry backing-off paths now
   post-build-hook-queue --help | --version
 
+Exit codes: 0 success; 1 the daemon reported a failure (enqueue refused; wait saw
+paths dropped, or its --timeout passed with paths left); 2 usage error, bad
+configuration, or no daemon at the socket.
+
 Daemon settings (config file `key = value`, or flags `--key value`; flags win):
 ",
     );
@@ -122,6 +126,7 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
         timeout: None,
         paths: Vec::new(),
     };
+    let mut from_stdin = false;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -144,6 +149,7 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
                 )
             }
             "-" if command == "enqueue" => {
+                from_stdin = true;
                 for line in std::io::stdin().lock().lines() {
                     let line = line.map_err(|e| format!("reading paths from stdin: {e}"))?;
                     out.paths.extend(line.split_whitespace().map(String::from));
@@ -153,7 +159,7 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
             _ => return Err(format!("{command}: unknown argument {arg:?} (see --help)")),
         }
     }
-    if command == "enqueue" && out.paths.is_empty() {
+    if command == "enqueue" && out.paths.is_empty() && !from_stdin {
         return Err("enqueue: give store paths, or - to read them from stdin".into());
     }
     Ok(out)
@@ -166,7 +172,7 @@ fn admin(command: &str, args: &[String]) -> i32 {
     };
     let mut conn = match Connection::open(&a.socket, ADMIN_TIMEOUT) {
         Ok(c) => c,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return fail(&connect_error(&e)),
     };
     let result = match command {
         "enqueue" => enqueue(&mut conn, &a.paths),
@@ -178,12 +184,36 @@ fn admin(command: &str, args: &[String]) -> i32 {
     };
     match result {
         Ok(()) => 0,
+        Err(ClientError::Refused(m)) if unavailable(&m) => {
+            fail(&format!("the daemon cannot serve this now: {m}"))
+        }
         Err(e @ ClientError::Refused(_)) => {
             eprintln!("post-build-hook-queue: {e}");
             1
         }
         Err(e) => fail(&e.to_string()),
     }
+}
+
+/// Why the daemon could not be reached, in words that point the right way:
+/// a socket we may not open is not a missing daemon.
+fn connect_error(e: &ClientError) -> String {
+    match e {
+        ClientError::Connect(socket, io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            format!(
+                "cannot connect to the daemon at {}: permission denied; the socket's mode and group \
+                 (socket-mode, socket-group) decide who may use it",
+                socket.display()
+            )
+        }
+        e => e.to_string(),
+    }
+}
+
+/// True for the refusals that mean "not now" rather than "no": the daemon is
+/// stopping or has too many clients. Those are connection errors (exit 2).
+fn unavailable(message: &str) -> bool {
+    message.starts_with("busy:") || message.starts_with("stopping:")
 }
 
 fn enqueue(conn: &mut Connection, paths: &[String]) -> Result<(), ClientError> {
@@ -237,19 +267,55 @@ const NUMERIC: &[&str] = &[
     "upload-batches",
 ];
 
+/// `value` as a JSON number if it is one (by JSON's grammar, so never
+/// `NaN`, `inf` or `+1`), else `null`.
+fn json_number(value: &str) -> String {
+    let b = value.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - start
+    };
+    let int_start = i;
+    let ok_int = match digits(&mut i) {
+        0 => false,
+        1 => true,
+        _ => b[int_start] != b'0',
+    };
+    let mut ok = ok_int;
+    if ok && b.get(i) == Some(&b'.') {
+        i += 1;
+        ok = digits(&mut i) > 0;
+    }
+    if ok && matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        ok = digits(&mut i) > 0;
+    }
+    if ok && i == b.len() {
+        value.to_string()
+    } else {
+        "null".to_string()
+    }
+}
+
+/// The `status --json` object: the daemon's `KEY VALUE` lines with `-` in
+/// keys turned into `_` (numbers as numbers, `signing` a boolean, `-` as
+/// null), plus `backoff`, the list of failing paths.
 fn status_json(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
     let mut parts: Vec<String> = fields
         .iter()
         .map(|(k, v)| {
             let value = if NUMERIC.contains(&k.as_str()) {
-                if v == "-" || v.parse::<f64>().is_err() {
-                    "null".to_string()
-                } else {
-                    v.clone()
-                }
+                json_number(v)
             } else if k == "signing" {
                 (v == "true").to_string()
-            } else if k == "target" && v == "-" {
+            } else if v == "-" {
                 "null".to_string()
             } else {
                 json_string(v)
@@ -263,8 +329,8 @@ fn status_json(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
             format!(
                 "{{\"path\":{},\"attempts\":{},\"next_try_seconds\":{},\"last_error\":{}}}",
                 json_string(path),
-                attempts.parse::<u64>().unwrap_or(0),
-                next.parse::<f64>().unwrap_or(0.0),
+                json_number(attempts),
+                json_number(next),
                 json_string(error)
             )
         })
@@ -284,12 +350,32 @@ pub fn json_string(s: &str) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32))
+            }
             c => out.push(c),
         }
     }
     out.push('"');
     out
+}
+
+/// A duration for people: `0.4s`, `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
+/// Fractions are shown only under 10 seconds.
+pub fn human_duration(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return "0s".to_string();
+    }
+    if seconds < 10.0 && seconds.fract() != 0.0 {
+        return format!("{seconds:.1}s");
+    }
+    let s = seconds.round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
 }
 
 fn status_text(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
@@ -299,18 +385,29 @@ fn status_text(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
             .find(|(key, _)| key == k)
             .map_or("-", |(_, v)| v.as_str())
     };
+    let duration = |k: &str| match get(k).parse::<f64>() {
+        Ok(secs) => human_duration(secs),
+        Err(_) => get(k).to_string(),
+    };
     let mut s = String::new();
     let oldest = match get("oldest-queued-seconds") {
         "-" => String::new(),
-        secs => format!(" (oldest queued {secs} s ago)"),
+        _ => format!(" (oldest queued {} ago)", duration("oldest-queued-seconds")),
     };
     s.push_str(&format!("queued:       {}{oldest}\n", get("queued")));
     s.push_str(&format!("in flight:    {}\n", get("in-flight")));
     s.push_str(&format!("uploaded:     {} since start\n", get("uploaded")));
     s.push_str(&format!("dropped:      {} since start\n", get("dropped")));
     s.push_str(&format!("backing off:  {}\n", get("backing-off")));
-    s.push_str(&format!("failed calls: {}\n", get("failed-calls")));
-    s.push_str(&format!("target:       {}\n", get("target")));
+    s.push_str(&format!(
+        "failed calls: {} since start\n",
+        get("failed-calls")
+    ));
+    let target = match get("target") {
+        "-" => "none (upload-to is not set)",
+        t => t,
+    };
+    s.push_str(&format!("target:       {target}\n"));
     s.push_str(&format!(
         "signing:      {}\n",
         if get("signing") == "true" {
@@ -319,22 +416,55 @@ fn status_text(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
             "off"
         }
     ));
-    s.push_str(&format!("uptime:       {} s\n", get("uptime-seconds")));
+    s.push_str(&format!("uptime:       {}\n", duration("uptime-seconds")));
     s.push_str(&format!("version:      {}\n", get("version")));
     for [attempts, next, path, error] in backoff {
+        let when = match next.parse::<f64>() {
+            Ok(secs) if secs > 0.0 => format!("next try in {}", human_duration(secs)),
+            _ => "retrying now".to_string(),
+        };
         s.push_str(&format!(
-            "  {path}: attempt {attempts} failed, next try in {next} s: {error}\n"
+            "  {path}: attempt {attempts} failed, {when}: {error}\n"
+        ));
+    }
+    let total: usize = get("backing-off").parse().unwrap_or(0);
+    if total > backoff.len() {
+        s.push_str(&format!(
+            "  ... and {} more (status lists the {} soonest)\n",
+            total - backoff.len(),
+            backoff.len()
         ));
     }
     s
 }
 
+/// `remaining N failing M` from the daemon, as a phrase.
+fn describe_remaining(line: &str) -> Option<String> {
+    let mut words = line.split(' ');
+    let (Some("remaining"), Some(n), Some("failing"), Some(m)) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return None;
+    };
+    Some(format!("{n} path(s) still queued, {m} of them failing"))
+}
+
+/// Blocks until the paths queued before the call are gone from the queue.
+/// Exit 0 when all were uploaded; 1 when some were dropped or the timeout
+/// passed first; 2 when the daemon cannot be talked to.
 fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
     let deadline = timeout.map(|t| Instant::now() + t);
     let tty = std::io::stderr().is_terminal();
     if let Err(e) = conn.send(&request_line("wait", &[])) {
         return fail(&e.to_string());
     }
+    // Whether a progress line (without its newline) is on the terminal.
+    let mut progress = false;
+    let end_progress = |progress: &mut bool| {
+        if std::mem::take(progress) {
+            eprintln!();
+        }
+    };
     let mut last = String::new();
     loop {
         let read_timeout = deadline.map(|d| {
@@ -347,37 +477,198 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
         let line = match conn.read_line() {
             Ok(l) => l,
             Err(ClientError::Io(e))
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
+                if deadline.is_some()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
             {
-                if tty {
-                    eprintln!();
-                }
-                let state = last.strip_prefix("remaining ").unwrap_or("unknown");
-                eprintln!("post-build-hook-queue: wait timed out; still queued: {state}");
+                end_progress(&mut progress);
+                let shown = timeout.map_or(String::new(), |t| human_duration(t.as_secs_f64()));
+                let state = describe_remaining(&last)
+                    .unwrap_or_else(|| "the daemon reported no progress".to_string());
+                eprintln!("post-build-hook-queue: wait timed out after {shown}: {state}");
                 return 1;
             }
-            Err(e) => return fail(&e.to_string()),
+            Err(e) => {
+                end_progress(&mut progress);
+                return fail(&e.to_string());
+            }
         };
         if let Some(msg) = client::final_word(&line, "ok") {
-            if tty {
-                eprintln!();
-            }
+            end_progress(&mut progress);
             println!("{msg}");
             return 0;
         }
         if let Some(msg) = client::final_word(&line, "err") {
-            if tty {
-                eprintln!();
+            end_progress(&mut progress);
+            if unavailable(msg) {
+                return fail(&format!("the daemon cannot serve this now: {msg}"));
             }
             eprintln!("post-build-hook-queue: {msg}");
             return 1;
         }
         if tty {
-            eprint!("\r{line}   ");
+            if let Some(text) = describe_remaining(&line) {
+                eprint!("\r\x1b[Kwaiting: {text}");
+                progress = true;
+            }
         }
         last = line;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn durations_for_people() {
+        let cases = [
+            (0.0, "0s"),
+            (-1.0, "0s"),
+            (f64::NAN, "0s"),
+            (0.4, "0.4s"),
+            (3.2, "3.2s"),
+            (9.0, "9s"),
+            (42.4, "42s"),
+            (63.0, "1m 3s"),
+            (3599.0, "59m 59s"),
+            (3605.0, "1h 0m"),
+            (3780.0, "1h 3m"),
+            (90_000.0, "1d 1h"),
+        ];
+        for (secs, text) in cases {
+            assert_eq!(human_duration(secs), text, "{secs}");
+        }
+    }
+
+    #[test]
+    fn json_numbers_follow_the_json_grammar() {
+        for ok in ["0", "12", "-1.5", "1e3", "2E-2", "0.000"] {
+            assert_eq!(json_number(ok), ok);
+        }
+        for bad in ["NaN", "inf", "+1", "01", "1.", ".5", "", "-", "1e", "3 s"] {
+            assert_eq!(json_number(bad), "null", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn status_json_is_one_object_with_escaped_strings() {
+        let f = fields(&[
+            ("version", "0.1.0"),
+            ("queued", "2"),
+            ("oldest-queued-seconds", "-"),
+            ("upload-seconds-sum", "0.250"),
+            ("signing", "true"),
+            ("target", "-"),
+        ]);
+        let backoff = [[
+            "3".to_string(),
+            "1.5".to_string(),
+            "/nix/store/x-y".to_string(),
+            "a \"quoted\" \\ path\tand\u{1}".to_string(),
+        ]];
+        assert_eq!(
+            status_json(&f, &backoff),
+            "{\"version\":\"0.1.0\",\"queued\":2,\"oldest_queued_seconds\":null,\
+             \"upload_seconds_sum\":0.250,\"signing\":true,\"target\":null,\
+             \"backoff\":[{\"path\":\"/nix/store/x-y\",\"attempts\":3,\"next_try_seconds\":1.5,\
+             \"last_error\":\"a \\\"quoted\\\" \\\\ path\\tand\\u0001\"}]}\n"
+        );
+    }
+
+    #[test]
+    fn status_text_shows_durations_and_backoff() {
+        let f = fields(&[
+            ("version", "0.1.0"),
+            ("uptime-seconds", "3725"),
+            ("queued", "3"),
+            ("in-flight", "1"),
+            ("uploaded", "7"),
+            ("dropped", "0"),
+            ("failed-calls", "2"),
+            ("backing-off", "3"),
+            ("oldest-queued-seconds", "75"),
+            ("signing", "false"),
+            ("target", "-"),
+        ]);
+        let b = |attempts: &str, next: &str, path: &str| {
+            [attempts, next, path, "boom"].map(String::from)
+        };
+        let text = status_text(
+            &f,
+            &[
+                b("1", "0.0", "/nix/store/a"),
+                b("2", "125.3", "/nix/store/b"),
+            ],
+        );
+        assert_eq!(
+            text,
+            "queued:       3 (oldest queued 1m 15s ago)\n\
+             in flight:    1\n\
+             uploaded:     7 since start\n\
+             dropped:      0 since start\n\
+             backing off:  3\n\
+             failed calls: 2 since start\n\
+             target:       none (upload-to is not set)\n\
+             signing:      off\n\
+             uptime:       1h 2m\n\
+             version:      0.1.0\n\
+             \x20 /nix/store/a: attempt 1 failed, retrying now: boom\n\
+             \x20 /nix/store/b: attempt 2 failed, next try in 2m 5s: boom\n\
+             \x20 ... and 1 more (status lists the 2 soonest)\n"
+        );
+    }
+
+    #[test]
+    fn admin_arguments() {
+        let a = parse_admin("wait", &args(&["--timeout=2.5", "--socket", "/s"])).unwrap();
+        assert_eq!(a.timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(a.socket, PathBuf::from("/s"));
+        assert!(parse_admin("status", &args(&["--json"])).unwrap().json);
+        assert!(parse_admin("wait", &args(&["--json"])).is_err());
+        assert!(parse_admin("wait", &args(&["--timeout", "0"])).is_err());
+        assert!(parse_admin("retry", &args(&["x"])).is_err());
+        assert!(parse_admin("enqueue", &args(&[])).is_err());
+        let a = parse_admin("enqueue", &args(&["/nix/store/a", "/nix/store/b"])).unwrap();
+        assert_eq!(a.paths.len(), 2);
+    }
+
+    #[test]
+    fn permission_denied_is_not_a_missing_daemon() {
+        let denied = ClientError::Connect(
+            PathBuf::from("/run/s.sock"),
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        let text = connect_error(&denied);
+        assert!(
+            text.starts_with("cannot connect to the daemon at /run/s.sock: permission denied;"),
+            "{text}"
+        );
+        let missing = ClientError::Connect(
+            PathBuf::from("/run/s.sock"),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert!(connect_error(&missing).starts_with("no daemon at /run/s.sock"));
+    }
+
+    #[test]
+    fn remaining_lines_read_as_phrases() {
+        assert_eq!(
+            describe_remaining("remaining 3 failing 1").as_deref(),
+            Some("3 path(s) still queued, 1 of them failing")
+        );
+        assert_eq!(describe_remaining("ok all uploaded"), None);
     }
 }

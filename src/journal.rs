@@ -71,6 +71,9 @@ struct Inner {
     /// Generations whose write failed, with the error.
     failed: BTreeMap<u64, String>,
     syncing: bool,
+    /// Dead records at which a compaction is tried next (raised after a
+    /// failed one, so a full disk is not hit with a rewrite per call).
+    compact_at: usize,
 }
 
 fn now_secs() -> u64 {
@@ -162,13 +165,16 @@ impl Journal {
                 done_gen: 0,
                 failed: BTreeMap::new(),
                 syncing: false,
+                compact_at: COMPACT_MIN_DEAD,
             }),
             synced: Condvar::new(),
         };
         {
             let mut inner = journal.lock();
             if inner.dead > 0 && inner.dead >= inner.live.len() {
-                inner.compact()?;
+                // Only an optimisation: a full disk must not keep the daemon
+                // from starting (it can still answer, and drain the queue).
+                inner.try_compact();
             }
         }
         Ok((journal, replay))
@@ -181,45 +187,69 @@ impl Journal {
     }
 
     /// Queues the paths not queued yet and returns them once they are on
-    /// disk. On error nothing of this call is queued.
+    /// disk. Returns only when every one of the paths is on disk, including
+    /// those another caller is writing at the same moment. On error the
+    /// paths of the failed write are not queued.
     pub fn append(&self, paths: &[StorePath]) -> io::Result<Vec<StorePath>> {
         self.append_at(paths, None)
     }
 
     fn append_at(&self, paths: &[StorePath], inherit: Option<Entry>) -> io::Result<Vec<StorePath>> {
         let mut inner = self.lock();
-        let now = now_secs();
         let mut added = Vec::new();
-        let mut records = Vec::new();
-        for path in paths {
-            if inner.live.contains_key(path) {
-                continue;
-            }
-            let entry = match inherit {
-                Some(e) => e,
-                None => {
-                    inner.next_seq += 1;
-                    Entry {
-                        seq: inner.next_seq,
-                        queued_at: now,
-                    }
+        loop {
+            let now = now_secs();
+            let mut new = Vec::new();
+            let mut records = Vec::new();
+            for path in paths {
+                if inner.live.contains_key(path) {
+                    continue;
                 }
-            };
-            inner.live.insert(path.clone(), entry);
-            write_add(&mut records, path, entry.queued_at);
-            added.push(path.clone());
-        }
-        if added.is_empty() {
-            return Ok(added);
-        }
-        let (mut inner, result) = self.commit(inner, &records);
-        if let Err(e) = result {
-            for path in &added {
-                inner.live.remove(path);
+                let entry = match inherit {
+                    Some(e) => e,
+                    None => {
+                        inner.next_seq += 1;
+                        Entry {
+                            seq: inner.next_seq,
+                            queued_at: now,
+                        }
+                    }
+                };
+                inner.live.insert(path.clone(), entry);
+                write_add(&mut records, path, entry.queued_at);
+                new.push(path.clone());
             }
-            return Err(e);
+            if new.is_empty() {
+                // The paths are queued already, but maybe by a caller whose
+                // write is still on its way to disk: acknowledge them only
+                // once every write in progress is done.
+                let in_progress = if !inner.pending.is_empty() {
+                    inner.pending_gen
+                } else if inner.syncing {
+                    inner.pending_gen - 1
+                } else {
+                    return Ok(added);
+                };
+                while inner.done_gen < in_progress {
+                    inner = self.synced.wait(inner).unwrap_or_else(|e| e.into_inner());
+                }
+            } else {
+                let (guard, result) = self.commit(inner, &records);
+                inner = guard;
+                if let Err(e) = result {
+                    for path in &new {
+                        inner.live.remove(path);
+                    }
+                    return Err(e);
+                }
+                added.extend(new);
+            }
+            // A failed write of another caller took its paths back: queue
+            // those again ourselves.
+            if paths.iter().all(|p| inner.live.contains_key(p)) {
+                return Ok(added);
+            }
         }
-        Ok(added)
     }
 
     /// Marks paths as done (uploaded or dropped), durably.
@@ -237,9 +267,11 @@ impl Journal {
         }
         let (mut inner, result) = self.commit(inner, &records);
         result?;
-        if inner.dead >= COMPACT_MIN_DEAD && inner.dead > inner.live.len() {
+        if inner.dead >= inner.compact_at && inner.dead > inner.live.len() {
             inner = self.wait_idle(inner);
-            inner.compact()?;
+            // The `-` records are on disk already: a failed compaction is
+            // not a failure of this call.
+            inner.try_compact();
         }
         Ok(())
     }
@@ -348,6 +380,22 @@ impl Journal {
 }
 
 impl Inner {
+    /// [`Inner::compact`], with a warning instead of an error: the journal
+    /// stays valid, only longer than needed.
+    fn try_compact(&mut self) {
+        match self.compact() {
+            Ok(()) => self.compact_at = COMPACT_MIN_DEAD,
+            Err(e) => {
+                let _ = fs::remove_file(self.dir.join(format!("{FILE_NAME}.tmp")));
+                self.compact_at = self.dead.saturating_mul(2).max(COMPACT_MIN_DEAD);
+                crate::warning!(
+                    "journal: cannot compact {}: {e}; going on with the uncompacted journal",
+                    self.dir.join(FILE_NAME).display()
+                );
+            }
+        }
+    }
+
     /// Rewrites the journal with only the live records, atomically.
     fn compact(&mut self) -> io::Result<()> {
         let mut ordered: Vec<(&StorePath, &Entry)> = self.live.iter().collect();
@@ -357,18 +405,17 @@ impl Inner {
             write_add(&mut data, path, entry.queued_at);
         }
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-        }
-        let path = self.dir.join(FILE_NAME);
-        fs::rename(&tmp, &path)?;
-        sync_dir(&self.dir)?;
-        self.file = Arc::new(open_append(&path)?);
+        // Opened for appending before the rename, so that once the new file
+        // is in place no later failure can leave us writing to the old one.
+        let mut f = open_append(&tmp)?;
+        f.set_len(0)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.dir.join(FILE_NAME))?;
+        self.file = Arc::new(f);
         self.len = data.len() as u64;
         self.dead = 0;
-        Ok(())
+        sync_dir(&self.dir)
     }
 }
 
@@ -489,6 +536,73 @@ mod tests {
         assert_eq!(text.lines().count(), 3, "compacted to the live records");
         let (_, r) = Journal::open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(n - 3), path(n - 2), path(n - 1)]);
+    }
+
+    #[test]
+    fn failed_compaction_is_not_fatal() {
+        let dir = Dir::new("nocompact");
+        {
+            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            j.append(&[path(1), path(2), path(3)]).unwrap();
+            j.complete(&[path(1), path(2)]).unwrap();
+        }
+        // A directory where the compacted copy would be written.
+        fs::create_dir(dir.0.join(format!("{FILE_NAME}.tmp"))).unwrap();
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(3)]);
+        j.append(&[path(4)]).unwrap();
+        drop(j);
+        let (_, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(3), path(4)]);
+    }
+
+    #[test]
+    fn already_queued_path_is_acknowledged_only_once_on_disk() {
+        let dir = Dir::new("inflight");
+        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        // Another caller is writing path 1 (generation 1), as `commit` leaves
+        // things while it writes without the lock.
+        {
+            let mut inner = j.lock();
+            inner.live.insert(
+                path(1),
+                Entry {
+                    seq: 1,
+                    queued_at: 0,
+                },
+            );
+            inner.next_seq = 1;
+            inner.syncing = true;
+            inner.pending_gen = 2;
+        }
+        let j = Arc::new(j);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let j2 = Arc::clone(&j);
+        std::thread::spawn(move || {
+            let _ = tx.send(j2.append(&[path(1)]).map_err(|e| e.to_string()));
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "acknowledged a path whose record is not on disk yet"
+        );
+        // That write fails and takes path 1 back.
+        {
+            let mut inner = j.lock();
+            inner.live.remove(&path(1));
+            inner.syncing = false;
+            inner.done_gen = 1;
+            inner.failed.insert(1, "disk full".into());
+            j.synced.notify_all();
+        }
+        let added = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap()
+            .unwrap();
+        assert_eq!(added, vec![path(1)], "the waiting caller writes it itself");
+        drop(j);
+        let (_, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(1)]);
     }
 
     #[test]

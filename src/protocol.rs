@@ -96,8 +96,9 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolEr
         return Err(ProtocolError::Empty);
     }
     let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
+    // `ping ` (a trailing space) is an empty argument, refused like any other.
     let no_args = |req: Request, usage: &'static str| {
-        if rest.is_empty() {
+        if verb.len() == line.len() {
             Ok(req)
         } else {
             Err(ProtocolError::Arguments(usage))
@@ -140,12 +141,27 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolEr
 }
 
 /// Formats a request line for the client side, newline included.
+///
+/// A line break inside an argument can never split the request into two
+/// (which would send whatever follows it as a request of its own): `\n` and
+/// `\r` are replaced by U+FFFD, which no store path contains, so the daemon
+/// refuses that argument and with it the whole request.
 pub fn request_line(verb: &str, args: &[&str]) -> String {
     let mut line = String::from(verb);
     for a in args {
         line.push(' ');
         line.push_str(a);
     }
+    let mut line: String = line
+        .chars()
+        .map(|c| {
+            if c == '\n' || c == '\r' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect();
     line.push('\n');
     line
 }
@@ -218,6 +234,8 @@ mod tests {
             (b"frobnicate".to_vec(), "unknown verb"),
             (b"enqueue".to_vec(), "usage"),
             (b"ping now".to_vec(), "usage"),
+            (b"ping ".to_vec(), "usage"),
+            (b"status ".to_vec(), "usage"),
             (
                 format!("enqueue {good}  {good}").into_bytes(),
                 "path 2: empty path",
@@ -250,5 +268,8 @@ mod tests {
         assert_eq!(final_line(Err("a\nb")), "err a b\n");
         assert_eq!(final_line(Ok("")), "ok\n");
         assert_eq!(request_line("enqueue", &["x", "y"]), "enqueue x y\n");
+        let smuggled = request_line("enqueue", &[&format!("{S}/{H}-a\nretry"), "b\r"]);
+        assert_eq!(smuggled.matches('\n').count(), 1, "{smuggled:?}");
+        assert!(parse_request(smuggled.trim_end_matches('\n').as_bytes(), S).is_err());
     }
 }

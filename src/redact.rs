@@ -4,8 +4,57 @@
 //! secret in its query (`?secret-key=/path`, `?password=...`); everywhere
 //! the daemon shows a URL it shows it through [`url`].
 
+use std::sync::{Mutex, MutexGuard};
+
 /// Query parameters whose values are masked.
 const SECRET_PARAMS: &[&str] = &["secret-key", "password", "token", "access-key", "secret"];
+
+/// Text that must never be shown, with its replacement: learnt from the
+/// configured target by [`remember`].
+static REMEMBERED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+fn remembered() -> MutexGuard<'static, Vec<(String, String)>> {
+    // The list is only ever extended; a poisoned lock still holds good data.
+    REMEMBERED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Remembers the password of `url`'s userinfo, so that [`mask_remembered`]
+/// can hide it where it appears without its scheme: nix says
+/// `cannot connect to 'user:password@host'` for an `ssh://` target, which no
+/// URL parser recognises.
+pub fn remember(url: &str) {
+    let base = url.split_once('?').map_or(url, |(b, _)| b);
+    let Some((_, rest)) = base.split_once("://") else {
+        return;
+    };
+    let authority = rest.find('/').map_or(rest, |i| &rest[..i]);
+    let Some((userinfo, _)) = authority.rsplit_once('@') else {
+        return;
+    };
+    let Some((user, password)) = userinfo.split_once(':') else {
+        return;
+    };
+    if password.is_empty() {
+        return;
+    }
+    let pair = (format!("{user}:{password}@"), format!("{user}:***@"));
+    let mut known = remembered();
+    if !known.contains(&pair) {
+        known.push(pair);
+    }
+}
+
+/// `text` with every password learnt by [`remember`] masked.
+pub fn mask_remembered(text: &str) -> String {
+    let known = remembered();
+    let mut out = text.to_string();
+    for (secret, masked) in known.iter() {
+        if out.contains(secret.as_str()) {
+            out = out.replace(secret.as_str(), masked);
+        }
+    }
+    out
+}
 
 /// The URL with the password of its userinfo and secret query values
 /// replaced by `***`.
@@ -67,5 +116,16 @@ mod tests {
             "s3://b?profile=p&Password=***"
         );
         assert_eq!(url("local"), "local");
+    }
+
+    #[test]
+    fn remembered_passwords_are_masked_without_a_scheme() {
+        super::remember("ssh://npbhq-t:s3cr3t-x@cache.example.com?secret-key=/k");
+        super::remember("file:///no/password");
+        assert_eq!(
+            super::mask_remembered("error: cannot connect to 'npbhq-t:s3cr3t-x@cache.example.com'"),
+            "error: cannot connect to 'npbhq-t:***@cache.example.com'"
+        );
+        assert_eq!(super::mask_remembered("s3cr3t-y"), "s3cr3t-y");
     }
 }

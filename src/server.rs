@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::journal::Journal;
-use crate::protocol::{final_line, parse_request, Request, MAX_LINE};
+use crate::protocol::{final_line, parse_request, ProtocolError, Request, MAX_LINE};
 use crate::status::{self, Shared, Snapshot};
 use crate::store_path::StorePath;
 use crate::worker::{Msg, Worker};
@@ -37,6 +37,8 @@ pub enum ServeError {
     Journal(PathBuf, io::Error),
     /// Another daemon already listens on the socket.
     AlreadyRunning(PathBuf),
+    /// Something that is not a socket is at the socket path.
+    NotASocket(PathBuf),
     /// The socket could not be created or set up.
     Socket(PathBuf, io::Error),
     /// systemd's socket could not be used.
@@ -54,6 +56,11 @@ impl std::fmt::Display for ServeError {
             ServeError::AlreadyRunning(p) => write!(
                 f,
                 "another daemon is already listening on {}; stop it or choose another --socket",
+                p.display()
+            ),
+            ServeError::NotASocket(p) => write!(
+                f,
+                "{} exists and is not a socket; refusing to replace it (check the socket setting)",
                 p.display()
             ),
             ServeError::Socket(p, e) => write!(f, "cannot listen on {}: {e}", p.display()),
@@ -82,6 +89,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     // Before any thread starts, so that only the stop thread sees them.
     sys::block_stop_signals().map_err(ServeError::Thread)?;
     let activated = systemd::listener_from_env().map_err(ServeError::Activation)?;
+    if let Some(url) = &config.upload_to {
+        // Before anything can fail and quote the target.
+        redact::remember(url);
+    }
 
     let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
         .map_err(|e| ServeError::Journal(config.state_dir.clone(), e))?;
@@ -99,6 +110,12 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         config.state_dir.join(crate::journal::FILE_NAME).display(),
         replay.paths.len()
     );
+    // Created by us, so that we own it: a hook running as root (under the
+    // Nix daemon) can write into it, and we can delete what we ingested.
+    let spool = config.spool_dir();
+    if let Err(e) = fs::create_dir_all(&spool) {
+        warning!("cannot create the spool directory {}: {e}", spool.display());
+    }
     let journal = Arc::new(journal);
     let shared = Arc::new(Shared::new());
     let (tx, rx) = mpsc::channel();
@@ -168,35 +185,51 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
 }
 
 /// Binds the socket path: a stale socket file is replaced only when nothing
-/// answers on it. The socket is created under a temporary name, given its
-/// mode and group, then renamed into place, so it is never reachable with
-/// looser permissions.
+/// answers on it, and anything that is not a socket (a regular file named by
+/// mistake, a symlink, a directory) is never replaced. The socket is created
+/// in a private directory (mode 0700, so no one else can reach it there
+/// whatever the umask), given its mode and group, then renamed into place,
+/// so it is never reachable with looser permissions.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let err = |e: io::Error| ServeError::Socket(path.clone(), e);
     if UnixStream::connect(path).is_ok() {
         return Err(ServeError::AlreadyRunning(path.clone()));
     }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ServeError::NotASocket(path.clone()))
+        }
+        _ => {}
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(err)?;
     }
     let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp_name);
+    tmp_name.push(format!(".{}.d", std::process::id()));
+    let tmp_dir = PathBuf::from(tmp_name);
+    let tmp = tmp_dir.join("s");
+    // Left over by a crashed daemon with our pid: it is ours to remove.
     let _ = fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(err)?;
-    let setup = || -> io::Result<()> {
+    let _ = fs::remove_dir(&tmp_dir);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp_dir)
+        .map_err(err)?;
+    let setup = || -> io::Result<UnixListener> {
+        let listener = UnixListener::bind(&tmp)?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))?;
         if let Some(group) = &config.socket_group {
             let gid = group_id(group)?;
             std::os::unix::fs::chown(&tmp, None, Some(gid))?;
         }
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        Ok(listener)
     };
-    if let Err(e) = setup() {
-        let _ = fs::remove_file(&tmp);
-        return Err(err(e));
-    }
+    let result = setup();
+    let _ = fs::remove_file(&tmp);
+    let _ = fs::remove_dir(&tmp_dir);
+    let listener = result.map_err(err)?;
     info!(
         "listening on {} (mode {:04o})",
         path.display(),
@@ -395,6 +428,12 @@ fn handle(ctx: &Context, mut stream: UnixStream) {
         }
         let reply = match parse_request(&line, &ctx.store_dir) {
             Ok(req) => respond(ctx, &mut stream, req),
+            Err(e @ ProtocolError::TooLong) => {
+                // Whether the newline arrived in time or not, an over-long
+                // line ends the connection.
+                let _ = stream.write_all(final_line(Err(&e.to_string())).as_bytes());
+                return;
+            }
             Err(e) => final_line(Err(&e.to_string())),
         };
         if stream.write_all(reply.as_bytes()).is_err() {
@@ -408,7 +447,11 @@ fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
         Request::Enqueue(paths) => enqueue(ctx, &paths),
         Request::Drv(drv) => enqueue(ctx, &[drv]),
         Request::Ping => final_line(Ok(&format!("nix-post-build-hook-queue {}", crate::VERSION))),
-        Request::Status => snapshot(ctx).reply_lines() + &final_line(Ok("")),
+        Request::Status => {
+            // Backoff errors quote nix, which may repeat the target with its
+            // password in forms no URL parser recognises.
+            redact::mask_remembered(&snapshot(ctx).reply_lines()) + &final_line(Ok(""))
+        }
         Request::Retry => {
             let n = ctx.shared.lock().backoff.len();
             let _ = ctx.tx.send(Msg::Retry);

@@ -30,18 +30,20 @@ pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
     let name = format!("{nanos:020}-{}", std::process::id());
     let tmp = dir.join(format!(".{name}.tmp"));
     let done = dir.join(format!("{name}{SUFFIX}"));
-    {
-        // Readable by the daemon even when the hook runs as another user
-        // (root under nix-daemon); the directory itself guards the contents.
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        f.write_all(request.as_bytes())?;
-        f.sync_data()?;
-    }
-    if let Err(e) = fs::rename(&tmp, &done) {
+    // Readable by the daemon even when the hook runs as another user
+    // (root under nix-daemon); the directory itself guards the contents.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)?;
+    let written = f
+        .write_all(request.as_bytes())
+        .and_then(|()| f.sync_data())
+        .and_then(|()| fs::rename(&tmp, &done));
+    drop(f);
+    if let Err(e) = written {
+        // A full disk, say: leave no half-written file behind.
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }

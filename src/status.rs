@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -116,6 +116,12 @@ pub fn seconds_until(when: Instant) -> f64 {
     when.saturating_duration_since(Instant::now()).as_secs_f64()
 }
 
+/// A backing-off path whose next try is further away than this (seconds)
+/// is being retried right now: the worker parks the entries of the paths it
+/// takes up again a year ahead, keeping their attempt counts until they
+/// succeed. `status` reports those as due (0 s), not as "in 365 days".
+const BEING_RETRIED_AFTER: f64 = 180.0 * 24.0 * 3600.0;
+
 /// Most backing-off paths listed in a `status` reply.
 const STATUS_MAX_BACKOFF: usize = 100;
 
@@ -167,11 +173,16 @@ impl Snapshot {
             .backoff
             .iter()
             .map(|(p, b)| {
+                let next = seconds_until(b.next_try);
                 (
                     b.attempts,
-                    seconds_until(b.next_try),
+                    if next > BEING_RETRIED_AFTER {
+                        0.0
+                    } else {
+                        next
+                    },
                     p.clone(),
-                    b.last_error.clone(),
+                    crate::log::scrub(&b.last_error),
                 )
             })
             .collect();
@@ -285,11 +296,145 @@ impl Snapshot {
 }
 
 /// Writes `text` to `path` atomically: a temporary file in the same
-/// directory, then a rename over the old one.
+/// directory, then a rename over the old one, so a reader (node-exporter's
+/// textfile collector) never sees half a file. The temporary name is unique
+/// per call (two threads may write at once: the metrics thread and the stop
+/// thread) and ends in `.tmp`, which the collector ignores.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
     let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    let result = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "npbhq-status-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    const STORE: &str = "/nix/store";
+
+    fn path(name: &str) -> StorePath {
+        StorePath::parse(
+            &format!("{STORE}/0123456789abcdfghijklmnpqrsvwxyz-{name}"),
+            STORE,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn snapshot_reports_backoff_masked_and_paths_being_retried_as_due() {
+        let dir = temp_dir("snap");
+        let (journal, _) = Journal::open(&dir, STORE).unwrap();
+        journal.append(&[path("a"), path("b")]).unwrap();
+        let shared = Shared::new();
+        {
+            let mut s = shared.lock();
+            s.backoff.insert(
+                path("a"),
+                Backoff {
+                    attempts: 2,
+                    next_try: Instant::now() + Duration::from_secs(60),
+                    last_error: "cannot open 'ssh://u:pw@h?secret-key=/k'\nsecond line".into(),
+                },
+            );
+            // Parked by the worker while it retries the path.
+            s.backoff.insert(
+                path("b"),
+                Backoff {
+                    attempts: 1,
+                    next_try: Instant::now() + Duration::from_secs(365 * 24 * 3600),
+                    last_error: "x".into(),
+                },
+            );
+        }
+        let snap = Snapshot::take(&journal, &shared, true, Some("ssh://u:***@h"));
+        assert_eq!(snap.queued, 2);
+        assert_eq!(snap.backoff[0].1, 0.0, "being retried: due now");
+        assert_eq!(snap.backoff[0].2, path("b"));
+        assert!((50.0..=60.0).contains(&snap.backoff[1].1));
+        let lines = snap.reply_lines();
+        assert!(lines.contains("\nqueued 2\n"), "{lines}");
+        assert!(lines.contains("\nbacking-off 2\n"), "{lines}");
+        assert!(lines.contains("\ntarget ssh://u:***@h\n"), "{lines}");
+        assert!(
+            lines.contains(&format!(
+                "backoff 2 {:.1} {} cannot open 'ssh://u:***@h?secret-key=***' second line\n",
+                snap.backoff[1].1,
+                path("a")
+            )),
+            "{lines}"
+        );
+        assert!(!lines.contains("pw") && !lines.contains("/k"), "{lines}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn prometheus_text_declares_every_sample() {
+        let snap = Snapshot {
+            uptime_seconds: 5,
+            queued: 3,
+            in_flight: 1,
+            uploaded: 7,
+            dropped: 1,
+            failed_calls: 2,
+            oldest_queued_seconds: Some(9),
+            upload_seconds: 1.5,
+            upload_batches: 4,
+            signing: false,
+            target: None,
+            backoff: Vec::new(),
+        };
+        let text = snap.prometheus();
+        let mut declared = Vec::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.push(rest.split(' ').next().unwrap().to_string());
+            } else if !line.starts_with('#') {
+                let (name, value) = line.split_once(' ').unwrap();
+                assert!(value.parse::<f64>().is_ok(), "{line}");
+                assert!(
+                    declared.iter().any(|d| name == d
+                        || name == format!("{d}_sum")
+                        || name == format!("{d}_count")),
+                    "{line}"
+                );
+            }
+        }
+        assert!(text.contains("nix_post_build_hook_queue_queued 3\n"));
+        assert!(text.contains("nix_post_build_hook_queue_oldest_queued_age_seconds 9\n"));
+        assert!(text.contains("nix_post_build_hook_queue_upload_duration_seconds_count 4\n"));
+    }
+
+    #[test]
+    fn write_atomically_replaces_and_leaves_no_temporary_file() {
+        let dir = temp_dir("atomic");
+        let file = dir.join("m.prom");
+        write_atomically(&file, "one\n").unwrap();
+        write_atomically(&file, "two\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "two\n");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        assert!(write_atomically(&dir.join("missing/m.prom"), "x").is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

@@ -15,6 +15,11 @@ use crate::sys;
 const SD_LISTEN_FDS_START: i32 = 3;
 
 /// The listening socket systemd passed us, if any.
+///
+/// When the variables are meant for this process (`LISTEN_PID` is our pid)
+/// they are removed from the environment, as `sd_listen_fds(1)` does, so the
+/// nix commands the daemon runs never see them. Call it before starting any
+/// other thread (changing the environment is not thread-safe).
 pub fn listener_from_env() -> io::Result<Option<UnixListener>> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
@@ -23,6 +28,9 @@ pub fn listener_from_env() -> io::Result<Option<UnixListener>> {
     };
     if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
         return Ok(None);
+    }
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
     }
     let count: i32 = fds
         .trim()

@@ -4,10 +4,13 @@
 //! It is fed through an `mpsc` channel by the connection threads (after they
 //! journaled the paths) and owns the order of work. For each batch it finds
 //! the outputs of derivations, drops paths that are gone from the store, then
-//! runs one `nix store sign` and one `nix copy`. A failed batch is split in
-//! halves to find the paths at fault (within a budget of calls, so an outage
-//! does not turn into a storm of calls); those back off exponentially with
-//! jitter. Only success or a drop removes a path from the journal.
+//! runs one `nix store sign` and one `nix copy`. When a batch fails, one of
+//! its paths is tried alone: if that fails too, the target is taken to be
+//! down and the whole batch backs off as one group (two calls per retry in an
+//! outage, whatever the batch size); if it goes through, the rest is split in
+//! halves to find the paths at fault, within a budget of calls. Failing paths
+//! back off exponentially with jitter, a group sharing one timer. Only
+//! success or a drop removes a path from the journal.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
@@ -63,15 +66,19 @@ impl Worker {
         shared: Arc<Shared>,
         rx: Receiver<Msg>,
     ) -> Worker {
+        // The stop thread kills the call in progress through `running_pgid`
+        // when it outlasts the grace period.
+        let nix = Nix::new(
+            &config.nix,
+            config.command_timeout,
+            config.upload_to.as_deref(),
+        )
+        .with_running(Arc::clone(&shared.running_pgid));
         Worker {
             journal,
             shared,
             rx,
-            nix: Nix::new(
-                &config.nix,
-                config.command_timeout,
-                config.upload_to.as_deref(),
-            ),
+            nix,
             store_dir: config.store_dir.clone(),
             signing_key: config.signing_key_file.clone(),
             upload_to: config.upload_to.clone(),
@@ -263,10 +270,13 @@ impl Worker {
             .collect()
     }
 
-    /// Signs and uploads a batch, splitting it on failure to isolate the
-    /// paths at fault.
+    /// Signs and uploads a batch. When it fails, one path is tried alone
+    /// (a canary): if that fails as well, the target is taken to be down and
+    /// the whole batch backs off together, so an outage costs two calls per
+    /// retry whatever the batch size. If the canary goes through, the rest is
+    /// split in halves to isolate the paths at fault.
     fn upload(&mut self, batch: Vec<StorePath>) {
-        let batch = match self.nix.invalid_paths(&batch) {
+        let mut batch = match self.nix.invalid_paths(&batch) {
             Ok(invalid) if !invalid.is_empty() => {
                 let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
                     .into_iter()
@@ -279,11 +289,35 @@ impl Worker {
         if batch.is_empty() {
             return;
         }
+        let started = Instant::now();
+        let failure = match self.attempt(&batch) {
+            Ok(()) => return self.finish(&batch, started.elapsed()),
+            Err(failure) => failure,
+        };
+        self.shared.lock().failed_calls += 1;
+        // A timeout is a problem of the target or the network, not of paths.
+        if batch.len() == 1 || failure.timed_out() || self.stopping() {
+            return self.back_off(batch, &failure);
+        }
+        let canary = batch.remove(self.pick_canary(&batch));
+        let started = Instant::now();
+        match self.attempt(std::slice::from_ref(&canary)) {
+            Ok(()) => self.finish(std::slice::from_ref(&canary), started.elapsed()),
+            Err(canary_failure) => {
+                self.shared.lock().failed_calls += 1;
+                batch.push(canary);
+                return self.back_off(batch, &canary_failure);
+            }
+        }
+        warning!(
+            "batch of {} paths failed while the target works, splitting it to find the paths at fault: {failure}",
+            batch.len() + 1
+        );
         // Enough calls to find one bad path by halving, plus a little.
         let mut budget = 2 * (usize::BITS - batch.len().leading_zeros()) + 2;
         let mut groups = vec![batch];
         while let Some(group) = groups.pop() {
-            if self.shared.stopping.load(Ordering::SeqCst) {
+            if self.stopping() {
                 // Still journaled: uploaded after the restart.
                 return;
             }
@@ -292,13 +326,8 @@ impl Worker {
                 Ok(()) => self.finish(&group, started.elapsed()),
                 Err(failure) => {
                     self.shared.lock().failed_calls += 1;
-                    let systemic = failure.timed_out();
-                    if group.len() > 1 && budget > 0 && !systemic {
+                    if group.len() > 1 && budget > 0 && !failure.timed_out() {
                         budget -= 1;
-                        warning!(
-                            "batch of {} paths failed, splitting it to find the paths at fault: {failure}",
-                            group.len()
-                        );
                         let mut left = group;
                         let right = left.split_off(left.len() / 2);
                         groups.push(right);
@@ -309,6 +338,29 @@ impl Worker {
                 }
             }
         }
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
+    }
+
+    /// The index of the path to try alone after a batch failed: one with the
+    /// fewest failed attempts (a path that failed on its own before is the
+    /// likeliest to be at fault), chosen at random among those, so that a bad
+    /// canary is not picked again and again.
+    fn pick_canary(&self, batch: &[StorePath]) -> usize {
+        let stats = self.shared.lock();
+        let attempts = |p: &StorePath| stats.backoff.get(p).map_or(0, |b| b.attempts);
+        let fewest = batch.iter().map(attempts).min().unwrap_or(0);
+        let candidates: Vec<usize> = (0..batch.len())
+            .filter(|&i| attempts(&batch[i]) == fewest)
+            .collect();
+        let pick = (random_unit() * candidates.len() as f64) as usize;
+        candidates
+            .get(pick)
+            .or(candidates.last())
+            .copied()
+            .unwrap_or(0)
     }
 
     fn attempt(&self, paths: &[StorePath]) -> Result<(), Failure> {
@@ -349,30 +401,37 @@ impl Worker {
         }
     }
 
+    /// Backs off paths that failed together: they share one attempt count
+    /// and one next try, so they are retried together in one call (paths
+    /// with timers of their own would each cost a call per retry).
     fn back_off(&self, paths: Vec<StorePath>, error: &dyn std::fmt::Display) {
+        let Some(first) = paths.first() else {
+            return;
+        };
         let error = error.to_string();
-        let now = Instant::now();
         let mut stats = self.shared.lock();
-        let mut first_delay = None;
-        for p in &paths {
-            let attempts = stats.backoff.get(p).map_or(0, |b| b.attempts) + 1;
-            let delay = self.delay(attempts);
-            first_delay.get_or_insert((attempts, delay));
+        let attempts = paths
+            .iter()
+            .map(|p| stats.backoff.get(p).map_or(0, |b| b.attempts))
+            .max()
+            .unwrap_or(0)
+            .saturating_add(1);
+        let delay = self.delay(attempts);
+        let next_try = Instant::now() + delay;
+        warning!(
+            "{} path(s) ({first}{}) failed attempt {attempts}, next try in {:.1} s: {error}",
+            paths.len(),
+            if paths.len() > 1 { ", ..." } else { "" },
+            delay.as_secs_f64()
+        );
+        for p in paths {
             stats.backoff.insert(
-                p.clone(),
+                p,
                 Backoff {
                     attempts,
-                    next_try: now + delay,
+                    next_try,
                     last_error: error.clone(),
                 },
-            );
-        }
-        if let (Some((attempts, delay)), Some(first)) = (first_delay, paths.first()) {
-            warning!(
-                "{} path(s) ({first}{}) failed attempt {attempts}, next try in {:.1} s: {error}",
-                paths.len(),
-                if paths.len() > 1 { ", ..." } else { "" },
-                delay.as_secs_f64()
             );
         }
     }

@@ -1,0 +1,1218 @@
+//! Fault tests: break things on purpose and check that nothing acknowledged
+//! is lost and no build is failed or stalled by the queue.
+//!
+//! Everything is real: Nix in private stores, the real daemon and hook
+//! binaries, `kill -9` of the whole daemon tree, an sshd, a TCP listener that
+//! never answers, a tmpfs that fills up. The one injected fault is the
+//! `nix-delay-wrapper`, a shell script that sleeps before `exec`ing the real
+//! `nix copy`, so that kills land while an upload runs.
+//!
+//! Timeouts in `wait_until*` are correctness bounds ("this eventually
+//! happens"), never speed assertions. Figures printed with `eprintln!` (run
+//! with `--nocapture`) are for the notes, not asserted.
+
+mod common;
+
+use common::*;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// A `file://` cache under the env: (url for uploads, url for reading).
+fn file_cache(env: &NixEnv, name: &str) -> (String, String) {
+    let dir = env.root().join(name);
+    let read = format!("file://{}", dir.display());
+    (format!("{read}?compression=none"), read)
+}
+
+fn strs(paths: &[PathBuf]) -> Vec<String> {
+    paths.iter().map(|p| p.display().to_string()).collect()
+}
+
+fn enqueue_line(paths: &[PathBuf]) -> String {
+    format!("enqueue {}", strs(paths).join(" "))
+}
+
+/// The absolute path of `program` found on `PATH`.
+fn on_path(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(program))
+                .find(|f| f.is_file())
+        })
+        .unwrap_or_else(|| panic!("{program} is not on PATH"))
+}
+
+/// A directory with a `nix` shell script that runs `prelude` and then
+/// `exec`s the real nix, and a `nix-store` link to the real one (the daemon
+/// takes `nix-store` from the directory of its `nix`). Returns the script.
+fn nix_wrapper(env: &NixEnv, name: &str, prelude: &str) -> PathBuf {
+    let dir = env.root().join(name);
+    fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("nix");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n# {name}: fault injection around the real nix\n{prelude}\nexec {} \"$@\"\n",
+            on_path("nix").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(on_path("nix-store"), dir.join("nix-store")).unwrap();
+    script
+}
+
+/// `n` new content-addressed text paths from one `nix-store --add` call
+/// (cheap: ~0.3 s for 600).
+fn add_text_paths(env: &NixEnv, n: usize, tag: &str) -> Vec<PathBuf> {
+    let dir = env.root().join(format!("texts-{}", unique_id()));
+    fs::create_dir_all(&dir).unwrap();
+    let id = unique_id();
+    let files: Vec<PathBuf> = (0..n)
+        .map(|i| {
+            let f = dir.join(format!("npbhq-{tag}-{i:05}"));
+            fs::write(&f, format!("{tag} {i} {id}\n")).unwrap();
+            f
+        })
+        .collect();
+    let out = run_ok(env.cmd("nix-store").arg("--add").args(&files));
+    let paths: Vec<PathBuf> = out.lines().map(PathBuf::from).collect();
+    assert_eq!(paths.len(), n, "nix-store --add printed {out}");
+    paths
+}
+
+/// One protocol request that never panics: the final reply line, or Err when
+/// the daemon is not there or the connection breaks (e.g. it was killed).
+fn try_request(socket: &Path, line: &str) -> Result<String, String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut l = String::new();
+        match r.read_line(&mut l) {
+            Ok(0) => return Err("connection closed without a reply".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+        let l = l.trim_end().to_string();
+        if l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ") {
+            return Ok(l);
+        }
+    }
+}
+
+/// A parsed `status` reply.
+#[derive(Debug)]
+struct Status {
+    fields: HashMap<String, String>,
+    /// `backoff ATTEMPTS NEXT-TRY PATH ERROR` lines.
+    backoff: Vec<String>,
+}
+
+impl Status {
+    fn get(&self, key: &str) -> &str {
+        self.fields.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    fn num(&self, key: &str) -> u64 {
+        self.get(key)
+            .parse()
+            .unwrap_or_else(|_| panic!("status {key} is not a number: {self:?}"))
+    }
+}
+
+fn status(d: &Daemon) -> Status {
+    let lines = d.request_lines("status");
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("ok"),
+        "status reply: {lines:?}"
+    );
+    let mut fields = HashMap::new();
+    let mut backoff = Vec::new();
+    for l in &lines[..lines.len() - 1] {
+        if l.starts_with("backoff ") {
+            backoff.push(l.clone());
+        } else if let Some((k, v)) = l.split_once(' ') {
+            fields.insert(k.to_string(), v.to_string());
+        }
+    }
+    Status { fields, backoff }
+}
+
+fn journal_path(d: &Daemon) -> PathBuf {
+    d.state_dir().join("journal")
+}
+
+/// What a journal file says, replayed the way the daemon replays it (a last
+/// line without a newline is a torn record and ignored).
+#[derive(Debug, Default)]
+struct JournalCheck {
+    /// Live paths, in order of their `+` record.
+    live: Vec<String>,
+    /// Records that describe no live path.
+    dead: usize,
+    /// `+` records for a path that was already live: duplicates.
+    duplicates: Vec<String>,
+    /// Bytes of a torn last line.
+    torn: usize,
+    /// Number of `-` records.
+    minus: usize,
+}
+
+fn check_journal(text: &str) -> JournalCheck {
+    let mut c = JournalCheck::default();
+    let mut live: HashMap<String, usize> = HashMap::new();
+    let mut order = 0usize;
+    let mut records = 0usize;
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    c.torn = text.len() - complete.len();
+    for line in complete.lines().filter(|l| !l.is_empty()) {
+        records += 1;
+        if let Some(rest) = line.strip_prefix("+ ") {
+            let path = rest.split_once(' ').map_or(rest, |(_, p)| p).to_string();
+            if let std::collections::hash_map::Entry::Vacant(e) = live.entry(path.clone()) {
+                order += 1;
+                e.insert(order);
+            } else {
+                c.duplicates.push(path);
+            }
+        } else if let Some(path) = line.strip_prefix("- ") {
+            c.minus += 1;
+            live.remove(path);
+        }
+    }
+    let mut ordered: Vec<(String, usize)> = live.into_iter().collect();
+    ordered.sort_by_key(|(_, o)| *o);
+    c.live = ordered.into_iter().map(|(p, _)| p).collect();
+    c.dead = records - c.live.len();
+    c
+}
+
+/// Ok when every path is valid in the cache at `url` (no signature check).
+fn all_in_cache(env: &NixEnv, url: &str, paths: &[PathBuf]) -> Result<(), String> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let infos = env.path_infos(url, paths)?;
+    let valid: HashSet<&PathBuf> = infos
+        .iter()
+        .filter(|(_, s)| s.is_some())
+        .map(|(p, _)| p)
+        .collect();
+    let missing: Vec<&PathBuf> = paths.iter().filter(|p| !valid.contains(p)).collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of {} paths not in {url}, e.g. {}",
+            missing.len(),
+            paths.len(),
+            missing[0].display()
+        ))
+    }
+}
+
+/// A small xorshift generator; the seed is printed so a failing run can be
+/// repeated with `NPBHQ_FAULTS_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn new(test: &str) -> Rng {
+        let seed = std::env::var("NPBHQ_FAULTS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    | 1
+            });
+        eprintln!("{test}: random seed {seed} (set NPBHQ_FAULTS_SEED to repeat)");
+        Rng(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// Command lines (arguments joined by spaces) of the processes below `pid`.
+fn descendant_cmdlines(pid: u32) -> Vec<String> {
+    descendants(pid)
+        .into_iter()
+        .filter_map(|p| fs::read(format!("/proc/{p}/cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .collect()
+}
+
+fn copy_running(d: &Daemon) -> bool {
+    d.pid().is_some_and(|pid| {
+        descendant_cmdlines(pid)
+            .iter()
+            .any(|c| c.contains(" copy --to "))
+    })
+}
+
+/// Lines of the daemon log that contain `needle`.
+fn log_lines(d: &Daemon, needle: &str) -> Vec<String> {
+    d.log()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(String::from)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Crash
+// ---------------------------------------------------------------------------
+
+/// `kill -9` of the whole daemon tree at random moments (while requests are
+/// being journaled, and while `nix copy` runs), many times, under continuous
+/// enqueueing: after every crash each acknowledged path is either still in
+/// the journal or already in the cache; in the end every acknowledged path is
+/// in the cache, signed, and the journal holds no duplicate live record.
+#[test]
+fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
+    const CYCLES: usize = 20;
+    let started = Instant::now();
+    let env = NixEnv::new("faults-crash");
+    let (sk, pk) = env.gen_signing_key("faults-crash-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let paths = add_text_paths(&env, 1000, "crash");
+    let slow_nix = nix_wrapper(
+        &env,
+        "nix-delay-wrapper",
+        "case \" $* \" in *\" copy \"*) sleep 0.15 ;; esac",
+    );
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+            ("nix", &slow_nix.display().to_string()),
+            ("batch-size", "50"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.5"),
+        ],
+    );
+
+    // The enqueuer: a few paths per request, paced, retrying a request until
+    // it gets a reply; only an `ok` reply makes its paths "acked".
+    let acked: Arc<Mutex<Vec<PathBuf>>> = Arc::new(Mutex::new(Vec::new()));
+    let refusals: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let in_request = Arc::new(AtomicBool::new(false));
+    let enqueuer = {
+        let (acked, refusals, stop, requests, in_request) = (
+            Arc::clone(&acked),
+            Arc::clone(&refusals),
+            Arc::clone(&stop),
+            Arc::clone(&requests),
+            Arc::clone(&in_request),
+        );
+        let socket = d.socket();
+        let paths = paths.clone();
+        thread::spawn(move || {
+            let mut i = 0;
+            let mut k = 1;
+            while i < paths.len() && !stop.load(Ordering::SeqCst) {
+                let chunk = &paths[i..(i + k).min(paths.len())];
+                requests.fetch_add(1, Ordering::SeqCst);
+                in_request.store(true, Ordering::SeqCst);
+                let reply = try_request(&socket, &enqueue_line(chunk));
+                in_request.store(false, Ordering::SeqCst);
+                match reply {
+                    Ok(r) if r.starts_with("ok") => {
+                        acked.lock().unwrap().extend_from_slice(chunk);
+                        i += chunk.len();
+                        k = k % 3 + 1;
+                        thread::sleep(Duration::from_millis(15));
+                    }
+                    Ok(r) => {
+                        refusals.lock().unwrap().push(r);
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                    // Daemon down or killed mid-request: try again.
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })
+    };
+
+    let mut rng = Rng::new("crash");
+    let mut kills_during_copy = 0;
+    let mut kills_during_request = 0;
+    let mut max_live = 0;
+    for cycle in 0..CYCLES {
+        if cycle % 2 == 1 {
+            // Wait for an upload to start, then kill inside it (the wrapper
+            // holds `nix copy` for 150 ms before the real copy runs).
+            let start = Instant::now();
+            while !copy_running(&d) && start.elapsed() < Duration::from_secs(5) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            thread::sleep(Duration::from_millis(rng.below(200)));
+        } else {
+            thread::sleep(Duration::from_millis(30 + rng.below(400)));
+        }
+        if copy_running(&d) {
+            kills_during_copy += 1;
+        }
+        if in_request.load(Ordering::SeqCst) {
+            kills_during_request += 1;
+        }
+        d.kill9();
+        let acked_now: Vec<PathBuf> = acked.lock().unwrap().clone();
+        let text = fs::read_to_string(journal_path(&d)).unwrap_or_default();
+        let j = check_journal(&text);
+        assert!(
+            j.duplicates.is_empty(),
+            "cycle {cycle}: duplicate live records in the journal: {:?}",
+            &j.duplicates[..j.duplicates.len().min(3)]
+        );
+        max_live = max_live.max(j.live.len());
+        let live: HashSet<&str> = j.live.iter().map(String::as_str).collect();
+        let not_live: Vec<PathBuf> = acked_now
+            .iter()
+            .filter(|p| !live.contains(p.to_str().unwrap()))
+            .cloned()
+            .collect();
+        if let Err(e) = all_in_cache(&env, &read, &not_live) {
+            panic!(
+                "cycle {cycle}: an acknowledged path is neither in the journal nor in the cache: {e}\nlog:\n{}",
+                d.log()
+            );
+        }
+        d.try_spawn()
+            .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
+    }
+    stop.store(true, Ordering::SeqCst);
+    enqueuer.join().unwrap();
+    let cycles_took = started.elapsed();
+    let acked: Vec<PathBuf> = acked.lock().unwrap().clone();
+    assert!(
+        refusals.lock().unwrap().is_empty(),
+        "the daemon refused requests: {:?}",
+        refusals.lock().unwrap()
+    );
+    assert!(
+        acked.len() > 100,
+        "only {} paths were acknowledged; log:\n{}",
+        acked.len(),
+        d.log()
+    );
+    assert!(
+        kills_during_copy >= CYCLES / 4,
+        "only {kills_during_copy} of {CYCLES} kills landed during nix copy"
+    );
+
+    // One more crash, then look at what is left in the journal.
+    d.kill9();
+    let before = check_journal(&fs::read_to_string(journal_path(&d)).unwrap_or_default());
+    assert!(
+        before.duplicates.is_empty(),
+        "{:?}",
+        &before.duplicates[..before.duplicates.len().min(3)]
+    );
+
+    // Let the queue drain about half way (plain nix, no delay), then crash
+    // again: the journal now holds at least as many dead records as live
+    // ones, so the next start compacts it.
+    d.set_config("nix", &on_path("nix").display().to_string());
+    d.try_spawn().unwrap();
+    let half = before.live.len() / 2;
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "half of the queue uploaded",
+        || status(&d).num("queued") as usize <= half,
+        || d.log(),
+    );
+    d.kill9();
+    let mid = check_journal(&fs::read_to_string(journal_path(&d)).unwrap_or_default());
+    assert!(mid.duplicates.is_empty(), "{mid:?}");
+    assert!(
+        mid.dead >= mid.live.len(),
+        "expected a journal worth compacting: {} dead, {} live",
+        mid.dead,
+        mid.live.len()
+    );
+
+    // Restart against a broken target, so nothing completes while we read:
+    // replay compacted the journal to exactly the live records.
+    d.set_config("upload-to", "file:///dev/null/unreachable");
+    d.set_config("batch-size", "1000");
+    d.try_spawn().unwrap();
+    let after = check_journal(&fs::read_to_string(journal_path(&d)).unwrap());
+    assert!(after.duplicates.is_empty(), "{after:?}");
+    assert_eq!(after.live, mid.live, "replay changed the live set");
+    assert_eq!(
+        (after.dead, after.minus, after.torn),
+        (0, 0, 0),
+        "the journal was not compacted at start"
+    );
+    assert_eq!(status(&d).num("queued"), mid.live.len() as u64);
+
+    // Now with the real target: every acknowledged path arrives, signed.
+    d.kill9();
+    d.set_config("upload-to", &upload);
+    d.try_spawn().unwrap();
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "every acknowledged path in the cache",
+        || all_in_cache(&env, &read, &acked),
+        || d.log(),
+    );
+    env.verify_in_cache(&read, &pk, &acked)
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_until_diag(
+        Duration::from_secs(30),
+        "an empty queue",
+        || status(&d).num("queued") == 0,
+        || d.log(),
+    );
+    // A clean restart compacts the (now all dead) journal to nothing.
+    d.restart();
+    let last = check_journal(&fs::read_to_string(journal_path(&d)).unwrap());
+    assert!(
+        last.live.is_empty() && last.dead == 0,
+        "journal after compaction: {last:?}"
+    );
+    assert_eq!(status(&d).num("queued"), 0);
+    eprintln!(
+        "crash: {CYCLES} kill -9 cycles ({kills_during_copy} during nix copy, \
+         {kills_during_request} during an enqueue request) in {:.1} s, \
+         {} requests, {} paths acked, up to {} live at a crash, {} live after the cycles \
+         ({} dead records), compacted to {} live, {} torn-tail warnings, total {:.1} s",
+        cycles_took.as_secs_f64(),
+        requests.load(Ordering::SeqCst),
+        acked.len(),
+        max_live,
+        before.live.len(),
+        before.dead,
+        mid.live.len(),
+        log_lines(&d, "torn last record").len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Outage
+// ---------------------------------------------------------------------------
+
+/// The target fails for 3 s (its `file://` directory's parent is a regular
+/// file, so every `nix copy` fails), then recovers: every path arrives, and
+/// the log shows growing retry delays and a bounded number of failed calls,
+/// not a hot loop.
+#[test]
+fn outage_backs_off_then_delivers_everything() {
+    let env = NixEnv::new("faults-outage");
+    let (sk, pk) = env.gen_signing_key("faults-outage-1");
+    let blocker = env.root().join("outage");
+    fs::write(
+        &blocker,
+        "a regular file where the cache's parent should be\n",
+    )
+    .unwrap();
+    let read = format!("file://{}/cache", blocker.display());
+    let upload = format!("{read}?compression=none");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+            ("retry-initial-delay", "0.1"),
+            ("retry-max-delay", "2"),
+        ],
+    );
+    let paths = env.build_paths(8, "outage");
+    assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
+    thread::sleep(Duration::from_secs(3));
+    let during = status(&d);
+    fs::remove_file(&blocker).unwrap();
+    let recovered = Instant::now();
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "every path in the cache after the outage",
+        || env.verify_in_cache(&read, &pk, &paths),
+        || d.log(),
+    );
+    let after = status(&d);
+    let failures = log_lines(&d, "next try in");
+    // (attempt, delay) of each backoff line.
+    let delays: Vec<(u32, f64)> = failures
+        .iter()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("failed attempt ")?;
+            let (attempt, rest) = rest.split_once(", next try in ")?;
+            let (delay, _) = rest.split_once(" s")?;
+            Some((attempt.parse().ok()?, delay.parse().ok()?))
+        })
+        .collect();
+    eprintln!(
+        "outage: 3 s outage, {} failed calls, {} backoff lines, attempts/delays {delays:?}; \
+         {} backing off at the end of the outage; all arrived {:.1} s after recovery",
+        after.num("failed-calls"),
+        failures.len(),
+        during.num("backing-off"),
+        recovered.elapsed().as_secs_f64()
+    );
+    assert!(
+        !delays.is_empty(),
+        "no backoff lines in the log:\n{}",
+        d.log()
+    );
+    let max_attempt = delays.iter().map(|(a, _)| *a).max().unwrap_or(0);
+    assert!(
+        max_attempt >= 3,
+        "expected at least 3 attempts during a 3 s outage: {delays:?}"
+    );
+    let first = delays.iter().find(|(a, _)| *a == 1).map(|(_, d)| *d);
+    let last = delays
+        .iter()
+        .rev()
+        .find(|(a, _)| *a == max_attempt)
+        .map(|(_, d)| *d);
+    assert!(
+        matches!((first, last), (Some(f), Some(l)) if l > 2.0 * f),
+        "retry delays did not grow: {delays:?}"
+    );
+    assert!(
+        after.num("failed-calls") < 20,
+        "{} failed nix calls in a 3 s outage of 8 paths: a hot loop\nlog:\n{}",
+        after.num("failed-calls"),
+        d.log()
+    );
+    assert_eq!(after.num("queued"), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Hang
+// ---------------------------------------------------------------------------
+
+/// A TCP listener that accepts and never answers. Counts connections
+/// accepted and connections the other side closed.
+struct BlackHole {
+    port: u16,
+    accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
+}
+
+impl BlackHole {
+    fn bind(addr: (&str, u16)) -> std::io::Result<BlackHole> {
+        let listener = TcpListener::bind(addr)?;
+        let port = listener.local_addr()?.port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (a, c) = (Arc::clone(&accepted), Arc::clone(&closed));
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                let c = Arc::clone(&c);
+                thread::spawn(move || {
+                    // Read (ssh sends its banner) and never answer.
+                    let mut buf = [0u8; 4096];
+                    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                    c.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Ok(BlackHole {
+            port,
+            accepted,
+            closed,
+        })
+    }
+}
+
+/// An `ssh-ng://` target that accepts the connection and never answers, with
+/// a user `NIX_SSHOPTS` that has no `ConnectTimeout`: only `command-timeout`
+/// saves the worker. The call is killed with everything it started (the ssh
+/// connection closes), retried, and after switching to a working target the
+/// paths arrive.
+#[test]
+fn hung_target_is_killed_by_command_timeout_and_retried() {
+    let env = NixEnv::new("faults-hang");
+    let (sk, pk) = env.gen_signing_key("faults-hang-1");
+    let hole = BlackHole::bind(("127.0.0.1", 0)).unwrap();
+    let ssh_opts = format!(
+        "-p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR",
+        hole.port
+    );
+    let target = format!(
+        "ssh-ng://root@127.0.0.1?remote-store={}",
+        env.root().join("remote").display()
+    );
+    let mut d = Daemon::start_with_env(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &target),
+            ("command-timeout", "2"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+        ],
+        &[("NIX_SSHOPTS", ssh_opts.as_str())],
+    );
+    let paths = env.build_paths(3, "hang");
+    assert_eq!(d.request(&enqueue_line(&paths)), "ok 3");
+    let started = Instant::now();
+    wait_until_diag(
+        Duration::from_secs(30),
+        "two nix copy calls killed by the command timeout",
+        || log_lines(&d, "ran longer than 2 s and was killed").len() >= 2,
+        || d.log(),
+    );
+    let two_kills = started.elapsed();
+    // The kill reached ssh (nix's child): its connection was closed.
+    wait_until_diag(
+        Duration::from_secs(10),
+        "the listener to see a killed ssh close its connection",
+        || hole.closed.load(Ordering::SeqCst) >= 1,
+        || d.log(),
+    );
+    assert!(hole.accepted.load(Ordering::SeqCst) >= 2);
+    let ssh_below = d.pid().map_or(0, |pid| {
+        descendant_cmdlines(pid)
+            .iter()
+            .filter(|c| c.starts_with("ssh "))
+            .count()
+    });
+    assert!(
+        ssh_below <= 1,
+        "{ssh_below} ssh processes below the daemon: killed calls left them behind"
+    );
+    assert!(
+        log_lines(&d, "splitting").is_empty(),
+        "a timeout is systemic and must not bisect the batch:\n{}",
+        d.log()
+    );
+    let st = status(&d);
+    assert_eq!(st.num("queued"), 3);
+    assert!(
+        st.backoff.iter().any(|l| l.contains("was killed")),
+        "{st:?}"
+    );
+
+    let (upload, read) = file_cache(&env, "cache");
+    d.set_config("upload-to", &upload);
+    d.restart();
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "paths in the working cache after the switch",
+        || env.verify_in_cache(&read, &pk, &paths),
+        || d.log(),
+    );
+    eprintln!(
+        "hang: 2 timed-out calls after {:.1} s; listener accepted {}, saw {} closed",
+        two_kills.as_secs_f64(),
+        hole.accepted.load(Ordering::SeqCst),
+        hole.closed.load(Ordering::SeqCst)
+    );
+}
+
+/// The same hung target without any `NIX_SSHOPTS`: the daemon's default
+/// `ConnectTimeout` ends the call (ssh's own error, not our kill), well
+/// before a long `command-timeout`. The listener sits on port 22 of a
+/// loopback address because without `NIX_SSHOPTS` there is no way to give
+/// ssh a port.
+#[test]
+fn hung_ssh_target_is_ended_by_default_connect_timeout() {
+    if std::env::var_os("NIX_SSHOPTS").is_some() {
+        eprintln!("skipping: NIX_SSHOPTS is set in the test environment, so the daemon adds no ConnectTimeout");
+        return;
+    }
+    let env = NixEnv::new("faults-connect");
+    let mut hole = None;
+    let mut why = Vec::new();
+    for last in 2..20 {
+        let addr = format!("127.0.0.{last}");
+        match BlackHole::bind((addr.as_str(), 22)) {
+            Ok(h) => {
+                hole = Some((addr, h));
+                break;
+            }
+            Err(e) => why.push(format!("{addr}:22: {e}")),
+        }
+    }
+    let Some((addr, hole)) = hole else {
+        panic!("no loopback address with a free port 22: {why:?}");
+    };
+    let target = format!(
+        "ssh-ng://root@{addr}?remote-store={}",
+        env.root().join("remote").display()
+    );
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", &target),
+            ("command-timeout", "120"),
+            ("retry-initial-delay", "0.05"),
+        ],
+    );
+    let paths = add_text_paths(&env, 1, "connect");
+    assert_eq!(d.request(&enqueue_line(&paths)), "ok 1");
+    let started = Instant::now();
+    wait_until_diag(
+        Duration::from_secs(60),
+        "nix copy to fail by ssh's ConnectTimeout",
+        || !log_lines(&d, "next try in").is_empty(),
+        || d.log(),
+    );
+    let failed = log_lines(&d, "next try in");
+    assert!(
+        failed[0].contains("banner exchange") && failed[0].contains("nix copy failed"),
+        "expected ssh's connect timeout: {failed:?}"
+    );
+    assert!(log_lines(&d, "was killed").is_empty(), "{}", d.log());
+    assert!(hole.accepted.load(Ordering::SeqCst) >= 1);
+    eprintln!(
+        "connect-timeout: first failure after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Poison
+// ---------------------------------------------------------------------------
+
+/// One batch of good paths plus a garbage-collected path and a path the
+/// target rejects (unsigned, to an ssh-ng receiver that requires
+/// signatures): the good ones arrive, the collected one is dropped with a
+/// warning, the rejected one backs off on its own and shows in `status`;
+/// once signed, `retry` sends it.
+#[test]
+fn poison_paths_do_not_hold_back_good_ones() {
+    let env = NixEnv::new("faults-poison");
+    let (sk, pk) = env.gen_signing_key("faults-poison-1");
+    let sshd = Sshd::start(&env, &pk);
+    let paths = env.build_paths(7, "poison");
+    let (good, rest) = paths.split_at(5);
+    let (rejected, gone) = (rest[0].clone(), rest[1].clone());
+    // The daemon has no key: the good paths are signed beforehand, the
+    // rejected one is not.
+    env.sign(&sk, good);
+    let mut batch = good.to_vec();
+    batch.insert(2, rejected.clone());
+    batch.insert(4, gone.clone());
+    let mut d = Daemon::start_with_env(
+        &env,
+        &[
+            ("upload-to", "file:///dev/null/unreachable"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.5"),
+            ("command-timeout", "60"),
+        ],
+        &sshd.env(),
+    );
+    assert_eq!(d.request(&enqueue_line(&batch)), "ok 7");
+    d.kill9();
+    run_ok(env.cmd("nix-store").arg("--delete").arg(&gone));
+    d.set_config("upload-to", &sshd.url());
+    d.try_spawn().unwrap();
+
+    let recv = sshd.local_store_url();
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "the good paths in the receiver",
+        || env.verify_in_cache(&recv, &pk, good),
+        || format!("{}\nsshd:\n{}", d.log(), sshd.log()),
+    );
+    let rejected_s = rejected.display().to_string();
+    wait_until_diag(
+        Duration::from_secs(30),
+        "the rejected path backing off on its own in status, the rest done",
+        || {
+            // A failed `nix copy` may have copied good paths before it
+            // failed: wait until the daemon itself has finished them.
+            let st = status(&d);
+            st.backoff.len() == 1 && st.backoff[0].contains(&rejected_s) && st.num("queued") == 1
+        },
+        || d.log(),
+    );
+    let st = status(&d);
+    assert!(
+        st.backoff[0].contains("lacks a valid signature"),
+        "{:?}",
+        st.backoff
+    );
+    assert_eq!(st.num("dropped"), 1, "{st:?}");
+    assert_eq!(st.num("queued"), 1, "{st:?}");
+    assert!(!env.is_valid_in(&recv, &rejected));
+    let gone_s = gone.display().to_string();
+    let drops = log_lines(&d, "dropping");
+    assert!(
+        drops.len() == 1 && drops[0].contains(&gone_s) && drops[0].starts_with("warning:"),
+        "expected one warning about the collected path: {drops:?}"
+    );
+
+    // Fix the path, ask for a retry: it goes through.
+    env.sign(&sk, std::slice::from_ref(&rejected));
+    let r = d.request("retry");
+    assert_eq!(r, "ok 1");
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "the fixed path in the receiver after retry",
+        || env.verify_in_cache(&recv, &pk, std::slice::from_ref(&rejected)),
+        || d.log(),
+    );
+    eprintln!(
+        "poison: {} failed calls, {} split lines",
+        status(&d).num("failed-calls"),
+        log_lines(&d, "splitting").len()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Daemon down
+// ---------------------------------------------------------------------------
+
+/// Builds succeed while the daemon is away — never started, killed (stale
+/// socket file), or stopped with SIGSTOP (no acknowledgement in time) — and
+/// the hook says it spooled the paths; they all arrive once the daemon runs.
+/// With a spool directory that cannot exist, the build still succeeds and
+/// the hook says the paths are NOT queued.
+#[test]
+fn builds_succeed_while_daemon_is_away_and_spool_is_delivered() {
+    let env = NixEnv::new("faults-away");
+    let (sk, pk) = env.gen_signing_key("faults-away-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let mut d = Daemon::new_stopped(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+        ],
+        NO_ENV,
+    );
+    let mut built = Vec::new();
+    let mut timings = Vec::new();
+    let mut build_away = |d: &Daemon, tag: &str, extra: &[(&str, &str)]| {
+        let mut envs = d.hook_env();
+        envs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let b = env.build(2, tag, Some(&hook_bin()), &envs);
+        assert!(b.status.success(), "build failed: {}", b.stderr);
+        let lines = b.hook_lines();
+        assert_eq!(lines.len(), 2, "one hook line per build: {lines:?}");
+        assert!(
+            lines.iter().all(|l| l.contains("spooled the paths to")),
+            "{lines:?}"
+        );
+        timings.push((tag.to_string(), b.elapsed));
+        built.extend(b.out_paths);
+    };
+
+    // Never started: no socket file.
+    build_away(&d, "never", &[]);
+    d.try_spawn().unwrap();
+    // Killed: the socket file is left behind, nobody accepts.
+    d.kill9();
+    assert!(d.socket().exists(), "kill -9 should leave the socket file");
+    build_away(&d, "killed", &[]);
+    // Frozen: the connection is accepted by the kernel, no reply comes.
+    d.try_spawn().unwrap();
+    let pid = d.pid().unwrap().to_string();
+    run_ok(Command::new("kill").args(["-STOP", &pid]));
+    build_away(&d, "frozen", &[("NPBHQ_TIMEOUT", "1")]);
+    run_ok(Command::new("kill").args(["-CONT", &pid]));
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "every path built while the daemon was away",
+        || env.verify_in_cache(&read, &pk, &built),
+        || d.log(),
+    );
+    wait_until_diag(
+        Duration::from_secs(10),
+        "an empty spool",
+        || fs::read_dir(d.spool_dir()).map_or(0, |r| r.count()) == 0,
+        || d.log(),
+    );
+
+    // No daemon and no spool: the build still succeeds, the hook says so.
+    d.kill9();
+    let not_a_dir = env.root().join("regular-file");
+    fs::write(&not_a_dir, "").unwrap();
+    let mut envs = d.hook_env();
+    envs.retain(|(k, _)| k != "NPBHQ_SPOOL_DIR");
+    envs.push((
+        "NPBHQ_SPOOL_DIR".into(),
+        not_a_dir.join("spool").display().to_string(),
+    ));
+    let b = env.build(1, "nospool", Some(&hook_bin()), &envs);
+    assert!(b.status.success(), "build failed: {}", b.stderr);
+    let lines = b.hook_lines();
+    assert!(
+        lines.len() == 1 && lines[0].contains("NOT queued"),
+        "{lines:?}"
+    );
+    eprintln!("away: build times (2 derivations each) {timings:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Torn journal
+// ---------------------------------------------------------------------------
+
+/// A journal cut at every byte offset of its last record: the real daemon
+/// starts, cuts the torn bytes off the file, and keeps every earlier record
+/// (`status` shows them queued).
+#[test]
+fn torn_journal_at_every_offset_of_last_record_replays() {
+    let started = Instant::now();
+    let env = NixEnv::new("faults-torn");
+    let p = env.build_paths(5, "torn");
+    let s = strs(&p);
+    // Fewer dead records (2) than live ones, so replay does not compact and
+    // the file itself shows what replay kept.
+    let full = format!(
+        "+ 1700000000 {}\n+ 1700000001 {}\n- {}\n+ 1700000002 {}\n+ 1700000003 {}\n+ 1700000004 {}\n",
+        s[0], s[1], s[0], s[2], s[3], s[4]
+    );
+    let last_start = full[..full.len() - 1].rfind('\n').unwrap() + 1;
+    let mut d = Daemon::new_stopped(
+        &env,
+        // A failing target: nothing leaves the queue while we look.
+        &[("upload-to", "file:///dev/null/unreachable")],
+        NO_ENV,
+    );
+    fs::create_dir_all(d.state_dir()).unwrap();
+    let journal = journal_path(&d);
+    let mut runs = 0;
+    for cut in last_start..=full.len() {
+        fs::write(&journal, &full[..cut]).unwrap();
+        let log_before = d.log().len();
+        d.try_spawn()
+            .unwrap_or_else(|e| panic!("cut at {cut}: daemon did not start: {e}"));
+        runs += 1;
+        let expected = if cut == full.len() { 4 } else { 3 };
+        let st = status(&d);
+        assert_eq!(
+            st.num("queued"),
+            expected,
+            "cut at byte {cut} of {}: {st:?}\nlog:\n{}",
+            full.len(),
+            &d.log()[log_before..]
+        );
+        d.kill9();
+        let kept = fs::read_to_string(&journal).unwrap();
+        let torn = cut != full.len() && cut != last_start;
+        if torn {
+            assert_eq!(kept, full[..last_start], "cut at {cut}: torn bytes left");
+            assert!(
+                d.log()[log_before..]
+                    .contains(&format!("torn last record of {} bytes", cut - last_start)),
+                "cut at {cut}: no warning\n{}",
+                &d.log()[log_before..]
+            );
+        } else {
+            assert_eq!(kept, full[..cut], "cut at {cut}: intact journal changed");
+        }
+    }
+    eprintln!(
+        "torn: {runs} daemon starts (every offset of a {}-byte record) in {:.1} s",
+        full.len() - last_start,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Full disk
+// ---------------------------------------------------------------------------
+
+/// A tmpfs mounted for a test; unmounted (lazily) on drop.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(dir: &Path, size: &str) -> Result<Mount, String> {
+        fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let o = run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir));
+        if o.status.success() {
+            Ok(Mount(dir.to_path_buf()))
+        } else {
+            Err(format!(
+                "mount -t tmpfs failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = run(Command::new("umount").arg("-l").arg(&self.0));
+    }
+}
+
+/// Fills the file system holding `file` by writing to it until ENOSPC.
+fn fill(file: &Path) {
+    let mut f = fs::File::create(file).unwrap();
+    let chunk = vec![0u8; 4096];
+    for _ in 0..100_000 {
+        match f.write(&chunk) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(28) => return,
+            Err(e) => panic!("filling {}: {e}", file.display()),
+        }
+    }
+    panic!("{} never filled up", file.display());
+}
+
+/// With the state directory on a full file system the daemon answers `err`
+/// with the reason instead of acknowledging, keeps running (and restarts)
+/// and works again once there is space; every path it did acknowledge
+/// arrives.
+#[test]
+fn full_disk_refuses_with_reason_and_recovers() {
+    let env = NixEnv::new("faults-full");
+    let mount = match Mount::tmpfs(&env.root().join("statefs"), "64k") {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("SKIPPED full_disk_refuses_with_reason_and_recovers: cannot mount a tmpfs here: {e}");
+            return;
+        }
+    };
+    let (sk, pk) = env.gen_signing_key("faults-full-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("state-dir", &mount.0.join("state").display().to_string()),
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+            ("retry-initial-delay", "0.05"),
+        ],
+    );
+    // Some history first: 40 paths uploaded and journaled as done, so the
+    // journal holds dead records that a restart wants to compact away.
+    let first = add_text_paths(&env, 40, "full-first");
+    assert_eq!(d.request(&enqueue_line(&first)), "ok 40");
+    let mut acked = first.clone();
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "the first paths uploaded",
+        || env.verify_in_cache(&read, &pk, &first),
+        || d.log(),
+    );
+    wait_until_diag(
+        Duration::from_secs(30),
+        "the first paths journaled as done",
+        || status(&d).num("queued") == 0,
+        || d.log(),
+    );
+
+    let filler = mount.0.join("filler");
+    fill(&filler);
+    let more = add_text_paths(&env, 200, "full");
+    let mut refusal = None;
+    let mut next = 0;
+    while next < more.len() {
+        let r = d.request(&enqueue_line(&more[next..next + 1]));
+        if r.starts_with("ok") {
+            acked.push(more[next].clone());
+            next += 1;
+        } else {
+            refusal = Some(r);
+            break;
+        }
+    }
+    let refusal = refusal.expect("every enqueue was acknowledged on a full disk");
+    assert!(
+        refusal.starts_with("err ") && refusal.contains("No space left on device"),
+        "{refusal}"
+    );
+    assert!(d.is_running());
+    assert!(d.request("ping").starts_with("ok"));
+    let st = status(&d);
+    assert!(
+        !st.fields.is_empty(),
+        "status must work on a full disk: {st:?}"
+    );
+
+    // The hook in a build on the full disk: refused, cannot spool, says so;
+    // the build succeeds.
+    let b = env.build(1, "full-hook", Some(&hook_bin()), &d.hook_env());
+    assert!(b.status.success(), "{}", b.stderr);
+    let lines = b.hook_lines();
+    assert!(
+        lines.len() == 1 && lines[0].contains("NOT queued"),
+        "{lines:?}"
+    );
+    let leftovers: Vec<_> = fs::read_dir(d.spool_dir())
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers.is_empty(),
+        "a failed spool write left files behind: {leftovers:?}"
+    );
+
+    // A crash while the disk is full: the daemon comes back (replay wants to
+    // compact the journal and cannot, which must not stop it).
+    d.kill9();
+    let log_before = d.log().len();
+    d.try_spawn()
+        .unwrap_or_else(|e| panic!("the daemon does not start on a full disk: {e}"));
+    assert!(
+        d.log()[log_before..].contains("journal: cannot compact"),
+        "expected a failed compaction at start:\n{}",
+        &d.log()[log_before..]
+    );
+    assert!(d
+        .request(&enqueue_line(&more[next..next + 1]))
+        .starts_with("err "));
+
+    // Space returns: everything is accepted and arrives.
+    fs::remove_file(&filler).unwrap();
+    let rest = &more[next..];
+    for chunk in rest.chunks(50) {
+        assert_eq!(
+            d.request(&enqueue_line(chunk)),
+            format!("ok {}", chunk.len()),
+            "log:\n{}",
+            d.log()
+        );
+    }
+    acked.extend_from_slice(rest);
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "every acknowledged path in the cache",
+        || env.verify_in_cache(&read, &pk, &acked),
+        || d.log(),
+    );
+    eprintln!(
+        "full: {} paths acknowledged before the first refusal on the full disk: {refusal}",
+        next
+    );
+    d.kill9();
+}

@@ -1,0 +1,2281 @@
+//! Hostile input, load and access (issue 5): the daemon stays up, rejects
+//! clearly and lets no one in. Every test runs the real daemon binary; the
+//! ones about signing and uploading use real Nix in a private store.
+//!
+//! - **Protocol fuzz**: thousands of generated requests (random bytes,
+//!   truncated and over-long lines, NUL, non-UTF-8, edge-case paths, too
+//!   many paths, `.drv` mix-ups) mixed with valid ones, over several
+//!   connections at once. Each reply is checked against [`model`], an
+//!   independent reading of the README's rules, so a request the daemon
+//!   wrongly accepts fails the test as surely as one it wrongly refuses.
+//!   The generator is a std-only xorshift PRNG with a fixed seed that every
+//!   failure message prints; `NPBHQ_FUZZ_SEED=<n>` replays another seed.
+//! - **Load**: 64 clients enqueue 1,000 paths each (and some of each
+//!   other's) while 100 idle connections are held open and a real hook runs.
+//! - **Access**: socket mode and group decide who may connect; checked with
+//!   real users (`useradd`, root only).
+//! - **Injection**: paths that look like options or shell are refused before
+//!   any command is built; a `nix-record-wrapper` around the real `nix`
+//!   shows which arguments reached Nix.
+//! - **Secrets**: key contents never appear, URL credentials are masked, key
+//!   files others can read (or that cannot be read) stop the daemon.
+//! - **Limits**: over-long lines, slow clients, `max-connections`, and the
+//!   socket file itself.
+//!
+//! Two wrappers stand in for `nix` where the tests need the queue to stay
+//! full: `nix-hang-wrapper` (its `nix copy` never returns, like a cache that
+//! accepts connections and never answers; `nix-store --check-validity`
+//! reports every path valid) and `nix-record-wrapper` (logs its argv, then
+//! execs the real program). Timeouts below are correctness bounds, never
+//! speed assertions.
+
+mod common;
+
+use common::*;
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Longest request line, newline included (README: 1 MiB).
+const MAX_LINE: usize = 1 << 20;
+/// Most paths per request (README: 10,000).
+const MAX_PATHS: usize = 10_000;
+/// Nix's base-32 alphabet.
+const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+/// Characters Nix allows in a store path name.
+const NAME_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-._?=";
+/// Longest name after the hash.
+const MAX_NAME: usize = 211;
+/// The fuzz seed unless `NPBHQ_FUZZ_SEED` says otherwise.
+const DEFAULT_SEED: u64 = 0x5eed_0005_6e9f_2024;
+/// Bound for reading one reply; generous, a correctness bound.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------
+// PRNG
+// ---------------------------------------------------------------------------
+
+/// xorshift64* (Vigna): tiny, std-only, reproducible from its seed.
+#[derive(Clone, Debug)]
+struct Rng(u64);
+
+impl Rng {
+    /// Seeds through splitmix64, so that nearby seeds give unrelated streams.
+    fn new(seed: u64) -> Rng {
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        Rng(if z == 0 { 0x2545_f491_4f6c_dd1d } else { z })
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (0 when n is 0).
+    fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// A number in `lo..=hi`.
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len())]
+    }
+}
+
+fn fuzz_seed() -> u64 {
+    match std::env::var("NPBHQ_FUZZ_SEED") {
+        Ok(s) => {
+            let s = s.trim();
+            match s.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => s.parse(),
+            }
+            .unwrap_or_else(|e| panic!("NPBHQ_FUZZ_SEED={s:?}: {e}"))
+        }
+        Err(_) => DEFAULT_SEED,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Store paths: generators and an independent model of the rules
+// ---------------------------------------------------------------------------
+
+fn gen_hash(rng: &mut Rng) -> String {
+    (0..32).map(|_| NIX_BASE32[rng.below(32)] as char).collect()
+}
+
+/// A 32-character nix-base32 hash unique to `i` (and `salt`).
+fn index_hash(salt: u64, i: usize) -> String {
+    let mut rng = Rng::new(salt.wrapping_mul(0x1000_0000_01b3) ^ i as u64);
+    let mut h: Vec<u8> = (0..24).map(|_| NIX_BASE32[rng.below(32)]).collect();
+    let mut n = i;
+    for _ in 0..8 {
+        h.push(NIX_BASE32[n % 32]);
+        n /= 32;
+    }
+    String::from_utf8(h).expect("ascii")
+}
+
+/// A valid output name (never `.drv`, never starting with `.`).
+fn gen_name(rng: &mut Rng) -> String {
+    let len = if rng.chance(3) {
+        MAX_NAME
+    } else {
+        rng.range(1, 24)
+    };
+    let mut s: String = (0..len)
+        .map(|_| NAME_CHARS[rng.below(NAME_CHARS.len())] as char)
+        .collect();
+    if s.starts_with('.') {
+        s.replace_range(0..1, "x");
+    }
+    if s.ends_with(".drv") {
+        s.pop();
+        s.push('x');
+    }
+    s
+}
+
+fn gen_output(rng: &mut Rng, store: &str) -> String {
+    format!("{store}/{}-{}", gen_hash(rng), gen_name(rng))
+}
+
+fn gen_drv(rng: &mut Rng, store: &str) -> String {
+    let mut name = gen_name(rng);
+    name.truncate(MAX_NAME - 4);
+    format!("{store}/{}-{name}.drv", gen_hash(rng))
+}
+
+/// What a path is expected to be.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Output,
+    Drv,
+}
+
+// The fragment of the daemon's message for each rule (README, Protocol).
+const R_EMPTY: &str = "empty path";
+const R_BYTE: &str = "spaces and control characters are not allowed";
+const R_OUTSIDE: &str = "not directly under the store directory";
+const R_SUBPATH: &str = "inside a store object";
+const R_HASH_LEN: &str = "hash part has";
+const R_HASH_CHAR: &str = "hash part contains";
+const R_NO_NAME: &str = "no name after the hash";
+const R_NAME_LONG: &str = "at most 211";
+const R_NAME_CHAR: &str = "name contains";
+const R_NAME_DOT: &str = "starts with '.'";
+const R_DRV: &str = "derivation (.drv) was given where an output path is expected";
+const R_NOT_DRV: &str = "not a derivation";
+
+/// Every rule `p` breaks (empty when it is a valid path of that kind). The
+/// daemon may report any one of them.
+fn path_rules(p: &str, store: &str, kind: Kind) -> Vec<&'static str> {
+    if p.is_empty() {
+        return vec![R_EMPTY];
+    }
+    let mut broken = Vec::new();
+    if p.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        broken.push(R_BYTE);
+    }
+    let Some(base) = p.strip_prefix(store).and_then(|r| r.strip_prefix('/')) else {
+        broken.push(R_OUTSIDE);
+        return broken;
+    };
+    if base.contains('/') {
+        broken.push(R_SUBPATH);
+        return broken;
+    }
+    let Some((hash, name)) = base.split_once('-') else {
+        broken.push(R_HASH_LEN);
+        return broken;
+    };
+    if hash.len() != 32 || hash.chars().count() != 32 {
+        broken.push(R_HASH_LEN);
+    }
+    if hash
+        .chars()
+        .any(|c| !c.is_ascii() || !NIX_BASE32.contains(&(c as u8)))
+    {
+        broken.push(R_HASH_CHAR);
+    }
+    if name.is_empty() {
+        broken.push(R_NO_NAME);
+    } else {
+        if name.len() > MAX_NAME {
+            broken.push(R_NAME_LONG);
+        }
+        if name
+            .chars()
+            .any(|c| !c.is_ascii() || !NAME_CHARS.contains(&(c as u8)))
+        {
+            broken.push(R_NAME_CHAR);
+        }
+        if name.starts_with('.') {
+            broken.push(R_NAME_DOT);
+        }
+    }
+    if broken.is_empty() {
+        match kind {
+            Kind::Output if p.ends_with(".drv") => broken.push(R_DRV),
+            Kind::Drv if !p.ends_with(".drv") => broken.push(R_NOT_DRV),
+            _ => {}
+        }
+    }
+    broken
+}
+
+/// What the daemon must answer to one request line (without its `\n`).
+#[derive(Clone, Debug, PartialEq)]
+enum Expect {
+    /// `ok N`, N of these (distinct) paths newly queued.
+    Queue(Vec<String>),
+    /// `ok nix-post-build-hook-queue VERSION`.
+    Ping,
+    /// Another valid verb (`status`, `wait`, `retry`): a final `ok`.
+    OtherOk,
+    /// One `err` line containing every fragment of at least one alternative.
+    Err(Vec<Vec<String>>),
+}
+
+fn err1(fragment: &str) -> Expect {
+    Expect::Err(vec![vec![fragment.to_string()]])
+}
+
+/// The protocol as the README states it, written independently of
+/// `src/protocol.rs`: the oracle of the fuzz test.
+fn model(line: &[u8], store: &str) -> Expect {
+    if line.len() + 1 > MAX_LINE {
+        return err1("longer than 1048576 bytes");
+    }
+    let Ok(text) = std::str::from_utf8(line) else {
+        return err1("not valid UTF-8");
+    };
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.is_empty() {
+        return err1("empty request");
+    }
+    let (verb, rest) = match text.split_once(' ') {
+        Some((v, r)) => (v, Some(r)),
+        None => (text, None),
+    };
+    match (verb, rest) {
+        ("ping", None) => Expect::Ping,
+        ("status" | "wait" | "retry", None) => Expect::OtherOk,
+        ("ping" | "status" | "wait" | "retry", Some(_)) => err1("usage: "),
+        ("enqueue", None | Some("")) => err1("usage: enqueue PATH"),
+        ("enqueue", Some(r)) => {
+            let args: Vec<&str> = r.split(' ').collect();
+            let mut alts = Vec::new();
+            if args.len() > MAX_PATHS {
+                alts.push(vec![format!(
+                    "{} paths in one request; at most {MAX_PATHS}",
+                    args.len()
+                )]);
+            }
+            let first_bad = args
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (i, path_rules(a, store, Kind::Output)))
+                .find(|(_, rules)| !rules.is_empty());
+            if let Some((i, rules)) = first_bad {
+                for r in rules {
+                    alts.push(vec![format!("path {}: ", i + 1), r.to_string()]);
+                }
+            }
+            if alts.is_empty() {
+                Expect::Queue(args.iter().map(|a| a.to_string()).collect())
+            } else {
+                Expect::Err(alts)
+            }
+        }
+        ("drv", None | Some("")) => err1("usage: drv DRV_PATH"),
+        ("drv", Some(r)) if r.contains(' ') => err1("usage: drv DRV_PATH"),
+        ("drv", Some(r)) => {
+            let rules = path_rules(r, store, Kind::Drv);
+            if rules.is_empty() {
+                Expect::Queue(vec![r.to_string()])
+            } else {
+                Expect::Err(
+                    rules
+                        .into_iter()
+                        .map(|x| vec!["path 1: ".to_string(), x.to_string()])
+                        .collect(),
+                )
+            }
+        }
+        _ => err1("unknown verb"),
+    }
+}
+
+/// Checks one reply (its lines, the final one last) against the model;
+/// returns N for an `ok N` to a queue request.
+fn check_reply(expect: &Expect, reply: &[String]) -> Result<Option<usize>, String> {
+    let last = reply.last().ok_or("no reply")?;
+    if matches!(expect, Expect::OtherOk) {
+        return if last == "ok" || last.starts_with("ok ") {
+            Ok(None)
+        } else {
+            Err(format!("expected a final ok, got {reply:?}"))
+        };
+    }
+    if reply.len() != 1 {
+        return Err(format!("expected exactly one reply line, got {reply:?}"));
+    }
+    match expect {
+        Expect::Queue(paths) => {
+            let distinct: HashSet<&String> = paths.iter().collect();
+            let n: usize = last
+                .strip_prefix("ok ")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| format!("expected `ok N`, got {last:?}"))?;
+            if n > distinct.len() {
+                return Err(format!(
+                    "ok {n} for {} distinct paths: {last:?}",
+                    distinct.len()
+                ));
+            }
+            Ok(Some(n))
+        }
+        Expect::Ping => {
+            if last.starts_with("ok nix-post-build-hook-queue ") {
+                Ok(None)
+            } else {
+                Err(format!("expected the ping reply, got {last:?}"))
+            }
+        }
+        Expect::OtherOk => unreachable!(),
+        Expect::Err(alts) => {
+            if !last.starts_with("err ") {
+                return Err(format!("expected `err REASON`, got {last:?}"));
+            }
+            if last.contains('\r') || last.len() > 600 {
+                return Err(format!("err line is not a short single line: {last:?}"));
+            }
+            if alts
+                .iter()
+                .any(|frags| frags.iter().all(|f| last.contains(f.as_str())))
+            {
+                Ok(None)
+            } else {
+                Err(format!(
+                    "err does not name the broken rule; wanted one of {alts:?}, got {last:?}"
+                ))
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw protocol I/O
+// ---------------------------------------------------------------------------
+
+/// True for a final reply line (`ok`, `ok ...`, `err`, `err ...`).
+fn is_final(line: &str) -> bool {
+    line == "ok" || line == "err" || line.starts_with("ok ") || line.starts_with("err ")
+}
+
+/// How a connection ended after its replies.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// Clean end of stream.
+    Eof,
+    /// The daemon closed with our data unread (ECONNRESET): also a close.
+    Reset,
+}
+
+/// Reads reply lines until the daemon closes the connection; panics on a
+/// read timeout (the daemon must answer or close).
+fn read_until_closed(stream: UnixStream, what: &str) -> (Vec<String>, End) {
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .expect("set_read_timeout");
+    let mut r = BufReader::new(stream);
+    let mut lines = Vec::new();
+    loop {
+        let mut buf = Vec::new();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) => return (lines, End::Eof),
+            Ok(_) => {
+                assert_eq!(
+                    buf.last(),
+                    Some(&b'\n'),
+                    "{what}: reply without newline: {:?}",
+                    String::from_utf8_lossy(&buf)
+                );
+                buf.pop();
+                lines.push(String::from_utf8_lossy(&buf).into_owned());
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (lines, End::Reset),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("{what}: reading replies: {e}; got so far {lines:?}"),
+        }
+    }
+}
+
+/// Connects, writes `data` from a second thread (write errors after the
+/// daemon closed are expected and ignored), shuts down the write side, and
+/// returns every reply line until the daemon closes.
+fn exchange(socket: &Path, data: Vec<u8>, what: &str) -> (Vec<String>, End) {
+    let stream = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("{what}: connect {}: {e}", socket.display()));
+    stream
+        .set_write_timeout(Some(REPLY_TIMEOUT))
+        .expect("set_write_timeout");
+    let mut writer = stream.try_clone().expect("try_clone");
+    let w = thread::spawn(move || {
+        let _ = writer.write_all(&data);
+        let _ = writer.shutdown(std::net::Shutdown::Write);
+    });
+    let out = read_until_closed(stream, what);
+    w.join().expect("writer thread");
+    out
+}
+
+/// Groups reply lines into replies (each ends with its final line).
+fn group_replies(lines: Vec<String>) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    for l in lines {
+        let fin = is_final(&l);
+        cur.push(l);
+        if fin {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// One request on a fresh connection; the final reply line.
+fn ask(socket: &Path, line: &str) -> String {
+    let mut s =
+        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    loop {
+        let mut l = String::new();
+        let n = r
+            .read_line(&mut l)
+            .unwrap_or_else(|e| panic!("reply to {line:?}: {e}"));
+        assert!(n > 0, "connection closed before a reply to {line:?}");
+        let l = l.trim_end_matches('\n').to_string();
+        if is_final(&l) {
+            return l;
+        }
+    }
+}
+
+/// Reads one line from a held connection.
+fn read_one_line(s: &mut UnixStream) -> std::io::Result<String> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    format!("closed after {:?}", String::from_utf8_lossy(&out)),
+                ))
+            }
+            Ok(_) if b[0] == b'\n' => return Ok(String::from_utf8_lossy(&out).into_owned()),
+            Ok(_) => out.push(b[0]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Journal, logs, wrappers
+// ---------------------------------------------------------------------------
+
+/// The journal's records: `+ <secs> <path>` and `- <path>`.
+#[derive(Debug, Default)]
+struct JournalRecords {
+    added: Vec<String>,
+    done: Vec<String>,
+    malformed: Vec<String>,
+}
+
+impl JournalRecords {
+    fn read(d: &Daemon) -> JournalRecords {
+        let text = fs::read(d.state_dir().join("journal")).unwrap_or_default();
+        let mut out = JournalRecords::default();
+        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let line = String::from_utf8_lossy(line).into_owned();
+            if let Some(rest) = line.strip_prefix("+ ") {
+                match rest.split_once(' ') {
+                    Some((secs, p)) if secs.parse::<u64>().is_ok() && !p.contains(' ') => {
+                        out.added.push(p.to_string())
+                    }
+                    _ => out.malformed.push(line),
+                }
+            } else if let Some(p) = line.strip_prefix("- ") {
+                if p.contains(' ') {
+                    out.malformed.push(line)
+                } else {
+                    out.done.push(p.to_string())
+                }
+            } else {
+                out.malformed.push(line);
+            }
+        }
+        out
+    }
+
+    /// Paths added and not done, applying records in order is not needed:
+    /// a path is live when it has more `+` than `-` records.
+    fn live(&self) -> HashSet<String> {
+        let mut count: HashMap<&str, i64> = HashMap::new();
+        for p in &self.added {
+            *count.entry(p).or_default() += 1;
+        }
+        for p in &self.done {
+            *count.entry(p).or_default() -= 1;
+        }
+        count
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(p, _)| p.to_string())
+            .collect()
+    }
+}
+
+/// The `status` reply's `KEY VALUE` lines as a map.
+fn status_map(socket: &Path) -> HashMap<String, String> {
+    let (lines, _) = exchange(socket, b"status\n".to_vec(), "status");
+    let mut m = HashMap::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(' ') {
+            m.insert(k.to_string(), v.to_string());
+        }
+    }
+    m
+}
+
+fn status_queued(socket: &Path) -> Option<usize> {
+    status_map(socket)
+        .get("queued")
+        .and_then(|v| v.parse().ok())
+}
+
+fn assert_no_panic(d: &Daemon, ctx: &str) {
+    let log = d.log();
+    assert!(
+        !log.contains("panicked"),
+        "{ctx}: the daemon panicked; log:\n{log}"
+    );
+}
+
+fn assert_alive(d: &mut Daemon, ctx: &str) {
+    assert!(
+        d.is_running(),
+        "{ctx}: the daemon exited; log:\n{}",
+        d.log()
+    );
+    let pong = ask(&d.socket(), "ping");
+    assert!(
+        pong.starts_with("ok nix-post-build-hook-queue "),
+        "{ctx}: ping answered {pong:?}"
+    );
+    assert_no_panic(d, ctx);
+}
+
+/// The absolute path of a program on PATH.
+fn which(program: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{program} not found on PATH"))
+}
+
+/// A directory with `nix` and `nix-store` scripts standing in for the real
+/// ones (the daemon takes `nix-store` from beside its `nix` setting).
+struct NixWrapper {
+    dir: PathBuf,
+}
+
+impl NixWrapper {
+    /// `nix-hang-wrapper`: `nix-store` prints nothing and exits 0 (so every
+    /// path counts as valid, and nothing is dropped); `nix` never returns, like
+    /// a cache that accepts a connection and never answers. The queue stays
+    /// full and the worker busy, which is what the fuzz and load tests need
+    /// to read the journal back.
+    fn hang(env: &NixEnv) -> NixWrapper {
+        let w = NixWrapper::create(env, "hang");
+        w.script("nix-store", "# nix-hang-wrapper\nexit 0\n");
+        w.script("nix", "# nix-hang-wrapper\nexec sleep 900\n");
+        w
+    }
+
+    /// `nix-record-wrapper`: logs every argument (`A<arg>\0`, then `E\0` per
+    /// call) to `argv.log`, then execs the real program.
+    fn record(env: &NixEnv) -> NixWrapper {
+        let w = NixWrapper::create(env, "record");
+        for prog in ["nix", "nix-store"] {
+            let log = w.dir.join("argv.log");
+            w.script(
+                prog,
+                &format!(
+                    "# nix-record-wrapper\nfor a in \"$0\" \"$@\"; do printf 'A%s\\0' \"$a\"; done >> '{}'\nprintf 'E\\0' >> '{}'\nexec '{}' \"$@\"\n",
+                    log.display(),
+                    log.display(),
+                    which(prog).display()
+                ),
+            );
+        }
+        w
+    }
+
+    fn create(env: &NixEnv, tag: &str) -> NixWrapper {
+        let dir = env.root().join(format!("nix-{tag}-wrapper"));
+        fs::create_dir_all(&dir).unwrap();
+        NixWrapper { dir }
+    }
+
+    fn script(&self, name: &str, body: &str) {
+        let p = self.dir.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}")).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn nix(&self) -> String {
+        self.dir.join("nix").display().to_string()
+    }
+
+    /// Every recorded call's argv (program first).
+    fn calls(&self) -> Vec<Vec<String>> {
+        let data = fs::read(self.dir.join("argv.log")).unwrap_or_default();
+        let mut calls = Vec::new();
+        let mut cur = Vec::new();
+        for tok in data.split(|&b| b == 0).filter(|t| !t.is_empty()) {
+            match tok[0] {
+                b'A' => cur.push(String::from_utf8_lossy(&tok[1..]).into_owned()),
+                b'E' => calls.push(std::mem::take(&mut cur)),
+                _ => panic!("bad argv.log token {:?}", String::from_utf8_lossy(tok)),
+            }
+        }
+        calls
+    }
+}
+
+/// `Output` as text for messages.
+fn show(o: &Output) -> String {
+    format!(
+        "{}; stdout: {:?}; stderr: {:?}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Config for a daemon whose queue never drains (see [`NixWrapper::hang`]).
+fn hang_config(w: &NixWrapper) -> Vec<(&'static str, String)> {
+    vec![
+        ("upload-to", "file:///dev/null/npbhq-never".to_string()),
+        ("nix", w.nix()),
+        ("retry-initial-delay", "3600".to_string()),
+        ("retry-max-delay", "3600".to_string()),
+        ("command-timeout", "900".to_string()),
+    ]
+}
+
+fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, s)| (*k, s.as_str())).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Protocol fuzz
+// ---------------------------------------------------------------------------
+
+/// A path that is probably invalid, aimed at the edges of the rules (the
+/// model decides; a few of these are valid by chance, and must be accepted).
+fn gen_edge_path(rng: &mut Rng, store: &str) -> String {
+    let h = gen_hash(rng);
+    let n = gen_name(rng);
+    let parent = Path::new(store)
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let bad_chars = [
+        "/", ":", "$", "`", ";", "|", "&", "*", "~", "!", "@", "#", "%", "^", "(", ")", "[", "]",
+        "{", "}", "<", ">", ",", "'", "\"", "\\", "é", "\u{7f}", "\t", "\r", "\0", " ", "\u{a0}",
+        "\u{2028}", "\u{1b}", "\u{85}", "💥",
+    ];
+    match rng.below(24) {
+        0 => rng
+            .pick(&[
+                "/tmp/x",
+                "/",
+                "",
+                "relative/path",
+                "-",
+                "--",
+                "-L",
+                "--to",
+                "--store=/x",
+                "--recursive",
+                "-rf",
+                "$(touch /tmp/npbhq-pwned)",
+                "`id`",
+                ";id",
+                "|id",
+                "&&id",
+                "..",
+                ".",
+                "~root",
+            ])
+            .to_string(),
+        1 => format!("{store}x/{h}-{n}"),
+        2 => format!("{parent}/{h}-{n}"),
+        3 => format!("{h}-{n}"),
+        4 => format!("{store}/"),
+        5 => store.to_string(),
+        6 => format!("{store}//{h}-{n}"),
+        7 => rng
+            .pick(&[
+                format!("{store}/.."),
+                format!("{store}/../etc/passwd"),
+                format!("{store}/{h}-{n}/.."),
+                format!("{store}/{h}-.."),
+                format!("{store}/{h}-."),
+                format!("{store}/./{h}-{n}"),
+                format!("{store}/{h}-../../x"),
+                format!("{store}/../{h}-{n}"),
+            ])
+            .clone(),
+        8 => format!("-{h}-{n}"),
+        9 => format!("{store}/-{h}-{n}"),
+        10 | 11 => {
+            // A forbidden character somewhere in the name.
+            let c = rng.pick(&bad_chars);
+            let at = rng.below(n.len() + 1);
+            format!("{store}/{h}-{}{c}{}", &n[..at], &n[at..])
+        }
+        12 => {
+            let len = *rng.pick(&[0usize, 1, 31, 33, 52]);
+            let hh: String = (0..len)
+                .map(|_| NIX_BASE32[rng.below(32)] as char)
+                .collect();
+            format!("{store}/{hh}-{n}")
+        }
+        13 => {
+            // One character of the hash outside nix-base32.
+            let c = rng.pick(&["e", "o", "t", "u", "A", "Z", "_", ".", "+", "é", "="]);
+            let at = rng.below(32);
+            let mut hh = h.clone();
+            hh.replace_range(at..at + 1, c);
+            format!("{store}/{hh}-{n}")
+        }
+        14 => format!("{store}/{h}-"),
+        15 => format!("{store}/{h}-{}", "n".repeat(MAX_NAME + 1 + rng.below(50))),
+        16 => format!("{store}/{h}-.{n}"),
+        17 => format!("{store}/{h}"),
+        18 => format!("{store}/{h}{n}"),
+        19 => format!("{store}/{h}-{n}/bin"),
+        20 => format!("{store}/{h}-$(id)"),
+        21 => format!("{store}/{h}-x;id"),
+        22 => format!("{store}/{h}-`id`"),
+        _ => format!(
+            "{}{store}/{h}-{n}",
+            rng.pick(&[" ", "\t", "\0", "\u{feff}"])
+        ),
+    }
+}
+
+/// The mutable state of one fuzz worker.
+struct Fuzzer<'a> {
+    rng: Rng,
+    store: &'a str,
+    pool: &'a [String],
+}
+
+impl Fuzzer<'_> {
+    fn valid_enqueue(&mut self) -> String {
+        let n = self.rng.range(1, 20);
+        let paths: Vec<&str> = (0..n).map(|_| self.rng.pick(self.pool).as_str()).collect();
+        format!("enqueue {}", paths.join(" "))
+    }
+
+    /// One generated case; may contain `\n` (then it is several lines).
+    fn case(&mut self) -> Vec<u8> {
+        let store = self.store;
+        let pick = self.rng.below(100);
+        let too_many = pick == 94 && self.rng.chance(15);
+        let rng = &mut self.rng;
+        match pick {
+            // Valid requests: about a quarter.
+            0..=15 => self.valid_enqueue().into_bytes(),
+            16..=19 => format!("drv {}", gen_drv(rng, store)).into_bytes(),
+            20..=23 => b"ping".to_vec(),
+            // Random bytes, no newline.
+            24..=33 => {
+                let len = rng.range(0, 200);
+                (0..len)
+                    .map(|_| match rng.next() as u8 {
+                        b'\n' => b'x',
+                        b => b,
+                    })
+                    .collect()
+            }
+            // Random printable text after a verb.
+            34..=37 => {
+                let verb = *rng.pick(&["enqueue", "drv", "ping", "status", "wait", "retry", "x"]);
+                let len = rng.range(0, 80);
+                let tail: String = (0..len)
+                    .map(|_| (b' ' + rng.below(95) as u8) as char)
+                    .collect();
+                format!("{verb} {tail}").into_bytes()
+            }
+            // A valid line cut short.
+            38..=43 => {
+                let mut l = self.valid_enqueue().into_bytes();
+                let cut = self.rng.below(l.len() + 1);
+                l.truncate(cut);
+                l
+            }
+            // NUL or a non-UTF-8 byte inside a valid line.
+            44..=49 => {
+                let mut l = self.valid_enqueue().into_bytes();
+                let at = self.rng.below(l.len() + 1);
+                let bad: &[u8] = match self.rng.below(5) {
+                    0 => b"\0",
+                    1 => b"\xff",
+                    2 => b"\xc3",
+                    3 => b"\xed\xa0\x80",
+                    _ => b"\xf8\x88\x80\x80\x80",
+                };
+                l.splice(at..at, bad.iter().copied());
+                l
+            }
+            // One edge-case path among valid ones.
+            50..=69 => {
+                let mut paths: Vec<String> = (0..self.rng.range(0, 4))
+                    .map(|_| self.rng.pick(self.pool).clone())
+                    .collect();
+                let bad = gen_edge_path(&mut self.rng, store);
+                let at = self.rng.below(paths.len() + 1);
+                paths.insert(at, bad);
+                format!("enqueue {}", paths.join(" ")).into_bytes()
+            }
+            // An edge-case path as a derivation.
+            70..=74 => format!("drv {}", gen_edge_path(rng, store)).into_bytes(),
+            // `.drv` where an output is expected, and the reverse.
+            75..=78 => {
+                let good = self.rng.pick(self.pool).clone();
+                let drv = gen_drv(&mut self.rng, store);
+                if self.rng.chance(50) {
+                    format!("enqueue {good} {drv}").into_bytes()
+                } else {
+                    format!("drv {good}").into_bytes()
+                }
+            }
+            // Verb-level oddities.
+            79..=88 => {
+                let good = self.rng.pick(self.pool).clone();
+                let drv = gen_drv(&mut self.rng, store);
+                let v = [
+                    String::new(),
+                    "\r".into(),
+                    " ".into(),
+                    format!("ENQUEUE {good}"),
+                    "Ping".into(),
+                    "PING".into(),
+                    "ping ".into(),
+                    "ping x".into(),
+                    "ping\0".into(),
+                    "\u{feff}ping".into(),
+                    "status now".into(),
+                    "wait 1".into(),
+                    "retry all".into(),
+                    "enqueue".into(),
+                    "enqueue ".into(),
+                    format!("enqueue  {good}"),
+                    format!(" enqueue {good}"),
+                    format!("enqueue\t{good}"),
+                    format!("enqueue {good} "),
+                    format!("enqueue {good}\r"),
+                    format!("enqueue {good}\r\r"),
+                    "drv".into(),
+                    "drv ".into(),
+                    format!("drv {drv} {drv}"),
+                    format!("drv {drv}\r"),
+                    format!("drv  {drv}"),
+                    "enqueue-x".into(),
+                    "status\r".into(),
+                ];
+                self.rng.pick(&v).clone().into_bytes()
+            }
+            // A newline inside a path: two lines on the wire.
+            89..=93 => {
+                let good = self.rng.pick(self.pool).clone();
+                let at = self.rng.range(1, good.len() - 1);
+                format!("enqueue {}\n{}", &good[..at], &good[at..]).into_bytes()
+            }
+            // Too many paths (about 900 KB, still under the line limit).
+            94 if too_many => {
+                let n = MAX_PATHS + self.rng.range(1, 3);
+                let paths: Vec<&str> = (0..n)
+                    .map(|i| self.pool[i % self.pool.len()].as_str())
+                    .collect();
+                let line = format!("enqueue {}", paths.join(" "));
+                if line.len() + 1 < MAX_LINE {
+                    line.into_bytes()
+                } else {
+                    // Long names made it too long: the cap still applies.
+                    format!("enqueue {}", vec!["x"; n].join(" ")).into_bytes()
+                }
+            }
+            _ => format!("enqueue {}", gen_edge_path(rng, store)).into_bytes(),
+        }
+    }
+
+    /// An over-long line (more than 1 MiB before its newline).
+    fn over_long(&mut self) -> Vec<u8> {
+        match self.rng.below(3) {
+            0 => {
+                let mut l = b"enqueue ".to_vec();
+                while l.len() < MAX_LINE {
+                    l.extend_from_slice(self.rng.pick(self.pool).as_bytes());
+                    l.push(b' ');
+                }
+                l
+            }
+            1 => {
+                // Exactly at the limit: MAX_LINE bytes before the newline.
+                vec![b'a'; MAX_LINE]
+            }
+            _ => {
+                let len = MAX_LINE + self.rng.range(1, 300_000);
+                (0..len)
+                    .map(|_| match self.rng.next() as u8 {
+                        b'\n' => 0,
+                        b => b,
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Results of the fuzz, merged over workers.
+#[derive(Default)]
+struct FuzzTally {
+    requests: usize,
+    refused: usize,
+    ok_sum: usize,
+    queued_sent: HashSet<String>,
+    failures: Vec<String>,
+}
+
+/// One connection: send `lines` (and maybe an unterminated fragment or an
+/// over-long last line), then check every reply against the model.
+fn fuzz_round(socket: &Path, store: &str, f: &mut Fuzzer, tally: &mut FuzzTally, round: &str) {
+    let mut lines: Vec<Vec<u8>> = Vec::new();
+    let cases = f.rng.range(1, 120);
+    for _ in 0..cases {
+        let c = f.case();
+        lines.extend(c.split(|&b| b == b'\n').map(<[u8]>::to_vec));
+    }
+    // How the connection ends: normally, with a fragment that has no
+    // newline, with an over-long line (the daemon then closes), or rudely:
+    // the client hangs up without reading a reply (malformed requests
+    // only, so nothing unacknowledged can be journaled).
+    let ending = f.rng.below(100);
+    if ending >= 95 {
+        let mut data = Vec::new();
+        for l in lines
+            .iter()
+            .filter(|l| matches!(model(l, store), Expect::Err(_)))
+        {
+            data.extend_from_slice(l);
+            data.push(b'\n');
+        }
+        if let Ok(mut s) = UnixStream::connect(socket) {
+            let _ = s.set_write_timeout(Some(REPLY_TIMEOUT));
+            let _ = s.write_all(&data);
+        }
+        return;
+    }
+    let mut data = Vec::new();
+    for l in &lines {
+        data.extend_from_slice(l);
+        data.push(b'\n');
+    }
+    let mut expects: Vec<Expect> = lines.iter().map(|l| model(l, store)).collect();
+    let mut closes_early = false;
+    if ending < 8 {
+        let mut frag = f.case();
+        frag.retain(|&b| b != b'\n');
+        if frag.is_empty() {
+            frag.push(b'p');
+        }
+        data.extend_from_slice(&frag);
+        expects.push(err1("not terminated by a newline"));
+    } else if ending < 13 {
+        let long = f.over_long();
+        data.extend_from_slice(&long);
+        data.push(b'\n');
+        data.extend_from_slice(b"ping\n");
+        expects.push(err1("longer than 1048576 bytes"));
+        closes_early = true;
+    }
+    let (reply_lines, _end) = exchange(socket, data, round);
+    let replies = group_replies(reply_lines);
+    if replies.len() != expects.len() {
+        tally.failures.push(format!(
+            "{round}: {} requests{} but {} replies; replies {:?}",
+            expects.len(),
+            if closes_early {
+                " (last over-long)"
+            } else {
+                ""
+            },
+            replies.len(),
+            replies
+        ));
+        return;
+    }
+    for (i, (e, r)) in expects.iter().zip(&replies).enumerate() {
+        tally.requests += 1;
+        let line = lines
+            .get(i)
+            .map(|l| String::from_utf8_lossy(&l[..l.len().min(200)]).into_owned())
+            .unwrap_or_else(|| "(fragment or over-long line)".into());
+        match check_reply(e, r) {
+            Ok(n) => {
+                if let Expect::Queue(paths) = e {
+                    tally.ok_sum += n.unwrap_or(0);
+                    tally.queued_sent.extend(paths.iter().cloned());
+                } else if matches!(e, Expect::Err(_)) {
+                    tally.refused += 1;
+                }
+            }
+            Err(why) => tally
+                .failures
+                .push(format!("{round} request {i} {line:?}: {why}")),
+        }
+    }
+}
+
+/// Thousands of generated requests, malformed and valid, over 6 concurrent
+/// connections at a time: each gets exactly the one reply the model predicts
+/// (`err` naming the broken rule for every malformed one), the daemon stays
+/// up without a panic, and the journal holds exactly the valid paths that
+/// were sent and acknowledged.
+#[test]
+fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clean() {
+    let seed = fuzz_seed();
+    let ctx = format!("fuzz seed {seed:#x} (replay: NPBHQ_FUZZ_SEED={seed:#x})");
+    eprintln!("{ctx}");
+    let env = NixEnv::new("hostile-fuzz");
+    let w = NixWrapper::hang(&env);
+    let mut d = Daemon::start(&env, &as_refs(&hang_config(&w)));
+    let store = env.store_dir().display().to_string();
+    let socket = d.socket();
+
+    let mut seeder = Rng::new(seed);
+    let pool: Vec<String> = (0..1500).map(|_| gen_output(&mut seeder, &store)).collect();
+    for p in &pool {
+        assert!(
+            path_rules(p, &store, Kind::Output).is_empty(),
+            "{ctx}: generator made an invalid pool path {p}"
+        );
+    }
+
+    const WORKERS: u64 = 6;
+    // `NPBHQ_FUZZ_ROUNDS=N` for a longer run by hand.
+    let rounds: usize = std::env::var("NPBHQ_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(14);
+    let tallies: Vec<FuzzTally> = thread::scope(|s| {
+        let handles: Vec<_> = (0..WORKERS)
+            .map(|wid| {
+                let (store, pool, socket, ctx) = (&store, &pool, &socket, &ctx);
+                s.spawn(move || {
+                    let mut f = Fuzzer {
+                        rng: Rng::new(seed ^ (wid + 1).wrapping_mul(0x9e37_79b9)),
+                        store,
+                        pool,
+                    };
+                    let mut tally = FuzzTally::default();
+                    for round in 0..rounds {
+                        let name = format!("{ctx}: worker {wid} round {round}");
+                        fuzz_round(socket, store, &mut f, &mut tally, &name);
+                    }
+                    tally
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("fuzz worker panicked"))
+            .collect()
+    });
+    let mut total = FuzzTally::default();
+    for t in tallies {
+        total.requests += t.requests;
+        total.refused += t.refused;
+        total.ok_sum += t.ok_sum;
+        total.queued_sent.extend(t.queued_sent);
+        total.failures.extend(t.failures);
+    }
+    eprintln!(
+        "{ctx}: {} requests, {} refused, {} paths queued",
+        total.requests,
+        total.refused,
+        total.queued_sent.len()
+    );
+    assert!(
+        total.failures.is_empty(),
+        "{ctx}: {} failures, first ones:\n{}\ndaemon log tail:\n{}",
+        total.failures.len(),
+        total.failures[..total.failures.len().min(10)].join("\n"),
+        tail(&d.log(), 3000)
+    );
+    assert!(
+        total.requests >= 2000 && total.refused >= 1000,
+        "{ctx}: too few requests to mean anything: {} ({} refused)",
+        total.requests,
+        total.refused
+    );
+
+    assert_alive(&mut d, &ctx);
+    // Each acknowledged path was counted once, over all clients.
+    assert_eq!(
+        total.ok_sum,
+        total.queued_sent.len(),
+        "{ctx}: sum of `ok N` differs from the number of distinct valid paths sent"
+    );
+    let j = JournalRecords::read(&d);
+    assert!(
+        j.malformed.is_empty(),
+        "{ctx}: malformed journal records: {:?}",
+        &j.malformed[..j.malformed.len().min(5)]
+    );
+    let stray: Vec<&String> = j
+        .added
+        .iter()
+        .filter(|p| !total.queued_sent.contains(*p))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "{ctx}: journal holds paths that were never sent in a valid request: {:?}",
+        &stray[..stray.len().min(5)]
+    );
+    for p in &j.added {
+        let kind = if p.ends_with(".drv") {
+            Kind::Drv
+        } else {
+            Kind::Output
+        };
+        assert!(
+            path_rules(p, &store, kind).is_empty(),
+            "{ctx}: invalid path in the journal: {p:?}"
+        );
+    }
+    let added: HashSet<&String> = j.added.iter().collect();
+    assert_eq!(
+        added.len(),
+        j.added.len(),
+        "{ctx}: a path was journaled twice"
+    );
+    let missing: Vec<&String> = total
+        .queued_sent
+        .iter()
+        .filter(|p| !added.contains(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{ctx}: acknowledged paths missing from the journal: {:?}",
+        &missing[..missing.len().min(5)]
+    );
+    // Only derivations leave the queue here (the worker drops the ones that
+    // are not in the store; the hanging `nix copy` holds everything else).
+    for p in &j.done {
+        assert!(
+            p.ends_with(".drv") && added.contains(p),
+            "{ctx}: unexpected `-` record for {p}"
+        );
+    }
+    let live = j.live();
+    let outputs: HashSet<String> = total
+        .queued_sent
+        .iter()
+        .filter(|p| !p.ends_with(".drv"))
+        .cloned()
+        .collect();
+    assert!(
+        outputs.is_subset(&live),
+        "{ctx}: queued outputs left the journal without an upload"
+    );
+    wait_until_diag(
+        Duration::from_secs(30),
+        "status `queued` to match the journal",
+        || status_queued(&socket) == Some(JournalRecords::read(&d).live().len()),
+        || format!("{ctx}\nstatus: {:?}", status_map(&socket)),
+    );
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+// ---------------------------------------------------------------------------
+// Load
+// ---------------------------------------------------------------------------
+
+/// 64 clients enqueue 1,000 paths each, in requests of 1 to 100 paths, and
+/// also re-send 100 of their neighbour's: every path is acknowledged as new
+/// exactly once (the `ok N` add up to 64,000), the journal holds each path
+/// once, and replaying it after a kill -9 gives the same queue. Meanwhile
+/// 100 idle connections are held open and a real hook is still acknowledged
+/// (not spooled).
+#[test]
+fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
+    const CLIENTS: usize = 64;
+    const PER_CLIENT: usize = 1000;
+    const SHARED: usize = 100;
+    let seed = fuzz_seed();
+    let env = NixEnv::new("hostile-load");
+    let w = NixWrapper::hang(&env);
+    let mut d = Daemon::start(&env, &as_refs(&hang_config(&w)));
+    let store = env.store_dir().display().to_string();
+    let socket = d.socket();
+    let path = |i: usize| format!("{store}/{}-load-{i}", index_hash(seed, i));
+
+    // The idle connections: accepted (a ping on a later connection is
+    // answered, and accept is in order), then left silent.
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|i| {
+            UnixStream::connect(&socket).unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
+        })
+        .collect();
+    assert!(ask(&socket, "ping").starts_with("ok "));
+
+    let hook_path = format!("{store}/{}-load-hook", index_hash(seed ^ 1, 0));
+    let started = Instant::now();
+    let (sums, hook_out) = thread::scope(|s| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let path = &path;
+                let socket = &socket;
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed ^ (c as u64 + 7).wrapping_mul(0x1234_5678_9abc));
+                    let mut mine: Vec<String> =
+                        (c * PER_CLIENT..(c + 1) * PER_CLIENT).map(path).collect();
+                    let next = (c + 1) % CLIENTS;
+                    for _ in 0..SHARED {
+                        mine.push(path(next * PER_CLIENT + rng.below(PER_CLIENT)));
+                    }
+                    // Shuffle (Fisher-Yates) so shared paths race.
+                    for i in (1..mine.len()).rev() {
+                        let j = rng.below(i + 1);
+                        mine.swap(i, j);
+                    }
+                    let mut conn = UnixStream::connect(socket)
+                        .unwrap_or_else(|e| panic!("client {c}: connect: {e}"));
+                    conn.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+                    let mut sum = 0usize;
+                    let mut i = 0;
+                    while i < mine.len() {
+                        let n = rng.range(1, 100).min(mine.len() - i);
+                        let line = format!("enqueue {}\n", mine[i..i + n].join(" "));
+                        conn.write_all(line.as_bytes())
+                            .unwrap_or_else(|e| panic!("client {c}: write: {e}"));
+                        let reply = read_one_line(&mut conn)
+                            .unwrap_or_else(|e| panic!("client {c}: reply: {e}"));
+                        let k: usize = reply
+                            .strip_prefix("ok ")
+                            .and_then(|k| k.parse().ok())
+                            .unwrap_or_else(|| panic!("client {c}: reply {reply:?}"));
+                        assert!(k <= n, "client {c}: ok {k} for {n} paths");
+                        sum += k;
+                        i += n;
+                    }
+                    sum
+                })
+            })
+            .collect();
+        // The hook, while the clients run; a generous timeout: the outcome
+        // (acknowledged, not spooled) is under test, not its speed.
+        let hook = d
+            .hook_cmd()
+            .env("OUT_PATHS", &hook_path)
+            .env("DRV_PATH", "")
+            .env("NPBHQ_TIMEOUT", "20")
+            .output()
+            .expect("run the hook");
+        let sums: Vec<usize> = clients
+            .into_iter()
+            .map(|h| h.join().expect("client panicked"))
+            .collect();
+        (sums, hook)
+    });
+    let elapsed = started.elapsed();
+    eprintln!(
+        "load: {} paths from {CLIENTS} clients acked in {:.2} s",
+        CLIENTS * PER_CLIENT,
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        hook_out.status.success() && hook_out.stderr.is_empty(),
+        "the hook was not acknowledged (it says why on stderr): {}\nlog tail:\n{}",
+        show(&hook_out),
+        tail(&d.log(), 2000)
+    );
+    let spooled: Vec<_> = fs::read_dir(d.spool_dir())
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(spooled.is_empty(), "the hook spooled: {spooled:?}");
+    drop(idle);
+
+    let total: usize = sums.iter().sum();
+    assert_eq!(
+        total,
+        CLIENTS * PER_CLIENT,
+        "sum of `ok N` over all clients (each path is new exactly once)"
+    );
+    let j = JournalRecords::read(&d);
+    assert!(j.malformed.is_empty(), "malformed: {:?}", j.malformed);
+    assert!(j.done.is_empty(), "nothing can have finished: {:?}", j.done);
+    let distinct: HashSet<&String> = j.added.iter().collect();
+    assert_eq!(distinct.len(), j.added.len(), "a path was journaled twice");
+    let mut expected: HashSet<String> = (0..CLIENTS * PER_CLIENT).map(path).collect();
+    expected.insert(hook_path.clone());
+    let got: HashSet<String> = j.added.iter().cloned().collect();
+    assert!(
+        got == expected,
+        "journal differs: {} journaled, {} expected, {} missing, {} extra",
+        got.len(),
+        expected.len(),
+        expected.difference(&got).count(),
+        got.difference(&expected).count()
+    );
+    assert_eq!(status_queued(&socket), Some(expected.len()));
+    assert_alive(&mut d, "after load");
+
+    // Replay: a crashed daemon comes back with the same queue.
+    d.kill9();
+    d.try_spawn().unwrap_or_else(|e| panic!("restart: {e}"));
+    assert_eq!(
+        status_queued(&socket),
+        Some(expected.len()),
+        "queue after kill -9 and replay; log tail:\n{}",
+        tail(&d.log(), 2000)
+    );
+    assert!(
+        d.log()
+            .contains(&format!("replayed: {} paths queued", expected.len())),
+        "log tail:\n{}",
+        tail(&d.log(), 2000)
+    );
+    assert_alive(&mut d, "after replay");
+}
+
+// ---------------------------------------------------------------------------
+// Access
+// ---------------------------------------------------------------------------
+
+/// Serialises useradd/userdel within this test binary (they lock /etc/passwd).
+static USERDB: Mutex<()> = Mutex::new(());
+
+/// Users and groups made for one test, removed on drop (also on failure).
+struct TestAccounts {
+    users: Vec<String>,
+    groups: Vec<String>,
+}
+
+impl TestAccounts {
+    fn run_admin(args: &[&str]) {
+        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = String::new();
+        for _ in 0..5 {
+            let o = run(Command::new(args[0]).args(&args[1..]));
+            if o.status.success() {
+                return;
+            }
+            last = show(&o);
+            thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{args:?} failed: {last}");
+    }
+
+    fn group(&mut self, name: &str) {
+        TestAccounts::run_admin(&["groupadd", name]);
+        self.groups.push(name.to_string());
+    }
+
+    /// A user without home or login shell, with supplementary `groups`.
+    fn user(&mut self, name: &str, groups: &[&str]) {
+        let mut args = vec!["useradd", "-M", "-s", "/usr/sbin/nologin"];
+        let joined = groups.join(",");
+        if !groups.is_empty() {
+            args.extend(["-G", &joined]);
+        }
+        args.push(name);
+        TestAccounts::run_admin(&args);
+        self.users.push(name.to_string());
+    }
+}
+
+impl Drop for TestAccounts {
+    fn drop(&mut self) {
+        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+        for u in &self.users {
+            let _ = Command::new("userdel").arg(u).output();
+        }
+        for g in &self.groups {
+            let _ = Command::new("groupdel").arg(g).output();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    String::from_utf8_lossy(&run(Command::new("id").arg("-u")).stdout).trim() == "0"
+}
+
+/// A short name suffix unique to this run.
+fn short_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:05x}", std::process::id() % 0xfff, nanos % 0xfffff)
+}
+
+/// `BIN ARGS` as `user` (with its groups from /etc/group), a clean environment.
+fn as_user(user: &str, bin: &Path, args: &[&str], env: &[(String, std::ffi::OsString)]) -> Output {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid", user, "--regid", user, "--init-groups", "--"])
+        .arg(bin)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run(&mut c)
+}
+
+/// Socket mode 0660 with a group: a user outside the group is denied (the
+/// CLI says so in one line) for status, enqueue and retry; a member may do
+/// all three. With the default mode 0600 even the member is denied. A
+/// signing key the daemon's user cannot read stops the daemon with one
+/// line naming the file.
+#[test]
+fn access_socket_mode_and_group_decide_who_may_connect() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED access_socket_mode_and_group_decide_who_may_connect: needs root to create users"
+        );
+        return;
+    }
+    let id = short_id();
+    let (group, outsider, member) = (
+        format!("npbhq-g{id}"),
+        format!("npbhq-o{id}"),
+        format!("npbhq-m{id}"),
+    );
+    let mut accounts = TestAccounts {
+        users: Vec::new(),
+        groups: Vec::new(),
+    };
+    accounts.group(&group);
+    accounts.user(&outsider, &[]);
+    accounts.user(&member, &[&group]);
+
+    let env = NixEnv::new("hostile-access");
+    // Everyone may traverse the test directories and run a copy of the binary.
+    for dir in [env.root().to_path_buf(), env.root().join("bin")] {
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let bin = env.root().join("bin/post-build-hook-queue");
+    fs::copy(daemon_bin(), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut ancestors = env.root().parent();
+    while let Some(a) = ancestors {
+        let mode = fs::metadata(a).unwrap().permissions().mode();
+        assert!(
+            mode & 0o001 != 0,
+            "{} is not traversable by other users (mode {mode:o}); use NPBHQ_TEST_TMP",
+            a.display()
+        );
+        ancestors = a.parent();
+    }
+
+    let d = Daemon::start(
+        &env,
+        &[("socket-mode", "0660"), ("socket-group", group.as_str())],
+    );
+    fs::set_permissions(d.dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = d.socket();
+    let sock_s = socket.display().to_string();
+    let meta = fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o660, "socket mode");
+    let gid: u32 =
+        String::from_utf8_lossy(&run(Command::new("getent").args(["group", &group])).stdout)
+            .split(':')
+            .nth(2)
+            .and_then(|g| g.trim().parse().ok())
+            .expect("gid of the test group");
+    assert_eq!(meta.gid(), gid, "socket group");
+
+    let store = env.store_dir().display().to_string();
+    let p_out = format!("{store}/{}-outsider", index_hash(1, 1));
+    let p_mem = format!("{store}/{}-member", index_hash(1, 2));
+    let no_env: Vec<(String, std::ffi::OsString)> = Vec::new();
+
+    for args in [
+        vec!["status", "--socket", &sock_s],
+        vec!["enqueue", "--socket", &sock_s, &p_out],
+        vec!["retry", "--socket", &sock_s],
+    ] {
+        let o = as_user(&outsider, &bin, &args, &no_env);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?} as outsider: {}",
+            show(&o)
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        assert!(
+            err.to_lowercase().contains("permission denied") && err.contains(&sock_s),
+            "{args:?} as outsider should explain the refusal: {err:?}"
+        );
+        // The daemon is running: blaming its absence would send the user
+        // the wrong way.
+        assert!(
+            !err.contains("no daemon") && !err.contains("is post-build-hook-queue running"),
+            "{args:?} as outsider: the refusal is not a missing daemon: {err:?}"
+        );
+    }
+    for args in [
+        vec!["status", "--socket", &sock_s],
+        vec!["enqueue", "--socket", &sock_s, &p_mem],
+        vec!["retry", "--socket", &sock_s],
+    ] {
+        let o = as_user(&member, &bin, &args, &no_env);
+        assert!(o.status.success(), "{args:?} as member: {}", show(&o));
+    }
+    let j = JournalRecords::read(&d);
+    assert_eq!(
+        j.added,
+        vec![p_mem.clone()],
+        "only the member's path is queued"
+    );
+
+    // Default mode 0600: only the daemon's user (root) gets in.
+    let d2 = Daemon::start(&env, &[]);
+    fs::set_permissions(d2.dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    let sock2 = d2.socket().display().to_string();
+    assert_eq!(
+        fs::metadata(d2.socket()).unwrap().permissions().mode() & 0o7777,
+        0o600
+    );
+    let o = as_user(&member, &bin, &["status", "--socket", &sock2], &no_env);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .to_lowercase()
+        .contains("permission denied"));
+    assert!(ask(&d2.socket(), "ping").starts_with("ok "));
+
+    // A signing key the daemon's user cannot read: refused at start, one line.
+    let (sk, _) = env.gen_signing_key("access-1");
+    fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(sk.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+    let udir = env.root().join("as-user");
+    fs::create_dir_all(&udir).unwrap();
+    fs::set_permissions(&udir, fs::Permissions::from_mode(0o777)).unwrap();
+    let sk_s = sk.display().to_string();
+    let usock = udir.join("sock").display().to_string();
+    let ustate = udir.join("state").display().to_string();
+    let o = as_user(
+        &outsider,
+        &bin,
+        &[
+            "serve",
+            "--socket",
+            &usock,
+            "--state-dir",
+            &ustate,
+            "--signing-key-file",
+            &sk_s,
+        ],
+        &env.env_vars(),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    assert!(
+        err.contains(&sk_s) && err.to_lowercase().contains("permission denied"),
+        "should name the unreadable key file: {err:?}"
+    );
+    assert!(!Path::new(&usock).exists(), "no socket for a refused start");
+    drop(accounts);
+}
+
+// ---------------------------------------------------------------------------
+// Injection
+// ---------------------------------------------------------------------------
+
+/// Paths that would be options or shell (`--to`, `-L`, `--store=/x`,
+/// spaces, `$(...)`, backticks, `;`, ...) sent by every way in (the socket,
+/// the CLI, the hook, the spool) are refused before any command is built: a
+/// `nix-record-wrapper` around the real nix shows that every argument Nix
+/// got was one of the daemon's own options or a valid store path, and that
+/// a valid path sent in the same request as a hostile one never reached Nix
+/// or the cache.
+#[test]
+fn injection_hostile_paths_never_reach_a_nix_command_line() {
+    let env = NixEnv::new("hostile-inject");
+    let (sk, pk) = env.gen_signing_key("inject-1");
+    let w = NixWrapper::record(&env);
+    let cache = env.root().join("cache");
+    let upload = format!("file://{}?compression=none", cache.display());
+    let read = format!("file://{}", cache.display());
+    let sk_s = sk.display().to_string();
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk_s),
+            ("upload-to", &upload),
+            ("nix", &w.nix()),
+            ("retry-initial-delay", "0.05"),
+        ],
+    );
+    let socket = d.socket();
+    let store = env.store_dir().display().to_string();
+    let built = env.build_paths(2, "inject");
+    let (bait, good) = (
+        built[0].display().to_string(),
+        built[1].display().to_string(),
+    );
+    let h = bait
+        .rsplit('/')
+        .next()
+        .and_then(|b| b.split('-').next())
+        .unwrap()
+        .to_string();
+    let marker = env.root().join("pwned");
+    let m = marker.display();
+    let hostile: Vec<String> = vec![
+        "--to".into(),
+        "-L".into(),
+        "--store=/x".into(),
+        "--recursive".into(),
+        "--key-file=/etc/shadow".into(),
+        "-".into(),
+        format!("$(touch {m})"),
+        format!("`touch {m}`"),
+        format!(";touch {m}"),
+        format!("|touch {m}"),
+        format!("&&touch {m}"),
+        format!("{store}/{h}-x y"),
+        format!("{store}/{h}-$(touch {m})"),
+        format!("{store}/{h}-`touch {m}`"),
+        format!("{store}/{h}-x;touch"),
+        format!("{store}/{h}-x|touch"),
+        format!("{store}/{h}-x&touch"),
+        format!("{store}/{h}->x"),
+        format!("{store}/{h}-x\ttouch"),
+        format!("{store}/{h}-x\0y"),
+        format!("{store}/../{h}-x"),
+        format!("{store}/{h}-x/../../etc"),
+        format!("{store}/-{h}-x"),
+        format!("{store}/{h}-*"),
+        format!("{bait} --to file:///tmp/npbhq-evil"),
+        format!("{store}/{h}-x\n--to"),
+        format!("{store}/{h}-x\r"),
+    ];
+    let spool = d.spool_dir();
+    fs::create_dir_all(&spool).unwrap();
+    for (i, bad) in hostile.iter().enumerate() {
+        // On the socket and in the spool a line break ends the request (the
+        // fuzz test covers that); it matters where arguments are joined into
+        // a request: the CLI and the hook.
+        let line_break = bad.contains(['\n', '\r']);
+        // Socket: enqueue and drv.
+        for line in [format!("enqueue {bait} {bad}"), format!("drv {bad}")] {
+            if line_break {
+                break;
+            }
+            let (replies, _) = exchange(&socket, format!("{line}\n").into_bytes(), "inject");
+            assert!(
+                replies.len() == 1 && replies[0].starts_with("err "),
+                "{line:?} was not refused: {replies:?}"
+            );
+        }
+        // CLI (arguments are never options to the daemon; `-` is its own
+        // "read stdin" argument, so not hostile there).
+        if !bad.contains('\0') && bad != "-" {
+            let o = run(d.cli_cmd().arg("enqueue").arg(&bait).arg(bad));
+            assert!(!o.status.success(), "CLI enqueue {bad:?}: {}", show(&o));
+        }
+        // Hook: as OUT_PATHS and as DRV_PATH (it always exits 0; a refused
+        // request goes to the spool, where the daemon refuses it again).
+        // OUT_PATHS is whitespace-separated: skip what splits into valid paths.
+        let splits_valid = bad
+            .split_whitespace()
+            .all(|w| path_rules(w, &store, Kind::Output).is_empty());
+        if !bad.contains('\0') && !splits_valid {
+            for (out, drv) in [
+                (format!("{bait} {bad}"), String::new()),
+                (String::new(), bad.clone()),
+            ] {
+                let o = run(d.hook_cmd().env("OUT_PATHS", &out).env("DRV_PATH", &drv));
+                assert!(o.status.success(), "hook {out:?}/{drv:?}: {}", show(&o));
+            }
+        }
+        // Spool file written directly.
+        if line_break {
+            continue;
+        }
+        let mut req = format!("enqueue {bait} {bad}\ndrv {bad}\n").into_bytes();
+        req.extend_from_slice(b"enqueue \xff\xfe\n");
+        fs::write(spool.join(format!("{:020}-{i}.req", i)), req).unwrap();
+    }
+    wait_until_diag(
+        Duration::from_secs(30),
+        "the daemon to ingest (and refuse) every spool file",
+        || {
+            fs::read_dir(&spool)
+                .map(|r| {
+                    r.flatten()
+                        .all(|e| !e.file_name().to_string_lossy().ends_with(".req"))
+                })
+                .unwrap_or(true)
+        },
+        || d.log(),
+    );
+    // Now the one legitimate path, so that nix has been called for sure.
+    let o = run(d.cli_cmd().arg("enqueue").arg(&good));
+    assert!(o.status.success(), "{}", show(&o));
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "the legitimate path uploaded",
+        || env.verify_in_cache(&read, &pk, &[PathBuf::from(&good)]),
+        || d.log(),
+    );
+
+    let calls = w.calls();
+    assert!(
+        calls.iter().any(|c| c.contains(&good)),
+        "the wrapper recorded no call with the good path: {calls:?}"
+    );
+    let allowed: HashSet<&str> = [
+        "--extra-experimental-features",
+        "nix-command",
+        "store",
+        "sign",
+        "--key-file",
+        sk_s.as_str(),
+        "--recursive",
+        "copy",
+        "--to",
+        upload.as_str(),
+        "--query",
+        "--outputs",
+        "--check-validity",
+        "--print-invalid",
+    ]
+    .into_iter()
+    .collect();
+    for call in &calls {
+        for (i, arg) in call.iter().enumerate().skip(1) {
+            let ok = allowed.contains(arg.as_str())
+                || path_rules(arg, &store, Kind::Output).is_empty()
+                || path_rules(arg, &store, Kind::Drv).is_empty();
+            assert!(ok, "argument {i} {arg:?} reached nix: {call:?}");
+        }
+        assert!(
+            !call.contains(&bait),
+            "the path sent together with a hostile one reached nix: {call:?}"
+        );
+    }
+    assert!(!marker.exists(), "a shell ran a hostile command");
+    assert!(
+        !env.is_valid_in(&read, Path::new(&bait)),
+        "the path sent with a hostile one was uploaded"
+    );
+    let j = JournalRecords::read(&d);
+    assert!(
+        j.added.iter().all(|p| *p == good),
+        "only the good path was ever journaled: {:?}",
+        j.added
+    );
+    assert_no_panic(&d, "injection");
+}
+
+// ---------------------------------------------------------------------------
+// Secrets
+// ---------------------------------------------------------------------------
+
+/// The base64 part of a secret key file (`name:base64`).
+fn key_secret(sk: &Path) -> String {
+    let text = fs::read_to_string(sk).unwrap();
+    let (_, b64) = text.trim().split_once(':').expect("name:base64");
+    assert!(b64.len() > 40, "key {b64:?}");
+    b64.to_string()
+}
+
+/// Signing with a key file and a target URL carrying `secret-key=`: the
+/// key's contents appear nowhere (log, status text and JSON, raw status),
+/// and the URL's secret query value is shown as `***`.
+#[test]
+fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
+    let env = NixEnv::new("hostile-secret");
+    let (sk, pk) = env.gen_signing_key("secret-1");
+    let secret = key_secret(&sk);
+    let cache = env.root().join("cache");
+    let upload = format!(
+        "file://{}?compression=none&secret-key={}",
+        cache.display(),
+        sk.display()
+    );
+    let read = format!("file://{}", cache.display());
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+            ("retry-initial-delay", "0.05"),
+        ],
+    );
+    let b = env.build(2, "secret", Some(&hook_bin()), &d.hook_env());
+    b.assert_success();
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "uploaded and signed",
+        || env.verify_in_cache(&read, &pk, &b.out_paths),
+        || d.log(),
+    );
+    let status_text = run_ok(d.cli_cmd().arg("status"));
+    let status_json = run_ok(d.cli_cmd().args(["status", "--json"]));
+    let (raw, _) = exchange(&d.socket(), b"status\n".to_vec(), "status");
+    let raw = raw.join("\n");
+    let log = d.log();
+    for (what, text) in [
+        ("log", &log),
+        ("status", &status_text),
+        ("status --json", &status_json),
+        ("raw status", &raw),
+    ] {
+        assert!(
+            !text.contains(&secret),
+            "{what} shows the secret key: {text}"
+        );
+        assert!(
+            !text.contains(&format!("secret-key={}", sk.display())),
+            "{what} shows the secret-key value of the URL: {text}"
+        );
+    }
+    assert!(
+        status_text.contains("secret-key=***"),
+        "status shows the masked target: {status_text}"
+    );
+    assert!(log.contains("secret-key=***"), "log: {log}");
+}
+
+/// A target URL with `user:password@` that fails: nix's own error message
+/// repeats the URL (`ssh-ng://`), or its `user:password@host` part without
+/// the scheme (`ssh://`), and still the password appears nowhere in the log
+/// or `status` (the failure text included), while the masked form does.
+#[test]
+fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
+    let env = NixEnv::new("hostile-urlpw");
+    let paths = env.build_paths(1, "urlpw");
+    for scheme in ["ssh-ng", "ssh"] {
+        let password = format!("hunter2pw{}", short_id());
+        // Nothing listens on this port: ssh fails fast, and nix says so.
+        let port = free_port();
+        let url = format!("{scheme}://npbhq:{password}@127.0.0.1?secret-key=/npbhq/x");
+        let sshopts = format!(
+            "-p {port} -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+        );
+        let d = Daemon::start_with_env(
+            &env,
+            &[("upload-to", &url), ("retry-initial-delay", "60")],
+            &[("NIX_SSHOPTS", sshopts.as_str())],
+        );
+        let o = run(d.cli_cmd().arg("enqueue").arg(&paths[0]));
+        assert!(o.status.success(), "{}", show(&o));
+        wait_until_diag(
+            UPLOAD_TIMEOUT,
+            "the failed upload to show in status",
+            || {
+                status_map(&d.socket())
+                    .get("backing-off")
+                    .map(String::as_str)
+                    == Some("1")
+            },
+            || d.log(),
+        );
+        let status_text = run_ok(d.cli_cmd().arg("status"));
+        let status_json = run_ok(d.cli_cmd().args(["status", "--json"]));
+        let (raw, _) = exchange(&d.socket(), b"status\n".to_vec(), "status");
+        let raw = raw.join("\n");
+        let log = d.log();
+        assert!(
+            log.contains("nix copy failed"),
+            "{scheme}: the failure is logged: {log}"
+        );
+        for (what, text) in [
+            ("status", &status_text),
+            ("status --json", &status_json),
+            ("raw status", &raw),
+            ("log", &log),
+        ] {
+            assert!(
+                !text.contains(&password),
+                "{scheme}: {what} shows the URL's password: {text}"
+            );
+            assert!(
+                !text.contains("secret-key=/npbhq/x"),
+                "{scheme}: {what} shows the URL's secret-key value: {text}"
+            );
+            assert!(
+                text.contains("npbhq:***@127.0.0.1"),
+                "{scheme}: {what} shows the masked target: {text}"
+            );
+        }
+    }
+}
+
+/// A signing key file others can read, or one that is missing, stops the
+/// daemon before it opens its socket, with one line naming the file.
+#[test]
+fn secrets_world_readable_or_missing_key_file_refused_at_start() {
+    let env = NixEnv::new("hostile-keyperm");
+    let (sk, _) = env.gen_signing_key("perm-1");
+    fs::set_permissions(&sk, fs::Permissions::from_mode(0o644)).unwrap();
+    let missing = env.root().join("no-such-key");
+    let secret = key_secret(&sk);
+    for (key, want) in [(&sk, "readable by every user"), (&missing, "No such file")] {
+        let key_s = key.display().to_string();
+        let d = Daemon::new_stopped(&env, &[("signing-key-file", key_s.as_str())], NO_ENV);
+        let mut cmd = Command::new(daemon_bin());
+        cmd.arg("serve").arg("--config").arg(d.config_path());
+        env.apply_env(&mut cmd);
+        let o = run(&mut cmd);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{key_s}: {}", show(&o));
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        assert!(
+            err.contains(&key_s) && err.contains(want),
+            "the message names the file and the problem ({want}): {err:?}"
+        );
+        assert!(!err.contains(&secret));
+        assert!(!d.socket().exists(), "no socket for a refused start");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Limits
+// ---------------------------------------------------------------------------
+
+/// A request of exactly 1 MiB (newline included) is served; one byte more,
+/// or any longer line, gets one `err` line and the connection is closed (the
+/// request after it is not answered); the daemon keeps serving.
+#[test]
+fn limits_over_long_line_gets_err_and_close() {
+    let env = NixEnv::new("hostile-long");
+    let mut d = Daemon::start(&env, &[]);
+    let socket = d.socket();
+    let store = env.store_dir().display().to_string();
+
+    // Exactly MAX_LINE bytes with the newline: valid paths with long names.
+    let per = store.len() + 1 + 32 + 1; // "<store>/<hash>-"
+    let body = MAX_LINE - 1 - "enqueue".len();
+    let n = body.div_ceil(1 + per + MAX_NAME);
+    let mut name_total = body - n * (1 + per);
+    let mut paths = Vec::with_capacity(n);
+    for i in 0..n {
+        let left = n - i - 1;
+        let len = (name_total - left).min(MAX_NAME);
+        name_total -= len;
+        let name: String = format!("m{i}-")
+            .chars()
+            .chain(std::iter::repeat('x'))
+            .take(len)
+            .collect();
+        paths.push(format!("{store}/{}-{name}", index_hash(9, i)));
+    }
+    let line = format!("enqueue {}\n", paths.join(" "));
+    assert_eq!(line.len(), MAX_LINE);
+    let (replies, _) = exchange(&socket, format!("{line}ping\n").into_bytes(), "max line");
+    assert_eq!(
+        replies.len(),
+        2,
+        "a line of exactly {MAX_LINE} bytes is served, then the next request: {:?}",
+        replies.iter().map(|r| tail(r, 200)).collect::<Vec<_>>()
+    );
+    assert!(
+        replies[0].starts_with("ok ") && replies[1].starts_with("ok nix-post-build-hook-queue"),
+        "{replies:?}"
+    );
+
+    for (what, mut data) in [
+        ("one byte over", vec![b'a'; MAX_LINE]),
+        ("over-long enqueue", {
+            let mut v = line.clone().into_bytes();
+            v.pop();
+            v.extend_from_slice(b" x");
+            v
+        }),
+        ("4 MiB without newline", vec![b'z'; 4 * MAX_LINE]),
+    ] {
+        data.extend_from_slice(b"\nping\n");
+        let (replies, end) = exchange(&socket, data, what);
+        assert_eq!(
+            replies.len(),
+            1,
+            "{what}: one reply, then close: {replies:?}"
+        );
+        assert!(
+            replies[0].starts_with("err ") && replies[0].contains("longer than 1048576 bytes"),
+            "{what}: {replies:?}"
+        );
+        eprintln!("{what}: closed with {end:?}");
+    }
+    assert_alive(&mut d, "after over-long lines");
+}
+
+/// A client that trickles one byte per second, and one that sends nothing,
+/// are each dropped with one `err` line at the 10 s deadline (long before
+/// the trickled line would be complete), while other clients are served
+/// meanwhile. Takes about 10 s, in parallel with the other tests.
+#[test]
+fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
+    let env = NixEnv::new("hostile-slow");
+    let mut d = Daemon::start(&env, &[]);
+    let socket = d.socket();
+    let store = env.store_dir().display().to_string();
+    let slow_path = format!("{store}/{}-trickled", index_hash(3, 1));
+    let line = format!("enqueue {slow_path}\n");
+    let trickle_len = line.len();
+    let (s1, s2) = (socket.clone(), socket.clone());
+    let trickler = thread::spawn(move || {
+        let mut s = UnixStream::connect(&s1).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let start = Instant::now();
+        let mut sent = 0;
+        let mut got = Vec::new();
+        while start.elapsed() < Duration::from_secs(60) {
+            if sent < line.len() && s.write_all(&line.as_bytes()[sent..sent + 1]).is_ok() {
+                sent += 1;
+            }
+            // Reading with a 1 s timeout paces the trickle.
+            let mut buf = [0u8; 512];
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    return (
+                        sent,
+                        String::from_utf8_lossy(&got).into_owned(),
+                        true,
+                        start.elapsed(),
+                    )
+                }
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => {
+                    return (
+                        sent,
+                        String::from_utf8_lossy(&got).into_owned(),
+                        true,
+                        start.elapsed(),
+                    )
+                }
+            }
+        }
+        (
+            sent,
+            String::from_utf8_lossy(&got).into_owned(),
+            false,
+            start.elapsed(),
+        )
+    });
+    let silent = thread::spawn(move || {
+        let s = UnixStream::connect(&s2).unwrap();
+        let start = Instant::now();
+        let (lines, end) = read_until_closed(s, "silent client");
+        (lines, end, start.elapsed())
+    });
+    // Others are served while both are connected.
+    let fast_path = format!("{store}/{}-fast", index_hash(3, 2));
+    for _ in 0..3 {
+        assert!(ask(&socket, "ping").starts_with("ok "));
+        thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!trickler.is_finished() && !silent.is_finished());
+    assert_eq!(ask(&socket, &format!("enqueue {fast_path}")), "ok 1");
+
+    let (sent, reply, closed, t_trickle) = trickler.join().unwrap();
+    let (lines, _, t_silent) = silent.join().unwrap();
+    eprintln!(
+        "trickler dropped after {:.1} s ({sent} of {trickle_len} bytes), silent client after {:.1} s",
+        t_trickle.as_secs_f64(),
+        t_silent.as_secs_f64()
+    );
+    assert!(closed, "the trickling client was never dropped: {reply:?}");
+    assert!(
+        sent < trickle_len,
+        "the daemon waited for the whole trickled line ({sent} bytes)"
+    );
+    assert_eq!(reply.lines().count(), 1, "{reply:?}");
+    assert!(
+        reply.starts_with("err ") && reply.contains("no complete request line within 10 s"),
+        "{reply:?}"
+    );
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].contains("no complete request line within 10 s"),
+        "{lines:?}"
+    );
+    let j = JournalRecords::read(&d);
+    assert!(
+        !j.added.contains(&slow_path) && j.added.contains(&fast_path),
+        "{j:?}"
+    );
+    assert_alive(&mut d, "after slow clients");
+}
+
+/// With `max-connections = 4`, four connections are served together; a
+/// fifth gets `err busy` at once without sending anything, while the four
+/// keep working; when one leaves, a new client is served again.
+#[test]
+fn limits_max_connections_busy_reply_while_others_work() {
+    let env = NixEnv::new("hostile-busy");
+    let mut d = Daemon::start(&env, &[("max-connections", "4")]);
+    let socket = d.socket();
+    let mut held: Vec<UnixStream> = Vec::new();
+    wait_until(Duration::from_secs(20), "four served connections", || {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        s.write_all(b"ping\n").unwrap();
+        // A busy reply here means a probe connection still held a slot.
+        if let Ok(l) = read_one_line(&mut s) {
+            if l.starts_with("ok ") {
+                held.push(s);
+            }
+        }
+        held.len() == 4
+    });
+    let mut fifth = UnixStream::connect(&socket).unwrap();
+    fifth.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    let (busy, end) = read_until_closed(fifth.try_clone().unwrap(), "fifth");
+    assert_eq!(busy.len(), 1, "{busy:?} {end:?}");
+    assert!(busy[0].starts_with("err busy"), "{busy:?}");
+    let _ = fifth.write_all(b"ping\n");
+    for (i, s) in held.iter_mut().enumerate() {
+        s.write_all(b"ping\n").unwrap();
+        let l = read_one_line(s).unwrap_or_else(|e| panic!("held connection {i}: {e}"));
+        assert!(l.starts_with("ok nix-post-build-hook-queue"), "{l}");
+    }
+    held.pop();
+    wait_until(
+        Duration::from_secs(20),
+        "a free slot after one client left",
+        || {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+            let _ = s.write_all(b"ping\n");
+            read_one_line(&mut s).is_ok_and(|l| l.starts_with("ok "))
+        },
+    );
+    drop(held);
+    assert_alive(&mut d, "after busy");
+}
+
+/// The socket is created 0600 by default with no temporary file left
+/// beside it; a stale socket (its daemon killed) is replaced, but the daemon
+/// never replaces something at the socket path that is not a socket: a
+/// config mistake such as `socket = /etc/important`, or a symlink, must not
+/// destroy a file.
+#[test]
+fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
+    let env = NixEnv::new("hostile-sockfile");
+    let mut d = Daemon::start(&env, &[]);
+    let meta = fs::metadata(d.socket()).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    let mut entries: Vec<String> = fs::read_dir(d.dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        ["config", "daemon.log", "sock", "state"],
+        "only the daemon's own files, no temporary socket left"
+    );
+    // Stale socket: replaced.
+    d.kill9();
+    assert!(
+        fs::symlink_metadata(d.socket()).is_ok(),
+        "kill -9 leaves the socket file"
+    );
+    d.try_spawn()
+        .unwrap_or_else(|e| panic!("stale socket not replaced: {e}"));
+    assert!(ask(&d.socket(), "ping").starts_with("ok "));
+
+    let precious = env.root().join("precious");
+    fs::write(&precious, "keep me\n").unwrap();
+    let link = env.root().join("link");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    for target in [&precious, &link] {
+        let t = target.display().to_string();
+        let mut d2 = Daemon::new_stopped(&env, &[("socket", t.as_str())], NO_ENV);
+        let err = d2
+            .try_spawn()
+            .expect_err("the daemon must refuse a path that is not a socket");
+        assert_eq!(fs::read_to_string(&precious).unwrap(), "keep me\n");
+        assert!(
+            err.contains(&format!("{t} exists and is not a socket")),
+            "{err}"
+        );
+    }
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
