@@ -19,6 +19,9 @@ use crate::warning;
 
 /// Ending of a complete spool file.
 const SUFFIX: &str = ".req";
+/// Largest spool file read: far more than any hook writes (one request of at
+/// most `MAX_LINE` bytes per 10,000 paths).
+const MAX_FILE: u64 = 64 * MAX_LINE as u64;
 
 /// Writes `request` (one or more protocol lines) as a new spool file.
 pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
@@ -64,6 +67,21 @@ pub fn ingest(dir: &Path, store_dir: &str, journal: &Journal) -> Vec<StorePath> 
     names.sort();
     let mut queued = Vec::new();
     for file in names {
+        // Only regular files of a plausible size: a link could point the
+        // daemon at any file, a huge file would only cost memory.
+        match fs::symlink_metadata(&file) {
+            Ok(m) if m.is_file() && m.len() <= MAX_FILE => {}
+            Ok(m) => {
+                warning!(
+                    "spool file {} is not a regular file of at most {MAX_FILE} bytes ({} bytes); set aside as .bad",
+                    file.display(),
+                    m.len()
+                );
+                let _ = fs::rename(&file, file.with_extension("bad"));
+                continue;
+            }
+            Err(_) => continue,
+        }
         let data = match fs::read(&file) {
             Ok(d) => d,
             Err(e) => {
@@ -104,4 +122,46 @@ pub fn ingest(dir: &Path, store_dir: &str, journal: &Journal) -> Vec<StorePath> 
         }
     }
     queued
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: &str = "/nix/store";
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("npbhq-spool-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn written_requests_are_ingested_once_and_links_are_set_aside() {
+        let spool = dir("ingest");
+        let state = dir("ingest-state");
+        let good = format!("{S}/{}-a", "0".repeat(32));
+        write(
+            &spool,
+            &format!("enqueue {good}\nretry\nenqueue /etc/passwd\n"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", spool.join("evil.req")).unwrap();
+        let (journal, _) = Journal::open(&state, S).unwrap();
+        let queued = ingest(&spool, S, &journal);
+        assert_eq!(queued.len(), 1);
+        assert_eq!(queued[0].as_str(), good);
+        assert!(
+            ingest(&spool, S, &journal).is_empty(),
+            "files are removed after ingest"
+        );
+        let left: Vec<_> = fs::read_dir(&spool)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("evil.bad")]);
+        let _ = fs::remove_dir_all(&spool);
+        let _ = fs::remove_dir_all(&state);
+    }
 }

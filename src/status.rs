@@ -5,6 +5,7 @@
 //! and the paths that are backing off after failures.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,8 +23,9 @@ const RECENT_DROPS: usize = 10_000;
 pub struct Backoff {
     /// Failed attempts so far (since the daemon started).
     pub attempts: u32,
-    /// When it is tried again.
-    pub next_try: Instant,
+    /// When it is tried again; `None` while it is being retried (back in
+    /// the worker's queue or in flight), until it succeeds or fails again.
+    pub next_try: Option<Instant>,
     /// What went wrong the last time, on one line.
     pub last_error: String,
 }
@@ -116,12 +118,6 @@ pub fn seconds_until(when: Instant) -> f64 {
     when.saturating_duration_since(Instant::now()).as_secs_f64()
 }
 
-/// A backing-off path whose next try is further away than this (seconds)
-/// is being retried right now: the worker parks the entries of the paths it
-/// takes up again a year ahead, keeping their attempt counts until they
-/// succeed. `status` reports those as due (0 s), not as "in 365 days".
-const BEING_RETRIED_AFTER: f64 = 180.0 * 24.0 * 3600.0;
-
 /// Most backing-off paths listed in a `status` reply.
 const STATUS_MAX_BACKOFF: usize = 100;
 
@@ -173,14 +169,9 @@ impl Snapshot {
             .backoff
             .iter()
             .map(|(p, b)| {
-                let next = seconds_until(b.next_try);
                 (
                     b.attempts,
-                    if next > BEING_RETRIED_AFTER {
-                        0.0
-                    } else {
-                        next
-                    },
+                    b.next_try.map_or(0.0, seconds_until),
                     p.clone(),
                     crate::log::scrub(&b.last_error),
                 )
@@ -300,6 +291,7 @@ impl Snapshot {
 /// textfile collector) never sees half a file. The temporary name is unique
 /// per call (two threads may write at once: the metrics thread and the stop
 /// thread) and ends in `.tmp`, which the collector ignores.
+/// The file is world-readable (0644).
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut tmp = path.as_os_str().to_owned();
@@ -309,7 +301,19 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let tmp = std::path::PathBuf::from(tmp);
-    let result = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+    // 0644 whatever the umask (UMask=0077 under the NixOS module): the file
+    // holds counters only, and node-exporter reads it as another user.
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(text.as_bytes())?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o644))
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -354,16 +358,16 @@ mod tests {
                 path("a"),
                 Backoff {
                     attempts: 2,
-                    next_try: Instant::now() + Duration::from_secs(60),
+                    next_try: Some(Instant::now() + Duration::from_secs(60)),
                     last_error: "cannot open 'ssh://u:pw@h?secret-key=/k'\nsecond line".into(),
                 },
             );
-            // Parked by the worker while it retries the path.
+            // Being retried by the worker.
             s.backoff.insert(
                 path("b"),
                 Backoff {
                     attempts: 1,
-                    next_try: Instant::now() + Duration::from_secs(365 * 24 * 3600),
+                    next_try: None,
                     last_error: "x".into(),
                 },
             );

@@ -119,3 +119,25 @@ pub fn wait_for_stop_signal() -> io::Result<i32> {
         Err(io::Error::from_raw_os_error(rc))
     }
 }
+
+extern "C" {
+    fn getsockopt(fd: i32, level: i32, name: i32, value: *mut i32, len: *mut u32) -> i32;
+}
+
+/// `SOL_SOCKET` and `SO_ACCEPTCONN` (asm-generic values: x86-64, arm64, riscv).
+const SOL_SOCKET: i32 = 1;
+const SO_ACCEPTCONN: i32 = 30;
+
+/// True when `fd` is a socket in the listening state.
+pub fn is_listening(fd: i32) -> io::Result<bool> {
+    let mut value: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as u32;
+    // SAFETY: `value` and `len` are live, correctly sized locals; the kernel
+    // writes at most `len` bytes into `value`.
+    let rc = unsafe { getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &mut value, &mut len) };
+    if rc == 0 {
+        Ok(value != 0)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

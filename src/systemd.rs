@@ -45,10 +45,15 @@ pub fn listener_from_env() -> io::Result<Option<UnixListener>> {
         )));
     }
     sys::set_cloexec(SD_LISTEN_FDS_START)?;
+    if !sys::is_listening(SD_LISTEN_FDS_START)? {
+        return Err(io::Error::other(
+            "fd 3 is not a listening socket; the socket unit needs ListenStream= (and Accept=no)",
+        ));
+    }
     // SAFETY: systemd passed fd 3 to this process (LISTEN_PID matched) and
     // nothing else in the process owns it; we take ownership exactly once.
     let listener = unsafe { UnixListener::from_raw_fd(SD_LISTEN_FDS_START) };
-    // Fails with ENOTSOCK/EINVAL if fd 3 is not a listening unix socket.
+    // Fails if fd 3 is not a unix socket (a TCP socket, say).
     listener.local_addr()?;
     Ok(Some(listener))
 }

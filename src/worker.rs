@@ -56,6 +56,10 @@ pub struct Worker {
     retry_max: Duration,
     spool_dir: PathBuf,
     ready: VecDeque<StorePath>,
+    /// Most paths in the next batch: `batch_size`, halved after a batch timed
+    /// out (it may have been too big to finish in `command-timeout`) and
+    /// doubled again after each success.
+    batch_limit: usize,
 }
 
 impl Worker {
@@ -88,6 +92,7 @@ impl Worker {
             retry_max: config.retry_max_delay.max(config.retry_initial_delay),
             spool_dir: config.spool_dir(),
             ready: VecDeque::new(),
+            batch_limit: config.batch_size,
         }
     }
 
@@ -134,8 +139,12 @@ impl Worker {
             Msg::Queued(paths) => self.ready.extend(paths),
             Msg::Retry => {
                 let now = Instant::now();
+                // Paths already being retried (no next try) stay as they are,
+                // so that none is queued twice.
                 for b in self.shared.lock().backoff.values_mut() {
-                    b.next_try = now;
+                    if b.next_try.is_some() {
+                        b.next_try = Some(now);
+                    }
                 }
             }
             Msg::Shutdown => return true,
@@ -145,7 +154,7 @@ impl Worker {
 
     fn next_due(&self) -> Option<Duration> {
         let stats = self.shared.lock();
-        let next = stats.backoff.values().map(|b| b.next_try).min()?;
+        let next = stats.backoff.values().filter_map(|b| b.next_try).min()?;
         Some(next.saturating_duration_since(Instant::now()))
     }
 
@@ -158,13 +167,13 @@ impl Worker {
             let due: Vec<StorePath> = stats
                 .backoff
                 .iter()
-                .filter(|(_, b)| b.next_try <= now)
+                .filter(|(_, b)| b.next_try.is_some_and(|t| t <= now))
                 .map(|(p, _)| p.clone())
                 .collect();
             // Keep the entries (attempt counts) until the path succeeds.
             for p in &due {
                 if let Some(b) = stats.backoff.get_mut(p) {
-                    b.next_try = now + Duration::from_secs(365 * 24 * 3600);
+                    b.next_try = None;
                 }
             }
             due
@@ -176,7 +185,7 @@ impl Worker {
     fn take_batch(&mut self) -> Vec<StorePath> {
         let mut batch = Vec::new();
         let mut bytes = 0;
-        while batch.len() < self.batch_size {
+        while batch.len() < self.batch_limit.min(self.batch_size) {
             let Some(next) = self.ready.front() else {
                 break;
             };
@@ -291,12 +300,30 @@ impl Worker {
         }
         let started = Instant::now();
         let failure = match self.attempt(&batch) {
-            Ok(()) => return self.finish(&batch, started.elapsed()),
+            Ok(()) => {
+                self.batch_limit = self.batch_limit.saturating_mul(2).min(self.batch_size);
+                return self.finish(&batch, started.elapsed());
+            }
             Err(failure) => failure,
         };
         self.shared.lock().failed_calls += 1;
-        // A timeout is a problem of the target or the network, not of paths.
-        if batch.len() == 1 || failure.timed_out() || self.stopping() {
+        if failure.timed_out() {
+            // A problem of the target, the network or the batch's size, not
+            // of particular paths: no bisection. Everything waiting goes
+            // with it, so a hung target costs one call per retry, and the
+            // next try is smaller in case this batch was too big to finish.
+            if batch.len() > 1 {
+                self.batch_limit = (batch.len() / 2).max(1);
+                warning!(
+                    "a batch of {} paths timed out; the next batches take at most {}",
+                    batch.len(),
+                    self.batch_limit
+                );
+            }
+            batch.extend(self.ready.drain(..));
+            return self.back_off(batch, &failure);
+        }
+        if batch.len() == 1 || self.stopping() {
             return self.back_off(batch, &failure);
         }
         let canary = batch.remove(self.pick_canary(&batch));
@@ -429,7 +456,7 @@ impl Worker {
                 p,
                 Backoff {
                     attempts,
-                    next_try,
+                    next_try: Some(next_try),
                     last_error: error.clone(),
                 },
             );

@@ -740,6 +740,53 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     );
 }
 
+/// A batch too big to finish within `command-timeout` is not retried at the
+/// same size forever: after a timeout the next batches are halved, until
+/// they go through. `nix-size-wrapper` makes `nix copy` of more than two
+/// paths hang (a stand-in for a batch whose upload takes too long).
+#[test]
+fn batch_too_big_for_the_timeout_is_retried_smaller() {
+    let env = NixEnv::new("faults-size");
+    let slow_nix = nix_wrapper(
+        &env,
+        "nix-size-wrapper",
+        r#"if [ "$3" = copy ]; then
+  n=0
+  for a in "$@"; do case "$a" in "$NIX_STORE_DIR"/*) n=$((n+1));; esac; done
+  if [ "$n" -gt 2 ]; then sleep 60; fi
+fi"#,
+    );
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("nix", &slow_nix.display().to_string()),
+            ("upload-to", &upload),
+            ("command-timeout", "1"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+        ],
+    );
+    let paths = add_text_paths(&env, 8, "size");
+    assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "all 8 paths uploaded in batches small enough",
+        || all_in_cache(&env, &read, &paths),
+        || d.log(),
+    );
+    assert!(
+        !log_lines(&d, "timed out; the next batches take at most 4").is_empty(),
+        "the first timeout halves the batch:\n{}",
+        d.log()
+    );
+    assert!(
+        log_lines(&d, "splitting").is_empty(),
+        "timeouts do not bisect:\n{}",
+        d.log()
+    );
+}
+
 /// The same hung target without any `NIX_SSHOPTS`: the daemon's default
 /// `ConnectTimeout` ends the call (ssh's own error, not our kill), well
 /// before a long `command-timeout`. The listener sits on port 22 of a
