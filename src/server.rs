@@ -43,8 +43,10 @@ pub enum ServeError {
     Socket(PathBuf, io::Error),
     /// systemd's socket could not be used.
     Activation(io::Error),
-    /// The worker thread could not be started.
+    /// A thread (worker, stop, metrics) could not be started.
     Thread(io::Error),
+    /// SIGTERM and SIGINT could not be set up for an orderly stop.
+    Signals(io::Error),
 }
 
 impl std::fmt::Display for ServeError {
@@ -65,7 +67,8 @@ impl std::fmt::Display for ServeError {
             ),
             ServeError::Socket(p, e) => write!(f, "cannot listen on {}: {e}", p.display()),
             ServeError::Activation(e) => write!(f, "cannot use the socket passed by systemd: {e}"),
-            ServeError::Thread(e) => write!(f, "cannot start the worker thread: {e}"),
+            ServeError::Thread(e) => write!(f, "cannot start a thread: {e}"),
+            ServeError::Signals(e) => write!(f, "cannot block SIGTERM and SIGINT: {e}"),
         }
     }
 }
@@ -87,7 +90,7 @@ struct Context {
 /// Runs the daemon until it is killed or the listener fails.
 pub fn serve(config: Config) -> Result<(), ServeError> {
     // Before any thread starts, so that only the stop thread sees them.
-    sys::block_stop_signals().map_err(ServeError::Thread)?;
+    sys::block_stop_signals().map_err(ServeError::Signals)?;
     let activated = systemd::listener_from_env().map_err(ServeError::Activation)?;
     if let Some(url) = &config.upload_to {
         // Before anything can fail and quote the target.
