@@ -52,7 +52,10 @@ pub struct Replay {
 /// The durable queue shared by the connection threads and the worker.
 pub struct Journal {
     inner: Mutex<Inner>,
-    synced: Condvar,
+    /// Signalled when a write is done. Callers waiting for generation `g`
+    /// wait on `synced[g % 2]`, so that a finished write wakes its own
+    /// callers and one caller of the next group (to write it), not everyone.
+    synced: [Condvar; 2],
 }
 
 struct Inner {
@@ -105,7 +108,11 @@ impl Journal {
 
         // Read record by record, so replay needs no copy of the whole file.
         let mut replay = Replay::default();
-        let mut live: HashMap<StorePath, Entry> = HashMap::new();
+        // Sized for the file (records are about 80 bytes), so that the map
+        // is not rehashed again and again while it fills.
+        let capacity = file.metadata()?.len() / 80;
+        let mut live: HashMap<StorePath, Entry> =
+            HashMap::with_capacity(usize::try_from(capacity).unwrap_or(0).min(1 << 22));
         let mut next_seq = 0u64;
         let mut records = 0usize;
         let mut complete_len = 0u64;
@@ -149,7 +156,7 @@ impl Journal {
             file.sync_data()?;
         }
         let mut ordered: Vec<(&StorePath, &Entry)> = live.iter().collect();
-        ordered.sort_by_key(|(_, e)| e.seq);
+        ordered.sort_unstable_by_key(|(_, e)| e.seq);
         replay.paths = ordered.into_iter().map(|(p, _)| p.clone()).collect();
 
         let journal = Journal {
@@ -167,7 +174,7 @@ impl Journal {
                 syncing: false,
                 compact_at: COMPACT_MIN_DEAD,
             }),
-            synced: Condvar::new(),
+            synced: [Condvar::new(), Condvar::new()],
         };
         {
             let mut inner = journal.lock();
@@ -231,7 +238,12 @@ impl Journal {
                     return Ok(added);
                 };
                 while inner.done_gen < in_progress {
-                    inner = self.synced.wait(inner).unwrap_or_else(|e| e.into_inner());
+                    if inner.syncing {
+                        inner = self.wait_for(inner, in_progress);
+                    } else {
+                        // Woken to write the waiting group: write it.
+                        inner = self.commit(inner, &[]).0;
+                    }
                 }
             } else {
                 let (guard, result) = self.commit(inner, &records);
@@ -333,7 +345,7 @@ impl Journal {
                 return (inner, result);
             }
             if inner.syncing {
-                inner = self.synced.wait(inner).unwrap_or_else(|e| e.into_inner());
+                inner = self.wait_for(inner, my_gen);
                 continue;
             }
             inner.syncing = true;
@@ -362,8 +374,21 @@ impl Journal {
                     }
                 }
             }
-            self.synced.notify_all();
+            self.synced[(gen % 2) as usize].notify_all();
+            if !inner.pending.is_empty() {
+                // Records of the next group wait: wake one of their callers
+                // to write them.
+                self.synced[((gen + 1) % 2) as usize].notify_one();
+            }
         }
+    }
+
+    /// Waits on the condition variable of generation `gen`: until its write
+    /// is done, or until this caller is to write it.
+    fn wait_for<'a>(&'a self, inner: MutexGuard<'a, Inner>, gen: u64) -> MutexGuard<'a, Inner> {
+        self.synced[(gen % 2) as usize]
+            .wait(inner)
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn wait_idle<'a>(&'a self, mut inner: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
@@ -373,7 +398,8 @@ impl Journal {
                 inner = guard;
                 continue;
             }
-            inner = self.synced.wait(inner).unwrap_or_else(|e| e.into_inner());
+            let writing = inner.pending_gen - 1;
+            inner = self.wait_for(inner, writing);
         }
         inner
     }
@@ -399,7 +425,7 @@ impl Inner {
     /// Rewrites the journal with only the live records, atomically.
     fn compact(&mut self) -> io::Result<()> {
         let mut ordered: Vec<(&StorePath, &Entry)> = self.live.iter().collect();
-        ordered.sort_by_key(|(_, e)| e.seq);
+        ordered.sort_unstable_by_key(|(_, e)| e.seq);
         let mut data = Vec::with_capacity(ordered.len() * 80);
         for (path, entry) in ordered {
             write_add(&mut data, path, entry.queued_at);
@@ -593,7 +619,7 @@ mod tests {
             inner.syncing = false;
             inner.done_gen = 1;
             inner.failed.insert(1, "disk full".into());
-            j.synced.notify_all();
+            j.synced.iter().for_each(Condvar::notify_all);
         }
         let added = rx
             .recv_timeout(std::time::Duration::from_secs(10))

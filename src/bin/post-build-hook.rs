@@ -2,6 +2,8 @@
 //! (or to the spool) and always exits 0, so a queue problem never fails a
 //! build.
 
+use std::io::Write;
+
 use npbhq::client;
 
 fn main() {
@@ -38,6 +40,9 @@ fn main() {
         client::hook_timeout(),
     );
     if !matches!(outcome, client::HookOutcome::Queued) {
-        eprintln!("post-build-hook: {outcome}");
+        // One write for the whole line (stderr is unbuffered, and eprintln!
+        // would write every piece of the message separately to Nix's pipe).
+        let line = format!("post-build-hook: {outcome}\n");
+        let _ = std::io::stderr().write_all(line.as_bytes());
     }
 }

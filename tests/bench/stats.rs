@@ -1,0 +1,197 @@
+//! Samples, percentiles and the result table of the benchmark.
+//!
+//! Every figure is a [`Row`]: a median over repeated runs, a spread, a target
+//! and whether the median (or the stated statistic) meets it. Rows without a
+//! target are context (baselines, bounds) and show `info`.
+
+use std::fmt::Write as _;
+
+/// Measurements of one quantity, in the unit the row prints.
+#[derive(Debug, Clone, Default)]
+pub struct Samples(Vec<f64>);
+
+impl Samples {
+    /// No samples yet.
+    pub fn new() -> Samples {
+        Samples(Vec::new())
+    }
+
+    /// Adds one measurement.
+    pub fn push(&mut self, x: f64) {
+        self.0.push(x);
+    }
+
+    /// How many measurements there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The `p`-th percentile (0..=100), nearest-rank on the sorted samples;
+    /// NaN when empty.
+    pub fn pct(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let rank = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        v[rank.min(v.len() - 1)]
+    }
+
+    /// The median.
+    pub fn median(&self) -> f64 {
+        self.pct(50.0)
+    }
+
+    /// The smallest sample.
+    pub fn min(&self) -> f64 {
+        self.pct(0.0)
+    }
+
+    /// The largest sample.
+    pub fn max(&self) -> f64 {
+        self.pct(100.0)
+    }
+
+    /// Every sample with `by` subtracted.
+    pub fn minus(&self, by: f64) -> Samples {
+        Samples(self.0.iter().map(|x| x - by).collect())
+    }
+}
+
+/// Which way a target goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Goal {
+    /// The value must be at most the bound.
+    AtMost(f64),
+    /// The value must be at least the bound.
+    AtLeast(f64),
+    /// No target: the row is context.
+    Info,
+}
+
+/// One line of the table.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Figure number and name, e.g. `1a hook, 1 path, above /bin/true`.
+    pub name: String,
+    /// The value compared with the target (usually the median).
+    pub value: f64,
+    /// How the spread is shown, e.g. `p10-p90 0.21-0.30`.
+    pub spread: String,
+    /// Unit printed after numbers (`ms`, `paths/s`, `x`, `MiB`, ...).
+    pub unit: &'static str,
+    /// The target.
+    pub goal: Goal,
+    /// Free text shown after the verdict (what was measured, the bound).
+    pub note: String,
+}
+
+impl Row {
+    /// A row whose value is the median of `s` and whose spread is p10-p90
+    /// (or min-max when there are fewer than 10 samples).
+    pub fn from_samples(name: &str, s: &Samples, unit: &'static str, goal: Goal) -> Row {
+        let (label, lo, hi) = if s.len() >= 10 {
+            ("p10-p90", s.pct(10.0), s.pct(90.0))
+        } else {
+            ("min-max", s.min(), s.max())
+        };
+        let spread = format!("{label} {}-{}", num(lo, ""), num(hi, unit));
+        Row {
+            name: name.to_string(),
+            value: s.median(),
+            spread: format!("{spread} (n={})", s.len()),
+            unit,
+            goal,
+            note: String::new(),
+        }
+    }
+
+    /// A row with a single value (and a free-form spread text).
+    pub fn single(name: &str, value: f64, spread: &str, unit: &'static str, goal: Goal) -> Row {
+        Row {
+            name: name.to_string(),
+            value,
+            spread: spread.to_string(),
+            unit,
+            goal,
+            note: String::new(),
+        }
+    }
+
+    /// Adds an explanation shown after the verdict.
+    pub fn note(mut self, note: impl Into<String>) -> Row {
+        self.note = note.into();
+        self
+    }
+
+    /// `Some(true)` when the target is met, `None` for context rows.
+    pub fn pass(&self) -> Option<bool> {
+        match self.goal {
+            Goal::AtMost(b) => Some(self.value <= b),
+            Goal::AtLeast(b) => Some(self.value >= b),
+            Goal::Info => None,
+        }
+    }
+
+    fn target_text(&self) -> String {
+        match self.goal {
+            Goal::AtMost(b) => format!("<= {}", num(b, self.unit)),
+            Goal::AtLeast(b) => format!(">= {}", num(b, self.unit)),
+            Goal::Info => "-".into(),
+        }
+    }
+}
+
+/// A number with as many decimals as its size deserves, and its unit.
+pub fn num(x: f64, unit: &str) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    let a = x.abs();
+    let s = if a >= 100.0 || x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else if a >= 10.0 {
+        format!("{x:.1}")
+    } else if a >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.3}")
+    };
+    if unit.is_empty() {
+        s
+    } else if unit == "x" || unit == "%" {
+        format!("{s}{unit}")
+    } else {
+        format!("{s} {unit}")
+    }
+}
+
+/// The table as Markdown (also readable as plain text).
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    out.push_str("| figure | median | spread | target | result |\n");
+    out.push_str("| --- | ---: | --- | --- | --- |\n");
+    for r in rows {
+        let verdict = match r.pass() {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "info",
+        };
+        let note = if r.note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r.note)
+        };
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {verdict}{note} |",
+            r.name,
+            num(r.value, r.unit),
+            r.spread,
+            r.target_text()
+        )
+        .unwrap();
+    }
+    out
+}

@@ -1,0 +1,355 @@
+//! Helpers shared by the figures: run sizes, well-formed fake store paths, a
+//! raw protocol client, timed process runs, and a daemon process whose start
+//! is timed to the sub-millisecond (the harness's `Daemon` polls every 20 ms).
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::common::{kill_tree, Daemon, NixEnv};
+
+/// How much work each figure does: the full benchmark (`cargo bench`) or the
+/// quick mode `cargo test` runs so that the benchmark cannot rot.
+#[derive(Debug, Clone)]
+pub struct Mode {
+    /// True for the quick mode.
+    pub quick: bool,
+    /// Timed runs per hook variant (after warm-up runs).
+    pub hook_runs: usize,
+    /// Timed runs of the 1,000-path burst.
+    pub burst_runs: usize,
+    /// Paths in the burst.
+    pub burst_paths: usize,
+    /// Rounds of the build-loop comparison.
+    pub build_rounds: usize,
+    /// Derivations per `nix-build` call.
+    pub build_drvs: usize,
+    /// Rounds that also build with the (slow) inline hook.
+    pub inline_rounds: usize,
+    /// Rounds of the drain comparison.
+    pub drain_rounds: usize,
+    /// Paths drained with the default batch size (and by bare nix).
+    pub drain_paths: usize,
+    /// Paths drained with `batch-size = 1` (its rate is per call, so fewer
+    /// paths give the same figure in less time).
+    pub drain_bs1_paths: usize,
+    /// Concurrent clients of the enqueue figure.
+    pub clients: usize,
+    /// Connections (one path each) per client and round.
+    pub per_client: usize,
+    /// Rounds of the enqueue figure.
+    pub enqueue_rounds: usize,
+    /// Rounds of the idle-memory figure.
+    pub idle_rounds: usize,
+    /// Paths in the big queue (memory and restart figures).
+    pub big_queue: usize,
+    /// Timed restarts with the big queue.
+    pub restart_rounds: usize,
+}
+
+impl Mode {
+    /// The sizes for the full benchmark or the quick mode.
+    pub fn new(quick: bool) -> Mode {
+        if quick {
+            Mode {
+                quick,
+                hook_runs: 20,
+                burst_runs: 3,
+                burst_paths: 1000,
+                build_rounds: 1,
+                build_drvs: 5,
+                inline_rounds: 1,
+                drain_rounds: 1,
+                drain_paths: 30,
+                drain_bs1_paths: 5,
+                clients: 16,
+                per_client: 10,
+                enqueue_rounds: 1,
+                idle_rounds: 1,
+                big_queue: 5_000,
+                restart_rounds: 2,
+            }
+        } else {
+            Mode {
+                quick,
+                hook_runs: 1000,
+                burst_runs: 30,
+                burst_paths: 1000,
+                build_rounds: 9,
+                build_drvs: 50,
+                inline_rounds: 3,
+                drain_rounds: 3,
+                drain_paths: 1000,
+                drain_bs1_paths: 100,
+                clients: 16,
+                per_client: 500,
+                enqueue_rounds: 5,
+                idle_rounds: 3,
+                big_queue: 100_000,
+                restart_rounds: 7,
+            }
+        }
+    }
+}
+
+const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+static FAKE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn base32(mut x: u64, len: usize) -> String {
+    let mut s = vec![b'0'; len];
+    for c in s.iter_mut().rev() {
+        *c = NIX_BASE32[(x % 32) as usize];
+        x /= 32;
+    }
+    String::from_utf8(s).expect("ASCII")
+}
+
+/// `n` distinct paths that pass the daemon's validation (`<store>/<32
+/// nix-base32>-<name>`) but do not exist in the store. Never repeated within
+/// a run, so every enqueue is new and costs a journal sync.
+pub fn fake_paths(store: &Path, n: usize) -> Vec<String> {
+    let run = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ (u64::from(std::process::id()) << 40);
+    let first = FAKE_COUNTER.fetch_add(n as u64, Ordering::SeqCst);
+    (first..first + n as u64)
+        .map(|i| {
+            format!(
+                "{}/{}{}-npbhq-bench-{i}",
+                store.display(),
+                base32(run, 12),
+                base32(i, 20)
+            )
+        })
+        .collect()
+}
+
+/// Adds `n` small files to the store in one `nix-store --add` call and
+/// returns their (real, valid) store paths.
+pub fn add_store_paths(env: &NixEnv, n: usize) -> Vec<String> {
+    let dir = env.root().join("files");
+    fs::create_dir_all(&dir).expect("create files dir");
+    let files: Vec<PathBuf> = (0..n)
+        .map(|i| {
+            let f = dir.join(format!("bench-file-{i}"));
+            fs::write(
+                &f,
+                format!("benchmark file {i} {}\n", crate::common::unique_id()),
+            )
+            .expect("write bench file");
+            f
+        })
+        .collect();
+    let out = crate::common::run_ok(env.cmd("nix-store").arg("--add").args(&files));
+    let paths: Vec<String> = out.lines().map(str::to_string).collect();
+    assert_eq!(
+        paths.len(),
+        n,
+        "nix-store --add printed {} paths",
+        paths.len()
+    );
+    paths
+}
+
+/// A raw protocol connection (the bench's own client, not the hook's).
+pub struct Conn {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Conn {
+    /// Connects to the daemon's socket.
+    pub fn open(socket: &Path) -> io::Result<Conn> {
+        let writer = UnixStream::connect(socket)?;
+        writer.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let reader = BufReader::new(writer.try_clone()?);
+        Ok(Conn { reader, writer })
+    }
+
+    /// Sends one request line and returns every reply line up to and
+    /// including the final `ok`/`err` line.
+    pub fn request(&mut self, line: &str) -> io::Result<Vec<String>> {
+        self.writer.write_all(line.as_bytes())?;
+        self.writer.write_all(b"\n")?;
+        let mut lines = Vec::new();
+        loop {
+            let mut l = String::new();
+            if self.reader.read_line(&mut l)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed after {lines:?}"),
+                ));
+            }
+            let l = l.trim_end().to_string();
+            let last = l == "ok" || l.starts_with("ok ") || l.starts_with("err");
+            lines.push(l);
+            if last {
+                return Ok(lines);
+            }
+        }
+    }
+
+    /// `enqueue` of `paths` in one line; returns N of `ok N`, panics on `err`.
+    pub fn enqueue(&mut self, paths: &[String]) -> usize {
+        let line = format!("enqueue {}", paths.join(" "));
+        let reply = self.request(&line).expect("enqueue request");
+        let last = reply.last().cloned().unwrap_or_default();
+        last.strip_prefix("ok ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("enqueue refused: {last}"))
+    }
+
+    /// The daemon's `status` as key/value pairs.
+    pub fn status(&mut self) -> Vec<(String, String)> {
+        self.request("status")
+            .expect("status request")
+            .into_iter()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect()
+    }
+
+    /// One numeric field of `status`.
+    pub fn status_number(&mut self, key: &str) -> u64 {
+        self.status()
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("status has no number {key}"))
+    }
+}
+
+/// Polls the daemon until nothing is queued or in flight; returns how long
+/// that took from `since`. Panics after `bound` (a correctness bound).
+pub fn wait_drained(conn: &mut Conn, since: Instant, bound: Duration) -> Duration {
+    loop {
+        let st = conn.status();
+        let get = |k: &str| {
+            st.iter()
+                .find(|(key, _)| key == k)
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+                .unwrap_or(u64::MAX)
+        };
+        if get("queued") == 0 && get("in-flight") == 0 {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < bound,
+            "queue not drained within {bound:?}: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Wall time of one run of `cmd` (spawn to exit); panics unless it exits 0.
+pub fn time_run(cmd: &mut Command) -> f64 {
+    let start = Instant::now();
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let took = start.elapsed();
+    assert!(status.success(), "{cmd:?} failed: {status}");
+    took.as_secs_f64() * 1000.0
+}
+
+/// A daemon process started by the bench itself, so that the time from
+/// `exec` until the socket accepts is measured precisely. Killed with its
+/// whole process tree on drop.
+pub struct DaemonProc {
+    child: Child,
+}
+
+impl DaemonProc {
+    /// Starts the daemon with `d`'s config file (prepared with
+    /// [`Daemon::new_stopped`]) and the environment of `env`; returns it
+    /// and the milliseconds until its socket accepted.
+    pub fn start(env: &NixEnv, d: &Daemon) -> (DaemonProc, f64) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.log_path())
+            .expect("open daemon log");
+        let mut cmd = env.cmd(crate::common::daemon_bin());
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(d.config_path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        let socket = d.socket();
+        let start = Instant::now();
+        let mut child = cmd.spawn().expect("spawn daemon");
+        loop {
+            if UnixStream::connect(&socket).is_ok() {
+                let took = start.elapsed().as_secs_f64() * 1000.0;
+                return (DaemonProc { child }, took);
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("daemon exited ({st}); log:\n{}", d.log());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                kill_tree(child.id());
+                let _ = child.wait();
+                panic!("daemon did not accept within 30 s; log:\n{}", d.log());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory (`VmHWM`) in MiB.
+    pub fn vm_hwm_mib(&self) -> f64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kib / 1024.0
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        kill_tree(self.child.id());
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes an executable shell script.
+pub fn write_script(path: &Path, text: &str) {
+    fs::write(path, text).expect("write script");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod script");
+}
+
+/// A directory with `nix` and `nix-store` wrappers that sleep for an hour
+/// before running the real program ("nix-delay-wrapper"): a daemon using it
+/// keeps its queue, which the memory and restart figures need.
+pub fn nix_delay_wrapper(env: &NixEnv) -> PathBuf {
+    let dir = env.root().join("nix-delay-wrapper");
+    fs::create_dir_all(&dir).expect("create wrapper dir");
+    for prog in ["nix", "nix-store"] {
+        write_script(
+            &dir.join(prog),
+            &format!(
+                "#!/bin/sh\n# nix-delay-wrapper: hold the daemon's first nix call so its queue stays full.\n\
+                 sleep 3600\nexec {prog} \"$@\"\n"
+            ),
+        );
+    }
+    dir.join("nix")
+}
