@@ -1,12 +1,15 @@
 //! The daemon: recovery at start, the listener, and one thread per client.
 //!
 //! Startup is recovery: open and replay the journal, hand every live path to
-//! the worker, ingest the spool, then accept. Each connection gets its own
-//! thread (bounded by `max-connections`) that reads request lines, journals
-//! paths before acknowledging them, and passes them to the worker through
-//! the channel. A slow client therefore never delays another one, and the
-//! worker's nix calls never delay an acknowledgement.
+//! the worker, ingest the spool, then accept. Each connection is served by a
+//! thread of its own (at most `max-connections`; a thread that finished a
+//! client waits a few seconds for the next one, so a burst of hooks does not
+//! start a thread per build) that reads request lines, journals paths before
+//! acknowledging them, and passes them to the worker through the channel. A
+//! slow client therefore never delays another one, and the worker's nix
+//! calls never delay an acknowledgement.
 
+use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -14,7 +17,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -85,7 +88,23 @@ struct Context {
     signing: bool,
     active: AtomicUsize,
     max_connections: usize,
+    pool: Mutex<Pool>,
+    /// Signalled when a connection is handed to the pool.
+    wake: Condvar,
 }
+
+/// Connection threads that finished a client and wait for the next one.
+#[derive(Default)]
+struct Pool {
+    /// Accepted connections handed to the pool, not yet taken by a thread.
+    waiting: VecDeque<UnixStream>,
+    /// Threads waiting for a connection.
+    idle: usize,
+}
+
+/// How long a connection thread waits for another connection before it
+/// exits: threads are reused in a burst of hooks, and gone when idle.
+const IDLE_THREAD_KEEP: Duration = Duration::from_secs(5);
 
 /// Runs the daemon until it is killed or the listener fails.
 pub fn serve(config: Config) -> Result<(), ServeError> {
@@ -149,6 +168,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         signing: config.signing_key_file.is_some(),
         active: AtomicUsize::new(0),
         max_connections: config.max_connections,
+        pool: Mutex::new(Pool::default()),
+        wake: Condvar::new(),
     });
     info!(
         "ready: store {}, signing {}, upload to {}",
@@ -351,17 +372,50 @@ fn accept(ctx: &Arc<Context>, mut stream: UnixStream) {
             stream.write_all(final_line(Err("busy: too many connections, try again")).as_bytes());
         return;
     }
+    {
+        // Hand it to an idle connection thread, if one is waiting.
+        let mut pool = ctx.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.idle > pool.waiting.len() {
+            pool.waiting.push_back(stream);
+            ctx.wake.notify_one();
+            return;
+        }
+    }
     let ctx2 = Arc::clone(ctx);
     let spawned = std::thread::Builder::new()
         .name("conn".into())
         .stack_size(64 * 1024)
-        .spawn(move || {
-            handle(&ctx2, stream);
-            ctx2.active.fetch_sub(1, Ordering::SeqCst);
-        });
+        .spawn(move || connection_thread(&ctx2, stream));
     if let Err(e) = spawned {
         ctx.active.fetch_sub(1, Ordering::SeqCst);
         warning!("cannot start a connection thread: {e}");
+    }
+}
+
+/// Serves `stream`, then the connections handed to it while it is idle,
+/// until none came for [`IDLE_THREAD_KEEP`]: a burst of hooks reuses a few
+/// threads instead of starting one per build.
+fn connection_thread(ctx: &Context, mut stream: UnixStream) {
+    loop {
+        handle(ctx, stream);
+        ctx.active.fetch_sub(1, Ordering::SeqCst);
+        let mut pool = ctx.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.idle += 1;
+        stream = loop {
+            if let Some(next) = pool.waiting.pop_front() {
+                pool.idle -= 1;
+                break next;
+            }
+            let (guard, waited) = ctx
+                .wake
+                .wait_timeout(pool, IDLE_THREAD_KEEP)
+                .unwrap_or_else(|e| e.into_inner());
+            pool = guard;
+            if waited.timed_out() && pool.waiting.is_empty() {
+                pool.idle -= 1;
+                return;
+            }
+        };
     }
 }
 

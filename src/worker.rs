@@ -2,7 +2,9 @@
 //! them with `nix`, outside the build loop.
 //!
 //! It is fed through an `mpsc` channel by the connection threads (after they
-//! journaled the paths) and owns the order of work. For each batch it finds
+//! journaled the paths) and owns the order of work. While paths keep coming
+//! (a build in progress) it gathers them for a moment rather than start nix
+//! for every few, leaving the CPU to the build. For each batch it finds
 //! the outputs of derivations, drops paths that are gone from the store, then
 //! runs one `nix store sign` and one `nix copy`. When a batch fails, one of
 //! its paths is tried alone: if that fails too, the target is taken to be
@@ -27,6 +29,10 @@ use crate::status::{Backoff, Shared};
 use crate::store_path::StorePath;
 use crate::{drv, info, spool, warning};
 
+/// A batch starts once no new path arrived for this long...
+const BATCH_QUIET: Duration = Duration::from_millis(200);
+/// ...or once it has waited this long for more paths.
+const BATCH_MAX_WAIT: Duration = Duration::from_secs(2);
 /// How often an idle worker looks at the spool directory.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
@@ -121,6 +127,9 @@ impl Worker {
             while let Ok(msg) = self.rx.try_recv() {
                 shutdown |= self.handle(msg);
             }
+            if !shutdown && !self.gather() {
+                return;
+            }
             if shutdown || self.shared.stopping.load(Ordering::SeqCst) {
                 return;
             }
@@ -132,6 +141,28 @@ impl Worker {
             let batch = self.take_batch();
             self.process(batch);
         }
+    }
+
+    /// While paths keep arriving (a build in progress), gathers them into
+    /// one batch instead of starting nix for every few: until none came for
+    /// [`BATCH_QUIET`], the batch is full, or [`BATCH_MAX_WAIT`] passed.
+    /// Returns false when the channel is gone or a stop was asked for.
+    fn gather(&mut self) -> bool {
+        let full = self.batch_limit.min(self.batch_size);
+        let start = Instant::now();
+        while !self.ready.is_empty() && self.ready.len() < full && start.elapsed() < BATCH_MAX_WAIT
+        {
+            match self.rx.recv_timeout(BATCH_QUIET) {
+                Ok(msg) => {
+                    if self.handle(msg) {
+                        return false;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        true
     }
 
     fn handle(&mut self, msg: Msg) -> bool {
