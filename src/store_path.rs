@@ -10,8 +10,6 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-/// The alphabet of Nix's base-32 encoding (no `e`, `o`, `t`, `u`).
-const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 /// Length of the hash part of a store path's base name.
 pub const HASH_LEN: usize = 32;
 /// Longest name Nix accepts after the hash and dash.
@@ -97,6 +95,24 @@ impl fmt::Display for PathError {
 
 impl std::error::Error for PathError {}
 
+/// A character of Nix's base-32 alphabet: `0-9a-z` without `e o t u`.
+fn is_nix_base32(b: u8) -> bool {
+    matches!(b, b'0'..=b'9' | b'a'..=b'd' | b'f'..=b'n' | b'p'..=b's' | b'v'..=b'z')
+}
+
+/// A character Nix allows in a store path's name.
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b'?' | b'=')
+}
+
+/// The first character of `s` that is not an allowed ASCII byte, for the
+/// error message (the byte-wise check already found one).
+fn first_char_not(s: &str, allowed: fn(u8) -> bool) -> char {
+    s.chars()
+        .find(|c| !c.is_ascii() || !allowed(*c as u8))
+        .unwrap_or('\u{fffd}')
+}
+
 impl StorePath {
     /// Parses `s` as a path directly under `store_dir` (given without a trailing
     /// slash, e.g. `/nix/store`).
@@ -121,11 +137,8 @@ impl StorePath {
         if hash.len() != HASH_LEN {
             return Err(PathError::HashLength(hash.chars().count()));
         }
-        if let Some(c) = hash
-            .chars()
-            .find(|c| !NIX_BASE32.contains(&(*c as u8)) || !c.is_ascii())
-        {
-            return Err(PathError::HashChar(c));
+        if !hash.bytes().all(is_nix_base32) {
+            return Err(PathError::HashChar(first_char_not(hash, is_nix_base32)));
         }
         if name.is_empty() {
             return Err(PathError::EmptyName);
@@ -133,11 +146,8 @@ impl StorePath {
         if name.len() > MAX_NAME_LEN {
             return Err(PathError::NameTooLong(name.len()));
         }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || "+-._?=".contains(*c)))
-        {
-            return Err(PathError::NameChar(c));
+        if !name.bytes().all(is_name_byte) {
+            return Err(PathError::NameChar(first_char_not(name, is_name_byte)));
         }
         if name.starts_with('.') {
             return Err(PathError::NameDot);
@@ -258,6 +268,16 @@ mod tests {
         ];
         for (input, want) in cases {
             assert_eq!(StorePath::parse(&input, S), Err(want), "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn hash_alphabet_is_exactly_nix_base32() {
+        for b in 0u8..=127 {
+            let c = b as char;
+            let hash = format!("{}{c}", &H[..31]);
+            let ok = StorePath::parse(&format!("{S}/{hash}-a"), S).is_ok();
+            assert_eq!(ok, H.contains(c), "{c:?}");
         }
     }
 
