@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::client::{self, ClientError, Connection};
 use crate::config::{self, Config, KEYS};
-use crate::protocol::request_line;
+use crate::protocol::{self, request_line};
 use crate::server;
 
 /// Exit code for usage and connection errors.
@@ -213,7 +213,7 @@ fn connect_error(e: &ClientError) -> String {
 /// True for the refusals that mean "not now" rather than "no": the daemon is
 /// stopping or has too many clients. Those are connection errors (exit 2).
 fn unavailable(message: &str) -> bool {
-    message.starts_with("busy:") || message.starts_with("stopping:")
+    message.starts_with(protocol::ERR_BUSY) || message.starts_with(protocol::ERR_STOPPING)
 }
 
 fn enqueue(conn: &mut Connection, paths: &[String]) -> Result<(), ClientError> {

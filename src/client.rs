@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::config;
-use crate::protocol::{request_line, MAX_LINE, MAX_PATHS};
+use crate::protocol::{self, request_line, MAX_LINE, MAX_PATHS};
 use crate::spool;
 
 /// Environment variable naming the daemon's socket.
@@ -223,6 +223,10 @@ pub enum HookOutcome {
     Spooled(ClientError, PathBuf),
     /// Neither the daemon nor the spool took the request.
     Lost(ClientError, PathBuf, io::Error),
+    /// The daemon refused the request as malformed (a path that is not a
+    /// valid store path, say); it is not spooled, as it would be refused
+    /// again.
+    Refused(String),
 }
 
 impl fmt::Display for HookOutcome {
@@ -236,6 +240,10 @@ impl fmt::Display for HookOutcome {
                 f,
                 "{e}; spooled the paths to {} for the daemon to pick up",
                 file.display()
+            ),
+            HookOutcome::Refused(reason) => write!(
+                f,
+                "the daemon refused the paths: {reason}; they are NOT queued"
             ),
             HookOutcome::Lost(e, dir, se) => write!(
                 f,
@@ -268,6 +276,10 @@ pub fn hook(
     });
     let err = match result {
         Ok(()) => return HookOutcome::Queued,
+        // A malformed request would be refused again from the spool.
+        Err(ClientError::Refused(reason)) if !protocol::is_transient(&reason) => {
+            return HookOutcome::Refused(reason)
+        }
         Err(e) => e,
     };
     let rest: String = lines[sent..].concat();

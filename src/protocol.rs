@@ -15,6 +15,24 @@ pub const MAX_LINE: usize = 1 << 20;
 /// Most paths in one `enqueue` request.
 pub const MAX_PATHS: usize = 10_000;
 
+/// `err` reason: too many clients at once.
+pub const ERR_BUSY: &str = "busy: too many connections, try again";
+/// `err` reason: the daemon is stopping.
+pub const ERR_STOPPING: &str = "stopping: the daemon is shutting down";
+/// Start of the `err` reason when the journal cannot be written.
+pub const ERR_JOURNAL: &str = "cannot write the journal";
+/// `err` reason: the worker thread is gone (the paths are journaled).
+pub const ERR_WORKER_GONE: &str =
+    "the worker has stopped; the paths are journaled and will be uploaded after a restart";
+
+/// True for refusals that mean "not now" rather than "no": the request may
+/// succeed later unchanged (so the hook spools it), unlike a malformed one.
+pub fn is_transient(reason: &str) -> bool {
+    [ERR_BUSY, ERR_STOPPING, ERR_JOURNAL, ERR_WORKER_GONE]
+        .iter()
+        .any(|prefix| reason.starts_with(prefix))
+}
+
 /// A parsed, validated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {

@@ -22,7 +22,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::journal::Journal;
-use crate::protocol::{final_line, parse_request, ProtocolError, Request, MAX_LINE};
+use crate::protocol::{
+    final_line, parse_request, ProtocolError, Request, ERR_BUSY, ERR_JOURNAL, ERR_STOPPING,
+    ERR_WORKER_GONE, MAX_LINE,
+};
 use crate::status::{self, Shared, Snapshot};
 use crate::store_path::StorePath;
 use crate::worker::{Msg, Worker};
@@ -361,15 +364,13 @@ fn stop_on_signal(
 fn accept(ctx: &Arc<Context>, mut stream: UnixStream) {
     if ctx.shared.stopping.load(Ordering::SeqCst) {
         let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ =
-            stream.write_all(final_line(Err("stopping: the daemon is shutting down")).as_bytes());
+        let _ = stream.write_all(final_line(Err(ERR_STOPPING)).as_bytes());
         return;
     }
     if ctx.active.fetch_add(1, Ordering::SeqCst) >= ctx.max_connections {
         ctx.active.fetch_sub(1, Ordering::SeqCst);
         let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ =
-            stream.write_all(final_line(Err("busy: too many connections, try again")).as_bytes());
+        let _ = stream.write_all(final_line(Err(ERR_BUSY)).as_bytes());
         return;
     }
     {
@@ -524,15 +525,13 @@ fn enqueue(ctx: &Context, paths: &[StorePath]) -> String {
         Ok(added) => {
             let n = added.len();
             if n > 0 && ctx.tx.send(Msg::Queued(added)).is_err() {
-                return final_line(Err("the worker has stopped; the paths are journaled and will be uploaded after a restart"));
+                return final_line(Err(ERR_WORKER_GONE));
             }
             final_line(Ok(&n.to_string()))
         }
         Err(e) => {
             error!("cannot journal {} paths: {e}", paths.len());
-            final_line(Err(&format!(
-                "cannot write the journal: {e}; nothing was queued"
-            )))
+            final_line(Err(&format!("{ERR_JOURNAL}: {e}; nothing was queued")))
         }
     }
 }

@@ -1751,7 +1751,7 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
             assert!(!o.status.success(), "CLI enqueue {bad:?}: {}", show(&o));
         }
         // Hook: as OUT_PATHS and as DRV_PATH (it always exits 0; a refused
-        // request goes to the spool, where the daemon refuses it again).
+        // request is reported, not spooled, as it would be refused again).
         // OUT_PATHS is whitespace-separated: skip what splits into valid paths.
         let splits_valid = bad
             .split_whitespace()
@@ -1763,6 +1763,13 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
             ] {
                 let o = run(d.hook_cmd().env("OUT_PATHS", &out).env("DRV_PATH", &drv));
                 assert!(o.status.success(), "hook {out:?}/{drv:?}: {}", show(&o));
+                let said = String::from_utf8_lossy(&o.stderr);
+                assert!(
+                    said.contains("NOT queued") || said.contains("nothing to queue"),
+                    "hook {out:?}/{drv:?}: {}",
+                    show(&o)
+                );
+                assert!(!said.contains("spooled"), "hook {out:?}/{drv:?}: {}", show(&o));
             }
         }
         // Spool file written directly.
