@@ -11,17 +11,6 @@ use common::*;
 use std::fs;
 use std::path::PathBuf;
 
-/// A `file://` cache under the env: (url for uploads, url for reading).
-fn file_cache(env: &NixEnv, name: &str) -> (String, String) {
-    let dir = env.root().join(name);
-    let read = format!("file://{}", dir.display());
-    (format!("{read}?compression=none"), read)
-}
-
-fn strs(paths: &[PathBuf]) -> Vec<String> {
-    paths.iter().map(|p| p.display().to_string()).collect()
-}
-
 fn wait_verified(env: &NixEnv, d: &Daemon, url: &str, pk: &str, paths: &[PathBuf], what: &str) {
     wait_until_ok(
         UPLOAD_TIMEOUT,

@@ -30,30 +30,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// A `file://` cache under the env: (url for uploads, url for reading).
-fn file_cache(env: &NixEnv, name: &str) -> (String, String) {
-    let dir = env.root().join(name);
-    let read = format!("file://{}", dir.display());
-    (format!("{read}?compression=none"), read)
-}
-
-fn strs(paths: &[PathBuf]) -> Vec<String> {
-    paths.iter().map(|p| p.display().to_string()).collect()
-}
-
 fn enqueue_line(paths: &[PathBuf]) -> String {
     format!("enqueue {}", strs(paths).join(" "))
-}
-
-/// The absolute path of `program` found on `PATH`.
-fn on_path(program: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(program))
-                .find(|f| f.is_file())
-        })
-        .unwrap_or_else(|| panic!("{program} is not on PATH"))
 }
 
 /// A directory with a `nix` shell script that runs `prelude` and then
@@ -67,13 +45,13 @@ fn nix_wrapper(env: &NixEnv, name: &str, prelude: &str) -> PathBuf {
         &script,
         format!(
             "#!/bin/sh\n# {name}: fault injection around the real nix\n{prelude}\nexec {} \"$@\"\n",
-            on_path("nix").display()
+            which("nix").display()
         ),
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::symlink(on_path("nix-store"), dir.join("nix-store")).unwrap();
+    std::os::unix::fs::symlink(which("nix-store"), dir.join("nix-store")).unwrap();
     script
 }
 
@@ -447,7 +425,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     // Let the queue drain about half way (plain nix, no delay), then crash
     // again: the journal now holds at least as many dead records as live
     // ones, so the next start compacts it.
-    d.set_config("nix", &on_path("nix").display().to_string());
+    d.set_config("nix", &which("nix").display().to_string());
     d.try_spawn().unwrap();
     let half = before.live.len() / 2;
     wait_until_diag(

@@ -610,15 +610,6 @@ fn assert_alive(d: &mut Daemon, ctx: &str) {
     assert_no_panic(d, ctx);
 }
 
-/// The absolute path of a program on PATH.
-fn which(program: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{program} not found on PATH"))
-}
-
 /// A directory with `nix` and `nix-store` scripts standing in for the real
 /// ones (the daemon takes `nix-store` from beside its `nix` setting).
 struct NixWrapper {
@@ -1769,7 +1760,11 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
                     "hook {out:?}/{drv:?}: {}",
                     show(&o)
                 );
-                assert!(!said.contains("spooled"), "hook {out:?}/{drv:?}: {}", show(&o));
+                assert!(
+                    !said.contains("spooled"),
+                    "hook {out:?}/{drv:?}: {}",
+                    show(&o)
+                );
             }
         }
         // Spool file written directly.

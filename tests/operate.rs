@@ -26,28 +26,6 @@ use std::time::Duration;
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// A `file://` cache under the env: (url for uploads, url for reading).
-fn file_cache(env: &NixEnv, name: &str) -> (String, String) {
-    let dir = env.root().join(name);
-    let read = format!("file://{}", dir.display());
-    (format!("{read}?compression=none"), read)
-}
-
-fn strs(paths: &[PathBuf]) -> Vec<String> {
-    paths.iter().map(|p| p.display().to_string()).collect()
-}
-
-/// The full path of `program` on `PATH`.
-fn which(program: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{program} is not on PATH"))
-}
-
 /// A well-formed store path that does not exist: the daemon acknowledges it
 /// and then drops it ("no longer valid in the store").
 fn missing_path(env: &NixEnv, name: &str) -> String {

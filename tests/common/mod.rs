@@ -1670,3 +1670,30 @@ impl JsonParser<'_> {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Small helpers shared by the test files
+// ---------------------------------------------------------------------------
+
+/// A `file://` cache named `name` under the env: (URL for uploads, without
+/// compression to keep tests fast; URL for reading).
+pub fn file_cache(env: &NixEnv, name: &str) -> (String, String) {
+    let dir = env.root().join(name);
+    let read = format!("file://{}", dir.display());
+    (format!("{read}?compression=none"), read)
+}
+
+/// Paths as strings.
+pub fn strs(paths: &[PathBuf]) -> Vec<String> {
+    paths.iter().map(|p| p.display().to_string()).collect()
+}
+
+/// The absolute path of `program` on `PATH` (panics when it is missing).
+pub fn which(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{program} is not on PATH"))
+}
