@@ -11,6 +11,21 @@ use common::*;
 use std::fs;
 use std::path::PathBuf;
 
+/// A daemon that signs with a fresh key named `key_name` and uploads to a
+/// `file://` cache: (daemon, the cache's URL for reading, the public key).
+fn signing_daemon(env: &NixEnv, key_name: &str) -> (Daemon, String, String) {
+    let (sk, pk) = env.gen_signing_key(key_name);
+    let (upload, read) = file_cache(env, "cache");
+    let d = Daemon::start(
+        env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+        ],
+    );
+    (d, read, pk)
+}
+
 fn wait_verified(env: &NixEnv, d: &Daemon, url: &str, pk: &str, paths: &[PathBuf], what: &str) {
     wait_until_ok(
         UPLOAD_TIMEOUT,
@@ -26,15 +41,7 @@ fn wait_verified(env: &NixEnv, d: &Daemon, url: &str, pk: &str, paths: &[PathBuf
 #[test]
 fn hook_build_is_signed_and_uploaded_to_file_cache() {
     let env = NixEnv::new("core-file");
-    let (sk, pk) = env.gen_signing_key("core-file-1");
-    let (upload, read) = file_cache(&env, "cache");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-        ],
-    );
+    let (d, read, pk) = signing_daemon(&env, "core-file-1");
     let b = env.build(3, "file", Some(&hook_bin()), &d.hook_env());
     assert!(
         b.status.success(),
@@ -172,15 +179,7 @@ fn spooled_paths_are_uploaded_when_daemon_starts() {
 #[test]
 fn enqueue_cli_uploads_and_rejects_bad_arguments() {
     let env = NixEnv::new("core-enq");
-    let (sk, pk) = env.gen_signing_key("core-enq-1");
-    let (upload, read) = file_cache(&env, "cache");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-        ],
-    );
+    let (d, read, pk) = signing_daemon(&env, "core-enq-1");
     let paths = env.build_paths(2, "enq");
     let sock = d.socket().display().to_string();
 
@@ -218,15 +217,7 @@ fn enqueue_cli_reads_stdin() {
     use std::io::Write;
     use std::process::Stdio;
     let env = NixEnv::new("core-stdin");
-    let (sk, pk) = env.gen_signing_key("core-stdin-1");
-    let (upload, read) = file_cache(&env, "cache");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-        ],
-    );
+    let (d, read, pk) = signing_daemon(&env, "core-stdin-1");
     let paths = env.build_paths(2, "stdin");
     let mut child = d
         .cli_cmd()
@@ -356,15 +347,7 @@ fn journal_survives_kill9_and_uploads_after_restart() {
 #[test]
 fn hook_client_run_directly_hands_over_drv() {
     let env = NixEnv::new("core-direct");
-    let (sk, pk) = env.gen_signing_key("core-direct-1");
-    let (upload, read) = file_cache(&env, "cache");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-        ],
-    );
+    let (d, read, pk) = signing_daemon(&env, "core-direct-1");
     let paths = env.build_paths(1, "direct");
     let drv = run_ok(
         env.cmd("nix-store")
@@ -397,15 +380,7 @@ fn hook_client_run_directly_hands_over_drv() {
 #[test]
 fn invalid_path_does_not_block_valid_ones() {
     let env = NixEnv::new("core-invalid");
-    let (sk, pk) = env.gen_signing_key("core-invalid-1");
-    let (upload, read) = file_cache(&env, "cache");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-        ],
-    );
+    let (d, read, pk) = signing_daemon(&env, "core-invalid-1");
     let paths = env.build_paths(2, "invalid");
     let bogus = env
         .store_dir()
