@@ -57,13 +57,15 @@ pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
 /// Journals every spooled request and deletes its file; returns the paths
 /// that were newly queued. Files that cannot be journaled now stay.
 pub fn ingest(dir: &Path, store_dir: &str, journal: &Journal) -> Vec<StorePath> {
-    let mut names: Vec<PathBuf> = match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "req"))
-            .collect(),
+    let entries: Vec<PathBuf> = match fs::read_dir(dir) {
+        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
         Err(_) => return Vec::new(),
     };
+    remove_abandoned(&entries);
+    let mut names: Vec<PathBuf> = entries
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "req"))
+        .collect();
     names.sort();
     let mut queued = Vec::new();
     for file in names {
@@ -124,6 +126,26 @@ pub fn ingest(dir: &Path, store_dir: &str, journal: &Journal) -> Vec<StorePath> 
     queued
 }
 
+/// Removes temporary files of hooks that were killed between writing and
+/// renaming (no hook takes anywhere near this long to write one).
+fn remove_abandoned(entries: &[PathBuf]) {
+    const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+    for path in entries {
+        let is_tmp = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"));
+        let old = fs::symlink_metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > ABANDONED_AFTER);
+        if is_tmp && old {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +183,29 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("evil.bad")]);
+        let _ = fs::remove_dir_all(&spool);
+        let _ = fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn abandoned_temporary_files_are_removed_fresh_ones_kept() {
+        let spool = dir("abandoned");
+        let state = dir("abandoned-state");
+        fs::create_dir_all(&spool).unwrap();
+        let old = spool.join(".1-2.tmp");
+        let fresh = spool.join(".3-4.tmp");
+        fs::write(&old, "enqueue").unwrap();
+        fs::write(&fresh, "enqueue").unwrap();
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        fs::File::options()
+            .write(true)
+            .open(&old)
+            .and_then(|f| f.set_modified(two_hours_ago))
+            .unwrap();
+        let (journal, _) = Journal::open(&state, S).unwrap();
+        assert!(ingest(&spool, S, &journal).is_empty());
+        assert!(!old.exists(), "an hour-old temporary file is abandoned");
+        assert!(fresh.exists(), "a hook may still be writing a fresh one");
         let _ = fs::remove_dir_all(&spool);
         let _ = fs::remove_dir_all(&state);
     }
