@@ -2,7 +2,9 @@
 //!
 //! A store URL may carry a password (`ssh://user:pw@host`, `s3://...`) or a
 //! secret in its query (`?secret-key=/path`, `?password=...`); everywhere
-//! the daemon shows a URL it shows it through [`url`].
+//! the daemon shows a URL it shows it through [`url`], and every log line,
+//! `status` reply and nix error message passes through [`text`], which also
+//! finds URLs and `user:password@host` inside free text.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -96,9 +98,59 @@ pub fn url(url: &str) -> String {
     out
 }
 
+/// Masks every secret this module knows of in free text (a log line, a nix
+/// error message): URLs' passwords and secret query values, bare
+/// `user:password@host`, and the configured target's password.
+pub fn text(text: &str) -> String {
+    mask_remembered(&scrub(text))
+}
+
+/// Masks the password and secret query values ([`url`]) of
+/// every URL (a word containing `://`) in free text such as a nix error
+/// message, where the configured target appears verbatim, e.g.
+/// `unable to download 'http://user:pw@host/nix-cache-info'`; and the
+/// password of a bare `user:password@host` (nix's ssh stores print the
+/// authority alone: `cannot connect to 'user:pw@host'`).
+fn scrub(text: &str) -> String {
+    if !text.contains('@') && !text.contains("://") {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.contains("://") {
+            out.push_str(&url(word));
+        } else {
+            out.push_str(&mask_userinfo(word));
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_whitespace() || matches!(c, '\'' | '"' | '`' | '<' | '>' | '(' | ')') {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+/// `user:***@host` for a word `user:password@host`; other words unchanged.
+fn mask_userinfo(word: &str) -> String {
+    let Some((userinfo, host)) = word.rsplit_once('@') else {
+        return word.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) if !host.is_empty() => format!("{user}:***@{host}"),
+        _ => word.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::url;
+    use super::{scrub, url};
 
     #[test]
     fn masks_passwords_and_secret_params() {
@@ -127,5 +179,27 @@ mod tests {
             "error: cannot connect to 'npbhq-t:***@cache.example.com'"
         );
         assert_eq!(super::mask_remembered("s3cr3t-y"), "s3cr3t-y");
+    }
+
+    #[test]
+    fn scrub_masks_urls_in_nix_messages() {
+        assert_eq!(
+            scrub("error: unable to download 'http://npbhq:hunter2@127.0.0.1:1/cache/nix-cache-info': Couldn't connect"),
+            "error: unable to download 'http://npbhq:***@127.0.0.1:1/cache/nix-cache-info': Couldn't connect"
+        );
+        assert_eq!(
+            scrub("cannot open connection to remote store \"ssh-ng://u:pw@h?secret-key=/k/sk&x=1\" (exit 1)"),
+            "cannot open connection to remote store \"ssh-ng://u:***@h?secret-key=***&x=1\" (exit 1)"
+        );
+        assert_eq!(
+            scrub("to 'https://u:p@[::1]:8443/c' failed"),
+            "to 'https://u:***@[::1]:8443/c' failed"
+        );
+        assert_eq!(
+            scrub("error: cannot connect to 'npbhq:hunter2@127.0.0.1'"),
+            "error: cannot connect to 'npbhq:***@127.0.0.1'"
+        );
+        assert_eq!(scrub("user nix@host, at 10:30"), "user nix@host, at 10:30");
+        assert_eq!(scrub("file:///c, done"), "file:///c, done");
     }
 }

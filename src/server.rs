@@ -508,7 +508,7 @@ fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
         Request::Status => {
             // Backoff errors quote nix, which may repeat the target with its
             // password in forms no URL parser recognises.
-            redact::mask_remembered(&snapshot(ctx).reply_lines()) + &final_line(Ok(""))
+            redact::text(&snapshot(ctx).reply_lines()) + &final_line(Ok(""))
         }
         Request::Retry => {
             let n = ctx.shared.lock().backoff.len();

@@ -173,7 +173,7 @@ impl Snapshot {
                     b.attempts,
                     b.next_try.map_or(0.0, seconds_until),
                     p.clone(),
-                    crate::log::scrub(&b.last_error),
+                    crate::redact::text(&b.last_error),
                 )
             })
             .collect();
