@@ -64,11 +64,6 @@ impl Stats {
             }
         }
     }
-
-    /// How many remembered drops had a sequence number of at most `seq`.
-    pub fn drops_up_to(&self, seq: u64) -> usize {
-        self.recent_drops.iter().filter(|&&s| s <= seq).count()
-    }
 }
 
 /// What the daemon's threads share besides the journal.

@@ -182,11 +182,6 @@ impl StorePath {
     pub fn is_drv(&self) -> bool {
         self.0.ends_with(".drv")
     }
-
-    /// The `<hash>-<name>` part.
-    pub fn base_name(&self) -> &str {
-        self.0.rsplit('/').next().unwrap_or(&self.0)
-    }
 }
 
 impl fmt::Display for StorePath {
@@ -231,10 +226,6 @@ mod tests {
             assert_eq!(StorePath::parse(&path, S).unwrap().as_str(), path);
         }
         assert!(StorePath::parse(&p("foo.drv"), S).unwrap().is_drv());
-        assert_eq!(
-            StorePath::parse(&p("hello"), S).unwrap().base_name(),
-            format!("{H}-hello")
-        );
     }
 
     #[test]
