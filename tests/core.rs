@@ -214,32 +214,17 @@ fn enqueue_cli_uploads_and_rejects_bad_arguments() {
 /// 4b. `enqueue -` reads paths from stdin.
 #[test]
 fn enqueue_cli_reads_stdin() {
-    use std::io::Write;
-    use std::process::Stdio;
     let env = NixEnv::new("core-stdin");
     let (d, read, pk) = signing_daemon(&env, "core-stdin-1");
     let paths = env.build_paths(2, "stdin");
-    let mut child = d
-        .cli_cmd()
-        .args([
-            "enqueue",
-            "--socket",
-            &d.socket().display().to_string(),
-            "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let input = strs(&paths).join("\n") + "\n";
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = run_with_stdin(
+        d.cli_cmd()
+            .args(["enqueue", "--socket"])
+            .arg(d.socket())
+            .arg("-"),
+        &input,
+    );
     assert!(
         o.status.success(),
         "enqueue - failed: {}",
@@ -295,14 +280,7 @@ fn protocol_replies() {
         let r = d.request(bad);
         assert!(r.starts_with("err "), "{bad:?} -> {r:?}");
     }
-    let drv = PathBuf::from(
-        run_ok(
-            env.cmd("nix-store")
-                .args(["--query", "--deriver"])
-                .arg(&paths[0]),
-        )
-        .trim(),
-    );
+    let drv = env.deriver(&paths[0]);
     let r = d.request(&format!("drv {}", drv.display()));
     assert!(r.starts_with("ok"), "drv -> {r:?}\nlog:\n{}", d.log());
 }
@@ -349,15 +327,8 @@ fn hook_client_run_directly_hands_over_drv() {
     let env = NixEnv::new("core-direct");
     let (d, read, pk) = signing_daemon(&env, "core-direct-1");
     let paths = env.build_paths(1, "direct");
-    let drv = run_ok(
-        env.cmd("nix-store")
-            .args(["--query", "--deriver"])
-            .arg(&paths[0]),
-    );
-    let o = run(d
-        .hook_cmd()
-        .env("DRV_PATH", drv.trim())
-        .env("OUT_PATHS", ""));
+    let drv = env.deriver(&paths[0]);
+    let o = run(d.hook_cmd().env("DRV_PATH", &drv).env("OUT_PATHS", ""));
     assert!(
         o.status.success(),
         "hook exited {}: {}",

@@ -1890,17 +1890,8 @@ fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
         || env.verify_in_cache(&read, &pk, &b.out_paths),
         || d.log(),
     );
-    let status_text = run_ok(d.cli_cmd().arg("status"));
-    let status_json = run_ok(d.cli_cmd().args(["status", "--json"]));
-    let (raw, _) = exchange(&d.socket(), b"status\n".to_vec(), "status");
-    let raw = raw.join("\n");
-    let log = d.log();
-    for (what, text) in [
-        ("log", &log),
-        ("status", &status_text),
-        ("status --json", &status_json),
-        ("raw status", &raw),
-    ] {
+    let shown = everything_shown(&d);
+    for (what, text) in &shown {
         assert!(
             !text.contains(&secret),
             "{what} shows the secret key: {text}"
@@ -1910,11 +1901,27 @@ fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
             "{what} shows the secret-key value of the URL: {text}"
         );
     }
-    assert!(
-        status_text.contains("secret-key=***"),
-        "status shows the masked target: {status_text}"
-    );
-    assert!(log.contains("secret-key=***"), "log: {log}");
+    for (what, text) in &shown[..2] {
+        assert!(
+            text.contains("secret-key=***"),
+            "{what} shows the masked target: {text}"
+        );
+    }
+}
+
+/// Everything the daemon shows a person: `status`, its log, `status --json`
+/// and the raw `status` reply, by name (in that order).
+fn everything_shown(d: &Daemon) -> [(&'static str, String); 4] {
+    let (raw, _) = exchange(&d.socket(), b"status\n".to_vec(), "status");
+    [
+        ("status", run_ok(d.cli_cmd().arg("status"))),
+        ("log", d.log()),
+        (
+            "status --json",
+            run_ok(d.cli_cmd().args(["status", "--json"])),
+        ),
+        ("raw status", raw.join("\n")),
+    ]
 }
 
 /// A target URL with `user:password@` that fails: nix's own error message
@@ -1951,21 +1958,13 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
             },
             || d.log(),
         );
-        let status_text = run_ok(d.cli_cmd().arg("status"));
-        let status_json = run_ok(d.cli_cmd().args(["status", "--json"]));
-        let (raw, _) = exchange(&d.socket(), b"status\n".to_vec(), "status");
-        let raw = raw.join("\n");
-        let log = d.log();
+        let shown = everything_shown(&d);
+        let log = &shown[1].1;
         assert!(
             log.contains("nix copy failed"),
             "{scheme}: the failure is logged: {log}"
         );
-        for (what, text) in [
-            ("status", &status_text),
-            ("status --json", &status_json),
-            ("raw status", &raw),
-            ("log", &log),
-        ] {
+        for (what, text) in &shown {
             assert!(
                 !text.contains(&password),
                 "{scheme}: {what} shows the URL's password: {text}"

@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
@@ -168,20 +168,8 @@ fn cli(d: &Daemon, args: &[&str]) -> Ran {
 /// Runs the CLI with `input` on stdin.
 fn cli_stdin(d: &Daemon, args: &[&str], input: &str) -> Ran {
     let mut c = d.cli_cmd();
-    c.args(args)
-        .arg("--socket")
-        .arg(d.socket())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap().into()
+    c.args(args).arg("--socket").arg(d.socket());
+    run_with_stdin(&mut c, input).into()
 }
 
 /// `status --json`, checked to be one JSON object on one line.

@@ -371,6 +371,20 @@ pub fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
+/// Runs `cmd` with `input` on its stdin; returns its output.
+pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Runs `cmd` and panics with its stderr unless it exits 0; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let o = run(cmd);
@@ -691,6 +705,18 @@ impl NixEnv {
         .lines()
         .map(PathBuf::from)
         .collect()
+    }
+
+    /// The derivation that built `path` (`nix-store --query --deriver`).
+    pub fn deriver(&self, path: &Path) -> PathBuf {
+        PathBuf::from(
+            run_ok(
+                self.cmd("nix-store")
+                    .args(["--query", "--deriver"])
+                    .arg(path),
+            )
+            .trim(),
+        )
     }
 
     /// Makes a binary-cache signing key pair named `name` (e.g. `test-1`).
