@@ -44,6 +44,19 @@ let
   sshKey = keyPath cfg.sshPrivateKeyPath;
   inStore = p: p != null && lib.hasPrefix "${builtins.storeDir}/" p;
 
+  # A key in the store would be world-readable: refuse it, saying why.
+  keyOutsideStore = option: key: example: {
+    assertion = !inStore key;
+    message = ''
+      services.nix-post-build-hook-queue.${option} (${toString key})
+      is in the Nix store. Everything in the store is world-readable and is
+      copied along with the system closure, so the key would no longer be
+      secret. Use a quoted absolute path to a file outside the store, e.g.
+      ${option} = "/run/secrets/${example}";
+      (a sops-nix or agenix secret), and generate a new key.
+    '';
+  };
+
   upload = cfg.uploadTo;
   uploadScheme =
     if upload == null then
@@ -318,28 +331,8 @@ in
 
   config = mkIf cfg.enable {
     assertions = [
-      {
-        assertion = !inStore signingKey;
-        message = ''
-          services.nix-post-build-hook-queue.signingPrivateKeyPath (${toString signingKey})
-          is in the Nix store. Everything in the store is world-readable and is
-          copied along with the system closure, so the key would no longer be
-          secret. Use a quoted absolute path to a file outside the store, e.g.
-          signingPrivateKeyPath = "/run/secrets/cache-signing-priv-key";
-          (a sops-nix or agenix secret), and generate a new key.
-        '';
-      }
-      {
-        assertion = !inStore sshKey;
-        message = ''
-          services.nix-post-build-hook-queue.sshPrivateKeyPath (${toString sshKey})
-          is in the Nix store. Everything in the store is world-readable and is
-          copied along with the system closure, so the key would no longer be
-          secret. Use a quoted absolute path to a file outside the store, e.g.
-          sshPrivateKeyPath = "/run/secrets/cache-ssh-priv-key";
-          (a sops-nix or agenix secret), and generate a new key.
-        '';
-      }
+      (keyOutsideStore "signingPrivateKeyPath" signingKey "cache-signing-priv-key")
+      (keyOutsideStore "sshPrivateKeyPath" sshKey "cache-ssh-priv-key")
       {
         assertion = signingKey == null || nixLetsAnyUserSign || userIsTrusted;
         message = ''
