@@ -11,11 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::sys;
+use crate::wire::Places;
 
-/// File name of the socket in the per-user runtime directory and under `/run`.
-pub const SOCKET_NAME: &str = "nix-post-build-hook-queue.sock";
-/// Name of the state directory under `/var/lib` or `$XDG_STATE_HOME`.
-pub const STATE_NAME: &str = "nix-post-build-hook-queue";
+pub use crate::wire::{parse_seconds, SOCKET_NAME, STATE_NAME};
 
 /// Every setting of the daemon, after defaults, the file and the flags.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,30 +105,33 @@ pub const KEYS: &[(&str, &str)] = &[
 ];
 
 /// The default socket path for this user: `/run/...` for root, else the
-/// per-user runtime directory. The client uses the same rule.
+/// per-user runtime directory. The hook uses the same rule.
 pub fn default_socket() -> PathBuf {
-    if sys::is_root() {
-        return Path::new("/run").join(SOCKET_NAME);
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir).join(SOCKET_NAME),
-        None => std::env::temp_dir().join(format!("nix-post-build-hook-queue-{}.sock", sys::uid())),
-    }
+    PathBuf::from(with_places(|p| p.socket()))
 }
 
 /// The default state directory: `/var/lib/...` for root, else
 /// `$XDG_STATE_HOME/...` (or `~/.local/state/...`).
 pub fn default_state_dir() -> PathBuf {
-    if sys::is_root() {
-        return Path::new("/var/lib").join(STATE_NAME);
-    }
-    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(dir).join(STATE_NAME);
-    }
-    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-        Some(home) => PathBuf::from(home).join(".local/state").join(STATE_NAME),
-        None => std::env::temp_dir().join(format!("{STATE_NAME}-{}", sys::uid())),
-    }
+    PathBuf::from(with_places(|p| p.state_dir()))
+}
+
+/// Calls `f` with this process's user and environment.
+fn with_places<T>(f: impl FnOnce(&Places) -> T) -> T {
+    let var = |key| std::env::var(key).ok();
+    let (runtime, state, home, tmp) = (
+        var("XDG_RUNTIME_DIR"),
+        var("XDG_STATE_HOME"),
+        var("HOME"),
+        var("TMPDIR"),
+    );
+    f(&Places {
+        uid: sys::uid(),
+        runtime_dir: runtime.as_deref(),
+        state_home: state.as_deref(),
+        home: home.as_deref(),
+        tmp_dir: tmp.as_deref(),
+    })
 }
 
 /// The store directory Nix itself uses here: `$NIX_STORE_DIR` or `/nix/store`.
@@ -307,16 +308,6 @@ fn parse_count(value: &str) -> Result<usize, String> {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err(format!(
             "expected a whole number of 1 or more, got {value:?}"
-        )),
-    }
-}
-
-/// Parses a number of seconds (`600`, `2.5`) into a duration.
-pub fn parse_seconds(value: &str) -> Result<Duration, String> {
-    match value.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 && s <= 1e9 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(format!(
-            "expected a positive number of seconds such as 600 or 2.5, got {value:?}"
         )),
     }
 }

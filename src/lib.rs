@@ -11,6 +11,8 @@
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+extern crate alloc;
+
 pub mod log;
 
 pub mod cli;
@@ -27,6 +29,7 @@ pub mod status;
 pub mod store_path;
 pub mod sys;
 pub mod systemd;
+pub mod wire;
 pub mod worker;
 
 /// The version of both binaries.

@@ -10,28 +10,10 @@ use std::fmt;
 
 use crate::store_path::{PathError, StorePath};
 
-/// Longest request line accepted, newline included.
-pub const MAX_LINE: usize = 1 << 20;
-/// Most paths in one `enqueue` request.
-pub const MAX_PATHS: usize = 10_000;
-
-/// `err` reason: too many clients at once.
-pub const ERR_BUSY: &str = "busy: too many connections, try again";
-/// `err` reason: the daemon is stopping.
-pub const ERR_STOPPING: &str = "stopping: the daemon is shutting down";
-/// Start of the `err` reason when the journal cannot be written.
-pub const ERR_JOURNAL: &str = "cannot write the journal";
-/// `err` reason: the worker thread is gone (the paths are journaled).
-pub const ERR_WORKER_GONE: &str =
-    "the worker has stopped; the paths are journaled and will be uploaded after a restart";
-
-/// True for refusals that mean "not now" rather than "no": the request may
-/// succeed later unchanged (so the hook spools it), unlike a malformed one.
-pub fn is_transient(reason: &str) -> bool {
-    [ERR_BUSY, ERR_STOPPING, ERR_JOURNAL, ERR_WORKER_GONE]
-        .iter()
-        .any(|prefix| reason.starts_with(prefix))
-}
+pub use crate::wire::{
+    is_transient, request_line, ERR_BUSY, ERR_JOURNAL, ERR_STOPPING, ERR_WORKER_GONE, MAX_LINE,
+    MAX_PATHS,
+};
 
 /// A parsed, validated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,32 +138,6 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolEr
         "retry" => no_args(Request::Retry, "retry"),
         other => Err(ProtocolError::UnknownVerb(truncate(other, 40))),
     }
-}
-
-/// Formats a request line for the client side, newline included.
-///
-/// A line break inside an argument can never split the request into two
-/// (which would send whatever follows it as a request of its own): `\n` and
-/// `\r` are replaced by U+FFFD, which no store path contains, so the daemon
-/// refuses that argument and with it the whole request.
-pub fn request_line(verb: &str, args: &[&str]) -> String {
-    let mut line = String::from(verb);
-    for a in args {
-        line.push(' ');
-        line.push_str(a);
-    }
-    let mut line: String = line
-        .chars()
-        .map(|c| {
-            if c == '\n' || c == '\r' {
-                '\u{fffd}'
-            } else {
-                c
-            }
-        })
-        .collect();
-    line.push('\n');
-    line
 }
 
 /// The final reply line: `ok ...` or `err ...`, newline included.

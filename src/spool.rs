@@ -1,58 +1,23 @@
 //! The spool: where the hook leaves its request when the daemon is away.
 //!
-//! The hook writes the request line it would have sent to a temporary file
-//! and renames it to `<time>-<pid>.req`, so the daemon never sees half a
-//! request. The daemon queues every spooled request when it starts and
+//! The hook writes the request lines it would have sent to a temporary file
+//! and renames it to `<time>-<pid>.req` ([`crate::wire::spool_names`]), so
+//! the daemon never sees half a request. The daemon queues every spooled request when it starts and
 //! whenever it is idle, and deletes each file only after its paths are in
 //! the journal.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::journal::Journal;
 use crate::protocol::{parse_request, Request, MAX_LINE};
 use crate::store_path::StorePath;
 use crate::warning;
+use crate::wire::SPOOL_SUFFIX;
 
-/// Ending of a complete spool file.
-const SUFFIX: &str = ".req";
 /// Largest spool file read: far more than any hook writes (one request of at
 /// most `MAX_LINE` bytes per 10,000 paths).
 const MAX_FILE: u64 = 64 * MAX_LINE as u64;
-
-/// Writes `request` (one or more protocol lines) as a new spool file.
-pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
-    fs::create_dir_all(dir)?;
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let name = format!("{nanos:020}-{}", std::process::id());
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let done = dir.join(format!("{name}{SUFFIX}"));
-    // Readable by the daemon even when the hook runs as another user
-    // (root under nix-daemon); the directory itself guards the contents.
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&tmp)?;
-    let written = f
-        .write_all(request.as_bytes())
-        .and_then(|()| f.sync_data())
-        .and_then(|()| fs::rename(&tmp, &done));
-    drop(f);
-    if let Err(e) = written {
-        // A full disk, say: leave no half-written file behind.
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    fs::File::open(dir)?.sync_all()?;
-    Ok(done)
-}
 
 /// Journals every spooled request and deletes its file; returns the paths
 /// that were newly queued. Files that cannot be journaled now stay.
@@ -64,7 +29,11 @@ pub fn ingest(dir: &Path, store_dir: &str, journal: &Journal) -> Vec<StorePath> 
     remove_abandoned(&entries);
     let mut names: Vec<PathBuf> = entries
         .into_iter()
-        .filter(|p| p.extension().is_some_and(|x| x == "req"))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(SPOOL_SUFFIX) && !n.starts_with('.'))
+        })
         .collect();
     names.sort();
     let mut queued = Vec::new();
@@ -163,11 +132,10 @@ mod tests {
         let spool = dir("ingest");
         let state = dir("ingest-state");
         let good = format!("{S}/{}-a", "0".repeat(32));
-        write(
-            &spool,
-            &format!("enqueue {good}\nretry\nenqueue /etc/passwd\n"),
-        )
-        .unwrap();
+        fs::create_dir_all(&spool).unwrap();
+        let (_, name) = crate::wire::spool_names(1, 2);
+        let request = format!("enqueue {good}\nretry\nenqueue /etc/passwd\n");
+        fs::write(spool.join(name), request).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", spool.join("evil.req")).unwrap();
         let (journal, _) = Journal::open(&state, S).unwrap();
         let queued = ingest(&spool, S, &journal);
