@@ -10,6 +10,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::path::PathBuf;
+use std::process::Command;
 
 /// A daemon that signs with a fresh key named `key_name` and uploads to a
 /// `file://` cache: (daemon, the cache's URL for reading, the public key).
@@ -343,6 +344,42 @@ fn hook_client_run_directly_hands_over_drv() {
         &paths,
         "directly hooked path uploaded",
     );
+}
+
+/// The hook started with its standard descriptors closed (as a careless
+/// caller might) still works: it exits 0, the spool file holds exactly the
+/// request, and with the daemon up the path is queued.
+#[test]
+fn hook_with_closed_standard_descriptors_spools_and_queues() {
+    let env = NixEnv::new("core-closed-fds");
+    let (mut d, read, pk) = signing_daemon(&env, "core-closed-fds-1");
+    let paths = env.build_paths(2, "closedfds");
+    let closed = |d: &Daemon, out: &PathBuf| {
+        let mut c = Command::new("sh");
+        c.args(["-c", "exec \"$0\" <&- >&- 2>&-"]).arg(hook_bin());
+        for (k, v) in d.hook_env() {
+            c.env(k, v);
+        }
+        let o = run(c.env("OUT_PATHS", out).env("DRV_PATH", ""));
+        assert!(o.status.success(), "hook exited {}", o.status);
+    };
+
+    d.kill9();
+    closed(&d, &paths[0]);
+    let spooled: Vec<String> = fs::read_dir(d.spool_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert_eq!(
+        spooled,
+        vec![format!("enqueue {}\n", paths[0].display())],
+        "one complete spool file with the request"
+    );
+
+    d.restart();
+    closed(&d, &paths[1]);
+    wait_verified(&env, &d, &read, &pk, &paths, "both paths uploaded");
 }
 
 /// A well-formed store path that is not valid (never built, or garbage
