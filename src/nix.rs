@@ -20,6 +20,15 @@ use crate::sys;
 pub const MAX_ARG_BYTES: usize = 512 * 1024;
 /// Default ssh connect timeout when the user did not set `NIX_SSHOPTS`.
 pub const SSH_CONNECT_TIMEOUT_SECS: u32 = 10;
+/// glibc setting for `nix copy` when the user set no `GLIBC_TUNABLES`.
+///
+/// Nix (2.8 at least) makes a new xz encoder for every NAR it compresses,
+/// whose 16 MiB hash table glibc's heap hands back used and `calloc` must
+/// zero: about 1 ms per path, most of a small path's upload. Above 1 MiB,
+/// this makes malloc take fresh pages from the kernel instead, which are
+/// zero already and cost only where touched. The cache files are the same
+/// byte for byte; `nix copy` spends about a third less CPU per small path.
+pub const COPY_GLIBC_TUNABLES: &str = "glibc.malloc.mmap_threshold=1048576";
 
 /// How a nix call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +164,9 @@ impl Nix {
     /// Copies the paths and their closure to the store at `url`.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = self.nix_command(&["copy", "--to", url]);
+        if std::env::var_os("GLIBC_TUNABLES").is_none() {
+            cmd.env("GLIBC_TUNABLES", COPY_GLIBC_TUNABLES);
+        }
         cmd.args(paths);
         self.run("nix copy", cmd).map(drop)
     }

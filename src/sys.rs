@@ -8,6 +8,8 @@ use std::io;
 extern "C" {
     fn getuid() -> u32;
     fn kill(pid: i32, sig: i32) -> i32;
+    fn nice(inc: i32) -> i32;
+    fn __errno_location() -> *mut i32;
 }
 
 /// SIGKILL on every Linux architecture.
@@ -24,6 +26,25 @@ pub fn uid() -> u32 {
 /// True when running as root, which selects the system-wide default paths.
 pub fn is_root() -> bool {
     uid() == 0
+}
+
+/// Lowers the calling thread's CPU priority by `inc` nice steps (Linux keeps
+/// the nice value per thread), and with it that of every process the thread
+/// starts from now on.
+pub fn lower_thread_priority(inc: i32) -> io::Result<()> {
+    // nice returns the new value, which may legitimately be -1, so errno,
+    // cleared first, is what tells a failure (as POSIX prescribes).
+    // SAFETY: errno's location is valid for the calling thread; nice takes a
+    // plain integer and touches no memory of ours.
+    let rc = unsafe {
+        *__errno_location() = 0;
+        nice(inc)
+    };
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(code) if rc == -1 && code != 0 => Err(err),
+        _ => Ok(()),
+    }
 }
 
 /// Sends `sig` to every process in process group `pgid`.

@@ -27,12 +27,14 @@ use crate::journal::Journal;
 use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
 use crate::status::{Backoff, Shared};
 use crate::store_path::StorePath;
-use crate::{drv, info, spool, warning};
+use crate::{drv, info, spool, sys, warning};
 
 /// A batch starts once no new path arrived for this long...
 const BATCH_QUIET: Duration = Duration::from_millis(200);
 /// ...or once it has waited this long for more paths.
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(2);
+/// Nice steps the worker, and so every nix call, runs below the daemon.
+const UPLOAD_NICE: i32 = 10;
 /// How often an idle worker looks at the spool directory.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
@@ -108,6 +110,12 @@ impl Worker {
 
     /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
     pub fn run(mut self) {
+        // Builds come first: on a busy machine the uploads (xz compression,
+        // signing) take the CPU the builds leave, while the threads that
+        // acknowledge the hook keep their priority.
+        if let Err(e) = sys::lower_thread_priority(UPLOAD_NICE) {
+            warning!("cannot lower the worker's CPU priority: {e}");
+        }
         if !self.has_work_to_do() {
             info!("neither signing-key-file nor upload-to is set: paths are acknowledged and then dropped from the queue, nothing to do");
         }

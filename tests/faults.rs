@@ -718,6 +718,86 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     );
 }
 
+/// The nice value in `/proc/PID/stat` (field 19; the name in field 2 may
+/// hold spaces, so fields are counted after its closing parenthesis).
+fn nice_of(stat: &str) -> i32 {
+    let after_name = &stat[stat.rfind(')').expect("stat has a name") + 1..];
+    after_name
+        .split_whitespace()
+        .nth(16)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no nice value in {stat:?}"))
+}
+
+/// Builds come first: every nix call runs 10 nice steps below the daemon.
+/// `nix copy` gets the glibc allocation setting that spares it zeroing xz's
+/// hash table for every path, unless the user set `GLIBC_TUNABLES`, which
+/// is then passed on unchanged. `nix-env-recorder` writes down what each
+/// call got.
+#[test]
+fn nix_calls_run_below_the_daemon_and_copy_gets_its_malloc_setting() {
+    let env = NixEnv::new("faults-nice");
+    let (sk, _pk) = env.gen_signing_key("faults-nice-1");
+    let (upload, _read) = file_cache(&env, "cache");
+    let record = env.root().join("calls.txt");
+    let recorder = nix_wrapper(
+        &env,
+        "nix-env-recorder",
+        &format!(
+            "echo \"$3 $4|$(cat /proc/self/stat)|${{GLIBC_TUNABLES-unset}}\" >> {}",
+            record.display()
+        ),
+    );
+    let recorder_s = recorder.display().to_string();
+    let config = [
+        ("signing-key-file", sk.display().to_string()),
+        ("upload-to", upload),
+        ("nix", recorder_s),
+    ];
+    let config: Vec<(&str, &str)> = config.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let inherited = std::env::var("GLIBC_TUNABLES").ok();
+    let users = "glibc.malloc.perturb=0";
+    for (round, extra) in [
+        ("default", NO_ENV),
+        ("user-set", &[("GLIBC_TUNABLES", users)][..]),
+    ] {
+        let _ = fs::remove_file(&record);
+        let d = Daemon::start_with_env(&env, &config, extra);
+        let paths = add_text_paths(&env, 2, round);
+        assert_eq!(d.request(&enqueue_line(&paths)), "ok 2");
+        assert_eq!(d.request("wait"), "ok all uploaded", "{round}: {}", d.log());
+        let daemon_nice =
+            nice_of(&fs::read_to_string(format!("/proc/{}/stat", d.pid().unwrap())).unwrap());
+        let calls = fs::read_to_string(&record).unwrap();
+        let calls: Vec<(&str, &str, &str)> = calls
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, '|');
+                Some((f.next()?, f.next()?, f.next()?))
+            })
+            .collect();
+        assert!(
+            calls.iter().any(|c| c.0 == "store sign")
+                && calls.iter().any(|c| c.0.starts_with("copy --to")),
+            "{round}: a sign and a copy call: {calls:?}"
+        );
+        for (what, stat, tunables) in &calls {
+            assert_eq!(
+                nice_of(stat),
+                (daemon_nice + 10).min(19),
+                "{round}: {what} runs 10 steps below the daemon (nice {daemon_nice})"
+            );
+            let expected = match (round, what.starts_with("copy"), &inherited) {
+                ("user-set", _, _) => users,
+                (_, _, Some(v)) => v.as_str(),
+                (_, true, None) => "glibc.malloc.mmap_threshold=1048576",
+                (_, false, None) => "unset",
+            };
+            assert_eq!(*tunables, expected, "{round}: GLIBC_TUNABLES of {what}");
+        }
+    }
+}
+
 /// A batch too big to finish within `command-timeout` is not retried at the
 /// same size forever: after a timeout the next batches are halved, until
 /// they go through. `nix-size-wrapper` makes `nix copy` of more than two
