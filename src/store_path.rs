@@ -120,8 +120,12 @@ impl StorePath {
         if s.is_empty() {
             return Err(PathError::Empty);
         }
-        if let Some(c) = s.chars().find(|c| c.is_control() || c.is_whitespace()) {
-            return Err(PathError::BadByte(c));
+        // Byte-wise first (replay parses every journal record); only a
+        // non-ASCII or unprintable byte needs the look at characters.
+        if !s.bytes().all(|b| b.is_ascii_graphic()) {
+            if let Some(c) = s.chars().find(|c| c.is_control() || c.is_whitespace()) {
+                return Err(PathError::BadByte(c));
+            }
         }
         let rest = s
             .strip_prefix(store_dir)

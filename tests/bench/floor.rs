@@ -32,7 +32,7 @@ pub struct FloorProgram {
 
 impl FloorProgram {
     /// Compiles the floor program with `rustc` (the toolchain running this
-    /// benchmark): opt-level s, fat LTO, one codegen unit, panic=abort,
+    /// benchmark): opt-level z, fat LTO, one codegen unit, panic=abort,
     /// stripped, like `[profile.release]`.
     pub fn build() -> FloorProgram {
         let dir = TempDir::new("bench-floor");
@@ -44,7 +44,7 @@ impl FloorProgram {
             Command::new(rustc)
                 .args([
                     "--edition=2021",
-                    "-Copt-level=s",
+                    "-Copt-level=z",
                     "-Clto=fat",
                     "-Ccodegen-units=1",
                     "-Cpanic=abort",
