@@ -128,6 +128,7 @@ let
     "upload-to"
     "sign-closure"
     "batch-size"
+    "upload-jobs"
     "command-timeout"
     "nix"
     "retry-initial-delay"
@@ -288,6 +289,16 @@ in
             type = types.ints.positive;
             default = 1000;
             description = "Most store paths given to one `nix store sign` or `nix copy` call.";
+          };
+          upload-jobs = mkOption {
+            type = types.ints.positive;
+            default = 2;
+            example = 4;
+            description = ''
+              Most `nix copy` calls one batch is split across, run at once (each
+              with at least 32 paths). Compression keeps one core busy per call;
+              the calls run 10 nice steps below the daemon, so builds come first.
+            '';
           };
           sign-closure = mkOption {
             type = types.bool;

@@ -34,6 +34,8 @@ pub struct Config {
     pub sign_closure: bool,
     /// Most paths given to one nix invocation.
     pub batch_size: usize,
+    /// Most `nix copy` calls one batch is split across, run at once.
+    pub upload_jobs: usize,
     /// Longest a single nix invocation may run before it is killed.
     pub command_timeout: Duration,
     /// The `nix` program; `nix-store` is looked up beside it.
@@ -88,6 +90,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("sign-closure", "true or false"),
     ("batch-size", "whole number of paths, 1 or more"),
+    (
+        "upload-jobs",
+        "whole number, 1 or more: nix copy calls one batch may run at once",
+    ),
     ("command-timeout", "seconds, e.g. 600 or 2.5"),
     ("nix", "the nix program"),
     ("retry-initial-delay", "seconds"),
@@ -153,6 +159,7 @@ impl Default for Config {
             upload_to: None,
             sign_closure: true,
             batch_size: 1000,
+            upload_jobs: 2,
             command_timeout: Duration::from_secs(600),
             nix: PathBuf::from("nix"),
             retry_initial_delay: Duration::from_secs(1),
@@ -192,6 +199,7 @@ impl Config {
             "upload-to" => self.upload_to = (!value.is_empty()).then(|| value.to_string()),
             "sign-closure" => self.sign_closure = parse_bool(value)?,
             "batch-size" => self.batch_size = parse_count(value)?,
+            "upload-jobs" => self.upload_jobs = parse_count(value)?,
             "command-timeout" => self.command_timeout = parse_seconds(value)?,
             "nix" => self.nix = non_empty_path(value)?,
             "retry-initial-delay" => self.retry_initial_delay = parse_seconds(value)?,

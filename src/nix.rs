@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::store_path::StorePath;
 use crate::sys;
@@ -20,6 +20,9 @@ use crate::sys;
 pub const MAX_ARG_BYTES: usize = 512 * 1024;
 /// Default ssh connect timeout when the user did not set `NIX_SSHOPTS`.
 pub const SSH_CONNECT_TIMEOUT_SECS: u32 = 10;
+/// Fewest paths worth a `nix copy` call of their own: below this, the
+/// ~25 ms of CPU a call costs to start outweighs what it saves.
+pub const MIN_PATHS_PER_COPY: usize = 32;
 /// glibc setting for `nix copy` when the user set no `GLIBC_TUNABLES`.
 ///
 /// Nix (2.8 at least) makes a new xz encoder for every NAR it compresses,
@@ -87,6 +90,7 @@ pub struct Nix {
     timeout: Duration,
     ssh_opts: Option<String>,
     running: Arc<AtomicU32>,
+    copy_jobs: usize,
 }
 
 impl Nix {
@@ -108,7 +112,14 @@ impl Nix {
             timeout,
             ssh_opts,
             running: Arc::new(AtomicU32::new(0)),
+            copy_jobs: 1,
         }
+    }
+
+    /// Lets one batch's upload run as up to `jobs` `nix copy` calls at once.
+    pub fn with_copy_jobs(mut self, jobs: usize) -> Nix {
+        self.copy_jobs = jobs.max(1);
+        self
     }
 
     /// Uses `running` to publish the process group of the call in progress,
@@ -161,59 +172,114 @@ impl Nix {
         self.run("nix store sign", cmd).map(drop)
     }
 
-    /// Copies the paths and their closure to the store at `url`.
+    /// Copies the paths and their closure to the store at `url`: in up to
+    /// `upload-jobs` `nix copy` calls at once, each with a share of at least
+    /// [`MIN_PATHS_PER_COPY`] paths (compression keeps one core busy per
+    /// call). Fails when any call fails; the paths another call copied are
+    /// skipped cheaply when the batch is tried again.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
-        let mut cmd = self.nix_command(&["copy", "--to", url]);
-        if std::env::var_os("GLIBC_TUNABLES").is_none() {
-            cmd.env("GLIBC_TUNABLES", COPY_GLIBC_TUNABLES);
-        }
-        cmd.args(paths);
-        self.run("nix copy", cmd).map(drop)
+        let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
+        let share = paths.len().div_ceil(calls).max(1);
+        let cmds = paths
+            .chunks(share)
+            .map(|chunk| {
+                let mut cmd = self.nix_command(&["copy", "--to", url]);
+                if std::env::var_os("GLIBC_TUNABLES").is_none() {
+                    cmd.env("GLIBC_TUNABLES", COPY_GLIBC_TUNABLES);
+                }
+                cmd.args(chunk);
+                cmd
+            })
+            .collect();
+        self.run_together("nix copy", cmds).map(drop)
     }
 
     /// Runs `cmd` in its own process group, killing the group on timeout.
-    fn run(&self, what: &'static str, mut cmd: Command) -> Result<Vec<u8>, Failure> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+    fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<u8>, Failure> {
+        let mut outputs = self.run_together(what, vec![cmd])?;
+        Ok(outputs.pop().unwrap_or_default())
+    }
+
+    /// Runs the commands at once in one new process group, published in
+    /// `running` and killed as a whole when they outlast the timeout.
+    /// Returns each one's stdout, or the first failure in command order.
+    fn run_together(
+        &self,
+        what: &'static str,
+        cmds: Vec<Command>,
+    ) -> Result<Vec<Vec<u8>>, Failure> {
         let fail = |kind: FailureKind, stderr: &[u8]| Failure {
             what,
             kind,
             stderr: tail(stderr),
         };
-        let child = cmd
-            .spawn()
-            .map_err(|e| fail(FailureKind::Spawn(e.to_string()), b""))?;
-        let pid = child.id();
-        self.running.store(pid, Ordering::SeqCst);
         let _running = ClearOnDrop(&self.running);
-        let (tx, rx) = mpsc::channel::<std::io::Result<Output>>();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        let output = match rx.recv_timeout(self.timeout) {
-            Ok(result) => result,
-            Err(_) => {
-                let _ = sys::kill_process_group(pid, sys::SIGKILL);
-                // The group is dead; the waiting thread returns as soon as the
-                // pipes close. Give up on it if something escaped the group.
-                let stderr = match rx.recv_timeout(Duration::from_secs(5)) {
-                    Ok(Ok(out)) => out.stderr,
-                    _ => Vec::new(),
-                };
-                return Err(fail(FailureKind::TimedOut(self.timeout), &stderr));
+        // All are started before any is waited for: the group lives as long
+        // as its first process is not reaped, so the others can join it.
+        let mut children = Vec::with_capacity(cmds.len());
+        let mut spawn_error = None;
+        for mut cmd in cmds {
+            let group = children.first().map_or(0, |c: &std::process::Child| c.id());
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(i32::try_from(group).unwrap_or(0));
+            match cmd.spawn() {
+                Ok(child) => {
+                    if group == 0 {
+                        self.running.store(child.id(), Ordering::SeqCst);
+                    }
+                    children.push(child);
+                }
+                Err(e) => {
+                    spawn_error = Some(e.to_string());
+                    break;
+                }
             }
-        };
-        let output = output.map_err(|e| fail(FailureKind::Spawn(e.to_string()), b""))?;
-        if output.status.success() {
-            Ok(output.stdout)
-        } else {
-            Err(fail(
-                FailureKind::Exit(describe(output.status)),
-                &output.stderr,
-            ))
         }
+        let pgid = children.first().map_or(0, |c| c.id());
+        if spawn_error.is_some() && pgid != 0 {
+            let _ = sys::kill_process_group(pgid, sys::SIGKILL);
+        }
+        let count = children.len();
+        let (tx, rx) = mpsc::channel::<(usize, std::io::Result<Output>)>();
+        for (i, child) in children.into_iter().enumerate() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send((i, child.wait_with_output()));
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + self.timeout;
+        let mut outputs: Vec<Option<std::io::Result<Output>>> = (0..count).map(|_| None).collect();
+        for _ in 0..count {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((i, output)) => outputs[i] = Some(output),
+                Err(_) => {
+                    let _ = sys::kill_process_group(pgid, sys::SIGKILL);
+                    // The group is dead; the waiting threads return as soon as
+                    // the pipes close. Give up on them if something escaped
+                    // the group.
+                    let stderr = match rx.recv_timeout(Duration::from_secs(5)) {
+                        Ok((_, Ok(out))) => out.stderr,
+                        _ => Vec::new(),
+                    };
+                    return Err(fail(FailureKind::TimedOut(self.timeout), &stderr));
+                }
+            }
+        }
+        if let Some(e) = spawn_error {
+            return Err(fail(FailureKind::Spawn(e), b""));
+        }
+        outputs
+            .into_iter()
+            .map(|output| match output {
+                Some(Ok(out)) if out.status.success() => Ok(out.stdout),
+                Some(Ok(out)) => Err(fail(FailureKind::Exit(describe(out.status)), &out.stderr)),
+                Some(Err(e)) => Err(fail(FailureKind::Spawn(e.to_string()), b"")),
+                None => Err(fail(FailureKind::Spawn("no result".into()), b"")),
+            })
+            .collect()
     }
 }
 
@@ -284,6 +350,39 @@ mod tests {
         cmd.args(["-c", "sleep 30 & sleep 30"]);
         let err = n.run("sh", cmd).unwrap_err();
         assert!(err.timed_out(), "{err}");
+    }
+
+    fn sh(script: &str) -> Command {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", script]);
+        cmd
+    }
+
+    #[test]
+    fn commands_run_together_share_one_group_and_one_timeout() {
+        let n = Nix::new(Path::new("nix"), Duration::from_secs(10), None);
+        let group = "cut -d' ' -f5 /proc/$$/stat";
+        let out = n.run_together("sh", vec![sh(group), sh(group)]).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0], out[1], "one process group");
+        let err = n
+            .run_together("sh", vec![sh("exit 0"), sh("echo bad >&2; exit 4")])
+            .unwrap_err();
+        assert_eq!(err.to_string(), "sh failed (exit status 4): bad");
+
+        let n = Nix::new(Path::new("nix"), Duration::from_millis(300), None);
+        let marker = format!("{}.{}", 30 + std::process::id() % 1000, 7);
+        let hang = || sh(&format!("sleep {marker} & sleep {marker}"));
+        let err = n.run_together("sh", vec![hang(), hang()]).unwrap_err();
+        assert!(err.timed_out(), "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+        let left = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| c == format!("sleep\0{marker}\0").as_bytes())
+            .count();
+        assert_eq!(left, 0, "every process of both commands is killed");
     }
 
     #[test]

@@ -85,7 +85,8 @@ impl Worker {
             config.command_timeout,
             config.upload_to.as_deref(),
         )
-        .with_running(Arc::clone(&shared.running_pgid));
+        .with_running(Arc::clone(&shared.running_pgid))
+        .with_copy_jobs(config.upload_jobs);
         Worker {
             journal,
             shared,

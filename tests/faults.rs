@@ -732,10 +732,11 @@ fn nice_of(stat: &str) -> i32 {
 /// Builds come first: every nix call runs 10 nice steps below the daemon.
 /// `nix copy` gets the glibc allocation setting that spares it zeroing xz's
 /// hash table for every path, unless the user set `GLIBC_TUNABLES`, which
-/// is then passed on unchanged. `nix-env-recorder` writes down what each
-/// call got.
+/// is then passed on unchanged. A batch of 64 paths is uploaded by two
+/// `nix copy` calls of 32 (the default `upload-jobs = 2`), a batch of 2 by
+/// one. `nix-env-recorder` writes down what each call got.
 #[test]
-fn nix_calls_run_below_the_daemon_and_copy_gets_its_malloc_setting() {
+fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
     let env = NixEnv::new("faults-nice");
     let (sk, _pk) = env.gen_signing_key("faults-nice-1");
     let (upload, _read) = file_cache(&env, "cache");
@@ -744,7 +745,7 @@ fn nix_calls_run_below_the_daemon_and_copy_gets_its_malloc_setting() {
         &env,
         "nix-env-recorder",
         &format!(
-            "echo \"$3 $4|$(cat /proc/self/stat)|${{GLIBC_TUNABLES-unset}}\" >> {}",
+            "echo \"$3 $4|$#|$(cat /proc/self/stat)|${{GLIBC_TUNABLES-unset}}\" >> {}",
             record.display()
         ),
     );
@@ -757,31 +758,40 @@ fn nix_calls_run_below_the_daemon_and_copy_gets_its_malloc_setting() {
     let config: Vec<(&str, &str)> = config.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let inherited = std::env::var("GLIBC_TUNABLES").ok();
     let users = "glibc.malloc.perturb=0";
-    for (round, extra) in [
-        ("default", NO_ENV),
-        ("user-set", &[("GLIBC_TUNABLES", users)][..]),
+    for (round, extra, n) in [
+        ("default", NO_ENV, 64),
+        ("user-set", &[("GLIBC_TUNABLES", users)][..], 2),
     ] {
         let _ = fs::remove_file(&record);
         let d = Daemon::start_with_env(&env, &config, extra);
-        let paths = add_text_paths(&env, 2, round);
-        assert_eq!(d.request(&enqueue_line(&paths)), "ok 2");
+        let paths = add_text_paths(&env, n, round);
+        assert_eq!(d.request(&enqueue_line(&paths)), format!("ok {n}"));
         assert_eq!(d.request("wait"), "ok all uploaded", "{round}: {}", d.log());
         let daemon_nice =
             nice_of(&fs::read_to_string(format!("/proc/{}/stat", d.pid().unwrap())).unwrap());
         let calls = fs::read_to_string(&record).unwrap();
-        let calls: Vec<(&str, &str, &str)> = calls
+        let calls: Vec<(&str, usize, &str, &str)> = calls
             .lines()
             .filter_map(|l| {
-                let mut f = l.splitn(3, '|');
-                Some((f.next()?, f.next()?, f.next()?))
+                let mut f = l.splitn(4, '|');
+                Some((f.next()?, f.next()?.parse().ok()?, f.next()?, f.next()?))
             })
             .collect();
+        // nix copy's arguments: the experimental-features flag (2), copy,
+        // --to and the URL, then the paths.
+        let copies: Vec<usize> = calls
+            .iter()
+            .filter(|c| c.0.starts_with("copy --to"))
+            .map(|c| c.1 - 5)
+            .collect();
+        let expected_copies = if n == 64 { vec![32, 32] } else { vec![2] };
+        assert_eq!(copies, expected_copies, "{round}: paths per nix copy call");
         assert!(
             calls.iter().any(|c| c.0 == "store sign")
                 && calls.iter().any(|c| c.0.starts_with("copy --to")),
             "{round}: a sign and a copy call: {calls:?}"
         );
-        for (what, stat, tunables) in &calls {
+        for (what, _, stat, tunables) in &calls {
             assert_eq!(
                 nice_of(stat),
                 (daemon_nice + 10).min(19),
