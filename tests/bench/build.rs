@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::{hook_bin, Daemon, NixEnv, NO_ENV};
 use crate::stats::{Goal, Row, Samples};
-use crate::util::{nix_delay_wrapper, write_script, Mode};
+use crate::util::{keep_until_the_end, nix_delay_wrapper, write_script, Mode};
 
 /// The Nix manual's example hook ("Using the post-build-hook"), with the
 /// fallback Nix 2.8 needs for its empty `OUT_PATHS` (NixOS/nix#6446).
@@ -136,6 +136,7 @@ pub fn run(mode: &Mode) -> Vec<Row> {
     env.verify_in_cache(&cache, &pk, &uploaded)
         .unwrap_or_else(|e| panic!("our uploads are not in the cache: {e}\n{}", d.log()));
 
+    keep_until_the_end(env);
     vec![
         Row::from_samples(
             &format!("2a nix-build of {n} drvs, our hook / /bin/true hook"),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::common::{kill_tree, Daemon, NixEnv, NO_ENV};
 use crate::floor::FloorProgram;
 use crate::stats::{Goal, Row, Samples};
-use crate::util::{fake_paths, nix_delay_wrapper, Conn, DaemonProc, Mode};
+use crate::util::{fake_paths, keep_until_the_end, nix_delay_wrapper, Conn, DaemonProc, Mode};
 
 /// One round of `clients` threads each sending `per_client` paths; with
 /// `fresh_connections` every path gets its own connection (as the hook
@@ -86,6 +86,7 @@ pub fn enqueue(mode: &Mode) -> Vec<Row> {
         }
     }
     let c = mode.clients;
+    keep_until_the_end(env);
     vec![
         Row::from_samples(
             &format!("5a enqueue, {c} clients, one request per path"),
@@ -230,5 +231,6 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
         Goal::AtMost(200.0),
     )
     .note("journal replay included")];
+    keep_until_the_end(env);
     (mem, restart)
 }

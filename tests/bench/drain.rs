@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::{run_ok, Daemon, NixEnv};
 use crate::stats::{Goal, Row, Samples};
-use crate::util::{add_store_paths, wait_drained, Conn, Mode};
+use crate::util::{add_store_paths, keep_until_the_end, wait_drained, Conn, Mode};
 
 /// Correctness bound for one drain.
 const DRAIN_BOUND: Duration = Duration::from_secs(600);
@@ -104,6 +104,7 @@ pub fn run(mode: &Mode) -> Vec<Row> {
         of_bare.push(100.0 * rate[0] / rate[2]);
     }
     let n = mode.drain_paths;
+    keep_until_the_end(env);
     vec![
         Row::from_samples(
             &format!("3a drain {n} paths, default batch-size, to file:// (xz)"),

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use crate::common::{hook_bin, Daemon, NixEnv, NO_ENV};
 use crate::floor::{fdatasync_ms, spool_write_ms, FloorProgram};
 use crate::stats::{Goal, Row, Samples};
-use crate::util::{fake_paths, nix_delay_wrapper, time_run, Mode};
+use crate::util::{fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, Mode};
 
 /// Warm-up runs per variant, not recorded.
 const WARMUP: usize = 20;
@@ -265,5 +265,6 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         Goal::AtMost(50.0),
     )
     .note("acked = journaled and fdatasynced")];
+    keep_until_the_end(env);
     (rows, burst_rows)
 }

@@ -97,6 +97,7 @@ fn main() {
     by_figure.sort_by_key(|(f, _)| *f);
     let rows: Vec<Row> = by_figure.into_iter().flat_map(|(_, r)| r).collect();
 
+    util::delete_kept();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mut out = String::new();
     out.push('\n');

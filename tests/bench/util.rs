@@ -80,10 +80,10 @@ impl Mode {
                 hook_runs: 1000,
                 burst_runs: 30,
                 burst_paths: 1000,
-                build_rounds: 9,
+                build_rounds: 15,
                 build_drvs: 50,
                 inline_rounds: 3,
-                drain_rounds: 3,
+                drain_rounds: 5,
                 drain_paths: 1000,
                 drain_bs1_paths: 100,
                 clients: 16,
@@ -352,4 +352,24 @@ pub fn nix_delay_wrapper(env: &NixEnv) -> PathBuf {
         );
     }
     dir.join("nix")
+}
+
+/// What finished figures leave on disk, deleted only when the benchmark
+/// ends. On ext4 without a journal (as here), creating files soon after
+/// many were deleted is slower: the allocator skips recently freed inodes.
+/// Deleting each figure's files as it ends would charge its clean-up to the
+/// figures after it.
+static KEPT: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Keeps `files` (a store, a temporary directory) until [`delete_kept`].
+pub fn keep_until_the_end<T: Send + 'static>(files: T) {
+    KEPT.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Box::new(files));
+}
+
+/// Deletes what [`keep_until_the_end`] kept.
+pub fn delete_kept() {
+    KEPT.lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
