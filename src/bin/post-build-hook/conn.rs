@@ -96,3 +96,82 @@ impl Connection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A one-connection daemon stand-in that answers each request line with
+    /// `reply` (nothing at all when it is empty).
+    fn answering(
+        tag: &str,
+        reply: &'static str,
+    ) -> (std::path::PathBuf, std::thread::JoinHandle<()>) {
+        let path =
+            std::env::temp_dir().join(format!("npbhq-hook-conn-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                if reply.is_empty() {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    return;
+                }
+                (&stream).write_all(reply.as_bytes()).unwrap();
+                line.clear();
+            }
+        });
+        (path, handle)
+    }
+
+    #[test]
+    fn ok_after_information_lines_is_success() {
+        let (path, t) = answering("ok", "info: something\nok 1\n");
+        let mut c = Connection::open(path.to_str().unwrap(), Deadline::after_ms(5000))
+            .ok()
+            .unwrap();
+        assert!(c.request("enqueue /s/a\n").is_ok());
+        assert!(c.request("enqueue /s/b\n").is_ok());
+        drop(c);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn err_is_a_refusal_with_its_reason() {
+        let (path, t) = answering("err", "err busy: too many connections, try again\n");
+        let mut c = Connection::open(path.to_str().unwrap(), Deadline::after_ms(5000))
+            .ok()
+            .unwrap();
+        match c.request("enqueue /s/a\n") {
+            Err(HookError::Refused(r)) => assert!(wire::is_transient(&r), "{r}"),
+            _ => panic!("expected a refusal"),
+        }
+        drop(c);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn silence_ends_at_the_deadline_and_absence_at_once() {
+        let (path, t) = answering("silent", "");
+        let mut c = Connection::open(path.to_str().unwrap(), Deadline::after_ms(100))
+            .ok()
+            .unwrap();
+        match c.request("enqueue /s/a\n") {
+            Err(HookError::Io(e)) => assert_eq!(e, Errno::TIMED_OUT),
+            _ => panic!("expected a timeout"),
+        }
+        t.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+        match Connection::open(path.to_str().unwrap(), Deadline::after_ms(5000)) {
+            Err(e @ HookError::Connect(..)) => {
+                assert!(e.to_string().contains("No such file or directory"), "{e}")
+            }
+            _ => panic!("expected a connect error"),
+        }
+    }
+}

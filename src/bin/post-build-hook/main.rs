@@ -10,8 +10,11 @@
 //! follow the daemon's own rules: [`wire`] is the library's file, compiled
 //! here too.
 
-#![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(test), no_main)]
+// The unit tests run with std's test harness: the entry point, the panic
+// handler and the allocator below are for the real program only.
+#![cfg_attr(test, allow(dead_code))]
 
 extern crate alloc;
 
@@ -24,17 +27,20 @@ mod wire;
 
 use alloc::format;
 use alloc::string::String;
+#[cfg(not(test))]
 use core::ffi::{c_char, c_int};
 use core::fmt::{self, Write};
 
 use conn::{Connection, HookError};
 
+#[cfg(not(test))]
 #[global_allocator]
 static ALLOCATOR: sys::Malloc = sys::Malloc;
 
 /// A bug, not a condition the hook expects: say so and still exit 0, as a
 /// failing hook would stop Nix's build loop. Writes without allocating, in
 /// case the allocator is what failed.
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     let _ = writeln!(
@@ -50,10 +56,12 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 /// profile in Cargo.toml has `panic = "abort"`, and [`panic`] never returns),
 /// so nothing ever unwinds and neither is called; these only satisfy the
 /// linker, without pulling in libgcc_s.
+#[cfg(not(test))]
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
 
 /// See [`rust_eh_personality`]: never called, as nothing unwinds.
+#[cfg(not(test))]
 #[no_mangle]
 extern "C" fn _Unwind_Resume() -> ! {
     sys::exit(0)
@@ -69,6 +77,7 @@ impl Write for Stderr {
 }
 
 /// The C entry point (there is no `std` runtime to call a Rust `main`).
+#[cfg(not(test))]
 #[no_mangle]
 extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
     sys::start_up();

@@ -30,3 +30,31 @@ pub fn write(dir: &str, request: &str) -> Result<String, Errno> {
     sys::open_dir(dir)?.sync_all()?;
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_request_is_one_complete_file() {
+        let base = std::env::temp_dir().join(format!("npbhq-hook-spool-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let dir = base.join("missing/parents");
+        let dir_s = dir.to_str().unwrap();
+        let file = write(dir_s, "enqueue /nix/store/a\nenqueue /nix/store/b\n").unwrap();
+        assert!(
+            file.starts_with(dir_s) && file.ends_with(wire::SPOOL_SUFFIX),
+            "{file}"
+        );
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no temporary file is left: {names:?}");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "enqueue /nix/store/a\nenqueue /nix/store/b\n"
+        );
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

@@ -106,7 +106,7 @@ extern "C" {
 }
 
 /// An error number from a failed call.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Errno(pub c_int);
 
 impl Errno {
@@ -495,5 +495,39 @@ unsafe impl GlobalAlloc for Malloc {
             }
             new
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    #[test]
+    fn errors_read_like_std() {
+        for n in [2, 11, 13, 110] {
+            assert_eq!(
+                Errno(n).to_string(),
+                std::io::Error::from_raw_os_error(n).to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn deadlines_count_down() {
+        assert!(Deadline::after_ms(60_000)
+            .left_ms()
+            .is_some_and(|ms| ms > 59_000));
+        let past = Deadline(now_ns(CLOCK_MONOTONIC) - 1);
+        assert_eq!(past.left_ms(), None);
+    }
+
+    #[test]
+    fn too_long_socket_paths_are_refused() {
+        let long = "/tmp/".to_string() + &"x".repeat(120);
+        assert_eq!(
+            connect_unix(&long, Deadline::after_ms(100)).err(),
+            Some(Errno(EINVAL))
+        );
     }
 }
