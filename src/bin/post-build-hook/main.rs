@@ -15,6 +15,7 @@
 // The unit tests run with std's test harness: the entry point, the panic
 // handler and the allocator below are for the real program only.
 #![cfg_attr(test, allow(dead_code))]
+#![forbid(unsafe_op_in_unsafe_fn)]
 
 extern crate alloc;
 
