@@ -6,7 +6,7 @@
 //! values, shared by the architectures listed below.
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::ffi::{c_char, c_int, c_long, c_void, CStr};
+use core::ffi::{c_char, c_int, c_long, c_ulong, c_void, CStr};
 use core::fmt;
 
 use alloc::vec::Vec;
@@ -97,7 +97,7 @@ extern "C" {
     fn connect(fd: c_int, addr: *const SockaddrUn, len: u32) -> c_int;
     fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut u32)
         -> c_int;
-    fn poll(fds: *mut PollFd, n: u64, timeout_ms: c_int) -> c_int;
+    fn poll(fds: *mut PollFd, n: c_ulong, timeout_ms: c_int) -> c_int;
     fn malloc(size: usize) -> *mut c_void;
     fn realloc(p: *mut c_void, size: usize) -> *mut c_void;
     fn free(p: *mut c_void);
