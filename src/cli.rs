@@ -11,6 +11,7 @@ use crate::client::{self, ClientError, Connection};
 use crate::config::{self, Config, KEYS};
 use crate::protocol::{self, request_line};
 use crate::server;
+use crate::wire;
 
 /// Exit code for usage and connection errors.
 pub const EXIT_USAGE: i32 = 2;
@@ -40,7 +41,7 @@ Daemon settings (config file `key = value`, or flags `--key value`; flags win):
     s.push_str(&format!(
         "\nDefault socket: {} (clients: ${}); default state-dir: {}\n",
         config::default_socket().display(),
-        client::ENV_SOCKET,
+        wire::ENV_SOCKET,
         config::default_state_dir().display()
     ));
     s
@@ -144,7 +145,7 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
             "--json" if command == "status" => out.json = true,
             "--timeout" if command == "wait" => {
                 out.timeout = Some(
-                    config::parse_seconds(&value("--timeout")?)
+                    wire::parse_seconds(&value("--timeout")?)
                         .map_err(|e| format!("--timeout: {e}"))?,
                 )
             }
@@ -218,7 +219,7 @@ fn unavailable(message: &str) -> bool {
 
 fn enqueue(conn: &mut Connection, paths: &[String]) -> Result<(), ClientError> {
     let mut added = 0usize;
-    for line in client::enqueue_lines(paths) {
+    for line in wire::enqueue_lines(paths) {
         let (_, n) = conn.request(&line)?;
         added += n.parse::<usize>().unwrap_or(0);
     }
@@ -495,12 +496,12 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
                 return fail(&e.to_string());
             }
         };
-        if let Some(msg) = client::final_word(&line, "ok") {
+        if let Some(msg) = wire::final_word(&line, "ok") {
             end_progress(&mut progress);
             println!("{msg}");
             return 0;
         }
-        if let Some(msg) = client::final_word(&line, "err") {
+        if let Some(msg) = wire::final_word(&line, "err") {
             end_progress(&mut progress);
             if unavailable(msg) {
                 return fail(&format!("the daemon cannot serve this now: {msg}"));

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::config;
 use crate::protocol::MAX_LINE;
 
-pub use crate::wire::{enqueue_lines, final_word, ENV_SOCKET};
+use crate::wire::{final_word, ENV_SOCKET};
 
 /// The socket to use: `$NPBHQ_SOCKET`, else the same default as the daemon.
 pub fn socket_path() -> PathBuf {

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::sys;
-use crate::wire::Places;
-
-pub use crate::wire::{parse_seconds, SOCKET_NAME, STATE_NAME};
+use crate::wire::{parse_seconds, Places};
 
 /// Every setting of the daemon, after defaults, the file and the flags.
 #[derive(Debug, Clone, PartialEq)]
