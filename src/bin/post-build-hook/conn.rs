@@ -47,8 +47,8 @@ impl Connection {
     /// that has stopped accepting) counts as away, at once: the spool is as
     /// safe, and the build need not wait.
     pub fn open(socket: &str, deadline: Deadline) -> Result<Connection, HookError> {
-        let fd = sys::connect_unix(socket, deadline)
-            .map_err(|e| HookError::Connect(String::from(socket), e))?;
+        let fd =
+            sys::connect_unix(socket).map_err(|e| HookError::Connect(String::from(socket), e))?;
         Ok(Connection {
             fd,
             deadline,

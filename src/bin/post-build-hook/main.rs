@@ -54,7 +54,7 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 
 /// Rust ships `alloc` compiled for unwinding, so its cleanup code names the
 /// unwinder's two entry points. This program aborts on panic instead (every
-/// profile in Cargo.toml has `panic = "abort"`, and [`panic`] never returns),
+/// profile in Cargo.toml has `panic = "abort"`, and the panic handler never returns),
 /// so nothing ever unwinds and neither is called; these only satisfy the
 /// linker, without pulling in libgcc_s.
 #[cfg(not(test))]

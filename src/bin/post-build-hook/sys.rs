@@ -1,8 +1,9 @@
 //! The few libc calls the hook makes, each behind a safe wrapper.
 //!
-//! Every `unsafe` of the hook is in this file. Errors are [`Errno`]s,
-//! which print the way `std::io::Error` does, so the hook's messages read
-//! like the rest of the project's. The constants are Linux's generic ABI
+//! Every `unsafe` block of the hook is in this file, but for the call in
+//! `main` that reads the arguments the C runtime passed. Errors are
+//! [`Errno`]s, which print the way `std::io::Error` does, so the hook's
+//! messages read like the rest of the project's. The constants are Linux's generic ABI
 //! values, shared by the architectures listed below.
 
 use core::alloc::{GlobalAlloc, Layout};
@@ -30,7 +31,6 @@ const EINTR: c_int = 4;
 const EAGAIN: c_int = 11;
 const EINVAL: c_int = 22;
 const EEXIST: c_int = 17;
-const EINPROGRESS: c_int = 115;
 const ETIMEDOUT: c_int = 110;
 
 const O_RDONLY: c_int = 0;
@@ -44,8 +44,6 @@ const AF_UNIX: c_int = 1;
 const SOCK_STREAM: c_int = 1;
 const SOCK_NONBLOCK: c_int = 0o4000;
 const SOCK_CLOEXEC: c_int = O_CLOEXEC;
-const SOL_SOCKET: c_int = 1;
-const SO_ERROR: c_int = 4;
 
 const POLLIN: i16 = 0x1;
 const POLLOUT: i16 = 0x4;
@@ -95,8 +93,6 @@ extern "C" {
     fn unlink(path: *const c_char) -> c_int;
     fn socket(domain: c_int, kind: c_int, protocol: c_int) -> c_int;
     fn connect(fd: c_int, addr: *const SockaddrUn, len: u32) -> c_int;
-    fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut u32)
-        -> c_int;
     fn poll(fds: *mut PollFd, n: c_ulong, timeout_ms: c_int) -> c_int;
     fn malloc(size: usize) -> *mut c_void;
     fn realloc(p: *mut c_void, size: usize) -> *mut c_void;
@@ -260,9 +256,10 @@ pub fn unix_nanos() -> u128 {
     now_ns(CLOCK_REALTIME)
 }
 
-/// Connects a stream socket to the unix socket at `path` without blocking
-/// past `deadline`.
-pub fn connect_unix(path: &str, deadline: Deadline) -> Result<Fd> {
+/// Connects a stream socket to the unix socket at `path`. A unix socket
+/// connects at once or not at all: a listener whose backlog is full gives
+/// `EAGAIN` rather than a wait.
+pub fn connect_unix(path: &str) -> Result<Fd> {
     let mut addr = SockaddrUn {
         family: AF_UNIX as u16,
         path: [0; 108],
@@ -280,33 +277,8 @@ pub fn connect_unix(path: &str, deadline: Deadline) -> Result<Fd> {
     })?);
     let len = (2 + path.len() + 1) as u32;
     // SAFETY: addr is a valid sockaddr_un and len does not exceed it.
-    if unsafe { connect(fd.0, &addr, len) } == 0 {
-        return Ok(fd);
-    }
-    match Errno::last() {
-        // A unix socket connects at once or not at all (EAGAIN: the backlog
-        // is full); other sockets may finish later.
-        Errno(EINPROGRESS) => {
-            fd.wait(POLLOUT, deadline)?;
-            let mut err: c_int = 0;
-            let mut len = core::mem::size_of::<c_int>() as u32;
-            // SAFETY: err and len are valid for getsockopt to write an int.
-            check(unsafe {
-                getsockopt(
-                    fd.0,
-                    SOL_SOCKET,
-                    SO_ERROR,
-                    (&mut err as *mut c_int).cast(),
-                    &mut len,
-                )
-            })?;
-            if err != 0 {
-                return Err(Errno(err));
-            }
-            Ok(fd)
-        }
-        e => Err(e),
-    }
+    check(unsafe { connect(fd.0, &addr, len) })?;
+    Ok(fd)
 }
 
 /// Creates `path`'s file new (never replacing one), for writing.
@@ -525,9 +497,6 @@ mod tests {
     #[test]
     fn too_long_socket_paths_are_refused() {
         let long = "/tmp/".to_string() + &"x".repeat(120);
-        assert_eq!(
-            connect_unix(&long, Deadline::after_ms(100)).err(),
-            Some(Errno(EINVAL))
-        );
+        assert_eq!(connect_unix(&long).err(), Some(Errno(EINVAL)));
     }
 }
