@@ -87,6 +87,40 @@ pub fn set_cloexec(fd: i32) -> io::Result<()> {
     Ok(())
 }
 
+extern "C" {
+    fn signal(sig: i32, handler: usize) -> usize;
+}
+
+/// SIGPIPE on every Linux architecture.
+const SIGPIPE: i32 = 13;
+/// The C library's `SIG_IGN` handler value.
+const SIG_IGN: usize = 1;
+
+/// What the standard library's runtime does before `main`, for a program
+/// whose `main` the C runtime calls directly: ignore SIGPIPE, so that writing
+/// to a client that went away is an error and not the end of the daemon, and
+/// open `/dev/null` on any of the descriptors 0, 1 and 2 that was closed, so
+/// that no journal or socket can become a process's stderr.
+pub fn start_up() {
+    // SAFETY: ignoring a signal installs no handler code of ours.
+    unsafe { signal(SIGPIPE, SIG_IGN) };
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only reads the descriptor's flags; a closed
+        // descriptor yields -1 (EBADF) and nothing else happens.
+        if unsafe { fcntl(fd, F_GETFD) } < 0 {
+            // The lowest free descriptor is the closed one, so the file lands
+            // on it; it stays open for the life of the process.
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                std::mem::forget(null);
+            }
+        }
+    }
+}
+
 /// SIGINT on every Linux architecture.
 pub const SIGINT: i32 = 2;
 

@@ -11,6 +11,7 @@ use common::*;
 use std::fs;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 /// A daemon that signs with a fresh key named `key_name` and uploads to a
 /// `file://` cache: (daemon, the cache's URL for reading, the public key).
@@ -257,7 +258,7 @@ fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
         d.log()
     );
     wait_until_diag(
-        std::time::Duration::from_secs(10),
+        Duration::from_secs(10),
         "the daemon log to say it has nothing to do",
         || d.log().to_lowercase().contains("nothing to do"),
         || d.log(),
@@ -380,6 +381,45 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
     d.restart();
     closed(&d, &paths[1]);
     wait_verified(&env, &d, &read, &pk, &paths, "both paths uploaded");
+}
+
+/// The daemon started with its standard descriptors closed puts `/dev/null`
+/// on them before it opens anything (its `main` skips std's start-up, which
+/// would do that), so neither its journal nor a client's connection becomes
+/// its stderr or a nix call's stdin: the journal holds only records, and the
+/// paths arrive.
+#[test]
+fn daemon_with_closed_standard_descriptors_opens_dev_null_on_them() {
+    let env = NixEnv::new("core-daemon-closed-fds");
+    let (mut d, read, pk) = signing_daemon(&env, "core-daemon-closed-fds-1");
+    let paths = env.build_paths(2, "dclosedfds");
+    d.restart_with_closed_standard_descriptors();
+    // sh exec'd the daemon, so the pid is the daemon's.
+    let pid = d.pid().expect("running");
+    for fd in 0..3 {
+        assert_eq!(
+            fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok(),
+            Some(PathBuf::from("/dev/null")),
+            "descriptor {fd} of the daemon"
+        );
+    }
+    for p in &paths {
+        assert_eq!(d.request(&format!("enqueue {}", p.display())), "ok 1");
+    }
+    wait_verified(&env, &d, &read, &pk, &paths, "both paths uploaded");
+    let journal = fs::read_to_string(d.state_dir().join("journal")).unwrap();
+    assert!(
+        journal
+            .lines()
+            .all(|l| l.starts_with("+ ") || l.starts_with("- ")),
+        "only records in the journal:\n{journal}"
+    );
+    d.restart();
+    let log = d.log();
+    assert!(
+        log.contains("replayed: 0 paths queued") && log.lines().all(|l| l.starts_with("info: ")),
+        "a normal restart found nothing wrong with the journal:\n{log}"
+    );
 }
 
 /// A well-formed store path that is not valid (never built, or garbage

@@ -2013,6 +2013,30 @@ fn secrets_world_readable_or_missing_key_file_refused_at_start() {
 // Limits
 // ---------------------------------------------------------------------------
 
+/// A log reader that went away (stderr a pipe with no reader, e.g. after
+/// `post-build-hook-queue serve 2>&1 | head`) makes each log line fail with
+/// EPIPE, which the daemon ignores: SIGPIPE must not end it (its `main` skips
+/// std's start-up, which would ignore the signal). The start-up lines and a
+/// worker's warning are written into the broken pipe; the daemon keeps serving.
+#[test]
+fn limits_a_log_reader_that_went_away_does_not_end_the_daemon() {
+    let env = NixEnv::new("hostile-stderr-gone");
+    let cache = format!("file://{}", env.root().join("cache").display());
+    let mut d = Daemon::start(&env, &[("upload-to", &cache)]);
+    d.restart_with_stderr_gone();
+    // Well-formed but never built: the worker drops it with a warning.
+    let bogus = env
+        .store_dir()
+        .join("0000000000000000000000000000000b-npbhq-never-built");
+    assert_eq!(d.request(&format!("enqueue {}", bogus.display())), "ok 1");
+    wait_until(
+        Duration::from_secs(30),
+        "the unbuilt path is dropped",
+        || status_queued(&d.socket()) == Some(0),
+    );
+    assert_alive(&mut d, "after logging into a pipe nobody reads");
+}
+
 /// A request of exactly 1 MiB (newline included) is served; one byte more,
 /// or any longer line, gets one `err` line and the connection is closed (the
 /// request after it is not answered); the daemon keeps serving.

@@ -1113,6 +1113,18 @@ pub struct Daemon {
     config: Vec<(String, String)>,
     env: Vec<(String, OsString)>,
     child: Option<Child>,
+    launch: Launch,
+}
+
+/// How [`Daemon::try_spawn`] connects the daemon's standard descriptors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Launch {
+    /// stdin from /dev/null, stdout and stderr to [`Daemon::log_path`].
+    Logged,
+    /// 0, 1 and 2 closed.
+    ClosedStd,
+    /// stderr a pipe whose reading end is closed at once.
+    StderrGone,
 }
 
 impl Daemon {
@@ -1178,6 +1190,7 @@ impl Daemon {
             config: cfg,
             env: vars,
             child: None,
+            launch: Launch::Logged,
         };
         d.write_config();
         d
@@ -1220,7 +1233,14 @@ impl Daemon {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut cmd = Command::new(daemon_bin());
+        let mut cmd = if self.launch == Launch::ClosedStd {
+            let mut c = Command::new("sh");
+            c.args(["-c", "exec \"$0\" \"$@\" <&- >&- 2>&-"])
+                .arg(daemon_bin());
+            c
+        } else {
+            Command::new(daemon_bin())
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config_path)
@@ -1229,12 +1249,16 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if self.launch == Launch::StderrGone {
+            cmd.stderr(Stdio::piped());
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", daemon_bin().display()))?;
+        drop(child.stderr.take());
         let start = Instant::now();
         loop {
             if let Ok(Some(st)) = child.try_wait() {
@@ -1370,6 +1394,26 @@ impl Daemon {
         if let Err(e) = self.try_spawn() {
             panic!("restart failed: {e}");
         }
+    }
+
+    /// Like [`Daemon::restart`], but the daemon starts with its standard
+    /// descriptors 0, 1 and 2 closed (so it writes no log), as a careless
+    /// supervisor might start it.
+    pub fn restart_with_closed_standard_descriptors(&mut self) {
+        self.restart_as(Launch::ClosedStd);
+    }
+
+    /// Like [`Daemon::restart`], but the daemon's stderr is a pipe nobody
+    /// reads any more (a log reader that went away), so that every log line
+    /// it writes fails with EPIPE.
+    pub fn restart_with_stderr_gone(&mut self) {
+        self.restart_as(Launch::StderrGone);
+    }
+
+    fn restart_as(&mut self, launch: Launch) {
+        self.launch = launch;
+        self.restart();
+        self.launch = Launch::Logged;
     }
 
     /// Environment for the hook and CLI: `NPBHQ_SOCKET` and `NPBHQ_SPOOL_DIR`.
