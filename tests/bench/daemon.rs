@@ -197,7 +197,7 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
     };
     let mem = vec![
         Row::from_samples("6a daemon VmHWM, idle", &idle, "MiB", Goal::AtMost(2.0))
-            .note("signing key and file:// target set"),
+            .note("signing key and file:// target set; fresh start each, so ASLR moves the kernel's 64 KiB fault-around windows"),
         Row::single(
             &format!("6b daemon VmHWM, {k} paths queued through the socket"),
             live_hwm,
@@ -222,7 +222,7 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
             "MiB",
             Goal::Info,
         )
-        .note("mostly shared pages of libc and the binary"),
+        .note("mostly shared pages of libc and the binary; with std's start-up, which the daemon skips"),
     ];
     let restart = vec![Row::from_samples(
         &format!("7 restart with {k} queued: exec until the socket accepts"),

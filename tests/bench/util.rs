@@ -89,7 +89,7 @@ impl Mode {
                 clients: 16,
                 per_client: 500,
                 enqueue_rounds: 5,
-                idle_rounds: 3,
+                idle_rounds: 15,
                 big_queue: 100_000,
                 restart_rounds: 7,
             }
