@@ -1,23 +1,27 @@
 //! The daemon: recovery at start, the listener, and one thread per client.
 //!
 //! Startup is recovery: open and replay the journal, hand every live path to
-//! the worker, ingest the spool, then accept. Each connection is served by a
-//! thread of its own (at most `max-connections`; a thread that finished a
-//! client waits a few seconds for the next one, so a burst of hooks does not
-//! start a thread per build) that reads request lines, journals paths before
-//! acknowledging them, and passes them to the worker through the channel. A
-//! slow client therefore never delays another one, and the worker's nix
-//! calls never delay an acknowledgement.
+//! the worker, ingest the spool, then accept. The listener is shared by the
+//! connection threads: each one waits in `accept` itself, so a hook's
+//! connection wakes the thread that serves it, with no hand-over in between.
+//! A thread that takes a connection while no other waits in `accept` starts
+//! one that does; a thread that waited a few seconds in vain leaves, unless
+//! it is one of the [`ACCEPTORS_KEPT`]. Each connection is served by one
+//! thread (at most `max-connections` at once; more get `err busy`), which
+//! reads request lines, journals paths before acknowledging them, and passes
+//! them to the worker through the channel. A slow client therefore never
+//! delays another one, and the worker's nix calls never delay an
+//! acknowledgement.
 
-use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -89,25 +93,23 @@ struct Context {
     store_dir: String,
     target: Option<String>,
     signing: bool,
+    listener: UnixListener,
+    /// Connection threads waiting in `accept`.
+    accepting: AtomicUsize,
+    /// Connections being served.
     active: AtomicUsize,
     max_connections: usize,
-    pool: Mutex<Pool>,
-    /// Signalled when a connection is handed to the pool.
-    wake: Condvar,
 }
 
-/// Connection threads that finished a client and wait for the next one.
-#[derive(Default)]
-struct Pool {
-    /// Accepted connections handed to the pool, not yet taken by a thread.
-    waiting: VecDeque<UnixStream>,
-    /// Threads waiting for a connection.
-    idle: usize,
-}
-
-/// How long a connection thread waits for another connection before it
-/// exits: threads are reused in a burst of hooks, and gone when idle.
+/// How long a connection thread waits in `accept` before it may leave:
+/// threads are reused in a burst of hooks, and gone when idle.
 const IDLE_THREAD_KEEP: Duration = Duration::from_secs(5);
+
+/// Connection threads that stay waiting in `accept` when idle (the main
+/// thread is one): two, so that when one takes a hook's connection the
+/// next hook finds another already waiting, and no thread has to be started
+/// while a hook waits for its acknowledgement.
+const ACCEPTORS_KEPT: usize = 2;
 
 /// Runs the daemon until it is killed or the listener fails.
 pub fn serve(config: Config) -> Result<(), ServeError> {
@@ -169,10 +171,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         store_dir: config.store_dir.clone(),
         target: config.upload_to.as_deref().map(redact::url),
         signing: config.signing_key_file.is_some(),
+        listener,
+        accepting: AtomicUsize::new(0),
         active: AtomicUsize::new(0),
         max_connections: config.max_connections,
-        pool: Mutex::new(Pool::default()),
-        wake: Condvar::new(),
     });
     info!(
         "ready: store {}, signing {}, upload to {}",
@@ -199,15 +201,15 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         warning!("cannot notify systemd of readiness: {e}");
     }
 
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => accept(&ctx, stream),
-            Err(e) => {
-                error!("accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
+    // A thread that waited this long in accept gets WouldBlock and may leave.
+    sys::set_receive_timeout(ctx.listener.as_raw_fd(), IDLE_THREAD_KEEP)
+        .map_err(|e| ServeError::Socket(config.socket.clone(), e))?;
+    // The main thread is an acceptor for good; the others come and go.
+    ctx.accepting.fetch_add(1, Ordering::SeqCst);
+    for _ in 1..ACCEPTORS_KEPT {
+        start_acceptor(&ctx);
     }
+    connection_thread(&ctx, true);
     Ok(())
 }
 
@@ -361,7 +363,68 @@ fn stop_on_signal(
     std::process::exit(0);
 }
 
-fn accept(ctx: &Arc<Context>, mut stream: UnixStream) {
+/// Starts a connection thread, counted in `accepting` from now on.
+fn start_acceptor(ctx: &Arc<Context>) {
+    ctx.accepting.fetch_add(1, Ordering::SeqCst);
+    let ctx2 = Arc::clone(ctx);
+    let spawned = std::thread::Builder::new()
+        .name("conn".into())
+        .stack_size(64 * 1024)
+        .spawn(move || connection_thread(&ctx2, false));
+    if let Err(e) = spawned {
+        ctx.accepting.fetch_sub(1, Ordering::SeqCst);
+        warning!("cannot start a connection thread: {e}");
+    }
+}
+
+/// Accepts connections and serves each in turn. Counted in `accepting`
+/// while in `accept`; before serving a connection it makes sure another
+/// thread is accepting. Returns after [`IDLE_THREAD_KEEP`] without a
+/// connection if more than [`ACCEPTORS_KEPT`] threads are accepting, unless
+/// `for_good`.
+fn connection_thread(ctx: &Arc<Context>, for_good: bool) {
+    loop {
+        let stream = match ctx.listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if !for_good && leave_if_surplus(&ctx.accepting) {
+                    return;
+                }
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if ctx.accepting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            start_acceptor(ctx);
+        }
+        serve_one(ctx, stream);
+        ctx.accepting.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Takes this thread out of `accepting` if more than [`ACCEPTORS_KEPT`]
+/// would still be there; true if it did.
+fn leave_if_surplus(accepting: &AtomicUsize) -> bool {
+    accepting
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n > ACCEPTORS_KEPT).then(|| n - 1)
+        })
+        .is_ok()
+}
+
+/// Serves one accepted connection, or turns it away while stopping or
+/// when `max-connections` are being served.
+fn serve_one(ctx: &Context, mut stream: UnixStream) {
     if ctx.shared.stopping.load(Ordering::SeqCst) {
         let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
         let _ = stream.write_all(final_line(Err(ERR_STOPPING)).as_bytes());
@@ -373,51 +436,8 @@ fn accept(ctx: &Arc<Context>, mut stream: UnixStream) {
         let _ = stream.write_all(final_line(Err(ERR_BUSY)).as_bytes());
         return;
     }
-    {
-        // Hand it to an idle connection thread, if one is waiting.
-        let mut pool = ctx.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.idle > pool.waiting.len() {
-            pool.waiting.push_back(stream);
-            ctx.wake.notify_one();
-            return;
-        }
-    }
-    let ctx2 = Arc::clone(ctx);
-    let spawned = std::thread::Builder::new()
-        .name("conn".into())
-        .stack_size(64 * 1024)
-        .spawn(move || connection_thread(&ctx2, stream));
-    if let Err(e) = spawned {
-        ctx.active.fetch_sub(1, Ordering::SeqCst);
-        warning!("cannot start a connection thread: {e}");
-    }
-}
-
-/// Serves `stream`, then the connections handed to it while it is idle,
-/// until none came for [`IDLE_THREAD_KEEP`]: a burst of hooks reuses a few
-/// threads instead of starting one per build.
-fn connection_thread(ctx: &Context, mut stream: UnixStream) {
-    loop {
-        handle(ctx, stream);
-        ctx.active.fetch_sub(1, Ordering::SeqCst);
-        let mut pool = ctx.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.idle += 1;
-        stream = loop {
-            if let Some(next) = pool.waiting.pop_front() {
-                pool.idle -= 1;
-                break next;
-            }
-            let (guard, waited) = ctx
-                .wake
-                .wait_timeout(pool, IDLE_THREAD_KEEP)
-                .unwrap_or_else(|e| e.into_inner());
-            pool = guard;
-            if waited.timed_out() && pool.waiting.is_empty() {
-                pool.idle -= 1;
-                return;
-            }
-        };
-    }
+    handle(ctx, stream);
+    ctx.active.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Reads one line of at most `MAX_LINE` bytes, all of it within `timeout`.

@@ -2203,6 +2203,66 @@ fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
     assert_alive(&mut d, "after slow clients");
 }
 
+/// The daemon's threads, by id.
+fn thread_ids(d: &Daemon) -> HashSet<String> {
+    let pid = d.pid().expect("daemon running");
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read /proc/PID/task")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Connection threads wait in `accept` themselves: one client after another
+/// is served by the same threads (no thread per connection), a burst of
+/// concurrent clients gets as many threads as it needs, and once it is over
+/// the extra threads leave (after 5 s in vain in `accept`), down to the
+/// threads the daemon had when idle.
+#[test]
+fn limits_connection_threads_are_reused_grow_with_a_burst_and_leave_after() {
+    let env = NixEnv::new("hostile-threads");
+    let mut d = Daemon::start(&env, &[]);
+    // The harness's start-up probe may have left an extra thread; wait for
+    // the settled, idle set.
+    thread::sleep(Duration::from_millis(200));
+    let idle = thread_ids(&d);
+    let mut seen = idle.clone();
+    for i in 0..50 {
+        assert!(ask(&d.socket(), "ping").starts_with("ok"), "ping {i}");
+        seen.extend(thread_ids(&d));
+    }
+    // A thread is started only when a client arrives while no other thread
+    // waits in accept (here: the previous one still reading its client's
+    // end), so a few may be new, never one per client.
+    let new = seen.len() - idle.len();
+    assert!(
+        new <= 5,
+        "50 clients one after another started {new} threads"
+    );
+
+    let mut burst: Vec<UnixStream> = (0..32)
+        .map(|_| UnixStream::connect(d.socket()).expect("connect"))
+        .collect();
+    for s in &mut burst {
+        s.write_all(b"ping\n").expect("send");
+    }
+    for s in &mut burst {
+        let line = read_one_line(s).expect("reply");
+        assert!(line.starts_with("ok"), "{line}");
+    }
+    let grown = thread_ids(&d).len();
+    assert!(
+        grown >= idle.len() + 31,
+        "32 open connections are served at once: {grown} threads, {} idle",
+        idle.len()
+    );
+    drop(burst);
+    wait_until(Duration::from_secs(30), "the burst's threads leave", || {
+        thread_ids(&d).len() == idle.len()
+    });
+    assert_alive(&mut d, "after the burst");
+}
+
 /// With `max-connections = 4`, four connections are served together; a
 /// fifth gets `err busy` at once without sending anything, while the four
 /// keep working; when one leaves, a new client is served again.
