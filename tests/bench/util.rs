@@ -80,7 +80,7 @@ impl Mode {
                 hook_runs: 1000,
                 burst_runs: 30,
                 burst_paths: 1000,
-                build_rounds: 15,
+                build_rounds: 25,
                 build_drvs: 50,
                 inline_rounds: 3,
                 drain_rounds: 5,
