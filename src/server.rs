@@ -111,7 +111,8 @@ const IDLE_THREAD_KEEP: Duration = Duration::from_secs(5);
 /// while a hook waits for its acknowledgement.
 const ACCEPTORS_KEPT: usize = 2;
 
-/// Runs the daemon until it is killed or the listener fails.
+/// Runs the daemon: returns only if it cannot start; it ends when a signal
+/// stops it ([`stop_on_signal`]) or it is killed.
 pub fn serve(config: Config) -> Result<(), ServeError> {
     // Before any thread starts, so that only the stop thread sees them.
     sys::block_stop_signals().map_err(ServeError::Signals)?;
