@@ -6,7 +6,7 @@
 //! connection wakes the thread that serves it, with no hand-over in between.
 //! A thread that takes a connection while no other waits in `accept` starts
 //! one that does; a thread that waited a few seconds in vain leaves, unless
-//! it is one of the [`ACCEPTORS_KEPT`]. Each connection is served by one
+//! it is one of the `ACCEPTORS_KEPT`. Each connection is served by one
 //! thread (at most `max-connections` at once; more get `err busy`), which
 //! reads request lines, journals paths before acknowledging them, and passes
 //! them to the worker through the channel. A slow client therefore never
@@ -112,7 +112,7 @@ const IDLE_THREAD_KEEP: Duration = Duration::from_secs(5);
 const ACCEPTORS_KEPT: usize = 2;
 
 /// Runs the daemon: returns only if it cannot start; it ends when a signal
-/// stops it ([`stop_on_signal`]) or it is killed.
+/// stops it (see `stop_on_signal`) or it is killed.
 pub fn serve(config: Config) -> Result<(), ServeError> {
     // Before any thread starts, so that only the stop thread sees them.
     sys::block_stop_signals().map_err(ServeError::Signals)?;
