@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -202,8 +202,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         warning!("cannot notify systemd of readiness: {e}");
     }
 
-    // A thread that waited this long in accept gets WouldBlock and may leave.
-    sys::set_receive_timeout(ctx.listener.as_raw_fd(), IDLE_THREAD_KEEP)
+    set_accept_timeout(&ctx.listener, IDLE_THREAD_KEEP)
         .map_err(|e| ServeError::Socket(config.socket.clone(), e))?;
     // The main thread is an acceptor for good; the others come and go.
     ctx.accepting.fetch_add(1, Ordering::SeqCst);
@@ -362,6 +361,15 @@ fn stop_on_signal(
         ctx.journal.len()
     );
     std::process::exit(0);
+}
+
+/// Bounds how long `accept` on `listener` waits: then it fails with
+/// `WouldBlock`, and a surplus connection thread may leave. The standard
+/// library sets this receive timeout (SO_RCVTIMEO) on connected sockets
+/// only, so it is set through a second descriptor of the same socket.
+fn set_accept_timeout(listener: &UnixListener, timeout: Duration) -> io::Result<()> {
+    let same_socket = UnixStream::from(listener.as_fd().try_clone_to_owned()?);
+    same_socket.set_read_timeout(Some(timeout))
 }
 
 /// Starts a connection thread, counted in `accepting` from now on.

@@ -177,50 +177,11 @@ pub fn wait_for_stop_signal() -> io::Result<i32> {
 
 extern "C" {
     fn getsockopt(fd: i32, level: i32, name: i32, value: *mut i32, len: *mut u32) -> i32;
-    fn setsockopt(fd: i32, level: i32, name: i32, value: *const TimeVal, len: u32) -> i32;
 }
 
-/// `SOL_SOCKET`, `SO_ACCEPTCONN` and `SO_RCVTIMEO` (asm-generic values:
-/// x86-64, arm64, riscv).
+/// `SOL_SOCKET` and `SO_ACCEPTCONN` (asm-generic values: x86-64, arm64, riscv).
 const SOL_SOCKET: i32 = 1;
 const SO_ACCEPTCONN: i32 = 30;
-const SO_RCVTIMEO: i32 = 20;
-
-/// The C library's `struct timeval`.
-#[repr(C)]
-struct TimeVal {
-    sec: std::os::raw::c_long,
-    usec: std::os::raw::c_long,
-}
-
-/// Sets how long a receive on socket `fd` waits; on a listening socket that
-/// bounds `accept`, which then fails with `WouldBlock` (the standard library
-/// offers this for connected sockets only).
-pub fn set_receive_timeout(fd: i32, timeout: std::time::Duration) -> io::Result<()> {
-    let sec = std::os::raw::c_long::try_from(timeout.as_secs())
-        .map_err(|_| io::Error::other("timeout out of range"))?;
-    let tv = TimeVal {
-        sec,
-        // Below a million, so it fits any long.
-        usec: timeout.subsec_micros() as std::os::raw::c_long,
-    };
-    // SAFETY: `tv` is a live, correctly laid out timeval and the length says
-    // so; the kernel only reads it.
-    let rc = unsafe {
-        setsockopt(
-            fd,
-            SOL_SOCKET,
-            SO_RCVTIMEO,
-            &tv,
-            std::mem::size_of::<TimeVal>() as u32,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
 
 /// True when `fd` is a socket in the listening state.
 pub fn is_listening(fd: i32) -> io::Result<bool> {
