@@ -27,6 +27,7 @@ compile_error!(
     "post-build-hook's libc constants are Linux's generic ones (x86, arm, riscv64, loongarch64)"
 );
 
+const ENOENT: c_int = 2;
 const EINTR: c_int = 4;
 const EAGAIN: c_int = 11;
 const EINVAL: c_int = 22;
@@ -303,21 +304,32 @@ pub fn open_dir(path: &str) -> Result<Fd> {
     check(unsafe { open(p.as_ptr().cast(), O_RDONLY | O_CLOEXEC) }).map(Fd)
 }
 
-/// Creates the directory `path` and any missing parents.
+/// Creates the directory `path` and any missing parents: usually it is
+/// there already, which one `mkdir` tells.
 pub fn create_dir_all(path: &str) -> Result<()> {
+    match make_dir(path) {
+        Err(Errno(ENOENT)) => {}
+        done => return done,
+    }
     let ends = path
         .char_indices()
         .filter(|&(i, c)| c == '/' && i > 0)
         .map(|(i, _)| i)
         .chain(core::iter::once(path.len()));
     for end in ends {
-        let p = c_string(path.get(..end).unwrap_or(path))?;
-        // SAFETY: p is NUL-terminated.
-        if unsafe { mkdir(p.as_ptr().cast(), 0o777) } < 0 && Errno::last() != Errno(EEXIST) {
-            return Err(Errno::last());
-        }
+        make_dir(path.get(..end).unwrap_or(path))?;
     }
     Ok(())
+}
+
+/// Creates the directory `path`; one that exists already is fine.
+fn make_dir(path: &str) -> Result<()> {
+    let p = c_string(path)?;
+    // SAFETY: p is NUL-terminated.
+    match check(unsafe { mkdir(p.as_ptr().cast(), 0o777) }) {
+        Err(Errno(EEXIST)) => Ok(()),
+        other => other.map(drop),
+    }
 }
 
 /// Renames `from` to `to`, replacing it.
