@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::client::{self, ClientError, Connection};
 use crate::config::{self, Config, KEYS};
-use crate::protocol::{self, request_line};
+use crate::protocol;
 use crate::server;
-use crate::wire;
+use crate::wire::{self, request_line};
 
 /// Exit code for usage and connection errors.
 pub const EXIT_USAGE: i32 = 2;

@@ -180,11 +180,12 @@ impl Nix {
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
         let share = paths.len().div_ceil(calls).max(1);
+        let user_tunables = std::env::var_os("GLIBC_TUNABLES").is_some();
         let cmds = paths
             .chunks(share)
             .map(|chunk| {
                 let mut cmd = self.nix_command(&["copy", "--to", url]);
-                if std::env::var_os("GLIBC_TUNABLES").is_none() {
+                if !user_tunables {
                     cmd.env("GLIBC_TUNABLES", COPY_GLIBC_TUNABLES);
                 }
                 cmd.args(chunk);

@@ -10,10 +10,7 @@ use std::fmt;
 
 use crate::store_path::{PathError, StorePath};
 
-pub use crate::wire::{
-    is_transient, request_line, ERR_BUSY, ERR_JOURNAL, ERR_STOPPING, ERR_WORKER_GONE, MAX_LINE,
-    MAX_PATHS,
-};
+pub use crate::wire::{ERR_BUSY, ERR_JOURNAL, ERR_STOPPING, ERR_WORKER_GONE, MAX_LINE, MAX_PATHS};
 
 /// A parsed, validated request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +170,7 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::request_line;
 
     const S: &str = "/nix/store";
     const H: &str = "0123456789abcdfghijklmnpqrsvwxyz";

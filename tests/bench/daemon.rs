@@ -101,7 +101,7 @@ pub fn enqueue(mode: &Mode) -> Vec<Row> {
             "paths/s",
             Goal::Info,
         )
-        .note("as hooks connect: adds connection setup and hand-over to a thread"),
+        .note("as hooks connect: adds connection setup and a thread woken in accept"),
     ]
 }
 
