@@ -4,10 +4,11 @@
 //!
 //! The path of a store path: the hook (`src/bin/post-build-hook/`, without
 //! `std`) sends it over the socket in lines built by [`wire`], which it
-//! shares with the library ([`protocol`] parses them); the daemon ([`server`]) validates it ([`store_path`]),
-//! journals it durably ([`journal`]) and acknowledges; the [`worker`] signs
-//! and uploads it with `nix` ([`nix`]) and only then removes it from the
-//! journal. When the daemon is away, the hook leaves it in the [`spool`].
+//! shares with the library ([`protocol`] parses them); the daemon
+//! ([`server`]) validates it ([`store_path`]), journals it durably
+//! ([`journal`]) and acknowledges; the [`worker`] signs and uploads it with
+//! `nix` ([`nix`]) and only then removes it from the journal. When the
+//! daemon is away, the hook leaves it in the [`spool`].
 
 #![forbid(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

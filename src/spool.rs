@@ -2,9 +2,9 @@
 //!
 //! The hook writes the request lines it would have sent to a temporary file
 //! and renames it to `<time>-<pid>.req` ([`crate::wire::spool_names`]), so
-//! the daemon never sees half a request. The daemon queues every spooled request when it starts and
-//! whenever it is idle, and deletes each file only after its paths are in
-//! the journal.
+//! the daemon never sees half a request. The daemon queues every spooled
+//! request when it starts and whenever it is idle, and deletes each file
+//! only after its paths are in the journal.
 
 use std::fs;
 use std::path::{Path, PathBuf};
