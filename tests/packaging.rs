@@ -143,3 +143,42 @@ fn module_knows_every_daemon_setting_and_no_other() {
     in_daemon.sort();
     assert_eq!(in_module, in_daemon, "module.nix knownKeys vs --help");
 }
+
+/// The program headers of the ELF executable at `path`: each one's type.
+fn elf_program_header_types(path: &Path) -> Vec<u32> {
+    let elf = fs::read(path).expect("read the binary");
+    assert_eq!(elf.get(..4), Some(&b"\x7fELF"[..]), "not an ELF file");
+    assert_eq!(elf[4], 2, "not a 64-bit ELF file");
+    let u16_at = |at: usize| u16::from_le_bytes([elf[at], elf[at + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[32..40].try_into().expect("8 bytes")) as usize;
+    let (size, count) = (u16_at(54), u16_at(56));
+    (0..count)
+        .map(|i| {
+            let at = phoff + i * size;
+            u32::from_le_bytes(elf[at..at + 4].try_into().expect("4 bytes"))
+        })
+        .collect()
+}
+
+/// On x86_64 Linux the hook makes its own system calls, so that no dynamic
+/// loader runs before it (build.rs): no interpreter, no dynamic section,
+/// and it still answers.
+#[test]
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+fn the_hook_is_a_static_executable_that_needs_no_loader() {
+    const PT_DYNAMIC: u32 = 2;
+    const PT_INTERP: u32 = 3;
+    let types = elf_program_header_types(&hook_bin());
+    assert!(!types.is_empty());
+    assert!(
+        !types.contains(&PT_INTERP) && !types.contains(&PT_DYNAMIC),
+        "the hook has an interpreter or a dynamic section: {types:?}"
+    );
+    let out = run_ok(Command::new(hook_bin()).arg("--version"));
+    assert_eq!(
+        out,
+        format!("post-build-hook {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    // The daemon, on std, is an ordinary dynamic executable.
+    assert!(elf_program_header_types(&daemon_bin()).contains(&PT_INTERP));
+}

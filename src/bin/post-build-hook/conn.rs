@@ -5,8 +5,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::sys::{self, Deadline, Errno, Fd};
-use crate::wire;
+use super::sys::{self, Deadline, Errno, Fd};
+use super::wire;
 
 /// Why a request did not get an `ok`.
 pub enum HookError {

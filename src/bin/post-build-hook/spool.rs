@@ -4,8 +4,8 @@
 
 use alloc::string::String;
 
-use crate::sys::{self, Errno};
-use crate::wire;
+use super::sys::{self, Errno};
+use super::wire;
 
 /// Writes `request` as a new spool file in `dir`, durably, and returns its
 /// path. The file appears complete or not at all: it is written under a
