@@ -9,8 +9,9 @@ mod common;
 
 use common::*;
 use std::fs;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// A daemon that signs with a fresh key named `key_name` and uploads to a
@@ -381,6 +382,45 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
     d.restart();
     closed(&d, &paths[1]);
     wait_verified(&env, &d, &read, &pk, &paths, "both paths uploaded");
+}
+
+/// Nix's log reader gone (the hook's stderr a pipe nobody reads): the hook's
+/// one line fails with EPIPE, which it ignores. A SIGPIPE must not end it, as
+/// a hook killed by a signal fails the build; it ignores the signal itself
+/// (it has no `std` to do so). The daemon here is a socket that accepts and
+/// never answers, so the hook writes its line after its timeout, well after
+/// the reader closed, and spools the request.
+#[test]
+fn hook_whose_log_reader_went_away_spools_and_exits_0() {
+    let env = NixEnv::new("core-hook-epipe");
+    let dir = env.root().join("silent");
+    fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("silent.sock");
+    let _silent = UnixListener::bind(&socket).unwrap();
+    let spool = dir.join("spool");
+    let path = env
+        .store_dir()
+        .join("0000000000000000000000000000000e-npbhq-epipe");
+    let mut hook = Command::new(hook_bin())
+        .env("NPBHQ_SOCKET", &socket)
+        .env("NPBHQ_SPOOL_DIR", &spool)
+        .env("NPBHQ_TIMEOUT", "0.3")
+        .env("OUT_PATHS", &path)
+        .env("DRV_PATH", "")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(hook.stderr.take());
+    let status = hook.wait().unwrap();
+    assert!(status.success(), "the hook ended with {status}");
+    let spooled: Vec<String> = fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .map(|e| fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert_eq!(spooled, vec![format!("enqueue {}\n", path.display())]);
 }
 
 /// The daemon started with its standard descriptors closed puts `/dev/null`
