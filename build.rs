@@ -1,8 +1,9 @@
-//! Chooses how `post-build-hook` reaches the kernel. On x86_64 Linux it makes
-//! its system calls itself (`src/bin/post-build-hook/sys/linux_x86_64.rs`)
-//! and is linked static, without the C runtime, so that no dynamic loader
-//! runs before it: that is most of an exec's cost, and Nix waits for the
-//! hook after every build. Elsewhere it is an ordinary program on libc.
+//! Chooses how `post-build-hook` reaches the kernel. On x86_64 Linux with
+//! glibc it makes its system calls itself
+//! (`src/bin/post-build-hook/sys/linux_x86_64.rs`) and is linked static,
+//! without the C runtime, so that no dynamic loader runs before it: that is
+//! most of an exec's cost, and Nix waits for the hook after every build.
+//! Elsewhere it is an ordinary program on libc.
 
 use std::env;
 
@@ -10,7 +11,12 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rustc-check-cfg=cfg(hook_raw_syscalls)");
     let target = |key: &str| env::var(key).unwrap_or_default();
-    if target("CARGO_CFG_TARGET_OS") == "linux" && target("CARGO_CFG_TARGET_ARCH") == "x86_64" {
+    // glibc only: a musl build links its own C runtime objects explicitly,
+    // and is static and quick to start already.
+    if target("CARGO_CFG_TARGET_OS") == "linux"
+        && target("CARGO_CFG_TARGET_ARCH") == "x86_64"
+        && target("CARGO_CFG_TARGET_ENV") == "gnu"
+    {
         println!("cargo:rustc-cfg=hook_raw_syscalls");
         // Its own entry point, no libc, no interpreter and no relocations
         // left for start-up to apply.

@@ -164,7 +164,7 @@ fn elf_program_header_types(path: &Path) -> Vec<u32> {
 /// loader runs before it (build.rs): no interpreter, no dynamic section,
 /// and it still answers.
 #[test]
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
 fn the_hook_is_a_static_executable_that_needs_no_loader() {
     const PT_DYNAMIC: u32 = 2;
     const PT_INTERP: u32 = 3;
