@@ -3,8 +3,9 @@
 //! hook is then an ordinary dynamically linked program whose C `main` is
 //! [`main`] below.
 //!
-//! Every function returns what the kernel would: a result, or a negated
-//! error number.
+//! Every function returns what the kernel would, a result or a negated
+//! error number, but for `rt_sigaction`, which returns the previous handler
+//! as `signal` does.
 
 use core::ffi::{c_char, c_int, c_long, c_ulong, c_void};
 

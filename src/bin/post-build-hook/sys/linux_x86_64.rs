@@ -259,8 +259,9 @@ unsafe extern "C" fn start(stack: *const usize) -> ! {
 }
 
 // The memory and string functions the compiler calls for copies, fills,
-// comparisons and its own idea of a string's length. `rep movsb` and `rep stosb` are what libc itself picks for
-// the short lengths the hook moves.
+// comparisons and its own idea of a string's length. The hook moves a few
+// kilobytes in all, so these are the simplest correct ones: `rep movsb`
+// and `rep stosb`, and byte loops.
 
 /// Copies `n` bytes; the two may not overlap.
 ///
