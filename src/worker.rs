@@ -252,13 +252,18 @@ impl Worker {
         for p in paths {
             warning!("dropping {p}: {why}");
         }
+        // Counted before the journal lets go of them: a `wait` that sees
+        // them gone from the journal must also see them dropped, or it
+        // would report "all uploaded".
+        {
+            let mut stats = self.shared.lock();
+            for (p, seq) in paths.iter().zip(seqs) {
+                stats.backoff.remove(p);
+                stats.record_drop(seq);
+            }
+        }
         if let Err(e) = self.journal.complete(paths) {
             warning!("cannot journal {} dropped paths: {e}", paths.len());
-        }
-        let mut stats = self.shared.lock();
-        for (p, seq) in paths.iter().zip(seqs) {
-            stats.backoff.remove(p);
-            stats.record_drop(seq);
         }
     }
 
