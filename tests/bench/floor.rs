@@ -1,6 +1,7 @@
 //! Floors measured in the same run, so that every figure can be read
 //! against what any program would pay here: a std Rust program built with
 //! the release profile's settings (its size, its start-up time, its memory),
+//! a static program without libc that only exits (the least an exec costs),
 //! an `fdatasync` of a journal record, and a crash-safe spool write.
 
 use std::fs::{self, File, OpenOptions};
@@ -23,17 +24,31 @@ const FLOOR_SRC: &str = r#"fn main() {
 }
 "#;
 
-/// A std program compiled here with the release profile's settings.
+/// The source of the bare floor program (x86_64 Linux): its entry point
+/// makes the `exit_group(0)` system call, and that is all.
+const BARE_SRC: &str = r#"#![no_std]
+#![no_main]
+core::arch::global_asm!(".globl _start", "_start:", "mov eax, 231", "xor edi, edi", "syscall");
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+"#;
+
+/// The floor programs, compiled here.
 pub struct FloorProgram {
-    /// The stripped binary.
+    /// The std program, with the release profile's settings, stripped.
     pub bin: PathBuf,
+    /// The static program without libc, linked as the hook is on x86_64
+    /// Linux (`None` elsewhere).
+    pub bare: Option<PathBuf>,
     _dir: TempDir,
 }
 
 impl FloorProgram {
-    /// Compiles the floor program with `rustc` (the toolchain running this
-    /// benchmark): opt-level z, fat LTO, one codegen unit, panic=abort,
-    /// stripped, like `[profile.release]`.
+    /// Compiles the floor programs with `rustc` (the toolchain running this
+    /// benchmark): the std one with opt-level z, fat LTO, one codegen unit,
+    /// panic=abort, stripped, like `[profile.release]`.
     pub fn build() -> FloorProgram {
         let dir = TempDir::new("bench-floor");
         let src = dir.join("floor.rs");
@@ -41,7 +56,7 @@ impl FloorProgram {
         let bin = dir.join("floor");
         let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
         run_ok(
-            Command::new(rustc)
+            Command::new(&rustc)
                 .args([
                     "--edition=2021",
                     "-Copt-level=z",
@@ -54,7 +69,31 @@ impl FloorProgram {
                 .arg(&bin)
                 .arg(&src),
         );
-        FloorProgram { bin, _dir: dir }
+        let bare = cfg!(all(target_os = "linux", target_arch = "x86_64")).then(|| {
+            let src = dir.join("bare.rs");
+            fs::write(&src, BARE_SRC).expect("write bare.rs");
+            let bare = dir.join("bare");
+            run_ok(
+                Command::new(&rustc)
+                    .args([
+                        "--edition=2021",
+                        "-Copt-level=z",
+                        "-Cpanic=abort",
+                        "-Clink-arg=-nostartfiles",
+                        "-Clink-arg=-static",
+                        "-Clink-arg=-no-pie",
+                        "-o",
+                    ])
+                    .arg(&bare)
+                    .arg(&src),
+            );
+            bare
+        });
+        FloorProgram {
+            bin,
+            bare,
+            _dir: dir,
+        }
     }
 }
 

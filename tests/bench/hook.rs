@@ -102,7 +102,18 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
             stderr: err("floor"),
             samples: Samples::new(),
         },
-    ];
+    ]
+    .into_iter()
+    .chain(floor.bare.iter().map(|bare| Variant {
+        name: "bare",
+        program: bare.clone(),
+        socket: socket.clone(),
+        spool: spool.clone(),
+        paths: 1,
+        stderr: err("bare"),
+        samples: Samples::new(),
+    }))
+    .collect::<Vec<_>>();
     let path_env = std::env::var("PATH").unwrap_or_default();
     let k = variants.len();
     for i in 0..WARMUP + mode.hook_runs {
@@ -236,6 +247,17 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         )
         .note("what a spooled request costs in any program"),
     );
+    if floor.bare.is_some() {
+        rows.push(
+            Row::from_samples(
+                "1i floor: a static program without libc that only exits, above /bin/true",
+                &get("bare").minus(base),
+                "ms",
+                Goal::Info,
+            )
+            .note("the least an exec costs; the hook is built this way on x86_64 Linux"),
+        );
+    }
 
     // Figure 4: one hook call carrying a burst of paths, exec to exit.
     let mut burst = Samples::new();
