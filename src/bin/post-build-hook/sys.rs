@@ -3,11 +3,11 @@
 //!
 //! On x86_64 Linux with glibc the hook makes its system calls itself and
 //! links no C library (`sys/linux_x86_64.rs`); elsewhere it makes the same
-//! calls through libc (`sys/libc.rs`). Every `unsafe` block of the hook is in these
-//! three files. Errors are [`Errno`]s, which print the way `std::io::Error`
-//! does, so the hook's messages read like the rest of the project's. The
-//! constants are Linux's generic ABI values, shared by the architectures
-//! listed below.
+//! calls through libc (`sys/libc.rs`). Every `unsafe` block of the hook is
+//! in this file and those two. Errors are [`Errno`]s, which print the way
+//! `std::io::Error` does (`sys/errno.rs`), so the hook's messages read like
+//! the rest of the project's. The constants are Linux's generic ABI values,
+//! shared by the architectures listed below.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::ffi::c_long;
