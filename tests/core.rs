@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -368,13 +368,8 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
 
     d.kill9();
     closed(&d, &paths[0]);
-    let spooled: Vec<String> = fs::read_dir(d.spool_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| fs::read_to_string(e.path()).unwrap())
-        .collect();
     assert_eq!(
-        spooled,
+        spool_contents(&d.spool_dir()),
         vec![format!("enqueue {}\n", paths[0].display())],
         "one complete spool file with the request"
     );
@@ -415,12 +410,19 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     drop(hook.stderr.take());
     let status = hook.wait().unwrap();
     assert!(status.success(), "the hook ended with {status}");
-    let spooled: Vec<String> = fs::read_dir(&spool)
+    assert_eq!(
+        spool_contents(&spool),
+        vec![format!("enqueue {}\n", path.display())]
+    );
+}
+
+/// The contents of every file in the spool directory `dir`.
+fn spool_contents(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| fs::read_to_string(e.path()).unwrap())
-        .collect();
-    assert_eq!(spooled, vec![format!("enqueue {}\n", path.display())]);
+        .collect()
 }
 
 /// The daemon started with its standard descriptors closed puts `/dev/null`
