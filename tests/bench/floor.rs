@@ -1,8 +1,7 @@
 //! Floors measured in the same run, so that every figure can be read
 //! against what any program would pay here: a std Rust program built with
-//! the release profile's settings (its size, its start-up time, its memory),
-//! a static program without libc that only exits (the least an exec costs),
-//! an `fdatasync` of a journal record, and a crash-safe spool write.
+//! this crate's profile (its start-up time, its memory, its size), an
+//! `fdatasync` of a journal record, and a crash-safe spool write.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -13,88 +12,70 @@ use std::time::Instant;
 use crate::common::{run_ok, TempDir};
 use crate::stats::Samples;
 
-/// The source of the floor program: does nothing with no argument, prints
-/// `hello` with `hello`, sleeps N milliseconds with a number.
+/// The source of the floor program: does nothing with no argument, sleeps
+/// N milliseconds with a number.
 const FLOOR_SRC: &str = r#"fn main() {
-    match std::env::args().nth(1).as_deref() {
-        None => {}
-        Some("hello") => println!("hello"),
-        Some(ms) => std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0))),
+    if let Some(ms) = std::env::args().nth(1) {
+        std::thread::sleep(std::time::Duration::from_millis(ms.parse().unwrap_or(0)));
     }
 }
 "#;
 
-/// The source of the bare floor program (x86_64 Linux): its entry point
-/// makes the `exit_group(0)` system call, and that is all.
-const BARE_SRC: &str = r#"#![no_std]
-#![no_main]
-core::arch::global_asm!(".globl _start", "_start:", "mov eax, 231", "xor edi, edi", "syscall");
-#[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-"#;
-
-/// The floor programs, compiled here.
+/// The floor program, compiled here.
 pub struct FloorProgram {
-    /// The std program, with the release profile's settings, stripped.
+    /// The std program, built by cargo with this crate's profile.
     pub bin: PathBuf,
-    /// The static program without libc, linked as the hook is on x86_64
-    /// Linux (`None` elsewhere).
-    pub bare: Option<PathBuf>,
     _dir: TempDir,
 }
 
 impl FloorProgram {
-    /// Compiles the floor programs with `rustc` (the toolchain running this
-    /// benchmark): the std one with opt-level z, fat LTO, one codegen unit,
-    /// panic=abort, stripped, like `[profile.release]`.
-    pub fn build() -> FloorProgram {
+    /// Builds the floor program with cargo in a scratch package whose
+    /// `[profile.NAME]` is a copy of this crate's (`release` for the full
+    /// benchmark, `dev` for the quick mode), so that it is built exactly as
+    /// the two binaries are.
+    pub fn build(profile: &str) -> FloorProgram {
         let dir = TempDir::new("bench-floor");
-        let src = dir.join("floor.rs");
-        fs::write(&src, FLOOR_SRC).expect("write floor.rs");
-        let bin = dir.join("floor");
-        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-        run_ok(
-            Command::new(&rustc)
-                .args([
-                    "--edition=2021",
-                    "-Copt-level=z",
-                    "-Clto=fat",
-                    "-Ccodegen-units=1",
-                    "-Cpanic=abort",
-                    "-Cstrip=symbols",
-                    "-o",
-                ])
-                .arg(&bin)
-                .arg(&src),
+        let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let ours = fs::read_to_string(&ours).expect("read Cargo.toml");
+        let manifest = format!(
+            "[package]\nname = \"floor\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\n\
+             [workspace]\n\n{}",
+            section(&ours, &format!("[profile.{profile}]"))
         );
-        let bare = cfg!(all(target_os = "linux", target_arch = "x86_64")).then(|| {
-            let src = dir.join("bare.rs");
-            fs::write(&src, BARE_SRC).expect("write bare.rs");
-            let bare = dir.join("bare");
-            run_ok(
-                Command::new(&rustc)
-                    .args([
-                        "--edition=2021",
-                        "-Copt-level=z",
-                        "-Cpanic=abort",
-                        "-Clink-arg=-nostartfiles",
-                        "-Clink-arg=-static",
-                        "-Clink-arg=-no-pie",
-                        "-o",
-                    ])
-                    .arg(&bare)
-                    .arg(&src),
-            );
-            bare
-        });
+        fs::write(dir.join("Cargo.toml"), manifest).expect("write floor Cargo.toml");
+        fs::create_dir(dir.join("src")).expect("create floor src");
+        fs::write(dir.join("src/main.rs"), FLOOR_SRC).expect("write floor main.rs");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        run_ok(
+            Command::new(cargo)
+                .args(["build", "--quiet", "--offline", "--profile", profile])
+                .arg("--target-dir")
+                .arg(dir.join("target"))
+                .current_dir(dir.path()),
+        );
+        let out = if profile == "dev" { "debug" } else { profile };
         FloorProgram {
-            bin,
-            bare,
+            bin: dir.join(format!("target/{out}/floor")),
             _dir: dir,
         }
     }
+}
+
+/// The lines of `toml` from the header `header` up to the next header
+/// (empty when there is no such section: cargo's defaults apply to both).
+fn section(toml: &str, header: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in toml.lines() {
+        if line.trim_start().starts_with('[') {
+            inside = line.trim() == header;
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Milliseconds of `fdatasync` after appending one journal-sized record to a

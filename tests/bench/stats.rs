@@ -53,9 +53,41 @@ impl Samples {
         self.pct(100.0)
     }
 
-    /// Every sample with `by` subtracted.
-    pub fn minus(&self, by: f64) -> Samples {
-        Samples(self.0.iter().map(|x| x - by).collect())
+    /// p10-p90 (or min-max when there are fewer than 10 samples) and the
+    /// count, e.g. `p10-p90 0.21-0.30 ms (n=1000)`.
+    pub fn spread(&self, unit: &str) -> String {
+        let (label, lo, hi) = if self.len() >= 10 {
+            ("p10-p90", self.pct(10.0), self.pct(90.0))
+        } else {
+            ("min-max", self.min(), self.max())
+        };
+        format!(
+            "{label} {}-{} (n={})",
+            num(lo, ""),
+            num(hi, unit),
+            self.len()
+        )
+    }
+
+    /// A 95% confidence interval of the median that assumes nothing about
+    /// the distribution: the k-th smallest and k-th largest sample, k the
+    /// largest rank that a binomial(n, 1/2) count falls below with
+    /// probability at most 2.5%. `None` below 6 samples (too few for any).
+    pub fn median_ci(&self) -> Option<(f64, f64)> {
+        let n = self.0.len();
+        // P(count < k) for k = 0, 1, ...: C(n, i) / 2^n summed over i < k.
+        let (mut k, mut below, mut term) = (0, 0.0, 0.5f64.powi(n as i32));
+        while below + term <= 0.025 {
+            below += term;
+            term *= (n - k) as f64 / (k + 1) as f64;
+            k += 1;
+        }
+        if k == 0 {
+            return None;
+        }
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some((v[k - 1], v[n - k]))
     }
 }
 
@@ -88,23 +120,33 @@ pub struct Row {
 }
 
 impl Row {
-    /// A row whose value is the median of `s` and whose spread is p10-p90
-    /// (or min-max when there are fewer than 10 samples).
+    /// A row whose value is the median of `s` and whose spread is
+    /// [`Samples::spread`].
     pub fn from_samples(name: &str, s: &Samples, unit: &'static str, goal: Goal) -> Row {
-        let (label, lo, hi) = if s.len() >= 10 {
-            ("p10-p90", s.pct(10.0), s.pct(90.0))
-        } else {
-            ("min-max", s.min(), s.max())
-        };
-        let spread = format!("{label} {}-{}", num(lo, ""), num(hi, unit));
         Row {
             name: name.to_string(),
             value: s.median(),
-            spread: format!("{spread} (n={})", s.len()),
+            spread: s.spread(unit),
             unit,
             goal,
             note: String::new(),
         }
+    }
+
+    /// The row of [`Row::from_samples`], its spread led by the median's 95%
+    /// confidence interval ([`Samples::median_ci`]): for figures judged on
+    /// a median, whether enough rounds ran for it to be stable.
+    pub fn from_samples_ci(name: &str, s: &Samples, unit: &'static str, goal: Goal) -> Row {
+        let mut row = Row::from_samples(name, s, unit, goal);
+        if let Some((lo, hi)) = s.median_ci() {
+            row.spread = format!(
+                "median 95% CI {}-{}, {}",
+                num(lo, ""),
+                num(hi, unit),
+                row.spread
+            );
+        }
+        row
     }
 
     /// A row with a single value (and a free-form spread text).

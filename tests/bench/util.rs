@@ -309,22 +309,21 @@ impl DaemonProc {
         }
     }
 
-    /// The daemon's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Peak resident memory (`VmHWM`) in MiB.
+    /// The daemon's peak resident memory ([`vm_hwm_mib`]).
     pub fn vm_hwm_mib(&self) -> f64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/PID/status");
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/PID/status");
-        kib / 1024.0
+        vm_hwm_mib(self.child.id())
     }
+}
+
+/// Peak resident memory (`VmHWM`) of process `pid` in MiB.
+pub fn vm_hwm_mib(pid: u32) -> f64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib / 1024.0
 }
 
 impl Drop for DaemonProc {
