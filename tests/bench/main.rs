@@ -33,7 +33,7 @@ mod size;
 mod stats;
 mod util;
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use stats::Row;
 use util::Mode;
@@ -110,8 +110,8 @@ fn main() {
     out.push_str(&format!(
         "nix-post-build-hook-queue benchmark, {} mode, {}: {cores} cores, {}, load average {} before, {} after, {:.0} s",
         if full { "full" } else { "quick" },
-        today(),
-        nix_version(),
+        output_of("date", &["-u", "+%F"]),
+        output_of("nix", &["--version"]),
         load_before,
         loadavg(),
         started.elapsed().as_secs_f64()
@@ -139,6 +139,11 @@ fn main() {
         if only.is_none() {
             assert_eq!(rows.len(), 22, "every figure produced its rows");
         }
+        // The statistics that 2a's verdict rests on: for 25 samples, the
+        // median's 95% interval runs from the 8th to the 18th.
+        let mut s = stats::Samples::new();
+        (1..=25).for_each(|x| s.push(f64::from(x)));
+        assert_eq!(s.median_ci(), Some((8.0, 18.0)), "median_ci of 1..=25");
         println!(
             "{TEST_NAME}: ok, {} figures measured in {:.0} s (quick mode: no target is judged; \
              the table: cargo test --test bench -- --nocapture)",
@@ -158,29 +163,12 @@ fn loadavg() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// `nix --version`.
-fn nix_version() -> String {
-    std::process::Command::new("nix")
-        .arg("--version")
+/// What `program args` prints, trimmed (or why it could not run): the
+/// header's `nix --version` and date.
+fn output_of(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|e| format!("nix not runnable: {e}"))
-}
-
-/// Today's date (UTC) as YYYY-MM-DD, from the days since the epoch.
-fn today() -> String {
-    let days = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400) as i64;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+        .unwrap_or_else(|e| format!("{program} not runnable: {e}"))
 }
