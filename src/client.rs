@@ -1,13 +1,13 @@
-//! Talking to the daemon from the command line (`enqueue`, `status`, `wait`,
-//! `retry`). The hook has its own client without `std`
-//! (`src/bin/post-build-hook/`); both build their lines with [`crate::wire`].
+//! Talking to the daemon: the admin commands (`enqueue`, `status`, `wait`,
+//! `retry`) and the hook (`src/bin/post-build-hook/`) both connect here and
+//! build their lines with [`crate::wire`].
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config;
 use crate::protocol::MAX_LINE;
@@ -56,29 +56,15 @@ impl std::error::Error for ClientError {}
 pub struct Connection {
     stream: UnixStream,
     buffered: Vec<u8>,
+    /// When set, every read and write ends by then (see [`Connection::until`]).
+    deadline: Option<Instant>,
 }
 
 impl Connection {
-    /// Connects within `timeout` (a daemon that is stopped but whose socket
-    /// exists can make a plain connect block once its backlog is full).
+    /// Connects within `timeout`, and lets each later read and write wait
+    /// up to `timeout` too.
     pub fn open(socket: &Path, timeout: Duration) -> Result<Connection, ClientError> {
-        let (tx, rx) = mpsc::channel();
-        let path = socket.to_path_buf();
-        std::thread::Builder::new()
-            .stack_size(32 * 1024)
-            .spawn(move || {
-                let _ = tx.send(UnixStream::connect(&path));
-            })
-            .map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?;
-        let stream = match rx.recv_timeout(timeout) {
-            Ok(result) => result.map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?,
-            Err(_) => {
-                return Err(ClientError::Connect(
-                    socket.to_path_buf(),
-                    io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-                ))
-            }
-        };
+        let stream = connect(socket, Instant::now() + timeout)?;
         stream
             .set_read_timeout(Some(timeout))
             .map_err(ClientError::Io)?;
@@ -88,7 +74,36 @@ impl Connection {
         Ok(Connection {
             stream,
             buffered: Vec::new(),
+            deadline: None,
         })
+    }
+
+    /// Connects, and ends everything done on the connection by `deadline`:
+    /// the hook's one bound on how long a build waits for it.
+    pub fn until(socket: &Path, deadline: Instant) -> Result<Connection, ClientError> {
+        Ok(Connection {
+            stream: connect(socket, deadline)?,
+            buffered: Vec::new(),
+            deadline: Some(deadline),
+        })
+    }
+
+    /// Before a read or write: what is left of the deadline becomes the
+    /// socket's timeout, and a deadline already past is a timeout at once.
+    fn arm(&self, read: bool) -> Result<(), ClientError> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Io(timed_out()));
+        }
+        let set = if read {
+            self.stream.set_read_timeout(Some(left))
+        } else {
+            self.stream.set_write_timeout(Some(left))
+        };
+        set.map_err(ClientError::Io)
     }
 
     /// Sets how long one read may wait (`None`: forever).
@@ -100,9 +115,10 @@ impl Connection {
 
     /// Sends one request line (with its newline).
     pub fn send(&mut self, line: &str) -> Result<(), ClientError> {
+        self.arm(false)?;
         self.stream
             .write_all(line.as_bytes())
-            .map_err(ClientError::Io)
+            .map_err(|e| ClientError::Io(name_timeout(e)))
     }
 
     /// Reads one reply line, without its newline.
@@ -116,6 +132,7 @@ impl Connection {
                 return Err(ClientError::Protocol("reply line too long".into()));
             }
             let mut chunk = [0u8; 4096];
+            self.arm(true)?;
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
                     return Err(ClientError::Io(io::Error::new(
@@ -125,7 +142,7 @@ impl Connection {
                 }
                 Ok(n) => self.buffered.extend_from_slice(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ClientError::Io(e)),
+                Err(e) => return Err(ClientError::Io(name_timeout(e))),
             }
         }
     }
@@ -145,5 +162,43 @@ impl Connection {
             }
             info.push(reply);
         }
+    }
+}
+
+/// Connects to `socket`, giving up at
+/// `deadline`. The standard library cannot bound a connect, and one to a
+/// daemon whose backlog is full (stopped, or not accepting) blocks until it
+/// accepts; so the connect runs on a thread of its own, abandoned (blocked,
+/// then ended with the process) when the deadline comes first.
+fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, ClientError> {
+    let failed = |e| ClientError::Connect(socket.to_path_buf(), e);
+    let (tx, rx) = mpsc::channel();
+    let path = socket.to_path_buf();
+    std::thread::Builder::new()
+        .stack_size(32 * 1024)
+        .spawn(move || {
+            let _ = tx.send(UnixStream::connect(&path));
+        })
+        .map_err(failed)?;
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(result) => result.map_err(failed),
+        Err(_) => Err(failed(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the daemon did not accept the connection in time",
+        ))),
+    }
+}
+
+/// The error of a read or write that waited out its timeout, in words
+/// (the system's own are "Resource temporarily unavailable").
+fn timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the daemon did not answer in time")
+}
+
+/// `e`, or [`timed_out`] when it is a socket timeout.
+fn name_timeout(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
+        _ => e,
     }
 }

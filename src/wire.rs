@@ -1,15 +1,10 @@
 //! What the hook and the daemon must agree on: the request lines, their
 //! limits, which refusals are only "not now", where the socket and the spool
-//! are by default, and how spool files are named.
-//!
-//! Written against `core` and `alloc` only. The hook runs without `std` (see
-//! `src/bin/post-build-hook/main.rs` for why) and compiles this same file
-//! with `#[path]`, so the two sides cannot drift apart.
+//! are by default, and how spool files are named. The hook, the admin
+//! commands and the daemon all take these from here, so they cannot drift
+//! apart.
 
-use alloc::format;
-use alloc::string::String;
-use alloc::vec::Vec;
-use core::time::Duration;
+use std::time::Duration;
 
 /// Longest request line accepted, newline included.
 pub const MAX_LINE: usize = 1 << 20;
@@ -202,7 +197,6 @@ pub fn spool_names(unix_nanos: u128, pid: u32) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::vec;
 
     #[test]
     fn hook_prefers_out_paths() {
