@@ -1,9 +1,10 @@
 //! Talking to the daemon: the admin commands (`enqueue`, `status`, `wait`,
-//! `retry`) and the hook (`src/bin/post-build-hook/`) both connect here and
-//! build their lines with [`crate::wire`].
+//! `retry`) and the hook (`src/bin/post-build-hook/`) both connect here, so
+//! both trust the same sockets and build their lines with [`crate::wire`].
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::config;
 use crate::protocol::MAX_LINE;
+use crate::sys;
 
 use crate::wire::{final_word, ENV_SOCKET};
 
@@ -27,6 +29,16 @@ pub fn socket_path() -> PathBuf {
 pub enum ClientError {
     /// No daemon could be reached at the socket.
     Connect(PathBuf, io::Error),
+    /// The socket belongs to a user other than root and this one, who may
+    /// have put it there to receive what is sent to it.
+    Untrusted {
+        /// The socket file.
+        socket: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's user.
+        me: u32,
+    },
     /// The connection broke or timed out.
     Io(io::Error),
     /// The daemon answered `err ...`.
@@ -43,6 +55,13 @@ impl fmt::Display for ClientError {
                 "no daemon at {} ({e}); is post-build-hook-queue running? (socket from --socket or ${ENV_SOCKET})",
                 p.display()
             ),
+            ClientError::Untrusted { socket, owner, me } => write!(
+                f,
+                "refusing the socket {}: it belongs to uid {owner}, not to root or to this user \
+                 (uid {me}), so another user may have put it there; remove it, or name the \
+                 daemon's socket (--socket or ${ENV_SOCKET})",
+                socket.display()
+            ),
             ClientError::Io(e) => write!(f, "connection to the daemon failed: {e}"),
             ClientError::Refused(m) => write!(f, "the daemon refused: {m}"),
             ClientError::Protocol(m) => write!(f, "unexpected reply from the daemon: {m:?}"),
@@ -51,6 +70,26 @@ impl fmt::Display for ClientError {
 }
 
 impl std::error::Error for ClientError {}
+
+/// Whether `socket` may be handed paths: it must belong to root or to this
+/// process's user `me`. Anyone can create a socket in a directory they may
+/// write, and whoever listens on it receives what is sent and answers `ok`,
+/// so a socket of another user is refused. A socket that is not there is
+/// reported as no daemon, as connecting would.
+pub fn check_trusted(socket: &Path, me: u32) -> Result<(), ClientError> {
+    let owner = std::fs::metadata(socket)
+        .map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?
+        .uid();
+    if owner == 0 || owner == me {
+        Ok(())
+    } else {
+        Err(ClientError::Untrusted {
+            socket: socket.to_path_buf(),
+            owner,
+            me,
+        })
+    }
+}
 
 /// A connection to the daemon.
 pub struct Connection {
@@ -165,12 +204,13 @@ impl Connection {
     }
 }
 
-/// Connects to `socket`, giving up at
+/// Connects to `socket` if it is trusted ([`check_trusted`]), giving up at
 /// `deadline`. The standard library cannot bound a connect, and one to a
 /// daemon whose backlog is full (stopped, or not accepting) blocks until it
 /// accepts; so the connect runs on a thread of its own, abandoned (blocked,
 /// then ended with the process) when the deadline comes first.
 fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, ClientError> {
+    check_trusted(socket, sys::uid())?;
     let failed = |e| ClientError::Connect(socket.to_path_buf(), e);
     let (tx, rx) = mpsc::channel();
     let path = socket.to_path_buf();

@@ -2,8 +2,8 @@
 //! (or to the spool) and always exits 0, so a queue problem never fails a
 //! build.
 //!
-//! It connects as the admin commands do ([`npbhq::client`], the connect
-//! bounded), sends the request lines
+//! It connects as the admin commands do ([`npbhq::client`]: only to a socket
+//! of root or of its own user, the connect bounded), sends the request lines
 //! of [`npbhq::wire`], and spools what the daemon did not acknowledge where
 //! the daemon reads it ([`spool`]). Nix puts `post-build-hook: ` before each
 //! line the hook writes, so its lines do not name the program again.
@@ -101,6 +101,7 @@ fn usage() -> String {
         "Usage: post-build-hook   (run by Nix as its post-build-hook; takes no arguments)\n\
          Reads OUT_PATHS, or DRV_PATH when OUT_PATHS is empty, and hands them to\n\
          post-build-hook-queue at ${} (now {}), or to the spool ${} (now {}).\n\
+         Talks only to a socket owned by root or by its own user.\n\
          Waits at most ${} seconds (default {}). Always exits 0.\n",
         wire::ENV_SOCKET,
         settings.socket.display(),
@@ -126,7 +127,7 @@ enum Outcome {
     Queued,
     /// Nix gave no paths.
     NothingToQueue,
-    /// The daemon was not reachable or did not acknowledge;
+    /// The daemon was not reachable, not trusted or did not acknowledge;
     /// the rest was spooled to the file.
     Spooled(ClientError, PathBuf),
     /// Neither the daemon nor the spool took the request.
