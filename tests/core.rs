@@ -416,6 +416,113 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     );
 }
 
+/// A daemon whose backlog is full (it has stopped accepting, and as many
+/// clients as the kernel queues wait): a plain connect would block until it
+/// accepts. The hook gives up at its timeout, spools the request, says so in
+/// one line and exits 0. That the backlog stayed full while the hook ran is
+/// checked, not assumed: the connect that found it full is still blocked
+/// after the hook has ended.
+#[test]
+fn hook_spools_when_the_daemon_backlog_is_full() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let env = NixEnv::new("core-hook-backlog");
+    let dir = env.root().join("full");
+    fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("full.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (connected, in_connect) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let filler = {
+        let (socket, connected, in_connect) =
+            (socket.clone(), connected.clone(), in_connect.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            loop {
+                in_connect.store(true, Ordering::SeqCst);
+                let c = std::os::unix::net::UnixStream::connect(&socket);
+                in_connect.store(false, Ordering::SeqCst);
+                match c {
+                    Ok(c) => held.push(c),
+                    Err(e) if e.raw_os_error() == Some(24) => {
+                        panic!("out of file descriptors after {} connections: raise `ulimit -n` above the listen backlog (/proc/sys/net/core/somaxconn)", held.len())
+                    }
+                    // The listener closed at the end of the test.
+                    Err(_) => return held.len(),
+                }
+                connected.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    // Full: a connect has been waiting, with no progress, for a second.
+    let mut last = (usize::MAX, std::time::Instant::now());
+    loop {
+        assert!(!filler.is_finished(), "the connecting thread ended early");
+        let n = connected.load(Ordering::SeqCst);
+        if n != last.0 || !in_connect.load(Ordering::SeqCst) {
+            last = (n, std::time::Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let queued = connected.load(Ordering::SeqCst);
+
+    let spool = dir.join("spool");
+    let path = env
+        .store_dir()
+        .join("0000000000000000000000000000000f-npbhq-backlog");
+    let mut hook = Command::new(hook_bin())
+        .env("NPBHQ_SOCKET", &socket)
+        .env("NPBHQ_SPOOL_DIR", &spool)
+        .env("NPBHQ_TIMEOUT", "0.5")
+        .env("OUT_PATHS", &path)
+        .env("DRV_PATH", "")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A correctness bound, far above the hook's 0.5 s: a hook blocked in
+    // its connect never ends.
+    let waited = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = hook.try_wait().unwrap() {
+            break status;
+        }
+        if waited.elapsed() > Duration::from_secs(60) {
+            let _ = hook.kill();
+            let _ = hook.wait();
+            panic!("the hook still runs after 60 s against a full backlog");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut hook.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        in_connect.load(Ordering::SeqCst) && connected.load(Ordering::SeqCst) == queued,
+        "the backlog did not stay full while the hook ran ({queued} queued before)"
+    );
+    assert!(status.success(), "the hook ended with {status}: {said}");
+    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+    assert!(
+        said.contains("did not accept the connection in time")
+            && said.contains("spooled the paths to"),
+        "{said:?}"
+    );
+    assert_eq!(
+        spool_contents(&spool),
+        vec![format!("enqueue {}\n", path.display())]
+    );
+    drop(listener);
+    let _ = fs::remove_file(&socket);
+    let held = filler.join().expect("the connecting thread");
+    eprintln!("backlog: {held} connections queued before the hook ran");
+}
+
 /// The contents of every file in the spool directory `dir`.
 fn spool_contents(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
