@@ -242,3 +242,36 @@ fn name_timeout(e: io::Error) -> io::Error {
         _ => e,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_socket_of_root_or_of_this_user_is_trusted() {
+        let path = std::env::temp_dir().join(format!("npbhq-trust-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let me = sys::uid();
+        assert!(check_trusted(&path, me).is_ok(), "our own socket");
+        let someone_else = me.wrapping_add(4242);
+        match check_trusted(&path, someone_else) {
+            // A socket of root is trusted by everyone.
+            Ok(()) => assert_eq!(me, 0),
+            Err(e @ ClientError::Untrusted { owner, .. }) => {
+                assert_eq!(owner, me);
+                let said = e.to_string();
+                assert!(
+                    said.contains(&format!("uid {me}")) && !said.contains('\n'),
+                    "{said}"
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            check_trusted(&path, me),
+            Err(ClientError::Connect(..))
+        ));
+    }
+}

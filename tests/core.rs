@@ -381,10 +381,10 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
 
 /// Nix's log reader gone (the hook's stderr a pipe nobody reads): the hook's
 /// one line fails with EPIPE, which it ignores. A SIGPIPE must not end it, as
-/// a hook killed by a signal fails the build; it ignores the signal itself
-/// (it has no `std` to do so). The daemon here is a socket that accepts and
-/// never answers, so the hook writes its line after its timeout, well after
-/// the reader closed, and spools the request.
+/// a hook killed by a signal fails the build (std ignores the signal at
+/// start). The daemon here is a socket that accepts and never answers, so
+/// the hook writes its line after its timeout, well after the reader
+/// closed, and spools the request.
 #[test]
 fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     let env = NixEnv::new("core-hook-epipe");
@@ -396,17 +396,7 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     let path = env
         .store_dir()
         .join("0000000000000000000000000000000e-npbhq-epipe");
-    let mut hook = Command::new(hook_bin())
-        .env("NPBHQ_SOCKET", &socket)
-        .env("NPBHQ_SPOOL_DIR", &spool)
-        .env("NPBHQ_TIMEOUT", "0.3")
-        .env("OUT_PATHS", &path)
-        .env("DRV_PATH", "")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut hook = spawn_hook(&socket, &spool, "0.3", &path);
     drop(hook.stderr.take());
     let status = hook.wait().unwrap();
     assert!(status.success(), "the hook ended with {status}");
@@ -475,17 +465,7 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     let path = env
         .store_dir()
         .join("0000000000000000000000000000000f-npbhq-backlog");
-    let mut hook = Command::new(hook_bin())
-        .env("NPBHQ_SOCKET", &socket)
-        .env("NPBHQ_SPOOL_DIR", &spool)
-        .env("NPBHQ_TIMEOUT", "0.5")
-        .env("OUT_PATHS", &path)
-        .env("DRV_PATH", "")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut hook = spawn_hook(&socket, &spool, "0.5", &path);
     // A correctness bound, far above the hook's 0.5 s: a hook blocked in
     // its connect never ends.
     let waited = std::time::Instant::now();
@@ -521,6 +501,23 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     let _ = fs::remove_file(&socket);
     let held = filler.join().expect("the connecting thread");
     eprintln!("backlog: {held} connections queued before the hook ran");
+}
+
+/// Starts the hook for the one output `path`, with the daemon at `socket`,
+/// the spool `spool` and the timeout `timeout` (seconds); its stderr is a
+/// pipe.
+fn spawn_hook(socket: &Path, spool: &Path, timeout: &str, path: &Path) -> std::process::Child {
+    Command::new(hook_bin())
+        .env("NPBHQ_SOCKET", socket)
+        .env("NPBHQ_SPOOL_DIR", spool)
+        .env("NPBHQ_TIMEOUT", timeout)
+        .env("OUT_PATHS", path)
+        .env("DRV_PATH", "")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// The contents of every file in the spool directory `dir`.
