@@ -99,10 +99,12 @@ fn usage() -> String {
     let settings = Settings::from_env();
     format!(
         "Usage: post-build-hook   (run by Nix as its post-build-hook; takes no arguments)\n\
-         Reads OUT_PATHS, or DRV_PATH when OUT_PATHS is empty, and hands them to\n\
-         post-build-hook-queue at ${} (now {}), or to the spool ${} (now {}).\n\
-         Talks only to a socket owned by root or by its own user.\n\
-         Waits at most ${} seconds (default {}). Always exits 0.\n",
+         Reads OUT_PATHS, or DRV_PATH when OUT_PATHS is empty, and hands the paths to\n\
+         post-build-hook-queue, or to its spool when the daemon does not take them:\n  \
+         socket  ${:<16} now {}\n  \
+         spool   ${:<16} now {}\n  \
+         wait    ${:<16} seconds in all, default {}\n\
+         Talks only to a socket owned by root or by its own user. Always exits 0.\n",
         wire::ENV_SOCKET,
         settings.socket.display(),
         wire::ENV_SPOOL,
