@@ -110,7 +110,8 @@ fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
 }
 
 /// 3. With the hook set and no daemon running, the build still succeeds and
-///    the hook says so in one line.
+///    the hook says so in one line, which Nix prefixes `post-build-hook: `
+///    once: the hook does not repeat it.
 #[test]
 fn build_succeeds_when_daemon_is_down() {
     let env = NixEnv::new("core-down");
@@ -137,6 +138,11 @@ fn build_succeeds_when_daemon_is_down() {
         1,
         "expected exactly one line from the hook, got {hook_lines:?}\nstderr:\n{}",
         b.stderr
+    );
+    assert!(
+        hook_lines[0].starts_with(&format!("no daemon at {}", socket.display()))
+            && hook_lines[0].contains("spooled the paths to"),
+        "{hook_lines:?}"
     );
 }
 
