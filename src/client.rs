@@ -50,6 +50,11 @@ pub enum ClientError {
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            ClientError::Connect(p, e) if e.kind() == io::ErrorKind::TimedOut => write!(
+                f,
+                "the daemon at {} did not accept the connection in time; is it stopped or overloaded?",
+                p.display()
+            ),
             ClientError::Connect(p, e) => write!(
                 f,
                 "no daemon at {} ({e}); is post-build-hook-queue running? (socket from --socket or ${ENV_SOCKET})",
@@ -224,7 +229,7 @@ fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, ClientError> 
         Ok(result) => result.map_err(failed),
         Err(_) => Err(failed(io::Error::new(
             io::ErrorKind::TimedOut,
-            "the daemon did not accept the connection in time",
+            "connect timed out",
         ))),
     }
 }

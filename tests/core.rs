@@ -495,8 +495,10 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     assert!(status.success(), "the hook ended with {status}: {said}");
     assert_eq!(said.lines().count(), 1, "one line: {said:?}");
     assert!(
-        said.contains("did not accept the connection in time")
-            && said.contains("spooled the paths to"),
+        said.starts_with(&format!(
+            "the daemon at {} did not accept the connection in time",
+            socket.display()
+        )) && said.contains("spooled the paths to"),
         "{said:?}"
     );
     assert_eq!(

@@ -147,7 +147,7 @@ struct Why<'a>(&'a ClientError);
 impl fmt::Display for Why<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            ClientError::Connect(socket, e) => write!(
+            ClientError::Connect(socket, e) if e.kind() != std::io::ErrorKind::TimedOut => write!(
                 f,
                 "no daemon at {} ({e}); is post-build-hook-queue running? (socket from ${})",
                 socket.display(),
