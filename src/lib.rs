@@ -10,7 +10,7 @@
 //! `nix` ([`nix`]) and only then removes it from the journal. When the
 //! daemon is away, the hook leaves it in the [`spool`].
 
-#![forbid(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 extern crate alloc;
@@ -29,6 +29,7 @@ pub mod server;
 pub mod spool;
 pub mod status;
 pub mod store_path;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod systemd;
 pub mod wire;

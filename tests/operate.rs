@@ -761,6 +761,37 @@ fn missing_daemon_is_explained_in_one_line_with_exit_2() {
     }
 }
 
+/// An argument that is not UTF-8 (here a socket path, for every command and
+/// for the daemon's own settings) is refused in one line with exit 2: no
+/// abort, no connection attempt, no daemon started.
+#[test]
+fn a_non_utf8_argument_is_one_line_and_exit_2() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let env = NixEnv::new("op-nonutf8");
+    let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+    let bad = OsStr::from_bytes(b"/tmp/\xff");
+    for args in [
+        &["status", "--socket"][..],
+        &["enqueue", "--socket"],
+        &["wait", "--socket"],
+        &["retry", "--socket"],
+        &["serve", "--socket"],
+        &["--socket"],
+    ] {
+        let r: Ran = run(d.cli_cmd().args(args).arg(bad)).into();
+        assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
+        assert_eq!(r.stdout, "", "{args:?}: {r:?}");
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.starts_with(
+                "post-build-hook-queue: argument \"/tmp/\u{fffd}\" is not valid UTF-8"
+            ),
+            "{args:?}: {r:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // systemd: socket activation, readiness, journald
 // ---------------------------------------------------------------------------
