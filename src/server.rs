@@ -16,7 +16,7 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +45,8 @@ const WAIT_POLL: Duration = Duration::from_millis(50);
 pub enum ServeError {
     /// The state directory or journal could not be opened.
     Journal(PathBuf, io::Error),
+    /// Another daemon holds the state directory's lock (its pid, if known).
+    StateDirInUse(PathBuf, Option<u32>),
     /// Another daemon already listens on the socket.
     AlreadyRunning(PathBuf),
     /// Something that is not a socket is at the socket path.
@@ -65,6 +67,12 @@ impl std::fmt::Display for ServeError {
             ServeError::Journal(p, e) => {
                 write!(f, "cannot open the journal in {}: {e}", p.display())
             }
+            ServeError::StateDirInUse(p, pid) => write!(
+                f,
+                "state-dir {} is in use by another daemon ({}); stop it or choose another state-dir",
+                p.display(),
+                pid.map_or("pid unknown".to_string(), |pid| format!("pid {pid}"))
+            ),
             ServeError::AlreadyRunning(p) => write!(
                 f,
                 "another daemon is already listening on {}; stop it or choose another --socket",
@@ -122,6 +130,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         redact::remember(url);
     }
 
+    // Held until the process ends: one daemon per journal.
+    let _lock = lock_state_dir(&config.state_dir)?;
     let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
         .map_err(|e| ServeError::Journal(config.state_dir.clone(), e))?;
     if replay.torn_bytes > 0 {
@@ -211,6 +221,40 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     }
     connection_thread(&ctx, true);
     Ok(())
+}
+
+/// The lock file in the state directory: locked by the daemon that uses the
+/// directory, for as long as it runs, and holding its pid.
+pub const LOCK_FILE: &str = "lock";
+
+/// Locks the state directory, so that no second daemon appends to and
+/// compacts the same journal. The lock (flock) goes with the process, also
+/// on `kill -9`, so a stale lock file never blocks a start.
+fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
+    let err = |e: io::Error| ServeError::Journal(dir.to_path_buf(), e);
+    fs::create_dir_all(dir).map_err(err)?;
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(dir.join(LOCK_FILE))
+        .map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let pid = holder.trim().parse().ok();
+            return Err(ServeError::StateDirInUse(dir.to_path_buf(), pid));
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(err(e)),
+    }
+    file.set_len(0).map_err(err)?;
+    file.write_all(format!("{}\n", std::process::id()).as_bytes())
+        .map_err(err)?;
+    Ok(file)
 }
 
 /// Binds the socket path: a stale socket file is replaced only when nothing

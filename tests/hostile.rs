@@ -2364,3 +2364,78 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
         .file_type()
         .is_symlink());
 }
+
+/// Runs `cmd` (a daemon start expected to fail) to its exit; a daemon that
+/// is still running after `within` is killed and the test fails.
+fn run_expecting_exit(cmd: &mut Command, within: Duration) -> Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let start = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if start.elapsed() > within {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "the daemon kept running: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait")
+}
+
+/// One daemon per state directory: a second one on the same state-dir (with
+/// another socket) says which pid holds it and exits 2, before it touches
+/// the journal or binds its socket; the first keeps serving. The lock goes
+/// with its holder: after `kill -9` the next start takes the directory.
+#[test]
+fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_2() {
+    let env = NixEnv::new("hostile-statelock");
+    let mut d = Daemon::start(&env, &[]);
+    let path = format!(
+        "{}/{}-npbhq-held",
+        env.store_dir().display(),
+        "a".repeat(32)
+    );
+    assert_eq!(d.request(&format!("enqueue {path}")), "ok 1");
+    let journal = d.state_dir().join("journal");
+    let before = fs::read(&journal).unwrap();
+    let other_socket = d.dir().join("second.sock");
+    let out = run_expecting_exit(
+        d.cli_cmd()
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(d.state_dir())
+            .arg("--socket")
+            .arg(&other_socket),
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let pid = d.pid().unwrap();
+    assert!(
+        stderr.contains(&format!(
+            "state-dir {} is in use by another daemon (pid {pid})",
+            d.state_dir().display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        fs::symlink_metadata(&other_socket).is_err(),
+        "the second daemon bound no socket"
+    );
+    assert_eq!(fs::read(&journal).unwrap(), before, "the journal untouched");
+    assert!(ask(&d.socket(), "status").starts_with("ok"));
+    assert_alive(&mut d, "after a second daemon was refused");
+
+    d.kill9();
+    d.try_spawn()
+        .unwrap_or_else(|e| panic!("a lock left by a killed daemon blocks the start: {e}"));
+    let holder = fs::read_to_string(d.state_dir().join("lock")).unwrap();
+    assert_eq!(holder.trim(), d.pid().unwrap().to_string());
+}
