@@ -2439,3 +2439,108 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_2() {
     let holder = fs::read_to_string(d.state_dir().join("lock")).unwrap();
     assert_eq!(holder.trim(), d.pid().unwrap().to_string());
 }
+
+/// Every socket path the kernel takes works, up to its limit of 107 bytes,
+/// whatever the daemon's pid: the daemon binds through a short path and
+/// leaves nothing beside the socket.
+#[test]
+fn socket_paths_up_to_107_bytes_work() {
+    let env = NixEnv::new("hostile-longsock");
+    let base = env.root().join("s");
+    fs::create_dir_all(&base).unwrap();
+    let room = 107 - base.as_os_str().len() - 1;
+    assert!(room >= 20, "test directory {} too long", base.display());
+    for len in 98..=107 {
+        let name = format!("{len:03}-{}", "x".repeat(room - 4 - (107 - len)));
+        let socket = base.join(name);
+        assert_eq!(socket.as_os_str().len(), len);
+        let s = socket.display().to_string();
+        let mut d = Daemon::new_stopped(&env, &[("socket", s.as_str())], NO_ENV);
+        d.try_spawn()
+            .unwrap_or_else(|e| panic!("a {len}-byte socket path: {e}"));
+        assert!(ask(&socket, "ping").starts_with("ok "), "{len} bytes");
+        let r = run(d.cli_cmd().arg("status"));
+        assert!(r.status.success(), "{len} bytes: {r:?}");
+        let mode = fs::metadata(&socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o600, "{len} bytes");
+        d.stop();
+    }
+    let left: Vec<_> = fs::read_dir(&base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "nothing left beside the sockets: {left:?}");
+}
+
+/// What another user may plant beside the socket changes nothing: not a
+/// symlink at the temporary name earlier versions used (`<socket>.<pid>.d`,
+/// through which a start deleted `s` in the directory it points to), not a
+/// directory there (which stopped the start). The shell plants them with
+/// the pid it then `exec`s the daemon with.
+#[test]
+fn planted_names_beside_the_socket_change_nothing() {
+    let env = NixEnv::new("hostile-planted");
+    let victim = env.root().join("victim");
+    fs::create_dir_all(&victim).unwrap();
+    fs::write(victim.join("s"), "keep me\n").unwrap();
+    let blocker = env.root().join("blocker");
+    fs::create_dir_all(&blocker).unwrap();
+    fs::write(blocker.join("s"), "keep me too\n").unwrap();
+    for (what, plant) in [
+        (
+            "a symlink to another directory",
+            format!("ln -s '{}'", victim.display()),
+        ),
+        (
+            "a directory with a file",
+            format!("cp -r '{}'", blocker.display()),
+        ),
+    ] {
+        let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+        let socket = d.socket();
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "{plant} \"$1.$$.d\" && exec \"$0\" serve --config \"$2\""
+            ))
+            .arg(daemon_bin())
+            .arg(&socket)
+            .arg(d.config_path())
+            .envs(d.cli_cmd().get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(d.log_path()).unwrap())
+            .spawn()
+            .unwrap();
+        let planted = PathBuf::from(format!("{}.{}.d", socket.display(), child.id()));
+        let start = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("{what}: the daemon exited ({st}): {}", d.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{what}: no socket: {}",
+                d.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(ask(&socket, "ping").starts_with("ok "), "{what}");
+        assert!(
+            fs::symlink_metadata(&planted).is_ok(),
+            "{what}: still there"
+        );
+        assert_eq!(fs::read_to_string(victim.join("s")).unwrap(), "keep me\n");
+        assert_eq!(
+            fs::read_to_string(planted.join("s")).unwrap(),
+            if what.starts_with("a symlink") {
+                "keep me\n"
+            } else {
+                "keep me too\n"
+            },
+            "{what}"
+        );
+        kill_tree(child.id());
+        let _ = child.wait();
+    }
+}
