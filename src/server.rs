@@ -16,7 +16,7 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +45,8 @@ const WAIT_POLL: Duration = Duration::from_millis(50);
 pub enum ServeError {
     /// The state directory or journal could not be opened.
     Journal(PathBuf, io::Error),
+    /// Another daemon holds the state directory's lock (its pid, if known).
+    StateDirInUse(PathBuf, Option<u32>),
     /// Another daemon already listens on the socket.
     AlreadyRunning(PathBuf),
     /// Something that is not a socket is at the socket path.
@@ -65,6 +67,12 @@ impl std::fmt::Display for ServeError {
             ServeError::Journal(p, e) => {
                 write!(f, "cannot open the journal in {}: {e}", p.display())
             }
+            ServeError::StateDirInUse(p, pid) => write!(
+                f,
+                "state-dir {} is in use by another daemon ({}); stop it or choose another state-dir",
+                p.display(),
+                pid.map_or("pid unknown".to_string(), |pid| format!("pid {pid}"))
+            ),
             ServeError::AlreadyRunning(p) => write!(
                 f,
                 "another daemon is already listening on {}; stop it or choose another --socket",
@@ -122,6 +130,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         redact::remember(url);
     }
 
+    // Held until the process ends: one daemon per journal.
+    let _lock = lock_state_dir(&config.state_dir)?;
     let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
         .map_err(|e| ServeError::Journal(config.state_dir.clone(), e))?;
     if replay.torn_bytes > 0 {
@@ -213,12 +223,46 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// The lock file in the state directory: locked by the daemon that uses the
+/// directory, for as long as it runs, and holding its pid.
+pub const LOCK_FILE: &str = "lock";
+
+/// Locks the state directory, so that no second daemon appends to and
+/// compacts the same journal. The lock (flock) goes with the process, also
+/// on `kill -9`, so a stale lock file never blocks a start.
+fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
+    let err = |e: io::Error| ServeError::Journal(dir.to_path_buf(), e);
+    fs::create_dir_all(dir).map_err(err)?;
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(dir.join(LOCK_FILE))
+        .map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let pid = holder.trim().parse().ok();
+            return Err(ServeError::StateDirInUse(dir.to_path_buf(), pid));
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(err(e)),
+    }
+    file.set_len(0).map_err(err)?;
+    file.write_all(format!("{}\n", std::process::id()).as_bytes())
+        .map_err(err)?;
+    Ok(file)
+}
+
 /// Binds the socket path: a stale socket file is replaced only when nothing
 /// answers on it, and anything that is not a socket (a regular file named by
 /// mistake, a symlink, a directory) is never replaced. The socket is created
-/// in a private directory (mode 0700, so no one else can reach it there
-/// whatever the umask), given its mode and group, then renamed into place,
-/// so it is never reachable with looser permissions.
+/// in a [`PrivateDir`] beside it (so no one else can reach it there, whatever
+/// the umask), given its mode and group, then renamed into place, so it is
+/// never reachable with looser permissions than `socket-mode`.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let err = |e: io::Error| ServeError::Socket(path.clone(), e);
@@ -231,20 +275,13 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
         }
         _ => {}
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(err)?;
-    }
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(format!(".{}.d", std::process::id()));
-    let tmp_dir = PathBuf::from(tmp_name);
-    let tmp = tmp_dir.join("s");
-    // Left over by a crashed daemon with our pid: it is ours to remove.
-    let _ = fs::remove_file(&tmp);
-    let _ = fs::remove_dir(&tmp_dir);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&tmp_dir)
-        .map_err(err)?;
+    let parent = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).map_err(err)?;
+    let private = PrivateDir::create(parent).map_err(err)?;
+    let tmp = private.entry("s");
     let setup = || -> io::Result<UnixListener> {
         let listener = UnixListener::bind(&tmp)?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))?;
@@ -257,7 +294,7 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     };
     let result = setup();
     let _ = fs::remove_file(&tmp);
-    let _ = fs::remove_dir(&tmp_dir);
+    private.remove();
     let listener = result.map_err(err)?;
     info!(
         "listening on {} (mode {:04o})",
@@ -265,6 +302,69 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
         config.socket_mode
     );
     Ok(listener)
+}
+
+/// A directory of our own (mode 0700, no one else's access) in a directory others may write to,
+/// reached through its open descriptor.
+///
+/// Its name is unpredictable and it is created exclusively (`mkdir` never
+/// follows or reuses what is there: a name taken by someone else is
+/// skipped), so no one can plant a directory or a symlink to block the start
+/// or redirect it; once opened, it is checked to be the directory we made,
+/// and every path into it goes through `/proc/self/fd/N`, which names that
+/// directory wherever it is moved. That path is also short, so a socket
+/// path of up to 107 bytes (the kernel's limit) can be bound through it.
+struct PrivateDir {
+    path: PathBuf,
+    dir: fs::File,
+}
+
+impl PrivateDir {
+    /// Attempts at a free name before giving up (only a name someone else
+    /// already took is retried).
+    const ATTEMPTS: u32 = 16;
+
+    fn create(parent: &Path) -> io::Result<PrivateDir> {
+        use std::hash::{BuildHasher, RandomState};
+        use std::os::unix::fs::MetadataExt;
+        for attempt in 0..Self::ATTEMPTS {
+            // Keyed from the operating system's random source: others cannot
+            // guess it.
+            let random = RandomState::new().hash_one((std::process::id(), attempt));
+            let path = parent.join(format!(".post-build-hook-queue-{random:016x}"));
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+            let dir = fs::File::open(&path)?;
+            let meta = dir.metadata()?;
+            if !meta.is_dir() || meta.uid() != sys::uid() || meta.mode() & 0o077 != 0 {
+                return Err(io::Error::other(format!(
+                    "{} was replaced while the socket was being set up",
+                    path.display()
+                )));
+            }
+            return Ok(PrivateDir { path, dir });
+        }
+        Err(io::Error::other(format!(
+            "no free name for a private directory in {} after {} attempts",
+            parent.display(),
+            Self::ATTEMPTS
+        )))
+    }
+
+    /// The path of `name` inside the directory, through its descriptor.
+    fn entry(&self, name: &str) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}/{name}", self.dir.as_raw_fd()))
+    }
+
+    /// Removes the directory, which must be empty by now: `rmdir` removes
+    /// nothing else (not a file, not through a symlink).
+    fn remove(self) {
+        let _ = fs::remove_dir(&self.path);
+    }
 }
 
 /// Resolves a group name (from /etc/group) or number.
