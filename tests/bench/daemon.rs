@@ -104,7 +104,7 @@ pub fn enqueue(mode: &Mode) -> Vec<Row> {
             "paths/s",
             Goal::Info,
         )
-        .note("as hooks connect: adds connection setup and a thread woken in accept"),
+        .note("as hooks connect: adds a connection set up and served per path"),
     ]
 }
 
