@@ -9,31 +9,21 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::{daemon_bin, hook_bin, run, TempDir};
+use crate::common::{daemon_bin, hook_bin, run_ok, TempDir};
 use crate::floor::FloorProgram;
 use crate::stats::{Goal, Row};
 
 fn stripped_kib(bin: &Path, dir: &Path) -> f64 {
     let copy = dir.join(bin.file_name().expect("binary name"));
     fs::copy(bin, &copy).expect("copy binary");
-    let o = run(Command::new("strip").arg(&copy));
-    assert!(o.status.success(), "strip failed: {o:?}");
+    run_ok(Command::new("strip").arg(&copy));
     fs::metadata(&copy).expect("stat binary").len() as f64 / 1024.0
 }
 
-/// The libraries `bin` loads, by file name (none for a static executable,
-/// which `ldd` refuses with "not a dynamic executable").
+/// The libraries `bin` loads (`ldd`), by file name.
 fn libraries(bin: &Path) -> Vec<String> {
-    let o = run(Command::new("ldd").arg(bin));
-    let text = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
-    if !o.status.success() {
-        assert!(
-            text.contains("not a dynamic executable"),
-            "ldd failed: {o:?}"
-        );
-        return Vec::new();
-    }
-    text.lines()
+    run_ok(Command::new("ldd").arg(bin))
+        .lines()
         .filter_map(|l| l.split_whitespace().next())
         .map(|lib| lib.rsplit('/').next().unwrap_or(lib).to_string())
         .filter(|lib| !lib.starts_with("linux-vdso"))
