@@ -156,7 +156,7 @@ pub fn run(mode: &Mode) -> Vec<Row> {
             "x",
             Goal::Info,
         )
-        .note("the hand-over alone: 2a minus the uploads' CPU"),
+        .note("no uploads during the build: the hand-over alone"),
         Row::from_samples(
             &format!("2c nix-build of {n} drvs, manual's inline sign+copy hook / /bin/true hook"),
             &r_inline,
