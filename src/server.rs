@@ -130,9 +130,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             replay.torn_bytes
         );
     }
-    if replay.bad_records > 0 {
-        warning!("journal: skipped {} unreadable records", replay.bad_records);
-    }
     info!(
         "journal {} replayed: {} paths queued",
         config.state_dir.join(crate::journal::FILE_NAME).display(),

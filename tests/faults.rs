@@ -1158,6 +1158,69 @@ fn torn_journal_at_every_offset_of_last_record_replays() {
     );
 }
 
+/// A start with another store directory (here `/nix/store`, as a daemon
+/// started without `NIX_STORE_DIR` would use) must not erase the journal of
+/// the private store: the daemon exits 2 with one line naming the store
+/// directory the journal holds, the file is unchanged byte for byte, and a
+/// start with the right store directory delivers every path.
+#[test]
+fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
+    let env = NixEnv::new("faults-storedir");
+    let paths = add_text_paths(&env, 3, "storedir");
+    let mut d = Daemon::start(
+        &env,
+        // A failing target: the paths stay queued, and the journal gets
+        // dead records too (so a start would want to compact it).
+        &[("upload-to", "file:///dev/null/unreachable")],
+    );
+    assert_eq!(d.request(&enqueue_line(&paths)), "ok 3");
+    // Three paths done as well: more dead records than live ones, so a
+    // start that could not read them would compact them away.
+    let done = add_text_paths(&env, 3, "storedir-done");
+    assert_eq!(d.request(&enqueue_line(&done)), "ok 3");
+    d.kill9();
+    let journal = journal_path(&d);
+    let mut text = fs::read_to_string(&journal).unwrap();
+    for p in &done {
+        text.push_str(&format!("- {}\n", p.display()));
+    }
+    fs::write(&journal, text).unwrap();
+    let before = fs::read(&journal).unwrap();
+    let store = env.store_dir().display().to_string();
+
+    d.set_config("store-dir", "/nix/store");
+    let log_before = d.log().len();
+    let err = d.try_spawn().expect_err("started with another store dir");
+    assert!(err.contains("exit status: 2"), "{err}");
+    let log = d.log();
+    let said: Vec<&str> = log[log_before..]
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(said.len(), 1, "one line: {said:?}");
+    assert!(
+        said[0].contains(&format!("store-dir = {store}")) && said[0].contains("/nix/store"),
+        "names both store directories: {}",
+        said[0]
+    );
+    assert_eq!(
+        fs::read(&journal).unwrap(),
+        before,
+        "the journal was changed"
+    );
+
+    let (upload, read) = file_cache(&env, "cache");
+    d.set_config("store-dir", &store);
+    d.set_config("upload-to", &upload);
+    d.try_spawn().unwrap();
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "the queued paths in the cache after a start with the right store dir",
+        || all_in_cache(&env, &read, &paths),
+        || d.log(),
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Full disk
 // ---------------------------------------------------------------------------
