@@ -718,6 +718,66 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     );
 }
 
+/// Uploads over ssh with a `ControlPersist` master: the first `nix copy`
+/// starts the master, which outlives the call holding its stderr open
+/// (OpenSSH keeps the master's stderr when `-v` logs to it). The
+/// call is judged by its exit: the paths are done at once, with no call
+/// killed by `command-timeout` and none failed.
+#[test]
+fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
+    let env = NixEnv::new("faults-persist");
+    let (sk, pk) = env.gen_signing_key("faults-persist-1");
+    let sshd = Sshd::start(&env, &pk);
+    // Short: a control socket path must fit a unix socket address.
+    let control = TempDir::new("cm");
+    let control_path = format!("{}/%C", control.path().display());
+    let ssh_opts = format!(
+        "{} -v -o ControlMaster=auto -o ControlPath={control_path} -o ControlPersist=300",
+        sshd.ssh_opts()
+    );
+    let d = Daemon::start_with_env(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &sshd.url()),
+            ("command-timeout", "60"),
+            ("retry-initial-delay", "0.05"),
+        ],
+        &[("NIX_SSHOPTS", ssh_opts.as_str())],
+    );
+    let paths = add_text_paths(&env, 2, "persist");
+    assert_eq!(d.request(&enqueue_line(&paths)), "ok 2");
+    wait_until_diag(
+        Duration::from_secs(300),
+        "the paths done (uploaded, or failed and retried)",
+        || status(&d).num("queued") == 0,
+        || d.log(),
+    );
+    let masters: Vec<String> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("ssh") && c.contains(&control.path().display().to_string()))
+        .collect();
+    let _ = run(Command::new("ssh")
+        .args(["-o", &format!("ControlPath={control_path}"), "-O", "exit"])
+        .arg("root@127.0.0.1"));
+    let st = status(&d);
+    assert!(
+        log_lines(&d, "was killed").is_empty() && st.num("failed-calls") == 0,
+        "a nix copy that exited 0 was not judged by its exit: {st:?}\nlog:\n{}",
+        d.log()
+    );
+    assert_eq!(st.num("uploaded"), 2, "{st:?}");
+    let recv = sshd.local_store_url();
+    env.verify_in_cache(&recv, &pk, &paths).unwrap();
+    assert!(
+        !masters.is_empty(),
+        "no ssh control master was left running: the test did not test it"
+    );
+}
+
 /// The nice value in `/proc/PID/stat` (field 19; the name in field 2 may
 /// hold spaces, so fields are counted after its closing parenthesis).
 fn nice_of(stat: &str) -> i32 {
