@@ -1152,6 +1152,102 @@ fn builds_succeed_while_daemon_is_away_and_spool_is_delivered() {
     eprintln!("away: build times (2 derivations each) {timings:?}");
 }
 
+/// Spool files the hook did not write: each is queued once and nothing in
+/// one is lost without a word. A file with a line over the 1 MiB limit has
+/// its other paths delivered and is set aside as `.bad`, unchanged, with a
+/// warning. A file whose last line has no line end yet is left alone until
+/// its writer finishes it. A file the daemon cannot delete (a read-only
+/// spool directory) is delivered once, not again at every idle look.
+#[test]
+fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() {
+    let env = NixEnv::new("faults-spool");
+    let (upload, read) = file_cache(&env, "cache");
+    let p = add_text_paths(&env, 7, "spool");
+    let s = strs(&p);
+    let rw = env.root().join("spool-rw");
+    fs::create_dir_all(&rw).unwrap();
+    let rw_s = rw.display().to_string();
+    let mut d = Daemon::start(&env, &[("upload-to", &upload), ("spool-dir", &rw_s)]);
+    let uploaded = |d: &Daemon, paths: &[PathBuf]| {
+        wait_until_ok(
+            UPLOAD_TIMEOUT,
+            "spooled paths in the cache",
+            || all_in_cache(&env, &read, paths),
+            || d.log(),
+        );
+        wait_until_diag(
+            Duration::from_secs(30),
+            "the queue empty",
+            || status(d).num("queued") == 0,
+            || d.log(),
+        );
+    };
+
+    // A line over the limit between two good ones.
+    let long = format!("enqueue {}\n", s[0].repeat(1024 * 1024 / s[0].len() + 1));
+    let with_long = format!("enqueue {}\n{long}enqueue {}\n", s[0], s[1]);
+    fs::write(rw.join("1-1.req"), &with_long).unwrap();
+    uploaded(&d, &p[..2]);
+    assert_eq!(
+        fs::read(rw.join("1-1.bad")).ok().as_deref(),
+        Some(with_long.as_bytes()),
+        "the file with the long line set aside unchanged\n{}",
+        d.log()
+    );
+    let said = log_lines(&d, "1-1.req");
+    assert!(
+        said.len() == 1 && said[0].starts_with("warning:") && said[0].contains("line 2"),
+        "one warning naming the long line: {said:?}"
+    );
+
+    // A file being written, cut in the middle of its second path, and a
+    // finished one after it: once the finished one is delivered, the daemon
+    // has looked at the cut one, and queued nothing of it.
+    let cut = format!("enqueue {}\nenqueue {}", s[2], &s[3][..s[3].len() - 5]);
+    fs::write(rw.join("2-1.req"), &cut).unwrap();
+    fs::write(rw.join("3-1.req"), format!("enqueue {}\n", s[4])).unwrap();
+    uploaded(&d, &p[4..5]);
+    assert_eq!(status(&d).num("uploaded"), 3, "{}", d.log());
+    assert!(
+        rw.join("2-1.req").exists(),
+        "a file being written was taken"
+    );
+    assert!(all_in_cache(&env, &read, &p[2..3]).is_err());
+    // Its writer finishes it.
+    fs::write(
+        rw.join("2-1.req"),
+        format!("enqueue {}\nenqueue {}\n", s[2], s[3]),
+    )
+    .unwrap();
+    uploaded(&d, &p[2..4]);
+    assert!(!rw.join("2-1.req").exists());
+
+    // A read-only view of the spool: nothing in it can be deleted.
+    let ro = env.root().join("spool-ro");
+    let _view = Mount::bind_read_only(&rw, &ro).unwrap_or_else(|e| panic!("{e}"));
+    d.set_config("spool-dir", &ro.display().to_string());
+    d.restart();
+    fs::write(rw.join("4-1.req"), format!("enqueue {}\n", s[5])).unwrap();
+    uploaded(&d, &p[5..6]);
+    // A later file: delivered only after the daemon looked again at the
+    // one it could not delete.
+    fs::write(rw.join("5-1.req"), format!("enqueue {}\n", s[6])).unwrap();
+    uploaded(&d, &p[6..7]);
+    let st = status(&d);
+    assert_eq!(
+        st.num("uploaded"),
+        2,
+        "a spool file that cannot be deleted was delivered again: {st:?}\n{}",
+        d.log()
+    );
+    let warned = log_lines(&d, "4-1.req");
+    assert!(
+        warned.len() == 1 && warned[0].contains("cannot be removed"),
+        "one warning for the file that stays: {warned:?}"
+    );
+    d.kill9();
+}
+
 // ---------------------------------------------------------------------------
 // Torn journal
 // ---------------------------------------------------------------------------
@@ -1303,6 +1399,33 @@ impl Mount {
                 String::from_utf8_lossy(&o.stderr).trim()
             ))
         }
+    }
+}
+
+impl Mount {
+    /// A read-only view of `src` at `dst` (a bind mount made read-only).
+    fn bind_read_only(src: &Path, dst: &Path) -> Result<Mount, String> {
+        fs::create_dir_all(dst).map_err(|e| e.to_string())?;
+        let o = run(Command::new("mount").arg("--bind").arg(src).arg(dst));
+        if !o.status.success() {
+            return Err(format!(
+                "mount --bind failed ({}): {}; this test needs root with CAP_SYS_ADMIN",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        let m = Mount(dst.to_path_buf());
+        let o = run(Command::new("mount")
+            .args(["-o", "remount,ro,bind"])
+            .arg(dst));
+        if !o.status.success() {
+            return Err(format!(
+                "mount -o remount,ro,bind failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(m)
     }
 }
 
