@@ -1385,6 +1385,155 @@ fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     );
 }
 
+/// One system call of an `strace -f` log, as far as the durability check
+/// needs it.
+#[derive(Debug)]
+enum Traced {
+    /// `write(FD, "TEXT"...` (or writev, sendto, sendmsg): the call started.
+    Write { fd: String, text: String },
+    /// fdatasync or fsync of FD started.
+    SyncStart { pid: String, fd: String },
+    /// The sync that `pid` started returned 0.
+    SyncDone { pid: String },
+}
+
+/// True when a traced call's line ends in `= 0` (strace pads before `=`).
+fn returned_0(call: &str) -> bool {
+    call.rsplit_once('=').is_some_and(|(_, r)| r.trim() == "0")
+}
+
+/// The calls of an `strace -f -s 4096` log, in the order strace saw them.
+fn parse_strace(log: &str) -> Vec<Traced> {
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let Some((pid, call)) = line.trim_start().split_once(char::is_whitespace) else {
+            continue;
+        };
+        let call = call.trim_start();
+        let pid = pid.to_string();
+        if let Some(rest) = call.strip_prefix("<... ") {
+            if (rest.starts_with("fdatasync resumed>") || rest.starts_with("fsync resumed>"))
+                && returned_0(rest)
+            {
+                out.push(Traced::SyncDone { pid });
+            }
+            continue;
+        }
+        let Some((name, args)) = call.split_once('(') else {
+            continue;
+        };
+        let fd = args.split([',', ' ', ')']).next().unwrap_or("").to_string();
+        match name {
+            "fdatasync" | "fsync" => {
+                out.push(Traced::SyncStart {
+                    pid: pid.clone(),
+                    fd,
+                });
+                if !call.contains("<unfinished") && returned_0(call) {
+                    out.push(Traced::SyncDone { pid });
+                }
+            }
+            "write" | "writev" | "sendto" | "sendmsg" => {
+                let text = args
+                    .split_once('"')
+                    .map(|(_, t)| t.to_string())
+                    .unwrap_or_default();
+                out.push(Traced::Write { fd, text });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The acknowledgement is durable: under strace, every `ok` the daemon
+/// writes to a client follows the completed fdatasync of the journal file
+/// the path's record was written to. (A `kill -9` keeps the page cache, so
+/// no crash test notices a missing sync; the order of the system calls
+/// does.)
+#[test]
+fn ok_is_written_only_after_the_journal_record_is_synced() {
+    let env = NixEnv::new("faults-strace");
+    let strace = which("strace");
+    let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+    let trace = env.root().join("strace.log");
+    let log = fs::File::create(d.log_path()).unwrap();
+    let mut cmd = Command::new(strace);
+    cmd.args(["-f", "-qq", "-s", "4096", "-o"])
+        .arg(&trace)
+        .args(["-e", "trace=fdatasync,fsync,write,writev,sendto,sendmsg"])
+        .arg(daemon_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(d.config_path())
+        .env_remove("NIX_REMOTE")
+        .env_remove("NIX_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    env.apply_env(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let socket = d.socket();
+    wait_until_diag(
+        DAEMON_START_TIMEOUT * 3,
+        "the daemon under strace to accept",
+        || UnixStream::connect(&socket).is_ok(),
+        || d.log(),
+    );
+    let paths = add_text_paths(&env, 3, "strace");
+    for p in &paths {
+        assert_eq!(
+            try_request(&socket, &enqueue_line(std::slice::from_ref(p))),
+            Ok("ok 1".to_string())
+        );
+    }
+    // Stopped in order, so that strace writes out its log and exits.
+    signal_pids("TERM", &descendants(child.id()));
+    let stopped = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if stopped.elapsed() > Duration::from_secs(30) {
+            kill_tree(child.id());
+            panic!("the daemon under strace did not stop\n{}", d.log());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let calls = parse_strace(&fs::read_to_string(&trace).unwrap());
+    for p in strs(&paths) {
+        let record = "+ ";
+        let (wrote, journal_fd) = calls
+            .iter()
+            .enumerate()
+            .find_map(|(i, c)| match c {
+                Traced::Write { fd, text } if text.starts_with(record) && text.contains(&p) => {
+                    Some((i, fd.clone()))
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no journal write of {p} in the trace: {calls:?}"));
+        let acked = calls[wrote..]
+            .iter()
+            .position(|c| matches!(c, Traced::Write { text, fd } if text.starts_with("ok 1\\n") && *fd != journal_fd))
+            .map(|i| wrote + i)
+            .unwrap_or_else(|| panic!("no ok written after the record of {p}: {calls:?}"));
+        // A sync of the journal's descriptor that started after the record
+        // was written and returned before the ok was written.
+        let synced = calls[wrote..acked].iter().enumerate().any(|(i, c)| {
+            let Traced::SyncStart { pid, fd } = c else {
+                return false;
+            };
+            *fd == journal_fd
+                && calls[wrote + i..acked]
+                    .iter()
+                    .any(|d| matches!(d, Traced::SyncDone { pid: q } if q == pid))
+        });
+        assert!(
+            synced,
+            "the ok for {p} was written before the journal (fd {journal_fd}) was synced: {:?}",
+            &calls[wrote..=acked]
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Full disk
 // ---------------------------------------------------------------------------
