@@ -1051,6 +1051,30 @@ fn poison_paths_do_not_hold_back_good_ones() {
     assert_eq!(st.num("dropped"), 1, "{st:?}");
     assert_eq!(st.num("queued"), 1, "{st:?}");
     assert!(!env.is_valid_in(&recv, &rejected));
+    // Bisection: once a path tried alone went through, one split of the
+    // batch delivers every good path in that same round; from then on only
+    // the rejected path backs off, alone. (Without the split, the rest of
+    // the batch would back off together and trickle out one path a round.)
+    let log = d.log();
+    let splits: Vec<usize> = log
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("splitting it to find the paths at fault"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(splits.len(), 1, "one split finds the rejected path:\n{log}");
+    let later: Vec<&str> = log
+        .lines()
+        .skip(splits[0])
+        .filter(|l| l.contains("failed attempt"))
+        .collect();
+    assert!(
+        !later.is_empty()
+            && later
+                .iter()
+                .all(|l| l.contains("1 path(s)") && l.contains(&rejected_s)),
+        "after the split only the rejected path backs off, alone: {later:?}"
+    );
     let gone_s = gone.display().to_string();
     let drops = log_lines(&d, "dropping");
     assert!(
