@@ -259,6 +259,21 @@ fn copy_running(d: &Daemon) -> bool {
     })
 }
 
+/// The final line of a `wait` request; panics when it has not come within
+/// `deadline` (its progress lines would keep a read timeout from firing).
+fn wait_request(d: &Daemon, deadline: Duration) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = d.socket();
+    thread::spawn(move || {
+        let _ = tx.send(try_request(&socket, "wait"));
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(Ok(line)) => line,
+        Ok(Err(e)) => panic!("wait request failed: {e}\nlog:\n{}", d.log()),
+        Err(_) => panic!("wait did not end within {deadline:?}\nlog:\n{}", d.log()),
+    }
+}
+
 /// Lines of the daemon log that contain `needle`.
 fn log_lines(d: &Daemon, needle: &str) -> Vec<String> {
     d.log()
@@ -834,7 +849,12 @@ fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
         let d = Daemon::start_with_env(&env, &config, extra);
         let paths = add_text_paths(&env, n, round);
         assert_eq!(d.request(&enqueue_line(&paths)), format!("ok {n}"));
-        assert_eq!(d.request("wait"), "ok all uploaded", "{round}: {}", d.log());
+        assert_eq!(
+            wait_request(&d, Duration::from_secs(120)),
+            "ok all uploaded",
+            "{round}: {}",
+            d.log()
+        );
         let daemon_nice =
             nice_of(&fs::read_to_string(format!("/proc/{}/stat", d.pid().unwrap())).unwrap());
         let calls = fs::read_to_string(&record).unwrap();
@@ -923,17 +943,14 @@ fi"#,
     );
 }
 
-/// The same hung target without any `NIX_SSHOPTS`: the daemon's default
+/// The same hung target without any `NIX_SSHOPTS` (removed from the
+/// daemon's environment, whatever the runner's holds): the daemon's default
 /// `ConnectTimeout` ends the call (ssh's own error, not our kill), well
 /// before a long `command-timeout`. The listener sits on port 22 of a
 /// loopback address because without `NIX_SSHOPTS` there is no way to give
 /// ssh a port.
 #[test]
 fn hung_ssh_target_is_ended_by_default_connect_timeout() {
-    if std::env::var_os("NIX_SSHOPTS").is_some() {
-        eprintln!("skipping: NIX_SSHOPTS is set in the test environment, so the daemon adds no ConnectTimeout");
-        return;
-    }
     let env = NixEnv::new("faults-connect");
     let mut hole = None;
     let mut why = Vec::new();
@@ -954,14 +971,18 @@ fn hung_ssh_target_is_ended_by_default_connect_timeout() {
         "ssh-ng://root@{addr}?remote-store={}",
         env.root().join("remote").display()
     );
-    let d = Daemon::start(
+    let mut d = Daemon::new_stopped(
         &env,
         &[
             ("upload-to", &target),
             ("command-timeout", "120"),
             ("retry-initial-delay", "0.05"),
         ],
+        NO_ENV,
     );
+    // Whatever the test runner's environment holds.
+    d.unset_env("NIX_SSHOPTS");
+    d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
     let paths = add_text_paths(&env, 1, "connect");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 1");
     let started = Instant::now();
@@ -1638,13 +1659,10 @@ fn fill(file: &Path) {
 #[test]
 fn full_disk_refuses_with_reason_and_recovers() {
     let env = NixEnv::new("faults-full");
-    let mount = match Mount::tmpfs(&env.root().join("statefs"), "64k") {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("SKIPPED full_disk_refuses_with_reason_and_recovers: cannot mount a tmpfs here: {e}");
-            return;
-        }
-    };
+    // CI runs as root with CAP_SYS_ADMIN: a run that cannot mount fails.
+    let mount = Mount::tmpfs(&env.root().join("statefs"), "64k").unwrap_or_else(|e| {
+        panic!("this test needs a tmpfs of its own (root, CAP_SYS_ADMIN): {e}")
+    });
     let (sk, pk) = env.gen_signing_key("faults-full-1");
     let (upload, read) = file_cache(&env, "cache");
     let mut d = Daemon::start(
