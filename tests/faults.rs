@@ -770,10 +770,14 @@ fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
     );
     let paths = add_text_paths(&env, 2, "persist");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 2");
+    // (Counted once the batch is done, a moment after it left the queue.)
     wait_until_diag(
         Duration::from_secs(300),
         "the paths done (uploaded, or failed and retried)",
-        || status(&d).num("queued") == 0,
+        || {
+            let st = status(&d);
+            st.num("queued") == 0 && st.num("uploaded") >= 2
+        },
         || d.log(),
     );
     let masters: Vec<String> = fs::read_dir("/proc")
@@ -1221,7 +1225,10 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     fs::create_dir_all(&rw).unwrap();
     let rw_s = rw.display().to_string();
     let mut d = Daemon::start(&env, &[("upload-to", &upload), ("spool-dir", &rw_s)]);
-    let uploaded = |d: &Daemon, paths: &[PathBuf]| {
+    // Waits until `paths` are in the cache and the daemon counted at least
+    // `total` uploads since it started (it counts a batch once the batch is
+    // done, a moment after the copy); returns its count then.
+    let uploaded = |d: &Daemon, paths: &[PathBuf], total: u64| {
         wait_until_ok(
             UPLOAD_TIMEOUT,
             "spooled paths in the cache",
@@ -1230,17 +1237,21 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
         );
         wait_until_diag(
             Duration::from_secs(30),
-            "the queue empty",
-            || status(d).num("queued") == 0,
+            "the uploads counted and the queue empty",
+            || {
+                let st = status(d);
+                st.num("uploaded") >= total && st.num("queued") == 0
+            },
             || d.log(),
         );
+        status(d).num("uploaded")
     };
 
     // A line over the limit between two good ones.
     let long = format!("enqueue {}\n", s[0].repeat(1024 * 1024 / s[0].len() + 1));
     let with_long = format!("enqueue {}\n{long}enqueue {}\n", s[0], s[1]);
     fs::write(rw.join("1-1.req"), &with_long).unwrap();
-    uploaded(&d, &p[..2]);
+    uploaded(&d, &p[..2], 2);
     assert_eq!(
         fs::read(rw.join("1-1.bad")).ok().as_deref(),
         Some(with_long.as_bytes()),
@@ -1259,8 +1270,9 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     let cut = format!("enqueue {}\nenqueue {}", s[2], &s[3][..s[3].len() - 5]);
     fs::write(rw.join("2-1.req"), &cut).unwrap();
     fs::write(rw.join("3-1.req"), format!("enqueue {}\n", s[4])).unwrap();
-    uploaded(&d, &p[4..5]);
-    assert_eq!(status(&d).num("uploaded"), 3, "{}", d.log());
+    // Spooled in that order, a path of the cut file would have been done
+    // with or before this one.
+    assert_eq!(uploaded(&d, &p[4..5], 3), 3, "{}", d.log());
     assert!(
         rw.join("2-1.req").exists(),
         "a file being written was taken"
@@ -1272,7 +1284,7 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
         format!("enqueue {}\nenqueue {}\n", s[2], s[3]),
     )
     .unwrap();
-    uploaded(&d, &p[2..4]);
+    uploaded(&d, &p[2..4], 5);
     assert!(!rw.join("2-1.req").exists());
 
     // A read-only view of the spool: nothing in it can be deleted.
@@ -1281,14 +1293,16 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     d.set_config("spool-dir", &ro.display().to_string());
     d.restart();
     fs::write(rw.join("4-1.req"), format!("enqueue {}\n", s[5])).unwrap();
-    uploaded(&d, &p[5..6]);
+    uploaded(&d, &p[5..6], 1);
     // A later file: delivered only after the daemon looked again at the
     // one it could not delete.
     fs::write(rw.join("5-1.req"), format!("enqueue {}\n", s[6])).unwrap();
-    uploaded(&d, &p[6..7]);
+    // Read again in that pass before the later file, the undeletable one
+    // would have been done with or before it.
+    let count = uploaded(&d, &p[6..7], 2);
     let st = status(&d);
     assert_eq!(
-        st.num("uploaded"),
+        count,
         2,
         "a spool file that cannot be deleted was delivered again: {st:?}\n{}",
         d.log()
