@@ -257,6 +257,7 @@ impl Nix {
                 })
                 .stderr(Stdio::piped())
                 .process_group(i32::try_from(group).unwrap_or(0));
+            sys::unblock_signals_in_child(&mut cmd);
             match cmd.spawn() {
                 Ok(mut child) => {
                     if group == 0 {
