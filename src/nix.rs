@@ -503,10 +503,35 @@ fn lines(out: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// `text` with terminal colour sequences (`ESC [ ... letter`) removed and
+/// every other control character but the line end made a space: nix's
+/// words end up in the log and in `status` replies, where they must not
+/// move a terminal's cursor or hide what follows.
+fn without_control(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, up to the final byte.
+            for c in chars.by_ref() {
+                if ('\u{40}'..='\u{7e}').contains(&c) {
+                    break;
+                }
+            }
+        } else if c.is_control() && c != '\n' {
+            out.push(' ');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The last part of a command's stderr, on one line.
 fn tail(stderr: &[u8]) -> String {
     const MAX: usize = 2000;
-    let text = String::from_utf8_lossy(stderr);
+    let text = without_control(&String::from_utf8_lossy(stderr));
     let joined = text
         .lines()
         .map(str::trim)
@@ -677,6 +702,13 @@ mod tests {
             .run("sh", sh(&format!("head -c {} /dev/zero", STDOUT_MAX + 1)))
             .unwrap_err();
         assert!(matches!(err.kind, FailureKind::Output(_)), "{err}");
+    }
+
+    #[test]
+    fn control_characters_of_nix_output_are_not_passed_on() {
+        let shown = tail(b"\x1b[31;1merror:\x1b[0m bad\r\0path\x07\nnext\tline\x1b]0;x");
+        assert_eq!(shown, "error: bad  path | next line ]0;x");
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
     }
 
     #[test]
