@@ -108,31 +108,13 @@ fn serve(args: &[String]) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
-    if let Err(e) = check_signing_key(&config) {
+    if let Err(e) = config.check_signing_key() {
         return fail(&e);
     }
     match server::serve(config) {
         Ok(()) => 0,
         Err(e) => fail(&e.to_string()),
     }
-}
-
-/// Refuses a signing key that cannot be read or that others can read.
-fn check_signing_key(config: &Config) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let Some(key) = &config.signing_key_file else {
-        return Ok(());
-    };
-    let shown = key.display();
-    let meta = std::fs::metadata(key).map_err(|e| format!("signing-key-file {shown}: {e}"))?;
-    if meta.permissions().mode() & 0o004 != 0 {
-        return Err(format!(
-            "signing-key-file {shown} is readable by every user; restrict it (chmod 600) before the daemon uses it"
-        ));
-    }
-    std::fs::File::open(key)
-        .map_err(|e| format!("signing-key-file {shown} cannot be read: {e}"))?;
-    Ok(())
 }
 
 struct AdminArgs {

@@ -1,21 +1,15 @@
 //! The daemon: recovery at start, the listener, and one thread per client.
 //!
 //! Startup is recovery: open and replay the journal, hand every live path to
-//! the worker, ingest the spool, then accept. The listener is shared by the
-//! connection threads: each one waits in `accept` itself, so a hook's
-//! connection wakes the thread that serves it, with no hand-over in between.
-//! A thread that takes a connection while no other waits in `accept` starts
-//! one that does; a thread that waited a few seconds in vain leaves, unless
-//! it is one of the `ACCEPTORS_KEPT`. Each connection is served by one
-//! thread (at most `max-connections` at once; more get `err busy`), which
-//! reads request lines, journals paths before acknowledging them, and passes
-//! them to the worker through the channel. A slow client therefore never
-//! delays another one, and the worker's nix calls never delay an
-//! acknowledgement.
+//! the worker, ingest the spool, then accept. The main thread accepts; each
+//! connection is served by a thread of its own (at most `max-connections`
+//! at once; more get `err busy`), which reads request lines, journals paths
+//! before acknowledging them, passes them to the worker through the channel,
+//! and ends with the connection. A slow client therefore never delays
+//! another one, and the worker's nix calls never delay an acknowledgement.
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -101,23 +95,14 @@ struct Context {
     store_dir: String,
     target: Option<String>,
     signing: bool,
-    listener: UnixListener,
-    /// Connection threads waiting in `accept`.
-    accepting: AtomicUsize,
     /// Connections being served.
     active: AtomicUsize,
     max_connections: usize,
 }
 
-/// How long a connection thread waits in `accept` before it may leave:
-/// threads are reused in a burst of hooks, and gone when idle.
-const IDLE_THREAD_KEEP: Duration = Duration::from_secs(5);
-
-/// Connection threads that stay waiting in `accept` when idle (the main
-/// thread is one): two, so that when one takes a hook's connection the
-/// next hook finds another already waiting, and no thread has to be started
-/// while a hook waits for its acknowledgement.
-const ACCEPTORS_KEPT: usize = 2;
+/// Stack of a connection thread: it reads into the heap, and journals and
+/// replies with little on the stack.
+const CONNECTION_STACK: usize = 64 * 1024;
 
 /// Runs the daemon: returns only if it cannot start; it ends when a signal
 /// stops it (see `stop_on_signal`) or it is killed.
@@ -139,9 +124,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             "journal: cut off a torn last record of {} bytes (a crash during a write)",
             replay.torn_bytes
         );
-    }
-    if replay.bad_records > 0 {
-        warning!("journal: skipped {} unreadable records", replay.bad_records);
     }
     info!(
         "journal {} replayed: {} paths queued",
@@ -182,8 +164,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         store_dir: config.store_dir.clone(),
         target: config.upload_to.as_deref().map(redact::url),
         signing: config.signing_key_file.is_some(),
-        listener,
-        accepting: AtomicUsize::new(0),
         active: AtomicUsize::new(0),
         max_connections: config.max_connections,
     });
@@ -212,15 +192,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         warning!("cannot notify systemd of readiness: {e}");
     }
 
-    set_accept_timeout(&ctx.listener, IDLE_THREAD_KEEP)
-        .map_err(|e| ServeError::Socket(config.socket.clone(), e))?;
-    // The main thread is an acceptor for good; the others come and go.
-    ctx.accepting.fetch_add(1, Ordering::SeqCst);
-    for _ in 1..ACCEPTORS_KEPT {
-        start_acceptor(&ctx);
-    }
-    connection_thread(&ctx, true);
-    Ok(())
+    accept_connections(&ctx, &listener)
 }
 
 /// The lock file in the state directory: locked by the daemon that uses the
@@ -463,90 +435,49 @@ fn stop_on_signal(
     std::process::exit(0);
 }
 
-/// Bounds how long `accept` on `listener` waits: then it fails with
-/// `WouldBlock`, and a surplus connection thread may leave. The standard
-/// library sets this receive timeout (SO_RCVTIMEO) on connected sockets
-/// only, so it is set through a second descriptor of the same socket.
-fn set_accept_timeout(listener: &UnixListener, timeout: Duration) -> io::Result<()> {
-    let same_socket = UnixStream::from(listener.as_fd().try_clone_to_owned()?);
-    same_socket.set_read_timeout(Some(timeout))
-}
-
-/// Starts a connection thread, counted in `accepting` from now on.
-fn start_acceptor(ctx: &Arc<Context>) {
-    ctx.accepting.fetch_add(1, Ordering::SeqCst);
-    let ctx2 = Arc::clone(ctx);
-    let spawned = std::thread::Builder::new()
-        .name("conn".into())
-        .stack_size(64 * 1024)
-        .spawn(move || connection_thread(&ctx2, false));
-    if let Err(e) = spawned {
-        ctx.accepting.fetch_sub(1, Ordering::SeqCst);
-        warning!("cannot start a connection thread: {e}");
-    }
-}
-
-/// Accepts connections and serves each in turn. Counted in `accepting`
-/// while in `accept`; before serving a connection it makes sure another
-/// thread is accepting. Returns after [`IDLE_THREAD_KEEP`] without a
-/// connection if more than [`ACCEPTORS_KEPT`] threads are accepting, unless
-/// `for_good`.
-fn connection_thread(ctx: &Arc<Context>, for_good: bool) {
+/// Accepts connections for good, each served by a thread of its own; turns
+/// them away while stopping or when `max-connections` are being served.
+fn accept_connections(ctx: &Arc<Context>, listener: &UnixListener) -> ! {
     loop {
-        let stream = match ctx.listener.accept() {
+        let mut stream = match listener.accept() {
             Ok((stream, _)) => stream,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if !for_good && leave_if_surplus(&ctx.accepting) {
-                    return;
-                }
-                continue;
-            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                // Out of descriptors, say: wait for connections to end.
                 error!("accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
-        if ctx.accepting.fetch_sub(1, Ordering::SeqCst) == 1 {
-            start_acceptor(ctx);
+        let refusal = if ctx.shared.stopping.load(Ordering::SeqCst) {
+            Some(ERR_STOPPING)
+        } else if ctx.active.load(Ordering::SeqCst) >= ctx.max_connections {
+            Some(ERR_BUSY)
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            // A fresh connection's buffer takes one line without waiting.
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = stream.write_all(final_line(Err(why)).as_bytes());
+            continue;
         }
-        serve_one(ctx, stream);
-        ctx.accepting.fetch_add(1, Ordering::SeqCst);
+        ctx.active.fetch_add(1, Ordering::SeqCst);
+        let ctx2 = Arc::clone(ctx);
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                handle(&ctx2, stream);
+                ctx2.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            // The connection went with the closure: the client sees it
+            // closed, as with any daemon that cannot serve it.
+            ctx.active.fetch_sub(1, Ordering::SeqCst);
+            warning!("cannot start a connection thread: {e}");
+        }
     }
-}
-
-/// Takes this thread out of `accepting` if more than [`ACCEPTORS_KEPT`]
-/// would still be there; true if it did.
-fn leave_if_surplus(accepting: &AtomicUsize) -> bool {
-    accepting
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-            (n > ACCEPTORS_KEPT).then(|| n - 1)
-        })
-        .is_ok()
-}
-
-/// Serves one accepted connection, or turns it away while stopping or
-/// when `max-connections` are being served.
-fn serve_one(ctx: &Context, mut stream: UnixStream) {
-    if ctx.shared.stopping.load(Ordering::SeqCst) {
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ = stream.write_all(final_line(Err(ERR_STOPPING)).as_bytes());
-        return;
-    }
-    if ctx.active.fetch_add(1, Ordering::SeqCst) >= ctx.max_connections {
-        ctx.active.fetch_sub(1, Ordering::SeqCst);
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ = stream.write_all(final_line(Err(ERR_BUSY)).as_bytes());
-        return;
-    }
-    handle(ctx, stream);
-    ctx.active.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Reads one line of at most `MAX_LINE` bytes, all of it within `timeout`.

@@ -1,7 +1,8 @@
 //! The few system calls the standard library does not wrap.
 //!
 //! The one module allowed `unsafe` code (the crate denies it everywhere
-//! else): each block calls one C library function and says why it is sound.
+//! else): each block makes one call `std` has no safe form of, and says why
+//! it is sound.
 
 use std::ffi::c_ulong;
 use std::io;

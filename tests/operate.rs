@@ -158,18 +158,58 @@ impl From<Output> for Ran {
     }
 }
 
+/// Longest any command of these tests may run: a `wait` that never
+/// returns (dropping broke, say) fails its test instead of hanging it.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
+
+/// The output of `child` once it ends; kills it (and what it started) and
+/// panics when it outlasts [`COMMAND_DEADLINE`].
+fn finish_within_deadline(child: Child, what: &str) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(COMMAND_DEADLINE) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
+        Err(_) => {
+            kill_tree(pid);
+            panic!("{what} did not end within {COMMAND_DEADLINE:?}")
+        }
+    }
+}
+
+/// Runs `cmd` with `input` (if any) on stdin, within [`COMMAND_DEADLINE`].
+fn run_bounded(cmd: &mut Command, input: Option<&str>) -> Output {
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+        use std::io::Write;
+        stdin.write_all(input.as_bytes()).unwrap();
+    }
+    finish_within_deadline(child, &format!("{cmd:?}"))
+}
+
 /// Runs `post-build-hook-queue ARGS... --socket SOCKET`.
 fn cli(d: &Daemon, args: &[&str]) -> Ran {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
-    run(&mut c).into()
+    run_bounded(&mut c, None).into()
 }
 
 /// Runs the CLI with `input` on stdin.
 fn cli_stdin(d: &Daemon, args: &[&str], input: &str) -> Ran {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
-    run_with_stdin(&mut c, input).into()
+    run_bounded(&mut c, Some(input)).into()
 }
 
 /// `status --json`, checked to be one JSON object on one line.
@@ -511,7 +551,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     assert_eq!(num(&status_json(&d), "queued"), 2.0);
     assert!(waiter.try_wait().unwrap().is_none(), "wait returned early");
     w.set_hold(false);
-    let r: Ran = waiter.wait_with_output().unwrap().into();
+    let r: Ran = finish_within_deadline(waiter, "wait --timeout 60").into();
     assert_eq!(r.code, Some(0), "{r:?}\nlog:\n{}", d.log());
     assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
     assert_eq!(r.stderr, "", "{r:?}");
@@ -603,7 +643,7 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
         text,
     );
     w.set_hold(false);
-    let status = child.wait().unwrap();
+    let status = finish_within_deadline(child, "wait on a terminal").status;
     let shown = text();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{shown}");
     assert!(
@@ -858,7 +898,7 @@ fn socket_activation_serves_the_passed_socket() {
     let cli_at = |args: &[&str]| -> Ran {
         let mut c = env.cmd(daemon_bin());
         c.args(args).args(["--socket", &socket]);
-        run(&mut c).into()
+        run_bounded(&mut c, None).into()
     };
     let r = cli_at(&["status"]);
     assert_eq!(r.code, Some(0), "{r:?}\nlog:\n{}", log_text());
