@@ -7,7 +7,22 @@
 //!
 //! Records, one per line:
 //! - `+ <unix-seconds> <store-path>`: queued at that time;
-//! - `- <store-path>`: done (uploaded or dropped).
+//! - `- <store-path>`: done (uploaded to every target, or dropped);
+//! - `! <unix-seconds> <target> <attempts> <store-path> <error>`: given up
+//!   on for one target at that time, after that many failed attempts, with
+//!   the last error (the rest of the line). The path stays in the journal,
+//!   and is no longer tried for that target until it is requeued;
+//! - `= <target> <store-path>`: requeued for that target (`*`: for every
+//!   target), its failure forgotten.
+//!
+//! A `<target>` is a [`TargetId`]: a hash of the target's URL, never the URL
+//! (which may hold a password). The per-target records let one path be
+//! delivered to several targets, each with its own failures; a path given up
+//! on for a target that is no longer configured is simply queued for the
+//! configured ones. (With several targets, `> <target> <store-path>` will
+//! say that one target has the path; this version writes only `-`, once the
+//! one target has it.) A journal of older versions, with `+` and `-` records
+//! only, replays as it always did.
 //!
 //! Writers share fsyncs (group commit): while one thread writes and syncs,
 //! the others add their records to the next group, and each caller returns
@@ -38,6 +53,52 @@ pub struct Entry {
     pub queued_at: u64,
 }
 
+/// Which target a per-target record is about: an FNV-1a hash of the
+/// target's URL with its secrets masked, shown as 16 hex digits. Stable
+/// across restarts and versions (unlike std's hashers), and without the
+/// password a URL may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TargetId(u64);
+
+impl TargetId {
+    /// The id of the target at `url`, or of "sign only" when there is none.
+    pub fn of(url: Option<&str>) -> TargetId {
+        let shown = url.map_or_else(|| "-".to_string(), crate::redact::url);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in shown.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        TargetId(h)
+    }
+
+    fn parse(s: &str) -> Option<TargetId> {
+        if s.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(s, 16).ok().map(TargetId)
+    }
+}
+
+impl std::fmt::Display for TargetId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A path given up on for one target: it failed too often or too long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenUp {
+    /// The target it failed for.
+    pub target: TargetId,
+    /// When it was given up on, in seconds since the Unix epoch.
+    pub at: u64,
+    /// Failed attempts before it was given up on.
+    pub attempts: u32,
+    /// The last error, on one line.
+    pub error: String,
+}
+
 /// What replaying the journal found.
 #[derive(Debug, Default)]
 pub struct Replay {
@@ -63,6 +124,8 @@ struct Inner {
     file: Arc<File>,
     len: u64,
     live: HashMap<StorePath, Entry>,
+    /// Live paths given up on, per target.
+    given_up: HashMap<StorePath, Vec<GivenUp>>,
     next_seq: u64,
     /// Records in the file that describe no live path.
     dead: usize,
@@ -113,6 +176,7 @@ impl Journal {
         let capacity = file.metadata()?.len() / 80;
         let mut live: HashMap<StorePath, Entry> =
             HashMap::with_capacity(usize::try_from(capacity).unwrap_or(0).min(1 << 22));
+        let mut given_up: HashMap<StorePath, Vec<GivenUp>> = HashMap::new();
         let mut next_seq = 0u64;
         let mut records = 0usize;
         let mut complete_len = 0u64;
@@ -146,6 +210,15 @@ impl Journal {
                 }
                 Some(Record::Done(path)) => {
                     live.remove(&path);
+                    given_up.remove(&path);
+                }
+                Some(Record::GiveUp(path, g)) => {
+                    if live.contains_key(&path) {
+                        set_given_up(given_up.entry(path).or_default(), g);
+                    }
+                }
+                Some(Record::Requeue(path, target)) => {
+                    forget_given_up(&mut given_up, &path, target);
                 }
                 None => replay.bad_records += 1,
             }
@@ -164,8 +237,10 @@ impl Journal {
                 dir: dir.to_path_buf(),
                 file: Arc::new(file),
                 len: complete_len,
-                dead: records - live.len(),
+                dead: records
+                    .saturating_sub(live.len() + given_up.values().map(Vec::len).sum::<usize>()),
                 live,
+                given_up,
                 next_seq,
                 pending: Vec::new(),
                 pending_gen: 1,
@@ -271,7 +346,8 @@ impl Journal {
         for path in paths {
             if inner.live.remove(path).is_some() {
                 write_done(&mut records, path);
-                inner.dead += 2;
+                let failures = inner.given_up.remove(path).map_or(0, |g| g.len());
+                inner.dead += 2 + failures;
             }
         }
         if records.is_empty() {
@@ -295,6 +371,114 @@ impl Journal {
         let added = self.append_at(outputs, entry)?;
         self.complete(std::slice::from_ref(drv))?;
         Ok(added)
+    }
+
+    /// Gives up on a queued path for `target`, durably: it is not tried for
+    /// that target again until [`Journal::requeue`]. False when the path is
+    /// no longer queued (uploaded or dropped meanwhile).
+    pub fn give_up(&self, path: &StorePath, given_up: GivenUp) -> io::Result<bool> {
+        let mut inner = self.lock();
+        if !inner.live.contains_key(path) {
+            return Ok(false);
+        }
+        let mut records = Vec::new();
+        write_give_up(&mut records, path, &given_up);
+        let list = inner.given_up.entry(path.clone()).or_default();
+        let old = list.iter().position(|g| g.target == given_up.target);
+        let previous = old.map(|i| list.remove(i));
+        list.push(given_up.clone());
+        if previous.is_some() {
+            inner.dead += 1;
+        }
+        let (mut inner, result) = self.commit(inner, &records);
+        if let Err(e) = result {
+            // Not on disk: not given up on either.
+            if let Some(list) = inner.given_up.get_mut(path) {
+                list.retain(|g| g.target != given_up.target);
+                list.extend(previous);
+                if list.is_empty() {
+                    inner.given_up.remove(path);
+                }
+            }
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Requeues paths given up on, for every target, durably: `None`
+    /// requeues every one. Returns the paths requeued, oldest first.
+    pub fn requeue(&self, paths: Option<&[StorePath]>) -> io::Result<Vec<StorePath>> {
+        let mut inner = self.lock();
+        let mut chosen: Vec<(StorePath, u64)> = match paths {
+            Some(paths) => {
+                let unique: std::collections::HashSet<&StorePath> = paths
+                    .iter()
+                    .filter(|p| inner.given_up.contains_key(*p))
+                    .collect();
+                unique
+                    .into_iter()
+                    .map(|p| (p.clone(), inner.live.get(p).map_or(0, |e| e.seq)))
+                    .collect()
+            }
+            None => inner
+                .given_up
+                .keys()
+                .map(|p| (p.clone(), inner.live.get(p).map_or(0, |e| e.seq)))
+                .collect(),
+        };
+        chosen.sort_unstable_by_key(|(_, seq)| *seq);
+        if chosen.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut records = Vec::new();
+        let mut taken = Vec::new();
+        for (path, _) in &chosen {
+            write_requeue(&mut records, path, None);
+            if let Some(g) = inner.given_up.remove(path) {
+                inner.dead += 1 + g.len();
+                taken.push((path.clone(), g));
+            }
+        }
+        let (mut inner, result) = self.commit(inner, &records);
+        if let Err(e) = result {
+            for (path, g) in taken {
+                if inner.live.contains_key(&path) {
+                    inner.given_up.insert(path, g);
+                }
+            }
+            return Err(e);
+        }
+        Ok(chosen.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// True when `path` is given up on for `target`.
+    pub fn is_given_up(&self, path: &StorePath, target: TargetId) -> bool {
+        self.lock()
+            .given_up
+            .get(path)
+            .is_some_and(|l| l.iter().any(|g| g.target == target))
+    }
+
+    /// The paths given up on for `target`, oldest first, with why.
+    pub fn given_up_on(&self, target: TargetId) -> Vec<(StorePath, GivenUp)> {
+        self.given_up_up_to(u64::MAX, target)
+    }
+
+    /// Like [`Journal::given_up_on`], for the paths that arrived at or before
+    /// sequence number `seq`.
+    pub fn given_up_up_to(&self, seq: u64, target: TargetId) -> Vec<(StorePath, GivenUp)> {
+        let inner = self.lock();
+        let mut out: Vec<(u64, StorePath, GivenUp)> = inner
+            .given_up
+            .iter()
+            .filter_map(|(p, list)| {
+                let seq_of = inner.live.get(p)?.seq;
+                let g = list.iter().find(|g| g.target == target)?;
+                (seq_of <= seq).then(|| (seq_of, p.clone(), g.clone()))
+            })
+            .collect();
+        out.sort_unstable_by_key(|(s, _, _)| *s);
+        out.into_iter().map(|(_, p, g)| (p, g)).collect()
     }
 
     /// The entry of a queued path, if it is queued.
@@ -429,6 +613,9 @@ impl Inner {
         let mut data = Vec::with_capacity(ordered.len() * 80);
         for (path, entry) in ordered {
             write_add(&mut data, path, entry.queued_at);
+            for g in self.given_up.get(path).into_iter().flatten() {
+                write_give_up(&mut data, path, g);
+            }
         }
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         // Opened for appending before the rename, so that once the new file
@@ -448,6 +635,29 @@ impl Inner {
 enum Record {
     Add(StorePath, u64),
     Done(StorePath),
+    GiveUp(StorePath, GivenUp),
+    /// `None`: for every target.
+    Requeue(StorePath, Option<TargetId>),
+}
+
+/// Records `g` in a path's list, replacing an older one for its target.
+fn set_given_up(list: &mut Vec<GivenUp>, g: GivenUp) {
+    list.retain(|old| old.target != g.target);
+    list.push(g);
+}
+
+/// Forgets a path's failures for `target` (`None`: every target).
+fn forget_given_up(
+    map: &mut HashMap<StorePath, Vec<GivenUp>>,
+    path: &StorePath,
+    target: Option<TargetId>,
+) {
+    if let Some(list) = map.get_mut(path) {
+        list.retain(|g| target.is_some_and(|t| t != g.target));
+        if list.is_empty() {
+            map.remove(path);
+        }
+    }
 }
 
 fn parse_record(line: &[u8], store_dir: &str) -> Option<Record> {
@@ -460,6 +670,30 @@ fn parse_record(line: &[u8], store_dir: &str) -> Option<Record> {
             .map(|p| Record::Add(p, time))
     } else if let Some(path) = line.strip_prefix("- ") {
         StorePath::parse(path, store_dir).ok().map(Record::Done)
+    } else if let Some(rest) = line.strip_prefix("! ") {
+        let mut f = rest.splitn(5, ' ');
+        let at = f.next()?.parse().ok()?;
+        let target = TargetId::parse(f.next()?)?;
+        let attempts = f.next()?.parse().ok()?;
+        let path = StorePath::parse(f.next()?, store_dir).ok()?;
+        let error = f.next().unwrap_or("").to_string();
+        Some(Record::GiveUp(
+            path,
+            GivenUp {
+                target,
+                at,
+                attempts,
+                error,
+            },
+        ))
+    } else if let Some(rest) = line.strip_prefix("= ") {
+        let (target, path) = rest.split_once(' ')?;
+        let target = match target {
+            "*" => None,
+            t => Some(TargetId::parse(t)?),
+        };
+        let path = StorePath::parse(path, store_dir).ok()?;
+        Some(Record::Requeue(path, target))
     } else {
         None
     }
@@ -471,6 +705,26 @@ fn write_add(buf: &mut Vec<u8>, path: &StorePath, queued_at: u64) {
 
 fn write_done(buf: &mut Vec<u8>, path: &StorePath) {
     buf.extend_from_slice(format!("- {path}\n").as_bytes());
+}
+
+fn write_give_up(buf: &mut Vec<u8>, path: &StorePath, g: &GivenUp) {
+    // The journal is private, but a password has no business on disk.
+    let error = crate::protocol::one_line(&crate::redact::text(&g.error));
+    buf.extend_from_slice(
+        format!(
+            "! {} {} {} {path} {}\n",
+            g.at,
+            g.target,
+            g.attempts,
+            error.trim()
+        )
+        .as_bytes(),
+    );
+}
+
+fn write_requeue(buf: &mut Vec<u8>, path: &StorePath, target: Option<TargetId>) {
+    let target = target.map_or_else(|| "*".to_string(), |t| t.to_string());
+    buf.extend_from_slice(format!("= {target} {path}\n").as_bytes());
 }
 
 #[cfg(test)]
@@ -657,6 +911,100 @@ mod tests {
         assert_eq!(j.entry(&path(2)).unwrap().seq, e.seq);
         assert!(j.entry(&drv).is_none());
         assert_eq!(j.count_up_to(e.seq), 1);
+    }
+
+    fn given_up(target: TargetId, error: &str) -> GivenUp {
+        GivenUp {
+            target,
+            at: 1_700_000_000,
+            attempts: 10,
+            error: error.into(),
+        }
+    }
+
+    #[test]
+    fn given_up_paths_survive_replay_and_compaction_until_requeued() {
+        let dir = Dir::new("giveup");
+        let a = TargetId::of(Some("file:///a"));
+        let b = TargetId::of(Some("ssh-ng://u:pw@b"));
+        assert_eq!(a.to_string().len(), 16);
+        assert_eq!(
+            b,
+            TargetId::of(Some("ssh-ng://u:other@b")),
+            "secrets masked"
+        );
+        {
+            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            j.append(&[path(1), path(2), path(3)]).unwrap();
+            assert!(j.give_up(&path(2), given_up(a, "first\nerror")).unwrap());
+            assert!(j.give_up(&path(2), given_up(a, "nix copy failed")).unwrap());
+            assert!(j.give_up(&path(3), given_up(b, "other target")).unwrap());
+            assert!(!j.give_up(&path(9), given_up(a, "not queued")).unwrap());
+        }
+        let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
+        assert_eq!(text.lines().count(), 6, "{text}");
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.bad_records, 0);
+        assert_eq!(r.paths, vec![path(1), path(2), path(3)], "still queued");
+        assert!(j.is_given_up(&path(2), a));
+        assert!(!j.is_given_up(&path(2), b), "per target");
+        assert!(!j.is_given_up(&path(3), a));
+        let listed = j.given_up_on(a);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, path(2));
+        assert_eq!(listed[0].1.error, "nix copy failed", "the newest error");
+        assert_eq!(listed[0].1.attempts, 10);
+        assert_eq!(j.given_up_up_to(1, a), vec![]);
+
+        assert_eq!(
+            j.requeue(Some(&[path(2), path(2), path(1)])).unwrap(),
+            vec![path(2)]
+        );
+        assert!(!j.is_given_up(&path(2), a));
+        assert_eq!(j.requeue(None).unwrap(), vec![path(3)]);
+        assert!(j.given_up_on(b).is_empty());
+        j.give_up(&path(1), given_up(a, "again")).unwrap();
+        drop(j);
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.bad_records, 0);
+        assert!(j.is_given_up(&path(1), a));
+        assert!(!j.is_given_up(&path(2), a) && !j.is_given_up(&path(3), b));
+        // Dropped: its failure goes with it, and compaction keeps the rest.
+        j.complete(&[path(2)]).unwrap();
+        j.lock().try_compact();
+        drop(j);
+        let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(
+            text.contains(&format!("! 1700000000 {a} 10 {} again\n", path(1))),
+            "{text}"
+        );
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(1), path(3)]);
+        assert!(j.is_given_up(&path(1), a));
+    }
+
+    #[test]
+    fn journal_of_older_versions_replays() {
+        let dir = Dir::new("old");
+        fs::create_dir_all(&dir.0).unwrap();
+        // As written by the versions with `+` and `-` records only.
+        fs::write(
+            dir.0.join(FILE_NAME),
+            format!(
+                "+ 5 {}\n+ 6 {}\n- {}\n+ 7 {}\n",
+                path(1),
+                path(2),
+                path(1),
+                path(3)
+            ),
+        )
+        .unwrap();
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(2), path(3)]);
+        assert_eq!(r.bad_records, 0);
+        assert!(j.given_up_on(TargetId::of(None)).is_empty());
+        assert_eq!(j.entry(&path(2)).unwrap().queued_at, 6);
     }
 
     #[test]
