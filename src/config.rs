@@ -50,6 +50,12 @@ pub struct Config {
     pub metrics_file: Option<PathBuf>,
     /// Most client connections served at once; more get `err busy`.
     pub max_connections: usize,
+    /// Failed attempts of a path, each while the target answered, after
+    /// which it is given up on; `None`: never.
+    pub max_attempts: Option<u32>,
+    /// How long after it was queued a path that still fails is given up on
+    /// (whatever the failures); `None`: never.
+    pub give_up_after: Option<Duration>,
 }
 
 /// A setting that could not be read, with where it came from.
@@ -106,7 +112,24 @@ pub const KEYS: &[(&str, &str)] = &[
         "path of a Prometheus text file (empty: none)",
     ),
     ("max-connections", "whole number, 1 or more"),
+    (
+        "max-attempts",
+        "failed attempts (while the target answers) before a path is given up on; 0: never",
+    ),
+    (
+        "give-up-after",
+        "seconds after it was queued that a failing path is given up on; 0: never",
+    ),
 ];
+
+/// Default `max-attempts`: with the default retry delays, a path that fails
+/// on its own while the target takes others is given up on after about
+/// 5 to 10 minutes, so a CI job waiting for it hears of it soon.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+/// Default `give-up-after`: a day, long enough to outlast an outage of the
+/// target over a night or a weekend day, short enough that a path that never
+/// goes is not waited for for ever.
+pub const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// The default socket path for this user: `/run/...` for root, else the
 /// per-user runtime directory. The hook uses the same rule.
@@ -166,6 +189,8 @@ impl Default for Config {
             socket_group: None,
             metrics_file: None,
             max_connections: 256,
+            max_attempts: Some(DEFAULT_MAX_ATTEMPTS),
+            give_up_after: Some(DEFAULT_GIVE_UP_AFTER),
         }
     }
 }
@@ -206,13 +231,24 @@ impl Config {
             "socket-group" => self.socket_group = (!value.is_empty()).then(|| value.to_string()),
             "metrics-file" => self.metrics_file = opt_path(value),
             "max-connections" => self.max_connections = parse_count(value)?,
-            _ => {
-                let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
-                return Err(format!(
-                    "unknown key {key:?}; known keys: {}",
-                    known.join(", ")
-                ));
+            "max-attempts" => {
+                self.max_attempts = match value.parse::<u32>() {
+                    Ok(0) => None,
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        return Err(format!(
+                            "expected a whole number (0: never give up), got {value:?}"
+                        ))
+                    }
+                }
             }
+            "give-up-after" => {
+                self.give_up_after = match value {
+                    "0" => None,
+                    v => Some(parse_seconds(v).map_err(|e| format!("{e}, or 0 for never"))?),
+                }
+            }
+            _ => return Err(unknown_key(key)),
         }
         Ok(())
     }
@@ -266,6 +302,40 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// The error for an unknown key: the nearest known key when one is close
+/// (a typo), and the list of all of them.
+fn unknown_key(key: &str) -> String {
+    let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+    let nearest = known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4));
+    match nearest {
+        Some((_, k)) => format!(
+            "unknown key {key:?}; did you mean {k:?}? Known keys: {}",
+            known.join(", ")
+        ),
+        None => format!("unknown key {key:?}; known keys: {}", known.join(", ")),
+    }
+}
+
+/// Levenshtein distance between two short strings, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
 }
 
 /// Splits `--key value` and `--key=value` arguments into pairs.
@@ -392,6 +462,42 @@ mod tests {
         ] {
             let e = Config::from_args(&args(bad)).unwrap_err();
             assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_nearest() {
+        let mut c = Config::default();
+        let e = c.set("uplaod-to", "x").unwrap_err();
+        assert!(e.contains("did you mean \"upload-to\"?"), "{e}");
+        let e = c.set("max-attempt", "3").unwrap_err();
+        assert!(e.contains("did you mean \"max-attempts\"?"), "{e}");
+        let e = c.set("colour", "blue").unwrap_err();
+        assert!(!e.contains("did you mean"), "{e}");
+        assert!(e.contains("known keys: socket, "), "{e}");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
+
+    #[test]
+    fn give_up_settings_take_0_for_never() {
+        let mut c = Config::default();
+        assert_eq!(c.max_attempts, Some(DEFAULT_MAX_ATTEMPTS));
+        assert_eq!(c.give_up_after, Some(DEFAULT_GIVE_UP_AFTER));
+        c.set("max-attempts", "0").unwrap();
+        c.set("give-up-after", "0").unwrap();
+        assert_eq!((c.max_attempts, c.give_up_after), (None, None));
+        c.set("max-attempts", "3").unwrap();
+        c.set("give-up-after", "90.5").unwrap();
+        assert_eq!(c.max_attempts, Some(3));
+        assert_eq!(c.give_up_after, Some(Duration::from_millis(90_500)));
+        for (k, v) in [
+            ("max-attempts", "-1"),
+            ("max-attempts", "x"),
+            ("give-up-after", "-2"),
+        ] {
+            let e = c.set(k, v).unwrap_err();
+            assert!(e.contains("0"), "{k} {v}: {e}");
         }
     }
 

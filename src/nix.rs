@@ -195,6 +195,20 @@ impl Nix {
         self.run_together("nix copy", cmds).map(drop)
     }
 
+    /// Checks that nix can open the store at `url` (`nix store ping`, which
+    /// Nix 2.8 and 2.26 both have), within `timeout`.
+    pub fn ping(&self, url: &str, timeout: Duration) -> Result<(), Failure> {
+        let mut nix = self.clone();
+        nix.timeout = timeout;
+        let cmd = nix.nix_command(&["store", "ping", "--store", url]);
+        nix.run("nix store ping", cmd).map(drop)
+    }
+
+    /// The longest a call may run (`command-timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Runs `cmd` in its own process group, killing the group on timeout.
     fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<u8>, Failure> {
         let mut outputs = self.run_together(what, vec![cmd])?;

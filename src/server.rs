@@ -25,10 +25,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::journal::Journal;
+use crate::journal::{Journal, TargetId};
 use crate::protocol::{
-    final_line, parse_request, ProtocolError, Request, ERR_BUSY, ERR_JOURNAL, ERR_STOPPING,
-    ERR_WORKER_GONE, MAX_LINE,
+    final_line, parse_request, ProtocolError, Request, Selection, ERR_BUSY, ERR_JOURNAL,
+    ERR_STOPPING, ERR_WORKER_GONE, MAX_LINE,
 };
 use crate::status::{self, Shared, Snapshot};
 use crate::store_path::StorePath;
@@ -92,6 +92,8 @@ struct Context {
     tx: Sender<Msg>,
     store_dir: String,
     target: Option<String>,
+    /// The journal's name for the target.
+    target_id: TargetId,
     signing: bool,
     listener: UnixListener,
     /// Connection threads waiting in `accept`.
@@ -147,8 +149,20 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let journal = Arc::new(journal);
     let shared = Arc::new(Shared::new());
     let (tx, rx) = mpsc::channel();
-    if !replay.paths.is_empty() {
-        let _ = tx.send(Msg::Queued(replay.paths));
+    let target_id = TargetId::of(config.upload_to.as_deref());
+    let (given_up, to_upload): (Vec<StorePath>, Vec<StorePath>) = replay
+        .paths
+        .into_iter()
+        .partition(|p| journal.is_given_up(p, target_id));
+    if !given_up.is_empty() {
+        warning!(
+            "{} paths were given up on after repeated failures and are not tried again; \
+             see `post-build-hook-queue status`, then requeue or drop them",
+            given_up.len()
+        );
+    }
+    if !to_upload.is_empty() {
+        let _ = tx.send(Msg::Queued(to_upload));
     }
 
     let (listener, own_socket) = match activated {
@@ -171,6 +185,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         tx,
         store_dir: config.store_dir.clone(),
         target: config.upload_to.as_deref().map(redact::url),
+        target_id,
         signing: config.signing_key_file.is_some(),
         listener,
         accepting: AtomicUsize::new(0),
@@ -296,6 +311,7 @@ fn snapshot(ctx: &Context) -> Snapshot {
     Snapshot::take(
         &ctx.journal,
         &ctx.shared,
+        ctx.target_id,
         ctx.signing,
         ctx.target.as_deref(),
     )
@@ -551,7 +567,55 @@ fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
             final_line(Ok(&n.to_string()))
         }
         Request::Wait => wait(ctx, stream),
+        Request::Requeue(selection) => requeue(ctx, selection),
+        Request::Drop(selection) => drop_paths(ctx, selection),
     }
+}
+
+/// Requeues paths given up on: journaled, logged, and handed to the worker
+/// with fresh attempts. Replies with how many were given up on.
+fn requeue(ctx: &Context, selection: Selection) -> String {
+    let chosen = match &selection {
+        Selection::Paths(paths) => Some(paths.as_slice()),
+        Selection::AllFailed => None,
+    };
+    match ctx.journal.requeue(chosen) {
+        Ok(requeued) => {
+            for p in &requeued {
+                info!("requeued {p} (an operator's request): it is tried again");
+            }
+            let n = requeued.len();
+            if n > 0 && ctx.tx.send(Msg::Queued(requeued)).is_err() {
+                return final_line(Err(ERR_WORKER_GONE));
+            }
+            final_line(Ok(&n.to_string()))
+        }
+        Err(e) => {
+            error!("cannot journal a requeue: {e}");
+            final_line(Err(&format!("{ERR_JOURNAL}: {e}; nothing was requeued")))
+        }
+    }
+}
+
+/// Drops queued paths (or every path given up on) from the journal: they
+/// are not uploaded. Replies with how many were queued.
+fn drop_paths(ctx: &Context, selection: Selection) -> String {
+    let paths = match selection {
+        Selection::Paths(paths) => paths,
+        Selection::AllFailed => ctx
+            .journal
+            .given_up_on(ctx.target_id)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect(),
+    };
+    let n = crate::worker::drop_paths(
+        &ctx.journal,
+        &ctx.shared,
+        &paths,
+        "dropped by an operator's request; it is not uploaded",
+    );
+    final_line(Ok(&n.to_string()))
 }
 
 /// Journals the paths and only then acknowledges them.
@@ -571,6 +635,34 @@ fn enqueue(ctx: &Context, paths: &[StorePath]) -> String {
     }
 }
 
+/// Paths given up on, named with their last error, for `wait`'s reply.
+fn describe_given_up(given_up: &[(StorePath, crate::journal::GivenUp)]) -> String {
+    /// Paths named in full; the rest are counted.
+    const NAMED: usize = 3;
+    let named: Vec<String> = given_up
+        .iter()
+        .take(NAMED)
+        .map(|(p, g)| format!("{p} ({})", shorten(&g.error, 300)))
+        .collect();
+    let more = match given_up.len().saturating_sub(NAMED) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    format!(
+        "{} path(s) failed and were given up on: {}{more}; see status, then requeue or drop them",
+        given_up.len(),
+        named.join(", ")
+    )
+}
+
+/// At most `max` characters of `text`, the rest marked as cut.
+fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
 /// The `wait` reply: `remaining N failing M` lines while paths queued before
 /// the request are still queued, then `ok N` or `err ...` when none is left.
 fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
@@ -579,7 +671,11 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
     let mut last: Option<(usize, usize)> = None;
     let mut last_sent = Instant::now();
     loop {
-        let remaining = ctx.journal.count_up_to(target);
+        let given_up = ctx.journal.given_up_up_to(target, ctx.target_id);
+        let remaining = ctx
+            .journal
+            .count_up_to(target)
+            .saturating_sub(given_up.len());
         let (failing, new_drops) = {
             let s = ctx.shared.lock();
             let new = (s.dropped - drops_before) as usize;
@@ -600,12 +696,19 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
             )
         };
         if remaining == 0 {
-            return if new_drops == 0 {
+            let mut problems = Vec::new();
+            if !given_up.is_empty() {
+                problems.push(describe_given_up(&given_up));
+            }
+            if new_drops > 0 {
+                problems.push(format!(
+                    "{new_drops} path(s) were dropped; see the daemon's log"
+                ));
+            }
+            return if problems.is_empty() {
                 final_line(Ok("all uploaded"))
             } else {
-                final_line(Err(&format!(
-                    "{new_drops} path(s) were dropped; see the daemon's log"
-                )))
+                final_line(Err(&redact::text(&problems.join("; "))))
             };
         }
         if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::journal::Journal;
+use crate::journal::{GivenUp, Journal, TargetId};
 
 use crate::store_path::StorePath;
 
@@ -23,6 +23,9 @@ const RECENT_DROPS: usize = 10_000;
 pub struct Backoff {
     /// Failed attempts so far (since the daemon started).
     pub attempts: u32,
+    /// Those of the attempts that count towards `max-attempts`: the ones
+    /// that failed while the target answered.
+    pub counted: u32,
     /// When it is tried again; `None` while it is being retried (back in
     /// the worker's queue or in flight), until it succeeds or fails again.
     pub next_try: Option<Instant>,
@@ -39,6 +42,8 @@ pub struct Stats {
     pub uploaded: u64,
     /// Paths given up on (gone from the store, or unreadable derivations).
     pub dropped: u64,
+    /// Paths given up on after too many failures (they stay in the journal).
+    pub given_up: u64,
     /// nix calls that failed.
     pub failed_calls: u64,
     /// Paths in the batch the worker is working on now.
@@ -86,6 +91,7 @@ impl Shared {
                 started: Instant::now(),
                 uploaded: 0,
                 dropped: 0,
+                given_up: 0,
                 failed_calls: 0,
                 in_flight: 0,
                 upload_seconds: 0.0,
@@ -115,6 +121,8 @@ pub fn seconds_until(when: Instant) -> f64 {
 
 /// Most backing-off paths listed in a `status` reply.
 const STATUS_MAX_BACKOFF: usize = 100;
+/// Most paths given up on listed in a `status` reply.
+const STATUS_MAX_FAILED: usize = 100;
 
 /// One consistent look at the queue, for `status` and the metrics file.
 #[derive(Debug, Clone)]
@@ -144,6 +152,11 @@ pub struct Snapshot {
     /// Backing-off paths, soonest first: (attempts, seconds to next try,
     /// path, last error).
     pub backoff: Vec<(u32, f64, StorePath, String)>,
+    /// Paths given up on after failures since start (a counter).
+    pub given_up_total: u64,
+    /// Paths given up on for the target now, oldest first, with how long
+    /// ago; they stay until requeued or dropped.
+    pub failed: Vec<(StorePath, GivenUp, u64)>,
 }
 
 impl Snapshot {
@@ -151,6 +164,7 @@ impl Snapshot {
     pub fn take(
         journal: &Journal,
         shared: &Shared,
+        target_id: TargetId,
         signing: bool,
         target: Option<&str>,
     ) -> Snapshot {
@@ -159,6 +173,14 @@ impl Snapshot {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let oldest_queued_seconds = journal.oldest().map(|e| now.saturating_sub(e.queued_at));
+        let failed = journal
+            .given_up_on(target_id)
+            .into_iter()
+            .map(|(p, g)| {
+                let ago = now.saturating_sub(g.at);
+                (p, g, ago)
+            })
+            .collect();
         let stats = shared.lock();
         let mut backoff: Vec<(u32, f64, StorePath, String)> = stats
             .backoff
@@ -186,6 +208,8 @@ impl Snapshot {
             signing,
             target: target.map(String::from),
             backoff,
+            given_up_total: stats.given_up,
+            failed,
         }
     }
 
@@ -202,6 +226,7 @@ impl Snapshot {
         kv("dropped", &self.dropped);
         kv("failed-calls", &self.failed_calls);
         kv("backing-off", &self.backoff.len());
+        kv("failed", &self.failed.len());
         match self.oldest_queued_seconds {
             Some(s) => kv("oldest-queued-seconds", &s),
             None => kv("oldest-queued-seconds", &"-"),
@@ -214,6 +239,13 @@ impl Snapshot {
             out.push_str(&format!(
                 "backoff {attempts} {next:.1} {path} {}\n",
                 crate::protocol::one_line(error)
+            ));
+        }
+        for (path, g, ago) in self.failed.iter().take(STATUS_MAX_FAILED) {
+            out.push_str(&format!(
+                "failed-path {} {ago} {path} {}\n",
+                g.attempts,
+                crate::protocol::one_line(&crate::redact::text(&g.error))
             ));
         }
         out
@@ -244,6 +276,18 @@ impl Snapshot {
             "gauge",
             "Paths waiting to be retried after a failure.",
             self.backoff.len().to_string(),
+        );
+        metric(
+            "failed",
+            "gauge",
+            "Paths given up on after repeated failures, kept until requeued or dropped.",
+            self.failed.len().to_string(),
+        );
+        metric(
+            "given_up_total",
+            "counter",
+            "Paths given up on after repeated failures since the daemon started.",
+            self.given_up_total.to_string(),
         );
         metric(
             "uploaded_total",
@@ -353,6 +397,7 @@ mod tests {
                 path("a"),
                 Backoff {
                     attempts: 2,
+                    counted: 0,
                     next_try: Some(Instant::now() + Duration::from_secs(60)),
                     last_error: "cannot open 'ssh://u:pw@h?secret-key=/k'\nsecond line".into(),
                 },
@@ -362,12 +407,19 @@ mod tests {
                 path("b"),
                 Backoff {
                     attempts: 1,
+                    counted: 1,
                     next_try: None,
                     last_error: "x".into(),
                 },
             );
         }
-        let snap = Snapshot::take(&journal, &shared, true, Some("ssh://u:***@h"));
+        let snap = Snapshot::take(
+            &journal,
+            &shared,
+            TargetId::of(None),
+            true,
+            Some("ssh://u:***@h"),
+        );
         assert_eq!(snap.queued, 2);
         assert_eq!(snap.backoff[0].1, 0.0, "being retried: due now");
         assert_eq!(snap.backoff[0].2, path("b"));
@@ -403,6 +455,8 @@ mod tests {
             signing: false,
             target: None,
             backoff: Vec::new(),
+            given_up_total: 1,
+            failed: Vec::new(),
         };
         let text = snap.prometheus();
         let mut declared = Vec::new();

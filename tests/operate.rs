@@ -37,7 +37,8 @@ fn missing_path(env: &NixEnv, name: &str) -> String {
 
 /// `nix-fail-wrapper`: a directory with a `nix` script that runs the real
 /// nix, except that `nix copy` records its pid, waits while `hold` exists,
-/// then fails while `fail` exists; and a `nix-store` link to the real one
+/// then fails while `fail` exists (and, while `poison` exists, when one of
+/// its paths is named `*-npbhq-poison-*`); and a `nix-store` link to the real one
 /// (the daemon takes `nix-store` from beside `nix`).
 struct NixFailWrapper {
     dir: PathBuf,
@@ -62,7 +63,13 @@ impl NixFailWrapper {
              \x20   if [ -e '{d}/fail' ]; then\n\
              \x20       echo 'nix-fail-wrapper: injected failure' >&2\n\
              \x20       exit 1\n\
-             \x20   fi;;\n\
+             \x20   fi\n\
+             \x20   case \" $* \" in *-npbhq-poison-*)\n\
+             \x20       if [ -e '{d}/poison' ]; then\n\
+             \x20           echo 'nix-fail-wrapper: refusing a poison path' >&2\n\
+             \x20           exit 1\n\
+             \x20       fi;;\n\
+             \x20   esac;;\n\
              esac\n\
              exec '{}' \"$@\"\n",
             which("nix").display()
@@ -93,6 +100,12 @@ impl NixFailWrapper {
     /// While set, `nix copy` fails.
     fn set_fail(&self, on: bool) {
         self.flag("fail", on);
+    }
+
+    /// While set, `nix copy` fails when one of its paths has `-npbhq-poison-` in
+    /// its name (a path that can never upload), and works for the others.
+    fn set_poison(&self, on: bool) {
+        self.flag("poison", on);
     }
 
     /// While set, `nix copy` waits (the upload is "in flight").
@@ -218,12 +231,14 @@ const JSON_FIELDS: &[&str] = &[
     "dropped",
     "failed_calls",
     "backing_off",
+    "failed",
     "oldest_queued_seconds",
     "upload_seconds_sum",
     "upload_batches",
     "signing",
     "target",
     "backoff",
+    "failed_paths",
 ];
 
 /// Kills a process tree on drop (for daemons the test spawns itself).
@@ -1020,6 +1035,8 @@ fn metrics_file_is_prometheus_text_and_moves() {
         "queued",
         "in_flight",
         "backing_off",
+        "failed",
+        "given_up_total",
         "uploaded_total",
         "dropped_total",
         "failed_calls_total",
@@ -1042,10 +1059,12 @@ fn metrics_file_is_prometheus_text_and_moves() {
             "enqueue",
             &paths[0].display().to_string(),
             &paths[1].display().to_string(),
-            &gone,
         ],
     );
     assert_eq!(r.code, Some(0), "{r:?}");
+    // The CLI refuses a missing path; through the socket it is acknowledged
+    // and then dropped.
+    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
     wait_until_ok(
         UPLOAD_TIMEOUT,
         "metrics show 2 uploaded and 1 dropped",
@@ -1081,6 +1100,325 @@ fn metrics_file_is_prometheus_text_and_moves() {
     assert!(d.stop().success());
     let m = read_metrics().expect("metrics written on stop");
     assert_eq!(m[&format!("{M}uploaded_total")], 2.0);
+}
+
+// ---------------------------------------------------------------------------
+// Poison paths: failure has an end
+// ---------------------------------------------------------------------------
+
+/// The daemon's journal file.
+fn journal_text(d: &Daemon) -> String {
+    fs::read_to_string(d.state_dir().join("journal")).unwrap_or_default()
+}
+
+/// Paths that can never upload (the wrapper refuses them while the target
+/// takes the others) are given up on after `max-attempts`: `wait` exits 1
+/// naming them with the error instead of blocking; `status` (text and JSON)
+/// and the metrics show them; they stay given up on across a restart and
+/// are not tried again; `requeue PATH` tries one again once mended, `drop
+/// --all-failed` drops the other; both are logged and hold across a restart.
+#[test]
+fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
+    let env = NixEnv::new("op-given-up");
+    let (upload, read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_poison(true);
+    let metrics = env.root().join("metrics.prom");
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", &upload),
+            ("nix", &w.nix()),
+            ("max-attempts", "3"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+            ("metrics-file", &metrics.display().to_string()),
+        ],
+    );
+    let good = env.build_paths(2, "fine");
+    let poison = env.build_paths(2, "poison");
+    let (p1, p2) = (
+        poison[0].display().to_string(),
+        poison[1].display().to_string(),
+    );
+    let all: Vec<PathBuf> = vec![
+        good[0].clone(),
+        poison[0].clone(),
+        good[1].clone(),
+        poison[1].clone(),
+    ];
+    let r = cli(
+        &d,
+        &["enqueue"]
+            .iter()
+            .copied()
+            .chain(strs(&all).iter().map(String::as_str))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+
+    // `wait` ends (its timeout is only a bound for a broken daemon) and
+    // names both poison paths with the error.
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
+    assert!(
+        r.stderr.contains("2 path(s) failed and were given up on")
+            && r.stderr.contains(&p1)
+            && r.stderr.contains(&p2)
+            && r.stderr.contains("refusing a poison path"),
+        "{r:?}"
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    for p in &good {
+        assert!(
+            env.is_valid_in(&read, p),
+            "good path {} not uploaded",
+            p.display()
+        );
+    }
+
+    let j = status_json(&d);
+    assert_eq!(num(&j, "queued"), 2.0, "{j:?}");
+    assert_eq!(num(&j, "failed"), 2.0, "{j:?}");
+    assert_eq!(num(&j, "backing_off"), 0.0, "no longer retried: {j:?}");
+    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
+    let mut listed: Vec<&str> = failed
+        .iter()
+        .filter_map(|f| f.get("path")?.as_str())
+        .collect();
+    listed.sort_unstable();
+    let mut want = vec![p1.as_str(), p2.as_str()];
+    want.sort_unstable();
+    assert_eq!(listed, want, "{j:?}");
+    for f in failed {
+        assert!(num(f, "attempts") >= 3.0, "{f:?}");
+        assert!(num(f, "given_up_seconds_ago") >= 0.0, "{f:?}");
+        let e = f.get("last_error").and_then(Json::as_str).unwrap();
+        assert!(
+            e.contains("nix copy failed") && e.contains("refusing a poison path"),
+            "{e}"
+        );
+    }
+    let text = status_text(&d);
+    assert!(field(&text, "failed").starts_with("2 "), "{text}");
+    for p in [&p1, &p2] {
+        assert!(
+            text.lines().any(|l| l.contains(p.as_str())
+                && l.contains("FAILED")
+                && l.contains("refusing a poison path")),
+            "{text}"
+        );
+    }
+    wait_until_ok(
+        Duration::from_secs(30),
+        "metrics show the failed paths",
+        || {
+            let t = fs::read_to_string(&metrics).map_err(|e| e.to_string())?;
+            let m = parse_prometheus(&t)?;
+            if m.get(&format!("{M}failed")) == Some(&2.0)
+                && m.get(&format!("{M}given_up_total")) == Some(&2.0)
+            {
+                Ok(())
+            } else {
+                Err(t)
+            }
+        },
+        || d.log(),
+    );
+    let log = d.log();
+    for p in [&p1, &p2] {
+        assert!(
+            log.lines().any(|l| l.starts_with("warning:")
+                && l.contains("giving up on")
+                && l.contains(p.as_str())),
+            "{log}"
+        );
+    }
+    println!("status with paths given up on:\n{text}");
+
+    // Journaled: after a restart they are still given up on, not tried.
+    let copies = w.copy_pids().len();
+    d.restart();
+    let j = status_json(&d);
+    assert_eq!(
+        num(&j, "failed"),
+        2.0,
+        "after restart: {j:?}\n{}",
+        journal_text(&d)
+    );
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(r.stderr.contains(&p1) && r.stderr.contains(&p2), "{r:?}");
+    assert_eq!(
+        w.copy_pids().len(),
+        copies,
+        "a path given up on was tried after the restart"
+    );
+
+    // Mended: requeue one; drop the rest.
+    w.set_poison(false);
+    let r = cli(&d, &["requeue", &p1]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "requeued 1 of 1 path(s) given up on; they are tried again\n"
+    );
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the requeued path uploaded",
+        || env.is_valid_in(&read, &poison[0]),
+        || d.log(),
+    );
+    let r = cli(&d, &["drop", "--all-failed"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "dropped 1 queued path(s); they will not be uploaded\n"
+    );
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let log = d.log();
+    assert!(log.contains(&format!("requeued {p1}")), "{log}");
+    assert!(
+        log.lines().any(|l| l.starts_with("warning:")
+            && l.contains(&format!("dropping {p2}"))
+            && l.contains("operator")),
+        "{log}"
+    );
+    assert!(!env.is_valid_in(&read, &poison[1]));
+    d.restart();
+    let j = status_json(&d);
+    assert_eq!(
+        (num(&j, "queued"), num(&j, "failed")),
+        (0.0, 0.0),
+        "{j:?}\n{}",
+        journal_text(&d)
+    );
+    // Nothing to requeue or drop now.
+    let r = cli(&d, &["requeue", "--all-failed"]);
+    assert_eq!(
+        r.stdout, "requeued 0 path(s) given up on; they are tried again\n",
+        "{r:?}"
+    );
+}
+
+/// Failures while the target is down do not count towards `max-attempts`
+/// (the one-path canary fails too, or the target does not answer `nix store
+/// ping`): paths keep backing off through an outage. `give-up-after` ends
+/// that too, measured from when a path was queued, across restarts.
+#[test]
+fn outage_does_not_count_towards_max_attempts_but_give_up_after_ends_it() {
+    let env = NixEnv::with_conf("op-outage", "download-attempts = 1");
+    let port = free_port();
+    let target = format!("http://127.0.0.1:{port}/cache");
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", &target),
+            ("max-attempts", "2"),
+            ("give-up-after", "0"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+        ],
+    );
+    let paths = env.build_paths(3, "outage");
+    // One alone first (the ping decides), then two together (the canary).
+    let r = cli(&d, &["enqueue", &paths[0].display().to_string()]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let attempts = |d: &Daemon| -> Vec<f64> {
+        status_json(d)
+            .get("backoff")
+            .and_then(Json::as_array)
+            .map(|b| b.iter().map(|e| num(e, "attempts")).collect())
+            .unwrap_or_default()
+    };
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "a lone path failing 4 times against a dead target",
+        || attempts(&d).first().is_some_and(|a| *a >= 4.0),
+        || d.log(),
+    );
+    let r = cli(
+        &d,
+        &[
+            "enqueue",
+            &paths[1].display().to_string(),
+            &paths[2].display().to_string(),
+        ],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "three paths failing 4 times or more",
+        || {
+            let a = attempts(&d);
+            a.len() == 3 && a.iter().all(|n| *n >= 4.0)
+        },
+        || d.log(),
+    );
+    let j = status_json(&d);
+    assert_eq!(
+        num(&j, "failed"),
+        0.0,
+        "an outage made paths fail: {j:?}\n{}",
+        d.log()
+    );
+    assert!(!d.log().contains("giving up"), "{}", d.log());
+
+    // A day is long; a second will do here. Queued more than a second ago
+    // and failing again: given up on, the outage notwithstanding.
+    std::thread::sleep(Duration::from_millis(1100));
+    d.set_config("give-up-after", "1");
+    d.restart();
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "all three given up on after give-up-after",
+        || num(&status_json(&d), "failed") == 3.0,
+        || d.log(),
+    );
+    let log = d.log();
+    assert!(log.contains("give-up-after"), "{log}");
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    assert!(
+        r.stderr.contains("3 path(s) failed and were given up on"),
+        "{r:?}"
+    );
+    for p in &paths {
+        assert!(r.stderr.contains(&p.display().to_string()), "{r:?}");
+    }
+}
+
+/// A journal written before paths could be given up on (`+` and `-`
+/// records only) replays: its paths are uploaded.
+#[test]
+fn journal_of_the_previous_format_replays() {
+    let env = NixEnv::new("op-oldjournal");
+    let (upload, read) = file_cache(&env, "cache");
+    let mut d = Daemon::new_stopped(&env, &[("upload-to", upload.as_str())], NO_ENV);
+    let paths = env.build_paths(3, "old");
+    let p = strs(&paths);
+    fs::create_dir_all(d.state_dir()).unwrap();
+    fs::write(
+        d.state_dir().join("journal"),
+        format!(
+            "+ 1700000000 {}\n+ 1700000001 {}\n- {}\n+ 1700000002 {}\n",
+            p[0], p[1], p[0], p[2]
+        ),
+    )
+    .unwrap();
+    d.try_spawn().unwrap();
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the two live paths of the old journal uploaded",
+        || env.is_valid_in(&read, &paths[1]) && env.is_valid_in(&read, &paths[2]),
+        || d.log(),
+    );
+    assert!(
+        !env.is_valid_in(&read, &paths[0]),
+        "a done path was uploaded"
+    );
+    assert!(!d.log().contains("unreadable"), "{}", d.log());
 }
 
 // ---------------------------------------------------------------------------
