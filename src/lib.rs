@@ -31,6 +31,7 @@ pub mod status;
 pub mod store_path;
 pub mod sys;
 pub mod systemd;
+pub mod target;
 pub mod wire;
 pub mod worker;
 

@@ -57,6 +57,8 @@ pub enum ServeError {
     Thread(io::Error),
     /// SIGTERM and SIGINT could not be set up for an orderly stop.
     Signals(io::Error),
+    /// nix cannot use the upload target (see [`crate::target`]).
+    Target(String),
 }
 
 impl std::fmt::Display for ServeError {
@@ -79,6 +81,7 @@ impl std::fmt::Display for ServeError {
             ServeError::Activation(e) => write!(f, "cannot use the socket passed by systemd: {e}"),
             ServeError::Thread(e) => write!(f, "cannot start a thread: {e}"),
             ServeError::Signals(e) => write!(f, "cannot block SIGTERM and SIGINT: {e}"),
+            ServeError::Target(why) => f.write_str(why),
         }
     }
 }
@@ -123,6 +126,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         // Before anything can fail and quote the target.
         redact::remember(url);
     }
+    crate::target::check_at_start(&config).map_err(ServeError::Target)?;
 
     let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
         .map_err(|e| ServeError::Journal(config.state_dir.clone(), e))?;

@@ -1422,6 +1422,62 @@ fn journal_of_the_previous_format_replays() {
 }
 
 // ---------------------------------------------------------------------------
+// The target, checked at start
+// ---------------------------------------------------------------------------
+
+/// A mistyped target (an unknown kind of store, or no store URL at all)
+/// stops the daemon with exit 2 and nix's reason, before it listens; a
+/// target that does not answer is a warning, and the daemon starts.
+#[test]
+fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
+    let env = NixEnv::with_conf("op-target", "download-attempts = 1");
+    let cache = env.root().join("cache").display().to_string();
+    for url in [format!("fiel://{cache}"), "cache.example.org".to_string()] {
+        let mut d = Daemon::new_stopped(&env, &[("upload-to", url.as_str())], NO_ENV);
+        let e = d.try_spawn().expect_err(&url);
+        assert!(e.contains("exit status: 2"), "{url}: {e}");
+        let log = d.log();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 1, "{url}: one line: {log}");
+        assert!(
+            lines[0].starts_with(&format!("post-build-hook-queue: upload-to {url}: "))
+                && lines[0].contains("nix store ping failed"),
+            "{url}: {log}"
+        );
+        assert!(!d.socket().exists(), "{url}: the daemon listened");
+    }
+    // Nix's own reason, whatever its version's words: an error that names
+    // the scheme (Nix 2.8 quotes the URL, 2.26 the scheme).
+    let mut d = Daemon::new_stopped(&env, &[("upload-to", "fiel:///x")], NO_ENV);
+    assert!(d.try_spawn().is_err());
+    let log = d.log();
+    let nix_said = log
+        .split_once("nix store ping failed")
+        .map_or("", |(_, r)| r);
+    assert!(
+        nix_said.contains("error:") && nix_said.contains("fiel"),
+        "{log}"
+    );
+
+    let port = free_port();
+    let target = format!("http://127.0.0.1:{port}/cache");
+    let d = Daemon::start(&env, &[("upload-to", &target)]);
+    wait_until_diag(
+        Duration::from_secs(30),
+        "a warning that the target does not answer",
+        || {
+            d.log().lines().any(|l| {
+                l.starts_with("warning:")
+                    && l.contains(&format!("upload-to {target}"))
+                    && l.contains("starting anyway")
+            })
+        },
+        || d.log(),
+    );
+    assert_eq!(field(&status_text(&d), "target"), target);
+}
+
+// ---------------------------------------------------------------------------
 // SIGTERM
 // ---------------------------------------------------------------------------
 
