@@ -340,6 +340,10 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
                     format!("{arg} leads to {}, which does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built", path.display())
                 });
             }
+            // Not ours to look at: the daemon may see it, and decides.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Ok(arg.to_string())
+            }
             Err(e) => return Err(format!("{arg}: {e}")),
         };
         if path.parent() == Some(store) {

@@ -1552,6 +1552,8 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     let store = env.store_dir().display().to_string();
     let p_out = format!("{store}/{}-outsider", index_hash(1, 1));
     let p_mem = format!("{store}/{}-member", index_hash(1, 2));
+    // The CLI refuses to enqueue a path that does not exist.
+    fs::write(&p_mem, "").unwrap();
     let no_env: Vec<(String, std::ffi::OsString)> = Vec::new();
 
     for args in [

@@ -1422,6 +1422,100 @@ fn journal_of_the_previous_format_replays() {
 }
 
 // ---------------------------------------------------------------------------
+// Rough edges a first-time user hit
+// ---------------------------------------------------------------------------
+
+/// Every subcommand answers `--help` (exit 0, its own usage, no daemon
+/// needed); `enqueue ./result` queues the store path the link leads to; a
+/// path that does not exist is refused in one line, nothing queued; a
+/// mistyped setting (file or flag) names the nearest known key.
+#[test]
+fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
+    let env = NixEnv::new("op-edges");
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(&env, &[("upload-to", &upload)]);
+    for command in ["enqueue", "status", "wait", "retry", "requeue", "drop"] {
+        for help in ["--help", "-h"] {
+            let r: Ran = run(d
+                .cli_cmd()
+                .args([command, help])
+                .arg("--socket")
+                .arg("/nonexistent/s"))
+            .into();
+            assert_eq!(r.code, Some(0), "{command} {help}: {r:?}");
+            assert!(
+                r.stdout
+                    .starts_with(&format!("Usage: post-build-hook-queue {command} ")),
+                "{command} {help}: {r:?}"
+            );
+        }
+    }
+    let r: Ran = run(d.cli_cmd().args(["serve", "--help"])).into();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("max-attempts") && r.stdout.contains("requeue"),
+        "{r:?}"
+    );
+
+    // ./result, relative to the working directory, and a link to a link.
+    let built = env.build_paths(2, "edges");
+    let work = env.root().join("work");
+    fs::create_dir_all(&work).unwrap();
+    std::os::unix::fs::symlink(&built[0], work.join("result")).unwrap();
+    std::os::unix::fs::symlink(&built[1], work.join("result-2")).unwrap();
+    std::os::unix::fs::symlink("result-2", work.join("again")).unwrap();
+    let mut c = d.cli_cmd();
+    c.current_dir(&work)
+        .args(["enqueue", "./result", "again", "--socket"])
+        .arg(d.socket());
+    let r: Ran = run(&mut c).into();
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.stdout, "queued 2 new path(s); 0 were already queued\n");
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the store paths behind the links uploaded",
+        || built.iter().all(|p| env.is_valid_in(&read, p)),
+        || d.log(),
+    );
+
+    // Missing: refused, one line, nothing queued.
+    let gone = missing_path(&env, "op-edges-gone");
+    std::os::unix::fs::symlink(&gone, work.join("dangling")).unwrap();
+    let dangling = work.join("dangling").display().to_string();
+    for (arg, says) in [(&gone, gone.as_str()), (&dangling, gone.as_str())] {
+        let r = cli(&d, &["enqueue", &built[0].display().to_string(), arg]);
+        assert_eq!(r.code, Some(2), "{arg}: {r:?}");
+        assert_eq!(r.stdout, "", "{arg}: {r:?}");
+        assert_eq!(r.stderr.lines().count(), 1, "{arg}: {r:?}");
+        assert!(
+            r.stderr.contains("does not exist")
+                && r.stderr.contains(says)
+                && r.stderr.contains("nothing was queued"),
+            "{arg}: {r:?}"
+        );
+    }
+    assert_eq!(num(&status_json(&d), "queued"), 0.0);
+    assert!(
+        !d.log().contains("op-edges-gone"),
+        "the daemon was asked: {}",
+        d.log()
+    );
+
+    // Mistyped keys, in the file and as a flag.
+    let mut bad = Daemon::new_stopped(&env, &[("uplaod-to", upload.as_str())], NO_ENV);
+    assert!(bad.try_spawn().is_err());
+    assert!(
+        bad.log().contains("did you mean \"upload-to\"?"),
+        "{}",
+        bad.log()
+    );
+    assert_eq!(bad.log().lines().count(), 1, "{}", bad.log());
+    let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
+}
+
+// ---------------------------------------------------------------------------
 // The target, checked at start
 // ---------------------------------------------------------------------------
 
