@@ -413,31 +413,50 @@ fn enqueue(conn: &mut Connection, paths: &[String]) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// The `status` reply, read: `KEY VALUE` fields, then the listed paths.
+#[derive(Debug, Default)]
+struct StatusReply {
+    fields: Vec<(String, String)>,
+    /// `[attempts, next try in seconds, path, last error]`.
+    backoff: Vec<[String; 4]>,
+    /// `[attempts, given up seconds ago, path, last error]`.
+    failed: Vec<[String; 4]>,
+    /// The paths of the nix call in progress.
+    in_flight: Vec<String>,
+}
+
+impl StatusReply {
+    fn parse(lines: &[String]) -> StatusReply {
+        let mut reply = StatusReply::default();
+        for line in lines {
+            let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+            match key {
+                "backoff" | "failed-path" => {
+                    let mut parts = value.splitn(4, ' ').map(String::from);
+                    let mut next = || parts.next().unwrap_or_default();
+                    let item = [next(), next(), next(), next()];
+                    if key == "backoff" {
+                        reply.backoff.push(item);
+                    } else {
+                        reply.failed.push(item);
+                    }
+                }
+                "in-flight-path" => reply.in_flight.push(value.to_string()),
+                _ => reply.fields.push((key.to_string(), value.to_string())),
+            }
+        }
+        reply
+    }
+}
+
 fn status(conn: &mut Connection, json: bool) -> Result<(), ClientError> {
     let (lines, _) = conn.request(&request_line("status", &[]))?;
-    let mut fields: Vec<(String, String)> = Vec::new();
-    let mut backoff: Vec<[String; 4]> = Vec::new();
-    let mut failed: Vec<[String; 4]> = Vec::new();
-    for line in &lines {
-        let (key, value) = line.split_once(' ').unwrap_or((line, ""));
-        if key == "backoff" || key == "failed-path" {
-            let mut parts = value.splitn(4, ' ').map(String::from);
-            let mut next = || parts.next().unwrap_or_default();
-            let item = [next(), next(), next(), next()];
-            if key == "backoff" {
-                backoff.push(item);
-            } else {
-                failed.push(item);
-            }
-        } else {
-            fields.push((key.to_string(), value.to_string()));
-        }
-    }
+    let reply = StatusReply::parse(&lines);
     let mut out = std::io::stdout().lock();
     let text = if json {
-        status_json(&fields, &backoff, &failed)
+        status_json(&reply)
     } else {
-        status_text(&fields, &backoff, &failed)
+        status_text(&reply)
     };
     let _ = out.write_all(text.as_bytes());
     Ok(())
@@ -456,6 +475,9 @@ const NUMERIC: &[&str] = &[
     "oldest-queued-seconds",
     "upload-seconds-sum",
     "upload-batches",
+    "upload-rate-per-minute",
+    "spool-files",
+    "spool-paths",
 ];
 
 /// `value` as a JSON number if it is one (by JSON's grammar, so never
@@ -497,13 +519,15 @@ fn json_number(value: &str) -> String {
 
 /// The `status --json` object: the daemon's `KEY VALUE` lines with `-` in
 /// keys turned into `_` (numbers as numbers, `signing` a boolean, `-` as
-/// null), plus `backoff`, the list of failing paths, and `failed_paths`,
-/// the paths given up on.
-fn status_json(
-    fields: &[(String, String)],
-    backoff: &[[String; 4]],
-    failed: &[[String; 4]],
-) -> String {
+/// null), plus `backoff`, the list of failing paths, `failed_paths`, the
+/// paths given up on, and `in_flight_paths`, those of the nix call now.
+fn status_json(reply: &StatusReply) -> String {
+    let StatusReply {
+        fields,
+        backoff,
+        failed,
+        in_flight,
+    } = reply;
     let mut parts: Vec<String> = fields
         .iter()
         .map(|(k, v)| {
@@ -545,6 +569,8 @@ fn status_json(
         })
         .collect();
     parts.push(format!("\"failed_paths\":[{}]", items.join(",")));
+    let items: Vec<String> = in_flight.iter().map(|p| json_string(p)).collect();
+    parts.push(format!("\"in_flight_paths\":[{}]", items.join(",")));
     format!("{{{}}}\n", parts.join(","))
 }
 
@@ -587,11 +613,16 @@ pub fn human_duration(seconds: f64) -> String {
     }
 }
 
-fn status_text(
-    fields: &[(String, String)],
-    backoff: &[[String; 4]],
-    failed: &[[String; 4]],
-) -> String {
+/// Paths of the nix call in progress shown by the human `status`.
+const TEXT_IN_FLIGHT: usize = 5;
+
+fn status_text(reply: &StatusReply) -> String {
+    let StatusReply {
+        fields,
+        backoff,
+        failed,
+        in_flight,
+    } = reply;
     let get = |k: &str| {
         fields
             .iter()
@@ -609,7 +640,32 @@ fn status_text(
     };
     s.push_str(&format!("queued:       {}{oldest}\n", get("queued")));
     s.push_str(&format!("in flight:    {}\n", get("in-flight")));
-    s.push_str(&format!("uploaded:     {} since start\n", get("uploaded")));
+    for p in in_flight.iter().take(TEXT_IN_FLIGHT) {
+        s.push_str(&format!("  uploading {p}\n"));
+    }
+    let in_flight_total: usize = get("in-flight").parse().unwrap_or(0);
+    if in_flight_total > TEXT_IN_FLIGHT.min(in_flight.len()) && !in_flight.is_empty() {
+        s.push_str(&format!(
+            "  ... and {} more\n",
+            in_flight_total - TEXT_IN_FLIGHT.min(in_flight.len())
+        ));
+    }
+    let rate = match get("upload-rate-per-minute") {
+        "-" => String::new(),
+        r => format!(" ({r} paths/min lately)"),
+    };
+    s.push_str(&format!(
+        "uploaded:     {} since start{rate}\n",
+        get("uploaded")
+    ));
+    let spool = match (get("spool-files"), get("spool-paths")) {
+        ("0", _) => "empty".to_string(),
+        ("-", _) => "-".to_string(),
+        (files, paths) => {
+            format!("{files} file(s) with {paths} path(s) left by the hook, not yet queued")
+        }
+    };
+    s.push_str(&format!("spool:        {spool}\n"));
     s.push_str(&format!("dropped:      {} since start\n", get("dropped")));
     s.push_str(&format!("backing off:  {}\n", get("backing-off")));
     let failed_note = match get("failed") {
@@ -672,33 +728,44 @@ fn status_text(
     s
 }
 
-/// `remaining N failing M` from the daemon, as a phrase.
-fn describe_remaining(line: &str) -> Option<String> {
-    let mut words = line.split(' ');
+/// `remaining N failing M [error PATH TEXT]` from the daemon, as a phrase,
+/// and the error part when there is one.
+fn describe_remaining(line: &str) -> Option<(String, Option<String>)> {
+    let mut words = line.splitn(6, ' ');
     let (Some("remaining"), Some(n), Some("failing"), Some(m)) =
         (words.next(), words.next(), words.next(), words.next())
     else {
         return None;
     };
-    Some(format!("{n} path(s) still queued, {m} of them failing"))
+    let error = match (words.next(), words.next()) {
+        (Some("error"), Some(rest)) => rest
+            .split_once(' ')
+            .map(|(path, text)| format!("last error ({path}): {text}")),
+        _ => None,
+    };
+    Some((
+        format!("{n} path(s) still queued, {m} of them failing"),
+        error,
+    ))
 }
 
 /// Blocks until the paths queued before the call are gone from the queue.
-/// Exit 0 when all were uploaded; 1 when some were dropped or the timeout
-/// passed first; 2 when the daemon cannot be talked to.
+/// Exit 0 when all were uploaded; 1 when some were dropped or given up on,
+/// or the timeout passed first; 2 when the daemon cannot be talked to.
+///
+/// On a terminal, the progress is one line that is rewritten in place; it
+/// always ends with a newline (the next one moves the cursor up to replace
+/// it), so that whenever `wait` ends, Ctrl-C included (the standard library
+/// has no signal handler to tidy up with), the terminal is left on a fresh
+/// line.
 fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
     let deadline = timeout.map(|t| Instant::now() + t);
     let tty = std::io::stderr().is_terminal();
     if let Err(e) = conn.send(&request_line("wait", &[])) {
         return fail(&e.to_string());
     }
-    // Whether a progress line (without its newline) is on the terminal.
+    // Whether a progress line is on the terminal, just above the cursor.
     let mut progress = false;
-    let end_progress = |progress: &mut bool| {
-        if std::mem::take(progress) {
-            eprintln!();
-        }
-    };
     let mut last = String::new();
     loop {
         let read_timeout = deadline.map(|d| {
@@ -717,25 +784,22 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
             {
-                end_progress(&mut progress);
                 let shown = timeout.map_or(String::new(), |t| human_duration(t.as_secs_f64()));
-                let state = describe_remaining(&last)
-                    .unwrap_or_else(|| "the daemon reported no progress".to_string());
+                let state = match describe_remaining(&last) {
+                    Some((state, Some(error))) => format!("{state}; {error}"),
+                    Some((state, None)) => state,
+                    None => "the daemon reported no progress".to_string(),
+                };
                 eprintln!("post-build-hook-queue: wait timed out after {shown}: {state}");
                 return 1;
             }
-            Err(e) => {
-                end_progress(&mut progress);
-                return fail(&e.to_string());
-            }
+            Err(e) => return fail(&e.to_string()),
         };
         if let Some(msg) = wire::final_word(&line, "ok") {
-            end_progress(&mut progress);
             println!("{msg}");
             return 0;
         }
         if let Some(msg) = wire::final_word(&line, "err") {
-            end_progress(&mut progress);
             if unavailable(msg) {
                 return fail(&format!("the daemon cannot serve this now: {msg}"));
             }
@@ -743,8 +807,10 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
             return 1;
         }
         if tty {
-            if let Some(text) = describe_remaining(&line) {
-                eprint!("\r\x1b[Kwaiting: {text}");
+            if let Some((text, _)) = describe_remaining(&line) {
+                // Up to the previous progress line, cleared, replaced.
+                let up = if progress { "\x1b[1A\r\x1b[K" } else { "" };
+                eprintln!("{up}waiting: {text}");
                 progress = true;
             }
         }
@@ -814,14 +880,21 @@ mod tests {
             "a \"quoted\" \\ path\tand\u{1}".to_string(),
         ]];
         let failed = [["10", "65", "/nix/store/z-poison", "nix copy failed"].map(String::from)];
+        let reply = StatusReply {
+            fields: f,
+            backoff: backoff.to_vec(),
+            failed: failed.to_vec(),
+            in_flight: vec!["/nix/store/i-n".into()],
+        };
         assert_eq!(
-            status_json(&f, &backoff, &failed),
+            status_json(&reply),
             "{\"version\":\"0.1.0\",\"queued\":2,\"oldest_queued_seconds\":null,\
              \"upload_seconds_sum\":0.250,\"signing\":true,\"target\":null,\
              \"backoff\":[{\"path\":\"/nix/store/x-y\",\"attempts\":3,\"next_try_seconds\":1.5,\
              \"last_error\":\"a \\\"quoted\\\" \\\\ path\\tand\\u0001\"}],\
              \"failed_paths\":[{\"path\":\"/nix/store/z-poison\",\"attempts\":10,\
-             \"given_up_seconds_ago\":65,\"last_error\":\"nix copy failed\"}]}\n"
+             \"given_up_seconds_ago\":65,\"last_error\":\"nix copy failed\"}],\
+             \"in_flight_paths\":[\"/nix/store/i-n\"]}\n"
         );
     }
 
@@ -835,6 +908,9 @@ mod tests {
             ("uploaded", "7"),
             ("dropped", "0"),
             ("failed-calls", "2"),
+            ("upload-rate-per-minute", "12.5"),
+            ("spool-files", "2"),
+            ("spool-paths", "7"),
             ("backing-off", "3"),
             ("failed", "1"),
             ("oldest-queued-seconds", "75"),
@@ -844,19 +920,22 @@ mod tests {
         let b = |attempts: &str, next: &str, path: &str| {
             [attempts, next, path, "boom"].map(String::from)
         };
-        let text = status_text(
-            &f,
-            &[
+        let text = status_text(&StatusReply {
+            fields: f,
+            backoff: vec![
                 b("1", "0.0", "/nix/store/a"),
                 b("2", "125.3", "/nix/store/b"),
             ],
-            &[b("10", "65", "/nix/store/c")],
-        );
+            failed: vec![b("10", "65", "/nix/store/c")],
+            in_flight: vec!["/nix/store/d".into()],
+        });
         assert_eq!(
             text,
             "queued:       3 (oldest queued 1m 15s ago)\n\
              in flight:    1\n\
-             uploaded:     7 since start\n\
+             \x20 uploading /nix/store/d\n\
+             uploaded:     7 since start (12.5 paths/min lately)\n\
+             spool:        2 file(s) with 7 path(s) left by the hook, not yet queued\n\
              dropped:      0 since start\n\
              backing off:  3\n\
              failed:       1 (given up on; requeue or drop them)\n\
@@ -975,8 +1054,18 @@ mod tests {
     #[test]
     fn remaining_lines_read_as_phrases() {
         assert_eq!(
-            describe_remaining("remaining 3 failing 1").as_deref(),
-            Some("3 path(s) still queued, 1 of them failing")
+            describe_remaining("remaining 3 failing 1"),
+            Some((
+                "3 path(s) still queued, 1 of them failing".to_string(),
+                None
+            ))
+        );
+        assert_eq!(
+            describe_remaining("remaining 3 failing 1 error /nix/store/x-y nix copy failed: boom"),
+            Some((
+                "3 path(s) still queued, 1 of them failing".to_string(),
+                Some("last error (/nix/store/x-y): nix copy failed: boom".to_string())
+            ))
         );
         assert_eq!(describe_remaining("ok all uploaded"), None);
     }

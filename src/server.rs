@@ -97,6 +97,8 @@ struct Context {
     target: Option<String>,
     /// The journal's name for the target.
     target_id: TargetId,
+    /// Where the hook leaves requests while the daemon is away.
+    spool_dir: PathBuf,
     signing: bool,
     listener: UnixListener,
     /// Connection threads waiting in `accept`.
@@ -190,6 +192,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         store_dir: config.store_dir.clone(),
         target: config.upload_to.as_deref().map(redact::url),
         target_id,
+        spool_dir: config.spool_dir(),
         signing: config.signing_key_file.is_some(),
         listener,
         accepting: AtomicUsize::new(0),
@@ -315,6 +318,7 @@ fn snapshot(ctx: &Context) -> Snapshot {
     Snapshot::take(
         &ctx.journal,
         &ctx.shared,
+        &ctx.spool_dir,
         ctx.target_id,
         ctx.signing,
         ctx.target.as_deref(),
@@ -667,8 +671,15 @@ fn shorten(text: &str, max: usize) -> String {
     }
 }
 
-/// The `wait` reply: `remaining N failing M` lines while paths queued before
-/// the request are still queued, then `ok N` or `err ...` when none is left.
+/// `text` on one line, newline added.
+fn protocol_line(text: &str) -> String {
+    format!("{}\n", crate::protocol::one_line(text))
+}
+
+/// The `wait` reply: `remaining N failing M` lines while paths queued
+/// before the request are still queued (with `error PATH TEXT`, the last
+/// error of the first failing one, when M > 0), then `ok N` or `err ...`
+/// when none is left.
 fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
     let target = ctx.journal.last_seq();
     let drops_before = ctx.shared.lock().dropped;
@@ -680,8 +691,17 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
             .journal
             .count_up_to(target)
             .saturating_sub(given_up.len());
-        let (failing, new_drops) = {
+        let (failing, new_drops, last_error) = {
             let s = ctx.shared.lock();
+            // The error of the first failing path waited for.
+            let last_error = s
+                .backoff
+                .iter()
+                .filter(|(_, b)| b.attempts > 0)
+                .filter_map(|(p, b)| Some((ctx.journal.entry(p)?.seq, p, &b.last_error)))
+                .filter(|(seq, _, _)| *seq <= target)
+                .min_by_key(|(seq, _, _)| *seq)
+                .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
             let new = (s.dropped - drops_before) as usize;
             let recent_new = s
                 .recent_drops
@@ -697,6 +717,7 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
                     .count()
                     .min(remaining),
                 recent_new,
+                last_error.unwrap_or_default(),
             )
         };
         if remaining == 0 {
@@ -716,7 +737,9 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
             };
         }
         if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {
-            let line = format!("remaining {remaining} failing {failing}\n");
+            let line = protocol_line(&format!(
+                "remaining {remaining} failing {failing}{last_error}"
+            ));
             if stream.write_all(line.as_bytes()).is_err() {
                 return String::new();
             }

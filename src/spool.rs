@@ -19,6 +19,39 @@ use crate::wire::SPOOL_SUFFIX;
 /// most `MAX_LINE` bytes per 10,000 paths).
 const MAX_FILE: u64 = 64 * MAX_LINE as u64;
 
+/// The backlog, for `status`: request files not ingested yet, and the
+/// paths they ask for (counted without checking them; a file that cannot
+/// be read counts no paths).
+pub fn backlog(dir: &Path) -> (usize, usize) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    let (mut files, mut paths) = (0, 0);
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if !name.ends_with(SPOOL_SUFFIX) || name.starts_with('.') {
+            continue;
+        }
+        files += 1;
+        let file = entry.path();
+        match fs::symlink_metadata(&file) {
+            Ok(m) if m.is_file() && m.len() <= MAX_FILE => {}
+            _ => continue,
+        }
+        if let Ok(data) = fs::read(&file) {
+            paths += data
+                .split(|&b| b == b'\n')
+                .filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "))
+                .map(|l| l.iter().filter(|&&b| b == b' ').count())
+                .sum::<usize>();
+        }
+    }
+    (files, paths)
+}
+
 /// Journals every spooled request and deletes its file; returns the paths
 /// that were newly queued. Files that cannot be journaled now stay.
 pub fn ingest(dir: &Path, store_dir: &str, journal: &Journal) -> Vec<StorePath> {

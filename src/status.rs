@@ -9,7 +9,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::journal::{GivenUp, Journal, TargetId};
 
@@ -17,6 +17,8 @@ use crate::store_path::StorePath;
 
 /// Dropped paths remembered for `wait` (older ones are forgotten).
 const RECENT_DROPS: usize = 10_000;
+/// The upload rate is measured over this much of the recent past.
+pub const RATE_WINDOW: Duration = Duration::from_secs(300);
 
 /// A path whose last attempt failed.
 #[derive(Debug, Clone)]
@@ -48,6 +50,10 @@ pub struct Stats {
     pub failed_calls: u64,
     /// Paths in the batch the worker is working on now.
     pub in_flight: usize,
+    /// Those paths, once the batch's derivations are resolved.
+    pub in_flight_paths: Vec<StorePath>,
+    /// Paths finished in the last [`RATE_WINDOW`], with when, oldest first.
+    pub recent_uploads: VecDeque<(Instant, u64)>,
     /// Seconds spent in successful upload batches, and their number.
     pub upload_seconds: f64,
     /// Number of successful upload batches.
@@ -59,6 +65,33 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Records that `n` paths were uploaded now.
+    pub fn record_uploads(&mut self, n: u64) {
+        let now = Instant::now();
+        self.recent_uploads.push_back((now, n));
+        while self
+            .recent_uploads
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.recent_uploads.pop_front();
+        }
+    }
+
+    /// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since
+    /// start, when that is shorter).
+    pub fn upload_rate_per_minute(&self) -> f64 {
+        let now = Instant::now();
+        let window = RATE_WINDOW.min(now.duration_since(self.started));
+        let n: u64 = self
+            .recent_uploads
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= window)
+            .map(|(_, n)| n)
+            .sum();
+        n as f64 * 60.0 / window.as_secs_f64().max(1.0)
+    }
+
     /// Records that a path with this sequence number was dropped.
     pub fn record_drop(&mut self, seq: Option<u64>) {
         self.dropped += 1;
@@ -94,6 +127,8 @@ impl Shared {
                 given_up: 0,
                 failed_calls: 0,
                 in_flight: 0,
+                in_flight_paths: Vec::new(),
+                recent_uploads: VecDeque::new(),
                 upload_seconds: 0.0,
                 upload_batches: 0,
                 backoff: HashMap::new(),
@@ -121,6 +156,8 @@ pub fn seconds_until(when: Instant) -> f64 {
 
 /// Most backing-off paths listed in a `status` reply.
 const STATUS_MAX_BACKOFF: usize = 100;
+/// Most paths of the batch in flight listed in a `status` reply.
+const STATUS_MAX_IN_FLIGHT: usize = 100;
 /// Most paths given up on listed in a `status` reply.
 const STATUS_MAX_FAILED: usize = 100;
 
@@ -133,6 +170,14 @@ pub struct Snapshot {
     pub queued: usize,
     /// Paths in the worker's current batch.
     pub in_flight: usize,
+    /// Those paths (once its derivations are resolved).
+    pub in_flight_paths: Vec<StorePath>,
+    /// Request files in the spool not ingested yet.
+    pub spool_files: usize,
+    /// Paths in those files.
+    pub spool_paths: usize,
+    /// Paths uploaded per minute lately (see [`RATE_WINDOW`]).
+    pub upload_rate_per_minute: f64,
     /// Paths finished since start.
     pub uploaded: u64,
     /// Paths dropped since start.
@@ -164,6 +209,7 @@ impl Snapshot {
     pub fn take(
         journal: &Journal,
         shared: &Shared,
+        spool_dir: &Path,
         target_id: TargetId,
         signing: bool,
         target: Option<&str>,
@@ -181,6 +227,7 @@ impl Snapshot {
                 (p, g, ago)
             })
             .collect();
+        let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
         let stats = shared.lock();
         let mut backoff: Vec<(u32, f64, StorePath, String)> = stats
             .backoff
@@ -199,6 +246,10 @@ impl Snapshot {
             uptime_seconds: stats.started.elapsed().as_secs(),
             queued,
             in_flight: stats.in_flight,
+            in_flight_paths: stats.in_flight_paths.clone(),
+            spool_files,
+            spool_paths,
+            upload_rate_per_minute: stats.upload_rate_per_minute(),
             uploaded: stats.uploaded,
             dropped: stats.dropped,
             failed_calls: stats.failed_calls,
@@ -233,6 +284,12 @@ impl Snapshot {
         }
         kv("upload-seconds-sum", &format!("{:.3}", self.upload_seconds));
         kv("upload-batches", &self.upload_batches);
+        kv(
+            "upload-rate-per-minute",
+            &format!("{:.1}", self.upload_rate_per_minute),
+        );
+        kv("spool-files", &self.spool_files);
+        kv("spool-paths", &self.spool_paths);
         kv("signing", &self.signing);
         kv("target", &self.target.as_deref().unwrap_or("-"));
         for (attempts, next, path, error) in self.backoff.iter().take(STATUS_MAX_BACKOFF) {
@@ -240,6 +297,9 @@ impl Snapshot {
                 "backoff {attempts} {next:.1} {path} {}\n",
                 crate::protocol::one_line(error)
             ));
+        }
+        for path in self.in_flight_paths.iter().take(STATUS_MAX_IN_FLIGHT) {
+            out.push_str(&format!("in-flight-path {path}\n"));
         }
         for (path, g, ago) in self.failed.iter().take(STATUS_MAX_FAILED) {
             out.push_str(&format!(
@@ -276,6 +336,18 @@ impl Snapshot {
             "gauge",
             "Paths waiting to be retried after a failure.",
             self.backoff.len().to_string(),
+        );
+        metric(
+            "spool_files",
+            "gauge",
+            "Request files the hook left in the spool, not yet queued.",
+            self.spool_files.to_string(),
+        );
+        metric(
+            "spool_paths",
+            "gauge",
+            "Paths in those spool files.",
+            self.spool_paths.to_string(),
         );
         metric(
             "failed",
@@ -416,6 +488,7 @@ mod tests {
         let snap = Snapshot::take(
             &journal,
             &shared,
+            &dir.join("spool"),
             TargetId::of(None),
             true,
             Some("ssh://u:***@h"),
@@ -446,6 +519,10 @@ mod tests {
             uptime_seconds: 5,
             queued: 3,
             in_flight: 1,
+            in_flight_paths: Vec::new(),
+            spool_files: 2,
+            spool_paths: 5,
+            upload_rate_per_minute: 1.5,
             uploaded: 7,
             dropped: 1,
             failed_calls: 2,

@@ -270,6 +270,11 @@ impl Worker {
     fn process(&mut self, batch: Vec<StorePath>) {
         self.shared.lock().in_flight = batch.len();
         let batch = self.resolve_derivations(batch);
+        {
+            let mut stats = self.shared.lock();
+            stats.in_flight = batch.len();
+            stats.in_flight_paths.clone_from(&batch);
+        }
         if !batch.is_empty() {
             if self.has_work_to_do() {
                 self.upload(batch);
@@ -277,7 +282,11 @@ impl Worker {
                 self.finish(&batch, Duration::ZERO);
             }
         }
-        self.shared.lock().in_flight = 0;
+        {
+            let mut stats = self.shared.lock();
+            stats.in_flight = 0;
+            stats.in_flight_paths.clear();
+        }
     }
 
     /// Replaces derivations by their outputs, in the journal and the batch.
@@ -479,6 +488,7 @@ impl Worker {
         }
         let mut stats = self.shared.lock();
         stats.uploaded += paths.len() as u64;
+        stats.record_uploads(paths.len() as u64);
         if self.has_work_to_do() {
             stats.upload_seconds += took.as_secs_f64();
             stats.upload_batches += 1;

@@ -235,10 +235,14 @@ const JSON_FIELDS: &[&str] = &[
     "oldest_queued_seconds",
     "upload_seconds_sum",
     "upload_batches",
+    "upload_rate_per_minute",
+    "spool_files",
+    "spool_paths",
     "signing",
     "target",
     "backoff",
     "failed_paths",
+    "in_flight_paths",
 ];
 
 /// Kills a process tree on drop (for daemons the test spawns itself).
@@ -487,9 +491,17 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let r = cli(&d, &["wait", "--timeout", "1.5"]);
     assert_eq!(r.code, Some(1), "{r:?}");
     assert_eq!(r.stdout, "", "{r:?}");
+    let first = paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .find(|p| r.stderr.contains(&format!("last error ({p}): ")))
+        .unwrap_or_else(|| panic!("no last error of a waited-for path: {r:?}"));
     assert_eq!(
         r.stderr,
-        "post-build-hook-queue: wait timed out after 1.5s: 2 path(s) still queued, 2 of them failing\n"
+        format!(
+            "post-build-hook-queue: wait timed out after 1.5s: 2 path(s) still queued, 2 of them failing; \
+             last error ({first}): nix copy failed (exit status 1): nix-fail-wrapper: injected failure\n"
+        )
     );
 
     // Heal the cache but hold the copy; retry; the paths are in flight.
@@ -566,7 +578,11 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     );
     let text = status_text(&d);
     assert_eq!(field(&text, "dropped"), "1 since start", "{text}");
-    assert_eq!(field(&text, "uploaded"), "2 since start", "{text}");
+    let uploaded = field(&text, "uploaded");
+    assert!(
+        uploaded.starts_with("2 since start (") && uploaded.ends_with(" paths/min lately)"),
+        "{text}"
+    );
     println!("status after:\n{text}");
 }
 
@@ -622,7 +638,7 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
     let shown = text();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{shown}");
     assert!(
-        shown.contains("\r\x1b[Kwaiting: 2 path(s) still queued")
+        shown.contains("waiting: 2 path(s) still queued, 0 of them failing\r\n")
             && shown.ends_with(
                 "post-build-hook-queue: 1 path(s) were dropped; see the daemon's log\r\n"
             ),
@@ -708,10 +724,23 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
 
     let r = cli(&d, &["wait", "--timeout", "1"]);
     assert_eq!(r.code, Some(1), "{r:?}");
-    assert_eq!(
-        r.stderr,
-        "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing\n"
+    // With the last error of what it still waits for.
+    let said = r
+        .stderr
+        .strip_prefix(&format!(
+            "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing; last error ({}): ",
+            paths[0].display()
+        ))
+        .unwrap_or_else(|| panic!("{r:?}"));
+    assert!(
+        said.contains("nix copy failed") && said.contains("npbhq:***@127.0.0.1"),
+        "{r:?}"
     );
+    assert!(
+        !said.contains("hunter2") && !said.contains(&secret_key),
+        "{r:?}"
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
     let r = cli(&d, &["retry"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(r.stdout, "1 backing-off path(s) will be tried again now\n");
@@ -1035,6 +1064,8 @@ fn metrics_file_is_prometheus_text_and_moves() {
         "queued",
         "in_flight",
         "backing_off",
+        "spool_files",
+        "spool_paths",
         "failed",
         "given_up_total",
         "uploaded_total",
@@ -1100,6 +1131,192 @@ fn metrics_file_is_prometheus_text_and_moves() {
     assert!(d.stop().success());
     let m = read_metrics().expect("metrics written on stop");
     assert_eq!(m[&format!("{M}uploaded_total")], 2.0);
+}
+
+/// `wait` on a terminal ends its progress line with a newline, so that
+/// Ctrl-C (SIGINT, which kills it) leaves the terminal on a fresh line.
+#[test]
+fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
+    let env = NixEnv::new("op-wait-int");
+    let (upload, _read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_hold(true);
+    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
+    let good = env.build_paths(1, "wait-int");
+    assert_eq!(d.request(&format!("enqueue {}", good[0].display())), "ok 1");
+    let cmd = format!(
+        "'{}' wait --socket '{}'",
+        daemon_bin().display(),
+        d.socket().display()
+    );
+    let mut script = Command::new("script");
+    script.args(["-q", "-e", "-f", "-c", &cmd, "/dev/null"]);
+    let mut child = ChildGuard(Some(
+        script
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("script (util-linux) runs a command on a terminal"),
+    ));
+    let script_pid = child.0.as_ref().unwrap().id();
+    let out = collect_stdout(child.0.as_mut().unwrap());
+    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    wait_until_diag(
+        Duration::from_secs(30),
+        "progress on the terminal, twice (a rewrite)",
+        || text().matches("waiting: 1 path(s) still queued").count() >= 2,
+        text,
+    );
+    let wait_pids: Vec<u32> = descendants(script_pid)
+        .into_iter()
+        .filter(|p| {
+            fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\0wait\0"))
+        })
+        .collect();
+    assert_eq!(wait_pids.len(), 1, "the wait process under script");
+    signal_pids("INT", &wait_pids);
+    let mut c = child.0.take().unwrap();
+    let mut status = None;
+    wait_until(
+        Duration::from_secs(30),
+        "script to end after SIGINT",
+        || {
+            status = c.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let shown = text();
+    assert!(
+        shown.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n"),
+        "the terminal is not left on a fresh line: {shown:?}"
+    );
+    assert!(
+        shown.contains("\x1b[1A\r\x1b[Kwaiting: "),
+        "rewritten in place: {shown:?}"
+    );
+    w.set_hold(false);
+}
+
+/// `status` answers an operator's questions: the paths of the nix call in
+/// progress, the spool's backlog (files the hook left and their paths, not
+/// yet queued), the upload rate; in text, JSON and the metrics.
+#[test]
+fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
+    let env = NixEnv::new("op-status-more");
+    let (upload, read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_hold(true);
+    let metrics = env.root().join("m.prom");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", &upload),
+            ("nix", &w.nix()),
+            ("metrics-file", &metrics.display().to_string()),
+        ],
+    );
+    let first = env.build_paths(2, "in-flight");
+    let later = env.build_paths(3, "spooled");
+    let r = cli(
+        &d,
+        &[
+            "enqueue",
+            &first[0].display().to_string(),
+            &first[1].display().to_string(),
+        ],
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    wait_until(Duration::from_secs(30), "copy held", || {
+        !w.copy_pids().is_empty()
+    });
+    // What the hook leaves while the daemon is busy or away; the busy
+    // worker does not take it in until the call ends.
+    let spool = d.spool_dir();
+    fs::create_dir_all(&spool).unwrap();
+    let p = strs(&later);
+    fs::write(
+        spool.join("00000000000000000001-1.req"),
+        format!("enqueue {} {}\n", p[0], p[1]),
+    )
+    .unwrap();
+    fs::write(
+        spool.join("00000000000000000002-1.req"),
+        format!("enqueue {}\n", p[2]),
+    )
+    .unwrap();
+
+    let j = status_json(&d);
+    assert_eq!(num(&j, "in_flight"), 2.0, "{j:?}");
+    let mut in_flight: Vec<String> = j
+        .get("in_flight_paths")
+        .and_then(Json::as_array)
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    in_flight.sort();
+    let mut want = strs(&first);
+    want.sort();
+    assert_eq!(in_flight, want, "{j:?}");
+    assert_eq!(
+        (num(&j, "spool_files"), num(&j, "spool_paths")),
+        (2.0, 3.0),
+        "{j:?}"
+    );
+    assert_eq!(num(&j, "upload_rate_per_minute"), 0.0, "{j:?}");
+    let text = status_text(&d);
+    for p in &want {
+        assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
+    }
+    assert_eq!(
+        field(&text, "spool"),
+        "2 file(s) with 3 path(s) left by the hook, not yet queued",
+        "{text}"
+    );
+    wait_until_ok(
+        Duration::from_secs(30),
+        "the spool backlog in the metrics",
+        || {
+            let t = fs::read_to_string(&metrics).map_err(|e| e.to_string())?;
+            let m = parse_prometheus(&t)?;
+            (m.get(&format!("{M}spool_files")) == Some(&2.0)
+                && m.get(&format!("{M}spool_paths")) == Some(&3.0))
+            .then_some(())
+            .ok_or(t)
+        },
+        || d.log(),
+    );
+    println!("status during a held upload with a spool backlog:\n{text}");
+
+    w.set_hold(false);
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the spooled paths uploaded",
+        || later.iter().all(|p| env.is_valid_in(&read, p)),
+        || d.log(),
+    );
+    let j = status_json(&d);
+    assert_eq!(
+        (num(&j, "spool_files"), num(&j, "spool_paths")),
+        (0.0, 0.0),
+        "{j:?}"
+    );
+    assert_eq!(
+        j.get("in_flight_paths").and_then(Json::as_array),
+        Some(&[][..])
+    );
+    assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
+    let text = status_text(&d);
+    assert!(
+        field(&text, "uploaded").starts_with("5 since start ("),
+        "{text}"
+    );
+    assert_eq!(field(&text, "spool"), "empty", "{text}");
 }
 
 // ---------------------------------------------------------------------------
