@@ -678,11 +678,21 @@ fn protocol_line(text: &str) -> String {
 
 /// The `wait` reply: `remaining N failing M` lines while paths queued
 /// before the request are still queued (with `error PATH TEXT`, the last
-/// error of the first failing one, when M > 0), then `ok N` or `err ...`
-/// when none is left.
+/// error of the first failing one, when M > 0), then `ok ...` or `err ...`
+/// when none is left. Paths given up on are not waited for: those given up
+/// on while it waits make it `err` (named); those given up on before it
+/// are only mentioned.
 fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
     let target = ctx.journal.last_seq();
     let drops_before = ctx.shared.lock().dropped;
+    // Given up on before this wait: not waited for, and not this wait's
+    // failure (another job's, maybe); `status` lists them.
+    let earlier: std::collections::HashSet<(StorePath, u64)> = ctx
+        .journal
+        .given_up_up_to(target, ctx.target_id)
+        .into_iter()
+        .map(|(p, g)| (p, g.at))
+        .collect();
     let mut last: Option<(usize, usize)> = None;
     let mut last_sent = Instant::now();
     loop {
@@ -721,17 +731,25 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
             )
         };
         if remaining == 0 {
+            let (old, new): (Vec<_>, Vec<_>) = given_up
+                .into_iter()
+                .partition(|(p, g)| earlier.contains(&(p.clone(), g.at)));
             let mut problems = Vec::new();
-            if !given_up.is_empty() {
-                problems.push(describe_given_up(&given_up));
+            if !new.is_empty() {
+                problems.push(describe_given_up(&new));
             }
             if new_drops > 0 {
                 problems.push(format!(
                     "{new_drops} path(s) were dropped; see the daemon's log"
                 ));
             }
-            return if problems.is_empty() {
+            return if problems.is_empty() && old.is_empty() {
                 final_line(Ok("all uploaded"))
+            } else if problems.is_empty() {
+                final_line(Ok(&format!(
+                    "all uploaded, but for {} path(s) given up on before this wait (see status)",
+                    old.len()
+                )))
             } else {
                 final_line(Err(&redact::text(&problems.join("; "))))
             };

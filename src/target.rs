@@ -36,6 +36,8 @@ pub fn check_at_start(config: &Config) -> Result<(), String> {
     std::thread::Builder::new()
         .name("target-check".into())
         .spawn(move || {
+            // Like every nix call, below the daemon (the worker's nice).
+            let _ = crate::sys::lower_thread_priority(crate::worker::UPLOAD_NICE);
             let _ = tx.send(nix.ping(&pinged, CHECK_TIMEOUT));
         })
         .map_err(|e| format!("cannot start the check of the target: {e}"))?;

@@ -42,7 +42,7 @@ const BATCH_QUIET: Duration = Duration::from_millis(200);
 /// ...or once it has waited this long for more paths.
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Nice steps the worker, and so every nix call, runs below the daemon.
-const UPLOAD_NICE: i32 = 10;
+pub const UPLOAD_NICE: i32 = 10;
 /// How often an idle worker looks at the spool directory.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Longest `nix store ping` may take when a path failed alone and the
