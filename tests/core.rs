@@ -110,7 +110,8 @@ fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
 }
 
 /// 3. With the hook set and no daemon running, the build still succeeds and
-///    the hook says so in one line.
+///    the hook says so in one line, which Nix prefixes `post-build-hook: `
+///    once: the hook does not repeat it.
 #[test]
 fn build_succeeds_when_daemon_is_down() {
     let env = NixEnv::new("core-down");
@@ -137,6 +138,11 @@ fn build_succeeds_when_daemon_is_down() {
         1,
         "expected exactly one line from the hook, got {hook_lines:?}\nstderr:\n{}",
         b.stderr
+    );
+    assert!(
+        hook_lines[0].starts_with(&format!("no daemon at {}", socket.display()))
+            && hook_lines[0].contains("spooled the paths to"),
+        "{hook_lines:?}"
     );
 }
 
@@ -381,10 +387,10 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
 
 /// Nix's log reader gone (the hook's stderr a pipe nobody reads): the hook's
 /// one line fails with EPIPE, which it ignores. A SIGPIPE must not end it, as
-/// a hook killed by a signal fails the build; it ignores the signal itself
-/// (it has no `std` to do so). The daemon here is a socket that accepts and
-/// never answers, so the hook writes its line after its timeout, well after
-/// the reader closed, and spools the request.
+/// a hook killed by a signal fails the build (std ignores the signal at
+/// start). The daemon here is a socket that accepts and never answers, so
+/// the hook writes its line after its timeout, well after the reader
+/// closed, and spools the request.
 #[test]
 fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     let env = NixEnv::new("core-hook-epipe");
@@ -396,17 +402,7 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     let path = env
         .store_dir()
         .join("0000000000000000000000000000000e-npbhq-epipe");
-    let mut hook = Command::new(hook_bin())
-        .env("NPBHQ_SOCKET", &socket)
-        .env("NPBHQ_SPOOL_DIR", &spool)
-        .env("NPBHQ_TIMEOUT", "0.3")
-        .env("OUT_PATHS", &path)
-        .env("DRV_PATH", "")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut hook = spawn_hook(&socket, &spool, "0.3", &path);
     drop(hook.stderr.take());
     let status = hook.wait().unwrap();
     assert!(status.success(), "the hook ended with {status}");
@@ -414,6 +410,122 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
         spool_contents(&spool),
         vec![format!("enqueue {}\n", path.display())]
     );
+}
+
+/// A daemon whose backlog is full (it has stopped accepting, and as many
+/// clients as the kernel queues wait): a plain connect would block until it
+/// accepts. The hook gives up at its timeout, spools the request, says so in
+/// one line and exits 0. That the backlog stayed full while the hook ran is
+/// checked, not assumed: the connect that found it full is still blocked
+/// after the hook has ended.
+#[test]
+fn hook_spools_when_the_daemon_backlog_is_full() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let env = NixEnv::new("core-hook-backlog");
+    let dir = env.root().join("full");
+    fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("full.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (connected, in_connect) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let filler = {
+        let (socket, connected, in_connect) =
+            (socket.clone(), connected.clone(), in_connect.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            loop {
+                in_connect.store(true, Ordering::SeqCst);
+                let c = std::os::unix::net::UnixStream::connect(&socket);
+                in_connect.store(false, Ordering::SeqCst);
+                match c {
+                    Ok(c) => held.push(c),
+                    Err(e) if e.raw_os_error() == Some(24) => {
+                        panic!("out of file descriptors after {} connections: raise `ulimit -n` above the listen backlog (/proc/sys/net/core/somaxconn)", held.len())
+                    }
+                    // The listener closed at the end of the test.
+                    Err(_) => return held.len(),
+                }
+                connected.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    // Full: a connect has been waiting, with no progress, for a second.
+    let mut last = (usize::MAX, std::time::Instant::now());
+    loop {
+        assert!(!filler.is_finished(), "the connecting thread ended early");
+        let n = connected.load(Ordering::SeqCst);
+        if n != last.0 || !in_connect.load(Ordering::SeqCst) {
+            last = (n, std::time::Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let queued = connected.load(Ordering::SeqCst);
+
+    let spool = dir.join("spool");
+    let path = env
+        .store_dir()
+        .join("0000000000000000000000000000000f-npbhq-backlog");
+    let mut hook = spawn_hook(&socket, &spool, "0.5", &path);
+    // A correctness bound, far above the hook's 0.5 s: a hook blocked in
+    // its connect never ends.
+    let waited = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = hook.try_wait().unwrap() {
+            break status;
+        }
+        if waited.elapsed() > Duration::from_secs(60) {
+            let _ = hook.kill();
+            let _ = hook.wait();
+            panic!("the hook still runs after 60 s against a full backlog");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut hook.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        in_connect.load(Ordering::SeqCst) && connected.load(Ordering::SeqCst) == queued,
+        "the backlog did not stay full while the hook ran ({queued} queued before)"
+    );
+    assert!(status.success(), "the hook ended with {status}: {said}");
+    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+    assert!(
+        said.starts_with(&format!(
+            "the daemon at {} did not accept the connection in time",
+            socket.display()
+        )) && said.contains("spooled the paths to"),
+        "{said:?}"
+    );
+    assert_eq!(
+        spool_contents(&spool),
+        vec![format!("enqueue {}\n", path.display())]
+    );
+    drop(listener);
+    let _ = fs::remove_file(&socket);
+    let held = filler.join().expect("the connecting thread");
+    eprintln!("backlog: {held} connections queued before the hook ran");
+}
+
+/// Starts the hook for the one output `path`, with the daemon at `socket`,
+/// the spool `spool` and the timeout `timeout` (seconds); its stderr is a
+/// pipe.
+fn spawn_hook(socket: &Path, spool: &Path, timeout: &str, path: &Path) -> std::process::Child {
+    Command::new(hook_bin())
+        .env("NPBHQ_SOCKET", socket)
+        .env("NPBHQ_SPOOL_DIR", spool)
+        .env("NPBHQ_TIMEOUT", timeout)
+        .env("OUT_PATHS", path)
+        .env("DRV_PATH", "")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// The contents of every file in the spool directory `dir`.

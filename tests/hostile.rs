@@ -12,8 +12,10 @@
 //!   failure message prints; `NPBHQ_FUZZ_SEED=<n>` replays another seed.
 //! - **Load**: 64 clients enqueue 1,000 paths each (and some of each
 //!   other's) while 100 idle connections are held open and a real hook runs.
-//! - **Access**: socket mode and group decide who may connect; checked with
-//!   real users (`useradd`, root only).
+//! - **Access**: socket mode and group decide who may connect; the hook and
+//!   the admin commands talk only to a socket of root or of their own user;
+//!   a user's default socket is in that user's own state directory. Checked
+//!   with real users (`useradd`, root only).
 //! - **Injection**: paths that look like options or shell are refused before
 //!   any command is built; a `nix-record-wrapper` around the real `nix`
 //!   shows which arguments reached Nix.
@@ -1644,6 +1646,265 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     );
     assert!(!Path::new(&usock).exists(), "no socket for a refused start");
     drop(accounts);
+}
+
+/// A user made for one test (removed on drop) and copies of both binaries
+/// under the test's directory that every user may run.
+struct OtherUser {
+    _accounts: TestAccounts,
+    name: String,
+    uid: u32,
+    hook: PathBuf,
+    daemon: PathBuf,
+}
+
+impl OtherUser {
+    fn new(env: &NixEnv, letter: char) -> OtherUser {
+        assert!(
+            is_root(),
+            "this test makes a second user with useradd, which needs root (CI runs as root)"
+        );
+        let name = format!("npbhq-{letter}{}", short_id());
+        let mut accounts = TestAccounts {
+            users: Vec::new(),
+            groups: Vec::new(),
+        };
+        accounts.user(&name, &[]);
+        let uid = String::from_utf8_lossy(&run(Command::new("id").args(["-u", &name])).stdout)
+            .trim()
+            .parse()
+            .expect("uid of the test user");
+        let bin = env.root().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let mut dir = Some(bin.as_path());
+        while let Some(d) = dir {
+            let mode = fs::metadata(d).unwrap().permissions().mode();
+            if d.starts_with(env.root()) {
+                fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o755)).unwrap();
+            } else {
+                assert!(
+                    mode & 0o001 != 0,
+                    "{} is not traversable by other users (mode {mode:o}); use NPBHQ_TEST_TMP",
+                    d.display()
+                );
+            }
+            dir = d.parent();
+        }
+        let (hook, daemon) = (
+            bin.join("post-build-hook"),
+            bin.join("post-build-hook-queue"),
+        );
+        fs::copy(hook_bin(), &hook).unwrap();
+        fs::copy(daemon_bin(), &daemon).unwrap();
+        OtherUser {
+            _accounts: accounts,
+            name,
+            uid,
+            hook,
+            daemon,
+        }
+    }
+
+    /// A directory of this user's own (mode 0700) under `env`.
+    fn own_dir(&self, env: &NixEnv, name: &str) -> PathBuf {
+        let dir = env.root().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
+    /// Starts `post-build-hook-queue serve ARGS` as this user, with a clean
+    /// environment and `env`; its stderr goes to `log`. Returns once the
+    /// socket `socket` is there.
+    fn serve(
+        &self,
+        args: &[&str],
+        env: &[(String, std::ffi::OsString)],
+        log: &Path,
+        socket: &Path,
+    ) -> std::process::Child {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            &self.name,
+            "--regid",
+            &self.name,
+            "--init-groups",
+            "--",
+        ])
+        .arg(&self.daemon)
+        .arg("serve")
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(log).unwrap());
+        let mut child = c.spawn().unwrap();
+        let started = Instant::now();
+        while !socket.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the daemon of {} ended with {status} before {} appeared:\n{}",
+                    self.name,
+                    socket.display(),
+                    fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            if started.elapsed() > REPLY_TIMEOUT {
+                let _ = child.kill();
+                panic!(
+                    "no socket at {} after {REPLY_TIMEOUT:?}:\n{}",
+                    socket.display(),
+                    fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+}
+
+/// Another local user's daemon, listening on a socket that user bound: it
+/// would acknowledge whatever it is sent, and the paths would be that
+/// user's to keep or drop. Root's hook refuses it, says why in one line and
+/// spools the paths; root's admin commands refuse it (exit 2, one line);
+/// nothing reaches that daemon's journal. The same daemon serves its own
+/// user's hook, so the refusal is about the owner, not the socket.
+#[test]
+fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
+    let env = NixEnv::new("hostile-trust");
+    let other = OtherUser::new(&env, 't');
+    let dir = other.own_dir(&env, "theirs");
+    let (socket, state) = (dir.join("sock"), dir.join("state"));
+    let log = env.root().join("theirs.log");
+    let mut theirs = other.serve(
+        &[
+            "--socket",
+            &socket.display().to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+        ],
+        &env.env_vars(),
+        &log,
+        &socket,
+    );
+    assert_eq!(fs::metadata(&socket).unwrap().uid(), other.uid);
+    let store = env.store_dir().display().to_string();
+    let (p_root, p_cli, p_own) = (
+        format!("{store}/{}-sent-by-root", index_hash(7, 1)),
+        format!("{store}/{}-enqueued-by-root", index_hash(7, 2)),
+        format!("{store}/{}-their-own", index_hash(7, 3)),
+    );
+
+    let spool = env.root().join("root-spool");
+    let o = run(Command::new(hook_bin())
+        .env("NPBHQ_SOCKET", &socket)
+        .env("NPBHQ_SPOOL_DIR", &spool)
+        .env("OUT_PATHS", &p_root)
+        .env("DRV_PATH", ""));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+    assert!(
+        said.contains("refusing the socket")
+            && said.contains(&socket.display().to_string())
+            && said.contains(&format!("uid {}", other.uid))
+            && said.contains("spooled the paths to"),
+        "{said:?}"
+    );
+    let spooled: Vec<String> = fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(spooled, vec![format!("enqueue {p_root}\n")]);
+
+    let sock_s = socket.display().to_string();
+    for args in [
+        vec!["status", "--socket", &sock_s],
+        vec!["enqueue", "--socket", &sock_s, &p_cli],
+    ] {
+        let o = run(Command::new(daemon_bin()).args(&args));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        assert!(
+            err.contains("refusing the socket") && err.contains(&sock_s),
+            "{args:?}: {err:?}"
+        );
+    }
+
+    let theirs_env = vec![
+        ("NPBHQ_SOCKET".to_string(), socket.clone().into_os_string()),
+        ("OUT_PATHS".to_string(), p_own.clone().into()),
+    ];
+    let o = as_user(&other.name, &other.hook, &[], &theirs_env);
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "their own hook is served: {}",
+        show(&o)
+    );
+    let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
+    assert!(
+        journal.contains(&p_own),
+        "their path is journaled: {journal}"
+    );
+    assert!(
+        !journal.contains(&p_root) && !journal.contains(&p_cli),
+        "root's paths never reached their daemon: {journal}"
+    );
+    let _ = theirs.kill();
+    let _ = theirs.wait();
+}
+
+/// A user without `XDG_RUNTIME_DIR`: the daemon, the hook and the admin
+/// commands all default to `socket` in the user's own state directory
+/// (`~/.local/state/nix-post-build-hook-queue/`), never to a name in `/tmp`
+/// that another user could bind first, and find each other there.
+#[test]
+fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
+    let env = NixEnv::new("hostile-dsock");
+    let user = OtherUser::new(&env, 'd');
+    let home = user.own_dir(&env, "h");
+    let state = home.join(".local/state/nix-post-build-hook-queue");
+    let socket = state.join("socket");
+    let mut vars: Vec<(String, std::ffi::OsString)> = env
+        .env_vars()
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("XDG_") && k != "HOME")
+        .collect();
+    vars.push(("HOME".into(), home.clone().into()));
+    let log = env.root().join("default-socket.log");
+    let mut daemon = user.serve(&[], &vars, &log, &socket);
+    let in_tmp = PathBuf::from(format!("/tmp/nix-post-build-hook-queue-{}.sock", user.uid));
+    assert!(!in_tmp.exists(), "{} exists", in_tmp.display());
+
+    let path = format!("{}/{}-default", env.store_dir().display(), index_hash(8, 1));
+    let mut hook_env = vars.clone();
+    hook_env.push(("OUT_PATHS".into(), path.clone().into()));
+    let o = as_user(&user.name, &user.hook, &[], &hook_env);
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "the hook finds the daemon at the default socket: {}",
+        show(&o)
+    );
+    assert!(
+        !state.join("spool").exists()
+            || fs::read_dir(state.join("spool")).unwrap().next().is_none(),
+        "nothing spooled"
+    );
+    let o = as_user(&user.name, &user.daemon, &["status"], &vars);
+    assert!(
+        o.status.success(),
+        "status at the default socket: {}",
+        show(&o)
+    );
+    let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
+    assert!(journal.contains(&path), "the path is journaled: {journal}");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }
 
 // ---------------------------------------------------------------------------
