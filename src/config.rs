@@ -28,6 +28,9 @@ pub struct Config {
     pub signing_key_file: Option<PathBuf>,
     /// Store URL for `nix copy --to`; `None` means no upload.
     pub upload_to: Option<String>,
+    /// An uploader to run instead of `nix copy` (program and arguments; the
+    /// paths are appended as arguments), e.g. `cachix push mycache`.
+    pub upload_command: Option<Vec<String>>,
     /// Sign the whole closure (`--recursive`), not only the queued paths.
     pub sign_closure: bool,
     /// Most paths given to one nix invocation.
@@ -91,6 +94,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "upload-to",
         "store URL for nix copy --to (empty: no upload)",
+    ),
+    (
+        "upload-command",
+        "program and arguments of an uploader run instead of nix copy, separated by spaces (no shell, no quoting); the paths are appended (empty: none)",
     ),
     ("sign-closure", "true or false"),
     ("batch-size", "whole number of paths, 1 or more"),
@@ -178,6 +185,7 @@ impl Default for Config {
             store_dir: default_store_dir(),
             signing_key_file: None,
             upload_to: None,
+            upload_command: None,
             sign_closure: true,
             batch_size: 1000,
             upload_jobs: 2,
@@ -203,6 +211,27 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("spool"))
     }
 
+    /// What the paths are uploaded to, as shown and as the journal names it:
+    /// the `upload-to` URL, or `upload-command: PROGRAM ARGS...`.
+    pub fn target_label(&self) -> Option<String> {
+        match (&self.upload_to, &self.upload_command) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some(argv)) => Some(format!("upload-command: {}", argv.join(" "))),
+            (None, None) => None,
+        }
+    }
+
+    /// Refuses settings that are each fine but not together.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.upload_to.is_some() && self.upload_command.is_some() {
+            return Err(ConfigError {
+                origin: "upload-command".into(),
+                message: "set upload-to or upload-command, not both (one target at a time)".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Applies one `key = value` setting; the error says what is accepted.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         let opt_path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
@@ -220,6 +249,10 @@ impl Config {
             }
             "signing-key-file" => self.signing_key_file = opt_path(value),
             "upload-to" => self.upload_to = (!value.is_empty()).then(|| value.to_string()),
+            "upload-command" => {
+                let argv: Vec<String> = value.split_whitespace().map(String::from).collect();
+                self.upload_command = (!argv.is_empty()).then_some(argv);
+            }
             "sign-closure" => self.sign_closure = parse_bool(value)?,
             "batch-size" => self.batch_size = parse_count(value)?,
             "upload-jobs" => self.upload_jobs = parse_count(value)?,
@@ -300,6 +333,7 @@ impl Config {
                 message,
             })?;
         }
+        config.check()?;
         Ok(config)
     }
 }
@@ -499,6 +533,29 @@ mod tests {
             let e = c.set(k, v).unwrap_err();
             assert!(e.contains("0"), "{k} {v}: {e}");
         }
+    }
+
+    #[test]
+    fn upload_command_is_split_on_spaces_and_excludes_upload_to() {
+        let c = Config::from_args(&args(&["--upload-command", " cachix  push my-cache "])).unwrap();
+        assert_eq!(
+            c.upload_command,
+            Some(vec!["cachix".into(), "push".into(), "my-cache".into()])
+        );
+        assert_eq!(
+            c.target_label().as_deref(),
+            Some("upload-command: cachix push my-cache")
+        );
+        let e = Config::from_args(&args(&[
+            "--upload-command",
+            "x",
+            "--upload-to",
+            "file:///c",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let c = Config::from_args(&args(&["--upload-command", " "])).unwrap();
+        assert_eq!(c.upload_command, None);
     }
 
     #[test]

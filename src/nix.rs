@@ -195,6 +195,21 @@ impl Nix {
         self.run_together("nix copy", cmds).map(drop)
     }
 
+    /// Runs an uploader (`upload-command`) with the paths appended to its
+    /// arguments: no shell, in its own process group, within the timeout.
+    pub fn run_uploader(&self, argv: &[String], paths: &[StorePath]) -> Result<(), Failure> {
+        let Some((program, args)) = argv.split_first() else {
+            return Err(Failure {
+                what: "upload-command",
+                kind: FailureKind::Spawn("empty upload-command".into()),
+                stderr: String::new(),
+            });
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(args).args(paths);
+        self.run("upload-command", cmd).map(drop)
+    }
+
     /// Checks that nix can open the store at `url` (`nix store ping`, which
     /// Nix 2.8 and 2.26 both have), within `timeout`.
     pub fn ping(&self, url: &str, timeout: Duration) -> Result<(), Failure> {

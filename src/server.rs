@@ -155,7 +155,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let journal = Arc::new(journal);
     let shared = Arc::new(Shared::new());
     let (tx, rx) = mpsc::channel();
-    let target_id = TargetId::of(config.upload_to.as_deref());
+    let target_id = TargetId::of(config.target_label().as_deref());
     let (given_up, to_upload): (Vec<StorePath>, Vec<StorePath>) = replay
         .paths
         .into_iter()
@@ -190,7 +190,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         shared,
         tx,
         store_dir: config.store_dir.clone(),
-        target: config.upload_to.as_deref().map(redact::url),
+        target: match &config.upload_to {
+            Some(url) => Some(redact::url(url)),
+            None => config.target_label().as_deref().map(redact::text),
+        },
         target_id,
         spool_dir: config.spool_dir(),
         signing: config.signing_key_file.is_some(),

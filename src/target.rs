@@ -27,6 +27,9 @@ pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 /// Checks `upload-to` as described in the module doc. `Err` holds the
 /// reason the daemon cannot run with this target, secrets masked.
 pub fn check_at_start(config: &Config) -> Result<(), String> {
+    if let Some(argv) = &config.upload_command {
+        return check_program(argv.first().map_or("", String::as_str));
+    }
     let Some(url) = config.upload_to.clone() else {
         return Ok(());
     };
@@ -57,6 +60,36 @@ pub fn check_at_start(config: &Config) -> Result<(), String> {
                 .map_err(|e| format!("cannot start the check of the target: {e}"))?;
             Ok(())
         }
+    }
+}
+
+/// Checks that the `upload-command` program can be run: an executable file
+/// at its path, or (a bare name) in a directory of `PATH`. What it does
+/// with the paths cannot be checked before the first upload.
+fn check_program(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        runnable(std::path::Path::new(program))
+    } else {
+        std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| runnable(&dir.join(program)))
+        })
+    };
+    if found {
+        info!("upload-command: {program} is there to run");
+        Ok(())
+    } else {
+        Err(format!(
+            "upload-command: {program} is not an executable file{}; give its path, or install it",
+            if program.contains('/') {
+                ""
+            } else {
+                " in any directory of PATH"
+            }
+        ))
     }
 }
 
@@ -172,6 +205,20 @@ mod tests {
         let not_dir = exit_failure("error: '/dev/null' is not a directory");
         assert_eq!(judge("file:///dev/null/x", Err(not_dir)), Ok(()));
         assert_eq!(judge("file:///x", Ok(())), Ok(()));
+    }
+
+    #[test]
+    fn upload_command_program_must_be_runnable() {
+        assert_eq!(check_program("sh"), Ok(()));
+        assert_eq!(check_program("/bin/sh"), Ok(()));
+        let e = check_program("/nonexistent/cachix").unwrap_err();
+        assert!(
+            e.contains("/nonexistent/cachix is not an executable file;"),
+            "{e}"
+        );
+        let e = check_program("npbhq-no-such-uploader").unwrap_err();
+        assert!(e.contains("in any directory of PATH"), "{e}");
+        assert!(check_program("/etc/passwd").is_err());
     }
 
     #[test]

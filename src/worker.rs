@@ -69,6 +69,8 @@ pub struct Worker {
     store_dir: String,
     signing_key: Option<PathBuf>,
     upload_to: Option<String>,
+    /// An uploader run instead of `nix copy` (`upload-command`).
+    upload_command: Option<Vec<String>>,
     /// The journal's name for the target (or for "sign only").
     target: TargetId,
     max_attempts: Option<u32>,
@@ -110,7 +112,8 @@ impl Worker {
             store_dir: config.store_dir.clone(),
             signing_key: config.signing_key_file.clone(),
             upload_to: config.upload_to.clone(),
-            target: TargetId::of(config.upload_to.as_deref()),
+            upload_command: config.upload_command.clone(),
+            target: TargetId::of(config.target_label().as_deref()),
             max_attempts: config.max_attempts,
             give_up_after: config.give_up_after,
             sign_closure: config.sign_closure,
@@ -124,7 +127,7 @@ impl Worker {
     }
 
     fn has_work_to_do(&self) -> bool {
-        self.signing_key.is_some() || self.upload_to.is_some()
+        self.signing_key.is_some() || self.upload_to.is_some() || self.upload_command.is_some()
     }
 
     /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
@@ -136,7 +139,7 @@ impl Worker {
             warning!("cannot lower the worker's CPU priority: {e}");
         }
         if !self.has_work_to_do() {
-            info!("neither signing-key-file nor upload-to is set: paths are acknowledged and then dropped from the queue, nothing to do");
+            info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
         }
         self.ingest_spool();
         loop {
@@ -466,6 +469,9 @@ impl Worker {
         if let Some(url) = &self.upload_to {
             self.nix.copy(url, paths)?;
         }
+        if let Some(argv) = &self.upload_command {
+            self.nix.run_uploader(argv, paths)?;
+        }
         Ok(())
     }
 
@@ -500,8 +506,13 @@ impl Worker {
 
     /// Whom to blame when a path failed alone: the path if the target
     /// answers `nix store ping` (or there is no target: signing only), the
-    /// target if not.
+    /// target if not. An `upload-command` cannot be asked: its lone failures
+    /// do not count (the bisection of a failed batch still finds the paths
+    /// at fault, and `give-up-after` ends the rest).
     fn blame_alone(&self) -> Blame {
+        if self.upload_command.is_some() {
+            return Blame::Target;
+        }
         let Some(url) = &self.upload_to else {
             return Blame::Paths;
         };

@@ -1798,6 +1798,120 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
 }
 
 // ---------------------------------------------------------------------------
+// Any uploader
+// ---------------------------------------------------------------------------
+
+/// `upload-command` runs an uploader with the paths as its last arguments,
+/// with the queue's durability, batching and retries: here `nix copy`
+/// itself, through `nix-fail-wrapper` (a real uploader to a file cache),
+/// failing for a while and then delivering. Its words are run as words,
+/// never by a shell; a program that is not there stops the daemon (exit 2).
+#[test]
+fn upload_command_delivers_with_retries_and_without_a_shell() {
+    let env = NixEnv::new("op-uploader");
+    let (upload, read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_fail(true);
+    let command = format!(
+        "{} --extra-experimental-features nix-command copy --to {upload}",
+        w.nix()
+    );
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-command", command.as_str()),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+        ],
+    );
+    let paths = env.build_paths(3, "uploader");
+    let r = cli(
+        &d,
+        &["enqueue"]
+            .iter()
+            .copied()
+            .chain(strs(&paths).iter().map(String::as_str))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the uploader failing, the paths backing off",
+        || {
+            let j = status_json(&d);
+            num(&j, "backing_off") == 3.0 && num(&j, "failed_calls") >= 2.0
+        },
+        || d.log(),
+    );
+    let j = status_json(&d);
+    assert_eq!(
+        j.get("target").and_then(Json::as_str),
+        Some(format!("upload-command: {command}").as_str()),
+        "{j:?}"
+    );
+    let err = j.get("backoff").and_then(Json::as_array).unwrap()[0]
+        .get("last_error")
+        .and_then(Json::as_str)
+        .unwrap()
+        .to_string();
+    assert!(
+        err.starts_with(
+            "upload-command failed (exit status 1): nix-fail-wrapper: injected failure"
+        ),
+        "{err}"
+    );
+    assert!(paths.iter().all(|p| !env.is_valid_in(&read, p)));
+    w.set_fail(false);
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    for p in &paths {
+        assert!(
+            env.is_valid_in(&read, p),
+            "{} not in the cache",
+            p.display()
+        );
+    }
+    assert!(!w.copy_pids().is_empty(), "the uploader ran");
+
+    // Words that a shell would act on are arguments like any other.
+    let marker = env.root().join("shell-ran");
+    let words = format!(
+        "/bin/echo $(touch {m}) ;touch {m} |touch {m}",
+        m = marker.display()
+    );
+    let d2 = Daemon::start(&env, &[("upload-command", words.as_str())]);
+    let r = cli(&d2, &["enqueue", &paths[0].display().to_string()]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli(&d2, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d2.log());
+    assert!(!marker.exists(), "upload-command went through a shell");
+
+    let mut d3 = Daemon::new_stopped(
+        &env,
+        &[("upload-command", "/nonexistent/cachix push c")],
+        NO_ENV,
+    );
+    let e = d3.try_spawn().expect_err("a missing uploader");
+    assert!(e.contains("exit status: 2"), "{e}");
+    assert!(
+        d3.log()
+            .contains("upload-command: /nonexistent/cachix is not an executable file"),
+        "{}",
+        d3.log()
+    );
+    let mut d4 = Daemon::new_stopped(
+        &env,
+        &[
+            ("upload-command", "/bin/true"),
+            ("upload-to", upload.as_str()),
+        ],
+        NO_ENV,
+    );
+    assert!(d4.try_spawn().is_err());
+    assert!(d4.log().contains("not both"), "{}", d4.log());
+}
+
+// ---------------------------------------------------------------------------
 // SIGTERM
 // ---------------------------------------------------------------------------
 
