@@ -247,27 +247,20 @@ fn admin(command: &str, args: &[String]) -> i32 {
         Err(e) => return fail(&connect_error(&e)),
     };
     let result = match command {
-        "enqueue" => {
+        "enqueue" | "requeue" | "drop" => {
+            // Only a path to queue must exist: one to requeue or drop may
+            // be gone from the store.
+            let enqueuing = command == "enqueue";
             let store_dir = config::default_store_dir();
             let resolved: Result<Vec<String>, String> = a
                 .paths
                 .iter()
-                .map(|p| resolve_path(p, &store_dir, true))
+                .map(|p| resolve_path(p, &store_dir, enqueuing))
                 .collect();
             match resolved {
-                Ok(paths) => enqueue(&mut conn, &paths),
-                Err(e) => return fail(&format!("enqueue: {e}; nothing was queued")),
-            }
-        }
-        "requeue" | "drop" => {
-            let store_dir = config::default_store_dir();
-            let resolved: Result<Vec<String>, String> = a
-                .paths
-                .iter()
-                .map(|p| resolve_path(p, &store_dir, false))
-                .collect();
-            match resolved {
+                Ok(paths) if enqueuing => enqueue(&mut conn, &paths),
                 Ok(paths) => requeue_or_drop(&mut conn, command, &paths),
+                Err(e) if enqueuing => return fail(&format!("enqueue: {e}; nothing was queued")),
                 Err(e) => return fail(&format!("{command}: {e}")),
             }
         }
@@ -701,14 +694,7 @@ fn status_text(reply: &StatusReply) -> String {
             "  {path}: attempt {attempts} failed, {when}: {error}\n"
         ));
     }
-    let total: usize = get("backing-off").parse().unwrap_or(0);
-    if total > backoff.len() {
-        s.push_str(&format!(
-            "  ... and {} more (status lists the {} soonest)\n",
-            total - backoff.len(),
-            backoff.len()
-        ));
-    }
+    s.push_str(&more(get("backing-off"), backoff.len(), "", "soonest"));
     for [attempts, ago, path, error] in failed {
         let when = ago.parse::<f64>().map_or(String::new(), |secs| {
             format!(" {} ago", human_duration(secs))
@@ -717,15 +703,20 @@ fn status_text(reply: &StatusReply) -> String {
             "  {path}: FAILED, given up on{when} after {attempts} attempts: {error}\n"
         ));
     }
-    let total: usize = get("failed").parse().unwrap_or(0);
-    if total > failed.len() {
-        s.push_str(&format!(
-            "  ... and {} more failed (status lists the {} oldest)\n",
-            total - failed.len(),
-            failed.len()
-        ));
-    }
+    s.push_str(&more(get("failed"), failed.len(), " failed", "oldest"));
     s
+}
+
+/// The line saying how many of `total` paths the list of `shown` left out
+/// (empty when none): `... and 3 more failed (status lists the 100 oldest)`.
+fn more(total: &str, shown: usize, what: &str, which: &str) -> String {
+    match total.parse::<usize>() {
+        Ok(total) if total > shown => format!(
+            "  ... and {} more{what} (status lists the {shown} {which})\n",
+            total - shown
+        ),
+        _ => String::new(),
+    }
 }
 
 /// `remaining N failing M [error PATH TEXT]` from the daemon, as a phrase,

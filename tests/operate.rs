@@ -178,6 +178,15 @@ fn cli(d: &Daemon, args: &[&str]) -> Ran {
     run(&mut c).into()
 }
 
+/// `enqueue PATHS...` through the CLI; panics unless it exits 0.
+fn enqueue_cli(d: &Daemon, paths: &[PathBuf]) -> Ran {
+    let mut c = d.cli_cmd();
+    c.arg("enqueue").args(paths).arg("--socket").arg(d.socket());
+    let r: Ran = run(&mut c).into();
+    assert_eq!(r.code, Some(0), "enqueue: {r:?}\nlog:\n{}", d.log());
+    r
+}
+
 /// Runs the CLI with `input` on stdin.
 fn cli_stdin(d: &Daemon, args: &[&str], input: &str) -> Ran {
     let mut c = d.cli_cmd();
@@ -373,6 +382,24 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
 }
 
 const M: &str = "nix_post_build_hook_queue_";
+
+/// Waits until the metrics file, valid Prometheus text, has these samples
+/// (names without the `M` prefix).
+fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
+    wait_until_ok(
+        Duration::from_secs(30),
+        &format!("metrics {want:?}"),
+        || {
+            let t = fs::read_to_string(file).map_err(|e| e.to_string())?;
+            let m = parse_prometheus(&t)?;
+            want.iter()
+                .all(|(name, v)| m.get(&format!("{M}{name}")) == Some(v))
+                .then_some(())
+                .ok_or(t)
+        },
+        || d.log(),
+    );
+}
 
 // ---------------------------------------------------------------------------
 // status, retry, wait
@@ -586,25 +613,9 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     println!("status after:\n{text}");
 }
 
-/// `wait` on a terminal shows its progress on stderr, and exits 1 when a
-/// path queued before it is dropped while it waits.
-#[test]
-fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
-    let env = NixEnv::new("op-wait");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
-    w.set_hold(true);
-    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
-    let good = env.build_paths(1, "wait");
-    let gone = missing_path(&env, "op-wait-gone");
-    // The good path's copy is held, so the missing path waits behind it.
-    assert_eq!(d.request(&format!("enqueue {}", good[0].display())), "ok 1");
-    wait_until(Duration::from_secs(30), "copy held", || {
-        !w.copy_pids().is_empty()
-    });
-    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-
-    // `script` gives the command a terminal; its output comes back on our pipe.
+/// Runs `wait` on a terminal (`script` gives it one); returns the `script`
+/// process and what the terminal shows, as it comes.
+fn wait_on_a_terminal(d: &Daemon) -> (Child, Arc<Mutex<Vec<u8>>>) {
     let cmd = format!(
         "'{}' wait --socket '{}'",
         daemon_bin().display(),
@@ -626,6 +637,29 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
         .spawn()
         .expect("script (util-linux) runs a command on a terminal");
     let out = collect_stdout(&mut child);
+    (child, out)
+}
+
+/// `wait` on a terminal shows its progress on stderr, and exits 1 when a
+/// path queued before it is dropped while it waits.
+#[test]
+fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
+    let env = NixEnv::new("op-wait");
+    let (upload, read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_hold(true);
+    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
+    let good = env.build_paths(1, "wait");
+    let gone = missing_path(&env, "op-wait-gone");
+    // The good path's copy is held, so the missing path waits behind it.
+    assert_eq!(d.request(&format!("enqueue {}", good[0].display())), "ok 1");
+    wait_until(Duration::from_secs(30), "copy held", || {
+        !w.copy_pids().is_empty()
+    });
+    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
+
+    // `script` gives the command a terminal; its output comes back on our pipe.
+    let (mut child, out) = wait_on_a_terminal(&d);
     let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
     wait_until_diag(
         Duration::from_secs(30),
@@ -1084,15 +1118,7 @@ fn metrics_file_is_prometheus_text_and_moves() {
 
     let paths = env.build_paths(2, "metrics");
     let gone = missing_path(&env, "op-metrics-gone");
-    let r = cli(
-        &d,
-        &[
-            "enqueue",
-            &paths[0].display().to_string(),
-            &paths[1].display().to_string(),
-        ],
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
+    enqueue_cli(&d, &[paths[0].clone(), paths[1].clone()]);
     // The CLI refuses a missing path; through the socket it is acknowledged
     // and then dropped.
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
@@ -1144,23 +1170,9 @@ fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
     let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
     let good = env.build_paths(1, "wait-int");
     assert_eq!(d.request(&format!("enqueue {}", good[0].display())), "ok 1");
-    let cmd = format!(
-        "'{}' wait --socket '{}'",
-        daemon_bin().display(),
-        d.socket().display()
-    );
-    let mut script = Command::new("script");
-    script.args(["-q", "-e", "-f", "-c", &cmd, "/dev/null"]);
-    let mut child = ChildGuard(Some(
-        script
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("script (util-linux) runs a command on a terminal"),
-    ));
-    let script_pid = child.0.as_ref().unwrap().id();
-    let out = collect_stdout(child.0.as_mut().unwrap());
+    let (child, out) = wait_on_a_terminal(&d);
+    let script_pid = child.id();
+    let mut child = ChildGuard(Some(child));
     let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
     wait_until_diag(
         Duration::from_secs(30),
@@ -1220,15 +1232,7 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     );
     let first = env.build_paths(2, "in-flight");
     let later = env.build_paths(3, "spooled");
-    let r = cli(
-        &d,
-        &[
-            "enqueue",
-            &first[0].display().to_string(),
-            &first[1].display().to_string(),
-        ],
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
+    enqueue_cli(&d, &[first[0].clone(), first[1].clone()]);
     wait_until(Duration::from_secs(30), "copy held", || {
         !w.copy_pids().is_empty()
     });
@@ -1276,19 +1280,7 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
         "2 file(s) with 3 path(s) left by the hook, not yet queued",
         "{text}"
     );
-    wait_until_ok(
-        Duration::from_secs(30),
-        "the spool backlog in the metrics",
-        || {
-            let t = fs::read_to_string(&metrics).map_err(|e| e.to_string())?;
-            let m = parse_prometheus(&t)?;
-            (m.get(&format!("{M}spool_files")) == Some(&2.0)
-                && m.get(&format!("{M}spool_paths")) == Some(&3.0))
-            .then_some(())
-            .ok_or(t)
-        },
-        || d.log(),
-    );
+    wait_for_metrics(&d, &metrics, &[("spool_files", 2.0), ("spool_paths", 3.0)]);
     println!("status during a held upload with a spool backlog:\n{text}");
 
     w.set_hold(false);
@@ -1364,15 +1356,7 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
         good[1].clone(),
         poison[1].clone(),
     ];
-    let r = cli(
-        &d,
-        &["enqueue"]
-            .iter()
-            .copied()
-            .chain(strs(&all).iter().map(String::as_str))
-            .collect::<Vec<_>>(),
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
+    enqueue_cli(&d, &all);
 
     // `wait` ends (its timeout is only a bound for a broken daemon) and
     // names both poison paths with the error.
@@ -1426,22 +1410,7 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
             "{text}"
         );
     }
-    wait_until_ok(
-        Duration::from_secs(30),
-        "metrics show the failed paths",
-        || {
-            let t = fs::read_to_string(&metrics).map_err(|e| e.to_string())?;
-            let m = parse_prometheus(&t)?;
-            if m.get(&format!("{M}failed")) == Some(&2.0)
-                && m.get(&format!("{M}given_up_total")) == Some(&2.0)
-            {
-                Ok(())
-            } else {
-                Err(t)
-            }
-        },
-        || d.log(),
-    );
+    wait_for_metrics(&d, &metrics, &[("failed", 2.0), ("given_up_total", 2.0)]);
     let log = d.log();
     for p in [&p1, &p2] {
         assert!(
@@ -1560,15 +1529,7 @@ fn outage_does_not_count_towards_max_attempts_but_give_up_after_ends_it() {
         || attempts(&d).first().is_some_and(|a| *a >= 4.0),
         || d.log(),
     );
-    let r = cli(
-        &d,
-        &[
-            "enqueue",
-            &paths[1].display().to_string(),
-            &paths[2].display().to_string(),
-        ],
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
+    enqueue_cli(&d, &[paths[1].clone(), paths[2].clone()]);
     wait_until_diag(
         UPLOAD_TIMEOUT,
         "three paths failing 4 times or more",
@@ -1825,15 +1786,7 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
         ],
     );
     let paths = env.build_paths(3, "uploader");
-    let r = cli(
-        &d,
-        &["enqueue"]
-            .iter()
-            .copied()
-            .chain(strs(&paths).iter().map(String::as_str))
-            .collect::<Vec<_>>(),
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
+    enqueue_cli(&d, &paths);
     wait_until_diag(
         UPLOAD_TIMEOUT,
         "the uploader failing, the paths backing off",
