@@ -13,16 +13,17 @@
 //!   the last error (the rest of the line). The path stays in the journal,
 //!   and is no longer tried for that target until it is requeued;
 //! - `= <target> <store-path>`: requeued for that target (`*`: for every
-//!   target), its failure forgotten.
+//!   target), its failure forgotten;
+//! - `> <target> <store-path>`: that target has the path, others not yet.
 //!
 //! A `<target>` is a [`TargetId`]: a hash of the target's URL, never the URL
 //! (which may hold a password). The per-target records let one path be
 //! delivered to several targets, each with its own failures; a path given up
 //! on for a target that is no longer configured is simply queued for the
-//! configured ones. (With several targets, `> <target> <store-path>` will
-//! say that one target has the path; this version writes only `-`, once the
-//! one target has it.) A journal of older versions, with `+` and `-` records
-//! only, replays as it always did.
+//! configured ones; one that every configured target has is done at start.
+//! (With one target, the daemon writes `-` when the target has the path,
+//! and no `>`.) A journal of older versions, with `+` and `-` records only,
+//! replays as it always did.
 //!
 //! Writers share fsyncs (group commit): while one thread writes and syncs,
 //! the others add their records to the next group, and each caller returns
@@ -126,6 +127,8 @@ struct Inner {
     live: HashMap<StorePath, Entry>,
     /// Live paths given up on, per target.
     given_up: HashMap<StorePath, Vec<GivenUp>>,
+    /// Live paths some targets have (not all of them yet).
+    delivered: HashMap<StorePath, Vec<TargetId>>,
     next_seq: u64,
     /// Records in the file that describe no live path.
     dead: usize,
@@ -177,6 +180,7 @@ impl Journal {
         let mut live: HashMap<StorePath, Entry> =
             HashMap::with_capacity(usize::try_from(capacity).unwrap_or(0).min(1 << 22));
         let mut given_up: HashMap<StorePath, Vec<GivenUp>> = HashMap::new();
+        let mut delivered: HashMap<StorePath, Vec<TargetId>> = HashMap::new();
         let mut next_seq = 0u64;
         let mut records = 0usize;
         let mut complete_len = 0u64;
@@ -211,6 +215,7 @@ impl Journal {
                 Some(Record::Done(path)) => {
                     live.remove(&path);
                     given_up.remove(&path);
+                    delivered.remove(&path);
                 }
                 Some(Record::GiveUp(path, g)) => {
                     if live.contains_key(&path) {
@@ -219,6 +224,14 @@ impl Journal {
                 }
                 Some(Record::Requeue(path, target)) => {
                     forget_given_up(&mut given_up, &path, target);
+                }
+                Some(Record::Delivered(path, target)) => {
+                    if live.contains_key(&path) {
+                        let have = delivered.entry(path).or_default();
+                        if !have.contains(&target) {
+                            have.push(target);
+                        }
+                    }
                 }
                 None => replay.bad_records += 1,
             }
@@ -237,10 +250,14 @@ impl Journal {
                 dir: dir.to_path_buf(),
                 file: Arc::new(file),
                 len: complete_len,
-                dead: records
-                    .saturating_sub(live.len() + given_up.values().map(Vec::len).sum::<usize>()),
+                dead: records.saturating_sub(
+                    live.len()
+                        + given_up.values().map(Vec::len).sum::<usize>()
+                        + delivered.values().map(Vec::len).sum::<usize>(),
+                ),
                 live,
                 given_up,
+                delivered,
                 next_seq,
                 pending: Vec::new(),
                 pending_gen: 1,
@@ -347,7 +364,8 @@ impl Journal {
             if inner.live.remove(path).is_some() {
                 write_done(&mut records, path);
                 let failures = inner.given_up.remove(path).map_or(0, |g| g.len());
-                inner.dead += 2 + failures;
+                let deliveries = inner.delivered.remove(path).map_or(0, |d| d.len());
+                inner.dead += 2 + failures + deliveries;
             }
         }
         if records.is_empty() {
@@ -362,6 +380,82 @@ impl Journal {
             inner.try_compact();
         }
         Ok(())
+    }
+
+    /// Records, durably, that `target` has the paths. A path that every one
+    /// of `targets` now has is done and leaves the journal (`-`); for the
+    /// others a `>` record remembers which target has it. Returns the paths
+    /// that left the journal.
+    pub fn deliver(
+        &self,
+        paths: &[StorePath],
+        target: TargetId,
+        targets: &[TargetId],
+    ) -> io::Result<Vec<StorePath>> {
+        let mut inner = self.lock();
+        let mut records = Vec::new();
+        let mut done = Vec::new();
+        let mut marked = Vec::new();
+        for path in paths {
+            if !inner.live.contains_key(path) {
+                continue;
+            }
+            let have = inner.delivered.get(path).map_or(&[][..], Vec::as_slice);
+            if targets.iter().all(|t| *t == target || have.contains(t)) {
+                done.push(path.clone());
+            } else if !have.contains(&target) {
+                write_delivered(&mut records, path, target);
+                inner
+                    .delivered
+                    .entry(path.clone())
+                    .or_default()
+                    .push(target);
+                marked.push(path.clone());
+            }
+        }
+        if !records.is_empty() {
+            let (mut guard, result) = self.commit(inner, &records);
+            if let Err(e) = result {
+                for path in &marked {
+                    if let Some(have) = guard.delivered.get_mut(path) {
+                        have.retain(|t| *t != target);
+                        if have.is_empty() {
+                            guard.delivered.remove(path);
+                        }
+                    }
+                }
+                return Err(e);
+            }
+            inner = guard;
+        }
+        drop(inner);
+        self.complete(&done)?;
+        Ok(done)
+    }
+
+    /// True when `target` has `path` (and some other target not yet).
+    pub fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
+        self.lock()
+            .delivered
+            .get(path)
+            .is_some_and(|have| have.contains(&target))
+    }
+
+    /// Completes every path that each of `targets` has: after a target was
+    /// taken out of the configuration, the others may have them all.
+    /// Returns how many left the journal.
+    pub fn settle(&self, targets: &[TargetId]) -> io::Result<usize> {
+        let done: Vec<StorePath> = {
+            let inner = self.lock();
+            inner
+                .delivered
+                .iter()
+                .filter(|(_, have)| targets.iter().all(|t| have.contains(t)))
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
+        self.complete(&done)?;
+        Ok(done.len())
     }
 
     /// Replaces a derivation by its outputs, which keep its place in line.
@@ -616,6 +710,9 @@ impl Inner {
             for g in self.given_up.get(path).into_iter().flatten() {
                 write_give_up(&mut data, path, g);
             }
+            for t in self.delivered.get(path).into_iter().flatten() {
+                write_delivered(&mut data, path, *t);
+            }
         }
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         // Opened for appending before the rename, so that once the new file
@@ -638,6 +735,7 @@ enum Record {
     GiveUp(StorePath, GivenUp),
     /// `None`: for every target.
     Requeue(StorePath, Option<TargetId>),
+    Delivered(StorePath, TargetId),
 }
 
 /// Records `g` in a path's list, replacing an older one for its target.
@@ -694,6 +792,11 @@ fn parse_record(line: &[u8], store_dir: &str) -> Option<Record> {
         };
         let path = StorePath::parse(path, store_dir).ok()?;
         Some(Record::Requeue(path, target))
+    } else if let Some(rest) = line.strip_prefix("> ") {
+        let (target, path) = rest.split_once(' ')?;
+        let target = TargetId::parse(target)?;
+        let path = StorePath::parse(path, store_dir).ok()?;
+        Some(Record::Delivered(path, target))
     } else {
         None
     }
@@ -720,6 +823,10 @@ fn write_give_up(buf: &mut Vec<u8>, path: &StorePath, g: &GivenUp) {
         )
         .as_bytes(),
     );
+}
+
+fn write_delivered(buf: &mut Vec<u8>, path: &StorePath, target: TargetId) {
+    buf.extend_from_slice(format!("> {target} {path}\n").as_bytes());
 }
 
 fn write_requeue(buf: &mut Vec<u8>, path: &StorePath, target: Option<TargetId>) {
@@ -982,6 +1089,40 @@ mod tests {
         let (j, r) = Journal::open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(1), path(3)]);
         assert!(j.is_given_up(&path(1), a));
+    }
+
+    #[test]
+    fn a_path_leaves_when_every_target_has_it() {
+        let dir = Dir::new("deliver");
+        let (a, b) = (
+            TargetId::of(Some("file:///a")),
+            TargetId::of(Some("ssh://b")),
+        );
+        {
+            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            j.append(&[path(1), path(2), path(3)]).unwrap();
+            // One target: done at once, no `>` record.
+            assert_eq!(j.deliver(&[path(3)], a, &[a]).unwrap(), vec![path(3)]);
+            assert_eq!(j.deliver(&[path(1), path(2)], a, &[a, b]).unwrap(), vec![]);
+            assert_eq!(j.deliver(&[path(1)], a, &[a, b]).unwrap(), vec![], "again");
+            assert!(j.is_delivered(&path(1), a) && !j.is_delivered(&path(1), b));
+        }
+        let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
+        assert_eq!(text.matches("\n> ").count(), 2, "{text}");
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.bad_records, 0);
+        assert_eq!(r.paths, vec![path(1), path(2)]);
+        assert!(j.is_delivered(&path(2), a));
+        assert_eq!(j.deliver(&[path(1)], b, &[a, b]).unwrap(), vec![path(1)]);
+        j.lock().try_compact();
+        drop(j);
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(2)]);
+        assert!(j.is_delivered(&path(2), a), "kept by compaction");
+        // Target b taken out of the configuration: a has it all.
+        assert_eq!(j.settle(&[a]).unwrap(), 1);
+        assert!(j.is_empty());
+        assert_eq!(j.settle(&[a]).unwrap(), 0);
     }
 
     #[test]

@@ -156,9 +156,16 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let shared = Arc::new(Shared::new());
     let (tx, rx) = mpsc::channel();
     let target_id = TargetId::of(config.target_label().as_deref());
+    // Paths the target has already (written by a daemon with more targets).
+    match journal.settle(&[target_id]) {
+        Ok(0) => {}
+        Ok(n) => info!("journal: {n} paths the target has already are done"),
+        Err(e) => warning!("journal: cannot settle the paths the target has already: {e}"),
+    }
     let (given_up, to_upload): (Vec<StorePath>, Vec<StorePath>) = replay
         .paths
         .into_iter()
+        .filter(|p| journal.entry(p).is_some())
         .partition(|p| journal.is_given_up(p, target_id));
     if !given_up.is_empty() {
         warning!(

@@ -256,8 +256,12 @@ impl Worker {
             }
             bytes += len;
             if let Some(p) = self.ready.pop_front() {
-                // Dropped or given up on by an operator meanwhile.
-                if self.journal.entry(&p).is_none() || self.journal.is_given_up(&p, self.target) {
+                // Dropped by an operator meanwhile, or settled for this
+                // target (given up on, or delivered).
+                if self.journal.entry(&p).is_none()
+                    || self.journal.is_given_up(&p, self.target)
+                    || self.journal.is_delivered(&p, self.target)
+                {
                     continue;
                 }
                 batch.push(p);
@@ -476,7 +480,8 @@ impl Worker {
     }
 
     fn finish(&self, paths: &[StorePath], took: Duration) {
-        if let Err(e) = self.journal.complete(paths) {
+        let targets = [self.target];
+        if let Err(e) = self.journal.deliver(paths, self.target, &targets) {
             // The paths stay done in memory; after a restart they are
             // uploaded once more, which is harmless.
             warning!("cannot journal {} finished paths: {e}", paths.len());

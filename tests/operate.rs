@@ -1702,6 +1702,60 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
     assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
 }
 
+/// The journal's name for a target: FNV-1a (64 bits) of its URL, in 16
+/// hex digits (the URL here holds no secret to mask).
+fn target_id(url: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in url.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Per-target records (`>`: a target has the path; `!`: given up on for a
+/// target; `=`: requeued), as a daemon with several targets writes them,
+/// replay: a path the configured target has is done at start without an
+/// upload; one only another target has, or given up on for another target,
+/// is uploaded to this one.
+#[test]
+fn journal_records_of_several_targets_replay() {
+    let env = NixEnv::new("op-targets-journal");
+    let (upload, read) = file_cache(&env, "cache");
+    let mut d = Daemon::new_stopped(&env, &[("upload-to", upload.as_str())], NO_ENV);
+    let paths = env.build_paths(4, "targets");
+    let p = strs(&paths);
+    let (ours, other) = (target_id(&upload), target_id("ssh-ng://mirror"));
+    fs::create_dir_all(d.state_dir()).unwrap();
+    fs::write(
+        d.state_dir().join("journal"),
+        format!(
+            "+ 1700000000 {p0}\n+ 1700000001 {p1}\n+ 1700000002 {p2}\n+ 1700000003 {p3}\n\
+             > {ours} {p0}\n> {other} {p1}\n! 1700000009 {other} 10 {p2} nix copy failed: x\n\
+             ! 1700000009 {ours} 10 {p3} nix copy failed: y\n= * {p3}\n",
+            p0 = p[0],
+            p1 = p[1],
+            p2 = p[2],
+            p3 = p[3],
+        ),
+    )
+    .unwrap();
+    d.try_spawn().unwrap();
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
+    assert!(
+        !env.is_valid_in(&read, &paths[0]),
+        "the target had it already"
+    );
+    for q in &paths[1..] {
+        assert!(env.is_valid_in(&read, q), "{} not uploaded", q.display());
+    }
+    let j = status_json(&d);
+    assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");
+    assert!(!d.log().contains("unreadable"), "{}", d.log());
+}
+
 // ---------------------------------------------------------------------------
 // The target, checked at start
 // ---------------------------------------------------------------------------
