@@ -40,7 +40,10 @@ fn wait_verified(env: &NixEnv, d: &Daemon, url: &str, pk: &str, paths: &[PathBuf
 
 /// 1. A nix-build with our hook and a daemon that signs and uploads to a
 ///    file:// cache: the build succeeds and every output arrives, signed.
-///    (Nix 2.8 passes an empty OUT_PATHS, so the daemon resolves DRV_PATH.)
+///    (Nix 2.8 passes an empty OUT_PATHS, so the daemon resolves DRV_PATH;
+///    Nix 2.26 passes the outputs. The hook is run by hand each way below,
+///    on both versions: `hook_client_run_directly_hands_over_drv`,
+///    `hook_with_closed_standard_descriptors_spools_and_queues`.)
 #[test]
 fn hook_build_is_signed_and_uploaded_to_file_cache() {
     let env = NixEnv::new("core-file");
