@@ -2081,6 +2081,9 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         "--outputs",
         "--check-validity",
         "--print-invalid",
+        // The target's check at start (and when a path fails alone).
+        "ping",
+        "--store",
     ]
     .into_iter()
     .collect();
