@@ -579,33 +579,79 @@ fn daemon_with_closed_standard_descriptors_opens_dev_null_on_them() {
     );
 }
 
-/// A well-formed store path that is not valid (never built, or garbage
-/// collected) must not block the valid paths queued with it: one invalid
-/// path fails a whole `nix copy` call.
+/// A path garbage-collected after the daemon checked it is valid, just
+/// before `nix copy` (a wrapper around the real nix deletes it then), must
+/// not block the valid paths queued with it: the invalid path fails the
+/// whole `nix copy` call, the valid ones still arrive, and at the next try
+/// the invalid one is dropped, with one warning, and counted as dropped.
 #[test]
 fn invalid_path_does_not_block_valid_ones() {
     let env = NixEnv::new("core-invalid");
-    let (d, read, pk) = signing_daemon(&env, "core-invalid-1");
-    let paths = env.build_paths(2, "invalid");
-    let bogus = env
-        .store_dir()
-        .join("0000000000000000000000000000000a-npbhq-never-built");
-    let reply = d.request(&format!(
-        "enqueue {} {} {}",
-        paths[0].display(),
-        bogus.display(),
-        paths[1].display()
-    ));
-    assert!(reply.starts_with("ok"), "{reply}\nlog:\n{}", d.log());
+    let (sk, pk) = env.gen_signing_key("core-invalid-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let paths = env.build_paths(3, "invalid");
+    let (good, victim) = ([paths[0].clone(), paths[2].clone()], paths[1].clone());
+    let wrapper = env.root().join("nix-gc-before-copy");
+    fs::create_dir_all(&wrapper).unwrap();
+    let nix = wrapper.join("nix");
+    let copies = env.root().join("copies.txt");
+    fs::write(
+        &nix,
+        format!(
+            "#!/bin/sh\n# The garbage collector strikes between the validity check and the copy.\n\
+             if [ \"$3\" = copy ]; then echo \"$*\" >> {}; {} --delete {} >/dev/null 2>&1; fi\n\
+             exec {} \"$@\"\n",
+            copies.display(),
+            which("nix-store").display(),
+            victim.display(),
+            which("nix").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&nix, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(which("nix-store"), wrapper.join("nix-store")).unwrap();
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+            ("nix", &nix.display().to_string()),
+            ("retry-initial-delay", "0.05"),
+        ],
+    );
+    let reply = d.request(&format!("enqueue {}", strs(&paths).join(" ")));
+    assert_eq!(reply, "ok 3", "log:\n{}", d.log());
     wait_verified(
         &env,
         &d,
         &read,
         &pk,
-        &paths,
+        &good,
         "valid paths uploaded despite an invalid one in the same batch",
     );
-    assert!(!env.is_valid_in(&read, &bogus));
+    let victim_s = victim.display().to_string();
+    wait_until_diag(
+        Duration::from_secs(30),
+        "the collected path dropped, the queue empty",
+        || {
+            let status = d.request_lines("status");
+            status.iter().any(|l| l == "dropped 1") && status.iter().any(|l| l == "queued 0")
+        },
+        || d.log(),
+    );
+    let log = d.log();
+    let copied = fs::read_to_string(&copies).unwrap_or_default();
+    assert!(
+        copied.lines().next().is_some_and(|c| c.contains(&victim_s)),
+        "the path never reached nix copy: {copied:?}\n{log}"
+    );
+    let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
+    assert!(
+        drops.len() == 1 && drops[0].starts_with("warning:") && drops[0].contains(&victim_s),
+        "one warning about the collected path: {drops:?}"
+    );
+    assert!(!env.is_valid_in(&read, &victim));
 }
 
 /// SIGTERM stops the daemon cleanly (exit 0) and a restart resumes the

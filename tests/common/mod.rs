@@ -1153,6 +1153,8 @@ pub struct Daemon {
     config_path: PathBuf,
     config: Vec<(String, String)>,
     env: Vec<(String, OsString)>,
+    /// Variables removed from the daemon's environment.
+    unset: Vec<String>,
     child: Option<Child>,
     launch: Launch,
 }
@@ -1230,6 +1232,7 @@ impl Daemon {
             dir,
             config: cfg,
             env: vars,
+            unset: Vec::new(),
             child: None,
             launch: Launch::Logged,
         };
@@ -1254,6 +1257,13 @@ impl Daemon {
             self.config.push((key.to_string(), value.to_string()));
         }
         self.write_config();
+    }
+
+    /// Removes `key` from the daemon's environment (the test runner's
+    /// included) from the next (re)start on.
+    pub fn unset_env(&mut self, key: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.unset.push(key.to_string());
     }
 
     /// The value of config key `key`, if set.
@@ -1295,6 +1305,9 @@ impl Daemon {
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        for k in &self.unset {
+            cmd.env_remove(k);
         }
         let mut child = cmd
             .spawn()
