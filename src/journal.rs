@@ -1166,7 +1166,7 @@ mod tests {
         assert!(j.given_up_on(b).is_empty());
         j.give_up(&path(1), given_up(a, "again")).unwrap();
         drop(j);
-        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        let (j, _) = Journal::open(&dir.0, S).unwrap();
         assert!(j.is_given_up(&path(1), a));
         assert!(!j.is_given_up(&path(2), a) && !j.is_given_up(&path(3), b));
         // Dropped: its failure goes with it, and compaction keeps the rest.
