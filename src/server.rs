@@ -121,12 +121,13 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         // Before anything can fail and quote the target.
         redact::remember(url);
     }
-    crate::target::check_at_start(&config).map_err(ServeError::Target)?;
 
     // Held until the process ends: one daemon per journal.
     let _lock = lock_state_dir(&config.state_dir)?;
     let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
         .map_err(|e| ServeError::Journal(config.state_dir.clone(), e))?;
+    // After the journal, whose refusal matters more; before the socket.
+    crate::target::check_at_start(&config).map_err(ServeError::Target)?;
     if replay.torn_bytes > 0 {
         warning!(
             "journal: cut off a torn last record of {} bytes (a crash during a write)",

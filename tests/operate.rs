@@ -1,12 +1,16 @@
 //! Operating the daemon (issue 4): the admin commands `status` (human and
 //! `--json`), `wait`, `retry` and `enqueue -`, a missing daemon, systemd
 //! socket activation and readiness, journald priorities, the metrics file,
-//! and stopping with SIGTERM.
+//! and stopping with SIGTERM; and (issue 16) paths given up on after
+//! repeated failures with `requeue` and `drop`, the target checked at start,
+//! `COMMAND --help` and `enqueue ./result`, a status that answers more, the
+//! journal's per-target records, and `upload-command`.
 //!
 //! Every test runs the real daemon against real Nix in a private store. A
 //! failing or slow cache is simulated with `nix-fail-wrapper`: a shell script
 //! that runs the real `nix`, except that `nix copy` waits while a `hold` file
-//! exists and then fails while a `fail` file exists. Timeouts in
+//! exists and then fails while a `fail` file exists (or, while a `poison`
+//! file exists, fails for paths named `*-npbhq-poison-*`). Timeouts in
 //! `wait_until` are correctness bounds, never speed assertions.
 
 mod common;
