@@ -296,6 +296,7 @@ impl Config {
 
     /// Applies every line of a config file's text; `origin` names the file.
     pub fn apply_file_text(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let mut target_line = None;
         for (index, raw) in text.lines().enumerate() {
             let at = |message: String| ConfigError {
                 origin: format!("{origin}:{}", index + 1),
@@ -309,6 +310,13 @@ impl Config {
                 .split_once('=')
                 .ok_or_else(|| at(format!("expected 'key = value', got {line:?}")))?;
             let key = key.trim();
+            if key == "upload-to" {
+                // An empty value unsets it: what follows is the first again.
+                let this = (!value.trim().is_empty()).then_some(index + 1);
+                if let (Some(first), Some(_)) = (std::mem::replace(&mut target_line, this), this) {
+                    return Err(at(one_target(&format!("line {first}"))));
+                }
+            }
             self.set(key, value.trim())
                 .map_err(|m| at(format!("key {key:?}: {m}")))?;
         }
@@ -378,7 +386,17 @@ impl Config {
                 config.apply_file(Path::new(value))?;
             }
         }
+        let mut target_flag = false;
         for (flag, value) in flags.iter().filter(|(f, _)| f != "config") {
+            if flag == "upload-to"
+                && std::mem::replace(&mut target_flag, !value.is_empty())
+                && !value.is_empty()
+            {
+                return Err(ConfigError {
+                    origin: "--upload-to".into(),
+                    message: one_target("an earlier --upload-to"),
+                });
+            }
             config.set(flag, value).map_err(|message| ConfigError {
                 origin: format!("--{flag}"),
                 message,
@@ -387,6 +405,16 @@ impl Config {
         config.check()?;
         Ok(config)
     }
+}
+
+/// The error for a second `upload-to` in one place (`first` says where the
+/// first one is): the daemon delivers to one target, and the second one
+/// must not silently replace the first.
+fn one_target(first: &str) -> String {
+    format!(
+        "upload-to is given a second time (first in {first}); the daemon delivers to one \
+         target: keep one upload-to (several targets are not supported yet)"
+    )
 }
 
 /// The error for an unknown key: the nearest known key when one is close
@@ -666,6 +694,36 @@ mod tests {
         assert!(e.to_string().contains("not both"), "{e}");
         let c = Config::from_args(&args(&["--upload-command", " "])).unwrap();
         assert_eq!(c.upload_command, None);
+    }
+
+    #[test]
+    fn a_second_upload_to_is_refused_not_silently_taken() {
+        let mut c = Config::default();
+        let e = c
+            .apply_file_text(
+                "upload-to = file:///a\nbatch-size = 3\nupload-to = ssh-ng://b\n",
+                "q.conf",
+            )
+            .unwrap_err();
+        assert_eq!(e.origin, "q.conf:3");
+        assert!(e.message.contains("first in line 1"), "{e}");
+        let e = Config::from_args(&args(&[
+            "--upload-to",
+            "file:///a",
+            "--upload-to=file:///b",
+        ]))
+        .unwrap_err();
+        assert_eq!(e.origin, "--upload-to");
+        // An empty value unsets: then another may follow.
+        let mut c = Config::default();
+        c.apply_file_text(
+            "upload-to = file:///a\nupload-to =\nupload-to = file:///b\n",
+            "q",
+        )
+        .unwrap();
+        assert_eq!(c.upload_to.as_deref(), Some("file:///b"));
+        let c = Config::from_args(&args(&["--upload-to", "", "--upload-to", "file:///b"])).unwrap();
+        assert_eq!(c.upload_to.as_deref(), Some("file:///b"));
     }
 
     #[test]

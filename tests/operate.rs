@@ -1775,6 +1775,22 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
     let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
+    // A second target is refused, not silently taken instead of the first
+    // (private socket and state, should it start all the same).
+    let own = env.root().join("second-target");
+    let r: Ran = run(d
+        .cli_cmd()
+        .args(["serve", "--upload-to", upload.as_str()])
+        .args(["--upload-to", "ssh-ng://mirror", "--socket"])
+        .arg(own.join("s.sock"))
+        .arg("--state-dir")
+        .arg(&own))
+    .into();
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("upload-to is given a second time") && r.stderr.lines().count() == 1,
+        "{r:?}"
+    );
 }
 
 /// The journal's name for a target: FNV-1a (64 bits) of its URL, in 16
