@@ -581,9 +581,15 @@ fn install_module(c: &Container, module: &Rendered) {
 /// A fresh start of the module's units: enabled (as NixOS links them into
 /// sockets.target and multi-user.target) and started.
 fn start_module(c: &Container) {
-    c.ok(&format!(
+    let ran = c.sh(&format!(
         "systemctl enable {UNIT}.socket {UNIT}.service && systemctl start {UNIT}.socket {UNIT}.service"
     ));
+    assert!(
+        ran.status.success(),
+        "the module's units did not start: {}\n{}",
+        ran.both(),
+        c.journal()
+    );
 }
 
 /// A container with `variant` installed and running.
