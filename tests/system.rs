@@ -362,6 +362,7 @@ impl Container {
             );
             thread::sleep(Duration::from_millis(20));
         }
+        let started = start.elapsed();
         // Before its bus is up, systemctl fails or says "offline" at once.
         let mut state = c.sh("systemctl is-system-running --wait");
         while (state.stdout.trim() == "offline" || state.stdout.trim().is_empty())
@@ -375,6 +376,13 @@ impl Container {
             "the container did not come up cleanly ({}); failed units:\n{}",
             state.both(),
             c.sh("systemctl --failed --no-pager").stdout
+        );
+        // For reports (cargo test -- --nocapture), not an assertion.
+        eprintln!(
+            "{}: PID 1 after {:.2} s, running after {:.2} s",
+            c.machine,
+            started.as_secs_f64(),
+            start.elapsed().as_secs_f64()
         );
         c
     }
