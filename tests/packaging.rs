@@ -19,8 +19,9 @@ fn repo() -> &'static Path {
 #[test]
 fn every_nix_file_parses() {
     let env = NixEnv::new("parse");
-    let mut files: Vec<_> = fs::read_dir(repo())
-        .unwrap()
+    let mut files: Vec<_> = [repo().to_path_buf(), repo().join("tests/system")]
+        .iter()
+        .flat_map(|dir| fs::read_dir(dir).unwrap())
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "nix"))
         .collect();
@@ -29,7 +30,7 @@ fn every_nix_file_parses() {
         .iter()
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .collect();
-    for expected in ["default.nix", "flake.nix", "module.nix"] {
+    for expected in ["default.nix", "flake.nix", "module.nix", "render.nix"] {
         assert!(
             names.iter().any(|n| n == expected),
             "{expected} missing: {names:?}"

@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{daemon_bin, hook_bin, unique_id};
+use common::{daemon_bin, hook_bin, unique_id, wait_until_ok};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -101,30 +101,6 @@ fn run_deadline(cmd: &mut Command, dir: &Path, deadline: Duration) -> Ran {
     let _ = fs::remove_file(out);
     let _ = fs::remove_file(err);
     ran
-}
-
-/// Polls `check` every 200 ms until it returns Ok; fails with the last error
-/// and `diag()` after `deadline`.
-fn wait_for(
-    deadline: Duration,
-    what: &str,
-    mut check: impl FnMut() -> Result<(), String>,
-    diag: impl FnOnce() -> String,
-) {
-    let start = Instant::now();
-    loop {
-        let last = match check() {
-            Ok(()) => return,
-            Err(e) => e,
-        };
-        if start.elapsed() > deadline {
-            panic!(
-                "timed out after {deadline:?} waiting for {what}\nlast: {last}\n{}",
-                diag()
-            );
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -452,13 +428,25 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         if self.pid1 != 0 {
+            // Bounded: a wedged container must not hang the test run.
             let _ = Command::new("nsenter")
                 .arg("-t")
                 .arg(self.pid1.to_string())
                 .args(["-a", "systemctl", "poweroff", "--no-block"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .status();
+                .spawn()
+                .map(|mut child| {
+                    let start = Instant::now();
+                    while start.elapsed() < Duration::from_secs(10) {
+                        if let Ok(Some(_)) = child.try_wait() {
+                            return;
+                        }
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                });
         }
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
@@ -656,7 +644,7 @@ fn in_cache_dir(c: &Container, path: &str) -> bool {
 /// with the test key.
 fn wait_delivered(c: &Container, paths: &[String]) {
     for p in paths {
-        wait_for(
+        wait_until_ok(
             DELIVERY_DEADLINE,
             &format!("{p} in {CACHE_DIR}"),
             || {
@@ -867,7 +855,7 @@ fn module_service_serves_signs_uploads_and_stays_up() {
         "status --json: {}",
         json.both()
     );
-    wait_for(
+    wait_until_ok(
         Duration::from_secs(30),
         "the metrics file counts the uploads",
         || {
@@ -988,7 +976,7 @@ fn restart_in_the_middle_of_an_upload_loses_nothing() {
     );
     start_module(&c);
     let paths: Vec<String> = (0..2).map(|i| build(&c, &format!("restart{i}"))).collect();
-    wait_for(
+    wait_until_ok(
         Duration::from_secs(60),
         "an upload in progress",
         || {
@@ -1017,7 +1005,7 @@ fn switch_to_a_changed_unit_drains_the_queue() {
     // Paths queued while the upload target is unwritable: they wait.
     c.ok(&format!("chmod 000 {CACHE_DIR}"));
     let paths: Vec<String> = (0..3).map(|i| build(&c, &format!("switch{i}"))).collect();
-    wait_for(
+    wait_until_ok(
         Duration::from_secs(60),
         "three paths queued",
         || {
