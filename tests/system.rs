@@ -956,9 +956,12 @@ fn builds_spool_while_stopped_and_arrive_after_start() {
     wait_delivered(&c, &paths);
 }
 
-/// A restart while `nix copy` runs loses nothing: the paths of the cut
-/// upload arrive afterwards. The upload is held open by a wrapper around
-/// the real nix (`settings.nix`) that waits 4 s before each copy.
+/// A restart while `nix copy` runs (what a switch does to this unit: it
+/// has `X-StopIfChanged=false`) loses nothing, and does not cut the upload
+/// short: the daemon alone gets SIGTERM (`KillMode=mixed`) and lets the copy
+/// finish within its grace, which systemd's stop timeout outlasts. The
+/// upload is held open by a wrapper around the real nix (`settings.nix`)
+/// that notes each copy and waits 4 s before it.
 #[test]
 fn restart_in_the_middle_of_an_upload_loses_nothing() {
     let (c, module) = boot_with("restart", "file");
@@ -974,15 +977,21 @@ fn restart_in_the_middle_of_an_upload_loses_nothing() {
         config_path,
         &format!("{config_text}nix = /usr/local/bin/npbhq-slow-nix\n"),
     );
-    start_module(&c);
+    // Built before the daemon first starts: the hook spools both, and the
+    // daemon uploads them in one `nix copy`.
     let paths: Vec<String> = (0..2).map(|i| build(&c, &format!("restart{i}"))).collect();
+    start_module(&c);
+    let copies = || {
+        c.sh(&format!("cat {STATE_DIR}/copies"))
+            .stdout
+            .lines()
+            .count()
+    };
     wait_until_ok(
         Duration::from_secs(60),
         "an upload in progress",
         || {
-            c.sh(&format!("test -s {STATE_DIR}/copies"))
-                .status
-                .success()
+            (copies() > 0)
                 .then_some(())
                 .ok_or_else(|| "no copy yet".to_string())
         },
@@ -992,6 +1001,12 @@ fn restart_in_the_middle_of_an_upload_loses_nothing() {
     wait_delivered(&c, &paths);
     let json = daemon(&c, "status --json");
     assert!(json.stdout.contains("\"queued\":0"), "{}", json.both());
+    assert_eq!(
+        copies(),
+        1,
+        "the copy in progress at the restart was cut short and had to run again\n{}",
+        c.journal()
+    );
 }
 
 /// What `nixos-rebuild switch` does to a changed socket-activated unit
