@@ -600,9 +600,15 @@ fn boot_with(tag: &str, variant: &str) -> (Container, Rendered) {
 /// Builds a distinct one-file derivation as root through the nix-daemon
 /// (which runs the post-build-hook, as root); returns its output path.
 fn build(c: &Container, tag: &str) -> String {
+    build_as(c, "root", tag)
+}
+
+/// [`build`] by `user` (a client of the nix-daemon like any other: the
+/// daemon runs the hook, as root, whoever asked for the build).
+fn build_as(c: &Container, user: &str, tag: &str) -> String {
     let nonce = unique_id();
     let out = c.ok(&format!(
-        "NIX_REMOTE=daemon nix-build --no-out-link -E 'derivation {{ name = \"npbhq-{tag}\"; \
+        "cd / && runuser -u {user} -- env HOME=/tmp NIX_REMOTE=daemon nix-build --no-out-link -E 'derivation {{ name = \"npbhq-{tag}\"; \
          system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {nonce} > $out\" ]; }}'"
     ));
     let path = out.lines().last().unwrap_or_default().trim().to_string();
@@ -805,7 +811,18 @@ fn module_service_serves_signs_uploads_and_stays_up() {
     let socket = c.ok(&format!("stat -c '%U %a' /run/{UNIT}.sock"));
     assert_eq!(socket.trim(), "root 600", "the socket is root's alone");
 
-    let paths: Vec<String> = (0..3).map(|i| build(&c, &format!("serve{i}"))).collect();
+    let mut paths: Vec<String> = (0..3).map(|i| build(&c, &format!("serve{i}"))).collect();
+    // A user who cannot reach the socket (root's, 0600) builds too: the hook
+    // runs in the nix-daemon, as root, so the path is queued all the same.
+    let refused = c.sh(&format!(
+        "runuser -u nobody -- /opt/npbhq/bin/post-build-hook-queue status --socket /run/{UNIT}.sock"
+    ));
+    assert!(
+        !refused.status.success(),
+        "nobody reached the socket: {}",
+        refused.both()
+    );
+    paths.push(build_as(&c, "nobody", "serve-nobody"));
     let waited = daemon(&c, "wait --timeout 100");
     assert!(
         waited.status.success(),
