@@ -971,6 +971,9 @@ fn builds_spool_while_stopped_and_arrive_after_start() {
     }
     c.ok(&format!("systemctl start {UNIT}.socket {UNIT}.service"));
     wait_delivered(&c, &paths);
+    // The spooled requests were taken in: none is left to be read again.
+    let left = c.ok(&format!("ls -A {STATE_DIR}/spool"));
+    assert!(left.trim().is_empty(), "left in the spool: {left}");
 }
 
 /// A restart while `nix copy` runs (what a switch does to this unit: it
