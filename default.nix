@@ -19,10 +19,7 @@ let
 
   # Only what `cargo build` reads: editing README.md, tests/, the .nix files
   # or CI scripts leaves this source (and so the package) unchanged.
-  # build.rs chooses how the hook is linked; tests/hook.rs holds the hook's
-  # unit tests (see checkPhase below).
-  # builtins.path rather than lib.fileset so that any nixpkgs works and a
-  # missing optional file (build.rs) is not an error.
+  # builtins.path rather than lib.fileset so that any nixpkgs works.
   src = builtins.path {
     name = "${manifest.name}-${manifest.version}-source";
     path = ./.;
@@ -34,10 +31,7 @@ let
       builtins.elem rel [
         "Cargo.toml"
         "Cargo.lock"
-        "build.rs"
         "src"
-        "tests"
-        "tests/hook.rs"
       ]
       || lib.hasPrefix "src/" rel;
   };
@@ -51,18 +45,14 @@ rustPlatform.buildRustPackage {
   # nothing is vendored; no cargoHash to keep up to date.
   cargoLock.lockFile = ./Cargo.lock;
 
-  # checkPhase runs the unit tests only: the library's, the daemon's and
-  # the hook's (built by tests/hook.rs, as the hook binary itself has no C
-  # runtime for std's test harness on x86_64). The integration tests in
-  # tests/ start a real Nix store, nix-daemon and sshd, none of which exist
-  # inside the build sandbox, so they are left out (not even in `src`); CI
-  # runs them. Unit tests must therefore not need nix, sshd or the network.
+  # checkPhase runs the unit tests only: the library's and both binaries'.
+  # The integration tests in tests/ start a real Nix store, nix-daemon and
+  # sshd, none of which exist inside the build sandbox, so they are left out
+  # (not even in `src`); CI runs them. Unit tests must therefore not need
+  # nix, sshd or the network.
   cargoTestFlags = [
     "--lib"
-    "--bin"
-    "post-build-hook-queue"
-    "--test"
-    "hook"
+    "--bins"
   ];
 
   meta = {

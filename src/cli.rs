@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 the daemon reported a failure (`wait` saw paths
 //! dropped or still failing); 2 usage errors, bad configuration, or no daemon.
 
+use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -54,7 +55,12 @@ fn fail(message: &str) -> i32 {
 
 /// Runs the command with `args` (without the program name); returns the
 /// exit code.
-pub fn main(args: &[String]) -> i32 {
+pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let args = match utf8_args(args) {
+        Ok(args) => args,
+        Err(message) => return fail(&message),
+    };
+    let args = &args[..];
     let (command, rest) = match args.first().map(String::as_str) {
         None => ("serve", args),
         Some(a) if a.starts_with("--") && a != "--help" && a != "--version" => ("serve", args),
@@ -77,6 +83,22 @@ pub fn main(args: &[String]) -> i32 {
     }
 }
 
+/// The arguments as text: every setting, command and path this program
+/// takes is UTF-8 (store paths are ASCII), so anything else is a mistake to
+/// name, not a reason to abort.
+fn utf8_args(args: impl IntoIterator<Item = OsString>) -> Result<Vec<String>, String> {
+    args.into_iter()
+        .map(|arg| {
+            arg.into_string().map_err(|arg| {
+                format!(
+                    "argument {:?} is not valid UTF-8; arguments (paths included) must be UTF-8 text",
+                    arg.to_string_lossy()
+                )
+            })
+        })
+        .collect()
+}
+
 fn serve(args: &[String]) -> i32 {
     if args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{}", usage());
@@ -86,31 +108,13 @@ fn serve(args: &[String]) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(&e.to_string()),
     };
-    if let Err(e) = check_signing_key(&config) {
+    if let Err(e) = config.check_signing_key() {
         return fail(&e);
     }
     match server::serve(config) {
         Ok(()) => 0,
         Err(e) => fail(&e.to_string()),
     }
-}
-
-/// Refuses a signing key that cannot be read or that others can read.
-fn check_signing_key(config: &Config) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let Some(key) = &config.signing_key_file else {
-        return Ok(());
-    };
-    let shown = key.display();
-    let meta = std::fs::metadata(key).map_err(|e| format!("signing-key-file {shown}: {e}"))?;
-    if meta.permissions().mode() & 0o004 != 0 {
-        return Err(format!(
-            "signing-key-file {shown} is readable by every user; restrict it (chmod 600) before the daemon uses it"
-        ));
-    }
-    std::fs::File::open(key)
-        .map_err(|e| format!("signing-key-file {shown} cannot be read: {e}"))?;
-    Ok(())
 }
 
 struct AdminArgs {

@@ -179,7 +179,15 @@ impl Config {
     }
 
     /// Applies one `key = value` setting; the error says what is accepted.
+    /// No setting may hold a control character: a line break in, say,
+    /// `upload-to` would end a line of a `status` reply or of the log early.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        if let Some(c) = value.chars().find(|c| c.is_control()) {
+            return Err(format!(
+                "the value holds the control character {c:?}; line breaks, tabs and other \
+                 control characters are accepted in no setting"
+            ));
+        }
         let opt_path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
         match key {
             "socket" => self.socket = non_empty_path(value)?,
@@ -248,6 +256,49 @@ impl Config {
         self.apply_file_text(&text, &origin)
     }
 
+    /// Checks `signing-key-file`, if set, before the daemon starts: it must
+    /// be a regular file that not every user can read, holding a Nix secret
+    /// key (`NAME:BASE64` of 64 bytes, as `nix-store
+    /// --generate-binary-cache-key` writes it). A wrong key would otherwise
+    /// show only as uploads that fail one by one. The key is never shown.
+    pub fn check_signing_key(&self) -> Result<(), String> {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let Some(key) = &self.signing_key_file else {
+            return Ok(());
+        };
+        let shown = key.display();
+        let meta = std::fs::metadata(key).map_err(|e| format!("signing-key-file {shown}: {e}"))?;
+        if !meta.is_file() {
+            let kind = if meta.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file"
+            };
+            return Err(format!(
+                "signing-key-file {shown} is {kind}; expected the secret key file written by \
+                 nix-store --generate-binary-cache-key"
+            ));
+        }
+        if meta.permissions().mode() & 0o004 != 0 {
+            return Err(format!(
+                "signing-key-file {shown} is readable by every user; restrict it (chmod 600) before the daemon uses it"
+            ));
+        }
+        let mut text = Vec::new();
+        std::fs::File::open(key)
+            .and_then(|f| f.take(MAX_KEY_FILE).read_to_end(&mut text))
+            .map_err(|e| format!("signing-key-file {shown} cannot be read: {e}"))?;
+        if !is_secret_key(&text) {
+            return Err(format!(
+                "signing-key-file {shown} does not hold a Nix secret key; expected NAME:BASE64 \
+                 of a 64-byte key, as nix-store --generate-binary-cache-key writes it (not the \
+                 public key)"
+            ));
+        }
+        Ok(())
+    }
+
     /// Builds the configuration from `serve`'s arguments: defaults, then the
     /// `--config` file, then every `--key value` (or `--key=value`) flag.
     pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
@@ -291,6 +342,30 @@ fn split_flags(args: &[String]) -> Result<Vec<(String, String)>, ConfigError> {
         }
     }
     Ok(out)
+}
+
+/// Most bytes of `signing-key-file` read at start (a key is about 100).
+const MAX_KEY_FILE: u64 = 4096;
+
+/// True for `NAME:BASE64` where the base64 decodes to the 64 bytes of an
+/// ed25519 secret key (what Nix's `SecretKey` accepts); surrounding white
+/// space is allowed.
+fn is_secret_key(text: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(text) else {
+        return false;
+    };
+    let Some((name, key)) = text.trim().split_once(':') else {
+        return false;
+    };
+    let body = key.trim_end_matches('=');
+    let padding = key.len() - body.len();
+    !name.is_empty()
+        && key.len() % 4 == 0
+        && padding <= 2
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        && key.len() / 4 * 3 - padding == 64
 }
 
 fn non_empty_path(value: &str) -> Result<PathBuf, String> {
@@ -392,6 +467,41 @@ mod tests {
         ] {
             let e = Config::from_args(&args(bad)).unwrap_err();
             assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_setting() {
+        for (key, _) in KEYS {
+            for bad in ["a\nb", "a\rb", "a\tb", "a\u{0}b", "a\u{1b}b", "a\u{85}b"] {
+                let mut c = Config::default();
+                let e = c.set(key, bad).unwrap_err();
+                assert!(e.contains("control character"), "{key} {bad:?}: {e}");
+                assert!(!e.chars().any(char::is_control), "{key}: {e:?}");
+                assert_eq!(c, Config::default(), "{key} {bad:?} was applied");
+            }
+        }
+        let e = Config::from_args(&args(&["--upload-to", "file:///c\nok 5"])).unwrap_err();
+        assert_eq!(e.origin, "--upload-to");
+        assert!(e.message.contains("'\\n'"), "{e}");
+    }
+
+    #[test]
+    fn secret_key_form_is_checked() {
+        // 64 and 32 bytes of key, base64: a secret and a public key.
+        let secret = format!("cache-1:{}==", "A".repeat(86));
+        let public = format!("cache-1:{}=", "A".repeat(43));
+        assert!(is_secret_key(secret.as_bytes()));
+        assert!(is_secret_key(format!("{secret}\n").as_bytes()));
+        for bad in [
+            public.as_str(),
+            &secret[8..],
+            &format!(":{}", &secret[8..]),
+            &secret.replace('A', "*"),
+            "",
+            "cache-1:",
+        ] {
+            assert!(!is_secret_key(bad.as_bytes()), "{bad:?}");
         }
     }
 

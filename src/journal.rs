@@ -4,6 +4,10 @@
 //! is written and fsynced; it leaves the queue only when a `-` record follows
 //! (after upload, or when it is dropped). Startup replays the file, ignoring a
 //! torn last line from a crash, so recovery and a normal start are the same.
+//! A complete record that cannot be used (a path of another store directory,
+//! or a form this version does not know) is never dropped: the journal is
+//! not opened, and nothing in it is changed, until the daemon runs with the
+//! store directory the journal was written for.
 //!
 //! Records, one per line:
 //! - `+ <unix-seconds> <store-path>`: queued at that time;
@@ -45,8 +49,6 @@ pub struct Replay {
     pub paths: Vec<StorePath>,
     /// Bytes of a torn last record that were cut off.
     pub torn_bytes: usize,
-    /// Records that could not be read (they are dropped by compaction).
-    pub bad_records: usize,
 }
 
 /// The durable queue shared by the connection threads and the worker.
@@ -100,7 +102,12 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 impl Journal {
     /// Opens (creating if needed) the journal in `dir` and replays it.
-    /// Records whose path is not under `store_dir` are counted as bad.
+    ///
+    /// Fails with [`io::ErrorKind::InvalidData`], before anything in the
+    /// file is changed, when a complete record cannot be used: a path that
+    /// is not under `store_dir` (the message names the store directory the
+    /// journal holds), or a line this version cannot read. Such a record may
+    /// be an acknowledged path; compaction would erase it for good.
     pub fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, Replay)> {
         fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
@@ -115,6 +122,7 @@ impl Journal {
             HashMap::with_capacity(usize::try_from(capacity).unwrap_or(0).min(1 << 22));
         let mut next_seq = 0u64;
         let mut records = 0usize;
+        let mut line_no = 0usize;
         let mut complete_len = 0u64;
         let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
         let mut line = Vec::with_capacity(256);
@@ -129,6 +137,7 @@ impl Journal {
                 break;
             }
             complete_len += n as u64;
+            line_no += 1;
             let record = &line[..n - 1];
             if record.is_empty() {
                 continue;
@@ -147,7 +156,9 @@ impl Journal {
                 Some(Record::Done(path)) => {
                     live.remove(&path);
                 }
-                None => replay.bad_records += 1,
+                None => {
+                    return Err(unusable_record(&path, line_no, record, store_dir));
+                }
             }
         }
         drop(reader);
@@ -445,6 +456,45 @@ impl Inner {
     }
 }
 
+/// The error for a complete record [`parse_record`] rejected: names the
+/// line, and when the record is a path of another store directory, that
+/// directory and how to start the daemon for it.
+fn unusable_record(journal: &Path, line_no: usize, record: &[u8], store_dir: &str) -> io::Error {
+    const SHOWN: usize = 200;
+    let text = String::from_utf8_lossy(record);
+    let path = text
+        .strip_prefix("+ ")
+        .and_then(|rest| rest.split_once(' ').map(|(_, p)| p))
+        .or_else(|| text.strip_prefix("- "));
+    let other_store = path.and_then(|p| {
+        let (dir, _) = p.rsplit_once('/')?;
+        (dir != store_dir && StorePath::parse(p, dir).is_ok()).then_some(dir)
+    });
+    let message = match other_store {
+        Some(other) => format!(
+            "{} line {line_no} queues a path of the store directory {other}, but this daemon \
+             uses store-dir {store_dir}; the journal was written for {other}: start the daemon \
+             with store-dir = {other} (or NIX_STORE_DIR={other}) to deliver its paths, or move \
+             the journal aside; nothing in it was changed",
+            journal.display()
+        ),
+        None => {
+            let mut shown: String = text.chars().take(SHOWN).collect();
+            if shown.len() < text.len() {
+                shown.push_str("...");
+            }
+            format!(
+                "{} line {line_no} is not a record this version can read ({shown:?}); \
+                 expected '+ <seconds> <store-path>' or '- <store-path>' with paths under \
+                 {store_dir}: start the version that wrote it, or move the journal aside; \
+                 nothing in it was changed",
+                journal.display()
+            )
+        }
+    };
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
 enum Record {
     Add(StorePath, u64),
     Done(StorePath),
@@ -632,18 +682,52 @@ mod tests {
     }
 
     #[test]
-    fn bad_records_are_skipped() {
+    fn unreadable_records_refuse_the_open_and_change_nothing() {
         let dir = Dir::new("bad");
         fs::create_dir_all(&dir.0).unwrap();
         let good = path(1);
-        fs::write(
-            dir.0.join(FILE_NAME),
-            format!("+ 5 {good}\ngarbage\n+ x {good}\n+ 7 /tmp/evil\n- --to\n"),
-        )
-        .unwrap();
-        let (_, r) = Journal::open(&dir.0, S).unwrap();
-        assert_eq!(r.paths, vec![good]);
-        assert_eq!(r.bad_records, 4);
+        let file = dir.0.join(FILE_NAME);
+        for bad in [
+            "garbage",
+            "+ x {good}",
+            "+ 7 /tmp/evil",
+            "- --to",
+            "* 7 {good}",
+        ] {
+            let bad = bad.replace("{good}", good.as_str());
+            // Enough dead records that a successful open would compact.
+            let text = format!("+ 5 {good}\n- {good}\n+ 6 {good}\n{bad}\n");
+            fs::write(&file, &text).unwrap();
+            let e = Journal::open(&dir.0, S).err().expect(&bad);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad}");
+            let shown = e.to_string();
+            assert!(shown.contains("line 4"), "{shown}");
+            assert!(shown.contains("nothing in it was changed"), "{shown}");
+            assert!(!shown.contains('\n'), "{shown}");
+            assert_eq!(fs::read_to_string(&file).unwrap(), text, "{bad}");
+        }
+    }
+
+    #[test]
+    fn records_of_another_store_dir_name_it_and_are_kept() {
+        let dir = Dir::new("otherstore");
+        let other = "/tmp/other/store";
+        let theirs = StorePath::parse(&format!("{other}/{:032}-x", 1), other).unwrap();
+        {
+            let (j, _) = Journal::open(&dir.0, other).unwrap();
+            j.append(std::slice::from_ref(&theirs)).unwrap();
+        }
+        let file = dir.0.join(FILE_NAME);
+        let before = fs::read(&file).unwrap();
+        let e = Journal::open(&dir.0, S)
+            .err()
+            .expect("opened another store's journal");
+        let shown = e.to_string();
+        assert!(shown.contains(&format!("store-dir = {other}")), "{shown}");
+        assert!(shown.contains(&format!("uses store-dir {S}")), "{shown}");
+        assert_eq!(fs::read(&file).unwrap(), before, "the journal is unchanged");
+        let (_, r) = Journal::open(&dir.0, other).unwrap();
+        assert_eq!(r.paths, vec![theirs], "still there for the right store dir");
     }
 
     #[test]

@@ -4,13 +4,20 @@
 //! arguments that are validated [`StorePath`]s or the daemon's own settings.
 //! Each call runs in its own process group and is killed, with everything it
 //! started (ssh, for instance), when it exceeds `command-timeout`.
+//!
+//! A call is judged by its exit status. Its output is read by threads of
+//! its own into bounded buffers (the end of stderr, enough for the error;
+//! stdout up to a limit far above what a query prints), and read for at
+//! most [`OUTPUT_AFTER_EXIT`] once the call exited: a process it started may
+//! keep the pipes open for minutes (an ssh `ControlPersist` master does).
 
 use std::fmt;
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::store_path::StorePath;
@@ -23,6 +30,16 @@ pub const SSH_CONNECT_TIMEOUT_SECS: u32 = 10;
 /// Fewest paths worth a `nix copy` call of their own: below this, the
 /// ~25 ms of CPU a call costs to start outweighs what it saves.
 pub const MIN_PATHS_PER_COPY: usize = 32;
+/// Bytes of the end of a call's stderr that are kept: nix prints what went
+/// wrong last, and a chatty call (or one gone wrong) may print gigabytes.
+pub const STDERR_KEPT: usize = 64 * 1024;
+/// Most bytes of stdout read from a query: its paths, one per line, are at
+/// most a few times the paths it was given ([`MAX_ARG_BYTES`]).
+pub const STDOUT_MAX: usize = 4 * MAX_ARG_BYTES;
+/// How long a call's output is still read after it exited (or was killed):
+/// what it wrote is in the pipe already, so this is only ever used up when
+/// a process it started holds the pipe open.
+pub const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// glibc setting for `nix copy` when the user set no `GLIBC_TUNABLES`.
 ///
 /// Nix (2.8 at least) makes a new xz encoder for every NAR it compresses,
@@ -53,6 +70,9 @@ pub enum FailureKind {
     Exit(String),
     /// It ran longer than the timeout and was killed.
     TimedOut(Duration),
+    /// It exited well, but what it printed cannot be used (too much, or not
+    /// ended within [`OUTPUT_AFTER_EXIT`]).
+    Output(String),
 }
 
 impl Failure {
@@ -68,6 +88,7 @@ impl fmt::Display for Failure {
         match &self.kind {
             FailureKind::Spawn(e) => write!(f, "{} could not be started: {e}", self.what)?,
             FailureKind::Exit(s) => write!(f, "{} failed ({s})", self.what)?,
+            FailureKind::Output(s) => write!(f, "{} {s}", self.what)?,
             FailureKind::TimedOut(d) => write!(
                 f,
                 "{} ran longer than {} s and was killed",
@@ -169,7 +190,8 @@ impl Nix {
             cmd.arg("--recursive");
         }
         cmd.args(paths);
-        self.run("nix store sign", cmd).map(drop)
+        self.run_together("nix store sign", vec![cmd], Stdout::Discard)
+            .map(drop)
     }
 
     /// Copies the paths and their closure to the store at `url`: in up to
@@ -192,44 +214,63 @@ impl Nix {
                 cmd
             })
             .collect();
-        self.run_together("nix copy", cmds).map(drop)
+        self.run_together("nix copy", cmds, Stdout::Discard)
+            .map(drop)
     }
 
-    /// Runs `cmd` in its own process group, killing the group on timeout.
+    /// Runs `cmd` in its own process group, killing the group on timeout;
+    /// returns its stdout.
     fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<u8>, Failure> {
-        let mut outputs = self.run_together(what, vec![cmd])?;
+        let mut outputs = self.run_together(what, vec![cmd], Stdout::Keep)?;
         Ok(outputs.pop().unwrap_or_default())
     }
 
     /// Runs the commands at once in one new process group, published in
     /// `running` and killed as a whole when they outlast the timeout.
-    /// Returns each one's stdout, or the first failure in command order.
+    /// Returns each one's stdout (empty with [`Stdout::Discard`]), or the
+    /// first failure in command order.
     fn run_together(
         &self,
         what: &'static str,
         cmds: Vec<Command>,
+        stdout: Stdout,
     ) -> Result<Vec<Vec<u8>>, Failure> {
-        let fail = |kind: FailureKind, stderr: &[u8]| Failure {
+        let fail = |kind: FailureKind, stderr: &Capture| Failure {
             what,
             kind,
-            stderr: tail(stderr),
+            stderr: tail(stderr.kept()),
         };
         let _running = ClearOnDrop(&self.running);
+        let (exited_tx, exited) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
+        let (ended_tx, ended) = mpsc::channel::<()>();
+        let mut calls: Vec<Call> = Vec::with_capacity(cmds.len());
+        let mut spawn_error = None;
         // All are started before any is waited for: the group lives as long
         // as its first process is not reaped, so the others can join it.
         let mut children = Vec::with_capacity(cmds.len());
-        let mut spawn_error = None;
         for mut cmd in cmds {
             let group = children.first().map_or(0, |c: &std::process::Child| c.id());
             cmd.stdin(Stdio::null())
-                .stdout(Stdio::piped())
+                .stdout(match stdout {
+                    Stdout::Keep => Stdio::piped(),
+                    Stdout::Discard => Stdio::null(),
+                })
                 .stderr(Stdio::piped())
                 .process_group(i32::try_from(group).unwrap_or(0));
+            sys::unblock_signals_in_child(&mut cmd);
             match cmd.spawn() {
-                Ok(child) => {
+                Ok(mut child) => {
                     if group == 0 {
                         self.running.store(child.id(), Ordering::SeqCst);
                     }
+                    let call = Call::default();
+                    if let Some(out) = child.stdout.take() {
+                        read_in_background(out, Keep::Head(STDOUT_MAX), &call.stdout, &ended_tx);
+                    }
+                    if let Some(err) = child.stderr.take() {
+                        read_in_background(err, Keep::Tail(STDERR_KEPT), &call.stderr, &ended_tx);
+                    }
+                    calls.push(call);
                     children.push(child);
                 }
                 Err(e) => {
@@ -238,50 +279,201 @@ impl Nix {
                 }
             }
         }
+        drop(ended_tx);
         let pgid = children.first().map_or(0, |c| c.id());
         if spawn_error.is_some() && pgid != 0 {
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
         let count = children.len();
-        let (tx, rx) = mpsc::channel::<(usize, std::io::Result<Output>)>();
-        for (i, child) in children.into_iter().enumerate() {
-            let tx = tx.clone();
+        for (i, mut child) in children.into_iter().enumerate() {
+            let tx = exited_tx.clone();
             std::thread::spawn(move || {
-                let _ = tx.send((i, child.wait_with_output()));
+                let _ = tx.send((i, child.wait()));
             });
         }
-        drop(tx);
+        drop(exited_tx);
+
+        // Judged by the exits alone: a process a call started may keep its
+        // pipes open long after.
         let deadline = Instant::now() + self.timeout;
-        let mut outputs: Vec<Option<std::io::Result<Output>>> = (0..count).map(|_| None).collect();
+        let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> =
+            (0..count).map(|_| None).collect();
+        let mut timed_out = false;
         for _ in 0..count {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok((i, output)) => outputs[i] = Some(output),
+            match exited.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((i, status)) => statuses[i] = Some(status),
                 Err(_) => {
                     let _ = sys::kill_process_group(pgid, sys::SIGKILL);
-                    // The group is dead; the waiting threads return as soon as
-                    // the pipes close. Give up on them if something escaped
-                    // the group.
-                    let stderr = match rx.recv_timeout(Duration::from_secs(5)) {
-                        Ok((_, Ok(out))) => out.stderr,
-                        _ => Vec::new(),
-                    };
-                    return Err(fail(FailureKind::TimedOut(self.timeout), &stderr));
+                    timed_out = true;
+                    break;
                 }
             }
         }
-        if let Some(e) = spawn_error {
-            return Err(fail(FailureKind::Spawn(e), b""));
+        // What they wrote before they exited is in the pipes: read it, but
+        // leave streams that something else keeps open to their threads.
+        let output_deadline = Instant::now() + OUTPUT_AFTER_EXIT;
+        while ended
+            .recv_timeout(output_deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+        {}
+        let calls: Vec<(Capture, Capture)> = calls
+            .iter()
+            .map(|c| (take(&c.stdout), take(&c.stderr)))
+            .collect();
+
+        if timed_out {
+            // The stderr of a call that was still running tells most.
+            let running = statuses.iter().position(Option::is_none).unwrap_or(0);
+            let empty = Capture::default();
+            let stderr = calls.get(running).map_or(&empty, |(_, e)| e);
+            return Err(fail(FailureKind::TimedOut(self.timeout), stderr));
         }
-        outputs
+        if let Some(e) = spawn_error {
+            return Err(fail(FailureKind::Spawn(e), &Capture::default()));
+        }
+        statuses
             .into_iter()
-            .map(|output| match output {
-                Some(Ok(out)) if out.status.success() => Ok(out.stdout),
-                Some(Ok(out)) => Err(fail(FailureKind::Exit(describe(out.status)), &out.stderr)),
-                Some(Err(e)) => Err(fail(FailureKind::Spawn(e.to_string()), b"")),
-                None => Err(fail(FailureKind::Spawn("no result".into()), b"")),
+            .zip(calls)
+            .map(|(status, (out, err))| match status {
+                Some(Ok(status)) if !status.success() => {
+                    Err(fail(FailureKind::Exit(describe(status)), &err))
+                }
+                Some(Ok(_)) => match stdout {
+                    Stdout::Discard => Ok(Vec::new()),
+                    Stdout::Keep if out.read > STDOUT_MAX as u64 => Err(fail(
+                        FailureKind::Output(format!(
+                            "printed more than {STDOUT_MAX} bytes on its standard output"
+                        )),
+                        &err,
+                    )),
+                    Stdout::Keep if !out.ended => Err(fail(
+                        FailureKind::Output(format!(
+                            "exited, but its standard output was still open {} s later \
+                             (held by a process it started?)",
+                            OUTPUT_AFTER_EXIT.as_secs()
+                        )),
+                        &err,
+                    )),
+                    Stdout::Keep => Ok(out.data),
+                },
+                Some(Err(e)) => Err(fail(FailureKind::Spawn(e.to_string()), &err)),
+                None => Err(fail(FailureKind::Spawn("no result".into()), &err)),
             })
             .collect()
     }
+}
+
+/// Whether a call's stdout is read (queries) or not wanted at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stdout {
+    Keep,
+    Discard,
+}
+
+/// Which part of a stream is kept.
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    /// The first bytes, up to this many.
+    Head(usize),
+    /// The last bytes, this many.
+    Tail(usize),
+}
+
+/// The two output streams of one call, filled by their reading threads.
+#[derive(Default)]
+struct Call {
+    stdout: Arc<Mutex<Capture>>,
+    stderr: Arc<Mutex<Capture>>,
+}
+
+/// What was read of one stream.
+#[derive(Debug, Default)]
+struct Capture {
+    /// The part kept (for [`Keep::Tail`], up to twice the kept size, so
+    /// that the front is dropped once per that many bytes, not per read).
+    data: Vec<u8>,
+    /// Bytes read in all.
+    read: u64,
+    /// Every writer closed the stream.
+    ended: bool,
+    keep: Option<Keep>,
+}
+
+impl Capture {
+    fn push(&mut self, bytes: &[u8]) {
+        self.read += bytes.len() as u64;
+        match self.keep {
+            Some(Keep::Head(max)) => {
+                let room = max.saturating_sub(self.data.len());
+                self.data.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            }
+            Some(Keep::Tail(max)) => {
+                self.data.extend_from_slice(bytes);
+                if self.data.len() > 2 * max {
+                    self.data.drain(..self.data.len() - max);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The bytes kept, as promised: for a tail, its last bytes only.
+    fn kept(&self) -> &[u8] {
+        match self.keep {
+            Some(Keep::Tail(max)) => &self.data[self.data.len().saturating_sub(max)..],
+            _ => &self.data,
+        }
+    }
+}
+
+/// The capture so far, leaving an empty one to a reading thread that goes
+/// on (a leftover process holds its stream).
+fn take(capture: &Mutex<Capture>) -> Capture {
+    let mut c = capture.lock().unwrap_or_else(|e| e.into_inner());
+    let keep = c.keep;
+    std::mem::replace(
+        &mut *c,
+        Capture {
+            keep,
+            ..Capture::default()
+        },
+    )
+}
+
+/// Reads `from` to its end on a thread of its own, keeping what `keep`
+/// says in `into`, and says so on `ended` when the stream ends. The thread
+/// outlives the call when a leftover process holds the stream open; it then
+/// costs a blocked thread and a bounded buffer until that process ends.
+fn read_in_background(
+    from: impl Read + Send + 'static,
+    keep: Keep,
+    into: &Arc<Mutex<Capture>>,
+    ended: &mpsc::Sender<()>,
+) {
+    into.lock().unwrap_or_else(|e| e.into_inner()).keep = Some(keep);
+    let into = Arc::clone(into);
+    let ended = ended.clone();
+    std::thread::spawn(move || {
+        read_into(from, &into);
+        let _ = ended.send(());
+    });
+}
+
+/// Reads `from` to its end (or first error) into `into`.
+fn read_into(mut from: impl Read, into: &Mutex<Capture>) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => into
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    into.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
 }
 
 /// Resets the published process group when a call ends, however it ends.
@@ -311,10 +503,35 @@ fn lines(out: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// `text` with terminal colour sequences (`ESC [ ... letter`) removed and
+/// every other control character but the line end made a space: nix's
+/// words end up in the log and in `status` replies, where they must not
+/// move a terminal's cursor or hide what follows.
+fn without_control(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, up to the final byte.
+            for c in chars.by_ref() {
+                if ('\u{40}'..='\u{7e}').contains(&c) {
+                    break;
+                }
+            }
+        } else if c.is_control() && c != '\n' {
+            out.push(' ');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The last part of a command's stderr, on one line.
 fn tail(stderr: &[u8]) -> String {
     const MAX: usize = 2000;
-    let text = String::from_utf8_lossy(stderr);
+    let text = without_control(&String::from_utf8_lossy(stderr));
     let joined = text
         .lines()
         .map(str::trim)
@@ -363,18 +580,26 @@ mod tests {
     fn commands_run_together_share_one_group_and_one_timeout() {
         let n = Nix::new(Path::new("nix"), Duration::from_secs(10), None);
         let group = "cut -d' ' -f5 /proc/$$/stat";
-        let out = n.run_together("sh", vec![sh(group), sh(group)]).unwrap();
+        let out = n
+            .run_together("sh", vec![sh(group), sh(group)], Stdout::Keep)
+            .unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0], out[1], "one process group");
         let err = n
-            .run_together("sh", vec![sh("exit 0"), sh("echo bad >&2; exit 4")])
+            .run_together(
+                "sh",
+                vec![sh("exit 0"), sh("echo bad >&2; exit 4")],
+                Stdout::Keep,
+            )
             .unwrap_err();
         assert_eq!(err.to_string(), "sh failed (exit status 4): bad");
 
         let n = Nix::new(Path::new("nix"), Duration::from_millis(300), None);
         let marker = format!("{}.{}", 30 + std::process::id() % 1000, 7);
         let hang = || sh(&format!("sleep {marker} & sleep {marker}"));
-        let err = n.run_together("sh", vec![hang(), hang()]).unwrap_err();
+        let err = n
+            .run_together("sh", vec![hang(), hang()], Stdout::Keep)
+            .unwrap_err();
         assert!(err.timed_out(), "{err}");
         std::thread::sleep(Duration::from_millis(200));
         let left = std::fs::read_dir("/proc")
@@ -384,6 +609,106 @@ mod tests {
             .filter(|c| c == format!("sleep\0{marker}\0").as_bytes())
             .count();
         assert_eq!(left, 0, "every process of both commands is killed");
+    }
+
+    /// Processes whose command line is `sleep <marker>`.
+    fn count_sleeps(marker: &str) -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| c == format!("sleep\0{marker}\0").as_bytes())
+            })
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    #[test]
+    fn a_call_is_judged_by_its_exit_while_a_helper_holds_its_pipes() {
+        // Longer than the wait for output after the exit, far shorter than
+        // the sleeping helper: without judging by the exit, the call would
+        // run into this timeout and be reported as killed.
+        let n = Nix::new(Path::new("nix"), Duration::from_secs(20), None);
+        let marker = format!("{}.{}", 100 + std::process::id() % 1000, 3);
+        // The helper leaves the group, as an ssh ControlPersist master does,
+        // so only its open stderr and stdout tie it to the call.
+        let helper = format!("setsid sleep {marker} &");
+        let out = n.run("sh", sh(&format!("{helper} echo printed; exit 0")));
+        let failed = n
+            .run("sh", sh(&format!("{helper} echo the cause >&2; exit 3")))
+            .unwrap_err();
+        let signed = n.run_together("sh", vec![sh(&format!("{helper} exit 0"))], Stdout::Discard);
+        for pid in count_sleeps(&marker) {
+            let _ = sys::kill_process_group(pid, sys::SIGKILL);
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+        assert_eq!(failed.to_string(), "sh failed (exit status 3): the cause");
+        assert_eq!(signed, Ok(vec![Vec::new()]));
+        // A query's stdout must be complete: held open, it is not used.
+        let err = out.unwrap_err();
+        assert!(matches!(err.kind, FailureKind::Output(_)), "{err}");
+        assert!(!err.timed_out(), "{err}");
+    }
+
+    #[test]
+    fn only_the_end_of_a_flood_of_stderr_is_kept() {
+        let capture = Mutex::new(Capture {
+            keep: Some(Keep::Tail(STDERR_KEPT)),
+            ..Capture::default()
+        });
+        let flood = 200 * 1024 * 1024;
+        read_into(
+            std::io::repeat(b'x')
+                .take(flood)
+                .chain(&b"\nerror: the cause\n"[..]),
+            &capture,
+        );
+        let c = capture.into_inner().unwrap();
+        assert!(c.ended);
+        assert_eq!(c.read, flood + 18);
+        assert!(
+            c.data.capacity() <= 4 * STDERR_KEPT,
+            "{} bytes held for a tail of {STDERR_KEPT}",
+            c.data.capacity()
+        );
+        assert_eq!(c.kept().len(), STDERR_KEPT);
+        assert!(tail(c.kept()).ends_with("| error: the cause"));
+
+        let capture = Mutex::new(Capture {
+            keep: Some(Keep::Head(10)),
+            ..Capture::default()
+        });
+        read_into(std::io::repeat(b'y').take(1 << 20), &capture);
+        let c = capture.into_inner().unwrap();
+        assert_eq!((c.data.len(), c.read), (10, 1 << 20));
+    }
+
+    #[test]
+    fn a_flood_on_stderr_fails_with_its_end_and_a_flood_on_stdout_is_refused() {
+        let n = Nix::new(Path::new("nix"), Duration::from_secs(60), None);
+        let err = n
+            .run(
+                "sh",
+                sh("head -c 30000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo the cause >&2; exit 1"),
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().ends_with("| the cause"),
+            "{}",
+            &err.stderr[..80]
+        );
+        let err = n
+            .run("sh", sh(&format!("head -c {} /dev/zero", STDOUT_MAX + 1)))
+            .unwrap_err();
+        assert!(matches!(err.kind, FailureKind::Output(_)), "{err}");
+    }
+
+    #[test]
+    fn control_characters_of_nix_output_are_not_passed_on() {
+        let shown = tail(b"\x1b[31;1merror:\x1b[0m bad\r\0path\x07\nnext\tline\x1b]0;x");
+        assert_eq!(shown, "error: bad  path | next line ]0;x");
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
     }
 
     #[test]

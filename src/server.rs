@@ -1,22 +1,16 @@
 //! The daemon: recovery at start, the listener, and one thread per client.
 //!
 //! Startup is recovery: open and replay the journal, hand every live path to
-//! the worker, ingest the spool, then accept. The listener is shared by the
-//! connection threads: each one waits in `accept` itself, so a hook's
-//! connection wakes the thread that serves it, with no hand-over in between.
-//! A thread that takes a connection while no other waits in `accept` starts
-//! one that does; a thread that waited a few seconds in vain leaves, unless
-//! it is one of the `ACCEPTORS_KEPT`. Each connection is served by one
-//! thread (at most `max-connections` at once; more get `err busy`), which
-//! reads request lines, journals paths before acknowledging them, and passes
-//! them to the worker through the channel. A slow client therefore never
-//! delays another one, and the worker's nix calls never delay an
-//! acknowledgement.
+//! the worker, ingest the spool, then accept. The main thread accepts; each
+//! connection is served by a thread of its own (at most `max-connections`
+//! at once; more get `err busy`), which reads request lines, journals paths
+//! before acknowledging them, passes them to the worker through the channel,
+//! and ends with the connection. A slow client therefore never delays
+//! another one, and the worker's nix calls never delay an acknowledgement.
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +39,8 @@ const WAIT_POLL: Duration = Duration::from_millis(50);
 pub enum ServeError {
     /// The state directory or journal could not be opened.
     Journal(PathBuf, io::Error),
+    /// Another daemon holds the state directory's lock (its pid, if known).
+    StateDirInUse(PathBuf, Option<u32>),
     /// Another daemon already listens on the socket.
     AlreadyRunning(PathBuf),
     /// Something that is not a socket is at the socket path.
@@ -65,6 +61,12 @@ impl std::fmt::Display for ServeError {
             ServeError::Journal(p, e) => {
                 write!(f, "cannot open the journal in {}: {e}", p.display())
             }
+            ServeError::StateDirInUse(p, pid) => write!(
+                f,
+                "state-dir {} is in use by another daemon ({}); stop it or choose another state-dir",
+                p.display(),
+                pid.map_or("pid unknown".to_string(), |pid| format!("pid {pid}"))
+            ),
             ServeError::AlreadyRunning(p) => write!(
                 f,
                 "another daemon is already listening on {}; stop it or choose another --socket",
@@ -93,23 +95,14 @@ struct Context {
     store_dir: String,
     target: Option<String>,
     signing: bool,
-    listener: UnixListener,
-    /// Connection threads waiting in `accept`.
-    accepting: AtomicUsize,
     /// Connections being served.
     active: AtomicUsize,
     max_connections: usize,
 }
 
-/// How long a connection thread waits in `accept` before it may leave:
-/// threads are reused in a burst of hooks, and gone when idle.
-const IDLE_THREAD_KEEP: Duration = Duration::from_secs(5);
-
-/// Connection threads that stay waiting in `accept` when idle (the main
-/// thread is one): two, so that when one takes a hook's connection the
-/// next hook finds another already waiting, and no thread has to be started
-/// while a hook waits for its acknowledgement.
-const ACCEPTORS_KEPT: usize = 2;
+/// Stack of a connection thread: it reads into the heap, and journals and
+/// replies with little on the stack.
+const CONNECTION_STACK: usize = 64 * 1024;
 
 /// Runs the daemon: returns only if it cannot start; it ends when a signal
 /// stops it (see `stop_on_signal`) or it is killed.
@@ -122,6 +115,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         redact::remember(url);
     }
 
+    // Held until the process ends: one daemon per journal.
+    let _lock = lock_state_dir(&config.state_dir)?;
     let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
         .map_err(|e| ServeError::Journal(config.state_dir.clone(), e))?;
     if replay.torn_bytes > 0 {
@@ -129,9 +124,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
             "journal: cut off a torn last record of {} bytes (a crash during a write)",
             replay.torn_bytes
         );
-    }
-    if replay.bad_records > 0 {
-        warning!("journal: skipped {} unreadable records", replay.bad_records);
     }
     info!(
         "journal {} replayed: {} paths queued",
@@ -172,8 +164,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         store_dir: config.store_dir.clone(),
         target: config.upload_to.as_deref().map(redact::url),
         signing: config.signing_key_file.is_some(),
-        listener,
-        accepting: AtomicUsize::new(0),
         active: AtomicUsize::new(0),
         max_connections: config.max_connections,
     });
@@ -202,23 +192,49 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         warning!("cannot notify systemd of readiness: {e}");
     }
 
-    set_accept_timeout(&ctx.listener, IDLE_THREAD_KEEP)
-        .map_err(|e| ServeError::Socket(config.socket.clone(), e))?;
-    // The main thread is an acceptor for good; the others come and go.
-    ctx.accepting.fetch_add(1, Ordering::SeqCst);
-    for _ in 1..ACCEPTORS_KEPT {
-        start_acceptor(&ctx);
+    accept_connections(&ctx, &listener)
+}
+
+/// The lock file in the state directory: locked by the daemon that uses the
+/// directory, for as long as it runs, and holding its pid.
+pub const LOCK_FILE: &str = "lock";
+
+/// Locks the state directory, so that no second daemon appends to and
+/// compacts the same journal. The lock (flock) goes with the process, also
+/// on `kill -9`, so a stale lock file never blocks a start.
+fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
+    let err = |e: io::Error| ServeError::Journal(dir.to_path_buf(), e);
+    fs::create_dir_all(dir).map_err(err)?;
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(dir.join(LOCK_FILE))
+        .map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let pid = holder.trim().parse().ok();
+            return Err(ServeError::StateDirInUse(dir.to_path_buf(), pid));
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(err(e)),
     }
-    connection_thread(&ctx, true);
-    Ok(())
+    file.set_len(0).map_err(err)?;
+    file.write_all(format!("{}\n", std::process::id()).as_bytes())
+        .map_err(err)?;
+    Ok(file)
 }
 
 /// Binds the socket path: a stale socket file is replaced only when nothing
 /// answers on it, and anything that is not a socket (a regular file named by
 /// mistake, a symlink, a directory) is never replaced. The socket is created
-/// in a private directory (mode 0700, so no one else can reach it there
-/// whatever the umask), given its mode and group, then renamed into place,
-/// so it is never reachable with looser permissions.
+/// in a [`PrivateDir`] beside it (so no one else can reach it there, whatever
+/// the umask), given its mode and group, then renamed into place, so it is
+/// never reachable with looser permissions than `socket-mode`.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let err = |e: io::Error| ServeError::Socket(path.clone(), e);
@@ -231,20 +247,13 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
         }
         _ => {}
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(err)?;
-    }
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(format!(".{}.d", std::process::id()));
-    let tmp_dir = PathBuf::from(tmp_name);
-    let tmp = tmp_dir.join("s");
-    // Left over by a crashed daemon with our pid: it is ours to remove.
-    let _ = fs::remove_file(&tmp);
-    let _ = fs::remove_dir(&tmp_dir);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&tmp_dir)
-        .map_err(err)?;
+    let parent = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(parent).map_err(err)?;
+    let private = PrivateDir::create(parent).map_err(err)?;
+    let tmp = private.entry("s");
     let setup = || -> io::Result<UnixListener> {
         let listener = UnixListener::bind(&tmp)?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))?;
@@ -257,7 +266,7 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     };
     let result = setup();
     let _ = fs::remove_file(&tmp);
-    let _ = fs::remove_dir(&tmp_dir);
+    private.remove();
     let listener = result.map_err(err)?;
     info!(
         "listening on {} (mode {:04o})",
@@ -265,6 +274,69 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
         config.socket_mode
     );
     Ok(listener)
+}
+
+/// A directory of our own (mode 0700, no one else's access) in a directory others may write to,
+/// reached through its open descriptor.
+///
+/// Its name is unpredictable and it is created exclusively (`mkdir` never
+/// follows or reuses what is there: a name taken by someone else is
+/// skipped), so no one can plant a directory or a symlink to block the start
+/// or redirect it; once opened, it is checked to be the directory we made,
+/// and every path into it goes through `/proc/self/fd/N`, which names that
+/// directory wherever it is moved. That path is also short, so a socket
+/// path of up to 107 bytes (the kernel's limit) can be bound through it.
+struct PrivateDir {
+    path: PathBuf,
+    dir: fs::File,
+}
+
+impl PrivateDir {
+    /// Attempts at a free name before giving up (only a name someone else
+    /// already took is retried).
+    const ATTEMPTS: u32 = 16;
+
+    fn create(parent: &Path) -> io::Result<PrivateDir> {
+        use std::hash::{BuildHasher, RandomState};
+        use std::os::unix::fs::MetadataExt;
+        for attempt in 0..Self::ATTEMPTS {
+            // Keyed from the operating system's random source: others cannot
+            // guess it.
+            let random = RandomState::new().hash_one((std::process::id(), attempt));
+            let path = parent.join(format!(".post-build-hook-queue-{random:016x}"));
+            match fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+            let dir = fs::File::open(&path)?;
+            let meta = dir.metadata()?;
+            if !meta.is_dir() || meta.uid() != sys::uid() || meta.mode() & 0o077 != 0 {
+                return Err(io::Error::other(format!(
+                    "{} was replaced while the socket was being set up",
+                    path.display()
+                )));
+            }
+            return Ok(PrivateDir { path, dir });
+        }
+        Err(io::Error::other(format!(
+            "no free name for a private directory in {} after {} attempts",
+            parent.display(),
+            Self::ATTEMPTS
+        )))
+    }
+
+    /// The path of `name` inside the directory, through its descriptor.
+    fn entry(&self, name: &str) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}/{name}", self.dir.as_raw_fd()))
+    }
+
+    /// Removes the directory, which must be empty by now: `rmdir` removes
+    /// nothing else (not a file, not through a symlink).
+    fn remove(self) {
+        let _ = fs::remove_dir(&self.path);
+    }
 }
 
 /// Resolves a group name (from /etc/group) or number.
@@ -363,90 +435,49 @@ fn stop_on_signal(
     std::process::exit(0);
 }
 
-/// Bounds how long `accept` on `listener` waits: then it fails with
-/// `WouldBlock`, and a surplus connection thread may leave. The standard
-/// library sets this receive timeout (SO_RCVTIMEO) on connected sockets
-/// only, so it is set through a second descriptor of the same socket.
-fn set_accept_timeout(listener: &UnixListener, timeout: Duration) -> io::Result<()> {
-    let same_socket = UnixStream::from(listener.as_fd().try_clone_to_owned()?);
-    same_socket.set_read_timeout(Some(timeout))
-}
-
-/// Starts a connection thread, counted in `accepting` from now on.
-fn start_acceptor(ctx: &Arc<Context>) {
-    ctx.accepting.fetch_add(1, Ordering::SeqCst);
-    let ctx2 = Arc::clone(ctx);
-    let spawned = std::thread::Builder::new()
-        .name("conn".into())
-        .stack_size(64 * 1024)
-        .spawn(move || connection_thread(&ctx2, false));
-    if let Err(e) = spawned {
-        ctx.accepting.fetch_sub(1, Ordering::SeqCst);
-        warning!("cannot start a connection thread: {e}");
-    }
-}
-
-/// Accepts connections and serves each in turn. Counted in `accepting`
-/// while in `accept`; before serving a connection it makes sure another
-/// thread is accepting. Returns after [`IDLE_THREAD_KEEP`] without a
-/// connection if more than [`ACCEPTORS_KEPT`] threads are accepting, unless
-/// `for_good`.
-fn connection_thread(ctx: &Arc<Context>, for_good: bool) {
+/// Accepts connections for good, each served by a thread of its own; turns
+/// them away while stopping or when `max-connections` are being served.
+fn accept_connections(ctx: &Arc<Context>, listener: &UnixListener) -> ! {
     loop {
-        let stream = match ctx.listener.accept() {
+        let mut stream = match listener.accept() {
             Ok((stream, _)) => stream,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if !for_good && leave_if_surplus(&ctx.accepting) {
-                    return;
-                }
-                continue;
-            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                // Out of descriptors, say: wait for connections to end.
                 error!("accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
-        if ctx.accepting.fetch_sub(1, Ordering::SeqCst) == 1 {
-            start_acceptor(ctx);
+        let refusal = if ctx.shared.stopping.load(Ordering::SeqCst) {
+            Some(ERR_STOPPING)
+        } else if ctx.active.load(Ordering::SeqCst) >= ctx.max_connections {
+            Some(ERR_BUSY)
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            // A fresh connection's buffer takes one line without waiting.
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = stream.write_all(final_line(Err(why)).as_bytes());
+            continue;
         }
-        serve_one(ctx, stream);
-        ctx.accepting.fetch_add(1, Ordering::SeqCst);
+        ctx.active.fetch_add(1, Ordering::SeqCst);
+        let ctx2 = Arc::clone(ctx);
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                handle(&ctx2, stream);
+                ctx2.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            // The connection went with the closure: the client sees it
+            // closed, as with any daemon that cannot serve it.
+            ctx.active.fetch_sub(1, Ordering::SeqCst);
+            warning!("cannot start a connection thread: {e}");
+        }
     }
-}
-
-/// Takes this thread out of `accepting` if more than [`ACCEPTORS_KEPT`]
-/// would still be there; true if it did.
-fn leave_if_surplus(accepting: &AtomicUsize) -> bool {
-    accepting
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-            (n > ACCEPTORS_KEPT).then(|| n - 1)
-        })
-        .is_ok()
-}
-
-/// Serves one accepted connection, or turns it away while stopping or
-/// when `max-connections` are being served.
-fn serve_one(ctx: &Context, mut stream: UnixStream) {
-    if ctx.shared.stopping.load(Ordering::SeqCst) {
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ = stream.write_all(final_line(Err(ERR_STOPPING)).as_bytes());
-        return;
-    }
-    if ctx.active.fetch_add(1, Ordering::SeqCst) >= ctx.max_connections {
-        ctx.active.fetch_sub(1, Ordering::SeqCst);
-        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-        let _ = stream.write_all(final_line(Err(ERR_BUSY)).as_bytes());
-        return;
-    }
-    handle(ctx, stream);
-    ctx.active.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Reads one line of at most `MAX_LINE` bytes, all of it within `timeout`.

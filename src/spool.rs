@@ -5,9 +5,21 @@
 //! the daemon never sees half a request. The daemon queues every spooled
 //! request when it starts and whenever it is idle, and deletes each file
 //! only after its paths are in the journal.
+//!
+//! Nothing is deleted that was not queued: a file with a line that cannot
+//! be queued (malformed, too long, not a queue request) has its other paths
+//! queued and is then set aside as `.bad`, with a warning. A file whose last
+//! line has no line end is still being written by something that is not
+//! the hook: it is left alone until it is finished, and set aside once it
+//! has not changed for an hour. A file that cannot be deleted (a spool
+//! directory the daemon may not write) is queued once and then not read
+//! again while it stays, rather than queued and uploaded again every time.
 
+use std::collections::HashMap;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::journal::Journal;
 use crate::protocol::{parse_request, Request, MAX_LINE};
@@ -18,97 +30,228 @@ use crate::wire::SPOOL_SUFFIX;
 /// Largest spool file read: far more than any hook writes (one request of at
 /// most `MAX_LINE` bytes per 10,000 paths).
 const MAX_FILE: u64 = 64 * MAX_LINE as u64;
+/// A temporary file or an unfinished spool file unchanged for this long was
+/// left by a writer that died (no hook takes anywhere near this long).
+const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
+/// Bad lines of one file warned about one by one; the rest are counted.
+const BAD_LINES_SHOWN: usize = 5;
 
-/// Journals every spooled request and deletes its file; returns the paths
-/// that were newly queued. Files that cannot be journaled now stay.
-pub fn ingest(dir: &Path, store_dir: &str, journal: &Journal) -> Vec<StorePath> {
-    let entries: Vec<PathBuf> = match fs::read_dir(dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
-        Err(_) => return Vec::new(),
-    };
-    remove_abandoned(&entries);
-    let mut names: Vec<PathBuf> = entries
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(SPOOL_SUFFIX) && !n.starts_with('.'))
-        })
-        .collect();
-    names.sort();
-    let mut queued = Vec::new();
-    for file in names {
-        // Only regular files of a plausible size: a link could point the
-        // daemon at any file, a huge file would only cost memory.
-        match fs::symlink_metadata(&file) {
-            Ok(m) if m.is_file() && m.len() <= MAX_FILE => {}
-            Ok(m) => {
-                warning!(
-                    "spool file {} is not a regular file of at most {MAX_FILE} bytes ({} bytes); set aside as .bad",
-                    file.display(),
-                    m.len()
-                );
-                let _ = fs::rename(&file, file.with_extension("bad"));
-                continue;
-            }
-            Err(_) => continue,
-        }
-        let data = match fs::read(&file) {
-            Ok(d) => d,
-            Err(e) => {
-                warning!("cannot read spool file {}: {e}", file.display());
-                continue;
-            }
-        };
-        let mut paths = Vec::new();
-        for (n, line) in data.split(|&b| b == b'\n').enumerate() {
-            if line.is_empty() || line.len() > MAX_LINE {
-                continue;
-            }
-            match parse_request(line, store_dir) {
-                Ok(Request::Enqueue(p)) => paths.extend(p),
-                Ok(Request::Drv(d)) => paths.push(d),
-                Ok(other) => warning!(
-                    "spool file {} line {}: {other:?} is not a queue request, ignored",
-                    file.display(),
-                    n + 1
-                ),
-                Err(e) => warning!("spool file {} line {}: {e}, ignored", file.display(), n + 1),
-            }
-        }
-        match journal.append(&paths) {
-            Ok(added) => {
-                queued.extend(added);
-                if let Err(e) = fs::remove_file(&file) {
-                    warning!("cannot remove spool file {}: {e}", file.display());
-                }
-            }
-            Err(e) => {
-                warning!(
-                    "cannot journal spool file {}: {e}; will try again",
-                    file.display()
-                );
-                break;
-            }
+/// What identifies one version of a file: a new file under the same name,
+/// or the same file written again, is read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileId {
+    fn of(m: &fs::Metadata) -> FileId {
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
         }
     }
-    queued
+}
+
+/// The spool directory, and what the daemon knows about its files.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    store_dir: String,
+    /// Files whose paths were journaled but which could not be deleted or
+    /// set aside: not read again while they stay as they are.
+    done: HashMap<PathBuf, FileId>,
+}
+
+impl Spool {
+    /// The spool in `dir`, for paths under `store_dir`.
+    pub fn new(dir: &Path, store_dir: &str) -> Spool {
+        Spool {
+            dir: dir.to_path_buf(),
+            store_dir: store_dir.to_string(),
+            done: HashMap::new(),
+        }
+    }
+
+    /// Journals every finished spooled request and deletes its file (or sets
+    /// it aside as `.bad` if a line could not be queued); returns the paths
+    /// that were newly queued. Files that cannot be journaled now stay.
+    pub fn ingest(&mut self, journal: &Journal) -> Vec<StorePath> {
+        let entries: Vec<PathBuf> = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(_) => return Vec::new(),
+        };
+        remove_abandoned(&entries);
+        let mut names: Vec<PathBuf> = entries
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(SPOOL_SUFFIX) && !n.starts_with('.'))
+            })
+            .collect();
+        names.sort();
+        self.done.retain(|p, _| names.binary_search(p).is_ok());
+        let mut queued = Vec::new();
+        for file in names {
+            // Only regular files of a plausible size: a link could point the
+            // daemon at any file, a huge file would only cost memory.
+            let meta = match fs::symlink_metadata(&file) {
+                Ok(m) if m.is_file() && m.len() <= MAX_FILE => m,
+                Ok(m) => {
+                    self.set_aside(
+                        &file,
+                        &m,
+                        &format!(
+                            "is not a regular file of at most {MAX_FILE} bytes ({} bytes); \
+                             nothing in it is queued",
+                            m.len()
+                        ),
+                    );
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            if self.done.get(&file) == Some(&FileId::of(&meta)) {
+                continue;
+            }
+            let data = match fs::read(&file) {
+                Ok(d) => d,
+                Err(e) => {
+                    warning!("cannot read spool file {}: {e}", file.display());
+                    continue;
+                }
+            };
+            // Requests end with a line end: without one, the writer is not
+            // done (or died while writing).
+            let finished = data.last() == Some(&b'\n');
+            let abandoned = !finished && older_than(&meta, ABANDONED_AFTER);
+            if !finished && !abandoned {
+                continue;
+            }
+            let complete = match data.iter().rposition(|&b| b == b'\n') {
+                Some(end) => &data[..end],
+                None => &[][..],
+            };
+            let (paths, bad) = self.parse(complete);
+            match journal.append(&paths) {
+                Ok(added) => queued.extend(added),
+                Err(e) => {
+                    warning!(
+                        "cannot journal spool file {}: {e}; will try again",
+                        file.display()
+                    );
+                    break;
+                }
+            }
+            let mut problems = bad;
+            if abandoned {
+                problems.push(format!(
+                    "its last line has no line end and the file has not changed for {} s \
+                     (its writer died?): that line is not queued",
+                    ABANDONED_AFTER.as_secs()
+                ));
+            }
+            if problems.is_empty() {
+                if let Err(e) = fs::remove_file(&file) {
+                    let why = format!("its paths are queued, but it cannot be removed: {e}");
+                    self.keep_done(&file, &meta, &why);
+                }
+            } else {
+                let why = format!("{}; its other lines are queued", problems.join("; "));
+                self.set_aside(&file, &meta, &why);
+            }
+        }
+        queued
+    }
+
+    /// The paths of a spool file's complete lines, and what was wrong with
+    /// the lines that cannot be queued.
+    fn parse(&self, complete: &[u8]) -> (Vec<StorePath>, Vec<String>) {
+        let mut paths = Vec::new();
+        let mut bad = Vec::new();
+        let mut bad_count = 0usize;
+        for (n, line) in complete.split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let problem = if line.len() > MAX_LINE {
+                format!("is longer than {MAX_LINE} bytes ({} bytes)", line.len())
+            } else {
+                match parse_request(line, &self.store_dir) {
+                    Ok(Request::Enqueue(p)) => {
+                        paths.extend(p);
+                        continue;
+                    }
+                    Ok(Request::Drv(d)) => {
+                        paths.push(d);
+                        continue;
+                    }
+                    Ok(other) => format!("{other:?} is not a queue request"),
+                    Err(e) => e.to_string(),
+                }
+            };
+            bad_count += 1;
+            if bad.len() < BAD_LINES_SHOWN {
+                bad.push(format!("line {} {problem}", n + 1));
+            }
+        }
+        if bad_count > bad.len() {
+            bad.push(format!("{} more bad lines", bad_count - bad.len()));
+        }
+        (paths, bad)
+    }
+
+    /// Renames a spool file that held something that could not be queued to
+    /// `.bad`, where it is no longer read, and says so.
+    fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: &str) {
+        let bad = file.with_extension("bad");
+        match fs::rename(file, &bad) {
+            Ok(()) => warning!(
+                "spool file {}: {why}; set aside as {}",
+                file.display(),
+                bad.display()
+            ),
+            Err(e) => self.keep_done(
+                file,
+                meta,
+                &format!("{why}; cannot set it aside as {}: {e}", bad.display()),
+            ),
+        }
+    }
+
+    /// Remembers a spool file that is queued but stays: it is not read again
+    /// until it changes or the daemon restarts (then its paths are queued
+    /// once more, which costs at most one more upload).
+    fn keep_done(&mut self, file: &Path, meta: &fs::Metadata, why: &str) {
+        warning!(
+            "spool file {}: {why}; it is not read again while it stays",
+            file.display()
+        );
+        self.done.insert(file.to_path_buf(), FileId::of(meta));
+    }
+}
+
+fn older_than(meta: &fs::Metadata, age: Duration) -> bool {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|a| a > age)
 }
 
 /// Removes temporary files of hooks that were killed between writing and
 /// renaming (no hook takes anywhere near this long to write one).
 fn remove_abandoned(entries: &[PathBuf]) {
-    const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
     for path in entries {
         let is_tmp = path
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"));
-        let old = fs::symlink_metadata(path)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > ABANDONED_AFTER);
+        let old = fs::symlink_metadata(path).is_ok_and(|m| older_than(&m, ABANDONED_AFTER));
         if is_tmp && old {
             let _ = fs::remove_file(path);
         }
@@ -127,30 +270,114 @@ mod tests {
         d
     }
 
-    #[test]
-    fn written_requests_are_ingested_once_and_links_are_set_aside() {
-        let spool = dir("ingest");
-        let state = dir("ingest-state");
-        let good = format!("{S}/{}-a", "0".repeat(32));
-        fs::create_dir_all(&spool).unwrap();
-        let (_, name) = crate::wire::spool_names(1, 2);
-        let request = format!("enqueue {good}\nretry\nenqueue /etc/passwd\n");
-        fs::write(spool.join(name), request).unwrap();
-        std::os::unix::fs::symlink("/etc/passwd", spool.join("evil.req")).unwrap();
-        let (journal, _) = Journal::open(&state, S).unwrap();
-        let queued = ingest(&spool, S, &journal);
-        assert_eq!(queued.len(), 1);
-        assert_eq!(queued[0].as_str(), good);
-        assert!(
-            ingest(&spool, S, &journal).is_empty(),
-            "files are removed after ingest"
-        );
-        let left: Vec<_> = fs::read_dir(&spool)
+    fn names(spool: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(spool)
             .unwrap()
             .flatten()
-            .map(|e| e.file_name())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("evil.bad")]);
+        v.sort();
+        v
+    }
+
+    fn path(c: char) -> String {
+        format!("{S}/{}-{c}", "0".repeat(32))
+    }
+
+    fn age(file: &Path, secs: u64) {
+        let then = std::time::SystemTime::now() - Duration::from_secs(secs);
+        fs::File::options()
+            .write(true)
+            .open(file)
+            .and_then(|f| f.set_modified(then))
+            .unwrap();
+    }
+
+    #[test]
+    fn written_requests_are_ingested_once_and_bad_ones_set_aside() {
+        let spool = dir("ingest");
+        let state = dir("ingest-state");
+        fs::create_dir_all(&spool).unwrap();
+        let (_, name) = crate::wire::spool_names(1, 2);
+        fs::write(spool.join(&name), format!("enqueue {}\n", path('a'))).unwrap();
+        let (_, mixed) = crate::wire::spool_names(3, 4);
+        let request = format!("enqueue {}\nretry\nenqueue /etc/passwd\n", path('b'));
+        fs::write(spool.join(&mixed), &request).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", spool.join("evil.req")).unwrap();
+        let (journal, _) = Journal::open(&state, S).unwrap();
+        let mut s = Spool::new(&spool, S);
+        let queued: Vec<String> = s.ingest(&journal).iter().map(|p| p.to_string()).collect();
+        assert_eq!(queued, vec![path('a'), path('b')]);
+        assert!(s.ingest(&journal).is_empty(), "each file is read once");
+        let mixed_bad = mixed.replace(".req", ".bad");
+        assert_eq!(
+            names(&spool),
+            vec![mixed_bad.clone(), "evil.bad".to_string()]
+        );
+        assert_eq!(
+            fs::read_to_string(spool.join(mixed_bad)).unwrap(),
+            request,
+            "set aside as it was"
+        );
+        let _ = fs::remove_dir_all(&spool);
+        let _ = fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn a_line_over_the_limit_sets_the_file_aside_and_the_rest_is_queued() {
+        let spool = dir("long");
+        let state = dir("long-state");
+        fs::create_dir_all(&spool).unwrap();
+        let long = format!("enqueue {}\n", path('x').repeat(MAX_LINE / 40));
+        assert!(long.len() > MAX_LINE);
+        let request = format!("enqueue {}\n{long}enqueue {}\n", path('a'), path('b'));
+        fs::write(spool.join("1-1.req"), &request).unwrap();
+        let (journal, _) = Journal::open(&state, S).unwrap();
+        let queued = Spool::new(&spool, S).ingest(&journal);
+        assert_eq!(queued.len(), 2);
+        assert_eq!(names(&spool), vec!["1-1.bad".to_string()]);
+        assert_eq!(fs::read(spool.join("1-1.bad")).unwrap(), request.as_bytes());
+        let _ = fs::remove_dir_all(&spool);
+        let _ = fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn an_unfinished_last_line_waits_for_its_writer() {
+        let spool = dir("partial");
+        let state = dir("partial-state");
+        fs::create_dir_all(&spool).unwrap();
+        let file = spool.join("1-1.req");
+        // Cut in the middle of the second path.
+        let cut = format!("enqueue {}\nenqueue {}", path('a'), &path('b')[..20]);
+        fs::write(&file, &cut).unwrap();
+        let (journal, _) = Journal::open(&state, S).unwrap();
+        let mut s = Spool::new(&spool, S);
+        assert!(
+            s.ingest(&journal).is_empty(),
+            "nothing of it before it is done"
+        );
+        assert!(journal.is_empty());
+        assert_eq!(names(&spool), vec!["1-1.req".to_string()]);
+        // The writer finishes.
+        fs::write(
+            &file,
+            format!("enqueue {}\nenqueue {}\n", path('a'), path('b')),
+        )
+        .unwrap();
+        assert_eq!(s.ingest(&journal).len(), 2);
+        assert!(names(&spool).is_empty());
+
+        // A writer that died an hour ago: its complete lines are queued, the
+        // file (with the cut line) set aside.
+        fs::write(
+            &file,
+            format!("enqueue {}\nenqueue {}", path('c'), &path('d')[..20]),
+        )
+        .unwrap();
+        age(&file, 7200);
+        let queued: Vec<String> = s.ingest(&journal).iter().map(|p| p.to_string()).collect();
+        assert_eq!(queued, vec![path('c')]);
+        assert_eq!(names(&spool), vec!["1-1.bad".to_string()]);
         let _ = fs::remove_dir_all(&spool);
         let _ = fs::remove_dir_all(&state);
     }
@@ -164,14 +391,9 @@ mod tests {
         let fresh = spool.join(".3-4.tmp");
         fs::write(&old, "enqueue").unwrap();
         fs::write(&fresh, "enqueue").unwrap();
-        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
-        fs::File::options()
-            .write(true)
-            .open(&old)
-            .and_then(|f| f.set_modified(two_hours_ago))
-            .unwrap();
+        age(&old, 7200);
         let (journal, _) = Journal::open(&state, S).unwrap();
-        assert!(ingest(&spool, S, &journal).is_empty());
+        assert!(Spool::new(&spool, S).ingest(&journal).is_empty());
         assert!(!old.exists(), "an hour-old temporary file is abandoned");
         assert!(fresh.exists(), "a hook may still be writing a fresh one");
         let _ = fs::remove_dir_all(&spool);

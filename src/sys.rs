@@ -1,17 +1,27 @@
-//! The few libc calls the standard library does not wrap.
+//! The few system calls the standard library does not wrap.
 //!
-//! Kept in one place so that every `unsafe` block of the project is here,
-//! each with the reason it is sound.
+//! The one module allowed `unsafe` code (the crate denies it everywhere
+//! else): each block makes one call `std` has no safe form of, and says why
+//! it is sound.
 
+use std::ffi::c_ulong;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 extern "C" {
     fn getuid() -> u32;
     fn kill(pid: i32, sig: i32) -> i32;
     fn nice(inc: i32) -> i32;
     fn __errno_location() -> *mut i32;
+    fn pthread_sigmask(how: i32, set: *const SigSet, old: *mut SigSet) -> i32;
+    fn sigwait(set: *const SigSet, sig: *mut i32) -> i32;
+    fn getsockopt(fd: i32, level: i32, name: i32, value: *mut i32, len: *mut u32) -> i32;
 }
 
+/// SIGINT on every Linux architecture.
+pub const SIGINT: i32 = 2;
 /// SIGKILL on every Linux architecture.
 pub const SIGKILL: i32 = 9;
 /// SIGTERM on every Linux architecture.
@@ -63,97 +73,33 @@ pub fn kill_process_group(pgid: u32, sig: i32) -> io::Result<()> {
     }
 }
 
-extern "C" {
-    fn fcntl(fd: i32, cmd: i32, ...) -> i32;
-}
-
-const F_GETFD: i32 = 1;
-const F_SETFD: i32 = 2;
-const FD_CLOEXEC: i32 = 1;
-
-/// Marks a descriptor close-on-exec, so that `nix` and its children do not
-/// inherit a socket handed over by systemd.
-pub fn set_cloexec(fd: i32) -> io::Result<()> {
-    // SAFETY: fcntl with F_GETFD/F_SETFD reads and sets descriptor flags only;
-    // an invalid fd yields -1 and errno, which we report.
-    let flags = unsafe { fcntl(fd, F_GETFD) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { fcntl(fd, F_SETFD, flags | FD_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-extern "C" {
-    fn signal(sig: i32, handler: usize) -> usize;
-}
-
-/// SIGPIPE on every Linux architecture.
-const SIGPIPE: i32 = 13;
-/// The C library's `SIG_IGN` handler value.
-const SIG_IGN: usize = 1;
-
-/// What the standard library's runtime does before `main`, for a program
-/// whose `main` the C runtime calls directly: ignore SIGPIPE, so that writing
-/// to a client that went away is an error and not the end of the daemon, and
-/// open `/dev/null` on any of the descriptors 0, 1 and 2 that was closed, so
-/// that no journal or socket can become a process's stderr.
-pub fn start_up() {
-    // SAFETY: ignoring a signal installs no handler code of ours.
-    unsafe { signal(SIGPIPE, SIG_IGN) };
-    for fd in 0..3 {
-        // SAFETY: F_GETFD only reads the descriptor's flags; a closed
-        // descriptor yields -1 (EBADF) and nothing else happens.
-        if unsafe { fcntl(fd, F_GETFD) } < 0 {
-            // The lowest free descriptor is the closed one, so the file lands
-            // on it; it stays open for the life of the process.
-            if let Ok(null) = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/null")
-            {
-                std::mem::forget(null);
-            }
-        }
-    }
-}
-
-/// SIGINT on every Linux architecture.
-pub const SIGINT: i32 = 2;
-
-/// Storage for the C library's `sigset_t` (1024 bits in glibc and musl).
+/// The C library's `sigset_t` on Linux, glibc and musl alike: 1024 bits in
+/// `unsigned long` words, signal `n` at bit `n - 1` (so 1 to 31 in word 0).
 #[repr(C)]
-struct SigSet([u64; 16]);
+struct SigSet([c_ulong; 1024 / c_ulong::BITS as usize]);
 
-extern "C" {
-    fn sigemptyset(set: *mut SigSet) -> i32;
-    fn sigaddset(set: *mut SigSet, sig: i32) -> i32;
-    fn pthread_sigmask(how: i32, set: *const SigSet, old: *mut SigSet) -> i32;
-    fn sigwait(set: *const SigSet, sig: *mut i32) -> i32;
+impl SigSet {
+    fn of(signals: &[i32]) -> SigSet {
+        let mut set = SigSet([0; 1024 / c_ulong::BITS as usize]);
+        for &sig in signals {
+            debug_assert!((1..32).contains(&sig));
+            set.0[0] |= 1 << (sig - 1);
+        }
+        set
+    }
 }
 
 const SIG_BLOCK: i32 = 0;
-
-fn stop_signals() -> SigSet {
-    let mut set = SigSet([0; 16]);
-    // SAFETY: `set` is a valid, writable sigset_t-sized buffer we own.
-    unsafe {
-        sigemptyset(&mut set);
-        sigaddset(&mut set, SIGTERM);
-        sigaddset(&mut set, SIGINT);
-    }
-    set
-}
+const SIG_SETMASK: i32 = 2;
 
 /// Blocks SIGTERM and SIGINT in the calling thread and every thread it
 /// starts afterwards, so that [`wait_for_stop_signal`] receives them.
-/// (Child processes start with an empty mask: the standard library resets it.)
+/// Child processes inherit the mask of the thread that starts them (the
+/// standard library does not reset it): start them through
+/// [`unblock_signals_in_child`].
 pub fn block_stop_signals() -> io::Result<()> {
-    let set = stop_signals();
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let set = SigSet::of(&[SIGTERM, SIGINT]);
+    // SAFETY: `set` is an initialised sigset_t; a null old-set pointer is allowed.
     let rc = unsafe { pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc == 0 {
         Ok(())
@@ -164,7 +110,7 @@ pub fn block_stop_signals() -> io::Result<()> {
 
 /// Waits until SIGTERM or SIGINT arrives; returns the signal number.
 pub fn wait_for_stop_signal() -> io::Result<i32> {
-    let set = stop_signals();
+    let set = SigSet::of(&[SIGTERM, SIGINT]);
     let mut sig = 0;
     // SAFETY: both pointers refer to live values owned by this frame.
     let rc = unsafe { sigwait(&set, &mut sig) };
@@ -175,8 +121,36 @@ pub fn wait_for_stop_signal() -> io::Result<i32> {
     }
 }
 
-extern "C" {
-    fn getsockopt(fd: i32, level: i32, name: i32, value: *mut i32, len: *mut u32) -> i32;
+/// Makes `cmd` start its program with no signal blocked, whatever the mask
+/// of the thread that spawns it: a `nix` (and the ssh it starts) that
+/// inherited the daemon's blocked SIGTERM could not be stopped by it.
+pub fn unblock_signals_in_child(cmd: &mut Command) {
+    let empty = SigSet::of(&[]);
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe functions may be called: pthread_sigmask is
+    // one, and it reads `empty`, a copy the closure owns; nothing allocates.
+    unsafe {
+        cmd.pre_exec(
+            move || match pthread_sigmask(SIG_SETMASK, &empty, std::ptr::null_mut()) {
+                0 => Ok(()),
+                rc => Err(io::Error::from_raw_os_error(rc)),
+            },
+        )
+    };
+}
+
+/// Takes ownership of descriptor `fd`, inherited open from the process that
+/// started us (systemd's socket activation), as a close-on-exec duplicate:
+/// the original is closed, so that `nix` and its children do not inherit
+/// it. Call it once per descriptor, before other threads start.
+pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // Whether it is open, without touching it.
+    std::fs::symlink_metadata(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| io::Error::new(e.kind(), format!("descriptor {fd} is not open: {e}")))?;
+    // SAFETY: the descriptor is open (checked above) and was handed to this
+    // process; no other part of it owns it, and it is taken exactly once.
+    let inherited = unsafe { OwnedFd::from_raw_fd(fd) };
+    inherited.try_clone()
 }
 
 /// `SOL_SOCKET` and `SO_ACCEPTCONN` (asm-generic values: x86-64, arm64, riscv).
@@ -184,12 +158,21 @@ const SOL_SOCKET: i32 = 1;
 const SO_ACCEPTCONN: i32 = 30;
 
 /// True when `fd` is a socket in the listening state.
-pub fn is_listening(fd: i32) -> io::Result<bool> {
+pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let mut value: i32 = 0;
     let mut len = std::mem::size_of::<i32>() as u32;
-    // SAFETY: `value` and `len` are live, correctly sized locals; the kernel
-    // writes at most `len` bytes into `value`.
-    let rc = unsafe { getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &mut value, &mut len) };
+    // SAFETY: `fd` is open for the borrow's lifetime; `value` and `len` are
+    // live, correctly sized locals, and the kernel writes at most `len`
+    // bytes into `value`.
+    let rc = unsafe {
+        getsockopt(
+            fd.as_raw_fd(),
+            SOL_SOCKET,
+            SO_ACCEPTCONN,
+            &mut value,
+            &mut len,
+        )
+    };
     if rc == 0 {
         Ok(value != 0)
     } else {

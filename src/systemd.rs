@@ -5,7 +5,7 @@
 //! readiness is one datagram, `READY=1`, to the socket in `NOTIFY_SOCKET`.
 
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
 
@@ -44,15 +44,15 @@ pub fn listener_from_env() -> io::Result<Option<UnixListener>> {
             "systemd passed {count} sockets; exactly one (a ListenStream= unix socket) is expected"
         )));
     }
-    sys::set_cloexec(SD_LISTEN_FDS_START)?;
-    if !sys::is_listening(SD_LISTEN_FDS_START)? {
+    // systemd passed fd 3 to this process (LISTEN_PID matched), and this
+    // runs once, before other threads start.
+    let fd = sys::take_inherited_fd(SD_LISTEN_FDS_START)?;
+    if !sys::is_listening(fd.as_fd())? {
         return Err(io::Error::other(
             "fd 3 is not a listening socket; the socket unit needs ListenStream= (and Accept=no)",
         ));
     }
-    // SAFETY: systemd passed fd 3 to this process (LISTEN_PID matched) and
-    // nothing else in the process owns it; we take ownership exactly once.
-    let listener = unsafe { UnixListener::from_raw_fd(SD_LISTEN_FDS_START) };
+    let listener = UnixListener::from(fd);
     // Fails if fd 3 is not a unix socket (a TCP socket, say).
     listener.local_addr()?;
     Ok(Some(listener))

@@ -1,15 +1,10 @@
 //! What the hook and the daemon must agree on: the request lines, their
 //! limits, which refusals are only "not now", where the socket and the spool
-//! are by default, and how spool files are named.
-//!
-//! Written against `core` and `alloc` only. The hook runs without `std` (see
-//! `src/bin/post-build-hook/main.rs` for why) and compiles this same file
-//! with `#[path]`, so the two sides cannot drift apart.
+//! are by default, and how spool files are named. The hook, the admin
+//! commands and the daemon all take these from here, so they cannot drift
+//! apart.
 
-use alloc::format;
-use alloc::string::String;
-use alloc::vec::Vec;
-use core::time::Duration;
+use std::time::Duration;
 
 /// Longest request line accepted, newline included.
 pub const MAX_LINE: usize = 1 << 20;
@@ -35,8 +30,11 @@ pub const ENV_TIMEOUT: &str = "NPBHQ_TIMEOUT";
 /// How long the hook waits for the daemon, in all, by default.
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// File name of the socket in its directory.
+/// File name of the socket in a runtime directory (`/run`, `$XDG_RUNTIME_DIR`).
 pub const SOCKET_NAME: &str = "nix-post-build-hook-queue.sock";
+/// File name of the socket in a user's state directory, short because the
+/// whole path must fit the kernel's 107 bytes.
+pub const STATE_SOCKET_NAME: &str = "socket";
 /// Name of the state directory (and of the service).
 pub const STATE_NAME: &str = "nix-post-build-hook-queue";
 /// Ending of a complete spool file; a file being written has another.
@@ -141,14 +139,18 @@ pub struct Places<'a> {
 
 impl Places<'_> {
     /// The default socket: `/run/...` for root, else the per-user runtime
-    /// directory, else a per-user name in the temporary directory.
+    /// directory, else `socket` in the user's own state directory. Never a
+    /// name in a directory others may write (such as `/tmp`), where another
+    /// user could bind it first and receive this user's paths. A unix
+    /// socket's path holds at most 107 bytes, so a state directory deeper
+    /// than about 100 bytes needs the socket named explicitly.
     pub fn socket(&self) -> String {
         if self.uid == 0 {
             return join("/run", SOCKET_NAME);
         }
         match set(self.runtime_dir) {
             Some(dir) => join(dir, SOCKET_NAME),
-            None => join(self.tmp(), &format!("{STATE_NAME}-{}.sock", self.uid)),
+            None => join(&self.state_dir(), STATE_SOCKET_NAME),
         }
     }
 
@@ -202,7 +204,6 @@ pub fn spool_names(unix_nanos: u128, pid: u32) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::vec;
 
     #[test]
     fn hook_prefers_out_paths() {
@@ -261,12 +262,32 @@ mod tests {
             user.spool_dir(),
             "/home/a/.local/state/nix-post-build-hook-queue/spool"
         );
-        let bare = Places {
+        let no_runtime = Places {
             runtime_dir: Some(""),
-            home: None,
             ..user
         };
-        assert_eq!(bare.socket(), "/tmp/nix-post-build-hook-queue-1000.sock");
+        assert_eq!(
+            no_runtime.socket(),
+            "/home/a/.local/state/nix-post-build-hook-queue/socket",
+            "in the user's own state directory, not in /tmp"
+        );
+        let xdg_state = Places {
+            state_home: Some("/home/a/st"),
+            ..no_runtime
+        };
+        assert_eq!(
+            xdg_state.socket(),
+            "/home/a/st/nix-post-build-hook-queue/socket"
+        );
+        let bare = Places {
+            home: None,
+            ..no_runtime
+        };
+        assert_eq!(
+            bare.socket(),
+            "/tmp/nix-post-build-hook-queue-1000/socket",
+            "beside the state, in a directory of the user's own"
+        );
         assert_eq!(bare.state_dir(), "/tmp/nix-post-build-hook-queue-1000");
         let root = Places { uid: 0, ..bare };
         assert_eq!(root.socket(), "/run/nix-post-build-hook-queue.sock");

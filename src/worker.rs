@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::journal::Journal;
 use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
+use crate::spool::Spool;
 use crate::status::{Backoff, Shared};
 use crate::store_path::StorePath;
-use crate::{drv, info, spool, sys, warning};
+use crate::{drv, info, sys, warning};
 
 /// A batch starts once no new path arrived for this long...
 const BATCH_QUIET: Duration = Duration::from_millis(200);
@@ -62,7 +63,7 @@ pub struct Worker {
     batch_size: usize,
     retry_initial: Duration,
     retry_max: Duration,
-    spool_dir: PathBuf,
+    spool: Spool,
     ready: VecDeque<StorePath>,
     /// Most paths in the next batch: `batch_size`, halved after a batch timed
     /// out (it may have been too big to finish in `command-timeout`) and
@@ -99,7 +100,7 @@ impl Worker {
             batch_size: config.batch_size,
             retry_initial: config.retry_initial_delay,
             retry_max: config.retry_max_delay.max(config.retry_initial_delay),
-            spool_dir: config.spool_dir(),
+            spool: Spool::new(&config.spool_dir(), &config.store_dir),
             ready: VecDeque::new(),
             batch_limit: config.batch_size,
         }
@@ -518,7 +519,7 @@ impl Worker {
 
     /// Queues the requests clients left in the spool while we were away.
     fn ingest_spool(&mut self) {
-        let paths = spool::ingest(&self.spool_dir, &self.store_dir, &self.journal);
+        let paths = self.spool.ingest(&self.journal);
         self.ready.extend(paths);
     }
 }

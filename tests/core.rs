@@ -40,7 +40,10 @@ fn wait_verified(env: &NixEnv, d: &Daemon, url: &str, pk: &str, paths: &[PathBuf
 
 /// 1. A nix-build with our hook and a daemon that signs and uploads to a
 ///    file:// cache: the build succeeds and every output arrives, signed.
-///    (Nix 2.8 passes an empty OUT_PATHS, so the daemon resolves DRV_PATH.)
+///    (Nix 2.8 passes an empty OUT_PATHS, so the daemon resolves DRV_PATH;
+///    Nix 2.26 passes the outputs. The hook is run by hand each way below,
+///    on both versions: `hook_client_run_directly_hands_over_drv`,
+///    `hook_with_closed_standard_descriptors_spools_and_queues`.)
 #[test]
 fn hook_build_is_signed_and_uploaded_to_file_cache() {
     let env = NixEnv::new("core-file");
@@ -110,7 +113,8 @@ fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
 }
 
 /// 3. With the hook set and no daemon running, the build still succeeds and
-///    the hook says so in one line.
+///    the hook says so in one line, which Nix prefixes `post-build-hook: `
+///    once: the hook does not repeat it.
 #[test]
 fn build_succeeds_when_daemon_is_down() {
     let env = NixEnv::new("core-down");
@@ -137,6 +141,11 @@ fn build_succeeds_when_daemon_is_down() {
         1,
         "expected exactly one line from the hook, got {hook_lines:?}\nstderr:\n{}",
         b.stderr
+    );
+    assert!(
+        hook_lines[0].starts_with(&format!("no daemon at {}", socket.display()))
+            && hook_lines[0].contains("spooled the paths to"),
+        "{hook_lines:?}"
     );
 }
 
@@ -381,10 +390,10 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
 
 /// Nix's log reader gone (the hook's stderr a pipe nobody reads): the hook's
 /// one line fails with EPIPE, which it ignores. A SIGPIPE must not end it, as
-/// a hook killed by a signal fails the build; it ignores the signal itself
-/// (it has no `std` to do so). The daemon here is a socket that accepts and
-/// never answers, so the hook writes its line after its timeout, well after
-/// the reader closed, and spools the request.
+/// a hook killed by a signal fails the build (std ignores the signal at
+/// start). The daemon here is a socket that accepts and never answers, so
+/// the hook writes its line after its timeout, well after the reader
+/// closed, and spools the request.
 #[test]
 fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     let env = NixEnv::new("core-hook-epipe");
@@ -396,17 +405,7 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     let path = env
         .store_dir()
         .join("0000000000000000000000000000000e-npbhq-epipe");
-    let mut hook = Command::new(hook_bin())
-        .env("NPBHQ_SOCKET", &socket)
-        .env("NPBHQ_SPOOL_DIR", &spool)
-        .env("NPBHQ_TIMEOUT", "0.3")
-        .env("OUT_PATHS", &path)
-        .env("DRV_PATH", "")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut hook = spawn_hook(&socket, &spool, "0.3", &path);
     drop(hook.stderr.take());
     let status = hook.wait().unwrap();
     assert!(status.success(), "the hook ended with {status}");
@@ -414,6 +413,122 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
         spool_contents(&spool),
         vec![format!("enqueue {}\n", path.display())]
     );
+}
+
+/// A daemon whose backlog is full (it has stopped accepting, and as many
+/// clients as the kernel queues wait): a plain connect would block until it
+/// accepts. The hook gives up at its timeout, spools the request, says so in
+/// one line and exits 0. That the backlog stayed full while the hook ran is
+/// checked, not assumed: the connect that found it full is still blocked
+/// after the hook has ended.
+#[test]
+fn hook_spools_when_the_daemon_backlog_is_full() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let env = NixEnv::new("core-hook-backlog");
+    let dir = env.root().join("full");
+    fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("full.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (connected, in_connect) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let filler = {
+        let (socket, connected, in_connect) =
+            (socket.clone(), connected.clone(), in_connect.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            loop {
+                in_connect.store(true, Ordering::SeqCst);
+                let c = std::os::unix::net::UnixStream::connect(&socket);
+                in_connect.store(false, Ordering::SeqCst);
+                match c {
+                    Ok(c) => held.push(c),
+                    Err(e) if e.raw_os_error() == Some(24) => {
+                        panic!("out of file descriptors after {} connections: raise `ulimit -n` above the listen backlog (/proc/sys/net/core/somaxconn)", held.len())
+                    }
+                    // The listener closed at the end of the test.
+                    Err(_) => return held.len(),
+                }
+                connected.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    // Full: a connect has been waiting, with no progress, for a second.
+    let mut last = (usize::MAX, std::time::Instant::now());
+    loop {
+        assert!(!filler.is_finished(), "the connecting thread ended early");
+        let n = connected.load(Ordering::SeqCst);
+        if n != last.0 || !in_connect.load(Ordering::SeqCst) {
+            last = (n, std::time::Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let queued = connected.load(Ordering::SeqCst);
+
+    let spool = dir.join("spool");
+    let path = env
+        .store_dir()
+        .join("0000000000000000000000000000000f-npbhq-backlog");
+    let mut hook = spawn_hook(&socket, &spool, "0.5", &path);
+    // A correctness bound, far above the hook's 0.5 s: a hook blocked in
+    // its connect never ends.
+    let waited = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = hook.try_wait().unwrap() {
+            break status;
+        }
+        if waited.elapsed() > Duration::from_secs(60) {
+            let _ = hook.kill();
+            let _ = hook.wait();
+            panic!("the hook still runs after 60 s against a full backlog");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut hook.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        in_connect.load(Ordering::SeqCst) && connected.load(Ordering::SeqCst) == queued,
+        "the backlog did not stay full while the hook ran ({queued} queued before)"
+    );
+    assert!(status.success(), "the hook ended with {status}: {said}");
+    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+    assert!(
+        said.starts_with(&format!(
+            "the daemon at {} did not accept the connection in time",
+            socket.display()
+        )) && said.contains("spooled the paths to"),
+        "{said:?}"
+    );
+    assert_eq!(
+        spool_contents(&spool),
+        vec![format!("enqueue {}\n", path.display())]
+    );
+    drop(listener);
+    let _ = fs::remove_file(&socket);
+    let held = filler.join().expect("the connecting thread");
+    eprintln!("backlog: {held} connections queued before the hook ran");
+}
+
+/// Starts the hook for the one output `path`, with the daemon at `socket`,
+/// the spool `spool` and the timeout `timeout` (seconds); its stderr is a
+/// pipe.
+fn spawn_hook(socket: &Path, spool: &Path, timeout: &str, path: &Path) -> std::process::Child {
+    Command::new(hook_bin())
+        .env("NPBHQ_SOCKET", socket)
+        .env("NPBHQ_SPOOL_DIR", spool)
+        .env("NPBHQ_TIMEOUT", timeout)
+        .env("OUT_PATHS", path)
+        .env("DRV_PATH", "")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// The contents of every file in the spool directory `dir`.
@@ -464,33 +579,79 @@ fn daemon_with_closed_standard_descriptors_opens_dev_null_on_them() {
     );
 }
 
-/// A well-formed store path that is not valid (never built, or garbage
-/// collected) must not block the valid paths queued with it: one invalid
-/// path fails a whole `nix copy` call.
+/// A path garbage-collected after the daemon checked it is valid, just
+/// before `nix copy` (a wrapper around the real nix deletes it then), must
+/// not block the valid paths queued with it: the invalid path fails the
+/// whole `nix copy` call, the valid ones still arrive, and at the next try
+/// the invalid one is dropped, with one warning, and counted as dropped.
 #[test]
 fn invalid_path_does_not_block_valid_ones() {
     let env = NixEnv::new("core-invalid");
-    let (d, read, pk) = signing_daemon(&env, "core-invalid-1");
-    let paths = env.build_paths(2, "invalid");
-    let bogus = env
-        .store_dir()
-        .join("0000000000000000000000000000000a-npbhq-never-built");
-    let reply = d.request(&format!(
-        "enqueue {} {} {}",
-        paths[0].display(),
-        bogus.display(),
-        paths[1].display()
-    ));
-    assert!(reply.starts_with("ok"), "{reply}\nlog:\n{}", d.log());
+    let (sk, pk) = env.gen_signing_key("core-invalid-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let paths = env.build_paths(3, "invalid");
+    let (good, victim) = ([paths[0].clone(), paths[2].clone()], paths[1].clone());
+    let wrapper = env.root().join("nix-gc-before-copy");
+    fs::create_dir_all(&wrapper).unwrap();
+    let nix = wrapper.join("nix");
+    let copies = env.root().join("copies.txt");
+    fs::write(
+        &nix,
+        format!(
+            "#!/bin/sh\n# The garbage collector strikes between the validity check and the copy.\n\
+             if [ \"$3\" = copy ]; then echo \"$*\" >> {}; {} --delete {} >/dev/null 2>&1; fi\n\
+             exec {} \"$@\"\n",
+            copies.display(),
+            which("nix-store").display(),
+            victim.display(),
+            which("nix").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&nix, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(which("nix-store"), wrapper.join("nix-store")).unwrap();
+    let d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &upload),
+            ("nix", &nix.display().to_string()),
+            ("retry-initial-delay", "0.05"),
+        ],
+    );
+    let reply = d.request(&format!("enqueue {}", strs(&paths).join(" ")));
+    assert_eq!(reply, "ok 3", "log:\n{}", d.log());
     wait_verified(
         &env,
         &d,
         &read,
         &pk,
-        &paths,
+        &good,
         "valid paths uploaded despite an invalid one in the same batch",
     );
-    assert!(!env.is_valid_in(&read, &bogus));
+    let victim_s = victim.display().to_string();
+    wait_until_diag(
+        Duration::from_secs(30),
+        "the collected path dropped, the queue empty",
+        || {
+            let status = d.request_lines("status");
+            status.iter().any(|l| l == "dropped 1") && status.iter().any(|l| l == "queued 0")
+        },
+        || d.log(),
+    );
+    let log = d.log();
+    let copied = fs::read_to_string(&copies).unwrap_or_default();
+    assert!(
+        copied.lines().next().is_some_and(|c| c.contains(&victim_s)),
+        "the path never reached nix copy: {copied:?}\n{log}"
+    );
+    let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
+    assert!(
+        drops.len() == 1 && drops[0].starts_with("warning:") && drops[0].contains(&victim_s),
+        "one warning about the collected path: {drops:?}"
+    );
+    assert!(!env.is_valid_in(&read, &victim));
 }
 
 /// SIGTERM stops the daemon cleanly (exit 0) and a restart resumes the

@@ -259,6 +259,21 @@ fn copy_running(d: &Daemon) -> bool {
     })
 }
 
+/// The final line of a `wait` request; panics when it has not come within
+/// `deadline` (its progress lines would keep a read timeout from firing).
+fn wait_request(d: &Daemon, deadline: Duration) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket = d.socket();
+    thread::spawn(move || {
+        let _ = tx.send(try_request(&socket, "wait"));
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(Ok(line)) => line,
+        Ok(Err(e)) => panic!("wait request failed: {e}\nlog:\n{}", d.log()),
+        Err(_) => panic!("wait did not end within {deadline:?}\nlog:\n{}", d.log()),
+    }
+}
+
 /// Lines of the daemon log that contain `needle`.
 fn log_lines(d: &Daemon, needle: &str) -> Vec<String> {
     d.log()
@@ -506,10 +521,24 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
 // Outage
 // ---------------------------------------------------------------------------
 
-/// The target fails for 3 s (its `file://` directory's parent is a regular
-/// file, so every `nix copy` fails), then recovers: every path arrives, and
-/// the log shows growing retry delays and a bounded number of failed calls,
-/// not a hot loop.
+/// (attempt, delay) of each backoff line of the daemon log.
+fn backoff_delays(d: &Daemon) -> Vec<(u32, f64)> {
+    log_lines(d, "next try in")
+        .iter()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("failed attempt ")?;
+            let (attempt, rest) = rest.split_once(", next try in ")?;
+            let (delay, _) = rest.split_once(" s")?;
+            Some((attempt.parse().ok()?, delay.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The target fails (its `file://` directory's parent is a regular file, so
+/// every `nix copy` fails) until the daemon has failed 4 attempts, however
+/// long that takes on a loaded machine, then recovers: every path arrives,
+/// the retry delays grew, and each attempt cost at most two calls (the
+/// batch and one path alone), not a hot loop.
 #[test]
 fn outage_backs_off_then_delivers_everything() {
     let env = NixEnv::new("faults-outage");
@@ -533,9 +562,16 @@ fn outage_backs_off_then_delivers_everything() {
     );
     let paths = env.build_paths(8, "outage");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
-    thread::sleep(Duration::from_secs(3));
+    let outage = Instant::now();
+    wait_until_diag(
+        Duration::from_secs(120),
+        "4 failed attempts during the outage",
+        || backoff_delays(&d).iter().any(|(a, _)| *a >= 4),
+        || d.log(),
+    );
     let during = status(&d);
     fs::remove_file(&blocker).unwrap();
+    let outage = outage.elapsed();
     let recovered = Instant::now();
     wait_until_ok(
         UPLOAD_TIMEOUT,
@@ -543,53 +579,40 @@ fn outage_backs_off_then_delivers_everything() {
         || env.verify_in_cache(&read, &pk, &paths),
         || d.log(),
     );
+    wait_until_diag(
+        Duration::from_secs(30),
+        "the queue empty after the outage",
+        || status(&d).num("queued") == 0,
+        || d.log(),
+    );
     let after = status(&d);
-    let failures = log_lines(&d, "next try in");
-    // (attempt, delay) of each backoff line.
-    let delays: Vec<(u32, f64)> = failures
-        .iter()
-        .filter_map(|l| {
-            let (_, rest) = l.split_once("failed attempt ")?;
-            let (attempt, rest) = rest.split_once(", next try in ")?;
-            let (delay, _) = rest.split_once(" s")?;
-            Some((attempt.parse().ok()?, delay.parse().ok()?))
-        })
-        .collect();
+    let delays = backoff_delays(&d);
     eprintln!(
-        "outage: 3 s outage, {} failed calls, {} backoff lines, attempts/delays {delays:?}; \
+        "outage: {:.1} s outage, {} failed calls, attempts/delays {delays:?}; \
          {} backing off at the end of the outage; all arrived {:.1} s after recovery",
+        outage.as_secs_f64(),
         after.num("failed-calls"),
-        failures.len(),
         during.num("backing-off"),
         recovered.elapsed().as_secs_f64()
     );
-    assert!(
-        !delays.is_empty(),
-        "no backoff lines in the log:\n{}",
-        d.log()
-    );
-    let max_attempt = delays.iter().map(|(a, _)| *a).max().unwrap_or(0);
-    assert!(
-        max_attempt >= 3,
-        "expected at least 3 attempts during a 3 s outage: {delays:?}"
-    );
+    // Jitter makes a delay between half and all of `initial * 2^(n-1)`:
+    // the first is at most 0.1 s, the fourth at least 0.4 s.
     let first = delays.iter().find(|(a, _)| *a == 1).map(|(_, d)| *d);
-    let last = delays
-        .iter()
-        .rev()
-        .find(|(a, _)| *a == max_attempt)
-        .map(|(_, d)| *d);
+    let fourth = delays.iter().find(|(a, _)| *a >= 4).map(|(_, d)| *d);
     assert!(
-        matches!((first, last), (Some(f), Some(l)) if l > 2.0 * f),
+        matches!((first, fourth), (Some(f), Some(l)) if l > 2.0 * f),
         "retry delays did not grow: {delays:?}"
     );
+    // One more when the target came back between a batch's failure and
+    // its canary (then the batch is split, and its parts go through).
     assert!(
-        after.num("failed-calls") < 20,
-        "{} failed nix calls in a 3 s outage of 8 paths: a hot loop\nlog:\n{}",
+        after.num("failed-calls") <= 2 * delays.len() as u64 + 1,
+        "{} failed nix calls for {} failed attempts: more than the batch and one \
+         path alone per attempt\nlog:\n{}",
         after.num("failed-calls"),
+        delays.len(),
         d.log()
     );
-    assert_eq!(after.num("queued"), 0);
 }
 
 // ---------------------------------------------------------------------------
@@ -718,6 +741,70 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     );
 }
 
+/// Uploads over ssh with a `ControlPersist` master: the first `nix copy`
+/// starts the master, which outlives the call holding its stderr open
+/// (OpenSSH keeps the master's stderr when `-v` logs to it). The
+/// call is judged by its exit: the paths are done at once, with no call
+/// killed by `command-timeout` and none failed.
+#[test]
+fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
+    let env = NixEnv::new("faults-persist");
+    let (sk, pk) = env.gen_signing_key("faults-persist-1");
+    let sshd = Sshd::start(&env, &pk);
+    // Short: a control socket path must fit a unix socket address.
+    let control = TempDir::new("cm");
+    let control_path = format!("{}/%C", control.path().display());
+    let ssh_opts = format!(
+        "{} -v -o ControlMaster=auto -o ControlPath={control_path} -o ControlPersist=300",
+        sshd.ssh_opts()
+    );
+    let d = Daemon::start_with_env(
+        &env,
+        &[
+            ("signing-key-file", &sk.display().to_string()),
+            ("upload-to", &sshd.url()),
+            ("command-timeout", "60"),
+            ("retry-initial-delay", "0.05"),
+        ],
+        &[("NIX_SSHOPTS", ssh_opts.as_str())],
+    );
+    let paths = add_text_paths(&env, 2, "persist");
+    assert_eq!(d.request(&enqueue_line(&paths)), "ok 2");
+    // (Counted once the batch is done, a moment after it left the queue.)
+    wait_until_diag(
+        Duration::from_secs(300),
+        "the paths done (uploaded, or failed and retried)",
+        || {
+            let st = status(&d);
+            st.num("queued") == 0 && st.num("uploaded") >= 2
+        },
+        || d.log(),
+    );
+    let masters: Vec<String> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("ssh") && c.contains(&control.path().display().to_string()))
+        .collect();
+    let _ = run(Command::new("ssh")
+        .args(["-o", &format!("ControlPath={control_path}"), "-O", "exit"])
+        .arg("root@127.0.0.1"));
+    let st = status(&d);
+    assert!(
+        log_lines(&d, "was killed").is_empty() && st.num("failed-calls") == 0,
+        "a nix copy that exited 0 was not judged by its exit: {st:?}\nlog:\n{}",
+        d.log()
+    );
+    assert_eq!(st.num("uploaded"), 2, "{st:?}");
+    let recv = sshd.local_store_url();
+    env.verify_in_cache(&recv, &pk, &paths).unwrap();
+    assert!(
+        !masters.is_empty(),
+        "no ssh control master was left running: the test did not test it"
+    );
+}
+
 /// The nice value in `/proc/PID/stat` (field 19; the name in field 2 may
 /// hold spaces, so fields are counted after its closing parenthesis).
 fn nice_of(stat: &str) -> i32 {
@@ -766,7 +853,12 @@ fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
         let d = Daemon::start_with_env(&env, &config, extra);
         let paths = add_text_paths(&env, n, round);
         assert_eq!(d.request(&enqueue_line(&paths)), format!("ok {n}"));
-        assert_eq!(d.request("wait"), "ok all uploaded", "{round}: {}", d.log());
+        assert_eq!(
+            wait_request(&d, Duration::from_secs(120)),
+            "ok all uploaded",
+            "{round}: {}",
+            d.log()
+        );
         let daemon_nice =
             nice_of(&fs::read_to_string(format!("/proc/{}/stat", d.pid().unwrap())).unwrap());
         let calls = fs::read_to_string(&record).unwrap();
@@ -855,17 +947,14 @@ fi"#,
     );
 }
 
-/// The same hung target without any `NIX_SSHOPTS`: the daemon's default
+/// The same hung target without any `NIX_SSHOPTS` (removed from the
+/// daemon's environment, whatever the runner's holds): the daemon's default
 /// `ConnectTimeout` ends the call (ssh's own error, not our kill), well
 /// before a long `command-timeout`. The listener sits on port 22 of a
 /// loopback address because without `NIX_SSHOPTS` there is no way to give
 /// ssh a port.
 #[test]
 fn hung_ssh_target_is_ended_by_default_connect_timeout() {
-    if std::env::var_os("NIX_SSHOPTS").is_some() {
-        eprintln!("skipping: NIX_SSHOPTS is set in the test environment, so the daemon adds no ConnectTimeout");
-        return;
-    }
     let env = NixEnv::new("faults-connect");
     let mut hole = None;
     let mut why = Vec::new();
@@ -886,14 +975,18 @@ fn hung_ssh_target_is_ended_by_default_connect_timeout() {
         "ssh-ng://root@{addr}?remote-store={}",
         env.root().join("remote").display()
     );
-    let d = Daemon::start(
+    let mut d = Daemon::new_stopped(
         &env,
         &[
             ("upload-to", &target),
             ("command-timeout", "120"),
             ("retry-initial-delay", "0.05"),
         ],
+        NO_ENV,
     );
+    // Whatever the test runner's environment holds.
+    d.unset_env("NIX_SSHOPTS");
+    d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
     let paths = add_text_paths(&env, 1, "connect");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 1");
     let started = Instant::now();
@@ -975,14 +1068,34 @@ fn poison_paths_do_not_hold_back_good_ones() {
         || d.log(),
     );
     let st = status(&d);
-    assert!(
-        st.backoff[0].contains("lacks a valid signature"),
-        "{:?}",
-        st.backoff
-    );
+    assert!(refused_for_signature(&st.backoff[0]), "{:?}", st.backoff);
     assert_eq!(st.num("dropped"), 1, "{st:?}");
     assert_eq!(st.num("queued"), 1, "{st:?}");
     assert!(!env.is_valid_in(&recv, &rejected));
+    // Bisection: once a path tried alone went through, one split of the
+    // batch delivers every good path in that same round; from then on only
+    // the rejected path backs off, alone. (Without the split, the rest of
+    // the batch would back off together and trickle out one path a round.)
+    let log = d.log();
+    let splits: Vec<usize> = log
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("splitting it to find the paths at fault"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(splits.len(), 1, "one split finds the rejected path:\n{log}");
+    let later: Vec<&str> = log
+        .lines()
+        .skip(splits[0])
+        .filter(|l| l.contains("failed attempt"))
+        .collect();
+    assert!(
+        !later.is_empty()
+            && later
+                .iter()
+                .all(|l| l.contains("1 path(s)") && l.contains(&rejected_s)),
+        "after the split only the rejected path backs off, alone: {later:?}"
+    );
     let gone_s = gone.display().to_string();
     let drops = log_lines(&d, "dropping");
     assert!(
@@ -1092,6 +1205,112 @@ fn builds_succeed_while_daemon_is_away_and_spool_is_delivered() {
     eprintln!("away: build times (2 derivations each) {timings:?}");
 }
 
+/// Spool files the hook did not write: each is queued once and nothing in
+/// one is lost without a word. A file with a line over the 1 MiB limit has
+/// its other paths delivered and is set aside as `.bad`, unchanged, with a
+/// warning. A file whose last line has no line end yet is left alone until
+/// its writer finishes it. A file the daemon cannot delete (a read-only
+/// spool directory) is delivered once, not again at every idle look.
+#[test]
+fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() {
+    let env = NixEnv::new("faults-spool");
+    let (upload, read) = file_cache(&env, "cache");
+    let p = add_text_paths(&env, 7, "spool");
+    let s = strs(&p);
+    let rw = env.root().join("spool-rw");
+    fs::create_dir_all(&rw).unwrap();
+    let rw_s = rw.display().to_string();
+    let mut d = Daemon::start(&env, &[("upload-to", &upload), ("spool-dir", &rw_s)]);
+    // Waits until `paths` are in the cache and the daemon counted at least
+    // `total` uploads since it started (it counts a batch once the batch is
+    // done, a moment after the copy); returns its count then.
+    let uploaded = |d: &Daemon, paths: &[PathBuf], total: u64| {
+        wait_until_ok(
+            UPLOAD_TIMEOUT,
+            "spooled paths in the cache",
+            || all_in_cache(&env, &read, paths),
+            || d.log(),
+        );
+        wait_until_diag(
+            Duration::from_secs(30),
+            "the uploads counted and the queue empty",
+            || {
+                let st = status(d);
+                st.num("uploaded") >= total && st.num("queued") == 0
+            },
+            || d.log(),
+        );
+        status(d).num("uploaded")
+    };
+
+    // A line over the limit between two good ones.
+    let long = format!("enqueue {}\n", s[0].repeat(1024 * 1024 / s[0].len() + 1));
+    let with_long = format!("enqueue {}\n{long}enqueue {}\n", s[0], s[1]);
+    fs::write(rw.join("1-1.req"), &with_long).unwrap();
+    uploaded(&d, &p[..2], 2);
+    assert_eq!(
+        fs::read(rw.join("1-1.bad")).ok().as_deref(),
+        Some(with_long.as_bytes()),
+        "the file with the long line set aside unchanged\n{}",
+        d.log()
+    );
+    let said = log_lines(&d, "1-1.req");
+    assert!(
+        said.len() == 1 && said[0].starts_with("warning:") && said[0].contains("line 2"),
+        "one warning naming the long line: {said:?}"
+    );
+
+    // A file being written, cut in the middle of its second path, and a
+    // finished one after it: once the finished one is delivered, the daemon
+    // has looked at the cut one, and queued nothing of it.
+    let cut = format!("enqueue {}\nenqueue {}", s[2], &s[3][..s[3].len() - 5]);
+    fs::write(rw.join("2-1.req"), &cut).unwrap();
+    fs::write(rw.join("3-1.req"), format!("enqueue {}\n", s[4])).unwrap();
+    // Spooled in that order, a path of the cut file would have been done
+    // with or before this one.
+    assert_eq!(uploaded(&d, &p[4..5], 3), 3, "{}", d.log());
+    assert!(
+        rw.join("2-1.req").exists(),
+        "a file being written was taken"
+    );
+    assert!(all_in_cache(&env, &read, &p[2..3]).is_err());
+    // Its writer finishes it.
+    fs::write(
+        rw.join("2-1.req"),
+        format!("enqueue {}\nenqueue {}\n", s[2], s[3]),
+    )
+    .unwrap();
+    uploaded(&d, &p[2..4], 5);
+    assert!(!rw.join("2-1.req").exists());
+
+    // A read-only view of the spool: nothing in it can be deleted.
+    let ro = env.root().join("spool-ro");
+    let _view = Mount::bind_read_only(&rw, &ro).unwrap_or_else(|e| panic!("{e}"));
+    d.set_config("spool-dir", &ro.display().to_string());
+    d.restart();
+    fs::write(rw.join("4-1.req"), format!("enqueue {}\n", s[5])).unwrap();
+    uploaded(&d, &p[5..6], 1);
+    // A later file: delivered only after the daemon looked again at the
+    // one it could not delete.
+    fs::write(rw.join("5-1.req"), format!("enqueue {}\n", s[6])).unwrap();
+    // Read again in that pass before the later file, the undeletable one
+    // would have been done with or before it.
+    let count = uploaded(&d, &p[6..7], 2);
+    let st = status(&d);
+    assert_eq!(
+        count,
+        2,
+        "a spool file that cannot be deleted was delivered again: {st:?}\n{}",
+        d.log()
+    );
+    let warned = log_lines(&d, "4-1.req");
+    assert!(
+        warned.len() == 1 && warned[0].contains("cannot be removed"),
+        "one warning for the file that stays: {warned:?}"
+    );
+    d.kill9();
+}
+
 // ---------------------------------------------------------------------------
 // Torn journal
 // ---------------------------------------------------------------------------
@@ -1158,6 +1377,218 @@ fn torn_journal_at_every_offset_of_last_record_replays() {
     );
 }
 
+/// A start with another store directory (here `/nix/store`, as a daemon
+/// started without `NIX_STORE_DIR` would use) must not erase the journal of
+/// the private store: the daemon exits 2 with one line naming the store
+/// directory the journal holds, the file is unchanged byte for byte, and a
+/// start with the right store directory delivers every path.
+#[test]
+fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
+    let env = NixEnv::new("faults-storedir");
+    let paths = add_text_paths(&env, 3, "storedir");
+    let mut d = Daemon::start(
+        &env,
+        // A failing target: the paths stay queued, and the journal gets
+        // dead records too (so a start would want to compact it).
+        &[("upload-to", "file:///dev/null/unreachable")],
+    );
+    assert_eq!(d.request(&enqueue_line(&paths)), "ok 3");
+    // Three paths done as well: more dead records than live ones, so a
+    // start that could not read them would compact them away.
+    let done = add_text_paths(&env, 3, "storedir-done");
+    assert_eq!(d.request(&enqueue_line(&done)), "ok 3");
+    d.kill9();
+    let journal = journal_path(&d);
+    let mut text = fs::read_to_string(&journal).unwrap();
+    for p in &done {
+        text.push_str(&format!("- {}\n", p.display()));
+    }
+    fs::write(&journal, text).unwrap();
+    let before = fs::read(&journal).unwrap();
+    let store = env.store_dir().display().to_string();
+
+    d.set_config("store-dir", "/nix/store");
+    let log_before = d.log().len();
+    let err = d.try_spawn().expect_err("started with another store dir");
+    assert!(err.contains("exit status: 2"), "{err}");
+    let log = d.log();
+    let said: Vec<&str> = log[log_before..]
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(said.len(), 1, "one line: {said:?}");
+    assert!(
+        said[0].contains(&format!("store-dir = {store}")) && said[0].contains("/nix/store"),
+        "names both store directories: {}",
+        said[0]
+    );
+    assert_eq!(
+        fs::read(&journal).unwrap(),
+        before,
+        "the journal was changed"
+    );
+
+    let (upload, read) = file_cache(&env, "cache");
+    d.set_config("store-dir", &store);
+    d.set_config("upload-to", &upload);
+    d.try_spawn().unwrap();
+    wait_until_ok(
+        UPLOAD_TIMEOUT,
+        "the queued paths in the cache after a start with the right store dir",
+        || all_in_cache(&env, &read, &paths),
+        || d.log(),
+    );
+}
+
+/// One system call of an `strace -f` log, as far as the durability check
+/// needs it.
+#[derive(Debug)]
+enum Traced {
+    /// `write(FD, "TEXT"...` (or writev, sendto, sendmsg): the call started.
+    Write { fd: String, text: String },
+    /// fdatasync or fsync of FD started.
+    SyncStart { pid: String, fd: String },
+    /// The sync that `pid` started returned 0.
+    SyncDone { pid: String },
+}
+
+/// True when a traced call's line ends in `= 0` (strace pads before `=`).
+fn returned_0(call: &str) -> bool {
+    call.rsplit_once('=').is_some_and(|(_, r)| r.trim() == "0")
+}
+
+/// The calls of an `strace -f -s 4096` log, in the order strace saw them.
+fn parse_strace(log: &str) -> Vec<Traced> {
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let Some((pid, call)) = line.trim_start().split_once(char::is_whitespace) else {
+            continue;
+        };
+        let call = call.trim_start();
+        let pid = pid.to_string();
+        if let Some(rest) = call.strip_prefix("<... ") {
+            if (rest.starts_with("fdatasync resumed>") || rest.starts_with("fsync resumed>"))
+                && returned_0(rest)
+            {
+                out.push(Traced::SyncDone { pid });
+            }
+            continue;
+        }
+        let Some((name, args)) = call.split_once('(') else {
+            continue;
+        };
+        let fd = args.split([',', ' ', ')']).next().unwrap_or("").to_string();
+        match name {
+            "fdatasync" | "fsync" => {
+                out.push(Traced::SyncStart {
+                    pid: pid.clone(),
+                    fd,
+                });
+                if !call.contains("<unfinished") && returned_0(call) {
+                    out.push(Traced::SyncDone { pid });
+                }
+            }
+            "write" | "writev" | "sendto" | "sendmsg" => {
+                let text = args
+                    .split_once('"')
+                    .map(|(_, t)| t.to_string())
+                    .unwrap_or_default();
+                out.push(Traced::Write { fd, text });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The acknowledgement is durable: under strace, every `ok` the daemon
+/// writes to a client follows the completed fdatasync of the journal file
+/// the path's record was written to. (A `kill -9` keeps the page cache, so
+/// no crash test notices a missing sync; the order of the system calls
+/// does.)
+#[test]
+fn ok_is_written_only_after_the_journal_record_is_synced() {
+    let env = NixEnv::new("faults-strace");
+    let strace = which("strace");
+    let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+    let trace = env.root().join("strace.log");
+    let log = fs::File::create(d.log_path()).unwrap();
+    let mut cmd = Command::new(strace);
+    cmd.args(["-f", "-qq", "-s", "4096", "-o"])
+        .arg(&trace)
+        .args(["-e", "trace=fdatasync,fsync,write,writev,sendto,sendmsg"])
+        .arg(daemon_bin())
+        .arg("serve")
+        .arg("--config")
+        .arg(d.config_path())
+        .env_remove("NIX_REMOTE")
+        .env_remove("NIX_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    env.apply_env(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let socket = d.socket();
+    wait_until_diag(
+        DAEMON_START_TIMEOUT * 3,
+        "the daemon under strace to accept",
+        || UnixStream::connect(&socket).is_ok(),
+        || d.log(),
+    );
+    let paths = add_text_paths(&env, 3, "strace");
+    for p in &paths {
+        assert_eq!(
+            try_request(&socket, &enqueue_line(std::slice::from_ref(p))),
+            Ok("ok 1".to_string())
+        );
+    }
+    // Stopped in order, so that strace writes out its log and exits.
+    signal_pids("TERM", &descendants(child.id()));
+    let stopped = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if stopped.elapsed() > Duration::from_secs(30) {
+            kill_tree(child.id());
+            panic!("the daemon under strace did not stop\n{}", d.log());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let calls = parse_strace(&fs::read_to_string(&trace).unwrap());
+    for p in strs(&paths) {
+        let record = "+ ";
+        let (wrote, journal_fd) = calls
+            .iter()
+            .enumerate()
+            .find_map(|(i, c)| match c {
+                Traced::Write { fd, text } if text.starts_with(record) && text.contains(&p) => {
+                    Some((i, fd.clone()))
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no journal write of {p} in the trace: {calls:?}"));
+        let acked = calls[wrote..]
+            .iter()
+            .position(|c| matches!(c, Traced::Write { text, fd } if text.starts_with("ok 1\\n") && *fd != journal_fd))
+            .map(|i| wrote + i)
+            .unwrap_or_else(|| panic!("no ok written after the record of {p}: {calls:?}"));
+        // A sync of the journal's descriptor that started after the record
+        // was written and returned before the ok was written.
+        let synced = calls[wrote..acked].iter().enumerate().any(|(i, c)| {
+            let Traced::SyncStart { pid, fd } = c else {
+                return false;
+            };
+            *fd == journal_fd
+                && calls[wrote + i..acked]
+                    .iter()
+                    .any(|d| matches!(d, Traced::SyncDone { pid: q } if q == pid))
+        });
+        assert!(
+            synced,
+            "the ok for {p} was written before the journal (fd {journal_fd}) was synced: {:?}",
+            &calls[wrote..=acked]
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Full disk
 // ---------------------------------------------------------------------------
@@ -1180,6 +1611,33 @@ impl Mount {
                 String::from_utf8_lossy(&o.stderr).trim()
             ))
         }
+    }
+}
+
+impl Mount {
+    /// A read-only view of `src` at `dst` (a bind mount made read-only).
+    fn bind_read_only(src: &Path, dst: &Path) -> Result<Mount, String> {
+        fs::create_dir_all(dst).map_err(|e| e.to_string())?;
+        let o = run(Command::new("mount").arg("--bind").arg(src).arg(dst));
+        if !o.status.success() {
+            return Err(format!(
+                "mount --bind failed ({}): {}; this test needs root with CAP_SYS_ADMIN",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        let m = Mount(dst.to_path_buf());
+        let o = run(Command::new("mount")
+            .args(["-o", "remount,ro,bind"])
+            .arg(dst));
+        if !o.status.success() {
+            return Err(format!(
+                "mount -o remount,ro,bind failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(m)
     }
 }
 
@@ -1211,13 +1669,10 @@ fn fill(file: &Path) {
 #[test]
 fn full_disk_refuses_with_reason_and_recovers() {
     let env = NixEnv::new("faults-full");
-    let mount = match Mount::tmpfs(&env.root().join("statefs"), "64k") {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("SKIPPED full_disk_refuses_with_reason_and_recovers: cannot mount a tmpfs here: {e}");
-            return;
-        }
-    };
+    // CI runs as root with CAP_SYS_ADMIN: a run that cannot mount fails.
+    let mount = Mount::tmpfs(&env.root().join("statefs"), "64k").unwrap_or_else(|e| {
+        panic!("this test needs a tmpfs of its own (root, CAP_SYS_ADMIN): {e}")
+    });
     let (sk, pk) = env.gen_signing_key("faults-full-1");
     let (upload, read) = file_cache(&env, "cache");
     let mut d = Daemon::start(

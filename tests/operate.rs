@@ -158,18 +158,58 @@ impl From<Output> for Ran {
     }
 }
 
+/// Longest any command of these tests may run: a `wait` that never
+/// returns (dropping broke, say) fails its test instead of hanging it.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
+
+/// The output of `child` once it ends; kills it (and what it started) and
+/// panics when it outlasts [`COMMAND_DEADLINE`].
+fn finish_within_deadline(child: Child, what: &str) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(COMMAND_DEADLINE) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
+        Err(_) => {
+            kill_tree(pid);
+            panic!("{what} did not end within {COMMAND_DEADLINE:?}")
+        }
+    }
+}
+
+/// Runs `cmd` with `input` (if any) on stdin, within [`COMMAND_DEADLINE`].
+fn run_bounded(cmd: &mut Command, input: Option<&str>) -> Output {
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+        use std::io::Write;
+        stdin.write_all(input.as_bytes()).unwrap();
+    }
+    finish_within_deadline(child, &format!("{cmd:?}"))
+}
+
 /// Runs `post-build-hook-queue ARGS... --socket SOCKET`.
 fn cli(d: &Daemon, args: &[&str]) -> Ran {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
-    run(&mut c).into()
+    run_bounded(&mut c, None).into()
 }
 
 /// Runs the CLI with `input` on stdin.
 fn cli_stdin(d: &Daemon, args: &[&str], input: &str) -> Ran {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
-    run_with_stdin(&mut c, input).into()
+    run_bounded(&mut c, Some(input)).into()
 }
 
 /// `status --json`, checked to be one JSON object on one line.
@@ -511,7 +551,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     assert_eq!(num(&status_json(&d), "queued"), 2.0);
     assert!(waiter.try_wait().unwrap().is_none(), "wait returned early");
     w.set_hold(false);
-    let r: Ran = waiter.wait_with_output().unwrap().into();
+    let r: Ran = finish_within_deadline(waiter, "wait --timeout 60").into();
     assert_eq!(r.code, Some(0), "{r:?}\nlog:\n{}", d.log());
     assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
     assert_eq!(r.stderr, "", "{r:?}");
@@ -603,7 +643,7 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
         text,
     );
     w.set_hold(false);
-    let status = child.wait().unwrap();
+    let status = finish_within_deadline(child, "wait on a terminal").status;
     let shown = text();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{shown}");
     assert!(
@@ -761,6 +801,37 @@ fn missing_daemon_is_explained_in_one_line_with_exit_2() {
     }
 }
 
+/// An argument that is not UTF-8 (here a socket path, for every command and
+/// for the daemon's own settings) is refused in one line with exit 2: no
+/// abort, no connection attempt, no daemon started.
+#[test]
+fn a_non_utf8_argument_is_one_line_and_exit_2() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let env = NixEnv::new("op-nonutf8");
+    let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+    let bad = OsStr::from_bytes(b"/tmp/\xff");
+    for args in [
+        &["status", "--socket"][..],
+        &["enqueue", "--socket"],
+        &["wait", "--socket"],
+        &["retry", "--socket"],
+        &["serve", "--socket"],
+        &["--socket"],
+    ] {
+        let r: Ran = run(d.cli_cmd().args(args).arg(bad)).into();
+        assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
+        assert_eq!(r.stdout, "", "{args:?}: {r:?}");
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.starts_with(
+                "post-build-hook-queue: argument \"/tmp/\u{fffd}\" is not valid UTF-8"
+            ),
+            "{args:?}: {r:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // systemd: socket activation, readiness, journald
 // ---------------------------------------------------------------------------
@@ -827,7 +898,7 @@ fn socket_activation_serves_the_passed_socket() {
     let cli_at = |args: &[&str]| -> Ran {
         let mut c = env.cmd(daemon_bin());
         c.args(args).args(["--socket", &socket]);
-        run(&mut c).into()
+        run_bounded(&mut c, None).into()
     };
     let r = cli_at(&["status"]);
     assert_eq!(r.code, Some(0), "{r:?}\nlog:\n{}", log_text());
@@ -1086,6 +1157,108 @@ fn metrics_file_is_prometheus_text_and_moves() {
 // ---------------------------------------------------------------------------
 // SIGTERM
 // ---------------------------------------------------------------------------
+
+/// The nix calls run with no signal blocked, although the daemon blocks
+/// SIGTERM and SIGINT in its own threads to receive them in order: every
+/// call of `nix-sigmask-wrapper` (for `nix` and `nix-store`) writes down the
+/// `SigBlk` it was started with, before it runs any other program, and a
+/// hung `nix copy` ends on `kill -TERM`, as it would on systemd's stop.
+#[test]
+fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
+    let env = NixEnv::new("op-sigmask");
+    let (sk, _pk) = env.gen_signing_key("op-sigmask-1");
+    let (upload, read) = file_cache(&env, "cache");
+    let dir = env.root().join("nix-sigmask-wrapper");
+    fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    for prog in ["nix", "nix-store"] {
+        // Builtins only before the exec: a program the shell ran first
+        // could change the shell's own mask.
+        let script = format!(
+            "#!/bin/sh\n\
+             # nix-sigmask-wrapper: records the signal mask it started with\n\
+             while read -r key value; do\n\
+             \x20   [ \"$key\" = SigBlk: ] && echo \"$value {prog} $1 $2 $3 $4\" >> '{d}/sigblk'\n\
+             done < /proc/self/status\n\
+             case \" $* \" in\n\
+             *' copy '*)\n\
+             \x20   echo $$ >> '{d}/copy.pids'\n\
+             \x20   [ -e '{d}/hang' ] && exec sleep 600;;\n\
+             esac\n\
+             exec '{}' \"$@\"\n",
+            which(prog).display()
+        );
+        fs::write(dir.join(prog), script).unwrap();
+        fs::set_permissions(dir.join(prog), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let nix = dir.join("nix").display().to_string();
+    let key = sk.display().to_string();
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("signing-key-file", &key),
+            ("upload-to", &upload),
+            ("nix", &nix),
+        ],
+    );
+    let paths = env.build_paths(2, "sigmask");
+    for p in &paths {
+        assert_eq!(d.request(&format!("enqueue {}", p.display())), "ok 1");
+    }
+    assert_eq!(d.request("wait"), "ok all uploaded", "{}", d.log());
+    assert!(paths.iter().all(|p| env.is_valid_in(&read, p)));
+    let calls = fs::read_to_string(dir.join("sigblk")).unwrap_or_default();
+    for what in [
+        "nix-store --check-validity",
+        "nix-command store sign",
+        "nix-command copy",
+    ] {
+        assert!(calls.contains(what), "a {what} call was recorded:\n{calls}");
+    }
+    for line in calls.lines() {
+        assert!(
+            line.starts_with("0000000000000000 "),
+            "a nix call started with signals blocked (SigBlk, then the call):\n{calls}"
+        );
+    }
+
+    let pids = || -> Vec<u32> {
+        fs::read_to_string(dir.join("copy.pids"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
+    };
+    let copies_before = pids().len();
+    fs::write(dir.join("hang"), "").unwrap();
+    let hung = env.build_paths(1, "sigmask-hung");
+    assert_eq!(d.request(&format!("enqueue {}", hung[0].display())), "ok 1");
+    wait_until(Duration::from_secs(60), "the hung nix copy started", || {
+        pids().len() > copies_before
+    });
+    let pid = *pids().last().unwrap();
+    let alive = || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
+            .is_some_and(|state| state != 'Z')
+    };
+    assert!(alive(), "the hung copy {pid} runs");
+    run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+    wait_until_diag(
+        Duration::from_secs(20),
+        "the hung nix copy ends on SIGTERM",
+        || !alive(),
+        || format!("{}\n{calls}", d.log()),
+    );
+    wait_until_diag(
+        Duration::from_secs(20),
+        "the daemon reports the call killed by SIGTERM",
+        || d.log().contains("killed by signal 15"),
+        || d.log(),
+    );
+    assert!(d.is_running(), "{}", d.log());
+}
 
 /// SIGTERM during an upload: the nix call in progress may finish (within
 /// the grace period) and the daemon exits 0 with nothing left queued.

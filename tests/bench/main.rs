@@ -47,7 +47,7 @@ fn main() {
     let only: Option<Vec<u32>> = std::env::var("NPBHQ_BENCH_FIGURES")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
-    let want = |fig: u32| only.as_ref().map_or(true, |o| o.contains(&fig));
+    let want = |fig: u32| only.as_ref().is_none_or(|o| o.contains(&fig));
     let mode = Mode::new(!full);
     // The quick mode (under `cargo test`) prints only its verdict, unless
     // asked for the table with `cargo test -- --nocapture`.

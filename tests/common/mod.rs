@@ -28,14 +28,21 @@
 //! path is printed) for post-mortems; `NPBHQ_TEST_TMP=DIR` moves them (keep
 //! it short: unix socket paths are limited to 107 bytes).
 //!
-//! Facts about Debian's Nix 2.8 this harness relies on:
+//! Facts about Nix this harness relies on, true of Debian 12's Nix 2.8 (the
+//! host) and Debian 13's Nix 2.26 (`tests/system/run-suite-in-container.sh`);
+//! where the two differ, tests compare meaning, not one version's wording:
 //!
 //! - `--option post-build-hook PATH` on the `nix-build` command line works for
 //!   root in single-user mode (no nix-daemon); the hook inherits the whole
 //!   environment of `nix-build` (so `NPBHQ_SOCKET`, `NIX_STORE_DIR`, ...), plus
-//!   `DRV_PATH`, `OUT_PATHS` (always empty in 2.8, NixOS/nix#6446) and
-//!   `NIX_CONFIG`. Its stderr appears in nix-build's stderr prefixed with
-//!   `post-build-hook: `. A failing hook fails the build.
+//!   `DRV_PATH`, `OUT_PATHS` (always empty in 2.8, NixOS/nix#6446; the
+//!   outputs in 2.26) and `NIX_CONFIG`. Its stderr appears in nix-build's
+//!   stderr prefixed with `post-build-hook: `. A failing hook fails the
+//!   build. Nix 2.8 also prints `running post-build-hook '...'`, 2.26 does
+//!   not at the default verbosity: a test that needs to know the hook ran
+//!   asks the hook.
+//! - `nix path-info --json` prints an array in 2.8 and an object keyed by
+//!   path in 2.26: [`parse_path_infos`] reads both.
 //! - Paths made by [`NixEnv::add_text_path`] (`nix-store --add`) are
 //!   content-addressed: `nix store verify` accepts them with *any* key and an
 //!   `ssh-ng` receiver with `require-sigs = true` accepts them unsigned. Use
@@ -46,9 +53,10 @@
 //!   is done against the destination store (cache or receiver), never the
 //!   sending store.
 //! - The `ssh-ng` receiver refuses an unsigned input-addressed path
-//!   (`cannot add path ... because it lacks a valid signature`) unless the
-//!   client passes `--no-check-sigs` (the root client is trusted, so that flag
-//!   is honoured).
+//!   (`cannot add path ... because it lacks a valid signature` in 2.8,
+//!   `... lacks a signature by a trusted key` in 2.26: see
+//!   [`refused_for_signature`]) unless the client passes `--no-check-sigs`
+//!   (the root client is trusted, so that flag is honoured).
 
 #![allow(dead_code)]
 
@@ -840,36 +848,69 @@ impl NixEnv {
                 String::from_utf8_lossy(&o.stderr).trim()
             ));
         }
-        let text = String::from_utf8_lossy(&o.stdout);
-        let json = Json::parse(&text).map_err(|e| format!("bad path-info JSON ({e}): {text}"))?;
-        let arr = json
-            .as_array()
-            .ok_or_else(|| format!("path-info JSON is not an array: {text}"))?;
-        let mut out = Vec::new();
-        for item in arr {
-            let p = item
-                .get("path")
-                .and_then(Json::as_str)
-                .ok_or_else(|| format!("path-info entry without path: {text}"))?;
-            let valid = item.get("valid").and_then(Json::as_bool).unwrap_or(true);
-            let sigs = if valid {
-                Some(
-                    item.get("signatures")
-                        .and_then(Json::as_array)
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|s| s.as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                )
-            } else {
-                None
-            };
-            out.push((PathBuf::from(p), sigs));
-        }
-        Ok(out)
+        parse_path_infos(&String::from_utf8_lossy(&o.stdout))
     }
+}
+
+/// Reads `nix path-info --json [--sigs]` output of either shape into
+/// `(path, Some(signatures))` for a valid path and `(path, None)` for an
+/// invalid one, in the order Nix printed them:
+///
+/// - Nix 2.8 prints an array of objects, each with its `path`, and
+///   `"valid": false` for an invalid path;
+/// - Nix 2.26 prints an object keyed by store path, whose value is `null`
+///   for an invalid path.
+///
+/// A path without a `signatures` member is valid and unsigned.
+pub fn parse_path_infos(text: &str) -> Result<Vec<PathInfo>, String> {
+    let json = Json::parse(text).map_err(|e| format!("bad path-info JSON ({e}): {text}"))?;
+    let sigs_of = |info: &Json| -> Vec<String> {
+        info.get("signatures")
+            .and_then(Json::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    match json {
+        Json::Arr(items) => items
+            .iter()
+            .map(|item| {
+                let p = item
+                    .get("path")
+                    .and_then(Json::as_str)
+                    .ok_or_else(|| format!("path-info entry without path: {text}"))?;
+                let valid = item.get("valid").and_then(Json::as_bool).unwrap_or(true);
+                Ok((PathBuf::from(p), valid.then(|| sigs_of(item))))
+            })
+            .collect(),
+        Json::Obj(members) => members
+            .iter()
+            .map(|(p, info)| match info {
+                Json::Null => Ok((PathBuf::from(p), None)),
+                Json::Obj(_) => Ok((PathBuf::from(p), Some(sigs_of(info)))),
+                _ => Err(format!(
+                    "path-info value for {p} is neither an object nor null: {text}"
+                )),
+            })
+            .collect(),
+        _ => Err(format!(
+            "path-info JSON is neither an array nor an object: {text}"
+        )),
+    }
+}
+
+/// True if `text` (a `nix copy` stderr, a daemon's error) says that a store
+/// refused a path for want of a signature it trusts. The sense, not one
+/// Nix's wording: Nix 2.8 says `lacks a valid signature`, Nix 2.26 says
+/// `lacks a signature by a trusted key`.
+pub fn refused_for_signature(text: &str) -> bool {
+    text.lines().any(|l| {
+        l.find("lacks a ")
+            .is_some_and(|i| l[i..].contains("signature"))
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -891,9 +932,9 @@ impl NixEnv {
 ///   sender's `NIX_STORE_DIR` and the receiver's own `NIX_CONF_DIR`, whose
 ///   `nix.conf` has `require-sigs = true` and `trusted-public-keys = <key>`.
 ///
-/// What holds (Nix 2.8): a path signed by the trusted key copies with plain
-/// `nix copy --to URL`; an unsigned input-addressed path is refused
-/// (`lacks a valid signature`, exit 1); `--no-check-sigs` lets the unsigned
+/// What holds (Nix 2.8 and 2.26): a path signed by the trusted key copies
+/// with plain `nix copy --to URL`; an unsigned input-addressed path is
+/// refused (exit 1, [`refused_for_signature`]); `--no-check-sigs` lets the unsigned
 /// path in (root is a trusted client); content-addressed paths are accepted
 /// unsigned.
 #[derive(Debug)]
@@ -1112,6 +1153,8 @@ pub struct Daemon {
     config_path: PathBuf,
     config: Vec<(String, String)>,
     env: Vec<(String, OsString)>,
+    /// Variables removed from the daemon's environment.
+    unset: Vec<String>,
     child: Option<Child>,
     launch: Launch,
 }
@@ -1189,6 +1232,7 @@ impl Daemon {
             dir,
             config: cfg,
             env: vars,
+            unset: Vec::new(),
             child: None,
             launch: Launch::Logged,
         };
@@ -1213,6 +1257,13 @@ impl Daemon {
             self.config.push((key.to_string(), value.to_string()));
         }
         self.write_config();
+    }
+
+    /// Removes `key` from the daemon's environment (the test runner's
+    /// included) from the next (re)start on.
+    pub fn unset_env(&mut self, key: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.unset.push(key.to_string());
     }
 
     /// The value of config key `key`, if set.
@@ -1254,6 +1305,9 @@ impl Daemon {
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        for k in &self.unset {
+            cmd.env_remove(k);
         }
         let mut child = cmd
             .spawn()

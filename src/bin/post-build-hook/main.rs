@@ -2,151 +2,124 @@
 //! (or to the spool) and always exits 0, so a queue problem never fails a
 //! build.
 //!
-//! Nix waits for this program after every build, so it is built without
-//! `std`, on `core`, `alloc` and the few system calls in [`sys`]. A `std`
-//! program spends about 0.3 ms more than `/bin/true` before its `main` runs
-//! (the benchmark's figure 1f), which alone is most of the hook's budget;
-//! on x86_64 Linux this one does not even load libc, and runs its
-//! `--version` in about a third of the time `/bin/true` takes to do nothing.
-//! What it sends and where it spools follow the daemon's own rules:
-//! [`wire`] is the library's file, compiled here too.
+//! It connects as the admin commands do ([`npbhq::client`]: only to a socket
+//! of root or of its own user, the connect bounded), sends the request lines
+//! of [`npbhq::wire`], and spools what the daemon did not acknowledge where
+//! the daemon reads it ([`spool`]). Nix puts `post-build-hook: ` before each
+//! line the hook writes, so its lines do not name the program again.
 
-#![cfg_attr(not(test), no_std)]
-#![cfg_attr(not(test), no_main)]
-// The unit tests run with std's test harness: the entry point, the panic
-// handler and the allocator below are for the real program only.
-#![cfg_attr(test, allow(dead_code))]
-#![forbid(unsafe_op_in_unsafe_fn)]
-
-extern crate alloc;
-
-mod conn;
 mod spool;
-mod sys;
-#[allow(dead_code)] // the daemon uses the rest
-#[path = "../../wire.rs"]
-mod wire;
 
-use alloc::format;
-use alloc::string::String;
-use core::fmt::{self, Write};
+use std::ffi::OsString;
+use std::fmt;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use conn::{Connection, HookError};
+use npbhq::client::{self, ClientError, Connection};
+use npbhq::config::Config;
+use npbhq::wire;
 
-#[cfg(not(test))]
-#[global_allocator]
-static ALLOCATOR: sys::Arena = sys::Arena;
-
-/// A bug, not a condition the hook expects: say so and still exit 0, as a
-/// failing hook would stop Nix's build loop. Writes without allocating, in
-/// case the allocator is what failed.
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(info: &core::panic::PanicInfo) -> ! {
-    let _ = writeln!(
-        Stderr,
-        "post-build-hook: internal error ({}); the paths of this build may not be queued",
-        info.message()
-    );
-    sys::exit(0)
-}
-
-/// Rust ships `alloc` compiled for unwinding, so its cleanup code names the
-/// unwinder's two entry points. This program aborts on panic instead (every
-/// profile in Cargo.toml has `panic = "abort"`, and the panic handler never returns),
-/// so nothing ever unwinds and neither is called; these only satisfy the
-/// linker, without pulling in an unwinder.
-#[cfg(not(test))]
-#[no_mangle]
-extern "C" fn rust_eh_personality() {}
-
-/// See [`rust_eh_personality`]: never called, as nothing unwinds.
-#[cfg(not(test))]
-#[no_mangle]
-extern "C" fn _Unwind_Resume() -> ! {
-    sys::exit(0)
-}
-
-struct Stderr;
-
-impl Write for Stderr {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        sys::write_stderr(s.as_bytes());
-        Ok(())
-    }
-}
-
-/// What the hook does once started: [`sys`]'s entry point calls it, and
-/// exits 0 when it returns.
-fn start() {
-    sys::start_up();
-    match sys::arg(1) {
-        None => run(),
-        Some(b"--version") => {
-            let line = format!("post-build-hook {}\n", env!("CARGO_PKG_VERSION"));
-            sys::write_stdout(line.as_bytes());
+fn main() {
+    exit_0_on_panic();
+    let mut args = std::env::args_os().skip(1);
+    match (args.next(), args.next()) {
+        (None, _) => run(),
+        (Some(a), None) if a == "--version" => {
+            say_out(&format!("post-build-hook {}\n", npbhq::VERSION));
         }
-        Some(_) => usage(),
+        _ => say_out(&usage()),
     }
+}
+
+/// A panic is a bug, not a condition the hook expects: it says so in one
+/// line and still exits 0, as a failing hook would stop Nix's build loop.
+/// This runs before the panic would abort or unwind.
+fn exit_0_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info.payload();
+        let message = (payload.downcast_ref::<&str>().copied())
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic");
+        let at = info
+            .location()
+            .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+        say_err(&format!(
+            "internal error{at}: {}; the paths of this build may not be queued\n",
+            message.replace('\n', " ")
+        ));
+        std::process::exit(0)
+    }));
+}
+
+/// Writes to stdout, ignoring a closed or broken one, which must not fail
+/// the hook (`println!` would panic).
+fn say_out(text: &str) {
+    let _ = std::io::stdout().write_all(text.as_bytes());
+}
+
+/// Writes to stderr in one write, as Nix's log takes it, ignoring errors
+/// (a log reader that went away, say).
+fn say_err(text: &str) {
+    let _ = std::io::stderr().write_all(text.as_bytes());
 }
 
 /// Where the hook looks, after its environment.
 struct Settings {
-    socket: String,
-    spool: String,
-    timeout_ms: u64,
-}
-
-/// The default places for this user, as the daemon computes them.
-fn places() -> wire::Places<'static> {
-    wire::Places {
-        uid: sys::uid(),
-        runtime_dir: sys::env("XDG_RUNTIME_DIR"),
-        state_home: sys::env("XDG_STATE_HOME"),
-        home: sys::env("HOME"),
-        tmp_dir: sys::env("TMPDIR"),
-    }
+    socket: PathBuf,
+    spool: PathBuf,
+    timeout: Duration,
 }
 
 impl Settings {
+    /// The socket as the admin commands find it, the spool as a daemon
+    /// started with defaults reads it, unless the environment says
+    /// otherwise.
     fn from_env() -> Settings {
-        let places = places();
-        let set = |key| sys::env(key).filter(|v| !v.is_empty()).map(String::from);
-        let timeout = sys::env(wire::ENV_TIMEOUT)
-            .and_then(|v| wire::parse_seconds(v).ok())
+        let timeout = std::env::var(wire::ENV_TIMEOUT)
+            .ok()
+            .and_then(|v| wire::parse_seconds(&v).ok())
             .unwrap_or(wire::DEFAULT_HOOK_TIMEOUT);
         Settings {
-            socket: set(wire::ENV_SOCKET).unwrap_or_else(|| places.socket()),
-            spool: set(wire::ENV_SPOOL).unwrap_or_else(|| places.spool_dir()),
-            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            socket: client::socket_path(),
+            spool: set(wire::ENV_SPOOL)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Config::default().spool_dir()),
+            timeout,
         }
     }
 }
 
-fn usage() {
-    let defaults = places();
-    let text = format!(
+/// An environment variable that is set and not empty.
+fn set(key: &str) -> Option<OsString> {
+    std::env::var_os(key).filter(|v| !v.is_empty())
+}
+
+fn usage() -> String {
+    let settings = Settings::from_env();
+    format!(
         "Usage: post-build-hook   (run by Nix as its post-build-hook; takes no arguments)\n\
-         Reads OUT_PATHS, or DRV_PATH when OUT_PATHS is empty, and hands them to\n\
-         post-build-hook-queue at ${} (default {}), or to the spool ${} (default {}).\n\
-         Waits at most ${} seconds (default {}). Always exits 0.\n",
+         Reads OUT_PATHS, or DRV_PATH when OUT_PATHS is empty, and hands the paths to\n\
+         post-build-hook-queue, or to its spool when the daemon does not take them:\n  \
+         socket  ${:<16} now {}\n  \
+         spool   ${:<16} now {}\n  \
+         wait    ${:<16} seconds in all, default {}\n\
+         Talks only to a socket owned by root or by its own user. Always exits 0.\n",
         wire::ENV_SOCKET,
-        defaults.socket(),
+        settings.socket.display(),
         wire::ENV_SPOOL,
-        defaults.spool_dir(),
+        settings.spool.display(),
         wire::ENV_TIMEOUT,
         wire::DEFAULT_HOOK_TIMEOUT.as_secs()
-    );
-    sys::write_stdout(text.as_bytes());
+    )
 }
 
 fn run() {
-    let out_paths = sys::env("OUT_PATHS").unwrap_or_default();
-    let drv_path = sys::env("DRV_PATH").unwrap_or_default();
-    let outcome = hook(out_paths, drv_path, &Settings::from_env());
+    // Nix's paths are text; a value that is not UTF-8 holds no store path.
+    let var = |key| std::env::var(key).unwrap_or_default();
+    let outcome = hook(&var("OUT_PATHS"), &var("DRV_PATH"), &Settings::from_env());
     if !matches!(outcome, Outcome::Queued) {
-        // One write for the whole line, as Nix's log takes it.
-        sys::write_stderr(format!("post-build-hook: {outcome}\n").as_bytes());
+        say_err(&format!("{outcome}\n"));
     }
 }
 
@@ -156,15 +129,33 @@ enum Outcome {
     Queued,
     /// Nix gave no paths.
     NothingToQueue,
-    /// The daemon was not reachable or did not acknowledge; the rest was
-    /// spooled to the file.
-    Spooled(HookError, String),
+    /// The daemon was not reachable, not trusted or did not acknowledge;
+    /// the rest was spooled to the file.
+    Spooled(ClientError, PathBuf),
     /// Neither the daemon nor the spool took the request.
-    Lost(HookError, String, sys::Errno),
+    Lost(ClientError, PathBuf, std::io::Error),
     /// The daemon refused the request as malformed (a path that is not a
     /// valid store path, say); it is not spooled, as it would be refused
     /// again.
     Refused(String),
+}
+
+/// Why the daemon did not take the request, as the hook's user can act on
+/// it: the socket comes from the environment, not from a `--socket`.
+struct Why<'a>(&'a ClientError);
+
+impl fmt::Display for Why<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            ClientError::Connect(socket, e) if e.kind() != std::io::ErrorKind::TimedOut => write!(
+                f,
+                "no daemon at {} ({e}); is post-build-hook-queue running? (socket from ${})",
+                socket.display(),
+                wire::ENV_SOCKET
+            ),
+            e => e.fmt(f),
+        }
+    }
 }
 
 impl fmt::Display for Outcome {
@@ -176,7 +167,9 @@ impl fmt::Display for Outcome {
             }
             Outcome::Spooled(e, file) => write!(
                 f,
-                "{e}; spooled the paths to {file} for the daemon to pick up"
+                "{}; spooled the paths to {} for the daemon to pick up",
+                Why(e),
+                file.display()
             ),
             Outcome::Refused(reason) => write!(
                 f,
@@ -184,7 +177,9 @@ impl fmt::Display for Outcome {
             ),
             Outcome::Lost(e, dir, se) => write!(
                 f,
-                "{e}; and cannot write the spool {dir}: {se}; these paths are NOT queued"
+                "{}; and cannot write the spool {}: {se}; these paths are NOT queued",
+                Why(e),
+                dir.display()
             ),
         }
     }
@@ -196,9 +191,9 @@ fn hook(out_paths: &str, drv_path: &str, settings: &Settings) -> Outcome {
     if lines.is_empty() {
         return Outcome::NothingToQueue;
     }
-    let deadline = sys::Deadline::after_ms(settings.timeout_ms);
+    let deadline = Instant::now() + settings.timeout;
     let mut sent = 0;
-    let result = Connection::open(&settings.socket, deadline).and_then(|mut conn| {
+    let result = Connection::until(&settings.socket, deadline).and_then(|mut conn| {
         for line in &lines {
             conn.request(line)?;
             sent += 1;
@@ -208,7 +203,7 @@ fn hook(out_paths: &str, drv_path: &str, settings: &Settings) -> Outcome {
     let err = match result {
         Ok(()) => return Outcome::Queued,
         // A malformed request would be refused again from the spool.
-        Err(HookError::Refused(reason)) if !wire::is_transient(&reason) => {
+        Err(ClientError::Refused(reason)) if !wire::is_transient(&reason) => {
             return Outcome::Refused(reason)
         }
         Err(e) => e,
@@ -217,5 +212,136 @@ fn hook(out_paths: &str, drv_path: &str, settings: &Settings) -> Outcome {
     match spool::write(&settings.spool, &rest) {
         Ok(file) => Outcome::Spooled(err, file),
         Err(se) => Outcome::Lost(err, settings.spool.clone(), se),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+    use std::process::Command;
+
+    /// A one-connection daemon stand-in that answers each request line with
+    /// `reply` (nothing at all when it is empty).
+    fn answering(tag: &str, reply: &'static str) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let path = std::env::temp_dir().join(format!("npbhq-hook-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                if reply.is_empty() {
+                    std::thread::sleep(Duration::from_millis(500));
+                    return;
+                }
+                (&stream).write_all(reply.as_bytes()).unwrap();
+                line.clear();
+            }
+        });
+        (path, handle)
+    }
+
+    fn settings(socket: &std::path::Path, tag: &str, timeout_ms: u64) -> Settings {
+        Settings {
+            socket: socket.to_path_buf(),
+            spool: std::env::temp_dir()
+                .join(format!("npbhq-hook-spool-{tag}-{}", std::process::id())),
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    #[test]
+    fn ok_after_information_lines_is_queued() {
+        let (path, t) = answering("ok", "info: something\nok 1\n");
+        let s = settings(&path, "ok", 5000);
+        let outcome = hook("/s/a", "", &s);
+        assert!(matches!(outcome, Outcome::Queued), "{outcome}");
+        t.join().unwrap();
+        assert!(!s.spool.exists(), "nothing spooled");
+    }
+
+    #[test]
+    fn malformed_is_refused_and_busy_is_spooled() {
+        let (path, t) = answering("bad", "err not a store path: x\n");
+        let outcome = hook("x", "", &settings(&path, "bad", 5000));
+        assert!(
+            matches!(&outcome, Outcome::Refused(r) if r.starts_with("not a store path")),
+            "{outcome}"
+        );
+        t.join().unwrap();
+        let (path, t) = answering("busy", "err busy: too many connections, try again\n");
+        let s = settings(&path, "busy", 5000);
+        let outcome = hook("/s/a", "", &s);
+        t.join().unwrap();
+        assert!(
+            matches!(&outcome, Outcome::Spooled(ClientError::Refused(_), _)),
+            "{outcome}"
+        );
+        std::fs::remove_dir_all(&s.spool).unwrap();
+    }
+
+    #[test]
+    fn silence_ends_at_the_deadline_with_the_request_spooled() {
+        let (path, t) = answering("silent", "");
+        let s = settings(&path, "silent", 100);
+        let outcome = hook("/s/a /s/b", "", &s);
+        let said = outcome.to_string();
+        assert!(
+            said.contains("did not answer in time") && said.contains("spooled the paths to"),
+            "{said}"
+        );
+        assert!(
+            !said.starts_with("post-build-hook:"),
+            "Nix adds that: {said}"
+        );
+        t.join().unwrap();
+        let Outcome::Spooled(_, file) = outcome else {
+            unreachable!()
+        };
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "enqueue /s/a /s/b\n"
+        );
+        std::fs::remove_dir_all(&s.spool).unwrap();
+    }
+
+    #[test]
+    fn no_daemon_names_the_socket_and_its_variable() {
+        let missing = std::env::temp_dir().join("npbhq-hook-no-such-socket");
+        let s = settings(&missing, "missing", 5000);
+        let said = hook("", "/s/x.drv", &s).to_string();
+        assert!(
+            said.starts_with(&format!("no daemon at {} (", missing.display()))
+                && said.contains("(socket from $NPBHQ_SOCKET)"),
+            "{said}"
+        );
+        std::fs::remove_dir_all(&s.spool).unwrap();
+    }
+
+    /// Run in a child process of the test binary (set `NPBHQ_TEST_PANIC`):
+    /// the real panic hook, then a panic.
+    #[test]
+    fn a_panic_exits_0_with_one_line() {
+        if std::env::var_os("NPBHQ_TEST_PANIC").is_some() {
+            exit_0_on_panic();
+            panic!("on purpose");
+        }
+        let me = std::env::current_exe().unwrap();
+        let o = Command::new(me)
+            .args(["--exact", "tests::a_panic_exits_0_with_one_line"])
+            .env("NPBHQ_TEST_PANIC", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        let ours: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with("internal error"))
+            .collect();
+        assert_eq!(ours.len(), 1, "{err}");
+        assert!(ours[0].contains("on purpose"), "{err}");
     }
 }
