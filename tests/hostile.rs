@@ -2650,15 +2650,24 @@ fn limits_max_connections_busy_reply_while_others_work() {
     wait_until(
         Duration::from_secs(20),
         "a free slot after one client left",
-        || {
-            let mut s = UnixStream::connect(&socket).unwrap();
-            s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-            let _ = s.write_all(b"ping\n");
-            read_one_line(&mut s).is_ok_and(|l| l.starts_with("ok "))
-        },
+        || ping_is_served(&socket),
     );
+    // The slots free as each connection's thread sees its client leave, not
+    // at the client's close: until then a ping may still get `err busy`.
     drop(held);
+    let socket = d.socket();
+    wait_until(Duration::from_secs(20), "every slot free again", || {
+        ping_is_served(&socket)
+    });
     assert_alive(&mut d, "after busy");
+}
+
+/// Whether a `ping` on a new connection is answered `ok` (not `err busy`).
+fn ping_is_served(socket: &Path) -> bool {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    let _ = s.write_all(b"ping\n");
+    read_one_line(&mut s).is_ok_and(|l| l.starts_with("ok "))
 }
 
 /// The socket is created 0600 by default with no temporary file left

@@ -21,6 +21,9 @@
 # directory ($NPBHQ_CONTAINER_TARGET_DIR, default target/nix-2.26), since the
 # host's binaries are built against another glibc.
 #
+# Descriptors: nspawn's default soft limit (1024) is below a listen backlog
+# (somaxconn, 4096), which core's full-backlog test fills; it gets 65536.
+#
 # Needs root with CAP_SYS_ADMIN and write access to /sys/fs/cgroup (as the
 # systemd tier does). Missing tools or root make it fail, never skip. Exits
 # with cargo test's status.
@@ -123,6 +126,7 @@ echo "run-suite-in-container.sh: $root; cargo test ${test_args[*]}" >&2
 systemd-nspawn --quiet --directory="$root" --machine="$name" \
     --volatile=overlay --register=no --keep-unit --private-network \
     --as-pid2 --capability=all --console=pipe \
+    --rlimit=RLIMIT_NOFILE=65536 \
     --bind="$repo" --bind="$target_dir" \
     --bind-ro="$cargo_home" --bind-ro="$rustup_home" \
     --chdir="$repo" \
