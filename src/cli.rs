@@ -121,8 +121,9 @@ Paths given up on are not affected: see requeue.",
         ),
         "requeue" => (
             "requeue [--socket PATH] --all-failed | PATH...",
-            "Tries paths given up on (see status) again, with fresh attempts; the
-journal records it, so it holds across restarts. Prints how many were given
+            "Tries paths given up on (see status) again, with fresh attempts (and
+give-up-after counted from now); the journal records it, so it holds across
+restarts. Prints how many were given
 up on; a PATH that was not is left as it is.",
         ),
         "drop" => (

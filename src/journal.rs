@@ -16,8 +16,9 @@
 //!   on for one target at that time, after that many failed attempts, with
 //!   the last error (the rest of the line). The path stays in the journal,
 //!   and is no longer tried for that target until it is requeued;
-//! - `= <target> <store-path>`: requeued for that target (`*`: for every
-//!   target), its failure forgotten;
+//! - `= <unix-seconds> <target> <store-path>`: requeued at that time for
+//!   that target (`*`: for every target), its failure forgotten; it counts
+//!   as queued then (for `give-up-after`);
 //! - `> <target> <store-path>`: that target has the path, others not yet.
 //!
 //! A `<target>` is a [`TargetId`]: a hash of the target's URL, never the URL
@@ -231,8 +232,11 @@ impl Journal {
                         set_given_up(given_up.entry(path).or_default(), g);
                     }
                 }
-                Some(Record::Requeue(path, target)) => {
+                Some(Record::Requeue(path, target, at)) => {
                     forget_given_up(&mut given_up, &path, target);
+                    if let Some(entry) = live.get_mut(&path) {
+                        entry.queued_at = at;
+                    }
                 }
                 Some(Record::Delivered(path, target)) => {
                     if live.contains_key(&path) {
@@ -511,7 +515,8 @@ impl Journal {
     }
 
     /// Requeues paths given up on, for every target, durably: `None`
-    /// requeues every one. Returns the paths requeued, oldest first.
+    /// requeues every one. They count as queued now. Returns the paths
+    /// requeued, oldest first.
     pub fn requeue(&self, paths: Option<&[StorePath]>) -> io::Result<Vec<StorePath>> {
         let mut inner = self.lock();
         let mut chosen: Vec<(StorePath, u64)> = match paths {
@@ -535,19 +540,26 @@ impl Journal {
         if chosen.is_empty() {
             return Ok(Vec::new());
         }
+        let now = now_secs();
         let mut records = Vec::new();
         let mut taken = Vec::new();
         for (path, _) in &chosen {
-            write_requeue(&mut records, path, None);
+            write_requeue(&mut records, path, None, now);
+            let queued_at = inner.live.get_mut(path).map(|e| {
+                let before = e.queued_at;
+                e.queued_at = now;
+                before
+            });
             if let Some(g) = inner.given_up.remove(path) {
                 inner.dead += 1 + g.len();
-                taken.push((path.clone(), g));
+                taken.push((path.clone(), g, queued_at));
             }
         }
         let (mut inner, result) = self.commit(inner, &records);
         if let Err(e) = result {
-            for (path, g) in taken {
-                if inner.live.contains_key(&path) {
+            for (path, g, queued_at) in taken {
+                if let (Some(entry), Some(at)) = (inner.live.get_mut(&path), queued_at) {
+                    entry.queued_at = at;
                     inner.given_up.insert(path, g);
                 }
             }
@@ -754,7 +766,7 @@ fn unusable_record(journal: &Path, line_no: usize, record: &[u8], store_dir: &st
     let path = word("+ ", 1)
         .or_else(|| word("- ", 0))
         .or_else(|| word("! ", 3))
-        .or_else(|| word("= ", 1))
+        .or_else(|| word("= ", 2))
         .or_else(|| word("> ", 1));
     let other_store = path.and_then(|p| {
         let (dir, _) = p.rsplit_once('/')?;
@@ -776,7 +788,7 @@ fn unusable_record(journal: &Path, line_no: usize, record: &[u8], store_dir: &st
             format!(
                 "{} line {line_no} is not a record this version can read ({shown:?}); \
                  expected '+ <seconds> <store-path>', '- <store-path>', '! <seconds> <target> \
-                 <attempts> <store-path> <error>', '= <target> <store-path>' or '> <target> \
+                 <attempts> <store-path> <error>', '= <seconds> <target> <store-path>' or '> <target> \
                  <store-path>' with paths under {store_dir}: start the version that wrote it, \
                  or move the journal aside; nothing in it was changed",
                 journal.display()
@@ -791,7 +803,7 @@ enum Record {
     Done(StorePath),
     GiveUp(StorePath, GivenUp),
     /// `None`: for every target.
-    Requeue(StorePath, Option<TargetId>),
+    Requeue(StorePath, Option<TargetId>, u64),
     Delivered(StorePath, TargetId),
 }
 
@@ -842,13 +854,15 @@ fn parse_record(line: &[u8], store_dir: &str) -> Option<Record> {
             },
         ))
     } else if let Some(rest) = line.strip_prefix("= ") {
+        let (at, rest) = rest.split_once(' ')?;
+        let at = at.parse().ok()?;
         let (target, path) = rest.split_once(' ')?;
         let target = match target {
             "*" => None,
             t => Some(TargetId::parse(t)?),
         };
         let path = StorePath::parse(path, store_dir).ok()?;
-        Some(Record::Requeue(path, target))
+        Some(Record::Requeue(path, target, at))
     } else if let Some(rest) = line.strip_prefix("> ") {
         let (target, path) = rest.split_once(' ')?;
         let target = TargetId::parse(target)?;
@@ -886,9 +900,9 @@ fn write_delivered(buf: &mut Vec<u8>, path: &StorePath, target: TargetId) {
     buf.extend_from_slice(format!("> {target} {path}\n").as_bytes());
 }
 
-fn write_requeue(buf: &mut Vec<u8>, path: &StorePath, target: Option<TargetId>) {
+fn write_requeue(buf: &mut Vec<u8>, path: &StorePath, target: Option<TargetId>, at: u64) {
     let target = target.map_or_else(|| "*".to_string(), |t| t.to_string());
-    buf.extend_from_slice(format!("= {target} {path}\n").as_bytes());
+    buf.extend_from_slice(format!("= {at} {target} {path}\n").as_bytes());
 }
 
 #[cfg(test)]
@@ -1063,7 +1077,8 @@ mod tests {
             "* 7 {good}",
             "! 7 zz 3 {good} bad target",
             "! 7 0123456789abcdef x {good} bad attempts",
-            "= 0123456789abcdef /tmp/evil",
+            "= 7 0123456789abcdef /tmp/evil",
+            "= 0123456789abcdef {good}",
             "> everywhere {good}",
         ] {
             let bad = bad.replace("{good}", good.as_str());
@@ -1182,6 +1197,27 @@ mod tests {
         let (j, r) = Journal::open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(1), path(3)]);
         assert!(j.is_given_up(&path(1), a));
+    }
+
+    #[test]
+    fn a_requeued_path_counts_as_queued_again() {
+        let dir = Dir::new("requeue-time");
+        fs::create_dir_all(&dir.0).unwrap();
+        let a = TargetId::of(Some("file:///a"));
+        fs::write(
+            dir.0.join(FILE_NAME),
+            format!("+ 5 {p}\n! 6 {a} 10 {p} nix copy failed\n", p = path(1)),
+        )
+        .unwrap();
+        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(j.entry(&path(1)).unwrap().queued_at, 5);
+        assert_eq!(j.requeue(None).unwrap(), vec![path(1)]);
+        let now = j.entry(&path(1)).unwrap().queued_at;
+        assert!(now > 1_700_000_000, "{now}");
+        drop(j);
+        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(j.entry(&path(1)).unwrap().queued_at, now, "on disk");
+        assert!(!j.is_given_up(&path(1), a));
     }
 
     #[test]

@@ -1823,7 +1823,7 @@ fn journal_records_of_several_targets_replay() {
         format!(
             "+ 1700000000 {p0}\n+ 1700000001 {p1}\n+ 1700000002 {p2}\n+ 1700000003 {p3}\n\
              > {ours} {p0}\n> {other} {p1}\n! 1700000009 {other} 10 {p2} nix copy failed: x\n\
-             ! 1700000009 {ours} 10 {p3} nix copy failed: y\n= * {p3}\n",
+             ! 1700000009 {ours} 10 {p3} nix copy failed: y\n= 1700000010 * {p3}\n",
             p0 = p[0],
             p1 = p[1],
             p2 = p[2],
