@@ -336,6 +336,35 @@ in
             default = 300;
             description = "Longest delay, in seconds, between two attempts.";
           };
+          max-attempts = mkOption {
+            type = types.ints.unsigned;
+            default = 10;
+            description = ''
+              Failed attempts, counted only while the target takes other paths
+              or answers, after which a path is given up on: it stays in the
+              journal, shows in `status`, and is no longer retried or waited
+              for until `post-build-hook-queue requeue`. 0: never.
+            '';
+          };
+          give-up-after = mkOption {
+            type = types.either (types.enum [ 0 ]) seconds;
+            default = 86400;
+            description = "Seconds after it was queued that a path still failing is given up on (see `max-attempts`). 0: never.";
+          };
+          upload-command = mkOption {
+            type = types.nullOr (types.listOf types.str);
+            default = null;
+            example = [
+              "cachix"
+              "push"
+              "mycache"
+            ];
+            description = ''
+              An uploader run instead of `nix copy` (no shell): the program and
+              its arguments, the paths appended as further arguments. No word
+              may hold white space. Not together with `uploadTo`.
+            '';
+          };
           max-connections = mkOption {
             type = types.ints.positive;
             default = 256;
@@ -407,6 +436,16 @@ in
             lib.filterAttrs (k: _: cfg.settings.${k} != null) moduleOwnedKeys
           )
         );
+      }
+      {
+        assertion = cfg.settings.upload-command == null || upload == null;
+        message = "services.nix-post-build-hook-queue: set uploadTo or settings.upload-command, not both (one target at a time).";
+      }
+      {
+        assertion =
+          cfg.settings.upload-command == null
+          || builtins.all (w: w != "" && builtins.match ".*[[:space:]].*" w == null) cfg.settings.upload-command;
+        message = "services.nix-post-build-hook-queue.settings.upload-command: a word is empty or holds white space; the daemon splits the command at spaces and runs no shell.";
       }
       {
         assertion = badValues == { };
