@@ -20,6 +20,7 @@ let
     mkEnableOption
     mkIf
     mkOption
+    mkPackageOption
     optional
     optionals
     types
@@ -35,6 +36,18 @@ let
   socketPath = "/run/${name}.sock";
 
   sshConnectTimeout = 10;
+
+  # The daemon gives the nix call in progress this long to finish after
+  # SIGTERM (src/server.rs STOP_GRACE), then kills it. systemd must wait
+  # longer than that before it kills everything itself.
+  daemonStopGrace = 10;
+  stopTimeout = daemonStopGrace + 20;
+
+  # pkgs.nix-post-build-hook-queue when an overlay (or nixpkgs) has it, else
+  # the package beside this module.
+  pkgsWithPackage = pkgs // {
+    ${name} = pkgs.${name} or (pkgs.callPackage ./default.nix { });
+  };
 
   # Key paths are used as strings. toString of an absolute path literal is
   # its path and does NOT copy the file into the store (interpolating the
@@ -118,26 +131,6 @@ let
     socket-mode = "the socket unit creates the socket: set systemd.sockets.${name}.socketConfig.SocketMode";
     socket-group = "the socket unit creates the socket: set systemd.sockets.${name}.socketConfig.SocketGroup";
   };
-  # Every key the daemon reads (src/config.rs KEYS); others stop it at start.
-  knownKeys = [
-    "socket"
-    "state-dir"
-    "spool-dir"
-    "store-dir"
-    "signing-key-file"
-    "upload-to"
-    "sign-closure"
-    "batch-size"
-    "upload-jobs"
-    "command-timeout"
-    "nix"
-    "retry-initial-delay"
-    "retry-max-delay"
-    "socket-mode"
-    "socket-group"
-    "metrics-file"
-    "max-connections"
-  ];
 
   # The config file: nix.conf syntax, one `key = value` per line, sorted by
   # key. Booleans are true/false, lists are space separated, paths are
@@ -145,16 +138,21 @@ let
   # "not set" and writes no line. The daemon cuts each line at the first `#`
   # and trims the value, so values may hold neither `#` nor a newline
   # (checked by an assertion).
+  # Floats go through toJSON, which writes the shortest text that reads back
+  # as the same number (2.5, 1e-07); toString would write six fixed decimals
+  # (2.500000, and 0.000000 for 1e-7, which the daemon refuses).
   renderValue =
     v:
     if builtins.isBool v then
       lib.boolToString v
     else if builtins.isList v then
       lib.concatStringsSep " " v
+    else if builtins.isFloat v then
+      builtins.toJSON v
     else
       toString v;
   fileSettings =
-    lib.filterAttrs (_: v: v != null) cfg.settings
+    lib.filterAttrs (k: v: v != null && !(moduleOwnedKeys ? ${k})) cfg.settings
     // lib.optionalAttrs (upload != null) { upload-to = upload; };
   renderedValues = lib.mapAttrs (_: renderValue) fileSettings;
   configText =
@@ -165,26 +163,38 @@ let
     _: v: lib.hasInfix "#" v || lib.hasInfix "\n" v || lib.hasInfix "\r" v
   ) renderedValues;
 
-  # Seconds: a whole number, a float or a decimal string ("2.5").
+  # Seconds: a whole number, a float or a decimal string ("2.5", "1e-3").
   seconds = types.oneOf [
     types.ints.positive
     types.float
-    (types.strMatching "[0-9]+(\\.[0-9]+)?")
+    (types.strMatching "[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+)?")
   ];
+
+  # Directories the service writes besides its state directory: created
+  # before it starts (a missing one would fail the unit with 226/NAMESPACE),
+  # and made writable in its read-only file system.
+  extraWritableDirs =
+    optional (uploadDir != null) uploadDir
+    ++ optional (
+      metricsDir != null && metricsDir != stateDir && !lib.hasPrefix "${stateDir}/" metricsDir
+    ) metricsDir;
+
+  # The daemon's exit status for a bad configuration or command line: a
+  # restart would only fail the same way.
+  exitBadConfig = 2;
 in
 {
   options.services.nix-post-build-hook-queue = {
     enable = mkEnableOption "nix-post-build-hook-queue, a post-build-hook that queues built paths for a daemon that signs and uploads them";
 
-    package = mkOption {
-      type = types.package;
-      default = pkgs.callPackage ./default.nix { };
-      defaultText = literalExpression "pkgs.callPackage \"\${nix-post-build-hook-queue}/default.nix\" { }";
-      description = ''
-        The nix-post-build-hook-queue package: its `bin/post-build-hook`
-        becomes `nix.settings.post-build-hook` and its
-        `bin/post-build-hook-queue` runs as the daemon.
-        The Nix the daemon runs is `config.nix.package`.
+    package = mkPackageOption pkgsWithPackage name {
+      extraDescription = ''
+        Its `bin/post-build-hook` becomes `nix.settings.post-build-hook`, its
+        `bin/post-build-hook-queue` runs as the daemon and is installed for
+        the admin commands (`status`, `wait`, `retry`). Without an overlay
+        that adds `pkgs.nix-post-build-hook-queue`, the package is built from
+        the `default.nix` beside this module. The Nix the daemon runs is
+        `config.nix.package`.
       '';
     };
 
@@ -234,7 +244,8 @@ in
         `s3://...` or `file:///var/cache/nix?compression=zstd`. Paths are not
         uploaded if null.
 
-        For `file://` the directory must exist and be writable by `user`.
+        For `file://` the directory is created (owned by `user`) if it does
+        not exist.
       '';
     };
 
@@ -245,7 +256,8 @@ in
         User the daemon runs as; give it ownership of the key files
         (for example `sops.secrets.<name>.owner = config.services.nix-post-build-hook-queue.user;`,
         though systemd reads them as root either way).
-        The default user is created by this module; any other must exist.
+        This module creates it as a system user (the original module's
+        `nix-pb` too), with the state directory as its home.
       '';
     };
 
@@ -253,8 +265,7 @@ in
       type = types.str;
       default = defaultUser;
       description = ''
-        Group the daemon runs as. The default group is created by this
-        module; any other must exist.
+        Group the daemon runs as. This module creates it.
       '';
     };
 
@@ -273,18 +284,23 @@ in
         for every key. `signing-key-file`, `upload-to`, `state-dir`,
         `spool-dir`, `socket`, `socket-mode` and `socket-group` are set by
         the module and may not appear here. A null value writes no line.
+        A key the daemon does not know fails evaluation (the daemon would
+        refuse to start).
       '';
       type = types.submodule {
-        freeformType = types.attrsOf (
-          types.oneOf [
-            types.bool
-            types.int
-            types.str
-            types.path
-            (types.listOf types.str)
-          ]
-        );
-        options = {
+        options =
+          # Set by the module itself: declared so that setting one fails
+          # with a message saying what to do instead (see the assertions).
+          lib.mapAttrs (
+            _: why:
+            mkOption {
+              type = types.nullOr (types.either types.str types.path);
+              default = null;
+              visible = false;
+              description = why;
+            }
+          ) moduleOwnedKeys
+          // {
           batch-size = mkOption {
             type = types.ints.positive;
             default = 1000;
@@ -320,6 +336,35 @@ in
             default = 300;
             description = "Longest delay, in seconds, between two attempts.";
           };
+          max-attempts = mkOption {
+            type = types.ints.unsigned;
+            default = 10;
+            description = ''
+              Failed attempts, counted only while the target takes other paths
+              or answers, after which a path is given up on: it stays in the
+              journal, shows in `status`, and is no longer retried or waited
+              for until `post-build-hook-queue requeue`. 0: never.
+            '';
+          };
+          give-up-after = mkOption {
+            type = types.either (types.enum [ 0 ]) seconds;
+            default = 86400;
+            description = "Seconds after it was queued that a path still failing is given up on (see `max-attempts`). 0: never.";
+          };
+          upload-command = mkOption {
+            type = types.nullOr (types.listOf types.str);
+            default = null;
+            example = [
+              "cachix"
+              "push"
+              "mycache"
+            ];
+            description = ''
+              An uploader run instead of `nix copy` (no shell): the program and
+              its arguments, the paths appended as further arguments. No word
+              may hold white space. Not together with `uploadTo`.
+            '';
+          };
           max-connections = mkOption {
             type = types.ints.positive;
             default = 256;
@@ -331,9 +376,20 @@ in
             example = "/var/lib/nix-post-build-hook-queue/metrics.prom";
             description = ''
               Prometheus text file the daemon rewrites every few seconds.
-              Its directory must be writable by `user` (the module adds it to
-              `ReadWritePaths=`); the default state directory is.
+              Its directory is created (owned by `user`) if it does not exist
+              and made writable in the service's sandbox.
             '';
+          };
+          store-dir = mkOption {
+            type = types.nullOr types.str;
+            default = null;
+            example = "/nix/store";
+            description = "The Nix store directory every queued path must be directly under (null: the daemon's default, `/nix/store` or `$NIX_STORE_DIR`).";
+          };
+          nix = mkOption {
+            type = types.nullOr (types.either types.str types.path);
+            default = null;
+            description = "The `nix` program the daemon runs (null: `nix` from the service's PATH, which holds `config.nix.package`).";
           };
         };
       };
@@ -374,12 +430,22 @@ in
         '';
       }
       {
-        assertion = builtins.all (k: !(cfg.settings ? ${k})) (builtins.attrNames moduleOwnedKeys);
+        assertion = builtins.all (k: cfg.settings.${k} == null) (builtins.attrNames moduleOwnedKeys);
         message = lib.concatStringsSep "\n" (
           lib.mapAttrsToList (k: why: "services.nix-post-build-hook-queue.settings.${k}: ${why}.") (
-            lib.filterAttrs (k: _: cfg.settings ? ${k}) moduleOwnedKeys
+            lib.filterAttrs (k: _: cfg.settings.${k} != null) moduleOwnedKeys
           )
         );
+      }
+      {
+        assertion = cfg.settings.upload-command == null || upload == null;
+        message = "services.nix-post-build-hook-queue: set uploadTo or settings.upload-command, not both (one target at a time).";
+      }
+      {
+        assertion =
+          cfg.settings.upload-command == null
+          || builtins.all (w: w != "" && builtins.match ".*[[:space:]].*" w == null) cfg.settings.upload-command;
+        message = "services.nix-post-build-hook-queue.settings.upload-command: a word is empty or holds white space; the daemon splits the command at spaces and runs no shell.";
       }
       {
         assertion = badValues == { };
@@ -401,18 +467,11 @@ in
         services.nix-post-build-hook-queue: user "${cfg.user}" does not seem to be in
         nix.settings.allowed-users, so the Nix daemon will refuse the daemon's
         nix store sign / nix copy calls.
-      ''
-      ++ optional (builtins.any (k: !(builtins.elem k knownKeys)) (builtins.attrNames cfg.settings)) ''
-        services.nix-post-build-hook-queue.settings has keys the daemon does not know
-        (${
-          lib.concatStringsSep ", " (
-            builtins.filter (k: !(builtins.elem k knownKeys)) (builtins.attrNames cfg.settings)
-          )
-        }); it will refuse to start. Known keys: ${lib.concatStringsSep ", " knownKeys}.
       '';
 
-    users.users = mkIf (cfg.user == defaultUser) {
-      ${defaultUser} = {
+    # Whatever the names (the original module's users set user = "nix-pb").
+    users.users = mkIf (cfg.user != "root") {
+      ${cfg.user} = {
         isSystemUser = true;
         inherit (cfg) group;
         description = "nix-post-build-hook-queue daemon";
@@ -420,9 +479,16 @@ in
         home = stateDir;
       };
     };
-    users.groups = mkIf (cfg.group == defaultUser) { ${defaultUser} = { }; };
+    users.groups = mkIf (cfg.group != "root") { ${cfg.group} = { }; };
 
     nix.settings.post-build-hook = "${cfg.package}/bin/post-build-hook";
+
+    # For the admin commands: sudo post-build-hook-queue status / wait / retry.
+    environment.systemPackages = [ cfg.package ];
+
+    # A file:// cache or metrics directory that does not exist yet: created
+    # at activation (and at boot), owned by the service's user.
+    systemd.tmpfiles.rules = map (dir: "d ${dir} 0755 ${cfg.user} ${cfg.group} - -") extraWritableDirs;
 
     systemd.sockets.${name} = {
       description = "nix-post-build-hook-queue socket (the post-build-hook's way in)";
@@ -443,6 +509,12 @@ in
       # It reaches the store only through the Nix daemon.
       wants = [ "nix-daemon.socket" ];
       after = [ "nix-daemon.socket" ] ++ optional needsInet "network.target";
+
+      # A switch restarts the service and keeps the socket listening: hooks
+      # that run meanwhile wait in the socket's backlog instead of spooling.
+      # (With the default, true, a switch stops the socket too and starts
+      # only the socket again.)
+      stopIfChanged = false;
 
       path = [
         config.nix.package
@@ -494,6 +566,13 @@ in
         );
         Restart = "on-failure";
         RestartSec = 5;
+        # A bad configuration or command line: restarting cannot help.
+        RestartPreventExitStatus = exitBadConfig;
+        # On stop, SIGTERM goes to the daemon alone: it lets the nix call in
+        # progress finish (or kills it after its grace period) and exits;
+        # only what is left after TimeoutStopSec is killed.
+        KillMode = "mixed";
+        TimeoutStopSec = stopTimeout;
 
         User = cfg.user;
         Group = cfg.group;
@@ -517,11 +596,9 @@ in
         ProtectSystem = "strict";
         # Writable besides the state directory: only what the configuration
         # names (a file:// cache, the metrics file's directory).
-        ReadWritePaths =
-          optional (uploadDir != null) uploadDir
-          ++ optional (
-            metricsDir != null && metricsDir != stateDir && !lib.hasPrefix "${stateDir}/" metricsDir
-          ) metricsDir;
+        # `-`: a directory that is not there (yet) does not fail the unit; the
+        # tmpfiles rules above create it.
+        ReadWritePaths = map (dir: "-${dir}") extraWritableDirs;
         ProtectHome = true;
         PrivateTmp = true;
         PrivateDevices = true;
@@ -552,11 +629,19 @@ in
         MemoryDenyWriteExecute = true;
         RemoveIPC = true;
         SystemCallArchitectures = "native";
+        # One item a line, as NixOS writes lists: systemd applies them in
+        # order, so `setpriority` (in @resources) is allowed again after
+        # `~@resources`. The daemon lowers its upload worker's priority with
+        # it (nice); without it the first upload killed the daemon (SIGSYS).
         SystemCallFilter = [
           "@system-service"
           "~@privileged"
           "~@resources"
+          "setpriority"
         ];
+        # A call outside the filter fails (EPERM) instead of killing the
+        # process: a nix or ssh version that makes a new call still works.
+        SystemCallErrorNumber = "EPERM";
       };
     };
   };

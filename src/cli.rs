@@ -27,7 +27,9 @@ fn usage() -> String {
   post-build-hook-queue status [--socket PATH] [--json]            show the queue
   post-build-hook-queue wait [--socket PATH] [--timeout SECONDS]   wait until everything queued so far is uploaded
   post-build-hook-queue retry [--socket PATH]                      retry backing-off paths now
-  post-build-hook-queue --help | --version
+  post-build-hook-queue requeue [--socket PATH] --all-failed | PATH...  try paths given up on again
+  post-build-hook-queue drop [--socket PATH] --all-failed | PATH...     drop paths from the queue (not uploaded)
+  post-build-hook-queue COMMAND --help | --help | --version
 
 Exit codes: 0 success; 1 the daemon reported a failure (enqueue refused; wait saw
 paths dropped, or its --timeout passed with paths left); 2 usage error, bad
@@ -76,11 +78,67 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
             0
         }
         "serve" => serve(rest),
-        "enqueue" | "status" | "wait" | "retry" => admin(command, rest),
+        "enqueue" | "status" | "wait" | "retry" | "requeue" | "drop" => {
+            if rest.iter().any(|a| a == "--help" || a == "-h") {
+                print!("{}", command_help(command));
+                return 0;
+            }
+            admin(command, rest)
+        }
         other => fail(&format!(
-            "unknown command {other:?}; commands: serve, enqueue, status, wait, retry (see --help)"
+            "unknown command {other:?}; commands: serve, enqueue, status, wait, retry, requeue, drop (see --help)"
         )),
     }
+}
+
+/// `COMMAND --help`: what an admin command does, its arguments and exit codes.
+fn command_help(command: &str) -> String {
+    let (synopsis, text) = match command {
+        "enqueue" => (
+            "enqueue [--socket PATH] PATH... | -",
+            "Queues store paths for signing and upload. A PATH may be a link into the
+store, such as ./result; - reads paths from stdin, separated by white space.
+A path that does not exist is refused. Exit 0 when queued, 1 when the daemon
+refused, 2 on usage errors or when no daemon answers.",
+        ),
+        "status" => (
+            "status [--socket PATH] [--json]",
+            "Shows the queue: paths queued, in flight, uploaded, dropped, backing off and
+given up on (failed, with their last error), the target, the upload rate.
+--json prints one JSON object on one line.",
+        ),
+        "wait" => (
+            "wait [--socket PATH] [--timeout SECONDS]",
+            "Waits until every path queued before it is uploaded. Exit 0 when all were;
+1 when some were dropped or given up on (named, with their last error), or
+the timeout passed first (the last error of what it still waits for is
+shown); 2 when no daemon answers.",
+        ),
+        "retry" => (
+            "retry [--socket PATH]",
+            "Makes every backing-off path due now (after the target was mended, say).
+Paths given up on are not affected: see requeue.",
+        ),
+        "requeue" => (
+            "requeue [--socket PATH] --all-failed | PATH...",
+            "Tries paths given up on (see status) again, with fresh attempts (and
+give-up-after counted from now); the journal records it, so it holds across
+restarts. Prints how many were given
+up on; a PATH that was not is left as it is.",
+        ),
+        "drop" => (
+            "drop [--socket PATH] --all-failed | PATH...",
+            "Removes paths from the queue for good: they are not uploaded. --all-failed
+drops every path given up on. The journal records it and the daemon logs
+each path. Prints how many were queued.",
+        ),
+        _ => return usage(),
+    };
+    format!(
+        "Usage: post-build-hook-queue {synopsis}\n\n{text}\n\nThe socket is {} unless --socket or ${} says otherwise.\n",
+        config::default_socket().display(),
+        wire::ENV_SOCKET
+    )
 }
 
 /// The arguments as text: every setting, command and path this program
@@ -122,6 +180,13 @@ struct AdminArgs {
     json: bool,
     timeout: Option<Duration>,
     paths: Vec<String>,
+    /// `--all-failed` of `requeue` and `drop`.
+    all_failed: bool,
+}
+
+/// Commands that take store paths as arguments.
+fn takes_paths(command: &str) -> bool {
+    matches!(command, "enqueue" | "requeue" | "drop")
 }
 
 fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
@@ -130,6 +195,7 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
         json: false,
         timeout: None,
         paths: Vec::new(),
+        all_failed: false,
     };
     let mut from_stdin = false;
     let mut iter = args.iter();
@@ -160,12 +226,18 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
                     out.paths.extend(line.split_whitespace().map(String::from));
                 }
             }
-            p if command == "enqueue" && !p.starts_with("--") => out.paths.push(p.to_string()),
+            "--all-failed" if command == "requeue" || command == "drop" => out.all_failed = true,
+            p if takes_paths(command) && !p.starts_with("--") => out.paths.push(p.to_string()),
             _ => return Err(format!("{command}: unknown argument {arg:?} (see --help)")),
         }
     }
     if command == "enqueue" && out.paths.is_empty() && !from_stdin {
         return Err("enqueue: give store paths, or - to read them from stdin".into());
+    }
+    if (command == "requeue" || command == "drop") && out.paths.is_empty() != out.all_failed {
+        return Err(format!(
+            "{command}: give store paths, or --all-failed for every path given up on (not both)"
+        ));
     }
     Ok(out)
 }
@@ -180,7 +252,23 @@ fn admin(command: &str, args: &[String]) -> i32 {
         Err(e) => return fail(&connect_error(&e)),
     };
     let result = match command {
-        "enqueue" => enqueue(&mut conn, &a.paths),
+        "enqueue" | "requeue" | "drop" => {
+            // Only a path to queue must exist: one to requeue or drop may
+            // be gone from the store.
+            let enqueuing = command == "enqueue";
+            let store_dir = config::default_store_dir();
+            let resolved: Result<Vec<String>, String> = a
+                .paths
+                .iter()
+                .map(|p| resolve_path(p, &store_dir, enqueuing))
+                .collect();
+            match resolved {
+                Ok(paths) if enqueuing => enqueue(&mut conn, &paths),
+                Ok(paths) => requeue_or_drop(&mut conn, command, &paths),
+                Err(e) if enqueuing => return fail(&format!("enqueue: {e}; nothing was queued")),
+                Err(e) => return fail(&format!("{command}: {e}")),
+            }
+        }
         "status" => status(&mut conn, a.json),
         "wait" => return wait(&mut conn, a.timeout),
         _ => conn
@@ -221,6 +309,95 @@ fn unavailable(message: &str) -> bool {
     message.starts_with(protocol::ERR_BUSY) || message.starts_with(protocol::ERR_STOPPING)
 }
 
+/// Most links followed from an argument to its store path.
+const MAX_LINKS: usize = 40;
+
+/// The store path an argument names: itself when it is directly in the
+/// store, else the store path a chain of links leads to (`./result`).
+/// When `must_exist`, a path that does not exist is an error; otherwise
+/// (requeue, drop: the path may be gone from the store) it is passed on
+/// as given, and the daemon checks its form.
+fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, String> {
+    let store = std::path::Path::new(store_dir);
+    let mut path = PathBuf::from(arg);
+    if path.is_relative() {
+        let cwd = std::env::current_dir()
+            .map_err(|e| format!("{arg}: cannot read the current directory: {e}"))?;
+        path = cwd.join(path);
+    }
+    for _ in 0..MAX_LINKS {
+        let meta = match std::fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                return Ok(arg.to_string())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(if path.as_os_str() == arg {
+                    format!("{arg} does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built, or links to them such as ./result")
+                } else {
+                    format!("{arg} leads to {}, which does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built", path.display())
+                });
+            }
+            // Not ours to look at: the daemon may see it, and decides.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Ok(arg.to_string())
+            }
+            Err(e) => return Err(format!("{arg}: {e}")),
+        };
+        if path.parent() == Some(store) {
+            return path
+                .into_os_string()
+                .into_string()
+                .map_err(|p| format!("{arg}: {p:?} is not UTF-8"));
+        }
+        if !meta.file_type().is_symlink() {
+            // Not in the store: sent as given, and the daemon says why not.
+            return Ok(arg.to_string());
+        }
+        let target =
+            std::fs::read_link(&path).map_err(|e| format!("{arg}: cannot read the link: {e}"))?;
+        path = match path.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    Err(format!("{arg}: more than {MAX_LINKS} links in a row"))
+}
+
+/// `requeue` or `drop`, of the given paths or (none given) of every path
+/// given up on.
+fn requeue_or_drop(
+    conn: &mut Connection,
+    command: &str,
+    paths: &[String],
+) -> Result<(), ClientError> {
+    let lines: Vec<String> = if paths.is_empty() {
+        vec![request_line(&format!("{command}-failed"), &[])]
+    } else {
+        // Lines as long as enqueue's at most (`drop` is shorter).
+        wire::enqueue_lines(paths)
+            .into_iter()
+            .map(|l| format!("{command}{}", &l["enqueue".len()..]))
+            .collect()
+    };
+    let mut done = 0usize;
+    for line in &lines {
+        let (_, n) = conn.request(line)?;
+        done += n.parse::<usize>().unwrap_or(0);
+    }
+    let asked = if paths.is_empty() {
+        String::new()
+    } else {
+        format!(" of {}", paths.len())
+    };
+    if command == "requeue" {
+        println!("requeued {done}{asked} path(s) given up on; they are tried again");
+    } else {
+        println!("dropped {done}{asked} queued path(s); they will not be uploaded");
+    }
+    Ok(())
+}
+
 fn enqueue(conn: &mut Connection, paths: &[String]) -> Result<(), ClientError> {
     let mut added = 0usize;
     for line in wire::enqueue_lines(paths) {
@@ -234,25 +411,50 @@ fn enqueue(conn: &mut Connection, paths: &[String]) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// The `status` reply, read: `KEY VALUE` fields, then the listed paths.
+#[derive(Debug, Default)]
+struct StatusReply {
+    fields: Vec<(String, String)>,
+    /// `[attempts, next try in seconds, path, last error]`.
+    backoff: Vec<[String; 4]>,
+    /// `[attempts, given up seconds ago, path, last error]`.
+    failed: Vec<[String; 4]>,
+    /// The paths of the nix call in progress.
+    in_flight: Vec<String>,
+}
+
+impl StatusReply {
+    fn parse(lines: &[String]) -> StatusReply {
+        let mut reply = StatusReply::default();
+        for line in lines {
+            let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+            match key {
+                "backoff" | "failed-path" => {
+                    let mut parts = value.splitn(4, ' ').map(String::from);
+                    let mut next = || parts.next().unwrap_or_default();
+                    let item = [next(), next(), next(), next()];
+                    if key == "backoff" {
+                        reply.backoff.push(item);
+                    } else {
+                        reply.failed.push(item);
+                    }
+                }
+                "in-flight-path" => reply.in_flight.push(value.to_string()),
+                _ => reply.fields.push((key.to_string(), value.to_string())),
+            }
+        }
+        reply
+    }
+}
+
 fn status(conn: &mut Connection, json: bool) -> Result<(), ClientError> {
     let (lines, _) = conn.request(&request_line("status", &[]))?;
-    let mut fields: Vec<(String, String)> = Vec::new();
-    let mut backoff: Vec<[String; 4]> = Vec::new();
-    for line in &lines {
-        let (key, value) = line.split_once(' ').unwrap_or((line, ""));
-        if key == "backoff" {
-            let mut parts = value.splitn(4, ' ').map(String::from);
-            let mut next = || parts.next().unwrap_or_default();
-            backoff.push([next(), next(), next(), next()]);
-        } else {
-            fields.push((key.to_string(), value.to_string()));
-        }
-    }
+    let reply = StatusReply::parse(&lines);
     let mut out = std::io::stdout().lock();
     let text = if json {
-        status_json(&fields, &backoff)
+        status_json(&reply)
     } else {
-        status_text(&fields, &backoff)
+        status_text(&reply)
     };
     let _ = out.write_all(text.as_bytes());
     Ok(())
@@ -267,9 +469,13 @@ const NUMERIC: &[&str] = &[
     "dropped",
     "failed-calls",
     "backing-off",
+    "failed",
     "oldest-queued-seconds",
     "upload-seconds-sum",
     "upload-batches",
+    "upload-rate-per-minute",
+    "spool-files",
+    "spool-paths",
 ];
 
 /// `value` as a JSON number if it is one (by JSON's grammar, so never
@@ -311,8 +517,15 @@ fn json_number(value: &str) -> String {
 
 /// The `status --json` object: the daemon's `KEY VALUE` lines with `-` in
 /// keys turned into `_` (numbers as numbers, `signing` a boolean, `-` as
-/// null), plus `backoff`, the list of failing paths.
-fn status_json(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
+/// null), plus `backoff`, the list of failing paths, `failed_paths`, the
+/// paths given up on, and `in_flight_paths`, those of the nix call now.
+fn status_json(reply: &StatusReply) -> String {
+    let StatusReply {
+        fields,
+        backoff,
+        failed,
+        in_flight,
+    } = reply;
     let mut parts: Vec<String> = fields
         .iter()
         .map(|(k, v)| {
@@ -341,6 +554,21 @@ fn status_json(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
         })
         .collect();
     parts.push(format!("\"backoff\":[{}]", items.join(",")));
+    let items: Vec<String> = failed
+        .iter()
+        .map(|[attempts, ago, path, error]| {
+            format!(
+                "{{\"path\":{},\"attempts\":{},\"given_up_seconds_ago\":{},\"last_error\":{}}}",
+                json_string(path),
+                json_number(attempts),
+                json_number(ago),
+                json_string(error)
+            )
+        })
+        .collect();
+    parts.push(format!("\"failed_paths\":[{}]", items.join(",")));
+    let items: Vec<String> = in_flight.iter().map(|p| json_string(p)).collect();
+    parts.push(format!("\"in_flight_paths\":[{}]", items.join(",")));
     format!("{{{}}}\n", parts.join(","))
 }
 
@@ -383,7 +611,16 @@ pub fn human_duration(seconds: f64) -> String {
     }
 }
 
-fn status_text(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
+/// Paths of the nix call in progress shown by the human `status`.
+const TEXT_IN_FLIGHT: usize = 5;
+
+fn status_text(reply: &StatusReply) -> String {
+    let StatusReply {
+        fields,
+        backoff,
+        failed,
+        in_flight,
+    } = reply;
     let get = |k: &str| {
         fields
             .iter()
@@ -401,9 +638,39 @@ fn status_text(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
     };
     s.push_str(&format!("queued:       {}{oldest}\n", get("queued")));
     s.push_str(&format!("in flight:    {}\n", get("in-flight")));
-    s.push_str(&format!("uploaded:     {} since start\n", get("uploaded")));
+    for p in in_flight.iter().take(TEXT_IN_FLIGHT) {
+        s.push_str(&format!("  uploading {p}\n"));
+    }
+    let in_flight_total: usize = get("in-flight").parse().unwrap_or(0);
+    if in_flight_total > TEXT_IN_FLIGHT.min(in_flight.len()) && !in_flight.is_empty() {
+        s.push_str(&format!(
+            "  ... and {} more\n",
+            in_flight_total - TEXT_IN_FLIGHT.min(in_flight.len())
+        ));
+    }
+    let rate = match get("upload-rate-per-minute") {
+        "-" => String::new(),
+        r => format!(" ({r} paths/min lately)"),
+    };
+    s.push_str(&format!(
+        "uploaded:     {} since start{rate}\n",
+        get("uploaded")
+    ));
+    let spool = match (get("spool-files"), get("spool-paths")) {
+        ("0", _) => "empty".to_string(),
+        ("-", _) => "-".to_string(),
+        (files, paths) => {
+            format!("{files} file(s) with {paths} path(s) left by the hook, not yet queued")
+        }
+    };
+    s.push_str(&format!("spool:        {spool}\n"));
     s.push_str(&format!("dropped:      {} since start\n", get("dropped")));
     s.push_str(&format!("backing off:  {}\n", get("backing-off")));
+    let failed_note = match get("failed") {
+        "0" | "-" => "",
+        _ => " (given up on; requeue or drop them)",
+    };
+    s.push_str(&format!("failed:       {}{failed_note}\n", get("failed")));
     s.push_str(&format!(
         "failed calls: {} since start\n",
         get("failed-calls")
@@ -432,44 +699,69 @@ fn status_text(fields: &[(String, String)], backoff: &[[String; 4]]) -> String {
             "  {path}: attempt {attempts} failed, {when}: {error}\n"
         ));
     }
-    let total: usize = get("backing-off").parse().unwrap_or(0);
-    if total > backoff.len() {
+    s.push_str(&more(get("backing-off"), backoff.len(), "", "soonest"));
+    for [attempts, ago, path, error] in failed {
+        let when = ago.parse::<f64>().map_or(String::new(), |secs| {
+            format!(" {} ago", human_duration(secs))
+        });
         s.push_str(&format!(
-            "  ... and {} more (status lists the {} soonest)\n",
-            total - backoff.len(),
-            backoff.len()
+            "  {path}: FAILED, given up on{when} after {attempts} attempts: {error}\n"
         ));
     }
+    s.push_str(&more(get("failed"), failed.len(), " failed", "oldest"));
     s
 }
 
-/// `remaining N failing M` from the daemon, as a phrase.
-fn describe_remaining(line: &str) -> Option<String> {
-    let mut words = line.split(' ');
+/// The line saying how many of `total` paths the list of `shown` left out
+/// (empty when none): `... and 3 more failed (status lists the 100 oldest)`.
+fn more(total: &str, shown: usize, what: &str, which: &str) -> String {
+    match total.parse::<usize>() {
+        Ok(total) if total > shown => format!(
+            "  ... and {} more{what} (status lists the {shown} {which})\n",
+            total - shown
+        ),
+        _ => String::new(),
+    }
+}
+
+/// `remaining N failing M [error PATH TEXT]` from the daemon, as a phrase,
+/// and the error part when there is one.
+fn describe_remaining(line: &str) -> Option<(String, Option<String>)> {
+    let mut words = line.splitn(6, ' ');
     let (Some("remaining"), Some(n), Some("failing"), Some(m)) =
         (words.next(), words.next(), words.next(), words.next())
     else {
         return None;
     };
-    Some(format!("{n} path(s) still queued, {m} of them failing"))
+    let error = match (words.next(), words.next()) {
+        (Some("error"), Some(rest)) => rest
+            .split_once(' ')
+            .map(|(path, text)| format!("last error ({path}): {text}")),
+        _ => None,
+    };
+    Some((
+        format!("{n} path(s) still queued, {m} of them failing"),
+        error,
+    ))
 }
 
 /// Blocks until the paths queued before the call are gone from the queue.
-/// Exit 0 when all were uploaded; 1 when some were dropped or the timeout
-/// passed first; 2 when the daemon cannot be talked to.
+/// Exit 0 when all were uploaded; 1 when some were dropped or given up on,
+/// or the timeout passed first; 2 when the daemon cannot be talked to.
+///
+/// On a terminal, the progress is one line that is rewritten in place; it
+/// always ends with a newline (the next one moves the cursor up to replace
+/// it), so that whenever `wait` ends, Ctrl-C included (the standard library
+/// has no signal handler to tidy up with), the terminal is left on a fresh
+/// line.
 fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
     let deadline = timeout.map(|t| Instant::now() + t);
     let tty = std::io::stderr().is_terminal();
     if let Err(e) = conn.send(&request_line("wait", &[])) {
         return fail(&e.to_string());
     }
-    // Whether a progress line (without its newline) is on the terminal.
+    // Whether a progress line is on the terminal, just above the cursor.
     let mut progress = false;
-    let end_progress = |progress: &mut bool| {
-        if std::mem::take(progress) {
-            eprintln!();
-        }
-    };
     let mut last = String::new();
     loop {
         let read_timeout = deadline.map(|d| {
@@ -488,25 +780,22 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
             {
-                end_progress(&mut progress);
                 let shown = timeout.map_or(String::new(), |t| human_duration(t.as_secs_f64()));
-                let state = describe_remaining(&last)
-                    .unwrap_or_else(|| "the daemon reported no progress".to_string());
+                let state = match describe_remaining(&last) {
+                    Some((state, Some(error))) => format!("{state}; {error}"),
+                    Some((state, None)) => state,
+                    None => "the daemon reported no progress".to_string(),
+                };
                 eprintln!("post-build-hook-queue: wait timed out after {shown}: {state}");
                 return 1;
             }
-            Err(e) => {
-                end_progress(&mut progress);
-                return fail(&e.to_string());
-            }
+            Err(e) => return fail(&e.to_string()),
         };
         if let Some(msg) = wire::final_word(&line, "ok") {
-            end_progress(&mut progress);
             println!("{msg}");
             return 0;
         }
         if let Some(msg) = wire::final_word(&line, "err") {
-            end_progress(&mut progress);
             if unavailable(msg) {
                 return fail(&format!("the daemon cannot serve this now: {msg}"));
             }
@@ -514,8 +803,10 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
             return 1;
         }
         if tty {
-            if let Some(text) = describe_remaining(&line) {
-                eprint!("\r\x1b[Kwaiting: {text}");
+            if let Some((text, _)) = describe_remaining(&line) {
+                // Up to the previous progress line, cleared, replaced.
+                let up = if progress { "\x1b[1A\r\x1b[K" } else { "" };
+                eprintln!("{up}waiting: {text}");
                 progress = true;
             }
         }
@@ -584,12 +875,22 @@ mod tests {
             "/nix/store/x-y".to_string(),
             "a \"quoted\" \\ path\tand\u{1}".to_string(),
         ]];
+        let failed = [["10", "65", "/nix/store/z-poison", "nix copy failed"].map(String::from)];
+        let reply = StatusReply {
+            fields: f,
+            backoff: backoff.to_vec(),
+            failed: failed.to_vec(),
+            in_flight: vec!["/nix/store/i-n".into()],
+        };
         assert_eq!(
-            status_json(&f, &backoff),
+            status_json(&reply),
             "{\"version\":\"0.1.0\",\"queued\":2,\"oldest_queued_seconds\":null,\
              \"upload_seconds_sum\":0.250,\"signing\":true,\"target\":null,\
              \"backoff\":[{\"path\":\"/nix/store/x-y\",\"attempts\":3,\"next_try_seconds\":1.5,\
-             \"last_error\":\"a \\\"quoted\\\" \\\\ path\\tand\\u0001\"}]}\n"
+             \"last_error\":\"a \\\"quoted\\\" \\\\ path\\tand\\u0001\"}],\
+             \"failed_paths\":[{\"path\":\"/nix/store/z-poison\",\"attempts\":10,\
+             \"given_up_seconds_ago\":65,\"last_error\":\"nix copy failed\"}],\
+             \"in_flight_paths\":[\"/nix/store/i-n\"]}\n"
         );
     }
 
@@ -603,7 +904,11 @@ mod tests {
             ("uploaded", "7"),
             ("dropped", "0"),
             ("failed-calls", "2"),
+            ("upload-rate-per-minute", "12.5"),
+            ("spool-files", "2"),
+            ("spool-paths", "7"),
             ("backing-off", "3"),
+            ("failed", "1"),
             ("oldest-queued-seconds", "75"),
             ("signing", "false"),
             ("target", "-"),
@@ -611,20 +916,25 @@ mod tests {
         let b = |attempts: &str, next: &str, path: &str| {
             [attempts, next, path, "boom"].map(String::from)
         };
-        let text = status_text(
-            &f,
-            &[
+        let text = status_text(&StatusReply {
+            fields: f,
+            backoff: vec![
                 b("1", "0.0", "/nix/store/a"),
                 b("2", "125.3", "/nix/store/b"),
             ],
-        );
+            failed: vec![b("10", "65", "/nix/store/c")],
+            in_flight: vec!["/nix/store/d".into()],
+        });
         assert_eq!(
             text,
             "queued:       3 (oldest queued 1m 15s ago)\n\
              in flight:    1\n\
-             uploaded:     7 since start\n\
+             \x20 uploading /nix/store/d\n\
+             uploaded:     7 since start (12.5 paths/min lately)\n\
+             spool:        2 file(s) with 7 path(s) left by the hook, not yet queued\n\
              dropped:      0 since start\n\
              backing off:  3\n\
+             failed:       1 (given up on; requeue or drop them)\n\
              failed calls: 2 since start\n\
              target:       none (upload-to is not set)\n\
              signing:      off\n\
@@ -632,7 +942,8 @@ mod tests {
              version:      0.1.0\n\
              \x20 /nix/store/a: attempt 1 failed, retrying now: boom\n\
              \x20 /nix/store/b: attempt 2 failed, next try in 2m 5s: boom\n\
-             \x20 ... and 1 more (status lists the 2 soonest)\n"
+             \x20 ... and 1 more (status lists the 2 soonest)\n\
+             \x20 /nix/store/c: FAILED, given up on 1m 5s ago after 10 attempts: boom\n"
         );
     }
 
@@ -648,6 +959,74 @@ mod tests {
         assert!(parse_admin("enqueue", &args(&[])).is_err());
         let a = parse_admin("enqueue", &args(&["/nix/store/a", "/nix/store/b"])).unwrap();
         assert_eq!(a.paths.len(), 2);
+        assert!(
+            parse_admin("requeue", &args(&["--all-failed"]))
+                .unwrap()
+                .all_failed
+        );
+        assert_eq!(
+            parse_admin("drop", &args(&["/nix/store/a"]))
+                .unwrap()
+                .paths
+                .len(),
+            1
+        );
+        for bad in [&[][..], &["--all-failed", "/nix/store/a"], &["--json"]] {
+            assert!(parse_admin("drop", &args(bad)).is_err(), "{bad:?}");
+            assert!(parse_admin("requeue", &args(bad)).is_err(), "{bad:?}");
+        }
+        assert!(parse_admin("enqueue", &args(&["--all-failed"])).is_err());
+    }
+
+    #[test]
+    fn every_command_has_its_own_help() {
+        for command in ["enqueue", "status", "wait", "retry", "requeue", "drop"] {
+            let help = command_help(command);
+            assert!(
+                help.starts_with(&format!("Usage: post-build-hook-queue {command} ")),
+                "{help}"
+            );
+        }
+    }
+
+    #[test]
+    fn links_into_the_store_are_followed_and_missing_paths_refused() {
+        let dir = std::env::temp_dir().join(format!("npbhq-cli-resolve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = dir.join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let store_s = store.to_str().unwrap();
+        let real = store.join("0123456789abcdfghijklmnpqrsvwxyz-x");
+        std::fs::create_dir(&real).unwrap();
+        let real_s = real.to_str().unwrap().to_string();
+        std::os::unix::fs::symlink(&real, dir.join("result")).unwrap();
+        std::os::unix::fs::symlink("result", dir.join("result2")).unwrap();
+        let link = |name: &str| dir.join(name).to_str().unwrap().to_string();
+        assert_eq!(resolve_path(&real_s, store_s, true), Ok(real_s.clone()));
+        assert_eq!(
+            resolve_path(&link("result"), store_s, true),
+            Ok(real_s.clone())
+        );
+        assert_eq!(
+            resolve_path(&link("result2"), store_s, true),
+            Ok(real_s.clone())
+        );
+        // A store path that is itself a link is not followed out of the store.
+        let in_store_link = store.join("0123456789abcdfghijklmnpqrsvwxyz-l");
+        std::os::unix::fs::symlink("/etc", &in_store_link).unwrap();
+        let l = in_store_link.to_str().unwrap().to_string();
+        assert_eq!(resolve_path(&l, store_s, true), Ok(l.clone()));
+        let missing = format!("{store_s}/0123456789abcdfghijklmnpqrsvwxyz-gone");
+        let e = resolve_path(&missing, store_s, true).unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+        assert_eq!(resolve_path(&missing, store_s, false), Ok(missing.clone()));
+        std::os::unix::fs::symlink(&missing, dir.join("dangling")).unwrap();
+        let e = resolve_path(&link("dangling"), store_s, true).unwrap_err();
+        assert!(
+            e.contains("leads to") && e.contains("does not exist"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -671,8 +1050,18 @@ mod tests {
     #[test]
     fn remaining_lines_read_as_phrases() {
         assert_eq!(
-            describe_remaining("remaining 3 failing 1").as_deref(),
-            Some("3 path(s) still queued, 1 of them failing")
+            describe_remaining("remaining 3 failing 1"),
+            Some((
+                "3 path(s) still queued, 1 of them failing".to_string(),
+                None
+            ))
+        );
+        assert_eq!(
+            describe_remaining("remaining 3 failing 1 error /nix/store/x-y nix copy failed: boom"),
+            Some((
+                "3 path(s) still queued, 1 of them failing".to_string(),
+                Some("last error (/nix/store/x-y): nix copy failed: boom".to_string())
+            ))
         );
         assert_eq!(describe_remaining("ok all uploaded"), None);
     }

@@ -28,6 +28,9 @@ pub struct Config {
     pub signing_key_file: Option<PathBuf>,
     /// Store URL for `nix copy --to`; `None` means no upload.
     pub upload_to: Option<String>,
+    /// An uploader to run instead of `nix copy` (program and arguments; the
+    /// paths are appended as arguments), e.g. `cachix push mycache`.
+    pub upload_command: Option<Vec<String>>,
     /// Sign the whole closure (`--recursive`), not only the queued paths.
     pub sign_closure: bool,
     /// Most paths given to one nix invocation.
@@ -50,6 +53,12 @@ pub struct Config {
     pub metrics_file: Option<PathBuf>,
     /// Most client connections served at once; more get `err busy`.
     pub max_connections: usize,
+    /// Failed attempts of a path, each while the target answered, after
+    /// which it is given up on; `None`: never.
+    pub max_attempts: Option<u32>,
+    /// How long after it was queued a path that still fails is given up on
+    /// (whatever the failures); `None`: never.
+    pub give_up_after: Option<Duration>,
 }
 
 /// A setting that could not be read, with where it came from.
@@ -86,6 +95,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "upload-to",
         "store URL for nix copy --to (empty: no upload)",
     ),
+    (
+        "upload-command",
+        "program and arguments of an uploader run instead of nix copy, separated by spaces (no shell, no quoting); the paths are appended (empty: none)",
+    ),
     ("sign-closure", "true or false"),
     ("batch-size", "whole number of paths, 1 or more"),
     (
@@ -106,7 +119,24 @@ pub const KEYS: &[(&str, &str)] = &[
         "path of a Prometheus text file (empty: none)",
     ),
     ("max-connections", "whole number, 1 or more"),
+    (
+        "max-attempts",
+        "failed attempts (while the target answers) before a path is given up on; 0: never",
+    ),
+    (
+        "give-up-after",
+        "seconds after it was queued that a failing path is given up on; 0: never",
+    ),
 ];
+
+/// Default `max-attempts`: with the default retry delays, a path that fails
+/// on its own while the target takes others is given up on after about
+/// 5 to 10 minutes, so a CI job waiting for it hears of it soon.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
+/// Default `give-up-after`: a day, long enough to outlast an outage of the
+/// target over a night or a weekend day, short enough that a path that never
+/// goes is not waited for for ever.
+pub const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// The default socket path for this user: `/run/...` for root, else the
 /// per-user runtime directory. The hook uses the same rule.
@@ -155,6 +185,7 @@ impl Default for Config {
             store_dir: default_store_dir(),
             signing_key_file: None,
             upload_to: None,
+            upload_command: None,
             sign_closure: true,
             batch_size: 1000,
             upload_jobs: 2,
@@ -166,6 +197,8 @@ impl Default for Config {
             socket_group: None,
             metrics_file: None,
             max_connections: 256,
+            max_attempts: Some(DEFAULT_MAX_ATTEMPTS),
+            give_up_after: Some(DEFAULT_GIVE_UP_AFTER),
         }
     }
 }
@@ -176,6 +209,27 @@ impl Config {
         self.spool_dir
             .clone()
             .unwrap_or_else(|| self.state_dir.join("spool"))
+    }
+
+    /// What the paths are uploaded to, as shown and as the journal names it:
+    /// the `upload-to` URL, or `upload-command: PROGRAM ARGS...`.
+    pub fn target_label(&self) -> Option<String> {
+        match (&self.upload_to, &self.upload_command) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some(argv)) => Some(format!("upload-command: {}", argv.join(" "))),
+            (None, None) => None,
+        }
+    }
+
+    /// Refuses settings that are each fine but not together.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.upload_to.is_some() && self.upload_command.is_some() {
+            return Err(ConfigError {
+                origin: "upload-command".into(),
+                message: "set upload-to or upload-command, not both (one target at a time)".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Applies one `key = value` setting; the error says what is accepted.
@@ -203,6 +257,10 @@ impl Config {
             }
             "signing-key-file" => self.signing_key_file = opt_path(value),
             "upload-to" => self.upload_to = (!value.is_empty()).then(|| value.to_string()),
+            "upload-command" => {
+                let argv: Vec<String> = value.split_whitespace().map(String::from).collect();
+                self.upload_command = (!argv.is_empty()).then_some(argv);
+            }
             "sign-closure" => self.sign_closure = parse_bool(value)?,
             "batch-size" => self.batch_size = parse_count(value)?,
             "upload-jobs" => self.upload_jobs = parse_count(value)?,
@@ -214,19 +272,31 @@ impl Config {
             "socket-group" => self.socket_group = (!value.is_empty()).then(|| value.to_string()),
             "metrics-file" => self.metrics_file = opt_path(value),
             "max-connections" => self.max_connections = parse_count(value)?,
-            _ => {
-                let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
-                return Err(format!(
-                    "unknown key {key:?}; known keys: {}",
-                    known.join(", ")
-                ));
+            "max-attempts" => {
+                self.max_attempts = match value.parse::<u32>() {
+                    Ok(0) => None,
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        return Err(format!(
+                            "expected a whole number (0: never give up), got {value:?}"
+                        ))
+                    }
+                }
             }
+            "give-up-after" => {
+                self.give_up_after = match value {
+                    "0" => None,
+                    v => Some(parse_seconds(v).map_err(|e| format!("{e}, or 0 for never"))?),
+                }
+            }
+            _ => return Err(unknown_key(key)),
         }
         Ok(())
     }
 
     /// Applies every line of a config file's text; `origin` names the file.
     pub fn apply_file_text(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let mut target_line = None;
         for (index, raw) in text.lines().enumerate() {
             let at = |message: String| ConfigError {
                 origin: format!("{origin}:{}", index + 1),
@@ -240,6 +310,13 @@ impl Config {
                 .split_once('=')
                 .ok_or_else(|| at(format!("expected 'key = value', got {line:?}")))?;
             let key = key.trim();
+            if key == "upload-to" {
+                // An empty value unsets it: what follows is the first again.
+                let this = (!value.trim().is_empty()).then_some(index + 1);
+                if let (Some(first), Some(_)) = (std::mem::replace(&mut target_line, this), this) {
+                    return Err(at(one_target(&format!("line {first}"))));
+                }
+            }
             self.set(key, value.trim())
                 .map_err(|m| at(format!("key {key:?}: {m}")))?;
         }
@@ -309,14 +386,69 @@ impl Config {
                 config.apply_file(Path::new(value))?;
             }
         }
+        let mut target_flag = false;
         for (flag, value) in flags.iter().filter(|(f, _)| f != "config") {
+            if flag == "upload-to"
+                && std::mem::replace(&mut target_flag, !value.is_empty())
+                && !value.is_empty()
+            {
+                return Err(ConfigError {
+                    origin: "--upload-to".into(),
+                    message: one_target("an earlier --upload-to"),
+                });
+            }
             config.set(flag, value).map_err(|message| ConfigError {
                 origin: format!("--{flag}"),
                 message,
             })?;
         }
+        config.check()?;
         Ok(config)
     }
+}
+
+/// The error for a second `upload-to` in one place (`first` says where the
+/// first one is): the daemon delivers to one target, and the second one
+/// must not silently replace the first.
+fn one_target(first: &str) -> String {
+    format!(
+        "upload-to is given a second time (first in {first}); the daemon delivers to one \
+         target: keep one upload-to (several targets are not supported yet)"
+    )
+}
+
+/// The error for an unknown key: the nearest known key when one is close
+/// (a typo), and the list of all of them.
+fn unknown_key(key: &str) -> String {
+    let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+    let nearest = known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .min()
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4));
+    match nearest {
+        Some((_, k)) => format!(
+            "unknown key {key:?}; did you mean {k:?}? Known keys: {}",
+            known.join(", ")
+        ),
+        None => format!("unknown key {key:?}; known keys: {}", known.join(", ")),
+    }
+}
+
+/// Levenshtein distance between two short strings, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
 }
 
 /// Splits `--key value` and `--key=value` arguments into pairs.
@@ -471,6 +603,42 @@ mod tests {
     }
 
     #[test]
+    fn unknown_key_suggests_the_nearest() {
+        let mut c = Config::default();
+        let e = c.set("uplaod-to", "x").unwrap_err();
+        assert!(e.contains("did you mean \"upload-to\"?"), "{e}");
+        let e = c.set("max-attempt", "3").unwrap_err();
+        assert!(e.contains("did you mean \"max-attempts\"?"), "{e}");
+        let e = c.set("colour", "blue").unwrap_err();
+        assert!(!e.contains("did you mean"), "{e}");
+        assert!(e.contains("known keys: socket, "), "{e}");
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
+
+    #[test]
+    fn give_up_settings_take_0_for_never() {
+        let mut c = Config::default();
+        assert_eq!(c.max_attempts, Some(DEFAULT_MAX_ATTEMPTS));
+        assert_eq!(c.give_up_after, Some(DEFAULT_GIVE_UP_AFTER));
+        c.set("max-attempts", "0").unwrap();
+        c.set("give-up-after", "0").unwrap();
+        assert_eq!((c.max_attempts, c.give_up_after), (None, None));
+        c.set("max-attempts", "3").unwrap();
+        c.set("give-up-after", "90.5").unwrap();
+        assert_eq!(c.max_attempts, Some(3));
+        assert_eq!(c.give_up_after, Some(Duration::from_millis(90_500)));
+        for (k, v) in [
+            ("max-attempts", "-1"),
+            ("max-attempts", "x"),
+            ("give-up-after", "-2"),
+        ] {
+            let e = c.set(k, v).unwrap_err();
+            assert!(e.contains("0"), "{k} {v}: {e}");
+        }
+    }
+
+    #[test]
     fn control_characters_are_refused_in_every_setting() {
         for (key, _) in KEYS {
             for bad in ["a\nb", "a\rb", "a\tb", "a\u{0}b", "a\u{1b}b", "a\u{85}b"] {
@@ -503,6 +671,59 @@ mod tests {
         ] {
             assert!(!is_secret_key(bad.as_bytes()), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn upload_command_is_split_on_spaces_and_excludes_upload_to() {
+        let c = Config::from_args(&args(&["--upload-command", " cachix  push my-cache "])).unwrap();
+        assert_eq!(
+            c.upload_command,
+            Some(vec!["cachix".into(), "push".into(), "my-cache".into()])
+        );
+        assert_eq!(
+            c.target_label().as_deref(),
+            Some("upload-command: cachix push my-cache")
+        );
+        let e = Config::from_args(&args(&[
+            "--upload-command",
+            "x",
+            "--upload-to",
+            "file:///c",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("not both"), "{e}");
+        let c = Config::from_args(&args(&["--upload-command", " "])).unwrap();
+        assert_eq!(c.upload_command, None);
+    }
+
+    #[test]
+    fn a_second_upload_to_is_refused_not_silently_taken() {
+        let mut c = Config::default();
+        let e = c
+            .apply_file_text(
+                "upload-to = file:///a\nbatch-size = 3\nupload-to = ssh-ng://b\n",
+                "q.conf",
+            )
+            .unwrap_err();
+        assert_eq!(e.origin, "q.conf:3");
+        assert!(e.message.contains("first in line 1"), "{e}");
+        let e = Config::from_args(&args(&[
+            "--upload-to",
+            "file:///a",
+            "--upload-to=file:///b",
+        ]))
+        .unwrap_err();
+        assert_eq!(e.origin, "--upload-to");
+        // An empty value unsets: then another may follow.
+        let mut c = Config::default();
+        c.apply_file_text(
+            "upload-to = file:///a\nupload-to =\nupload-to = file:///b\n",
+            "q",
+        )
+        .unwrap();
+        assert_eq!(c.upload_to.as_deref(), Some("file:///b"));
+        let c = Config::from_args(&args(&["--upload-to", "", "--upload-to", "file:///b"])).unwrap();
+        assert_eq!(c.upload_to.as_deref(), Some("file:///b"));
     }
 
     #[test]

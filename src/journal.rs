@@ -11,7 +11,24 @@
 //!
 //! Records, one per line:
 //! - `+ <unix-seconds> <store-path>`: queued at that time;
-//! - `- <store-path>`: done (uploaded or dropped).
+//! - `- <store-path>`: done (uploaded to every target, or dropped);
+//! - `! <unix-seconds> <target> <attempts> <store-path> <error>`: given up
+//!   on for one target at that time, after that many failed attempts, with
+//!   the last error (the rest of the line). The path stays in the journal,
+//!   and is no longer tried for that target until it is requeued;
+//! - `= <unix-seconds> <target> <store-path>`: requeued at that time for
+//!   that target (`*`: for every target), its failure forgotten; it counts
+//!   as queued then (for `give-up-after`);
+//! - `> <target> <store-path>`: that target has the path, others not yet.
+//!
+//! A `<target>` is a [`TargetId`]: a hash of the target's URL, never the URL
+//! (which may hold a password). The per-target records let one path be
+//! delivered to several targets, each with its own failures; a path given up
+//! on for a target that is no longer configured is simply queued for the
+//! configured ones; one that every configured target has is done at start.
+//! (With one target, the daemon writes `-` when the target has the path,
+//! and no `>`.) A journal of older versions, with `+` and `-` records only,
+//! replays as it always did.
 //!
 //! Writers share fsyncs (group commit): while one thread writes and syncs,
 //! the others add their records to the next group, and each caller returns
@@ -42,6 +59,52 @@ pub struct Entry {
     pub queued_at: u64,
 }
 
+/// Which target a per-target record is about: an FNV-1a hash of the
+/// target's URL with its secrets masked, shown as 16 hex digits. Stable
+/// across restarts and versions (unlike std's hashers), and without the
+/// password a URL may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TargetId(u64);
+
+impl TargetId {
+    /// The id of the target at `url`, or of "sign only" when there is none.
+    pub fn of(url: Option<&str>) -> TargetId {
+        let shown = url.map_or_else(|| "-".to_string(), crate::redact::url);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in shown.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        TargetId(h)
+    }
+
+    fn parse(s: &str) -> Option<TargetId> {
+        if s.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(s, 16).ok().map(TargetId)
+    }
+}
+
+impl std::fmt::Display for TargetId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A path given up on for one target: it failed too often or too long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenUp {
+    /// The target it failed for.
+    pub target: TargetId,
+    /// When it was given up on, in seconds since the Unix epoch.
+    pub at: u64,
+    /// Failed attempts before it was given up on.
+    pub attempts: u32,
+    /// The last error, on one line.
+    pub error: String,
+}
+
 /// What replaying the journal found.
 #[derive(Debug, Default)]
 pub struct Replay {
@@ -65,6 +128,10 @@ struct Inner {
     file: Arc<File>,
     len: u64,
     live: HashMap<StorePath, Entry>,
+    /// Live paths given up on, per target.
+    given_up: HashMap<StorePath, Vec<GivenUp>>,
+    /// Live paths some targets have (not all of them yet).
+    delivered: HashMap<StorePath, Vec<TargetId>>,
     next_seq: u64,
     /// Records in the file that describe no live path.
     dead: usize,
@@ -120,6 +187,8 @@ impl Journal {
         let capacity = file.metadata()?.len() / 80;
         let mut live: HashMap<StorePath, Entry> =
             HashMap::with_capacity(usize::try_from(capacity).unwrap_or(0).min(1 << 22));
+        let mut given_up: HashMap<StorePath, Vec<GivenUp>> = HashMap::new();
+        let mut delivered: HashMap<StorePath, Vec<TargetId>> = HashMap::new();
         let mut next_seq = 0u64;
         let mut records = 0usize;
         let mut line_no = 0usize;
@@ -155,6 +224,27 @@ impl Journal {
                 }
                 Some(Record::Done(path)) => {
                     live.remove(&path);
+                    given_up.remove(&path);
+                    delivered.remove(&path);
+                }
+                Some(Record::GiveUp(path, g)) => {
+                    if live.contains_key(&path) {
+                        set_given_up(given_up.entry(path).or_default(), g);
+                    }
+                }
+                Some(Record::Requeue(path, target, at)) => {
+                    forget_given_up(&mut given_up, &path, target);
+                    if let Some(entry) = live.get_mut(&path) {
+                        entry.queued_at = at;
+                    }
+                }
+                Some(Record::Delivered(path, target)) => {
+                    if live.contains_key(&path) {
+                        let have = delivered.entry(path).or_default();
+                        if !have.contains(&target) {
+                            have.push(target);
+                        }
+                    }
                 }
                 None => {
                     return Err(unusable_record(&path, line_no, record, store_dir));
@@ -175,8 +265,14 @@ impl Journal {
                 dir: dir.to_path_buf(),
                 file: Arc::new(file),
                 len: complete_len,
-                dead: records - live.len(),
+                dead: records.saturating_sub(
+                    live.len()
+                        + given_up.values().map(Vec::len).sum::<usize>()
+                        + delivered.values().map(Vec::len).sum::<usize>(),
+                ),
                 live,
+                given_up,
+                delivered,
                 next_seq,
                 pending: Vec::new(),
                 pending_gen: 1,
@@ -282,7 +378,9 @@ impl Journal {
         for path in paths {
             if inner.live.remove(path).is_some() {
                 write_done(&mut records, path);
-                inner.dead += 2;
+                let failures = inner.given_up.remove(path).map_or(0, |g| g.len());
+                let deliveries = inner.delivered.remove(path).map_or(0, |d| d.len());
+                inner.dead += 2 + failures + deliveries;
             }
         }
         if records.is_empty() {
@@ -299,6 +397,82 @@ impl Journal {
         Ok(())
     }
 
+    /// Records, durably, that `target` has the paths. A path that every one
+    /// of `targets` now has is done and leaves the journal (`-`); for the
+    /// others a `>` record remembers which target has it. Returns the paths
+    /// that left the journal.
+    pub fn deliver(
+        &self,
+        paths: &[StorePath],
+        target: TargetId,
+        targets: &[TargetId],
+    ) -> io::Result<Vec<StorePath>> {
+        let mut inner = self.lock();
+        let mut records = Vec::new();
+        let mut done = Vec::new();
+        let mut marked = Vec::new();
+        for path in paths {
+            if !inner.live.contains_key(path) {
+                continue;
+            }
+            let have = inner.delivered.get(path).map_or(&[][..], Vec::as_slice);
+            if targets.iter().all(|t| *t == target || have.contains(t)) {
+                done.push(path.clone());
+            } else if !have.contains(&target) {
+                write_delivered(&mut records, path, target);
+                inner
+                    .delivered
+                    .entry(path.clone())
+                    .or_default()
+                    .push(target);
+                marked.push(path.clone());
+            }
+        }
+        if !records.is_empty() {
+            let (mut guard, result) = self.commit(inner, &records);
+            if let Err(e) = result {
+                for path in &marked {
+                    if let Some(have) = guard.delivered.get_mut(path) {
+                        have.retain(|t| *t != target);
+                        if have.is_empty() {
+                            guard.delivered.remove(path);
+                        }
+                    }
+                }
+                return Err(e);
+            }
+            inner = guard;
+        }
+        drop(inner);
+        self.complete(&done)?;
+        Ok(done)
+    }
+
+    /// True when `target` has `path` (and some other target not yet).
+    pub fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
+        self.lock()
+            .delivered
+            .get(path)
+            .is_some_and(|have| have.contains(&target))
+    }
+
+    /// Completes every path that each of `targets` has: after a target was
+    /// taken out of the configuration, the others may have them all.
+    /// Returns how many left the journal.
+    pub fn settle(&self, targets: &[TargetId]) -> io::Result<usize> {
+        let done: Vec<StorePath> = {
+            let inner = self.lock();
+            inner
+                .delivered
+                .iter()
+                .filter(|(_, have)| targets.iter().all(|t| have.contains(t)))
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
+        self.complete(&done)?;
+        Ok(done.len())
+    }
+
     /// Replaces a derivation by its outputs, which keep its place in line.
     /// Returns the outputs that were not queued already.
     pub fn replace(&self, drv: &StorePath, outputs: &[StorePath]) -> io::Result<Vec<StorePath>> {
@@ -306,6 +480,122 @@ impl Journal {
         let added = self.append_at(outputs, entry)?;
         self.complete(std::slice::from_ref(drv))?;
         Ok(added)
+    }
+
+    /// Gives up on a queued path for `target`, durably: it is not tried for
+    /// that target again until [`Journal::requeue`]. False when the path is
+    /// no longer queued (uploaded or dropped meanwhile).
+    pub fn give_up(&self, path: &StorePath, given_up: GivenUp) -> io::Result<bool> {
+        let mut inner = self.lock();
+        if !inner.live.contains_key(path) {
+            return Ok(false);
+        }
+        let mut records = Vec::new();
+        write_give_up(&mut records, path, &given_up);
+        let list = inner.given_up.entry(path.clone()).or_default();
+        let old = list.iter().position(|g| g.target == given_up.target);
+        let previous = old.map(|i| list.remove(i));
+        list.push(given_up.clone());
+        if previous.is_some() {
+            inner.dead += 1;
+        }
+        let (mut inner, result) = self.commit(inner, &records);
+        if let Err(e) = result {
+            // Not on disk: not given up on either.
+            if let Some(list) = inner.given_up.get_mut(path) {
+                list.retain(|g| g.target != given_up.target);
+                list.extend(previous);
+                if list.is_empty() {
+                    inner.given_up.remove(path);
+                }
+            }
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Requeues paths given up on, for every target, durably: `None`
+    /// requeues every one. They count as queued now. Returns the paths
+    /// requeued, oldest first.
+    pub fn requeue(&self, paths: Option<&[StorePath]>) -> io::Result<Vec<StorePath>> {
+        let mut inner = self.lock();
+        let mut chosen: Vec<(StorePath, u64)> = match paths {
+            Some(paths) => {
+                let unique: std::collections::HashSet<&StorePath> = paths
+                    .iter()
+                    .filter(|p| inner.given_up.contains_key(*p))
+                    .collect();
+                unique
+                    .into_iter()
+                    .map(|p| (p.clone(), inner.live.get(p).map_or(0, |e| e.seq)))
+                    .collect()
+            }
+            None => inner
+                .given_up
+                .keys()
+                .map(|p| (p.clone(), inner.live.get(p).map_or(0, |e| e.seq)))
+                .collect(),
+        };
+        chosen.sort_unstable_by_key(|(_, seq)| *seq);
+        if chosen.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_secs();
+        let mut records = Vec::new();
+        let mut taken = Vec::new();
+        for (path, _) in &chosen {
+            write_requeue(&mut records, path, None, now);
+            let queued_at = inner.live.get_mut(path).map(|e| {
+                let before = e.queued_at;
+                e.queued_at = now;
+                before
+            });
+            if let Some(g) = inner.given_up.remove(path) {
+                inner.dead += 1 + g.len();
+                taken.push((path.clone(), g, queued_at));
+            }
+        }
+        let (mut inner, result) = self.commit(inner, &records);
+        if let Err(e) = result {
+            for (path, g, queued_at) in taken {
+                if let (Some(entry), Some(at)) = (inner.live.get_mut(&path), queued_at) {
+                    entry.queued_at = at;
+                    inner.given_up.insert(path, g);
+                }
+            }
+            return Err(e);
+        }
+        Ok(chosen.into_iter().map(|(p, _)| p).collect())
+    }
+
+    /// True when `path` is given up on for `target`.
+    pub fn is_given_up(&self, path: &StorePath, target: TargetId) -> bool {
+        self.lock()
+            .given_up
+            .get(path)
+            .is_some_and(|l| l.iter().any(|g| g.target == target))
+    }
+
+    /// The paths given up on for `target`, oldest first, with why.
+    pub fn given_up_on(&self, target: TargetId) -> Vec<(StorePath, GivenUp)> {
+        self.given_up_up_to(u64::MAX, target)
+    }
+
+    /// Like [`Journal::given_up_on`], for the paths that arrived at or before
+    /// sequence number `seq`.
+    pub fn given_up_up_to(&self, seq: u64, target: TargetId) -> Vec<(StorePath, GivenUp)> {
+        let inner = self.lock();
+        let mut out: Vec<(u64, StorePath, GivenUp)> = inner
+            .given_up
+            .iter()
+            .filter_map(|(p, list)| {
+                let seq_of = inner.live.get(p)?.seq;
+                let g = list.iter().find(|g| g.target == target)?;
+                (seq_of <= seq).then(|| (seq_of, p.clone(), g.clone()))
+            })
+            .collect();
+        out.sort_unstable_by_key(|(s, _, _)| *s);
+        out.into_iter().map(|(_, p, g)| (p, g)).collect()
     }
 
     /// The entry of a queued path, if it is queued.
@@ -440,6 +730,12 @@ impl Inner {
         let mut data = Vec::with_capacity(ordered.len() * 80);
         for (path, entry) in ordered {
             write_add(&mut data, path, entry.queued_at);
+            for g in self.given_up.get(path).into_iter().flatten() {
+                write_give_up(&mut data, path, g);
+            }
+            for t in self.delivered.get(path).into_iter().flatten() {
+                write_delivered(&mut data, path, *t);
+            }
         }
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         // Opened for appending before the rename, so that once the new file
@@ -462,10 +758,16 @@ impl Inner {
 fn unusable_record(journal: &Path, line_no: usize, record: &[u8], store_dir: &str) -> io::Error {
     const SHOWN: usize = 200;
     let text = String::from_utf8_lossy(record);
-    let path = text
-        .strip_prefix("+ ")
-        .and_then(|rest| rest.split_once(' ').map(|(_, p)| p))
-        .or_else(|| text.strip_prefix("- "));
+    // The path's place in each kind of record (see the module doc).
+    let word = |prefix: &str, skip: usize| {
+        text.strip_prefix(prefix)
+            .and_then(|rest| rest.split(' ').nth(skip))
+    };
+    let path = word("+ ", 1)
+        .or_else(|| word("- ", 0))
+        .or_else(|| word("! ", 3))
+        .or_else(|| word("= ", 2))
+        .or_else(|| word("> ", 1));
     let other_store = path.and_then(|p| {
         let (dir, _) = p.rsplit_once('/')?;
         (dir != store_dir && StorePath::parse(p, dir).is_ok()).then_some(dir)
@@ -485,9 +787,10 @@ fn unusable_record(journal: &Path, line_no: usize, record: &[u8], store_dir: &st
             }
             format!(
                 "{} line {line_no} is not a record this version can read ({shown:?}); \
-                 expected '+ <seconds> <store-path>' or '- <store-path>' with paths under \
-                 {store_dir}: start the version that wrote it, or move the journal aside; \
-                 nothing in it was changed",
+                 expected '+ <seconds> <store-path>', '- <store-path>', '! <seconds> <target> \
+                 <attempts> <store-path> <error>', '= <seconds> <target> <store-path>' or '> <target> \
+                 <store-path>' with paths under {store_dir}: start the version that wrote it, \
+                 or move the journal aside; nothing in it was changed",
                 journal.display()
             )
         }
@@ -498,6 +801,30 @@ fn unusable_record(journal: &Path, line_no: usize, record: &[u8], store_dir: &st
 enum Record {
     Add(StorePath, u64),
     Done(StorePath),
+    GiveUp(StorePath, GivenUp),
+    /// `None`: for every target.
+    Requeue(StorePath, Option<TargetId>, u64),
+    Delivered(StorePath, TargetId),
+}
+
+/// Records `g` in a path's list, replacing an older one for its target.
+fn set_given_up(list: &mut Vec<GivenUp>, g: GivenUp) {
+    list.retain(|old| old.target != g.target);
+    list.push(g);
+}
+
+/// Forgets a path's failures for `target` (`None`: every target).
+fn forget_given_up(
+    map: &mut HashMap<StorePath, Vec<GivenUp>>,
+    path: &StorePath,
+    target: Option<TargetId>,
+) {
+    if let Some(list) = map.get_mut(path) {
+        list.retain(|g| target.is_some_and(|t| t != g.target));
+        if list.is_empty() {
+            map.remove(path);
+        }
+    }
 }
 
 fn parse_record(line: &[u8], store_dir: &str) -> Option<Record> {
@@ -510,6 +837,37 @@ fn parse_record(line: &[u8], store_dir: &str) -> Option<Record> {
             .map(|p| Record::Add(p, time))
     } else if let Some(path) = line.strip_prefix("- ") {
         StorePath::parse(path, store_dir).ok().map(Record::Done)
+    } else if let Some(rest) = line.strip_prefix("! ") {
+        let mut f = rest.splitn(5, ' ');
+        let at = f.next()?.parse().ok()?;
+        let target = TargetId::parse(f.next()?)?;
+        let attempts = f.next()?.parse().ok()?;
+        let path = StorePath::parse(f.next()?, store_dir).ok()?;
+        let error = f.next().unwrap_or("").to_string();
+        Some(Record::GiveUp(
+            path,
+            GivenUp {
+                target,
+                at,
+                attempts,
+                error,
+            },
+        ))
+    } else if let Some(rest) = line.strip_prefix("= ") {
+        let (at, rest) = rest.split_once(' ')?;
+        let at = at.parse().ok()?;
+        let (target, path) = rest.split_once(' ')?;
+        let target = match target {
+            "*" => None,
+            t => Some(TargetId::parse(t)?),
+        };
+        let path = StorePath::parse(path, store_dir).ok()?;
+        Some(Record::Requeue(path, target, at))
+    } else if let Some(rest) = line.strip_prefix("> ") {
+        let (target, path) = rest.split_once(' ')?;
+        let target = TargetId::parse(target)?;
+        let path = StorePath::parse(path, store_dir).ok()?;
+        Some(Record::Delivered(path, target))
     } else {
         None
     }
@@ -521,6 +879,30 @@ fn write_add(buf: &mut Vec<u8>, path: &StorePath, queued_at: u64) {
 
 fn write_done(buf: &mut Vec<u8>, path: &StorePath) {
     buf.extend_from_slice(format!("- {path}\n").as_bytes());
+}
+
+fn write_give_up(buf: &mut Vec<u8>, path: &StorePath, g: &GivenUp) {
+    // The journal is private, but a password has no business on disk.
+    let error = crate::protocol::one_line(&crate::redact::text(&g.error));
+    buf.extend_from_slice(
+        format!(
+            "! {} {} {} {path} {}\n",
+            g.at,
+            g.target,
+            g.attempts,
+            error.trim()
+        )
+        .as_bytes(),
+    );
+}
+
+fn write_delivered(buf: &mut Vec<u8>, path: &StorePath, target: TargetId) {
+    buf.extend_from_slice(format!("> {target} {path}\n").as_bytes());
+}
+
+fn write_requeue(buf: &mut Vec<u8>, path: &StorePath, target: Option<TargetId>, at: u64) {
+    let target = target.map_or_else(|| "*".to_string(), |t| t.to_string());
+    buf.extend_from_slice(format!("= {at} {target} {path}\n").as_bytes());
 }
 
 #[cfg(test)]
@@ -693,6 +1075,11 @@ mod tests {
             "+ 7 /tmp/evil",
             "- --to",
             "* 7 {good}",
+            "! 7 zz 3 {good} bad target",
+            "! 7 0123456789abcdef x {good} bad attempts",
+            "= 7 0123456789abcdef /tmp/evil",
+            "= 0123456789abcdef {good}",
+            "> everywhere {good}",
         ] {
             let bad = bad.replace("{good}", good.as_str());
             // Enough dead records that a successful open would compact.
@@ -741,6 +1128,151 @@ mod tests {
         assert_eq!(j.entry(&path(2)).unwrap().seq, e.seq);
         assert!(j.entry(&drv).is_none());
         assert_eq!(j.count_up_to(e.seq), 1);
+    }
+
+    fn given_up(target: TargetId, error: &str) -> GivenUp {
+        GivenUp {
+            target,
+            at: 1_700_000_000,
+            attempts: 10,
+            error: error.into(),
+        }
+    }
+
+    #[test]
+    fn given_up_paths_survive_replay_and_compaction_until_requeued() {
+        let dir = Dir::new("giveup");
+        let a = TargetId::of(Some("file:///a"));
+        let b = TargetId::of(Some("ssh-ng://u:pw@b"));
+        assert_eq!(a.to_string().len(), 16);
+        assert_eq!(
+            b,
+            TargetId::of(Some("ssh-ng://u:other@b")),
+            "secrets masked"
+        );
+        {
+            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            j.append(&[path(1), path(2), path(3)]).unwrap();
+            assert!(j.give_up(&path(2), given_up(a, "first\nerror")).unwrap());
+            assert!(j.give_up(&path(2), given_up(a, "nix copy failed")).unwrap());
+            assert!(j.give_up(&path(3), given_up(b, "other target")).unwrap());
+            assert!(!j.give_up(&path(9), given_up(a, "not queued")).unwrap());
+        }
+        let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
+        assert_eq!(text.lines().count(), 6, "{text}");
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(1), path(2), path(3)], "still queued");
+        assert!(j.is_given_up(&path(2), a));
+        assert!(!j.is_given_up(&path(2), b), "per target");
+        assert!(!j.is_given_up(&path(3), a));
+        let listed = j.given_up_on(a);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, path(2));
+        assert_eq!(listed[0].1.error, "nix copy failed", "the newest error");
+        assert_eq!(listed[0].1.attempts, 10);
+        assert_eq!(j.given_up_up_to(1, a), vec![]);
+
+        assert_eq!(
+            j.requeue(Some(&[path(2), path(2), path(1)])).unwrap(),
+            vec![path(2)]
+        );
+        assert!(!j.is_given_up(&path(2), a));
+        assert_eq!(j.requeue(None).unwrap(), vec![path(3)]);
+        assert!(j.given_up_on(b).is_empty());
+        j.give_up(&path(1), given_up(a, "again")).unwrap();
+        drop(j);
+        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        assert!(j.is_given_up(&path(1), a));
+        assert!(!j.is_given_up(&path(2), a) && !j.is_given_up(&path(3), b));
+        // Dropped: its failure goes with it, and compaction keeps the rest.
+        j.complete(&[path(2)]).unwrap();
+        j.lock().try_compact();
+        drop(j);
+        let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(
+            text.contains(&format!("! 1700000000 {a} 10 {} again\n", path(1))),
+            "{text}"
+        );
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(1), path(3)]);
+        assert!(j.is_given_up(&path(1), a));
+    }
+
+    #[test]
+    fn a_requeued_path_counts_as_queued_again() {
+        let dir = Dir::new("requeue-time");
+        fs::create_dir_all(&dir.0).unwrap();
+        let a = TargetId::of(Some("file:///a"));
+        fs::write(
+            dir.0.join(FILE_NAME),
+            format!("+ 5 {p}\n! 6 {a} 10 {p} nix copy failed\n", p = path(1)),
+        )
+        .unwrap();
+        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(j.entry(&path(1)).unwrap().queued_at, 5);
+        assert_eq!(j.requeue(None).unwrap(), vec![path(1)]);
+        let now = j.entry(&path(1)).unwrap().queued_at;
+        assert!(now > 1_700_000_000, "{now}");
+        drop(j);
+        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(j.entry(&path(1)).unwrap().queued_at, now, "on disk");
+        assert!(!j.is_given_up(&path(1), a));
+    }
+
+    #[test]
+    fn a_path_leaves_when_every_target_has_it() {
+        let dir = Dir::new("deliver");
+        let (a, b) = (
+            TargetId::of(Some("file:///a")),
+            TargetId::of(Some("ssh://b")),
+        );
+        {
+            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            j.append(&[path(1), path(2), path(3)]).unwrap();
+            // One target: done at once, no `>` record.
+            assert_eq!(j.deliver(&[path(3)], a, &[a]).unwrap(), vec![path(3)]);
+            assert_eq!(j.deliver(&[path(1), path(2)], a, &[a, b]).unwrap(), vec![]);
+            assert_eq!(j.deliver(&[path(1)], a, &[a, b]).unwrap(), vec![], "again");
+            assert!(j.is_delivered(&path(1), a) && !j.is_delivered(&path(1), b));
+        }
+        let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
+        assert_eq!(text.matches("\n> ").count(), 2, "{text}");
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(1), path(2)]);
+        assert!(j.is_delivered(&path(2), a));
+        assert_eq!(j.deliver(&[path(1)], b, &[a, b]).unwrap(), vec![path(1)]);
+        j.lock().try_compact();
+        drop(j);
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(2)]);
+        assert!(j.is_delivered(&path(2), a), "kept by compaction");
+        // Target b taken out of the configuration: a has it all.
+        assert_eq!(j.settle(&[a]).unwrap(), 1);
+        assert!(j.is_empty());
+        assert_eq!(j.settle(&[a]).unwrap(), 0);
+    }
+
+    #[test]
+    fn journal_of_older_versions_replays() {
+        let dir = Dir::new("old");
+        fs::create_dir_all(&dir.0).unwrap();
+        // As written by the versions with `+` and `-` records only.
+        fs::write(
+            dir.0.join(FILE_NAME),
+            format!(
+                "+ 5 {}\n+ 6 {}\n- {}\n+ 7 {}\n",
+                path(1),
+                path(2),
+                path(1),
+                path(3)
+            ),
+        )
+        .unwrap();
+        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(2), path(3)]);
+        assert!(j.given_up_on(TargetId::of(None)).is_empty());
+        assert_eq!(j.entry(&path(2)).unwrap().queued_at, 6);
     }
 
     #[test]

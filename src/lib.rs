@@ -30,6 +30,7 @@ pub mod store_path;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod systemd;
+pub mod target;
 pub mod wire;
 pub mod worker;
 

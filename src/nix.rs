@@ -218,6 +218,37 @@ impl Nix {
             .map(drop)
     }
 
+    /// Runs an uploader (`upload-command`) with the paths appended to its
+    /// arguments: no shell, in its own process group, within the timeout.
+    pub fn run_uploader(&self, argv: &[String], paths: &[StorePath]) -> Result<(), Failure> {
+        let Some((program, args)) = argv.split_first() else {
+            return Err(Failure {
+                what: "upload-command",
+                kind: FailureKind::Spawn("empty upload-command".into()),
+                stderr: String::new(),
+            });
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(args).args(paths);
+        self.run_together("upload-command", vec![cmd], Stdout::Discard)
+            .map(drop)
+    }
+
+    /// Checks that nix can open the store at `url` (`nix store ping`, which
+    /// Nix 2.8 and 2.26 both have), within `timeout`.
+    pub fn ping(&self, url: &str, timeout: Duration) -> Result<(), Failure> {
+        let mut nix = self.clone();
+        nix.timeout = timeout;
+        let cmd = nix.nix_command(&["store", "ping", "--store", url]);
+        nix.run_together("nix store ping", vec![cmd], Stdout::Discard)
+            .map(drop)
+    }
+
+    /// The longest a call may run (`command-timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Runs `cmd` in its own process group, killing the group on timeout;
     /// returns its stdout.
     fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<u8>, Failure> {

@@ -27,7 +27,23 @@ pub enum Request {
     Wait,
     /// Make every backing-off path due now.
     Retry,
+    /// Requeue paths given up on (`requeue PATH...`, `requeue-failed`).
+    Requeue(Selection),
+    /// Drop queued paths from the journal (`drop PATH...`, `drop-failed`).
+    Drop(Selection),
 }
+
+/// The paths an admin request is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// These paths.
+    Paths(Vec<StorePath>),
+    /// Every path given up on.
+    AllFailed,
+}
+
+/// Every verb with its arguments, for errors.
+const VERBS: &str = "enqueue PATH..., drv DRV, ping, status, wait, retry, requeue PATH..., requeue-failed, drop PATH..., drop-failed";
 
 /// Why a request line was refused; the text is sent back after `err `.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,14 +76,8 @@ impl fmt::Display for ProtocolError {
                 write!(f, "request line longer than {MAX_LINE} bytes")
             }
             ProtocolError::NotUtf8 => write!(f, "request is not valid UTF-8"),
-            ProtocolError::Empty => write!(
-                f,
-                "empty request; verbs: enqueue PATH..., drv DRV, ping, status, wait, retry"
-            ),
-            ProtocolError::UnknownVerb(v) => write!(
-                f,
-                "unknown verb {v:?}; verbs: enqueue PATH..., drv DRV, ping, status, wait, retry"
-            ),
+            ProtocolError::Empty => write!(f, "empty request; verbs: {VERBS}"),
+            ProtocolError::UnknownVerb(v) => write!(f, "unknown verb {v:?}; verbs: {VERBS}"),
             ProtocolError::Arguments(usage) => write!(f, "usage: {usage}"),
             ProtocolError::TooManyPaths(n) => {
                 write!(
@@ -106,21 +116,25 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolEr
             if rest.is_empty() {
                 return Err(ProtocolError::Arguments("enqueue PATH [PATH...]"));
             }
-            let args: Vec<&str> = rest.split(' ').collect();
-            if args.len() > MAX_PATHS {
-                return Err(ProtocolError::TooManyPaths(args.len()));
-            }
-            args.iter()
-                .enumerate()
-                .map(|(i, a)| {
-                    StorePath::parse_output(a, store_dir).map_err(|error| ProtocolError::BadPath {
-                        index: i + 1,
-                        error,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(Request::Enqueue)
+            paths(rest, store_dir, StorePath::parse_output).map(Request::Enqueue)
         }
+        "requeue" | "drop" => {
+            if rest.is_empty() {
+                return Err(ProtocolError::Arguments(if verb == "drop" {
+                    "drop PATH [PATH...] (or drop-failed)"
+                } else {
+                    "requeue PATH [PATH...] (or requeue-failed)"
+                }));
+            }
+            let selection = Selection::Paths(paths(rest, store_dir, StorePath::parse)?);
+            Ok(if verb == "drop" {
+                Request::Drop(selection)
+            } else {
+                Request::Requeue(selection)
+            })
+        }
+        "requeue-failed" => no_args(Request::Requeue(Selection::AllFailed), "requeue-failed"),
+        "drop-failed" => no_args(Request::Drop(Selection::AllFailed), "drop-failed"),
         "drv" => {
             if rest.is_empty() || rest.contains(' ') {
                 return Err(ProtocolError::Arguments("drv DRV_PATH"));
@@ -135,6 +149,27 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolEr
         "retry" => no_args(Request::Retry, "retry"),
         other => Err(ProtocolError::UnknownVerb(truncate(other, 40))),
     }
+}
+
+/// Parses space-separated store paths, at most [`MAX_PATHS`] of them.
+fn paths(
+    rest: &str,
+    store_dir: &str,
+    parse: fn(&str, &str) -> Result<StorePath, PathError>,
+) -> Result<Vec<StorePath>, ProtocolError> {
+    let args: Vec<&str> = rest.split(' ').collect();
+    if args.len() > MAX_PATHS {
+        return Err(ProtocolError::TooManyPaths(args.len()));
+    }
+    args.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            parse(a, store_dir).map_err(|error| ProtocolError::BadPath {
+                index: i + 1,
+                error,
+            })
+        })
+        .collect()
 }
 
 /// The final reply line: `ok ...` or `err ...`, newline included.
@@ -195,6 +230,26 @@ mod tests {
         assert_eq!(parse_request(b"status\r", S), Ok(Request::Status));
         assert_eq!(parse_request(b"wait", S), Ok(Request::Wait));
         assert_eq!(parse_request(b"retry", S), Ok(Request::Retry));
+        let p = StorePath::parse(&a, S).unwrap();
+        assert_eq!(
+            parse_request(format!("requeue {a}").as_bytes(), S),
+            Ok(Request::Requeue(Selection::Paths(vec![p.clone()])))
+        );
+        assert_eq!(
+            parse_request(format!("drop {a} {d}").as_bytes(), S),
+            Ok(Request::Drop(Selection::Paths(vec![
+                p,
+                StorePath::parse(&d, S).unwrap()
+            ])))
+        );
+        assert_eq!(
+            parse_request(b"requeue-failed", S),
+            Ok(Request::Requeue(Selection::AllFailed))
+        );
+        assert_eq!(
+            parse_request(b"drop-failed", S),
+            Ok(Request::Drop(Selection::AllFailed))
+        );
     }
 
     #[test]
@@ -216,6 +271,10 @@ mod tests {
             (format!("enqueue {S}/{H}-a.drv").into_bytes(), "derivation"),
             (format!("drv {good}").into_bytes(), "not a derivation"),
             (format!("drv {good}.drv {good}.drv").into_bytes(), "usage"),
+            (b"drop".to_vec(), "usage: drop PATH"),
+            (b"requeue".to_vec(), "usage: requeue PATH"),
+            (b"drop-failed x".to_vec(), "usage"),
+            (format!("drop {good} /etc/passwd").into_bytes(), "path 2"),
             (vec![b'x'; MAX_LINE], "longer than"),
         ];
         for (line, want) in cases {

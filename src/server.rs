@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::journal::Journal;
+use crate::journal::{Journal, TargetId};
 use crate::protocol::{
-    final_line, parse_request, ProtocolError, Request, ERR_BUSY, ERR_JOURNAL, ERR_STOPPING,
-    ERR_WORKER_GONE, MAX_LINE,
+    final_line, parse_request, ProtocolError, Request, Selection, ERR_BUSY, ERR_JOURNAL,
+    ERR_STOPPING, ERR_WORKER_GONE, MAX_LINE,
 };
 use crate::status::{self, Shared, Snapshot};
 use crate::store_path::StorePath;
@@ -53,6 +53,8 @@ pub enum ServeError {
     Thread(io::Error),
     /// SIGTERM and SIGINT could not be set up for an orderly stop.
     Signals(io::Error),
+    /// nix cannot use the upload target (see [`crate::target`]).
+    Target(String),
 }
 
 impl std::fmt::Display for ServeError {
@@ -81,6 +83,7 @@ impl std::fmt::Display for ServeError {
             ServeError::Activation(e) => write!(f, "cannot use the socket passed by systemd: {e}"),
             ServeError::Thread(e) => write!(f, "cannot start a thread: {e}"),
             ServeError::Signals(e) => write!(f, "cannot block SIGTERM and SIGINT: {e}"),
+            ServeError::Target(why) => f.write_str(why),
         }
     }
 }
@@ -94,6 +97,10 @@ struct Context {
     tx: Sender<Msg>,
     store_dir: String,
     target: Option<String>,
+    /// The journal's name for the target.
+    target_id: TargetId,
+    /// Where the hook leaves requests while the daemon is away.
+    spool_dir: PathBuf,
     signing: bool,
     /// Connections being served.
     active: AtomicUsize,
@@ -119,6 +126,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let _lock = lock_state_dir(&config.state_dir)?;
     let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
         .map_err(|e| ServeError::Journal(config.state_dir.clone(), e))?;
+    // After the journal, whose refusal matters more; before the socket.
+    crate::target::check_at_start(&config).map_err(ServeError::Target)?;
     if replay.torn_bytes > 0 {
         warning!(
             "journal: cut off a torn last record of {} bytes (a crash during a write)",
@@ -139,8 +148,27 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let journal = Arc::new(journal);
     let shared = Arc::new(Shared::new());
     let (tx, rx) = mpsc::channel();
-    if !replay.paths.is_empty() {
-        let _ = tx.send(Msg::Queued(replay.paths));
+    let target_id = TargetId::of(config.target_label().as_deref());
+    // Paths the target has already (written by a daemon with more targets).
+    match journal.settle(&[target_id]) {
+        Ok(0) => {}
+        Ok(n) => info!("journal: {n} paths the target has already are done"),
+        Err(e) => warning!("journal: cannot settle the paths the target has already: {e}"),
+    }
+    let (given_up, to_upload): (Vec<StorePath>, Vec<StorePath>) = replay
+        .paths
+        .into_iter()
+        .filter(|p| journal.entry(p).is_some())
+        .partition(|p| journal.is_given_up(p, target_id));
+    if !given_up.is_empty() {
+        warning!(
+            "{} paths were given up on after repeated failures and are not tried again; \
+             see `post-build-hook-queue status`, then requeue or drop them",
+            given_up.len()
+        );
+    }
+    if !to_upload.is_empty() {
+        let _ = tx.send(Msg::Queued(to_upload));
     }
 
     let (listener, own_socket) = match activated {
@@ -162,7 +190,12 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         shared,
         tx,
         store_dir: config.store_dir.clone(),
-        target: config.upload_to.as_deref().map(redact::url),
+        target: match &config.upload_to {
+            Some(url) => Some(redact::url(url)),
+            None => config.target_label().as_deref().map(redact::text),
+        },
+        target_id,
+        spool_dir: config.spool_dir(),
         signing: config.signing_key_file.is_some(),
         active: AtomicUsize::new(0),
         max_connections: config.max_connections,
@@ -368,6 +401,8 @@ fn snapshot(ctx: &Context) -> Snapshot {
     Snapshot::take(
         &ctx.journal,
         &ctx.shared,
+        &ctx.spool_dir,
+        ctx.target_id,
         ctx.signing,
         ctx.target.as_deref(),
     )
@@ -582,7 +617,55 @@ fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
             final_line(Ok(&n.to_string()))
         }
         Request::Wait => wait(ctx, stream),
+        Request::Requeue(selection) => requeue(ctx, selection),
+        Request::Drop(selection) => drop_paths(ctx, selection),
     }
+}
+
+/// Requeues paths given up on: journaled, logged, and handed to the worker
+/// with fresh attempts. Replies with how many were given up on.
+fn requeue(ctx: &Context, selection: Selection) -> String {
+    let chosen = match &selection {
+        Selection::Paths(paths) => Some(paths.as_slice()),
+        Selection::AllFailed => None,
+    };
+    match ctx.journal.requeue(chosen) {
+        Ok(requeued) => {
+            for p in &requeued {
+                info!("requeued {p} (an operator's request): it is tried again");
+            }
+            let n = requeued.len();
+            if n > 0 && ctx.tx.send(Msg::Queued(requeued)).is_err() {
+                return final_line(Err(ERR_WORKER_GONE));
+            }
+            final_line(Ok(&n.to_string()))
+        }
+        Err(e) => {
+            error!("cannot journal a requeue: {e}");
+            final_line(Err(&format!("{ERR_JOURNAL}: {e}; nothing was requeued")))
+        }
+    }
+}
+
+/// Drops queued paths (or every path given up on) from the journal: they
+/// are not uploaded. Replies with how many were queued.
+fn drop_paths(ctx: &Context, selection: Selection) -> String {
+    let paths = match selection {
+        Selection::Paths(paths) => paths,
+        Selection::AllFailed => ctx
+            .journal
+            .given_up_on(ctx.target_id)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect(),
+    };
+    let n = crate::worker::drop_paths(
+        &ctx.journal,
+        &ctx.shared,
+        &paths,
+        "dropped by an operator's request; it is not uploaded",
+    );
+    final_line(Ok(&n.to_string()))
 }
 
 /// Journals the paths and only then acknowledges them.
@@ -602,17 +685,75 @@ fn enqueue(ctx: &Context, paths: &[StorePath]) -> String {
     }
 }
 
-/// The `wait` reply: `remaining N failing M` lines while paths queued before
-/// the request are still queued, then `ok N` or `err ...` when none is left.
+/// Paths given up on, named with their last error, for `wait`'s reply.
+fn describe_given_up(given_up: &[(StorePath, crate::journal::GivenUp)]) -> String {
+    /// Paths named in full; the rest are counted.
+    const NAMED: usize = 3;
+    let named: Vec<String> = given_up
+        .iter()
+        .take(NAMED)
+        .map(|(p, g)| format!("{p} ({})", shorten(&g.error, 300)))
+        .collect();
+    let more = match given_up.len().saturating_sub(NAMED) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    format!(
+        "{} path(s) failed and were given up on: {}{more}; see status, then requeue or drop them",
+        given_up.len(),
+        named.join(", ")
+    )
+}
+
+/// At most `max` characters of `text`, the rest marked as cut.
+fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// `text` on one line, newline added.
+fn protocol_line(text: &str) -> String {
+    format!("{}\n", crate::protocol::one_line(text))
+}
+
+/// The `wait` reply: `remaining N failing M` lines while paths queued
+/// before the request are still queued (with `error PATH TEXT`, the last
+/// error of the first failing one, when M > 0), then `ok ...` or `err ...`
+/// when none is left. Paths given up on are not waited for: those given up
+/// on while it waits make it `err` (named); those given up on before it
+/// are only mentioned.
 fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
     let target = ctx.journal.last_seq();
     let drops_before = ctx.shared.lock().dropped;
+    // Given up on before this wait: not waited for, and not this wait's
+    // failure (another job's, maybe); `status` lists them.
+    let earlier: std::collections::HashSet<(StorePath, u64)> = ctx
+        .journal
+        .given_up_up_to(target, ctx.target_id)
+        .into_iter()
+        .map(|(p, g)| (p, g.at))
+        .collect();
     let mut last: Option<(usize, usize)> = None;
     let mut last_sent = Instant::now();
     loop {
-        let remaining = ctx.journal.count_up_to(target);
-        let (failing, new_drops) = {
+        let given_up = ctx.journal.given_up_up_to(target, ctx.target_id);
+        let remaining = ctx
+            .journal
+            .count_up_to(target)
+            .saturating_sub(given_up.len());
+        let (failing, new_drops, last_error) = {
             let s = ctx.shared.lock();
+            // The error of the first failing path waited for.
+            let last_error = s
+                .backoff
+                .iter()
+                .filter(|(_, b)| b.attempts > 0)
+                .filter_map(|(p, b)| Some((ctx.journal.entry(p)?.seq, p, &b.last_error)))
+                .filter(|(seq, _, _)| *seq <= target)
+                .min_by_key(|(seq, _, _)| *seq)
+                .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
             let new = (s.dropped - drops_before) as usize;
             let recent_new = s
                 .recent_drops
@@ -628,19 +769,37 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
                     .count()
                     .min(remaining),
                 recent_new,
+                last_error.unwrap_or_default(),
             )
         };
         if remaining == 0 {
-            return if new_drops == 0 {
-                final_line(Ok("all uploaded"))
-            } else {
-                final_line(Err(&format!(
+            let (old, new): (Vec<_>, Vec<_>) = given_up
+                .into_iter()
+                .partition(|(p, g)| earlier.contains(&(p.clone(), g.at)));
+            let mut problems = Vec::new();
+            if !new.is_empty() {
+                problems.push(describe_given_up(&new));
+            }
+            if new_drops > 0 {
+                problems.push(format!(
                     "{new_drops} path(s) were dropped; see the daemon's log"
+                ));
+            }
+            return if problems.is_empty() && old.is_empty() {
+                final_line(Ok("all uploaded"))
+            } else if problems.is_empty() {
+                final_line(Ok(&format!(
+                    "all uploaded, but for {} path(s) given up on before this wait (see status)",
+                    old.len()
                 )))
+            } else {
+                final_line(Err(&redact::text(&problems.join("; "))))
             };
         }
         if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {
-            let line = format!("remaining {remaining} failing {failing}\n");
+            let line = protocol_line(&format!(
+                "remaining {remaining} failing {failing}{last_error}"
+            ));
             if stream.write_all(line.as_bytes()).is_err() {
                 return String::new();
             }

@@ -36,6 +36,39 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
 /// Bad lines of one file warned about one by one; the rest are counted.
 const BAD_LINES_SHOWN: usize = 5;
 
+/// The backlog, for `status`: request files not ingested yet, and the
+/// paths they ask for (counted without checking them; a file that cannot
+/// be read counts no paths).
+pub fn backlog(dir: &Path) -> (usize, usize) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    let (mut files, mut paths) = (0, 0);
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if !name.ends_with(SPOOL_SUFFIX) || name.starts_with('.') {
+            continue;
+        }
+        files += 1;
+        let file = entry.path();
+        match fs::symlink_metadata(&file) {
+            Ok(m) if m.is_file() && m.len() <= MAX_FILE => {}
+            _ => continue,
+        }
+        if let Ok(data) = fs::read(&file) {
+            paths += data
+                .split(|&b| b == b'\n')
+                .filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "))
+                .map(|l| l.iter().filter(|&&b| b == b' ').count())
+                .sum::<usize>();
+        }
+    }
+    (files, paths)
+}
+
 /// What identifies one version of a file: a new file under the same name,
 /// or the same file written again, is read again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,20 +9,25 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::journal::Journal;
+use crate::journal::{GivenUp, Journal, TargetId};
 
 use crate::store_path::StorePath;
 
 /// Dropped paths remembered for `wait` (older ones are forgotten).
 const RECENT_DROPS: usize = 10_000;
+/// The upload rate is measured over this much of the recent past.
+pub const RATE_WINDOW: Duration = Duration::from_secs(300);
 
 /// A path whose last attempt failed.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     /// Failed attempts so far (since the daemon started).
     pub attempts: u32,
+    /// Those of the attempts that count towards `max-attempts`: the ones
+    /// that failed while the target answered.
+    pub counted: u32,
     /// When it is tried again; `None` while it is being retried (back in
     /// the worker's queue or in flight), until it succeeds or fails again.
     pub next_try: Option<Instant>,
@@ -39,10 +44,16 @@ pub struct Stats {
     pub uploaded: u64,
     /// Paths given up on (gone from the store, or unreadable derivations).
     pub dropped: u64,
+    /// Paths given up on after too many failures (they stay in the journal).
+    pub given_up: u64,
     /// nix calls that failed.
     pub failed_calls: u64,
     /// Paths in the batch the worker is working on now.
     pub in_flight: usize,
+    /// Those paths, once the batch's derivations are resolved.
+    pub in_flight_paths: Vec<StorePath>,
+    /// Paths finished in the last [`RATE_WINDOW`], with when, oldest first.
+    pub recent_uploads: VecDeque<(Instant, u64)>,
     /// Seconds spent in successful upload batches, and their number.
     pub upload_seconds: f64,
     /// Number of successful upload batches.
@@ -54,6 +65,33 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Records that `n` paths were uploaded now.
+    pub fn record_uploads(&mut self, n: u64) {
+        let now = Instant::now();
+        self.recent_uploads.push_back((now, n));
+        while self
+            .recent_uploads
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.recent_uploads.pop_front();
+        }
+    }
+
+    /// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since
+    /// start, when that is shorter).
+    pub fn upload_rate_per_minute(&self) -> f64 {
+        let now = Instant::now();
+        let window = RATE_WINDOW.min(now.duration_since(self.started));
+        let n: u64 = self
+            .recent_uploads
+            .iter()
+            .filter(|(t, _)| now.duration_since(*t) <= window)
+            .map(|(_, n)| n)
+            .sum();
+        n as f64 * 60.0 / window.as_secs_f64().max(1.0)
+    }
+
     /// Records that a path with this sequence number was dropped.
     pub fn record_drop(&mut self, seq: Option<u64>) {
         self.dropped += 1;
@@ -86,8 +124,11 @@ impl Shared {
                 started: Instant::now(),
                 uploaded: 0,
                 dropped: 0,
+                given_up: 0,
                 failed_calls: 0,
                 in_flight: 0,
+                in_flight_paths: Vec::new(),
+                recent_uploads: VecDeque::new(),
                 upload_seconds: 0.0,
                 upload_batches: 0,
                 backoff: HashMap::new(),
@@ -115,6 +156,10 @@ pub fn seconds_until(when: Instant) -> f64 {
 
 /// Most backing-off paths listed in a `status` reply.
 const STATUS_MAX_BACKOFF: usize = 100;
+/// Most paths of the batch in flight listed in a `status` reply.
+const STATUS_MAX_IN_FLIGHT: usize = 100;
+/// Most paths given up on listed in a `status` reply.
+const STATUS_MAX_FAILED: usize = 100;
 
 /// One consistent look at the queue, for `status` and the metrics file.
 #[derive(Debug, Clone)]
@@ -125,6 +170,14 @@ pub struct Snapshot {
     pub queued: usize,
     /// Paths in the worker's current batch.
     pub in_flight: usize,
+    /// Those paths (once its derivations are resolved).
+    pub in_flight_paths: Vec<StorePath>,
+    /// Request files in the spool not ingested yet.
+    pub spool_files: usize,
+    /// Paths in those files.
+    pub spool_paths: usize,
+    /// Paths uploaded per minute lately (see [`RATE_WINDOW`]).
+    pub upload_rate_per_minute: f64,
     /// Paths finished since start.
     pub uploaded: u64,
     /// Paths dropped since start.
@@ -144,6 +197,11 @@ pub struct Snapshot {
     /// Backing-off paths, soonest first: (attempts, seconds to next try,
     /// path, last error).
     pub backoff: Vec<(u32, f64, StorePath, String)>,
+    /// Paths given up on after failures since start (a counter).
+    pub given_up_total: u64,
+    /// Paths given up on for the target now, oldest first, with how long
+    /// ago; they stay until requeued or dropped.
+    pub failed: Vec<(StorePath, GivenUp, u64)>,
 }
 
 impl Snapshot {
@@ -151,6 +209,8 @@ impl Snapshot {
     pub fn take(
         journal: &Journal,
         shared: &Shared,
+        spool_dir: &Path,
+        target_id: TargetId,
         signing: bool,
         target: Option<&str>,
     ) -> Snapshot {
@@ -159,6 +219,15 @@ impl Snapshot {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let oldest_queued_seconds = journal.oldest().map(|e| now.saturating_sub(e.queued_at));
+        let failed = journal
+            .given_up_on(target_id)
+            .into_iter()
+            .map(|(p, g)| {
+                let ago = now.saturating_sub(g.at);
+                (p, g, ago)
+            })
+            .collect();
+        let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
         let stats = shared.lock();
         let mut backoff: Vec<(u32, f64, StorePath, String)> = stats
             .backoff
@@ -177,6 +246,10 @@ impl Snapshot {
             uptime_seconds: stats.started.elapsed().as_secs(),
             queued,
             in_flight: stats.in_flight,
+            in_flight_paths: stats.in_flight_paths.clone(),
+            spool_files,
+            spool_paths,
+            upload_rate_per_minute: stats.upload_rate_per_minute(),
             uploaded: stats.uploaded,
             dropped: stats.dropped,
             failed_calls: stats.failed_calls,
@@ -186,6 +259,8 @@ impl Snapshot {
             signing,
             target: target.map(String::from),
             backoff,
+            given_up_total: stats.given_up,
+            failed,
         }
     }
 
@@ -202,18 +277,35 @@ impl Snapshot {
         kv("dropped", &self.dropped);
         kv("failed-calls", &self.failed_calls);
         kv("backing-off", &self.backoff.len());
+        kv("failed", &self.failed.len());
         match self.oldest_queued_seconds {
             Some(s) => kv("oldest-queued-seconds", &s),
             None => kv("oldest-queued-seconds", &"-"),
         }
         kv("upload-seconds-sum", &format!("{:.3}", self.upload_seconds));
         kv("upload-batches", &self.upload_batches);
+        kv(
+            "upload-rate-per-minute",
+            &format!("{:.1}", self.upload_rate_per_minute),
+        );
+        kv("spool-files", &self.spool_files);
+        kv("spool-paths", &self.spool_paths);
         kv("signing", &self.signing);
         kv("target", &self.target.as_deref().unwrap_or("-"));
         for (attempts, next, path, error) in self.backoff.iter().take(STATUS_MAX_BACKOFF) {
             out.push_str(&format!(
                 "backoff {attempts} {next:.1} {path} {}\n",
                 crate::protocol::one_line(error)
+            ));
+        }
+        for path in self.in_flight_paths.iter().take(STATUS_MAX_IN_FLIGHT) {
+            out.push_str(&format!("in-flight-path {path}\n"));
+        }
+        for (path, g, ago) in self.failed.iter().take(STATUS_MAX_FAILED) {
+            out.push_str(&format!(
+                "failed-path {} {ago} {path} {}\n",
+                g.attempts,
+                crate::protocol::one_line(&crate::redact::text(&g.error))
             ));
         }
         out
@@ -244,6 +336,30 @@ impl Snapshot {
             "gauge",
             "Paths waiting to be retried after a failure.",
             self.backoff.len().to_string(),
+        );
+        metric(
+            "spool_files",
+            "gauge",
+            "Request files the hook left in the spool, not yet queued.",
+            self.spool_files.to_string(),
+        );
+        metric(
+            "spool_paths",
+            "gauge",
+            "Paths in those spool files.",
+            self.spool_paths.to_string(),
+        );
+        metric(
+            "failed",
+            "gauge",
+            "Paths given up on after repeated failures, kept until requeued or dropped.",
+            self.failed.len().to_string(),
+        );
+        metric(
+            "given_up_total",
+            "counter",
+            "Paths given up on after repeated failures since the daemon started.",
+            self.given_up_total.to_string(),
         );
         metric(
             "uploaded_total",
@@ -353,6 +469,7 @@ mod tests {
                 path("a"),
                 Backoff {
                     attempts: 2,
+                    counted: 0,
                     next_try: Some(Instant::now() + Duration::from_secs(60)),
                     last_error: "cannot open 'ssh://u:pw@h?secret-key=/k'\nsecond line".into(),
                 },
@@ -362,12 +479,20 @@ mod tests {
                 path("b"),
                 Backoff {
                     attempts: 1,
+                    counted: 1,
                     next_try: None,
                     last_error: "x".into(),
                 },
             );
         }
-        let snap = Snapshot::take(&journal, &shared, true, Some("ssh://u:***@h"));
+        let snap = Snapshot::take(
+            &journal,
+            &shared,
+            &dir.join("spool"),
+            TargetId::of(None),
+            true,
+            Some("ssh://u:***@h"),
+        );
         assert_eq!(snap.queued, 2);
         assert_eq!(snap.backoff[0].1, 0.0, "being retried: due now");
         assert_eq!(snap.backoff[0].2, path("b"));
@@ -394,6 +519,10 @@ mod tests {
             uptime_seconds: 5,
             queued: 3,
             in_flight: 1,
+            in_flight_paths: Vec::new(),
+            spool_files: 2,
+            spool_paths: 5,
+            upload_rate_per_minute: 1.5,
             uploaded: 7,
             dropped: 1,
             failed_calls: 2,
@@ -403,6 +532,8 @@ mod tests {
             signing: false,
             target: None,
             backoff: Vec::new(),
+            given_up_total: 1,
+            failed: Vec::new(),
         };
         let text = snap.prometheus();
         let mut declared = Vec::new();

@@ -13,6 +13,14 @@
 //! halves to find the paths at fault, within a budget of calls. Failing paths
 //! back off exponentially with jitter, a group sharing one timer. Only
 //! success or a drop removes a path from the journal.
+//!
+//! Failure has an end: a path that failed `max-attempts` times while the
+//! target answered (it failed alone, and the target took other paths or
+//! answered `nix store ping`), or that still fails `give-up-after` after it
+//! was queued, is given up on: journaled as such, no longer tried, and no
+//! longer waited for, until an operator requeues or drops it. Failures while
+//! the target is down (a call timed out, or the one-path canary failed too)
+//! do not count towards `max-attempts`: an outage is not the paths' fault.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
@@ -20,10 +28,10 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
-use crate::journal::Journal;
+use crate::journal::{GivenUp, Journal, TargetId};
 use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
 use crate::spool::Spool;
 use crate::status::{Backoff, Shared};
@@ -35,9 +43,12 @@ const BATCH_QUIET: Duration = Duration::from_millis(200);
 /// ...or once it has waited this long for more paths.
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Nice steps the worker, and so every nix call, runs below the daemon.
-const UPLOAD_NICE: i32 = 10;
+pub const UPLOAD_NICE: i32 = 10;
 /// How often an idle worker looks at the spool directory.
 const IDLE_TICK: Duration = Duration::from_secs(1);
+/// Longest `nix store ping` may take when a path failed alone and the
+/// worker asks whether the target answers at all.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Messages to the worker.
 #[derive(Debug)]
@@ -59,6 +70,12 @@ pub struct Worker {
     store_dir: String,
     signing_key: Option<PathBuf>,
     upload_to: Option<String>,
+    /// An uploader run instead of `nix copy` (`upload-command`).
+    upload_command: Option<Vec<String>>,
+    /// The journal's name for the target (or for "sign only").
+    target: TargetId,
+    max_attempts: Option<u32>,
+    give_up_after: Option<Duration>,
     sign_closure: bool,
     batch_size: usize,
     retry_initial: Duration,
@@ -96,6 +113,10 @@ impl Worker {
             store_dir: config.store_dir.clone(),
             signing_key: config.signing_key_file.clone(),
             upload_to: config.upload_to.clone(),
+            upload_command: config.upload_command.clone(),
+            target: TargetId::of(config.target_label().as_deref()),
+            max_attempts: config.max_attempts,
+            give_up_after: config.give_up_after,
             sign_closure: config.sign_closure,
             batch_size: config.batch_size,
             retry_initial: config.retry_initial_delay,
@@ -107,7 +128,7 @@ impl Worker {
     }
 
     fn has_work_to_do(&self) -> bool {
-        self.signing_key.is_some() || self.upload_to.is_some()
+        self.signing_key.is_some() || self.upload_to.is_some() || self.upload_command.is_some()
     }
 
     /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
@@ -119,7 +140,7 @@ impl Worker {
             warning!("cannot lower the worker's CPU priority: {e}");
         }
         if !self.has_work_to_do() {
-            info!("neither signing-key-file nor upload-to is set: paths are acknowledged and then dropped from the queue, nothing to do");
+            info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
         }
         self.ingest_spool();
         loop {
@@ -236,6 +257,14 @@ impl Worker {
             }
             bytes += len;
             if let Some(p) = self.ready.pop_front() {
+                // Dropped by an operator meanwhile, or settled for this
+                // target (given up on, or delivered).
+                if self.journal.entry(&p).is_none()
+                    || self.journal.is_given_up(&p, self.target)
+                    || self.journal.is_delivered(&p, self.target)
+                {
+                    continue;
+                }
                 batch.push(p);
             }
         }
@@ -243,34 +272,17 @@ impl Worker {
     }
 
     fn drop_paths(&self, paths: &[StorePath], why: &str) {
-        if paths.is_empty() {
-            return;
-        }
-        let seqs: Vec<Option<u64>> = paths
-            .iter()
-            .map(|p| self.journal.entry(p).map(|e| e.seq))
-            .collect();
-        for p in paths {
-            warning!("dropping {p}: {why}");
-        }
-        // Counted before the journal lets go of them: a `wait` that sees
-        // them gone from the journal must also see them dropped, or it
-        // would report "all uploaded".
-        {
-            let mut stats = self.shared.lock();
-            for (p, seq) in paths.iter().zip(seqs) {
-                stats.backoff.remove(p);
-                stats.record_drop(seq);
-            }
-        }
-        if let Err(e) = self.journal.complete(paths) {
-            warning!("cannot journal {} dropped paths: {e}", paths.len());
-        }
+        drop_paths(&self.journal, &self.shared, paths, why);
     }
 
     fn process(&mut self, batch: Vec<StorePath>) {
         self.shared.lock().in_flight = batch.len();
         let batch = self.resolve_derivations(batch);
+        {
+            let mut stats = self.shared.lock();
+            stats.in_flight = batch.len();
+            stats.in_flight_paths.clone_from(&batch);
+        }
         if !batch.is_empty() {
             if self.has_work_to_do() {
                 self.upload(batch);
@@ -278,7 +290,11 @@ impl Worker {
                 self.finish(&batch, Duration::ZERO);
             }
         }
-        self.shared.lock().in_flight = 0;
+        {
+            let mut stats = self.shared.lock();
+            stats.in_flight = 0;
+            stats.in_flight_paths.clear();
+        }
     }
 
     /// Replaces derivations by their outputs, in the journal and the batch.
@@ -298,14 +314,18 @@ impl Worker {
                 Err(_) => match self.query_outputs(&path) {
                     Ok(outputs) => outputs,
                     Err(e) => {
-                        self.back_off(vec![path], &e);
+                        self.back_off(vec![path], &e, Blame::Paths);
                         continue;
                     }
                 },
             };
             match self.journal.replace(&path, &outputs) {
                 Ok(added) => out.extend(added),
-                Err(e) => self.back_off(vec![path], &format!("cannot journal the outputs: {e}")),
+                Err(e) => self.back_off(
+                    vec![path],
+                    &format!("cannot journal the outputs: {e}"),
+                    Blame::Target,
+                ),
             }
         }
         out
@@ -367,10 +387,14 @@ impl Worker {
                 );
             }
             batch.extend(self.ready.drain(..));
-            return self.back_off(batch, &failure);
+            return self.back_off(batch, &failure, Blame::Target);
         }
-        if batch.len() == 1 || self.stopping() {
-            return self.back_off(batch, &failure);
+        if self.stopping() {
+            return self.back_off(batch, &failure, Blame::Target);
+        }
+        if batch.len() == 1 {
+            let blame = self.blame_alone();
+            return self.back_off(batch, &failure, blame);
         }
         let canary = batch.remove(self.pick_canary(&batch));
         let started = Instant::now();
@@ -379,7 +403,7 @@ impl Worker {
             Err(canary_failure) => {
                 self.shared.lock().failed_calls += 1;
                 batch.push(canary);
-                return self.back_off(batch, &canary_failure);
+                return self.back_off(batch, &canary_failure, Blame::Target);
             }
         }
         warning!(
@@ -406,7 +430,14 @@ impl Worker {
                         groups.push(right);
                         groups.push(left);
                     } else {
-                        self.back_off(group, &failure);
+                        // The target works (the canary went through): one
+                        // path failing on its own is at fault.
+                        let blame = if group.len() == 1 && !failure.timed_out() {
+                            Blame::Paths
+                        } else {
+                            Blame::Target
+                        };
+                        self.back_off(group, &failure, blame);
                     }
                 }
             }
@@ -443,11 +474,15 @@ impl Worker {
         if let Some(url) = &self.upload_to {
             self.nix.copy(url, paths)?;
         }
+        if let Some(argv) = &self.upload_command {
+            self.nix.run_uploader(argv, paths)?;
+        }
         Ok(())
     }
 
     fn finish(&self, paths: &[StorePath], took: Duration) {
-        if let Err(e) = self.journal.complete(paths) {
+        let targets = [self.target];
+        if let Err(e) = self.journal.deliver(paths, self.target, &targets) {
             // The paths stay done in memory; after a restart they are
             // uploaded once more, which is harmless.
             warning!("cannot journal {} finished paths: {e}", paths.len());
@@ -465,6 +500,7 @@ impl Worker {
         }
         let mut stats = self.shared.lock();
         stats.uploaded += paths.len() as u64;
+        stats.record_uploads(paths.len() as u64);
         if self.has_work_to_do() {
             stats.upload_seconds += took.as_secs_f64();
             stats.upload_batches += 1;
@@ -474,14 +510,38 @@ impl Worker {
         }
     }
 
+    /// Whom to blame when a path failed alone: the path if the target
+    /// answers `nix store ping` (or there is no target: signing only), the
+    /// target if not. An `upload-command` cannot be asked: its lone failures
+    /// do not count (the bisection of a failed batch still finds the paths
+    /// at fault, and `give-up-after` ends the rest).
+    fn blame_alone(&self) -> Blame {
+        if self.upload_command.is_some() {
+            return Blame::Target;
+        }
+        let Some(url) = &self.upload_to else {
+            return Blame::Paths;
+        };
+        match self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) {
+            Ok(()) => Blame::Paths,
+            Err(e) => {
+                self.shared.lock().failed_calls += 1;
+                info!("the target does not answer either, so the failure does not count against the path: {e}");
+                Blame::Target
+            }
+        }
+    }
+
     /// Backs off paths that failed together: they share one attempt count
     /// and one next try, so they are retried together in one call (paths
-    /// with timers of their own would each cost a call per retry).
-    fn back_off(&self, paths: Vec<StorePath>, error: &dyn std::fmt::Display) {
+    /// with timers of their own would each cost a call per retry). Paths at
+    /// the end of their tries are given up on instead.
+    fn back_off(&self, paths: Vec<StorePath>, error: &dyn std::fmt::Display, blame: Blame) {
+        let error = error.to_string();
+        let paths = self.give_up_on_exhausted(paths, &error, blame);
         let Some(first) = paths.first() else {
             return;
         };
-        let error = error.to_string();
         let mut stats = self.shared.lock();
         let attempts = paths
             .iter()
@@ -498,15 +558,87 @@ impl Worker {
             delay.as_secs_f64()
         );
         for p in paths {
+            let counted =
+                stats.backoff.get(&p).map_or(0, |b| b.counted) + u32::from(blame == Blame::Paths);
             stats.backoff.insert(
                 p,
                 Backoff {
                     attempts,
+                    counted,
                     next_try: Some(next_try),
                     last_error: error.clone(),
                 },
             );
         }
+    }
+
+    /// Gives up on the paths of a failed call that reached `max-attempts`
+    /// (counting this failure if it is theirs) or `give-up-after`; returns
+    /// the others, to back off.
+    fn give_up_on_exhausted(
+        &self,
+        paths: Vec<StorePath>,
+        error: &str,
+        blame: Blame,
+    ) -> Vec<StorePath> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut keep = Vec::with_capacity(paths.len());
+        for path in paths {
+            let (attempts, counted) = {
+                let stats = self.shared.lock();
+                stats
+                    .backoff
+                    .get(&path)
+                    .map_or((0, 0), |b| (b.attempts, b.counted))
+            };
+            let (attempts, counted) = (
+                attempts.saturating_add(1),
+                counted + u32::from(blame == Blame::Paths),
+            );
+            let too_many = self.max_attempts.is_some_and(|max| counted >= max);
+            let queued_at = self.journal.entry(&path).map_or(now, |e| e.queued_at);
+            let too_long = self
+                .give_up_after
+                .is_some_and(|limit| now.saturating_sub(queued_at) >= limit.as_secs());
+            if !too_many && !too_long {
+                keep.push(path);
+                continue;
+            }
+            let why = if too_many {
+                format!("{counted} failed attempts while the target answered")
+            } else {
+                format!(
+                    "still failing {} s after it was queued (give-up-after)",
+                    now.saturating_sub(queued_at)
+                )
+            };
+            let record = GivenUp {
+                target: self.target,
+                at: now,
+                attempts,
+                error: error.to_string(),
+            };
+            match self.journal.give_up(&path, record) {
+                Ok(given_up) => {
+                    let mut stats = self.shared.lock();
+                    stats.backoff.remove(&path);
+                    if given_up {
+                        stats.given_up += 1;
+                        drop(stats);
+                        warning!(
+                            "giving up on {path} after {why}: {error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {path}` (or `drop {path}`)"
+                        );
+                    }
+                }
+                Err(e) => {
+                    warning!("cannot journal that {path} is given up on ({e}); it is retried");
+                    keep.push(path);
+                }
+            }
+        }
+        keep
     }
 
     /// Exponential backoff with jitter: between half and all of
@@ -522,6 +654,47 @@ impl Worker {
         let paths = self.spool.ingest(&self.journal);
         self.ready.extend(paths);
     }
+}
+
+/// Drops queued paths from the journal, with a warning for each: they are
+/// not uploaded. Returns how many were queued. Used by the worker (paths
+/// gone from the store) and by the `drop` request.
+pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: &str) -> usize {
+    let queued: Vec<(StorePath, u64)> = paths
+        .iter()
+        .filter_map(|p| journal.entry(p).map(|e| (p.clone(), e.seq)))
+        .collect();
+    if queued.is_empty() {
+        return 0;
+    }
+    for (p, _) in &queued {
+        warning!("dropping {p}: {why}");
+    }
+    // Counted before the journal lets go of them: a `wait` that sees them
+    // gone from the journal must also see them dropped, or it would report
+    // "all uploaded".
+    {
+        let mut stats = shared.lock();
+        for (p, seq) in &queued {
+            stats.backoff.remove(p);
+            stats.record_drop(Some(*seq));
+        }
+    }
+    let paths: Vec<StorePath> = queued.into_iter().map(|(p, _)| p).collect();
+    if let Err(e) = journal.complete(&paths) {
+        warning!("cannot journal {} dropped paths: {e}", paths.len());
+    }
+    paths.len()
+}
+
+/// Whose fault a failed call was, for `max-attempts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blame {
+    /// The paths': the target answered. Counts towards `max-attempts`.
+    Paths,
+    /// The target's, or unknown (it was down, the call timed out, the
+    /// journal could not be written). Does not count.
+    Target,
 }
 
 /// A number in [0, 1) from the standard library's randomly seeded hasher.

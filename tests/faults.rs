@@ -1039,6 +1039,8 @@ fn poison_paths_do_not_hold_back_good_ones() {
             ("retry-initial-delay", "0.05"),
             ("retry-max-delay", "0.5"),
             ("command-timeout", "60"),
+            // Retried until the test mends it, however many attempts fail.
+            ("max-attempts", "0"),
         ],
         &sshd.env(),
     );

@@ -1553,6 +1553,8 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     let store = env.store_dir().display().to_string();
     let p_out = format!("{store}/{}-outsider", index_hash(1, 1));
     let p_mem = format!("{store}/{}-member", index_hash(1, 2));
+    // The CLI refuses to enqueue a path that does not exist.
+    fs::write(&p_mem, "").unwrap();
     let no_env: Vec<(String, std::ffi::OsString)> = Vec::new();
 
     for args in [
@@ -2078,6 +2080,9 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         "--outputs",
         "--check-validity",
         "--print-invalid",
+        // The target's check at start (and when a path fails alone).
+        "ping",
+        "--store",
     ]
     .into_iter()
     .collect();
@@ -2645,15 +2650,24 @@ fn limits_max_connections_busy_reply_while_others_work() {
     wait_until(
         Duration::from_secs(20),
         "a free slot after one client left",
-        || {
-            let mut s = UnixStream::connect(&socket).unwrap();
-            s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-            let _ = s.write_all(b"ping\n");
-            read_one_line(&mut s).is_ok_and(|l| l.starts_with("ok "))
-        },
+        || ping_is_served(&socket),
     );
+    // The slots free as each connection's thread sees its client leave, not
+    // at the client's close: until then a ping may still get `err busy`.
     drop(held);
+    let socket = d.socket();
+    wait_until(Duration::from_secs(20), "every slot free again", || {
+        ping_is_served(&socket)
+    });
     assert_alive(&mut d, "after busy");
+}
+
+/// Whether a `ping` on a new connection is answered `ok` (not `err busy`).
+fn ping_is_served(socket: &Path) -> bool {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    let _ = s.write_all(b"ping\n");
+    read_one_line(&mut s).is_ok_and(|l| l.starts_with("ok "))
 }
 
 /// The socket is created 0600 by default with no temporary file left

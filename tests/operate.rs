@@ -1,12 +1,16 @@
 //! Operating the daemon (issue 4): the admin commands `status` (human and
 //! `--json`), `wait`, `retry` and `enqueue -`, a missing daemon, systemd
 //! socket activation and readiness, journald priorities, the metrics file,
-//! and stopping with SIGTERM.
+//! and stopping with SIGTERM; and (issue 16) paths given up on after
+//! repeated failures with `requeue` and `drop`, the target checked at start,
+//! `COMMAND --help` and `enqueue ./result`, a status that answers more, the
+//! journal's per-target records, and `upload-command`.
 //!
 //! Every test runs the real daemon against real Nix in a private store. A
 //! failing or slow cache is simulated with `nix-fail-wrapper`: a shell script
 //! that runs the real `nix`, except that `nix copy` waits while a `hold` file
-//! exists and then fails while a `fail` file exists. Timeouts in
+//! exists and then fails while a `fail` file exists (or, while a `poison`
+//! file exists, fails for paths named `*-npbhq-poison-*`). Timeouts in
 //! `wait_until` are correctness bounds, never speed assertions.
 
 mod common;
@@ -37,7 +41,8 @@ fn missing_path(env: &NixEnv, name: &str) -> String {
 
 /// `nix-fail-wrapper`: a directory with a `nix` script that runs the real
 /// nix, except that `nix copy` records its pid, waits while `hold` exists,
-/// then fails while `fail` exists; and a `nix-store` link to the real one
+/// then fails while `fail` exists (and, while `poison` exists, when one of
+/// its paths is named `*-npbhq-poison-*`); and a `nix-store` link to the real one
 /// (the daemon takes `nix-store` from beside `nix`).
 struct NixFailWrapper {
     dir: PathBuf,
@@ -62,7 +67,13 @@ impl NixFailWrapper {
              \x20   if [ -e '{d}/fail' ]; then\n\
              \x20       echo 'nix-fail-wrapper: injected failure' >&2\n\
              \x20       exit 1\n\
-             \x20   fi;;\n\
+             \x20   fi\n\
+             \x20   case \" $* \" in *-npbhq-poison-*)\n\
+             \x20       if [ -e '{d}/poison' ]; then\n\
+             \x20           echo 'nix-fail-wrapper: refusing a poison path' >&2\n\
+             \x20           exit 1\n\
+             \x20       fi;;\n\
+             \x20   esac;;\n\
              esac\n\
              exec '{}' \"$@\"\n",
             which("nix").display()
@@ -93,6 +104,12 @@ impl NixFailWrapper {
     /// While set, `nix copy` fails.
     fn set_fail(&self, on: bool) {
         self.flag("fail", on);
+    }
+
+    /// While set, `nix copy` fails when one of its paths has `-npbhq-poison-` in
+    /// its name (a path that can never upload), and works for the others.
+    fn set_poison(&self, on: bool) {
+        self.flag("poison", on);
     }
 
     /// While set, `nix copy` waits (the upload is "in flight").
@@ -205,6 +222,15 @@ fn cli(d: &Daemon, args: &[&str]) -> Ran {
     run_bounded(&mut c, None).into()
 }
 
+/// `enqueue PATHS...` through the CLI; panics unless it exits 0.
+fn enqueue_cli(d: &Daemon, paths: &[PathBuf]) -> Ran {
+    let mut c = d.cli_cmd();
+    c.arg("enqueue").args(paths).arg("--socket").arg(d.socket());
+    let r: Ran = run(&mut c).into();
+    assert_eq!(r.code, Some(0), "enqueue: {r:?}\nlog:\n{}", d.log());
+    r
+}
+
 /// Runs the CLI with `input` on stdin.
 fn cli_stdin(d: &Daemon, args: &[&str], input: &str) -> Ran {
     let mut c = d.cli_cmd();
@@ -258,12 +284,18 @@ const JSON_FIELDS: &[&str] = &[
     "dropped",
     "failed_calls",
     "backing_off",
+    "failed",
     "oldest_queued_seconds",
     "upload_seconds_sum",
     "upload_batches",
+    "upload_rate_per_minute",
+    "spool_files",
+    "spool_paths",
     "signing",
     "target",
     "backoff",
+    "failed_paths",
+    "in_flight_paths",
 ];
 
 /// Kills a process tree on drop (for daemons the test spawns itself).
@@ -395,6 +427,24 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
 
 const M: &str = "nix_post_build_hook_queue_";
 
+/// Waits until the metrics file, valid Prometheus text, has these samples
+/// (names without the `M` prefix).
+fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
+    wait_until_ok(
+        Duration::from_secs(30),
+        &format!("metrics {want:?}"),
+        || {
+            let t = fs::read_to_string(file).map_err(|e| e.to_string())?;
+            let m = parse_prometheus(&t)?;
+            want.iter()
+                .all(|(name, v)| m.get(&format!("{M}{name}")) == Some(v))
+                .then_some(())
+                .ok_or(t)
+        },
+        || d.log(),
+    );
+}
+
 // ---------------------------------------------------------------------------
 // status, retry, wait
 // ---------------------------------------------------------------------------
@@ -512,9 +562,17 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let r = cli(&d, &["wait", "--timeout", "1.5"]);
     assert_eq!(r.code, Some(1), "{r:?}");
     assert_eq!(r.stdout, "", "{r:?}");
+    let first = paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .find(|p| r.stderr.contains(&format!("last error ({p}): ")))
+        .unwrap_or_else(|| panic!("no last error of a waited-for path: {r:?}"));
     assert_eq!(
         r.stderr,
-        "post-build-hook-queue: wait timed out after 1.5s: 2 path(s) still queued, 2 of them failing\n"
+        format!(
+            "post-build-hook-queue: wait timed out after 1.5s: 2 path(s) still queued, 2 of them failing; \
+             last error ({first}): nix copy failed (exit status 1): nix-fail-wrapper: injected failure\n"
+        )
     );
 
     // Heal the cache but hold the copy; retry; the paths are in flight.
@@ -591,29 +649,17 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     );
     let text = status_text(&d);
     assert_eq!(field(&text, "dropped"), "1 since start", "{text}");
-    assert_eq!(field(&text, "uploaded"), "2 since start", "{text}");
+    let uploaded = field(&text, "uploaded");
+    assert!(
+        uploaded.starts_with("2 since start (") && uploaded.ends_with(" paths/min lately)"),
+        "{text}"
+    );
     println!("status after:\n{text}");
 }
 
-/// `wait` on a terminal shows its progress on stderr, and exits 1 when a
-/// path queued before it is dropped while it waits.
-#[test]
-fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
-    let env = NixEnv::new("op-wait");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
-    w.set_hold(true);
-    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
-    let good = env.build_paths(1, "wait");
-    let gone = missing_path(&env, "op-wait-gone");
-    // The good path's copy is held, so the missing path waits behind it.
-    assert_eq!(d.request(&format!("enqueue {}", good[0].display())), "ok 1");
-    wait_until(Duration::from_secs(30), "copy held", || {
-        !w.copy_pids().is_empty()
-    });
-    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-
-    // `script` gives the command a terminal; its output comes back on our pipe.
+/// Runs `wait` on a terminal (`script` gives it one); returns the `script`
+/// process and what the terminal shows, as it comes.
+fn wait_on_a_terminal(d: &Daemon) -> (Child, Arc<Mutex<Vec<u8>>>) {
     let cmd = format!(
         "'{}' wait --socket '{}'",
         daemon_bin().display(),
@@ -635,6 +681,29 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
         .spawn()
         .expect("script (util-linux) runs a command on a terminal");
     let out = collect_stdout(&mut child);
+    (child, out)
+}
+
+/// `wait` on a terminal shows its progress on stderr, and exits 1 when a
+/// path queued before it is dropped while it waits.
+#[test]
+fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
+    let env = NixEnv::new("op-wait");
+    let (upload, read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_hold(true);
+    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
+    let good = env.build_paths(1, "wait");
+    let gone = missing_path(&env, "op-wait-gone");
+    // The good path's copy is held, so the missing path waits behind it.
+    assert_eq!(d.request(&format!("enqueue {}", good[0].display())), "ok 1");
+    wait_until(Duration::from_secs(30), "copy held", || {
+        !w.copy_pids().is_empty()
+    });
+    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
+
+    // `script` gives the command a terminal; its output comes back on our pipe.
+    let (child, out) = wait_on_a_terminal(&d);
     let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
     wait_until_diag(
         Duration::from_secs(30),
@@ -647,7 +716,7 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
     let shown = text();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{shown}");
     assert!(
-        shown.contains("\r\x1b[Kwaiting: 2 path(s) still queued")
+        shown.contains("waiting: 2 path(s) still queued, 0 of them failing\r\n")
             && shown.ends_with(
                 "post-build-hook-queue: 1 path(s) were dropped; see the daemon's log\r\n"
             ),
@@ -733,10 +802,23 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
 
     let r = cli(&d, &["wait", "--timeout", "1"]);
     assert_eq!(r.code, Some(1), "{r:?}");
-    assert_eq!(
-        r.stderr,
-        "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing\n"
+    // With the last error of what it still waits for.
+    let said = r
+        .stderr
+        .strip_prefix(&format!(
+            "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing; last error ({}): ",
+            paths[0].display()
+        ))
+        .unwrap_or_else(|| panic!("{r:?}"));
+    assert!(
+        said.contains("nix copy failed") && said.contains("npbhq:***@127.0.0.1"),
+        "{r:?}"
     );
+    assert!(
+        !said.contains("hunter2") && !said.contains(&secret_key),
+        "{r:?}"
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
     let r = cli(&d, &["retry"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(r.stdout, "1 backing-off path(s) will be tried again now\n");
@@ -1091,6 +1173,10 @@ fn metrics_file_is_prometheus_text_and_moves() {
         "queued",
         "in_flight",
         "backing_off",
+        "spool_files",
+        "spool_paths",
+        "failed",
+        "given_up_total",
         "uploaded_total",
         "dropped_total",
         "failed_calls_total",
@@ -1107,16 +1193,10 @@ fn metrics_file_is_prometheus_text_and_moves() {
 
     let paths = env.build_paths(2, "metrics");
     let gone = missing_path(&env, "op-metrics-gone");
-    let r = cli(
-        &d,
-        &[
-            "enqueue",
-            &paths[0].display().to_string(),
-            &paths[1].display().to_string(),
-            &gone,
-        ],
-    );
-    assert_eq!(r.code, Some(0), "{r:?}");
+    enqueue_cli(&d, &[paths[0].clone(), paths[1].clone()]);
+    // The CLI refuses a missing path; through the socket it is acknowledged
+    // and then dropped.
+    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
     wait_until_ok(
         UPLOAD_TIMEOUT,
         "metrics show 2 uploaded and 1 dropped",
@@ -1152,6 +1232,781 @@ fn metrics_file_is_prometheus_text_and_moves() {
     assert!(d.stop().success());
     let m = read_metrics().expect("metrics written on stop");
     assert_eq!(m[&format!("{M}uploaded_total")], 2.0);
+}
+
+/// `wait` on a terminal ends its progress line with a newline, so that
+/// Ctrl-C (SIGINT, which kills it) leaves the terminal on a fresh line.
+#[test]
+fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
+    let env = NixEnv::new("op-wait-int");
+    let (upload, _read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_hold(true);
+    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
+    let good = env.build_paths(1, "wait-int");
+    assert_eq!(d.request(&format!("enqueue {}", good[0].display())), "ok 1");
+    let (child, out) = wait_on_a_terminal(&d);
+    let script_pid = child.id();
+    let mut child = ChildGuard(Some(child));
+    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    wait_until_diag(
+        Duration::from_secs(30),
+        "progress on the terminal, twice (a rewrite)",
+        || text().matches("waiting: 1 path(s) still queued").count() >= 2,
+        text,
+    );
+    let wait_pids: Vec<u32> = descendants(script_pid)
+        .into_iter()
+        .filter(|p| {
+            fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\0wait\0"))
+        })
+        .collect();
+    assert_eq!(wait_pids.len(), 1, "the wait process under script");
+    signal_pids("INT", &wait_pids);
+    let mut c = child.0.take().unwrap();
+    let mut status = None;
+    wait_until(
+        Duration::from_secs(30),
+        "script to end after SIGINT",
+        || {
+            status = c.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let shown = text();
+    assert!(
+        shown.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n"),
+        "the terminal is not left on a fresh line: {shown:?}"
+    );
+    assert!(
+        shown.contains("\x1b[1A\r\x1b[Kwaiting: "),
+        "rewritten in place: {shown:?}"
+    );
+    w.set_hold(false);
+}
+
+/// `status` answers an operator's questions: the paths of the nix call in
+/// progress, the spool's backlog (files the hook left and their paths, not
+/// yet queued), the upload rate; in text, JSON and the metrics.
+#[test]
+fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
+    let env = NixEnv::new("op-status-more");
+    let (upload, read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_hold(true);
+    let metrics = env.root().join("m.prom");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", &upload),
+            ("nix", &w.nix()),
+            ("metrics-file", &metrics.display().to_string()),
+        ],
+    );
+    let first = env.build_paths(2, "in-flight");
+    let later = env.build_paths(3, "spooled");
+    enqueue_cli(&d, &[first[0].clone(), first[1].clone()]);
+    wait_until(Duration::from_secs(30), "copy held", || {
+        !w.copy_pids().is_empty()
+    });
+    // What the hook leaves while the daemon is busy or away; the busy
+    // worker does not take it in until the call ends.
+    let spool = d.spool_dir();
+    fs::create_dir_all(&spool).unwrap();
+    let p = strs(&later);
+    fs::write(
+        spool.join("00000000000000000001-1.req"),
+        format!("enqueue {} {}\n", p[0], p[1]),
+    )
+    .unwrap();
+    fs::write(
+        spool.join("00000000000000000002-1.req"),
+        format!("enqueue {}\n", p[2]),
+    )
+    .unwrap();
+
+    let j = status_json(&d);
+    assert_eq!(num(&j, "in_flight"), 2.0, "{j:?}");
+    let mut in_flight: Vec<String> = j
+        .get("in_flight_paths")
+        .and_then(Json::as_array)
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    in_flight.sort();
+    let mut want = strs(&first);
+    want.sort();
+    assert_eq!(in_flight, want, "{j:?}");
+    assert_eq!(
+        (num(&j, "spool_files"), num(&j, "spool_paths")),
+        (2.0, 3.0),
+        "{j:?}"
+    );
+    assert_eq!(num(&j, "upload_rate_per_minute"), 0.0, "{j:?}");
+    let text = status_text(&d);
+    for p in &want {
+        assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
+    }
+    assert_eq!(
+        field(&text, "spool"),
+        "2 file(s) with 3 path(s) left by the hook, not yet queued",
+        "{text}"
+    );
+    wait_for_metrics(&d, &metrics, &[("spool_files", 2.0), ("spool_paths", 3.0)]);
+    println!("status during a held upload with a spool backlog:\n{text}");
+
+    w.set_hold(false);
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the spooled paths uploaded",
+        || later.iter().all(|p| env.is_valid_in(&read, p)),
+        || d.log(),
+    );
+    let j = status_json(&d);
+    assert_eq!(
+        (num(&j, "spool_files"), num(&j, "spool_paths")),
+        (0.0, 0.0),
+        "{j:?}"
+    );
+    assert_eq!(
+        j.get("in_flight_paths").and_then(Json::as_array),
+        Some(&[][..])
+    );
+    assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
+    let text = status_text(&d);
+    assert!(
+        field(&text, "uploaded").starts_with("5 since start ("),
+        "{text}"
+    );
+    assert_eq!(field(&text, "spool"), "empty", "{text}");
+}
+
+// ---------------------------------------------------------------------------
+// Poison paths: failure has an end
+// ---------------------------------------------------------------------------
+
+/// The daemon's journal file.
+fn journal_text(d: &Daemon) -> String {
+    fs::read_to_string(d.state_dir().join("journal")).unwrap_or_default()
+}
+
+/// Paths that can never upload (the wrapper refuses them while the target
+/// takes the others) are given up on after `max-attempts`: `wait` exits 1
+/// naming them with the error instead of blocking; `status` (text and JSON)
+/// and the metrics show them; they stay given up on across a restart and
+/// are not tried again; `requeue PATH` tries one again once mended, `drop
+/// --all-failed` drops the other; both are logged and hold across a restart.
+#[test]
+fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
+    let env = NixEnv::new("op-given-up");
+    let (upload, read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_poison(true);
+    let metrics = env.root().join("metrics.prom");
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", &upload),
+            ("nix", &w.nix()),
+            ("max-attempts", "3"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+            ("metrics-file", &metrics.display().to_string()),
+        ],
+    );
+    let good = env.build_paths(2, "fine");
+    let poison = env.build_paths(2, "poison");
+    let (p1, p2) = (
+        poison[0].display().to_string(),
+        poison[1].display().to_string(),
+    );
+    let all: Vec<PathBuf> = vec![
+        good[0].clone(),
+        poison[0].clone(),
+        good[1].clone(),
+        poison[1].clone(),
+    ];
+    enqueue_cli(&d, &all);
+
+    // `wait` ends (its timeout is only a bound for a broken daemon) and
+    // names both poison paths with the error.
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
+    assert!(
+        r.stderr.contains("2 path(s) failed and were given up on")
+            && r.stderr.contains(&p1)
+            && r.stderr.contains(&p2)
+            && r.stderr.contains("refusing a poison path"),
+        "{r:?}"
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    for p in &good {
+        assert!(
+            env.is_valid_in(&read, p),
+            "good path {} not uploaded",
+            p.display()
+        );
+    }
+
+    let j = status_json(&d);
+    assert_eq!(num(&j, "queued"), 2.0, "{j:?}");
+    assert_eq!(num(&j, "failed"), 2.0, "{j:?}");
+    assert_eq!(num(&j, "backing_off"), 0.0, "no longer retried: {j:?}");
+    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
+    let mut listed: Vec<&str> = failed
+        .iter()
+        .filter_map(|f| f.get("path")?.as_str())
+        .collect();
+    listed.sort_unstable();
+    let mut want = vec![p1.as_str(), p2.as_str()];
+    want.sort_unstable();
+    assert_eq!(listed, want, "{j:?}");
+    for f in failed {
+        assert!(num(f, "attempts") >= 3.0, "{f:?}");
+        assert!(num(f, "given_up_seconds_ago") >= 0.0, "{f:?}");
+        let e = f.get("last_error").and_then(Json::as_str).unwrap();
+        assert!(
+            e.contains("nix copy failed") && e.contains("refusing a poison path"),
+            "{e}"
+        );
+    }
+    let text = status_text(&d);
+    assert!(field(&text, "failed").starts_with("2 "), "{text}");
+    for p in [&p1, &p2] {
+        assert!(
+            text.lines().any(|l| l.contains(p.as_str())
+                && l.contains("FAILED")
+                && l.contains("refusing a poison path")),
+            "{text}"
+        );
+    }
+    wait_for_metrics(&d, &metrics, &[("failed", 2.0), ("given_up_total", 2.0)]);
+    let log = d.log();
+    for p in [&p1, &p2] {
+        assert!(
+            log.lines().any(|l| l.starts_with("warning:")
+                && l.contains("giving up on")
+                && l.contains(p.as_str())),
+            "{log}"
+        );
+    }
+    println!("status with paths given up on:\n{text}");
+
+    // Journaled: after a restart they are still given up on, not tried.
+    let copies = w.copy_pids().len();
+    d.restart();
+    let j = status_json(&d);
+    assert_eq!(
+        num(&j, "failed"),
+        2.0,
+        "after restart: {j:?}\n{}",
+        journal_text(&d)
+    );
+    // A later wait (another CI job's, say) does not wait for them, and does
+    // not fail for them: they were given up on before it.
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "all uploaded, but for 2 path(s) given up on before this wait (see status)\n"
+    );
+    assert_eq!(
+        w.copy_pids().len(),
+        copies,
+        "a path given up on was tried after the restart"
+    );
+
+    // Mended: requeue one; drop the rest.
+    w.set_poison(false);
+    let r = cli(&d, &["requeue", &p1]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "requeued 1 of 1 path(s) given up on; they are tried again\n"
+    );
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the requeued path uploaded",
+        || env.is_valid_in(&read, &poison[0]),
+        || d.log(),
+    );
+    let r = cli(&d, &["drop", "--all-failed"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "dropped 1 queued path(s); they will not be uploaded\n"
+    );
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let log = d.log();
+    assert!(log.contains(&format!("requeued {p1}")), "{log}");
+    assert!(
+        log.lines().any(|l| l.starts_with("warning:")
+            && l.contains(&format!("dropping {p2}"))
+            && l.contains("operator")),
+        "{log}"
+    );
+    assert!(!env.is_valid_in(&read, &poison[1]));
+    d.restart();
+    let j = status_json(&d);
+    assert_eq!(
+        (num(&j, "queued"), num(&j, "failed")),
+        (0.0, 0.0),
+        "{j:?}\n{}",
+        journal_text(&d)
+    );
+    // Nothing to requeue or drop now.
+    let r = cli(&d, &["requeue", "--all-failed"]);
+    assert_eq!(
+        r.stdout, "requeued 0 path(s) given up on; they are tried again\n",
+        "{r:?}"
+    );
+}
+
+/// Failures while the target is down do not count towards `max-attempts`
+/// (the one-path canary fails too, or the target does not answer `nix store
+/// ping`): paths keep backing off through an outage. `give-up-after` ends
+/// that too, measured from when a path was queued, across restarts.
+#[test]
+fn outage_does_not_count_towards_max_attempts_but_give_up_after_ends_it() {
+    let env = NixEnv::with_conf("op-outage", "download-attempts = 1");
+    let port = free_port();
+    let target = format!("http://127.0.0.1:{port}/cache");
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", &target),
+            ("max-attempts", "2"),
+            ("give-up-after", "0"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+        ],
+    );
+    let paths = env.build_paths(3, "outage");
+    // One alone first (the ping decides), then two together (the canary).
+    let r = cli(&d, &["enqueue", &paths[0].display().to_string()]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let attempts = |d: &Daemon| -> Vec<f64> {
+        status_json(d)
+            .get("backoff")
+            .and_then(Json::as_array)
+            .map(|b| b.iter().map(|e| num(e, "attempts")).collect())
+            .unwrap_or_default()
+    };
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "a lone path failing 4 times against a dead target",
+        || attempts(&d).first().is_some_and(|a| *a >= 4.0),
+        || d.log(),
+    );
+    enqueue_cli(&d, &[paths[1].clone(), paths[2].clone()]);
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "three paths failing 4 times or more",
+        || {
+            let a = attempts(&d);
+            a.len() == 3 && a.iter().all(|n| *n >= 4.0)
+        },
+        || d.log(),
+    );
+    let j = status_json(&d);
+    assert_eq!(
+        num(&j, "failed"),
+        0.0,
+        "an outage made paths fail: {j:?}\n{}",
+        d.log()
+    );
+    assert!(!d.log().contains("giving up"), "{}", d.log());
+
+    // A day is long; a second will do here. Queued more than a second ago
+    // and failing again: given up on, the outage notwithstanding.
+    std::thread::sleep(Duration::from_millis(1100));
+    d.set_config("give-up-after", "1");
+    d.restart();
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "all three given up on after give-up-after",
+        || num(&status_json(&d), "failed") == 3.0,
+        || d.log(),
+    );
+    let log = d.log();
+    assert!(log.contains("give-up-after"), "{log}");
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("3 path(s) given up on before this wait"),
+        "{r:?}"
+    );
+    let text = status_text(&d);
+    for p in &paths {
+        assert!(
+            text.contains(&format!("  {}: FAILED", p.display())),
+            "{text}"
+        );
+    }
+}
+
+/// A journal written before paths could be given up on (`+` and `-`
+/// records only) replays: its paths are uploaded.
+#[test]
+fn journal_of_the_previous_format_replays() {
+    let env = NixEnv::new("op-oldjournal");
+    let (upload, read) = file_cache(&env, "cache");
+    let mut d = Daemon::new_stopped(&env, &[("upload-to", upload.as_str())], NO_ENV);
+    let paths = env.build_paths(3, "old");
+    let p = strs(&paths);
+    fs::create_dir_all(d.state_dir()).unwrap();
+    fs::write(
+        d.state_dir().join("journal"),
+        format!(
+            "+ 1700000000 {}\n+ 1700000001 {}\n- {}\n+ 1700000002 {}\n",
+            p[0], p[1], p[0], p[2]
+        ),
+    )
+    .unwrap();
+    d.try_spawn().unwrap();
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the two live paths of the old journal uploaded",
+        || env.is_valid_in(&read, &paths[1]) && env.is_valid_in(&read, &paths[2]),
+        || d.log(),
+    );
+    assert!(
+        !env.is_valid_in(&read, &paths[0]),
+        "a done path was uploaded"
+    );
+    assert!(!d.log().contains("unreadable"), "{}", d.log());
+}
+
+// ---------------------------------------------------------------------------
+// Rough edges a first-time user hit
+// ---------------------------------------------------------------------------
+
+/// Every subcommand answers `--help` (exit 0, its own usage, no daemon
+/// needed); `enqueue ./result` queues the store path the link leads to; a
+/// path that does not exist is refused in one line, nothing queued; a
+/// mistyped setting (file or flag) names the nearest known key.
+#[test]
+fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
+    let env = NixEnv::new("op-edges");
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(&env, &[("upload-to", &upload)]);
+    for command in ["enqueue", "status", "wait", "retry", "requeue", "drop"] {
+        for help in ["--help", "-h"] {
+            let r: Ran = run(d
+                .cli_cmd()
+                .args([command, help])
+                .arg("--socket")
+                .arg("/nonexistent/s"))
+            .into();
+            assert_eq!(r.code, Some(0), "{command} {help}: {r:?}");
+            assert!(
+                r.stdout
+                    .starts_with(&format!("Usage: post-build-hook-queue {command} ")),
+                "{command} {help}: {r:?}"
+            );
+        }
+    }
+    let r: Ran = run(d.cli_cmd().args(["serve", "--help"])).into();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("max-attempts") && r.stdout.contains("requeue"),
+        "{r:?}"
+    );
+
+    // ./result, relative to the working directory, and a link to a link.
+    let built = env.build_paths(2, "edges");
+    let work = env.root().join("work");
+    fs::create_dir_all(&work).unwrap();
+    std::os::unix::fs::symlink(&built[0], work.join("result")).unwrap();
+    std::os::unix::fs::symlink(&built[1], work.join("result-2")).unwrap();
+    std::os::unix::fs::symlink("result-2", work.join("again")).unwrap();
+    let mut c = d.cli_cmd();
+    c.current_dir(&work)
+        .args(["enqueue", "./result", "again", "--socket"])
+        .arg(d.socket());
+    let r: Ran = run(&mut c).into();
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.stdout, "queued 2 new path(s); 0 were already queued\n");
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the store paths behind the links uploaded",
+        || built.iter().all(|p| env.is_valid_in(&read, p)),
+        || d.log(),
+    );
+
+    // Missing: refused, one line, nothing queued.
+    let gone = missing_path(&env, "op-edges-gone");
+    std::os::unix::fs::symlink(&gone, work.join("dangling")).unwrap();
+    let dangling = work.join("dangling").display().to_string();
+    for (arg, says) in [(&gone, gone.as_str()), (&dangling, gone.as_str())] {
+        let r = cli(&d, &["enqueue", &built[0].display().to_string(), arg]);
+        assert_eq!(r.code, Some(2), "{arg}: {r:?}");
+        assert_eq!(r.stdout, "", "{arg}: {r:?}");
+        assert_eq!(r.stderr.lines().count(), 1, "{arg}: {r:?}");
+        assert!(
+            r.stderr.contains("does not exist")
+                && r.stderr.contains(says)
+                && r.stderr.contains("nothing was queued"),
+            "{arg}: {r:?}"
+        );
+    }
+    assert_eq!(num(&status_json(&d), "queued"), 0.0);
+    assert!(
+        !d.log().contains("op-edges-gone"),
+        "the daemon was asked: {}",
+        d.log()
+    );
+
+    // Mistyped keys, in the file and as a flag.
+    let mut bad = Daemon::new_stopped(&env, &[("uplaod-to", upload.as_str())], NO_ENV);
+    assert!(bad.try_spawn().is_err());
+    assert!(
+        bad.log().contains("did you mean \"upload-to\"?"),
+        "{}",
+        bad.log()
+    );
+    assert_eq!(bad.log().lines().count(), 1, "{}", bad.log());
+    let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
+    // A second target is refused, not silently taken instead of the first
+    // (private socket and state, should it start all the same).
+    let own = env.root().join("second-target");
+    let r: Ran = run(d
+        .cli_cmd()
+        .args(["serve", "--upload-to", upload.as_str()])
+        .args(["--upload-to", "ssh-ng://mirror", "--socket"])
+        .arg(own.join("s.sock"))
+        .arg("--state-dir")
+        .arg(&own))
+    .into();
+    assert_eq!(r.code, Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("upload-to is given a second time") && r.stderr.lines().count() == 1,
+        "{r:?}"
+    );
+}
+
+/// The journal's name for a target: FNV-1a (64 bits) of its URL, in 16
+/// hex digits (the URL here holds no secret to mask).
+fn target_id(url: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in url.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Per-target records (`>`: a target has the path; `!`: given up on for a
+/// target; `=`: requeued), as a daemon with several targets writes them,
+/// replay: a path the configured target has is done at start without an
+/// upload; one only another target has, or given up on for another target,
+/// is uploaded to this one.
+#[test]
+fn journal_records_of_several_targets_replay() {
+    let env = NixEnv::new("op-targets-journal");
+    let (upload, read) = file_cache(&env, "cache");
+    let mut d = Daemon::new_stopped(&env, &[("upload-to", upload.as_str())], NO_ENV);
+    let paths = env.build_paths(4, "targets");
+    let p = strs(&paths);
+    let (ours, other) = (target_id(&upload), target_id("ssh-ng://mirror"));
+    fs::create_dir_all(d.state_dir()).unwrap();
+    fs::write(
+        d.state_dir().join("journal"),
+        format!(
+            "+ 1700000000 {p0}\n+ 1700000001 {p1}\n+ 1700000002 {p2}\n+ 1700000003 {p3}\n\
+             > {ours} {p0}\n> {other} {p1}\n! 1700000009 {other} 10 {p2} nix copy failed: x\n\
+             ! 1700000009 {ours} 10 {p3} nix copy failed: y\n= 1700000010 * {p3}\n",
+            p0 = p[0],
+            p1 = p[1],
+            p2 = p[2],
+            p3 = p[3],
+        ),
+    )
+    .unwrap();
+    d.try_spawn().unwrap();
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
+    assert!(
+        !env.is_valid_in(&read, &paths[0]),
+        "the target had it already"
+    );
+    for q in &paths[1..] {
+        assert!(env.is_valid_in(&read, q), "{} not uploaded", q.display());
+    }
+    let j = status_json(&d);
+    assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");
+    assert!(!d.log().contains("unreadable"), "{}", d.log());
+}
+
+// ---------------------------------------------------------------------------
+// The target, checked at start
+// ---------------------------------------------------------------------------
+
+/// A mistyped target (an unknown kind of store, or no store URL at all)
+/// stops the daemon with exit 2 and nix's reason, before it listens; a
+/// target that does not answer is a warning, and the daemon starts.
+#[test]
+fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
+    let env = NixEnv::with_conf("op-target", "download-attempts = 1");
+    let cache = env.root().join("cache").display().to_string();
+    for url in [format!("fiel://{cache}"), "cache.example.org".to_string()] {
+        let mut d = Daemon::new_stopped(&env, &[("upload-to", url.as_str())], NO_ENV);
+        let e = d.try_spawn().expect_err(&url);
+        assert!(e.contains("exit status: 2"), "{url}: {e}");
+        let log = d.log();
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 1, "{url}: one line: {log}");
+        assert!(
+            lines[0].starts_with(&format!("post-build-hook-queue: upload-to {url}: "))
+                && lines[0].contains("nix store ping failed"),
+            "{url}: {log}"
+        );
+        assert!(!d.socket().exists(), "{url}: the daemon listened");
+    }
+    // Nix's own reason, whatever its version's words: an error that names
+    // the scheme (Nix 2.8 quotes the URL, 2.26 the scheme).
+    let mut d = Daemon::new_stopped(&env, &[("upload-to", "fiel:///x")], NO_ENV);
+    assert!(d.try_spawn().is_err());
+    let log = d.log();
+    let nix_said = log
+        .split_once("nix store ping failed")
+        .map_or("", |(_, r)| r);
+    assert!(
+        nix_said.contains("error:") && nix_said.contains("fiel"),
+        "{log}"
+    );
+
+    let port = free_port();
+    let target = format!("http://127.0.0.1:{port}/cache");
+    let d = Daemon::start(&env, &[("upload-to", &target)]);
+    wait_until_diag(
+        Duration::from_secs(30),
+        "a warning that the target does not answer",
+        || {
+            d.log().lines().any(|l| {
+                l.starts_with("warning:")
+                    && l.contains(&format!("upload-to {target}"))
+                    && l.contains("starting anyway")
+            })
+        },
+        || d.log(),
+    );
+    assert_eq!(field(&status_text(&d), "target"), target);
+}
+
+// ---------------------------------------------------------------------------
+// Any uploader
+// ---------------------------------------------------------------------------
+
+/// `upload-command` runs an uploader with the paths as its last arguments,
+/// with the queue's durability, batching and retries: here `nix copy`
+/// itself, through `nix-fail-wrapper` (a real uploader to a file cache),
+/// failing for a while and then delivering. Its words are run as words,
+/// never by a shell; a program that is not there stops the daemon (exit 2).
+#[test]
+fn upload_command_delivers_with_retries_and_without_a_shell() {
+    let env = NixEnv::new("op-uploader");
+    let (upload, read) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_fail(true);
+    let command = format!(
+        "{} --extra-experimental-features nix-command copy --to {upload}",
+        w.nix()
+    );
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-command", command.as_str()),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+        ],
+    );
+    let paths = env.build_paths(3, "uploader");
+    enqueue_cli(&d, &paths);
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the uploader failing, the paths backing off",
+        || {
+            let j = status_json(&d);
+            num(&j, "backing_off") == 3.0 && num(&j, "failed_calls") >= 2.0
+        },
+        || d.log(),
+    );
+    let j = status_json(&d);
+    assert_eq!(
+        j.get("target").and_then(Json::as_str),
+        Some(format!("upload-command: {command}").as_str()),
+        "{j:?}"
+    );
+    let err = j.get("backoff").and_then(Json::as_array).unwrap()[0]
+        .get("last_error")
+        .and_then(Json::as_str)
+        .unwrap()
+        .to_string();
+    assert!(
+        err.starts_with(
+            "upload-command failed (exit status 1): nix-fail-wrapper: injected failure"
+        ),
+        "{err}"
+    );
+    assert!(paths.iter().all(|p| !env.is_valid_in(&read, p)));
+    w.set_fail(false);
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    for p in &paths {
+        assert!(
+            env.is_valid_in(&read, p),
+            "{} not in the cache",
+            p.display()
+        );
+    }
+    assert!(!w.copy_pids().is_empty(), "the uploader ran");
+
+    // Words that a shell would act on are arguments like any other.
+    let marker = env.root().join("shell-ran");
+    let words = format!(
+        "/bin/echo $(touch {m}) ;touch {m} |touch {m}",
+        m = marker.display()
+    );
+    let d2 = Daemon::start(&env, &[("upload-command", words.as_str())]);
+    let r = cli(&d2, &["enqueue", &paths[0].display().to_string()]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli(&d2, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d2.log());
+    assert!(!marker.exists(), "upload-command went through a shell");
+
+    let mut d3 = Daemon::new_stopped(
+        &env,
+        &[("upload-command", "/nonexistent/cachix push c")],
+        NO_ENV,
+    );
+    let e = d3.try_spawn().expect_err("a missing uploader");
+    assert!(e.contains("exit status: 2"), "{e}");
+    assert!(
+        d3.log()
+            .contains("upload-command: /nonexistent/cachix is not an executable file"),
+        "{}",
+        d3.log()
+    );
+    let mut d4 = Daemon::new_stopped(
+        &env,
+        &[
+            ("upload-command", "/bin/true"),
+            ("upload-to", upload.as_str()),
+        ],
+        NO_ENV,
+    );
+    assert!(d4.try_spawn().is_err());
+    assert!(d4.log().contains("not both"), "{}", d4.log());
 }
 
 // ---------------------------------------------------------------------------

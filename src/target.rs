@@ -1,0 +1,230 @@
+//! Checking the upload target when the daemon starts, so that a mistyped
+//! `upload-to` stops it at once instead of being retried for ever.
+//!
+//! The check asks nix itself (`nix store ping --store URL`, in Nix 2.8 and
+//! 2.26 alike) and sorts its failure: a URL that is not a store URL at all,
+//! or whose kind of store nix does not know (`fiel://`, or `s3://` with a
+//! nix built without S3), can never work, and stops the daemon with nix's
+//! reason; anything else (a host that does not answer, a cache directory
+//! that cannot be made now) may mend, and is a warning. A nix that cannot
+//! be started at all stops the daemon too. The check waits a short moment
+//! before the daemon goes on starting (those fatal cases fail at once); a
+//! slow target is then judged in the background, so that a dead host never
+//! delays the hooks' socket.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::nix::{Failure, FailureKind, Nix};
+use crate::{info, redact, warning};
+
+/// Longest the check may run (then it is killed, and only warned about).
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long start-up waits for the check before it goes on.
+pub const CHECK_WAIT: Duration = Duration::from_secs(3);
+
+/// Checks `upload-to` as described in the module doc. `Err` holds the
+/// reason the daemon cannot run with this target, secrets masked.
+pub fn check_at_start(config: &Config) -> Result<(), String> {
+    if let Some(argv) = &config.upload_command {
+        return check_program(argv.first().map_or("", String::as_str));
+    }
+    let Some(url) = config.upload_to.clone() else {
+        return Ok(());
+    };
+    let nix = Nix::new(&config.nix, CHECK_TIMEOUT, Some(&url));
+    let (tx, rx) = mpsc::channel();
+    let pinged = url.clone();
+    std::thread::Builder::new()
+        .name("target-check".into())
+        .spawn(move || {
+            // Like every nix call, below the daemon (the worker's nice).
+            let _ = crate::sys::lower_thread_priority(crate::worker::UPLOAD_NICE);
+            let _ = tx.send(nix.ping(&pinged, CHECK_TIMEOUT));
+        })
+        .map_err(|e| format!("cannot start the check of the target: {e}"))?;
+    match rx.recv_timeout(CHECK_WAIT) {
+        Ok(result) => judge(&url, result),
+        Err(_) => {
+            // Still running: judged when it ends, while the daemon serves.
+            std::thread::Builder::new()
+                .name("target-check".into())
+                .spawn(move || {
+                    if let Ok(result) = rx.recv() {
+                        if let Err(e) = judge(&url, result) {
+                            crate::error!("{e}; the daemon keeps running, but uploads will fail until upload-to is corrected");
+                        }
+                    }
+                })
+                .map_err(|e| format!("cannot start the check of the target: {e}"))?;
+            Ok(())
+        }
+    }
+}
+
+/// Checks that the `upload-command` program can be run: an executable file
+/// at its path, or (a bare name) in a directory of `PATH`. What it does
+/// with the paths cannot be checked before the first upload.
+fn check_program(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        runnable(std::path::Path::new(program))
+    } else {
+        std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| runnable(&dir.join(program)))
+        })
+    };
+    if found {
+        info!("upload-command: {program} is there to run");
+        Ok(())
+    } else {
+        Err(format!(
+            "upload-command: {program} is not an executable file{}; give its path, or install it",
+            if program.contains('/') {
+                ""
+            } else {
+                " in any directory of PATH"
+            }
+        ))
+    }
+}
+
+/// What a finished check means: `Err` when the target can never work.
+fn judge(url: &str, result: Result<(), Failure>) -> Result<(), String> {
+    let shown = redact::url(url);
+    let failure = match result {
+        Ok(()) => {
+            info!("target {shown}: nix can open it");
+            return Ok(());
+        }
+        Err(f) => f,
+    };
+    let reason = redact::text(&failure.to_string());
+    if is_unusable(url, &failure) {
+        return Err(format!(
+            "upload-to {shown}: nix cannot use this store URL: {reason} (store URLs look like \
+             file:///var/cache/nix, ssh-ng://host, s3://bucket or https://host/path)"
+        ));
+    }
+    warning!(
+        "upload-to {shown}: the target cannot be opened now ({reason}); starting anyway, \
+         and uploads are retried until it answers"
+    );
+    Ok(())
+}
+
+/// True when the check's failure says the target can never work: nix
+/// could not be started, the URL is not a store URL, or nix does not know
+/// the kind of store (a wording kept from Nix 2.0 to 2.26).
+fn is_unusable(url: &str, failure: &Failure) -> bool {
+    matches!(failure.kind, FailureKind::Spawn(_))
+        || !is_store_url(url)
+        || failure.stderr.contains("don't know how to open")
+}
+
+/// True for the forms a Nix store URL takes: `auto`, `daemon`, `local`, an
+/// absolute path, or `scheme://...`, each maybe followed by `?params`.
+fn is_store_url(url: &str) -> bool {
+    let base = url.split_once('?').map_or(url, |(b, _)| b);
+    if matches!(base, "auto" | "daemon" | "local") || base.starts_with('/') {
+        return true;
+    }
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+.-".contains(c))
+        && !rest.is_empty()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit_failure(stderr: &str) -> Failure {
+        Failure {
+            what: "nix store ping",
+            kind: FailureKind::Exit("exit status 1".into()),
+            stderr: stderr.into(),
+        }
+    }
+
+    #[test]
+    fn store_url_forms() {
+        for ok in [
+            "file:///tmp/c?compression=none",
+            "ssh-ng://u@h",
+            "s3://bucket?region=eu-west-1",
+            "https://cache.example.org",
+            "local",
+            "daemon",
+            "/var/cache",
+            "local?root=/x",
+        ] {
+            assert!(is_store_url(ok), "{ok}");
+        }
+        for bad in [
+            "cache.example.org",
+            "file:/tmp/c",
+            "http//x",
+            "File:///x",
+            "://x",
+            "ssh://",
+            "",
+        ] {
+            assert!(!is_store_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_of_store_stop_the_daemon_unreachable_ones_do_not() {
+        // Nix 2.8 and Nix 2.26's wordings.
+        for stderr in [
+            "error: don't know how to open Nix store 'fiel:///tmp/cache'",
+            "error: don't know how to open Nix store with scheme 'fiel'",
+        ] {
+            let e = judge("fiel:///tmp/cache", Err(exit_failure(stderr))).unwrap_err();
+            assert!(e.starts_with("upload-to fiel:///tmp/cache: "), "{e}");
+            assert!(e.contains(stderr), "nix's reason: {e}");
+        }
+        let e = judge("cache.example.org", Err(exit_failure("error: x"))).unwrap_err();
+        assert!(e.contains("store URLs look like"), "{e}");
+        let spawn = Failure {
+            what: "nix store ping",
+            kind: FailureKind::Spawn("No such file or directory".into()),
+            stderr: String::new(),
+        };
+        assert!(judge("file:///x", Err(spawn)).is_err());
+        let down = exit_failure("error: cannot connect to 'u:pw@h'");
+        assert_eq!(judge("ssh://u:pw@h", Err(down)), Ok(()));
+        let not_dir = exit_failure("error: '/dev/null' is not a directory");
+        assert_eq!(judge("file:///dev/null/x", Err(not_dir)), Ok(()));
+        assert_eq!(judge("file:///x", Ok(())), Ok(()));
+    }
+
+    #[test]
+    fn upload_command_program_must_be_runnable() {
+        assert_eq!(check_program("sh"), Ok(()));
+        assert_eq!(check_program("/bin/sh"), Ok(()));
+        let e = check_program("/nonexistent/cachix").unwrap_err();
+        assert!(
+            e.contains("/nonexistent/cachix is not an executable file;"),
+            "{e}"
+        );
+        let e = check_program("npbhq-no-such-uploader").unwrap_err();
+        assert!(e.contains("in any directory of PATH"), "{e}");
+        assert!(check_program("/etc/passwd").is_err());
+    }
+
+    #[test]
+    fn secrets_are_masked_in_the_reason() {
+        let failure = exit_failure("error: don't know how to open Nix store 'zz://u:hunter2@h'");
+        let e = judge("zz://u:hunter2@h", Err(failure)).unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+}

@@ -1,0 +1,1067 @@
+//! The system tier: the daemon under the units module.nix renders, in a
+//! Debian 13 container with systemd as PID 1 and the multi-user Nix 2.26
+//! (nix-daemon, build users), as on NixOS. The hook runs inside nix-daemon
+//! as root; the daemon runs as the module's unprivileged user and signs
+//! through nix-daemon.
+//!
+//! The units come from tests/system/rendered/ (tests/system/render.sh writes
+//! them from module.nix with nixpkgs' lib; `rendered_units_match_module_nix`
+//! fails when they are stale). The root file system comes from
+//! tests/system/mkroot.sh, which builds it when it is missing. Each test
+//! boots its own container (`systemd-nspawn --volatile=overlay`, a machine
+//! name and cgroup of its own) and cleans up after itself. Nothing here
+//! skips: no root, no systemd-nspawn or no debootstrap is a failure.
+//!
+//! Set `NPBHQ_RENDERED_DIR` to boot other rendered units (for example the
+//! ones of an older module.nix) with the same scenarios.
+
+mod common;
+
+use common::{daemon_bin, hook_bin, unique_id, wait_until_ok};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const UNIT: &str = "nix-post-build-hook-queue";
+const CACHE_URL: &str = "file:///var/cache/npbhq-test?compression=none";
+const CACHE_DIR: &str = "/var/cache/npbhq-test";
+const STATE_DIR: &str = "/var/lib/nix-post-build-hook-queue";
+const METRICS_FILE: &str = "/var/lib/npbhq-test-metrics/metrics.prom";
+const RECEIVER: &str = "/srv/receiver";
+const PUBLIC_KEY: &str = "/etc/npbhq-test/signing-key.pub";
+/// Longest any one command inside the container may take.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
+/// Longest a delivery may take (generous: a bound, not a speed figure).
+const DELIVERY_DEADLINE: Duration = Duration::from_secs(120);
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rendered_dir() -> PathBuf {
+    std::env::var_os("NPBHQ_RENDERED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("tests/system/rendered"))
+}
+
+// ---------------------------------------------------------------------------
+// Commands with a deadline
+// ---------------------------------------------------------------------------
+
+/// What a finished command left.
+struct Ran {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn both(&self) -> String {
+        format!(
+            "{}\nstdout:\n{}\nstderr:\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` with its output in files under `dir`, killing it (and failing
+/// the test) if it outlasts `deadline`.
+fn run_deadline(cmd: &mut Command, dir: &Path, deadline: Duration) -> Ran {
+    let tag = unique_id();
+    let out = dir.join(format!("out-{tag}"));
+    let err = dir.join(format!("err-{tag}"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out).expect("stdout file"))
+        .stderr(fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} ran longer than {deadline:?}; stderr so far:\n{}",
+                fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let ran = Ran {
+        status,
+        stdout: fs::read_to_string(&out).unwrap_or_default(),
+        stderr: fs::read_to_string(&err).unwrap_or_default(),
+    };
+    let _ = fs::remove_file(out);
+    let _ = fs::remove_file(err);
+    ran
+}
+
+// ---------------------------------------------------------------------------
+// The rendered units
+// ---------------------------------------------------------------------------
+
+/// One rendered configuration: the parts of tests/system/rendered/NAME.txt,
+/// each `=== KIND NAME` and its text.
+struct Rendered {
+    parts: Vec<(String, String, String)>,
+}
+
+impl Rendered {
+    fn load(variant: &str) -> Rendered {
+        let file = rendered_dir().join(format!("{variant}.txt"));
+        let text = fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+        let mut parts: Vec<(String, String, String)> = Vec::new();
+        for line in text.split_inclusive('\n') {
+            if let Some(head) = line.strip_prefix("=== ") {
+                let mut words = head.trim_end().splitn(2, ' ');
+                let kind = words.next().unwrap_or_default().to_string();
+                let name = words.next().unwrap_or_default().to_string();
+                parts.push((kind, name, String::new()));
+            } else if let Some(last) = parts.last_mut() {
+                last.2.push_str(line);
+            } else {
+                panic!("{}: text before the first === line", file.display());
+            }
+        }
+        Rendered { parts }
+    }
+
+    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        self.parts
+            .iter()
+            .filter(move |(k, _, _)| k == kind)
+            .map(|(_, n, t)| (n.as_str(), t.as_str()))
+    }
+
+    fn part(&self, kind: &str) -> &str {
+        self.parts
+            .iter()
+            .find(|(k, _, _)| k == kind)
+            .map(|(_, _, t)| t.as_str())
+            .unwrap_or("")
+    }
+
+    fn unit(&self, name: &str) -> &str {
+        self.parts
+            .iter()
+            .find(|(k, n, _)| k == "unit" && n == name)
+            .map(|(_, _, t)| t.as_str())
+            .unwrap_or_else(|| panic!("no unit {name} rendered"))
+    }
+
+    /// The first `Key=` value of the service unit.
+    fn service_value(&self, key: &str) -> Option<String> {
+        let prefix = format!("{key}=");
+        self.unit(&format!("{UNIT}.service"))
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(String::from))
+    }
+
+    /// The config file the service's ExecStart names.
+    fn config_file(&self) -> (&str, &str) {
+        self.parts
+            .iter()
+            .find(|(k, n, _)| k == "file" && n.ends_with(".conf"))
+            .map(|(_, n, t)| (n.as_str(), t.as_str()))
+            .expect("a rendered config file")
+    }
+
+    /// The user the service runs as.
+    fn user(&self) -> String {
+        self.service_value("User").expect("User= in the service")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The container
+// ---------------------------------------------------------------------------
+
+/// A booted container: systemd-nspawn in a cgroup of its own, its PID 1, and
+/// a scratch directory on the host. Dropping it powers it off and removes
+/// the cgroups and nspawn's propagation directory.
+struct Container {
+    machine: String,
+    nspawn: Child,
+    pid1: u32,
+    cgroups: Vec<PathBuf>,
+    scratch: PathBuf,
+}
+
+/// The root file system, built by tests/system/mkroot.sh when missing.
+fn rootfs(scratch: &Path) -> PathBuf {
+    let script = repo().join("tests/system/mkroot.sh");
+    let ran = run_deadline(
+        &mut Command::new(&script),
+        scratch,
+        Duration::from_secs(900),
+    );
+    assert!(
+        ran.status.success(),
+        "tests/system/mkroot.sh failed (it needs root and debootstrap): {}",
+        ran.both()
+    );
+    PathBuf::from(ran.stdout.trim())
+}
+
+/// The pid (in the host's namespace) of the child of `parent` that is PID 1
+/// of its own pid namespace.
+fn container_pid1(parent: u32) -> Option<u32> {
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let ppid = field("PPid:");
+        let nspid = field("NSpid:");
+        // Until nspawn's child has become systemd, it is not PID 1 yet.
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if ppid.first() == Some(&parent.to_string().as_str())
+            && nspid.len() >= 2
+            && nspid.last() == Some(&"1")
+            && comm.trim() == "systemd"
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+impl Container {
+    /// Boots the root file system with our two binaries at /opt/npbhq/bin
+    /// (read-only) and waits until systemd reports the system running.
+    fn boot(tag: &str) -> Container {
+        for tool in ["systemd-nspawn", "nsenter"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(
+                found,
+                "{tool} is not installed: the system tier needs it (apt-get install systemd-container util-linux)"
+            );
+        }
+        let id = unique_id();
+        let scratch = std::env::temp_dir().join(format!("npbhq-system-{tag}-{id}"));
+        fs::create_dir_all(&scratch).expect("scratch dir");
+        let root = rootfs(&scratch);
+        // Short and unique: it names the cgroups and nspawn's directories.
+        let machine = format!("npbhq-{tag}-{}", id.replace('-', ""));
+        let machine: String = machine.chars().take(60).collect();
+        let mut cgroups = Vec::new();
+        for hierarchy in ["unified", "systemd"] {
+            let base = Path::new("/sys/fs/cgroup").join(hierarchy);
+            if base.is_dir() {
+                let dir = base.join(&machine);
+                fs::create_dir(&dir)
+                    .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", dir.display()));
+                cgroups.push(dir);
+            }
+        }
+        let enter: String = cgroups
+            .iter()
+            .map(|d| format!("echo $$ > {}/cgroup.procs && ", d.display()))
+            .collect();
+        let log = fs::File::create(scratch.join("nspawn.log")).expect("log");
+        let nspawn = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{enter}exec \"$@\""))
+            .arg("sh")
+            .arg("systemd-nspawn")
+            .arg("--quiet")
+            .arg("-D")
+            .arg(&root)
+            .arg("--machine")
+            .arg(&machine)
+            .args([
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "--volatile=overlay",
+                "--console=read-only",
+            ])
+            .arg(format!(
+                "--bind-ro={}:/opt/npbhq/bin/post-build-hook-queue",
+                daemon_bin().display()
+            ))
+            .arg(format!(
+                "--bind-ro={}:/opt/npbhq/bin/post-build-hook",
+                hook_bin().display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("cannot start systemd-nspawn");
+        let mut c = Container {
+            machine,
+            pid1: 0,
+            nspawn,
+            cgroups,
+            scratch,
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(pid) = container_pid1(c.nspawn.id()) {
+                c.pid1 = pid;
+                break;
+            }
+            if let Ok(Some(status)) = c.nspawn.try_wait() {
+                panic!(
+                    "systemd-nspawn exited ({status}) before the container started:\n{}",
+                    c.nspawn_log()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the container's PID 1 did not appear within 60 s:\n{}",
+                c.nspawn_log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        let started = start.elapsed();
+        // Before its bus is up, systemctl fails or says "offline" at once.
+        let mut state = c.sh("systemctl is-system-running --wait");
+        while (state.stdout.trim() == "offline" || state.stdout.trim().is_empty())
+            && start.elapsed() < Duration::from_secs(60)
+        {
+            thread::sleep(Duration::from_millis(50));
+            state = c.sh("systemctl is-system-running --wait");
+        }
+        assert!(
+            state.stdout.trim() == "running",
+            "the container did not come up cleanly ({}); failed units:\n{}",
+            state.both(),
+            c.sh("systemctl --failed --no-pager").stdout
+        );
+        // For reports (cargo test -- --nocapture), not an assertion.
+        eprintln!(
+            "{}: PID 1 after {:.2} s, running after {:.2} s",
+            c.machine,
+            started.as_secs_f64(),
+            start.elapsed().as_secs_f64()
+        );
+        c
+    }
+
+    fn nspawn_log(&self) -> String {
+        fs::read_to_string(self.scratch.join("nspawn.log")).unwrap_or_default()
+    }
+
+    /// Runs a shell script inside the container as root, with a plain
+    /// environment.
+    fn sh(&self, script: &str) -> Ran {
+        run_deadline(
+            Command::new("nsenter")
+                .arg("-t")
+                .arg(self.pid1.to_string())
+                .args(["-a", "/usr/bin/env", "-i"])
+                .args([
+                    "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+                    "HOME=/root",
+                    "LANG=C.UTF-8",
+                    "/bin/sh",
+                    "-c",
+                    script,
+                ]),
+            &self.scratch,
+            COMMAND_DEADLINE,
+        )
+    }
+
+    /// [`Container::sh`] that must succeed; returns its stdout.
+    fn ok(&self, script: &str) -> String {
+        let ran = self.sh(script);
+        assert!(
+            ran.status.success(),
+            "in the container: {script}\n{}",
+            ran.both()
+        );
+        ran.stdout
+    }
+
+    /// Writes a file inside the container (through its root, from the host).
+    fn write(&self, path: &str, text: &str) {
+        let host = PathBuf::from(format!("/proc/{}/root{path}", self.pid1));
+        if let Some(dir) = host.parent() {
+            fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("mkdir {} in the container: {e}", dir.display()));
+        }
+        fs::write(&host, text).unwrap_or_else(|e| panic!("write {path} in the container: {e}"));
+    }
+
+    /// The service's journal, for failure messages.
+    fn journal(&self) -> String {
+        let ran = self.sh(&format!(
+            "journalctl --no-pager -o short-monotonic -u {UNIT}.service -u {UNIT}.socket -u nix-daemon.service | tail -n 40"
+        ));
+        ran.stdout
+    }
+
+    /// `systemctl show` of the service, one property.
+    fn show(&self, property: &str) -> String {
+        self.ok(&format!("systemctl show -P {property} {UNIT}.service"))
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if self.pid1 != 0 {
+            // Bounded: a wedged container must not hang the test run.
+            let _ = Command::new("nsenter")
+                .arg("-t")
+                .arg(self.pid1.to_string())
+                .args(["-a", "systemctl", "poweroff", "--no-block"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map(|mut child| {
+                    let start = Instant::now();
+                    while start.elapsed() < Duration::from_secs(10) {
+                        if let Ok(Some(_)) = child.try_wait() {
+                            return;
+                        }
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                });
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        if !matches!(self.nspawn.try_wait(), Ok(Some(_))) {
+            let _ = self.nspawn.kill();
+            let _ = self.nspawn.wait();
+        }
+        // Whatever is left in the cgroups (nothing, after a clean poweroff).
+        for dir in &self.cgroups {
+            kill_cgroup(dir);
+        }
+        for dir in &self.cgroups {
+            remove_cgroup(dir);
+        }
+        let _ = fs::remove_dir_all(Path::new("/run/systemd/nspawn/propagate").join(&self.machine));
+        if std::env::var_os("NPBHQ_KEEP_TMP").is_none() {
+            let _ = fs::remove_dir_all(&self.scratch);
+        }
+    }
+}
+
+fn kill_cgroup(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                kill_cgroup(&e.path());
+            }
+        }
+    }
+    for pid in fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+    {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+}
+
+/// Removes a cgroup and everything under it, deepest first.
+fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+// ---------------------------------------------------------------------------
+// Installing the rendered configuration, as NixOS would
+// ---------------------------------------------------------------------------
+
+/// What the tests set up besides the module: the Nix daemon's configuration
+/// (no sandbox and no substituters, as in the host tier; the test key
+/// trusted for the ssh-ng receiver; reachable by every user, as on NixOS),
+/// the signing key.
+fn prepare_nix(c: &Container, module: &Rendered) {
+    c.ok(
+        "mkdir -p /etc/npbhq-test && chmod 700 /etc/npbhq-test && \
+         nix-store --generate-binary-cache-key npbhq-test /etc/npbhq-test/signing-key /etc/npbhq-test/signing-key.pub",
+    );
+    let public = c.ok(&format!("cat {PUBLIC_KEY}"));
+    c.write(
+        "/etc/nix/nix.conf",
+        &format!(
+            "sandbox = false\nsubstituters =\nexperimental-features = nix-command\n\
+             trusted-public-keys = {}\n{}",
+            public.trim(),
+            module.part("nix.conf")
+        ),
+    );
+    // Debian lets only the group nix-users reach the nix-daemon (its
+    // directory is 0770); NixOS lets everyone connect (allowed-users
+    // decides). As on NixOS:
+    c.write(
+        "/etc/tmpfiles.d/nix-daemon.conf",
+        "d /nix/var/nix/daemon-socket 0755 root root\n",
+    );
+    c.ok("chmod 755 /nix/var/nix/daemon-socket");
+    c.ok("systemctl stop nix-daemon.service nix-daemon.socket && systemctl start nix-daemon.socket || { journalctl -n 30 --no-pager; exit 1; }");
+}
+
+/// Writes users, files, tmpfiles rules and units of `module`, as NixOS's
+/// activation does: users and groups, then tmpfiles, then the units.
+fn install_module(c: &Container, module: &Rendered) {
+    for group in module.part("groups").lines() {
+        c.ok(&format!(
+            "getent group {group} || groupadd --system {group}"
+        ));
+    }
+    for line in module.part("users").lines() {
+        let mut words = line.split_whitespace();
+        let name = words.next().expect("user name");
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("users line without {key}: {line}"))
+                .to_string()
+        };
+        c.ok(&format!(
+            "getent passwd {name} || useradd --system --gid {} --home-dir {} --no-create-home --shell /usr/sbin/nologin {name}",
+            field("group"),
+            field("home")
+        ));
+    }
+    for (path, text) in module.of_kind("file") {
+        c.write(path, text);
+    }
+    c.write(
+        &format!("/etc/tmpfiles.d/{UNIT}.conf"),
+        module.part("tmpfiles"),
+    );
+    c.ok(&format!(
+        "systemd-tmpfiles --create /etc/tmpfiles.d/{UNIT}.conf"
+    ));
+    for (name, text) in module.of_kind("unit") {
+        c.write(&format!("/etc/systemd/system/{name}"), text);
+    }
+    c.ok("systemctl daemon-reload");
+}
+
+/// A fresh start of the module's units: enabled (as NixOS links them into
+/// sockets.target and multi-user.target) and started.
+fn start_module(c: &Container) {
+    let ran = c.sh(&format!(
+        "systemctl enable {UNIT}.socket {UNIT}.service && systemctl start {UNIT}.socket {UNIT}.service"
+    ));
+    assert!(
+        ran.status.success(),
+        "the module's units did not start: {}\n{}",
+        ran.both(),
+        c.journal()
+    );
+}
+
+/// A container with `variant` installed and running.
+fn boot_with(tag: &str, variant: &str) -> (Container, Rendered) {
+    let module = Rendered::load(variant);
+    let c = Container::boot(tag);
+    prepare_nix(&c, &module);
+    install_module(&c, &module);
+    (c, module)
+}
+
+/// Builds a distinct one-file derivation as root through the nix-daemon
+/// (which runs the post-build-hook, as root); returns its output path.
+fn build(c: &Container, tag: &str) -> String {
+    build_as(c, "root", tag)
+}
+
+/// [`build`] by `user` (a client of the nix-daemon like any other: the
+/// daemon runs the hook, as root, whoever asked for the build).
+fn build_as(c: &Container, user: &str, tag: &str) -> String {
+    let nonce = unique_id();
+    let out = c.ok(&format!(
+        "cd / && runuser -u {user} -- env HOME=/tmp NIX_REMOTE=daemon nix-build --no-out-link -E 'derivation {{ name = \"npbhq-{tag}\"; \
+         system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {nonce} > $out\" ]; }}'"
+    ));
+    let path = out.lines().last().unwrap_or_default().trim().to_string();
+    assert!(
+        path.starts_with("/nix/store/"),
+        "nix-build printed no store path: {out}"
+    );
+    path
+}
+
+/// Whether `path` is in the file:// cache with a signature the test key
+/// verifies.
+fn verified_in(c: &Container, store: &str, path: &str) -> Result<(), String> {
+    let ran = c.sh(&format!(
+        "nix store verify --no-contents --store '{store}' --trusted-public-keys \"$(cat {PUBLIC_KEY})\" {path}"
+    ));
+    if ran.status.success() {
+        Ok(())
+    } else {
+        Err(ran.both())
+    }
+}
+
+/// Whether the file:// cache has `path`'s narinfo, looked at without nix:
+/// root's nix would create the cache's files, owned by root, and the
+/// daemon's user could then no longer write there.
+fn in_cache_dir(c: &Container, path: &str) -> bool {
+    let hash = path
+        .trim_start_matches("/nix/store/")
+        .split('-')
+        .next()
+        .unwrap_or_default();
+    c.sh(&format!("test -e {CACHE_DIR}/{hash}.narinfo"))
+        .status
+        .success()
+}
+
+/// Waits until every path is in the file:// cache, then verifies each
+/// with the test key.
+fn wait_delivered(c: &Container, paths: &[String]) {
+    for p in paths {
+        wait_until_ok(
+            DELIVERY_DEADLINE,
+            &format!("{p} in {CACHE_DIR}"),
+            || {
+                in_cache_dir(c, p)
+                    .then_some(())
+                    .ok_or_else(|| "no narinfo yet".to_string())
+            },
+            || c.journal(),
+        );
+    }
+    for p in paths {
+        verified_in(c, CACHE_URL, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
+    }
+}
+
+/// The service is up and was never restarted: checked longer than
+/// RestartSec after it last served, as an operator would.
+fn assert_stays_up(c: &Container, module: &Rendered) {
+    let restart_sec: f64 = module
+        .service_value("RestartSec")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0);
+    thread::sleep(Duration::from_secs_f64(restart_sec + 2.0));
+    let props = c.ok(&format!(
+        "systemctl show -p NRestarts,ActiveState,SubState,Result,ExecMainStatus {UNIT}.service"
+    ));
+    assert!(
+        props.contains("NRestarts=0") && props.contains("ActiveState=active"),
+        "the service did not stay up:\n{props}\n{}",
+        c.journal()
+    );
+}
+
+fn daemon(c: &Container, args: &str) -> Ran {
+    c.sh(&format!("/opt/npbhq/bin/post-build-hook-queue {args}"))
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+// ---------------------------------------------------------------------------
+
+#[test]
+fn rendered_units_match_module_nix() {
+    let source = fs::read_to_string(repo().join("tests/system/rendered/source.txt"))
+        .expect("tests/system/rendered/source.txt");
+    for file in ["module.nix", "tests/system/render.nix"] {
+        let recorded = source
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{file} ")))
+            .unwrap_or_else(|| panic!("source.txt records no hash of {file}"));
+        let out = Command::new("sha256sum")
+            .arg(repo().join(file))
+            .output()
+            .expect("sha256sum");
+        let now = String::from_utf8_lossy(&out.stdout);
+        let now = now.split_whitespace().next().unwrap_or_default();
+        assert_eq!(
+            recorded, now,
+            "{file} changed since tests/system/rendered/ was rendered: run tests/system/render.sh NIXPKGS_LIB (see its header)"
+        );
+    }
+}
+
+#[test]
+fn rendered_module_facts() {
+    let checks = fs::read_to_string(repo().join("tests/system/rendered/checks.txt"))
+        .expect("tests/system/rendered/checks.txt");
+    let fact = |name: &str| {
+        checks
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+            .unwrap_or_else(|| panic!("checks.txt has no {name}"))
+            .to_string()
+    };
+    for name in [
+        "default-user-created",
+        "nix-pb-user-created",
+        "known-settings-key-accepted",
+        "unknown-settings-key-fails",
+        "module-owned-key-fails",
+        "old-nix-signing-untrusted-fails",
+        "key-in-store-fails",
+        "overlaid-package-runs",
+        "overlaid-package-installed",
+        "default-package-installed",
+    ] {
+        assert_eq!(fact(name), "true", "module.nix: {name}");
+    }
+    let decimals = fact("decimal-seconds-rendered");
+    for line in [
+        "command-timeout = 2.5\\n",
+        "retry-initial-delay = 1e-07\\n",
+        "retry-max-delay = 7.5\\n",
+    ] {
+        assert!(decimals.contains(line), "{line} not in {decimals}");
+    }
+    // Every rendered configuration: the socket root-only, the filter one
+    // item a line (systemd ignores a `~` that does not start its line),
+    // setpriority allowed after @resources is denied, stray calls EPERM,
+    // a bad configuration not restarted, a stop that outlasts the daemon's
+    // grace and leaves the nix call to the daemon.
+    for variant in ["file", "ssh"] {
+        let r = Rendered::load(variant);
+        let service = r.unit(&format!("{UNIT}.service"));
+        let filter: Vec<&str> = service
+            .lines()
+            .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+            .collect();
+        assert_eq!(
+            filter,
+            [
+                "@system-service",
+                "~@privileged",
+                "~@resources",
+                "setpriority"
+            ],
+            "{variant}"
+        );
+        for line in [
+            "SystemCallErrorNumber=EPERM",
+            "RestartPreventExitStatus=2",
+            "KillMode=mixed",
+            "X-StopIfChanged=false",
+        ] {
+            assert!(service.lines().any(|l| l == line), "{variant}: no {line}");
+        }
+        let stop: u64 = r
+            .service_value("TimeoutStopSec")
+            .and_then(|v| v.parse().ok())
+            .expect("TimeoutStopSec");
+        assert!(
+            stop > 10,
+            "TimeoutStopSec={stop} is not longer than the daemon's 10 s grace"
+        );
+        assert!(r
+            .unit(&format!("{UNIT}.socket"))
+            .lines()
+            .any(|l| l == "SocketMode=0600"));
+    }
+}
+
+/// The module's units on a real systemd: the hook runs in the nix-daemon
+/// as root, the daemon (the module's unprivileged user) signs through the
+/// nix-daemon and uploads to a file:// cache that did not exist, writes its
+/// metrics, answers `status` and `wait` for root, and stays up.
+#[test]
+fn module_service_serves_signs_uploads_and_stays_up() {
+    let c = Container::boot("serve");
+    let module = Rendered::load("file");
+    // Neither the cache nor the metrics directory exists: the module's
+    // tmpfiles rules create them.
+    c.ok(&format!(
+        "test ! -e {CACHE_DIR} && test ! -e $(dirname {METRICS_FILE})"
+    ));
+    prepare_nix(&c, &module);
+    install_module(&c, &module);
+    start_module(&c);
+    let socket = c.ok(&format!("stat -c '%U %a' /run/{UNIT}.sock"));
+    assert_eq!(socket.trim(), "root 600", "the socket is root's alone");
+
+    let mut paths: Vec<String> = (0..3).map(|i| build(&c, &format!("serve{i}"))).collect();
+    // A user who cannot reach the socket (root's, 0600) builds too: the hook
+    // runs in the nix-daemon, as root, so the path is queued all the same.
+    let refused = c.sh(&format!(
+        "runuser -u nobody -- /opt/npbhq/bin/post-build-hook-queue status --socket /run/{UNIT}.sock"
+    ));
+    assert!(
+        !refused.status.success(),
+        "nobody reached the socket: {}",
+        refused.both()
+    );
+    paths.push(build_as(&c, "nobody", "serve-nobody"));
+    let waited = daemon(&c, "wait --timeout 100");
+    assert!(
+        waited.status.success(),
+        "wait as root: {}\n{}",
+        waited.both(),
+        c.journal()
+    );
+    for p in &paths {
+        verified_in(&c, CACHE_URL, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
+    }
+    // The verification means something: another key does not verify.
+    let other = c.ok(
+        "nix-store --generate-binary-cache-key other /tmp/other.sk /tmp/other.pk && cat /tmp/other.pk",
+    );
+    let wrong = c.sh(&format!(
+        "nix store verify --no-contents --store '{CACHE_URL}' --trusted-public-keys '{}' {}",
+        other.trim(),
+        paths[0]
+    ));
+    assert!(
+        !wrong.status.success(),
+        "a wrong key verified: {}",
+        wrong.both()
+    );
+
+    // Signed through the nix-daemon, by the module's user.
+    let pid = c.show("MainPID");
+    let uid = c.ok(&format!("awk '/^Uid:/ {{print $2}}' /proc/{pid}/status"));
+    let user_uid = c.ok(&format!("id -u {}", module.user()));
+    assert_eq!(
+        uid.trim(),
+        user_uid.trim(),
+        "the daemon runs as the module's user"
+    );
+    assert_ne!(uid.trim(), "0");
+    let sigs = c.ok(&format!("nix path-info --sigs {}", paths[0]));
+    assert!(
+        sigs.contains("npbhq-test:"),
+        "no signature in the local store: {sigs}"
+    );
+
+    let status = daemon(&c, "status");
+    assert!(status.status.success(), "status as root: {}", status.both());
+    let json = daemon(&c, "status --json");
+    assert!(
+        json.stdout.contains("\"queued\":0") && json.stdout.contains("\"signing\":true"),
+        "status --json: {}",
+        json.both()
+    );
+    wait_until_ok(
+        Duration::from_secs(30),
+        "the metrics file counts the uploads",
+        || {
+            let m = c.sh(&format!("cat {METRICS_FILE}")).stdout;
+            let uploaded = m
+                .lines()
+                .find_map(|l| l.strip_prefix("nix_post_build_hook_queue_uploaded_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok());
+            match uploaded {
+                Some(n) if n >= paths.len() as f64 => Ok(()),
+                _ => Err(m),
+            }
+        },
+        || c.journal(),
+    );
+    assert_stays_up(&c, &module);
+
+    let security = c.ok(&format!(
+        "systemd-analyze security --no-pager {UNIT}.service | tail -n 1"
+    ));
+    let score: f64 = security
+        .split(':')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure score in: {security}"));
+    eprintln!("systemd-analyze security: {}", security.trim());
+    assert!(score <= 1.0, "the sandbox got weaker: {}", security.trim());
+}
+
+/// Upload over ssh-ng to a receiver (sshd in the container, a separate
+/// store) that requires signatures by the test key: it refuses an unsigned
+/// path, and every path the hook queued arrives signed.
+#[test]
+fn module_service_uploads_over_ssh_ng_to_a_receiver_requiring_signatures() {
+    let (c, module) = boot_with("ssh", "ssh");
+    // The receiver: root's ssh key runs an untrusted nix-daemon on its own
+    // store (as `nix.sshServe` does), so a path is accepted only with a
+    // signature by a key in the receiver's trusted-public-keys. (A trusted
+    // one, as root's own `nix-daemon --stdio` is, takes any locally built
+    // path unsigned.)
+    c.ok(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f /etc/npbhq-test/ssh-key && \
+         install -d -m 700 /root/.ssh && \
+         echo \"restrict,command=\\\"nix-daemon --extra-experimental-features daemon-trust-override --stdio --force-untrusted --store {RECEIVER}\\\" $(cat /etc/npbhq-test/ssh-key.pub)\" > /root/.ssh/authorized_keys && \
+         echo \"127.0.0.1 $(cat /etc/ssh/ssh_host_ed25519_key.pub)\" > /etc/ssh/ssh_known_hosts && \
+         mkdir -p {RECEIVER} && systemctl restart ssh.service"
+    ));
+    // The receiver's own check, without our daemon: it refuses an unsigned
+    // path, and takes the same path once it is signed with the test key
+    // (so the refusal was about the signature, not the connection).
+    // Built (input-addressed): a content-addressed path, as `nix-store
+    // --add` makes, needs no signature anywhere. The service is not started
+    // yet, so the hook spools it.
+    let unsigned = build(&c, "unsigned");
+    let copy = format!(
+        "NIX_SSHOPTS='-i /etc/npbhq-test/ssh-key -o BatchMode=yes' nix copy --to 'ssh-ng://root@127.0.0.1?remote-store={RECEIVER}' {unsigned}"
+    );
+    let refused = c.sh(&copy);
+    assert!(
+        !refused.status.success() && verified_in(&c, RECEIVER, &unsigned).is_err(),
+        "the receiver accepted an unsigned path: {}",
+        refused.both()
+    );
+    c.ok(&format!(
+        "nix store sign --key-file /etc/npbhq-test/signing-key {unsigned} && {copy}"
+    ));
+    verified_in(&c, RECEIVER, &unsigned).unwrap_or_else(|e| panic!("signed by hand: {e}"));
+    start_module(&c);
+    let paths: Vec<String> = (0..3).map(|i| build(&c, &format!("ssh{i}"))).collect();
+    let waited = daemon(&c, "wait --timeout 100");
+    assert!(
+        waited.status.success(),
+        "wait: {}\n{}",
+        waited.both(),
+        c.journal()
+    );
+    for p in &paths {
+        verified_in(&c, RECEIVER, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
+    }
+    assert_stays_up(&c, &module);
+}
+
+/// Socket and service stopped: builds still succeed and the hook spools;
+/// started again, everything arrives.
+#[test]
+fn builds_spool_while_stopped_and_arrive_after_start() {
+    let (c, _module) = boot_with("spool", "file");
+    start_module(&c);
+    c.ok(&format!("systemctl stop {UNIT}.socket {UNIT}.service"));
+    let paths: Vec<String> = (0..3).map(|i| build(&c, &format!("spool{i}"))).collect();
+    let spooled = c.ok(&format!("cat {STATE_DIR}/spool/* 2>/dev/null || true"));
+    for p in &paths {
+        assert!(spooled.contains(p.as_str()), "{p} not spooled: {spooled}");
+        assert!(!in_cache_dir(&c, p), "{p} uploaded while stopped");
+    }
+    c.ok(&format!("systemctl start {UNIT}.socket {UNIT}.service"));
+    wait_delivered(&c, &paths);
+    // The spooled requests were taken in: none is left to be read again.
+    let left = c.ok(&format!("ls -A {STATE_DIR}/spool"));
+    assert!(left.trim().is_empty(), "left in the spool: {left}");
+}
+
+/// A restart while `nix copy` runs (what a switch does to this unit: it
+/// has `X-StopIfChanged=false`) loses nothing, and does not cut the upload
+/// short: the daemon alone gets SIGTERM (`KillMode=mixed`) and lets the copy
+/// finish within its grace, which systemd's stop timeout outlasts. The
+/// upload is held open by a wrapper around the real nix (`settings.nix`)
+/// that notes each copy and waits 4 s before it.
+#[test]
+fn restart_in_the_middle_of_an_upload_loses_nothing() {
+    let (c, module) = boot_with("restart", "file");
+    // The module's config file, with the slow nix: a changed configuration
+    // of the same module (settings.nix), written where the unit reads it.
+    let (config_path, config_text) = module.config_file();
+    c.write(
+        "/usr/local/bin/npbhq-slow-nix",
+        "#!/bin/sh\ncase \" $* \" in *\" copy \"*) echo copy >> \"$HOME/copies\"; sleep 4;; esac\nexec /usr/bin/nix \"$@\"\n",
+    );
+    c.ok("chmod 755 /usr/local/bin/npbhq-slow-nix");
+    c.write(
+        config_path,
+        &format!("{config_text}nix = /usr/local/bin/npbhq-slow-nix\n"),
+    );
+    // Built before the daemon first starts: the hook spools both, and the
+    // daemon uploads them in one `nix copy`.
+    let paths: Vec<String> = (0..2).map(|i| build(&c, &format!("restart{i}"))).collect();
+    start_module(&c);
+    let copies = || {
+        c.sh(&format!("cat {STATE_DIR}/copies"))
+            .stdout
+            .lines()
+            .count()
+    };
+    wait_until_ok(
+        Duration::from_secs(60),
+        "an upload in progress",
+        || {
+            (copies() > 0)
+                .then_some(())
+                .ok_or_else(|| "no copy yet".to_string())
+        },
+        || c.journal(),
+    );
+    c.ok(&format!("systemctl restart {UNIT}.service"));
+    wait_delivered(&c, &paths);
+    let json = daemon(&c, "status --json");
+    assert!(json.stdout.contains("\"queued\":0"), "{}", json.both());
+    assert_eq!(
+        copies(),
+        1,
+        "the copy in progress at the restart was cut short and had to run again\n{}",
+        c.journal()
+    );
+}
+
+/// What `nixos-rebuild switch` does to a changed socket-activated unit
+/// with stopIfChanged (stop the service and the socket, activate, start the
+/// socket and the targets that are active) drains the queue left behind,
+/// without a client touching the socket.
+#[test]
+fn switch_to_a_changed_unit_drains_the_queue() {
+    let (c, module) = boot_with("switch", "file");
+    start_module(&c);
+    // Paths queued while the upload target is unwritable: they wait.
+    c.ok(&format!("chmod 000 {CACHE_DIR}"));
+    let paths: Vec<String> = (0..3).map(|i| build(&c, &format!("switch{i}"))).collect();
+    wait_until_ok(
+        Duration::from_secs(60),
+        "three paths queued",
+        || {
+            let json = daemon(&c, "status --json").stdout;
+            json.contains("\"queued\":3").then_some(()).ok_or(json)
+        },
+        || c.journal(),
+    );
+    // The switch: stop the service and the socket, activate the changed
+    // configuration (here the service unit gains an environment line),
+    // start the socket and the active targets.
+    c.ok(&format!("systemctl stop {UNIT}.service {UNIT}.socket"));
+    c.ok(&format!("chmod 755 {CACHE_DIR}"));
+    let service = format!("/etc/systemd/system/{UNIT}.service");
+    let changed = module.unit(&format!("{UNIT}.service")).replacen(
+        "[Service]\n",
+        "[Service]\nEnvironment=\"NPBHQ_TEST_GENERATION=2\"\n",
+        1,
+    );
+    c.write(&service, &changed);
+    c.ok("systemctl daemon-reload");
+    c.ok(&format!("systemctl start {UNIT}.socket multi-user.target"));
+    wait_delivered(&c, &paths);
+}
