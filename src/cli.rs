@@ -104,12 +104,14 @@ refused, 2 on usage errors or when no daemon answers.",
         "status" => (
             "status [--socket PATH] [--json]",
             "Shows the queue: paths queued, in flight, uploaded, dropped, backing off and
-given up on (failed, with their last error), the target, the upload rate.
+given up on (failed, with their last error), each target (its queue, what it
+took, its failures and last error), the upload rate.
 --json prints one JSON object on one line.",
         ),
         "wait" => (
             "wait [--socket PATH] [--timeout SECONDS]",
-            "Waits until every path queued before it is uploaded. Exit 0 when all were;
+            "Waits until every path queued before it is uploaded to every target (or
+given up on). Exit 0 when all were;
 1 when some were dropped or given up on (named, with their last error), or
 the timeout passed first (the last error of what it still waits for is
 shown); 2 when no daemon answers.",
@@ -122,8 +124,8 @@ Paths given up on are not affected: see requeue.",
         "requeue" => (
             "requeue [--socket PATH] --all-failed | PATH...",
             "Tries paths given up on (see status) again, with fresh attempts (and
-give-up-after counted from now); the journal records it, so it holds across
-restarts. Prints how many were given
+give-up-after counted from now), on the targets that gave up on them only;
+the journal records it, so it holds across restarts. Prints how many were given
 up on; a PATH that was not is left as it is.",
         ),
         "drop" => (
