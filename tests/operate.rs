@@ -2623,26 +2623,28 @@ fn a_path_given_up_on_one_target_only() {
         ],
     );
     let good = env.build_paths(1, "fine");
-    let poison = env.build_paths(1, "poison");
+    let poison = env.build_paths(2, "poison");
     let p = poison[0].display().to_string();
-    enqueue_cli(&d, &[good[0].clone(), poison[0].clone()]);
+    enqueue_cli(&d, &[good[0].clone(), poison[0].clone(), poison[1].clone()]);
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.code, Some(1), "{r:?}\n{}", d.log());
     assert!(
-        r.stderr.contains("1 path(s) failed and were given up on")
+        r.stderr.contains("2 path(s) failed and were given up on")
             && r.stderr.contains(&p)
             && r.stderr.contains(&up_b)
             && r.stderr.contains("refusing a poison path"),
         "{r:?}"
     );
-    assert!(env.is_valid_in(&read_a, &poison[0]), "cache-a lacks it");
+    for q in &poison {
+        assert!(env.is_valid_in(&read_a, q), "cache-a lacks {}", q.display());
+        assert!(!env.is_valid_in(&read_b, q));
+    }
     assert!(env.is_valid_in(&read_b, &good[0]));
-    assert!(!env.is_valid_in(&read_b, &poison[0]));
     let (a, b) = (target_json(&d, "cache-a"), target_json(&d, "cache-b"));
     assert_eq!((num(&a, "failed"), num(&a, "queued")), (0.0, 0.0), "{a:?}");
-    assert_eq!((num(&b, "failed"), num(&b, "queued")), (1.0, 0.0), "{b:?}");
+    assert_eq!((num(&b, "failed"), num(&b, "queued")), (2.0, 0.0), "{b:?}");
     let j = status_json(&d);
-    assert_eq!((num(&j, "queued"), num(&j, "failed")), (1.0, 1.0), "{j:?}");
+    assert_eq!((num(&j, "queued"), num(&j, "failed")), (2.0, 2.0), "{j:?}");
     let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
     let e = failed[0].get("last_error").and_then(Json::as_str).unwrap();
     assert!(e.starts_with(&format!("{up_b}: ")), "{e}");
@@ -2659,6 +2661,14 @@ fn a_path_given_up_on_one_target_only() {
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
     assert!(env.is_valid_in(&read_b, &poison[0]));
+    // The other one, dropped: for every target, and b never gets it.
+    let r = cli(&d, &["drop", "--all-failed"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "dropped 1 queued path(s); they will not be uploaded\n"
+    );
+    assert!(!env.is_valid_in(&read_b, &poison[1]));
     assert_eq!(
         w.copies_of("cache-a", &poison[0]),
         copies_a,
