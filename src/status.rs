@@ -518,7 +518,7 @@ impl Snapshot {
         metric(
             "uploaded_total",
             "counter",
-            "Paths signed and uploaded since the daemon started.",
+            "Paths signed and uploaded to every target since the daemon started.",
             self.uploaded.to_string(),
         );
         metric(
