@@ -708,13 +708,13 @@ impl Worker {
     /// lone failures do not count (the bisection of a failed batch still
     /// finds the paths at fault, and `give-up-after` ends the rest).
     fn blame_alone(&self, lane: usize) -> Blame {
-        let lane_ = &self.lanes[lane];
-        let url = match &lane_.target.kind {
+        let this = &self.lanes[lane];
+        let url = match &this.target.kind {
             Kind::Command(_) => return Blame::Target,
             Kind::SignOnly => return Blame::Paths,
             Kind::Url(url) => url,
         };
-        match lane_.nix.ping(url, PING_TIMEOUT.min(lane_.nix.timeout())) {
+        match this.nix.ping(url, PING_TIMEOUT.min(this.nix.timeout())) {
             Ok(()) => Blame::Paths,
             Err(e) => {
                 self.count_failure(lane, &e);
