@@ -104,12 +104,14 @@ refused, 2 on usage errors or when no daemon answers.",
         "status" => (
             "status [--socket PATH] [--json]",
             "Shows the queue: paths queued, in flight, uploaded, dropped, backing off and
-given up on (failed, with their last error), the target, the upload rate.
+given up on (failed, with their last error), each target (its queue, what it
+took, its failures and last error), the upload rate.
 --json prints one JSON object on one line.",
         ),
         "wait" => (
             "wait [--socket PATH] [--timeout SECONDS]",
-            "Waits until every path queued before it is uploaded. Exit 0 when all were;
+            "Waits until every path queued before it is uploaded to every target (or
+given up on). Exit 0 when all were;
 1 when some were dropped or given up on (named, with their last error), or
 the timeout passed first (the last error of what it still waits for is
 shown); 2 when no daemon answers.",
@@ -122,8 +124,8 @@ Paths given up on are not affected: see requeue.",
         "requeue" => (
             "requeue [--socket PATH] --all-failed | PATH...",
             "Tries paths given up on (see status) again, with fresh attempts (and
-give-up-after counted from now); the journal records it, so it holds across
-restarts. Prints how many were given
+give-up-after counted from now), on the targets that gave up on them only;
+the journal records it, so it holds across restarts. Prints how many were given
 up on; a PATH that was not is left as it is.",
         ),
         "drop" => (
@@ -421,6 +423,9 @@ struct StatusReply {
     failed: Vec<[String; 4]>,
     /// The paths of the nix call in progress.
     in_flight: Vec<String>,
+    /// Per target: `[id, queued, delivered, backing off, failed, given up
+    /// total, failed calls, state, label]`, and its last error.
+    targets: Vec<([String; 9], Option<String>)>,
 }
 
 impl StatusReply {
@@ -440,6 +445,28 @@ impl StatusReply {
                     }
                 }
                 "in-flight-path" => reply.in_flight.push(value.to_string()),
+                "target-state" => {
+                    let mut parts = value.splitn(9, ' ').map(String::from);
+                    let mut next = || parts.next().unwrap_or_default();
+                    let item = [
+                        next(),
+                        next(),
+                        next(),
+                        next(),
+                        next(),
+                        next(),
+                        next(),
+                        next(),
+                        next(),
+                    ];
+                    reply.targets.push((item, None));
+                }
+                "target-error" => {
+                    let (id, error) = value.split_once(' ').unwrap_or((value, ""));
+                    if let Some(t) = reply.targets.iter_mut().find(|(t, _)| t[0] == id) {
+                        t.1 = Some(error.to_string());
+                    }
+                }
                 _ => reply.fields.push((key.to_string(), value.to_string())),
             }
         }
@@ -518,13 +545,15 @@ fn json_number(value: &str) -> String {
 /// The `status --json` object: the daemon's `KEY VALUE` lines with `-` in
 /// keys turned into `_` (numbers as numbers, `signing` a boolean, `-` as
 /// null), plus `backoff`, the list of failing paths, `failed_paths`, the
-/// paths given up on, and `in_flight_paths`, those of the nix call now.
+/// paths given up on, `in_flight_paths`, those of the nix call now, and
+/// `targets`, each target's state.
 fn status_json(reply: &StatusReply) -> String {
     let StatusReply {
         fields,
         backoff,
         failed,
         in_flight,
+        targets,
     } = reply;
     let mut parts: Vec<String> = fields
         .iter()
@@ -569,6 +598,25 @@ fn status_json(reply: &StatusReply) -> String {
     parts.push(format!("\"failed_paths\":[{}]", items.join(",")));
     let items: Vec<String> = in_flight.iter().map(|p| json_string(p)).collect();
     parts.push(format!("\"in_flight_paths\":[{}]", items.join(",")));
+    let items: Vec<String> = targets
+        .iter()
+        .map(|([id, queued, delivered, backing_off, failed, given_up, calls, state, label], error)| {
+            format!(
+                "{{\"target\":{},\"id\":{},\"state\":{},\"queued\":{},\"delivered\":{},\"backing_off\":{},\"failed\":{},\"given_up_total\":{},\"failed_calls\":{},\"last_error\":{}}}",
+                json_string(label),
+                json_string(id),
+                json_string(state),
+                json_number(queued),
+                json_number(delivered),
+                json_number(backing_off),
+                json_number(failed),
+                json_number(given_up),
+                json_number(calls),
+                error.as_deref().map_or("null".to_string(), json_string)
+            )
+        })
+        .collect();
+    parts.push(format!("\"targets\":[{}]", items.join(",")));
     format!("{{{}}}\n", parts.join(","))
 }
 
@@ -620,6 +668,7 @@ fn status_text(reply: &StatusReply) -> String {
         backoff,
         failed,
         in_flight,
+        targets,
     } = reply;
     let get = |k: &str| {
         fields
@@ -680,6 +729,17 @@ fn status_text(reply: &StatusReply) -> String {
         t => t,
     };
     s.push_str(&format!("target:       {target}\n"));
+    if targets.len() > 1 {
+        for ([_, queued, delivered, backing_off, failed, _, _, state, label], error) in targets {
+            s.push_str(&format!(
+                "  {label}: {state}, {queued} queued, {delivered} delivered since start, \
+                 {backing_off} backing off, {failed} failed\n"
+            ));
+            if let Some(e) = error {
+                s.push_str(&format!("    last error: {e}\n"));
+            }
+        }
+    }
     s.push_str(&format!(
         "signing:      {}\n",
         if get("signing") == "true" {
@@ -881,6 +941,7 @@ mod tests {
             backoff: backoff.to_vec(),
             failed: failed.to_vec(),
             in_flight: vec!["/nix/store/i-n".into()],
+            targets: Vec::new(),
         };
         assert_eq!(
             status_json(&reply),
@@ -890,7 +951,7 @@ mod tests {
              \"last_error\":\"a \\\"quoted\\\" \\\\ path\\tand\\u0001\"}],\
              \"failed_paths\":[{\"path\":\"/nix/store/z-poison\",\"attempts\":10,\
              \"given_up_seconds_ago\":65,\"last_error\":\"nix copy failed\"}],\
-             \"in_flight_paths\":[\"/nix/store/i-n\"]}\n"
+             \"in_flight_paths\":[\"/nix/store/i-n\"],\"targets\":[]}\n"
         );
     }
 
@@ -924,6 +985,7 @@ mod tests {
             ],
             failed: vec![b("10", "65", "/nix/store/c")],
             in_flight: vec!["/nix/store/d".into()],
+            targets: Vec::new(),
         });
         assert_eq!(
             text,

@@ -26,10 +26,12 @@ pub struct Config {
     pub store_dir: String,
     /// Secret key for `nix store sign`; `None` means no signing.
     pub signing_key_file: Option<PathBuf>,
-    /// Store URL for `nix copy --to`; `None` means no upload.
-    pub upload_to: Option<String>,
-    /// An uploader to run instead of `nix copy` (program and arguments; the
-    /// paths are appended as arguments), e.g. `cachix push mycache`.
+    /// Store URLs for `nix copy --to`, one target each (`upload-to` given
+    /// more than once); empty means no upload.
+    pub upload_to: Vec<String>,
+    /// An uploader (program and arguments; the paths are appended as
+    /// arguments), e.g. `cachix push mycache`: one more target, beside the
+    /// `upload-to` ones.
     pub upload_command: Option<Vec<String>>,
     /// Sign the whole closure (`--recursive`), not only the queued paths.
     pub sign_closure: bool,
@@ -93,11 +95,11 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     (
         "upload-to",
-        "store URL for nix copy --to (empty: no upload)",
+        "store URL for nix copy --to; give it once per target (an empty value forgets the ones before)",
     ),
     (
         "upload-command",
-        "program and arguments of an uploader run instead of nix copy, separated by spaces (no shell, no quoting); the paths are appended (empty: none)",
+        "program and arguments of an uploader, one more target beside upload-to, separated by spaces (no shell, no quoting); the paths are appended (empty: none)",
     ),
     ("sign-closure", "true or false"),
     ("batch-size", "whole number of paths, 1 or more"),
@@ -184,7 +186,7 @@ impl Default for Config {
             spool_dir: None,
             store_dir: default_store_dir(),
             signing_key_file: None,
-            upload_to: None,
+            upload_to: Vec::new(),
             upload_command: None,
             sign_closure: true,
             batch_size: 1000,
@@ -211,23 +213,37 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("spool"))
     }
 
-    /// What the paths are uploaded to, as shown and as the journal names it:
-    /// the `upload-to` URL, or `upload-command: PROGRAM ARGS...`.
-    pub fn target_label(&self) -> Option<String> {
-        match (&self.upload_to, &self.upload_command) {
-            (Some(url), _) => Some(url.clone()),
-            (None, Some(argv)) => Some(format!("upload-command: {}", argv.join(" "))),
-            (None, None) => None,
-        }
+    /// The targets every path is delivered to: each `upload-to` URL, then
+    /// the `upload-command`, in that order.
+    pub fn targets(&self) -> Vec<crate::target::Target> {
+        let mut targets: Vec<crate::target::Target> = self
+            .upload_to
+            .iter()
+            .map(|url| crate::target::Target::url(url))
+            .collect();
+        targets.extend(
+            self.upload_command
+                .as_deref()
+                .map(crate::target::Target::command),
+        );
+        targets
     }
 
-    /// Refuses settings that are each fine but not together.
+    /// Refuses settings that are each fine but not together: the same
+    /// target twice (two URLs that differ only in a password count as one,
+    /// as the journal names targets by their URL without secrets).
     pub fn check(&self) -> Result<(), ConfigError> {
-        if self.upload_to.is_some() && self.upload_command.is_some() {
-            return Err(ConfigError {
-                origin: "upload-command".into(),
-                message: "set upload-to or upload-command, not both (one target at a time)".into(),
-            });
+        let targets = self.targets();
+        for (i, t) in targets.iter().enumerate() {
+            if targets[..i].iter().any(|u| u.id == t.id) {
+                return Err(ConfigError {
+                    origin: "upload-to".into(),
+                    message: format!(
+                        "the target {} is given twice; give each target once",
+                        t.label
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -256,7 +272,14 @@ impl Config {
                 self.store_dir = value.trim_end_matches('/').to_string();
             }
             "signing-key-file" => self.signing_key_file = opt_path(value),
-            "upload-to" => self.upload_to = (!value.is_empty()).then(|| value.to_string()),
+            "upload-to" => {
+                // Repeated: one more target. Empty: none (so far).
+                if value.is_empty() {
+                    self.upload_to.clear();
+                } else {
+                    self.upload_to.push(value.to_string());
+                }
+            }
             "upload-command" => {
                 let argv: Vec<String> = value.split_whitespace().map(String::from).collect();
                 self.upload_command = (!argv.is_empty()).then_some(argv);
@@ -296,7 +319,6 @@ impl Config {
 
     /// Applies every line of a config file's text; `origin` names the file.
     pub fn apply_file_text(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
-        let mut target_line = None;
         for (index, raw) in text.lines().enumerate() {
             let at = |message: String| ConfigError {
                 origin: format!("{origin}:{}", index + 1),
@@ -310,13 +332,6 @@ impl Config {
                 .split_once('=')
                 .ok_or_else(|| at(format!("expected 'key = value', got {line:?}")))?;
             let key = key.trim();
-            if key == "upload-to" {
-                // An empty value unsets it: what follows is the first again.
-                let this = (!value.trim().is_empty()).then_some(index + 1);
-                if let (Some(first), Some(_)) = (std::mem::replace(&mut target_line, this), this) {
-                    return Err(at(one_target(&format!("line {first}"))));
-                }
-            }
             self.set(key, value.trim())
                 .map_err(|m| at(format!("key {key:?}: {m}")))?;
         }
@@ -386,16 +401,12 @@ impl Config {
                 config.apply_file(Path::new(value))?;
             }
         }
-        let mut target_flag = false;
+        // The first --upload-to flag replaces the file's targets (flags
+        // win); the next ones add to it.
+        let mut file_targets = true;
         for (flag, value) in flags.iter().filter(|(f, _)| f != "config") {
-            if flag == "upload-to"
-                && std::mem::replace(&mut target_flag, !value.is_empty())
-                && !value.is_empty()
-            {
-                return Err(ConfigError {
-                    origin: "--upload-to".into(),
-                    message: one_target("an earlier --upload-to"),
-                });
+            if flag == "upload-to" && std::mem::replace(&mut file_targets, false) {
+                config.upload_to.clear();
             }
             config.set(flag, value).map_err(|message| ConfigError {
                 origin: format!("--{flag}"),
@@ -405,16 +416,6 @@ impl Config {
         config.check()?;
         Ok(config)
     }
-}
-
-/// The error for a second `upload-to` in one place (`first` says where the
-/// first one is): the daemon delivers to one target, and the second one
-/// must not silently replace the first.
-fn one_target(first: &str) -> String {
-    format!(
-        "upload-to is given a second time (first in {first}); the daemon delivers to one \
-         target: keep one upload-to (several targets are not supported yet)"
-    )
 }
 
 /// The error for an unknown key: the nearest known key when one is close
@@ -551,17 +552,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.batch_size, 50);
-        assert_eq!(
-            c.upload_to.as_deref(),
-            Some("file:///tmp/c?compression=none")
-        );
+        assert_eq!(c.upload_to, ["file:///tmp/c?compression=none"]);
         assert!(!c.sign_closure);
         assert_eq!(c.command_timeout, Duration::from_millis(2500));
         assert_eq!(c.socket_mode, 0o660);
 
         let c = Config::from_args(&args(&["--batch-size", "7", "--upload-to=ssh-ng://h"])).unwrap();
         assert_eq!(c.batch_size, 7);
-        assert_eq!(c.upload_to.as_deref(), Some("ssh-ng://h"));
+        assert_eq!(c.upload_to, ["ssh-ng://h"]);
     }
 
     #[test]
@@ -569,7 +567,7 @@ mod tests {
         let mut c = Config::default();
         c.set("upload-to", "file:///x").unwrap();
         c.set("upload-to", "").unwrap();
-        assert_eq!(c.upload_to, None);
+        assert!(c.upload_to.is_empty());
         assert!(c.set("socket", "").is_err());
     }
 
@@ -674,56 +672,74 @@ mod tests {
     }
 
     #[test]
-    fn upload_command_is_split_on_spaces_and_excludes_upload_to() {
+    fn upload_command_is_split_on_spaces_and_is_one_more_target() {
         let c = Config::from_args(&args(&["--upload-command", " cachix  push my-cache "])).unwrap();
         assert_eq!(
             c.upload_command,
             Some(vec!["cachix".into(), "push".into(), "my-cache".into()])
         );
-        assert_eq!(
-            c.target_label().as_deref(),
-            Some("upload-command: cachix push my-cache")
-        );
-        let e = Config::from_args(&args(&[
+        let labels: Vec<String> = c.targets().into_iter().map(|t| t.label).collect();
+        assert_eq!(labels, ["upload-command: cachix push my-cache"]);
+        let c = Config::from_args(&args(&[
             "--upload-command",
             "x",
             "--upload-to",
             "file:///c",
         ]))
-        .unwrap_err();
-        assert!(e.to_string().contains("not both"), "{e}");
+        .unwrap();
+        let labels: Vec<String> = c.targets().into_iter().map(|t| t.label).collect();
+        assert_eq!(labels, ["file:///c", "upload-command: x"]);
         let c = Config::from_args(&args(&["--upload-command", " "])).unwrap();
         assert_eq!(c.upload_command, None);
     }
 
     #[test]
-    fn a_second_upload_to_is_refused_not_silently_taken() {
+    fn upload_to_is_repeated_one_target_each() {
         let mut c = Config::default();
-        let e = c
-            .apply_file_text(
-                "upload-to = file:///a\nbatch-size = 3\nupload-to = ssh-ng://b\n",
-                "q.conf",
-            )
-            .unwrap_err();
-        assert_eq!(e.origin, "q.conf:3");
-        assert!(e.message.contains("first in line 1"), "{e}");
-        let e = Config::from_args(&args(&[
+        c.apply_file_text(
+            "upload-to = file:///a\nbatch-size = 3\nupload-to = ssh-ng://b\n",
+            "q.conf",
+        )
+        .unwrap();
+        assert_eq!(c.upload_to, ["file:///a", "ssh-ng://b"]);
+        // Flags win: the first --upload-to replaces the file's list.
+        let dir = std::env::temp_dir().join(format!("npbhq-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("q.conf");
+        std::fs::write(&file, "upload-to = file:///a\nupload-to = file:///b\n").unwrap();
+        let file = file.display().to_string();
+        let c = Config::from_args(&args(&["--config", &file])).unwrap();
+        assert_eq!(c.upload_to, ["file:///a", "file:///b"]);
+        let c = Config::from_args(&args(&[
+            "--config",
+            &file,
             "--upload-to",
-            "file:///a",
-            "--upload-to=file:///b",
+            "file:///c",
+            "--upload-to=file:///d",
         ]))
-        .unwrap_err();
-        assert_eq!(e.origin, "--upload-to");
-        // An empty value unsets: then another may follow.
+        .unwrap();
+        assert_eq!(c.upload_to, ["file:///c", "file:///d"]);
+        std::fs::remove_dir_all(dir).unwrap();
+        // An empty value forgets the ones before.
         let mut c = Config::default();
         c.apply_file_text(
             "upload-to = file:///a\nupload-to =\nupload-to = file:///b\n",
             "q",
         )
         .unwrap();
-        assert_eq!(c.upload_to.as_deref(), Some("file:///b"));
-        let c = Config::from_args(&args(&["--upload-to", "", "--upload-to", "file:///b"])).unwrap();
-        assert_eq!(c.upload_to.as_deref(), Some("file:///b"));
+        assert_eq!(c.upload_to, ["file:///b"]);
+        // The same target twice (secrets aside) is refused.
+        let e = Config::from_args(&args(&[
+            "--upload-to",
+            "ssh://u:a@h",
+            "--upload-to=ssh://u:b@h",
+        ]))
+        .unwrap_err();
+        assert!(e.message.contains("given twice"), "{e}");
+        assert!(
+            !e.message.contains(":a@") && !e.message.contains(":b@"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -148,6 +148,21 @@ struct Inner {
     compact_at: usize,
 }
 
+impl Inner {
+    /// True when `target` neither has the queued `path` nor is given up on
+    /// for it.
+    fn is_pending(&self, path: &StorePath, target: TargetId) -> bool {
+        !self
+            .delivered
+            .get(path)
+            .is_some_and(|have| have.contains(&target))
+            && !self
+                .given_up
+                .get(path)
+                .is_some_and(|l| l.iter().any(|g| g.target == target))
+    }
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -454,6 +469,28 @@ impl Journal {
             .delivered
             .get(path)
             .is_some_and(|have| have.contains(&target))
+    }
+
+    /// Queued paths `target` does not have and is not given up on for.
+    pub fn count_pending(&self, target: TargetId) -> usize {
+        let inner = self.lock();
+        inner
+            .live
+            .keys()
+            .filter(|p| inner.is_pending(p, target))
+            .count()
+    }
+
+    /// How many paths that arrived at or before sequence number `seq` some
+    /// of `targets` still has to take (neither has them nor is given up on
+    /// for them): what `wait` waits for.
+    pub fn count_waiting_up_to(&self, seq: u64, targets: &[TargetId]) -> usize {
+        let inner = self.lock();
+        inner
+            .live
+            .iter()
+            .filter(|(p, e)| e.seq <= seq && targets.iter().any(|t| inner.is_pending(p, *t)))
+            .count()
     }
 
     /// Completes every path that each of `targets` has: after a target was

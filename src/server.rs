@@ -96,9 +96,10 @@ struct Context {
     shared: Arc<Shared>,
     tx: Sender<Msg>,
     store_dir: String,
+    /// The targets, shown (secrets masked), `, `-separated.
     target: Option<String>,
-    /// The journal's name for the target.
-    target_id: TargetId,
+    /// The journal's names for the targets.
+    target_ids: Vec<TargetId>,
     /// Where the hook leaves requests while the daemon is away.
     spool_dir: PathBuf,
     signing: bool,
@@ -117,7 +118,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     // Before any thread starts, so that only the stop thread sees them.
     sys::block_stop_signals().map_err(ServeError::Signals)?;
     let activated = systemd::listener_from_env().map_err(ServeError::Activation)?;
-    if let Some(url) = &config.upload_to {
+    for url in &config.upload_to {
         // Before anything can fail and quote the target.
         redact::remember(url);
     }
@@ -146,20 +147,27 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         warning!("cannot create the spool directory {}: {e}", spool.display());
     }
     let journal = Arc::new(journal);
-    let shared = Arc::new(Shared::new());
+    let targets = crate::target::configured(&config);
+    let shared = Arc::new(Shared::new(&targets));
     let (tx, rx) = mpsc::channel();
-    let target_id = TargetId::of(config.target_label().as_deref());
-    // Paths the target has already (written by a daemon with more targets).
-    match journal.settle(&[target_id]) {
+    let target_ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
+    // Paths every target has already (a target was taken out of the
+    // configuration, or a crash came before the journal said so).
+    match journal.settle(&target_ids) {
         Ok(0) => {}
-        Ok(n) => info!("journal: {n} paths the target has already are done"),
-        Err(e) => warning!("journal: cannot settle the paths the target has already: {e}"),
+        Ok(n) => info!("journal: {n} paths every target has already are done"),
+        Err(e) => warning!("journal: cannot settle the paths the targets have already: {e}"),
     }
-    let (given_up, to_upload): (Vec<StorePath>, Vec<StorePath>) = replay
+    // Those some target still needs, and those given up on where not had.
+    let (to_upload, given_up): (Vec<StorePath>, Vec<StorePath>) = replay
         .paths
         .into_iter()
         .filter(|p| journal.entry(p).is_some())
-        .partition(|p| journal.is_given_up(p, target_id));
+        .partition(|p| {
+            target_ids
+                .iter()
+                .any(|t| !journal.is_delivered(p, *t) && !journal.is_given_up(p, *t))
+        });
     if !given_up.is_empty() {
         warning!(
             "{} paths were given up on after repeated failures and are not tried again; \
@@ -190,11 +198,16 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         shared,
         tx,
         store_dir: config.store_dir.clone(),
-        target: match &config.upload_to {
-            Some(url) => Some(redact::url(url)),
-            None => config.target_label().as_deref().map(redact::text),
+        target: match targets.as_slice() {
+            [t] if matches!(t.kind, crate::target::Kind::SignOnly) => None,
+            all => Some(
+                all.iter()
+                    .map(|t| t.label.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
         },
-        target_id,
+        target_ids,
         spool_dir: config.spool_dir(),
         signing: config.signing_key_file.is_some(),
         active: AtomicUsize::new(0),
@@ -398,14 +411,7 @@ const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 fn snapshot(ctx: &Context) -> Snapshot {
-    Snapshot::take(
-        &ctx.journal,
-        &ctx.shared,
-        &ctx.spool_dir,
-        ctx.target_id,
-        ctx.signing,
-        ctx.target.as_deref(),
-    )
+    Snapshot::take(&ctx.journal, &ctx.shared, &ctx.spool_dir, ctx.signing)
 }
 
 fn write_metrics(ctx: &Context, file: &Path) {
@@ -612,7 +618,7 @@ fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
             redact::text(&snapshot(ctx).reply_lines()) + &final_line(Ok(""))
         }
         Request::Retry => {
-            let n = ctx.shared.lock().backoff.len();
+            let n = ctx.shared.lock().backing_off();
             let _ = ctx.tx.send(Msg::Retry);
             final_line(Ok(&n.to_string()))
         }
@@ -652,12 +658,17 @@ fn requeue(ctx: &Context, selection: Selection) -> String {
 fn drop_paths(ctx: &Context, selection: Selection) -> String {
     let paths = match selection {
         Selection::Paths(paths) => paths,
-        Selection::AllFailed => ctx
-            .journal
-            .given_up_on(ctx.target_id)
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect(),
+        Selection::AllFailed => {
+            let mut all: Vec<StorePath> = ctx
+                .target_ids
+                .iter()
+                .flat_map(|t| ctx.journal.given_up_on(*t))
+                .map(|(p, _)| p)
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            all.retain(|p| seen.insert(p.clone()));
+            all
+        }
     };
     let n = crate::worker::drop_paths(
         &ctx.journal,
@@ -721,34 +732,52 @@ fn protocol_line(text: &str) -> String {
 /// The `wait` reply: `remaining N failing M` lines while paths queued
 /// before the request are still queued (with `error PATH TEXT`, the last
 /// error of the first failing one, when M > 0), then `ok ...` or `err ...`
-/// when none is left. Paths given up on are not waited for: those given up
-/// on while it waits make it `err` (named); those given up on before it
-/// are only mentioned.
+/// when none is left: when every target has each path, or is given up on
+/// for it. Paths given up on are not waited for: those given up on while it
+/// waits make it `err` (named); those given up on before it are only
+/// mentioned.
 fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
     let target = ctx.journal.last_seq();
     let drops_before = ctx.shared.lock().dropped;
+    // Every target's paths given up on, with the target named in the error
+    // when there are several.
+    let given_up_on = || -> Vec<(StorePath, crate::journal::GivenUp)> {
+        let labels: Vec<String> = ctx
+            .shared
+            .lock()
+            .targets
+            .iter()
+            .map(|t| t.label.clone())
+            .collect();
+        let mut all = Vec::new();
+        for (id, label) in ctx.target_ids.iter().zip(labels) {
+            for (p, mut g) in ctx.journal.given_up_up_to(target, *id) {
+                if ctx.target_ids.len() > 1 {
+                    g.error = format!("{label}: {}", g.error);
+                }
+                all.push((p, g));
+            }
+        }
+        all
+    };
     // Given up on before this wait: not waited for, and not this wait's
     // failure (another job's, maybe); `status` lists them.
-    let earlier: std::collections::HashSet<(StorePath, u64)> = ctx
-        .journal
-        .given_up_up_to(target, ctx.target_id)
+    let earlier: std::collections::HashSet<(StorePath, TargetId, u64)> = given_up_on()
         .into_iter()
-        .map(|(p, g)| (p, g.at))
+        .map(|(p, g)| (p, g.target, g.at))
         .collect();
     let mut last: Option<(usize, usize)> = None;
     let mut last_sent = Instant::now();
     loop {
-        let given_up = ctx.journal.given_up_up_to(target, ctx.target_id);
-        let remaining = ctx
-            .journal
-            .count_up_to(target)
-            .saturating_sub(given_up.len());
+        let given_up = given_up_on();
+        let remaining = ctx.journal.count_waiting_up_to(target, &ctx.target_ids);
         let (failing, new_drops, last_error) = {
             let s = ctx.shared.lock();
             // The error of the first failing path waited for.
             let last_error = s
-                .backoff
+                .targets
                 .iter()
+                .flat_map(|t| t.backoff.iter())
                 .filter(|(_, b)| b.attempts > 0)
                 .filter_map(|(p, b)| Some((ctx.journal.entry(p)?.seq, p, &b.last_error)))
                 .filter(|(seq, _, _)| *seq <= target)
@@ -762,12 +791,15 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
                 .take(new)
                 .filter(|&&q| q <= target)
                 .count();
+            let failing: std::collections::HashSet<&StorePath> = s
+                .targets
+                .iter()
+                .flat_map(|t| t.backoff.iter())
+                .filter(|(_, b)| b.attempts > 0)
+                .map(|(p, _)| p)
+                .collect();
             (
-                s.backoff
-                    .values()
-                    .filter(|b| b.attempts > 0)
-                    .count()
-                    .min(remaining),
+                failing.len().min(remaining),
                 recent_new,
                 last_error.unwrap_or_default(),
             )
@@ -775,7 +807,7 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
         if remaining == 0 {
             let (old, new): (Vec<_>, Vec<_>) = given_up
                 .into_iter()
-                .partition(|(p, g)| earlier.contains(&(p.clone(), g.at)));
+                .partition(|(p, g)| earlier.contains(&(p.clone(), g.target, g.at)));
             let mut problems = Vec::new();
             if !new.is_empty() {
                 problems.push(describe_given_up(&new));

@@ -2,7 +2,7 @@
 //! updates it) and the connection threads (which report it).
 //!
 //! The queue itself lives in the journal; this holds the counters since start
-//! and the paths that are backing off after failures.
+//! and, per target, the paths that are backing off after failures.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::journal::{GivenUp, Journal, TargetId};
+use crate::target::Target;
 
 use crate::store_path::StorePath;
 
@@ -35,6 +36,39 @@ pub struct Backoff {
     pub last_error: String,
 }
 
+/// One target's counters and failures since the daemon started.
+#[derive(Debug)]
+pub struct TargetStats {
+    /// The journal's name for the target.
+    pub id: TargetId,
+    /// How it is shown (secrets masked).
+    pub label: String,
+    /// Paths backing off after a failure on this target.
+    pub backoff: HashMap<StorePath, Backoff>,
+    /// Paths this target took since start.
+    pub delivered: u64,
+    /// Paths given up on for this target since start.
+    pub given_up: u64,
+    /// Failed calls to this target since start.
+    pub failed_calls: u64,
+    /// The error of its last call, if that call failed.
+    pub last_error: Option<String>,
+}
+
+impl TargetStats {
+    fn new(target: &Target) -> TargetStats {
+        TargetStats {
+            id: target.id,
+            label: target.label.clone(),
+            backoff: HashMap::new(),
+            delivered: 0,
+            given_up: 0,
+            failed_calls: 0,
+            last_error: None,
+        }
+    }
+}
+
 /// Counters and failure state since the daemon started.
 #[derive(Debug)]
 pub struct Stats {
@@ -44,7 +78,8 @@ pub struct Stats {
     pub uploaded: u64,
     /// Paths given up on (gone from the store, or unreadable derivations).
     pub dropped: u64,
-    /// Paths given up on after too many failures (they stay in the journal).
+    /// Paths given up on for a target after too many failures (they stay
+    /// in the journal), over all targets.
     pub given_up: u64,
     /// nix calls that failed.
     pub failed_calls: u64,
@@ -58,13 +93,35 @@ pub struct Stats {
     pub upload_seconds: f64,
     /// Number of successful upload batches.
     pub upload_batches: u64,
-    /// Paths backing off after a failure.
-    pub backoff: HashMap<StorePath, Backoff>,
+    /// Each target's state, in the order of the configuration.
+    pub targets: Vec<TargetStats>,
     /// Sequence numbers of recently dropped paths, oldest first.
     pub recent_drops: VecDeque<u64>,
 }
 
 impl Stats {
+    /// Removes a path's failures on every target (it is done or dropped).
+    pub fn forget(&mut self, path: &StorePath) {
+        for t in &mut self.targets {
+            t.backoff.remove(path);
+        }
+    }
+
+    /// Paths backing off on some target, each counted once.
+    pub fn backing_off(&self) -> usize {
+        match self.targets.as_slice() {
+            [one] => one.backoff.len(),
+            all => {
+                let mut paths: std::collections::HashSet<&StorePath> =
+                    std::collections::HashSet::new();
+                for t in all {
+                    paths.extend(t.backoff.keys());
+                }
+                paths.len()
+            }
+        }
+    }
+
     /// Records that `n` paths were uploaded now.
     pub fn record_uploads(&mut self, n: u64) {
         let now = Instant::now();
@@ -115,8 +172,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Fresh statistics, starting now.
-    pub fn new() -> Shared {
+    /// Fresh statistics for these targets, starting now.
+    pub fn new(targets: &[Target]) -> Shared {
         Shared {
             stopping: AtomicBool::new(false),
             running_pgid: Arc::new(AtomicU32::new(0)),
@@ -131,7 +188,7 @@ impl Shared {
                 recent_uploads: VecDeque::new(),
                 upload_seconds: 0.0,
                 upload_batches: 0,
-                backoff: HashMap::new(),
+                targets: targets.iter().map(TargetStats::new).collect(),
                 recent_drops: VecDeque::new(),
             }),
         }
@@ -145,7 +202,7 @@ impl Shared {
 
 impl Default for Shared {
     fn default() -> Self {
-        Shared::new()
+        Shared::new(&[Target::sign_only()])
     }
 }
 
@@ -192,56 +249,126 @@ pub struct Snapshot {
     pub upload_batches: u64,
     /// Whether a signing key is configured.
     pub signing: bool,
-    /// The upload target with secrets masked.
+    /// The upload targets with secrets masked, `, `-separated.
     pub target: Option<String>,
+    /// Paths backing off on some target (each counted once).
+    pub backing_off: usize,
     /// Backing-off paths, soonest first: (attempts, seconds to next try,
-    /// path, last error).
+    /// path, last error), one per path and target; with several targets
+    /// the error starts with the target's label.
     pub backoff: Vec<(u32, f64, StorePath, String)>,
     /// Paths given up on after failures since start (a counter).
     pub given_up_total: u64,
-    /// Paths given up on for the target now, oldest first, with how long
-    /// ago; they stay until requeued or dropped.
+    /// Paths given up on for a target now, oldest first, with how long
+    /// ago; they stay until requeued or dropped. One per path and target;
+    /// with several targets the error starts with the target's label.
     pub failed: Vec<(StorePath, GivenUp, u64)>,
+    /// Each target's state.
+    pub targets: Vec<TargetSnapshot>,
+}
+
+/// One target's state, for `status` and the metrics.
+#[derive(Debug, Clone)]
+pub struct TargetSnapshot {
+    /// The journal's name for it.
+    pub id: TargetId,
+    /// How it is shown (secrets masked).
+    pub label: String,
+    /// Queued paths it does not have yet (given up on ones aside).
+    pub queued: usize,
+    /// Paths it took since start.
+    pub delivered: u64,
+    /// Paths backing off on it.
+    pub backing_off: usize,
+    /// Paths given up on for it now.
+    pub failed: usize,
+    /// Paths given up on for it since start.
+    pub given_up_total: u64,
+    /// Failed calls to it since start.
+    pub failed_calls: u64,
+    /// The error of its last call, if that call failed.
+    pub last_error: Option<String>,
+}
+
+impl TargetSnapshot {
+    /// `ok`, or `failing` when its last call failed.
+    pub fn state(&self) -> &'static str {
+        if self.last_error.is_some() {
+            "failing"
+        } else {
+            "ok"
+        }
+    }
 }
 
 impl Snapshot {
     /// Takes a snapshot of the journal and the statistics.
-    pub fn take(
-        journal: &Journal,
-        shared: &Shared,
-        spool_dir: &Path,
-        target_id: TargetId,
-        signing: bool,
-        target: Option<&str>,
-    ) -> Snapshot {
+    pub fn take(journal: &Journal, shared: &Shared, spool_dir: &Path, signing: bool) -> Snapshot {
         let queued = journal.len();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let oldest_queued_seconds = journal.oldest().map(|e| now.saturating_sub(e.queued_at));
-        let failed = journal
-            .given_up_on(target_id)
-            .into_iter()
-            .map(|(p, g)| {
-                let ago = now.saturating_sub(g.at);
-                (p, g, ago)
-            })
+        let ids: Vec<(TargetId, String)> = shared
+            .lock()
+            .targets
+            .iter()
+            .map(|t| (t.id, t.label.clone()))
             .collect();
+        let several = ids.len() > 1;
+        let tagged = |label: &str, error: String| {
+            if several {
+                format!("{label}: {error}")
+            } else {
+                error
+            }
+        };
+        let mut failed = Vec::new();
+        let mut pending = Vec::new();
+        for (id, label) in &ids {
+            let given_up = journal.given_up_on(*id);
+            pending.push((journal.count_pending(*id), given_up.len()));
+            for (p, mut g) in given_up {
+                g.error = tagged(label, g.error);
+                let ago = now.saturating_sub(g.at);
+                failed.push((p, g, ago));
+            }
+        }
         let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
         let stats = shared.lock();
-        let mut backoff: Vec<(u32, f64, StorePath, String)> = stats
-            .backoff
-            .iter()
-            .map(|(p, b)| {
+        let mut backoff: Vec<(u32, f64, StorePath, String)> = Vec::new();
+        for t in &stats.targets {
+            backoff.extend(t.backoff.iter().map(|(p, b)| {
                 (
                     b.attempts,
                     b.next_try.map_or(0.0, seconds_until),
                     p.clone(),
-                    crate::redact::text(&b.last_error),
+                    tagged(&t.label, crate::redact::text(&b.last_error)),
                 )
+            }));
+        }
+        backoff.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let targets = stats
+            .targets
+            .iter()
+            .zip(pending)
+            .map(|(t, (queued, given_up))| TargetSnapshot {
+                id: t.id,
+                label: t.label.clone(),
+                queued,
+                delivered: t.delivered,
+                backing_off: t.backoff.len(),
+                failed: given_up,
+                given_up_total: t.given_up,
+                failed_calls: t.failed_calls,
+                last_error: t.last_error.as_deref().map(crate::redact::text),
             })
             .collect();
-        backoff.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let labels: Vec<&str> = ids
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .filter(|l| *l != "-")
+            .collect();
         Snapshot {
             uptime_seconds: stats.started.elapsed().as_secs(),
             queued,
@@ -257,15 +384,21 @@ impl Snapshot {
             upload_seconds: stats.upload_seconds,
             upload_batches: stats.upload_batches,
             signing,
-            target: target.map(String::from),
+            target: (!labels.is_empty()).then(|| labels.join(", ")),
+            backing_off: stats.backing_off(),
             backoff,
             given_up_total: stats.given_up,
             failed,
+            targets,
         }
     }
 
     /// The informational lines of the `status` reply: `key value`, then one
-    /// `backoff ATTEMPTS NEXT-TRY-SECONDS PATH ERROR` line per failing path.
+    /// `backoff ATTEMPTS NEXT-TRY-SECONDS PATH ERROR` line per failing path,
+    /// one `target-state ID QUEUED DELIVERED BACKING-OFF FAILED
+    /// GIVEN-UP-TOTAL FAILED-CALLS STATE LABEL` line per target (with a
+    /// `target-error ID ERROR` line when its last call failed), and the
+    /// paths in flight and given up on.
     pub fn reply_lines(&self) -> String {
         let mut out = String::new();
         let mut kv = |k: &str, v: &dyn std::fmt::Display| out.push_str(&format!("{k} {v}\n"));
@@ -276,7 +409,7 @@ impl Snapshot {
         kv("uploaded", &self.uploaded);
         kv("dropped", &self.dropped);
         kv("failed-calls", &self.failed_calls);
-        kv("backing-off", &self.backoff.len());
+        kv("backing-off", &self.backing_off);
         kv("failed", &self.failed.len());
         match self.oldest_queued_seconds {
             Some(s) => kv("oldest-queued-seconds", &s),
@@ -308,6 +441,27 @@ impl Snapshot {
                 crate::protocol::one_line(&crate::redact::text(&g.error))
             ));
         }
+        for t in self.targets.iter().filter(|t| t.label != "-") {
+            out.push_str(&format!(
+                "target-state {} {} {} {} {} {} {} {} {}\n",
+                t.id,
+                t.queued,
+                t.delivered,
+                t.backing_off,
+                t.failed,
+                t.given_up_total,
+                t.failed_calls,
+                t.state(),
+                crate::protocol::one_line(&t.label)
+            ));
+            if let Some(e) = &t.last_error {
+                out.push_str(&format!(
+                    "target-error {} {}\n",
+                    t.id,
+                    crate::protocol::one_line(e)
+                ));
+            }
+        }
         out
     }
 
@@ -335,7 +489,7 @@ impl Snapshot {
             "backing_off",
             "gauge",
             "Paths waiting to be retried after a failure.",
-            self.backoff.len().to_string(),
+            self.backing_off.to_string(),
         );
         metric(
             "spool_files",
@@ -364,7 +518,7 @@ impl Snapshot {
         metric(
             "uploaded_total",
             "counter",
-            "Paths signed and uploaded since the daemon started.",
+            "Paths signed and uploaded to every target since the daemon started.",
             self.uploaded.to_string(),
         );
         metric(
@@ -385,6 +539,31 @@ impl Snapshot {
             "Age of the oldest queued path (0 when the queue is empty).",
             self.oldest_queued_seconds.unwrap_or(0).to_string(),
         );
+        let targets: Vec<&TargetSnapshot> =
+            self.targets.iter().filter(|t| t.label != "-").collect();
+        let per_target: [PerTarget; 7] = [
+            ("target_queued", "gauge", "Queued paths this target does not have yet (those given up on aside).", |t| t.queued.to_string()),
+            ("target_delivered_total", "counter", "Paths this target took since the daemon started.", |t| t.delivered.to_string()),
+            ("target_backing_off", "gauge", "Paths waiting to be retried on this target after a failure.", |t| t.backing_off.to_string()),
+            ("target_failed", "gauge", "Paths given up on for this target, kept until requeued or dropped.", |t| t.failed.to_string()),
+            ("target_given_up_total", "counter", "Paths given up on for this target since the daemon started.", |t| t.given_up_total.to_string()),
+            ("target_failed_calls_total", "counter", "Failed calls to this target since the daemon started.", |t| t.failed_calls.to_string()),
+            ("target_up", "gauge", "1 when the last call to this target went through (or none was made), 0 when it failed.", |t| u8::from(t.last_error.is_none()).to_string()),
+        ];
+        if !targets.is_empty() {
+            for (name, kind, help, value) in per_target {
+                out.push_str(&format!(
+                    "# HELP nix_post_build_hook_queue_{name} {help}\n# TYPE nix_post_build_hook_queue_{name} {kind}\n"
+                ));
+                for t in &targets {
+                    out.push_str(&format!(
+                        "nix_post_build_hook_queue_{name}{{target=\"{}\"}} {}\n",
+                        label_value(&t.label),
+                        value(t)
+                    ));
+                }
+            }
+        }
         out.push_str(
             "# HELP nix_post_build_hook_queue_upload_duration_seconds Time spent in successful upload batches.\n\
              # TYPE nix_post_build_hook_queue_upload_duration_seconds summary\n",
@@ -395,6 +574,22 @@ impl Snapshot {
         ));
         out
     }
+}
+
+/// A per-target metric: name, type, help, and its value for a target.
+type PerTarget = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&TargetSnapshot) -> String,
+);
+
+/// `text` as a Prometheus label value (between the quotes): `\\`, `"` and
+/// line breaks escaped.
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Writes `text` to `path` atomically: a temporary file in the same
@@ -462,10 +657,10 @@ mod tests {
         let dir = temp_dir("snap");
         let (journal, _) = Journal::open(&dir, STORE).unwrap();
         journal.append(&[path("a"), path("b")]).unwrap();
-        let shared = Shared::new();
+        let shared = Shared::new(&[Target::url("ssh://u:pw@h")]);
         {
             let mut s = shared.lock();
-            s.backoff.insert(
+            s.targets[0].backoff.insert(
                 path("a"),
                 Backoff {
                     attempts: 2,
@@ -475,7 +670,7 @@ mod tests {
                 },
             );
             // Being retried by the worker.
-            s.backoff.insert(
+            s.targets[0].backoff.insert(
                 path("b"),
                 Backoff {
                     attempts: 1,
@@ -485,14 +680,7 @@ mod tests {
                 },
             );
         }
-        let snap = Snapshot::take(
-            &journal,
-            &shared,
-            &dir.join("spool"),
-            TargetId::of(None),
-            true,
-            Some("ssh://u:***@h"),
-        );
+        let snap = Snapshot::take(&journal, &shared, &dir.join("spool"), true);
         assert_eq!(snap.queued, 2);
         assert_eq!(snap.backoff[0].1, 0.0, "being retried: due now");
         assert_eq!(snap.backoff[0].2, path("b"));
@@ -530,10 +718,25 @@ mod tests {
             upload_seconds: 1.5,
             upload_batches: 4,
             signing: false,
-            target: None,
+            target: Some("file:///a, file:///b".into()),
+            backing_off: 0,
             backoff: Vec::new(),
             given_up_total: 1,
             failed: Vec::new(),
+            targets: ["file:///a", "upload-command: x \"y\""]
+                .iter()
+                .map(|label| TargetSnapshot {
+                    id: TargetId::of(Some(label)),
+                    label: label.to_string(),
+                    queued: 2,
+                    delivered: 3,
+                    backing_off: 1,
+                    failed: 0,
+                    given_up_total: 0,
+                    failed_calls: 4,
+                    last_error: None,
+                })
+                .collect(),
         };
         let text = snap.prometheus();
         let mut declared = Vec::new();
@@ -541,7 +744,8 @@ mod tests {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 declared.push(rest.split(' ').next().unwrap().to_string());
             } else if !line.starts_with('#') {
-                let (name, value) = line.split_once(' ').unwrap();
+                let (name, value) = line.rsplit_once(' ').unwrap();
+                let name = name.split_once('{').map_or(name, |(n, _)| n);
                 assert!(value.parse::<f64>().is_ok(), "{line}");
                 assert!(
                     declared.iter().any(|d| name == d
@@ -554,6 +758,18 @@ mod tests {
         assert!(text.contains("nix_post_build_hook_queue_queued 3\n"));
         assert!(text.contains("nix_post_build_hook_queue_oldest_queued_age_seconds 9\n"));
         assert!(text.contains("nix_post_build_hook_queue_upload_duration_seconds_count 4\n"));
+        assert!(
+            text.contains(
+                "nix_post_build_hook_queue_target_delivered_total{target=\"file:///a\"} 3\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "nix_post_build_hook_queue_target_up{target=\"upload-command: x \\\"y\\\"\"} 1\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Checking the upload target when the daemon starts, so that a mistyped
+//! The upload targets (each `upload-to` URL, and the `upload-command`),
+//! and checking them when the daemon starts, so that a mistyped
 //! `upload-to` stops it at once instead of being retried for ever.
 //!
 //! The check asks nix itself (`nix store ping --store URL`, in Nix 2.8 and
@@ -16,23 +17,95 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::journal::TargetId;
 use crate::nix::{Failure, FailureKind, Nix};
 use crate::{info, redact, warning};
+
+/// Where paths are delivered to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A store URL for `nix copy --to`.
+    Url(String),
+    /// An uploader's program and arguments; the paths are appended.
+    Command(Vec<String>),
+    /// No target: the paths are only signed.
+    SignOnly,
+}
+
+/// One target, with its journal name and how it is shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// What it is.
+    pub kind: Kind,
+    /// The journal's name for it (a hash of its label, secrets masked).
+    pub id: TargetId,
+    /// How it is shown in logs, `status` and metrics: the URL with its
+    /// secrets masked, or `upload-command: PROGRAM ARGS...`.
+    pub label: String,
+}
+
+impl Target {
+    /// The `upload-to` target at `url`.
+    pub fn url(url: &str) -> Target {
+        Target {
+            kind: Kind::Url(url.to_string()),
+            id: TargetId::of(Some(url)),
+            label: redact::url(url),
+        }
+    }
+
+    /// The `upload-command` target.
+    pub fn command(argv: &[String]) -> Target {
+        let label = format!("upload-command: {}", argv.join(" "));
+        Target {
+            kind: Kind::Command(argv.to_vec()),
+            id: TargetId::of(Some(&label)),
+            label: redact::text(&label),
+        }
+    }
+
+    /// Signing only, when no target is configured (the journal's name of
+    /// older versions for it).
+    pub fn sign_only() -> Target {
+        Target {
+            kind: Kind::SignOnly,
+            id: TargetId::of(None),
+            label: "-".into(),
+        }
+    }
+}
 
 /// Longest the check may run (then it is killed, and only warned about).
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long start-up waits for the check before it goes on.
 pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 
-/// Checks `upload-to` as described in the module doc. `Err` holds the
-/// reason the daemon cannot run with this target, secrets masked.
+/// The targets of `config` (see [`Config::targets`]), or signing only
+/// when none is configured: never empty.
+pub fn configured(config: &Config) -> Vec<Target> {
+    let targets = config.targets();
+    if targets.is_empty() {
+        vec![Target::sign_only()]
+    } else {
+        targets
+    }
+}
+
+/// Checks every target as described in the module doc, one after the
+/// other. `Err` holds the reason the daemon cannot run with a target,
+/// secrets masked.
 pub fn check_at_start(config: &Config) -> Result<(), String> {
     if let Some(argv) = &config.upload_command {
-        return check_program(argv.first().map_or("", String::as_str));
+        check_program(argv.first().map_or("", String::as_str))?;
     }
-    let Some(url) = config.upload_to.clone() else {
-        return Ok(());
-    };
+    for url in &config.upload_to {
+        check_url(config, url.clone())?;
+    }
+    Ok(())
+}
+
+/// Checks one `upload-to` URL (see the module doc).
+fn check_url(config: &Config, url: String) -> Result<(), String> {
     let nix = Nix::new(&config.nix, CHECK_TIMEOUT, Some(&url));
     let (tx, rx) = mpsc::channel();
     let pinged = url.clone();

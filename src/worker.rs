@@ -14,6 +14,16 @@
 //! back off exponentially with jitter, a group sharing one timer. Only
 //! success or a drop removes a path from the journal.
 //!
+//! Several targets: every path goes to each of them. A batch is signed once,
+//! before any copy; then each target that still needs some of its paths
+//! gets its own call, its own canary, bisection and backoff (targets whose
+//! last call went through first). A target that is down (its last failure
+//! was blamed on it) is not called again before its group's next try: new
+//! paths join that group, so an outage of one target costs one call per
+//! retry and never holds back the others. The journal records which target
+//! has a path (`>`); the path leaves it once every target has it, so after
+//! a crash only the targets that lack a path get it.
+//!
 //! Failure has an end: a path that failed `max-attempts` times while the
 //! target answered (it failed alone, and the target took other paths or
 //! answered `nix store ping`), or that still fails `give-up-after` after it
@@ -36,6 +46,7 @@ use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
 use crate::spool::Spool;
 use crate::status::{Backoff, Shared};
 use crate::store_path::StorePath;
+use crate::target::{Kind, Target};
 use crate::{drv, info, sys, warning};
 
 /// A batch starts once no new path arrived for this long...
@@ -61,19 +72,30 @@ pub enum Msg {
     Shutdown,
 }
 
+/// One target as the worker sees it.
+struct Lane {
+    target: Target,
+    /// nix with this target's settings (a connect timeout for ssh).
+    nix: Nix,
+    /// While the target is down (its last failure was blamed on it): the
+    /// failed group's next try, its attempts and error. New paths join that
+    /// group instead of costing a call each.
+    down: Option<(Instant, u32, String)>,
+}
+
 /// The worker's state; run it with [`Worker::run`] on its own thread.
 pub struct Worker {
     journal: Arc<Journal>,
     shared: Arc<Shared>,
     rx: Receiver<Msg>,
+    /// nix for what is not a target's: signing, queries.
     nix: Nix,
     store_dir: String,
     signing_key: Option<PathBuf>,
-    upload_to: Option<String>,
-    /// An uploader run instead of `nix copy` (`upload-command`).
-    upload_command: Option<Vec<String>>,
-    /// The journal's name for the target (or for "sign only").
-    target: TargetId,
+    /// The targets, in the order of `Shared`'s per-target statistics.
+    lanes: Vec<Lane>,
+    /// Their journal names, for [`Journal::deliver`].
+    target_ids: Vec<TargetId>,
     max_attempts: Option<u32>,
     give_up_after: Option<Duration>,
     sign_closure: bool,
@@ -89,7 +111,8 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker for `config`, reading messages from `rx`.
+    /// A worker for `config`, reading messages from `rx`. Its targets are
+    /// [`crate::target::configured`], as `shared` was made for.
     pub fn new(
         config: &Config,
         journal: Arc<Journal>,
@@ -98,23 +121,31 @@ impl Worker {
     ) -> Worker {
         // The stop thread kills the call in progress through `running_pgid`
         // when it outlasts the grace period.
-        let nix = Nix::new(
-            &config.nix,
-            config.command_timeout,
-            config.upload_to.as_deref(),
-        )
-        .with_running(Arc::clone(&shared.running_pgid))
-        .with_copy_jobs(config.upload_jobs);
+        let nix_for = |url: Option<&str>| {
+            Nix::new(&config.nix, config.command_timeout, url)
+                .with_running(Arc::clone(&shared.running_pgid))
+                .with_copy_jobs(config.upload_jobs)
+        };
+        let lanes: Vec<Lane> = crate::target::configured(config)
+            .into_iter()
+            .map(|target| Lane {
+                nix: nix_for(match &target.kind {
+                    Kind::Url(url) => Some(url),
+                    _ => None,
+                }),
+                target,
+                down: None,
+            })
+            .collect();
         Worker {
             journal,
+            nix: nix_for(None),
+            target_ids: lanes.iter().map(|l| l.target.id).collect(),
+            lanes,
             shared,
             rx,
-            nix,
             store_dir: config.store_dir.clone(),
             signing_key: config.signing_key_file.clone(),
-            upload_to: config.upload_to.clone(),
-            upload_command: config.upload_command.clone(),
-            target: TargetId::of(config.target_label().as_deref()),
             max_attempts: config.max_attempts,
             give_up_after: config.give_up_after,
             sign_closure: config.sign_closure,
@@ -127,8 +158,15 @@ impl Worker {
         }
     }
 
+    /// True when some target is more than "sign only".
+    fn has_targets(&self) -> bool {
+        self.lanes
+            .iter()
+            .any(|l| !matches!(l.target.kind, Kind::SignOnly))
+    }
+
     fn has_work_to_do(&self) -> bool {
-        self.signing_key.is_some() || self.upload_to.is_some() || self.upload_command.is_some()
+        self.signing_key.is_some() || self.has_targets()
     }
 
     /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
@@ -203,10 +241,15 @@ impl Worker {
                 let now = Instant::now();
                 // Paths already being retried (no next try) stay as they are,
                 // so that none is queued twice.
-                for b in self.shared.lock().backoff.values_mut() {
-                    if b.next_try.is_some() {
-                        b.next_try = Some(now);
+                for t in &mut self.shared.lock().targets {
+                    for b in t.backoff.values_mut() {
+                        if b.next_try.is_some() {
+                            b.next_try = Some(now);
+                        }
                     }
+                }
+                for lane in &mut self.lanes {
+                    lane.down = None;
                 }
             }
             Msg::Shutdown => return true,
@@ -216,7 +259,12 @@ impl Worker {
 
     fn next_due(&self) -> Option<Duration> {
         let stats = self.shared.lock();
-        let next = stats.backoff.values().filter_map(|b| b.next_try).min()?;
+        let next = stats
+            .targets
+            .iter()
+            .flat_map(|t| t.backoff.values())
+            .filter_map(|b| b.next_try)
+            .min()?;
         Some(next.saturating_duration_since(Instant::now()))
     }
 
@@ -226,25 +274,37 @@ impl Worker {
         let now = Instant::now();
         let mut due: Vec<StorePath> = {
             let mut stats = self.shared.lock();
-            let due: Vec<StorePath> = stats
-                .backoff
-                .iter()
-                .filter(|(_, b)| b.next_try.is_some_and(|t| t <= now))
-                .map(|(p, _)| p.clone())
-                .collect();
-            // Keep the entries (attempt counts) until the path succeeds.
-            for p in &due {
-                if let Some(b) = stats.backoff.get_mut(p) {
-                    b.next_try = None;
+            let mut due = std::collections::HashSet::new();
+            for t in &mut stats.targets {
+                // Keep the entries (attempt counts) until the path succeeds.
+                for (p, b) in t.backoff.iter_mut() {
+                    if b.next_try.is_some_and(|t| t <= now) {
+                        b.next_try = None;
+                        due.insert(p.clone());
+                    }
                 }
             }
-            due
+            due.into_iter().collect()
         };
         due.sort_by_key(|p| self.journal.entry(p).map_or(u64::MAX, |e| e.seq));
         self.ready.extend(due);
     }
 
+    /// True when target `lane` still needs queued `path`: it neither has
+    /// it nor is given up on for it, and it is not waiting for the path's
+    /// next try.
+    fn needs(&self, lane: usize, path: &StorePath) -> bool {
+        let id = self.lanes[lane].target.id;
+        !self.journal.is_delivered(path, id)
+            && !self.journal.is_given_up(path, id)
+            && self.shared.lock().targets[lane]
+                .backoff
+                .get(path)
+                .is_none_or(|b| b.next_try.is_none())
+    }
+
     fn take_batch(&mut self) -> Vec<StorePath> {
+        let mut taken = std::collections::HashSet::new();
         let mut batch = Vec::new();
         let mut bytes = 0;
         while batch.len() < self.batch_limit.min(self.batch_size) {
@@ -257,14 +317,16 @@ impl Worker {
             }
             bytes += len;
             if let Some(p) = self.ready.pop_front() {
-                // Dropped by an operator meanwhile, or settled for this
-                // target (given up on, or delivered).
+                // Dropped by an operator meanwhile, settled for every target
+                // (given up on, or delivered), or twice in line (due on two
+                // targets).
                 if self.journal.entry(&p).is_none()
-                    || self.journal.is_given_up(&p, self.target)
-                    || self.journal.is_delivered(&p, self.target)
+                    || taken.contains(&p)
+                    || !(0..self.lanes.len()).any(|i| self.needs(i, &p))
                 {
                     continue;
                 }
+                taken.insert(p.clone());
                 batch.push(p);
             }
         }
@@ -287,7 +349,7 @@ impl Worker {
             if self.has_work_to_do() {
                 self.upload(batch);
             } else {
-                self.finish(&batch, Duration::ZERO);
+                self.finish(0, &batch, Duration::ZERO);
             }
         }
         {
@@ -314,15 +376,18 @@ impl Worker {
                 Err(_) => match self.query_outputs(&path) {
                     Ok(outputs) => outputs,
                     Err(e) => {
-                        self.back_off(vec![path], &e, Blame::Paths);
+                        self.back_off_everywhere(&path, &e, Blame::Paths);
                         continue;
                     }
                 },
             };
             match self.journal.replace(&path, &outputs) {
-                Ok(added) => out.extend(added),
-                Err(e) => self.back_off(
-                    vec![path],
+                Ok(added) => {
+                    self.shared.lock().forget(&path);
+                    out.extend(added);
+                }
+                Err(e) => self.back_off_everywhere(
+                    &path,
                     &format!("cannot journal the outputs: {e}"),
                     Blame::Target,
                 ),
@@ -345,13 +410,23 @@ impl Worker {
             .collect()
     }
 
-    /// Signs and uploads a batch. When it fails, one path is tried alone
-    /// (a canary): if that fails as well, the target is taken to be down and
-    /// the whole batch backs off together, so an outage costs two calls per
-    /// retry whatever the batch size. If the canary goes through, the rest is
-    /// split in halves to isolate the paths at fault.
+    /// Backs off a derivation that could not be resolved, on every target
+    /// (it is resolved once for all of them).
+    fn back_off_everywhere(
+        &mut self,
+        path: &StorePath,
+        error: &dyn std::fmt::Display,
+        blame: Blame,
+    ) {
+        for lane in 0..self.lanes.len() {
+            self.back_off(lane, vec![path.clone()], error, blame);
+        }
+    }
+
+    /// Signs a batch once, then uploads it to each target that needs some
+    /// of its paths, those whose last call went through first.
     fn upload(&mut self, batch: Vec<StorePath>) {
-        let mut batch = match self.nix.invalid_paths(&batch) {
+        let batch = match self.nix.invalid_paths(&batch) {
             Ok(invalid) if !invalid.is_empty() => {
                 let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
                     .into_iter()
@@ -364,20 +439,103 @@ impl Worker {
         if batch.is_empty() {
             return;
         }
+        // Once per batch, before any copy. When it fails, each target signs
+        // what it copies, so that its bisection finds the paths at fault;
+        // nothing is copied unsigned.
+        let signed = match &self.signing_key {
+            Some(key) if self.has_targets() => {
+                match self.nix.sign(key, self.sign_closure, &batch) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        self.shared.lock().failed_calls += 1;
+                        warning!("signing a batch of {} paths failed: {e}", batch.len());
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        let failing: Vec<bool> = {
+            let stats = self.shared.lock();
+            stats
+                .targets
+                .iter()
+                .map(|t| t.last_error.is_some())
+                .collect()
+        };
+        let order = (0..self.lanes.len())
+            .filter(|&i| !failing[i])
+            .chain((0..self.lanes.len()).filter(|&i| failing[i]));
+        for lane in order.collect::<Vec<usize>>() {
+            if self.stopping() {
+                // Still journaled: uploaded after the restart.
+                return;
+            }
+            let todo: Vec<StorePath> = batch
+                .iter()
+                .filter(|p| self.needs(lane, p))
+                .cloned()
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
+            match self.lanes[lane].down.clone() {
+                Some((retry_at, attempts, error)) if retry_at > Instant::now() => {
+                    self.join_outage(lane, todo, retry_at, attempts, &error);
+                }
+                _ => self.upload_to(lane, todo, !signed),
+            }
+        }
+    }
+
+    /// Adds paths to the group of a target that is down: they are tried
+    /// with it at its next try, without a call now.
+    fn join_outage(
+        &self,
+        lane: usize,
+        paths: Vec<StorePath>,
+        retry_at: Instant,
+        attempts: u32,
+        error: &str,
+    ) {
+        let mut stats = self.shared.lock();
+        let backoff = &mut stats.targets[lane].backoff;
+        for p in paths {
+            let counted = backoff.get(&p).map_or(0, |b| b.counted);
+            backoff.insert(
+                p,
+                Backoff {
+                    attempts,
+                    counted,
+                    next_try: Some(retry_at),
+                    last_error: error.to_string(),
+                },
+            );
+        }
+    }
+
+    /// Uploads a batch to one target. When it fails, one path is tried
+    /// alone (a canary): if that fails as well, the target is taken to be
+    /// down and the whole batch backs off together, so an outage costs two
+    /// calls per retry whatever the batch size. If the canary goes through,
+    /// the rest is split in halves to isolate the paths at fault. `sign`:
+    /// sign each group before its copy (the batch's signing failed).
+    fn upload_to(&mut self, lane: usize, mut batch: Vec<StorePath>, sign: bool) {
         let started = Instant::now();
-        let failure = match self.attempt(&batch) {
+        let failure = match self.attempt(lane, &batch, sign) {
             Ok(()) => {
                 self.batch_limit = self.batch_limit.saturating_mul(2).min(self.batch_size);
-                return self.finish(&batch, started.elapsed());
+                return self.finish(lane, &batch, started.elapsed());
             }
             Err(failure) => failure,
         };
-        self.shared.lock().failed_calls += 1;
+        self.count_failure(lane, &failure);
         if failure.timed_out() {
             // A problem of the target, the network or the batch's size, not
-            // of particular paths: no bisection. Everything waiting goes
-            // with it, so a hung target costs one call per retry, and the
-            // next try is smaller in case this batch was too big to finish.
+            // of particular paths: no bisection. The target counts as down,
+            // so what comes meanwhile waits with this batch (a hung target
+            // costs one call per retry), and the next try is smaller in case
+            // this batch was too big to finish.
             if batch.len() > 1 {
                 self.batch_limit = (batch.len() / 2).max(1);
                 warning!(
@@ -386,29 +544,29 @@ impl Worker {
                     self.batch_limit
                 );
             }
-            batch.extend(self.ready.drain(..));
-            return self.back_off(batch, &failure, Blame::Target);
+            return self.back_off(lane, batch, &failure, Blame::Target);
         }
         if self.stopping() {
-            return self.back_off(batch, &failure, Blame::Target);
+            return self.back_off(lane, batch, &failure, Blame::Target);
         }
         if batch.len() == 1 {
-            let blame = self.blame_alone();
-            return self.back_off(batch, &failure, blame);
+            let blame = self.blame_alone(lane);
+            return self.back_off(lane, batch, &failure, blame);
         }
-        let canary = batch.remove(self.pick_canary(&batch));
+        let canary = batch.remove(self.pick_canary(lane, &batch));
         let started = Instant::now();
-        match self.attempt(std::slice::from_ref(&canary)) {
-            Ok(()) => self.finish(std::slice::from_ref(&canary), started.elapsed()),
+        match self.attempt(lane, std::slice::from_ref(&canary), sign) {
+            Ok(()) => self.finish(lane, std::slice::from_ref(&canary), started.elapsed()),
             Err(canary_failure) => {
-                self.shared.lock().failed_calls += 1;
+                self.count_failure(lane, &canary_failure);
                 batch.push(canary);
-                return self.back_off(batch, &canary_failure, Blame::Target);
+                return self.back_off(lane, batch, &canary_failure, Blame::Target);
             }
         }
         warning!(
-            "batch of {} paths failed while the target works, splitting it to find the paths at fault: {failure}",
-            batch.len() + 1
+            "batch of {} paths failed while the target{} works, splitting it to find the paths at fault: {failure}",
+            batch.len() + 1,
+            self.named(lane)
         );
         // Enough calls to find one bad path by halving, plus a little.
         let mut budget = 2 * (usize::BITS - batch.len().leading_zeros()) + 2;
@@ -419,10 +577,10 @@ impl Worker {
                 return;
             }
             let started = Instant::now();
-            match self.attempt(&group) {
-                Ok(()) => self.finish(&group, started.elapsed()),
+            match self.attempt(lane, &group, sign) {
+                Ok(()) => self.finish(lane, &group, started.elapsed()),
                 Err(failure) => {
-                    self.shared.lock().failed_calls += 1;
+                    self.count_failure(lane, &failure);
                     if group.len() > 1 && budget > 0 && !failure.timed_out() {
                         budget -= 1;
                         let mut left = group;
@@ -437,11 +595,30 @@ impl Worker {
                         } else {
                             Blame::Target
                         };
-                        self.back_off(group, &failure, blame);
+                        self.back_off(lane, group, &failure, blame);
                     }
                 }
             }
         }
+    }
+
+    /// ` LABEL` when there are several targets (to name one in the log),
+    /// else nothing.
+    fn named(&self, lane: usize) -> String {
+        if self.lanes.len() > 1 {
+            format!(" {}", self.lanes[lane].target.label)
+        } else {
+            String::new()
+        }
+    }
+
+    /// Counts a failed call to target `lane`.
+    fn count_failure(&self, lane: usize, failure: &Failure) {
+        let mut stats = self.shared.lock();
+        stats.failed_calls += 1;
+        let t = &mut stats.targets[lane];
+        t.failed_calls += 1;
+        t.last_error = Some(failure.to_string());
     }
 
     fn stopping(&self) -> bool {
@@ -452,9 +629,10 @@ impl Worker {
     /// fewest failed attempts (a path that failed on its own before is the
     /// likeliest to be at fault), chosen at random among those, so that a bad
     /// canary is not picked again and again.
-    fn pick_canary(&self, batch: &[StorePath]) -> usize {
+    fn pick_canary(&self, lane: usize, batch: &[StorePath]) -> usize {
         let stats = self.shared.lock();
-        let attempts = |p: &StorePath| stats.backoff.get(p).map_or(0, |b| b.attempts);
+        let backoff = &stats.targets[lane].backoff;
+        let attempts = |p: &StorePath| backoff.get(p).map_or(0, |b| b.attempts);
         let fewest = batch.iter().map(attempts).min().unwrap_or(0);
         let candidates: Vec<usize> = (0..batch.len())
             .filter(|&i| attempts(&batch[i]) == fewest)
@@ -467,31 +645,39 @@ impl Worker {
             .unwrap_or(0)
     }
 
-    fn attempt(&self, paths: &[StorePath]) -> Result<(), Failure> {
-        if let Some(key) = &self.signing_key {
+    /// Copies the paths to target `lane` (signing them first if `sign`).
+    fn attempt(&self, lane: usize, paths: &[StorePath], sign: bool) -> Result<(), Failure> {
+        let lane = &self.lanes[lane];
+        if let (Some(key), true) = (&self.signing_key, sign) {
             self.nix.sign(key, self.sign_closure, paths)?;
         }
-        if let Some(url) = &self.upload_to {
-            self.nix.copy(url, paths)?;
+        match &lane.target.kind {
+            Kind::Url(url) => lane.nix.copy(url, paths),
+            Kind::Command(argv) => lane.nix.run_uploader(argv, paths),
+            Kind::SignOnly => Ok(()),
         }
-        if let Some(argv) = &self.upload_command {
-            self.nix.run_uploader(argv, paths)?;
-        }
-        Ok(())
     }
 
-    fn finish(&self, paths: &[StorePath], took: Duration) {
-        let targets = [self.target];
-        if let Err(e) = self.journal.deliver(paths, self.target, &targets) {
-            // The paths stay done in memory; after a restart they are
-            // uploaded once more, which is harmless.
-            warning!("cannot journal {} finished paths: {e}", paths.len());
-        }
+    /// Records that target `lane` has the paths: those every target has
+    /// now leave the journal.
+    fn finish(&mut self, lane: usize, paths: &[StorePath], took: Duration) {
+        let id = self.lanes[lane].target.id;
+        self.lanes[lane].down = None;
+        let done = match self.journal.deliver(paths, id, &self.target_ids) {
+            Ok(done) => done,
+            Err(e) => {
+                // After a restart they are uploaded once more, which is
+                // harmless.
+                warning!("cannot journal {} finished paths: {e}", paths.len());
+                Vec::new()
+            }
+        };
         if self.has_work_to_do() {
+            let to = self.named(lane);
             match paths {
-                [one] => info!("uploaded {one} in {:.3} s", took.as_secs_f64()),
+                [one] => info!("uploaded {one}{to} in {:.3} s", took.as_secs_f64()),
                 [first, ..] => info!(
-                    "uploaded {} paths ({first}, ...) in {:.3} s",
+                    "uploaded {} paths ({first}, ...){to} in {:.3} s",
                     paths.len(),
                     took.as_secs_f64()
                 ),
@@ -499,34 +685,40 @@ impl Worker {
             }
         }
         let mut stats = self.shared.lock();
-        stats.uploaded += paths.len() as u64;
-        stats.record_uploads(paths.len() as u64);
+        stats.uploaded += done.len() as u64;
+        stats.record_uploads(done.len() as u64);
         if self.has_work_to_do() {
             stats.upload_seconds += took.as_secs_f64();
             stats.upload_batches += 1;
         }
+        let t = &mut stats.targets[lane];
+        t.delivered += paths.len() as u64;
+        t.last_error = None;
         for p in paths {
-            stats.backoff.remove(p);
+            t.backoff.remove(p);
+        }
+        for p in &done {
+            stats.forget(p);
         }
     }
 
-    /// Whom to blame when a path failed alone: the path if the target
-    /// answers `nix store ping` (or there is no target: signing only), the
-    /// target if not. An `upload-command` cannot be asked: its lone failures
-    /// do not count (the bisection of a failed batch still finds the paths
-    /// at fault, and `give-up-after` ends the rest).
-    fn blame_alone(&self) -> Blame {
-        if self.upload_command.is_some() {
-            return Blame::Target;
-        }
-        let Some(url) = &self.upload_to else {
-            return Blame::Paths;
+    /// Whom to blame when a path failed alone on target `lane`: the path if
+    /// the target answers `nix store ping` (or there is no target: signing
+    /// only), the target if not. An `upload-command` cannot be asked: its
+    /// lone failures do not count (the bisection of a failed batch still
+    /// finds the paths at fault, and `give-up-after` ends the rest).
+    fn blame_alone(&self, lane: usize) -> Blame {
+        let this = &self.lanes[lane];
+        let url = match &this.target.kind {
+            Kind::Command(_) => return Blame::Target,
+            Kind::SignOnly => return Blame::Paths,
+            Kind::Url(url) => url,
         };
-        match self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) {
+        match this.nix.ping(url, PING_TIMEOUT.min(this.nix.timeout())) {
             Ok(()) => Blame::Paths,
             Err(e) => {
-                self.shared.lock().failed_calls += 1;
-                info!("the target does not answer either, so the failure does not count against the path: {e}");
+                self.count_failure(lane, &e);
+                info!("the target{} does not answer either, so the failure does not count against the path: {e}", self.named(lane));
                 Blame::Target
             }
         }
@@ -536,31 +728,43 @@ impl Worker {
     /// and one next try, so they are retried together in one call (paths
     /// with timers of their own would each cost a call per retry). Paths at
     /// the end of their tries are given up on instead.
-    fn back_off(&self, paths: Vec<StorePath>, error: &dyn std::fmt::Display, blame: Blame) {
+    /// A failure blamed on the target makes it count as down until then.
+    fn back_off(
+        &mut self,
+        lane: usize,
+        paths: Vec<StorePath>,
+        error: &dyn std::fmt::Display,
+        blame: Blame,
+    ) {
         let error = error.to_string();
-        let paths = self.give_up_on_exhausted(paths, &error, blame);
+        let paths = self.give_up_on_exhausted(lane, paths, &error, blame);
         let Some(first) = paths.first() else {
             return;
         };
+        let to = self.named(lane);
         let mut stats = self.shared.lock();
+        let backoff = &mut stats.targets[lane].backoff;
         let attempts = paths
             .iter()
-            .map(|p| stats.backoff.get(p).map_or(0, |b| b.attempts))
+            .map(|p| backoff.get(p).map_or(0, |b| b.attempts))
             .max()
             .unwrap_or(0)
             .saturating_add(1);
         let delay = self.delay(attempts);
         let next_try = Instant::now() + delay;
         warning!(
-            "{} path(s) ({first}{}) failed attempt {attempts}, next try in {:.1} s: {error}",
+            "{} path(s) ({first}{}) failed attempt {attempts}{to}, next try in {:.1} s: {error}",
             paths.len(),
             if paths.len() > 1 { ", ..." } else { "" },
             delay.as_secs_f64()
         );
+        if blame == Blame::Target {
+            self.lanes[lane].down = Some((next_try, attempts, error.clone()));
+        }
         for p in paths {
             let counted =
-                stats.backoff.get(&p).map_or(0, |b| b.counted) + u32::from(blame == Blame::Paths);
-            stats.backoff.insert(
+                backoff.get(&p).map_or(0, |b| b.counted) + u32::from(blame == Blame::Paths);
+            backoff.insert(
                 p,
                 Backoff {
                     attempts,
@@ -577,6 +781,7 @@ impl Worker {
     /// the others, to back off.
     fn give_up_on_exhausted(
         &self,
+        lane: usize,
         paths: Vec<StorePath>,
         error: &str,
         blame: Blame,
@@ -588,7 +793,7 @@ impl Worker {
         for path in paths {
             let (attempts, counted) = {
                 let stats = self.shared.lock();
-                stats
+                stats.targets[lane]
                     .backoff
                     .get(&path)
                     .map_or((0, 0), |b| (b.attempts, b.counted))
@@ -615,7 +820,7 @@ impl Worker {
                 )
             };
             let record = GivenUp {
-                target: self.target,
+                target: self.lanes[lane].target.id,
                 at: now,
                 attempts,
                 error: error.to_string(),
@@ -623,12 +828,17 @@ impl Worker {
             match self.journal.give_up(&path, record) {
                 Ok(given_up) => {
                     let mut stats = self.shared.lock();
-                    stats.backoff.remove(&path);
+                    stats.targets[lane].backoff.remove(&path);
                     if given_up {
                         stats.given_up += 1;
+                        stats.targets[lane].given_up += 1;
                         drop(stats);
+                        let on = match self.named(lane) {
+                            to if to.is_empty() => to,
+                            to => format!(" for{to}"),
+                        };
                         warning!(
-                            "giving up on {path} after {why}: {error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {path}` (or `drop {path}`)"
+                            "giving up on {path}{on} after {why}: {error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {path}` (or `drop {path}`)"
                         );
                     }
                 }
@@ -676,7 +886,7 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
     {
         let mut stats = shared.lock();
         for (p, seq) in &queued {
-            stats.backoff.remove(p);
+            stats.forget(p);
             stats.record_drop(Some(*seq));
         }
     }

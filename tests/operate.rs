@@ -296,6 +296,7 @@ const JSON_FIELDS: &[&str] = &[
     "backoff",
     "failed_paths",
     "in_flight_paths",
+    "targets",
 ];
 
 /// Kills a process tree on drop (for daemons the test spawns itself).
@@ -389,12 +390,32 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
         if line.starts_with('#') {
             continue;
         }
-        let parts: Vec<&str> = line.split_whitespace().collect();
-        let (name, value) = match parts.as_slice() {
-            [n, v] => (*n, *v),
-            [n, v, ts] if ts.parse::<i64>().is_ok() => (*n, *v),
+        // `name{labels} value`: the labels (quoted, maybe with spaces)
+        // are part of the sample's key.
+        let (sample, rest) = match line.split_once('{') {
+            Some((n, labels)) => {
+                let (labels, rest) = labels
+                    .rsplit_once('}')
+                    .ok_or_else(|| at("labels without `}`"))?;
+                if !labels.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    || !labels.ends_with('"')
+                {
+                    return Err(at("bad labels"));
+                }
+                (format!("{n}{{{labels}}}"), rest)
+            }
+            None => {
+                let (n, rest) = line.split_once(' ').ok_or_else(|| at("no value"))?;
+                (n.to_string(), rest)
+            }
+        };
+        let parts: Vec<&str> = rest.split_whitespace().collect();
+        let value = match parts.as_slice() {
+            [v] => *v,
+            [v, ts] if ts.parse::<i64>().is_ok() => *v,
             _ => return Err(at("expected `name value`")),
         };
+        let name = sample.split_once('{').map_or(sample.as_str(), |(n, _)| n);
         if !valid_name(name) {
             return Err(at("bad metric name"));
         }
@@ -415,7 +436,7 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
             return Err(at("no HELP for this family"));
         }
         seen_families.insert(family);
-        if samples.insert(name.to_string(), value).is_some() {
+        if samples.insert(sample.clone(), value).is_some() {
             return Err(at("sample repeated"));
         }
     }
@@ -1184,12 +1205,28 @@ fn metrics_file_is_prometheus_text_and_moves() {
         "upload_duration_seconds_sum",
         "upload_duration_seconds_count",
     ];
-    let names: Vec<String> = expected.iter().map(|n| format!("{M}{n}")).collect();
+    let mut names: Vec<String> = expected.iter().map(|n| format!("{M}{n}")).collect();
+    // And per target, labelled with its URL: up (1) and zeros.
+    for n in [
+        "target_queued",
+        "target_delivered_total",
+        "target_backing_off",
+        "target_failed",
+        "target_given_up_total",
+        "target_failed_calls_total",
+        "target_up",
+    ] {
+        names.push(format!("{M}{n}{{target=\"{upload}\"}}"));
+    }
     assert_eq!(
         m.keys().cloned().collect::<HashSet<_>>(),
         names.iter().cloned().collect::<HashSet<_>>()
     );
-    assert!(m.values().all(|v| *v == 0.0), "{m:?}");
+    assert!(
+        m.iter()
+            .all(|(k, v)| *v == if k.contains("target_up{") { 1.0 } else { 0.0 }),
+        "{m:?}"
+    );
 
     let paths = env.build_paths(2, "metrics");
     let gone = missing_path(&env, "op-metrics-gone");
@@ -1775,20 +1812,22 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
     let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
-    // A second target is refused, not silently taken instead of the first
-    // (private socket and state, should it start all the same).
+    // The same target twice (a password aside) is refused, not taken as
+    // two (private socket and state, should it start all the same).
     let own = env.root().join("second-target");
     let r: Ran = run(d
         .cli_cmd()
-        .args(["serve", "--upload-to", upload.as_str()])
-        .args(["--upload-to", "ssh-ng://mirror", "--socket"])
+        .args(["serve", "--upload-to", "ssh://u:one@mirror"])
+        .args(["--upload-to", "ssh://u:two@mirror", "--socket"])
         .arg(own.join("s.sock"))
         .arg("--state-dir")
         .arg(&own))
     .into();
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(
-        r.stderr.contains("upload-to is given a second time") && r.stderr.lines().count() == 1,
+        r.stderr.contains("is given twice")
+            && !r.stderr.contains("one@")
+            && r.stderr.lines().count() == 1,
         "{r:?}"
     );
 }
@@ -1997,16 +2036,31 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
         "{}",
         d3.log()
     );
-    let mut d4 = Daemon::new_stopped(
+    // Beside upload-to, the uploader is one more target: both get a path.
+    let (upload2, read2) = file_cache(&env, "cache-beside");
+    let beside = format!(
+        "{} --extra-experimental-features nix-command copy --to {upload2}",
+        w.nix()
+    );
+    let d4 = Daemon::start(
         &env,
         &[
-            ("upload-command", "/bin/true"),
+            ("upload-command", beside.as_str()),
             ("upload-to", upload.as_str()),
         ],
-        NO_ENV,
     );
-    assert!(d4.try_spawn().is_err());
-    assert!(d4.log().contains("not both"), "{}", d4.log());
+    let fresh = env.build_paths(1, "uploader-beside");
+    enqueue_cli(&d4, &fresh);
+    let r = cli(&d4, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d4.log());
+    assert!(
+        env.is_valid_in(&read, &fresh[0]),
+        "upload-to did not get it"
+    );
+    assert!(
+        env.is_valid_in(&read2, &fresh[0]),
+        "the uploader did not get it"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -2196,4 +2250,431 @@ fn sigterm_kills_a_hung_upload_after_the_grace_period_and_keeps_the_path() {
         || d.log(),
     );
     assert!(d.log().contains("replayed: 1 paths queued"), "{}", d.log());
+}
+
+// ---------------------------------------------------------------------------
+// Several targets
+// ---------------------------------------------------------------------------
+
+/// `nix-target-wrapper`: a directory with a `nix` script that runs the real
+/// nix, except that `nix copy` first writes `copy TO PATHS...` to
+/// `calls.log` (and `nix store sign` writes `sign PATHS...`), then, for a
+/// target whose URL holds the text of the file `hold`, waits while that file
+/// exists; for one holding the text of `down`, fails; and for one holding
+/// the text of `poison`, fails when a path is named `*-npbhq-poison-*`. So
+/// one target can fail while the other works, as with an S3 cache and an
+/// ssh mirror of which one is down.
+struct TargetWrapper {
+    dir: PathBuf,
+}
+
+impl TargetWrapper {
+    fn new(env: &NixEnv) -> TargetWrapper {
+        let dir = env.root().join("nix-target-wrapper");
+        fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let script = format!(
+            "#!/bin/sh\n\
+             # nix-target-wrapper: the real nix, except that `nix copy` fails\n\
+             # (or waits) for the target named in {d}/down ({d}/hold).\n\
+             to=; prev=\n\
+             for a in \"$@\"; do\n\
+             \x20   [ \"$prev\" = --to ] && to=$a\n\
+             \x20   prev=$a\n\
+             done\n\
+             names() {{ [ -e \"$1\" ] && case \"$to\" in *\"$(cat \"$1\")\"*) return 0;; esac; return 1; }}\n\
+             case \" $* \" in\n\
+             *' store sign '*)\n\
+             \x20   echo \"sign $*\" >> '{d}/calls.log';;\n\
+             *' copy '*)\n\
+             \x20   echo \"copy $to $*\" >> '{d}/calls.log'\n\
+             \x20   while names '{d}/hold'; do sleep 0.05; done\n\
+             \x20   if names '{d}/down'; then\n\
+             \x20       echo \"nix-target-wrapper: target down\" >&2\n\
+             \x20       exit 1\n\
+             \x20   fi\n\
+             \x20   if names '{d}/poison'; then\n\
+             \x20       case \" $* \" in *-npbhq-poison-*)\n\
+             \x20           echo 'nix-target-wrapper: refusing a poison path' >&2\n\
+             \x20           exit 1;;\n\
+             \x20       esac\n\
+             \x20   fi;;\n\
+             esac\n\
+             exec '{}' \"$@\"\n",
+            which("nix").display()
+        );
+        fs::write(dir.join("nix"), script).unwrap();
+        fs::set_permissions(dir.join("nix"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(which("nix-store"), dir.join("nix-store")).unwrap();
+        TargetWrapper { dir }
+    }
+
+    fn nix(&self) -> String {
+        self.dir.join("nix").display().to_string()
+    }
+
+    /// Makes `what` (`down`, `hold`, `poison`) apply to the targets whose
+    /// URL holds `target`, or to none.
+    fn set(&self, what: &str, target: Option<&str>) {
+        let f = self.dir.join(what);
+        match target {
+            Some(t) => fs::write(f, t).unwrap(),
+            None => {
+                let _ = fs::remove_file(f);
+            }
+        }
+    }
+
+    /// The recorded calls: `copy TO ARGS...` and `sign ARGS...`.
+    fn calls(&self) -> Vec<String> {
+        fs::read_to_string(self.dir.join("calls.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// How many `nix copy` calls to targets whose URL holds `target` named
+    /// `path`.
+    fn copies_of(&self, target: &str, path: &Path) -> usize {
+        let p = format!(" {} ", path.display());
+        self.calls()
+            .iter()
+            .filter(|c| {
+                c.strip_prefix("copy ")
+                    .and_then(|c| c.split_once(' '))
+                    .is_some_and(|(to, args)| {
+                        to.contains(target) && format!(" {args} ").contains(&p)
+                    })
+            })
+            .count()
+    }
+}
+
+/// The `targets` list of `status --json`, by label.
+fn targets_json(d: &Daemon) -> Vec<Json> {
+    status_json(d)
+        .get("targets")
+        .and_then(Json::as_array)
+        .map(<[Json]>::to_vec)
+        .unwrap_or_default()
+}
+
+fn target_json(d: &Daemon, label_part: &str) -> Json {
+    targets_json(d)
+        .into_iter()
+        .find(|t| {
+            t.get("target")
+                .and_then(Json::as_str)
+                .is_some_and(|l| l.contains(label_part))
+        })
+        .unwrap_or_else(|| panic!("no target {label_part} in status: {:?}", status_json(d)))
+}
+
+/// Two `upload-to` lines (as the module renders a list): every path goes
+/// to both caches, signed once per batch before any copy, and leaves the
+/// journal; `status` and the metrics file show each target.
+#[test]
+fn two_targets_both_receive_every_path_signed_once() {
+    let env = NixEnv::new("op-two-targets");
+    let (up_a, read_a) = file_cache(&env, "cache-a");
+    let (up_b, read_b) = file_cache(&env, "cache-b");
+    let (key, public) = env.gen_signing_key("two-targets");
+    let w = TargetWrapper::new(&env);
+    let metrics = env.root().join("metrics.prom");
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", up_a.as_str()),
+            ("upload-to", up_b.as_str()),
+            ("signing-key-file", &key.display().to_string()),
+            ("nix", &w.nix()),
+            ("metrics-file", &metrics.display().to_string()),
+        ],
+    );
+    let paths = env.build_paths(3, "two");
+    enqueue_cli(&d, &paths);
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    for read in [&read_a, &read_b] {
+        env.verify_in_cache(read, &public, &paths)
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    }
+    // One request, one batch: one signing, then one copy per target.
+    let calls = w.calls();
+    let signs: Vec<usize> = (0..calls.len())
+        .filter(|&i| calls[i].starts_with("sign "))
+        .collect();
+    let copies: Vec<usize> = (0..calls.len())
+        .filter(|&i| calls[i].starts_with("copy "))
+        .collect();
+    assert_eq!(signs.len(), 1, "{calls:#?}");
+    assert_eq!(copies.len(), 2, "{calls:#?}");
+    assert!(signs[0] < copies[0], "signed after a copy: {calls:#?}");
+    let j = status_json(&d);
+    assert_eq!(
+        (num(&j, "queued"), num(&j, "uploaded")),
+        (0.0, 3.0),
+        "{j:?}"
+    );
+    for (part, label) in [("cache-a", &up_a), ("cache-b", &up_b)] {
+        let t = target_json(&d, part);
+        assert_eq!(t.get("target").and_then(Json::as_str), Some(label.as_str()));
+        assert_eq!(
+            (num(&t, "delivered"), num(&t, "queued")),
+            (3.0, 0.0),
+            "{t:?}"
+        );
+        assert_eq!(t.get("state").and_then(Json::as_str), Some("ok"), "{t:?}");
+    }
+    wait_until_ok(
+        Duration::from_secs(30),
+        "per-target metrics",
+        || {
+            let t = fs::read_to_string(&metrics).map_err(|e| e.to_string())?;
+            let m = parse_prometheus(&t)?;
+            [&up_a, &up_b]
+                .iter()
+                .all(|u| {
+                    m.get(&format!("{M}target_delivered_total{{target=\"{u}\"}}")) == Some(&3.0)
+                        && m.get(&format!("{M}target_up{{target=\"{u}\"}}")) == Some(&1.0)
+                })
+                .then_some(())
+                .ok_or(t)
+        },
+        || d.log(),
+    );
+}
+
+/// One target down, the other up: the other keeps delivering (also what
+/// comes while the first is down), `status` shows which target fails and
+/// why, `wait` waits for the one that is down; once it is back, it gets
+/// every path.
+#[test]
+fn one_target_down_does_not_hold_back_the_other() {
+    let env = NixEnv::new("op-target-down");
+    let (up_a, read_a) = file_cache(&env, "cache-a");
+    let (up_b, read_b) = file_cache(&env, "cache-b");
+    let w = TargetWrapper::new(&env);
+    w.set("down", Some("cache-b"));
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", up_a.as_str()),
+            ("upload-to", up_b.as_str()),
+            ("nix", &w.nix()),
+            ("retry-initial-delay", "0.2"),
+            ("retry-max-delay", "1"),
+        ],
+    );
+    let first = env.build_paths(2, "down-first");
+    enqueue_cli(&d, &first);
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "cache-a has the first paths while cache-b is down",
+        || first.iter().all(|p| env.is_valid_in(&read_a, p)),
+        || d.log(),
+    );
+    // More while b is down: a takes them too.
+    let more = env.build_paths(2, "down-more");
+    enqueue_cli(&d, &more);
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "cache-a has the later paths while cache-b is down",
+        || more.iter().all(|p| env.is_valid_in(&read_a, p)),
+        || d.log(),
+    );
+    let all: Vec<PathBuf> = first.iter().chain(&more).cloned().collect();
+    assert!(all.iter().all(|p| !env.is_valid_in(&read_b, p)));
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "status shows cache-b failing with all four paths",
+        || {
+            let b = target_json(&d, "cache-b");
+            b.get("state").and_then(Json::as_str) == Some("failing")
+                && num(&b, "queued") == 4.0
+                && num(&b, "backing_off") == 4.0
+        },
+        || format!("{:?}\n{}", status_json(&d), d.log()),
+    );
+    let a = target_json(&d, "cache-a");
+    assert_eq!(
+        (num(&a, "delivered"), num(&a, "queued")),
+        (4.0, 0.0),
+        "{a:?}"
+    );
+    assert_eq!(a.get("state").and_then(Json::as_str), Some("ok"), "{a:?}");
+    let b = target_json(&d, "cache-b");
+    let e = b.get("last_error").and_then(Json::as_str).unwrap_or("");
+    assert!(e.contains("nix-target-wrapper: target down"), "{b:?}");
+    let j = status_json(&d);
+    assert_eq!(num(&j, "queued"), 4.0, "{j:?}");
+    let text = status_text(&d);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&up_b) && l.contains("failing")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("last error") && l.contains("target down")),
+        "{text}"
+    );
+    println!("status with one target down:\n{text}");
+    let r = cli(&d, &["wait", "--timeout", "2"]);
+    assert_eq!(r.code, Some(1), "wait did not wait for cache-b: {r:?}");
+    assert!(r.stderr.contains("4 path(s) still queued"), "{r:?}");
+
+    w.set("down", None);
+    let r = cli(&d, &["retry"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    for p in &all {
+        assert!(
+            env.is_valid_in(&read_b, p),
+            "{} not in cache-b",
+            p.display()
+        );
+        assert_eq!(w.copies_of("cache-a", p), 1, "copied to cache-a again");
+    }
+    let b = target_json(&d, "cache-b");
+    assert_eq!(b.get("state").and_then(Json::as_str), Some("ok"), "{b:?}");
+}
+
+/// Killed (-9) after one target has a path and while the other's copy is
+/// under way: the journal says which has it, and the restart delivers to
+/// the other target only; nothing is lost.
+#[test]
+fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
+    let env = NixEnv::new("op-target-kill");
+    let (up_a, read_a) = file_cache(&env, "cache-a");
+    let (up_b, read_b) = file_cache(&env, "cache-b");
+    let w = TargetWrapper::new(&env);
+    w.set("hold", Some("cache-b"));
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", up_a.as_str()),
+            ("upload-to", up_b.as_str()),
+            ("nix", &w.nix()),
+        ],
+    );
+    let paths = env.build_paths(2, "kill");
+    enqueue_cli(&d, &paths);
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "cache-a has the paths and the copy to cache-b is held",
+        || {
+            paths.iter().all(|p| w.copies_of("cache-b", p) == 1)
+                && paths.iter().all(|p| env.is_valid_in(&read_a, p))
+        },
+        || d.log(),
+    );
+    d.kill9();
+    let journal = journal_text(&d);
+    let a_id = target_id(&up_a);
+    for p in &paths {
+        assert!(
+            journal.contains(&format!("> {a_id} {}\n", p.display())),
+            "{journal}"
+        );
+    }
+    w.set("hold", None);
+    d.restart();
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    for p in &paths {
+        assert!(
+            env.is_valid_in(&read_b, p),
+            "{} not in cache-b",
+            p.display()
+        );
+        assert_eq!(
+            w.copies_of("cache-a", p),
+            1,
+            "copied to cache-a again after the restart: {:#?}",
+            w.calls()
+        );
+        assert_eq!(w.copies_of("cache-b", p), 2, "{:#?}", w.calls());
+    }
+    assert_eq!(num(&status_json(&d), "queued"), 0.0);
+}
+
+/// A path that one target refuses is given up on for that target only: the
+/// other has it; `wait` and `status` name the target; `requeue` tries that
+/// target alone again.
+#[test]
+fn a_path_given_up_on_one_target_only() {
+    let env = NixEnv::new("op-target-poison");
+    let (up_a, read_a) = file_cache(&env, "cache-a");
+    let (up_b, read_b) = file_cache(&env, "cache-b");
+    let w = TargetWrapper::new(&env);
+    w.set("poison", Some("cache-b"));
+    let mut d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", up_a.as_str()),
+            ("upload-to", up_b.as_str()),
+            ("nix", &w.nix()),
+            ("max-attempts", "2"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+        ],
+    );
+    let good = env.build_paths(1, "fine");
+    let poison = env.build_paths(2, "poison");
+    let p = poison[0].display().to_string();
+    enqueue_cli(&d, &[good[0].clone(), poison[0].clone(), poison[1].clone()]);
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(1), "{r:?}\n{}", d.log());
+    assert!(
+        r.stderr.contains("2 path(s) failed and were given up on")
+            && r.stderr.contains(&p)
+            && r.stderr.contains(&up_b)
+            && r.stderr.contains("refusing a poison path"),
+        "{r:?}"
+    );
+    for q in &poison {
+        assert!(env.is_valid_in(&read_a, q), "cache-a lacks {}", q.display());
+        assert!(!env.is_valid_in(&read_b, q));
+    }
+    assert!(env.is_valid_in(&read_b, &good[0]));
+    let (a, b) = (target_json(&d, "cache-a"), target_json(&d, "cache-b"));
+    assert_eq!((num(&a, "failed"), num(&a, "queued")), (0.0, 0.0), "{a:?}");
+    assert_eq!((num(&b, "failed"), num(&b, "queued")), (2.0, 0.0), "{b:?}");
+    let j = status_json(&d);
+    assert_eq!((num(&j, "queued"), num(&j, "failed")), (2.0, 2.0), "{j:?}");
+    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
+    let e = failed[0].get("last_error").and_then(Json::as_str).unwrap();
+    assert!(e.starts_with(&format!("{up_b}: ")), "{e}");
+
+    // Still given up on (for b only) after a restart; then requeued, b
+    // alone is tried again.
+    d.restart();
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    w.set("poison", None);
+    let copies_a = w.copies_of("cache-a", &poison[0]);
+    let r = cli(&d, &["requeue", &p]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert!(env.is_valid_in(&read_b, &poison[0]));
+    // The other one, dropped: for every target, and b never gets it.
+    let r = cli(&d, &["drop", "--all-failed"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "dropped 1 queued path(s); they will not be uploaded\n"
+    );
+    assert!(!env.is_valid_in(&read_b, &poison[1]));
+    assert_eq!(
+        w.copies_of("cache-a", &poison[0]),
+        copies_a,
+        "the requeue copied to cache-a again: {:#?}",
+        w.calls()
+    );
+    let j = status_json(&d);
+    assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");
 }

@@ -739,6 +739,18 @@ fn rendered_module_facts() {
     ] {
         assert_eq!(fact(name), "true", "module.nix: {name}");
     }
+    // uploadTo as a list: one `upload-to` line per target, as the daemon
+    // reads several targets; a plain string, one line.
+    let several = fact("several-targets-rendered");
+    assert!(
+        several.contains(
+            "upload-to = file:///var/cache/a?compression=none\\nupload-to = ssh-ng://nix-ssh@mirror.example.com\\n"
+        ),
+        "{several}"
+    );
+    let one = fact("one-target-rendered");
+    assert_eq!(one.matches("upload-to = ").count(), 1, "{one}");
+    assert!(one.contains("upload-to = file:///var/cache/a\\n"), "{one}");
     let decimals = fact("decimal-seconds-rendered");
     for line in [
         "command-timeout = 2.5\\n",

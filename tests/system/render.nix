@@ -369,6 +369,15 @@ let
     settings-keys = lib.concatStringsSep " " (
       builtins.attrNames defaults.services.nix-post-build-hook-queue.settings
     );
+    # uploadTo as a list: one `upload-to` line per target (the daemon reads
+    # a repeated key as several targets); a plain string still works.
+    several-targets-rendered = configText {
+      uploadTo = [
+        "file:///var/cache/a?compression=none"
+        "ssh-ng://nix-ssh@mirror.example.com"
+      ];
+    };
+    one-target-rendered = configText { uploadTo = "file:///var/cache/a"; };
     decimal-seconds-rendered = configText {
       settings = {
         command-timeout = 2.5;
