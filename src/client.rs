@@ -122,11 +122,18 @@ impl Connection {
         })
     }
 
-    /// Connects, and ends everything done on the connection by `deadline`:
-    /// the hook's one bound on how long a build waits for it.
+    /// Connects, and ends every read and write on the connection by
+    /// `deadline`: the hook's one bound on how long a build waits for it.
+    /// The connect itself is not bounded here (it blocks while the daemon's
+    /// backlog is full): the hook bounds it with a watchdog thread that
+    /// spools and exits at the deadline, off the path of a connect that
+    /// succeeds at once.
     pub fn until(socket: &Path, deadline: Instant) -> Result<Connection, ClientError> {
+        check_trusted(socket, sys::uid())?;
+        let stream = UnixStream::connect(socket)
+            .map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?;
         Ok(Connection {
-            stream: connect(socket, deadline)?,
+            stream,
             buffered: Vec::new(),
             deadline: Some(deadline),
         })

@@ -14,6 +14,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use npbhq::client::{self, ClientError, Connection};
@@ -185,6 +186,45 @@ impl fmt::Display for Outcome {
     }
 }
 
+/// Bounds the connect, which blocks while the daemon's backlog is full (a
+/// daemon that stopped accepting): a thread that waits for the deadline and,
+/// if the connect is still going on (the flag it returns still set), spools
+/// every line, says so and ends the process with 0. A thread that only waits
+/// keeps the connect itself on the main thread, so the usual hook run does
+/// not wait for a second thread to be scheduled.
+fn watch_the_connect(lines: &[String], settings: &Settings) -> Arc<Mutex<bool>> {
+    let connecting = Arc::new(Mutex::new(true));
+    let (flag, request, socket, spool, timeout) = (
+        connecting.clone(),
+        lines.concat(),
+        settings.socket.clone(),
+        settings.spool.clone(),
+        settings.timeout,
+    );
+    let watchdog = std::thread::Builder::new()
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            std::thread::sleep(timeout);
+            let still = flag.lock().unwrap_or_else(|e| e.into_inner());
+            if *still {
+                let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect");
+                let err = ClientError::Connect(socket, timed_out);
+                let outcome = match spool::write(&spool, &request) {
+                    Ok(file) => Outcome::Spooled(err, file),
+                    Err(se) => Outcome::Lost(err, spool, se),
+                };
+                say_err(&format!("{outcome}\n"));
+                std::process::exit(0);
+            }
+        });
+    if watchdog.is_err() {
+        // No thread: the connect goes unbounded rather than the paths lost
+        // (it blocks only on a daemon that has stopped accepting).
+        *connecting.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+    connecting
+}
+
 /// Hands the paths to the daemon, or to the spool when that fails.
 fn hook(out_paths: &str, drv_path: &str, settings: &Settings) -> Outcome {
     let lines = wire::hook_lines(out_paths, drv_path);
@@ -192,8 +232,13 @@ fn hook(out_paths: &str, drv_path: &str, settings: &Settings) -> Outcome {
         return Outcome::NothingToQueue;
     }
     let deadline = Instant::now() + settings.timeout;
+    let connecting = watch_the_connect(&lines, settings);
     let mut sent = 0;
-    let result = Connection::until(&settings.socket, deadline).and_then(|mut conn| {
+    let connected = Connection::until(&settings.socket, deadline);
+    // The watchdog stands down, or, when it holds the lock, is spooling and
+    // ends the process.
+    *connecting.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    let result = connected.and_then(|mut conn| {
         for line in &lines {
             conn.request(line)?;
             sent += 1;
