@@ -710,17 +710,9 @@ fn wait_on_a_terminal(d: &Daemon) -> (Child, Arc<Mutex<Vec<u8>>>) {
 #[test]
 fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
     let env = NixEnv::new("op-wait");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
-    w.set_hold(true);
-    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
-    let good = env.build_paths(1, "wait");
-    let gone = missing_path(&env, "op-wait-gone");
     // The good path's copy is held, so the missing path waits behind it.
-    assert_eq!(d.request(&format!("enqueue {}", good[0].display())), "ok 1");
-    wait_until(Duration::from_secs(30), "copy held", || {
-        !w.copy_pids().is_empty()
-    });
+    let (d, w, read, good) = daemon_with_a_held_copy(&env, "wait");
+    let gone = missing_path(&env, "op-wait-gone");
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
 
     // `script` gives the command a terminal; its output comes back on our pipe.
@@ -748,7 +740,7 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
         UPLOAD_TIMEOUT,
         "good path uploaded",
         || {
-            env.is_valid_in(&read, &good[0])
+            env.is_valid_in(&read, &good)
                 .then_some(())
                 .ok_or_else(|| "not in cache".to_string())
         },
@@ -2169,23 +2161,29 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     assert!(d.is_running(), "{}", d.log());
 }
 
+/// A daemon uploading to a `file://` cache through a wrapper that holds
+/// every copy, with one built path enqueued and its copy running: the
+/// daemon, the wrapper (`set_hold(false)` lets copies go), the cache's URL
+/// for reading, and the path.
+fn daemon_with_a_held_copy(env: &NixEnv, tag: &str) -> (Daemon, NixFailWrapper, String, PathBuf) {
+    let (upload, read) = file_cache(env, "cache");
+    let w = NixFailWrapper::new(env);
+    w.set_hold(true);
+    let d = Daemon::start(env, &[("upload-to", &upload), ("nix", &w.nix())]);
+    let path = env.build_paths(1, tag).remove(0);
+    assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
+    wait_until(Duration::from_secs(30), "copy held", || {
+        !w.copy_pids().is_empty()
+    });
+    (d, w, read, path)
+}
+
 /// SIGTERM during an upload: the nix call in progress may finish (within
 /// the grace period) and the daemon exits 0 with nothing left queued.
 #[test]
 fn sigterm_lets_the_upload_in_progress_finish() {
     let env = NixEnv::new("op-term-finish");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
-    w.set_hold(true);
-    let mut d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
-    let paths = env.build_paths(1, "term-finish");
-    assert_eq!(
-        d.request(&format!("enqueue {}", paths[0].display())),
-        "ok 1"
-    );
-    wait_until(Duration::from_secs(30), "copy held", || {
-        !w.copy_pids().is_empty()
-    });
+    let (mut d, w, read, path) = daemon_with_a_held_copy(&env, "term-finish");
     run_ok(Command::new("kill").args(["-TERM", &d.pid().unwrap().to_string()]));
     wait_until_diag(
         Duration::from_secs(30),
@@ -2196,7 +2194,7 @@ fn sigterm_lets_the_upload_in_progress_finish() {
     w.set_hold(false);
     let st = d.stop();
     assert!(st.success(), "{st}\nlog:\n{}", d.log());
-    assert!(env.is_valid_in(&read, &paths[0]), "log:\n{}", d.log());
+    assert!(env.is_valid_in(&read, &path), "log:\n{}", d.log());
     assert!(
         d.log().contains("stopped; 0 paths stay queued"),
         "log:\n{}",
@@ -2210,18 +2208,7 @@ fn sigterm_lets_the_upload_in_progress_finish() {
 #[test]
 fn sigterm_kills_a_hung_upload_after_the_grace_period_and_keeps_the_path() {
     let env = NixEnv::new("op-term-kill");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
-    w.set_hold(true);
-    let mut d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
-    let paths = env.build_paths(1, "term-kill");
-    assert_eq!(
-        d.request(&format!("enqueue {}", paths[0].display())),
-        "ok 1"
-    );
-    wait_until(Duration::from_secs(30), "copy held", || {
-        !w.copy_pids().is_empty()
-    });
+    let (mut d, w, read, path) = daemon_with_a_held_copy(&env, "term-kill");
     let copy = w.copy_pids()[0];
     let st = d.stop();
     assert!(st.success(), "{st}\nlog:\n{}", d.log());
@@ -2246,7 +2233,7 @@ fn sigterm_kills_a_hung_upload_after_the_grace_period_and_keeps_the_path() {
     wait_until_diag(
         UPLOAD_TIMEOUT,
         "path uploaded after restart",
-        || env.is_valid_in(&read, &paths[0]),
+        || env.is_valid_in(&read, &path),
         || d.log(),
     );
     assert!(d.log().contains("replayed: 1 paths queued"), "{}", d.log());
