@@ -2414,23 +2414,17 @@ fn two_targets_both_receive_every_path_signed_once() {
         );
         assert_eq!(t.get("state").and_then(Json::as_str), Some("ok"), "{t:?}");
     }
-    wait_until_ok(
-        Duration::from_secs(30),
-        "per-target metrics",
-        || {
-            let t = fs::read_to_string(&metrics).map_err(|e| e.to_string())?;
-            let m = parse_prometheus(&t)?;
-            [&up_a, &up_b]
-                .iter()
-                .all(|u| {
-                    m.get(&format!("{M}target_delivered_total{{target=\"{u}\"}}")) == Some(&3.0)
-                        && m.get(&format!("{M}target_up{{target=\"{u}\"}}")) == Some(&1.0)
-                })
-                .then_some(())
-                .ok_or(t)
-        },
-        || d.log(),
-    );
+    let samples: Vec<(String, f64)> = [&up_a, &up_b]
+        .iter()
+        .flat_map(|u| {
+            [
+                (format!("target_delivered_total{{target=\"{u}\"}}"), 3.0),
+                (format!("target_up{{target=\"{u}\"}}"), 1.0),
+            ]
+        })
+        .collect();
+    let want: Vec<(&str, f64)> = samples.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    wait_for_metrics(&d, &metrics, &want);
 }
 
 /// One target down, the other up: the other keeps delivering (also what
