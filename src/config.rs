@@ -61,6 +61,10 @@ pub struct Config {
     /// How long after it was queued a path that still fails is given up on
     /// (whatever the failures); `None`: never.
     pub give_up_after: Option<Duration>,
+    /// Pass `--substitute-on-destination` to `nix copy` for `ssh://` and
+    /// `ssh-ng://` targets, so the receiver fetches what its own
+    /// substituters have instead of receiving it over ssh.
+    pub substitute_on_destination: bool,
 }
 
 /// A setting that could not be read, with where it came from.
@@ -102,6 +106,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "program and arguments of an uploader, one more target beside upload-to, separated by spaces (no shell, no quoting); the paths are appended (empty: none)",
     ),
     ("sign-closure", "true or false"),
+    (
+        "substitute-on-destination",
+        "true or false: ssh targets fetch from their own substituters",
+    ),
     ("batch-size", "whole number of paths, 1 or more"),
     (
         "upload-jobs",
@@ -189,6 +197,7 @@ impl Default for Config {
             upload_to: Vec::new(),
             upload_command: None,
             sign_closure: true,
+            substitute_on_destination: false,
             batch_size: 1000,
             upload_jobs: 2,
             command_timeout: Duration::from_secs(600),
@@ -285,6 +294,7 @@ impl Config {
                 self.upload_command = (!argv.is_empty()).then_some(argv);
             }
             "sign-closure" => self.sign_closure = parse_bool(value)?,
+            "substitute-on-destination" => self.substitute_on_destination = parse_bool(value)?,
             "batch-size" => self.batch_size = parse_count(value)?,
             "upload-jobs" => self.upload_jobs = parse_count(value)?,
             "command-timeout" => self.command_timeout = parse_seconds(value)?,

@@ -112,6 +112,8 @@ pub struct Nix {
     ssh_opts: Option<String>,
     running: Arc<AtomicU32>,
     copy_jobs: usize,
+    /// `--substitute-on-destination` for an ssh target.
+    substitute_on_destination: bool,
 }
 
 impl Nix {
@@ -134,7 +136,18 @@ impl Nix {
             ssh_opts,
             running: Arc::new(AtomicU32::new(0)),
             copy_jobs: 1,
+            substitute_on_destination: false,
         }
+    }
+
+    /// The `nix` for calls to `upload_to` (or for signing and queries, with
+    /// `None`), with every setting of `config` that concerns it.
+    pub fn from_config(config: &crate::config::Config, upload_to: Option<&str>) -> Nix {
+        let mut nix = Nix::new(&config.nix, config.command_timeout, upload_to)
+            .with_copy_jobs(config.upload_jobs);
+        nix.substitute_on_destination = config.substitute_on_destination
+            && upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
+        nix
     }
 
     /// Lets one batch's upload run as up to `jobs` `nix copy` calls at once.
@@ -207,6 +220,9 @@ impl Nix {
             .chunks(share)
             .map(|chunk| {
                 let mut cmd = self.nix_command(&["copy", "--to", url]);
+                if self.substitute_on_destination {
+                    cmd.arg("--substitute-on-destination");
+                }
                 if !user_tunables {
                     cmd.env("GLIBC_TUNABLES", COPY_GLIBC_TUNABLES);
                 }

@@ -17,7 +17,7 @@ extern "C" {
     fn __errno_location() -> *mut i32;
     fn pthread_sigmask(how: i32, set: *const SigSet, old: *mut SigSet) -> i32;
     fn sigwait(set: *const SigSet, sig: *mut i32) -> i32;
-    fn getsockopt(fd: i32, level: i32, name: i32, value: *mut i32, len: *mut u32) -> i32;
+    fn getsockopt(fd: i32, level: i32, name: i32, value: *mut u8, len: *mut u32) -> i32;
 }
 
 /// SIGINT on every Linux architecture.
@@ -153,29 +153,73 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     inherited.try_clone()
 }
 
-/// `SOL_SOCKET` and `SO_ACCEPTCONN` (asm-generic values: x86-64, arm64, riscv).
+/// `SOL_SOCKET`, `SO_PEERCRED` and `SO_ACCEPTCONN` (asm-generic values:
+/// x86-64, arm64, armv7, riscv64).
 const SOL_SOCKET: i32 = 1;
+const SO_PEERCRED: i32 = 17;
 const SO_ACCEPTCONN: i32 = 30;
 
-/// True when `fd` is a socket in the listening state.
-pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    let mut value: i32 = 0;
-    let mut len = std::mem::size_of::<i32>() as u32;
+/// Reads socket option `name` of `fd` into `value`, which must be plain
+/// integers (any bit pattern valid) of the option's exact size.
+fn socket_option<T: Copy>(fd: BorrowedFd<'_>, name: i32, mut value: T) -> io::Result<T> {
+    let mut len = std::mem::size_of::<T>() as u32;
     // SAFETY: `fd` is open for the borrow's lifetime; `value` and `len` are
-    // live, correctly sized locals, and the kernel writes at most `len`
-    // bytes into `value`.
+    // live locals, and the kernel writes at most `len` bytes into `value`,
+    // a type of plain integers for which every bit pattern is valid.
     let rc = unsafe {
         getsockopt(
             fd.as_raw_fd(),
             SOL_SOCKET,
-            SO_ACCEPTCONN,
-            &mut value,
+            name,
+            (&mut value as *mut T).cast(),
             &mut len,
         )
     };
-    if rc == 0 {
-        Ok(value != 0)
-    } else {
-        Err(io::Error::last_os_error())
+    match rc {
+        0 if len as usize == std::mem::size_of::<T>() => Ok(value),
+        0 => Err(io::Error::other("socket option of unexpected size")),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// True when `fd` is a socket in the listening state.
+pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    socket_option(fd, SO_ACCEPTCONN, 0i32).map(|v| v != 0)
+}
+
+/// Who is at the other end of a connected unix socket, as the kernel saw
+/// it when the peer connected (or, for the listening side, called `listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its process id (0 when the peer is in another pid namespace).
+    pub pid: i32,
+    /// Its effective user id.
+    pub uid: u32,
+    /// Its effective group id.
+    pub gid: u32,
+}
+
+/// The credentials of the peer of a connected unix stream (`SO_PEERCRED`).
+pub fn peer(fd: BorrowedFd<'_>) -> io::Result<Peer> {
+    // struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit integers.
+    let [pid, uid, gid] = socket_option(fd, SO_PEERCRED, [0u32; 3])?;
+    Ok(Peer {
+        pid: pid as i32,
+        uid,
+        gid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn peer_credentials_name_this_process() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = peer(a.as_fd()).unwrap();
+        assert_eq!(peer.uid, uid());
+        assert_eq!(peer.pid, std::process::id() as i32);
     }
 }

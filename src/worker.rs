@@ -122,9 +122,7 @@ impl Worker {
         // The stop thread kills the call in progress through `running_pgid`
         // when it outlasts the grace period.
         let nix_for = |url: Option<&str>| {
-            Nix::new(&config.nix, config.command_timeout, url)
-                .with_running(Arc::clone(&shared.running_pgid))
-                .with_copy_jobs(config.upload_jobs)
+            Nix::from_config(config, url).with_running(Arc::clone(&shared.running_pgid))
         };
         let lanes: Vec<Lane> = crate::target::configured(config)
             .into_iter()
