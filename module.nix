@@ -339,6 +339,16 @@ in
             default = true;
             description = "Sign the whole closure of each built path (`nix store sign --recursive`), not only the path itself.";
           };
+          substitute-on-destination = mkOption {
+            type = types.nullOr types.bool;
+            default = null;
+            defaultText = literalExpression "false";
+            description = ''
+              For `ssh://` and `ssh-ng://` targets: pass `--substitute-on-destination`
+              to `nix copy`, so that the receiver fetches what its own substituters
+              have (for example cache.nixos.org) instead of receiving it over ssh.
+            '';
+          };
           command-timeout = mkOption {
             type = seconds;
             default = 600;

@@ -213,11 +213,33 @@ fn module_knows_every_daemon_setting_and_no_other() {
         .split("Daemon settings")
         .nth(1)
         .expect("--help lists the settings");
-    let mut in_daemon: Vec<String> = section
+    let lines: Vec<&str> = section
         .lines()
         .skip(1)
         .take_while(|l| l.starts_with("  "))
-        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect();
+    // A line's key: its first word, or, where a key as wide as the key
+    // column runs into its description, the longest module key that fills
+    // the column and starts the word.
+    let column = lines
+        .iter()
+        .filter_map(|l| {
+            let key_end = 2 + l[2..].find(' ')?;
+            Some(key_end + l[key_end..].find(|c| c != ' ')?)
+        })
+        .min()
+        .expect("a settings line with a description");
+    let mut in_daemon: Vec<String> = lines
+        .iter()
+        .filter_map(|l| {
+            let word = l.split_whitespace().next()?;
+            let glued = in_module
+                .iter()
+                .filter(|k| word.len() > k.len() && word.starts_with(k.as_str()))
+                .filter(|k| 2 + k.len() >= column - 1)
+                .max_by_key(|k| k.len());
+            Some(glued.unwrap_or(&word.to_string()).clone())
+        })
         .collect();
     in_daemon.sort();
     assert_eq!(in_module, in_daemon, "module.nix settings vs --help");
