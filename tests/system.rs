@@ -211,6 +211,32 @@ fn rootfs(scratch: &Path) -> PathBuf {
     PathBuf::from(ran.stdout.trim())
 }
 
+/// Says in one line why the system tier cannot run here, before a container
+/// is booted: systemd-nspawn needs CAP_SYS_ADMIN (mounts, namespaces) and
+/// CAP_NET_ADMIN (without it the container's loopback stays down, and sshd
+/// there would never listen).
+fn preflight() {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let capeff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    for (bit, name, why) in [
+        (21, "CAP_SYS_ADMIN", "for its mounts and namespaces"),
+        (
+            12,
+            "CAP_NET_ADMIN",
+            "to bring up the container's loopback, which the tests' sshd listens on",
+        ),
+    ] {
+        assert!(
+            (capeff >> bit) & 1 == 1,
+            "the system tier cannot run here: no {name} (systemd-nspawn needs it {why}); run as root on a machine, or in a container with {name}"
+        );
+    }
+}
+
 /// The pid (in the host's namespace) of the child of `parent` that is PID 1
 /// of its own pid namespace.
 fn container_pid1(parent: u32) -> Option<u32> {
@@ -247,6 +273,7 @@ impl Container {
     /// Boots the root file system with our two binaries at /opt/npbhq/bin
     /// (read-only) and waits until systemd reports the system running.
     fn boot(tag: &str) -> Container {
+        preflight();
         for tool in ["systemd-nspawn", "nsenter"] {
             let found = Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
@@ -352,6 +379,12 @@ impl Container {
             "the container did not come up cleanly ({}); failed units:\n{}",
             state.both(),
             c.sh("systemctl --failed --no-pager").stdout
+        );
+        let lo = c.ok("cat /sys/class/net/lo/flags");
+        let lo = u32::from_str_radix(lo.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+        assert!(
+            lo & 1 == 1,
+            "the container's loopback is down (systemd-nspawn could not bring it up): the tests need 127.0.0.1"
         );
         // For reports (cargo test -- --nocapture), not an assertion.
         eprintln!(
@@ -1130,4 +1163,60 @@ fn switch_to_a_changed_unit_drains_the_queue() {
     c.ok("systemctl daemon-reload");
     c.ok(&format!("systemctl start {UNIT}.socket multi-user.target"));
     wait_delivered(&c, &paths);
+}
+
+/// Where the container tiers cannot run, they say why in one line: here
+/// without CAP_NET_ADMIN (dropped from the bounding set, so that neither
+/// the script nor this test binary run under it has it), instead of six
+/// tests failing with `sshd did not listen on port N`.
+#[test]
+fn container_tiers_say_in_one_line_why_they_cannot_run() {
+    let scratch = std::env::temp_dir().join(format!("npbhq-system-preflight-{}", unique_id()));
+    fs::create_dir_all(&scratch).expect("scratch dir");
+    let without = |program: &Path, args: &[&str]| {
+        run_deadline(
+            Command::new("setpriv")
+                .arg("--bounding-set=-net_admin")
+                .arg("--")
+                .arg(program)
+                .args(args),
+            &scratch,
+            Duration::from_secs(600),
+        )
+    };
+    let suite = without(
+        &repo().join("tests/system/run-suite-in-container.sh"),
+        &["--test", "harness_selfcheck"],
+    );
+    assert!(!suite.status.success(), "{}", suite.both());
+    assert_eq!(
+        suite.stderr.trim().lines().count(),
+        1,
+        "not one line: {}",
+        suite.both()
+    );
+    assert!(
+        suite.stderr.contains("no CAP_NET_ADMIN"),
+        "{}",
+        suite.both()
+    );
+    // This test binary, one container test of its own.
+    let me = std::env::current_exe().expect("the test binary");
+    let tier = without(
+        &me,
+        &[
+            "--exact",
+            "builds_spool_while_stopped_and_arrive_after_start",
+            "--test-threads=1",
+        ],
+    );
+    assert!(!tier.status.success(), "{}", tier.both());
+    assert!(
+        tier.both()
+            .lines()
+            .any(|l| l.starts_with("the system tier cannot run here: no CAP_NET_ADMIN")),
+        "{}",
+        tier.both()
+    );
+    let _ = fs::remove_dir_all(&scratch);
 }

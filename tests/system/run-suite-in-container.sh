@@ -57,6 +57,13 @@ for f in tests/*.rs tests/*/main.rs; do
 done
 
 [ "$(id -u)" = 0 ] || fail "must run as root (systemd-nspawn needs it)"
+# Without CAP_NET_ADMIN the container's loopback stays down and every test
+# that starts sshd on 127.0.0.1 would fail without saying why.
+capeff=$(awk '/^CapEff:/ { print $2 }' /proc/self/status)
+(((0x$capeff >> 12) & 1)) ||
+    fail "cannot run here: no CAP_NET_ADMIN (systemd-nspawn --private-network needs it to bring up the container's loopback, which the tests' sshd listens on); run as root on a machine, or in a container with CAP_NET_ADMIN"
+(((0x$capeff >> 21) & 1)) ||
+    fail "cannot run here: no CAP_SYS_ADMIN (systemd-nspawn needs it for its mounts and namespaces)"
 command -v systemd-nspawn >/dev/null 2>&1 ||
     fail "systemd-nspawn is not installed (apt-get install -y systemd-container)"
 
@@ -134,7 +141,9 @@ systemd-nspawn --quiet --directory="$root" --machine="$name" \
     --setenv=CARGO_HOME="$cargo_home" --setenv=RUSTUP_HOME="$rustup_home" \
     --setenv=CARGO_TARGET_DIR="$target_dir" --setenv=CARGO_NET_OFFLINE=true \
     "${keep[@]}" \
-    sh -c 'nix --version && exec cargo test "$@"' sh "${test_args[@]}" </dev/null &
+    sh -c 'lo=$(cat /sys/class/net/lo/flags 2>/dev/null || echo 0)
+        [ $((lo & 1)) = 1 ] || { echo "run-suite-in-container.sh: the container'"'"'s loopback is down (systemd-nspawn could not bring it up): the tests need 127.0.0.1" >&2; exit 1; }
+        nix --version && exec cargo test "$@"' sh "${test_args[@]}" </dev/null &
 nspawn=$!
 trap 'kill -TERM "$nspawn" 2>/dev/null || true' INT TERM
 while :; do
