@@ -339,7 +339,8 @@ in
       description = ''
         A group whose members may use the daemon's socket (then mode 0660):
         `enqueue` paths (for example what a CI job substituted or built
-        before, which the post-build-hook never sees), `status` and `wait`.
+        before, which the post-build-hook never sees), `status` and `wait`
+        (`NPBHQ_SOCKET` in their environment names the socket).
         Only root and the daemon's own user may `retry`, `requeue` and
         `drop`. Null: the socket is root's alone (mode 0600). The group is
         created if nothing else declares it.
@@ -594,6 +595,9 @@ in
 
     # For the admin commands: sudo post-build-hook-queue status / wait / retry.
     environment.systemPackages = [ cfg.package ];
+    # The socket for the group's members, whose own default would be their
+    # per-user runtime directory.
+    environment.variables = mkIf (cfg.socketGroup != null) { NPBHQ_SOCKET = socketPath; };
 
     # A file:// cache or metrics directory that does not exist yet: created
     # at activation (and at boot), owned by the service's user.

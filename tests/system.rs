@@ -1220,3 +1220,290 @@ fn container_tiers_say_in_one_line_why_they_cannot_run() {
     );
     let _ = fs::remove_dir_all(&scratch);
 }
+
+/// The module's config file with one more line, written where the unit
+/// reads it (the store file the rendered ExecStart names).
+fn append_to_config(c: &Container, module: &Rendered, line: &str) {
+    let (path, text) = module.config_file();
+    c.write(path, &format!("{text}{line}\n"));
+}
+
+/// A configuration error stops the service for good: the daemon exits 78
+/// (EX_CONFIG) and systemd does not restart it (`RestartPreventExitStatus`),
+/// where a restart could only fail the same way.
+#[test]
+fn a_configuration_error_exits_78_and_is_not_restarted() {
+    let (c, module) = boot_with("exit78", "file");
+    append_to_config(&c, &module, "batch-size = 0");
+    let started = c.sh(&format!(
+        "systemctl enable {UNIT}.socket {UNIT}.service && systemctl start {UNIT}.socket {UNIT}.service"
+    ));
+    assert!(
+        !started.status.success(),
+        "the service started with batch-size = 0: {}",
+        started.both()
+    );
+    let restart_sec: f64 = module
+        .service_value("RestartSec")
+        .and_then(|v| v.parse().ok())
+        .expect("RestartSec");
+    thread::sleep(Duration::from_secs_f64(restart_sec + 2.0));
+    let props = c.ok(&format!(
+        "systemctl show -p NRestarts,ActiveState,Result,ExecMainStatus {UNIT}.service"
+    ));
+    for want in ["ExecMainStatus=78", "NRestarts=0", "ActiveState=failed"] {
+        assert!(
+            props.lines().any(|l| l == want),
+            "want {want}:\n{props}\n{}",
+            c.journal()
+        );
+    }
+}
+
+/// An uploader that needs a token (as cachix and attic do) gets it from
+/// the module's `environmentFile`: without the token there every upload
+/// fails; with it, after a restart (systemd reads the file at start), the
+/// path arrives. The token shows nowhere in `status`.
+#[test]
+fn upload_command_gets_its_token_from_the_environment_file() {
+    let (c, module) = boot_with("token", "token");
+    let command = module
+        .config_file()
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("upload-command = "))
+        .expect("upload-command in the rendered config")
+        .to_string();
+    let uploaded = command
+        .split_whitespace()
+        .last()
+        .expect("the uploader's --to file")
+        .to_string();
+    // The uploader: refuses (and notes it) without NPBHQ_TEST_TOKEN=sekrit
+    // in its environment, else records the paths it was given.
+    c.write(
+        "/usr/local/bin/npbhq-token-upload",
+        "#!/bin/sh\n[ \"$1\" = --to ] || exit 2\nout=$2; shift 2\n\
+         if [ \"$NPBHQ_TEST_TOKEN\" != sekrit ]; then echo refused >> \"$out.refused\"; \
+         echo 'npbhq-token-upload: no token' >&2; exit 1; fi\n\
+         for p; do echo \"$p\" >> \"$out\"; done\n",
+    );
+    c.ok("chmod 755 /usr/local/bin/npbhq-token-upload");
+    c.write("/etc/npbhq-test/uploader.env", "NPBHQ_TEST_OTHER=1\n");
+    c.ok("chmod 600 /etc/npbhq-test/uploader.env");
+    start_module(&c);
+    let path = build(&c, "token");
+    wait_until_ok(
+        DELIVERY_DEADLINE,
+        "the uploader refused, having no token",
+        || {
+            c.sh(&format!("test -s {uploaded}.refused"))
+                .status
+                .success()
+                .then_some(())
+                .ok_or_else(|| "not yet".to_string())
+        },
+        || c.journal(),
+    );
+    let none = c.sh(&format!("cat {uploaded}"));
+    assert!(
+        !none.stdout.contains(&path),
+        "uploaded without the token: {}",
+        none.both()
+    );
+    c.write(
+        "/etc/npbhq-test/uploader.env",
+        "NPBHQ_TEST_OTHER=1\nNPBHQ_TEST_TOKEN=sekrit\n",
+    );
+    c.ok(&format!("systemctl restart {UNIT}.service"));
+    let waited = daemon(&c, "wait --timeout 100");
+    assert!(
+        waited.status.success(),
+        "wait: {}\n{}",
+        waited.both(),
+        c.journal()
+    );
+    let list = c.ok(&format!("cat {uploaded}"));
+    assert!(
+        list.lines().any(|l| l == path),
+        "{path} not uploaded: {list}\n{}",
+        c.journal()
+    );
+    for args in ["status", "status --json"] {
+        let status = daemon(&c, args);
+        assert!(
+            status.status.success() && !status.both().contains("sekrit"),
+            "{args}: {}",
+            status.both()
+        );
+    }
+}
+
+/// `socketGroup`: a member of the group, a CI job that holds no keys,
+/// pushes a path it substituted (which no post-build-hook saw) with
+/// `enqueue ./result` and `wait`s for it, through the socket the module's
+/// `NPBHQ_SOCKET` names; its `drop` is refused. A user outside the group
+/// does not reach the socket.
+#[test]
+fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
+    let (c, module) = boot_with("group", "group");
+    let variables = module.part("variables");
+    assert!(
+        variables.starts_with("NPBHQ_SOCKET=/"),
+        "the module names the socket for the group: {variables}"
+    );
+    let group = module
+        .unit(&format!("{UNIT}.socket"))
+        .lines()
+        .find_map(|l| l.strip_prefix("SocketGroup="))
+        .expect("SocketGroup=")
+        .to_string();
+    start_module(&c);
+    let socket = c.ok(&format!("stat -c '%U %G %a' /run/{UNIT}.sock"));
+    assert_eq!(socket.trim(), format!("root {group} 660"));
+    // An upstream cache holding a path this machine no longer has: content
+    // addressed (`nix-store --add`, no build, so no hook), so that it needs
+    // no signature to be substituted.
+    let path = c.ok(&format!(
+        "echo {} > /tmp/payload && nix-store --add /tmp/payload",
+        unique_id()
+    ));
+    let path = path.trim();
+    c.ok(&format!(
+        "nix copy --to file:///srv/upstream {path} && nix-store --delete {path} && \
+         echo 'substituters = file:///srv/upstream' >> /etc/nix/nix.conf && \
+         systemctl restart nix-daemon.service"
+    ));
+    c.ok(&format!("useradd -m -G {group} ci"));
+    let as_ci = |script: &str| {
+        c.sh(&format!(
+            "cd /home/ci && runuser -u ci -- env HOME=/home/ci NIX_REMOTE=daemon {} sh -c '{script}'",
+            variables.trim().replace('\n', " ")
+        ))
+    };
+    let substituted = as_ci(&format!("nix-store --realise {path} --add-root result"));
+    assert!(
+        substituted.status.success(),
+        "ci substitutes: {}",
+        substituted.both()
+    );
+    let enqueued = as_ci("/opt/npbhq/bin/post-build-hook-queue enqueue ./result");
+    assert!(
+        enqueued.status.success(),
+        "enqueue ./result as a member of {group}: {}\n{}",
+        enqueued.both(),
+        c.journal()
+    );
+    let waited = as_ci("/opt/npbhq/bin/post-build-hook-queue wait --timeout 100");
+    assert!(
+        waited.status.success(),
+        "wait as a member of {group}: {}\n{}",
+        waited.both(),
+        c.journal()
+    );
+    wait_delivered(&c, &[path.to_string()]);
+    let status = as_ci("/opt/npbhq/bin/post-build-hook-queue status");
+    assert!(status.status.success(), "status as ci: {}", status.both());
+    let dropped = as_ci(&format!("/opt/npbhq/bin/post-build-hook-queue drop {path}"));
+    assert_eq!(
+        dropped.status.code(),
+        Some(1),
+        "drop as a member of {group} must be refused by the daemon: {}",
+        dropped.both()
+    );
+    let outsider = c.sh(&format!(
+        "runuser -u nobody -- env {} /opt/npbhq/bin/post-build-hook-queue status",
+        variables.trim()
+    ));
+    assert!(
+        !outsider.status.success(),
+        "nobody, outside {group}, reached the socket: {}",
+        outsider.both()
+    );
+}
+
+/// `substitute-on-destination`: the ssh-ng receiver fetches a dependency
+/// from its own substituter (a file:// "upstream" signed by a key of its
+/// own) instead of over ssh. The ssh path cannot carry it: the dependency
+/// has no signature here (built here, `sign-closure = false`), and the
+/// receiver takes only signed paths. So the built path arriving at all
+/// means the dependency came from upstream, which its signature confirms.
+#[test]
+fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
+    let (c, module) = boot_with("subst", "substitute");
+    assert!(
+        module
+            .config_file()
+            .1
+            .lines()
+            .any(|l| l == "substitute-on-destination = true"),
+        "the rendered config does not set substitute-on-destination"
+    );
+    let upstream = c.ok(
+        "nix-store --generate-binary-cache-key npbhq-upstream /etc/npbhq-test/upstream.sk /etc/npbhq-test/upstream.pk && \
+         cat /etc/npbhq-test/upstream.pk && \
+         echo \"extra-trusted-public-keys = $(cat /etc/npbhq-test/upstream.pk)\" >> /etc/nix/nix.conf",
+    );
+    // The receiver, as in the ssh-ng test, whose nix-daemon substitutes
+    // from the upstream cache.
+    c.ok(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f /etc/npbhq-test/ssh-key && \
+         install -d -m 700 /root/.ssh && \
+         echo \"restrict,command=\\\"nix-daemon --extra-experimental-features daemon-trust-override --stdio --force-untrusted --store {RECEIVER} --option substituters file:///srv/upstream\\\" $(cat /etc/npbhq-test/ssh-key.pub)\" > /root/.ssh/authorized_keys && \
+         echo \"127.0.0.1 $(cat /etc/ssh/ssh_host_ed25519_key.pub)\" > /etc/ssh/ssh_known_hosts && \
+         mkdir -p {RECEIVER} && systemctl restart ssh.service"
+    ));
+    // The dependency: built here, unsigned (the service is not started: the
+    // hook spools it, and the spool is emptied, so only the top path is
+    // queued), and put in the upstream cache signed by the upstream key.
+    let dep = build(&c, "subst-dep");
+    c.ok(&format!(
+        "rm -f {STATE_DIR}/spool/* && \
+         nix copy --to 'file:///srv/upstream?secret-key=/etc/npbhq-test/upstream.sk' {dep}"
+    ));
+    // Over ssh alone the receiver refuses it (unsigned here).
+    let copy = c.sh(&format!(
+        "NIX_SSHOPTS='-i /etc/npbhq-test/ssh-key -o BatchMode=yes' nix copy --to 'ssh-ng://root@127.0.0.1?remote-store={RECEIVER}' {dep}"
+    ));
+    assert!(
+        !copy.status.success() && verified_in(&c, RECEIVER, &dep).is_err(),
+        "the receiver took the unsigned dependency over ssh: {}",
+        copy.both()
+    );
+    start_module(&c);
+    let out = c.ok(&format!(
+        "cd / && nix-build --no-out-link -E 'derivation {{ name = \"npbhq-subst-top\"; \
+         system = builtins.currentSystem; builder = \"/bin/sh\"; \
+         args = [ \"-c\" \"echo ${{builtins.storePath \"{dep}\"}} {} > $out\" ]; }}'",
+        unique_id()
+    ));
+    let top = out.lines().last().unwrap_or_default().trim().to_string();
+    let refs = c.ok(&format!("nix-store -q --references {top}"));
+    assert!(
+        refs.contains(&dep),
+        "{top} does not depend on {dep}: {refs}"
+    );
+    let waited = daemon(&c, "wait --timeout 100");
+    assert!(
+        waited.status.success(),
+        "wait: {}\n{}",
+        waited.both(),
+        c.journal()
+    );
+    verified_in(&c, RECEIVER, &top).unwrap_or_else(|e| panic!("{top}: {e}\n{}", c.journal()));
+    let sigs = c.ok(&format!("nix path-info --sigs --store {RECEIVER} {dep}"));
+    assert!(
+        sigs.contains(
+            upstream
+                .trim()
+                .split(':')
+                .next()
+                .unwrap_or("npbhq-upstream")
+        ),
+        "the receiver's {dep} did not come from upstream: {sigs}"
+    );
+    assert!(
+        !sigs.contains("npbhq-test:"),
+        "the dependency was signed here: {sigs}"
+    );
+}

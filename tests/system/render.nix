@@ -128,6 +128,10 @@ let
           type = types.attrsOf types.unspecified;
           default = { };
         };
+        environment.variables = mkOption {
+          type = types.attrsOf types.str;
+          default = { };
+        };
         environment.systemPackages = mkOption {
           type = types.listOf types.package;
           default = [ ];
@@ -337,6 +341,9 @@ let
       lib.concatStrings (
         lib.mapAttrsToList (k: v: "${k} = ${lib.concatStringsSep " " (lib.toList v)}\n") config.nix.settings
       )
+    )
+    + part "variables" "-" (
+      lib.concatStrings (lib.mapAttrsToList (k: v: "${k}=${v}\n") config.environment.variables)
     )
     + part "packages" "-" (
       lib.concatMapStrings (p: "${toString p}\n") config.environment.systemPackages
