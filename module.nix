@@ -429,7 +429,7 @@ in
             substitute-on-destination = setting types.bool "false" ''
               For `ssh://` and `ssh-ng://` targets: pass `--substitute-on-destination`
               to `nix copy`, so that the receiver fetches what its own substituters
-              have (for example cache.nixos.org) instead of receiving it over ssh.
+              have (for example the public NixOS cache) instead of receiving it over ssh.
             '';
             command-timeout = setting seconds "600" "Seconds one nix call may run before it is killed and retried.";
             retry-initial-delay = setting seconds "1" "Seconds before the first retry of a failed upload; doubled after each failure.";

@@ -6,6 +6,9 @@
 #   tests/system/mkroot.sh            # build if missing, print the path
 #   NPBHQ_ROOTFS=/some/dir tests/system/mkroot.sh
 #
+# debootstrap fetches from the Debian mirror this machine's apt already uses
+# (its sources), or from $NPBHQ_DEBIAN_MIRROR.
+#
 # The root is never changed after it is built: containers boot it with
 # --volatile=overlay. Its directory name carries a hash of the package list,
 # so a changed list builds a new root beside the old one. Parallel callers

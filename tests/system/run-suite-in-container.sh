@@ -24,8 +24,10 @@
 # Descriptors: nspawn's default soft limit (1024) is below a listen backlog
 # (somaxconn, 4096), which core's full-backlog test fills; it gets 65536.
 #
-# Needs root with CAP_SYS_ADMIN and write access to /sys/fs/cgroup (as the
-# systemd tier does). Missing tools or root make it fail, never skip. Exits
+# Needs root with CAP_SYS_ADMIN, CAP_NET_ADMIN (else the container's
+# loopback stays down) and write access to /sys/fs/cgroup (as the systemd
+# tier does). Missing tools, root or capabilities make it fail with one line
+# saying why, never skip. Exits
 # with cargo test's status.
 set -euo pipefail
 
