@@ -7,6 +7,8 @@
 # it hands the built paths to the daemon over /run/nix-post-build-hook-queue.sock
 # and exits at once. The daemon (socket activated, unprivileged, sandboxed)
 # journals them, signs them (`nix store sign`) and uploads them (`nix copy`).
+# Its config file is checked by the daemon itself when the system is built
+# (`checkConfig`): a bad setting fails `nixos-rebuild build`, not the switch.
 {
   config,
   lib,
