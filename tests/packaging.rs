@@ -2,7 +2,8 @@
 //! parses with the real `nix-instantiate`, the daemon starts with the config
 //! file and command line `module.nix` renders (tests/system/rendered/, kept
 //! in step with module.nix by tests/system.rs) and their values take effect,
-//! and the module's settings are exactly the daemon's.
+//! the module's build-time check of its config file refuses what the daemon
+//! refuses, and the module's settings are exactly the daemon's.
 
 mod common;
 
