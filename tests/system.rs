@@ -905,6 +905,19 @@ fn module_service_serves_signs_uploads_and_stays_up() {
         "test ! -e {CACHE_DIR} && test ! -e $(dirname {METRICS_FILE})"
     ));
     prepare_nix(&c, &module);
+    // nix-daemon lets in only root and nobody (who builds below) besides
+    // what the module adds (extra-allowed-users): the daemon's user signs
+    // through nix-daemon all the same. Before the module's lines, as in
+    // NixOS's nix.conf (sorted by key): a plain `allowed-users` after an
+    // `extra-` line would replace what it added.
+    assert!(
+        module
+            .part("nix.conf")
+            .contains(&format!("extra-allowed-users = {}", module.user())),
+        "{}",
+        module.part("nix.conf")
+    );
+    c.ok("sed -i '1i allowed-users = root nobody' /etc/nix/nix.conf && systemctl restart nix-daemon.service");
     install_module(&c, &module);
     start_module(&c);
     let socket = c.ok(&format!("stat -c '%U %a' /run/{UNIT}.sock"));
