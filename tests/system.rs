@@ -1520,3 +1520,65 @@ fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
         "the dependency was signed here: {sigs}"
     );
 }
+
+/// tests/system/mkroot.sh takes the Debian mirror from this machine's own
+/// apt sources (no mirror's host name is written in the repository): run
+/// with a stand-in `debootstrap` that records its arguments and fails, it
+/// passes a mirror found in /etc/apt.
+#[test]
+fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
+    let scratch = std::env::temp_dir().join(format!("npbhq-mkroot-{}", unique_id()));
+    let bin = scratch.join("bin");
+    fs::create_dir_all(&bin).expect("scratch dir");
+    let fake = bin.join("debootstrap");
+    fs::write(&fake, "#!/bin/sh\necho \"debootstrap-args: $*\"\nexit 1\n").expect("fake");
+    run_deadline(
+        Command::new("chmod").arg("755").arg(&fake),
+        &scratch,
+        COMMAND_DEADLINE,
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let ran = run_deadline(
+        Command::new(repo().join("tests/system/mkroot.sh"))
+            .env("PATH", path)
+            .env_remove("NPBHQ_DEBIAN_MIRROR")
+            .env("NPBHQ_ROOTFS", scratch.join("root")),
+        &scratch,
+        COMMAND_DEADLINE,
+    );
+    assert!(!ran.status.success(), "{}", ran.both());
+    let mirror = ran
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("debootstrap-args: "))
+        .and_then(|args| args.split_whitespace().last())
+        .unwrap_or_else(|| panic!("debootstrap was not run: {}", ran.both()))
+        .to_string();
+    let mut sources = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+    for entry in fs::read_dir("/etc/apt/sources.list.d")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        sources.push_str(&fs::read_to_string(entry.path()).unwrap_or_default());
+    }
+    assert!(
+        mirror.contains("://") && sources.contains(mirror.trim_end_matches('/')),
+        "the mirror {mirror} is not one of this machine's apt sources"
+    );
+    let script = fs::read_to_string(repo().join("tests/system/mkroot.sh")).expect("mkroot.sh");
+    let host = mirror
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("");
+    assert!(
+        !host.is_empty() && !script.contains(host),
+        "mkroot.sh names the mirror's host {host}"
+    );
+    let _ = fs::remove_dir_all(&scratch);
+}
