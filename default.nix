@@ -59,12 +59,8 @@ rustPlatform.buildRustPackage {
     inherit (manifest) description;
     license = lib.licenses.mit;
     mainProgram = "post-build-hook-queue";
-    # Where it is built and tested (flake.nix's systems): Linux only (it
-    # reads /proc and makes Linux system calls), and the hook's own system
-    # calls on x86_64 (build.rs) are checked there alone.
-    platforms = [
-      "x86_64-linux"
-      "aarch64-linux"
-    ];
+    # It reads /proc and makes Linux system calls; nothing is specific to
+    # an architecture.
+    platforms = lib.platforms.linux;
   };
 }

@@ -7,6 +7,8 @@
 # it hands the built paths to the daemon over /run/nix-post-build-hook-queue.sock
 # and exits at once. The daemon (socket activated, unprivileged, sandboxed)
 # journals them, signs them (`nix store sign`) and uploads them (`nix copy`).
+# Its config file is checked by the daemon itself when the system is built
+# (`checkConfig`): a bad setting fails `nixos-rebuild build`, not the switch.
 {
   config,
   lib,
@@ -57,21 +59,25 @@ let
   sshKey = keyPath cfg.sshPrivateKeyPath;
   inStore = p: p != null && lib.hasPrefix "${builtins.storeDir}/" p;
 
-  # A key in the store would be world-readable: refuse it, saying why.
+  environmentFile = keyPath cfg.environmentFile;
+
+  # A secret in the store would be world-readable: refuse it, saying why.
   keyOutsideStore = option: key: example: {
     assertion = !inStore key;
     message = ''
       services.nix-post-build-hook-queue.${option} (${toString key})
       is in the Nix store. Everything in the store is world-readable and is
-      copied along with the system closure, so the key would no longer be
-      secret. Use a quoted absolute path to a file outside the store, e.g.
+      copied along with the system closure, so what it holds would no longer
+      be secret. Use a quoted absolute path to a file outside the store, e.g.
       ${option} = "/run/secrets/${example}";
-      (a sops-nix or agenix secret), and generate a new key.
+      (a sops-nix or agenix secret), and make a new secret.
     '';
   };
 
-  # Every target URL: uploadTo is one string or a list of them.
-  uploads = if cfg.uploadTo == null then [ ] else lib.toList cfg.uploadTo;
+  # Every target URL (uploadTo merges strings and lists into one list).
+  uploads = cfg.uploadTo;
+  uploadCommand = cfg.settings.upload-command;
+  uploadProgram = if uploadCommand == null then "/" else builtins.head uploadCommand;
   schemeOf =
     url:
     if lib.hasPrefix "/" url then
@@ -91,7 +97,7 @@ let
     ];
   # The upload-command may reach any host.
   needsInet =
-    builtins.any (s: !isLocalScheme s) uploadSchemes || cfg.settings.upload-command != null;
+    builtins.any (s: !isLocalScheme s) uploadSchemes || uploadCommand != null;
   uploadIsSsh = builtins.any (
     s:
     builtins.elem s [
@@ -115,17 +121,13 @@ let
     builtins.elem cfg.user trustedUsers
     || builtins.elem "@${cfg.group}" trustedUsers
     || builtins.elem "*" trustedUsers;
-  allowedUsers = config.nix.settings.allowed-users or [ "*" ];
-  userIsAllowed =
-    userIsTrusted
-    || builtins.any (u: builtins.elem u allowedUsers) (
-      [
-        "*"
-        cfg.user
-        "@${cfg.group}"
-      ]
-      ++ map (g: "@${g}") (config.users.users.${cfg.user}.extraGroups or [ ])
-    );
+
+  # nix-daemon signs at build time with these keys (see signingPrivateKeyPath).
+  nixDaemonSigns = (config.nix.settings.secret-key-files or [ ]) != [ ];
+
+  # A `user` the configuration declares a normal (login) account elsewhere
+  # is not the module's: it is left as it is, not made a system user.
+  userIsNormal = config.users.users.${cfg.user}.isNormalUser or false;
 
   # Keys the module sets itself (or that must not move); settings may not.
   moduleOwnedKeys = {
@@ -135,7 +137,7 @@ let
     spool-dir = "the hook, run as root by the Nix daemon, spools to ${stateDir}/spool; a different spool-dir would never be read";
     socket = "the socket is fixed to ${socketPath} (the socket unit; the hook's default)";
     socket-mode = "the socket unit creates the socket: set systemd.sockets.${name}.socketConfig.SocketMode";
-    socket-group = "the socket unit creates the socket: set systemd.sockets.${name}.socketConfig.SocketGroup";
+    socket-group = "the socket unit creates the socket: set services.nix-post-build-hook-queue.socketGroup";
   };
 
   # The config file: nix.conf syntax, one `key = value` per line, sorted by
@@ -170,18 +172,53 @@ let
         lib.mapAttrsToList (k: v: map (line: "${k} = ${line}\n") (lib.toList v)) renderedValues
       )
     );
-  configFile = pkgs.writeText "${name}.conf" configText;
+  daemonProgram = "${cfg.package}/bin/post-build-hook-queue";
+  uncheckedConfigFile = pkgs.writeText "${name}.conf" configText;
+  # The daemon's own check of the file (`check-config`: exit 78 and one line
+  # per problem), run where the system is built, so that a bad setting fails
+  # `nixos-rebuild build` rather than the service at the switch. The same
+  # flags as ExecStart but the credential, which exists only at run time.
+  # What needs the running system (the key file, reaching a target) is
+  # checked when the service starts.
+  configFile =
+    if cfg.checkConfig && pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform then
+      pkgs.runCommand "${name}.conf"
+        {
+          unchecked = uncheckedConfigFile;
+          preferLocalBuild = true;
+        }
+        ''
+          ${daemonProgram} check-config --config "$unchecked" --state-dir ${stateDir}
+          cp "$unchecked" "$out"
+        ''
+    else
+      uncheckedConfigFile;
   badValues = lib.filterAttrs (
     _: v:
     builtins.any (x: lib.hasInfix "#" x || lib.hasInfix "\n" x || lib.hasInfix "\r" x) (lib.toList v)
   ) renderedValues;
 
-  # Seconds: a whole number, a float or a decimal string ("2.5", "1e-3").
-  seconds = types.oneOf [
-    types.ints.positive
-    types.float
-    (types.strMatching "[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+)?")
-  ];
+  # Seconds, more than 0 and at most 10^9 as the daemon takes them: a whole
+  # number, a float or a decimal string ("2.5", "1e-3").
+  seconds =
+    types.oneOf [
+      (types.ints.between 1 1000000000)
+      (types.addCheck types.float (x: x > 0 && x <= 1.0e9))
+      (types.strMatching "([0-9]*[1-9][0-9]*(\\.[0-9]*)?|[0-9]*\\.[0-9]*[1-9][0-9]*)([eE][-+]?[0-9]+)?")
+    ]
+    // {
+      description = "seconds, a number greater than 0 (such as 600 or 2.5)";
+    };
+  # A setting the user did not set writes no line: the daemon's own default
+  # applies (`defaultText` shows it), also after a package update changes it.
+  setting =
+    type: daemonDefault: description:
+    mkOption {
+      type = types.nullOr type;
+      default = null;
+      defaultText = literalExpression daemonDefault;
+      inherit description;
+    };
 
   # Directories the service writes besides its state directory: created
   # before it starts (a missing one would fail the unit with 226/NAMESPACE),
@@ -192,9 +229,9 @@ let
       metricsDir != null && metricsDir != stateDir && !lib.hasPrefix "${stateDir}/" metricsDir
     ) metricsDir;
 
-  # The daemon's exit status for a bad configuration or command line: a
-  # restart would only fail the same way.
-  exitBadConfig = 2;
+  # The daemon's exit status for a bad configuration (EX_CONFIG): a restart
+  # would only fail the same way. Transient errors exit 1 and are restarted.
+  exitBadConfig = 78;
 in
 {
   options.services.nix-post-build-hook-queue = {
@@ -211,20 +248,30 @@ in
       '';
     };
 
-    # The next three keep the original module's names, types and meaning.
+    # The next three keep the original module's names and meaning (a string
+    # or null still works for uploadTo).
     signingPrivateKeyPath = mkOption {
       type = types.nullOr types.path;
       default = null;
       example = "/run/secrets/cache-signing-priv-key";
       description = ''
         Path to the secret key (from `nix-store --generate-binary-cache-key`)
-        the daemon signs built paths with before uploading them. Paths are not
-        signed if null.
+        the daemon signs paths with before uploading them (with
+        `sign-closure`, their whole closure). Paths are not signed if null.
 
         Give it as a string outside the Nix store (for example a sops-nix or
         agenix secret): the file is read by systemd when the service starts
         (`LoadCredential=`) and is never copied into the store. It may be
         readable by root only.
+
+        The other way to sign is `nix.settings.secret-key-files`: nix-daemon
+        signs each path as it builds it, with no privilege given to this
+        service. It signs only what is built here, not what was substituted
+        or built before, nor what `post-build-hook-queue enqueue` adds. Use
+        `secret-key-files` when every uploaded path is built here; use this
+        option when the cache must hold a signature on a whole closure or on
+        enqueued paths, or when the key must stay away from nix-daemon. Set
+        one of the two, not both (a warning says so).
 
         With a Nix older than 2.17 the service user must be in
         `nix.settings.trusted-users` to sign (an assertion says so).
@@ -248,22 +295,71 @@ in
     };
 
     uploadTo = mkOption {
-      type = types.nullOr (types.either types.str (types.listOf types.str));
-      default = null;
+      type = types.coercedTo (types.nullOr types.str) (v: if v == null then [ ] else [ v ]) (
+        types.listOf types.nonEmptyStr
+      );
+      default = [ ];
       example = [
         "s3://nix-cache?region=eu-west-1"
         "ssh-ng://nix-ssh@nix-mirror.example.com"
       ];
       description = ''
-        Store URL the daemon uploads built paths to (`nix copy --to`), for
+        Store URLs the daemon uploads built paths to (`nix copy --to`), for
         example `ssh://nix-ssh@nix-cache.example.com`, `ssh-ng://...`,
-        `s3://...` or `file:///var/cache/nix?compression=zstd`. Paths are not
-        uploaded if null. A list gives several targets: every path goes to
-        each of them, each with its own retries (one `upload-to` line each in
-        the config file).
+        `s3://...` or `file:///var/cache/nix?compression=zstd`: one string
+        or a list; what several modules set is merged into one list. Every
+        path goes to each target, each with its own retries. Credentials for
+        `s3://` go in `environmentFile`.
 
         For `file://` the directory is created (owned by `user`) if it does
         not exist.
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/nix-post-build-hook-queue.env";
+      description = ''
+        A file of `NAME=value` lines (systemd's `EnvironmentFile=`) that the
+        daemon and the `nix copy` and `upload-command` calls it starts get
+        in their environment: the place for an uploader's token
+        (`CACHIX_AUTH_TOKEN`, an attic token) or S3 credentials
+        (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`). Never put a token in
+        `upload-command`: the command is shown by `status`, in the log and
+        in the store.
+
+        Like the keys, a string outside the Nix store; systemd reads it as
+        root when the service starts (a restart reads it again).
+      '';
+    };
+
+    socketGroup = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "nix-ci";
+      description = ''
+        A group whose members may use the daemon's socket (then mode 0660):
+        `enqueue` paths (for example what a CI job substituted or built
+        before, which the post-build-hook never sees), `status` and `wait`
+        (`NPBHQ_SOCKET` in their environment names the socket).
+        Only root and the daemon's own user may `retry`, `requeue` and
+        `drop`. Null: the socket is root's alone (mode 0600). The group is
+        created if nothing else declares it.
+      '';
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Check the config file when the system is built, with the package's
+        `post-build-hook-queue check-config`, so that a bad setting fails
+        `nixos-rebuild build` instead of the service at the switch. The
+        check runs the package on the build machine (it is skipped when the
+        build machine cannot run it) and sees the build sandbox: turn it off
+        only if it refuses something that exists only on the running system
+        (for example an `upload-command` outside the store).
       '';
     };
 
@@ -273,9 +369,13 @@ in
       description = ''
         User the daemon runs as; give it ownership of the key files
         (for example `sops.secrets.<name>.owner = config.services.nix-post-build-hook-queue.user;`,
-        though systemd reads them as root either way).
-        This module creates it as a system user (the original module's
-        `nix-pb` too), with the state directory as its home.
+        though systemd reads them as root either way). The module adds it
+        to `nix.settings.extra-allowed-users`.
+
+        The module creates it as a system user (the original module's
+        `nix-pb` too), with the state directory as its home, unless the
+        configuration declares it a normal account (`isNormalUser`)
+        elsewhere: such an account is left as it is (its home, its groups).
       '';
     };
 
@@ -294,6 +394,7 @@ in
           batch-size = 100;
           retry-max-delay = 600;
           metrics-file = "/var/lib/nix-post-build-hook-queue/metrics.prom";
+          upload-command = [ (lib.getExe pkgs.cachix) "push" "mycache" ];
         }
       '';
       description = ''
@@ -301,9 +402,10 @@ in
         per attribute (nix.conf syntax). See `post-build-hook-queue --help`
         for every key. `signing-key-file`, `upload-to`, `state-dir`,
         `spool-dir`, `socket`, `socket-mode` and `socket-group` are set by
-        the module and may not appear here. A null value writes no line.
-        A key the daemon does not know fails evaluation (the daemon would
-        refuse to start).
+        the module and may not appear here. A setting left null writes no
+        line: the daemon's default (shown below) applies. A key the daemon
+        does not know fails evaluation; a value it refuses fails the build
+        (see `checkConfig`).
       '';
       type = types.submodule {
         options =
@@ -319,98 +421,64 @@ in
             }
           ) moduleOwnedKeys
           // {
-          batch-size = mkOption {
-            type = types.ints.positive;
-            default = 1000;
-            description = "Most store paths given to one `nix store sign` or `nix copy` call.";
-          };
-          upload-jobs = mkOption {
-            type = types.ints.positive;
-            default = 2;
-            example = 4;
-            description = ''
+            batch-size = setting types.ints.positive "1000" "Most store paths given to one `nix store sign` or `nix copy` call.";
+            upload-jobs = setting types.ints.positive "2" ''
               Most `nix copy` calls one batch is split across, run at once (each
               with at least 32 paths). Compression keeps one core busy per call;
               the calls run 10 nice steps below the daemon, so builds come first.
             '';
-          };
-          sign-closure = mkOption {
-            type = types.bool;
-            default = true;
-            description = "Sign the whole closure of each built path (`nix store sign --recursive`), not only the path itself.";
-          };
-          command-timeout = mkOption {
-            type = seconds;
-            default = 600;
-            description = "Seconds one nix call may run before it is killed and retried.";
-          };
-          retry-initial-delay = mkOption {
-            type = seconds;
-            default = 1;
-            description = "Seconds before the first retry of a failed upload; doubled after each failure.";
-          };
-          retry-max-delay = mkOption {
-            type = seconds;
-            default = 300;
-            description = "Longest delay, in seconds, between two attempts.";
-          };
-          max-attempts = mkOption {
-            type = types.ints.unsigned;
-            default = 10;
-            description = ''
+            sign-closure = setting types.bool "true" "Sign the whole closure of each built path (`nix store sign --recursive`), not only the path itself.";
+            substitute-on-destination = setting types.bool "false" ''
+              For `ssh://` and `ssh-ng://` targets: pass `--substitute-on-destination`
+              to `nix copy`, so that the receiver fetches what its own substituters
+              have (for example the public NixOS cache) instead of receiving it over ssh.
+            '';
+            command-timeout = setting seconds "600" "Seconds one nix call may run before it is killed and retried.";
+            retry-initial-delay = setting seconds "1" "Seconds before the first retry of a failed upload; doubled after each failure.";
+            retry-max-delay = setting seconds "300" "Longest delay, in seconds, between two attempts.";
+            max-attempts = setting types.ints.unsigned "10" ''
               Failed attempts, counted only while the target takes other paths
               or answers, after which a path is given up on: it stays in the
               journal, shows in `status`, and is no longer retried or waited
               for until `post-build-hook-queue requeue`. 0: never.
             '';
+            give-up-after = setting (types.either (types.enum [ 0 ]) seconds) "86400" "Seconds after it was queued that a path still failing is given up on (see `max-attempts`). 0: never.";
+            upload-command = mkOption {
+              type = types.nullOr (types.nonEmptyListOf types.str);
+              default = null;
+              example = literalExpression ''[ (lib.getExe pkgs.cachix) "push" "mycache" ]'';
+              description = ''
+                An uploader (no shell): the program, by its absolute path (the
+                service's PATH holds only nix and openssh; a bare name fails
+                evaluation), and its arguments, the paths appended as further
+                arguments. No word may hold white space. One more target beside
+                those of `uploadTo`: every path goes to each. Its token goes in
+                `environmentFile`, never here.
+              '';
+            };
+            max-connections = setting types.ints.positive "256" "Most client connections served at once.";
+            metrics-file = mkOption {
+              type = types.nullOr types.path;
+              default = null;
+              example = "/var/lib/nix-post-build-hook-queue/metrics.prom";
+              description = ''
+                Prometheus text file the daemon rewrites every few seconds.
+                Its directory is created (owned by `user`) if it does not exist
+                and made writable in the service's sandbox.
+              '';
+            };
+            store-dir = mkOption {
+              type = types.nullOr types.str;
+              default = null;
+              example = "/nix/store";
+              description = "The Nix store directory every queued path must be directly under (null: the daemon's default, `/nix/store` or `$NIX_STORE_DIR`).";
+            };
+            nix = mkOption {
+              type = types.nullOr (types.either types.str types.path);
+              default = null;
+              description = "The `nix` program the daemon runs (null: `nix` from the service's PATH, which holds `config.nix.package`).";
+            };
           };
-          give-up-after = mkOption {
-            type = types.either (types.enum [ 0 ]) seconds;
-            default = 86400;
-            description = "Seconds after it was queued that a path still failing is given up on (see `max-attempts`). 0: never.";
-          };
-          upload-command = mkOption {
-            type = types.nullOr (types.listOf types.str);
-            default = null;
-            example = [
-              "cachix"
-              "push"
-              "mycache"
-            ];
-            description = ''
-              An uploader (no shell): the program and its arguments, the
-              paths appended as further arguments. No word may hold white
-              space. One more target beside those of `uploadTo`: every path
-              goes to each.
-            '';
-          };
-          max-connections = mkOption {
-            type = types.ints.positive;
-            default = 256;
-            description = "Most client connections served at once.";
-          };
-          metrics-file = mkOption {
-            type = types.nullOr types.path;
-            default = null;
-            example = "/var/lib/nix-post-build-hook-queue/metrics.prom";
-            description = ''
-              Prometheus text file the daemon rewrites every few seconds.
-              Its directory is created (owned by `user`) if it does not exist
-              and made writable in the service's sandbox.
-            '';
-          };
-          store-dir = mkOption {
-            type = types.nullOr types.str;
-            default = null;
-            example = "/nix/store";
-            description = "The Nix store directory every queued path must be directly under (null: the daemon's default, `/nix/store` or `$NIX_STORE_DIR`).";
-          };
-          nix = mkOption {
-            type = types.nullOr (types.either types.str types.path);
-            default = null;
-            description = "The `nix` program the daemon runs (null: `nix` from the service's PATH, which holds `config.nix.package`).";
-          };
-        };
       };
     };
   };
@@ -419,6 +487,7 @@ in
     assertions = [
       (keyOutsideStore "signingPrivateKeyPath" signingKey "cache-signing-priv-key")
       (keyOutsideStore "sshPrivateKeyPath" sshKey "cache-ssh-priv-key")
+      (keyOutsideStore "environmentFile" environmentFile "nix-post-build-hook-queue.env")
       {
         assertion = signingKey == null || nixLetsAnyUserSign || userIsTrusted;
         message = ''
@@ -458,9 +527,20 @@ in
       }
       {
         assertion =
-          cfg.settings.upload-command == null
-          || builtins.all (w: w != "" && builtins.match ".*[[:space:]].*" w == null) cfg.settings.upload-command;
+          uploadCommand == null
+          || builtins.all (w: w != "" && builtins.match ".*[[:space:]].*" w == null) uploadCommand;
         message = "services.nix-post-build-hook-queue.settings.upload-command: a word is empty or holds white space; the daemon splits the command at spaces and runs no shell.";
+      }
+      {
+        assertion = lib.hasPrefix "/" uploadProgram;
+        message = ''
+          services.nix-post-build-hook-queue.settings.upload-command: the program
+          "${uploadProgram}" is not an absolute path. The service's PATH holds
+          only nix and openssh, so a bare name is never found. Give the program
+          by its path in the store, e.g.
+            upload-command = [ (lib.getExe pkgs.cachix) "push" "mycache" ];
+          and its token through services.nix-post-build-hook-queue.environmentFile.
+        '';
       }
       {
         assertion = badValues == { };
@@ -478,15 +558,25 @@ in
         services.nix-post-build-hook-queue.sshPrivateKeyPath is set but uploadTo
         (${if uploads == [ ] then "not set" else lib.concatStringsSep ", " uploads}) has no ssh:// or ssh-ng:// URL; the key is unused.
       ''
-      ++ optional (!userIsAllowed) ''
-        services.nix-post-build-hook-queue: user "${cfg.user}" does not seem to be in
-        nix.settings.allowed-users, so the Nix daemon will refuse the daemon's
-        nix store sign / nix copy calls.
+      ++ optional (signingKey != null && nixDaemonSigns) ''
+        services.nix-post-build-hook-queue: both signingPrivateKeyPath and
+        nix.settings.secret-key-files are set, so built paths are signed twice.
+        Keep secret-key-files if every uploaded path is built on this machine;
+        keep signingPrivateKeyPath to sign whole closures and enqueued paths
+        (see its description).
+      ''
+      ++ optional (signingKey == null && uploads == [ ] && uploadCommand == null) ''
+        services.nix-post-build-hook-queue: neither signingPrivateKeyPath nor a
+        target (uploadTo, settings.upload-command) is set, so the daemon only
+        journals the built paths and does nothing with them.
       '';
 
-    # Whatever the names (the original module's users set user = "nix-pb").
+    # Whatever the names (the original module's users set user = "nix-pb"),
+    # unless the account is a normal one declared elsewhere (see `user`).
+    # mkIf on each attribute: a condition on the whole account would read
+    # the account while defining it.
     users.users = mkIf (cfg.user != "root") {
-      ${cfg.user} = {
+      ${cfg.user} = lib.mapAttrs (_: mkIf (!userIsNormal)) {
         isSystemUser = true;
         inherit (cfg) group;
         description = "nix-post-build-hook-queue daemon";
@@ -494,12 +584,22 @@ in
         home = stateDir;
       };
     };
-    users.groups = mkIf (cfg.group != "root") { ${cfg.group} = { }; };
+    users.groups = lib.mkMerge [
+      (mkIf (cfg.group != "root") { ${cfg.group} = { }; })
+      (mkIf (cfg.socketGroup != null) { ${cfg.socketGroup} = { }; })
+    ];
 
-    nix.settings.post-build-hook = "${cfg.package}/bin/post-build-hook";
+    nix.settings = {
+      post-build-hook = "${cfg.package}/bin/post-build-hook";
+      # The daemon signs and copies through nix-daemon as this user.
+      extra-allowed-users = mkIf (cfg.user != "root") [ cfg.user ];
+    };
 
     # For the admin commands: sudo post-build-hook-queue status / wait / retry.
     environment.systemPackages = [ cfg.package ];
+    # The socket for the group's members, whose own default would be their
+    # per-user runtime directory.
+    environment.variables = mkIf (cfg.socketGroup != null) { NPBHQ_SOCKET = socketPath; };
 
     # A file:// cache or metrics directory that does not exist yet: created
     # at activation (and at boot), owned by the service's user.
@@ -509,11 +609,17 @@ in
       description = "nix-post-build-hook-queue socket (the post-build-hook's way in)";
       wantedBy = [ "sockets.target" ];
       listenStreams = [ socketPath ];
-      socketConfig = {
-        # Owned by root, 0600: the Nix daemon runs the post-build-hook as root,
-        # and nobody else should be able to make the daemon upload paths.
-        SocketMode = "0600";
-      };
+      # Owned by root, 0600: the Nix daemon runs the post-build-hook as root.
+      # With socketGroup, 0660: its members may enqueue, status and wait (the
+      # daemon refuses them retry, requeue and drop).
+      socketConfig =
+        if cfg.socketGroup == null then
+          { SocketMode = "0600"; }
+        else
+          {
+            SocketMode = "0660";
+            SocketGroup = cfg.socketGroup;
+          };
     };
 
     systemd.services.${name} = {
@@ -564,7 +670,7 @@ in
         Type = "notify"; # the daemon sends READY=1 once it is listening
         ExecStart = lib.concatStringsSep " " (
           [
-            "${cfg.package}/bin/post-build-hook-queue"
+            daemonProgram
             "serve"
             "--config"
             "${configFile}"
@@ -581,8 +687,10 @@ in
         );
         Restart = "on-failure";
         RestartSec = 5;
-        # A bad configuration or command line: restarting cannot help.
+        # A bad configuration: restarting cannot help.
         RestartPreventExitStatus = exitBadConfig;
+        # Uploaders' tokens, S3 credentials (read by systemd, as root).
+        EnvironmentFile = optional (environmentFile != null) environmentFile;
         # On stop, SIGTERM goes to the daemon alone: it lets the nix call in
         # progress finish (or kills it after its grace period) and exits;
         # only what is left after TimeoutStopSec is killed.

@@ -2,7 +2,8 @@
 //! parses with the real `nix-instantiate`, the daemon starts with the config
 //! file and command line `module.nix` renders (tests/system/rendered/, kept
 //! in step with module.nix by tests/system.rs) and their values take effect,
-//! and the module's settings are exactly the daemon's.
+//! the module's build-time check of its config file refuses what the daemon
+//! refuses, and the module's settings are exactly the daemon's.
 
 mod common;
 
@@ -213,12 +214,97 @@ fn module_knows_every_daemon_setting_and_no_other() {
         .split("Daemon settings")
         .nth(1)
         .expect("--help lists the settings");
-    let mut in_daemon: Vec<String> = section
+    let lines: Vec<&str> = section
         .lines()
         .skip(1)
         .take_while(|l| l.starts_with("  "))
-        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect();
+    // A line's key: its first word, or, where a key as wide as the key
+    // column runs into its description, the longest module key that fills
+    // the column and starts the word.
+    let column = lines
+        .iter()
+        .filter_map(|l| {
+            let key_end = 2 + l[2..].find(' ')?;
+            Some(key_end + l[key_end..].find(|c| c != ' ')?)
+        })
+        .min()
+        .expect("a settings line with a description");
+    let mut in_daemon: Vec<String> = lines
+        .iter()
+        .filter_map(|l| {
+            let word = l.split_whitespace().next()?;
+            let glued = in_module
+                .iter()
+                .filter(|k| word.len() > k.len() && word.starts_with(k.as_str()))
+                .filter(|k| 2 + k.len() >= column - 1)
+                .max_by_key(|k| k.len());
+            Some(glued.unwrap_or(&word.to_string()).clone())
+        })
         .collect();
     in_daemon.sort();
     assert_eq!(in_module, in_daemon, "module.nix settings vs --help");
+}
+
+/// module.nix builds the config file through a derivation that runs the
+/// daemon's own `check-config` on it, so that a bad setting fails
+/// `nixos-rebuild build`. Its build script (kept in
+/// tests/system/rendered/checks.txt) run as the build would run it, with
+/// the real daemon: a good file becomes `$out`; a value the daemon refuses
+/// fails the build with EX_CONFIG (78), says which setting, and leaves no
+/// `$out`.
+#[test]
+fn module_config_check_fails_the_build_on_a_bad_setting() {
+    let checks = fs::read_to_string(repo().join("tests/system/rendered/checks.txt"))
+        .expect("tests/system/rendered/checks.txt");
+    let quoted = checks
+        .lines()
+        .find_map(|l| l.strip_prefix("config-check-script = "))
+        .expect("config-check-script in checks.txt");
+    let script = quoted
+        .trim_matches('"')
+        .replace("\\n", "\n")
+        .replace("\\\"", "\"")
+        .replace(
+            "/opt/npbhq/bin/post-build-hook-queue",
+            &daemon_bin().display().to_string(),
+        );
+    assert!(script.contains(" check-config --config "), "{script}");
+    let dir = TempDir::new("config-check");
+    let build = |config: &str, out: &str| {
+        let unchecked = dir.join(format!("{out}.in"));
+        fs::write(&unchecked, config).unwrap();
+        // As a builder runs it: bash with stdenv's `set -euo pipefail`, an
+        // environment of its own, no home.
+        let ran = run(Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", "/homeless-shelter")
+            .env("TMPDIR", dir.path())
+            .env("unchecked", &unchecked)
+            .env("out", dir.join(out)));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&ran.stdout),
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        (ran.status.code(), text)
+    };
+    let (good, _) = rendered_service();
+    let (status, text) = build(&good, "good");
+    assert_eq!(status, Some(0), "the rendered config was refused: {text}");
+    assert_eq!(fs::read_to_string(dir.join("good")).unwrap(), good);
+    for (bad, key) in [
+        ("command-timeout = -1\n", "command-timeout"),
+        ("batch-size = 0\n", "batch-size"),
+    ] {
+        let (status, text) = build(&format!("{good}{bad}"), "bad");
+        assert_eq!(status, Some(78), "{bad:?} passed the check: {text}");
+        assert!(
+            text.contains(key),
+            "{bad:?}: the check does not say {key}: {text}"
+        );
+        assert!(!dir.join("bad").exists(), "{bad:?}: $out was written");
+    }
 }

@@ -6,6 +6,9 @@
 #   tests/system/mkroot.sh            # build if missing, print the path
 #   NPBHQ_ROOTFS=/some/dir tests/system/mkroot.sh
 #
+# debootstrap fetches from the Debian mirror this machine's apt already uses
+# (its sources), or from $NPBHQ_DEBIAN_MIRROR.
+#
 # The root is never changed after it is built: containers boot it with
 # --volatile=overlay. Its directory name carries a hash of the package list,
 # so a changed list builds a new root beside the old one. Parallel callers
@@ -14,7 +17,6 @@
 set -euo pipefail
 
 suite=trixie
-mirror=${NPBHQ_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # systemd as PID 1; Debian 13's multi-user Nix (2.26) with its nix-daemon
 # units and build users; sshd for the ssh-ng receiver; a C toolchain for
 # cargo; tools the tests use. libdbi-perl: nix-bin needs libdbd-sqlite3-perl,
@@ -43,6 +45,26 @@ command -v debootstrap >/dev/null 2>&1 || {
 }
 [ "$(id -u)" = 0 ] || {
     echo "mkroot.sh: must run as root (debootstrap, and the containers, need it)" >&2
+    exit 1
+}
+
+# The Debian mirror this machine's own apt uses (NPBHQ_DEBIAN_MIRROR wins):
+# the first URI of a `deb` source whose path ends in /debian, from
+# /etc/apt/sources.list, *.list (one-line form) or *.sources (deb822).
+apt_mirror() {
+    local f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        awk '
+            /^[[:space:]]*#/ { next }
+            $1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { print $i; break } }
+            tolower($1) == "uris:" { for (i = 2; i <= NF; i++) print $i }
+        ' "$f"
+    done | sed 's,/*$,,' | grep -m 1 -E '^(https?|file)://.*/debian$' || true
+}
+mirror=${NPBHQ_DEBIAN_MIRROR:-$(apt_mirror)}
+[ -n "$mirror" ] || {
+    echo "mkroot.sh: no Debian mirror in this machine's apt sources (a deb line or URIs: ending in /debian); set NPBHQ_DEBIAN_MIRROR" >&2
     exit 1
 }
 

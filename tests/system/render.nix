@@ -30,6 +30,21 @@ let
     # A real store file, so that its path is what NixOS would write and its
     # text can be read back (render.sh evaluates in read-write mode).
     writeText = builtins.toFile;
+    # Stand-in difference: the build is not run (the package here is not
+    # real): the checked file is its input, carrying its build script in
+    # its string context (a store file named `check-script`), for
+    # checks.txt (tests/packaging.rs runs the script).
+    runCommand = _name: env: script: {
+      outPath = builtins.appendContext env.unchecked {
+        ${builtins.unsafeDiscardStringContext (builtins.toFile "check-script" script)} = {
+          path = true;
+        };
+      };
+    };
+    stdenv = {
+      buildPlatform.canExecute = _: true;
+      hostPlatform = { };
+    };
     openssh = fakePackage "openssh" "10.0" "/usr";
     coreutils = fakePackage "coreutils" "9.7" "/usr";
     findutils = fakePackage "findutils" "4.10" "/usr";
@@ -73,7 +88,32 @@ let
           default = [ ];
         };
         users.users = mkOption {
-          type = types.attrsOf (types.attrsOf types.unspecified);
+          type = types.attrsOf (
+            types.submodule {
+              options = {
+                isSystemUser = mkOption {
+                  type = types.bool;
+                  default = false;
+                };
+                isNormalUser = mkOption {
+                  type = types.bool;
+                  default = false;
+                };
+                group = mkOption {
+                  type = types.str;
+                  default = "";
+                };
+                home = mkOption {
+                  type = types.str;
+                  default = "/var/empty";
+                };
+                description = mkOption {
+                  type = types.str;
+                  default = "";
+                };
+              };
+            }
+          );
           default = { };
         };
         users.groups = mkOption {
@@ -86,6 +126,10 @@ let
         };
         nix.settings = mkOption {
           type = types.attrsOf types.unspecified;
+          default = { };
+        };
+        environment.variables = mkOption {
+          type = types.attrsOf types.str;
           default = { };
         };
         environment.systemPackages = mkOption {
@@ -147,6 +191,7 @@ let
       settings,
       pkgs ? basePkgs,
       nixVersion ? "2.26.3",
+      extra ? { },
     }:
     let
       evaluated = lib.evalModules {
@@ -160,10 +205,16 @@ let
               enable = true;
             };
           }
+          extra
         ];
       };
       inherit (evaluated) config;
-      failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+      # NixOS's own check of every account (users-groups.nix).
+      accounts = lib.mapAttrsToList (n: u: {
+        assertion = u.isSystemUser != u.isNormalUser;
+        message = "Exactly one of users.users.${n}.isSystemUser and users.users.${n}.isNormalUser must be set.";
+      }) config.users.users;
+      failed = map (a: a.message) (builtins.filter (a: !a.assertion) (config.assertions ++ accounts));
     in
     # As NixOS does: a failed assertion stops the evaluation.
     if failed != [ ] then
@@ -286,38 +337,72 @@ let
     + part "users" "-" (lib.concatStrings users)
     + part "groups" "-" (lib.concatMapStrings (g: "${g}\n") (builtins.attrNames config.users.groups))
     + part "tmpfiles" "-" (lib.concatMapStrings (r: "${r}\n") config.systemd.tmpfiles.rules)
-    + part "nix.conf" "-" (lib.concatStrings (lib.mapAttrsToList (k: v: "${k} = ${v}\n") config.nix.settings))
+    + part "nix.conf" "-" (
+      lib.concatStrings (
+        lib.mapAttrsToList (k: v: "${k} = ${lib.concatStringsSep " " (lib.toList v)}\n") config.nix.settings
+      )
+    )
+    + part "variables" "-" (
+      lib.concatStrings (lib.mapAttrsToList (k: v: "${k}=${v}\n") config.environment.variables)
+    )
     + part "packages" "-" (
       lib.concatMapStrings (p: "${toString p}\n") config.environment.systemPackages
     )
     + part "warnings" "-" (lib.concatMapStrings (w: "${w}\n") config.warnings);
 
-  # The two configurations tests/system.rs runs. Both sign (through the
-  # nix-daemon, as the unprivileged user the original module's users name)
-  # and use decimal seconds; `file` writes a metrics file; neither the cache
-  # nor the metrics directory exists before the service starts.
+  # The configurations tests/system.rs boots. All sign (through the
+  # nix-daemon, as the unprivileged user the original module's users name);
+  # `file` and `ssh` use decimal seconds; `file` writes a metrics file;
+  # neither the cache nor the metrics directory exists before the service
+  # starts. `token`: an uploader that needs a token from the environment
+  # file. `group`: a socket group. `substitute`: an ssh-ng receiver that
+  # substitutes from its own cache, with only the built path signed.
   common' = {
     user = "nix-pb";
     group = "nix-pb";
     signingPrivateKeyPath = "/etc/npbhq-test/signing-key";
   };
+  fileCache = "file:///var/cache/npbhq-test?compression=none";
+  fast = {
+    retry-initial-delay = 0.5;
+    retry-max-delay = 2.5;
+  };
   variants = {
     file = common' // {
-      uploadTo = "file:///var/cache/npbhq-test?compression=none";
-      settings = {
+      uploadTo = fileCache;
+      settings = fast // {
         metrics-file = "/var/lib/npbhq-test-metrics/metrics.prom";
-        retry-initial-delay = 0.5;
-        retry-max-delay = 2.5;
         batch-size = 50;
       };
     };
     ssh = common' // {
       uploadTo = "ssh-ng://root@127.0.0.1?remote-store=/srv/receiver";
       sshPrivateKeyPath = "/etc/npbhq-test/ssh-key";
-      settings = {
-        retry-initial-delay = 0.5;
-        retry-max-delay = 2.5;
+      settings = fast // {
         command-timeout = 120;
+      };
+    };
+    token = common' // {
+      environmentFile = "/etc/npbhq-test/uploader.env";
+      settings = fast // {
+        upload-command = [
+          "/usr/local/bin/npbhq-token-upload"
+          "--to"
+          "/var/lib/nix-post-build-hook-queue/uploaded"
+        ];
+      };
+    };
+    group = common' // {
+      uploadTo = fileCache;
+      socketGroup = "npbhq-ci";
+      settings = fast;
+    };
+    substitute = common' // {
+      uploadTo = "ssh-ng://root@127.0.0.1?remote-store=/srv/receiver";
+      sshPrivateKeyPath = "/etc/npbhq-test/ssh-key";
+      settings = fast // {
+        sign-closure = false;
+        substitute-on-destination = true;
       };
     };
   };
@@ -328,36 +413,96 @@ let
   overlaid = basePkgs // {
     nix-post-build-hook-queue = fakePackage "nix-post-build-hook-queue" "0.1.0" "/opt/overlaid";
   };
+  service = config: config.systemd.services.nix-post-build-hook-queue;
+  # The config file the service's command line names (its text).
   configText =
     settings:
     lib.concatMapStrings (f: f.text) (
-      storeFiles (eval { inherit settings; }).systemd.services.nix-post-build-hook-queue.serviceConfig.ExecStart
+      storeFiles (service (eval { inherit settings; })).serviceConfig.ExecStart
     );
+  # The script of the derivation that checks the config file, from the
+  # service's command line (null: the file is not checked).
+  configScript =
+    args:
+    let
+      scripts = builtins.filter (lib.hasSuffix "-check-script") (
+        builtins.attrNames (builtins.getContext (service (eval args)).serviceConfig.ExecStart)
+      );
+    in
+    if scripts == [ ] then null else builtins.readFile (builtins.head scripts);
+  # Whether the settings evaluate: the assertions hold, the types check.
+  evaluates = settings: !fails (eval { inherit settings; });
   defaults = eval { settings = { }; };
+  warns =
+    infix: args: builtins.any (lib.hasInfix infix) (eval ({ settings = { }; } // args)).warnings;
+  withAlice = eval {
+    settings.user = "alice";
+    extra.users.users.alice = {
+      isNormalUser = true;
+      group = "users";
+      home = "/home/alice";
+    };
+  };
   checks = {
-    default-user-created = defaults.users.users ? nix-post-build-hook-queue;
-    nix-pb-user-created = (eval { settings = { user = "nix-pb"; }; }).users.users ? nix-pb;
-    known-settings-key-accepted = !fails (eval {
-      settings.settings.batch-size = 5;
-    });
-    unknown-settings-key-fails = fails (eval {
-      settings.settings.batch-sise = 5;
-    });
-    module-owned-key-fails = fails (eval {
-      settings.settings.socket = "/tmp/x.sock";
-    });
+    default-user-created = defaults.users.users.nix-post-build-hook-queue.isSystemUser;
+    nix-pb-user-created = (eval { settings.user = "nix-pb"; }).users.users.nix-pb.isSystemUser;
+    # A normal account named as `user` is left as it is (NixOS refuses an
+    # account that is both a normal and a system user).
+    normal-user-left-alone =
+      !fails withAlice
+      && !withAlice.users.users.alice.isSystemUser
+      && withAlice.users.users.alice.home == "/home/alice";
+    known-settings-key-accepted = evaluates { settings.batch-size = 5; };
+    unknown-settings-key-fails = !evaluates { settings.batch-sise = 5; };
+    module-owned-key-fails = !evaluates { settings.socket = "/tmp/x.sock"; };
     old-nix-signing-untrusted-fails = fails (eval {
       settings.signingPrivateKeyPath = "/run/keys/k";
       nixVersion = "2.8.0";
     });
-    key-in-store-fails = fails (eval {
-      settings.signingPrivateKeyPath = "${builtins.storeDir}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-k";
-    });
-    overlaid-package-runs =
-      lib.hasPrefix "/opt/overlaid/" (eval {
-        settings = { };
-        pkgs = overlaid;
-      }).systemd.services.nix-post-build-hook-queue.serviceConfig.ExecStart;
+    key-in-store-fails = !evaluates {
+      signingPrivateKeyPath = "${builtins.storeDir}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-k";
+    };
+    environment-file-in-store-fails = !evaluates {
+      environmentFile = "${builtins.storeDir}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-env";
+    };
+    # Types that refuse what the daemon refuses.
+    empty-upload-to-fails = !evaluates { uploadTo = ""; };
+    empty-upload-to-in-list-fails = !evaluates { uploadTo = [ "" ]; };
+    null-upload-to-accepted = evaluates { uploadTo = null; };
+    negative-timeout-fails = !evaluates { settings.command-timeout = -1.0; };
+    zero-delay-fails = !evaluates { settings.retry-initial-delay = 0; };
+    zero-delay-string-fails = !evaluates { settings.retry-max-delay = "0.0"; };
+    give-up-never-accepted = evaluates { settings.give-up-after = 0; };
+    empty-upload-command-fails = !evaluates { settings.upload-command = [ ]; };
+    bare-upload-command-fails = !evaluates {
+      settings.upload-command = [
+        "cachix"
+        "push"
+        "mycache"
+      ];
+    };
+    absolute-upload-command-accepted = evaluates {
+      settings.upload-command = [
+        "${builtins.storeDir}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-cachix/bin/cachix"
+        "push"
+        "mycache"
+      ];
+    };
+    # nix-daemon lets the service user in whatever allowed-users says.
+    extra-allowed-users = toString defaults.nix.settings.extra-allowed-users;
+    warns-when-it-only-journals = warns "does nothing with them" { };
+    quiet-with-a-target = !(warns "does nothing with them" { settings.uploadTo = "file:///var/cache/a"; });
+    warns-when-signed-twice = warns "signed twice" {
+      settings = {
+        signingPrivateKeyPath = "/run/keys/k";
+        uploadTo = "file:///var/cache/a";
+      };
+      extra.nix.settings.secret-key-files = [ "/run/keys/k" ];
+    };
+    overlaid-package-runs = lib.hasPrefix "/opt/overlaid/" (service (eval {
+      settings = { };
+      pkgs = overlaid;
+    })).serviceConfig.ExecStart;
     overlaid-package-installed =
       map toString
         (eval {
@@ -369,8 +514,11 @@ let
     settings-keys = lib.concatStringsSep " " (
       builtins.attrNames defaults.services.nix-post-build-hook-queue.settings
     );
+    # Settings nobody set write no line: only the header.
+    nothing-set-rendered = configText { };
     # uploadTo as a list: one `upload-to` line per target (the daemon reads
-    # a repeated key as several targets); a plain string still works.
+    # a repeated key as several targets); a plain string still works, and
+    # a string and a list from two modules merge.
     several-targets-rendered = configText {
       uploadTo = [
         "file:///var/cache/a?compression=none"
@@ -378,6 +526,13 @@ let
       ];
     };
     one-target-rendered = configText { uploadTo = "file:///var/cache/a"; };
+    merged-targets-rendered = lib.concatMapStrings (f: f.text) (
+      storeFiles
+        (service (eval {
+          settings.uploadTo = "file:///var/cache/a";
+          extra.services.nix-post-build-hook-queue.uploadTo = [ "ssh-ng://nix-ssh@mirror.example.com" ];
+        })).serviceConfig.ExecStart
+    );
     decimal-seconds-rendered = configText {
       settings = {
         command-timeout = 2.5;
@@ -385,6 +540,19 @@ let
         retry-max-delay = "7.5";
       };
     };
+    # The build script that checks the config file (tests/packaging.rs
+    # runs it with the real daemon); its absence when checkConfig is off
+    # or when the build machine cannot run the package.
+    config-check-script = configScript { settings = { }; };
+    config-check-off = configScript { settings.checkConfig = false; } == null;
+    config-check-cross = configScript {
+      settings = { };
+      pkgs = basePkgs // {
+        stdenv = basePkgs.stdenv // {
+          buildPlatform.canExecute = _: false;
+        };
+      };
+    } == null;
   };
   checksText = lib.concatStrings (
     lib.mapAttrsToList (

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates tests/system/rendered/ from module.nix with nixpkgs' lib:
 # the units, config file, users and tmpfiles rules NixOS would install for
-# the two configurations tests/system.rs boots (file.txt, ssh.txt), facts
+# each configuration tests/system.rs boots (file.txt, ssh.txt, token.txt,
+# group.txt, substitute.txt), facts
 # about the module that need an evaluation (checks.txt), and the sha256 of
 # module.nix and render.nix they came from (source.txt). tests/system.rs
 # fails when those hashes no longer match: rerun this after editing either.
@@ -20,10 +21,11 @@ ev() {
     nix --extra-experimental-features nix-command eval --raw \
         -f tests/system/render.nix --arg lib "import $(realpath "$libdir")/lib" "$1"
 }
-for part in file ssh checks; do
+parts=(file ssh token group substitute checks)
+for part in "${parts[@]}"; do
     ev "$part" >"$out/$part.txt.new"
 done
-for part in file ssh checks; do
+for part in "${parts[@]}"; do
     mv "$out/$part.txt.new" "$out/$part.txt"
 done
 {

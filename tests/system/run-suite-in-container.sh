@@ -24,8 +24,10 @@
 # Descriptors: nspawn's default soft limit (1024) is below a listen backlog
 # (somaxconn, 4096), which core's full-backlog test fills; it gets 65536.
 #
-# Needs root with CAP_SYS_ADMIN and write access to /sys/fs/cgroup (as the
-# systemd tier does). Missing tools or root make it fail, never skip. Exits
+# Needs root with CAP_SYS_ADMIN, CAP_NET_ADMIN (else the container's
+# loopback stays down) and write access to /sys/fs/cgroup (as the systemd
+# tier does). Missing tools, root or capabilities make it fail with one line
+# saying why, never skip. Exits
 # with cargo test's status.
 set -euo pipefail
 
@@ -33,11 +35,12 @@ repo=$(cd "$(dirname "$0")/../.." && pwd -P)
 cd "$repo"
 
 # Every integration test target runs here, except the systemd tier (which
-# the host's `cargo test` runs, booting containers of its own). A new target
-# must be added to one list or the other (checked below), so that none is
-# silently left out of this run.
+# the host's `cargo test` runs, booting containers of its own) and the audit
+# of the source, which no Nix version changes. A new target must be added to
+# one list or the other (checked below), so that none is silently left out
+# of this run.
 targets=(core faults operate hostile packaging harness_selfcheck bench)
-excluded=(system)
+excluded=(system audit)
 
 fail() {
     echo "run-suite-in-container.sh: $*" >&2
@@ -57,6 +60,13 @@ for f in tests/*.rs tests/*/main.rs; do
 done
 
 [ "$(id -u)" = 0 ] || fail "must run as root (systemd-nspawn needs it)"
+# Without CAP_NET_ADMIN the container's loopback stays down and every test
+# that starts sshd on 127.0.0.1 would fail without saying why.
+capeff=$(awk '/^CapEff:/ { print $2 }' /proc/self/status)
+(((0x$capeff >> 12) & 1)) ||
+    fail "cannot run here: no CAP_NET_ADMIN (systemd-nspawn --private-network needs it to bring up the container's loopback, which the tests' sshd listens on); run as root on a machine, or in a container with CAP_NET_ADMIN"
+(((0x$capeff >> 21) & 1)) ||
+    fail "cannot run here: no CAP_SYS_ADMIN (systemd-nspawn needs it for its mounts and namespaces)"
 command -v systemd-nspawn >/dev/null 2>&1 ||
     fail "systemd-nspawn is not installed (apt-get install -y systemd-container)"
 
@@ -134,7 +144,9 @@ systemd-nspawn --quiet --directory="$root" --machine="$name" \
     --setenv=CARGO_HOME="$cargo_home" --setenv=RUSTUP_HOME="$rustup_home" \
     --setenv=CARGO_TARGET_DIR="$target_dir" --setenv=CARGO_NET_OFFLINE=true \
     "${keep[@]}" \
-    sh -c 'nix --version && exec cargo test "$@"' sh "${test_args[@]}" </dev/null &
+    sh -c 'lo=$(cat /sys/class/net/lo/flags 2>/dev/null || echo 0)
+        [ $((lo & 1)) = 1 ] || { echo "run-suite-in-container.sh: the container'"'"'s loopback is down (systemd-nspawn could not bring it up): the tests need 127.0.0.1" >&2; exit 1; }
+        nix --version && exec cargo test "$@"' sh "${test_args[@]}" </dev/null &
 nspawn=$!
 trap 'kill -TERM "$nspawn" 2>/dev/null || true' INT TERM
 while :; do
