@@ -1637,7 +1637,7 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         &env.env_vars(),
     );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
     assert!(
         err.contains(&sk_s) && err.to_lowercase().contains("permission denied"),
@@ -2307,7 +2307,7 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
         let d = Daemon::new_stopped(&env, &[("signing-key-file", key_s.as_str())], NO_ENV);
         let o = serve_refused(&env, &d, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{key_s}: {}", show(&o));
+        assert_eq!(o.status.code(), Some(78), "{key_s}: {}", show(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
         assert!(
             err.contains(&key_s) && err.contains(want),
@@ -2337,7 +2337,7 @@ fn control_characters_in_settings_refused_at_start() {
     ] {
         let o = serve_refused(&env, &d, &[flag, value]);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{flag} {value:?}: {}", show(&o));
+        assert_eq!(o.status.code(), Some(78), "{flag} {value:?}: {}", show(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
         assert!(
             err.contains(flag) && err.contains("control character"),
@@ -2356,7 +2356,7 @@ fn control_characters_in_settings_refused_at_start() {
     .unwrap();
     let o = serve_refused(&env, &d, &[]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
     assert!(
         err.contains(":2:") && err.contains("control character"),
         "{err:?}"
@@ -2749,7 +2749,7 @@ fn run_expecting_exit(cmd: &mut Command, within: Duration) -> Output {
 }
 
 /// One daemon per state directory: a second one on the same state-dir (with
-/// another socket) says which pid holds it and exits 2, before it touches
+/// another socket) says which pid holds it and exits 1, before it touches
 /// the journal or binds its socket; the first keeps serving. The lock goes
 /// with its holder: after `kill -9` the next start takes the directory.
 #[test]
@@ -2775,7 +2775,7 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_2() {
         Duration::from_secs(20),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     let pid = d.pid().unwrap();
     assert!(
