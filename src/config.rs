@@ -14,74 +14,56 @@ use crate::sys;
 use crate::wire::{parse_seconds, Places};
 
 /// Every setting of the daemon, after defaults, the file and the flags.
+/// Each field is the key of its name (`-` for `_`), described in [`KEYS`];
+/// `None` and empty lists are "none" (no signing, no target, never give up).
 #[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)]
 pub struct Config {
-    /// Unix socket the daemon listens on.
     pub socket: PathBuf,
-    /// Directory of the journal.
     pub state_dir: PathBuf,
-    /// Directory where clients leave requests while the daemon is away.
     pub spool_dir: Option<PathBuf>,
-    /// The Nix store directory every path must be directly under.
     pub store_dir: String,
-    /// Secret key for `nix store sign`; `None` means no signing.
     pub signing_key_file: Option<PathBuf>,
-    /// Store URLs for `nix copy --to`, one target each; empty: no upload.
     pub upload_to: Vec<String>,
-    /// An uploader's program and arguments (the paths are appended).
     pub upload_command: Option<Vec<String>>,
-    /// Sign the whole closure (`--recursive`), not only the queued paths.
     pub sign_closure: bool,
-    /// Most paths given to one nix invocation.
-    pub batch_size: usize,
-    /// Most `nix copy` calls one batch is split across, run at once.
-    pub upload_jobs: usize,
-    /// Longest a single nix invocation may run before it is killed.
-    pub command_timeout: Duration,
-    /// The `nix` program; `nix-store` is looked up beside it.
-    pub nix: PathBuf,
-    /// First delay after a failed upload.
-    pub retry_initial_delay: Duration,
-    /// Longest delay between two attempts for one path.
-    pub retry_max_delay: Duration,
-    /// Permission bits of the socket file (who may enqueue).
-    pub socket_mode: u32,
-    /// Group that owns the socket file, if not the daemon's own.
-    pub socket_group: Option<String>,
-    /// Prometheus text file rewritten every few seconds, if set.
-    pub metrics_file: Option<PathBuf>,
-    /// Most client connections served at once; more get `err busy`.
-    pub max_connections: usize,
-    /// Failed attempts (while the target answered) before giving up.
-    pub max_attempts: Option<u32>,
-    /// How long after it was queued a failing path is given up on.
-    pub give_up_after: Option<Duration>,
-    /// `nix copy --substitute-on-destination` for `ssh://`, `ssh-ng://`.
     pub substitute_on_destination: bool,
+    pub batch_size: usize,
+    pub upload_jobs: usize,
+    pub command_timeout: Duration,
+    pub nix: PathBuf,
+    pub retry_initial_delay: Duration,
+    pub retry_max_delay: Duration,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+    pub metrics_file: Option<PathBuf>,
+    pub max_connections: usize,
+    pub max_attempts: Option<u32>,
+    pub give_up_after: Option<Duration>,
 }
 
 /// Every key (`key | default | accepted form`), as `--help` shows it; an
 /// empty default is none. `Config::default` agrees (a unit test checks it).
-const KEYS: &str = "\
+pub const KEYS: &str = "\
 socket                    | (below)     | path of the unix socket
 state-dir                 | (below)     | directory of the journal
-spool-dir                 | STATE/spool | directory of requests left while the daemon was away
+spool-dir                 | STATE/spool | directory where the hook leaves requests while the daemon is away
 store-dir                 | (below)     | absolute path of the Nix store
 signing-key-file          |             | secret key file for nix store sign (empty: no signing)
 upload-to                 |             | store URL for nix copy --to; once per target (empty: forget the ones before)
 upload-command            |             | uploader program (absolute, or on PATH) and arguments, split at spaces (no shell, no quoting); the paths are appended; one more target
-sign-closure              | true        | true or false
+sign-closure              | true        | true or false: sign the whole closure, not only the queued paths
 substitute-on-destination | false       | true or false: ssh targets fetch from their own substituters
-batch-size                | 1000        | whole number of paths, 1 or more
+batch-size                | 1000        | whole number of paths given to one nix call, 1 or more
 upload-jobs               | 2           | whole number, 1 or more: nix copy calls one batch may run at once
-command-timeout           | 600         | seconds, more than 0, e.g. 600 or 2.5
-nix                       | nix         | the nix program
-retry-initial-delay       | 1           | seconds, more than 0
-retry-max-delay           | 300         | seconds, more than 0
-socket-mode               | 0600        | octal permission bits, e.g. 0600 or 0660
-socket-group              |             | group name or number (empty: the daemon's group)
+command-timeout           | 600         | seconds, more than 0, e.g. 600 or 2.5: longest one nix call may run
+nix                       | nix         | the nix program (nix-store is looked up beside it)
+retry-initial-delay       | 1           | seconds, more than 0: first delay after a failed upload
+retry-max-delay           | 300         | seconds, more than 0: longest delay between two attempts
+socket-mode               | 0600        | octal permission bits of the socket, e.g. 0600 or 0660
+socket-group              |             | group name or number of the socket (empty: the daemon's group)
 metrics-file              |             | path of a Prometheus text file (empty: none)
-max-connections           | 256         | whole number, 1 or more
+max-connections           | 256         | whole number, 1 or more: clients served at once
 max-attempts              | 10          | failed attempts (while the target answers) before a path is given up on (see requeue); 0: never
 give-up-after             | 86400       | seconds after it was queued that a failing path is given up on; 0: never
 ";
@@ -101,7 +83,7 @@ pub fn help_table() -> String {
     for [key, default, form] in keys() {
         let default = match key {
             "socket" => default_socket().display().to_string(),
-            "state-dir" => default_state_dir().display().to_string(),
+            "state-dir" => with_places(|p| p.state_dir()),
             "store-dir" => default_store_dir(),
             _ if default.is_empty() => "none".into(),
             _ => default.into(),
@@ -111,27 +93,16 @@ pub fn help_table() -> String {
     s
 }
 
-/// The default socket path for this user: `/run/...` for root, else the
-/// per-user runtime directory. The hook uses the same rule.
+/// The default socket path for this user (see [`Places::socket`]); the
+/// hook uses the same rule.
 pub fn default_socket() -> PathBuf {
     PathBuf::from(with_places(|p| p.socket()))
 }
 
-/// The default state directory: `/var/lib/...` for root, else
-/// `$XDG_STATE_HOME/...` (or `~/.local/state/...`).
-pub fn default_state_dir() -> PathBuf {
-    PathBuf::from(with_places(|p| p.state_dir()))
-}
-
 /// Calls `f` with this process's user and environment.
 fn with_places<T>(f: impl FnOnce(&Places) -> T) -> T {
-    let var = |key| std::env::var(key).ok();
-    let (runtime, state, home, tmp) = (
-        var("XDG_RUNTIME_DIR"),
-        var("XDG_STATE_HOME"),
-        var("HOME"),
-        var("TMPDIR"),
-    );
+    let [runtime, state, home, tmp] =
+        ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(|k| std::env::var(k).ok());
     f(&Places {
         uid: sys::uid(),
         runtime_dir: runtime.as_deref(),
@@ -153,7 +124,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             socket: default_socket(),
-            state_dir: default_state_dir(),
+            state_dir: PathBuf::from(with_places(|p| p.state_dir())),
             spool_dir: None,
             store_dir: default_store_dir(),
             signing_key_file: None,
@@ -172,7 +143,7 @@ impl Default for Config {
             metrics_file: None,
             max_connections: 256,
             max_attempts: Some(10),
-            give_up_after: Some(Duration::from_secs(24 * 3600)),
+            give_up_after: Some(Duration::from_secs(86400)),
         }
     }
 }
@@ -198,60 +169,55 @@ impl Config {
                  control characters are accepted in no setting"
             ));
         }
+        let path = |v| parse::<PathBuf>(v, |p| !p.as_os_str().is_empty(), "a path");
         let opt_path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
+        let count = |v| parse::<usize>(v, |n| *n >= 1, "a whole number of 1 or more");
+        let boolean = |v| parse::<bool>(v, |_| true, "true or false");
         match key {
-            "socket" => self.socket = non_empty_path(value)?,
-            "state-dir" => self.state_dir = non_empty_path(value)?,
+            "socket" => self.socket = path(value)?,
+            "state-dir" => self.state_dir = path(value)?,
             "spool-dir" => self.spool_dir = opt_path(value),
             "store-dir" => {
-                if !value.starts_with('/') || value.len() < 2 {
-                    return Err(format!(
-                        "expected an absolute path such as /nix/store, got {value:?}"
-                    ));
-                }
-                self.store_dir = value.trim_end_matches('/').to_string();
+                let form = "an absolute path such as /nix/store";
+                let dir = parse::<String>(value, |v| v.starts_with('/') && v.len() > 1, form)?;
+                self.store_dir = dir.trim_end_matches('/').to_string();
             }
             "signing-key-file" => self.signing_key_file = opt_path(value),
             // Repeated: one more target. Empty: none (so far).
             "upload-to" if value.is_empty() => self.upload_to.clear(),
-            "upload-to" if value.contains(|c: char| c.is_whitespace() || "\"'".contains(c)) => {
-                return Err(format!(
-                    "expected a store URL such as file:///var/cache/nix or ssh-ng://host, \
-                     without quotes or spaces, got {value:?}"
-                ))
-            }
-            "upload-to" => self.upload_to.push(value.to_string()),
+            "upload-to" => self.upload_to.push(parse(
+                value,
+                |v: &String| !v.contains(|c: char| c.is_whitespace() || "\"'".contains(c)),
+                "a store URL such as file:///var/cache/nix or ssh-ng://host, without quotes or spaces",
+            )?),
             "upload-command" => {
                 let argv: Vec<String> = value.split_whitespace().map(String::from).collect();
                 self.upload_command = (!argv.is_empty()).then_some(argv);
             }
-            "sign-closure" => self.sign_closure = parse_bool(value)?,
-            "substitute-on-destination" => self.substitute_on_destination = parse_bool(value)?,
-            "batch-size" => self.batch_size = parse_count(value)?,
-            "upload-jobs" => self.upload_jobs = parse_count(value)?,
+            "sign-closure" => self.sign_closure = boolean(value)?,
+            "substitute-on-destination" => self.substitute_on_destination = boolean(value)?,
+            "batch-size" => self.batch_size = count(value)?,
+            "upload-jobs" => self.upload_jobs = count(value)?,
             "command-timeout" => self.command_timeout = parse_seconds(value)?,
-            "nix" => self.nix = non_empty_path(value)?,
+            "nix" => self.nix = path(value)?,
             "retry-initial-delay" => self.retry_initial_delay = parse_seconds(value)?,
             "retry-max-delay" => self.retry_max_delay = parse_seconds(value)?,
-            "socket-mode" => self.socket_mode = parse_mode(value)?,
+            "socket-mode" => {
+                let mode = u32::from_str_radix(value, 8).ok().filter(|m| *m <= 0o777);
+                let form = "expected octal permission bits such as 0600 or 0660";
+                self.socket_mode = mode.ok_or_else(|| format!("{form}, got {value:?}"))?
+            }
             "socket-group" => self.socket_group = (!value.is_empty()).then(|| value.to_string()),
             "metrics-file" => self.metrics_file = opt_path(value),
-            "max-connections" => self.max_connections = parse_count(value)?,
+            "max-connections" => self.max_connections = count(value)?,
             "max-attempts" => {
-                self.max_attempts = match value.parse::<u32>() {
-                    Ok(n) => (n > 0).then_some(n),
-                    Err(_) => {
-                        return Err(format!(
-                            "expected a whole number (0: never give up), got {value:?}"
-                        ))
-                    }
-                }
+                let form = "a whole number (0: never give up)";
+                self.max_attempts = Some(parse::<u32>(value, |_| true, form)?).filter(|n| *n > 0)
             }
+            "give-up-after" if value == "0" => self.give_up_after = None,
             "give-up-after" => {
-                self.give_up_after = match value {
-                    "0" => None,
-                    v => Some(parse_seconds(v).map_err(|e| format!("{e}, or 0 for never"))?),
-                }
+                let after = parse_seconds(value).map_err(|e| format!("{e}, or 0 for never"))?;
+                self.give_up_after = Some(after)
             }
             _ => return Err(unknown_key(key)),
         }
@@ -260,8 +226,9 @@ impl Config {
 
     /// Builds the configuration from the arguments of `serve` and
     /// `check-config`: defaults, the environment, the `--config` file, then
-    /// every `--key value` (or `--key=value`) flag, and checks it ([`check`]).
-    /// Returns it with every problem found, each one line `ORIGIN: PROBLEM`.
+    /// every `--key value` (or `--key=value`) flag, and checks it (see
+    /// [`Config::check`]). Returns it with every problem found, each one
+    /// line `ORIGIN: PROBLEM`.
     pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
         let mut problems = Vec::new();
         let flags = split_flags(args, &mut problems);
@@ -301,14 +268,12 @@ impl Config {
     /// and not by every user; otherwise (`check-config`, maybe in a build
     /// sandbox) a key file that cannot be read is skipped.
     pub fn check(&self, at_start: bool) -> Vec<String> {
-        let mut problems = Vec::new();
-        if let Some(key) = &self.signing_key_file {
-            problems.extend(check_signing_key(key, at_start).err());
-        }
-        if let Some(program) = self.upload_command.as_ref().and_then(|a| a.first()) {
-            problems.extend(check_program(program).err());
-        }
-        problems
+        let key = self.signing_key_file.as_deref();
+        let program = self.upload_command.as_ref().and_then(|a| a.first());
+        let key = key.and_then(|key| check_signing_key(key, at_start).err());
+        key.into_iter()
+            .chain(program.and_then(|p| check_program(p).err()))
+            .collect()
     }
 }
 
@@ -330,70 +295,49 @@ fn file_settings(text: &str, file: &str, problems: &mut Vec<String>) -> Vec<Sett
     settings
 }
 
-/// `$var` when it is set and not empty, checked as a path setting is: an
-/// absolute path without control characters.
-fn env_path(var: &str) -> Result<Option<String>, String> {
-    let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) else {
-        return Ok(None);
-    };
-    match value.into_string() {
-        Ok(v) if v.starts_with('/') && !v.contains(char::is_control) => Ok(Some(v)),
-        Ok(v) => Err(format!(
-            "${var}: expected an absolute path without control characters, got {v:?}"
-        )),
-        Err(v) => Err(format!("${var}: {v:?} is not UTF-8")),
-    }
-}
-
-/// Checks the environment variables the defaults in effect come from, as
-/// the file's values are checked ([`env_path`]). The state directory in
-/// `$TMPDIR` (neither `HOME` nor `XDG_STATE_HOME` set) must be this user's
-/// own, or another user could have made it, to read the journal.
+/// Checks the environment variables the defaults in effect are made of as
+/// path settings are checked: each, when set, must be an absolute path
+/// without control characters. The state directory in `$TMPDIR` (neither
+/// `HOME` nor `XDG_STATE_HOME` set) must be this user's own, or another
+/// user could have made it, to read the journal or take the socket.
 fn check_environment(given: &[&str], problems: &mut Vec<String>) {
-    let mut check = |var| match env_path(var) {
-        Ok(value) => value,
-        Err(e) => {
-            problems.push(e);
-            None
-        }
-    };
+    let mut vars = Vec::new();
     if !given.contains(&"store-dir") {
-        check("NIX_STORE_DIR");
+        vars.push("NIX_STORE_DIR");
     }
-    if sys::uid() == 0 {
-        return;
+    let places = sys::uid() != 0 && !(given.contains(&"socket") && given.contains(&"state-dir"));
+    if places {
+        vars.extend(["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"]);
     }
-    // The state directory's default is also the socket's without a runtime
-    // directory.
-    let runtime = !given.contains(&"socket") && check("XDG_RUNTIME_DIR").is_some();
-    if given.contains(&"state-dir") && (given.contains(&"socket") || runtime) {
-        return;
-    }
-    for var in ["XDG_STATE_HOME", "HOME", "TMPDIR"] {
-        match env_path(var) {
-            Ok(None) => {}
-            Ok(Some(_)) if var == "TMPDIR" => break,
-            Ok(Some(_)) => return,
-            Err(e) => return problems.push(e),
+    for var in vars {
+        match std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(|v| v.into_string())
+        {
+            Some(Ok(v)) if !v.starts_with('/') || v.contains(char::is_control) => problems.push(
+                format!("${var}: expected an absolute path without control characters, got {v:?}"),
+            ),
+            Some(Err(v)) => problems.push(format!("${var}: {v:?} is not UTF-8")),
+            _ => {}
         }
+    }
+    let unset = |var| std::env::var_os(var).is_none_or(|v| v.is_empty());
+    if !(places && unset("XDG_STATE_HOME") && unset("HOME")) {
+        return;
     }
     use std::os::unix::fs::MetadataExt;
-    let dir = default_state_dir();
+    let dir = with_places(|p| p.state_dir());
     let ours = |m: &std::fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.mode() & 0o022 == 0;
     match std::fs::symlink_metadata(&dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Ok(m) if ours(&m) => {}
         _ => problems.push(format!(
-            "$TMPDIR: the state directory {} (in $TMPDIR or /tmp, as neither HOME nor \
+            "$TMPDIR: the state directory {dir} (in $TMPDIR or /tmp, as neither HOME nor \
              XDG_STATE_HOME is set) is not a directory of this user that no one else may \
-             write; set state-dir, HOME or XDG_STATE_HOME",
-            dir.display()
+             write; set state-dir, HOME or XDG_STATE_HOME"
         )),
     }
 }
-
-/// Most bytes of `signing-key-file` read (a key is about 100).
-const MAX_KEY_FILE: u64 = 4096;
 
 /// Checks the signing key file: a regular file holding a Nix secret key
 /// (`NAME:BASE64` of 64 bytes, as `nix-store --generate-binary-cache-key`
@@ -401,49 +345,43 @@ const MAX_KEY_FILE: u64 = 4096;
 /// key would otherwise show only as uploads that fail one by one. The key
 /// is never shown.
 fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
-    use std::io::Read;
+    use std::io::{ErrorKind, Read};
     use std::os::unix::fs::PermissionsExt;
     let shown = key.display();
-    let unreadable = |e: std::io::Error| {
-        use std::io::ErrorKind::{NotFound, PermissionDenied};
-        match e.kind() {
-            NotFound | PermissionDenied if !at_start => Ok(()),
-            _ => Err(format!("signing-key-file {shown}: {e}")),
-        }
-    };
-    let meta = match std::fs::metadata(key) {
-        Ok(meta) => meta,
-        Err(e) => return unreadable(e),
-    };
-    if !meta.is_file() {
-        let kind = if meta.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file"
-        };
-        return Err(format!(
-            "signing-key-file {shown} is {kind}; expected the secret key file written by \
-             nix-store --generate-binary-cache-key"
-        ));
-    }
-    if at_start && meta.permissions().mode() & 0o004 != 0 {
-        return Err(format!(
-            "signing-key-file {shown} is readable by every user; restrict it (chmod 600) before the daemon uses it"
-        ));
-    }
     let mut text = Vec::new();
-    let read = std::fs::File::open(key).and_then(|f| f.take(MAX_KEY_FILE).read_to_end(&mut text));
-    if let Err(e) = read {
-        return unreadable(e);
-    }
-    if !is_secret_key(&text) {
-        return Err(format!(
-            "signing-key-file {shown} does not hold a Nix secret key; expected NAME:BASE64 \
-             of a 64-byte key, as nix-store --generate-binary-cache-key writes it (not the \
-             public key)"
-        ));
-    }
-    Ok(())
+    // At most 4 KiB (a key is about 100 bytes); never a FIFO's read.
+    let read = std::fs::metadata(key).and_then(|meta| {
+        if meta.is_file() {
+            let file = std::fs::File::open(key)?;
+            file.take(4096).read_to_end(&mut text)?;
+        }
+        Ok(meta)
+    });
+    let meta = match read {
+        Ok(meta) => meta,
+        Err(e)
+            if !at_start
+                && matches!(e.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) =>
+        {
+            return Ok(())
+        }
+        Err(e) => return Err(format!("signing-key-file {shown}: {e}")),
+    };
+    let problem = if meta.is_dir() {
+        "is a directory"
+    } else if !meta.is_file() {
+        "is not a regular file"
+    } else if at_start && meta.permissions().mode() & 0o004 != 0 {
+        "is readable by every user; restrict it (chmod 600) before the daemon uses it"
+    } else if !is_secret_key(&text) {
+        "does not hold a Nix secret key (NAME:BASE64 of a 64-byte key, not the public key)"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "signing-key-file {shown} {problem}; expected the secret key file written by \
+         nix-store --generate-binary-cache-key"
+    ))
 }
 
 /// Checks that the `upload-command` program can be run: an executable file
@@ -454,14 +392,14 @@ fn check_program(program: &str) -> Result<(), String> {
     let runnable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    let (found, place) = if program.starts_with('/') {
-        (runnable(Path::new(program)), "")
-    } else if program.contains('/') {
-        (false, " (a relative path)")
-    } else {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let found = std::env::split_paths(&path).any(|dir| runnable(&dir.join(program)));
-        (found, " in any directory of PATH")
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let (found, place) = match program {
+        p if p.starts_with('/') => (runnable(Path::new(p)), ""),
+        p if p.contains('/') => (false, " (a relative path)"),
+        p => {
+            let found = std::env::split_paths(&path).any(|dir| runnable(&dir.join(p)));
+            (found, " in any directory of PATH")
+        }
     };
     if found {
         return Ok(());
@@ -539,47 +477,18 @@ fn is_secret_key(text: &[u8]) -> bool {
     };
     let body = key.trim_end_matches('=');
     let padding = key.len() - body.len();
+    let base64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
     !name.is_empty()
         && key.len() % 4 == 0
         && padding <= 2
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        && body.bytes().all(base64)
         && key.len() / 4 * 3 - padding == 64
 }
 
-fn non_empty_path(value: &str) -> Result<PathBuf, String> {
-    if value.is_empty() {
-        Err("expected a path, got an empty value".into())
-    } else {
-        Ok(PathBuf::from(value))
-    }
-}
-
-fn parse_bool(value: &str) -> Result<bool, String> {
-    match value {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        _ => Err(format!("expected true or false, got {value:?}")),
-    }
-}
-
-fn parse_count(value: &str) -> Result<usize, String> {
-    match value.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!(
-            "expected a whole number of 1 or more, got {value:?}"
-        )),
-    }
-}
-
-fn parse_mode(value: &str) -> Result<u32, String> {
-    match u32::from_str_radix(value, 8) {
-        Ok(m) if m <= 0o777 => Ok(m),
-        _ => Err(format!(
-            "expected octal permission bits such as 0600 or 0660, got {value:?}"
-        )),
-    }
+/// `value` as a `T` that `ok` accepts, else an error naming the `form`.
+fn parse<T: std::str::FromStr>(value: &str, ok: fn(&T) -> bool, form: &str) -> Result<T, String> {
+    let parsed = value.parse().ok().filter(ok);
+    parsed.ok_or_else(|| format!("expected {form}, got {value:?}"))
 }
 
 #[cfg(test)]
