@@ -24,8 +24,20 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
+/// Runs `c` to its end, or kills it after a minute (a daemon that should
+/// have refused to start): its exit status (`None` when killed) and output.
 fn run(c: &mut Command) -> (Option<i32>, String, String) {
-    let o: Output = c.output().unwrap();
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let o: Output = child.wait_with_output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (o.status.code(), text(&o.stdout), text(&o.stderr))
 }
