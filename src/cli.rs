@@ -305,6 +305,10 @@ fn admin(command: &str, args: &[String]) -> i32 {
         Ok(a) => a,
         Err(e) => return fail(&e, EXIT_USAGE),
     };
+    let mut conn = match Connection::open(&a.socket, ADMIN_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => return fail(&connect_error(&e), EXIT_USAGE),
+    };
     // Only a path to queue must exist: one to requeue or drop may be gone
     // from the store.
     let store_dir = config::default_store_dir();
@@ -320,10 +324,6 @@ fn admin(command: &str, args: &[String]) -> i32 {
             return fail(&format!("enqueue: {e}; nothing was queued"), EXIT_USAGE)
         }
         Err(e) => return fail(&format!("{command}: {e}"), EXIT_USAGE),
-    };
-    let mut conn = match Connection::open(&a.socket, ADMIN_TIMEOUT) {
-        Ok(c) => c,
-        Err(e) => return fail(&connect_error(&e), EXIT_USAGE),
     };
     let result = match command {
         "enqueue" | "requeue" | "drop" => send_paths(&mut conn, command, &paths),

@@ -2753,7 +2753,7 @@ fn run_expecting_exit(cmd: &mut Command, within: Duration) -> Output {
 /// the journal or binds its socket; the first keeps serving. The lock goes
 /// with its holder: after `kill -9` the next start takes the directory.
 #[test]
-fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_2() {
+fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
     let env = NixEnv::new("hostile-statelock");
     let mut d = Daemon::start(&env, &[]);
     let path = format!(
