@@ -32,96 +32,75 @@ Exit statuses:
     daemon at the socket
 ";
 
-/// Each command: its name, arguments, summary and help.
-const COMMANDS: &[[&str; 4]] = &[
-    [
-        "serve",
-        "serve [--config FILE] [--KEY VALUE]...",
-        "run the daemon",
-        "Runs the daemon (also without a COMMAND): it journals every path it is given,
+/// Each command: its synopsis on the first line, then its help; commands
+/// are separated by a blank line.
+const COMMANDS: &str = "\
+serve [--config FILE] [--KEY VALUE]...
+Runs the daemon (also without a COMMAND): it journals every path it is given,
 then signs and uploads them in batches with nix, retrying, until SIGTERM or
-SIGINT. The settings are the
-defaults, then the --config file (nix.conf syntax: key = value, # comments), then
-the --KEY VALUE (or --KEY=VALUE) flags.",
-    ],
-    [
-        "check-config",
-        "check-config [--config FILE] [--KEY VALUE]...",
-        "check the daemon's settings",
-        "Checks the settings as serve does before it opens anything: every key and value,
-the environment's, the signing key file's form (when it can be read here) and the
-upload-command program. Prints each problem on a line of its own. What needs the
-running system (the key file's owner and mode, the targets) serve checks at start.",
-    ],
-    [
-        "enqueue",
-        "enqueue [--socket PATH] PATH... | -",
-        "queue store paths (- reads them from stdin)",
-        "Queues store paths for signing and upload. A PATH may be a link into the
-store, such as ./result; - reads paths from stdin, separated by white space.
-A path that does not exist is refused, and nothing is queued.",
-    ],
-    [
-        "status",
-        "status [--socket PATH] [--json]",
-        "show the queue",
-        "Shows the queue: paths queued, in flight, uploaded, dropped, backing off and
-given up on (failed, with their last error), each target (its queue, what it
-took, its failures and last error), the upload rate.
---json prints one JSON object on one line.",
-    ],
-    [
-        "wait",
-        "wait [--socket PATH] [--timeout SECONDS]",
-        "wait until everything queued so far is uploaded",
-        "Waits until every path queued before it is uploaded to every target (or
-given up on). Paths dropped or given up on are named, with their last error;
-when the timeout passes first, the last error of what it waits for is shown.",
-    ],
-    [
-        "retry",
-        "retry [--socket PATH]",
-        "retry backing-off paths now",
-        "Makes every backing-off path due now (after the target was mended, say).
-Paths given up on are not affected: see requeue.",
-    ],
-    [
-        "requeue",
-        "requeue [--socket PATH] --all-failed | PATH...",
-        "try paths given up on again",
-        "Tries paths given up on (see status) again, with fresh attempts (and
-give-up-after counted from now), on the targets that gave up on them only;
-the journal records it, so it holds across restarts. Prints how many were given
-up on; a PATH that was not is left as it is.",
-    ],
-    [
-        "drop",
-        "drop [--socket PATH] --all-failed | PATH...",
-        "drop paths from the queue (not uploaded)",
-        "Removes paths from the queue for good: they are not uploaded. --all-failed
-drops every path given up on. The journal records it and the daemon logs
-each path. Prints how many were queued.",
-    ],
-];
+SIGINT. The settings are the defaults, then the --config file (nix.conf
+syntax: key = value, # comments), then the --KEY VALUE (or --KEY=VALUE) flags.
 
-/// The settings, with their defaults, as the help of `serve` shows them.
+check-config [--config FILE] [--KEY VALUE]...
+Checks the settings as serve does before it opens anything: every key and
+value, the environment's, the signing key file's form (when it can be read
+here) and the upload-command program. Prints each problem on a line of its
+own. What needs the running system (the key file's owner and mode, the
+targets) serve checks at start.
+
+enqueue [--socket PATH] PATH... | -
+Queues store paths for signing and upload. A PATH may be a link into the
+store, such as ./result; - reads paths from stdin, separated by white space.
+A path that does not exist is refused, and nothing is queued.
+
+status [--socket PATH] [--json]
+Shows the queue: paths queued, in flight, uploaded, dropped, backing off and
+given up on (failed, with their last error), each target (its queue, what it
+took, its failures and last error), the upload rate. --json prints one JSON
+object on one line.
+
+wait [--socket PATH] [--timeout SECONDS]
+Waits until every path queued before it is uploaded to every target (or given
+up on). Paths dropped or given up on are named, with their last error; when
+the timeout passes first, the last error of what it waits for is shown.
+
+retry [--socket PATH]
+Makes every backing-off path due now (after the target was mended, say).
+Paths given up on are not affected: see requeue.
+
+requeue [--socket PATH] --all-failed | PATH...
+Tries paths given up on (see status) again, with fresh attempts (and
+give-up-after counted from now), on the targets that gave up on them only; the
+journal records it, so it holds across restarts. Prints how many were given
+up on; a PATH that was not is left as it is.
+
+drop [--socket PATH] --all-failed | PATH...
+Removes paths from the queue for good: they are not uploaded. --all-failed
+drops every path given up on. The journal records it and the daemon logs each
+path. Prints how many were queued.";
+
+/// Each command's name, synopsis and help.
+fn commands() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    COMMANDS.split("\n\n").map(|block| {
+        let (synopsis, text) = block.split_once('\n').unwrap_or((block, ""));
+        (synopsis.split(' ').next().unwrap_or(""), synopsis, text)
+    })
+}
+
+/// The daemon's settings with their defaults, as `--help` shows them.
 fn settings_help() -> String {
+    let table = config::help_table();
     format!(
-        "Daemon settings (config file `key = value`, or flags `--key value`; flags win):\n{}\n\
-         STATE is the state-dir. The environment's NIX_STORE_DIR, XDG_RUNTIME_DIR,\n\
-         XDG_STATE_HOME, HOME and TMPDIR make the defaults; clients find the socket\n\
-         through ${} too.\n",
-        config::help_table(),
-        wire::ENV_SOCKET,
+        "Daemon settings (config file `key = value`, or flags `--key value`; flags win):\n\
+         {table}\nSTATE is the state-dir. NIX_STORE_DIR, XDG_RUNTIME_DIR, XDG_STATE_HOME,\n\
+         HOME and TMPDIR in the environment make the defaults.\n"
     )
 }
 
 fn usage() -> String {
     let mut s = String::from("Usage:\n");
-    for [_, synopsis, summary, _] in COMMANDS {
-        s.push_str(&format!(
-            "  post-build-hook-queue {synopsis:<47} {summary}\n"
-        ));
+    for (_, synopsis, _) in commands() {
+        s.push_str(&format!("  post-build-hook-queue {synopsis}\n"));
     }
     s.push_str("  post-build-hook-queue COMMAND --help | --help | --version\n\n");
     format!("{s}{EXIT_STATUSES}\n{}", settings_help())
@@ -129,10 +108,10 @@ fn usage() -> String {
 
 /// `COMMAND --help`: what a command does, its arguments and exit statuses.
 fn command_help(command: &str) -> String {
-    let Some([name, synopsis, _, text]) = COMMANDS.iter().find(|c| c[0] == command) else {
+    let Some((name, synopsis, text)) = commands().find(|c| c.0 == command) else {
         return usage();
     };
-    let more = match *name {
+    let more = match name {
         "serve" | "check-config" => settings_help(),
         _ => format!(
             "The socket is {} unless --socket or ${} says otherwise.\n",
@@ -151,16 +130,25 @@ fn fail(message: &str, status: i32) -> i32 {
 /// Runs the command with `args` (without the program name); returns the
 /// exit status.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    let args = match utf8_args(args) {
+    // Every setting, command and path this program takes is UTF-8 (store
+    // paths are ASCII): anything else is a mistake to name.
+    let args: Vec<String> = match args.into_iter().map(OsString::into_string).collect() {
         Ok(args) => args,
-        Err(message) => return fail(&message, EXIT_USAGE),
+        Err(arg) => {
+            let arg = arg.to_string_lossy();
+            let why = "arguments (paths included) must be UTF-8 text";
+            return fail(
+                &format!("argument {arg:?} is not valid UTF-8; {why}"),
+                EXIT_USAGE,
+            );
+        }
     };
     let (command, rest) = match args.first().map(String::as_str) {
         None => ("serve", &args[..]),
         Some(a) if a.starts_with("--") && a != "--help" && a != "--version" => ("serve", &args[..]),
         Some(a) => (a, &args[1..]),
     };
-    let known = COMMANDS.iter().any(|c| c[0] == command);
+    let known = commands().any(|c| c.0 == command);
     if known && rest.iter().any(|a| a == "--help" || a == "-h") {
         print!("{}", command_help(command));
         return 0;
@@ -217,22 +205,7 @@ fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
     }
 }
 
-/// The arguments as text: every setting, command and path this program
-/// takes is UTF-8 (store paths are ASCII), so anything else is a mistake to
-/// name, not a reason to abort.
-fn utf8_args(args: impl IntoIterator<Item = OsString>) -> Result<Vec<String>, String> {
-    args.into_iter()
-        .map(|arg| {
-            arg.into_string().map_err(|arg| {
-                format!(
-                    "argument {:?} is not valid UTF-8; arguments (paths included) must be UTF-8 text",
-                    arg.to_string_lossy()
-                )
-            })
-        })
-        .collect()
-}
-
+#[derive(Default)]
 struct AdminArgs {
     socket: PathBuf,
     json: bool,
@@ -242,18 +215,10 @@ struct AdminArgs {
     all_failed: bool,
 }
 
-/// Commands that take store paths as arguments.
-fn takes_paths(command: &str) -> bool {
-    matches!(command, "enqueue" | "requeue" | "drop")
-}
-
 fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
     let mut out = AdminArgs {
         socket: client::socket_path(),
-        json: false,
-        timeout: None,
-        paths: Vec::new(),
-        all_failed: false,
+        ..AdminArgs::default()
     };
     let mut from_stdin = false;
     let mut iter = args.iter();
@@ -285,7 +250,9 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
                 }
             }
             "--all-failed" if command == "requeue" || command == "drop" => out.all_failed = true,
-            p if takes_paths(command) && !p.starts_with("--") => out.paths.push(p.to_string()),
+            p if matches!(command, "enqueue" | "requeue" | "drop") && !p.starts_with("--") => {
+                out.paths.push(p.to_string())
+            }
             _ => return Err(format!("{command}: unknown argument {arg:?} (see --help)")),
         }
     }
@@ -335,11 +302,7 @@ fn admin(command: &str, args: &[String]) -> i32 {
     };
     match result {
         Ok(()) => 0,
-        Err(ClientError::Refused(m)) if unavailable(&m) => fail(
-            &format!("the daemon cannot serve this now: {m}"),
-            EXIT_USAGE,
-        ),
-        Err(e @ ClientError::Refused(_)) => fail(&e.to_string(), 1),
+        Err(ClientError::Refused(m)) => refused(&m, &format!("the daemon refused: {m}")),
         Err(e) => fail(&e.to_string(), EXIT_USAGE),
     }
 }
@@ -359,10 +322,17 @@ fn connect_error(e: &ClientError) -> String {
     }
 }
 
-/// True for the refusals that mean "not now" rather than "no": the daemon is
-/// stopping or has too many clients. Those are connection errors (exit 2).
-fn unavailable(message: &str) -> bool {
-    message.starts_with(protocol::ERR_BUSY) || message.starts_with(protocol::ERR_STOPPING)
+/// The exit status of the daemon's refusal `reason`, after showing it (as
+/// `shown`): a "not now" (the daemon is stopping or has too many clients)
+/// counts as no daemon (2), any other as a failure (1).
+fn refused(reason: &str, shown: &str) -> i32 {
+    if reason.starts_with(protocol::ERR_BUSY) || reason.starts_with(protocol::ERR_STOPPING) {
+        return fail(
+            &format!("the daemon cannot serve this now: {reason}"),
+            EXIT_USAGE,
+        );
+    }
+    fail(shown, 1)
 }
 
 /// Most links followed from an argument to its store path.
@@ -492,14 +462,10 @@ fn describe_remaining(line: &str) -> Option<(String, Option<String>)> {
 }
 
 /// Blocks until the paths queued before the call are gone from the queue.
-/// Exit 0 when all were uploaded; 1 when some were dropped or given up on,
-/// or the timeout passed first; 2 when the daemon cannot be talked to.
-///
-/// On a terminal, the progress is one line that is rewritten in place; it
-/// always ends with a newline (the next one moves the cursor up to replace
-/// it), so that whenever `wait` ends, Ctrl-C included (the standard library
-/// has no signal handler to tidy up with), the terminal is left on a fresh
-/// line.
+/// On a terminal, the progress is one line rewritten in place; it always
+/// ends with a newline (the next one moves the cursor up to replace it), so
+/// that however `wait` ends, Ctrl-C included (no signal handler tidies up),
+/// the terminal is left on a fresh line.
 fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
     let deadline = timeout.map(|t| Instant::now() + t);
     let tty = std::io::stderr().is_terminal();
@@ -542,14 +508,7 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
             return 0;
         }
         if let Some(msg) = wire::final_word(&line, "err") {
-            if unavailable(msg) {
-                return fail(
-                    &format!("the daemon cannot serve this now: {msg}"),
-                    EXIT_USAGE,
-                );
-            }
-            eprintln!("post-build-hook-queue: {msg}");
-            return 1;
+            return refused(msg, msg);
         }
         if tty {
             if let Some((text, _)) = describe_remaining(&line) {
@@ -604,7 +563,7 @@ mod tests {
 
     #[test]
     fn every_command_has_its_own_help_with_every_exit_status() {
-        for [command, ..] in COMMANDS {
+        for (command, ..) in commands() {
             let help = command_help(command);
             assert!(
                 help.starts_with(&format!("Usage: post-build-hook-queue {command} ")),
