@@ -36,48 +36,35 @@ Exit statuses:
 /// are separated by a blank line.
 const COMMANDS: &str = "\
 serve [--config FILE] [--KEY VALUE]...
-Runs the daemon (also without a COMMAND): it journals every path it is given,
-then signs and uploads them in batches with nix, retrying, until SIGTERM or
-SIGINT. The settings are the defaults, then the --config file (nix.conf
-syntax: key = value, # comments), then the --KEY VALUE (or --KEY=VALUE) flags.
+Runs the daemon (also without a COMMAND) until SIGTERM or SIGINT. Settings: the
+defaults, then the --config file, then the --KEY VALUE (or --KEY=VALUE) flags.
 
 check-config [--config FILE] [--KEY VALUE]...
-Checks the settings as serve does before it opens anything: every key and
-value, the environment's, the signing key file's form (when it can be read
-here) and the upload-command program. Prints each problem on a line of its
-own. What needs the running system (the key file's owner and mode, the
-targets) serve checks at start.
+Runs the checks serve runs before it opens anything and prints each problem on
+a line of its own. Left to serve: the key file's owner and mode, the targets.
 
 enqueue [--socket PATH] PATH... | -
-Queues store paths for signing and upload. A PATH may be a link into the
-store, such as ./result; - reads paths from stdin, separated by white space.
-A path that does not exist is refused, and nothing is queued.
+Queues store paths, or links to them such as ./result (-: read them from
+stdin). A path that does not exist is refused, and nothing is queued.
 
 status [--socket PATH] [--json]
-Shows the queue: paths queued, in flight, uploaded, dropped, backing off and
-given up on (failed, with their last error), each target (its queue, what it
-took, its failures and last error), the upload rate. --json prints one JSON
-object on one line.
+Shows the queue, each target, and the paths backing off or given up on with
+their last error; --json: as one JSON object on one line.
 
 wait [--socket PATH] [--timeout SECONDS]
-Waits until every path queued before it is uploaded to every target (or given
-up on). Paths dropped or given up on are named, with their last error; when
-the timeout passes first, the last error of what it waits for is shown.
+Waits until every path queued before it is uploaded to every target or given
+up on (those are named, with their last error), or the --timeout passes.
 
 retry [--socket PATH]
-Makes every backing-off path due now (after the target was mended, say).
-Paths given up on are not affected: see requeue.
+Makes every backing-off path due now (not those given up on: see requeue).
 
 requeue [--socket PATH] --all-failed | PATH...
-Tries paths given up on (see status) again, with fresh attempts (and
-give-up-after counted from now), on the targets that gave up on them only; the
-journal records it, so it holds across restarts. Prints how many were given
-up on; a PATH that was not is left as it is.
+Tries paths given up on again, with fresh attempts (and give-up-after counted
+from now), on the targets that gave up on them; the journal records it.
 
 drop [--socket PATH] --all-failed | PATH...
-Removes paths from the queue for good: they are not uploaded. --all-failed
-drops every path given up on. The journal records it and the daemon logs each
-path. Prints how many were queued.";
+Removes paths from the queue for good (they are not uploaded); --all-failed:
+every path given up on. The journal records it.";
 
 /// Each command's name, synopsis and help.
 fn commands() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
@@ -135,12 +122,11 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     let args: Vec<String> = match args.into_iter().map(OsString::into_string).collect() {
         Ok(args) => args,
         Err(arg) => {
-            let arg = arg.to_string_lossy();
-            let why = "arguments (paths included) must be UTF-8 text";
-            return fail(
-                &format!("argument {arg:?} is not valid UTF-8; {why}"),
-                EXIT_USAGE,
+            let message = format!(
+                "argument {:?} is not valid UTF-8; arguments (paths included) must be UTF-8 text",
+                arg.to_string_lossy()
             );
+            return fail(&message, EXIT_USAGE);
         }
     };
     let (command, rest) = match args.first().map(String::as_str) {
@@ -149,19 +135,18 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         Some(a) => (a, &args[1..]),
     };
     let known = commands().any(|c| c.0 == command);
-    if known && rest.iter().any(|a| a == "--help" || a == "-h") {
-        print!("{}", command_help(command));
+    let help = known && rest.iter().any(|a| a == "--help" || a == "-h");
+    let text = match command {
+        _ if help => command_help(command),
+        "--help" | "-h" | "help" => usage(),
+        "--version" | "-V" => format!("post-build-hook-queue {}\n", crate::VERSION),
+        _ => String::new(),
+    };
+    if !text.is_empty() {
+        print!("{text}");
         return 0;
     }
     match command {
-        "--help" | "-h" | "help" => {
-            print!("{}", usage());
-            0
-        }
-        "--version" | "-V" => {
-            println!("post-build-hook-queue {}", crate::VERSION);
-            0
-        }
         "serve" => match configure(rest, true) {
             Ok(config) => match server::serve(config) {
                 Ok(()) => 0,
@@ -198,11 +183,7 @@ fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
     for problem in &problems {
         eprintln!("post-build-hook-queue: {problem}");
     }
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(EXIT_CONFIG)
-    }
+    problems.is_empty().then_some(config).ok_or(EXIT_CONFIG)
 }
 
 #[derive(Default)]
@@ -480,10 +461,10 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
             d.saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1))
         });
-        if let Err(e) = conn.set_read_timeout(read_timeout) {
-            return fail(&e.to_string(), EXIT_USAGE);
-        }
-        let line = match conn.read_line() {
+        let line = conn
+            .set_read_timeout(read_timeout)
+            .and_then(|()| conn.read_line());
+        let line = match line {
             Ok(l) => l,
             Err(ClientError::Io(e))
                 if deadline.is_some()

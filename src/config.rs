@@ -93,8 +93,7 @@ pub fn help_table() -> String {
     s
 }
 
-/// The default socket path for this user (see [`Places::socket`]); the
-/// hook uses the same rule.
+/// The default socket path for this user (see [`Places::socket`]).
 pub fn default_socket() -> PathBuf {
     PathBuf::from(with_places(|p| p.socket()))
 }
@@ -147,9 +146,6 @@ impl Default for Config {
         }
     }
 }
-
-/// One `key = value` setting, with where it came from.
-type Setting = (String, String, String);
 
 impl Config {
     /// The spool directory: `spool-dir` if set, else `<state-dir>/spool`.
@@ -224,19 +220,30 @@ impl Config {
         Ok(())
     }
 
-    /// Builds the configuration from the arguments of `serve` and
-    /// `check-config`: defaults, the environment, the `--config` file, then
-    /// every `--key value` (or `--key=value`) flag, and checks it (see
-    /// [`Config::check`]). Returns it with every problem found, each one
-    /// line `ORIGIN: PROBLEM`.
+    /// The configuration from the arguments of `serve` and `check-config`
+    /// (defaults, environment, `--config` file, `--key value` flags), with
+    /// every problem found, each one line `ORIGIN: PROBLEM`. `at_start`: the
+    /// signing key file must also be readable, and not by every user; else
+    /// (`check-config`, maybe in a build sandbox) one it cannot read is skipped.
     pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
         let mut problems = Vec::new();
         let flags = split_flags(args, &mut problems);
-        let mut settings = Vec::new();
+        let mut settings: Vec<(String, String, String)> = Vec::new();
         for (_, file) in flags.iter().filter(|(f, _)| f == "config") {
-            match std::fs::read_to_string(file) {
-                Ok(text) => settings.extend(file_settings(&text, file, &mut problems)),
-                Err(e) => problems.push(format!("{file}: cannot read config file: {e}")),
+            let text = std::fs::read_to_string(file).unwrap_or_else(|e| {
+                problems.push(format!("{file}: cannot read config file: {e}"));
+                String::new()
+            });
+            for (index, raw) in text.lines().enumerate() {
+                let origin = format!("{file}:{}", index + 1);
+                let line = raw.split('#').next().unwrap_or("").trim();
+                match line.split_once('=') {
+                    _ if line.is_empty() => {}
+                    Some((k, v)) => settings.push((origin, k.trim().into(), v.trim().into())),
+                    None => {
+                        problems.push(format!("{origin}: expected 'key = value', got {line:?}"))
+                    }
+                }
             }
         }
         let flags = flags.into_iter().filter(|(f, _)| f != "config");
@@ -258,41 +265,14 @@ impl Config {
             }
         }
         check_environment(&given, &mut problems);
-        problems.extend(config.check(at_start));
+        if let Some(key) = &config.signing_key_file {
+            problems.extend(check_signing_key(key, at_start).err());
+        }
+        if let Some(program) = config.upload_command.as_ref().and_then(|a| a.first()) {
+            problems.extend(check_program(program).err());
+        }
         (config, problems)
     }
-
-    /// The checks of values that need more than their text: the signing
-    /// key file's form and the `upload-command` program. `at_start` (the
-    /// daemon, on the system it runs on): the key file must be readable,
-    /// and not by every user; otherwise (`check-config`, maybe in a build
-    /// sandbox) a key file that cannot be read is skipped.
-    pub fn check(&self, at_start: bool) -> Vec<String> {
-        let key = self.signing_key_file.as_deref();
-        let program = self.upload_command.as_ref().and_then(|a| a.first());
-        let key = key.and_then(|key| check_signing_key(key, at_start).err());
-        key.into_iter()
-            .chain(program.and_then(|p| check_program(p).err()))
-            .collect()
-    }
-}
-
-/// The `KEY = VALUE` lines of a config file's text, each with its origin
-/// `FILE:LINE`.
-fn file_settings(text: &str, file: &str, problems: &mut Vec<String>) -> Vec<Setting> {
-    let mut settings = Vec::new();
-    for (index, raw) in text.lines().enumerate() {
-        let origin = format!("{file}:{}", index + 1);
-        let line = raw.split('#').next().unwrap_or("").trim();
-        match line.split_once('=') {
-            _ if line.is_empty() => {}
-            Some((key, value)) => {
-                settings.push((origin, key.trim().to_string(), value.trim().to_string()))
-            }
-            None => problems.push(format!("{origin}: expected 'key = value', got {line:?}")),
-        }
-    }
-    settings
 }
 
 /// Checks the environment variables the defaults in effect are made of as
@@ -310,10 +290,8 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
         vars.extend(["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"]);
     }
     for var in vars {
-        match std::env::var_os(var)
-            .filter(|v| !v.is_empty())
-            .map(|v| v.into_string())
-        {
+        let value = std::env::var_os(var).filter(|v| !v.is_empty());
+        match value.map(std::ffi::OsString::into_string) {
             Some(Ok(v)) if !v.starts_with('/') || v.contains(char::is_control) => problems.push(
                 format!("${var}: expected an absolute path without control characters, got {v:?}"),
             ),
@@ -345,7 +323,8 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
 /// key would otherwise show only as uploads that fail one by one. The key
 /// is never shown.
 fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
-    use std::io::{ErrorKind, Read};
+    use std::io::ErrorKind::{NotFound, PermissionDenied};
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let shown = key.display();
     let mut text = Vec::new();
@@ -357,14 +336,10 @@ fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
         }
         Ok(meta)
     });
+    let unreadable = |e: &std::io::Error| matches!(e.kind(), NotFound | PermissionDenied);
     let meta = match read {
         Ok(meta) => meta,
-        Err(e)
-            if !at_start
-                && matches!(e.kind(), ErrorKind::NotFound | ErrorKind::PermissionDenied) =>
-        {
-            return Ok(())
-        }
+        Err(e) if !at_start && unreadable(&e) => return Ok(()),
         Err(e) => return Err(format!("signing-key-file {shown}: {e}")),
     };
     let problem = if meta.is_dir() {
@@ -449,9 +424,7 @@ fn split_flags(args: &[String], problems: &mut Vec<String>) -> Vec<(String, Stri
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let Some(flag) = arg.strip_prefix("--") else {
-            problems.push(format!(
-                "{arg}: expected a flag such as --upload-to URL (see --help)"
-            ));
+            problems.push(format!("{arg}: expected a flag such as --upload-to URL"));
             continue;
         };
         match flag.split_once('=') {
@@ -475,14 +448,10 @@ fn is_secret_key(text: &[u8]) -> bool {
     let Some((name, key)) = text.trim().split_once(':') else {
         return false;
     };
-    let body = key.trim_end_matches('=');
-    let padding = key.len() - body.len();
-    let base64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
-    !name.is_empty()
-        && key.len() % 4 == 0
-        && padding <= 2
-        && body.bytes().all(base64)
-        && key.len() / 4 * 3 - padding == 64
+    // 64 bytes are 86 base64 characters and `==`.
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    let key = key.as_bytes();
+    !name.is_empty() && key.len() == 88 && key[..86].iter().all(base64) && key.ends_with(b"==")
 }
 
 /// `value` as a `T` that `ok` accepts, else an error naming the `form`.
@@ -695,15 +664,21 @@ mod tests {
         let key_s = key.display().to_string();
         let missing = dir.join("missing").display().to_string();
         // Only at start: the mode, and a file that must be there.
-        let c = good(&["--signing-key-file", &key_s, "--signing-key-file", &missing]);
-        assert_eq!(c.check(false), Vec::<String>::new());
+        let at_start = |list: &[&str]| Config::from_args(&args(list), true).1;
+        good(&["--signing-key-file", &missing]);
+        let problems = at_start(&["--signing-key-file", &missing]);
+        assert!(problems[0].contains("No such file"), "{problems:?}");
+        good(&["--signing-key-file", &key_s]);
+        let problems = at_start(&["--signing-key-file", &key_s]);
         assert!(
-            c.check(true)[0].contains("No such file"),
-            "{:?}",
-            c.check(true)
+            problems[0].contains("readable by every user"),
+            "{problems:?}"
         );
-        let c = good(&["--signing-key-file", &key_s]);
-        assert!(c.check(true)[0].contains("readable by every user"));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            at_start(&["--signing-key-file", &key_s]),
+            Vec::<String>::new()
+        );
         std::fs::write(&key, "cache-1:not-a-key\n").unwrap();
         let (_, problems) = Config::from_args(&args(&["--signing-key-file", &key_s]), false);
         assert!(
