@@ -218,10 +218,8 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
             "--socket" => out.socket = PathBuf::from(value("--socket")?),
             "--json" if command == "status" => out.json = true,
             "--timeout" if command == "wait" => {
-                out.timeout = Some(
-                    wire::parse_seconds(&value("--timeout")?)
-                        .map_err(|e| format!("--timeout: {e}"))?,
-                )
+                let seconds = wire::parse_seconds(&value("--timeout")?);
+                out.timeout = Some(seconds.map_err(|e| format!("--timeout: {e}"))?)
             }
             "-" if command == "enqueue" => {
                 from_stdin = true;
