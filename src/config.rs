@@ -83,7 +83,7 @@ pub fn help_table() -> String {
     for [key, default, form] in keys() {
         let default = match key {
             "socket" => default_socket().display().to_string(),
-            "state-dir" => with_places(|p| p.state_dir()),
+            "state-dir" => default_places().1.display().to_string(),
             "store-dir" => default_store_dir(),
             _ if default.is_empty() => "none".into(),
             _ => default.into(),
@@ -93,22 +93,23 @@ pub fn help_table() -> String {
     s
 }
 
-/// The default socket path for this user (see [`Places::socket`]).
+/// The default socket path for this user (see [`Places`]).
 pub fn default_socket() -> PathBuf {
-    PathBuf::from(with_places(|p| p.socket()))
+    default_places().0
 }
 
-/// Calls `f` with this process's user and environment.
-fn with_places<T>(f: impl FnOnce(&Places) -> T) -> T {
+/// This process's default socket and state directory (see [`Places`]).
+fn default_places() -> (PathBuf, PathBuf) {
     let [runtime, state, home, tmp] =
         ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(|k| std::env::var(k).ok());
-    f(&Places {
+    let places = Places {
         uid: sys::uid(),
         runtime_dir: runtime.as_deref(),
         state_home: state.as_deref(),
         home: home.as_deref(),
         tmp_dir: tmp.as_deref(),
-    })
+    };
+    (places.socket().into(), places.state_dir().into())
 }
 
 /// The store directory Nix itself uses here: `$NIX_STORE_DIR` or `/nix/store`.
@@ -123,7 +124,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             socket: default_socket(),
-            state_dir: PathBuf::from(with_places(|p| p.state_dir())),
+            state_dir: default_places().1,
             spool_dir: None,
             store_dir: default_store_dir(),
             signing_key_file: None,
@@ -304,15 +305,16 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
         return;
     }
     use std::os::unix::fs::MetadataExt;
-    let dir = with_places(|p| p.state_dir());
+    let dir = default_places().1;
     let ours = |m: &std::fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.mode() & 0o022 == 0;
     match std::fs::symlink_metadata(&dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Ok(m) if ours(&m) => {}
         _ => problems.push(format!(
-            "$TMPDIR: the state directory {dir} (in $TMPDIR or /tmp, as neither HOME nor \
+            "$TMPDIR: the state directory {} (in $TMPDIR or /tmp, as neither HOME nor \
              XDG_STATE_HOME is set) is not a directory of this user that no one else may \
-             write; set state-dir, HOME or XDG_STATE_HOME"
+             write; set state-dir, HOME or XDG_STATE_HOME",
+            dir.display()
         )),
     }
 }
