@@ -1,6 +1,6 @@
 //! The `post-build-hook-queue` command: the daemon (`serve`), the check of
 //! its settings (`check-config`) and the admin commands, with the exit
-//! statuses of [`EXIT_STATUSES`].
+//! statuses that `--help` lists.
 
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};
@@ -166,7 +166,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
 
 /// The daemon's configuration from `args`; else every problem with it is
 /// shown, one line each, and the exit status is [`EXIT_CONFIG`]. `at_start`:
-/// see [`Config::check`].
+/// see [`Config::from_args`].
 fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
     let (config, mut problems) = Config::from_args(args, at_start);
     // Two URLs that differ only in a password are one target: the journal
@@ -507,6 +507,14 @@ mod tests {
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn check_config_refuses_the_same_target_twice() {
+        let twice = args(&["--upload-to", "ssh://u:a@h", "--upload-to=ssh://u:b@h"]);
+        assert_eq!(configure(&twice, false).err(), Some(EXIT_CONFIG));
+        let two = args(&["--upload-to", "ssh://h", "--upload-to=ssh://g"]);
+        assert_eq!(configure(&two, false).unwrap().upload_to.len(), 2);
     }
 
     #[test]
