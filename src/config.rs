@@ -1,11 +1,7 @@
-//! The daemon's settings: defaults, the environment, the config file and
-//! command-line flags, and the checks `serve` and `check-config` share.
-//!
-//! The file uses nix.conf syntax (`key = value`, `#` comments). Every key is
-//! also a `--key value` flag; flags are applied after the file, so they win.
-//! Every problem is reported, each in one line naming where it came from
-//! (file and line, flag or environment variable), the key and the accepted
-//! form, before the daemon opens anything.
+//! The daemon's settings (defaults, environment, a config file in nix.conf
+//! syntax, then `--key value` flags, which win) and the checks `serve` and
+//! `check-config` share: every problem, each in one line naming where it is
+//! (file and line, flag or environment variable) and what is accepted.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -319,11 +315,9 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     }
 }
 
-/// Checks the signing key file: a regular file holding a Nix secret key
-/// (`NAME:BASE64` of 64 bytes, as `nix-store --generate-binary-cache-key`
-/// writes it); `at_start`, also readable, and not by every user. A wrong
-/// key would otherwise show only as uploads that fail one by one. The key
-/// is never shown.
+/// Checks the signing key file (whose key is never shown): a regular file
+/// holding a Nix secret key, else uploads would fail one by one; `at_start`,
+/// also readable, and not by every user.
 fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
     use std::io::ErrorKind::{NotFound, PermissionDenied};
     use std::io::Read;
