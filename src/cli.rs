@@ -3,7 +3,7 @@
 //! statuses that `--help` lists.
 
 use std::ffi::OsString;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, ErrorKind, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -290,7 +290,7 @@ fn admin(command: &str, args: &[String]) -> i32 {
 /// a socket we may not open is not a missing daemon.
 fn connect_error(e: &ClientError) -> String {
     match e {
-        ClientError::Connect(socket, io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+        ClientError::Connect(socket, io) if io.kind() == ErrorKind::PermissionDenied => {
             format!(
                 "cannot connect to the daemon at {}: permission denied; the socket's mode and group \
                  (socket-mode, socket-group) decide who may use it",
@@ -333,19 +333,16 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
     for _ in 0..MAX_LINKS {
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
-                return Ok(arg.to_string())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(if path.as_os_str() == arg {
-                    format!("{arg} does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built, or links to them such as ./result")
-                } else {
-                    format!("{arg} leads to {}, which does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built", path.display())
-                });
-            }
-            // Not ours to look at: the daemon may see it, and decides.
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Ok(arg.to_string())
+            // Not ours to look at (the daemon may see it, and decides), or
+            // gone from the store, which requeue and drop do not mind.
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(arg.to_string()),
+            Err(e) if e.kind() == ErrorKind::NotFound && !must_exist => return Ok(arg.to_string()),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let leads = match path.as_os_str() == arg {
+                    true => String::new(),
+                    false => format!(" leads to {}, which", path.display()),
+                };
+                return Err(format!("{arg}{leads} does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built, or links to them such as ./result"));
             }
             Err(e) => return Err(format!("{arg}: {e}")),
         };
@@ -466,10 +463,7 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
             Ok(l) => l,
             Err(ClientError::Io(e))
                 if deadline.is_some()
-                    && matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
+                    && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
             {
                 let shown = timeout.map_or(String::new(), |t| format!("{}s", t.as_secs_f64()));
                 let state = match describe_remaining(&last) {
