@@ -257,19 +257,18 @@ fn admin(command: &str, args: &[String]) -> i32 {
     };
     // Only a path to queue must exist: one to requeue or drop may be gone
     // from the store.
-    let store_dir = config::default_store_dir();
-    let enqueuing = command == "enqueue";
-    let paths: Result<Vec<String>, String> = a
-        .paths
-        .iter()
-        .map(|p| resolve_path(p, &store_dir, enqueuing))
-        .collect();
-    let paths = match paths {
+    let (store_dir, enqueuing) = (config::default_store_dir(), command == "enqueue");
+    let resolve = |p: &String| resolve_path(p, &store_dir, enqueuing);
+    let paths = match a.paths.iter().map(resolve).collect::<Result<Vec<_>, _>>() {
         Ok(paths) => paths,
-        Err(e) if enqueuing => {
-            return fail(&format!("enqueue: {e}; nothing was queued"), EXIT_USAGE)
+        Err(e) => {
+            let nothing = if enqueuing {
+                "; nothing was queued"
+            } else {
+                ""
+            };
+            return fail(&format!("{command}: {e}{nothing}"), EXIT_USAGE);
         }
-        Err(e) => return fail(&format!("{command}: {e}"), EXIT_USAGE),
     };
     let result = match command {
         "enqueue" | "requeue" | "drop" => send_paths(&mut conn, command, &paths),
