@@ -1,182 +1,192 @@
-//! The `post-build-hook-queue` command: `serve` and the admin commands.
-//!
-//! Exit codes: 0 success; 1 the daemon reported a failure (`wait` saw paths
-//! dropped or still failing); 2 usage errors, bad configuration, or no daemon.
+//! The `post-build-hook-queue` command: the daemon (`serve`), the check of
+//! its settings (`check-config`) and the admin commands, with the exit
+//! statuses that `--help` lists.
 
 use std::ffi::OsString;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, ErrorKind, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::client::{self, ClientError, Connection};
-use crate::config::{self, Config, KEYS};
-use crate::protocol;
-use crate::server;
+use crate::config::{self, Config};
+use crate::server::{self, ServeError};
 use crate::wire::{self, request_line};
+use crate::{protocol, target};
 
-/// Exit code for usage and connection errors.
+/// Exit status of a configuration error (`EX_CONFIG`), which no restart
+/// mends; no other error exits with it.
+pub const EXIT_CONFIG: i32 = 78;
+/// Exit status of usage errors of the admin commands, and of no daemon.
 pub const EXIT_USAGE: i32 = 2;
 /// How long admin commands wait to connect and for a plain reply.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn usage() -> String {
-    let mut s = String::from(
-        "Usage:
-  post-build-hook-queue [serve] [--config FILE] [--KEY VALUE]...   run the daemon
-  post-build-hook-queue enqueue [--socket PATH] PATH... | -        queue store paths (- reads them from stdin)
-  post-build-hook-queue status [--socket PATH] [--json]            show the queue
-  post-build-hook-queue wait [--socket PATH] [--timeout SECONDS]   wait until everything queued so far is uploaded
-  post-build-hook-queue retry [--socket PATH]                      retry backing-off paths now
-  post-build-hook-queue requeue [--socket PATH] --all-failed | PATH...  try paths given up on again
-  post-build-hook-queue drop [--socket PATH] --all-failed | PATH...     drop paths from the queue (not uploaded)
-  post-build-hook-queue COMMAND --help | --help | --version
+/// What each exit status means, as `--help` shows it.
+const EXIT_STATUSES: &str = "\
+Exit statuses:
+  serve, check-config: 0 a clean stop (check-config: no problem); 78 a configuration
+    error (each problem on a line of its own; a restart cannot mend it); 1 a start
+    error that may pass (journal I/O, state-dir locked by another daemon, socket in use)
+  admin commands: 0 done; 1 the daemon reported a failure (enqueue refused; wait saw
+    paths dropped or given up on, or its --timeout passed); 2 a usage error, or no
+    daemon at the socket
+";
 
-Exit codes: 0 success; 1 the daemon reported a failure (enqueue refused; wait saw
-paths dropped, or its --timeout passed with paths left); 2 usage error, bad
-configuration, or no daemon at the socket.
+/// Each command: its synopsis on the first line, then its help; commands
+/// are separated by a blank line.
+const COMMANDS: &str = "\
+serve [--config FILE] [--KEY VALUE]...
+Runs the daemon (also without a COMMAND) until SIGTERM or SIGINT. Settings: the
+defaults, then the --config file, then the --KEY VALUE (or --KEY=VALUE) flags.
 
-Daemon settings (config file `key = value`, or flags `--key value`; flags win):
-",
-    );
-    for (key, form) in KEYS {
-        s.push_str(&format!("  {key:<22}{form}\n"));
-    }
-    s.push_str(&format!(
-        "\nDefault socket: {} (clients: ${}); default state-dir: {}\n",
-        config::default_socket().display(),
-        wire::ENV_SOCKET,
-        config::default_state_dir().display()
-    ));
-    s
+check-config [--config FILE] [--KEY VALUE]...
+Runs the checks serve runs before it opens anything and prints each problem on
+a line of its own. Left to serve: the key file's owner and mode, the targets.
+
+enqueue [--socket PATH] PATH... | -
+Queues store paths, or links to them such as ./result (-: read them from
+stdin). A path that does not exist is refused, and nothing is queued.
+
+status [--socket PATH] [--json]
+Shows the queue, each target, and the paths backing off or given up on with
+their last error; --json: as one JSON object on one line.
+
+wait [--socket PATH] [--timeout SECONDS]
+Waits until every path queued before it is uploaded to every target or given
+up on (those are named, with their last error), or the --timeout passes.
+
+retry [--socket PATH]
+Makes every backing-off path due now (not those given up on: see requeue).
+
+requeue [--socket PATH] --all-failed | PATH...
+Tries paths given up on again, with fresh attempts (and give-up-after counted
+from now), on the targets that gave up on them; the journal records it.
+
+drop [--socket PATH] --all-failed | PATH...
+Removes paths from the queue for good (they are not uploaded); --all-failed:
+every path given up on. The journal records it.";
+
+/// Each command's name, synopsis and help.
+fn commands() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    COMMANDS.split("\n\n").map(|block| {
+        let (synopsis, text) = block.split_once('\n').unwrap_or((block, ""));
+        (synopsis.split(' ').next().unwrap_or(""), synopsis, text)
+    })
 }
 
-fn fail(message: &str) -> i32 {
-    eprintln!("post-build-hook-queue: {message}");
-    EXIT_USAGE
-}
-
-/// Runs the command with `args` (without the program name); returns the
-/// exit code.
-pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    let args = match utf8_args(args) {
-        Ok(args) => args,
-        Err(message) => return fail(&message),
-    };
-    let args = &args[..];
-    let (command, rest) = match args.first().map(String::as_str) {
-        None => ("serve", args),
-        Some(a) if a.starts_with("--") && a != "--help" && a != "--version" => ("serve", args),
-        Some(a) => (a, &args[1..]),
-    };
-    match command {
-        "--help" | "-h" | "help" => {
-            print!("{}", usage());
-            0
-        }
-        "--version" | "-V" => {
-            println!("post-build-hook-queue {}", crate::VERSION);
-            0
-        }
-        "serve" => serve(rest),
-        "enqueue" | "status" | "wait" | "retry" | "requeue" | "drop" => {
-            if rest.iter().any(|a| a == "--help" || a == "-h") {
-                print!("{}", command_help(command));
-                return 0;
-            }
-            admin(command, rest)
-        }
-        other => fail(&format!(
-            "unknown command {other:?}; commands: serve, enqueue, status, wait, retry, requeue, drop (see --help)"
-        )),
-    }
-}
-
-/// `COMMAND --help`: what an admin command does, its arguments and exit codes.
-fn command_help(command: &str) -> String {
-    let (synopsis, text) = match command {
-        "enqueue" => (
-            "enqueue [--socket PATH] PATH... | -",
-            "Queues store paths for signing and upload. A PATH may be a link into the
-store, such as ./result; - reads paths from stdin, separated by white space.
-A path that does not exist is refused. Exit 0 when queued, 1 when the daemon
-refused, 2 on usage errors or when no daemon answers.",
-        ),
-        "status" => (
-            "status [--socket PATH] [--json]",
-            "Shows the queue: paths queued, in flight, uploaded, dropped, backing off and
-given up on (failed, with their last error), each target (its queue, what it
-took, its failures and last error), the upload rate.
---json prints one JSON object on one line.",
-        ),
-        "wait" => (
-            "wait [--socket PATH] [--timeout SECONDS]",
-            "Waits until every path queued before it is uploaded to every target (or
-given up on). Exit 0 when all were;
-1 when some were dropped or given up on (named, with their last error), or
-the timeout passed first (the last error of what it still waits for is
-shown); 2 when no daemon answers.",
-        ),
-        "retry" => (
-            "retry [--socket PATH]",
-            "Makes every backing-off path due now (after the target was mended, say).
-Paths given up on are not affected: see requeue.",
-        ),
-        "requeue" => (
-            "requeue [--socket PATH] --all-failed | PATH...",
-            "Tries paths given up on (see status) again, with fresh attempts (and
-give-up-after counted from now), on the targets that gave up on them only;
-the journal records it, so it holds across restarts. Prints how many were given
-up on; a PATH that was not is left as it is.",
-        ),
-        "drop" => (
-            "drop [--socket PATH] --all-failed | PATH...",
-            "Removes paths from the queue for good: they are not uploaded. --all-failed
-drops every path given up on. The journal records it and the daemon logs
-each path. Prints how many were queued.",
-        ),
-        _ => return usage(),
-    };
+/// The daemon's settings with their defaults, as `--help` shows them.
+fn settings_help() -> String {
+    let table = config::help_table();
     format!(
-        "Usage: post-build-hook-queue {synopsis}\n\n{text}\n\nThe socket is {} unless --socket or ${} says otherwise.\n",
-        config::default_socket().display(),
-        wire::ENV_SOCKET
+        "Daemon settings (config file `key = value`, or flags `--key value`; flags win):\n\
+         {table}\nSTATE is the state-dir. NIX_STORE_DIR, XDG_RUNTIME_DIR, XDG_STATE_HOME,\n\
+         HOME and TMPDIR in the environment make the defaults.\n"
     )
 }
 
-/// The arguments as text: every setting, command and path this program
-/// takes is UTF-8 (store paths are ASCII), so anything else is a mistake to
-/// name, not a reason to abort.
-fn utf8_args(args: impl IntoIterator<Item = OsString>) -> Result<Vec<String>, String> {
-    args.into_iter()
-        .map(|arg| {
-            arg.into_string().map_err(|arg| {
-                format!(
-                    "argument {:?} is not valid UTF-8; arguments (paths included) must be UTF-8 text",
-                    arg.to_string_lossy()
-                )
-            })
-        })
-        .collect()
+fn usage() -> String {
+    let mut s = String::from("Usage:\n");
+    for (_, synopsis, _) in commands() {
+        s.push_str(&format!("  post-build-hook-queue {synopsis}\n"));
+    }
+    s.push_str("  post-build-hook-queue COMMAND --help | --help | --version\n\n");
+    format!("{s}{EXIT_STATUSES}\n{}", settings_help())
 }
 
-fn serve(args: &[String]) -> i32 {
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        print!("{}", usage());
+/// `COMMAND --help`: what a command does, its arguments and exit statuses.
+fn command_help(command: &str) -> String {
+    let Some((name, synopsis, text)) = commands().find(|c| c.0 == command) else {
+        return usage();
+    };
+    let more = match name {
+        "serve" | "check-config" => settings_help(),
+        _ => format!(
+            "The socket is {} unless --socket or ${} says otherwise.\n",
+            config::default_socket().display(),
+            wire::ENV_SOCKET
+        ),
+    };
+    format!("Usage: post-build-hook-queue {synopsis}\n\n{text}\n\n{EXIT_STATUSES}\n{more}")
+}
+
+fn fail(message: &str, status: i32) -> i32 {
+    eprintln!("post-build-hook-queue: {message}");
+    status
+}
+
+/// Runs the command with `args` (without the program name); returns the
+/// exit status.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
+    // Every setting, command and path this program takes is UTF-8 (store
+    // paths are ASCII): anything else is a mistake to name.
+    let args: Vec<String> = match args.into_iter().map(OsString::into_string).collect() {
+        Ok(args) => args,
+        Err(arg) => {
+            let message = format!(
+                "argument {:?} is not valid UTF-8; arguments (paths included) must be UTF-8 text",
+                arg.to_string_lossy()
+            );
+            return fail(&message, EXIT_USAGE);
+        }
+    };
+    let (command, rest) = match args.first().map(String::as_str) {
+        None => ("serve", &args[..]),
+        Some(a) if a.starts_with("--") && a != "--help" && a != "--version" => ("serve", &args[..]),
+        Some(a) => (a, &args[1..]),
+    };
+    let known = commands().any(|c| c.0 == command);
+    let help = known && rest.iter().any(|a| a == "--help" || a == "-h");
+    let text = match command {
+        _ if help => command_help(command),
+        "--help" | "-h" | "help" => usage(),
+        "--version" | "-V" => format!("post-build-hook-queue {}\n", crate::VERSION),
+        _ => String::new(),
+    };
+    if !text.is_empty() {
+        print!("{text}");
         return 0;
     }
-    let config = match Config::from_args(args) {
-        Ok(c) => c,
-        Err(e) => return fail(&e.to_string()),
-    };
-    if let Err(e) = config.check_signing_key() {
-        return fail(&e);
-    }
-    match server::serve(config) {
-        Ok(()) => 0,
-        Err(e) => fail(&e.to_string()),
+    match command {
+        "serve" => match configure(rest, true) {
+            Ok(config) => match server::serve(config) {
+                Ok(()) => 0,
+                Err(e @ ServeError::Config(_)) => fail(&e.to_string(), EXIT_CONFIG),
+                Err(e) => fail(&e.to_string(), 1),
+            },
+            Err(status) => status,
+        },
+        "check-config" => configure(rest, false).map_or_else(|status| status, |_| 0),
+        _ if known => admin(command, rest),
+        other => fail(
+            &format!("unknown command {other:?}; commands: serve, check-config, enqueue, status, wait, retry, requeue, drop (see --help)"),
+            EXIT_USAGE,
+        ),
     }
 }
 
+/// The daemon's configuration from `args`; else every problem with it is
+/// shown, one line each, and the exit status is [`EXIT_CONFIG`]. `at_start`:
+/// see [`Config::from_args`].
+fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
+    let (config, mut problems) = Config::from_args(args, at_start);
+    // Two URLs that differ only in a password are one target: the journal
+    // names targets by their URL without secrets.
+    let targets = target::configured(&config);
+    for (i, t) in targets.iter().enumerate() {
+        if targets[..i].iter().any(|u| u.id == t.id) {
+            problems.push(format!(
+                "upload-to: the target {} is given twice; give each target once",
+                t.label
+            ));
+        }
+    }
+    for problem in &problems {
+        eprintln!("post-build-hook-queue: {problem}");
+    }
+    problems.is_empty().then_some(config).ok_or(EXIT_CONFIG)
+}
+
+#[derive(Default)]
 struct AdminArgs {
     socket: PathBuf,
     json: bool,
@@ -186,18 +196,10 @@ struct AdminArgs {
     all_failed: bool,
 }
 
-/// Commands that take store paths as arguments.
-fn takes_paths(command: &str) -> bool {
-    matches!(command, "enqueue" | "requeue" | "drop")
-}
-
 fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
     let mut out = AdminArgs {
         socket: client::socket_path(),
-        json: false,
-        timeout: None,
-        paths: Vec::new(),
-        all_failed: false,
+        ..AdminArgs::default()
     };
     let mut from_stdin = false;
     let mut iter = args.iter();
@@ -216,10 +218,8 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
             "--socket" => out.socket = PathBuf::from(value("--socket")?),
             "--json" if command == "status" => out.json = true,
             "--timeout" if command == "wait" => {
-                out.timeout = Some(
-                    wire::parse_seconds(&value("--timeout")?)
-                        .map_err(|e| format!("--timeout: {e}"))?,
-                )
+                let seconds = wire::parse_seconds(&value("--timeout")?);
+                out.timeout = Some(seconds.map_err(|e| format!("--timeout: {e}"))?)
             }
             "-" if command == "enqueue" => {
                 from_stdin = true;
@@ -229,7 +229,9 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
                 }
             }
             "--all-failed" if command == "requeue" || command == "drop" => out.all_failed = true,
-            p if takes_paths(command) && !p.starts_with("--") => out.paths.push(p.to_string()),
+            p if matches!(command, "enqueue" | "requeue" | "drop") && !p.starts_with("--") => {
+                out.paths.push(p.to_string())
+            }
             _ => return Err(format!("{command}: unknown argument {arg:?} (see --help)")),
         }
     }
@@ -247,30 +249,29 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
 fn admin(command: &str, args: &[String]) -> i32 {
     let a = match parse_admin(command, args) {
         Ok(a) => a,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&e, EXIT_USAGE),
     };
     let mut conn = match Connection::open(&a.socket, ADMIN_TIMEOUT) {
         Ok(c) => c,
-        Err(e) => return fail(&connect_error(&e)),
+        Err(e) => return fail(&connect_error(&e), EXIT_USAGE),
+    };
+    // Only a path to queue must exist: one to requeue or drop may be gone
+    // from the store.
+    let (store_dir, enqueuing) = (config::default_store_dir(), command == "enqueue");
+    let resolve = |p: &String| resolve_path(p, &store_dir, enqueuing);
+    let paths = match a.paths.iter().map(resolve).collect::<Result<Vec<_>, _>>() {
+        Ok(paths) => paths,
+        Err(e) => {
+            let nothing = if enqueuing {
+                "; nothing was queued"
+            } else {
+                ""
+            };
+            return fail(&format!("{command}: {e}{nothing}"), EXIT_USAGE);
+        }
     };
     let result = match command {
-        "enqueue" | "requeue" | "drop" => {
-            // Only a path to queue must exist: one to requeue or drop may
-            // be gone from the store.
-            let enqueuing = command == "enqueue";
-            let store_dir = config::default_store_dir();
-            let resolved: Result<Vec<String>, String> = a
-                .paths
-                .iter()
-                .map(|p| resolve_path(p, &store_dir, enqueuing))
-                .collect();
-            match resolved {
-                Ok(paths) if enqueuing => enqueue(&mut conn, &paths),
-                Ok(paths) => requeue_or_drop(&mut conn, command, &paths),
-                Err(e) if enqueuing => return fail(&format!("enqueue: {e}; nothing was queued")),
-                Err(e) => return fail(&format!("{command}: {e}")),
-            }
-        }
+        "enqueue" | "requeue" | "drop" => send_paths(&mut conn, command, &paths),
         "status" => status(&mut conn, a.json),
         "wait" => return wait(&mut conn, a.timeout),
         _ => conn
@@ -279,14 +280,8 @@ fn admin(command: &str, args: &[String]) -> i32 {
     };
     match result {
         Ok(()) => 0,
-        Err(ClientError::Refused(m)) if unavailable(&m) => {
-            fail(&format!("the daemon cannot serve this now: {m}"))
-        }
-        Err(e @ ClientError::Refused(_)) => {
-            eprintln!("post-build-hook-queue: {e}");
-            1
-        }
-        Err(e) => fail(&e.to_string()),
+        Err(ClientError::Refused(m)) => refused(&m, &format!("the daemon refused: {m}")),
+        Err(e) => fail(&e.to_string(), EXIT_USAGE),
     }
 }
 
@@ -294,7 +289,7 @@ fn admin(command: &str, args: &[String]) -> i32 {
 /// a socket we may not open is not a missing daemon.
 fn connect_error(e: &ClientError) -> String {
     match e {
-        ClientError::Connect(socket, io) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+        ClientError::Connect(socket, io) if io.kind() == ErrorKind::PermissionDenied => {
             format!(
                 "cannot connect to the daemon at {}: permission denied; the socket's mode and group \
                  (socket-mode, socket-group) decide who may use it",
@@ -305,10 +300,17 @@ fn connect_error(e: &ClientError) -> String {
     }
 }
 
-/// True for the refusals that mean "not now" rather than "no": the daemon is
-/// stopping or has too many clients. Those are connection errors (exit 2).
-fn unavailable(message: &str) -> bool {
-    message.starts_with(protocol::ERR_BUSY) || message.starts_with(protocol::ERR_STOPPING)
+/// The exit status of the daemon's refusal `reason`, after showing it (as
+/// `shown`): a "not now" (the daemon is stopping or has too many clients)
+/// counts as no daemon (2), any other as a failure (1).
+fn refused(reason: &str, shown: &str) -> i32 {
+    if reason.starts_with(protocol::ERR_BUSY) || reason.starts_with(protocol::ERR_STOPPING) {
+        return fail(
+            &format!("the daemon cannot serve this now: {reason}"),
+            EXIT_USAGE,
+        );
+    }
+    fail(shown, 1)
 }
 
 /// Most links followed from an argument to its store path.
@@ -330,19 +332,16 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
     for _ in 0..MAX_LINKS {
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
-                return Ok(arg.to_string())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(if path.as_os_str() == arg {
-                    format!("{arg} does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built, or links to them such as ./result")
-                } else {
-                    format!("{arg} leads to {}, which does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built", path.display())
-                });
-            }
-            // Not ours to look at: the daemon may see it, and decides.
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Ok(arg.to_string())
+            // Not ours to look at (the daemon may see it, and decides), or
+            // gone from the store, which requeue and drop do not mind.
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(arg.to_string()),
+            Err(e) if e.kind() == ErrorKind::NotFound && !must_exist => return Ok(arg.to_string()),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let leads = match path.as_os_str() == arg {
+                    true => String::new(),
+                    false => format!(" leads to {}, which", path.display()),
+                };
+                return Err(format!("{arg}{leads} does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built, or links to them such as ./result"));
             }
             Err(e) => return Err(format!("{arg}: {e}")),
         };
@@ -366,14 +365,10 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
     Err(format!("{arg}: more than {MAX_LINKS} links in a row"))
 }
 
-/// `requeue` or `drop`, of the given paths or (none given) of every path
-/// given up on.
-fn requeue_or_drop(
-    conn: &mut Connection,
-    command: &str,
-    paths: &[String],
-) -> Result<(), ClientError> {
-    let lines: Vec<String> = if paths.is_empty() {
+/// `enqueue`, `requeue` or `drop` of `paths`; `requeue` and `drop` of none
+/// given: of every path given up on.
+fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<(), ClientError> {
+    let lines: Vec<String> = if paths.is_empty() && command != "enqueue" {
         vec![request_line(&format!("{command}-failed"), &[])]
     } else {
         // Lines as long as enqueue's at most (`drop` is shorter).
@@ -387,400 +382,36 @@ fn requeue_or_drop(
         let (_, n) = conn.request(line)?;
         done += n.parse::<usize>().unwrap_or(0);
     }
-    let asked = if paths.is_empty() {
-        String::new()
-    } else {
-        format!(" of {}", paths.len())
+    let of = match paths.len() {
+        0 => String::new(),
+        n => format!(" of {n}"),
     };
-    if command == "requeue" {
-        println!("requeued {done}{asked} path(s) given up on; they are tried again");
-    } else {
-        println!("dropped {done}{asked} queued path(s); they will not be uploaded");
-    }
-    Ok(())
-}
-
-fn enqueue(conn: &mut Connection, paths: &[String]) -> Result<(), ClientError> {
-    let mut added = 0usize;
-    for line in wire::enqueue_lines(paths) {
-        let (_, n) = conn.request(&line)?;
-        added += n.parse::<usize>().unwrap_or(0);
-    }
-    println!(
-        "queued {added} new path(s); {} were already queued",
-        paths.len().saturating_sub(added)
-    );
-    Ok(())
-}
-
-/// The `status` reply, read: `KEY VALUE` fields, then the listed paths.
-#[derive(Debug, Default)]
-struct StatusReply {
-    fields: Vec<(String, String)>,
-    /// `[attempts, next try in seconds, path, last error]`.
-    backoff: Vec<[String; 4]>,
-    /// `[attempts, given up seconds ago, path, last error]`.
-    failed: Vec<[String; 4]>,
-    /// The paths of the nix call in progress.
-    in_flight: Vec<String>,
-    /// Per target: `[id, queued, delivered, backing off, failed, given up
-    /// total, failed calls, state, label]`, and its last error.
-    targets: Vec<([String; 9], Option<String>)>,
-}
-
-impl StatusReply {
-    fn parse(lines: &[String]) -> StatusReply {
-        let mut reply = StatusReply::default();
-        for line in lines {
-            let (key, value) = line.split_once(' ').unwrap_or((line, ""));
-            match key {
-                "backoff" | "failed-path" => {
-                    let mut parts = value.splitn(4, ' ').map(String::from);
-                    let mut next = || parts.next().unwrap_or_default();
-                    let item = [next(), next(), next(), next()];
-                    if key == "backoff" {
-                        reply.backoff.push(item);
-                    } else {
-                        reply.failed.push(item);
-                    }
-                }
-                "in-flight-path" => reply.in_flight.push(value.to_string()),
-                "target-state" => {
-                    let mut parts = value.splitn(9, ' ').map(String::from);
-                    let mut next = || parts.next().unwrap_or_default();
-                    let item = [
-                        next(),
-                        next(),
-                        next(),
-                        next(),
-                        next(),
-                        next(),
-                        next(),
-                        next(),
-                        next(),
-                    ];
-                    reply.targets.push((item, None));
-                }
-                "target-error" => {
-                    let (id, error) = value.split_once(' ').unwrap_or((value, ""));
-                    if let Some(t) = reply.targets.iter_mut().find(|(t, _)| t[0] == id) {
-                        t.1 = Some(error.to_string());
-                    }
-                }
-                _ => reply.fields.push((key.to_string(), value.to_string())),
-            }
-        }
-        reply
-    }
-}
-
-fn status(conn: &mut Connection, json: bool) -> Result<(), ClientError> {
-    let (lines, _) = conn.request(&request_line("status", &[]))?;
-    let reply = StatusReply::parse(&lines);
-    let mut out = std::io::stdout().lock();
-    let text = if json {
-        status_json(&reply)
-    } else {
-        status_text(&reply)
-    };
-    let _ = out.write_all(text.as_bytes());
-    Ok(())
-}
-
-/// Fields whose value is a JSON number (or null when `-`).
-const NUMERIC: &[&str] = &[
-    "uptime-seconds",
-    "queued",
-    "in-flight",
-    "uploaded",
-    "dropped",
-    "failed-calls",
-    "backing-off",
-    "failed",
-    "oldest-queued-seconds",
-    "upload-seconds-sum",
-    "upload-batches",
-    "upload-rate-per-minute",
-    "spool-files",
-    "spool-paths",
-];
-
-/// `value` as a JSON number if it is one (by JSON's grammar, so never
-/// `NaN`, `inf` or `+1`), else `null`.
-fn json_number(value: &str) -> String {
-    let b = value.as_bytes();
-    let mut i = usize::from(b.first() == Some(&b'-'));
-    let digits = |i: &mut usize| {
-        let start = *i;
-        while b.get(*i).is_some_and(u8::is_ascii_digit) {
-            *i += 1;
-        }
-        *i - start
-    };
-    let int_start = i;
-    let ok_int = match digits(&mut i) {
-        0 => false,
-        1 => true,
-        _ => b[int_start] != b'0',
-    };
-    let mut ok = ok_int;
-    if ok && b.get(i) == Some(&b'.') {
-        i += 1;
-        ok = digits(&mut i) > 0;
-    }
-    if ok && matches!(b.get(i), Some(b'e' | b'E')) {
-        i += 1;
-        if matches!(b.get(i), Some(b'+' | b'-')) {
-            i += 1;
-        }
-        ok = digits(&mut i) > 0;
-    }
-    if ok && i == b.len() {
-        value.to_string()
-    } else {
-        "null".to_string()
-    }
-}
-
-/// The `status --json` object: the daemon's `KEY VALUE` lines with `-` in
-/// keys turned into `_` (numbers as numbers, `signing` a boolean, `-` as
-/// null), plus `backoff`, the list of failing paths, `failed_paths`, the
-/// paths given up on, `in_flight_paths`, those of the nix call now, and
-/// `targets`, each target's state.
-fn status_json(reply: &StatusReply) -> String {
-    let StatusReply {
-        fields,
-        backoff,
-        failed,
-        in_flight,
-        targets,
-    } = reply;
-    let mut parts: Vec<String> = fields
-        .iter()
-        .map(|(k, v)| {
-            let value = if NUMERIC.contains(&k.as_str()) {
-                json_number(v)
-            } else if k == "signing" {
-                (v == "true").to_string()
-            } else if v == "-" {
-                "null".to_string()
-            } else {
-                json_string(v)
-            };
-            format!("{}:{value}", json_string(&k.replace('-', "_")))
-        })
-        .collect();
-    let items: Vec<String> = backoff
-        .iter()
-        .map(|[attempts, next, path, error]| {
-            format!(
-                "{{\"path\":{},\"attempts\":{},\"next_try_seconds\":{},\"last_error\":{}}}",
-                json_string(path),
-                json_number(attempts),
-                json_number(next),
-                json_string(error)
-            )
-        })
-        .collect();
-    parts.push(format!("\"backoff\":[{}]", items.join(",")));
-    let items: Vec<String> = failed
-        .iter()
-        .map(|[attempts, ago, path, error]| {
-            format!(
-                "{{\"path\":{},\"attempts\":{},\"given_up_seconds_ago\":{},\"last_error\":{}}}",
-                json_string(path),
-                json_number(attempts),
-                json_number(ago),
-                json_string(error)
-            )
-        })
-        .collect();
-    parts.push(format!("\"failed_paths\":[{}]", items.join(",")));
-    let items: Vec<String> = in_flight.iter().map(|p| json_string(p)).collect();
-    parts.push(format!("\"in_flight_paths\":[{}]", items.join(",")));
-    let items: Vec<String> = targets
-        .iter()
-        .map(|([id, queued, delivered, backing_off, failed, given_up, calls, state, label], error)| {
-            format!(
-                "{{\"target\":{},\"id\":{},\"state\":{},\"queued\":{},\"delivered\":{},\"backing_off\":{},\"failed\":{},\"given_up_total\":{},\"failed_calls\":{},\"last_error\":{}}}",
-                json_string(label),
-                json_string(id),
-                json_string(state),
-                json_number(queued),
-                json_number(delivered),
-                json_number(backing_off),
-                json_number(failed),
-                json_number(given_up),
-                json_number(calls),
-                error.as_deref().map_or("null".to_string(), json_string)
-            )
-        })
-        .collect();
-    parts.push(format!("\"targets\":[{}]", items.join(",")));
-    format!("{{{}}}\n", parts.join(","))
-}
-
-/// A JSON string literal.
-pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04x}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// A duration for people: `0.4s`, `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
-/// Fractions are shown only under 10 seconds.
-pub fn human_duration(seconds: f64) -> String {
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return "0s".to_string();
-    }
-    if seconds < 10.0 && seconds.fract() != 0.0 {
-        return format!("{seconds:.1}s");
-    }
-    let s = seconds.round() as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m {}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
-    }
-}
-
-/// Paths of the nix call in progress shown by the human `status`.
-const TEXT_IN_FLIGHT: usize = 5;
-
-fn status_text(reply: &StatusReply) -> String {
-    let StatusReply {
-        fields,
-        backoff,
-        failed,
-        in_flight,
-        targets,
-    } = reply;
-    let get = |k: &str| {
-        fields
-            .iter()
-            .find(|(key, _)| key == k)
-            .map_or("-", |(_, v)| v.as_str())
-    };
-    let duration = |k: &str| match get(k).parse::<f64>() {
-        Ok(secs) => human_duration(secs),
-        Err(_) => get(k).to_string(),
-    };
-    let mut s = String::new();
-    let oldest = match get("oldest-queued-seconds") {
-        "-" => String::new(),
-        _ => format!(" (oldest queued {} ago)", duration("oldest-queued-seconds")),
-    };
-    s.push_str(&format!("queued:       {}{oldest}\n", get("queued")));
-    s.push_str(&format!("in flight:    {}\n", get("in-flight")));
-    for p in in_flight.iter().take(TEXT_IN_FLIGHT) {
-        s.push_str(&format!("  uploading {p}\n"));
-    }
-    let in_flight_total: usize = get("in-flight").parse().unwrap_or(0);
-    if in_flight_total > TEXT_IN_FLIGHT.min(in_flight.len()) && !in_flight.is_empty() {
-        s.push_str(&format!(
-            "  ... and {} more\n",
-            in_flight_total - TEXT_IN_FLIGHT.min(in_flight.len())
-        ));
-    }
-    let rate = match get("upload-rate-per-minute") {
-        "-" => String::new(),
-        r => format!(" ({r} paths/min lately)"),
-    };
-    s.push_str(&format!(
-        "uploaded:     {} since start{rate}\n",
-        get("uploaded")
-    ));
-    let spool = match (get("spool-files"), get("spool-paths")) {
-        ("0", _) => "empty".to_string(),
-        ("-", _) => "-".to_string(),
-        (files, paths) => {
-            format!("{files} file(s) with {paths} path(s) left by the hook, not yet queued")
-        }
-    };
-    s.push_str(&format!("spool:        {spool}\n"));
-    s.push_str(&format!("dropped:      {} since start\n", get("dropped")));
-    s.push_str(&format!("backing off:  {}\n", get("backing-off")));
-    let failed_note = match get("failed") {
-        "0" | "-" => "",
-        _ => " (given up on; requeue or drop them)",
-    };
-    s.push_str(&format!("failed:       {}{failed_note}\n", get("failed")));
-    s.push_str(&format!(
-        "failed calls: {} since start\n",
-        get("failed-calls")
-    ));
-    let target = match get("target") {
-        "-" => "none (upload-to is not set)",
-        t => t,
-    };
-    s.push_str(&format!("target:       {target}\n"));
-    if targets.len() > 1 {
-        for ([_, queued, delivered, backing_off, failed, _, _, state, label], error) in targets {
-            s.push_str(&format!(
-                "  {label}: {state}, {queued} queued, {delivered} delivered since start, \
-                 {backing_off} backing off, {failed} failed\n"
-            ));
-            if let Some(e) = error {
-                s.push_str(&format!("    last error: {e}\n"));
-            }
-        }
-    }
-    s.push_str(&format!(
-        "signing:      {}\n",
-        if get("signing") == "true" {
-            "on"
-        } else {
-            "off"
-        }
-    ));
-    s.push_str(&format!("uptime:       {}\n", duration("uptime-seconds")));
-    s.push_str(&format!("version:      {}\n", get("version")));
-    for [attempts, next, path, error] in backoff {
-        let when = match next.parse::<f64>() {
-            Ok(secs) if secs > 0.0 => format!("next try in {}", human_duration(secs)),
-            _ => "retrying now".to_string(),
-        };
-        s.push_str(&format!(
-            "  {path}: attempt {attempts} failed, {when}: {error}\n"
-        ));
-    }
-    s.push_str(&more(get("backing-off"), backoff.len(), "", "soonest"));
-    for [attempts, ago, path, error] in failed {
-        let when = ago.parse::<f64>().map_or(String::new(), |secs| {
-            format!(" {} ago", human_duration(secs))
-        });
-        s.push_str(&format!(
-            "  {path}: FAILED, given up on{when} after {attempts} attempts: {error}\n"
-        ));
-    }
-    s.push_str(&more(get("failed"), failed.len(), " failed", "oldest"));
-    s
-}
-
-/// The line saying how many of `total` paths the list of `shown` left out
-/// (empty when none): `... and 3 more failed (status lists the 100 oldest)`.
-fn more(total: &str, shown: usize, what: &str, which: &str) -> String {
-    match total.parse::<usize>() {
-        Ok(total) if total > shown => format!(
-            "  ... and {} more{what} (status lists the {shown} {which})\n",
-            total - shown
+    match command {
+        "enqueue" => println!(
+            "queued {done} new path(s); {} were already queued",
+            paths.len().saturating_sub(done)
         ),
-        _ => String::new(),
+        "requeue" => println!("requeued {done}{of} path(s) given up on; they are tried again"),
+        _ => println!("dropped {done}{of} queued path(s); they will not be uploaded"),
+    }
+    Ok(())
+}
+
+/// `status`: prints what the daemon renders (the text, or with `--json`
+/// one JSON object) line by line, as it comes.
+fn status(conn: &mut Connection, json: bool) -> Result<(), ClientError> {
+    let args: &[&str] = if json { &["json"] } else { &[] };
+    conn.send(&request_line("status", args))?;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let line = conn.read_line()?;
+        if wire::final_word(&line, "ok").is_some() {
+            return Ok(());
+        }
+        if let Some(reason) = wire::final_word(&line, "err") {
+            return Err(ClientError::Refused(reason.to_string()));
+        }
+        let _ = writeln!(out, "{line}");
     }
 }
 
@@ -806,19 +437,15 @@ fn describe_remaining(line: &str) -> Option<(String, Option<String>)> {
 }
 
 /// Blocks until the paths queued before the call are gone from the queue.
-/// Exit 0 when all were uploaded; 1 when some were dropped or given up on,
-/// or the timeout passed first; 2 when the daemon cannot be talked to.
-///
-/// On a terminal, the progress is one line that is rewritten in place; it
-/// always ends with a newline (the next one moves the cursor up to replace
-/// it), so that whenever `wait` ends, Ctrl-C included (the standard library
-/// has no signal handler to tidy up with), the terminal is left on a fresh
-/// line.
+/// On a terminal, the progress is one line rewritten in place; it always
+/// ends with a newline (the next one moves the cursor up to replace it), so
+/// that however `wait` ends, Ctrl-C included (no signal handler tidies up),
+/// the terminal is left on a fresh line.
 fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
     let deadline = timeout.map(|t| Instant::now() + t);
     let tty = std::io::stderr().is_terminal();
     if let Err(e) = conn.send(&request_line("wait", &[])) {
-        return fail(&e.to_string());
+        return fail(&e.to_string(), EXIT_USAGE);
     }
     // Whether a progress line is on the terminal, just above the cursor.
     let mut progress = false;
@@ -828,19 +455,16 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
             d.saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(1))
         });
-        if let Err(e) = conn.set_read_timeout(read_timeout) {
-            return fail(&e.to_string());
-        }
-        let line = match conn.read_line() {
+        let line = conn
+            .set_read_timeout(read_timeout)
+            .and_then(|()| conn.read_line());
+        let line = match line {
             Ok(l) => l,
             Err(ClientError::Io(e))
                 if deadline.is_some()
-                    && matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
+                    && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
             {
-                let shown = timeout.map_or(String::new(), |t| human_duration(t.as_secs_f64()));
+                let shown = timeout.map_or(String::new(), |t| format!("{}s", t.as_secs_f64()));
                 let state = match describe_remaining(&last) {
                     Some((state, Some(error))) => format!("{state}; {error}"),
                     Some((state, None)) => state,
@@ -849,18 +473,14 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
                 eprintln!("post-build-hook-queue: wait timed out after {shown}: {state}");
                 return 1;
             }
-            Err(e) => return fail(&e.to_string()),
+            Err(e) => return fail(&e.to_string(), EXIT_USAGE),
         };
         if let Some(msg) = wire::final_word(&line, "ok") {
             println!("{msg}");
             return 0;
         }
         if let Some(msg) = wire::final_word(&line, "err") {
-            if unavailable(msg) {
-                return fail(&format!("the daemon cannot serve this now: {msg}"));
-            }
-            eprintln!("post-build-hook-queue: {msg}");
-            return 1;
+            return refused(msg, msg);
         }
         if tty {
             if let Some((text, _)) = describe_remaining(&line) {
@@ -878,135 +498,16 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
 mod tests {
     use super::*;
 
-    fn fields(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]
-    fn durations_for_people() {
-        let cases = [
-            (0.0, "0s"),
-            (-1.0, "0s"),
-            (f64::NAN, "0s"),
-            (0.4, "0.4s"),
-            (3.2, "3.2s"),
-            (9.0, "9s"),
-            (42.4, "42s"),
-            (63.0, "1m 3s"),
-            (3599.0, "59m 59s"),
-            (3605.0, "1h 0m"),
-            (3780.0, "1h 3m"),
-            (90_000.0, "1d 1h"),
-        ];
-        for (secs, text) in cases {
-            assert_eq!(human_duration(secs), text, "{secs}");
-        }
-    }
-
-    #[test]
-    fn json_numbers_follow_the_json_grammar() {
-        for ok in ["0", "12", "-1.5", "1e3", "2E-2", "0.000"] {
-            assert_eq!(json_number(ok), ok);
-        }
-        for bad in ["NaN", "inf", "+1", "01", "1.", ".5", "", "-", "1e", "3 s"] {
-            assert_eq!(json_number(bad), "null", "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn status_json_is_one_object_with_escaped_strings() {
-        let f = fields(&[
-            ("version", "0.1.0"),
-            ("queued", "2"),
-            ("oldest-queued-seconds", "-"),
-            ("upload-seconds-sum", "0.250"),
-            ("signing", "true"),
-            ("target", "-"),
-        ]);
-        let backoff = [[
-            "3".to_string(),
-            "1.5".to_string(),
-            "/nix/store/x-y".to_string(),
-            "a \"quoted\" \\ path\tand\u{1}".to_string(),
-        ]];
-        let failed = [["10", "65", "/nix/store/z-poison", "nix copy failed"].map(String::from)];
-        let reply = StatusReply {
-            fields: f,
-            backoff: backoff.to_vec(),
-            failed: failed.to_vec(),
-            in_flight: vec!["/nix/store/i-n".into()],
-            targets: Vec::new(),
-        };
-        assert_eq!(
-            status_json(&reply),
-            "{\"version\":\"0.1.0\",\"queued\":2,\"oldest_queued_seconds\":null,\
-             \"upload_seconds_sum\":0.250,\"signing\":true,\"target\":null,\
-             \"backoff\":[{\"path\":\"/nix/store/x-y\",\"attempts\":3,\"next_try_seconds\":1.5,\
-             \"last_error\":\"a \\\"quoted\\\" \\\\ path\\tand\\u0001\"}],\
-             \"failed_paths\":[{\"path\":\"/nix/store/z-poison\",\"attempts\":10,\
-             \"given_up_seconds_ago\":65,\"last_error\":\"nix copy failed\"}],\
-             \"in_flight_paths\":[\"/nix/store/i-n\"],\"targets\":[]}\n"
-        );
-    }
-
-    #[test]
-    fn status_text_shows_durations_and_backoff() {
-        let f = fields(&[
-            ("version", "0.1.0"),
-            ("uptime-seconds", "3725"),
-            ("queued", "3"),
-            ("in-flight", "1"),
-            ("uploaded", "7"),
-            ("dropped", "0"),
-            ("failed-calls", "2"),
-            ("upload-rate-per-minute", "12.5"),
-            ("spool-files", "2"),
-            ("spool-paths", "7"),
-            ("backing-off", "3"),
-            ("failed", "1"),
-            ("oldest-queued-seconds", "75"),
-            ("signing", "false"),
-            ("target", "-"),
-        ]);
-        let b = |attempts: &str, next: &str, path: &str| {
-            [attempts, next, path, "boom"].map(String::from)
-        };
-        let text = status_text(&StatusReply {
-            fields: f,
-            backoff: vec![
-                b("1", "0.0", "/nix/store/a"),
-                b("2", "125.3", "/nix/store/b"),
-            ],
-            failed: vec![b("10", "65", "/nix/store/c")],
-            in_flight: vec!["/nix/store/d".into()],
-            targets: Vec::new(),
-        });
-        assert_eq!(
-            text,
-            "queued:       3 (oldest queued 1m 15s ago)\n\
-             in flight:    1\n\
-             \x20 uploading /nix/store/d\n\
-             uploaded:     7 since start (12.5 paths/min lately)\n\
-             spool:        2 file(s) with 7 path(s) left by the hook, not yet queued\n\
-             dropped:      0 since start\n\
-             backing off:  3\n\
-             failed:       1 (given up on; requeue or drop them)\n\
-             failed calls: 2 since start\n\
-             target:       none (upload-to is not set)\n\
-             signing:      off\n\
-             uptime:       1h 2m\n\
-             version:      0.1.0\n\
-             \x20 /nix/store/a: attempt 1 failed, retrying now: boom\n\
-             \x20 /nix/store/b: attempt 2 failed, next try in 2m 5s: boom\n\
-             \x20 ... and 1 more (status lists the 2 soonest)\n\
-             \x20 /nix/store/c: FAILED, given up on 1m 5s ago after 10 attempts: boom\n"
-        );
+    fn check_config_refuses_the_same_target_twice() {
+        let twice = args(&["--upload-to", "ssh://u:a@h", "--upload-to=ssh://u:b@h"]);
+        assert_eq!(configure(&twice, false).err(), Some(EXIT_CONFIG));
+        let two = args(&["--upload-to", "ssh://h", "--upload-to=ssh://g"]);
+        assert_eq!(configure(&two, false).unwrap().upload_to.len(), 2);
     }
 
     #[test]
@@ -1041,14 +542,34 @@ mod tests {
     }
 
     #[test]
-    fn every_command_has_its_own_help() {
-        for command in ["enqueue", "status", "wait", "retry", "requeue", "drop"] {
+    fn every_command_has_its_own_help_with_every_exit_status() {
+        for (command, ..) in commands() {
             let help = command_help(command);
             assert!(
                 help.starts_with(&format!("Usage: post-build-hook-queue {command} ")),
                 "{help}"
             );
+            for status in ["0 ", "1 ", "2 ", "78 "] {
+                assert!(help.contains(status), "{command}: {status}");
+            }
         }
+        for command in ["serve", "check-config"] {
+            let help = command_help(command);
+            assert!(
+                help.contains("max-attempts") && help.contains("[default: 10]"),
+                "{help}"
+            );
+        }
+        let help = usage();
+        assert!(help.contains("check-config [--config FILE]") && help.contains("[default: 1000]"));
+        // One line per key after the header (packaging.rs reads them so).
+        let table = help.split("Daemon settings").nth(1).unwrap();
+        let keys = table
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .count();
+        assert_eq!(keys, config::keys().count());
     }
 
     #[test]

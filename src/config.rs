@@ -1,12 +1,8 @@
-//! The daemon's settings: defaults, the config file and command-line flags.
-//!
-//! The file uses nix.conf syntax (`key = value`, `#` comments). Every key is
-//! also a `--key value` flag; flags are applied after the file, so they win.
-//! Anything unknown or malformed stops the daemon before it binds a socket,
-//! with a message naming the file and line (or the flag), the key and the
-//! accepted form.
+//! The daemon's settings (defaults, environment, a config file in nix.conf
+//! syntax, then `--key value` flags, which win) and the checks `serve` and
+//! `check-config` share: every problem, each in one line naming where it is
+//! (file and line, flag or environment variable) and what is accepted.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,168 +10,102 @@ use crate::sys;
 use crate::wire::{parse_seconds, Places};
 
 /// Every setting of the daemon, after defaults, the file and the flags.
+/// Each field is the key of its name (`-` for `_`), described in [`KEYS`];
+/// `None` and empty lists are "none" (no signing, no target, never give up).
 #[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)]
 pub struct Config {
-    /// Unix socket the daemon listens on.
     pub socket: PathBuf,
-    /// Directory of the journal.
     pub state_dir: PathBuf,
-    /// Directory where clients leave requests while the daemon is away.
     pub spool_dir: Option<PathBuf>,
-    /// The Nix store directory every path must be directly under.
     pub store_dir: String,
-    /// Secret key for `nix store sign`; `None` means no signing.
     pub signing_key_file: Option<PathBuf>,
-    /// Store URLs for `nix copy --to`, one target each (`upload-to` given
-    /// more than once); empty means no upload.
     pub upload_to: Vec<String>,
-    /// An uploader (program and arguments; the paths are appended as
-    /// arguments), e.g. `cachix push mycache`: one more target, beside the
-    /// `upload-to` ones.
     pub upload_command: Option<Vec<String>>,
-    /// Sign the whole closure (`--recursive`), not only the queued paths.
     pub sign_closure: bool,
-    /// Most paths given to one nix invocation.
-    pub batch_size: usize,
-    /// Most `nix copy` calls one batch is split across, run at once.
-    pub upload_jobs: usize,
-    /// Longest a single nix invocation may run before it is killed.
-    pub command_timeout: Duration,
-    /// The `nix` program; `nix-store` is looked up beside it.
-    pub nix: PathBuf,
-    /// First delay after a failed upload.
-    pub retry_initial_delay: Duration,
-    /// Longest delay between two attempts for one path.
-    pub retry_max_delay: Duration,
-    /// Permission bits of the socket file (who may enqueue).
-    pub socket_mode: u32,
-    /// Group that owns the socket file, if not the daemon's own.
-    pub socket_group: Option<String>,
-    /// Prometheus text file rewritten every few seconds, if set.
-    pub metrics_file: Option<PathBuf>,
-    /// Most client connections served at once; more get `err busy`.
-    pub max_connections: usize,
-    /// Failed attempts of a path, each while the target answered, after
-    /// which it is given up on; `None`: never.
-    pub max_attempts: Option<u32>,
-    /// How long after it was queued a path that still fails is given up on
-    /// (whatever the failures); `None`: never.
-    pub give_up_after: Option<Duration>,
-    /// Pass `--substitute-on-destination` to `nix copy` for `ssh://` and
-    /// `ssh-ng://` targets, so the receiver fetches what its own
-    /// substituters have instead of receiving it over ssh.
     pub substitute_on_destination: bool,
+    pub batch_size: usize,
+    pub upload_jobs: usize,
+    pub command_timeout: Duration,
+    pub nix: PathBuf,
+    pub retry_initial_delay: Duration,
+    pub retry_max_delay: Duration,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+    pub metrics_file: Option<PathBuf>,
+    pub max_connections: usize,
+    pub max_attempts: Option<u32>,
+    pub give_up_after: Option<Duration>,
 }
 
-/// A setting that could not be read, with where it came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// `FILE:LINE`, `--flag` or the file name alone.
-    pub origin: String,
-    /// What is wrong and what is accepted.
-    pub message: String,
+/// Every key (`key | default | accepted form`), as `--help` shows it; an
+/// empty default is none. `Config::default` agrees (a unit test checks it).
+pub const KEYS: &str = "\
+socket                    | (below)     | path of the unix socket
+state-dir                 | (below)     | directory of the journal
+spool-dir                 | STATE/spool | directory where the hook leaves requests while the daemon is away
+store-dir                 | (below)     | absolute path of the Nix store
+signing-key-file          |             | secret key file for nix store sign (empty: no signing)
+upload-to                 |             | store URL for nix copy --to; once per target (empty: forget the ones before)
+upload-command            |             | uploader program (absolute, or on PATH) and arguments, split at spaces (no shell, no quoting); the paths are appended; one more target
+sign-closure              | true        | true or false: sign the whole closure, not only the queued paths
+substitute-on-destination | false       | true or false: ssh targets fetch from their own substituters
+batch-size                | 1000        | whole number of paths given to one nix call, 1 or more
+upload-jobs               | 2           | whole number, 1 or more: nix copy calls one batch may run at once
+command-timeout           | 600         | seconds, more than 0, e.g. 600 or 2.5: longest one nix call may run
+nix                       | nix         | the nix program (nix-store is looked up beside it)
+retry-initial-delay       | 1           | seconds, more than 0: first delay after a failed upload
+retry-max-delay           | 300         | seconds, more than 0: longest delay between two attempts
+socket-mode               | 0600        | octal permission bits of the socket, e.g. 0600 or 0660
+socket-group              |             | group name or number of the socket (empty: the daemon's group)
+metrics-file              |             | path of a Prometheus text file (empty: none)
+max-connections           | 256         | whole number, 1 or more: clients served at once
+max-attempts              | 10          | failed attempts (while the target answers) before a path is given up on (see requeue); 0: never
+give-up-after             | 86400       | seconds after it was queued that a failing path is given up on; 0: never
+";
+
+/// The keys, each with its default and accepted form.
+pub fn keys() -> impl Iterator<Item = [&'static str; 3]> {
+    KEYS.lines().map(|line| {
+        let mut cells = line.splitn(3, '|').map(str::trim);
+        [(); 3].map(|()| cells.next().unwrap_or(""))
+    })
 }
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.origin, self.message)
+/// The settings as `--help` lists them, one line each, with their defaults
+/// (those that depend on the user and the environment as they are now).
+pub fn help_table() -> String {
+    let mut s = String::new();
+    for [key, default, form] in keys() {
+        let default = match key {
+            "socket" => default_socket().display().to_string(),
+            "state-dir" => default_places().1.display().to_string(),
+            "store-dir" => default_store_dir(),
+            _ if default.is_empty() => "none".into(),
+            _ => default.into(),
+        };
+        s.push_str(&format!("  {key:<26}{form} [default: {default}]\n"));
     }
+    s
 }
 
-impl std::error::Error for ConfigError {}
-
-/// Every key, with the form it takes, as shown by `--help` and in errors.
-pub const KEYS: &[(&str, &str)] = &[
-    ("socket", "path of the unix socket"),
-    ("state-dir", "directory of the journal"),
-    (
-        "spool-dir",
-        "directory of requests left while the daemon was away",
-    ),
-    ("store-dir", "absolute path of the Nix store"),
-    (
-        "signing-key-file",
-        "secret key file for nix store sign (empty: no signing)",
-    ),
-    (
-        "upload-to",
-        "store URL for nix copy --to; give it once per target (an empty value forgets the ones before)",
-    ),
-    (
-        "upload-command",
-        "program and arguments of an uploader, one more target beside upload-to, separated by spaces (no shell, no quoting); the paths are appended (empty: none)",
-    ),
-    ("sign-closure", "true or false"),
-    (
-        "substitute-on-destination",
-        "true or false: ssh targets fetch from their own substituters",
-    ),
-    ("batch-size", "whole number of paths, 1 or more"),
-    (
-        "upload-jobs",
-        "whole number, 1 or more: nix copy calls one batch may run at once",
-    ),
-    ("command-timeout", "seconds, e.g. 600 or 2.5"),
-    ("nix", "the nix program"),
-    ("retry-initial-delay", "seconds"),
-    ("retry-max-delay", "seconds"),
-    ("socket-mode", "octal permission bits, e.g. 0600 or 0660"),
-    (
-        "socket-group",
-        "group name or number (empty: the daemon's group)",
-    ),
-    (
-        "metrics-file",
-        "path of a Prometheus text file (empty: none)",
-    ),
-    ("max-connections", "whole number, 1 or more"),
-    (
-        "max-attempts",
-        "failed attempts (while the target answers) before a path is given up on; 0: never",
-    ),
-    (
-        "give-up-after",
-        "seconds after it was queued that a failing path is given up on; 0: never",
-    ),
-];
-
-/// Default `max-attempts`: with the default retry delays, a path that fails
-/// on its own while the target takes others is given up on after about
-/// 5 to 10 minutes, so a CI job waiting for it hears of it soon.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 10;
-/// Default `give-up-after`: a day, long enough to outlast an outage of the
-/// target over a night or a weekend day, short enough that a path that never
-/// goes is not waited for for ever.
-pub const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
-
-/// The default socket path for this user: `/run/...` for root, else the
-/// per-user runtime directory. The hook uses the same rule.
+/// The default socket path for this user (see [`Places`]).
 pub fn default_socket() -> PathBuf {
-    PathBuf::from(with_places(|p| p.socket()))
+    default_places().0
 }
 
-/// The default state directory: `/var/lib/...` for root, else
-/// `$XDG_STATE_HOME/...` (or `~/.local/state/...`).
-pub fn default_state_dir() -> PathBuf {
-    PathBuf::from(with_places(|p| p.state_dir()))
-}
-
-/// Calls `f` with this process's user and environment.
-fn with_places<T>(f: impl FnOnce(&Places) -> T) -> T {
-    let var = |key| std::env::var(key).ok();
-    let (runtime, state, home, tmp) = (
-        var("XDG_RUNTIME_DIR"),
-        var("XDG_STATE_HOME"),
-        var("HOME"),
-        var("TMPDIR"),
-    );
-    f(&Places {
+/// This process's default socket and state directory (see [`Places`]).
+fn default_places() -> (PathBuf, PathBuf) {
+    let [runtime, state, home, tmp] =
+        ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(|k| std::env::var(k).ok());
+    let places = Places {
         uid: sys::uid(),
         runtime_dir: runtime.as_deref(),
         state_home: state.as_deref(),
         home: home.as_deref(),
         tmp_dir: tmp.as_deref(),
-    })
+    };
+    (places.socket().into(), places.state_dir().into())
 }
 
 /// The store directory Nix itself uses here: `$NIX_STORE_DIR` or `/nix/store`.
@@ -190,7 +120,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             socket: default_socket(),
-            state_dir: default_state_dir(),
+            state_dir: default_places().1,
             spool_dir: None,
             store_dir: default_store_dir(),
             signing_key_file: None,
@@ -208,8 +138,8 @@ impl Default for Config {
             socket_group: None,
             metrics_file: None,
             max_connections: 256,
-            max_attempts: Some(DEFAULT_MAX_ATTEMPTS),
-            give_up_after: Some(DEFAULT_GIVE_UP_AFTER),
+            max_attempts: Some(10),
+            give_up_after: Some(Duration::from_secs(86400)),
         }
     }
 }
@@ -222,41 +152,6 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("spool"))
     }
 
-    /// The targets every path is delivered to: each `upload-to` URL, then
-    /// the `upload-command`, in that order.
-    pub fn targets(&self) -> Vec<crate::target::Target> {
-        let mut targets: Vec<crate::target::Target> = self
-            .upload_to
-            .iter()
-            .map(|url| crate::target::Target::url(url))
-            .collect();
-        targets.extend(
-            self.upload_command
-                .as_deref()
-                .map(crate::target::Target::command),
-        );
-        targets
-    }
-
-    /// Refuses settings that are each fine but not together: the same
-    /// target twice (two URLs that differ only in a password count as one,
-    /// as the journal names targets by their URL without secrets).
-    pub fn check(&self) -> Result<(), ConfigError> {
-        let targets = self.targets();
-        for (i, t) in targets.iter().enumerate() {
-            if targets[..i].iter().any(|u| u.id == t.id) {
-                return Err(ConfigError {
-                    origin: "upload-to".into(),
-                    message: format!(
-                        "the target {} is given twice; give each target once",
-                        t.label
-                    ),
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// Applies one `key = value` setting; the error says what is accepted.
     /// No setting may hold a control character: a line break in, say,
     /// `upload-to` would end a line of a `status` reply or of the log early.
@@ -267,176 +162,233 @@ impl Config {
                  control characters are accepted in no setting"
             ));
         }
+        let path = |v| parse::<PathBuf>(v, |p| !p.as_os_str().is_empty(), "a path");
         let opt_path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
+        let count = |v| parse::<usize>(v, |n| *n >= 1, "a whole number of 1 or more");
+        let boolean = |v| parse::<bool>(v, |_| true, "true or false");
         match key {
-            "socket" => self.socket = non_empty_path(value)?,
-            "state-dir" => self.state_dir = non_empty_path(value)?,
+            "socket" => self.socket = path(value)?,
+            "state-dir" => self.state_dir = path(value)?,
             "spool-dir" => self.spool_dir = opt_path(value),
             "store-dir" => {
-                if !value.starts_with('/') || value.len() < 2 {
-                    return Err(format!(
-                        "expected an absolute path such as /nix/store, got {value:?}"
-                    ));
-                }
-                self.store_dir = value.trim_end_matches('/').to_string();
+                let form = "an absolute path such as /nix/store";
+                let dir = parse::<String>(value, |v| v.starts_with('/') && v.len() > 1, form)?;
+                self.store_dir = dir.trim_end_matches('/').to_string();
             }
             "signing-key-file" => self.signing_key_file = opt_path(value),
-            "upload-to" => {
-                // Repeated: one more target. Empty: none (so far).
-                if value.is_empty() {
-                    self.upload_to.clear();
-                } else {
-                    self.upload_to.push(value.to_string());
-                }
-            }
+            // Repeated: one more target. Empty: none (so far).
+            "upload-to" if value.is_empty() => self.upload_to.clear(),
+            "upload-to" => self.upload_to.push(parse(
+                value,
+                |v: &String| !v.contains(|c: char| c.is_whitespace() || "\"'".contains(c)),
+                "a store URL such as file:///var/cache/nix or ssh-ng://host, without quotes or spaces",
+            )?),
             "upload-command" => {
                 let argv: Vec<String> = value.split_whitespace().map(String::from).collect();
                 self.upload_command = (!argv.is_empty()).then_some(argv);
             }
-            "sign-closure" => self.sign_closure = parse_bool(value)?,
-            "substitute-on-destination" => self.substitute_on_destination = parse_bool(value)?,
-            "batch-size" => self.batch_size = parse_count(value)?,
-            "upload-jobs" => self.upload_jobs = parse_count(value)?,
+            "sign-closure" => self.sign_closure = boolean(value)?,
+            "substitute-on-destination" => self.substitute_on_destination = boolean(value)?,
+            "batch-size" => self.batch_size = count(value)?,
+            "upload-jobs" => self.upload_jobs = count(value)?,
             "command-timeout" => self.command_timeout = parse_seconds(value)?,
-            "nix" => self.nix = non_empty_path(value)?,
+            "nix" => self.nix = path(value)?,
             "retry-initial-delay" => self.retry_initial_delay = parse_seconds(value)?,
             "retry-max-delay" => self.retry_max_delay = parse_seconds(value)?,
-            "socket-mode" => self.socket_mode = parse_mode(value)?,
+            "socket-mode" => {
+                let mode = u32::from_str_radix(value, 8).ok().filter(|m| *m <= 0o777);
+                let form = "expected octal permission bits such as 0600 or 0660";
+                self.socket_mode = mode.ok_or_else(|| format!("{form}, got {value:?}"))?
+            }
             "socket-group" => self.socket_group = (!value.is_empty()).then(|| value.to_string()),
             "metrics-file" => self.metrics_file = opt_path(value),
-            "max-connections" => self.max_connections = parse_count(value)?,
+            "max-connections" => self.max_connections = count(value)?,
             "max-attempts" => {
-                self.max_attempts = match value.parse::<u32>() {
-                    Ok(0) => None,
-                    Ok(n) => Some(n),
-                    Err(_) => {
-                        return Err(format!(
-                            "expected a whole number (0: never give up), got {value:?}"
-                        ))
-                    }
-                }
+                let form = "a whole number (0: never give up)";
+                self.max_attempts = Some(parse::<u32>(value, |_| true, form)?).filter(|n| *n > 0)
             }
+            "give-up-after" if value == "0" => self.give_up_after = None,
             "give-up-after" => {
-                self.give_up_after = match value {
-                    "0" => None,
-                    v => Some(parse_seconds(v).map_err(|e| format!("{e}, or 0 for never"))?),
-                }
+                let after = parse_seconds(value).map_err(|e| format!("{e}, or 0 for never"))?;
+                self.give_up_after = Some(after)
             }
             _ => return Err(unknown_key(key)),
         }
         Ok(())
     }
 
-    /// Applies every line of a config file's text; `origin` names the file.
-    pub fn apply_file_text(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
-        for (index, raw) in text.lines().enumerate() {
-            let at = |message: String| ConfigError {
-                origin: format!("{origin}:{}", index + 1),
-                message,
-            };
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
+    /// The configuration from the arguments of `serve` and `check-config`
+    /// (defaults, environment, `--config` file, `--key value` flags), with
+    /// every problem found, each one line `ORIGIN: PROBLEM`. `at_start`: the
+    /// signing key file must also be readable, and not by every user; else
+    /// (`check-config`, maybe in a build sandbox) one it cannot read is skipped.
+    pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
+        let mut problems = Vec::new();
+        let flags = split_flags(args, &mut problems);
+        let mut settings: Vec<(String, String, String)> = Vec::new();
+        for (_, file) in flags.iter().filter(|(f, _)| f == "config") {
+            let text = std::fs::read_to_string(file).unwrap_or_else(|e| {
+                problems.push(format!("{file}: cannot read config file: {e}"));
+                String::new()
+            });
+            for (index, raw) in text.lines().enumerate() {
+                let origin = format!("{file}:{}", index + 1);
+                let line = raw.split('#').next().unwrap_or("").trim();
+                match line.split_once('=') {
+                    _ if line.is_empty() => {}
+                    Some((k, v)) => settings.push((origin, k.trim().into(), v.trim().into())),
+                    None => {
+                        problems.push(format!("{origin}: expected 'key = value', got {line:?}"))
+                    }
+                }
             }
-            let (key, value) = line
-                .split_once('=')
-                .ok_or_else(|| at(format!("expected 'key = value', got {line:?}")))?;
-            let key = key.trim();
-            self.set(key, value.trim())
-                .map_err(|m| at(format!("key {key:?}: {m}")))?;
         }
-        Ok(())
-    }
-
-    /// Reads and applies a config file.
-    pub fn apply_file(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            origin: origin.clone(),
-            message: format!("cannot read config file: {e}"),
-        })?;
-        self.apply_file_text(&text, &origin)
-    }
-
-    /// Checks `signing-key-file`, if set, before the daemon starts: it must
-    /// be a regular file that not every user can read, holding a Nix secret
-    /// key (`NAME:BASE64` of 64 bytes, as `nix-store
-    /// --generate-binary-cache-key` writes it). A wrong key would otherwise
-    /// show only as uploads that fail one by one. The key is never shown.
-    pub fn check_signing_key(&self) -> Result<(), String> {
-        use std::io::Read;
-        use std::os::unix::fs::PermissionsExt;
-        let Some(key) = &self.signing_key_file else {
-            return Ok(());
-        };
-        let shown = key.display();
-        let meta = std::fs::metadata(key).map_err(|e| format!("signing-key-file {shown}: {e}"))?;
-        if !meta.is_file() {
-            let kind = if meta.is_dir() {
-                "a directory"
-            } else {
-                "not a regular file"
-            };
-            return Err(format!(
-                "signing-key-file {shown} is {kind}; expected the secret key file written by \
-                 nix-store --generate-binary-cache-key"
-            ));
-        }
-        if meta.permissions().mode() & 0o004 != 0 {
-            return Err(format!(
-                "signing-key-file {shown} is readable by every user; restrict it (chmod 600) before the daemon uses it"
-            ));
-        }
-        let mut text = Vec::new();
-        std::fs::File::open(key)
-            .and_then(|f| f.take(MAX_KEY_FILE).read_to_end(&mut text))
-            .map_err(|e| format!("signing-key-file {shown} cannot be read: {e}"))?;
-        if !is_secret_key(&text) {
-            return Err(format!(
-                "signing-key-file {shown} does not hold a Nix secret key; expected NAME:BASE64 \
-                 of a 64-byte key, as nix-store --generate-binary-cache-key writes it (not the \
-                 public key)"
-            ));
-        }
-        Ok(())
-    }
-
-    /// Builds the configuration from `serve`'s arguments: defaults, then the
-    /// `--config` file, then every `--key value` (or `--key=value`) flag.
-    pub fn from_args(args: &[String]) -> Result<Config, ConfigError> {
-        let flags = split_flags(args)?;
+        let flags = flags.into_iter().filter(|(f, _)| f != "config");
+        settings.extend(flags.map(|(key, value)| (format!("--{key}"), key, value)));
         let mut config = Config::default();
-        for (flag, value) in &flags {
-            if flag == "config" {
-                config.apply_file(Path::new(value))?;
-            }
-        }
+        let mut given = Vec::new();
         // The first --upload-to flag replaces the file's targets (flags
-        // win); the next ones add to it.
-        let mut file_targets = true;
-        for (flag, value) in flags.iter().filter(|(f, _)| f != "config") {
-            if flag == "upload-to" && std::mem::replace(&mut file_targets, false) {
+        // win); the next ones add to them.
+        let mut flag_targets = false;
+        for (origin, key, value) in &settings {
+            let flag = origin.starts_with("--");
+            if flag && key == "upload-to" && !std::mem::replace(&mut flag_targets, true) {
                 config.upload_to.clear();
             }
-            config.set(flag, value).map_err(|message| ConfigError {
-                origin: format!("--{flag}"),
-                message,
-            })?;
+            match config.set(key, value) {
+                Ok(()) => given.push(key.as_str()),
+                Err(m) if flag => problems.push(format!("{origin}: {m}")),
+                Err(m) => problems.push(format!("{origin}: key {key:?}: {m}")),
+            }
         }
-        config.check()?;
-        Ok(config)
+        check_environment(&given, &mut problems);
+        if let Some(key) = &config.signing_key_file {
+            problems.extend(check_signing_key(key, at_start).err());
+        }
+        if let Some(program) = config.upload_command.as_ref().and_then(|a| a.first()) {
+            problems.extend(check_program(program).err());
+        }
+        (config, problems)
     }
 }
 
+/// Checks the environment variables the defaults in effect are made of as
+/// path settings are checked: each, when set, must be an absolute path
+/// without control characters. The state directory in `$TMPDIR` (neither
+/// `HOME` nor `XDG_STATE_HOME` set) must be this user's own, or another
+/// user could have made it, to read the journal or take the socket.
+fn check_environment(given: &[&str], problems: &mut Vec<String>) {
+    let mut vars = Vec::new();
+    if !given.contains(&"store-dir") {
+        vars.push("NIX_STORE_DIR");
+    }
+    let places = sys::uid() != 0 && !(given.contains(&"socket") && given.contains(&"state-dir"));
+    if places {
+        vars.extend(["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"]);
+    }
+    for var in vars {
+        let value = std::env::var_os(var).filter(|v| !v.is_empty());
+        match value.map(std::ffi::OsString::into_string) {
+            Some(Ok(v)) if !v.starts_with('/') || v.contains(char::is_control) => problems.push(
+                format!("${var}: expected an absolute path without control characters, got {v:?}"),
+            ),
+            Some(Err(v)) => problems.push(format!("${var}: {v:?} is not UTF-8")),
+            _ => {}
+        }
+    }
+    let unset = |var| std::env::var_os(var).is_none_or(|v| v.is_empty());
+    if !(places && unset("XDG_STATE_HOME") && unset("HOME")) {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = default_places().1;
+    let ours = |m: &std::fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.mode() & 0o022 == 0;
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(m) if ours(&m) => {}
+        _ => problems.push(format!(
+            "$TMPDIR: the state directory {} (in $TMPDIR or /tmp, as neither HOME nor \
+             XDG_STATE_HOME is set) is not a directory of this user that no one else may \
+             write; set state-dir, HOME or XDG_STATE_HOME",
+            dir.display()
+        )),
+    }
+}
+
+/// Checks the signing key file (whose key is never shown): a regular file
+/// holding a Nix secret key, else uploads would fail one by one; `at_start`,
+/// also readable, and not by every user.
+fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
+    use std::io::ErrorKind::{NotFound, PermissionDenied};
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let shown = key.display();
+    let mut text = Vec::new();
+    // At most 4 KiB (a key is about 100 bytes); never a FIFO's read.
+    let read = std::fs::metadata(key).and_then(|meta| {
+        if meta.is_file() {
+            let file = std::fs::File::open(key)?;
+            file.take(4096).read_to_end(&mut text)?;
+        }
+        Ok(meta)
+    });
+    let unreadable = |e: &std::io::Error| matches!(e.kind(), NotFound | PermissionDenied);
+    let meta = match read {
+        Ok(meta) => meta,
+        Err(e) if !at_start && unreadable(&e) => return Ok(()),
+        Err(e) => return Err(format!("signing-key-file {shown}: {e}")),
+    };
+    let problem = if meta.is_dir() {
+        "is a directory"
+    } else if !meta.is_file() {
+        "is not a regular file"
+    } else if at_start && meta.permissions().mode() & 0o004 != 0 {
+        "is readable by every user; restrict it (chmod 600) before the daemon uses it"
+    } else if !is_secret_key(&text) {
+        "does not hold a Nix secret key (NAME:BASE64 of a 64-byte key, not the public key)"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "signing-key-file {shown} {problem}; expected the secret key file written by \
+         nix-store --generate-binary-cache-key"
+    ))
+}
+
+/// Checks that the `upload-command` program can be run: an executable file
+/// at its absolute path, or (a bare name) in a directory of `PATH`. What it
+/// does with the paths cannot be checked before the first upload.
+fn check_program(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let (found, place) = match program {
+        p if p.starts_with('/') => (runnable(Path::new(p)), ""),
+        p if p.contains('/') => (false, " (a relative path)"),
+        p => {
+            let found = std::env::split_paths(&path).any(|dir| runnable(&dir.join(p)));
+            (found, " in any directory of PATH")
+        }
+    };
+    if found {
+        return Ok(());
+    }
+    Err(format!(
+        "upload-command: {program} is not an executable file{place}; give its absolute path, or install it"
+    ))
+}
+
 /// The error for an unknown key: the nearest known key when one is close
-/// (a typo), and the list of all of them.
+/// (a typo, or the start of a key), and the list of all of them.
 fn unknown_key(key: &str) -> String {
-    let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+    let known: Vec<&str> = keys().map(|[k, _, _]| k).collect();
     let nearest = known
         .iter()
         .map(|k| (edit_distance(key, k), *k))
         .min()
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4));
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4) || key.len() >= 3 && k.starts_with(key));
     match nearest {
         Some((_, k)) => format!(
             "unknown key {key:?}; did you mean {k:?}? Known keys: {}",
@@ -463,32 +415,24 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Splits `--key value` and `--key=value` arguments into pairs.
-fn split_flags(args: &[String]) -> Result<Vec<(String, String)>, ConfigError> {
+fn split_flags(args: &[String], problems: &mut Vec<String>) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
-        let err = |message: String| ConfigError {
-            origin: arg.clone(),
-            message,
+        let Some(flag) = arg.strip_prefix("--") else {
+            problems.push(format!("{arg}: expected a flag such as --upload-to URL"));
+            continue;
         };
-        let flag = arg
-            .strip_prefix("--")
-            .ok_or_else(|| err("expected a flag such as --upload-to URL (see --help)".into()))?;
         match flag.split_once('=') {
             Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => {
-                let value = iter
-                    .next()
-                    .ok_or_else(|| err(format!("--{flag} needs a value")))?;
-                out.push((flag.to_string(), value.clone()));
-            }
+            None => match iter.next() {
+                Some(value) => out.push((flag.to_string(), value.clone())),
+                None => problems.push(format!("{arg}: --{flag} needs a value")),
+            },
         }
     }
-    Ok(out)
+    out
 }
-
-/// Most bytes of `signing-key-file` read at start (a key is about 100).
-const MAX_KEY_FILE: u64 = 4096;
 
 /// True for `NAME:BASE64` where the base64 decodes to the 64 bytes of an
 /// ed25519 secret key (what Nix's `SecretKey` accepts); surrounding white
@@ -500,74 +444,64 @@ fn is_secret_key(text: &[u8]) -> bool {
     let Some((name, key)) = text.trim().split_once(':') else {
         return false;
     };
-    let body = key.trim_end_matches('=');
-    let padding = key.len() - body.len();
-    !name.is_empty()
-        && key.len() % 4 == 0
-        && padding <= 2
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
-        && key.len() / 4 * 3 - padding == 64
+    // 64 bytes are 86 base64 characters and `==`.
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    let key = key.as_bytes();
+    !name.is_empty() && key.len() == 88 && key[..86].iter().all(base64) && key.ends_with(b"==")
 }
 
-fn non_empty_path(value: &str) -> Result<PathBuf, String> {
-    if value.is_empty() {
-        Err("expected a path, got an empty value".into())
-    } else {
-        Ok(PathBuf::from(value))
-    }
-}
-
-fn parse_bool(value: &str) -> Result<bool, String> {
-    match value {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        _ => Err(format!("expected true or false, got {value:?}")),
-    }
-}
-
-fn parse_count(value: &str) -> Result<usize, String> {
-    match value.parse::<usize>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err(format!(
-            "expected a whole number of 1 or more, got {value:?}"
-        )),
-    }
-}
-
-fn parse_mode(value: &str) -> Result<u32, String> {
-    match u32::from_str_radix(value, 8) {
-        Ok(m) if m <= 0o777 => Ok(m),
-        _ => Err(format!(
-            "expected octal permission bits such as 0600 or 0660, got {value:?}"
-        )),
-    }
+/// `value` as a `T` that `ok` accepts, else an error naming the `form`.
+fn parse<T: std::str::FromStr>(value: &str, ok: fn(&T) -> bool, form: &str) -> Result<T, String> {
+    let parsed = value.parse().ok().filter(ok);
+    parsed.ok_or_else(|| format!("expected {form}, got {value:?}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
     }
 
+    /// `from_args` with `text` as the `--config` file, then `flags`.
+    fn with_file(text: &str, flags: &[&str]) -> (Config, Vec<String>, String) {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let file = std::env::temp_dir().join(format!(
+            "npbhq-config-{}-{}.conf",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&file, text).unwrap();
+        let file = file.display().to_string();
+        let mut all = args(&["--config", &file]);
+        all.extend(args(flags));
+        let (c, problems) = Config::from_args(&all, false);
+        std::fs::remove_file(&file).unwrap();
+        (c, problems, file)
+    }
+
+    fn good(list: &[&str]) -> Config {
+        let (c, problems) = Config::from_args(&args(list), false);
+        assert_eq!(problems, Vec::<String>::new());
+        c
+    }
+
     #[test]
     fn file_then_flags() {
-        let mut c = Config::default();
-        c.apply_file_text(
+        let (c, problems, _) = with_file(
             "# comment\n\nbatch-size = 50 # trailing\nupload-to = file:///tmp/c?compression=none\nsign-closure = false\ncommand-timeout = 2.5\nsocket-mode = 0660\n",
-            "f.conf",
-        )
-        .unwrap();
+            &[],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(c.batch_size, 50);
         assert_eq!(c.upload_to, ["file:///tmp/c?compression=none"]);
         assert!(!c.sign_closure);
         assert_eq!(c.command_timeout, Duration::from_millis(2500));
         assert_eq!(c.socket_mode, 0o660);
 
-        let c = Config::from_args(&args(&["--batch-size", "7", "--upload-to=ssh-ng://h"])).unwrap();
+        let c = good(&["--batch-size", "7", "--upload-to=ssh-ng://h"]);
         assert_eq!(c.batch_size, 7);
         assert_eq!(c.upload_to, ["ssh-ng://h"]);
     }
@@ -582,20 +516,27 @@ mod tests {
     }
 
     #[test]
-    fn errors_name_file_line_and_key() {
-        let mut c = Config::default();
-        let e = c
-            .apply_file_text("batch-size = 1\nbatch-size = lots\n", "/etc/q.conf")
-            .unwrap_err();
-        assert_eq!(e.origin, "/etc/q.conf:2");
-        assert!(e.message.contains("batch-size"), "{e}");
-        assert!(e.message.contains("whole number"), "{e}");
-
-        let e = c.apply_file_text("colour = blue\n", "q.conf").unwrap_err();
-        assert!(e.to_string().contains("unknown key \"colour\""), "{e}");
-        let e = c.apply_file_text("just words\n", "q.conf").unwrap_err();
-        assert!(e.to_string().contains("key = value"), "{e}");
-
+    fn every_problem_is_reported_one_line_each_naming_file_line_and_key() {
+        let (_, problems, file) = with_file(
+            "batch-size = 1\nbatch-size = lots\ncolour = blue\njust words\ncommand-timeout = -1.0\nretry-initial-delay = 0\nupload-to = \"\"\n",
+            &["--max-atempts", "3", "--upload", "x", "--socket"],
+        );
+        let expect = [
+            "--socket: --socket needs a value".to_string(),
+            format!("{file}:4: expected 'key = value'"),
+            format!("{file}:2: key \"batch-size\": expected a whole number"),
+            format!("{file}:3: key \"colour\": unknown key \"colour\"; known keys: socket, "),
+            format!("{file}:5: key \"command-timeout\": expected a positive number"),
+            format!("{file}:6: key \"retry-initial-delay\": expected a positive number"),
+            format!("{file}:7: key \"upload-to\": expected a store URL"),
+            "--max-atempts: unknown key \"max-atempts\"; did you mean \"max-attempts\"?".into(),
+            "--upload: unknown key \"upload\"; did you mean \"upload-to\"?".into(),
+        ];
+        assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+        for (p, e) in problems.iter().zip(&expect) {
+            assert!(p.starts_with(e.as_str()), "{p:?} should start with {e:?}");
+            assert!(!p.contains(char::is_control), "{p:?}");
+        }
         for bad in [
             &["--batch-size", "0"][..],
             &["--sign-closure", "yes"],
@@ -605,8 +546,8 @@ mod tests {
             &["--batch-size"],
             &["upload-to"],
         ] {
-            let e = Config::from_args(&args(bad)).unwrap_err();
-            assert!(!e.to_string().contains('\n'), "{e}");
+            let (_, problems) = Config::from_args(&args(bad), false);
+            assert_eq!(problems.len(), 1, "{bad:?}: {problems:?}");
         }
     }
 
@@ -617,18 +558,45 @@ mod tests {
         assert!(e.contains("did you mean \"upload-to\"?"), "{e}");
         let e = c.set("max-attempt", "3").unwrap_err();
         assert!(e.contains("did you mean \"max-attempts\"?"), "{e}");
-        let e = c.set("colour", "blue").unwrap_err();
-        assert!(!e.contains("did you mean"), "{e}");
-        assert!(e.contains("known keys: socket, "), "{e}");
+        let e = c.set("upload", "x").unwrap_err();
+        assert!(e.contains("did you mean \"upload-to\"?"), "{e}");
+        for far in ["colour", "up"] {
+            let e = c.set(far, "blue").unwrap_err();
+            assert!(!e.contains("did you mean"), "{e}");
+            assert!(e.contains("known keys: socket, "), "{e}");
+        }
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("", "ab"), 2);
     }
 
     #[test]
+    fn the_table_of_keys_agrees_with_the_defaults_and_set() {
+        let keys: Vec<[&str; 3]> = keys().collect();
+        assert_eq!(keys.len(), 21);
+        for [key, default, form] in keys {
+            assert!(!form.is_empty() && !key.contains(' '), "{key}");
+            if ["socket", "state-dir", "store-dir", "spool-dir"].contains(&key) {
+                continue;
+            }
+            let mut c = Config::default();
+            c.set(key, default).unwrap();
+            assert_eq!(
+                c,
+                Config::default(),
+                "{key}: the table's default {default:?}"
+            );
+        }
+        let help = help_table();
+        assert_eq!(help.lines().count(), 21);
+        assert!(help.contains("[default: 10]") && help.contains("[default: none]"));
+        assert!(help.contains(&format!("[default: {}]", default_store_dir())));
+    }
+
+    #[test]
     fn give_up_settings_take_0_for_never() {
         let mut c = Config::default();
-        assert_eq!(c.max_attempts, Some(DEFAULT_MAX_ATTEMPTS));
-        assert_eq!(c.give_up_after, Some(DEFAULT_GIVE_UP_AFTER));
+        assert_eq!(c.max_attempts, Some(10));
+        assert_eq!(c.give_up_after, Some(Duration::from_secs(86400)));
         c.set("max-attempts", "0").unwrap();
         c.set("give-up-after", "0").unwrap();
         assert_eq!((c.max_attempts, c.give_up_after), (None, None));
@@ -648,7 +616,7 @@ mod tests {
 
     #[test]
     fn control_characters_are_refused_in_every_setting() {
-        for (key, _) in KEYS {
+        for [key, _, _] in keys() {
             for bad in ["a\nb", "a\rb", "a\tb", "a\u{0}b", "a\u{1b}b", "a\u{85}b"] {
                 let mut c = Config::default();
                 let e = c.set(key, bad).unwrap_err();
@@ -657,9 +625,9 @@ mod tests {
                 assert_eq!(c, Config::default(), "{key} {bad:?} was applied");
             }
         }
-        let e = Config::from_args(&args(&["--upload-to", "file:///c\nok 5"])).unwrap_err();
-        assert_eq!(e.origin, "--upload-to");
-        assert!(e.message.contains("'\\n'"), "{e}");
+        let (_, problems) = Config::from_args(&args(&["--upload-to", "file:///c\nok 5"]), false);
+        assert!(problems[0].starts_with("--upload-to: "), "{problems:?}");
+        assert!(problems[0].contains("'\\n'"), "{problems:?}");
     }
 
     #[test]
@@ -682,86 +650,115 @@ mod tests {
     }
 
     #[test]
-    fn upload_command_is_split_on_spaces_and_is_one_more_target() {
-        let c = Config::from_args(&args(&["--upload-command", " cachix  push my-cache "])).unwrap();
+    fn the_key_file_and_the_uploader_are_checked_where_they_can_be() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("npbhq-config-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, format!("cache-1:{}==\n", "A".repeat(86))).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let key_s = key.display().to_string();
+        let missing = dir.join("missing").display().to_string();
+        // Only at start: the mode, and a file that must be there.
+        let at_start = |list: &[&str]| Config::from_args(&args(list), true).1;
+        good(&["--signing-key-file", &missing]);
+        let problems = at_start(&["--signing-key-file", &missing]);
+        assert!(problems[0].contains("No such file"), "{problems:?}");
+        good(&["--signing-key-file", &key_s]);
+        let problems = at_start(&["--signing-key-file", &key_s]);
+        assert!(
+            problems[0].contains("readable by every user"),
+            "{problems:?}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            at_start(&["--signing-key-file", &key_s]),
+            Vec::<String>::new()
+        );
+        std::fs::write(&key, "cache-1:not-a-key\n").unwrap();
+        let (_, problems) = Config::from_args(&args(&["--signing-key-file", &key_s]), false);
+        assert!(
+            problems[0].contains("does not hold a Nix secret key"),
+            "{problems:?}"
+        );
+        let (_, problems) = Config::from_args(
+            &args(&["--signing-key-file", &dir.display().to_string()]),
+            false,
+        );
+        assert!(problems[0].contains("is a directory"), "{problems:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        for (program, ok) in [
+            ("sh", true),
+            ("/bin/sh", true),
+            ("bin/sh", false),
+            ("/nonexistent/x", false),
+            ("no-such-uploader-here", false),
+        ] {
+            let (_, problems) = Config::from_args(
+                &args(&["--upload-command", &format!("{program} push")]),
+                false,
+            );
+            assert_eq!(problems.is_empty(), ok, "{program}: {problems:?}");
+            if !ok {
+                assert!(
+                    problems[0].starts_with(&format!(
+                        "upload-command: {program} is not an executable file"
+                    )),
+                    "{problems:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn upload_command_is_split_on_spaces() {
+        let c = good(&["--upload-command", " /bin/echo  push my-cache "]);
         assert_eq!(
             c.upload_command,
-            Some(vec!["cachix".into(), "push".into(), "my-cache".into()])
+            Some(vec!["/bin/echo".into(), "push".into(), "my-cache".into()])
         );
-        let labels: Vec<String> = c.targets().into_iter().map(|t| t.label).collect();
-        assert_eq!(labels, ["upload-command: cachix push my-cache"]);
-        let c = Config::from_args(&args(&[
-            "--upload-command",
-            "x",
-            "--upload-to",
-            "file:///c",
-        ]))
-        .unwrap();
-        let labels: Vec<String> = c.targets().into_iter().map(|t| t.label).collect();
-        assert_eq!(labels, ["file:///c", "upload-command: x"]);
-        let c = Config::from_args(&args(&["--upload-command", " "])).unwrap();
+        let c = good(&["--upload-command", " "]);
         assert_eq!(c.upload_command, None);
     }
 
     #[test]
     fn upload_to_is_repeated_one_target_each() {
-        let mut c = Config::default();
-        c.apply_file_text(
+        let (c, problems, _) = with_file(
             "upload-to = file:///a\nbatch-size = 3\nupload-to = ssh-ng://b\n",
-            "q.conf",
-        )
-        .unwrap();
+            &[],
+        );
+        assert!(problems.is_empty());
         assert_eq!(c.upload_to, ["file:///a", "ssh-ng://b"]);
         // Flags win: the first --upload-to replaces the file's list.
-        let dir = std::env::temp_dir().join(format!("npbhq-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("q.conf");
-        std::fs::write(&file, "upload-to = file:///a\nupload-to = file:///b\n").unwrap();
-        let file = file.display().to_string();
-        let c = Config::from_args(&args(&["--config", &file])).unwrap();
-        assert_eq!(c.upload_to, ["file:///a", "file:///b"]);
-        let c = Config::from_args(&args(&[
-            "--config",
-            &file,
-            "--upload-to",
-            "file:///c",
-            "--upload-to=file:///d",
-        ]))
-        .unwrap();
-        assert_eq!(c.upload_to, ["file:///c", "file:///d"]);
-        std::fs::remove_dir_all(dir).unwrap();
-        // An empty value forgets the ones before.
-        let mut c = Config::default();
-        c.apply_file_text(
-            "upload-to = file:///a\nupload-to =\nupload-to = file:///b\n",
-            "q",
-        )
-        .unwrap();
-        assert_eq!(c.upload_to, ["file:///b"]);
-        // The same target twice (secrets aside) is refused.
-        let e = Config::from_args(&args(&[
-            "--upload-to",
-            "ssh://u:a@h",
-            "--upload-to=ssh://u:b@h",
-        ]))
-        .unwrap_err();
-        assert!(e.message.contains("given twice"), "{e}");
-        assert!(
-            !e.message.contains(":a@") && !e.message.contains(":b@"),
-            "{e}"
+        let text = "upload-to = file:///a\nupload-to = file:///b\n";
+        let flags = ["--upload-to", "file:///c", "--upload-to=file:///d"];
+        assert_eq!(
+            with_file(text, &flags).0.upload_to,
+            ["file:///c", "file:///d"]
         );
+        // An empty value forgets the ones before.
+        let text = "upload-to = file:///a\nupload-to =\nupload-to = file:///b\n";
+        assert_eq!(with_file(text, &[]).0.upload_to, ["file:///b"]);
+        // Quotes and spaces are no part of a store URL.
+        for bad in ["\"file:///a\"", "file:///a b", "''"] {
+            assert!(Config::default().set("upload-to", bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn missing_config_file_is_reported() {
-        let e = Config::from_args(&args(&["--config", "/nonexistent/q.conf"])).unwrap_err();
-        assert_eq!(e.origin, "/nonexistent/q.conf");
-        assert!(e.message.contains("cannot read"));
+        let (_, problems) = Config::from_args(&args(&["--config", "/nonexistent/q.conf"]), false);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with("/nonexistent/q.conf: cannot read"),
+            "{problems:?}"
+        );
     }
 
     #[test]
     fn spool_follows_state_dir() {
-        let c = Config::from_args(&args(&["--state-dir", "/s"])).unwrap();
+        let c = good(&["--state-dir", "/s"]);
         assert_eq!(c.spool_dir(), PathBuf::from("/s/spool"));
     }
 }

@@ -1,24 +1,16 @@
-//! nix-post-build-hook-queue: a Nix `post-build-hook` that returns at once,
-//! and a daemon that journals the built paths and signs and uploads them in
-//! batches, outside the build loop.
-//!
-//! The path of a store path: the hook (`src/bin/post-build-hook/`) sends it
-//! over the socket ([`client`]) in lines built by [`wire`] ([`protocol`]
-//! parses them); the daemon
-//! ([`server`]) validates it ([`store_path`]), journals it durably
-//! ([`journal`]) and acknowledges; the [`worker`] signs and uploads it with
-//! `nix` ([`nix`]) and only then removes it from the journal. When the
-//! daemon is away, the hook leaves it in the [`spool`].
+//! nix-post-build-hook-queue: a Nix `post-build-hook` that hands the built
+//! paths over ([`client`], [`wire`]; the [`spool`] when the daemon is away)
+//! and returns at once, and a daemon ([`server`]) that journals them
+//! ([`journal`]), then signs and uploads them with `nix` ([`worker`]).
 
 #![warn(missing_docs)]
-
-pub mod log;
 
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod drv;
 pub mod journal;
+pub mod log;
 pub mod nix;
 pub mod protocol;
 pub mod redact;
@@ -26,7 +18,6 @@ pub mod server;
 pub mod spool;
 pub mod status;
 pub mod store_path;
-// The one module allowed `unsafe` (Cargo.toml denies it elsewhere).
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod systemd;

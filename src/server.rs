@@ -53,8 +53,9 @@ pub enum ServeError {
     Thread(io::Error),
     /// SIGTERM and SIGINT could not be set up for an orderly stop.
     Signals(io::Error),
-    /// nix cannot use the upload target (see [`crate::target`]).
-    Target(String),
+    /// A configuration error (such as an upload target nix cannot use, see
+    /// [`crate::target`]): exit 78, a restart cannot mend it.
+    Config(String),
 }
 
 impl std::fmt::Display for ServeError {
@@ -83,7 +84,7 @@ impl std::fmt::Display for ServeError {
             ServeError::Activation(e) => write!(f, "cannot use the socket passed by systemd: {e}"),
             ServeError::Thread(e) => write!(f, "cannot start a thread: {e}"),
             ServeError::Signals(e) => write!(f, "cannot block SIGTERM and SIGINT: {e}"),
-            ServeError::Target(why) => f.write_str(why),
+            ServeError::Config(why) => f.write_str(why),
         }
     }
 }
@@ -128,7 +129,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let (journal, replay) = Journal::open(&config.state_dir, &config.store_dir)
         .map_err(|e| ServeError::Journal(config.state_dir.clone(), e))?;
     // After the journal, whose refusal matters more; before the socket.
-    crate::target::check_at_start(&config).map_err(ServeError::Target)?;
+    crate::target::check_at_start(&config).map_err(ServeError::Config)?;
     if replay.torn_bytes > 0 {
         warning!(
             "journal: cut off a torn last record of {} bytes (a crash during a write)",

@@ -80,15 +80,20 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long start-up waits for the check before it goes on.
 pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 
-/// The targets of `config` (see [`Config::targets`]), or signing only
-/// when none is configured: never empty.
+/// The targets every path is delivered to: each `upload-to` URL, then the
+/// `upload-command`, in that order; or signing only when none is
+/// configured: never empty.
 pub fn configured(config: &Config) -> Vec<Target> {
-    let targets = config.targets();
+    let mut targets: Vec<Target> = config
+        .upload_to
+        .iter()
+        .map(|url| Target::url(url))
+        .collect();
+    targets.extend(config.upload_command.as_deref().map(Target::command));
     if targets.is_empty() {
-        vec![Target::sign_only()]
-    } else {
-        targets
+        targets.push(Target::sign_only());
     }
+    targets
 }
 
 /// Checks every target as described in the module doc, one after the

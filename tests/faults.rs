@@ -1381,7 +1381,7 @@ fn torn_journal_at_every_offset_of_last_record_replays() {
 
 /// A start with another store directory (here `/nix/store`, as a daemon
 /// started without `NIX_STORE_DIR` would use) must not erase the journal of
-/// the private store: the daemon exits 2 with one line naming the store
+/// the private store: the daemon exits 1 with one line naming the store
 /// directory the journal holds, the file is unchanged byte for byte, and a
 /// start with the right store directory delivers every path.
 #[test]
@@ -1412,7 +1412,7 @@ fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     d.set_config("store-dir", "/nix/store");
     let log_before = d.log().len();
     let err = d.try_spawn().expect_err("started with another store dir");
-    assert!(err.contains("exit status: 2"), "{err}");
+    assert!(err.contains("exit status: 1"), "{err}");
     let log = d.log();
     let said: Vec<&str> = log[log_before..]
         .lines()

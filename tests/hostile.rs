@@ -1637,7 +1637,7 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         &env.env_vars(),
     );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
     assert!(
         err.contains(&sk_s) && err.to_lowercase().contains("permission denied"),
@@ -2307,7 +2307,7 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
         let d = Daemon::new_stopped(&env, &[("signing-key-file", key_s.as_str())], NO_ENV);
         let o = serve_refused(&env, &d, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{key_s}: {}", show(&o));
+        assert_eq!(o.status.code(), Some(78), "{key_s}: {}", show(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
         assert!(
             err.contains(&key_s) && err.contains(want),
@@ -2337,7 +2337,7 @@ fn control_characters_in_settings_refused_at_start() {
     ] {
         let o = serve_refused(&env, &d, &[flag, value]);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{flag} {value:?}: {}", show(&o));
+        assert_eq!(o.status.code(), Some(78), "{flag} {value:?}: {}", show(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
         assert!(
             err.contains(flag) && err.contains("control character"),
@@ -2356,7 +2356,7 @@ fn control_characters_in_settings_refused_at_start() {
     .unwrap();
     let o = serve_refused(&env, &d, &[]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
     assert!(
         err.contains(":2:") && err.contains("control character"),
         "{err:?}"
@@ -2749,11 +2749,11 @@ fn run_expecting_exit(cmd: &mut Command, within: Duration) -> Output {
 }
 
 /// One daemon per state directory: a second one on the same state-dir (with
-/// another socket) says which pid holds it and exits 2, before it touches
+/// another socket) says which pid holds it and exits 1, before it touches
 /// the journal or binds its socket; the first keeps serving. The lock goes
 /// with its holder: after `kill -9` the next start takes the directory.
 #[test]
-fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_2() {
+fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
     let env = NixEnv::new("hostile-statelock");
     let mut d = Daemon::start(&env, &[]);
     let path = format!(
@@ -2775,7 +2775,7 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_2() {
         Duration::from_secs(20),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     let pid = d.pid().unwrap();
     assert!(
@@ -2903,4 +2903,73 @@ fn planted_names_beside_the_socket_change_nothing() {
         kill_tree(child.id());
         let _ = child.wait();
     }
+}
+
+/// The state directory in `$TMPDIR` (a user with neither `HOME` nor
+/// `XDG_STATE_HOME`) is used only when it is the user's own: one that
+/// another user made, or that others may write, stops `serve` and
+/// `check-config` with exit 78 naming it, before anything is written there.
+/// A setting from the environment is checked like the file's (a relative
+/// `XDG_RUNTIME_DIR` is refused, naming the variable).
+#[test]
+fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
+    let env = NixEnv::new("hostile-tmpstate");
+    let user = OtherUser::new(&env, 't');
+    let tmp = env.root().join("tmp");
+    fs::create_dir_all(&tmp).unwrap();
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
+    let state = tmp.join(format!("nix-post-build-hook-queue-{}", user.uid));
+    fs::create_dir(&state).unwrap();
+    let vars = [("TMPDIR".to_string(), tmp.clone().into_os_string())];
+    // Bounded: a daemon that starts after all must not hold the test.
+    let as_them = |args: &[&str], vars: &[(String, std::ffi::OsString)]| {
+        let mut c = Command::new("timeout");
+        c.args([
+            "60", "setpriv", "--reuid", &user.name, "--regid", &user.name,
+        ])
+        .args(["--init-groups", "--"])
+        .arg(&user.daemon)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(vars.iter().cloned());
+        run(&mut c)
+    };
+    // Root's (another user's to them), then theirs but writable by all.
+    for owner in [0, user.uid] {
+        std::os::unix::fs::chown(&state, Some(owner), Some(owner)).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        for command in ["check-config", "serve"] {
+            let o = as_them(&[command], &vars);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(
+                o.status.code(),
+                Some(78),
+                "{command}, owner {owner}: {}",
+                show(&o)
+            );
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.contains("$TMPDIR") && err.contains(&state.display().to_string()),
+                "{err}"
+            );
+            assert!(fs::read_dir(&state).unwrap().next().is_none(), "written to");
+        }
+    }
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    let o = as_them(&["check-config"], &vars);
+    assert_eq!(o.status.code(), Some(0), "their own: {}", show(&o));
+
+    let home = user.own_dir(&env, "home");
+    let relative = [
+        ("HOME".to_string(), home.into_os_string()),
+        ("XDG_RUNTIME_DIR".to_string(), "run/user".into()),
+    ];
+    let o = as_them(&["check-config"], &relative);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
+    assert!(
+        err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: "),
+        "{err}"
+    );
 }

@@ -1802,7 +1802,7 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
     );
     assert_eq!(bad.log().lines().count(), 1, "{}", bad.log());
     let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
-    assert_eq!(r.code, Some(2), "{r:?}");
+    assert_eq!(r.code, Some(78), "{r:?}");
     assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
     // The same target twice (a password aside) is refused, not taken as
     // two (private socket and state, should it start all the same).
@@ -1815,7 +1815,7 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
         .arg("--state-dir")
         .arg(&own))
     .into();
-    assert_eq!(r.code, Some(2), "{r:?}");
+    assert_eq!(r.code, Some(78), "{r:?}");
     assert!(
         r.stderr.contains("is given twice")
             && !r.stderr.contains("one@")
@@ -1883,7 +1883,7 @@ fn journal_records_of_several_targets_replay() {
 // ---------------------------------------------------------------------------
 
 /// A mistyped target (an unknown kind of store, or no store URL at all)
-/// stops the daemon with exit 2 and nix's reason, before it listens; a
+/// stops the daemon with exit 78 and nix's reason, before it listens; a
 /// target that does not answer is a warning, and the daemon starts.
 #[test]
 fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
@@ -1892,7 +1892,7 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
     for url in [format!("fiel://{cache}"), "cache.example.org".to_string()] {
         let mut d = Daemon::new_stopped(&env, &[("upload-to", url.as_str())], NO_ENV);
         let e = d.try_spawn().expect_err(&url);
-        assert!(e.contains("exit status: 2"), "{url}: {e}");
+        assert!(e.contains("exit status: 78"), "{url}: {e}");
         let log = d.log();
         let lines: Vec<&str> = log.lines().collect();
         assert_eq!(lines.len(), 1, "{url}: one line: {log}");
@@ -1942,7 +1942,7 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
 /// with the queue's durability, batching and retries: here `nix copy`
 /// itself, through `nix-fail-wrapper` (a real uploader to a file cache),
 /// failing for a while and then delivering. Its words are run as words,
-/// never by a shell; a program that is not there stops the daemon (exit 2).
+/// never by a shell; a program that is not there stops the daemon (exit 78).
 #[test]
 fn upload_command_delivers_with_retries_and_without_a_shell() {
     let env = NixEnv::new("op-uploader");
@@ -2021,7 +2021,7 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
         NO_ENV,
     );
     let e = d3.try_spawn().expect_err("a missing uploader");
-    assert!(e.contains("exit status: 2"), "{e}");
+    assert!(e.contains("exit status: 78"), "{e}");
     assert!(
         d3.log()
             .contains("upload-command: /nonexistent/cachix is not an executable file"),
