@@ -20,6 +20,7 @@ pub mod config;
 pub mod drv;
 pub mod journal;
 pub mod nix;
+pub mod policy;
 pub mod protocol;
 pub mod redact;
 pub mod server;

@@ -1,10 +1,11 @@
-//! What the daemon knows about its own progress, shared by the worker (which
-//! updates it) and the connection threads (which report it).
+//! What the daemon knows about its own progress, and how it is shown.
 //!
-//! The queue itself lives in the journal; this holds the counters since start
-//! and, per target, the paths that are backing off after failures.
+//! The queue itself lives in the journal; the worker's threads publish here
+//! the counters since start and, per target, the paths backing off. One
+//! table of fields renders `status` for people, `status json` and the
+//! Prometheus metrics.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -12,27 +13,28 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::journal::{GivenUp, Journal, TargetId};
-use crate::target::Target;
-
+use crate::protocol::one_line;
+use crate::redact;
 use crate::store_path::StorePath;
+use crate::target::Target;
 
 /// Dropped paths remembered for `wait` (older ones are forgotten).
 const RECENT_DROPS: usize = 10_000;
 /// The upload rate is measured over this much of the recent past.
 pub const RATE_WINDOW: Duration = Duration::from_secs(300);
+/// Most paths listed per kind (backing off, in flight, given up on).
+const LISTED: usize = 100;
+/// Paths of the calls in progress the text names.
+const TEXT_IN_FLIGHT: usize = 5;
 
-/// A path whose last attempt failed.
+/// A path backing off on a target, as published by its lane.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     /// Failed attempts so far (since the daemon started).
     pub attempts: u32,
-    /// Those of the attempts that count towards `max-attempts`: the ones
-    /// that failed while the target answered.
-    pub counted: u32,
-    /// When it is tried again; `None` while it is being retried (back in
-    /// the worker's queue or in flight), until it succeeds or fails again.
+    /// When it is tried again; `None` while it is being retried.
     pub next_try: Option<Instant>,
-    /// What went wrong the last time, on one line.
+    /// What went wrong the last time.
     pub last_error: String,
 }
 
@@ -45,6 +47,8 @@ pub struct TargetStats {
     pub label: String,
     /// Paths backing off after a failure on this target.
     pub backoff: HashMap<StorePath, Backoff>,
+    /// The paths of its call in progress.
+    pub in_flight: Vec<StorePath>,
     /// Paths this target took since start.
     pub delivered: u64,
     /// Paths given up on for this target since start.
@@ -55,43 +59,26 @@ pub struct TargetStats {
     pub last_error: Option<String>,
 }
 
-impl TargetStats {
-    fn new(target: &Target) -> TargetStats {
-        TargetStats {
-            id: target.id,
-            label: target.label.clone(),
-            backoff: HashMap::new(),
-            delivered: 0,
-            given_up: 0,
-            failed_calls: 0,
-            last_error: None,
-        }
-    }
-}
-
 /// Counters and failure state since the daemon started.
 #[derive(Debug)]
 pub struct Stats {
     /// When the daemon started.
     pub started: Instant,
-    /// Paths that finished: signed and uploaded as configured.
+    /// Paths that every target has (or that were only signed).
     pub uploaded: u64,
-    /// Paths given up on (gone from the store, or unreadable derivations).
+    /// Paths dropped (gone from the store, or by an operator).
     pub dropped: u64,
-    /// Paths given up on for a target after too many failures (they stay
-    /// in the journal), over all targets.
+    /// Paths given up on for a target, over all targets.
     pub given_up: u64,
     /// nix calls that failed.
     pub failed_calls: u64,
-    /// Paths in the batch the worker is working on now.
-    pub in_flight: usize,
-    /// Those paths, once the batch's derivations are resolved.
+    /// The batch being prepared (derivations resolved, signed).
     pub in_flight_paths: Vec<StorePath>,
     /// Paths finished in the last [`RATE_WINDOW`], with when, oldest first.
     pub recent_uploads: VecDeque<(Instant, u64)>,
-    /// Seconds spent in successful upload batches, and their number.
+    /// Seconds spent in successful upload calls.
     pub upload_seconds: f64,
-    /// Number of successful upload batches.
+    /// Number of successful upload calls.
     pub upload_batches: u64,
     /// Each target's state, in the order of the configuration.
     pub targets: Vec<TargetStats>,
@@ -111,14 +98,11 @@ impl Stats {
     pub fn backing_off(&self) -> usize {
         match self.targets.as_slice() {
             [one] => one.backoff.len(),
-            all => {
-                let mut paths: std::collections::HashSet<&StorePath> =
-                    std::collections::HashSet::new();
-                for t in all {
-                    paths.extend(t.backoff.keys());
-                }
-                paths.len()
-            }
+            all => all
+                .iter()
+                .flat_map(|t| t.backoff.keys())
+                .collect::<HashSet<_>>()
+                .len(),
         }
     }
 
@@ -133,20 +117,6 @@ impl Stats {
         {
             self.recent_uploads.pop_front();
         }
-    }
-
-    /// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since
-    /// start, when that is shorter).
-    pub fn upload_rate_per_minute(&self) -> f64 {
-        let now = Instant::now();
-        let window = RATE_WINDOW.min(now.duration_since(self.started));
-        let n: u64 = self
-            .recent_uploads
-            .iter()
-            .filter(|(t, _)| now.duration_since(*t) <= window)
-            .map(|(_, n)| n)
-            .sum();
-        n as f64 * 60.0 / window.as_secs_f64().max(1.0)
     }
 
     /// Records that a path with this sequence number was dropped.
@@ -166,29 +136,38 @@ pub struct Shared {
     stats: Mutex<Stats>,
     /// Set when the daemon is stopping: no new connections, no new batches.
     pub stopping: AtomicBool,
-    /// Process group of the nix call running now (0: none), killed when a
-    /// stop outlasts its grace period.
-    pub running_pgid: Arc<AtomicU32>,
+    /// Process groups of the nix calls running now (0: none), one per
+    /// worker thread, killed when a stop outlasts its grace period.
+    running: Vec<Arc<AtomicU32>>,
 }
 
 impl Shared {
     /// Fresh statistics for these targets, starting now.
     pub fn new(targets: &[Target]) -> Shared {
+        let target = |t: &Target| TargetStats {
+            id: t.id,
+            label: t.label.clone(),
+            backoff: HashMap::new(),
+            in_flight: Vec::new(),
+            delivered: 0,
+            given_up: 0,
+            failed_calls: 0,
+            last_error: None,
+        };
         Shared {
             stopping: AtomicBool::new(false),
-            running_pgid: Arc::new(AtomicU32::new(0)),
+            running: (0..=targets.len()).map(|_| Arc::default()).collect(),
             stats: Mutex::new(Stats {
                 started: Instant::now(),
                 uploaded: 0,
                 dropped: 0,
                 given_up: 0,
                 failed_calls: 0,
-                in_flight: 0,
                 in_flight_paths: Vec::new(),
                 recent_uploads: VecDeque::new(),
                 upload_seconds: 0.0,
                 upload_batches: 0,
-                targets: targets.iter().map(TargetStats::new).collect(),
+                targets: targets.iter().map(target).collect(),
                 recent_drops: VecDeque::new(),
             }),
         }
@@ -198,6 +177,18 @@ impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, Stats> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Where the worker's threads publish their calls' process groups: the
+    /// front's first, then one per target.
+    pub fn running(&self) -> Vec<Arc<AtomicU32>> {
+        self.running.clone()
+    }
+
+    /// The process groups of the nix calls running now.
+    pub fn running_pgids(&self) -> Vec<u32> {
+        let pgids = self.running.iter().map(|r| r.load(Ordering::SeqCst));
+        pgids.filter(|&p| p != 0).collect()
+    }
 }
 
 impl Default for Shared {
@@ -206,18 +197,6 @@ impl Default for Shared {
     }
 }
 
-/// Seconds until `when`, or 0 when it has passed.
-pub fn seconds_until(when: Instant) -> f64 {
-    when.saturating_duration_since(Instant::now()).as_secs_f64()
-}
-
-/// Most backing-off paths listed in a `status` reply.
-const STATUS_MAX_BACKOFF: usize = 100;
-/// Most paths of the batch in flight listed in a `status` reply.
-const STATUS_MAX_IN_FLIGHT: usize = 100;
-/// Most paths given up on listed in a `status` reply.
-const STATUS_MAX_FAILED: usize = 100;
-
 /// One consistent look at the queue, for `status` and the metrics file.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -225,9 +204,7 @@ pub struct Snapshot {
     pub uptime_seconds: u64,
     /// Paths in the journal.
     pub queued: usize,
-    /// Paths in the worker's current batch.
-    pub in_flight: usize,
-    /// Those paths (once its derivations are resolved).
+    /// The paths of the calls in progress (and the batch being prepared).
     pub in_flight_paths: Vec<StorePath>,
     /// Request files in the spool not ingested yet.
     pub spool_files: usize,
@@ -243,9 +220,9 @@ pub struct Snapshot {
     pub failed_calls: u64,
     /// Age of the oldest queued path, if any.
     pub oldest_queued_seconds: Option<u64>,
-    /// Total seconds of successful upload batches.
+    /// Total seconds of successful upload calls.
     pub upload_seconds: f64,
-    /// Number of successful upload batches.
+    /// Number of successful upload calls.
     pub upload_batches: u64,
     /// Whether a signing key is configured.
     pub signing: bool,
@@ -259,9 +236,7 @@ pub struct Snapshot {
     pub backoff: Vec<(u32, f64, StorePath, String)>,
     /// Paths given up on after failures since start (a counter).
     pub given_up_total: u64,
-    /// Paths given up on for a target now, oldest first, with how long
-    /// ago; they stay until requeued or dropped. One per path and target;
-    /// with several targets the error starts with the target's label.
+    /// Paths given up on for a target now, oldest first, with how long ago.
     pub failed: Vec<(StorePath, GivenUp, u64)>,
     /// Each target's state.
     pub targets: Vec<TargetSnapshot>,
@@ -290,21 +265,178 @@ pub struct TargetSnapshot {
     pub last_error: Option<String>,
 }
 
-impl TargetSnapshot {
-    /// `ok`, or `failing` when its last call failed.
-    pub fn state(&self) -> &'static str {
-        if self.last_error.is_some() {
-            "failing"
-        } else {
-            "ok"
-        }
-    }
+/// A field's value: a number with its decimals (`None`: unknown), text, or
+/// a flag.
+enum Value {
+    Num(Option<f64>, usize),
+    Text(Option<String>),
+    Flag(bool),
 }
 
+fn int(n: impl Into<u64>) -> Value {
+    Value::Num(Some(n.into() as f64), 0)
+}
+
+/// A field: its `status json` key (empty: a metric only), its metric's
+/// name, type and help (empty name: no metric), and its value.
+type Field = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Snapshot) -> Value,
+);
+
+/// The fields, in the order `status json` shows them.
+const FIELDS: &[Field] = &[
+    ("version", "", "", "", |_| {
+        Value::Text(Some(crate::VERSION.into()))
+    }),
+    ("uptime_seconds", "", "", "", |s| int(s.uptime_seconds)),
+    (
+        "queued",
+        "queued",
+        "gauge",
+        "Paths journaled and not yet uploaded.",
+        |s| int(s.queued as u64),
+    ),
+    (
+        "in_flight",
+        "in_flight",
+        "gauge",
+        "Paths in the calls in progress.",
+        |s| int(s.in_flight_paths.len() as u64),
+    ),
+    (
+        "uploaded",
+        "uploaded_total",
+        "counter",
+        "Paths signed and uploaded to every target since the daemon started.",
+        |s| int(s.uploaded),
+    ),
+    (
+        "dropped",
+        "dropped_total",
+        "counter",
+        "Paths given up on since the daemon started.",
+        |s| int(s.dropped),
+    ),
+    (
+        "failed_calls",
+        "failed_calls_total",
+        "counter",
+        "Failed nix calls since the daemon started.",
+        |s| int(s.failed_calls),
+    ),
+    (
+        "backing_off",
+        "backing_off",
+        "gauge",
+        "Paths waiting to be retried after a failure.",
+        |s| int(s.backing_off as u64),
+    ),
+    (
+        "failed",
+        "failed",
+        "gauge",
+        "Paths given up on after repeated failures, kept until requeued or dropped.",
+        |s| int(s.failed.len() as u64),
+    ),
+    (
+        "oldest_queued_seconds",
+        "oldest_queued_age_seconds",
+        "gauge",
+        "Age of the oldest queued path (0 when the queue is empty).",
+        |s| Value::Num(s.oldest_queued_seconds.map(|n| n as f64), 0),
+    ),
+    ("upload_seconds_sum", "", "", "", |s| {
+        Value::Num(Some(s.upload_seconds), 3)
+    }),
+    ("upload_batches", "", "", "", |s| int(s.upload_batches)),
+    ("upload_rate_per_minute", "", "", "", |s| {
+        Value::Num(Some(s.upload_rate_per_minute), 1)
+    }),
+    (
+        "spool_files",
+        "spool_files",
+        "gauge",
+        "Request files the hook left in the spool, not yet queued.",
+        |s| int(s.spool_files as u64),
+    ),
+    (
+        "spool_paths",
+        "spool_paths",
+        "gauge",
+        "Paths in those spool files.",
+        |s| int(s.spool_paths as u64),
+    ),
+    ("signing", "", "", "", |s| Value::Flag(s.signing)),
+    ("target", "", "", "", |s| Value::Text(s.target.clone())),
+    (
+        "",
+        "given_up_total",
+        "counter",
+        "Paths given up on after repeated failures since the daemon started.",
+        |s| int(s.given_up_total),
+    ),
+];
+
+/// A per-target metric: name, type, help, and its value for a target.
+type PerTarget = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&TargetSnapshot) -> u64,
+);
+
+const PER_TARGET: &[PerTarget] = &[
+    (
+        "target_queued",
+        "gauge",
+        "Queued paths this target does not have yet (those given up on aside).",
+        |t| t.queued as u64,
+    ),
+    (
+        "target_delivered_total",
+        "counter",
+        "Paths this target took since the daemon started.",
+        |t| t.delivered,
+    ),
+    (
+        "target_backing_off",
+        "gauge",
+        "Paths waiting to be retried on this target after a failure.",
+        |t| t.backing_off as u64,
+    ),
+    (
+        "target_failed",
+        "gauge",
+        "Paths given up on for this target, kept until requeued or dropped.",
+        |t| t.failed as u64,
+    ),
+    (
+        "target_given_up_total",
+        "counter",
+        "Paths given up on for this target since the daemon started.",
+        |t| t.given_up_total,
+    ),
+    (
+        "target_failed_calls_total",
+        "counter",
+        "Failed calls to this target since the daemon started.",
+        |t| t.failed_calls,
+    ),
+    (
+        "target_up",
+        "gauge",
+        "1 when the last call to this target went through (or none was made), 0 when it failed.",
+        |t| u64::from(t.last_error.is_none()),
+    ),
+];
+
 impl Snapshot {
-    /// Takes a snapshot of the journal and the statistics.
+    /// Takes a snapshot of the journal and the statistics, secrets masked.
     pub fn take(journal: &Journal, shared: &Shared, spool_dir: &Path, signing: bool) -> Snapshot {
-        let queued = journal.len();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -315,38 +447,35 @@ impl Snapshot {
             .iter()
             .map(|t| (t.id, t.label.clone()))
             .collect();
-        let several = ids.len() > 1;
-        let tagged = |label: &str, error: String| {
-            if several {
-                format!("{label}: {error}")
-            } else {
-                error
-            }
+        // Errors quote nix, which may repeat a target with its password.
+        let tagged = |label: &str, error: &str| match ids.len() {
+            1 => redact::text(error),
+            _ => redact::text(&format!("{label}: {error}")),
         };
-        let mut failed = Vec::new();
-        let mut pending = Vec::new();
+        let (mut failed, mut pending) = (Vec::new(), Vec::new());
         for (id, label) in &ids {
             let given_up = journal.given_up_on(*id);
             pending.push((journal.count_pending(*id), given_up.len()));
             for (p, mut g) in given_up {
-                g.error = tagged(label, g.error);
-                let ago = now.saturating_sub(g.at);
-                failed.push((p, g, ago));
+                g.error = tagged(label, &g.error);
+                failed.push((p, g.clone(), now.saturating_sub(g.at)));
             }
         }
         let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
         let stats = shared.lock();
-        let mut backoff: Vec<(u32, f64, StorePath, String)> = Vec::new();
+        let mut backoff = Vec::new();
+        let mut in_flight = stats.in_flight_paths.clone();
         for t in &stats.targets {
             backoff.extend(t.backoff.iter().map(|(p, b)| {
-                (
-                    b.attempts,
-                    b.next_try.map_or(0.0, seconds_until),
-                    p.clone(),
-                    tagged(&t.label, crate::redact::text(&b.last_error)),
-                )
+                let next = b.next_try.map_or(0.0, |t| {
+                    t.saturating_duration_since(Instant::now()).as_secs_f64()
+                });
+                (b.attempts, next, p.clone(), tagged(&t.label, &b.last_error))
             }));
+            in_flight.extend(t.in_flight.iter().cloned());
         }
+        let mut seen = HashSet::new();
+        in_flight.retain(|p| seen.insert(p.clone()));
         backoff.sort_by(|a, b| a.1.total_cmp(&b.1));
         let targets = stats
             .targets
@@ -361,9 +490,8 @@ impl Snapshot {
                 failed: given_up,
                 given_up_total: t.given_up,
                 failed_calls: t.failed_calls,
-                last_error: t.last_error.as_deref().map(crate::redact::text),
-            })
-            .collect();
+                last_error: t.last_error.as_deref().map(redact::text),
+            });
         let labels: Vec<&str> = ids
             .iter()
             .map(|(_, l)| l.as_str())
@@ -371,12 +499,11 @@ impl Snapshot {
             .collect();
         Snapshot {
             uptime_seconds: stats.started.elapsed().as_secs(),
-            queued,
-            in_flight: stats.in_flight,
-            in_flight_paths: stats.in_flight_paths.clone(),
+            queued: journal.len(),
+            in_flight_paths: in_flight,
             spool_files,
             spool_paths,
-            upload_rate_per_minute: stats.upload_rate_per_minute(),
+            upload_rate_per_minute: upload_rate_per_minute(&stats),
             uploaded: stats.uploaded,
             dropped: stats.dropped,
             failed_calls: stats.failed_calls,
@@ -389,200 +516,261 @@ impl Snapshot {
             backoff,
             given_up_total: stats.given_up,
             failed,
-            targets,
+            targets: targets.collect(),
         }
     }
 
-    /// The informational lines of the `status` reply: `key value`, then one
-    /// `backoff ATTEMPTS NEXT-TRY-SECONDS PATH ERROR` line per failing path,
-    /// one `target-state ID QUEUED DELIVERED BACKING-OFF FAILED
-    /// GIVEN-UP-TOTAL FAILED-CALLS STATE LABEL` line per target (with a
-    /// `target-error ID ERROR` line when its last call failed), and the
-    /// paths in flight and given up on.
-    pub fn reply_lines(&self) -> String {
-        let mut out = String::new();
-        let mut kv = |k: &str, v: &dyn std::fmt::Display| out.push_str(&format!("{k} {v}\n"));
-        kv("version", &crate::VERSION);
-        kv("uptime-seconds", &self.uptime_seconds);
-        kv("queued", &self.queued);
-        kv("in-flight", &self.in_flight);
-        kv("uploaded", &self.uploaded);
-        kv("dropped", &self.dropped);
-        kv("failed-calls", &self.failed_calls);
-        kv("backing-off", &self.backing_off);
-        kv("failed", &self.failed.len());
-        match self.oldest_queued_seconds {
-            Some(s) => kv("oldest-queued-seconds", &s),
-            None => kv("oldest-queued-seconds", &"-"),
-        }
-        kv("upload-seconds-sum", &format!("{:.3}", self.upload_seconds));
-        kv("upload-batches", &self.upload_batches);
-        kv(
-            "upload-rate-per-minute",
-            &format!("{:.1}", self.upload_rate_per_minute),
+    /// The targets shown (not the "sign only" one).
+    fn shown(&self) -> impl Iterator<Item = &TargetSnapshot> {
+        self.targets.iter().filter(|t| t.label != "-")
+    }
+
+    /// `status` for people, one line per `\n`.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let oldest = match self.oldest_queued_seconds {
+            Some(age) => format!(" (oldest queued {} ago)", human_duration(age as f64)),
+            None => String::new(),
+        };
+        let in_flight = self.in_flight_paths.len();
+        s += &format!(
+            "queued:       {}{oldest}\nin flight:    {in_flight}\n",
+            self.queued
         );
-        kv("spool-files", &self.spool_files);
-        kv("spool-paths", &self.spool_paths);
-        kv("signing", &self.signing);
-        kv("target", &self.target.as_deref().unwrap_or("-"));
-        for (attempts, next, path, error) in self.backoff.iter().take(STATUS_MAX_BACKOFF) {
-            out.push_str(&format!(
-                "backoff {attempts} {next:.1} {path} {}\n",
-                crate::protocol::one_line(error)
-            ));
+        for p in self.in_flight_paths.iter().take(TEXT_IN_FLIGHT) {
+            s += &format!("  uploading {p}\n");
         }
-        for path in self.in_flight_paths.iter().take(STATUS_MAX_IN_FLIGHT) {
-            out.push_str(&format!("in-flight-path {path}\n"));
+        if in_flight > TEXT_IN_FLIGHT {
+            s += &format!("  ... and {} more\n", in_flight - TEXT_IN_FLIGHT);
         }
-        for (path, g, ago) in self.failed.iter().take(STATUS_MAX_FAILED) {
-            out.push_str(&format!(
-                "failed-path {} {ago} {path} {}\n",
-                g.attempts,
-                crate::protocol::one_line(&crate::redact::text(&g.error))
-            ));
-        }
-        for t in self.targets.iter().filter(|t| t.label != "-") {
-            out.push_str(&format!(
-                "target-state {} {} {} {} {} {} {} {} {}\n",
-                t.id,
-                t.queued,
-                t.delivered,
-                t.backing_off,
-                t.failed,
-                t.given_up_total,
-                t.failed_calls,
-                t.state(),
-                crate::protocol::one_line(&t.label)
-            ));
-            if let Some(e) = &t.last_error {
-                out.push_str(&format!(
-                    "target-error {} {}\n",
-                    t.id,
-                    crate::protocol::one_line(e)
-                ));
+        let rate = format!("{:.1}", self.upload_rate_per_minute);
+        s += &format!(
+            "uploaded:     {} since start ({rate} paths/min lately)\n",
+            self.uploaded
+        );
+        let spool = match (self.spool_files, self.spool_paths) {
+            (0, _) => "empty".to_string(),
+            (files, paths) => {
+                format!("{files} file(s) with {paths} path(s) left by the hook, not yet queued")
+            }
+        };
+        s += &format!(
+            "spool:        {spool}\ndropped:      {} since start\n",
+            self.dropped
+        );
+        s += &format!("backing off:  {}\n", self.backing_off);
+        let note = if self.failed.is_empty() {
+            ""
+        } else {
+            " (given up on; requeue or drop them)"
+        };
+        s += &format!("failed:       {}{note}\n", self.failed.len());
+        s += &format!("failed calls: {} since start\n", self.failed_calls);
+        let target = self
+            .target
+            .as_deref()
+            .unwrap_or("none (upload-to is not set)");
+        s += &format!("target:       {}\n", one_line(target));
+        if self.shown().count() > 1 {
+            for t in self.shown() {
+                s +=
+                    &format!(
+                    "  {}: {}, {} queued, {} delivered since start, {} backing off, {} failed\n",
+                    one_line(&t.label), t.state(), t.queued, t.delivered, t.backing_off, t.failed
+                );
+                if let Some(e) = &t.last_error {
+                    s += &format!("    last error: {}\n", one_line(e));
+                }
             }
         }
-        out
+        s += &format!(
+            "signing:      {}\n",
+            if self.signing { "on" } else { "off" }
+        );
+        s += &format!(
+            "uptime:       {}\n",
+            human_duration(self.uptime_seconds as f64)
+        );
+        s += &format!("version:      {}\n", crate::VERSION);
+        for (attempts, next, path, error) in self.backoff.iter().take(LISTED) {
+            // As shown in JSON: to a tenth of a second.
+            let next = (next * 10.0).round() / 10.0;
+            let when = match next > 0.0 {
+                true => format!("next try in {}", human_duration(next)),
+                false => "retrying now".to_string(),
+            };
+            s += &format!(
+                "  {path}: attempt {attempts} failed, {when}: {}\n",
+                one_line(error)
+            );
+        }
+        s += &more(
+            self.backing_off,
+            self.backoff.len().min(LISTED),
+            "",
+            "soonest",
+        );
+        for (path, g, ago) in self.failed.iter().take(LISTED) {
+            s += &format!(
+                "  {path}: FAILED, given up on {} ago after {} attempts: {}\n",
+                human_duration(*ago as f64),
+                g.attempts,
+                one_line(&g.error)
+            );
+        }
+        s + &more(
+            self.failed.len(),
+            self.failed.len().min(LISTED),
+            " failed",
+            "oldest",
+        )
+    }
+
+    /// `status json`: one JSON object on one line.
+    pub fn json(&self) -> String {
+        let mut parts: Vec<String> = FIELDS
+            .iter()
+            .filter(|f| !f.0.is_empty())
+            .map(|(key, _, _, _, value)| {
+                let v = match value(self) {
+                    Value::Num(Some(n), d) => format!("{n:.d$}"),
+                    Value::Num(None, _) | Value::Text(None) => "null".to_string(),
+                    Value::Text(Some(t)) => json_string(&t),
+                    Value::Flag(b) => b.to_string(),
+                };
+                format!("\"{key}\":{v}")
+            })
+            .collect();
+        let list = |items: Vec<String>| format!("[{}]", items.join(","));
+        let backoff = self.backoff.iter().take(LISTED).map(|(attempts, next, path, error)| {
+            format!(
+                "{{\"path\":{},\"attempts\":{attempts},\"next_try_seconds\":{next:.1},\"last_error\":{}}}",
+                json_string(path.as_str()), json_string(&one_line(error))
+            )
+        });
+        parts.push(format!("\"backoff\":{}", list(backoff.collect())));
+        let failed =
+            self.failed.iter().take(LISTED).map(|(path, g, ago)| {
+                format!(
+                "{{\"path\":{},\"attempts\":{},\"given_up_seconds_ago\":{ago},\"last_error\":{}}}",
+                json_string(path.as_str()), g.attempts, json_string(&one_line(&g.error))
+            )
+            });
+        parts.push(format!("\"failed_paths\":{}", list(failed.collect())));
+        let in_flight = self
+            .in_flight_paths
+            .iter()
+            .take(LISTED)
+            .map(|p| json_string(p.as_str()));
+        parts.push(format!("\"in_flight_paths\":{}", list(in_flight.collect())));
+        let targets = self.shown().map(|t| {
+            format!(
+                "{{\"target\":{},\"id\":\"{}\",\"state\":\"{}\",\"queued\":{},\"delivered\":{},\"backing_off\":{},\"failed\":{},\"given_up_total\":{},\"failed_calls\":{},\"last_error\":{}}}",
+                json_string(&t.label), t.id, t.state(), t.queued, t.delivered, t.backing_off, t.failed,
+                t.given_up_total, t.failed_calls,
+                t.last_error.as_deref().map_or("null".to_string(), |e| json_string(&one_line(e)))
+            )
+        });
+        parts.push(format!("\"targets\":{}", list(targets.collect())));
+        format!("{{{}}}\n", parts.join(","))
     }
 
     /// The Prometheus text exposition of the snapshot.
     pub fn prometheus(&self) -> String {
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            out.push_str(&format!(
-                "# HELP nix_post_build_hook_queue_{name} {help}\n# TYPE nix_post_build_hook_queue_{name} {kind}\nnix_post_build_hook_queue_{name} {value}\n"
-            ));
-        };
-        metric(
-            "queued",
-            "gauge",
-            "Paths journaled and not yet uploaded.",
-            self.queued.to_string(),
-        );
-        metric(
-            "in_flight",
-            "gauge",
-            "Paths in the batch being uploaded now.",
-            self.in_flight.to_string(),
-        );
-        metric(
-            "backing_off",
-            "gauge",
-            "Paths waiting to be retried after a failure.",
-            self.backing_off.to_string(),
-        );
-        metric(
-            "spool_files",
-            "gauge",
-            "Request files the hook left in the spool, not yet queued.",
-            self.spool_files.to_string(),
-        );
-        metric(
-            "spool_paths",
-            "gauge",
-            "Paths in those spool files.",
-            self.spool_paths.to_string(),
-        );
-        metric(
-            "failed",
-            "gauge",
-            "Paths given up on after repeated failures, kept until requeued or dropped.",
-            self.failed.len().to_string(),
-        );
-        metric(
-            "given_up_total",
-            "counter",
-            "Paths given up on after repeated failures since the daemon started.",
-            self.given_up_total.to_string(),
-        );
-        metric(
-            "uploaded_total",
-            "counter",
-            "Paths signed and uploaded to every target since the daemon started.",
-            self.uploaded.to_string(),
-        );
-        metric(
-            "dropped_total",
-            "counter",
-            "Paths given up on since the daemon started.",
-            self.dropped.to_string(),
-        );
-        metric(
-            "failed_calls_total",
-            "counter",
-            "Failed nix calls since the daemon started.",
-            self.failed_calls.to_string(),
-        );
-        metric(
-            "oldest_queued_age_seconds",
-            "gauge",
-            "Age of the oldest queued path (0 when the queue is empty).",
-            self.oldest_queued_seconds.unwrap_or(0).to_string(),
-        );
-        let targets: Vec<&TargetSnapshot> =
-            self.targets.iter().filter(|t| t.label != "-").collect();
-        let per_target: [PerTarget; 7] = [
-            ("target_queued", "gauge", "Queued paths this target does not have yet (those given up on aside).", |t| t.queued.to_string()),
-            ("target_delivered_total", "counter", "Paths this target took since the daemon started.", |t| t.delivered.to_string()),
-            ("target_backing_off", "gauge", "Paths waiting to be retried on this target after a failure.", |t| t.backing_off.to_string()),
-            ("target_failed", "gauge", "Paths given up on for this target, kept until requeued or dropped.", |t| t.failed.to_string()),
-            ("target_given_up_total", "counter", "Paths given up on for this target since the daemon started.", |t| t.given_up_total.to_string()),
-            ("target_failed_calls_total", "counter", "Failed calls to this target since the daemon started.", |t| t.failed_calls.to_string()),
-            ("target_up", "gauge", "1 when the last call to this target went through (or none was made), 0 when it failed.", |t| u8::from(t.last_error.is_none()).to_string()),
-        ];
-        if !targets.is_empty() {
-            for (name, kind, help, value) in per_target {
-                out.push_str(&format!(
-                    "# HELP nix_post_build_hook_queue_{name} {help}\n# TYPE nix_post_build_hook_queue_{name} {kind}\n"
-                ));
-                for t in &targets {
-                    out.push_str(&format!(
-                        "nix_post_build_hook_queue_{name}{{target=\"{}\"}} {}\n",
-                        label_value(&t.label),
-                        value(t)
-                    ));
-                }
+        const M: &str = "nix_post_build_hook_queue_";
+        let mut text = String::new();
+        for (_, name, kind, help, value) in FIELDS.iter().filter(|f| !f.1.is_empty()) {
+            if let Value::Num(n, d) = value(self) {
+                let n = n.unwrap_or(0.0);
+                text += &format!(
+                    "# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n{M}{name} {n:.d$}\n"
+                );
             }
         }
-        out.push_str(
-            "# HELP nix_post_build_hook_queue_upload_duration_seconds Time spent in successful upload batches.\n\
-             # TYPE nix_post_build_hook_queue_upload_duration_seconds summary\n",
-        );
-        out.push_str(&format!(
-            "nix_post_build_hook_queue_upload_duration_seconds_sum {:.6}\nnix_post_build_hook_queue_upload_duration_seconds_count {}\n",
+        let targets: Vec<&TargetSnapshot> = self.shown().collect();
+        for (name, kind, help, value) in PER_TARGET.iter().filter(|_| !targets.is_empty()) {
+            text += &format!("# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n");
+            for t in &targets {
+                text += &format!(
+                    "{M}{name}{{target=\"{}\"}} {}\n",
+                    label_value(&t.label),
+                    value(t)
+                );
+            }
+        }
+        text += &format!(
+            "# HELP {M}upload_duration_seconds Time spent in successful upload calls.\n# TYPE {M}upload_duration_seconds summary\n{M}upload_duration_seconds_sum {:.6}\n{M}upload_duration_seconds_count {}\n",
             self.upload_seconds, self.upload_batches
-        ));
-        out
+        );
+        text
     }
 }
 
-/// A per-target metric: name, type, help, and its value for a target.
-type PerTarget = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&TargetSnapshot) -> String,
-);
+impl TargetSnapshot {
+    /// `ok`, or `failing` when its last call failed.
+    pub fn state(&self) -> &'static str {
+        match self.last_error {
+            Some(_) => "failing",
+            None => "ok",
+        }
+    }
+}
+
+/// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since start,
+/// when that is shorter).
+fn upload_rate_per_minute(stats: &Stats) -> f64 {
+    let now = Instant::now();
+    let window = RATE_WINDOW.min(now.duration_since(stats.started));
+    let recent = stats
+        .recent_uploads
+        .iter()
+        .filter(|(t, _)| now.duration_since(*t) <= window);
+    recent.map(|(_, n)| n).sum::<u64>() as f64 * 60.0 / window.as_secs_f64().max(1.0)
+}
+
+/// The line saying how many of `total` paths the list of `shown` left out
+/// (empty when none): `... and 3 more failed (status lists the 100 oldest)`.
+fn more(total: usize, shown: usize, what: &str, which: &str) -> String {
+    match total > shown {
+        true => format!(
+            "  ... and {} more{what} (status lists the {shown} {which})\n",
+            total - shown
+        ),
+        false => String::new(),
+    }
+}
+
+/// A duration for people: `0.4s`, `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
+/// Fractions are shown only under 10 seconds.
+pub fn human_duration(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return "0s".to_string();
+    }
+    if seconds < 10.0 && seconds.fract() != 0.0 {
+        return format!("{seconds:.1}s");
+    }
+    let s = seconds.round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// A JSON string literal.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => out += &format!("\\u{:04x}", c as u32),
+            c => out.push(c),
+        }
+    }
+    out + "\""
+}
 
 /// `text` as a Prometheus label value (between the quotes): `\\`, `"` and
 /// line breaks escaped.
@@ -660,84 +848,181 @@ mod tests {
         let shared = Shared::new(&[Target::url("ssh://u:pw@h")]);
         {
             let mut s = shared.lock();
-            s.targets[0].backoff.insert(
-                path("a"),
-                Backoff {
-                    attempts: 2,
-                    counted: 0,
-                    next_try: Some(Instant::now() + Duration::from_secs(60)),
-                    last_error: "cannot open 'ssh://u:pw@h?secret-key=/k'\nsecond line".into(),
-                },
-            );
+            let error = "cannot open 'ssh://u:pw@h?secret-key=/k'\nsecond line".into();
+            let next_try = Some(Instant::now() + Duration::from_secs(60));
+            let b = Backoff {
+                attempts: 2,
+                next_try,
+                last_error: error,
+            };
+            s.targets[0].backoff.insert(path("a"), b);
             // Being retried by the worker.
-            s.targets[0].backoff.insert(
-                path("b"),
-                Backoff {
-                    attempts: 1,
-                    counted: 1,
-                    next_try: None,
-                    last_error: "x".into(),
-                },
-            );
+            let b = Backoff {
+                attempts: 1,
+                next_try: None,
+                last_error: "x".into(),
+            };
+            s.targets[0].backoff.insert(path("b"), b);
         }
         let snap = Snapshot::take(&journal, &shared, &dir.join("spool"), true);
         assert_eq!(snap.queued, 2);
         assert_eq!(snap.backoff[0].1, 0.0, "being retried: due now");
         assert_eq!(snap.backoff[0].2, path("b"));
         assert!((50.0..=60.0).contains(&snap.backoff[1].1));
-        let lines = snap.reply_lines();
-        assert!(lines.contains("\nqueued 2\n"), "{lines}");
-        assert!(lines.contains("\nbacking-off 2\n"), "{lines}");
-        assert!(lines.contains("\ntarget ssh://u:***@h\n"), "{lines}");
+        let text = snap.text();
+        assert!(text.starts_with("queued:       2 (oldest queued"), "{text}");
+        assert!(text.contains("\nbacking off:  2\n"), "{text}");
+        assert!(text.contains("\ntarget:       ssh://u:***@h\n"), "{text}");
+        let a = format!("  {}: attempt 2 failed, next try in ", path("a"));
+        let line = text.lines().find(|l| l.starts_with(&a)).unwrap();
         assert!(
-            lines.contains(&format!(
-                "backoff 2 {:.1} {} cannot open 'ssh://u:***@h?secret-key=***' second line\n",
-                snap.backoff[1].1,
-                path("a")
-            )),
-            "{lines}"
+            line.ends_with(": cannot open 'ssh://u:***@h?secret-key=***' second line"),
+            "{line}"
         );
-        assert!(!lines.contains("pw") && !lines.contains("/k"), "{lines}");
+        assert!(text.contains(&format!(
+            "  {}: attempt 1 failed, retrying now: x\n",
+            path("b")
+        )));
+        let json = snap.json();
+        assert_eq!(json.lines().count(), 1, "{json}");
+        assert!(
+            json.contains("\"queued\":2,") && json.contains("\"backing_off\":2,"),
+            "{json}"
+        );
+        for shown in [&text, &json] {
+            assert!(!shown.contains("pw") && !shown.contains("/k"), "{shown}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            uptime_seconds: 3725,
+            queued: 3,
+            in_flight_paths: vec![path("d")],
+            spool_files: 2,
+            spool_paths: 7,
+            upload_rate_per_minute: 12.5,
+            uploaded: 7,
+            dropped: 0,
+            failed_calls: 2,
+            oldest_queued_seconds: Some(75),
+            upload_seconds: 0.25,
+            upload_batches: 4,
+            signing: false,
+            target: None,
+            backing_off: 3,
+            backoff: vec![
+                (1, 0.0, path("a"), "a \"quoted\" \\ path\tand\u{1}".into()),
+                (2, 125.3, path("b"), "boom".into()),
+            ],
+            given_up_total: 1,
+            failed: vec![(
+                path("c"),
+                GivenUp {
+                    target: TargetId::of(None),
+                    at: 0,
+                    attempts: 10,
+                    error: "boom".into(),
+                },
+                65,
+            )],
+            targets: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn text_shows_durations_and_backoff() {
+        let [a, b, c, d] = ["a", "b", "c", "d"].map(path);
+        assert_eq!(
+            snapshot().text(),
+            format!(
+                "queued:       3 (oldest queued 1m 15s ago)\n\
+                 in flight:    1\n\
+                 \x20 uploading {d}\n\
+                 uploaded:     7 since start (12.5 paths/min lately)\n\
+                 spool:        2 file(s) with 7 path(s) left by the hook, not yet queued\n\
+                 dropped:      0 since start\n\
+                 backing off:  3\n\
+                 failed:       1 (given up on; requeue or drop them)\n\
+                 failed calls: 2 since start\n\
+                 target:       none (upload-to is not set)\n\
+                 signing:      off\n\
+                 uptime:       1h 2m\n\
+                 version:      {}\n\
+                 \x20 {a}: attempt 1 failed, retrying now: a \"quoted\" \\ path\tand\u{1}\n\
+                 \x20 {b}: attempt 2 failed, next try in 2m 5s: boom\n\
+                 \x20 ... and 1 more (status lists the 2 soonest)\n\
+                 \x20 {c}: FAILED, given up on 1m 5s ago after 10 attempts: boom\n",
+                crate::VERSION
+            )
+        );
+    }
+
+    #[test]
+    fn json_is_one_object_with_escaped_strings() {
+        let [a, b, c, d] = ["a", "b", "c", "d"].map(path);
+        assert_eq!(
+            snapshot().json(),
+            format!(
+                "{{\"version\":\"{}\",\"uptime_seconds\":3725,\"queued\":3,\"in_flight\":1,\
+                 \"uploaded\":7,\"dropped\":0,\"failed_calls\":2,\"backing_off\":3,\"failed\":1,\
+                 \"oldest_queued_seconds\":75,\"upload_seconds_sum\":0.250,\"upload_batches\":4,\
+                 \"upload_rate_per_minute\":12.5,\"spool_files\":2,\"spool_paths\":7,\
+                 \"signing\":false,\"target\":null,\
+                 \"backoff\":[{{\"path\":\"{a}\",\"attempts\":1,\"next_try_seconds\":0.0,\
+                 \"last_error\":\"a \\\"quoted\\\" \\\\ path\\u0009and\\u0001\"}},\
+                 {{\"path\":\"{b}\",\"attempts\":2,\"next_try_seconds\":125.3,\"last_error\":\"boom\"}}],\
+                 \"failed_paths\":[{{\"path\":\"{c}\",\"attempts\":10,\
+                 \"given_up_seconds_ago\":65,\"last_error\":\"boom\"}}],\
+                 \"in_flight_paths\":[\"{d}\"],\"targets\":[]}}\n",
+                crate::VERSION
+            )
+        );
+        let mut s = snapshot();
+        s.oldest_queued_seconds = None;
+        s.target = Some("file:///a".into());
+        let json = s.json();
+        assert!(json.contains("\"oldest_queued_seconds\":null,"), "{json}");
+        assert!(json.contains("\"target\":\"file:///a\","), "{json}");
+    }
+
+    #[test]
+    fn durations_for_people() {
+        let cases = [
+            (0.0, "0s"),
+            (f64::NAN, "0s"),
+            (0.4, "0.4s"),
+            (9.0, "9s"),
+            (42.4, "42s"),
+            (63.0, "1m 3s"),
+            (3605.0, "1h 0m"),
+            (90_000.0, "1d 1h"),
+        ];
+        for (secs, text) in cases {
+            assert_eq!(human_duration(secs), text, "{secs}");
+        }
     }
 
     #[test]
     fn prometheus_text_declares_every_sample() {
-        let snap = Snapshot {
-            uptime_seconds: 5,
-            queued: 3,
-            in_flight: 1,
-            in_flight_paths: Vec::new(),
-            spool_files: 2,
-            spool_paths: 5,
-            upload_rate_per_minute: 1.5,
-            uploaded: 7,
-            dropped: 1,
-            failed_calls: 2,
-            oldest_queued_seconds: Some(9),
-            upload_seconds: 1.5,
-            upload_batches: 4,
-            signing: false,
-            target: Some("file:///a, file:///b".into()),
-            backing_off: 0,
-            backoff: Vec::new(),
-            given_up_total: 1,
-            failed: Vec::new(),
-            targets: ["file:///a", "upload-command: x \"y\""]
-                .iter()
-                .map(|label| TargetSnapshot {
-                    id: TargetId::of(Some(label)),
-                    label: label.to_string(),
-                    queued: 2,
-                    delivered: 3,
-                    backing_off: 1,
-                    failed: 0,
-                    given_up_total: 0,
-                    failed_calls: 4,
-                    last_error: None,
-                })
-                .collect(),
-        };
+        let mut snap = snapshot();
+        snap.in_flight_paths = Vec::new();
+        snap.oldest_queued_seconds = Some(9);
+        snap.targets = ["file:///a", "upload-command: x \"y\""]
+            .iter()
+            .map(|label| TargetSnapshot {
+                id: TargetId::of(Some(label)),
+                label: label.to_string(),
+                queued: 2,
+                delivered: 3,
+                backing_off: 1,
+                failed: 0,
+                given_up_total: 0,
+                failed_calls: 4,
+                last_error: None,
+            })
+            .collect();
         let text = snap.prometheus();
         let mut declared = Vec::new();
         for line in text.lines() {
@@ -755,21 +1040,20 @@ mod tests {
                 );
             }
         }
-        assert!(text.contains("nix_post_build_hook_queue_queued 3\n"));
-        assert!(text.contains("nix_post_build_hook_queue_oldest_queued_age_seconds 9\n"));
-        assert!(text.contains("nix_post_build_hook_queue_upload_duration_seconds_count 4\n"));
-        assert!(
-            text.contains(
-                "nix_post_build_hook_queue_target_delivered_total{target=\"file:///a\"} 3\n"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "nix_post_build_hook_queue_target_up{target=\"upload-command: x \\\"y\\\"\"} 1\n"
-            ),
-            "{text}"
-        );
+        for sample in [
+            "queued 3",
+            "in_flight 0",
+            "given_up_total 1",
+            "oldest_queued_age_seconds 9",
+            "upload_duration_seconds_count 4",
+            "target_delivered_total{target=\"file:///a\"} 3",
+            "target_up{target=\"upload-command: x \\\"y\\\"\"} 1",
+        ] {
+            assert!(
+                text.contains(&format!("\nnix_post_build_hook_queue_{sample}\n")),
+                "{sample}\n{text}"
+            );
+        }
     }
 
     #[test]

@@ -1,53 +1,40 @@
-//! The one worker thread: takes queued paths in batches and signs and uploads
-//! them with `nix`, outside the build loop.
+//! The worker: takes queued paths in batches and signs and uploads them with
+//! `nix`, outside the build loop, each target at its own pace.
 //!
-//! It is fed through an `mpsc` channel by the connection threads (after they
-//! journaled the paths) and owns the order of work. While paths keep coming
-//! (a build in progress) it gathers them for a moment rather than start nix
-//! for every few, leaving the CPU to the build. For each batch it finds
-//! the outputs of derivations, drops paths that are gone from the store, then
-//! runs one `nix store sign` and one `nix copy`. When a batch fails, one of
-//! its paths is tried alone: if that fails too, the target is taken to be
-//! down and the whole batch backs off as one group (two calls per retry in an
-//! outage, whatever the batch size); if it goes through, the rest is split in
-//! halves to find the paths at fault, within a budget of calls. Failing paths
-//! back off exponentially with jitter, a group sharing one timer. Only
-//! success or a drop removes a path from the journal.
+//! Its front thread is fed through an `mpsc` channel by the connection
+//! threads (after they journaled the paths). While paths keep coming (a
+//! build in progress) it gathers them for a moment rather than start nix for
+//! every few, leaving the CPU to the build; a pending `wait` starts the batch
+//! at once. For each batch it finds the outputs of derivations, drops paths
+//! gone from the store and signs the batch once, then hands it to every
+//! target's lane.
 //!
-//! Several targets: every path goes to each of them. A batch is signed once,
-//! before any copy; then each target that still needs some of its paths
-//! gets its own call, its own canary, bisection and backoff (targets whose
-//! last call went through first). A target that is down (its last failure
-//! was blamed on it) is not called again before its group's next try: new
-//! paths join that group, so an outage of one target costs one call per
-//! retry and never holds back the others. The journal records which target
-//! has a path (`>`); the path leaves it once every target has it, so after
-//! a crash only the targets that lack a path get it.
-//!
-//! Failure has an end: a path that failed `max-attempts` times while the
-//! target answered (it failed alone, and the target took other paths or
-//! answered `nix store ping`), or that still fails `give-up-after` after it
-//! was queued, is given up on: journaled as such, no longer tried, and no
-//! longer waited for, until an operator requeues or drops it. Failures while
-//! the target is down (a call timed out, or the one-path canary failed too)
-//! do not count towards `max-attempts`: an outage is not the paths' fault.
+//! A lane is a thread of one target with a channel of its own: it copies
+//! what it was handed, and when a call fails it follows the retry policy
+//! ([`crate::policy`]): a canary, bisection, backoff and giving up. A target
+//! that is down is not called again before its group's next try; what comes
+//! meanwhile joins that group. A lane's call never delays another's. The
+//! journal records which target has a path (`>`); the path leaves it once
+//! every target has it. The lanes own the retry state and publish it in
+//! [`Shared`] for `status` and `wait`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::journal::{GivenUp, Journal, TargetId};
 use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
+use crate::policy::{self, Answer, Blame, Failures, Next, Policy, Streak};
 use crate::spool::Spool;
 use crate::status::{Backoff, Shared};
 use crate::store_path::StorePath;
 use crate::target::{Kind, Target};
-use crate::{drv, info, sys, warning};
+use crate::{drv, error, info, sys, warning};
 
 /// A batch starts once no new path arrived for this long...
 const BATCH_QUIET: Duration = Duration::from_millis(200);
@@ -55,11 +42,12 @@ const BATCH_QUIET: Duration = Duration::from_millis(200);
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Nice steps the worker, and so every nix call, runs below the daemon.
 pub const UPLOAD_NICE: i32 = 10;
-/// How often an idle worker looks at the spool directory.
+/// How often an idle thread looks up (the spool, the stop flag).
 const IDLE_TICK: Duration = Duration::from_secs(1);
-/// Longest `nix store ping` may take when a path failed alone and the
-/// worker asks whether the target answers at all.
+/// Longest `nix store ping` may take when a path failed alone.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
+/// Paths named in a log line about many.
+const NAMED: usize = 3;
 
 /// Messages to the worker.
 #[derive(Debug)]
@@ -68,46 +56,51 @@ pub enum Msg {
     Queued(Vec<StorePath>),
     /// Make every backing-off path due now.
     Retry,
-    /// Finish the current batch and return.
+    /// A `wait` is pending: start the batch being gathered now, without
+    /// its quiet period.
+    Flush,
+    /// Finish the current calls and return.
     Shutdown,
 }
 
-/// One target as the worker sees it.
-struct Lane {
-    target: Target,
-    /// nix with this target's settings (a connect timeout for ssh).
-    nix: Nix,
-    /// While the target is down (its last failure was blamed on it): the
-    /// failed group's next try, its attempts and error. New paths join that
-    /// group instead of costing a call each.
-    down: Option<(Instant, u32, String)>,
+/// Messages to a lane.
+enum ToLane {
+    /// Paths to deliver; `true` when the batch is signed already.
+    Batch(Vec<StorePath>, bool),
+    Retry,
+    Shutdown,
 }
 
-/// The worker's state; run it with [`Worker::run`] on its own thread.
+/// Builds come first: the uploads (xz compression, signing) take the CPU
+/// the builds leave, and every nix call a thread starts inherits its nice.
+fn lower_priority() {
+    if let Err(e) = sys::lower_thread_priority(UPLOAD_NICE) {
+        warning!("cannot lower the worker's CPU priority: {e}");
+    }
+}
+
+/// The front thread; run it with [`Worker::run`].
 pub struct Worker {
     journal: Arc<Journal>,
     shared: Arc<Shared>,
     rx: Receiver<Msg>,
-    /// nix for what is not a target's: signing, queries.
+    /// nix for signing and queries.
     nix: Nix,
     store_dir: String,
     signing_key: Option<PathBuf>,
-    /// The targets, in the order of `Shared`'s per-target statistics.
-    lanes: Vec<Lane>,
-    /// Their journal names, for [`Journal::deliver`].
-    target_ids: Vec<TargetId>,
-    max_attempts: Option<u32>,
-    give_up_after: Option<Duration>,
     sign_closure: bool,
     batch_size: usize,
-    retry_initial: Duration,
-    retry_max: Duration,
     spool: Spool,
     ready: VecDeque<StorePath>,
-    /// Most paths in the next batch: `batch_size`, halved after a batch timed
-    /// out (it may have been too big to finish in `command-timeout`) and
-    /// doubled again after each success.
-    batch_limit: usize,
+    /// A `wait` is pending: no quiet period.
+    flush: bool,
+    lanes: Vec<Lane>,
+    txs: Vec<Sender<ToLane>>,
+    ids: Vec<TargetId>,
+    policy: Policy,
+    /// Derivations whose outputs could not be found, with their next try.
+    drvs: HashMap<StorePath, (Failures, Instant)>,
+    has_targets: bool,
 }
 
 impl Worker {
@@ -119,105 +112,146 @@ impl Worker {
         shared: Arc<Shared>,
         rx: Receiver<Msg>,
     ) -> Worker {
-        // The stop thread kills the call in progress through `running_pgid`
-        // when it outlasts the grace period.
-        let nix_for = |url: Option<&str>| {
-            Nix::from_config(config, url).with_running(Arc::clone(&shared.running_pgid))
+        let targets = crate::target::configured(config);
+        let ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
+        let policy = Policy {
+            max_attempts: config.max_attempts,
+            give_up_after: config.give_up_after,
+            retry_initial: config.retry_initial_delay,
+            retry_max: config.retry_max_delay,
         };
-        let lanes: Vec<Lane> = crate::target::configured(config)
-            .into_iter()
-            .map(|target| Lane {
-                nix: nix_for(match &target.kind {
-                    Kind::Url(url) => Some(url),
-                    _ => None,
-                }),
+        let has_targets = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
+        let work = config.signing_key_file.is_some() || has_targets;
+        // The stop thread kills the calls in progress through these.
+        let running = shared.running();
+        let nix_for = |url: Option<&str>, i: usize| {
+            Nix::from_config(config, url).with_running(Arc::clone(&running[i]))
+        };
+        let (mut lanes, mut txs) = (Vec::new(), Vec::new());
+        for (i, target) in targets.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            txs.push(tx);
+            let url = match &target.kind {
+                Kind::Url(url) => Some(url.as_str()),
+                _ => None,
+            };
+            lanes.push(Lane {
+                i,
+                nix: nix_for(url, i + 1),
                 target,
+                journal: Arc::clone(&journal),
+                shared: Arc::clone(&shared),
+                rx,
+                ids: ids.clone(),
+                policy: policy.clone(),
+                signing_key: config.signing_key_file.clone(),
+                sign_closure: config.sign_closure,
+                batch_size: config.batch_size,
+                limit: config.batch_size,
+                fresh: VecDeque::new(),
+                held: HashMap::new(),
                 down: None,
-            })
-            .collect();
+                streak: Streak::default(),
+                sign: false,
+                several: ids.len() > 1,
+                work,
+            });
+        }
         Worker {
+            nix: nix_for(None, 0),
             journal,
-            nix: nix_for(None),
-            target_ids: lanes.iter().map(|l| l.target.id).collect(),
-            lanes,
             shared,
             rx,
             store_dir: config.store_dir.clone(),
             signing_key: config.signing_key_file.clone(),
-            max_attempts: config.max_attempts,
-            give_up_after: config.give_up_after,
             sign_closure: config.sign_closure,
             batch_size: config.batch_size,
-            retry_initial: config.retry_initial_delay,
-            retry_max: config.retry_max_delay.max(config.retry_initial_delay),
             spool: Spool::new(&config.spool_dir(), &config.store_dir),
             ready: VecDeque::new(),
-            batch_limit: config.batch_size,
+            flush: false,
+            lanes,
+            txs,
+            ids,
+            policy,
+            drvs: HashMap::new(),
+            has_targets,
         }
     }
 
-    /// True when some target is more than "sign only".
-    fn has_targets(&self) -> bool {
-        self.lanes
-            .iter()
-            .any(|l| !matches!(l.target.kind, Kind::SignOnly))
-    }
-
-    fn has_work_to_do(&self) -> bool {
-        self.signing_key.is_some() || self.has_targets()
-    }
-
-    /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
+    /// Runs until [`Msg::Shutdown`] arrives or every sender is gone; then
+    /// stops the lanes and waits for their calls.
     pub fn run(mut self) {
-        // Builds come first: on a busy machine the uploads (xz compression,
-        // signing) take the CPU the builds leave, while the threads that
-        // acknowledge the hook keep their priority.
-        if let Err(e) = sys::lower_thread_priority(UPLOAD_NICE) {
-            warning!("cannot lower the worker's CPU priority: {e}");
-        }
-        if !self.has_work_to_do() {
+        lower_priority();
+        if self.signing_key.is_none() && !self.has_targets {
             info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
+        }
+        let mut threads = Vec::new();
+        for lane in std::mem::take(&mut self.lanes) {
+            let name = format!("lane {}", lane.i);
+            match std::thread::Builder::new()
+                .name(name)
+                .spawn(move || lane.run())
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    error!("cannot start a thread for a target: {e}");
+                    return;
+                }
+            }
         }
         self.ingest_spool();
         loop {
-            let wait = if self.ready.is_empty() {
-                self.next_due().map_or(IDLE_TICK, |d| d.min(IDLE_TICK))
-            } else {
-                Duration::ZERO
+            let wait = match self.drvs.values().map(|d| d.1).min() {
+                _ if !self.ready.is_empty() => Duration::ZERO,
+                Some(next) => next
+                    .saturating_duration_since(Instant::now())
+                    .min(IDLE_TICK),
+                None => IDLE_TICK,
             };
-            let mut shutdown = false;
-            match self.rx.recv_timeout(wait) {
-                Ok(msg) => shutdown |= self.handle(msg),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
+            let mut stop = match self.rx.recv_timeout(wait) {
+                Ok(msg) => self.handle(msg),
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
             while let Ok(msg) = self.rx.try_recv() {
-                shutdown |= self.handle(msg);
+                stop |= self.handle(msg);
             }
-            if !shutdown && !self.gather() {
-                return;
+            if stop || !self.gather() || self.shared.stopping.load(Ordering::SeqCst) {
+                break;
             }
-            if shutdown || self.shared.stopping.load(Ordering::SeqCst) {
-                return;
-            }
-            self.promote_due();
+            let now = Instant::now();
+            let due: Vec<StorePath> = self
+                .drvs
+                .iter()
+                .filter(|d| d.1 .1 <= now)
+                .map(|d| d.0.clone())
+                .collect();
+            self.ready.extend(due);
             if self.ready.is_empty() {
+                self.flush = false;
                 self.ingest_spool();
                 continue;
             }
             let batch = self.take_batch();
             self.process(batch);
         }
+        for tx in &self.txs {
+            let _ = tx.send(ToLane::Shutdown);
+        }
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
-    /// While paths keep arriving (a build in progress), gathers them into
-    /// one batch instead of starting nix for every few: until none came for
-    /// [`BATCH_QUIET`], the batch is full, or [`BATCH_MAX_WAIT`] passed.
-    /// Returns false when the channel is gone or a stop was asked for.
+    /// While paths keep arriving, gathers them into one batch: until none
+    /// came for [`BATCH_QUIET`], the batch is full, [`BATCH_MAX_WAIT`]
+    /// passed or a `wait` asks for it. False when a stop was asked for.
     fn gather(&mut self) -> bool {
-        let full = self.batch_limit.min(self.batch_size);
         let start = Instant::now();
-        while !self.ready.is_empty() && self.ready.len() < full && start.elapsed() < BATCH_MAX_WAIT
+        while !self.flush
+            && !self.ready.is_empty()
+            && self.ready.len() < self.batch_size
+            && start.elapsed() < BATCH_MAX_WAIT
         {
             match self.rx.recv_timeout(BATCH_QUIET) {
                 Ok(msg) => {
@@ -232,22 +266,17 @@ impl Worker {
         true
     }
 
+    /// True for [`Msg::Shutdown`].
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Queued(paths) => self.ready.extend(paths),
+            Msg::Flush => self.flush = true,
             Msg::Retry => {
-                let now = Instant::now();
-                // Paths already being retried (no next try) stay as they are,
-                // so that none is queued twice.
-                for t in &mut self.shared.lock().targets {
-                    for b in t.backoff.values_mut() {
-                        if b.next_try.is_some() {
-                            b.next_try = Some(now);
-                        }
-                    }
+                for d in self.drvs.values_mut() {
+                    d.1 = Instant::now();
                 }
-                for lane in &mut self.lanes {
-                    lane.down = None;
+                for tx in &self.txs {
+                    let _ = tx.send(ToLane::Retry);
                 }
             }
             Msg::Shutdown => return true,
@@ -255,111 +284,75 @@ impl Worker {
         false
     }
 
-    fn next_due(&self) -> Option<Duration> {
-        let stats = self.shared.lock();
-        let next = stats
-            .targets
-            .iter()
-            .flat_map(|t| t.backoff.values())
-            .filter_map(|b| b.next_try)
-            .min()?;
-        Some(next.saturating_duration_since(Instant::now()))
-    }
-
-    /// Moves backing-off paths whose time has come to the ready queue, in
-    /// the order they were queued.
-    fn promote_due(&mut self) {
-        let now = Instant::now();
-        let mut due: Vec<StorePath> = {
-            let mut stats = self.shared.lock();
-            let mut due = std::collections::HashSet::new();
-            for t in &mut stats.targets {
-                // Keep the entries (attempt counts) until the path succeeds.
-                for (p, b) in t.backoff.iter_mut() {
-                    if b.next_try.is_some_and(|t| t <= now) {
-                        b.next_try = None;
-                        due.insert(p.clone());
-                    }
-                }
-            }
-            due.into_iter().collect()
-        };
-        due.sort_by_key(|p| self.journal.entry(p).map_or(u64::MAX, |e| e.seq));
-        self.ready.extend(due);
-    }
-
-    /// True when target `lane` still needs queued `path`: it neither has
-    /// it nor is given up on for it, and it is not waiting for the path's
-    /// next try.
-    fn needs(&self, lane: usize, path: &StorePath) -> bool {
-        let id = self.lanes[lane].target.id;
-        !self.journal.is_delivered(path, id)
-            && !self.journal.is_given_up(path, id)
-            && self.shared.lock().targets[lane]
-                .backoff
-                .get(path)
-                .is_none_or(|b| b.next_try.is_none())
-    }
-
+    /// The next batch: queued paths some target still needs, each once.
     fn take_batch(&mut self) -> Vec<StorePath> {
-        let mut taken = std::collections::HashSet::new();
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        while batch.len() < self.batch_limit.min(self.batch_size) {
+        let (mut taken, mut batch, mut bytes) = (HashSet::new(), Vec::new(), 0);
+        while batch.len() < self.batch_size {
             let Some(next) = self.ready.front() else {
                 break;
             };
-            let len = next.as_str().len() + 1;
-            if !batch.is_empty() && bytes + len > MAX_ARG_BYTES {
+            bytes += next.as_str().len() + 1;
+            if !batch.is_empty() && bytes > MAX_ARG_BYTES {
                 break;
             }
-            bytes += len;
-            if let Some(p) = self.ready.pop_front() {
-                // Dropped by an operator meanwhile, settled for every target
-                // (given up on, or delivered), or twice in line (due on two
-                // targets).
-                if self.journal.entry(&p).is_none()
-                    || taken.contains(&p)
-                    || !(0..self.lanes.len()).any(|i| self.needs(i, &p))
-                {
-                    continue;
-                }
-                taken.insert(p.clone());
+            let Some(p) = self.ready.pop_front() else {
+                break;
+            };
+            let needed = self.journal.entry(&p).is_some()
+                && self.ids.iter().any(|&id| {
+                    !self.journal.is_delivered(&p, id) && !self.journal.is_given_up(&p, id)
+                });
+            if needed && taken.insert(p.clone()) {
                 batch.push(p);
             }
         }
         batch
     }
 
-    fn drop_paths(&self, paths: &[StorePath], why: &str) {
-        drop_paths(&self.journal, &self.shared, paths, why);
-    }
-
+    /// Resolves, checks and signs a batch once, then hands it to the lanes.
     fn process(&mut self, batch: Vec<StorePath>) {
-        self.shared.lock().in_flight = batch.len();
-        let batch = self.resolve_derivations(batch);
-        {
-            let mut stats = self.shared.lock();
-            stats.in_flight = batch.len();
-            stats.in_flight_paths.clone_from(&batch);
-        }
-        if !batch.is_empty() {
-            if self.has_work_to_do() {
-                self.upload(batch);
-            } else {
-                self.finish(0, &batch, Duration::ZERO);
+        self.shared.lock().in_flight_paths.clone_from(&batch);
+        let mut batch = self.resolve_derivations(batch);
+        if self.signing_key.is_some() || self.has_targets {
+            if let Ok(invalid) = self.nix.invalid_paths(&batch) {
+                let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
+                    .into_iter()
+                    .partition(|p| invalid.iter().any(|i| i == p.as_str()));
+                drop_paths(
+                    &self.journal,
+                    &self.shared,
+                    &gone,
+                    "no longer valid in the store (garbage-collected?)",
+                );
+                batch = valid;
             }
         }
-        {
-            let mut stats = self.shared.lock();
-            stats.in_flight = 0;
-            stats.in_flight_paths.clear();
+        // Once per batch, before any copy. When it fails, each lane signs
+        // what it copies, so that its bisection finds the paths at fault.
+        let signed = match &self.signing_key {
+            Some(key) if self.has_targets && !batch.is_empty() => {
+                match self.nix.sign(key, self.sign_closure, &batch) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        self.shared.lock().failed_calls += 1;
+                        warning!("signing a batch of {} paths failed: {e}", batch.len());
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if !batch.is_empty() {
+            for tx in &self.txs {
+                let _ = tx.send(ToLane::Batch(batch.clone(), signed));
+            }
         }
+        self.shared.lock().in_flight_paths.clear();
     }
 
     /// Replaces derivations by their outputs, in the journal and the batch.
     fn resolve_derivations(&mut self, batch: Vec<StorePath>) -> Vec<StorePath> {
-        let mut out = Vec::with_capacity(batch.len());
+        let (mut out, mut gone) = (Vec::with_capacity(batch.len()), Vec::new());
         for path in batch {
             if !path.is_drv() {
                 out.push(path);
@@ -368,13 +361,13 @@ impl Worker {
             let outputs = match drv::read_outputs(&path, &self.store_dir) {
                 Ok(outputs) => outputs,
                 Err(drv::DrvError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.drop_paths(&[path], "the derivation is no longer in the store");
+                    gone.push(path);
                     continue;
                 }
                 Err(_) => match self.query_outputs(&path) {
                     Ok(outputs) => outputs,
                     Err(e) => {
-                        self.back_off_everywhere(&path, &e, Blame::Paths);
+                        self.unresolved(path, &e, Blame::Paths);
                         continue;
                     }
                 },
@@ -382,15 +375,22 @@ impl Worker {
             match self.journal.replace(&path, &outputs) {
                 Ok(added) => {
                     self.shared.lock().forget(&path);
+                    self.drvs.remove(&path);
                     out.extend(added);
                 }
-                Err(e) => self.back_off_everywhere(
-                    &path,
+                Err(e) => self.unresolved(
+                    path,
                     &format!("cannot journal the outputs: {e}"),
                     Blame::Target,
                 ),
             }
         }
+        drop_paths(
+            &self.journal,
+            &self.shared,
+            &gone,
+            "the derivation is no longer in the store",
+        );
         out
     }
 
@@ -408,453 +408,32 @@ impl Worker {
             .collect()
     }
 
-    /// Backs off a derivation that could not be resolved, on every target
-    /// (it is resolved once for all of them).
-    fn back_off_everywhere(
-        &mut self,
-        path: &StorePath,
-        error: &dyn std::fmt::Display,
-        blame: Blame,
-    ) {
-        for lane in 0..self.lanes.len() {
-            self.back_off(lane, vec![path.clone()], error, blame);
-        }
-    }
-
-    /// Signs a batch once, then uploads it to each target that needs some
-    /// of its paths, those whose last call went through first.
-    fn upload(&mut self, batch: Vec<StorePath>) {
-        let batch = match self.nix.invalid_paths(&batch) {
-            Ok(invalid) if !invalid.is_empty() => {
-                let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
-                    .into_iter()
-                    .partition(|p| invalid.iter().any(|i| i == p.as_str()));
-                self.drop_paths(&gone, "no longer valid in the store (garbage-collected?)");
-                valid
-            }
-            _ => batch,
-        };
-        if batch.is_empty() {
-            return;
-        }
-        // Once per batch, before any copy. When it fails, each target signs
-        // what it copies, so that its bisection finds the paths at fault;
-        // nothing is copied unsigned.
-        let signed = match &self.signing_key {
-            Some(key) if self.has_targets() => {
-                match self.nix.sign(key, self.sign_closure, &batch) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        self.shared.lock().failed_calls += 1;
-                        warning!("signing a batch of {} paths failed: {e}", batch.len());
-                        false
-                    }
-                }
-            }
-            _ => false,
-        };
-        let failing: Vec<bool> = {
-            let stats = self.shared.lock();
-            stats
-                .targets
-                .iter()
-                .map(|t| t.last_error.is_some())
-                .collect()
-        };
-        let order = (0..self.lanes.len())
-            .filter(|&i| !failing[i])
-            .chain((0..self.lanes.len()).filter(|&i| failing[i]));
-        for lane in order.collect::<Vec<usize>>() {
-            if self.stopping() {
-                // Still journaled: uploaded after the restart.
-                return;
-            }
-            let todo: Vec<StorePath> = batch
-                .iter()
-                .filter(|p| self.needs(lane, p))
-                .cloned()
-                .collect();
-            if todo.is_empty() {
-                continue;
-            }
-            match self.lanes[lane].down.clone() {
-                Some((retry_at, attempts, error)) if retry_at > Instant::now() => {
-                    self.join_outage(lane, todo, retry_at, attempts, &error);
-                }
-                _ => self.upload_to(lane, todo, !signed),
-            }
-        }
-    }
-
-    /// Adds paths to the group of a target that is down: they are tried
-    /// with it at its next try, without a call now.
-    fn join_outage(
-        &self,
-        lane: usize,
-        paths: Vec<StorePath>,
-        retry_at: Instant,
-        attempts: u32,
-        error: &str,
-    ) {
-        let mut stats = self.shared.lock();
-        let backoff = &mut stats.targets[lane].backoff;
-        for p in paths {
-            let counted = backoff.get(&p).map_or(0, |b| b.counted);
-            backoff.insert(
-                p,
-                Backoff {
-                    attempts,
-                    counted,
-                    next_try: Some(retry_at),
-                    last_error: error.to_string(),
-                },
-            );
-        }
-    }
-
-    /// Uploads a batch to one target. When it fails, one path is tried
-    /// alone (a canary): if that fails as well, the target is taken to be
-    /// down and the whole batch backs off together, so an outage costs two
-    /// calls per retry whatever the batch size. If the canary goes through,
-    /// the rest is split in halves to isolate the paths at fault. `sign`:
-    /// sign each group before its copy (the batch's signing failed).
-    fn upload_to(&mut self, lane: usize, mut batch: Vec<StorePath>, sign: bool) {
-        let started = Instant::now();
-        let failure = match self.attempt(lane, &batch, sign) {
-            Ok(()) => {
-                self.batch_limit = self.batch_limit.saturating_mul(2).min(self.batch_size);
-                return self.finish(lane, &batch, started.elapsed());
-            }
-            Err(failure) => failure,
-        };
-        self.count_failure(lane, &failure);
-        if failure.timed_out() {
-            // A problem of the target, the network or the batch's size, not
-            // of particular paths: no bisection. The target counts as down,
-            // so what comes meanwhile waits with this batch (a hung target
-            // costs one call per retry), and the next try is smaller in case
-            // this batch was too big to finish.
-            if batch.len() > 1 {
-                self.batch_limit = (batch.len() / 2).max(1);
-                warning!(
-                    "a batch of {} paths timed out; the next batches take at most {}",
-                    batch.len(),
-                    self.batch_limit
-                );
-            }
-            return self.back_off(lane, batch, &failure, Blame::Target);
-        }
-        if self.stopping() {
-            return self.back_off(lane, batch, &failure, Blame::Target);
-        }
-        if batch.len() == 1 {
-            let blame = self.blame_alone(lane);
-            return self.back_off(lane, batch, &failure, blame);
-        }
-        let canary = batch.remove(self.pick_canary(lane, &batch));
-        let started = Instant::now();
-        match self.attempt(lane, std::slice::from_ref(&canary), sign) {
-            Ok(()) => self.finish(lane, std::slice::from_ref(&canary), started.elapsed()),
-            Err(canary_failure) => {
-                self.count_failure(lane, &canary_failure);
-                batch.push(canary);
-                return self.back_off(lane, batch, &canary_failure, Blame::Target);
-            }
-        }
-        warning!(
-            "batch of {} paths failed while the target{} works, splitting it to find the paths at fault: {failure}",
-            batch.len() + 1,
-            self.named(lane)
-        );
-        // Enough calls to find one bad path by halving, plus a little.
-        let mut budget = 2 * (usize::BITS - batch.len().leading_zeros()) + 2;
-        let mut groups = vec![batch];
-        while let Some(group) = groups.pop() {
-            if self.stopping() {
-                // Still journaled: uploaded after the restart.
-                return;
-            }
-            let started = Instant::now();
-            match self.attempt(lane, &group, sign) {
-                Ok(()) => self.finish(lane, &group, started.elapsed()),
-                Err(failure) => {
-                    self.count_failure(lane, &failure);
-                    if group.len() > 1 && budget > 0 && !failure.timed_out() {
-                        budget -= 1;
-                        let mut left = group;
-                        let right = left.split_off(left.len() / 2);
-                        groups.push(right);
-                        groups.push(left);
-                    } else {
-                        // The target works (the canary went through): one
-                        // path failing on its own is at fault.
-                        let blame = if group.len() == 1 && !failure.timed_out() {
-                            Blame::Paths
-                        } else {
-                            Blame::Target
-                        };
-                        self.back_off(lane, group, &failure, blame);
-                    }
-                }
-            }
-        }
-    }
-
-    /// ` LABEL` when there are several targets (to name one in the log),
-    /// else nothing.
-    fn named(&self, lane: usize) -> String {
-        if self.lanes.len() > 1 {
-            format!(" {}", self.lanes[lane].target.label)
-        } else {
-            String::new()
-        }
-    }
-
-    /// Counts a failed call to target `lane`.
-    fn count_failure(&self, lane: usize, failure: &Failure) {
-        let mut stats = self.shared.lock();
-        stats.failed_calls += 1;
-        let t = &mut stats.targets[lane];
-        t.failed_calls += 1;
-        t.last_error = Some(failure.to_string());
-    }
-
-    fn stopping(&self) -> bool {
-        self.shared.stopping.load(Ordering::SeqCst)
-    }
-
-    /// The index of the path to try alone after a batch failed: one with the
-    /// fewest failed attempts (a path that failed on its own before is the
-    /// likeliest to be at fault), chosen at random among those, so that a bad
-    /// canary is not picked again and again.
-    fn pick_canary(&self, lane: usize, batch: &[StorePath]) -> usize {
-        let stats = self.shared.lock();
-        let backoff = &stats.targets[lane].backoff;
-        let attempts = |p: &StorePath| backoff.get(p).map_or(0, |b| b.attempts);
-        let fewest = batch.iter().map(attempts).min().unwrap_or(0);
-        let candidates: Vec<usize> = (0..batch.len())
-            .filter(|&i| attempts(&batch[i]) == fewest)
-            .collect();
-        let pick = (random_unit() * candidates.len() as f64) as usize;
-        candidates
-            .get(pick)
-            .or(candidates.last())
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Copies the paths to target `lane` (signing them first if `sign`).
-    fn attempt(&self, lane: usize, paths: &[StorePath], sign: bool) -> Result<(), Failure> {
-        let lane = &self.lanes[lane];
-        if let (Some(key), true) = (&self.signing_key, sign) {
-            self.nix.sign(key, self.sign_closure, paths)?;
-        }
-        match &lane.target.kind {
-            Kind::Url(url) => lane.nix.copy(url, paths),
-            Kind::Command(argv) => lane.nix.run_uploader(argv, paths),
-            Kind::SignOnly => Ok(()),
-        }
-    }
-
-    /// Records that target `lane` has the paths: those every target has
-    /// now leave the journal.
-    fn finish(&mut self, lane: usize, paths: &[StorePath], took: Duration) {
-        let id = self.lanes[lane].target.id;
-        self.lanes[lane].down = None;
-        let done = match self.journal.deliver(paths, id, &self.target_ids) {
-            Ok(done) => done,
-            Err(e) => {
-                // After a restart they are uploaded once more, which is
-                // harmless.
-                warning!("cannot journal {} finished paths: {e}", paths.len());
-                Vec::new()
-            }
-        };
-        if self.has_work_to_do() {
-            let to = self.named(lane);
-            match paths {
-                [one] => info!("uploaded {one}{to} in {:.3} s", took.as_secs_f64()),
-                [first, ..] => info!(
-                    "uploaded {} paths ({first}, ...){to} in {:.3} s",
-                    paths.len(),
-                    took.as_secs_f64()
-                ),
-                [] => {}
-            }
-        }
-        let mut stats = self.shared.lock();
-        stats.uploaded += done.len() as u64;
-        stats.record_uploads(done.len() as u64);
-        if self.has_work_to_do() {
-            stats.upload_seconds += took.as_secs_f64();
-            stats.upload_batches += 1;
-        }
-        let t = &mut stats.targets[lane];
-        t.delivered += paths.len() as u64;
-        t.last_error = None;
-        for p in paths {
-            t.backoff.remove(p);
-        }
-        for p in &done {
-            stats.forget(p);
-        }
-    }
-
-    /// Whom to blame when a path failed alone on target `lane`: the path if
-    /// the target answers `nix store ping` (or there is no target: signing
-    /// only), the target if not. An `upload-command` cannot be asked: its
-    /// lone failures do not count (the bisection of a failed batch still
-    /// finds the paths at fault, and `give-up-after` ends the rest).
-    fn blame_alone(&self, lane: usize) -> Blame {
-        let this = &self.lanes[lane];
-        let url = match &this.target.kind {
-            Kind::Command(_) => return Blame::Target,
-            Kind::SignOnly => return Blame::Paths,
-            Kind::Url(url) => url,
-        };
-        match this.nix.ping(url, PING_TIMEOUT.min(this.nix.timeout())) {
-            Ok(()) => Blame::Paths,
-            Err(e) => {
-                self.count_failure(lane, &e);
-                info!("the target{} does not answer either, so the failure does not count against the path: {e}", self.named(lane));
-                Blame::Target
-            }
-        }
-    }
-
-    /// Backs off paths that failed together: they share one attempt count
-    /// and one next try, so they are retried together in one call (paths
-    /// with timers of their own would each cost a call per retry). Paths at
-    /// the end of their tries are given up on instead.
-    /// A failure blamed on the target makes it count as down until then.
-    fn back_off(
-        &mut self,
-        lane: usize,
-        paths: Vec<StorePath>,
-        error: &dyn std::fmt::Display,
-        blame: Blame,
-    ) {
-        let error = error.to_string();
-        let paths = self.give_up_on_exhausted(lane, paths, &error, blame);
-        let Some(first) = paths.first() else {
+    /// Backs off a derivation that could not be resolved (for every target:
+    /// it is resolved once for all), or gives up on it.
+    fn unresolved(&mut self, path: StorePath, error: &str, blame: Blame) {
+        let now = Instant::now();
+        let mut f = self.drvs.remove(&path).map(|d| d.0).unwrap_or_default();
+        let attempts = f.attempts + 1;
+        let Some(why) = self.policy.fail(&mut f, attempts, blame, now) else {
+            let delay = self.policy.delay(attempts, random_unit());
+            warning!("cannot find the outputs of {path} (attempt {attempts}, next try in {:.1} s): {error}", delay.as_secs_f64());
+            self.drvs.insert(path, (f, now + delay));
             return;
         };
-        let to = self.named(lane);
-        let mut stats = self.shared.lock();
-        let backoff = &mut stats.targets[lane].backoff;
-        let attempts = paths
-            .iter()
-            .map(|p| backoff.get(p).map_or(0, |b| b.attempts))
-            .max()
-            .unwrap_or(0)
-            .saturating_add(1);
-        let delay = self.delay(attempts);
-        let next_try = Instant::now() + delay;
-        warning!(
-            "{} path(s) ({first}{}) failed attempt {attempts}{to}, next try in {:.1} s: {error}",
-            paths.len(),
-            if paths.len() > 1 { ", ..." } else { "" },
-            delay.as_secs_f64()
-        );
-        if blame == Blame::Target {
-            self.lanes[lane].down = Some((next_try, attempts, error.clone()));
-        }
-        for p in paths {
-            let counted =
-                backoff.get(&p).map_or(0, |b| b.counted) + u32::from(blame == Blame::Paths);
-            backoff.insert(
-                p,
-                Backoff {
-                    attempts,
-                    counted,
-                    next_try: Some(next_try),
-                    last_error: error.clone(),
-                },
-            );
-        }
-    }
-
-    /// Gives up on the paths of a failed call that reached `max-attempts`
-    /// (counting this failure if it is theirs) or `give-up-after`; returns
-    /// the others, to back off.
-    fn give_up_on_exhausted(
-        &self,
-        lane: usize,
-        paths: Vec<StorePath>,
-        error: &str,
-        blame: Blame,
-    ) -> Vec<StorePath> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut keep = Vec::with_capacity(paths.len());
-        for path in paths {
-            let (attempts, counted) = {
-                let stats = self.shared.lock();
-                stats.targets[lane]
-                    .backoff
-                    .get(&path)
-                    .map_or((0, 0), |b| (b.attempts, b.counted))
-            };
-            let (attempts, counted) = (
-                attempts.saturating_add(1),
-                counted + u32::from(blame == Blame::Paths),
-            );
-            let too_many = self.max_attempts.is_some_and(|max| counted >= max);
-            let queued_at = self.journal.entry(&path).map_or(now, |e| e.queued_at);
-            let too_long = self
-                .give_up_after
-                .is_some_and(|limit| now.saturating_sub(queued_at) >= limit.as_secs());
-            if !too_many && !too_long {
-                keep.push(path);
-                continue;
-            }
-            let why = if too_many {
-                format!("{counted} failed attempts while the target answered")
-            } else {
-                format!(
-                    "still failing {} s after it was queued (give-up-after)",
-                    now.saturating_sub(queued_at)
-                )
-            };
+        for (i, &target) in self.ids.iter().enumerate() {
             let record = GivenUp {
-                target: self.lanes[lane].target.id,
-                at: now,
+                target,
+                at: unix_now(),
                 attempts,
                 error: error.to_string(),
             };
-            match self.journal.give_up(&path, record) {
-                Ok(given_up) => {
-                    let mut stats = self.shared.lock();
-                    stats.targets[lane].backoff.remove(&path);
-                    if given_up {
-                        stats.given_up += 1;
-                        stats.targets[lane].given_up += 1;
-                        drop(stats);
-                        let on = match self.named(lane) {
-                            to if to.is_empty() => to,
-                            to => format!(" for{to}"),
-                        };
-                        warning!(
-                            "giving up on {path}{on} after {why}: {error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {path}` (or `drop {path}`)"
-                        );
-                    }
-                }
-                Err(e) => {
-                    warning!("cannot journal that {path} is given up on ({e}); it is retried");
-                    keep.push(path);
-                }
+            if let Ok(true) = self.journal.give_up(&path, record) {
+                let mut stats = self.shared.lock();
+                stats.given_up += 1;
+                stats.targets[i].given_up += 1;
             }
         }
-        keep
-    }
-
-    /// Exponential backoff with jitter: between half and all of
-    /// `initial * 2^(attempts-1)`, capped at the maximum delay.
-    fn delay(&self, attempts: u32) -> Duration {
-        let factor = 2f64.powi(attempts.saturating_sub(1).min(40) as i32);
-        let full = (self.retry_initial.as_secs_f64() * factor).min(self.retry_max.as_secs_f64());
-        Duration::from_secs_f64(full * (0.5 + 0.5 * random_unit()))
+        warning!("giving up on {path} after {why}: {error}");
     }
 
     /// Queues the requests clients left in the spool while we were away.
@@ -864,9 +443,480 @@ impl Worker {
     }
 }
 
-/// Drops queued paths from the journal, with a warning for each: they are
-/// not uploaded. Returns how many were queued. Used by the worker (paths
-/// gone from the store) and by the `drop` request.
+/// A path backing off on a lane.
+struct Held {
+    failures: Failures,
+    /// `None` while it is being retried.
+    next_try: Option<Instant>,
+    error: String,
+    /// Signed already (else signed before each copy).
+    signed: bool,
+}
+
+/// One target's thread: its calls, canary, bisection and backoff.
+struct Lane {
+    i: usize,
+    target: Target,
+    /// nix with this target's settings, publishing its call in progress.
+    nix: Nix,
+    journal: Arc<Journal>,
+    shared: Arc<Shared>,
+    rx: Receiver<ToLane>,
+    ids: Vec<TargetId>,
+    policy: Policy,
+    signing_key: Option<PathBuf>,
+    sign_closure: bool,
+    batch_size: usize,
+    /// Most paths in the next call: `batch_size`, halved after a call timed
+    /// out, doubled after each success.
+    limit: usize,
+    /// Handed over and not tried yet, with whether they are signed.
+    fresh: VecDeque<(StorePath, bool)>,
+    held: HashMap<StorePath, Held>,
+    /// While the target is down: its failed group's next try, attempts and
+    /// error.
+    down: Option<(Instant, u32, String)>,
+    streak: Streak<StorePath>,
+    /// The paths of the round in progress are to be signed before a copy.
+    sign: bool,
+    several: bool,
+    /// Some signing or target is configured.
+    work: bool,
+}
+
+impl Lane {
+    fn run(mut self) {
+        lower_priority();
+        loop {
+            let now = Instant::now();
+            let wait = match self.held.values().filter_map(|h| h.next_try).min() {
+                _ if !self.fresh.is_empty() && self.down.as_ref().is_none_or(|d| d.0 <= now) => {
+                    Duration::ZERO
+                }
+                Some(next) => next.saturating_duration_since(now).min(IDLE_TICK),
+                None => IDLE_TICK,
+            };
+            let (mut stop, mut changed) = match self.rx.recv_timeout(wait) {
+                Ok(msg) => (self.handle(msg), true),
+                Err(RecvTimeoutError::Timeout) => (false, false),
+                Err(RecvTimeoutError::Disconnected) => (true, false),
+            };
+            while let Ok(msg) = self.rx.try_recv() {
+                stop |= self.handle(msg);
+            }
+            if stop || self.stopping() {
+                return;
+            }
+            let now = Instant::now();
+            match self.down {
+                Some((until, attempts, ref error)) if until > now => {
+                    // Tried with the failed group at its next try.
+                    for (p, signed) in std::mem::take(&mut self.fresh) {
+                        let failures = Failures {
+                            attempts,
+                            ..Failures::default()
+                        };
+                        let error = error.clone();
+                        let h = Held {
+                            failures,
+                            next_try: Some(until),
+                            error,
+                            signed,
+                        };
+                        self.held.entry(p).or_insert(h);
+                    }
+                }
+                _ => {
+                    let batch = self.take(now);
+                    changed |= !batch.is_empty();
+                    if !batch.is_empty() {
+                        self.round(batch);
+                    }
+                }
+            }
+            if changed {
+                self.publish();
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: ToLane) -> bool {
+        match msg {
+            ToLane::Batch(paths, signed) => {
+                let fresh = paths.into_iter().filter(|p| !self.held.contains_key(p));
+                self.fresh.extend(fresh.map(|p| (p, signed)));
+            }
+            ToLane::Retry => {
+                self.down = None;
+                for h in self.held.values_mut() {
+                    h.next_try = h.next_try.map(|_| Instant::now());
+                }
+            }
+            ToLane::Shutdown => return true,
+        }
+        false
+    }
+
+    fn needs(&self, p: &StorePath) -> bool {
+        let id = self.target.id;
+        self.journal.entry(p).is_some()
+            && !self.journal.is_delivered(p, id)
+            && !self.journal.is_given_up(p, id)
+    }
+
+    /// The next call's paths: those due, then the fresh ones, in the order
+    /// they were queued, within the batch limit.
+    fn take(&mut self, now: Instant) -> Vec<StorePath> {
+        let mut due: Vec<StorePath> = self
+            .held
+            .iter()
+            .filter(|h| h.1.next_try.is_some_and(|t| t <= now))
+            .map(|h| h.0.clone())
+            .collect();
+        due.sort_by_key(|p| self.journal.entry(p).map_or(u64::MAX, |e| e.seq));
+        let mut due = due.into_iter();
+        let (mut out, mut seen, mut bytes) = (Vec::new(), HashSet::new(), 0);
+        self.sign = false;
+        while out.len() < self.limit.min(self.batch_size) {
+            let next = due.next().map(|p| (p, None));
+            let Some((p, fresh)) =
+                next.or_else(|| self.fresh.pop_front().map(|(p, s)| (p, Some(s))))
+            else {
+                break;
+            };
+            if !self.needs(&p) {
+                self.held.remove(&p);
+                continue;
+            }
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            bytes += p.as_str().len() + 1;
+            if !out.is_empty() && bytes > MAX_ARG_BYTES {
+                if let Some(signed) = fresh {
+                    self.fresh.push_front((p, signed));
+                }
+                break;
+            }
+            let signed = match self.held.get_mut(&p) {
+                Some(h) => {
+                    h.next_try = None;
+                    h.signed
+                }
+                None => fresh.unwrap_or(false),
+            };
+            self.sign |= !signed;
+            out.push(p);
+        }
+        out
+    }
+
+    /// One call for `batch`; when it fails, the policy's canary, bisection
+    /// and backoff.
+    fn round(&mut self, batch: Vec<StorePath>) {
+        let started = Instant::now();
+        let failure = match self.attempt(&batch) {
+            Ok(()) => {
+                self.limit = policy::next_limit(self.limit, batch.len(), false, self.batch_size);
+                return self.took(&batch, started);
+            }
+            Err(failure) => failure,
+        };
+        let mut answer = None;
+        match policy::after_failure(batch.len(), failure.timed_out()) {
+            Next::BackOff => {
+                if batch.len() > 1 {
+                    self.limit = policy::next_limit(self.limit, batch.len(), true, self.batch_size);
+                    warning!(
+                        "a batch of {} paths timed out{}; the next batches take at most {}",
+                        batch.len(),
+                        self.named(),
+                        self.limit
+                    );
+                }
+                return self.back_off(batch, &failure, Blame::Target);
+            }
+            Next::Judge => {
+                let blame = self.judge(&batch[0], &mut answer);
+                return self.back_off(batch, &failure, blame);
+            }
+            Next::Canary if self.stopping() => {
+                return self.back_off(batch, &failure, Blame::Target)
+            }
+            Next::Canary => {}
+        }
+        let mut rest = batch;
+        let counted: Vec<u32> = rest
+            .iter()
+            .map(|p| self.held.get(p).map_or(0, |h| h.failures.counted))
+            .collect();
+        let canary = rest.remove(policy::pick_canary(&counted, random_unit()));
+        let started = Instant::now();
+        match self.attempt(std::slice::from_ref(&canary)) {
+            Ok(()) => {
+                self.took(std::slice::from_ref(&canary), started);
+                answer = Some(Answer::TookSome);
+            }
+            Err(f) => {
+                let blame = if f.timed_out() {
+                    Blame::Target
+                } else {
+                    self.judge(&canary, &mut answer)
+                };
+                if blame == Blame::Target {
+                    rest.push(canary);
+                    return self.back_off(rest, &f, Blame::Target);
+                }
+                self.back_off(vec![canary], &f, Blame::Paths);
+            }
+        }
+        warning!("batch of {} paths failed while the target{} works, splitting it to find the paths at fault: {failure}", rest.len() + 1, self.named());
+        let mut budget = policy::bisection_budget(rest.len());
+        let mut groups = vec![rest];
+        while let Some(mut group) = groups.pop() {
+            if self.stopping() {
+                return; // Still journaled: uploaded after the restart.
+            }
+            let started = Instant::now();
+            let f = match self.attempt(&group) {
+                Ok(()) => {
+                    self.took(&group, started);
+                    answer = Some(Answer::TookSome);
+                    continue;
+                }
+                Err(f) => f,
+            };
+            if group.len() > 1 && budget > 0 && !f.timed_out() {
+                budget -= 1;
+                let right = group.split_off(group.len() / 2);
+                groups.extend([right, group]);
+            } else if group.len() == 1 && !f.timed_out() {
+                let blame = self.judge(&group[0], &mut answer);
+                if blame == Blame::Target {
+                    // An outage after all: the rest waits with this path.
+                    group.extend(groups.drain(..).flatten());
+                }
+                self.back_off(group, &f, blame);
+            } else {
+                self.back_off(group, &f, Blame::Target);
+            }
+        }
+    }
+
+    /// Whom to blame for `path`, which failed alone: asks the target once a
+    /// round (unless a call of the round went through).
+    fn judge(&mut self, path: &StorePath, answer: &mut Option<Answer>) -> Blame {
+        let a = *answer.get_or_insert_with(|| self.ask());
+        let refuses_all = a == Answer::Answers && self.streak.failed(path.clone());
+        if refuses_all {
+            info!("{} different paths failed alone while the target{} answers and took none: it seems to refuse everything, which does not count against the paths", policy::REFUSES_ALL, self.named());
+        }
+        policy::blame_alone(a, refuses_all)
+    }
+
+    fn ask(&self) -> Answer {
+        let url = match &self.target.kind {
+            Kind::Command(_) => return Answer::Unknown,
+            Kind::SignOnly => return Answer::Answers,
+            Kind::Url(url) => url,
+        };
+        match self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) {
+            Ok(()) => Answer::Answers,
+            Err(e) => {
+                self.count_failure(&e);
+                info!("the target{} does not answer either, so the failure does not count against the path: {e}", self.named());
+                Answer::Silent
+            }
+        }
+    }
+
+    /// Copies the paths (signing them first if the round must).
+    fn attempt(&self, paths: &[StorePath]) -> Result<(), Failure> {
+        self.shared.lock().targets[self.i].in_flight = paths.to_vec();
+        let result = match (&self.signing_key, self.sign) {
+            (Some(key), true) => self.nix.sign(key, self.sign_closure, paths),
+            _ => Ok(()),
+        }
+        .and_then(|()| match &self.target.kind {
+            Kind::Url(url) => self.nix.copy(url, paths),
+            Kind::Command(argv) => self.nix.run_uploader(argv, paths),
+            Kind::SignOnly => Ok(()),
+        });
+        self.shared.lock().targets[self.i].in_flight.clear();
+        if let Err(f) = &result {
+            self.count_failure(f);
+        }
+        result
+    }
+
+    /// ` LABEL` when there are several targets, else nothing.
+    fn named(&self) -> String {
+        match self.several {
+            true => format!(" {}", self.target.label),
+            false => String::new(),
+        }
+    }
+
+    fn count_failure(&self, failure: &Failure) {
+        let mut stats = self.shared.lock();
+        stats.failed_calls += 1;
+        let t = &mut stats.targets[self.i];
+        t.failed_calls += 1;
+        t.last_error = Some(failure.to_string());
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Records that the target has the paths: those every target has now
+    /// leave the journal.
+    fn took(&mut self, paths: &[StorePath], started: Instant) {
+        let took = started.elapsed();
+        self.down = None;
+        self.streak.took();
+        for p in paths {
+            self.held.remove(p);
+        }
+        let done = self
+            .journal
+            .deliver(paths, self.target.id, &self.ids)
+            .unwrap_or_else(|e| {
+                // After a restart they are uploaded once more, which is harmless.
+                warning!("cannot journal {} finished paths: {e}", paths.len());
+                Vec::new()
+            });
+        if self.work && !paths.is_empty() {
+            info!(
+                "uploaded {}{} in {:.3} s",
+                some_of(paths),
+                self.named(),
+                took.as_secs_f64()
+            );
+        }
+        let mut stats = self.shared.lock();
+        stats.uploaded += done.len() as u64;
+        stats.record_uploads(done.len() as u64);
+        if self.work {
+            stats.upload_seconds += took.as_secs_f64();
+            stats.upload_batches += 1;
+        }
+        let t = &mut stats.targets[self.i];
+        t.delivered += paths.len() as u64;
+        t.last_error = None;
+        for p in &done {
+            stats.forget(p);
+        }
+    }
+
+    /// Backs off paths that failed together: one attempt count and one next
+    /// try for the group, so that it is retried in one call. Paths at the
+    /// end of their tries are given up on instead. A failure blamed on the
+    /// target makes it count as down until then.
+    fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
+        let (now, error) = (Instant::now(), error.to_string());
+        let attempts = 1 + paths
+            .iter()
+            .filter_map(|p| self.held.get(p))
+            .map(|h| h.failures.attempts)
+            .max()
+            .unwrap_or(0);
+        let next_try = now + self.policy.delay(attempts, random_unit());
+        let mut kept = Vec::new();
+        for p in paths {
+            let mut h = self.held.remove(&p).unwrap_or(Held {
+                failures: Failures::default(),
+                next_try: None,
+                error: String::new(),
+                signed: false,
+            });
+            h.signed &= !self.sign;
+            (h.next_try, h.error) = (Some(next_try), error.clone());
+            match self.policy.fail(&mut h.failures, attempts, blame, now) {
+                Some(why) if self.give_up(&p, &h.failures, &error, &why) => {}
+                _ => {
+                    kept.push(p.clone());
+                    self.held.insert(p, h);
+                }
+            }
+        }
+        if !kept.is_empty() {
+            warning!(
+                "{} failed attempt {attempts}{}, next try in {:.1} s: {error}",
+                some_of(&kept),
+                self.named(),
+                next_try.saturating_duration_since(now).as_secs_f64()
+            );
+        }
+        if blame == Blame::Target {
+            self.down = Some((next_try, attempts, error));
+        }
+    }
+
+    /// Journals that `path` is given up on for this target; false when that
+    /// failed (it is retried).
+    fn give_up(&self, path: &StorePath, f: &Failures, error: &str, why: &str) -> bool {
+        let record = GivenUp {
+            target: self.target.id,
+            at: unix_now(),
+            attempts: f.attempts,
+            error: error.to_string(),
+        };
+        match self.journal.give_up(path, record) {
+            Ok(given_up) => {
+                if given_up {
+                    let mut stats = self.shared.lock();
+                    stats.given_up += 1;
+                    stats.targets[self.i].given_up += 1;
+                    drop(stats);
+                    let on = if self.several {
+                        format!(" for{}", self.named())
+                    } else {
+                        String::new()
+                    };
+                    warning!("giving up on {path}{on} after {why}: {error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {path}` (or `drop {path}`)");
+                }
+                true
+            }
+            Err(e) => {
+                warning!("cannot journal that {path} is given up on ({e}); it is retried");
+                false
+            }
+        }
+    }
+
+    /// Shows the paths backing off in `status` (those dropped meanwhile
+    /// forgotten).
+    fn publish(&mut self) {
+        let journal = &self.journal;
+        self.held.retain(|p, _| journal.entry(p).is_some());
+        let view = self.held.iter().map(|(p, h)| {
+            let b = Backoff {
+                attempts: h.failures.attempts,
+                next_try: h.next_try,
+                last_error: h.error.clone(),
+            };
+            (p.clone(), b)
+        });
+        self.shared.lock().targets[self.i].backoff = view.collect();
+    }
+}
+
+/// `PATH` or `N paths (A, B, C, ...)`, for a log line.
+fn some_of(paths: &[StorePath]) -> String {
+    match paths {
+        [one] => one.to_string(),
+        _ => {
+            let named: Vec<String> = paths.iter().take(NAMED).map(StorePath::to_string).collect();
+            let more = if paths.len() > NAMED { ", ..." } else { "" };
+            format!("{} paths ({}{more})", paths.len(), named.join(", "))
+        }
+    }
+}
+
+/// Drops queued paths from the journal, with one warning for them all: they
+/// are not uploaded. Returns how many were queued. Used by the worker
+/// (paths gone from the store) and by the `drop` request.
 pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: &str) -> usize {
     let queued: Vec<(StorePath, u64)> = paths
         .iter()
@@ -875,12 +925,10 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
     if queued.is_empty() {
         return 0;
     }
-    for (p, _) in &queued {
-        warning!("dropping {p}: {why}");
-    }
+    let paths: Vec<StorePath> = queued.iter().map(|(p, _)| p.clone()).collect();
+    warning!("dropping {}: {why}", some_of(&paths));
     // Counted before the journal lets go of them: a `wait` that sees them
-    // gone from the journal must also see them dropped, or it would report
-    // "all uploaded".
+    // gone from the journal must also see them dropped.
     {
         let mut stats = shared.lock();
         for (p, seq) in &queued {
@@ -888,21 +936,16 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
             stats.record_drop(Some(*seq));
         }
     }
-    let paths: Vec<StorePath> = queued.into_iter().map(|(p, _)| p).collect();
     if let Err(e) = journal.complete(&paths) {
         warning!("cannot journal {} dropped paths: {e}", paths.len());
     }
     paths.len()
 }
 
-/// Whose fault a failed call was, for `max-attempts`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Blame {
-    /// The paths': the target answered. Counts towards `max-attempts`.
-    Paths,
-    /// The target's, or unknown (it was down, the call timed out, the
-    /// journal could not be written). Does not count.
-    Target,
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A number in [0, 1) from the standard library's randomly seeded hasher.
