@@ -436,8 +436,18 @@ impl Worker {
         warning!("giving up on {path} after {why}: {error}");
     }
 
-    /// Queues the requests clients left in the spool while we were away.
+    /// Queues the requests clients left in the spool while we were away or
+    /// busy, once some lane has no call in progress.
     fn ingest_spool(&mut self) {
+        if self
+            .shared
+            .lock()
+            .targets
+            .iter()
+            .all(|t| !t.in_flight.is_empty())
+        {
+            return;
+        }
         let paths = self.spool.ingest(&self.journal);
         self.ready.extend(paths);
     }
@@ -530,6 +540,8 @@ impl Lane {
                     let batch = self.take(now);
                     changed |= !batch.is_empty();
                     if !batch.is_empty() {
+                        // Shown as being retried during the call.
+                        self.publish();
                         self.round(batch);
                     }
                 }
