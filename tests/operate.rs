@@ -2657,3 +2657,153 @@ fn a_path_given_up_on_one_target_only() {
     let j = status_json(&d);
     assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");
 }
+
+/// Two paths the cache refuses, queued together with `max-attempts 2`: the
+/// failed batch's canary fails too, yet the target answers, so each failure
+/// counts against its path and both are given up on after exactly two
+/// attempts each (not retried for ever as an outage, and not one too many).
+#[test]
+fn two_refused_paths_together_are_given_up_after_exactly_max_attempts() {
+    let env = NixEnv::new("op-refused-pair");
+    let (upload, _) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_poison(true);
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", &upload),
+            ("nix", &w.nix()),
+            ("max-attempts", "2"),
+            ("retry-initial-delay", "0.05"),
+            ("retry-max-delay", "0.2"),
+        ],
+    );
+    let poison = env.build_paths(2, "poison");
+    enqueue_cli(&d, &poison);
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
+    assert!(
+        r.stderr.contains("2 path(s) failed and were given up on"),
+        "{r:?}"
+    );
+    let j = status_json(&d);
+    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
+    assert_eq!(failed.len(), 2, "{j:?}");
+    for f in failed {
+        assert_eq!(num(f, "attempts"), 2.0, "{f:?}\nlog:\n{}", d.log());
+    }
+    let log = d.log();
+    for p in &poison {
+        let p = p.display().to_string();
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("giving up on {p} after 2 failed attempts"))),
+            "{log}"
+        );
+    }
+}
+
+/// A cache that refuses every path while it answers `nix store ping` (a
+/// full disk): paths that fail alone one after another count against
+/// themselves only until a few different ones did so with nothing taken;
+/// then it is the target's fault, and no path is given up on however often
+/// it fails, `max-attempts 2` notwithstanding.
+#[test]
+fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
+    let env = NixEnv::new("op-refuses-all");
+    let (upload, _) = file_cache(&env, "cache");
+    let w = NixFailWrapper::new(&env);
+    w.set_fail(true);
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-to", &upload),
+            ("nix", &w.nix()),
+            ("max-attempts", "2"),
+            ("retry-initial-delay", "20"),
+            ("retry-max-delay", "20"),
+        ],
+    );
+    let paths = env.build_paths(4, "refused");
+    let backing_off = |d: &Daemon| num(&status_json(d), "backing_off");
+    // One at a time, so that each fails alone.
+    for (i, p) in paths.iter().enumerate() {
+        enqueue_cli(&d, std::slice::from_ref(p));
+        wait_until_diag(
+            UPLOAD_TIMEOUT,
+            "the path failing alone",
+            || backing_off(&d) == (i + 1) as f64,
+            || d.log(),
+        );
+    }
+    wait_until_diag(
+        Duration::from_secs(120),
+        "every path failing a second time",
+        || {
+            let j = status_json(&d);
+            let b = j
+                .get("backoff")
+                .and_then(Json::as_array)
+                .unwrap_or(&[])
+                .to_vec();
+            b.len() == 4 && b.iter().all(|e| num(e, "attempts") >= 2.0)
+        },
+        || format!("{:?}\n{}", status_json(&d), d.log()),
+    );
+    let j = status_json(&d);
+    assert_eq!(num(&j, "failed"), 0.0, "{j:?}\n{}", d.log());
+    assert!(!d.log().contains("giving up"), "{}", d.log());
+}
+
+/// Two targets, one an uploader that hangs (a long `command-timeout`): a
+/// path reaches the other, a `file://` cache, while the hung call is still
+/// in progress.
+#[test]
+fn a_hung_target_does_not_hold_back_a_healthy_one() {
+    let env = NixEnv::new("op-hung-lane");
+    let (upload, read) = file_cache(&env, "cache");
+    let dir = env.root().join("hang");
+    fs::create_dir_all(&dir).unwrap();
+    let (started, release) = (dir.join("started"), dir.join("release"));
+    let script = dir.join("hang.sh");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ntouch '{}'\ni=0\nwhile [ ! -e '{}' ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\nexit 1\n",
+            started.display(),
+            release.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(
+        &env,
+        &[
+            ("upload-command", &script.display().to_string()),
+            ("upload-to", &upload),
+            ("command-timeout", "300"),
+        ],
+    );
+    let paths = env.build_paths(1, "hung-lane");
+    enqueue_cli(&d, &paths);
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the uploader started",
+        || started.exists(),
+        || d.log(),
+    );
+    wait_until_diag(
+        UPLOAD_TIMEOUT,
+        "the path in the file cache while the uploader hangs",
+        || env.is_valid_in(&read, &paths[0]),
+        || d.log(),
+    );
+    assert!(!release.exists());
+    let j = status_json(&d);
+    assert_eq!(
+        num(&j, "in_flight"),
+        1.0,
+        "the hung call is in progress: {j:?}"
+    );
+    fs::write(&release, "").unwrap();
+}
