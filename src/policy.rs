@@ -5,9 +5,9 @@
 //! A failed call of several paths is followed by one path alone (a canary).
 //! A path that fails alone is judged: if some call of the same round went
 //! through, or the target answers `nix store ping`, the path is at fault,
-//! else the target is (an outage). If the canary went through or was at
-//! fault, the rest is split in halves within a budget of calls to find the
-//! other paths at fault. Paths that failed together back off together with
+//! else the target is (an outage, and the round ends). If the canary went
+//! through or was at fault, the rest is split in halves within a budget of
+//! calls to find the other paths at fault. A timeout ends the round. Paths that failed together back off together with
 //! exponential delays and jitter. Only failures blamed on the paths count
 //! towards giving up: an outage never ends a path.
 
@@ -53,24 +53,32 @@ pub fn blame_alone(answer: Answer, refuses_all: bool) -> Blame {
     }
 }
 
-/// What follows a failed call of `len` paths.
+/// What follows a failed call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
-    /// Back off the paths, blamed on the target (a timeout: the target,
-    /// the network or the batch's size, never bisected).
-    BackOff,
+    /// The target hangs: back off the call's paths and the rest of the
+    /// round, blamed on the target, without bisection.
+    Outage,
     /// Judge the one path ([`blame_alone`]).
     Judge,
-    /// Try one path alone first ([`pick_canary`]).
+    /// The round's first call: try one path alone ([`pick_canary`]), then
+    /// the rest within a budget of splits ([`bisection_budget`]).
     Canary,
+    /// Split the paths in halves.
+    Split,
+    /// The budget is spent: back off the paths, blamed on the target.
+    BackOff,
 }
 
-/// The step after a failed call of `len` paths.
-pub fn after_failure(len: usize, timed_out: bool) -> Next {
-    match (timed_out, len) {
-        (true, _) => Next::BackOff,
-        (false, 1) => Next::Judge,
-        _ => Next::Canary,
+/// The step after a failed call of `len` paths; `first`: the round's first
+/// call; `budget`: splits left.
+pub fn after_failure(len: usize, timed_out: bool, first: bool, budget: u32) -> Next {
+    match (timed_out, len, first) {
+        (true, _, _) => Next::Outage,
+        (_, 1, _) => Next::Judge,
+        (_, _, true) => Next::Canary,
+        _ if budget > 0 => Next::Split,
+        _ => Next::BackOff,
     }
 }
 
@@ -224,11 +232,15 @@ mod tests {
     }
 
     #[test]
-    fn a_timeout_is_never_bisected_and_one_path_is_judged() {
-        assert_eq!(after_failure(5, true), Next::BackOff);
-        assert_eq!(after_failure(1, true), Next::BackOff);
-        assert_eq!(after_failure(1, false), Next::Judge);
-        assert_eq!(after_failure(2, false), Next::Canary);
+    fn a_timeout_is_never_bisected_one_path_is_judged_and_a_batch_gets_a_canary() {
+        assert_eq!(after_failure(5, true, true, 0), Next::Outage);
+        assert_eq!(after_failure(5, true, false, 3), Next::Outage);
+        assert_eq!(after_failure(1, true, true, 0), Next::Outage);
+        assert_eq!(after_failure(1, false, true, 0), Next::Judge);
+        assert_eq!(after_failure(1, false, false, 0), Next::Judge);
+        assert_eq!(after_failure(2, false, true, 0), Next::Canary);
+        assert_eq!(after_failure(4, false, false, 1), Next::Split);
+        assert_eq!(after_failure(4, false, false, 0), Next::BackOff);
     }
 
     #[test]

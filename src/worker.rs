@@ -1,22 +1,17 @@
-//! The worker: takes queued paths in batches and signs and uploads them with
-//! `nix`, outside the build loop, each target at its own pace.
+//! The worker: signs and uploads queued paths in batches with `nix`, outside
+//! the build loop, each target at its own pace.
 //!
-//! Its front thread is fed through an `mpsc` channel by the connection
-//! threads (after they journaled the paths). While paths keep coming (a
-//! build in progress) it gathers them for a moment rather than start nix for
-//! every few, leaving the CPU to the build; a pending `wait` starts the batch
-//! at once. For each batch it finds the outputs of derivations, drops paths
-//! gone from the store and signs the batch once, then hands it to every
-//! target's lane.
-//!
-//! A lane is a thread of one target with a channel of its own: it copies
-//! what it was handed, and when a call fails it follows the retry policy
-//! ([`crate::policy`]): a canary, bisection, backoff and giving up. A target
-//! that is down is not called again before its group's next try; what comes
-//! meanwhile joins that group. A lane's call never delays another's. The
-//! journal records which target has a path (`>`); the path leaves it once
-//! every target has it. The lanes own the retry state and publish it in
-//! [`Shared`] for `status` and `wait`.
+//! Its front thread, fed through an `mpsc` channel by the connection threads
+//! once they journaled the paths, gathers a batch while paths keep coming (a
+//! build in progress; a pending `wait` cuts that short), finds the outputs
+//! of derivations, drops paths gone from the store, signs the batch once and
+//! hands it to every target's lane. A lane is a thread with a channel of its
+//! own: it copies what it was handed and follows [`crate::policy`] when a
+//! call fails (canary, bisection, backoff, giving up). A target that is down
+//! is not called before its failed group's next try; what comes meanwhile
+//! joins that group. The lanes own the retry state and publish it in
+//! [`Shared`]; the journal records which target has a path, and the path
+//! leaves it once every target has it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -46,8 +41,6 @@ pub const UPLOAD_NICE: i32 = 10;
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Longest `nix store ping` may take when a path failed alone.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
-/// Paths named in a log line about many.
-const NAMED: usize = 3;
 
 /// Messages to the worker.
 #[derive(Debug)]
@@ -56,51 +49,76 @@ pub enum Msg {
     Queued(Vec<StorePath>),
     /// Make every backing-off path due now.
     Retry,
-    /// A `wait` is pending: start the batch being gathered now, without
-    /// its quiet period.
+    /// A `wait` is pending: start the batch being gathered now, without its
+    /// quiet period.
     Flush,
-    /// Finish the current calls and return.
+    /// Finish the calls in progress and return.
     Shutdown,
 }
 
-/// Messages to a lane.
+/// Messages to a lane: a batch (`true`: signed already), or as [`Msg`].
 enum ToLane {
-    /// Paths to deliver; `true` when the batch is signed already.
     Batch(Vec<StorePath>, bool),
     Retry,
     Shutdown,
 }
 
-/// Builds come first: the uploads (xz compression, signing) take the CPU
-/// the builds leave, and every nix call a thread starts inherits its nice.
+/// What the front and the lanes share.
+struct Ctx {
+    journal: Arc<Journal>,
+    shared: Arc<Shared>,
+    policy: Policy,
+    signing_key: Option<PathBuf>,
+    sign_closure: bool,
+    batch_size: usize,
+    ids: Vec<TargetId>,
+    /// Some target is more than "sign only".
+    uploads: bool,
+    /// Some signing or upload is configured.
+    work: bool,
+}
+
+/// Builds come first: the uploads take the CPU the builds leave, and every
+/// nix call a thread starts inherits its nice.
 fn lower_priority() {
     if let Err(e) = sys::lower_thread_priority(UPLOAD_NICE) {
         warning!("cannot lower the worker's CPU priority: {e}");
     }
 }
 
-/// The front thread; run it with [`Worker::run`].
+/// Handles the messages that come within `wait`, and those queued behind
+/// them. `None` when a stop was asked for or the senders are gone, else
+/// whether any came.
+fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool) -> Option<bool> {
+    let first = match rx.recv_timeout(wait) {
+        Ok(msg) => msg,
+        Err(RecvTimeoutError::Timeout) => return Some(false),
+        Err(RecvTimeoutError::Disconnected) => return None,
+    };
+    let mut msgs = std::iter::once(first).chain(rx.try_iter());
+    (!msgs.any(&mut stop)).then_some(true)
+}
+
+/// The worker's threads; run them with [`Worker::run`].
 pub struct Worker {
-    journal: Arc<Journal>,
-    shared: Arc<Shared>,
     rx: Receiver<Msg>,
+    front: Front,
+    lanes: Vec<(Lane, Receiver<ToLane>)>,
+}
+
+/// The front thread's state.
+struct Front {
+    ctx: Arc<Ctx>,
     /// nix for signing and queries.
     nix: Nix,
     store_dir: String,
-    signing_key: Option<PathBuf>,
-    sign_closure: bool,
-    batch_size: usize,
     spool: Spool,
     ready: VecDeque<StorePath>,
     /// A `wait` is pending: no quiet period.
     flush: bool,
-    lanes: Vec<Lane>,
     txs: Vec<Sender<ToLane>>,
-    ids: Vec<TargetId>,
-    policy: Policy,
     /// Derivations whose outputs could not be found, with their next try.
     drvs: HashMap<StorePath, (Failures, Instant)>,
-    has_targets: bool,
 }
 
 impl Worker {
@@ -113,20 +131,28 @@ impl Worker {
         rx: Receiver<Msg>,
     ) -> Worker {
         let targets = crate::target::configured(config);
-        let ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
-        let policy = Policy {
-            max_attempts: config.max_attempts,
-            give_up_after: config.give_up_after,
-            retry_initial: config.retry_initial_delay,
-            retry_max: config.retry_max_delay,
-        };
-        let has_targets = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
-        let work = config.signing_key_file.is_some() || has_targets;
+        let uploads = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
         // The stop thread kills the calls in progress through these.
         let running = shared.running();
         let nix_for = |url: Option<&str>, i: usize| {
             Nix::from_config(config, url).with_running(Arc::clone(&running[i]))
         };
+        let ctx = Arc::new(Ctx {
+            journal,
+            shared,
+            policy: Policy {
+                max_attempts: config.max_attempts,
+                give_up_after: config.give_up_after,
+                retry_initial: config.retry_initial_delay,
+                retry_max: config.retry_max_delay,
+            },
+            signing_key: config.signing_key_file.clone(),
+            sign_closure: config.sign_closure,
+            batch_size: config.batch_size,
+            ids: targets.iter().map(|t| t.id).collect(),
+            uploads,
+            work: config.signing_key_file.is_some() || uploads,
+        });
         let (mut lanes, mut txs) = (Vec::new(), Vec::new());
         for (i, target) in targets.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
@@ -135,132 +161,106 @@ impl Worker {
                 Kind::Url(url) => Some(url.as_str()),
                 _ => None,
             };
-            lanes.push(Lane {
+            let lane = Lane {
+                ctx: Arc::clone(&ctx),
                 i,
                 nix: nix_for(url, i + 1),
                 target,
-                journal: Arc::clone(&journal),
-                shared: Arc::clone(&shared),
-                rx,
-                ids: ids.clone(),
-                policy: policy.clone(),
-                signing_key: config.signing_key_file.clone(),
-                sign_closure: config.sign_closure,
-                batch_size: config.batch_size,
                 limit: config.batch_size,
                 fresh: VecDeque::new(),
                 held: HashMap::new(),
                 down: None,
                 streak: Streak::default(),
                 sign: false,
-                several: ids.len() > 1,
-                work,
-            });
+            };
+            lanes.push((lane, rx));
         }
-        Worker {
+        let front = Front {
             nix: nix_for(None, 0),
-            journal,
-            shared,
-            rx,
+            ctx,
             store_dir: config.store_dir.clone(),
-            signing_key: config.signing_key_file.clone(),
-            sign_closure: config.sign_closure,
-            batch_size: config.batch_size,
             spool: Spool::new(&config.spool_dir(), &config.store_dir),
             ready: VecDeque::new(),
             flush: false,
-            lanes,
             txs,
-            ids,
-            policy,
             drvs: HashMap::new(),
-            has_targets,
-        }
+        };
+        Worker { rx, front, lanes }
     }
 
     /// Runs until [`Msg::Shutdown`] arrives or every sender is gone; then
     /// stops the lanes and waits for their calls.
-    pub fn run(mut self) {
-        lower_priority();
-        if self.signing_key.is_none() && !self.has_targets {
+    pub fn run(self) {
+        let Worker {
+            rx,
+            mut front,
+            lanes,
+        } = self;
+        if !front.ctx.work {
             info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
         }
         let mut threads = Vec::new();
-        for lane in std::mem::take(&mut self.lanes) {
-            let name = format!("lane {}", lane.i);
-            match std::thread::Builder::new()
-                .name(name)
-                .spawn(move || lane.run())
-            {
+        for (lane, rx) in lanes {
+            let thread = std::thread::Builder::new().name(format!("lane {}", lane.i));
+            match thread.spawn(move || lane.run(rx)) {
                 Ok(t) => threads.push(t),
-                Err(e) => {
-                    error!("cannot start a thread for a target: {e}");
-                    return;
-                }
+                Err(e) => return error!("cannot start a thread for a target: {e}"),
             }
         }
-        self.ingest_spool();
+        // After the lanes started: a thread inherits its creator's nice.
+        lower_priority();
+        front.ingest_spool();
         loop {
-            let wait = match self.drvs.values().map(|d| d.1).min() {
-                _ if !self.ready.is_empty() => Duration::ZERO,
+            let next_drv = front.drvs.values().map(|d| d.1).min();
+            let wait = match next_drv {
+                _ if !front.ready.is_empty() => Duration::ZERO,
                 Some(next) => next
                     .saturating_duration_since(Instant::now())
                     .min(IDLE_TICK),
                 None => IDLE_TICK,
             };
-            let mut stop = match self.rx.recv_timeout(wait) {
-                Ok(msg) => self.handle(msg),
-                Err(RecvTimeoutError::Timeout) => false,
-                Err(RecvTimeoutError::Disconnected) => true,
-            };
-            while let Ok(msg) = self.rx.try_recv() {
-                stop |= self.handle(msg);
+            if receive(&rx, wait, |m| front.handle(m)).is_none() || !front.gather(&rx) {
+                break;
             }
-            if stop || !self.gather() || self.shared.stopping.load(Ordering::SeqCst) {
+            if front.ctx.shared.stopping.load(Ordering::SeqCst) {
                 break;
             }
             let now = Instant::now();
-            let due: Vec<StorePath> = self
-                .drvs
-                .iter()
-                .filter(|d| d.1 .1 <= now)
-                .map(|d| d.0.clone())
-                .collect();
-            self.ready.extend(due);
-            if self.ready.is_empty() {
-                self.flush = false;
-                self.ingest_spool();
-                continue;
+            let due = front.drvs.iter().filter(|d| d.1 .1 <= now);
+            let due: Vec<StorePath> = due.map(|d| d.0.clone()).collect();
+            front.ready.extend(due);
+            if front.ready.is_empty() {
+                front.flush = false;
+                front.ingest_spool();
+            } else {
+                let batch = front.take_batch();
+                front.process(batch);
             }
-            let batch = self.take_batch();
-            self.process(batch);
         }
-        for tx in &self.txs {
+        for tx in &front.txs {
             let _ = tx.send(ToLane::Shutdown);
         }
         for t in threads {
             let _ = t.join();
         }
     }
+}
 
+impl Front {
     /// While paths keep arriving, gathers them into one batch: until none
     /// came for [`BATCH_QUIET`], the batch is full, [`BATCH_MAX_WAIT`]
     /// passed or a `wait` asks for it. False when a stop was asked for.
-    fn gather(&mut self) -> bool {
+    fn gather(&mut self, rx: &Receiver<Msg>) -> bool {
         let start = Instant::now();
         while !self.flush
             && !self.ready.is_empty()
-            && self.ready.len() < self.batch_size
+            && self.ready.len() < self.ctx.batch_size
             && start.elapsed() < BATCH_MAX_WAIT
         {
-            match self.rx.recv_timeout(BATCH_QUIET) {
-                Ok(msg) => {
-                    if self.handle(msg) {
-                        return false;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => return false,
+            match receive(rx, BATCH_QUIET, |m| self.handle(m)) {
+                None => return false,
+                Some(false) => break,
+                Some(true) => {}
             }
         }
         true
@@ -287,22 +287,19 @@ impl Worker {
     /// The next batch: queued paths some target still needs, each once.
     fn take_batch(&mut self) -> Vec<StorePath> {
         let (mut taken, mut batch, mut bytes) = (HashSet::new(), Vec::new(), 0);
-        while batch.len() < self.batch_size {
-            let Some(next) = self.ready.front() else {
-                break;
-            };
-            bytes += next.as_str().len() + 1;
-            if !batch.is_empty() && bytes > MAX_ARG_BYTES {
-                break;
+        let journal = &self.ctx.journal;
+        while batch.len() < self.ctx.batch_size {
+            match self.ready.front() {
+                Some(p) if batch.is_empty() || bytes + p.as_str().len() < MAX_ARG_BYTES => {}
+                _ => break,
             }
             let Some(p) = self.ready.pop_front() else {
                 break;
             };
-            let needed = self.journal.entry(&p).is_some()
-                && self.ids.iter().any(|&id| {
-                    !self.journal.is_delivered(&p, id) && !self.journal.is_given_up(&p, id)
-                });
+            let settled = |&id| journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
+            let needed = journal.entry(&p).is_some() && !self.ctx.ids.iter().all(settled);
             if needed && taken.insert(p.clone()) {
+                bytes += p.as_str().len() + 1;
                 batch.push(p);
             }
         }
@@ -311,43 +308,37 @@ impl Worker {
 
     /// Resolves, checks and signs a batch once, then hands it to the lanes.
     fn process(&mut self, batch: Vec<StorePath>) {
-        self.shared.lock().in_flight_paths.clone_from(&batch);
+        let ctx = Arc::clone(&self.ctx);
+        ctx.shared.lock().in_flight_paths.clone_from(&batch);
         let mut batch = self.resolve_derivations(batch);
-        if self.signing_key.is_some() || self.has_targets {
-            if let Ok(invalid) = self.nix.invalid_paths(&batch) {
+        match self.nix.invalid_paths(&batch) {
+            Ok(invalid) if ctx.work && !invalid.is_empty() => {
                 let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
                     .into_iter()
                     .partition(|p| invalid.iter().any(|i| i == p.as_str()));
-                drop_paths(
-                    &self.journal,
-                    &self.shared,
-                    &gone,
-                    "no longer valid in the store (garbage-collected?)",
-                );
+                let why = "no longer valid in the store (garbage-collected?)";
+                drop_paths(&ctx.journal, &ctx.shared, &gone, why);
                 batch = valid;
             }
+            _ => {}
         }
         // Once per batch, before any copy. When it fails, each lane signs
         // what it copies, so that its bisection finds the paths at fault.
-        let signed = match &self.signing_key {
-            Some(key) if self.has_targets && !batch.is_empty() => {
-                match self.nix.sign(key, self.sign_closure, &batch) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        self.shared.lock().failed_calls += 1;
-                        warning!("signing a batch of {} paths failed: {e}", batch.len());
-                        false
-                    }
+        let signed = match &ctx.signing_key {
+            Some(key) if ctx.uploads && !batch.is_empty() => {
+                let signed = self.nix.sign(key, ctx.sign_closure, &batch);
+                if let Err(e) = &signed {
+                    ctx.shared.lock().failed_calls += 1;
+                    warning!("signing a batch of {} paths failed: {e}", batch.len());
                 }
+                signed.is_ok()
             }
             _ => false,
         };
-        if !batch.is_empty() {
-            for tx in &self.txs {
-                let _ = tx.send(ToLane::Batch(batch.clone(), signed));
-            }
+        for tx in self.txs.iter().filter(|_| !batch.is_empty()) {
+            let _ = tx.send(ToLane::Batch(batch.clone(), signed));
         }
-        self.shared.lock().in_flight_paths.clear();
+        ctx.shared.lock().in_flight_paths.clear();
     }
 
     /// Replaces derivations by their outputs, in the journal and the batch.
@@ -372,66 +363,50 @@ impl Worker {
                     }
                 },
             };
-            match self.journal.replace(&path, &outputs) {
+            match self.ctx.journal.replace(&path, &outputs) {
                 Ok(added) => {
-                    self.shared.lock().forget(&path);
                     self.drvs.remove(&path);
                     out.extend(added);
                 }
-                Err(e) => self.unresolved(
-                    path,
-                    &format!("cannot journal the outputs: {e}"),
-                    Blame::Target,
-                ),
+                Err(e) => {
+                    let error = format!("cannot journal the outputs: {e}");
+                    self.unresolved(path, &error, Blame::Target);
+                }
             }
         }
-        drop_paths(
-            &self.journal,
-            &self.shared,
-            &gone,
-            "the derivation is no longer in the store",
-        );
+        let why = "the derivation is no longer in the store";
+        drop_paths(&self.ctx.journal, &self.ctx.shared, &gone, why);
         out
     }
 
     fn query_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, String> {
-        let lines = self
-            .nix
-            .query_outputs(std::slice::from_ref(drv))
-            .map_err(|e| e.to_string())?;
+        let lines = self.nix.query_outputs(std::slice::from_ref(drv));
+        let parse = |l: &String| {
+            StorePath::parse_output(l, &self.store_dir)
+                .map_err(|e| format!("nix-store printed {l:?}: {e}"))
+        };
         lines
+            .map_err(|e| e.to_string())?
             .iter()
-            .map(|l| {
-                StorePath::parse_output(l, &self.store_dir)
-                    .map_err(|e| format!("nix-store printed {l:?}: {e}"))
-            })
+            .map(parse)
             .collect()
     }
 
-    /// Backs off a derivation that could not be resolved (for every target:
-    /// it is resolved once for all), or gives up on it.
+    /// Backs off a derivation that could not be resolved (once for every
+    /// target), or gives up on it.
     fn unresolved(&mut self, path: StorePath, error: &str, blame: Blame) {
         let now = Instant::now();
         let mut f = self.drvs.remove(&path).map(|d| d.0).unwrap_or_default();
         let attempts = f.attempts + 1;
-        let Some(why) = self.policy.fail(&mut f, attempts, blame, now) else {
-            let delay = self.policy.delay(attempts, random_unit());
-            warning!("cannot find the outputs of {path} (attempt {attempts}, next try in {:.1} s): {error}", delay.as_secs_f64());
+        let Some(why) = self.ctx.policy.fail(&mut f, attempts, blame, now) else {
+            let delay = self.ctx.policy.delay(attempts, random_unit());
+            let next = delay.as_secs_f64();
+            warning!("cannot find the outputs of {path} (attempt {attempts}, next try in {next:.1} s): {error}");
             self.drvs.insert(path, (f, now + delay));
             return;
         };
-        for (i, &target) in self.ids.iter().enumerate() {
-            let record = GivenUp {
-                target,
-                at: unix_now(),
-                attempts,
-                error: error.to_string(),
-            };
-            if let Ok(true) = self.journal.give_up(&path, record) {
-                let mut stats = self.shared.lock();
-                stats.given_up += 1;
-                stats.targets[i].given_up += 1;
-            }
+        for i in 0..self.ctx.ids.len() {
+            give_up(&self.ctx, i, &path, attempts, error);
         }
         warning!("giving up on {path} after {why}: {error}");
     }
@@ -439,17 +414,39 @@ impl Worker {
     /// Queues the requests clients left in the spool while we were away or
     /// busy, once some lane has no call in progress.
     fn ingest_spool(&mut self) {
-        if self
-            .shared
-            .lock()
-            .targets
-            .iter()
-            .all(|t| !t.in_flight.is_empty())
-        {
-            return;
+        let stats = self.ctx.shared.lock();
+        if stats.targets.iter().any(|t| t.in_flight.is_empty()) {
+            drop(stats);
+            let paths = self.spool.ingest(&self.ctx.journal);
+            self.ready.extend(paths);
         }
-        let paths = self.spool.ingest(&self.journal);
-        self.ready.extend(paths);
+    }
+}
+
+/// Journals that `path` is given up on for target `i`; false when that
+/// failed (it is retried).
+fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) -> bool {
+    let at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let error = error.to_string();
+    let record = GivenUp {
+        target: ctx.ids[i],
+        at,
+        attempts,
+        error,
+    };
+    match ctx.journal.give_up(path, record) {
+        Ok(given_up) => {
+            let mut stats = ctx.shared.lock();
+            stats.given_up += u64::from(given_up);
+            stats.targets[i].given_up += u64::from(given_up);
+            true
+        }
+        Err(e) => {
+            warning!("cannot journal that {path} is given up on ({e}); it is retried");
+            false
+        }
     }
 }
 
@@ -459,26 +456,17 @@ struct Held {
     /// `None` while it is being retried.
     next_try: Option<Instant>,
     error: String,
-    /// Signed already (else signed before each copy).
     signed: bool,
 }
 
 /// One target's thread: its calls, canary, bisection and backoff.
 struct Lane {
+    ctx: Arc<Ctx>,
     i: usize,
     target: Target,
     /// nix with this target's settings, publishing its call in progress.
     nix: Nix,
-    journal: Arc<Journal>,
-    shared: Arc<Shared>,
-    rx: Receiver<ToLane>,
-    ids: Vec<TargetId>,
-    policy: Policy,
-    signing_key: Option<PathBuf>,
-    sign_closure: bool,
-    batch_size: usize,
-    /// Most paths in the next call: `batch_size`, halved after a call timed
-    /// out, doubled after each success.
+    /// Most paths in the next call (see [`policy::next_limit`]).
     limit: usize,
     /// Handed over and not tried yet, with whether they are signed.
     fresh: VecDeque<(StorePath, bool)>,
@@ -487,63 +475,49 @@ struct Lane {
     /// error.
     down: Option<(Instant, u32, String)>,
     streak: Streak<StorePath>,
-    /// The paths of the round in progress are to be signed before a copy.
+    /// The paths of the round in progress are signed before each copy.
     sign: bool,
-    several: bool,
-    /// Some signing or target is configured.
-    work: bool,
 }
 
 impl Lane {
-    fn run(mut self) {
+    fn run(mut self, rx: Receiver<ToLane>) {
         lower_priority();
         loop {
             let now = Instant::now();
+            let down = self.down.as_ref().filter(|d| d.0 > now).cloned();
             let wait = match self.held.values().filter_map(|h| h.next_try).min() {
-                _ if !self.fresh.is_empty() && self.down.as_ref().is_none_or(|d| d.0 <= now) => {
-                    Duration::ZERO
-                }
+                _ if !self.fresh.is_empty() && down.is_none() => Duration::ZERO,
                 Some(next) => next.saturating_duration_since(now).min(IDLE_TICK),
                 None => IDLE_TICK,
             };
-            let (mut stop, mut changed) = match self.rx.recv_timeout(wait) {
-                Ok(msg) => (self.handle(msg), true),
-                Err(RecvTimeoutError::Timeout) => (false, false),
-                Err(RecvTimeoutError::Disconnected) => (true, false),
+            let Some(mut changed) = receive(&rx, wait, |m| self.handle(m)) else {
+                return;
             };
-            while let Ok(msg) = self.rx.try_recv() {
-                stop |= self.handle(msg);
-            }
-            if stop || self.stopping() {
+            if self.ctx.shared.stopping.load(Ordering::SeqCst) {
                 return;
             }
-            let now = Instant::now();
-            match self.down {
-                Some((until, attempts, ref error)) if until > now => {
-                    // Tried with the failed group at its next try.
-                    for (p, signed) in std::mem::take(&mut self.fresh) {
-                        let failures = Failures {
-                            attempts,
-                            ..Failures::default()
-                        };
-                        let error = error.clone();
-                        let h = Held {
-                            failures,
-                            next_try: Some(until),
-                            error,
-                            signed,
-                        };
-                        self.held.entry(p).or_insert(h);
-                    }
+            if let Some((until, attempts, error)) = down {
+                // Tried with the failed group at its next try.
+                for (p, signed) in std::mem::take(&mut self.fresh) {
+                    let failures = Failures {
+                        attempts,
+                        ..Failures::default()
+                    };
+                    let (next_try, error) = (Some(until), error.clone());
+                    self.held.entry(p).or_insert(Held {
+                        failures,
+                        next_try,
+                        error,
+                        signed,
+                    });
                 }
-                _ => {
-                    let batch = self.take(now);
-                    changed |= !batch.is_empty();
-                    if !batch.is_empty() {
-                        // Shown as being retried during the call.
-                        self.publish();
-                        self.round(batch);
-                    }
+            } else {
+                let batch = self.take(Instant::now());
+                if !batch.is_empty() {
+                    // Shown as being retried during the call.
+                    self.publish();
+                    self.round(batch);
+                    changed = true;
                 }
             }
             if changed {
@@ -569,159 +543,140 @@ impl Lane {
         false
     }
 
-    fn needs(&self, p: &StorePath) -> bool {
-        let id = self.target.id;
-        self.journal.entry(p).is_some()
-            && !self.journal.is_delivered(p, id)
-            && !self.journal.is_given_up(p, id)
-    }
-
-    /// The next call's paths: those due, then the fresh ones, in the order
-    /// they were queued, within the batch limit.
+    /// The next call's paths: those due, in the order they were queued,
+    /// then the fresh ones, within the batch limit.
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
-        let mut due: Vec<StorePath> = self
+        let (journal, id) = (&self.ctx.journal, self.target.id);
+        let due = self
             .held
             .iter()
-            .filter(|h| h.1.next_try.is_some_and(|t| t <= now))
-            .map(|h| h.0.clone())
-            .collect();
-        due.sort_by_key(|p| self.journal.entry(p).map_or(u64::MAX, |e| e.seq));
+            .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
+        let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
+        due.sort_by_key(|p| journal.entry(p).map_or(u64::MAX, |e| e.seq));
         let mut due = due.into_iter();
         let (mut out, mut seen, mut bytes) = (Vec::new(), HashSet::new(), 0);
         self.sign = false;
-        while out.len() < self.limit.min(self.batch_size) {
+        while out.len() < self.limit.min(self.ctx.batch_size) {
             let next = due.next().map(|p| (p, None));
-            let Some((p, fresh)) =
-                next.or_else(|| self.fresh.pop_front().map(|(p, s)| (p, Some(s))))
-            else {
+            let fresh = || self.fresh.pop_front().map(|(p, s)| (p, Some(s)));
+            let Some((p, fresh)) = next.or_else(fresh) else {
                 break;
             };
-            if !self.needs(&p) {
+            let settled = journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
+            if journal.entry(&p).is_none() || settled {
                 self.held.remove(&p);
-                continue;
-            }
-            if !seen.insert(p.clone()) {
                 continue;
             }
             bytes += p.as_str().len() + 1;
             if !out.is_empty() && bytes > MAX_ARG_BYTES {
-                if let Some(signed) = fresh {
-                    self.fresh.push_front((p, signed));
-                }
+                self.fresh.extend(fresh.map(|s| (p, s)));
                 break;
             }
-            let signed = match self.held.get_mut(&p) {
-                Some(h) => {
+            if seen.insert(p.clone()) {
+                let h = self.held.get_mut(&p);
+                let signed = h.map_or(fresh == Some(true), |h| {
                     h.next_try = None;
                     h.signed
-                }
-                None => fresh.unwrap_or(false),
-            };
-            self.sign |= !signed;
-            out.push(p);
+                });
+                self.sign |= !signed;
+                out.push(p);
+            }
         }
         out
     }
 
     /// One call for `batch`; when it fails, the policy's canary, bisection
-    /// and backoff.
+    /// and backoff, within this round.
     fn round(&mut self, batch: Vec<StorePath>) {
-        let started = Instant::now();
-        let failure = match self.attempt(&batch) {
-            Ok(()) => {
-                self.limit = policy::next_limit(self.limit, batch.len(), false, self.batch_size);
-                return self.took(&batch, started);
-            }
-            Err(failure) => failure,
-        };
-        let mut answer = None;
-        match policy::after_failure(batch.len(), failure.timed_out()) {
-            Next::BackOff => {
-                if batch.len() > 1 {
-                    self.limit = policy::next_limit(self.limit, batch.len(), true, self.batch_size);
-                    warning!(
-                        "a batch of {} paths timed out{}; the next batches take at most {}",
-                        batch.len(),
-                        self.named(),
-                        self.limit
-                    );
-                }
-                return self.back_off(batch, &failure, Blame::Target);
-            }
-            Next::Judge => {
-                let blame = self.judge(&batch[0], &mut answer);
-                return self.back_off(batch, &failure, blame);
-            }
-            Next::Canary if self.stopping() => {
-                return self.back_off(batch, &failure, Blame::Target)
-            }
-            Next::Canary => {}
-        }
-        let mut rest = batch;
-        let counted: Vec<u32> = rest
-            .iter()
-            .map(|p| self.held.get(p).map_or(0, |h| h.failures.counted))
-            .collect();
-        let canary = rest.remove(policy::pick_canary(&counted, random_unit()));
-        let started = Instant::now();
-        match self.attempt(std::slice::from_ref(&canary)) {
-            Ok(()) => {
-                self.took(std::slice::from_ref(&canary), started);
-                answer = Some(Answer::TookSome);
-            }
-            Err(f) => {
-                let blame = if f.timed_out() {
-                    Blame::Target
-                } else {
-                    self.judge(&canary, &mut answer)
-                };
-                if blame == Blame::Target {
-                    rest.push(canary);
-                    return self.back_off(rest, &f, Blame::Target);
-                }
-                self.back_off(vec![canary], &f, Blame::Paths);
-            }
-        }
-        warning!("batch of {} paths failed while the target{} works, splitting it to find the paths at fault: {failure}", rest.len() + 1, self.named());
-        let mut budget = policy::bisection_budget(rest.len());
-        let mut groups = vec![rest];
+        let (len, max) = (batch.len(), self.ctx.batch_size);
+        let (mut groups, mut answer, mut budget) = (vec![batch], None, 0);
+        let (mut first, mut note) = (true, None);
         while let Some(mut group) = groups.pop() {
-            if self.stopping() {
+            if !first && self.ctx.shared.stopping.load(Ordering::SeqCst) {
                 return; // Still journaled: uploaded after the restart.
             }
             let started = Instant::now();
-            let f = match self.attempt(&group) {
+            match self.attempt(&group) {
                 Ok(()) => {
+                    if first {
+                        self.limit = policy::next_limit(self.limit, len, false, max);
+                    }
                     self.took(&group, started);
                     answer = Some(Answer::TookSome);
-                    continue;
                 }
-                Err(f) => f,
-            };
-            if group.len() > 1 && budget > 0 && !f.timed_out() {
-                budget -= 1;
-                let right = group.split_off(group.len() / 2);
-                groups.extend([right, group]);
-            } else if group.len() == 1 && !f.timed_out() {
-                let blame = self.judge(&group[0], &mut answer);
-                if blame == Blame::Target {
-                    // An outage after all: the rest waits with this path.
-                    group.extend(groups.drain(..).flatten());
-                }
-                self.back_off(group, &f, blame);
-            } else {
-                self.back_off(group, &f, Blame::Target);
+                Err(f) => match self.next(&group, &f, first, budget, &mut answer) {
+                    Next::Outage => {
+                        if group.len() > 1 && f.timed_out() {
+                            self.limit = policy::next_limit(self.limit, group.len(), true, max);
+                            let (n, to, limit) = (group.len(), self.named(), self.limit);
+                            warning!("a batch of {n} paths timed out{to}; the next batches take at most {limit}");
+                        }
+                        group.extend(groups.drain(..).flatten());
+                        self.back_off(group, &f, Blame::Target);
+                    }
+                    Next::Judge => {
+                        let blame = self.judge(&group[0], &mut answer);
+                        if blame == Blame::Target {
+                            // An outage after all: the rest waits with it.
+                            group.extend(groups.drain(..).flatten());
+                        }
+                        self.back_off(group, &f, blame);
+                    }
+                    Next::Canary => {
+                        let counted = group.iter().map(|p| self.counted(p)).collect::<Vec<_>>();
+                        let canary = group.remove(policy::pick_canary(&counted, random_unit()));
+                        budget = policy::bisection_budget(group.len());
+                        note = Some(format!("batch of {len} paths failed while the target{} works, splitting it to find the paths at fault: {f}", self.named()));
+                        groups.extend([group, vec![canary]]);
+                        first = false;
+                        continue;
+                    }
+                    Next::Split => {
+                        budget -= 1;
+                        let right = group.split_off(group.len() / 2);
+                        groups.extend([right, group]);
+                    }
+                    Next::BackOff => self.back_off(group, &f, Blame::Target),
+                },
+            }
+            first = false;
+            // After the canary, unless that ended the round.
+            if let Some(note) = note.take().filter(|_| !groups.is_empty()) {
+                warning!("{note}");
             }
         }
     }
 
+    /// The policy's next step; before a canary, asks the target whether
+    /// it answers at all (a ping costs less than a copy).
+    fn next(
+        &self,
+        group: &[StorePath],
+        f: &Failure,
+        first: bool,
+        budget: u32,
+        answer: &mut Option<Answer>,
+    ) -> Next {
+        match policy::after_failure(group.len(), f.timed_out(), first, budget) {
+            Next::Canary if *answer.get_or_insert_with(|| self.ask()) == Answer::Silent => {
+                Next::Outage
+            }
+            next => next,
+        }
+    }
+
+    fn counted(&self, path: &StorePath) -> u32 {
+        self.held.get(path).map_or(0, |h| h.failures.counted)
+    }
+
     /// Whom to blame for `path`, which failed alone: asks the target once a
-    /// round (unless a call of the round went through).
+    /// round, unless a call of the round went through.
     fn judge(&mut self, path: &StorePath, answer: &mut Option<Answer>) -> Blame {
         let a = *answer.get_or_insert_with(|| self.ask());
         let refuses_all = a == Answer::Answers && self.streak.failed(path.clone());
         if refuses_all {
-            info!("{} different paths failed alone while the target{} answers and took none: it seems to refuse everything, which does not count against the paths", policy::REFUSES_ALL, self.named());
+            let (n, to) = (policy::REFUSES_ALL, self.named());
+            info!("{n} different paths failed alone while the target{to} answers and took none: it seems to refuse everything, which does not count against the paths");
         }
         policy::blame_alone(a, refuses_all)
     }
@@ -736,7 +691,8 @@ impl Lane {
             Ok(()) => Answer::Answers,
             Err(e) => {
                 self.count_failure(&e);
-                info!("the target{} does not answer either, so the failure does not count against the path: {e}", self.named());
+                let to = self.named();
+                info!("the target{to} does not answer either, so the failure does not count against the path: {e}");
                 Answer::Silent
             }
         }
@@ -744,17 +700,17 @@ impl Lane {
 
     /// Copies the paths (signing them first if the round must).
     fn attempt(&self, paths: &[StorePath]) -> Result<(), Failure> {
-        self.shared.lock().targets[self.i].in_flight = paths.to_vec();
-        let result = match (&self.signing_key, self.sign) {
-            (Some(key), true) => self.nix.sign(key, self.sign_closure, paths),
+        self.ctx.shared.lock().targets[self.i].in_flight = paths.to_vec();
+        let result = match (&self.ctx.signing_key, self.sign) {
+            (Some(key), true) => self.nix.sign(key, self.ctx.sign_closure, paths),
             _ => Ok(()),
-        }
-        .and_then(|()| match &self.target.kind {
+        };
+        let result = result.and_then(|()| match &self.target.kind {
             Kind::Url(url) => self.nix.copy(url, paths),
             Kind::Command(argv) => self.nix.run_uploader(argv, paths),
             Kind::SignOnly => Ok(()),
         });
-        self.shared.lock().targets[self.i].in_flight.clear();
+        self.ctx.shared.lock().targets[self.i].in_flight.clear();
         if let Err(f) = &result {
             self.count_failure(f);
         }
@@ -763,54 +719,50 @@ impl Lane {
 
     /// ` LABEL` when there are several targets, else nothing.
     fn named(&self) -> String {
-        match self.several {
-            true => format!(" {}", self.target.label),
-            false => String::new(),
+        match self.ctx.ids.len() {
+            1 => String::new(),
+            _ => format!(" {}", self.target.label),
         }
     }
 
     fn count_failure(&self, failure: &Failure) {
-        let mut stats = self.shared.lock();
+        let mut stats = self.ctx.shared.lock();
         stats.failed_calls += 1;
         let t = &mut stats.targets[self.i];
         t.failed_calls += 1;
         t.last_error = Some(failure.to_string());
     }
 
-    fn stopping(&self) -> bool {
-        self.shared.stopping.load(Ordering::SeqCst)
-    }
-
     /// Records that the target has the paths: those every target has now
     /// leave the journal.
     fn took(&mut self, paths: &[StorePath], started: Instant) {
-        let took = started.elapsed();
+        let (ctx, took) = (Arc::clone(&self.ctx), started.elapsed().as_secs_f64());
         self.down = None;
         self.streak.took();
         for p in paths {
             self.held.remove(p);
         }
-        let done = self
-            .journal
-            .deliver(paths, self.target.id, &self.ids)
-            .unwrap_or_else(|e| {
-                // After a restart they are uploaded once more, which is harmless.
-                warning!("cannot journal {} finished paths: {e}", paths.len());
-                Vec::new()
-            });
-        if self.work && !paths.is_empty() {
-            info!(
-                "uploaded {}{} in {:.3} s",
-                some_of(paths),
-                self.named(),
-                took.as_secs_f64()
-            );
+        let done = ctx.journal.deliver(paths, self.target.id, &ctx.ids);
+        let done = done.unwrap_or_else(|e| {
+            // After a restart they are uploaded once more, which is harmless.
+            warning!("cannot journal {} finished paths: {e}", paths.len());
+            Vec::new()
+        });
+        let to = self.named();
+        match paths {
+            _ if !ctx.work => {}
+            [one] => info!("uploaded {one}{to} in {took:.3} s"),
+            [first, ..] => info!(
+                "uploaded {} paths ({first}, ...){to} in {took:.3} s",
+                paths.len()
+            ),
+            [] => {}
         }
-        let mut stats = self.shared.lock();
+        let mut stats = ctx.shared.lock();
         stats.uploaded += done.len() as u64;
         stats.record_uploads(done.len() as u64);
-        if self.work {
-            stats.upload_seconds += took.as_secs_f64();
+        if ctx.work {
+            stats.upload_seconds += took;
             stats.upload_batches += 1;
         }
         let t = &mut stats.targets[self.i];
@@ -827,102 +779,62 @@ impl Lane {
     /// target makes it count as down until then.
     fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
         let (now, error) = (Instant::now(), error.to_string());
-        let attempts = 1 + paths
-            .iter()
-            .filter_map(|p| self.held.get(p))
-            .map(|h| h.failures.attempts)
-            .max()
-            .unwrap_or(0);
-        let next_try = now + self.policy.delay(attempts, random_unit());
+        let held = paths.iter().filter_map(|p| self.held.get(p));
+        let attempts = 1 + held.map(|h| h.failures.attempts).max().unwrap_or(0);
+        let next_try = now + self.ctx.policy.delay(attempts, random_unit());
         let mut kept = Vec::new();
         for p in paths {
-            let mut h = self.held.remove(&p).unwrap_or(Held {
-                failures: Failures::default(),
-                next_try: None,
-                error: String::new(),
-                signed: false,
-            });
-            h.signed &= !self.sign;
-            (h.next_try, h.error) = (Some(next_try), error.clone());
-            match self.policy.fail(&mut h.failures, attempts, blame, now) {
-                Some(why) if self.give_up(&p, &h.failures, &error, &why) => {}
+            let (next_try, error) = (Some(next_try), error.clone());
+            let h = self.held.remove(&p);
+            let signed = h.as_ref().is_some_and(|h| h.signed) && !self.sign;
+            let failures = h.map(|h| h.failures).unwrap_or_default();
+            let mut h = Held {
+                failures,
+                next_try,
+                error,
+                signed,
+            };
+            match self.ctx.policy.fail(&mut h.failures, attempts, blame, now) {
+                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &h.error) => {
+                    let (on, e) = (self.named().replacen(' ', " for ", 1), &h.error);
+                    warning!("giving up on {p}{on} after {why}: {e}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
+                }
                 _ => {
                     kept.push(p.clone());
                     self.held.insert(p, h);
                 }
             }
         }
-        if !kept.is_empty() {
-            warning!(
-                "{} failed attempt {attempts}{}, next try in {:.1} s: {error}",
-                some_of(&kept),
+        if let Some(first) = kept.first() {
+            let (n, more, to) = (
+                kept.len(),
+                if kept.len() > 1 { ", ..." } else { "" },
                 self.named(),
-                next_try.saturating_duration_since(now).as_secs_f64()
             );
+            let next = next_try.saturating_duration_since(now).as_secs_f64();
+            warning!("{n} path(s) ({first}{more}) failed attempt {attempts}{to}, next try in {next:.1} s: {error}");
         }
         if blame == Blame::Target {
             self.down = Some((next_try, attempts, error));
         }
     }
 
-    /// Journals that `path` is given up on for this target; false when that
-    /// failed (it is retried).
-    fn give_up(&self, path: &StorePath, f: &Failures, error: &str, why: &str) -> bool {
-        let record = GivenUp {
-            target: self.target.id,
-            at: unix_now(),
-            attempts: f.attempts,
-            error: error.to_string(),
-        };
-        match self.journal.give_up(path, record) {
-            Ok(given_up) => {
-                if given_up {
-                    let mut stats = self.shared.lock();
-                    stats.given_up += 1;
-                    stats.targets[self.i].given_up += 1;
-                    drop(stats);
-                    let on = if self.several {
-                        format!(" for{}", self.named())
-                    } else {
-                        String::new()
-                    };
-                    warning!("giving up on {path}{on} after {why}: {error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {path}` (or `drop {path}`)");
-                }
-                true
-            }
-            Err(e) => {
-                warning!("cannot journal that {path} is given up on ({e}); it is retried");
-                false
-            }
-        }
-    }
-
-    /// Shows the paths backing off in `status` (those dropped meanwhile
-    /// forgotten).
+    /// Shows the paths backing off in `status` (forgetting those dropped).
     fn publish(&mut self) {
-        let journal = &self.journal;
+        let journal = &self.ctx.journal;
         self.held.retain(|p, _| journal.entry(p).is_some());
         let view = self.held.iter().map(|(p, h)| {
-            let b = Backoff {
-                attempts: h.failures.attempts,
-                next_try: h.next_try,
-                last_error: h.error.clone(),
-            };
-            (p.clone(), b)
+            let (attempts, next_try) = (h.failures.attempts, h.next_try);
+            (
+                p.clone(),
+                Backoff {
+                    attempts,
+                    next_try,
+                    last_error: h.error.clone(),
+                },
+            )
         });
-        self.shared.lock().targets[self.i].backoff = view.collect();
-    }
-}
-
-/// `PATH` or `N paths (A, B, C, ...)`, for a log line.
-fn some_of(paths: &[StorePath]) -> String {
-    match paths {
-        [one] => one.to_string(),
-        _ => {
-            let named: Vec<String> = paths.iter().take(NAMED).map(StorePath::to_string).collect();
-            let more = if paths.len() > NAMED { ", ..." } else { "" };
-            format!("{} paths ({}{more})", paths.len(), named.join(", "))
-        }
+        self.ctx.shared.lock().targets[self.i].backoff = view.collect();
     }
 }
 
@@ -934,11 +846,17 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
         .iter()
         .filter_map(|p| journal.entry(p).map(|e| (p.clone(), e.seq)))
         .collect();
-    if queued.is_empty() {
-        return 0;
-    }
     let paths: Vec<StorePath> = queued.iter().map(|(p, _)| p.clone()).collect();
-    warning!("dropping {}: {why}", some_of(&paths));
+    let named: Vec<String> = paths.iter().take(3).map(StorePath::to_string).collect();
+    match paths.len() {
+        0 => return 0,
+        1 => warning!("dropping {}: {why}", named[0]),
+        n => warning!(
+            "dropping {n} paths ({}{}): {why}",
+            named.join(", "),
+            if n > 3 { ", ..." } else { "" }
+        ),
+    }
     // Counted before the journal lets go of them: a `wait` that sees them
     // gone from the journal must also see them dropped.
     {
@@ -952,12 +870,6 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
         warning!("cannot journal {} dropped paths: {e}", paths.len());
     }
     paths.len()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// A number in [0, 1) from the standard library's randomly seeded hasher.
