@@ -200,47 +200,59 @@ impl Default for Shared {
 /// One consistent look at the queue, for `status` and the metrics file.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// Seconds since the daemon started.
-    pub uptime_seconds: u64,
-    /// Paths in the journal.
-    pub queued: usize,
-    /// The paths of the calls in progress (and the batch being prepared).
+    /// The scalar fields, as `status json` names and orders them.
+    pub fields: Vec<(&'static str, Value)>,
+    /// The paths of the calls in progress (and of the batch being prepared).
     pub in_flight_paths: Vec<StorePath>,
-    /// Request files in the spool not ingested yet.
-    pub spool_files: usize,
-    /// Paths in those files.
-    pub spool_paths: usize,
-    /// Paths uploaded per minute lately (see [`RATE_WINDOW`]).
-    pub upload_rate_per_minute: f64,
-    /// Paths finished since start.
-    pub uploaded: u64,
-    /// Paths dropped since start.
-    pub dropped: u64,
-    /// Failed nix calls since start.
-    pub failed_calls: u64,
-    /// Age of the oldest queued path, if any.
-    pub oldest_queued_seconds: Option<u64>,
-    /// Total seconds of successful upload calls.
-    pub upload_seconds: f64,
-    /// Number of successful upload calls.
-    pub upload_batches: u64,
-    /// Whether a signing key is configured.
-    pub signing: bool,
-    /// The upload targets with secrets masked, `, `-separated.
-    pub target: Option<String>,
-    /// Paths backing off on some target (each counted once).
-    pub backing_off: usize,
     /// Backing-off paths, soonest first: (attempts, seconds to next try,
     /// path, last error), one per path and target; with several targets
     /// the error starts with the target's label.
     pub backoff: Vec<(u32, f64, StorePath, String)>,
-    /// Paths given up on after failures since start (a counter).
-    pub given_up_total: u64,
     /// Paths given up on for a target now, oldest first, with how long ago.
     pub failed: Vec<(StorePath, GivenUp, u64)>,
     /// Each target's state.
     pub targets: Vec<TargetSnapshot>,
 }
+
+/// A field's value: a number with its decimals (`None`: unknown, `null`),
+/// text, or a flag.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// A number.
+    Num(Option<f64>, usize),
+    /// Text.
+    Text(Option<String>),
+    /// A flag.
+    Flag(bool),
+}
+
+/// The metrics: `FIELD NAME TYPE HELP`, FIELD naming the value shown.
+const METRICS: &str = "\
+queued queued gauge Paths journaled and not yet uploaded.
+in_flight in_flight gauge Paths in the calls in progress.
+backing_off backing_off gauge Paths waiting to be retried after a failure.
+spool_files spool_files gauge Request files the hook left in the spool, not yet queued.
+spool_paths spool_paths gauge Paths in those spool files.
+failed failed gauge Paths given up on after repeated failures, kept until requeued or dropped.
+given_up_total given_up_total counter Paths given up on after repeated failures since the daemon started.
+uploaded uploaded_total counter Paths signed and uploaded to every target since the daemon started.
+dropped dropped_total counter Paths given up on since the daemon started.
+failed_calls failed_calls_total counter Failed nix calls since the daemon started.
+oldest_queued_seconds oldest_queued_age_seconds gauge Age of the oldest queued path (0 when the queue is empty).";
+
+/// The per-target metrics: `NAME TYPE HELP`, in the order of
+/// [`TargetSnapshot::numbers`].
+const TARGET_METRICS: &str = "\
+target_queued gauge Queued paths this target does not have yet (those given up on aside).
+target_delivered_total counter Paths this target took since the daemon started.
+target_backing_off gauge Paths waiting to be retried on this target after a failure.
+target_failed gauge Paths given up on for this target, kept until requeued or dropped.
+target_given_up_total counter Paths given up on for this target since the daemon started.
+target_failed_calls_total counter Failed calls to this target since the daemon started.
+target_up gauge 1 when the last call to this target went through (or none was made), 0 when it failed.";
+
+/// A field that only the metrics show.
+const METRIC_ONLY: &str = "given_up_total";
 
 /// One target's state, for `status` and the metrics.
 #[derive(Debug, Clone)]
@@ -265,188 +277,45 @@ pub struct TargetSnapshot {
     pub last_error: Option<String>,
 }
 
-/// A field's value: a number with its decimals (`None`: unknown), text, or
-/// a flag.
-enum Value {
-    Num(Option<f64>, usize),
-    Text(Option<String>),
-    Flag(bool),
+impl TargetSnapshot {
+    /// `ok`, or `failing` when its last call failed.
+    pub fn state(&self) -> &'static str {
+        match self.last_error {
+            Some(_) => "failing",
+            None => "ok",
+        }
+    }
+
+    /// Its numbers, in the order of `status json` and [`TARGET_METRICS`].
+    fn numbers(&self) -> [(&'static str, u64); 7] {
+        [
+            ("queued", self.queued as u64),
+            ("delivered", self.delivered),
+            ("backing_off", self.backing_off as u64),
+            ("failed", self.failed as u64),
+            ("given_up_total", self.given_up_total),
+            ("failed_calls", self.failed_calls),
+            ("up", u64::from(self.last_error.is_none())),
+        ]
+    }
 }
-
-fn int(n: impl Into<u64>) -> Value {
-    Value::Num(Some(n.into() as f64), 0)
-}
-
-/// A field: its `status json` key (empty: a metric only), its metric's
-/// name, type and help (empty name: no metric), and its value.
-type Field = (
-    &'static str,
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&Snapshot) -> Value,
-);
-
-/// The fields, in the order `status json` shows them.
-const FIELDS: &[Field] = &[
-    ("version", "", "", "", |_| {
-        Value::Text(Some(crate::VERSION.into()))
-    }),
-    ("uptime_seconds", "", "", "", |s| int(s.uptime_seconds)),
-    (
-        "queued",
-        "queued",
-        "gauge",
-        "Paths journaled and not yet uploaded.",
-        |s| int(s.queued as u64),
-    ),
-    (
-        "in_flight",
-        "in_flight",
-        "gauge",
-        "Paths in the calls in progress.",
-        |s| int(s.in_flight_paths.len() as u64),
-    ),
-    (
-        "uploaded",
-        "uploaded_total",
-        "counter",
-        "Paths signed and uploaded to every target since the daemon started.",
-        |s| int(s.uploaded),
-    ),
-    (
-        "dropped",
-        "dropped_total",
-        "counter",
-        "Paths given up on since the daemon started.",
-        |s| int(s.dropped),
-    ),
-    (
-        "failed_calls",
-        "failed_calls_total",
-        "counter",
-        "Failed nix calls since the daemon started.",
-        |s| int(s.failed_calls),
-    ),
-    (
-        "backing_off",
-        "backing_off",
-        "gauge",
-        "Paths waiting to be retried after a failure.",
-        |s| int(s.backing_off as u64),
-    ),
-    (
-        "failed",
-        "failed",
-        "gauge",
-        "Paths given up on after repeated failures, kept until requeued or dropped.",
-        |s| int(s.failed.len() as u64),
-    ),
-    (
-        "oldest_queued_seconds",
-        "oldest_queued_age_seconds",
-        "gauge",
-        "Age of the oldest queued path (0 when the queue is empty).",
-        |s| Value::Num(s.oldest_queued_seconds.map(|n| n as f64), 0),
-    ),
-    ("upload_seconds_sum", "", "", "", |s| {
-        Value::Num(Some(s.upload_seconds), 3)
-    }),
-    ("upload_batches", "", "", "", |s| int(s.upload_batches)),
-    ("upload_rate_per_minute", "", "", "", |s| {
-        Value::Num(Some(s.upload_rate_per_minute), 1)
-    }),
-    (
-        "spool_files",
-        "spool_files",
-        "gauge",
-        "Request files the hook left in the spool, not yet queued.",
-        |s| int(s.spool_files as u64),
-    ),
-    (
-        "spool_paths",
-        "spool_paths",
-        "gauge",
-        "Paths in those spool files.",
-        |s| int(s.spool_paths as u64),
-    ),
-    ("signing", "", "", "", |s| Value::Flag(s.signing)),
-    ("target", "", "", "", |s| Value::Text(s.target.clone())),
-    (
-        "",
-        "given_up_total",
-        "counter",
-        "Paths given up on after repeated failures since the daemon started.",
-        |s| int(s.given_up_total),
-    ),
-];
-
-/// A per-target metric: name, type, help, and its value for a target.
-type PerTarget = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&TargetSnapshot) -> u64,
-);
-
-const PER_TARGET: &[PerTarget] = &[
-    (
-        "target_queued",
-        "gauge",
-        "Queued paths this target does not have yet (those given up on aside).",
-        |t| t.queued as u64,
-    ),
-    (
-        "target_delivered_total",
-        "counter",
-        "Paths this target took since the daemon started.",
-        |t| t.delivered,
-    ),
-    (
-        "target_backing_off",
-        "gauge",
-        "Paths waiting to be retried on this target after a failure.",
-        |t| t.backing_off as u64,
-    ),
-    (
-        "target_failed",
-        "gauge",
-        "Paths given up on for this target, kept until requeued or dropped.",
-        |t| t.failed as u64,
-    ),
-    (
-        "target_given_up_total",
-        "counter",
-        "Paths given up on for this target since the daemon started.",
-        |t| t.given_up_total,
-    ),
-    (
-        "target_failed_calls_total",
-        "counter",
-        "Failed calls to this target since the daemon started.",
-        |t| t.failed_calls,
-    ),
-    (
-        "target_up",
-        "gauge",
-        "1 when the last call to this target went through (or none was made), 0 when it failed.",
-        |t| u64::from(t.last_error.is_none()),
-    ),
-];
 
 impl Snapshot {
     /// Takes a snapshot of the journal and the statistics, secrets masked.
     pub fn take(journal: &Journal, shared: &Shared, spool_dir: &Path, signing: bool) -> Snapshot {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let oldest_queued_seconds = journal.oldest().map(|e| now.saturating_sub(e.queued_at));
-        let ids: Vec<(TargetId, String)> = shared
-            .lock()
-            .targets
-            .iter()
-            .map(|t| (t.id, t.label.clone()))
-            .collect();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH);
+        let now = now.map_or(0, |d| d.as_secs());
+        let oldest = journal
+            .oldest()
+            .map(|e| now.saturating_sub(e.queued_at) as f64);
+        let ids: Vec<(TargetId, String)> = {
+            let stats = shared.lock();
+            stats
+                .targets
+                .iter()
+                .map(|t| (t.id, t.label.clone()))
+                .collect()
+        };
         // Errors quote nix, which may repeat a target with its password.
         let tagged = |label: &str, error: &str| match ids.len() {
             1 => redact::text(error),
@@ -463,13 +332,13 @@ impl Snapshot {
         }
         let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
         let stats = shared.lock();
-        let mut backoff = Vec::new();
-        let mut in_flight = stats.in_flight_paths.clone();
+        let (mut backoff, mut in_flight) = (Vec::new(), stats.in_flight_paths.clone());
         for t in &stats.targets {
             backoff.extend(t.backoff.iter().map(|(p, b)| {
-                let next = b.next_try.map_or(0.0, |t| {
-                    t.saturating_duration_since(Instant::now()).as_secs_f64()
-                });
+                let next = b
+                    .next_try
+                    .map(|t| t.saturating_duration_since(Instant::now()));
+                let next = next.map_or(0.0, |d| d.as_secs_f64());
                 (b.attempts, next, p.clone(), tagged(&t.label, &b.last_error))
             }));
             in_flight.extend(t.in_flight.iter().cloned());
@@ -477,46 +346,69 @@ impl Snapshot {
         let mut seen = HashSet::new();
         in_flight.retain(|p| seen.insert(p.clone()));
         backoff.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let targets = stats
-            .targets
-            .iter()
-            .zip(pending)
-            .map(|(t, (queued, given_up))| TargetSnapshot {
-                id: t.id,
-                label: t.label.clone(),
-                queued,
-                delivered: t.delivered,
-                backing_off: t.backoff.len(),
-                failed: given_up,
-                given_up_total: t.given_up,
-                failed_calls: t.failed_calls,
-                last_error: t.last_error.as_deref().map(redact::text),
-            });
-        let labels: Vec<&str> = ids
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .filter(|l| *l != "-")
-            .collect();
+        let targets = stats.targets.iter().zip(pending);
+        let targets = targets.map(|(t, (queued, failed))| TargetSnapshot {
+            id: t.id,
+            label: t.label.clone(),
+            queued,
+            delivered: t.delivered,
+            backing_off: t.backoff.len(),
+            failed,
+            given_up_total: t.given_up,
+            failed_calls: t.failed_calls,
+            last_error: t.last_error.as_deref().map(redact::text),
+        });
+        let labels = ids.iter().map(|(_, l)| l.as_str()).filter(|l| *l != "-");
+        let labels: Vec<&str> = labels.collect();
+        let n = |n: u64| Value::Num(Some(n as f64), 0);
+        let fields = vec![
+            ("version", Value::Text(Some(crate::VERSION.into()))),
+            ("uptime_seconds", n(stats.started.elapsed().as_secs())),
+            ("queued", n(journal.len() as u64)),
+            ("in_flight", n(in_flight.len() as u64)),
+            ("uploaded", n(stats.uploaded)),
+            ("dropped", n(stats.dropped)),
+            ("failed_calls", n(stats.failed_calls)),
+            ("backing_off", n(stats.backing_off() as u64)),
+            ("failed", n(failed.len() as u64)),
+            ("oldest_queued_seconds", Value::Num(oldest, 0)),
+            (
+                "upload_seconds_sum",
+                Value::Num(Some(stats.upload_seconds), 3),
+            ),
+            ("upload_batches", n(stats.upload_batches)),
+            (
+                "upload_rate_per_minute",
+                Value::Num(Some(upload_rate(&stats)), 1),
+            ),
+            ("spool_files", n(spool_files as u64)),
+            ("spool_paths", n(spool_paths as u64)),
+            ("signing", Value::Flag(signing)),
+            (
+                "target",
+                Value::Text((!labels.is_empty()).then(|| labels.join(", "))),
+            ),
+            (METRIC_ONLY, n(stats.given_up)),
+        ];
         Snapshot {
-            uptime_seconds: stats.started.elapsed().as_secs(),
-            queued: journal.len(),
+            fields,
             in_flight_paths: in_flight,
-            spool_files,
-            spool_paths,
-            upload_rate_per_minute: upload_rate_per_minute(&stats),
-            uploaded: stats.uploaded,
-            dropped: stats.dropped,
-            failed_calls: stats.failed_calls,
-            oldest_queued_seconds,
-            upload_seconds: stats.upload_seconds,
-            upload_batches: stats.upload_batches,
-            signing,
-            target: (!labels.is_empty()).then(|| labels.join(", ")),
-            backing_off: stats.backing_off(),
             backoff,
-            given_up_total: stats.given_up,
             failed,
             targets: targets.collect(),
+        }
+    }
+
+    /// The value of field `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.fields.iter().find(|f| f.0 == key).map(|f| &f.1)
+    }
+
+    /// The number in field `key` (0 when unknown).
+    pub fn num(&self, key: &str) -> f64 {
+        match self.get(key) {
+            Some(Value::Num(Some(n), _)) => *n,
+            _ => 0.0,
         }
     }
 
@@ -527,15 +419,18 @@ impl Snapshot {
 
     /// `status` for people, one line per `\n`.
     pub fn text(&self) -> String {
-        let mut s = String::new();
-        let oldest = match self.oldest_queued_seconds {
-            Some(age) => format!(" (oldest queued {} ago)", human_duration(age as f64)),
-            None => String::new(),
+        let n = |key| self.num(key) as u64;
+        let human = |key| human_duration(self.num(key));
+        let oldest = match self.get("oldest_queued_seconds") {
+            Some(Value::Num(Some(_), _)) => {
+                format!(" (oldest queued {} ago)", human("oldest_queued_seconds"))
+            }
+            _ => String::new(),
         };
         let in_flight = self.in_flight_paths.len();
-        s += &format!(
+        let mut s = format!(
             "queued:       {}{oldest}\nin flight:    {in_flight}\n",
-            self.queued
+            n("queued")
         );
         for p in self.in_flight_paths.iter().take(TEXT_IN_FLIGHT) {
             s += &format!("  uploading {p}\n");
@@ -543,12 +438,12 @@ impl Snapshot {
         if in_flight > TEXT_IN_FLIGHT {
             s += &format!("  ... and {} more\n", in_flight - TEXT_IN_FLIGHT);
         }
-        let rate = format!("{:.1}", self.upload_rate_per_minute);
+        let rate = self.num("upload_rate_per_minute");
         s += &format!(
-            "uploaded:     {} since start ({rate} paths/min lately)\n",
-            self.uploaded
+            "uploaded:     {} since start ({rate:.1} paths/min lately)\n",
+            n("uploaded")
         );
-        let spool = match (self.spool_files, self.spool_paths) {
+        let spool = match (n("spool_files"), n("spool_paths")) {
             (0, _) => "empty".to_string(),
             (files, paths) => {
                 format!("{files} file(s) with {paths} path(s) left by the hook, not yet queued")
@@ -556,48 +451,43 @@ impl Snapshot {
         };
         s += &format!(
             "spool:        {spool}\ndropped:      {} since start\n",
-            self.dropped
+            n("dropped")
         );
-        s += &format!("backing off:  {}\n", self.backing_off);
+        s += &format!("backing off:  {}\n", n("backing_off"));
         let note = if self.failed.is_empty() {
             ""
         } else {
             " (given up on; requeue or drop them)"
         };
         s += &format!("failed:       {}{note}\n", self.failed.len());
-        s += &format!("failed calls: {} since start\n", self.failed_calls);
-        let target = self
-            .target
-            .as_deref()
-            .unwrap_or("none (upload-to is not set)");
-        s += &format!("target:       {}\n", one_line(target));
-        if self.shown().count() > 1 {
-            for t in self.shown() {
-                s +=
-                    &format!(
-                    "  {}: {}, {} queued, {} delivered since start, {} backing off, {} failed\n",
-                    one_line(&t.label), t.state(), t.queued, t.delivered, t.backing_off, t.failed
-                );
-                if let Some(e) = &t.last_error {
-                    s += &format!("    last error: {}\n", one_line(e));
-                }
+        s += &format!("failed calls: {} since start\n", n("failed_calls"));
+        let target = match self.get("target") {
+            Some(Value::Text(Some(t))) => one_line(t),
+            _ => "none (upload-to is not set)".to_string(),
+        };
+        s += &format!("target:       {target}\n");
+        for t in self.shown().filter(|_| self.shown().count() > 1) {
+            let (label, state) = (one_line(&t.label), t.state());
+            s += &format!("  {label}: {state}, {} queued, {} delivered since start, {} backing off, {} failed\n", t.queued, t.delivered, t.backing_off, t.failed);
+            if let Some(e) = &t.last_error {
+                s += &format!("    last error: {}\n", one_line(e));
             }
         }
+        let signing = if self.get("signing") == Some(&Value::Flag(true)) {
+            "on"
+        } else {
+            "off"
+        };
         s += &format!(
-            "signing:      {}\n",
-            if self.signing { "on" } else { "off" }
-        );
-        s += &format!(
-            "uptime:       {}\n",
-            human_duration(self.uptime_seconds as f64)
+            "signing:      {signing}\nuptime:       {}\n",
+            human("uptime_seconds")
         );
         s += &format!("version:      {}\n", crate::VERSION);
         for (attempts, next, path, error) in self.backoff.iter().take(LISTED) {
-            // As shown in JSON: to a tenth of a second.
-            let next = (next * 10.0).round() / 10.0;
-            let when = match next > 0.0 {
-                true => format!("next try in {}", human_duration(next)),
-                false => "retrying now".to_string(),
+            // As `status json` shows it: to a tenth of a second.
+            let when = match (next * 10.0).round() / 10.0 {
+                next if next > 0.0 => format!("next try in {}", human_duration(next)),
+                _ => "retrying now".to_string(),
             };
             s += &format!(
                 "  {path}: attempt {attempts} failed, {when}: {}\n",
@@ -605,17 +495,15 @@ impl Snapshot {
             );
         }
         s += &more(
-            self.backing_off,
+            n("backing_off") as usize,
             self.backoff.len().min(LISTED),
             "",
             "soonest",
         );
         for (path, g, ago) in self.failed.iter().take(LISTED) {
+            let (ago, attempts, e) = (human_duration(*ago as f64), g.attempts, one_line(&g.error));
             s += &format!(
-                "  {path}: FAILED, given up on {} ago after {} attempts: {}\n",
-                human_duration(*ago as f64),
-                g.attempts,
-                one_line(&g.error)
+                "  {path}: FAILED, given up on {ago} ago after {attempts} attempts: {e}\n"
             );
         }
         s + &more(
@@ -628,50 +516,44 @@ impl Snapshot {
 
     /// `status json`: one JSON object on one line.
     pub fn json(&self) -> String {
-        let mut parts: Vec<String> = FIELDS
-            .iter()
-            .filter(|f| !f.0.is_empty())
-            .map(|(key, _, _, _, value)| {
-                let v = match value(self) {
+        let fields = self.fields.iter().filter(|f| f.0 != METRIC_ONLY);
+        let mut parts: Vec<String> = fields
+            .map(|(key, value)| {
+                let v = match value {
                     Value::Num(Some(n), d) => format!("{n:.d$}"),
                     Value::Num(None, _) | Value::Text(None) => "null".to_string(),
-                    Value::Text(Some(t)) => json_string(&t),
+                    Value::Text(Some(t)) => json_string(t),
                     Value::Flag(b) => b.to_string(),
                 };
                 format!("\"{key}\":{v}")
             })
             .collect();
-        let list = |items: Vec<String>| format!("[{}]", items.join(","));
+        let list = |key: &str, items: Vec<String>| format!("\"{key}\":[{}]", items.join(","));
         let backoff = self.backoff.iter().take(LISTED).map(|(attempts, next, path, error)| {
-            format!(
-                "{{\"path\":{},\"attempts\":{attempts},\"next_try_seconds\":{next:.1},\"last_error\":{}}}",
-                json_string(path.as_str()), json_string(&one_line(error))
-            )
+            let (path, error) = (json_string(path.as_str()), json_string(&one_line(error)));
+            format!("{{\"path\":{path},\"attempts\":{attempts},\"next_try_seconds\":{next:.1},\"last_error\":{error}}}")
         });
-        parts.push(format!("\"backoff\":{}", list(backoff.collect())));
-        let failed =
-            self.failed.iter().take(LISTED).map(|(path, g, ago)| {
-                format!(
-                "{{\"path\":{},\"attempts\":{},\"given_up_seconds_ago\":{ago},\"last_error\":{}}}",
-                json_string(path.as_str()), g.attempts, json_string(&one_line(&g.error))
-            )
-            });
-        parts.push(format!("\"failed_paths\":{}", list(failed.collect())));
-        let in_flight = self
-            .in_flight_paths
-            .iter()
-            .take(LISTED)
-            .map(|p| json_string(p.as_str()));
-        parts.push(format!("\"in_flight_paths\":{}", list(in_flight.collect())));
+        parts.push(list("backoff", backoff.collect()));
+        let failed = self.failed.iter().take(LISTED).map(|(path, g, ago)| {
+            let (path, error) = (json_string(path.as_str()), json_string(&one_line(&g.error)));
+            let attempts = g.attempts;
+            format!("{{\"path\":{path},\"attempts\":{attempts},\"given_up_seconds_ago\":{ago},\"last_error\":{error}}}")
+        });
+        parts.push(list("failed_paths", failed.collect()));
+        let in_flight = self.in_flight_paths.iter().take(LISTED);
+        parts.push(list(
+            "in_flight_paths",
+            in_flight.map(|p| json_string(p.as_str())).collect(),
+        ));
         let targets = self.shown().map(|t| {
-            format!(
-                "{{\"target\":{},\"id\":\"{}\",\"state\":\"{}\",\"queued\":{},\"delivered\":{},\"backing_off\":{},\"failed\":{},\"given_up_total\":{},\"failed_calls\":{},\"last_error\":{}}}",
-                json_string(&t.label), t.id, t.state(), t.queued, t.delivered, t.backing_off, t.failed,
-                t.given_up_total, t.failed_calls,
-                t.last_error.as_deref().map_or("null".to_string(), |e| json_string(&one_line(e)))
-            )
+            let (label, id, state) = (json_string(&t.label), t.id, t.state());
+            let numbers = t.numbers().map(|(k, v)| format!(",\"{k}\":{v}"));
+            let error = t.last_error.as_deref().map(|e| json_string(&one_line(e)));
+            let error = error.unwrap_or_else(|| "null".to_string());
+            let numbers = numbers[..6].concat();
+            format!("{{\"target\":{label},\"id\":\"{id}\",\"state\":\"{state}\"{numbers},\"last_error\":{error}}}")
         });
-        parts.push(format!("\"targets\":{}", list(targets.collect())));
+        parts.push(list("targets", targets.collect()));
         format!("{{{}}}\n", parts.join(","))
     }
 
@@ -679,46 +561,44 @@ impl Snapshot {
     pub fn prometheus(&self) -> String {
         const M: &str = "nix_post_build_hook_queue_";
         let mut text = String::new();
-        for (_, name, kind, help, value) in FIELDS.iter().filter(|f| !f.1.is_empty()) {
-            if let Value::Num(n, d) = value(self) {
-                let n = n.unwrap_or(0.0);
-                text += &format!(
-                    "# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n{M}{name} {n:.d$}\n"
-                );
-            }
+        let declare = |text: &mut String, line: &str| {
+            let mut words = line.splitn(3, ' ');
+            let (name, kind) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let help = words.next().unwrap_or("");
+            *text += &format!("# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n");
+            name.to_string()
+        };
+        for line in METRICS.lines() {
+            let (key, line) = line.split_once(' ').unwrap_or((line, ""));
+            let name = declare(&mut text, line);
+            text += &format!("{M}{name} {}\n", self.num(key));
         }
         let targets: Vec<&TargetSnapshot> = self.shown().collect();
-        for (name, kind, help, value) in PER_TARGET.iter().filter(|_| !targets.is_empty()) {
-            text += &format!("# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n");
+        for (i, line) in TARGET_METRICS
+            .lines()
+            .enumerate()
+            .filter(|_| !targets.is_empty())
+        {
+            let name = declare(&mut text, line);
             for t in &targets {
-                text += &format!(
-                    "{M}{name}{{target=\"{}\"}} {}\n",
-                    label_value(&t.label),
-                    value(t)
-                );
+                let label = label_value(&t.label);
+                text += &format!("{M}{name}{{target=\"{label}\"}} {}\n", t.numbers()[i].1);
             }
         }
-        text += &format!(
-            "# HELP {M}upload_duration_seconds Time spent in successful upload calls.\n# TYPE {M}upload_duration_seconds summary\n{M}upload_duration_seconds_sum {:.6}\n{M}upload_duration_seconds_count {}\n",
-            self.upload_seconds, self.upload_batches
+        let (sum, count) = (self.num("upload_seconds_sum"), self.num("upload_batches"));
+        declare(
+            &mut text,
+            "upload_duration_seconds summary Time spent in successful upload calls.",
         );
-        text
-    }
-}
-
-impl TargetSnapshot {
-    /// `ok`, or `failing` when its last call failed.
-    pub fn state(&self) -> &'static str {
-        match self.last_error {
-            Some(_) => "failing",
-            None => "ok",
-        }
+        text + &format!(
+            "{M}upload_duration_seconds_sum {sum:.6}\n{M}upload_duration_seconds_count {count}\n"
+        )
     }
 }
 
 /// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since start,
 /// when that is shorter).
-fn upload_rate_per_minute(stats: &Stats) -> f64 {
+fn upload_rate(stats: &Stats) -> f64 {
     let now = Instant::now();
     let window = RATE_WINDOW.min(now.duration_since(stats.started));
     let recent = stats
@@ -865,7 +745,7 @@ mod tests {
             s.targets[0].backoff.insert(path("b"), b);
         }
         let snap = Snapshot::take(&journal, &shared, &dir.join("spool"), true);
-        assert_eq!(snap.queued, 2);
+        assert_eq!(snap.num("queued"), 2.0);
         assert_eq!(snap.backoff[0].1, 0.0, "being retried: due now");
         assert_eq!(snap.backoff[0].2, path("b"));
         assert!((50.0..=60.0).contains(&snap.backoff[1].1));
@@ -896,27 +776,33 @@ mod tests {
     }
 
     fn snapshot() -> Snapshot {
+        let n = |n: f64, d: usize| Value::Num(Some(n), d);
         Snapshot {
-            uptime_seconds: 3725,
-            queued: 3,
+            fields: vec![
+                ("version", Value::Text(Some(crate::VERSION.into()))),
+                ("uptime_seconds", n(3725.0, 0)),
+                ("queued", n(3.0, 0)),
+                ("in_flight", n(1.0, 0)),
+                ("uploaded", n(7.0, 0)),
+                ("dropped", n(0.0, 0)),
+                ("failed_calls", n(2.0, 0)),
+                ("backing_off", n(3.0, 0)),
+                ("failed", n(1.0, 0)),
+                ("oldest_queued_seconds", n(75.0, 0)),
+                ("upload_seconds_sum", n(0.25, 3)),
+                ("upload_batches", n(4.0, 0)),
+                ("upload_rate_per_minute", n(12.5, 1)),
+                ("spool_files", n(2.0, 0)),
+                ("spool_paths", n(7.0, 0)),
+                ("signing", Value::Flag(false)),
+                ("target", Value::Text(None)),
+                (METRIC_ONLY, n(1.0, 0)),
+            ],
             in_flight_paths: vec![path("d")],
-            spool_files: 2,
-            spool_paths: 7,
-            upload_rate_per_minute: 12.5,
-            uploaded: 7,
-            dropped: 0,
-            failed_calls: 2,
-            oldest_queued_seconds: Some(75),
-            upload_seconds: 0.25,
-            upload_batches: 4,
-            signing: false,
-            target: None,
-            backing_off: 3,
             backoff: vec![
                 (1, 0.0, path("a"), "a \"quoted\" \\ path\tand\u{1}".into()),
                 (2, 125.3, path("b"), "boom".into()),
             ],
-            given_up_total: 1,
             failed: vec![(
                 path("c"),
                 GivenUp {
@@ -980,8 +866,8 @@ mod tests {
             )
         );
         let mut s = snapshot();
-        s.oldest_queued_seconds = None;
-        s.target = Some("file:///a".into());
+        s.fields[9].1 = Value::Num(None, 0);
+        s.fields[16].1 = Value::Text(Some("file:///a".into()));
         let json = s.json();
         assert!(json.contains("\"oldest_queued_seconds\":null,"), "{json}");
         assert!(json.contains("\"target\":\"file:///a\","), "{json}");
@@ -1007,8 +893,8 @@ mod tests {
     #[test]
     fn prometheus_text_declares_every_sample() {
         let mut snap = snapshot();
-        snap.in_flight_paths = Vec::new();
-        snap.oldest_queued_seconds = Some(9);
+        snap.fields[3].1 = Value::Num(Some(0.0), 0);
+        snap.fields[9].1 = Value::Num(Some(9.0), 0);
         snap.targets = ["file:///a", "upload-command: x \"y\""]
             .iter()
             .map(|label| TargetSnapshot {
