@@ -310,18 +310,8 @@ impl Front {
     fn process(&mut self, batch: Vec<StorePath>) {
         let ctx = Arc::clone(&self.ctx);
         ctx.shared.lock().in_flight_paths.clone_from(&batch);
-        let mut batch = self.resolve_derivations(batch);
-        match self.nix.invalid_paths(&batch) {
-            Ok(invalid) if ctx.work && !invalid.is_empty() => {
-                let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
-                    .into_iter()
-                    .partition(|p| invalid.iter().any(|i| i == p.as_str()));
-                let why = "no longer valid in the store (garbage-collected?)";
-                drop_paths(&ctx.journal, &ctx.shared, &gone, why);
-                batch = valid;
-            }
-            _ => {}
-        }
+        let batch = self.resolve_derivations(batch);
+        let batch = drop_gone(&ctx, &self.nix, batch);
         // Once per batch, before any copy. When it fails, each lane signs
         // what it copies, so that its bisection finds the paths at fault.
         let signed = match &ctx.signing_key {
@@ -420,6 +410,25 @@ impl Front {
             let paths = self.spool.ingest(&self.ctx.journal);
             self.ready.extend(paths);
         }
+    }
+}
+
+/// Drops the paths of `batch` that are gone from the store (garbage
+/// collected); returns the others.
+fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
+    if !ctx.work || batch.is_empty() {
+        return batch;
+    }
+    match nix.invalid_paths(&batch) {
+        Ok(invalid) if !invalid.is_empty() => {
+            let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
+                .into_iter()
+                .partition(|p| invalid.iter().any(|i| i == p.as_str()));
+            let why = "no longer valid in the store (garbage-collected?)";
+            drop_paths(&ctx.journal, &ctx.shared, &gone, why);
+            valid
+        }
+        _ => batch,
     }
 }
 
@@ -553,7 +562,7 @@ impl Lane {
             .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
         let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
         due.sort_by_key(|p| journal.entry(p).map_or(u64::MAX, |e| e.seq));
-        let mut due = due.into_iter();
+        let (mut due, mut retries) = (due.into_iter(), false);
         let (mut out, mut seen, mut bytes) = (Vec::new(), HashSet::new(), 0);
         self.sign = false;
         while out.len() < self.limit.min(self.ctx.batch_size) {
@@ -579,10 +588,15 @@ impl Lane {
                     h.signed
                 });
                 self.sign |= !signed;
+                retries |= fresh.is_none();
                 out.push(p);
             }
         }
-        out
+        // Retries: gone from the store meanwhile?
+        match retries {
+            true => drop_gone(&self.ctx, &self.nix, out),
+            false => out,
+        }
     }
 
     /// One call for `batch`; when it fails, the policy's canary, bisection
