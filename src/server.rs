@@ -734,6 +734,7 @@ fn protocol_line(text: &str) -> String {
 /// mentioned.
 fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
     let target = ctx.journal.last_seq();
+    let _ = ctx.tx.send(Msg::Flush);
     let drops_before = ctx.shared.lock().dropped;
     // Every target's paths given up on, with the target named in the error
     // when there are several.

@@ -897,6 +897,59 @@ fn random_unit() -> f64 {
 mod tests {
     use super::*;
 
+    const STORE: &str = "/nix/store";
+
+    fn path(name: &str) -> StorePath {
+        let p = format!("{STORE}/0123456789abcdfghijklmnpqrsvwxyz-{name}");
+        StorePath::parse(&p, STORE).unwrap()
+    }
+
+    #[test]
+    fn a_pending_wait_starts_the_batch_without_its_quiet_period() {
+        let dir = std::env::temp_dir().join(format!("npbhq-worker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (journal, _) = Journal::open(&dir, STORE).unwrap();
+        let policy = Policy {
+            max_attempts: None,
+            give_up_after: None,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(1),
+        };
+        let ctx = Ctx {
+            journal: Arc::new(journal),
+            shared: Arc::default(),
+            policy,
+            signing_key: None,
+            sign_closure: false,
+            batch_size: 10,
+            ids: Vec::new(),
+            uploads: false,
+            work: false,
+        };
+        let mut front = Front {
+            ctx: Arc::new(ctx),
+            nix: Nix::new(std::path::Path::new("nix"), Duration::from_secs(1), None),
+            store_dir: STORE.into(),
+            spool: Spool::new(&dir.join("spool"), STORE),
+            ready: VecDeque::from([path("a")]),
+            flush: false,
+            txs: Vec::new(),
+            drvs: HashMap::new(),
+        };
+        let (tx, rx) = mpsc::channel();
+        // Without a wait, a path that comes within the quiet period joins.
+        tx.send(Msg::Queued(vec![path("b")])).unwrap();
+        assert!(front.gather(&rx));
+        assert_eq!(front.ready.len(), 2);
+        // With one, the batch starts as it is.
+        assert!(!front.handle(Msg::Flush));
+        tx.send(Msg::Queued(vec![path("c")])).unwrap();
+        assert!(front.gather(&rx));
+        assert_eq!(front.ready.len(), 2);
+        assert!(matches!(rx.try_recv(), Ok(Msg::Queued(_))));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn random_unit_is_in_range_and_varies() {
         let xs: Vec<f64> = (0..100).map(|_| random_unit()).collect();

@@ -2808,3 +2808,28 @@ fn a_hung_target_does_not_hold_back_a_healthy_one() {
     );
     fs::write(&release, "").unwrap();
 }
+
+/// Many queued paths gone from the store are dropped with one warning for
+/// the batch (a count and a few names), not one line each.
+#[test]
+fn paths_gone_from_the_store_are_dropped_with_one_summary_line() {
+    let env = NixEnv::new("op-drop-summary");
+    let (upload, _) = file_cache(&env, "cache");
+    let d = Daemon::start(&env, &[("upload-to", &upload)]);
+    let store = env.store_dir().display().to_string();
+    let gone: Vec<String> = (0..50)
+        .map(|i| format!("{store}/{:0>32}-npbhq-gone-{i}", i))
+        .collect();
+    assert_eq!(d.request(&format!("enqueue {}", gone.join(" "))), "ok 50");
+    let r = cli(&d, &["wait", "--timeout", "60"]);
+    assert_eq!(r.code, Some(1), "{r:?}\n{}", d.log());
+    let log = d.log();
+    let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
+    assert_eq!(drops.len(), 1, "{log}");
+    assert!(
+        drops[0].starts_with("warning: dropping 50 paths (") && drops[0].contains(&gone[0]),
+        "{}",
+        drops[0]
+    );
+    assert_eq!(num(&status_json(&d), "dropped"), 50.0);
+}
