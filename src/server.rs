@@ -780,14 +780,7 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
                 .filter(|(seq, _, _)| *seq <= target)
                 .min_by_key(|(seq, _, _)| *seq)
                 .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
-            let new = (s.dropped - drops_before) as usize;
-            let recent_new = s
-                .recent_drops
-                .iter()
-                .rev()
-                .take(new)
-                .filter(|&&q| q <= target)
-                .count();
+            let recent_new = (s.dropped - drops_before) as usize;
             let failing: std::collections::HashSet<&StorePath> = s
                 .targets
                 .iter()

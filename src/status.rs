@@ -18,8 +18,6 @@ use crate::redact;
 use crate::store_path::StorePath;
 use crate::target::Target;
 
-/// Dropped paths remembered for `wait` (older ones are forgotten).
-const RECENT_DROPS: usize = 10_000;
 /// The upload rate is measured over this much of the recent past.
 pub const RATE_WINDOW: Duration = Duration::from_secs(300);
 /// Most paths listed per kind (backing off, in flight, given up on).
@@ -82,8 +80,6 @@ pub struct Stats {
     pub upload_batches: u64,
     /// Each target's state, in the order of the configuration.
     pub targets: Vec<TargetStats>,
-    /// Sequence numbers of recently dropped paths, oldest first.
-    pub recent_drops: VecDeque<u64>,
 }
 
 impl Stats {
@@ -116,17 +112,6 @@ impl Stats {
             .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
         {
             self.recent_uploads.pop_front();
-        }
-    }
-
-    /// Records that a path with this sequence number was dropped.
-    pub fn record_drop(&mut self, seq: Option<u64>) {
-        self.dropped += 1;
-        if let Some(seq) = seq {
-            self.recent_drops.push_back(seq);
-            if self.recent_drops.len() > RECENT_DROPS {
-                self.recent_drops.pop_front();
-            }
         }
     }
 }
@@ -168,7 +153,6 @@ impl Shared {
                 upload_seconds: 0.0,
                 upload_batches: 0,
                 targets: targets.iter().map(target).collect(),
-                recent_drops: VecDeque::new(),
             }),
         }
     }

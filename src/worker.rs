@@ -856,11 +856,8 @@ impl Lane {
 /// are not uploaded. Returns how many were queued. Used by the worker
 /// (paths gone from the store) and by the `drop` request.
 pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: &str) -> usize {
-    let queued: Vec<(StorePath, u64)> = paths
-        .iter()
-        .filter_map(|p| journal.entry(p).map(|e| (p.clone(), e.seq)))
-        .collect();
-    let paths: Vec<StorePath> = queued.iter().map(|(p, _)| p.clone()).collect();
+    let queued = paths.iter().filter(|p| journal.entry(p).is_some());
+    let paths: Vec<StorePath> = queued.cloned().collect();
     let named: Vec<String> = paths.iter().take(3).map(StorePath::to_string).collect();
     match paths.len() {
         0 => return 0,
@@ -875,10 +872,10 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
     // gone from the journal must also see them dropped.
     {
         let mut stats = shared.lock();
-        for (p, seq) in &queued {
+        for p in &paths {
             stats.forget(p);
-            stats.record_drop(Some(*seq));
         }
+        stats.dropped += paths.len() as u64;
     }
     if let Err(e) = journal.complete(&paths) {
         warning!("cannot journal {} dropped paths: {e}", paths.len());
