@@ -578,7 +578,9 @@ impl Lane {
             }
             bytes += p.as_str().len() + 1;
             if !out.is_empty() && bytes > MAX_ARG_BYTES {
-                self.fresh.extend(fresh.map(|s| (p, s)));
+                if let Some(signed) = fresh {
+                    self.fresh.push_front((p, signed));
+                }
                 break;
             }
             if seen.insert(p.clone()) {
