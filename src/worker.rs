@@ -167,7 +167,6 @@ impl Worker {
                 nix: nix_for(url, i + 1),
                 target,
                 limit: config.batch_size,
-                fresh: VecDeque::new(),
                 held: HashMap::new(),
                 down: None,
                 streak: Streak::default(),
@@ -459,7 +458,7 @@ fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) ->
     }
 }
 
-/// A path backing off on a lane.
+/// A path a lane still needs.
 struct Held {
     failures: Failures,
     /// `None` while it is being retried.
@@ -477,8 +476,8 @@ struct Lane {
     nix: Nix,
     /// Most paths in the next call (see [`policy::next_limit`]).
     limit: usize,
-    /// Handed over and not tried yet, with whether they are signed.
-    fresh: VecDeque<(StorePath, bool)>,
+    /// The paths it still needs: handed over and not tried yet (no
+    /// attempts), or backing off.
     held: HashMap<StorePath, Held>,
     /// While the target is down: its failed group's next try, attempts and
     /// error.
@@ -493,35 +492,18 @@ impl Lane {
         lower_priority();
         loop {
             let now = Instant::now();
-            let down = self.down.as_ref().filter(|d| d.0 > now).cloned();
-            let wait = match self.held.values().filter_map(|h| h.next_try).min() {
-                _ if !self.fresh.is_empty() && down.is_none() => Duration::ZERO,
-                Some(next) => next.saturating_duration_since(now).min(IDLE_TICK),
-                None => IDLE_TICK,
-            };
-            let Some(mut changed) = receive(&rx, wait, |m| self.handle(m)) else {
+            let down = self.down.as_ref().map(|d| d.0).filter(|&until| until > now);
+            let next = down.or_else(|| self.held.values().filter_map(|h| h.next_try).min());
+            let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
+            let Some(mut changed) = receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)) else {
                 return;
             };
             if self.ctx.shared.stopping.load(Ordering::SeqCst) {
                 return;
             }
-            if let Some((until, attempts, error)) = down {
-                // Tried with the failed group at its next try.
-                for (p, signed) in std::mem::take(&mut self.fresh) {
-                    let failures = Failures {
-                        attempts,
-                        ..Failures::default()
-                    };
-                    let (next_try, error) = (Some(until), error.clone());
-                    self.held.entry(p).or_insert(Held {
-                        failures,
-                        next_try,
-                        error,
-                        signed,
-                    });
-                }
-            } else {
-                let batch = self.take(Instant::now());
+            let now = Instant::now();
+            if self.down.as_ref().is_none_or(|d| d.0 <= now) {
+                let batch = self.take(now);
                 if !batch.is_empty() {
                     // Shown as being retried during the call.
                     self.publish();
@@ -535,16 +517,35 @@ impl Lane {
         }
     }
 
+    /// True for [`ToLane::Shutdown`].
     fn handle(&mut self, msg: ToLane) -> bool {
+        let now = Instant::now();
         match msg {
             ToLane::Batch(paths, signed) => {
-                let fresh = paths.into_iter().filter(|p| !self.held.contains_key(p));
-                self.fresh.extend(fresh.map(|p| (p, signed)));
+                // While the target is down, new paths join the failed group.
+                let (next_try, attempts, error) = match &self.down {
+                    Some((until, attempts, error)) if *until > now => (*until, *attempts, error),
+                    _ => (now, 0, &String::new()),
+                };
+                for p in paths {
+                    let failures = Failures {
+                        attempts,
+                        ..Failures::default()
+                    };
+                    let (next_try, error) = (Some(next_try), error.clone());
+                    let h = Held {
+                        failures,
+                        next_try,
+                        error,
+                        signed,
+                    };
+                    self.held.entry(p).or_insert(h);
+                }
             }
             ToLane::Retry => {
                 self.down = None;
                 for h in self.held.values_mut() {
-                    h.next_try = h.next_try.map(|_| Instant::now());
+                    h.next_try = h.next_try.map(|_| now);
                 }
             }
             ToLane::Shutdown => return true,
@@ -553,7 +554,7 @@ impl Lane {
     }
 
     /// The next call's paths: those due, in the order they were queued,
-    /// then the fresh ones, within the batch limit.
+    /// within the batch limit.
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
         let (journal, id) = (&self.ctx.journal, self.target.id);
         let due = self
@@ -562,39 +563,27 @@ impl Lane {
             .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
         let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
         due.sort_by_key(|p| journal.entry(p).map_or(u64::MAX, |e| e.seq));
-        let (mut due, mut retries) = (due.into_iter(), false);
-        let (mut out, mut seen, mut bytes) = (Vec::new(), HashSet::new(), 0);
+        let (mut out, mut bytes, mut retries) = (Vec::new(), 0, false);
         self.sign = false;
-        while out.len() < self.limit.min(self.ctx.batch_size) {
-            let next = due.next().map(|p| (p, None));
-            let fresh = || self.fresh.pop_front().map(|(p, s)| (p, Some(s)));
-            let Some((p, fresh)) = next.or_else(fresh) else {
-                break;
-            };
+        for p in due {
             let settled = journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
             if journal.entry(&p).is_none() || settled {
                 self.held.remove(&p);
                 continue;
             }
             bytes += p.as_str().len() + 1;
-            if !out.is_empty() && bytes > MAX_ARG_BYTES {
-                if let Some(signed) = fresh {
-                    self.fresh.push_front((p, signed));
-                }
+            let full = out.len() >= self.limit.min(self.ctx.batch_size);
+            if full || !out.is_empty() && bytes > MAX_ARG_BYTES {
                 break;
             }
-            if seen.insert(p.clone()) {
-                let h = self.held.get_mut(&p);
-                let signed = h.map_or(fresh == Some(true), |h| {
-                    h.next_try = None;
-                    h.signed
-                });
-                self.sign |= !signed;
-                retries |= fresh.is_none();
+            if let Some(h) = self.held.get_mut(&p) {
+                h.next_try = None;
+                self.sign |= !h.signed;
+                retries |= h.failures.attempts > 0;
                 out.push(p);
             }
         }
-        // Retries: gone from the store meanwhile?
+        // Retried: gone from the store meanwhile?
         match retries {
             true => drop_gone(&self.ctx, &self.nix, out),
             false => out,
@@ -765,14 +754,9 @@ impl Lane {
             Vec::new()
         });
         let to = self.named();
-        match paths {
-            _ if !ctx.work => {}
-            [one] => info!("uploaded {one}{to} in {took:.3} s"),
-            [first, ..] => info!(
-                "uploaded {} paths ({first}, ...){to} in {took:.3} s",
-                paths.len()
-            ),
-            [] => {}
+        if ctx.work {
+            let (n, names) = (paths.len(), names(paths));
+            info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
         }
         let mut stats = ctx.shared.lock();
         stats.uploaded += done.len() as u64;
@@ -802,7 +786,7 @@ impl Lane {
         for p in paths {
             let (next_try, error) = (Some(next_try), error.clone());
             let h = self.held.remove(&p);
-            let signed = h.as_ref().is_some_and(|h| h.signed) && !self.sign;
+            let signed = h.as_ref().is_some_and(|h| h.signed);
             let failures = h.map(|h| h.failures).unwrap_or_default();
             let mut h = Held {
                 failures,
@@ -821,14 +805,10 @@ impl Lane {
                 }
             }
         }
-        if let Some(first) = kept.first() {
-            let (n, more, to) = (
-                kept.len(),
-                if kept.len() > 1 { ", ..." } else { "" },
-                self.named(),
-            );
+        if !kept.is_empty() {
+            let (n, names, to) = (kept.len(), names(&kept), self.named());
             let next = next_try.saturating_duration_since(now).as_secs_f64();
-            warning!("{n} path(s) ({first}{more}) failed attempt {attempts}{to}, next try in {next:.1} s: {error}");
+            warning!("{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {error}");
         }
         if blame == Blame::Target {
             self.down = Some((next_try, attempts, error));
@@ -839,7 +819,8 @@ impl Lane {
     fn publish(&mut self) {
         let journal = &self.ctx.journal;
         self.held.retain(|p, _| journal.entry(p).is_some());
-        let view = self.held.iter().map(|(p, h)| {
+        let failed = self.held.iter().filter(|h| h.1.failures.attempts > 0);
+        let view = failed.map(|(p, h)| {
             let (attempts, next_try) = (h.failures.attempts, h.next_try);
             (
                 p.clone(),
@@ -860,16 +841,12 @@ impl Lane {
 pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: &str) -> usize {
     let queued = paths.iter().filter(|p| journal.entry(p).is_some());
     let paths: Vec<StorePath> = queued.cloned().collect();
-    let named: Vec<String> = paths.iter().take(3).map(StorePath::to_string).collect();
-    match paths.len() {
+    let count = match paths.len() {
         0 => return 0,
-        1 => warning!("dropping {}: {why}", named[0]),
-        n => warning!(
-            "dropping {n} paths ({}{}): {why}",
-            named.join(", "),
-            if n > 3 { ", ..." } else { "" }
-        ),
-    }
+        1 => String::new(),
+        n => format!(" ({n} paths)"),
+    };
+    warning!("dropping {}{count}: {why}", names(&paths));
     // Counted before the journal lets go of them: a `wait` that sees them
     // gone from the journal must also see them dropped.
     {
@@ -883,6 +860,12 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
         warning!("cannot journal {} dropped paths: {e}", paths.len());
     }
     paths.len()
+}
+
+/// The first few of `paths`, for a log line: `A, B, C, ...`.
+fn names(paths: &[StorePath]) -> String {
+    let named: Vec<String> = paths.iter().take(3).map(StorePath::to_string).collect();
+    named.join(", ") + if paths.len() > 3 { ", ..." } else { "" }
 }
 
 /// A number in [0, 1) from the standard library's randomly seeded hasher.

@@ -2827,7 +2827,8 @@ fn paths_gone_from_the_store_are_dropped_with_one_summary_line() {
     let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
     assert_eq!(drops.len(), 1, "{log}");
     assert!(
-        drops[0].starts_with("warning: dropping 50 paths (") && drops[0].contains(&gone[0]),
+        drops[0].starts_with(&format!("warning: dropping {}, ", gone[0]))
+            && drops[0].contains(", ... (50 paths): "),
         "{}",
         drops[0]
     );
