@@ -58,10 +58,8 @@ pub struct TargetStats {
 }
 
 /// Counters and failure state since the daemon started.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Stats {
-    /// When the daemon started.
-    pub started: Instant,
     /// Paths that every target has (or that were only signed).
     pub uploaded: u64,
     /// Paths dropped (gone from the store, or by an operator).
@@ -92,14 +90,8 @@ impl Stats {
 
     /// Paths backing off on some target, each counted once.
     pub fn backing_off(&self) -> usize {
-        match self.targets.as_slice() {
-            [one] => one.backoff.len(),
-            all => all
-                .iter()
-                .flat_map(|t| t.backoff.keys())
-                .collect::<HashSet<_>>()
-                .len(),
-        }
+        let paths = self.targets.iter().flat_map(|t| t.backoff.keys());
+        paths.collect::<HashSet<_>>().len()
     }
 
     /// Records that `n` paths were uploaded now.
@@ -119,6 +111,8 @@ impl Stats {
 /// What the daemon's threads share besides the journal.
 pub struct Shared {
     stats: Mutex<Stats>,
+    /// When the daemon started.
+    pub started: Instant,
     /// Set when the daemon is stopping: no new connections, no new batches.
     pub stopping: AtomicBool,
     /// Process groups of the nix calls running now (0: none), one per
@@ -140,20 +134,13 @@ impl Shared {
             last_error: None,
         };
         Shared {
-            stopping: AtomicBool::new(false),
             running: (0..=targets.len()).map(|_| Arc::default()).collect(),
             stats: Mutex::new(Stats {
-                started: Instant::now(),
-                uploaded: 0,
-                dropped: 0,
-                given_up: 0,
-                failed_calls: 0,
-                in_flight_paths: Vec::new(),
-                recent_uploads: VecDeque::new(),
-                upload_seconds: 0.0,
-                upload_batches: 0,
                 targets: targets.iter().map(target).collect(),
+                ..Stats::default()
             }),
+            started: Instant::now(),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -347,7 +334,7 @@ impl Snapshot {
         let n = |n: u64| Value::Num(Some(n as f64), 0);
         let fields = vec![
             ("version", Value::Text(Some(crate::VERSION.into()))),
-            ("uptime_seconds", n(stats.started.elapsed().as_secs())),
+            ("uptime_seconds", n(shared.started.elapsed().as_secs())),
             ("queued", n(journal.len() as u64)),
             ("in_flight", n(in_flight.len() as u64)),
             ("uploaded", n(stats.uploaded)),
@@ -363,7 +350,7 @@ impl Snapshot {
             ("upload_batches", n(stats.upload_batches)),
             (
                 "upload_rate_per_minute",
-                Value::Num(Some(upload_rate(&stats)), 1),
+                Value::Num(Some(upload_rate(&stats, shared.started)), 1),
             ),
             ("spool_files", n(spool_files as u64)),
             ("spool_paths", n(spool_paths as u64)),
@@ -582,9 +569,9 @@ impl Snapshot {
 
 /// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since start,
 /// when that is shorter).
-fn upload_rate(stats: &Stats) -> f64 {
+fn upload_rate(stats: &Stats, started: Instant) -> f64 {
     let now = Instant::now();
-    let window = RATE_WINDOW.min(now.duration_since(stats.started));
+    let window = RATE_WINDOW.min(now.duration_since(started));
     let recent = stats
         .recent_uploads
         .iter()
