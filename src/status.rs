@@ -392,6 +392,7 @@ impl Snapshot {
     pub fn text(&self) -> String {
         let n = |key| self.num(key) as u64;
         let human = |key| human_duration(self.num(key));
+        let row = |label: &str, value: String| format!("{:<14}{value}\n", format!("{label}:"));
         let oldest = match self.get("oldest_queued_seconds") {
             Some(Value::Num(Some(_), _)) => {
                 format!(" (oldest queued {} ago)", human("oldest_queued_seconds"))
@@ -399,10 +400,8 @@ impl Snapshot {
             _ => String::new(),
         };
         let in_flight = self.in_flight_paths.len();
-        let mut s = format!(
-            "queued:       {}{oldest}\nin flight:    {in_flight}\n",
-            n("queued")
-        );
+        let mut s = row("queued", format!("{}{oldest}", n("queued")));
+        s += &row("in flight", in_flight.to_string());
         for p in self.in_flight_paths.iter().take(TEXT_IN_FLIGHT) {
             s += &format!("  uploading {p}\n");
         }
@@ -410,33 +409,34 @@ impl Snapshot {
             s += &format!("  ... and {} more\n", in_flight - TEXT_IN_FLIGHT);
         }
         let rate = self.num("upload_rate_per_minute");
-        s += &format!(
-            "uploaded:     {} since start ({rate:.1} paths/min lately)\n",
-            n("uploaded")
+        s += &row(
+            "uploaded",
+            format!("{} since start ({rate:.1} paths/min lately)", n("uploaded")),
         );
-        let spool = match (n("spool_files"), n("spool_paths")) {
-            (0, _) => "empty".to_string(),
-            (files, paths) => {
-                format!("{files} file(s) with {paths} path(s) left by the hook, not yet queued")
-            }
-        };
-        s += &format!(
-            "spool:        {spool}\ndropped:      {} since start\n",
-            n("dropped")
+        s += &row(
+            "spool",
+            match (n("spool_files"), n("spool_paths")) {
+                (0, _) => "empty".to_string(),
+                (files, paths) => {
+                    format!("{files} file(s) with {paths} path(s) left by the hook, not yet queued")
+                }
+            },
         );
-        s += &format!("backing off:  {}\n", n("backing_off"));
-        let note = if self.failed.is_empty() {
-            ""
-        } else {
-            " (given up on; requeue or drop them)"
+        s += &row("dropped", format!("{} since start", n("dropped")));
+        s += &row("backing off", n("backing_off").to_string());
+        let note = match self.failed.is_empty() {
+            true => "",
+            false => " (given up on; requeue or drop them)",
         };
-        s += &format!("failed:       {}{note}\n", self.failed.len());
-        s += &format!("failed calls: {} since start\n", n("failed_calls"));
-        let target = match self.get("target") {
-            Some(Value::Text(Some(t))) => one_line(t),
-            _ => "none (upload-to is not set)".to_string(),
-        };
-        s += &format!("target:       {target}\n");
+        s += &row("failed", format!("{}{note}", self.failed.len()));
+        s += &row("failed calls", format!("{} since start", n("failed_calls")));
+        s += &row(
+            "target",
+            match self.get("target") {
+                Some(Value::Text(Some(t))) => one_line(t),
+                _ => "none (upload-to is not set)".to_string(),
+            },
+        );
         for t in self.shown().filter(|_| self.shown().count() > 1) {
             let (label, state) = (one_line(&t.label), t.state());
             s += &format!("  {label}: {state}, {} queued, {} delivered since start, {} backing off, {} failed\n", t.queued, t.delivered, t.backing_off, t.failed);
@@ -444,45 +444,29 @@ impl Snapshot {
                 s += &format!("    last error: {}\n", one_line(e));
             }
         }
-        let signing = if self.get("signing") == Some(&Value::Flag(true)) {
-            "on"
-        } else {
-            "off"
-        };
-        s += &format!(
-            "signing:      {signing}\nuptime:       {}\n",
-            human("uptime_seconds")
-        );
-        s += &format!("version:      {}\n", crate::VERSION);
+        let signing = self.get("signing") == Some(&Value::Flag(true));
+        s += &row("signing", if signing { "on" } else { "off" }.to_string());
+        s += &row("uptime", human("uptime_seconds"));
+        s += &row("version", crate::VERSION.to_string());
         for (attempts, next, path, error) in self.backoff.iter().take(LISTED) {
             // As `status json` shows it: to a tenth of a second.
             let when = match (next * 10.0).round() / 10.0 {
                 next if next > 0.0 => format!("next try in {}", human_duration(next)),
                 _ => "retrying now".to_string(),
             };
-            s += &format!(
-                "  {path}: attempt {attempts} failed, {when}: {}\n",
-                one_line(error)
-            );
+            let error = one_line(error);
+            s += &format!("  {path}: attempt {attempts} failed, {when}: {error}\n");
         }
-        s += &more(
-            n("backing_off") as usize,
-            self.backoff.len().min(LISTED),
-            "",
-            "soonest",
-        );
+        let shown = self.backoff.len().min(LISTED);
+        s += &more(n("backing_off") as usize, shown, "", "soonest");
         for (path, g, ago) in self.failed.iter().take(LISTED) {
             let (ago, attempts, e) = (human_duration(*ago as f64), g.attempts, one_line(&g.error));
             s += &format!(
                 "  {path}: FAILED, given up on {ago} ago after {attempts} attempts: {e}\n"
             );
         }
-        s + &more(
-            self.failed.len(),
-            self.failed.len().min(LISTED),
-            " failed",
-            "oldest",
-        )
+        let shown = self.failed.len().min(LISTED);
+        s + &more(self.failed.len(), shown, " failed", "oldest")
     }
 
     /// `status json`: one JSON object on one line.
