@@ -12,6 +12,7 @@ pub mod drv;
 pub mod journal;
 pub mod log;
 pub mod nix;
+pub mod policy;
 pub mod protocol;
 pub mod redact;
 pub mod server;

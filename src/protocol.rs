@@ -21,8 +21,12 @@ pub enum Request {
     Drv(StorePath),
     /// Liveness check; the reply carries the daemon's version.
     Ping,
-    /// Report the queue's state.
-    Status,
+    /// Report the queue's state: `status` in lines for people, `status
+    /// json` in one JSON object line.
+    Status {
+        /// `status json`.
+        json: bool,
+    },
     /// Block until everything queued before this request is done.
     Wait,
     /// Make every backing-off path due now.
@@ -43,7 +47,7 @@ pub enum Selection {
 }
 
 /// Every verb with its arguments, for errors.
-const VERBS: &str = "enqueue PATH..., drv DRV, ping, status, wait, retry, requeue PATH..., requeue-failed, drop PATH..., drop-failed";
+const VERBS: &str = "enqueue PATH..., drv DRV, ping, status [json], wait, retry, requeue PATH..., requeue-failed, drop PATH..., drop-failed";
 
 /// Why a request line was refused; the text is sent back after `err `.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +148,8 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolEr
                 .map_err(|error| ProtocolError::BadPath { index: 1, error })
         }
         "ping" => no_args(Request::Ping, "ping"),
-        "status" => no_args(Request::Status, "status"),
+        "status" if rest == "json" => Ok(Request::Status { json: true }),
+        "status" => no_args(Request::Status { json: false }, "status [json]"),
         "wait" => no_args(Request::Wait, "wait"),
         "retry" => no_args(Request::Retry, "retry"),
         other => Err(ProtocolError::UnknownVerb(truncate(other, 40))),
@@ -227,7 +232,14 @@ mod tests {
             Ok(Request::Drv(StorePath::parse(&d, S).unwrap()))
         );
         assert_eq!(parse_request(b"ping", S), Ok(Request::Ping));
-        assert_eq!(parse_request(b"status\r", S), Ok(Request::Status));
+        assert_eq!(
+            parse_request(b"status\r", S),
+            Ok(Request::Status { json: false })
+        );
+        assert_eq!(
+            parse_request(b"status json", S),
+            Ok(Request::Status { json: true })
+        );
         assert_eq!(parse_request(b"wait", S), Ok(Request::Wait));
         assert_eq!(parse_request(b"retry", S), Ok(Request::Retry));
         let p = StorePath::parse(&a, S).unwrap();

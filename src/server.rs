@@ -455,12 +455,11 @@ fn stop_on_signal(
         std::thread::sleep(Duration::from_millis(20));
     }
     if !worker.is_finished() {
-        let pgid = ctx.shared.running_pgid.load(Ordering::SeqCst);
         warning!(
-            "the nix call in progress outlasted the {} s grace period; killing it",
+            "the nix calls in progress outlasted the {} s grace period; killing them",
             STOP_GRACE.as_secs()
         );
-        if pgid != 0 {
+        for pgid in ctx.shared.running_pgids() {
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
     }
@@ -613,11 +612,8 @@ fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
         Request::Enqueue(paths) => enqueue(ctx, &paths),
         Request::Drv(drv) => enqueue(ctx, &[drv]),
         Request::Ping => final_line(Ok(&format!("nix-post-build-hook-queue {}", crate::VERSION))),
-        Request::Status => {
-            // Backoff errors quote nix, which may repeat the target with its
-            // password in forms no URL parser recognises.
-            redact::text(&snapshot(ctx).reply_lines()) + &final_line(Ok(""))
-        }
+        Request::Status { json: false } => snapshot(ctx).text() + &final_line(Ok("")),
+        Request::Status { json: true } => snapshot(ctx).json() + &final_line(Ok("")),
         Request::Retry => {
             let n = ctx.shared.lock().backing_off();
             let _ = ctx.tx.send(Msg::Retry);
@@ -739,6 +735,7 @@ fn protocol_line(text: &str) -> String {
 /// mentioned.
 fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
     let target = ctx.journal.last_seq();
+    let _ = ctx.tx.send(Msg::Flush);
     let drops_before = ctx.shared.lock().dropped;
     // Every target's paths given up on, with the target named in the error
     // when there are several.
@@ -784,14 +781,7 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
                 .filter(|(seq, _, _)| *seq <= target)
                 .min_by_key(|(seq, _, _)| *seq)
                 .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
-            let new = (s.dropped - drops_before) as usize;
-            let recent_new = s
-                .recent_drops
-                .iter()
-                .rev()
-                .take(new)
-                .filter(|&&q| q <= target)
-                .count();
+            let recent_new = (s.dropped - drops_before) as usize;
             let failing: std::collections::HashSet<&StorePath> = s
                 .targets
                 .iter()

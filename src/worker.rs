@@ -1,53 +1,35 @@
-//! The one worker thread: takes queued paths in batches and signs and uploads
-//! them with `nix`, outside the build loop.
+//! The worker: signs and uploads queued paths in batches with `nix`, outside
+//! the build loop, each target at its own pace.
 //!
-//! It is fed through an `mpsc` channel by the connection threads (after they
-//! journaled the paths) and owns the order of work. While paths keep coming
-//! (a build in progress) it gathers them for a moment rather than start nix
-//! for every few, leaving the CPU to the build. For each batch it finds
-//! the outputs of derivations, drops paths that are gone from the store, then
-//! runs one `nix store sign` and one `nix copy`. When a batch fails, one of
-//! its paths is tried alone: if that fails too, the target is taken to be
-//! down and the whole batch backs off as one group (two calls per retry in an
-//! outage, whatever the batch size); if it goes through, the rest is split in
-//! halves to find the paths at fault, within a budget of calls. Failing paths
-//! back off exponentially with jitter, a group sharing one timer. Only
-//! success or a drop removes a path from the journal.
-//!
-//! Several targets: every path goes to each of them. A batch is signed once,
-//! before any copy; then each target that still needs some of its paths
-//! gets its own call, its own canary, bisection and backoff (targets whose
-//! last call went through first). A target that is down (its last failure
-//! was blamed on it) is not called again before its group's next try: new
-//! paths join that group, so an outage of one target costs one call per
-//! retry and never holds back the others. The journal records which target
-//! has a path (`>`); the path leaves it once every target has it, so after
-//! a crash only the targets that lack a path get it.
-//!
-//! Failure has an end: a path that failed `max-attempts` times while the
-//! target answered (it failed alone, and the target took other paths or
-//! answered `nix store ping`), or that still fails `give-up-after` after it
-//! was queued, is given up on: journaled as such, no longer tried, and no
-//! longer waited for, until an operator requeues or drops it. Failures while
-//! the target is down (a call timed out, or the one-path canary failed too)
-//! do not count towards `max-attempts`: an outage is not the paths' fault.
+//! Its front thread, fed through an `mpsc` channel by the connection threads
+//! once they journaled the paths, gathers a batch while paths keep coming (a
+//! build in progress; a pending `wait` cuts that short), finds the outputs
+//! of derivations, drops paths gone from the store, signs the batch once and
+//! hands it to every target's lane. A lane is a thread with a channel of its
+//! own: it copies what it was handed and follows [`crate::policy`] when a
+//! call fails (canary, bisection, backoff, giving up). A target that is down
+//! is not called before its failed group's next try; what comes meanwhile
+//! joins that group. The lanes own the retry state and publish it in
+//! [`Shared`]; the journal records which target has a path, and the path
+//! leaves it once every target has it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::journal::{GivenUp, Journal, TargetId};
 use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
+use crate::policy::{self, Answer, Blame, Failures, Next, Policy, Streak};
 use crate::spool::Spool;
 use crate::status::{Backoff, Shared};
 use crate::store_path::StorePath;
 use crate::target::{Kind, Target};
-use crate::{drv, info, sys, warning};
+use crate::{drv, error, info, sys, warning};
 
 /// A batch starts once no new path arrived for this long...
 const BATCH_QUIET: Duration = Duration::from_millis(200);
@@ -55,10 +37,9 @@ const BATCH_QUIET: Duration = Duration::from_millis(200);
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(2);
 /// Nice steps the worker, and so every nix call, runs below the daemon.
 pub const UPLOAD_NICE: i32 = 10;
-/// How often an idle worker looks at the spool directory.
+/// How often an idle thread looks up (the spool, the stop flag).
 const IDLE_TICK: Duration = Duration::from_secs(1);
-/// Longest `nix store ping` may take when a path failed alone and the
-/// worker asks whether the target answers at all.
+/// Longest `nix store ping` may take when a path failed alone.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Messages to the worker.
@@ -68,46 +49,76 @@ pub enum Msg {
     Queued(Vec<StorePath>),
     /// Make every backing-off path due now.
     Retry,
-    /// Finish the current batch and return.
+    /// A `wait` is pending: start the batch being gathered now, without its
+    /// quiet period.
+    Flush,
+    /// Finish the calls in progress and return.
     Shutdown,
 }
 
-/// One target as the worker sees it.
-struct Lane {
-    target: Target,
-    /// nix with this target's settings (a connect timeout for ssh).
-    nix: Nix,
-    /// While the target is down (its last failure was blamed on it): the
-    /// failed group's next try, its attempts and error. New paths join that
-    /// group instead of costing a call each.
-    down: Option<(Instant, u32, String)>,
+/// Messages to a lane: a batch (`true`: signed already), or as [`Msg`].
+enum ToLane {
+    Batch(Vec<StorePath>, bool),
+    Retry,
+    Shutdown,
 }
 
-/// The worker's state; run it with [`Worker::run`] on its own thread.
-pub struct Worker {
+/// What the front and the lanes share.
+struct Ctx {
     journal: Arc<Journal>,
     shared: Arc<Shared>,
-    rx: Receiver<Msg>,
-    /// nix for what is not a target's: signing, queries.
-    nix: Nix,
-    store_dir: String,
+    policy: Policy,
     signing_key: Option<PathBuf>,
-    /// The targets, in the order of `Shared`'s per-target statistics.
-    lanes: Vec<Lane>,
-    /// Their journal names, for [`Journal::deliver`].
-    target_ids: Vec<TargetId>,
-    max_attempts: Option<u32>,
-    give_up_after: Option<Duration>,
     sign_closure: bool,
     batch_size: usize,
-    retry_initial: Duration,
-    retry_max: Duration,
+    ids: Vec<TargetId>,
+    /// Some target is more than "sign only".
+    uploads: bool,
+    /// Some signing or upload is configured.
+    work: bool,
+}
+
+/// Builds come first: the uploads take the CPU the builds leave, and every
+/// nix call a thread starts inherits its nice.
+fn lower_priority() {
+    if let Err(e) = sys::lower_thread_priority(UPLOAD_NICE) {
+        warning!("cannot lower the worker's CPU priority: {e}");
+    }
+}
+
+/// Handles the messages that come within `wait`, and those queued behind
+/// them. `None` when a stop was asked for or the senders are gone, else
+/// whether any came.
+fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool) -> Option<bool> {
+    let first = match rx.recv_timeout(wait) {
+        Ok(msg) => msg,
+        Err(RecvTimeoutError::Timeout) => return Some(false),
+        Err(RecvTimeoutError::Disconnected) => return None,
+    };
+    let mut msgs = std::iter::once(first).chain(rx.try_iter());
+    (!msgs.any(&mut stop)).then_some(true)
+}
+
+/// The worker's threads; run them with [`Worker::run`].
+pub struct Worker {
+    rx: Receiver<Msg>,
+    front: Front,
+    lanes: Vec<(Lane, Receiver<ToLane>)>,
+}
+
+/// The front thread's state.
+struct Front {
+    ctx: Arc<Ctx>,
+    /// nix for signing and queries.
+    nix: Nix,
+    store_dir: String,
     spool: Spool,
     ready: VecDeque<StorePath>,
-    /// Most paths in the next batch: `batch_size`, halved after a batch timed
-    /// out (it may have been too big to finish in `command-timeout`) and
-    /// doubled again after each success.
-    batch_limit: usize,
+    /// A `wait` is pending: no quiet period.
+    flush: bool,
+    txs: Vec<Sender<ToLane>>,
+    /// Derivations whose outputs could not be found, with their next try.
+    drvs: HashMap<StorePath, (Failures, Instant)>,
 }
 
 impl Worker {
@@ -119,135 +130,152 @@ impl Worker {
         shared: Arc<Shared>,
         rx: Receiver<Msg>,
     ) -> Worker {
-        // The stop thread kills the call in progress through `running_pgid`
-        // when it outlasts the grace period.
-        let nix_for = |url: Option<&str>| {
-            Nix::from_config(config, url).with_running(Arc::clone(&shared.running_pgid))
+        let targets = crate::target::configured(config);
+        let uploads = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
+        // The stop thread kills the calls in progress through these.
+        let running = shared.running();
+        let nix_for = |url: Option<&str>, i: usize| {
+            Nix::from_config(config, url).with_running(Arc::clone(&running[i]))
         };
-        let lanes: Vec<Lane> = crate::target::configured(config)
-            .into_iter()
-            .map(|target| Lane {
-                nix: nix_for(match &target.kind {
-                    Kind::Url(url) => Some(url),
-                    _ => None,
-                }),
-                target,
-                down: None,
-            })
-            .collect();
-        Worker {
+        let ctx = Arc::new(Ctx {
             journal,
-            nix: nix_for(None),
-            target_ids: lanes.iter().map(|l| l.target.id).collect(),
-            lanes,
             shared,
-            rx,
-            store_dir: config.store_dir.clone(),
+            policy: Policy {
+                max_attempts: config.max_attempts,
+                give_up_after: config.give_up_after,
+                retry_initial: config.retry_initial_delay,
+                retry_max: config.retry_max_delay,
+            },
             signing_key: config.signing_key_file.clone(),
-            max_attempts: config.max_attempts,
-            give_up_after: config.give_up_after,
             sign_closure: config.sign_closure,
             batch_size: config.batch_size,
-            retry_initial: config.retry_initial_delay,
-            retry_max: config.retry_max_delay.max(config.retry_initial_delay),
+            ids: targets.iter().map(|t| t.id).collect(),
+            uploads,
+            work: config.signing_key_file.is_some() || uploads,
+        });
+        let (mut lanes, mut txs) = (Vec::new(), Vec::new());
+        for (i, target) in targets.into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            txs.push(tx);
+            let url = match &target.kind {
+                Kind::Url(url) => Some(url.as_str()),
+                _ => None,
+            };
+            let lane = Lane {
+                ctx: Arc::clone(&ctx),
+                i,
+                nix: nix_for(url, i + 1),
+                target,
+                limit: config.batch_size,
+                held: HashMap::new(),
+                down: None,
+                streak: Streak::default(),
+                sign: false,
+            };
+            lanes.push((lane, rx));
+        }
+        let front = Front {
+            nix: nix_for(None, 0),
+            ctx,
+            store_dir: config.store_dir.clone(),
             spool: Spool::new(&config.spool_dir(), &config.store_dir),
             ready: VecDeque::new(),
-            batch_limit: config.batch_size,
-        }
+            flush: false,
+            txs,
+            drvs: HashMap::new(),
+        };
+        Worker { rx, front, lanes }
     }
 
-    /// True when some target is more than "sign only".
-    fn has_targets(&self) -> bool {
-        self.lanes
-            .iter()
-            .any(|l| !matches!(l.target.kind, Kind::SignOnly))
-    }
-
-    fn has_work_to_do(&self) -> bool {
-        self.signing_key.is_some() || self.has_targets()
-    }
-
-    /// Runs until [`Msg::Shutdown`] arrives or every sender is gone.
-    pub fn run(mut self) {
-        // Builds come first: on a busy machine the uploads (xz compression,
-        // signing) take the CPU the builds leave, while the threads that
-        // acknowledge the hook keep their priority.
-        if let Err(e) = sys::lower_thread_priority(UPLOAD_NICE) {
-            warning!("cannot lower the worker's CPU priority: {e}");
-        }
-        if !self.has_work_to_do() {
+    /// Runs until [`Msg::Shutdown`] arrives or every sender is gone; then
+    /// stops the lanes and waits for their calls.
+    pub fn run(self) {
+        let Worker {
+            rx,
+            mut front,
+            lanes,
+        } = self;
+        if !front.ctx.work {
             info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
         }
-        self.ingest_spool();
+        let mut threads = Vec::new();
+        for (lane, rx) in lanes {
+            let thread = std::thread::Builder::new().name(format!("lane {}", lane.i));
+            match thread.spawn(move || lane.run(rx)) {
+                Ok(t) => threads.push(t),
+                Err(e) => return error!("cannot start a thread for a target: {e}"),
+            }
+        }
+        // After the lanes started: a thread inherits its creator's nice.
+        lower_priority();
+        front.ingest_spool();
         loop {
-            let wait = if self.ready.is_empty() {
-                self.next_due().map_or(IDLE_TICK, |d| d.min(IDLE_TICK))
-            } else {
-                Duration::ZERO
+            let next_drv = front.drvs.values().map(|d| d.1).min();
+            let wait = match next_drv {
+                _ if !front.ready.is_empty() => Duration::ZERO,
+                Some(next) => next
+                    .saturating_duration_since(Instant::now())
+                    .min(IDLE_TICK),
+                None => IDLE_TICK,
             };
-            let mut shutdown = false;
-            match self.rx.recv_timeout(wait) {
-                Ok(msg) => shutdown |= self.handle(msg),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+            if receive(&rx, wait, |m| front.handle(m)).is_none() || !front.gather(&rx) {
+                break;
             }
-            while let Ok(msg) = self.rx.try_recv() {
-                shutdown |= self.handle(msg);
+            if front.ctx.shared.stopping.load(Ordering::SeqCst) {
+                break;
             }
-            if !shutdown && !self.gather() {
-                return;
+            let now = Instant::now();
+            let due = front.drvs.iter().filter(|d| d.1 .1 <= now);
+            let due: Vec<StorePath> = due.map(|d| d.0.clone()).collect();
+            front.ready.extend(due);
+            if front.ready.is_empty() {
+                front.flush = false;
+                front.ingest_spool();
+            } else {
+                let batch = front.take_batch();
+                front.process(batch);
             }
-            if shutdown || self.shared.stopping.load(Ordering::SeqCst) {
-                return;
-            }
-            self.promote_due();
-            if self.ready.is_empty() {
-                self.ingest_spool();
-                continue;
-            }
-            let batch = self.take_batch();
-            self.process(batch);
+        }
+        for tx in &front.txs {
+            let _ = tx.send(ToLane::Shutdown);
+        }
+        for t in threads {
+            let _ = t.join();
         }
     }
+}
 
-    /// While paths keep arriving (a build in progress), gathers them into
-    /// one batch instead of starting nix for every few: until none came for
-    /// [`BATCH_QUIET`], the batch is full, or [`BATCH_MAX_WAIT`] passed.
-    /// Returns false when the channel is gone or a stop was asked for.
-    fn gather(&mut self) -> bool {
-        let full = self.batch_limit.min(self.batch_size);
+impl Front {
+    /// While paths keep arriving, gathers them into one batch: until none
+    /// came for [`BATCH_QUIET`], the batch is full, [`BATCH_MAX_WAIT`]
+    /// passed or a `wait` asks for it. False when a stop was asked for.
+    fn gather(&mut self, rx: &Receiver<Msg>) -> bool {
         let start = Instant::now();
-        while !self.ready.is_empty() && self.ready.len() < full && start.elapsed() < BATCH_MAX_WAIT
+        while !self.flush
+            && !self.ready.is_empty()
+            && self.ready.len() < self.ctx.batch_size
+            && start.elapsed() < BATCH_MAX_WAIT
         {
-            match self.rx.recv_timeout(BATCH_QUIET) {
-                Ok(msg) => {
-                    if self.handle(msg) {
-                        return false;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => return false,
+            match receive(rx, BATCH_QUIET, |m| self.handle(m)) {
+                None => return false,
+                Some(false) => break,
+                Some(true) => {}
             }
         }
         true
     }
 
+    /// True for [`Msg::Shutdown`].
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Queued(paths) => self.ready.extend(paths),
+            Msg::Flush => self.flush = true,
             Msg::Retry => {
-                let now = Instant::now();
-                // Paths already being retried (no next try) stay as they are,
-                // so that none is queued twice.
-                for t in &mut self.shared.lock().targets {
-                    for b in t.backoff.values_mut() {
-                        if b.next_try.is_some() {
-                            b.next_try = Some(now);
-                        }
-                    }
+                for d in self.drvs.values_mut() {
+                    d.1 = Instant::now();
                 }
-                for lane in &mut self.lanes {
-                    lane.down = None;
+                for tx in &self.txs {
+                    let _ = tx.send(ToLane::Retry);
                 }
             }
             Msg::Shutdown => return true,
@@ -255,111 +283,56 @@ impl Worker {
         false
     }
 
-    fn next_due(&self) -> Option<Duration> {
-        let stats = self.shared.lock();
-        let next = stats
-            .targets
-            .iter()
-            .flat_map(|t| t.backoff.values())
-            .filter_map(|b| b.next_try)
-            .min()?;
-        Some(next.saturating_duration_since(Instant::now()))
-    }
-
-    /// Moves backing-off paths whose time has come to the ready queue, in
-    /// the order they were queued.
-    fn promote_due(&mut self) {
-        let now = Instant::now();
-        let mut due: Vec<StorePath> = {
-            let mut stats = self.shared.lock();
-            let mut due = std::collections::HashSet::new();
-            for t in &mut stats.targets {
-                // Keep the entries (attempt counts) until the path succeeds.
-                for (p, b) in t.backoff.iter_mut() {
-                    if b.next_try.is_some_and(|t| t <= now) {
-                        b.next_try = None;
-                        due.insert(p.clone());
-                    }
-                }
-            }
-            due.into_iter().collect()
-        };
-        due.sort_by_key(|p| self.journal.entry(p).map_or(u64::MAX, |e| e.seq));
-        self.ready.extend(due);
-    }
-
-    /// True when target `lane` still needs queued `path`: it neither has
-    /// it nor is given up on for it, and it is not waiting for the path's
-    /// next try.
-    fn needs(&self, lane: usize, path: &StorePath) -> bool {
-        let id = self.lanes[lane].target.id;
-        !self.journal.is_delivered(path, id)
-            && !self.journal.is_given_up(path, id)
-            && self.shared.lock().targets[lane]
-                .backoff
-                .get(path)
-                .is_none_or(|b| b.next_try.is_none())
-    }
-
+    /// The next batch: queued paths some target still needs, each once.
     fn take_batch(&mut self) -> Vec<StorePath> {
-        let mut taken = std::collections::HashSet::new();
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        while batch.len() < self.batch_limit.min(self.batch_size) {
-            let Some(next) = self.ready.front() else {
+        let (mut taken, mut batch, mut bytes) = (HashSet::new(), Vec::new(), 0);
+        let journal = &self.ctx.journal;
+        while batch.len() < self.ctx.batch_size {
+            match self.ready.front() {
+                Some(p) if batch.is_empty() || bytes + p.as_str().len() < MAX_ARG_BYTES => {}
+                _ => break,
+            }
+            let Some(p) = self.ready.pop_front() else {
                 break;
             };
-            let len = next.as_str().len() + 1;
-            if !batch.is_empty() && bytes + len > MAX_ARG_BYTES {
-                break;
-            }
-            bytes += len;
-            if let Some(p) = self.ready.pop_front() {
-                // Dropped by an operator meanwhile, settled for every target
-                // (given up on, or delivered), or twice in line (due on two
-                // targets).
-                if self.journal.entry(&p).is_none()
-                    || taken.contains(&p)
-                    || !(0..self.lanes.len()).any(|i| self.needs(i, &p))
-                {
-                    continue;
-                }
-                taken.insert(p.clone());
+            let settled = |&id| journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
+            let needed = journal.entry(&p).is_some() && !self.ctx.ids.iter().all(settled);
+            if needed && taken.insert(p.clone()) {
+                bytes += p.as_str().len() + 1;
                 batch.push(p);
             }
         }
         batch
     }
 
-    fn drop_paths(&self, paths: &[StorePath], why: &str) {
-        drop_paths(&self.journal, &self.shared, paths, why);
-    }
-
+    /// Resolves, checks and signs a batch once, then hands it to the lanes.
     fn process(&mut self, batch: Vec<StorePath>) {
-        self.shared.lock().in_flight = batch.len();
+        let ctx = Arc::clone(&self.ctx);
+        ctx.shared.lock().in_flight_paths.clone_from(&batch);
         let batch = self.resolve_derivations(batch);
-        {
-            let mut stats = self.shared.lock();
-            stats.in_flight = batch.len();
-            stats.in_flight_paths.clone_from(&batch);
-        }
-        if !batch.is_empty() {
-            if self.has_work_to_do() {
-                self.upload(batch);
-            } else {
-                self.finish(0, &batch, Duration::ZERO);
+        let batch = drop_gone(&ctx, &self.nix, batch);
+        // Once per batch, before any copy. When it fails, each lane signs
+        // what it copies, so that its bisection finds the paths at fault.
+        let signed = match &ctx.signing_key {
+            Some(key) if ctx.uploads && !batch.is_empty() => {
+                let signed = self.nix.sign(key, ctx.sign_closure, &batch);
+                if let Err(e) = &signed {
+                    ctx.shared.lock().failed_calls += 1;
+                    warning!("signing a batch of {} paths failed: {e}", batch.len());
+                }
+                signed.is_ok()
             }
+            _ => false,
+        };
+        for tx in self.txs.iter().filter(|_| !batch.is_empty()) {
+            let _ = tx.send(ToLane::Batch(batch.clone(), signed));
         }
-        {
-            let mut stats = self.shared.lock();
-            stats.in_flight = 0;
-            stats.in_flight_paths.clear();
-        }
+        ctx.shared.lock().in_flight_paths.clear();
     }
 
     /// Replaces derivations by their outputs, in the journal and the batch.
     fn resolve_derivations(&mut self, batch: Vec<StorePath>) -> Vec<StorePath> {
-        let mut out = Vec::with_capacity(batch.len());
+        let (mut out, mut gone) = (Vec::with_capacity(batch.len()), Vec::new());
         for path in batch {
             if !path.is_drv() {
                 out.push(path);
@@ -368,541 +341,531 @@ impl Worker {
             let outputs = match drv::read_outputs(&path, &self.store_dir) {
                 Ok(outputs) => outputs,
                 Err(drv::DrvError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.drop_paths(&[path], "the derivation is no longer in the store");
+                    gone.push(path);
                     continue;
                 }
                 Err(_) => match self.query_outputs(&path) {
                     Ok(outputs) => outputs,
                     Err(e) => {
-                        self.back_off_everywhere(&path, &e, Blame::Paths);
+                        self.unresolved(path, &e, Blame::Paths);
                         continue;
                     }
                 },
             };
-            match self.journal.replace(&path, &outputs) {
+            match self.ctx.journal.replace(&path, &outputs) {
                 Ok(added) => {
-                    self.shared.lock().forget(&path);
+                    self.drvs.remove(&path);
                     out.extend(added);
                 }
-                Err(e) => self.back_off_everywhere(
-                    &path,
-                    &format!("cannot journal the outputs: {e}"),
-                    Blame::Target,
-                ),
+                Err(e) => {
+                    let error = format!("cannot journal the outputs: {e}");
+                    self.unresolved(path, &error, Blame::Target);
+                }
             }
         }
+        let why = "the derivation is no longer in the store";
+        drop_paths(&self.ctx.journal, &self.ctx.shared, &gone, why);
         out
     }
 
     fn query_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, String> {
-        let lines = self
-            .nix
-            .query_outputs(std::slice::from_ref(drv))
-            .map_err(|e| e.to_string())?;
+        let lines = self.nix.query_outputs(std::slice::from_ref(drv));
+        let parse = |l: &String| {
+            StorePath::parse_output(l, &self.store_dir)
+                .map_err(|e| format!("nix-store printed {l:?}: {e}"))
+        };
         lines
+            .map_err(|e| e.to_string())?
             .iter()
-            .map(|l| {
-                StorePath::parse_output(l, &self.store_dir)
-                    .map_err(|e| format!("nix-store printed {l:?}: {e}"))
-            })
+            .map(parse)
             .collect()
     }
 
-    /// Backs off a derivation that could not be resolved, on every target
-    /// (it is resolved once for all of them).
-    fn back_off_everywhere(
-        &mut self,
-        path: &StorePath,
-        error: &dyn std::fmt::Display,
-        blame: Blame,
-    ) {
-        for lane in 0..self.lanes.len() {
-            self.back_off(lane, vec![path.clone()], error, blame);
+    /// Backs off a derivation that could not be resolved (once for every
+    /// target), or gives up on it.
+    fn unresolved(&mut self, path: StorePath, error: &str, blame: Blame) {
+        let now = Instant::now();
+        let mut f = self.drvs.remove(&path).map(|d| d.0).unwrap_or_default();
+        let attempts = f.attempts + 1;
+        let Some(why) = self.ctx.policy.fail(&mut f, attempts, blame, now) else {
+            let delay = self.ctx.policy.delay(attempts, random_unit());
+            let next = delay.as_secs_f64();
+            warning!("cannot find the outputs of {path} (attempt {attempts}, next try in {next:.1} s): {error}");
+            self.drvs.insert(path, (f, now + delay));
+            return;
+        };
+        for i in 0..self.ctx.ids.len() {
+            give_up(&self.ctx, i, &path, attempts, error);
+        }
+        warning!("giving up on {path} after {why}: {error}");
+    }
+
+    /// Queues the requests clients left in the spool while we were away or
+    /// busy, once some lane has no call in progress.
+    fn ingest_spool(&mut self) {
+        let stats = self.ctx.shared.lock();
+        if stats.targets.iter().any(|t| t.in_flight.is_empty()) {
+            drop(stats);
+            let paths = self.spool.ingest(&self.ctx.journal);
+            self.ready.extend(paths);
+        }
+    }
+}
+
+/// Drops the paths of `batch` that are gone from the store (garbage
+/// collected); returns the others.
+fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
+    if !ctx.work || batch.is_empty() {
+        return batch;
+    }
+    match nix.invalid_paths(&batch) {
+        Ok(invalid) if !invalid.is_empty() => {
+            let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
+                .into_iter()
+                .partition(|p| invalid.iter().any(|i| i == p.as_str()));
+            let why = "no longer valid in the store (garbage-collected?)";
+            drop_paths(&ctx.journal, &ctx.shared, &gone, why);
+            valid
+        }
+        _ => batch,
+    }
+}
+
+/// Journals that `path` is given up on for target `i`; false when that
+/// failed (it is retried).
+fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) -> bool {
+    let at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let error = error.to_string();
+    let record = GivenUp {
+        target: ctx.ids[i],
+        at,
+        attempts,
+        error,
+    };
+    match ctx.journal.give_up(path, record) {
+        Ok(given_up) => {
+            let mut stats = ctx.shared.lock();
+            stats.given_up += u64::from(given_up);
+            stats.targets[i].given_up += u64::from(given_up);
+            true
+        }
+        Err(e) => {
+            warning!("cannot journal that {path} is given up on ({e}); it is retried");
+            false
+        }
+    }
+}
+
+/// A path a lane still needs.
+struct Held {
+    failures: Failures,
+    /// `None` while it is being retried.
+    next_try: Option<Instant>,
+    error: String,
+    signed: bool,
+}
+
+/// One target's thread: its calls, canary, bisection and backoff.
+struct Lane {
+    ctx: Arc<Ctx>,
+    i: usize,
+    target: Target,
+    /// nix with this target's settings, publishing its call in progress.
+    nix: Nix,
+    /// Most paths in the next call (see [`policy::next_limit`]).
+    limit: usize,
+    /// The paths it still needs: handed over and not tried yet (no
+    /// attempts), or backing off.
+    held: HashMap<StorePath, Held>,
+    /// While the target is down: its failed group's next try, attempts and
+    /// error.
+    down: Option<(Instant, u32, String)>,
+    streak: Streak<StorePath>,
+    /// The paths of the round in progress are signed before each copy.
+    sign: bool,
+}
+
+impl Lane {
+    fn run(mut self, rx: Receiver<ToLane>) {
+        lower_priority();
+        loop {
+            let now = Instant::now();
+            let down = self.down.as_ref().map(|d| d.0).filter(|&until| until > now);
+            let next = down.or_else(|| self.held.values().filter_map(|h| h.next_try).min());
+            let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
+            let Some(mut changed) = receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)) else {
+                return;
+            };
+            if self.ctx.shared.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let now = Instant::now();
+            if self.down.as_ref().is_none_or(|d| d.0 <= now) {
+                let batch = self.take(now);
+                if !batch.is_empty() {
+                    // Shown as being retried during the call.
+                    self.publish();
+                    self.round(batch);
+                    changed = true;
+                }
+            }
+            if changed {
+                self.publish();
+            }
         }
     }
 
-    /// Signs a batch once, then uploads it to each target that needs some
-    /// of its paths, those whose last call went through first.
-    fn upload(&mut self, batch: Vec<StorePath>) {
-        let batch = match self.nix.invalid_paths(&batch) {
-            Ok(invalid) if !invalid.is_empty() => {
-                let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
-                    .into_iter()
-                    .partition(|p| invalid.iter().any(|i| i == p.as_str()));
-                self.drop_paths(&gone, "no longer valid in the store (garbage-collected?)");
-                valid
-            }
-            _ => batch,
-        };
-        if batch.is_empty() {
-            return;
-        }
-        // Once per batch, before any copy. When it fails, each target signs
-        // what it copies, so that its bisection finds the paths at fault;
-        // nothing is copied unsigned.
-        let signed = match &self.signing_key {
-            Some(key) if self.has_targets() => {
-                match self.nix.sign(key, self.sign_closure, &batch) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        self.shared.lock().failed_calls += 1;
-                        warning!("signing a batch of {} paths failed: {e}", batch.len());
-                        false
-                    }
+    /// True for [`ToLane::Shutdown`].
+    fn handle(&mut self, msg: ToLane) -> bool {
+        let now = Instant::now();
+        match msg {
+            ToLane::Batch(paths, signed) => {
+                // While the target is down, new paths join the failed group.
+                let (next_try, attempts, error) = match &self.down {
+                    Some((until, attempts, error)) if *until > now => (*until, *attempts, error),
+                    _ => (now, 0, &String::new()),
+                };
+                for p in paths {
+                    let failures = Failures {
+                        attempts,
+                        ..Failures::default()
+                    };
+                    let (next_try, error) = (Some(next_try), error.clone());
+                    let h = Held {
+                        failures,
+                        next_try,
+                        error,
+                        signed,
+                    };
+                    self.held.entry(p).or_insert(h);
                 }
             }
-            _ => false,
-        };
-        let failing: Vec<bool> = {
-            let stats = self.shared.lock();
-            stats
-                .targets
-                .iter()
-                .map(|t| t.last_error.is_some())
-                .collect()
-        };
-        let order = (0..self.lanes.len())
-            .filter(|&i| !failing[i])
-            .chain((0..self.lanes.len()).filter(|&i| failing[i]));
-        for lane in order.collect::<Vec<usize>>() {
-            if self.stopping() {
-                // Still journaled: uploaded after the restart.
-                return;
+            ToLane::Retry => {
+                self.down = None;
+                for h in self.held.values_mut() {
+                    h.next_try = h.next_try.map(|_| now);
+                }
             }
-            let todo: Vec<StorePath> = batch
-                .iter()
-                .filter(|p| self.needs(lane, p))
-                .cloned()
-                .collect();
-            if todo.is_empty() {
+            ToLane::Shutdown => return true,
+        }
+        false
+    }
+
+    /// The next call's paths: those due, in the order they were queued,
+    /// within the batch limit.
+    fn take(&mut self, now: Instant) -> Vec<StorePath> {
+        let (journal, id) = (&self.ctx.journal, self.target.id);
+        let due = self
+            .held
+            .iter()
+            .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
+        let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
+        due.sort_by_key(|p| journal.entry(p).map_or(u64::MAX, |e| e.seq));
+        let (mut out, mut bytes, mut retries) = (Vec::new(), 0, false);
+        self.sign = false;
+        for p in due {
+            let settled = journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
+            if journal.entry(&p).is_none() || settled {
+                self.held.remove(&p);
                 continue;
             }
-            match self.lanes[lane].down.clone() {
-                Some((retry_at, attempts, error)) if retry_at > Instant::now() => {
-                    self.join_outage(lane, todo, retry_at, attempts, &error);
-                }
-                _ => self.upload_to(lane, todo, !signed),
+            bytes += p.as_str().len() + 1;
+            let full = out.len() >= self.limit.min(self.ctx.batch_size);
+            if full || !out.is_empty() && bytes > MAX_ARG_BYTES {
+                break;
             }
+            if let Some(h) = self.held.get_mut(&p) {
+                h.next_try = None;
+                self.sign |= !h.signed;
+                retries |= h.failures.attempts > 0;
+                out.push(p);
+            }
+        }
+        // Retried: gone from the store meanwhile?
+        match retries {
+            true => drop_gone(&self.ctx, &self.nix, out),
+            false => out,
         }
     }
 
-    /// Adds paths to the group of a target that is down: they are tried
-    /// with it at its next try, without a call now.
-    fn join_outage(
-        &self,
-        lane: usize,
-        paths: Vec<StorePath>,
-        retry_at: Instant,
-        attempts: u32,
-        error: &str,
-    ) {
-        let mut stats = self.shared.lock();
-        let backoff = &mut stats.targets[lane].backoff;
-        for p in paths {
-            let counted = backoff.get(&p).map_or(0, |b| b.counted);
-            backoff.insert(
-                p,
-                Backoff {
-                    attempts,
-                    counted,
-                    next_try: Some(retry_at),
-                    last_error: error.to_string(),
-                },
-            );
-        }
-    }
-
-    /// Uploads a batch to one target. When it fails, one path is tried
-    /// alone (a canary): if that fails as well, the target is taken to be
-    /// down and the whole batch backs off together, so an outage costs two
-    /// calls per retry whatever the batch size. If the canary goes through,
-    /// the rest is split in halves to isolate the paths at fault. `sign`:
-    /// sign each group before its copy (the batch's signing failed).
-    fn upload_to(&mut self, lane: usize, mut batch: Vec<StorePath>, sign: bool) {
-        let started = Instant::now();
-        let failure = match self.attempt(lane, &batch, sign) {
-            Ok(()) => {
-                self.batch_limit = self.batch_limit.saturating_mul(2).min(self.batch_size);
-                return self.finish(lane, &batch, started.elapsed());
-            }
-            Err(failure) => failure,
-        };
-        self.count_failure(lane, &failure);
-        if failure.timed_out() {
-            // A problem of the target, the network or the batch's size, not
-            // of particular paths: no bisection. The target counts as down,
-            // so what comes meanwhile waits with this batch (a hung target
-            // costs one call per retry), and the next try is smaller in case
-            // this batch was too big to finish.
-            if batch.len() > 1 {
-                self.batch_limit = (batch.len() / 2).max(1);
-                warning!(
-                    "a batch of {} paths timed out; the next batches take at most {}",
-                    batch.len(),
-                    self.batch_limit
-                );
-            }
-            return self.back_off(lane, batch, &failure, Blame::Target);
-        }
-        if self.stopping() {
-            return self.back_off(lane, batch, &failure, Blame::Target);
-        }
-        if batch.len() == 1 {
-            let blame = self.blame_alone(lane);
-            return self.back_off(lane, batch, &failure, blame);
-        }
-        let canary = batch.remove(self.pick_canary(lane, &batch));
-        let started = Instant::now();
-        match self.attempt(lane, std::slice::from_ref(&canary), sign) {
-            Ok(()) => self.finish(lane, std::slice::from_ref(&canary), started.elapsed()),
-            Err(canary_failure) => {
-                self.count_failure(lane, &canary_failure);
-                batch.push(canary);
-                return self.back_off(lane, batch, &canary_failure, Blame::Target);
-            }
-        }
-        warning!(
-            "batch of {} paths failed while the target{} works, splitting it to find the paths at fault: {failure}",
-            batch.len() + 1,
-            self.named(lane)
-        );
-        // Enough calls to find one bad path by halving, plus a little.
-        let mut budget = 2 * (usize::BITS - batch.len().leading_zeros()) + 2;
-        let mut groups = vec![batch];
-        while let Some(group) = groups.pop() {
-            if self.stopping() {
-                // Still journaled: uploaded after the restart.
-                return;
+    /// One call for `batch`; when it fails, the policy's canary, bisection
+    /// and backoff, within this round.
+    fn round(&mut self, batch: Vec<StorePath>) {
+        let (len, max) = (batch.len(), self.ctx.batch_size);
+        let (mut groups, mut answer, mut budget) = (vec![batch], None, 0);
+        let (mut first, mut note) = (true, None);
+        while let Some(mut group) = groups.pop() {
+            if !first && self.ctx.shared.stopping.load(Ordering::SeqCst) {
+                return; // Still journaled: uploaded after the restart.
             }
             let started = Instant::now();
-            match self.attempt(lane, &group, sign) {
-                Ok(()) => self.finish(lane, &group, started.elapsed()),
-                Err(failure) => {
-                    self.count_failure(lane, &failure);
-                    if group.len() > 1 && budget > 0 && !failure.timed_out() {
-                        budget -= 1;
-                        let mut left = group;
-                        let right = left.split_off(left.len() / 2);
-                        groups.push(right);
-                        groups.push(left);
-                    } else {
-                        // The target works (the canary went through): one
-                        // path failing on its own is at fault.
-                        let blame = if group.len() == 1 && !failure.timed_out() {
-                            Blame::Paths
-                        } else {
-                            Blame::Target
-                        };
-                        self.back_off(lane, group, &failure, blame);
+            match self.attempt(&group) {
+                Ok(()) => {
+                    if first {
+                        self.limit = policy::next_limit(self.limit, len, false, max);
                     }
+                    self.took(&group, started);
+                    answer = Some(Answer::TookSome);
                 }
+                Err(f) => match self.next(&group, &f, first, budget, &mut answer) {
+                    Next::Outage => {
+                        if group.len() > 1 && f.timed_out() {
+                            self.limit = policy::next_limit(self.limit, group.len(), true, max);
+                            let (n, to, limit) = (group.len(), self.named(), self.limit);
+                            warning!("a batch of {n} paths timed out{to}; the next batches take at most {limit}");
+                        }
+                        group.extend(groups.drain(..).flatten());
+                        self.back_off(group, &f, Blame::Target);
+                    }
+                    Next::Judge => {
+                        let blame = self.judge(&group[0], &mut answer);
+                        if blame == Blame::Target {
+                            // An outage after all: the rest waits with it.
+                            group.extend(groups.drain(..).flatten());
+                        }
+                        self.back_off(group, &f, blame);
+                    }
+                    Next::Canary => {
+                        let counted = group.iter().map(|p| self.counted(p)).collect::<Vec<_>>();
+                        let canary = group.remove(policy::pick_canary(&counted, random_unit()));
+                        budget = policy::bisection_budget(group.len());
+                        note = Some(format!("batch of {len} paths failed while the target{} works, splitting it to find the paths at fault: {f}", self.named()));
+                        groups.extend([group, vec![canary]]);
+                        first = false;
+                        continue;
+                    }
+                    Next::Split => {
+                        budget -= 1;
+                        let right = group.split_off(group.len() / 2);
+                        groups.extend([right, group]);
+                    }
+                    Next::BackOff => self.back_off(group, &f, Blame::Target),
+                },
+            }
+            first = false;
+            // After the canary, unless that ended the round.
+            if let Some(note) = note.take().filter(|_| !groups.is_empty()) {
+                warning!("{note}");
             }
         }
     }
 
-    /// ` LABEL` when there are several targets (to name one in the log),
-    /// else nothing.
-    fn named(&self, lane: usize) -> String {
-        if self.lanes.len() > 1 {
-            format!(" {}", self.lanes[lane].target.label)
-        } else {
-            String::new()
+    /// The policy's next step; before a canary, asks the target whether
+    /// it answers at all (a ping costs less than a copy).
+    fn next(
+        &self,
+        group: &[StorePath],
+        f: &Failure,
+        first: bool,
+        budget: u32,
+        answer: &mut Option<Answer>,
+    ) -> Next {
+        match policy::after_failure(group.len(), f.timed_out(), first, budget) {
+            Next::Canary if *answer.get_or_insert_with(|| self.ask()) == Answer::Silent => {
+                Next::Outage
+            }
+            next => next,
         }
     }
 
-    /// Counts a failed call to target `lane`.
-    fn count_failure(&self, lane: usize, failure: &Failure) {
-        let mut stats = self.shared.lock();
+    fn counted(&self, path: &StorePath) -> u32 {
+        self.held.get(path).map_or(0, |h| h.failures.counted)
+    }
+
+    /// Whom to blame for `path`, which failed alone: asks the target once a
+    /// round, unless a call of the round went through.
+    fn judge(&mut self, path: &StorePath, answer: &mut Option<Answer>) -> Blame {
+        let a = *answer.get_or_insert_with(|| self.ask());
+        let refuses_all = a == Answer::Answers && self.streak.failed(path.clone());
+        if refuses_all {
+            let (n, to) = (policy::REFUSES_ALL, self.named());
+            info!("{n} different paths failed alone while the target{to} answers and took none: it seems to refuse everything, which does not count against the paths");
+        }
+        policy::blame_alone(a, refuses_all)
+    }
+
+    fn ask(&self) -> Answer {
+        let url = match &self.target.kind {
+            Kind::Command(_) => return Answer::Unknown,
+            Kind::SignOnly => return Answer::Answers,
+            Kind::Url(url) => url,
+        };
+        match self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) {
+            Ok(()) => Answer::Answers,
+            Err(e) => {
+                self.count_failure(&e);
+                let to = self.named();
+                info!("the target{to} does not answer either, so the failure does not count against the path: {e}");
+                Answer::Silent
+            }
+        }
+    }
+
+    /// Copies the paths (signing them first if the round must).
+    fn attempt(&self, paths: &[StorePath]) -> Result<(), Failure> {
+        self.ctx.shared.lock().targets[self.i].in_flight = paths.to_vec();
+        let result = match (&self.ctx.signing_key, self.sign) {
+            (Some(key), true) => self.nix.sign(key, self.ctx.sign_closure, paths),
+            _ => Ok(()),
+        };
+        let result = result.and_then(|()| match &self.target.kind {
+            Kind::Url(url) => self.nix.copy(url, paths),
+            Kind::Command(argv) => self.nix.run_uploader(argv, paths),
+            Kind::SignOnly => Ok(()),
+        });
+        self.ctx.shared.lock().targets[self.i].in_flight.clear();
+        if let Err(f) = &result {
+            self.count_failure(f);
+        }
+        result
+    }
+
+    /// ` LABEL` when there are several targets, else nothing.
+    fn named(&self) -> String {
+        match self.ctx.ids.len() {
+            1 => String::new(),
+            _ => format!(" {}", self.target.label),
+        }
+    }
+
+    fn count_failure(&self, failure: &Failure) {
+        let mut stats = self.ctx.shared.lock();
         stats.failed_calls += 1;
-        let t = &mut stats.targets[lane];
+        let t = &mut stats.targets[self.i];
         t.failed_calls += 1;
         t.last_error = Some(failure.to_string());
     }
 
-    fn stopping(&self) -> bool {
-        self.shared.stopping.load(Ordering::SeqCst)
-    }
-
-    /// The index of the path to try alone after a batch failed: one with the
-    /// fewest failed attempts (a path that failed on its own before is the
-    /// likeliest to be at fault), chosen at random among those, so that a bad
-    /// canary is not picked again and again.
-    fn pick_canary(&self, lane: usize, batch: &[StorePath]) -> usize {
-        let stats = self.shared.lock();
-        let backoff = &stats.targets[lane].backoff;
-        let attempts = |p: &StorePath| backoff.get(p).map_or(0, |b| b.attempts);
-        let fewest = batch.iter().map(attempts).min().unwrap_or(0);
-        let candidates: Vec<usize> = (0..batch.len())
-            .filter(|&i| attempts(&batch[i]) == fewest)
-            .collect();
-        let pick = (random_unit() * candidates.len() as f64) as usize;
-        candidates
-            .get(pick)
-            .or(candidates.last())
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Copies the paths to target `lane` (signing them first if `sign`).
-    fn attempt(&self, lane: usize, paths: &[StorePath], sign: bool) -> Result<(), Failure> {
-        let lane = &self.lanes[lane];
-        if let (Some(key), true) = (&self.signing_key, sign) {
-            self.nix.sign(key, self.sign_closure, paths)?;
+    /// Records that the target has the paths: those every target has now
+    /// leave the journal.
+    fn took(&mut self, paths: &[StorePath], started: Instant) {
+        let (ctx, took) = (Arc::clone(&self.ctx), started.elapsed().as_secs_f64());
+        self.down = None;
+        self.streak.took();
+        for p in paths {
+            self.held.remove(p);
         }
-        match &lane.target.kind {
-            Kind::Url(url) => lane.nix.copy(url, paths),
-            Kind::Command(argv) => lane.nix.run_uploader(argv, paths),
-            Kind::SignOnly => Ok(()),
+        let done = ctx.journal.deliver(paths, self.target.id, &ctx.ids);
+        let done = done.unwrap_or_else(|e| {
+            // After a restart they are uploaded once more, which is harmless.
+            warning!("cannot journal {} finished paths: {e}", paths.len());
+            Vec::new()
+        });
+        let to = self.named();
+        if ctx.work {
+            let (n, names) = (paths.len(), names(paths));
+            info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
         }
-    }
-
-    /// Records that target `lane` has the paths: those every target has
-    /// now leave the journal.
-    fn finish(&mut self, lane: usize, paths: &[StorePath], took: Duration) {
-        let id = self.lanes[lane].target.id;
-        self.lanes[lane].down = None;
-        let done = match self.journal.deliver(paths, id, &self.target_ids) {
-            Ok(done) => done,
-            Err(e) => {
-                // After a restart they are uploaded once more, which is
-                // harmless.
-                warning!("cannot journal {} finished paths: {e}", paths.len());
-                Vec::new()
-            }
-        };
-        if self.has_work_to_do() {
-            let to = self.named(lane);
-            match paths {
-                [one] => info!("uploaded {one}{to} in {:.3} s", took.as_secs_f64()),
-                [first, ..] => info!(
-                    "uploaded {} paths ({first}, ...){to} in {:.3} s",
-                    paths.len(),
-                    took.as_secs_f64()
-                ),
-                [] => {}
-            }
-        }
-        let mut stats = self.shared.lock();
+        let mut stats = ctx.shared.lock();
         stats.uploaded += done.len() as u64;
         stats.record_uploads(done.len() as u64);
-        if self.has_work_to_do() {
-            stats.upload_seconds += took.as_secs_f64();
+        if ctx.work {
+            stats.upload_seconds += took;
             stats.upload_batches += 1;
         }
-        let t = &mut stats.targets[lane];
+        let t = &mut stats.targets[self.i];
         t.delivered += paths.len() as u64;
         t.last_error = None;
-        for p in paths {
-            t.backoff.remove(p);
-        }
         for p in &done {
             stats.forget(p);
         }
     }
 
-    /// Whom to blame when a path failed alone on target `lane`: the path if
-    /// the target answers `nix store ping` (or there is no target: signing
-    /// only), the target if not. An `upload-command` cannot be asked: its
-    /// lone failures do not count (the bisection of a failed batch still
-    /// finds the paths at fault, and `give-up-after` ends the rest).
-    fn blame_alone(&self, lane: usize) -> Blame {
-        let this = &self.lanes[lane];
-        let url = match &this.target.kind {
-            Kind::Command(_) => return Blame::Target,
-            Kind::SignOnly => return Blame::Paths,
-            Kind::Url(url) => url,
-        };
-        match this.nix.ping(url, PING_TIMEOUT.min(this.nix.timeout())) {
-            Ok(()) => Blame::Paths,
-            Err(e) => {
-                self.count_failure(lane, &e);
-                info!("the target{} does not answer either, so the failure does not count against the path: {e}", self.named(lane));
-                Blame::Target
+    /// Backs off paths that failed together: one attempt count and one next
+    /// try for the group, so that it is retried in one call. Paths at the
+    /// end of their tries are given up on instead. A failure blamed on the
+    /// target makes it count as down until then.
+    fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
+        let (now, error) = (Instant::now(), error.to_string());
+        let held = paths.iter().filter_map(|p| self.held.get(p));
+        let attempts = 1 + held.map(|h| h.failures.attempts).max().unwrap_or(0);
+        let next_try = now + self.ctx.policy.delay(attempts, random_unit());
+        let mut kept = Vec::new();
+        for p in paths {
+            let (next_try, error) = (Some(next_try), error.clone());
+            let h = self.held.remove(&p);
+            let signed = h.as_ref().is_some_and(|h| h.signed);
+            let failures = h.map(|h| h.failures).unwrap_or_default();
+            let mut h = Held {
+                failures,
+                next_try,
+                error,
+                signed,
+            };
+            match self.ctx.policy.fail(&mut h.failures, attempts, blame, now) {
+                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &h.error) => {
+                    let (on, e) = (self.named().replacen(' ', " for ", 1), &h.error);
+                    warning!("giving up on {p}{on} after {why}: {e}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
+                }
+                _ => {
+                    kept.push(p.clone());
+                    self.held.insert(p, h);
+                }
             }
+        }
+        if !kept.is_empty() {
+            let (n, names, to) = (kept.len(), names(&kept), self.named());
+            let next = next_try.saturating_duration_since(now).as_secs_f64();
+            warning!("{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {error}");
+        }
+        if blame == Blame::Target {
+            self.down = Some((next_try, attempts, error));
         }
     }
 
-    /// Backs off paths that failed together: they share one attempt count
-    /// and one next try, so they are retried together in one call (paths
-    /// with timers of their own would each cost a call per retry). Paths at
-    /// the end of their tries are given up on instead.
-    /// A failure blamed on the target makes it count as down until then.
-    fn back_off(
-        &mut self,
-        lane: usize,
-        paths: Vec<StorePath>,
-        error: &dyn std::fmt::Display,
-        blame: Blame,
-    ) {
-        let error = error.to_string();
-        let paths = self.give_up_on_exhausted(lane, paths, &error, blame);
-        let Some(first) = paths.first() else {
-            return;
-        };
-        let to = self.named(lane);
-        let mut stats = self.shared.lock();
-        let backoff = &mut stats.targets[lane].backoff;
-        let attempts = paths
-            .iter()
-            .map(|p| backoff.get(p).map_or(0, |b| b.attempts))
-            .max()
-            .unwrap_or(0)
-            .saturating_add(1);
-        let delay = self.delay(attempts);
-        let next_try = Instant::now() + delay;
-        warning!(
-            "{} path(s) ({first}{}) failed attempt {attempts}{to}, next try in {:.1} s: {error}",
-            paths.len(),
-            if paths.len() > 1 { ", ..." } else { "" },
-            delay.as_secs_f64()
-        );
-        if blame == Blame::Target {
-            self.lanes[lane].down = Some((next_try, attempts, error.clone()));
-        }
-        for p in paths {
-            let counted =
-                backoff.get(&p).map_or(0, |b| b.counted) + u32::from(blame == Blame::Paths);
-            backoff.insert(
-                p,
+    /// Shows the paths backing off in `status` (forgetting those dropped).
+    fn publish(&mut self) {
+        let journal = &self.ctx.journal;
+        self.held.retain(|p, _| journal.entry(p).is_some());
+        let failed = self.held.iter().filter(|h| h.1.failures.attempts > 0);
+        let view = failed.map(|(p, h)| {
+            let (attempts, next_try) = (h.failures.attempts, h.next_try);
+            (
+                p.clone(),
                 Backoff {
                     attempts,
-                    counted,
-                    next_try: Some(next_try),
-                    last_error: error.clone(),
+                    next_try,
+                    last_error: h.error.clone(),
                 },
-            );
-        }
-    }
-
-    /// Gives up on the paths of a failed call that reached `max-attempts`
-    /// (counting this failure if it is theirs) or `give-up-after`; returns
-    /// the others, to back off.
-    fn give_up_on_exhausted(
-        &self,
-        lane: usize,
-        paths: Vec<StorePath>,
-        error: &str,
-        blame: Blame,
-    ) -> Vec<StorePath> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut keep = Vec::with_capacity(paths.len());
-        for path in paths {
-            let (attempts, counted) = {
-                let stats = self.shared.lock();
-                stats.targets[lane]
-                    .backoff
-                    .get(&path)
-                    .map_or((0, 0), |b| (b.attempts, b.counted))
-            };
-            let (attempts, counted) = (
-                attempts.saturating_add(1),
-                counted + u32::from(blame == Blame::Paths),
-            );
-            let too_many = self.max_attempts.is_some_and(|max| counted >= max);
-            let queued_at = self.journal.entry(&path).map_or(now, |e| e.queued_at);
-            let too_long = self
-                .give_up_after
-                .is_some_and(|limit| now.saturating_sub(queued_at) >= limit.as_secs());
-            if !too_many && !too_long {
-                keep.push(path);
-                continue;
-            }
-            let why = if too_many {
-                format!("{counted} failed attempts while the target answered")
-            } else {
-                format!(
-                    "still failing {} s after it was queued (give-up-after)",
-                    now.saturating_sub(queued_at)
-                )
-            };
-            let record = GivenUp {
-                target: self.lanes[lane].target.id,
-                at: now,
-                attempts,
-                error: error.to_string(),
-            };
-            match self.journal.give_up(&path, record) {
-                Ok(given_up) => {
-                    let mut stats = self.shared.lock();
-                    stats.targets[lane].backoff.remove(&path);
-                    if given_up {
-                        stats.given_up += 1;
-                        stats.targets[lane].given_up += 1;
-                        drop(stats);
-                        let on = match self.named(lane) {
-                            to if to.is_empty() => to,
-                            to => format!(" for{to}"),
-                        };
-                        warning!(
-                            "giving up on {path}{on} after {why}: {error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {path}` (or `drop {path}`)"
-                        );
-                    }
-                }
-                Err(e) => {
-                    warning!("cannot journal that {path} is given up on ({e}); it is retried");
-                    keep.push(path);
-                }
-            }
-        }
-        keep
-    }
-
-    /// Exponential backoff with jitter: between half and all of
-    /// `initial * 2^(attempts-1)`, capped at the maximum delay.
-    fn delay(&self, attempts: u32) -> Duration {
-        let factor = 2f64.powi(attempts.saturating_sub(1).min(40) as i32);
-        let full = (self.retry_initial.as_secs_f64() * factor).min(self.retry_max.as_secs_f64());
-        Duration::from_secs_f64(full * (0.5 + 0.5 * random_unit()))
-    }
-
-    /// Queues the requests clients left in the spool while we were away.
-    fn ingest_spool(&mut self) {
-        let paths = self.spool.ingest(&self.journal);
-        self.ready.extend(paths);
+            )
+        });
+        self.ctx.shared.lock().targets[self.i].backoff = view.collect();
     }
 }
 
-/// Drops queued paths from the journal, with a warning for each: they are
-/// not uploaded. Returns how many were queued. Used by the worker (paths
-/// gone from the store) and by the `drop` request.
+/// Drops queued paths from the journal, with one warning for them all: they
+/// are not uploaded. Returns how many were queued. Used by the worker
+/// (paths gone from the store) and by the `drop` request.
 pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: &str) -> usize {
-    let queued: Vec<(StorePath, u64)> = paths
-        .iter()
-        .filter_map(|p| journal.entry(p).map(|e| (p.clone(), e.seq)))
-        .collect();
-    if queued.is_empty() {
-        return 0;
-    }
-    for (p, _) in &queued {
-        warning!("dropping {p}: {why}");
-    }
+    let queued = paths.iter().filter(|p| journal.entry(p).is_some());
+    let paths: Vec<StorePath> = queued.cloned().collect();
+    let count = match paths.len() {
+        0 => return 0,
+        1 => String::new(),
+        n => format!(" ({n} paths)"),
+    };
+    warning!("dropping {}{count}: {why}", names(&paths));
     // Counted before the journal lets go of them: a `wait` that sees them
-    // gone from the journal must also see them dropped, or it would report
-    // "all uploaded".
+    // gone from the journal must also see them dropped.
     {
         let mut stats = shared.lock();
-        for (p, seq) in &queued {
+        for p in &paths {
             stats.forget(p);
-            stats.record_drop(Some(*seq));
         }
+        stats.dropped += paths.len() as u64;
     }
-    let paths: Vec<StorePath> = queued.into_iter().map(|(p, _)| p).collect();
     if let Err(e) = journal.complete(&paths) {
         warning!("cannot journal {} dropped paths: {e}", paths.len());
     }
     paths.len()
 }
 
-/// Whose fault a failed call was, for `max-attempts`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Blame {
-    /// The paths': the target answered. Counts towards `max-attempts`.
-    Paths,
-    /// The target's, or unknown (it was down, the call timed out, the
-    /// journal could not be written). Does not count.
-    Target,
+/// The first few of `paths`, for a log line: `A, B, C, ...`.
+fn names(paths: &[StorePath]) -> String {
+    let named: Vec<String> = paths.iter().take(3).map(StorePath::to_string).collect();
+    named.join(", ") + if paths.len() > 3 { ", ..." } else { "" }
 }
 
 /// A number in [0, 1) from the standard library's randomly seeded hasher.
@@ -915,6 +878,59 @@ fn random_unit() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const STORE: &str = "/nix/store";
+
+    fn path(name: &str) -> StorePath {
+        let p = format!("{STORE}/0123456789abcdfghijklmnpqrsvwxyz-{name}");
+        StorePath::parse(&p, STORE).unwrap()
+    }
+
+    #[test]
+    fn a_pending_wait_starts_the_batch_without_its_quiet_period() {
+        let dir = std::env::temp_dir().join(format!("npbhq-worker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (journal, _) = Journal::open(&dir, STORE).unwrap();
+        let policy = Policy {
+            max_attempts: None,
+            give_up_after: None,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(1),
+        };
+        let ctx = Ctx {
+            journal: Arc::new(journal),
+            shared: Arc::default(),
+            policy,
+            signing_key: None,
+            sign_closure: false,
+            batch_size: 10,
+            ids: Vec::new(),
+            uploads: false,
+            work: false,
+        };
+        let mut front = Front {
+            ctx: Arc::new(ctx),
+            nix: Nix::new(std::path::Path::new("nix"), Duration::from_secs(1), None),
+            store_dir: STORE.into(),
+            spool: Spool::new(&dir.join("spool"), STORE),
+            ready: VecDeque::from([path("a")]),
+            flush: false,
+            txs: Vec::new(),
+            drvs: HashMap::new(),
+        };
+        let (tx, rx) = mpsc::channel();
+        // Without a wait, a path that comes within the quiet period joins.
+        tx.send(Msg::Queued(vec![path("b")])).unwrap();
+        assert!(front.gather(&rx));
+        assert_eq!(front.ready.len(), 2);
+        // With one, the batch starts as it is.
+        assert!(!front.handle(Msg::Flush));
+        tx.send(Msg::Queued(vec![path("c")])).unwrap();
+        assert!(front.gather(&rx));
+        assert_eq!(front.ready.len(), 2);
+        assert!(matches!(rx.try_recv(), Ok(Msg::Queued(_))));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn random_unit_is_in_range_and_varies() {

@@ -636,7 +636,8 @@ fn invalid_path_does_not_block_valid_ones() {
         "the collected path dropped, the queue empty",
         || {
             let status = d.request_lines("status");
-            status.iter().any(|l| l == "dropped 1") && status.iter().any(|l| l == "queued 0")
+            status.iter().any(|l| l == "dropped:      1 since start")
+                && status.iter().any(|l| l == "queued:       0")
         },
         || d.log(),
     );

@@ -120,19 +120,30 @@ impl Status {
 }
 
 fn status(d: &Daemon) -> Status {
-    let lines = d.request_lines("status");
+    let lines = d.request_lines("status json");
     assert_eq!(
         lines.last().map(String::as_str),
         Some("ok"),
         "status reply: {lines:?}"
     );
-    let mut fields = HashMap::new();
-    let mut backoff = Vec::new();
-    for l in &lines[..lines.len() - 1] {
-        if l.starts_with("backoff ") {
-            backoff.push(l.clone());
-        } else if let Some((k, v)) = l.split_once(' ') {
-            fields.insert(k.to_string(), v.to_string());
+    let (mut fields, mut backoff) = (HashMap::new(), Vec::new());
+    let Ok(Json::Obj(members)) = Json::parse(&lines[0]) else {
+        panic!("status json reply: {lines:?}");
+    };
+    for (k, v) in members {
+        match v {
+            Json::Num(n) => drop(fields.insert(k.replace('_', "-"), n.to_string())),
+            Json::Str(s) => drop(fields.insert(k.replace('_', "-"), s)),
+            Json::Arr(items) if k == "backoff" => {
+                for b in items {
+                    let text = |k: &str| b.get(k).and_then(Json::as_str).unwrap_or("").to_string();
+                    let num = |k: &str| b.get(k).and_then(Json::as_f64).unwrap_or(-1.0);
+                    let (path, error) = (text("path"), text("last_error"));
+                    let (attempts, next) = (num("attempts"), num("next_try_seconds"));
+                    backoff.push(format!("backoff {attempts} {next:.1} {path} {error}"));
+                }
+            }
+            _ => {}
         }
     }
     Status { fields, backoff }

@@ -573,12 +573,18 @@ impl JournalRecords {
 }
 
 /// The `status` reply's `KEY VALUE` lines as a map.
+/// The scalar fields of `status json`, keys with `-` (as `backing-off`).
 fn status_map(socket: &Path) -> HashMap<String, String> {
-    let (lines, _) = exchange(socket, b"status\n".to_vec(), "status");
+    let (lines, _) = exchange(socket, b"status json\n".to_vec(), "status json");
     let mut m = HashMap::new();
-    for l in lines {
-        if let Some((k, v)) = l.split_once(' ') {
-            m.insert(k.to_string(), v.to_string());
+    if let Some(Ok(Json::Obj(members))) = lines.first().map(|l| Json::parse(l)) {
+        for (k, v) in members {
+            let v = match v {
+                Json::Num(n) => n.to_string(),
+                Json::Str(s) => s,
+                _ => continue,
+            };
+            m.insert(k.replace('_', "-"), v);
         }
     }
     m

@@ -1,0 +1,345 @@
+//! The retry policy: what to do after a failed upload call, decided without
+//! I/O, threads or clock reads (the time and the randomness come in as
+//! arguments), so that each decision has a unit test.
+//!
+//! A failed call of several paths is followed by one path alone (a canary).
+//! A path that fails alone is judged: if some call of the same round went
+//! through, or the target answers `nix store ping`, the path is at fault,
+//! else the target is (an outage, and the round ends). If the canary went
+//! through or was at fault, the rest is split in halves within a budget of
+//! calls to find the other paths at fault. A timeout ends the round. Paths that failed together back off together with
+//! exponential delays and jitter. Only failures blamed on the paths count
+//! towards giving up: an outage never ends a path.
+
+use std::collections::HashSet;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// Different paths that failed alone in a row, while the target answered
+/// and took nothing, after which the target is taken to refuse everything
+/// (a full disk answers `nix store ping` too).
+pub const REFUSES_ALL: usize = 4;
+
+/// Whose fault a failed call was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The paths': counts towards `max-attempts` and `give-up-after`.
+    Paths,
+    /// The target's, or unknown: counts towards nothing.
+    Target,
+}
+
+/// What a lone failure is judged by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Another call of this round went through: the target works.
+    TookSome,
+    /// `nix store ping` went through (or there is no target to ask).
+    Answers,
+    /// `nix store ping` failed too.
+    Silent,
+    /// The target cannot be asked (an `upload-command`).
+    Unknown,
+}
+
+/// Whom to blame for a path that failed alone. `refuses_all`: enough
+/// different paths failed alone in a row while nothing went through
+/// ([`Streak`]).
+pub fn blame_alone(answer: Answer, refuses_all: bool) -> Blame {
+    match answer {
+        Answer::TookSome => Blame::Paths,
+        Answer::Answers if !refuses_all => Blame::Paths,
+        _ => Blame::Target,
+    }
+}
+
+/// What follows a failed call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// The target hangs: back off the call's paths and the rest of the
+    /// round, blamed on the target, without bisection.
+    Outage,
+    /// Judge the one path ([`blame_alone`]).
+    Judge,
+    /// The round's first call: try one path alone ([`pick_canary`]), then
+    /// the rest within a budget of splits ([`bisection_budget`]).
+    Canary,
+    /// Split the paths in halves.
+    Split,
+    /// The budget is spent: back off the paths, blamed on the target.
+    BackOff,
+}
+
+/// The step after a failed call of `len` paths; `first`: the round's first
+/// call; `budget`: splits left.
+pub fn after_failure(len: usize, timed_out: bool, first: bool, budget: u32) -> Next {
+    match (timed_out, len, first) {
+        (true, _, _) => Next::Outage,
+        (_, 1, _) => Next::Judge,
+        (_, _, true) => Next::Canary,
+        _ if budget > 0 => Next::Split,
+        _ => Next::BackOff,
+    }
+}
+
+/// The index of the canary: one of the paths with the fewest counted
+/// failures (one that failed alone before is the likeliest to be at fault),
+/// chosen among those by `jitter` in [0, 1) so that it varies.
+pub fn pick_canary(counted: &[u32], jitter: f64) -> usize {
+    let fewest = counted.iter().copied().min().unwrap_or(0);
+    let candidates: Vec<usize> = (0..counted.len())
+        .filter(|&i| counted[i] == fewest)
+        .collect();
+    let pick =
+        ((jitter * candidates.len() as f64) as usize).min(candidates.len().saturating_sub(1));
+    candidates.get(pick).copied().unwrap_or(0)
+}
+
+/// Splits a bisection may make for `len` paths: enough to find one bad path
+/// by halving, plus a little.
+pub fn bisection_budget(len: usize) -> u32 {
+    2 * (usize::BITS - len.leading_zeros()) + 2
+}
+
+/// The batch limit after a call of `len` paths: halved after a timeout (the
+/// batch may have been too big to finish in time), doubled after a success,
+/// within 1..=`max`.
+pub fn next_limit(limit: usize, len: usize, timed_out: bool, max: usize) -> usize {
+    if timed_out {
+        (len / 2).max(1).min(limit)
+    } else {
+        limit.saturating_mul(2).clamp(1, max)
+    }
+}
+
+/// Different paths that failed alone in a row while the target answered
+/// and took nothing; a success ends it.
+#[derive(Debug)]
+pub struct Streak<P>(HashSet<P>);
+
+impl<P: Hash + Eq> Default for Streak<P> {
+    fn default() -> Self {
+        Streak(HashSet::new())
+    }
+}
+
+impl<P: Hash + Eq> Streak<P> {
+    /// The target took a path.
+    pub fn took(&mut self) {
+        self.0.clear();
+    }
+
+    /// `path` failed alone while the target answered; true when the target
+    /// now seems to refuse everything ([`REFUSES_ALL`] different paths).
+    pub fn failed(&mut self, path: P) -> bool {
+        self.0.insert(path);
+        self.0.len() >= REFUSES_ALL
+    }
+}
+
+/// The settings the decisions follow.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Failures blamed on a path after which it is given up on.
+    pub max_attempts: Option<u32>,
+    /// How long a path may keep failing by its own fault, from its first
+    /// such failure in this run, before it is given up on.
+    pub give_up_after: Option<Duration>,
+    /// The first retry's delay.
+    pub retry_initial: Duration,
+    /// The longest delay.
+    pub retry_max: Duration,
+}
+
+/// One path's failures on one target in this run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Failures {
+    /// Rounds it failed in.
+    pub attempts: u32,
+    /// Those blamed on the path.
+    pub counted: u32,
+    /// When the first of those was.
+    pub since: Option<Instant>,
+}
+
+impl Policy {
+    /// Records a failure of a path at `now` in a group whose attempt number
+    /// is `attempts`. Returns why the path is given up on, if it is: only a
+    /// failure blamed on it can end it, so an outage, a long downtime or a
+    /// clock that starts in the past (the time is monotonic, from this run)
+    /// never does.
+    pub fn fail(
+        &self,
+        f: &mut Failures,
+        attempts: u32,
+        blame: Blame,
+        now: Instant,
+    ) -> Option<String> {
+        f.attempts = attempts;
+        if blame == Blame::Target {
+            return None;
+        }
+        f.counted += 1;
+        let since = *f.since.get_or_insert(now);
+        if self.max_attempts.is_some_and(|max| f.counted >= max) {
+            return Some(format!(
+                "{} failed attempts while the target answered",
+                f.counted
+            ));
+        }
+        let failing = now.saturating_duration_since(since);
+        match self.give_up_after {
+            Some(limit) if failing >= limit => Some(format!(
+                "failing for {} s while the target answered (give-up-after)",
+                failing.as_secs()
+            )),
+            _ => None,
+        }
+    }
+
+    /// The delay before attempt `attempts + 1`: between half and all of
+    /// `initial * 2^(attempts-1)` as `jitter` goes from 0 to 1, capped at
+    /// the maximum delay.
+    pub fn delay(&self, attempts: u32, jitter: f64) -> Duration {
+        let factor = 2f64.powi(attempts.saturating_sub(1).min(40) as i32);
+        let max = self.retry_max.max(self.retry_initial).as_secs_f64();
+        let full = (self.retry_initial.as_secs_f64() * factor).min(max);
+        Duration::from_secs_f64(full * (0.5 + 0.5 * jitter.clamp(0.0, 1.0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(max: Option<u32>, after: Option<u64>) -> Policy {
+        Policy {
+            max_attempts: max,
+            give_up_after: after.map(Duration::from_secs),
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_lone_failure_is_the_paths_only_while_the_target_works() {
+        assert_eq!(blame_alone(Answer::TookSome, false), Blame::Paths);
+        assert_eq!(blame_alone(Answer::TookSome, true), Blame::Paths);
+        assert_eq!(blame_alone(Answer::Answers, false), Blame::Paths);
+        assert_eq!(blame_alone(Answer::Answers, true), Blame::Target);
+        assert_eq!(blame_alone(Answer::Silent, false), Blame::Target);
+        assert_eq!(blame_alone(Answer::Unknown, false), Blame::Target);
+    }
+
+    #[test]
+    fn a_timeout_is_never_bisected_one_path_is_judged_and_a_batch_gets_a_canary() {
+        assert_eq!(after_failure(5, true, true, 0), Next::Outage);
+        assert_eq!(after_failure(5, true, false, 3), Next::Outage);
+        assert_eq!(after_failure(1, true, true, 0), Next::Outage);
+        assert_eq!(after_failure(1, false, true, 0), Next::Judge);
+        assert_eq!(after_failure(1, false, false, 0), Next::Judge);
+        assert_eq!(after_failure(2, false, true, 0), Next::Canary);
+        assert_eq!(after_failure(4, false, false, 1), Next::Split);
+        assert_eq!(after_failure(4, false, false, 0), Next::BackOff);
+    }
+
+    #[test]
+    fn the_canary_has_the_fewest_counted_failures_and_varies() {
+        assert_eq!(pick_canary(&[2, 0, 1], 0.99), 1);
+        assert_eq!(pick_canary(&[1, 0, 0], 0.0), 1);
+        assert_eq!(pick_canary(&[1, 0, 0], 0.99), 2);
+        assert_eq!(pick_canary(&[0], 0.5), 0);
+        assert_eq!(pick_canary(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn bisection_budget_grows_with_the_log_of_the_batch() {
+        assert_eq!(bisection_budget(1), 4);
+        assert_eq!(bisection_budget(2), 6);
+        assert_eq!(bisection_budget(1000), 22);
+    }
+
+    #[test]
+    fn a_timeout_halves_the_batch_limit_and_a_success_doubles_it() {
+        assert_eq!(next_limit(1000, 1000, true, 1000), 500);
+        assert_eq!(next_limit(500, 1, true, 1000), 1);
+        assert_eq!(next_limit(1, 1, false, 1000), 2);
+        assert_eq!(next_limit(600, 600, false, 1000), 1000);
+    }
+
+    #[test]
+    fn a_streak_of_different_lone_failures_blames_the_target_until_it_takes_one() {
+        let mut s = Streak::default();
+        assert!(!s.failed("a"));
+        assert!(!s.failed("a"), "the same path twice is one");
+        assert!(!s.failed("b"));
+        assert!(!s.failed("c"));
+        assert!(s.failed("d"));
+        s.took();
+        assert!(!s.failed("d"));
+    }
+
+    #[test]
+    fn max_attempts_counts_only_failures_blamed_on_the_path() {
+        let p = policy(Some(2), None);
+        let now = Instant::now();
+        let mut f = Failures::default();
+        for attempt in 1..=100 {
+            assert_eq!(p.fail(&mut f, attempt, Blame::Target, now), None);
+        }
+        assert_eq!(f.counted, 0);
+        assert_eq!(p.fail(&mut f, 101, Blame::Paths, now), None);
+        let why = p.fail(&mut f, 102, Blame::Paths, now).unwrap();
+        assert!(why.starts_with("2 failed attempts"), "{why}");
+        assert_eq!((f.attempts, f.counted), (102, 2));
+        let mut f = Failures::default();
+        assert!(policy(Some(1), None)
+            .fail(&mut f, 1, Blame::Paths, now)
+            .is_some());
+        let mut f = Failures::default();
+        for attempt in 1..=1000 {
+            assert_eq!(
+                policy(None, None).fail(&mut f, attempt, Blame::Paths, now),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn give_up_after_runs_from_the_first_failure_blamed_on_the_path() {
+        let p = policy(None, Some(100));
+        let start = Instant::now();
+        let mut f = Failures::default();
+        // A long outage first: not counted, no clock started.
+        let later = start + Duration::from_secs(10_000);
+        assert_eq!(p.fail(&mut f, 1, Blame::Target, later), None);
+        assert_eq!(f.since, None);
+        assert_eq!(p.fail(&mut f, 2, Blame::Paths, later), None);
+        assert_eq!(f.since, Some(later));
+        let outage = later + Duration::from_secs(500);
+        assert_eq!(
+            p.fail(&mut f, 3, Blame::Target, outage),
+            None,
+            "an outage never ends it"
+        );
+        let why = p
+            .fail(&mut f, 4, Blame::Paths, later + Duration::from_secs(100))
+            .unwrap();
+        assert!(why.contains("give-up-after"), "{why}");
+        let mut f = Failures::default();
+        assert!(policy(None, Some(0))
+            .fail(&mut f, 1, Blame::Paths, start)
+            .is_some());
+    }
+
+    #[test]
+    fn delays_grow_exponentially_within_jitter_and_cap() {
+        let p = policy(None, None);
+        assert_eq!(p.delay(1, 0.0), Duration::from_millis(500));
+        assert_eq!(p.delay(1, 1.0), Duration::from_secs(1));
+        assert_eq!(p.delay(3, 1.0), Duration::from_secs(4));
+        assert_eq!(p.delay(3, 0.5), Duration::from_secs(3));
+        assert_eq!(p.delay(30, 1.0), Duration::from_secs(60));
+        assert_eq!(p.delay(u32::MAX, 0.0), Duration::from_secs(30));
+    }
+}
