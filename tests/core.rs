@@ -426,6 +426,39 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
 
+    // Each queued connection holds a descriptor of this process: below
+    // the backlog plus a margin, the test runs again in a child whose soft
+    // limit is raised (up to the hard one).
+    let backlog: u64 = fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("read /proc/sys/net/core/somaxconn");
+    let need = backlog + 512;
+    let (soft, hard) = open_file_limits();
+    if soft < need {
+        assert!(
+            hard >= need,
+            "this test fills a listen backlog of {backlog} (net.core.somaxconn) and needs {need} open files, but the hard limit is {hard}: raise it (ulimit -Hn) or lower somaxconn"
+        );
+        assert!(
+            std::env::var_os("NPBHQ_NOFILE_RAISED").is_none(),
+            "ulimit -n did not raise the open-file limit ({soft} of {need})"
+        );
+        let want = hard.min(2 * need);
+        let o = rerun_test(
+            "hook_spools_when_the_daemon_backlog_is_full",
+            &format!("ulimit -n {want} && exec \"$0\" \"$@\""),
+            &[("NPBHQ_NOFILE_RAISED", "1")],
+        );
+        let said = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && said.contains("1 passed"),
+            "the re-run with `ulimit -n {want}` failed ({}):\n{said}",
+            o.status
+        );
+        return;
+    }
+
     let env = NixEnv::new("core-hook-backlog");
     let dir = env.root().join("full");
     fs::create_dir_all(&dir).unwrap();

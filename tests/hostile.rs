@@ -1241,14 +1241,6 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     );
 }
 
-fn tail(s: &str, n: usize) -> &str {
-    let mut start = s.len().saturating_sub(n);
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
-}
-
 // ---------------------------------------------------------------------------
 // Load
 // ---------------------------------------------------------------------------

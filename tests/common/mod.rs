@@ -1561,9 +1561,54 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Kills the daemon; when a test fails (the thread is panicking), also
+    /// prints the end of its log, so that every failed assertion of a
+    /// daemon test shows what the daemon said.
     fn drop(&mut self) {
         self.kill9();
+        if thread::panicking() {
+            eprintln!(
+                "---- log of the daemon in {} (its last 20 kB) ----\n{}",
+                self.dir.display(),
+                tail(&self.log(), 20_000)
+            );
+        }
     }
+}
+
+/// The last `n` bytes of `s` (from a character boundary).
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// The soft and hard limits on this process's open files
+/// (`/proc/self/limits`; `unlimited` is `u64::MAX`).
+pub fn open_file_limits() -> (u64, u64) {
+    let limits = fs::read_to_string("/proc/self/limits").expect("read /proc/self/limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-files line in /proc/self/limits");
+    let mut f = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(u64::MAX));
+    (f.next().unwrap_or(0), f.next().unwrap_or(0))
+}
+
+/// Runs the test `name` of this test binary again, alone, in a child
+/// process started through `sh -c SCRIPT` (SCRIPT ends with
+/// `exec "$0" "$@"`), with `env` added; returns its output.
+pub fn rerun_test(name: &str, script: &str, env: &[(&str, &str)]) -> Output {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script).arg(exe);
+    c.args(["--exact", name, "--nocapture", "--test-threads=1"]);
+    c.envs(env.iter().copied());
+    run(&mut c)
 }
 
 // ---------------------------------------------------------------------------
