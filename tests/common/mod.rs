@@ -437,6 +437,12 @@ pub fn wait_until_diag(
     }
 }
 
+/// [`wait_until_ok`] without a diagnostic (a [`Daemon`] prints its log
+/// when its test fails).
+pub fn wait_ok(timeout: Duration, what: &str, check: impl FnMut() -> Result<(), String>) {
+    wait_until_ok(timeout, what, check, String::new);
+}
+
 /// Polls `check` until it returns Ok; on timeout panics with `what`, the
 /// last Err and `diag()` (e.g. a daemon log). Same bound semantics as
 /// [`wait_until`].
@@ -1865,4 +1871,257 @@ pub fn which(program: &str) -> PathBuf {
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("{program} is not on PATH"))
+}
+
+// ---------------------------------------------------------------------------
+// FakeNix: a wrapper around the real nix
+// ---------------------------------------------------------------------------
+
+/// A wrapper nix: a directory with `nix` and `nix-store` scripts (the
+/// daemon takes `nix-store` from beside its `nix` setting) that record
+/// every call's argv, run a test's shell prelude, and then `exec` the real
+/// program, except that `nix copy`, for the targets named by these files
+/// in the directory (the file's text is a part of the `--to` URL; an empty
+/// file names every target):
+///
+/// - `hold`: waits while the file exists (an upload in flight);
+/// - `fail`: fails (`fake nix: injected failure`);
+/// - `poison`: fails for paths named `*-npbhq-poison-*`
+///   (`fake nix: refusing a poison path`).
+///
+/// Each `nix copy` also appends its pid to `copy.pids` and writes its
+/// environment to `copy.env`. On drop, held copies are let go and killed.
+#[derive(Debug)]
+pub struct FakeNix {
+    dir: PathBuf,
+    /// Processes of this test carry this in their command line.
+    marker: String,
+    /// The store directory with a trailing `/`.
+    store: String,
+}
+
+impl FakeNix {
+    /// A wrapper that runs the real nix unless its files say otherwise.
+    pub fn new(env: &NixEnv) -> FakeNix {
+        FakeNix::with_preludes(env, "", "")
+    }
+
+    /// A wrapper that runs `nix_prelude` (shell, with the call's `"$@"`)
+    /// before it goes on in `nix`, and `store_prelude` in `nix-store`.
+    pub fn with_preludes(env: &NixEnv, nix_prelude: &str, store_prelude: &str) -> FakeNix {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = env.root().join(format!("fake-nix-{n}"));
+        fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        for (prog, prelude) in [("nix", nix_prelude), ("nix-store", store_prelude)] {
+            let script = format!(
+                "#!/bin/sh\n\
+                 # fake nix: the real {prog}, steered by the files in {d}\n\
+                 {{ for a in \"$0\" \"$@\"; do printf 'A%s\\0' \"$a\"; done; printf 'E\\0'; }} >> '{d}/argv.log'\n\
+                 {prelude}\n\
+                 to=; prev=\n\
+                 for a in \"$@\"; do [ \"$prev\" = --to ] && to=$a; prev=$a; done\n\
+                 on() {{ [ -e '{d}'/$1 ] && case \"$to\" in *\"$(cat '{d}'/$1)\"*) return 0;; esac; return 1; }}\n\
+                 case \" $* \" in *' copy '*)\n\
+                 \x20   echo $$ >> '{d}/copy.pids'\n\
+                 \x20   env > '{d}/copy.env'\n\
+                 \x20   while on hold; do sleep 0.05; done\n\
+                 \x20   if on fail; then echo 'fake nix: injected failure' >&2; exit 1; fi\n\
+                 \x20   if on poison; then case \" $* \" in *-npbhq-poison-*)\n\
+                 \x20       echo 'fake nix: refusing a poison path' >&2; exit 1;; esac; fi;;\n\
+                 esac\n\
+                 exec '{}' \"$@\"\n",
+                which(prog).display()
+            );
+            let p = dir.join(prog);
+            fs::write(&p, script).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        FakeNix {
+            marker: env.root().display().to_string(),
+            store: format!("{}/", env.store_dir().display()),
+            dir,
+        }
+    }
+
+    /// A wrapper whose `nix` never returns (a cache that accepts and never
+    /// answers) and whose `nix-store` prints nothing (every path valid):
+    /// a daemon's queue stays full.
+    pub fn hang(env: &NixEnv) -> FakeNix {
+        FakeNix::with_preludes(env, "exec sleep 900", "exit 0")
+    }
+
+    /// The value for the daemon's `nix` setting.
+    pub fn nix(&self) -> String {
+        self.dir.join("nix").display().to_string()
+    }
+
+    /// This wrapper's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes `what` (`hold`, `fail`, `poison`) apply to the targets whose
+    /// URL holds `target` (`Some("")`: every target), or to none.
+    pub fn set(&self, what: &str, target: Option<&str>) {
+        let f = self.dir.join(what);
+        match target {
+            Some(t) => fs::write(f, t).unwrap(),
+            None => {
+                let _ = fs::remove_file(f);
+            }
+        }
+    }
+
+    /// `set("fail", ...)` for every target.
+    pub fn set_fail(&self, on: bool) {
+        self.set("fail", on.then_some(""));
+    }
+
+    /// `set("poison", ...)` for every target.
+    pub fn set_poison(&self, on: bool) {
+        self.set("poison", on.then_some(""));
+    }
+
+    /// `set("hold", ...)` for every target.
+    pub fn set_hold(&self, on: bool) {
+        self.set("hold", on.then_some(""));
+    }
+
+    /// Every recorded call's argv (the program first).
+    pub fn calls(&self) -> Vec<Vec<String>> {
+        let data = fs::read(self.dir.join("argv.log")).unwrap_or_default();
+        let mut calls = Vec::new();
+        let mut cur = Vec::new();
+        for tok in data.split(|&b| b == 0).filter(|t| !t.is_empty()) {
+            match tok[0] {
+                b'A' => cur.push(String::from_utf8_lossy(&tok[1..]).into_owned()),
+                b'E' => calls.push(std::mem::take(&mut cur)),
+                _ => panic!("bad argv.log token {:?}", String::from_utf8_lossy(tok)),
+            }
+        }
+        calls
+    }
+
+    /// The recorded `nix copy` calls (`copy`) and `nix store sign` calls
+    /// (`sign`), in order, as `(verb, the --to URL, the store paths)`.
+    pub fn uploads(&self) -> Vec<(&'static str, String, Vec<String>)> {
+        let mut out = Vec::new();
+        for c in self.calls() {
+            let verb = match c.iter().skip(1).find(|a| !a.starts_with('-')) {
+                Some(a) if a == "copy" => "copy",
+                Some(a) if a == "store" && c.iter().any(|a| a == "sign") => "sign",
+                _ => continue,
+            };
+            let to = c.iter().skip_while(|a| *a != "--to").nth(1).cloned();
+            let paths = c.iter().filter(|a| a.starts_with(&self.store));
+            out.push((
+                verb,
+                to.clone().unwrap_or_default(),
+                paths.cloned().collect(),
+            ));
+        }
+        out
+    }
+
+    /// How many `nix copy` calls to targets whose URL holds `target` named
+    /// `path`.
+    pub fn copies_of(&self, target: &str, path: &Path) -> usize {
+        let p = path.display().to_string();
+        self.uploads()
+            .iter()
+            .filter(|(v, to, paths)| *v == "copy" && to.contains(target) && paths.contains(&p))
+            .count()
+    }
+
+    /// Pids of the `nix copy` calls so far.
+    pub fn copy_pids(&self) -> Vec<u32> {
+        fs::read_to_string(self.dir.join("copy.pids"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// True if `pid` is a live (not zombie) process of this test.
+    pub fn is_alive(&self, pid: u32) -> bool {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        matches!(state, Some(Some(c)) if c != 'Z')
+            && String::from_utf8_lossy(&cmdline).contains(&self.marker)
+    }
+}
+
+impl Drop for FakeNix {
+    fn drop(&mut self) {
+        // A failed test must not leave a held `nix copy` behind.
+        self.set_hold(false);
+        for pid in self.copy_pids() {
+            if self.is_alive(pid) {
+                kill_tree(pid);
+            }
+        }
+    }
+}
+
+/// `Output` as text for messages.
+pub fn show(o: &Output) -> String {
+    format!(
+        "{}; stdout: {:?}; stderr: {:?}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `cmd` (stdout and stderr piped) to its exit; panics (after killing
+/// it) if it still runs after `within`.
+pub fn run_to_exit(cmd: &mut Command, within: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let start = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if start.elapsed() > within {
+            kill_tree(child.id());
+            let out = child.wait_with_output().expect("wait");
+            panic!("{cmd:?} still ran after {within:?}: {}", show(&out));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait")
+}
+
+/// One request on a fresh connection to `socket`: the final reply line
+/// (`ok ...`/`err ...`), or Err when the daemon is not there or the
+/// connection breaks (30 s timeouts).
+pub fn try_ask(socket: &Path, line: &str) -> Result<String, String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    let t = Some(Duration::from_secs(30));
+    s.set_read_timeout(t).map_err(|e| e.to_string())?;
+    s.set_write_timeout(t).map_err(|e| e.to_string())?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut l = String::new();
+        match r.read_line(&mut l) {
+            Ok(0) => return Err("connection closed without a reply".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+        let l = l.trim_end_matches(['\n', '\r']).to_string();
+        if l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ") {
+            return Ok(l);
+        }
+    }
+}
+
+/// [`try_ask`] that panics on an error.
+pub fn ask(socket: &Path, line: &str) -> String {
+    try_ask(socket, line).unwrap_or_else(|e| panic!("{line:?} to {}: {e}", socket.display()))
 }
