@@ -7,11 +7,9 @@
 //! journal's per-target records, and `upload-command`.
 //!
 //! Every test runs the real daemon against real Nix in a private store. A
-//! failing or slow cache is simulated with `nix-fail-wrapper`: a shell script
-//! that runs the real `nix`, except that `nix copy` waits while a `hold` file
-//! exists and then fails while a `fail` file exists (or, while a `poison`
-//! file exists, fails for paths named `*-npbhq-poison-*`). Timeouts in
-//! `wait_until` are correctness bounds, never speed assertions.
+//! failing or slow cache is simulated with a [`FakeNix`] around the real
+//! `nix`. Timeouts in `wait_until` are correctness bounds, never speed
+//! assertions.
 
 mod common;
 
@@ -20,7 +18,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::Read;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -37,115 +34,6 @@ fn missing_path(env: &NixEnv, name: &str) -> String {
         "{}/0123456789abcdfghijklmnpqrsvwxyz-{name}",
         env.store_dir().display()
     )
-}
-
-/// `nix-fail-wrapper`: a directory with a `nix` script that runs the real
-/// nix, except that `nix copy` records its pid, waits while `hold` exists,
-/// then fails while `fail` exists (and, while `poison` exists, when one of
-/// its paths is named `*-npbhq-poison-*`); and a `nix-store` link to the real one
-/// (the daemon takes `nix-store` from beside `nix`).
-struct NixFailWrapper {
-    dir: PathBuf,
-    /// Processes of this test carry this in their command line.
-    marker: String,
-}
-
-impl NixFailWrapper {
-    fn new(env: &NixEnv) -> NixFailWrapper {
-        let dir = env.root().join("nix-fail-wrapper");
-        fs::create_dir_all(&dir).unwrap();
-        let d = dir.display();
-        let script = format!(
-            "#!/bin/sh\n\
-             # nix-fail-wrapper: the real nix, except that `nix copy` waits while\n\
-             # {d}/hold exists, then fails while {d}/fail exists.\n\
-             case \" $* \" in\n\
-             *' copy '*)\n\
-             \x20   echo $$ >> '{d}/copy.pids'\n\
-             \x20   env > '{d}/copy.env'\n\
-             \x20   while [ -e '{d}/hold' ]; do sleep 0.05; done\n\
-             \x20   if [ -e '{d}/fail' ]; then\n\
-             \x20       echo 'nix-fail-wrapper: injected failure' >&2\n\
-             \x20       exit 1\n\
-             \x20   fi\n\
-             \x20   case \" $* \" in *-npbhq-poison-*)\n\
-             \x20       if [ -e '{d}/poison' ]; then\n\
-             \x20           echo 'nix-fail-wrapper: refusing a poison path' >&2\n\
-             \x20           exit 1\n\
-             \x20       fi;;\n\
-             \x20   esac;;\n\
-             esac\n\
-             exec '{}' \"$@\"\n",
-            which("nix").display()
-        );
-        fs::write(dir.join("nix"), script).unwrap();
-        fs::set_permissions(dir.join("nix"), fs::Permissions::from_mode(0o755)).unwrap();
-        std::os::unix::fs::symlink(which("nix-store"), dir.join("nix-store")).unwrap();
-        NixFailWrapper {
-            marker: env.root().display().to_string(),
-            dir,
-        }
-    }
-
-    /// The value for the daemon's `nix` setting.
-    fn nix(&self) -> String {
-        self.dir.join("nix").display().to_string()
-    }
-
-    fn flag(&self, name: &str, on: bool) {
-        let f = self.dir.join(name);
-        if on {
-            fs::write(f, "").unwrap();
-        } else {
-            let _ = fs::remove_file(f);
-        }
-    }
-
-    /// While set, `nix copy` fails.
-    fn set_fail(&self, on: bool) {
-        self.flag("fail", on);
-    }
-
-    /// While set, `nix copy` fails when one of its paths has `-npbhq-poison-` in
-    /// its name (a path that can never upload), and works for the others.
-    fn set_poison(&self, on: bool) {
-        self.flag("poison", on);
-    }
-
-    /// While set, `nix copy` waits (the upload is "in flight").
-    fn set_hold(&self, on: bool) {
-        self.flag("hold", on);
-    }
-
-    /// Pids of the `nix copy` calls so far.
-    fn copy_pids(&self) -> Vec<u32> {
-        fs::read_to_string(self.dir.join("copy.pids"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    }
-
-    /// True if `pid` is a live (not zombie) process of this test.
-    fn is_alive(&self, pid: u32) -> bool {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        matches!(state, Some(Some(c)) if c != 'Z')
-            && String::from_utf8_lossy(&cmdline).contains(&self.marker)
-    }
-}
-
-impl Drop for NixFailWrapper {
-    fn drop(&mut self) {
-        // A failed test must not leave a held `nix copy` behind.
-        self.set_hold(false);
-        for pid in self.copy_pids() {
-            if self.is_alive(pid) {
-                kill_tree(pid);
-            }
-        }
-    }
 }
 
 /// What a CLI call did.
@@ -227,7 +115,7 @@ fn enqueue_cli(d: &Daemon, paths: &[PathBuf]) -> Ran {
     let mut c = d.cli_cmd();
     c.arg("enqueue").args(paths).arg("--socket").arg(d.socket());
     let r: Ran = run(&mut c).into();
-    assert_eq!(r.code, Some(0), "enqueue: {r:?}\nlog:\n{}", d.log());
+    assert_eq!(r.code, Some(0), "enqueue: {r:?}");
     r
 }
 
@@ -241,7 +129,7 @@ fn cli_stdin(d: &Daemon, args: &[&str], input: &str) -> Ran {
 /// `status --json`, checked to be one JSON object on one line.
 fn status_json(d: &Daemon) -> Json {
     let r = cli(d, &["status", "--json"]);
-    assert_eq!(r.code, Some(0), "status --json: {r:?}\nlog:\n{}", d.log());
+    assert_eq!(r.code, Some(0), "status --json: {r:?}");
     assert_eq!(
         r.stdout.lines().count(),
         1,
@@ -262,7 +150,7 @@ fn num(j: &Json, key: &str) -> f64 {
 /// Human `status`; panics unless it exits 0.
 fn status_text(d: &Daemon) -> String {
     let r = cli(d, &["status"]);
-    assert_eq!(r.code, Some(0), "status: {r:?}\nlog:\n{}", d.log());
+    assert_eq!(r.code, Some(0), "status: {r:?}");
     r.stdout
 }
 
@@ -482,7 +370,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let env = NixEnv::new("op-status");
     let (sk, pk) = env.gen_signing_key("op-status-1");
     let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
+    let w = FakeNix::new(&env);
     w.set_fail(true);
     let d = Daemon::start(
         &env,
@@ -527,12 +415,9 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let r = cli_stdin(&d, &["enqueue", "-"], &(strs(&paths).join("\n") + "\n"));
     assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(r.stdout, "queued 2 new path(s); 0 were already queued\n");
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "both paths backing off",
-        || num(&status_json(&d), "backing_off") == 2.0,
-        || d.log(),
-    );
+    wait_until(UPLOAD_TIMEOUT, "both paths backing off", || {
+        num(&status_json(&d), "backing_off") == 2.0
+    });
     wait_until(Duration::from_secs(30), "oldest queued age >= 1", || {
         num(&status_json(&d), "oldest_queued_seconds") >= 1.0
     });
@@ -552,7 +437,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         assert!((1000.0..=3600.0).contains(&next), "next try {next}: {j:?}");
         let err = b.get("last_error").and_then(Json::as_str).unwrap();
         assert!(
-            err.contains("nix copy failed") && err.contains("nix-fail-wrapper: injected failure"),
+            err.contains("nix copy failed") && err.contains("fake nix: injected failure"),
             "{err}"
         );
     }
@@ -570,7 +455,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         assert!(
             line.contains(": attempt 1 failed, next try in ")
                 && line.contains("m ")
-                && line.ends_with("nix-fail-wrapper: injected failure"),
+                && line.ends_with("fake nix: injected failure"),
             "{line}"
         );
     }
@@ -592,7 +477,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         r.stderr,
         format!(
             "post-build-hook-queue: wait timed out after 1.5s: 2 path(s) still queued, 2 of them failing; \
-             last error ({first}): nix copy failed (exit status 1): nix-fail-wrapper: injected failure\n"
+             last error ({first}): nix copy failed (exit status 1): fake nix: injected failure\n"
         )
     );
 
@@ -602,12 +487,9 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let r = cli(&d, &["retry"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(r.stdout, "2 backing-off path(s) will be tried again now\n");
-    wait_until_diag(
-        Duration::from_secs(30),
-        "both paths in flight",
-        || num(&status_json(&d), "in_flight") == 2.0,
-        || d.log(),
-    );
+    wait_until(Duration::from_secs(30), "both paths in flight", || {
+        num(&status_json(&d), "in_flight") == 2.0
+    });
     let text = status_text(&d);
     println!("status while in flight:\n{text}");
     assert_eq!(field(&text, "in flight"), "2", "{text}");
@@ -631,7 +513,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     assert!(waiter.try_wait().unwrap().is_none(), "wait returned early");
     w.set_hold(false);
     let r: Ran = finish_within_deadline(waiter, "wait --timeout 60").into();
-    assert_eq!(r.code, Some(0), "{r:?}\nlog:\n{}", d.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
     assert_eq!(r.stderr, "", "{r:?}");
     // wait returned, so they are in the cache now: no polling.
@@ -662,12 +544,9 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     // A path that is not in the store is dropped.
     let gone = missing_path(&env, "op-gone");
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "path dropped",
-        || num(&status_json(&d), "dropped") == 1.0,
-        || d.log(),
-    );
+    wait_until(UPLOAD_TIMEOUT, "path dropped", || {
+        num(&status_json(&d), "dropped") == 1.0
+    });
     let text = status_text(&d);
     assert_eq!(field(&text, "dropped"), "1 since start", "{text}");
     let uploaded = field(&text, "uploaded");
@@ -736,16 +615,11 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
         "terminal showed: {shown:?}"
     );
     println!("wait on a terminal showed: {shown:?}");
-    wait_until_ok(
-        UPLOAD_TIMEOUT,
-        "good path uploaded",
-        || {
-            env.is_valid_in(&read, &good)
-                .then_some(())
-                .ok_or_else(|| "not in cache".to_string())
-        },
-        || d.log(),
-    );
+    wait_ok(UPLOAD_TIMEOUT, "good path uploaded", || {
+        env.is_valid_in(&read, &good)
+            .then_some(())
+            .ok_or_else(|| "not in cache".to_string())
+    });
 }
 
 /// Against a cache that keeps failing: `status` (human and JSON) shows the
@@ -774,18 +648,13 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
     let paths = env.build_paths(1, "mask");
     let r = cli(&d, &["enqueue", &paths[0].display().to_string()]);
     assert_eq!(r.stdout, "queued 1 new path(s); 0 were already queued\n");
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "several failed attempts",
-        || {
-            status_json(&d)
-                .get("backoff")
-                .and_then(Json::as_array)
-                .and_then(|b| b.first().map(|b| num(b, "attempts") >= 3.0))
-                .unwrap_or(false)
-        },
-        || d.log(),
-    );
+    wait_until(UPLOAD_TIMEOUT, "several failed attempts", || {
+        status_json(&d)
+            .get("backoff")
+            .and_then(Json::as_array)
+            .and_then(|b| b.first().map(|b| num(b, "attempts") >= 3.0))
+            .unwrap_or(false)
+    });
     let text = status_text(&d);
     let json = cli(&d, &["status", "--json"]).stdout;
     let j = Json::parse(&json).unwrap();
@@ -966,7 +835,7 @@ fn spawn_activated(
 fn socket_activation_serves_the_passed_socket() {
     let env = NixEnv::new("op-activate");
     let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
+    let w = FakeNix::new(&env);
     let dir = env.root().join("activation");
     fs::create_dir_all(&dir).unwrap();
     let passed = dir.join("passed.sock");
@@ -1026,7 +895,7 @@ fn socket_activation_serves_the_passed_socket() {
         );
     }
     // nix ran without the LISTEN_* variables (they were for the daemon).
-    let copy_env = fs::read_to_string(w.dir.join("copy.env")).unwrap();
+    let copy_env = fs::read_to_string(w.dir().join("copy.env")).unwrap();
     assert!(copy_env.contains("NIX_STORE_DIR="), "{copy_env}");
     assert!(
         !copy_env.contains("LISTEN_FDS=") && !copy_env.contains("LISTEN_PID="),
@@ -1075,7 +944,7 @@ fn notify_socket_gets_ready_and_stopping() {
     assert_eq!(&buf[..n], b"READY=1");
     assert_eq!(cli(&d, &["status"]).code, Some(0));
     let st = d.stop();
-    assert!(st.success(), "exit on SIGTERM: {st}\nlog:\n{}", d.log());
+    assert!(st.success(), "exit on SIGTERM: {st}");
     let n = notify.recv(&mut buf).expect("STOPPING=1 within 30 s");
     assert_eq!(&buf[..n], b"STOPPING=1");
 }
@@ -1269,7 +1138,7 @@ fn metrics_file_is_prometheus_text_and_moves() {
 fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
     let env = NixEnv::new("op-wait-int");
     let (upload, _read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
+    let w = FakeNix::new(&env);
     w.set_hold(true);
     let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
     let good = env.build_paths(1, "wait-int");
@@ -1323,7 +1192,7 @@ fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
 fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     let env = NixEnv::new("op-status-more");
     let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
+    let w = FakeNix::new(&env);
     w.set_hold(true);
     let metrics = env.root().join("m.prom");
     let d = Daemon::start(
@@ -1389,13 +1258,10 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
 
     w.set_hold(false);
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "the spooled paths uploaded",
-        || later.iter().all(|p| env.is_valid_in(&read, p)),
-        || d.log(),
-    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    wait_until(UPLOAD_TIMEOUT, "the spooled paths uploaded", || {
+        later.iter().all(|p| env.is_valid_in(&read, p))
+    });
     let j = status_json(&d);
     assert_eq!(
         (num(&j, "spool_files"), num(&j, "spool_paths")),
@@ -1434,7 +1300,7 @@ fn journal_text(d: &Daemon) -> String {
 fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     let env = NixEnv::new("op-given-up");
     let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
+    let w = FakeNix::new(&env);
     w.set_poison(true);
     let metrics = env.root().join("metrics.prom");
     let mut d = Daemon::start(
@@ -1465,7 +1331,7 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     // `wait` ends (its timeout is only a bound for a broken daemon) and
     // names both poison paths with the error.
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
+    assert_eq!(r.code, Some(1), "{r:?}");
     assert!(
         r.stderr.contains("2 path(s) failed and were given up on")
             && r.stderr.contains(&p1)
@@ -1558,12 +1424,9 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
         r.stdout,
         "requeued 1 of 1 path(s) given up on; they are tried again\n"
     );
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "the requeued path uploaded",
-        || env.is_valid_in(&read, &poison[0]),
-        || d.log(),
-    );
+    wait_until(UPLOAD_TIMEOUT, "the requeued path uploaded", || {
+        env.is_valid_in(&read, &poison[0])
+    });
     let r = cli(&d, &["drop", "--all-failed"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(
@@ -1627,11 +1490,10 @@ fn outage_does_not_count_towards_max_attempts_but_give_up_after_ends_it() {
             .map(|b| b.iter().map(|e| num(e, "attempts")).collect())
             .unwrap_or_default()
     };
-    wait_until_diag(
+    wait_until(
         UPLOAD_TIMEOUT,
         "a lone path failing 4 times against a dead target",
         || attempts(&d).first().is_some_and(|a| *a >= 4.0),
-        || d.log(),
     );
     enqueue_cli(&d, &[paths[1].clone(), paths[2].clone()]);
     wait_until_diag(
@@ -1644,24 +1506,18 @@ fn outage_does_not_count_towards_max_attempts_but_give_up_after_ends_it() {
         || d.log(),
     );
     let j = status_json(&d);
-    assert_eq!(
-        num(&j, "failed"),
-        0.0,
-        "an outage made paths fail: {j:?}\n{}",
-        d.log()
-    );
-    assert!(!d.log().contains("giving up"), "{}", d.log());
+    assert_eq!(num(&j, "failed"), 0.0, "an outage made paths fail: {j:?}");
+    assert!(!d.log().contains("giving up"));
 
     // A day is long; a second will do here. Queued more than a second ago
     // and failing again: given up on, the outage notwithstanding.
     std::thread::sleep(Duration::from_millis(1100));
     d.set_config("give-up-after", "1");
     d.restart();
-    wait_until_diag(
+    wait_until(
         UPLOAD_TIMEOUT,
         "all three given up on after give-up-after",
         || num(&status_json(&d), "failed") == 3.0,
-        || d.log(),
     );
     let log = d.log();
     assert!(log.contains("give-up-after"), "{log}");
@@ -1699,17 +1555,16 @@ fn journal_of_the_previous_format_replays() {
     )
     .unwrap();
     d.try_spawn().unwrap();
-    wait_until_diag(
+    wait_until(
         UPLOAD_TIMEOUT,
         "the two live paths of the old journal uploaded",
         || env.is_valid_in(&read, &paths[1]) && env.is_valid_in(&read, &paths[2]),
-        || d.log(),
     );
     assert!(
         !env.is_valid_in(&read, &paths[0]),
         "a done path was uploaded"
     );
-    assert!(!d.log().contains("unreadable"), "{}", d.log());
+    assert!(!d.log().contains("unreadable"));
 }
 
 // ---------------------------------------------------------------------------
@@ -1760,13 +1615,12 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
         .args(["enqueue", "./result", "again", "--socket"])
         .arg(d.socket());
     let r: Ran = run(&mut c).into();
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(r.stdout, "queued 2 new path(s); 0 were already queued\n");
-    wait_until_diag(
+    wait_until(
         UPLOAD_TIMEOUT,
         "the store paths behind the links uploaded",
         || built.iter().all(|p| env.is_valid_in(&read, p)),
-        || d.log(),
     );
 
     // Missing: refused, one line, nothing queued.
@@ -1788,19 +1642,14 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
     assert_eq!(num(&status_json(&d), "queued"), 0.0);
     assert!(
         !d.log().contains("op-edges-gone"),
-        "the daemon was asked: {}",
-        d.log()
+        "the daemon logged the missing path"
     );
 
     // Mistyped keys, in the file and as a flag.
     let mut bad = Daemon::new_stopped(&env, &[("uplaod-to", upload.as_str())], NO_ENV);
     assert!(bad.try_spawn().is_err());
-    assert!(
-        bad.log().contains("did you mean \"upload-to\"?"),
-        "{}",
-        bad.log()
-    );
-    assert_eq!(bad.log().lines().count(), 1, "{}", bad.log());
+    assert!(bad.log().contains("did you mean \"upload-to\"?"));
+    assert_eq!(bad.log().lines().count(), 1);
     let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
     assert_eq!(r.code, Some(2), "{r:?}");
     assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
@@ -1864,7 +1713,7 @@ fn journal_records_of_several_targets_replay() {
     .unwrap();
     d.try_spawn().unwrap();
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
     assert!(
         !env.is_valid_in(&read, &paths[0]),
@@ -1875,7 +1724,7 @@ fn journal_records_of_several_targets_replay() {
     }
     let j = status_json(&d);
     assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");
-    assert!(!d.log().contains("unreadable"), "{}", d.log());
+    assert!(!d.log().contains("unreadable"));
 }
 
 // ---------------------------------------------------------------------------
@@ -1919,7 +1768,7 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
     let port = free_port();
     let target = format!("http://127.0.0.1:{port}/cache");
     let d = Daemon::start(&env, &[("upload-to", &target)]);
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(30),
         "a warning that the target does not answer",
         || {
@@ -1929,7 +1778,6 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
                     && l.contains("starting anyway")
             })
         },
-        || d.log(),
     );
     assert_eq!(field(&status_text(&d), "target"), target);
 }
@@ -1940,14 +1788,14 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
 
 /// `upload-command` runs an uploader with the paths as its last arguments,
 /// with the queue's durability, batching and retries: here `nix copy`
-/// itself, through `nix-fail-wrapper` (a real uploader to a file cache),
+/// itself, through a [`FakeNix`] (a real uploader to a file cache),
 /// failing for a while and then delivering. Its words are run as words,
 /// never by a shell; a program that is not there stops the daemon (exit 2).
 #[test]
 fn upload_command_delivers_with_retries_and_without_a_shell() {
     let env = NixEnv::new("op-uploader");
     let (upload, read) = file_cache(&env, "cache");
-    let w = NixFailWrapper::new(&env);
+    let w = FakeNix::new(&env);
     w.set_fail(true);
     let command = format!(
         "{} --extra-experimental-features nix-command copy --to {upload}",
@@ -1984,15 +1832,13 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
         .unwrap()
         .to_string();
     assert!(
-        err.starts_with(
-            "upload-command failed (exit status 1): nix-fail-wrapper: injected failure"
-        ),
+        err.starts_with("upload-command failed (exit status 1): fake nix: injected failure"),
         "{err}"
     );
     assert!(paths.iter().all(|p| !env.is_valid_in(&read, p)));
     w.set_fail(false);
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     for p in &paths {
         assert!(
             env.is_valid_in(&read, p),
@@ -2012,7 +1858,7 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
     let r = cli(&d2, &["enqueue", &paths[0].display().to_string()]);
     assert_eq!(r.code, Some(0), "{r:?}");
     let r = cli(&d2, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d2.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     assert!(!marker.exists(), "upload-command went through a shell");
 
     let mut d3 = Daemon::new_stopped(
@@ -2022,12 +1868,9 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
     );
     let e = d3.try_spawn().expect_err("a missing uploader");
     assert!(e.contains("exit status: 2"), "{e}");
-    assert!(
-        d3.log()
-            .contains("upload-command: /nonexistent/cachix is not an executable file"),
-        "{}",
-        d3.log()
-    );
+    assert!(d3
+        .log()
+        .contains("upload-command: /nonexistent/cachix is not an executable file"));
     // Beside upload-to, the uploader is one more target: both get a path.
     let (upload2, read2) = file_cache(&env, "cache-beside");
     let beside = format!(
@@ -2044,7 +1887,7 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
     let fresh = env.build_paths(1, "uploader-beside");
     enqueue_cli(&d4, &fresh);
     let r = cli(&d4, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d4.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     assert!(
         env.is_valid_in(&read, &fresh[0]),
         "upload-to did not get it"
@@ -2061,38 +1904,27 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
 
 /// The nix calls run with no signal blocked, although the daemon blocks
 /// SIGTERM and SIGINT in its own threads to receive them in order: every
-/// call of `nix-sigmask-wrapper` (for `nix` and `nix-store`) writes down the
+/// call of a [`FakeNix`] (for `nix` and `nix-store`) writes down the
 /// `SigBlk` it was started with, before it runs any other program, and a
-/// hung `nix copy` ends on `kill -TERM`, as it would on systemd's stop.
+/// held `nix copy` ends on `kill -TERM`, as it would on systemd's stop.
 #[test]
 fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     let env = NixEnv::new("op-sigmask");
     let (sk, _pk) = env.gen_signing_key("op-sigmask-1");
     let (upload, read) = file_cache(&env, "cache");
-    let dir = env.root().join("nix-sigmask-wrapper");
-    fs::create_dir_all(&dir).unwrap();
-    let d = dir.display();
-    for prog in ["nix", "nix-store"] {
-        // Builtins only before the exec: a program the shell ran first
-        // could change the shell's own mask.
-        let script = format!(
-            "#!/bin/sh\n\
-             # nix-sigmask-wrapper: records the signal mask it started with\n\
-             while read -r key value; do\n\
-             \x20   [ \"$key\" = SigBlk: ] && echo \"$value {prog} $1 $2 $3 $4\" >> '{d}/sigblk'\n\
-             done < /proc/self/status\n\
-             case \" $* \" in\n\
-             *' copy '*)\n\
-             \x20   echo $$ >> '{d}/copy.pids'\n\
-             \x20   [ -e '{d}/hang' ] && exec sleep 600;;\n\
-             esac\n\
-             exec '{}' \"$@\"\n",
-            which(prog).display()
-        );
-        fs::write(dir.join(prog), script).unwrap();
-        fs::set_permissions(dir.join(prog), fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let nix = dir.join("nix").display().to_string();
+    // FakeNix runs only shell builtins before its prelude: a program the
+    // shell ran first could change the shell's own mask.
+    let sigblk = env.root().join("sigblk");
+    let record = |prog: &str| {
+        format!(
+            "while read -r key value; do\n\
+             \x20   [ \"$key\" = SigBlk: ] && echo \"$value {prog} $1 $2 $3 $4\" >> '{}'\n\
+             done < /proc/self/status",
+            sigblk.display()
+        )
+    };
+    let w = FakeNix::with_preludes(&env, &record("nix"), &record("nix-store"));
+    let nix = w.nix();
     let key = sk.display().to_string();
     let mut d = Daemon::start(
         &env,
@@ -2106,9 +1938,9 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     for p in &paths {
         assert_eq!(d.request(&format!("enqueue {}", p.display())), "ok 1");
     }
-    assert_eq!(d.request("wait"), "ok all uploaded", "{}", d.log());
+    assert_eq!(d.request("wait"), "ok all uploaded");
     assert!(paths.iter().all(|p| env.is_valid_in(&read, p)));
-    let calls = fs::read_to_string(dir.join("sigblk")).unwrap_or_default();
+    let calls = fs::read_to_string(&sigblk).unwrap_or_default();
     for what in [
         "nix-store --check-validity",
         "nix-command store sign",
@@ -2123,51 +1955,36 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
         );
     }
 
-    let pids = || -> Vec<u32> {
-        fs::read_to_string(dir.join("copy.pids"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.parse().ok())
-            .collect()
-    };
-    let copies_before = pids().len();
-    fs::write(dir.join("hang"), "").unwrap();
+    let copies_before = w.copy_pids().len();
+    w.set_hold(true);
     let hung = env.build_paths(1, "sigmask-hung");
     assert_eq!(d.request(&format!("enqueue {}", hung[0].display())), "ok 1");
     wait_until(Duration::from_secs(60), "the hung nix copy started", || {
-        pids().len() > copies_before
+        w.copy_pids().len() > copies_before
     });
-    let pid = *pids().last().unwrap();
-    let alive = || {
-        fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
-            .is_some_and(|state| state != 'Z')
-    };
-    assert!(alive(), "the hung copy {pid} runs");
+    let pid = *w.copy_pids().last().unwrap();
+    assert!(w.is_alive(pid), "the hung copy {pid} runs");
     run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(20),
         "the hung nix copy ends on SIGTERM",
-        || !alive(),
-        || format!("{}\n{calls}", d.log()),
+        || !w.is_alive(pid),
     );
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(20),
         "the daemon reports the call killed by SIGTERM",
         || d.log().contains("killed by signal 15"),
-        || d.log(),
     );
-    assert!(d.is_running(), "{}", d.log());
+    assert!(d.is_running());
 }
 
 /// A daemon uploading to a `file://` cache through a wrapper that holds
 /// every copy, with one built path enqueued and its copy running: the
 /// daemon, the wrapper (`set_hold(false)` lets copies go), the cache's URL
 /// for reading, and the path.
-fn daemon_with_a_held_copy(env: &NixEnv, tag: &str) -> (Daemon, NixFailWrapper, String, PathBuf) {
+fn daemon_with_a_held_copy(env: &NixEnv, tag: &str) -> (Daemon, FakeNix, String, PathBuf) {
     let (upload, read) = file_cache(env, "cache");
-    let w = NixFailWrapper::new(env);
+    let w = FakeNix::new(env);
     w.set_hold(true);
     let d = Daemon::start(env, &[("upload-to", &upload), ("nix", &w.nix())]);
     let path = env.build_paths(1, tag).remove(0);
@@ -2185,21 +2002,14 @@ fn sigterm_lets_the_upload_in_progress_finish() {
     let env = NixEnv::new("op-term-finish");
     let (mut d, w, read, path) = daemon_with_a_held_copy(&env, "term-finish");
     run_ok(Command::new("kill").args(["-TERM", &d.pid().unwrap().to_string()]));
-    wait_until_diag(
-        Duration::from_secs(30),
-        "daemon saw the signal",
-        || d.log().contains("stopping"),
-        || d.log(),
-    );
+    wait_until(Duration::from_secs(30), "daemon saw the signal", || {
+        d.log().contains("stopping")
+    });
     w.set_hold(false);
     let st = d.stop();
-    assert!(st.success(), "{st}\nlog:\n{}", d.log());
-    assert!(env.is_valid_in(&read, &path), "log:\n{}", d.log());
-    assert!(
-        d.log().contains("stopped; 0 paths stay queued"),
-        "log:\n{}",
-        d.log()
-    );
+    assert!(st.success(), "{st}");
+    assert!(env.is_valid_in(&read, &path));
+    assert!(d.log().contains("stopped; 0 paths stay queued"));
 }
 
 /// SIGTERM while an upload hangs: after the grace period the daemon kills
@@ -2211,132 +2021,25 @@ fn sigterm_kills_a_hung_upload_after_the_grace_period_and_keeps_the_path() {
     let (mut d, w, read, path) = daemon_with_a_held_copy(&env, "term-kill");
     let copy = w.copy_pids()[0];
     let st = d.stop();
-    assert!(st.success(), "{st}\nlog:\n{}", d.log());
-    assert!(
-        d.log().contains("outlasted the 10 s grace period"),
-        "log:\n{}",
-        d.log()
-    );
-    wait_until_diag(
+    assert!(st.success(), "{st}");
+    assert!(d.log().contains("outlasted the 10 s grace period"));
+    wait_until(
         Duration::from_secs(10),
         "the held nix copy killed with the daemon's stop",
         || !w.is_alive(copy),
-        || d.log(),
     );
-    assert!(
-        d.log().contains("stopped; 1 paths stay queued"),
-        "{}",
-        d.log()
-    );
+    assert!(d.log().contains("stopped; 1 paths stay queued"));
     w.set_hold(false);
     d.restart();
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "path uploaded after restart",
-        || env.is_valid_in(&read, &path),
-        || d.log(),
-    );
-    assert!(d.log().contains("replayed: 1 paths queued"), "{}", d.log());
+    wait_until(UPLOAD_TIMEOUT, "path uploaded after restart", || {
+        env.is_valid_in(&read, &path)
+    });
+    assert!(d.log().contains("replayed: 1 paths queued"));
 }
 
 // ---------------------------------------------------------------------------
 // Several targets
 // ---------------------------------------------------------------------------
-
-/// `nix-target-wrapper`: a directory with a `nix` script that runs the real
-/// nix, except that `nix copy` first writes `copy TO PATHS...` to
-/// `calls.log` (and `nix store sign` writes `sign PATHS...`), then, for a
-/// target whose URL holds the text of the file `hold`, waits while that file
-/// exists; for one holding the text of `down`, fails; and for one holding
-/// the text of `poison`, fails when a path is named `*-npbhq-poison-*`. So
-/// one target can fail while the other works, as with an S3 cache and an
-/// ssh mirror of which one is down.
-struct TargetWrapper {
-    dir: PathBuf,
-}
-
-impl TargetWrapper {
-    fn new(env: &NixEnv) -> TargetWrapper {
-        let dir = env.root().join("nix-target-wrapper");
-        fs::create_dir_all(&dir).unwrap();
-        let d = dir.display();
-        let script = format!(
-            "#!/bin/sh\n\
-             # nix-target-wrapper: the real nix, except that `nix copy` fails\n\
-             # (or waits) for the target named in {d}/down ({d}/hold).\n\
-             to=; prev=\n\
-             for a in \"$@\"; do\n\
-             \x20   [ \"$prev\" = --to ] && to=$a\n\
-             \x20   prev=$a\n\
-             done\n\
-             names() {{ [ -e \"$1\" ] && case \"$to\" in *\"$(cat \"$1\")\"*) return 0;; esac; return 1; }}\n\
-             case \" $* \" in\n\
-             *' store sign '*)\n\
-             \x20   echo \"sign $*\" >> '{d}/calls.log';;\n\
-             *' copy '*)\n\
-             \x20   echo \"copy $to $*\" >> '{d}/calls.log'\n\
-             \x20   while names '{d}/hold'; do sleep 0.05; done\n\
-             \x20   if names '{d}/down'; then\n\
-             \x20       echo \"nix-target-wrapper: target down\" >&2\n\
-             \x20       exit 1\n\
-             \x20   fi\n\
-             \x20   if names '{d}/poison'; then\n\
-             \x20       case \" $* \" in *-npbhq-poison-*)\n\
-             \x20           echo 'nix-target-wrapper: refusing a poison path' >&2\n\
-             \x20           exit 1;;\n\
-             \x20       esac\n\
-             \x20   fi;;\n\
-             esac\n\
-             exec '{}' \"$@\"\n",
-            which("nix").display()
-        );
-        fs::write(dir.join("nix"), script).unwrap();
-        fs::set_permissions(dir.join("nix"), fs::Permissions::from_mode(0o755)).unwrap();
-        std::os::unix::fs::symlink(which("nix-store"), dir.join("nix-store")).unwrap();
-        TargetWrapper { dir }
-    }
-
-    fn nix(&self) -> String {
-        self.dir.join("nix").display().to_string()
-    }
-
-    /// Makes `what` (`down`, `hold`, `poison`) apply to the targets whose
-    /// URL holds `target`, or to none.
-    fn set(&self, what: &str, target: Option<&str>) {
-        let f = self.dir.join(what);
-        match target {
-            Some(t) => fs::write(f, t).unwrap(),
-            None => {
-                let _ = fs::remove_file(f);
-            }
-        }
-    }
-
-    /// The recorded calls: `copy TO ARGS...` and `sign ARGS...`.
-    fn calls(&self) -> Vec<String> {
-        fs::read_to_string(self.dir.join("calls.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(String::from)
-            .collect()
-    }
-
-    /// How many `nix copy` calls to targets whose URL holds `target` named
-    /// `path`.
-    fn copies_of(&self, target: &str, path: &Path) -> usize {
-        let p = format!(" {} ", path.display());
-        self.calls()
-            .iter()
-            .filter(|c| {
-                c.strip_prefix("copy ")
-                    .and_then(|c| c.split_once(' '))
-                    .is_some_and(|(to, args)| {
-                        to.contains(target) && format!(" {args} ").contains(&p)
-                    })
-            })
-            .count()
-    }
-}
 
 /// The `targets` list of `status --json`, by label.
 fn targets_json(d: &Daemon) -> Vec<Json> {
@@ -2367,7 +2070,7 @@ fn two_targets_both_receive_every_path_signed_once() {
     let (up_a, read_a) = file_cache(&env, "cache-a");
     let (up_b, read_b) = file_cache(&env, "cache-b");
     let (key, public) = env.gen_signing_key("two-targets");
-    let w = TargetWrapper::new(&env);
+    let w = FakeNix::new(&env);
     let metrics = env.root().join("metrics.prom");
     let d = Daemon::start(
         &env,
@@ -2382,19 +2085,15 @@ fn two_targets_both_receive_every_path_signed_once() {
     let paths = env.build_paths(3, "two");
     enqueue_cli(&d, &paths);
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     for read in [&read_a, &read_b] {
         env.verify_in_cache(read, &public, &paths)
-            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+            .unwrap_or_else(|e| panic!("{e}"));
     }
     // One request, one batch: one signing, then one copy per target.
-    let calls = w.calls();
-    let signs: Vec<usize> = (0..calls.len())
-        .filter(|&i| calls[i].starts_with("sign "))
-        .collect();
-    let copies: Vec<usize> = (0..calls.len())
-        .filter(|&i| calls[i].starts_with("copy "))
-        .collect();
+    let calls = w.uploads();
+    let at = |verb| -> Vec<usize> { (0..calls.len()).filter(|&i| calls[i].0 == verb).collect() };
+    let (signs, copies) = (at("sign"), at("copy"));
     assert_eq!(signs.len(), 1, "{calls:#?}");
     assert_eq!(copies.len(), 2, "{calls:#?}");
     assert!(signs[0] < copies[0], "signed after a copy: {calls:#?}");
@@ -2436,8 +2135,8 @@ fn one_target_down_does_not_hold_back_the_other() {
     let env = NixEnv::new("op-target-down");
     let (up_a, read_a) = file_cache(&env, "cache-a");
     let (up_b, read_b) = file_cache(&env, "cache-b");
-    let w = TargetWrapper::new(&env);
-    w.set("down", Some("cache-b"));
+    let w = FakeNix::new(&env);
+    w.set("fail", Some("cache-b"));
     let d = Daemon::start(
         &env,
         &[
@@ -2450,20 +2149,18 @@ fn one_target_down_does_not_hold_back_the_other() {
     );
     let first = env.build_paths(2, "down-first");
     enqueue_cli(&d, &first);
-    wait_until_diag(
+    wait_until(
         UPLOAD_TIMEOUT,
         "cache-a has the first paths while cache-b is down",
         || first.iter().all(|p| env.is_valid_in(&read_a, p)),
-        || d.log(),
     );
     // More while b is down: a takes them too.
     let more = env.build_paths(2, "down-more");
     enqueue_cli(&d, &more);
-    wait_until_diag(
+    wait_until(
         UPLOAD_TIMEOUT,
         "cache-a has the later paths while cache-b is down",
         || more.iter().all(|p| env.is_valid_in(&read_a, p)),
-        || d.log(),
     );
     let all: Vec<PathBuf> = first.iter().chain(&more).cloned().collect();
     assert!(all.iter().all(|p| !env.is_valid_in(&read_b, p)));
@@ -2487,7 +2184,7 @@ fn one_target_down_does_not_hold_back_the_other() {
     assert_eq!(a.get("state").and_then(Json::as_str), Some("ok"), "{a:?}");
     let b = target_json(&d, "cache-b");
     let e = b.get("last_error").and_then(Json::as_str).unwrap_or("");
-    assert!(e.contains("nix-target-wrapper: target down"), "{b:?}");
+    assert!(e.contains("fake nix: injected failure"), "{b:?}");
     let j = status_json(&d);
     assert_eq!(num(&j, "queued"), 4.0, "{j:?}");
     let text = status_text(&d);
@@ -2498,7 +2195,7 @@ fn one_target_down_does_not_hold_back_the_other() {
     );
     assert!(
         text.lines()
-            .any(|l| l.contains("last error") && l.contains("target down")),
+            .any(|l| l.contains("last error") && l.contains("injected failure")),
         "{text}"
     );
     println!("status with one target down:\n{text}");
@@ -2506,11 +2203,11 @@ fn one_target_down_does_not_hold_back_the_other() {
     assert_eq!(r.code, Some(1), "wait did not wait for cache-b: {r:?}");
     assert!(r.stderr.contains("4 path(s) still queued"), "{r:?}");
 
-    w.set("down", None);
+    w.set("fail", None);
     let r = cli(&d, &["retry"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     for p in &all {
         assert!(
             env.is_valid_in(&read_b, p),
@@ -2531,7 +2228,7 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
     let env = NixEnv::new("op-target-kill");
     let (up_a, read_a) = file_cache(&env, "cache-a");
     let (up_b, read_b) = file_cache(&env, "cache-b");
-    let w = TargetWrapper::new(&env);
+    let w = FakeNix::new(&env);
     w.set("hold", Some("cache-b"));
     let mut d = Daemon::start(
         &env,
@@ -2543,14 +2240,13 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
     );
     let paths = env.build_paths(2, "kill");
     enqueue_cli(&d, &paths);
-    wait_until_diag(
+    wait_until(
         UPLOAD_TIMEOUT,
         "cache-a has the paths and the copy to cache-b is held",
         || {
             paths.iter().all(|p| w.copies_of("cache-b", p) == 1)
                 && paths.iter().all(|p| env.is_valid_in(&read_a, p))
         },
-        || d.log(),
     );
     d.kill9();
     let journal = journal_text(&d);
@@ -2564,7 +2260,7 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
     w.set("hold", None);
     d.restart();
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     for p in &paths {
         assert!(
             env.is_valid_in(&read_b, p),
@@ -2575,9 +2271,9 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
             w.copies_of("cache-a", p),
             1,
             "copied to cache-a again after the restart: {:#?}",
-            w.calls()
+            w.uploads()
         );
-        assert_eq!(w.copies_of("cache-b", p), 2, "{:#?}", w.calls());
+        assert_eq!(w.copies_of("cache-b", p), 2, "{:#?}", w.uploads());
     }
     assert_eq!(num(&status_json(&d), "queued"), 0.0);
 }
@@ -2590,7 +2286,7 @@ fn a_path_given_up_on_one_target_only() {
     let env = NixEnv::new("op-target-poison");
     let (up_a, read_a) = file_cache(&env, "cache-a");
     let (up_b, read_b) = file_cache(&env, "cache-b");
-    let w = TargetWrapper::new(&env);
+    let w = FakeNix::new(&env);
     w.set("poison", Some("cache-b"));
     let mut d = Daemon::start(
         &env,
@@ -2608,7 +2304,7 @@ fn a_path_given_up_on_one_target_only() {
     let p = poison[0].display().to_string();
     enqueue_cli(&d, &[good[0].clone(), poison[0].clone(), poison[1].clone()]);
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(1), "{r:?}\n{}", d.log());
+    assert_eq!(r.code, Some(1), "{r:?}");
     assert!(
         r.stderr.contains("2 path(s) failed and were given up on")
             && r.stderr.contains(&p)
@@ -2640,7 +2336,7 @@ fn a_path_given_up_on_one_target_only() {
     let r = cli(&d, &["requeue", &p]);
     assert_eq!(r.code, Some(0), "{r:?}");
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}\n{}", d.log());
+    assert_eq!(r.code, Some(0), "{r:?}");
     assert!(env.is_valid_in(&read_b, &poison[0]));
     // The other one, dropped: for every target, and b never gets it.
     let r = cli(&d, &["drop", "--all-failed"]);
@@ -2654,7 +2350,7 @@ fn a_path_given_up_on_one_target_only() {
         w.copies_of("cache-a", &poison[0]),
         copies_a,
         "the requeue copied to cache-a again: {:#?}",
-        w.calls()
+        w.uploads()
     );
     let j = status_json(&d);
     assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");

@@ -1890,7 +1890,9 @@ pub fn which(program: &str) -> PathBuf {
 ///   (`fake nix: refusing a poison path`).
 ///
 /// Each `nix copy` also appends its pid to `copy.pids` and writes its
-/// environment to `copy.env`. On drop, held copies are let go and killed.
+/// environment to `copy.env`. Before the prelude the scripts run shell
+/// builtins only, so the prelude sees the process as it was started. On
+/// drop, held copies are let go and killed.
 #[derive(Debug)]
 pub struct FakeNix {
     dir: PathBuf,
@@ -2008,10 +2010,12 @@ impl FakeNix {
     pub fn uploads(&self) -> Vec<(&'static str, String, Vec<String>)> {
         let mut out = Vec::new();
         for c in self.calls() {
-            let verb = match c.iter().skip(1).find(|a| !a.starts_with('-')) {
-                Some(a) if a == "copy" => "copy",
-                Some(a) if a == "store" && c.iter().any(|a| a == "sign") => "sign",
-                _ => continue,
+            let verb = if c.iter().any(|a| a == "copy") {
+                "copy"
+            } else if c.iter().any(|a| a == "sign") {
+                "sign"
+            } else {
+                continue;
             };
             let to = c.iter().skip_while(|a| *a != "--to").nth(1).cloned();
             let paths = c.iter().filter(|a| a.starts_with(&self.store));
