@@ -3,9 +3,9 @@
 //!
 //! Everything is real: Nix in private stores, the real daemon and hook
 //! binaries, `kill -9` of the whole daemon tree, an sshd, a TCP listener that
-//! never answers, a tmpfs that fills up. The one injected fault is the
-//! `nix-delay-wrapper`, a shell script that sleeps before `exec`ing the real
-//! `nix copy`, so that kills land while an upload runs.
+//! never answers, a tmpfs that fills up. The injected faults are
+//! [`FakeNix`] preludes, e.g. one that sleeps before the real `nix copy`,
+//! so that kills land while an upload runs.
 //!
 //! Timeouts in `wait_until*` are correctness bounds ("this eventually
 //! happens"), never speed assertions. Figures printed with `eprintln!` (run
@@ -16,7 +16,7 @@ mod common;
 use common::*;
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -32,27 +32,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn enqueue_line(paths: &[PathBuf]) -> String {
     format!("enqueue {}", strs(paths).join(" "))
-}
-
-/// A directory with a `nix` shell script that runs `prelude` and then
-/// `exec`s the real nix, and a `nix-store` link to the real one (the daemon
-/// takes `nix-store` from the directory of its `nix`). Returns the script.
-fn nix_wrapper(env: &NixEnv, name: &str, prelude: &str) -> PathBuf {
-    let dir = env.root().join(name);
-    fs::create_dir_all(&dir).unwrap();
-    let script = dir.join("nix");
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n# {name}: fault injection around the real nix\n{prelude}\nexec {} \"$@\"\n",
-            which("nix").display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::symlink(which("nix-store"), dir.join("nix-store")).unwrap();
-    script
 }
 
 /// `n` new content-addressed text paths from one `nix-store --add` call
@@ -72,31 +51,6 @@ fn add_text_paths(env: &NixEnv, n: usize, tag: &str) -> Vec<PathBuf> {
     let paths: Vec<PathBuf> = out.lines().map(PathBuf::from).collect();
     assert_eq!(paths.len(), n, "nix-store --add printed {out}");
     paths
-}
-
-/// One protocol request that never panics: the final reply line, or Err when
-/// the daemon is not there or the connection breaks (e.g. it was killed).
-fn try_request(socket: &Path, line: &str) -> Result<String, String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("{line}\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut r = BufReader::new(s);
-    loop {
-        let mut l = String::new();
-        match r.read_line(&mut l) {
-            Ok(0) => return Err("connection closed without a reply".into()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("read: {e}")),
-        }
-        let l = l.trim_end().to_string();
-        if l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ") {
-            return Ok(l);
-        }
-    }
 }
 
 /// A parsed `status` reply.
@@ -265,12 +219,12 @@ fn wait_request(d: &Daemon, deadline: Duration) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     let socket = d.socket();
     thread::spawn(move || {
-        let _ = tx.send(try_request(&socket, "wait"));
+        let _ = tx.send(try_ask(&socket, "wait"));
     });
     match rx.recv_timeout(deadline) {
         Ok(Ok(line)) => line,
-        Ok(Err(e)) => panic!("wait request failed: {e}\nlog:\n{}", d.log()),
-        Err(_) => panic!("wait did not end within {deadline:?}\nlog:\n{}", d.log()),
+        Ok(Err(e)) => panic!("wait request failed: {e}"),
+        Err(_) => panic!("wait did not end within {deadline:?}"),
     }
 }
 
@@ -300,17 +254,17 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     let (sk, pk) = env.gen_signing_key("faults-crash-1");
     let (upload, read) = file_cache(&env, "cache");
     let paths = add_text_paths(&env, 1000, "crash");
-    let slow_nix = nix_wrapper(
+    let slow_nix = FakeNix::with_preludes(
         &env,
-        "nix-delay-wrapper",
         "case \" $* \" in *\" copy \"*) sleep 0.15 ;; esac",
+        "",
     );
     let mut d = Daemon::start(
         &env,
         &[
             ("signing-key-file", &sk.display().to_string()),
             ("upload-to", &upload),
-            ("nix", &slow_nix.display().to_string()),
+            ("nix", &slow_nix.nix()),
             ("batch-size", "50"),
             ("retry-initial-delay", "0.05"),
             ("retry-max-delay", "0.5"),
@@ -341,7 +295,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
                 let chunk = &paths[i..(i + k).min(paths.len())];
                 requests.fetch_add(1, Ordering::SeqCst);
                 in_request.store(true, Ordering::SeqCst);
-                let reply = try_request(&socket, &enqueue_line(chunk));
+                let reply = try_ask(&socket, &enqueue_line(chunk));
                 in_request.store(false, Ordering::SeqCst);
                 match reply {
                     Ok(r) if r.starts_with("ok") => {
@@ -400,9 +354,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
             .cloned()
             .collect();
         if let Err(e) = all_in_cache(&env, &read, &not_live) {
-            panic!(
-                "cycle {cycle}: an acknowledged path is neither in the journal nor in the cache: {e}\nlog:\n{}",
-                d.log()
+            panic!("cycle {cycle}: an acknowledged path is neither in the journal nor in the cache: {e}"
             );
         }
         d.try_spawn()
@@ -443,12 +395,9 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     d.set_config("nix", &which("nix").display().to_string());
     d.try_spawn().unwrap();
     let half = before.live.len() / 2;
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "half of the queue uploaded",
-        || status(&d).num("queued") as usize <= half,
-        || d.log(),
-    );
+    wait_until(UPLOAD_TIMEOUT, "half of the queue uploaded", || {
+        status(&d).num("queued") as usize <= half
+    });
     d.kill9();
     let mid = check_journal(&fs::read_to_string(journal_path(&d)).unwrap_or_default());
     assert!(mid.duplicates.is_empty(), "{mid:?}");
@@ -478,20 +427,16 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     d.kill9();
     d.set_config("upload-to", &upload);
     d.try_spawn().unwrap();
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "every acknowledged path in the cache",
         || all_in_cache(&env, &read, &acked),
-        || d.log(),
     );
     env.verify_in_cache(&read, &pk, &acked)
         .unwrap_or_else(|e| panic!("{e}"));
-    wait_until_diag(
-        Duration::from_secs(30),
-        "an empty queue",
-        || status(&d).num("queued") == 0,
-        || d.log(),
-    );
+    wait_until(Duration::from_secs(30), "an empty queue", || {
+        status(&d).num("queued") == 0
+    });
     // A clean restart compacts the (now all dead) journal to nothing.
     d.restart();
     let last = check_journal(&fs::read_to_string(journal_path(&d)).unwrap());
@@ -563,27 +508,24 @@ fn outage_backs_off_then_delivers_everything() {
     let paths = env.build_paths(8, "outage");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
     let outage = Instant::now();
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(120),
         "4 failed attempts during the outage",
         || backoff_delays(&d).iter().any(|(a, _)| *a >= 4),
-        || d.log(),
     );
     let during = status(&d);
     fs::remove_file(&blocker).unwrap();
     let outage = outage.elapsed();
     let recovered = Instant::now();
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "every path in the cache after the outage",
         || env.verify_in_cache(&read, &pk, &paths),
-        || d.log(),
     );
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(30),
         "the queue empty after the outage",
         || status(&d).num("queued") == 0,
-        || d.log(),
     );
     let after = status(&d);
     let delays = backoff_delays(&d);
@@ -687,19 +629,17 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     let paths = env.build_paths(3, "hang");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 3");
     let started = Instant::now();
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(30),
         "two nix copy calls killed by the command timeout",
         || log_lines(&d, "ran longer than 2 s and was killed").len() >= 2,
-        || d.log(),
     );
     let two_kills = started.elapsed();
     // The kill reached ssh (nix's child): its connection was closed.
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(10),
         "the listener to see a killed ssh close its connection",
         || hole.closed.load(Ordering::SeqCst) >= 1,
-        || d.log(),
     );
     assert!(hole.accepted.load(Ordering::SeqCst) >= 2);
     let ssh_below = d.pid().map_or(0, |pid| {
@@ -714,8 +654,7 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     );
     assert!(
         log_lines(&d, "splitting").is_empty(),
-        "a timeout is systemic and must not bisect the batch:\n{}",
-        d.log()
+        "a timeout is systemic and must not bisect the batch"
     );
     let st = status(&d);
     assert_eq!(st.num("queued"), 3);
@@ -727,11 +666,10 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     let (upload, read) = file_cache(&env, "cache");
     d.set_config("upload-to", &upload);
     d.restart();
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "paths in the working cache after the switch",
         || env.verify_in_cache(&read, &pk, &paths),
-        || d.log(),
     );
     eprintln!(
         "hang: 2 timed-out calls after {:.1} s; listener accepted {}, saw {} closed",
@@ -793,8 +731,7 @@ fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
     let st = status(&d);
     assert!(
         log_lines(&d, "was killed").is_empty() && st.num("failed-calls") == 0,
-        "a nix copy that exited 0 was not judged by its exit: {st:?}\nlog:\n{}",
-        d.log()
+        "a nix copy that exited 0 was not judged by its exit: {st:?}"
     );
     assert_eq!(st.num("uploaded"), 2, "{st:?}");
     let recv = sshd.local_store_url();
@@ -821,22 +758,22 @@ fn nice_of(stat: &str) -> i32 {
 /// hash table for every path, unless the user set `GLIBC_TUNABLES`, which
 /// is then passed on unchanged. A batch of 64 paths is uploaded by two
 /// `nix copy` calls of 32 (the default `upload-jobs = 2`), a batch of 2 by
-/// one. `nix-env-recorder` writes down what each call got.
+/// one. A [`FakeNix`] prelude writes down what each call got.
 #[test]
 fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
     let env = NixEnv::new("faults-nice");
     let (sk, _pk) = env.gen_signing_key("faults-nice-1");
     let (upload, _read) = file_cache(&env, "cache");
     let record = env.root().join("calls.txt");
-    let recorder = nix_wrapper(
+    let recorder = FakeNix::with_preludes(
         &env,
-        "nix-env-recorder",
         &format!(
             "echo \"$3 $4|$#|$(cat /proc/self/stat)|${{GLIBC_TUNABLES-unset}}\" >> {}",
             record.display()
         ),
+        "",
     );
-    let recorder_s = recorder.display().to_string();
+    let recorder_s = recorder.nix();
     let config = [
         ("signing-key-file", sk.display().to_string()),
         ("upload-to", upload),
@@ -856,8 +793,7 @@ fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
         assert_eq!(
             wait_request(&d, Duration::from_secs(120)),
             "ok all uploaded",
-            "{round}: {}",
-            d.log()
+            "{round}"
         );
         let daemon_nice =
             nice_of(&fs::read_to_string(format!("/proc/{}/stat", d.pid().unwrap())).unwrap());
@@ -902,25 +838,25 @@ fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
 
 /// A batch too big to finish within `command-timeout` is not retried at the
 /// same size forever: after a timeout the next batches are halved, until
-/// they go through. `nix-size-wrapper` makes `nix copy` of more than two
+/// they go through. A [`FakeNix`] makes `nix copy` of more than two
 /// paths hang (a stand-in for a batch whose upload takes too long).
 #[test]
 fn batch_too_big_for_the_timeout_is_retried_smaller() {
     let env = NixEnv::new("faults-size");
-    let slow_nix = nix_wrapper(
+    let slow_nix = FakeNix::with_preludes(
         &env,
-        "nix-size-wrapper",
         r#"if [ "$3" = copy ]; then
   n=0
   for a in "$@"; do case "$a" in "$NIX_STORE_DIR"/*) n=$((n+1));; esac; done
   if [ "$n" -gt 2 ]; then sleep 60; fi
 fi"#,
+        "",
     );
     let (upload, read) = file_cache(&env, "cache");
     let d = Daemon::start(
         &env,
         &[
-            ("nix", &slow_nix.display().to_string()),
+            ("nix", &slow_nix.nix()),
             ("upload-to", &upload),
             ("command-timeout", "1"),
             ("retry-initial-delay", "0.05"),
@@ -929,21 +865,18 @@ fi"#,
     );
     let paths = add_text_paths(&env, 8, "size");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "all 8 paths uploaded in batches small enough",
         || all_in_cache(&env, &read, &paths),
-        || d.log(),
     );
     assert!(
         !log_lines(&d, "timed out; the next batches take at most 4").is_empty(),
-        "the first timeout halves the batch:\n{}",
-        d.log()
+        "the first timeout halves the batch"
     );
     assert!(
         log_lines(&d, "splitting").is_empty(),
-        "timeouts do not bisect:\n{}",
-        d.log()
+        "timeouts do not bisect"
     );
 }
 
@@ -990,18 +923,17 @@ fn hung_ssh_target_is_ended_by_default_connect_timeout() {
     let paths = add_text_paths(&env, 1, "connect");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 1");
     let started = Instant::now();
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(60),
         "nix copy to fail by ssh's ConnectTimeout",
         || !log_lines(&d, "next try in").is_empty(),
-        || d.log(),
     );
     let failed = log_lines(&d, "next try in");
     assert!(
         failed[0].contains("banner exchange") && failed[0].contains("nix copy failed"),
         "expected ssh's connect timeout: {failed:?}"
     );
-    assert!(log_lines(&d, "was killed").is_empty(), "{}", d.log());
+    assert!(log_lines(&d, "was killed").is_empty());
     assert!(hole.accepted.load(Ordering::SeqCst) >= 1);
     eprintln!(
         "connect-timeout: first failure after {:.1} s",
@@ -1109,11 +1041,10 @@ fn poison_paths_do_not_hold_back_good_ones() {
     env.sign(&sk, std::slice::from_ref(&rejected));
     let r = d.request("retry");
     assert_eq!(r, "ok 1");
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "the fixed path in the receiver after retry",
         || env.verify_in_cache(&recv, &pk, std::slice::from_ref(&rejected)),
-        || d.log(),
     );
     eprintln!(
         "poison: {} failed calls, {} split lines",
@@ -1174,18 +1105,14 @@ fn builds_succeed_while_daemon_is_away_and_spool_is_delivered() {
     run_ok(Command::new("kill").args(["-STOP", &pid]));
     build_away(&d, "frozen", &[("NPBHQ_TIMEOUT", "1")]);
     run_ok(Command::new("kill").args(["-CONT", &pid]));
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "every path built while the daemon was away",
         || env.verify_in_cache(&read, &pk, &built),
-        || d.log(),
     );
-    wait_until_diag(
-        Duration::from_secs(10),
-        "an empty spool",
-        || fs::read_dir(d.spool_dir()).map_or(0, |r| r.count()) == 0,
-        || d.log(),
-    );
+    wait_until(Duration::from_secs(10), "an empty spool", || {
+        fs::read_dir(d.spool_dir()).map_or(0, |r| r.count()) == 0
+    });
 
     // No daemon and no spool: the build still succeeds, the hook says so.
     d.kill9();
@@ -1227,12 +1154,9 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     // `total` uploads since it started (it counts a batch once the batch is
     // done, a moment after the copy); returns its count then.
     let uploaded = |d: &Daemon, paths: &[PathBuf], total: u64| {
-        wait_until_ok(
-            UPLOAD_TIMEOUT,
-            "spooled paths in the cache",
-            || all_in_cache(&env, &read, paths),
-            || d.log(),
-        );
+        wait_ok(UPLOAD_TIMEOUT, "spooled paths in the cache", || {
+            all_in_cache(&env, &read, paths)
+        });
         wait_until_diag(
             Duration::from_secs(30),
             "the uploads counted and the queue empty",
@@ -1253,8 +1177,7 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     assert_eq!(
         fs::read(rw.join("1-1.bad")).ok().as_deref(),
         Some(with_long.as_bytes()),
-        "the file with the long line set aside unchanged\n{}",
-        d.log()
+        "the file with the long line set aside unchanged"
     );
     let said = log_lines(&d, "1-1.req");
     assert!(
@@ -1270,7 +1193,7 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     fs::write(rw.join("3-1.req"), format!("enqueue {}\n", s[4])).unwrap();
     // Spooled in that order, a path of the cut file would have been done
     // with or before this one.
-    assert_eq!(uploaded(&d, &p[4..5], 3), 3, "{}", d.log());
+    assert_eq!(uploaded(&d, &p[4..5], 3), 3);
     assert!(
         rw.join("2-1.req").exists(),
         "a file being written was taken"
@@ -1300,10 +1223,8 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     let count = uploaded(&d, &p[6..7], 2);
     let st = status(&d);
     assert_eq!(
-        count,
-        2,
-        "a spool file that cannot be deleted was delivered again: {st:?}\n{}",
-        d.log()
+        count, 2,
+        "a spool file that cannot be deleted was delivered again: {st:?}"
     );
     let warned = log_lines(&d, "4-1.req");
     assert!(
@@ -1434,11 +1355,10 @@ fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     d.set_config("store-dir", &store);
     d.set_config("upload-to", &upload);
     d.try_spawn().unwrap();
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "the queued paths in the cache after a start with the right store dir",
         || all_in_cache(&env, &read, &paths),
-        || d.log(),
     );
 }
 
@@ -1531,16 +1451,15 @@ fn ok_is_written_only_after_the_journal_record_is_synced() {
     env.apply_env(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     let socket = d.socket();
-    wait_until_diag(
+    wait_until(
         DAEMON_START_TIMEOUT * 3,
         "the daemon under strace to accept",
         || UnixStream::connect(&socket).is_ok(),
-        || d.log(),
     );
     let paths = add_text_paths(&env, 3, "strace");
     for p in &paths {
         assert_eq!(
-            try_request(&socket, &enqueue_line(std::slice::from_ref(p))),
+            try_ask(&socket, &enqueue_line(std::slice::from_ref(p))),
             Ok("ok 1".to_string())
         );
     }
@@ -1550,7 +1469,7 @@ fn ok_is_written_only_after_the_journal_record_is_synced() {
     while child.try_wait().unwrap().is_none() {
         if stopped.elapsed() > Duration::from_secs(30) {
             kill_tree(child.id());
-            panic!("the daemon under strace did not stop\n{}", d.log());
+            panic!("the daemon under strace did not stop");
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -1691,17 +1610,13 @@ fn full_disk_refuses_with_reason_and_recovers() {
     let first = add_text_paths(&env, 40, "full-first");
     assert_eq!(d.request(&enqueue_line(&first)), "ok 40");
     let mut acked = first.clone();
-    wait_until_ok(
-        UPLOAD_TIMEOUT,
-        "the first paths uploaded",
-        || env.verify_in_cache(&read, &pk, &first),
-        || d.log(),
-    );
-    wait_until_diag(
+    wait_ok(UPLOAD_TIMEOUT, "the first paths uploaded", || {
+        env.verify_in_cache(&read, &pk, &first)
+    });
+    wait_until(
         Duration::from_secs(30),
         "the first paths journaled as done",
         || status(&d).num("queued") == 0,
-        || d.log(),
     );
 
     let filler = mount.0.join("filler");
@@ -1770,17 +1685,14 @@ fn full_disk_refuses_with_reason_and_recovers() {
     for chunk in rest.chunks(50) {
         assert_eq!(
             d.request(&enqueue_line(chunk)),
-            format!("ok {}", chunk.len()),
-            "log:\n{}",
-            d.log()
+            format!("ok {}", chunk.len())
         );
     }
     acked.extend_from_slice(rest);
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "every acknowledged path in the cache",
         || env.verify_in_cache(&read, &pk, &acked),
-        || d.log(),
     );
     eprintln!(
         "full: {} paths acknowledged before the first refusal on the full disk: {refusal}",

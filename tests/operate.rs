@@ -1978,23 +1978,6 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     assert!(d.is_running());
 }
 
-/// A daemon uploading to a `file://` cache through a wrapper that holds
-/// every copy, with one built path enqueued and its copy running: the
-/// daemon, the wrapper (`set_hold(false)` lets copies go), the cache's URL
-/// for reading, and the path.
-fn daemon_with_a_held_copy(env: &NixEnv, tag: &str) -> (Daemon, FakeNix, String, PathBuf) {
-    let (upload, read) = file_cache(env, "cache");
-    let w = FakeNix::new(env);
-    w.set_hold(true);
-    let d = Daemon::start(env, &[("upload-to", &upload), ("nix", &w.nix())]);
-    let path = env.build_paths(1, tag).remove(0);
-    assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
-    wait_until(Duration::from_secs(30), "copy held", || {
-        !w.copy_pids().is_empty()
-    });
-    (d, w, read, path)
-}
-
 /// SIGTERM during an upload: the nix call in progress may finish (within
 /// the grace period) and the daemon exits 0 with nothing left queued.
 #[test]
@@ -2067,18 +2050,12 @@ fn target_json(d: &Daemon, label_part: &str) -> Json {
 #[test]
 fn two_targets_both_receive_every_path_signed_once() {
     let env = NixEnv::new("op-two-targets");
-    let (up_a, read_a) = file_cache(&env, "cache-a");
-    let (up_b, read_b) = file_cache(&env, "cache-b");
     let (key, public) = env.gen_signing_key("two-targets");
-    let w = FakeNix::new(&env);
     let metrics = env.root().join("metrics.prom");
-    let d = Daemon::start(
+    let (d, w, [(up_a, read_a), (up_b, read_b)]) = two_targets(
         &env,
         &[
-            ("upload-to", up_a.as_str()),
-            ("upload-to", up_b.as_str()),
             ("signing-key-file", &key.display().to_string()),
-            ("nix", &w.nix()),
             ("metrics-file", &metrics.display().to_string()),
         ],
     );
@@ -2133,20 +2110,9 @@ fn two_targets_both_receive_every_path_signed_once() {
 #[test]
 fn one_target_down_does_not_hold_back_the_other() {
     let env = NixEnv::new("op-target-down");
-    let (up_a, read_a) = file_cache(&env, "cache-a");
-    let (up_b, read_b) = file_cache(&env, "cache-b");
-    let w = FakeNix::new(&env);
+    let config = [("retry-initial-delay", "0.2"), ("retry-max-delay", "1")];
+    let (d, w, [(_, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     w.set("fail", Some("cache-b"));
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", up_a.as_str()),
-            ("upload-to", up_b.as_str()),
-            ("nix", &w.nix()),
-            ("retry-initial-delay", "0.2"),
-            ("retry-max-delay", "1"),
-        ],
-    );
     let first = env.build_paths(2, "down-first");
     enqueue_cli(&d, &first);
     wait_until(
@@ -2226,18 +2192,8 @@ fn one_target_down_does_not_hold_back_the_other() {
 #[test]
 fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
     let env = NixEnv::new("op-target-kill");
-    let (up_a, read_a) = file_cache(&env, "cache-a");
-    let (up_b, read_b) = file_cache(&env, "cache-b");
-    let w = FakeNix::new(&env);
+    let (mut d, w, [(up_a, read_a), (_, read_b)]) = two_targets(&env, &[]);
     w.set("hold", Some("cache-b"));
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", up_a.as_str()),
-            ("upload-to", up_b.as_str()),
-            ("nix", &w.nix()),
-        ],
-    );
     let paths = env.build_paths(2, "kill");
     enqueue_cli(&d, &paths);
     wait_until(
@@ -2284,21 +2240,13 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
 #[test]
 fn a_path_given_up_on_one_target_only() {
     let env = NixEnv::new("op-target-poison");
-    let (up_a, read_a) = file_cache(&env, "cache-a");
-    let (up_b, read_b) = file_cache(&env, "cache-b");
-    let w = FakeNix::new(&env);
+    let config = [
+        ("max-attempts", "2"),
+        ("retry-initial-delay", "0.05"),
+        ("retry-max-delay", "0.2"),
+    ];
+    let (mut d, w, [(_, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     w.set("poison", Some("cache-b"));
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", up_a.as_str()),
-            ("upload-to", up_b.as_str()),
-            ("nix", &w.nix()),
-            ("max-attempts", "2"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
-    );
     let good = env.build_paths(1, "fine");
     let poison = env.build_paths(2, "poison");
     let p = poison[0].display().to_string();

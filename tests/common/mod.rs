@@ -2069,6 +2069,43 @@ impl Drop for FakeNix {
     }
 }
 
+/// A daemon uploading to a `file://` cache through a [`FakeNix`] that holds
+/// every copy, with one built path enqueued and its copy running: the
+/// daemon, the wrapper (`set_hold(false)` lets copies go), the cache's URL
+/// for reading, and the path.
+pub fn daemon_with_a_held_copy(env: &NixEnv, tag: &str) -> (Daemon, FakeNix, String, PathBuf) {
+    let (upload, read) = file_cache(env, "cache");
+    let w = FakeNix::new(env);
+    w.set_hold(true);
+    let d = Daemon::start(env, &[("upload-to", &upload), ("nix", &w.nix())]);
+    let path = env.build_paths(1, tag).remove(0);
+    assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
+    wait_until(Duration::from_secs(30), "copy held", || {
+        !w.copy_pids().is_empty()
+    });
+    (d, w, read, path)
+}
+
+/// A daemon with two `upload-to` targets, the `file://` caches `cache-a`
+/// and `cache-b`, and a [`FakeNix`] as its nix (`w.set("fail",
+/// Some("cache-b"))` takes one down), with `extra` settings: the daemon,
+/// the wrapper, and each cache's (upload URL, URL for reading).
+pub fn two_targets(
+    env: &NixEnv,
+    extra: &[(&str, &str)],
+) -> (Daemon, FakeNix, [(String, String); 2]) {
+    let caches = [file_cache(env, "cache-a"), file_cache(env, "cache-b")];
+    let w = FakeNix::new(env);
+    let nix = w.nix();
+    let mut config = vec![
+        ("upload-to", caches[0].0.as_str()),
+        ("upload-to", caches[1].0.as_str()),
+        ("nix", nix.as_str()),
+    ];
+    config.extend_from_slice(extra);
+    (Daemon::start(env, &config), w, caches)
+}
+
 /// `Output` as text for messages.
 pub fn show(o: &Output) -> String {
     format!(
