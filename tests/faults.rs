@@ -53,45 +53,6 @@ fn add_text_paths(env: &NixEnv, n: usize, tag: &str) -> Vec<PathBuf> {
     paths
 }
 
-/// A parsed `status` reply.
-#[derive(Debug)]
-struct Status {
-    fields: HashMap<String, String>,
-    /// `backoff ATTEMPTS NEXT-TRY PATH ERROR` lines.
-    backoff: Vec<String>,
-}
-
-impl Status {
-    fn get(&self, key: &str) -> &str {
-        self.fields.get(key).map(String::as_str).unwrap_or("")
-    }
-
-    fn num(&self, key: &str) -> u64 {
-        self.get(key)
-            .parse()
-            .unwrap_or_else(|_| panic!("status {key} is not a number: {self:?}"))
-    }
-}
-
-fn status(d: &Daemon) -> Status {
-    let lines = d.request_lines("status");
-    assert_eq!(
-        lines.last().map(String::as_str),
-        Some("ok"),
-        "status reply: {lines:?}"
-    );
-    let mut fields = HashMap::new();
-    let mut backoff = Vec::new();
-    for l in &lines[..lines.len() - 1] {
-        if l.starts_with("backoff ") {
-            backoff.push(l.clone());
-        } else if let Some((k, v)) = l.split_once(' ') {
-            fields.insert(k.to_string(), v.to_string());
-        }
-    }
-    Status { fields, backoff }
-}
-
 fn journal_path(d: &Daemon) -> PathBuf {
     d.state_dir().join("journal")
 }
@@ -396,7 +357,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     d.try_spawn().unwrap();
     let half = before.live.len() / 2;
     wait_until(UPLOAD_TIMEOUT, "half of the queue uploaded", || {
-        status(&d).num("queued") as usize <= half
+        d.status().num("queued") as usize <= half
     });
     d.kill9();
     let mid = check_journal(&fs::read_to_string(journal_path(&d)).unwrap_or_default());
@@ -421,7 +382,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
         (0, 0, 0),
         "the journal was not compacted at start"
     );
-    assert_eq!(status(&d).num("queued"), mid.live.len() as u64);
+    assert_eq!(d.status().num("queued"), mid.live.len() as u64);
 
     // Now with the real target: every acknowledged path arrives, signed.
     d.kill9();
@@ -435,7 +396,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     env.verify_in_cache(&read, &pk, &acked)
         .unwrap_or_else(|e| panic!("{e}"));
     wait_until(Duration::from_secs(30), "an empty queue", || {
-        status(&d).num("queued") == 0
+        d.status().num("queued") == 0
     });
     // A clean restart compacts the (now all dead) journal to nothing.
     d.restart();
@@ -444,7 +405,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
         last.live.is_empty() && last.dead == 0,
         "journal after compaction: {last:?}"
     );
-    assert_eq!(status(&d).num("queued"), 0);
+    assert_eq!(d.status().num("queued"), 0);
     eprintln!(
         "crash: {CYCLES} kill -9 cycles ({kills_during_copy} during nix copy, \
          {kills_during_request} during an enqueue request) in {:.1} s, \
@@ -513,7 +474,7 @@ fn outage_backs_off_then_delivers_everything() {
         "4 failed attempts during the outage",
         || backoff_delays(&d).iter().any(|(a, _)| *a >= 4),
     );
-    let during = status(&d);
+    let during = d.status();
     fs::remove_file(&blocker).unwrap();
     let outage = outage.elapsed();
     let recovered = Instant::now();
@@ -525,9 +486,9 @@ fn outage_backs_off_then_delivers_everything() {
     wait_until(
         Duration::from_secs(30),
         "the queue empty after the outage",
-        || status(&d).num("queued") == 0,
+        || d.status().num("queued") == 0,
     );
-    let after = status(&d);
+    let after = d.status();
     let delays = backoff_delays(&d);
     eprintln!(
         "outage: {:.1} s outage, {} failed calls, attempts/delays {delays:?}; \
@@ -656,7 +617,7 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
         log_lines(&d, "splitting").is_empty(),
         "a timeout is systemic and must not bisect the batch"
     );
-    let st = status(&d);
+    let st = d.status();
     assert_eq!(st.num("queued"), 3);
     assert!(
         st.backoff.iter().any(|l| l.contains("was killed")),
@@ -713,7 +674,7 @@ fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
         Duration::from_secs(300),
         "the paths done (uploaded, or failed and retried)",
         || {
-            let st = status(&d);
+            let st = d.status();
             st.num("queued") == 0 && st.num("uploaded") >= 2
         },
         || d.log(),
@@ -728,7 +689,7 @@ fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
     let _ = run(Command::new("ssh")
         .args(["-o", &format!("ControlPath={control_path}"), "-O", "exit"])
         .arg("root@127.0.0.1"));
-    let st = status(&d);
+    let st = d.status();
     assert!(
         log_lines(&d, "was killed").is_empty() && st.num("failed-calls") == 0,
         "a nix copy that exited 0 was not judged by its exit: {st:?}"
@@ -996,12 +957,12 @@ fn poison_paths_do_not_hold_back_good_ones() {
         || {
             // A failed `nix copy` may have copied good paths before it
             // failed: wait until the daemon itself has finished them.
-            let st = status(&d);
+            let st = d.status();
             st.backoff.len() == 1 && st.backoff[0].contains(&rejected_s) && st.num("queued") == 1
         },
         || d.log(),
     );
-    let st = status(&d);
+    let st = d.status();
     assert!(refused_for_signature(&st.backoff[0]), "{:?}", st.backoff);
     assert_eq!(st.num("dropped"), 1, "{st:?}");
     assert_eq!(st.num("queued"), 1, "{st:?}");
@@ -1048,7 +1009,7 @@ fn poison_paths_do_not_hold_back_good_ones() {
     );
     eprintln!(
         "poison: {} failed calls, {} split lines",
-        status(&d).num("failed-calls"),
+        d.status().num("failed-calls"),
         log_lines(&d, "splitting").len()
     );
 }
@@ -1161,12 +1122,12 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
             Duration::from_secs(30),
             "the uploads counted and the queue empty",
             || {
-                let st = status(d);
+                let st = d.status();
                 st.num("uploaded") >= total && st.num("queued") == 0
             },
             || d.log(),
         );
-        status(d).num("uploaded")
+        d.status().num("uploaded")
     };
 
     // A line over the limit between two good ones.
@@ -1221,7 +1182,7 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     // Read again in that pass before the later file, the undeletable one
     // would have been done with or before it.
     let count = uploaded(&d, &p[6..7], 2);
-    let st = status(&d);
+    let st = d.status();
     assert_eq!(
         count, 2,
         "a spool file that cannot be deleted was delivered again: {st:?}"
@@ -1270,7 +1231,7 @@ fn torn_journal_at_every_offset_of_last_record_replays() {
             .unwrap_or_else(|e| panic!("cut at {cut}: daemon did not start: {e}"));
         runs += 1;
         let expected = if cut == full.len() { 4 } else { 3 };
-        let st = status(&d);
+        let st = d.status();
         assert_eq!(
             st.num("queued"),
             expected,
@@ -1616,7 +1577,7 @@ fn full_disk_refuses_with_reason_and_recovers() {
     wait_until(
         Duration::from_secs(30),
         "the first paths journaled as done",
-        || status(&d).num("queued") == 0,
+        || d.status().num("queued") == 0,
     );
 
     let filler = mount.0.join("filler");
@@ -1641,7 +1602,7 @@ fn full_disk_refuses_with_reason_and_recovers() {
     );
     assert!(d.is_running());
     assert!(d.request("ping").starts_with("ok"));
-    let st = status(&d);
+    let st = d.status();
     assert!(
         !st.fields.is_empty(),
         "status must work on a full disk: {st:?}"

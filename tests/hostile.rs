@@ -548,24 +548,6 @@ impl JournalRecords {
     }
 }
 
-/// The `status` reply's `KEY VALUE` lines as a map.
-fn status_map(socket: &Path) -> HashMap<String, String> {
-    let (lines, _) = exchange(socket, b"status\n".to_vec(), "status");
-    let mut m = HashMap::new();
-    for l in lines {
-        if let Some((k, v)) = l.split_once(' ') {
-            m.insert(k.to_string(), v.to_string());
-        }
-    }
-    m
-}
-
-fn status_queued(socket: &Path) -> Option<usize> {
-    status_map(socket)
-        .get("queued")
-        .and_then(|v| v.parse().ok())
-}
-
 fn assert_no_panic(d: &Daemon, ctx: &str) {
     let log = d.log();
     assert!(
@@ -1124,8 +1106,8 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     wait_until_diag(
         Duration::from_secs(30),
         "status `queued` to match the journal",
-        || status_queued(&socket) == Some(JournalRecords::read(&d).live().len()),
-        || format!("{ctx}\nstatus: {:?}", status_map(&socket)),
+        || d.status().num("queued") as usize == JournalRecords::read(&d).live().len(),
+        || format!("{ctx}\nstatus: {:?}", d.status()),
     );
 }
 
@@ -1258,15 +1240,15 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
         expected.difference(&got).count(),
         got.difference(&expected).count()
     );
-    assert_eq!(status_queued(&socket), Some(expected.len()));
+    assert_eq!(d.status().num("queued") as usize, expected.len());
     assert_alive(&mut d, "after load");
 
     // Replay: a crashed daemon comes back with the same queue.
     d.kill9();
     d.try_spawn().unwrap_or_else(|e| panic!("restart: {e}"));
     assert_eq!(
-        status_queued(&socket),
-        Some(expected.len()),
+        d.status().num("queued") as usize,
+        expected.len(),
         "queue after kill -9 and replay"
     );
     let replayed = format!("replayed: {} paths queued", expected.len());
@@ -2067,12 +2049,7 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
         wait_until(
             UPLOAD_TIMEOUT,
             "the failed upload to show in status",
-            || {
-                status_map(&d.socket())
-                    .get("backing-off")
-                    .map(String::as_str)
-                    == Some("1")
-            },
+            || d.status().get("backing-off") == "1",
         );
         let shown = everything_shown(&d);
         let log = &shown[1].1;
@@ -2219,7 +2196,7 @@ fn limits_a_log_reader_that_went_away_does_not_end_the_daemon() {
     wait_until(
         Duration::from_secs(30),
         "the unbuilt path is dropped",
-        || status_queued(&d.socket()) == Some(0),
+        || d.status().num("queued") == 0,
     );
     assert_alive(&mut d, "after logging into a pipe nobody reads");
 }

@@ -110,6 +110,13 @@ fn cli(d: &Daemon, args: &[&str]) -> Ran {
     run_bounded(&mut c, None).into()
 }
 
+/// [`cli`], and panics unless it exits 0.
+fn cli_ok(d: &Daemon, args: &[&str]) -> Ran {
+    let r = cli(d, args);
+    assert_eq!(r.code, Some(0), "{args:?}: {r:?}");
+    r
+}
+
 /// `enqueue PATHS...` through the CLI; panics unless it exits 0.
 fn enqueue_cli(d: &Daemon, paths: &[PathBuf]) -> Ran {
     let mut c = d.cli_cmd();
@@ -484,8 +491,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     // Heal the cache but hold the copy; retry; the paths are in flight.
     w.set_fail(false);
     w.set_hold(true);
-    let r = cli(&d, &["retry"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "2 backing-off path(s) will be tried again now\n");
     wait_until(Duration::from_secs(30), "both paths in flight", || {
         num(&status_json(&d), "in_flight") == 2.0
@@ -701,8 +707,7 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
         "{r:?}"
     );
     assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
-    let r = cli(&d, &["retry"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "1 backing-off path(s) will be tried again now\n");
 }
 
@@ -1257,8 +1262,7 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     println!("status during a held upload with a spool backlog:\n{text}");
 
     w.set_hold(false);
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["wait", "--timeout", "120"]);
     wait_until(UPLOAD_TIMEOUT, "the spooled paths uploaded", || {
         later.iter().all(|p| env.is_valid_in(&read, p))
     });
@@ -1404,8 +1408,7 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     );
     // A later wait (another CI job's, say) does not wait for them, and does
     // not fail for them: they were given up on before it.
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli_ok(&d, &["wait", "--timeout", "120"]);
     assert_eq!(
         r.stdout,
         "all uploaded, but for 2 path(s) given up on before this wait (see status)\n"
@@ -1418,8 +1421,7 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
 
     // Mended: requeue one; drop the rest.
     w.set_poison(false);
-    let r = cli(&d, &["requeue", &p1]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli_ok(&d, &["requeue", &p1]);
     assert_eq!(
         r.stdout,
         "requeued 1 of 1 path(s) given up on; they are tried again\n"
@@ -1427,14 +1429,12 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     wait_until(UPLOAD_TIMEOUT, "the requeued path uploaded", || {
         env.is_valid_in(&read, &poison[0])
     });
-    let r = cli(&d, &["drop", "--all-failed"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli_ok(&d, &["drop", "--all-failed"]);
     assert_eq!(
         r.stdout,
         "dropped 1 queued path(s); they will not be uploaded\n"
     );
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["wait", "--timeout", "120"]);
     let log = d.log();
     assert!(log.contains(&format!("requeued {p1}")), "{log}");
     assert!(
@@ -1481,8 +1481,7 @@ fn outage_does_not_count_towards_max_attempts_but_give_up_after_ends_it() {
     );
     let paths = env.build_paths(3, "outage");
     // One alone first (the ping decides), then two together (the canary).
-    let r = cli(&d, &["enqueue", &paths[0].display().to_string()]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["enqueue", &paths[0].display().to_string()]);
     let attempts = |d: &Daemon| -> Vec<f64> {
         status_json(d)
             .get("backoff")
@@ -1521,8 +1520,7 @@ fn outage_does_not_count_towards_max_attempts_but_give_up_after_ends_it() {
     );
     let log = d.log();
     assert!(log.contains("give-up-after"), "{log}");
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli_ok(&d, &["wait", "--timeout", "120"]);
     assert!(
         r.stdout.contains("3 path(s) given up on before this wait"),
         "{r:?}"
@@ -1712,8 +1710,7 @@ fn journal_records_of_several_targets_replay() {
     )
     .unwrap();
     d.try_spawn().unwrap();
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli_ok(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
     assert!(
         !env.is_valid_in(&read, &paths[0]),
@@ -1837,8 +1834,7 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
     );
     assert!(paths.iter().all(|p| !env.is_valid_in(&read, p)));
     w.set_fail(false);
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["wait", "--timeout", "120"]);
     for p in &paths {
         assert!(
             env.is_valid_in(&read, p),
@@ -1855,10 +1851,8 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
         m = marker.display()
     );
     let d2 = Daemon::start(&env, &[("upload-command", words.as_str())]);
-    let r = cli(&d2, &["enqueue", &paths[0].display().to_string()]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    let r = cli(&d2, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d2, &["enqueue", &paths[0].display().to_string()]);
+    cli_ok(&d2, &["wait", "--timeout", "120"]);
     assert!(!marker.exists(), "upload-command went through a shell");
 
     let mut d3 = Daemon::new_stopped(
@@ -1886,8 +1880,7 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
     );
     let fresh = env.build_paths(1, "uploader-beside");
     enqueue_cli(&d4, &fresh);
-    let r = cli(&d4, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d4, &["wait", "--timeout", "120"]);
     assert!(
         env.is_valid_in(&read, &fresh[0]),
         "upload-to did not get it"
@@ -2061,8 +2054,7 @@ fn two_targets_both_receive_every_path_signed_once() {
     );
     let paths = env.build_paths(3, "two");
     enqueue_cli(&d, &paths);
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["wait", "--timeout", "120"]);
     for read in [&read_a, &read_b] {
         env.verify_in_cache(read, &public, &paths)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -2170,10 +2162,8 @@ fn one_target_down_does_not_hold_back_the_other() {
     assert!(r.stderr.contains("4 path(s) still queued"), "{r:?}");
 
     w.set("fail", None);
-    let r = cli(&d, &["retry"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["retry"]);
+    cli_ok(&d, &["wait", "--timeout", "120"]);
     for p in &all {
         assert!(
             env.is_valid_in(&read_b, p),
@@ -2215,8 +2205,7 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
     }
     w.set("hold", None);
     d.restart();
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["wait", "--timeout", "120"]);
     for p in &paths {
         assert!(
             env.is_valid_in(&read_b, p),
@@ -2277,18 +2266,14 @@ fn a_path_given_up_on_one_target_only() {
     // Still given up on (for b only) after a restart; then requeued, b
     // alone is tried again.
     d.restart();
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["wait", "--timeout", "120"]);
     w.set("poison", None);
     let copies_a = w.copies_of("cache-a", &poison[0]);
-    let r = cli(&d, &["requeue", &p]);
-    assert_eq!(r.code, Some(0), "{r:?}");
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["requeue", &p]);
+    cli_ok(&d, &["wait", "--timeout", "120"]);
     assert!(env.is_valid_in(&read_b, &poison[0]));
     // The other one, dropped: for every target, and b never gets it.
-    let r = cli(&d, &["drop", "--all-failed"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = cli_ok(&d, &["drop", "--all-failed"]);
     assert_eq!(
         r.stdout,
         "dropped 1 queued path(s); they will not be uploaded\n"

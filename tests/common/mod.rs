@@ -1566,6 +1566,48 @@ impl Daemon {
     }
 }
 
+/// A parsed `status` reply: its `KEY VALUE` lines and its `backoff ...`
+/// lines (attempts, next try, path, error).
+#[derive(Debug)]
+pub struct Status {
+    pub fields: std::collections::HashMap<String, String>,
+    pub backoff: Vec<String>,
+}
+
+impl Status {
+    /// The value of `key` (empty when there is none).
+    pub fn get(&self, key: &str) -> &str {
+        self.fields.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    /// The value of `key` as a number; panics when it is not one.
+    pub fn num(&self, key: &str) -> u64 {
+        self.get(key)
+            .parse()
+            .unwrap_or_else(|_| panic!("status {key} is not a number: {self:?}"))
+    }
+}
+
+impl Daemon {
+    /// The daemon's `status` reply, parsed; panics unless it ends with `ok`.
+    pub fn status(&self) -> Status {
+        let lines = self.request_lines("status");
+        assert_eq!(lines.last().map(String::as_str), Some("ok"), "{lines:?}");
+        let mut st = Status {
+            fields: Default::default(),
+            backoff: Vec::new(),
+        };
+        for l in &lines[..lines.len() - 1] {
+            if l.starts_with("backoff ") {
+                st.backoff.push(l.clone());
+            } else if let Some((k, v)) = l.split_once(' ') {
+                st.fields.insert(k.to_string(), v.to_string());
+            }
+        }
+        st
+    }
+}
+
 impl Drop for Daemon {
     /// Kills the daemon; when a test fails (the thread is panicking), also
     /// prints the end of its log, so that every failed assertion of a
