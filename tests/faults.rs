@@ -14,7 +14,7 @@
 mod common;
 
 use common::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -51,58 +51,6 @@ fn add_text_paths(env: &NixEnv, n: usize, tag: &str) -> Vec<PathBuf> {
     let paths: Vec<PathBuf> = out.lines().map(PathBuf::from).collect();
     assert_eq!(paths.len(), n, "nix-store --add printed {out}");
     paths
-}
-
-fn journal_path(d: &Daemon) -> PathBuf {
-    d.state_dir().join("journal")
-}
-
-/// What a journal file says, replayed the way the daemon replays it (a last
-/// line without a newline is a torn record and ignored).
-#[derive(Debug, Default)]
-struct JournalCheck {
-    /// Live paths, in order of their `+` record.
-    live: Vec<String>,
-    /// Records that describe no live path.
-    dead: usize,
-    /// `+` records for a path that was already live: duplicates.
-    duplicates: Vec<String>,
-    /// Bytes of a torn last line.
-    torn: usize,
-    /// Number of `-` records.
-    minus: usize,
-}
-
-fn check_journal(text: &str) -> JournalCheck {
-    let mut c = JournalCheck::default();
-    let mut live: HashMap<String, usize> = HashMap::new();
-    let mut order = 0usize;
-    let mut records = 0usize;
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    c.torn = text.len() - complete.len();
-    for line in complete.lines().filter(|l| !l.is_empty()) {
-        records += 1;
-        if let Some(rest) = line.strip_prefix("+ ") {
-            let path = rest.split_once(' ').map_or(rest, |(_, p)| p).to_string();
-            if let std::collections::hash_map::Entry::Vacant(e) = live.entry(path.clone()) {
-                order += 1;
-                e.insert(order);
-            } else {
-                c.duplicates.push(path);
-            }
-        } else if let Some(path) = line.strip_prefix("- ") {
-            c.minus += 1;
-            live.remove(path);
-        }
-    }
-    let mut ordered: Vec<(String, usize)> = live.into_iter().collect();
-    ordered.sort_by_key(|(_, o)| *o);
-    c.live = ordered.into_iter().map(|(p, _)| p).collect();
-    c.dead = records - c.live.len();
-    c
 }
 
 /// Ok when every path is valid in the cache at `url` (no signature check).
@@ -300,8 +248,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
         }
         d.kill9();
         let acked_now: Vec<PathBuf> = acked.lock().unwrap().clone();
-        let text = fs::read_to_string(journal_path(&d)).unwrap_or_default();
-        let j = check_journal(&text);
+        let j = d.journal();
         assert!(
             j.duplicates.is_empty(),
             "cycle {cycle}: duplicate live records in the journal: {:?}",
@@ -343,7 +290,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
 
     // One more crash, then look at what is left in the journal.
     d.kill9();
-    let before = check_journal(&fs::read_to_string(journal_path(&d)).unwrap_or_default());
+    let before = d.journal();
     assert!(
         before.duplicates.is_empty(),
         "{:?}",
@@ -360,7 +307,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
         d.status().num("queued") as usize <= half
     });
     d.kill9();
-    let mid = check_journal(&fs::read_to_string(journal_path(&d)).unwrap_or_default());
+    let mid = d.journal();
     assert!(mid.duplicates.is_empty(), "{mid:?}");
     assert!(
         mid.dead >= mid.live.len(),
@@ -374,11 +321,11 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     d.set_config("upload-to", "file:///dev/null/unreachable");
     d.set_config("batch-size", "1000");
     d.try_spawn().unwrap();
-    let after = check_journal(&fs::read_to_string(journal_path(&d)).unwrap());
+    let after = d.journal();
     assert!(after.duplicates.is_empty(), "{after:?}");
     assert_eq!(after.live, mid.live, "replay changed the live set");
     assert_eq!(
-        (after.dead, after.minus, after.torn),
+        (after.dead, after.done.len(), after.torn),
         (0, 0, 0),
         "the journal was not compacted at start"
     );
@@ -400,7 +347,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     });
     // A clean restart compacts the (now all dead) journal to nothing.
     d.restart();
-    let last = check_journal(&fs::read_to_string(journal_path(&d)).unwrap());
+    let last = d.journal();
     assert!(
         last.live.is_empty() && last.dead == 0,
         "journal after compaction: {last:?}"
@@ -1222,7 +1169,7 @@ fn torn_journal_at_every_offset_of_last_record_replays() {
         NO_ENV,
     );
     fs::create_dir_all(d.state_dir()).unwrap();
-    let journal = journal_path(&d);
+    let journal = d.journal_path();
     let mut runs = 0;
     for cut in last_start..=full.len() {
         fs::write(&journal, &full[..cut]).unwrap();
@@ -1282,7 +1229,7 @@ fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     let done = add_text_paths(&env, 3, "storedir-done");
     assert_eq!(d.request(&enqueue_line(&done)), "ok 3");
     d.kill9();
-    let journal = journal_path(&d);
+    let journal = d.journal_path();
     let mut text = fs::read_to_string(&journal).unwrap();
     for p in &done {
         text.push_str(&format!("- {}\n", p.display()));

@@ -30,7 +30,7 @@
 mod common;
 
 use common::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -495,58 +495,6 @@ fn read_one_line(s: &mut UnixStream) -> std::io::Result<String> {
 // ---------------------------------------------------------------------------
 // Journal, logs, wrappers
 // ---------------------------------------------------------------------------
-
-/// The journal's records: `+ <secs> <path>` and `- <path>`.
-#[derive(Debug, Default)]
-struct JournalRecords {
-    added: Vec<String>,
-    done: Vec<String>,
-    malformed: Vec<String>,
-}
-
-impl JournalRecords {
-    fn read(d: &Daemon) -> JournalRecords {
-        let text = fs::read(d.state_dir().join("journal")).unwrap_or_default();
-        let mut out = JournalRecords::default();
-        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let line = String::from_utf8_lossy(line).into_owned();
-            if let Some(rest) = line.strip_prefix("+ ") {
-                match rest.split_once(' ') {
-                    Some((secs, p)) if secs.parse::<u64>().is_ok() && !p.contains(' ') => {
-                        out.added.push(p.to_string())
-                    }
-                    _ => out.malformed.push(line),
-                }
-            } else if let Some(p) = line.strip_prefix("- ") {
-                if p.contains(' ') {
-                    out.malformed.push(line)
-                } else {
-                    out.done.push(p.to_string())
-                }
-            } else {
-                out.malformed.push(line);
-            }
-        }
-        out
-    }
-
-    /// Paths added and not done, applying records in order is not needed:
-    /// a path is live when it has more `+` than `-` records.
-    fn live(&self) -> HashSet<String> {
-        let mut count: HashMap<&str, i64> = HashMap::new();
-        for p in &self.added {
-            *count.entry(p).or_default() += 1;
-        }
-        for p in &self.done {
-            *count.entry(p).or_default() -= 1;
-        }
-        count
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(p, _)| p.to_string())
-            .collect()
-    }
-}
 
 fn assert_no_panic(d: &Daemon, ctx: &str) {
     let log = d.log();
@@ -1041,7 +989,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
         total.queued_sent.len(),
         "{ctx}: sum of `ok N` differs from the number of distinct valid paths sent"
     );
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert!(
         j.malformed.is_empty(),
         "{ctx}: malformed journal records: {:?}",
@@ -1092,7 +1040,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
             "{ctx}: unexpected `-` record for {p}"
         );
     }
-    let live = j.live();
+    let live: HashSet<String> = j.live.iter().cloned().collect();
     let outputs: HashSet<String> = total
         .queued_sent
         .iter()
@@ -1106,7 +1054,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     wait_until_diag(
         Duration::from_secs(30),
         "status `queued` to match the journal",
-        || d.status().num("queued") as usize == JournalRecords::read(&d).live().len(),
+        || d.status().num("queued") as usize == d.journal().live.len(),
         || format!("{ctx}\nstatus: {:?}", d.status()),
     );
 }
@@ -1224,7 +1172,7 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
         CLIENTS * PER_CLIENT,
         "sum of `ok N` over all clients (each path is new exactly once)"
     );
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert!(j.malformed.is_empty(), "malformed: {:?}", j.malformed);
     assert!(j.done.is_empty(), "nothing can have finished: {:?}", j.done);
     let distinct: HashSet<&String> = j.added.iter().collect();
@@ -1426,7 +1374,7 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         let o = as_user(&member, &bin, &args, &no_env);
         assert!(o.status.success(), "{args:?} as member: {}", show(&o));
     }
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert_eq!(
         j.added,
         vec![p_mem.clone()],
@@ -1940,7 +1888,7 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         !env.is_valid_in(&read, Path::new(&bait)),
         "the path sent with a hostile one was uploaded"
     );
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert!(
         j.added.iter().all(|p| *p == good),
         "only the good path was ever journaled: {:?}",
@@ -2339,7 +2287,7 @@ fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
         lines[0].contains("no complete request line within 10 s"),
         "{lines:?}"
     );
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert!(
         !j.added.contains(&slow_path) && j.added.contains(&fast_path),
         "{j:?}"

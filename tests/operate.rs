@@ -1289,11 +1289,6 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
 // Poison paths: failure has an end
 // ---------------------------------------------------------------------------
 
-/// The daemon's journal file.
-fn journal_text(d: &Daemon) -> String {
-    fs::read_to_string(d.state_dir().join("journal")).unwrap_or_default()
-}
-
 /// Paths that can never upload (the wrapper refuses them while the target
 /// takes the others) are given up on after `max-attempts`: `wait` exits 1
 /// naming them with the error instead of blocking; `status` (text and JSON)
@@ -1404,7 +1399,7 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
         num(&j, "failed"),
         2.0,
         "after restart: {j:?}\n{}",
-        journal_text(&d)
+        fs::read_to_string(d.journal_path()).unwrap_or_default()
     );
     // A later wait (another CI job's, say) does not wait for them, and does
     // not fail for them: they were given up on before it.
@@ -1450,7 +1445,7 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
         (num(&j, "queued"), num(&j, "failed")),
         (0.0, 0.0),
         "{j:?}\n{}",
-        journal_text(&d)
+        fs::read_to_string(d.journal_path()).unwrap_or_default()
     );
     // Nothing to requeue or drop now.
     let r = cli(&d, &["requeue", "--all-failed"]);
@@ -2195,7 +2190,7 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
         },
     );
     d.kill9();
-    let journal = journal_text(&d);
+    let journal = fs::read_to_string(d.journal_path()).unwrap_or_default();
     let a_id = target_id(&up_a);
     for p in &paths {
         assert!(

@@ -1608,6 +1608,74 @@ impl Daemon {
     }
 }
 
+/// A journal read the way the daemon replays it: `+ SECS PATH` queues a
+/// path, `- PATH` ends it; a last line without a newline is a torn record
+/// and ignored. Any other line is counted in `malformed` (a daemon with one
+/// target writes no other record).
+#[derive(Debug, Default)]
+pub struct Journal {
+    /// The path of every `+` record, in order.
+    pub added: Vec<String>,
+    /// The path of every `-` record, in order.
+    pub done: Vec<String>,
+    /// Lines that are neither.
+    pub malformed: Vec<String>,
+    /// Paths queued and not ended, in the order of their `+` record.
+    pub live: Vec<String>,
+    /// `+` records of a path that was already live.
+    pub duplicates: Vec<String>,
+    /// Records that describe no live path.
+    pub dead: usize,
+    /// Bytes of a torn last line.
+    pub torn: usize,
+}
+
+impl Journal {
+    /// Reads a journal's text.
+    pub fn parse(text: &str) -> Journal {
+        let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
+        let mut j = Journal {
+            torn: text.len() - complete.len(),
+            ..Journal::default()
+        };
+        let mut records = 0;
+        for line in complete.lines().filter(|l| !l.is_empty()) {
+            records += 1;
+            let add = line.strip_prefix("+ ").and_then(|r| r.split_once(' '));
+            if let Some((_, p)) = add.filter(|(s, p)| s.parse::<u64>().is_ok() && !p.contains(' '))
+            {
+                if j.live.iter().any(|l| l == p) {
+                    j.duplicates.push(p.to_string());
+                } else {
+                    j.live.push(p.to_string());
+                }
+                j.added.push(p.to_string());
+            } else if let Some(p) = line.strip_prefix("- ").filter(|p| !p.contains(' ')) {
+                j.live.retain(|l| l != p);
+                j.done.push(p.to_string());
+            } else {
+                j.malformed.push(line.to_string());
+            }
+        }
+        j.dead = records - j.live.len();
+        j
+    }
+}
+
+impl Daemon {
+    /// The journal file.
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir().join("journal")
+    }
+
+    /// The journal, read as the daemon replays it (empty if it is missing).
+    pub fn journal(&self) -> Journal {
+        Journal::parse(&String::from_utf8_lossy(
+            &fs::read(self.journal_path()).unwrap_or_default(),
+        ))
+    }
+}
+
 impl Drop for Daemon {
     /// Kills the daemon; when a test fails (the thread is panicking), also
     /// prints the end of its log, so that every failed assertion of a
