@@ -279,9 +279,8 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     );
     assert!(
         acked.len() > 100,
-        "only {} paths were acknowledged; log:\n{}",
-        acked.len(),
-        d.log()
+        "only {} paths were acknowledged",
+        acked.len()
     );
     assert!(
         kills_during_copy >= CYCLES / 4,
@@ -458,10 +457,9 @@ fn outage_backs_off_then_delivers_everything() {
     assert!(
         after.num("failed-calls") <= 2 * delays.len() as u64 + 1,
         "{} failed nix calls for {} failed attempts: more than the batch and one \
-         path alone per attempt\nlog:\n{}",
+         path alone per attempt",
         after.num("failed-calls"),
         delays.len(),
-        d.log()
     );
 }
 
@@ -617,14 +615,13 @@ fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
     let paths = add_text_paths(&env, 2, "persist");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 2");
     // (Counted once the batch is done, a moment after it left the queue.)
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(300),
         "the paths done (uploaded, or failed and retried)",
         || {
             let st = d.status();
             st.num("queued") == 0 && st.num("uploaded") >= 2
         },
-        || d.log(),
     );
     let masters: Vec<String> = fs::read_dir("/proc")
         .unwrap()
@@ -895,10 +892,10 @@ fn poison_paths_do_not_hold_back_good_ones() {
         UPLOAD_TIMEOUT,
         "the good paths in the receiver",
         || env.verify_in_cache(&recv, &pk, good),
-        || format!("{}\nsshd:\n{}", d.log(), sshd.log()),
+        || format!("sshd:\n{}", sshd.log()),
     );
     let rejected_s = rejected.display().to_string();
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(30),
         "the rejected path backing off on its own in status, the rest done",
         || {
@@ -907,7 +904,6 @@ fn poison_paths_do_not_hold_back_good_ones() {
             let st = d.status();
             st.backoff.len() == 1 && st.backoff[0].contains(&rejected_s) && st.num("queued") == 1
         },
-        || d.log(),
     );
     let st = d.status();
     assert!(refused_for_signature(&st.backoff[0]), "{:?}", st.backoff);
@@ -1065,14 +1061,13 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
         wait_ok(UPLOAD_TIMEOUT, "spooled paths in the cache", || {
             all_in_cache(&env, &read, paths)
         });
-        wait_until_diag(
+        wait_until(
             Duration::from_secs(30),
             "the uploads counted and the queue empty",
             || {
                 let st = d.status();
                 st.num("uploaded") >= total && st.num("queued") == 0
             },
-            || d.log(),
         );
         d.status().num("uploaded")
     };

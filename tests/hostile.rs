@@ -1276,18 +1276,21 @@ fn short_id() -> String {
     format!("{:x}{:05x}", std::process::id() % 0xfff, nanos % 0xfffff)
 }
 
-/// `BIN ARGS` as `user` (with its groups from /etc/group), a clean environment.
-fn as_user(user: &str, bin: &Path, args: &[&str], env: &[(String, std::ffi::OsString)]) -> Output {
+/// `BIN` as `user` (with its groups from /etc/group), a clean environment
+/// and `env`.
+fn as_user_cmd(user: &str, bin: &Path, env: &[(String, std::ffi::OsString)]) -> Command {
     let mut c = Command::new("setpriv");
     c.args(["--reuid", user, "--regid", user, "--init-groups", "--"])
         .arg(bin)
-        .args(args)
         .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    run(&mut c)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    c
+}
+
+/// Runs `BIN ARGS` as `user` (see [`as_user_cmd`]).
+fn as_user(user: &str, bin: &Path, args: &[&str], env: &[(String, std::ffi::OsString)]) -> Output {
+    run(as_user_cmd(user, bin, env).args(args))
 }
 
 /// Socket mode 0660 with a group: a user outside the group is denied (the
@@ -1514,24 +1517,12 @@ impl OtherUser {
         log: &Path,
         socket: &Path,
     ) -> std::process::Child {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid",
-            &self.name,
-            "--regid",
-            &self.name,
-            "--init-groups",
-            "--",
-        ])
-        .arg(&self.daemon)
-        .arg("serve")
-        .args(args)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(fs::File::create(log).unwrap());
+        let mut c = as_user_cmd(&self.name, &self.daemon, env);
+        c.arg("serve")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(log).unwrap());
         let mut child = c.spawn().unwrap();
         let started = Instant::now();
         while !socket.exists() {

@@ -357,7 +357,7 @@ fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
                 .then_some(())
                 .ok_or(t)
         },
-        || d.log(),
+        || format!("the metrics file of the daemon in {}", d.dir().display()),
     );
 }
 
@@ -1100,7 +1100,7 @@ fn metrics_file_is_prometheus_text_and_moves() {
     // The CLI refuses a missing path; through the socket it is acknowledged
     // and then dropped.
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "metrics show 2 uploaded and 1 dropped",
         || {
@@ -1117,7 +1117,6 @@ fn metrics_file_is_prometheus_text_and_moves() {
                 Err(format!("{m:?}"))
             }
         },
-        || d.log(),
     );
     for p in &paths {
         assert!(env.is_valid_in(&read, p));
@@ -1142,12 +1141,7 @@ fn metrics_file_is_prometheus_text_and_moves() {
 #[test]
 fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
     let env = NixEnv::new("op-wait-int");
-    let (upload, _read) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
-    w.set_hold(true);
-    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
-    let good = env.build_paths(1, "wait-int");
-    assert_eq!(d.request(&format!("enqueue {}", good[0].display())), "ok 1");
+    let (d, w, _, _) = daemon_with_a_held_copy(&env, "wait-int");
     let (child, out) = wait_on_a_terminal(&d);
     let script_pid = child.id();
     let mut child = ChildGuard(Some(child));
@@ -1490,14 +1484,13 @@ fn outage_does_not_count_towards_max_attempts_but_give_up_after_ends_it() {
         || attempts(&d).first().is_some_and(|a| *a >= 4.0),
     );
     enqueue_cli(&d, &[paths[1].clone(), paths[2].clone()]);
-    wait_until_diag(
+    wait_until(
         UPLOAD_TIMEOUT,
         "three paths failing 4 times or more",
         || {
             let a = attempts(&d);
             a.len() == 3 && a.iter().all(|n| *n >= 4.0)
         },
-        || d.log(),
     );
     let j = status_json(&d);
     assert_eq!(num(&j, "failed"), 0.0, "an outage made paths fail: {j:?}");
@@ -1803,14 +1796,13 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
     );
     let paths = env.build_paths(3, "uploader");
     enqueue_cli(&d, &paths);
-    wait_until_diag(
+    wait_until(
         UPLOAD_TIMEOUT,
         "the uploader failing, the paths backing off",
         || {
             let j = status_json(&d);
             num(&j, "backing_off") == 3.0 && num(&j, "failed_calls") >= 2.0
         },
-        || d.log(),
     );
     let j = status_json(&d);
     assert_eq!(
@@ -2126,7 +2118,7 @@ fn one_target_down_does_not_hold_back_the_other() {
                 && num(&b, "queued") == 4.0
                 && num(&b, "backing_off") == 4.0
         },
-        || format!("{:?}\n{}", status_json(&d), d.log()),
+        || format!("{:?}", status_json(&d)),
     );
     let a = target_json(&d, "cache-a");
     assert_eq!(

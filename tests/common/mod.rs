@@ -582,11 +582,6 @@ impl NixEnv {
         self.tmp.join("store")
     }
 
-    /// `$NIX_CONF_DIR` (holds `nix.conf`).
-    pub fn conf_dir(&self) -> PathBuf {
-        self.tmp.join("etc")
-    }
-
     /// The environment variables that select this store, as name/value pairs.
     /// [`NixEnv::cmd`] applies them; pass them to any other process that runs
     /// nix for this store.
@@ -1114,11 +1109,6 @@ impl Sshd {
         format!("local?root={}", self.receiver_root.display())
     }
 
-    /// The receiving store's chroot directory.
-    pub fn receiver_root(&self) -> &Path {
-        &self.receiver_root
-    }
-
     /// sshd's stderr so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.tmp.join("sshd.log")).unwrap_or_default()
@@ -1408,15 +1398,6 @@ impl Daemon {
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             kill_tree(c.id());
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGKILLs only the daemon process; commands it was running are
-    /// orphaned and keep running (the harness cannot clean them up later).
-    pub fn kill9_daemon_only(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
             let _ = c.wait();
         }
     }
