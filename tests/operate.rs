@@ -841,25 +841,11 @@ fn socket_activation_serves_the_passed_socket() {
     let env = NixEnv::new("op-activate");
     let (upload, read) = file_cache(&env, "cache");
     let w = FakeNix::new(&env);
-    let dir = env.root().join("activation");
-    fs::create_dir_all(&dir).unwrap();
-    let passed = dir.join("passed.sock");
-    let own = dir.join("own.sock");
-    let config = dir.join("config");
-    fs::write(
-        &config,
-        format!(
-            "socket = {}\nstate-dir = {}\nupload-to = {upload}\nnix = {}\n",
-            own.display(),
-            dir.join("state").display(),
-            w.nix()
-        ),
-    )
-    .unwrap();
-    let log = dir.join("daemon.log");
+    let d = Daemon::new_stopped(&env, &[("upload-to", &upload), ("nix", &w.nix())], NO_ENV);
+    let (own, config, log) = (d.socket(), d.config_path(), d.log_path());
+    let passed = env.root().join("passed.sock");
     let listener = UnixListener::bind(&passed).unwrap();
-    let mut daemon = spawn_activated(&env, listener, &config, &log, None);
-    let log_text = || fs::read_to_string(&log).unwrap_or_default();
+    let mut daemon = spawn_activated(&env, listener, config, &log, None);
 
     // The listener was bound before the daemon started: this connects even
     // before the daemon accepts, and is answered once it does.
@@ -870,12 +856,10 @@ fn socket_activation_serves_the_passed_socket() {
         run_bounded(&mut c, None).into()
     };
     let r = cli_at(&["status"]);
-    assert_eq!(r.code, Some(0), "{r:?}\nlog:\n{}", log_text());
-    assert!(
-        log_text().contains("listening on the socket passed by systemd"),
-        "{}",
-        log_text()
-    );
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(d
+        .log()
+        .contains("listening on the socket passed by systemd"));
     assert!(!own.exists(), "the daemon created {}", own.display());
 
     let paths = env.build_paths(2, "activate");
@@ -889,8 +873,7 @@ fn socket_activation_serves_the_passed_socket() {
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (Some(0), "all uploaded\n"),
-        "{r:?}\nlog:\n{}",
-        log_text()
+        "{r:?}"
     );
     for p in &paths {
         assert!(
@@ -908,7 +891,7 @@ fn socket_activation_serves_the_passed_socket() {
     );
 
     let st = daemon.terminate();
-    assert!(st.success(), "exit on SIGTERM: {st}\nlog:\n{}", log_text());
+    assert!(st.success(), "exit on SIGTERM: {st}");
     assert!(
         passed.exists(),
         "the daemon removed the socket systemd owns"
@@ -916,13 +899,12 @@ fn socket_activation_serves_the_passed_socket() {
     assert!(!own.exists());
 
     // LISTEN_PID names another process: fd 3 is not for us.
-    let listener = UnixListener::bind(dir.join("other.sock")).unwrap();
-    let mut daemon = spawn_activated(&env, listener, &config, &log, Some("1"));
-    wait_until_diag(
+    let listener = UnixListener::bind(env.root().join("other.sock")).unwrap();
+    let mut daemon = spawn_activated(&env, listener, config, &log, Some("1"));
+    wait_until(
         Duration::from_secs(10),
         "the daemon binds its own socket",
         || std::os::unix::net::UnixStream::connect(&own).is_ok(),
-        log_text,
     );
     let mut c = env.cmd(daemon_bin());
     c.arg("status").arg("--socket").arg(&own);
@@ -964,51 +946,23 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
     let env = NixEnv::new("op-journal");
     let paths = env.build_paths(1, "journal");
     for journal in [true, false] {
-        let dir = env.root().join(format!("journal-{journal}"));
-        fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("sock");
-        let config = dir.join("config");
-        fs::write(
-            &config,
-            format!(
-                "socket = {}\nstate-dir = {}\nupload-to = file:///dev/null/x\nretry-initial-delay = 0.05\n",
-                socket.display(),
-                dir.join("state").display()
-            ),
-        )
-        .unwrap();
-        let log = dir.join("daemon.log");
-        let file = fs::File::create(&log).unwrap();
-        let meta = file.metadata().unwrap();
-        // The stream systemd would name: this file, or some other file.
+        let config = [
+            ("upload-to", "file:///dev/null/x"),
+            ("retry-initial-delay", "0.05"),
+        ];
+        let mut d = Daemon::new_stopped(&env, &config, NO_ENV);
+        let meta = fs::File::create(d.log_path()).unwrap().metadata().unwrap();
+        // The stream systemd would name: the log file, or some other file.
         let stream = format!("{}:{}", meta.dev(), meta.ino() + u64::from(!journal));
-        let mut c = env.cmd(daemon_bin());
-        c.args(["serve", "--config"])
-            .arg(&config)
-            .env("JOURNAL_STREAM", &stream)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        let mut daemon = ChildGuard(Some(c.spawn().unwrap()));
-        let log_text = || fs::read_to_string(&log).unwrap_or_default();
-        wait_until_diag(
-            Duration::from_secs(10),
-            "socket",
-            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
-            log_text,
-        );
-        let mut c = env.cmd(daemon_bin());
-        c.arg("enqueue").arg(&paths[0]).arg("--socket").arg(&socket);
-        assert_eq!(run(&mut c).status.code(), Some(0));
+        d.set_env("JOURNAL_STREAM", &stream);
+        d.try_spawn().unwrap();
+        cli_ok(&d, &["enqueue", &paths[0].display().to_string()]);
         // A failing upload: something to warn about.
-        wait_until_diag(
-            UPLOAD_TIMEOUT,
-            "a warning",
-            || log_text().contains("failed attempt"),
-            log_text,
-        );
-        assert!(daemon.terminate().success(), "{}", log_text());
-        let text = log_text();
+        wait_until(UPLOAD_TIMEOUT, "a warning", || {
+            d.log().contains("failed attempt")
+        });
+        assert!(d.stop().success());
+        let text = d.log();
         let prefixes: &[&str] = if journal {
             &["<3>", "<4>", "<6>"]
         } else {

@@ -1255,6 +1255,11 @@ impl Daemon {
         self.write_config();
     }
 
+    /// Sets `key` in the daemon's environment from the next (re)start on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.into()));
+    }
+
     /// Removes `key` from the daemon's environment (the test runner's
     /// included) from the next (re)start on.
     pub fn unset_env(&mut self, key: &str) {
