@@ -1,28 +1,22 @@
 //! Integration-test harness for nix-post-build-hook-queue (std only, no crates).
 //!
-//! Every integration test file pulls this in with `mod common;` and gets:
+//! Every integration test file pulls this in with `mod common;`. Fixtures:
 //!
-//! - [`TempDir`]: a unique scratch directory, removed on drop (kept when the
-//!   environment variable `NPBHQ_KEEP_TMP` is set; the base directory is
-//!   `$NPBHQ_TEST_TMP` or [`std::env::temp_dir`]). Removal first makes every
-//!   directory writable, because Nix store paths are read-only.
-//! - [`NixEnv`]: a private, hermetic Nix store per test (its own store, state,
-//!   log and config directories), with helpers to build trivial derivations
-//!   with a post-build-hook, add paths, make signing keys, sign, copy, verify a
-//!   binary cache and read signatures.
-//! - [`Sshd`]: a real `/usr/sbin/sshd` on 127.0.0.1 and a free port whose
-//!   `nix-daemon --stdio` serves a separate receiving store that demands
-//!   signatures (`require-sigs = true`, `trusted-public-keys = <test key>`),
-//!   reachable as an `ssh-ng://` store URL.
-//! - [`Daemon`]: the real `post-build-hook-queue serve` daemon with a config
-//!   file, log capture, `kill9`/`restart`/`stop`, and the protocol client
-//!   [`Daemon::request`].
-//! - [`wait_until`], [`wait_until_ok`]: bounded polling for asynchronous
-//!   outcomes. Their timeout is a correctness bound (the test fails if the
-//!   thing never happens), never a performance assertion.
-//! - [`kill_tree`]: SIGKILL a process and all its descendants (used for
-//!   `Daemon::kill9` and on drop, so no orphaned `nix copy` outlives a test).
-//! - [`Json`]: a tiny JSON reader for `nix path-info --json` and similar output.
+//! - [`TempDir`]: a scratch directory, removed on drop (read-only store
+//!   trees too).
+//! - [`NixEnv`]: a private, hermetic Nix store per test: build paths (with a
+//!   post-build-hook), add, sign and copy them, verify a binary cache.
+//! - [`Sshd`]: a real sshd on 127.0.0.1 whose `nix-daemon --stdio` serves a
+//!   receiving store that demands signatures, as an `ssh-ng://` URL.
+//! - [`Daemon`]: the real `post-build-hook-queue serve` with a config file
+//!   and a log, which it prints when its test fails; `kill9`, `restart`,
+//!   `stop`, [`Daemon::request`], [`Daemon::status`], [`Daemon::journal`].
+//! - [`FakeNix`]: a wrapper around the real nix that records its calls and
+//!   holds, fails or refuses a target's `nix copy`; with it
+//!   [`daemon_with_a_held_copy`] and [`two_targets`].
+//! - [`wait_until`], [`wait_ok`]: bounded polling; the bound is for
+//!   correctness (the thing never happens), never a speed assertion.
+//! - [`kill_tree`], [`run_to_exit`], [`rerun_test`], [`Json`].
 //!
 //! Useful environment variables: `NPBHQ_KEEP_TMP=1` keeps every temp dir (its
 //! path is printed) for post-mortems; `NPBHQ_TEST_TMP=DIR` moves them (keep
