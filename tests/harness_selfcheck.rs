@@ -335,3 +335,33 @@ fn a_failed_assertion_of_a_daemon_test_prints_the_daemon_log() {
         "{said}"
     );
 }
+
+/// Where the loopback interface is down (as in a container without
+/// `CAP_NET_ADMIN`), a test that needs sshd fails with one line that says
+/// so: this test runs itself again in a new network namespace, whose
+/// loopback is down.
+#[test]
+fn sshd_on_a_loopback_that_is_down_says_why_in_one_line() {
+    let name = "sshd_on_a_loopback_that_is_down_says_why_in_one_line";
+    if std::env::var_os("NPBHQ_SELFCHECK_NO_LOOPBACK").is_some() {
+        let env = NixEnv::new("selfcheck-nolo");
+        let (_, pk) = env.gen_signing_key("nolo-1");
+        let _sshd = Sshd::start(&env, &pk);
+        return;
+    }
+    let script = "exec unshare -n \"$0\" \"$@\"";
+    let o = rerun_test(name, script, &[("NPBHQ_SELFCHECK_NO_LOOPBACK", "1")]);
+    let said = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "sshd started without a loopback: {said}"
+    );
+    let why = said
+        .lines()
+        .find(|l| l.contains("the loopback interface is down"))
+        .unwrap_or_else(|| panic!("no line that says why: {said}"));
+    assert!(
+        why.contains("127.0.0.1") && why.contains("CAP_NET_ADMIN"),
+        "{why}"
+    );
+}

@@ -946,6 +946,7 @@ impl Sshd {
     /// `trusted_public_keys` (space separated `name:base64` keys).
     pub fn start(sender: &NixEnv, trusted_public_keys: &str) -> Sshd {
         let sshd_bin = require_sshd();
+        require_loopback();
         let tmp = TempDir::new("sshd");
         let dir = tmp.path().to_path_buf();
         fs::create_dir_all("/run/sshd").expect("mkdir -p /run/sshd");
@@ -1114,6 +1115,20 @@ impl Drop for Sshd {
         // Also ends live sessions and their `nix-daemon --stdio`.
         kill_tree(self.child.id());
         let _ = self.child.wait();
+    }
+}
+
+/// Panics with one line unless a TCP connection to 127.0.0.1 goes through:
+/// in a container without `CAP_NET_ADMIN` the loopback interface can stay
+/// down, and every test that needs sshd would fail without saying why.
+pub fn require_loopback() {
+    let probe = TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(5)));
+    if let Err(e) = probe {
+        panic!(
+            "no TCP connection to 127.0.0.1 ({e}): the loopback interface is down (a container without CAP_NET_ADMIN?), and these tests run sshd on it"
+        );
     }
 }
 
