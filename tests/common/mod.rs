@@ -1122,9 +1122,9 @@ impl Drop for Sshd {
 /// in a container without `CAP_NET_ADMIN` the loopback interface can stay
 /// down, and every test that needs sshd would fail without saying why.
 pub fn require_loopback() {
+    // The listener lives until the connection is made.
     let probe = TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(5)));
+        .and_then(|l| TcpStream::connect_timeout(&l.local_addr()?, Duration::from_secs(5)));
     if let Err(e) = probe {
         panic!(
             "no TCP connection to 127.0.0.1 ({e}): the loopback interface is down (a container without CAP_NET_ADMIN?), and these tests run sshd on it"
