@@ -2579,18 +2579,15 @@ fn planted_names_beside_the_socket_change_nothing() {
             .spawn()
             .unwrap();
         let planted = PathBuf::from(format!("{}.{}.d", socket.display(), child.id()));
-        let start = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("{what}: the daemon exited ({st}): {}", d.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{what}: no socket: {}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{what}: the socket"),
+            || {
+                let exited = child.try_wait().unwrap();
+                assert!(exited.is_none(), "{what}: the daemon exited ({exited:?})");
+                UnixStream::connect(&socket).is_ok()
+            },
+        );
         assert!(ask(&socket, "ping").starts_with("ok "), "{what}");
         assert!(
             fs::symlink_metadata(&planted).is_ok(),
