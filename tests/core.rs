@@ -29,13 +29,8 @@ fn signing_daemon(env: &NixEnv, key_name: &str) -> (Daemon, String, String) {
     (d, read, pk)
 }
 
-fn wait_verified(env: &NixEnv, d: &Daemon, url: &str, pk: &str, paths: &[PathBuf], what: &str) {
-    wait_until_ok(
-        UPLOAD_TIMEOUT,
-        what,
-        || env.verify_in_cache(url, pk, paths),
-        || format!("daemon log:\n{}", d.log()),
-    );
+fn wait_verified(env: &NixEnv, url: &str, pk: &str, paths: &[PathBuf], what: &str) {
+    wait_ok(UPLOAD_TIMEOUT, what, || env.verify_in_cache(url, pk, paths));
 }
 
 /// 1. A nix-build with our hook and a daemon that signs and uploads to a
@@ -49,16 +44,10 @@ fn hook_build_is_signed_and_uploaded_to_file_cache() {
     let env = NixEnv::new("core-file");
     let (d, read, pk) = signing_daemon(&env, "core-file-1");
     let b = env.build(3, "file", Some(&hook_bin()), &d.hook_env());
-    assert!(
-        b.status.success(),
-        "build failed: {}\ndaemon log:\n{}",
-        b.stderr,
-        d.log()
-    );
+    assert!(b.status.success(), "build failed: {}", b.stderr);
     assert_eq!(b.out_paths.len(), 3, "{b:?}");
     wait_verified(
         &env,
-        &d,
         &read,
         &pk,
         &b.out_paths,
@@ -83,12 +72,7 @@ fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
         &sshd.env(),
     );
     let b = env.build(3, "ssh", Some(&hook_bin()), &d.hook_env());
-    assert!(
-        b.status.success(),
-        "build failed: {}\ndaemon log:\n{}",
-        b.stderr,
-        d.log()
-    );
+    assert!(b.status.success(), "build failed: {}", b.stderr);
     assert_eq!(b.out_paths.len(), 3, "{b:?}");
     let recv = sshd.local_store_url();
     wait_until_ok(
@@ -99,7 +83,7 @@ fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
                 .iter()
                 .try_for_each(|p| env.path_sigs(&recv, p).map(drop))
         },
-        || format!("daemon log:\n{}\nsshd log:\n{}", d.log(), sshd.log()),
+        || format!("sshd log:\n{}", sshd.log()),
     );
     for p in &b.out_paths {
         let sigs = env.path_sigs(&recv, p).unwrap();
@@ -178,7 +162,6 @@ fn spooled_paths_are_uploaded_when_daemon_starts() {
     d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
     wait_verified(
         &env,
-        &d,
         &read,
         &pk,
         &b.out_paths,
@@ -201,12 +184,11 @@ fn enqueue_cli_uploads_and_rejects_bad_arguments() {
         .args(&paths));
     assert!(
         o.status.success(),
-        "enqueue failed ({}): {}\ndaemon log:\n{}",
+        "enqueue failed ({}): {}",
         o.status,
-        String::from_utf8_lossy(&o.stderr),
-        d.log()
+        String::from_utf8_lossy(&o.stderr)
     );
-    wait_verified(&env, &d, &read, &pk, &paths, "enqueued paths uploaded");
+    wait_verified(&env, &read, &pk, &paths, "enqueued paths uploaded");
 
     for bad in [vec!["/tmp/x"], vec!["--to"], vec!["/tmp/x", "--to"]] {
         let o = run(d.cli_cmd().args(["enqueue", "--socket", &sock]).args(&bad));
@@ -242,14 +224,7 @@ fn enqueue_cli_reads_stdin() {
         "enqueue - failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    wait_verified(
-        &env,
-        &d,
-        &read,
-        &pk,
-        &paths,
-        "stdin-enqueued paths uploaded",
-    );
+    wait_verified(&env, &read, &pk, &paths, "stdin-enqueued paths uploaded");
 }
 
 /// 4c. A daemon with neither a signing key nor an upload target acks
@@ -262,16 +237,11 @@ fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
     assert!(ping.starts_with("ok"), "ping: {ping}");
     let p = env.build_paths(1, "idle");
     let reply = d.request(&format!("enqueue {}", p[0].display()));
-    assert!(
-        reply.starts_with("ok"),
-        "enqueue reply: {reply}\nlog:\n{}",
-        d.log()
-    );
-    wait_until_diag(
+    assert!(reply.starts_with("ok"), "enqueue reply: {reply}");
+    wait_until(
         Duration::from_secs(10),
         "the daemon log to say it has nothing to do",
         || d.log().to_lowercase().contains("nothing to do"),
-        || d.log(),
     );
 }
 
@@ -287,14 +257,14 @@ fn protocol_replies() {
         paths[0].display(),
         paths[1].display()
     ));
-    assert_eq!(reply, "ok 2", "log:\n{}", d.log());
+    assert_eq!(reply, "ok 2");
     for bad in ["enqueue /tmp/x", "frobnicate", "enqueue"] {
         let r = d.request(bad);
         assert!(r.starts_with("err "), "{bad:?} -> {r:?}");
     }
     let drv = env.deriver(&paths[0]);
     let r = d.request(&format!("drv {}", drv.display()));
-    assert!(r.starts_with("ok"), "drv -> {r:?}\nlog:\n{}", d.log());
+    assert!(r.starts_with("ok"), "drv -> {r:?}");
 }
 
 /// 5. Journal durability: acked paths survive `kill -9` while the upload
@@ -314,7 +284,7 @@ fn journal_survives_kill9_and_uploads_after_restart() {
     let paths = env.build_paths(3, "crash");
     let line = format!("enqueue {}", strs(&paths).join(" "));
     let reply = d.request(&line);
-    assert_eq!(reply, "ok 3", "log:\n{}", d.log());
+    assert_eq!(reply, "ok 3");
     d.kill9();
     assert!(
         env.verify_in_cache(&read, &pk, &paths).is_err(),
@@ -324,7 +294,6 @@ fn journal_survives_kill9_and_uploads_after_restart() {
     d.restart();
     wait_verified(
         &env,
-        &d,
         &read,
         &pk,
         &paths,
@@ -347,14 +316,7 @@ fn hook_client_run_directly_hands_over_drv() {
         o.status,
         String::from_utf8_lossy(&o.stderr)
     );
-    wait_verified(
-        &env,
-        &d,
-        &read,
-        &pk,
-        &paths,
-        "directly hooked path uploaded",
-    );
+    wait_verified(&env, &read, &pk, &paths, "directly hooked path uploaded");
 }
 
 /// The hook started with its standard descriptors closed (as a careless
@@ -385,7 +347,7 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
 
     d.restart();
     closed(&d, &paths[1]);
-    wait_verified(&env, &d, &read, &pk, &paths, "both paths uploaded");
+    wait_verified(&env, &read, &pk, &paths, "both paths uploaded");
 }
 
 /// Nix's log reader gone (the hook's stderr a pipe nobody reads): the hook's
@@ -425,6 +387,39 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
 fn hook_spools_when_the_daemon_backlog_is_full() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    // Each queued connection holds a descriptor of this process: below
+    // the backlog plus a margin, the test runs again in a child whose soft
+    // limit is raised (up to the hard one).
+    let backlog: u64 = fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("read /proc/sys/net/core/somaxconn");
+    let need = backlog + 512;
+    let (soft, hard) = open_file_limits();
+    if soft < need {
+        assert!(
+            hard >= need,
+            "this test fills a listen backlog of {backlog} (net.core.somaxconn) and needs {need} open files, but the hard limit is {hard}: raise it (ulimit -Hn) or lower somaxconn"
+        );
+        assert!(
+            std::env::var_os("NPBHQ_NOFILE_RAISED").is_none(),
+            "ulimit -n did not raise the open-file limit ({soft} of {need})"
+        );
+        let want = hard.min(2 * need);
+        let o = rerun_test(
+            "hook_spools_when_the_daemon_backlog_is_full",
+            &format!("ulimit -n {want} && exec \"$0\" \"$@\""),
+            &[("NPBHQ_NOFILE_RAISED", "1")],
+        );
+        let said = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && said.contains("1 passed"),
+            "the re-run with `ulimit -n {want}` failed ({}):\n{said}",
+            o.status
+        );
+        return;
+    }
 
     let env = NixEnv::new("core-hook-backlog");
     let dir = env.root().join("full");
@@ -563,7 +558,7 @@ fn daemon_with_closed_standard_descriptors_opens_dev_null_on_them() {
     for p in &paths {
         assert_eq!(d.request(&format!("enqueue {}", p.display())), "ok 1");
     }
-    wait_verified(&env, &d, &read, &pk, &paths, "both paths uploaded");
+    wait_verified(&env, &read, &pk, &paths, "both paths uploaded");
     let journal = fs::read_to_string(d.state_dir().join("journal")).unwrap();
     assert!(
         journal
@@ -621,17 +616,16 @@ fn invalid_path_does_not_block_valid_ones() {
         ],
     );
     let reply = d.request(&format!("enqueue {}", strs(&paths).join(" ")));
-    assert_eq!(reply, "ok 3", "log:\n{}", d.log());
+    assert_eq!(reply, "ok 3");
     wait_verified(
         &env,
-        &d,
         &read,
         &pk,
         &good,
         "valid paths uploaded despite an invalid one in the same batch",
     );
     let victim_s = victim.display().to_string();
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(30),
         "the collected path dropped, the queue empty",
         || {
@@ -639,7 +633,6 @@ fn invalid_path_does_not_block_valid_ones() {
             status.iter().any(|l| l == "dropped:      1 since start")
                 && status.iter().any(|l| l == "queued:       0")
         },
-        || d.log(),
     );
     let log = d.log();
     let copied = fs::read_to_string(&copies).unwrap_or_default();
@@ -671,18 +664,16 @@ fn sigterm_stops_cleanly_and_restart_resumes_queue() {
     );
     let paths = env.build_paths(2, "term");
     let reply = d.request(&format!("enqueue {}", strs(&paths).join(" ")));
-    assert_eq!(reply, "ok 2", "log:\n{}", d.log());
+    assert_eq!(reply, "ok 2");
     let status = d.stop();
     assert!(
         status.success(),
-        "daemon did not exit 0 on SIGTERM: {status}\nlog:\n{}",
-        d.log()
+        "daemon did not exit 0 on SIGTERM: {status}"
     );
     d.set_config("upload-to", &upload);
     d.restart();
     wait_verified(
         &env,
-        &d,
         &read,
         &pk,
         &paths,

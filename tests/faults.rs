@@ -3,9 +3,9 @@
 //!
 //! Everything is real: Nix in private stores, the real daemon and hook
 //! binaries, `kill -9` of the whole daemon tree, an sshd, a TCP listener that
-//! never answers, a tmpfs that fills up. The one injected fault is the
-//! `nix-delay-wrapper`, a shell script that sleeps before `exec`ing the real
-//! `nix copy`, so that kills land while an upload runs.
+//! never answers, a tmpfs that fills up. The injected faults are
+//! [`FakeNix`] preludes, e.g. one that sleeps before the real `nix copy`,
+//! so that kills land while an upload runs.
 //!
 //! Timeouts in `wait_until*` are correctness bounds ("this eventually
 //! happens"), never speed assertions. Figures printed with `eprintln!` (run
@@ -14,9 +14,9 @@
 mod common;
 
 use common::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -32,27 +32,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn enqueue_line(paths: &[PathBuf]) -> String {
     format!("enqueue {}", strs(paths).join(" "))
-}
-
-/// A directory with a `nix` shell script that runs `prelude` and then
-/// `exec`s the real nix, and a `nix-store` link to the real one (the daemon
-/// takes `nix-store` from the directory of its `nix`). Returns the script.
-fn nix_wrapper(env: &NixEnv, name: &str, prelude: &str) -> PathBuf {
-    let dir = env.root().join(name);
-    fs::create_dir_all(&dir).unwrap();
-    let script = dir.join("nix");
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n# {name}: fault injection around the real nix\n{prelude}\nexec {} \"$@\"\n",
-            which("nix").display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::symlink(which("nix-store"), dir.join("nix-store")).unwrap();
-    script
 }
 
 /// `n` new content-addressed text paths from one `nix-store --add` call
@@ -72,133 +51,6 @@ fn add_text_paths(env: &NixEnv, n: usize, tag: &str) -> Vec<PathBuf> {
     let paths: Vec<PathBuf> = out.lines().map(PathBuf::from).collect();
     assert_eq!(paths.len(), n, "nix-store --add printed {out}");
     paths
-}
-
-/// One protocol request that never panics: the final reply line, or Err when
-/// the daemon is not there or the connection breaks (e.g. it was killed).
-fn try_request(socket: &Path, line: &str) -> Result<String, String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("{line}\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut r = BufReader::new(s);
-    loop {
-        let mut l = String::new();
-        match r.read_line(&mut l) {
-            Ok(0) => return Err("connection closed without a reply".into()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("read: {e}")),
-        }
-        let l = l.trim_end().to_string();
-        if l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ") {
-            return Ok(l);
-        }
-    }
-}
-
-/// A parsed `status` reply.
-#[derive(Debug)]
-struct Status {
-    fields: HashMap<String, String>,
-    /// `backoff ATTEMPTS NEXT-TRY PATH ERROR` lines.
-    backoff: Vec<String>,
-}
-
-impl Status {
-    fn get(&self, key: &str) -> &str {
-        self.fields.get(key).map(String::as_str).unwrap_or("")
-    }
-
-    fn num(&self, key: &str) -> u64 {
-        self.get(key)
-            .parse()
-            .unwrap_or_else(|_| panic!("status {key} is not a number: {self:?}"))
-    }
-}
-
-fn status(d: &Daemon) -> Status {
-    let lines = d.request_lines("status json");
-    assert_eq!(
-        lines.last().map(String::as_str),
-        Some("ok"),
-        "status reply: {lines:?}"
-    );
-    let (mut fields, mut backoff) = (HashMap::new(), Vec::new());
-    let Ok(Json::Obj(members)) = Json::parse(&lines[0]) else {
-        panic!("status json reply: {lines:?}");
-    };
-    for (k, v) in members {
-        match v {
-            Json::Num(n) => drop(fields.insert(k.replace('_', "-"), n.to_string())),
-            Json::Str(s) => drop(fields.insert(k.replace('_', "-"), s)),
-            Json::Arr(items) if k == "backoff" => {
-                for b in items {
-                    let text = |k: &str| b.get(k).and_then(Json::as_str).unwrap_or("").to_string();
-                    let num = |k: &str| b.get(k).and_then(Json::as_f64).unwrap_or(-1.0);
-                    let (path, error) = (text("path"), text("last_error"));
-                    let (attempts, next) = (num("attempts"), num("next_try_seconds"));
-                    backoff.push(format!("backoff {attempts} {next:.1} {path} {error}"));
-                }
-            }
-            _ => {}
-        }
-    }
-    Status { fields, backoff }
-}
-
-fn journal_path(d: &Daemon) -> PathBuf {
-    d.state_dir().join("journal")
-}
-
-/// What a journal file says, replayed the way the daemon replays it (a last
-/// line without a newline is a torn record and ignored).
-#[derive(Debug, Default)]
-struct JournalCheck {
-    /// Live paths, in order of their `+` record.
-    live: Vec<String>,
-    /// Records that describe no live path.
-    dead: usize,
-    /// `+` records for a path that was already live: duplicates.
-    duplicates: Vec<String>,
-    /// Bytes of a torn last line.
-    torn: usize,
-    /// Number of `-` records.
-    minus: usize,
-}
-
-fn check_journal(text: &str) -> JournalCheck {
-    let mut c = JournalCheck::default();
-    let mut live: HashMap<String, usize> = HashMap::new();
-    let mut order = 0usize;
-    let mut records = 0usize;
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    c.torn = text.len() - complete.len();
-    for line in complete.lines().filter(|l| !l.is_empty()) {
-        records += 1;
-        if let Some(rest) = line.strip_prefix("+ ") {
-            let path = rest.split_once(' ').map_or(rest, |(_, p)| p).to_string();
-            if let std::collections::hash_map::Entry::Vacant(e) = live.entry(path.clone()) {
-                order += 1;
-                e.insert(order);
-            } else {
-                c.duplicates.push(path);
-            }
-        } else if let Some(path) = line.strip_prefix("- ") {
-            c.minus += 1;
-            live.remove(path);
-        }
-    }
-    let mut ordered: Vec<(String, usize)> = live.into_iter().collect();
-    ordered.sort_by_key(|(_, o)| *o);
-    c.live = ordered.into_iter().map(|(p, _)| p).collect();
-    c.dead = records - c.live.len();
-    c
 }
 
 /// Ok when every path is valid in the cache at `url` (no signature check).
@@ -276,12 +128,12 @@ fn wait_request(d: &Daemon, deadline: Duration) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     let socket = d.socket();
     thread::spawn(move || {
-        let _ = tx.send(try_request(&socket, "wait"));
+        let _ = tx.send(try_ask(&socket, "wait"));
     });
     match rx.recv_timeout(deadline) {
         Ok(Ok(line)) => line,
-        Ok(Err(e)) => panic!("wait request failed: {e}\nlog:\n{}", d.log()),
-        Err(_) => panic!("wait did not end within {deadline:?}\nlog:\n{}", d.log()),
+        Ok(Err(e)) => panic!("wait request failed: {e}"),
+        Err(_) => panic!("wait did not end within {deadline:?}"),
     }
 }
 
@@ -311,17 +163,17 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     let (sk, pk) = env.gen_signing_key("faults-crash-1");
     let (upload, read) = file_cache(&env, "cache");
     let paths = add_text_paths(&env, 1000, "crash");
-    let slow_nix = nix_wrapper(
+    let slow_nix = FakeNix::with_preludes(
         &env,
-        "nix-delay-wrapper",
         "case \" $* \" in *\" copy \"*) sleep 0.15 ;; esac",
+        "",
     );
     let mut d = Daemon::start(
         &env,
         &[
             ("signing-key-file", &sk.display().to_string()),
             ("upload-to", &upload),
-            ("nix", &slow_nix.display().to_string()),
+            ("nix", &slow_nix.nix()),
             ("batch-size", "50"),
             ("retry-initial-delay", "0.05"),
             ("retry-max-delay", "0.5"),
@@ -352,7 +204,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
                 let chunk = &paths[i..(i + k).min(paths.len())];
                 requests.fetch_add(1, Ordering::SeqCst);
                 in_request.store(true, Ordering::SeqCst);
-                let reply = try_request(&socket, &enqueue_line(chunk));
+                let reply = try_ask(&socket, &enqueue_line(chunk));
                 in_request.store(false, Ordering::SeqCst);
                 match reply {
                     Ok(r) if r.starts_with("ok") => {
@@ -396,8 +248,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
         }
         d.kill9();
         let acked_now: Vec<PathBuf> = acked.lock().unwrap().clone();
-        let text = fs::read_to_string(journal_path(&d)).unwrap_or_default();
-        let j = check_journal(&text);
+        let j = d.journal();
         assert!(
             j.duplicates.is_empty(),
             "cycle {cycle}: duplicate live records in the journal: {:?}",
@@ -411,9 +262,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
             .cloned()
             .collect();
         if let Err(e) = all_in_cache(&env, &read, &not_live) {
-            panic!(
-                "cycle {cycle}: an acknowledged path is neither in the journal nor in the cache: {e}\nlog:\n{}",
-                d.log()
+            panic!("cycle {cycle}: an acknowledged path is neither in the journal nor in the cache: {e}"
             );
         }
         d.try_spawn()
@@ -430,9 +279,8 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     );
     assert!(
         acked.len() > 100,
-        "only {} paths were acknowledged; log:\n{}",
-        acked.len(),
-        d.log()
+        "only {} paths were acknowledged",
+        acked.len()
     );
     assert!(
         kills_during_copy >= CYCLES / 4,
@@ -441,7 +289,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
 
     // One more crash, then look at what is left in the journal.
     d.kill9();
-    let before = check_journal(&fs::read_to_string(journal_path(&d)).unwrap_or_default());
+    let before = d.journal();
     assert!(
         before.duplicates.is_empty(),
         "{:?}",
@@ -454,14 +302,11 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     d.set_config("nix", &which("nix").display().to_string());
     d.try_spawn().unwrap();
     let half = before.live.len() / 2;
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "half of the queue uploaded",
-        || status(&d).num("queued") as usize <= half,
-        || d.log(),
-    );
+    wait_until(UPLOAD_TIMEOUT, "half of the queue uploaded", || {
+        d.status().num("queued") as usize <= half
+    });
     d.kill9();
-    let mid = check_journal(&fs::read_to_string(journal_path(&d)).unwrap_or_default());
+    let mid = d.journal();
     assert!(mid.duplicates.is_empty(), "{mid:?}");
     assert!(
         mid.dead >= mid.live.len(),
@@ -475,42 +320,38 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     d.set_config("upload-to", "file:///dev/null/unreachable");
     d.set_config("batch-size", "1000");
     d.try_spawn().unwrap();
-    let after = check_journal(&fs::read_to_string(journal_path(&d)).unwrap());
+    let after = d.journal();
     assert!(after.duplicates.is_empty(), "{after:?}");
     assert_eq!(after.live, mid.live, "replay changed the live set");
     assert_eq!(
-        (after.dead, after.minus, after.torn),
+        (after.dead, after.done.len(), after.torn),
         (0, 0, 0),
         "the journal was not compacted at start"
     );
-    assert_eq!(status(&d).num("queued"), mid.live.len() as u64);
+    assert_eq!(d.status().num("queued"), mid.live.len() as u64);
 
     // Now with the real target: every acknowledged path arrives, signed.
     d.kill9();
     d.set_config("upload-to", &upload);
     d.try_spawn().unwrap();
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "every acknowledged path in the cache",
         || all_in_cache(&env, &read, &acked),
-        || d.log(),
     );
     env.verify_in_cache(&read, &pk, &acked)
         .unwrap_or_else(|e| panic!("{e}"));
-    wait_until_diag(
-        Duration::from_secs(30),
-        "an empty queue",
-        || status(&d).num("queued") == 0,
-        || d.log(),
-    );
+    wait_until(Duration::from_secs(30), "an empty queue", || {
+        d.status().num("queued") == 0
+    });
     // A clean restart compacts the (now all dead) journal to nothing.
     d.restart();
-    let last = check_journal(&fs::read_to_string(journal_path(&d)).unwrap());
+    let last = d.journal();
     assert!(
         last.live.is_empty() && last.dead == 0,
         "journal after compaction: {last:?}"
     );
-    assert_eq!(status(&d).num("queued"), 0);
+    assert_eq!(d.status().num("queued"), 0);
     eprintln!(
         "crash: {CYCLES} kill -9 cycles ({kills_during_copy} during nix copy, \
          {kills_during_request} during an enqueue request) in {:.1} s, \
@@ -574,29 +415,26 @@ fn outage_backs_off_then_delivers_everything() {
     let paths = env.build_paths(8, "outage");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
     let outage = Instant::now();
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(120),
         "4 failed attempts during the outage",
         || backoff_delays(&d).iter().any(|(a, _)| *a >= 4),
-        || d.log(),
     );
-    let during = status(&d);
+    let during = d.status();
     fs::remove_file(&blocker).unwrap();
     let outage = outage.elapsed();
     let recovered = Instant::now();
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "every path in the cache after the outage",
         || env.verify_in_cache(&read, &pk, &paths),
-        || d.log(),
     );
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(30),
         "the queue empty after the outage",
-        || status(&d).num("queued") == 0,
-        || d.log(),
+        || d.status().num("queued") == 0,
     );
-    let after = status(&d);
+    let after = d.status();
     let delays = backoff_delays(&d);
     eprintln!(
         "outage: {:.1} s outage, {} failed calls, attempts/delays {delays:?}; \
@@ -619,10 +457,9 @@ fn outage_backs_off_then_delivers_everything() {
     assert!(
         after.num("failed-calls") <= 2 * delays.len() as u64 + 1,
         "{} failed nix calls for {} failed attempts: more than the batch and one \
-         path alone per attempt\nlog:\n{}",
+         path alone per attempt",
         after.num("failed-calls"),
         delays.len(),
-        d.log()
     );
 }
 
@@ -698,19 +535,17 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     let paths = env.build_paths(3, "hang");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 3");
     let started = Instant::now();
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(30),
         "two nix copy calls killed by the command timeout",
         || log_lines(&d, "ran longer than 2 s and was killed").len() >= 2,
-        || d.log(),
     );
     let two_kills = started.elapsed();
     // The kill reached ssh (nix's child): its connection was closed.
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(10),
         "the listener to see a killed ssh close its connection",
         || hole.closed.load(Ordering::SeqCst) >= 1,
-        || d.log(),
     );
     assert!(hole.accepted.load(Ordering::SeqCst) >= 2);
     let ssh_below = d.pid().map_or(0, |pid| {
@@ -725,10 +560,9 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     );
     assert!(
         log_lines(&d, "splitting").is_empty(),
-        "a timeout is systemic and must not bisect the batch:\n{}",
-        d.log()
+        "a timeout is systemic and must not bisect the batch"
     );
-    let st = status(&d);
+    let st = d.status();
     assert_eq!(st.num("queued"), 3);
     assert!(
         st.backoff.iter().any(|l| l.contains("was killed")),
@@ -738,11 +572,10 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     let (upload, read) = file_cache(&env, "cache");
     d.set_config("upload-to", &upload);
     d.restart();
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "paths in the working cache after the switch",
         || env.verify_in_cache(&read, &pk, &paths),
-        || d.log(),
     );
     eprintln!(
         "hang: 2 timed-out calls after {:.1} s; listener accepted {}, saw {} closed",
@@ -782,14 +615,13 @@ fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
     let paths = add_text_paths(&env, 2, "persist");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 2");
     // (Counted once the batch is done, a moment after it left the queue.)
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(300),
         "the paths done (uploaded, or failed and retried)",
         || {
-            let st = status(&d);
+            let st = d.status();
             st.num("queued") == 0 && st.num("uploaded") >= 2
         },
-        || d.log(),
     );
     let masters: Vec<String> = fs::read_dir("/proc")
         .unwrap()
@@ -801,11 +633,10 @@ fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
     let _ = run(Command::new("ssh")
         .args(["-o", &format!("ControlPath={control_path}"), "-O", "exit"])
         .arg("root@127.0.0.1"));
-    let st = status(&d);
+    let st = d.status();
     assert!(
         log_lines(&d, "was killed").is_empty() && st.num("failed-calls") == 0,
-        "a nix copy that exited 0 was not judged by its exit: {st:?}\nlog:\n{}",
-        d.log()
+        "a nix copy that exited 0 was not judged by its exit: {st:?}"
     );
     assert_eq!(st.num("uploaded"), 2, "{st:?}");
     let recv = sshd.local_store_url();
@@ -832,22 +663,22 @@ fn nice_of(stat: &str) -> i32 {
 /// hash table for every path, unless the user set `GLIBC_TUNABLES`, which
 /// is then passed on unchanged. A batch of 64 paths is uploaded by two
 /// `nix copy` calls of 32 (the default `upload-jobs = 2`), a batch of 2 by
-/// one. `nix-env-recorder` writes down what each call got.
+/// one. A [`FakeNix`] prelude writes down what each call got.
 #[test]
 fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
     let env = NixEnv::new("faults-nice");
     let (sk, _pk) = env.gen_signing_key("faults-nice-1");
     let (upload, _read) = file_cache(&env, "cache");
     let record = env.root().join("calls.txt");
-    let recorder = nix_wrapper(
+    let recorder = FakeNix::with_preludes(
         &env,
-        "nix-env-recorder",
         &format!(
             "echo \"$3 $4|$#|$(cat /proc/self/stat)|${{GLIBC_TUNABLES-unset}}\" >> {}",
             record.display()
         ),
+        "",
     );
-    let recorder_s = recorder.display().to_string();
+    let recorder_s = recorder.nix();
     let config = [
         ("signing-key-file", sk.display().to_string()),
         ("upload-to", upload),
@@ -867,8 +698,7 @@ fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
         assert_eq!(
             wait_request(&d, Duration::from_secs(120)),
             "ok all uploaded",
-            "{round}: {}",
-            d.log()
+            "{round}"
         );
         let daemon_nice =
             nice_of(&fs::read_to_string(format!("/proc/{}/stat", d.pid().unwrap())).unwrap());
@@ -913,25 +743,25 @@ fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
 
 /// A batch too big to finish within `command-timeout` is not retried at the
 /// same size forever: after a timeout the next batches are halved, until
-/// they go through. `nix-size-wrapper` makes `nix copy` of more than two
+/// they go through. A [`FakeNix`] makes `nix copy` of more than two
 /// paths hang (a stand-in for a batch whose upload takes too long).
 #[test]
 fn batch_too_big_for_the_timeout_is_retried_smaller() {
     let env = NixEnv::new("faults-size");
-    let slow_nix = nix_wrapper(
+    let slow_nix = FakeNix::with_preludes(
         &env,
-        "nix-size-wrapper",
         r#"if [ "$3" = copy ]; then
   n=0
   for a in "$@"; do case "$a" in "$NIX_STORE_DIR"/*) n=$((n+1));; esac; done
   if [ "$n" -gt 2 ]; then sleep 60; fi
 fi"#,
+        "",
     );
     let (upload, read) = file_cache(&env, "cache");
     let d = Daemon::start(
         &env,
         &[
-            ("nix", &slow_nix.display().to_string()),
+            ("nix", &slow_nix.nix()),
             ("upload-to", &upload),
             ("command-timeout", "1"),
             ("retry-initial-delay", "0.05"),
@@ -940,21 +770,18 @@ fi"#,
     );
     let paths = add_text_paths(&env, 8, "size");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "all 8 paths uploaded in batches small enough",
         || all_in_cache(&env, &read, &paths),
-        || d.log(),
     );
     assert!(
         !log_lines(&d, "timed out; the next batches take at most 4").is_empty(),
-        "the first timeout halves the batch:\n{}",
-        d.log()
+        "the first timeout halves the batch"
     );
     assert!(
         log_lines(&d, "splitting").is_empty(),
-        "timeouts do not bisect:\n{}",
-        d.log()
+        "timeouts do not bisect"
     );
 }
 
@@ -1001,18 +828,17 @@ fn hung_ssh_target_is_ended_by_default_connect_timeout() {
     let paths = add_text_paths(&env, 1, "connect");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 1");
     let started = Instant::now();
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(60),
         "nix copy to fail by ssh's ConnectTimeout",
         || !log_lines(&d, "next try in").is_empty(),
-        || d.log(),
     );
     let failed = log_lines(&d, "next try in");
     assert!(
         failed[0].contains("banner exchange") && failed[0].contains("nix copy failed"),
         "expected ssh's connect timeout: {failed:?}"
     );
-    assert!(log_lines(&d, "was killed").is_empty(), "{}", d.log());
+    assert!(log_lines(&d, "was killed").is_empty());
     assert!(hole.accepted.load(Ordering::SeqCst) >= 1);
     eprintln!(
         "connect-timeout: first failure after {:.1} s",
@@ -1066,21 +892,20 @@ fn poison_paths_do_not_hold_back_good_ones() {
         UPLOAD_TIMEOUT,
         "the good paths in the receiver",
         || env.verify_in_cache(&recv, &pk, good),
-        || format!("{}\nsshd:\n{}", d.log(), sshd.log()),
+        || format!("sshd:\n{}", sshd.log()),
     );
     let rejected_s = rejected.display().to_string();
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(30),
         "the rejected path backing off on its own in status, the rest done",
         || {
             // A failed `nix copy` may have copied good paths before it
             // failed: wait until the daemon itself has finished them.
-            let st = status(&d);
+            let st = d.status();
             st.backoff.len() == 1 && st.backoff[0].contains(&rejected_s) && st.num("queued") == 1
         },
-        || d.log(),
     );
-    let st = status(&d);
+    let st = d.status();
     assert!(refused_for_signature(&st.backoff[0]), "{:?}", st.backoff);
     assert_eq!(st.num("dropped"), 1, "{st:?}");
     assert_eq!(st.num("queued"), 1, "{st:?}");
@@ -1120,15 +945,14 @@ fn poison_paths_do_not_hold_back_good_ones() {
     env.sign(&sk, std::slice::from_ref(&rejected));
     let r = d.request("retry");
     assert_eq!(r, "ok 1");
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "the fixed path in the receiver after retry",
         || env.verify_in_cache(&recv, &pk, std::slice::from_ref(&rejected)),
-        || d.log(),
     );
     eprintln!(
         "poison: {} failed calls, {} split lines",
-        status(&d).num("failed-calls"),
+        d.status().num("failed-calls"),
         log_lines(&d, "splitting").len()
     );
 }
@@ -1185,18 +1009,14 @@ fn builds_succeed_while_daemon_is_away_and_spool_is_delivered() {
     run_ok(Command::new("kill").args(["-STOP", &pid]));
     build_away(&d, "frozen", &[("NPBHQ_TIMEOUT", "1")]);
     run_ok(Command::new("kill").args(["-CONT", &pid]));
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "every path built while the daemon was away",
         || env.verify_in_cache(&read, &pk, &built),
-        || d.log(),
     );
-    wait_until_diag(
-        Duration::from_secs(10),
-        "an empty spool",
-        || fs::read_dir(d.spool_dir()).map_or(0, |r| r.count()) == 0,
-        || d.log(),
-    );
+    wait_until(Duration::from_secs(10), "an empty spool", || {
+        fs::read_dir(d.spool_dir()).map_or(0, |r| r.count()) == 0
+    });
 
     // No daemon and no spool: the build still succeeds, the hook says so.
     d.kill9();
@@ -1238,22 +1058,18 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     // `total` uploads since it started (it counts a batch once the batch is
     // done, a moment after the copy); returns its count then.
     let uploaded = |d: &Daemon, paths: &[PathBuf], total: u64| {
-        wait_until_ok(
-            UPLOAD_TIMEOUT,
-            "spooled paths in the cache",
-            || all_in_cache(&env, &read, paths),
-            || d.log(),
-        );
-        wait_until_diag(
+        wait_ok(UPLOAD_TIMEOUT, "spooled paths in the cache", || {
+            all_in_cache(&env, &read, paths)
+        });
+        wait_until(
             Duration::from_secs(30),
             "the uploads counted and the queue empty",
             || {
-                let st = status(d);
+                let st = d.status();
                 st.num("uploaded") >= total && st.num("queued") == 0
             },
-            || d.log(),
         );
-        status(d).num("uploaded")
+        d.status().num("uploaded")
     };
 
     // A line over the limit between two good ones.
@@ -1264,8 +1080,7 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     assert_eq!(
         fs::read(rw.join("1-1.bad")).ok().as_deref(),
         Some(with_long.as_bytes()),
-        "the file with the long line set aside unchanged\n{}",
-        d.log()
+        "the file with the long line set aside unchanged"
     );
     let said = log_lines(&d, "1-1.req");
     assert!(
@@ -1281,7 +1096,7 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     fs::write(rw.join("3-1.req"), format!("enqueue {}\n", s[4])).unwrap();
     // Spooled in that order, a path of the cut file would have been done
     // with or before this one.
-    assert_eq!(uploaded(&d, &p[4..5], 3), 3, "{}", d.log());
+    assert_eq!(uploaded(&d, &p[4..5], 3), 3);
     assert!(
         rw.join("2-1.req").exists(),
         "a file being written was taken"
@@ -1309,12 +1124,10 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     // Read again in that pass before the later file, the undeletable one
     // would have been done with or before it.
     let count = uploaded(&d, &p[6..7], 2);
-    let st = status(&d);
+    let st = d.status();
     assert_eq!(
-        count,
-        2,
-        "a spool file that cannot be deleted was delivered again: {st:?}\n{}",
-        d.log()
+        count, 2,
+        "a spool file that cannot be deleted was delivered again: {st:?}"
     );
     let warned = log_lines(&d, "4-1.req");
     assert!(
@@ -1351,7 +1164,7 @@ fn torn_journal_at_every_offset_of_last_record_replays() {
         NO_ENV,
     );
     fs::create_dir_all(d.state_dir()).unwrap();
-    let journal = journal_path(&d);
+    let journal = d.journal_path();
     let mut runs = 0;
     for cut in last_start..=full.len() {
         fs::write(&journal, &full[..cut]).unwrap();
@@ -1360,7 +1173,7 @@ fn torn_journal_at_every_offset_of_last_record_replays() {
             .unwrap_or_else(|e| panic!("cut at {cut}: daemon did not start: {e}"));
         runs += 1;
         let expected = if cut == full.len() { 4 } else { 3 };
-        let st = status(&d);
+        let st = d.status();
         assert_eq!(
             st.num("queued"),
             expected,
@@ -1411,7 +1224,7 @@ fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     let done = add_text_paths(&env, 3, "storedir-done");
     assert_eq!(d.request(&enqueue_line(&done)), "ok 3");
     d.kill9();
-    let journal = journal_path(&d);
+    let journal = d.journal_path();
     let mut text = fs::read_to_string(&journal).unwrap();
     for p in &done {
         text.push_str(&format!("- {}\n", p.display()));
@@ -1445,11 +1258,10 @@ fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     d.set_config("store-dir", &store);
     d.set_config("upload-to", &upload);
     d.try_spawn().unwrap();
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "the queued paths in the cache after a start with the right store dir",
         || all_in_cache(&env, &read, &paths),
-        || d.log(),
     );
 }
 
@@ -1542,16 +1354,15 @@ fn ok_is_written_only_after_the_journal_record_is_synced() {
     env.apply_env(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     let socket = d.socket();
-    wait_until_diag(
+    wait_until(
         DAEMON_START_TIMEOUT * 3,
         "the daemon under strace to accept",
         || UnixStream::connect(&socket).is_ok(),
-        || d.log(),
     );
     let paths = add_text_paths(&env, 3, "strace");
     for p in &paths {
         assert_eq!(
-            try_request(&socket, &enqueue_line(std::slice::from_ref(p))),
+            try_ask(&socket, &enqueue_line(std::slice::from_ref(p))),
             Ok("ok 1".to_string())
         );
     }
@@ -1561,7 +1372,7 @@ fn ok_is_written_only_after_the_journal_record_is_synced() {
     while child.try_wait().unwrap().is_none() {
         if stopped.elapsed() > Duration::from_secs(30) {
             kill_tree(child.id());
-            panic!("the daemon under strace did not stop\n{}", d.log());
+            panic!("the daemon under strace did not stop");
         }
         thread::sleep(Duration::from_millis(20));
     }
@@ -1702,17 +1513,13 @@ fn full_disk_refuses_with_reason_and_recovers() {
     let first = add_text_paths(&env, 40, "full-first");
     assert_eq!(d.request(&enqueue_line(&first)), "ok 40");
     let mut acked = first.clone();
-    wait_until_ok(
-        UPLOAD_TIMEOUT,
-        "the first paths uploaded",
-        || env.verify_in_cache(&read, &pk, &first),
-        || d.log(),
-    );
-    wait_until_diag(
+    wait_ok(UPLOAD_TIMEOUT, "the first paths uploaded", || {
+        env.verify_in_cache(&read, &pk, &first)
+    });
+    wait_until(
         Duration::from_secs(30),
         "the first paths journaled as done",
-        || status(&d).num("queued") == 0,
-        || d.log(),
+        || d.status().num("queued") == 0,
     );
 
     let filler = mount.0.join("filler");
@@ -1737,7 +1544,7 @@ fn full_disk_refuses_with_reason_and_recovers() {
     );
     assert!(d.is_running());
     assert!(d.request("ping").starts_with("ok"));
-    let st = status(&d);
+    let st = d.status();
     assert!(
         !st.fields.is_empty(),
         "status must work on a full disk: {st:?}"
@@ -1781,17 +1588,14 @@ fn full_disk_refuses_with_reason_and_recovers() {
     for chunk in rest.chunks(50) {
         assert_eq!(
             d.request(&enqueue_line(chunk)),
-            format!("ok {}", chunk.len()),
-            "log:\n{}",
-            d.log()
+            format!("ok {}", chunk.len())
         );
     }
     acked.extend_from_slice(rest);
-    wait_until_ok(
+    wait_ok(
         UPLOAD_TIMEOUT,
         "every acknowledged path in the cache",
         || env.verify_in_cache(&read, &pk, &acked),
-        || d.log(),
     );
     eprintln!(
         "full: {} paths acknowledged before the first refusal on the full disk: {refusal}",

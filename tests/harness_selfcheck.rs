@@ -304,3 +304,64 @@ fn kill_tree_ends_grandchildren() {
         );
     }
 }
+
+/// A daemon test whose assertion fails shows the daemon's log: this test
+/// runs itself again with `NPBHQ_SELFCHECK_FAIL` set, where it starts a
+/// daemon and fails an assertion; the child's output must hold the
+/// daemon's start-up line that names its socket.
+#[test]
+fn a_failed_assertion_of_a_daemon_test_prints_the_daemon_log() {
+    let name = "a_failed_assertion_of_a_daemon_test_prints_the_daemon_log";
+    if std::env::var_os("NPBHQ_SELFCHECK_FAIL").is_some() {
+        let env = NixEnv::new("selfcheck-droplog");
+        let d = Daemon::start(&env, &[]);
+        assert_eq!(
+            d.request("ping"),
+            "deliberately wrong",
+            "{}",
+            d.socket().display()
+        );
+    }
+    let o = rerun_test(name, "exec \"$0\" \"$@\"", &[("NPBHQ_SELFCHECK_FAIL", "1")]);
+    let said = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the child test passed: {said}");
+    let socket = said
+        .lines()
+        .find_map(|l| l.strip_suffix("/sock")?.rsplit(' ').next())
+        .unwrap_or_else(|| panic!("no failed assertion naming the socket: {said}"));
+    let log_at = said.find("---- log of the daemon in ").expect(&said);
+    assert!(
+        said[log_at..].contains(&format!("listening on {socket}/sock")),
+        "{said}"
+    );
+}
+
+/// Where the loopback interface is down (as in a container without
+/// `CAP_NET_ADMIN`), a test that needs sshd fails with one line that says
+/// so: this test runs itself again in a new network namespace, whose
+/// loopback is down.
+#[test]
+fn sshd_on_a_loopback_that_is_down_says_why_in_one_line() {
+    let name = "sshd_on_a_loopback_that_is_down_says_why_in_one_line";
+    if std::env::var_os("NPBHQ_SELFCHECK_NO_LOOPBACK").is_some() {
+        let env = NixEnv::new("selfcheck-nolo");
+        let (_, pk) = env.gen_signing_key("nolo-1");
+        let _sshd = Sshd::start(&env, &pk);
+        return;
+    }
+    let script = "exec unshare -n \"$0\" \"$@\"";
+    let o = rerun_test(name, script, &[("NPBHQ_SELFCHECK_NO_LOOPBACK", "1")]);
+    let said = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "sshd started without a loopback: {said}"
+    );
+    let why = said
+        .lines()
+        .find(|l| l.contains("the loopback interface is down"))
+        .unwrap_or_else(|| panic!("no line that says why: {said}"));
+    assert!(
+        why.contains("127.0.0.1") && why.contains("CAP_NET_ADMIN"),
+        "{why}"
+    );
+}

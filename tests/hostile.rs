@@ -17,24 +17,20 @@
 //!   a user's default socket is in that user's own state directory. Checked
 //!   with real users (`useradd`, root only).
 //! - **Injection**: paths that look like options or shell are refused before
-//!   any command is built; a `nix-record-wrapper` around the real `nix`
-//!   shows which arguments reached Nix.
+//!   any command is built; a [`FakeNix`] around the real `nix` records
+//!   which arguments reached Nix.
 //! - **Secrets**: key contents never appear, URL credentials are masked, key
 //!   files others can read (or that cannot be read) stop the daemon.
 //! - **Limits**: over-long lines, slow clients, `max-connections`, and the
 //!   socket file itself.
 //!
-//! Two wrappers stand in for `nix` where the tests need the queue to stay
-//! full: `nix-hang-wrapper` (its `nix copy` never returns, like a cache that
-//! accepts connections and never answers; `nix-store --check-validity`
-//! reports every path valid) and `nix-record-wrapper` (logs its argv, then
-//! execs the real program). Timeouts below are correctness bounds, never
-//! speed assertions.
+//! Where a test needs the queue to stay full, [`FakeNix::hang`] stands in
+//! for `nix`. Timeouts below are correctness bounds, never speed assertions.
 
 mod common;
 
 use common::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -476,26 +472,6 @@ fn group_replies(lines: Vec<String>) -> Vec<Vec<String>> {
     out
 }
 
-/// One request on a fresh connection; the final reply line.
-fn ask(socket: &Path, line: &str) -> String {
-    let mut s =
-        UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
-    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-    s.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut r = BufReader::new(s);
-    loop {
-        let mut l = String::new();
-        let n = r
-            .read_line(&mut l)
-            .unwrap_or_else(|e| panic!("reply to {line:?}: {e}"));
-        assert!(n > 0, "connection closed before a reply to {line:?}");
-        let l = l.trim_end_matches('\n').to_string();
-        if is_final(&l) {
-            return l;
-        }
-    }
-}
-
 /// Reads one line from a held connection.
 fn read_one_line(s: &mut UnixStream) -> std::io::Result<String> {
     let mut out = Vec::new();
@@ -520,82 +496,6 @@ fn read_one_line(s: &mut UnixStream) -> std::io::Result<String> {
 // Journal, logs, wrappers
 // ---------------------------------------------------------------------------
 
-/// The journal's records: `+ <secs> <path>` and `- <path>`.
-#[derive(Debug, Default)]
-struct JournalRecords {
-    added: Vec<String>,
-    done: Vec<String>,
-    malformed: Vec<String>,
-}
-
-impl JournalRecords {
-    fn read(d: &Daemon) -> JournalRecords {
-        let text = fs::read(d.state_dir().join("journal")).unwrap_or_default();
-        let mut out = JournalRecords::default();
-        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let line = String::from_utf8_lossy(line).into_owned();
-            if let Some(rest) = line.strip_prefix("+ ") {
-                match rest.split_once(' ') {
-                    Some((secs, p)) if secs.parse::<u64>().is_ok() && !p.contains(' ') => {
-                        out.added.push(p.to_string())
-                    }
-                    _ => out.malformed.push(line),
-                }
-            } else if let Some(p) = line.strip_prefix("- ") {
-                if p.contains(' ') {
-                    out.malformed.push(line)
-                } else {
-                    out.done.push(p.to_string())
-                }
-            } else {
-                out.malformed.push(line);
-            }
-        }
-        out
-    }
-
-    /// Paths added and not done, applying records in order is not needed:
-    /// a path is live when it has more `+` than `-` records.
-    fn live(&self) -> HashSet<String> {
-        let mut count: HashMap<&str, i64> = HashMap::new();
-        for p in &self.added {
-            *count.entry(p).or_default() += 1;
-        }
-        for p in &self.done {
-            *count.entry(p).or_default() -= 1;
-        }
-        count
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(p, _)| p.to_string())
-            .collect()
-    }
-}
-
-/// The `status` reply's `KEY VALUE` lines as a map.
-/// The scalar fields of `status json`, keys with `-` (as `backing-off`).
-fn status_map(socket: &Path) -> HashMap<String, String> {
-    let (lines, _) = exchange(socket, b"status json\n".to_vec(), "status json");
-    let mut m = HashMap::new();
-    if let Some(Ok(Json::Obj(members))) = lines.first().map(|l| Json::parse(l)) {
-        for (k, v) in members {
-            let v = match v {
-                Json::Num(n) => n.to_string(),
-                Json::Str(s) => s,
-                _ => continue,
-            };
-            m.insert(k.replace('_', "-"), v);
-        }
-    }
-    m
-}
-
-fn status_queued(socket: &Path) -> Option<usize> {
-    status_map(socket)
-        .get("queued")
-        .and_then(|v| v.parse().ok())
-}
-
 fn assert_no_panic(d: &Daemon, ctx: &str) {
     let log = d.log();
     assert!(
@@ -604,113 +504,27 @@ fn assert_no_panic(d: &Daemon, ctx: &str) {
     );
 }
 
+/// A daemon whose queue never drains (see [`FakeNix::hang`]).
+fn hanging_daemon(env: &NixEnv) -> (Daemon, FakeNix) {
+    let w = FakeNix::hang(env);
+    let config = [
+        ("upload-to", "file:///dev/null/npbhq-never"),
+        ("nix", &w.nix()),
+        ("retry-initial-delay", "3600"),
+        ("retry-max-delay", "3600"),
+        ("command-timeout", "900"),
+    ];
+    (Daemon::start(env, &config), w)
+}
+
 fn assert_alive(d: &mut Daemon, ctx: &str) {
-    assert!(
-        d.is_running(),
-        "{ctx}: the daemon exited; log:\n{}",
-        d.log()
-    );
+    assert!(d.is_running(), "{ctx}: the daemon exited");
     let pong = ask(&d.socket(), "ping");
     assert!(
         pong.starts_with("ok nix-post-build-hook-queue "),
         "{ctx}: ping answered {pong:?}"
     );
     assert_no_panic(d, ctx);
-}
-
-/// A directory with `nix` and `nix-store` scripts standing in for the real
-/// ones (the daemon takes `nix-store` from beside its `nix` setting).
-struct NixWrapper {
-    dir: PathBuf,
-}
-
-impl NixWrapper {
-    /// `nix-hang-wrapper`: `nix-store` prints nothing and exits 0 (so every
-    /// path counts as valid, and nothing is dropped); `nix` never returns, like
-    /// a cache that accepts a connection and never answers. The queue stays
-    /// full and the worker busy, which is what the fuzz and load tests need
-    /// to read the journal back.
-    fn hang(env: &NixEnv) -> NixWrapper {
-        let w = NixWrapper::create(env, "hang");
-        w.script("nix-store", "# nix-hang-wrapper\nexit 0\n");
-        w.script("nix", "# nix-hang-wrapper\nexec sleep 900\n");
-        w
-    }
-
-    /// `nix-record-wrapper`: logs every argument (`A<arg>\0`, then `E\0` per
-    /// call) to `argv.log`, then execs the real program.
-    fn record(env: &NixEnv) -> NixWrapper {
-        let w = NixWrapper::create(env, "record");
-        for prog in ["nix", "nix-store"] {
-            let log = w.dir.join("argv.log");
-            w.script(
-                prog,
-                &format!(
-                    "# nix-record-wrapper\nfor a in \"$0\" \"$@\"; do printf 'A%s\\0' \"$a\"; done >> '{}'\nprintf 'E\\0' >> '{}'\nexec '{}' \"$@\"\n",
-                    log.display(),
-                    log.display(),
-                    which(prog).display()
-                ),
-            );
-        }
-        w
-    }
-
-    fn create(env: &NixEnv, tag: &str) -> NixWrapper {
-        let dir = env.root().join(format!("nix-{tag}-wrapper"));
-        fs::create_dir_all(&dir).unwrap();
-        NixWrapper { dir }
-    }
-
-    fn script(&self, name: &str, body: &str) {
-        let p = self.dir.join(name);
-        fs::write(&p, format!("#!/bin/sh\n{body}")).unwrap();
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-
-    fn nix(&self) -> String {
-        self.dir.join("nix").display().to_string()
-    }
-
-    /// Every recorded call's argv (program first).
-    fn calls(&self) -> Vec<Vec<String>> {
-        let data = fs::read(self.dir.join("argv.log")).unwrap_or_default();
-        let mut calls = Vec::new();
-        let mut cur = Vec::new();
-        for tok in data.split(|&b| b == 0).filter(|t| !t.is_empty()) {
-            match tok[0] {
-                b'A' => cur.push(String::from_utf8_lossy(&tok[1..]).into_owned()),
-                b'E' => calls.push(std::mem::take(&mut cur)),
-                _ => panic!("bad argv.log token {:?}", String::from_utf8_lossy(tok)),
-            }
-        }
-        calls
-    }
-}
-
-/// `Output` as text for messages.
-fn show(o: &Output) -> String {
-    format!(
-        "{}; stdout: {:?}; stderr: {:?}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Config for a daemon whose queue never drains (see [`NixWrapper::hang`]).
-fn hang_config(w: &NixWrapper) -> Vec<(&'static str, String)> {
-    vec![
-        ("upload-to", "file:///dev/null/npbhq-never".to_string()),
-        ("nix", w.nix()),
-        ("retry-initial-delay", "3600".to_string()),
-        ("retry-max-delay", "3600".to_string()),
-        ("command-timeout", "900".to_string()),
-    ]
-}
-
-fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    v.iter().map(|(k, s)| (*k, s.as_str())).collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -1098,8 +912,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     let ctx = format!("fuzz seed {seed:#x} (replay: NPBHQ_FUZZ_SEED={seed:#x})");
     eprintln!("{ctx}");
     let env = NixEnv::new("hostile-fuzz");
-    let w = NixWrapper::hang(&env);
-    let mut d = Daemon::start(&env, &as_refs(&hang_config(&w)));
+    let (mut d, _w) = hanging_daemon(&env);
     let store = env.store_dir().display().to_string();
     let socket = d.socket();
 
@@ -1158,10 +971,9 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     );
     assert!(
         total.failures.is_empty(),
-        "{ctx}: {} failures, first ones:\n{}\ndaemon log tail:\n{}",
+        "{ctx}: {} failures, first ones:\n{}",
         total.failures.len(),
         total.failures[..total.failures.len().min(10)].join("\n"),
-        tail(&d.log(), 3000)
     );
     assert!(
         total.requests >= 2000 && total.refused >= 1000,
@@ -1177,7 +989,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
         total.queued_sent.len(),
         "{ctx}: sum of `ok N` differs from the number of distinct valid paths sent"
     );
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert!(
         j.malformed.is_empty(),
         "{ctx}: malformed journal records: {:?}",
@@ -1228,7 +1040,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
             "{ctx}: unexpected `-` record for {p}"
         );
     }
-    let live = j.live();
+    let live: HashSet<String> = j.live.iter().cloned().collect();
     let outputs: HashSet<String> = total
         .queued_sent
         .iter()
@@ -1242,17 +1054,9 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     wait_until_diag(
         Duration::from_secs(30),
         "status `queued` to match the journal",
-        || status_queued(&socket) == Some(JournalRecords::read(&d).live().len()),
-        || format!("{ctx}\nstatus: {:?}", status_map(&socket)),
+        || d.status().num("queued") as usize == d.journal().live.len(),
+        || format!("{ctx}\nstatus: {:?}", d.status()),
     );
-}
-
-fn tail(s: &str, n: usize) -> &str {
-    let mut start = s.len().saturating_sub(n);
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
 }
 
 // ---------------------------------------------------------------------------
@@ -1272,8 +1076,7 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
     const SHARED: usize = 100;
     let seed = fuzz_seed();
     let env = NixEnv::new("hostile-load");
-    let w = NixWrapper::hang(&env);
-    let mut d = Daemon::start(&env, &as_refs(&hang_config(&w)));
+    let (mut d, _w) = hanging_daemon(&env);
     let store = env.store_dir().display().to_string();
     let socket = d.socket();
     let path = |i: usize| format!("{store}/{}-load-{i}", index_hash(seed, i));
@@ -1354,9 +1157,8 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
     );
     assert!(
         hook_out.status.success() && hook_out.stderr.is_empty(),
-        "the hook was not acknowledged (it says why on stderr): {}\nlog tail:\n{}",
+        "the hook was not acknowledged (it says why on stderr): {}",
         show(&hook_out),
-        tail(&d.log(), 2000)
     );
     let spooled: Vec<_> = fs::read_dir(d.spool_dir())
         .map(|r| r.flatten().map(|e| e.path()).collect())
@@ -1370,7 +1172,7 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
         CLIENTS * PER_CLIENT,
         "sum of `ok N` over all clients (each path is new exactly once)"
     );
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert!(j.malformed.is_empty(), "malformed: {:?}", j.malformed);
     assert!(j.done.is_empty(), "nothing can have finished: {:?}", j.done);
     let distinct: HashSet<&String> = j.added.iter().collect();
@@ -1386,24 +1188,19 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
         expected.difference(&got).count(),
         got.difference(&expected).count()
     );
-    assert_eq!(status_queued(&socket), Some(expected.len()));
+    assert_eq!(d.status().num("queued") as usize, expected.len());
     assert_alive(&mut d, "after load");
 
     // Replay: a crashed daemon comes back with the same queue.
     d.kill9();
     d.try_spawn().unwrap_or_else(|e| panic!("restart: {e}"));
     assert_eq!(
-        status_queued(&socket),
-        Some(expected.len()),
-        "queue after kill -9 and replay; log tail:\n{}",
-        tail(&d.log(), 2000)
+        d.status().num("queued") as usize,
+        expected.len(),
+        "queue after kill -9 and replay"
     );
-    assert!(
-        d.log()
-            .contains(&format!("replayed: {} paths queued", expected.len())),
-        "log tail:\n{}",
-        tail(&d.log(), 2000)
-    );
+    let replayed = format!("replayed: {} paths queued", expected.len());
+    assert!(d.log().contains(&replayed), "{replayed}");
     assert_alive(&mut d, "after replay");
 }
 
@@ -1415,6 +1212,7 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
 static USERDB: Mutex<()> = Mutex::new(());
 
 /// Users and groups made for one test, removed on drop (also on failure).
+#[derive(Default)]
 struct TestAccounts {
     users: Vec<String>,
     groups: Vec<String>,
@@ -1478,18 +1276,21 @@ fn short_id() -> String {
     format!("{:x}{:05x}", std::process::id() % 0xfff, nanos % 0xfffff)
 }
 
-/// `BIN ARGS` as `user` (with its groups from /etc/group), a clean environment.
-fn as_user(user: &str, bin: &Path, args: &[&str], env: &[(String, std::ffi::OsString)]) -> Output {
+/// `BIN` as `user` (with its groups from /etc/group), a clean environment
+/// and `env`.
+fn as_user_cmd(user: &str, bin: &Path, env: &[(String, std::ffi::OsString)]) -> Command {
     let mut c = Command::new("setpriv");
     c.args(["--reuid", user, "--regid", user, "--init-groups", "--"])
         .arg(bin)
-        .args(args)
         .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    run(&mut c)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    c
+}
+
+/// Runs `BIN ARGS` as `user` (see [`as_user_cmd`]).
+fn as_user(user: &str, bin: &Path, args: &[&str], env: &[(String, std::ffi::OsString)]) -> Output {
+    run(as_user_cmd(user, bin, env).args(args))
 }
 
 /// Socket mode 0660 with a group: a user outside the group is denied (the
@@ -1510,33 +1311,13 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         format!("npbhq-o{id}"),
         format!("npbhq-m{id}"),
     );
-    let mut accounts = TestAccounts {
-        users: Vec::new(),
-        groups: Vec::new(),
-    };
+    let mut accounts = TestAccounts::default();
     accounts.group(&group);
     accounts.user(&outsider, &[]);
     accounts.user(&member, &[&group]);
 
     let env = NixEnv::new("hostile-access");
-    // Everyone may traverse the test directories and run a copy of the binary.
-    for dir in [env.root().to_path_buf(), env.root().join("bin")] {
-        fs::create_dir_all(&dir).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let bin = env.root().join("bin/post-build-hook-queue");
-    fs::copy(daemon_bin(), &bin).unwrap();
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
-    let mut ancestors = env.root().parent();
-    while let Some(a) = ancestors {
-        let mode = fs::metadata(a).unwrap().permissions().mode();
-        assert!(
-            mode & 0o001 != 0,
-            "{} is not traversable by other users (mode {mode:o}); use NPBHQ_TEST_TMP",
-            a.display()
-        );
-        ancestors = a.parent();
-    }
+    let (_, bin) = shared_bins(&env);
 
     let d = Daemon::start(
         &env,
@@ -1596,7 +1377,7 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         let o = as_user(&member, &bin, &args, &no_env);
         assert!(o.status.success(), "{args:?} as member: {}", show(&o));
     }
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert_eq!(
         j.added,
         vec![p_mem.clone()],
@@ -1653,6 +1434,37 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     drop(accounts);
 }
 
+/// Copies of the hook and the daemon under `env/bin` that every user may
+/// run (the directories above must let others through).
+fn shared_bins(env: &NixEnv) -> (PathBuf, PathBuf) {
+    let bin = env.root().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let mut dir = Some(bin.as_path());
+    while let Some(d) = dir {
+        let mode = fs::metadata(d).unwrap().permissions().mode();
+        if d.starts_with(env.root()) {
+            fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o755)).unwrap();
+        } else {
+            assert!(
+                mode & 0o001 != 0,
+                "{} is not traversable by other users (mode {mode:o}); use NPBHQ_TEST_TMP",
+                d.display()
+            );
+        }
+        dir = d.parent();
+    }
+    let (hook, daemon) = (
+        bin.join("post-build-hook"),
+        bin.join("post-build-hook-queue"),
+    );
+    // Copied by `cp`: a file this process held open for writing could go
+    // into a child another test forks meanwhile (exec: text file busy).
+    for (from, to) in [(hook_bin(), &hook), (daemon_bin(), &daemon)] {
+        run_ok(Command::new("cp").arg(from).arg(to));
+    }
+    (hook, daemon)
+}
+
 /// A user made for one test (removed on drop) and copies of both binaries
 /// under the test's directory that every user may run.
 struct OtherUser {
@@ -1670,37 +1482,13 @@ impl OtherUser {
             "this test makes a second user with useradd, which needs root (CI runs as root)"
         );
         let name = format!("npbhq-{letter}{}", short_id());
-        let mut accounts = TestAccounts {
-            users: Vec::new(),
-            groups: Vec::new(),
-        };
+        let mut accounts = TestAccounts::default();
         accounts.user(&name, &[]);
         let uid = String::from_utf8_lossy(&run(Command::new("id").args(["-u", &name])).stdout)
             .trim()
             .parse()
             .expect("uid of the test user");
-        let bin = env.root().join("bin");
-        fs::create_dir_all(&bin).unwrap();
-        let mut dir = Some(bin.as_path());
-        while let Some(d) = dir {
-            let mode = fs::metadata(d).unwrap().permissions().mode();
-            if d.starts_with(env.root()) {
-                fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o755)).unwrap();
-            } else {
-                assert!(
-                    mode & 0o001 != 0,
-                    "{} is not traversable by other users (mode {mode:o}); use NPBHQ_TEST_TMP",
-                    d.display()
-                );
-            }
-            dir = d.parent();
-        }
-        let (hook, daemon) = (
-            bin.join("post-build-hook"),
-            bin.join("post-build-hook-queue"),
-        );
-        fs::copy(hook_bin(), &hook).unwrap();
-        fs::copy(daemon_bin(), &daemon).unwrap();
+        let (hook, daemon) = shared_bins(env);
         OtherUser {
             _accounts: accounts,
             name,
@@ -1729,24 +1517,12 @@ impl OtherUser {
         log: &Path,
         socket: &Path,
     ) -> std::process::Child {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid",
-            &self.name,
-            "--regid",
-            &self.name,
-            "--init-groups",
-            "--",
-        ])
-        .arg(&self.daemon)
-        .arg("serve")
-        .args(args)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(fs::File::create(log).unwrap());
+        let mut c = as_user_cmd(&self.name, &self.daemon, env);
+        c.arg("serve")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(log).unwrap());
         let mut child = c.spawn().unwrap();
         let started = Instant::now();
         while !socket.exists() {
@@ -1927,10 +1703,8 @@ fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
 fn injection_hostile_paths_never_reach_a_nix_command_line() {
     let env = NixEnv::new("hostile-inject");
     let (sk, pk) = env.gen_signing_key("inject-1");
-    let w = NixWrapper::record(&env);
-    let cache = env.root().join("cache");
-    let upload = format!("file://{}?compression=none", cache.display());
-    let read = format!("file://{}", cache.display());
+    let w = FakeNix::new(&env);
+    let (upload, read) = file_cache(&env, "cache");
     let sk_s = sk.display().to_string();
     let d = Daemon::start(
         &env,
@@ -2043,7 +1817,7 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         req.extend_from_slice(b"enqueue \xff\xfe\n");
         fs::write(spool.join(format!("{:020}-{i}.req", i)), req).unwrap();
     }
-    wait_until_diag(
+    wait_until(
         Duration::from_secs(30),
         "the daemon to ingest (and refuse) every spool file",
         || {
@@ -2054,17 +1828,13 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
                 })
                 .unwrap_or(true)
         },
-        || d.log(),
     );
     // Now the one legitimate path, so that nix has been called for sure.
     let o = run(d.cli_cmd().arg("enqueue").arg(&good));
     assert!(o.status.success(), "{}", show(&o));
-    wait_until_ok(
-        UPLOAD_TIMEOUT,
-        "the legitimate path uploaded",
-        || env.verify_in_cache(&read, &pk, &[PathBuf::from(&good)]),
-        || d.log(),
-    );
+    wait_ok(UPLOAD_TIMEOUT, "the legitimate path uploaded", || {
+        env.verify_in_cache(&read, &pk, &[PathBuf::from(&good)])
+    });
 
     let calls = w.calls();
     assert!(
@@ -2109,7 +1879,7 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         !env.is_valid_in(&read, Path::new(&bait)),
         "the path sent with a hostile one was uploaded"
     );
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert!(
         j.added.iter().all(|p| *p == good),
         "only the good path was ever journaled: {:?}",
@@ -2155,12 +1925,9 @@ fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
     );
     let b = env.build(2, "secret", Some(&hook_bin()), &d.hook_env());
     b.assert_success();
-    wait_until_ok(
-        UPLOAD_TIMEOUT,
-        "uploaded and signed",
-        || env.verify_in_cache(&read, &pk, &b.out_paths),
-        || d.log(),
-    );
+    wait_ok(UPLOAD_TIMEOUT, "uploaded and signed", || {
+        env.verify_in_cache(&read, &pk, &b.out_paths)
+    });
     let shown = everything_shown(&d);
     for (what, text) in &shown {
         assert!(
@@ -2218,16 +1985,10 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
         );
         let o = run(d.cli_cmd().arg("enqueue").arg(&paths[0]));
         assert!(o.status.success(), "{}", show(&o));
-        wait_until_diag(
+        wait_until(
             UPLOAD_TIMEOUT,
             "the failed upload to show in status",
-            || {
-                status_map(&d.socket())
-                    .get("backing-off")
-                    .map(String::as_str)
-                    == Some("1")
-            },
-            || d.log(),
+            || d.status().get("backing-off") == "1",
         );
         let shown = everything_shown(&d);
         let log = &shown[1].1;
@@ -2252,29 +2013,11 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
     }
 }
 
-/// `serve` with the config file of `d`; it must not start.
-fn serve_refused(env: &NixEnv, d: &Daemon, extra_args: &[&str]) -> Output {
-    let mut cmd = Command::new(daemon_bin());
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(d.config_path())
-        .args(extra_args);
-    env.apply_env(&mut cmd);
-    // A daemon that starts after all would keep `run` waiting forever.
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > DAEMON_START_TIMEOUT {
-            let _ = child.kill();
-            break;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+/// `serve` with the config file of `d` and `extra_args`; it must not start.
+fn serve_refused(d: &Daemon, extra_args: &[&str]) -> Output {
+    let mut cmd = d.cli_cmd();
+    cmd.arg("serve").arg("--config").arg(d.config_path());
+    run_to_exit(cmd.args(extra_args), DAEMON_START_TIMEOUT)
 }
 
 /// A signing key file others can read, one that is missing, a directory, a
@@ -2311,7 +2054,7 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
     ] {
         let key_s = key.display().to_string();
         let d = Daemon::new_stopped(&env, &[("signing-key-file", key_s.as_str())], NO_ENV);
-        let o = serve_refused(&env, &d, &[]);
+        let o = serve_refused(&d, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(78), "{key_s}: {}", show(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
@@ -2341,7 +2084,7 @@ fn control_characters_in_settings_refused_at_start() {
         ("--socket-group", "wheel\u{1b}[2J"),
         ("--nix", "/bin/nix\tx"),
     ] {
-        let o = serve_refused(&env, &d, &[flag, value]);
+        let o = serve_refused(&d, &[flag, value]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(78), "{flag} {value:?}: {}", show(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
@@ -2360,7 +2103,7 @@ fn control_characters_in_settings_refused_at_start() {
         ),
     )
     .unwrap();
-    let o = serve_refused(&env, &d, &[]);
+    let o = serve_refused(&d, &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(78), "{}", show(&o));
     assert!(
@@ -2392,7 +2135,7 @@ fn limits_a_log_reader_that_went_away_does_not_end_the_daemon() {
     wait_until(
         Duration::from_secs(30),
         "the unbuilt path is dropped",
-        || status_queued(&d.socket()) == Some(0),
+        || d.status().num("queued") == 0,
     );
     assert_alive(&mut d, "after logging into a pipe nobody reads");
 }
@@ -2482,41 +2225,21 @@ fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
         let mut s = UnixStream::connect(&s1).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         let start = Instant::now();
-        let mut sent = 0;
-        let mut got = Vec::new();
-        while start.elapsed() < Duration::from_secs(60) {
+        let (mut sent, mut got, mut closed) = (0, Vec::new(), false);
+        while !closed && start.elapsed() < Duration::from_secs(60) {
             if sent < line.len() && s.write_all(&line.as_bytes()[sent..sent + 1]).is_ok() {
                 sent += 1;
             }
             // Reading with a 1 s timeout paces the trickle.
             let mut buf = [0u8; 512];
             match s.read(&mut buf) {
-                Ok(0) => {
-                    return (
-                        sent,
-                        String::from_utf8_lossy(&got).into_owned(),
-                        true,
-                        start.elapsed(),
-                    )
-                }
-                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(_) => {
-                    return (
-                        sent,
-                        String::from_utf8_lossy(&got).into_owned(),
-                        true,
-                        start.elapsed(),
-                    )
-                }
+                _ => closed = true,
             }
         }
-        (
-            sent,
-            String::from_utf8_lossy(&got).into_owned(),
-            false,
-            start.elapsed(),
-        )
+        let got = String::from_utf8_lossy(&got).into_owned();
+        (sent, got, closed, start.elapsed())
     });
     let silent = thread::spawn(move || {
         let s = UnixStream::connect(&s2).unwrap();
@@ -2555,7 +2278,7 @@ fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
         lines[0].contains("no complete request line within 10 s"),
         "{lines:?}"
     );
-    let j = JournalRecords::read(&d);
+    let j = d.journal();
     assert!(
         !j.added.contains(&slow_path) && j.added.contains(&fast_path),
         "{j:?}"
@@ -2731,29 +2454,6 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
         .is_symlink());
 }
 
-/// Runs `cmd` (a daemon start expected to fail) to its exit; a daemon that
-/// is still running after `within` is killed and the test fails.
-fn run_expecting_exit(cmd: &mut Command, within: Duration) -> Output {
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the daemon");
-    let start = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if start.elapsed() > within {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("wait");
-            panic!(
-                "the daemon kept running: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("wait")
-}
-
 /// One daemon per state directory: a second one on the same state-dir (with
 /// another socket) says which pid holds it and exits 1, before it touches
 /// the journal or binds its socket; the first keeps serving. The lock goes
@@ -2771,7 +2471,7 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
     let journal = d.state_dir().join("journal");
     let before = fs::read(&journal).unwrap();
     let other_socket = d.dir().join("second.sock");
-    let out = run_expecting_exit(
+    let out = run_to_exit(
         d.cli_cmd()
             .arg("serve")
             .arg("--state-dir")
@@ -2879,18 +2579,15 @@ fn planted_names_beside_the_socket_change_nothing() {
             .spawn()
             .unwrap();
         let planted = PathBuf::from(format!("{}.{}.d", socket.display(), child.id()));
-        let start = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("{what}: the daemon exited ({st}): {}", d.log());
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{what}: no socket: {}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{what}: the socket"),
+            || {
+                let exited = child.try_wait().unwrap();
+                assert!(exited.is_none(), "{what}: the daemon exited ({exited:?})");
+                UnixStream::connect(&socket).is_ok()
+            },
+        );
         assert!(ask(&socket, "ping").starts_with("ok "), "{what}");
         assert!(
             fs::symlink_metadata(&planted).is_ok(),

@@ -1,28 +1,22 @@
 //! Integration-test harness for nix-post-build-hook-queue (std only, no crates).
 //!
-//! Every integration test file pulls this in with `mod common;` and gets:
+//! Every integration test file pulls this in with `mod common;`. Fixtures:
 //!
-//! - [`TempDir`]: a unique scratch directory, removed on drop (kept when the
-//!   environment variable `NPBHQ_KEEP_TMP` is set; the base directory is
-//!   `$NPBHQ_TEST_TMP` or [`std::env::temp_dir`]). Removal first makes every
-//!   directory writable, because Nix store paths are read-only.
-//! - [`NixEnv`]: a private, hermetic Nix store per test (its own store, state,
-//!   log and config directories), with helpers to build trivial derivations
-//!   with a post-build-hook, add paths, make signing keys, sign, copy, verify a
-//!   binary cache and read signatures.
-//! - [`Sshd`]: a real `/usr/sbin/sshd` on 127.0.0.1 and a free port whose
-//!   `nix-daemon --stdio` serves a separate receiving store that demands
-//!   signatures (`require-sigs = true`, `trusted-public-keys = <test key>`),
-//!   reachable as an `ssh-ng://` store URL.
-//! - [`Daemon`]: the real `post-build-hook-queue serve` daemon with a config
-//!   file, log capture, `kill9`/`restart`/`stop`, and the protocol client
-//!   [`Daemon::request`].
-//! - [`wait_until`], [`wait_until_ok`]: bounded polling for asynchronous
-//!   outcomes. Their timeout is a correctness bound (the test fails if the
-//!   thing never happens), never a performance assertion.
-//! - [`kill_tree`]: SIGKILL a process and all its descendants (used for
-//!   `Daemon::kill9` and on drop, so no orphaned `nix copy` outlives a test).
-//! - [`Json`]: a tiny JSON reader for `nix path-info --json` and similar output.
+//! - [`TempDir`]: a scratch directory, removed on drop (read-only store
+//!   trees too).
+//! - [`NixEnv`]: a private, hermetic Nix store per test: build paths (with a
+//!   post-build-hook), add, sign and copy them, verify a binary cache.
+//! - [`Sshd`]: a real sshd on 127.0.0.1 whose `nix-daemon --stdio` serves a
+//!   receiving store that demands signatures, as an `ssh-ng://` URL.
+//! - [`Daemon`]: the real `post-build-hook-queue serve` with a config file
+//!   and a log, which it prints when its test fails; `kill9`, `restart`,
+//!   `stop`, [`Daemon::request`], [`Daemon::status`], [`Daemon::journal`].
+//! - [`FakeNix`]: a wrapper around the real nix that records its calls and
+//!   holds, fails or refuses a target's `nix copy`; with it
+//!   [`daemon_with_a_held_copy`] and [`two_targets`].
+//! - [`wait_until`], [`wait_ok`]: bounded polling; the bound is for
+//!   correctness (the thing never happens), never a speed assertion.
+//! - [`kill_tree`], [`run_to_exit`], [`rerun_test`], [`Json`].
 //!
 //! Useful environment variables: `NPBHQ_KEEP_TMP=1` keeps every temp dir (its
 //! path is printed) for post-mortems; `NPBHQ_TEST_TMP=DIR` moves them (keep
@@ -437,6 +431,12 @@ pub fn wait_until_diag(
     }
 }
 
+/// [`wait_until_ok`] without a diagnostic (a [`Daemon`] prints its log
+/// when its test fails).
+pub fn wait_ok(timeout: Duration, what: &str, check: impl FnMut() -> Result<(), String>) {
+    wait_until_ok(timeout, what, check, String::new);
+}
+
 /// Polls `check` until it returns Ok; on timeout panics with `what`, the
 /// last Err and `diag()` (e.g. a daemon log). Same bound semantics as
 /// [`wait_until`].
@@ -574,11 +574,6 @@ impl NixEnv {
     /// The (logical and physical) store directory, `$NIX_STORE_DIR`.
     pub fn store_dir(&self) -> PathBuf {
         self.tmp.join("store")
-    }
-
-    /// `$NIX_CONF_DIR` (holds `nix.conf`).
-    pub fn conf_dir(&self) -> PathBuf {
-        self.tmp.join("etc")
     }
 
     /// The environment variables that select this store, as name/value pairs.
@@ -951,6 +946,7 @@ impl Sshd {
     /// `trusted_public_keys` (space separated `name:base64` keys).
     pub fn start(sender: &NixEnv, trusted_public_keys: &str) -> Sshd {
         let sshd_bin = require_sshd();
+        require_loopback();
         let tmp = TempDir::new("sshd");
         let dir = tmp.path().to_path_buf();
         fs::create_dir_all("/run/sshd").expect("mkdir -p /run/sshd");
@@ -1108,11 +1104,6 @@ impl Sshd {
         format!("local?root={}", self.receiver_root.display())
     }
 
-    /// The receiving store's chroot directory.
-    pub fn receiver_root(&self) -> &Path {
-        &self.receiver_root
-    }
-
     /// sshd's stderr so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.tmp.join("sshd.log")).unwrap_or_default()
@@ -1124,6 +1115,20 @@ impl Drop for Sshd {
         // Also ends live sessions and their `nix-daemon --stdio`.
         kill_tree(self.child.id());
         let _ = self.child.wait();
+    }
+}
+
+/// Panics with one line unless a TCP connection to 127.0.0.1 goes through:
+/// in a container without `CAP_NET_ADMIN` the loopback interface can stay
+/// down, and every test that needs sshd would fail without saying why.
+pub fn require_loopback() {
+    // The listener lives until the connection is made.
+    let probe = TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| TcpStream::connect_timeout(&l.local_addr()?, Duration::from_secs(5)));
+    if let Err(e) = probe {
+        panic!(
+            "no TCP connection to 127.0.0.1 ({e}): the loopback interface is down (a container without CAP_NET_ADMIN?), and these tests run sshd on it"
+        );
     }
 }
 
@@ -1257,6 +1262,11 @@ impl Daemon {
             self.config.push((key.to_string(), value.to_string()));
         }
         self.write_config();
+    }
+
+    /// Sets `key` in the daemon's environment from the next (re)start on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.into()));
     }
 
     /// Removes `key` from the daemon's environment (the test runner's
@@ -1406,15 +1416,6 @@ impl Daemon {
         }
     }
 
-    /// SIGKILLs only the daemon process; commands it was running are
-    /// orphaned and keep running (the harness cannot clean them up later).
-    pub fn kill9_daemon_only(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
     /// Sends SIGTERM (`kill -TERM PID`) and waits (bounded, 30 s) for the
     /// exit; returns its status. Panics if it does not exit.
     pub fn stop(&mut self) -> ExitStatus {
@@ -1560,10 +1561,181 @@ impl Daemon {
     }
 }
 
+/// A parsed `status` reply: its `KEY VALUE` lines and its `backoff ...`
+/// lines (attempts, next try, path, error).
+#[derive(Debug)]
+pub struct Status {
+    pub fields: std::collections::HashMap<String, String>,
+    pub backoff: Vec<String>,
+}
+
+impl Status {
+    /// The value of `key` (empty when there is none).
+    pub fn get(&self, key: &str) -> &str {
+        self.fields.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    /// The value of `key` as a number; panics when it is not one.
+    pub fn num(&self, key: &str) -> u64 {
+        self.get(key)
+            .parse()
+            .unwrap_or_else(|_| panic!("status {key} is not a number: {self:?}"))
+    }
+}
+
+impl Daemon {
+    /// The daemon's `status json` reply, parsed (keys with `-` for `_`;
+    /// each backoff entry as `backoff ATTEMPTS NEXT-TRY PATH ERROR`);
+    /// panics unless it ends with `ok`.
+    pub fn status(&self) -> Status {
+        let lines = self.request_lines("status json");
+        assert_eq!(lines.last().map(String::as_str), Some("ok"), "{lines:?}");
+        let Ok(Json::Obj(members)) = Json::parse(&lines[0]) else {
+            panic!("status json reply: {lines:?}");
+        };
+        let mut st = Status {
+            fields: Default::default(),
+            backoff: Vec::new(),
+        };
+        for (k, v) in members {
+            match v {
+                Json::Num(n) => drop(st.fields.insert(k.replace('_', "-"), n.to_string())),
+                Json::Str(s) => drop(st.fields.insert(k.replace('_', "-"), s)),
+                Json::Arr(items) if k == "backoff" => {
+                    for b in items {
+                        let text =
+                            |k: &str| b.get(k).and_then(Json::as_str).unwrap_or("").to_string();
+                        let num = |k: &str| b.get(k).and_then(Json::as_f64).unwrap_or(-1.0);
+                        let (path, error) = (text("path"), text("last_error"));
+                        let (attempts, next) = (num("attempts"), num("next_try_seconds"));
+                        st.backoff
+                            .push(format!("backoff {attempts} {next:.1} {path} {error}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        st
+    }
+}
+
+/// A journal read the way the daemon replays it: `+ SECS PATH` queues a
+/// path, `- PATH` ends it; a last line without a newline is a torn record
+/// and ignored. Any other line is counted in `malformed` (a daemon with one
+/// target writes no other record).
+#[derive(Debug, Default)]
+pub struct Journal {
+    /// The path of every `+` record, in order.
+    pub added: Vec<String>,
+    /// The path of every `-` record, in order.
+    pub done: Vec<String>,
+    /// Lines that are neither.
+    pub malformed: Vec<String>,
+    /// Paths queued and not ended, in the order of their `+` record.
+    pub live: Vec<String>,
+    /// `+` records of a path that was already live.
+    pub duplicates: Vec<String>,
+    /// Records that describe no live path.
+    pub dead: usize,
+    /// Bytes of a torn last line.
+    pub torn: usize,
+}
+
+impl Journal {
+    /// Reads a journal's text.
+    pub fn parse(text: &str) -> Journal {
+        let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
+        let mut j = Journal {
+            torn: text.len() - complete.len(),
+            ..Journal::default()
+        };
+        let mut records = 0;
+        for line in complete.lines().filter(|l| !l.is_empty()) {
+            records += 1;
+            let add = line.strip_prefix("+ ").and_then(|r| r.split_once(' '));
+            if let Some((_, p)) = add.filter(|(s, p)| s.parse::<u64>().is_ok() && !p.contains(' '))
+            {
+                if j.live.iter().any(|l| l == p) {
+                    j.duplicates.push(p.to_string());
+                } else {
+                    j.live.push(p.to_string());
+                }
+                j.added.push(p.to_string());
+            } else if let Some(p) = line.strip_prefix("- ").filter(|p| !p.contains(' ')) {
+                j.live.retain(|l| l != p);
+                j.done.push(p.to_string());
+            } else {
+                j.malformed.push(line.to_string());
+            }
+        }
+        j.dead = records - j.live.len();
+        j
+    }
+}
+
+impl Daemon {
+    /// The journal file.
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir().join("journal")
+    }
+
+    /// The journal, read as the daemon replays it (empty if it is missing).
+    pub fn journal(&self) -> Journal {
+        Journal::parse(&String::from_utf8_lossy(
+            &fs::read(self.journal_path()).unwrap_or_default(),
+        ))
+    }
+}
+
 impl Drop for Daemon {
+    /// Kills the daemon; when a test fails (the thread is panicking), also
+    /// prints the end of its log, so that every failed assertion of a
+    /// daemon test shows what the daemon said.
     fn drop(&mut self) {
         self.kill9();
+        if thread::panicking() {
+            eprintln!(
+                "---- log of the daemon in {} (its last 20 kB) ----\n{}",
+                self.dir.display(),
+                tail(&self.log(), 20_000)
+            );
+        }
     }
+}
+
+/// The last `n` bytes of `s` (from a character boundary).
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut start = s.len().saturating_sub(n);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// The soft and hard limits on this process's open files
+/// (`/proc/self/limits`; `unlimited` is `u64::MAX`).
+pub fn open_file_limits() -> (u64, u64) {
+    let limits = fs::read_to_string("/proc/self/limits").expect("read /proc/self/limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-files line in /proc/self/limits");
+    let mut f = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(u64::MAX));
+    (f.next().unwrap_or(0), f.next().unwrap_or(0))
+}
+
+/// Runs the test `name` of this test binary again, alone, in a child
+/// process started through `sh -c SCRIPT` (SCRIPT ends with
+/// `exec "$0" "$@"`), with `env` added; returns its output.
+pub fn rerun_test(name: &str, script: &str, env: &[(&str, &str)]) -> Output {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script).arg(exe);
+    c.args(["--exact", name, "--nocapture", "--test-threads=1"]);
+    c.envs(env.iter().copied());
+    run(&mut c)
 }
 
 // ---------------------------------------------------------------------------
@@ -1820,4 +1992,298 @@ pub fn which(program: &str) -> PathBuf {
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("{program} is not on PATH"))
+}
+
+// ---------------------------------------------------------------------------
+// FakeNix: a wrapper around the real nix
+// ---------------------------------------------------------------------------
+
+/// A wrapper nix: a directory with `nix` and `nix-store` scripts (the
+/// daemon takes `nix-store` from beside its `nix` setting) that record
+/// every call's argv, run a test's shell prelude, and then `exec` the real
+/// program, except that `nix copy`, for the targets named by these files
+/// in the directory (the file's text is a part of the `--to` URL; an empty
+/// file names every target):
+///
+/// - `hold`: waits while the file exists (an upload in flight);
+/// - `fail`: fails (`fake nix: injected failure`);
+/// - `poison`: fails for paths named `*-npbhq-poison-*`
+///   (`fake nix: refusing a poison path`).
+///
+/// Each `nix copy` also appends its pid to `copy.pids` and writes its
+/// environment to `copy.env`. Before the prelude the scripts run shell
+/// builtins only, so the prelude sees the process as it was started. On
+/// drop, held copies are let go and killed.
+#[derive(Debug)]
+pub struct FakeNix {
+    dir: PathBuf,
+    /// Processes of this test carry this in their command line.
+    marker: String,
+    /// The store directory with a trailing `/`.
+    store: String,
+}
+
+impl FakeNix {
+    /// A wrapper that runs the real nix unless its files say otherwise.
+    pub fn new(env: &NixEnv) -> FakeNix {
+        FakeNix::with_preludes(env, "", "")
+    }
+
+    /// A wrapper that runs `nix_prelude` (shell, with the call's `"$@"`)
+    /// before it goes on in `nix`, and `store_prelude` in `nix-store`.
+    pub fn with_preludes(env: &NixEnv, nix_prelude: &str, store_prelude: &str) -> FakeNix {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = env.root().join(format!("fake-nix-{n}"));
+        fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        for (prog, prelude) in [("nix", nix_prelude), ("nix-store", store_prelude)] {
+            let script = format!(
+                "#!/bin/sh\n\
+                 # fake nix: the real {prog}, steered by the files in {d}\n\
+                 {{ for a in \"$0\" \"$@\"; do printf 'A%s\\0' \"$a\"; done; printf 'E\\0'; }} >> '{d}/argv.log'\n\
+                 {prelude}\n\
+                 to=; prev=\n\
+                 for a in \"$@\"; do [ \"$prev\" = --to ] && to=$a; prev=$a; done\n\
+                 on() {{ [ -e '{d}'/$1 ] && case \"$to\" in *\"$(cat '{d}'/$1)\"*) return 0;; esac; return 1; }}\n\
+                 case \" $* \" in *' copy '*)\n\
+                 \x20   echo $$ >> '{d}/copy.pids'\n\
+                 \x20   env > '{d}/copy.env'\n\
+                 \x20   while on hold; do sleep 0.05; done\n\
+                 \x20   if on fail; then echo 'fake nix: injected failure' >&2; exit 1; fi\n\
+                 \x20   if on poison; then case \" $* \" in *-npbhq-poison-*)\n\
+                 \x20       echo 'fake nix: refusing a poison path' >&2; exit 1;; esac; fi;;\n\
+                 esac\n\
+                 exec '{}' \"$@\"\n",
+                which(prog).display()
+            );
+            let p = dir.join(prog);
+            fs::write(&p, script).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        FakeNix {
+            marker: env.root().display().to_string(),
+            store: format!("{}/", env.store_dir().display()),
+            dir,
+        }
+    }
+
+    /// A wrapper whose `nix` never returns (a cache that accepts and never
+    /// answers) and whose `nix-store` prints nothing (every path valid):
+    /// a daemon's queue stays full.
+    pub fn hang(env: &NixEnv) -> FakeNix {
+        FakeNix::with_preludes(env, "exec sleep 900", "exit 0")
+    }
+
+    /// The value for the daemon's `nix` setting.
+    pub fn nix(&self) -> String {
+        self.dir.join("nix").display().to_string()
+    }
+
+    /// This wrapper's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes `what` (`hold`, `fail`, `poison`) apply to the targets whose
+    /// URL holds `target` (`Some("")`: every target), or to none.
+    pub fn set(&self, what: &str, target: Option<&str>) {
+        let f = self.dir.join(what);
+        match target {
+            Some(t) => fs::write(f, t).unwrap(),
+            None => {
+                let _ = fs::remove_file(f);
+            }
+        }
+    }
+
+    /// `set("fail", ...)` for every target.
+    pub fn set_fail(&self, on: bool) {
+        self.set("fail", on.then_some(""));
+    }
+
+    /// `set("poison", ...)` for every target.
+    pub fn set_poison(&self, on: bool) {
+        self.set("poison", on.then_some(""));
+    }
+
+    /// `set("hold", ...)` for every target.
+    pub fn set_hold(&self, on: bool) {
+        self.set("hold", on.then_some(""));
+    }
+
+    /// Every recorded call's argv (the program first).
+    pub fn calls(&self) -> Vec<Vec<String>> {
+        let data = fs::read(self.dir.join("argv.log")).unwrap_or_default();
+        let mut calls = Vec::new();
+        let mut cur = Vec::new();
+        for tok in data.split(|&b| b == 0).filter(|t| !t.is_empty()) {
+            match tok[0] {
+                b'A' => cur.push(String::from_utf8_lossy(&tok[1..]).into_owned()),
+                b'E' => calls.push(std::mem::take(&mut cur)),
+                _ => panic!("bad argv.log token {:?}", String::from_utf8_lossy(tok)),
+            }
+        }
+        calls
+    }
+
+    /// The recorded `nix copy` calls (`copy`) and `nix store sign` calls
+    /// (`sign`), in order, as `(verb, the --to URL, the store paths)`.
+    pub fn uploads(&self) -> Vec<(&'static str, String, Vec<String>)> {
+        let mut out = Vec::new();
+        for c in self.calls() {
+            let verb = if c.iter().any(|a| a == "copy") {
+                "copy"
+            } else if c.iter().any(|a| a == "sign") {
+                "sign"
+            } else {
+                continue;
+            };
+            let to = c.iter().skip_while(|a| *a != "--to").nth(1).cloned();
+            let paths = c.iter().filter(|a| a.starts_with(&self.store));
+            out.push((
+                verb,
+                to.clone().unwrap_or_default(),
+                paths.cloned().collect(),
+            ));
+        }
+        out
+    }
+
+    /// How many `nix copy` calls to targets whose URL holds `target` named
+    /// `path`.
+    pub fn copies_of(&self, target: &str, path: &Path) -> usize {
+        let p = path.display().to_string();
+        self.uploads()
+            .iter()
+            .filter(|(v, to, paths)| *v == "copy" && to.contains(target) && paths.contains(&p))
+            .count()
+    }
+
+    /// Pids of the `nix copy` calls so far.
+    pub fn copy_pids(&self) -> Vec<u32> {
+        fs::read_to_string(self.dir.join("copy.pids"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// True if `pid` is a live (not zombie) process of this test.
+    pub fn is_alive(&self, pid: u32) -> bool {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        matches!(state, Some(Some(c)) if c != 'Z')
+            && String::from_utf8_lossy(&cmdline).contains(&self.marker)
+    }
+}
+
+impl Drop for FakeNix {
+    fn drop(&mut self) {
+        // A failed test must not leave a held `nix copy` behind.
+        self.set_hold(false);
+        for pid in self.copy_pids() {
+            if self.is_alive(pid) {
+                kill_tree(pid);
+            }
+        }
+    }
+}
+
+/// A daemon uploading to a `file://` cache through a [`FakeNix`] that holds
+/// every copy, with one built path enqueued and its copy running: the
+/// daemon, the wrapper (`set_hold(false)` lets copies go), the cache's URL
+/// for reading, and the path.
+pub fn daemon_with_a_held_copy(env: &NixEnv, tag: &str) -> (Daemon, FakeNix, String, PathBuf) {
+    let (upload, read) = file_cache(env, "cache");
+    let w = FakeNix::new(env);
+    w.set_hold(true);
+    let d = Daemon::start(env, &[("upload-to", &upload), ("nix", &w.nix())]);
+    let path = env.build_paths(1, tag).remove(0);
+    assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
+    wait_until(Duration::from_secs(30), "copy held", || {
+        !w.copy_pids().is_empty()
+    });
+    (d, w, read, path)
+}
+
+/// A daemon with two `upload-to` targets, the `file://` caches `cache-a`
+/// and `cache-b`, and a [`FakeNix`] as its nix (`w.set("fail",
+/// Some("cache-b"))` takes one down), with `extra` settings: the daemon,
+/// the wrapper, and each cache's (upload URL, URL for reading).
+pub fn two_targets(
+    env: &NixEnv,
+    extra: &[(&str, &str)],
+) -> (Daemon, FakeNix, [(String, String); 2]) {
+    let caches = [file_cache(env, "cache-a"), file_cache(env, "cache-b")];
+    let w = FakeNix::new(env);
+    let nix = w.nix();
+    let mut config = vec![
+        ("upload-to", caches[0].0.as_str()),
+        ("upload-to", caches[1].0.as_str()),
+        ("nix", nix.as_str()),
+    ];
+    config.extend_from_slice(extra);
+    (Daemon::start(env, &config), w, caches)
+}
+
+/// `Output` as text for messages.
+pub fn show(o: &Output) -> String {
+    format!(
+        "{}; stdout: {:?}; stderr: {:?}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `cmd` (stdout and stderr piped) to its exit; panics (after killing
+/// it) if it still runs after `within`.
+pub fn run_to_exit(cmd: &mut Command, within: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let start = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if start.elapsed() > within {
+            kill_tree(child.id());
+            let out = child.wait_with_output().expect("wait");
+            panic!("{cmd:?} still ran after {within:?}: {}", show(&out));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait")
+}
+
+/// One request on a fresh connection to `socket`: the final reply line
+/// (`ok ...`/`err ...`), or Err when the daemon is not there or the
+/// connection breaks (30 s timeouts).
+pub fn try_ask(socket: &Path, line: &str) -> Result<String, String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    let t = Some(Duration::from_secs(30));
+    s.set_read_timeout(t).map_err(|e| e.to_string())?;
+    s.set_write_timeout(t).map_err(|e| e.to_string())?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut l = String::new();
+        match r.read_line(&mut l) {
+            Ok(0) => return Err("connection closed without a reply".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+        let l = l.trim_end_matches(['\n', '\r']).to_string();
+        if l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ") {
+            return Ok(l);
+        }
+    }
+}
+
+/// [`try_ask`] that panics on an error.
+pub fn ask(socket: &Path, line: &str) -> String {
+    try_ask(socket, line).unwrap_or_else(|e| panic!("{line:?} to {}: {e}", socket.display()))
 }
