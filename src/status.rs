@@ -16,8 +16,6 @@ use crate::target::Target;
 
 use crate::store_path::StorePath;
 
-/// Dropped paths remembered for `wait` (older ones are forgotten).
-const RECENT_DROPS: usize = 10_000;
 /// The upload rate is measured over this much of the recent past.
 pub const RATE_WINDOW: Duration = Duration::from_secs(300);
 
@@ -95,8 +93,6 @@ pub struct Stats {
     pub upload_batches: u64,
     /// Each target's state, in the order of the configuration.
     pub targets: Vec<TargetStats>,
-    /// Sequence numbers of recently dropped paths, oldest first.
-    pub recent_drops: VecDeque<u64>,
 }
 
 impl Stats {
@@ -148,17 +144,6 @@ impl Stats {
             .sum();
         n as f64 * 60.0 / window.as_secs_f64().max(1.0)
     }
-
-    /// Records that a path with this sequence number was dropped.
-    pub fn record_drop(&mut self, seq: Option<u64>) {
-        self.dropped += 1;
-        if let Some(seq) = seq {
-            self.recent_drops.push_back(seq);
-            if self.recent_drops.len() > RECENT_DROPS {
-                self.recent_drops.pop_front();
-            }
-        }
-    }
 }
 
 /// What the daemon's threads share besides the journal.
@@ -189,7 +174,6 @@ impl Shared {
                 upload_seconds: 0.0,
                 upload_batches: 0,
                 targets: targets.iter().map(TargetStats::new).collect(),
-                recent_drops: VecDeque::new(),
             }),
         }
     }

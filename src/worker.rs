@@ -70,6 +70,9 @@ pub enum Msg {
     Retry,
     /// Finish the current batch and return.
     Shutdown,
+    /// A `wait` is pending: start the batch being gathered now, without its
+    /// quiet period.
+    Flush,
 }
 
 /// One target as the worker sees it.
@@ -251,6 +254,7 @@ impl Worker {
                 }
             }
             Msg::Shutdown => return true,
+            Msg::Flush => {}
         }
         false
     }
@@ -868,31 +872,24 @@ impl Worker {
 /// not uploaded. Returns how many were queued. Used by the worker (paths
 /// gone from the store) and by the `drop` request.
 pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: &str) -> usize {
-    let queued: Vec<(StorePath, u64)> = paths
+    let queued: Vec<&StorePath> = paths
         .iter()
-        .filter_map(|p| journal.entry(p).map(|e| (p.clone(), e.seq)))
+        .filter(|p| journal.entry(p).is_some())
         .collect();
     if queued.is_empty() {
         return 0;
     }
-    for (p, _) in &queued {
+    for p in &queued {
         warning!("dropping {p}: {why}");
     }
-    // Counted before the journal lets go of them: a `wait` that sees them
-    // gone from the journal must also see them dropped, or it would report
-    // "all uploaded".
     {
         let mut stats = shared.lock();
-        for (p, seq) in &queued {
+        for p in &queued {
             stats.forget(p);
-            stats.record_drop(Some(*seq));
+            stats.dropped += 1;
         }
     }
-    let paths: Vec<StorePath> = queued.into_iter().map(|(p, _)| p).collect();
-    if let Err(e) = journal.complete(&paths) {
-        warning!("cannot journal {} dropped paths: {e}", paths.len());
-    }
-    paths.len()
+    journal.drop_paths(paths).len()
 }
 
 /// Whose fault a failed call was, for `max-attempts`.
