@@ -466,7 +466,7 @@ impl Journal {
         let mut ordered: Vec<(&StorePath, &Entry)> = inner.live.iter().collect();
         ordered.sort_unstable_by_key(|(_, e)| e.seq);
         replay.paths = ordered.into_iter().map(|(p, _)| p.clone()).collect();
-        let dead = inner.records - inner.live_records;
+        let dead = inner.records.saturating_sub(inner.live_records);
         let at_start = dead > 0 && dead >= inner.live.len();
         let journal = Journal {
             inner: Mutex::new(inner),
@@ -543,7 +543,7 @@ impl Journal {
             fatal("cannot write a record", &e);
         }
         let inner = self.lock();
-        let dead = inner.records - inner.live_records;
+        let dead = inner.records.saturating_sub(inner.live_records);
         if dead >= inner.compact_at && dead > inner.live.len() && !inner.compacting {
             drop(inner);
             self.compact();
@@ -823,7 +823,7 @@ impl Journal {
         let result = self.replace_file(&tmp, &data, from);
         let mut inner = self.lock();
         inner.compacting = false;
-        let dead = inner.records - inner.live_records;
+        let dead = inner.records.saturating_sub(inner.live_records);
         match result {
             Ok(()) => inner.compact_at = COMPACT_MIN_DEAD,
             Err(e) => {
