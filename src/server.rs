@@ -149,12 +149,12 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     if !to_upload.is_empty() {
         let _ = tx.send(Msg::Queued(to_upload));
     }
-    let (listener, own_socket) = match activated {
-        Some(l) => {
+    let (listener, waiting, own_socket) = match activated {
+        Some((l, waiting)) => {
             info!("listening on the socket passed by systemd");
-            (l, None)
+            (l, waiting, None)
         }
-        None => (bind(&config)?, Some(config.socket.clone())),
+        None => (bind(&config)?, None, Some(config.socket.clone())),
     };
     let worker = Worker::new(&config, Arc::clone(&journal), Arc::clone(&shared), rx);
     let worker = spawn("worker", move || worker.run())?;
@@ -191,7 +191,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     if let Err(e) = systemd::notify_ready() {
         warning!("cannot notify systemd of readiness: {e}");
     }
-    accept_connections(&ctx, &listener)
+    accept_connections(&ctx, &listener, waiting)
 }
 
 fn spawn<T: Send + 'static>(
@@ -408,12 +408,21 @@ fn stop_on_signal(
     std::process::exit(0);
 }
 
-/// Accepts connections for good, each served by a thread of its own; turns
-/// them away while stopping or when `max-connections` are being served.
-fn accept_connections(ctx: &Arc<Context>, listener: &UnixListener) -> ! {
+/// Accepts connections for good (`waiting` first), each served by a thread
+/// of its own; turns them away while stopping or when `max-connections`
+/// are being served.
+fn accept_connections(
+    ctx: &Arc<Context>,
+    listener: &UnixListener,
+    mut waiting: Option<UnixStream>,
+) -> ! {
     loop {
-        let mut stream = match listener.accept() {
-            Ok((stream, _)) => stream,
+        let accepted = match waiting.take() {
+            Some(stream) => Ok(stream),
+            None => listener.accept().map(|(stream, _)| stream),
+        };
+        let mut stream = match accepted {
+            Ok(stream) => stream,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 // Out of descriptors, say: wait for connections to end.

@@ -153,39 +153,10 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     inherited.try_clone()
 }
 
-/// `SOL_SOCKET`, `SO_PEERCRED` and `SO_ACCEPTCONN` (asm-generic values:
-/// x86-64, arm64, armv7, riscv64).
+/// `SOL_SOCKET` and `SO_PEERCRED` (asm-generic values: x86-64, arm64,
+/// armv7, riscv64).
 const SOL_SOCKET: i32 = 1;
 const SO_PEERCRED: i32 = 17;
-const SO_ACCEPTCONN: i32 = 30;
-
-/// Reads socket option `name` of `fd` into `value`, which must be plain
-/// integers (any bit pattern valid) of the option's exact size.
-fn socket_option<T: Copy>(fd: BorrowedFd<'_>, name: i32, mut value: T) -> io::Result<T> {
-    let mut len = std::mem::size_of::<T>() as u32;
-    // SAFETY: `fd` is open for the borrow's lifetime; `value` and `len` are
-    // live locals, and the kernel writes at most `len` bytes into `value`,
-    // a type of plain integers for which every bit pattern is valid.
-    let rc = unsafe {
-        getsockopt(
-            fd.as_raw_fd(),
-            SOL_SOCKET,
-            name,
-            (&mut value as *mut T).cast(),
-            &mut len,
-        )
-    };
-    match rc {
-        0 if len as usize == std::mem::size_of::<T>() => Ok(value),
-        0 => Err(io::Error::other("socket option of unexpected size")),
-        _ => Err(io::Error::last_os_error()),
-    }
-}
-
-/// True when `fd` is a socket in the listening state.
-pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    socket_option(fd, SO_ACCEPTCONN, 0i32).map(|v| v != 0)
-}
 
 /// Who is at the other end of a connected unix socket, as the kernel saw
 /// it when the peer connected (or, for the listening side, called `listen`).
@@ -202,7 +173,27 @@ pub struct Peer {
 /// The credentials of the peer of a connected unix stream (`SO_PEERCRED`).
 pub fn peer(fd: BorrowedFd<'_>) -> io::Result<Peer> {
     // struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit integers.
-    let [pid, uid, gid] = socket_option(fd, SO_PEERCRED, [0u32; 3])?;
+    let mut cred = [0u32; 3];
+    let mut len = std::mem::size_of_val(&cred) as u32;
+    // SAFETY: `fd` is open for the borrow's lifetime; `cred` and `len` are
+    // live locals, and the kernel writes at most `len` bytes into `cred`,
+    // plain integers for which every bit pattern is valid.
+    let rc = unsafe {
+        getsockopt(
+            fd.as_raw_fd(),
+            SOL_SOCKET,
+            SO_PEERCRED,
+            cred.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of_val(&cred) {
+        return Err(io::Error::other("SO_PEERCRED of unexpected size"));
+    }
+    let [pid, uid, gid] = cred;
     Ok(Peer {
         pid: pid as i32,
         uid,

@@ -518,3 +518,37 @@ fn compaction_syncs_the_directory_after_its_rename() {
         "no fsync of {s} between the rename and the next ok"
     );
 }
+
+/// Socket activation with an fd 3 that is a unix stream socket but does
+/// not listen: the daemon refuses it at start, naming what the socket unit
+/// needs.
+#[test]
+fn an_inherited_socket_that_does_not_listen_is_refused() {
+    let env = NixEnv::new("daemon-notlisten");
+    let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+    let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut c = env.cmd("/bin/sh");
+    c.arg("-c")
+        .arg("exec 3<&0 </dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve --config \"$1\"")
+        .arg(daemon_bin())
+        .arg(d.config_path())
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(ours)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            kill_tree(child.id());
+            panic!("the daemon served a socket that does not listen");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a listening socket"),
+        "{}",
+        show(&o)
+    );
+}
