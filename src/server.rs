@@ -229,8 +229,10 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
         }
         Err(fs::TryLockError::Error(e)) => return Err(err()(e)),
     }
-    file.set_len(0).map_err(err())?;
-    writeln!(file, "{}", std::process::id()).map_err(err())?;
+    // Padded over whatever pid was there, so that no truncate is needed
+    // (the journal's undo of a failed write is the daemon's only one).
+    let pid = format!("{:<10}\n", std::process::id());
+    std::os::unix::fs::FileExt::write_all_at(&file, pid.as_bytes(), 0).map_err(err())?;
     Ok(file)
 }
 

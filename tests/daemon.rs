@@ -552,3 +552,88 @@ fn an_inherited_socket_that_does_not_listen_is_refused() {
         show(&o)
     );
 }
+
+/// A write that fails half way (the file system fills up during it) and
+/// whose undo fails too (strace makes every ftruncate fail) ends the
+/// daemon with status 1, before any other record can follow the half one;
+/// the restart cuts the torn record off and keeps every acknowledged path.
+#[test]
+fn a_half_written_record_that_cannot_be_cut_off_ends_the_daemon() {
+    let env = NixEnv::new("daemon-halfrecord");
+    let mount = env.root().join("statefs");
+    fs::create_dir_all(&mount).unwrap();
+    let o = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mount));
+    assert!(
+        o.status.success(),
+        "mount (this test needs root): {}",
+        show(&o)
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let state = mount.join("state").display().to_string();
+    let mut d = Daemon::new_stopped(&env, &[("state-dir", state.as_str())], NO_ENV);
+    let log = fs::File::create(d.log_path()).unwrap();
+    let mut cmd = Command::new(which("strace"));
+    cmd.args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=ftruncate"])
+        .args(["-e", "inject=ftruncate:error=EIO"])
+        .arg(daemon_bin())
+        .args(["serve", "--config"])
+        .arg(d.config_path())
+        .env_remove("NIX_REMOTE")
+        .env_remove("NIX_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    env.apply_env(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    wait_until_diag(
+        DAEMON_START_TIMEOUT * 3,
+        "the daemon under strace to accept",
+        || std::os::unix::net::UnixStream::connect(d.socket()).is_ok(),
+        || d.log(),
+    );
+    let first = fake_paths(&env, "npbhq-half-first", 1).pop().unwrap();
+    assert_eq!(d.request(&format!("enqueue {first}")), "ok 1");
+    // Full but for the slack of the journal's page: the next big write
+    // goes in part.
+    let filler = mount.join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut f, &[0u8; 4096]).is_ok() {}
+    drop(f);
+    let many = fake_paths(&env, "npbhq-half-many", 2000);
+    let reply = std::os::unix::net::UnixStream::connect(d.socket()).map(|mut s| {
+        let _ =
+            std::io::Write::write_all(&mut s, format!("enqueue {}\n", many.join(" ")).as_bytes());
+        let mut r = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut r);
+        r
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            kill_tree(child.id());
+            panic!(
+                "the daemon kept running after a failed undo ({reply:?}):\n{}",
+                d.log()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{}", d.log());
+    assert!(!format!("{reply:?}").contains("ok"), "{reply:?}");
+    fs::remove_file(&filler).unwrap();
+    d.try_spawn()
+        .unwrap_or_else(|e| panic!("the journal was refused after the half record: {e}"));
+    let text = fs::read_to_string(mount.join("state/journal")).unwrap();
+    assert!(text.contains(&format!(" {first}\n")), "{text}");
+}
