@@ -65,11 +65,17 @@ pub fn kill_process_group(pgid: u32, sig: i32) -> io::Result<()> {
     }
     // SAFETY: kill only reads its two integer arguments; a negative pid
     // addresses the process group, and we refused the groups 0 and 1 above.
-    let rc = unsafe { kill(-pgid, sig) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    match unsafe { kill(-pgid, sig) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// The result of a call that returns 0 or an error number.
+fn errno(rc: i32) -> io::Result<()> {
+    match rc {
+        0 => Ok(()),
+        rc => Err(io::Error::from_raw_os_error(rc)),
     }
 }
 
@@ -92,20 +98,13 @@ impl SigSet {
 const SIG_BLOCK: i32 = 0;
 const SIG_SETMASK: i32 = 2;
 
-/// Blocks SIGTERM and SIGINT in the calling thread and every thread it
-/// starts afterwards, so that [`wait_for_stop_signal`] receives them.
-/// Child processes inherit the mask of the thread that starts them (the
-/// standard library does not reset it): start them through
-/// [`unblock_signals_in_child`].
+/// Blocks SIGTERM and SIGINT in the calling thread and the threads it
+/// starts afterwards, for [`wait_for_stop_signal`]. Children inherit the
+/// mask: start them through [`unblock_signals_in_child`].
 pub fn block_stop_signals() -> io::Result<()> {
     let set = SigSet::of(&[SIGTERM, SIGINT]);
     // SAFETY: `set` is an initialised sigset_t; a null old-set pointer is allowed.
-    let rc = unsafe { pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
+    errno(unsafe { pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) })
 }
 
 /// Waits until SIGTERM or SIGINT arrives; returns the signal number.
@@ -113,12 +112,7 @@ pub fn wait_for_stop_signal() -> io::Result<i32> {
     let set = SigSet::of(&[SIGTERM, SIGINT]);
     let mut sig = 0;
     // SAFETY: both pointers refer to live values owned by this frame.
-    let rc = unsafe { sigwait(&set, &mut sig) };
-    if rc == 0 {
-        Ok(sig)
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
+    errno(unsafe { sigwait(&set, &mut sig) }).map(|()| sig)
 }
 
 /// Makes `cmd` start its program with no signal blocked, whatever the mask
@@ -130,12 +124,7 @@ pub fn unblock_signals_in_child(cmd: &mut Command) {
     // only async-signal-safe functions may be called: pthread_sigmask is
     // one, and it reads `empty`, a copy the closure owns; nothing allocates.
     unsafe {
-        cmd.pre_exec(
-            move || match pthread_sigmask(SIG_SETMASK, &empty, std::ptr::null_mut()) {
-                0 => Ok(()),
-                rc => Err(io::Error::from_raw_os_error(rc)),
-            },
-        )
+        cmd.pre_exec(move || errno(pthread_sigmask(SIG_SETMASK, &empty, std::ptr::null_mut())))
     };
 }
 

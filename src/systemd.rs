@@ -10,16 +10,10 @@ use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 
 use crate::sys;
 
-/// First descriptor passed by systemd.
-const SD_LISTEN_FDS_START: i32 = 3;
-
 /// The listening socket systemd passed us, if any, with the connection
-/// already waiting on it (the one that started us, usually).
-///
-/// When the variables are meant for this process (`LISTEN_PID` is our pid)
-/// they are removed from the environment, as `sd_listen_fds(1)` does, so the
-/// nix commands the daemon runs never see them. Call it before starting any
-/// other thread (changing the environment is not thread-safe).
+/// already waiting on it (the one that started us, usually). Variables
+/// meant for us are removed, as `sd_listen_fds(1)` does, so that nix never
+/// sees them: call it before other threads start.
 pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream>)>> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
@@ -41,7 +35,7 @@ pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream
             )))
         }
     }
-    let listener = UnixListener::from(sys::take_inherited_fd(SD_LISTEN_FDS_START)?);
+    let listener = UnixListener::from(sys::take_inherited_fd(3)?);
     // Fails if fd 3 is not a unix socket (a TCP socket, say).
     listener.local_addr()?;
     // accept tells a socket that does not listen (EINVAL) from one that
@@ -78,7 +72,6 @@ fn notify(state: &str) -> io::Result<()> {
         Some(name) => SocketAddr::from_abstract_name(name)?,
         None => SocketAddr::from_pathname(&path)?,
     };
-    let sock = UnixDatagram::unbound()?;
-    sock.send_to_addr(state.as_bytes(), &addr)?;
+    UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
     Ok(())
 }
