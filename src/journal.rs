@@ -1,47 +1,33 @@
 //! The durable queue: an append-only journal file in the state directory.
 //!
-//! The journal is the truth. A path is acknowledged only after its `+` record
-//! is written and fsynced; it leaves the queue only when a `-` record follows
-//! (after upload, or when it is dropped). Startup replays the file, cutting
-//! off a torn last line from a crash, so recovery and a normal start are the
-//! same. A complete record that cannot be used (a path of another store
-//! directory, or a form this version does not know) is never dropped: the
-//! journal is not opened, and nothing in it is changed, until the daemon runs
-//! with the store directory the journal was written for.
-//!
-//! Records, one per line:
+//! The journal is the truth. A path is acknowledged only after its `+`
+//! record is written and fsynced; it leaves the queue with a `-` record
+//! (uploaded to every target, or dropped). Startup replays the file,
+//! cutting off a torn last line from a crash. A complete record that cannot
+//! be used (a path of another store directory, a form this version does not
+//! know) refuses the open and changes nothing: it may be an acknowledged
+//! path. Records, one per line:
 //! - `+ <unix-seconds> <store-path>`: queued at that time;
-//! - `- <store-path>`: done (uploaded to every target, or dropped);
-//! - `! <unix-seconds> <target> <attempts> <store-path> <error>`: given up
-//!   on for one target at that time, after that many failed attempts, with
-//!   the last error (the rest of the line). The path stays in the journal,
-//!   and is no longer tried for that target until it is requeued;
-//! - `= <unix-seconds> <target> <store-path>`: requeued at that time for
-//!   that target (`*`: for every target), its failure forgotten; it counts
-//!   as queued then (for `give-up-after`);
+//! - `- <store-path>`: done;
+//! - `! <unix-seconds> <target> <attempts> <store-path> <error>`: given up on
+//!   for one target (not tried there again until requeued), with the last
+//!   error (the rest of the line);
+//! - `= <unix-seconds> <target> <store-path>`: requeued for that target (`*`:
+//!   every target) at that time, which counts as queued then;
 //! - `> <target> <store-path>`: that target has the path, others not yet.
 //!
-//! A `<target>` is a [`TargetId`]: a hash of the target's URL, never the URL
-//! (which may hold a password). A path given up on for a target that is no
-//! longer configured is simply queued for the configured ones; one that
-//! every configured target has is done at start. A journal of older
-//! versions, with `+` and `-` records only, replays as it always did.
-//!
+//! A `<target>` is a [`TargetId`], never the URL (which may hold a password).
 //! Writers share fsyncs (group commit): while one thread writes and syncs,
-//! the others add their records to the next group, and each caller returns
-//! once its group is on disk. Once most records are dead the file is
-//! compacted: the live records are written to a new file without the lock,
-//! then, under it, what came meanwhile is appended and the new file renamed
-//! over the old.
+//! the others add their records to the next group. Once most records are
+//! dead, the live ones are written to a new file without the lock; under
+//! it, what came meanwhile is appended and the new file renamed over.
 //!
-//! Failures end right. A write that fails is undone (the file cut back to
-//! its last good length) and refuses the `enqueue` it carried, whose paths
-//! are not queued. Every other failure ends the daemon with status 1: one
-//! that cannot be undone (the cut fails, or fsync does, after which the
+//! A write that fails is undone (the file cut back) and refuses the
+//! `enqueue` it carried. Every other failure ends the daemon with status 1:
+//! one that cannot be undone (the cut fails, or fsync does, after which the
 //! kernel may have dropped the data), and one of a record no client waits
-//! for (a delivery, a give-up, a drop, a requeue). So no reply ever depends
-//! on a record that is not on disk, memory is never left ahead of the file,
-//! and the restart recovers from the journal.
+//! for. So no reply depends on a record not on disk, memory is never left
+//! ahead of the file, and the restart recovers from the journal.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -406,8 +392,10 @@ impl Journal {
         fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let mut file = open_append(&path)?;
-        // The journal's name is durable before the first acknowledgement.
+        // The journal's name is durable before the first acknowledgement
+        // (and the directory's, where it can be synced).
         sync_dir(dir)?;
+        let _ = dir.parent().map(sync_dir);
         // Sized for the file (records are about 80 bytes), so that the map
         // is not rehashed again and again while it fills.
         let capacity = usize::try_from(file.metadata()?.len() / 80).unwrap_or(0);
@@ -892,29 +880,23 @@ fn unusable_record(journal: &Path, line_no: usize, record: &[u8], store_dir: &st
         let (dir, _) = p.rsplit_once('/')?;
         (dir != store_dir && StorePath::parse(p, dir).is_ok()).then_some(dir)
     });
-    let message = match other_store {
+    let what = match other_store {
         Some(other) => format!(
-            "{} line {line_no} queues a path of the store directory {other}, but this daemon \
-             uses store-dir {store_dir}; the journal was written for {other}: start the daemon \
-             with store-dir = {other} (or NIX_STORE_DIR={other}) to deliver its paths, or move \
-             the journal aside; nothing in it was changed",
-            journal.display()
+            "queues a path of the store directory {other}, but this daemon uses store-dir \
+             {store_dir}: start the daemon with store-dir = {other} (or NIX_STORE_DIR={other}) \
+             to deliver its paths"
         ),
-        None => {
-            let mut shown: String = text.chars().take(200).collect();
-            if shown.len() < text.len() {
-                shown.push_str("...");
-            }
-            format!(
-                "{} line {line_no} is not a record this version can read ({shown:?}); \
-                 expected '+ <seconds> <store-path>', '- <store-path>', '! <seconds> <target> \
-                 <attempts> <store-path> <error>', '= <seconds> <target> <store-path>' or '> <target> \
-                 <store-path>' with paths under {store_dir}: start the version that wrote it, \
-                 or move the journal aside; nothing in it was changed",
-                journal.display()
-            )
-        }
+        None => format!(
+            "is not a record this version can read ({:?}); expected '+ <seconds> <store-path>', \
+             '- <store-path>', '! <seconds> <target> <attempts> <store-path> <error>', '= \
+             <seconds> <target> <store-path>' or '> <target> <store-path>' with paths under \
+             {store_dir}: start the version that wrote it",
+            crate::redact::text(&text.chars().take(200).collect::<String>())
+        ),
     };
+    let j = journal.display();
+    let message =
+        format!("{j} line {line_no} {what}, or move the journal aside; nothing in it was changed");
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 #[cfg(test)]
