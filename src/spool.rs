@@ -428,4 +428,39 @@ mod tests {
         let _ = fs::remove_dir_all(&spool);
         let _ = fs::remove_dir_all(&state);
     }
+
+    /// `backlog` reads a file once per version (name, size, modification
+    /// time): content changed behind an unchanged size and time is not read
+    /// again; a file that grew is.
+    #[test]
+    fn backlog_reads_each_version_of_a_file_once() {
+        let spool = dir("backlog");
+        fs::create_dir_all(&spool).unwrap();
+        let (_, name) = crate::wire::spool_names(7, 8);
+        let file = spool.join(&name);
+        let two = format!("enqueue {} {}\n", path('a'), path('b'));
+        fs::write(&file, &two).unwrap();
+        fs::write(spool.join("ignored.tmp"), "enqueue x\n").unwrap();
+        assert_eq!(backlog(&spool), (1, 2));
+        let mtime = fs::metadata(&file).unwrap().modified().unwrap();
+        let one = format!(
+            "enqueue {}{}\n",
+            path('c'),
+            " ".repeat(two.len() - path('c').len() - 9)
+        );
+        assert_eq!(one.len(), two.len());
+        fs::write(&file, &one).unwrap();
+        let f = fs::File::options().write(true).open(&file).unwrap();
+        f.set_modified(mtime).unwrap();
+        assert_eq!(
+            backlog(&spool),
+            (1, 2),
+            "the same version is not read again"
+        );
+        fs::write(&file, format!("{two}{two}")).unwrap();
+        assert_eq!(backlog(&spool), (1, 4), "a changed file is read again");
+        fs::remove_file(&file).unwrap();
+        assert_eq!(backlog(&spool), (0, 0));
+        let _ = fs::remove_dir_all(&spool);
+    }
 }

@@ -637,3 +637,30 @@ fn a_half_written_record_that_cannot_be_cut_off_ends_the_daemon() {
     let text = fs::read_to_string(mount.join("state/journal")).unwrap();
     assert!(text.contains(&format!(" {first}\n")), "{text}");
 }
+
+/// Twenty spool files that cannot be queued are set aside with a few
+/// warnings and a count, not a warning each.
+#[test]
+fn spool_warnings_are_summarised() {
+    let env = NixEnv::new("daemon-spoolwarn");
+    let mut d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+    let spool = d.spool_dir();
+    fs::create_dir_all(&spool).unwrap();
+    for i in 0..20 {
+        fs::write(spool.join(format!("{i}-1.req")), "retry\n").unwrap();
+    }
+    d.try_spawn().unwrap();
+    wait_until_diag(
+        Duration::from_secs(30),
+        "the spool files set aside, with a count",
+        || d.log().contains("15 more spool files"),
+        || d.log(),
+    );
+    let left = fs::read_dir(&spool).unwrap().flatten();
+    assert!(left
+        .into_iter()
+        .all(|e| e.path().extension() == Some("bad".as_ref())));
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("spool file")).collect();
+    assert!(lines.len() <= 6, "{lines:#?}");
+}
