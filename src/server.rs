@@ -12,6 +12,7 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -94,10 +95,11 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     sys::block_stop_signals().map_err(transient("cannot block SIGTERM and SIGINT"))?;
     let activated = systemd::listener_from_env()
         .map_err(transient("cannot use the socket passed by systemd"))?;
-    for url in &config.upload_to {
-        // Before anything can fail and quote the target.
-        redact::remember(url);
-    }
+    // Before anything can fail and quote the target.
+    config
+        .upload_to
+        .iter()
+        .for_each(|url| redact::remember(url));
     // Held until the process ends: one daemon per journal.
     let _lock = lock_state_dir(&config.state_dir)?;
     let journal_error = format!("cannot open the journal in {}", config.state_dir.display());
@@ -109,12 +111,11 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         let n = replay.torn_bytes;
         warning!("journal: cut off a torn last record of {n} bytes (a crash during a write)");
     }
-    let file = config.state_dir.join(crate::journal::FILE_NAME);
-    info!(
-        "journal {} replayed: {} paths queued",
-        file.display(),
-        replay.paths.len()
+    let (file, n) = (
+        config.state_dir.join(crate::journal::FILE_NAME),
+        replay.paths.len(),
     );
+    info!("journal {} replayed: {n} paths queued", file.display());
     // Created by us, so that we own it: a hook running as root (under the
     // Nix daemon) can write into it, and we can delete what we ingested.
     let spool = config.spool_dir();
@@ -425,7 +426,7 @@ fn accept_connections(
         };
         let mut stream = match accepted {
             Ok(stream) => stream,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == Interrupted => continue,
             Err(e) => {
                 // Out of descriptors, say: wait for connections to end.
                 error!("accept failed: {e}");
@@ -471,12 +472,10 @@ fn read_line(
     pending: &mut Vec<u8>,
 ) -> Result<bool, String> {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
-    let late = || {
-        format!(
-            "no complete request line within {} s",
-            REQUEST_TIMEOUT.as_secs()
-        )
-    };
+    let late = format!(
+        "no complete request line within {} s",
+        REQUEST_TIMEOUT.as_secs()
+    );
     loop {
         if let Some(i) = pending.iter().position(|&b| b == b'\n') {
             line.clear();
@@ -488,7 +487,7 @@ fn read_line(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(late());
+            return Err(late);
         }
         stream
             .set_read_timeout(Some(left))
@@ -504,15 +503,8 @@ fn read_line(
             Ok(0) if pending.is_empty() => return Ok(false),
             Ok(0) => return Err("request line not terminated by a newline".into()),
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(late())
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => return Err(late),
+            Err(e) if e.kind() == Interrupted => {}
             Err(e) => return Err(e.to_string()),
         }
     }
@@ -522,27 +514,20 @@ fn handle(ctx: &Context, mut stream: UnixStream) {
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     // Root and the daemon's own user may change the queue; others may add
     // to it and look (a peer that cannot be told is not trusted).
-    let peer = sys::peer(stream.as_fd()).map(|p| p.uid);
-    let admin = peer
-        .as_ref()
-        .is_ok_and(|&uid| uid == 0 || uid == sys::uid());
+    let uid = sys::peer(stream.as_fd()).ok().map(|p| p.uid);
+    let admin = uid.is_some_and(|uid| uid == 0 || uid == sys::uid());
     let (mut line, mut pending) = (Vec::new(), Vec::new());
     loop {
         let reply = match read_line(&mut stream, &mut line, &mut pending) {
             Ok(false) => return,
             Ok(true) => match parse_request(&line, &ctx.store_dir) {
-                Ok(req)
-                    if !admin
-                        && matches!(
-                            req,
-                            Request::Retry | Request::Requeue(_) | Request::Drop(_)
-                        ) =>
-                {
-                    let who = peer
-                        .as_ref()
-                        .map_or("an unknown user".into(), |u| format!("uid {u}"));
-                    let allowed = format!("root and the daemon's user (uid {})", sys::uid());
-                    final_line(Err(&format!("{who} may not change the queue: retry, requeue and drop are taken only from {allowed}")))
+                Ok(Request::Retry | Request::Requeue(_) | Request::Drop(_)) if !admin => {
+                    let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
+                    final_line(Err(&format!(
+                        "{who} may not change the queue: retry, requeue and drop are taken \
+                         only from root and the daemon's user (uid {})",
+                        sys::uid()
+                    )))
                 }
                 Ok(req) => respond(ctx, &mut stream, req),
                 Err(e @ ProtocolError::TooLong) => {
