@@ -1332,4 +1332,28 @@ mod tests {
         let (_, r) = Journal::open(&dir.0, S).unwrap();
         assert_eq!(r.paths.len(), 800);
     }
+
+    /// Records written while the compacted copy was being written without
+    /// the lock are appended to it before it replaces the journal.
+    #[test]
+    fn compaction_keeps_what_came_while_it_wrote() {
+        let dir = Dir::new("compactmeanwhile");
+        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        j.append(&[path(1), path(2), path(3)]).unwrap();
+        j.complete(&[path(2)]).unwrap();
+        // The copy as compaction takes it, then records arrive meanwhile.
+        let (data, from) = {
+            let inner = j.lock();
+            (inner.live_file(), inner.len)
+        };
+        j.append(&[path(4)]).unwrap();
+        j.complete(&[path(1)]).unwrap();
+        let tmp = dir.0.join(format!("{FILE_NAME}.tmp"));
+        j.replace_file(&tmp, &data, from).unwrap();
+        j.append(&[path(5)]).unwrap();
+        drop(j);
+        let (_, r) = Journal::open(&dir.0, S).unwrap();
+        assert_eq!(r.paths, vec![path(3), path(4), path(5)]);
+        assert!(!tmp.exists());
+    }
 }
