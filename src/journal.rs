@@ -331,22 +331,30 @@ impl Inner {
         true
     }
 
-    /// The live records, oldest path first: the compacted journal.
-    fn live_file(&self) -> Vec<u8> {
-        let mut ordered: Vec<(&StorePath, &Entry)> = self.live.iter().collect();
-        ordered.sort_unstable_by_key(|(_, e)| e.seq);
-        let mut data = Vec::with_capacity(ordered.len() * 80);
-        for (path, entry) in ordered {
-            Record::Add(path.clone(), entry.queued_at).write(&mut data);
+    /// The live records, each with its path's place in line: cloned under
+    /// the lock, ordered and formatted by [`file_of`] without it.
+    fn snapshot(&self) -> Vec<(u64, Record)> {
+        let mut out = Vec::with_capacity(self.live_records);
+        for (path, e) in &self.live {
+            out.push((e.seq, Record::Add(path.clone(), e.queued_at)));
             for g in self.given_up.get(path).into_iter().flatten() {
-                Record::GiveUp(path.clone(), g.clone()).write(&mut data);
+                out.push((e.seq, Record::GiveUp(path.clone(), g.clone())));
             }
             for t in self.delivered.get(path).into_iter().flatten() {
-                Record::Delivered(path.clone(), *t).write(&mut data);
+                out.push((e.seq, Record::Delivered(path.clone(), *t)));
             }
         }
-        data
+        out
     }
+}
+
+/// The compacted journal: the records in their paths' order (a stable
+/// sort, so each path's `+` stays first).
+fn file_of(mut records: Vec<(u64, Record)>) -> Vec<u8> {
+    records.sort_by_key(|(seq, _)| *seq);
+    let mut data = Vec::with_capacity(records.len() * 80);
+    records.iter().for_each(|(_, r)| r.write(&mut data));
+    data
 }
 
 fn now_secs() -> u64 {
@@ -805,8 +813,9 @@ impl Journal {
             return;
         }
         inner.compacting = true;
-        let (data, from, dir) = (inner.live_file(), inner.len, inner.dir.clone());
+        let (records, from, dir) = (inner.snapshot(), inner.len, inner.dir.clone());
         drop(inner);
+        let data = file_of(records);
         let tmp = dir.join(format!("{FILE_NAME}.tmp"));
         let result = self.replace_file(&tmp, &data, from);
         let mut inner = self.lock();
@@ -1344,7 +1353,7 @@ mod tests {
         // The copy as compaction takes it, then records arrive meanwhile.
         let (data, from) = {
             let inner = j.lock();
-            (inner.live_file(), inner.len)
+            (file_of(inner.snapshot()), inner.len)
         };
         j.append(&[path(4)]).unwrap();
         j.complete(&[path(1)]).unwrap();
