@@ -16,6 +16,7 @@
 //! again while it stays, rather than queued and uploaded again every time.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -52,39 +53,46 @@ fn is_request(path: &Path) -> bool {
     name.is_some_and(|n| n.ends_with(SPOOL_SUFFIX) && !n.starts_with('.'))
 }
 
-/// Path counts of the request files [`backlog`] read, with the version of
-/// the file each was read from: a file is read again only when it changed.
-static COUNTED: Mutex<BTreeMap<PathBuf, (FileId, usize)>> = Mutex::new(BTreeMap::new());
+/// Path counts of the request files [`backlog`] read, by name and inode: a
+/// request file is renamed into place finished and never changes, so each
+/// is read once, and a listing of the directory is all that a call costs.
+static COUNTED: Mutex<BTreeMap<OsString, (u64, usize)>> = Mutex::new(BTreeMap::new());
 
 /// The backlog, for `status`: request files not ingested yet, and the
 /// paths they ask for (counted without checking them; a file that cannot
-/// be read counts no paths). Each file is read once per version.
+/// be read counts no paths).
 pub fn backlog(dir: &Path) -> (usize, usize) {
+    use std::os::unix::fs::DirEntryExt;
     let mut counted = COUNTED.lock().unwrap_or_else(|e| e.into_inner());
     let mut now = BTreeMap::new();
-    let files = fs::read_dir(dir).into_iter().flatten().flatten();
-    for file in files.map(|e| e.path()).filter(|p| is_request(p)) {
-        let meta = fs::symlink_metadata(&file).ok();
-        let id = meta
-            .filter(|m| m.is_file() && m.len() <= MAX_FILE)
-            .map(|m| file_id(&m));
-        let paths = match (id, counted.get(&file)) {
-            (Some(id), Some(&(was, n))) if id == was => n,
-            (Some(_), _) => fs::read(&file).map_or(0, |data| {
-                let requests = data.split(|&b| b == b'\n');
-                let queueing =
-                    requests.filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "));
-                queueing
-                    .map(|l| l.iter().filter(|&&b| b == b' ').count())
-                    .sum()
-            }),
-            (None, _) => 0,
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let (name, ino) = (entry.file_name(), entry.ino());
+        if !is_request(Path::new(&name)) {
+            continue;
+        }
+        let paths = match counted.get(&name) {
+            Some(&(was, n)) if was == ino => n,
+            _ => count_paths(&dir.join(&name)),
         };
-        now.insert(file, (id.unwrap_or_default(), paths));
+        now.insert(name, (ino, paths));
     }
     let backlog = (now.len(), now.values().map(|(_, n)| n).sum());
     *counted = now;
     backlog
+}
+
+/// The paths a request file asks for: the words after `enqueue` and `drv`.
+fn count_paths(file: &Path) -> usize {
+    let meta = fs::symlink_metadata(file);
+    if !meta.is_ok_and(|m| m.is_file() && m.len() <= MAX_FILE) {
+        return 0;
+    }
+    let data = fs::read(file).unwrap_or_default();
+    let requests = data.split(|&b| b == b'\n');
+    let queueing = requests.filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "));
+    queueing
+        .map(|l| l.iter().filter(|&&b| b == b' ').count())
+        .sum()
 }
 
 /// The spool directory, and what the daemon knows about its files.
@@ -429,11 +437,10 @@ mod tests {
         let _ = fs::remove_dir_all(&state);
     }
 
-    /// `backlog` reads a file once per version (name, size, modification
-    /// time): content changed behind an unchanged size and time is not read
-    /// again; a file that grew is.
+    /// `backlog` reads a request file once: content changed in place is not
+    /// read again; a new file renamed over it is.
     #[test]
-    fn backlog_reads_each_version_of_a_file_once() {
+    fn backlog_reads_each_request_file_once() {
         let spool = dir("backlog");
         fs::create_dir_all(&spool).unwrap();
         let (_, name) = crate::wire::spool_names(7, 8);
@@ -442,23 +449,12 @@ mod tests {
         fs::write(&file, &two).unwrap();
         fs::write(spool.join("ignored.tmp"), "enqueue x\n").unwrap();
         assert_eq!(backlog(&spool), (1, 2));
-        let mtime = fs::metadata(&file).unwrap().modified().unwrap();
-        let one = format!(
-            "enqueue {}{}\n",
-            path('c'),
-            " ".repeat(two.len() - path('c').len() - 9)
-        );
-        assert_eq!(one.len(), two.len());
-        fs::write(&file, &one).unwrap();
-        let f = fs::File::options().write(true).open(&file).unwrap();
-        f.set_modified(mtime).unwrap();
-        assert_eq!(
-            backlog(&spool),
-            (1, 2),
-            "the same version is not read again"
-        );
         fs::write(&file, format!("{two}{two}")).unwrap();
-        assert_eq!(backlog(&spool), (1, 4), "a changed file is read again");
+        assert_eq!(backlog(&spool), (1, 2), "the same file is not read again");
+        let tmp = spool.join(".new.tmp");
+        fs::write(&tmp, format!("{two}{two}")).unwrap();
+        fs::rename(&tmp, &file).unwrap();
+        assert_eq!(backlog(&spool), (1, 4), "a new file under the name is read");
         fs::remove_file(&file).unwrap();
         assert_eq!(backlog(&spool), (0, 0));
         let _ = fs::remove_dir_all(&spool);
