@@ -34,7 +34,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::store_path::StorePath;
@@ -126,13 +126,8 @@ impl Record {
             Record::GiveUp(p, g) => {
                 // The journal is private, but a password has no business on disk.
                 let error = crate::protocol::one_line(&crate::redact::text(&g.error));
-                format!(
-                    "! {} {} {} {p} {}",
-                    g.at,
-                    g.target,
-                    g.attempts,
-                    error.trim()
-                )
+                let (at, t, n) = (g.at, g.target, g.attempts);
+                format!("! {at} {t} {n} {p} {}", error.trim())
             }
             Record::Requeue(p, t, at) => {
                 let t = t.map_or_else(|| "*".to_string(), |t| t.to_string());
@@ -187,34 +182,9 @@ impl Record {
 /// The outcome of one group of records: set once written (`Err`: undone).
 type Group = Arc<OnceLock<Result<(), String>>>;
 
-/// A `wait` in progress: the drops of paths it waits for.
-struct Watch {
-    id: u64,
-    up_to_seq: u64,
-    dropped: usize,
-    named: Vec<StorePath>,
-}
-
-/// A `wait`'s count of the drops of its paths; see [`Journal::watch_drops`].
-pub struct DropWatch<'a> {
-    journal: &'a Journal,
-    id: u64,
-}
-
-impl DropWatch<'_> {
-    /// How many of the paths were dropped, and the first few of them.
-    pub fn dropped(&self) -> (usize, Vec<StorePath>) {
-        let inner = self.journal.lock();
-        let w = inner.watches.iter().find(|w| w.id == self.id);
-        w.map_or((0, Vec::new()), |w| (w.dropped, w.named.clone()))
-    }
-}
-
-impl Drop for DropWatch<'_> {
-    fn drop(&mut self) {
-        self.journal.lock().watches.retain(|w| w.id != self.id);
-    }
-}
+/// What a `wait` learns of the drops of the paths it waits for: how many,
+/// and the first few. See [`Journal::watch_drops`].
+pub type Drops = Mutex<(usize, Vec<StorePath>)>;
 
 /// The durable queue shared by the connection threads and the worker.
 pub struct Journal {
@@ -247,8 +217,9 @@ struct Inner {
     /// Dead records at which a compaction is tried next (raised after a
     /// failed one, so a full disk is not hit with a rewrite per call).
     compact_at: usize,
-    watches: Vec<Watch>,
-    next_watch: u64,
+    /// The `wait`s in progress: the newest path each waits for, and what
+    /// it learns (forgotten once the `wait` lets go of it).
+    watches: Vec<(u64, Weak<Drops>)>,
 }
 
 impl Inner {
@@ -425,7 +396,6 @@ impl Journal {
             compacting: false,
             compact_at: COMPACT_MIN_DEAD,
             watches: Vec::new(),
-            next_watch: 0,
         };
         // Record by record, so replay needs no copy of the whole file.
         let mut replay = Replay::default();
@@ -557,36 +527,35 @@ impl Journal {
     /// `wait` that waits for one of them is told. Returns those dropped.
     pub fn drop_paths(&self, paths: &[StorePath]) -> Vec<StorePath> {
         let mut inner = self.lock();
-        let mut dropped = Vec::new();
-        for path in paths {
-            let Some(seq) = inner.live.get(path).map(|e| e.seq) else {
+        let seqs: Vec<(u64, &StorePath)> = (paths.iter())
+            .filter_map(|p| Some((inner.live.get(p)?.seq, p)))
+            .collect();
+        inner.watches.retain(|(_, w)| w.strong_count() > 0);
+        for (up_to, drops) in &inner.watches {
+            let Some(drops) = drops.upgrade() else {
                 continue;
             };
-            for w in inner.watches.iter_mut().filter(|w| seq <= w.up_to_seq) {
-                w.dropped += 1;
-                if w.named.len() < DROPS_NAMED {
-                    w.named.push(path.clone());
+            let mut drops = drops.lock().unwrap_or_else(|e| e.into_inner());
+            for (_, p) in seqs.iter().filter(|(seq, _)| seq <= up_to) {
+                drops.0 += 1;
+                if drops.1.len() < DROPS_NAMED {
+                    drops.1.push((*p).clone());
                 }
             }
-            dropped.push(path.clone());
         }
+        let dropped: Vec<StorePath> = seqs.into_iter().map(|(_, p)| p.clone()).collect();
         self.write(inner, dropped.iter().cloned().map(Record::Done).collect());
         dropped
     }
 
     /// Counts, for a `wait`, the drops of paths queued at or before `seq`,
-    /// until the watch goes.
-    pub fn watch_drops(&self, seq: u64) -> DropWatch<'_> {
+    /// for as long as it holds the result.
+    pub fn watch_drops(&self, seq: u64) -> Arc<Drops> {
+        let drops = Arc::new(Mutex::new((0, Vec::new())));
         let mut inner = self.lock();
-        inner.next_watch += 1;
-        let id = inner.next_watch;
-        inner.watches.push(Watch {
-            id,
-            up_to_seq: seq,
-            dropped: 0,
-            named: Vec::new(),
-        });
-        DropWatch { journal: self, id }
+        inner.watches.retain(|(_, w)| w.strong_count() > 0);
+        inner.watches.push((seq, Arc::downgrade(&drops)));
+        drops
     }
 
     /// Records, durably, that `target` has the paths. A path that every one

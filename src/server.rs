@@ -683,7 +683,7 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
                     named(&listed, listed.len())
                 ));
             }
-            let (dropped, some) = drops.dropped();
+            let (dropped, some) = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if dropped > 0 {
                 let listed = named(&some, dropped);
                 problems.push(format!(
