@@ -586,8 +586,7 @@ impl Journal {
 
     /// True when `target` has `path` (and some other target not yet).
     pub fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
-        let inner = self.lock();
-        inner
+        self.lock()
             .delivered
             .get(path)
             .is_some_and(|h| h.contains(&target))
@@ -595,9 +594,7 @@ impl Journal {
 
     /// Queued paths `target` does not have and is not given up on for.
     pub fn count_pending(&self, target: TargetId) -> usize {
-        let inner = self.lock();
-        let pending = inner.live.keys().filter(|p| inner.is_pending(p, target));
-        pending.count()
+        self.count_waiting_up_to(u64::MAX, &[target])
     }
 
     /// How many paths that arrived at or before sequence number `seq` some
