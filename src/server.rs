@@ -1,11 +1,9 @@
 //! The daemon: recovery at start, the listener, and one thread per client.
 //!
-//! Startup is recovery: open and replay the journal, hand every live path to
-//! the worker, then accept. The main thread accepts; each connection is
-//! served by a thread of its own (at most `max-connections` at once; more
-//! get `err busy`), which journals paths before acknowledging them and
-//! passes them to the worker through the channel. A slow client therefore
-//! never delays another one, and the worker's nix calls never delay an
+//! Startup is recovery: replay the journal, hand every live path to the
+//! worker, then accept. Each connection has a thread of its own (at most
+//! `max-connections`; more get `err busy`), which journals paths before
+//! acknowledging them: a slow client never delays another, nor nix an
 //! acknowledgement. `retry`, `requeue` and `drop` are taken only from root
 //! and the daemon's own user (the peer's credentials, as the kernel saw
 //! them); anyone the socket's mode lets in may `enqueue`, `status` and `wait`.
@@ -42,10 +40,7 @@ const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Stack of a connection thread: it reads into the heap.
 const CONNECTION_STACK: usize = 64 * 1024;
-/// The lock file in the state directory: locked by the daemon that uses the
-/// directory, for as long as it runs, and holding its pid.
-pub const LOCK_FILE: &str = "lock";
-/// Prefix of the private directories the socket is bound in.
+/// Names the private directories the socket is bound in.
 const PRIVATE_PREFIX: &str = ".post-build-hook-queue-";
 
 /// Why the daemon could not start.
@@ -61,9 +56,8 @@ pub enum ServeError {
 
 impl std::fmt::Display for ServeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ServeError::Config(why) | ServeError::Transient(why) => f.write_str(why),
-        }
+        let (ServeError::Config(why) | ServeError::Transient(why)) = self;
+        f.write_str(why)
     }
 }
 
@@ -79,8 +73,9 @@ struct Context {
     shared: Arc<Shared>,
     tx: Sender<Msg>,
     store_dir: String,
-    /// The journal's names for the targets.
+    /// The journal's names for the targets, and the targets as shown.
     target_ids: Vec<TargetId>,
+    labels: Vec<String>,
     spool_dir: PathBuf,
     signing: bool,
     /// Connections being served.
@@ -128,23 +123,19 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let (tx, rx) = mpsc::channel();
     let target_ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
     // Paths every target has already (a target left the configuration).
-    match journal.settle(&target_ids) {
-        Ok(0) | Err(_) => {}
-        Ok(n) => info!("journal: {n} paths every target has already are done"),
+    if let Ok(n @ 1..) = journal.settle(&target_ids) {
+        info!("journal: {n} paths every target has already are done");
     }
     // Those some target still needs, and those given up on where not had.
+    let needed =
+        |p: &StorePath, t: &TargetId| !journal.is_delivered(p, *t) && !journal.is_given_up(p, *t);
     let (to_upload, given_up): (Vec<StorePath>, Vec<StorePath>) = (replay.paths.into_iter())
         .filter(|p| journal.entry(p).is_some())
-        .partition(|p| {
-            let pending =
-                |t: &TargetId| !journal.is_delivered(p, *t) && !journal.is_given_up(p, *t);
-            target_ids.iter().any(pending)
-        });
-    if !given_up.is_empty() {
+        .partition(|p| target_ids.iter().any(|t| needed(p, t)));
+    if let n @ 1.. = given_up.len() {
         warning!(
-            "{} paths were given up on after repeated failures and are not tried again; \
-             see `post-build-hook-queue status`, then requeue or drop them",
-            given_up.len()
+            "{n} paths were given up on after repeated failures and are not tried again; \
+             see `post-build-hook-queue status`, then requeue or drop them"
         );
     }
     if !to_upload.is_empty() {
@@ -165,21 +156,18 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         tx,
         store_dir: config.store_dir.clone(),
         target_ids,
+        labels: match targets.as_slice() {
+            [t] if matches!(t.kind, crate::target::Kind::SignOnly) => vec!["(none)".into()],
+            all => all.iter().map(|t| t.label.clone()).collect(),
+        },
         spool_dir: config.spool_dir(),
         signing: config.signing_key_file.is_some(),
         active: AtomicUsize::new(0),
         max_connections: config.max_connections,
     });
-    let labels: Vec<&str> = match targets.as_slice() {
-        [t] if matches!(t.kind, crate::target::Kind::SignOnly) => vec!["(none)"],
-        all => all.iter().map(|t| t.label.as_str()).collect(),
-    };
-    info!(
-        "ready: store {}, signing {}, upload to {}",
-        config.store_dir,
-        if ctx.signing { "on" } else { "off" },
-        labels.join(", ")
-    );
+    let (store, targets) = (&config.store_dir, ctx.labels.join(", "));
+    let signing = if ctx.signing { "on" } else { "off" };
+    info!("ready: store {store}, signing {signing}, upload to {targets}");
     if let Some(file) = config.metrics_file.clone() {
         let ctx = Arc::clone(&ctx);
         spawn("metrics", move || write_metrics(&ctx, &file))?;
@@ -203,9 +191,10 @@ fn spawn<T: Send + 'static>(
     builder.spawn(f).map_err(transient("cannot start a thread"))
 }
 
-/// Locks the state directory, so that no second daemon appends to and
-/// compacts the same journal. The lock (flock) goes with the process, also
-/// on `kill -9`, so a stale lock file never blocks a start.
+/// Locks the state directory (its file `lock`, which holds the pid), so
+/// that no second daemon appends to and compacts the same journal. The
+/// flock goes with the process, also on `kill -9`: a stale one never
+/// blocks a start.
 fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
     fs::create_dir_all(dir).map_err(err())?;
@@ -215,7 +204,7 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
         .create(true)
         .truncate(false)
         .mode(0o644)
-        .open(dir.join(LOCK_FILE))
+        .open(dir.join("lock"))
         .map_err(err())?;
     match file.try_lock() {
         Ok(()) => {}
@@ -237,14 +226,12 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     Ok(file)
 }
 
-/// Binds the socket path: a stale socket file is replaced only when nothing
-/// answers on it, and anything that is not a socket is never replaced. The
-/// socket is created in a private directory beside it (mode 0700, an
-/// unpredictable name, made exclusively and checked on its descriptor),
-/// reached as `/proc/self/fd/N/s` (short enough for any socket path the
-/// kernel takes), given its mode and group, then renamed into place: it is
-/// never reachable with looser permissions than `socket-mode`. Private
-/// directories a killed daemon left behind are removed first.
+/// Binds the socket path, replacing only a stale socket (nothing answers)
+/// and never anything else. The socket is made in a private directory
+/// beside it (mode 0700, an unpredictable name, checked on its descriptor,
+/// reached as `/proc/self/fd/N/s`, short enough for any socket path), given
+/// its mode and group, then renamed into place: never reachable with looser
+/// permissions than `socket-mode`. Leftovers of a killed bind go first.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let fail = |why: &str| Err(ServeError::Transient(format!("{} {why}", path.display())));
@@ -357,14 +344,11 @@ fn snapshot(ctx: &Context) -> Snapshot {
 fn write_metrics(ctx: &Context, file: &Path) {
     let mut failing = false;
     loop {
-        match status::write_atomically(file, &snapshot(ctx).prometheus()) {
-            Ok(()) => failing = false,
-            Err(e) if !failing => {
-                warning!("cannot write metrics file {}: {e}", file.display());
-                failing = true;
-            }
-            Err(_) => {}
+        let result = status::write_atomically(file, &snapshot(ctx).prometheus());
+        if let (Err(e), false) = (&result, failing) {
+            warning!("cannot write metrics file {}: {e}", file.display());
         }
+        failing = result.is_err();
         std::thread::sleep(METRICS_INTERVAL);
     }
 }
@@ -404,10 +388,8 @@ fn stop_on_signal(
     if let Some(socket) = own_socket {
         let _ = fs::remove_file(socket);
     }
-    info!(
-        "stopped; {} paths stay queued in the journal",
-        ctx.journal.len()
-    );
+    let n = ctx.journal.len();
+    info!("stopped; {n} paths stay queued in the journal");
     std::process::exit(0);
 }
 
@@ -420,10 +402,9 @@ fn accept_connections(
     mut waiting: Option<UnixStream>,
 ) -> ! {
     loop {
-        let accepted = match waiting.take() {
-            Some(stream) => Ok(stream),
-            None => listener.accept().map(|(stream, _)| stream),
-        };
+        let accepted = waiting
+            .take()
+            .map_or_else(|| listener.accept().map(|(s, _)| s), Ok);
         let mut stream = match accepted {
             Ok(stream) => stream,
             Err(e) if e.kind() == Interrupted => continue,
@@ -434,14 +415,9 @@ fn accept_connections(
                 continue;
             }
         };
-        let refusal = if ctx.shared.stopping.load(Ordering::SeqCst) {
-            Some(ERR_STOPPING)
-        } else if ctx.active.load(Ordering::SeqCst) >= ctx.max_connections {
-            Some(ERR_BUSY)
-        } else {
-            None
-        };
-        if let Some(why) = refusal {
+        let stopping = ctx.shared.stopping.load(Ordering::SeqCst);
+        if stopping || ctx.active.load(Ordering::SeqCst) >= ctx.max_connections {
+            let why = if stopping { ERR_STOPPING } else { ERR_BUSY };
             // A fresh connection's buffer takes one line without waiting.
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
             let _ = stream.write_all(final_line(Err(why)).as_bytes());
@@ -620,10 +596,8 @@ fn named<T: std::fmt::Display>(first: &[T], total: usize) -> String {
 
 /// At most `max` characters of `text`, the rest marked as cut.
 fn shorten(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((i, _)) => format!("{}...", &text[..i]),
-        None => text.to_string(),
-    }
+    let cut = text.char_indices().nth(max);
+    cut.map_or_else(|| text.to_string(), |(i, _)| format!("{}...", &text[..i]))
 }
 
 /// The `wait` reply: `remaining N failing M` lines while paths queued
@@ -640,15 +614,8 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
     let _ = ctx.tx.send(Msg::Flush);
     // Every target's paths given up on, the target named when there are several.
     let given_up_on = || -> Vec<(StorePath, GivenUp)> {
-        let labels: Vec<String> = ctx
-            .shared
-            .lock()
-            .targets
-            .iter()
-            .map(|t| t.label.clone())
-            .collect();
         let mut all = Vec::new();
-        for (id, label) in ctx.target_ids.iter().zip(labels) {
+        for (id, label) in ctx.target_ids.iter().zip(&ctx.labels) {
             for (p, mut g) in ctx.journal.given_up_up_to(target, *id) {
                 if ctx.target_ids.len() > 1 {
                     g.error = format!("{label}: {}", g.error);
