@@ -1,19 +1,13 @@
 //! The spool: where the hook leaves its request when the daemon is away.
 //!
-//! The hook writes the request lines it would have sent to a temporary file
-//! and renames it to `<time>-<pid>.req` ([`crate::wire::spool_names`]), so
-//! the daemon never sees half a request. The daemon queues every spooled
-//! request when it starts and whenever it is idle, and deletes each file
-//! only after its paths are in the journal.
-//!
-//! Nothing is deleted that was not queued: a file with a line that cannot
-//! be queued (malformed, too long, not a queue request) has its other paths
-//! queued and is then set aside as `.bad`, with a warning. A file whose last
-//! line has no line end is still being written by something that is not
-//! the hook: it is left alone until it is finished, and set aside once it
-//! has not changed for an hour. A file that cannot be deleted (a spool
-//! directory the daemon may not write) is queued once and then not read
-//! again while it stays, rather than queued and uploaded again every time.
+//! The hook renames each finished request file into place as
+//! `<time>-<pid>.req` ([`crate::wire::spool_names`]). The daemon queues
+//! every spooled request at start and when idle, and deletes a file only
+//! after its paths are in the journal. A file with a line that cannot be
+//! queued has its other paths queued and is set aside as `.bad`; one whose
+//! last line has no line end is still being written (by something that is
+//! not the hook) and is set aside once unchanged for an hour; one that
+//! cannot be deleted is queued once, not again while it stays.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
