@@ -52,44 +52,17 @@ const VERBS: &str = "enqueue PATH..., drv DRV, ping, status [json], wait, retry,
 /// Why a request line was refused; the text is sent back after `err `.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProtocolError {
-    /// The line is longer than [`MAX_LINE`].
+    /// The line is longer than [`MAX_LINE`]: the connection ends.
     TooLong,
-    /// The line is not UTF-8.
-    NotUtf8,
-    /// The line is empty.
-    Empty,
-    /// The verb is not one of the known ones.
-    UnknownVerb(String),
-    /// The verb takes no arguments, or a different number.
-    Arguments(&'static str),
-    /// More paths than [`MAX_PATHS`].
-    TooManyPaths(usize),
-    /// An argument is not a valid store path.
-    BadPath {
-        /// 1-based position among the arguments.
-        index: usize,
-        /// The broken rule.
-        error: PathError,
-    },
+    /// Anything else wrong with it, said in full.
+    Bad(String),
 }
 
 impl fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProtocolError::TooLong => {
-                write!(f, "request line longer than {MAX_LINE} bytes")
-            }
-            ProtocolError::NotUtf8 => write!(f, "request is not valid UTF-8"),
-            ProtocolError::Empty => write!(f, "empty request; verbs: {VERBS}"),
-            ProtocolError::UnknownVerb(v) => write!(f, "unknown verb {v:?}; verbs: {VERBS}"),
-            ProtocolError::Arguments(usage) => write!(f, "usage: {usage}"),
-            ProtocolError::TooManyPaths(n) => {
-                write!(
-                    f,
-                    "{n} paths in one request; at most {MAX_PATHS} are accepted"
-                )
-            }
-            ProtocolError::BadPath { index, error } => write!(f, "path {index}: {error}"),
+            ProtocolError::TooLong => write!(f, "request line longer than {MAX_LINE} bytes"),
+            ProtocolError::Bad(why) => f.write_str(why),
         }
     }
 }
@@ -101,80 +74,63 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolEr
     if line.len() >= MAX_LINE {
         return Err(ProtocolError::TooLong);
     }
-    let line = std::str::from_utf8(line).map_err(|_| ProtocolError::NotUtf8)?;
+    let bad = ProtocolError::Bad;
+    let line = std::str::from_utf8(line).map_err(|_| bad("request is not valid UTF-8".into()))?;
     let line = line.strip_suffix('\r').unwrap_or(line);
     if line.is_empty() {
-        return Err(ProtocolError::Empty);
+        return Err(bad(format!("empty request; verbs: {VERBS}")));
     }
     let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
+    let usage = |u: &str| bad(format!("usage: {u}"));
     // `ping ` (a trailing space) is an empty argument, refused like any other.
-    let no_args = |req: Request, usage: &'static str| {
-        if verb.len() == line.len() {
-            Ok(req)
-        } else {
-            Err(ProtocolError::Arguments(usage))
-        }
+    let plain = |req| (verb.len() == line.len()).then_some(req).ok_or(usage(verb));
+    let listed = |u: &str, parse: ParseFn| match rest {
+        "" => Err(usage(u)),
+        _ => paths(rest, store_dir, parse),
     };
     match verb {
         "enqueue" => {
-            if rest.is_empty() {
-                return Err(ProtocolError::Arguments("enqueue PATH [PATH...]"));
-            }
-            paths(rest, store_dir, StorePath::parse_output).map(Request::Enqueue)
+            listed("enqueue PATH [PATH...]", StorePath::parse_output).map(Request::Enqueue)
         }
-        "requeue" | "drop" => {
-            if rest.is_empty() {
-                return Err(ProtocolError::Arguments(if verb == "drop" {
-                    "drop PATH [PATH...] (or drop-failed)"
-                } else {
-                    "requeue PATH [PATH...] (or requeue-failed)"
-                }));
-            }
-            let selection = Selection::Paths(paths(rest, store_dir, StorePath::parse)?);
-            Ok(if verb == "drop" {
-                Request::Drop(selection)
-            } else {
-                Request::Requeue(selection)
-            })
-        }
-        "requeue-failed" => no_args(Request::Requeue(Selection::AllFailed), "requeue-failed"),
-        "drop-failed" => no_args(Request::Drop(Selection::AllFailed), "drop-failed"),
-        "drv" => {
-            if rest.is_empty() || rest.contains(' ') {
-                return Err(ProtocolError::Arguments("drv DRV_PATH"));
-            }
-            StorePath::parse_drv(rest, store_dir)
-                .map(Request::Drv)
-                .map_err(|error| ProtocolError::BadPath { index: 1, error })
-        }
-        "ping" => no_args(Request::Ping, "ping"),
+        "requeue" => listed(
+            "requeue PATH [PATH...] (or requeue-failed)",
+            StorePath::parse,
+        )
+        .map(|p| Request::Requeue(Selection::Paths(p))),
+        "drop" => listed("drop PATH [PATH...] (or drop-failed)", StorePath::parse)
+            .map(|p| Request::Drop(Selection::Paths(p))),
+        "requeue-failed" => plain(Request::Requeue(Selection::AllFailed)),
+        "drop-failed" => plain(Request::Drop(Selection::AllFailed)),
+        "drv" if !rest.is_empty() && !rest.contains(' ') => StorePath::parse_drv(rest, store_dir)
+            .map(Request::Drv)
+            .map_err(|e| bad(format!("path 1: {e}"))),
+        "drv" => Err(usage("drv DRV_PATH")),
+        "ping" => plain(Request::Ping),
         "status" if rest == "json" => Ok(Request::Status { json: true }),
-        "status" => no_args(Request::Status { json: false }, "status [json]"),
-        "wait" => no_args(Request::Wait, "wait"),
-        "retry" => no_args(Request::Retry, "retry"),
-        other => Err(ProtocolError::UnknownVerb(truncate(other, 40))),
+        "status" => plain(Request::Status { json: false }).map_err(|_| usage("status [json]")),
+        "wait" => plain(Request::Wait),
+        "retry" => plain(Request::Retry),
+        other => Err(bad(format!(
+            "unknown verb {:?}; verbs: {VERBS}",
+            truncate(other, 40)
+        ))),
     }
 }
 
+type ParseFn = fn(&str, &str) -> Result<StorePath, PathError>;
+
 /// Parses space-separated store paths, at most [`MAX_PATHS`] of them.
-fn paths(
-    rest: &str,
-    store_dir: &str,
-    parse: fn(&str, &str) -> Result<StorePath, PathError>,
-) -> Result<Vec<StorePath>, ProtocolError> {
+fn paths(rest: &str, store_dir: &str, parse: ParseFn) -> Result<Vec<StorePath>, ProtocolError> {
     let args: Vec<&str> = rest.split(' ').collect();
     if args.len() > MAX_PATHS {
-        return Err(ProtocolError::TooManyPaths(args.len()));
+        let n = args.len();
+        let why = format!("{n} paths in one request; at most {MAX_PATHS} are accepted");
+        return Err(ProtocolError::Bad(why));
     }
-    args.iter()
-        .enumerate()
-        .map(|(i, a)| {
-            parse(a, store_dir).map_err(|error| ProtocolError::BadPath {
-                index: i + 1,
-                error,
-            })
-        })
-        .collect()
+    let parsed = args.iter().enumerate().map(|(i, a)| {
+        parse(a, store_dir).map_err(|e| ProtocolError::Bad(format!("path {}: {e}", i + 1)))
+    });
+    parsed.collect()
 }
 
 /// The final reply line: `ok ...` or `err ...`, newline included.
@@ -301,7 +257,10 @@ mod tests {
         let many = format!("enqueue{}", format!(" {good}").repeat(MAX_PATHS + 1));
         assert_eq!(
             parse_request(many.as_bytes(), S),
-            Err(ProtocolError::TooManyPaths(MAX_PATHS + 1))
+            Err(ProtocolError::Bad(format!(
+                "{} paths in one request; at most {MAX_PATHS} are accepted",
+                MAX_PATHS + 1
+            )))
         );
     }
 

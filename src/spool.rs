@@ -1,24 +1,20 @@
 //! The spool: where the hook leaves its request when the daemon is away.
 //!
-//! The hook writes the request lines it would have sent to a temporary file
-//! and renames it to `<time>-<pid>.req` ([`crate::wire::spool_names`]), so
-//! the daemon never sees half a request. The daemon queues every spooled
-//! request when it starts and whenever it is idle, and deletes each file
-//! only after its paths are in the journal.
-//!
-//! Nothing is deleted that was not queued: a file with a line that cannot
-//! be queued (malformed, too long, not a queue request) has its other paths
-//! queued and is then set aside as `.bad`, with a warning. A file whose last
-//! line has no line end is still being written by something that is not
-//! the hook: it is left alone until it is finished, and set aside once it
-//! has not changed for an hour. A file that cannot be deleted (a spool
-//! directory the daemon may not write) is queued once and then not read
-//! again while it stays, rather than queued and uploaded again every time.
+//! The hook renames each finished request file into place as
+//! `<time>-<pid>.req` ([`crate::wire::spool_names`]). The daemon queues
+//! every spooled request at start and when idle, and deletes a file only
+//! after its paths are in the journal. A file with a line that cannot be
+//! queued has its other paths queued and is set aside as `.bad`; one whose
+//! last line has no line end is still being written (by something that is
+//! not the hook) and is set aside once unchanged for an hour; one that
+//! cannot be deleted is queued once, not again while it stays.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::journal::Journal;
@@ -33,61 +29,64 @@ const MAX_FILE: u64 = 64 * MAX_LINE as u64;
 /// A temporary file or an unfinished spool file unchanged for this long was
 /// left by a writer that died (no hook takes anywhere near this long).
 const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
-/// Bad lines of one file warned about one by one; the rest are counted.
-const BAD_LINES_SHOWN: usize = 5;
+/// Problems (bad lines of a file, files of one pass) named one by one; the
+/// rest are counted.
+const NAMED: usize = 5;
+
+/// What identifies one version of a file: a new file under the same name,
+/// or the same file written again, is read again.
+type FileId = (u64, u64, u64, i64, i64);
+
+fn file_id(m: &fs::Metadata) -> FileId {
+    (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+}
+
+/// True for the name of a finished request file.
+fn is_request(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str());
+    name.is_some_and(|n| n.ends_with(SPOOL_SUFFIX) && !n.starts_with('.'))
+}
+
+/// Path counts of the request files [`backlog`] read, by name and inode: a
+/// request file is renamed into place finished and never changes, so each
+/// is read once, and a listing of the directory is all that a call costs.
+static COUNTED: Mutex<BTreeMap<OsString, (u64, usize)>> = Mutex::new(BTreeMap::new());
 
 /// The backlog, for `status`: request files not ingested yet, and the
 /// paths they ask for (counted without checking them; a file that cannot
 /// be read counts no paths).
 pub fn backlog(dir: &Path) -> (usize, usize) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return (0, 0);
-    };
-    let (mut files, mut paths) = (0, 0);
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else {
+    use std::os::unix::fs::DirEntryExt;
+    let mut counted = COUNTED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut now = BTreeMap::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let (name, ino) = (entry.file_name(), entry.ino());
+        if !is_request(Path::new(&name)) {
             continue;
+        }
+        let paths = match counted.get(&name) {
+            Some(&(was, n)) if was == ino => n,
+            _ => count_paths(&dir.join(&name)),
         };
-        if !name.ends_with(SPOOL_SUFFIX) || name.starts_with('.') {
-            continue;
-        }
-        files += 1;
-        let file = entry.path();
-        match fs::symlink_metadata(&file) {
-            Ok(m) if m.is_file() && m.len() <= MAX_FILE => {}
-            _ => continue,
-        }
-        if let Ok(data) = fs::read(&file) {
-            paths += data
-                .split(|&b| b == b'\n')
-                .filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "))
-                .map(|l| l.iter().filter(|&&b| b == b' ').count())
-                .sum::<usize>();
-        }
+        now.insert(name, (ino, paths));
     }
-    (files, paths)
+    let backlog = (now.len(), now.values().map(|(_, n)| n).sum());
+    *counted = now;
+    backlog
 }
 
-/// What identifies one version of a file: a new file under the same name,
-/// or the same file written again, is read again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-impl FileId {
-    fn of(m: &fs::Metadata) -> FileId {
-        FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-            len: m.len(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        }
+/// The paths a request file asks for: the words after `enqueue` and `drv`.
+fn count_paths(file: &Path) -> usize {
+    let meta = fs::symlink_metadata(file);
+    if !meta.is_ok_and(|m| m.is_file() && m.len() <= MAX_FILE) {
+        return 0;
     }
+    let data = fs::read(file).unwrap_or_default();
+    let requests = data.split(|&b| b == b'\n');
+    let queueing = requests.filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "));
+    queueing
+        .map(|l| l.iter().filter(|&&b| b == b' ').count())
+        .sum()
 }
 
 /// The spool directory, and what the daemon knows about its files.
@@ -98,6 +97,8 @@ pub struct Spool {
     /// Files whose paths were journaled but which could not be deleted or
     /// set aside: not read again while they stay as they are.
     done: HashMap<PathBuf, FileId>,
+    /// This pass's warnings, logged together at its end.
+    notes: Vec<String>,
 }
 
 impl Spool {
@@ -107,6 +108,7 @@ impl Spool {
             dir: dir.to_path_buf(),
             store_dir: store_dir.to_string(),
             done: HashMap::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -118,88 +120,102 @@ impl Spool {
             Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
             Err(_) => return Vec::new(),
         };
-        remove_abandoned(&entries);
-        let mut names: Vec<PathBuf> = entries
-            .into_iter()
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.ends_with(SPOOL_SUFFIX) && !n.starts_with('.'))
-            })
-            .collect();
+        let mut names = Vec::new();
+        for path in entries {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                // A hook killed between writing and renaming.
+                let meta = fs::symlink_metadata(&path);
+                if meta.is_ok_and(|m| older_than(&m, ABANDONED_AFTER)) {
+                    let _ = fs::remove_file(&path);
+                }
+            } else if is_request(&path) {
+                names.push(path);
+            }
+        }
         names.sort();
         self.done.retain(|p, _| names.binary_search(p).is_ok());
         let mut queued = Vec::new();
         for file in names {
-            // Only regular files of a plausible size: a link could point the
-            // daemon at any file, a huge file would only cost memory.
-            let meta = match fs::symlink_metadata(&file) {
-                Ok(m) if m.is_file() && m.len() <= MAX_FILE => m,
-                Ok(m) => {
-                    self.set_aside(
-                        &file,
-                        &m,
-                        &format!(
-                            "is not a regular file of at most {MAX_FILE} bytes ({} bytes); \
-                             nothing in it is queued",
-                            m.len()
-                        ),
-                    );
-                    continue;
-                }
-                Err(_) => continue,
-            };
-            if self.done.get(&file) == Some(&FileId::of(&meta)) {
-                continue;
-            }
-            let data = match fs::read(&file) {
-                Ok(d) => d,
-                Err(e) => {
-                    warning!("cannot read spool file {}: {e}", file.display());
-                    continue;
-                }
-            };
-            // Requests end with a line end: without one, the writer is not
-            // done (or died while writing).
-            let finished = data.last() == Some(&b'\n');
-            let abandoned = !finished && older_than(&meta, ABANDONED_AFTER);
-            if !finished && !abandoned {
-                continue;
-            }
-            let complete = match data.iter().rposition(|&b| b == b'\n') {
-                Some(end) => &data[..end],
-                None => &[][..],
-            };
-            let (paths, bad) = self.parse(complete);
-            match journal.append(&paths) {
-                Ok(added) => queued.extend(added),
-                Err(e) => {
-                    warning!(
-                        "cannot journal spool file {}: {e}; will try again",
-                        file.display()
-                    );
-                    break;
-                }
-            }
-            let mut problems = bad;
-            if abandoned {
-                problems.push(format!(
-                    "its last line has no line end and the file has not changed for {} s \
-                     (its writer died?): that line is not queued",
-                    ABANDONED_AFTER.as_secs()
-                ));
-            }
-            if problems.is_empty() {
-                if let Err(e) = fs::remove_file(&file) {
-                    let why = format!("its paths are queued, but it cannot be removed: {e}");
-                    self.keep_done(&file, &meta, &why);
-                }
-            } else {
-                let why = format!("{}; its other lines are queued", problems.join("; "));
-                self.set_aside(&file, &meta, &why);
+            if !self.ingest_file(journal, &file, &mut queued) {
+                break;
             }
         }
+        let notes = std::mem::take(&mut self.notes);
+        for note in notes.iter().take(NAMED) {
+            warning!("{note}");
+        }
+        if notes.len() > NAMED {
+            warning!(
+                "{} more spool files as above; see the spool directory",
+                notes.len() - NAMED
+            );
+        }
         queued
+    }
+
+    /// Ingests one file (see [`Spool::ingest`]); false when the journal
+    /// cannot be written now.
+    fn ingest_file(&mut self, journal: &Journal, file: &Path, queued: &mut Vec<StorePath>) -> bool {
+        // Only regular files of a plausible size: a link could point the
+        // daemon at any file, a huge file would only cost memory.
+        let meta = match fs::symlink_metadata(file) {
+            Ok(m) if m.is_file() && m.len() <= MAX_FILE => m,
+            Ok(m) => {
+                let why = format!(
+                    "is not a regular file of at most {MAX_FILE} bytes ({} bytes); nothing in it is queued",
+                    m.len()
+                );
+                self.set_aside(file, &m, &why);
+                return true;
+            }
+            Err(_) => return true,
+        };
+        if self.done.get(file) == Some(&file_id(&meta)) {
+            return true;
+        }
+        let data = match fs::read(file) {
+            Ok(d) => d,
+            Err(e) => {
+                self.notes
+                    .push(format!("cannot read spool file {}: {e}", file.display()));
+                return true;
+            }
+        };
+        // Requests end with a line end: without one, the writer is not
+        // done (or died while writing).
+        let finished = data.last() == Some(&b'\n');
+        let abandoned = !finished && older_than(&meta, ABANDONED_AFTER);
+        if !finished && !abandoned {
+            return true;
+        }
+        let end = data.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+        let (paths, mut problems) = self.parse(&data[..end]);
+        match journal.append(&paths) {
+            Ok(added) => queued.extend(added),
+            Err(e) => {
+                warning!(
+                    "cannot journal spool file {}: {e}; will try again",
+                    file.display()
+                );
+                return false;
+            }
+        }
+        if abandoned {
+            problems.push(format!(
+                "its last line has no line end and the file has not changed for {} s \
+                 (its writer died?): that line is not queued",
+                ABANDONED_AFTER.as_secs()
+            ));
+        }
+        if !problems.is_empty() {
+            let why = format!("{}; its other lines are queued", problems.join("; "));
+            self.set_aside(file, &meta, &why);
+        } else if let Err(e) = fs::remove_file(file) {
+            let why = format!("its paths are queued, but it cannot be removed: {e}");
+            self.keep_done(file, &meta, &why);
+        }
+        true
     }
 
     /// The paths of a spool file's complete lines, and what was wrong with
@@ -229,7 +245,7 @@ impl Spool {
                 }
             };
             bad_count += 1;
-            if bad.len() < BAD_LINES_SHOWN {
+            if bad.len() < NAMED {
                 bad.push(format!("line {} {problem}", n + 1));
             }
         }
@@ -244,16 +260,15 @@ impl Spool {
     fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: &str) {
         let bad = file.with_extension("bad");
         match fs::rename(file, &bad) {
-            Ok(()) => warning!(
+            Ok(()) => self.notes.push(format!(
                 "spool file {}: {why}; set aside as {}",
                 file.display(),
                 bad.display()
-            ),
-            Err(e) => self.keep_done(
-                file,
-                meta,
-                &format!("{why}; cannot set it aside as {}: {e}", bad.display()),
-            ),
+            )),
+            Err(e) => {
+                let why = format!("{why}; cannot set it aside as {}: {e}", bad.display());
+                self.keep_done(file, meta, &why);
+            }
         }
     }
 
@@ -261,34 +276,17 @@ impl Spool {
     /// until it changes or the daemon restarts (then its paths are queued
     /// once more, which costs at most one more upload).
     fn keep_done(&mut self, file: &Path, meta: &fs::Metadata, why: &str) {
-        warning!(
-            "spool file {}: {why}; it is not read again while it stays",
-            file.display()
-        );
-        self.done.insert(file.to_path_buf(), FileId::of(meta));
+        let d = file.display();
+        self.notes.push(format!(
+            "spool file {d}: {why}; it is not read again while it stays"
+        ));
+        self.done.insert(file.to_path_buf(), file_id(meta));
     }
 }
 
 fn older_than(meta: &fs::Metadata, age: Duration) -> bool {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|a| a > age)
-}
-
-/// Removes temporary files of hooks that were killed between writing and
-/// renaming (no hook takes anywhere near this long to write one).
-fn remove_abandoned(entries: &[PathBuf]) {
-    for path in entries {
-        let is_tmp = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"));
-        let old = fs::symlink_metadata(path).is_ok_and(|m| older_than(&m, ABANDONED_AFTER));
-        if is_tmp && old {
-            let _ = fs::remove_file(path);
-        }
-    }
+    let elapsed = meta.modified().ok().and_then(|t| t.elapsed().ok());
+    elapsed.is_some_and(|a| a > age)
 }
 
 #[cfg(test)]
@@ -431,5 +429,28 @@ mod tests {
         assert!(fresh.exists(), "a hook may still be writing a fresh one");
         let _ = fs::remove_dir_all(&spool);
         let _ = fs::remove_dir_all(&state);
+    }
+
+    /// `backlog` reads a request file once: content changed in place is not
+    /// read again; a new file renamed over it is.
+    #[test]
+    fn backlog_reads_each_request_file_once() {
+        let spool = dir("backlog");
+        fs::create_dir_all(&spool).unwrap();
+        let (_, name) = crate::wire::spool_names(7, 8);
+        let file = spool.join(&name);
+        let two = format!("enqueue {} {}\n", path('a'), path('b'));
+        fs::write(&file, &two).unwrap();
+        fs::write(spool.join("ignored.tmp"), "enqueue x\n").unwrap();
+        assert_eq!(backlog(&spool), (1, 2));
+        fs::write(&file, format!("{two}{two}")).unwrap();
+        assert_eq!(backlog(&spool), (1, 2), "the same file is not read again");
+        let tmp = spool.join(".new.tmp");
+        fs::write(&tmp, format!("{two}{two}")).unwrap();
+        fs::rename(&tmp, &file).unwrap();
+        assert_eq!(backlog(&spool), (1, 4), "a new file under the name is read");
+        fs::remove_file(&file).unwrap();
+        assert_eq!(backlog(&spool), (0, 0));
+        let _ = fs::remove_dir_all(&spool);
     }
 }

@@ -65,11 +65,17 @@ pub fn kill_process_group(pgid: u32, sig: i32) -> io::Result<()> {
     }
     // SAFETY: kill only reads its two integer arguments; a negative pid
     // addresses the process group, and we refused the groups 0 and 1 above.
-    let rc = unsafe { kill(-pgid, sig) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    match unsafe { kill(-pgid, sig) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// The result of a call that returns 0 or an error number.
+fn errno(rc: i32) -> io::Result<()> {
+    match rc {
+        0 => Ok(()),
+        rc => Err(io::Error::from_raw_os_error(rc)),
     }
 }
 
@@ -92,20 +98,13 @@ impl SigSet {
 const SIG_BLOCK: i32 = 0;
 const SIG_SETMASK: i32 = 2;
 
-/// Blocks SIGTERM and SIGINT in the calling thread and every thread it
-/// starts afterwards, so that [`wait_for_stop_signal`] receives them.
-/// Child processes inherit the mask of the thread that starts them (the
-/// standard library does not reset it): start them through
-/// [`unblock_signals_in_child`].
+/// Blocks SIGTERM and SIGINT in the calling thread and the threads it
+/// starts afterwards, for [`wait_for_stop_signal`]. Children inherit the
+/// mask: start them through [`unblock_signals_in_child`].
 pub fn block_stop_signals() -> io::Result<()> {
     let set = SigSet::of(&[SIGTERM, SIGINT]);
     // SAFETY: `set` is an initialised sigset_t; a null old-set pointer is allowed.
-    let rc = unsafe { pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
+    errno(unsafe { pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut()) })
 }
 
 /// Waits until SIGTERM or SIGINT arrives; returns the signal number.
@@ -113,12 +112,7 @@ pub fn wait_for_stop_signal() -> io::Result<i32> {
     let set = SigSet::of(&[SIGTERM, SIGINT]);
     let mut sig = 0;
     // SAFETY: both pointers refer to live values owned by this frame.
-    let rc = unsafe { sigwait(&set, &mut sig) };
-    if rc == 0 {
-        Ok(sig)
-    } else {
-        Err(io::Error::from_raw_os_error(rc))
-    }
+    errno(unsafe { sigwait(&set, &mut sig) }).map(|()| sig)
 }
 
 /// Makes `cmd` start its program with no signal blocked, whatever the mask
@@ -130,12 +124,7 @@ pub fn unblock_signals_in_child(cmd: &mut Command) {
     // only async-signal-safe functions may be called: pthread_sigmask is
     // one, and it reads `empty`, a copy the closure owns; nothing allocates.
     unsafe {
-        cmd.pre_exec(
-            move || match pthread_sigmask(SIG_SETMASK, &empty, std::ptr::null_mut()) {
-                0 => Ok(()),
-                rc => Err(io::Error::from_raw_os_error(rc)),
-            },
-        )
+        cmd.pre_exec(move || errno(pthread_sigmask(SIG_SETMASK, &empty, std::ptr::null_mut())))
     };
 }
 
@@ -153,39 +142,10 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     inherited.try_clone()
 }
 
-/// `SOL_SOCKET`, `SO_PEERCRED` and `SO_ACCEPTCONN` (asm-generic values:
-/// x86-64, arm64, armv7, riscv64).
+/// `SOL_SOCKET` and `SO_PEERCRED` (asm-generic values: x86-64, arm64,
+/// armv7, riscv64).
 const SOL_SOCKET: i32 = 1;
 const SO_PEERCRED: i32 = 17;
-const SO_ACCEPTCONN: i32 = 30;
-
-/// Reads socket option `name` of `fd` into `value`, which must be plain
-/// integers (any bit pattern valid) of the option's exact size.
-fn socket_option<T: Copy>(fd: BorrowedFd<'_>, name: i32, mut value: T) -> io::Result<T> {
-    let mut len = std::mem::size_of::<T>() as u32;
-    // SAFETY: `fd` is open for the borrow's lifetime; `value` and `len` are
-    // live locals, and the kernel writes at most `len` bytes into `value`,
-    // a type of plain integers for which every bit pattern is valid.
-    let rc = unsafe {
-        getsockopt(
-            fd.as_raw_fd(),
-            SOL_SOCKET,
-            name,
-            (&mut value as *mut T).cast(),
-            &mut len,
-        )
-    };
-    match rc {
-        0 if len as usize == std::mem::size_of::<T>() => Ok(value),
-        0 => Err(io::Error::other("socket option of unexpected size")),
-        _ => Err(io::Error::last_os_error()),
-    }
-}
-
-/// True when `fd` is a socket in the listening state.
-pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    socket_option(fd, SO_ACCEPTCONN, 0i32).map(|v| v != 0)
-}
 
 /// Who is at the other end of a connected unix socket, as the kernel saw
 /// it when the peer connected (or, for the listening side, called `listen`).
@@ -202,7 +162,27 @@ pub struct Peer {
 /// The credentials of the peer of a connected unix stream (`SO_PEERCRED`).
 pub fn peer(fd: BorrowedFd<'_>) -> io::Result<Peer> {
     // struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit integers.
-    let [pid, uid, gid] = socket_option(fd, SO_PEERCRED, [0u32; 3])?;
+    let mut cred = [0u32; 3];
+    let mut len = std::mem::size_of_val(&cred) as u32;
+    // SAFETY: `fd` is open for the borrow's lifetime; `cred` and `len` are
+    // live locals, and the kernel writes at most `len` bytes into `cred`,
+    // plain integers for which every bit pattern is valid.
+    let rc = unsafe {
+        getsockopt(
+            fd.as_raw_fd(),
+            SOL_SOCKET,
+            SO_PEERCRED,
+            cred.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of_val(&cred) {
+        return Err(io::Error::other("SO_PEERCRED of unexpected size"));
+    }
+    let [pid, uid, gid] = cred;
     Ok(Peer {
         pid: pid as i32,
         uid,

@@ -5,22 +5,16 @@
 //! readiness is one datagram, `READY=1`, to the socket in `NOTIFY_SOCKET`.
 
 use std::io;
-use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 
 use crate::sys;
 
-/// First descriptor passed by systemd.
-const SD_LISTEN_FDS_START: i32 = 3;
-
-/// The listening socket systemd passed us, if any.
-///
-/// When the variables are meant for this process (`LISTEN_PID` is our pid)
-/// they are removed from the environment, as `sd_listen_fds(1)` does, so the
-/// nix commands the daemon runs never see them. Call it before starting any
-/// other thread (changing the environment is not thread-safe).
-pub fn listener_from_env() -> io::Result<Option<UnixListener>> {
+/// The listening socket systemd passed us, if any, with the connection
+/// already waiting on it (the one that started us, usually). Variables
+/// meant for us are removed, as `sd_listen_fds(1)` does, so that nix never
+/// sees them: call it before other threads start.
+pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream>)>> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
     let (Some(pid), Some(fds)) = (pid, fds) else {
@@ -32,30 +26,31 @@ pub fn listener_from_env() -> io::Result<Option<UnixListener>> {
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
     }
-    let count: i32 = fds
-        .trim()
-        .parse()
-        .map_err(|_| io::Error::other(format!("LISTEN_FDS={fds:?} is not a number")))?;
-    if count < 1 {
-        return Ok(None);
+    match fds.trim().parse::<i32>() {
+        Ok(..=0) => return Ok(None),
+        Ok(1) => {}
+        _ => {
+            return Err(io::Error::other(format!(
+                "LISTEN_FDS={fds:?}: exactly one socket (a ListenStream= unix socket) is expected"
+            )))
+        }
     }
-    if count > 1 {
-        return Err(io::Error::other(format!(
-            "systemd passed {count} sockets; exactly one (a ListenStream= unix socket) is expected"
-        )));
-    }
-    // systemd passed fd 3 to this process (LISTEN_PID matched), and this
-    // runs once, before other threads start.
-    let fd = sys::take_inherited_fd(SD_LISTEN_FDS_START)?;
-    if !sys::is_listening(fd.as_fd())? {
-        return Err(io::Error::other(
-            "fd 3 is not a listening socket; the socket unit needs ListenStream= (and Accept=no)",
-        ));
-    }
-    let listener = UnixListener::from(fd);
+    let listener = UnixListener::from(sys::take_inherited_fd(3)?);
     // Fails if fd 3 is not a unix socket (a TCP socket, say).
     listener.local_addr()?;
-    Ok(Some(listener))
+    // accept tells a socket that does not listen (EINVAL) from one that
+    // does, with a connection waiting or none yet (EAGAIN).
+    listener.set_nonblocking(true)?;
+    let waiting = match listener.accept() {
+        Ok((stream, _)) => Some(stream),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Err(io::Error::other(
+            "fd 3 is not a listening socket; the socket unit needs ListenStream= (and Accept=no)",
+        )),
+        Err(e) => return Err(e),
+    };
+    listener.set_nonblocking(false)?;
+    Ok(Some((listener, waiting)))
 }
 
 /// Tells the service manager we are ready, when it asked to be told.
@@ -77,7 +72,6 @@ fn notify(state: &str) -> io::Result<()> {
         Some(name) => SocketAddr::from_abstract_name(name)?,
         None => SocketAddr::from_pathname(&path)?,
     };
-    let sock = UnixDatagram::unbound()?;
-    sock.send_to_addr(state.as_bytes(), &addr)?;
+    UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
     Ok(())
 }

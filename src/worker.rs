@@ -847,8 +847,6 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
         n => format!(" ({n} paths)"),
     };
     warning!("dropping {}{count}: {why}", names(&paths));
-    // Counted before the journal lets go of them: a `wait` that sees them
-    // gone from the journal must also see them dropped.
     {
         let mut stats = shared.lock();
         for p in &paths {
@@ -856,10 +854,7 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
         }
         stats.dropped += paths.len() as u64;
     }
-    if let Err(e) = journal.complete(&paths) {
-        warning!("cannot journal {} dropped paths: {e}", paths.len());
-    }
-    paths.len()
+    journal.drop_paths(&paths).len()
 }
 
 /// The first few of `paths`, for a log line: `A, B, C, ...`.

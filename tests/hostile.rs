@@ -1372,11 +1372,13 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     for args in [
         vec!["status", "--socket", &sock_s],
         vec!["enqueue", "--socket", &sock_s, &p_mem],
-        vec!["retry", "--socket", &sock_s],
     ] {
         let o = as_user(&member, &bin, &args, &no_env);
         assert!(o.status.success(), "{args:?} as member: {}", show(&o));
     }
+    // Changing the queue is for root and the daemon's user only.
+    let o = as_user(&member, &bin, &["retry", "--socket", &sock_s], &no_env);
+    assert!(!o.status.success(), "retry as member: {}", show(&o));
     let j = d.journal();
     assert_eq!(
         j.added,

@@ -616,9 +616,9 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
     assert_eq!(status.code(), Some(1), "terminal showed:\n{shown}");
     assert!(
         shown.contains("waiting: 2 path(s) still queued, 0 of them failing\r\n")
-            && shown.ends_with(
-                "post-build-hook-queue: 1 path(s) were dropped; see the daemon's log\r\n"
-            ),
+            && shown.ends_with(&format!(
+                "post-build-hook-queue: 1 path(s) were dropped ({gone}); see the daemon's log\r\n"
+            )),
         "terminal showed: {shown:?}"
     );
     println!("wait on a terminal showed: {shown:?}");

@@ -1,0 +1,666 @@
+//! The daemon's own guarantees: who may change the queue (peer
+//! credentials), journal failures that end the daemon rather than leave a
+//! wrong answer, `wait` after many drops, the state directory's fsync, and
+//! the socket's private bind directory.
+//!
+//! Runs as root (CI does): it creates a user, mounts a tmpfs and runs
+//! strace.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// An `upload-command` that holds every call while `hold` exists, then
+/// succeeds; returns the script and the hold file (created).
+fn held_uploader(env: &NixEnv) -> (PathBuf, PathBuf) {
+    let dir = env.root().join("uploader");
+    fs::create_dir_all(&dir).unwrap();
+    let hold = dir.join("hold");
+    fs::write(&hold, "").unwrap();
+    let script = dir.join("upload");
+    let text = format!(
+        "#!/bin/sh\nwhile [ -e '{}' ]; do sleep 0.05; done\nexit 0\n",
+        hold.display()
+    );
+    fs::write(&script, text).unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    (script, hold)
+}
+
+/// `n` well-formed store paths that are not in the store.
+fn fake_paths(env: &NixEnv, tag: &str, n: usize) -> Vec<String> {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    (0..n)
+        .map(|i| {
+            let mut hash = Vec::new();
+            let mut v = i;
+            for _ in 0..32 {
+                hash.push(ALPHABET[v % 32]);
+                v /= 32;
+            }
+            let hash = String::from_utf8(hash).unwrap();
+            format!("{}/{hash}-{tag}", env.store_dir().display())
+        })
+        .collect()
+}
+
+/// Waits until the daemon's process has ended; its exit status.
+fn exited(d: &mut Daemon, within: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if !d.is_running() {
+            return Some(d.stop());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "{}; stdout {:?}; stderr {:?}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A user made for one test, removed on drop.
+struct User(String);
+
+impl User {
+    fn new(tag: &str) -> User {
+        let name = format!("npbhq{tag}{}", std::process::id() % 100_000);
+        let o = run(Command::new("useradd").args(["-M", "-s", "/usr/sbin/nologin", &name]));
+        assert!(
+            o.status.success(),
+            "useradd (this test needs root): {}",
+            show(&o)
+        );
+        User(name)
+    }
+
+    /// The CLI as this user, with a clean environment.
+    fn cli(&self, d: &Daemon, args: &[&str]) -> Output {
+        let socket = d.socket().display().to_string();
+        run(Command::new("setpriv")
+            .args([
+                "--reuid",
+                &self.0,
+                "--regid",
+                &self.0,
+                "--init-groups",
+                "--",
+            ])
+            .arg(daemon_bin())
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("NPBHQ_SOCKET", socket))
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.0).output();
+    }
+}
+
+/// With the socket open to everyone (0666), another user's `drop`,
+/// `requeue` and `retry` are refused with the reason and change nothing;
+/// their `enqueue` and `status` work.
+#[test]
+fn only_root_and_the_daemons_user_may_change_the_queue() {
+    let env = NixEnv::new("daemon-peer");
+    let (uploader, _hold) = held_uploader(&env);
+    let up = uploader.display().to_string();
+    let d = Daemon::start(&env, &[("socket-mode", "0666"), ("upload-command", &up)]);
+    // The socket's directory must let the user reach the socket.
+    let mut dir = d.socket();
+    while dir.pop() && dir != Path::new("/") {
+        let mode = fs::metadata(&dir).unwrap().permissions().mode();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode | 0o011)).unwrap();
+    }
+    let held = env.add_text_path("npbhq-peer-held", "held\n");
+    let mine = env.add_text_path("npbhq-peer-user", "the user's\n");
+    let (held, mine) = (held.display().to_string(), mine.display().to_string());
+    assert_eq!(d.request(&format!("enqueue {held}")), "ok 1");
+    let journal = d.state_dir().join("journal");
+    let before = fs::read(&journal).unwrap();
+
+    let user = User::new("p");
+    for args in [
+        vec!["drop", &held],
+        vec!["requeue", &held],
+        vec!["retry"],
+        vec!["drop", "--all-failed"],
+    ] {
+        let o = user.cli(&d, &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("may not change the queue") && err.contains("root"),
+            "{args:?} as another user: {}",
+            show(&o)
+        );
+    }
+    assert_eq!(
+        fs::read(&journal).unwrap(),
+        before,
+        "a refused verb changed the journal"
+    );
+    assert!(d.request("status").starts_with("ok"));
+
+    let o = user.cli(&d, &["enqueue", &mine]);
+    assert!(o.status.success(), "enqueue as another user: {}", show(&o));
+    let text = String::from_utf8_lossy(&fs::read(&journal).unwrap()).into_owned();
+    assert!(text.contains(&format!(" {mine}\n")), "{text}");
+    let o = user.cli(&d, &["status"]);
+    assert!(o.status.success(), "status as another user: {}", show(&o));
+    // Root may: the held path is dropped.
+    assert_eq!(d.request(&format!("drop {held}")), "ok 1");
+}
+
+/// A `.post-build-hook-queue-*` directory a daemon killed while binding
+/// left beside the socket is removed at the next start; a fresh one (a
+/// daemon binding right now) is left alone.
+#[test]
+fn leftover_bind_directories_are_removed_at_start() {
+    let env = NixEnv::new("daemon-leftover");
+    let mut d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+    let parent = d.socket().parent().unwrap().to_path_buf();
+    fs::create_dir_all(&parent).unwrap();
+    let old = parent.join(".post-build-hook-queue-00112233445566aa");
+    let fresh = parent.join(".post-build-hook-queue-00112233445566bb");
+    for dir in [&old, &fresh] {
+        fs::create_dir(dir).unwrap();
+        fs::write(dir.join("s"), "").unwrap();
+    }
+    let o = run(Command::new("touch").args(["-d", "2 hours ago"]).arg(&old));
+    assert!(o.status.success(), "{}", show(&o));
+    d.try_spawn().unwrap();
+    assert!(
+        !old.exists(),
+        "the leftover {} is still there",
+        old.display()
+    );
+    assert!(
+        fresh.join("s").exists(),
+        "a fresh private directory was removed"
+    );
+}
+
+/// A socket path of 106 bytes in a directory of 101: the private directory
+/// the socket is bound in is reached through its descriptor, so its own
+/// longer path does not matter.
+#[test]
+fn a_long_socket_directory_binds_through_the_private_directory() {
+    let env = NixEnv::new("daemon-longdir");
+    let mut dir = env.root().join("d").display().to_string();
+    assert!(dir.len() < 95, "test directory {dir} too long");
+    dir.push('-');
+    while dir.len() < 101 {
+        dir.push('x');
+    }
+    fs::create_dir_all(&dir).unwrap();
+    let socket = format!("{dir}/sock");
+    assert_eq!(socket.len(), 106);
+    let mut d = Daemon::new_stopped(&env, &[("socket", socket.as_str())], NO_ENV);
+    d.try_spawn()
+        .unwrap_or_else(|e| panic!("a 106-byte socket path: {e}"));
+    assert!(d.request("ping").starts_with("ok "));
+    d.stop();
+}
+
+/// `wait` for a path that is dropped while it waits exits 1 naming it,
+/// however many other paths are dropped afterwards (10,001 here).
+#[test]
+fn wait_names_a_dropped_path_after_ten_thousand_other_drops() {
+    let env = NixEnv::new("daemon-drops");
+    let (uploader, hold) = held_uploader(&env);
+    let up = uploader.display().to_string();
+    let d = Daemon::start(&env, &[("upload-command", &up)]);
+    let held = env.add_text_path("npbhq-drops-held", "held\n");
+    let dropped = env.add_text_path("npbhq-drops-dropped", "dropped\n");
+    let (held, dropped) = (held.display().to_string(), dropped.display().to_string());
+    assert_eq!(d.request(&format!("enqueue {held}")), "ok 1");
+    assert_eq!(d.request(&format!("enqueue {dropped}")), "ok 1");
+    let wait = d
+        .cli_cmd()
+        .arg("wait")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its request is in once its first progress line could be.
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.request(&format!("drop {dropped}")), "ok 1");
+    let others = fake_paths(&env, "npbhq-drops-other", 10_001);
+    for chunk in others.chunks(5000) {
+        let n = chunk.len();
+        assert_eq!(
+            d.request(&format!("enqueue {}", chunk.join(" "))),
+            format!("ok {n}")
+        );
+        assert_eq!(
+            d.request(&format!("drop {}", chunk.join(" "))),
+            format!("ok {n}")
+        );
+    }
+    fs::remove_file(&hold).unwrap();
+    let o = wait.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "wait: {}\nlog:\n{}",
+        show(&o),
+        d.log()
+    );
+    assert!(
+        err.contains("1 path(s) were dropped") && err.contains(&dropped),
+        "{err}"
+    );
+}
+
+/// A journal write that fails after an upload (the state directory's file
+/// system is full) ends the daemon with status 1 instead of leaving the
+/// path queued in memory and forgotten by the worker; after a restart with
+/// space, the path is delivered and `wait` ends.
+#[test]
+fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
+    let env = NixEnv::new("daemon-fullwrite");
+    let mount = env.root().join("statefs");
+    fs::create_dir_all(&mount).unwrap();
+    let o = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mount));
+    assert!(
+        o.status.success(),
+        "mount (this test needs root): {}",
+        show(&o)
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let (uploader, hold) = held_uploader(&env);
+    let up = uploader.display().to_string();
+    let state = mount.join("state").display().to_string();
+    let mut d = Daemon::start(&env, &[("state-dir", &state), ("upload-command", &up)]);
+    let path = env
+        .add_text_path("npbhq-fullwrite", "full\n")
+        .display()
+        .to_string();
+    assert_eq!(d.request(&format!("enqueue {path}")), "ok 1");
+    // Queued behind it, paths that bring the journal within a few bytes of
+    // its page's end, so that the next record needs a page of its own.
+    let journal = mount.join("state/journal");
+    let short = fake_paths(&env, "", 1)[0].len() + 14;
+    for i in 0.. {
+        let room = 4096 - fs::metadata(&journal).unwrap().len() as usize;
+        let name = match room {
+            r if r > short + 200 => 150,
+            r if r >= short + 5 => r - 4 - short,
+            _ => break,
+        };
+        let mut fake = fake_paths(&env, &"x".repeat(name), i + 1).pop().unwrap();
+        fake.truncate(fake.len());
+        assert_eq!(d.request(&format!("enqueue {fake}")), "ok 1");
+    }
+    // Fill the file system, then let the upload finish: its `-` cannot be written.
+    let filler = mount.join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    drop(f);
+    fs::remove_file(&hold).unwrap();
+    let status = exited(&mut d, Duration::from_secs(30)).unwrap_or_else(|| {
+        panic!(
+            "the daemon kept running after a failed journal write:\n{}",
+            d.log()
+        )
+    });
+    assert_eq!(status.code(), Some(1), "{}", d.log());
+    assert!(d.log().contains("journal: "), "{}", d.log());
+    fs::remove_file(&filler).unwrap();
+    d.try_spawn().unwrap();
+    // The fake paths are dropped (not in the store); the real one arrives.
+    let o = run(d.cli_cmd().args(["wait", "--timeout", "60"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code().is_some_and(|c| c < 2) && !err.contains(&path),
+        "wait after the restart: {}\n{}",
+        show(&o),
+        d.log()
+    );
+    d.stop();
+    let text = fs::read_to_string(&journal).unwrap();
+    assert!(
+        text.contains(&format!("- {path}\n")),
+        "{path} not done: {text}"
+    );
+}
+
+/// One system call of an `strace -f` log: its thread, name, arguments
+/// (as strace shows them) and return value (None while unfinished).
+struct Call {
+    pid: String,
+    name: String,
+    args: String,
+    ret: Option<String>,
+}
+
+fn strace_calls(log: &str) -> Vec<Call> {
+    let mut out: Vec<Call> = Vec::new();
+    for line in log.lines() {
+        let Some((pid, call)) = line.trim_start().split_once(char::is_whitespace) else {
+            continue;
+        };
+        let ret = call
+            .rsplit_once(" = ")
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .map(str::to_string);
+        if let Some(resumed) = call.trim_start().strip_prefix("<... ") {
+            // `<... NAME resumed>) = RET` finishes this thread's NAME call.
+            let name = resumed.split(' ').next().unwrap_or("");
+            let started = out
+                .iter_mut()
+                .rev()
+                .find(|c| c.pid == pid && c.name == name && c.ret.is_none());
+            if let Some(c) = started {
+                c.ret = ret;
+            }
+            continue;
+        }
+        let Some((name, args)) = call.trim_start().split_once('(') else {
+            continue;
+        };
+        out.push(Call {
+            pid: pid.to_string(),
+            name: name.to_string(),
+            args: args.to_string(),
+            ret,
+        });
+    }
+    out
+}
+
+/// Runs a daemon under `strace -f` with `config`, calls `during` with its
+/// socket, stops it, and returns the calls.
+fn under_strace(env: &NixEnv, config: &[(&str, &str)], during: impl FnOnce(&Daemon)) -> Vec<Call> {
+    let d = Daemon::new_stopped(env, config, NO_ENV);
+    let trace = env.root().join("strace.log");
+    let log = fs::File::create(d.log_path()).unwrap();
+    let mut cmd = Command::new(which("strace"));
+    cmd.args(["-f", "-qq", "-s", "64", "-o"])
+        .arg(&trace)
+        .args([
+            "-e",
+            "trace=openat,fsync,fdatasync,rename,renameat,renameat2,write,sendto",
+        ])
+        .arg(daemon_bin())
+        .args(["serve", "--config"])
+        .arg(d.config_path())
+        .env_remove("NIX_REMOTE")
+        .env_remove("NIX_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    env.apply_env(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    wait_until_diag(
+        DAEMON_START_TIMEOUT * 3,
+        "the daemon under strace to accept",
+        || std::os::unix::net::UnixStream::connect(d.socket()).is_ok(),
+        || d.log(),
+    );
+    during(&d);
+    signal_pids("TERM", &descendants(child.id()));
+    let stopped = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if stopped.elapsed() > Duration::from_secs(30) {
+            kill_tree(child.id());
+            panic!("the daemon under strace did not stop\n{}", d.log());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    strace_calls(&fs::read_to_string(&trace).unwrap())
+}
+
+/// True when, between `from` and `to`, a descriptor opened on `dir` was
+/// fsynced (and the fsync returned 0).
+fn dir_synced(calls: &[Call], from: usize, to: usize, dir: &str) -> bool {
+    let quoted = format!("\"{dir}\"");
+    let fds: Vec<String> = calls[..to]
+        .iter()
+        .filter(|c| c.name == "openat" && c.args.contains(&quoted) && c.args.contains("O_RDONLY"))
+        .filter_map(|c| c.ret.clone())
+        .collect();
+    calls[from..to].iter().any(|c| {
+        c.name == "fsync"
+            && c.ret.as_deref() == Some("0")
+            && fds.iter().any(|fd| {
+                c.args.starts_with(&format!("{fd})")) || c.args.starts_with(&format!("{fd} <"))
+            })
+    })
+}
+
+fn first_ok(calls: &[Call], from: usize) -> usize {
+    calls[from..]
+        .iter()
+        .position(|c| matches!(c.name.as_str(), "write" | "sendto") && c.args.contains("\"ok "))
+        .map(|i| from + i)
+        .expect("no ok written")
+}
+
+/// The journal's name is durable before the first acknowledgement: the
+/// state directory, created by this start, is fsynced before the first
+/// `ok` goes out.
+#[test]
+fn the_state_directory_is_synced_before_the_first_ok() {
+    let env = NixEnv::new("daemon-dirsync");
+    let state = env.root().join("fresh-state");
+    let s = state.display().to_string();
+    let path = env
+        .add_text_path("npbhq-dirsync", "x\n")
+        .display()
+        .to_string();
+    let calls = under_strace(&env, &[("state-dir", s.as_str())], |d| {
+        assert_eq!(d.request(&format!("enqueue {path}")), "ok 1");
+    });
+    let ok = first_ok(&calls, 0);
+    assert!(
+        dir_synced(&calls, 0, ok, &s),
+        "no fsync of {s} before the first ok"
+    );
+}
+
+/// After compaction renames the new journal into place, the state
+/// directory is fsynced before the next `ok`, whose record went to the
+/// new file.
+#[test]
+fn compaction_syncs_the_directory_after_its_rename() {
+    let env = NixEnv::new("daemon-compactsync");
+    let state = env.root().join("state");
+    let s = state.display().to_string();
+    let fakes = fake_paths(&env, "npbhq-compact", 4200);
+    let real = env
+        .add_text_path("npbhq-compact-after", "x\n")
+        .display()
+        .to_string();
+    let calls = under_strace(&env, &[("state-dir", s.as_str())], |d| {
+        for chunk in fakes.chunks(2100) {
+            assert!(d
+                .request(&format!("enqueue {}", chunk.join(" ")))
+                .starts_with("ok"));
+            assert!(d
+                .request(&format!("drop {}", chunk.join(" ")))
+                .starts_with("ok"));
+        }
+        assert!(d.request(&format!("enqueue {real}")).starts_with("ok"));
+    });
+    let renamed = calls
+        .iter()
+        .rposition(|c| c.name.starts_with("rename") && c.args.contains("journal.tmp"))
+        .expect("no compaction (rename of journal.tmp) in the trace");
+    let ok = first_ok(&calls, renamed);
+    assert!(
+        dir_synced(&calls, renamed, ok, &s),
+        "no fsync of {s} between the rename and the next ok"
+    );
+}
+
+/// Socket activation with an fd 3 that is a unix stream socket but does
+/// not listen: the daemon refuses it at start, naming what the socket unit
+/// needs.
+#[test]
+fn an_inherited_socket_that_does_not_listen_is_refused() {
+    let env = NixEnv::new("daemon-notlisten");
+    let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+    let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut c = env.cmd("/bin/sh");
+    c.arg("-c")
+        .arg("exec 3<&0 </dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve --config \"$1\"")
+        .arg(daemon_bin())
+        .arg(d.config_path())
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(ours)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            kill_tree(child.id());
+            panic!("the daemon served a socket that does not listen");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a listening socket"),
+        "{}",
+        show(&o)
+    );
+}
+
+/// A write that fails half way (the file system fills up during it) and
+/// whose undo fails too (strace makes every ftruncate fail) ends the
+/// daemon with status 1, before any other record can follow the half one;
+/// the restart cuts the torn record off and keeps every acknowledged path.
+#[test]
+fn a_half_written_record_that_cannot_be_cut_off_ends_the_daemon() {
+    let env = NixEnv::new("daemon-halfrecord");
+    let mount = env.root().join("statefs");
+    fs::create_dir_all(&mount).unwrap();
+    let o = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mount));
+    assert!(
+        o.status.success(),
+        "mount (this test needs root): {}",
+        show(&o)
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let state = mount.join("state").display().to_string();
+    let mut d = Daemon::new_stopped(&env, &[("state-dir", state.as_str())], NO_ENV);
+    let log = fs::File::create(d.log_path()).unwrap();
+    let mut cmd = Command::new(which("strace"));
+    cmd.args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=ftruncate"])
+        .args(["-e", "inject=ftruncate:error=EIO"])
+        .arg(daemon_bin())
+        .args(["serve", "--config"])
+        .arg(d.config_path())
+        .env_remove("NIX_REMOTE")
+        .env_remove("NIX_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    env.apply_env(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    wait_until_diag(
+        DAEMON_START_TIMEOUT * 3,
+        "the daemon under strace to accept",
+        || std::os::unix::net::UnixStream::connect(d.socket()).is_ok(),
+        || d.log(),
+    );
+    let first = fake_paths(&env, "npbhq-half-first", 1).pop().unwrap();
+    assert_eq!(d.request(&format!("enqueue {first}")), "ok 1");
+    // Full but for the slack of the journal's page: the next big write
+    // goes in part.
+    let filler = mount.join("filler");
+    let mut f = fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut f, &[0u8; 4096]).is_ok() {}
+    drop(f);
+    let many = fake_paths(&env, "npbhq-half-many", 2000);
+    let reply = std::os::unix::net::UnixStream::connect(d.socket()).map(|mut s| {
+        let _ =
+            std::io::Write::write_all(&mut s, format!("enqueue {}\n", many.join(" ")).as_bytes());
+        let mut r = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut r);
+        r
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            kill_tree(child.id());
+            panic!(
+                "the daemon kept running after a failed undo ({reply:?}):\n{}",
+                d.log()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{}", d.log());
+    assert!(!format!("{reply:?}").contains("ok"), "{reply:?}");
+    fs::remove_file(&filler).unwrap();
+    d.try_spawn()
+        .unwrap_or_else(|e| panic!("the journal was refused after the half record: {e}"));
+    let text = fs::read_to_string(mount.join("state/journal")).unwrap();
+    assert!(text.contains(&format!(" {first}\n")), "{text}");
+}
+
+/// Twenty spool files that cannot be queued are set aside with a few
+/// warnings and a count, not a warning each.
+#[test]
+fn spool_warnings_are_summarised() {
+    let env = NixEnv::new("daemon-spoolwarn");
+    let mut d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
+    let spool = d.spool_dir();
+    fs::create_dir_all(&spool).unwrap();
+    for i in 0..20 {
+        fs::write(spool.join(format!("{i}-1.req")), "retry\n").unwrap();
+    }
+    d.try_spawn().unwrap();
+    wait_until_diag(
+        Duration::from_secs(30),
+        "the spool files set aside, with a count",
+        || d.log().contains("15 more spool files"),
+        || d.log(),
+    );
+    let left = fs::read_dir(&spool).unwrap().flatten();
+    assert!(left
+        .into_iter()
+        .all(|e| e.path().extension() == Some("bad".as_ref())));
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("spool file")).collect();
+    assert!(lines.len() <= 6, "{lines:#?}");
+}
