@@ -1,9 +1,7 @@
-//! What the hook and the daemon must agree on: the request lines, their
-//! limits, which refusals are only "not now", where the socket and the spool
-//! are by default, and how spool files are named. The hook, the admin
-//! commands and the daemon all take these from here, so they cannot drift
-//! apart.
+//! What the hook, the admin commands and the daemon must agree on: request
+//! lines and limits, transient refusals, default places, spool file names.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Longest request line accepted, newline included.
@@ -29,87 +27,62 @@ pub const ENV_SPOOL: &str = "NPBHQ_SPOOL_DIR";
 pub const ENV_TIMEOUT: &str = "NPBHQ_TIMEOUT";
 /// How long the hook waits for the daemon, in all, by default.
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// File name of the socket in a runtime directory (`/run`, `$XDG_RUNTIME_DIR`).
-pub const SOCKET_NAME: &str = "nix-post-build-hook-queue.sock";
-/// File name of the socket in a user's state directory, short because the
-/// whole path must fit the kernel's 107 bytes.
-pub const STATE_SOCKET_NAME: &str = "socket";
-/// Name of the state directory (and of the service).
-pub const STATE_NAME: &str = "nix-post-build-hook-queue";
 /// Ending of a complete spool file; a file being written has another.
 pub const SPOOL_SUFFIX: &str = ".req";
+const STATE_NAME: &str = "nix-post-build-hook-queue";
+const SOCKET_NAME: &str = "nix-post-build-hook-queue.sock";
 
-/// True for refusals that mean "not now" rather than "no": the request may
-/// succeed later unchanged (so the hook spools it), unlike a malformed one.
+/// True for refusals that mean "not now" (so the hook spools the request),
+/// not "no" (a malformed request).
 pub fn is_transient(reason: &str) -> bool {
     [ERR_BUSY, ERR_STOPPING, ERR_JOURNAL, ERR_WORKER_GONE]
         .iter()
         .any(|prefix| reason.starts_with(prefix))
 }
 
-/// Formats a request line for the client side, newline included.
-///
-/// A line break inside an argument can never split the request into two
-/// (which would send whatever follows it as a request of its own): `\n` and
-/// `\r` are replaced by U+FFFD, which no store path contains, so the daemon
-/// refuses that argument and with it the whole request.
+/// A request line, newline included. A line break in an argument becomes
+/// U+FFFD, which no store path contains, so it never splits the request.
 pub fn request_line(verb: &str, args: &[&str]) -> String {
     let mut line = String::from(verb);
     for a in args {
         line.push(' ');
-        line.extend(a.chars().map(|c| match c {
-            '\n' | '\r' => '\u{fffd}',
-            c => c,
-        }));
+        line.push_str(&a.replace(['\n', '\r'], "\u{fffd}"));
     }
-    line.push('\n');
-    line
+    line + "\n"
 }
 
 /// `Some(rest)` when `line` is `word` or starts with `word `.
 pub fn final_word<'a>(line: &'a str, word: &str) -> Option<&'a str> {
-    if line == word {
-        Some("")
-    } else {
-        line.strip_prefix(word)?.strip_prefix(' ')
-    }
+    let rest = line.strip_prefix(word)?;
+    rest.strip_prefix(' ').or((rest.is_empty()).then_some(""))
 }
 
 /// Splits paths into `enqueue` request lines within the protocol's limits.
 pub fn enqueue_lines<S: AsRef<str>>(paths: &[S]) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut current: Vec<&str> = Vec::new();
-    let mut bytes = 0;
-    for p in paths {
-        let p = p.as_ref();
-        if !current.is_empty()
-            && (current.len() == MAX_PATHS || bytes + p.len() + 1 >= MAX_LINE - 16)
-        {
-            lines.push(request_line("enqueue", &current));
-            current.clear();
-            bytes = 0;
+    let mut groups: Vec<(Vec<&str>, usize)> = Vec::new();
+    for p in paths.iter().map(AsRef::as_ref) {
+        match groups.last_mut() {
+            Some((g, n)) if g.len() < MAX_PATHS && *n + p.len() < MAX_LINE - 17 => {
+                g.push(p);
+                *n += p.len() + 1;
+            }
+            _ => groups.push((vec![p], p.len() + 1)),
         }
-        bytes += p.len() + 1;
-        current.push(p);
     }
-    if !current.is_empty() {
-        lines.push(request_line("enqueue", &current));
-    }
-    lines
+    groups
+        .iter()
+        .map(|g| request_line("enqueue", &g.0))
+        .collect()
 }
 
 /// The request lines the hook sends for Nix's `OUT_PATHS` and `DRV_PATH`.
 pub fn hook_lines(out_paths: &str, drv_path: &str) -> Vec<String> {
     let outs: Vec<&str> = out_paths.split_whitespace().collect();
-    if !outs.is_empty() {
-        return enqueue_lines(&outs);
+    match drv_path.trim() {
+        _ if !outs.is_empty() => enqueue_lines(&outs),
+        drv if drv.is_empty() || drv.contains(char::is_whitespace) => Vec::new(),
+        drv => vec![request_line("drv", &[drv])],
     }
-    let drv = drv_path.trim();
-    if drv.is_empty() || drv.contains(char::is_whitespace) {
-        return Vec::new();
-    }
-    Vec::from([request_line("drv", &[drv])])
 }
 
 /// Parses a number of seconds such as `600` or `2.5`.
@@ -122,80 +95,44 @@ pub fn parse_seconds(value: &str) -> Result<Duration, String> {
     }
 }
 
-/// What the default places depend on: the user and a few environment
-/// variables (empty ones count as unset).
-pub struct Places<'a> {
-    /// The real user id; root gets the system-wide places.
-    pub uid: u32,
-    /// `$XDG_RUNTIME_DIR`.
-    pub runtime_dir: Option<&'a str>,
-    /// `$XDG_STATE_HOME`.
-    pub state_home: Option<&'a str>,
-    /// `$HOME`.
-    pub home: Option<&'a str>,
-    /// `$TMPDIR` (`/tmp` when unset).
-    pub tmp_dir: Option<&'a str>,
+/// A user's default places.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Places {
+    /// The daemon's socket.
+    pub socket: PathBuf,
+    /// The daemon's state directory, with the spool in `spool` below it.
+    pub state_dir: PathBuf,
 }
 
-impl Places<'_> {
-    /// The default socket: `/run/...` for root, else the per-user runtime
-    /// directory, else `socket` in the user's own state directory. Never a
-    /// name in a directory others may write (such as `/tmp`), where another
-    /// user could bind it first and receive this user's paths. A unix
-    /// socket's path holds at most 107 bytes, so a state directory deeper
-    /// than about 100 bytes needs the socket named explicitly.
-    pub fn socket(&self) -> String {
-        if self.uid == 0 {
-            return join("/run", SOCKET_NAME);
-        }
-        match set(self.runtime_dir) {
-            Some(dir) => join(dir, SOCKET_NAME),
-            None => join(&self.state_dir(), STATE_SOCKET_NAME),
-        }
-    }
-
-    /// The default state directory: `/var/lib/...` for root, else
-    /// `$XDG_STATE_HOME/...` (or `~/.local/state/...`).
-    pub fn state_dir(&self) -> String {
-        if self.uid == 0 {
-            return join("/var/lib", STATE_NAME);
-        }
-        if let Some(dir) = set(self.state_home) {
-            return join(dir, STATE_NAME);
-        }
-        match set(self.home) {
-            Some(home) => join(&join(home, ".local/state"), STATE_NAME),
-            None => join(self.tmp(), &format!("{STATE_NAME}-{}", self.uid)),
-        }
-    }
-
-    /// The default spool directory: `spool` in the default state directory.
-    pub fn spool_dir(&self) -> String {
-        join(&self.state_dir(), "spool")
-    }
-
-    fn tmp(&self) -> &str {
-        set(self.tmp_dir).unwrap_or("/tmp")
-    }
+/// The default places of user `uid` (`var` reads the environment): for
+/// root in `/run` and `/var/lib`; else the state in `$XDG_STATE_HOME`,
+/// `~/.local/state` or `$TMPDIR/...-<uid>`, the socket in `$XDG_RUNTIME_DIR`
+/// or in the state directory, never where another user could bind it first.
+pub fn places(uid: u32, var: impl Fn(&str) -> Option<String>) -> Places {
+    let var = |key| Some(PathBuf::from(var(key)?)).filter(|p| !p.as_os_str().is_empty());
+    let state_dir = match (uid, var("XDG_STATE_HOME"), var("HOME")) {
+        (0, ..) => PathBuf::from("/var/lib").join(STATE_NAME),
+        (_, Some(dir), _) => dir.join(STATE_NAME),
+        (_, None, Some(home)) => home.join(".local/state").join(STATE_NAME),
+        (_, None, None) => var("TMPDIR")
+            .unwrap_or_else(|| PathBuf::from("/tmp"))
+            .join(format!("{STATE_NAME}-{uid}")),
+    };
+    let socket = match (uid, var("XDG_RUNTIME_DIR")) {
+        (0, _) => PathBuf::from("/run").join(SOCKET_NAME),
+        (_, Some(dir)) => dir.join(SOCKET_NAME),
+        (_, None) => state_dir.join("socket"),
+    };
+    Places { socket, state_dir }
 }
 
-fn set(value: Option<&str>) -> Option<&str> {
-    value.filter(|v| !v.is_empty())
+/// This process's default places.
+pub fn default_places() -> Places {
+    places(crate::sys::uid(), |key| std::env::var(key).ok())
 }
 
-/// `dir/name`, without doubling a slash `dir` already ends with.
-pub fn join(dir: &str, name: &str) -> String {
-    if dir.ends_with('/') {
-        format!("{dir}{name}")
-    } else {
-        format!("{dir}/{name}")
-    }
-}
-
-/// The names of a new spool file: the temporary one it is written as and
-/// the one it is renamed to when complete. Named by time, so that the
-/// daemon takes spooled requests in order, and by process, so that two
-/// hooks never share one.
+/// A new spool file's temporary name and the name it is renamed to when
+/// complete: by time, which the daemon reads them in, and by process.
 pub fn spool_names(unix_nanos: u128, pid: u32) -> (String, String) {
     let name = format!("{unix_nanos:020}-{pid}");
     (format!(".{name}.tmp"), format!("{name}{SPOOL_SUFFIX}"))
@@ -247,51 +184,57 @@ mod tests {
 
     #[test]
     fn default_places() {
-        let user = Places {
-            uid: 1000,
-            runtime_dir: Some("/run/user/1000/"),
-            state_home: None,
-            home: Some("/home/a"),
-            tmp_dir: Some(""),
+        let env = |pairs: &'static [(&str, &str)]| {
+            move |k: &str| pairs.iter().find(|p| p.0 == k).map(|p| p.1.to_string())
         };
-        assert_eq!(
-            user.socket(),
-            "/run/user/1000/nix-post-build-hook-queue.sock"
+        let at = |p: &Places| {
+            (
+                p.socket.display().to_string(),
+                p.state_dir.display().to_string(),
+            )
+        };
+        let user = places(
+            1000,
+            env(&[("XDG_RUNTIME_DIR", "/run/user/1000/"), ("HOME", "/home/a")]),
         );
         assert_eq!(
-            user.spool_dir(),
-            "/home/a/.local/state/nix-post-build-hook-queue/spool"
+            at(&user),
+            (
+                "/run/user/1000/nix-post-build-hook-queue.sock".into(),
+                "/home/a/.local/state/nix-post-build-hook-queue".into()
+            )
         );
-        let no_runtime = Places {
-            runtime_dir: Some(""),
-            ..user
-        };
+        let no_runtime = places(1000, env(&[("XDG_RUNTIME_DIR", ""), ("HOME", "/home/a")]));
         assert_eq!(
-            no_runtime.socket(),
+            no_runtime.socket.display().to_string(),
             "/home/a/.local/state/nix-post-build-hook-queue/socket",
             "in the user's own state directory, not in /tmp"
         );
-        let xdg_state = Places {
-            state_home: Some("/home/a/st"),
-            ..no_runtime
-        };
+        let xdg_state = places(
+            1000,
+            env(&[("XDG_STATE_HOME", "/home/a/st"), ("HOME", "/h")]),
+        );
         assert_eq!(
-            xdg_state.socket(),
+            xdg_state.socket.display().to_string(),
             "/home/a/st/nix-post-build-hook-queue/socket"
         );
-        let bare = Places {
-            home: None,
-            ..no_runtime
-        };
+        let bare = places(1000, env(&[("TMPDIR", "")]));
         assert_eq!(
-            bare.socket(),
-            "/tmp/nix-post-build-hook-queue-1000/socket",
+            at(&bare),
+            (
+                "/tmp/nix-post-build-hook-queue-1000/socket".into(),
+                "/tmp/nix-post-build-hook-queue-1000".into()
+            ),
             "beside the state, in a directory of the user's own"
         );
-        assert_eq!(bare.state_dir(), "/tmp/nix-post-build-hook-queue-1000");
-        let root = Places { uid: 0, ..bare };
-        assert_eq!(root.socket(), "/run/nix-post-build-hook-queue.sock");
-        assert_eq!(root.spool_dir(), "/var/lib/nix-post-build-hook-queue/spool");
+        let root = places(0, env(&[("XDG_RUNTIME_DIR", "/r"), ("HOME", "/root")]));
+        assert_eq!(
+            at(&root),
+            (
+                "/run/nix-post-build-hook-queue.sock".into(),
+                "/var/lib/nix-post-build-hook-queue".into()
+            )
+        );
     }
 
     #[test]
