@@ -299,6 +299,43 @@ fn the_root_hook_follows_no_link_to_its_spool() {
     );
 }
 
+/// A spool directory of a user the hook does not trust: for a hook run by
+/// a user, anyone but root and that user (here `nobody`'s world-writable
+/// sticky directory, which that user could write); for the root hook, a
+/// second user below the daemon's. Nothing is written there, the hook says
+/// why in one line and exits 0.
+#[test]
+fn a_spool_directory_of_an_untrusted_user_is_refused() {
+    let tmp = open_tmp("trust-owner");
+    let user = User::new('o');
+    let nobody = 65534;
+    let sticky = tmp.join("sticky");
+    fs::create_dir(&sticky).unwrap();
+    std::os::unix::fs::chown(&sticky, Some(nobody), Some(nobody)).unwrap();
+    fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+    let below = user.dir(tmp.path(), "theirs").join("nobodys");
+    fs::create_dir(&below).unwrap();
+    std::os::unix::fs::chown(&below, Some(nobody), Some(nobody)).unwrap();
+    let socket = tmp.join("no.sock");
+    let mut as_user = user.command(&hook_bin());
+    as_user
+        .env("NPBHQ_SOCKET", &socket)
+        .env("NPBHQ_SPOOL_DIR", &sticky)
+        .env("OUT_PATHS", PATH);
+    for (dir, mut hook) in [(&sticky, as_user), (&below, root_hook(&socket, &below))] {
+        let o = run(&mut hook);
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{}", show(&o));
+        assert_eq!(spooled(dir), Vec::<String>::new(), "{said}");
+        assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+        assert!(
+            said.contains(&format!("{} belongs to uid {nobody}", dir.display()))
+                && said.contains("NOT queued"),
+            "{said:?}"
+        );
+    }
+}
+
 /// The highest resident memory of process `pid` so far, in KiB (`None`
 /// once it is gone).
 fn peak_kib(pid: u32) -> Option<u64> {

@@ -63,8 +63,9 @@ pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
 /// Opens the directory `dir`, making what is missing, one component at a
 /// time from `/`, each relative to the one before and none through a
 /// symbolic link. Every directory on the way must belong to root, to this
-/// user or to one other user (the daemon's: the first other owner met), and
-/// be writable by no one else unless it is sticky (as `/tmp` is).
+/// user or, when the hook runs as root, to one other user (the daemon's: the
+/// first other owner met), and be writable by no one else unless it is
+/// sticky (as `/tmp` is).
 fn open_dir(dir: &Path) -> io::Result<File> {
     let refuse = |why: String| io::Error::new(ErrorKind::PermissionDenied, why);
     let open = |path: &Path| {
@@ -90,10 +91,10 @@ fn open_dir(dir: &Path) -> io::Result<File> {
         handle = opened.map_err(|e| refuse(format!("cannot open {at} following no link: {e}")))?;
         let (meta, me) = (handle.metadata()?, npbhq::sys::uid());
         let owner = meta.uid();
-        if owner != 0 && owner != me && *other.get_or_insert(owner) != owner {
-            let first = other.unwrap_or_default();
-            let why = format!("{at} belongs to uid {owner}, a directory above it to uid {first}");
-            return Err(refuse(why));
+        if owner != 0 && owner != me && (me != 0 || *other.get_or_insert(owner) != owner) {
+            return Err(refuse(format!(
+                "{at} belongs to uid {owner}, whom the hook does not trust"
+            )));
         }
         if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
             return Err(refuse(format!("{at} is writable by group or others")));
