@@ -17,7 +17,8 @@ pub const MAX_KEPT: usize = 4 << 20;
 /// The socket to use: `$NPBHQ_SOCKET`, else the same default as the daemon.
 pub fn socket_path() -> PathBuf {
     let set = std::env::var_os(ENV_SOCKET).filter(|v| !v.is_empty());
-    set.map_or_else(|| crate::wire::default_places().socket, PathBuf::from)
+    let default = || PathBuf::from(crate::wire::with_places(|p| p.socket()));
+    set.map_or_else(default, PathBuf::from)
 }
 
 /// Why a request did not get an `ok`.
@@ -157,8 +158,7 @@ impl Connection {
     }
 }
 
-/// A failed read or write, in words (the system's own for a timeout are
-/// "Resource temporarily unavailable").
+/// A failed read or write; a timeout or an end of the stream in words.
 fn io_error(e: io::Error) -> ClientError {
     let words = match e.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => "the daemon did not answer in time",

@@ -10,7 +10,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::wire::parse_seconds;
+use crate::sys;
+use crate::wire::{parse_seconds, Places};
 
 /// Every setting of the daemon, after defaults, the file and the flags.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,13 +151,31 @@ pub const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// The default socket path for this user: `/run/...` for root, else the
 /// per-user runtime directory. The hook uses the same rule.
 pub fn default_socket() -> PathBuf {
-    crate::wire::default_places().socket
+    PathBuf::from(with_places(|p| p.socket()))
 }
 
 /// The default state directory: `/var/lib/...` for root, else
 /// `$XDG_STATE_HOME/...` (or `~/.local/state/...`).
 pub fn default_state_dir() -> PathBuf {
-    crate::wire::default_places().state_dir
+    PathBuf::from(with_places(|p| p.state_dir()))
+}
+
+/// Calls `f` with this process's user and environment.
+fn with_places<T>(f: impl FnOnce(&Places) -> T) -> T {
+    let var = |key| std::env::var(key).ok();
+    let (runtime, state, home, tmp) = (
+        var("XDG_RUNTIME_DIR"),
+        var("XDG_STATE_HOME"),
+        var("HOME"),
+        var("TMPDIR"),
+    );
+    f(&Places {
+        uid: sys::uid(),
+        runtime_dir: runtime.as_deref(),
+        state_home: state.as_deref(),
+        home: home.as_deref(),
+        tmp_dir: tmp.as_deref(),
+    })
 }
 
 /// The store directory Nix itself uses here: `$NIX_STORE_DIR` or `/nix/store`.

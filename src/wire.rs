@@ -1,14 +1,11 @@
-//! What the hook, the admin commands and the daemon must agree on: request
-//! lines and limits, transient refusals, default places, spool file names.
+//! What the hook, the admin commands and the daemon must agree on.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// Longest request line accepted, newline included.
 pub const MAX_LINE: usize = 1 << 20;
 /// Most paths in one `enqueue` request.
 pub const MAX_PATHS: usize = 10_000;
-
 /// `err` reason: too many clients at once.
 pub const ERR_BUSY: &str = "busy: too many connections, try again";
 /// `err` reason: the daemon is stopping.
@@ -18,37 +15,23 @@ pub const ERR_JOURNAL: &str = "cannot write the journal";
 /// `err` reason: the worker thread is gone (the paths are journaled).
 pub const ERR_WORKER_GONE: &str =
     "the worker has stopped; the paths are journaled and will be uploaded after a restart";
-
 /// Environment variable naming the daemon's socket.
 pub const ENV_SOCKET: &str = "NPBHQ_SOCKET";
-/// Environment variable naming the spool directory.
-pub const ENV_SPOOL: &str = "NPBHQ_SPOOL_DIR";
-/// Environment variable with the hook's timeout in seconds.
-pub const ENV_TIMEOUT: &str = "NPBHQ_TIMEOUT";
-/// How long the hook waits for the daemon, in all, by default.
-pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Ending of a complete spool file; a file being written has another.
 pub const SPOOL_SUFFIX: &str = ".req";
 const STATE_NAME: &str = "nix-post-build-hook-queue";
-const SOCKET_NAME: &str = "nix-post-build-hook-queue.sock";
+const TRANSIENT: [&str; 4] = [ERR_BUSY, ERR_STOPPING, ERR_JOURNAL, ERR_WORKER_GONE];
 
-/// True for refusals that mean "not now" (so the hook spools the request),
-/// not "no" (a malformed request).
+/// True for refusals that mean "not now" (the hook spools), not "no".
 pub fn is_transient(reason: &str) -> bool {
-    [ERR_BUSY, ERR_STOPPING, ERR_JOURNAL, ERR_WORKER_GONE]
-        .iter()
-        .any(|prefix| reason.starts_with(prefix))
+    TRANSIENT.iter().any(|prefix| reason.starts_with(prefix))
 }
 
 /// A request line, newline included. A line break in an argument becomes
 /// U+FFFD, which no store path contains, so it never splits the request.
 pub fn request_line(verb: &str, args: &[&str]) -> String {
-    let mut line = String::from(verb);
-    for a in args {
-        line.push(' ');
-        line.push_str(&a.replace(['\n', '\r'], "\u{fffd}"));
-    }
-    line + "\n"
+    let line = [&[verb][..], args].concat().join(" ");
+    line.replace(['\n', '\r'], "\u{fffd}") + "\n"
 }
 
 /// `Some(rest)` when `line` is `word` or starts with `word `.
@@ -69,10 +52,7 @@ pub fn enqueue_lines<S: AsRef<str>>(paths: &[S]) -> Vec<String> {
             _ => groups.push((vec![p], p.len() + 1)),
         }
     }
-    groups
-        .iter()
-        .map(|g| request_line("enqueue", &g.0))
-        .collect()
+    Vec::from_iter(groups.iter().map(|g| request_line("enqueue", &g.0)))
 }
 
 /// The request lines the hook sends for Nix's `OUT_PATHS` and `DRV_PATH`.
@@ -87,52 +67,69 @@ pub fn hook_lines(out_paths: &str, drv_path: &str) -> Vec<String> {
 
 /// Parses a number of seconds such as `600` or `2.5`.
 pub fn parse_seconds(value: &str) -> Result<Duration, String> {
-    match value.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 && s <= 1e9 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(format!(
-            "expected a positive number of seconds such as 600 or 2.5, got {value:?}"
-        )),
+    let seconds = value.parse::<f64>().unwrap_or(0.0);
+    if seconds > 0.0 && seconds <= 1e9 {
+        return Ok(Duration::from_secs_f64(seconds));
+    }
+    let expected = "expected a positive number of seconds such as 600 or 2.5";
+    Err(format!("{expected}, got {value:?}"))
+}
+
+/// What the default places depend on: the real user (root gets the system's)
+/// and `$XDG_RUNTIME_DIR`, `$XDG_STATE_HOME`, `$HOME`, `$TMPDIR` (if not empty).
+#[allow(missing_docs)]
+pub struct Places<'a> {
+    pub uid: u32,
+    pub runtime_dir: Option<&'a str>,
+    pub state_home: Option<&'a str>,
+    pub home: Option<&'a str>,
+    pub tmp_dir: Option<&'a str>,
+}
+
+impl Places<'_> {
+    /// The default socket: never where another user could bind it first.
+    pub fn socket(&self) -> String {
+        match (self.uid, set(self.runtime_dir)) {
+            (0, _) => format!("/run/{STATE_NAME}.sock"),
+            (_, Some(dir)) => join(dir, &format!("{STATE_NAME}.sock")),
+            (_, None) => join(&self.state_dir(), "socket"),
+        }
+    }
+
+    /// The default state directory (in `$TMPDIR` as `...-<uid>`).
+    pub fn state_dir(&self) -> String {
+        let tmp = set(self.tmp_dir).unwrap_or("/tmp");
+        match (self.uid, set(self.state_home), set(self.home)) {
+            (0, ..) => format!("/var/lib/{STATE_NAME}"),
+            (_, Some(dir), _) => join(dir, STATE_NAME),
+            (_, None, Some(home)) => join(&join(home, ".local/state"), STATE_NAME),
+            (_, None, None) => join(tmp, &format!("{STATE_NAME}-{}", self.uid)),
+        }
     }
 }
 
-/// A user's default places.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Places {
-    /// The daemon's socket.
-    pub socket: PathBuf,
-    /// The daemon's state directory, with the spool in `spool` below it.
-    pub state_dir: PathBuf,
+fn set(value: Option<&str>) -> Option<&str> {
+    value.filter(|v| !v.is_empty())
 }
 
-/// The default places of user `uid` (`var` reads the environment): for
-/// root in `/run` and `/var/lib`; else the state in `$XDG_STATE_HOME`,
-/// `~/.local/state` or `$TMPDIR/...-<uid>`, the socket in `$XDG_RUNTIME_DIR`
-/// or in the state directory, never where another user could bind it first.
-pub fn places(uid: u32, var: impl Fn(&str) -> Option<String>) -> Places {
-    let var = |key| Some(PathBuf::from(var(key)?)).filter(|p| !p.as_os_str().is_empty());
-    let state_dir = match (uid, var("XDG_STATE_HOME"), var("HOME")) {
-        (0, ..) => PathBuf::from("/var/lib").join(STATE_NAME),
-        (_, Some(dir), _) => dir.join(STATE_NAME),
-        (_, None, Some(home)) => home.join(".local/state").join(STATE_NAME),
-        (_, None, None) => var("TMPDIR")
-            .unwrap_or_else(|| PathBuf::from("/tmp"))
-            .join(format!("{STATE_NAME}-{uid}")),
-    };
-    let socket = match (uid, var("XDG_RUNTIME_DIR")) {
-        (0, _) => PathBuf::from("/run").join(SOCKET_NAME),
-        (_, Some(dir)) => dir.join(SOCKET_NAME),
-        (_, None) => state_dir.join("socket"),
-    };
-    Places { socket, state_dir }
+fn join(dir: &str, name: &str) -> String {
+    format!("{}/{name}", dir.strip_suffix('/').unwrap_or(dir))
 }
 
-/// This process's default places.
-pub fn default_places() -> Places {
-    places(crate::sys::uid(), |key| std::env::var(key).ok())
+/// Calls `f` with the places of this process's user and environment.
+pub fn with_places<T>(f: impl FnOnce(&Places) -> T) -> T {
+    let [runtime, state, home, tmp] =
+        ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(|k| std::env::var(k).ok());
+    f(&Places {
+        uid: crate::sys::uid(),
+        runtime_dir: runtime.as_deref(),
+        state_home: state.as_deref(),
+        home: home.as_deref(),
+        tmp_dir: tmp.as_deref(),
+    })
 }
 
-/// A new spool file's temporary name and the name it is renamed to when
-/// complete: by time, which the daemon reads them in, and by process.
+/// A new spool file's temporary and final names: by time, the daemon's order.
 pub fn spool_names(unix_nanos: u128, pid: u32) -> (String, String) {
     let name = format!("{unix_nanos:020}-{pid}");
     (format!(".{name}.tmp"), format!("{name}{SPOOL_SUFFIX}"))
@@ -184,19 +181,14 @@ mod tests {
 
     #[test]
     fn default_places() {
-        let env = |pairs: &'static [(&str, &str)]| {
-            move |k: &str| pairs.iter().find(|p| p.0 == k).map(|p| p.1.to_string())
+        let user = Places {
+            uid: 1000,
+            runtime_dir: Some("/run/user/1000/"),
+            state_home: None,
+            home: Some("/home/a"),
+            tmp_dir: Some(""),
         };
-        let at = |p: &Places| {
-            (
-                p.socket.display().to_string(),
-                p.state_dir.display().to_string(),
-            )
-        };
-        let user = places(
-            1000,
-            env(&[("XDG_RUNTIME_DIR", "/run/user/1000/"), ("HOME", "/home/a")]),
-        );
+        let at = |p: &Places| (p.socket(), p.state_dir());
         assert_eq!(
             at(&user),
             (
@@ -204,21 +196,27 @@ mod tests {
                 "/home/a/.local/state/nix-post-build-hook-queue".into()
             )
         );
-        let no_runtime = places(1000, env(&[("XDG_RUNTIME_DIR", ""), ("HOME", "/home/a")]));
+        let no_runtime = Places {
+            runtime_dir: Some(""),
+            ..user
+        };
         assert_eq!(
-            no_runtime.socket.display().to_string(),
+            no_runtime.socket(),
             "/home/a/.local/state/nix-post-build-hook-queue/socket",
             "in the user's own state directory, not in /tmp"
         );
-        let xdg_state = places(
-            1000,
-            env(&[("XDG_STATE_HOME", "/home/a/st"), ("HOME", "/h")]),
-        );
+        let xdg_state = Places {
+            state_home: Some("/home/a/st"),
+            ..no_runtime
+        };
         assert_eq!(
-            xdg_state.socket.display().to_string(),
+            xdg_state.socket(),
             "/home/a/st/nix-post-build-hook-queue/socket"
         );
-        let bare = places(1000, env(&[("TMPDIR", "")]));
+        let bare = Places {
+            home: None,
+            ..no_runtime
+        };
         assert_eq!(
             at(&bare),
             (
@@ -227,7 +225,7 @@ mod tests {
             ),
             "beside the state, in a directory of the user's own"
         );
-        let root = places(0, env(&[("XDG_RUNTIME_DIR", "/r"), ("HOME", "/root")]));
+        let root = Places { uid: 0, ..bare };
         assert_eq!(
             at(&root),
             (

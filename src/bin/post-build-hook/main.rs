@@ -58,6 +58,10 @@ fn say(mut to: impl Write, text: &str) {
     let _ = to.write_all(text.as_bytes());
 }
 
+/// How long the hook waits for the daemon, in all, unless `$NPBHQ_TIMEOUT`
+/// says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Where the hook looks, after its environment.
 #[derive(Clone)]
 struct Settings {
@@ -71,16 +75,16 @@ impl Settings {
     /// started with defaults reads it, unless the environment says
     /// otherwise.
     fn from_env() -> Settings {
-        let spool = std::env::var_os(wire::ENV_SPOOL).filter(|v| !v.is_empty());
-        let timeout = std::env::var(wire::ENV_TIMEOUT).ok();
+        let spool = std::env::var_os("NPBHQ_SPOOL_DIR").filter(|v| !v.is_empty());
+        let timeout = std::env::var("NPBHQ_TIMEOUT").ok();
         Settings {
             socket: client::socket_path(),
             spool: spool.map_or_else(
-                || wire::default_places().state_dir.join("spool"),
+                || PathBuf::from(wire::with_places(|p| p.state_dir())).join("spool"),
                 From::from,
             ),
             timeout: (timeout.and_then(|v| wire::parse_seconds(&v).ok()))
-                .unwrap_or(wire::DEFAULT_HOOK_TIMEOUT),
+                .unwrap_or(DEFAULT_TIMEOUT),
         }
     }
 }
@@ -91,17 +95,14 @@ fn usage() -> String {
         "Usage: post-build-hook   (run by Nix as its post-build-hook; takes no arguments)\n\
          Reads OUT_PATHS, or DRV_PATH when OUT_PATHS is empty, and hands the paths to\n\
          post-build-hook-queue, or to its spool when the daemon does not take them:\n  \
-         socket  ${:<16} now {}\n  \
-         spool   ${:<16} now {}\n  \
-         wait    ${:<16} seconds in all, default {}\n\
+         socket  $NPBHQ_SOCKET     now {}\n  \
+         spool   $NPBHQ_SPOOL_DIR  now {}\n  \
+         wait    $NPBHQ_TIMEOUT    seconds in all, default {}\n\
          Talks only to a daemon running as root or as its own user; reaches the spool\n\
          through no symbolic link. Always exits 0.\n",
-        wire::ENV_SOCKET,
         settings.socket.display(),
-        wire::ENV_SPOOL,
         settings.spool.display(),
-        wire::ENV_TIMEOUT,
-        wire::DEFAULT_HOOK_TIMEOUT.as_secs()
+        DEFAULT_TIMEOUT.as_secs()
     )
 }
 
