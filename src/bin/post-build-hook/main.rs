@@ -58,8 +58,7 @@ fn say(mut to: impl Write, text: &str) {
     let _ = to.write_all(text.as_bytes());
 }
 
-/// How long the hook waits for the daemon, in all, unless `$NPBHQ_TIMEOUT`
-/// says otherwise.
+/// How long the hook waits in all, unless `$NPBHQ_TIMEOUT` says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where the hook looks, after its environment.

@@ -61,20 +61,21 @@ pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
 }
 
 /// Opens the directory `dir`, making what is missing, one component at a
-/// time from `/`, each relative to the one before and none through a
-/// symbolic link. Every directory on the way must belong to root, to this
-/// user or, when the hook runs as root, to one other user (the daemon's: the
-/// first other owner met), and be writable by no one else unless it is
-/// sticky (as `/tmp` is).
+/// time from `/`, each relative to the one before, following a symbolic
+/// link only out of a directory that root alone may write (a link root
+/// made). Every directory on the way must belong to root, to this user or,
+/// when the hook runs as root, to one other user (the daemon's: the first
+/// other owner met), and be writable by no one else unless it is sticky.
 fn open_dir(dir: &Path) -> io::Result<File> {
     let refuse = |why: String| io::Error::new(ErrorKind::PermissionDenied, why);
-    let open = |path: &Path| {
-        let flags = O_DIRECTORY | O_NOFOLLOW;
+    let open = |path: &Path, follow: bool| {
+        let flags = O_DIRECTORY | if follow { 0 } else { O_NOFOLLOW };
         OpenOptions::new().read(true).custom_flags(flags).open(path)
     };
     let parts = (dir.strip_prefix("/"))
         .map_err(|_| refuse(format!("{} is not an absolute path", dir.display())))?;
-    let (mut handle, mut path, mut other) = (open(Path::new("/"))?, PathBuf::from("/"), None);
+    let (mut handle, mut path, mut other) = (open(Path::new("/"), true)?, PathBuf::from("/"), None);
+    let mut roots = true;
     for part in parts.components() {
         let Component::Normal(name) = part else {
             return Err(refuse(format!("{} has a '..'", dir.display())));
@@ -87,8 +88,9 @@ fn open_dir(dir: &Path) -> io::Result<File> {
                 return Err(e);
             }
         }
-        let opened = open(&next);
-        handle = opened.map_err(|e| refuse(format!("cannot open {at} following no link: {e}")))?;
+        let opened = open(&next, roots);
+        let why = "as a directory, following no link where others may write";
+        handle = opened.map_err(|e| refuse(format!("cannot open {at} {why}: {e}")))?;
         let (meta, me) = (handle.metadata()?, npbhq::sys::uid());
         let owner = meta.uid();
         if owner != 0 && owner != me && (me != 0 || *other.get_or_insert(owner) != owner) {
@@ -99,6 +101,7 @@ fn open_dir(dir: &Path) -> io::Result<File> {
         if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
             return Err(refuse(format!("{at} is writable by group or others")));
         }
+        roots = owner == 0 && meta.mode() & 0o022 == 0;
     }
     Ok(handle)
 }
@@ -132,14 +135,25 @@ mod tests {
     }
 
     #[test]
-    fn no_link_is_followed_and_no_open_directory_written() {
+    fn no_link_is_followed_out_of_a_directory_of_another_user() {
         let base = std::env::temp_dir().join(format!("npbhq-hook-link-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
-        fs::create_dir_all(base.join("victim")).unwrap();
-        std::os::unix::fs::symlink(base.join("victim"), base.join("spool")).unwrap();
-        for dir in [base.join("spool"), base.join("spool/below")] {
-            let e = write(&dir, "enqueue /nix/store/a\n").unwrap_err();
-            assert!(e.to_string().contains("following no link"), "{e}");
+        let (victim, theirs) = (base.join("victim"), base.join("theirs"));
+        fs::create_dir_all(&victim).unwrap();
+        fs::create_dir_all(&theirs).unwrap();
+        std::os::unix::fs::symlink(&victim, theirs.join("spool")).unwrap();
+        std::os::unix::fs::symlink(&victim, base.join("roots")).unwrap();
+        // A directory of another user (nobody's) holding the link, when the
+        // test runs as root; a link of root's (`roots`) is followed.
+        if npbhq::sys::uid() == 0 {
+            std::os::unix::fs::lchown(&theirs, Some(65534), Some(65534)).unwrap();
+            for dir in [theirs.join("spool"), theirs.join("spool/below")] {
+                let e = write(&dir, "enqueue /nix/store/a\n").unwrap_err();
+                assert!(e.to_string().contains("following no link"), "{e}");
+            }
+            assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);
+            assert!(write(&base.join("roots"), "enqueue /nix/store/a\n").is_ok());
+            assert_eq!(fs::read_dir(&victim).unwrap().count(), 1);
         }
         fs::create_dir(base.join("open")).unwrap();
         let mode = std::os::unix::fs::PermissionsExt::from_mode(0o777);
@@ -147,7 +161,6 @@ mod tests {
         let e = write(&base.join("open"), "enqueue /nix/store/a\n").unwrap_err();
         assert!(e.to_string().contains("writable by group or others"), "{e}");
         assert!(write(&PathBuf::from("relative"), "x\n").is_err());
-        assert_eq!(fs::read_dir(base.join("victim")).unwrap().count(), 0);
         assert_eq!(fs::read_dir(base.join("open")).unwrap().count(), 0);
         let _ = fs::remove_dir_all(&base);
     }
