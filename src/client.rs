@@ -1,27 +1,24 @@
-//! Talking to the daemon: the admin commands (`enqueue`, `status`, `wait`,
-//! `retry`) and the hook (`src/bin/post-build-hook/`) both connect here, so
-//! both trust the same sockets and build their lines with [`crate::wire`].
+//! Talking to the daemon: the admin commands and the hook connect here, so
+//! both trust the same peers and read replies within the same bounds.
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::config;
-use crate::protocol::MAX_LINE;
 use crate::sys;
+use crate::wire::{final_word, ENV_SOCKET, MAX_LINE};
 
-use crate::wire::{final_word, ENV_SOCKET};
+/// Most memory a reply's lines may take in [`Connection::request`].
+pub const MAX_KEPT: usize = 4 << 20;
 
 /// The socket to use: `$NPBHQ_SOCKET`, else the same default as the daemon.
 pub fn socket_path() -> PathBuf {
-    match std::env::var_os(ENV_SOCKET).filter(|v| !v.is_empty()) {
-        Some(p) => PathBuf::from(p),
-        None => config::default_socket(),
-    }
+    let set = std::env::var_os(ENV_SOCKET).filter(|v| !v.is_empty());
+    let default = || PathBuf::from(crate::wire::with_places(|p| p.socket()));
+    set.map_or_else(default, PathBuf::from)
 }
 
 /// Why a request did not get an `ok`.
@@ -29,16 +26,8 @@ pub fn socket_path() -> PathBuf {
 pub enum ClientError {
     /// No daemon could be reached at the socket.
     Connect(PathBuf, io::Error),
-    /// The socket belongs to a user other than root and this one, who may
-    /// have put it there to receive what is sent to it.
-    Untrusted {
-        /// The socket file.
-        socket: PathBuf,
-        /// Its owner.
-        owner: u32,
-        /// This process's user.
-        me: u32,
-    },
+    /// The socket's listener runs as neither root nor this process's user.
+    Untrusted(PathBuf, sys::Peer),
     /// The connection broke or timed out.
     Io(io::Error),
     /// The daemon answered `err ...`.
@@ -50,7 +39,7 @@ pub enum ClientError {
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClientError::Connect(p, e) if e.kind() == io::ErrorKind::TimedOut => write!(
+            ClientError::Connect(p, e) if e.kind() == ErrorKind::TimedOut => write!(
                 f,
                 "the daemon at {} did not accept the connection in time; is it stopped or overloaded?",
                 p.display()
@@ -60,150 +49,100 @@ impl fmt::Display for ClientError {
                 "no daemon at {} ({e}); is post-build-hook-queue running? (socket from --socket or ${ENV_SOCKET})",
                 p.display()
             ),
-            ClientError::Untrusted { socket, owner, me } => write!(
+            ClientError::Untrusted(socket, peer) => write!(
                 f,
-                "refusing the socket {}: it belongs to uid {owner}, not to root or to this user \
-                 (uid {me}), so another user may have put it there; remove it, or name the \
-                 daemon's socket (--socket or ${ENV_SOCKET})",
-                socket.display()
+                "refusing the socket {}: its listener (pid {}) runs as uid {}, not as root or as \
+                 this user (uid {}), so another user may have put it there; name the daemon's \
+                 socket (--socket or ${ENV_SOCKET})",
+                socket.display(),
+                peer.pid,
+                peer.uid,
+                sys::uid()
             ),
             ClientError::Io(e) => write!(f, "connection to the daemon failed: {e}"),
             ClientError::Refused(m) => write!(f, "the daemon refused: {m}"),
-            ClientError::Protocol(m) => write!(f, "unexpected reply from the daemon: {m:?}"),
+            ClientError::Protocol(m) => write!(f, "unexpected reply from the daemon: {m}"),
         }
     }
 }
 
 impl std::error::Error for ClientError {}
 
-/// Whether `socket` may be handed paths: it must belong to root or to this
-/// process's user `me`. Anyone can create a socket in a directory they may
-/// write, and whoever listens on it receives what is sent and answers `ok`,
-/// so a socket of another user is refused. A socket that is not there is
-/// reported as no daemon, as connecting would.
-pub fn check_trusted(socket: &Path, me: u32) -> Result<(), ClientError> {
-    let owner = std::fs::metadata(socket)
-        .map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?
-        .uid();
-    if owner == 0 || owner == me {
-        Ok(())
-    } else {
-        Err(ClientError::Untrusted {
-            socket: socket.to_path_buf(),
-            owner,
-            me,
-        })
-    }
-}
-
-/// A connection to the daemon.
+/// A connection to a daemon that runs as root or as this process's user.
 pub struct Connection {
-    stream: UnixStream,
-    buffered: Vec<u8>,
-    /// When set, every read and write ends by then (see [`Connection::until`]).
-    deadline: Option<Instant>,
+    reader: BufReader<UnixStream>,
+    partial: Vec<u8>,
 }
 
 impl Connection {
-    /// Connects within `timeout`, and lets each later read and write wait
-    /// up to `timeout` too.
+    /// Connects within `timeout` and lets each read and write wait as long.
+    /// std cannot bound a connect (to a daemon whose backlog is full), so it
+    /// runs on a thread of its own, abandoned when too slow.
     pub fn open(socket: &Path, timeout: Duration) -> Result<Connection, ClientError> {
-        let stream = connect(socket, Instant::now() + timeout)?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(ClientError::Io)?;
-        stream
-            .set_write_timeout(Some(timeout))
-            .map_err(ClientError::Io)?;
-        Ok(Connection {
-            stream,
-            buffered: Vec::new(),
-            deadline: None,
-        })
+        let failed = |e| ClientError::Connect(socket.to_path_buf(), e);
+        let (path, (tx, rx)) = (socket.to_path_buf(), std::sync::mpsc::channel());
+        let connect = move || drop(tx.send(UnixStream::connect(path)));
+        std::thread::Builder::new().spawn(connect).map_err(failed)?;
+        match rx.recv_timeout(timeout) {
+            Ok(stream) => Connection::trusted(socket, stream.map_err(failed)?, timeout),
+            Err(_) => Err(failed(ErrorKind::TimedOut.into())),
+        }
     }
 
-    /// Connects, and ends every read and write on the connection by
-    /// `deadline`: the hook's one bound on how long a build waits for it.
-    /// The connect itself is not bounded here (it blocks while the daemon's
-    /// backlog is full): the hook bounds it with a watchdog thread that
-    /// spools and exits at the deadline, off the path of a connect that
-    /// succeeds at once.
+    /// Connects, and lets each read and write wait until `deadline`; the
+    /// hook bounds the connect and the whole exchange with a watchdog.
     pub fn until(socket: &Path, deadline: Instant) -> Result<Connection, ClientError> {
-        check_trusted(socket, sys::uid())?;
         let stream = UnixStream::connect(socket)
             .map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?;
-        Ok(Connection {
-            stream,
-            buffered: Vec::new(),
-            deadline: Some(deadline),
-        })
+        let left = deadline.saturating_duration_since(Instant::now());
+        Connection::trusted(socket, stream, left.max(Duration::from_millis(1)))
     }
 
-    /// Before a read or write: what is left of the deadline becomes the
-    /// socket's timeout, and a deadline already past is a timeout at once.
-    fn arm(&self, read: bool) -> Result<(), ClientError> {
-        let Some(deadline) = self.deadline else {
-            return Ok(());
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ClientError::Io(timed_out()));
+    /// The connection, if the process at its other end (as the kernel saw it
+    /// connect; no file swap fakes that) runs as root (or systemd) or as us.
+    fn trusted(socket: &Path, stream: UnixStream, wait: Duration) -> Result<Self, ClientError> {
+        let peer = sys::peer(stream.as_fd()).map_err(ClientError::Io)?;
+        if peer.uid != 0 && peer.uid != sys::uid() {
+            return Err(ClientError::Untrusted(socket.to_path_buf(), peer));
         }
-        let set = if read {
-            self.stream.set_read_timeout(Some(left))
-        } else {
-            self.stream.set_write_timeout(Some(left))
-        };
-        set.map_err(ClientError::Io)
+        (stream.set_read_timeout(Some(wait)))
+            .and_then(|()| stream.set_write_timeout(Some(wait)))
+            .map_err(ClientError::Io)?;
+        let (reader, partial) = (BufReader::new(stream), Vec::new());
+        Ok(Connection { reader, partial })
     }
 
     /// Sets how long one read may wait (`None`: forever).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<(), ClientError> {
-        self.stream
-            .set_read_timeout(timeout)
-            .map_err(ClientError::Io)
+        (self.reader.get_ref().set_read_timeout(timeout)).map_err(ClientError::Io)
     }
 
     /// Sends one request line (with its newline).
     pub fn send(&mut self, line: &str) -> Result<(), ClientError> {
-        self.arm(false)?;
-        self.stream
-            .write_all(line.as_bytes())
-            .map_err(|e| ClientError::Io(name_timeout(e)))
+        (self.reader.get_mut().write_all(line.as_bytes())).map_err(io_error)
     }
 
-    /// Reads one reply line, without its newline.
+    /// Reads one reply line, without its newline, of at most [`MAX_LINE`] bytes.
     pub fn read_line(&mut self) -> Result<String, ClientError> {
-        loop {
-            if let Some(i) = self.buffered.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buffered.drain(..=i).collect();
-                return Ok(String::from_utf8_lossy(&line[..i]).into_owned());
-            }
-            if self.buffered.len() > MAX_LINE {
-                return Err(ClientError::Protocol("reply line too long".into()));
-            }
-            let mut chunk = [0u8; 4096];
-            self.arm(true)?;
-            match self.stream.read(&mut chunk) {
-                Ok(0) => {
-                    return Err(ClientError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the daemon closed the connection",
-                    )))
-                }
-                Ok(n) => self.buffered.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ClientError::Io(name_timeout(e))),
-            }
+        let room = (MAX_LINE + 1).saturating_sub(self.partial.len()) as u64;
+        let (mut reader, buf) = ((&mut self.reader).take(room), &mut self.partial);
+        reader.read_until(b'\n', buf).map_err(io_error)?;
+        if buf.pop_if(|b| *b == b'\n').is_some() {
+            return Ok(String::from_utf8_lossy(&std::mem::take(buf)).into_owned());
         }
+        if buf.len() > MAX_LINE {
+            let long = format!("a line longer than {MAX_LINE} bytes");
+            return Err(ClientError::Protocol(long));
+        }
+        Err(io_error(ErrorKind::UnexpectedEof.into()))
     }
 
-    /// Sends a request and collects its informational lines up to the final
-    /// `ok`; returns those lines and the text after `ok`.
+    /// Sends a request and collects its informational lines (within
+    /// [`MAX_KEPT`]) up to the final `ok`; returns them and the text after it.
     pub fn request(&mut self, line: &str) -> Result<(Vec<String>, String), ClientError> {
         self.send(line)?;
-        let mut info = Vec::new();
-        loop {
+        let (mut info, mut kept) = (Vec::new(), 0);
+        while kept <= MAX_KEPT {
             let reply = self.read_line()?;
             if let Some(rest) = final_word(&reply, "ok") {
                 return Ok((info, rest.to_string()));
@@ -211,79 +150,86 @@ impl Connection {
             if let Some(rest) = final_word(&reply, "err") {
                 return Err(ClientError::Refused(rest.to_string()));
             }
+            kept += reply.len() + 32;
             info.push(reply);
         }
+        let most = format!("a reply longer than {MAX_KEPT} bytes");
+        Err(ClientError::Protocol(most))
     }
 }
 
-/// Connects to `socket` if it is trusted ([`check_trusted`]), giving up at
-/// `deadline`. The standard library cannot bound a connect, and one to a
-/// daemon whose backlog is full (stopped, or not accepting) blocks until it
-/// accepts; so the connect runs on a thread of its own, abandoned (blocked,
-/// then ended with the process) when the deadline comes first.
-fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, ClientError> {
-    check_trusted(socket, sys::uid())?;
-    let failed = |e| ClientError::Connect(socket.to_path_buf(), e);
-    let (tx, rx) = mpsc::channel();
-    let path = socket.to_path_buf();
-    std::thread::Builder::new()
-        .stack_size(32 * 1024)
-        .spawn(move || {
-            let _ = tx.send(UnixStream::connect(&path));
-        })
-        .map_err(failed)?;
-    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Ok(result) => result.map_err(failed),
-        Err(_) => Err(failed(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "connect timed out",
-        ))),
-    }
-}
-
-/// The error of a read or write that waited out its timeout, in words
-/// (the system's own are "Resource temporarily unavailable").
-fn timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "the daemon did not answer in time")
-}
-
-/// `e`, or [`timed_out`] when it is a socket timeout.
-fn name_timeout(e: io::Error) -> io::Error {
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
-        _ => e,
-    }
+/// A failed read or write; a timeout or an end of the stream in words.
+fn io_error(e: io::Error) -> ClientError {
+    let words = match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => "the daemon did not answer in time",
+        ErrorKind::UnexpectedEof => "the daemon closed the connection",
+        _ => return ClientError::Io(e),
+    };
+    ClientError::Io(io::Error::new(e.kind(), words))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixListener;
 
     #[test]
-    fn only_a_socket_of_root_or_of_this_user_is_trusted() {
+    fn a_peer_of_this_user_is_trusted() {
         let path = std::env::temp_dir().join(format!("npbhq-trust-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        let me = sys::uid();
-        assert!(check_trusted(&path, me).is_ok(), "our own socket");
-        let someone_else = me.wrapping_add(4242);
-        match check_trusted(&path, someone_else) {
-            // A socket of root is trusted by everyone.
-            Ok(()) => assert_eq!(me, 0),
-            Err(e @ ClientError::Untrusted { owner, .. }) => {
-                assert_eq!(owner, me);
-                let said = e.to_string();
-                assert!(
-                    said.contains(&format!("uid {me}")) && !said.contains('\n'),
-                    "{said}"
-                );
-            }
-            Err(e) => panic!("{e}"),
-        }
+        let _listener = UnixListener::bind(&path).unwrap();
+        assert!(Connection::open(&path, Duration::from_secs(5)).is_ok());
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(
-            check_trusted(&path, me),
+            Connection::open(&path, Duration::from_secs(5)),
             Err(ClientError::Connect(..))
         ));
+    }
+
+    #[test]
+    fn untrusted_names_the_peer_in_one_line() {
+        let peer = sys::Peer {
+            pid: 42,
+            uid: 1234,
+            gid: 1234,
+        };
+        let said = ClientError::Untrusted(PathBuf::from("/s"), peer).to_string();
+        assert!(
+            said.starts_with("refusing the socket /s: ")
+                && said.contains("(pid 42) runs as uid 1234")
+                && !said.contains('\n'),
+            "{said}"
+        );
+    }
+
+    /// A trusted connection to a peer that answers with `reply` for ever.
+    fn flooding(reply: &'static [u8]) -> Connection {
+        let (a, b) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || while (&b).write_all(reply).is_ok() {});
+        Connection::trusted(Path::new("/s"), a, Duration::from_secs(60)).unwrap()
+    }
+
+    #[test]
+    fn a_reply_is_read_within_bounds() {
+        let e = flooding(b"\n\n\n\n").request("status\n").unwrap_err();
+        assert!(e.to_string().contains("a reply longer than"), "{e}");
+        let e = flooding(b"xxxx").request("status\n").unwrap_err();
+        assert!(e.to_string().contains("a line longer than"), "{e}");
+    }
+
+    #[test]
+    fn a_line_that_comes_in_pieces_is_one_line() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut conn = Connection::trusted(Path::new("/s"), a, Duration::from_millis(50)).unwrap();
+        (&b).write_all(b"half").unwrap();
+        assert!(
+            matches!(conn.read_line(), Err(ClientError::Io(e)) if e.kind() == ErrorKind::WouldBlock)
+        );
+        (&b).write_all(b" and half\nok\n").unwrap();
+        assert_eq!(conn.read_line().unwrap(), "half and half");
+        assert_eq!(conn.read_line().unwrap(), "ok");
+        drop(b);
+        let e = conn.read_line().unwrap_err().to_string();
+        assert!(e.contains("the daemon closed the connection"), "{e}");
     }
 }

@@ -1,8 +1,4 @@
-//! What the hook and the daemon must agree on: the request lines, their
-//! limits, which refusals are only "not now", where the socket and the spool
-//! are by default, and how spool files are named. The hook, the admin
-//! commands and the daemon all take these from here, so they cannot drift
-//! apart.
+//! What the hook, the admin commands and the daemon must agree on.
 
 use std::time::Duration;
 
@@ -10,7 +6,6 @@ use std::time::Duration;
 pub const MAX_LINE: usize = 1 << 20;
 /// Most paths in one `enqueue` request.
 pub const MAX_PATHS: usize = 10_000;
-
 /// `err` reason: too many clients at once.
 pub const ERR_BUSY: &str = "busy: too many connections, try again";
 /// `err` reason: the daemon is stopping.
@@ -20,162 +15,96 @@ pub const ERR_JOURNAL: &str = "cannot write the journal";
 /// `err` reason: the worker thread is gone (the paths are journaled).
 pub const ERR_WORKER_GONE: &str =
     "the worker has stopped; the paths are journaled and will be uploaded after a restart";
-
 /// Environment variable naming the daemon's socket.
 pub const ENV_SOCKET: &str = "NPBHQ_SOCKET";
-/// Environment variable naming the spool directory.
-pub const ENV_SPOOL: &str = "NPBHQ_SPOOL_DIR";
-/// Environment variable with the hook's timeout in seconds.
-pub const ENV_TIMEOUT: &str = "NPBHQ_TIMEOUT";
-/// How long the hook waits for the daemon, in all, by default.
-pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// File name of the socket in a runtime directory (`/run`, `$XDG_RUNTIME_DIR`).
-pub const SOCKET_NAME: &str = "nix-post-build-hook-queue.sock";
-/// File name of the socket in a user's state directory, short because the
-/// whole path must fit the kernel's 107 bytes.
-pub const STATE_SOCKET_NAME: &str = "socket";
-/// Name of the state directory (and of the service).
-pub const STATE_NAME: &str = "nix-post-build-hook-queue";
 /// Ending of a complete spool file; a file being written has another.
 pub const SPOOL_SUFFIX: &str = ".req";
+const STATE_NAME: &str = "nix-post-build-hook-queue";
+const TRANSIENT: [&str; 4] = [ERR_BUSY, ERR_STOPPING, ERR_JOURNAL, ERR_WORKER_GONE];
 
-/// True for refusals that mean "not now" rather than "no": the request may
-/// succeed later unchanged (so the hook spools it), unlike a malformed one.
+/// True for refusals that mean "not now" (the hook spools), not "no".
 pub fn is_transient(reason: &str) -> bool {
-    [ERR_BUSY, ERR_STOPPING, ERR_JOURNAL, ERR_WORKER_GONE]
-        .iter()
-        .any(|prefix| reason.starts_with(prefix))
+    TRANSIENT.iter().any(|prefix| reason.starts_with(prefix))
 }
 
-/// Formats a request line for the client side, newline included.
-///
-/// A line break inside an argument can never split the request into two
-/// (which would send whatever follows it as a request of its own): `\n` and
-/// `\r` are replaced by U+FFFD, which no store path contains, so the daemon
-/// refuses that argument and with it the whole request.
+/// A request line, newline included. A line break in an argument becomes
+/// U+FFFD, which no store path contains, so it never splits the request.
 pub fn request_line(verb: &str, args: &[&str]) -> String {
-    let mut line = String::from(verb);
-    for a in args {
-        line.push(' ');
-        line.extend(a.chars().map(|c| match c {
-            '\n' | '\r' => '\u{fffd}',
-            c => c,
-        }));
-    }
-    line.push('\n');
-    line
+    let line = [&[verb][..], args].concat().join(" ");
+    line.replace(['\n', '\r'], "\u{fffd}") + "\n"
 }
 
 /// `Some(rest)` when `line` is `word` or starts with `word `.
 pub fn final_word<'a>(line: &'a str, word: &str) -> Option<&'a str> {
-    if line == word {
-        Some("")
-    } else {
-        line.strip_prefix(word)?.strip_prefix(' ')
-    }
+    let rest = line.strip_prefix(word)?;
+    rest.strip_prefix(' ').or((rest.is_empty()).then_some(""))
 }
 
 /// Splits paths into `enqueue` request lines within the protocol's limits.
 pub fn enqueue_lines<S: AsRef<str>>(paths: &[S]) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut current: Vec<&str> = Vec::new();
-    let mut bytes = 0;
-    for p in paths {
-        let p = p.as_ref();
-        if !current.is_empty()
-            && (current.len() == MAX_PATHS || bytes + p.len() + 1 >= MAX_LINE - 16)
-        {
-            lines.push(request_line("enqueue", &current));
-            current.clear();
-            bytes = 0;
+    let mut groups: Vec<(Vec<&str>, usize)> = Vec::new();
+    for p in paths.iter().map(AsRef::as_ref) {
+        match groups.last_mut() {
+            Some((g, n)) if g.len() < MAX_PATHS && *n + p.len() < MAX_LINE - 17 => {
+                g.push(p);
+                *n += p.len() + 1;
+            }
+            _ => groups.push((vec![p], p.len() + 1)),
         }
-        bytes += p.len() + 1;
-        current.push(p);
     }
-    if !current.is_empty() {
-        lines.push(request_line("enqueue", &current));
-    }
-    lines
+    Vec::from_iter(groups.iter().map(|g| request_line("enqueue", &g.0)))
 }
 
 /// The request lines the hook sends for Nix's `OUT_PATHS` and `DRV_PATH`.
 pub fn hook_lines(out_paths: &str, drv_path: &str) -> Vec<String> {
     let outs: Vec<&str> = out_paths.split_whitespace().collect();
-    if !outs.is_empty() {
-        return enqueue_lines(&outs);
+    match drv_path.trim() {
+        _ if !outs.is_empty() => enqueue_lines(&outs),
+        drv if drv.is_empty() || drv.contains(char::is_whitespace) => Vec::new(),
+        drv => vec![request_line("drv", &[drv])],
     }
-    let drv = drv_path.trim();
-    if drv.is_empty() || drv.contains(char::is_whitespace) {
-        return Vec::new();
-    }
-    Vec::from([request_line("drv", &[drv])])
 }
 
 /// Parses a number of seconds such as `600` or `2.5`.
 pub fn parse_seconds(value: &str) -> Result<Duration, String> {
-    match value.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 && s <= 1e9 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(format!(
-            "expected a positive number of seconds such as 600 or 2.5, got {value:?}"
-        )),
+    let seconds = value.parse::<f64>().unwrap_or(0.0);
+    if seconds > 0.0 && seconds <= 1e9 {
+        return Ok(Duration::from_secs_f64(seconds));
     }
+    let expected = "expected a positive number of seconds such as 600 or 2.5";
+    Err(format!("{expected}, got {value:?}"))
 }
 
-/// What the default places depend on: the user and a few environment
-/// variables (empty ones count as unset).
+/// What the default places depend on: the real user (root gets the system's)
+/// and `$XDG_RUNTIME_DIR`, `$XDG_STATE_HOME`, `$HOME`, `$TMPDIR` (if not empty).
+#[allow(missing_docs)]
 pub struct Places<'a> {
-    /// The real user id; root gets the system-wide places.
     pub uid: u32,
-    /// `$XDG_RUNTIME_DIR`.
     pub runtime_dir: Option<&'a str>,
-    /// `$XDG_STATE_HOME`.
     pub state_home: Option<&'a str>,
-    /// `$HOME`.
     pub home: Option<&'a str>,
-    /// `$TMPDIR` (`/tmp` when unset).
     pub tmp_dir: Option<&'a str>,
 }
 
 impl Places<'_> {
-    /// The default socket: `/run/...` for root, else the per-user runtime
-    /// directory, else `socket` in the user's own state directory. Never a
-    /// name in a directory others may write (such as `/tmp`), where another
-    /// user could bind it first and receive this user's paths. A unix
-    /// socket's path holds at most 107 bytes, so a state directory deeper
-    /// than about 100 bytes needs the socket named explicitly.
+    /// The default socket: never where another user could bind it first.
     pub fn socket(&self) -> String {
-        if self.uid == 0 {
-            return join("/run", SOCKET_NAME);
-        }
-        match set(self.runtime_dir) {
-            Some(dir) => join(dir, SOCKET_NAME),
-            None => join(&self.state_dir(), STATE_SOCKET_NAME),
+        match (self.uid, set(self.runtime_dir)) {
+            (0, _) => format!("/run/{STATE_NAME}.sock"),
+            (_, Some(dir)) => join(dir, &format!("{STATE_NAME}.sock")),
+            (_, None) => join(&self.state_dir(), "socket"),
         }
     }
 
-    /// The default state directory: `/var/lib/...` for root, else
-    /// `$XDG_STATE_HOME/...` (or `~/.local/state/...`).
+    /// The default state directory (in `$TMPDIR` as `...-<uid>`).
     pub fn state_dir(&self) -> String {
-        if self.uid == 0 {
-            return join("/var/lib", STATE_NAME);
+        let tmp = set(self.tmp_dir).unwrap_or("/tmp");
+        match (self.uid, set(self.state_home), set(self.home)) {
+            (0, ..) => format!("/var/lib/{STATE_NAME}"),
+            (_, Some(dir), _) => join(dir, STATE_NAME),
+            (_, None, Some(home)) => join(&join(home, ".local/state"), STATE_NAME),
+            (_, None, None) => join(tmp, &format!("{STATE_NAME}-{}", self.uid)),
         }
-        if let Some(dir) = set(self.state_home) {
-            return join(dir, STATE_NAME);
-        }
-        match set(self.home) {
-            Some(home) => join(&join(home, ".local/state"), STATE_NAME),
-            None => join(self.tmp(), &format!("{STATE_NAME}-{}", self.uid)),
-        }
-    }
-
-    /// The default spool directory: `spool` in the default state directory.
-    pub fn spool_dir(&self) -> String {
-        join(&self.state_dir(), "spool")
-    }
-
-    fn tmp(&self) -> &str {
-        set(self.tmp_dir).unwrap_or("/tmp")
     }
 }
 
@@ -183,19 +112,24 @@ fn set(value: Option<&str>) -> Option<&str> {
     value.filter(|v| !v.is_empty())
 }
 
-/// `dir/name`, without doubling a slash `dir` already ends with.
-pub fn join(dir: &str, name: &str) -> String {
-    if dir.ends_with('/') {
-        format!("{dir}{name}")
-    } else {
-        format!("{dir}/{name}")
-    }
+fn join(dir: &str, name: &str) -> String {
+    format!("{}/{name}", dir.strip_suffix('/').unwrap_or(dir))
 }
 
-/// The names of a new spool file: the temporary one it is written as and
-/// the one it is renamed to when complete. Named by time, so that the
-/// daemon takes spooled requests in order, and by process, so that two
-/// hooks never share one.
+/// Calls `f` with the places of this process's user and environment.
+pub fn with_places<T>(f: impl FnOnce(&Places) -> T) -> T {
+    let [runtime, state, home, tmp] =
+        ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(|k| std::env::var(k).ok());
+    f(&Places {
+        uid: crate::sys::uid(),
+        runtime_dir: runtime.as_deref(),
+        state_home: state.as_deref(),
+        home: home.as_deref(),
+        tmp_dir: tmp.as_deref(),
+    })
+}
+
+/// A new spool file's temporary and final names: by time, the daemon's order.
 pub fn spool_names(unix_nanos: u128, pid: u32) -> (String, String) {
     let name = format!("{unix_nanos:020}-{pid}");
     (format!(".{name}.tmp"), format!("{name}{SPOOL_SUFFIX}"))
@@ -254,13 +188,13 @@ mod tests {
             home: Some("/home/a"),
             tmp_dir: Some(""),
         };
+        let at = |p: &Places| (p.socket(), p.state_dir());
         assert_eq!(
-            user.socket(),
-            "/run/user/1000/nix-post-build-hook-queue.sock"
-        );
-        assert_eq!(
-            user.spool_dir(),
-            "/home/a/.local/state/nix-post-build-hook-queue/spool"
+            at(&user),
+            (
+                "/run/user/1000/nix-post-build-hook-queue.sock".into(),
+                "/home/a/.local/state/nix-post-build-hook-queue".into()
+            )
         );
         let no_runtime = Places {
             runtime_dir: Some(""),
@@ -284,14 +218,21 @@ mod tests {
             ..no_runtime
         };
         assert_eq!(
-            bare.socket(),
-            "/tmp/nix-post-build-hook-queue-1000/socket",
+            at(&bare),
+            (
+                "/tmp/nix-post-build-hook-queue-1000/socket".into(),
+                "/tmp/nix-post-build-hook-queue-1000".into()
+            ),
             "beside the state, in a directory of the user's own"
         );
-        assert_eq!(bare.state_dir(), "/tmp/nix-post-build-hook-queue-1000");
         let root = Places { uid: 0, ..bare };
-        assert_eq!(root.socket(), "/run/nix-post-build-hook-queue.sock");
-        assert_eq!(root.spool_dir(), "/var/lib/nix-post-build-hook-queue/spool");
+        assert_eq!(
+            at(&root),
+            (
+                "/run/nix-post-build-hook-queue.sock".into(),
+                "/var/lib/nix-post-build-hook-queue".into()
+            )
+        );
     }
 
     #[test]

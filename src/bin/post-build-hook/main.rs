@@ -1,24 +1,17 @@
-//! The hook Nix runs after each build: hands the built paths to the daemon
-//! (or to the spool) and always exits 0, so a queue problem never fails a
-//! build.
-//!
-//! It connects as the admin commands do ([`npbhq::client`]: only to a socket
-//! of root or of its own user, the connect bounded), sends the request lines
-//! of [`npbhq::wire`], and spools what the daemon did not acknowledge where
-//! the daemon reads it ([`spool`]). Nix puts `post-build-hook: ` before each
-//! line the hook writes, so its lines do not name the program again.
+//! The hook Nix runs after each build: hands the built paths to a daemon of
+//! root or of its own user ([`npbhq::client`]), spools what it did not
+//! acknowledge ([`spool`]), and always exits 0 within its deadline, so a
+//! queue problem never fails a build. Nix puts `post-build-hook: ` before
+//! each line the hook writes, so its lines do not name the program again.
 
 mod spool;
 
-use std::ffi::OsString;
-use std::fmt;
-use std::io::Write;
+use std::io::{self, ErrorKind, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use npbhq::client::{self, ClientError, Connection};
-use npbhq::config::Config;
 use npbhq::wire;
 
 fn main() {
@@ -27,9 +20,12 @@ fn main() {
     match (args.next(), args.next()) {
         (None, _) => run(),
         (Some(a), None) if a == "--version" => {
-            say_out(&format!("post-build-hook {}\n", npbhq::VERSION));
+            say(
+                io::stdout(),
+                &format!("post-build-hook {}\n", npbhq::VERSION),
+            );
         }
-        _ => say_out(&usage()),
+        _ => say(io::stdout(), &usage()),
     }
 }
 
@@ -45,27 +41,28 @@ fn exit_0_on_panic() {
         let at = info
             .location()
             .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
-        say_err(&format!(
-            "internal error{at}: {}; the paths of this build may not be queued\n",
-            message.replace('\n', " ")
-        ));
+        say(
+            io::stderr(),
+            &format!(
+                "internal error{at}: {}; the paths of this build may not be queued\n",
+                message.replace('\n', " ")
+            ),
+        );
         std::process::exit(0)
     }));
 }
 
-/// Writes to stdout, ignoring a closed or broken one, which must not fail
-/// the hook (`println!` would panic).
-fn say_out(text: &str) {
-    let _ = std::io::stdout().write_all(text.as_bytes());
+/// Writes `text` in one write (as Nix's log takes it), ignoring a closed or
+/// broken output, which must not fail the hook (`println!` would panic).
+fn say(mut to: impl Write, text: &str) {
+    let _ = to.write_all(text.as_bytes());
 }
 
-/// Writes to stderr in one write, as Nix's log takes it, ignoring errors
-/// (a log reader that went away, say).
-fn say_err(text: &str) {
-    let _ = std::io::stderr().write_all(text.as_bytes());
-}
+/// How long the hook waits in all, unless `$NPBHQ_TIMEOUT` says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Where the hook looks, after its environment.
+#[derive(Clone)]
 struct Settings {
     socket: PathBuf,
     spool: PathBuf,
@@ -77,23 +74,18 @@ impl Settings {
     /// started with defaults reads it, unless the environment says
     /// otherwise.
     fn from_env() -> Settings {
-        let timeout = std::env::var(wire::ENV_TIMEOUT)
-            .ok()
-            .and_then(|v| wire::parse_seconds(&v).ok())
-            .unwrap_or(wire::DEFAULT_HOOK_TIMEOUT);
+        let spool = std::env::var_os("NPBHQ_SPOOL_DIR").filter(|v| !v.is_empty());
+        let timeout = std::env::var("NPBHQ_TIMEOUT").ok();
         Settings {
             socket: client::socket_path(),
-            spool: set(wire::ENV_SPOOL)
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Config::default().spool_dir()),
-            timeout,
+            spool: spool.map_or_else(
+                || PathBuf::from(wire::with_places(|p| p.state_dir())).join("spool"),
+                From::from,
+            ),
+            timeout: (timeout.and_then(|v| wire::parse_seconds(&v).ok()))
+                .unwrap_or(DEFAULT_TIMEOUT),
         }
     }
-}
-
-/// An environment variable that is set and not empty.
-fn set(key: &str) -> Option<OsString> {
-    std::env::var_os(key).filter(|v| !v.is_empty())
 }
 
 fn usage() -> String {
@@ -102,161 +94,119 @@ fn usage() -> String {
         "Usage: post-build-hook   (run by Nix as its post-build-hook; takes no arguments)\n\
          Reads OUT_PATHS, or DRV_PATH when OUT_PATHS is empty, and hands the paths to\n\
          post-build-hook-queue, or to its spool when the daemon does not take them:\n  \
-         socket  ${:<16} now {}\n  \
-         spool   ${:<16} now {}\n  \
-         wait    ${:<16} seconds in all, default {}\n\
-         Talks only to a socket owned by root or by its own user. Always exits 0.\n",
-        wire::ENV_SOCKET,
+         socket  $NPBHQ_SOCKET     now {}\n  \
+         spool   $NPBHQ_SPOOL_DIR  now {}\n  \
+         wait    $NPBHQ_TIMEOUT    seconds in all, default {}\n\
+         Talks only to a daemon running as root or as its own user; reaches the spool\n\
+         through no symbolic link. Always exits 0.\n",
         settings.socket.display(),
-        wire::ENV_SPOOL,
         settings.spool.display(),
-        wire::ENV_TIMEOUT,
-        wire::DEFAULT_HOOK_TIMEOUT.as_secs()
+        DEFAULT_TIMEOUT.as_secs()
     )
 }
 
 fn run() {
     // Nix's paths are text; a value that is not UTF-8 holds no store path.
     let var = |key| std::env::var(key).unwrap_or_default();
-    let outcome = hook(&var("OUT_PATHS"), &var("DRV_PATH"), &Settings::from_env());
-    if !matches!(outcome, Outcome::Queued) {
-        say_err(&format!("{outcome}\n"));
+    let lines = wire::hook_lines(&var("OUT_PATHS"), &var("DRV_PATH"));
+    let settings = Settings::from_env();
+    let progress = Arc::new(Mutex::new(Progress::Connecting));
+    if !lines.is_empty() {
+        watch(&progress, &lines, &settings);
+    }
+    if let Some(said) = hook(&lines, &settings, &progress) {
+        say(io::stderr(), &format!("{said}\n"));
     }
 }
 
-/// What the hook did, for its one line on stderr.
-enum Outcome {
-    /// The daemon acknowledged everything.
-    Queued,
-    /// Nix gave no paths.
-    NothingToQueue,
-    /// The daemon was not reachable, not trusted or did not acknowledge;
-    /// the rest was spooled to the file.
-    Spooled(ClientError, PathBuf),
-    /// Neither the daemon nor the spool took the request.
-    Lost(ClientError, PathBuf, std::io::Error),
-    /// The daemon refused the request as malformed (a path that is not a
-    /// valid store path, say); it is not spooled, as it would be refused
-    /// again.
-    Refused(String),
+/// How far the exchange with the daemon got, shared with the watchdog.
+enum Progress {
+    Connecting,
+    /// Connected; this many request lines were acknowledged.
+    Acked(usize),
+    /// Over: the watchdog stands down.
+    Done,
 }
 
-/// Why the daemon did not take the request, as the hook's user can act on
-/// it: the socket comes from the environment, not from a `--socket`.
-struct Why<'a>(&'a ClientError);
+fn lock(progress: &Mutex<Progress>) -> MutexGuard<'_, Progress> {
+    progress.lock().unwrap_or_else(|e| e.into_inner())
+}
 
-impl fmt::Display for Why<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            ClientError::Connect(socket, e) if e.kind() != std::io::ErrorKind::TimedOut => write!(
-                f,
-                "no daemon at {} ({e}); is post-build-hook-queue running? (socket from ${})",
-                socket.display(),
-                wire::ENV_SOCKET
-            ),
-            e => e.fmt(f),
-        }
+/// Writes the lines the daemon did not acknowledge to the spool, and says
+/// why and where.
+fn spool_rest(err: ClientError, rest: &[String], settings: &Settings) -> String {
+    let why = match err {
+        // The socket comes from the environment here, not from `--socket`.
+        ClientError::Connect(socket, e) if e.kind() != ErrorKind::TimedOut => format!(
+            "no daemon at {} ({e}); is post-build-hook-queue running? (socket from ${})",
+            socket.display(),
+            wire::ENV_SOCKET
+        ),
+        e => e.to_string(),
+    };
+    match spool::write(&settings.spool, &rest.concat()) {
+        Ok(file) => format!(
+            "{why}; spooled the paths to {} for the daemon to pick up",
+            file.display()
+        ),
+        Err(se) => format!(
+            "{why}; and cannot write the spool {}: {se}; these paths are NOT queued",
+            settings.spool.display()
+        ),
     }
 }
 
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Outcome::Queued => write!(f, "queued"),
-            Outcome::NothingToQueue => {
-                write!(f, "nothing to queue: OUT_PATHS and DRV_PATH are both empty")
-            }
-            Outcome::Spooled(e, file) => write!(
-                f,
-                "{}; spooled the paths to {} for the daemon to pick up",
-                Why(e),
-                file.display()
+/// Bounds the run, the connect included (it blocks while the daemon's
+/// backlog is full): a thread that only waits (the connect stays on the main
+/// thread) and at the deadline, unless the exchange is over, holds
+/// `progress` while it spools what is not acknowledged, says so and exits 0.
+fn watch(progress: &Arc<Mutex<Progress>>, lines: &[String], settings: &Settings) {
+    let (shared, lines, settings) = (progress.clone(), lines.to_vec(), settings.clone());
+    let watchdog = move || {
+        std::thread::sleep(settings.timeout);
+        let state = lock(&shared);
+        let timed_out = || io::Error::new(ErrorKind::TimedOut, "the daemon did not answer in time");
+        let (err, acked) = match *state {
+            Progress::Done => return,
+            Progress::Connecting => (
+                ClientError::Connect(settings.socket.clone(), timed_out()),
+                0,
             ),
-            Outcome::Refused(reason) => write!(
-                f,
-                "the daemon refused the paths: {reason}; they are NOT queued"
-            ),
-            Outcome::Lost(e, dir, se) => write!(
-                f,
-                "{}; and cannot write the spool {}: {se}; these paths are NOT queued",
-                Why(e),
-                dir.display()
-            ),
-        }
-    }
+            Progress::Acked(n) => (ClientError::Io(timed_out()), n),
+        };
+        let said = spool_rest(err, &lines[acked..], &settings);
+        say(io::stderr(), &format!("{said}\n"));
+        std::process::exit(0)
+    };
+    let _ = std::thread::Builder::new().spawn(watchdog);
 }
 
-/// Bounds the connect, which blocks while the daemon's backlog is full (a
-/// daemon that stopped accepting): a thread that waits for the deadline and,
-/// if the connect is still going on (the flag it returns still set), spools
-/// every line, says so and ends the process with 0. A thread that only waits
-/// keeps the connect itself on the main thread, so the usual hook run does
-/// not wait for a second thread to be scheduled.
-fn watch_the_connect(lines: &[String], settings: &Settings) -> Arc<Mutex<bool>> {
-    let connecting = Arc::new(Mutex::new(true));
-    let (flag, request, socket, spool, timeout) = (
-        connecting.clone(),
-        lines.concat(),
-        settings.socket.clone(),
-        settings.spool.clone(),
-        settings.timeout,
-    );
-    let watchdog = std::thread::Builder::new()
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            std::thread::sleep(timeout);
-            let still = flag.lock().unwrap_or_else(|e| e.into_inner());
-            if *still {
-                let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect");
-                let err = ClientError::Connect(socket, timed_out);
-                let outcome = match spool::write(&spool, &request) {
-                    Ok(file) => Outcome::Spooled(err, file),
-                    Err(se) => Outcome::Lost(err, spool, se),
-                };
-                say_err(&format!("{outcome}\n"));
-                std::process::exit(0);
-            }
-        });
-    if watchdog.is_err() {
-        // No thread: the connect goes unbounded rather than the paths lost
-        // (it blocks only on a daemon that has stopped accepting).
-        *connecting.lock().unwrap_or_else(|e| e.into_inner()) = false;
-    }
-    connecting
-}
-
-/// Hands the paths to the daemon, or to the spool when that fails.
-fn hook(out_paths: &str, drv_path: &str, settings: &Settings) -> Outcome {
-    let lines = wire::hook_lines(out_paths, drv_path);
+/// Hands the request lines to the daemon, or to the spool when that fails;
+/// returns the line to say, if any.
+fn hook(lines: &[String], settings: &Settings, progress: &Mutex<Progress>) -> Option<String> {
     if lines.is_empty() {
-        return Outcome::NothingToQueue;
+        return Some("nothing to queue: OUT_PATHS and DRV_PATH are both empty".into());
     }
     let deadline = Instant::now() + settings.timeout;
-    let connecting = watch_the_connect(&lines, settings);
     let mut sent = 0;
-    let connected = Connection::until(&settings.socket, deadline);
-    // The watchdog stands down, or, when it holds the lock, is spooling and
-    // ends the process.
-    *connecting.lock().unwrap_or_else(|e| e.into_inner()) = false;
-    let result = connected.and_then(|mut conn| {
-        for line in &lines {
+    let result = Connection::until(&settings.socket, deadline).and_then(|mut conn| {
+        for line in lines {
+            *lock(progress) = Progress::Acked(sent);
             conn.request(line)?;
             sent += 1;
         }
         Ok(())
     });
-    let err = match result {
-        Ok(()) => return Outcome::Queued,
+    // From here the watchdog stands down, or, when it holds the lock, is
+    // spooling and ends the process.
+    *lock(progress) = Progress::Done;
+    match result {
+        Ok(()) => None,
         // A malformed request would be refused again from the spool.
-        Err(ClientError::Refused(reason)) if !wire::is_transient(&reason) => {
-            return Outcome::Refused(reason)
-        }
-        Err(e) => e,
-    };
-    let rest: String = lines.get(sent..).unwrap_or_default().concat();
-    match spool::write(&settings.spool, &rest) {
-        Ok(file) => Outcome::Spooled(err, file),
-        Err(se) => Outcome::Lost(err, settings.spool.clone(), se),
+        Err(ClientError::Refused(reason)) if !wire::is_transient(&reason) => Some(format!(
+            "the daemon refused the paths: {reason}; they are NOT queued"
+        )),
+        Err(e) => Some(spool_rest(e, &lines[sent..], settings)),
     }
 }
 
@@ -298,12 +248,27 @@ mod tests {
         }
     }
 
+    /// `hook` as `run` calls it, without the watchdog (which would end the
+    /// test binary): OUT_PATHS and DRV_PATH as given.
+    fn run_hook(out: &str, drv: &str, s: &Settings) -> Option<String> {
+        let progress = Mutex::new(Progress::Connecting);
+        hook(&wire::hook_lines(out, drv), s, &progress)
+    }
+
+    /// The one spool file in `s`'s spool directory, read, and the directory removed.
+    fn spooled(s: &Settings) -> String {
+        let files: Vec<_> = std::fs::read_dir(&s.spool).unwrap().collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        let text = std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap();
+        std::fs::remove_dir_all(&s.spool).unwrap();
+        text
+    }
+
     #[test]
     fn ok_after_information_lines_is_queued() {
         let (path, t) = answering("ok", "info: something\nok 1\n");
         let s = settings(&path, "ok", 5000);
-        let outcome = hook("/s/a", "", &s);
-        assert!(matches!(outcome, Outcome::Queued), "{outcome}");
+        assert_eq!(run_hook("/s/a", "", &s), None);
         t.join().unwrap();
         assert!(!s.spool.exists(), "nothing spooled");
     }
@@ -311,29 +276,29 @@ mod tests {
     #[test]
     fn malformed_is_refused_and_busy_is_spooled() {
         let (path, t) = answering("bad", "err not a store path: x\n");
-        let outcome = hook("x", "", &settings(&path, "bad", 5000));
+        let said = run_hook("x", "", &settings(&path, "bad", 5000)).unwrap();
         assert!(
-            matches!(&outcome, Outcome::Refused(r) if r.starts_with("not a store path")),
-            "{outcome}"
+            said.starts_with("the daemon refused the paths: not a store path")
+                && said.contains("NOT queued"),
+            "{said}"
         );
         t.join().unwrap();
         let (path, t) = answering("busy", "err busy: too many connections, try again\n");
         let s = settings(&path, "busy", 5000);
-        let outcome = hook("/s/a", "", &s);
+        let said = run_hook("/s/a", "", &s).unwrap();
         t.join().unwrap();
         assert!(
-            matches!(&outcome, Outcome::Spooled(ClientError::Refused(_), _)),
-            "{outcome}"
+            said.starts_with("the daemon refused: busy") && said.contains("spooled the paths to"),
+            "{said}"
         );
-        std::fs::remove_dir_all(&s.spool).unwrap();
+        assert_eq!(spooled(&s), "enqueue /s/a\n");
     }
 
     #[test]
     fn silence_ends_at_the_deadline_with_the_request_spooled() {
         let (path, t) = answering("silent", "");
         let s = settings(&path, "silent", 100);
-        let outcome = hook("/s/a /s/b", "", &s);
-        let said = outcome.to_string();
+        let said = run_hook("/s/a /s/b", "", &s).unwrap();
         assert!(
             said.contains("did not answer in time") && said.contains("spooled the paths to"),
             "{said}"
@@ -343,27 +308,24 @@ mod tests {
             "Nix adds that: {said}"
         );
         t.join().unwrap();
-        let Outcome::Spooled(_, file) = outcome else {
-            unreachable!()
-        };
-        assert_eq!(
-            std::fs::read_to_string(&file).unwrap(),
-            "enqueue /s/a /s/b\n"
-        );
-        std::fs::remove_dir_all(&s.spool).unwrap();
+        assert_eq!(spooled(&s), "enqueue /s/a /s/b\n");
     }
 
     #[test]
     fn no_daemon_names_the_socket_and_its_variable() {
         let missing = std::env::temp_dir().join("npbhq-hook-no-such-socket");
         let s = settings(&missing, "missing", 5000);
-        let said = hook("", "/s/x.drv", &s).to_string();
+        let said = run_hook("", "/s/x.drv", &s).unwrap();
         assert!(
             said.starts_with(&format!("no daemon at {} (", missing.display()))
                 && said.contains("(socket from $NPBHQ_SOCKET)"),
             "{said}"
         );
-        std::fs::remove_dir_all(&s.spool).unwrap();
+        assert_eq!(spooled(&s), "drv /s/x.drv\n");
+        assert_eq!(
+            run_hook("", "", &s).unwrap(),
+            "nothing to queue: OUT_PATHS and DRV_PATH are both empty"
+        );
     }
 
     /// Run in a child process of the test binary (set `NPBHQ_TEST_PANIC`):

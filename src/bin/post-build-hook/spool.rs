@@ -1,44 +1,109 @@
 //! Writing a spool file: the request lines the daemon did not take, left
 //! where it picks them up when it runs again (the library's `spool` module
-//! reads them).
+//! reads them). The hook runs as root and the spool is in the daemon's user's
+//! directory, so no step follows a link that user could plant.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::io::{self, ErrorKind, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use npbhq::wire;
 
+/// Architectures whose `O_DIRECTORY` and `O_NOFOLLOW` are 0o40000 and
+/// 0o100000 (Linux's uapi `asm/fcntl.h`); every other one Rust has a Linux
+/// target for has 0o200000 and 0o400000 (alpha and parisc, which differ,
+/// have none).
+const ARM_LIKE: bool = cfg!(any(
+    target_arch = "arm",
+    target_arch = "aarch64",
+    target_arch = "powerpc",
+    target_arch = "powerpc64",
+    target_arch = "m68k"
+));
+const O_DIRECTORY: i32 = if ARM_LIKE { 0o40000 } else { 0o200000 };
+const O_NOFOLLOW: i32 = if ARM_LIKE { 0o100000 } else { 0o400000 };
+
 /// Writes `request` as a new spool file in `dir`, durably, and returns its
 /// path. The file appears complete or not at all: it is written under a
-/// temporary name, synced, renamed, and the directory synced.
+/// temporary name, synced, renamed, and the directory synced. Every step
+/// goes through the directory's open handle (`/proc/self/fd/N/NAME`), so
+/// the checked directory is the one written.
 pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
-    fs::create_dir_all(dir)?;
+    let handle = open_dir(dir)?;
+    let at = |name: &str| PathBuf::from(format!("/proc/self/fd/{}/{name}", handle.as_raw_fd()));
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let (tmp, done) = wire::spool_names(nanos, std::process::id());
-    let (tmp, done) = (dir.join(tmp), dir.join(done));
     // Readable by the daemon even when the hook runs as another user (root
     // under nix-daemon); the directory itself guards the contents.
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .custom_flags(O_NOFOLLOW)
         .mode(0o644)
-        .open(&tmp)?;
+        .open(at(&tmp))?;
     let written = file
         .write_all(request.as_bytes())
         .and_then(|()| file.sync_data())
-        .and_then(|()| fs::rename(&tmp, &done));
+        .and_then(|()| fs::rename(at(&tmp), at(&done)));
     drop(file);
     if let Err(e) = written {
         // A full disk, say: leave no half-written file behind.
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(at(&tmp));
         return Err(e);
     }
-    File::open(dir)?.sync_all()?;
-    Ok(done)
+    handle.sync_all()?;
+    Ok(dir.join(done))
+}
+
+/// Opens the directory `dir`, making what is missing, one component at a
+/// time from `/`, each relative to the one before, following a symbolic
+/// link only out of a directory that root alone may write (a link root
+/// made). Every directory on the way must belong to root, to this user or,
+/// when the hook runs as root, to one other user (the daemon's: the first
+/// other owner met), and be writable by no one else unless it is sticky.
+fn open_dir(dir: &Path) -> io::Result<File> {
+    let refuse = |why: String| io::Error::new(ErrorKind::PermissionDenied, why);
+    let open = |path: &Path, follow: bool| {
+        let flags = O_DIRECTORY | if follow { 0 } else { O_NOFOLLOW };
+        OpenOptions::new().read(true).custom_flags(flags).open(path)
+    };
+    let parts = (dir.strip_prefix("/"))
+        .map_err(|_| refuse(format!("{} is not an absolute path", dir.display())))?;
+    let (mut handle, mut path, mut other) = (open(Path::new("/"), true)?, PathBuf::from("/"), None);
+    let mut roots = true;
+    for part in parts.components() {
+        let Component::Normal(name) = part else {
+            return Err(refuse(format!("{} has a '..'", dir.display())));
+        };
+        let next = Path::new(&format!("/proc/self/fd/{}", handle.as_raw_fd())).join(name);
+        path.push(name);
+        let at = path.display();
+        if let Err(e) = fs::create_dir(&next) {
+            if e.kind() != ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+        }
+        let opened = open(&next, roots);
+        let why = "as a directory, following no link where others may write";
+        handle = opened.map_err(|e| refuse(format!("cannot open {at} {why}: {e}")))?;
+        let (meta, me) = (handle.metadata()?, npbhq::sys::uid());
+        let owner = meta.uid();
+        if owner != 0 && owner != me && (me != 0 || *other.get_or_insert(owner) != owner) {
+            return Err(refuse(format!(
+                "{at} belongs to uid {owner}, whom the hook does not trust"
+            )));
+        }
+        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+            return Err(refuse(format!("{at} is writable by group or others")));
+        }
+        roots = owner == 0 && meta.mode() & 0o022 == 0;
+    }
+    Ok(handle)
 }
 
 #[cfg(test)]
@@ -66,6 +131,37 @@ mod tests {
             fs::read_to_string(&file).unwrap(),
             "enqueue /nix/store/a\nenqueue /nix/store/b\n"
         );
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn no_link_is_followed_out_of_a_directory_of_another_user() {
+        let base = std::env::temp_dir().join(format!("npbhq-hook-link-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let (victim, theirs) = (base.join("victim"), base.join("theirs"));
+        fs::create_dir_all(&victim).unwrap();
+        fs::create_dir_all(&theirs).unwrap();
+        std::os::unix::fs::symlink(&victim, theirs.join("spool")).unwrap();
+        std::os::unix::fs::symlink(&victim, base.join("roots")).unwrap();
+        // A directory of another user (nobody's) holding the link, when the
+        // test runs as root; a link of root's (`roots`) is followed.
+        if npbhq::sys::uid() == 0 {
+            std::os::unix::fs::lchown(&theirs, Some(65534), Some(65534)).unwrap();
+            for dir in [theirs.join("spool"), theirs.join("spool/below")] {
+                let e = write(&dir, "enqueue /nix/store/a\n").unwrap_err();
+                assert!(e.to_string().contains("following no link"), "{e}");
+            }
+            assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);
+            assert!(write(&base.join("roots"), "enqueue /nix/store/a\n").is_ok());
+            assert_eq!(fs::read_dir(&victim).unwrap().count(), 1);
+        }
+        fs::create_dir(base.join("open")).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o777);
+        fs::set_permissions(base.join("open"), mode).unwrap();
+        let e = write(&base.join("open"), "enqueue /nix/store/a\n").unwrap_err();
+        assert!(e.to_string().contains("writable by group or others"), "{e}");
+        assert!(write(&PathBuf::from("relative"), "x\n").is_err());
+        assert_eq!(fs::read_dir(base.join("open")).unwrap().count(), 0);
         let _ = fs::remove_dir_all(&base);
     }
 }

@@ -1,0 +1,471 @@
+//! The root hook and the admin commands against other users and hostile
+//! daemons, with real users (`useradd`, so root only, as CI runs):
+//!
+//! - a listener of another user at a socket file that root owns: the hook
+//!   and the CLI check the process they are connected to, not the file, and
+//!   send it nothing;
+//! - a spool directory the daemon's user replaced by a link: the root hook
+//!   follows no link and writes nothing where it points;
+//! - a trusted daemon that floods a reply: the hook and `status` end with a
+//!   clear line, their memory bounded;
+//! - under strace, the spool file's rename is followed by the directory's
+//!   fsync.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{daemon_bin, hook_bin, run, TempDir};
+
+/// A store path that is well formed (the listeners here never check it).
+const PATH: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-trust";
+
+/// Serialises useradd/userdel within this test binary (they lock /etc/passwd).
+static USERDB: Mutex<()> = Mutex::new(());
+
+/// A throwaway user without home or shell, removed on drop.
+struct User {
+    name: String,
+    uid: u32,
+}
+
+impl User {
+    fn new(letter: char) -> User {
+        let me = run(Command::new("id").arg("-u"));
+        assert_eq!(
+            String::from_utf8_lossy(&me.stdout).trim(),
+            "0",
+            "these tests make users with useradd, which needs root (CI runs as root)"
+        );
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "npbhq-{letter}{:x}{:05x}",
+            std::process::id() % 0xfff,
+            nanos % 0xfffff
+        );
+        User::admin(&["useradd", "-M", "-s", "/usr/sbin/nologin", &name]);
+        let id = run(Command::new("id").args(["-u", &name]));
+        let uid = String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
+        User { name, uid }
+    }
+
+    /// Runs a user-database command, retried while another test binary
+    /// holds the lock.
+    fn admin(args: &[&str]) {
+        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = None;
+        for _ in 0..50 {
+            let o = run(Command::new(args[0]).args(&args[1..]));
+            if o.status.success() {
+                return;
+            }
+            last = Some(o);
+            thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{args:?} failed: {last:?}");
+    }
+
+    /// `program args` as this user, with a clean environment.
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            &self.name,
+            "--regid",
+            &self.name,
+            "--init-groups",
+            "--",
+        ])
+        .arg(program)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        c
+    }
+
+    /// A directory `name` in `parent`, of this user's, mode 0755.
+    fn dir(&self, parent: &Path, name: &str) -> PathBuf {
+        let dir = parent.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = Command::new("userdel").arg(&self.name).output();
+    }
+}
+
+/// A test directory every user may enter.
+fn open_tmp(tag: &str) -> TempDir {
+    let tmp = TempDir::new(tag);
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    tmp
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The root hook with `socket` and `spool`, handing over [`PATH`].
+fn root_hook(socket: &Path, spool: &Path) -> Command {
+    let mut c = Command::new(hook_bin());
+    c.env("NPBHQ_SOCKET", socket)
+        .env("NPBHQ_SPOOL_DIR", spool)
+        .env("OUT_PATHS", PATH)
+        .env("DRV_PATH", "");
+    c
+}
+
+/// The contents of the spool files in `dir`.
+fn spooled(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|r| {
+            r.map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Set in the copy of this test binary that runs as another user: the
+/// socket to listen on; every line received is appended to
+/// `$NPBHQ_TEST_LOG` and answered with `ok`, one connection at a time.
+const LISTEN: &str = "NPBHQ_TEST_LISTEN";
+
+/// A listener run by another user, at a socket file that root then owns:
+/// the file's owner says nothing of who listens. The root hook refuses it
+/// (one line that names the listener's uid), spools the paths and exits 0;
+/// the root CLI refuses it (exit 2, one line). The listener receives no
+/// request line from either.
+#[test]
+fn a_listener_of_another_user_gets_nothing_from_root() {
+    if let Some(socket) = std::env::var_os(LISTEN) {
+        let listener = UnixListener::bind(&socket).unwrap();
+        let log = std::env::var_os("NPBHQ_TEST_LOG").unwrap();
+        for stream in listener.incoming() {
+            let stream = stream.unwrap();
+            let mut line = String::new();
+            let mut reader = BufReader::new(&stream);
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                let mut f = fs::OpenOptions::new();
+                let mut f = f.append(true).create(true).open(&log).unwrap();
+                f.write_all(line.as_bytes()).unwrap();
+                let _ = (&stream).write_all(b"ok\n");
+                line.clear();
+            }
+        }
+        return;
+    }
+    let tmp = open_tmp("trust-peer");
+    let user = User::new('p');
+    let theirs = user.dir(tmp.path(), "theirs");
+    let (socket, log) = (theirs.join("sock"), theirs.join("received"));
+    let bin = tmp.join("listener");
+    fs::copy(std::env::current_exe().unwrap(), &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+    let _listener = Killed(
+        user.command(&bin)
+            .args([
+                "--exact",
+                "a_listener_of_another_user_gets_nothing_from_root",
+            ])
+            .env(LISTEN, &socket)
+            .env("NPBHQ_TEST_LOG", &log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the listener did not bind"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    std::os::unix::fs::chown(&socket, Some(0), Some(0)).unwrap();
+    // Root's own line: every connection before it has been read to its end.
+    let sentinel = |word: &str| {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.write_all(format!("{word}\n").as_bytes()).unwrap();
+        let mut ok = [0u8; 3];
+        s.read_exact(&mut ok).unwrap();
+        fs::read_to_string(&log).unwrap()
+    };
+    assert_eq!(sentinel("first"), "first\n", "the listener works");
+
+    let spool = tmp.join("root-spool");
+    let o = run(&mut root_hook(&socket, &spool));
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+    assert!(
+        said.starts_with(&format!("refusing the socket {}", socket.display()))
+            && said.contains(&format!("runs as uid {}", user.uid))
+            && said.contains("spooled the paths to"),
+        "{said:?}"
+    );
+    assert_eq!(spooled(&spool), vec![format!("enqueue {PATH}\n")]);
+
+    let sock = socket.display().to_string();
+    for args in [
+        vec!["status", "--socket", &sock],
+        vec!["enqueue", "--socket", &sock, PATH],
+    ] {
+        let o = run(Command::new(daemon_bin()).args(&args));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        assert!(
+            err.contains("refusing the socket") && err.contains(&format!("uid {}", user.uid)),
+            "{args:?}: {err:?}"
+        );
+    }
+    assert_eq!(sentinel("last"), "first\nlast\n", "nothing else reached it");
+}
+
+/// A child process killed and reaped on drop (also when a test fails, and
+/// before the user it runs as is removed).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The daemon's user made `spool` in its state directory a link to a
+/// directory of root's: the root hook, with the daemon away, creates
+/// nothing there (nor below a linked directory on the way), says why in one
+/// line and exits 0. Once the link is a directory again, it spools there.
+#[test]
+fn the_root_hook_follows_no_link_to_its_spool() {
+    let tmp = open_tmp("trust-spool");
+    let user = User::new('s');
+    let state = user.dir(tmp.path(), "state");
+    let victim = tmp.join("victim");
+    fs::create_dir(&victim).unwrap();
+    let as_user = |program: &str, args: &[&Path]| {
+        let o = run(user.command(Path::new(program)).args(args));
+        assert!(o.status.success(), "{program}: {}", show(&o));
+    };
+    as_user("/bin/ln", &[Path::new("-s"), &victim, &state.join("spool")]);
+    as_user("/bin/ln", &[Path::new("-s"), &victim, &state.join("link")]);
+    let socket = state.join("socket");
+    for spool in [state.join("spool"), state.join("link/spool")] {
+        let o = run(&mut root_hook(&socket, &spool));
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{}", show(&o));
+        let made: Vec<_> = fs::read_dir(&victim).unwrap().collect();
+        assert!(
+            made.is_empty(),
+            "written through the link: {made:?}; {said}"
+        );
+        assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+        assert!(
+            said.contains(&format!("cannot write the spool {}", spool.display()))
+                && said.contains("following no link")
+                && said.contains("NOT queued"),
+            "{said:?}"
+        );
+    }
+    as_user("/bin/rm", &[&state.join("spool")]);
+    as_user("/bin/mkdir", &[&state.join("spool")]);
+    let o = run(&mut root_hook(&socket, &state.join("spool")));
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(
+        spooled(&state.join("spool")),
+        vec![format!("enqueue {PATH}\n")]
+    );
+}
+
+/// A spool directory of a user the hook does not trust: for a hook run by
+/// a user, anyone but root and that user (here `nobody`'s world-writable
+/// sticky directory, which that user could write); for the root hook, a
+/// second user below the daemon's. Nothing is written there, the hook says
+/// why in one line and exits 0.
+#[test]
+fn a_spool_directory_of_an_untrusted_user_is_refused() {
+    let tmp = open_tmp("trust-owner");
+    let user = User::new('o');
+    let nobody = 65534;
+    let sticky = tmp.join("sticky");
+    fs::create_dir(&sticky).unwrap();
+    std::os::unix::fs::chown(&sticky, Some(nobody), Some(nobody)).unwrap();
+    fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+    let below = user.dir(tmp.path(), "theirs").join("nobodys");
+    fs::create_dir(&below).unwrap();
+    std::os::unix::fs::chown(&below, Some(nobody), Some(nobody)).unwrap();
+    let socket = tmp.join("no.sock");
+    let mut as_user = user.command(&hook_bin());
+    as_user
+        .env("NPBHQ_SOCKET", &socket)
+        .env("NPBHQ_SPOOL_DIR", &sticky)
+        .env("OUT_PATHS", PATH);
+    for (dir, mut hook) in [(&sticky, as_user), (&below, root_hook(&socket, &below))] {
+        let o = run(&mut hook);
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{}", show(&o));
+        assert_eq!(spooled(dir), Vec::<String>::new(), "{said}");
+        assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+        assert!(
+            said.contains(&format!("{} belongs to uid {nobody}", dir.display()))
+                && said.contains("NOT queued"),
+            "{said:?}"
+        );
+    }
+}
+
+/// The highest resident memory of process `pid` so far, in KiB (`None`
+/// once it is gone).
+fn peak_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs `cmd` to its end (killed after a minute), polling its peak memory;
+/// returns its output and that peak in KiB.
+fn run_measured(cmd: &mut Command) -> (Output, u64) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    let (start, mut peak) = (Instant::now(), 0);
+    loop {
+        peak = peak.max(peak_kib(pid).unwrap_or(0));
+        if let Ok(o) = rx.recv_timeout(Duration::from_millis(5)) {
+            return (o, peak);
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("still running after a minute, at {peak} KiB");
+        }
+    }
+}
+
+/// A daemon of root's own that answers every connection with `flood` for
+/// ever: endless empty lines, or one endless line. The root hook still ends
+/// within its deadline with its paths spooled and a small peak memory, and
+/// `status` ends with one clear line instead of growing.
+#[test]
+fn a_flooding_daemon_bounds_the_hook_and_status() {
+    let tmp = open_tmp("trust-flood");
+    for (name, flood) in [("empty", b"\n".repeat(4096)), ("long", b"x".repeat(4096))] {
+        let socket = tmp.join(format!("{name}.sock"));
+        let listener = UnixListener::bind(&socket).unwrap();
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let flood = flood.clone();
+                thread::spawn(move || while (&stream).write_all(&flood).is_ok() {});
+            }
+        });
+        let spool = tmp.join(format!("{name}-spool"));
+        let (o, peak) = run_measured(root_hook(&socket, &spool).env("NPBHQ_TIMEOUT", "3"));
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{name}: {}", show(&o));
+        assert_eq!(said.lines().count(), 1, "{name}: one line: {said:?}");
+        assert!(
+            said.contains("longer than") && said.contains("spooled the paths to"),
+            "{name}: {said:?}"
+        );
+        assert_eq!(spooled(&spool), vec![format!("enqueue {PATH}\n")]);
+        assert!(peak < 32 * 1024, "{name}: the hook peaked at {peak} KiB");
+
+        let mut status = Command::new(daemon_bin());
+        status.args(["status", "--socket"]).arg(&socket);
+        let (o, peak) = run_measured(&mut status);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: {}", show(&o));
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{name}: one line: {err:?}"
+        );
+        assert!(err.contains("longer than"), "{name}: {err:?}");
+        assert!(peak < 32 * 1024, "{name}: status peaked at {peak} KiB");
+    }
+}
+
+/// Under strace, with the daemon away: the hook's spool file is renamed
+/// into place and then the spool directory itself is fsynced, so the new
+/// name survives a crash.
+#[test]
+fn the_spool_directory_is_synced_after_the_rename() {
+    let tmp = open_tmp("trust-strace");
+    let (spool, trace) = (tmp.join("spool"), tmp.join("strace.log"));
+    let mut strace = Command::new("strace");
+    strace
+        .args(["-f", "-s", "4096", "-o"])
+        .arg(&trace)
+        .args([
+            "-e",
+            "trace=open,openat,rename,renameat,renameat2,fsync,fdatasync",
+        ])
+        .arg(hook_bin())
+        .env("NPBHQ_SOCKET", tmp.join("no.sock"))
+        .env("NPBHQ_SPOOL_DIR", &spool)
+        .env("OUT_PATHS", PATH);
+    let o = run(&mut strace);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(spooled(&spool).len(), 1, "{}", show(&o));
+    let log = fs::read_to_string(&trace).unwrap();
+    // The descriptors that name the spool directory: opened by its path, or
+    // a `/proc/self/fd/N/` the rename goes through.
+    let spool_s = spool.display().to_string();
+    let mut dir_fds: Vec<String> = Vec::new();
+    let mut renamed = false;
+    let mut synced = false;
+    for line in log.lines() {
+        let call = line
+            .split_once(' ')
+            .map_or(line, |(_, rest)| rest.trim_start());
+        let result = line
+            .rsplit_once("= ")
+            .map(|(_, r)| r.split(' ').next().unwrap_or(""));
+        if call.starts_with("open") && call.contains(&format!("\"{spool_s}\"")) {
+            dir_fds.extend(result.map(str::to_string));
+        }
+        if call.starts_with("rename") && call.contains(".req\"") && result == Some("0") {
+            for part in call.split("/proc/self/fd/").skip(1) {
+                dir_fds.extend(part.split('/').next().map(str::to_string));
+            }
+            renamed = true;
+        }
+        if renamed && result == Some("0") {
+            let fd = call
+                .strip_prefix("fsync(")
+                .and_then(|r| r.split(')').next());
+            synced |= fd.is_some_and(|fd| dir_fds.iter().any(|d| d == fd));
+        }
+    }
+    assert!(renamed, "no rename into the spool:\n{log}");
+    assert!(
+        synced,
+        "no fsync of the spool directory after the rename:\n{log}"
+    );
+}
