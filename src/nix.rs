@@ -2,22 +2,21 @@
 //!
 //! Every call goes through `std::process::Command` (never a shell) with
 //! arguments that are validated [`StorePath`]s or the daemon's own settings.
-//! Each call runs in its own process group and is killed, with everything it
-//! started (ssh, for instance), when it exceeds `command-timeout`.
-//!
-//! A call is judged by its exit status. Its output is read by threads of
-//! its own into bounded buffers (the end of stderr, enough for the error;
-//! stdout up to a limit far above what a query prints), and read for at
-//! most [`OUTPUT_AFTER_EXIT`] once the call exited: a process it started may
-//! keep the pipes open for minutes (an ssh `ControlPersist` master does).
+//! Each call runs in its own process group, which is killed when the call
+//! ends: whatever it left behind (an uploader's helper) or, on timeout,
+//! everything it started. A call is judged by its exit status; its output is
+//! read into bounded buffers for at most [`OUTPUT_AFTER_EXIT`] after it
+//! exited, since a process that left the group may hold the streams open.
 
 use std::fmt;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::store_path::StorePath;
@@ -25,30 +24,29 @@ use crate::sys;
 
 /// Most bytes of paths put on one command line, well below Linux's limit.
 pub const MAX_ARG_BYTES: usize = 512 * 1024;
-/// Default ssh connect timeout when the user did not set `NIX_SSHOPTS`.
-pub const SSH_CONNECT_TIMEOUT_SECS: u32 = 10;
-/// Fewest paths worth a `nix copy` call of their own: below this, the
-/// ~25 ms of CPU a call costs to start outweighs what it saves.
+/// Longest a check that a target answers may take.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
+/// Fewest paths worth a `nix copy` call of their own: starting one costs
+/// more than copying a few small paths.
 pub const MIN_PATHS_PER_COPY: usize = 32;
-/// Bytes of the end of a call's stderr that are kept: nix prints what went
-/// wrong last, and a chatty call (or one gone wrong) may print gigabytes.
-pub const STDERR_KEPT: usize = 64 * 1024;
-/// Most bytes of stdout read from a query: its paths, one per line, are at
-/// most a few times the paths it was given ([`MAX_ARG_BYTES`]).
-pub const STDOUT_MAX: usize = 4 * MAX_ARG_BYTES;
-/// How long a call's output is still read after it exited (or was killed):
-/// what it wrote is in the pipe already, so this is only ever used up when
-/// a process it started holds the pipe open.
+/// Bytes of the end of a call's stderr that are kept (nix says what went
+/// wrong last); stdout of a query is kept up to [`STDOUT_MAX`].
+const STDERR_KEPT: usize = 64 * 1024;
+/// A query prints at most a few times the paths it was given.
+const STDOUT_MAX: usize = 4 * MAX_ARG_BYTES;
+/// How long a call's output is still read after it exited or was killed.
 pub const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
-/// glibc setting for `nix copy` when the user set no `GLIBC_TUNABLES`.
-///
-/// Nix (2.8 at least) makes a new xz encoder for every NAR it compresses,
-/// whose 16 MiB hash table glibc's heap hands back used and `calloc` must
-/// zero: about 1 ms per path, most of a small path's upload. Above 1 MiB,
-/// this makes malloc take fresh pages from the kernel instead, which are
-/// zero already and cost only where touched. The cache files are the same
-/// byte for byte; `nix copy` spends about a third less CPU per small path.
-pub const COPY_GLIBC_TUNABLES: &str = "glibc.malloc.mmap_threshold=1048576";
+/// How often a reading thread looks whether its call has ended.
+const READ_POLL: Duration = Duration::from_millis(250);
+/// Nice steps every nix call runs below the daemon: builds come first.
+const UPLOAD_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority by [`UPLOAD_NICE`] steps, and
+/// with it that of every call it starts from now on; for each thread that
+/// runs nix.
+pub fn lower_priority() -> std::io::Result<()> {
+    sys::lower_thread_priority(UPLOAD_NICE)
+}
 
 /// How a nix call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,8 +68,7 @@ pub enum FailureKind {
     Exit(String),
     /// It ran longer than the timeout and was killed.
     TimedOut(Duration),
-    /// It exited well, but what it printed cannot be used (too much, or not
-    /// ended within [`OUTPUT_AFTER_EXIT`]).
+    /// It exited well, but what it printed cannot be used.
     Output(String),
 }
 
@@ -85,16 +82,15 @@ impl Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = self.what;
         match &self.kind {
-            FailureKind::Spawn(e) => write!(f, "{} could not be started: {e}", self.what)?,
-            FailureKind::Exit(s) => write!(f, "{} failed ({s})", self.what)?,
-            FailureKind::Output(s) => write!(f, "{} {s}", self.what)?,
-            FailureKind::TimedOut(d) => write!(
-                f,
-                "{} ran longer than {} s and was killed",
-                self.what,
-                d.as_secs_f64()
-            )?,
+            FailureKind::Spawn(e) => write!(f, "{what} could not be started: {e}")?,
+            FailureKind::Exit(s) => write!(f, "{what} failed ({s})")?,
+            FailureKind::Output(s) => write!(f, "{what} {s}")?,
+            FailureKind::TimedOut(d) => {
+                let secs = d.as_secs_f64();
+                write!(f, "{what} ran longer than {secs} s and was killed")?
+            }
         }
         if !self.stderr.is_empty() {
             write!(f, ": {}", self.stderr)?;
@@ -116,6 +112,10 @@ pub struct Nix {
     substitute_on_destination: bool,
 }
 
+fn is_ssh(url: Option<&str>) -> bool {
+    url.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"))
+}
+
 impl Nix {
     /// `nix` is the configured program; `nix-store` is taken from the same
     /// directory when `nix` is a path, else from `PATH`. For ssh targets a
@@ -125,10 +125,8 @@ impl Nix {
             Some(dir) if !dir.as_os_str().is_empty() => dir.join("nix-store"),
             _ => PathBuf::from("nix-store"),
         };
-        let is_ssh =
-            upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
-        let ssh_opts = (is_ssh && std::env::var_os("NIX_SSHOPTS").is_none())
-            .then(|| format!("-o ConnectTimeout={SSH_CONNECT_TIMEOUT_SECS}"));
+        let ssh_opts = (is_ssh(upload_to) && std::env::var_os("NIX_SSHOPTS").is_none())
+            .then(|| "-o ConnectTimeout=10".to_string());
         Nix {
             nix: nix.to_path_buf(),
             nix_store,
@@ -143,17 +141,10 @@ impl Nix {
     /// The `nix` for calls to `upload_to` (or for signing and queries, with
     /// `None`), with every setting of `config` that concerns it.
     pub fn from_config(config: &crate::config::Config, upload_to: Option<&str>) -> Nix {
-        let mut nix = Nix::new(&config.nix, config.command_timeout, upload_to)
-            .with_copy_jobs(config.upload_jobs);
-        nix.substitute_on_destination = config.substitute_on_destination
-            && upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
+        let mut nix = Nix::new(&config.nix, config.command_timeout, upload_to);
+        nix.copy_jobs = config.upload_jobs.max(1);
+        nix.substitute_on_destination = config.substitute_on_destination && is_ssh(upload_to);
         nix
-    }
-
-    /// Lets one batch's upload run as up to `jobs` `nix copy` calls at once.
-    pub fn with_copy_jobs(mut self, jobs: usize) -> Nix {
-        self.copy_jobs = jobs.max(1);
-        self
     }
 
     /// Uses `running` to publish the process group of the call in progress,
@@ -161,6 +152,11 @@ impl Nix {
     pub fn with_running(mut self, running: Arc<AtomicU32>) -> Nix {
         self.running = running;
         self
+    }
+
+    /// The longest a call may run (`command-timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn nix_command(&self, subcommand: &[&str]) -> Command {
@@ -177,8 +173,7 @@ impl Nix {
     pub fn query_outputs(&self, drvs: &[StorePath]) -> Result<Vec<String>, Failure> {
         let mut cmd = Command::new(&self.nix_store);
         cmd.args(["--query", "--outputs"]).args(drvs);
-        let out = self.run("nix-store --query --outputs", cmd)?;
-        Ok(lines(&out))
+        self.run("nix-store --query --outputs", cmd)
     }
 
     /// Which of the paths are not valid in the local store (garbage-collected).
@@ -186,139 +181,128 @@ impl Nix {
         let mut cmd = Command::new(&self.nix_store);
         cmd.args(["--check-validity", "--print-invalid"])
             .args(paths);
-        let out = self.run("nix-store --check-validity", cmd)?;
-        Ok(lines(&out))
+        self.run("nix-store --check-validity", cmd)
     }
 
     /// Signs the paths (and their closure when `recursive`) with the key file.
-    pub fn sign(
-        &self,
-        key_file: &Path,
-        recursive: bool,
-        paths: &[StorePath],
-    ) -> Result<(), Failure> {
+    pub fn sign(&self, key: &Path, recursive: bool, paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = self.nix_command(&["store", "sign", "--key-file"]);
-        cmd.arg(key_file);
-        if recursive {
-            cmd.arg("--recursive");
-        }
-        cmd.args(paths);
-        self.run_together("nix store sign", vec![cmd], Stdout::Discard)
+        cmd.arg(key)
+            .args(recursive.then_some("--recursive"))
+            .args(paths);
+        self.run_together("nix store sign", vec![cmd], false)
             .map(drop)
     }
 
-    /// Copies the paths and their closure to the store at `url`: in up to
-    /// `upload-jobs` `nix copy` calls at once, each with a share of at least
-    /// [`MIN_PATHS_PER_COPY`] paths (compression keeps one core busy per
-    /// call). Fails when any call fails; the paths another call copied are
-    /// skipped cheaply when the batch is tried again.
+    /// Copies the paths and their closure to the store at `url`, in up to
+    /// `upload-jobs` `nix copy` calls at once of at least
+    /// [`MIN_PATHS_PER_COPY`] paths each. Fails when any call fails; what
+    /// another call copied is skipped cheaply when the batch is tried again.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
         let share = paths.len().div_ceil(calls).max(1);
-        let user_tunables = std::env::var_os("GLIBC_TUNABLES").is_some();
-        let cmds = paths
-            .chunks(share)
-            .map(|chunk| {
-                let mut cmd = self.nix_command(&["copy", "--to", url]);
-                if self.substitute_on_destination {
-                    cmd.arg("--substitute-on-destination");
-                }
-                if !user_tunables {
-                    cmd.env("GLIBC_TUNABLES", COPY_GLIBC_TUNABLES);
-                }
-                cmd.args(chunk);
-                cmd
-            })
-            .collect();
-        self.run_together("nix copy", cmds, Stdout::Discard)
+        let on_destination = self.substitute_on_destination;
+        let cmds = paths.chunks(share).map(|chunk| {
+            let mut cmd = self.nix_command(&["copy", "--to", url]);
+            cmd.args(on_destination.then_some("--substitute-on-destination"));
+            cmd.args(chunk);
+            cmd
+        });
+        self.run_together("nix copy", cmds.collect(), false)
             .map(drop)
     }
 
     /// Runs an uploader (`upload-command`) with the paths appended to its
-    /// arguments: no shell, in its own process group, within the timeout.
+    /// arguments.
     pub fn run_uploader(&self, argv: &[String], paths: &[StorePath]) -> Result<(), Failure> {
-        let Some((program, args)) = argv.split_first() else {
-            return Err(Failure {
-                what: "upload-command",
-                kind: FailureKind::Spawn("empty upload-command".into()),
-                stderr: String::new(),
-            });
-        };
-        let mut cmd = Command::new(program);
-        cmd.args(args).args(paths);
-        self.run_together("upload-command", vec![cmd], Stdout::Discard)
+        let mut cmd = Command::new(argv.first().map_or("", String::as_str));
+        cmd.args(argv.iter().skip(1)).args(paths);
+        self.run_together("upload-command", vec![cmd], false)
             .map(drop)
     }
 
-    /// Checks that nix can open the store at `url` (`nix store ping`, which
-    /// Nix 2.8 and 2.26 both have), within `timeout`.
+    /// Checks that nix can open the store at `url`, within `timeout`: with
+    /// `nix store info`, or `nix store ping` on a Nix older than 2.19,
+    /// which has no `info` (newer ones warn that `ping` is deprecated).
     pub fn ping(&self, url: &str, timeout: Duration) -> Result<(), Failure> {
-        let mut nix = self.clone();
-        nix.timeout = timeout;
-        let cmd = nix.nix_command(&["store", "ping", "--store", url]);
-        nix.run_together("nix store ping", vec![cmd], Stdout::Discard)
-            .map(drop)
+        static HAS_INFO: OnceLock<bool> = OnceLock::new();
+        let has_info = *HAS_INFO.get_or_init(|| {
+            let mut cmd = Command::new(&self.nix);
+            cmd.arg("--version");
+            let version = self.run("nix --version", cmd);
+            version.is_ok_and(|v| v.first().is_some_and(|v| at_least_2_19(v)))
+        });
+        let (what, sub) = match has_info {
+            true => ("nix store info", "info"),
+            false => ("nix store ping", "ping"),
+        };
+        let nix = Nix {
+            timeout,
+            ..self.clone()
+        };
+        let cmd = nix.nix_command(&["store", sub, "--store", url]);
+        nix.run_together(what, vec![cmd], false).map(drop)
     }
 
-    /// The longest a call may run (`command-timeout`).
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
-    /// Runs `cmd` in its own process group, killing the group on timeout;
-    /// returns its stdout.
-    fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<u8>, Failure> {
-        let mut outputs = self.run_together(what, vec![cmd], Stdout::Keep)?;
-        Ok(outputs.pop().unwrap_or_default())
+    /// Runs `cmd` and returns the lines of its stdout.
+    fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<String>, Failure> {
+        let out = self.run_together(what, vec![cmd], true)?.pop();
+        let out = String::from_utf8_lossy(&out.unwrap_or_default()).into_owned();
+        let lines = out.lines().map(str::trim).filter(|l| !l.is_empty());
+        Ok(lines.map(String::from).collect())
     }
 
     /// Runs the commands at once in one new process group, published in
-    /// `running` and killed as a whole when they outlast the timeout.
-    /// Returns each one's stdout (empty with [`Stdout::Discard`]), or the
-    /// first failure in command order.
+    /// `running`, killed as a whole when they outlast the timeout, and
+    /// swept of what they left once they exited. Returns each one's stdout
+    /// (empty unless `keep_stdout`), or the first failure in command order.
     fn run_together(
         &self,
         what: &'static str,
         cmds: Vec<Command>,
-        stdout: Stdout,
+        keep_stdout: bool,
     ) -> Result<Vec<Vec<u8>>, Failure> {
-        let fail = |kind: FailureKind, stderr: &Capture| Failure {
-            what,
-            kind,
-            stderr: tail(stderr.kept()),
-        };
         let _running = ClearOnDrop(&self.running);
-        let (exited_tx, exited) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
+        let (exited_tx, exited) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel::<()>();
-        let mut calls: Vec<Call> = Vec::with_capacity(cmds.len());
-        let mut spawn_error = None;
-        // All are started before any is waited for: the group lives as long
-        // as its first process is not reaped, so the others can join it.
-        let mut children = Vec::with_capacity(cmds.len());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut calls, mut children, mut pgid, mut spawn_error) = (vec![], vec![], 0, None);
         for mut cmd in cmds {
-            let group = children.first().map_or(0, |c: &std::process::Child| c.id());
-            cmd.stdin(Stdio::null())
-                .stdout(match stdout {
-                    Stdout::Keep => Stdio::piped(),
-                    Stdout::Discard => Stdio::null(),
-                })
-                .stderr(Stdio::piped())
-                .process_group(i32::try_from(group).unwrap_or(0));
-            sys::unblock_signals_in_child(&mut cmd);
-            match cmd.spawn() {
-                Ok(mut child) => {
-                    if group == 0 {
-                        self.running.store(child.id(), Ordering::SeqCst);
+            let (out, err) = (
+                Capture::new(STDOUT_MAX, false),
+                Capture::new(STDERR_KEPT, true),
+            );
+            let mut readers = Vec::new();
+            let mut stream = |capture: &Arc<Mutex<Capture>>| -> std::io::Result<Stdio> {
+                let (ours, theirs) = UnixStream::pair()?;
+                ours.set_read_timeout(Some(READ_POLL))?;
+                let (capture, stop, ended) = (capture.clone(), stop.clone(), ended_tx.clone());
+                readers.push(move || read_into(ours, &capture, &stop, &ended));
+                Ok(OwnedFd::from(theirs).into())
+            };
+            let spawned = stream(&err).and_then(|stderr| {
+                let stdout = if keep_stdout {
+                    stream(&out)?
+                } else {
+                    Stdio::null()
+                };
+                cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+                cmd.process_group(i32::try_from(pgid).unwrap_or(0));
+                sys::unblock_signals_in_child(&mut cmd);
+                cmd.spawn()
+            });
+            drop(cmd); // closes our copies of the child's ends of the streams
+            match spawned {
+                Ok(child) => {
+                    if pgid == 0 {
+                        pgid = child.id();
+                        self.running.store(pgid, Ordering::SeqCst);
                     }
-                    let call = Call::default();
-                    if let Some(out) = child.stdout.take() {
-                        read_in_background(out, Keep::Head(STDOUT_MAX), &call.stdout, &ended_tx);
-                    }
-                    if let Some(err) = child.stderr.take() {
-                        read_in_background(err, Keep::Tail(STDERR_KEPT), &call.stderr, &ended_tx);
-                    }
-                    calls.push(call);
                     children.push(child);
+                    readers
+                        .into_iter()
+                        .for_each(|r| drop(std::thread::spawn(r)));
+                    calls.push((out, err));
                 }
                 Err(e) => {
                     spawn_error = Some(e.to_string());
@@ -326,201 +310,171 @@ impl Nix {
                 }
             }
         }
-        drop(ended_tx);
-        let pgid = children.first().map_or(0, |c| c.id());
-        if spawn_error.is_some() && pgid != 0 {
-            let _ = sys::kill_process_group(pgid, sys::SIGKILL);
-        }
-        let count = children.len();
+        // Waited for only once all started: the group lives while its first
+        // process is not reaped, so that the others can join it.
         for (i, mut child) in children.into_iter().enumerate() {
             let tx = exited_tx.clone();
-            std::thread::spawn(move || {
-                let _ = tx.send((i, child.wait()));
-            });
+            std::thread::spawn(move || tx.send((i, child.wait())));
         }
-        drop(exited_tx);
-
-        // Judged by the exits alone: a process a call started may keep its
-        // pipes open long after.
+        drop((exited_tx, ended_tx));
         let deadline = Instant::now() + self.timeout;
-        let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> =
-            (0..count).map(|_| None).collect();
+        let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> = Vec::new();
+        statuses.resize_with(calls.len(), || None);
         let mut timed_out = false;
-        for _ in 0..count {
+        while spawn_error.is_none() && !timed_out && statuses.iter().any(Option::is_none) {
             match exited.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok((i, status)) => statuses[i] = Some(status),
-                Err(_) => {
-                    let _ = sys::kill_process_group(pgid, sys::SIGKILL);
-                    timed_out = true;
-                    break;
-                }
+                Err(_) => timed_out = true,
             }
         }
-        // What they wrote before they exited is in the pipes: read it, but
-        // leave streams that something else keeps open to their threads.
+        if pgid != 0 {
+            let _ = sys::kill_process_group(pgid, sys::SIGKILL);
+        }
+        // What they wrote before they exited is in the streams: read it, up
+        // to a deadline, as a process that left the group may hold them.
         let output_deadline = Instant::now() + OUTPUT_AFTER_EXIT;
-        while ended
-            .recv_timeout(output_deadline.saturating_duration_since(Instant::now()))
-            .is_ok()
-        {}
-        let calls: Vec<(Capture, Capture)> = calls
-            .iter()
-            .map(|c| (take(&c.stdout), take(&c.stderr)))
-            .collect();
-
+        let left = || output_deadline.saturating_duration_since(Instant::now());
+        while ended.recv_timeout(left()).is_ok() {}
+        stop.store(true, Ordering::SeqCst);
+        let fail = |kind, err: Option<&Capture>| Failure {
+            what,
+            kind,
+            stderr: err.map_or_else(String::new, |e| tail(e.kept())),
+        };
+        if let Some(e) = spawn_error {
+            return Err(fail(FailureKind::Spawn(e), None));
+        }
+        let calls: Vec<(Capture, Capture)> =
+            calls.iter().map(|(o, e)| (take(o), take(e))).collect();
         if timed_out {
             // The stderr of a call that was still running tells most.
             let running = statuses.iter().position(Option::is_none).unwrap_or(0);
-            let empty = Capture::default();
-            let stderr = calls.get(running).map_or(&empty, |(_, e)| e);
-            return Err(fail(FailureKind::TimedOut(self.timeout), stderr));
+            let err = calls.get(running).map(|(_, e)| e);
+            return Err(fail(FailureKind::TimedOut(self.timeout), err));
         }
-        if let Some(e) = spawn_error {
-            return Err(fail(FailureKind::Spawn(e), &Capture::default()));
-        }
-        statuses
-            .into_iter()
-            .zip(calls)
-            .map(|(status, (out, err))| match status {
-                Some(Ok(status)) if !status.success() => {
-                    Err(fail(FailureKind::Exit(describe(status)), &err))
+        let mut outputs = Vec::new();
+        for (status, (out, err)) in statuses.into_iter().zip(calls) {
+            let why = match status {
+                Some(Ok(s)) if !s.success() => FailureKind::Exit(describe(s)),
+                Some(Ok(_)) if !keep_stdout => {
+                    outputs.push(Vec::new());
+                    continue;
                 }
-                Some(Ok(_)) => match stdout {
-                    Stdout::Discard => Ok(Vec::new()),
-                    Stdout::Keep if out.read > STDOUT_MAX as u64 => Err(fail(
-                        FailureKind::Output(format!(
-                            "printed more than {STDOUT_MAX} bytes on its standard output"
-                        )),
-                        &err,
-                    )),
-                    Stdout::Keep if !out.ended => Err(fail(
-                        FailureKind::Output(format!(
-                            "exited, but its standard output was still open {} s later \
-                             (held by a process it started?)",
-                            OUTPUT_AFTER_EXIT.as_secs()
-                        )),
-                        &err,
-                    )),
-                    Stdout::Keep => Ok(out.data),
-                },
-                Some(Err(e)) => Err(fail(FailureKind::Spawn(e.to_string()), &err)),
-                None => Err(fail(FailureKind::Spawn("no result".into()), &err)),
-            })
-            .collect()
+                Some(Ok(_)) if out.read > STDOUT_MAX as u64 => FailureKind::Output(format!(
+                    "printed more than {STDOUT_MAX} bytes on its standard output"
+                )),
+                Some(Ok(_)) if !out.ended => FailureKind::Output(format!(
+                    "exited, but its standard output was still open {} s later \
+                     (held by a process it started?)",
+                    OUTPUT_AFTER_EXIT.as_secs()
+                )),
+                Some(Ok(_)) => {
+                    outputs.push(out.data);
+                    continue;
+                }
+                Some(Err(e)) => FailureKind::Spawn(e.to_string()),
+                None => FailureKind::Spawn("no result".into()),
+            };
+            return Err(fail(why, Some(&err)));
+        }
+        Ok(outputs)
     }
 }
 
-/// Whether a call's stdout is read (queries) or not wanted at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stdout {
-    Keep,
-    Discard,
+/// True when `nix --version` (`nix (Nix) 2.8.0`) names 2.19 or newer.
+fn at_least_2_19(version: &str) -> bool {
+    let number = version.split_whitespace().last().unwrap_or("");
+    let mut parts = number.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 19)
 }
 
-/// Which part of a stream is kept.
-#[derive(Debug, Clone, Copy)]
-enum Keep {
-    /// The first bytes, up to this many.
-    Head(usize),
-    /// The last bytes, this many.
-    Tail(usize),
-}
-
-/// The two output streams of one call, filled by their reading threads.
-#[derive(Default)]
-struct Call {
-    stdout: Arc<Mutex<Capture>>,
-    stderr: Arc<Mutex<Capture>>,
-}
-
-/// What was read of one stream.
+/// What was read of one stream: its first bytes up to `max`, or (a `tail`)
+/// its last ones, dropping the front once per `max` bytes read.
 #[derive(Debug, Default)]
 struct Capture {
-    /// The part kept (for [`Keep::Tail`], up to twice the kept size, so
-    /// that the front is dropped once per that many bytes, not per read).
     data: Vec<u8>,
     /// Bytes read in all.
     read: u64,
     /// Every writer closed the stream.
     ended: bool,
-    keep: Option<Keep>,
+    max: usize,
+    tail: bool,
 }
 
 impl Capture {
+    fn new(max: usize, tail: bool) -> Arc<Mutex<Capture>> {
+        Arc::new(Mutex::new(Capture {
+            max,
+            tail,
+            ..Capture::default()
+        }))
+    }
+
     fn push(&mut self, bytes: &[u8]) {
         self.read += bytes.len() as u64;
-        match self.keep {
-            Some(Keep::Head(max)) => {
-                let room = max.saturating_sub(self.data.len());
-                self.data.extend_from_slice(&bytes[..bytes.len().min(room)]);
-            }
-            Some(Keep::Tail(max)) => {
-                self.data.extend_from_slice(bytes);
-                if self.data.len() > 2 * max {
-                    self.data.drain(..self.data.len() - max);
-                }
-            }
-            None => {}
+        let room = if self.tail {
+            bytes.len()
+        } else {
+            self.max.saturating_sub(self.data.len())
+        };
+        self.data.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if self.data.len() > 2 * self.max {
+            self.data.drain(..self.data.len() - self.max);
         }
     }
 
-    /// The bytes kept, as promised: for a tail, its last bytes only.
+    /// The bytes kept: for a tail, the last `max` only.
     fn kept(&self) -> &[u8] {
-        match self.keep {
-            Some(Keep::Tail(max)) => &self.data[self.data.len().saturating_sub(max)..],
-            _ => &self.data,
-        }
+        let start = if self.tail {
+            self.data.len().saturating_sub(self.max)
+        } else {
+            0
+        };
+        &self.data[start..]
     }
 }
 
-/// The capture so far, leaving an empty one to a reading thread that goes
-/// on (a leftover process holds its stream).
+/// What was read so far.
 fn take(capture: &Mutex<Capture>) -> Capture {
     let mut c = capture.lock().unwrap_or_else(|e| e.into_inner());
-    let keep = c.keep;
+    let (max, tail) = (c.max, c.tail);
     std::mem::replace(
         &mut *c,
         Capture {
-            keep,
+            max,
+            tail,
             ..Capture::default()
         },
     )
 }
 
-/// Reads `from` to its end on a thread of its own, keeping what `keep`
-/// says in `into`, and says so on `ended` when the stream ends. The thread
-/// outlives the call when a leftover process holds the stream open; it then
-/// costs a blocked thread and a bounded buffer until that process ends.
-fn read_in_background(
-    from: impl Read + Send + 'static,
-    keep: Keep,
-    into: &Arc<Mutex<Capture>>,
+/// Reads `from` into `into` until it ends or fails, or until `stop` is set
+/// (looked at whenever a read times out); then says so on `ended`.
+fn read_into(
+    mut from: impl Read,
+    into: &Mutex<Capture>,
+    stop: &AtomicBool,
     ended: &mpsc::Sender<()>,
 ) {
-    into.lock().unwrap_or_else(|e| e.into_inner()).keep = Some(keep);
-    let into = Arc::clone(into);
-    let ended = ended.clone();
-    std::thread::spawn(move || {
-        read_into(from, &into);
-        let _ = ended.send(());
-    });
-}
-
-/// Reads `from` to its end (or first error) into `into`.
-fn read_into(mut from: impl Read, into: &Mutex<Capture>) {
     let mut buf = [0u8; 16 * 1024];
+    let lock = || into.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => into
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(&buf[..n]),
+            Ok(0) => break lock().ended = true,
+            Ok(n) => lock().push(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) && !stop.load(Ordering::SeqCst) => {}
             Err(_) => break,
         }
     }
-    into.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
+    let _ = ended.send(());
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// Resets the published process group when a call ends, however it ends.
@@ -533,7 +487,6 @@ impl Drop for ClearOnDrop<'_> {
 }
 
 fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
         (None, Some(sig)) => format!("killed by signal {sig}"),
@@ -541,81 +494,43 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-fn lines(out: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect()
-}
-
-/// `text` with terminal colour sequences (`ESC [ ... letter`) removed and
-/// every other control character but the line end made a space: nix's
-/// words end up in the log and in `status` replies, where they must not
-/// move a terminal's cursor or hide what follows.
-fn without_control(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
+/// The last part of a command's stderr on one line, with terminal colour
+/// sequences (`ESC [ ... letter`) removed and every other control
+/// character made a space: nix's words end up in the log and in `status`,
+/// where they must not move a terminal's cursor or hide what follows.
+fn tail(stderr: &[u8]) -> String {
+    const MAX: usize = 2000;
+    let text = String::from_utf8_lossy(stderr);
+    let mut clean = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         if c == '\u{1b}' && chars.peek() == Some(&'[') {
             chars.next();
             // Parameters and intermediates, up to the final byte.
-            for c in chars.by_ref() {
-                if ('\u{40}'..='\u{7e}').contains(&c) {
-                    break;
-                }
-            }
-        } else if c.is_control() && c != '\n' {
-            out.push(' ');
+            chars.find(|c| ('\u{40}'..='\u{7e}').contains(c));
         } else {
-            out.push(c);
+            clean.push(if c.is_control() && c != '\n' { ' ' } else { c });
         }
     }
-    out
-}
-
-/// The last part of a command's stderr, on one line.
-fn tail(stderr: &[u8]) -> String {
-    const MAX: usize = 2000;
-    let text = without_control(&String::from_utf8_lossy(stderr));
-    let joined = text
+    let lines: Vec<&str> = clean
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" | ");
-    if joined.len() <= MAX {
-        return joined;
-    }
-    let mut start = joined.len() - MAX;
+        .collect();
+    let joined = lines.join(" | ");
+    let mut start = joined.len().saturating_sub(MAX);
     while !joined.is_char_boundary(start) {
         start += 1;
     }
-    format!("...{}", &joined[start..])
+    match start {
+        0 => joined,
+        _ => format!("...{}", &joined[start..]),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nix_store_is_found_beside_nix() {
-        let n = Nix::new(Path::new("/opt/nix/bin/nix"), Duration::from_secs(1), None);
-        assert_eq!(n.nix_store, PathBuf::from("/opt/nix/bin/nix-store"));
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(1), None);
-        assert_eq!(n.nix_store, PathBuf::from("nix-store"));
-    }
-
-    #[test]
-    fn timeout_kills_the_whole_group() {
-        let n = Nix::new(Path::new("nix"), Duration::from_millis(200), None);
-        let mut cmd = Command::new("/bin/sh");
-        // The grandchild holds stdout open; only a group kill ends it.
-        cmd.args(["-c", "sleep 30 & sleep 30"]);
-        let err = n.run("sh", cmd).unwrap_err();
-        assert!(err.timed_out(), "{err}");
-    }
 
     fn sh(script: &str) -> Command {
         let mut cmd = Command::new("/bin/sh");
@@ -623,122 +538,180 @@ mod tests {
         cmd
     }
 
-    #[test]
-    fn commands_run_together_share_one_group_and_one_timeout() {
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(10), None);
-        let group = "cut -d' ' -f5 /proc/$$/stat";
-        let out = n
-            .run_together("sh", vec![sh(group), sh(group)], Stdout::Keep)
-            .unwrap();
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[0], out[1], "one process group");
-        let err = n
-            .run_together(
-                "sh",
-                vec![sh("exit 0"), sh("echo bad >&2; exit 4")],
-                Stdout::Keep,
-            )
-            .unwrap_err();
-        assert_eq!(err.to_string(), "sh failed (exit status 4): bad");
-
-        let n = Nix::new(Path::new("nix"), Duration::from_millis(300), None);
-        let marker = format!("{}.{}", 30 + std::process::id() % 1000, 7);
-        let hang = || sh(&format!("sleep {marker} & sleep {marker}"));
-        let err = n
-            .run_together("sh", vec![hang(), hang()], Stdout::Keep)
-            .unwrap_err();
-        assert!(err.timed_out(), "{err}");
-        std::thread::sleep(Duration::from_millis(200));
-        let left = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .filter(|c| c == format!("sleep\0{marker}\0").as_bytes())
-            .count();
-        assert_eq!(left, 0, "every process of both commands is killed");
+    fn nix(timeout: Duration) -> Nix {
+        Nix::new(Path::new("nix"), timeout, None)
     }
 
     /// Processes whose command line is `sleep <marker>`.
-    fn count_sleeps(marker: &str) -> Vec<u32> {
+    fn sleeps(marker: &str) -> Vec<u32> {
+        let want = format!("sleep\0{marker}\0");
         std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| c == format!("sleep\0{marker}\0").as_bytes())
-            })
+            .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want.as_bytes()))
             .filter_map(|e| e.file_name().to_str()?.parse().ok())
             .collect()
     }
 
+    /// A `sleep` argument no other test uses.
+    fn marker(n: u32) -> String {
+        format!("{}.{n}", 3000 + std::process::id() % 1000)
+    }
+
     #[test]
-    fn a_call_is_judged_by_its_exit_while_a_helper_holds_its_pipes() {
-        // Longer than the wait for output after the exit, far shorter than
-        // the sleeping helper: without judging by the exit, the call would
-        // run into this timeout and be reported as killed.
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(20), None);
-        let marker = format!("{}.{}", 100 + std::process::id() % 1000, 3);
-        // The helper leaves the group, as an ssh ControlPersist master does,
-        // so only its open stderr and stdout tie it to the call.
-        let helper = format!("setsid sleep {marker} &");
-        let out = n.run("sh", sh(&format!("{helper} echo printed; exit 0")));
-        let failed = n
-            .run("sh", sh(&format!("{helper} echo the cause >&2; exit 3")))
+    fn nix_store_is_found_beside_nix() {
+        let n = Nix::new(Path::new("/opt/nix/bin/nix"), Duration::from_secs(1), None);
+        assert_eq!(n.nix_store, PathBuf::from("/opt/nix/bin/nix-store"));
+        assert_eq!(
+            nix(Duration::from_secs(1)).nix_store,
+            PathBuf::from("nix-store")
+        );
+    }
+
+    #[test]
+    fn store_info_is_used_from_nix_2_19() {
+        assert!(!at_least_2_19("nix (Nix) 2.8.0"));
+        assert!(!at_least_2_19("nix (Nix) 2.18.9"));
+        assert!(at_least_2_19("nix (Nix) 2.19.0"));
+        assert!(at_least_2_19("nix (Nix) 2.26.3"));
+        assert!(at_least_2_19("nix (Nix) 3.0"));
+        assert!(!at_least_2_19(""));
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_group() {
+        let m = marker(1);
+        let n = nix(Duration::from_millis(300));
+        // The background sleep holds stderr open; only a group kill ends it.
+        let err = n
+            .run("sh", sh(&format!("sleep {m} & sleep {m}")))
             .unwrap_err();
-        let signed = n.run_together("sh", vec![sh(&format!("{helper} exit 0"))], Stdout::Discard);
-        for pid in count_sleeps(&marker) {
-            let _ = sys::kill_process_group(pid, sys::SIGKILL);
+        assert!(err.timed_out(), "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(sleeps(&m), Vec::<u32>::new(), "every process is killed");
+    }
+
+    #[test]
+    fn what_a_call_leaves_in_its_group_is_ended_when_it_ends() {
+        let m = marker(2);
+        let n = nix(Duration::from_secs(20));
+        let started = Instant::now();
+        let ok = n.run_together("sh", vec![sh(&format!("sleep {m} & exit 0"))], false);
+        let failed = n.run("sh", sh(&format!("sleep {m} & echo why >&2; exit 2")));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(sleeps(&m), Vec::<u32>::new(), "the leftovers are killed");
+        assert_eq!(ok, Ok(vec![Vec::new()]));
+        assert_eq!(
+            failed.unwrap_err().to_string(),
+            "sh failed (exit status 2): why"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not judged by the timeout"
+        );
+    }
+
+    #[test]
+    fn commands_run_together_share_one_group_and_one_timeout() {
+        let n = nix(Duration::from_secs(10));
+        let group = "cut -d' ' -f5 /proc/$$/stat";
+        let out = n
+            .run_together("sh", vec![sh(group), sh(group)], true)
+            .unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0], out[1], "one process group");
+        let err = n
+            .run_together("sh", vec![sh("exit 0"), sh("echo bad >&2; exit 4")], true)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "sh failed (exit status 4): bad");
+
+        let m = marker(3);
+        let n = nix(Duration::from_millis(300));
+        let hang = || sh(&format!("sleep {m} & sleep {m}"));
+        let err = n
+            .run_together("sh", vec![hang(), hang()], true)
+            .unwrap_err();
+        assert!(err.timed_out(), "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            sleeps(&m),
+            Vec::<u32>::new(),
+            "every process of both is killed"
+        );
+    }
+
+    #[test]
+    fn a_call_is_judged_by_its_exit_while_a_helper_outside_its_group_holds_its_streams() {
+        // Far shorter than the helper's sleep: a call judged by its streams
+        // would run into this timeout and be reported as killed.
+        let n = nix(Duration::from_secs(20));
+        let m = marker(4);
+        // The helper leaves the group, as an ssh ControlPersist master does.
+        let pgrp = |pid: &str| format!("$(cut -d' ' -f5 /proc/{pid}/stat)");
+        let (child, me) = (pgrp("$!"), pgrp("$$"));
+        let helper = format!("setsid sleep {m} & while [ {child} = {me} ]; do :; done;");
+        let out = n.run("sh", sh(&format!("{helper} echo printed; exit 0")));
+        let failed = n.run("sh", sh(&format!("{helper} echo the cause >&2; exit 3")));
+        let signed = n.run_together("sh", vec![sh(&format!("{helper} exit 0"))], false);
+        for pid in sleeps(&m) {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
-        assert_eq!(failed.to_string(), "sh failed (exit status 3): the cause");
+        assert_eq!(
+            failed.unwrap_err().to_string(),
+            "sh failed (exit status 3): the cause"
+        );
         assert_eq!(signed, Ok(vec![Vec::new()]));
         // A query's stdout must be complete: held open, it is not used.
         let err = out.unwrap_err();
         assert!(matches!(err.kind, FailureKind::Output(_)), "{err}");
-        assert!(!err.timed_out(), "{err}");
+    }
+
+    #[test]
+    fn a_reading_thread_ends_when_told_while_its_stream_is_held_open() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(READ_POLL)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let capture = Capture::new(10, true);
+        let into = capture.clone();
+        std::thread::spawn(move || read_into(ours, &into, &AtomicBool::new(true), &tx));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(60)), Ok(()));
+        assert!(!take(&capture).ended);
+        drop(theirs);
     }
 
     #[test]
     fn only_the_end_of_a_flood_of_stderr_is_kept() {
-        let capture = Mutex::new(Capture {
-            keep: Some(Keep::Tail(STDERR_KEPT)),
-            ..Capture::default()
-        });
+        let (tx, _rx) = mpsc::channel();
+        let stop = AtomicBool::new(false);
+        let capture = Capture::new(STDERR_KEPT, true);
         let flood = 200 * 1024 * 1024;
-        read_into(
-            std::io::repeat(b'x')
-                .take(flood)
-                .chain(&b"\nerror: the cause\n"[..]),
-            &capture,
-        );
-        let c = capture.into_inner().unwrap();
+        let text = std::io::repeat(b'x')
+            .take(flood)
+            .chain(&b"\nerror: the cause\n"[..]);
+        read_into(text, &capture, &stop, &tx);
+        let c = take(&capture);
         assert!(c.ended);
         assert_eq!(c.read, flood + 18);
         assert!(
             c.data.capacity() <= 4 * STDERR_KEPT,
-            "{} bytes held for a tail of {STDERR_KEPT}",
+            "{} bytes held",
             c.data.capacity()
         );
         assert_eq!(c.kept().len(), STDERR_KEPT);
         assert!(tail(c.kept()).ends_with("| error: the cause"));
 
-        let capture = Mutex::new(Capture {
-            keep: Some(Keep::Head(10)),
-            ..Capture::default()
-        });
-        read_into(std::io::repeat(b'y').take(1 << 20), &capture);
-        let c = capture.into_inner().unwrap();
+        let capture = Capture::new(10, false);
+        read_into(std::io::repeat(b'y').take(1 << 20), &capture, &stop, &tx);
+        let c = take(&capture);
         assert_eq!((c.data.len(), c.read), (10, 1 << 20));
     }
 
     #[test]
     fn a_flood_on_stderr_fails_with_its_end_and_a_flood_on_stdout_is_refused() {
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(60), None);
+        let n = nix(Duration::from_secs(60));
+        let flood = "head -c 30000000 /dev/zero | tr '\\0' x >&2; echo >&2";
         let err = n
-            .run(
-                "sh",
-                sh("head -c 30000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo the cause >&2; exit 1"),
-            )
+            .run("sh", sh(&format!("{flood}; echo the cause >&2; exit 1")))
             .unwrap_err();
         assert!(
             err.to_string().ends_with("| the cause"),
@@ -760,10 +733,10 @@ mod tests {
 
     #[test]
     fn failures_carry_status_and_stderr() {
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(10), None);
-        let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", "echo one >&2; echo two >&2; exit 3"]);
-        let err = n.run("sh", cmd).unwrap_err();
+        let n = nix(Duration::from_secs(10));
+        let err = n
+            .run("sh", sh("echo one >&2; echo two >&2; exit 3"))
+            .unwrap_err();
         assert_eq!(err.to_string(), "sh failed (exit status 3): one | two");
         let err = n.run("x", Command::new("/nonexistent/nix")).unwrap_err();
         assert!(matches!(err.kind, FailureKind::Spawn(_)));
