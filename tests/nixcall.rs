@@ -143,3 +143,54 @@ fn tokens_in_uploader_arguments_are_shown_nowhere() {
         );
     }
 }
+
+/// `substitute-on-destination` puts `--substitute-on-destination` on the
+/// `nix copy` of an ssh-ng target, which this Nix accepts: the paths arrive.
+#[test]
+fn substitute_on_destination_copies_over_ssh_ng() {
+    let env = NixEnv::new("nixcall-sod");
+    let (sk, pk) = env.gen_signing_key("nixcall-sod-1");
+    let sshd = Sshd::start(&env, &pk);
+    let record = env.root().join("calls");
+    let nix = script(
+        env.root(),
+        "nix",
+        &format!(
+            "echo \"$*\" >> {}\nexec {} \"$@\"",
+            record.display(),
+            which("nix").display()
+        ),
+    );
+    let (sk_s, nix_s, url) = (
+        sk.display().to_string(),
+        nix.display().to_string(),
+        sshd.url(),
+    );
+    let config = [
+        ("signing-key-file", sk_s.as_str()),
+        ("upload-to", url.as_str()),
+        ("substitute-on-destination", "true"),
+        ("nix", nix_s.as_str()),
+    ];
+    let d = Daemon::start_with_env(&env, &config, &sshd.env());
+    let path = env.add_text_path("sod", "x");
+    assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
+    assert_eq!(
+        d.request("wait"),
+        "ok all uploaded",
+        "log:\n{}\nsshd:\n{}",
+        d.log(),
+        sshd.log()
+    );
+    let calls = fs::read_to_string(&record).unwrap();
+    let copy = calls
+        .lines()
+        .find(|l| l.contains(" copy "))
+        .unwrap_or_default();
+    assert!(copy.contains("--substitute-on-destination"), "{calls}");
+    assert!(
+        env.is_valid_in(&sshd.local_store_url(), &path),
+        "log:\n{}",
+        d.log()
+    );
+}
