@@ -1,14 +1,9 @@
 //! The upload targets (each `upload-to` URL, and the `upload-command`),
-//! and checking them when the daemon starts, so that a mistyped target
-//! stops it at once instead of being retried for ever.
-//!
-//! An `upload-to` is checked by nix itself (`nix store info`, or `ping`):
-//! a URL that is not a store URL, or whose kind of store nix does not know
-//! (`fiel://`, or `s3://` with a nix built without S3), can never work and
-//! stops the daemon, as does a nix that cannot be started; anything else (a
-//! host that does not answer) may mend, and is a warning. A check that is
-//! slower than [`CHECK_WAIT`] is judged in the background, so that a dead
-//! host never delays the hooks' socket.
+//! checked when the daemon starts: a target that can never work (a program
+//! that is not there, a URL nix cannot use) stops it at once instead of
+//! being retried for ever; one that may mend (a host that does not answer)
+//! is a warning. A check slower than [`CHECK_WAIT`] is judged in the
+//! background, so that a dead host never delays the hooks' socket.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -100,27 +95,23 @@ pub fn check_at_start(config: &Config) -> Result<(), String> {
 /// Checks one `upload-to` URL (see the module doc).
 fn check_url(config: &Config, url: String) -> Result<(), String> {
     let nix = Nix::new(&config.nix, CHECK_TIMEOUT, Some(&url));
-    let (tx, rx) = mpsc::channel();
-    let spawn = |f: Box<dyn FnOnce() + Send>| {
-        let thread = std::thread::Builder::new().name("target-check".into());
-        thread
-            .spawn(f)
-            .map(drop)
-            .map_err(|e| format!("cannot start the check of a target: {e}"))
-    };
-    let pinged = url.clone();
-    spawn(Box::new(move || {
+    // Handed over only while start-up waits; judged by the check after.
+    let (tx, rx) = mpsc::sync_channel(0);
+    let shown = url.clone();
+    let check = move || {
         let _ = crate::nix::lower_priority();
-        let _ = tx.send(nix.ping(&pinged, CHECK_TIMEOUT));
-    }))?;
-    match rx.recv_timeout(CHECK_WAIT) {
-        Ok(result) => judge(&url, result),
-        Err(_) => spawn(Box::new(move || {
-            if let Some(Err(e)) = rx.recv().ok().map(|result| judge(&url, result)) {
+        if let Err(mpsc::SendError(result)) = tx.send(nix.ping(&url, CHECK_TIMEOUT)) {
+            if let Err(e) = judge(&url, result) {
                 crate::error!("{e}; the daemon keeps running, but uploads will fail until upload-to is corrected");
             }
-        })),
-    }
+        }
+    };
+    let thread = std::thread::Builder::new().name("target-check".into());
+    thread
+        .spawn(check)
+        .map_err(|e| format!("cannot start the check of a target: {e}"))?;
+    rx.recv_timeout(CHECK_WAIT)
+        .map_or(Ok(()), |result| judge(&shown, result))
 }
 
 /// Checks that the `upload-command` program can be run: an executable file
@@ -130,17 +121,17 @@ fn check_program(program: &str) -> Result<(), String> {
     let runnable = |p: &std::path::Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    let bare = !program.contains('/');
-    let found = match std::env::var_os("PATH") {
-        Some(path) if bare => std::env::split_paths(&path).any(|dir| runnable(&dir.join(program))),
-        _ => !bare && runnable(std::path::Path::new(program)),
+    let (found, where_) = match std::env::var_os("PATH") {
+        _ if program.contains('/') => (runnable(program.as_ref()), ""),
+        path => {
+            let mut dirs = std::env::split_paths(path.as_deref().unwrap_or_default());
+            (
+                dirs.any(|d| runnable(&d.join(program))),
+                " in any directory of PATH",
+            )
+        }
     };
     if !found {
-        let where_ = if bare {
-            " in any directory of PATH"
-        } else {
-            ""
-        };
         return Err(format!(
             "upload-command: {program} is not an executable file{where_}; give its path, or install it"
         ));
