@@ -1,13 +1,10 @@
-//! Keeping secrets out of logs, status replies, metrics and errors.
-//!
-//! A store URL may carry a password (`ssh://user:pw@host`) or a secret in
-//! its query (`?secret-key=/path`), an uploader's arguments a token
-//! (`--token T`, `AUTH_TOKEN=T`). Every log line, `status` reply and nix
-//! error passes through [`text`], which masks them word by word, and masks
-//! the secrets of the configured targets ([`remember`]) wherever they are.
-//! [`url`] is the narrower form the journal's target names are made from.
+//! Keeping secrets out of logs, status replies, metrics and errors: a
+//! URL's password or secret query values (`ssh://u:pw@h`, `?secret-key=`),
+//! an uploader's token (`--token T`, `AUTH_TOKEN=T`). Every line shown
+//! passes through [`text`]; [`url`] is the narrower form that the journal's
+//! target names are made from.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 /// Query parameters whose values [`url`] masks.
 const SECRET_PARAMS: &[&str] = &["secret-key", "password", "token", "access-key", "secret"];
@@ -16,56 +13,44 @@ const SECRET_NAMES: &[&str] = &["token", "passw", "secret", "key", "auth", "cred
 /// Where a word holds several `NAME=VALUE` parts.
 const PART_ENDS: [char; 4] = ['&', '?', ',', ';'];
 
-/// Text that must never be shown, with its replacement (see [`remember`]).
+/// Text that must never be shown, with its replacement (see [`remember`]);
+/// only ever extended, so a poisoned lock still holds good data.
 static REMEMBERED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
-fn remembered() -> MutexGuard<'static, Vec<(String, String)>> {
-    // The list is only ever extended; a poisoned lock still holds good data.
-    REMEMBERED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Remembers the secrets of a configured target (a URL, or an uploader's
-/// command line), so that [`text`] masks them where no pattern finds them:
-/// nix says `cannot connect to 'user:password@host'` for an ssh target, and
-/// an uploader may quote a token alone.
+/// Remembers the secrets of a configured target (a URL, an uploader's
+/// command line) for [`text`] to mask where no pattern finds them, such as
+/// nix's `cannot connect to 'user:password@host'`.
 pub fn remember(target: &str) {
-    let add = |secret: &str, masked: String| {
-        let pair = (secret.to_string(), masked);
-        let mut known = remembered();
-        if secret.len() >= 6 && !known.contains(&pair) {
-            known.push(pair);
-        }
-    };
-    let base = target.split_once('?').map_or(target, |(b, _)| b);
-    let authority = base
-        .split_once("://")
-        .map_or("", |(_, r)| r.split('/').next().unwrap_or(""));
-    if let Some((user, password)) = authority
-        .rsplit_once('@')
-        .and_then(|(u, _)| u.split_once(':'))
-    {
-        add(&format!("{user}:{password}@"), format!("{user}:***@"));
+    let mut secrets = Vec::new();
+    let rest = target.split_once("://").map_or("", |(_, r)| r);
+    let userinfo = rest
+        .split(['/', '?'])
+        .next()
+        .and_then(|a| a.rsplit_once('@'));
+    if let Some((user, password)) = userinfo.and_then(|(u, _)| u.split_once(':')) {
+        secrets.push((format!("{user}:{password}@"), format!("{user}:***@")));
     }
     let mut prev = "";
     for word in target.split_whitespace() {
-        if is_secret_flag(prev) {
-            add(word, "***".into());
-        }
-        for (name, value) in word.split(PART_ENDS).filter_map(|p| p.split_once('=')) {
-            if is_secret(name) {
-                add(value, "***".into());
-            }
-        }
+        let pairs = word.split(PART_ENDS).filter_map(|p| p.split_once('='));
+        let values = pairs.filter(|(name, _)| is_secret(name)).map(|(_, v)| v);
+        let after_flag = is_secret_flag(prev).then_some(word);
+        secrets.extend(values.chain(after_flag).map(|v| (v.into(), "***".into())));
         prev = word;
+    }
+    let mut known = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
+    for pair in secrets {
+        if pair.0.len() >= 6 && !known.contains(&pair) {
+            known.push(pair);
+        }
     }
 }
 
 /// The URL with the password of its userinfo and the values of the query
 /// parameters in [`SECRET_PARAMS`] replaced by `***`.
 pub fn url(url: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url.split_once('?').unzip();
+    let base = base.unwrap_or(url);
     let mut out = match base.split_once("://") {
         Some((scheme, rest)) => {
             let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
@@ -86,33 +71,23 @@ pub fn url(url: &str) -> String {
     out
 }
 
-/// Free text (a log line, a nix error, an uploader's command line) with
-/// every secret masked, word by word: what [`url`] masks in a word with
-/// `://`, a bare `user:password@host`, every `NAME=VALUE` whose name looks
-/// secret (also between `?`, `&`, `,`, `;`), the word after a flag such as
-/// `--token`; and what [`remember`] learnt, wherever it is.
+/// Free text with every secret masked, word by word: what [`url`] masks, a
+/// bare `user:password@host`, a `NAME=VALUE` whose name looks secret (also
+/// between `?&,;`), the word after a flag such as `--token`; and anywhere,
+/// what [`remember`] learnt.
 pub fn text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let (mut word, mut prev) = (String::new(), String::new());
-    let mut flush = |word: &mut String, out: &mut String| {
+    let is_end = |c: char| c.is_whitespace() || "'\"`<>()".contains(c);
+    let (mut out, mut prev) = (String::with_capacity(text.len()), "");
+    for piece in text.split_inclusive(is_end) {
+        let word = piece.trim_end_matches(is_end);
         if !word.is_empty() {
-            out.push_str(&mask_word(&prev, word));
-            prev = std::mem::take(word);
+            out.push_str(&mask_word(prev, word));
+            prev = word;
         }
-    };
-    for c in text.chars() {
-        if c.is_whitespace() || "'\"`<>()".contains(c) {
-            flush(&mut word, &mut out);
-            out.push(c);
-        } else {
-            word.push(c);
-        }
+        out.push_str(&piece[word.len()..]);
     }
-    flush(&mut word, &mut out);
-    for (secret, masked) in remembered().iter() {
-        if out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), masked);
-        }
+    for (secret, masked) in REMEMBERED.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        out = out.replace(secret.as_str(), masked);
     }
     out
 }
@@ -152,10 +127,8 @@ fn is_secret_flag(word: &str) -> bool {
 
 /// `user:***@host` for a word `user:password@host`; other words unchanged.
 fn mask_userinfo(word: &str) -> String {
-    match word
-        .rsplit_once('@')
-        .and_then(|(u, host)| Some((u.split_once(':')?.0, host)))
-    {
+    let userinfo = word.rsplit_once('@');
+    match userinfo.and_then(|(u, host)| Some((u.split_once(':')?.0, host))) {
         Some((user, host)) => format!("{user}:***@{host}"),
         None => word.to_string(),
     }
