@@ -103,7 +103,8 @@ pub struct Nix {
     ssh_opts: Option<&'static str>,
     running: Arc<AtomicU32>,
     copy_jobs: usize,
-    substitute_on_destination: bool,
+    /// `--substitute-on-destination` for `nix copy` to an ssh target.
+    substitute_on_destination: Option<&'static str>,
 }
 
 impl Nix {
@@ -121,7 +122,7 @@ impl Nix {
                 .then_some("-o ConnectTimeout=10"),
             running: Arc::new(AtomicU32::new(0)),
             copy_jobs: 1,
-            substitute_on_destination: false,
+            substitute_on_destination: None,
         }
     }
 
@@ -130,7 +131,8 @@ impl Nix {
     pub fn from_config(config: &crate::config::Config, upload_to: Option<&str>) -> Nix {
         let mut nix = Nix::new(&config.nix, config.command_timeout, upload_to);
         nix.copy_jobs = config.upload_jobs.max(1);
-        nix.substitute_on_destination = config.substitute_on_destination && is_ssh(upload_to);
+        let on_destination = config.substitute_on_destination && is_ssh(upload_to);
+        nix.substitute_on_destination = on_destination.then_some("--substitute-on-destination");
         nix
     }
 
@@ -174,11 +176,9 @@ impl Nix {
     /// Signs the paths (and their closure when `recursive`) with the key file.
     pub fn sign(&self, key: &Path, recursive: bool, paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = self.nix_command(&["store", "sign", "--key-file"]);
-        cmd.arg(key)
-            .args(recursive.then_some("--recursive"))
-            .args(paths);
-        self.run_together("nix store sign", vec![cmd], false)
-            .map(drop)
+        cmd.arg(key).args(recursive.then_some("--recursive"));
+        cmd.args(paths);
+        self.call("nix store sign", vec![cmd])
     }
 
     /// Copies the paths and their closure to the store at `url`, in up to
@@ -187,18 +187,14 @@ impl Nix {
     /// another call copied is skipped cheaply when the batch is tried again.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
-        let on_destination = self
-            .substitute_on_destination
-            .then_some("--substitute-on-destination");
         let cmds = paths
             .chunks(paths.len().div_ceil(calls).max(1))
             .map(|chunk| {
                 let mut cmd = self.nix_command(&["copy", "--to", url]);
-                cmd.args(on_destination).args(chunk);
+                cmd.args(self.substitute_on_destination).args(chunk);
                 cmd
             });
-        self.run_together("nix copy", cmds.collect(), false)
-            .map(drop)
+        self.call("nix copy", cmds.collect())
     }
 
     /// Runs an uploader (`upload-command`) with the paths appended to its
@@ -206,8 +202,7 @@ impl Nix {
     pub fn run_uploader(&self, argv: &[String], paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = Command::new(argv.first().map_or("", String::as_str));
         cmd.args(argv.iter().skip(1)).args(paths);
-        self.run_together("upload-command", vec![cmd], false)
-            .map(drop)
+        self.call("upload-command", vec![cmd])
     }
 
     /// Checks that nix can open the store at `url`, within `timeout`: with
@@ -219,30 +214,25 @@ impl Nix {
             let mut cmd = Command::new(&self.nix);
             cmd.arg("--version");
             let version = self.run("nix --version", cmd);
-            version.is_ok_and(|v| v.first().is_some_and(|v| at_least_2_19(v)))
+            version.is_ok_and(|v| v.last().is_some_and(|v| at_least_2_19(v)))
         });
-        let (what, sub) = match has_info {
-            true => ("nix store info", "info"),
-            false => ("nix store ping", "ping"),
-        };
-        let nix = Nix {
-            timeout,
-            ..self.clone()
-        };
-        let cmd = nix.nix_command(&["store", sub, "--store", url]);
-        nix.run_together(what, vec![cmd], false).map(drop)
+        let (what, sub) =
+            [("nix store ping", "ping"), ("nix store info", "info")][has_info as usize];
+        let mut nix = self.clone();
+        nix.timeout = timeout;
+        nix.call(what, vec![nix.nix_command(&["store", sub, "--store", url])])
     }
 
-    /// Runs `cmd` and returns the lines of its stdout.
+    /// Runs the commands (see [`Nix::run_together`]), judged by their exits.
+    fn call(&self, what: &'static str, cmds: Vec<Command>) -> Result<(), Failure> {
+        self.run_together(what, cmds, false).map(drop)
+    }
+
+    /// Runs `cmd` and returns the words of its stdout (store paths).
     fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<String>, Failure> {
         let out = self.run_together(what, vec![cmd], true)?.concat();
         let out = String::from_utf8_lossy(&out);
-        Ok(out
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect())
+        Ok(out.split_whitespace().map(String::from).collect())
     }
 
     /// Runs the commands at once in one new process group, published in
