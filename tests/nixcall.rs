@@ -194,3 +194,42 @@ fn substitute_on_destination_copies_over_ssh_ng() {
         d.log()
     );
 }
+
+/// A Nix of 2.19 or newer is asked with `nix store info` (`ping` is a
+/// deprecated alias there, whose warning would end up in errors); an older
+/// one with `nix store ping`. The wrapper says it is 2.26 and runs this
+/// machine's nix with `ping` in place of `info`.
+#[test]
+fn a_newer_nix_is_asked_with_store_info() {
+    let env = NixEnv::new("nixcall-info");
+    let (upload, _) = file_cache(&env, "cache");
+    let record = env.root().join("calls");
+    let real = which("nix").display().to_string();
+    let wrapper = script(
+        env.root(),
+        "nix",
+        &format!(
+            "echo \"$*\" >> {record}\n\
+             [ \"$1\" = --version ] && {{ echo 'nix (Nix) 2.26.3'; exit 0; }}\n\
+             for a; do shift; [ \"$a\" = info ] && a=ping; set -- \"$@\" \"$a\"; done\n\
+             exec {real} \"$@\"",
+            record = record.display()
+        ),
+    );
+    let wrapper_s = wrapper.display().to_string();
+    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &wrapper_s)]);
+    wait_until(Duration::from_secs(30), "the target check", || {
+        d.log().contains("nix can open it")
+    });
+    let calls = fs::read_to_string(&record).unwrap();
+    assert!(
+        calls.lines().any(|l| l.contains("store info --store")),
+        "{calls}"
+    );
+    assert!(!calls.contains("store ping"), "{calls}");
+    // With this machine's own nix, whichever it is, the check passes.
+    let d = Daemon::start(&env, &[("upload-to", &upload)]);
+    wait_until(Duration::from_secs(30), "the target check", || {
+        d.log().contains("nix can open it")
+    });
+}
