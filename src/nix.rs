@@ -225,26 +225,38 @@ impl Nix {
 
     /// Runs the commands (see [`Nix::run_together`]), judged by their exits.
     fn call(&self, what: &'static str, cmds: Vec<Command>) -> Result<(), Failure> {
-        self.run_together(what, cmds, false).map(drop)
+        self.run_together(what, cmds).map(drop)
     }
 
-    /// Runs `cmd` and returns the words of its stdout (store paths).
+    /// Runs `cmd` and returns the words of its stdout (store paths), which
+    /// must be complete: ended, and within [`STDOUT_MAX`].
     fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<String>, Failure> {
-        let out = self.run_together(what, vec![cmd], true)?.concat();
-        let out = String::from_utf8_lossy(&out);
-        Ok(out.split_whitespace().map(String::from).collect())
+        let out = self
+            .run_together(what, vec![cmd])?
+            .pop()
+            .unwrap_or_default();
+        let secs = OUTPUT_AFTER_EXIT.as_secs();
+        let why = match (out.ended, out.read > STDOUT_MAX as u64) {
+            (true, false) => return Ok(String::from_utf8_lossy(&out.data).split_whitespace().map(String::from).collect()),
+            (true, true) => format!("printed more than {STDOUT_MAX} bytes on its standard output"),
+            (false, _) => format!("exited, but its standard output was still open {secs} s later (held by a process it started?)"),
+        };
+        Err(Failure {
+            what,
+            kind: FailureKind::Exit(why),
+            stderr: String::new(),
+        })
     }
 
     /// Runs the commands at once in one new process group, published in
     /// `running`, killed as a whole when they outlast the timeout, and
-    /// swept of what they left once they exited. Returns each one's stdout
-    /// (empty unless `keep_stdout`), or the first failure in command order.
+    /// swept of what they left once they exited. Returns what was read of
+    /// each one's stdout, or the first failure in command order.
     fn run_together(
         &self,
         what: &'static str,
         cmds: Vec<Command>,
-        keep_stdout: bool,
-    ) -> Result<Vec<Vec<u8>>, Failure> {
+    ) -> Result<Vec<Capture>, Failure> {
         let (exited_tx, exited) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -260,12 +272,9 @@ impl Nix {
             };
             let pgid = children.first().map_or(0, |c: &Child| c.id());
             let spawned = stream(STDERR).and_then(|stderr| {
-                let stdout = if keep_stdout {
-                    stream(STDOUT)?
-                } else {
-                    Stdio::null()
-                };
-                cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+                cmd.stdin(Stdio::null())
+                    .stdout(stream(STDOUT)?)
+                    .stderr(stderr);
                 sys::unblock_signals_in_child(cmd.process_group(pgid as i32));
                 cmd.spawn()
             });
@@ -317,47 +326,44 @@ impl Nix {
             let Ok((i, which, capture)) = got else { break };
             captures[i][which] = capture;
         }
-        let fail = |kind, err: &Capture| Failure {
-            what,
-            kind,
-            stderr: tail(&err.data),
+        let fail = |kind, err: &Capture| {
+            Err(Failure {
+                what,
+                kind,
+                stderr: tail(&err.data),
+            })
         };
         if let Some(e) = spawn_error {
-            return Err(fail(FailureKind::Spawn(e), &Capture::default()));
+            return fail(FailureKind::Spawn(e), &Capture::default());
         }
-        if timed_out {
-            // The stderr of a call that was still running tells most.
-            let running = statuses.iter().position(Option::is_none).unwrap_or(0);
-            return Err(fail(
+        // On timeout, the stderr of a call that was still running tells most.
+        if let Some(running) = statuses
+            .iter()
+            .position(Option::is_none)
+            .filter(|_| timed_out)
+        {
+            return fail(
                 FailureKind::TimedOut(self.timeout),
                 &captures[running][STDERR],
-            ));
+            );
         }
         let mut outputs = Vec::new();
         for (status, [out, err]) in statuses.into_iter().zip(captures) {
-            let how = match status {
-                Some(Ok(s)) if !s.success() => match (s.code(), s.signal()) {
-                    (Some(code), _) => format!("failed (exit status {code})"),
-                    (None, sig) => format!("failed (killed by signal {})", sig.unwrap_or(0)),
-                },
-                Some(Ok(_)) if !keep_stdout || (out.ended && out.read <= STDOUT_MAX as u64) => {
-                    outputs.push(out.data);
-                    continue;
-                }
-                Some(Ok(_)) if out.ended => {
-                    format!("printed more than {STDOUT_MAX} bytes on its standard output")
-                }
-                Some(Ok(_)) => format!(
-                    "exited, but its standard output was still open {} s later \
-                     (held by a process it started?)",
-                    OUTPUT_AFTER_EXIT.as_secs()
-                ),
-                Some(Err(e)) => return Err(fail(FailureKind::Spawn(e.to_string()), &err)),
-                None => return Err(fail(FailureKind::Spawn("no result".into()), &err)),
-            };
-            return Err(fail(FailureKind::Exit(how), &err));
+            match status.unwrap_or_else(|| Err(std::io::Error::other("no result"))) {
+                Ok(s) if s.success() => outputs.push(out),
+                Ok(s) => return fail(FailureKind::Exit(describe(s)), &err),
+                Err(e) => return fail(FailureKind::Spawn(e.to_string()), &err),
+            }
         }
         Ok(outputs)
+    }
+}
+
+/// How an unsuccessful call ended.
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("failed (exit status {code})"),
+        (None, sig) => format!("failed (killed by signal {})", sig.unwrap_or(0)),
     }
 }
 
@@ -513,11 +519,11 @@ mod tests {
         let m = marker(2);
         let n = nix(Duration::from_secs(20));
         let started = Instant::now();
-        let ok = n.run_together("sh", vec![sh(&format!("sleep {m} & exit 0"))], false);
+        let ok = n.call("sh", vec![sh(&format!("sleep {m} & exit 0"))]);
         let failed = n.run("sh", sh(&format!("sleep {m} & echo why >&2; exit 2")));
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(sleeps(&m), Vec::<u32>::new(), "the leftovers are killed");
-        assert_eq!(ok, Ok(vec![Vec::new()]));
+        assert_eq!(ok, Ok(()));
         assert_eq!(
             failed.unwrap_err().to_string(),
             "sh failed (exit status 2): why"
@@ -532,22 +538,18 @@ mod tests {
     fn commands_run_together_share_one_group_and_one_timeout() {
         let n = nix(Duration::from_secs(10));
         let group = "cut -d' ' -f5 /proc/$$/stat";
-        let out = n
-            .run_together("sh", vec![sh(group), sh(group)], true)
-            .unwrap();
+        let out = n.run_together("sh", vec![sh(group), sh(group)]).unwrap();
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0], out[1], "one process group");
+        assert_eq!(out[0].data, out[1].data, "one process group");
         let err = n
-            .run_together("sh", vec![sh("exit 0"), sh("echo bad >&2; exit 4")], true)
+            .call("sh", vec![sh("exit 0"), sh("echo bad >&2; exit 4")])
             .unwrap_err();
         assert_eq!(err.to_string(), "sh failed (exit status 4): bad");
 
         let m = marker(3);
         let n = nix(Duration::from_millis(300));
         let hang = || sh(&format!("sleep {m} & sleep {m}"));
-        let err = n
-            .run_together("sh", vec![hang(), hang()], true)
-            .unwrap_err();
+        let err = n.call("sh", vec![hang(), hang()]).unwrap_err();
         assert!(err.timed_out(), "{err}");
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
@@ -569,7 +571,7 @@ mod tests {
         let helper = format!("setsid sleep {m} & while [ {child} = {me} ]; do :; done;");
         let out = n.run("sh", sh(&format!("{helper} echo printed; exit 0")));
         let failed = n.run("sh", sh(&format!("{helper} echo the cause >&2; exit 3")));
-        let signed = n.run_together("sh", vec![sh(&format!("{helper} exit 0"))], false);
+        let signed = n.call("sh", vec![sh(&format!("{helper} exit 0"))]);
         for pid in sleeps(&m) {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
@@ -577,7 +579,7 @@ mod tests {
             failed.unwrap_err().to_string(),
             "sh failed (exit status 3): the cause"
         );
-        assert_eq!(signed, Ok(vec![Vec::new()]));
+        assert_eq!(signed, Ok(()));
         // A query's stdout must be complete: held open, it is not used.
         let err = out.unwrap_err();
         assert!(err.to_string().contains("standard output"), "{err}");
