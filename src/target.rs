@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::journal::TargetId;
-use crate::nix::{Failure, FailureKind, Nix};
+use crate::nix::{Failure, FailureKind, Nix, PING_TIMEOUT};
 use crate::{info, redact, warning};
 
 /// Where paths are delivered to.
@@ -63,8 +63,6 @@ impl Target {
     }
 }
 
-/// Longest the check may run (then it is killed, and only warned about).
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long start-up waits for the check of each target before it goes on.
 pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 
@@ -94,24 +92,23 @@ pub fn check_at_start(config: &Config) -> Result<(), String> {
 
 /// Checks one `upload-to` URL (see the module doc).
 fn check_url(config: &Config, url: String) -> Result<(), String> {
-    let nix = Nix::new(&config.nix, CHECK_TIMEOUT, Some(&url));
+    let nix = Nix::new(&config.nix, PING_TIMEOUT, Some(&url));
     // Handed over only while start-up waits; judged by the check after.
     let (tx, rx) = mpsc::sync_channel(0);
     let shown = url.clone();
     let check = move || {
         let _ = crate::nix::lower_priority();
-        if let Err(mpsc::SendError(result)) = tx.send(nix.ping(&url, CHECK_TIMEOUT)) {
+        if let Err(mpsc::SendError(result)) = tx.send(nix.ping(&url, PING_TIMEOUT)) {
             if let Err(e) = judge(&url, result) {
                 crate::error!("{e}; the daemon keeps running, but uploads will fail until upload-to is corrected");
             }
         }
     };
     let thread = std::thread::Builder::new().name("target-check".into());
-    thread
-        .spawn(check)
-        .map_err(|e| format!("cannot start the check of a target: {e}"))?;
-    rx.recv_timeout(CHECK_WAIT)
-        .map_or(Ok(()), |result| judge(&shown, result))
+    let started = thread.spawn(check);
+    started.map_err(|e| format!("cannot start the check of a target: {e}"))?;
+    let result = rx.recv_timeout(CHECK_WAIT);
+    result.map_or(Ok(()), |result| judge(&shown, result))
 }
 
 /// Checks that the `upload-command` program can be run: an executable file
