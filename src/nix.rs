@@ -9,6 +9,7 @@
 //! the group (an ssh `ControlPersist` master) may hold the streams open.
 
 use std::fmt;
+use std::io::ErrorKind::{Interrupted, WouldBlock};
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -392,32 +393,23 @@ struct Capture {
 /// [`STDERR_KEPT`] of the tail of stderr.
 fn read_stream(mut from: impl Read, which: usize, stop: &AtomicBool) -> Capture {
     let (mut c, mut buf) = (Capture::default(), [0u8; 16 * 1024]);
-    let max = if which == STDOUT {
-        STDOUT_MAX
-    } else {
-        STDERR_KEPT
-    };
+    let max = [STDOUT_MAX, STDERR_KEPT][which];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => break c.ended = true,
             Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock && !stop.load(Ordering::SeqCst) =>
-            {
-                continue
-            }
+            Err(e) if e.kind() == Interrupted => continue,
+            Err(e) if e.kind() == WouldBlock && !stop.load(Ordering::SeqCst) => continue,
             Err(_) => break,
         };
         c.read += n as u64;
-        let room = if which == STDERR {
-            n
-        } else {
-            max.saturating_sub(c.data.len())
-        };
-        c.data.extend_from_slice(&buf[..n.min(room)]);
-        if c.data.len() > 2 * max {
-            c.data.drain(..c.data.len() - max);
+        c.data.extend_from_slice(&buf[..n]);
+        // The head of stdout stays; of stderr, the tail (its front dropped
+        // once per `max` bytes, not per read).
+        match which {
+            STDOUT => c.data.truncate(max),
+            _ if c.data.len() > 2 * max => drop(c.data.drain(..c.data.len() - max)),
+            _ => {}
         }
     }
     c.data.drain(..c.data.len().saturating_sub(max));
@@ -439,12 +431,8 @@ fn tail(stderr: &[u8]) -> String {
             clean.push(if c.is_control() && c != '\n' { ' ' } else { c });
         }
     }
-    let lines: Vec<&str> = clean
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    let joined = lines.join(" | ");
+    let lines = clean.lines().map(str::trim).filter(|l| !l.is_empty());
+    let joined = lines.collect::<Vec<_>>().join(" | ");
     match joined.char_indices().rev().nth(1999) {
         Some((start, _)) if start > 0 => format!("...{}", &joined[start..]),
         _ => joined,
