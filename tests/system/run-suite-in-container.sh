@@ -36,7 +36,7 @@ cd "$repo"
 # the host's `cargo test` runs, booting containers of its own). A new target
 # must be added to one list or the other (checked below), so that none is
 # silently left out of this run.
-targets=(core faults operate hostile packaging harness_selfcheck bench)
+targets=(core faults operate hostile packaging harness_selfcheck bench nixcall)
 excluded=(system)
 
 fail() {
