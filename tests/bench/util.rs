@@ -260,10 +260,8 @@ impl Conn {
 
 /// Polls the daemon until nothing is queued or in flight; returns how long
 /// that took from `since`. Panics after `bound` (a correctness bound).
-/// Every 10 ms: each `status` costs the daemon ~25 µs of CPU and the client
-/// about as much, taken from the nix calls being measured (every 2 ms, that
-/// was ~2% of a core and 500 wake-ups a second), and 10 ms is 1% of a
-/// 1,000-path drain.
+/// Every 10 ms: each `status` takes CPU from the nix calls being measured,
+/// and 10 ms is a small part of a 1,000-path drain.
 pub fn wait_drained(conn: &mut Conn, since: Instant, bound: Duration) -> Duration {
     loop {
         let st = conn.status();
