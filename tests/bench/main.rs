@@ -1,9 +1,10 @@
 //! The benchmark, in figures users feel: does the hook slow a build loop
-//! down, and is the daemon cheap? Its targets: a loop of
-//! `nix-build`s with our hook at most 1.10x the same loop with `/bin/true`
-//! as the hook, the idle daemon at most 1 MiB above a std program that
-//! sleeps, and the daemon's drain, batching, burst, enqueue, memory and
-//! restart figures. The hook's own cost and the binaries' size are
+//! down, and is the daemon cheap? Its targets: a loop of `nix-build`s with
+//! our hook at most 1.10x the same loop with `/bin/true` as the hook, the
+//! idle daemon at most 1 MiB above a std program that sleeps, the daemon's
+//! drain, batching, burst, enqueue, memory and restart figures, and what
+//! one piece of work costs the others (a hung target, a compaction, a full
+//! spool, `build && wait`). The hook's own cost and the binaries' size are
 //! information, beside the same run's floors.
 //!
 //! `cargo bench` runs it in full (a few minutes); `cargo test` runs a quick
