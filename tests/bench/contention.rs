@@ -50,7 +50,7 @@ fn delivered_ms(d: &Daemon, cache: &Path, path: &str, bound: Duration) -> f64 {
 
 /// 9a: one path at a time to a healthy target, on a daemon with that
 /// target alone and on one whose second target (an uploader) hangs until
-/// `command-timeout`.
+/// `command-timeout`, each time it is tried.
 fn hung_target(mode: &Mode) -> Row {
     let env = NixEnv::new("bench-hung");
     let hang = env.root().join("hang");
@@ -59,7 +59,14 @@ fn hung_target(mode: &Mode) -> Row {
     let daemon = |name: &str, with_hang: bool| {
         let cache = env.root().join(name);
         let url = format!("file://{}?compression=none", cache.display());
-        let mut config = vec![("upload-to", url), ("command-timeout", timeout.clone())];
+        // Retried soon after each failure: the hung target is tried again
+        // and again, as a target in trouble is.
+        let mut config = vec![
+            ("upload-to", url),
+            ("command-timeout", timeout.clone()),
+            ("retry-initial-delay", "0.1".to_string()),
+            ("retry-max-delay", "0.5".to_string()),
+        ];
         if with_hang {
             config.push(("upload-command", hang.display().to_string()));
         }
