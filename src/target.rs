@@ -77,10 +77,13 @@ pub fn configured(config: &Config) -> Vec<Target> {
     targets
 }
 
-/// Checks every target, one after the other. `Err` holds the reason the
-/// daemon cannot run with one, secrets masked.
+/// Checks every target, one after the other, the quick program check
+/// first. `Err` holds the reason the daemon cannot run with one, secrets
+/// masked.
 pub fn check_at_start(config: &Config) -> Result<(), String> {
-    for target in configured(config) {
+    let mut targets = configured(config);
+    targets.sort_by_key(|t| matches!(t.kind, Kind::Url(_)));
+    for target in targets {
         match target.kind {
             Kind::Url(url) => check_url(config, url)?,
             Kind::Command(argv) => check_program(argv.first().map_or("", String::as_str))?,
