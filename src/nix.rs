@@ -224,40 +224,36 @@ impl Nix {
         nix.call(what, vec![nix.nix_command(&["store", sub, "--store", url])])
     }
 
-    /// Runs the commands (see [`Nix::run_together`]), judged by their exits.
+    /// Runs the commands (see [`Nix::run_all`]), judged by their exits.
     fn call(&self, what: &'static str, cmds: Vec<Command>) -> Result<(), Failure> {
-        self.run_together(what, cmds).map(drop)
+        self.run_all(what, cmds).map(drop)
     }
 
     /// Runs `cmd` and returns the words of its stdout (store paths), which
     /// must be complete: ended, and within [`STDOUT_MAX`].
     fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<String>, Failure> {
-        let out = self
-            .run_together(what, vec![cmd])?
-            .pop()
-            .unwrap_or_default();
-        let secs = OUTPUT_AFTER_EXIT.as_secs();
-        let why = match (out.ended, out.read > STDOUT_MAX as u64) {
-            (true, false) => return Ok(String::from_utf8_lossy(&out.data).split_whitespace().map(String::from).collect()),
-            (true, true) => format!("printed more than {STDOUT_MAX} bytes on its standard output"),
-            (false, _) => format!("exited, but its standard output was still open {secs} s later (held by a process it started?)"),
+        let out = self.run_all(what, vec![cmd])?.pop().unwrap_or_default();
+        let why = if !out.ended {
+            let secs = OUTPUT_AFTER_EXIT.as_secs();
+            format!(
+                "exited, but its standard output was still open {secs} s later \
+                 (held by a process it started?)"
+            )
+        } else if out.read > STDOUT_MAX as u64 {
+            format!("printed more than {STDOUT_MAX} bytes on its standard output")
+        } else {
+            let text = String::from_utf8_lossy(&out.data);
+            return Ok(text.split_whitespace().map(String::from).collect());
         };
-        Err(Failure {
-            what,
-            kind: FailureKind::Exit(why),
-            stderr: String::new(),
-        })
+        let (kind, stderr) = (FailureKind::Exit(why), String::new());
+        Err(Failure { what, kind, stderr })
     }
 
     /// Runs the commands at once in one new process group, published in
     /// `running`, killed as a whole when they outlast the timeout, and
     /// swept of what they left once they exited. Returns what was read of
     /// each one's stdout, or the first failure in command order.
-    fn run_together(
-        &self,
-        what: &'static str,
-        cmds: Vec<Command>,
-    ) -> Result<Vec<Capture>, Failure> {
+    fn run_all(&self, what: &'static str, cmds: Vec<Command>) -> Result<Vec<Capture>, Failure> {
         let (exited_tx, exited) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -523,10 +519,10 @@ mod tests {
     }
 
     #[test]
-    fn commands_run_together_share_one_group_and_one_timeout() {
+    fn commands_run_all_share_one_group_and_one_timeout() {
         let n = nix(Duration::from_secs(10));
         let group = "cut -d' ' -f5 /proc/$$/stat";
-        let out = n.run_together("sh", vec![sh(group), sh(group)]).unwrap();
+        let out = n.run_all("sh", vec![sh(group), sh(group)]).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].data, out[1].data, "one process group");
         let err = n
