@@ -269,9 +269,8 @@ impl Nix {
             };
             let pgid = children.first().map_or(0, |c: &Child| c.id());
             let spawned = stream(STDERR).and_then(|stderr| {
-                cmd.stdin(Stdio::null())
-                    .stdout(stream(STDOUT)?)
-                    .stderr(stderr);
+                let stdout = stream(STDOUT)?;
+                cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
                 sys::unblock_signals_in_child(cmd.process_group(pgid as i32));
                 cmd.spawn()
             });
@@ -333,16 +332,11 @@ impl Nix {
         if let Some(e) = spawn_error {
             return fail(FailureKind::Spawn(e), &Capture::default());
         }
-        // On timeout, the stderr of a call that was still running tells most.
-        if let Some(running) = statuses
-            .iter()
-            .position(Option::is_none)
-            .filter(|_| timed_out)
-        {
-            return fail(
-                FailureKind::TimedOut(self.timeout),
-                &captures[running][STDERR],
-            );
+        if timed_out {
+            // The stderr of a call that was still running tells most.
+            let running = statuses.iter().position(Option::is_none).unwrap_or(0);
+            let err = &captures[running][STDERR];
+            return fail(FailureKind::TimedOut(self.timeout), err);
         }
         let mut outputs = Vec::new();
         for (status, [out, err]) in statuses.into_iter().zip(captures) {
