@@ -9,39 +9,26 @@
 
 use std::io::Read;
 
-use crate::store_path::{PathError, StorePath};
+use crate::store_path::StorePath;
 
 /// Why the outputs could not be read from the file.
 #[derive(Debug)]
 pub enum DrvError {
     /// The file could not be read (gone after garbage collection, say).
     Io(std::io::Error),
-    /// The file is not in the expected format, or names no fixed outputs.
+    /// The file is not in the expected format, or names no valid output.
     Format,
-    /// An output path failed validation.
-    Path(PathError),
 }
 
-impl std::fmt::Display for DrvError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DrvError::Io(e) => write!(f, "cannot read derivation: {e}"),
-            DrvError::Format => write!(f, "derivation lists no output paths"),
-            DrvError::Path(e) => write!(f, "derivation output: {e}"),
-        }
-    }
-}
-
-/// Reads the output paths of the derivation at `drv`.
+/// Reads the output paths of the derivation at `drv`: from the start of
+/// the file (a list of outputs that does not fit is left to nix-store).
 pub fn read_outputs(drv: &StorePath, store_dir: &str) -> Result<Vec<StorePath>, DrvError> {
-    // The outputs come first; a derivation with very many outputs is rare,
-    // and one whose list does not fit is left to nix-store.
     let mut head = Vec::with_capacity(16 * 1024);
-    std::fs::File::open(drv)
-        .and_then(|f| f.take(256 * 1024).read_to_end(&mut head))
+    let file = std::fs::File::open(drv).map_err(DrvError::Io)?;
+    file.take(256 * 1024)
+        .read_to_end(&mut head)
         .map_err(DrvError::Io)?;
-    let text = String::from_utf8_lossy(&head);
-    parse_outputs(&text, store_dir)
+    parse_outputs(&String::from_utf8_lossy(&head), store_dir)
 }
 
 /// Parses the output list at the start of a derivation's ATerm text.
@@ -49,27 +36,18 @@ pub fn parse_outputs(text: &str, store_dir: &str) -> Result<Vec<StorePath>, DrvE
     let mut rest = text.strip_prefix("Derive([").ok_or(DrvError::Format)?;
     let mut outputs = Vec::new();
     loop {
-        // Each output is ("name","path","hashAlgo","hash"); none of these
-        // strings contains a quote.
-        rest = rest.strip_prefix("(\"").ok_or(DrvError::Format)?;
-        let mut fields = Vec::with_capacity(4);
-        for i in 0..4 {
-            let end = rest.find('"').ok_or(DrvError::Format)?;
-            fields.push(&rest[..end]);
-            rest = &rest[end + 1..];
-            let sep = if i < 3 { ",\"" } else { ")" };
-            rest = rest.strip_prefix(sep).ok_or(DrvError::Format)?;
+        // Each output is ("name","path","hashAlgo","hash"), without quotes inside.
+        let tuple = rest.strip_prefix("(\"").and_then(|r| r.split_once("\")"));
+        let (tuple, after) = tuple.ok_or(DrvError::Format)?;
+        match tuple.split("\",\"").collect::<Vec<_>>()[..] {
+            [_, path, _, _] if !path.is_empty() => outputs
+                .push(StorePath::parse_output(path, store_dir).map_err(|_| DrvError::Format)?),
+            _ => return Err(DrvError::Format),
         }
-        if fields[1].is_empty() {
-            return Err(DrvError::Format);
-        }
-        outputs.push(StorePath::parse_output(fields[1], store_dir).map_err(DrvError::Path)?);
-        if let Some(r) = rest.strip_prefix(',') {
-            rest = r;
-        } else if rest.starts_with(']') {
-            return Ok(outputs);
-        } else {
-            return Err(DrvError::Format);
+        match after.as_bytes().first() {
+            Some(b',') => rest = &after[1..],
+            Some(b']') => return Ok(outputs),
+            _ => return Err(DrvError::Format),
         }
     }
 }

@@ -2,22 +2,22 @@
 //!
 //! Every call goes through `std::process::Command` (never a shell) with
 //! arguments that are validated [`StorePath`]s or the daemon's own settings.
-//! Each call runs in its own process group and is killed, with everything it
-//! started (ssh, for instance), when it exceeds `command-timeout`.
-//!
-//! A call is judged by its exit status. Its output is read by threads of
-//! its own into bounded buffers (the end of stderr, enough for the error;
-//! stdout up to a limit far above what a query prints), and read for at
-//! most [`OUTPUT_AFTER_EXIT`] once the call exited: a process it started may
-//! keep the pipes open for minutes (an ssh `ControlPersist` master does).
+//! Each call runs in its own process group, killed when the call ends:
+//! what it left behind, or on timeout everything it started. A call is
+//! judged by its exit status; its output is read into bounded buffers for
+//! at most [`OUTPUT_AFTER_EXIT`] after it exited, since a process that left
+//! the group (an ssh `ControlPersist` master) may hold the streams open.
 
 use std::fmt;
+use std::io::ErrorKind::{Interrupted, WouldBlock};
 use std::io::Read;
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::store_path::StorePath;
@@ -25,30 +25,27 @@ use crate::sys;
 
 /// Most bytes of paths put on one command line, well below Linux's limit.
 pub const MAX_ARG_BYTES: usize = 512 * 1024;
-/// Default ssh connect timeout when the user did not set `NIX_SSHOPTS`.
-pub const SSH_CONNECT_TIMEOUT_SECS: u32 = 10;
-/// Fewest paths worth a `nix copy` call of their own: below this, the
-/// ~25 ms of CPU a call costs to start outweighs what it saves.
+/// Longest a check that a target answers may take.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
+/// Fewest paths worth a `nix copy` call of their own.
 pub const MIN_PATHS_PER_COPY: usize = 32;
-/// Bytes of the end of a call's stderr that are kept: nix prints what went
-/// wrong last, and a chatty call (or one gone wrong) may print gigabytes.
-pub const STDERR_KEPT: usize = 64 * 1024;
-/// Most bytes of stdout read from a query: its paths, one per line, are at
-/// most a few times the paths it was given ([`MAX_ARG_BYTES`]).
-pub const STDOUT_MAX: usize = 4 * MAX_ARG_BYTES;
-/// How long a call's output is still read after it exited (or was killed):
-/// what it wrote is in the pipe already, so this is only ever used up when
-/// a process it started holds the pipe open.
+/// How long a call's output is still read after it exited or was killed.
 pub const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
-/// glibc setting for `nix copy` when the user set no `GLIBC_TUNABLES`.
-///
-/// Nix (2.8 at least) makes a new xz encoder for every NAR it compresses,
-/// whose 16 MiB hash table glibc's heap hands back used and `calloc` must
-/// zero: about 1 ms per path, most of a small path's upload. Above 1 MiB,
-/// this makes malloc take fresh pages from the kernel instead, which are
-/// zero already and cost only where touched. The cache files are the same
-/// byte for byte; `nix copy` spends about a third less CPU per small path.
-pub const COPY_GLIBC_TUNABLES: &str = "glibc.malloc.mmap_threshold=1048576";
+/// Bytes kept of the end of a call's stderr, where nix says what went wrong.
+const STDERR_KEPT: usize = 64 * 1024;
+/// Bytes kept of a query's stdout: a few times the paths it was given.
+const STDOUT_MAX: usize = 4 * MAX_ARG_BYTES;
+/// How often a thread reading a call's output looks whether to stop.
+const READ_POLL: Duration = Duration::from_millis(250);
+/// Which stream of a call was read.
+const STDOUT: usize = 0;
+const STDERR: usize = 1;
+
+/// Lowers the calling thread's CPU priority by 10 nice steps, and with it
+/// that of every call it starts from now on: builds come first.
+pub fn lower_priority() -> std::io::Result<()> {
+    sys::lower_thread_priority(10)
+}
 
 /// How a nix call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,18 +58,15 @@ pub struct Failure {
     pub stderr: String,
 }
 
-/// The ways a nix call can fail.
+/// The ways a nix call can fail: each holds what is said of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailureKind {
     /// The program could not be started.
     Spawn(String),
-    /// It exited unsuccessfully.
+    /// It exited unsuccessfully, or what it printed cannot be used.
     Exit(String),
     /// It ran longer than the timeout and was killed.
     TimedOut(Duration),
-    /// It exited well, but what it printed cannot be used (too much, or not
-    /// ended within [`OUTPUT_AFTER_EXIT`]).
-    Output(String),
 }
 
 impl Failure {
@@ -87,19 +81,16 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             FailureKind::Spawn(e) => write!(f, "{} could not be started: {e}", self.what)?,
-            FailureKind::Exit(s) => write!(f, "{} failed ({s})", self.what)?,
-            FailureKind::Output(s) => write!(f, "{} {s}", self.what)?,
-            FailureKind::TimedOut(d) => write!(
-                f,
-                "{} ran longer than {} s and was killed",
-                self.what,
-                d.as_secs_f64()
-            )?,
+            FailureKind::Exit(how) => write!(f, "{} {how}", self.what)?,
+            FailureKind::TimedOut(d) => {
+                let secs = d.as_secs_f64();
+                write!(f, "{} ran longer than {secs} s and was killed", self.what)?
+            }
         }
-        if !self.stderr.is_empty() {
-            write!(f, ": {}", self.stderr)?;
+        match self.stderr.as_str() {
+            "" => Ok(()),
+            stderr => write!(f, ": {stderr}"),
         }
-        Ok(())
     }
 }
 
@@ -109,11 +100,12 @@ pub struct Nix {
     nix: PathBuf,
     nix_store: PathBuf,
     timeout: Duration,
-    ssh_opts: Option<String>,
+    /// `NIX_SSHOPTS` for an ssh target, when the user set none.
+    ssh_opts: Option<&'static str>,
     running: Arc<AtomicU32>,
     copy_jobs: usize,
-    /// `--substitute-on-destination` for an ssh target.
-    substitute_on_destination: bool,
+    /// `--substitute-on-destination` for `nix copy` to an ssh target.
+    substitute_on_destination: Option<&'static str>,
 }
 
 impl Nix {
@@ -121,39 +113,28 @@ impl Nix {
     /// directory when `nix` is a path, else from `PATH`. For ssh targets a
     /// connect timeout is added unless the user set `NIX_SSHOPTS`.
     pub fn new(nix: &Path, timeout: Duration, upload_to: Option<&str>) -> Nix {
-        let nix_store = match nix.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.join("nix-store"),
-            _ => PathBuf::from("nix-store"),
-        };
-        let is_ssh =
-            upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
-        let ssh_opts = (is_ssh && std::env::var_os("NIX_SSHOPTS").is_none())
-            .then(|| format!("-o ConnectTimeout={SSH_CONNECT_TIMEOUT_SECS}"));
+        let dir = nix.parent().filter(|d| !d.as_os_str().is_empty());
+        let ssh = is_ssh(upload_to);
         Nix {
             nix: nix.to_path_buf(),
-            nix_store,
+            nix_store: dir.map_or_else(|| "nix-store".into(), |d| d.join("nix-store")),
             timeout,
-            ssh_opts,
+            ssh_opts: (ssh && std::env::var_os("NIX_SSHOPTS").is_none())
+                .then_some("-o ConnectTimeout=10"),
             running: Arc::new(AtomicU32::new(0)),
             copy_jobs: 1,
-            substitute_on_destination: false,
+            substitute_on_destination: None,
         }
     }
 
     /// The `nix` for calls to `upload_to` (or for signing and queries, with
     /// `None`), with every setting of `config` that concerns it.
     pub fn from_config(config: &crate::config::Config, upload_to: Option<&str>) -> Nix {
-        let mut nix = Nix::new(&config.nix, config.command_timeout, upload_to)
-            .with_copy_jobs(config.upload_jobs);
-        nix.substitute_on_destination = config.substitute_on_destination
-            && upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
+        let mut nix = Nix::new(&config.nix, config.command_timeout, upload_to);
+        nix.copy_jobs = config.upload_jobs.max(1);
+        let on_destination = config.substitute_on_destination && is_ssh(upload_to);
+        nix.substitute_on_destination = on_destination.then_some("--substitute-on-destination");
         nix
-    }
-
-    /// Lets one batch's upload run as up to `jobs` `nix copy` calls at once.
-    pub fn with_copy_jobs(mut self, jobs: usize) -> Nix {
-        self.copy_jobs = jobs.max(1);
-        self
     }
 
     /// Uses `running` to publish the process group of the call in progress,
@@ -163,11 +144,16 @@ impl Nix {
         self
     }
 
+    /// The longest a call may run (`command-timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     fn nix_command(&self, subcommand: &[&str]) -> Command {
         let mut cmd = Command::new(&self.nix);
-        cmd.args(["--extra-experimental-features", "nix-command"]);
-        cmd.args(subcommand);
-        if let Some(opts) = &self.ssh_opts {
+        cmd.args(["--extra-experimental-features", "nix-command"])
+            .args(subcommand);
+        if let Some(opts) = self.ssh_opts {
             cmd.env("NIX_SSHOPTS", opts);
         }
         cmd
@@ -177,8 +163,7 @@ impl Nix {
     pub fn query_outputs(&self, drvs: &[StorePath]) -> Result<Vec<String>, Failure> {
         let mut cmd = Command::new(&self.nix_store);
         cmd.args(["--query", "--outputs"]).args(drvs);
-        let out = self.run("nix-store --query --outputs", cmd)?;
-        Ok(lines(&out))
+        self.run("nix-store --query --outputs", cmd)
     }
 
     /// Which of the paths are not valid in the local store (garbage-collected).
@@ -186,436 +171,267 @@ impl Nix {
         let mut cmd = Command::new(&self.nix_store);
         cmd.args(["--check-validity", "--print-invalid"])
             .args(paths);
-        let out = self.run("nix-store --check-validity", cmd)?;
-        Ok(lines(&out))
+        self.run("nix-store --check-validity", cmd)
     }
 
     /// Signs the paths (and their closure when `recursive`) with the key file.
-    pub fn sign(
-        &self,
-        key_file: &Path,
-        recursive: bool,
-        paths: &[StorePath],
-    ) -> Result<(), Failure> {
+    pub fn sign(&self, key: &Path, recursive: bool, paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = self.nix_command(&["store", "sign", "--key-file"]);
-        cmd.arg(key_file);
-        if recursive {
-            cmd.arg("--recursive");
-        }
+        cmd.arg(key).args(recursive.then_some("--recursive"));
         cmd.args(paths);
-        self.run_together("nix store sign", vec![cmd], Stdout::Discard)
-            .map(drop)
+        self.call("nix store sign", vec![cmd])
     }
 
-    /// Copies the paths and their closure to the store at `url`: in up to
-    /// `upload-jobs` `nix copy` calls at once, each with a share of at least
-    /// [`MIN_PATHS_PER_COPY`] paths (compression keeps one core busy per
-    /// call). Fails when any call fails; the paths another call copied are
-    /// skipped cheaply when the batch is tried again.
+    /// Copies the paths and their closure to the store at `url`, in up to
+    /// `upload-jobs` `nix copy` calls at once of at least
+    /// [`MIN_PATHS_PER_COPY`] paths each. Fails when any call fails; what
+    /// another call copied is skipped cheaply when the batch is tried again.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
-        let share = paths.len().div_ceil(calls).max(1);
-        let user_tunables = std::env::var_os("GLIBC_TUNABLES").is_some();
         let cmds = paths
-            .chunks(share)
+            .chunks(paths.len().div_ceil(calls).max(1))
             .map(|chunk| {
                 let mut cmd = self.nix_command(&["copy", "--to", url]);
-                if self.substitute_on_destination {
-                    cmd.arg("--substitute-on-destination");
-                }
-                if !user_tunables {
-                    cmd.env("GLIBC_TUNABLES", COPY_GLIBC_TUNABLES);
-                }
-                cmd.args(chunk);
+                cmd.args(self.substitute_on_destination).args(chunk);
                 cmd
-            })
-            .collect();
-        self.run_together("nix copy", cmds, Stdout::Discard)
-            .map(drop)
+            });
+        self.call("nix copy", cmds.collect())
     }
 
     /// Runs an uploader (`upload-command`) with the paths appended to its
-    /// arguments: no shell, in its own process group, within the timeout.
+    /// arguments.
     pub fn run_uploader(&self, argv: &[String], paths: &[StorePath]) -> Result<(), Failure> {
-        let Some((program, args)) = argv.split_first() else {
-            return Err(Failure {
-                what: "upload-command",
-                kind: FailureKind::Spawn("empty upload-command".into()),
-                stderr: String::new(),
-            });
-        };
-        let mut cmd = Command::new(program);
-        cmd.args(args).args(paths);
-        self.run_together("upload-command", vec![cmd], Stdout::Discard)
-            .map(drop)
+        let mut cmd = Command::new(argv.first().map_or("", String::as_str));
+        cmd.args(argv.iter().skip(1)).args(paths);
+        self.call("upload-command", vec![cmd])
     }
 
-    /// Checks that nix can open the store at `url` (`nix store ping`, which
-    /// Nix 2.8 and 2.26 both have), within `timeout`.
+    /// Checks that nix can open the store at `url`, within `timeout`: with
+    /// `nix store info`, or with `nix store ping` on a Nix older than 2.19,
+    /// which has no `info` (newer ones warn that `ping` is deprecated).
     pub fn ping(&self, url: &str, timeout: Duration) -> Result<(), Failure> {
+        static HAS_INFO: OnceLock<bool> = OnceLock::new();
+        let has_info = *HAS_INFO.get_or_init(|| {
+            let mut cmd = Command::new(&self.nix);
+            cmd.arg("--version");
+            let version = self.run("nix --version", cmd);
+            version.is_ok_and(|v| v.last().is_some_and(|v| at_least_2_19(v)))
+        });
+        let (what, sub) =
+            [("nix store ping", "ping"), ("nix store info", "info")][has_info as usize];
         let mut nix = self.clone();
         nix.timeout = timeout;
-        let cmd = nix.nix_command(&["store", "ping", "--store", url]);
-        nix.run_together("nix store ping", vec![cmd], Stdout::Discard)
-            .map(drop)
+        nix.call(what, vec![nix.nix_command(&["store", sub, "--store", url])])
     }
 
-    /// The longest a call may run (`command-timeout`).
-    pub fn timeout(&self) -> Duration {
-        self.timeout
+    /// Runs the commands (see [`Nix::run_all`]), judged by their exits.
+    fn call(&self, what: &'static str, cmds: Vec<Command>) -> Result<(), Failure> {
+        self.run_all(what, cmds).map(drop)
     }
 
-    /// Runs `cmd` in its own process group, killing the group on timeout;
-    /// returns its stdout.
-    fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<u8>, Failure> {
-        let mut outputs = self.run_together(what, vec![cmd], Stdout::Keep)?;
-        Ok(outputs.pop().unwrap_or_default())
+    /// Runs `cmd` and returns the words of its stdout (store paths), which
+    /// must be complete: ended, and within [`STDOUT_MAX`].
+    fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<String>, Failure> {
+        let out = self.run_all(what, vec![cmd])?.pop().unwrap_or_default();
+        let why = if !out.ended {
+            let secs = OUTPUT_AFTER_EXIT.as_secs();
+            format!(
+                "exited, but its standard output was still open {secs} s later \
+                 (held by a process it started?)"
+            )
+        } else if out.read > STDOUT_MAX as u64 {
+            format!("printed more than {STDOUT_MAX} bytes on its standard output")
+        } else {
+            let text = String::from_utf8_lossy(&out.data);
+            return Ok(text.split_whitespace().map(String::from).collect());
+        };
+        let (kind, stderr) = (FailureKind::Exit(why), String::new());
+        Err(Failure { what, kind, stderr })
     }
 
     /// Runs the commands at once in one new process group, published in
-    /// `running` and killed as a whole when they outlast the timeout.
-    /// Returns each one's stdout (empty with [`Stdout::Discard`]), or the
-    /// first failure in command order.
-    fn run_together(
-        &self,
-        what: &'static str,
-        cmds: Vec<Command>,
-        stdout: Stdout,
-    ) -> Result<Vec<Vec<u8>>, Failure> {
-        let fail = |kind: FailureKind, stderr: &Capture| Failure {
-            what,
-            kind,
-            stderr: tail(stderr.kept()),
-        };
-        let _running = ClearOnDrop(&self.running);
-        let (exited_tx, exited) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
-        let (ended_tx, ended) = mpsc::channel::<()>();
-        let mut calls: Vec<Call> = Vec::with_capacity(cmds.len());
-        let mut spawn_error = None;
-        // All are started before any is waited for: the group lives as long
-        // as its first process is not reaped, so the others can join it.
-        let mut children = Vec::with_capacity(cmds.len());
+    /// `running`, killed as a whole when they outlast the timeout, and
+    /// swept of what they left once they exited. Returns what was read of
+    /// each one's stdout, or the first failure in command order.
+    fn run_all(&self, what: &'static str, cmds: Vec<Command>) -> Result<Vec<Capture>, Failure> {
+        let (exited_tx, exited) = mpsc::channel();
+        let (ended_tx, ended) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut children, mut readers, mut spawn_error) = (Vec::new(), Vec::new(), None);
         for mut cmd in cmds {
-            let group = children.first().map_or(0, |c: &std::process::Child| c.id());
-            cmd.stdin(Stdio::null())
-                .stdout(match stdout {
-                    Stdout::Keep => Stdio::piped(),
-                    Stdout::Discard => Stdio::null(),
-                })
-                .stderr(Stdio::piped())
-                .process_group(i32::try_from(group).unwrap_or(0));
-            sys::unblock_signals_in_child(&mut cmd);
-            match cmd.spawn() {
-                Ok(mut child) => {
-                    if group == 0 {
-                        self.running.store(child.id(), Ordering::SeqCst);
-                    }
-                    let call = Call::default();
-                    if let Some(out) = child.stdout.take() {
-                        read_in_background(out, Keep::Head(STDOUT_MAX), &call.stdout, &ended_tx);
-                    }
-                    if let Some(err) = child.stderr.take() {
-                        read_in_background(err, Keep::Tail(STDERR_KEPT), &call.stderr, &ended_tx);
-                    }
-                    calls.push(call);
-                    children.push(child);
-                }
+            let (i, started) = (children.len(), readers.len());
+            let mut stream = |which: usize| -> std::io::Result<Stdio> {
+                let (ours, theirs) = UnixStream::pair()?;
+                ours.set_read_timeout(Some(READ_POLL))?;
+                let (stop, ended) = (stop.clone(), ended_tx.clone());
+                readers.push(move || ended.send((i, which, read_stream(ours, which, &stop))));
+                Ok(OwnedFd::from(theirs).into())
+            };
+            let pgid = children.first().map_or(0, |c: &Child| c.id());
+            let spawned = stream(STDERR).and_then(|stderr| {
+                let stdout = stream(STDOUT)?;
+                cmd.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+                sys::unblock_signals_in_child(cmd.process_group(pgid as i32));
+                cmd.spawn()
+            });
+            drop(cmd); // closes our copies of the child's ends of its streams
+            match spawned {
+                Ok(child) => children.push(child),
                 Err(e) => {
                     spawn_error = Some(e.to_string());
+                    readers.truncate(started);
                     break;
                 }
             }
         }
-        drop(ended_tx);
-        let pgid = children.first().map_or(0, |c| c.id());
-        if spawn_error.is_some() && pgid != 0 {
-            let _ = sys::kill_process_group(pgid, sys::SIGKILL);
-        }
-        let count = children.len();
+        let (pgid, count) = (children.first().map_or(0, Child::id), children.len());
+        self.running.store(pgid, Ordering::SeqCst);
+        let readers = readers.into_iter().map(std::thread::spawn).count();
+        // Waited for only once all started: the group lives while its first
+        // process is not reaped, so that the others could join it.
         for (i, mut child) in children.into_iter().enumerate() {
             let tx = exited_tx.clone();
-            std::thread::spawn(move || {
-                let _ = tx.send((i, child.wait()));
-            });
+            std::thread::spawn(move || tx.send((i, child.wait())));
         }
-        drop(exited_tx);
-
-        // Judged by the exits alone: a process a call started may keep its
-        // pipes open long after.
+        drop((exited_tx, ended_tx));
         let deadline = Instant::now() + self.timeout;
-        let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> =
-            (0..count).map(|_| None).collect();
+        let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> = Vec::new();
+        statuses.resize_with(count, || None);
         let mut timed_out = false;
-        for _ in 0..count {
+        while spawn_error.is_none() && !timed_out && statuses.iter().any(Option::is_none) {
             match exited.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok((i, status)) => statuses[i] = Some(status),
-                Err(_) => {
-                    let _ = sys::kill_process_group(pgid, sys::SIGKILL);
-                    timed_out = true;
-                    break;
-                }
+                Err(_) => timed_out = true,
             }
         }
-        // What they wrote before they exited is in the pipes: read it, but
-        // leave streams that something else keeps open to their threads.
-        let output_deadline = Instant::now() + OUTPUT_AFTER_EXIT;
-        while ended
-            .recv_timeout(output_deadline.saturating_duration_since(Instant::now()))
-            .is_ok()
-        {}
-        let calls: Vec<(Capture, Capture)> = calls
-            .iter()
-            .map(|c| (take(&c.stdout), take(&c.stderr)))
-            .collect();
-
+        if pgid != 0 {
+            let _ = sys::kill_process_group(pgid, sys::SIGKILL);
+        }
+        self.running.store(0, Ordering::SeqCst);
+        // What they wrote is in the streams: read up to a deadline, as a
+        // process that left the group may hold them open.
+        let mut captures: Vec<[Capture; 2]> = Vec::new();
+        captures.resize_with(count, Default::default);
+        let until = Instant::now() + OUTPUT_AFTER_EXIT;
+        for _ in 0..readers {
+            let got = ended.recv_timeout(until.saturating_duration_since(Instant::now()));
+            let got = got.or_else(|_| {
+                stop.store(true, Ordering::SeqCst);
+                ended.recv()
+            });
+            let Ok((i, which, capture)) = got else { break };
+            captures[i][which] = capture;
+        }
+        let fail = |kind, err: &Capture| {
+            Err(Failure {
+                what,
+                kind,
+                stderr: tail(&err.data),
+            })
+        };
+        if let Some(e) = spawn_error {
+            return fail(FailureKind::Spawn(e), &Capture::default());
+        }
         if timed_out {
             // The stderr of a call that was still running tells most.
             let running = statuses.iter().position(Option::is_none).unwrap_or(0);
-            let empty = Capture::default();
-            let stderr = calls.get(running).map_or(&empty, |(_, e)| e);
-            return Err(fail(FailureKind::TimedOut(self.timeout), stderr));
+            let err = &captures[running][STDERR];
+            return fail(FailureKind::TimedOut(self.timeout), err);
         }
-        if let Some(e) = spawn_error {
-            return Err(fail(FailureKind::Spawn(e), &Capture::default()));
+        let mut outputs = Vec::new();
+        for (status, [out, err]) in statuses.into_iter().zip(captures) {
+            match status.unwrap_or_else(|| Err(std::io::Error::other("no result"))) {
+                Ok(s) if s.success() => outputs.push(out),
+                Ok(s) => return fail(FailureKind::Exit(describe(s)), &err),
+                Err(e) => return fail(FailureKind::Spawn(e.to_string()), &err),
+            }
         }
-        statuses
-            .into_iter()
-            .zip(calls)
-            .map(|(status, (out, err))| match status {
-                Some(Ok(status)) if !status.success() => {
-                    Err(fail(FailureKind::Exit(describe(status)), &err))
-                }
-                Some(Ok(_)) => match stdout {
-                    Stdout::Discard => Ok(Vec::new()),
-                    Stdout::Keep if out.read > STDOUT_MAX as u64 => Err(fail(
-                        FailureKind::Output(format!(
-                            "printed more than {STDOUT_MAX} bytes on its standard output"
-                        )),
-                        &err,
-                    )),
-                    Stdout::Keep if !out.ended => Err(fail(
-                        FailureKind::Output(format!(
-                            "exited, but its standard output was still open {} s later \
-                             (held by a process it started?)",
-                            OUTPUT_AFTER_EXIT.as_secs()
-                        )),
-                        &err,
-                    )),
-                    Stdout::Keep => Ok(out.data),
-                },
-                Some(Err(e)) => Err(fail(FailureKind::Spawn(e.to_string()), &err)),
-                None => Err(fail(FailureKind::Spawn("no result".into()), &err)),
-            })
-            .collect()
+        Ok(outputs)
     }
 }
 
-/// Whether a call's stdout is read (queries) or not wanted at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stdout {
-    Keep,
-    Discard,
+/// How an unsuccessful call ended.
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("failed (exit status {code})"),
+        (None, sig) => format!("failed (killed by signal {})", sig.unwrap_or(0)),
+    }
 }
 
-/// Which part of a stream is kept.
-#[derive(Debug, Clone, Copy)]
-enum Keep {
-    /// The first bytes, up to this many.
-    Head(usize),
-    /// The last bytes, this many.
-    Tail(usize),
+fn is_ssh(url: Option<&str>) -> bool {
+    url.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"))
 }
 
-/// The two output streams of one call, filled by their reading threads.
-#[derive(Default)]
-struct Call {
-    stdout: Arc<Mutex<Capture>>,
-    stderr: Arc<Mutex<Capture>>,
+/// True when `nix --version` (`nix (Nix) 2.8.0`) names 2.19 or newer.
+fn at_least_2_19(version: &str) -> bool {
+    let number = version.split_whitespace().last().unwrap_or("");
+    let mut parts = number.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 19)
 }
 
-/// What was read of one stream.
+/// What was read of one stream: its first bytes (stdout) or its last ones
+/// (stderr), bytes read in all, and whether every writer closed it.
 #[derive(Debug, Default)]
 struct Capture {
-    /// The part kept (for [`Keep::Tail`], up to twice the kept size, so
-    /// that the front is dropped once per that many bytes, not per read).
     data: Vec<u8>,
-    /// Bytes read in all.
     read: u64,
-    /// Every writer closed the stream.
     ended: bool,
-    keep: Option<Keep>,
 }
 
-impl Capture {
-    fn push(&mut self, bytes: &[u8]) {
-        self.read += bytes.len() as u64;
-        match self.keep {
-            Some(Keep::Head(max)) => {
-                let room = max.saturating_sub(self.data.len());
-                self.data.extend_from_slice(&bytes[..bytes.len().min(room)]);
-            }
-            Some(Keep::Tail(max)) => {
-                self.data.extend_from_slice(bytes);
-                if self.data.len() > 2 * max {
-                    self.data.drain(..self.data.len() - max);
-                }
-            }
-            None => {}
-        }
-    }
-
-    /// The bytes kept, as promised: for a tail, its last bytes only.
-    fn kept(&self) -> &[u8] {
-        match self.keep {
-            Some(Keep::Tail(max)) => &self.data[self.data.len().saturating_sub(max)..],
-            _ => &self.data,
-        }
-    }
-}
-
-/// The capture so far, leaving an empty one to a reading thread that goes
-/// on (a leftover process holds its stream).
-fn take(capture: &Mutex<Capture>) -> Capture {
-    let mut c = capture.lock().unwrap_or_else(|e| e.into_inner());
-    let keep = c.keep;
-    std::mem::replace(
-        &mut *c,
-        Capture {
-            keep,
-            ..Capture::default()
-        },
-    )
-}
-
-/// Reads `from` to its end on a thread of its own, keeping what `keep`
-/// says in `into`, and says so on `ended` when the stream ends. The thread
-/// outlives the call when a leftover process holds the stream open; it then
-/// costs a blocked thread and a bounded buffer until that process ends.
-fn read_in_background(
-    from: impl Read + Send + 'static,
-    keep: Keep,
-    into: &Arc<Mutex<Capture>>,
-    ended: &mpsc::Sender<()>,
-) {
-    into.lock().unwrap_or_else(|e| e.into_inner()).keep = Some(keep);
-    let into = Arc::clone(into);
-    let ended = ended.clone();
-    std::thread::spawn(move || {
-        read_into(from, &into);
-        let _ = ended.send(());
-    });
-}
-
-/// Reads `from` to its end (or first error) into `into`.
-fn read_into(mut from: impl Read, into: &Mutex<Capture>) {
-    let mut buf = [0u8; 16 * 1024];
+/// Reads `from` until it ends or fails, or until `stop` is set (seen when
+/// a read times out), keeping [`STDOUT_MAX`] bytes of the head of stdout or
+/// [`STDERR_KEPT`] of the tail of stderr.
+fn read_stream(mut from: impl Read, which: usize, stop: &AtomicBool) -> Capture {
+    let (mut c, mut buf) = (Capture::default(), [0u8; 16 * 1024]);
+    let max = [STDOUT_MAX, STDERR_KEPT][which];
     loop {
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => into
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+        let n = match from.read(&mut buf) {
+            Ok(0) => break c.ended = true,
+            Ok(n) => n,
+            Err(e) if e.kind() == Interrupted => continue,
+            Err(e) if e.kind() == WouldBlock && !stop.load(Ordering::SeqCst) => continue,
             Err(_) => break,
+        };
+        c.read += n as u64;
+        c.data.extend_from_slice(&buf[..n]);
+        // The head of stdout stays; of stderr, the tail (its front dropped
+        // once per `max` bytes, not per read).
+        match which {
+            STDOUT => c.data.truncate(max),
+            _ if c.data.len() > 2 * max => drop(c.data.drain(..c.data.len() - max)),
+            _ => {}
         }
     }
-    into.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
+    c.data.drain(..c.data.len().saturating_sub(max));
+    c
 }
 
-/// Resets the published process group when a call ends, however it ends.
-struct ClearOnDrop<'a>(&'a AtomicU32);
-
-impl Drop for ClearOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(0, Ordering::SeqCst);
-    }
-}
-
-fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(sig)) => format!("killed by signal {sig}"),
-        _ => status.to_string(),
-    }
-}
-
-fn lines(out: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect()
-}
-
-/// `text` with terminal colour sequences (`ESC [ ... letter`) removed and
-/// every other control character but the line end made a space: nix's
-/// words end up in the log and in `status` replies, where they must not
-/// move a terminal's cursor or hide what follows.
-fn without_control(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            chars.next();
-            // Parameters and intermediates, up to the final byte.
-            for c in chars.by_ref() {
-                if ('\u{40}'..='\u{7e}').contains(&c) {
-                    break;
-                }
-            }
-        } else if c.is_control() && c != '\n' {
-            out.push(' ');
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The last part of a command's stderr, on one line.
+/// The last part of a command's stderr on one line, with terminal colour
+/// sequences (`ESC [ ... letter`) removed and every other control
+/// character made a space: nix's words end up in the log and in `status`,
+/// where they must not move a terminal's cursor or hide what follows.
 fn tail(stderr: &[u8]) -> String {
-    const MAX: usize = 2000;
-    let text = without_control(&String::from_utf8_lossy(stderr));
-    let joined = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" | ");
-    if joined.len() <= MAX {
-        return joined;
+    let text = String::from_utf8_lossy(stderr);
+    let (mut clean, mut chars) = (String::new(), text.chars().peekable());
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.next_if_eq(&'[').is_some() {
+            // Parameters and intermediates, up to the final byte.
+            chars.find(|c| ('\u{40}'..='\u{7e}').contains(c));
+        } else {
+            clean.push(if c.is_control() && c != '\n' { ' ' } else { c });
+        }
     }
-    let mut start = joined.len() - MAX;
-    while !joined.is_char_boundary(start) {
-        start += 1;
+    let lines = clean.lines().map(str::trim).filter(|l| !l.is_empty());
+    let joined = lines.collect::<Vec<_>>().join(" | ");
+    match joined.char_indices().rev().nth(1999) {
+        Some((start, _)) if start > 0 => format!("...{}", &joined[start..]),
+        _ => joined,
     }
-    format!("...{}", &joined[start..])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nix_store_is_found_beside_nix() {
-        let n = Nix::new(Path::new("/opt/nix/bin/nix"), Duration::from_secs(1), None);
-        assert_eq!(n.nix_store, PathBuf::from("/opt/nix/bin/nix-store"));
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(1), None);
-        assert_eq!(n.nix_store, PathBuf::from("nix-store"));
-    }
-
-    #[test]
-    fn timeout_kills_the_whole_group() {
-        let n = Nix::new(Path::new("nix"), Duration::from_millis(200), None);
-        let mut cmd = Command::new("/bin/sh");
-        // The grandchild holds stdout open; only a group kill ends it.
-        cmd.args(["-c", "sleep 30 & sleep 30"]);
-        let err = n.run("sh", cmd).unwrap_err();
-        assert!(err.timed_out(), "{err}");
-    }
 
     fn sh(script: &str) -> Command {
         let mut cmd = Command::new("/bin/sh");
@@ -623,122 +439,167 @@ mod tests {
         cmd
     }
 
-    #[test]
-    fn commands_run_together_share_one_group_and_one_timeout() {
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(10), None);
-        let group = "cut -d' ' -f5 /proc/$$/stat";
-        let out = n
-            .run_together("sh", vec![sh(group), sh(group)], Stdout::Keep)
-            .unwrap();
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[0], out[1], "one process group");
-        let err = n
-            .run_together(
-                "sh",
-                vec![sh("exit 0"), sh("echo bad >&2; exit 4")],
-                Stdout::Keep,
-            )
-            .unwrap_err();
-        assert_eq!(err.to_string(), "sh failed (exit status 4): bad");
-
-        let n = Nix::new(Path::new("nix"), Duration::from_millis(300), None);
-        let marker = format!("{}.{}", 30 + std::process::id() % 1000, 7);
-        let hang = || sh(&format!("sleep {marker} & sleep {marker}"));
-        let err = n
-            .run_together("sh", vec![hang(), hang()], Stdout::Keep)
-            .unwrap_err();
-        assert!(err.timed_out(), "{err}");
-        std::thread::sleep(Duration::from_millis(200));
-        let left = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .filter(|c| c == format!("sleep\0{marker}\0").as_bytes())
-            .count();
-        assert_eq!(left, 0, "every process of both commands is killed");
+    fn nix(timeout: Duration) -> Nix {
+        Nix::new(Path::new("nix"), timeout, None)
     }
 
     /// Processes whose command line is `sleep <marker>`.
-    fn count_sleeps(marker: &str) -> Vec<u32> {
+    fn sleeps(marker: &str) -> Vec<u32> {
+        let want = format!("sleep\0{marker}\0");
         std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
-            .filter(|e| {
-                std::fs::read(e.path().join("cmdline"))
-                    .is_ok_and(|c| c == format!("sleep\0{marker}\0").as_bytes())
-            })
+            .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want.as_bytes()))
             .filter_map(|e| e.file_name().to_str()?.parse().ok())
             .collect()
     }
 
+    /// A `sleep` argument no other test uses.
+    fn marker(n: u32) -> String {
+        format!("{}.{n}", 3000 + std::process::id() % 1000)
+    }
+
     #[test]
-    fn a_call_is_judged_by_its_exit_while_a_helper_holds_its_pipes() {
-        // Longer than the wait for output after the exit, far shorter than
-        // the sleeping helper: without judging by the exit, the call would
-        // run into this timeout and be reported as killed.
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(20), None);
-        let marker = format!("{}.{}", 100 + std::process::id() % 1000, 3);
-        // The helper leaves the group, as an ssh ControlPersist master does,
-        // so only its open stderr and stdout tie it to the call.
-        let helper = format!("setsid sleep {marker} &");
-        let out = n.run("sh", sh(&format!("{helper} echo printed; exit 0")));
-        let failed = n
-            .run("sh", sh(&format!("{helper} echo the cause >&2; exit 3")))
+    fn nix_store_is_found_beside_nix() {
+        let n = Nix::new(Path::new("/opt/nix/bin/nix"), Duration::from_secs(1), None);
+        assert_eq!(n.nix_store, PathBuf::from("/opt/nix/bin/nix-store"));
+        assert_eq!(
+            nix(Duration::from_secs(1)).nix_store,
+            PathBuf::from("nix-store")
+        );
+    }
+
+    #[test]
+    fn store_info_is_used_from_nix_2_19() {
+        assert!(!at_least_2_19("nix (Nix) 2.8.0"));
+        assert!(!at_least_2_19("nix (Nix) 2.18.9"));
+        assert!(at_least_2_19("nix (Nix) 2.19.0"));
+        assert!(at_least_2_19("nix (Nix) 2.26.3"));
+        assert!(at_least_2_19("nix (Nix) 3.0"));
+        assert!(!at_least_2_19(""));
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_group() {
+        let m = marker(1);
+        let n = nix(Duration::from_millis(300));
+        // The background sleep holds stderr open; only a group kill ends it.
+        let err = n
+            .run("sh", sh(&format!("sleep {m} & sleep {m}")))
             .unwrap_err();
-        let signed = n.run_together("sh", vec![sh(&format!("{helper} exit 0"))], Stdout::Discard);
-        for pid in count_sleeps(&marker) {
-            let _ = sys::kill_process_group(pid, sys::SIGKILL);
+        assert!(err.timed_out(), "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(sleeps(&m), Vec::<u32>::new(), "every process is killed");
+    }
+
+    #[test]
+    fn what_a_call_leaves_in_its_group_is_ended_when_it_ends() {
+        let m = marker(2);
+        let n = nix(Duration::from_secs(20));
+        let started = Instant::now();
+        let ok = n.call("sh", vec![sh(&format!("sleep {m} & exit 0"))]);
+        let failed = n.run("sh", sh(&format!("sleep {m} & echo why >&2; exit 2")));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(sleeps(&m), Vec::<u32>::new(), "the leftovers are killed");
+        assert_eq!(ok, Ok(()));
+        assert_eq!(
+            failed.unwrap_err().to_string(),
+            "sh failed (exit status 2): why"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not judged by the timeout"
+        );
+    }
+
+    #[test]
+    fn commands_run_all_share_one_group_and_one_timeout() {
+        let n = nix(Duration::from_secs(10));
+        let group = "cut -d' ' -f5 /proc/$$/stat";
+        let out = n.run_all("sh", vec![sh(group), sh(group)]).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].data, out[1].data, "one process group");
+        let err = n
+            .call("sh", vec![sh("exit 0"), sh("echo bad >&2; exit 4")])
+            .unwrap_err();
+        assert_eq!(err.to_string(), "sh failed (exit status 4): bad");
+
+        let m = marker(3);
+        let n = nix(Duration::from_millis(300));
+        let hang = || sh(&format!("sleep {m} & sleep {m}"));
+        let err = n.call("sh", vec![hang(), hang()]).unwrap_err();
+        assert!(err.timed_out(), "{err}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            sleeps(&m),
+            Vec::<u32>::new(),
+            "every process of both is killed"
+        );
+    }
+
+    #[test]
+    fn a_call_is_judged_by_its_exit_while_a_helper_outside_its_group_holds_its_streams() {
+        // Far shorter than the helper's sleep: a call judged by its streams
+        // would run into this timeout and be reported as killed.
+        let n = nix(Duration::from_secs(20));
+        let m = marker(4);
+        // The helper leaves the group, as an ssh ControlPersist master does.
+        let pgrp = |pid: &str| format!("$(cut -d' ' -f5 /proc/{pid}/stat)");
+        let (child, me) = (pgrp("$!"), pgrp("$$"));
+        let helper = format!("setsid sleep {m} & while [ {child} = {me} ]; do :; done;");
+        let out = n.run("sh", sh(&format!("{helper} echo printed; exit 0")));
+        let failed = n.run("sh", sh(&format!("{helper} echo the cause >&2; exit 3")));
+        let signed = n.call("sh", vec![sh(&format!("{helper} exit 0"))]);
+        for pid in sleeps(&m) {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
-        assert_eq!(failed.to_string(), "sh failed (exit status 3): the cause");
-        assert_eq!(signed, Ok(vec![Vec::new()]));
+        assert_eq!(
+            failed.unwrap_err().to_string(),
+            "sh failed (exit status 3): the cause"
+        );
+        assert_eq!(signed, Ok(()));
         // A query's stdout must be complete: held open, it is not used.
         let err = out.unwrap_err();
-        assert!(matches!(err.kind, FailureKind::Output(_)), "{err}");
-        assert!(!err.timed_out(), "{err}");
+        assert!(err.to_string().contains("standard output"), "{err}");
+    }
+
+    #[test]
+    fn a_reading_thread_ends_when_told_while_its_stream_is_held_open() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(READ_POLL)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(read_stream(ours, STDERR, &AtomicBool::new(true))));
+        assert!(!rx.recv_timeout(Duration::from_secs(60)).unwrap().ended);
+        drop(theirs);
     }
 
     #[test]
     fn only_the_end_of_a_flood_of_stderr_is_kept() {
-        let capture = Mutex::new(Capture {
-            keep: Some(Keep::Tail(STDERR_KEPT)),
-            ..Capture::default()
-        });
+        let stop = AtomicBool::new(false);
         let flood = 200 * 1024 * 1024;
-        read_into(
-            std::io::repeat(b'x')
-                .take(flood)
-                .chain(&b"\nerror: the cause\n"[..]),
-            &capture,
-        );
-        let c = capture.into_inner().unwrap();
+        let text = std::io::repeat(b'x')
+            .take(flood)
+            .chain(&b"\nerror: the cause\n"[..]);
+        let c = read_stream(text, STDERR, &stop);
         assert!(c.ended);
         assert_eq!(c.read, flood + 18);
         assert!(
             c.data.capacity() <= 4 * STDERR_KEPT,
-            "{} bytes held for a tail of {STDERR_KEPT}",
+            "{} bytes held",
             c.data.capacity()
         );
-        assert_eq!(c.kept().len(), STDERR_KEPT);
-        assert!(tail(c.kept()).ends_with("| error: the cause"));
-
-        let capture = Mutex::new(Capture {
-            keep: Some(Keep::Head(10)),
-            ..Capture::default()
-        });
-        read_into(std::io::repeat(b'y').take(1 << 20), &capture);
-        let c = capture.into_inner().unwrap();
-        assert_eq!((c.data.len(), c.read), (10, 1 << 20));
+        assert_eq!(c.data.len(), STDERR_KEPT);
+        assert!(tail(&c.data).ends_with("| error: the cause"));
+        let c = read_stream(std::io::repeat(b'y').take(64 << 20), STDOUT, &stop);
+        assert_eq!((c.data.len(), c.read), (STDOUT_MAX, 64 << 20));
     }
 
     #[test]
     fn a_flood_on_stderr_fails_with_its_end_and_a_flood_on_stdout_is_refused() {
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(60), None);
+        let n = nix(Duration::from_secs(60));
+        let flood = "head -c 30000000 /dev/zero | tr '\\0' x >&2; echo >&2";
         let err = n
-            .run(
-                "sh",
-                sh("head -c 30000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo the cause >&2; exit 1"),
-            )
+            .run("sh", sh(&format!("{flood}; echo the cause >&2; exit 1")))
             .unwrap_err();
         assert!(
             err.to_string().ends_with("| the cause"),
@@ -748,7 +609,7 @@ mod tests {
         let err = n
             .run("sh", sh(&format!("head -c {} /dev/zero", STDOUT_MAX + 1)))
             .unwrap_err();
-        assert!(matches!(err.kind, FailureKind::Output(_)), "{err}");
+        assert!(err.to_string().contains("standard output"), "{err}");
     }
 
     #[test]
@@ -760,10 +621,10 @@ mod tests {
 
     #[test]
     fn failures_carry_status_and_stderr() {
-        let n = Nix::new(Path::new("nix"), Duration::from_secs(10), None);
-        let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", "echo one >&2; echo two >&2; exit 3"]);
-        let err = n.run("sh", cmd).unwrap_err();
+        let n = nix(Duration::from_secs(10));
+        let err = n
+            .run("sh", sh("echo one >&2; echo two >&2; exit 3"))
+            .unwrap_err();
         assert_eq!(err.to_string(), "sh failed (exit status 3): one | two");
         let err = n.run("x", Command::new("/nonexistent/nix")).unwrap_err();
         assert!(matches!(err.kind, FailureKind::Spawn(_)));

@@ -1,156 +1,142 @@
-//! Keeping secrets out of logs, status replies and errors.
-//!
-//! A store URL may carry a password (`ssh://user:pw@host`, `s3://...`) or a
-//! secret in its query (`?secret-key=/path`, `?password=...`); everywhere
-//! the daemon shows a URL it shows it through [`url`], and every log line,
-//! `status` reply and nix error message passes through [`text`], which also
-//! finds URLs and `user:password@host` inside free text.
+//! Keeping secrets out of logs, status replies, metrics and errors: a
+//! URL's password or secret query values (`ssh://u:pw@h`, `?secret-key=`),
+//! an uploader's token (`--token T`, `AUTH_TOKEN=T`). Every line shown
+//! passes through [`text`]; [`url`] is the narrower form that the journal's
+//! target names are made from.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
-/// Query parameters whose values are masked.
+/// Query parameters whose values [`url`] masks.
 const SECRET_PARAMS: &[&str] = &["secret-key", "password", "token", "access-key", "secret"];
+/// Parts of a key or flag name that mark its value as secret.
+const SECRET_NAMES: &[&str] = &["token", "passw", "secret", "key", "auth", "credential"];
+/// Where a word holds several `NAME=VALUE` parts.
+const PART_ENDS: [char; 4] = ['&', '?', ',', ';'];
 
-/// Text that must never be shown, with its replacement: learnt from the
-/// configured target by [`remember`].
+/// Text that must never be shown, with its replacement (see [`remember`]);
+/// only ever extended, so a poisoned lock still holds good data.
 static REMEMBERED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
-fn remembered() -> MutexGuard<'static, Vec<(String, String)>> {
-    // The list is only ever extended; a poisoned lock still holds good data.
-    REMEMBERED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Remembers the password of `url`'s userinfo, so that [`mask_remembered`]
-/// can hide it where it appears without its scheme: nix says
-/// `cannot connect to 'user:password@host'` for an `ssh://` target, which no
-/// URL parser recognises.
-pub fn remember(url: &str) {
-    let base = url.split_once('?').map_or(url, |(b, _)| b);
-    let Some((_, rest)) = base.split_once("://") else {
-        return;
-    };
-    let authority = rest.find('/').map_or(rest, |i| &rest[..i]);
-    let Some((userinfo, _)) = authority.rsplit_once('@') else {
-        return;
-    };
-    let Some((user, password)) = userinfo.split_once(':') else {
-        return;
-    };
-    if password.is_empty() {
-        return;
+/// Remembers the secrets of a configured target (a URL, an uploader's
+/// command line) for [`text`] to mask where no pattern finds them, such as
+/// nix's `cannot connect to 'user:password@host'`.
+pub fn remember(target: &str) {
+    let mut secrets = Vec::new();
+    let rest = target.split_once("://").map_or("", |(_, r)| r);
+    let userinfo = rest
+        .split(['/', '?'])
+        .next()
+        .and_then(|a| a.rsplit_once('@'));
+    if let Some((user, password)) = userinfo.and_then(|(u, _)| u.split_once(':')) {
+        secrets.push((format!("{user}:{password}@"), format!("{user}:***@")));
     }
-    let pair = (format!("{user}:{password}@"), format!("{user}:***@"));
-    let mut known = remembered();
-    if !known.contains(&pair) {
-        known.push(pair);
+    let mut prev = "";
+    for word in target.split_whitespace() {
+        let pairs = word.split(PART_ENDS).filter_map(|p| p.split_once('='));
+        let values = pairs.filter(|(name, _)| is_secret(name)).map(|(_, v)| v);
+        let after_flag = is_secret_flag(prev).then_some(word);
+        secrets.extend(values.chain(after_flag).map(|v| (v.into(), "***".into())));
+        prev = word;
     }
-}
-
-/// `text` with every password learnt by [`remember`] masked.
-pub fn mask_remembered(text: &str) -> String {
-    let known = remembered();
-    let mut out = text.to_string();
-    for (secret, masked) in known.iter() {
-        if out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), masked);
+    let mut known = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
+    for pair in secrets {
+        if pair.0.len() >= 6 && !known.contains(&pair) {
+            known.push(pair);
         }
     }
-    out
 }
 
-/// The URL with the password of its userinfo and secret query values
-/// replaced by `***`.
+/// The URL with the password of its userinfo and the values of the query
+/// parameters in [`SECRET_PARAMS`] replaced by `***`.
 pub fn url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
+    let (base, query) = url.split_once('?').unzip();
+    let base = base.unwrap_or(url);
     let mut out = match base.split_once("://") {
         Some((scheme, rest)) => {
-            let (authority, path) = match rest.find('/') {
-                Some(i) => rest.split_at(i),
-                None => (rest, ""),
-            };
-            let authority = match authority.rsplit_once('@') {
-                Some((userinfo, host)) => match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{user}:***@{host}"),
-                    None => format!("{userinfo}@{host}"),
-                },
-                None => authority.to_string(),
-            };
-            format!("{scheme}://{authority}{path}")
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            format!("{scheme}://{}{path}", mask_userinfo(authority))
         }
         None => base.to_string(),
     };
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|p| match p.split_once('=') {
-                Some((k, _)) if SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) => {
-                    format!("{k}=***")
-                }
-                _ => p.to_string(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
+    for (i, param) in query.into_iter().flat_map(|q| q.split('&')).enumerate() {
+        out.push(if i == 0 { '?' } else { '&' });
+        match param.split_once('=') {
+            Some((k, _)) if SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) => {
+                out.push_str(k);
+                out.push_str("=***");
+            }
+            _ => out.push_str(param),
+        }
     }
     out
 }
 
-/// Masks every secret this module knows of in free text (a log line, a nix
-/// error message): URLs' passwords and secret query values, bare
-/// `user:password@host`, and the configured target's password.
+/// Free text with every secret masked, word by word: what [`url`] masks, a
+/// bare `user:password@host`, a `NAME=VALUE` whose name looks secret (also
+/// between `?&,;`), the word after a flag such as `--token`; and anywhere,
+/// what [`remember`] learnt.
 pub fn text(text: &str) -> String {
-    mask_remembered(&scrub(text))
+    let is_end = |c: char| c.is_whitespace() || "'\"`<>()".contains(c);
+    let (mut out, mut prev) = (String::with_capacity(text.len()), "");
+    for piece in text.split_inclusive(is_end) {
+        let word = piece.trim_end_matches(is_end);
+        if !word.is_empty() {
+            out.push_str(&mask_word(prev, word));
+            prev = word;
+        }
+        out.push_str(&piece[word.len()..]);
+    }
+    for (secret, masked) in REMEMBERED.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        out = out.replace(secret.as_str(), masked);
+    }
+    out
 }
 
-/// Masks the password and secret query values ([`url`]) of
-/// every URL (a word containing `://`) in free text such as a nix error
-/// message, where the configured target appears verbatim, e.g.
-/// `unable to download 'http://user:pw@host/nix-cache-info'`; and the
-/// password of a bare `user:password@host` (nix's ssh stores print the
-/// authority alone: `cannot connect to 'user:pw@host'`).
-fn scrub(text: &str) -> String {
-    if !text.contains('@') && !text.contains("://") {
-        return text.to_string();
+/// One word of free text, masked (see [`text`]).
+fn mask_word(prev: &str, word: &str) -> String {
+    if is_secret_flag(prev) {
+        return "***".into();
     }
-    let mut out = String::with_capacity(text.len());
-    let mut word = String::new();
-    let flush = |word: &mut String, out: &mut String| {
-        if word.contains("://") {
-            out.push_str(&url(word));
-        } else {
-            out.push_str(&mask_userinfo(word));
-        }
-        word.clear();
+    let word = if word.contains("://") {
+        url(word)
+    } else {
+        mask_userinfo(word)
     };
-    for c in text.chars() {
-        if c.is_whitespace() || matches!(c, '\'' | '"' | '`' | '<' | '>' | '(' | ')') {
-            flush(&mut word, &mut out);
-            out.push(c);
-        } else {
-            word.push(c);
-        }
-    }
-    flush(&mut word, &mut out);
-    out
+    let parts = word
+        .split_inclusive(PART_ENDS)
+        .map(|part| match part.split_once('=') {
+            Some((name, value)) if is_secret(name) => {
+                let end = value.len() - value.trim_end_matches(PART_ENDS).len();
+                format!("{name}=***{}", &value[value.len() - end..])
+            }
+            _ => part.to_string(),
+        });
+    parts.collect()
+}
+
+/// True for a key or flag name that marks a secret value.
+fn is_secret(name: &str) -> bool {
+    let name = name.trim_start_matches('-').to_ascii_lowercase();
+    SECRET_NAMES.iter().any(|s| name.contains(s))
+}
+
+/// True for a flag whose next argument is a secret (`--token T`, `-t T`).
+fn is_secret_flag(word: &str) -> bool {
+    word == "-t" || (word.starts_with("--") && !word.contains('=') && is_secret(word))
 }
 
 /// `user:***@host` for a word `user:password@host`; other words unchanged.
 fn mask_userinfo(word: &str) -> String {
-    let Some((userinfo, host)) = word.rsplit_once('@') else {
-        return word.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) if !host.is_empty() => format!("{user}:***@{host}"),
-        _ => word.to_string(),
+    let userinfo = word.rsplit_once('@');
+    match userinfo.and_then(|(u, host)| Some((u.split_once(':')?.0, host))) {
+        Some((user, host)) => format!("{user}:***@{host}"),
+        None => word.to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{scrub, url};
+    use super::{text, url};
 
     #[test]
     fn masks_passwords_and_secret_params() {
@@ -175,31 +161,63 @@ mod tests {
         super::remember("ssh://npbhq-t:s3cr3t-x@cache.example.com?secret-key=/k");
         super::remember("file:///no/password");
         assert_eq!(
-            super::mask_remembered("error: cannot connect to 'npbhq-t:s3cr3t-x@cache.example.com'"),
+            text("error: cannot connect to 'npbhq-t:s3cr3t-x@cache.example.com'"),
             "error: cannot connect to 'npbhq-t:***@cache.example.com'"
         );
-        assert_eq!(super::mask_remembered("s3cr3t-y"), "s3cr3t-y");
+        assert_eq!(text("s3cr3t-y"), "s3cr3t-y");
+        super::remember("upload-command: cachix push --token tok-npbhq-1 X_AUTH=tok-npbhq-2 c");
+        assert_eq!(
+            text("error: tok-npbhq-1 refused; tok-npbhq-2 too"),
+            "error: *** refused; *** too"
+        );
     }
 
     #[test]
     fn scrub_masks_urls_in_nix_messages() {
         assert_eq!(
-            scrub("error: unable to download 'http://npbhq:hunter2@127.0.0.1:1/cache/nix-cache-info': Couldn't connect"),
+            text("error: unable to download 'http://npbhq:hunter2@127.0.0.1:1/cache/nix-cache-info': Couldn't connect"),
             "error: unable to download 'http://npbhq:***@127.0.0.1:1/cache/nix-cache-info': Couldn't connect"
         );
         assert_eq!(
-            scrub("cannot open connection to remote store \"ssh-ng://u:pw@h?secret-key=/k/sk&x=1\" (exit 1)"),
+            text("cannot open connection to remote store \"ssh-ng://u:pw@h?secret-key=/k/sk&x=1\" (exit 1)"),
             "cannot open connection to remote store \"ssh-ng://u:***@h?secret-key=***&x=1\" (exit 1)"
         );
         assert_eq!(
-            scrub("to 'https://u:p@[::1]:8443/c' failed"),
+            text("to 'https://u:p@[::1]:8443/c' failed"),
             "to 'https://u:***@[::1]:8443/c' failed"
         );
         assert_eq!(
-            scrub("error: cannot connect to 'npbhq:hunter2@127.0.0.1'"),
+            text("error: cannot connect to 'npbhq:hunter2@127.0.0.1'"),
             "error: cannot connect to 'npbhq:***@127.0.0.1'"
         );
-        assert_eq!(scrub("user nix@host, at 10:30"), "user nix@host, at 10:30");
-        assert_eq!(scrub("file:///c, done"), "file:///c, done");
+        assert_eq!(text("user nix@host, at 10:30"), "user nix@host, at 10:30");
+        assert_eq!(text("file:///c, done"), "file:///c, done");
+    }
+
+    #[test]
+    fn secret_arguments_and_pairs_are_masked_wherever_they_are() {
+        assert_eq!(
+            text("upload-command: cachix push --token T1 -t T2 --auth-token=T3 --secret T4 c"),
+            "upload-command: cachix push --token *** -t *** --auth-token=*** --secret *** c"
+        );
+        assert_eq!(
+            text("env CACHIX_AUTH_TOKEN=T5 AWS_SECRET_ACCESS_KEY=T6 PASSWORD=T7 LEVEL=3 up"),
+            "env CACHIX_AUTH_TOKEN=*** AWS_SECRET_ACCESS_KEY=*** PASSWORD=*** LEVEL=3 up"
+        );
+        // A URL cut in two by a space: its query still masked.
+        assert_eq!(
+            text("error: don't know how to open Nix store 'fiel:///c?x=1 &Token=abc&y=2'"),
+            "error: don't know how to open Nix store 'fiel:///c?x=1 &Token=***&y=2'"
+        );
+        assert_eq!(
+            text("'s3://b ?profile=p,Secret=x;z'"),
+            "'s3://b ?profile=p,Secret=***;z'"
+        );
+        assert_eq!(text("--keep-going -j 4 key"), "--keep-going -j 4 key");
+        // The journal's form of a URL masks only what it always masked.
+        assert_eq!(
+            url("file:///c?mytoken=x&Token=y"),
+            "file:///c?mytoken=x&Token=***"
+        );
     }
 }

@@ -1,24 +1,16 @@
 //! The upload targets (each `upload-to` URL, and the `upload-command`),
-//! and checking them when the daemon starts, so that a mistyped
-//! `upload-to` stops it at once instead of being retried for ever.
-//!
-//! The check asks nix itself (`nix store ping --store URL`, in Nix 2.8 and
-//! 2.26 alike) and sorts its failure: a URL that is not a store URL at all,
-//! or whose kind of store nix does not know (`fiel://`, or `s3://` with a
-//! nix built without S3), can never work, and stops the daemon with nix's
-//! reason; anything else (a host that does not answer, a cache directory
-//! that cannot be made now) may mend, and is a warning. A nix that cannot
-//! be started at all stops the daemon too. The check waits a short moment
-//! before the daemon goes on starting (those fatal cases fail at once); a
-//! slow target is then judged in the background, so that a dead host never
-//! delays the hooks' socket.
+//! checked when the daemon starts: a target that can never work (a program
+//! that is not there, a URL nix cannot use) stops it at once instead of
+//! being retried for ever; one that may mend (a host that does not answer)
+//! is a warning. A check slower than [`CHECK_WAIT`] is judged in the
+//! background, so that a dead host never delays the hooks' socket.
 
 use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::config::Config;
 use crate::journal::TargetId;
-use crate::nix::{Failure, FailureKind, Nix};
+use crate::nix::{Failure, FailureKind, Nix, PING_TIMEOUT};
 use crate::{info, redact, warning};
 
 /// Where paths are delivered to.
@@ -37,58 +29,47 @@ pub enum Kind {
 pub struct Target {
     /// What it is.
     pub kind: Kind,
-    /// The journal's name for it (a hash of its label, secrets masked).
+    /// The journal's name for it (a hash of its URL or command line).
     pub id: TargetId,
-    /// How it is shown in logs, `status` and metrics: the URL with its
-    /// secrets masked, or `upload-command: PROGRAM ARGS...`.
+    /// How it is shown in logs, `status` and metrics, secrets masked.
     pub label: String,
 }
 
 impl Target {
+    /// A target named `name` in the journal (a hash of it) and shown with
+    /// its secrets masked, which are remembered to be masked everywhere.
+    fn new(kind: Kind, name: Option<&str>) -> Target {
+        name.inspect(|name| redact::remember(name));
+        let label = name.map_or_else(|| "-".into(), redact::text);
+        let id = TargetId::of(name);
+        Target { kind, id, label }
+    }
+
     /// The `upload-to` target at `url`.
     pub fn url(url: &str) -> Target {
-        Target {
-            kind: Kind::Url(url.to_string()),
-            id: TargetId::of(Some(url)),
-            label: redact::url(url),
-        }
+        Target::new(Kind::Url(url.to_string()), Some(url))
     }
 
     /// The `upload-command` target.
     pub fn command(argv: &[String]) -> Target {
-        let label = format!("upload-command: {}", argv.join(" "));
-        Target {
-            kind: Kind::Command(argv.to_vec()),
-            id: TargetId::of(Some(&label)),
-            label: redact::text(&label),
-        }
+        let line = format!("upload-command: {}", argv.join(" "));
+        Target::new(Kind::Command(argv.to_vec()), Some(&line))
     }
 
     /// Signing only, when no target is configured (the journal's name of
     /// older versions for it).
     pub fn sign_only() -> Target {
-        Target {
-            kind: Kind::SignOnly,
-            id: TargetId::of(None),
-            label: "-".into(),
-        }
+        Target::new(Kind::SignOnly, None)
     }
 }
 
-/// Longest the check may run (then it is killed, and only warned about).
-pub const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long start-up waits for the check before it goes on.
+/// How long start-up waits for the check of each target before it goes on.
 pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 
-/// The targets every path is delivered to: each `upload-to` URL, then the
-/// `upload-command`, in that order; or signing only when none is
-/// configured: never empty.
+/// The targets of `config`: each `upload-to`, then the `upload-command`;
+/// or signing only (the name older versions gave it) when none is set.
 pub fn configured(config: &Config) -> Vec<Target> {
-    let mut targets: Vec<Target> = config
-        .upload_to
-        .iter()
-        .map(|url| Target::url(url))
-        .collect();
+    let mut targets: Vec<Target> = config.upload_to.iter().map(|u| Target::url(u)).collect();
     targets.extend(config.upload_command.as_deref().map(Target::command));
     if targets.is_empty() {
         targets.push(Target::sign_only());
@@ -96,123 +77,98 @@ pub fn configured(config: &Config) -> Vec<Target> {
     targets
 }
 
-/// Checks every target as described in the module doc, one after the
-/// other. `Err` holds the reason the daemon cannot run with a target,
-/// secrets masked.
+/// Checks every target, one after the other, the quick program check
+/// first. `Err` holds the reason the daemon cannot run with one, secrets
+/// masked.
 pub fn check_at_start(config: &Config) -> Result<(), String> {
-    if let Some(argv) = &config.upload_command {
-        check_program(argv.first().map_or("", String::as_str))?;
-    }
-    for url in &config.upload_to {
-        check_url(config, url.clone())?;
+    let mut targets = configured(config);
+    targets.sort_by_key(|t| matches!(t.kind, Kind::Url(_)));
+    for target in targets {
+        match target.kind {
+            Kind::Url(url) => check_url(config, url)?,
+            Kind::Command(argv) => check_program(argv.first().map_or("", String::as_str))?,
+            Kind::SignOnly => {}
+        }
     }
     Ok(())
 }
 
 /// Checks one `upload-to` URL (see the module doc).
 fn check_url(config: &Config, url: String) -> Result<(), String> {
-    let nix = Nix::new(&config.nix, CHECK_TIMEOUT, Some(&url));
-    let (tx, rx) = mpsc::channel();
-    let pinged = url.clone();
-    std::thread::Builder::new()
-        .name("target-check".into())
-        .spawn(move || {
-            // Like every nix call, below the daemon (the worker's nice).
-            let _ = crate::sys::lower_thread_priority(crate::worker::UPLOAD_NICE);
-            let _ = tx.send(nix.ping(&pinged, CHECK_TIMEOUT));
-        })
-        .map_err(|e| format!("cannot start the check of the target: {e}"))?;
-    match rx.recv_timeout(CHECK_WAIT) {
-        Ok(result) => judge(&url, result),
-        Err(_) => {
-            // Still running: judged when it ends, while the daemon serves.
-            std::thread::Builder::new()
-                .name("target-check".into())
-                .spawn(move || {
-                    if let Ok(result) = rx.recv() {
-                        if let Err(e) = judge(&url, result) {
-                            crate::error!("{e}; the daemon keeps running, but uploads will fail until upload-to is corrected");
-                        }
-                    }
-                })
-                .map_err(|e| format!("cannot start the check of the target: {e}"))?;
-            Ok(())
+    let nix = Nix::new(&config.nix, PING_TIMEOUT, Some(&url));
+    // Handed over only while start-up waits; judged by the check after.
+    let (tx, rx) = mpsc::sync_channel(0);
+    let shown = url.clone();
+    let check = move || {
+        let _ = crate::nix::lower_priority();
+        if let Err(mpsc::SendError(result)) = tx.send(nix.ping(&url, PING_TIMEOUT)) {
+            if let Err(e) = judge(&url, result) {
+                crate::error!("{e}; the daemon keeps running, but uploads will fail until upload-to is corrected");
+            }
         }
-    }
+    };
+    let thread = std::thread::Builder::new().name("target-check".into());
+    let started = thread.spawn(check);
+    started.map_err(|e| format!("cannot start the check of a target: {e}"))?;
+    let result = rx.recv_timeout(CHECK_WAIT);
+    result.map_or(Ok(()), |result| judge(&shown, result))
 }
 
 /// Checks that the `upload-command` program can be run: an executable file
-/// at its path, or (a bare name) in a directory of `PATH`. What it does
-/// with the paths cannot be checked before the first upload.
+/// at its path, or (a bare name) in a directory of `PATH`.
 fn check_program(program: &str) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let runnable = |p: &std::path::Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    let found = if program.contains('/') {
-        runnable(std::path::Path::new(program))
-    } else {
-        std::env::var_os("PATH").is_some_and(|path| {
-            std::env::split_paths(&path).any(|dir| runnable(&dir.join(program)))
-        })
+    let (found, where_) = match std::env::var_os("PATH") {
+        _ if program.contains('/') => (runnable(program.as_ref()), ""),
+        path => {
+            let mut dirs = std::env::split_paths(path.as_deref().unwrap_or_default());
+            (
+                dirs.any(|d| runnable(&d.join(program))),
+                " in any directory of PATH",
+            )
+        }
     };
-    if found {
-        info!("upload-command: {program} is there to run");
-        Ok(())
-    } else {
-        Err(format!(
-            "upload-command: {program} is not an executable file{}; give its path, or install it",
-            if program.contains('/') {
-                ""
-            } else {
-                " in any directory of PATH"
-            }
-        ))
+    if !found {
+        return Err(format!(
+            "upload-command: {program} is not an executable file{where_}; give its path, or install it"
+        ));
     }
+    info!("upload-command: {program} is there to run");
+    Ok(())
 }
 
-/// What a finished check means: `Err` when the target can never work.
+/// What a finished check means: `Err` when the target can never work,
+/// that is when nix could not be started, the URL is not a store URL, or
+/// nix does not know the kind of store (a wording of Nix 2.0 to 2.26).
 fn judge(url: &str, result: Result<(), Failure>) -> Result<(), String> {
-    let shown = redact::url(url);
-    let failure = match result {
-        Ok(()) => {
-            info!("target {shown}: nix can open it");
-            return Ok(());
-        }
-        Err(f) => f,
+    let shown = redact::text(url);
+    let Err(failure) = result else {
+        info!("target {shown}: nix can open it");
+        return Ok(());
     };
     let reason = redact::text(&failure.to_string());
-    if is_unusable(url, &failure) {
+    if matches!(failure.kind, FailureKind::Spawn(_))
+        || !is_store_url(url)
+        || failure.stderr.contains("don't know how to open")
+    {
         return Err(format!(
             "upload-to {shown}: nix cannot use this store URL: {reason} (store URLs look like \
              file:///var/cache/nix, ssh-ng://host, s3://bucket or https://host/path)"
         ));
     }
-    warning!(
-        "upload-to {shown}: the target cannot be opened now ({reason}); starting anyway, \
-         and uploads are retried until it answers"
-    );
+    warning!("upload-to {shown}: the target cannot be opened now ({reason}); starting anyway, and uploads are retried until it answers");
     Ok(())
-}
-
-/// True when the check's failure says the target can never work: nix
-/// could not be started, the URL is not a store URL, or nix does not know
-/// the kind of store (a wording kept from Nix 2.0 to 2.26).
-fn is_unusable(url: &str, failure: &Failure) -> bool {
-    matches!(failure.kind, FailureKind::Spawn(_))
-        || !is_store_url(url)
-        || failure.stderr.contains("don't know how to open")
 }
 
 /// True for the forms a Nix store URL takes: `auto`, `daemon`, `local`, an
 /// absolute path, or `scheme://...`, each maybe followed by `?params`.
 fn is_store_url(url: &str) -> bool {
     let base = url.split_once('?').map_or(url, |(b, _)| b);
-    if matches!(base, "auto" | "daemon" | "local") || base.starts_with('/') {
-        return true;
-    }
     let Some((scheme, rest)) = base.split_once("://") else {
-        return false;
+        return matches!(base, "auto" | "daemon" | "local") || base.starts_with('/');
     };
     let mut chars = scheme.chars();
     chars.next().is_some_and(|c| c.is_ascii_lowercase())
@@ -304,5 +260,36 @@ mod tests {
         let failure = exit_failure("error: don't know how to open Nix store 'zz://u:hunter2@h'");
         let e = judge("zz://u:hunter2@h", Err(failure)).unwrap_err();
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn labels_mask_secrets_and_ids_name_the_unmasked_target() {
+        let argv: Vec<String> = [
+            "cachix",
+            "push",
+            "--token",
+            "npbhq-label-t1",
+            "CACHIX_AUTH_TOKEN=x",
+            "c",
+        ]
+        .map(String::from)
+        .to_vec();
+        let t = Target::command(&argv);
+        assert_eq!(
+            t.label,
+            "upload-command: cachix push --token *** CACHIX_AUTH_TOKEN=*** c"
+        );
+        let line = "upload-command: cachix push --token npbhq-label-t1 CACHIX_AUTH_TOKEN=x c";
+        assert_eq!(t.id, TargetId::of(Some(line)));
+        let t = Target::url("ssh://u:npbhq-label-pw@h?secret-key=/k");
+        assert_eq!(t.label, "ssh://u:***@h?secret-key=***");
+        assert_eq!(
+            t.id,
+            TargetId::of(Some("ssh://u:npbhq-label-pw@h?secret-key=/k"))
+        );
+        assert_eq!(
+            crate::redact::text("npbhq-label-t1 'u:npbhq-label-pw@h'"),
+            "*** 'u:***@h'"
+        );
     }
 }

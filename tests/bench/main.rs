@@ -1,9 +1,10 @@
 //! The benchmark, in figures users feel: does the hook slow a build loop
-//! down, and is the daemon cheap? (issues 6 and 13) Its targets: a loop of
-//! `nix-build`s with our hook at most 1.10x the same loop with `/bin/true`
-//! as the hook, the idle daemon at most 1 MiB above a std program that
-//! sleeps, and the daemon's drain, batching, burst, enqueue, memory and
-//! restart figures. The hook's own cost and the binaries' size are
+//! down, and is the daemon cheap? Its targets: a loop of `nix-build`s with
+//! our hook at most 1.10x the same loop with `/bin/true` as the hook, the
+//! idle daemon at most 1 MiB above a std program that sleeps, the daemon's
+//! drain, batching, burst, enqueue, memory and restart figures, and what
+//! one piece of work costs the others (a hung target, a compaction, a full
+//! spool, `build && wait`). The hook's own cost and the binaries' size are
 //! information, beside the same run's floors.
 //!
 //! `cargo bench` runs it in full (a few minutes); `cargo test` runs a quick
@@ -25,6 +26,7 @@
 mod common;
 
 mod build;
+mod contention;
 mod daemon;
 mod drain;
 mod floor;
@@ -100,6 +102,13 @@ fn main() {
         step(8, "size");
         by_figure.push((8, size::run_figure(&floor)));
     }
+    if want(9) {
+        step(
+            9,
+            "contention: a hung target, compaction, spool, build && wait",
+        );
+        by_figure.push((9, contention::run(&mode)));
+    }
     by_figure.sort_by_key(|(f, _)| *f);
     let rows: Vec<Row> = by_figure.into_iter().flat_map(|(_, r)| r).collect();
 
@@ -137,7 +146,7 @@ fn main() {
             .collect();
         assert!(bad.is_empty(), "figures without a number: {bad:?}");
         if only.is_none() {
-            assert_eq!(rows.len(), 22, "every figure produced its rows");
+            assert_eq!(rows.len(), 26, "every figure produced its rows");
         }
         // The statistics that 2a's verdict rests on: for 25 samples, the
         // median's 95% interval runs from the 8th to the 18th.

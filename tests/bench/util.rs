@@ -52,6 +52,20 @@ pub struct Mode {
     pub big_queue: usize,
     /// Timed restarts with the big queue.
     pub restart_rounds: usize,
+    /// Paths timed to a healthy target beside a hung one (and alone).
+    pub hang_paths: usize,
+    /// `command-timeout` of the hung target.
+    pub hang_timeout: Duration,
+    /// Records of the journal that is compacted.
+    pub compact_records: usize,
+    /// Hook runs timed on the idle daemon.
+    pub hook_samples: usize,
+    /// Spool files `status` counts.
+    pub spool_files: usize,
+    /// Timed `status` requests per spool size.
+    pub status_samples: usize,
+    /// Rounds of `build && wait`.
+    pub wait_rounds: usize,
 }
 
 impl Mode {
@@ -75,6 +89,13 @@ impl Mode {
                 idle_rounds: 1,
                 big_queue: 5_000,
                 restart_rounds: 2,
+                hang_paths: 2,
+                hang_timeout: Duration::from_secs(2),
+                compact_records: 5_000,
+                hook_samples: 5,
+                spool_files: 200,
+                status_samples: 3,
+                wait_rounds: 1,
             }
         } else {
             Mode {
@@ -94,6 +115,13 @@ impl Mode {
                 idle_rounds: 15,
                 big_queue: 100_000,
                 restart_rounds: 7,
+                hang_paths: 7,
+                hang_timeout: Duration::from_secs(10),
+                compact_records: 100_000,
+                hook_samples: 100,
+                spool_files: 10_000,
+                status_samples: 15,
+                wait_rounds: 9,
             }
         }
     }
@@ -232,10 +260,8 @@ impl Conn {
 
 /// Polls the daemon until nothing is queued or in flight; returns how long
 /// that took from `since`. Panics after `bound` (a correctness bound).
-/// Every 10 ms: each `status` costs the daemon ~25 µs of CPU and the client
-/// about as much, taken from the nix calls being measured (every 2 ms, that
-/// was ~2% of a core and 500 wake-ups a second), and 10 ms is 1% of a
-/// 1,000-path drain.
+/// Every 10 ms: each `status` takes CPU from the nix calls being measured,
+/// and 10 ms is a small part of a 1,000-path drain.
 pub fn wait_drained(conn: &mut Conn, since: Instant, bound: Duration) -> Duration {
     loop {
         let st = conn.status();

@@ -39,7 +39,7 @@ cd "$repo"
 # of the source, which no Nix version changes. A new target must be added to
 # one list or the other (checked below), so that none is silently left out
 # of this run.
-targets=(core faults operate hostile packaging harness_selfcheck bench)
+targets=(core faults operate hostile packaging harness_selfcheck bench nixcall cli daemon hook_trust)
 excluded=(system audit)
 
 fail() {
