@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::journal::{GivenUp, Journal, TargetId};
-use crate::protocol::{final_line, one_line, parse_request, ProtocolError, Request, Selection};
+use crate::protocol::{final_line, one_line, parse_request, shorten, too_long, Request};
 use crate::protocol::{ERR_BUSY, ERR_JOURNAL, ERR_STOPPING, ERR_WORKER_GONE, MAX_LINE};
 use crate::status::{self, Shared, Snapshot};
 use crate::store_path::StorePath;
@@ -160,7 +160,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     }
     let stopper = Arc::clone(&ctx);
     spawn("stop", move || stop_on_signal(&stopper, worker, own_socket))?;
-    if let Err(e) = systemd::notify_ready() {
+    if let Err(e) = systemd::notify("READY=1") {
         warning!("cannot notify systemd of readiness: {e}");
     }
     accept_connections(&ctx, &listener, waiting)
@@ -327,7 +327,7 @@ fn stop_on_signal(ctx: &Context, worker: std::thread::JoinHandle<()>, own_socket
     };
     info!("received signal {sig}, stopping");
     ctx.shared.stopping.store(true, SeqCst);
-    let _ = systemd::notify_stopping();
+    let _ = systemd::notify("STOPPING=1");
     let _ = ctx.tx.send(Msg::Shutdown);
     let deadline = Instant::now() + STOP_GRACE;
     while !worker.is_finished() && Instant::now() < deadline {
@@ -417,7 +417,7 @@ fn read_line(reader: &mut BufReader<Timed>, line: &mut Vec<u8>) -> Result<bool, 
     match reader.take(MAX_LINE as u64).read_until(b'\n', line) {
         Ok(0) => Ok(false),
         Ok(_) if line.pop_if(|b| *b == b'\n').is_some() => Ok(true),
-        Ok(n) if n >= MAX_LINE => Err(ProtocolError::TooLong.to_string()),
+        Ok(n) if n >= MAX_LINE => Err(too_long()),
         Ok(_) => Err("request line not terminated by a newline".into()),
         Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => Err(format!(
             "no complete request line within {} s",
@@ -467,7 +467,6 @@ fn respond(ctx: &Context, stream: &UnixStream, req: Request) -> String {
         n if n > 0 && ctx.tx.send(Msg::Queued(paths)).is_err() => final_line(Err(ERR_WORKER_GONE)),
         n => final_line(Ok(&n.to_string())),
     };
-    let mut seen = HashSet::new();
     match req {
         Request::Enqueue(paths) => match ctx.journal.append(&paths) {
             Ok(added) => queued(added),
@@ -478,34 +477,28 @@ fn respond(ctx: &Context, stream: &UnixStream, req: Request) -> String {
         },
         Request::Drv(drv) => respond(ctx, stream, Request::Enqueue(vec![drv])),
         Request::Ping => final_line(Ok(&format!("nix-post-build-hook-queue {}", crate::VERSION))),
-        Request::Status { json: false } => snapshot(ctx).text() + &final_line(Ok("")),
-        Request::Status { json: true } => snapshot(ctx).json() + &final_line(Ok("")),
+        Request::Status(false) => snapshot(ctx).text() + &final_line(Ok("")),
+        Request::Status(true) => snapshot(ctx).json() + &final_line(Ok("")),
         Request::Retry => {
             let n = ctx.shared.lock().backing_off();
             let _ = ctx.tx.send(Msg::Retry);
             final_line(Ok(&n.to_string()))
         }
         Request::Wait => wait(ctx, stream),
-        Request::Requeue(selection) => {
-            let chosen = match &selection {
-                Selection::Paths(paths) => Some(paths.as_slice()),
-                Selection::AllFailed => None,
-            };
-            let requeued = ctx.journal.requeue(chosen).unwrap_or_default();
+        Request::Requeue(chosen) => {
+            let requeued = ctx.journal.requeue(chosen.as_deref()).unwrap_or_default();
             if !requeued.is_empty() {
                 let list = named(&requeued, requeued.len());
                 info!("requeued {list} (an operator's request): tried again");
             }
             queued(requeued)
         }
-        Request::Drop(selection) => {
-            let paths: Vec<StorePath> = match selection {
-                Selection::Paths(paths) => paths,
-                Selection::AllFailed => (given_up(ctx, u64::MAX).into_iter())
-                    .map(|(p, _)| p)
-                    .filter(|p| seen.insert(p.clone()))
-                    .collect(),
-            };
+        Request::Drop(chosen) => {
+            let paths: Vec<StorePath> = chosen.unwrap_or_else(|| {
+                let mut seen = HashSet::new();
+                let all = given_up(ctx, u64::MAX).into_iter().map(|(p, _)| p);
+                all.filter(|p| seen.insert(p.clone())).collect()
+            });
             let why = "dropped by an operator's request; it is not uploaded";
             let n = crate::worker::drop_paths(&ctx.journal, &ctx.shared, &paths, why);
             final_line(Ok(&n.to_string()))
@@ -520,12 +513,6 @@ fn named<T: std::fmt::Display>(first: &[T], total: usize) -> String {
         0 => list.join(", "),
         more => format!("{} and {more} more", list.join(", ")),
     }
-}
-
-/// At most `max` characters of `text`, the rest marked as cut.
-fn shorten(text: &str, max: usize) -> String {
-    let cut = text.char_indices().nth(max);
-    cut.map_or_else(|| text.to_string(), |(i, _)| format!("{}...", &text[..i]))
 }
 
 /// Every target's paths given up on that arrived at or before `seq`, the
