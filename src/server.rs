@@ -37,6 +37,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const CONNECTION_STACK: usize = 64 * 1024;
 /// Names the private directories the socket is bound in.
 const PRIVATE_PREFIX: &str = ".post-build-hook-queue-";
+const MINUTE: Duration = Duration::from_secs(60);
 
 /// Why the daemon could not start.
 #[derive(Debug)]
@@ -95,11 +96,9 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     info!("journal {} replayed: {n} paths queued", file.display());
     // Ours, so that a hook running as root can write into it and we can
     // delete what we ingested.
-    if let Err(e) = fs::create_dir_all(config.spool_dir()) {
-        warning!(
-            "cannot create the spool directory {}: {e}",
-            config.spool_dir().display()
-        );
+    let spool = config.spool_dir();
+    if let Err(e) = fs::create_dir_all(&spool) {
+        warning!("cannot create the spool directory {}: {e}", spool.display());
     }
     let targets = crate::target::configured(&config);
     let target_ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
@@ -138,11 +137,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         [t] if matches!(t.kind, crate::target::Kind::SignOnly) => vec!["(none)".into()],
         all => all.iter().map(|t| t.label.clone()).collect(),
     };
-    let signing = if config.signing_key_file.is_some() {
-        "on"
-    } else {
-        "off"
-    };
+    let signing = config.signing_key_file.as_ref().map_or("off", |_| "on");
     let (store, to) = (&config.store_dir, labels.join(", "));
     info!("ready: store {store}, signing {signing}, upload to {to}");
     let ctx = Arc::new(Context {
@@ -194,7 +189,10 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
             let (dir, pid) = (dir.display(), pid.trim());
-            return Err(ServeError::Transient(format!("state-dir {dir} is in use by another daemon (pid {pid}); stop it or choose another state-dir")));
+            let why = format!("state-dir {dir} is in use by another daemon (pid {pid})");
+            return Err(ServeError::Transient(
+                why + "; stop it or choose another state-dir",
+            ));
         }
         Err(fs::TryLockError::Error(e)) => return Err(err()(e)),
     }
@@ -217,9 +215,7 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
         return fail("has another daemon listening; stop it or choose another --socket");
     }
     if fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_socket()) {
-        return fail(
-            "exists and is not a socket; refusing to replace it (check the socket setting)",
-        );
+        return fail("exists and is not a socket; refusing to replace it");
     }
     let parent = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -231,11 +227,8 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     // Keyed from the operating system's random source: others cannot guess it.
     let random = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0);
     let private = parent.join(format!("{PRIVATE_PREFIX}{random:016x}"));
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .map_err(err())?;
     let setup = || -> io::Result<UnixListener> {
+        fs::DirBuilder::new().mode(0o700).create(&private)?;
         let dir = fs::File::open(&private)?;
         let meta = dir.metadata()?;
         if !meta.is_dir() || meta.uid() != sys::uid() || meta.mode() & 0o077 != 0 {
@@ -258,27 +251,20 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     // `rmdir` removes nothing else (not a file, not through a symlink).
     let _ = fs::remove_dir(&private);
     let listener = result.map_err(err())?;
-    info!(
-        "listening on {} (mode {:04o})",
-        path.display(),
-        config.socket_mode
-    );
+    let (shown, mode) = (path.display(), config.socket_mode);
+    info!("listening on {shown} (mode {mode:04o})");
     Ok(listener)
 }
 
 /// Removes our own private directories in `parent` that a daemon killed
 /// while binding left behind (a minute old: none is in use that long).
 fn remove_leftovers(parent: &Path) {
+    let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age > MINUTE);
+    // Not through a symlink: an entry's `metadata` does not follow it.
+    let ours = |m: fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.modified().is_ok_and(old);
     for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
         let name = entry.file_name();
-        let Ok(meta) = entry.metadata() else { continue };
-        let age = meta.modified().ok().and_then(|t| t.elapsed().ok());
-        if name.to_string_lossy().starts_with(PRIVATE_PREFIX)
-            && meta.is_dir()
-            && meta.uid() == sys::uid()
-            && age > Some(Duration::from_secs(60))
-        {
-            // Never follows a link inside.
+        if name.to_string_lossy().starts_with(PRIVATE_PREFIX) && entry.metadata().is_ok_and(ours) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
@@ -292,12 +278,8 @@ fn group_id(group: &str) -> io::Result<u32> {
     let text = fs::read_to_string("/etc/group")?;
     let mut entries = text.lines().map(|l| l.split(':').collect::<Vec<_>>());
     let entry = entries.find(|f| f.first() == Some(&group) && f.len() > 2);
-    let no_such = || {
-        io::Error::other(format!(
-            "socket-group {group:?}: no such group in /etc/group"
-        ))
-    };
-    entry.and_then(|f| f[2].parse().ok()).ok_or_else(no_such)
+    let gid = entry.and_then(|f| f[2].parse().ok());
+    gid.ok_or_else(|| io::Error::other(format!("socket-group {group:?}: not in /etc/group")))
 }
 
 fn snapshot(ctx: &Context) -> Snapshot {
