@@ -31,7 +31,8 @@ pub enum Request {
 }
 
 /// Every verb with its arguments, for errors.
-const VERBS: &str = "enqueue PATH..., drv DRV, ping, status [json], wait, retry, requeue PATH..., requeue-failed, drop PATH..., drop-failed";
+const VERBS: &str = "enqueue PATH..., drv DRV, ping, status [json], wait, retry, \
+    requeue PATH..., requeue-failed, drop PATH..., drop-failed";
 
 /// What a request line of [`MAX_LINE`] bytes or more is told.
 pub fn too_long() -> String {

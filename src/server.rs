@@ -342,14 +342,10 @@ fn accept_connections(
     waiting: Option<UnixStream>,
 ) -> Result<(), ServeError> {
     for accepted in waiting.into_iter().map(Ok).chain(listener.incoming()) {
-        let mut stream = match accepted {
-            Ok(stream) => stream,
-            Err(e) => {
-                // Out of descriptors, say: wait for connections to end.
-                error!("accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
+        let Ok(mut stream) = accepted.inspect_err(|e| error!("accept failed: {e}")) else {
+            // Out of descriptors, say: wait for connections to end.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
         };
         let stopping = ctx.shared.stopping.load(SeqCst);
         if stopping || ctx.active.load(SeqCst) >= ctx.config.max_connections {
@@ -418,27 +414,28 @@ fn handle(ctx: &Context, mut stream: &UnixStream) {
     let mut reader = BufReader::new(Timed(stream, Instant::now()));
     let mut line = Vec::new();
     loop {
-        let reply = match read_line(&mut reader, &mut line) {
+        // After an unreadable line the connection ends: where the next
+        // request starts could not be told.
+        let (reply, end) = match read_line(&mut reader, &mut line) {
             Ok(false) => return,
-            Err(why) => {
-                // The connection ends: its next request could not be told.
-                let _ = stream.write_all(final_line(Err(&why)).as_bytes());
-                return;
-            }
-            Ok(true) => match parse_request(&line, &ctx.config.store_dir) {
-                Ok(Request::Retry | Request::Requeue(_) | Request::Drop(_)) if !admin => {
-                    let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
-                    final_line(Err(&format!(
-                        "{who} may not change the queue: retry, requeue and drop are taken \
+            Err(why) => (final_line(Err(&why)), true),
+            Ok(true) => (
+                match parse_request(&line, &ctx.config.store_dir) {
+                    Ok(Request::Retry | Request::Requeue(_) | Request::Drop(_)) if !admin => {
+                        let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
+                        final_line(Err(&format!(
+                            "{who} may not change the queue: retry, requeue and drop are taken \
                          only from root and the daemon's user (uid {})",
-                        sys::uid()
-                    )))
-                }
-                Ok(req) => respond(ctx, stream, req),
-                Err(e) => final_line(Err(&e.to_string())),
-            },
+                            sys::uid()
+                        )))
+                    }
+                    Ok(req) => respond(ctx, stream, req),
+                    Err(e) => final_line(Err(&e)),
+                },
+                false,
+            ),
         };
-        if stream.write_all(reply.as_bytes()).is_err() {
+        if stream.write_all(reply.as_bytes()).is_err() || end {
             return;
         }
     }
@@ -533,12 +530,14 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                 .into_iter()
                 .partition(|g| earlier.contains(g));
             let mut problems = Vec::new();
-            if !new.is_empty() {
+            if let n @ 1.. = new.len() {
                 let listed: Vec<String> = (new.iter())
                     .map(|(p, g)| format!("{p} ({})", shorten(&g.error, 300)))
                     .collect();
-                let (n, listed) = (new.len(), named(&listed, listed.len()));
-                problems.push(format!("{n} path(s) failed and were given up on: {listed}; see status, then requeue or drop them"));
+                let (listed, next) = (named(&listed, n), "see status, then requeue or drop them");
+                problems.push(format!(
+                    "{n} path(s) failed and were given up on: {listed}; {next}"
+                ));
             }
             let (dropped, some) = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if dropped > 0 {
