@@ -17,27 +17,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::journal::{GivenUp, Journal, TargetId};
+use crate::journal::{GivenUp, Journal, TargetId, FILE_NAME};
 use crate::protocol::{final_line, one_line, parse_request, shorten, too_long, Request};
 use crate::protocol::{ERR_BUSY, ERR_JOURNAL, ERR_STOPPING, ERR_WORKER_GONE, MAX_LINE};
 use crate::status::{self, Shared, Snapshot};
 use crate::store_path::StorePath;
+use crate::target::{self, Target};
 use crate::worker::{Msg, Worker};
 use crate::{error, info, redact, sys, systemd, warning};
 
 /// Longest a client may take to send one request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often `wait` looks at the queue.
-const WAIT_POLL: Duration = Duration::from_millis(50);
-/// How often the metrics file is rewritten.
-const METRICS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a stop waits for the nix calls in progress.
 const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Stack of a connection thread: it reads into the heap.
-const CONNECTION_STACK: usize = 64 * 1024;
 /// Names the private directories the socket is bound in.
 const PRIVATE_PREFIX: &str = ".post-build-hook-queue-";
-const MINUTE: Duration = Duration::from_secs(60);
 
 /// Why the daemon could not start.
 #[derive(Debug)]
@@ -66,9 +60,7 @@ struct Context {
     journal: Arc<Journal>,
     shared: Arc<Shared>,
     tx: Sender<Msg>,
-    /// The journal's names for the targets, and the targets as shown.
-    target_ids: Vec<TargetId>,
-    labels: Vec<String>,
+    targets: Vec<Target>,
     /// Connections being served.
     active: AtomicUsize,
 }
@@ -87,20 +79,18 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let (journal, replay) =
         Journal::open(&config.state_dir, &config.store_dir).map_err(transient(journal_error))?;
     // After the journal, whose refusal matters more; before the socket.
-    crate::target::check_at_start(&config).map_err(ServeError::Config)?;
+    target::check_at_start(&config).map_err(ServeError::Config)?;
     if let n @ 1.. = replay.torn_bytes {
         warning!("journal: cut off a torn last record of {n} bytes (a crash during a write)");
     }
-    let file = config.state_dir.join(crate::journal::FILE_NAME);
-    let n = replay.paths.len();
+    let (file, n) = (config.state_dir.join(FILE_NAME), replay.paths.len());
     info!("journal {} replayed: {n} paths queued", file.display());
-    // Ours, so that a hook running as root can write into it and we can
-    // delete what we ingested.
+    // Ours: a hook running as root writes into it, we delete what we ingested.
     let spool = config.spool_dir();
     if let Err(e) = fs::create_dir_all(&spool) {
         warning!("cannot create the spool directory {}: {e}", spool.display());
     }
-    let targets = crate::target::configured(&config);
+    let targets = target::configured(&config);
     let target_ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
     // Paths every target has already (a target left the configuration).
     if let Ok(n @ 1..) = journal.settle(&target_ids) {
@@ -111,11 +101,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let (to_upload, given_up): (Vec<StorePath>, Vec<StorePath>) = (replay.paths.into_iter())
         .filter(|p| journal.entry(p).is_some())
         .partition(|p| target_ids.iter().any(|t| needed(p, t)));
-    if !given_up.is_empty() {
+    if let n @ 1.. = given_up.len() {
         warning!(
-            "{} paths were given up on after repeated failures and are not tried again; \
-             see `post-build-hook-queue status`, then requeue or drop them",
-            given_up.len()
+            "{n} paths were given up on after repeated failures and are not tried again; \
+             see `post-build-hook-queue status`, then requeue or drop them"
         );
     }
     let (tx, rx) = mpsc::channel();
@@ -133,20 +122,20 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let (journal, shared) = (Arc::new(journal), Arc::new(Shared::new(&targets)));
     let worker = Worker::new(&config, Arc::clone(&journal), Arc::clone(&shared), rx);
     let worker = spawn("worker", move || worker.run())?;
-    let labels = match targets.as_slice() {
-        [t] if matches!(t.kind, crate::target::Kind::SignOnly) => vec!["(none)".into()],
-        all => all.iter().map(|t| t.label.clone()).collect(),
+    let labels: Vec<&str> = targets.iter().map(|t| t.label.as_str()).collect();
+    let to = match targets.as_slice() {
+        [t] if matches!(t.kind, target::Kind::SignOnly) => "(none)".into(),
+        _ => labels.join(", "),
     };
     let signing = config.signing_key_file.as_ref().map_or("off", |_| "on");
-    let (store, to) = (&config.store_dir, labels.join(", "));
+    let store = &config.store_dir;
     info!("ready: store {store}, signing {signing}, upload to {to}");
     let ctx = Arc::new(Context {
         config,
         journal,
         shared,
         tx,
-        target_ids,
-        labels,
+        targets,
         active: AtomicUsize::new(0),
     });
     if let Some(file) = ctx.config.metrics_file.clone() {
@@ -259,7 +248,7 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
 /// Removes our own private directories in `parent` that a daemon killed
 /// while binding left behind (a minute old: none is in use that long).
 fn remove_leftovers(parent: &Path) {
-    let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age > MINUTE);
+    let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age.as_secs() > 60);
     // Not through a symlink: an entry's `metadata` does not follow it.
     let ours = |m: fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.modified().is_ok_and(old);
     for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
@@ -295,7 +284,7 @@ fn write_metrics(ctx: &Context, file: &Path) {
             warning!("cannot write metrics file {}: {e}", file.display());
         }
         failing = result.is_err();
-        std::thread::sleep(METRICS_INTERVAL);
+        std::thread::sleep(Duration::from_secs(5));
     }
 }
 
@@ -359,7 +348,7 @@ fn accept_connections(
         let ctx2 = Arc::clone(ctx);
         let spawned = std::thread::Builder::new()
             .name("conn".into())
-            .stack_size(CONNECTION_STACK)
+            .stack_size(64 * 1024) // It reads into the heap.
             .spawn(move || {
                 handle(&ctx2, &stream);
                 ctx2.active.fetch_sub(1, SeqCst);
@@ -498,10 +487,10 @@ fn named<T: std::fmt::Display>(first: &[T], total: usize) -> String {
 /// target named in the error when there are several.
 fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
     let mut all = Vec::new();
-    for (id, label) in ctx.target_ids.iter().zip(&ctx.labels) {
-        for (p, mut g) in ctx.journal.given_up_up_to(seq, *id) {
-            if ctx.target_ids.len() > 1 {
-                g.error = format!("{label}: {}", g.error);
+    for t in &ctx.targets {
+        for (p, mut g) in ctx.journal.given_up_up_to(seq, t.id) {
+            if ctx.targets.len() > 1 {
+                g.error = format!("{}: {}", t.label, g.error);
             }
             all.push((p, g));
         }
@@ -522,9 +511,10 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
     let _ = ctx.tx.send(Msg::Flush);
     // Not this wait's failure (another job's, maybe); `status` lists them.
     let earlier = given_up(ctx, upto);
+    let ids: Vec<TargetId> = ctx.targets.iter().map(|t| t.id).collect();
     let (mut last, mut last_sent) = (None, Instant::now());
     loop {
-        let remaining = ctx.journal.count_waiting_up_to(upto, &ctx.target_ids);
+        let remaining = ctx.journal.count_waiting_up_to(upto, &ids);
         if remaining == 0 {
             let (old, new): (Vec<_>, Vec<_>) = given_up(ctx, upto)
                 .into_iter()
@@ -579,6 +569,6 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
             }
             (last, last_sent) = (Some((remaining, failing)), Instant::now());
         }
-        std::thread::sleep(WAIT_POLL);
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
