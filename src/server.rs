@@ -3,7 +3,7 @@
 //! them. `retry`, `requeue` and `drop` are taken only from root and the
 //! daemon's own user (the peer's credentials, as the kernel saw them).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::ErrorKind::{TimedOut, WouldBlock};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -11,9 +11,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -61,8 +62,6 @@ struct Context {
     shared: Arc<Shared>,
     tx: Sender<Msg>,
     targets: Vec<Target>,
-    /// Connections being served.
-    active: AtomicUsize,
 }
 
 /// Runs the daemon: returns only if it cannot start; a signal stops it.
@@ -136,7 +135,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         shared,
         tx,
         targets,
-        active: AtomicUsize::new(0),
     });
     if let Some(file) = ctx.config.metrics_file.clone() {
         let ctx = Arc::clone(&ctx);
@@ -150,10 +148,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     accept_connections(&ctx, &listener, waiting)
 }
 
-fn spawn<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<std::thread::JoinHandle<T>, ServeError> {
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ServeError> {
     let builder = std::thread::Builder::new().name(name.into());
     builder.spawn(f).map_err(transient("cannot start a thread"))
 }
@@ -164,14 +159,9 @@ fn spawn<T: Send + 'static>(
 fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
     fs::create_dir_all(dir).map_err(err())?;
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(dir.join("lock"))
-        .map_err(err())?;
+    let mut open = fs::OpenOptions::new();
+    open.read(true).write(true).create(true).truncate(false);
+    let mut file = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
     match file.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
@@ -179,9 +169,8 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
             let _ = file.read_to_string(&mut pid);
             let (dir, pid) = (dir.display(), pid.trim());
             let why = format!("state-dir {dir} is in use by another daemon (pid {pid})");
-            return Err(ServeError::Transient(
-                why + "; stop it or choose another state-dir",
-            ));
+            let why = why + "; stop it or choose another state-dir";
+            return Err(ServeError::Transient(why));
         }
         Err(fs::TryLockError::Error(e)) => return Err(err()(e)),
     }
@@ -191,12 +180,10 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     Ok(file)
 }
 
-/// Binds the socket path, replacing only a stale socket (nothing answers).
-/// The socket is made in a private directory beside it (mode 0700, an
-/// unguessable name, checked on its descriptor, reached as
-/// `/proc/self/fd/N/s`: short enough for any socket path), given its mode
-/// and group, then renamed into place: never reachable with looser
-/// permissions than `socket-mode`. Leftovers of a killed bind go first.
+/// Binds the socket path, replacing only a stale socket (nothing answers),
+/// through a private directory beside it (mode 0700, unguessable, checked on
+/// its descriptor, reached as `/proc/self/fd/N/s`: short for any path): given
+/// its mode and group there, it is renamed into place, never looser.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let fail = |why: &str| Err(ServeError::Transient(format!("{} {why}", path.display())));
@@ -291,7 +278,7 @@ fn write_metrics(ctx: &Context, file: &Path) {
 /// The one way to stop: on SIGTERM or SIGINT, refuse new work, let the nix
 /// calls in progress finish within the grace period (then kill them), and
 /// exit. Whatever was not uploaded is still in the journal.
-fn stop_on_signal(ctx: &Context, worker: std::thread::JoinHandle<()>, own_socket: bool) {
+fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     let sig = match sys::wait_for_stop_signal() {
         Ok(sig) => sig,
         Err(e) => return error!("cannot wait for signals: {e}; stop the daemon with SIGKILL"),
@@ -324,12 +311,13 @@ fn stop_on_signal(ctx: &Context, worker: std::thread::JoinHandle<()>, own_socket
 
 /// Accepts connections for good (`waiting` first), each served by a thread
 /// of its own; turns them away while stopping or when `max-connections`
-/// are being served.
+/// are being served (each holds a reference to `ctx`: they are counted).
 fn accept_connections(
     ctx: &Arc<Context>,
     listener: &UnixListener,
     waiting: Option<UnixStream>,
 ) -> Result<(), ServeError> {
+    let others = Arc::strong_count(ctx);
     for accepted in waiting.into_iter().map(Ok).chain(listener.incoming()) {
         let Ok(mut stream) = accepted.inspect_err(|e| error!("accept failed: {e}")) else {
             // Out of descriptors, say: wait for connections to end.
@@ -337,25 +325,21 @@ fn accept_connections(
             continue;
         };
         let stopping = ctx.shared.stopping.load(SeqCst);
-        if stopping || ctx.active.load(SeqCst) >= ctx.config.max_connections {
+        if stopping || Arc::strong_count(ctx) - others >= ctx.config.max_connections {
             let why = if stopping { ERR_STOPPING } else { ERR_BUSY };
             // A fresh connection's buffer takes one line without waiting.
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
             let _ = stream.write_all(final_line(Err(why)).as_bytes());
             continue;
         }
-        ctx.active.fetch_add(1, SeqCst);
-        let ctx2 = Arc::clone(ctx);
-        let spawned = std::thread::Builder::new()
-            .name("conn".into())
-            .stack_size(64 * 1024) // It reads into the heap.
-            .spawn(move || {
-                handle(&ctx2, &stream);
-                ctx2.active.fetch_sub(1, SeqCst);
-            });
+        let ctx = Arc::clone(ctx);
+        let thread = std::thread::Builder::new().name("conn".into());
+        // A small stack: a connection reads into the heap.
+        let spawned = thread
+            .stack_size(64 * 1024)
+            .spawn(move || handle(&ctx, &stream));
         if let Err(e) = spawned {
             // The connection went with the closure: the client sees it closed.
-            ctx.active.fetch_sub(1, SeqCst);
             warning!("cannot start a connection thread: {e}");
         }
     }
@@ -367,11 +351,10 @@ struct Timed<'a>(&'a UnixStream, Instant);
 
 impl Read for Timed<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // At least a nanosecond: no timeout at all is `None`.
         let left = self.1.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(TimedOut.into());
-        }
-        self.0.set_read_timeout(Some(left))?;
+        self.0
+            .set_read_timeout(Some(left.max(Duration::from_nanos(1))))?;
         self.0.read(buf)
     }
 }
@@ -546,9 +529,9 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
         }
         let (failing, first_error) = {
             let s = ctx.shared.lock();
-            let failing: Vec<(&StorePath, &String)> = (s.targets.iter())
-                .flat_map(|t| t.backoff.iter())
-                .filter(|(_, b)| b.attempts > 0)
+            // Each path once, with the error of the first target it fails on.
+            let backoff = s.targets.iter().rev().flat_map(|t| &t.backoff);
+            let failing: HashMap<&StorePath, &String> = (backoff.filter(|(_, b)| b.attempts > 0))
                 .map(|(p, b)| (p, &b.last_error))
                 .collect();
             // The error of the first failing path waited for.
@@ -557,8 +540,7 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                 .filter(|(seq, _, _)| *seq <= upto)
                 .min_by_key(|(seq, _, _)| *seq)
                 .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
-            let distinct: HashSet<&StorePath> = failing.iter().map(|(p, _)| *p).collect();
-            (distinct.len().min(remaining), first.unwrap_or_default())
+            (failing.len().min(remaining), first.unwrap_or_default())
         };
         if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {
             let line = one_line(&format!(
