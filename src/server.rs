@@ -353,8 +353,8 @@ impl Read for Timed<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // At least a nanosecond: no timeout at all is `None`.
         let left = self.1.saturating_duration_since(Instant::now());
-        self.0
-            .set_read_timeout(Some(left.max(Duration::from_nanos(1))))?;
+        let left = left.max(Duration::from_nanos(1));
+        self.0.set_read_timeout(Some(left))?;
         self.0.read(buf)
     }
 }
@@ -379,33 +379,18 @@ fn read_line(reader: &mut BufReader<Timed>, line: &mut Vec<u8>) -> Result<bool, 
 
 fn handle(ctx: &Context, mut stream: &UnixStream) {
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-    // Root and the daemon's own user may change the queue; others may add
-    // to it and look (a peer that cannot be told is not trusted).
     let uid = sys::peer(stream.as_fd()).ok().map(|p| p.uid);
-    let admin = uid.is_some_and(|uid| uid == 0 || uid == sys::uid());
     let mut reader = BufReader::new(Timed(stream, Instant::now()));
     let mut line = Vec::new();
     loop {
-        // After an unreadable line the connection ends: where the next
-        // request starts could not be told.
         let (reply, end) = match read_line(&mut reader, &mut line) {
             Ok(false) => return,
+            // The connection ends: where the next request starts is unknown.
             Err(why) => (final_line(Err(&why)), true),
-            Ok(true) => (
-                match parse_request(&line, &ctx.config.store_dir) {
-                    Ok(Request::Retry | Request::Requeue(_) | Request::Drop(_)) if !admin => {
-                        let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
-                        final_line(Err(&format!(
-                            "{who} may not change the queue: retry, requeue and drop are taken \
-                         only from root and the daemon's user (uid {})",
-                            sys::uid()
-                        )))
-                    }
-                    Ok(req) => respond(ctx, stream, req),
-                    Err(e) => final_line(Err(&e)),
-                },
-                false,
-            ),
+            Ok(true) => match parse_request(&line, &ctx.config.store_dir) {
+                Ok(req) => (respond(ctx, stream, req, uid), false),
+                Err(e) => (final_line(Err(&e)), false),
+            },
         };
         if stream.write_all(reply.as_bytes()).is_err() || end {
             return;
@@ -413,7 +398,19 @@ fn handle(ctx: &Context, mut stream: &UnixStream) {
     }
 }
 
-fn respond(ctx: &Context, stream: &UnixStream, req: Request) -> String {
+/// The reply to `req` from a peer of user `uid`: root and the daemon's own
+/// user may change the queue; others may add to it and look (a peer that
+/// cannot be told is not trusted).
+fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -> String {
+    let admin = uid.is_some_and(|uid| uid == 0 || uid == sys::uid());
+    if !admin && matches!(req, Request::Retry | Request::Requeue(_) | Request::Drop(_)) {
+        let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
+        return final_line(Err(&format!(
+            "{who} may not change the queue: retry, requeue and drop are taken \
+             only from root and the daemon's user (uid {})",
+            sys::uid()
+        )));
+    }
     let queued = |paths: Vec<StorePath>| match paths.len() {
         n if n > 0 && ctx.tx.send(Msg::Queued(paths)).is_err() => final_line(Err(ERR_WORKER_GONE)),
         n => final_line(Ok(&n.to_string())),
@@ -426,7 +423,7 @@ fn respond(ctx: &Context, stream: &UnixStream, req: Request) -> String {
                 final_line(Err(&format!("{ERR_JOURNAL}: {e}; nothing was queued")))
             }
         },
-        Request::Drv(drv) => respond(ctx, stream, Request::Enqueue(vec![drv])),
+        Request::Drv(drv) => respond(ctx, stream, Request::Enqueue(vec![drv]), uid),
         Request::Ping => final_line(Ok(&format!("nix-post-build-hook-queue {}", crate::VERSION))),
         Request::Status(false) => snapshot(ctx).text() + &final_line(Ok("")),
         Request::Status(true) => snapshot(ctx).json() + &final_line(Ok("")),
@@ -540,13 +537,14 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                 .filter(|(seq, _, _)| *seq <= upto)
                 .min_by_key(|(seq, _, _)| *seq)
                 .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
-            (failing.len().min(remaining), first.unwrap_or_default())
+            (
+                failing.len().min(remaining),
+                one_line(&first.unwrap_or_default()),
+            )
         };
         if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {
-            let line = one_line(&format!(
-                "remaining {remaining} failing {failing}{first_error}"
-            ));
-            if stream.write_all((line + "\n").as_bytes()).is_err() {
+            let line = format!("remaining {remaining} failing {failing}{first_error}\n");
+            if stream.write_all(line.as_bytes()).is_err() {
                 return String::new();
             }
             (last, last_sent) = (Some((remaining, failing)), Instant::now());
