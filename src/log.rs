@@ -1,24 +1,11 @@
-//! One event per line on stderr: prefixed with its sd-daemon priority
-//! (`<3>`, `<4>`, `<6>`) when stderr is the journal, else with its level as
-//! a word. Messages are folded onto one line, their secrets masked (nix's
-//! errors repeat the store URL, password included).
+//! One event per line on stderr, prefixed with its sd-daemon priority when
+//! stderr is the journal, else its level as a word; secrets masked.
 
 use std::fmt;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::OnceLock;
-
-/// How serious an event is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    /// Something failed and needs attention.
-    Error,
-    /// Something went wrong but was handled (a retry, a dropped path).
-    Warning,
-    /// Normal progress.
-    Info,
-}
 
 /// True when `JOURNAL_STREAM` (`DEVICE:INODE`) names stderr itself, not a
 /// stream a parent had (systemd.exec(5)).
@@ -35,14 +22,10 @@ fn under_journald() -> bool {
     })
 }
 
-/// Writes one event line to stderr.
-pub fn log(level: Level, args: fmt::Arguments<'_>) {
+/// Writes one event line to stderr: `priority` is sd-daemon(3)'s (3 error,
+/// 4 warning, 6 info), `word` its name.
+pub fn log(priority: u8, word: &str, args: fmt::Arguments<'_>) {
     let text = crate::redact::text(&crate::protocol::one_line(&args.to_string()));
-    let (priority, word) = match level {
-        Level::Error => (3, "error"),
-        Level::Warning => (4, "warning"),
-        Level::Info => (6, "info"),
-    };
     let line = if under_journald() {
         format!("<{priority}>{text}\n")
     } else {
@@ -54,17 +37,17 @@ pub fn log(level: Level, args: fmt::Arguments<'_>) {
 /// Logs an error event.
 #[macro_export]
 macro_rules! error {
-    ($($arg:tt)*) => { $crate::log::log($crate::log::Level::Error, format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::log::log(3, "error", format_args!($($arg)*)) };
 }
 
 /// Logs a warning event.
 #[macro_export]
 macro_rules! warning {
-    ($($arg:tt)*) => { $crate::log::log($crate::log::Level::Warning, format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::log::log(4, "warning", format_args!($($arg)*)) };
 }
 
 /// Logs an informational event.
 #[macro_export]
 macro_rules! info {
-    ($($arg:tt)*) => { $crate::log::log($crate::log::Level::Info, format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::log::log(6, "info", format_args!($($arg)*)) };
 }

@@ -1,12 +1,7 @@
-//! The socket protocol: one request line in, reply lines out.
-//!
-//! A request is `VERB [ARG...]` terminated by `\n`, in UTF-8, arguments
-//! separated by single spaces. Every reply ends with a final line starting
-//! with `ok` or `err`; `status` and `wait` send informational lines before it.
-//! Parsing validates every path, so a [`Request`] only ever holds paths that
-//! are safe to journal and to hand to `nix`.
-
-use std::fmt;
+//! The socket protocol: one request line (`VERB [ARG...]`, UTF-8, single
+//! spaces) in; reply lines out, the last starting with `ok` or `err`.
+//! Parsing validates every path: a [`Request`] holds only paths that are
+//! safe to journal and to hand to `nix`.
 
 use crate::store_path::{PathError, StorePath};
 
@@ -21,67 +16,42 @@ pub enum Request {
     Drv(StorePath),
     /// Liveness check; the reply carries the daemon's version.
     Ping,
-    /// Report the queue's state: `status` in lines for people, `status
-    /// json` in one JSON object line.
-    Status {
-        /// `status json`.
-        json: bool,
-    },
+    /// The queue's state: in lines for people, or (`status json`, true)
+    /// in one JSON object line.
+    Status(bool),
     /// Block until everything queued before this request is done.
     Wait,
     /// Make every backing-off path due now.
     Retry,
-    /// Requeue paths given up on (`requeue PATH...`, `requeue-failed`).
-    Requeue(Selection),
-    /// Drop queued paths from the journal (`drop PATH...`, `drop-failed`).
-    Drop(Selection),
-}
-
-/// The paths an admin request is about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selection {
-    /// These paths.
-    Paths(Vec<StorePath>),
-    /// Every path given up on.
-    AllFailed,
+    /// Requeue paths given up on (`requeue PATH...`; `requeue-failed`: None).
+    Requeue(Option<Vec<StorePath>>),
+    /// Drop queued paths from the journal (`drop PATH...`; `drop-failed`:
+    /// None, every path given up on).
+    Drop(Option<Vec<StorePath>>),
 }
 
 /// Every verb with its arguments, for errors.
-const VERBS: &str = "enqueue PATH..., drv DRV, ping, status [json], wait, retry, requeue PATH..., requeue-failed, drop PATH..., drop-failed";
+const VERBS: &str = "enqueue PATH..., drv DRV, ping, status [json], wait, retry, \
+    requeue PATH..., requeue-failed, drop PATH..., drop-failed";
 
-/// Why a request line was refused; the text is sent back after `err `.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProtocolError {
-    /// The line is longer than [`MAX_LINE`]: the connection ends.
-    TooLong,
-    /// Anything else wrong with it, said in full.
-    Bad(String),
+/// What a request line of [`MAX_LINE`] bytes or more is told.
+pub fn too_long() -> String {
+    format!("request line longer than {MAX_LINE} bytes")
 }
 
-impl fmt::Display for ProtocolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProtocolError::TooLong => write!(f, "request line longer than {MAX_LINE} bytes"),
-            ProtocolError::Bad(why) => f.write_str(why),
-        }
-    }
-}
-
-impl std::error::Error for ProtocolError {}
-
-/// Parses one request line (without its `\n`) against the store directory.
-pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolError> {
+/// Parses one request line (without its `\n`) against the store directory;
+/// the error is sent back after `err `.
+pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, String> {
     if line.len() >= MAX_LINE {
-        return Err(ProtocolError::TooLong);
+        return Err(too_long());
     }
-    let bad = ProtocolError::Bad;
-    let line = std::str::from_utf8(line).map_err(|_| bad("request is not valid UTF-8".into()))?;
+    let line = std::str::from_utf8(line).map_err(|_| "request is not valid UTF-8")?;
     let line = line.strip_suffix('\r').unwrap_or(line);
     if line.is_empty() {
-        return Err(bad(format!("empty request; verbs: {VERBS}")));
+        return Err(format!("empty request; verbs: {VERBS}"));
     }
     let (verb, rest) = line.split_once(' ').unwrap_or((line, ""));
-    let usage = |u: &str| bad(format!("usage: {u}"));
+    let usage = |u: &str| format!("usage: {u}");
     // `ping ` (a trailing space) is an empty argument, refused like any other.
     let plain = |req| (verb.len() == line.len()).then_some(req).ok_or(usage(verb));
     let listed = |u: &str, parse: ParseFn| match rest {
@@ -96,41 +66,42 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, ProtocolEr
             "requeue PATH [PATH...] (or requeue-failed)",
             StorePath::parse,
         )
-        .map(|p| Request::Requeue(Selection::Paths(p))),
+        .map(|p| Request::Requeue(Some(p))),
         "drop" => listed("drop PATH [PATH...] (or drop-failed)", StorePath::parse)
-            .map(|p| Request::Drop(Selection::Paths(p))),
-        "requeue-failed" => plain(Request::Requeue(Selection::AllFailed)),
-        "drop-failed" => plain(Request::Drop(Selection::AllFailed)),
+            .map(|p| Request::Drop(Some(p))),
+        "requeue-failed" => plain(Request::Requeue(None)),
+        "drop-failed" => plain(Request::Drop(None)),
         "drv" if !rest.is_empty() && !rest.contains(' ') => StorePath::parse_drv(rest, store_dir)
             .map(Request::Drv)
-            .map_err(|e| bad(format!("path 1: {e}"))),
+            .map_err(|e| format!("path 1: {e}")),
         "drv" => Err(usage("drv DRV_PATH")),
         "ping" => plain(Request::Ping),
-        "status" if rest == "json" => Ok(Request::Status { json: true }),
-        "status" => plain(Request::Status { json: false }).map_err(|_| usage("status [json]")),
+        "status" if rest == "json" => Ok(Request::Status(true)),
+        "status" => plain(Request::Status(false)).map_err(|_| usage("status [json]")),
         "wait" => plain(Request::Wait),
         "retry" => plain(Request::Retry),
-        other => Err(bad(format!(
+        other => Err(format!(
             "unknown verb {:?}; verbs: {VERBS}",
-            truncate(other, 40)
-        ))),
+            shorten(other, 40)
+        )),
     }
 }
 
 type ParseFn = fn(&str, &str) -> Result<StorePath, PathError>;
 
 /// Parses space-separated store paths, at most [`MAX_PATHS`] of them.
-fn paths(rest: &str, store_dir: &str, parse: ParseFn) -> Result<Vec<StorePath>, ProtocolError> {
+fn paths(rest: &str, store_dir: &str, parse: ParseFn) -> Result<Vec<StorePath>, String> {
     let args: Vec<&str> = rest.split(' ').collect();
     if args.len() > MAX_PATHS {
         let n = args.len();
-        let why = format!("{n} paths in one request; at most {MAX_PATHS} are accepted");
-        return Err(ProtocolError::Bad(why));
+        return Err(format!(
+            "{n} paths in one request; at most {MAX_PATHS} are accepted"
+        ));
     }
-    let parsed = args.iter().enumerate().map(|(i, a)| {
-        parse(a, store_dir).map_err(|e| ProtocolError::Bad(format!("path {}: {e}", i + 1)))
-    });
-    parsed.collect()
+    let parsed = args.iter().enumerate();
+    parsed
+        .map(|(i, a)| parse(a, store_dir).map_err(|e| format!("path {}: {e}", i + 1)))
+        .collect()
 }
 
 /// The final reply line: `ok ...` or `err ...`, newline included.
@@ -139,28 +110,19 @@ pub fn final_line(result: Result<&str, &str>) -> String {
         Ok(t) => ("ok", t),
         Err(t) => ("err", t),
     };
-    let text = one_line(text);
-    if text.is_empty() {
-        format!("{word}\n")
-    } else {
-        format!("{word} {text}\n")
-    }
+    let space = if text.is_empty() { "" } else { " " };
+    format!("{word}{space}{}\n", one_line(text))
 }
 
 /// Replaces line breaks so a message can never split a reply or log line.
 pub fn one_line(text: &str) -> String {
-    text.chars()
-        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
-        .collect()
+    text.replace(['\n', '\r'], " ")
 }
 
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_string()
-    } else {
-        let cut: String = s.chars().take(max).collect();
-        format!("{cut}...")
-    }
+/// At most `max` characters of `text`, the rest marked as cut.
+pub fn shorten(text: &str, max: usize) -> String {
+    let cut = text.char_indices().nth(max);
+    cut.map_or_else(|| text.to_string(), |(i, _)| format!("{}...", &text[..i]))
 }
 
 #[cfg(test)]
@@ -188,36 +150,27 @@ mod tests {
             Ok(Request::Drv(StorePath::parse(&d, S).unwrap()))
         );
         assert_eq!(parse_request(b"ping", S), Ok(Request::Ping));
-        assert_eq!(
-            parse_request(b"status\r", S),
-            Ok(Request::Status { json: false })
-        );
-        assert_eq!(
-            parse_request(b"status json", S),
-            Ok(Request::Status { json: true })
-        );
+        assert_eq!(parse_request(b"status\r", S), Ok(Request::Status(false)));
+        assert_eq!(parse_request(b"status json", S), Ok(Request::Status(true)));
         assert_eq!(parse_request(b"wait", S), Ok(Request::Wait));
         assert_eq!(parse_request(b"retry", S), Ok(Request::Retry));
         let p = StorePath::parse(&a, S).unwrap();
         assert_eq!(
             parse_request(format!("requeue {a}").as_bytes(), S),
-            Ok(Request::Requeue(Selection::Paths(vec![p.clone()])))
+            Ok(Request::Requeue(Some(vec![p.clone()])))
         );
         assert_eq!(
             parse_request(format!("drop {a} {d}").as_bytes(), S),
-            Ok(Request::Drop(Selection::Paths(vec![
+            Ok(Request::Drop(Some(vec![
                 p,
                 StorePath::parse(&d, S).unwrap()
             ])))
         );
         assert_eq!(
             parse_request(b"requeue-failed", S),
-            Ok(Request::Requeue(Selection::AllFailed))
+            Ok(Request::Requeue(None))
         );
-        assert_eq!(
-            parse_request(b"drop-failed", S),
-            Ok(Request::Drop(Selection::AllFailed))
-        );
+        assert_eq!(parse_request(b"drop-failed", S), Ok(Request::Drop(None)));
     }
 
     #[test]
@@ -257,10 +210,10 @@ mod tests {
         let many = format!("enqueue{}", format!(" {good}").repeat(MAX_PATHS + 1));
         assert_eq!(
             parse_request(many.as_bytes(), S),
-            Err(ProtocolError::Bad(format!(
+            Err(format!(
                 "{} paths in one request; at most {MAX_PATHS} are accepted",
                 MAX_PATHS + 1
-            )))
+            ))
         );
     }
 

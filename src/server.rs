@@ -1,53 +1,43 @@
-//! The daemon: recovery at start, the listener, and one thread per client.
-//!
-//! Startup is recovery: replay the journal, hand every live path to the
-//! worker, then accept. Each connection has a thread of its own (at most
-//! `max-connections`; more get `err busy`), which journals paths before
-//! acknowledging them: a slow client never delays another, nor nix an
-//! acknowledgement. `retry`, `requeue` and `drop` are taken only from root
-//! and the daemon's own user (the peer's credentials, as the kernel saw
-//! them); anyone the socket's mode lets in may `enqueue`, `status` and `wait`.
+//! The daemon: recovery at start, the listener, and one thread per client
+//! (at most `max-connections`), which journals paths before acknowledging
+//! them. `retry`, `requeue` and `drop` are taken only from root and the
+//! daemon's own user (the peer's credentials, as the kernel saw them).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::ErrorKind::{Interrupted, TimedOut, WouldBlock};
-use std::io::{self, Read, Write};
+use std::io::ErrorKind::{TimedOut, WouldBlock};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::journal::{GivenUp, Journal, TargetId};
-use crate::protocol::{final_line, one_line, parse_request, ProtocolError, Request, Selection};
+use crate::journal::{GivenUp, Journal, TargetId, FILE_NAME};
+use crate::protocol::{final_line, one_line, parse_request, shorten, too_long, Request};
 use crate::protocol::{ERR_BUSY, ERR_JOURNAL, ERR_STOPPING, ERR_WORKER_GONE, MAX_LINE};
 use crate::status::{self, Shared, Snapshot};
 use crate::store_path::StorePath;
+use crate::target::{self, Target};
 use crate::worker::{Msg, Worker};
 use crate::{error, info, redact, sys, systemd, warning};
 
 /// Longest a client may take to send one request line.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often `wait` looks at the queue.
-const WAIT_POLL: Duration = Duration::from_millis(50);
-/// How often the metrics file is rewritten.
-const METRICS_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a stop waits for the nix call in progress.
-pub const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Stack of a connection thread: it reads into the heap.
-const CONNECTION_STACK: usize = 64 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stop waits for the nix calls in progress.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Names the private directories the socket is bound in.
 const PRIVATE_PREFIX: &str = ".post-build-hook-queue-";
 
 /// Why the daemon could not start.
 #[derive(Debug)]
 pub enum ServeError {
-    /// The configuration can never work (exit 78): a target nix refuses
-    /// for good, an upload program that does not exist.
+    /// The configuration can never work (exit 78).
     Config(String),
     /// Something a restart may get past (exit 1): the journal's I/O, the
     /// state directory locked by another daemon, the socket in use.
@@ -61,72 +51,50 @@ impl std::fmt::Display for ServeError {
     }
 }
 
-impl std::error::Error for ServeError {}
-
 fn transient(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> ServeError {
     move |e| ServeError::Transient(format!("{what}: {e}"))
 }
 
 /// What every connection thread shares.
 struct Context {
+    config: Config,
     journal: Arc<Journal>,
     shared: Arc<Shared>,
     tx: Sender<Msg>,
-    store_dir: String,
-    /// The journal's names for the targets, and the targets as shown.
-    target_ids: Vec<TargetId>,
-    labels: Vec<String>,
-    spool_dir: PathBuf,
-    signing: bool,
-    /// Connections being served.
-    active: AtomicUsize,
-    max_connections: usize,
+    targets: Vec<Target>,
 }
 
-/// Runs the daemon: returns only if it cannot start; it ends when a signal
-/// stops it (see `stop_on_signal`) or it is killed.
+/// Runs the daemon: returns only if it cannot start; a signal stops it.
 pub fn serve(config: Config) -> Result<(), ServeError> {
     // Before any thread starts, so that only the stop thread sees them.
     sys::block_stop_signals().map_err(transient("cannot block SIGTERM and SIGINT"))?;
     let activated = systemd::listener_from_env()
         .map_err(transient("cannot use the socket passed by systemd"))?;
     // Before anything can fail and quote the target.
-    config
-        .upload_to
-        .iter()
-        .for_each(|url| redact::remember(url));
+    config.upload_to.iter().for_each(|u| redact::remember(u));
     // Held until the process ends: one daemon per journal.
     let _lock = lock_state_dir(&config.state_dir)?;
     let journal_error = format!("cannot open the journal in {}", config.state_dir.display());
     let (journal, replay) =
         Journal::open(&config.state_dir, &config.store_dir).map_err(transient(journal_error))?;
     // After the journal, whose refusal matters more; before the socket.
-    crate::target::check_at_start(&config).map_err(ServeError::Config)?;
-    if replay.torn_bytes > 0 {
-        let n = replay.torn_bytes;
+    target::check_at_start(&config).map_err(ServeError::Config)?;
+    if let n @ 1.. = replay.torn_bytes {
         warning!("journal: cut off a torn last record of {n} bytes (a crash during a write)");
     }
-    let (file, n) = (
-        config.state_dir.join(crate::journal::FILE_NAME),
-        replay.paths.len(),
-    );
+    let (file, n) = (config.state_dir.join(FILE_NAME), replay.paths.len());
     info!("journal {} replayed: {n} paths queued", file.display());
-    // Created by us, so that we own it: a hook running as root (under the
-    // Nix daemon) can write into it, and we can delete what we ingested.
+    // Ours: a hook running as root writes into it, we delete what we ingested.
     let spool = config.spool_dir();
     if let Err(e) = fs::create_dir_all(&spool) {
         warning!("cannot create the spool directory {}: {e}", spool.display());
     }
-    let journal = Arc::new(journal);
-    let targets = crate::target::configured(&config);
-    let shared = Arc::new(Shared::new(&targets));
-    let (tx, rx) = mpsc::channel();
+    let targets = target::configured(&config);
     let target_ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
     // Paths every target has already (a target left the configuration).
     if let Ok(n @ 1..) = journal.settle(&target_ids) {
         info!("journal: {n} paths every target has already are done");
     }
-    // Those some target still needs, and those given up on where not had.
     let needed =
         |p: &StorePath, t: &TargetId| !journal.is_delivered(p, *t) && !journal.is_given_up(p, *t);
     let (to_upload, given_up): (Vec<StorePath>, Vec<StorePath>) = (replay.paths.into_iter())
@@ -138,100 +106,84 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
              see `post-build-hook-queue status`, then requeue or drop them"
         );
     }
+    let (tx, rx) = mpsc::channel();
     if !to_upload.is_empty() {
         let _ = tx.send(Msg::Queued(to_upload));
     }
-    let (listener, waiting, own_socket) = match activated {
-        Some((l, waiting)) => {
+    let own_socket = activated.is_none();
+    let (listener, waiting) = match activated {
+        Some(passed) => {
             info!("listening on the socket passed by systemd");
-            (l, waiting, None)
+            passed
         }
-        None => (bind(&config)?, None, Some(config.socket.clone())),
+        None => (bind(&config)?, None),
     };
+    let (journal, shared) = (Arc::new(journal), Arc::new(Shared::new(&targets)));
     let worker = Worker::new(&config, Arc::clone(&journal), Arc::clone(&shared), rx);
     let worker = spawn("worker", move || worker.run())?;
+    let labels: Vec<&str> = targets.iter().map(|t| t.label.as_str()).collect();
+    let to = match targets.as_slice() {
+        [t] if matches!(t.kind, target::Kind::SignOnly) => "(none)".into(),
+        _ => labels.join(", "),
+    };
+    let signing = config.signing_key_file.as_ref().map_or("off", |_| "on");
+    let store = &config.store_dir;
+    info!("ready: store {store}, signing {signing}, upload to {to}");
     let ctx = Arc::new(Context {
+        config,
         journal,
         shared,
         tx,
-        store_dir: config.store_dir.clone(),
-        target_ids,
-        labels: match targets.as_slice() {
-            [t] if matches!(t.kind, crate::target::Kind::SignOnly) => vec!["(none)".into()],
-            all => all.iter().map(|t| t.label.clone()).collect(),
-        },
-        spool_dir: config.spool_dir(),
-        signing: config.signing_key_file.is_some(),
-        active: AtomicUsize::new(0),
-        max_connections: config.max_connections,
+        targets,
     });
-    let (store, targets) = (&config.store_dir, ctx.labels.join(", "));
-    let signing = if ctx.signing { "on" } else { "off" };
-    info!("ready: store {store}, signing {signing}, upload to {targets}");
-    if let Some(file) = config.metrics_file.clone() {
+    if let Some(file) = ctx.config.metrics_file.clone() {
         let ctx = Arc::clone(&ctx);
         spawn("metrics", move || write_metrics(&ctx, &file))?;
     }
     let stopper = Arc::clone(&ctx);
-    let metrics = config.metrics_file.clone();
-    spawn("stop", move || {
-        stop_on_signal(&stopper, worker, own_socket, metrics)
-    })?;
-    if let Err(e) = systemd::notify_ready() {
+    spawn("stop", move || stop_on_signal(&stopper, worker, own_socket))?;
+    if let Err(e) = systemd::notify("READY=1") {
         warning!("cannot notify systemd of readiness: {e}");
     }
     accept_connections(&ctx, &listener, waiting)
 }
 
-fn spawn<T: Send + 'static>(
-    name: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<std::thread::JoinHandle<T>, ServeError> {
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ServeError> {
     let builder = std::thread::Builder::new().name(name.into());
     builder.spawn(f).map_err(transient("cannot start a thread"))
 }
 
 /// Locks the state directory (its file `lock`, which holds the pid), so
-/// that no second daemon appends to and compacts the same journal. The
-/// flock goes with the process, also on `kill -9`: a stale one never
-/// blocks a start.
+/// that no second daemon appends to the same journal. The flock goes with
+/// the process, also on `kill -9`: a stale one never blocks a start.
 fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
     fs::create_dir_all(dir).map_err(err())?;
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o644)
-        .open(dir.join("lock"))
-        .map_err(err())?;
+    let mut open = fs::OpenOptions::new();
+    open.read(true).write(true).create(true).truncate(false);
+    let mut file = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
     match file.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            return Err(ServeError::Transient(format!(
-                "state-dir {} is in use by another daemon (pid {}); stop it or choose another state-dir",
-                dir.display(),
-                holder.trim()
-            )));
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let (dir, pid) = (dir.display(), pid.trim());
+            let why = format!("state-dir {dir} is in use by another daemon (pid {pid})");
+            let why = why + "; stop it or choose another state-dir";
+            return Err(ServeError::Transient(why));
         }
         Err(fs::TryLockError::Error(e)) => return Err(err()(e)),
     }
-    // Padded over whatever pid was there, so that no truncate is needed
-    // (the journal's undo of a failed write is the daemon's only one).
+    // Padded over whatever pid was there, so that no truncate is needed.
     let pid = format!("{:<10}\n", std::process::id());
     std::os::unix::fs::FileExt::write_all_at(&file, pid.as_bytes(), 0).map_err(err())?;
     Ok(file)
 }
 
-/// Binds the socket path, replacing only a stale socket (nothing answers)
-/// and never anything else. The socket is made in a private directory
-/// beside it (mode 0700, an unpredictable name, checked on its descriptor,
-/// reached as `/proc/self/fd/N/s`, short enough for any socket path), given
-/// its mode and group, then renamed into place: never reachable with looser
-/// permissions than `socket-mode`. Leftovers of a killed bind go first.
+/// Binds the socket path, replacing only a stale socket (nothing answers),
+/// through a private directory beside it (mode 0700, unguessable, checked on
+/// its descriptor, reached as `/proc/self/fd/N/s`: short for any path): given
+/// its mode and group there, it is renamed into place, never looser.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let fail = |why: &str| Err(ServeError::Transient(format!("{} {why}", path.display())));
@@ -239,9 +191,7 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
         return fail("has another daemon listening; stop it or choose another --socket");
     }
     if fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_socket()) {
-        return fail(
-            "exists and is not a socket; refusing to replace it (check the socket setting)",
-        );
+        return fail("exists and is not a socket; refusing to replace it");
     }
     let parent = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -250,73 +200,47 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let err = || transient(format!("cannot listen on {}", path.display()));
     fs::create_dir_all(parent).map_err(err())?;
     remove_leftovers(parent);
-    let (private, dir) = private_dir(parent).map_err(err())?;
-    let tmp = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
+    // Keyed from the operating system's random source: others cannot guess it.
+    let random = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0);
+    let private = parent.join(format!("{PRIVATE_PREFIX}{random:016x}"));
     let setup = || -> io::Result<UnixListener> {
-        let listener = UnixListener::bind(&tmp)?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))?;
-        if let Some(group) = &config.socket_group {
-            std::os::unix::fs::chown(&tmp, None, Some(group_id(group)?))?;
+        fs::DirBuilder::new().mode(0o700).create(&private)?;
+        let dir = fs::File::open(&private)?;
+        let meta = dir.metadata()?;
+        if !meta.is_dir() || meta.uid() != sys::uid() || meta.mode() & 0o077 != 0 {
+            let why = format!("{} was replaced during the bind", private.display());
+            return Err(io::Error::other(why));
         }
-        fs::rename(&tmp, path)?;
-        Ok(listener)
+        let tmp = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
+        let listener = UnixListener::bind(&tmp);
+        let result = listener.and_then(|l| {
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))?;
+            if let Some(group) = &config.socket_group {
+                std::os::unix::fs::chown(&tmp, None, Some(group_id(group)?))?;
+            }
+            fs::rename(&tmp, path).map(|()| l)
+        });
+        let _ = fs::remove_file(&tmp);
+        result
     };
     let result = setup();
-    let _ = fs::remove_file(&tmp);
     // `rmdir` removes nothing else (not a file, not through a symlink).
     let _ = fs::remove_dir(&private);
     let listener = result.map_err(err())?;
-    info!(
-        "listening on {} (mode {:04o})",
-        path.display(),
-        config.socket_mode
-    );
+    let (shown, mode) = (path.display(), config.socket_mode);
+    info!("listening on {shown} (mode {mode:04o})");
     Ok(listener)
-}
-
-/// Creates a private directory in `parent`, opened and checked on its
-/// descriptor (a name taken by someone else is skipped).
-fn private_dir(parent: &Path) -> io::Result<(PathBuf, fs::File)> {
-    use std::hash::{BuildHasher, RandomState};
-    for attempt in 0..16 {
-        // Keyed from the operating system's random source: others cannot guess it.
-        let random = RandomState::new().hash_one((std::process::id(), attempt));
-        let path = parent.join(format!("{PRIVATE_PREFIX}{random:016x}"));
-        match fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-        let dir = fs::File::open(&path)?;
-        let meta = dir.metadata()?;
-        if !meta.is_dir() || meta.uid() != sys::uid() || meta.mode() & 0o077 != 0 {
-            let why = format!(
-                "{} was replaced while the socket was being set up",
-                path.display()
-            );
-            return Err(io::Error::other(why));
-        }
-        return Ok((path, dir));
-    }
-    Err(io::Error::other(format!(
-        "no free name for a private directory in {}",
-        parent.display()
-    )))
 }
 
 /// Removes our own private directories in `parent` that a daemon killed
 /// while binding left behind (a minute old: none is in use that long).
 fn remove_leftovers(parent: &Path) {
+    let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age.as_secs() > 60);
+    // Not through a symlink: an entry's `metadata` does not follow it.
+    let ours = |m: fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.modified().is_ok_and(old);
     for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
-        let ours = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with(PRIVATE_PREFIX));
-        let Ok(meta) = entry.metadata() else { continue };
-        let old = meta.modified().ok().and_then(|t| t.elapsed().ok());
-        if ours && meta.is_dir() && meta.uid() == sys::uid() && old > Some(Duration::from_secs(60))
-        {
-            // Never follows a link inside; removes what a killed bind left.
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(PRIVATE_PREFIX) && entry.metadata().is_ok_and(ours) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
@@ -330,15 +254,13 @@ fn group_id(group: &str) -> io::Result<u32> {
     let text = fs::read_to_string("/etc/group")?;
     let mut entries = text.lines().map(|l| l.split(':').collect::<Vec<_>>());
     let entry = entries.find(|f| f.first() == Some(&group) && f.len() > 2);
-    entry.and_then(|f| f[2].parse().ok()).ok_or_else(|| {
-        io::Error::other(format!(
-            "socket-group {group:?}: no such group in /etc/group"
-        ))
-    })
+    let gid = entry.and_then(|f| f[2].parse().ok());
+    gid.ok_or_else(|| io::Error::other(format!("socket-group {group:?}: not in /etc/group")))
 }
 
 fn snapshot(ctx: &Context) -> Snapshot {
-    Snapshot::take(&ctx.journal, &ctx.shared, &ctx.spool_dir, ctx.signing)
+    let signing = ctx.config.signing_key_file.is_some();
+    Snapshot::take(&ctx.journal, &ctx.shared, &ctx.config.spool_dir(), signing)
 }
 
 fn write_metrics(ctx: &Context, file: &Path) {
@@ -349,26 +271,21 @@ fn write_metrics(ctx: &Context, file: &Path) {
             warning!("cannot write metrics file {}: {e}", file.display());
         }
         failing = result.is_err();
-        std::thread::sleep(METRICS_INTERVAL);
+        std::thread::sleep(Duration::from_secs(5));
     }
 }
 
 /// The one way to stop: on SIGTERM or SIGINT, refuse new work, let the nix
-/// call in progress finish within the grace period (then kill it), and exit.
-/// Whatever was not uploaded is still in the journal.
-fn stop_on_signal(
-    ctx: &Context,
-    worker: std::thread::JoinHandle<()>,
-    own_socket: Option<PathBuf>,
-    metrics: Option<PathBuf>,
-) {
+/// calls in progress finish within the grace period (then kill them), and
+/// exit. Whatever was not uploaded is still in the journal.
+fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     let sig = match sys::wait_for_stop_signal() {
         Ok(sig) => sig,
         Err(e) => return error!("cannot wait for signals: {e}; stop the daemon with SIGKILL"),
     };
     info!("received signal {sig}, stopping");
-    ctx.shared.stopping.store(true, Ordering::SeqCst);
-    let _ = systemd::notify_stopping();
+    ctx.shared.stopping.store(true, SeqCst);
+    let _ = systemd::notify("STOPPING=1");
     let _ = ctx.tx.send(Msg::Shutdown);
     let deadline = Instant::now() + STOP_GRACE;
     while !worker.is_finished() && Instant::now() < deadline {
@@ -381,11 +298,11 @@ fn stop_on_signal(
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
     }
-    if let Some(file) = metrics {
-        let _ = status::write_atomically(&file, &snapshot(ctx).prometheus());
+    if let Some(file) = &ctx.config.metrics_file {
+        let _ = status::write_atomically(file, &snapshot(ctx).prometheus());
     }
-    if let Some(socket) = own_socket {
-        let _ = fs::remove_file(socket);
+    if own_socket {
+        let _ = fs::remove_file(&ctx.config.socket);
     }
     let n = ctx.journal.len();
     info!("stopped; {n} paths stay queued in the journal");
@@ -394,143 +311,109 @@ fn stop_on_signal(
 
 /// Accepts connections for good (`waiting` first), each served by a thread
 /// of its own; turns them away while stopping or when `max-connections`
-/// are being served.
+/// are being served (each holds a reference to `ctx`: they are counted).
 fn accept_connections(
     ctx: &Arc<Context>,
     listener: &UnixListener,
-    mut waiting: Option<UnixStream>,
-) -> ! {
-    loop {
-        let accepted = waiting
-            .take()
-            .map_or_else(|| listener.accept().map(|(s, _)| s), Ok);
-        let mut stream = match accepted {
-            Ok(stream) => stream,
-            Err(e) if e.kind() == Interrupted => continue,
-            Err(e) => {
-                // Out of descriptors, say: wait for connections to end.
-                error!("accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
+    waiting: Option<UnixStream>,
+) -> Result<(), ServeError> {
+    let others = Arc::strong_count(ctx);
+    for accepted in waiting.into_iter().map(Ok).chain(listener.incoming()) {
+        let Ok(mut stream) = accepted.inspect_err(|e| error!("accept failed: {e}")) else {
+            // Out of descriptors, say: wait for connections to end.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
         };
-        let stopping = ctx.shared.stopping.load(Ordering::SeqCst);
-        if stopping || ctx.active.load(Ordering::SeqCst) >= ctx.max_connections {
+        let stopping = ctx.shared.stopping.load(SeqCst);
+        if stopping || Arc::strong_count(ctx) - others >= ctx.config.max_connections {
             let why = if stopping { ERR_STOPPING } else { ERR_BUSY };
             // A fresh connection's buffer takes one line without waiting.
             let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
             let _ = stream.write_all(final_line(Err(why)).as_bytes());
             continue;
         }
-        ctx.active.fetch_add(1, Ordering::SeqCst);
-        let ctx2 = Arc::clone(ctx);
-        let spawned = std::thread::Builder::new()
-            .name("conn".into())
-            .stack_size(CONNECTION_STACK)
-            .spawn(move || {
-                handle(&ctx2, stream);
-                ctx2.active.fetch_sub(1, Ordering::SeqCst);
-            });
+        let ctx = Arc::clone(ctx);
+        let thread = std::thread::Builder::new().name("conn".into());
+        // A small stack: a connection reads into the heap.
+        let spawned = thread
+            .stack_size(64 * 1024)
+            .spawn(move || handle(&ctx, &stream));
         if let Err(e) = spawned {
             // The connection went with the closure: the client sees it closed.
-            ctx.active.fetch_sub(1, Ordering::SeqCst);
             warning!("cannot start a connection thread: {e}");
         }
     }
+    unreachable!("a listener's incoming() never ends")
 }
 
-/// Reads one line of at most `MAX_LINE` bytes, all of it within
-/// `REQUEST_TIMEOUT`, into `line`. `Ok(false)` at a clean end of stream.
-fn read_line(
-    stream: &mut UnixStream,
-    line: &mut Vec<u8>,
-    pending: &mut Vec<u8>,
-) -> Result<bool, String> {
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
-    let late = format!(
-        "no complete request line within {} s",
-        REQUEST_TIMEOUT.as_secs()
-    );
-    loop {
-        if let Some(i) = pending.iter().position(|&b| b == b'\n') {
-            line.clear();
-            line.extend(pending.drain(..=i).take(i));
-            return Ok(true);
-        }
-        if pending.len() >= MAX_LINE {
-            return Err(ProtocolError::TooLong.to_string());
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(late);
-        }
-        stream
-            .set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
-        // Straight into `pending`, 4 to 64 KiB at a time, not through a
-        // buffer on this thread's small stack.
-        let had = pending.len();
-        let room = (pending.capacity() - had).clamp(4096, 64 * 1024);
-        pending.resize(had + room, 0);
-        let read = stream.read(&mut pending[had..]);
-        pending.truncate(had + read.as_ref().map_or(0, |n| *n));
-        match read {
-            Ok(0) if pending.is_empty() => return Ok(false),
-            Ok(0) => return Err("request line not terminated by a newline".into()),
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => return Err(late),
-            Err(e) if e.kind() == Interrupted => {}
-            Err(e) => return Err(e.to_string()),
-        }
+/// A connection read with one deadline for the whole of each request line.
+struct Timed<'a>(&'a UnixStream, Instant);
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // At least a nanosecond: no timeout at all is `None`.
+        let left = self.1.saturating_duration_since(Instant::now());
+        let left = left.max(Duration::from_nanos(1));
+        self.0.set_read_timeout(Some(left))?;
+        self.0.read(buf)
     }
 }
 
-fn handle(ctx: &Context, mut stream: UnixStream) {
+/// Reads one line of less than `MAX_LINE` bytes, all of it within
+/// `REQUEST_TIMEOUT`, into `line`. `Ok(false)` at a clean end of stream.
+fn read_line(reader: &mut BufReader<Timed>, line: &mut Vec<u8>) -> Result<bool, String> {
+    reader.get_mut().1 = Instant::now() + REQUEST_TIMEOUT;
+    line.clear();
+    match reader.take(MAX_LINE as u64).read_until(b'\n', line) {
+        Ok(0) => Ok(false),
+        Ok(_) if line.pop_if(|b| *b == b'\n').is_some() => Ok(true),
+        Ok(n) if n >= MAX_LINE => Err(too_long()),
+        Ok(_) => Err("request line not terminated by a newline".into()),
+        Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => Err(format!(
+            "no complete request line within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn handle(ctx: &Context, mut stream: &UnixStream) {
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-    // Root and the daemon's own user may change the queue; others may add
-    // to it and look (a peer that cannot be told is not trusted).
     let uid = sys::peer(stream.as_fd()).ok().map(|p| p.uid);
-    let admin = uid.is_some_and(|uid| uid == 0 || uid == sys::uid());
-    let (mut line, mut pending) = (Vec::new(), Vec::new());
+    let mut reader = BufReader::new(Timed(stream, Instant::now()));
+    let mut line = Vec::new();
     loop {
-        let reply = match read_line(&mut stream, &mut line, &mut pending) {
+        let (reply, end) = match read_line(&mut reader, &mut line) {
             Ok(false) => return,
-            Ok(true) => match parse_request(&line, &ctx.store_dir) {
-                Ok(Request::Retry | Request::Requeue(_) | Request::Drop(_)) if !admin => {
-                    let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
-                    final_line(Err(&format!(
-                        "{who} may not change the queue: retry, requeue and drop are taken \
-                         only from root and the daemon's user (uid {})",
-                        sys::uid()
-                    )))
-                }
-                Ok(req) => respond(ctx, &mut stream, req),
-                Err(e @ ProtocolError::TooLong) => {
-                    // Whether the newline came in time or not, an over-long
-                    // line ends the connection.
-                    let _ = stream.write_all(final_line(Err(&e.to_string())).as_bytes());
-                    return;
-                }
-                Err(e) => final_line(Err(&e.to_string())),
+            // The connection ends: where the next request starts is unknown.
+            Err(why) => (final_line(Err(&why)), true),
+            Ok(true) => match parse_request(&line, &ctx.config.store_dir) {
+                Ok(req) => (respond(ctx, stream, req, uid), false),
+                Err(e) => (final_line(Err(&e)), false),
             },
-            Err(why) => {
-                let _ = stream.write_all(final_line(Err(&why)).as_bytes());
-                return;
-            }
         };
-        if stream.write_all(reply.as_bytes()).is_err() {
+        if stream.write_all(reply.as_bytes()).is_err() || end {
             return;
         }
     }
 }
 
-fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
-    let queued = |paths: Vec<StorePath>| {
-        let n = paths.len();
-        if n > 0 && ctx.tx.send(Msg::Queued(paths)).is_err() {
-            return final_line(Err(ERR_WORKER_GONE));
-        }
-        final_line(Ok(&n.to_string()))
+/// The reply to `req` from a peer of user `uid`: root and the daemon's own
+/// user may change the queue; others may add to it and look (a peer that
+/// cannot be told is not trusted).
+fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -> String {
+    let admin = uid.is_some_and(|uid| uid == 0 || uid == sys::uid());
+    if !admin && matches!(req, Request::Retry | Request::Requeue(_) | Request::Drop(_)) {
+        let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
+        return final_line(Err(&format!(
+            "{who} may not change the queue: retry, requeue and drop are taken \
+             only from root and the daemon's user (uid {})",
+            sys::uid()
+        )));
+    }
+    let queued = |paths: Vec<StorePath>| match paths.len() {
+        n if n > 0 && ctx.tx.send(Msg::Queued(paths)).is_err() => final_line(Err(ERR_WORKER_GONE)),
+        n => final_line(Ok(&n.to_string())),
     };
     match req {
         Request::Enqueue(paths) => match ctx.journal.append(&paths) {
@@ -540,44 +423,30 @@ fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
                 final_line(Err(&format!("{ERR_JOURNAL}: {e}; nothing was queued")))
             }
         },
-        Request::Drv(drv) => respond(ctx, stream, Request::Enqueue(vec![drv])),
+        Request::Drv(drv) => respond(ctx, stream, Request::Enqueue(vec![drv]), uid),
         Request::Ping => final_line(Ok(&format!("nix-post-build-hook-queue {}", crate::VERSION))),
-        // Backoff errors quote nix, which may repeat the target with its
-        // password in forms no URL parser recognises.
-        Request::Status { json: false } => snapshot(ctx).text() + &final_line(Ok("")),
-        Request::Status { json: true } => snapshot(ctx).json() + &final_line(Ok("")),
+        Request::Status(false) => snapshot(ctx).text() + &final_line(Ok("")),
+        Request::Status(true) => snapshot(ctx).json() + &final_line(Ok("")),
         Request::Retry => {
             let n = ctx.shared.lock().backing_off();
             let _ = ctx.tx.send(Msg::Retry);
             final_line(Ok(&n.to_string()))
         }
         Request::Wait => wait(ctx, stream),
-        Request::Requeue(selection) => {
-            let chosen = match &selection {
-                Selection::Paths(paths) => Some(paths.as_slice()),
-                Selection::AllFailed => None,
-            };
-            let requeued = ctx.journal.requeue(chosen).unwrap_or_default();
+        Request::Requeue(chosen) => {
+            let requeued = ctx.journal.requeue(chosen.as_deref()).unwrap_or_default();
             if !requeued.is_empty() {
                 let list = named(&requeued, requeued.len());
                 info!("requeued {list} (an operator's request): tried again");
             }
             queued(requeued)
         }
-        Request::Drop(selection) => {
-            let paths = match selection {
-                Selection::Paths(paths) => paths,
-                Selection::AllFailed => {
-                    let mut seen = HashSet::new();
-                    let all = ctx
-                        .target_ids
-                        .iter()
-                        .flat_map(|t| ctx.journal.given_up_on(*t));
-                    all.map(|(p, _)| p)
-                        .filter(|p| seen.insert(p.clone()))
-                        .collect()
-                }
-            };
+        Request::Drop(chosen) => {
+            let paths: Vec<StorePath> = chosen.unwrap_or_else(|| {
+                let mut seen = HashSet::new();
+                let all = given_up(ctx, u64::MAX).into_iter().map(|(p, _)| p);
+                all.filter(|p| seen.insert(p.clone())).collect()
+            });
             let why = "dropped by an operator's request; it is not uploaded";
             let n = crate::worker::drop_paths(&ctx.journal, &ctx.shared, &paths, why);
             final_line(Ok(&n.to_string()))
@@ -594,60 +463,50 @@ fn named<T: std::fmt::Display>(first: &[T], total: usize) -> String {
     }
 }
 
-/// At most `max` characters of `text`, the rest marked as cut.
-fn shorten(text: &str, max: usize) -> String {
-    let cut = text.char_indices().nth(max);
-    cut.map_or_else(|| text.to_string(), |(i, _)| format!("{}...", &text[..i]))
+/// Every target's paths given up on that arrived at or before `seq`, the
+/// target named in the error when there are several.
+fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
+    let mut all = Vec::new();
+    for t in &ctx.targets {
+        for (p, mut g) in ctx.journal.given_up_up_to(seq, t.id) {
+            if ctx.targets.len() > 1 {
+                g.error = format!("{}: {}", t.label, g.error);
+            }
+            all.push((p, g));
+        }
+    }
+    all
 }
 
 /// The `wait` reply: `remaining N failing M` lines while paths queued
 /// before the request are still queued (with `error PATH TEXT`, the last
 /// error of the first failing one, when M > 0), then `ok ...` or `err ...`
-/// when none is left: when every target has each path, or is given up on
-/// for it. Paths given up on are not waited for: those given up on while it
-/// waits make it `err` (named), as do those dropped; those given up on
+/// when every target has each path or is given up on for it. Paths given
+/// up on or dropped while it waits make it `err` (named); those given up on
 /// before it are only mentioned.
-fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
-    let target = ctx.journal.last_seq();
-    let drops = ctx.journal.watch_drops(target);
+fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
+    let upto = ctx.journal.last_seq();
+    let drops = ctx.journal.watch_drops(upto);
     // The batch being gathered need not wait for its quiet period.
     let _ = ctx.tx.send(Msg::Flush);
-    // Every target's paths given up on, the target named when there are several.
-    let given_up_on = || -> Vec<(StorePath, GivenUp)> {
-        let mut all = Vec::new();
-        for (id, label) in ctx.target_ids.iter().zip(&ctx.labels) {
-            for (p, mut g) in ctx.journal.given_up_up_to(target, *id) {
-                if ctx.target_ids.len() > 1 {
-                    g.error = format!("{label}: {}", g.error);
-                }
-                all.push((p, g));
-            }
-        }
-        all
-    };
-    // Given up on before this wait: not waited for, and not this wait's
-    // failure (another job's, maybe); `status` lists them.
-    let earlier: HashSet<(StorePath, TargetId, u64)> = given_up_on()
-        .into_iter()
-        .map(|(p, g)| (p, g.target, g.at))
-        .collect();
-    let mut last: Option<(usize, usize)> = None;
-    let mut last_sent = Instant::now();
+    // Not this wait's failure (another job's, maybe); `status` lists them.
+    let earlier = given_up(ctx, upto);
+    let ids: Vec<TargetId> = ctx.targets.iter().map(|t| t.id).collect();
+    let (mut last, mut last_sent) = (None, Instant::now());
     loop {
-        let remaining = ctx.journal.count_waiting_up_to(target, &ctx.target_ids);
+        let remaining = ctx.journal.count_waiting_up_to(upto, &ids);
         if remaining == 0 {
-            let (old, new): (Vec<_>, Vec<_>) = (given_up_on().into_iter())
-                .partition(|(p, g)| earlier.contains(&(p.clone(), g.target, g.at)));
+            let (old, new): (Vec<_>, Vec<_>) = given_up(ctx, upto)
+                .into_iter()
+                .partition(|g| earlier.contains(g));
             let mut problems = Vec::new();
-            if !new.is_empty() {
-                let listed: Vec<String> = new
-                    .iter()
+            if let n @ 1.. = new.len() {
+                let listed: Vec<String> = (new.iter())
                     .map(|(p, g)| format!("{p} ({})", shorten(&g.error, 300)))
                     .collect();
+                let (listed, next) = (named(&listed, n), "see status, then requeue or drop them");
                 problems.push(format!(
-                    "{} path(s) failed and were given up on: {}; see status, then requeue or drop them",
-                    new.len(),
-                    named(&listed, listed.len())
+                    "{n} path(s) failed and were given up on: {listed}; {next}"
                 ));
             }
             let (dropped, some) = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -657,43 +516,39 @@ fn wait(ctx: &Context, stream: &mut UnixStream) -> String {
                     "{dropped} path(s) were dropped ({listed}); see the daemon's log"
                 ));
             }
-            return if !problems.is_empty() {
-                final_line(Err(&redact::text(&problems.join("; "))))
-            } else if old.is_empty() {
-                final_line(Ok("all uploaded"))
-            } else {
-                let n = old.len();
-                final_line(Ok(&format!(
+            return match (problems.is_empty(), old.len()) {
+                (false, _) => final_line(Err(&redact::text(&problems.join("; ")))),
+                (true, 0) => final_line(Ok("all uploaded")),
+                (true, n) => final_line(Ok(&format!(
                     "all uploaded, but for {n} path(s) given up on before this wait (see status)"
-                )))
+                ))),
             };
         }
-        let (failing, last_error) = {
+        let (failing, first_error) = {
             let s = ctx.shared.lock();
-            let failing: Vec<(&StorePath, &String)> = (s.targets.iter())
-                .flat_map(|t| t.backoff.iter())
-                .filter(|(_, b)| b.attempts > 0)
+            // Each path once, with the error of the first target it fails on.
+            let backoff = s.targets.iter().rev().flat_map(|t| &t.backoff);
+            let failing: HashMap<&StorePath, &String> = (backoff.filter(|(_, b)| b.attempts > 0))
                 .map(|(p, b)| (p, &b.last_error))
                 .collect();
             // The error of the first failing path waited for.
             let first = (failing.iter())
                 .filter_map(|(p, e)| Some((ctx.journal.entry(p)?.seq, p, e)))
-                .filter(|(seq, _, _)| *seq <= target)
+                .filter(|(seq, _, _)| *seq <= upto)
                 .min_by_key(|(seq, _, _)| *seq)
                 .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
-            let distinct: HashSet<&StorePath> = failing.iter().map(|(p, _)| *p).collect();
-            (distinct.len().min(remaining), first.unwrap_or_default())
+            (
+                failing.len().min(remaining),
+                one_line(&first.unwrap_or_default()),
+            )
         };
         if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {
-            let line = one_line(&format!(
-                "remaining {remaining} failing {failing}{last_error}"
-            )) + "\n";
+            let line = format!("remaining {remaining} failing {failing}{first_error}\n");
             if stream.write_all(line.as_bytes()).is_err() {
                 return String::new();
             }
-            last = Some((remaining, failing));
-            last_sent = Instant::now();
+            (last, last_sent) = (Some((remaining, failing)), Instant::now());
         }
-        std::thread::sleep(WAIT_POLL);
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -1,8 +1,5 @@
-//! The few system calls the standard library does not wrap.
-//!
-//! The one module allowed `unsafe` code (the crate denies it everywhere
-//! else): each block makes one call `std` has no safe form of, and says why
-//! it is sound.
+//! The few system calls the standard library does not wrap: the one module
+//! allowed `unsafe`, each block one call, with why it is sound.
 
 use std::ffi::c_ulong;
 use std::io;
@@ -20,22 +17,15 @@ extern "C" {
     fn getsockopt(fd: i32, level: i32, name: i32, value: *mut u8, len: *mut u32) -> i32;
 }
 
-/// SIGINT on every Linux architecture.
-pub const SIGINT: i32 = 2;
-/// SIGKILL on every Linux architecture.
+/// SIGKILL on every Linux architecture (as are SIGINT and SIGTERM).
 pub const SIGKILL: i32 = 9;
-/// SIGTERM on every Linux architecture.
-pub const SIGTERM: i32 = 15;
+const SIGINT: i32 = 2;
+const SIGTERM: i32 = 15;
 
 /// The real user id of this process.
 pub fn uid() -> u32 {
     // SAFETY: getuid takes no arguments, cannot fail and touches no memory of ours.
     unsafe { getuid() }
-}
-
-/// True when running as root, which selects the system-wide default paths.
-pub fn is_root() -> bool {
-    uid() == 0
 }
 
 /// Lowers the calling thread's CPU priority by `inc` nice steps (Linux keeps
@@ -73,10 +63,9 @@ pub fn kill_process_group(pgid: u32, sig: i32) -> io::Result<()> {
 
 /// The result of a call that returns 0 or an error number.
 fn errno(rc: i32) -> io::Result<()> {
-    match rc {
-        0 => Ok(()),
-        rc => Err(io::Error::from_raw_os_error(rc)),
-    }
+    (rc == 0)
+        .then_some(())
+        .ok_or(io::Error::from_raw_os_error(rc))
 }
 
 /// The C library's `sigset_t` on Linux, glibc and musl alike: 1024 bits in
@@ -128,10 +117,9 @@ pub fn unblock_signals_in_child(cmd: &mut Command) {
     };
 }
 
-/// Takes ownership of descriptor `fd`, inherited open from the process that
-/// started us (systemd's socket activation), as a close-on-exec duplicate:
-/// the original is closed, so that `nix` and its children do not inherit
-/// it. Call it once per descriptor, before other threads start.
+/// Takes descriptor `fd`, inherited from systemd's socket activation, as a
+/// close-on-exec duplicate (the original is closed, so that `nix` does not
+/// inherit it). Call it once per descriptor, before other threads start.
 pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // Whether it is open, without touching it.
     std::fs::symlink_metadata(format!("/proc/self/fd/{fd}"))
@@ -142,13 +130,11 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     inherited.try_clone()
 }
 
-/// `SOL_SOCKET` and `SO_PEERCRED` (asm-generic values: x86-64, arm64,
-/// armv7, riscv64).
+/// asm-generic values: x86-64, arm64, armv7, riscv64.
 const SOL_SOCKET: i32 = 1;
 const SO_PEERCRED: i32 = 17;
 
-/// Who is at the other end of a connected unix socket, as the kernel saw
-/// it when the peer connected (or, for the listening side, called `listen`).
+/// Who is at the other end of a unix socket, as the kernel saw it at `connect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
     /// Its process id (0 when the peer is in another pid namespace).
@@ -164,19 +150,11 @@ pub fn peer(fd: BorrowedFd<'_>) -> io::Result<Peer> {
     // struct ucred { pid_t pid; uid_t uid; gid_t gid; }: three 32-bit integers.
     let mut cred = [0u32; 3];
     let mut len = std::mem::size_of_val(&cred) as u32;
+    let (fd, ptr) = (fd.as_raw_fd(), cred.as_mut_ptr().cast());
     // SAFETY: `fd` is open for the borrow's lifetime; `cred` and `len` are
     // live locals, and the kernel writes at most `len` bytes into `cred`,
     // plain integers for which every bit pattern is valid.
-    let rc = unsafe {
-        getsockopt(
-            fd.as_raw_fd(),
-            SOL_SOCKET,
-            SO_PEERCRED,
-            cred.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
+    if unsafe { getsockopt(fd, SOL_SOCKET, SO_PEERCRED, ptr, &mut len) } != 0 {
         return Err(io::Error::last_os_error());
     }
     if len as usize != std::mem::size_of_val(&cred) {

@@ -1,8 +1,5 @@
-//! systemd integration: socket activation and readiness notification.
-//!
-//! Both follow sd_listen_fds(3) and sd_notify(3) and need no library: the
-//! listening socket arrives as fd 3 when `LISTEN_PID` is our pid, and
-//! readiness is one datagram, `READY=1`, to the socket in `NOTIFY_SOCKET`.
+//! systemd integration without a library: socket activation (sd_listen_fds(3):
+//! fd 3 when `LISTEN_PID` is our pid) and sd_notify(3) datagrams.
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;
@@ -15,12 +12,10 @@ use crate::sys;
 /// meant for us are removed, as `sd_listen_fds(1)` does, so that nix never
 /// sees them: call it before other threads start.
 pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream>)>> {
-    let pid = std::env::var("LISTEN_PID").ok();
-    let fds = std::env::var("LISTEN_FDS").ok();
-    let (Some(pid), Some(fds)) = (pid, fds) else {
+    let (Ok(pid), Ok(fds)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
         return Ok(None);
     };
-    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+    if pid.trim().parse() != Ok(std::process::id()) {
         return Ok(None);
     }
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
@@ -53,17 +48,9 @@ pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream
     Ok(Some((listener, waiting)))
 }
 
-/// Tells the service manager we are ready, when it asked to be told.
-pub fn notify_ready() -> io::Result<()> {
-    notify("READY=1")
-}
-
-/// Tells the service manager we are stopping.
-pub fn notify_stopping() -> io::Result<()> {
-    notify("STOPPING=1")
-}
-
-fn notify(state: &str) -> io::Result<()> {
+/// Tells the service manager, when it asked to be told, our `state`
+/// (`READY=1`, `STOPPING=1`).
+pub fn notify(state: &str) -> io::Result<()> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) else {
         return Ok(());
     };
