@@ -236,14 +236,20 @@ impl Conn {
             .unwrap_or_else(|| panic!("enqueue refused: {last}"))
     }
 
-    /// The daemon's `status` as key/value pairs.
+    /// The numbers of the daemon's `status json`, as key/value pairs
+    /// (`_` in a key read as `-`).
     pub fn status(&mut self) -> Vec<(String, String)> {
-        self.request("status")
-            .expect("status request")
-            .into_iter()
-            .filter_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                Some((k.to_string(), v.to_string()))
+        let lines = self.request("status json").expect("status request");
+        let json = lines.first().map(String::as_str).unwrap_or("");
+        json.split('"')
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter_map(|w| {
+                let value = w[1].strip_prefix(':')?;
+                let end = value
+                    .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+                    .unwrap_or(value.len());
+                (end > 0).then(|| (w[0].replace('_', "-"), value[..end].to_string()))
             })
             .collect()
     }
