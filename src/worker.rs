@@ -1,19 +1,12 @@
-//! The worker: signs and uploads queued paths in batches with `nix`, outside
-//! the build loop, each target at its own pace.
-//!
-//! Its front thread, fed through an `mpsc` channel by the connection threads
-//! once they journaled the paths, gathers a batch while paths keep coming (a
-//! build in progress; a pending `wait` cuts that short), finds the outputs
-//! of derivations, drops paths gone from the store, signs the batch once and
-//! hands it to every target's lane. A lane is a thread with a channel of its
-//! own: it copies what it was handed and follows [`crate::policy`] when a
-//! call fails (canary, bisection, backoff, giving up). A target that is down
-//! is not called before its failed group's next try; what comes meanwhile
-//! joins that group. The lanes own the retry state and publish it in
-//! [`Shared`]; the journal records which target has a path, and the path
-//! leaves it once every target has it.
+//! The worker: signs and uploads queued paths with `nix`, outside the build
+//! loop, each target at its own pace. Its front thread gathers the paths the
+//! connection threads journaled into batches, resolves derivations, drops
+//! paths gone from the store and signs each batch once; then one lane thread
+//! per target copies it, following [`crate::policy`] when a call fails. A
+//! lane keeps the paths it still needs in [`Shared`], where `status` reads
+//! them; a path leaves the journal once every target has it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -24,9 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::Config;
 use crate::journal::{GivenUp, Journal, TargetId};
 use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
-use crate::policy::{self, Answer, Blame, Failures, Next, Policy, Streak};
+use crate::policy::{self, Answer, Blame, Next, Policy, Streak};
 use crate::spool::Spool;
-use crate::status::{Backoff, Shared};
+use crate::status::{Backoff, Shared, Stats};
 use crate::store_path::StorePath;
 use crate::target::{Kind, Target};
 use crate::{drv, error, info, sys, warning};
@@ -40,7 +33,7 @@ pub const UPLOAD_NICE: i32 = 10;
 /// How often an idle thread looks up (the spool, the stop flag).
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Longest `nix store ping` may take when a path failed alone.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
+const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Messages to the worker.
 #[derive(Debug)]
@@ -78,6 +71,13 @@ struct Ctx {
     work: bool,
 }
 
+impl Ctx {
+    /// Whether target `id` has `path` or gave up on it.
+    fn settled(&self, path: &StorePath, id: TargetId) -> bool {
+        self.journal.is_delivered(path, id) || self.journal.is_given_up(path, id)
+    }
+}
+
 /// Builds come first: the uploads take the CPU the builds leave, and every
 /// nix call a thread starts inherits its nice.
 fn lower_priority() {
@@ -99,6 +99,18 @@ fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool)
     (!msgs.any(&mut stop)).then_some(true)
 }
 
+/// Adds `path` to `batch` if it fits within `limit` paths and one command
+/// line; false when the batch is full.
+fn fits(batch: &mut Vec<StorePath>, path: StorePath, limit: usize) -> bool {
+    let bytes: usize = batch.iter().map(|p| p.as_str().len() + 1).sum();
+    let full = batch.len() >= limit || bytes + path.as_str().len() >= MAX_ARG_BYTES;
+    if full && !batch.is_empty() {
+        return false;
+    }
+    batch.push(path);
+    true
+}
+
 /// The worker's threads; run them with [`Worker::run`].
 pub struct Worker {
     rx: Receiver<Msg>,
@@ -117,8 +129,8 @@ struct Front {
     /// A `wait` is pending: no quiet period.
     flush: bool,
     txs: Vec<Sender<ToLane>>,
-    /// Derivations whose outputs could not be found, with their next try.
-    drvs: HashMap<StorePath, (Failures, Instant)>,
+    /// Derivations whose outputs could not be found yet.
+    drvs: HashMap<StorePath, Backoff>,
 }
 
 impl Worker {
@@ -132,11 +144,6 @@ impl Worker {
     ) -> Worker {
         let targets = crate::target::configured(config);
         let uploads = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
-        // The stop thread kills the calls in progress through these.
-        let running = shared.running();
-        let nix_for = |url: Option<&str>, i: usize| {
-            Nix::from_config(config, url).with_running(Arc::clone(&running[i]))
-        };
         let ctx = Arc::new(Ctx {
             journal,
             shared,
@@ -153,6 +160,10 @@ impl Worker {
             uploads,
             work: config.signing_key_file.is_some() || uploads,
         });
+        // The stop thread kills the calls in progress through `running`.
+        let nix_for = |url: Option<&str>, i: usize| {
+            Nix::from_config(config, url).with_running(ctx.shared.running(i))
+        };
         let (mut lanes, mut txs) = (Vec::new(), Vec::new());
         for (i, target) in targets.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
@@ -161,16 +172,16 @@ impl Worker {
                 Kind::Url(url) => Some(url.as_str()),
                 _ => None,
             };
+            let (nix, ctx) = (nix_for(url, i + 1), Arc::clone(&ctx));
+            let (limit, down, streak) = (config.batch_size, None, Streak::default());
             let lane = Lane {
-                ctx: Arc::clone(&ctx),
+                ctx,
                 i,
-                nix: nix_for(url, i + 1),
                 target,
-                limit: config.batch_size,
-                held: HashMap::new(),
-                down: None,
-                streak: Streak::default(),
-                sign: false,
+                nix,
+                limit,
+                down,
+                streak,
             };
             lanes.push((lane, rx));
         }
@@ -210,22 +221,21 @@ impl Worker {
         lower_priority();
         front.ingest_spool();
         loop {
-            let next_drv = front.drvs.values().map(|d| d.1).min();
+            let next_drv = front.drvs.values().filter_map(|d| d.next_try).min();
             let wait = match next_drv {
                 _ if !front.ready.is_empty() => Duration::ZERO,
-                Some(next) => next
-                    .saturating_duration_since(Instant::now())
-                    .min(IDLE_TICK),
+                Some(next) => next.saturating_duration_since(Instant::now()),
                 None => IDLE_TICK,
             };
-            if receive(&rx, wait, |m| front.handle(m)).is_none() || !front.gather(&rx) {
+            let got = receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m));
+            if got.is_none()
+                || !front.gather(&rx)
+                || front.ctx.shared.stopping.load(Ordering::SeqCst)
+            {
                 break;
             }
-            if front.ctx.shared.stopping.load(Ordering::SeqCst) {
-                break;
-            }
-            let now = Instant::now();
-            let due = front.drvs.iter().filter(|d| d.1 .1 <= now);
+            let now = Some(Instant::now());
+            let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
             let due: Vec<StorePath> = due.map(|d| d.0.clone()).collect();
             front.ready.extend(due);
             if front.ready.is_empty() {
@@ -272,7 +282,7 @@ impl Front {
             Msg::Flush => self.flush = true,
             Msg::Retry => {
                 for d in self.drvs.values_mut() {
-                    d.1 = Instant::now();
+                    d.next_try = Some(Instant::now());
                 }
                 for tx in &self.txs {
                     let _ = tx.send(ToLane::Retry);
@@ -285,21 +295,13 @@ impl Front {
 
     /// The next batch: queued paths some target still needs, each once.
     fn take_batch(&mut self) -> Vec<StorePath> {
-        let (mut taken, mut batch, mut bytes) = (HashSet::new(), Vec::new(), 0);
-        let journal = &self.ctx.journal;
-        while batch.len() < self.ctx.batch_size {
-            match self.ready.front() {
-                Some(p) if batch.is_empty() || bytes + p.as_str().len() < MAX_ARG_BYTES => {}
-                _ => break,
-            }
-            let Some(p) = self.ready.pop_front() else {
+        let (ctx, mut batch) = (Arc::clone(&self.ctx), Vec::new());
+        while let Some(p) = self.ready.pop_front() {
+            let needed =
+                ctx.journal.entry(&p).is_some() && !ctx.ids.iter().all(|&id| ctx.settled(&p, id));
+            if needed && !batch.contains(&p) && !fits(&mut batch, p.clone(), ctx.batch_size) {
+                self.ready.push_front(p);
                 break;
-            };
-            let settled = |&id| journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
-            let needed = journal.entry(&p).is_some() && !self.ctx.ids.iter().all(settled);
-            if needed && taken.insert(p.clone()) {
-                bytes += p.as_str().len() + 1;
-                batch.push(p);
             }
         }
         batch
@@ -385,13 +387,15 @@ impl Front {
     /// target), or gives up on it.
     fn unresolved(&mut self, path: StorePath, error: &str, blame: Blame) {
         let now = Instant::now();
-        let mut f = self.drvs.remove(&path).map(|d| d.0).unwrap_or_default();
-        let attempts = f.attempts + 1;
-        let Some(why) = self.ctx.policy.fail(&mut f, attempts, blame, now) else {
+        let mut d = self.drvs.remove(&path).unwrap_or_default();
+        d.attempts += 1;
+        let attempts = d.attempts;
+        let Some(why) = self.ctx.policy.fail(&mut d.failures, blame, now) else {
             let delay = self.ctx.policy.delay(attempts, random_unit());
             let next = delay.as_secs_f64();
             warning!("cannot find the outputs of {path} (attempt {attempts}, next try in {next:.1} s): {error}");
-            self.drvs.insert(path, (f, now + delay));
+            d.next_try = Some(now + delay);
+            self.drvs.insert(path, d);
             return;
         };
         for i in 0..self.ctx.ids.len() {
@@ -403,9 +407,14 @@ impl Front {
     /// Queues the requests clients left in the spool while we were away or
     /// busy, once some lane has no call in progress.
     fn ingest_spool(&mut self) {
-        let stats = self.ctx.shared.lock();
-        if stats.targets.iter().any(|t| t.in_flight.is_empty()) {
-            drop(stats);
+        let idle = self
+            .ctx
+            .shared
+            .lock()
+            .targets
+            .iter()
+            .any(|t| t.in_flight.is_empty());
+        if idle {
             let paths = self.spool.ingest(&self.ctx.journal);
             self.ready.extend(paths);
         }
@@ -418,37 +427,34 @@ fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
     if !ctx.work || batch.is_empty() {
         return batch;
     }
-    match nix.invalid_paths(&batch) {
-        Ok(invalid) if !invalid.is_empty() => {
-            let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
-                .into_iter()
-                .partition(|p| invalid.iter().any(|i| i == p.as_str()));
-            let why = "no longer valid in the store (garbage-collected?)";
-            drop_paths(&ctx.journal, &ctx.shared, &gone, why);
-            valid
-        }
-        _ => batch,
-    }
+    let Ok(invalid) = nix.invalid_paths(&batch) else {
+        return batch;
+    };
+    let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
+        .into_iter()
+        .partition(|p| invalid.iter().any(|i| i == p.as_str()));
+    let why = "no longer valid in the store (garbage-collected?)";
+    drop_paths(&ctx.journal, &ctx.shared, &gone, why);
+    valid
 }
 
 /// Journals that `path` is given up on for target `i`; false when that
 /// failed (it is retried).
 fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) -> bool {
-    let at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let error = error.to_string();
-    let record = GivenUp {
-        target: ctx.ids[i],
-        at,
-        attempts,
-        error,
-    };
-    match ctx.journal.give_up(path, record) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH);
+    let (target, error) = (ctx.ids[i], error.to_string());
+    let at = now.map_or(0, |d| d.as_secs());
+    match ctx.journal.give_up(
+        path,
+        GivenUp {
+            target,
+            at,
+            attempts,
+            error,
+        },
+    ) {
         Ok(given_up) => {
-            let mut stats = ctx.shared.lock();
-            stats.given_up += u64::from(given_up);
-            stats.targets[i].given_up += u64::from(given_up);
+            ctx.shared.lock().targets[i].given_up += u64::from(given_up);
             true
         }
         Err(e) => {
@@ -458,16 +464,8 @@ fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) ->
     }
 }
 
-/// A path a lane still needs.
-struct Held {
-    failures: Failures,
-    /// `None` while it is being retried.
-    next_try: Option<Instant>,
-    error: String,
-    signed: bool,
-}
-
-/// One target's thread: its calls, canary, bisection and backoff.
+/// One target's thread: its calls, canary, bisection and backoff. The paths
+/// it still needs are in `targets[i].backoff` of [`Shared`].
 struct Lane {
     ctx: Arc<Ctx>,
     i: usize,
@@ -476,77 +474,77 @@ struct Lane {
     nix: Nix,
     /// Most paths in the next call (see [`policy::next_limit`]).
     limit: usize,
-    /// The paths it still needs: handed over and not tried yet (no
-    /// attempts), or backing off.
-    held: HashMap<StorePath, Held>,
     /// While the target is down: its failed group's next try, attempts and
-    /// error.
-    down: Option<(Instant, u32, String)>,
+    /// error, which new paths join.
+    down: Option<Backoff>,
     streak: Streak<StorePath>,
-    /// The paths of the round in progress are signed before each copy.
-    sign: bool,
 }
 
 impl Lane {
+    /// The statistics and, in them, the paths this lane still needs.
+    fn held<R>(&self, f: impl FnOnce(&mut HashMap<StorePath, Backoff>, &mut Stats) -> R) -> R {
+        let mut stats = self.ctx.shared.lock();
+        let mut held = std::mem::take(&mut stats.targets[self.i].backoff);
+        let r = f(&mut held, &mut stats);
+        stats.targets[self.i].backoff = held;
+        r
+    }
+
     fn run(mut self, rx: Receiver<ToLane>) {
         lower_priority();
         loop {
             let now = Instant::now();
-            let down = self.down.as_ref().map(|d| d.0).filter(|&until| until > now);
-            let next = down.or_else(|| self.held.values().filter_map(|h| h.next_try).min());
+            let down = self
+                .down
+                .as_ref()
+                .and_then(|d| d.next_try)
+                .filter(|&t| t > now);
+            let next =
+                down.or_else(|| self.held(|h, _| h.values().filter_map(|b| b.next_try).min()));
             let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
-            let Some(mut changed) = receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)) else {
-                return;
-            };
-            if self.ctx.shared.stopping.load(Ordering::SeqCst) {
+            if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
+                || self.ctx.shared.stopping.load(Ordering::SeqCst)
+            {
                 return;
             }
-            let now = Instant::now();
-            if self.down.as_ref().is_none_or(|d| d.0 <= now) {
-                let batch = self.take(now);
+            let down = self.down.as_ref().and_then(|d| d.next_try);
+            if down.is_none_or(|t| t <= Instant::now()) {
+                let batch = self.take(Instant::now());
                 if !batch.is_empty() {
-                    // Shown as being retried during the call.
-                    self.publish();
                     self.round(batch);
-                    changed = true;
                 }
-            }
-            if changed {
-                self.publish();
             }
         }
     }
 
     /// True for [`ToLane::Shutdown`].
     fn handle(&mut self, msg: ToLane) -> bool {
-        let now = Instant::now();
+        let now = Some(Instant::now());
         match msg {
             ToLane::Batch(paths, signed) => {
                 // While the target is down, new paths join the failed group.
-                let (next_try, attempts, error) = match &self.down {
-                    Some((until, attempts, error)) if *until > now => (*until, *attempts, error),
-                    _ => (now, 0, &String::new()),
-                };
-                for p in paths {
-                    let failures = Failures {
-                        attempts,
-                        ..Failures::default()
-                    };
-                    let (next_try, error) = (Some(next_try), error.clone());
-                    let h = Held {
-                        failures,
-                        next_try,
-                        error,
-                        signed,
-                    };
-                    self.held.entry(p).or_insert(h);
-                }
+                let down = self.down.clone().filter(|d| d.next_try > now);
+                let group = down.unwrap_or(Backoff {
+                    next_try: now,
+                    ..Backoff::default()
+                });
+                self.held(|held, _| {
+                    for p in paths {
+                        let b = Backoff {
+                            signed,
+                            ..group.clone()
+                        };
+                        held.entry(p).or_insert(b);
+                    }
+                });
             }
             ToLane::Retry => {
                 self.down = None;
-                for h in self.held.values_mut() {
-                    h.next_try = h.next_try.map(|_| now);
-                }
+                self.held(|held, _| {
+                    for b in held.values_mut() {
+                        b.next_try = b.next_try.and(now);
+                    }
+                });
             }
             ToLane::Shutdown => return true,
         }
@@ -554,38 +552,39 @@ impl Lane {
     }
 
     /// The next call's paths: those due, in the order they were queued,
-    /// within the batch limit.
+    /// within the batch limit; marked as being tried.
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
-        let (journal, id) = (&self.ctx.journal, self.target.id);
-        let due = self
-            .held
-            .iter()
-            .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
-        let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
-        due.sort_by_key(|p| journal.entry(p).map_or(u64::MAX, |e| e.seq));
-        let (mut out, mut bytes, mut retries) = (Vec::new(), 0, false);
-        self.sign = false;
-        for p in due {
-            let settled = journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
-            if journal.entry(&p).is_none() || settled {
-                self.held.remove(&p);
-                continue;
+        let (ctx, id, limit) = (
+            Arc::clone(&self.ctx),
+            self.target.id,
+            self.limit.min(self.ctx.batch_size),
+        );
+        let (out, retries) = self.held(|held, _| {
+            let due = held
+                .iter()
+                .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
+            let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
+            due.sort_by_key(|p| ctx.journal.entry(p).map_or(u64::MAX, |e| e.seq));
+            let mut out = Vec::new();
+            for p in due {
+                if ctx.journal.entry(&p).is_none() || ctx.settled(&p, id) {
+                    held.remove(&p);
+                } else if !fits(&mut out, p, limit) {
+                    break;
+                }
             }
-            bytes += p.as_str().len() + 1;
-            let full = out.len() >= self.limit.min(self.ctx.batch_size);
-            if full || !out.is_empty() && bytes > MAX_ARG_BYTES {
-                break;
+            let mut retries = false;
+            for p in &out {
+                if let Some(b) = held.get_mut(p) {
+                    b.next_try = None;
+                    retries |= b.attempts > 0;
+                }
             }
-            if let Some(h) = self.held.get_mut(&p) {
-                h.next_try = None;
-                self.sign |= !h.signed;
-                retries |= h.failures.attempts > 0;
-                out.push(p);
-            }
-        }
+            (out, retries)
+        });
         // Retried: gone from the store meanwhile?
         match retries {
-            true => drop_gone(&self.ctx, &self.nix, out),
+            true => drop_gone(&ctx, &self.nix, out),
             false => out,
         }
     }
@@ -594,6 +593,9 @@ impl Lane {
     /// and backoff, within this round.
     fn round(&mut self, batch: Vec<StorePath>) {
         let (len, max) = (batch.len(), self.ctx.batch_size);
+        // Signed before each copy when the front could not sign some of them.
+        let sign =
+            self.held(|held, _| batch.iter().any(|p| held.get(p).is_some_and(|b| !b.signed)));
         let (mut groups, mut answer, mut budget) = (vec![batch], None, 0);
         let (mut first, mut note) = (true, None);
         while let Some(mut group) = groups.pop() {
@@ -601,7 +603,7 @@ impl Lane {
                 return; // Still journaled: uploaded after the restart.
             }
             let started = Instant::now();
-            match self.attempt(&group) {
+            match self.attempt(&group, sign) {
                 Ok(()) => {
                     if first {
                         self.limit = policy::next_limit(self.limit, len, false, max);
@@ -628,7 +630,11 @@ impl Lane {
                         self.back_off(group, &f, blame);
                     }
                     Next::Canary => {
-                        let counted = group.iter().map(|p| self.counted(p)).collect::<Vec<_>>();
+                        let counted = self.held(|held, _| {
+                            let counted =
+                                |p| held.get(p).map_or(0, |b: &Backoff| b.failures.counted);
+                            group.iter().map(counted).collect::<Vec<_>>()
+                        });
                         let canary = group.remove(policy::pick_canary(&counted, random_unit()));
                         budget = policy::bisection_budget(group.len());
                         note = Some(format!("batch of {len} paths failed while the target{} works, splitting it to find the paths at fault: {f}", self.named()));
@@ -670,10 +676,6 @@ impl Lane {
         }
     }
 
-    fn counted(&self, path: &StorePath) -> u32 {
-        self.held.get(path).map_or(0, |h| h.failures.counted)
-    }
-
     /// Whom to blame for `path`, which failed alone: asks the target once a
     /// round, unless a call of the round went through.
     fn judge(&mut self, path: &StorePath, answer: &mut Option<Answer>) -> Blame {
@@ -692,21 +694,19 @@ impl Lane {
             Kind::SignOnly => return Answer::Answers,
             Kind::Url(url) => url,
         };
-        match self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) {
-            Ok(()) => Answer::Answers,
-            Err(e) => {
-                self.count_failure(&e);
-                let to = self.named();
-                info!("the target{to} does not answer either, so the failure does not count against the path: {e}");
-                Answer::Silent
-            }
-        }
+        let Err(e) = self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) else {
+            return Answer::Answers;
+        };
+        self.count_failure(&e);
+        let to = self.named();
+        info!("the target{to} does not answer either, so the failure does not count against the path: {e}");
+        Answer::Silent
     }
 
     /// Copies the paths (signing them first if the round must).
-    fn attempt(&self, paths: &[StorePath]) -> Result<(), Failure> {
+    fn attempt(&self, paths: &[StorePath], sign: bool) -> Result<(), Failure> {
         self.ctx.shared.lock().targets[self.i].in_flight = paths.to_vec();
-        let result = match (&self.ctx.signing_key, self.sign) {
+        let result = match (&self.ctx.signing_key, sign) {
             (Some(key), true) => self.nix.sign(key, self.ctx.sign_closure, paths),
             _ => Ok(()),
         };
@@ -731,9 +731,7 @@ impl Lane {
     }
 
     fn count_failure(&self, failure: &Failure) {
-        let mut stats = self.ctx.shared.lock();
-        stats.failed_calls += 1;
-        let t = &mut stats.targets[self.i];
+        let t = &mut self.ctx.shared.lock().targets[self.i];
         t.failed_calls += 1;
         t.last_error = Some(failure.to_string());
     }
@@ -744,33 +742,32 @@ impl Lane {
         let (ctx, took) = (Arc::clone(&self.ctx), started.elapsed().as_secs_f64());
         self.down = None;
         self.streak.took();
-        for p in paths {
-            self.held.remove(p);
-        }
         let done = ctx.journal.deliver(paths, self.target.id, &ctx.ids);
         let done = done.unwrap_or_else(|e| {
             // After a restart they are uploaded once more, which is harmless.
             warning!("cannot journal {} finished paths: {e}", paths.len());
             Vec::new()
         });
-        let to = self.named();
         if ctx.work {
-            let (n, names) = (paths.len(), names(paths));
+            let (n, names, to) = (paths.len(), names(paths), self.named());
             info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
         }
-        let mut stats = ctx.shared.lock();
-        stats.uploaded += done.len() as u64;
-        stats.record_uploads(done.len() as u64);
-        if ctx.work {
-            stats.upload_seconds += took;
-            stats.upload_batches += 1;
-        }
-        let t = &mut stats.targets[self.i];
-        t.delivered += paths.len() as u64;
-        t.last_error = None;
-        for p in &done {
-            stats.forget(p);
-        }
+        self.held(|held, stats| {
+            for p in paths {
+                held.remove(p);
+            }
+            stats.uploaded += done.len() as u64;
+            stats.record_uploads(done.len() as u64);
+            if ctx.work {
+                stats.upload_seconds += took;
+                stats.upload_batches += 1;
+            }
+            stats.targets[self.i].delivered += paths.len() as u64;
+            stats.targets[self.i].last_error = None;
+            for p in &done {
+                stats.forget(p);
+            }
+        });
     }
 
     /// Backs off paths that failed together: one attempt count and one next
@@ -778,60 +775,50 @@ impl Lane {
     /// end of their tries are given up on instead. A failure blamed on the
     /// target makes it count as down until then.
     fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
-        let (now, error) = (Instant::now(), error.to_string());
-        let held = paths.iter().filter_map(|p| self.held.get(p));
-        let attempts = 1 + held.map(|h| h.failures.attempts).max().unwrap_or(0);
-        let next_try = now + self.ctx.policy.delay(attempts, random_unit());
+        let (now, last_error) = (Instant::now(), error.to_string());
+        let mut held = self.held(|held, _| {
+            paths
+                .iter()
+                .map(|p| held.remove(p).unwrap_or_default())
+                .collect::<Vec<_>>()
+        });
+        let attempts = 1 + held.iter().map(|b| b.attempts).max().unwrap_or(0);
+        let next_try = Some(now + self.ctx.policy.delay(attempts, random_unit()));
         let mut kept = Vec::new();
-        for p in paths {
-            let (next_try, error) = (Some(next_try), error.clone());
-            let h = self.held.remove(&p);
-            let signed = h.as_ref().is_some_and(|h| h.signed);
-            let failures = h.map(|h| h.failures).unwrap_or_default();
-            let mut h = Held {
-                failures,
+        for (p, mut b) in paths.into_iter().zip(held.drain(..)) {
+            b = Backoff {
+                attempts,
                 next_try,
-                error,
-                signed,
+                last_error: last_error.clone(),
+                ..b
             };
-            match self.ctx.policy.fail(&mut h.failures, attempts, blame, now) {
-                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &h.error) => {
-                    let (on, e) = (self.named().replacen(' ', " for ", 1), &h.error);
-                    warning!("giving up on {p}{on} after {why}: {e}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
+            match self.ctx.policy.fail(&mut b.failures, blame, now) {
+                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &last_error) => {
+                    let on = self.named().replacen(' ', " for ", 1);
+                    warning!("giving up on {p}{on} after {why}: {last_error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
                 }
-                _ => {
-                    kept.push(p.clone());
-                    self.held.insert(p, h);
-                }
+                _ => kept.push((p, b)),
             }
         }
         if !kept.is_empty() {
-            let (n, names, to) = (kept.len(), names(&kept), self.named());
-            let next = next_try.saturating_duration_since(now).as_secs_f64();
-            warning!("{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {error}");
+            let kept_paths: Vec<StorePath> = kept.iter().map(|k| k.0.clone()).collect();
+            let (n, names, to) = (kept.len(), names(&kept_paths), self.named());
+            let next = next_try.map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
+            warning!("{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {last_error}");
         }
-        if blame == Blame::Target {
-            self.down = Some((next_try, attempts, error));
-        }
-    }
-
-    /// Shows the paths backing off in `status` (forgetting those dropped).
-    fn publish(&mut self) {
         let journal = &self.ctx.journal;
-        self.held.retain(|p, _| journal.entry(p).is_some());
-        let failed = self.held.iter().filter(|h| h.1.failures.attempts > 0);
-        let view = failed.map(|(p, h)| {
-            let (attempts, next_try) = (h.failures.attempts, h.next_try);
-            (
-                p.clone(),
-                Backoff {
-                    attempts,
-                    next_try,
-                    last_error: h.error.clone(),
-                },
-            )
+        self.held(|held, _| {
+            held.extend(kept.into_iter().filter(|k| journal.entry(&k.0).is_some()))
         });
-        self.ctx.shared.lock().targets[self.i].backoff = view.collect();
+        if blame == Blame::Target {
+            let down = Backoff {
+                attempts,
+                next_try,
+                last_error,
+                ..Backoff::default()
+            };
+            self.down = Some(down);
+        }
     }
 }
 
@@ -847,13 +834,12 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
         n => format!(" ({n} paths)"),
     };
     warning!("dropping {}{count}: {why}", names(&paths));
-    {
-        let mut stats = shared.lock();
-        for p in &paths {
-            stats.forget(p);
-        }
-        stats.dropped += paths.len() as u64;
+    let mut stats = shared.lock();
+    for p in &paths {
+        stats.forget(p);
     }
+    stats.dropped += paths.len() as u64;
+    drop(stats);
     journal.drop_paths(&paths).len()
 }
 
@@ -894,7 +880,7 @@ mod tests {
         };
         let ctx = Ctx {
             journal: Arc::new(journal),
-            shared: Arc::default(),
+            shared: Arc::new(Shared::new(&[Target::sign_only()])),
             policy,
             signing_key: None,
             sign_closure: false,
