@@ -161,8 +161,8 @@ impl Shared {
 /// One consistent look at the daemon, for `status` and the metrics file.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// The scalar fields, as `status json` names and orders them.
-    fields: Vec<(&'static str, Value)>,
+    /// The scalar fields, as `status json` names, orders and writes them.
+    fields: Vec<(&'static str, String)>,
     /// The paths of the calls in progress (and of the batch being prepared).
     in_flight_paths: Vec<StorePath>,
     /// Backing-off paths, soonest first: (attempts, seconds to next try,
@@ -172,15 +172,6 @@ pub struct Snapshot {
     /// Paths given up on for a target now, oldest first, with how long ago.
     failed: Vec<(StorePath, GivenUp, u64)>,
     targets: Vec<TargetSnapshot>,
-}
-
-/// A field's value: a number with its decimals (`None`: unknown, `null`),
-/// text, or a flag.
-#[derive(Debug, Clone, PartialEq)]
-enum Value {
-    Num(Option<f64>, usize),
-    Text(Option<String>),
-    Flag(bool),
 }
 
 /// The metrics: `FIELD NAME TYPE HELP`, FIELD naming the value shown.
@@ -245,7 +236,7 @@ impl Snapshot {
         let now = SystemTime::now().duration_since(UNIX_EPOCH);
         let now = now.map_or(0, |d| d.as_secs());
         let oldest = journal.oldest();
-        let oldest = oldest.map(|e| now.saturating_sub(e.queued_at) as f64);
+        let oldest = oldest.map(|e| now.saturating_sub(e.queued_at));
         let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
         let stats = shared.lock();
         // Errors quote nix, which may repeat a target with its password.
@@ -296,12 +287,12 @@ impl Snapshot {
             .iter()
             .map(|t| t.label.as_str())
             .filter(|l| *l != "-");
-        let labels = labels.collect::<Vec<_>>().join(", ");
+        let target = Some(labels.collect::<Vec<_>>().join(", "));
+        let target = target.filter(|l| !l.is_empty());
         let sum = |i: usize| targets.iter().map(|t| t.numbers[i]).sum::<u64>();
-        let n = |n: u64| Value::Num(Some(n as f64), 0);
-        let rate = upload_rate(&stats.recent_uploads, shared.started);
+        let n = |n: u64| n.to_string();
         let fields = vec![
-            ("version", Value::Text(Some(crate::VERSION.into()))),
+            ("version", json_string(crate::VERSION)),
             ("uptime_seconds", n(shared.started.elapsed().as_secs())),
             ("queued", n(journal.len() as u64)),
             ("in_flight", n(in_flight.len() as u64)),
@@ -310,19 +301,19 @@ impl Snapshot {
             ("failed_calls", n(stats.failed_calls + sum(5))),
             ("backing_off", n(stats.backing_off() as u64)),
             ("failed", n(failed.len() as u64)),
-            ("oldest_queued_seconds", Value::Num(oldest, 0)),
-            (
-                "upload_seconds_sum",
-                Value::Num(Some(stats.upload_seconds), 3),
-            ),
+            ("oldest_queued_seconds", oldest.map_or("null".into(), n)),
+            ("upload_seconds_sum", format!("{:.3}", stats.upload_seconds)),
             ("upload_batches", n(stats.upload_batches)),
-            ("upload_rate_per_minute", Value::Num(Some(rate), 1)),
+            (
+                "upload_rate_per_minute",
+                format!("{:.1}", upload_rate(&stats, shared.started)),
+            ),
             ("spool_files", n(spool_files as u64)),
             ("spool_paths", n(spool_paths as u64)),
-            ("signing", Value::Flag(signing)),
+            ("signing", signing.to_string()),
             (
                 "target",
-                Value::Text(Some(labels).filter(|l| !l.is_empty())),
+                target.as_deref().map_or("null".into(), json_string),
             ),
             (METRIC_ONLY, n(sum(4))),
         ];
@@ -335,16 +326,17 @@ impl Snapshot {
         }
     }
 
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.fields.iter().find(|f| f.0 == key).map(|f| &f.1)
+    /// Field `key` as `status json` writes it.
+    fn get(&self, key: &str) -> &str {
+        self.fields
+            .iter()
+            .find(|f| f.0 == key)
+            .map_or("null", |f| &f.1)
     }
 
     /// The number in field `key` (0 when unknown).
     fn num(&self, key: &str) -> f64 {
-        match self.get(key) {
-            Some(Value::Num(Some(n), _)) => *n,
-            _ => 0.0,
-        }
+        self.get(key).parse().unwrap_or(0.0)
     }
 
     /// The targets shown (not the "sign only" one).
@@ -356,8 +348,11 @@ impl Snapshot {
     pub fn text(&self) -> String {
         let n = |key| self.num(key) as u64;
         let oldest = match self.get("oldest_queued_seconds") {
-            Some(Value::Num(Some(s), _)) => format!(" (oldest queued {} ago)", human_duration(*s)),
-            _ => String::new(),
+            "null" => String::new(),
+            _ => format!(
+                " (oldest queued {} ago)",
+                human_duration(n("oldest_queued_seconds") as f64)
+            ),
         };
         let paths = &self.in_flight_paths;
         let mut in_flight = paths.len().to_string();
@@ -376,9 +371,10 @@ impl Snapshot {
             true => "",
             false => " (given up on; requeue or drop them)",
         };
-        let mut target = match self.get("target") {
-            Some(Value::Text(Some(t))) => one_line(t),
-            _ => "none (upload-to is not set)".to_string(),
+        let labels: Vec<String> = self.shown().map(|t| one_line(&t.label)).collect();
+        let mut target = match labels.is_empty() {
+            true => "none (upload-to is not set)".to_string(),
+            false => labels.join(", "),
         };
         for t in self.shown().filter(|_| self.shown().count() > 1) {
             let ([queued, delivered, backing_off, failed, ..], label) =
@@ -388,7 +384,6 @@ impl Snapshot {
                 target += &format!("\n    last error: {}", one_line(e));
             }
         }
-        let signing = self.get("signing") == Some(&Value::Flag(true));
         let rows = [
             ("queued", format!("{}{oldest}", n("queued"))),
             ("in flight", in_flight),
@@ -402,7 +397,15 @@ impl Snapshot {
             ("failed", format!("{}{note}", self.failed.len())),
             ("failed calls", format!("{} since start", n("failed_calls"))),
             ("target", target),
-            ("signing", if signing { "on" } else { "off" }.to_string()),
+            (
+                "signing",
+                if self.get("signing") == "true" {
+                    "on"
+                } else {
+                    "off"
+                }
+                .into(),
+            ),
             ("uptime", human_duration(self.num("uptime_seconds"))),
             ("version", crate::VERSION.to_string()),
         ];
@@ -432,14 +435,7 @@ impl Snapshot {
     /// `status json`: one JSON object on one line.
     pub fn json(&self) -> String {
         let fields = self.fields.iter().filter(|f| f.0 != METRIC_ONLY);
-        let mut parts: Vec<String> = fields
-            .map(|(key, value)| match value {
-                Value::Num(Some(n), d) => format!("\"{key}\":{n:.d$}"),
-                Value::Num(None, _) | Value::Text(None) => format!("\"{key}\":null"),
-                Value::Text(Some(t)) => format!("\"{key}\":{}", json_string(t)),
-                Value::Flag(b) => format!("\"{key}\":{b}"),
-            })
-            .collect();
+        let mut parts: Vec<String> = fields.map(|(k, v)| format!("\"{k}\":{v}")).collect();
         let list = |key: &str, items: Vec<String>| format!("\"{key}\":[{}]", items.join(","));
         let (path, error) = (
             |p: &StorePath| json_string(p.as_str()),
@@ -504,9 +500,12 @@ fn declare(name: &str, kind: &str, help: &str) -> String {
 
 /// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since start,
 /// when that is shorter).
-fn upload_rate(recent: &VecDeque<(Instant, u64)>, started: Instant) -> f64 {
+fn upload_rate(stats: &Stats, started: Instant) -> f64 {
     let window = RATE_WINDOW.min(started.elapsed());
-    let recent = recent.iter().filter(|(t, _)| t.elapsed() <= window);
+    let recent = stats
+        .recent_uploads
+        .iter()
+        .filter(|(t, _)| t.elapsed() <= window);
     recent.map(|(_, n)| n).sum::<u64>() as f64 * 60.0 / window.as_secs_f64().max(1.0)
 }
 
@@ -670,28 +669,28 @@ mod tests {
     }
 
     fn snapshot() -> Snapshot {
-        let n = |n: f64, d: usize| Value::Num(Some(n), d);
+        let fields = [
+            ("version", json_string(crate::VERSION)),
+            ("uptime_seconds", "3725".into()),
+            ("queued", "3".into()),
+            ("in_flight", "1".into()),
+            ("uploaded", "7".into()),
+            ("dropped", "0".into()),
+            ("failed_calls", "2".into()),
+            ("backing_off", "3".into()),
+            ("failed", "1".into()),
+            ("oldest_queued_seconds", "75".into()),
+            ("upload_seconds_sum", "0.250".into()),
+            ("upload_batches", "4".into()),
+            ("upload_rate_per_minute", "12.5".into()),
+            ("spool_files", "2".into()),
+            ("spool_paths", "7".into()),
+            ("signing", "false".into()),
+            ("target", "null".into()),
+            (METRIC_ONLY, "1".into()),
+        ];
         Snapshot {
-            fields: vec![
-                ("version", Value::Text(Some(crate::VERSION.into()))),
-                ("uptime_seconds", n(3725.0, 0)),
-                ("queued", n(3.0, 0)),
-                ("in_flight", n(1.0, 0)),
-                ("uploaded", n(7.0, 0)),
-                ("dropped", n(0.0, 0)),
-                ("failed_calls", n(2.0, 0)),
-                ("backing_off", n(3.0, 0)),
-                ("failed", n(1.0, 0)),
-                ("oldest_queued_seconds", n(75.0, 0)),
-                ("upload_seconds_sum", n(0.25, 3)),
-                ("upload_batches", n(4.0, 0)),
-                ("upload_rate_per_minute", n(12.5, 1)),
-                ("spool_files", n(2.0, 0)),
-                ("spool_paths", n(7.0, 0)),
-                ("signing", Value::Flag(false)),
-                ("target", Value::Text(None)),
-                (METRIC_ONLY, n(1.0, 0)),
-            ],
+            fields: fields.into(),
             in_flight_paths: vec![path("d")],
             backoff: vec![
                 (1, 0.0, path("a"), "a \"quoted\" \\ path\tand\u{1}".into()),
@@ -760,8 +759,8 @@ mod tests {
             )
         );
         let mut s = snapshot();
-        s.fields[9].1 = Value::Num(None, 0);
-        s.fields[16].1 = Value::Text(Some("file:///a".into()));
+        s.fields[9].1 = "null".into();
+        s.fields[16].1 = json_string("file:///a");
         let json = s.json();
         assert!(json.contains("\"oldest_queued_seconds\":null,"), "{json}");
         assert!(json.contains("\"target\":\"file:///a\","), "{json}");
@@ -787,8 +786,8 @@ mod tests {
     #[test]
     fn prometheus_text_declares_every_sample() {
         let mut snap = snapshot();
-        snap.fields[3].1 = Value::Num(Some(0.0), 0);
-        snap.fields[9].1 = Value::Num(Some(9.0), 0);
+        snap.fields[3].1 = "0".into();
+        snap.fields[9].1 = "9".into();
         snap.targets = ["file:///a", "upload-command: x \"y\""]
             .iter()
             .map(|label| TargetSnapshot {
