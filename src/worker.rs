@@ -1,14 +1,11 @@
-//! The worker: signs and uploads queued paths with `nix`, outside the build
-//! loop, each target at its own pace. Its front thread gathers the paths the
-//! connection threads journaled into batches, resolves derivations, drops
-//! paths gone from the store and signs each batch once; then one lane thread
-//! per target copies it, following [`crate::policy`] when a call fails. A
-//! lane keeps the paths it still needs in [`Shared`], where `status` reads
-//! them; a path leaves the journal once every target has it.
+//! The worker: signs and uploads queued paths with `nix`, each target at its
+//! own pace. A front thread batches what was journaled, resolves derivations,
+//! drops paths gone from the store and signs once; a lane thread per target
+//! copies, following [`crate::policy`] when a call fails, and keeps the paths
+//! it still needs in [`Shared`], where `status` reads them.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -56,23 +53,18 @@ enum ToLane {
     Shutdown,
 }
 
-/// What the front and the lanes share.
 struct Ctx {
+    config: Config,
     journal: Arc<Journal>,
     shared: Arc<Shared>,
     policy: Policy,
-    signing_key: Option<PathBuf>,
-    sign_closure: bool,
-    batch_size: usize,
     ids: Vec<TargetId>,
-    /// Some target is more than "sign only".
+    /// Some target uploads; some signing or upload is configured.
     uploads: bool,
-    /// Some signing or upload is configured.
     work: bool,
 }
 
 impl Ctx {
-    /// Whether target `id` has `path` or gave up on it.
     fn settled(&self, path: &StorePath, id: TargetId) -> bool {
         self.journal.is_delivered(path, id) || self.journal.is_given_up(path, id)
     }
@@ -111,19 +103,16 @@ fn fits(batch: &mut Vec<StorePath>, path: StorePath, limit: usize) -> bool {
     true
 }
 
-/// The worker's threads; run them with [`Worker::run`].
+/// The worker's threads, for [`Worker::run`].
 pub struct Worker {
     rx: Receiver<Msg>,
     front: Front,
     lanes: Vec<(Lane, Receiver<ToLane>)>,
 }
 
-/// The front thread's state.
 struct Front {
     ctx: Arc<Ctx>,
-    /// nix for signing and queries.
     nix: Nix,
-    store_dir: String,
     spool: Spool,
     ready: VecDeque<StorePath>,
     /// A `wait` is pending: no quiet period.
@@ -145,6 +134,7 @@ impl Worker {
         let targets = crate::target::configured(config);
         let uploads = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
         let ctx = Arc::new(Ctx {
+            config: config.clone(),
             journal,
             shared,
             policy: Policy {
@@ -153,14 +143,10 @@ impl Worker {
                 retry_initial: config.retry_initial_delay,
                 retry_max: config.retry_max_delay,
             },
-            signing_key: config.signing_key_file.clone(),
-            sign_closure: config.sign_closure,
-            batch_size: config.batch_size,
             ids: targets.iter().map(|t| t.id).collect(),
             uploads,
             work: config.signing_key_file.is_some() || uploads,
         });
-        // The stop thread kills the calls in progress through `running`.
         let nix_for = |url: Option<&str>, i: usize| {
             Nix::from_config(config, url).with_running(ctx.shared.running(i))
         };
@@ -188,7 +174,6 @@ impl Worker {
         let front = Front {
             nix: nix_for(None, 0),
             ctx,
-            store_dir: config.store_dir.clone(),
             spool: Spool::new(&config.spool_dir(), &config.store_dir),
             ready: VecDeque::new(),
             flush: false,
@@ -201,16 +186,12 @@ impl Worker {
     /// Runs until [`Msg::Shutdown`] arrives or every sender is gone; then
     /// stops the lanes and waits for their calls.
     pub fn run(self) {
-        let Worker {
-            rx,
-            mut front,
-            lanes,
-        } = self;
+        let (rx, mut front) = (self.rx, self.front);
         if !front.ctx.work {
             info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
         }
         let mut threads = Vec::new();
-        for (lane, rx) in lanes {
+        for (lane, rx) in self.lanes {
             let thread = std::thread::Builder::new().name(format!("lane {}", lane.i));
             match thread.spawn(move || lane.run(rx)) {
                 Ok(t) => threads.push(t),
@@ -263,7 +244,7 @@ impl Front {
         let start = Instant::now();
         while !self.flush
             && !self.ready.is_empty()
-            && self.ready.len() < self.ctx.batch_size
+            && self.ready.len() < self.ctx.config.batch_size
             && start.elapsed() < BATCH_MAX_WAIT
         {
             match receive(rx, BATCH_QUIET, |m| self.handle(m)) {
@@ -299,7 +280,8 @@ impl Front {
         while let Some(p) = self.ready.pop_front() {
             let needed =
                 ctx.journal.entry(&p).is_some() && !ctx.ids.iter().all(|&id| ctx.settled(&p, id));
-            if needed && !batch.contains(&p) && !fits(&mut batch, p.clone(), ctx.batch_size) {
+            if needed && !batch.contains(&p) && !fits(&mut batch, p.clone(), ctx.config.batch_size)
+            {
                 self.ready.push_front(p);
                 break;
             }
@@ -315,9 +297,9 @@ impl Front {
         let batch = drop_gone(&ctx, &self.nix, batch);
         // Once per batch, before any copy. When it fails, each lane signs
         // what it copies, so that its bisection finds the paths at fault.
-        let signed = match &ctx.signing_key {
+        let signed = match &ctx.config.signing_key_file {
             Some(key) if ctx.uploads && !batch.is_empty() => {
-                let signed = self.nix.sign(key, ctx.sign_closure, &batch);
+                let signed = self.nix.sign(key, ctx.config.sign_closure, &batch);
                 if let Err(e) = &signed {
                     ctx.shared.lock().failed_calls += 1;
                     warning!("signing a batch of {} paths failed: {e}", batch.len());
@@ -340,7 +322,7 @@ impl Front {
                 out.push(path);
                 continue;
             }
-            let outputs = match drv::read_outputs(&path, &self.store_dir) {
+            let outputs = match drv::read_outputs(&path, &self.ctx.config.store_dir) {
                 Ok(outputs) => outputs,
                 Err(drv::DrvError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                     gone.push(path);
@@ -373,14 +355,11 @@ impl Front {
     fn query_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, String> {
         let lines = self.nix.query_outputs(std::slice::from_ref(drv));
         let parse = |l: &String| {
-            StorePath::parse_output(l, &self.store_dir)
-                .map_err(|e| format!("nix-store printed {l:?}: {e}"))
+            let path = StorePath::parse_output(l, &self.ctx.config.store_dir);
+            path.map_err(|e| format!("nix-store printed {l:?}: {e}"))
         };
-        lines
-            .map_err(|e| e.to_string())?
-            .iter()
-            .map(parse)
-            .collect()
+        let lines = lines.map_err(|e| e.to_string())?;
+        lines.iter().map(parse).collect()
     }
 
     /// Backs off a derivation that could not be resolved (once for every
@@ -407,14 +386,9 @@ impl Front {
     /// Queues the requests clients left in the spool while we were away or
     /// busy, once some lane has no call in progress.
     fn ingest_spool(&mut self) {
-        let idle = self
-            .ctx
-            .shared
-            .lock()
-            .targets
-            .iter()
-            .any(|t| t.in_flight.is_empty());
-        if idle {
+        let stats = self.ctx.shared.lock();
+        if stats.targets.iter().any(|t| t.in_flight.is_empty()) {
+            drop(stats);
             let paths = self.spool.ingest(&self.ctx.journal);
             self.ready.extend(paths);
         }
@@ -430,9 +404,8 @@ fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
     let Ok(invalid) = nix.invalid_paths(&batch) else {
         return batch;
     };
-    let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
-        .into_iter()
-        .partition(|p| invalid.iter().any(|i| i == p.as_str()));
+    let gone = |p: &StorePath| invalid.iter().any(|i| i == p.as_str());
+    let (gone, valid): (Vec<_>, Vec<_>) = batch.into_iter().partition(gone);
     let why = "no longer valid in the store (garbage-collected?)";
     drop_paths(&ctx.journal, &ctx.shared, &gone, why);
     valid
@@ -444,15 +417,13 @@ fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) ->
     let now = SystemTime::now().duration_since(UNIX_EPOCH);
     let (target, error) = (ctx.ids[i], error.to_string());
     let at = now.map_or(0, |d| d.as_secs());
-    match ctx.journal.give_up(
-        path,
-        GivenUp {
-            target,
-            at,
-            attempts,
-            error,
-        },
-    ) {
+    let record = GivenUp {
+        target,
+        at,
+        attempts,
+        error,
+    };
+    match ctx.journal.give_up(path, record) {
         Ok(given_up) => {
             ctx.shared.lock().targets[i].given_up += u64::from(given_up);
             true
@@ -464,13 +435,11 @@ fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) ->
     }
 }
 
-/// One target's thread: its calls, canary, bisection and backoff. The paths
-/// it still needs are in `targets[i].backoff` of [`Shared`].
+/// One target's thread: its calls, canary, bisection and backoff.
 struct Lane {
     ctx: Arc<Ctx>,
     i: usize,
     target: Target,
-    /// nix with this target's settings, publishing its call in progress.
     nix: Nix,
     /// Most paths in the next call (see [`policy::next_limit`]).
     limit: usize,
@@ -481,7 +450,8 @@ struct Lane {
 }
 
 impl Lane {
-    /// The statistics and, in them, the paths this lane still needs.
+    /// Runs `f` on the paths this lane still needs (kept in [`Shared`], for
+    /// `status`) and the statistics.
     fn held<R>(&self, f: impl FnOnce(&mut HashMap<StorePath, Backoff>, &mut Stats) -> R) -> R {
         let mut stats = self.ctx.shared.lock();
         let mut held = std::mem::take(&mut stats.targets[self.i].backoff);
@@ -494,13 +464,12 @@ impl Lane {
         lower_priority();
         loop {
             let now = Instant::now();
-            let down = self
-                .down
-                .as_ref()
-                .and_then(|d| d.next_try)
-                .filter(|&t| t > now);
-            let next =
-                down.or_else(|| self.held(|h, _| h.values().filter_map(|b| b.next_try).min()));
+            let down = self.down.as_ref().and_then(|d| d.next_try);
+            let down = down.filter(|&t| t > now);
+            let next = |h: &mut HashMap<_, Backoff>, _: &mut _| {
+                h.values().filter_map(|b| b.next_try).min()
+            };
+            let next = down.or_else(|| self.held(next));
             let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
             if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
                 || self.ctx.shared.stopping.load(Ordering::SeqCst)
@@ -524,17 +493,12 @@ impl Lane {
             ToLane::Batch(paths, signed) => {
                 // While the target is down, new paths join the failed group.
                 let down = self.down.clone().filter(|d| d.next_try > now);
-                let group = down.unwrap_or(Backoff {
-                    next_try: now,
-                    ..Backoff::default()
-                });
+                let mut group = down.unwrap_or_default();
+                group.next_try = group.next_try.or(now);
+                group.signed = signed;
                 self.held(|held, _| {
                     for p in paths {
-                        let b = Backoff {
-                            signed,
-                            ..group.clone()
-                        };
-                        held.entry(p).or_insert(b);
+                        held.entry(p).or_insert(group.clone());
                     }
                 });
             }
@@ -554,11 +518,8 @@ impl Lane {
     /// The next call's paths: those due, in the order they were queued,
     /// within the batch limit; marked as being tried.
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
-        let (ctx, id, limit) = (
-            Arc::clone(&self.ctx),
-            self.target.id,
-            self.limit.min(self.ctx.batch_size),
-        );
+        let (ctx, id) = (Arc::clone(&self.ctx), self.target.id);
+        let limit = self.limit.min(ctx.config.batch_size);
         let (out, retries) = self.held(|held, _| {
             let due = held
                 .iter()
@@ -592,7 +553,7 @@ impl Lane {
     /// One call for `batch`; when it fails, the policy's canary, bisection
     /// and backoff, within this round.
     fn round(&mut self, batch: Vec<StorePath>) {
-        let (len, max) = (batch.len(), self.ctx.batch_size);
+        let (len, max) = (batch.len(), self.ctx.config.batch_size);
         // Signed before each copy when the front could not sign some of them.
         let sign =
             self.held(|held, _| batch.iter().any(|p| held.get(p).is_some_and(|b| !b.signed)));
@@ -611,7 +572,13 @@ impl Lane {
                     self.took(&group, started);
                     answer = Some(Answer::TookSome);
                 }
-                Err(f) => match self.next(&group, &f, first, budget, &mut answer) {
+                Err(f) => match policy::after_failure(group.len(), f.timed_out(), first, budget) {
+                    // Before a canary: does the target answer at all? A
+                    // ping costs less than a copy.
+                    Next::Canary if *answer.get_or_insert_with(|| self.ask()) == Answer::Silent => {
+                        group.extend(groups.drain(..).flatten());
+                        self.back_off(group, &f, Blame::Target);
+                    }
                     Next::Outage => {
                         if group.len() > 1 && f.timed_out() {
                             self.limit = policy::next_limit(self.limit, group.len(), true, max);
@@ -658,24 +625,6 @@ impl Lane {
         }
     }
 
-    /// The policy's next step; before a canary, asks the target whether
-    /// it answers at all (a ping costs less than a copy).
-    fn next(
-        &self,
-        group: &[StorePath],
-        f: &Failure,
-        first: bool,
-        budget: u32,
-        answer: &mut Option<Answer>,
-    ) -> Next {
-        match policy::after_failure(group.len(), f.timed_out(), first, budget) {
-            Next::Canary if *answer.get_or_insert_with(|| self.ask()) == Answer::Silent => {
-                Next::Outage
-            }
-            next => next,
-        }
-    }
-
     /// Whom to blame for `path`, which failed alone: asks the target once a
     /// round, unless a call of the round went through.
     fn judge(&mut self, path: &StorePath, answer: &mut Option<Answer>) -> Blame {
@@ -706,8 +655,8 @@ impl Lane {
     /// Copies the paths (signing them first if the round must).
     fn attempt(&self, paths: &[StorePath], sign: bool) -> Result<(), Failure> {
         self.ctx.shared.lock().targets[self.i].in_flight = paths.to_vec();
-        let result = match (&self.ctx.signing_key, sign) {
-            (Some(key), true) => self.nix.sign(key, self.ctx.sign_closure, paths),
+        let result = match (&self.ctx.config.signing_key_file, sign) {
+            (Some(key), true) => self.nix.sign(key, self.ctx.config.sign_closure, paths),
             _ => Ok(()),
         };
         let result = result.and_then(|()| match &self.target.kind {
@@ -776,22 +725,16 @@ impl Lane {
     /// target makes it count as down until then.
     fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
         let (now, last_error) = (Instant::now(), error.to_string());
-        let mut held = self.held(|held, _| {
-            paths
-                .iter()
-                .map(|p| held.remove(p).unwrap_or_default())
-                .collect::<Vec<_>>()
-        });
+        let take = |held: &mut HashMap<_, Backoff>, _: &mut _| {
+            let held = paths.iter().map(|p| held.remove(p).unwrap_or_default());
+            held.collect::<Vec<_>>()
+        };
+        let mut held = self.held(take);
         let attempts = 1 + held.iter().map(|b| b.attempts).max().unwrap_or(0);
         let next_try = Some(now + self.ctx.policy.delay(attempts, random_unit()));
         let mut kept = Vec::new();
         for (p, mut b) in paths.into_iter().zip(held.drain(..)) {
-            b = Backoff {
-                attempts,
-                next_try,
-                last_error: last_error.clone(),
-                ..b
-            };
+            (b.attempts, b.next_try, b.last_error) = (attempts, next_try, last_error.clone());
             match self.ctx.policy.fail(&mut b.failures, blame, now) {
                 Some(why) if give_up(&self.ctx, self.i, &p, attempts, &last_error) => {
                     let on = self.named().replacen(' ', " for ", 1);
@@ -811,12 +754,8 @@ impl Lane {
             held.extend(kept.into_iter().filter(|k| journal.entry(&k.0).is_some()))
         });
         if blame == Blame::Target {
-            let down = Backoff {
-                attempts,
-                next_try,
-                last_error,
-                ..Backoff::default()
-            };
+            let mut down = Backoff::default();
+            (down.attempts, down.next_try, down.last_error) = (attempts, next_try, last_error);
             self.down = Some(down);
         }
     }
@@ -878,13 +817,16 @@ mod tests {
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(1),
         };
+        let config = Config {
+            batch_size: 10,
+            store_dir: STORE.into(),
+            ..Config::default()
+        };
         let ctx = Ctx {
+            config,
             journal: Arc::new(journal),
             shared: Arc::new(Shared::new(&[Target::sign_only()])),
             policy,
-            signing_key: None,
-            sign_closure: false,
-            batch_size: 10,
             ids: Vec::new(),
             uploads: false,
             work: false,
@@ -892,7 +834,6 @@ mod tests {
         let mut front = Front {
             ctx: Arc::new(ctx),
             nix: Nix::new(std::path::Path::new("nix"), Duration::from_secs(1), None),
-            store_dir: STORE.into(),
             spool: Spool::new(&dir.join("spool"), STORE),
             ready: VecDeque::from([path("a")]),
             flush: false,
