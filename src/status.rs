@@ -384,6 +384,11 @@ impl Snapshot {
                 target += &format!("\n    last error: {}", one_line(e));
             }
         }
+        let signing = if self.get("signing") == "true" {
+            "on"
+        } else {
+            "off"
+        };
         let rows = [
             ("queued", format!("{}{oldest}", n("queued"))),
             ("in flight", in_flight),
@@ -397,22 +402,12 @@ impl Snapshot {
             ("failed", format!("{}{note}", self.failed.len())),
             ("failed calls", format!("{} since start", n("failed_calls"))),
             ("target", target),
-            (
-                "signing",
-                if self.get("signing") == "true" {
-                    "on"
-                } else {
-                    "off"
-                }
-                .into(),
-            ),
+            ("signing", signing.into()),
             ("uptime", human_duration(self.num("uptime_seconds"))),
             ("version", crate::VERSION.to_string()),
         ];
-        let rows = rows
-            .iter()
-            .map(|(label, v)| format!("{:<14}{v}\n", format!("{label}:")));
-        let mut s: String = rows.collect();
+        let row = |(label, v): &(&str, String)| format!("{:<14}{v}\n", format!("{label}:"));
+        let mut s: String = rows.iter().map(row).collect();
         for (attempts, next, path, error) in self.backoff.iter().take(LISTED) {
             // As `status json` shows it: to a tenth of a second.
             let when = match (next * 10.0).round() / 10.0 {
@@ -424,10 +419,8 @@ impl Snapshot {
         }
         s += &more(n("backing_off") as usize, self.backoff.len(), "", "soonest");
         for (path, g, ago) in self.failed.iter().take(LISTED) {
-            let (ago, attempts, e) = (human_duration(*ago as f64), g.attempts, one_line(&g.error));
-            s += &format!(
-                "  {path}: FAILED, given up on {ago} ago after {attempts} attempts: {e}\n"
-            );
+            let (ago, n, e) = (human_duration(*ago as f64), g.attempts, one_line(&g.error));
+            s += &format!("  {path}: FAILED, given up on {ago} ago after {n} attempts: {e}\n");
         }
         s + &more(self.failed.len(), self.failed.len(), " failed", "oldest")
     }
@@ -437,21 +430,16 @@ impl Snapshot {
         let fields = self.fields.iter().filter(|f| f.0 != METRIC_ONLY);
         let mut parts: Vec<String> = fields.map(|(k, v)| format!("\"{k}\":{v}")).collect();
         let list = |key: &str, items: Vec<String>| format!("\"{key}\":[{}]", items.join(","));
-        let (path, error) = (
-            |p: &StorePath| json_string(p.as_str()),
-            |e: &str| json_string(&one_line(e)),
-        );
-        let backoff = self.backoff.iter().take(LISTED).map(|(attempts, next, p, e)| {
-            format!("{{\"path\":{},\"attempts\":{attempts},\"next_try_seconds\":{next:.1},\"last_error\":{}}}", path(p), error(e))
+        let path = |p: &StorePath| json_string(p.as_str());
+        let error = |e: &str| json_string(&one_line(e));
+        let backoff = self.backoff.iter().take(LISTED).map(|(n, next, p, e)| {
+            let (p, e) = (path(p), error(e));
+            format!("{{\"path\":{p},\"attempts\":{n},\"next_try_seconds\":{next:.1},\"last_error\":{e}}}")
         });
         parts.push(list("backoff", backoff.collect()));
         let failed = self.failed.iter().take(LISTED).map(|(p, g, ago)| {
-            format!(
-                "{{\"path\":{},\"attempts\":{},\"given_up_seconds_ago\":{ago},\"last_error\":{}}}",
-                path(p),
-                g.attempts,
-                error(&g.error)
-            )
+            let (p, n, e) = (path(p), g.attempts, error(&g.error));
+            format!("{{\"path\":{p},\"attempts\":{n},\"given_up_seconds_ago\":{ago},\"last_error\":{e}}}")
         });
         parts.push(list("failed_paths", failed.collect()));
         let in_flight = self.in_flight_paths.iter().take(LISTED).map(path);

@@ -4,7 +4,7 @@
 //! copies, following [`crate::policy`] when a call fails, and keeps the paths
 //! it still needs in [`Shared`], where `status` reads them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -91,14 +91,14 @@ fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool)
     (!msgs.any(&mut stop)).then_some(true)
 }
 
-/// Adds `path` to `batch` if it fits within `limit` paths and one command
-/// line; false when the batch is full.
-fn fits(batch: &mut Vec<StorePath>, path: StorePath, limit: usize) -> bool {
-    let bytes: usize = batch.iter().map(|p| p.as_str().len() + 1).sum();
-    let full = batch.len() >= limit || bytes + path.as_str().len() >= MAX_ARG_BYTES;
+/// Adds `path` to `batch` (of `bytes` on the command line) if it fits within
+/// `limit` paths and one command line; false when the batch is full.
+fn fits(batch: &mut Vec<StorePath>, bytes: &mut usize, path: StorePath, limit: usize) -> bool {
+    let full = batch.len() >= limit || *bytes + path.as_str().len() >= MAX_ARG_BYTES;
     if full && !batch.is_empty() {
         return false;
     }
+    *bytes += path.as_str().len() + 1;
     batch.push(path);
     true
 }
@@ -276,15 +276,16 @@ impl Front {
 
     /// The next batch: queued paths some target still needs, each once.
     fn take_batch(&mut self) -> Vec<StorePath> {
-        let (ctx, mut batch) = (Arc::clone(&self.ctx), Vec::new());
+        let (ctx, limit) = (Arc::clone(&self.ctx), self.ctx.config.batch_size);
+        let (mut batch, mut bytes, mut taken) = (Vec::new(), 0, HashSet::new());
         while let Some(p) = self.ready.pop_front() {
-            let needed =
-                ctx.journal.entry(&p).is_some() && !ctx.ids.iter().all(|&id| ctx.settled(&p, id));
-            if needed && !batch.contains(&p) && !fits(&mut batch, p.clone(), ctx.config.batch_size)
-            {
+            let settled = ctx.ids.iter().all(|&id| ctx.settled(&p, id));
+            let needed = ctx.journal.entry(&p).is_some() && !settled && !taken.contains(&p);
+            if needed && !fits(&mut batch, &mut bytes, p.clone(), limit) {
                 self.ready.push_front(p);
                 break;
             }
+            taken.insert(p);
         }
         batch
     }
@@ -526,11 +527,11 @@ impl Lane {
                 .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
             let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
             due.sort_by_key(|p| ctx.journal.entry(p).map_or(u64::MAX, |e| e.seq));
-            let mut out = Vec::new();
+            let (mut out, mut bytes) = (Vec::new(), 0);
             for p in due {
                 if ctx.journal.entry(&p).is_none() || ctx.settled(&p, id) {
                     held.remove(&p);
-                } else if !fits(&mut out, p, limit) {
+                } else if !fits(&mut out, &mut bytes, p, limit) {
                     break;
                 }
             }
