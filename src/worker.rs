@@ -16,7 +16,7 @@ use crate::journal::{GivenUp, Journal, TargetId};
 use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
 use crate::policy::{self, Answer, Blame, Next, Policy, Streak};
 use crate::spool::Spool;
-use crate::status::{Backoff, Shared, Stats};
+use crate::status::{Backoff, Shared};
 use crate::store_path::StorePath;
 use crate::target::{Kind, Target};
 use crate::{drv, error, info, sys, warning};
@@ -451,14 +451,10 @@ struct Lane {
 }
 
 impl Lane {
-    /// Runs `f` on the paths this lane still needs (kept in [`Shared`], for
-    /// `status`) and the statistics.
-    fn held<R>(&self, f: impl FnOnce(&mut HashMap<StorePath, Backoff>, &mut Stats) -> R) -> R {
-        let mut stats = self.ctx.shared.lock();
-        let mut held = std::mem::take(&mut stats.targets[self.i].backoff);
-        let r = f(&mut held, &mut stats);
-        stats.targets[self.i].backoff = held;
-        r
+    /// Runs `f` on the paths this lane still needs, kept in [`Shared`] for
+    /// `status`.
+    fn held<R>(&self, f: impl FnOnce(&mut HashMap<StorePath, Backoff>) -> R) -> R {
+        f(&mut self.ctx.shared.lock().targets[self.i].backoff)
     }
 
     fn run(mut self, rx: Receiver<ToLane>) {
@@ -467,9 +463,7 @@ impl Lane {
             let now = Instant::now();
             let down = self.down.as_ref().and_then(|d| d.next_try);
             let down = down.filter(|&t| t > now);
-            let next = |h: &mut HashMap<_, Backoff>, _: &mut _| {
-                h.values().filter_map(|b| b.next_try).min()
-            };
+            let next = |h: &mut HashMap<_, Backoff>| h.values().filter_map(|b| b.next_try).min();
             let next = down.or_else(|| self.held(next));
             let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
             if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
@@ -497,7 +491,7 @@ impl Lane {
                 let mut group = down.unwrap_or_default();
                 group.next_try = group.next_try.or(now);
                 group.signed = signed;
-                self.held(|held, _| {
+                self.held(|held| {
                     for p in paths {
                         held.entry(p).or_insert(group.clone());
                     }
@@ -505,7 +499,7 @@ impl Lane {
             }
             ToLane::Retry => {
                 self.down = None;
-                self.held(|held, _| {
+                self.held(|held| {
                     for b in held.values_mut() {
                         b.next_try = b.next_try.and(now);
                     }
@@ -521,7 +515,7 @@ impl Lane {
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
         let (ctx, id) = (Arc::clone(&self.ctx), self.target.id);
         let limit = self.limit.min(ctx.config.batch_size);
-        let (out, retries) = self.held(|held, _| {
+        let (out, retries) = self.held(|held| {
             let due = held
                 .iter()
                 .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
@@ -556,8 +550,7 @@ impl Lane {
     fn round(&mut self, batch: Vec<StorePath>) {
         let (len, max) = (batch.len(), self.ctx.config.batch_size);
         // Signed before each copy when the front could not sign some of them.
-        let sign =
-            self.held(|held, _| batch.iter().any(|p| held.get(p).is_some_and(|b| !b.signed)));
+        let sign = self.held(|held| batch.iter().any(|p| held.get(p).is_some_and(|b| !b.signed)));
         let (mut groups, mut answer, mut budget) = (vec![batch], None, 0);
         let (mut first, mut note) = (true, None);
         while let Some(mut group) = groups.pop() {
@@ -598,7 +591,7 @@ impl Lane {
                         self.back_off(group, &f, blame);
                     }
                     Next::Canary => {
-                        let counted = self.held(|held, _| {
+                        let counted = self.held(|held| {
                             let counted =
                                 |p| held.get(p).map_or(0, |b: &Backoff| b.failures.counted);
                             group.iter().map(counted).collect::<Vec<_>>()
@@ -702,22 +695,22 @@ impl Lane {
             let (n, names, to) = (paths.len(), names(paths), self.named());
             info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
         }
-        self.held(|held, stats| {
-            for p in paths {
-                held.remove(p);
-            }
-            stats.uploaded += done.len() as u64;
-            stats.record_uploads(done.len() as u64);
-            if ctx.work {
-                stats.upload_seconds += took;
-                stats.upload_batches += 1;
-            }
-            stats.targets[self.i].delivered += paths.len() as u64;
-            stats.targets[self.i].last_error = None;
-            for p in &done {
-                stats.forget(p);
-            }
-        });
+        let mut stats = ctx.shared.lock();
+        let t = &mut stats.targets[self.i];
+        for p in paths {
+            t.backoff.remove(p);
+        }
+        t.delivered += paths.len() as u64;
+        t.last_error = None;
+        stats.uploaded += done.len() as u64;
+        stats.record_uploads(done.len() as u64);
+        if ctx.work {
+            stats.upload_seconds += took;
+            stats.upload_batches += 1;
+        }
+        for p in &done {
+            stats.forget(p);
+        }
     }
 
     /// Backs off paths that failed together: one attempt count and one next
@@ -726,7 +719,7 @@ impl Lane {
     /// target makes it count as down until then.
     fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
         let (now, last_error) = (Instant::now(), error.to_string());
-        let take = |held: &mut HashMap<_, Backoff>, _: &mut _| {
+        let take = |held: &mut HashMap<_, Backoff>| {
             let held = paths.iter().map(|p| held.remove(p).unwrap_or_default());
             held.collect::<Vec<_>>()
         };
@@ -751,9 +744,7 @@ impl Lane {
             warning!("{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {last_error}");
         }
         let journal = &self.ctx.journal;
-        self.held(|held, _| {
-            held.extend(kept.into_iter().filter(|k| journal.entry(&k.0).is_some()))
-        });
+        self.held(|held| held.extend(kept.into_iter().filter(|k| journal.entry(&k.0).is_some())));
         if blame == Blame::Target {
             let mut down = Backoff::default();
             (down.attempts, down.next_try, down.last_error) = (attempts, next_try, last_error);
