@@ -78,9 +78,8 @@ fn lower_priority() {
     }
 }
 
-/// Handles the messages that come within `wait`, and those queued behind
-/// them. `None` when a stop was asked for or the senders are gone, else
-/// whether any came.
+/// Handles the messages that come within `wait`, and those behind them:
+/// `None` on a stop or when the senders are gone, else whether any came.
 fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool) -> Option<bool> {
     let first = match rx.recv_timeout(wait) {
         Ok(msg) => msg,
@@ -91,8 +90,8 @@ fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool)
     (!msgs.any(&mut stop)).then_some(true)
 }
 
-/// Adds `path` to `batch` (of `bytes` on the command line) if it fits within
-/// `limit` paths and one command line; false when the batch is full.
+/// Adds `path` to `batch` unless that is full: `limit` paths, or one command
+/// line (`bytes` so far).
 fn fits(batch: &mut Vec<StorePath>, bytes: &mut usize, path: StorePath, limit: usize) -> bool {
     let full = batch.len() >= limit || *bytes + path.as_str().len() >= MAX_ARG_BYTES;
     if full && !batch.is_empty() {
@@ -123,8 +122,8 @@ struct Front {
 }
 
 impl Worker {
-    /// A worker for `config`, reading messages from `rx`. Its targets are
-    /// [`crate::target::configured`], as `shared` was made for.
+    /// A worker for `config` and its [`crate::target::configured`] targets
+    /// (those `shared` was made for), reading messages from `rx`.
     pub fn new(
         config: &Config,
         journal: Arc<Journal>,
@@ -183,8 +182,8 @@ impl Worker {
         Worker { rx, front, lanes }
     }
 
-    /// Runs until [`Msg::Shutdown`] arrives or every sender is gone; then
-    /// stops the lanes and waits for their calls.
+    /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the
+    /// lanes and waits for their calls.
     pub fn run(self) {
         let (rx, mut front) = (self.rx, self.front);
         if !front.ctx.work {
@@ -237,9 +236,8 @@ impl Worker {
 }
 
 impl Front {
-    /// While paths keep arriving, gathers them into one batch: until none
-    /// came for [`BATCH_QUIET`], the batch is full, [`BATCH_MAX_WAIT`]
-    /// passed or a `wait` asks for it. False when a stop was asked for.
+    /// Gathers paths into one batch until none came for [`BATCH_QUIET`], it
+    /// is full, [`BATCH_MAX_WAIT`] passed or a `wait` asks. False on a stop.
     fn gather(&mut self, rx: &Receiver<Msg>) -> bool {
         let start = Instant::now();
         while !self.flush
@@ -324,28 +322,24 @@ impl Front {
                 continue;
             }
             let outputs = match drv::read_outputs(&path, &self.ctx.config.store_dir) {
-                Ok(outputs) => outputs,
                 Err(drv::DrvError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                     gone.push(path);
                     continue;
                 }
-                Err(_) => match self.query_outputs(&path) {
-                    Ok(outputs) => outputs,
-                    Err(e) => {
-                        self.unresolved(path, &e, Blame::Paths);
-                        continue;
-                    }
-                },
+                Ok(outputs) => Ok(outputs),
+                Err(_) => self.query_outputs(&path),
             };
-            match self.ctx.journal.replace(&path, &outputs) {
+            let journal = &self.ctx.journal;
+            let added = outputs.map_err(|e| (e, Blame::Paths)).and_then(|outputs| {
+                let added = journal.replace(&path, &outputs);
+                added.map_err(|e| (format!("cannot journal the outputs: {e}"), Blame::Target))
+            });
+            match added {
                 Ok(added) => {
                     self.drvs.remove(&path);
                     out.extend(added);
                 }
-                Err(e) => {
-                    let error = format!("cannot journal the outputs: {e}");
-                    self.unresolved(path, &error, Blame::Target);
-                }
+                Err((error, blame)) => self.unresolved(path, &error, blame),
             }
         }
         let why = "the derivation is no longer in the store";
@@ -363,8 +357,7 @@ impl Front {
         lines.iter().map(parse).collect()
     }
 
-    /// Backs off a derivation that could not be resolved (once for every
-    /// target), or gives up on it.
+    /// Backs off a derivation that could not be resolved, or gives up on it.
     fn unresolved(&mut self, path: StorePath, error: &str, blame: Blame) {
         let now = Instant::now();
         let mut d = self.drvs.remove(&path).unwrap_or_default();
@@ -384,8 +377,8 @@ impl Front {
         warning!("giving up on {path} after {why}: {error}");
     }
 
-    /// Queues the requests clients left in the spool while we were away or
-    /// busy, once some lane has no call in progress.
+    /// Queues what clients spooled while we were away or busy, once some lane
+    /// has no call in progress.
     fn ingest_spool(&mut self) {
         let stats = self.ctx.shared.lock();
         if stats.targets.iter().any(|t| t.in_flight.is_empty()) {
@@ -396,8 +389,7 @@ impl Front {
     }
 }
 
-/// Drops the paths of `batch` that are gone from the store (garbage
-/// collected); returns the others.
+/// Drops the paths of `batch` gone from the store; returns the others.
 fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
     if !ctx.work || batch.is_empty() {
         return batch;
@@ -412,8 +404,7 @@ fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
     valid
 }
 
-/// Journals that `path` is given up on for target `i`; false when that
-/// failed (it is retried).
+/// Journals that `path` is given up on for target `i`; false if that failed.
 fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) -> bool {
     let now = SystemTime::now().duration_since(UNIX_EPOCH);
     let (target, error) = (ctx.ids[i], error.to_string());
@@ -444,8 +435,7 @@ struct Lane {
     nix: Nix,
     /// Most paths in the next call (see [`policy::next_limit`]).
     limit: usize,
-    /// While the target is down: its failed group's next try, attempts and
-    /// error, which new paths join.
+    /// While the target is down: its failed group, which new paths join.
     down: Option<Backoff>,
     streak: Streak<StorePath>,
 }
@@ -510,8 +500,7 @@ impl Lane {
         false
     }
 
-    /// The next call's paths: those due, in the order they were queued,
-    /// within the batch limit; marked as being tried.
+    /// The next call's paths: those due, in queue order, within the limit.
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
         let (ctx, id) = (Arc::clone(&self.ctx), self.target.id);
         let limit = self.limit.min(ctx.config.batch_size);
@@ -545,8 +534,8 @@ impl Lane {
         }
     }
 
-    /// One call for `batch`; when it fails, the policy's canary, bisection
-    /// and backoff, within this round.
+    /// A call for `batch`; when it fails, the policy's canary, bisection and
+    /// backoff.
     fn round(&mut self, batch: Vec<StorePath>) {
         let (len, max) = (batch.len(), self.ctx.config.batch_size);
         // Signed before each copy when the front could not sign some of them.
@@ -679,8 +668,7 @@ impl Lane {
         t.last_error = Some(failure.to_string());
     }
 
-    /// Records that the target has the paths: those every target has now
-    /// leave the journal.
+    /// Records that the target has the paths; those all targets have leave.
     fn took(&mut self, paths: &[StorePath], started: Instant) {
         let (ctx, took) = (Arc::clone(&self.ctx), started.elapsed().as_secs_f64());
         self.down = None;
@@ -713,10 +701,9 @@ impl Lane {
         }
     }
 
-    /// Backs off paths that failed together: one attempt count and one next
-    /// try for the group, so that it is retried in one call. Paths at the
-    /// end of their tries are given up on instead. A failure blamed on the
-    /// target makes it count as down until then.
+    /// Backs off paths that failed together with one attempt count and next
+    /// try, so that they are retried in one call, or gives up on them. When
+    /// blamed on the target, it is down until then.
     fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
         let (now, last_error) = (Instant::now(), error.to_string());
         let take = |held: &mut HashMap<_, Backoff>| {
@@ -753,9 +740,8 @@ impl Lane {
     }
 }
 
-/// Drops queued paths from the journal, with one warning for them all: they
-/// are not uploaded. Returns how many were queued. Used by the worker
-/// (paths gone from the store) and by the `drop` request.
+/// Drops queued paths from the journal with one warning for them all (gone
+/// from the store, or the `drop` request); returns how many were queued.
 pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: &str) -> usize {
     let queued = paths.iter().filter(|p| journal.entry(p).is_some());
     let paths: Vec<StorePath> = queued.cloned().collect();
