@@ -96,8 +96,9 @@ impl Stats {
         failed.collect::<HashSet<_>>().len()
     }
 
-    /// Records that `n` paths were uploaded now.
+    /// Records that `n` paths were uploaded (to every target) now.
     pub fn record_uploads(&mut self, n: u64) {
+        self.uploaded += n;
         let recent = &mut self.recent_uploads;
         recent.retain(|(t, _)| t.elapsed() <= RATE_WINDOW);
         recent.push_back((Instant::now(), n));
@@ -512,7 +513,7 @@ fn more(total: usize, listed: usize, what: &str, which: &str) -> String {
 
 /// A duration for people: `0.4s`, `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
 /// Fractions are shown only under 10 seconds.
-pub fn human_duration(seconds: f64) -> String {
+fn human_duration(seconds: f64) -> String {
     if !seconds.is_finite() || seconds <= 0.0 {
         return "0s".to_string();
     }
@@ -529,7 +530,7 @@ pub fn human_duration(seconds: f64) -> String {
 }
 
 /// A JSON string literal.
-pub fn json_string(s: &str) -> String {
+fn json_string(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {

@@ -690,7 +690,6 @@ impl Lane {
         }
         t.delivered += paths.len() as u64;
         t.last_error = None;
-        stats.uploaded += done.len() as u64;
         stats.record_uploads(done.len() as u64);
         if ctx.work {
             stats.upload_seconds += took;
