@@ -1,15 +1,12 @@
 //! The retry policy: what to do after a failed upload call, decided without
-//! I/O, threads or clock reads (the time and the randomness come in as
-//! arguments), so that each decision has a unit test.
-//!
-//! A failed call of several paths is followed by one path alone (a canary).
-//! A path that fails alone is judged: if some call of the same round went
-//! through, or the target answers `nix store ping`, the path is at fault,
-//! else the target is (an outage, and the round ends). If the canary went
-//! through or was at fault, the rest is split in halves within a budget of
-//! calls to find the other paths at fault. A timeout ends the round. Paths that failed together back off together with
-//! exponential delays and jitter. Only failures blamed on the paths count
-//! towards giving up: an outage never ends a path.
+//! I/O, threads or clock reads (time and randomness are arguments), so that
+//! each decision has a unit test. A failed call of several paths is followed
+//! by one path alone (a canary); a path that failed alone is at fault if the
+//! target works, else the target is (an outage, which ends the round). The
+//! rest is then split in halves within a budget of calls. A timeout ends the
+//! round. Paths that failed together back off together, with exponential
+//! delays and jitter. Only failures blamed on the paths count towards giving
+//! up: an outage never ends a path.
 
 use std::collections::HashSet;
 use std::hash::Hash;
@@ -154,8 +151,6 @@ pub struct Policy {
 /// One path's failures on one target in this run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Failures {
-    /// Rounds it failed in.
-    pub attempts: u32,
     /// Those blamed on the path.
     pub counted: u32,
     /// When the first of those was.
@@ -163,19 +158,11 @@ pub struct Failures {
 }
 
 impl Policy {
-    /// Records a failure of a path at `now` in a group whose attempt number
-    /// is `attempts`. Returns why the path is given up on, if it is: only a
-    /// failure blamed on it can end it, so an outage, a long downtime or a
-    /// clock that starts in the past (the time is monotonic, from this run)
-    /// never does.
-    pub fn fail(
-        &self,
-        f: &mut Failures,
-        attempts: u32,
-        blame: Blame,
-        now: Instant,
-    ) -> Option<String> {
-        f.attempts = attempts;
+    /// Records a failure of a path at `now`. Returns why the path is given
+    /// up on, if it is: only a failure blamed on it can end it, so an
+    /// outage, a long downtime or a clock that starts in the past (the time
+    /// is monotonic, from this run) never does.
+    pub fn fail(&self, f: &mut Failures, blame: Blame, now: Instant) -> Option<String> {
         if blame == Blame::Target {
             return None;
         }
@@ -284,24 +271,21 @@ mod tests {
         let p = policy(Some(2), None);
         let now = Instant::now();
         let mut f = Failures::default();
-        for attempt in 1..=100 {
-            assert_eq!(p.fail(&mut f, attempt, Blame::Target, now), None);
+        for _ in 1..=100 {
+            assert_eq!(p.fail(&mut f, Blame::Target, now), None);
         }
         assert_eq!(f.counted, 0);
-        assert_eq!(p.fail(&mut f, 101, Blame::Paths, now), None);
-        let why = p.fail(&mut f, 102, Blame::Paths, now).unwrap();
+        assert_eq!(p.fail(&mut f, Blame::Paths, now), None);
+        let why = p.fail(&mut f, Blame::Paths, now).unwrap();
         assert!(why.starts_with("2 failed attempts"), "{why}");
-        assert_eq!((f.attempts, f.counted), (102, 2));
+        assert_eq!(f.counted, 2);
         let mut f = Failures::default();
         assert!(policy(Some(1), None)
-            .fail(&mut f, 1, Blame::Paths, now)
+            .fail(&mut f, Blame::Paths, now)
             .is_some());
         let mut f = Failures::default();
-        for attempt in 1..=1000 {
-            assert_eq!(
-                policy(None, None).fail(&mut f, attempt, Blame::Paths, now),
-                None
-            );
+        for _ in 1..=1000 {
+            assert_eq!(policy(None, None).fail(&mut f, Blame::Paths, now), None);
         }
     }
 
@@ -312,23 +296,23 @@ mod tests {
         let mut f = Failures::default();
         // A long outage first: not counted, no clock started.
         let later = start + Duration::from_secs(10_000);
-        assert_eq!(p.fail(&mut f, 1, Blame::Target, later), None);
+        assert_eq!(p.fail(&mut f, Blame::Target, later), None);
         assert_eq!(f.since, None);
-        assert_eq!(p.fail(&mut f, 2, Blame::Paths, later), None);
+        assert_eq!(p.fail(&mut f, Blame::Paths, later), None);
         assert_eq!(f.since, Some(later));
         let outage = later + Duration::from_secs(500);
         assert_eq!(
-            p.fail(&mut f, 3, Blame::Target, outage),
+            p.fail(&mut f, Blame::Target, outage),
             None,
             "an outage never ends it"
         );
         let why = p
-            .fail(&mut f, 4, Blame::Paths, later + Duration::from_secs(100))
+            .fail(&mut f, Blame::Paths, later + Duration::from_secs(100))
             .unwrap();
         assert!(why.contains("give-up-after"), "{why}");
         let mut f = Failures::default();
         assert!(policy(None, Some(0))
-            .fail(&mut f, 1, Blame::Paths, start)
+            .fail(&mut f, Blame::Paths, start)
             .is_some());
     }
 

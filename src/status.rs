@@ -1,8 +1,5 @@
-//! What the daemon knows about its own progress, and how it is shown.
-//!
-//! The queue itself lives in the journal; the worker's threads publish here
-//! the counters since start and, per target, the paths backing off. One
-//! table of fields renders `status` for people, `status json` and the
+//! What the daemon knows about its own progress besides the journal, and
+//! one table of fields that renders it as `status` text, `status json` and
 //! Prometheus metrics.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -13,75 +10,79 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::journal::{GivenUp, Journal, TargetId};
+use crate::policy::Failures;
 use crate::protocol::one_line;
 use crate::redact;
 use crate::store_path::StorePath;
 use crate::target::Target;
 
 /// The upload rate is measured over this much of the recent past.
-pub const RATE_WINDOW: Duration = Duration::from_secs(300);
+const RATE_WINDOW: Duration = Duration::from_secs(300);
 /// Most paths listed per kind (backing off, in flight, given up on).
 const LISTED: usize = 100;
 /// Paths of the calls in progress the text names.
 const TEXT_IN_FLIGHT: usize = 5;
 
-/// A path backing off on a target, as published by its lane.
-#[derive(Debug, Clone)]
+/// A path its target's lane still needs: handed over and not tried yet (no
+/// attempts), or backing off after a failure.
+#[derive(Debug, Clone, Default)]
 pub struct Backoff {
     /// Failed attempts so far (since the daemon started).
     pub attempts: u32,
-    /// When it is tried again; `None` while it is being retried.
+    /// Those failures the policy blamed on the path.
+    pub failures: Failures,
+    /// When it is tried next; `None` while it is being tried.
     pub next_try: Option<Instant>,
     /// What went wrong the last time.
     pub last_error: String,
+    /// Signed already, by the front.
+    pub signed: bool,
 }
 
-/// One target's counters and failures since the daemon started.
+/// One target's state since the daemon started.
 #[derive(Debug)]
 pub struct TargetStats {
     /// The journal's name for the target.
     pub id: TargetId,
     /// How it is shown (secrets masked).
     pub label: String,
-    /// Paths backing off after a failure on this target.
+    /// The paths its lane still needs.
     pub backoff: HashMap<StorePath, Backoff>,
     /// The paths of its call in progress.
     pub in_flight: Vec<StorePath>,
-    /// Paths this target took since start.
+    /// Paths it took.
     pub delivered: u64,
-    /// Paths given up on for this target since start.
+    /// Paths given up on for it.
     pub given_up: u64,
-    /// Failed calls to this target since start.
+    /// Failed calls to it.
     pub failed_calls: u64,
     /// The error of its last call, if that call failed.
     pub last_error: Option<String>,
 }
 
-/// Counters and failure state since the daemon started.
+/// Counters and state since the daemon started.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Paths that every target has (or that were only signed).
     pub uploaded: u64,
     /// Paths dropped (gone from the store, or by an operator).
     pub dropped: u64,
-    /// Paths given up on for a target, over all targets.
-    pub given_up: u64,
-    /// nix calls that failed.
+    /// Failed nix calls outside the targets' (signing a batch).
     pub failed_calls: u64,
     /// The batch being prepared (derivations resolved, signed).
     pub in_flight_paths: Vec<StorePath>,
-    /// Paths finished in the last [`RATE_WINDOW`], with when, oldest first.
-    pub recent_uploads: VecDeque<(Instant, u64)>,
-    /// Seconds spent in successful upload calls.
+    /// Paths finished in the last [`RATE_WINDOW`], with when.
+    recent_uploads: VecDeque<(Instant, u64)>,
+    /// Time spent in successful upload calls.
     pub upload_seconds: f64,
-    /// Number of successful upload calls.
+    /// Their number.
     pub upload_batches: u64,
-    /// Each target's state, in the order of the configuration.
+    /// In the order of the configuration.
     pub targets: Vec<TargetStats>,
 }
 
 impl Stats {
-    /// Removes a path's failures on every target (it is done or dropped).
+    /// Removes a path from every lane (it is done or dropped).
     pub fn forget(&mut self, path: &StorePath) {
         for t in &mut self.targets {
             t.backoff.remove(path);
@@ -90,21 +91,17 @@ impl Stats {
 
     /// Paths backing off on some target, each counted once.
     pub fn backing_off(&self) -> usize {
-        let paths = self.targets.iter().flat_map(|t| t.backoff.keys());
-        paths.collect::<HashSet<_>>().len()
+        let all = self.targets.iter().flat_map(|t| t.backoff.iter());
+        let failed = all.filter(|(_, b)| b.attempts > 0).map(|(p, _)| p);
+        failed.collect::<HashSet<_>>().len()
     }
 
-    /// Records that `n` paths were uploaded now.
+    /// Records that `n` paths were uploaded (to every target) now.
     pub fn record_uploads(&mut self, n: u64) {
-        let now = Instant::now();
-        self.recent_uploads.push_back((now, n));
-        while self
-            .recent_uploads
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
-        {
-            self.recent_uploads.pop_front();
-        }
+        self.uploaded += n;
+        let recent = &mut self.recent_uploads;
+        recent.retain(|(t, _)| t.elapsed() <= RATE_WINDOW);
+        recent.push_back((Instant::now(), n));
     }
 }
 
@@ -115,8 +112,8 @@ pub struct Shared {
     pub started: Instant,
     /// Set when the daemon is stopping: no new connections, no new batches.
     pub stopping: AtomicBool,
-    /// Process groups of the nix calls running now (0: none), one per
-    /// worker thread, killed when a stop outlasts its grace period.
+    /// Process groups of the nix calls running now (0: none), the front's
+    /// then one per target, killed when a stop outlasts its grace period.
     running: Vec<Arc<AtomicU32>>,
 }
 
@@ -133,10 +130,11 @@ impl Shared {
             failed_calls: 0,
             last_error: None,
         };
+        let targets: Vec<TargetStats> = targets.iter().map(target).collect();
         Shared {
             running: (0..=targets.len()).map(|_| Arc::default()).collect(),
             stats: Mutex::new(Stats {
-                targets: targets.iter().map(target).collect(),
+                targets,
                 ..Stats::default()
             }),
             started: Instant::now(),
@@ -149,10 +147,9 @@ impl Shared {
         self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Where the worker's threads publish their calls' process groups: the
-    /// front's first, then one per target.
-    pub fn running(&self) -> Vec<Arc<AtomicU32>> {
-        self.running.clone()
+    /// Where the worker's threads publish their calls' process groups.
+    pub fn running(&self, i: usize) -> Arc<AtomicU32> {
+        Arc::clone(&self.running[i])
     }
 
     /// The process groups of the nix calls running now.
@@ -162,39 +159,20 @@ impl Shared {
     }
 }
 
-impl Default for Shared {
-    fn default() -> Self {
-        Shared::new(&[Target::sign_only()])
-    }
-}
-
-/// One consistent look at the queue, for `status` and the metrics file.
+/// One consistent look at the daemon, for `status` and the metrics file.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// The scalar fields, as `status json` names and orders them.
-    pub fields: Vec<(&'static str, Value)>,
+    /// The scalar fields, as `status json` names, orders and writes them.
+    fields: Vec<(&'static str, String)>,
     /// The paths of the calls in progress (and of the batch being prepared).
-    pub in_flight_paths: Vec<StorePath>,
+    in_flight_paths: Vec<StorePath>,
     /// Backing-off paths, soonest first: (attempts, seconds to next try,
     /// path, last error), one per path and target; with several targets
     /// the error starts with the target's label.
-    pub backoff: Vec<(u32, f64, StorePath, String)>,
+    backoff: Vec<(u32, f64, StorePath, String)>,
     /// Paths given up on for a target now, oldest first, with how long ago.
-    pub failed: Vec<(StorePath, GivenUp, u64)>,
-    /// Each target's state.
-    pub targets: Vec<TargetSnapshot>,
-}
-
-/// A field's value: a number with its decimals (`None`: unknown, `null`),
-/// text, or a flag.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    /// A number.
-    Num(Option<f64>, usize),
-    /// Text.
-    Text(Option<String>),
-    /// A flag.
-    Flag(bool),
+    failed: Vec<(StorePath, GivenUp, u64)>,
+    targets: Vec<TargetSnapshot>,
 }
 
 /// The metrics: `FIELD NAME TYPE HELP`, FIELD naming the value shown.
@@ -211,63 +189,45 @@ dropped dropped_total counter Paths given up on since the daemon started.
 failed_calls failed_calls_total counter Failed nix calls since the daemon started.
 oldest_queued_seconds oldest_queued_age_seconds gauge Age of the oldest queued path (0 when the queue is empty).";
 
-/// The per-target metrics: `NAME TYPE HELP`, in the order of
-/// [`TargetSnapshot::numbers`].
+/// Each target's numbers, in the order of [`TargetSnapshot::numbers`]:
+/// `KEY NAME TYPE HELP`, KEY in `status json` (which leaves out the last).
 const TARGET_METRICS: &str = "\
-target_queued gauge Queued paths this target does not have yet (those given up on aside).
-target_delivered_total counter Paths this target took since the daemon started.
-target_backing_off gauge Paths waiting to be retried on this target after a failure.
-target_failed gauge Paths given up on for this target, kept until requeued or dropped.
-target_given_up_total counter Paths given up on for this target since the daemon started.
-target_failed_calls_total counter Failed calls to this target since the daemon started.
-target_up gauge 1 when the last call to this target went through (or none was made), 0 when it failed.";
+queued target_queued gauge Queued paths this target does not have yet (those given up on aside).
+delivered target_delivered_total counter Paths this target took since the daemon started.
+backing_off target_backing_off gauge Paths waiting to be retried on this target after a failure.
+failed target_failed gauge Paths given up on for this target, kept until requeued or dropped.
+given_up_total target_given_up_total counter Paths given up on for this target since the daemon started.
+failed_calls target_failed_calls_total counter Failed calls to this target since the daemon started.
+up target_up gauge 1 when the last call to this target went through (or none was made), 0 when it failed.";
 
 /// A field that only the metrics show.
 const METRIC_ONLY: &str = "given_up_total";
 
+/// A line of [`METRICS`] or [`TARGET_METRICS`], split into its words.
+fn metric(line: &str) -> [&str; 4] {
+    let mut words = line.splitn(4, ' ');
+    [(); 4].map(|()| words.next().unwrap_or(""))
+}
+
 /// One target's state, for `status` and the metrics.
 #[derive(Debug, Clone)]
-pub struct TargetSnapshot {
-    /// The journal's name for it.
-    pub id: TargetId,
+struct TargetSnapshot {
+    id: TargetId,
     /// How it is shown (secrets masked).
-    pub label: String,
-    /// Queued paths it does not have yet (given up on ones aside).
-    pub queued: usize,
-    /// Paths it took since start.
-    pub delivered: u64,
-    /// Paths backing off on it.
-    pub backing_off: usize,
-    /// Paths given up on for it now.
-    pub failed: usize,
-    /// Paths given up on for it since start.
-    pub given_up_total: u64,
-    /// Failed calls to it since start.
-    pub failed_calls: u64,
+    label: String,
+    /// As [`TARGET_METRICS`] lists them.
+    numbers: [u64; 7],
     /// The error of its last call, if that call failed.
-    pub last_error: Option<String>,
+    last_error: Option<String>,
 }
 
 impl TargetSnapshot {
     /// `ok`, or `failing` when its last call failed.
-    pub fn state(&self) -> &'static str {
+    fn state(&self) -> &'static str {
         match self.last_error {
             Some(_) => "failing",
             None => "ok",
         }
-    }
-
-    /// Its numbers, in the order of `status json` and [`TARGET_METRICS`].
-    fn numbers(&self) -> [(&'static str, u64); 7] {
-        [
-            ("queued", self.queued as u64),
-            ("delivered", self.delivered),
-            ("backing_off", self.backing_off as u64),
-            ("failed", self.failed as u64),
-            ("given_up_total", self.given_up_total),
-            ("failed_calls", self.failed_calls),
-            ("up", u64::from(self.last_error.is_none())),
-        ]
     }
 }
 
@@ -276,111 +236,108 @@ impl Snapshot {
     pub fn take(journal: &Journal, shared: &Shared, spool_dir: &Path, signing: bool) -> Snapshot {
         let now = SystemTime::now().duration_since(UNIX_EPOCH);
         let now = now.map_or(0, |d| d.as_secs());
-        let oldest = journal
-            .oldest()
-            .map(|e| now.saturating_sub(e.queued_at) as f64);
-        let ids: Vec<(TargetId, String)> = {
-            let stats = shared.lock();
-            stats
-                .targets
-                .iter()
-                .map(|t| (t.id, t.label.clone()))
-                .collect()
-        };
+        let oldest = journal.oldest();
+        let oldest = oldest.map(|e| now.saturating_sub(e.queued_at));
+        let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
+        let stats = shared.lock();
         // Errors quote nix, which may repeat a target with its password.
-        let tagged = |label: &str, error: &str| match ids.len() {
+        let tagged = |label: &str, error: &str| match stats.targets.len() {
             1 => redact::text(error),
             _ => redact::text(&format!("{label}: {error}")),
         };
-        let (mut failed, mut pending) = (Vec::new(), Vec::new());
-        for (id, label) in &ids {
-            let given_up = journal.given_up_on(*id);
-            pending.push((journal.count_pending(*id), given_up.len()));
-            for (p, mut g) in given_up {
-                g.error = tagged(label, &g.error);
-                failed.push((p, g.clone(), now.saturating_sub(g.at)));
-            }
-        }
-        let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
-        let stats = shared.lock();
-        let (mut backoff, mut in_flight) = (Vec::new(), stats.in_flight_paths.clone());
+        let (mut failed, mut backoff, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+        let mut in_flight = stats.in_flight_paths.clone();
         for t in &stats.targets {
-            backoff.extend(t.backoff.iter().map(|(p, b)| {
+            let given_up = journal.given_up_on(t.id);
+            let gave_up = given_up.len() as u64;
+            for (p, mut g) in given_up {
+                g.error = tagged(&t.label, &g.error);
+                let ago = now.saturating_sub(g.at);
+                failed.push((p, g, ago));
+            }
+            let before = backoff.len();
+            for (p, b) in t.backoff.iter().filter(|(_, b)| b.attempts > 0) {
                 let next = b
                     .next_try
                     .map(|t| t.saturating_duration_since(Instant::now()));
                 let next = next.map_or(0.0, |d| d.as_secs_f64());
-                (b.attempts, next, p.clone(), tagged(&t.label, &b.last_error))
-            }));
+                backoff.push((b.attempts, next, p.clone(), tagged(&t.label, &b.last_error)));
+            }
             in_flight.extend(t.in_flight.iter().cloned());
+            let (queued, backing_off) = (journal.count_pending(t.id), backoff.len() - before);
+            let up = u64::from(t.last_error.is_none());
+            targets.push(TargetSnapshot {
+                id: t.id,
+                label: t.label.clone(),
+                numbers: [
+                    queued as u64,
+                    t.delivered,
+                    backing_off as u64,
+                    gave_up,
+                    t.given_up,
+                    t.failed_calls,
+                    up,
+                ],
+                last_error: t.last_error.as_deref().map(redact::text),
+            });
         }
         let mut seen = HashSet::new();
         in_flight.retain(|p| seen.insert(p.clone()));
         backoff.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let targets = stats.targets.iter().zip(pending);
-        let targets = targets.map(|(t, (queued, failed))| TargetSnapshot {
-            id: t.id,
-            label: t.label.clone(),
-            queued,
-            delivered: t.delivered,
-            backing_off: t.backoff.len(),
-            failed,
-            given_up_total: t.given_up,
-            failed_calls: t.failed_calls,
-            last_error: t.last_error.as_deref().map(redact::text),
-        });
-        let labels = ids.iter().map(|(_, l)| l.as_str()).filter(|l| *l != "-");
-        let labels: Vec<&str> = labels.collect();
-        let n = |n: u64| Value::Num(Some(n as f64), 0);
+        let labels = targets
+            .iter()
+            .map(|t| t.label.as_str())
+            .filter(|l| *l != "-");
+        let target = Some(labels.collect::<Vec<_>>().join(", "));
+        let target = target.filter(|l| !l.is_empty());
+        let sum = |i: usize| targets.iter().map(|t| t.numbers[i]).sum::<u64>();
+        let n = |n: u64| n.to_string();
         let fields = vec![
-            ("version", Value::Text(Some(crate::VERSION.into()))),
+            ("version", json_string(crate::VERSION)),
             ("uptime_seconds", n(shared.started.elapsed().as_secs())),
             ("queued", n(journal.len() as u64)),
             ("in_flight", n(in_flight.len() as u64)),
             ("uploaded", n(stats.uploaded)),
             ("dropped", n(stats.dropped)),
-            ("failed_calls", n(stats.failed_calls)),
+            ("failed_calls", n(stats.failed_calls + sum(5))),
             ("backing_off", n(stats.backing_off() as u64)),
             ("failed", n(failed.len() as u64)),
-            ("oldest_queued_seconds", Value::Num(oldest, 0)),
-            (
-                "upload_seconds_sum",
-                Value::Num(Some(stats.upload_seconds), 3),
-            ),
+            ("oldest_queued_seconds", oldest.map_or("null".into(), n)),
+            ("upload_seconds_sum", format!("{:.3}", stats.upload_seconds)),
             ("upload_batches", n(stats.upload_batches)),
             (
                 "upload_rate_per_minute",
-                Value::Num(Some(upload_rate(&stats, shared.started)), 1),
+                format!("{:.1}", upload_rate(&stats, shared.started)),
             ),
             ("spool_files", n(spool_files as u64)),
             ("spool_paths", n(spool_paths as u64)),
-            ("signing", Value::Flag(signing)),
+            ("signing", signing.to_string()),
             (
                 "target",
-                Value::Text((!labels.is_empty()).then(|| labels.join(", "))),
+                target.as_deref().map_or("null".into(), json_string),
             ),
-            (METRIC_ONLY, n(stats.given_up)),
+            (METRIC_ONLY, n(sum(4))),
         ];
         Snapshot {
             fields,
             in_flight_paths: in_flight,
             backoff,
             failed,
-            targets: targets.collect(),
+            targets,
         }
     }
 
-    /// The value of field `key`.
-    pub fn get(&self, key: &str) -> Option<&Value> {
-        self.fields.iter().find(|f| f.0 == key).map(|f| &f.1)
+    /// Field `key` as `status json` writes it.
+    fn get(&self, key: &str) -> &str {
+        self.fields
+            .iter()
+            .find(|f| f.0 == key)
+            .map_or("null", |f| &f.1)
     }
 
     /// The number in field `key` (0 when unknown).
-    pub fn num(&self, key: &str) -> f64 {
-        match self.get(key) {
-            Some(Value::Num(Some(n), _)) => *n,
-            _ => 0.0,
-        }
+    fn num(&self, key: &str) -> f64 {
+        self.get(key).parse().unwrap_or(0.0)
     }
 
     /// The targets shown (not the "sign only" one).
@@ -388,66 +345,70 @@ impl Snapshot {
         self.targets.iter().filter(|t| t.label != "-")
     }
 
-    /// `status` for people, one line per `\n`.
+    /// `status` for people: one row per field, with what it lists below it.
     pub fn text(&self) -> String {
         let n = |key| self.num(key) as u64;
-        let human = |key| human_duration(self.num(key));
-        let row = |label: &str, value: String| format!("{:<14}{value}\n", format!("{label}:"));
         let oldest = match self.get("oldest_queued_seconds") {
-            Some(Value::Num(Some(_), _)) => {
-                format!(" (oldest queued {} ago)", human("oldest_queued_seconds"))
-            }
-            _ => String::new(),
+            "null" => String::new(),
+            _ => format!(
+                " (oldest queued {} ago)",
+                human_duration(n("oldest_queued_seconds") as f64)
+            ),
         };
-        let in_flight = self.in_flight_paths.len();
-        let mut s = row("queued", format!("{}{oldest}", n("queued")));
-        s += &row("in flight", in_flight.to_string());
-        for p in self.in_flight_paths.iter().take(TEXT_IN_FLIGHT) {
-            s += &format!("  uploading {p}\n");
+        let paths = &self.in_flight_paths;
+        let mut in_flight = paths.len().to_string();
+        for p in paths.iter().take(TEXT_IN_FLIGHT) {
+            in_flight += &format!("\n  uploading {p}");
         }
-        if in_flight > TEXT_IN_FLIGHT {
-            s += &format!("  ... and {} more\n", in_flight - TEXT_IN_FLIGHT);
+        if paths.len() > TEXT_IN_FLIGHT {
+            in_flight += &format!("\n  ... and {} more", paths.len() - TEXT_IN_FLIGHT);
         }
         let rate = self.num("upload_rate_per_minute");
-        s += &row(
-            "uploaded",
-            format!("{} since start ({rate:.1} paths/min lately)", n("uploaded")),
-        );
-        s += &row(
-            "spool",
-            match (n("spool_files"), n("spool_paths")) {
-                (0, _) => "empty".to_string(),
-                (files, paths) => {
-                    format!("{files} file(s) with {paths} path(s) left by the hook, not yet queued")
-                }
-            },
-        );
-        s += &row("dropped", format!("{} since start", n("dropped")));
-        s += &row("backing off", n("backing_off").to_string());
+        let spool = match (n("spool_files"), n("spool_paths")) {
+            (0, _) => "empty".to_string(),
+            (f, p) => format!("{f} file(s) with {p} path(s) left by the hook, not yet queued"),
+        };
         let note = match self.failed.is_empty() {
             true => "",
             false => " (given up on; requeue or drop them)",
         };
-        s += &row("failed", format!("{}{note}", self.failed.len()));
-        s += &row("failed calls", format!("{} since start", n("failed_calls")));
-        s += &row(
-            "target",
-            match self.get("target") {
-                Some(Value::Text(Some(t))) => one_line(t),
-                _ => "none (upload-to is not set)".to_string(),
-            },
-        );
+        let labels: Vec<String> = self.shown().map(|t| one_line(&t.label)).collect();
+        let mut target = match labels.is_empty() {
+            true => "none (upload-to is not set)".to_string(),
+            false => labels.join(", "),
+        };
         for t in self.shown().filter(|_| self.shown().count() > 1) {
-            let (label, state) = (one_line(&t.label), t.state());
-            s += &format!("  {label}: {state}, {} queued, {} delivered since start, {} backing off, {} failed\n", t.queued, t.delivered, t.backing_off, t.failed);
+            let ([queued, delivered, backing_off, failed, ..], label) =
+                (t.numbers, one_line(&t.label));
+            target += &format!("\n  {label}: {}, {queued} queued, {delivered} delivered since start, {backing_off} backing off, {failed} failed", t.state());
             if let Some(e) = &t.last_error {
-                s += &format!("    last error: {}\n", one_line(e));
+                target += &format!("\n    last error: {}", one_line(e));
             }
         }
-        let signing = self.get("signing") == Some(&Value::Flag(true));
-        s += &row("signing", if signing { "on" } else { "off" }.to_string());
-        s += &row("uptime", human("uptime_seconds"));
-        s += &row("version", crate::VERSION.to_string());
+        let signing = if self.get("signing") == "true" {
+            "on"
+        } else {
+            "off"
+        };
+        let rows = [
+            ("queued", format!("{}{oldest}", n("queued"))),
+            ("in flight", in_flight),
+            (
+                "uploaded",
+                format!("{} since start ({rate:.1} paths/min lately)", n("uploaded")),
+            ),
+            ("spool", spool),
+            ("dropped", format!("{} since start", n("dropped"))),
+            ("backing off", n("backing_off").to_string()),
+            ("failed", format!("{}{note}", self.failed.len())),
+            ("failed calls", format!("{} since start", n("failed_calls"))),
+            ("target", target),
+            ("signing", signing.into()),
+            ("uptime", human_duration(self.num("uptime_seconds"))),
+            ("version", crate::VERSION.to_string()),
+        ];
+        let row = |(label, v): &(&str, String)| format!("{:<14}{v}\n", format!("{label}:"));
+        let mut s: String = rows.iter().map(row).collect();
         for (attempts, next, path, error) in self.backoff.iter().take(LISTED) {
             // As `status json` shows it: to a tenth of a second.
             let when = match (next * 10.0).round() / 10.0 {
@@ -457,56 +418,40 @@ impl Snapshot {
             let error = one_line(error);
             s += &format!("  {path}: attempt {attempts} failed, {when}: {error}\n");
         }
-        let shown = self.backoff.len().min(LISTED);
-        s += &more(n("backing_off") as usize, shown, "", "soonest");
+        s += &more(n("backing_off") as usize, self.backoff.len(), "", "soonest");
         for (path, g, ago) in self.failed.iter().take(LISTED) {
-            let (ago, attempts, e) = (human_duration(*ago as f64), g.attempts, one_line(&g.error));
-            s += &format!(
-                "  {path}: FAILED, given up on {ago} ago after {attempts} attempts: {e}\n"
-            );
+            let (ago, n, e) = (human_duration(*ago as f64), g.attempts, one_line(&g.error));
+            s += &format!("  {path}: FAILED, given up on {ago} ago after {n} attempts: {e}\n");
         }
-        let shown = self.failed.len().min(LISTED);
-        s + &more(self.failed.len(), shown, " failed", "oldest")
+        s + &more(self.failed.len(), self.failed.len(), " failed", "oldest")
     }
 
     /// `status json`: one JSON object on one line.
     pub fn json(&self) -> String {
         let fields = self.fields.iter().filter(|f| f.0 != METRIC_ONLY);
-        let mut parts: Vec<String> = fields
-            .map(|(key, value)| {
-                let v = match value {
-                    Value::Num(Some(n), d) => format!("{n:.d$}"),
-                    Value::Num(None, _) | Value::Text(None) => "null".to_string(),
-                    Value::Text(Some(t)) => json_string(t),
-                    Value::Flag(b) => b.to_string(),
-                };
-                format!("\"{key}\":{v}")
-            })
-            .collect();
+        let mut parts: Vec<String> = fields.map(|(k, v)| format!("\"{k}\":{v}")).collect();
         let list = |key: &str, items: Vec<String>| format!("\"{key}\":[{}]", items.join(","));
-        let backoff = self.backoff.iter().take(LISTED).map(|(attempts, next, path, error)| {
-            let (path, error) = (json_string(path.as_str()), json_string(&one_line(error)));
-            format!("{{\"path\":{path},\"attempts\":{attempts},\"next_try_seconds\":{next:.1},\"last_error\":{error}}}")
+        let path = |p: &StorePath| json_string(p.as_str());
+        let error = |e: &str| json_string(&one_line(e));
+        let backoff = self.backoff.iter().take(LISTED).map(|(n, next, p, e)| {
+            let (p, e) = (path(p), error(e));
+            format!("{{\"path\":{p},\"attempts\":{n},\"next_try_seconds\":{next:.1},\"last_error\":{e}}}")
         });
         parts.push(list("backoff", backoff.collect()));
-        let failed = self.failed.iter().take(LISTED).map(|(path, g, ago)| {
-            let (path, error) = (json_string(path.as_str()), json_string(&one_line(&g.error)));
-            let attempts = g.attempts;
-            format!("{{\"path\":{path},\"attempts\":{attempts},\"given_up_seconds_ago\":{ago},\"last_error\":{error}}}")
+        let failed = self.failed.iter().take(LISTED).map(|(p, g, ago)| {
+            let (p, n, e) = (path(p), g.attempts, error(&g.error));
+            format!("{{\"path\":{p},\"attempts\":{n},\"given_up_seconds_ago\":{ago},\"last_error\":{e}}}")
         });
         parts.push(list("failed_paths", failed.collect()));
-        let in_flight = self.in_flight_paths.iter().take(LISTED);
-        parts.push(list(
-            "in_flight_paths",
-            in_flight.map(|p| json_string(p.as_str())).collect(),
-        ));
+        let in_flight = self.in_flight_paths.iter().take(LISTED).map(path);
+        parts.push(list("in_flight_paths", in_flight.collect()));
         let targets = self.shown().map(|t| {
             let (label, id, state) = (json_string(&t.label), t.id, t.state());
-            let numbers = t.numbers().map(|(k, v)| format!(",\"{k}\":{v}"));
-            let error = t.last_error.as_deref().map(|e| json_string(&one_line(e)));
-            let error = error.unwrap_or_else(|| "null".to_string());
-            let numbers = numbers[..6].concat();
-            format!("{{\"target\":{label},\"id\":\"{id}\",\"state\":\"{state}\"{numbers},\"last_error\":{error}}}")
+            let keys = TARGET_METRICS.lines().map(|l| metric(l)[0]);
+            let numbers = keys.zip(t.numbers).take(6).map(|(k, v)| format!(",\"{k}\":{v}"));
+            let numbers: String = numbers.collect();
+            let e = t.last_error.as_deref().map_or("null".to_string(), error);
+            format!("{{\"target\":{label},\"id\":\"{id}\",\"state\":\"{state}\"{numbers},\"last_error\":{e}}}")
         });
         parts.push(list("targets", targets.collect()));
         format!("{{{}}}\n", parts.join(","))
@@ -514,58 +459,49 @@ impl Snapshot {
 
     /// The Prometheus text exposition of the snapshot.
     pub fn prometheus(&self) -> String {
-        const M: &str = "nix_post_build_hook_queue_";
         let mut text = String::new();
-        let declare = |text: &mut String, line: &str| {
-            let mut words = line.splitn(3, ' ');
-            let (name, kind) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-            let help = words.next().unwrap_or("");
-            *text += &format!("# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n");
-            name.to_string()
-        };
-        for line in METRICS.lines() {
-            let (key, line) = line.split_once(' ').unwrap_or((line, ""));
-            let name = declare(&mut text, line);
-            text += &format!("{M}{name} {}\n", self.num(key));
+        for [key, name, kind, help] in METRICS.lines().map(metric) {
+            text += &format!("{}{M}{name} {}\n", declare(name, kind, help), self.num(key));
         }
         let targets: Vec<&TargetSnapshot> = self.shown().collect();
-        for (i, line) in TARGET_METRICS
-            .lines()
-            .enumerate()
-            .filter(|_| !targets.is_empty())
-        {
-            let name = declare(&mut text, line);
+        let lines = TARGET_METRICS.lines().filter(|_| !targets.is_empty());
+        for (i, [_, name, kind, help]) in lines.map(metric).enumerate() {
+            text += &declare(name, kind, help);
             for t in &targets {
-                let label = label_value(&t.label);
-                text += &format!("{M}{name}{{target=\"{label}\"}} {}\n", t.numbers()[i].1);
+                let (label, value) = (label_value(&t.label), t.numbers[i]);
+                text += &format!("{M}{name}{{target=\"{label}\"}} {value}\n");
             }
         }
         let (sum, count) = (self.num("upload_seconds_sum"), self.num("upload_batches"));
-        declare(
-            &mut text,
-            "upload_duration_seconds summary Time spent in successful upload calls.",
-        );
-        text + &format!(
-            "{M}upload_duration_seconds_sum {sum:.6}\n{M}upload_duration_seconds_count {count}\n"
-        )
+        let help = "Time spent in successful upload calls.";
+        text + &declare("upload_duration_seconds", "summary", help)
+            + &format!("{M}upload_duration_seconds_sum {sum:.6}\n{M}upload_duration_seconds_count {count}\n")
     }
+}
+
+/// The prefix of every metric's name.
+const M: &str = "nix_post_build_hook_queue_";
+
+/// A metric's `# HELP` and `# TYPE` lines.
+fn declare(name: &str, kind: &str, help: &str) -> String {
+    format!("# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n")
 }
 
 /// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since start,
 /// when that is shorter).
 fn upload_rate(stats: &Stats, started: Instant) -> f64 {
-    let now = Instant::now();
-    let window = RATE_WINDOW.min(now.duration_since(started));
+    let window = RATE_WINDOW.min(started.elapsed());
     let recent = stats
         .recent_uploads
         .iter()
-        .filter(|(t, _)| now.duration_since(*t) <= window);
+        .filter(|(t, _)| t.elapsed() <= window);
     recent.map(|(_, n)| n).sum::<u64>() as f64 * 60.0 / window.as_secs_f64().max(1.0)
 }
 
-/// The line saying how many of `total` paths the list of `shown` left out
-/// (empty when none): `... and 3 more failed (status lists the 100 oldest)`.
-fn more(total: usize, shown: usize, what: &str, which: &str) -> String {
+/// The line saying how many of `total` paths a list left out, if any: `...
+/// and 3 more failed (status lists the 100 oldest)`.
+fn more(total: usize, listed: usize, what: &str, which: &str) -> String {
+    let shown = listed.min(LISTED);
     match total > shown {
         true => format!(
             "  ... and {} more{what} (status lists the {shown} {which})\n",
@@ -577,7 +513,7 @@ fn more(total: usize, shown: usize, what: &str, which: &str) -> String {
 
 /// A duration for people: `0.4s`, `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
 /// Fractions are shown only under 10 seconds.
-pub fn human_duration(seconds: f64) -> String {
+fn human_duration(seconds: f64) -> String {
     if !seconds.is_finite() || seconds <= 0.0 {
         return "0s".to_string();
     }
@@ -594,7 +530,7 @@ pub fn human_duration(seconds: f64) -> String {
 }
 
 /// A JSON string literal.
-pub fn json_string(s: &str) -> String {
+fn json_string(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {
@@ -607,39 +543,28 @@ pub fn json_string(s: &str) -> String {
     out + "\""
 }
 
-/// `text` as a Prometheus label value (between the quotes): `\\`, `"` and
-/// line breaks escaped.
+/// `text` as a Prometheus label value (between the quotes).
 fn label_value(text: &str) -> String {
-    text.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    let text = text.replace('\\', "\\\\").replace('"', "\\\"");
+    text.replace('\n', "\\n")
 }
 
-/// Writes `text` to `path` atomically: a temporary file in the same
-/// directory, then a rename over the old one, so a reader (node-exporter's
-/// textfile collector) never sees half a file. The temporary name is unique
-/// per call (two threads may write at once: the metrics thread and the stop
-/// thread) and ends in `.tmp`, which the collector ignores.
-/// The file is world-readable (0644).
+/// Writes `text` to `path` atomically (a reader such as node-exporter's
+/// textfile collector never sees half a file): a temporary file, unique
+/// per call as two threads may write at once, ending in `.tmp`, which the
+/// collector ignores, renamed over the old one. Mode 0644 whatever the
+/// umask: the file holds counters only, and node-exporter reads it as
+/// another user.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(
-        ".{}.{}.tmp",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let tmp = std::path::PathBuf::from(tmp);
-    // 0644 whatever the umask (UMask=0077 under the NixOS module): the file
-    // holds counters only, and node-exporter reads it as another user.
-    let result = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&tmp)
+    tmp.push(format!(".{}.{n}.tmp", std::process::id()));
+    let mut file = std::fs::OpenOptions::new();
+    let file = file.write(true).create_new(true).mode(0o644).open(&tmp);
+    let result = file
         .and_then(|mut f| {
-            use std::io::Write;
-            f.write_all(text.as_bytes())?;
+            std::io::Write::write_all(&mut f, text.as_bytes())?;
             f.set_permissions(std::fs::Permissions::from_mode(0o644))
         })
         .and_then(|()| std::fs::rename(&tmp, path));
@@ -689,6 +614,7 @@ mod tests {
                 attempts: 2,
                 next_try,
                 last_error: error,
+                ..Backoff::default()
             };
             s.targets[0].backoff.insert(path("a"), b);
             // Being retried by the worker.
@@ -696,6 +622,7 @@ mod tests {
                 attempts: 1,
                 next_try: None,
                 last_error: "x".into(),
+                ..Backoff::default()
             };
             s.targets[0].backoff.insert(path("b"), b);
         }
@@ -731,28 +658,28 @@ mod tests {
     }
 
     fn snapshot() -> Snapshot {
-        let n = |n: f64, d: usize| Value::Num(Some(n), d);
+        let fields = [
+            ("version", json_string(crate::VERSION)),
+            ("uptime_seconds", "3725".into()),
+            ("queued", "3".into()),
+            ("in_flight", "1".into()),
+            ("uploaded", "7".into()),
+            ("dropped", "0".into()),
+            ("failed_calls", "2".into()),
+            ("backing_off", "3".into()),
+            ("failed", "1".into()),
+            ("oldest_queued_seconds", "75".into()),
+            ("upload_seconds_sum", "0.250".into()),
+            ("upload_batches", "4".into()),
+            ("upload_rate_per_minute", "12.5".into()),
+            ("spool_files", "2".into()),
+            ("spool_paths", "7".into()),
+            ("signing", "false".into()),
+            ("target", "null".into()),
+            (METRIC_ONLY, "1".into()),
+        ];
         Snapshot {
-            fields: vec![
-                ("version", Value::Text(Some(crate::VERSION.into()))),
-                ("uptime_seconds", n(3725.0, 0)),
-                ("queued", n(3.0, 0)),
-                ("in_flight", n(1.0, 0)),
-                ("uploaded", n(7.0, 0)),
-                ("dropped", n(0.0, 0)),
-                ("failed_calls", n(2.0, 0)),
-                ("backing_off", n(3.0, 0)),
-                ("failed", n(1.0, 0)),
-                ("oldest_queued_seconds", n(75.0, 0)),
-                ("upload_seconds_sum", n(0.25, 3)),
-                ("upload_batches", n(4.0, 0)),
-                ("upload_rate_per_minute", n(12.5, 1)),
-                ("spool_files", n(2.0, 0)),
-                ("spool_paths", n(7.0, 0)),
-                ("signing", Value::Flag(false)),
-                ("target", Value::Text(None)),
-                (METRIC_ONLY, n(1.0, 0)),
-            ],
+            fields: fields.into(),
             in_flight_paths: vec![path("d")],
             backoff: vec![
                 (1, 0.0, path("a"), "a \"quoted\" \\ path\tand\u{1}".into()),
@@ -821,8 +748,8 @@ mod tests {
             )
         );
         let mut s = snapshot();
-        s.fields[9].1 = Value::Num(None, 0);
-        s.fields[16].1 = Value::Text(Some("file:///a".into()));
+        s.fields[9].1 = "null".into();
+        s.fields[16].1 = json_string("file:///a");
         let json = s.json();
         assert!(json.contains("\"oldest_queued_seconds\":null,"), "{json}");
         assert!(json.contains("\"target\":\"file:///a\","), "{json}");
@@ -848,19 +775,15 @@ mod tests {
     #[test]
     fn prometheus_text_declares_every_sample() {
         let mut snap = snapshot();
-        snap.fields[3].1 = Value::Num(Some(0.0), 0);
-        snap.fields[9].1 = Value::Num(Some(9.0), 0);
+        snap.fields[3].1 = "0".into();
+        snap.fields[9].1 = "9".into();
         snap.targets = ["file:///a", "upload-command: x \"y\""]
             .iter()
             .map(|label| TargetSnapshot {
                 id: TargetId::of(Some(label)),
                 label: label.to_string(),
-                queued: 2,
-                delivered: 3,
-                backing_off: 1,
-                failed: 0,
-                given_up_total: 0,
-                failed_calls: 4,
+                // queued, delivered, backing off, failed, given up, failed calls, up
+                numbers: [2, 3, 1, 0, 0, 4, 1],
                 last_error: None,
             })
             .collect();

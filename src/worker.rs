@@ -1,21 +1,11 @@
-//! The worker: signs and uploads queued paths in batches with `nix`, outside
-//! the build loop, each target at its own pace.
-//!
-//! Its front thread, fed through an `mpsc` channel by the connection threads
-//! once they journaled the paths, gathers a batch while paths keep coming (a
-//! build in progress; a pending `wait` cuts that short), finds the outputs
-//! of derivations, drops paths gone from the store, signs the batch once and
-//! hands it to every target's lane. A lane is a thread with a channel of its
-//! own: it copies what it was handed and follows [`crate::policy`] when a
-//! call fails (canary, bisection, backoff, giving up). A target that is down
-//! is not called before its failed group's next try; what comes meanwhile
-//! joins that group. The lanes own the retry state and publish it in
-//! [`Shared`]; the journal records which target has a path, and the path
-//! leaves it once every target has it.
+//! The worker: signs and uploads queued paths with `nix`, each target at its
+//! own pace. A front thread batches what was journaled, resolves derivations,
+//! drops paths gone from the store and signs once; a lane thread per target
+//! copies, following [`crate::policy`] when a call fails, and keeps the paths
+//! it still needs in [`Shared`], where `status` reads them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -24,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::Config;
 use crate::journal::{GivenUp, Journal, TargetId};
 use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
-use crate::policy::{self, Answer, Blame, Failures, Next, Policy, Streak};
+use crate::policy::{self, Answer, Blame, Next, Policy, Streak};
 use crate::spool::Spool;
 use crate::status::{Backoff, Shared};
 use crate::store_path::StorePath;
@@ -40,7 +30,7 @@ pub const UPLOAD_NICE: i32 = 10;
 /// How often an idle thread looks up (the spool, the stop flag).
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Longest `nix store ping` may take when a path failed alone.
-pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
+const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Messages to the worker.
 #[derive(Debug)]
@@ -63,19 +53,21 @@ enum ToLane {
     Shutdown,
 }
 
-/// What the front and the lanes share.
 struct Ctx {
+    config: Config,
     journal: Arc<Journal>,
     shared: Arc<Shared>,
     policy: Policy,
-    signing_key: Option<PathBuf>,
-    sign_closure: bool,
-    batch_size: usize,
     ids: Vec<TargetId>,
-    /// Some target is more than "sign only".
+    /// Some target uploads; some signing or upload is configured.
     uploads: bool,
-    /// Some signing or upload is configured.
     work: bool,
+}
+
+impl Ctx {
+    fn settled(&self, path: &StorePath, id: TargetId) -> bool {
+        self.journal.is_delivered(path, id) || self.journal.is_given_up(path, id)
+    }
 }
 
 /// Builds come first: the uploads take the CPU the builds leave, and every
@@ -86,9 +78,8 @@ fn lower_priority() {
     }
 }
 
-/// Handles the messages that come within `wait`, and those queued behind
-/// them. `None` when a stop was asked for or the senders are gone, else
-/// whether any came.
+/// Handles the messages that come within `wait`, and those behind them:
+/// `None` on a stop or when the senders are gone, else whether any came.
 fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool) -> Option<bool> {
     let first = match rx.recv_timeout(wait) {
         Ok(msg) => msg,
@@ -99,31 +90,40 @@ fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool)
     (!msgs.any(&mut stop)).then_some(true)
 }
 
-/// The worker's threads; run them with [`Worker::run`].
+/// Adds `path` to `batch` unless that is full: `limit` paths, or one command
+/// line (`bytes` so far).
+fn fits(batch: &mut Vec<StorePath>, bytes: &mut usize, path: StorePath, limit: usize) -> bool {
+    let full = batch.len() >= limit || *bytes + path.as_str().len() >= MAX_ARG_BYTES;
+    if full && !batch.is_empty() {
+        return false;
+    }
+    *bytes += path.as_str().len() + 1;
+    batch.push(path);
+    true
+}
+
+/// The worker's threads, for [`Worker::run`].
 pub struct Worker {
     rx: Receiver<Msg>,
     front: Front,
     lanes: Vec<(Lane, Receiver<ToLane>)>,
 }
 
-/// The front thread's state.
 struct Front {
     ctx: Arc<Ctx>,
-    /// nix for signing and queries.
     nix: Nix,
-    store_dir: String,
     spool: Spool,
     ready: VecDeque<StorePath>,
     /// A `wait` is pending: no quiet period.
     flush: bool,
     txs: Vec<Sender<ToLane>>,
-    /// Derivations whose outputs could not be found, with their next try.
-    drvs: HashMap<StorePath, (Failures, Instant)>,
+    /// Derivations whose outputs could not be found yet.
+    drvs: HashMap<StorePath, Backoff>,
 }
 
 impl Worker {
-    /// A worker for `config`, reading messages from `rx`. Its targets are
-    /// [`crate::target::configured`], as `shared` was made for.
+    /// A worker for `config` and its [`crate::target::configured`] targets
+    /// (those `shared` was made for), reading messages from `rx`.
     pub fn new(
         config: &Config,
         journal: Arc<Journal>,
@@ -132,12 +132,8 @@ impl Worker {
     ) -> Worker {
         let targets = crate::target::configured(config);
         let uploads = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
-        // The stop thread kills the calls in progress through these.
-        let running = shared.running();
-        let nix_for = |url: Option<&str>, i: usize| {
-            Nix::from_config(config, url).with_running(Arc::clone(&running[i]))
-        };
         let ctx = Arc::new(Ctx {
+            config: config.clone(),
             journal,
             shared,
             policy: Policy {
@@ -146,13 +142,13 @@ impl Worker {
                 retry_initial: config.retry_initial_delay,
                 retry_max: config.retry_max_delay,
             },
-            signing_key: config.signing_key_file.clone(),
-            sign_closure: config.sign_closure,
-            batch_size: config.batch_size,
             ids: targets.iter().map(|t| t.id).collect(),
             uploads,
             work: config.signing_key_file.is_some() || uploads,
         });
+        let nix_for = |url: Option<&str>, i: usize| {
+            Nix::from_config(config, url).with_running(ctx.shared.running(i))
+        };
         let (mut lanes, mut txs) = (Vec::new(), Vec::new());
         for (i, target) in targets.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
@@ -161,23 +157,22 @@ impl Worker {
                 Kind::Url(url) => Some(url.as_str()),
                 _ => None,
             };
+            let (nix, ctx) = (nix_for(url, i + 1), Arc::clone(&ctx));
+            let (limit, down, streak) = (config.batch_size, None, Streak::default());
             let lane = Lane {
-                ctx: Arc::clone(&ctx),
+                ctx,
                 i,
-                nix: nix_for(url, i + 1),
                 target,
-                limit: config.batch_size,
-                held: HashMap::new(),
-                down: None,
-                streak: Streak::default(),
-                sign: false,
+                nix,
+                limit,
+                down,
+                streak,
             };
             lanes.push((lane, rx));
         }
         let front = Front {
             nix: nix_for(None, 0),
             ctx,
-            store_dir: config.store_dir.clone(),
             spool: Spool::new(&config.spool_dir(), &config.store_dir),
             ready: VecDeque::new(),
             flush: false,
@@ -187,19 +182,15 @@ impl Worker {
         Worker { rx, front, lanes }
     }
 
-    /// Runs until [`Msg::Shutdown`] arrives or every sender is gone; then
-    /// stops the lanes and waits for their calls.
+    /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the
+    /// lanes and waits for their calls.
     pub fn run(self) {
-        let Worker {
-            rx,
-            mut front,
-            lanes,
-        } = self;
+        let (rx, mut front) = (self.rx, self.front);
         if !front.ctx.work {
             info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
         }
         let mut threads = Vec::new();
-        for (lane, rx) in lanes {
+        for (lane, rx) in self.lanes {
             let thread = std::thread::Builder::new().name(format!("lane {}", lane.i));
             match thread.spawn(move || lane.run(rx)) {
                 Ok(t) => threads.push(t),
@@ -210,22 +201,21 @@ impl Worker {
         lower_priority();
         front.ingest_spool();
         loop {
-            let next_drv = front.drvs.values().map(|d| d.1).min();
+            let next_drv = front.drvs.values().filter_map(|d| d.next_try).min();
             let wait = match next_drv {
                 _ if !front.ready.is_empty() => Duration::ZERO,
-                Some(next) => next
-                    .saturating_duration_since(Instant::now())
-                    .min(IDLE_TICK),
+                Some(next) => next.saturating_duration_since(Instant::now()),
                 None => IDLE_TICK,
             };
-            if receive(&rx, wait, |m| front.handle(m)).is_none() || !front.gather(&rx) {
+            let got = receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m));
+            if got.is_none()
+                || !front.gather(&rx)
+                || front.ctx.shared.stopping.load(Ordering::SeqCst)
+            {
                 break;
             }
-            if front.ctx.shared.stopping.load(Ordering::SeqCst) {
-                break;
-            }
-            let now = Instant::now();
-            let due = front.drvs.iter().filter(|d| d.1 .1 <= now);
+            let now = Some(Instant::now());
+            let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
             let due: Vec<StorePath> = due.map(|d| d.0.clone()).collect();
             front.ready.extend(due);
             if front.ready.is_empty() {
@@ -246,14 +236,13 @@ impl Worker {
 }
 
 impl Front {
-    /// While paths keep arriving, gathers them into one batch: until none
-    /// came for [`BATCH_QUIET`], the batch is full, [`BATCH_MAX_WAIT`]
-    /// passed or a `wait` asks for it. False when a stop was asked for.
+    /// Gathers paths into one batch until none came for [`BATCH_QUIET`], it
+    /// is full, [`BATCH_MAX_WAIT`] passed or a `wait` asks. False on a stop.
     fn gather(&mut self, rx: &Receiver<Msg>) -> bool {
         let start = Instant::now();
         while !self.flush
             && !self.ready.is_empty()
-            && self.ready.len() < self.ctx.batch_size
+            && self.ready.len() < self.ctx.config.batch_size
             && start.elapsed() < BATCH_MAX_WAIT
         {
             match receive(rx, BATCH_QUIET, |m| self.handle(m)) {
@@ -272,7 +261,7 @@ impl Front {
             Msg::Flush => self.flush = true,
             Msg::Retry => {
                 for d in self.drvs.values_mut() {
-                    d.1 = Instant::now();
+                    d.next_try = Some(Instant::now());
                 }
                 for tx in &self.txs {
                     let _ = tx.send(ToLane::Retry);
@@ -285,22 +274,16 @@ impl Front {
 
     /// The next batch: queued paths some target still needs, each once.
     fn take_batch(&mut self) -> Vec<StorePath> {
-        let (mut taken, mut batch, mut bytes) = (HashSet::new(), Vec::new(), 0);
-        let journal = &self.ctx.journal;
-        while batch.len() < self.ctx.batch_size {
-            match self.ready.front() {
-                Some(p) if batch.is_empty() || bytes + p.as_str().len() < MAX_ARG_BYTES => {}
-                _ => break,
-            }
-            let Some(p) = self.ready.pop_front() else {
+        let (ctx, limit) = (Arc::clone(&self.ctx), self.ctx.config.batch_size);
+        let (mut batch, mut bytes, mut taken) = (Vec::new(), 0, HashSet::new());
+        while let Some(p) = self.ready.pop_front() {
+            let settled = ctx.ids.iter().all(|&id| ctx.settled(&p, id));
+            let needed = ctx.journal.entry(&p).is_some() && !settled && !taken.contains(&p);
+            if needed && !fits(&mut batch, &mut bytes, p.clone(), limit) {
+                self.ready.push_front(p);
                 break;
-            };
-            let settled = |&id| journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
-            let needed = journal.entry(&p).is_some() && !self.ctx.ids.iter().all(settled);
-            if needed && taken.insert(p.clone()) {
-                bytes += p.as_str().len() + 1;
-                batch.push(p);
             }
+            taken.insert(p);
         }
         batch
     }
@@ -313,9 +296,9 @@ impl Front {
         let batch = drop_gone(&ctx, &self.nix, batch);
         // Once per batch, before any copy. When it fails, each lane signs
         // what it copies, so that its bisection finds the paths at fault.
-        let signed = match &ctx.signing_key {
+        let signed = match &ctx.config.signing_key_file {
             Some(key) if ctx.uploads && !batch.is_empty() => {
-                let signed = self.nix.sign(key, ctx.sign_closure, &batch);
+                let signed = self.nix.sign(key, ctx.config.sign_closure, &batch);
                 if let Err(e) = &signed {
                     ctx.shared.lock().failed_calls += 1;
                     warning!("signing a batch of {} paths failed: {e}", batch.len());
@@ -338,29 +321,25 @@ impl Front {
                 out.push(path);
                 continue;
             }
-            let outputs = match drv::read_outputs(&path, &self.store_dir) {
-                Ok(outputs) => outputs,
+            let outputs = match drv::read_outputs(&path, &self.ctx.config.store_dir) {
                 Err(drv::DrvError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                     gone.push(path);
                     continue;
                 }
-                Err(_) => match self.query_outputs(&path) {
-                    Ok(outputs) => outputs,
-                    Err(e) => {
-                        self.unresolved(path, &e, Blame::Paths);
-                        continue;
-                    }
-                },
+                Ok(outputs) => Ok(outputs),
+                Err(_) => self.query_outputs(&path),
             };
-            match self.ctx.journal.replace(&path, &outputs) {
+            let journal = &self.ctx.journal;
+            let added = outputs.map_err(|e| (e, Blame::Paths)).and_then(|outputs| {
+                let added = journal.replace(&path, &outputs);
+                added.map_err(|e| (format!("cannot journal the outputs: {e}"), Blame::Target))
+            });
+            match added {
                 Ok(added) => {
                     self.drvs.remove(&path);
                     out.extend(added);
                 }
-                Err(e) => {
-                    let error = format!("cannot journal the outputs: {e}");
-                    self.unresolved(path, &error, Blame::Target);
-                }
+                Err((error, blame)) => self.unresolved(path, &error, blame),
             }
         }
         let why = "the derivation is no longer in the store";
@@ -371,27 +350,25 @@ impl Front {
     fn query_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, String> {
         let lines = self.nix.query_outputs(std::slice::from_ref(drv));
         let parse = |l: &String| {
-            StorePath::parse_output(l, &self.store_dir)
-                .map_err(|e| format!("nix-store printed {l:?}: {e}"))
+            let path = StorePath::parse_output(l, &self.ctx.config.store_dir);
+            path.map_err(|e| format!("nix-store printed {l:?}: {e}"))
         };
-        lines
-            .map_err(|e| e.to_string())?
-            .iter()
-            .map(parse)
-            .collect()
+        let lines = lines.map_err(|e| e.to_string())?;
+        lines.iter().map(parse).collect()
     }
 
-    /// Backs off a derivation that could not be resolved (once for every
-    /// target), or gives up on it.
+    /// Backs off a derivation that could not be resolved, or gives up on it.
     fn unresolved(&mut self, path: StorePath, error: &str, blame: Blame) {
         let now = Instant::now();
-        let mut f = self.drvs.remove(&path).map(|d| d.0).unwrap_or_default();
-        let attempts = f.attempts + 1;
-        let Some(why) = self.ctx.policy.fail(&mut f, attempts, blame, now) else {
+        let mut d = self.drvs.remove(&path).unwrap_or_default();
+        d.attempts += 1;
+        let attempts = d.attempts;
+        let Some(why) = self.ctx.policy.fail(&mut d.failures, blame, now) else {
             let delay = self.ctx.policy.delay(attempts, random_unit());
             let next = delay.as_secs_f64();
             warning!("cannot find the outputs of {path} (attempt {attempts}, next try in {next:.1} s): {error}");
-            self.drvs.insert(path, (f, now + delay));
+            d.next_try = Some(now + delay);
+            self.drvs.insert(path, d);
             return;
         };
         for i in 0..self.ctx.ids.len() {
@@ -400,8 +377,8 @@ impl Front {
         warning!("giving up on {path} after {why}: {error}");
     }
 
-    /// Queues the requests clients left in the spool while we were away or
-    /// busy, once some lane has no call in progress.
+    /// Queues what clients spooled while we were away or busy, once some lane
+    /// has no call in progress.
     fn ingest_spool(&mut self) {
         let stats = self.ctx.shared.lock();
         if stats.targets.iter().any(|t| t.in_flight.is_empty()) {
@@ -412,43 +389,35 @@ impl Front {
     }
 }
 
-/// Drops the paths of `batch` that are gone from the store (garbage
-/// collected); returns the others.
+/// Drops the paths of `batch` gone from the store; returns the others.
 fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
     if !ctx.work || batch.is_empty() {
         return batch;
     }
-    match nix.invalid_paths(&batch) {
-        Ok(invalid) if !invalid.is_empty() => {
-            let (gone, valid): (Vec<StorePath>, Vec<StorePath>) = batch
-                .into_iter()
-                .partition(|p| invalid.iter().any(|i| i == p.as_str()));
-            let why = "no longer valid in the store (garbage-collected?)";
-            drop_paths(&ctx.journal, &ctx.shared, &gone, why);
-            valid
-        }
-        _ => batch,
-    }
+    let Ok(invalid) = nix.invalid_paths(&batch) else {
+        return batch;
+    };
+    let gone = |p: &StorePath| invalid.iter().any(|i| i == p.as_str());
+    let (gone, valid): (Vec<_>, Vec<_>) = batch.into_iter().partition(gone);
+    let why = "no longer valid in the store (garbage-collected?)";
+    drop_paths(&ctx.journal, &ctx.shared, &gone, why);
+    valid
 }
 
-/// Journals that `path` is given up on for target `i`; false when that
-/// failed (it is retried).
+/// Journals that `path` is given up on for target `i`; false if that failed.
 fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) -> bool {
-    let at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let error = error.to_string();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH);
+    let (target, error) = (ctx.ids[i], error.to_string());
+    let at = now.map_or(0, |d| d.as_secs());
     let record = GivenUp {
-        target: ctx.ids[i],
+        target,
         at,
         attempts,
         error,
     };
     match ctx.journal.give_up(path, record) {
         Ok(given_up) => {
-            let mut stats = ctx.shared.lock();
-            stats.given_up += u64::from(given_up);
-            stats.targets[i].given_up += u64::from(given_up);
+            ctx.shared.lock().targets[i].given_up += u64::from(given_up);
             true
         }
         Err(e) => {
@@ -458,142 +427,119 @@ fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) ->
     }
 }
 
-/// A path a lane still needs.
-struct Held {
-    failures: Failures,
-    /// `None` while it is being retried.
-    next_try: Option<Instant>,
-    error: String,
-    signed: bool,
-}
-
 /// One target's thread: its calls, canary, bisection and backoff.
 struct Lane {
     ctx: Arc<Ctx>,
     i: usize,
     target: Target,
-    /// nix with this target's settings, publishing its call in progress.
     nix: Nix,
     /// Most paths in the next call (see [`policy::next_limit`]).
     limit: usize,
-    /// The paths it still needs: handed over and not tried yet (no
-    /// attempts), or backing off.
-    held: HashMap<StorePath, Held>,
-    /// While the target is down: its failed group's next try, attempts and
-    /// error.
-    down: Option<(Instant, u32, String)>,
+    /// While the target is down: its failed group, which new paths join.
+    down: Option<Backoff>,
     streak: Streak<StorePath>,
-    /// The paths of the round in progress are signed before each copy.
-    sign: bool,
 }
 
 impl Lane {
+    /// Runs `f` on the paths this lane still needs, kept in [`Shared`] for
+    /// `status`.
+    fn held<R>(&self, f: impl FnOnce(&mut HashMap<StorePath, Backoff>) -> R) -> R {
+        f(&mut self.ctx.shared.lock().targets[self.i].backoff)
+    }
+
     fn run(mut self, rx: Receiver<ToLane>) {
         lower_priority();
         loop {
             let now = Instant::now();
-            let down = self.down.as_ref().map(|d| d.0).filter(|&until| until > now);
-            let next = down.or_else(|| self.held.values().filter_map(|h| h.next_try).min());
+            let down = self.down.as_ref().and_then(|d| d.next_try);
+            let down = down.filter(|&t| t > now);
+            let next = |h: &mut HashMap<_, Backoff>| h.values().filter_map(|b| b.next_try).min();
+            let next = down.or_else(|| self.held(next));
             let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
-            let Some(mut changed) = receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)) else {
-                return;
-            };
-            if self.ctx.shared.stopping.load(Ordering::SeqCst) {
+            if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
+                || self.ctx.shared.stopping.load(Ordering::SeqCst)
+            {
                 return;
             }
-            let now = Instant::now();
-            if self.down.as_ref().is_none_or(|d| d.0 <= now) {
-                let batch = self.take(now);
+            let down = self.down.as_ref().and_then(|d| d.next_try);
+            if down.is_none_or(|t| t <= Instant::now()) {
+                let batch = self.take(Instant::now());
                 if !batch.is_empty() {
-                    // Shown as being retried during the call.
-                    self.publish();
                     self.round(batch);
-                    changed = true;
                 }
-            }
-            if changed {
-                self.publish();
             }
         }
     }
 
     /// True for [`ToLane::Shutdown`].
     fn handle(&mut self, msg: ToLane) -> bool {
-        let now = Instant::now();
+        let now = Some(Instant::now());
         match msg {
             ToLane::Batch(paths, signed) => {
                 // While the target is down, new paths join the failed group.
-                let (next_try, attempts, error) = match &self.down {
-                    Some((until, attempts, error)) if *until > now => (*until, *attempts, error),
-                    _ => (now, 0, &String::new()),
-                };
-                for p in paths {
-                    let failures = Failures {
-                        attempts,
-                        ..Failures::default()
-                    };
-                    let (next_try, error) = (Some(next_try), error.clone());
-                    let h = Held {
-                        failures,
-                        next_try,
-                        error,
-                        signed,
-                    };
-                    self.held.entry(p).or_insert(h);
-                }
+                let down = self.down.clone().filter(|d| d.next_try > now);
+                let mut group = down.unwrap_or_default();
+                group.next_try = group.next_try.or(now);
+                group.signed = signed;
+                self.held(|held| {
+                    for p in paths {
+                        held.entry(p).or_insert(group.clone());
+                    }
+                });
             }
             ToLane::Retry => {
                 self.down = None;
-                for h in self.held.values_mut() {
-                    h.next_try = h.next_try.map(|_| now);
-                }
+                self.held(|held| {
+                    for b in held.values_mut() {
+                        b.next_try = b.next_try.and(now);
+                    }
+                });
             }
             ToLane::Shutdown => return true,
         }
         false
     }
 
-    /// The next call's paths: those due, in the order they were queued,
-    /// within the batch limit.
+    /// The next call's paths: those due, in queue order, within the limit.
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
-        let (journal, id) = (&self.ctx.journal, self.target.id);
-        let due = self
-            .held
-            .iter()
-            .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
-        let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
-        due.sort_by_key(|p| journal.entry(p).map_or(u64::MAX, |e| e.seq));
-        let (mut out, mut bytes, mut retries) = (Vec::new(), 0, false);
-        self.sign = false;
-        for p in due {
-            let settled = journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
-            if journal.entry(&p).is_none() || settled {
-                self.held.remove(&p);
-                continue;
+        let (ctx, id) = (Arc::clone(&self.ctx), self.target.id);
+        let limit = self.limit.min(ctx.config.batch_size);
+        let (out, retries) = self.held(|held| {
+            let due = held
+                .iter()
+                .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
+            let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
+            due.sort_by_key(|p| ctx.journal.entry(p).map_or(u64::MAX, |e| e.seq));
+            let (mut out, mut bytes) = (Vec::new(), 0);
+            for p in due {
+                if ctx.journal.entry(&p).is_none() || ctx.settled(&p, id) {
+                    held.remove(&p);
+                } else if !fits(&mut out, &mut bytes, p, limit) {
+                    break;
+                }
             }
-            bytes += p.as_str().len() + 1;
-            let full = out.len() >= self.limit.min(self.ctx.batch_size);
-            if full || !out.is_empty() && bytes > MAX_ARG_BYTES {
-                break;
+            let mut retries = false;
+            for p in &out {
+                if let Some(b) = held.get_mut(p) {
+                    b.next_try = None;
+                    retries |= b.attempts > 0;
+                }
             }
-            if let Some(h) = self.held.get_mut(&p) {
-                h.next_try = None;
-                self.sign |= !h.signed;
-                retries |= h.failures.attempts > 0;
-                out.push(p);
-            }
-        }
+            (out, retries)
+        });
         // Retried: gone from the store meanwhile?
         match retries {
-            true => drop_gone(&self.ctx, &self.nix, out),
+            true => drop_gone(&ctx, &self.nix, out),
             false => out,
         }
     }
 
-    /// One call for `batch`; when it fails, the policy's canary, bisection
-    /// and backoff, within this round.
+    /// A call for `batch`; when it fails, the policy's canary, bisection and
+    /// backoff.
     fn round(&mut self, batch: Vec<StorePath>) {
-        let (len, max) = (batch.len(), self.ctx.batch_size);
+        let (len, max) = (batch.len(), self.ctx.config.batch_size);
+        // Signed before each copy when the front could not sign some of them.
+        let sign = self.held(|held| batch.iter().any(|p| held.get(p).is_some_and(|b| !b.signed)));
         let (mut groups, mut answer, mut budget) = (vec![batch], None, 0);
         let (mut first, mut note) = (true, None);
         while let Some(mut group) = groups.pop() {
@@ -601,7 +547,7 @@ impl Lane {
                 return; // Still journaled: uploaded after the restart.
             }
             let started = Instant::now();
-            match self.attempt(&group) {
+            match self.attempt(&group, sign) {
                 Ok(()) => {
                     if first {
                         self.limit = policy::next_limit(self.limit, len, false, max);
@@ -609,7 +555,13 @@ impl Lane {
                     self.took(&group, started);
                     answer = Some(Answer::TookSome);
                 }
-                Err(f) => match self.next(&group, &f, first, budget, &mut answer) {
+                Err(f) => match policy::after_failure(group.len(), f.timed_out(), first, budget) {
+                    // Before a canary: does the target answer at all? A
+                    // ping costs less than a copy.
+                    Next::Canary if *answer.get_or_insert_with(|| self.ask()) == Answer::Silent => {
+                        group.extend(groups.drain(..).flatten());
+                        self.back_off(group, &f, Blame::Target);
+                    }
                     Next::Outage => {
                         if group.len() > 1 && f.timed_out() {
                             self.limit = policy::next_limit(self.limit, group.len(), true, max);
@@ -628,7 +580,11 @@ impl Lane {
                         self.back_off(group, &f, blame);
                     }
                     Next::Canary => {
-                        let counted = group.iter().map(|p| self.counted(p)).collect::<Vec<_>>();
+                        let counted = self.held(|held| {
+                            let counted =
+                                |p| held.get(p).map_or(0, |b: &Backoff| b.failures.counted);
+                            group.iter().map(counted).collect::<Vec<_>>()
+                        });
                         let canary = group.remove(policy::pick_canary(&counted, random_unit()));
                         budget = policy::bisection_budget(group.len());
                         note = Some(format!("batch of {len} paths failed while the target{} works, splitting it to find the paths at fault: {f}", self.named()));
@@ -652,28 +608,6 @@ impl Lane {
         }
     }
 
-    /// The policy's next step; before a canary, asks the target whether
-    /// it answers at all (a ping costs less than a copy).
-    fn next(
-        &self,
-        group: &[StorePath],
-        f: &Failure,
-        first: bool,
-        budget: u32,
-        answer: &mut Option<Answer>,
-    ) -> Next {
-        match policy::after_failure(group.len(), f.timed_out(), first, budget) {
-            Next::Canary if *answer.get_or_insert_with(|| self.ask()) == Answer::Silent => {
-                Next::Outage
-            }
-            next => next,
-        }
-    }
-
-    fn counted(&self, path: &StorePath) -> u32 {
-        self.held.get(path).map_or(0, |h| h.failures.counted)
-    }
-
     /// Whom to blame for `path`, which failed alone: asks the target once a
     /// round, unless a call of the round went through.
     fn judge(&mut self, path: &StorePath, answer: &mut Option<Answer>) -> Blame {
@@ -692,22 +626,20 @@ impl Lane {
             Kind::SignOnly => return Answer::Answers,
             Kind::Url(url) => url,
         };
-        match self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) {
-            Ok(()) => Answer::Answers,
-            Err(e) => {
-                self.count_failure(&e);
-                let to = self.named();
-                info!("the target{to} does not answer either, so the failure does not count against the path: {e}");
-                Answer::Silent
-            }
-        }
+        let Err(e) = self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) else {
+            return Answer::Answers;
+        };
+        self.count_failure(&e);
+        let to = self.named();
+        info!("the target{to} does not answer either, so the failure does not count against the path: {e}");
+        Answer::Silent
     }
 
     /// Copies the paths (signing them first if the round must).
-    fn attempt(&self, paths: &[StorePath]) -> Result<(), Failure> {
+    fn attempt(&self, paths: &[StorePath], sign: bool) -> Result<(), Failure> {
         self.ctx.shared.lock().targets[self.i].in_flight = paths.to_vec();
-        let result = match (&self.ctx.signing_key, self.sign) {
-            (Some(key), true) => self.nix.sign(key, self.ctx.sign_closure, paths),
+        let result = match (&self.ctx.config.signing_key_file, sign) {
+            (Some(key), true) => self.nix.sign(key, self.ctx.config.sign_closure, paths),
             _ => Ok(()),
         };
         let result = result.and_then(|()| match &self.target.kind {
@@ -731,113 +663,84 @@ impl Lane {
     }
 
     fn count_failure(&self, failure: &Failure) {
-        let mut stats = self.ctx.shared.lock();
-        stats.failed_calls += 1;
-        let t = &mut stats.targets[self.i];
+        let t = &mut self.ctx.shared.lock().targets[self.i];
         t.failed_calls += 1;
         t.last_error = Some(failure.to_string());
     }
 
-    /// Records that the target has the paths: those every target has now
-    /// leave the journal.
+    /// Records that the target has the paths; those all targets have leave.
     fn took(&mut self, paths: &[StorePath], started: Instant) {
         let (ctx, took) = (Arc::clone(&self.ctx), started.elapsed().as_secs_f64());
         self.down = None;
         self.streak.took();
-        for p in paths {
-            self.held.remove(p);
-        }
         let done = ctx.journal.deliver(paths, self.target.id, &ctx.ids);
         let done = done.unwrap_or_else(|e| {
             // After a restart they are uploaded once more, which is harmless.
             warning!("cannot journal {} finished paths: {e}", paths.len());
             Vec::new()
         });
-        let to = self.named();
         if ctx.work {
-            let (n, names) = (paths.len(), names(paths));
+            let (n, names, to) = (paths.len(), names(paths), self.named());
             info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
         }
         let mut stats = ctx.shared.lock();
-        stats.uploaded += done.len() as u64;
+        let t = &mut stats.targets[self.i];
+        for p in paths {
+            t.backoff.remove(p);
+        }
+        t.delivered += paths.len() as u64;
+        t.last_error = None;
         stats.record_uploads(done.len() as u64);
         if ctx.work {
             stats.upload_seconds += took;
             stats.upload_batches += 1;
         }
-        let t = &mut stats.targets[self.i];
-        t.delivered += paths.len() as u64;
-        t.last_error = None;
         for p in &done {
             stats.forget(p);
         }
     }
 
-    /// Backs off paths that failed together: one attempt count and one next
-    /// try for the group, so that it is retried in one call. Paths at the
-    /// end of their tries are given up on instead. A failure blamed on the
-    /// target makes it count as down until then.
+    /// Backs off paths that failed together with one attempt count and next
+    /// try, so that they are retried in one call, or gives up on them. When
+    /// blamed on the target, it is down until then.
     fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
-        let (now, error) = (Instant::now(), error.to_string());
-        let held = paths.iter().filter_map(|p| self.held.get(p));
-        let attempts = 1 + held.map(|h| h.failures.attempts).max().unwrap_or(0);
-        let next_try = now + self.ctx.policy.delay(attempts, random_unit());
+        let (now, last_error) = (Instant::now(), error.to_string());
+        let take = |held: &mut HashMap<_, Backoff>| {
+            let held = paths.iter().map(|p| held.remove(p).unwrap_or_default());
+            held.collect::<Vec<_>>()
+        };
+        let mut held = self.held(take);
+        let attempts = 1 + held.iter().map(|b| b.attempts).max().unwrap_or(0);
+        let next_try = Some(now + self.ctx.policy.delay(attempts, random_unit()));
         let mut kept = Vec::new();
-        for p in paths {
-            let (next_try, error) = (Some(next_try), error.clone());
-            let h = self.held.remove(&p);
-            let signed = h.as_ref().is_some_and(|h| h.signed);
-            let failures = h.map(|h| h.failures).unwrap_or_default();
-            let mut h = Held {
-                failures,
-                next_try,
-                error,
-                signed,
-            };
-            match self.ctx.policy.fail(&mut h.failures, attempts, blame, now) {
-                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &h.error) => {
-                    let (on, e) = (self.named().replacen(' ', " for ", 1), &h.error);
-                    warning!("giving up on {p}{on} after {why}: {e}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
+        for (p, mut b) in paths.into_iter().zip(held.drain(..)) {
+            (b.attempts, b.next_try, b.last_error) = (attempts, next_try, last_error.clone());
+            match self.ctx.policy.fail(&mut b.failures, blame, now) {
+                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &last_error) => {
+                    let on = self.named().replacen(' ', " for ", 1);
+                    warning!("giving up on {p}{on} after {why}: {last_error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
                 }
-                _ => {
-                    kept.push(p.clone());
-                    self.held.insert(p, h);
-                }
+                _ => kept.push((p, b)),
             }
         }
         if !kept.is_empty() {
-            let (n, names, to) = (kept.len(), names(&kept), self.named());
-            let next = next_try.saturating_duration_since(now).as_secs_f64();
-            warning!("{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {error}");
+            let kept_paths: Vec<StorePath> = kept.iter().map(|k| k.0.clone()).collect();
+            let (n, names, to) = (kept.len(), names(&kept_paths), self.named());
+            let next = next_try.map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
+            warning!("{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {last_error}");
         }
-        if blame == Blame::Target {
-            self.down = Some((next_try, attempts, error));
-        }
-    }
-
-    /// Shows the paths backing off in `status` (forgetting those dropped).
-    fn publish(&mut self) {
         let journal = &self.ctx.journal;
-        self.held.retain(|p, _| journal.entry(p).is_some());
-        let failed = self.held.iter().filter(|h| h.1.failures.attempts > 0);
-        let view = failed.map(|(p, h)| {
-            let (attempts, next_try) = (h.failures.attempts, h.next_try);
-            (
-                p.clone(),
-                Backoff {
-                    attempts,
-                    next_try,
-                    last_error: h.error.clone(),
-                },
-            )
-        });
-        self.ctx.shared.lock().targets[self.i].backoff = view.collect();
+        self.held(|held| held.extend(kept.into_iter().filter(|k| journal.entry(&k.0).is_some())));
+        if blame == Blame::Target {
+            let mut down = Backoff::default();
+            (down.attempts, down.next_try, down.last_error) = (attempts, next_try, last_error);
+            self.down = Some(down);
+        }
     }
 }
 
-/// Drops queued paths from the journal, with one warning for them all: they
-/// are not uploaded. Returns how many were queued. Used by the worker
-/// (paths gone from the store) and by the `drop` request.
+/// Drops queued paths from the journal with one warning for them all (gone
+/// from the store, or the `drop` request); returns how many were queued.
 pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: &str) -> usize {
     let queued = paths.iter().filter(|p| journal.entry(p).is_some());
     let paths: Vec<StorePath> = queued.cloned().collect();
@@ -847,13 +750,12 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
         n => format!(" ({n} paths)"),
     };
     warning!("dropping {}{count}: {why}", names(&paths));
-    {
-        let mut stats = shared.lock();
-        for p in &paths {
-            stats.forget(p);
-        }
-        stats.dropped += paths.len() as u64;
+    let mut stats = shared.lock();
+    for p in &paths {
+        stats.forget(p);
     }
+    stats.dropped += paths.len() as u64;
+    drop(stats);
     journal.drop_paths(&paths).len()
 }
 
@@ -892,13 +794,16 @@ mod tests {
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(1),
         };
-        let ctx = Ctx {
-            journal: Arc::new(journal),
-            shared: Arc::default(),
-            policy,
-            signing_key: None,
-            sign_closure: false,
+        let config = Config {
             batch_size: 10,
+            store_dir: STORE.into(),
+            ..Config::default()
+        };
+        let ctx = Ctx {
+            config,
+            journal: Arc::new(journal),
+            shared: Arc::new(Shared::new(&[Target::sign_only()])),
+            policy,
             ids: Vec::new(),
             uploads: false,
             work: false,
@@ -906,7 +811,6 @@ mod tests {
         let mut front = Front {
             ctx: Arc::new(ctx),
             nix: Nix::new(std::path::Path::new("nix"), Duration::from_secs(1), None),
-            store_dir: STORE.into(),
             spool: Spool::new(&dir.join("spool"), STORE),
             ready: VecDeque::from([path("a")]),
             flush: false,
