@@ -127,8 +127,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         info!("journal: {n} paths every target has already are done");
     }
     // Those some target still needs, and those given up on where not had.
-    let needed =
-        |p: &StorePath, t: &TargetId| !journal.is_delivered(p, *t) && !journal.is_given_up(p, *t);
+    let needed = |p: &StorePath, t: &TargetId| !journal.is_settled(p, *t);
     let (to_upload, given_up): (Vec<StorePath>, Vec<StorePath>) = (replay.paths.into_iter())
         .filter(|p| journal.entry(p).is_some())
         .partition(|p| target_ids.iter().any(|t| needed(p, t)));
@@ -572,7 +571,7 @@ fn respond(ctx: &Context, stream: &mut UnixStream, req: Request) -> String {
                     let all = ctx
                         .target_ids
                         .iter()
-                        .flat_map(|t| ctx.journal.given_up_on(*t));
+                        .flat_map(|t| ctx.journal.given_up_up_to(u64::MAX, *t));
                     all.map(|(p, _)| p)
                         .filter(|p| seen.insert(p.clone()))
                         .collect()

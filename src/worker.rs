@@ -295,7 +295,7 @@ impl Front {
             let Some(p) = self.ready.pop_front() else {
                 break;
             };
-            let settled = |&id| journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
+            let settled = |&id| journal.is_settled(&p, id);
             let needed = journal.entry(&p).is_some() && !self.ctx.ids.iter().all(settled);
             if needed && taken.insert(p.clone()) {
                 bytes += p.as_str().len() + 1;
@@ -566,7 +566,7 @@ impl Lane {
         let (mut out, mut bytes, mut retries) = (Vec::new(), 0, false);
         self.sign = false;
         for p in due {
-            let settled = journal.is_delivered(&p, id) || journal.is_given_up(&p, id);
+            let settled = journal.is_settled(&p, id);
             if journal.entry(&p).is_none() || settled {
                 self.held.remove(&p);
                 continue;
