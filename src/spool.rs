@@ -1,18 +1,15 @@
-//! The spool: where the hook leaves its request when the daemon is away.
-//!
-//! The hook renames each finished request file into place as
-//! `<time>-<pid>.req` ([`crate::wire::spool_names`]). The daemon queues
-//! every spooled request at start and when idle, and deletes a file only
-//! after its paths are in the journal. A file with a line that cannot be
-//! queued has its other paths queued and is set aside as `.bad`; one whose
-//! last line has no line end is still being written (by something that is
-//! not the hook) and is set aside once unchanged for an hour; one that
-//! cannot be deleted is queued once, not again while it stays.
+//! The spool: where the hook leaves its request, renamed into place
+//! finished as `<time>-<pid>.req`, when the daemon is away. The daemon
+//! queues every spooled request at start and when idle, and deletes a file
+//! only once its paths are journaled. A file with a line that cannot be
+//! queued has its other paths queued and is set aside as `.bad`, as is one
+//! whose unfinished last line (not the hook's) is an hour old; one that
+//! cannot be deleted is not read again while it stays.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -20,53 +17,42 @@ use std::time::Duration;
 use crate::journal::Journal;
 use crate::protocol::{parse_request, Request, MAX_LINE};
 use crate::store_path::StorePath;
-use crate::warning;
-use crate::wire::SPOOL_SUFFIX;
 
-/// Largest spool file read: far more than any hook writes (one request of at
-/// most `MAX_LINE` bytes per 10,000 paths).
+/// Largest spool file read: far more than any hook writes.
 const MAX_FILE: u64 = 64 * MAX_LINE as u64;
-/// A temporary file or an unfinished spool file unchanged for this long was
-/// left by a writer that died (no hook takes anywhere near this long).
+/// A temporary or unfinished file unchanged for this long was left by a
+/// writer that died (no hook takes anywhere near this long).
 const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
-/// Problems (bad lines of a file, files of one pass) named one by one; the
-/// rest are counted.
+/// Problems named (bad lines of a file, files of one pass); the rest are
+/// counted.
 const NAMED: usize = 5;
 
-/// What identifies one version of a file: a new file under the same name,
-/// or the same file written again, is read again.
-type FileId = (u64, u64, u64, i64, i64);
-
-fn file_id(m: &fs::Metadata) -> FileId {
-    (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec())
-}
-
-/// True for the name of a finished request file.
-fn is_request(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str());
-    name.is_some_and(|n| n.ends_with(SPOOL_SUFFIX) && !n.starts_with('.'))
+fn is_request(name: &OsStr) -> bool {
+    let name = name.to_str().unwrap_or(".");
+    name.ends_with(crate::wire::SPOOL_SUFFIX) && !name.starts_with('.')
 }
 
 /// Path counts of the request files [`backlog`] read, by name and inode: a
-/// request file is renamed into place finished and never changes, so each
-/// is read once, and a listing of the directory is all that a call costs.
+/// request file never changes once in place, so each is read once.
 static COUNTED: Mutex<BTreeMap<OsString, (u64, usize)>> = Mutex::new(BTreeMap::new());
 
 /// The backlog, for `status`: request files not ingested yet, and the
-/// paths they ask for (counted without checking them; a file that cannot
-/// be read counts no paths).
+/// paths they ask for (the words after `enqueue` and `drv`, unchecked).
 pub fn backlog(dir: &Path) -> (usize, usize) {
-    use std::os::unix::fs::DirEntryExt;
     let mut counted = COUNTED.lock().unwrap_or_else(|e| e.into_inner());
     let mut now = BTreeMap::new();
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let (name, ino) = (entry.file_name(), entry.ino());
-        if !is_request(Path::new(&name)) {
-            continue;
-        }
+        let (name, ino, file) = (entry.file_name(), entry.ino(), entry.path());
         let paths = match counted.get(&name) {
+            _ if !is_request(&name) => continue,
             Some(&(was, n)) if was == ino => n,
-            _ => count_paths(&dir.join(&name)),
+            _ if !fs::symlink_metadata(&file).is_ok_and(|m| m.is_file() && m.len() <= MAX_FILE) => {
+                0
+            }
+            _ => (fs::read(&file).unwrap_or_default().split(|&b| b == b'\n'))
+                .filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "))
+                .map(|l| l.iter().filter(|&&b| b == b' ').count())
+                .sum(),
         };
         now.insert(name, (ino, paths));
     }
@@ -75,18 +61,15 @@ pub fn backlog(dir: &Path) -> (usize, usize) {
     backlog
 }
 
-/// The paths a request file asks for: the words after `enqueue` and `drv`.
-fn count_paths(file: &Path) -> usize {
-    let meta = fs::symlink_metadata(file);
-    if !meta.is_ok_and(|m| m.is_file() && m.len() <= MAX_FILE) {
-        return 0;
-    }
-    let data = fs::read(file).unwrap_or_default();
-    let requests = data.split(|&b| b == b'\n');
-    let queueing = requests.filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "));
-    queueing
-        .map(|l| l.iter().filter(|&&b| b == b' ').count())
-        .sum()
+/// What identifies one version of a file: a new file under the same name,
+/// or the same file written again, is read again.
+fn file_id(m: &fs::Metadata) -> (u64, u64, u64, i64, i64) {
+    (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+}
+
+fn abandoned(meta: &fs::Metadata) -> bool {
+    let age = meta.modified().ok().and_then(|t| t.elapsed().ok());
+    age.is_some_and(|a| a > ABANDONED_AFTER)
 }
 
 /// The spool directory, and what the daemon knows about its files.
@@ -96,7 +79,7 @@ pub struct Spool {
     store_dir: String,
     /// Files whose paths were journaled but which could not be deleted or
     /// set aside: not read again while they stay as they are.
-    done: HashMap<PathBuf, FileId>,
+    done: HashMap<PathBuf, (u64, u64, u64, i64, i64)>,
     /// This pass's warnings, logged together at its end.
     notes: Vec<String>,
 }
@@ -104,32 +87,30 @@ pub struct Spool {
 impl Spool {
     /// The spool in `dir`, for paths under `store_dir`.
     pub fn new(dir: &Path, store_dir: &str) -> Spool {
+        let (dir, store_dir) = (dir.to_path_buf(), store_dir.to_string());
+        let (done, notes) = (HashMap::new(), Vec::new());
         Spool {
-            dir: dir.to_path_buf(),
-            store_dir: store_dir.to_string(),
-            done: HashMap::new(),
-            notes: Vec::new(),
+            dir,
+            store_dir,
+            done,
+            notes,
         }
     }
 
     /// Journals every finished spooled request and deletes its file (or sets
-    /// it aside as `.bad` if a line could not be queued); returns the paths
-    /// that were newly queued. Files that cannot be journaled now stay.
+    /// it aside); returns the paths newly queued. Files that cannot be
+    /// journaled now stay.
     pub fn ingest(&mut self, journal: &Journal) -> Vec<StorePath> {
-        let entries: Vec<PathBuf> = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
-            Err(_) => return Vec::new(),
-        };
         let mut names = Vec::new();
-        for path in entries {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                // A hook killed between writing and renaming.
-                let meta = fs::symlink_metadata(&path);
-                if meta.is_ok_and(|m| older_than(&m, ABANDONED_AFTER)) {
-                    let _ = fs::remove_file(&path);
-                }
-            } else if is_request(&path) {
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let (name, path) = (entry.file_name(), entry.path());
+            let tmp = name
+                .to_str()
+                .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"));
+            // A temporary file of a hook killed between writing and renaming.
+            if tmp && fs::symlink_metadata(&path).is_ok_and(|m| abandoned(&m)) {
+                let _ = fs::remove_file(&path);
+            } else if is_request(&name) {
                 names.push(path);
             }
         }
@@ -142,14 +123,12 @@ impl Spool {
             }
         }
         let notes = std::mem::take(&mut self.notes);
-        for note in notes.iter().take(NAMED) {
-            warning!("{note}");
-        }
-        if notes.len() > NAMED {
-            warning!(
-                "{} more spool files as above; see the spool directory",
-                notes.len() - NAMED
-            );
+        notes
+            .iter()
+            .take(NAMED)
+            .for_each(|n| crate::warning!("{n}"));
+        if let n @ 1.. = notes.len().saturating_sub(NAMED) {
+            crate::warning!("{n} more spool files as above; see the spool directory");
         }
         queued
     }
@@ -157,51 +136,39 @@ impl Spool {
     /// Ingests one file (see [`Spool::ingest`]); false when the journal
     /// cannot be written now.
     fn ingest_file(&mut self, journal: &Journal, file: &Path, queued: &mut Vec<StorePath>) -> bool {
+        let Ok(meta) = fs::symlink_metadata(file) else {
+            return true;
+        };
         // Only regular files of a plausible size: a link could point the
         // daemon at any file, a huge file would only cost memory.
-        let meta = match fs::symlink_metadata(file) {
-            Ok(m) if m.is_file() && m.len() <= MAX_FILE => m,
-            Ok(m) => {
-                let why = format!(
-                    "is not a regular file of at most {MAX_FILE} bytes ({} bytes); nothing in it is queued",
-                    m.len()
-                );
-                self.set_aside(file, &m, &why);
+        let data = match (meta.is_file() && meta.len() <= MAX_FILE).then(|| fs::read(file)) {
+            _ if self.done.get(file) == Some(&file_id(&meta)) => return true,
+            Some(Ok(data)) => data,
+            Some(Err(e)) => {
+                (self.notes).push(format!("cannot read spool file {}: {e}", file.display()));
                 return true;
             }
-            Err(_) => return true,
-        };
-        if self.done.get(file) == Some(&file_id(&meta)) {
-            return true;
-        }
-        let data = match fs::read(file) {
-            Ok(d) => d,
-            Err(e) => {
-                self.notes
-                    .push(format!("cannot read spool file {}: {e}", file.display()));
+            None => {
+                let (max, n) = (MAX_FILE, meta.len());
+                let why = format!("is not a regular file of at most {max} bytes ({n} bytes)");
+                self.set_aside(file, &meta, why + "; nothing in it is queued", true);
                 return true;
             }
         };
-        // Requests end with a line end: without one, the writer is not
-        // done (or died while writing).
-        let finished = data.last() == Some(&b'\n');
-        let abandoned = !finished && older_than(&meta, ABANDONED_AFTER);
-        if !finished && !abandoned {
+        // Requests end with a line end: without one, the writer is not done
+        // (or died while writing).
+        let unfinished = data.last() != Some(&b'\n');
+        if unfinished && !abandoned(&meta) {
             return true;
         }
         let end = data.iter().rposition(|&b| b == b'\n').unwrap_or(0);
         let (paths, mut problems) = self.parse(&data[..end]);
-        match journal.append(&paths) {
-            Ok(added) => queued.extend(added),
-            Err(e) => {
-                warning!(
-                    "cannot journal spool file {}: {e}; will try again",
-                    file.display()
-                );
-                return false;
-            }
+        if let Err(e) = journal.append(&paths).map(|added| queued.extend(added)) {
+            let f = file.display();
+            crate::warning!("cannot journal spool file {f}: {e}; will try again");
+            return false;
         }
-        if abandoned {
+        if unfinished {
             problems.push(format!(
                 "its last line has no line end and the file has not changed for {} s \
                  (its writer died?): that line is not queued",
@@ -210,10 +177,10 @@ impl Spool {
         }
         if !problems.is_empty() {
             let why = format!("{}; its other lines are queued", problems.join("; "));
-            self.set_aside(file, &meta, &why);
+            self.set_aside(file, &meta, why, true);
         } else if let Err(e) = fs::remove_file(file) {
             let why = format!("its paths are queued, but it cannot be removed: {e}");
-            self.keep_done(file, &meta, &why);
+            self.set_aside(file, &meta, why, false);
         }
         true
     }
@@ -221,17 +188,14 @@ impl Spool {
     /// The paths of a spool file's complete lines, and what was wrong with
     /// the lines that cannot be queued.
     fn parse(&self, complete: &[u8]) -> (Vec<StorePath>, Vec<String>) {
-        let mut paths = Vec::new();
-        let mut bad = Vec::new();
-        let mut bad_count = 0usize;
+        let (mut paths, mut bad, mut more) = (Vec::new(), Vec::new(), 0);
         for (n, line) in complete.split(|&b| b == b'\n').enumerate() {
-            if line.is_empty() {
-                continue;
-            }
-            let problem = if line.len() > MAX_LINE {
-                format!("is longer than {MAX_LINE} bytes ({} bytes)", line.len())
-            } else {
-                match parse_request(line, &self.store_dir) {
+            let problem = match line.len() {
+                0 => continue,
+                len @ (MAX_LINE..) if len > MAX_LINE => {
+                    format!("is longer than {MAX_LINE} bytes ({len} bytes)")
+                }
+                _ => match parse_request(line, &self.store_dir) {
                     Ok(Request::Enqueue(p)) => {
                         paths.extend(p);
                         continue;
@@ -242,51 +206,38 @@ impl Spool {
                     }
                     Ok(other) => format!("{other:?} is not a queue request"),
                     Err(e) => e.to_string(),
-                }
+                },
             };
-            bad_count += 1;
-            if bad.len() < NAMED {
-                bad.push(format!("line {} {problem}", n + 1));
+            match bad.len() {
+                NAMED => more += 1,
+                _ => bad.push(format!("line {} {problem}", n + 1)),
             }
         }
-        if bad_count > bad.len() {
-            bad.push(format!("{} more bad lines", bad_count - bad.len()));
+        if more > 0 {
+            bad.push(format!("{more} more bad lines"));
         }
         (paths, bad)
     }
 
-    /// Renames a spool file that held something that could not be queued to
-    /// `.bad`, where it is no longer read, and says so.
-    fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: &str) {
+    /// Sets a spool file aside as `.bad` (with `rename`), where it is no
+    /// longer read, or else remembers it as done: not read again until it
+    /// changes or the daemon restarts (then its paths are queued once more,
+    /// which costs at most one more upload). Says why.
+    fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: String, rename: bool) {
         let bad = file.with_extension("bad");
-        match fs::rename(file, &bad) {
-            Ok(()) => self.notes.push(format!(
-                "spool file {}: {why}; set aside as {}",
-                file.display(),
-                bad.display()
-            )),
-            Err(e) => {
-                let why = format!("{why}; cannot set it aside as {}: {e}", bad.display());
-                self.keep_done(file, meta, &why);
+        let mut note = format!("spool file {}: {why}", file.display());
+        match rename.then(|| fs::rename(file, &bad)) {
+            Some(Ok(())) => note += &format!("; set aside as {}", bad.display()),
+            failed => {
+                if let Some(Err(e)) = failed {
+                    note += &format!("; cannot set it aside as {}: {e}", bad.display());
+                }
+                note += "; it is not read again while it stays";
+                self.done.insert(file.to_path_buf(), file_id(meta));
             }
         }
+        self.notes.push(note);
     }
-
-    /// Remembers a spool file that is queued but stays: it is not read again
-    /// until it changes or the daemon restarts (then its paths are queued
-    /// once more, which costs at most one more upload).
-    fn keep_done(&mut self, file: &Path, meta: &fs::Metadata, why: &str) {
-        let d = file.display();
-        self.notes.push(format!(
-            "spool file {d}: {why}; it is not read again while it stays"
-        ));
-        self.done.insert(file.to_path_buf(), file_id(meta));
-    }
-}
-
-fn older_than(meta: &fs::Metadata, age: Duration) -> bool {
-    let elapsed = meta.modified().ok().and_then(|t| t.elapsed().ok());
-    elapsed.is_some_and(|a| a > age)
 }
 
 #[cfg(test)]
