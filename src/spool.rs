@@ -1,10 +1,7 @@
-//! The spool: where the hook leaves its request, renamed into place
-//! finished as `<time>-<pid>.req`, when the daemon is away. The daemon
-//! queues every spooled request at start and when idle, and deletes a file
-//! only once its paths are journaled. A file with a line that cannot be
-//! queued has its other paths queued and is set aside as `.bad`, as is one
-//! whose unfinished last line (not the hook's) is an hour old; one that
-//! cannot be deleted is not read again while it stays.
+//! The spool: where the hook leaves its request (`<time>-<pid>.req`) when
+//! the daemon is away. The daemon queues the spooled requests at start and
+//! when idle, and deletes a file once its paths are journaled; a file with
+//! a bad or long-unfinished line is set aside as `.bad`, the rest queued.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -20,20 +17,23 @@ use crate::store_path::StorePath;
 
 /// Largest spool file read: far more than any hook writes.
 const MAX_FILE: u64 = 64 * MAX_LINE as u64;
-/// A temporary or unfinished file unchanged for this long was left by a
-/// writer that died (no hook takes anywhere near this long).
+/// A temporary or unfinished file this old was left by a writer that died.
 const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
-/// Problems named (bad lines of a file, files of one pass); the rest are
-/// counted.
+/// Problems named (bad lines of a file, files of one pass); others counted.
 const NAMED: usize = 5;
+
+/// Only regular files of a plausible size are read (a link could point
+/// anywhere, a huge file would only cost memory).
+fn regular(meta: &fs::Metadata) -> bool {
+    meta.is_file() && meta.len() <= MAX_FILE
+}
 
 fn is_request(name: &OsStr) -> bool {
     let name = name.to_str().unwrap_or(".");
     name.ends_with(crate::wire::SPOOL_SUFFIX) && !name.starts_with('.')
 }
 
-/// Path counts of the request files [`backlog`] read, by name and inode: a
-/// request file never changes once in place, so each is read once.
+/// Path counts of request files by name and inode: each is read once.
 static COUNTED: Mutex<BTreeMap<OsString, (u64, usize)>> = Mutex::new(BTreeMap::new());
 
 /// The backlog, for `status`: request files not ingested yet, and the
@@ -46,9 +46,7 @@ pub fn backlog(dir: &Path) -> (usize, usize) {
         let paths = match counted.get(&name) {
             _ if !is_request(&name) => continue,
             Some(&(was, n)) if was == ino => n,
-            _ if !fs::symlink_metadata(&file).is_ok_and(|m| m.is_file() && m.len() <= MAX_FILE) => {
-                0
-            }
+            _ if !fs::symlink_metadata(&file).is_ok_and(|m| regular(&m)) => 0,
             _ => (fs::read(&file).unwrap_or_default().split(|&b| b == b'\n'))
                 .filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "))
                 .map(|l| l.iter().filter(|&&b| b == b' ').count())
@@ -61,8 +59,7 @@ pub fn backlog(dir: &Path) -> (usize, usize) {
     backlog
 }
 
-/// What identifies one version of a file: a new file under the same name,
-/// or the same file written again, is read again.
+/// One version of a file: a new file, or one written again, is read again.
 fn file_id(m: &fs::Metadata) -> (u64, u64, u64, i64, i64) {
     (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec())
 }
@@ -73,12 +70,12 @@ fn abandoned(meta: &fs::Metadata) -> bool {
 }
 
 /// The spool directory, and what the daemon knows about its files.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Spool {
     dir: PathBuf,
     store_dir: String,
-    /// Files whose paths were journaled but which could not be deleted or
-    /// set aside: not read again while they stay as they are.
+    /// Files journaled that stay (not deleted nor set aside): not read again
+    /// while they stay as they are.
     done: HashMap<PathBuf, (u64, u64, u64, i64, i64)>,
     /// This pass's warnings, logged together at its end.
     notes: Vec<String>,
@@ -87,14 +84,9 @@ pub struct Spool {
 impl Spool {
     /// The spool in `dir`, for paths under `store_dir`.
     pub fn new(dir: &Path, store_dir: &str) -> Spool {
-        let (dir, store_dir) = (dir.to_path_buf(), store_dir.to_string());
-        let (done, notes) = (HashMap::new(), Vec::new());
-        Spool {
-            dir,
-            store_dir,
-            done,
-            notes,
-        }
+        let mut spool = Spool::default();
+        (spool.dir, spool.store_dir) = (dir.into(), store_dir.into());
+        spool
     }
 
     /// Journals every finished spooled request and deletes its file (or sets
@@ -104,10 +96,9 @@ impl Spool {
         let mut names = Vec::new();
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let (name, path) = (entry.file_name(), entry.path());
-            let tmp = name
-                .to_str()
-                .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"));
             // A temporary file of a hook killed between writing and renaming.
+            let tmp = name.to_string_lossy();
+            let tmp = tmp.starts_with('.') && tmp.ends_with(".tmp");
             if tmp && fs::symlink_metadata(&path).is_ok_and(|m| abandoned(&m)) {
                 let _ = fs::remove_file(&path);
             } else if is_request(&name) {
@@ -123,10 +114,9 @@ impl Spool {
             }
         }
         let notes = std::mem::take(&mut self.notes);
-        notes
-            .iter()
-            .take(NAMED)
-            .for_each(|n| crate::warning!("{n}"));
+        for note in notes.iter().take(NAMED) {
+            crate::warning!("{note}");
+        }
         if let n @ 1.. = notes.len().saturating_sub(NAMED) {
             crate::warning!("{n} more spool files as above; see the spool directory");
         }
@@ -139,25 +129,24 @@ impl Spool {
         let Ok(meta) = fs::symlink_metadata(file) else {
             return true;
         };
-        // Only regular files of a plausible size: a link could point the
-        // daemon at any file, a huge file would only cost memory.
-        let data = match (meta.is_file() && meta.len() <= MAX_FILE).then(|| fs::read(file)) {
-            _ if self.done.get(file) == Some(&file_id(&meta)) => return true,
-            Some(Ok(data)) => data,
-            Some(Err(e)) => {
+        if self.done.get(file) == Some(&file_id(&meta)) {
+            return true;
+        }
+        let data = if regular(&meta) {
+            fs::read(file)
+        } else {
+            Ok(Vec::new())
+        };
+        let data = match data {
+            Ok(data) => data,
+            Err(e) => {
                 (self.notes).push(format!("cannot read spool file {}: {e}", file.display()));
-                return true;
-            }
-            None => {
-                let (max, n) = (MAX_FILE, meta.len());
-                let why = format!("is not a regular file of at most {max} bytes ({n} bytes)");
-                self.set_aside(file, &meta, why + "; nothing in it is queued", true);
                 return true;
             }
         };
         // Requests end with a line end: without one, the writer is not done
         // (or died while writing).
-        let unfinished = data.last() != Some(&b'\n');
+        let unfinished = regular(&meta) && data.last() != Some(&b'\n');
         if unfinished && !abandoned(&meta) {
             return true;
         }
@@ -168,15 +157,17 @@ impl Spool {
             crate::warning!("cannot journal spool file {f}: {e}; will try again");
             return false;
         }
-        if unfinished {
+        if !regular(&meta) {
+            let (max, n) = (MAX_FILE, meta.len());
             problems.push(format!(
-                "its last line has no line end and the file has not changed for {} s \
-                 (its writer died?): that line is not queued",
-                ABANDONED_AFTER.as_secs()
+                "is not a regular file of at most {max} bytes ({n} bytes)"
             ));
+        } else if unfinished {
+            let unfinished = "its last line has no line end and is an hour old (its writer died?)";
+            problems.push(format!("{unfinished}: that line is not queued"));
         }
         if !problems.is_empty() {
-            let why = format!("{}; its other lines are queued", problems.join("; "));
+            let why = format!("{}; any other lines are queued", problems.join("; "));
             self.set_aside(file, &meta, why, true);
         } else if let Err(e) = fs::remove_file(file) {
             let why = format!("its paths are queued, but it cannot be removed: {e}");
@@ -190,27 +181,17 @@ impl Spool {
     fn parse(&self, complete: &[u8]) -> (Vec<StorePath>, Vec<String>) {
         let (mut paths, mut bad, mut more) = (Vec::new(), Vec::new(), 0);
         for (n, line) in complete.split(|&b| b == b'\n').enumerate() {
-            let problem = match line.len() {
-                0 => continue,
-                len @ (MAX_LINE..) if len > MAX_LINE => {
-                    format!("is longer than {MAX_LINE} bytes ({len} bytes)")
-                }
-                _ => match parse_request(line, &self.store_dir) {
-                    Ok(Request::Enqueue(p)) => {
-                        paths.extend(p);
-                        continue;
-                    }
-                    Ok(Request::Drv(d)) => {
-                        paths.push(d);
-                        continue;
-                    }
-                    Ok(other) => format!("{other:?} is not a queue request"),
-                    Err(e) => e.to_string(),
-                },
+            let found = match parse_request(line, &self.store_dir) {
+                _ if line.is_empty() => continue,
+                Ok(Request::Enqueue(p)) => Ok(p),
+                Ok(Request::Drv(d)) => Ok(vec![d]),
+                Ok(other) => Err(format!("{other:?} is not a queue request")),
+                Err(e) => Err(e.to_string()),
             };
-            match bad.len() {
-                NAMED => more += 1,
-                _ => bad.push(format!("line {} {problem}", n + 1)),
+            match found {
+                Ok(p) => paths.extend(p),
+                Err(problem) if bad.len() < NAMED => bad.push(format!("line {} {problem}", n + 1)),
+                Err(_) => more += 1,
             }
         }
         if more > 0 {
@@ -219,10 +200,9 @@ impl Spool {
         (paths, bad)
     }
 
-    /// Sets a spool file aside as `.bad` (with `rename`), where it is no
-    /// longer read, or else remembers it as done: not read again until it
-    /// changes or the daemon restarts (then its paths are queued once more,
-    /// which costs at most one more upload). Says why.
+    /// Sets a spool file aside as `.bad` (with `rename`), or else remembers
+    /// it as done until it changes or the daemon restarts (at most one more
+    /// upload); says why.
     fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: String, rename: bool) {
         let bad = file.with_extension("bad");
         let mut note = format!("spool file {}: {why}", file.display());
