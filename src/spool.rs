@@ -37,7 +37,7 @@ fn is_request(name: &OsStr) -> bool {
 static COUNTED: Mutex<BTreeMap<OsString, (u64, usize)>> = Mutex::new(BTreeMap::new());
 
 /// The backlog, for `status`: request files not ingested yet, and the
-/// paths they ask for (the words after `enqueue` and `drv`, unchecked).
+/// paths they ask for (the words after each line's verb, unchecked).
 pub fn backlog(dir: &Path) -> (usize, usize) {
     let mut counted = COUNTED.lock().unwrap_or_else(|e| e.into_inner());
     let mut now = BTreeMap::new();
@@ -47,10 +47,11 @@ pub fn backlog(dir: &Path) -> (usize, usize) {
             _ if !is_request(&name) => continue,
             Some(&(was, n)) if was == ino => n,
             _ if !fs::symlink_metadata(&file).is_ok_and(|m| regular(&m)) => 0,
-            _ => (fs::read(&file).unwrap_or_default().split(|&b| b == b'\n'))
-                .filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "))
-                .map(|l| l.iter().filter(|&&b| b == b' ').count())
-                .sum(),
+            _ => fs::read(&file)
+                .unwrap_or_default()
+                .iter()
+                .filter(|&&b| b == b' ')
+                .count(),
         };
         now.insert(name, (ino, paths));
     }
@@ -89,9 +90,8 @@ impl Spool {
         spool
     }
 
-    /// Journals every finished spooled request and deletes its file (or sets
-    /// it aside); returns the paths newly queued. Files that cannot be
-    /// journaled now stay.
+    /// Journals every finished spooled request and deletes (or sets aside)
+    /// its file; returns the paths newly queued.
     pub fn ingest(&mut self, journal: &Journal) -> Vec<StorePath> {
         let mut names = Vec::new();
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
@@ -123,29 +123,20 @@ impl Spool {
         queued
     }
 
-    /// Ingests one file (see [`Spool::ingest`]); false when the journal
-    /// cannot be written now.
+    /// Ingests one file; false when the journal cannot be written now.
     fn ingest_file(&mut self, journal: &Journal, file: &Path, queued: &mut Vec<StorePath>) -> bool {
-        let Ok(meta) = fs::symlink_metadata(file) else {
-            return true;
+        let meta = match fs::symlink_metadata(file) {
+            Ok(m) if self.done.get(file) != Some(&file_id(&m)) => m,
+            _ => return true,
         };
-        if self.done.get(file) == Some(&file_id(&meta)) {
-            return true;
-        }
-        let data = if regular(&meta) {
-            fs::read(file)
-        } else {
-            Ok(Vec::new())
-        };
-        let data = match data {
-            Ok(data) => data,
+        let data = match regular(&meta).then(|| fs::read(file)).transpose() {
+            Ok(data) => data.unwrap_or_default(),
             Err(e) => {
                 (self.notes).push(format!("cannot read spool file {}: {e}", file.display()));
                 return true;
             }
         };
-        // Requests end with a line end: without one, the writer is not done
-        // (or died while writing).
+        // Without a line end at the end, the writer is not done (or died).
         let unfinished = regular(&meta) && data.last() != Some(&b'\n');
         if unfinished && !abandoned(&meta) {
             return true;
@@ -153,18 +144,16 @@ impl Spool {
         let end = data.iter().rposition(|&b| b == b'\n').unwrap_or(0);
         let (paths, mut problems) = self.parse(&data[..end]);
         if let Err(e) = journal.append(&paths).map(|added| queued.extend(added)) {
-            let f = file.display();
-            crate::warning!("cannot journal spool file {f}: {e}; will try again");
+            crate::warning!(
+                "cannot journal spool file {}: {e}; will try again",
+                file.display()
+            );
             return false;
         }
         if !regular(&meta) {
-            let (max, n) = (MAX_FILE, meta.len());
-            problems.push(format!(
-                "is not a regular file of at most {max} bytes ({n} bytes)"
-            ));
+            problems.push(format!("is not a regular file of at most {MAX_FILE} bytes"));
         } else if unfinished {
-            let unfinished = "its last line has no line end and is an hour old (its writer died?)";
-            problems.push(format!("{unfinished}: that line is not queued"));
+            problems.push("its last line has had no line end for an hour".into());
         }
         if !problems.is_empty() {
             let why = format!("{}; any other lines are queued", problems.join("; "));
@@ -176,8 +165,7 @@ impl Spool {
         true
     }
 
-    /// The paths of a spool file's complete lines, and what was wrong with
-    /// the lines that cannot be queued.
+    /// The paths of a spool file's lines, and what is wrong with the others.
     fn parse(&self, complete: &[u8]) -> (Vec<StorePath>, Vec<String>) {
         let (mut paths, mut bad, mut more) = (Vec::new(), Vec::new(), 0);
         for (n, line) in complete.split(|&b| b == b'\n').enumerate() {
