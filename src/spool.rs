@@ -47,11 +47,7 @@ pub fn backlog(dir: &Path) -> (usize, usize) {
             _ if !is_request(&name) => continue,
             Some(&(was, n)) if was == ino => n,
             _ if !fs::symlink_metadata(&file).is_ok_and(|m| regular(&m)) => 0,
-            _ => fs::read(&file)
-                .unwrap_or_default()
-                .iter()
-                .filter(|&&b| b == b' ')
-                .count(),
+            _ => fs::read(&file).map_or(0, |d| d.iter().filter(|&&b| b == b' ').count()),
         };
         now.insert(name, (ino, paths));
     }
@@ -144,10 +140,8 @@ impl Spool {
         let end = data.iter().rposition(|&b| b == b'\n').unwrap_or(0);
         let (paths, mut problems) = self.parse(&data[..end]);
         if let Err(e) = journal.append(&paths).map(|added| queued.extend(added)) {
-            crate::warning!(
-                "cannot journal spool file {}: {e}; will try again",
-                file.display()
-            );
+            let f = file.display();
+            crate::warning!("cannot journal spool file {f}: {e}; will try again");
             return false;
         }
         if !regular(&meta) {
