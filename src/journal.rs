@@ -1,19 +1,12 @@
-//! The durable queue: an append-only journal file in the state directory,
-//! the truth about what is queued. A path is acknowledged only once its `+`
-//! record is fsynced; writers share fsyncs. Startup replays the file,
-//! cutting off a torn last line. Records, one per line:
-//! - `+ <unix-seconds> <store-path>`: queued at that time;
-//! - `- <store-path>`: done (uploaded to every target, or dropped);
-//! - `! <unix-seconds> <target> <attempts> <store-path> <error>`: given up
-//!   on for one target until requeued, with the last error;
-//! - `= <unix-seconds> <target> <store-path>`: requeued for that target
-//!   (`*`: every target), which counts as queued then;
-//! - `> <target> <store-path>`: that target has the path, others not yet.
-//!
-//! A `<target>` is a [`TargetId`], never the URL (which may hold a
-//! password). A failed write of `+` records is undone (the file cut back)
-//! and refuses the `enqueue` that carried them; any other failure ends the
-//! daemon with status 1, so no reply depends on a record not on disk.
+//! The durable queue: an append-only journal file, the truth about what is
+//! queued. A path is acknowledged once its `+` record is fsynced; startup
+//! replays the file, cutting off a torn last line. Records, one per line:
+//! `+ <secs> <path>` queued; `- <path>` done (uploaded or dropped);
+//! `! <secs> <target> <attempts> <path> <error>` given up on for a target;
+//! `= <secs> <target or *> <path>` requeued; `> <target> <path>` that
+//! target has it. A `<target>` is a [`TargetId`], never the URL. A failed
+//! write of `+` records is undone and refuses their `enqueue`; any other
+//! failure ends the daemon (status 1): no reply rests on a record not on disk.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -37,13 +30,12 @@ const DROPS_NAMED: usize = 3;
 pub struct Entry {
     /// Order of arrival; outputs of a derivation inherit the derivation's.
     pub seq: u64,
-    /// When it was (re)queued, in seconds since the Unix epoch.
+    /// When it was (re)queued, in Unix seconds.
     pub queued_at: u64,
 }
 
-/// Which target a per-target record is about: an FNV-1a hash of the
-/// target's URL with its secrets masked, as 16 hex digits. Stable across
-/// restarts and versions (unlike std's hashers), and without the password.
+/// A target in records: an FNV-1a hash of its URL, secrets masked (stable
+/// across versions, unlike std's hashers), shown as 16 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TargetId(u64);
 
@@ -67,7 +59,7 @@ impl std::fmt::Display for TargetId {
 pub struct GivenUp {
     /// The target it failed for.
     pub target: TargetId,
-    /// When it was given up on, in seconds since the Unix epoch.
+    /// When it was given up on, in Unix seconds.
     pub at: u64,
     /// Failed attempts before it was given up on.
     pub attempts: u32,
@@ -144,8 +136,7 @@ impl Record {
     }
 }
 
-/// What a `wait` learns of the drops of the paths it waits for: how many,
-/// and the first few. See [`Journal::watch_drops`].
+/// How many of the paths a `wait` waits for were dropped, and the first few.
 pub type Drops = Mutex<(usize, Vec<StorePath>)>;
 
 /// The durable queue shared by the connection threads and the worker.
@@ -153,16 +144,14 @@ pub struct Journal {
     dir: PathBuf,
     /// The state in memory, never held while the file is written.
     inner: Mutex<Inner>,
-    /// The file and its length, held by the caller that writes (see
-    /// [`Journal::flush`]); locked before `inner`.
+    /// The file and its length, held by the writer; locked before `inner`.
     disk: Mutex<(File, u64)>,
 }
 
 #[derive(Default)]
 struct Inner {
     live: HashMap<StorePath, Entry>,
-    /// Per target, of live paths: that it has the path (`None`), or that
-    /// it gave up on it.
+    /// Per target of a live path: it has the path (`None`), or gave up on it.
     marks: HashMap<StorePath, Vec<(TargetId, Option<GivenUp>)>>,
     next_seq: u64,
     /// Records in the file, and how many of them describe the live state.
@@ -176,23 +165,20 @@ struct Inner {
     flushed: u64,
     /// Writes that failed (and were undone), and the last one's error.
     failed: (u64, String),
-    /// Dead records at which to compact at the earliest: raised after a
-    /// failure (a full disk is not hit with a rewrite per call).
+    /// Dead records to compact at: raised after a failure (a full disk).
     compact_at: usize,
-    /// The `wait`s in progress: the newest path each waits for, and what
-    /// it learns (forgotten once the `wait` lets go of it).
+    /// The `wait`s in progress: the newest path each waits for, its drops.
     watches: Vec<(u64, Weak<Drops>)>,
 }
 
 impl Inner {
-    /// The mark of `target` on `path`, if it has one (see `marks`).
+    /// The mark of `target` on `path`, if any (see `marks`).
     fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
         let marks = self.marks.get(path)?;
         marks.iter().find(|(t, _)| *t == target).map(|(_, m)| m)
     }
 
-    /// Applies one record to the state in memory, as replay does; false
-    /// when it changed nothing.
+    /// Applies one record to memory, as replay does; false if it changed nothing.
     fn apply(&mut self, record: &Record) -> bool {
         let (Record::Add(path, _)
         | Record::Done(path)
@@ -242,8 +228,7 @@ impl Inner {
         true
     }
 
-    /// Adds records to those to be written; returns the byte count a caller
-    /// waits for with [`Journal::flush`].
+    /// Adds records to be written; returns the count to [`Journal::flush`] to.
     fn queue(&mut self, records: &[u8]) -> u64 {
         self.pending.extend_from_slice(records);
         self.queued += records.len() as u64;
@@ -265,8 +250,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Ends the daemon after a journal failure that no reply can stand for;
-/// the restart recovers from the file.
+/// Ends the daemon after a failure no reply can stand for; a restart recovers.
 fn fatal(what: &str, e: &io::Error) -> ! {
     crate::error!("journal: {what}: {e}; stopping (a restart recovers from the journal)");
     std::process::exit(1)
@@ -277,16 +261,13 @@ fn count_lines(data: &[u8]) -> usize {
 }
 
 impl Journal {
-    /// Opens (creating if needed) the journal in `dir` and replays it.
-    /// Fails with [`io::ErrorKind::InvalidData`], changing nothing, when a
-    /// complete record cannot be used (it may be an acknowledged path): a
-    /// path not under `store_dir`, or a line this version cannot read.
+    /// Opens (creating) the journal in `dir` and replays it. A complete record
+    /// it cannot use (maybe an acknowledged path) is `InvalidData`, unchanged.
     pub fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, Replay)> {
         fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let mut file = open_append(&path)?;
-        // The journal's name is durable before the first acknowledgement
-        // (and the directory's, where it can be synced).
+        // Its name (and the directory's) durable before the first `ok`.
         sync_dir(dir)?;
         let _ = dir.parent().map(sync_dir);
         // Sized for the file (records are about 80 bytes): no rehashing.
@@ -328,14 +309,12 @@ impl Journal {
             inner,
             disk,
         };
-        // Only an optimisation: a full disk must not keep the daemon from
-        // starting (it can still answer, and drain the queue).
+        // Failure only warns: a full disk must not keep the daemon from starting.
         journal.compact(1);
         Ok((journal, replay))
     }
 
-    // Every update is finished under one lock hold, so a poisoned lock's
-    // data is consistent.
+    // Each update is finished under one hold: a poisoned lock's data is whole.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -344,9 +323,8 @@ impl Journal {
         self.disk.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues the paths not queued yet and returns them once they are on
-    /// disk, and so are the others (another caller may be writing them).
-    /// On error, the paths of the failed write are not queued.
+    /// Queues the paths not queued yet; returns them once all the paths are
+    /// on disk. On error, the paths of the failed write are not queued.
     pub fn append(&self, paths: &[StorePath]) -> io::Result<Vec<StorePath>> {
         self.append_at(paths, None)
     }
@@ -375,19 +353,16 @@ impl Journal {
             if inner.failed.0 == failed {
                 return Ok(added);
             }
-            // A write failed meanwhile: ours, or another caller's, which
-            // took its paths back (queued by us on the next round).
+            // A write failed: ours, or another's that took back paths we queue next.
             if added.iter().any(|p| !inner.live.contains_key(p)) {
                 return Err(io::Error::other(inner.failed.1.clone()));
             }
         }
     }
 
-    /// Writes the records queued so far, unless those up to byte `upto`
-    /// already are: whoever holds the file writes every record queued by
-    /// then, so callers share fsyncs. A failed write of `+` records only is
-    /// undone and takes their paths back; any other failure (or one that
-    /// cannot be undone) ends the daemon.
+    /// Writes every record queued, unless those up to byte `upto` already are
+    /// (callers share fsyncs). A failed write of `+` records only is undone,
+    /// their paths taken back; any other failure ends the daemon.
     fn flush(&self, upto: u64) {
         let mut disk = self.disk();
         let mut inner = self.lock();
@@ -414,7 +389,6 @@ impl Journal {
         if adds.len() < count_lines(&buf) {
             fatal("cannot write a record", &e);
         }
-        // Not on disk, so not queued (before anyone else looks).
         for path in adds {
             inner.apply(&Record::Done(path));
         }
@@ -433,8 +407,7 @@ impl Journal {
         self.compact(COMPACT_MIN_DEAD);
     }
 
-    /// Drops queued paths, durably (`-`), and tells every `wait` that waits
-    /// for one of them. Returns those dropped.
+    /// Drops queued paths (`-`), telling the `wait`s for them; returns them.
     pub fn drop_paths(&self, paths: &[StorePath]) -> Vec<StorePath> {
         let inner = self.lock();
         let seqs: Vec<(u64, &StorePath)> = (paths.iter())
@@ -458,8 +431,7 @@ impl Journal {
         dropped
     }
 
-    /// Counts, for a `wait`, the drops of paths queued at or before `seq`,
-    /// for as long as it holds the result.
+    /// Counts drops of paths queued up to `seq` while the result is held.
     pub fn watch_drops(&self, seq: u64) -> Arc<Drops> {
         let drops = Arc::new(Mutex::new((0, Vec::new())));
         let mut inner = self.lock();
@@ -468,10 +440,8 @@ impl Journal {
         drops
     }
 
-    /// Records, durably, that `target` has the paths. A path that every one
-    /// of `targets` now has is done and leaves the journal (`-`); for the
-    /// others a `>` record remembers which target has it. Returns the paths
-    /// that left the journal.
+    /// Records that `target` has the paths: `-` for those every one of
+    /// `targets` now has (returned), `>` for the others.
     pub fn deliver(
         &self,
         paths: &[StorePath],
@@ -498,9 +468,7 @@ impl Journal {
         self.lock().mark(path, target).is_some()
     }
 
-    /// How many paths that arrived at or before sequence number `seq` some
-    /// of `targets` still has to take (neither has them nor is given up on
-    /// for them): what `wait` waits for.
+    /// Paths up to sequence number `seq` some of `targets` has not settled.
     pub fn count_waiting_up_to(&self, seq: u64, targets: &[TargetId]) -> usize {
         let inner = self.lock();
         let waiting = |(p, e): &(&StorePath, &Entry)| {
@@ -509,9 +477,8 @@ impl Journal {
         inner.live.iter().filter(waiting).count()
     }
 
-    /// Completes every path that each of `targets` has: after a target was
-    /// taken out of the configuration, the others may have them all.
-    /// Returns how many left the journal.
+    /// Completes the paths each of `targets` has (a target left the
+    /// configuration); returns how many.
     pub fn settle(&self, targets: &[TargetId]) -> io::Result<usize> {
         let inner = self.lock();
         let done: Vec<Record> = (inner.marks.keys())
@@ -523,17 +490,14 @@ impl Journal {
         Ok(n)
     }
 
-    /// Replaces a derivation by its outputs, which keep its place in line.
-    /// Returns the outputs that were not queued already.
+    /// Replaces a derivation by its outputs, in its place; returns those new.
     pub fn replace(&self, drv: &StorePath, outputs: &[StorePath]) -> io::Result<Vec<StorePath>> {
         let added = self.append_at(outputs, self.entry(drv))?;
         self.write(self.lock(), vec![Record::Done(drv.clone())]);
         Ok(added)
     }
 
-    /// Gives up on a queued path for `target`, durably: it is not tried for
-    /// that target again until [`Journal::requeue`]. False when the path is
-    /// no longer queued (uploaded or dropped meanwhile).
+    /// Gives up on a path for a target until requeued; false if not queued.
     pub fn give_up(&self, path: &StorePath, given_up: GivenUp) -> io::Result<bool> {
         let inner = self.lock();
         let live = inner.live.contains_key(path);
@@ -541,9 +505,7 @@ impl Journal {
         Ok(live)
     }
 
-    /// Requeues paths given up on, for every target, durably: `None`
-    /// requeues every one. They count as queued now. Returns the paths
-    /// requeued, oldest first.
+    /// Requeues paths given up on (`None`: all), as queued now; returns them.
     pub fn requeue(&self, paths: Option<&[StorePath]>) -> io::Result<Vec<StorePath>> {
         let inner = self.lock();
         let wanted: Option<HashSet<&StorePath>> = paths.map(|p| p.iter().collect());
@@ -562,8 +524,7 @@ impl Journal {
         Ok(chosen.into_iter().map(|(_, p)| p).collect())
     }
 
-    /// The paths given up on for `target` that arrived at or before
-    /// sequence number `seq`, oldest first, with why.
+    /// The paths up to `seq` given up on for `target`, oldest first.
     pub fn given_up_up_to(&self, seq: u64, target: TargetId) -> Vec<(StorePath, GivenUp)> {
         let inner = self.lock();
         let mut out: Vec<(u64, StorePath, GivenUp)> = (inner.marks.keys())
@@ -601,10 +562,9 @@ impl Journal {
         self.lock().live.values().min_by_key(|e| e.seq).copied()
     }
 
-    /// Rewrites the journal with only the live records (in their paths'
-    /// order) once at least `min_dead` records, and most of them, are dead.
-    /// The new file is written without the locks; a failure before the
-    /// rename leaves the old journal in use, with a warning.
+    /// Rewrites the journal with only the live records, in order, once at
+    /// least `min_dead` records, and most, are dead. Written without the
+    /// locks; a failure before the rename only warns.
     fn compact(&self, min_dead: usize) {
         let (mut records, from) = loop {
             let disk = self.disk();
@@ -642,11 +602,11 @@ impl Journal {
         }
     }
 
-    /// Writes `data` to `tmp`, then, holding the file, appends what the
-    /// journal gained after offset `from` and renames `tmp` over it.
+    /// Writes `data` to `tmp`, then, holding the file, what came after `from`,
+    /// and renames `tmp` over the journal.
     fn replace_file(&self, tmp: &Path, data: &[u8], from: u64) -> io::Result<()> {
-        // Opened for appending before the rename, so that once the new file
-        // is in place no later failure can leave us writing to the old one.
+        // Opened for appending before the rename: no later failure can leave
+        // us writing to the old file.
         let mut f = open_append(tmp)?;
         f.set_len(0)?;
         f.write_all(data)?;
@@ -685,9 +645,7 @@ impl Inner {
     }
 }
 
-/// The error for a complete record [`Record::parse`] rejected: names the
-/// line, and for a path of another store directory, that directory and how
-/// to start the daemon for it.
+/// The error for a record [`Record::parse`] rejected, naming another store.
 fn unusable(journal: &Path, line_no: usize, record: &[u8], store_dir: &str) -> io::Error {
     let text = String::from_utf8_lossy(record);
     let other_store = text.split(' ').find_map(|word| {
