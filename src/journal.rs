@@ -272,11 +272,8 @@ impl Journal {
         let _ = dir.parent().map(sync_dir);
         // Sized for the file (records are about 80 bytes): no rehashing.
         let capacity = usize::try_from(file.metadata()?.len() / 80).unwrap_or(0);
-        let live = HashMap::with_capacity(capacity.min(1 << 22));
-        let mut inner = Inner {
-            live,
-            ..Inner::default()
-        };
+        let mut inner = Inner::default();
+        inner.live.reserve(capacity.min(1 << 22));
         let (mut len, mut replay) = (0, Replay::default());
         // Record by record, so replay needs no copy of the whole file.
         let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
@@ -652,21 +649,20 @@ fn unusable(journal: &Path, line_no: usize, record: &[u8], store_dir: &str) -> i
         let (dir, _) = word.rsplit_once('/')?;
         (dir != store_dir && StorePath::parse(word, dir).is_ok()).then_some(dir)
     });
+    let shown = crate::redact::text(&text.chars().take(200).collect::<String>());
     let what = match other_store {
-        Some(other) => format!(
-            "queues a path of the store directory {other}, but this daemon uses store-dir \
-             {store_dir}: start the daemon with store-dir = {other} (or NIX_STORE_DIR={other})"
+        Some(o) => format!(
+            "queues a path of the store directory {o}, but this daemon uses \
+             store-dir {store_dir}: start the daemon with store-dir = {o} (or NIX_STORE_DIR={o})"
         ),
         None => format!(
-            "is not a record this version can read ({:?}; the README's Journal section lists \
-             them, with paths under {store_dir}): start the version that wrote it",
-            crate::redact::text(&text.chars().take(200).collect::<String>())
+            "is not a record this version can read ({shown:?}; see the README's \
+             Journal section, paths under {store_dir}): start the version that wrote it"
         ),
     };
-    let message = format!(
-        "{} line {line_no} {what}, or move the journal aside; nothing in it was changed",
-        journal.display()
-    );
+    let j = journal.display();
+    let message =
+        format!("{j} line {line_no} {what}, or move the journal aside; nothing in it was changed");
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
