@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::mem::take;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -366,8 +367,7 @@ impl Journal {
         if inner.flushed >= upto {
             return;
         }
-        let buf = std::mem::take(&mut inner.pending);
-        let adds = std::mem::take(&mut inner.pending_adds);
+        let (buf, adds) = (take(&mut inner.pending), take(&mut inner.pending_adds));
         inner.flushed = inner.queued;
         drop(inner);
         let result = (&disk.0).write_all(&buf);
@@ -514,10 +514,8 @@ impl Journal {
             .collect();
         chosen.sort_unstable();
         let now = now_secs();
-        let records = chosen
-            .iter()
-            .map(|(_, p)| Record::Requeue(p.clone(), None, now));
-        self.write(inner, records.collect());
+        let requeue = |(_, p): &(u64, StorePath)| Record::Requeue(p.clone(), None, now);
+        self.write(inner, chosen.iter().map(requeue).collect());
         Ok(chosen.into_iter().map(|(_, p)| p).collect())
     }
 
@@ -591,11 +589,9 @@ impl Journal {
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
             inner.compact_at = 2 * inner.records.saturating_sub(inner.live_records);
-            let journal = self.dir.join(FILE_NAME);
-            crate::warning!(
-                "journal: cannot compact {}: {e}; going on with the uncompacted journal",
-                journal.display()
-            );
+            let j = self.dir.join(FILE_NAME);
+            let j = j.display();
+            crate::warning!("journal: cannot compact {j}: {e}; going on with the uncompacted one");
         }
     }
 

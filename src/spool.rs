@@ -104,11 +104,10 @@ impl Spool {
         names.sort();
         self.done.retain(|p, _| names.binary_search(p).is_ok());
         let mut queued = Vec::new();
-        for file in names {
-            if !self.ingest_file(journal, &file, &mut queued) {
-                break;
-            }
-        }
+        // In order, until the journal cannot be written.
+        names
+            .iter()
+            .all(|file| self.ingest_file(journal, file, &mut queued));
         let notes = std::mem::take(&mut self.notes);
         for note in notes.iter().take(NAMED) {
             crate::warning!("{note}");
