@@ -295,10 +295,8 @@ impl Snapshot {
         let (mut failed, mut pending) = (Vec::new(), Vec::new());
         for (id, label) in &ids {
             let given_up = journal.given_up_up_to(u64::MAX, *id);
-            pending.push((
-                journal.count_waiting_up_to(u64::MAX, &[*id]),
-                given_up.len(),
-            ));
+            let waiting = journal.count_waiting_up_to(u64::MAX, &[*id]);
+            pending.push((waiting, given_up.len()));
             for (p, mut g) in given_up {
                 g.error = tagged(label, &g.error);
                 failed.push((p, g.clone(), now.saturating_sub(g.at)));
