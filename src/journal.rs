@@ -191,11 +191,8 @@ impl Inner {
                 return false;
             }
             self.next_seq += 1;
-            let entry = Entry {
-                seq: self.next_seq,
-                queued_at: *queued_at,
-            };
-            self.live.insert(path.clone(), entry);
+            let (seq, queued_at) = (self.next_seq, *queued_at);
+            self.live.insert(path.clone(), Entry { seq, queued_at });
             self.live_records += 1;
             return true;
         }
@@ -301,12 +298,8 @@ impl Journal {
         let mut ordered: Vec<_> = inner.live.iter().map(|(p, e)| (e.seq, p)).collect();
         ordered.sort_unstable();
         replay.paths = ordered.into_iter().map(|(_, p)| p.clone()).collect();
-        let (inner, disk) = (Mutex::new(inner), Mutex::new((file, len)));
-        let journal = Journal {
-            dir: dir.to_path_buf(),
-            inner,
-            disk,
-        };
+        let (dir, inner, disk) = (dir.into(), Mutex::new(inner), Mutex::new((file, len)));
+        let journal = Journal { dir, inner, disk };
         // Failure only warns: a full disk must not keep the daemon from starting.
         journal.compact(1);
         Ok((journal, replay))
