@@ -1,40 +1,20 @@
-//! The durable queue: an append-only journal file in the state directory.
-//!
-//! The journal is the truth. A path is acknowledged only after its `+`
-//! record is written and fsynced; it leaves the queue with a `-` record
-//! (uploaded to every target, or dropped). Startup replays the file,
-//! cutting off a torn last line from a crash. A complete record that cannot
-//! be used (a path of another store directory, a form this version does not
-//! know) refuses the open and changes nothing: it may be an acknowledged
-//! path. Records, one per line:
-//! - `+ <unix-seconds> <store-path>`: queued at that time;
-//! - `- <store-path>`: done;
-//! - `! <unix-seconds> <target> <attempts> <store-path> <error>`: given up on
-//!   for one target (not tried there again until requeued), with the last
-//!   error (the rest of the line);
-//! - `= <unix-seconds> <target> <store-path>`: requeued for that target (`*`:
-//!   every target) at that time, which counts as queued then;
-//! - `> <target> <store-path>`: that target has the path, others not yet.
-//!
-//! A `<target>` is a [`TargetId`], never the URL (which may hold a password).
-//! Writers share fsyncs (group commit): while one thread writes and syncs,
-//! the others add their records to the next group. Once most records are
-//! dead, the live ones are written to a new file without the lock; under
-//! it, what came meanwhile is appended and the new file renamed over.
-//!
-//! A write that fails is undone (the file cut back) and refuses the
-//! `enqueue` it carried. Every other failure ends the daemon with status 1:
-//! one that cannot be undone (the cut fails, or fsync does, after which the
-//! kernel may have dropped the data), and one of a record no client waits
-//! for. So no reply depends on a record not on disk, memory is never left
-//! ahead of the file, and the restart recovers from the journal.
+//! The durable queue: an append-only journal file, the truth about what is
+//! queued. A path is acknowledged once its `+` record is fsynced; startup
+//! replays the file, cutting off a torn last line. Records, one per line:
+//! `+ <secs> <path>` queued; `- <path>` done (uploaded or dropped);
+//! `! <secs> <target> <attempts> <path> <error>` given up on for a target;
+//! `= <secs> <target or *> <path>` requeued; `> <target> <path>` that
+//! target has it. A `<target>` is a [`TargetId`], never the URL. A failed
+//! write of `+` records is undone and refuses their `enqueue`; any other
+//! failure ends the daemon (status 1): no reply rests on a record not on disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::mem::take;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::store_path::StorePath;
@@ -51,14 +31,12 @@ const DROPS_NAMED: usize = 3;
 pub struct Entry {
     /// Order of arrival; outputs of a derivation inherit the derivation's.
     pub seq: u64,
-    /// When it was first queued, in seconds since the Unix epoch.
+    /// When it was (re)queued, in Unix seconds.
     pub queued_at: u64,
 }
 
-/// Which target a per-target record is about: an FNV-1a hash of the
-/// target's URL with its secrets masked, shown as 16 hex digits. Stable
-/// across restarts and versions (unlike std's hashers), and without the
-/// password a URL may carry.
+/// A target in records: an FNV-1a hash of its URL, secrets masked (stable
+/// across versions, unlike std's hashers), shown as 16 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TargetId(u64);
 
@@ -66,16 +44,8 @@ impl TargetId {
     /// The id of the target at `url`, or of "sign only" when there is none.
     pub fn of(url: Option<&str>) -> TargetId {
         let shown = url.map_or_else(|| "-".to_string(), crate::redact::url);
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in shown.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        TargetId(h)
-    }
-
-    fn parse(s: &str) -> Option<TargetId> {
-        (s.len() == 16).then(|| u64::from_str_radix(s, 16).ok().map(TargetId))?
+        let fnv = |h: u64, b: u8| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        TargetId(shown.bytes().fold(0xcbf2_9ce4_8422_2325, fnv))
     }
 }
 
@@ -90,7 +60,7 @@ impl std::fmt::Display for TargetId {
 pub struct GivenUp {
     /// The target it failed for.
     pub target: TargetId,
-    /// When it was given up on, in seconds since the Unix epoch.
+    /// When it was given up on, in Unix seconds.
     pub at: u64,
     /// Failed attempts before it was given up on.
     pub attempts: u32,
@@ -129,41 +99,29 @@ impl Record {
                 let (at, t, n) = (g.at, g.target, g.attempts);
                 format!("! {at} {t} {n} {p} {}", error.trim())
             }
-            Record::Requeue(p, t, at) => {
-                let t = t.map_or_else(|| "*".to_string(), |t| t.to_string());
-                format!("= {at} {t} {p}")
-            }
+            Record::Requeue(p, None, at) => format!("= {at} * {p}"),
+            Record::Requeue(p, Some(t), at) => format!("= {at} {t} {p}"),
             Record::Delivered(p, t) => format!("> {t} {p}"),
         };
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');
     }
 
-    /// A record's tag, its fields, and which of them is the store path.
-    fn fields(line: &str) -> Option<(&str, Vec<&str>, usize)> {
-        let (tag, rest) = line.split_once(' ')?;
-        // At most one field more than the record has, to see one too many;
-        // the error of `!` is the rest of the line.
-        let (split, path) = match tag {
-            "+" | ">" => (3, 1),
-            "-" => (2, 0),
-            "!" => (5, 3),
-            "=" => (4, 2),
-            _ => return None,
-        };
-        Some((tag, rest.splitn(split, ' ').collect(), path))
-    }
-
     fn parse(line: &[u8], store_dir: &str) -> Option<Record> {
-        let (tag, f, at) = Record::fields(std::str::from_utf8(line).ok()?)?;
-        let path = StorePath::parse(f.get(at)?, store_dir).ok()?;
-        let num = |i: usize| f.get(i)?.parse::<u64>().ok();
-        let target = |i: usize| TargetId::parse(f.get(i)?);
+        let (tag, rest) = std::str::from_utf8(line).ok()?.split_once(' ')?;
+        // One field more than any record but `!` has, whose error is the rest.
+        let f: Vec<&str> = rest.splitn(5, ' ').collect();
+        let path = |i: usize| StorePath::parse(f[i], store_dir).ok();
+        let num = |i: usize| f[i].parse::<u64>().ok();
+        let target = |i: usize| {
+            let hex = (f[i].len() == 16).then_some(f[i])?;
+            u64::from_str_radix(hex, 16).ok().map(TargetId)
+        };
         Some(match (tag, f.len()) {
-            ("+", 2) => Record::Add(path, num(0)?),
-            ("-", 1) => Record::Done(path),
+            ("+", 2) => Record::Add(path(1)?, num(0)?),
+            ("-", 1) => Record::Done(path(0)?),
             ("!", 4 | 5) => Record::GiveUp(
-                path,
+                path(3)?,
                 GivenUp {
                     target: target(1)?,
                     at: num(0)?,
@@ -171,183 +129,126 @@ impl Record {
                     error: f.get(4).unwrap_or(&"").to_string(),
                 },
             ),
-            ("=", 3) if f[1] == "*" => Record::Requeue(path, None, num(0)?),
-            ("=", 3) => Record::Requeue(path, Some(target(1)?), num(0)?),
-            (">", 2) => Record::Delivered(path, target(0)?),
+            ("=", 3) if f[1] == "*" => Record::Requeue(path(2)?, None, num(0)?),
+            ("=", 3) => Record::Requeue(path(2)?, Some(target(1)?), num(0)?),
+            (">", 2) => Record::Delivered(path(1)?, target(0)?),
             _ => return None,
         })
     }
 }
 
-/// The outcome of one group of records: set once written (`Err`: undone).
-type Group = Arc<OnceLock<Result<(), String>>>;
-
-/// What a `wait` learns of the drops of the paths it waits for: how many,
-/// and the first few. See [`Journal::watch_drops`].
+/// How many of the paths a `wait` waits for were dropped, and the first few.
 pub type Drops = Mutex<(usize, Vec<StorePath>)>;
 
 /// The durable queue shared by the connection threads and the worker.
 pub struct Journal {
+    dir: PathBuf,
+    /// The state in memory, never held while the file is written.
     inner: Mutex<Inner>,
-    /// Signalled when a group's write is done.
-    written: Condvar,
+    /// The file and its length, held by the writer; locked before `inner`.
+    disk: Mutex<(File, u64)>,
 }
 
+#[derive(Default)]
 struct Inner {
-    dir: PathBuf,
-    file: Arc<File>,
-    len: u64,
     live: HashMap<StorePath, Entry>,
-    /// Live paths given up on, per target.
-    given_up: HashMap<StorePath, Vec<GivenUp>>,
-    /// Live paths some targets have (not all of them yet).
-    delivered: HashMap<StorePath, Vec<TargetId>>,
+    /// Per target of a live path: it has the path (`None`), or gave up on it.
+    marks: HashMap<StorePath, Vec<(TargetId, Option<GivenUp>)>>,
     next_seq: u64,
     /// Records in the file, and how many of them describe the live state.
     records: usize,
     live_records: usize,
-    /// Records of the next group, the paths it queues, and its outcome.
+    /// Records not written yet, and the paths their `+` records queue.
     pending: Vec<u8>,
     pending_adds: Vec<StorePath>,
-    group: Group,
-    /// The group being (or last) written.
-    writing: Group,
-    syncing: bool,
-    compacting: bool,
-    /// Dead records at which a compaction is tried next (raised after a
-    /// failed one, so a full disk is not hit with a rewrite per call).
+    /// Bytes ever added to `pending`, and ever taken from it to be written.
+    queued: u64,
+    flushed: u64,
+    /// Writes that failed (and were undone), and the last one's error.
+    failed: (u64, String),
+    /// Dead records to compact at: raised after a failure (a full disk).
     compact_at: usize,
-    /// The `wait`s in progress: the newest path each waits for, and what
-    /// it learns (forgotten once the `wait` lets go of it).
+    /// The `wait`s in progress: the newest path each waits for, its drops.
     watches: Vec<(u64, Weak<Drops>)>,
 }
 
 impl Inner {
-    /// True when `target` neither has the queued `path` nor is given up on
-    /// for it.
-    fn is_pending(&self, path: &StorePath, target: TargetId) -> bool {
-        !self
-            .delivered
-            .get(path)
-            .is_some_and(|h| h.contains(&target))
-            && !self.given_up_for(path, target)
+    /// The mark of `target` on `path`, if any (see `marks`).
+    fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
+        let marks = self.marks.get(path)?;
+        marks.iter().find(|(t, _)| *t == target).map(|(_, m)| m)
     }
 
-    fn given_up_for(&self, path: &StorePath, target: TargetId) -> bool {
-        let list = self.given_up.get(path);
-        list.is_some_and(|l| l.iter().any(|g| g.target == target))
-    }
-
-    /// Applies one record to the state in memory, as replay does; returns
-    /// false when it changed nothing.
+    /// Applies one record to memory, as replay does; false if it changed nothing.
     fn apply(&mut self, record: &Record) -> bool {
-        match record {
-            Record::Add(path, queued_at) => {
-                if self.live.contains_key(path) {
-                    return false;
-                }
-                self.next_seq += 1;
-                let entry = Entry {
-                    seq: self.next_seq,
-                    queued_at: *queued_at,
-                };
-                self.live.insert(path.clone(), entry);
-                self.live_records += 1;
+        let (Record::Add(path, _)
+        | Record::Done(path)
+        | Record::GiveUp(path, _)
+        | Record::Requeue(path, _, _)
+        | Record::Delivered(path, _)) = record;
+        if let Record::Add(_, queued_at) = record {
+            if self.live.contains_key(path) {
+                return false;
             }
-            Record::Done(path) => {
-                if self.live.remove(path).is_none() {
-                    return false;
-                }
-                let failures = self.given_up.remove(path).map_or(0, |g| g.len());
-                let deliveries = self.delivered.remove(path).map_or(0, |d| d.len());
-                self.live_records -= 1 + failures + deliveries;
-            }
-            Record::GiveUp(path, g) => {
-                if !self.live.contains_key(path) {
-                    return false;
-                }
-                let list = self.given_up.entry(path.clone()).or_default();
-                let before = list.len();
-                list.retain(|old| old.target != g.target);
-                if list.len() == before {
-                    self.live_records += 1;
-                }
-                list.push(g.clone());
-            }
-            Record::Requeue(path, target, at) => {
-                if let Some(list) = self.given_up.get_mut(path) {
-                    let before = list.len();
-                    list.retain(|g| target.is_some_and(|t| t != g.target));
-                    self.live_records -= before - list.len();
-                    if list.is_empty() {
-                        self.given_up.remove(path);
-                    }
-                }
-                if let Some(entry) = self.live.get_mut(path) {
-                    entry.queued_at = *at;
-                }
-            }
-            Record::Delivered(path, target) => {
-                if !self.live.contains_key(path) {
-                    return false;
-                }
-                let have = self.delivered.entry(path.clone()).or_default();
-                if have.contains(target) {
-                    return false;
-                }
-                have.push(*target);
-                self.live_records += 1;
-            }
+            self.next_seq += 1;
+            let (seq, queued_at) = (self.next_seq, *queued_at);
+            self.live.insert(path.clone(), Entry { seq, queued_at });
+            self.live_records += 1;
+            return true;
         }
+        let Some(entry) = self.live.get_mut(path) else {
+            return false;
+        };
+        let marks = self.marks.entry(path.clone()).or_default();
+        let before = marks.len();
+        match record {
+            Record::Done(_) => {
+                self.live.remove(path);
+                self.marks.remove(path);
+                self.live_records -= 1 + before;
+                return true;
+            }
+            Record::GiveUp(_, g) => {
+                marks.retain(|(t, _)| *t != g.target);
+                marks.push((g.target, Some(g.clone())));
+            }
+            Record::Requeue(_, target, at) => {
+                entry.queued_at = *at;
+                marks.retain(|(t, g)| g.is_none() || target.is_some_and(|x| x != *t));
+            }
+            Record::Delivered(_, t) if !marks.contains(&(*t, None)) => {
+                marks.retain(|(x, _)| x != t);
+                marks.push((*t, None));
+            }
+            _ => return false,
+        }
+        self.live_records = self.live_records + marks.len() - before;
         true
     }
 
-    /// The live records, each with its path's place in line: cloned under
-    /// the lock, ordered and formatted by [`file_of`] without it.
-    fn snapshot(&self) -> Vec<(u64, Record)> {
-        let mut out = Vec::with_capacity(self.live_records);
-        for (path, e) in &self.live {
-            out.push((e.seq, Record::Add(path.clone(), e.queued_at)));
-            for g in self.given_up.get(path).into_iter().flatten() {
-                out.push((e.seq, Record::GiveUp(path.clone(), g.clone())));
-            }
-            for t in self.delivered.get(path).into_iter().flatten() {
-                out.push((e.seq, Record::Delivered(path.clone(), *t)));
-            }
-        }
-        out
+    /// Adds records to be written; returns the count to [`Journal::flush`] to.
+    fn queue(&mut self, records: &[u8]) -> u64 {
+        self.pending.extend_from_slice(records);
+        self.queued += records.len() as u64;
+        self.queued
     }
 }
 
-/// The compacted journal: the records in their paths' order (a stable
-/// sort, so each path's `+` stays first).
-fn file_of(mut records: Vec<(u64, Record)>) -> Vec<u8> {
-    records.sort_by_key(|(seq, _)| *seq);
-    let mut data = Vec::with_capacity(records.len() * 80);
-    records.iter().for_each(|(_, r)| r.write(&mut data));
-    data
-}
-
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    let now = SystemTime::now().duration_since(UNIX_EPOCH);
+    now.map_or(0, |d| d.as_secs())
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .read(true)
-        .open(path)
+    let mut options = OpenOptions::new();
+    options.create(true).append(true).read(true).open(path)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Ends the daemon after a journal failure that no reply can stand for;
-/// the restart recovers from the file.
+/// Ends the daemon after a failure no reply can stand for; a restart recovers.
 fn fatal(what: &str, e: &io::Error) -> ! {
     crate::error!("journal: {what}: {e}; stopping (a restart recovers from the journal)");
     std::process::exit(1)
@@ -357,184 +258,156 @@ fn count_lines(data: &[u8]) -> usize {
     data.iter().filter(|&&b| b == b'\n').count()
 }
 
-type Guard<'a> = MutexGuard<'a, Inner>;
-
 impl Journal {
-    /// Opens (creating if needed) the journal in `dir` and replays it.
-    ///
-    /// Fails with [`io::ErrorKind::InvalidData`], before anything in the
-    /// file is changed, when a complete record cannot be used: a path that
-    /// is not under `store_dir` (the message names the store directory the
-    /// journal holds), or a line this version cannot read. Such a record may
-    /// be an acknowledged path; compaction would erase it for good.
+    /// Opens (creating) the journal in `dir` and replays it. A complete record
+    /// it cannot use (maybe an acknowledged path) is `InvalidData`, unchanged.
     pub fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, Replay)> {
         fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let mut file = open_append(&path)?;
-        // The journal's name is durable before the first acknowledgement
-        // (and the directory's, where it can be synced).
+        // Its name (and the directory's) durable before the first `ok`.
         sync_dir(dir)?;
         let _ = dir.parent().map(sync_dir);
-        // Sized for the file (records are about 80 bytes), so that the map
-        // is not rehashed again and again while it fills.
+        // Sized for the file (records are about 80 bytes): no rehashing.
         let capacity = usize::try_from(file.metadata()?.len() / 80).unwrap_or(0);
-        let mut inner = Inner {
-            dir: dir.to_path_buf(),
-            file: Arc::new(file.try_clone()?),
-            len: 0,
-            live: HashMap::with_capacity(capacity.min(1 << 22)),
-            given_up: HashMap::new(),
-            delivered: HashMap::new(),
-            next_seq: 0,
-            records: 0,
-            live_records: 0,
-            pending: Vec::new(),
-            pending_adds: Vec::new(),
-            group: Arc::new(OnceLock::new()),
-            writing: Arc::new(OnceLock::from(Ok(()))),
-            syncing: false,
-            compacting: false,
-            compact_at: COMPACT_MIN_DEAD,
-            watches: Vec::new(),
-        };
+        let mut inner = Inner::default();
+        inner.live.reserve(capacity.min(1 << 22));
+        let (mut len, mut replay) = (0, Replay::default());
         // Record by record, so replay needs no copy of the whole file.
-        let mut replay = Replay::default();
         let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
         let mut line = Vec::with_capacity(256);
-        let mut line_no = 0usize;
-        loop {
+        for line_no in 1.. {
             line.clear();
             let n = reader.read_until(b'\n', &mut line)?;
-            if n == 0 {
-                break;
-            }
-            if line.last() != Some(&b'\n') {
+            if line.pop() != Some(b'\n') {
                 replay.torn_bytes = n;
                 break;
             }
-            inner.len += n as u64;
-            line_no += 1;
-            let record = &line[..n - 1];
-            if record.is_empty() {
-                continue;
-            }
-            inner.records += 1;
-            match Record::parse(record, store_dir) {
-                Some(r) => _ = inner.apply(&r),
-                None => return Err(unusable_record(&path, line_no, record, store_dir)),
+            len += n as u64;
+            if !line.is_empty() {
+                inner.records += 1;
+                let r = Record::parse(&line, store_dir);
+                inner.apply(&r.ok_or_else(|| unusable(&path, line_no, &line, store_dir))?);
             }
         }
         drop(reader);
         if replay.torn_bytes > 0 {
-            file.set_len(inner.len)?;
+            file.set_len(len)?;
             file.sync_data()?;
         }
-        let mut ordered: Vec<(&StorePath, &Entry)> = inner.live.iter().collect();
-        ordered.sort_unstable_by_key(|(_, e)| e.seq);
-        replay.paths = ordered.into_iter().map(|(p, _)| p.clone()).collect();
-        let dead = inner.records.saturating_sub(inner.live_records);
-        let at_start = dead > 0 && dead >= inner.live.len();
-        let journal = Journal {
-            inner: Mutex::new(inner),
-            written: Condvar::new(),
-        };
-        if at_start {
-            // Only an optimisation: a full disk must not keep the daemon
-            // from starting (it can still answer, and drain the queue).
-            journal.compact();
-        }
+        let mut ordered: Vec<_> = inner.live.iter().map(|(p, e)| (e.seq, p)).collect();
+        ordered.sort_unstable();
+        replay.paths = ordered.into_iter().map(|(_, p)| p.clone()).collect();
+        let (dir, inner, disk) = (dir.into(), Mutex::new(inner), Mutex::new((file, len)));
+        let journal = Journal { dir, inner, disk };
+        // Failure only warns: a full disk must not keep the daemon from starting.
+        journal.compact(1);
         Ok((journal, replay))
     }
 
-    fn lock(&self) -> Guard<'_> {
-        // Every update is finished under one lock hold, so a poisoned
-        // lock's data is consistent.
+    // Each update is finished under one hold: a poisoned lock's data is whole.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues the paths not queued yet and returns them once they are on
-    /// disk. Returns only when every one of the paths is on disk, including
-    /// those another caller is writing at the same moment. On error the
-    /// paths of the failed write are not queued.
+    fn disk(&self) -> MutexGuard<'_, (File, u64)> {
+        self.disk.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues the paths not queued yet; returns them once all the paths are
+    /// on disk. On error, the paths of the failed write are not queued.
     pub fn append(&self, paths: &[StorePath]) -> io::Result<Vec<StorePath>> {
         self.append_at(paths, None)
     }
 
     fn append_at(&self, paths: &[StorePath], inherit: Option<Entry>) -> io::Result<Vec<StorePath>> {
-        let mut inner = self.lock();
         let mut added = Vec::new();
         loop {
-            let now = now_secs();
+            let mut inner = self.lock();
             let mut records = Vec::new();
-            let mut new = Vec::new();
             for path in paths {
-                let record = Record::Add(path.clone(), inherit.map_or(now, |e| e.queued_at));
+                let at = inherit.map_or_else(now_secs, |e| e.queued_at);
+                let record = Record::Add(path.clone(), at);
                 if inner.apply(&record) {
                     if let (Some(e), Some(mine)) = (inherit, inner.live.get_mut(path)) {
                         *mine = e;
                     }
                     record.write(&mut records);
-                    new.push(path.clone());
+                    inner.pending_adds.push(path.clone());
+                    added.push(path.clone());
                 }
             }
-            inner.pending_adds.extend(new.iter().cloned());
-            // With nothing new, this waits for the writes in progress, which
-            // may hold the paths another caller queued a moment ago.
-            let (guard, result) = self.commit(inner, &records);
-            inner = guard;
-            match result {
-                Err(e) if !new.is_empty() => return Err(e),
-                _ => added.extend(new),
-            }
-            // A failed write of another caller took its paths back: queue
-            // those again ourselves.
-            if paths.iter().all(|p| inner.live.contains_key(p)) {
+            let (upto, failed) = (inner.queue(&records), inner.failed.0);
+            drop(inner);
+            self.flush(upto);
+            let inner = self.lock();
+            if inner.failed.0 == failed {
                 return Ok(added);
             }
+            // A write failed: ours, or another's that took back paths we queue next.
+            if added.iter().any(|p| !inner.live.contains_key(p)) {
+                return Err(io::Error::other(inner.failed.1.clone()));
+            }
         }
+    }
+
+    /// Writes every record queued, unless those up to byte `upto` already are
+    /// (callers share fsyncs). A failed write of `+` records only is undone,
+    /// their paths taken back; any other failure ends the daemon.
+    fn flush(&self, upto: u64) {
+        let mut disk = self.disk();
+        let mut inner = self.lock();
+        if inner.flushed >= upto {
+            return;
+        }
+        let (buf, adds) = (take(&mut inner.pending), take(&mut inner.pending_adds));
+        inner.flushed = inner.queued;
+        drop(inner);
+        let result = (&disk.0).write_all(&buf);
+        if let Some(Err(e)) = result.is_ok().then(|| disk.0.sync_data()) {
+            fatal("cannot sync", &e);
+        }
+        let mut inner = self.lock();
+        let Err(e) = result else {
+            disk.1 += buf.len() as u64;
+            inner.records += count_lines(&buf);
+            return;
+        };
+        if let Err(cut) = disk.0.set_len(disk.1) {
+            fatal(&format!("cannot write ({e}), nor cut it off"), &cut);
+        }
+        if adds.len() < count_lines(&buf) {
+            fatal("cannot write a record", &e);
+        }
+        for path in adds {
+            inner.apply(&Record::Done(path));
+        }
+        inner.failed = (inner.failed.0 + 1, e.to_string());
     }
 
     /// Applies `records` and writes them; a failure ends the daemon.
-    fn write(&self, mut inner: Guard<'_>, records: Vec<Record>) {
+    fn write(&self, mut inner: MutexGuard<'_, Inner>, records: Vec<Record>) {
         let mut buf = Vec::new();
-        for r in records {
-            if inner.apply(&r) {
-                r.write(&mut buf);
-            }
+        for r in records.iter().filter(|r| inner.apply(r)) {
+            r.write(&mut buf);
         }
-        if buf.is_empty() {
-            return;
-        }
-        if let (_, Err(e)) = self.commit(inner, &buf) {
-            fatal("cannot write a record", &e);
-        }
-        let inner = self.lock();
-        let dead = inner.records.saturating_sub(inner.live_records);
-        if dead >= inner.compact_at && dead > inner.live.len() && !inner.compacting {
-            drop(inner);
-            self.compact();
-        }
+        let upto = inner.queue(&buf);
+        drop(inner);
+        self.flush(upto);
+        self.compact(COMPACT_MIN_DEAD);
     }
 
-    /// Marks paths as done (uploaded), durably.
-    pub fn complete(&self, paths: &[StorePath]) -> io::Result<()> {
-        let inner = self.lock();
-        self.write(inner, paths.iter().cloned().map(Record::Done).collect());
-        Ok(())
-    }
-
-    /// Drops queued paths, durably: like [`Journal::complete`], and every
-    /// `wait` that waits for one of them is told. Returns those dropped.
+    /// Drops queued paths (`-`), telling the `wait`s for them; returns them.
     pub fn drop_paths(&self, paths: &[StorePath]) -> Vec<StorePath> {
-        let mut inner = self.lock();
+        let inner = self.lock();
         let seqs: Vec<(u64, &StorePath)> = (paths.iter())
             .filter_map(|p| Some((inner.live.get(p)?.seq, p)))
             .collect();
-        inner.watches.retain(|(_, w)| w.strong_count() > 0);
-        for (up_to, drops) in &inner.watches {
-            let Some(drops) = drops.upgrade() else {
-                continue;
-            };
+        let watching = inner
+            .watches
+            .iter()
+            .filter_map(|(s, w)| Some((s, w.upgrade()?)));
+        for (up_to, drops) in watching {
             let mut drops = drops.lock().unwrap_or_else(|e| e.into_inner());
             for (_, p) in seqs.iter().filter(|(seq, _)| seq <= up_to) {
                 drops.0 += 1;
@@ -548,8 +421,7 @@ impl Journal {
         dropped
     }
 
-    /// Counts, for a `wait`, the drops of paths queued at or before `seq`,
-    /// for as long as it holds the result.
+    /// Counts drops of paths queued up to `seq` while the result is held.
     pub fn watch_drops(&self, seq: u64) -> Arc<Drops> {
         let drops = Arc::new(Mutex::new((0, Vec::new())));
         let mut inner = self.lock();
@@ -558,10 +430,8 @@ impl Journal {
         drops
     }
 
-    /// Records, durably, that `target` has the paths. A path that every one
-    /// of `targets` now has is done and leaves the journal (`-`); for the
-    /// others a `>` record remembers which target has it. Returns the paths
-    /// that left the journal.
+    /// Records that `target` has the paths: `-` for those every one of
+    /// `targets` now has (returned), `>` for the others.
     pub fn deliver(
         &self,
         paths: &[StorePath],
@@ -569,11 +439,10 @@ impl Journal {
         targets: &[TargetId],
     ) -> io::Result<Vec<StorePath>> {
         let inner = self.lock();
-        let mut records = Vec::new();
-        let mut done = Vec::new();
+        let (mut records, mut done) = (Vec::new(), Vec::new());
         for path in paths.iter().filter(|p| inner.live.contains_key(*p)) {
-            let have = inner.delivered.get(path).map_or(&[][..], Vec::as_slice);
-            if targets.iter().all(|t| *t == target || have.contains(t)) {
+            let has = |t: &TargetId| *t == target || inner.mark(path, *t) == Some(&None);
+            if targets.iter().all(has) {
                 records.push(Record::Done(path.clone()));
                 done.push(path.clone());
             } else {
@@ -584,57 +453,41 @@ impl Journal {
         Ok(done)
     }
 
-    /// True when `target` has `path` (and some other target not yet).
-    pub fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
-        self.lock()
-            .delivered
-            .get(path)
-            .is_some_and(|h| h.contains(&target))
+    /// True when `target` has `path` or gave up on it.
+    pub fn is_settled(&self, path: &StorePath, target: TargetId) -> bool {
+        self.lock().mark(path, target).is_some()
     }
 
-    /// Queued paths `target` does not have and is not given up on for.
-    pub fn count_pending(&self, target: TargetId) -> usize {
-        self.count_waiting_up_to(u64::MAX, &[target])
-    }
-
-    /// How many paths that arrived at or before sequence number `seq` some
-    /// of `targets` still has to take (neither has them nor is given up on
-    /// for them): what `wait` waits for.
+    /// Paths up to sequence number `seq` some of `targets` has not settled.
     pub fn count_waiting_up_to(&self, seq: u64, targets: &[TargetId]) -> usize {
         let inner = self.lock();
-        let waiting = inner
-            .live
-            .iter()
-            .filter(|(p, e)| e.seq <= seq && targets.iter().any(|t| inner.is_pending(p, *t)));
-        waiting.count()
+        let waiting = |(p, e): &(&StorePath, &Entry)| {
+            e.seq <= seq && targets.iter().any(|t| inner.mark(p, *t).is_none())
+        };
+        inner.live.iter().filter(waiting).count()
     }
 
-    /// Completes every path that each of `targets` has: after a target was
-    /// taken out of the configuration, the others may have them all.
-    /// Returns how many left the journal.
+    /// Completes the paths each of `targets` has (a target left the
+    /// configuration); returns how many.
     pub fn settle(&self, targets: &[TargetId]) -> io::Result<usize> {
         let inner = self.lock();
-        let done: Vec<Record> = (inner.delivered.iter())
-            .filter(|(_, have)| targets.iter().all(|t| have.contains(t)))
-            .map(|(p, _)| Record::Done(p.clone()))
+        let done: Vec<Record> = (inner.marks.keys())
+            .filter(|p| targets.iter().all(|t| inner.mark(p, *t) == Some(&None)))
+            .map(|p| Record::Done(p.clone()))
             .collect();
         let n = done.len();
         self.write(inner, done);
         Ok(n)
     }
 
-    /// Replaces a derivation by its outputs, which keep its place in line.
-    /// Returns the outputs that were not queued already.
+    /// Replaces a derivation by its outputs, in its place; returns those new.
     pub fn replace(&self, drv: &StorePath, outputs: &[StorePath]) -> io::Result<Vec<StorePath>> {
-        let entry = self.entry(drv);
-        let added = self.append_at(outputs, entry)?;
-        self.complete(std::slice::from_ref(drv))?;
+        let added = self.append_at(outputs, self.entry(drv))?;
+        self.write(self.lock(), vec![Record::Done(drv.clone())]);
         Ok(added)
     }
 
-    /// Gives up on a queued path for `target`, durably: it is not tried for
-    /// that target again until [`Journal::requeue`]. False when the path is
-    /// no longer queued (uploaded or dropped meanwhile).
+    /// Gives up on a path for a target until requeued; false if not queued.
     pub fn give_up(&self, path: &StorePath, given_up: GivenUp) -> io::Result<bool> {
         let inner = self.lock();
         let live = inner.live.contains_key(path);
@@ -642,50 +495,30 @@ impl Journal {
         Ok(live)
     }
 
-    /// Requeues paths given up on, for every target, durably: `None`
-    /// requeues every one. They count as queued now. Returns the paths
-    /// requeued, oldest first.
+    /// Requeues paths given up on (`None`: all), as queued now; returns them.
     pub fn requeue(&self, paths: Option<&[StorePath]>) -> io::Result<Vec<StorePath>> {
         let inner = self.lock();
-        let mut chosen: Vec<(u64, StorePath)> = match paths {
-            Some(paths) => paths
-                .iter()
-                .filter(|p| inner.given_up.contains_key(*p))
-                .collect(),
-            None => inner.given_up.keys().collect::<Vec<_>>(),
-        }
-        .into_iter()
-        .map(|p| (inner.live.get(p).map_or(0, |e| e.seq), p.clone()))
-        .collect();
+        let wanted: Option<HashSet<&StorePath>> = paths.map(|p| p.iter().collect());
+        let mut chosen: Vec<(u64, StorePath)> = (inner.marks.iter())
+            .filter(|(p, m)| {
+                wanted.as_ref().is_none_or(|w| w.contains(p)) && m.iter().any(|(_, g)| g.is_some())
+            })
+            .filter_map(|(p, _)| Some((inner.live.get(p)?.seq, p.clone())))
+            .collect();
         chosen.sort_unstable();
-        chosen.dedup();
         let now = now_secs();
-        let records = chosen
-            .iter()
-            .map(|(_, p)| Record::Requeue(p.clone(), None, now));
-        self.write(inner, records.collect());
+        let requeue = |(_, p): &(u64, StorePath)| Record::Requeue(p.clone(), None, now);
+        self.write(inner, chosen.iter().map(requeue).collect());
         Ok(chosen.into_iter().map(|(_, p)| p).collect())
     }
 
-    /// True when `path` is given up on for `target`.
-    pub fn is_given_up(&self, path: &StorePath, target: TargetId) -> bool {
-        self.lock().given_up_for(path, target)
-    }
-
-    /// The paths given up on for `target`, oldest first, with why.
-    pub fn given_up_on(&self, target: TargetId) -> Vec<(StorePath, GivenUp)> {
-        self.given_up_up_to(u64::MAX, target)
-    }
-
-    /// Like [`Journal::given_up_on`], for the paths that arrived at or before
-    /// sequence number `seq`.
+    /// The paths up to `seq` given up on for `target`, oldest first.
     pub fn given_up_up_to(&self, seq: u64, target: TargetId) -> Vec<(StorePath, GivenUp)> {
         let inner = self.lock();
-        let mut out: Vec<(u64, StorePath, GivenUp)> = (inner.given_up.iter())
-            .filter_map(|(p, list)| {
-                let seq_of = inner.live.get(p)?.seq;
-                let g = list.iter().find(|g| g.target == target)?;
-                (seq_of <= seq).then(|| (seq_of, p.clone(), g.clone()))
+        let mut out: Vec<(u64, StorePath, GivenUp)> = (inner.marks.keys())
+            .filter_map(|p| {
+                let (e, g) = (inner.live.get(p)?, inner.mark(p, target)?.as_ref()?);
+                (e.seq <= seq).then(|| (e.seq, p.clone(), g.clone()))
             })
             .collect();
         out.sort_unstable_by_key(|(s, _, _)| *s);
@@ -717,156 +550,103 @@ impl Journal {
         self.lock().live.values().min_by_key(|e| e.seq).copied()
     }
 
-    /// Adds `records` to the next group and waits until that group is
-    /// written (with none, until the writes in progress are). Whoever finds
-    /// no write in progress writes the group. `Err`: the group's write
-    /// failed and was undone.
-    fn commit<'a>(&'a self, mut inner: Guard<'a>, records: &[u8]) -> (Guard<'a>, io::Result<()>) {
-        inner.pending.extend_from_slice(records);
-        let mine = if !inner.pending.is_empty() {
-            Arc::clone(&inner.group)
-        } else if inner.syncing {
-            Arc::clone(&inner.writing)
-        } else {
-            return (inner, Ok(()));
+    /// Rewrites the journal with only the live records, in order, once at
+    /// least `min_dead` records, and most, are dead. Written without the
+    /// locks; a failure before the rename only warns.
+    fn compact(&self, min_dead: usize) {
+        let (mut records, from) = loop {
+            let disk = self.disk();
+            let mut inner = self.lock();
+            let dead = inner.records.saturating_sub(inner.live_records);
+            // `compact_at` is `MAX` while another compaction runs.
+            if dead < min_dead.max(inner.compact_at) || dead < inner.live.len() {
+                return;
+            }
+            // With nothing pending, memory and file agree.
+            if inner.pending.is_empty() {
+                inner.compact_at = usize::MAX;
+                break (inner.snapshot(), disk.1);
+            }
+            let upto = inner.queued;
+            drop((inner, disk));
+            self.flush(upto);
         };
-        loop {
-            if let Some(result) = mine.get() {
-                return (inner, result.clone().map_err(io::Error::other));
-            }
-            if inner.syncing {
-                inner = self.written.wait(inner).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            inner.syncing = true;
-            let buf = std::mem::take(&mut inner.pending);
-            let adds = std::mem::take(&mut inner.pending_adds);
-            let group = std::mem::replace(&mut inner.group, Arc::new(OnceLock::new()));
-            inner.writing = Arc::clone(&group);
-            let (file, before) = (Arc::clone(&inner.file), inner.len);
-            drop(inner);
-            let result = write_undoably(&file, &buf, before);
-            inner = self.lock();
-            if result.is_ok() {
-                inner.len = before + buf.len() as u64;
-                inner.records += count_lines(&buf);
-            } else {
-                // Not on disk, so not queued (before anyone else looks).
-                for path in adds {
-                    inner.apply(&Record::Done(path));
-                }
-            }
-            let _ = group.set(result.map_err(|e| e.to_string()));
-            inner.syncing = false;
-            self.written.notify_all();
-        }
-    }
-
-    /// Waits until no write is in progress or pending: memory and file agree.
-    fn wait_idle<'a>(&'a self, mut inner: Guard<'a>) -> Guard<'a> {
-        while inner.syncing || !inner.pending.is_empty() {
-            inner = self.commit(inner, &[]).0;
-        }
-        inner
-    }
-
-    /// Rewrites the journal with only the live records, writing the new
-    /// file without the lock; a failure before the rename leaves the old
-    /// journal in use, with a warning.
-    fn compact(&self) {
-        let mut inner = self.wait_idle(self.lock());
-        if inner.compacting {
-            return;
-        }
-        inner.compacting = true;
-        let (records, from, dir) = (inner.snapshot(), inner.len, inner.dir.clone());
-        drop(inner);
-        let data = file_of(records);
-        let tmp = dir.join(format!("{FILE_NAME}.tmp"));
+        // A stable sort: each path's `+` stays first.
+        records.sort_by_key(|(seq, _)| *seq);
+        let mut data = Vec::with_capacity(records.len() * 80);
+        records.iter().for_each(|(_, r)| r.write(&mut data));
+        let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         let result = self.replace_file(&tmp, &data, from);
         let mut inner = self.lock();
-        inner.compacting = false;
-        let dead = inner.records.saturating_sub(inner.live_records);
-        match result {
-            Ok(()) => inner.compact_at = COMPACT_MIN_DEAD,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                inner.compact_at = dead.saturating_mul(2).max(COMPACT_MIN_DEAD);
-                crate::warning!(
-                    "journal: cannot compact {}: {e}; going on with the uncompacted journal",
-                    dir.join(FILE_NAME).display()
-                );
-            }
+        inner.compact_at = 0;
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            inner.compact_at = 2 * inner.records.saturating_sub(inner.live_records);
+            let j = self.dir.join(FILE_NAME);
+            let j = j.display();
+            crate::warning!("journal: cannot compact {j}: {e}; going on with the uncompacted one");
         }
     }
 
-    /// Writes `data` to `tmp`, then, under the lock, appends what the
-    /// journal gained after offset `from` and renames `tmp` over it.
+    /// Writes `data` to `tmp`, then, holding the file, what came after `from`,
+    /// and renames `tmp` over the journal.
     fn replace_file(&self, tmp: &Path, data: &[u8], from: u64) -> io::Result<()> {
-        // Opened for appending before the rename, so that once the new file
-        // is in place no later failure can leave us writing to the old one.
+        // Opened for appending before the rename: no later failure can leave
+        // us writing to the old file.
         let mut f = open_append(tmp)?;
         f.set_len(0)?;
         f.write_all(data)?;
         f.sync_data()?;
-        let mut inner = self.wait_idle(self.lock());
-        let mut meanwhile = vec![0; usize::try_from(inner.len - from).unwrap_or(0)];
-        inner.file.read_exact_at(&mut meanwhile, from)?;
+        let mut disk = self.disk();
+        let mut meanwhile = vec![0; usize::try_from(disk.1 - from).unwrap_or(0)];
+        disk.0.read_exact_at(&mut meanwhile, from)?;
         f.write_all(&meanwhile)?;
         f.sync_data()?;
-        fs::rename(tmp, inner.dir.join(FILE_NAME))?;
-        inner.file = Arc::new(f);
-        inner.len = (data.len() + meanwhile.len()) as u64;
-        inner.records = count_lines(data) + count_lines(&meanwhile);
+        fs::rename(tmp, self.dir.join(FILE_NAME))?;
+        *disk = (f, (data.len() + meanwhile.len()) as u64);
+        self.lock().records = count_lines(data) + count_lines(&meanwhile);
         // Records go to the new file from now on: its name must be durable.
-        if let Err(e) = sync_dir(&inner.dir) {
+        if let Err(e) = sync_dir(&self.dir) {
             fatal("cannot sync the directory after compacting", &e);
         }
         Ok(())
     }
 }
 
-/// Appends `buf` to `file` (of `len` bytes) and syncs it. A failed write is
-/// undone and returned; one that cannot be undone, or a failed sync, ends
-/// the daemon.
-fn write_undoably(file: &File, buf: &[u8], len: u64) -> io::Result<()> {
-    if let Err(e) = (&*file).write_all(buf) {
-        match file.set_len(len) {
-            Ok(()) => return Err(e),
-            Err(cut) => fatal(
-                &format!("cannot write ({e}), nor cut the half record off"),
-                &cut,
-            ),
+impl Inner {
+    /// The live records, each with its path's place in line.
+    fn snapshot(&self) -> Vec<(u64, Record)> {
+        let mut out = Vec::with_capacity(self.live_records);
+        for (p, e) in &self.live {
+            out.push((e.seq, Record::Add(p.clone(), e.queued_at)));
+            for (t, g) in self.marks.get(p).into_iter().flatten() {
+                let p = p.clone();
+                let r = g
+                    .clone()
+                    .map_or(Record::Delivered(p.clone(), *t), |g| Record::GiveUp(p, g));
+                out.push((e.seq, r));
+            }
         }
+        out
     }
-    if let Err(e) = file.sync_data() {
-        fatal("cannot sync", &e);
-    }
-    Ok(())
 }
 
-/// The error for a complete record [`Record::parse`] rejected: names the
-/// line, and when the record is a path of another store directory, that
-/// directory and how to start the daemon for it.
-fn unusable_record(journal: &Path, line_no: usize, record: &[u8], store_dir: &str) -> io::Error {
+/// The error for a record [`Record::parse`] rejected, naming another store.
+fn unusable(journal: &Path, line_no: usize, record: &[u8], store_dir: &str) -> io::Error {
     let text = String::from_utf8_lossy(record);
-    let path = Record::fields(&text).and_then(|(_, f, i)| f.get(i).copied());
-    let other_store = path.and_then(|p| {
-        let (dir, _) = p.rsplit_once('/')?;
-        (dir != store_dir && StorePath::parse(p, dir).is_ok()).then_some(dir)
+    let other_store = text.split(' ').find_map(|word| {
+        let (dir, _) = word.rsplit_once('/')?;
+        (dir != store_dir && StorePath::parse(word, dir).is_ok()).then_some(dir)
     });
+    let shown = crate::redact::text(&text.chars().take(200).collect::<String>());
     let what = match other_store {
-        Some(other) => format!(
-            "queues a path of the store directory {other}, but this daemon uses store-dir \
-             {store_dir}: start the daemon with store-dir = {other} (or NIX_STORE_DIR={other}) \
-             to deliver its paths"
+        Some(o) => format!(
+            "queues a path of the store directory {o}, but this daemon uses \
+             store-dir {store_dir}: start the daemon with store-dir = {o} (or NIX_STORE_DIR={o})"
         ),
         None => format!(
-            "is not a record this version can read ({:?}); expected '+ <seconds> <store-path>', \
-             '- <store-path>', '! <seconds> <target> <attempts> <store-path> <error>', '= \
-             <seconds> <target> <store-path>' or '> <target> <store-path>' with paths under \
-             {store_dir}: start the version that wrote it",
-            crate::redact::text(&text.chars().take(200).collect::<String>())
+            "is not a record this version can read ({shown:?}; see the README's \
+             Journal section, paths under {store_dir}): start the version that wrote it"
         ),
     };
     let j = journal.display();
@@ -874,11 +654,26 @@ fn unusable_record(journal: &Path, line_no: usize, record: &[u8], store_dir: &st
         format!("{j} line {line_no} {what}, or move the journal aside; nothing in it was changed");
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const S: &str = "/nix/store";
+
+    impl Journal {
+        fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
+            self.lock().mark(path, target) == Some(&None)
+        }
+
+        fn is_given_up(&self, path: &StorePath, target: TargetId) -> bool {
+            self.lock().mark(path, target).is_some_and(Option::is_some)
+        }
+
+        fn given_up_on(&self, target: TargetId) -> Vec<(StorePath, GivenUp)> {
+            self.given_up_up_to(u64::MAX, target)
+        }
+    }
 
     fn path(i: usize) -> StorePath {
         StorePath::parse(&format!("{S}/{i:032}-p{i}"), S).unwrap()
@@ -913,7 +708,7 @@ mod tests {
                 vec![path(1), path(2)]
             );
             assert_eq!(j.append(&[path(2), path(3)]).unwrap(), vec![path(3)]);
-            j.complete(&[path(2)]).unwrap();
+            j.drop_paths(&[path(2)]);
             assert_eq!(j.len(), 2);
         }
         let (j, r) = Journal::open(&dir.0, S).unwrap();
@@ -956,7 +751,7 @@ mod tests {
             let (j, _) = Journal::open(&dir.0, S).unwrap();
             let all: Vec<StorePath> = (0..n).map(path).collect();
             j.append(&all).unwrap();
-            j.complete(&all[..n - 3]).unwrap();
+            j.drop_paths(&all[..n - 3]);
             assert_eq!(j.len(), 3);
         }
         let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
@@ -971,7 +766,7 @@ mod tests {
         {
             let (j, _) = Journal::open(&dir.0, S).unwrap();
             j.append(&[path(1), path(2), path(3)]).unwrap();
-            j.complete(&[path(1), path(2)]).unwrap();
+            j.drop_paths(&[path(1), path(2)]);
         }
         // A directory where the compacted copy would be written.
         fs::create_dir(dir.0.join(format!("{FILE_NAME}.tmp"))).unwrap();
@@ -983,34 +778,37 @@ mod tests {
         assert_eq!(r.paths, vec![path(3), path(4)]);
     }
 
-    /// Puts path 1 in a group being written by "another caller" (the test),
-    /// the way `commit` leaves things while it writes without the lock.
-    fn writing_path_1(j: &Journal) -> Group {
+    /// Puts path 1 in a write in progress by "another caller" (the test,
+    /// holding the file), the way `flush` leaves things while it writes.
+    fn writing_path_1(j: &Journal) -> MutexGuard<'_, (File, u64)> {
+        let disk = j.disk();
         let mut inner = j.lock();
         inner.apply(&Record::Add(path(1), 0));
-        inner.syncing = true;
-        inner.writing = Arc::new(OnceLock::new());
-        Arc::clone(&inner.writing)
+        let mut buf = Vec::new();
+        Record::Add(path(1), 0).write(&mut buf);
+        inner.queue(&buf);
+        inner.pending_adds.push(path(1));
+        disk
     }
 
-    /// Ends that write with `result` (a failure takes path 1 back, as the
-    /// writer does).
-    fn finish_write(j: &Journal, group: &Group, result: Result<(), String>) {
+    /// Ends that write as a failed one does: path 1 taken back.
+    fn fail_write(j: &Journal, disk: MutexGuard<'_, (File, u64)>, failures: u64) {
         let mut inner = j.lock();
-        if result.is_err() {
-            inner.apply(&Record::Done(path(1)));
+        inner.pending.clear();
+        for p in std::mem::take(&mut inner.pending_adds) {
+            inner.apply(&Record::Done(p));
         }
-        let _ = group.set(result);
-        inner.syncing = false;
-        j.written.notify_all();
+        inner.flushed = inner.queued;
+        inner.failed = (inner.failed.0 + failures, "disk full".into());
+        drop((inner, disk));
     }
 
     #[test]
     fn already_queued_path_is_acknowledged_only_once_on_disk() {
         let dir = Dir::new("inflight");
         let (j, _) = Journal::open(&dir.0, S).unwrap();
-        let group = writing_path_1(&j);
         let j = Arc::new(j);
+        let disk = writing_path_1(&j);
         let (tx, rx) = std::sync::mpsc::channel();
         let j2 = Arc::clone(&j);
         std::thread::spawn(move || {
@@ -1022,7 +820,7 @@ mod tests {
             "acknowledged a path whose record is not on disk yet"
         );
         // That write fails and takes path 1 back.
-        finish_write(&j, &group, Err("disk full".into()));
+        fail_write(&j, disk, 1);
         let added = rx
             .recv_timeout(std::time::Duration::from_secs(10))
             .unwrap()
@@ -1033,19 +831,16 @@ mod tests {
         assert_eq!(r.paths, vec![path(1)]);
     }
 
-    /// A caller that wakes only after its group and 100 others failed still
-    /// reads its own group's failure (a bounded map of failed writes once
-    /// forgot it, and an `ok` went out for a record not on disk).
+    /// A caller that wakes only after its write and 100 others failed
+    /// still learns its own write failed (a bounded map of failed writes
+    /// once forgot it, and an `ok` went out for a record not on disk).
     #[test]
     fn a_late_waiter_reads_its_own_groups_failure() {
         let dir = Dir::new("latewaiter");
         let (j, _) = Journal::open(&dir.0, S).unwrap();
         let j = Arc::new(j);
-        {
-            // A write in progress, so the caller's record waits in the next group.
-            let mut inner = j.lock();
-            inner.syncing = true;
-        }
+        // A write in progress, so the caller's record waits for the next.
+        let disk = j.disk();
         let (tx, rx) = std::sync::mpsc::channel();
         let j2 = Arc::clone(&j);
         std::thread::spawn(move || {
@@ -1054,21 +849,7 @@ mod tests {
         while j.lock().pending.is_empty() {
             std::thread::yield_now();
         }
-        {
-            let mut inner = j.lock();
-            let mine = std::mem::replace(&mut inner.group, Arc::new(OnceLock::new()));
-            inner.pending.clear();
-            for p in std::mem::take(&mut inner.pending_adds) {
-                inner.apply(&Record::Done(p));
-            }
-            for _ in 0..100 {
-                let other = std::mem::replace(&mut inner.group, Arc::new(OnceLock::new()));
-                let _ = other.set(Err("disk full".into()));
-            }
-            let _ = mine.set(Err("disk full".into()));
-            inner.syncing = false;
-            j.written.notify_all();
-        }
+        fail_write(&j, disk, 101);
         let result = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
         assert!(result.is_err(), "{result:?}");
         assert!(j.entry(&path(2)).is_none(), "not queued after the failure");
@@ -1195,8 +976,8 @@ mod tests {
         assert!(j.is_given_up(&path(1), a));
         assert!(!j.is_given_up(&path(2), a) && !j.is_given_up(&path(3), b));
         // Dropped: its failure goes with it, and compaction keeps the rest.
-        j.complete(&[path(2)]).unwrap();
-        j.compact();
+        j.drop_paths(&[path(2)]);
+        j.compact(0);
         drop(j);
         let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
         assert_eq!(text.lines().count(), 3, "{text}");
@@ -1252,7 +1033,7 @@ mod tests {
         assert_eq!(r.paths, vec![path(1), path(2)]);
         assert!(j.is_delivered(&path(2), a));
         assert_eq!(j.deliver(&[path(1)], b, &[a, b]).unwrap(), vec![path(1)]);
-        j.compact();
+        j.compact(0);
         drop(j);
         let (j, r) = Journal::open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(2)]);
@@ -1315,14 +1096,18 @@ mod tests {
         let dir = Dir::new("compactmeanwhile");
         let (j, _) = Journal::open(&dir.0, S).unwrap();
         j.append(&[path(1), path(2), path(3)]).unwrap();
-        j.complete(&[path(2)]).unwrap();
+        j.drop_paths(&[path(2)]);
         // The copy as compaction takes it, then records arrive meanwhile.
         let (data, from) = {
-            let inner = j.lock();
-            (file_of(inner.snapshot()), inner.len)
+            let disk = j.disk();
+            let mut records = j.lock().snapshot();
+            records.sort_by_key(|(seq, _)| *seq);
+            let mut data = Vec::new();
+            records.iter().for_each(|(_, r)| r.write(&mut data));
+            (data, disk.1)
         };
         j.append(&[path(4)]).unwrap();
-        j.complete(&[path(1)]).unwrap();
+        j.drop_paths(&[path(1)]);
         let tmp = dir.0.join(format!("{FILE_NAME}.tmp"));
         j.replace_file(&tmp, &data, from).unwrap();
         j.append(&[path(5)]).unwrap();

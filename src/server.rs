@@ -95,8 +95,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     if let Ok(n @ 1..) = journal.settle(&target_ids) {
         info!("journal: {n} paths every target has already are done");
     }
-    let needed =
-        |p: &StorePath, t: &TargetId| !journal.is_delivered(p, *t) && !journal.is_given_up(p, *t);
+    let needed = |p: &StorePath, t: &TargetId| !journal.is_settled(p, *t);
     let (to_upload, given_up): (Vec<StorePath>, Vec<StorePath>) = (replay.paths.into_iter())
         .filter(|p| journal.entry(p).is_some())
         .partition(|p| target_ids.iter().any(|t| needed(p, t)));

@@ -1,18 +1,12 @@
-//! The spool: where the hook leaves its request when the daemon is away.
-//!
-//! The hook renames each finished request file into place as
-//! `<time>-<pid>.req` ([`crate::wire::spool_names`]). The daemon queues
-//! every spooled request at start and when idle, and deletes a file only
-//! after its paths are in the journal. A file with a line that cannot be
-//! queued has its other paths queued and is set aside as `.bad`; one whose
-//! last line has no line end is still being written (by something that is
-//! not the hook) and is set aside once unchanged for an hour; one that
-//! cannot be deleted is queued once, not again while it stays.
+//! The spool: where the hook leaves its request (`<time>-<pid>.req`) when
+//! the daemon is away. The daemon queues the spooled requests at start and
+//! when idle, and deletes a file once its paths are journaled; a file with
+//! a bad or long-unfinished line is set aside as `.bad`, the rest queued.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -20,53 +14,40 @@ use std::time::Duration;
 use crate::journal::Journal;
 use crate::protocol::{parse_request, Request, MAX_LINE};
 use crate::store_path::StorePath;
-use crate::warning;
-use crate::wire::SPOOL_SUFFIX;
 
-/// Largest spool file read: far more than any hook writes (one request of at
-/// most `MAX_LINE` bytes per 10,000 paths).
+/// Largest spool file read: far more than any hook writes.
 const MAX_FILE: u64 = 64 * MAX_LINE as u64;
-/// A temporary file or an unfinished spool file unchanged for this long was
-/// left by a writer that died (no hook takes anywhere near this long).
+/// A temporary or unfinished file this old was left by a writer that died.
 const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
-/// Problems (bad lines of a file, files of one pass) named one by one; the
-/// rest are counted.
+/// Problems named (bad lines of a file, files of one pass); others counted.
 const NAMED: usize = 5;
 
-/// What identifies one version of a file: a new file under the same name,
-/// or the same file written again, is read again.
-type FileId = (u64, u64, u64, i64, i64);
-
-fn file_id(m: &fs::Metadata) -> FileId {
-    (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+/// Only regular files of a plausible size are read (a link could point
+/// anywhere, a huge file would only cost memory).
+fn regular(meta: &fs::Metadata) -> bool {
+    meta.is_file() && meta.len() <= MAX_FILE
 }
 
-/// True for the name of a finished request file.
-fn is_request(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str());
-    name.is_some_and(|n| n.ends_with(SPOOL_SUFFIX) && !n.starts_with('.'))
+fn is_request(name: &OsStr) -> bool {
+    let name = name.to_str().unwrap_or(".");
+    name.ends_with(crate::wire::SPOOL_SUFFIX) && !name.starts_with('.')
 }
 
-/// Path counts of the request files [`backlog`] read, by name and inode: a
-/// request file is renamed into place finished and never changes, so each
-/// is read once, and a listing of the directory is all that a call costs.
+/// Path counts of request files by name and inode: each is read once.
 static COUNTED: Mutex<BTreeMap<OsString, (u64, usize)>> = Mutex::new(BTreeMap::new());
 
 /// The backlog, for `status`: request files not ingested yet, and the
-/// paths they ask for (counted without checking them; a file that cannot
-/// be read counts no paths).
+/// paths they ask for (the words after each line's verb, unchecked).
 pub fn backlog(dir: &Path) -> (usize, usize) {
-    use std::os::unix::fs::DirEntryExt;
     let mut counted = COUNTED.lock().unwrap_or_else(|e| e.into_inner());
     let mut now = BTreeMap::new();
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let (name, ino) = (entry.file_name(), entry.ino());
-        if !is_request(Path::new(&name)) {
-            continue;
-        }
+        let (name, ino, file) = (entry.file_name(), entry.ino(), entry.path());
         let paths = match counted.get(&name) {
+            _ if !is_request(&name) => continue,
             Some(&(was, n)) if was == ino => n,
-            _ => count_paths(&dir.join(&name)),
+            _ if !fs::symlink_metadata(&file).is_ok_and(|m| regular(&m)) => 0,
+            _ => fs::read(&file).map_or(0, |d| d.iter().filter(|&&b| b == b' ').count()),
         };
         now.insert(name, (ino, paths));
     }
@@ -75,28 +56,24 @@ pub fn backlog(dir: &Path) -> (usize, usize) {
     backlog
 }
 
-/// The paths a request file asks for: the words after `enqueue` and `drv`.
-fn count_paths(file: &Path) -> usize {
-    let meta = fs::symlink_metadata(file);
-    if !meta.is_ok_and(|m| m.is_file() && m.len() <= MAX_FILE) {
-        return 0;
-    }
-    let data = fs::read(file).unwrap_or_default();
-    let requests = data.split(|&b| b == b'\n');
-    let queueing = requests.filter(|l| l.starts_with(b"enqueue ") || l.starts_with(b"drv "));
-    queueing
-        .map(|l| l.iter().filter(|&&b| b == b' ').count())
-        .sum()
+/// One version of a file: a new file, or one written again, is read again.
+fn file_id(m: &fs::Metadata) -> (u64, u64, u64, i64, i64) {
+    (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+}
+
+fn abandoned(meta: &fs::Metadata) -> bool {
+    let age = meta.modified().ok().and_then(|t| t.elapsed().ok());
+    age.is_some_and(|a| a > ABANDONED_AFTER)
 }
 
 /// The spool directory, and what the daemon knows about its files.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Spool {
     dir: PathBuf,
     store_dir: String,
-    /// Files whose paths were journaled but which could not be deleted or
-    /// set aside: not read again while they stay as they are.
-    done: HashMap<PathBuf, FileId>,
+    /// Files journaled that stay (not deleted nor set aside): not read again
+    /// while they stay as they are.
+    done: HashMap<PathBuf, (u64, u64, u64, i64, i64)>,
     /// This pass's warnings, logged together at its end.
     notes: Vec<String>,
 }
@@ -104,189 +81,124 @@ pub struct Spool {
 impl Spool {
     /// The spool in `dir`, for paths under `store_dir`.
     pub fn new(dir: &Path, store_dir: &str) -> Spool {
-        Spool {
-            dir: dir.to_path_buf(),
-            store_dir: store_dir.to_string(),
-            done: HashMap::new(),
-            notes: Vec::new(),
-        }
+        let mut spool = Spool::default();
+        (spool.dir, spool.store_dir) = (dir.into(), store_dir.into());
+        spool
     }
 
-    /// Journals every finished spooled request and deletes its file (or sets
-    /// it aside as `.bad` if a line could not be queued); returns the paths
-    /// that were newly queued. Files that cannot be journaled now stay.
+    /// Journals every finished spooled request and deletes (or sets aside)
+    /// its file; returns the paths newly queued.
     pub fn ingest(&mut self, journal: &Journal) -> Vec<StorePath> {
-        let entries: Vec<PathBuf> = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).collect(),
-            Err(_) => return Vec::new(),
-        };
         let mut names = Vec::new();
-        for path in entries {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                // A hook killed between writing and renaming.
-                let meta = fs::symlink_metadata(&path);
-                if meta.is_ok_and(|m| older_than(&m, ABANDONED_AFTER)) {
-                    let _ = fs::remove_file(&path);
-                }
-            } else if is_request(&path) {
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let (name, path) = (entry.file_name(), entry.path());
+            // A temporary file of a hook killed between writing and renaming.
+            let tmp = name.to_string_lossy();
+            let tmp = tmp.starts_with('.') && tmp.ends_with(".tmp");
+            if tmp && fs::symlink_metadata(&path).is_ok_and(|m| abandoned(&m)) {
+                let _ = fs::remove_file(&path);
+            } else if is_request(&name) {
                 names.push(path);
             }
         }
         names.sort();
         self.done.retain(|p, _| names.binary_search(p).is_ok());
         let mut queued = Vec::new();
-        for file in names {
-            if !self.ingest_file(journal, &file, &mut queued) {
-                break;
-            }
-        }
+        // In order, until the journal cannot be written.
+        names
+            .iter()
+            .all(|file| self.ingest_file(journal, file, &mut queued));
         let notes = std::mem::take(&mut self.notes);
         for note in notes.iter().take(NAMED) {
-            warning!("{note}");
+            crate::warning!("{note}");
         }
-        if notes.len() > NAMED {
-            warning!(
-                "{} more spool files as above; see the spool directory",
-                notes.len() - NAMED
-            );
+        if let n @ 1.. = notes.len().saturating_sub(NAMED) {
+            crate::warning!("{n} more spool files as above; see the spool directory");
         }
         queued
     }
 
-    /// Ingests one file (see [`Spool::ingest`]); false when the journal
-    /// cannot be written now.
+    /// Ingests one file; false when the journal cannot be written now.
     fn ingest_file(&mut self, journal: &Journal, file: &Path, queued: &mut Vec<StorePath>) -> bool {
-        // Only regular files of a plausible size: a link could point the
-        // daemon at any file, a huge file would only cost memory.
         let meta = match fs::symlink_metadata(file) {
-            Ok(m) if m.is_file() && m.len() <= MAX_FILE => m,
-            Ok(m) => {
-                let why = format!(
-                    "is not a regular file of at most {MAX_FILE} bytes ({} bytes); nothing in it is queued",
-                    m.len()
-                );
-                self.set_aside(file, &m, &why);
-                return true;
-            }
-            Err(_) => return true,
+            Ok(m) if self.done.get(file) != Some(&file_id(&m)) => m,
+            _ => return true,
         };
-        if self.done.get(file) == Some(&file_id(&meta)) {
-            return true;
-        }
-        let data = match fs::read(file) {
-            Ok(d) => d,
+        let data = match regular(&meta).then(|| fs::read(file)).transpose() {
+            Ok(data) => data.unwrap_or_default(),
             Err(e) => {
-                self.notes
-                    .push(format!("cannot read spool file {}: {e}", file.display()));
+                (self.notes).push(format!("cannot read spool file {}: {e}", file.display()));
                 return true;
             }
         };
-        // Requests end with a line end: without one, the writer is not
-        // done (or died while writing).
-        let finished = data.last() == Some(&b'\n');
-        let abandoned = !finished && older_than(&meta, ABANDONED_AFTER);
-        if !finished && !abandoned {
+        // Without a line end at the end, the writer is not done (or died).
+        let unfinished = regular(&meta) && data.last() != Some(&b'\n');
+        if unfinished && !abandoned(&meta) {
             return true;
         }
         let end = data.iter().rposition(|&b| b == b'\n').unwrap_or(0);
         let (paths, mut problems) = self.parse(&data[..end]);
-        match journal.append(&paths) {
-            Ok(added) => queued.extend(added),
-            Err(e) => {
-                warning!(
-                    "cannot journal spool file {}: {e}; will try again",
-                    file.display()
-                );
-                return false;
-            }
+        if let Err(e) = journal.append(&paths).map(|added| queued.extend(added)) {
+            let f = file.display();
+            crate::warning!("cannot journal spool file {f}: {e}; will try again");
+            return false;
         }
-        if abandoned {
-            problems.push(format!(
-                "its last line has no line end and the file has not changed for {} s \
-                 (its writer died?): that line is not queued",
-                ABANDONED_AFTER.as_secs()
-            ));
+        if !regular(&meta) {
+            problems.push(format!("is not a regular file of at most {MAX_FILE} bytes"));
+        } else if unfinished {
+            problems.push("its last line has had no line end for an hour".into());
         }
         if !problems.is_empty() {
-            let why = format!("{}; its other lines are queued", problems.join("; "));
-            self.set_aside(file, &meta, &why);
+            let why = format!("{}; any other lines are queued", problems.join("; "));
+            self.set_aside(file, &meta, why, true);
         } else if let Err(e) = fs::remove_file(file) {
             let why = format!("its paths are queued, but it cannot be removed: {e}");
-            self.keep_done(file, &meta, &why);
+            self.set_aside(file, &meta, why, false);
         }
         true
     }
 
-    /// The paths of a spool file's complete lines, and what was wrong with
-    /// the lines that cannot be queued.
+    /// The paths of a spool file's lines, and what is wrong with the others.
     fn parse(&self, complete: &[u8]) -> (Vec<StorePath>, Vec<String>) {
-        let mut paths = Vec::new();
-        let mut bad = Vec::new();
-        let mut bad_count = 0usize;
+        let (mut paths, mut bad, mut more) = (Vec::new(), Vec::new(), 0);
         for (n, line) in complete.split(|&b| b == b'\n').enumerate() {
-            if line.is_empty() {
-                continue;
-            }
-            let problem = if line.len() > MAX_LINE {
-                format!("is longer than {MAX_LINE} bytes ({} bytes)", line.len())
-            } else {
-                match parse_request(line, &self.store_dir) {
-                    Ok(Request::Enqueue(p)) => {
-                        paths.extend(p);
-                        continue;
-                    }
-                    Ok(Request::Drv(d)) => {
-                        paths.push(d);
-                        continue;
-                    }
-                    Ok(other) => format!("{other:?} is not a queue request"),
-                    Err(e) => e.to_string(),
-                }
+            let found = match parse_request(line, &self.store_dir) {
+                _ if line.is_empty() => continue,
+                Ok(Request::Enqueue(p)) => Ok(p),
+                Ok(Request::Drv(d)) => Ok(vec![d]),
+                Ok(other) => Err(format!("{other:?} is not a queue request")),
+                Err(e) => Err(e.to_string()),
             };
-            bad_count += 1;
-            if bad.len() < NAMED {
-                bad.push(format!("line {} {problem}", n + 1));
+            match found {
+                Ok(p) => paths.extend(p),
+                Err(problem) if bad.len() < NAMED => bad.push(format!("line {} {problem}", n + 1)),
+                Err(_) => more += 1,
             }
         }
-        if bad_count > bad.len() {
-            bad.push(format!("{} more bad lines", bad_count - bad.len()));
+        if more > 0 {
+            bad.push(format!("{more} more bad lines"));
         }
         (paths, bad)
     }
 
-    /// Renames a spool file that held something that could not be queued to
-    /// `.bad`, where it is no longer read, and says so.
-    fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: &str) {
+    /// Sets a spool file aside as `.bad` (with `rename`), or else remembers
+    /// it as done until it changes or the daemon restarts (at most one more
+    /// upload); says why.
+    fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: String, rename: bool) {
         let bad = file.with_extension("bad");
-        match fs::rename(file, &bad) {
-            Ok(()) => self.notes.push(format!(
-                "spool file {}: {why}; set aside as {}",
-                file.display(),
-                bad.display()
-            )),
-            Err(e) => {
-                let why = format!("{why}; cannot set it aside as {}: {e}", bad.display());
-                self.keep_done(file, meta, &why);
+        let mut note = format!("spool file {}: {why}", file.display());
+        match rename.then(|| fs::rename(file, &bad)) {
+            Some(Ok(())) => note += &format!("; set aside as {}", bad.display()),
+            failed => {
+                if let Some(Err(e)) = failed {
+                    note += &format!("; cannot set it aside as {}: {e}", bad.display());
+                }
+                note += "; it is not read again while it stays";
+                self.done.insert(file.to_path_buf(), file_id(meta));
             }
         }
+        self.notes.push(note);
     }
-
-    /// Remembers a spool file that is queued but stays: it is not read again
-    /// until it changes or the daemon restarts (then its paths are queued
-    /// once more, which costs at most one more upload).
-    fn keep_done(&mut self, file: &Path, meta: &fs::Metadata, why: &str) {
-        let d = file.display();
-        self.notes.push(format!(
-            "spool file {d}: {why}; it is not read again while it stays"
-        ));
-        self.done.insert(file.to_path_buf(), file_id(meta));
-    }
-}
-
-fn older_than(meta: &fs::Metadata, age: Duration) -> bool {
-    let elapsed = meta.modified().ok().and_then(|t| t.elapsed().ok());
-    elapsed.is_some_and(|a| a > age)
 }
 
 #[cfg(test)]

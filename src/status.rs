@@ -248,7 +248,7 @@ impl Snapshot {
         let (mut failed, mut backoff, mut targets) = (Vec::new(), Vec::new(), Vec::new());
         let mut in_flight = stats.in_flight_paths.clone();
         for t in &stats.targets {
-            let given_up = journal.given_up_on(t.id);
+            let given_up = journal.given_up_up_to(u64::MAX, t.id);
             let gave_up = given_up.len() as u64;
             for (p, mut g) in given_up {
                 g.error = tagged(&t.label, &g.error);
@@ -264,7 +264,10 @@ impl Snapshot {
                 backoff.push((b.attempts, next, p.clone(), tagged(&t.label, &b.last_error)));
             }
             in_flight.extend(t.in_flight.iter().cloned());
-            let (queued, backing_off) = (journal.count_pending(t.id), backoff.len() - before);
+            let (queued, backing_off) = (
+                journal.count_waiting_up_to(u64::MAX, &[t.id]),
+                backoff.len() - before,
+            );
             let up = u64::from(t.last_error.is_none());
             targets.push(TargetSnapshot {
                 id: t.id,

@@ -66,7 +66,7 @@ struct Ctx {
 
 impl Ctx {
     fn settled(&self, path: &StorePath, id: TargetId) -> bool {
-        self.journal.is_delivered(path, id) || self.journal.is_given_up(path, id)
+        self.journal.is_settled(path, id)
     }
 }
 
