@@ -1,7 +1,6 @@
 //! The daemon's settings (defaults, environment, a config file in nix.conf
 //! syntax, then `--key value` flags, which win) and the checks `serve` and
-//! `check-config` share: every problem, each in one line naming where it is
-//! (file and line, flag or environment variable) and what is accepted.
+//! `check-config` share: every problem, one line each, says where and what.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,10 +8,10 @@ use std::time::Duration;
 use crate::sys;
 use crate::wire::{parse_seconds, Places};
 
-/// Every setting of the daemon, after defaults, the file and the flags.
-/// Each field is the key of its name (`-` for `_`), described in [`KEYS`];
-/// `None` and empty lists are "none" (no signing, no target, never give up).
-#[derive(Debug, Clone, PartialEq)]
+/// Every setting of the daemon: each field is the key of its name (`-` for
+/// `_`) in [`KEYS`]; `None` and empty lists are "none". [`Config::new`] has
+/// the defaults; `Config::default()` is blank (every number 0).
+#[derive(Debug, Clone, PartialEq, Default)]
 #[allow(missing_docs)]
 pub struct Config {
     pub socket: PathBuf,
@@ -38,8 +37,8 @@ pub struct Config {
     pub give_up_after: Option<Duration>,
 }
 
-/// Every key (`key | default | accepted form`), as `--help` shows it; an
-/// empty default is none. `Config::default` agrees (a unit test checks it).
+/// Every key (`key | default | accepted form`), as `--help` shows it and
+/// [`Config::new`] applies; an empty default is none.
 pub const KEYS: &str = "\
 socket                    | (below)     | path of the unix socket
 state-dir                 | (below)     | directory of the journal
@@ -116,35 +115,26 @@ pub fn default_store_dir() -> String {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            socket: default_socket(),
-            state_dir: default_places().1,
-            spool_dir: None,
-            store_dir: default_store_dir(),
-            signing_key_file: None,
-            upload_to: Vec::new(),
-            upload_command: None,
-            sign_closure: true,
-            substitute_on_destination: false,
-            batch_size: 1000,
-            upload_jobs: 2,
-            command_timeout: Duration::from_secs(600),
-            nix: PathBuf::from("nix"),
-            retry_initial_delay: Duration::from_secs(1),
-            retry_max_delay: Duration::from_secs(300),
-            socket_mode: 0o600,
-            socket_group: None,
-            metrics_file: None,
-            max_connections: 256,
-            max_attempts: Some(10),
-            give_up_after: Some(Duration::from_secs(86400)),
-        }
-    }
-}
-
 impl Config {
+    /// The defaults: those of [`KEYS`], and the places of this user.
+    pub fn new() -> Config {
+        let (socket, state_dir) = default_places();
+        let store_dir = default_store_dir();
+        let mut config = Config {
+            socket,
+            state_dir,
+            store_dir,
+            ..Config::default()
+        };
+        for [key, default, _] in keys() {
+            // Not "(below)", "STATE/spool" or none: a value `set` takes.
+            if default.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+                let _ = config.set(key, default);
+            }
+        }
+        config
+    }
+
     /// The spool directory: `spool-dir` if set, else `<state-dir>/spool`.
     pub fn spool_dir(&self) -> PathBuf {
         self.spool_dir
@@ -245,7 +235,7 @@ impl Config {
         }
         let flags = flags.into_iter().filter(|(f, _)| f != "config");
         settings.extend(flags.map(|(key, value)| (format!("--{key}"), key, value)));
-        let mut config = Config::default();
+        let mut config = Config::new();
         let mut given = Vec::new();
         // The first --upload-to flag replaces the file's targets (flags
         // win); the next ones add to them.
@@ -508,7 +498,7 @@ mod tests {
 
     #[test]
     fn empty_value_unsets_optional_keys() {
-        let mut c = Config::default();
+        let mut c = Config::new();
         c.set("upload-to", "file:///x").unwrap();
         c.set("upload-to", "").unwrap();
         assert!(c.upload_to.is_empty());
@@ -553,7 +543,7 @@ mod tests {
 
     #[test]
     fn unknown_key_suggests_the_nearest() {
-        let mut c = Config::default();
+        let mut c = Config::new();
         let e = c.set("uplaod-to", "x").unwrap_err();
         assert!(e.contains("did you mean \"upload-to\"?"), "{e}");
         let e = c.set("max-attempt", "3").unwrap_err();
@@ -578,13 +568,9 @@ mod tests {
             if ["socket", "state-dir", "store-dir", "spool-dir"].contains(&key) {
                 continue;
             }
-            let mut c = Config::default();
+            let mut c = Config::new();
             c.set(key, default).unwrap();
-            assert_eq!(
-                c,
-                Config::default(),
-                "{key}: the table's default {default:?}"
-            );
+            assert_eq!(c, Config::new(), "{key}: the table's default {default:?}");
         }
         let help = help_table();
         assert_eq!(help.lines().count(), 21);
@@ -594,7 +580,7 @@ mod tests {
 
     #[test]
     fn give_up_settings_take_0_for_never() {
-        let mut c = Config::default();
+        let mut c = Config::new();
         assert_eq!(c.max_attempts, Some(10));
         assert_eq!(c.give_up_after, Some(Duration::from_secs(86400)));
         c.set("max-attempts", "0").unwrap();
@@ -618,11 +604,11 @@ mod tests {
     fn control_characters_are_refused_in_every_setting() {
         for [key, _, _] in keys() {
             for bad in ["a\nb", "a\rb", "a\tb", "a\u{0}b", "a\u{1b}b", "a\u{85}b"] {
-                let mut c = Config::default();
+                let mut c = Config::new();
                 let e = c.set(key, bad).unwrap_err();
                 assert!(e.contains("control character"), "{key} {bad:?}: {e}");
                 assert!(!e.chars().any(char::is_control), "{key}: {e:?}");
-                assert_eq!(c, Config::default(), "{key} {bad:?} was applied");
+                assert_eq!(c, Config::new(), "{key} {bad:?} was applied");
             }
         }
         let (_, problems) = Config::from_args(&args(&["--upload-to", "file:///c\nok 5"]), false);
@@ -742,7 +728,7 @@ mod tests {
         assert_eq!(with_file(text, &[]).0.upload_to, ["file:///b"]);
         // Quotes and spaces are no part of a store URL.
         for bad in ["\"file:///a\"", "file:///a b", "''"] {
-            assert!(Config::default().set("upload-to", bad).is_err(), "{bad}");
+            assert!(Config::new().set("upload-to", bad).is_err(), "{bad}");
         }
     }
 
@@ -760,5 +746,19 @@ mod tests {
     fn spool_follows_state_dir() {
         let c = good(&["--state-dir", "/s"]);
         assert_eq!(c.spool_dir(), PathBuf::from("/s/spool"));
+    }
+
+    #[test]
+    fn upload_command_program_must_be_runnable() {
+        assert_eq!(check_program("sh"), Ok(()));
+        assert_eq!(check_program("/bin/sh"), Ok(()));
+        let e = check_program("/nonexistent/cachix").unwrap_err();
+        assert!(
+            e.contains("/nonexistent/cachix is not an executable file;"),
+            "{e}"
+        );
+        let e = check_program("npbhq-no-such-uploader").unwrap_err();
+        assert!(e.contains("in any directory of PATH"), "{e}");
+        assert!(check_program("/etc/passwd").is_err());
     }
 }

@@ -1,12 +1,8 @@
-//! The `nix` command lines the worker runs, and running them safely.
-//!
-//! Every call goes through `std::process::Command` (never a shell) with
-//! arguments that are validated [`StorePath`]s or the daemon's own settings.
-//! Each call runs in its own process group, killed when the call ends:
-//! what it left behind, or on timeout everything it started. A call is
-//! judged by its exit status; its output is read into bounded buffers for
-//! at most [`OUTPUT_AFTER_EXIT`] after it exited, since a process that left
-//! the group (an ssh `ControlPersist` master) may hold the streams open.
+//! The `nix` calls the worker makes (no shell; arguments are validated
+//! [`StorePath`]s or settings), each in its own process group that is
+//! killed on timeout and swept when the call ends. Its output is read into
+//! bounded buffers for at most [`OUTPUT_AFTER_EXIT`] after it exited, as a
+//! process that left the group (ssh's `ControlPersist`) may hold it open.
 
 use std::fmt;
 use std::io::ErrorKind::{Interrupted, WouldBlock};
@@ -20,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::config::Config;
 use crate::store_path::StorePath;
 use crate::sys;
 
@@ -47,14 +44,13 @@ pub fn lower_priority() -> std::io::Result<()> {
     sys::lower_thread_priority(10)
 }
 
-/// How a nix call failed.
+/// How a nix call failed: the command (`nix copy`), how, and the end of
+/// its stderr on one line.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
 pub struct Failure {
-    /// The command, e.g. `nix copy`.
     pub what: &'static str,
-    /// How it failed.
     pub kind: FailureKind,
-    /// The end of its stderr, folded onto one line.
     pub stderr: String,
 }
 
@@ -87,10 +83,8 @@ impl fmt::Display for Failure {
                 write!(f, "{} ran longer than {secs} s and was killed", self.what)?
             }
         }
-        match self.stderr.as_str() {
-            "" => Ok(()),
-            stderr => write!(f, ": {stderr}"),
-        }
+        let sep = if self.stderr.is_empty() { "" } else { ": " };
+        write!(f, "{sep}{}", self.stderr)
     }
 }
 
@@ -109,32 +103,24 @@ pub struct Nix {
 }
 
 impl Nix {
-    /// `nix` is the configured program; `nix-store` is taken from the same
-    /// directory when `nix` is a path, else from `PATH`. For ssh targets a
-    /// connect timeout is added unless the user set `NIX_SSHOPTS`.
-    pub fn new(nix: &Path, timeout: Duration, upload_to: Option<&str>) -> Nix {
-        let dir = nix.parent().filter(|d| !d.as_os_str().is_empty());
-        let ssh = is_ssh(upload_to);
-        Nix {
-            nix: nix.to_path_buf(),
-            nix_store: dir.map_or_else(|| "nix-store".into(), |d| d.join("nix-store")),
-            timeout,
-            ssh_opts: (ssh && std::env::var_os("NIX_SSHOPTS").is_none())
-                .then_some("-o ConnectTimeout=10"),
-            running: Arc::new(AtomicU32::new(0)),
-            copy_jobs: 1,
-            substitute_on_destination: None,
-        }
-    }
-
     /// The `nix` for calls to `upload_to` (or for signing and queries, with
-    /// `None`), with every setting of `config` that concerns it.
-    pub fn from_config(config: &crate::config::Config, upload_to: Option<&str>) -> Nix {
-        let mut nix = Nix::new(&config.nix, config.command_timeout, upload_to);
-        nix.copy_jobs = config.upload_jobs.max(1);
-        let on_destination = config.substitute_on_destination && is_ssh(upload_to);
-        nix.substitute_on_destination = on_destination.then_some("--substitute-on-destination");
-        nix
+    /// `None`), with every setting of `config` that concerns it: `nix-store`
+    /// is beside `nix` when that is a path, else on `PATH`; an ssh target
+    /// gets a connect timeout unless the user set `NIX_SSHOPTS`.
+    pub fn from_config(config: &Config, upload_to: Option<&str>) -> Nix {
+        let dir = config.nix.parent().filter(|d| !d.as_os_str().is_empty());
+        let ssh = upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
+        let no_opts = std::env::var_os("NIX_SSHOPTS").is_none();
+        let on_destination = config.substitute_on_destination && ssh;
+        Nix {
+            nix: config.nix.clone(),
+            nix_store: dir.map_or_else(|| "nix-store".into(), |d| d.join("nix-store")),
+            timeout: config.command_timeout,
+            ssh_opts: (ssh && no_opts).then_some("-o ConnectTimeout=10"),
+            running: Arc::default(),
+            copy_jobs: config.upload_jobs.max(1),
+            substitute_on_destination: on_destination.then_some("--substitute-on-destination"),
+        }
     }
 
     /// Uses `running` to publish the process group of the call in progress,
@@ -179,7 +165,7 @@ impl Nix {
         let mut cmd = self.nix_command(&["store", "sign", "--key-file"]);
         cmd.arg(key).args(recursive.then_some("--recursive"));
         cmd.args(paths);
-        self.call("nix store sign", vec![cmd])
+        self.run_all("nix store sign", vec![cmd]).map(drop)
     }
 
     /// Copies the paths and their closure to the store at `url`, in up to
@@ -195,7 +181,7 @@ impl Nix {
                 cmd.args(self.substitute_on_destination).args(chunk);
                 cmd
             });
-        self.call("nix copy", cmds.collect())
+        self.run_all("nix copy", cmds.collect()).map(drop)
     }
 
     /// Runs an uploader (`upload-command`) with the paths appended to its
@@ -203,7 +189,7 @@ impl Nix {
     pub fn run_uploader(&self, argv: &[String], paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = Command::new(argv.first().map_or("", String::as_str));
         cmd.args(argv.iter().skip(1)).args(paths);
-        self.call("upload-command", vec![cmd])
+        self.run_all("upload-command", vec![cmd]).map(drop)
     }
 
     /// Checks that nix can open the store at `url`, within `timeout`: with
@@ -221,12 +207,8 @@ impl Nix {
             [("nix store ping", "ping"), ("nix store info", "info")][has_info as usize];
         let mut nix = self.clone();
         nix.timeout = timeout;
-        nix.call(what, vec![nix.nix_command(&["store", sub, "--store", url])])
-    }
-
-    /// Runs the commands (see [`Nix::run_all`]), judged by their exits.
-    fn call(&self, what: &'static str, cmds: Vec<Command>) -> Result<(), Failure> {
-        self.run_all(what, cmds).map(drop)
+        let cmd = nix.nix_command(&["store", sub, "--store", url]);
+        nix.run_all(what, vec![cmd]).map(drop)
     }
 
     /// Runs `cmd` and returns the words of its stdout (store paths), which
@@ -342,24 +324,18 @@ impl Nix {
         for (status, [out, err]) in statuses.into_iter().zip(captures) {
             match status.unwrap_or_else(|| Err(std::io::Error::other("no result"))) {
                 Ok(s) if s.success() => outputs.push(out),
-                Ok(s) => return fail(FailureKind::Exit(describe(s)), &err),
+                Ok(s) => {
+                    let how = match (s.code(), s.signal()) {
+                        (Some(code), _) => format!("exit status {code}"),
+                        (None, sig) => format!("killed by signal {}", sig.unwrap_or(0)),
+                    };
+                    return fail(FailureKind::Exit(format!("failed ({how})")), &err);
+                }
                 Err(e) => return fail(FailureKind::Spawn(e.to_string()), &err),
             }
         }
         Ok(outputs)
     }
-}
-
-/// How an unsuccessful call ended.
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("failed (exit status {code})"),
-        (None, sig) => format!("failed (killed by signal {})", sig.unwrap_or(0)),
-    }
-}
-
-fn is_ssh(url: Option<&str>) -> bool {
-    url.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"))
 }
 
 /// True when `nix --version` (`nix (Nix) 2.8.0`) names 2.19 or newer.
@@ -426,6 +402,19 @@ fn tail(stderr: &[u8]) -> String {
     match joined.char_indices().rev().nth(1999) {
         Some((start, _)) if start > 0 => format!("...{}", &joined[start..]),
         _ => joined,
+    }
+}
+
+#[cfg(test)]
+impl Nix {
+    /// A `nix` with the defaults but these settings, for unit tests.
+    pub fn new(nix: &Path, timeout: Duration, upload_to: Option<&str>) -> Nix {
+        let mut config = Config::new();
+        (config.nix, config.command_timeout, config.upload_jobs) = (nix.into(), timeout, 1);
+        Nix::from_config(&config, upload_to)
+    }
+    fn call(&self, what: &'static str, cmds: Vec<Command>) -> Result<(), Failure> {
+        self.run_all(what, cmds).map(drop)
     }
 }
 
