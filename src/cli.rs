@@ -117,15 +117,12 @@ fn fail(message: &str, status: i32) -> i32 {
 /// Runs the command with `args` (without the program name); returns the
 /// exit status.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    // Every setting, command and path this program takes is UTF-8 (store
-    // paths are ASCII): anything else is a mistake to name.
+    // Every setting, command and path this program takes is UTF-8.
     let args: Vec<String> = match args.into_iter().map(OsString::into_string).collect() {
         Ok(args) => args,
         Err(arg) => {
-            let message = format!(
-                "argument {:?} is not valid UTF-8; arguments (paths included) must be UTF-8 text",
-                arg.to_string_lossy()
-            );
+            let arg = arg.to_string_lossy();
+            let message = format!("argument {arg:?} is not valid UTF-8; arguments (paths included) must be UTF-8 text");
             return fail(&message, EXIT_USAGE);
         }
     };
@@ -147,12 +144,10 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
         return 0;
     }
     match command {
-        "serve" => match configure(rest, true) {
-            Ok(config) => match server::serve(config) {
-                Ok(()) => 0,
-                Err(e @ ServeError::Config(_)) => fail(&e.to_string(), EXIT_CONFIG),
-                Err(e) => fail(&e.to_string(), 1),
-            },
+        "serve" => match configure(rest, true).map(server::serve) {
+            Ok(Ok(())) => 0,
+            Ok(Err(e @ ServeError::Config(_))) => fail(&e.to_string(), EXIT_CONFIG),
+            Ok(Err(e)) => fail(&e.to_string(), 1),
             Err(status) => status,
         },
         "check-config" => configure(rest, false).map_or_else(|status| status, |_| 0),
@@ -164,19 +159,17 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     }
 }
 
-/// The daemon's configuration from `args`; else every problem with it is
-/// shown, one line each, and the exit status is [`EXIT_CONFIG`]. `at_start`:
-/// see [`Config::from_args`].
+/// The daemon's configuration from `args` (see [`Config::from_args`]); else
+/// every problem is shown, one line each, and the status is [`EXIT_CONFIG`].
 fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
     let (config, mut problems) = Config::from_args(args, at_start);
-    // Two URLs that differ only in a password are one target: the journal
-    // names targets by their URL without secrets.
+    // The journal names targets by their URL without secrets.
     let targets = target::configured(&config);
     for (i, t) in targets.iter().enumerate() {
         if targets[..i].iter().any(|u| u.id == t.id) {
+            let shown = &t.label;
             problems.push(format!(
-                "upload-to: the target {} is given twice; give each target once",
-                t.label
+                "upload-to: the target {shown} is given twice; give each target once"
             ));
         }
     }
@@ -255,18 +248,14 @@ fn admin(command: &str, args: &[String]) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(&connect_error(&e), EXIT_USAGE),
     };
-    // Only a path to queue must exist: one to requeue or drop may be gone
-    // from the store.
     let (store_dir, enqueuing) = (config::default_store_dir(), command == "enqueue");
     let resolve = |p: &String| resolve_path(p, &store_dir, enqueuing);
     let paths = match a.paths.iter().map(resolve).collect::<Result<Vec<_>, _>>() {
         Ok(paths) => paths,
         Err(e) => {
-            let nothing = if enqueuing {
-                "; nothing was queued"
-            } else {
-                ""
-            };
+            let nothing = enqueuing
+                .then_some("; nothing was queued")
+                .unwrap_or_default();
             return fail(&format!("{command}: {e}{nothing}"), EXIT_USAGE);
         }
     };
@@ -285,42 +274,37 @@ fn admin(command: &str, args: &[String]) -> i32 {
     }
 }
 
-/// Why the daemon could not be reached, in words that point the right way:
-/// a socket we may not open is not a missing daemon.
+/// Why the daemon could not be reached: a socket we may not open is not a
+/// missing daemon.
 fn connect_error(e: &ClientError) -> String {
     match e {
-        ClientError::Connect(socket, io) if io.kind() == ErrorKind::PermissionDenied => {
-            format!(
-                "cannot connect to the daemon at {}: permission denied; the socket's mode and group \
-                 (socket-mode, socket-group) decide who may use it",
-                socket.display()
-            )
-        }
+        ClientError::Connect(socket, io) if io.kind() == ErrorKind::PermissionDenied => format!(
+            "cannot connect to the daemon at {}: permission denied; the socket's mode and group \
+             (socket-mode, socket-group) decide who may use it",
+            socket.display()
+        ),
         e => e.to_string(),
     }
 }
 
-/// The exit status of the daemon's refusal `reason`, after showing it (as
-/// `shown`): a "not now" (the daemon is stopping or has too many clients)
-/// counts as no daemon (2), any other as a failure (1).
+/// Shows the daemon's refusal `reason` (as `shown`); a "not now" (stopping,
+/// too many clients) counts as no daemon (2), any other as a failure (1).
 fn refused(reason: &str, shown: &str) -> i32 {
-    if reason.starts_with(protocol::ERR_BUSY) || reason.starts_with(protocol::ERR_STOPPING) {
-        return fail(
+    match [protocol::ERR_BUSY, protocol::ERR_STOPPING].map(|e| reason.starts_with(e)) {
+        [false, false] => fail(shown, 1),
+        _ => fail(
             &format!("the daemon cannot serve this now: {reason}"),
             EXIT_USAGE,
-        );
+        ),
     }
-    fail(shown, 1)
 }
 
 /// Most links followed from an argument to its store path.
 const MAX_LINKS: usize = 40;
 
 /// The store path an argument names: itself when it is directly in the
-/// store, else the store path a chain of links leads to (`./result`).
-/// When `must_exist`, a path that does not exist is an error; otherwise
-/// (requeue, drop: the path may be gone from the store) it is passed on
-/// as given, and the daemon checks its form.
+/// store, else the one a chain of links leads to (`./result`). Unless
+/// `must_exist` (requeue, drop), a missing path is sent as given.
 fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, String> {
     let store = std::path::Path::new(store_dir);
     let mut path = PathBuf::from(arg);
@@ -332,8 +316,7 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
     for _ in 0..MAX_LINKS {
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
-            // Not ours to look at (the daemon may see it, and decides), or
-            // gone from the store, which requeue and drop do not mind.
+            // Not ours to look at: the daemon may see it, and decides.
             Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(arg.to_string()),
             Err(e) if e.kind() == ErrorKind::NotFound && !must_exist => return Ok(arg.to_string()),
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -382,10 +365,9 @@ fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<
         let (_, n) = conn.request(line)?;
         done += n.parse::<usize>().unwrap_or(0);
     }
-    let of = match paths.len() {
-        0 => String::new(),
-        n => format!(" of {n}"),
-    };
+    let of = Some(paths.len())
+        .filter(|n| *n > 0)
+        .map_or(String::new(), |n| format!(" of {n}"));
     match command {
         "enqueue" => println!(
             "queued {done} new path(s); {} were already queued",
@@ -415,63 +397,51 @@ fn status(conn: &mut Connection, json: bool) -> Result<(), ClientError> {
     }
 }
 
-/// `remaining N failing M [error PATH TEXT]` from the daemon, as a phrase,
-/// and the error part when there is one.
-fn describe_remaining(line: &str) -> Option<(String, Option<String>)> {
+/// `remaining N failing M [error PATH TEXT]` from the daemon as a phrase,
+/// with the error part when `error`.
+fn describe_remaining(line: &str, error: bool) -> Option<String> {
     let mut words = line.splitn(6, ' ');
     let (Some("remaining"), Some(n), Some("failing"), Some(m)) =
         (words.next(), words.next(), words.next(), words.next())
     else {
         return None;
     };
-    let error = match (words.next(), words.next()) {
-        (Some("error"), Some(rest)) => rest
-            .split_once(' ')
-            .map(|(path, text)| format!("last error ({path}): {text}")),
-        _ => None,
-    };
-    Some((
-        format!("{n} path(s) still queued, {m} of them failing"),
-        error,
-    ))
+    let mut text = format!("{n} path(s) still queued, {m} of them failing");
+    let last = (
+        words.next(),
+        words.next().and_then(|rest| rest.split_once(' ')),
+    );
+    if let (true, Some("error"), Some((path, why))) = (error, last.0, last.1) {
+        text.push_str(&format!("; last error ({path}): {why}"));
+    }
+    Some(text)
 }
 
 /// Blocks until the paths queued before the call are gone from the queue.
 /// On a terminal, the progress is one line rewritten in place; it always
 /// ends with a newline (the next one moves the cursor up to replace it), so
-/// that however `wait` ends, Ctrl-C included (no signal handler tidies up),
-/// the terminal is left on a fresh line.
+/// that however `wait` ends, Ctrl-C included, the terminal is left on a
+/// fresh line.
 fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
     let deadline = timeout.map(|t| Instant::now() + t);
     let tty = std::io::stderr().is_terminal();
     if let Err(e) = conn.send(&request_line("wait", &[])) {
         return fail(&e.to_string(), EXIT_USAGE);
     }
-    // Whether a progress line is on the terminal, just above the cursor.
-    let mut progress = false;
-    let mut last = String::new();
+    let (mut progress, mut last) = (false, String::new());
     loop {
-        let read_timeout = deadline.map(|d| {
-            d.saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1))
-        });
-        let line = conn
-            .set_read_timeout(read_timeout)
-            .and_then(|()| conn.read_line());
-        let line = match line {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let read = conn.set_read_timeout(left.map(|t| t.max(Duration::from_millis(1))));
+        let line = match read.and_then(|()| conn.read_line()) {
             Ok(l) => l,
             Err(ClientError::Io(e))
-                if deadline.is_some()
+                if timeout.is_some()
                     && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
             {
-                let shown = timeout.map_or(String::new(), |t| format!("{}s", t.as_secs_f64()));
-                let state = match describe_remaining(&last) {
-                    Some((state, Some(error))) => format!("{state}; {error}"),
-                    Some((state, None)) => state,
-                    None => "the daemon reported no progress".to_string(),
-                };
-                eprintln!("post-build-hook-queue: wait timed out after {shown}: {state}");
-                return 1;
+                let secs = timeout.unwrap_or_default().as_secs_f64();
+                let state = describe_remaining(&last, true);
+                let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
+                return fail(&format!("wait timed out after {secs}s: {state}"), 1);
             }
             Err(e) => return fail(&e.to_string(), EXIT_USAGE),
         };
@@ -482,13 +452,11 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
         if let Some(msg) = wire::final_word(&line, "err") {
             return refused(msg, msg);
         }
-        if tty {
-            if let Some((text, _)) = describe_remaining(&line) {
-                // Up to the previous progress line, cleared, replaced.
-                let up = if progress { "\x1b[1A\r\x1b[K" } else { "" };
-                eprintln!("{up}waiting: {text}");
-                progress = true;
-            }
+        if let Some(text) = describe_remaining(&line, false).filter(|_| tty) {
+            // Up to the previous progress line, cleared, replaced.
+            let up = if progress { "\x1b[1A\r\x1b[K" } else { "" };
+            eprintln!("{up}waiting: {text}");
+            progress = true;
         }
         last = line;
     }
@@ -632,20 +600,19 @@ mod tests {
 
     #[test]
     fn remaining_lines_read_as_phrases() {
+        let line = "remaining 3 failing 1 error /nix/store/x-y nix copy failed: boom";
         assert_eq!(
-            describe_remaining("remaining 3 failing 1"),
-            Some((
-                "3 path(s) still queued, 1 of them failing".to_string(),
-                None
-            ))
+            describe_remaining("remaining 3 failing 1", true).as_deref(),
+            Some("3 path(s) still queued, 1 of them failing")
         );
         assert_eq!(
-            describe_remaining("remaining 3 failing 1 error /nix/store/x-y nix copy failed: boom"),
-            Some((
-                "3 path(s) still queued, 1 of them failing".to_string(),
-                Some("last error (/nix/store/x-y): nix copy failed: boom".to_string())
-            ))
+            describe_remaining(line, false).as_deref(),
+            Some("3 path(s) still queued, 1 of them failing")
         );
-        assert_eq!(describe_remaining("ok all uploaded"), None);
+        assert_eq!(
+            describe_remaining(line, true).as_deref(),
+            Some("3 path(s) still queued, 1 of them failing; last error (/nix/store/x-y): nix copy failed: boom")
+        );
+        assert_eq!(describe_remaining("ok all uploaded", true), None);
     }
 }
