@@ -85,12 +85,14 @@ fn settings_help() -> String {
 }
 
 fn usage() -> String {
-    let mut s = String::from("Usage:\n");
-    for (_, synopsis, _) in commands() {
-        s.push_str(&format!("  post-build-hook-queue {synopsis}\n"));
-    }
-    s.push_str("  post-build-hook-queue COMMAND --help | --help | --version\n\n");
-    format!("{s}{EXIT_STATUSES}\n{}", settings_help())
+    let synopses: String = commands()
+        .map(|c| format!("  post-build-hook-queue {}\n", c.1))
+        .collect();
+    let help = "  post-build-hook-queue COMMAND --help | --help | --version";
+    format!(
+        "Usage:\n{synopses}{help}\n\n{EXIT_STATUSES}\n{}",
+        settings_help()
+    )
 }
 
 /// `COMMAND --help`: what a command does, its arguments and exit statuses.
@@ -98,12 +100,12 @@ fn command_help(command: &str) -> String {
     let Some((name, synopsis, text)) = commands().find(|c| c.0 == command) else {
         return usage();
     };
+    let (socket, env) = (config::default_socket(), wire::ENV_SOCKET);
     let more = match name {
         "serve" | "check-config" => settings_help(),
         _ => format!(
-            "The socket is {} unless --socket or ${} says otherwise.\n",
-            config::default_socket().display(),
-            wire::ENV_SOCKET
+            "The socket is {} unless --socket or ${env} says otherwise.\n",
+            socket.display()
         ),
     };
     format!("Usage: post-build-hook-queue {synopsis}\n\n{text}\n\n{EXIT_STATUSES}\n{more}")
@@ -133,17 +135,14 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     let known = commands().any(|c| c.0 == command);
     let help = known && rest.iter().any(|a| a == "--help" || a == "-h");
-    let text = match command {
-        _ if help => command_help(command),
-        "--help" | "-h" | "help" => usage(),
-        "--version" | "-V" => format!("post-build-hook-queue {}\n", crate::VERSION),
-        _ => String::new(),
-    };
-    if !text.is_empty() {
+    let print = |text: String| {
         print!("{text}");
-        return 0;
-    }
+        0
+    };
     match command {
+        _ if help => print(command_help(command)),
+        "--help" | "-h" | "help" => print(usage()),
+        "--version" | "-V" => print(format!("post-build-hook-queue {}\n", crate::VERSION)),
         "serve" => match configure(rest, true).map(server::serve) {
             Ok(Ok(())) => 0,
             Ok(Err(e @ ServeError::Config(_))) => fail(&e.to_string(), EXIT_CONFIG),
@@ -185,7 +184,6 @@ struct AdminArgs {
     json: bool,
     timeout: Option<Duration>,
     paths: Vec<String>,
-    /// `--all-failed` of `requeue` and `drop`.
     all_failed: bool,
 }
 
@@ -228,15 +226,16 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
             _ => return Err(format!("{command}: unknown argument {arg:?} (see --help)")),
         }
     }
-    if command == "enqueue" && out.paths.is_empty() && !from_stdin {
-        return Err("enqueue: give store paths, or - to read them from stdin".into());
-    }
-    if (command == "requeue" || command == "drop") && out.paths.is_empty() != out.all_failed {
-        return Err(format!(
+    let given = !out.paths.is_empty() || from_stdin;
+    match command {
+        "enqueue" if !given => {
+            Err("enqueue: give store paths, or - to read them from stdin".into())
+        }
+        "requeue" | "drop" if given == out.all_failed => Err(format!(
             "{command}: give store paths, or --all-failed for every path given up on (not both)"
-        ));
+        )),
+        _ => Ok(out),
     }
-    Ok(out)
 }
 
 fn admin(command: &str, args: &[String]) -> i32 {
@@ -252,24 +251,36 @@ fn admin(command: &str, args: &[String]) -> i32 {
     let resolve = |p: &String| resolve_path(p, &store_dir, enqueuing);
     let paths = match a.paths.iter().map(resolve).collect::<Result<Vec<_>, _>>() {
         Ok(paths) => paths,
-        Err(e) => {
-            let nothing = enqueuing
-                .then_some("; nothing was queued")
-                .unwrap_or_default();
-            return fail(&format!("{command}: {e}{nothing}"), EXIT_USAGE);
+        Err(e) if enqueuing => {
+            return fail(&format!("enqueue: {e}; nothing was queued"), EXIT_USAGE)
         }
+        Err(e) => return fail(&format!("{command}: {e}"), EXIT_USAGE),
     };
+    let mut out = std::io::stdout().lock();
     let result = match command {
         "enqueue" | "requeue" | "drop" => send_paths(&mut conn, command, &paths),
-        "status" => status(&mut conn, a.json),
-        "wait" => return wait(&mut conn, a.timeout),
+        "status" => conn
+            .send(&request_line(
+                "status",
+                if a.json { &["json"] } else { &[] },
+            ))
+            .and_then(|()| replies(&mut conn, None, |line| drop(writeln!(out, "{line}"))))
+            .map(drop),
+        "wait" => wait(&mut conn, a.timeout),
         _ => conn
             .request(&request_line("retry", &[]))
             .map(|(_, n)| println!("{n} backing-off path(s) will be tried again now")),
     };
+    // A "not now" (stopping, too many clients) counts as no daemon.
+    let (busy, stopping) = (protocol::ERR_BUSY, protocol::ERR_STOPPING);
     match result {
         Ok(()) => 0,
-        Err(ClientError::Refused(m)) => refused(&m, &format!("the daemon refused: {m}")),
+        Err(ClientError::Refused(m)) if m.starts_with(busy) || m.starts_with(stopping) => fail(
+            &format!("the daemon cannot serve this now: {m}"),
+            EXIT_USAGE,
+        ),
+        Err(ClientError::Refused(m)) if command == "wait" => fail(&m, 1),
+        Err(ClientError::Refused(m)) => fail(&format!("the daemon refused: {m}"), 1),
         Err(e) => fail(&e.to_string(), EXIT_USAGE),
     }
 }
@@ -287,18 +298,6 @@ fn connect_error(e: &ClientError) -> String {
     }
 }
 
-/// Shows the daemon's refusal `reason` (as `shown`); a "not now" (stopping,
-/// too many clients) counts as no daemon (2), any other as a failure (1).
-fn refused(reason: &str, shown: &str) -> i32 {
-    match [protocol::ERR_BUSY, protocol::ERR_STOPPING].map(|e| reason.starts_with(e)) {
-        [false, false] => fail(shown, 1),
-        _ => fail(
-            &format!("the daemon cannot serve this now: {reason}"),
-            EXIT_USAGE,
-        ),
-    }
-}
-
 /// Most links followed from an argument to its store path.
 const MAX_LINKS: usize = 40;
 
@@ -307,12 +306,8 @@ const MAX_LINKS: usize = 40;
 /// `must_exist` (requeue, drop), a missing path is sent as given.
 fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, String> {
     let store = std::path::Path::new(store_dir);
-    let mut path = PathBuf::from(arg);
-    if path.is_relative() {
-        let cwd = std::env::current_dir()
-            .map_err(|e| format!("{arg}: cannot read the current directory: {e}"))?;
-        path = cwd.join(path);
-    }
+    let mut path = std::path::absolute(arg)
+        .map_err(|e| format!("{arg}: cannot read the current directory: {e}"))?;
     for _ in 0..MAX_LINKS {
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
@@ -329,10 +324,8 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
             Err(e) => return Err(format!("{arg}: {e}")),
         };
         if path.parent() == Some(store) {
-            return path
-                .into_os_string()
-                .into_string()
-                .map_err(|p| format!("{arg}: {p:?} is not UTF-8"));
+            let utf8 = path.to_str().map(String::from);
+            return utf8.ok_or_else(|| format!("{arg}: {path:?} is not UTF-8"));
         }
         if !meta.file_type().is_symlink() {
             // Not in the store: sent as given, and the daemon says why not.
@@ -379,21 +372,25 @@ fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<
     Ok(())
 }
 
-/// `status`: prints what the daemon renders (the text, or with `--json`
-/// one JSON object) line by line, as it comes.
-fn status(conn: &mut Connection, json: bool) -> Result<(), ClientError> {
-    let args: &[&str] = if json { &["json"] } else { &[] };
-    conn.send(&request_line("status", args))?;
-    let mut out = std::io::stdout().lock();
+/// Reads the daemon's reply lines, up to a deadline, handing each to `each`
+/// until the last: `ok MESSAGE` (the message returned) or `err REASON`.
+fn replies(
+    conn: &mut Connection,
+    deadline: Option<Instant>,
+    mut each: impl FnMut(String),
+) -> Result<String, ClientError> {
     loop {
+        if let Some(left) = deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+            conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        }
         let line = conn.read_line()?;
-        if wire::final_word(&line, "ok").is_some() {
-            return Ok(());
+        if let Some(message) = wire::final_word(&line, "ok") {
+            return Ok(message.to_string());
         }
         if let Some(reason) = wire::final_word(&line, "err") {
             return Err(ClientError::Refused(reason.to_string()));
         }
-        let _ = writeln!(out, "{line}");
+        each(line);
     }
 }
 
@@ -417,41 +414,17 @@ fn describe_remaining(line: &str, error: bool) -> Option<String> {
     Some(text)
 }
 
-/// Blocks until the paths queued before the call are gone from the queue.
-/// On a terminal, the progress is one line rewritten in place; it always
-/// ends with a newline (the next one moves the cursor up to replace it), so
-/// that however `wait` ends, Ctrl-C included, the terminal is left on a
-/// fresh line.
-fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
-    let deadline = timeout.map(|t| Instant::now() + t);
+/// Blocks until the paths queued before the call are gone from the queue;
+/// its timeout is a refusal (exit 1) that says what is left. On a terminal,
+/// the progress is one line rewritten in place; it always ends with a
+/// newline (the next one moves the cursor up to replace it), so that
+/// however `wait` ends, Ctrl-C included, the terminal is on a fresh line.
+fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientError> {
     let tty = std::io::stderr().is_terminal();
-    if let Err(e) = conn.send(&request_line("wait", &[])) {
-        return fail(&e.to_string(), EXIT_USAGE);
-    }
     let (mut progress, mut last) = (false, String::new());
-    loop {
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let read = conn.set_read_timeout(left.map(|t| t.max(Duration::from_millis(1))));
-        let line = match read.and_then(|()| conn.read_line()) {
-            Ok(l) => l,
-            Err(ClientError::Io(e))
-                if timeout.is_some()
-                    && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
-                let secs = timeout.unwrap_or_default().as_secs_f64();
-                let state = describe_remaining(&last, true);
-                let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
-                return fail(&format!("wait timed out after {secs}s: {state}"), 1);
-            }
-            Err(e) => return fail(&e.to_string(), EXIT_USAGE),
-        };
-        if let Some(msg) = wire::final_word(&line, "ok") {
-            println!("{msg}");
-            return 0;
-        }
-        if let Some(msg) = wire::final_word(&line, "err") {
-            return refused(msg, msg);
-        }
+    conn.send(&request_line("wait", &[]))?;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let reply = replies(conn, deadline, |line| {
         if let Some(text) = describe_remaining(&line, false).filter(|_| tty) {
             // Up to the previous progress line, cleared, replaced.
             let up = if progress { "\x1b[1A\r\x1b[K" } else { "" };
@@ -459,6 +432,19 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
             progress = true;
         }
         last = line;
+    });
+    let timed_out =
+        |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+    match reply {
+        Err(ClientError::Io(e)) if timeout.is_some() && timed_out(&e) => {
+            let secs = timeout.unwrap_or_default().as_secs_f64();
+            let state = describe_remaining(&last, true);
+            let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
+            Err(ClientError::Refused(format!(
+                "wait timed out after {secs}s: {state}"
+            )))
+        }
+        reply => reply.map(|message| println!("{message}")),
     }
 }
 
