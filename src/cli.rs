@@ -100,7 +100,7 @@ fn command_help(command: &str) -> String {
     let Some((name, synopsis, text)) = commands().find(|c| c.0 == command) else {
         return usage();
     };
-    let (socket, env) = (config::default_socket(), wire::ENV_SOCKET);
+    let (socket, env) = (Config::new().socket, wire::ENV_SOCKET);
     let more = match name {
         "serve" | "check-config" => settings_help(),
         _ => format!(
@@ -247,7 +247,7 @@ fn admin(command: &str, args: &[String]) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(&connect_error(&e), EXIT_USAGE),
     };
-    let (store_dir, enqueuing) = (config::default_store_dir(), command == "enqueue");
+    let (store_dir, enqueuing) = (Config::new().store_dir, command == "enqueue");
     let resolve = |p: &String| resolve_path(p, &store_dir, enqueuing);
     let paths = match a.paths.iter().map(resolve).collect::<Result<Vec<_>, _>>() {
         Ok(paths) => paths,

@@ -74,12 +74,13 @@ pub fn keys() -> impl Iterator<Item = [&'static str; 3]> {
 /// The settings as `--help` lists them, one line each, with their defaults
 /// (those that depend on the user and the environment as they are now).
 pub fn help_table() -> String {
+    let here = Config::new();
     let mut s = String::new();
     for [key, default, form] in keys() {
         let default = match key {
-            "socket" => default_socket().display().to_string(),
-            "state-dir" => default_places().1.display().to_string(),
-            "store-dir" => default_store_dir(),
+            "socket" => here.socket.display().to_string(),
+            "state-dir" => here.state_dir.display().to_string(),
+            "store-dir" => here.store_dir.clone(),
             _ if default.is_empty() => "none".into(),
             _ => default.into(),
         };
@@ -88,38 +89,24 @@ pub fn help_table() -> String {
     s
 }
 
-/// The default socket path for this user (see [`Places`]).
-pub fn default_socket() -> PathBuf {
-    default_places().0
-}
-
-/// This process's default socket and state directory (see [`Places`]).
-fn default_places() -> (PathBuf, PathBuf) {
-    let [runtime, state, home, tmp] =
-        ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(|k| std::env::var(k).ok());
-    let places = Places {
-        uid: sys::uid(),
-        runtime_dir: runtime.as_deref(),
-        state_home: state.as_deref(),
-        home: home.as_deref(),
-        tmp_dir: tmp.as_deref(),
-    };
-    (places.socket().into(), places.state_dir().into())
-}
-
-/// The store directory Nix itself uses here: `$NIX_STORE_DIR` or `/nix/store`.
-pub fn default_store_dir() -> String {
-    match std::env::var("NIX_STORE_DIR") {
-        Ok(dir) if !dir.is_empty() => dir.trim_end_matches('/').to_string(),
-        _ => "/nix/store".to_string(),
-    }
-}
-
 impl Config {
-    /// The defaults: those of [`KEYS`], and the places of this user.
+    /// The defaults: those of [`KEYS`]; the socket and state directory of
+    /// this user (see [`Places`]); the store Nix uses (`$NIX_STORE_DIR`).
     pub fn new() -> Config {
-        let (socket, state_dir) = default_places();
-        let store_dir = default_store_dir();
+        let [runtime, state, home, tmp] =
+            ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(|k| std::env::var(k).ok());
+        let places = Places {
+            uid: sys::uid(),
+            runtime_dir: runtime.as_deref(),
+            state_home: state.as_deref(),
+            home: home.as_deref(),
+            tmp_dir: tmp.as_deref(),
+        };
+        let (socket, state_dir) = (places.socket().into(), places.state_dir().into());
+        let store_dir = match std::env::var("NIX_STORE_DIR") {
+            Ok(dir) if !dir.is_empty() => dir.trim_end_matches('/').to_string(),
+            _ => "/nix/store".to_string(),
+        };
         let mut config = Config {
             socket,
             state_dir,
@@ -207,11 +194,10 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration from the arguments of `serve` and `check-config`
-    /// (defaults, environment, `--config` file, `--key value` flags), with
-    /// every problem found, each one line `ORIGIN: PROBLEM`. `at_start`: the
-    /// signing key file must also be readable, and not by every user; else
-    /// (`check-config`, maybe in a build sandbox) one it cannot read is skipped.
+    /// The configuration from the arguments of `serve` and `check-config`,
+    /// with every problem found, each one line `ORIGIN: PROBLEM`. Unless
+    /// `at_start` (`check-config`, maybe in a build sandbox), a signing key
+    /// file it cannot read is skipped.
     pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
         let mut problems = Vec::new();
         let flags = split_flags(args, &mut problems);
@@ -262,11 +248,10 @@ impl Config {
     }
 }
 
-/// Checks the environment variables the defaults in effect are made of as
-/// path settings are checked: each, when set, must be an absolute path
-/// without control characters. The state directory in `$TMPDIR` (neither
-/// `HOME` nor `XDG_STATE_HOME` set) must be this user's own, or another
-/// user could have made it, to read the journal or take the socket.
+/// Checks the environment variables the defaults in effect are made of:
+/// each, when set, an absolute path without control characters. A state
+/// directory in `$TMPDIR` must be this user's own, or another user could
+/// have made it, to read the journal or take the socket.
 fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     let mut vars = Vec::new();
     if !given.contains(&"store-dir") {
@@ -291,7 +276,7 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
         return;
     }
     use std::os::unix::fs::MetadataExt;
-    let dir = default_places().1;
+    let dir = Config::new().state_dir;
     let ours = |m: &std::fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.mode() & 0o022 == 0;
     match std::fs::symlink_metadata(&dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -317,27 +302,27 @@ fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
     // At most 4 KiB (a key is about 100 bytes); never a FIFO's read.
     let read = std::fs::metadata(key).and_then(|meta| {
         if meta.is_file() {
-            let file = std::fs::File::open(key)?;
-            file.take(4096).read_to_end(&mut text)?;
+            std::fs::File::open(key)?
+                .take(4096)
+                .read_to_end(&mut text)?;
         }
         Ok(meta)
     });
-    let unreadable = |e: &std::io::Error| matches!(e.kind(), NotFound | PermissionDenied);
     let meta = match read {
         Ok(meta) => meta,
-        Err(e) if !at_start && unreadable(&e) => return Ok(()),
+        Err(e) if !at_start && matches!(e.kind(), NotFound | PermissionDenied) => return Ok(()),
         Err(e) => return Err(format!("signing-key-file {shown}: {e}")),
     };
-    let problem = if meta.is_dir() {
-        "is a directory"
-    } else if !meta.is_file() {
-        "is not a regular file"
-    } else if at_start && meta.permissions().mode() & 0o004 != 0 {
-        "is readable by every user; restrict it (chmod 600) before the daemon uses it"
-    } else if !is_secret_key(&text) {
-        "does not hold a Nix secret key (NAME:BASE64 of a 64-byte key, not the public key)"
-    } else {
-        return Ok(());
+    let problem = match meta.permissions().mode() {
+        _ if meta.is_dir() => "is a directory",
+        _ if !meta.is_file() => "is not a regular file",
+        mode if at_start && mode & 0o004 != 0 => {
+            "is readable by every user; restrict it (chmod 600) before the daemon uses it"
+        }
+        _ if !is_secret_key(&text) => {
+            "does not hold a Nix secret key (NAME:BASE64 of a 64-byte key, not the public key)"
+        }
+        _ => return Ok(()),
     };
     Err(format!(
         "signing-key-file {shown} {problem}; expected the secret key file written by \
@@ -425,19 +410,15 @@ fn split_flags(args: &[String], problems: &mut Vec<String>) -> Vec<(String, Stri
 }
 
 /// True for `NAME:BASE64` where the base64 decodes to the 64 bytes of an
-/// ed25519 secret key (what Nix's `SecretKey` accepts); surrounding white
-/// space is allowed.
+/// ed25519 secret key (what Nix's `SecretKey` accepts), maybe within spaces.
 fn is_secret_key(text: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(text) else {
-        return false;
-    };
-    let Some((name, key)) = text.trim().split_once(':') else {
-        return false;
-    };
     // 64 bytes are 86 base64 characters and `==`.
     let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
-    let key = key.as_bytes();
-    !name.is_empty() && key.len() == 88 && key[..86].iter().all(base64) && key.ends_with(b"==")
+    let text = std::str::from_utf8(text).unwrap_or("");
+    text.trim().split_once(':').is_some_and(|(name, key)| {
+        let key = key.as_bytes();
+        !name.is_empty() && key.len() == 88 && key[..86].iter().all(base64) && key.ends_with(b"==")
+    })
 }
 
 /// `value` as a `T` that `ok` accepts, else an error naming the `form`.
@@ -575,7 +556,7 @@ mod tests {
         let help = help_table();
         assert_eq!(help.lines().count(), 21);
         assert!(help.contains("[default: 10]") && help.contains("[default: none]"));
-        assert!(help.contains(&format!("[default: {}]", default_store_dir())));
+        assert!(help.contains(&format!("[default: {}]", Config::new().store_dir)));
     }
 
     #[test]
