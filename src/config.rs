@@ -102,16 +102,11 @@ impl Config {
             home: home.as_deref(),
             tmp_dir: tmp.as_deref(),
         };
-        let (socket, state_dir) = (places.socket().into(), places.state_dir().into());
-        let store_dir = match std::env::var("NIX_STORE_DIR") {
+        let mut config = Config::default();
+        (config.socket, config.state_dir) = (places.socket().into(), places.state_dir().into());
+        config.store_dir = match std::env::var("NIX_STORE_DIR") {
             Ok(dir) if !dir.is_empty() => dir.trim_end_matches('/').to_string(),
             _ => "/nix/store".to_string(),
-        };
-        let mut config = Config {
-            socket,
-            state_dir,
-            store_dir,
-            ..Config::default()
         };
         for [key, default, _] in keys() {
             // Not "(below)", "STATE/spool" or none: a value `set` takes.
@@ -130,8 +125,7 @@ impl Config {
     }
 
     /// Applies one `key = value` setting; the error says what is accepted.
-    /// No setting may hold a control character: a line break in, say,
-    /// `upload-to` would end a line of a `status` reply or of the log early.
+    /// No control characters: a line break would end a `status` line early.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         if let Some(c) = value.chars().find(|c| c.is_control()) {
             return Err(format!(
@@ -184,10 +178,9 @@ impl Config {
                 let form = "a whole number (0: never give up)";
                 self.max_attempts = Some(parse::<u32>(value, |_| true, form)?).filter(|n| *n > 0)
             }
-            "give-up-after" if value == "0" => self.give_up_after = None,
             "give-up-after" => {
-                let after = parse_seconds(value).map_err(|e| format!("{e}, or 0 for never"))?;
-                self.give_up_after = Some(after)
+                let after = parse_seconds(value).map_err(|e| format!("{e}, or 0 for never"));
+                self.give_up_after = if value == "0" { None } else { Some(after?) }
             }
             _ => return Err(unknown_key(key)),
         }
@@ -253,15 +246,13 @@ impl Config {
 /// directory in `$TMPDIR` must be this user's own, or another user could
 /// have made it, to read the journal or take the socket.
 fn check_environment(given: &[&str], problems: &mut Vec<String>) {
-    let mut vars = Vec::new();
-    if !given.contains(&"store-dir") {
-        vars.push("NIX_STORE_DIR");
-    }
+    let store = (!given.contains(&"store-dir")).then_some("NIX_STORE_DIR");
     let places = sys::uid() != 0 && !(given.contains(&"socket") && given.contains(&"state-dir"));
-    if places {
-        vars.extend(["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"]);
-    }
-    for var in vars {
+    let place_vars = ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(Some);
+    for var in store
+        .into_iter()
+        .chain(place_vars.into_iter().flatten().filter(|_| places))
+    {
         let value = std::env::var_os(var).filter(|v| !v.is_empty());
         match value.map(std::ffi::OsString::into_string) {
             Some(Ok(v)) if !v.starts_with('/') || v.contains(char::is_control) => problems.push(
@@ -331,8 +322,7 @@ fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
 }
 
 /// Checks that the `upload-command` program can be run: an executable file
-/// at its absolute path, or (a bare name) in a directory of `PATH`. What it
-/// does with the paths cannot be checked before the first upload.
+/// at its absolute path, or (a bare name) in a directory of `PATH`.
 fn check_program(program: &str) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let runnable = |p: &Path| {
@@ -342,17 +332,14 @@ fn check_program(program: &str) -> Result<(), String> {
     let (found, place) = match program {
         p if p.starts_with('/') => (runnable(Path::new(p)), ""),
         p if p.contains('/') => (false, " (a relative path)"),
-        p => {
-            let found = std::env::split_paths(&path).any(|dir| runnable(&dir.join(p)));
-            (found, " in any directory of PATH")
-        }
+        p => (
+            std::env::split_paths(&path).any(|d| runnable(&d.join(p))),
+            " in any directory of PATH",
+        ),
     };
-    if found {
-        return Ok(());
-    }
-    Err(format!(
-        "upload-command: {program} is not an executable file{place}; give its absolute path, or install it"
-    ))
+    found.then_some(()).ok_or_else(|| {
+        format!("upload-command: {program} is not an executable file{place}; give its absolute path, or install it")
+    })
 }
 
 /// The error for an unknown key: the nearest known key when one is close
@@ -364,12 +351,10 @@ fn unknown_key(key: &str) -> String {
         .map(|k| (edit_distance(key, k), *k))
         .min()
         .filter(|(d, k)| *d <= 2.max(k.len() / 4) || key.len() >= 3 && k.starts_with(key));
+    let list = known.join(", ");
     match nearest {
-        Some((_, k)) => format!(
-            "unknown key {key:?}; did you mean {k:?}? Known keys: {}",
-            known.join(", ")
-        ),
-        None => format!("unknown key {key:?}; known keys: {}", known.join(", ")),
+        Some((_, k)) => format!("unknown key {key:?}; did you mean {k:?}? Known keys: {list}"),
+        None => format!("unknown key {key:?}; known keys: {list}"),
     }
 }
 
