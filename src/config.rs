@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::sys;
-use crate::wire::{parse_seconds, Places};
+use crate::wire::{parse_seconds, with_places};
 
 /// Every setting of the daemon: each field is the key of its name (`-` for
 /// `_`) in [`KEYS`]; `None` and empty lists are "none". [`Config::new`] has
@@ -91,19 +91,11 @@ pub fn help_table() -> String {
 
 impl Config {
     /// The defaults: those of [`KEYS`]; the socket and state directory of
-    /// this user (see [`Places`]); the store Nix uses (`$NIX_STORE_DIR`).
+    /// this user (see [`crate::wire::Places`]); the store Nix uses (`$NIX_STORE_DIR`).
     pub fn new() -> Config {
-        let [runtime, state, home, tmp] =
-            ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(|k| std::env::var(k).ok());
-        let places = Places {
-            uid: sys::uid(),
-            runtime_dir: runtime.as_deref(),
-            state_home: state.as_deref(),
-            home: home.as_deref(),
-            tmp_dir: tmp.as_deref(),
-        };
         let mut config = Config::default();
-        (config.socket, config.state_dir) = (places.socket().into(), places.state_dir().into());
+        let (socket, state_dir) = with_places(|p| (p.socket(), p.state_dir()));
+        (config.socket, config.state_dir) = (socket.into(), state_dir.into());
         config.store_dir = match std::env::var("NIX_STORE_DIR") {
             Ok(dir) if !dir.is_empty() => dir.trim_end_matches('/').to_string(),
             _ => "/nix/store".to_string(),
