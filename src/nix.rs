@@ -1,8 +1,7 @@
 //! The `nix` calls the worker makes (no shell; arguments are validated
-//! [`StorePath`]s or settings), each in its own process group that is
-//! killed on timeout and swept when the call ends. Its output is read into
-//! bounded buffers for at most [`OUTPUT_AFTER_EXIT`] after it exited, as a
-//! process that left the group (ssh's `ControlPersist`) may hold it open.
+//! [`StorePath`]s or settings), each in a process group killed on timeout
+//! and swept when it ends; output read into bounded buffers for at most
+//! [`OUTPUT_AFTER_EXIT`] more, as a process that left the group may hold it.
 
 use std::fmt;
 use std::io::ErrorKind::{Interrupted, WouldBlock};
@@ -103,10 +102,9 @@ pub struct Nix {
 }
 
 impl Nix {
-    /// The `nix` for calls to `upload_to` (or for signing and queries, with
-    /// `None`), with every setting of `config` that concerns it: `nix-store`
-    /// is beside `nix` when that is a path, else on `PATH`; an ssh target
-    /// gets a connect timeout unless the user set `NIX_SSHOPTS`.
+    /// The `nix` for calls to `upload_to` (`None`: signing and queries) with
+    /// the settings of `config`: `nix-store` is beside `nix`, or on `PATH`;
+    /// an ssh target gets a connect timeout unless `NIX_SSHOPTS` is set.
     pub fn from_config(config: &Config, upload_to: Option<&str>) -> Nix {
         let dir = config.nix.parent().filter(|d| !d.as_os_str().is_empty());
         let ssh = upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
@@ -163,15 +161,15 @@ impl Nix {
     /// Signs the paths (and their closure when `recursive`) with the key file.
     pub fn sign(&self, key: &Path, recursive: bool, paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = self.nix_command(&["store", "sign", "--key-file"]);
-        cmd.arg(key).args(recursive.then_some("--recursive"));
-        cmd.args(paths);
+        cmd.arg(key)
+            .args(recursive.then_some("--recursive"))
+            .args(paths);
         self.run_all("nix store sign", vec![cmd]).map(drop)
     }
 
-    /// Copies the paths and their closure to the store at `url`, in up to
-    /// `upload-jobs` `nix copy` calls at once of at least
-    /// [`MIN_PATHS_PER_COPY`] paths each. Fails when any call fails; what
-    /// another call copied is skipped cheaply when the batch is tried again.
+    /// Copies the paths and their closure to `url` in up to `upload-jobs`
+    /// calls at once of at least [`MIN_PATHS_PER_COPY`] paths; fails when one
+    /// fails (what the others copied is skipped cheaply on the next try).
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
         let cmds = paths
@@ -184,17 +182,15 @@ impl Nix {
         self.run_all("nix copy", cmds.collect()).map(drop)
     }
 
-    /// Runs an uploader (`upload-command`) with the paths appended to its
-    /// arguments.
+    /// Runs the `upload-command` with the paths appended to its arguments.
     pub fn run_uploader(&self, argv: &[String], paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = Command::new(argv.first().map_or("", String::as_str));
         cmd.args(argv.iter().skip(1)).args(paths);
         self.run_all("upload-command", vec![cmd]).map(drop)
     }
 
-    /// Checks that nix can open the store at `url`, within `timeout`: with
-    /// `nix store info`, or with `nix store ping` on a Nix older than 2.19,
-    /// which has no `info` (newer ones warn that `ping` is deprecated).
+    /// Checks that nix can open the store at `url` within `timeout`: `nix
+    /// store info`, or `ping` before Nix 2.19 (newer ones deprecate it).
     pub fn ping(&self, url: &str, timeout: Duration) -> Result<(), Failure> {
         static HAS_INFO: OnceLock<bool> = OnceLock::new();
         let has_info = *HAS_INFO.get_or_init(|| {
@@ -218,8 +214,7 @@ impl Nix {
         let why = if !out.ended {
             let secs = OUTPUT_AFTER_EXIT.as_secs();
             format!(
-                "exited, but its standard output was still open {secs} s later \
-                 (held by a process it started?)"
+                "exited, but its stdout was open {secs} s later (held by a process it started?)"
             )
         } else if out.read > STDOUT_MAX as u64 {
             format!("printed more than {STDOUT_MAX} bytes on its standard output")
@@ -232,9 +227,8 @@ impl Nix {
     }
 
     /// Runs the commands at once in one new process group, published in
-    /// `running`, killed as a whole when they outlast the timeout, and
-    /// swept of what they left once they exited. Returns what was read of
-    /// each one's stdout, or the first failure in command order.
+    /// `running`, killed on timeout and swept once they exited. Returns each
+    /// one's stdout, or the first failure in command order.
     fn run_all(&self, what: &'static str, cmds: Vec<Command>) -> Result<Vec<Capture>, Failure> {
         let (exited_tx, exited) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel();
@@ -279,13 +273,13 @@ impl Nix {
         let deadline = Instant::now() + self.timeout;
         let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> = Vec::new();
         statuses.resize_with(count, || None);
-        let mut timed_out = false;
-        while spawn_error.is_none() && !timed_out && statuses.iter().any(Option::is_none) {
-            match exited.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok((i, status)) => statuses[i] = Some(status),
-                Err(_) => timed_out = true,
-            }
-        }
+        let exit = || exited.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let timed_out = spawn_error.is_none()
+            && (0..count).any(|_| {
+                exit()
+                    .map(|(i, status)| statuses[i] = Some(status))
+                    .is_err()
+            });
         if pgid != 0 {
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
@@ -305,11 +299,8 @@ impl Nix {
             captures[i][which] = capture;
         }
         let fail = |kind, err: &Capture| {
-            Err(Failure {
-                what,
-                kind,
-                stderr: tail(&err.data),
-            })
+            let stderr = tail(&err.data);
+            Err(Failure { what, kind, stderr })
         };
         if let Some(e) = spawn_error {
             return fail(FailureKind::Spawn(e), &Capture::default());
@@ -345,8 +336,8 @@ fn at_least_2_19(version: &str) -> bool {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 19)
 }
 
-/// What was read of one stream: its first bytes (stdout) or its last ones
-/// (stderr), bytes read in all, and whether every writer closed it.
+/// What was read of a stream: its head (stdout) or tail (stderr), the bytes
+/// read in all, and whether every writer closed it.
 #[derive(Debug, Default)]
 struct Capture {
     data: Vec<u8>,
@@ -354,9 +345,8 @@ struct Capture {
     ended: bool,
 }
 
-/// Reads `from` until it ends or fails, or until `stop` is set (seen when
-/// a read times out), keeping [`STDOUT_MAX`] bytes of the head of stdout or
-/// [`STDERR_KEPT`] of the tail of stderr.
+/// Reads `from` until it ends or fails, or `stop` is set (seen when a read
+/// times out), keeping [`STDOUT_MAX`] or [`STDERR_KEPT`] bytes.
 fn read_stream(mut from: impl Read, which: usize, stop: &AtomicBool) -> Capture {
     let (mut c, mut buf) = (Capture::default(), [0u8; 16 * 1024]);
     let max = [STDOUT_MAX, STDERR_KEPT][which];
@@ -382,10 +372,9 @@ fn read_stream(mut from: impl Read, which: usize, stop: &AtomicBool) -> Capture 
     c
 }
 
-/// The last part of a command's stderr on one line, with terminal colour
-/// sequences (`ESC [ ... letter`) removed and every other control
-/// character made a space: nix's words end up in the log and in `status`,
-/// where they must not move a terminal's cursor or hide what follows.
+/// The end of a stderr on one line, without colour sequences (`ESC [ ...
+/// letter`) and other control characters, which could move a terminal's
+/// cursor where the log or `status` shows it.
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let (mut clean, mut chars) = (String::new(), text.chars().peekable());
