@@ -213,9 +213,7 @@ impl Nix {
         let out = self.run_all(what, vec![cmd])?.pop().unwrap_or_default();
         let why = if !out.ended {
             let secs = OUTPUT_AFTER_EXIT.as_secs();
-            format!(
-                "exited, but its stdout was open {secs} s later (held by a process it started?)"
-            )
+            format!("exited, but its standard output stayed open {secs} s more (held by a child?)")
         } else if out.read > STDOUT_MAX as u64 {
             format!("printed more than {STDOUT_MAX} bytes on its standard output")
         } else {
