@@ -29,7 +29,7 @@ pub const MIN_PATHS_PER_COPY: usize = 32;
 pub const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Bytes kept of the end of a call's stderr, where nix says what went wrong.
 const STDERR_KEPT: usize = 64 * 1024;
-/// Bytes kept of a query's stdout: a few times the paths it was given.
+/// Most bytes of a query's stdout: a few times the paths it was given.
 const STDOUT_MAX: usize = 4 * MAX_ARG_BYTES;
 /// How often a thread reading a call's output looks whether to stop.
 const READ_POLL: Duration = Duration::from_millis(250);
@@ -137,9 +137,7 @@ impl Nix {
         let mut cmd = Command::new(&self.nix);
         cmd.args(["--extra-experimental-features", "nix-command"])
             .args(subcommand);
-        if let Some(opts) = self.ssh_opts {
-            cmd.env("NIX_SSHOPTS", opts);
-        }
+        cmd.envs(self.ssh_opts.map(|opts| ("NIX_SSHOPTS", opts)));
         cmd
     }
 
@@ -269,8 +267,8 @@ impl Nix {
         }
         drop((exited_tx, ended_tx));
         let deadline = Instant::now() + self.timeout;
-        let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> = Vec::new();
-        statuses.resize_with(count, || None);
+        let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> =
+            (0..count).map(|_| None).collect();
         let exit = || exited.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         let timed_out = spawn_error.is_none()
             && (0..count).any(|_| {
@@ -284,8 +282,7 @@ impl Nix {
         self.running.store(0, Ordering::SeqCst);
         // What they wrote is in the streams: read up to a deadline, as a
         // process that left the group may hold them open.
-        let mut captures: Vec<[Capture; 2]> = Vec::new();
-        captures.resize_with(count, Default::default);
+        let mut captures: Vec<[Capture; 2]> = (0..count).map(|_| Default::default()).collect();
         let until = Instant::now() + OUTPUT_AFTER_EXIT;
         for _ in 0..readers {
             let got = ended.recv_timeout(until.saturating_duration_since(Instant::now()));
@@ -306,8 +303,10 @@ impl Nix {
         if timed_out {
             // The stderr of a call that was still running tells most.
             let running = statuses.iter().position(Option::is_none).unwrap_or(0);
-            let err = &captures[running][STDERR];
-            return fail(FailureKind::TimedOut(self.timeout), err);
+            return fail(
+                FailureKind::TimedOut(self.timeout),
+                &captures[running][STDERR],
+            );
         }
         let mut outputs = Vec::new();
         for (status, [out, err]) in statuses.into_iter().zip(captures) {
@@ -334,8 +333,8 @@ fn at_least_2_19(version: &str) -> bool {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 19)
 }
 
-/// What was read of a stream: its head (stdout) or tail (stderr), the bytes
-/// read in all, and whether every writer closed it.
+/// What was read of a stream: its tail, the bytes read in all, and whether
+/// every writer closed it.
 #[derive(Debug, Default)]
 struct Capture {
     data: Vec<u8>,
@@ -358,12 +357,10 @@ fn read_stream(mut from: impl Read, which: usize, stop: &AtomicBool) -> Capture 
         };
         c.read += n as u64;
         c.data.extend_from_slice(&buf[..n]);
-        // The head of stdout stays; of stderr, the tail (its front dropped
-        // once per `max` bytes, not per read).
-        match which {
-            STDOUT => c.data.truncate(max),
-            _ if c.data.len() > 2 * max => drop(c.data.drain(..c.data.len() - max)),
-            _ => {}
+        // The tail is kept (a longer stdout is refused), its front dropped
+        // once per `max` bytes, not per read.
+        if c.data.len() > 2 * max {
+            c.data.drain(..c.data.len() - max);
         }
     }
     c.data.drain(..c.data.len().saturating_sub(max));
