@@ -1,6 +1,5 @@
 //! The `post-build-hook-queue` command: the daemon (`serve`), the check of
-//! its settings (`check-config`) and the admin commands, with the exit
-//! statuses that `--help` lists.
+//! its settings (`check-config`) and the admin commands, and their help.
 
 use std::ffi::OsString;
 use std::io::{BufRead, ErrorKind, IsTerminal, Write};
@@ -13,8 +12,7 @@ use crate::server::{self, ServeError};
 use crate::wire::{self, request_line};
 use crate::{protocol, target};
 
-/// Exit status of a configuration error (`EX_CONFIG`), which no restart
-/// mends; no other error exits with it.
+/// Exit status of a configuration error (`EX_CONFIG`), and of nothing else.
 pub const EXIT_CONFIG: i32 = 78;
 /// Exit status of usage errors of the admin commands, and of no daemon.
 pub const EXIT_USAGE: i32 = 2;
@@ -85,28 +83,22 @@ fn settings_help() -> String {
 }
 
 fn usage() -> String {
-    let synopses: String = commands()
-        .map(|c| format!("  post-build-hook-queue {}\n", c.1))
-        .collect();
-    let help = "  post-build-hook-queue COMMAND --help | --help | --version";
-    format!(
-        "Usage:\n{synopses}{help}\n\n{EXIT_STATUSES}\n{}",
-        settings_help()
-    )
+    let mut s = String::from("Usage:\n");
+    for (_, synopsis, _) in commands() {
+        s += &format!("  post-build-hook-queue {synopsis}\n");
+    }
+    s += "  post-build-hook-queue COMMAND --help | --help | --version\n\n";
+    format!("{s}{EXIT_STATUSES}\n{}", settings_help())
 }
 
 /// `COMMAND --help`: what a command does, its arguments and exit statuses.
 fn command_help(command: &str) -> String {
-    let Some((name, synopsis, text)) = commands().find(|c| c.0 == command) else {
-        return usage();
-    };
+    let (name, synopsis, text) = commands().find(|c| c.0 == command).unwrap_or_default();
     let (socket, env) = (Config::new().socket, wire::ENV_SOCKET);
+    let socket = socket.display();
     let more = match name {
         "serve" | "check-config" => settings_help(),
-        _ => format!(
-            "The socket is {} unless --socket or ${env} says otherwise.\n",
-            socket.display()
-        ),
+        _ => format!("The socket is {socket} unless --socket or ${env} says otherwise.\n"),
     };
     format!("Usage: post-build-hook-queue {synopsis}\n\n{text}\n\n{EXIT_STATUSES}\n{more}")
 }
@@ -180,7 +172,7 @@ fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
 
 #[derive(Default)]
 struct AdminArgs {
-    socket: PathBuf,
+    socket: Option<PathBuf>,
     json: bool,
     timeout: Option<Duration>,
     paths: Vec<String>,
@@ -188,32 +180,23 @@ struct AdminArgs {
 }
 
 fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
-    let mut out = AdminArgs {
-        socket: client::socket_path(),
-        ..AdminArgs::default()
-    };
-    let mut from_stdin = false;
+    let mut out = AdminArgs::default();
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
             _ => (arg.as_str(), None),
         };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| iter.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
+        let mut next = || inline.clone().or_else(|| iter.next().cloned());
+        let mut value = || next().ok_or_else(|| format!("{flag} needs a value"));
         match flag {
-            "--socket" => out.socket = PathBuf::from(value("--socket")?),
+            "--socket" => out.socket = Some(PathBuf::from(value()?)),
             "--json" if command == "status" => out.json = true,
             "--timeout" if command == "wait" => {
-                let seconds = wire::parse_seconds(&value("--timeout")?);
+                let seconds = wire::parse_seconds(&value()?);
                 out.timeout = Some(seconds.map_err(|e| format!("--timeout: {e}"))?)
             }
             "-" if command == "enqueue" => {
-                from_stdin = true;
                 for line in std::io::stdin().lock().lines() {
                     let line = line.map_err(|e| format!("reading paths from stdin: {e}"))?;
                     out.paths.extend(line.split_whitespace().map(String::from));
@@ -226,7 +209,7 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
             _ => return Err(format!("{command}: unknown argument {arg:?} (see --help)")),
         }
     }
-    let given = !out.paths.is_empty() || from_stdin;
+    let given = !out.paths.is_empty() || args.iter().any(|a| a == "-");
     match command {
         "enqueue" if !given => {
             Err("enqueue: give store paths, or - to read them from stdin".into())
@@ -243,7 +226,8 @@ fn admin(command: &str, args: &[String]) -> i32 {
         Ok(a) => a,
         Err(e) => return fail(&e, EXIT_USAGE),
     };
-    let mut conn = match Connection::open(&a.socket, ADMIN_TIMEOUT) {
+    let socket = a.socket.unwrap_or_else(client::socket_path);
+    let mut conn = match Connection::open(&socket, ADMIN_TIMEOUT) {
         Ok(c) => c,
         Err(e) => return fail(&connect_error(&e), EXIT_USAGE),
     };
@@ -259,13 +243,13 @@ fn admin(command: &str, args: &[String]) -> i32 {
     let mut out = std::io::stdout().lock();
     let result = match command {
         "enqueue" | "requeue" | "drop" => send_paths(&mut conn, command, &paths),
-        "status" => conn
-            .send(&request_line(
-                "status",
-                if a.json { &["json"] } else { &[] },
-            ))
-            .and_then(|()| replies(&mut conn, None, |line| drop(writeln!(out, "{line}"))))
-            .map(drop),
+        "status" => {
+            let line = request_line("status", if a.json { &["json"] } else { &[] });
+            let print = |line| drop(writeln!(out, "{line}"));
+            conn.send(&line)
+                .and_then(|()| replies(&mut conn, None, print))
+                .map(drop)
+        }
         "wait" => wait(&mut conn, a.timeout),
         _ => conn
             .request(&request_line("retry", &[]))
@@ -285,8 +269,7 @@ fn admin(command: &str, args: &[String]) -> i32 {
     }
 }
 
-/// Why the daemon could not be reached: a socket we may not open is not a
-/// missing daemon.
+/// Why the daemon could not be reached (a socket we may not open is not a missing one).
 fn connect_error(e: &ClientError) -> String {
     match e {
         ClientError::Connect(socket, io) if io.kind() == ErrorKind::PermissionDenied => format!(
@@ -298,17 +281,13 @@ fn connect_error(e: &ClientError) -> String {
     }
 }
 
-/// Most links followed from an argument to its store path.
-const MAX_LINKS: usize = 40;
-
 /// The store path an argument names: itself when it is directly in the
 /// store, else the one a chain of links leads to (`./result`). Unless
 /// `must_exist` (requeue, drop), a missing path is sent as given.
 fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, String> {
-    let store = std::path::Path::new(store_dir);
     let mut path = std::path::absolute(arg)
         .map_err(|e| format!("{arg}: cannot read the current directory: {e}"))?;
-    for _ in 0..MAX_LINKS {
+    for _ in 0..40 {
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             // Not ours to look at: the daemon may see it, and decides.
@@ -323,7 +302,7 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
             }
             Err(e) => return Err(format!("{arg}: {e}")),
         };
-        if path.parent() == Some(store) {
+        if path.parent() == Some(std::path::Path::new(store_dir)) {
             let utf8 = path.to_str().map(String::from);
             return utf8.ok_or_else(|| format!("{arg}: {path:?} is not UTF-8"));
         }
@@ -338,11 +317,10 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
             _ => target,
         };
     }
-    Err(format!("{arg}: more than {MAX_LINKS} links in a row"))
+    Err(format!("{arg}: more than 40 links in a row"))
 }
 
-/// `enqueue`, `requeue` or `drop` of `paths`; `requeue` and `drop` of none
-/// given: of every path given up on.
+/// `enqueue`, `requeue` or `drop` of `paths` (none: every path given up on).
 fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<(), ClientError> {
     let lines: Vec<String> = if paths.is_empty() && command != "enqueue" {
         vec![request_line(&format!("{command}-failed"), &[])]
@@ -361,11 +339,9 @@ fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<
     let of = Some(paths.len())
         .filter(|n| *n > 0)
         .map_or(String::new(), |n| format!(" of {n}"));
+    let already = paths.len().saturating_sub(done);
     match command {
-        "enqueue" => println!(
-            "queued {done} new path(s); {} were already queued",
-            paths.len().saturating_sub(done)
-        ),
+        "enqueue" => println!("queued {done} new path(s); {already} were already queued"),
         "requeue" => println!("requeued {done}{of} path(s) given up on; they are tried again"),
         _ => println!("dropped {done}{of} queued path(s); they will not be uploaded"),
     }
@@ -404,21 +380,16 @@ fn describe_remaining(line: &str, error: bool) -> Option<String> {
         return None;
     };
     let mut text = format!("{n} path(s) still queued, {m} of them failing");
-    let last = (
-        words.next(),
-        words.next().and_then(|rest| rest.split_once(' ')),
-    );
-    if let (true, Some("error"), Some((path, why))) = (error, last.0, last.1) {
+    let (tag, rest) = (words.next(), words.next().and_then(|r| r.split_once(' ')));
+    if let (true, Some("error"), Some((path, why))) = (error, tag, rest) {
         text.push_str(&format!("; last error ({path}): {why}"));
     }
     Some(text)
 }
 
 /// Blocks until the paths queued before the call are gone from the queue;
-/// its timeout is a refusal (exit 1) that says what is left. On a terminal,
-/// the progress is one line rewritten in place; it always ends with a
-/// newline (the next one moves the cursor up to replace it), so that
-/// however `wait` ends, Ctrl-C included, the terminal is on a fresh line.
+/// its timeout is a refusal saying what is left. The progress on a terminal
+/// is one line replaced in place, ending with a newline however `wait` ends.
 fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientError> {
     let tty = std::io::stderr().is_terminal();
     let (mut progress, mut last) = (false, String::new());
@@ -440,9 +411,8 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientEr
             let secs = timeout.unwrap_or_default().as_secs_f64();
             let state = describe_remaining(&last, true);
             let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
-            Err(ClientError::Refused(format!(
-                "wait timed out after {secs}s: {state}"
-            )))
+            let message = format!("wait timed out after {secs}s: {state}");
+            Err(ClientError::Refused(message))
         }
         reply => reply.map(|message| println!("{message}")),
     }
@@ -468,7 +438,7 @@ mod tests {
     fn admin_arguments() {
         let a = parse_admin("wait", &args(&["--timeout=2.5", "--socket", "/s"])).unwrap();
         assert_eq!(a.timeout, Some(Duration::from_millis(2500)));
-        assert_eq!(a.socket, PathBuf::from("/s"));
+        assert_eq!(a.socket, Some(PathBuf::from("/s")));
         assert!(parse_admin("status", &args(&["--json"])).unwrap().json);
         assert!(parse_admin("wait", &args(&["--json"])).is_err());
         assert!(parse_admin("wait", &args(&["--timeout", "0"])).is_err());
