@@ -121,8 +121,7 @@ impl Config {
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         if let Some(c) = value.chars().find(|c| c.is_control()) {
             return Err(format!(
-                "the value holds the control character {c:?}; line breaks, tabs and other \
-                 control characters are accepted in no setting"
+                "no setting takes control characters, such as {c:?}"
             ));
         }
         let path = |v| parse::<PathBuf>(v, |p| !p.as_os_str().is_empty(), "a path");
@@ -179,10 +178,9 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration from the arguments of `serve` and `check-config`,
-    /// with every problem found, each one line `ORIGIN: PROBLEM`. Unless
-    /// `at_start` (`check-config`, maybe in a build sandbox), a signing key
-    /// file it cannot read is skipped.
+    /// The configuration from the arguments, with every problem, each one
+    /// line `ORIGIN: PROBLEM`. Unless `at_start` (`check-config`, maybe in a
+    /// build sandbox), a signing key file it cannot read is skipped.
     pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
         let mut problems = Vec::new();
         let flags = split_flags(args, &mut problems);
@@ -208,8 +206,7 @@ impl Config {
         settings.extend(flags.map(|(key, value)| (format!("--{key}"), key, value)));
         let mut config = Config::new();
         let mut given = Vec::new();
-        // The first --upload-to flag replaces the file's targets (flags
-        // win); the next ones add to them.
+        // The first --upload-to flag replaces the file's targets.
         let mut flag_targets = false;
         for (origin, key, value) in &settings {
             let flag = origin.starts_with("--");
@@ -233,18 +230,15 @@ impl Config {
     }
 }
 
-/// Checks the environment variables the defaults in effect are made of:
-/// each, when set, an absolute path without control characters. A state
-/// directory in `$TMPDIR` must be this user's own, or another user could
-/// have made it, to read the journal or take the socket.
+/// Checks the environment variables the defaults in effect are made of. A
+/// state directory in `$TMPDIR` must be this user's own, or another user
+/// could have made it, to read the journal or take the socket.
 fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     let store = (!given.contains(&"store-dir")).then_some("NIX_STORE_DIR");
     let places = sys::uid() != 0 && !(given.contains(&"socket") && given.contains(&"state-dir"));
     let place_vars = ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(Some);
-    for var in store
-        .into_iter()
-        .chain(place_vars.into_iter().flatten().filter(|_| places))
-    {
+    let place_vars = place_vars.into_iter().flatten().filter(|_| places);
+    for var in store.into_iter().chain(place_vars) {
         let value = std::env::var_os(var).filter(|v| !v.is_empty());
         match value.map(std::ffi::OsString::into_string) {
             Some(Ok(v)) if !v.starts_with('/') || v.contains(char::is_control) => problems.push(
