@@ -1,16 +1,17 @@
-//! The daemon's settings (defaults, environment, a config file in nix.conf
-//! syntax, then `--key value` flags, which win) and the checks `serve` and
-//! `check-config` share: every problem, one line each, says where and what.
+//! The daemon's settings (defaults, environment, a nix.conf-like file, then
+//! `--key value` flags) and the checks `serve` and `check-config` share.
 
+use std::io::ErrorKind::{NotFound, PermissionDenied};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::sys;
 use crate::wire::{parse_seconds, with_places};
 
-/// Every setting of the daemon: each field is the key of its name (`-` for
-/// `_`) in [`KEYS`]; `None` and empty lists are "none". [`Config::new`] has
-/// the defaults; `Config::default()` is blank (every number 0).
+/// Every setting: each field is the key of its name in [`KEYS`] (`None`: none).
+/// [`Config::new`] has the defaults; `Config::default()` is blank.
 #[derive(Debug, Clone, PartialEq, Default)]
 #[allow(missing_docs)]
 pub struct Config {
@@ -71,8 +72,7 @@ pub fn keys() -> impl Iterator<Item = [&'static str; 3]> {
     })
 }
 
-/// The settings as `--help` lists them, one line each, with their defaults
-/// (those that depend on the user and the environment as they are now).
+/// The settings as `--help` lists them, with their defaults here and now.
 pub fn help_table() -> String {
     let here = Config::new();
     let mut s = String::new();
@@ -90,16 +90,16 @@ pub fn help_table() -> String {
 }
 
 impl Config {
-    /// The defaults: those of [`KEYS`]; the socket and state directory of
-    /// this user (see [`crate::wire::Places`]); the store Nix uses (`$NIX_STORE_DIR`).
+    /// The defaults: those of [`KEYS`], this user's places, Nix's store dir.
     pub fn new() -> Config {
         let mut config = Config::default();
         let (socket, state_dir) = with_places(|p| (p.socket(), p.state_dir()));
         (config.socket, config.state_dir) = (socket.into(), state_dir.into());
-        config.store_dir = match std::env::var("NIX_STORE_DIR") {
-            Ok(dir) if !dir.is_empty() => dir.trim_end_matches('/').to_string(),
-            _ => "/nix/store".to_string(),
-        };
+        let store_dir = std::env::var("NIX_STORE_DIR")
+            .ok()
+            .filter(|d| !d.is_empty());
+        config.store_dir =
+            store_dir.map_or("/nix/store".into(), |d| d.trim_end_matches('/').into());
         for [key, default, _] in keys() {
             // Not "(below)", "STATE/spool" or none: a value `set` takes.
             if default.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
@@ -111,18 +111,15 @@ impl Config {
 
     /// The spool directory: `spool-dir` if set, else `<state-dir>/spool`.
     pub fn spool_dir(&self) -> PathBuf {
-        self.spool_dir
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("spool"))
+        let default = || self.state_dir.join("spool");
+        self.spool_dir.clone().unwrap_or_else(default)
     }
 
     /// Applies one `key = value` setting; the error says what is accepted.
     /// No control characters: a line break would end a `status` line early.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         if let Some(c) = value.chars().find(|c| c.is_control()) {
-            return Err(format!(
-                "no setting takes control characters, such as {c:?}"
-            ));
+            return Err(format!("no setting takes a control character ({c:?})"));
         }
         let path = |v| parse::<PathBuf>(v, |p| !p.as_os_str().is_empty(), "a path");
         let opt_path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
@@ -178,9 +175,8 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration from the arguments, with every problem, each one
-    /// line `ORIGIN: PROBLEM`. Unless `at_start` (`check-config`, maybe in a
-    /// build sandbox), a signing key file it cannot read is skipped.
+    /// The configuration from the arguments, and every problem (`ORIGIN: WHAT`);
+    /// unless `at_start` (check-config, in a sandbox?) an unreadable key is skipped.
     pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
         let mut problems = Vec::new();
         let flags = split_flags(args, &mut problems);
@@ -230,9 +226,8 @@ impl Config {
     }
 }
 
-/// Checks the environment variables the defaults in effect are made of. A
-/// state directory in `$TMPDIR` must be this user's own, or another user
-/// could have made it, to read the journal or take the socket.
+/// Checks the environment the defaults are made of. A state directory in
+/// `$TMPDIR` must be this user's own: another's could expose the journal.
 fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     let store = (!given.contains(&"store-dir")).then_some("NIX_STORE_DIR");
     let places = sys::uid() != 0 && !(given.contains(&"socket") && given.contains(&"state-dir"));
@@ -252,11 +247,10 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     if !(places && unset("XDG_STATE_HOME") && unset("HOME")) {
         return;
     }
-    use std::os::unix::fs::MetadataExt;
     let dir = Config::new().state_dir;
     let ours = |m: &std::fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.mode() & 0o022 == 0;
     match std::fs::symlink_metadata(&dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == NotFound => {}
         Ok(m) if ours(&m) => {}
         _ => problems.push(format!(
             "$TMPDIR: the state directory {} (in $TMPDIR or /tmp, as neither HOME nor \
@@ -267,13 +261,9 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     }
 }
 
-/// Checks the signing key file (whose key is never shown): a regular file
-/// holding a Nix secret key, else uploads would fail one by one; `at_start`,
-/// also readable, and not by every user.
+/// Checks the signing key file (never showing the key): a regular file with
+/// a Nix secret key; `at_start`, also readable, and not by every user.
 fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
-    use std::io::ErrorKind::{NotFound, PermissionDenied};
-    use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
     let shown = key.display();
     let mut text = Vec::new();
     // At most 4 KiB (a key is about 100 bytes); never a FIFO's read.
@@ -310,7 +300,6 @@ fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
 /// Checks that the `upload-command` program can be run: an executable file
 /// at its absolute path, or (a bare name) in a directory of `PATH`.
 fn check_program(program: &str) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
     let runnable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
@@ -328,17 +317,13 @@ fn check_program(program: &str) -> Result<(), String> {
     })
 }
 
-/// The error for an unknown key: the nearest known key when one is close
-/// (a typo, or the start of a key), and the list of all of them.
+/// The error for an unknown key: the nearest key if close, and all keys.
 fn unknown_key(key: &str) -> String {
     let known: Vec<&str> = keys().map(|[k, _, _]| k).collect();
-    let nearest = known
-        .iter()
-        .map(|k| (edit_distance(key, k), *k))
-        .min()
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4) || key.len() >= 3 && k.starts_with(key));
+    let close = |d: usize, k: &str| d <= 2.max(k.len() / 4) || key.len() >= 3 && k.starts_with(key);
+    let nearest = known.iter().map(|k| (edit_distance(key, k), *k)).min();
     let list = known.join(", ");
-    match nearest {
+    match nearest.filter(|(d, k)| close(*d, k)) {
         Some((_, k)) => format!("unknown key {key:?}; did you mean {k:?}? Known keys: {list}"),
         None => format!("unknown key {key:?}; known keys: {list}"),
     }
@@ -362,16 +347,12 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// Splits `--key value` and `--key=value` arguments into pairs.
 fn split_flags(args: &[String], problems: &mut Vec<String>) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut iter = args.iter();
+    let (mut out, mut iter) = (Vec::new(), args.iter());
     while let Some(arg) = iter.next() {
-        let Some(flag) = arg.strip_prefix("--") else {
-            problems.push(format!("{arg}: expected a flag such as --upload-to URL"));
-            continue;
-        };
-        match flag.split_once('=') {
-            Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => match iter.next() {
+        match arg.strip_prefix("--").map(|f| (f, f.split_once('='))) {
+            None => problems.push(format!("{arg}: expected a flag such as --upload-to URL")),
+            Some((_, Some((k, v)))) => out.push((k.to_string(), v.to_string())),
+            Some((flag, None)) => match iter.next() {
                 Some(value) => out.push((flag.to_string(), value.clone())),
                 None => problems.push(format!("{arg}: --{flag} needs a value")),
             },
@@ -380,8 +361,7 @@ fn split_flags(args: &[String], problems: &mut Vec<String>) -> Vec<(String, Stri
     out
 }
 
-/// True for `NAME:BASE64` where the base64 decodes to the 64 bytes of an
-/// ed25519 secret key (what Nix's `SecretKey` accepts), maybe within spaces.
+/// True for `NAME:BASE64` of a 64-byte ed25519 secret key, as Nix reads it.
 fn is_secret_key(text: &[u8]) -> bool {
     // 64 bytes are 86 base64 characters and `==`.
     let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
