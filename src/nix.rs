@@ -10,8 +10,8 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -228,15 +228,17 @@ impl Nix {
     fn run_all(&self, what: &'static str, cmds: Vec<Command>) -> Result<Vec<Capture>, Failure> {
         let (exited_tx, exited) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (mut children, mut readers, mut spawn_error) = (Vec::new(), Vec::new(), None);
+        let until = Arc::new(OnceLock::new());
+        let (mut children, mut spawn_error) = (Vec::new(), None);
         for mut cmd in cmds {
-            let (i, started) = (children.len(), readers.len());
-            let mut stream = |which: usize| -> std::io::Result<Stdio> {
+            let i = children.len();
+            let stream = |which: usize| -> std::io::Result<Stdio> {
                 let (ours, theirs) = UnixStream::pair()?;
                 ours.set_read_timeout(Some(READ_POLL))?;
-                let (stop, ended) = (stop.clone(), ended_tx.clone());
-                readers.push(move || ended.send((i, which, read_stream(ours, which, &stop))));
+                let (until, ended) = (until.clone(), ended_tx.clone());
+                std::thread::spawn(move || {
+                    ended.send((i, which, read_stream(ours, which, &until)))
+                });
                 Ok(OwnedFd::from(theirs).into())
             };
             let pgid = children.first().map_or(0, |c: &Child| c.id());
@@ -251,14 +253,12 @@ impl Nix {
                 Ok(child) => children.push(child),
                 Err(e) => {
                     spawn_error = Some(e.to_string());
-                    readers.truncate(started);
                     break;
                 }
             }
         }
         let (pgid, count) = (children.first().map_or(0, Child::id), children.len());
         self.running.store(pgid, Ordering::SeqCst);
-        let readers = readers.into_iter().map(std::thread::spawn).count();
         // Waited for only once all started: the group lives while its first
         // process is not reaped, so that the others could join it.
         for (i, mut child) in children.into_iter().enumerate() {
@@ -267,30 +267,20 @@ impl Nix {
         }
         drop((exited_tx, ended_tx));
         let deadline = Instant::now() + self.timeout;
-        let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> =
-            (0..count).map(|_| None).collect();
+        let mut statuses: Vec<_> = (0..count).map(|_| None).collect();
         let exit = || exited.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-        let timed_out = spawn_error.is_none()
-            && (0..count).any(|_| {
-                exit()
-                    .map(|(i, status)| statuses[i] = Some(status))
-                    .is_err()
-            });
+        let mut record = || exit().map(|(i, status)| statuses[i] = Some(status));
+        let timed_out = spawn_error.is_none() && (0..count).any(|_| record().is_err());
         if pgid != 0 {
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
         self.running.store(0, Ordering::SeqCst);
         // What they wrote is in the streams: read up to a deadline, as a
-        // process that left the group may hold them open.
-        let mut captures: Vec<[Capture; 2]> = (0..count).map(|_| Default::default()).collect();
-        let until = Instant::now() + OUTPUT_AFTER_EXIT;
-        for _ in 0..readers {
-            let got = ended.recv_timeout(until.saturating_duration_since(Instant::now()));
-            let got = got.or_else(|_| {
-                stop.store(true, Ordering::SeqCst);
-                ended.recv()
-            });
-            let Ok((i, which, capture)) = got else { break };
+        // process that left the group may hold them open. One more: the
+        // streams of a command that could not be started.
+        let _ = until.set(Instant::now() + OUTPUT_AFTER_EXIT);
+        let mut captures: Vec<[Capture; 2]> = (0..=count).map(|_| Default::default()).collect();
+        for (i, which, capture) in ended {
             captures[i][which] = capture;
         }
         let fail = |kind, err: &Capture| {
@@ -303,10 +293,8 @@ impl Nix {
         if timed_out {
             // The stderr of a call that was still running tells most.
             let running = statuses.iter().position(Option::is_none).unwrap_or(0);
-            return fail(
-                FailureKind::TimedOut(self.timeout),
-                &captures[running][STDERR],
-            );
+            let err = &captures[running][STDERR];
+            return fail(FailureKind::TimedOut(self.timeout), err);
         }
         let mut outputs = Vec::new();
         for (status, [out, err]) in statuses.into_iter().zip(captures) {
@@ -342,9 +330,9 @@ struct Capture {
     ended: bool,
 }
 
-/// Reads `from` until it ends or fails, or `stop` is set (seen when a read
+/// Reads `from` until it ends or fails, or `until` passed (seen when a read
 /// times out), keeping [`STDOUT_MAX`] or [`STDERR_KEPT`] bytes.
-fn read_stream(mut from: impl Read, which: usize, stop: &AtomicBool) -> Capture {
+fn read_stream(mut from: impl Read, which: usize, until: &OnceLock<Instant>) -> Capture {
     let (mut c, mut buf) = (Capture::default(), [0u8; 16 * 1024]);
     let max = [STDOUT_MAX, STDERR_KEPT][which];
     loop {
@@ -352,7 +340,9 @@ fn read_stream(mut from: impl Read, which: usize, stop: &AtomicBool) -> Capture 
             Ok(0) => break c.ended = true,
             Ok(n) => n,
             Err(e) if e.kind() == Interrupted => continue,
-            Err(e) if e.kind() == WouldBlock && !stop.load(Ordering::SeqCst) => continue,
+            Err(e) if e.kind() == WouldBlock && until.get().is_none_or(|t| *t > Instant::now()) => {
+                continue
+            }
             Err(_) => break,
         };
         c.read += n as u64;
@@ -541,14 +531,16 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(READ_POLL)).unwrap();
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || tx.send(read_stream(ours, STDERR, &AtomicBool::new(true))));
+        std::thread::spawn(move || {
+            tx.send(read_stream(ours, STDERR, &OnceLock::from(Instant::now())))
+        });
         assert!(!rx.recv_timeout(Duration::from_secs(60)).unwrap().ended);
         drop(theirs);
     }
 
     #[test]
     fn only_the_end_of_a_flood_of_stderr_is_kept() {
-        let stop = AtomicBool::new(false);
+        let stop = OnceLock::new();
         let flood = 200 * 1024 * 1024;
         let text = std::io::repeat(b'x')
             .take(flood)
