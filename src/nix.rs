@@ -1,7 +1,6 @@
-//! The `nix` calls the worker makes (no shell; arguments are validated
-//! [`StorePath`]s or settings), each in a process group killed on timeout
-//! and swept when it ends; output read into bounded buffers for at most
-//! [`OUTPUT_AFTER_EXIT`] more, as a process that left the group may hold it.
+//! The `nix` calls the worker makes (no shell; validated arguments), each in
+//! a process group killed on timeout and swept when it ends, with bounded
+//! output read for at most [`OUTPUT_AFTER_EXIT`] after it exited.
 
 use std::fmt;
 use std::io::ErrorKind::{Interrupted, WouldBlock};
@@ -31,20 +30,17 @@ pub const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
 const STDERR_KEPT: usize = 64 * 1024;
 /// Most bytes of a query's stdout: a few times the paths it was given.
 const STDOUT_MAX: usize = 4 * MAX_ARG_BYTES;
-/// How often a thread reading a call's output looks whether to stop.
+/// How often a thread reading a call's output looks at its deadline.
 const READ_POLL: Duration = Duration::from_millis(250);
-/// Which stream of a call was read.
 const STDOUT: usize = 0;
 const STDERR: usize = 1;
 
-/// Lowers the calling thread's CPU priority by 10 nice steps, and with it
-/// that of every call it starts from now on: builds come first.
+/// Lowers the calling thread's priority, and its calls': builds come first.
 pub fn lower_priority() -> std::io::Result<()> {
     sys::lower_thread_priority(10)
 }
 
-/// How a nix call failed: the command (`nix copy`), how, and the end of
-/// its stderr on one line.
+/// How a nix call failed: the command (`nix copy`), how, and its stderr's end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct Failure {
@@ -53,20 +49,18 @@ pub struct Failure {
     pub stderr: String,
 }
 
-/// The ways a nix call can fail: each holds what is said of it.
+/// Not started, exited unsuccessfully (or printed what cannot be used), or
+/// killed for running longer than its timeout.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
 pub enum FailureKind {
-    /// The program could not be started.
     Spawn(String),
-    /// It exited unsuccessfully, or what it printed cannot be used.
     Exit(String),
-    /// It ran longer than the timeout and was killed.
     TimedOut(Duration),
 }
 
 impl Failure {
-    /// True when the call was killed for running too long: a problem of the
-    /// target or the network, not of particular paths.
+    /// True when the call was killed for running too long (not a path's fault).
     pub fn timed_out(&self) -> bool {
         matches!(self.kind, FailureKind::TimedOut(_))
     }
@@ -87,17 +81,16 @@ impl fmt::Display for Failure {
     }
 }
 
-/// The nix programs and how to run them.
+/// The nix programs and how to run them (`NIX_SSHOPTS` and
+/// `--substitute-on-destination` are for ssh targets).
 #[derive(Debug, Clone)]
 pub struct Nix {
     nix: PathBuf,
     nix_store: PathBuf,
     timeout: Duration,
-    /// `NIX_SSHOPTS` for an ssh target, when the user set none.
     ssh_opts: Option<&'static str>,
     running: Arc<AtomicU32>,
     copy_jobs: usize,
-    /// `--substitute-on-destination` for `nix copy` to an ssh target.
     substitute_on_destination: Option<&'static str>,
 }
 
@@ -106,13 +99,12 @@ impl Nix {
     /// the settings of `config`: `nix-store` is beside `nix`, or on `PATH`;
     /// an ssh target gets a connect timeout unless `NIX_SSHOPTS` is set.
     pub fn from_config(config: &Config, upload_to: Option<&str>) -> Nix {
-        let dir = config.nix.parent().filter(|d| !d.as_os_str().is_empty());
         let ssh = upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
         let no_opts = std::env::var_os("NIX_SSHOPTS").is_none();
         let on_destination = config.substitute_on_destination && ssh;
         Nix {
             nix: config.nix.clone(),
-            nix_store: dir.map_or_else(|| "nix-store".into(), |d| d.join("nix-store")),
+            nix_store: config.nix.with_file_name("nix-store"),
             timeout: config.command_timeout,
             ssh_opts: (ssh && no_opts).then_some("-o ConnectTimeout=10"),
             running: Arc::default(),
@@ -121,8 +113,7 @@ impl Nix {
         }
     }
 
-    /// Uses `running` to publish the process group of the call in progress,
-    /// so that a stopping daemon can kill it.
+    /// Publishes the running call's process group in `running` for `stop`.
     pub fn with_running(mut self, running: Arc<AtomicU32>) -> Nix {
         self.running = running;
         self
@@ -159,15 +150,13 @@ impl Nix {
     /// Signs the paths (and their closure when `recursive`) with the key file.
     pub fn sign(&self, key: &Path, recursive: bool, paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = self.nix_command(&["store", "sign", "--key-file"]);
-        cmd.arg(key)
-            .args(recursive.then_some("--recursive"))
-            .args(paths);
+        cmd.arg(key).args(recursive.then_some("--recursive"));
+        cmd.args(paths);
         self.run_all("nix store sign", vec![cmd]).map(drop)
     }
 
-    /// Copies the paths and their closure to `url` in up to `upload-jobs`
-    /// calls at once of at least [`MIN_PATHS_PER_COPY`] paths; fails when one
-    /// fails (what the others copied is skipped cheaply on the next try).
+    /// Copies the paths' closure to `url` in up to `upload-jobs` calls of at
+    /// least [`MIN_PATHS_PER_COPY`] paths; fails when one of them fails.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
         let cmds = paths
@@ -205,8 +194,7 @@ impl Nix {
         nix.run_all(what, vec![cmd]).map(drop)
     }
 
-    /// Runs `cmd` and returns the words of its stdout (store paths), which
-    /// must be complete: ended, and within [`STDOUT_MAX`].
+    /// Runs `cmd` and returns the words of its stdout, which must be whole.
     fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<String>, Failure> {
         let out = self.run_all(what, vec![cmd])?.pop().unwrap_or_default();
         let why = if !out.ended {
@@ -222,9 +210,8 @@ impl Nix {
         Err(Failure { what, kind, stderr })
     }
 
-    /// Runs the commands at once in one new process group, published in
-    /// `running`, killed on timeout and swept once they exited. Returns each
-    /// one's stdout, or the first failure in command order.
+    /// Runs the commands in one new process group: each one's stdout, or the
+    /// first failure.
     fn run_all(&self, what: &'static str, cmds: Vec<Command>) -> Result<Vec<Capture>, Failure> {
         let (exited_tx, exited) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel();
@@ -236,9 +223,8 @@ impl Nix {
                 let (ours, theirs) = UnixStream::pair()?;
                 ours.set_read_timeout(Some(READ_POLL))?;
                 let (until, ended) = (until.clone(), ended_tx.clone());
-                std::thread::spawn(move || {
-                    ended.send((i, which, read_stream(ours, which, &until)))
-                });
+                let read = move || ended.send((i, which, read_stream(ours, which, &until)));
+                std::thread::spawn(read);
                 Ok(OwnedFd::from(theirs).into())
             };
             let pgid = children.first().map_or(0, |c: &Child| c.id());
@@ -275,9 +261,8 @@ impl Nix {
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
         self.running.store(0, Ordering::SeqCst);
-        // What they wrote is in the streams: read up to a deadline, as a
-        // process that left the group may hold them open. One more: the
-        // streams of a command that could not be started.
+        // The streams, up to a deadline: a process that left the group may
+        // hold them. One more: those of a command that could not be started.
         let _ = until.set(Instant::now() + OUTPUT_AFTER_EXIT);
         let mut captures: Vec<[Capture; 2]> = (0..=count).map(|_| Default::default()).collect();
         for (i, which, capture) in ended {
@@ -301,10 +286,9 @@ impl Nix {
             match status.unwrap_or_else(|| Err(std::io::Error::other("no result"))) {
                 Ok(s) if s.success() => outputs.push(out),
                 Ok(s) => {
-                    let how = match (s.code(), s.signal()) {
-                        (Some(code), _) => format!("exit status {code}"),
-                        (None, sig) => format!("killed by signal {}", sig.unwrap_or(0)),
-                    };
+                    let how = s.code().map(|code| format!("exit status {code}"));
+                    let how =
+                        how.unwrap_or(format!("killed by signal {}", s.signal().unwrap_or(0)));
                     return fail(FailureKind::Exit(format!("failed ({how})")), &err);
                 }
                 Err(e) => return fail(FailureKind::Spawn(e.to_string()), &err),
@@ -321,8 +305,7 @@ fn at_least_2_19(version: &str) -> bool {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 19)
 }
 
-/// What was read of a stream: its tail, the bytes read in all, and whether
-/// every writer closed it.
+/// What was read of a stream: its tail, its length, and whether it ended.
 #[derive(Debug, Default)]
 struct Capture {
     data: Vec<u8>,
@@ -330,25 +313,22 @@ struct Capture {
     ended: bool,
 }
 
-/// Reads `from` until it ends or fails, or `until` passed (seen when a read
-/// times out), keeping [`STDOUT_MAX`] or [`STDERR_KEPT`] bytes.
+/// Reads `from` until it ends or fails, or `until` passed, keeping the tail.
 fn read_stream(mut from: impl Read, which: usize, until: &OnceLock<Instant>) -> Capture {
     let (mut c, mut buf) = (Capture::default(), [0u8; 16 * 1024]);
     let max = [STDOUT_MAX, STDERR_KEPT][which];
+    let waiting = || until.get().is_none_or(|t| *t > Instant::now());
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => break c.ended = true,
             Ok(n) => n,
             Err(e) if e.kind() == Interrupted => continue,
-            Err(e) if e.kind() == WouldBlock && until.get().is_none_or(|t| *t > Instant::now()) => {
-                continue
-            }
+            Err(e) if e.kind() == WouldBlock && waiting() => continue,
             Err(_) => break,
         };
         c.read += n as u64;
         c.data.extend_from_slice(&buf[..n]);
-        // The tail is kept (a longer stdout is refused), its front dropped
-        // once per `max` bytes, not per read.
+        // The tail is kept (a longer stdout is refused), cut per `max` bytes.
         if c.data.len() > 2 * max {
             c.data.drain(..c.data.len() - max);
         }
@@ -357,9 +337,8 @@ fn read_stream(mut from: impl Read, which: usize, until: &OnceLock<Instant>) -> 
     c
 }
 
-/// The end of a stderr on one line, without colour sequences (`ESC [ ...
-/// letter`) and other control characters, which could move a terminal's
-/// cursor where the log or `status` shows it.
+/// The end of a stderr on one line, without control characters or colour
+/// sequences (`ESC [ ... letter`), which could move a terminal's cursor.
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let (mut clean, mut chars) = (String::new(), text.chars().peekable());
