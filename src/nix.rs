@@ -1,6 +1,5 @@
-//! The `nix` calls the worker makes (no shell; validated arguments), each in
-//! a process group killed on timeout and swept when it ends, with bounded
-//! output read for at most [`OUTPUT_AFTER_EXIT`] after it exited.
+//! The `nix` calls the worker makes (no shell), each in a process group killed
+//! on timeout and swept at its end; bounded output read until [`OUTPUT_AFTER_EXIT`].
 
 use std::fmt;
 use std::io::ErrorKind::{Interrupted, WouldBlock};
@@ -49,8 +48,7 @@ pub struct Failure {
     pub stderr: String,
 }
 
-/// Not started, exited unsuccessfully (or printed what cannot be used), or
-/// killed for running longer than its timeout.
+/// Not started, exited unsuccessfully (or unusably), or killed on timeout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub enum FailureKind {
@@ -81,8 +79,7 @@ impl fmt::Display for Failure {
     }
 }
 
-/// The nix programs and how to run them (`NIX_SSHOPTS` and
-/// `--substitute-on-destination` are for ssh targets).
+/// The nix programs and how to run them.
 #[derive(Debug, Clone)]
 pub struct Nix {
     nix: PathBuf,
@@ -96,8 +93,7 @@ pub struct Nix {
 
 impl Nix {
     /// The `nix` for calls to `upload_to` (`None`: signing and queries) with
-    /// the settings of `config`: `nix-store` is beside `nix`, or on `PATH`;
-    /// an ssh target gets a connect timeout unless `NIX_SSHOPTS` is set.
+    /// the settings of `config`; ssh gets a connect timeout (no `NIX_SSHOPTS`).
     pub fn from_config(config: &Config, upload_to: Option<&str>) -> Nix {
         let ssh = upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
         let no_opts = std::env::var_os("NIX_SSHOPTS").is_none();
@@ -155,8 +151,7 @@ impl Nix {
         self.run_all("nix store sign", vec![cmd]).map(drop)
     }
 
-    /// Copies the paths' closure to `url` in up to `upload-jobs` calls of at
-    /// least [`MIN_PATHS_PER_COPY`] paths; fails when one of them fails.
+    /// Copies the closure to `url`: `upload-jobs` calls of [`MIN_PATHS_PER_COPY`]+ paths.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
         let cmds = paths
@@ -176,8 +171,7 @@ impl Nix {
         self.run_all("upload-command", vec![cmd]).map(drop)
     }
 
-    /// Checks that nix can open the store at `url` within `timeout`: `nix
-    /// store info`, or `ping` before Nix 2.19 (newer ones deprecate it).
+    /// Checks that nix opens `url` within `timeout`: `nix store info` (`ping` before 2.19).
     pub fn ping(&self, url: &str, timeout: Duration) -> Result<(), Failure> {
         static HAS_INFO: OnceLock<bool> = OnceLock::new();
         let has_info = *HAS_INFO.get_or_init(|| {
@@ -235,18 +229,14 @@ impl Nix {
                 cmd.spawn()
             });
             drop(cmd); // closes our copies of the child's ends of its streams
-            match spawned {
-                Ok(child) => children.push(child),
-                Err(e) => {
-                    spawn_error = Some(e.to_string());
-                    break;
-                }
+            spawn_error = spawned.map(|child| children.push(child)).err();
+            if spawn_error.is_some() {
+                break;
             }
         }
         let (pgid, count) = (children.first().map_or(0, Child::id), children.len());
         self.running.store(pgid, Ordering::SeqCst);
-        // Waited for only once all started: the group lives while its first
-        // process is not reaped, so that the others could join it.
+        // Waited for once all started: the group lives while its leader does.
         for (i, mut child) in children.into_iter().enumerate() {
             let tx = exited_tx.clone();
             std::thread::spawn(move || tx.send((i, child.wait())));
@@ -273,7 +263,7 @@ impl Nix {
             Err(Failure { what, kind, stderr })
         };
         if let Some(e) = spawn_error {
-            return fail(FailureKind::Spawn(e), &Capture::default());
+            return fail(FailureKind::Spawn(e.to_string()), &Capture::default());
         }
         if timed_out {
             // The stderr of a call that was still running tells most.
