@@ -1,6 +1,5 @@
 //! The `post-build-hook-queue` command: the daemon (`serve`), the check of
-//! its settings (`check-config`) and the admin commands, with the exit
-//! statuses that `--help` lists.
+//! its settings (`check-config`) and the admin commands, and their help.
 
 use std::ffi::OsString;
 use std::io::{BufRead, ErrorKind, IsTerminal, Write};
@@ -13,8 +12,7 @@ use crate::server::{self, ServeError};
 use crate::wire::{self, request_line};
 use crate::{protocol, target};
 
-/// Exit status of a configuration error (`EX_CONFIG`), which no restart
-/// mends; no other error exits with it.
+/// Exit status of a configuration error (`EX_CONFIG`), and of nothing else.
 pub const EXIT_CONFIG: i32 = 78;
 /// Exit status of usage errors of the admin commands, and of no daemon.
 pub const EXIT_USAGE: i32 = 2;
@@ -87,24 +85,20 @@ fn settings_help() -> String {
 fn usage() -> String {
     let mut s = String::from("Usage:\n");
     for (_, synopsis, _) in commands() {
-        s.push_str(&format!("  post-build-hook-queue {synopsis}\n"));
+        s += &format!("  post-build-hook-queue {synopsis}\n");
     }
-    s.push_str("  post-build-hook-queue COMMAND --help | --help | --version\n\n");
+    s += "  post-build-hook-queue COMMAND --help | --help | --version\n\n";
     format!("{s}{EXIT_STATUSES}\n{}", settings_help())
 }
 
 /// `COMMAND --help`: what a command does, its arguments and exit statuses.
 fn command_help(command: &str) -> String {
-    let Some((name, synopsis, text)) = commands().find(|c| c.0 == command) else {
-        return usage();
-    };
+    let (name, synopsis, text) = commands().find(|c| c.0 == command).unwrap_or_default();
+    let (socket, env) = (Config::new().socket, wire::ENV_SOCKET);
+    let socket = socket.display();
     let more = match name {
         "serve" | "check-config" => settings_help(),
-        _ => format!(
-            "The socket is {} unless --socket or ${} says otherwise.\n",
-            config::default_socket().display(),
-            wire::ENV_SOCKET
-        ),
+        _ => format!("The socket is {socket} unless --socket or ${env} says otherwise.\n"),
     };
     format!("Usage: post-build-hook-queue {synopsis}\n\n{text}\n\n{EXIT_STATUSES}\n{more}")
 }
@@ -117,15 +111,12 @@ fn fail(message: &str, status: i32) -> i32 {
 /// Runs the command with `args` (without the program name); returns the
 /// exit status.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    // Every setting, command and path this program takes is UTF-8 (store
-    // paths are ASCII): anything else is a mistake to name.
+    // Every setting, command and path this program takes is UTF-8.
     let args: Vec<String> = match args.into_iter().map(OsString::into_string).collect() {
         Ok(args) => args,
         Err(arg) => {
-            let message = format!(
-                "argument {:?} is not valid UTF-8; arguments (paths included) must be UTF-8 text",
-                arg.to_string_lossy()
-            );
+            let arg = arg.to_string_lossy();
+            let message = format!("argument {arg:?} is not valid UTF-8; arguments (paths included) must be UTF-8 text");
             return fail(&message, EXIT_USAGE);
         }
     };
@@ -136,23 +127,18 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     };
     let known = commands().any(|c| c.0 == command);
     let help = known && rest.iter().any(|a| a == "--help" || a == "-h");
-    let text = match command {
-        _ if help => command_help(command),
-        "--help" | "-h" | "help" => usage(),
-        "--version" | "-V" => format!("post-build-hook-queue {}\n", crate::VERSION),
-        _ => String::new(),
-    };
-    if !text.is_empty() {
+    let print = |text: String| {
         print!("{text}");
-        return 0;
-    }
+        0
+    };
     match command {
-        "serve" => match configure(rest, true) {
-            Ok(config) => match server::serve(config) {
-                Ok(()) => 0,
-                Err(e @ ServeError::Config(_)) => fail(&e.to_string(), EXIT_CONFIG),
-                Err(e) => fail(&e.to_string(), 1),
-            },
+        _ if help => print(command_help(command)),
+        "--help" | "-h" | "help" => print(usage()),
+        "--version" | "-V" => print(format!("post-build-hook-queue {}\n", crate::VERSION)),
+        "serve" => match configure(rest, true).map(server::serve) {
+            Ok(Ok(())) => 0,
+            Ok(Err(e @ ServeError::Config(_))) => fail(&e.to_string(), EXIT_CONFIG),
+            Ok(Err(e)) => fail(&e.to_string(), 1),
             Err(status) => status,
         },
         "check-config" => configure(rest, false).map_or_else(|status| status, |_| 0),
@@ -164,19 +150,17 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     }
 }
 
-/// The daemon's configuration from `args`; else every problem with it is
-/// shown, one line each, and the exit status is [`EXIT_CONFIG`]. `at_start`:
-/// see [`Config::from_args`].
+/// The daemon's configuration from `args` (see [`Config::from_args`]); else
+/// every problem is shown, one line each, and the status is [`EXIT_CONFIG`].
 fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
     let (config, mut problems) = Config::from_args(args, at_start);
-    // Two URLs that differ only in a password are one target: the journal
-    // names targets by their URL without secrets.
+    // The journal names targets by their URL without secrets.
     let targets = target::configured(&config);
     for (i, t) in targets.iter().enumerate() {
         if targets[..i].iter().any(|u| u.id == t.id) {
+            let shown = &t.label;
             problems.push(format!(
-                "upload-to: the target {} is given twice; give each target once",
-                t.label
+                "upload-to: the target {shown} is given twice; give each target once"
             ));
         }
     }
@@ -188,41 +172,31 @@ fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
 
 #[derive(Default)]
 struct AdminArgs {
-    socket: PathBuf,
+    socket: Option<PathBuf>,
     json: bool,
     timeout: Option<Duration>,
     paths: Vec<String>,
-    /// `--all-failed` of `requeue` and `drop`.
     all_failed: bool,
 }
 
 fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
-    let mut out = AdminArgs {
-        socket: client::socket_path(),
-        ..AdminArgs::default()
-    };
-    let mut from_stdin = false;
+    let mut out = AdminArgs::default();
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
             _ => (arg.as_str(), None),
         };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| iter.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
+        let mut next = || inline.clone().or_else(|| iter.next().cloned());
+        let mut value = || next().ok_or_else(|| format!("{flag} needs a value"));
         match flag {
-            "--socket" => out.socket = PathBuf::from(value("--socket")?),
+            "--socket" => out.socket = Some(PathBuf::from(value()?)),
             "--json" if command == "status" => out.json = true,
             "--timeout" if command == "wait" => {
-                let seconds = wire::parse_seconds(&value("--timeout")?);
+                let seconds = wire::parse_seconds(&value()?);
                 out.timeout = Some(seconds.map_err(|e| format!("--timeout: {e}"))?)
             }
             "-" if command == "enqueue" => {
-                from_stdin = true;
                 for line in std::io::stdin().lock().lines() {
                     let line = line.map_err(|e| format!("reading paths from stdin: {e}"))?;
                     out.paths.extend(line.split_whitespace().map(String::from));
@@ -235,15 +209,16 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
             _ => return Err(format!("{command}: unknown argument {arg:?} (see --help)")),
         }
     }
-    if command == "enqueue" && out.paths.is_empty() && !from_stdin {
-        return Err("enqueue: give store paths, or - to read them from stdin".into());
-    }
-    if (command == "requeue" || command == "drop") && out.paths.is_empty() != out.all_failed {
-        return Err(format!(
+    let given = !out.paths.is_empty() || args.iter().any(|a| a == "-");
+    match command {
+        "enqueue" if !given => {
+            Err("enqueue: give store paths, or - to read them from stdin".into())
+        }
+        "requeue" | "drop" if given == out.all_failed => Err(format!(
             "{command}: give store paths, or --all-failed for every path given up on (not both)"
-        ));
+        )),
+        _ => Ok(out),
     }
-    Ok(out)
 }
 
 fn admin(command: &str, args: &[String]) -> i32 {
@@ -251,89 +226,71 @@ fn admin(command: &str, args: &[String]) -> i32 {
         Ok(a) => a,
         Err(e) => return fail(&e, EXIT_USAGE),
     };
-    let mut conn = match Connection::open(&a.socket, ADMIN_TIMEOUT) {
+    let socket = a.socket.unwrap_or_else(client::socket_path);
+    let mut conn = match Connection::open(&socket, ADMIN_TIMEOUT) {
         Ok(c) => c,
         Err(e) => return fail(&connect_error(&e), EXIT_USAGE),
     };
-    // Only a path to queue must exist: one to requeue or drop may be gone
-    // from the store.
-    let (store_dir, enqueuing) = (config::default_store_dir(), command == "enqueue");
+    let (store_dir, enqueuing) = (Config::new().store_dir, command == "enqueue");
     let resolve = |p: &String| resolve_path(p, &store_dir, enqueuing);
     let paths = match a.paths.iter().map(resolve).collect::<Result<Vec<_>, _>>() {
         Ok(paths) => paths,
-        Err(e) => {
-            let nothing = if enqueuing {
-                "; nothing was queued"
-            } else {
-                ""
-            };
-            return fail(&format!("{command}: {e}{nothing}"), EXIT_USAGE);
+        Err(e) if enqueuing => {
+            return fail(&format!("enqueue: {e}; nothing was queued"), EXIT_USAGE)
         }
+        Err(e) => return fail(&format!("{command}: {e}"), EXIT_USAGE),
     };
+    let mut out = std::io::stdout().lock();
     let result = match command {
         "enqueue" | "requeue" | "drop" => send_paths(&mut conn, command, &paths),
-        "status" => status(&mut conn, a.json),
-        "wait" => return wait(&mut conn, a.timeout),
+        "status" => {
+            let line = request_line("status", if a.json { &["json"] } else { &[] });
+            let print = |line| drop(writeln!(out, "{line}"));
+            conn.send(&line)
+                .and_then(|()| replies(&mut conn, None, print))
+                .map(drop)
+        }
+        "wait" => wait(&mut conn, a.timeout),
         _ => conn
             .request(&request_line("retry", &[]))
             .map(|(_, n)| println!("{n} backing-off path(s) will be tried again now")),
     };
+    // A "not now" (stopping, too many clients) counts as no daemon.
+    let (busy, stopping) = (protocol::ERR_BUSY, protocol::ERR_STOPPING);
     match result {
         Ok(()) => 0,
-        Err(ClientError::Refused(m)) => refused(&m, &format!("the daemon refused: {m}")),
+        Err(ClientError::Refused(m)) if m.starts_with(busy) || m.starts_with(stopping) => fail(
+            &format!("the daemon cannot serve this now: {m}"),
+            EXIT_USAGE,
+        ),
+        Err(ClientError::Refused(m)) if command == "wait" => fail(&m, 1),
+        Err(ClientError::Refused(m)) => fail(&format!("the daemon refused: {m}"), 1),
         Err(e) => fail(&e.to_string(), EXIT_USAGE),
     }
 }
 
-/// Why the daemon could not be reached, in words that point the right way:
-/// a socket we may not open is not a missing daemon.
+/// Why the daemon could not be reached (a socket we may not open is not a missing one).
 fn connect_error(e: &ClientError) -> String {
     match e {
-        ClientError::Connect(socket, io) if io.kind() == ErrorKind::PermissionDenied => {
-            format!(
-                "cannot connect to the daemon at {}: permission denied; the socket's mode and group \
-                 (socket-mode, socket-group) decide who may use it",
-                socket.display()
-            )
-        }
+        ClientError::Connect(socket, io) if io.kind() == ErrorKind::PermissionDenied => format!(
+            "cannot connect to the daemon at {}: permission denied; the socket's mode and group \
+             (socket-mode, socket-group) decide who may use it",
+            socket.display()
+        ),
         e => e.to_string(),
     }
 }
 
-/// The exit status of the daemon's refusal `reason`, after showing it (as
-/// `shown`): a "not now" (the daemon is stopping or has too many clients)
-/// counts as no daemon (2), any other as a failure (1).
-fn refused(reason: &str, shown: &str) -> i32 {
-    if reason.starts_with(protocol::ERR_BUSY) || reason.starts_with(protocol::ERR_STOPPING) {
-        return fail(
-            &format!("the daemon cannot serve this now: {reason}"),
-            EXIT_USAGE,
-        );
-    }
-    fail(shown, 1)
-}
-
-/// Most links followed from an argument to its store path.
-const MAX_LINKS: usize = 40;
-
 /// The store path an argument names: itself when it is directly in the
-/// store, else the store path a chain of links leads to (`./result`).
-/// When `must_exist`, a path that does not exist is an error; otherwise
-/// (requeue, drop: the path may be gone from the store) it is passed on
-/// as given, and the daemon checks its form.
+/// store, else the one a chain of links leads to (`./result`). Unless
+/// `must_exist` (requeue, drop), a missing path is sent as given.
 fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, String> {
-    let store = std::path::Path::new(store_dir);
-    let mut path = PathBuf::from(arg);
-    if path.is_relative() {
-        let cwd = std::env::current_dir()
-            .map_err(|e| format!("{arg}: cannot read the current directory: {e}"))?;
-        path = cwd.join(path);
-    }
-    for _ in 0..MAX_LINKS {
+    let mut path = std::path::absolute(arg)
+        .map_err(|e| format!("{arg}: cannot read the current directory: {e}"))?;
+    for _ in 0..40 {
         let meta = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
-            // Not ours to look at (the daemon may see it, and decides), or
-            // gone from the store, which requeue and drop do not mind.
+            // Not ours to look at: the daemon may see it, and decides.
             Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(arg.to_string()),
             Err(e) if e.kind() == ErrorKind::NotFound && !must_exist => return Ok(arg.to_string()),
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -345,11 +302,9 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
             }
             Err(e) => return Err(format!("{arg}: {e}")),
         };
-        if path.parent() == Some(store) {
-            return path
-                .into_os_string()
-                .into_string()
-                .map_err(|p| format!("{arg}: {p:?} is not UTF-8"));
+        if path.parent() == Some(std::path::Path::new(store_dir)) {
+            let utf8 = path.to_str().map(String::from);
+            return utf8.ok_or_else(|| format!("{arg}: {path:?} is not UTF-8"));
         }
         if !meta.file_type().is_symlink() {
             // Not in the store: sent as given, and the daemon says why not.
@@ -362,11 +317,10 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
             _ => target,
         };
     }
-    Err(format!("{arg}: more than {MAX_LINKS} links in a row"))
+    Err(format!("{arg}: more than 40 links in a row"))
 }
 
-/// `enqueue`, `requeue` or `drop` of `paths`; `requeue` and `drop` of none
-/// given: of every path given up on.
+/// `enqueue`, `requeue` or `drop` of `paths` (none: every path given up on).
 fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<(), ClientError> {
     let lines: Vec<String> = if paths.is_empty() && command != "enqueue" {
         vec![request_line(&format!("{command}-failed"), &[])]
@@ -382,115 +336,85 @@ fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<
         let (_, n) = conn.request(line)?;
         done += n.parse::<usize>().unwrap_or(0);
     }
-    let of = match paths.len() {
-        0 => String::new(),
-        n => format!(" of {n}"),
-    };
+    let of = Some(paths.len())
+        .filter(|n| *n > 0)
+        .map_or(String::new(), |n| format!(" of {n}"));
+    let already = paths.len().saturating_sub(done);
     match command {
-        "enqueue" => println!(
-            "queued {done} new path(s); {} were already queued",
-            paths.len().saturating_sub(done)
-        ),
+        "enqueue" => println!("queued {done} new path(s); {already} were already queued"),
         "requeue" => println!("requeued {done}{of} path(s) given up on; they are tried again"),
         _ => println!("dropped {done}{of} queued path(s); they will not be uploaded"),
     }
     Ok(())
 }
 
-/// `status`: prints what the daemon renders (the text, or with `--json`
-/// one JSON object) line by line, as it comes.
-fn status(conn: &mut Connection, json: bool) -> Result<(), ClientError> {
-    let args: &[&str] = if json { &["json"] } else { &[] };
-    conn.send(&request_line("status", args))?;
-    let mut out = std::io::stdout().lock();
+/// Reads the daemon's reply lines, up to a deadline, handing each to `each`
+/// until the last: `ok MESSAGE` (the message returned) or `err REASON`.
+fn replies(
+    conn: &mut Connection,
+    deadline: Option<Instant>,
+    mut each: impl FnMut(String),
+) -> Result<String, ClientError> {
     loop {
+        if let Some(left) = deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+            conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        }
         let line = conn.read_line()?;
-        if wire::final_word(&line, "ok").is_some() {
-            return Ok(());
+        if let Some(message) = wire::final_word(&line, "ok") {
+            return Ok(message.to_string());
         }
         if let Some(reason) = wire::final_word(&line, "err") {
             return Err(ClientError::Refused(reason.to_string()));
         }
-        let _ = writeln!(out, "{line}");
+        each(line);
     }
 }
 
-/// `remaining N failing M [error PATH TEXT]` from the daemon, as a phrase,
-/// and the error part when there is one.
-fn describe_remaining(line: &str) -> Option<(String, Option<String>)> {
+/// `remaining N failing M [error PATH TEXT]` from the daemon as a phrase,
+/// with the error part when `error`.
+fn describe_remaining(line: &str, error: bool) -> Option<String> {
     let mut words = line.splitn(6, ' ');
     let (Some("remaining"), Some(n), Some("failing"), Some(m)) =
         (words.next(), words.next(), words.next(), words.next())
     else {
         return None;
     };
-    let error = match (words.next(), words.next()) {
-        (Some("error"), Some(rest)) => rest
-            .split_once(' ')
-            .map(|(path, text)| format!("last error ({path}): {text}")),
-        _ => None,
-    };
-    Some((
-        format!("{n} path(s) still queued, {m} of them failing"),
-        error,
-    ))
+    let mut text = format!("{n} path(s) still queued, {m} of them failing");
+    let (tag, rest) = (words.next(), words.next().and_then(|r| r.split_once(' ')));
+    if let (true, Some("error"), Some((path, why))) = (error, tag, rest) {
+        text.push_str(&format!("; last error ({path}): {why}"));
+    }
+    Some(text)
 }
 
-/// Blocks until the paths queued before the call are gone from the queue.
-/// On a terminal, the progress is one line rewritten in place; it always
-/// ends with a newline (the next one moves the cursor up to replace it), so
-/// that however `wait` ends, Ctrl-C included (no signal handler tidies up),
-/// the terminal is left on a fresh line.
-fn wait(conn: &mut Connection, timeout: Option<Duration>) -> i32 {
-    let deadline = timeout.map(|t| Instant::now() + t);
+/// Blocks until the paths queued before the call are gone from the queue;
+/// its timeout is a refusal saying what is left. The progress on a terminal
+/// is one line replaced in place, ending with a newline however `wait` ends.
+fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientError> {
     let tty = std::io::stderr().is_terminal();
-    if let Err(e) = conn.send(&request_line("wait", &[])) {
-        return fail(&e.to_string(), EXIT_USAGE);
-    }
-    // Whether a progress line is on the terminal, just above the cursor.
-    let mut progress = false;
-    let mut last = String::new();
-    loop {
-        let read_timeout = deadline.map(|d| {
-            d.saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1))
-        });
-        let line = conn
-            .set_read_timeout(read_timeout)
-            .and_then(|()| conn.read_line());
-        let line = match line {
-            Ok(l) => l,
-            Err(ClientError::Io(e))
-                if deadline.is_some()
-                    && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
-                let shown = timeout.map_or(String::new(), |t| format!("{}s", t.as_secs_f64()));
-                let state = match describe_remaining(&last) {
-                    Some((state, Some(error))) => format!("{state}; {error}"),
-                    Some((state, None)) => state,
-                    None => "the daemon reported no progress".to_string(),
-                };
-                eprintln!("post-build-hook-queue: wait timed out after {shown}: {state}");
-                return 1;
-            }
-            Err(e) => return fail(&e.to_string(), EXIT_USAGE),
-        };
-        if let Some(msg) = wire::final_word(&line, "ok") {
-            println!("{msg}");
-            return 0;
-        }
-        if let Some(msg) = wire::final_word(&line, "err") {
-            return refused(msg, msg);
-        }
-        if tty {
-            if let Some((text, _)) = describe_remaining(&line) {
-                // Up to the previous progress line, cleared, replaced.
-                let up = if progress { "\x1b[1A\r\x1b[K" } else { "" };
-                eprintln!("{up}waiting: {text}");
-                progress = true;
-            }
+    let (mut progress, mut last) = (false, String::new());
+    conn.send(&request_line("wait", &[]))?;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let reply = replies(conn, deadline, |line| {
+        if let Some(text) = describe_remaining(&line, false).filter(|_| tty) {
+            // Up to the previous progress line, cleared, replaced.
+            let up = if progress { "\x1b[1A\r\x1b[K" } else { "" };
+            eprintln!("{up}waiting: {text}");
+            progress = true;
         }
         last = line;
+    });
+    let timed_out =
+        |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+    match reply {
+        Err(ClientError::Io(e)) if timeout.is_some() && timed_out(&e) => {
+            let secs = timeout.unwrap_or_default().as_secs_f64();
+            let state = describe_remaining(&last, true);
+            let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
+            let message = format!("wait timed out after {secs}s: {state}");
+            Err(ClientError::Refused(message))
+        }
+        reply => reply.map(|message| println!("{message}")),
     }
 }
 
@@ -514,7 +438,7 @@ mod tests {
     fn admin_arguments() {
         let a = parse_admin("wait", &args(&["--timeout=2.5", "--socket", "/s"])).unwrap();
         assert_eq!(a.timeout, Some(Duration::from_millis(2500)));
-        assert_eq!(a.socket, PathBuf::from("/s"));
+        assert_eq!(a.socket, Some(PathBuf::from("/s")));
         assert!(parse_admin("status", &args(&["--json"])).unwrap().json);
         assert!(parse_admin("wait", &args(&["--json"])).is_err());
         assert!(parse_admin("wait", &args(&["--timeout", "0"])).is_err());
@@ -632,20 +556,19 @@ mod tests {
 
     #[test]
     fn remaining_lines_read_as_phrases() {
+        let line = "remaining 3 failing 1 error /nix/store/x-y nix copy failed: boom";
         assert_eq!(
-            describe_remaining("remaining 3 failing 1"),
-            Some((
-                "3 path(s) still queued, 1 of them failing".to_string(),
-                None
-            ))
+            describe_remaining("remaining 3 failing 1", true).as_deref(),
+            Some("3 path(s) still queued, 1 of them failing")
         );
         assert_eq!(
-            describe_remaining("remaining 3 failing 1 error /nix/store/x-y nix copy failed: boom"),
-            Some((
-                "3 path(s) still queued, 1 of them failing".to_string(),
-                Some("last error (/nix/store/x-y): nix copy failed: boom".to_string())
-            ))
+            describe_remaining(line, false).as_deref(),
+            Some("3 path(s) still queued, 1 of them failing")
         );
-        assert_eq!(describe_remaining("ok all uploaded"), None);
+        assert_eq!(
+            describe_remaining(line, true).as_deref(),
+            Some("3 path(s) still queued, 1 of them failing; last error (/nix/store/x-y): nix copy failed: boom")
+        );
+        assert_eq!(describe_remaining("ok all uploaded", true), None);
     }
 }

@@ -1,18 +1,18 @@
-//! The daemon's settings (defaults, environment, a config file in nix.conf
-//! syntax, then `--key value` flags, which win) and the checks `serve` and
-//! `check-config` share: every problem, each in one line naming where it is
-//! (file and line, flag or environment variable) and what is accepted.
+//! The daemon's settings (defaults, environment, a nix.conf-like file, then
+//! `--key value` flags) and the checks `serve` and `check-config` share.
 
+use std::io::ErrorKind::{NotFound, PermissionDenied};
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::sys;
-use crate::wire::{parse_seconds, Places};
+use crate::wire::{parse_seconds, with_places};
 
-/// Every setting of the daemon, after defaults, the file and the flags.
-/// Each field is the key of its name (`-` for `_`), described in [`KEYS`];
-/// `None` and empty lists are "none" (no signing, no target, never give up).
-#[derive(Debug, Clone, PartialEq)]
+/// Every setting: each field is the key of its name in [`KEYS`] (`None`: none).
+/// [`Config::new`] has the defaults; `Config::default()` is blank.
+#[derive(Debug, Clone, PartialEq, Default)]
 #[allow(missing_docs)]
 pub struct Config {
     pub socket: PathBuf,
@@ -38,8 +38,8 @@ pub struct Config {
     pub give_up_after: Option<Duration>,
 }
 
-/// Every key (`key | default | accepted form`), as `--help` shows it; an
-/// empty default is none. `Config::default` agrees (a unit test checks it).
+/// Every key (`key | default | accepted form`), as `--help` shows it and
+/// [`Config::new`] applies; an empty default is none.
 pub const KEYS: &str = "\
 socket                    | (below)     | path of the unix socket
 state-dir                 | (below)     | directory of the journal
@@ -72,15 +72,15 @@ pub fn keys() -> impl Iterator<Item = [&'static str; 3]> {
     })
 }
 
-/// The settings as `--help` lists them, one line each, with their defaults
-/// (those that depend on the user and the environment as they are now).
+/// The settings as `--help` lists them, with their defaults here and now.
 pub fn help_table() -> String {
+    let here = Config::new();
     let mut s = String::new();
     for [key, default, form] in keys() {
         let default = match key {
-            "socket" => default_socket().display().to_string(),
-            "state-dir" => default_places().1.display().to_string(),
-            "store-dir" => default_store_dir(),
+            "socket" => here.socket.display().to_string(),
+            "state-dir" => here.state_dir.display().to_string(),
+            "store-dir" => here.store_dir.clone(),
             _ if default.is_empty() => "none".into(),
             _ => default.into(),
         };
@@ -89,78 +89,37 @@ pub fn help_table() -> String {
     s
 }
 
-/// The default socket path for this user (see [`Places`]).
-pub fn default_socket() -> PathBuf {
-    default_places().0
-}
-
-/// This process's default socket and state directory (see [`Places`]).
-fn default_places() -> (PathBuf, PathBuf) {
-    let [runtime, state, home, tmp] =
-        ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(|k| std::env::var(k).ok());
-    let places = Places {
-        uid: sys::uid(),
-        runtime_dir: runtime.as_deref(),
-        state_home: state.as_deref(),
-        home: home.as_deref(),
-        tmp_dir: tmp.as_deref(),
-    };
-    (places.socket().into(), places.state_dir().into())
-}
-
-/// The store directory Nix itself uses here: `$NIX_STORE_DIR` or `/nix/store`.
-pub fn default_store_dir() -> String {
-    match std::env::var("NIX_STORE_DIR") {
-        Ok(dir) if !dir.is_empty() => dir.trim_end_matches('/').to_string(),
-        _ => "/nix/store".to_string(),
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            socket: default_socket(),
-            state_dir: default_places().1,
-            spool_dir: None,
-            store_dir: default_store_dir(),
-            signing_key_file: None,
-            upload_to: Vec::new(),
-            upload_command: None,
-            sign_closure: true,
-            substitute_on_destination: false,
-            batch_size: 1000,
-            upload_jobs: 2,
-            command_timeout: Duration::from_secs(600),
-            nix: PathBuf::from("nix"),
-            retry_initial_delay: Duration::from_secs(1),
-            retry_max_delay: Duration::from_secs(300),
-            socket_mode: 0o600,
-            socket_group: None,
-            metrics_file: None,
-            max_connections: 256,
-            max_attempts: Some(10),
-            give_up_after: Some(Duration::from_secs(86400)),
-        }
-    }
-}
-
 impl Config {
+    /// The defaults: those of [`KEYS`], this user's places, Nix's store dir.
+    pub fn new() -> Config {
+        let mut config = Config::default();
+        let (socket, state_dir) = with_places(|p| (p.socket(), p.state_dir()));
+        (config.socket, config.state_dir) = (socket.into(), state_dir.into());
+        let store_dir = std::env::var("NIX_STORE_DIR")
+            .ok()
+            .filter(|d| !d.is_empty());
+        config.store_dir =
+            store_dir.map_or("/nix/store".into(), |d| d.trim_end_matches('/').into());
+        for [key, default, _] in keys() {
+            // Not "(below)", "STATE/spool" or none: a value `set` takes.
+            if default.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+                let _ = config.set(key, default);
+            }
+        }
+        config
+    }
+
     /// The spool directory: `spool-dir` if set, else `<state-dir>/spool`.
     pub fn spool_dir(&self) -> PathBuf {
-        self.spool_dir
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("spool"))
+        let default = || self.state_dir.join("spool");
+        self.spool_dir.clone().unwrap_or_else(default)
     }
 
     /// Applies one `key = value` setting; the error says what is accepted.
-    /// No setting may hold a control character: a line break in, say,
-    /// `upload-to` would end a line of a `status` reply or of the log early.
+    /// No control characters: a line break would end a `status` line early.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         if let Some(c) = value.chars().find(|c| c.is_control()) {
-            return Err(format!(
-                "the value holds the control character {c:?}; line breaks, tabs and other \
-                 control characters are accepted in no setting"
-            ));
+            return Err(format!("no setting takes a control character ({c:?})"));
         }
         let path = |v| parse::<PathBuf>(v, |p| !p.as_os_str().is_empty(), "a path");
         let opt_path = |v: &str| (!v.is_empty()).then(|| PathBuf::from(v));
@@ -207,21 +166,17 @@ impl Config {
                 let form = "a whole number (0: never give up)";
                 self.max_attempts = Some(parse::<u32>(value, |_| true, form)?).filter(|n| *n > 0)
             }
-            "give-up-after" if value == "0" => self.give_up_after = None,
             "give-up-after" => {
-                let after = parse_seconds(value).map_err(|e| format!("{e}, or 0 for never"))?;
-                self.give_up_after = Some(after)
+                let after = parse_seconds(value).map_err(|e| format!("{e}, or 0 for never"));
+                self.give_up_after = if value == "0" { None } else { Some(after?) }
             }
             _ => return Err(unknown_key(key)),
         }
         Ok(())
     }
 
-    /// The configuration from the arguments of `serve` and `check-config`
-    /// (defaults, environment, `--config` file, `--key value` flags), with
-    /// every problem found, each one line `ORIGIN: PROBLEM`. `at_start`: the
-    /// signing key file must also be readable, and not by every user; else
-    /// (`check-config`, maybe in a build sandbox) one it cannot read is skipped.
+    /// The configuration from the arguments, and every problem (`ORIGIN: WHAT`);
+    /// unless `at_start` (check-config, in a sandbox?) an unreadable key is skipped.
     pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
         let mut problems = Vec::new();
         let flags = split_flags(args, &mut problems);
@@ -245,10 +200,9 @@ impl Config {
         }
         let flags = flags.into_iter().filter(|(f, _)| f != "config");
         settings.extend(flags.map(|(key, value)| (format!("--{key}"), key, value)));
-        let mut config = Config::default();
+        let mut config = Config::new();
         let mut given = Vec::new();
-        // The first --upload-to flag replaces the file's targets (flags
-        // win); the next ones add to them.
+        // The first --upload-to flag replaces the file's targets.
         let mut flag_targets = false;
         for (origin, key, value) in &settings {
             let flag = origin.starts_with("--");
@@ -272,21 +226,14 @@ impl Config {
     }
 }
 
-/// Checks the environment variables the defaults in effect are made of as
-/// path settings are checked: each, when set, must be an absolute path
-/// without control characters. The state directory in `$TMPDIR` (neither
-/// `HOME` nor `XDG_STATE_HOME` set) must be this user's own, or another
-/// user could have made it, to read the journal or take the socket.
+/// Checks the environment the defaults are made of. A state directory in
+/// `$TMPDIR` must be this user's own: another's could expose the journal.
 fn check_environment(given: &[&str], problems: &mut Vec<String>) {
-    let mut vars = Vec::new();
-    if !given.contains(&"store-dir") {
-        vars.push("NIX_STORE_DIR");
-    }
+    let store = (!given.contains(&"store-dir")).then_some("NIX_STORE_DIR");
     let places = sys::uid() != 0 && !(given.contains(&"socket") && given.contains(&"state-dir"));
-    if places {
-        vars.extend(["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"]);
-    }
-    for var in vars {
+    let place_vars = ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(Some);
+    let place_vars = place_vars.into_iter().flatten().filter(|_| places);
+    for var in store.into_iter().chain(place_vars) {
         let value = std::env::var_os(var).filter(|v| !v.is_empty());
         match value.map(std::ffi::OsString::into_string) {
             Some(Ok(v)) if !v.starts_with('/') || v.contains(char::is_control) => problems.push(
@@ -300,11 +247,10 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     if !(places && unset("XDG_STATE_HOME") && unset("HOME")) {
         return;
     }
-    use std::os::unix::fs::MetadataExt;
-    let dir = default_places().1;
+    let dir = Config::new().state_dir;
     let ours = |m: &std::fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.mode() & 0o022 == 0;
     match std::fs::symlink_metadata(&dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == NotFound => {}
         Ok(m) if ours(&m) => {}
         _ => problems.push(format!(
             "$TMPDIR: the state directory {} (in $TMPDIR or /tmp, as neither HOME nor \
@@ -315,39 +261,35 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     }
 }
 
-/// Checks the signing key file (whose key is never shown): a regular file
-/// holding a Nix secret key, else uploads would fail one by one; `at_start`,
-/// also readable, and not by every user.
+/// Checks the signing key file (never showing the key): a regular file with
+/// a Nix secret key; `at_start`, also readable, and not by every user.
 fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
-    use std::io::ErrorKind::{NotFound, PermissionDenied};
-    use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
     let shown = key.display();
     let mut text = Vec::new();
     // At most 4 KiB (a key is about 100 bytes); never a FIFO's read.
     let read = std::fs::metadata(key).and_then(|meta| {
         if meta.is_file() {
-            let file = std::fs::File::open(key)?;
-            file.take(4096).read_to_end(&mut text)?;
+            std::fs::File::open(key)?
+                .take(4096)
+                .read_to_end(&mut text)?;
         }
         Ok(meta)
     });
-    let unreadable = |e: &std::io::Error| matches!(e.kind(), NotFound | PermissionDenied);
     let meta = match read {
         Ok(meta) => meta,
-        Err(e) if !at_start && unreadable(&e) => return Ok(()),
+        Err(e) if !at_start && matches!(e.kind(), NotFound | PermissionDenied) => return Ok(()),
         Err(e) => return Err(format!("signing-key-file {shown}: {e}")),
     };
-    let problem = if meta.is_dir() {
-        "is a directory"
-    } else if !meta.is_file() {
-        "is not a regular file"
-    } else if at_start && meta.permissions().mode() & 0o004 != 0 {
-        "is readable by every user; restrict it (chmod 600) before the daemon uses it"
-    } else if !is_secret_key(&text) {
-        "does not hold a Nix secret key (NAME:BASE64 of a 64-byte key, not the public key)"
-    } else {
-        return Ok(());
+    let problem = match meta.permissions().mode() {
+        _ if meta.is_dir() => "is a directory",
+        _ if !meta.is_file() => "is not a regular file",
+        mode if at_start && mode & 0o004 != 0 => {
+            "is readable by every user; restrict it (chmod 600) before the daemon uses it"
+        }
+        _ if !is_secret_key(&text) => {
+            "does not hold a Nix secret key (NAME:BASE64 of a 64-byte key, not the public key)"
+        }
+        _ => return Ok(()),
     };
     Err(format!(
         "signing-key-file {shown} {problem}; expected the secret key file written by \
@@ -356,10 +298,8 @@ fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
 }
 
 /// Checks that the `upload-command` program can be run: an executable file
-/// at its absolute path, or (a bare name) in a directory of `PATH`. What it
-/// does with the paths cannot be checked before the first upload.
+/// at its absolute path, or (a bare name) in a directory of `PATH`.
 fn check_program(program: &str) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
     let runnable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
@@ -367,34 +307,25 @@ fn check_program(program: &str) -> Result<(), String> {
     let (found, place) = match program {
         p if p.starts_with('/') => (runnable(Path::new(p)), ""),
         p if p.contains('/') => (false, " (a relative path)"),
-        p => {
-            let found = std::env::split_paths(&path).any(|dir| runnable(&dir.join(p)));
-            (found, " in any directory of PATH")
-        }
+        p => (
+            std::env::split_paths(&path).any(|d| runnable(&d.join(p))),
+            " in any directory of PATH",
+        ),
     };
-    if found {
-        return Ok(());
-    }
-    Err(format!(
-        "upload-command: {program} is not an executable file{place}; give its absolute path, or install it"
-    ))
+    found.then_some(()).ok_or_else(|| {
+        format!("upload-command: {program} is not an executable file{place}; give its absolute path, or install it")
+    })
 }
 
-/// The error for an unknown key: the nearest known key when one is close
-/// (a typo, or the start of a key), and the list of all of them.
+/// The error for an unknown key: the nearest key if close, and all keys.
 fn unknown_key(key: &str) -> String {
     let known: Vec<&str> = keys().map(|[k, _, _]| k).collect();
-    let nearest = known
-        .iter()
-        .map(|k| (edit_distance(key, k), *k))
-        .min()
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4) || key.len() >= 3 && k.starts_with(key));
-    match nearest {
-        Some((_, k)) => format!(
-            "unknown key {key:?}; did you mean {k:?}? Known keys: {}",
-            known.join(", ")
-        ),
-        None => format!("unknown key {key:?}; known keys: {}", known.join(", ")),
+    let close = |d: usize, k: &str| d <= 2.max(k.len() / 4) || key.len() >= 3 && k.starts_with(key);
+    let nearest = known.iter().map(|k| (edit_distance(key, k), *k)).min();
+    let list = known.join(", ");
+    match nearest.filter(|(d, k)| close(*d, k)) {
+        Some((_, k)) => format!("unknown key {key:?}; did you mean {k:?}? Known keys: {list}"),
+        None => format!("unknown key {key:?}; known keys: {list}"),
     }
 }
 
@@ -416,16 +347,12 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// Splits `--key value` and `--key=value` arguments into pairs.
 fn split_flags(args: &[String], problems: &mut Vec<String>) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut iter = args.iter();
+    let (mut out, mut iter) = (Vec::new(), args.iter());
     while let Some(arg) = iter.next() {
-        let Some(flag) = arg.strip_prefix("--") else {
-            problems.push(format!("{arg}: expected a flag such as --upload-to URL"));
-            continue;
-        };
-        match flag.split_once('=') {
-            Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => match iter.next() {
+        match arg.strip_prefix("--").map(|f| (f, f.split_once('='))) {
+            None => problems.push(format!("{arg}: expected a flag such as --upload-to URL")),
+            Some((_, Some((k, v)))) => out.push((k.to_string(), v.to_string())),
+            Some((flag, None)) => match iter.next() {
                 Some(value) => out.push((flag.to_string(), value.clone())),
                 None => problems.push(format!("{arg}: --{flag} needs a value")),
             },
@@ -434,20 +361,15 @@ fn split_flags(args: &[String], problems: &mut Vec<String>) -> Vec<(String, Stri
     out
 }
 
-/// True for `NAME:BASE64` where the base64 decodes to the 64 bytes of an
-/// ed25519 secret key (what Nix's `SecretKey` accepts); surrounding white
-/// space is allowed.
+/// True for `NAME:BASE64` of a 64-byte ed25519 secret key, as Nix reads it.
 fn is_secret_key(text: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(text) else {
-        return false;
-    };
-    let Some((name, key)) = text.trim().split_once(':') else {
-        return false;
-    };
     // 64 bytes are 86 base64 characters and `==`.
     let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
-    let key = key.as_bytes();
-    !name.is_empty() && key.len() == 88 && key[..86].iter().all(base64) && key.ends_with(b"==")
+    let text = std::str::from_utf8(text).unwrap_or("");
+    text.trim().split_once(':').is_some_and(|(name, key)| {
+        let key = key.as_bytes();
+        !name.is_empty() && key.len() == 88 && key[..86].iter().all(base64) && key.ends_with(b"==")
+    })
 }
 
 /// `value` as a `T` that `ok` accepts, else an error naming the `form`.
@@ -508,7 +430,7 @@ mod tests {
 
     #[test]
     fn empty_value_unsets_optional_keys() {
-        let mut c = Config::default();
+        let mut c = Config::new();
         c.set("upload-to", "file:///x").unwrap();
         c.set("upload-to", "").unwrap();
         assert!(c.upload_to.is_empty());
@@ -553,7 +475,7 @@ mod tests {
 
     #[test]
     fn unknown_key_suggests_the_nearest() {
-        let mut c = Config::default();
+        let mut c = Config::new();
         let e = c.set("uplaod-to", "x").unwrap_err();
         assert!(e.contains("did you mean \"upload-to\"?"), "{e}");
         let e = c.set("max-attempt", "3").unwrap_err();
@@ -578,23 +500,19 @@ mod tests {
             if ["socket", "state-dir", "store-dir", "spool-dir"].contains(&key) {
                 continue;
             }
-            let mut c = Config::default();
+            let mut c = Config::new();
             c.set(key, default).unwrap();
-            assert_eq!(
-                c,
-                Config::default(),
-                "{key}: the table's default {default:?}"
-            );
+            assert_eq!(c, Config::new(), "{key}: the table's default {default:?}");
         }
         let help = help_table();
         assert_eq!(help.lines().count(), 21);
         assert!(help.contains("[default: 10]") && help.contains("[default: none]"));
-        assert!(help.contains(&format!("[default: {}]", default_store_dir())));
+        assert!(help.contains(&format!("[default: {}]", Config::new().store_dir)));
     }
 
     #[test]
     fn give_up_settings_take_0_for_never() {
-        let mut c = Config::default();
+        let mut c = Config::new();
         assert_eq!(c.max_attempts, Some(10));
         assert_eq!(c.give_up_after, Some(Duration::from_secs(86400)));
         c.set("max-attempts", "0").unwrap();
@@ -618,11 +536,11 @@ mod tests {
     fn control_characters_are_refused_in_every_setting() {
         for [key, _, _] in keys() {
             for bad in ["a\nb", "a\rb", "a\tb", "a\u{0}b", "a\u{1b}b", "a\u{85}b"] {
-                let mut c = Config::default();
+                let mut c = Config::new();
                 let e = c.set(key, bad).unwrap_err();
                 assert!(e.contains("control character"), "{key} {bad:?}: {e}");
                 assert!(!e.chars().any(char::is_control), "{key}: {e:?}");
-                assert_eq!(c, Config::default(), "{key} {bad:?} was applied");
+                assert_eq!(c, Config::new(), "{key} {bad:?} was applied");
             }
         }
         let (_, problems) = Config::from_args(&args(&["--upload-to", "file:///c\nok 5"]), false);
@@ -742,7 +660,7 @@ mod tests {
         assert_eq!(with_file(text, &[]).0.upload_to, ["file:///b"]);
         // Quotes and spaces are no part of a store URL.
         for bad in ["\"file:///a\"", "file:///a b", "''"] {
-            assert!(Config::default().set("upload-to", bad).is_err(), "{bad}");
+            assert!(Config::new().set("upload-to", bad).is_err(), "{bad}");
         }
     }
 
@@ -760,5 +678,19 @@ mod tests {
     fn spool_follows_state_dir() {
         let c = good(&["--state-dir", "/s"]);
         assert_eq!(c.spool_dir(), PathBuf::from("/s/spool"));
+    }
+
+    #[test]
+    fn upload_command_program_must_be_runnable() {
+        assert_eq!(check_program("sh"), Ok(()));
+        assert_eq!(check_program("/bin/sh"), Ok(()));
+        let e = check_program("/nonexistent/cachix").unwrap_err();
+        assert!(
+            e.contains("/nonexistent/cachix is not an executable file;"),
+            "{e}"
+        );
+        let e = check_program("npbhq-no-such-uploader").unwrap_err();
+        assert!(e.contains("in any directory of PATH"), "{e}");
+        assert!(check_program("/etc/passwd").is_err());
     }
 }

@@ -1,12 +1,5 @@
-//! The `nix` command lines the worker runs, and running them safely.
-//!
-//! Every call goes through `std::process::Command` (never a shell) with
-//! arguments that are validated [`StorePath`]s or the daemon's own settings.
-//! Each call runs in its own process group, killed when the call ends:
-//! what it left behind, or on timeout everything it started. A call is
-//! judged by its exit status; its output is read into bounded buffers for
-//! at most [`OUTPUT_AFTER_EXIT`] after it exited, since a process that left
-//! the group (an ssh `ControlPersist` master) may hold the streams open.
+//! The `nix` calls the worker makes (no shell), each in a process group killed
+//! on timeout and swept at its end; bounded output read until [`OUTPUT_AFTER_EXIT`].
 
 use std::fmt;
 use std::io::ErrorKind::{Interrupted, WouldBlock};
@@ -15,11 +8,12 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::config::Config;
 use crate::store_path::StorePath;
 use crate::sys;
 
@@ -33,45 +27,38 @@ pub const MIN_PATHS_PER_COPY: usize = 32;
 pub const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Bytes kept of the end of a call's stderr, where nix says what went wrong.
 const STDERR_KEPT: usize = 64 * 1024;
-/// Bytes kept of a query's stdout: a few times the paths it was given.
+/// Most bytes of a query's stdout: a few times the paths it was given.
 const STDOUT_MAX: usize = 4 * MAX_ARG_BYTES;
-/// How often a thread reading a call's output looks whether to stop.
+/// How often a thread reading a call's output looks at its deadline.
 const READ_POLL: Duration = Duration::from_millis(250);
-/// Which stream of a call was read.
 const STDOUT: usize = 0;
 const STDERR: usize = 1;
 
-/// Lowers the calling thread's CPU priority by 10 nice steps, and with it
-/// that of every call it starts from now on: builds come first.
+/// Lowers the calling thread's priority, and its calls': builds come first.
 pub fn lower_priority() -> std::io::Result<()> {
     sys::lower_thread_priority(10)
 }
 
-/// How a nix call failed.
+/// How a nix call failed: the command (`nix copy`), how, and its stderr's end.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
 pub struct Failure {
-    /// The command, e.g. `nix copy`.
     pub what: &'static str,
-    /// How it failed.
     pub kind: FailureKind,
-    /// The end of its stderr, folded onto one line.
     pub stderr: String,
 }
 
-/// The ways a nix call can fail: each holds what is said of it.
+/// Not started, exited unsuccessfully (or unusably), or killed on timeout.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
 pub enum FailureKind {
-    /// The program could not be started.
     Spawn(String),
-    /// It exited unsuccessfully, or what it printed cannot be used.
     Exit(String),
-    /// It ran longer than the timeout and was killed.
     TimedOut(Duration),
 }
 
 impl Failure {
-    /// True when the call was killed for running too long: a problem of the
-    /// target or the network, not of particular paths.
+    /// True when the call was killed for running too long (not a path's fault).
     pub fn timed_out(&self) -> bool {
         matches!(self.kind, FailureKind::TimedOut(_))
     }
@@ -87,10 +74,8 @@ impl fmt::Display for Failure {
                 write!(f, "{} ran longer than {secs} s and was killed", self.what)?
             }
         }
-        match self.stderr.as_str() {
-            "" => Ok(()),
-            stderr => write!(f, ": {stderr}"),
-        }
+        let sep = if self.stderr.is_empty() { "" } else { ": " };
+        write!(f, "{sep}{}", self.stderr)
     }
 }
 
@@ -100,45 +85,31 @@ pub struct Nix {
     nix: PathBuf,
     nix_store: PathBuf,
     timeout: Duration,
-    /// `NIX_SSHOPTS` for an ssh target, when the user set none.
     ssh_opts: Option<&'static str>,
     running: Arc<AtomicU32>,
     copy_jobs: usize,
-    /// `--substitute-on-destination` for `nix copy` to an ssh target.
     substitute_on_destination: Option<&'static str>,
 }
 
 impl Nix {
-    /// `nix` is the configured program; `nix-store` is taken from the same
-    /// directory when `nix` is a path, else from `PATH`. For ssh targets a
-    /// connect timeout is added unless the user set `NIX_SSHOPTS`.
-    pub fn new(nix: &Path, timeout: Duration, upload_to: Option<&str>) -> Nix {
-        let dir = nix.parent().filter(|d| !d.as_os_str().is_empty());
-        let ssh = is_ssh(upload_to);
+    /// The `nix` for calls to `upload_to` (`None`: signing and queries) with
+    /// the settings of `config`; ssh gets a connect timeout (no `NIX_SSHOPTS`).
+    pub fn from_config(config: &Config, upload_to: Option<&str>) -> Nix {
+        let ssh = upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
+        let no_opts = std::env::var_os("NIX_SSHOPTS").is_none();
+        let on_destination = config.substitute_on_destination && ssh;
         Nix {
-            nix: nix.to_path_buf(),
-            nix_store: dir.map_or_else(|| "nix-store".into(), |d| d.join("nix-store")),
-            timeout,
-            ssh_opts: (ssh && std::env::var_os("NIX_SSHOPTS").is_none())
-                .then_some("-o ConnectTimeout=10"),
-            running: Arc::new(AtomicU32::new(0)),
-            copy_jobs: 1,
-            substitute_on_destination: None,
+            nix: config.nix.clone(),
+            nix_store: config.nix.with_file_name("nix-store"),
+            timeout: config.command_timeout,
+            ssh_opts: (ssh && no_opts).then_some("-o ConnectTimeout=10"),
+            running: Arc::default(),
+            copy_jobs: config.upload_jobs.max(1),
+            substitute_on_destination: on_destination.then_some("--substitute-on-destination"),
         }
     }
 
-    /// The `nix` for calls to `upload_to` (or for signing and queries, with
-    /// `None`), with every setting of `config` that concerns it.
-    pub fn from_config(config: &crate::config::Config, upload_to: Option<&str>) -> Nix {
-        let mut nix = Nix::new(&config.nix, config.command_timeout, upload_to);
-        nix.copy_jobs = config.upload_jobs.max(1);
-        let on_destination = config.substitute_on_destination && is_ssh(upload_to);
-        nix.substitute_on_destination = on_destination.then_some("--substitute-on-destination");
-        nix
-    }
-
-    /// Uses `running` to publish the process group of the call in progress,
-    /// so that a stopping daemon can kill it.
+    /// Publishes the running call's process group in `running` for `stop`.
     pub fn with_running(mut self, running: Arc<AtomicU32>) -> Nix {
         self.running = running;
         self
@@ -153,9 +124,7 @@ impl Nix {
         let mut cmd = Command::new(&self.nix);
         cmd.args(["--extra-experimental-features", "nix-command"])
             .args(subcommand);
-        if let Some(opts) = self.ssh_opts {
-            cmd.env("NIX_SSHOPTS", opts);
-        }
+        cmd.envs(self.ssh_opts.map(|opts| ("NIX_SSHOPTS", opts)));
         cmd
     }
 
@@ -179,13 +148,10 @@ impl Nix {
         let mut cmd = self.nix_command(&["store", "sign", "--key-file"]);
         cmd.arg(key).args(recursive.then_some("--recursive"));
         cmd.args(paths);
-        self.call("nix store sign", vec![cmd])
+        self.run_all("nix store sign", vec![cmd]).map(drop)
     }
 
-    /// Copies the paths and their closure to the store at `url`, in up to
-    /// `upload-jobs` `nix copy` calls at once of at least
-    /// [`MIN_PATHS_PER_COPY`] paths each. Fails when any call fails; what
-    /// another call copied is skipped cheaply when the batch is tried again.
+    /// Copies the closure to `url`: `upload-jobs` calls of [`MIN_PATHS_PER_COPY`]+ paths.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
         let cmds = paths
@@ -195,20 +161,17 @@ impl Nix {
                 cmd.args(self.substitute_on_destination).args(chunk);
                 cmd
             });
-        self.call("nix copy", cmds.collect())
+        self.run_all("nix copy", cmds.collect()).map(drop)
     }
 
-    /// Runs an uploader (`upload-command`) with the paths appended to its
-    /// arguments.
+    /// Runs the `upload-command` with the paths appended to its arguments.
     pub fn run_uploader(&self, argv: &[String], paths: &[StorePath]) -> Result<(), Failure> {
         let mut cmd = Command::new(argv.first().map_or("", String::as_str));
         cmd.args(argv.iter().skip(1)).args(paths);
-        self.call("upload-command", vec![cmd])
+        self.run_all("upload-command", vec![cmd]).map(drop)
     }
 
-    /// Checks that nix can open the store at `url`, within `timeout`: with
-    /// `nix store info`, or with `nix store ping` on a Nix older than 2.19,
-    /// which has no `info` (newer ones warn that `ping` is deprecated).
+    /// Checks that nix opens `url` within `timeout`: `nix store info` (`ping` before 2.19).
     pub fn ping(&self, url: &str, timeout: Duration) -> Result<(), Failure> {
         static HAS_INFO: OnceLock<bool> = OnceLock::new();
         let has_info = *HAS_INFO.get_or_init(|| {
@@ -221,24 +184,16 @@ impl Nix {
             [("nix store ping", "ping"), ("nix store info", "info")][has_info as usize];
         let mut nix = self.clone();
         nix.timeout = timeout;
-        nix.call(what, vec![nix.nix_command(&["store", sub, "--store", url])])
+        let cmd = nix.nix_command(&["store", sub, "--store", url]);
+        nix.run_all(what, vec![cmd]).map(drop)
     }
 
-    /// Runs the commands (see [`Nix::run_all`]), judged by their exits.
-    fn call(&self, what: &'static str, cmds: Vec<Command>) -> Result<(), Failure> {
-        self.run_all(what, cmds).map(drop)
-    }
-
-    /// Runs `cmd` and returns the words of its stdout (store paths), which
-    /// must be complete: ended, and within [`STDOUT_MAX`].
+    /// Runs `cmd` and returns the words of its stdout, which must be whole.
     fn run(&self, what: &'static str, cmd: Command) -> Result<Vec<String>, Failure> {
         let out = self.run_all(what, vec![cmd])?.pop().unwrap_or_default();
         let why = if !out.ended {
             let secs = OUTPUT_AFTER_EXIT.as_secs();
-            format!(
-                "exited, but its standard output was still open {secs} s later \
-                 (held by a process it started?)"
-            )
+            format!("exited, but its standard output stayed open {secs} s more (held by a child?)")
         } else if out.read > STDOUT_MAX as u64 {
             format!("printed more than {STDOUT_MAX} bytes on its standard output")
         } else {
@@ -249,22 +204,21 @@ impl Nix {
         Err(Failure { what, kind, stderr })
     }
 
-    /// Runs the commands at once in one new process group, published in
-    /// `running`, killed as a whole when they outlast the timeout, and
-    /// swept of what they left once they exited. Returns what was read of
-    /// each one's stdout, or the first failure in command order.
+    /// Runs the commands in one new process group: each one's stdout, or the
+    /// first failure.
     fn run_all(&self, what: &'static str, cmds: Vec<Command>) -> Result<Vec<Capture>, Failure> {
         let (exited_tx, exited) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (mut children, mut readers, mut spawn_error) = (Vec::new(), Vec::new(), None);
+        let until = Arc::new(OnceLock::new());
+        let (mut children, mut spawn_error) = (Vec::new(), None);
         for mut cmd in cmds {
-            let (i, started) = (children.len(), readers.len());
-            let mut stream = |which: usize| -> std::io::Result<Stdio> {
+            let i = children.len();
+            let stream = |which: usize| -> std::io::Result<Stdio> {
                 let (ours, theirs) = UnixStream::pair()?;
                 ours.set_read_timeout(Some(READ_POLL))?;
-                let (stop, ended) = (stop.clone(), ended_tx.clone());
-                readers.push(move || ended.send((i, which, read_stream(ours, which, &stop))));
+                let (until, ended) = (until.clone(), ended_tx.clone());
+                let read = move || ended.send((i, which, read_stream(ours, which, &until)));
+                std::thread::spawn(read);
                 Ok(OwnedFd::from(theirs).into())
             };
             let pgid = children.first().map_or(0, |c: &Child| c.id());
@@ -275,62 +229,41 @@ impl Nix {
                 cmd.spawn()
             });
             drop(cmd); // closes our copies of the child's ends of its streams
-            match spawned {
-                Ok(child) => children.push(child),
-                Err(e) => {
-                    spawn_error = Some(e.to_string());
-                    readers.truncate(started);
-                    break;
-                }
+            spawn_error = spawned.map(|child| children.push(child)).err();
+            if spawn_error.is_some() {
+                break;
             }
         }
         let (pgid, count) = (children.first().map_or(0, Child::id), children.len());
         self.running.store(pgid, Ordering::SeqCst);
-        let readers = readers.into_iter().map(std::thread::spawn).count();
-        // Waited for only once all started: the group lives while its first
-        // process is not reaped, so that the others could join it.
+        // Waited for once all started: the group lives while its leader does.
         for (i, mut child) in children.into_iter().enumerate() {
             let tx = exited_tx.clone();
             std::thread::spawn(move || tx.send((i, child.wait())));
         }
         drop((exited_tx, ended_tx));
         let deadline = Instant::now() + self.timeout;
-        let mut statuses: Vec<Option<std::io::Result<ExitStatus>>> = Vec::new();
-        statuses.resize_with(count, || None);
-        let mut timed_out = false;
-        while spawn_error.is_none() && !timed_out && statuses.iter().any(Option::is_none) {
-            match exited.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok((i, status)) => statuses[i] = Some(status),
-                Err(_) => timed_out = true,
-            }
-        }
+        let mut statuses: Vec<_> = (0..count).map(|_| None).collect();
+        let exit = || exited.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        let mut record = || exit().map(|(i, status)| statuses[i] = Some(status));
+        let timed_out = spawn_error.is_none() && (0..count).any(|_| record().is_err());
         if pgid != 0 {
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
         self.running.store(0, Ordering::SeqCst);
-        // What they wrote is in the streams: read up to a deadline, as a
-        // process that left the group may hold them open.
-        let mut captures: Vec<[Capture; 2]> = Vec::new();
-        captures.resize_with(count, Default::default);
-        let until = Instant::now() + OUTPUT_AFTER_EXIT;
-        for _ in 0..readers {
-            let got = ended.recv_timeout(until.saturating_duration_since(Instant::now()));
-            let got = got.or_else(|_| {
-                stop.store(true, Ordering::SeqCst);
-                ended.recv()
-            });
-            let Ok((i, which, capture)) = got else { break };
+        // The streams, up to a deadline: a process that left the group may
+        // hold them. One more: those of a command that could not be started.
+        let _ = until.set(Instant::now() + OUTPUT_AFTER_EXIT);
+        let mut captures: Vec<[Capture; 2]> = (0..=count).map(|_| Default::default()).collect();
+        for (i, which, capture) in ended {
             captures[i][which] = capture;
         }
         let fail = |kind, err: &Capture| {
-            Err(Failure {
-                what,
-                kind,
-                stderr: tail(&err.data),
-            })
+            let stderr = tail(&err.data);
+            Err(Failure { what, kind, stderr })
         };
         if let Some(e) = spawn_error {
-            return fail(FailureKind::Spawn(e), &Capture::default());
+            return fail(FailureKind::Spawn(e.to_string()), &Capture::default());
         }
         if timed_out {
             // The stderr of a call that was still running tells most.
@@ -342,24 +275,17 @@ impl Nix {
         for (status, [out, err]) in statuses.into_iter().zip(captures) {
             match status.unwrap_or_else(|| Err(std::io::Error::other("no result"))) {
                 Ok(s) if s.success() => outputs.push(out),
-                Ok(s) => return fail(FailureKind::Exit(describe(s)), &err),
+                Ok(s) => {
+                    let how = s.code().map(|code| format!("exit status {code}"));
+                    let how =
+                        how.unwrap_or(format!("killed by signal {}", s.signal().unwrap_or(0)));
+                    return fail(FailureKind::Exit(format!("failed ({how})")), &err);
+                }
                 Err(e) => return fail(FailureKind::Spawn(e.to_string()), &err),
             }
         }
         Ok(outputs)
     }
-}
-
-/// How an unsuccessful call ended.
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("failed (exit status {code})"),
-        (None, sig) => format!("failed (killed by signal {})", sig.unwrap_or(0)),
-    }
-}
-
-fn is_ssh(url: Option<&str>) -> bool {
-    url.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"))
 }
 
 /// True when `nix --version` (`nix (Nix) 2.8.0`) names 2.19 or newer.
@@ -369,8 +295,7 @@ fn at_least_2_19(version: &str) -> bool {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (2, 19)
 }
 
-/// What was read of one stream: its first bytes (stdout) or its last ones
-/// (stderr), bytes read in all, and whether every writer closed it.
+/// What was read of a stream: its tail, its length, and whether it ended.
 #[derive(Debug, Default)]
 struct Capture {
     data: Vec<u8>,
@@ -378,38 +303,32 @@ struct Capture {
     ended: bool,
 }
 
-/// Reads `from` until it ends or fails, or until `stop` is set (seen when
-/// a read times out), keeping [`STDOUT_MAX`] bytes of the head of stdout or
-/// [`STDERR_KEPT`] of the tail of stderr.
-fn read_stream(mut from: impl Read, which: usize, stop: &AtomicBool) -> Capture {
+/// Reads `from` until it ends or fails, or `until` passed, keeping the tail.
+fn read_stream(mut from: impl Read, which: usize, until: &OnceLock<Instant>) -> Capture {
     let (mut c, mut buf) = (Capture::default(), [0u8; 16 * 1024]);
     let max = [STDOUT_MAX, STDERR_KEPT][which];
+    let waiting = || until.get().is_none_or(|t| *t > Instant::now());
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => break c.ended = true,
             Ok(n) => n,
             Err(e) if e.kind() == Interrupted => continue,
-            Err(e) if e.kind() == WouldBlock && !stop.load(Ordering::SeqCst) => continue,
+            Err(e) if e.kind() == WouldBlock && waiting() => continue,
             Err(_) => break,
         };
         c.read += n as u64;
         c.data.extend_from_slice(&buf[..n]);
-        // The head of stdout stays; of stderr, the tail (its front dropped
-        // once per `max` bytes, not per read).
-        match which {
-            STDOUT => c.data.truncate(max),
-            _ if c.data.len() > 2 * max => drop(c.data.drain(..c.data.len() - max)),
-            _ => {}
+        // The tail is kept (a longer stdout is refused), cut per `max` bytes.
+        if c.data.len() > 2 * max {
+            c.data.drain(..c.data.len() - max);
         }
     }
     c.data.drain(..c.data.len().saturating_sub(max));
     c
 }
 
-/// The last part of a command's stderr on one line, with terminal colour
-/// sequences (`ESC [ ... letter`) removed and every other control
-/// character made a space: nix's words end up in the log and in `status`,
-/// where they must not move a terminal's cursor or hide what follows.
+/// The end of a stderr on one line, without control characters or colour
+/// sequences (`ESC [ ... letter`), which could move a terminal's cursor.
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let (mut clean, mut chars) = (String::new(), text.chars().peekable());
@@ -426,6 +345,19 @@ fn tail(stderr: &[u8]) -> String {
     match joined.char_indices().rev().nth(1999) {
         Some((start, _)) if start > 0 => format!("...{}", &joined[start..]),
         _ => joined,
+    }
+}
+
+#[cfg(test)]
+impl Nix {
+    /// A `nix` with the defaults but these settings, for unit tests.
+    pub fn new(nix: &Path, timeout: Duration, upload_to: Option<&str>) -> Nix {
+        let mut config = Config::new();
+        (config.nix, config.command_timeout, config.upload_jobs) = (nix.into(), timeout, 1);
+        Nix::from_config(&config, upload_to)
+    }
+    fn call(&self, what: &'static str, cmds: Vec<Command>) -> Result<(), Failure> {
+        self.run_all(what, cmds).map(drop)
     }
 }
 
@@ -568,14 +500,16 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(READ_POLL)).unwrap();
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || tx.send(read_stream(ours, STDERR, &AtomicBool::new(true))));
+        std::thread::spawn(move || {
+            tx.send(read_stream(ours, STDERR, &OnceLock::from(Instant::now())))
+        });
         assert!(!rx.recv_timeout(Duration::from_secs(60)).unwrap().ended);
         drop(theirs);
     }
 
     #[test]
     fn only_the_end_of_a_flood_of_stderr_is_kept() {
-        let stop = AtomicBool::new(false);
+        let stop = OnceLock::new();
         let flood = 200 * 1024 * 1024;
         let text = std::io::repeat(b'x')
             .take(flood)

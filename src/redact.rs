@@ -1,35 +1,28 @@
-//! Keeping secrets out of logs, status replies, metrics and errors: a
-//! URL's password or secret query values (`ssh://u:pw@h`, `?secret-key=`),
-//! an uploader's token (`--token T`, `AUTH_TOKEN=T`). Every line shown
-//! passes through [`text`]; [`url`] is the narrower form that the journal's
-//! target names are made from.
+//! Keeping secrets (`ssh://u:pw@h`, `?secret-key=`, `--token T`,
+//! `AUTH_TOKEN=T`) out of what is shown: every line passes through [`text`];
+//! [`url`] is the narrower form the journal's target names are made from.
 
 use std::sync::Mutex;
 
-/// Query parameters whose values [`url`] masks.
+/// The query parameters whose values [`url`] masks; the parts of a name
+/// that mark its value secret in [`text`]; the ends of a word's parts.
 const SECRET_PARAMS: &[&str] = &["secret-key", "password", "token", "access-key", "secret"];
-/// Parts of a key or flag name that mark its value as secret.
 const SECRET_NAMES: &[&str] = &["token", "passw", "secret", "key", "auth", "credential"];
-/// Where a word holds several `NAME=VALUE` parts.
 const PART_ENDS: [char; 4] = ['&', '?', ',', ';'];
 
-/// Text that must never be shown, with its replacement (see [`remember`]);
-/// only ever extended, so a poisoned lock still holds good data.
+/// Secrets to mask, with their masks; only extended (a poisoned lock is fine).
 static REMEMBERED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
 /// Remembers the secrets of a configured target (a URL, an uploader's
-/// command line) for [`text`] to mask where no pattern finds them, such as
-/// nix's `cannot connect to 'user:password@host'`.
+/// command line) for [`text`] to mask where no pattern finds them.
 pub fn remember(target: &str) {
-    let mut secrets = Vec::new();
-    let rest = target.split_once("://").map_or("", |(_, r)| r);
-    let userinfo = rest
-        .split(['/', '?'])
-        .next()
-        .and_then(|a| a.rsplit_once('@'));
-    if let Some((user, password)) = userinfo.and_then(|(u, _)| u.split_once(':')) {
-        secrets.push((format!("{user}:{password}@"), format!("{user}:***@")));
-    }
+    let authority = target
+        .split_once("://")
+        .and_then(|(_, r)| r.split(['/', '?']).next());
+    let userinfo = authority.and_then(|a| a.rsplit_once('@')?.0.split_once(':'));
+    let mut secrets: Vec<(String, String)> = (userinfo.into_iter())
+        .map(|(user, pw)| (format!("{user}:{pw}@"), format!("{user}:***@")))
+        .collect();
     let mut prev = "";
     for word in target.split_whitespace() {
         let pairs = word.split(PART_ENDS).filter_map(|p| p.split_once('='));
@@ -39,52 +32,39 @@ pub fn remember(target: &str) {
         prev = word;
     }
     let mut known = REMEMBERED.lock().unwrap_or_else(|e| e.into_inner());
-    for pair in secrets {
-        if pair.0.len() >= 6 && !known.contains(&pair) {
-            known.push(pair);
-        }
-    }
+    secrets.retain(|pair| pair.0.len() >= 6 && !known.contains(pair));
+    known.extend(secrets);
 }
 
-/// The URL with the password of its userinfo and the values of the query
-/// parameters in [`SECRET_PARAMS`] replaced by `***`.
+/// The URL with its userinfo's password and [`SECRET_PARAMS`]' values masked.
 pub fn url(url: &str) -> String {
-    let (base, query) = url.split_once('?').unzip();
-    let base = base.unwrap_or(url);
-    let mut out = match base.split_once("://") {
+    let masked = match url.split_once("://") {
         Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
             format!("{scheme}://{}{path}", mask_userinfo(authority))
         }
-        None => base.to_string(),
+        None => url.to_string(),
     };
-    for (i, param) in query.into_iter().flat_map(|q| q.split('&')).enumerate() {
-        out.push(if i == 0 { '?' } else { '&' });
-        match param.split_once('=') {
-            Some((k, _)) if SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) => {
-                out.push_str(k);
-                out.push_str("=***");
-            }
-            _ => out.push_str(param),
-        }
-    }
-    out
+    let secret = |k: &str| SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s));
+    mask_pairs(&masked, &['?', '&'], secret)
 }
 
-/// Free text with every secret masked, word by word: what [`url`] masks, a
-/// bare `user:password@host`, a `NAME=VALUE` whose name looks secret (also
-/// between `?&,;`), the word after a flag such as `--token`; and anywhere,
-/// what [`remember`] learnt.
+/// Free text with every secret masked: in each word what [`url`] masks,
+/// `user:password@host`, a `NAME=VALUE` whose name looks secret, the word
+/// after a flag such as `--token`; anywhere, what [`remember`] learnt.
 pub fn text(text: &str) -> String {
     let is_end = |c: char| c.is_whitespace() || "'\"`<>()".contains(c);
     let (mut out, mut prev) = (String::with_capacity(text.len()), "");
     for piece in text.split_inclusive(is_end) {
         let word = piece.trim_end_matches(is_end);
-        if !word.is_empty() {
-            out.push_str(&mask_word(prev, word));
-            prev = word;
-        }
+        let masked = match word.contains("://") {
+            _ if is_secret_flag(prev) && !word.is_empty() => "***".into(),
+            true => url(word),
+            false => mask_userinfo(word),
+        };
+        out.push_str(&mask_pairs(&masked, &PART_ENDS, is_secret));
         out.push_str(&piece[word.len()..]);
+        prev = if word.is_empty() { prev } else { word };
     }
     for (secret, masked) in REMEMBERED.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         out = out.replace(secret.as_str(), masked);
@@ -92,22 +72,14 @@ pub fn text(text: &str) -> String {
     out
 }
 
-/// One word of free text, masked (see [`text`]).
-fn mask_word(prev: &str, word: &str) -> String {
-    if is_secret_flag(prev) {
-        return "***".into();
-    }
-    let word = if word.contains("://") {
-        url(word)
-    } else {
-        mask_userinfo(word)
-    };
+/// `word` with the value of each `NAME=VALUE` part (ended by `ends`) named `secret` masked.
+fn mask_pairs(word: &str, ends: &[char], secret: impl Fn(&str) -> bool) -> String {
     let parts = word
-        .split_inclusive(PART_ENDS)
+        .split_inclusive(ends)
         .map(|part| match part.split_once('=') {
-            Some((name, value)) if is_secret(name) => {
-                let end = value.len() - value.trim_end_matches(PART_ENDS).len();
-                format!("{name}=***{}", &value[value.len() - end..])
+            Some((name, value)) if secret(name) => {
+                let kept = value.trim_end_matches(ends);
+                format!("{name}=***{}", &value[kept.len()..])
             }
             _ => part.to_string(),
         });
@@ -127,8 +99,10 @@ fn is_secret_flag(word: &str) -> bool {
 
 /// `user:***@host` for a word `user:password@host`; other words unchanged.
 fn mask_userinfo(word: &str) -> String {
-    let userinfo = word.rsplit_once('@');
-    match userinfo.and_then(|(u, host)| Some((u.split_once(':')?.0, host))) {
+    match word
+        .rsplit_once('@')
+        .and_then(|(u, h)| Some((u.split_once(':')?.0, h)))
+    {
         Some((user, host)) => format!("{user}:***@{host}"),
         None => word.to_string(),
     }

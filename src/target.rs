@@ -1,9 +1,6 @@
 //! The upload targets (each `upload-to` URL, and the `upload-command`),
-//! checked when the daemon starts: a target that can never work (a program
-//! that is not there, a URL nix cannot use) stops it at once instead of
-//! being retried for ever; one that may mend (a host that does not answer)
-//! is a warning. A check slower than [`CHECK_WAIT`] is judged in the
-//! background, so that a dead host never delays the hooks' socket.
+//! and the check at start of each URL: one nix can never use stops the
+//! daemon; one that may mend (a host that does not answer) is a warning.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -24,20 +21,19 @@ pub enum Kind {
     SignOnly,
 }
 
-/// One target, with its journal name and how it is shown.
+/// One target: what it is, its journal name (a hash of its URL or command
+/// line) and its label for logs, `status` and metrics, secrets masked.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
 pub struct Target {
-    /// What it is.
     pub kind: Kind,
-    /// The journal's name for it (a hash of its URL or command line).
     pub id: TargetId,
-    /// How it is shown in logs, `status` and metrics, secrets masked.
     pub label: String,
 }
 
 impl Target {
-    /// A target named `name` in the journal (a hash of it) and shown with
-    /// its secrets masked, which are remembered to be masked everywhere.
+    /// A target named `name` in the journal, whose secrets are remembered
+    /// to be masked everywhere.
     fn new(kind: Kind, name: Option<&str>) -> Target {
         name.inspect(|name| redact::remember(name));
         let label = name.map_or_else(|| "-".into(), redact::text);
@@ -56,14 +52,14 @@ impl Target {
         Target::new(Kind::Command(argv.to_vec()), Some(&line))
     }
 
-    /// Signing only, when no target is configured (the journal's name of
-    /// older versions for it).
+    /// Signing only, when no target is configured.
     pub fn sign_only() -> Target {
         Target::new(Kind::SignOnly, None)
     }
 }
 
-/// How long start-up waits for the check of each target before it goes on.
+/// How long start-up waits for the check of each URL; a slower one is
+/// judged in the background, so that a dead host never delays the socket.
 pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 
 /// The targets of `config`: each `upload-to`, then the `upload-command`;
@@ -77,66 +73,30 @@ pub fn configured(config: &Config) -> Vec<Target> {
     targets
 }
 
-/// Checks every target, one after the other, the quick program check
-/// first. `Err` holds the reason the daemon cannot run with one, secrets
-/// masked.
+/// Checks every `upload-to` URL, one after the other (the uploader's
+/// program is checked with the configuration). `Err` holds the reason the
+/// daemon cannot run with one, secrets masked.
 pub fn check_at_start(config: &Config) -> Result<(), String> {
-    let mut targets = configured(config);
-    targets.sort_by_key(|t| matches!(t.kind, Kind::Url(_)));
-    for target in targets {
-        match target.kind {
-            Kind::Url(url) => check_url(config, url)?,
-            Kind::Command(argv) => check_program(argv.first().map_or("", String::as_str))?,
-            Kind::SignOnly => {}
-        }
-    }
-    Ok(())
-}
-
-/// Checks one `upload-to` URL (see the module doc).
-fn check_url(config: &Config, url: String) -> Result<(), String> {
-    let nix = Nix::new(&config.nix, PING_TIMEOUT, Some(&url));
-    // Handed over only while start-up waits; judged by the check after.
-    let (tx, rx) = mpsc::sync_channel(0);
-    let shown = url.clone();
-    let check = move || {
-        let _ = crate::nix::lower_priority();
-        if let Err(mpsc::SendError(result)) = tx.send(nix.ping(&url, PING_TIMEOUT)) {
-            if let Err(e) = judge(&url, result) {
-                crate::error!("{e}; the daemon keeps running, but uploads will fail until upload-to is corrected");
+    for url in &config.upload_to {
+        let nix = Nix::from_config(config, Some(url));
+        // Handed over only while start-up waits; judged by the check after.
+        let (tx, rx) = mpsc::sync_channel(0);
+        let (url, shown) = (url.clone(), url.as_str());
+        let check = move || {
+            let _ = crate::nix::lower_priority();
+            if let Err(mpsc::SendError(result)) = tx.send(nix.ping(&url, PING_TIMEOUT)) {
+                if let Err(e) = judge(&url, result) {
+                    crate::error!("{e}; the daemon keeps running, but uploads will fail until upload-to is corrected");
+                }
             }
+        };
+        let thread = std::thread::Builder::new().name("target-check".into());
+        let started = thread.spawn(check);
+        started.map_err(|e| format!("cannot start the check of a target: {e}"))?;
+        if let Ok(result) = rx.recv_timeout(CHECK_WAIT) {
+            judge(shown, result)?;
         }
-    };
-    let thread = std::thread::Builder::new().name("target-check".into());
-    let started = thread.spawn(check);
-    started.map_err(|e| format!("cannot start the check of a target: {e}"))?;
-    let result = rx.recv_timeout(CHECK_WAIT);
-    result.map_or(Ok(()), |result| judge(&shown, result))
-}
-
-/// Checks that the `upload-command` program can be run: an executable file
-/// at its path, or (a bare name) in a directory of `PATH`.
-fn check_program(program: &str) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let runnable = |p: &std::path::Path| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    };
-    let (found, where_) = match std::env::var_os("PATH") {
-        _ if program.contains('/') => (runnable(program.as_ref()), ""),
-        path => {
-            let mut dirs = std::env::split_paths(path.as_deref().unwrap_or_default());
-            (
-                dirs.any(|d| runnable(&d.join(program))),
-                " in any directory of PATH",
-            )
-        }
-    };
-    if !found {
-        return Err(format!(
-            "upload-command: {program} is not an executable file{where_}; give its path, or install it"
-        ));
     }
-    info!("upload-command: {program} is there to run");
     Ok(())
 }
 
@@ -239,20 +199,6 @@ mod tests {
         let not_dir = exit_failure("error: '/dev/null' is not a directory");
         assert_eq!(judge("file:///dev/null/x", Err(not_dir)), Ok(()));
         assert_eq!(judge("file:///x", Ok(())), Ok(()));
-    }
-
-    #[test]
-    fn upload_command_program_must_be_runnable() {
-        assert_eq!(check_program("sh"), Ok(()));
-        assert_eq!(check_program("/bin/sh"), Ok(()));
-        let e = check_program("/nonexistent/cachix").unwrap_err();
-        assert!(
-            e.contains("/nonexistent/cachix is not an executable file;"),
-            "{e}"
-        );
-        let e = check_program("npbhq-no-such-uploader").unwrap_err();
-        assert!(e.contains("in any directory of PATH"), "{e}");
-        assert!(check_program("/etc/passwd").is_err());
     }
 
     #[test]
