@@ -245,10 +245,11 @@ fn admin(command: &str, args: &[String]) -> i32 {
         "enqueue" | "requeue" | "drop" => send_paths(&mut conn, command, &paths),
         "status" => {
             let line = request_line("status", if a.json { &["json"] } else { &[] });
-            let print = |line| drop(writeln!(out, "{line}"));
-            conn.send(&line)
-                .and_then(|()| replies(&mut conn, None, print))
-                .map(drop)
+            // A bounded reply (`request` keeps at most MAX_KEPT), then printed.
+            let print = |(lines, _): (Vec<String>, _)| {
+                lines.iter().for_each(|l| drop(writeln!(out, "{l}")))
+            };
+            conn.request(&line).map(print)
         }
         "wait" => wait(&mut conn, a.timeout),
         _ => conn
