@@ -159,11 +159,8 @@ impl Shared {
     }
 }
 
-/// The fields of the daemon's state: `KEY KIND METRIC HELP`. KEY names
-/// it in `status json` and (underscores as spaces) in `status`; `-` keeps
-/// it to the metrics. KIND is `gauge`, `counter` (since the daemon
-/// started), `seconds`, `rate` (paths per minute), `text` or `flag`. METRIC
-/// is its Prometheus name, `-` for none.
+/// The daemon's fields: `KEY KIND METRIC HELP`. KEY names it in `status
+/// json` and `status` (`-`: a metric only); METRIC `-`: not a metric.
 const FIELDS: &str = "\
 version text - -
 uptime_seconds seconds - -
@@ -267,11 +264,7 @@ impl Snapshot {
             }
             in_flight.extend(t.in_flight.iter().cloned());
             (failed_calls, given_up) = (failed_calls + t.failed_calls, given_up + t.given_up);
-            let state = if t.last_error.is_some() {
-                "failing"
-            } else {
-                "ok"
-            };
+            let state = t.last_error.as_ref().map_or("ok", |_| "failing");
             targets.extend((t.label != "-").then(|| {
                 vec![
                     Some(t.label.clone()),
@@ -291,6 +284,14 @@ impl Snapshot {
         let mut seen = HashSet::new();
         in_flight.retain(|p| seen.insert(p.clone()));
         backoff.sort_by(|a, b| a.2.total_cmp(&b.2));
+        // Paths per minute over the last RATE_WINDOW, or since start if shorter.
+        let window = RATE_WINDOW.min(shared.started.elapsed());
+        let recent = stats
+            .recent_uploads
+            .iter()
+            .filter(|(t, _)| t.elapsed() <= window);
+        let rate =
+            recent.map(|(_, n)| n).sum::<u64>() as f64 * 60.0 / window.as_secs_f64().max(1.0);
         let labels: Vec<&str> = targets.iter().filter_map(|t| t[0].as_deref()).collect();
         let fields = vec![
             Some(crate::VERSION.to_string()),
@@ -305,7 +306,7 @@ impl Snapshot {
             oldest,
             Some(format!("{:.3}", stats.upload_seconds)),
             n(stats.upload_batches),
-            Some(format!("{:.1}", upload_rate(&stats, shared.started))),
+            Some(format!("{rate:.1}")),
             n(spool_files as u64),
             n(spool_paths as u64),
             Some(signing.to_string()),
@@ -334,7 +335,7 @@ impl Snapshot {
                     listed(paths, self.in_flight.len(), TEXT_IN_FLIGHT)
                 }
                 "backing_off" => {
-                    listed(self.backoff.iter().map(backoff), v.map_or(0, count), LISTED)
+                    listed(self.backoff.iter().map(backoff), number(v) as usize, LISTED)
                 }
                 "failed" => listed(self.failed.iter().map(given_up), self.failed.len(), LISTED),
                 "target" => listed(
@@ -432,11 +433,6 @@ fn number(value: Option<&str>) -> f64 {
     value.and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
-/// A count for [`listed`].
-fn count(value: &str) -> usize {
-    value.parse().unwrap_or(0)
-}
-
 /// The fields of a table that `status json` shows, as one JSON object
 /// ending with `more`.
 fn object(table: &'static str, row: &[Option<String>], more: &str) -> String {
@@ -501,17 +497,6 @@ fn declare(name: &str, kind: &str, help: &str) -> String {
     format!("# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n")
 }
 
-/// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since start,
-/// when that is shorter).
-fn upload_rate(stats: &Stats, started: Instant) -> f64 {
-    let window = RATE_WINDOW.min(started.elapsed());
-    let recent = stats
-        .recent_uploads
-        .iter()
-        .filter(|(t, _)| t.elapsed() <= window);
-    recent.map(|(_, n)| n).sum::<u64>() as f64 * 60.0 / window.as_secs_f64().max(1.0)
-}
-
 /// A duration for people: `0.4s`, `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
 /// Fractions are shown only under 10 seconds.
 fn human_duration(seconds: f64) -> String {
@@ -550,12 +535,9 @@ fn label_value(text: &str) -> String {
     text.replace('\n', "\\n")
 }
 
-/// Writes `text` to `path` atomically (a reader such as node-exporter's
-/// textfile collector never sees half a file): a temporary file, unique
-/// per call as two threads may write at once, ending in `.tmp`, which the
-/// collector ignores, renamed over the old one. Mode 0644 whatever the
-/// umask: the file holds counters only, and node-exporter reads it as
-/// another user.
+/// Writes `text` to `path` atomically, through a `.tmp` file (unique per
+/// call: two threads may write at once) that node-exporter ignores. Mode
+/// 0644 whatever the umask: counters only, read by another user.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
