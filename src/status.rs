@@ -245,8 +245,9 @@ impl Snapshot {
             _ => redact::text(&format!("{label}: {error}")),
         };
         let n = |n: u64| Some(n.to_string());
+        let sum = |f: fn(&TargetStats) -> u64| stats.targets.iter().map(f).sum::<u64>();
         let (mut failed, mut backoff, mut targets) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut in_flight, mut failed_calls, mut given_up) = (stats.in_flight_paths.clone(), 0, 0);
+        let mut in_flight = stats.in_flight_paths.clone();
         for t in &stats.targets {
             let gave_up = journal.given_up_on(t.id);
             let gave_up_now = gave_up.len() as u64;
@@ -263,7 +264,6 @@ impl Snapshot {
                 backoff.push((p.clone(), b.attempts, next, tagged(&t.label, &b.last_error)));
             }
             in_flight.extend(t.in_flight.iter().cloned());
-            (failed_calls, given_up) = (failed_calls + t.failed_calls, given_up + t.given_up);
             let state = t.last_error.as_ref().map_or("ok", |_| "failing");
             targets.extend((t.label != "-").then(|| {
                 vec![
@@ -300,7 +300,7 @@ impl Snapshot {
             n(in_flight.len() as u64),
             n(stats.uploaded),
             n(stats.dropped),
-            n(stats.failed_calls + failed_calls),
+            n(stats.failed_calls + sum(|t| t.failed_calls)),
             n(stats.backing_off() as u64),
             n(failed.len() as u64),
             oldest,
@@ -311,7 +311,7 @@ impl Snapshot {
             n(spool_paths as u64),
             Some(signing.to_string()),
             Some(labels.join(", ")).filter(|l| !l.is_empty()),
-            n(given_up),
+            n(sum(|t| t.given_up)),
         ];
         Snapshot {
             fields,
@@ -408,10 +408,8 @@ impl Snapshot {
 
 /// A field's key as `status` names it: `oldest_queued_seconds` is `oldest queued`.
 fn label(key: &str) -> String {
-    let key = key
-        .trim_end_matches("_seconds")
-        .trim_end_matches("_per_minute");
-    key.replace('_', " ")
+    let key = key.strip_suffix("_per_minute").unwrap_or(key);
+    key.trim_end_matches("_seconds").replace('_', " ")
 }
 
 /// A value as `status` shows it to people, by its kind.
