@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::journal::{GivenUp, Journal, TargetId};
+use crate::journal::{Journal, TargetId};
 use crate::policy::Failures;
 use crate::protocol::one_line;
 use crate::redact;
@@ -159,76 +159,75 @@ impl Shared {
     }
 }
 
+/// The daemon's fields: `KEY KIND METRIC HELP`. KEY names it in `status
+/// json` and `status` (`-`: a metric only); METRIC `-`: not a metric.
+const FIELDS: &str = "\
+version text - -
+uptime_seconds seconds - -
+queued gauge queued Paths journaled and not yet uploaded.
+in_flight gauge in_flight Paths in the calls in progress.
+uploaded counter uploaded_total Paths signed and uploaded to every target since the daemon started.
+dropped counter dropped_total Paths given up on since the daemon started.
+failed_calls counter failed_calls_total Failed nix calls since the daemon started.
+backing_off gauge backing_off Paths waiting to be retried after a failure.
+failed gauge failed Paths given up on after repeated failures, kept until requeued or dropped.
+oldest_queued_seconds seconds oldest_queued_age_seconds Age of the oldest queued path (0 when the queue is empty).
+upload_seconds_sum seconds - -
+upload_batches counter - -
+upload_rate_per_minute rate - -
+spool_files gauge spool_files Request files the hook left in the spool, not yet queued.
+spool_paths gauge spool_paths Paths in those spool files.
+signing flag - -
+target text - -
+- counter given_up_total Paths given up on after repeated failures since the daemon started.";
+
+/// Each target's fields, as [`FIELDS`]; its metrics are labelled with it.
+const TARGET_FIELDS: &str = "\
+target text - -
+id text - -
+state text - -
+queued gauge target_queued Queued paths this target does not have yet (those given up on aside).
+delivered counter target_delivered_total Paths this target took since the daemon started.
+backing_off gauge target_backing_off Paths waiting to be retried on this target after a failure.
+failed gauge target_failed Paths given up on for this target, kept until requeued or dropped.
+given_up_total counter target_given_up_total Paths given up on for this target since the daemon started.
+failed_calls counter target_failed_calls_total Failed calls to this target since the daemon started.
+- gauge target_up 1 when the last call to this target went through (or none was made), 0 when it failed.
+last_error text - -";
+
+/// The values of a table's fields, in its order (`None`: unknown).
+type Row = Vec<Option<String>>;
+
+/// A listed path: attempts, seconds (to the next try, or since it was
+/// given up on) and the last error.
+type Item = (StorePath, u32, f64, String);
+
 /// One consistent look at the daemon, for `status` and the metrics file.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// The scalar fields, as `status json` names, orders and writes them.
-    fields: Vec<(&'static str, String)>,
+    /// The values of [`FIELDS`].
+    fields: Row,
+    /// The values of [`TARGET_FIELDS`] for each target shown.
+    targets: Vec<Row>,
     /// The paths of the calls in progress (and of the batch being prepared).
-    in_flight_paths: Vec<StorePath>,
-    /// Backing-off paths, soonest first: (attempts, seconds to next try,
-    /// path, last error), one per path and target; with several targets
-    /// the error starts with the target's label.
-    backoff: Vec<(u32, f64, StorePath, String)>,
-    /// Paths given up on for a target now, oldest first, with how long ago.
-    failed: Vec<(StorePath, GivenUp, u64)>,
-    targets: Vec<TargetSnapshot>,
+    in_flight: Vec<StorePath>,
+    /// Backing-off paths, soonest first, one per path and target.
+    backoff: Vec<Item>,
+    /// Paths given up on for a target now, oldest first.
+    failed: Vec<Item>,
 }
 
-/// The metrics: `FIELD NAME TYPE HELP`, FIELD naming the value shown.
-const METRICS: &str = "\
-queued queued gauge Paths journaled and not yet uploaded.
-in_flight in_flight gauge Paths in the calls in progress.
-backing_off backing_off gauge Paths waiting to be retried after a failure.
-spool_files spool_files gauge Request files the hook left in the spool, not yet queued.
-spool_paths spool_paths gauge Paths in those spool files.
-failed failed gauge Paths given up on after repeated failures, kept until requeued or dropped.
-given_up_total given_up_total counter Paths given up on after repeated failures since the daemon started.
-uploaded uploaded_total counter Paths signed and uploaded to every target since the daemon started.
-dropped dropped_total counter Paths given up on since the daemon started.
-failed_calls failed_calls_total counter Failed nix calls since the daemon started.
-oldest_queued_seconds oldest_queued_age_seconds gauge Age of the oldest queued path (0 when the queue is empty).";
-
-/// Each target's numbers, in the order of [`TargetSnapshot::numbers`]:
-/// `KEY NAME TYPE HELP`, KEY in `status json` (which leaves out the last).
-const TARGET_METRICS: &str = "\
-queued target_queued gauge Queued paths this target does not have yet (those given up on aside).
-delivered target_delivered_total counter Paths this target took since the daemon started.
-backing_off target_backing_off gauge Paths waiting to be retried on this target after a failure.
-failed target_failed gauge Paths given up on for this target, kept until requeued or dropped.
-given_up_total target_given_up_total counter Paths given up on for this target since the daemon started.
-failed_calls target_failed_calls_total counter Failed calls to this target since the daemon started.
-up target_up gauge 1 when the last call to this target went through (or none was made), 0 when it failed.";
-
-/// A field that only the metrics show.
-const METRIC_ONLY: &str = "given_up_total";
-
-/// A line of [`METRICS`] or [`TARGET_METRICS`], split into its words.
-fn metric(line: &str) -> [&str; 4] {
-    let mut words = line.splitn(4, ' ');
-    [(); 4].map(|()| words.next().unwrap_or(""))
-}
-
-/// One target's state, for `status` and the metrics.
-#[derive(Debug, Clone)]
-struct TargetSnapshot {
-    id: TargetId,
-    /// How it is shown (secrets masked).
-    label: String,
-    /// As [`TARGET_METRICS`] lists them.
-    numbers: [u64; 7],
-    /// The error of its last call, if that call failed.
-    last_error: Option<String>,
-}
-
-impl TargetSnapshot {
-    /// `ok`, or `failing` when its last call failed.
-    fn state(&self) -> &'static str {
-        match self.last_error {
-            Some(_) => "failing",
-            None => "ok",
-        }
-    }
+/// The fields of `table` with their values: `[KEY, KIND, METRIC, HELP]`.
+fn fields<'a>(
+    table: &'static str,
+    row: &'a [Option<String>],
+) -> Vec<([&'static str; 4], Option<&'a str>)> {
+    let split = |line| {
+        let mut words = str::splitn(line, 4, ' ');
+        [(); 4].map(|()| words.next().unwrap_or(""))
+    };
+    let values = row.iter().map(Option::as_deref);
+    table.lines().map(split).zip(values).collect()
 }
 
 impl Snapshot {
@@ -237,7 +236,7 @@ impl Snapshot {
         let now = SystemTime::now().duration_since(UNIX_EPOCH);
         let now = now.map_or(0, |d| d.as_secs());
         let oldest = journal.oldest();
-        let oldest = oldest.map(|e| now.saturating_sub(e.queued_at));
+        let oldest = oldest.map(|e| now.saturating_sub(e.queued_at).to_string());
         let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
         let stats = shared.lock();
         // Errors quote nix, which may repeat a target with its password.
@@ -245,273 +244,255 @@ impl Snapshot {
             1 => redact::text(error),
             _ => redact::text(&format!("{label}: {error}")),
         };
+        let n = |n: u64| Some(n.to_string());
+        let sum = |f: fn(&TargetStats) -> u64| stats.targets.iter().map(f).sum::<u64>();
         let (mut failed, mut backoff, mut targets) = (Vec::new(), Vec::new(), Vec::new());
         let mut in_flight = stats.in_flight_paths.clone();
         for t in &stats.targets {
-            let given_up = journal.given_up_up_to(u64::MAX, t.id);
-            let gave_up = given_up.len() as u64;
-            for (p, mut g) in given_up {
-                g.error = tagged(&t.label, &g.error);
-                let ago = now.saturating_sub(g.at);
-                failed.push((p, g, ago));
+            let gave_up = journal.given_up_up_to(u64::MAX, t.id);
+            let gave_up_now = gave_up.len() as u64;
+            for (p, g) in gave_up {
+                let ago = now.saturating_sub(g.at) as f64;
+                failed.push((p, g.attempts, ago, tagged(&t.label, &g.error)));
             }
             let before = backoff.len();
             for (p, b) in t.backoff.iter().filter(|(_, b)| b.attempts > 0) {
                 let next = b
                     .next_try
                     .map(|t| t.saturating_duration_since(Instant::now()));
-                let next = next.map_or(0.0, |d| d.as_secs_f64());
-                backoff.push((b.attempts, next, p.clone(), tagged(&t.label, &b.last_error)));
+                let next = (next.map_or(0.0, |d| d.as_secs_f64()) * 10.0).round() / 10.0;
+                backoff.push((p.clone(), b.attempts, next, tagged(&t.label, &b.last_error)));
             }
             in_flight.extend(t.in_flight.iter().cloned());
-            let (queued, backing_off) = (
-                journal.count_waiting_up_to(u64::MAX, &[t.id]),
-                backoff.len() - before,
-            );
-            let up = u64::from(t.last_error.is_none());
-            targets.push(TargetSnapshot {
-                id: t.id,
-                label: t.label.clone(),
-                numbers: [
-                    queued as u64,
-                    t.delivered,
-                    backing_off as u64,
-                    gave_up,
-                    t.given_up,
-                    t.failed_calls,
-                    up,
-                ],
-                last_error: t.last_error.as_deref().map(redact::text),
-            });
+            let state = t.last_error.as_ref().map_or("ok", |_| "failing");
+            targets.extend((t.label != "-").then(|| {
+                vec![
+                    Some(t.label.clone()),
+                    Some(t.id.to_string()),
+                    Some(state.to_string()),
+                    n(journal.count_waiting_up_to(u64::MAX, &[t.id]) as u64),
+                    n(t.delivered),
+                    n((backoff.len() - before) as u64),
+                    n(gave_up_now),
+                    n(t.given_up),
+                    n(t.failed_calls),
+                    n(u64::from(t.last_error.is_none())),
+                    t.last_error.as_deref().map(redact::text),
+                ]
+            }));
         }
         let mut seen = HashSet::new();
         in_flight.retain(|p| seen.insert(p.clone()));
-        backoff.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let labels = targets
+        backoff.sort_by(|a, b| a.2.total_cmp(&b.2));
+        // Paths per minute over the last RATE_WINDOW, or since start if shorter.
+        let window = RATE_WINDOW.min(shared.started.elapsed());
+        let recent = stats
+            .recent_uploads
             .iter()
-            .map(|t| t.label.as_str())
-            .filter(|l| *l != "-");
-        let target = Some(labels.collect::<Vec<_>>().join(", "));
-        let target = target.filter(|l| !l.is_empty());
-        let sum = |i: usize| targets.iter().map(|t| t.numbers[i]).sum::<u64>();
-        let n = |n: u64| n.to_string();
+            .filter(|(t, _)| t.elapsed() <= window);
+        let rate =
+            recent.map(|(_, n)| n).sum::<u64>() as f64 * 60.0 / window.as_secs_f64().max(1.0);
+        let labels: Vec<&str> = targets.iter().filter_map(|t| t[0].as_deref()).collect();
         let fields = vec![
-            ("version", json_string(crate::VERSION)),
-            ("uptime_seconds", n(shared.started.elapsed().as_secs())),
-            ("queued", n(journal.len() as u64)),
-            ("in_flight", n(in_flight.len() as u64)),
-            ("uploaded", n(stats.uploaded)),
-            ("dropped", n(stats.dropped)),
-            ("failed_calls", n(stats.failed_calls + sum(5))),
-            ("backing_off", n(stats.backing_off() as u64)),
-            ("failed", n(failed.len() as u64)),
-            ("oldest_queued_seconds", oldest.map_or("null".into(), n)),
-            ("upload_seconds_sum", format!("{:.3}", stats.upload_seconds)),
-            ("upload_batches", n(stats.upload_batches)),
-            (
-                "upload_rate_per_minute",
-                format!("{:.1}", upload_rate(&stats, shared.started)),
-            ),
-            ("spool_files", n(spool_files as u64)),
-            ("spool_paths", n(spool_paths as u64)),
-            ("signing", signing.to_string()),
-            (
-                "target",
-                target.as_deref().map_or("null".into(), json_string),
-            ),
-            (METRIC_ONLY, n(sum(4))),
+            Some(crate::VERSION.to_string()),
+            n(shared.started.elapsed().as_secs()),
+            n(journal.len() as u64),
+            n(in_flight.len() as u64),
+            n(stats.uploaded),
+            n(stats.dropped),
+            n(stats.failed_calls + sum(|t| t.failed_calls)),
+            n(stats.backing_off() as u64),
+            n(failed.len() as u64),
+            oldest,
+            Some(format!("{:.3}", stats.upload_seconds)),
+            n(stats.upload_batches),
+            Some(format!("{rate:.1}")),
+            n(spool_files as u64),
+            n(spool_paths as u64),
+            Some(signing.to_string()),
+            Some(labels.join(", ")).filter(|l| !l.is_empty()),
+            n(sum(|t| t.given_up)),
         ];
         Snapshot {
             fields,
-            in_flight_paths: in_flight,
+            targets,
+            in_flight,
             backoff,
             failed,
-            targets,
         }
     }
 
-    /// Field `key` as `status json` writes it.
-    fn get(&self, key: &str) -> &str {
-        self.fields
-            .iter()
-            .find(|f| f.0 == key)
-            .map_or("null", |f| &f.1)
-    }
-
-    /// The number in field `key` (0 when unknown).
-    fn num(&self, key: &str) -> f64 {
-        self.get(key).parse().unwrap_or(0.0)
-    }
-
-    /// The targets shown (not the "sign only" one).
-    fn shown(&self) -> impl Iterator<Item = &TargetSnapshot> {
-        self.targets.iter().filter(|t| t.label != "-")
-    }
-
-    /// `status` for people: one row per field, with what it lists below it.
+    /// `status` for people: `label: value` per field, with what it lists.
     pub fn text(&self) -> String {
-        let n = |key| self.num(key) as u64;
-        let oldest = match self.get("oldest_queued_seconds") {
-            "null" => String::new(),
-            _ => format!(
-                " (oldest queued {} ago)",
-                human_duration(n("oldest_queued_seconds") as f64)
-            ),
-        };
-        let paths = &self.in_flight_paths;
-        let mut in_flight = paths.len().to_string();
-        for p in paths.iter().take(TEXT_IN_FLIGHT) {
-            in_flight += &format!("\n  uploading {p}");
-        }
-        if paths.len() > TEXT_IN_FLIGHT {
-            in_flight += &format!("\n  ... and {} more", paths.len() - TEXT_IN_FLIGHT);
-        }
-        let rate = self.num("upload_rate_per_minute");
-        let spool = match (n("spool_files"), n("spool_paths")) {
-            (0, _) => "empty".to_string(),
-            (f, p) => format!("{f} file(s) with {p} path(s) left by the hook, not yet queued"),
-        };
-        let note = match self.failed.is_empty() {
-            true => "",
-            false => " (given up on; requeue or drop them)",
-        };
-        let labels: Vec<String> = self.shown().map(|t| one_line(&t.label)).collect();
-        let mut target = match labels.is_empty() {
-            true => "none (upload-to is not set)".to_string(),
-            false => labels.join(", "),
-        };
-        for t in self.shown().filter(|_| self.shown().count() > 1) {
-            let ([queued, delivered, backing_off, failed, ..], label) =
-                (t.numbers, one_line(&t.label));
-            target += &format!("\n  {label}: {}, {queued} queued, {delivered} delivered since start, {backing_off} backing off, {failed} failed", t.state());
-            if let Some(e) = &t.last_error {
-                target += &format!("\n    last error: {}", one_line(e));
+        let mut s = String::new();
+        for ([key, kind, ..], v) in fields(FIELDS, &self.fields) {
+            if key != "-" {
+                s += &format!("{:<13} {}\n", format!("{}:", label(key)), human(kind, v));
             }
-        }
-        let signing = if self.get("signing") == "true" {
-            "on"
-        } else {
-            "off"
-        };
-        let rows = [
-            ("queued", format!("{}{oldest}", n("queued"))),
-            ("in flight", in_flight),
-            (
-                "uploaded",
-                format!("{} since start ({rate:.1} paths/min lately)", n("uploaded")),
-            ),
-            ("spool", spool),
-            ("dropped", format!("{} since start", n("dropped"))),
-            ("backing off", n("backing_off").to_string()),
-            ("failed", format!("{}{note}", self.failed.len())),
-            ("failed calls", format!("{} since start", n("failed_calls"))),
-            ("target", target),
-            ("signing", signing.into()),
-            ("uptime", human_duration(self.num("uptime_seconds"))),
-            ("version", crate::VERSION.to_string()),
-        ];
-        let row = |(label, v): &(&str, String)| format!("{:<14}{v}\n", format!("{label}:"));
-        let mut s: String = rows.iter().map(row).collect();
-        for (attempts, next, path, error) in self.backoff.iter().take(LISTED) {
-            // As `status json` shows it: to a tenth of a second.
-            let when = match (next * 10.0).round() / 10.0 {
-                next if next > 0.0 => format!("next try in {}", human_duration(next)),
-                _ => "retrying now".to_string(),
+            s += &match key {
+                "in_flight" => {
+                    let paths = self.in_flight.iter().map(|p| format!("uploading {p}"));
+                    listed(paths, self.in_flight.len(), TEXT_IN_FLIGHT)
+                }
+                "backing_off" => {
+                    listed(self.backoff.iter().map(backoff), number(v) as usize, LISTED)
+                }
+                "failed" => listed(self.failed.iter().map(given_up), self.failed.len(), LISTED),
+                "target" => listed(
+                    self.targets.iter().map(|t| target(t)),
+                    self.targets.len(),
+                    LISTED,
+                ),
+                _ => String::new(),
             };
-            let error = one_line(error);
-            s += &format!("  {path}: attempt {attempts} failed, {when}: {error}\n");
         }
-        s += &more(n("backing_off") as usize, self.backoff.len(), "", "soonest");
-        for (path, g, ago) in self.failed.iter().take(LISTED) {
-            let (ago, n, e) = (human_duration(*ago as f64), g.attempts, one_line(&g.error));
-            s += &format!("  {path}: FAILED, given up on {ago} ago after {n} attempts: {e}\n");
-        }
-        s + &more(self.failed.len(), self.failed.len(), " failed", "oldest")
+        s
     }
 
     /// `status json`: one JSON object on one line.
     pub fn json(&self) -> String {
-        let fields = self.fields.iter().filter(|f| f.0 != METRIC_ONLY);
-        let mut parts: Vec<String> = fields.map(|(k, v)| format!("\"{k}\":{v}")).collect();
-        let list = |key: &str, items: Vec<String>| format!("\"{key}\":[{}]", items.join(","));
-        let path = |p: &StorePath| json_string(p.as_str());
-        let error = |e: &str| json_string(&one_line(e));
-        let backoff = self.backoff.iter().take(LISTED).map(|(n, next, p, e)| {
-            let (p, e) = (path(p), error(e));
-            format!("{{\"path\":{p},\"attempts\":{n},\"next_try_seconds\":{next:.1},\"last_error\":{e}}}")
-        });
-        parts.push(list("backoff", backoff.collect()));
-        let failed = self.failed.iter().take(LISTED).map(|(p, g, ago)| {
-            let (p, n, e) = (path(p), g.attempts, error(&g.error));
-            format!("{{\"path\":{p},\"attempts\":{n},\"given_up_seconds_ago\":{ago},\"last_error\":{e}}}")
-        });
-        parts.push(list("failed_paths", failed.collect()));
-        let in_flight = self.in_flight_paths.iter().take(LISTED).map(path);
-        parts.push(list("in_flight_paths", in_flight.collect()));
-        let targets = self.shown().map(|t| {
-            let (label, id, state) = (json_string(&t.label), t.id, t.state());
-            let keys = TARGET_METRICS.lines().map(|l| metric(l)[0]);
-            let numbers = keys.zip(t.numbers).take(6).map(|(k, v)| format!(",\"{k}\":{v}"));
-            let numbers: String = numbers.collect();
-            let e = t.last_error.as_deref().map_or("null".to_string(), error);
-            format!("{{\"target\":{label},\"id\":\"{id}\",\"state\":\"{state}\"{numbers},\"last_error\":{e}}}")
-        });
-        parts.push(list("targets", targets.collect()));
-        format!("{{{}}}\n", parts.join(","))
+        let items = |items: &[Item], seconds: &str| {
+            let items = items.iter().take(LISTED).map(|(p, attempts, s, e)| {
+                let (p, e) = (json_string(p.as_str()), json_string(&one_line(e)));
+                format!(
+                    "{{\"path\":{p},\"attempts\":{attempts},\"{seconds}\":{s},\"last_error\":{e}}}"
+                )
+            });
+            items.collect::<Vec<_>>().join(",")
+        };
+        let in_flight = self
+            .in_flight
+            .iter()
+            .take(LISTED)
+            .map(|p| json_string(p.as_str()));
+        let targets = self.targets.iter().map(|t| object(TARGET_FIELDS, t, ""));
+        let lists = format!(
+            ",\"backoff\":[{}],\"failed_paths\":[{}],\"in_flight_paths\":[{}],\"targets\":[{}]",
+            items(&self.backoff, "next_try_seconds"),
+            items(&self.failed, "given_up_seconds_ago"),
+            in_flight.collect::<Vec<_>>().join(","),
+            targets.collect::<Vec<_>>().join(",")
+        );
+        object(FIELDS, &self.fields, &lists) + "\n"
     }
 
     /// The Prometheus text exposition of the snapshot.
     pub fn prometheus(&self) -> String {
         let mut text = String::new();
-        for [key, name, kind, help] in METRICS.lines().map(metric) {
-            text += &format!("{}{M}{name} {}\n", declare(name, kind, help), self.num(key));
-        }
-        let targets: Vec<&TargetSnapshot> = self.shown().collect();
-        let lines = TARGET_METRICS.lines().filter(|_| !targets.is_empty());
-        for (i, [_, name, kind, help]) in lines.map(metric).enumerate() {
-            text += &declare(name, kind, help);
-            for t in &targets {
-                let (label, value) = (label_value(&t.label), t.numbers[i]);
-                text += &format!("{M}{name}{{target=\"{label}\"}} {value}\n");
+        for ([_, kind, name, help], v) in fields(FIELDS, &self.fields) {
+            if name != "-" {
+                text += &(declare(name, kind, help) + &format!("{M}{name} {}\n", number(v)));
             }
         }
-        let (sum, count) = (self.num("upload_seconds_sum"), self.num("upload_batches"));
+        let by_target = self.targets.iter().map(|t| fields(TARGET_FIELDS, t));
+        let by_target: Vec<_> = by_target.collect();
+        for (i, &([_, kind, name, help], _)) in by_target.first().into_iter().flatten().enumerate()
+        {
+            if name == "-" {
+                continue;
+            }
+            text += &declare(name, kind, help);
+            for t in &by_target {
+                let label = label_value(t[0].1.unwrap_or(""));
+                text += &format!("{M}{name}{{target=\"{label}\"}} {}\n", number(t[i].1));
+            }
+        }
+        let [sum, count] = [10, 11].map(|i| number(self.fields[i].as_deref()));
         let help = "Time spent in successful upload calls.";
         text + &declare("upload_duration_seconds", "summary", help)
-            + &format!("{M}upload_duration_seconds_sum {sum:.6}\n{M}upload_duration_seconds_count {count}\n")
+            + &format!(
+                "{M}upload_duration_seconds_sum {sum}\n{M}upload_duration_seconds_count {count}\n"
+            )
     }
+}
+
+/// A field's key as `status` names it: `oldest_queued_seconds` is `oldest queued`.
+fn label(key: &str) -> String {
+    let key = key.strip_suffix("_per_minute").unwrap_or(key);
+    key.trim_end_matches("_seconds").replace('_', " ")
+}
+
+/// A value as `status` shows it to people, by its kind.
+fn human(kind: &str, value: Option<&str>) -> String {
+    let Some(v) = value else {
+        return "none".to_string();
+    };
+    match kind {
+        "counter" => format!("{v} since start"),
+        "seconds" => human_duration(number(value)),
+        "rate" => format!("{v} paths/min lately"),
+        "flag" => (if v == "true" { "on" } else { "off" }).to_string(),
+        _ => one_line(v),
+    }
+}
+
+/// A value as a number (0 when unknown).
+fn number(value: Option<&str>) -> f64 {
+    value.and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
+/// The fields of a table that `status json` shows, as one JSON object
+/// ending with `more`.
+fn object(table: &'static str, row: &[Option<String>], more: &str) -> String {
+    let shown = fields(table, row).into_iter().filter(|(f, _)| f[0] != "-");
+    let pairs = shown.map(|([key, kind, ..], v)| match (kind, v) {
+        (_, None) => format!("\"{key}\":null"),
+        ("text", Some(v)) => format!("\"{key}\":{}", json_string(&one_line(v))),
+        (_, Some(v)) => format!("\"{key}\":{v}"),
+    });
+    format!("{{{}{more}}}", pairs.collect::<Vec<_>>().join(","))
+}
+
+/// A target's line in `status`: its label, then its fields.
+fn target(row: &[Option<String>]) -> String {
+    let all = fields(TARGET_FIELDS, row).into_iter().skip(1);
+    let shown = all.filter(|(f, _)| f[0] != "-");
+    let shown = shown.filter_map(|([key, kind, ..], v)| Some((key, kind, v?)));
+    let shown = shown.map(|(key, kind, v)| format!("{} {}", label(key), human(kind, Some(v))));
+    let label = row[0].as_deref().unwrap_or("");
+    format!("{label}: {}", shown.collect::<Vec<_>>().join(", "))
+}
+
+/// A backing-off path's line in `status`.
+fn backoff((path, attempts, next, error): &Item) -> String {
+    let when = match *next > 0.0 {
+        true => format!("next try in {}", human_duration(*next)),
+        false => "retrying now".to_string(),
+    };
+    format!("{path}: attempt {attempts} failed, {when}: {error}")
+}
+
+/// A given-up-on path's line in `status`.
+fn given_up((path, attempts, ago, error): &Item) -> String {
+    let ago = human_duration(*ago);
+    format!("{path}: FAILED, given up on {ago} ago after {attempts} attempts: {error}")
+}
+
+/// Indented lines, at most `cap` of them, then how many of `total` it left out.
+fn listed(lines: impl Iterator<Item = String>, total: usize, cap: usize) -> String {
+    let lines: Vec<String> = lines.take(cap).collect();
+    let mut s: String = lines
+        .iter()
+        .map(|l| format!("  {}\n", one_line(l)))
+        .collect();
+    if total > lines.len() {
+        s += &format!("  ... and {} more\n", total - lines.len());
+    }
+    s
 }
 
 /// The prefix of every metric's name.
 const M: &str = "nix_post_build_hook_queue_";
 
-/// A metric's `# HELP` and `# TYPE` lines.
+/// A metric's `# HELP` and `# TYPE` lines; every KIND but `counter` and
+/// `summary` is a gauge.
 fn declare(name: &str, kind: &str, help: &str) -> String {
+    let kind = if matches!(kind, "counter" | "summary") {
+        kind
+    } else {
+        "gauge"
+    };
     format!("# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n")
-}
-
-/// Paths uploaded per minute over the last [`RATE_WINDOW`] (or since start,
-/// when that is shorter).
-fn upload_rate(stats: &Stats, started: Instant) -> f64 {
-    let window = RATE_WINDOW.min(started.elapsed());
-    let recent = stats
-        .recent_uploads
-        .iter()
-        .filter(|(t, _)| t.elapsed() <= window);
-    recent.map(|(_, n)| n).sum::<u64>() as f64 * 60.0 / window.as_secs_f64().max(1.0)
-}
-
-/// The line saying how many of `total` paths a list left out, if any: `...
-/// and 3 more failed (status lists the 100 oldest)`.
-fn more(total: usize, listed: usize, what: &str, which: &str) -> String {
-    let shown = listed.min(LISTED);
-    match total > shown {
-        true => format!(
-            "  ... and {} more{what} (status lists the {shown} {which})\n",
-            total - shown
-        ),
-        false => String::new(),
-    }
 }
 
 /// A duration for people: `0.4s`, `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
@@ -552,12 +533,9 @@ fn label_value(text: &str) -> String {
     text.replace('\n', "\\n")
 }
 
-/// Writes `text` to `path` atomically (a reader such as node-exporter's
-/// textfile collector never sees half a file): a temporary file, unique
-/// per call as two threads may write at once, ending in `.tmp`, which the
-/// collector ignores, renamed over the old one. Mode 0644 whatever the
-/// umask: the file holds counters only, and node-exporter reads it as
-/// another user.
+/// Writes `text` to `path` atomically, through a `.tmp` file (unique per
+/// call: two threads may write at once) that node-exporter ignores. Mode
+/// 0644 whatever the umask: counters only, read by another user.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -630,12 +608,13 @@ mod tests {
             s.targets[0].backoff.insert(path("b"), b);
         }
         let snap = Snapshot::take(&journal, &shared, &dir.join("spool"), true);
-        assert_eq!(snap.num("queued"), 2.0);
-        assert_eq!(snap.backoff[0].1, 0.0, "being retried: due now");
-        assert_eq!(snap.backoff[0].2, path("b"));
-        assert!((50.0..=60.0).contains(&snap.backoff[1].1));
+        assert_eq!(snap.fields[2].as_deref(), Some("2"));
+        assert_eq!(snap.backoff[0].2, 0.0, "being retried: due now");
+        assert_eq!(snap.backoff[0].0, path("b"));
+        assert!((50.0..=60.0).contains(&snap.backoff[1].2));
         let text = snap.text();
-        assert!(text.starts_with("queued:       2 (oldest queued"), "{text}");
+        assert!(text.contains("\nqueued:       2\n"), "{text}");
+        assert!(text.contains("\noldest queued: 0s\n"), "{text}");
         assert!(text.contains("\nbacking off:  2\n"), "{text}");
         assert!(text.contains("\ntarget:       ssh://u:***@h\n"), "{text}");
         let a = format!("  {}: attempt 2 failed, next try in ", path("a"));
@@ -662,43 +641,37 @@ mod tests {
 
     fn snapshot() -> Snapshot {
         let fields = [
-            ("version", json_string(crate::VERSION)),
-            ("uptime_seconds", "3725".into()),
-            ("queued", "3".into()),
-            ("in_flight", "1".into()),
-            ("uploaded", "7".into()),
-            ("dropped", "0".into()),
-            ("failed_calls", "2".into()),
-            ("backing_off", "3".into()),
-            ("failed", "1".into()),
-            ("oldest_queued_seconds", "75".into()),
-            ("upload_seconds_sum", "0.250".into()),
-            ("upload_batches", "4".into()),
-            ("upload_rate_per_minute", "12.5".into()),
-            ("spool_files", "2".into()),
-            ("spool_paths", "7".into()),
-            ("signing", "false".into()),
-            ("target", "null".into()),
-            (METRIC_ONLY, "1".into()),
+            crate::VERSION,
+            "3725",
+            "3",
+            "1",
+            "7",
+            "0",
+            "2",
+            "3",
+            "1",
+            "75",
+            "0.250",
+            "4",
+            "12.5",
+            "2",
+            "7",
+            "false",
+            "-",
+            "1",
         ];
+        let mut fields: Row = fields.iter().map(|v| Some(v.to_string())).collect();
+        fields[16] = None;
+        assert_eq!(fields.len(), FIELDS.lines().count());
         Snapshot {
-            fields: fields.into(),
-            in_flight_paths: vec![path("d")],
-            backoff: vec![
-                (1, 0.0, path("a"), "a \"quoted\" \\ path\tand\u{1}".into()),
-                (2, 125.3, path("b"), "boom".into()),
-            ],
-            failed: vec![(
-                path("c"),
-                GivenUp {
-                    target: TargetId::of(None),
-                    at: 0,
-                    attempts: 10,
-                    error: "boom".into(),
-                },
-                65,
-            )],
+            fields,
             targets: Vec::new(),
+            in_flight: vec![path("d")],
+            backoff: vec![
+                (path("a"), 1, 0.0, "a \"quoted\" \\ path\tand\u{1}".into()),
+                (path("b"), 2, 125.3, "boom".into()),
+            ],
+            failed: vec![(path("c"), 10, 65.0, "boom".into())],
         }
     }
 
@@ -708,23 +681,28 @@ mod tests {
         assert_eq!(
             snapshot().text(),
             format!(
-                "queued:       3 (oldest queued 1m 15s ago)\n\
+                "version:      {}\n\
+                 uptime:       1h 2m\n\
+                 queued:       3\n\
                  in flight:    1\n\
                  \x20 uploading {d}\n\
-                 uploaded:     7 since start (12.5 paths/min lately)\n\
-                 spool:        2 file(s) with 7 path(s) left by the hook, not yet queued\n\
+                 uploaded:     7 since start\n\
                  dropped:      0 since start\n\
-                 backing off:  3\n\
-                 failed:       1 (given up on; requeue or drop them)\n\
                  failed calls: 2 since start\n\
-                 target:       none (upload-to is not set)\n\
-                 signing:      off\n\
-                 uptime:       1h 2m\n\
-                 version:      {}\n\
+                 backing off:  3\n\
                  \x20 {a}: attempt 1 failed, retrying now: a \"quoted\" \\ path\tand\u{1}\n\
                  \x20 {b}: attempt 2 failed, next try in 2m 5s: boom\n\
-                 \x20 ... and 1 more (status lists the 2 soonest)\n\
-                 \x20 {c}: FAILED, given up on 1m 5s ago after 10 attempts: boom\n",
+                 \x20 ... and 1 more\n\
+                 failed:       1\n\
+                 \x20 {c}: FAILED, given up on 1m 5s ago after 10 attempts: boom\n\
+                 oldest queued: 1m 15s\n\
+                 upload seconds sum: 0.2s\n\
+                 upload batches: 4 since start\n\
+                 upload rate:  12.5 paths/min lately\n\
+                 spool files:  2\n\
+                 spool paths:  7\n\
+                 signing:      off\n\
+                 target:       none\n",
                 crate::VERSION
             )
         );
@@ -741,7 +719,7 @@ mod tests {
                  \"oldest_queued_seconds\":75,\"upload_seconds_sum\":0.250,\"upload_batches\":4,\
                  \"upload_rate_per_minute\":12.5,\"spool_files\":2,\"spool_paths\":7,\
                  \"signing\":false,\"target\":null,\
-                 \"backoff\":[{{\"path\":\"{a}\",\"attempts\":1,\"next_try_seconds\":0.0,\
+                 \"backoff\":[{{\"path\":\"{a}\",\"attempts\":1,\"next_try_seconds\":0,\
                  \"last_error\":\"a \\\"quoted\\\" \\\\ path\\u0009and\\u0001\"}},\
                  {{\"path\":\"{b}\",\"attempts\":2,\"next_try_seconds\":125.3,\"last_error\":\"boom\"}}],\
                  \"failed_paths\":[{{\"path\":\"{c}\",\"attempts\":10,\
@@ -751,8 +729,8 @@ mod tests {
             )
         );
         let mut s = snapshot();
-        s.fields[9].1 = "null".into();
-        s.fields[16].1 = json_string("file:///a");
+        s.fields[9] = None;
+        s.fields[16] = Some("file:///a".into());
         let json = s.json();
         assert!(json.contains("\"oldest_queued_seconds\":null,"), "{json}");
         assert!(json.contains("\"target\":\"file:///a\","), "{json}");
@@ -778,16 +756,16 @@ mod tests {
     #[test]
     fn prometheus_text_declares_every_sample() {
         let mut snap = snapshot();
-        snap.fields[3].1 = "0".into();
-        snap.fields[9].1 = "9".into();
+        snap.fields[3] = Some("0".into());
+        snap.fields[9] = Some("9".into());
         snap.targets = ["file:///a", "upload-command: x \"y\""]
             .iter()
-            .map(|label| TargetSnapshot {
-                id: TargetId::of(Some(label)),
-                label: label.to_string(),
-                // queued, delivered, backing off, failed, given up, failed calls, up
-                numbers: [2, 3, 1, 0, 0, 4, 1],
-                last_error: None,
+            .map(|label| {
+                let id = TargetId::of(Some(label)).to_string();
+                let row = [*label, id.as_str(), "ok", "2", "3", "1", "0", "0", "4", "1"];
+                let mut row: Row = row.iter().map(|v| Some(v.to_string())).collect();
+                row.push(None);
+                row
             })
             .collect();
         let text = snap.prometheus();

@@ -451,7 +451,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     }
     let text = status_text(&d);
     assert!(
-        field(&text, "queued").starts_with("2 (oldest queued "),
+        field(&text, "queued") == "2" && field(&text, "oldest queued") != "none",
         "{text}"
     );
     assert_eq!(field(&text, "backing off"), "2", "{text}");
@@ -558,7 +558,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     assert_eq!(field(&text, "dropped"), "1 since start", "{text}");
     let uploaded = field(&text, "uploaded");
     assert!(
-        uploaded.starts_with("2 since start (") && uploaded.ends_with(" paths/min lately)"),
+        uploaded == "2 since start" && field(&text, "upload rate").ends_with(" paths/min lately"),
         "{text}"
     );
     println!("status after:\n{text}");
@@ -1203,8 +1203,8 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
         assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
     }
     assert_eq!(
-        field(&text, "spool"),
-        "2 file(s) with 3 path(s) left by the hook, not yet queued",
+        (field(&text, "spool files"), field(&text, "spool paths")),
+        ("2", "3"),
         "{text}"
     );
     wait_for_metrics(&d, &metrics, &[("spool_files", 2.0), ("spool_paths", 3.0)]);
@@ -1227,11 +1227,8 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     );
     assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
     let text = status_text(&d);
-    assert!(
-        field(&text, "uploaded").starts_with("5 since start ("),
-        "{text}"
-    );
-    assert_eq!(field(&text, "spool"), "empty", "{text}");
+    assert!(field(&text, "uploaded") == "5 since start", "{text}");
+    assert_eq!(field(&text, "spool files"), "0", "{text}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1319,7 +1316,7 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
         );
     }
     let text = status_text(&d);
-    assert!(field(&text, "failed").starts_with("2 "), "{text}");
+    assert_eq!(field(&text, "failed"), "2", "{text}");
     for p in [&p1, &p2] {
         assert!(
             text.lines().any(|l| l.contains(p.as_str())
