@@ -6,7 +6,7 @@ use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::sys;
 use crate::wire::{final_word, ENV_SOCKET, MAX_LINE};
@@ -21,18 +21,15 @@ pub fn socket_path() -> PathBuf {
     set.map_or_else(default, PathBuf::from)
 }
 
-/// Why a request did not get an `ok`.
+/// Why a request did not get an `ok`: no daemon at the socket, a listener of
+/// another user, a broken or slow connection, `err ...`, or a reply not understood.
 #[derive(Debug)]
+#[allow(missing_docs)]
 pub enum ClientError {
-    /// No daemon could be reached at the socket.
     Connect(PathBuf, io::Error),
-    /// The socket's listener runs as neither root nor this process's user.
     Untrusted(PathBuf, sys::Peer),
-    /// The connection broke or timed out.
     Io(io::Error),
-    /// The daemon answered `err ...`.
     Refused(String),
-    /// The daemon's answer was not understood.
     Protocol(String),
 }
 
@@ -75,9 +72,8 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects within `timeout` and lets each read and write wait as long.
-    /// std cannot bound a connect (to a daemon whose backlog is full), so it
-    /// runs on a thread of its own, abandoned when too slow.
+    /// Connects within `timeout` (on a thread abandoned when too slow: std
+    /// cannot bound a connect) and lets each read and write wait as long.
     pub fn open(socket: &Path, timeout: Duration) -> Result<Connection, ClientError> {
         let failed = |e| ClientError::Connect(socket.to_path_buf(), e);
         let (path, (tx, rx)) = (socket.to_path_buf(), std::sync::mpsc::channel());
@@ -89,17 +85,8 @@ impl Connection {
         }
     }
 
-    /// Connects, and lets each read and write wait until `deadline`; the
-    /// hook bounds the connect and the whole exchange with a watchdog.
-    pub fn until(socket: &Path, deadline: Instant) -> Result<Connection, ClientError> {
-        let stream = UnixStream::connect(socket)
-            .map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        Connection::trusted(socket, stream, left.max(Duration::from_millis(1)))
-    }
-
-    /// The connection, if the process at its other end (as the kernel saw it
-    /// connect; no file swap fakes that) runs as root (or systemd) or as us.
+    /// The connection, if its peer as the kernel saw it connect (no file swap
+    /// fakes that) runs as root (or systemd) or as us.
     fn trusted(socket: &Path, stream: UnixStream, wait: Duration) -> Result<Self, ClientError> {
         let peer = sys::peer(stream.as_fd()).map_err(ClientError::Io)?;
         if peer.uid != 0 && peer.uid != sys::uid() {
@@ -108,8 +95,11 @@ impl Connection {
         (stream.set_read_timeout(Some(wait)))
             .and_then(|()| stream.set_write_timeout(Some(wait)))
             .map_err(ClientError::Io)?;
-        let (reader, partial) = (BufReader::new(stream), Vec::new());
-        Ok(Connection { reader, partial })
+        let reader = BufReader::new(stream);
+        Ok(Connection {
+            reader,
+            partial: Vec::new(),
+        })
     }
 
     /// Sets how long one read may wait (`None`: forever).
@@ -130,11 +120,10 @@ impl Connection {
         if buf.pop_if(|b| *b == b'\n').is_some() {
             return Ok(String::from_utf8_lossy(&std::mem::take(buf)).into_owned());
         }
-        if buf.len() > MAX_LINE {
-            let long = format!("a line longer than {MAX_LINE} bytes");
-            return Err(ClientError::Protocol(long));
-        }
-        Err(io_error(ErrorKind::UnexpectedEof.into()))
+        Err(match buf.len() > MAX_LINE {
+            true => ClientError::Protocol(format!("a line longer than {MAX_LINE} bytes")),
+            false => io_error(ErrorKind::UnexpectedEof.into()),
+        })
     }
 
     /// Sends a request and collects its informational lines (within
@@ -153,8 +142,9 @@ impl Connection {
             kept += reply.len() + 32;
             info.push(reply);
         }
-        let most = format!("a reply longer than {MAX_KEPT} bytes");
-        Err(ClientError::Protocol(most))
+        Err(ClientError::Protocol(format!(
+            "a reply longer than {MAX_KEPT} bytes"
+        )))
     }
 }
 

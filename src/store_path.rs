@@ -1,19 +1,12 @@
-//! Validated Nix store paths.
-//!
-//! Every path that arrives over the socket, from the spool or from the journal
-//! is parsed into a [`StorePath`] before anything else looks at it, so that
-//! nothing unchecked can reach a `nix` command line or the journal. The rules
-//! are Nix's own: `<store-dir>/<32 nix-base32 chars>-<name>`, where the name is
-//! 1 to 211 characters from `A-Za-z0-9+-._?=` and does not start with `.`.
+//! Store paths checked by Nix's rules, parsed from every socket, spool and
+//! journal input before anything else looks at them or a `nix` command line.
 
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Length of the hash part of a store path's base name.
-pub const HASH_LEN: usize = 32;
-/// Longest name Nix accepts after the hash and dash.
-pub const MAX_NAME_LEN: usize = 211;
+const HASH_LEN: usize = 32;
+const MAX_NAME_LEN: usize = 211;
 
 /// A store path that passed every check: safe to journal and to pass to `nix`.
 /// Clones share the text, so the journal and the queues hold it cheaply.
@@ -42,11 +35,9 @@ fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b'?' | b'=')
 }
 
-/// The first character of `s` that `allowed` refuses, for the message.
-fn first_char_not(s: &str, allowed: fn(u8) -> bool) -> char {
-    s.chars()
-        .find(|c| !c.is_ascii() || !allowed(*c as u8))
-        .unwrap_or('\u{fffd}')
+/// The first character of `s` that `allowed` refuses.
+fn refused(s: &str, allowed: fn(u8) -> bool) -> Option<char> {
+    s.chars().find(|c| !c.is_ascii() || !allowed(*c as u8))
 }
 
 /// Whether `s` keeps Nix's rules for a path directly under `store_dir`;
@@ -73,16 +64,14 @@ fn check(s: &str, store_dir: &str) -> Result<(), String> {
     } else if hash.len() != HASH_LEN || !rest.contains('-') {
         let n = hash.chars().count();
         format!("hash part has {n} characters: it must have {HASH_LEN} nix-base32 characters")
-    } else if !hash.bytes().all(is_nix_base32) {
-        let c = first_char_not(hash, is_nix_base32);
+    } else if let Some(c) = refused(hash, is_nix_base32) {
         format!("hash part contains {c:?}: only nix-base32 characters (0-9 a-z without e o t u) are allowed")
     } else if name.is_empty() {
         "path has no name after the hash".into()
     } else if name.len() > MAX_NAME_LEN {
         let n = name.len();
         format!("name has {n} characters: at most {MAX_NAME_LEN} are allowed")
-    } else if !name.bytes().all(is_name_byte) {
-        let c = first_char_not(name, is_name_byte);
+    } else if let Some(c) = refused(name, is_name_byte) {
         format!("name contains {c:?}: only A-Z a-z 0-9 and + - . _ ? = are allowed")
     } else if name.starts_with('.') {
         "name starts with '.', which Nix forbids".into()

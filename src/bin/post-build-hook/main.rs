@@ -1,15 +1,13 @@
-//! The hook Nix runs after each build: hands the built paths to a daemon of
-//! root or of its own user ([`npbhq::client`]), spools what it did not
-//! acknowledge ([`spool`]), and always exits 0 within its deadline, so a
-//! queue problem never fails a build. Nix puts `post-build-hook: ` before
-//! each line the hook writes, so its lines do not name the program again.
+//! The hook Nix runs after each build: hands the paths to a daemon of root or
+//! of its own user, spools what was not acknowledged, and always exits 0 in
+//! time. Nix prefixes its lines with `post-build-hook: `, so they do not.
 
 mod spool;
 
 use std::io::{self, ErrorKind, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use npbhq::client::{self, ClientError, Connection};
 use npbhq::wire;
@@ -29,25 +27,13 @@ fn main() {
     }
 }
 
-/// A panic is a bug, not a condition the hook expects: it says so in one
-/// line and still exits 0, as a failing hook would stop Nix's build loop.
-/// This runs before the panic would abort or unwind.
+/// A panic (a bug) says so in one line and still exits 0, as a failing hook
+/// would stop Nix's build loop.
 fn exit_0_on_panic() {
     std::panic::set_hook(Box::new(|info| {
-        let payload = info.payload();
-        let message = (payload.downcast_ref::<&str>().copied())
-            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-            .unwrap_or("a panic");
-        let at = info
-            .location()
-            .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
-        say(
-            io::stderr(),
-            &format!(
-                "internal error{at}: {}; the paths of this build may not be queued\n",
-                message.replace('\n', " ")
-            ),
-        );
+        let what = info.to_string().replace('\n', " ");
+        let line = format!("internal error: {what}; the paths of this build may not be queued\n");
+        say(io::stderr(), &line);
         std::process::exit(0)
     }));
 }
@@ -61,7 +47,6 @@ fn say(mut to: impl Write, text: &str) {
 /// How long the hook waits in all, unless `$NPBHQ_TIMEOUT` says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Where the hook looks, after its environment.
 #[derive(Clone)]
 struct Settings {
     socket: PathBuf,
@@ -70,9 +55,8 @@ struct Settings {
 }
 
 impl Settings {
-    /// The socket as the admin commands find it, the spool as a daemon
-    /// started with defaults reads it, unless the environment says
-    /// otherwise.
+    /// The socket as the admin commands find it, the spool as a default
+    /// daemon reads it, unless the environment says otherwise.
     fn from_env() -> Settings {
         let spool = std::env::var_os("NPBHQ_SPOOL_DIR").filter(|v| !v.is_empty());
         let timeout = std::env::var("NPBHQ_TIMEOUT").ok();
@@ -119,12 +103,10 @@ fn run() {
     }
 }
 
-/// How far the exchange with the daemon got, shared with the watchdog.
+/// How far the exchange got (request lines acknowledged), for the watchdog.
 enum Progress {
     Connecting,
-    /// Connected; this many request lines were acknowledged.
     Acked(usize),
-    /// Over: the watchdog stands down.
     Done,
 }
 
@@ -132,8 +114,7 @@ fn lock(progress: &Mutex<Progress>) -> MutexGuard<'_, Progress> {
     progress.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes the lines the daemon did not acknowledge to the spool, and says
-/// why and where.
+/// Spools the lines the daemon did not acknowledge; says why and where.
 fn spool_rest(err: ClientError, rest: &[String], settings: &Settings) -> String {
     let why = match err {
         // The socket comes from the environment here, not from `--socket`.
@@ -156,10 +137,8 @@ fn spool_rest(err: ClientError, rest: &[String], settings: &Settings) -> String 
     }
 }
 
-/// Bounds the run, the connect included (it blocks while the daemon's
-/// backlog is full): a thread that only waits (the connect stays on the main
-/// thread) and at the deadline, unless the exchange is over, holds
-/// `progress` while it spools what is not acknowledged, says so and exits 0.
+/// Bounds the whole run, the connect included: at the deadline, unless the
+/// exchange is over, holds `progress` while it spools the rest, then exits 0.
 fn watch(progress: &Arc<Mutex<Progress>>, lines: &[String], settings: &Settings) {
     let (shared, lines, settings) = (progress.clone(), lines.to_vec(), settings.clone());
     let watchdog = move || {
@@ -187,9 +166,8 @@ fn hook(lines: &[String], settings: &Settings, progress: &Mutex<Progress>) -> Op
     if lines.is_empty() {
         return Some("nothing to queue: OUT_PATHS and DRV_PATH are both empty".into());
     }
-    let deadline = Instant::now() + settings.timeout;
     let mut sent = 0;
-    let result = Connection::until(&settings.socket, deadline).and_then(|mut conn| {
+    let result = Connection::open(&settings.socket, settings.timeout).and_then(|mut conn| {
         for line in lines {
             *lock(progress) = Progress::Acked(sent);
             conn.request(line)?;
@@ -197,8 +175,7 @@ fn hook(lines: &[String], settings: &Settings, progress: &Mutex<Progress>) -> Op
         }
         Ok(())
     });
-    // From here the watchdog stands down, or, when it holds the lock, is
-    // spooling and ends the process.
+    // The watchdog stands down, or, holding the lock, spools and exits.
     *lock(progress) = Progress::Done;
     match result {
         Ok(()) => None,
