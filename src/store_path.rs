@@ -40,28 +40,24 @@ fn refused(s: &str, allowed: fn(u8) -> bool) -> Option<char> {
     s.chars().find(|c| !c.is_ascii() || !allowed(*c as u8))
 }
 
-/// Whether `s` keeps Nix's rules for a path directly under `store_dir`;
-/// else the first rule it breaks, in words.
-fn check(s: &str, store_dir: &str) -> Result<(), String> {
-    if s.is_empty() {
-        return Err("empty path".into());
-    }
+/// `s` as a path directly under `store_dir` (no trailing slash), a derivation
+/// exactly when `drv` says so (if it does); else the first rule it breaks.
+fn parse_as(s: &str, store_dir: &str, drv: Option<bool>) -> Result<StorePath, PathError> {
+    let rest = s.strip_prefix(store_dir).and_then(|r| r.strip_prefix('/'));
+    let r = rest.unwrap_or_default();
+    let (hash, name) = r.split_once('-').unwrap_or((r, ""));
     // Byte-wise first: replay parses every journal record.
-    if !s.bytes().all(|b| b.is_ascii_graphic()) {
-        if let Some(c) = s.chars().find(|c| c.is_control() || c.is_whitespace()) {
-            let why = "spaces and control characters are not allowed";
-            return Err(format!("path contains {c:?}: {why}"));
-        }
-    }
-    let Some(rest) = s.strip_prefix(store_dir).and_then(|r| r.strip_prefix('/')) else {
-        return Err(format!(
-            "path is not directly under the store directory {store_dir}/"
-        ));
-    };
-    let (hash, name) = rest.split_once('-').unwrap_or((rest, ""));
-    Err(if rest.contains('/') {
+    let odd = s.bytes().any(|b| !b.is_ascii_graphic());
+    let space = || s.chars().find(|c| c.is_control() || c.is_whitespace());
+    let why = if s.is_empty() {
+        "empty path".into()
+    } else if let Some(c) = odd.then(space).flatten() {
+        format!("path contains {c:?}: spaces and control characters are not allowed")
+    } else if rest.is_none() {
+        format!("path is not directly under the store directory {store_dir}/")
+    } else if r.contains('/') {
         "path points inside a store object: only <store>/<hash>-<name> is accepted".into()
-    } else if hash.len() != HASH_LEN || !rest.contains('-') {
+    } else if hash.len() != HASH_LEN || !r.contains('-') {
         let n = hash.chars().count();
         format!("hash part has {n} characters: it must have {HASH_LEN} nix-base32 characters")
     } else if let Some(c) = refused(hash, is_nix_base32) {
@@ -75,37 +71,30 @@ fn check(s: &str, store_dir: &str) -> Result<(), String> {
         format!("name contains {c:?}: only A-Z a-z 0-9 and + - . _ ? = are allowed")
     } else if name.starts_with('.') {
         "name starts with '.', which Nix forbids".into()
+    } else if drv == Some(false) && name.ends_with(".drv") {
+        "a derivation (.drv) was given where an output path is expected: send it with 'drv'".into()
+    } else if drv == Some(true) && !name.ends_with(".drv") {
+        "not a derivation: 'drv' takes a path ending in .drv".into()
     } else {
-        return Ok(());
-    })
+        return Ok(StorePath(Arc::from(s)));
+    };
+    Err(PathError(why))
 }
 
 impl StorePath {
-    /// Parses `s` as a path directly under `store_dir` (given without a trailing
-    /// slash, e.g. `/nix/store`).
+    /// Parses `s` as a path directly under `store_dir` (e.g. `/nix/store`).
     pub fn parse(s: &str, store_dir: &str) -> Result<StorePath, PathError> {
-        check(s, store_dir).map_err(PathError)?;
-        Ok(StorePath(Arc::from(s)))
+        parse_as(s, store_dir, None)
     }
 
     /// Parses an output path: like [`StorePath::parse`], but refuses a `.drv`.
     pub fn parse_output(s: &str, store_dir: &str) -> Result<StorePath, PathError> {
-        let why =
-            "a derivation (.drv) was given where an output path is expected: send it with 'drv'";
-        StorePath::parse(s, store_dir)?.of_kind(false, why)
+        parse_as(s, store_dir, Some(false))
     }
 
     /// Parses a derivation path: like [`StorePath::parse`], but requires `.drv`.
     pub fn parse_drv(s: &str, store_dir: &str) -> Result<StorePath, PathError> {
-        let why = "not a derivation: 'drv' takes a path ending in .drv";
-        StorePath::parse(s, store_dir)?.of_kind(true, why)
-    }
-
-    /// This path if it is a derivation exactly when `drv`, else `why`.
-    fn of_kind(self, drv: bool, why: &str) -> Result<StorePath, PathError> {
-        (self.is_drv() == drv)
-            .then_some(self)
-            .ok_or_else(|| PathError(why.into()))
+        parse_as(s, store_dir, Some(true))
     }
 
     /// The full path as text.

@@ -1,7 +1,6 @@
-//! Writing a spool file: the request lines the daemon did not take, left
-//! where it picks them up when it runs again (the library's `spool` module
-//! reads them). The hook runs as root and the spool is in the daemon's user's
-//! directory, so no step follows a link that user could plant.
+//! Writes the request lines the daemon did not take as a spool file for it to
+//! read later. The hook runs as root in the daemon's user's directory, so no
+//! step follows a link that user could plant.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
@@ -12,10 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use npbhq::wire;
 
-/// Architectures whose `O_DIRECTORY` and `O_NOFOLLOW` are 0o40000 and
-/// 0o100000 (Linux's uapi `asm/fcntl.h`); every other one Rust has a Linux
-/// target for has 0o200000 and 0o400000 (alpha and parisc, which differ,
-/// have none).
+/// Linux's `asm/fcntl.h` values differ on these architectures.
 const ARM_LIKE: bool = cfg!(any(
     target_arch = "arm",
     target_arch = "aarch64",
@@ -26,11 +22,8 @@ const ARM_LIKE: bool = cfg!(any(
 const O_DIRECTORY: i32 = if ARM_LIKE { 0o40000 } else { 0o200000 };
 const O_NOFOLLOW: i32 = if ARM_LIKE { 0o100000 } else { 0o400000 };
 
-/// Writes `request` as a new spool file in `dir`, durably, and returns its
-/// path. The file appears complete or not at all: it is written under a
-/// temporary name, synced, renamed, and the directory synced. Every step
-/// goes through the directory's open handle (`/proc/self/fd/N/NAME`), so
-/// the checked directory is the one written.
+/// Writes `request` as a new spool file in `dir`, durably and complete or not
+/// at all, through the checked directory's handle; returns its path.
 pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
     let handle = open_dir(dir)?;
     let at = |name: &str| PathBuf::from(format!("/proc/self/fd/{}/{name}", handle.as_raw_fd()));
@@ -38,8 +31,7 @@ pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     let (tmp, done) = wire::spool_names(nanos, std::process::id());
-    // Readable by the daemon even when the hook runs as another user (root
-    // under nix-daemon); the directory itself guards the contents.
+    // Readable by the daemon when the hook runs as root; the directory guards it.
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -50,7 +42,6 @@ pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
         .write_all(request.as_bytes())
         .and_then(|()| file.sync_data())
         .and_then(|()| fs::rename(at(&tmp), at(&done)));
-    drop(file);
     if let Err(e) = written {
         // A full disk, say: leave no half-written file behind.
         let _ = fs::remove_file(at(&tmp));
@@ -60,12 +51,10 @@ pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
     Ok(dir.join(done))
 }
 
-/// Opens the directory `dir`, making what is missing, one component at a
-/// time from `/`, each relative to the one before, following a symbolic
-/// link only out of a directory that root alone may write (a link root
-/// made). Every directory on the way must belong to root, to this user or,
-/// when the hook runs as root, to one other user (the daemon's: the first
-/// other owner met), and be writable by no one else unless it is sticky.
+/// Opens `dir`, making what is missing, a component at a time relative to the
+/// one before, following a link only out of a directory root alone may write.
+/// Each must belong to root, this user or (for root) one other user, the
+/// daemon's, and be writable by no one else unless sticky.
 fn open_dir(dir: &Path) -> io::Result<File> {
     let refuse = |why: String| io::Error::new(ErrorKind::PermissionDenied, why);
     let open = |path: &Path, follow: bool| {
@@ -75,7 +64,7 @@ fn open_dir(dir: &Path) -> io::Result<File> {
     let parts = (dir.strip_prefix("/"))
         .map_err(|_| refuse(format!("{} is not an absolute path", dir.display())))?;
     let (mut handle, mut path, mut other) = (open(Path::new("/"), true)?, PathBuf::from("/"), None);
-    let mut roots = true;
+    let (mut roots, me) = (true, npbhq::sys::uid());
     for part in parts.components() {
         let Component::Normal(name) = part else {
             return Err(refuse(format!("{} has a '..'", dir.display())));
@@ -83,25 +72,23 @@ fn open_dir(dir: &Path) -> io::Result<File> {
         let next = Path::new(&format!("/proc/self/fd/{}", handle.as_raw_fd())).join(name);
         path.push(name);
         let at = path.display();
-        if let Err(e) = fs::create_dir(&next) {
-            if e.kind() != ErrorKind::AlreadyExists {
-                return Err(e);
-            }
+        match fs::create_dir(&next) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
         }
-        let opened = open(&next, roots);
         let why = "as a directory, following no link where others may write";
-        handle = opened.map_err(|e| refuse(format!("cannot open {at} {why}: {e}")))?;
-        let (meta, me) = (handle.metadata()?, npbhq::sys::uid());
-        let owner = meta.uid();
+        handle = open(&next, roots).map_err(|e| refuse(format!("cannot open {at} {why}: {e}")))?;
+        let meta = handle.metadata()?;
+        let (owner, mode) = (meta.uid(), meta.mode());
         if owner != 0 && owner != me && (me != 0 || *other.get_or_insert(owner) != owner) {
             return Err(refuse(format!(
                 "{at} belongs to uid {owner}, whom the hook does not trust"
             )));
         }
-        if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
             return Err(refuse(format!("{at} is writable by group or others")));
         }
-        roots = owner == 0 && meta.mode() & 0o022 == 0;
+        roots = owner == 0 && mode & 0o022 == 0;
     }
     Ok(handle)
 }
