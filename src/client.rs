@@ -1,5 +1,4 @@
-//! Talking to the daemon: the admin commands and the hook connect here, so
-//! both trust the same peers and read replies within the same bounds.
+//! Talking to the daemon: the admin commands and the hook trust the same peers.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
@@ -21,8 +20,7 @@ pub fn socket_path() -> PathBuf {
     set.map_or_else(default, PathBuf::from)
 }
 
-/// Why a request did not get an `ok`: no daemon at the socket, a listener of
-/// another user, a broken or slow connection, `err ...`, or a reply not understood.
+/// Why a request got no `ok`: no daemon, another user's, I/O, `err`, a bad reply.
 #[derive(Debug)]
 #[allow(missing_docs)]
 pub enum ClientError {
@@ -72,8 +70,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects within `timeout` (on a thread abandoned when too slow: std
-    /// cannot bound a connect) and lets each read and write wait as long.
+    /// Connects within `timeout` (on a thread: std bounds no connect); I/O waits as long.
     pub fn open(socket: &Path, timeout: Duration) -> Result<Connection, ClientError> {
         let failed = |e| ClientError::Connect(socket.to_path_buf(), e);
         let (path, (tx, rx)) = (socket.to_path_buf(), std::sync::mpsc::channel());
@@ -85,8 +82,7 @@ impl Connection {
         }
     }
 
-    /// The connection, if its peer as the kernel saw it connect (no file swap
-    /// fakes that) runs as root (or systemd) or as us.
+    /// The connection, if its peer (as the kernel saw it connect) is root or us.
     fn trusted(socket: &Path, stream: UnixStream, wait: Duration) -> Result<Self, ClientError> {
         let peer = sys::peer(stream.as_fd()).map_err(ClientError::Io)?;
         if peer.uid != 0 && peer.uid != sys::uid() {
@@ -126,8 +122,7 @@ impl Connection {
         })
     }
 
-    /// Sends a request and collects its informational lines (within
-    /// [`MAX_KEPT`]) up to the final `ok`; returns them and the text after it.
+    /// Sends a request; returns the lines before `ok` (within [`MAX_KEPT`]) and its text.
     pub fn request(&mut self, line: &str) -> Result<(Vec<String>, String), ClientError> {
         self.send(line)?;
         let (mut info, mut kept) = (Vec::new(), 0);

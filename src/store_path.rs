@@ -8,40 +8,27 @@ use std::sync::Arc;
 const HASH_LEN: usize = 32;
 const MAX_NAME_LEN: usize = 211;
 
-/// A store path that passed every check: safe to journal and to pass to `nix`.
-/// Clones share the text, so the journal and the queues hold it cheaply.
+/// A store path that passed every check; clones share the text.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorePath(Arc<str>);
 
 /// Why a string is not a store path: one line that names the broken rule.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathError(String);
-
-impl fmt::Display for PathError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for PathError {}
+pub type PathError = String;
 
 /// A character of Nix's base-32 alphabet: `0-9a-z` without `e o t u`.
 fn is_nix_base32(b: u8) -> bool {
     matches!(b, b'0'..=b'9' | b'a'..=b'd' | b'f'..=b'n' | b'p'..=b's' | b'v'..=b'z')
 }
 
-/// A character Nix allows in a store path's name.
 fn is_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.' | b'_' | b'?' | b'=')
 }
 
-/// The first character of `s` that `allowed` refuses.
 fn refused(s: &str, allowed: fn(u8) -> bool) -> Option<char> {
     s.chars().find(|c| !c.is_ascii() || !allowed(*c as u8))
 }
 
-/// `s` as a path directly under `store_dir` (no trailing slash), a derivation
-/// exactly when `drv` says so (if it does); else the first rule it breaks.
+/// `s` under `store_dir`, a derivation if `drv` says so; else the broken rule.
 fn parse_as(s: &str, store_dir: &str, drv: Option<bool>) -> Result<StorePath, PathError> {
     let rest = s.strip_prefix(store_dir).and_then(|r| r.strip_prefix('/'));
     let r = rest.unwrap_or_default();
@@ -49,7 +36,7 @@ fn parse_as(s: &str, store_dir: &str, drv: Option<bool>) -> Result<StorePath, Pa
     // Byte-wise first: replay parses every journal record.
     let odd = s.bytes().any(|b| !b.is_ascii_graphic());
     let space = || s.chars().find(|c| c.is_control() || c.is_whitespace());
-    let why = if s.is_empty() {
+    Err(if s.is_empty() {
         "empty path".into()
     } else if let Some(c) = odd.then(space).flatten() {
         format!("path contains {c:?}: spaces and control characters are not allowed")
@@ -77,8 +64,7 @@ fn parse_as(s: &str, store_dir: &str, drv: Option<bool>) -> Result<StorePath, Pa
         "not a derivation: 'drv' takes a path ending in .drv".into()
     } else {
         return Ok(StorePath(Arc::from(s)));
-    };
-    Err(PathError(why))
+    })
 }
 
 impl StorePath {

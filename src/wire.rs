@@ -27,8 +27,7 @@ pub fn is_transient(reason: &str) -> bool {
     TRANSIENT.iter().any(|prefix| reason.starts_with(prefix))
 }
 
-/// A request line, newline included. A line break in an argument becomes
-/// U+FFFD, which no store path contains, so it never splits the request.
+/// A request line; U+FFFD (in no store path) replaces an argument's line break.
 pub fn request_line(verb: &str, args: &[&str]) -> String {
     let line = [&[verb][..], args].concat().join(" ");
     line.replace(['\n', '\r'], "\u{fffd}") + "\n"
@@ -75,8 +74,7 @@ pub fn parse_seconds(value: &str) -> Result<Duration, String> {
     Err(format!("{expected}, got {value:?}"))
 }
 
-/// What the default places depend on: the real user (root gets the system's)
-/// and `$XDG_RUNTIME_DIR`, `$XDG_STATE_HOME`, `$HOME`, `$TMPDIR` (if not empty).
+/// The real user (root gets the system's places) and the XDG, HOME, TMPDIR values.
 #[allow(missing_docs)]
 pub struct Places<'a> {
     pub uid: u32,

@@ -27,8 +27,7 @@ fn main() {
     }
 }
 
-/// A panic (a bug) says so in one line and still exits 0, as a failing hook
-/// would stop Nix's build loop.
+/// A panic (a bug) says so in one line and exits 0: a failing hook stops Nix.
 fn exit_0_on_panic() {
     std::panic::set_hook(Box::new(|info| {
         let what = info.to_string().replace('\n', " ");
@@ -38,8 +37,7 @@ fn exit_0_on_panic() {
     }));
 }
 
-/// Writes `text` in one write (as Nix's log takes it), ignoring a closed or
-/// broken output, which must not fail the hook (`println!` would panic).
+/// One write (as Nix's log takes it); a closed output must not fail the hook.
 fn say(mut to: impl Write, text: &str) {
     let _ = to.write_all(text.as_bytes());
 }
@@ -55,19 +53,15 @@ struct Settings {
 }
 
 impl Settings {
-    /// The socket as the admin commands find it, the spool as a default
-    /// daemon reads it, unless the environment says otherwise.
+    /// The environment's, else the admin commands' socket and the default spool.
     fn from_env() -> Settings {
         let spool = std::env::var_os("NPBHQ_SPOOL_DIR").filter(|v| !v.is_empty());
-        let timeout = std::env::var("NPBHQ_TIMEOUT").ok();
+        let state = || PathBuf::from(wire::with_places(|p| p.state_dir())).join("spool");
+        let timeout = std::env::var("NPBHQ_TIMEOUT").map(|v| wire::parse_seconds(&v));
         Settings {
             socket: client::socket_path(),
-            spool: spool.map_or_else(
-                || PathBuf::from(wire::with_places(|p| p.state_dir())).join("spool"),
-                From::from,
-            ),
-            timeout: (timeout.and_then(|v| wire::parse_seconds(&v).ok()))
-                .unwrap_or(DEFAULT_TIMEOUT),
+            spool: spool.map_or_else(state, PathBuf::from),
+            timeout: timeout.map_or(DEFAULT_TIMEOUT, |t| t.unwrap_or(DEFAULT_TIMEOUT)),
         }
     }
 }
@@ -137,8 +131,7 @@ fn spool_rest(err: ClientError, rest: &[String], settings: &Settings) -> String 
     }
 }
 
-/// Bounds the whole run, the connect included: at the deadline, unless the
-/// exchange is over, holds `progress` while it spools the rest, then exits 0.
+/// Bounds the whole run: at the deadline, unless over, spools the rest and exits 0.
 fn watch(progress: &Arc<Mutex<Progress>>, lines: &[String], settings: &Settings) {
     let (shared, lines, settings) = (progress.clone(), lines.to_vec(), settings.clone());
     let watchdog = move || {
@@ -160,8 +153,7 @@ fn watch(progress: &Arc<Mutex<Progress>>, lines: &[String], settings: &Settings)
     let _ = std::thread::Builder::new().spawn(watchdog);
 }
 
-/// Hands the request lines to the daemon, or to the spool when that fails;
-/// returns the line to say, if any.
+/// Hands the lines to the daemon, else to the spool; returns the line to say.
 fn hook(lines: &[String], settings: &Settings, progress: &Mutex<Progress>) -> Option<String> {
     if lines.is_empty() {
         return Some("nothing to queue: OUT_PATHS and DRV_PATH are both empty".into());

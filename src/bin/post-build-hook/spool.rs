@@ -1,6 +1,5 @@
-//! Writes the request lines the daemon did not take as a spool file for it to
-//! read later. The hook runs as root in the daemon's user's directory, so no
-//! step follows a link that user could plant.
+//! Writes the request lines the daemon did not take as a spool file. The hook
+//! runs as root in the daemon's user's directory: no step follows their links.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Write};
@@ -51,10 +50,9 @@ pub fn write(dir: &Path, request: &str) -> io::Result<PathBuf> {
     Ok(dir.join(done))
 }
 
-/// Opens `dir`, making what is missing, a component at a time relative to the
-/// one before, following a link only out of a directory root alone may write.
-/// Each must belong to root, this user or (for root) one other user, the
-/// daemon's, and be writable by no one else unless sticky.
+/// Opens `dir`, making what is missing, each component relative to the one
+/// before, following a link only out of a directory root alone may write. Each
+/// must be root's, ours or (for root) the daemon's, and no one else's to write.
 fn open_dir(dir: &Path) -> io::Result<File> {
     let refuse = |why: String| io::Error::new(ErrorKind::PermissionDenied, why);
     let open = |path: &Path, follow: bool| {
