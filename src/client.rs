@@ -91,11 +91,8 @@ impl Connection {
         (stream.set_read_timeout(Some(wait)))
             .and_then(|()| stream.set_write_timeout(Some(wait)))
             .map_err(ClientError::Io)?;
-        let reader = BufReader::new(stream);
-        Ok(Connection {
-            reader,
-            partial: Vec::new(),
-        })
+        let (reader, partial) = (BufReader::new(stream), Vec::new());
+        Ok(Connection { reader, partial })
     }
 
     /// Sets how long one read may wait (`None`: forever).
@@ -137,9 +134,8 @@ impl Connection {
             kept += reply.len() + 32;
             info.push(reply);
         }
-        Err(ClientError::Protocol(format!(
-            "a reply longer than {MAX_KEPT} bytes"
-        )))
+        let most = format!("a reply longer than {MAX_KEPT} bytes");
+        Err(ClientError::Protocol(most))
     }
 }
 
