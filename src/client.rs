@@ -5,7 +5,7 @@ use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::sys;
 use crate::wire::{final_word, ENV_SOCKET, MAX_LINE};
@@ -80,6 +80,15 @@ impl Connection {
             Ok(stream) => Connection::trusted(socket, stream.map_err(failed)?, timeout),
             Err(_) => Err(failed(ErrorKind::TimedOut.into())),
         }
+    }
+
+    /// Connects on this thread (the hook's watchdog bounds it: no second
+    /// thread on the build loop's path); each read and write may wait until `deadline`.
+    pub fn until(socket: &Path, deadline: Instant) -> Result<Connection, ClientError> {
+        let stream = UnixStream::connect(socket)
+            .map_err(|e| ClientError::Connect(socket.to_path_buf(), e))?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        Connection::trusted(socket, stream, left.max(Duration::from_millis(1)))
     }
 
     /// The connection, if its peer (as the kernel saw it connect) is root or us.

@@ -159,7 +159,8 @@ fn hook(lines: &[String], settings: &Settings, progress: &Mutex<Progress>) -> Op
         return Some("nothing to queue: OUT_PATHS and DRV_PATH are both empty".into());
     }
     let mut sent = 0;
-    let result = Connection::open(&settings.socket, settings.timeout).and_then(|mut conn| {
+    let deadline = std::time::Instant::now() + settings.timeout;
+    let result = Connection::until(&settings.socket, deadline).and_then(|mut conn| {
         for line in lines {
             *lock(progress) = Progress::Acked(sent);
             conn.request(line)?;
