@@ -1858,9 +1858,12 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         "--outputs",
         "--check-validity",
         "--print-invalid",
-        // The target's check at start (and when a path fails alone).
+        // The target's check at start (and when a path fails alone), and
+        // the version that decides between `store info` and `store ping`.
         "ping",
+        "info",
         "--store",
+        "--version",
     ]
     .into_iter()
     .collect();
