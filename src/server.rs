@@ -75,14 +75,14 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     // Held until the process ends: one daemon per journal.
     let _lock = lock_state_dir(&config.state_dir)?;
     let journal_error = format!("cannot open the journal in {}", config.state_dir.display());
-    let (journal, replay) =
+    let (journal, torn) =
         Journal::open(&config.state_dir, &config.store_dir).map_err(transient(journal_error))?;
     // After the journal, whose refusal matters more; before the socket.
     target::check_at_start(&config).map_err(ServeError::Config)?;
-    if let n @ 1.. = replay.torn_bytes {
-        warning!("journal: cut off a torn last record of {n} bytes (a crash during a write)");
+    if torn > 0 {
+        warning!("journal: cut off a torn last record of {torn} bytes (a crash during a write)");
     }
-    let (file, n) = (config.state_dir.join(FILE_NAME), replay.paths.len());
+    let (file, n) = (config.state_dir.join(FILE_NAME), journal.len());
     info!("journal {} replayed: {n} paths queued", file.display());
     // Ours: a hook running as root writes into it, we delete what we ingested.
     let spool = config.spool_dir();
@@ -90,18 +90,14 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         warning!("cannot create the spool directory {}: {e}", spool.display());
     }
     let targets = target::configured(&config);
-    let target_ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
-    // Paths every target has already (a target left the configuration).
-    if let Ok(n @ 1..) = journal.settle(&target_ids) {
-        info!("journal: {n} paths every target has already are done");
+    let (settled, to_upload, given_up) =
+        journal.recover(&targets.iter().map(|t| t.id).collect::<Vec<_>>());
+    if settled > 0 {
+        info!("journal: {settled} paths every target has already are done");
     }
-    let needed = |p: &StorePath, t: &TargetId| !journal.is_settled(p, *t);
-    let (to_upload, given_up): (Vec<StorePath>, Vec<StorePath>) = (replay.paths.into_iter())
-        .filter(|p| journal.entry(p).is_some())
-        .partition(|p| target_ids.iter().any(|t| needed(p, t)));
-    if let n @ 1.. = given_up.len() {
+    if given_up > 0 {
         warning!(
-            "{n} paths were given up on after repeated failures and are not tried again; \
+            "{given_up} paths were given up on after repeated failures and are not tried again; \
              see `post-build-hook-queue status`, then requeue or drop them"
         );
     }
@@ -433,7 +429,7 @@ fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -
         }
         Request::Wait => wait(ctx, stream),
         Request::Requeue(chosen) => {
-            let requeued = ctx.journal.requeue(chosen.as_deref()).unwrap_or_default();
+            let requeued = ctx.journal.requeue(chosen.as_deref());
             if !requeued.is_empty() {
                 let list = named(&requeued, requeued.len());
                 info!("requeued {list} (an operator's request): tried again");
@@ -484,8 +480,7 @@ fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
 /// up on or dropped while it waits make it `err` (named); those given up on
 /// before it are only mentioned.
 fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
-    let upto = ctx.journal.last_seq();
-    let drops = ctx.journal.watch_drops(upto);
+    let (upto, drops) = ctx.journal.watch_drops();
     // The batch being gathered need not wait for its quiet period.
     let _ = ctx.tx.send(Msg::Flush);
     // Not this wait's failure (another job's, maybe); `status` lists them.
@@ -508,11 +503,11 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                     "{n} path(s) failed and were given up on: {listed}; {next}"
                 ));
             }
-            let (dropped, some) = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if dropped > 0 {
-                let listed = named(&some, dropped);
+            let dropped = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let n @ 1.. = dropped.len() {
+                let listed = named(&dropped, n);
                 problems.push(format!(
-                    "{dropped} path(s) were dropped ({listed}); see the daemon's log"
+                    "{n} path(s) were dropped ({listed}); see the daemon's log"
                 ));
             }
             return match (problems.is_empty(), old.len()) {

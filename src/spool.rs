@@ -299,7 +299,7 @@ mod tests {
             s.ingest(&journal).is_empty(),
             "nothing of it before it is done"
         );
-        assert!(journal.is_empty());
+        assert_eq!(journal.len(), 0);
         assert_eq!(names(&spool), vec!["1-1.req".to_string()]);
         // The writer finishes.
         fs::write(
