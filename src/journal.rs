@@ -79,21 +79,19 @@ enum Record {
 
 impl Record {
     fn write(&self, buf: &mut Vec<u8>) {
-        let line = match self {
-            Record::Add(p, at) => format!("+ {at} {p}"),
-            Record::Done(p) => format!("- {p}"),
+        let _ = match self {
+            Record::Add(p, at) => writeln!(buf, "+ {at} {p}"),
+            Record::Done(p) => writeln!(buf, "- {p}"),
             Record::GiveUp(p, g) => {
                 // The journal is private, but a password has no business on disk.
                 let error = crate::protocol::one_line(&crate::redact::text(&g.error));
                 let (at, t, n) = (g.at, g.target, g.attempts);
-                format!("! {at} {t} {n} {p} {}", error.trim())
+                writeln!(buf, "! {at} {t} {n} {p} {}", error.trim())
             }
-            Record::Requeue(p, None, at) => format!("= {at} * {p}"),
-            Record::Requeue(p, Some(t), at) => format!("= {at} {t} {p}"),
-            Record::Delivered(p, t) => format!("> {t} {p}"),
+            Record::Requeue(p, None, at) => writeln!(buf, "= {at} * {p}"),
+            Record::Requeue(p, Some(t), at) => writeln!(buf, "= {at} {t} {p}"),
+            Record::Delivered(p, t) => writeln!(buf, "> {t} {p}"),
         };
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
     }
 
     fn parse(line: &[u8], store_dir: &str) -> Option<Record> {
@@ -126,9 +124,6 @@ impl Record {
     }
 }
 
-/// The paths dropped while a `wait` for them is in progress.
-pub type Drops = Mutex<Vec<StorePath>>;
-
 /// Per target of a queued path: it has the path (`None`), or gave up on it.
 type Marks = Vec<(TargetId, Option<GivenUp>)>;
 
@@ -159,7 +154,7 @@ struct Inner {
     /// Dead records to compact at: raised after a failure (a full disk).
     compact_at: usize,
     /// The `wait`s in progress: the newest path each waits for, its drops.
-    watches: Vec<(u64, Weak<Drops>)>,
+    watches: Vec<(u64, Weak<Mutex<Vec<StorePath>>>)>,
 }
 
 fn mark(marks: &Marks, target: TargetId) -> Option<&Option<GivenUp>> {
@@ -167,10 +162,6 @@ fn mark(marks: &Marks, target: TargetId) -> Option<&Option<GivenUp>> {
 }
 
 impl Inner {
-    fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
-        mark(&self.live.get(path)?.1, target)
-    }
-
     /// What `f` makes of the queued paths, oldest first.
     fn in_order<T>(&self, f: impl Fn(&StorePath, &Entry, &Marks) -> Option<T>) -> Vec<T> {
         let mut out: Vec<(u64, T)> = (self.live.iter())
@@ -428,7 +419,7 @@ impl Journal {
 
     /// The newest path's sequence number, and the paths up to it dropped
     /// while the result is held.
-    pub fn watch_drops(&self) -> (u64, Arc<Drops>) {
+    pub fn watch_drops(&self) -> (u64, Arc<Mutex<Vec<StorePath>>>) {
         let (drops, mut inner) = (Arc::default(), self.lock());
         inner.watches.retain(|(_, w)| w.strong_count() > 0);
         let seq = inner.next_seq;
@@ -446,8 +437,8 @@ impl Journal {
     ) -> io::Result<Vec<StorePath>> {
         let inner = self.lock();
         let (mut records, mut done) = (Vec::new(), Vec::new());
-        for path in paths.iter().filter(|p| inner.live.contains_key(*p)) {
-            let has = |t: &TargetId| *t == target || inner.mark(path, *t) == Some(&None);
+        for (path, (_, m)) in paths.iter().filter_map(|p| Some((p, inner.live.get(p)?))) {
+            let has = |t: &TargetId| *t == target || mark(m, *t) == Some(&None);
             if targets.iter().all(has) {
                 records.push(Record::Done(path.clone()));
                 done.push(path.clone());
@@ -461,7 +452,7 @@ impl Journal {
 
     /// True when `target` has `path` or gave up on it.
     pub fn is_settled(&self, path: &StorePath, target: TargetId) -> bool {
-        self.lock().mark(path, target).is_some()
+        matches!(self.lock().live.get(path), Some((_, m)) if mark(m, target).is_some())
     }
 
     /// Paths up to sequence number `seq` some of `targets` has not settled.
@@ -541,11 +532,8 @@ impl Journal {
 
     /// The oldest queued path's entry, by sequence number.
     pub fn oldest(&self) -> Option<Entry> {
-        self.lock()
-            .live
-            .values()
-            .map(|(e, _)| *e)
-            .min_by_key(|e| e.seq)
+        let inner = self.lock();
+        inner.live.values().map(|(e, _)| *e).min_by_key(|e| e.seq)
     }
 
     /// Rewrites the journal with only the live records, in order, once at
@@ -614,13 +602,12 @@ impl Journal {
 /// The error for a record [`Record::parse`] rejected, naming another store.
 fn unusable(journal: &Path, line_no: usize, record: &[u8], store_dir: &str) -> io::Error {
     let text = String::from_utf8_lossy(record);
-    let other_store = text.split(' ').find_map(|word| {
-        let (dir, _) = word.rsplit_once('/')?;
-        (dir != store_dir && StorePath::parse(word, dir).is_ok()).then_some(dir)
-    });
+    let mut words = text
+        .split(' ')
+        .filter_map(|w| Some((w.rsplit_once('/')?.0, w)));
     let shown = crate::redact::text(&text.chars().take(200).collect::<String>());
-    let what = match other_store {
-        Some(o) => format!(
+    let what = match words.find(|(o, w)| *o != store_dir && StorePath::parse(w, o).is_ok()) {
+        Some((o, _)) => format!(
             "queues a path of the store directory {o}, but this daemon uses \
              store-dir {store_dir}: start the daemon with store-dir = {o} (or NIX_STORE_DIR={o})"
         ),
@@ -640,6 +627,12 @@ mod tests {
     use super::*;
 
     const S: &str = "/nix/store";
+
+    impl Inner {
+        fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
+            mark(&self.live.get(path)?.1, target)
+        }
+    }
 
     impl Journal {
         fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
