@@ -158,7 +158,6 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     open.read(true).write(true).create(true).truncate(false);
     let mut file = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
     match file.try_lock() {
-        Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
@@ -167,7 +166,7 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
             let why = why + "; stop it or choose another state-dir";
             return Err(ServeError::Transient(why));
         }
-        Err(fs::TryLockError::Error(e)) => return Err(err()(e)),
+        result => result.map_err(io::Error::from).map_err(err())?,
     }
     // Padded over whatever pid was there, so that no truncate is needed.
     let pid = format!("{:<10}\n", std::process::id());
@@ -431,7 +430,7 @@ fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -
         Request::Requeue(chosen) => {
             let requeued = ctx.journal.requeue(chosen.as_deref());
             if !requeued.is_empty() {
-                let list = named(&requeued, requeued.len());
+                let list = named(&requeued);
                 info!("requeued {list} (an operator's request): tried again");
             }
             queued(requeued)
@@ -449,10 +448,10 @@ fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -
     }
 }
 
-/// The first three of `total` items, and how many more there are.
-fn named<T: std::fmt::Display>(first: &[T], total: usize) -> String {
-    let list: Vec<String> = first.iter().take(3).map(T::to_string).collect();
-    match total.saturating_sub(list.len()) {
+/// The first three items, and how many more there are.
+fn named<T: std::fmt::Display>(all: &[T]) -> String {
+    let list: Vec<String> = all.iter().take(3).map(T::to_string).collect();
+    match all.len() - list.len() {
         0 => list.join(", "),
         more => format!("{} and {more} more", list.join(", ")),
     }
@@ -498,14 +497,14 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                 let listed: Vec<String> = (new.iter())
                     .map(|(p, g)| format!("{p} ({})", shorten(&g.error, 300)))
                     .collect();
-                let (listed, next) = (named(&listed, n), "see status, then requeue or drop them");
+                let (listed, next) = (named(&listed), "see status, then requeue or drop them");
                 problems.push(format!(
                     "{n} path(s) failed and were given up on: {listed}; {next}"
                 ));
             }
             let dropped = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
             if let n @ 1.. = dropped.len() {
-                let listed = named(&dropped, n);
+                let listed = named(&dropped);
                 problems.push(format!(
                     "{n} path(s) were dropped ({listed}); see the daemon's log"
                 ));

@@ -160,22 +160,18 @@ impl Spool {
 
     /// The paths of a spool file's lines, and what is wrong with the others.
     fn parse(&self, complete: &[u8]) -> (Vec<StorePath>, Vec<String>) {
-        let (mut paths, mut bad, mut more) = (Vec::new(), Vec::new(), 0);
-        for (n, line) in complete.split(|&b| b == b'\n').enumerate() {
-            let found = match parse_request(line, &self.store_dir) {
-                _ if line.is_empty() => continue,
-                Ok(Request::Enqueue(p)) => Ok(p),
-                Ok(Request::Drv(d)) => Ok(vec![d]),
-                Ok(other) => Err(format!("{other:?} is not a queue request")),
-                Err(e) => Err(e.to_string()),
-            };
-            match found {
-                Ok(p) => paths.extend(p),
-                Err(problem) if bad.len() < NAMED => bad.push(format!("line {} {problem}", n + 1)),
-                Err(_) => more += 1,
+        let (mut paths, mut bad) = (Vec::new(), Vec::new());
+        for (n, line) in (1..).zip(complete.split(|&b| b == b'\n')) {
+            match parse_request(line, &self.store_dir) {
+                _ if line.is_empty() => {}
+                Ok(Request::Enqueue(p)) => paths.extend(p),
+                Ok(Request::Drv(d)) => paths.push(d),
+                Ok(other) => bad.push(format!("line {n} {other:?} is not a queue request")),
+                Err(e) => bad.push(format!("line {n} {e}")),
             }
         }
-        if more > 0 {
+        if let more @ 1.. = bad.len().saturating_sub(NAMED) {
+            bad.truncate(NAMED);
             bad.push(format!("{more} more bad lines"));
         }
         (paths, bad)
