@@ -146,9 +146,6 @@ struct Inner {
     /// Records not written yet, and the paths their `+` records queue.
     pending: Vec<u8>,
     pending_adds: Vec<StorePath>,
-    /// Bytes ever added to `pending`, and ever taken from it to be written.
-    queued: u64,
-    flushed: u64,
     /// Writes that failed (and were undone), and the last one's error.
     failed: (u64, String),
     /// Dead records to compact at: raised after a failure (a full disk).
@@ -215,13 +212,6 @@ impl Inner {
         }
         self.live_records = self.live_records + marks.len() - before;
         true
-    }
-
-    /// Adds records to be written; returns the count to [`Journal::flush`] to.
-    fn queue(&mut self, records: &[u8]) -> u64 {
-        self.pending.extend_from_slice(records);
-        self.queued += records.len() as u64;
-        self.queued
     }
 
     /// The live records, each with its path's place in line.
@@ -341,9 +331,10 @@ impl Journal {
                     added.push(path.clone());
                 }
             }
-            let (upto, failed) = (inner.queue(&records), inner.failed.0);
+            inner.pending.extend(records);
+            let failed = inner.failed.0;
             drop(inner);
-            self.flush(upto);
+            self.flush();
             let inner = self.lock();
             if inner.failed.0 == failed {
                 return Ok(added);
@@ -355,17 +346,17 @@ impl Journal {
         }
     }
 
-    /// Writes every record queued, unless those up to byte `upto` already are
-    /// (callers share fsyncs). A failed write of `+` records only is undone,
-    /// their paths taken back; any other failure ends the daemon.
-    fn flush(&self, upto: u64) {
+    /// Writes every record queued. Callers share fsyncs: records another
+    /// caller took are on disk once it lets go of the file. A failed write
+    /// of `+` records only is undone, their paths taken back; any other
+    /// failure ends the daemon.
+    fn flush(&self) {
         let mut disk = self.disk();
         let mut inner = self.lock();
-        if inner.flushed >= upto {
+        if inner.pending.is_empty() {
             return;
         }
         let (buf, adds) = (take(&mut inner.pending), take(&mut inner.pending_adds));
-        inner.flushed = inner.queued;
         drop(inner);
         let result = (&disk.0).write_all(&buf);
         if let Some(Err(e)) = result.is_ok().then(|| disk.0.sync_data()) {
@@ -395,9 +386,9 @@ impl Journal {
         for r in records.iter().filter(|r| inner.apply(r)) {
             r.write(&mut buf);
         }
-        let upto = inner.queue(&buf);
+        inner.pending.extend(buf);
         drop(inner);
-        self.flush(upto);
+        self.flush();
         self.compact(COMPACT_MIN_DEAD);
     }
 
@@ -553,9 +544,8 @@ impl Journal {
                 inner.compact_at = usize::MAX;
                 break (inner.snapshot(), disk.1);
             }
-            let upto = inner.queued;
             drop((inner, disk));
-            self.flush(upto);
+            self.flush();
         };
         // A stable sort: each path's `+` stays first.
         records.sort_by_key(|(seq, _)| *seq);
@@ -771,7 +761,7 @@ mod tests {
         inner.apply(&Record::Add(path(1), 0));
         let mut buf = Vec::new();
         Record::Add(path(1), 0).write(&mut buf);
-        inner.queue(&buf);
+        inner.pending.extend(buf);
         inner.pending_adds.push(path(1));
         disk
     }
@@ -783,7 +773,6 @@ mod tests {
         for p in std::mem::take(&mut inner.pending_adds) {
             inner.apply(&Record::Done(p));
         }
-        inner.flushed = inner.queued;
         inner.failed = (inner.failed.0 + failures, "disk full".into());
         drop((inner, disk));
     }
