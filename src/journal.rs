@@ -78,6 +78,15 @@ enum Record {
 }
 
 impl Record {
+    fn path(&self) -> &StorePath {
+        let (Record::Add(p, _)
+        | Record::Done(p)
+        | Record::GiveUp(p, _)
+        | Record::Requeue(p, _, _)
+        | Record::Delivered(p, _)) = self;
+        p
+    }
+
     fn write(&self, buf: &mut Vec<u8>) {
         let _ = match self {
             Record::Add(p, at) => writeln!(buf, "+ {at} {p}"),
@@ -170,11 +179,7 @@ impl Inner {
 
     /// Applies one record to memory, as replay does; false if it changed nothing.
     fn apply(&mut self, record: &Record) -> bool {
-        let (Record::Add(path, _)
-        | Record::Done(path)
-        | Record::GiveUp(path, _)
-        | Record::Requeue(path, _, _)
-        | Record::Delivered(path, _)) = record;
+        let path = record.path();
         if let Record::Add(_, queued_at) = record {
             if self.live.contains_key(path) {
                 return false;
@@ -380,32 +385,30 @@ impl Journal {
         inner.failed = (inner.failed.0 + 1, e.to_string());
     }
 
-    /// Applies `records` and writes them; a failure ends the daemon.
-    fn write(&self, mut inner: MutexGuard<'_, Inner>, records: Vec<Record>) {
-        let mut buf = Vec::new();
-        for r in records.iter().filter(|r| inner.apply(r)) {
+    /// Applies `records` and writes them; returns the paths of those that
+    /// changed something. A failure ends the daemon.
+    fn write(&self, mut inner: MutexGuard<'_, Inner>, records: Vec<Record>) -> Vec<StorePath> {
+        let (mut buf, mut changed) = (Vec::new(), Vec::new());
+        for r in records.into_iter().filter(|r| inner.apply(r)) {
             r.write(&mut buf);
+            changed.push(r.path().clone());
         }
         inner.pending.extend(buf);
         drop(inner);
         self.flush();
         self.compact(COMPACT_MIN_DEAD);
+        changed
     }
 
     /// Drops queued paths (`-`), telling the `wait`s for them; returns them.
     pub fn drop_paths(&self, paths: &[StorePath]) -> Vec<StorePath> {
         let inner = self.lock();
-        let seqs: Vec<(u64, &StorePath)> = (paths.iter())
-            .filter_map(|p| Some((inner.live.get(p)?.0.seq, p)))
-            .collect();
         for (up_to, drops) in (inner.watches.iter()).filter_map(|(s, w)| Some((s, w.upgrade()?))) {
+            let theirs = |p: &&StorePath| inner.live.get(*p).is_some_and(|(e, _)| e.seq <= *up_to);
             let mut drops = drops.lock().unwrap_or_else(|e| e.into_inner());
-            let theirs = seqs.iter().filter(|(seq, _)| seq <= up_to);
-            drops.extend(theirs.map(|(_, p)| (*p).clone()));
+            drops.extend(paths.iter().filter(theirs).cloned());
         }
-        let dropped: Vec<StorePath> = seqs.into_iter().map(|(_, p)| p.clone()).collect();
-        self.write(inner, dropped.iter().cloned().map(Record::Done).collect());
-        dropped
+        self.write(inner, paths.iter().cloned().map(Record::Done).collect())
     }
 
     /// The newest path's sequence number, and the paths up to it dropped
@@ -463,8 +466,7 @@ impl Journal {
             let has = targets.iter().all(|t| mark(m, *t) == Some(&None));
             has.then(|| Record::Done(p.clone()))
         });
-        let n = done.len();
-        self.write(inner, done);
+        let n = self.write(inner, done).len();
         let inner = self.lock();
         let needed = |m: &Marks| targets.iter().any(|t| mark(m, *t).is_none());
         let to_upload = inner.in_order(|p, _, m| needed(m).then(|| p.clone()));
@@ -481,10 +483,8 @@ impl Journal {
 
     /// Gives up on a path for a target until requeued; false if not queued.
     pub fn give_up(&self, path: &StorePath, given_up: GivenUp) -> io::Result<bool> {
-        let inner = self.lock();
-        let live = inner.live.contains_key(path);
-        self.write(inner, vec![Record::GiveUp(path.clone(), given_up)]);
-        Ok(live)
+        let changed = self.write(self.lock(), vec![Record::GiveUp(path.clone(), given_up)]);
+        Ok(!changed.is_empty())
     }
 
     /// Requeues paths given up on (`None`: all), as queued now; returns them.
@@ -497,9 +497,8 @@ impl Journal {
             wanted.then(|| p.clone())
         });
         let now = now_secs();
-        let requeue = |p: &StorePath| Record::Requeue(p.clone(), None, now);
-        self.write(inner, chosen.iter().map(requeue).collect());
-        chosen
+        let requeue = |p| Record::Requeue(p, None, now);
+        self.write(inner, chosen.into_iter().map(requeue).collect())
     }
 
     /// The paths up to `seq` given up on for `target`, oldest first.
