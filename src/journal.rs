@@ -1,12 +1,10 @@
-//! The durable queue: an append-only journal file, the truth about what is
-//! queued. A path is acknowledged once its `+` record is fsynced; startup
-//! replays the file, cutting off a torn last line. Records, one per line:
-//! `+ <secs> <path>` queued; `- <path>` done (uploaded or dropped);
-//! `! <secs> <target> <attempts> <path> <error>` given up on for a target;
-//! `= <secs> <target or *> <path>` requeued; `> <target> <path>` that
-//! target has it. A `<target>` is a [`TargetId`], never the URL. A failed
-//! write of `+` records is undone and refuses their `enqueue`; any other
-//! failure ends the daemon (status 1): no reply rests on a record not on disk.
+//! The durable queue: an append-only journal file, the truth about what is queued. A path is
+//! acknowledged once its `+` record is fsynced; startup replays the file, cutting off a torn
+//! last line. Records, one per line: `+ <secs> <path>` queued; `- <path>` done (uploaded or
+//! dropped); `! <secs> <target> <attempts> <path> <error>` given up on for a target;
+//! `= <secs> * <path>` requeued; `> <target> <path>` that target has it. A `<target>` is a
+//! [`TargetId`], never the URL. A failed write of `+` records is undone and refuses their
+//! `enqueue`; any other failure ends the daemon (status 1): no reply rests on a record not on disk.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -72,8 +70,7 @@ enum Record {
     Add(StorePath, u64),
     Done(StorePath),
     GiveUp(StorePath, GivenUp),
-    /// `None`: for every target.
-    Requeue(StorePath, Option<TargetId>, u64),
+    Requeue(StorePath, u64),
     Delivered(StorePath, TargetId),
 }
 
@@ -82,7 +79,7 @@ impl Record {
         let (Record::Add(p, _)
         | Record::Done(p)
         | Record::GiveUp(p, _)
-        | Record::Requeue(p, _, _)
+        | Record::Requeue(p, _)
         | Record::Delivered(p, _)) = self;
         p
     }
@@ -97,8 +94,7 @@ impl Record {
                 let (at, t, n) = (g.at, g.target, g.attempts);
                 writeln!(buf, "! {at} {t} {n} {p} {}", error.trim())
             }
-            Record::Requeue(p, None, at) => writeln!(buf, "= {at} * {p}"),
-            Record::Requeue(p, Some(t), at) => writeln!(buf, "= {at} {t} {p}"),
+            Record::Requeue(p, at) => writeln!(buf, "= {at} * {p}"),
             Record::Delivered(p, t) => writeln!(buf, "> {t} {p}"),
         };
     }
@@ -125,8 +121,7 @@ impl Record {
                     error: f.get(4).unwrap_or(&"").to_string(),
                 },
             ),
-            ("=", 3) if f[1] == "*" => Record::Requeue(path(2)?, None, num(0)?),
-            ("=", 3) => Record::Requeue(path(2)?, Some(target(1)?), num(0)?),
+            ("=", 3) if f[1] == "*" => Record::Requeue(path(2)?, num(0)?),
             (">", 2) => Record::Delivered(path(1)?, target(0)?),
             _ => return None,
         })
@@ -205,9 +200,9 @@ impl Inner {
                 marks.retain(|(t, _)| *t != g.target);
                 marks.push((g.target, Some(g.clone())));
             }
-            Record::Requeue(_, target, at) => {
+            Record::Requeue(_, at) => {
                 entry.queued_at = *at;
-                marks.retain(|(t, g)| g.is_none() || target.is_some_and(|x| x != *t));
+                marks.retain(|(_, g)| g.is_none());
             }
             Record::Delivered(_, t) if !marks.contains(&(*t, None)) => {
                 marks.retain(|(x, _)| x != t);
@@ -497,7 +492,7 @@ impl Journal {
             wanted.then(|| p.clone())
         });
         let now = now_secs();
-        let requeue = |p| Record::Requeue(p, None, now);
+        let requeue = |p| Record::Requeue(p, now);
         self.write(inner, chosen.into_iter().map(requeue).collect())
     }
 
