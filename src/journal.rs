@@ -255,9 +255,8 @@ fn count_lines(data: &[u8]) -> usize {
 }
 
 impl Journal {
-    /// Opens (creating) the journal in `dir` and replays it; returns it and
-    /// the bytes of a torn last record cut off. A complete record it cannot
-    /// use (maybe an acknowledged path) is `InvalidData`, left unchanged.
+    /// Opens (creating) the journal in `dir` and replays it; returns it and the bytes of a torn
+    /// last record cut off. An unusable record (maybe an acknowledged path) is `InvalidData`.
     pub fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, usize)> {
         fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
@@ -346,10 +345,9 @@ impl Journal {
         }
     }
 
-    /// Writes every record queued. Callers share fsyncs: records another
-    /// caller took are on disk once it lets go of the file. A failed write
-    /// of `+` records only is undone, their paths taken back; any other
-    /// failure ends the daemon.
+    /// Writes every record queued. Callers share fsyncs: records another caller took are on disk
+    /// once it lets go of the file. A failed write of `+` records only is undone, their paths
+    /// taken back; any other failure ends the daemon.
     fn flush(&self) {
         let mut disk = self.disk();
         let mut inner = self.lock();
@@ -406,8 +404,7 @@ impl Journal {
         self.write(inner, paths.iter().cloned().map(Record::Done).collect())
     }
 
-    /// The newest path's sequence number, and the paths up to it dropped
-    /// while the result is held.
+    /// The newest path's sequence number, and the paths up to it dropped while the result is held.
     pub fn watch_drops(&self) -> (u64, Arc<Mutex<Vec<StorePath>>>) {
         let (drops, mut inner) = (Arc::default(), self.lock());
         inner.watches.retain(|(_, w)| w.strong_count() > 0);
@@ -452,9 +449,8 @@ impl Journal {
         self.lock().live.values().filter(waiting).count()
     }
 
-    /// At start: completes the paths each of `targets` has (a target left
-    /// the configuration); returns how many, the paths some target still
-    /// needs, oldest first, and how many others there are (given up on).
+    /// At start: completes the paths each of `targets` has (a target left the configuration);
+    /// returns how many, the paths some target still needs (oldest first), and how many others.
     pub fn recover(&self, targets: &[TargetId]) -> (usize, Vec<StorePath>, usize) {
         let inner = self.lock();
         let done = inner.in_order(|p, _, m| {
@@ -521,9 +517,8 @@ impl Journal {
         inner.live.values().map(|(e, _)| *e).min_by_key(|e| e.seq)
     }
 
-    /// Rewrites the journal with only the live records, in order, once at
-    /// least `min_dead` records, and most, are dead. Written without the
-    /// locks; a failure before the rename only warns.
+    /// Rewrites the journal with only the live records, in order, once at least `min_dead`
+    /// records, and most, are dead. Written without the locks; a failure before the rename warns.
     fn compact(&self, min_dead: usize) {
         let (mut records, from) = loop {
             let disk = self.disk();
@@ -561,8 +556,7 @@ impl Journal {
     /// Writes `data` to `tmp`, then, holding the file, what came after `from`,
     /// and renames `tmp` over the journal.
     fn replace_file(&self, tmp: &Path, data: &[u8], from: u64) -> io::Result<()> {
-        // Opened for appending before the rename: no later failure can leave
-        // us writing to the old file.
+        // Opened for appending before the rename: no later failure leaves us writing the old file.
         let mut f = open_append(tmp)?;
         f.set_len(0)?;
         f.write_all(data)?;

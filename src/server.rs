@@ -1,7 +1,6 @@
-//! The daemon: recovery at start, the listener, and one thread per client
-//! (at most `max-connections`), which journals paths before acknowledging
-//! them. `retry`, `requeue` and `drop` are taken only from root and the
-//! daemon's own user (the peer's credentials, as the kernel saw them).
+//! The daemon: recovery at start, the listener, and one thread per client (at most
+//! `max-connections`), which journals paths before acknowledging them. `retry`, `requeue` and
+//! `drop` are taken only from root and the daemon's own user (the peer's credentials).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -39,8 +38,7 @@ const PRIVATE_PREFIX: &str = ".post-build-hook-queue-";
 pub enum ServeError {
     /// The configuration can never work (exit 78).
     Config(String),
-    /// Something a restart may get past (exit 1): the journal's I/O, the
-    /// state directory locked by another daemon, the socket in use.
+    /// Something a restart may get past (exit 1): journal I/O, a locked state-dir, a socket in use.
     Transient(String),
 }
 
@@ -148,9 +146,8 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     builder.spawn(f).map_err(transient("cannot start a thread"))
 }
 
-/// Locks the state directory (its file `lock`, which holds the pid), so
-/// that no second daemon appends to the same journal. The flock goes with
-/// the process, also on `kill -9`: a stale one never blocks a start.
+/// Locks the state directory (its file `lock`, holding the pid): one daemon per journal. The
+/// flock goes with the process, also on `kill -9`: a stale one never blocks a start.
 fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
     fs::create_dir_all(dir).map_err(err())?;
@@ -174,10 +171,10 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     Ok(file)
 }
 
-/// Binds the socket path, replacing only a stale socket (nothing answers),
-/// through a private directory beside it (mode 0700, unguessable, checked on
-/// its descriptor, reached as `/proc/self/fd/N/s`: short for any path): given
-/// its mode and group there, it is renamed into place, never looser.
+/// Binds the socket path, replacing only a stale socket (nothing answers), through a private
+/// directory beside it (mode 0700, unguessable, checked on its descriptor, reached as
+/// `/proc/self/fd/N/s`: short for any path): given its mode and group there, it is renamed
+/// into place, never looser.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let fail = |why: &str| Err(ServeError::Transient(format!("{} {why}", path.display())));
@@ -269,9 +266,8 @@ fn write_metrics(ctx: &Context, file: &Path) {
     }
 }
 
-/// The one way to stop: on SIGTERM or SIGINT, refuse new work, let the nix
-/// calls in progress finish within the grace period (then kill them), and
-/// exit. Whatever was not uploaded is still in the journal.
+/// The one way to stop: on SIGTERM or SIGINT, refuse new work, let the nix calls in progress
+/// finish within the grace period (then kill them), and exit; the journal keeps the rest.
 fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     let sig = match sys::wait_for_stop_signal() {
         Ok(sig) => sig,
@@ -303,9 +299,8 @@ fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     std::process::exit(0);
 }
 
-/// Accepts connections for good (`waiting` first), each served by a thread
-/// of its own; turns them away while stopping or when `max-connections`
-/// are being served (each holds a reference to `ctx`: they are counted).
+/// Accepts connections for good (`waiting` first), each served by a thread of its own; turns
+/// them away while stopping or when `max-connections` are served (each holds a `ctx`: counted).
 fn accept_connections(
     ctx: &Arc<Context>,
     listener: &UnixListener,
@@ -392,9 +387,8 @@ fn handle(ctx: &Context, mut stream: &UnixStream) {
     }
 }
 
-/// The reply to `req` from a peer of user `uid`: root and the daemon's own
-/// user may change the queue; others may add to it and look (a peer that
-/// cannot be told is not trusted).
+/// The reply to `req` from a peer of user `uid`: root and the daemon's own user may change the
+/// queue; others may add to it and look (a peer that cannot be told is not trusted).
 fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -> String {
     let admin = uid.is_some_and(|uid| uid == 0 || uid == sys::uid());
     if !admin && matches!(req, Request::Retry | Request::Requeue(_) | Request::Drop(_)) {
@@ -457,8 +451,7 @@ fn named<T: std::fmt::Display>(all: &[T]) -> String {
     }
 }
 
-/// Every target's paths given up on that arrived at or before `seq`, the
-/// target named in the error when there are several.
+/// Every target's paths given up on up to `seq`, the target named in the error when several.
 fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
     let mut all = Vec::new();
     for t in &ctx.targets {
@@ -472,12 +465,10 @@ fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
     all
 }
 
-/// The `wait` reply: `remaining N failing M` lines while paths queued
-/// before the request are still queued (with `error PATH TEXT`, the last
-/// error of the first failing one, when M > 0), then `ok ...` or `err ...`
-/// when every target has each path or is given up on for it. Paths given
-/// up on or dropped while it waits make it `err` (named); those given up on
-/// before it are only mentioned.
+/// The `wait` reply: `remaining N failing M` lines while paths queued before the request are
+/// still queued (with `error PATH TEXT`, the last error of the first failing one, when M > 0),
+/// then `ok ...` or `err ...` when every target has each path or gave up on it. Paths given up
+/// on or dropped while it waits make it `err` (named); those given up on before, only mentioned.
 fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
     let (upto, drops) = ctx.journal.watch_drops();
     // The batch being gathered need not wait for its quiet period.
