@@ -1,12 +1,10 @@
-//! The durable queue: an append-only journal file, the truth about what is
-//! queued. A path is acknowledged once its `+` record is fsynced; startup
-//! replays the file, cutting off a torn last line. Records, one per line:
-//! `+ <secs> <path>` queued; `- <path>` done (uploaded or dropped);
-//! `! <secs> <target> <attempts> <path> <error>` given up on for a target;
-//! `= <secs> <target or *> <path>` requeued; `> <target> <path>` that
-//! target has it. A `<target>` is a [`TargetId`], never the URL. A failed
-//! write of `+` records is undone and refuses their `enqueue`; any other
-//! failure ends the daemon (status 1): no reply rests on a record not on disk.
+//! The durable queue: an append-only journal file, the truth about what is queued. A path is
+//! acknowledged once its `+` record is fsynced; startup replays the file, cutting off a torn
+//! last line. Records, one per line: `+ <secs> <path>` queued; `- <path>` done (uploaded or
+//! dropped); `! <secs> <target> <attempts> <path> <error>` given up on for a target;
+//! `= <secs> * <path>` requeued; `> <target> <path>` that target has it. A `<target>` is a
+//! [`TargetId`], never the URL. A failed write of `+` records is undone and refuses their
+//! `enqueue`; any other failure ends the daemon (status 1): no reply rests on a record not on disk.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -23,8 +21,6 @@ use crate::store_path::StorePath;
 pub const FILE_NAME: &str = "journal";
 /// Dead records tolerated before a compaction is considered.
 const COMPACT_MIN_DEAD: usize = 4096;
-/// Dropped paths a `wait` names; the rest are counted.
-const DROPS_NAMED: usize = 3;
 
 /// What is known about one queued path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,43 +64,39 @@ pub struct GivenUp {
     pub error: String,
 }
 
-/// What replaying the journal found.
-#[derive(Debug, Default)]
-pub struct Replay {
-    /// Live paths in the order they were queued.
-    pub paths: Vec<StorePath>,
-    /// Bytes of a torn last record that were cut off.
-    pub torn_bytes: usize,
-}
-
 /// One journal record (see the module doc for the line of each).
 #[derive(Debug, Clone)]
 enum Record {
     Add(StorePath, u64),
     Done(StorePath),
     GiveUp(StorePath, GivenUp),
-    /// `None`: for every target.
-    Requeue(StorePath, Option<TargetId>, u64),
+    Requeue(StorePath, u64),
     Delivered(StorePath, TargetId),
 }
 
 impl Record {
+    fn path(&self) -> &StorePath {
+        let (Record::Add(p, _)
+        | Record::Done(p)
+        | Record::GiveUp(p, _)
+        | Record::Requeue(p, _)
+        | Record::Delivered(p, _)) = self;
+        p
+    }
+
     fn write(&self, buf: &mut Vec<u8>) {
-        let line = match self {
-            Record::Add(p, at) => format!("+ {at} {p}"),
-            Record::Done(p) => format!("- {p}"),
+        let _ = match self {
+            Record::Add(p, at) => writeln!(buf, "+ {at} {p}"),
+            Record::Done(p) => writeln!(buf, "- {p}"),
             Record::GiveUp(p, g) => {
                 // The journal is private, but a password has no business on disk.
                 let error = crate::protocol::one_line(&crate::redact::text(&g.error));
                 let (at, t, n) = (g.at, g.target, g.attempts);
-                format!("! {at} {t} {n} {p} {}", error.trim())
+                writeln!(buf, "! {at} {t} {n} {p} {}", error.trim())
             }
-            Record::Requeue(p, None, at) => format!("= {at} * {p}"),
-            Record::Requeue(p, Some(t), at) => format!("= {at} {t} {p}"),
-            Record::Delivered(p, t) => format!("> {t} {p}"),
+            Record::Requeue(p, at) => writeln!(buf, "= {at} * {p}"),
+            Record::Delivered(p, t) => writeln!(buf, "> {t} {p}"),
         };
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
     }
 
     fn parse(line: &[u8], store_dir: &str) -> Option<Record> {
@@ -129,16 +121,15 @@ impl Record {
                     error: f.get(4).unwrap_or(&"").to_string(),
                 },
             ),
-            ("=", 3) if f[1] == "*" => Record::Requeue(path(2)?, None, num(0)?),
-            ("=", 3) => Record::Requeue(path(2)?, Some(target(1)?), num(0)?),
+            ("=", 3) if f[1] == "*" => Record::Requeue(path(2)?, num(0)?),
             (">", 2) => Record::Delivered(path(1)?, target(0)?),
             _ => return None,
         })
     }
 }
 
-/// How many of the paths a `wait` waits for were dropped, and the first few.
-pub type Drops = Mutex<(usize, Vec<StorePath>)>;
+/// Per target of a queued path: it has the path (`None`), or gave up on it.
+type Marks = Vec<(TargetId, Option<GivenUp>)>;
 
 /// The durable queue shared by the connection threads and the worker.
 pub struct Journal {
@@ -151,9 +142,7 @@ pub struct Journal {
 
 #[derive(Default)]
 struct Inner {
-    live: HashMap<StorePath, Entry>,
-    /// Per target of a live path: it has the path (`None`), or gave up on it.
-    marks: HashMap<StorePath, Vec<(TargetId, Option<GivenUp>)>>,
+    live: HashMap<StorePath, (Entry, Marks)>,
     next_seq: u64,
     /// Records in the file, and how many of them describe the live state.
     records: usize,
@@ -161,50 +150,49 @@ struct Inner {
     /// Records not written yet, and the paths their `+` records queue.
     pending: Vec<u8>,
     pending_adds: Vec<StorePath>,
-    /// Bytes ever added to `pending`, and ever taken from it to be written.
-    queued: u64,
-    flushed: u64,
     /// Writes that failed (and were undone), and the last one's error.
     failed: (u64, String),
     /// Dead records to compact at: raised after a failure (a full disk).
     compact_at: usize,
     /// The `wait`s in progress: the newest path each waits for, its drops.
-    watches: Vec<(u64, Weak<Drops>)>,
+    watches: Vec<(u64, Weak<Mutex<Vec<StorePath>>>)>,
+}
+
+fn mark(marks: &Marks, target: TargetId) -> Option<&Option<GivenUp>> {
+    marks.iter().find(|(t, _)| *t == target).map(|(_, m)| m)
 }
 
 impl Inner {
-    /// The mark of `target` on `path`, if any (see `marks`).
-    fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
-        let marks = self.marks.get(path)?;
-        marks.iter().find(|(t, _)| *t == target).map(|(_, m)| m)
+    /// What `f` makes of the queued paths, oldest first.
+    fn in_order<T>(&self, f: impl Fn(&StorePath, &Entry, &Marks) -> Option<T>) -> Vec<T> {
+        let mut out: Vec<(u64, T)> = (self.live.iter())
+            .filter_map(|(p, (e, m))| Some((e.seq, f(p, e, m)?)))
+            .collect();
+        out.sort_unstable_by_key(|(seq, _)| *seq);
+        out.into_iter().map(|(_, t)| t).collect()
     }
 
     /// Applies one record to memory, as replay does; false if it changed nothing.
     fn apply(&mut self, record: &Record) -> bool {
-        let (Record::Add(path, _)
-        | Record::Done(path)
-        | Record::GiveUp(path, _)
-        | Record::Requeue(path, _, _)
-        | Record::Delivered(path, _)) = record;
+        let path = record.path();
         if let Record::Add(_, queued_at) = record {
             if self.live.contains_key(path) {
                 return false;
             }
             self.next_seq += 1;
             let (seq, queued_at) = (self.next_seq, *queued_at);
-            self.live.insert(path.clone(), Entry { seq, queued_at });
+            self.live
+                .insert(path.clone(), (Entry { seq, queued_at }, Vec::new()));
             self.live_records += 1;
             return true;
         }
-        let Some(entry) = self.live.get_mut(path) else {
+        let Some((entry, marks)) = self.live.get_mut(path) else {
             return false;
         };
-        let marks = self.marks.entry(path.clone()).or_default();
         let before = marks.len();
         match record {
             Record::Done(_) => {
                 self.live.remove(path);
-                self.marks.remove(path);
                 self.live_records -= 1 + before;
                 return true;
             }
@@ -212,9 +200,9 @@ impl Inner {
                 marks.retain(|(t, _)| *t != g.target);
                 marks.push((g.target, Some(g.clone())));
             }
-            Record::Requeue(_, target, at) => {
+            Record::Requeue(_, at) => {
                 entry.queued_at = *at;
-                marks.retain(|(t, g)| g.is_none() || target.is_some_and(|x| x != *t));
+                marks.retain(|(_, g)| g.is_none());
             }
             Record::Delivered(_, t) if !marks.contains(&(*t, None)) => {
                 marks.retain(|(x, _)| x != t);
@@ -226,11 +214,19 @@ impl Inner {
         true
     }
 
-    /// Adds records to be written; returns the count to [`Journal::flush`] to.
-    fn queue(&mut self, records: &[u8]) -> u64 {
-        self.pending.extend_from_slice(records);
-        self.queued += records.len() as u64;
-        self.queued
+    /// The live records, each with its path's place in line.
+    fn snapshot(&self) -> Vec<(u64, Record)> {
+        let mut out = Vec::with_capacity(self.live_records);
+        for (p, (e, marks)) in &self.live {
+            out.push((e.seq, Record::Add(p.clone(), e.queued_at)));
+            for (t, g) in marks {
+                let r = g.clone().map_or(Record::Delivered(p.clone(), *t), |g| {
+                    Record::GiveUp(p.clone(), g)
+                });
+                out.push((e.seq, r));
+            }
+        }
+        out
     }
 }
 
@@ -259,9 +255,9 @@ fn count_lines(data: &[u8]) -> usize {
 }
 
 impl Journal {
-    /// Opens (creating) the journal in `dir` and replays it. A complete record
-    /// it cannot use (maybe an acknowledged path) is `InvalidData`, unchanged.
-    pub fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, Replay)> {
+    /// Opens (creating) the journal in `dir` and replays it; returns it and the bytes of a torn
+    /// last record cut off. An unusable record (maybe an acknowledged path) is `InvalidData`.
+    pub fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, usize)> {
         fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let mut file = open_append(&path)?;
@@ -272,7 +268,7 @@ impl Journal {
         let capacity = usize::try_from(file.metadata()?.len() / 80).unwrap_or(0);
         let mut inner = Inner::default();
         inner.live.reserve(capacity.min(1 << 22));
-        let (mut len, mut replay) = (0, Replay::default());
+        let (mut len, mut torn) = (0, 0);
         // Record by record, so replay needs no copy of the whole file.
         let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
         let mut line = Vec::with_capacity(256);
@@ -280,7 +276,7 @@ impl Journal {
             line.clear();
             let n = reader.read_until(b'\n', &mut line)?;
             if line.pop() != Some(b'\n') {
-                replay.torn_bytes = n;
+                torn = n;
                 break;
             }
             len += n as u64;
@@ -291,18 +287,15 @@ impl Journal {
             }
         }
         drop(reader);
-        if replay.torn_bytes > 0 {
+        if torn > 0 {
             file.set_len(len)?;
             file.sync_data()?;
         }
-        let mut ordered: Vec<_> = inner.live.iter().map(|(p, e)| (e.seq, p)).collect();
-        ordered.sort_unstable();
-        replay.paths = ordered.into_iter().map(|(_, p)| p.clone()).collect();
         let (dir, inner, disk) = (dir.into(), Mutex::new(inner), Mutex::new((file, len)));
         let journal = Journal { dir, inner, disk };
         // Failure only warns: a full disk must not keep the daemon from starting.
         journal.compact(1);
-        Ok((journal, replay))
+        Ok((journal, torn))
     }
 
     // Each update is finished under one hold: a poisoned lock's data is whole.
@@ -330,16 +323,17 @@ impl Journal {
                 let record = Record::Add(path.clone(), at);
                 if inner.apply(&record) {
                     if let (Some(e), Some(mine)) = (inherit, inner.live.get_mut(path)) {
-                        *mine = e;
+                        mine.0 = e;
                     }
                     record.write(&mut records);
                     inner.pending_adds.push(path.clone());
                     added.push(path.clone());
                 }
             }
-            let (upto, failed) = (inner.queue(&records), inner.failed.0);
+            inner.pending.extend(records);
+            let failed = inner.failed.0;
             drop(inner);
-            self.flush(upto);
+            self.flush();
             let inner = self.lock();
             if inner.failed.0 == failed {
                 return Ok(added);
@@ -351,17 +345,16 @@ impl Journal {
         }
     }
 
-    /// Writes every record queued, unless those up to byte `upto` already are
-    /// (callers share fsyncs). A failed write of `+` records only is undone,
-    /// their paths taken back; any other failure ends the daemon.
-    fn flush(&self, upto: u64) {
+    /// Writes every record queued. Callers share fsyncs: records another caller took are on disk
+    /// once it lets go of the file. A failed write of `+` records only is undone, their paths
+    /// taken back; any other failure ends the daemon.
+    fn flush(&self) {
         let mut disk = self.disk();
         let mut inner = self.lock();
-        if inner.flushed >= upto {
+        if inner.pending.is_empty() {
             return;
         }
         let (buf, adds) = (take(&mut inner.pending), take(&mut inner.pending_adds));
-        inner.flushed = inner.queued;
         drop(inner);
         let result = (&disk.0).write_all(&buf);
         if let Some(Err(e)) = result.is_ok().then(|| disk.0.sync_data()) {
@@ -385,49 +378,39 @@ impl Journal {
         inner.failed = (inner.failed.0 + 1, e.to_string());
     }
 
-    /// Applies `records` and writes them; a failure ends the daemon.
-    fn write(&self, mut inner: MutexGuard<'_, Inner>, records: Vec<Record>) {
-        let mut buf = Vec::new();
-        for r in records.iter().filter(|r| inner.apply(r)) {
+    /// Applies `records` and writes them; returns the paths of those that
+    /// changed something. A failure ends the daemon.
+    fn write(&self, mut inner: MutexGuard<'_, Inner>, records: Vec<Record>) -> Vec<StorePath> {
+        let (mut buf, mut changed) = (Vec::new(), Vec::new());
+        for r in records.into_iter().filter(|r| inner.apply(r)) {
             r.write(&mut buf);
+            changed.push(r.path().clone());
         }
-        let upto = inner.queue(&buf);
+        inner.pending.extend(buf);
         drop(inner);
-        self.flush(upto);
+        self.flush();
         self.compact(COMPACT_MIN_DEAD);
+        changed
     }
 
     /// Drops queued paths (`-`), telling the `wait`s for them; returns them.
     pub fn drop_paths(&self, paths: &[StorePath]) -> Vec<StorePath> {
         let inner = self.lock();
-        let seqs: Vec<(u64, &StorePath)> = (paths.iter())
-            .filter_map(|p| Some((inner.live.get(p)?.seq, p)))
-            .collect();
-        let watching = inner
-            .watches
-            .iter()
-            .filter_map(|(s, w)| Some((s, w.upgrade()?)));
-        for (up_to, drops) in watching {
+        for (up_to, drops) in (inner.watches.iter()).filter_map(|(s, w)| Some((s, w.upgrade()?))) {
+            let theirs = |p: &&StorePath| inner.live.get(*p).is_some_and(|(e, _)| e.seq <= *up_to);
             let mut drops = drops.lock().unwrap_or_else(|e| e.into_inner());
-            for (_, p) in seqs.iter().filter(|(seq, _)| seq <= up_to) {
-                drops.0 += 1;
-                if drops.1.len() < DROPS_NAMED {
-                    drops.1.push((*p).clone());
-                }
-            }
+            drops.extend(paths.iter().filter(theirs).cloned());
         }
-        let dropped: Vec<StorePath> = seqs.into_iter().map(|(_, p)| p.clone()).collect();
-        self.write(inner, dropped.iter().cloned().map(Record::Done).collect());
-        dropped
+        self.write(inner, paths.iter().cloned().map(Record::Done).collect())
     }
 
-    /// Counts drops of paths queued up to `seq` while the result is held.
-    pub fn watch_drops(&self, seq: u64) -> Arc<Drops> {
-        let drops = Arc::new(Mutex::new((0, Vec::new())));
-        let mut inner = self.lock();
+    /// The newest path's sequence number, and the paths up to it dropped while the result is held.
+    pub fn watch_drops(&self) -> (u64, Arc<Mutex<Vec<StorePath>>>) {
+        let (drops, mut inner) = (Arc::default(), self.lock());
         inner.watches.retain(|(_, w)| w.strong_count() > 0);
+        let seq = inner.next_seq;
         inner.watches.push((seq, Arc::downgrade(&drops)));
-        drops
+        (seq, drops)
     }
 
     /// Records that `target` has the paths: `-` for those every one of
@@ -440,8 +423,8 @@ impl Journal {
     ) -> io::Result<Vec<StorePath>> {
         let inner = self.lock();
         let (mut records, mut done) = (Vec::new(), Vec::new());
-        for path in paths.iter().filter(|p| inner.live.contains_key(*p)) {
-            let has = |t: &TargetId| *t == target || inner.mark(path, *t) == Some(&None);
+        for (path, (_, m)) in paths.iter().filter_map(|p| Some((p, inner.live.get(p)?))) {
+            let has = |t: &TargetId| *t == target || mark(m, *t) == Some(&None);
             if targets.iter().all(has) {
                 records.push(Record::Done(path.clone()));
                 done.push(path.clone());
@@ -455,29 +438,31 @@ impl Journal {
 
     /// True when `target` has `path` or gave up on it.
     pub fn is_settled(&self, path: &StorePath, target: TargetId) -> bool {
-        self.lock().mark(path, target).is_some()
+        matches!(self.lock().live.get(path), Some((_, m)) if mark(m, target).is_some())
     }
 
     /// Paths up to sequence number `seq` some of `targets` has not settled.
     pub fn count_waiting_up_to(&self, seq: u64, targets: &[TargetId]) -> usize {
-        let inner = self.lock();
-        let waiting = |(p, e): &(&StorePath, &Entry)| {
-            e.seq <= seq && targets.iter().any(|t| inner.mark(p, *t).is_none())
+        let waiting = |(e, m): &&(Entry, Marks)| {
+            e.seq <= seq && targets.iter().any(|t| mark(m, *t).is_none())
         };
-        inner.live.iter().filter(waiting).count()
+        self.lock().live.values().filter(waiting).count()
     }
 
-    /// Completes the paths each of `targets` has (a target left the
-    /// configuration); returns how many.
-    pub fn settle(&self, targets: &[TargetId]) -> io::Result<usize> {
+    /// At start: completes the paths each of `targets` has (a target left the configuration);
+    /// returns how many, the paths some target still needs (oldest first), and how many others.
+    pub fn recover(&self, targets: &[TargetId]) -> (usize, Vec<StorePath>, usize) {
         let inner = self.lock();
-        let done: Vec<Record> = (inner.marks.keys())
-            .filter(|p| targets.iter().all(|t| inner.mark(p, *t) == Some(&None)))
-            .map(|p| Record::Done(p.clone()))
-            .collect();
-        let n = done.len();
-        self.write(inner, done);
-        Ok(n)
+        let done = inner.in_order(|p, _, m| {
+            let has = targets.iter().all(|t| mark(m, *t) == Some(&None));
+            has.then(|| Record::Done(p.clone()))
+        });
+        let n = self.write(inner, done).len();
+        let inner = self.lock();
+        let needed = |m: &Marks| targets.iter().any(|t| mark(m, *t).is_none());
+        let to_upload = inner.in_order(|p, _, m| needed(m).then(|| p.clone()));
+        let given_up = inner.live.len() - to_upload.len();
+        (n, to_upload, given_up)
     }
 
     /// Replaces a derivation by its outputs, in its place; returns those new.
@@ -489,70 +474,51 @@ impl Journal {
 
     /// Gives up on a path for a target until requeued; false if not queued.
     pub fn give_up(&self, path: &StorePath, given_up: GivenUp) -> io::Result<bool> {
-        let inner = self.lock();
-        let live = inner.live.contains_key(path);
-        self.write(inner, vec![Record::GiveUp(path.clone(), given_up)]);
-        Ok(live)
+        let changed = self.write(self.lock(), vec![Record::GiveUp(path.clone(), given_up)]);
+        Ok(!changed.is_empty())
     }
 
     /// Requeues paths given up on (`None`: all), as queued now; returns them.
-    pub fn requeue(&self, paths: Option<&[StorePath]>) -> io::Result<Vec<StorePath>> {
+    pub fn requeue(&self, paths: Option<&[StorePath]>) -> Vec<StorePath> {
         let inner = self.lock();
         let wanted: Option<HashSet<&StorePath>> = paths.map(|p| p.iter().collect());
-        let mut chosen: Vec<(u64, StorePath)> = (inner.marks.iter())
-            .filter(|(p, m)| {
-                wanted.as_ref().is_none_or(|w| w.contains(p)) && m.iter().any(|(_, g)| g.is_some())
-            })
-            .filter_map(|(p, _)| Some((inner.live.get(p)?.seq, p.clone())))
-            .collect();
-        chosen.sort_unstable();
+        let chosen = inner.in_order(|p, _, m| {
+            let wanted = wanted.as_ref().is_none_or(|w| w.contains(p));
+            let wanted = wanted && m.iter().any(|(_, g)| g.is_some());
+            wanted.then(|| p.clone())
+        });
         let now = now_secs();
-        let requeue = |(_, p): &(u64, StorePath)| Record::Requeue(p.clone(), None, now);
-        self.write(inner, chosen.iter().map(requeue).collect());
-        Ok(chosen.into_iter().map(|(_, p)| p).collect())
+        let requeue = |p| Record::Requeue(p, now);
+        self.write(inner, chosen.into_iter().map(requeue).collect())
     }
 
     /// The paths up to `seq` given up on for `target`, oldest first.
     pub fn given_up_up_to(&self, seq: u64, target: TargetId) -> Vec<(StorePath, GivenUp)> {
-        let inner = self.lock();
-        let mut out: Vec<(u64, StorePath, GivenUp)> = (inner.marks.keys())
-            .filter_map(|p| {
-                let (e, g) = (inner.live.get(p)?, inner.mark(p, target)?.as_ref()?);
-                (e.seq <= seq).then(|| (e.seq, p.clone(), g.clone()))
-            })
-            .collect();
-        out.sort_unstable_by_key(|(s, _, _)| *s);
-        out.into_iter().map(|(_, p, g)| (p, g)).collect()
+        self.lock().in_order(|p, e, m| {
+            let g = mark(m, target)?.as_ref()?;
+            (e.seq <= seq).then(|| (p.clone(), g.clone()))
+        })
     }
 
     /// The entry of a queued path, if it is queued.
     pub fn entry(&self, path: &StorePath) -> Option<Entry> {
-        self.lock().live.get(path).copied()
+        self.lock().live.get(path).map(|(e, _)| *e)
     }
 
     /// Number of queued paths.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
         self.lock().live.len()
     }
 
-    /// True when nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Sequence number of the newest path queued so far.
-    pub fn last_seq(&self) -> u64 {
-        self.lock().next_seq
-    }
-
     /// The oldest queued path's entry, by sequence number.
     pub fn oldest(&self) -> Option<Entry> {
-        self.lock().live.values().min_by_key(|e| e.seq).copied()
+        let inner = self.lock();
+        inner.live.values().map(|(e, _)| *e).min_by_key(|e| e.seq)
     }
 
-    /// Rewrites the journal with only the live records, in order, once at
-    /// least `min_dead` records, and most, are dead. Written without the
-    /// locks; a failure before the rename only warns.
+    /// Rewrites the journal with only the live records, in order, once at least `min_dead`
+    /// records, and most, are dead. Written without the locks; a failure before the rename warns.
     fn compact(&self, min_dead: usize) {
         let (mut records, from) = loop {
             let disk = self.disk();
@@ -567,9 +533,8 @@ impl Journal {
                 inner.compact_at = usize::MAX;
                 break (inner.snapshot(), disk.1);
             }
-            let upto = inner.queued;
             drop((inner, disk));
-            self.flush(upto);
+            self.flush();
         };
         // A stable sort: each path's `+` stays first.
         records.sort_by_key(|(seq, _)| *seq);
@@ -591,8 +556,7 @@ impl Journal {
     /// Writes `data` to `tmp`, then, holding the file, what came after `from`,
     /// and renames `tmp` over the journal.
     fn replace_file(&self, tmp: &Path, data: &[u8], from: u64) -> io::Result<()> {
-        // Opened for appending before the rename: no later failure can leave
-        // us writing to the old file.
+        // Opened for appending before the rename: no later failure leaves us writing the old file.
         let mut f = open_append(tmp)?;
         f.set_len(0)?;
         f.write_all(data)?;
@@ -613,34 +577,15 @@ impl Journal {
     }
 }
 
-impl Inner {
-    /// The live records, each with its path's place in line.
-    fn snapshot(&self) -> Vec<(u64, Record)> {
-        let mut out = Vec::with_capacity(self.live_records);
-        for (p, e) in &self.live {
-            out.push((e.seq, Record::Add(p.clone(), e.queued_at)));
-            for (t, g) in self.marks.get(p).into_iter().flatten() {
-                let p = p.clone();
-                let r = g
-                    .clone()
-                    .map_or(Record::Delivered(p.clone(), *t), |g| Record::GiveUp(p, g));
-                out.push((e.seq, r));
-            }
-        }
-        out
-    }
-}
-
 /// The error for a record [`Record::parse`] rejected, naming another store.
 fn unusable(journal: &Path, line_no: usize, record: &[u8], store_dir: &str) -> io::Error {
     let text = String::from_utf8_lossy(record);
-    let other_store = text.split(' ').find_map(|word| {
-        let (dir, _) = word.rsplit_once('/')?;
-        (dir != store_dir && StorePath::parse(word, dir).is_ok()).then_some(dir)
-    });
+    let mut words = text
+        .split(' ')
+        .filter_map(|w| Some((w.rsplit_once('/')?.0, w)));
     let shown = crate::redact::text(&text.chars().take(200).collect::<String>());
-    let what = match other_store {
-        Some(o) => format!(
+    let what = match words.find(|(o, w)| *o != store_dir && StorePath::parse(w, o).is_ok()) {
+        Some((o, _)) => format!(
             "queues a path of the store directory {o}, but this daemon uses \
              store-dir {store_dir}: start the daemon with store-dir = {o} (or NIX_STORE_DIR={o})"
         ),
@@ -661,6 +606,12 @@ mod tests {
 
     const S: &str = "/nix/store";
 
+    impl Inner {
+        fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
+            mark(&self.live.get(path)?.1, target)
+        }
+    }
+
     impl Journal {
         fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
             self.lock().mark(path, target) == Some(&None)
@@ -673,6 +624,18 @@ mod tests {
         fn given_up_on(&self, target: TargetId) -> Vec<(StorePath, GivenUp)> {
             self.given_up_up_to(u64::MAX, target)
         }
+    }
+
+    struct Replay {
+        paths: Vec<StorePath>,
+        torn_bytes: usize,
+    }
+
+    /// Opens the journal, with the paths it queues, oldest first.
+    fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, Replay)> {
+        let (j, torn_bytes) = Journal::open(dir, store_dir)?;
+        let paths = j.lock().in_order(|p, _, _| Some(p.clone()));
+        Ok((j, Replay { paths, torn_bytes }))
     }
 
     fn path(i: usize) -> StorePath {
@@ -701,7 +664,7 @@ mod tests {
     fn append_complete_replay() {
         let dir = Dir::new("basic");
         {
-            let (j, r) = Journal::open(&dir.0, S).unwrap();
+            let (j, r) = open(&dir.0, S).unwrap();
             assert!(r.paths.is_empty());
             assert_eq!(
                 j.append(&[path(1), path(2), path(1)]).unwrap(),
@@ -711,7 +674,7 @@ mod tests {
             j.drop_paths(&[path(2)]);
             assert_eq!(j.len(), 2);
         }
-        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        let (j, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(1), path(3)]);
         assert_eq!(j.len(), 2);
     }
@@ -720,7 +683,7 @@ mod tests {
     fn torn_tail_at_every_offset_keeps_earlier_records() {
         let dir = Dir::new("torn");
         {
-            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            let (j, _) = open(&dir.0, S).unwrap();
             j.append(&[path(1), path(2)]).unwrap();
             j.append(&[path(3)]).unwrap();
         }
@@ -733,12 +696,12 @@ mod tests {
             + 1;
         for cut in last_start..full.len() {
             fs::write(&file, &full[..cut]).unwrap();
-            let (j, r) = Journal::open(&dir.0, S).unwrap();
+            let (j, r) = open(&dir.0, S).unwrap();
             assert_eq!(r.paths, vec![path(1), path(2)], "cut at {cut}");
             assert_eq!(r.torn_bytes, cut - last_start);
             j.append(&[path(4)]).unwrap();
             drop(j);
-            let (_, r) = Journal::open(&dir.0, S).unwrap();
+            let (_, r) = open(&dir.0, S).unwrap();
             assert_eq!(r.paths, vec![path(1), path(2), path(4)], "cut at {cut}");
         }
     }
@@ -748,7 +711,7 @@ mod tests {
         let dir = Dir::new("compact");
         let n = COMPACT_MIN_DEAD + 10;
         {
-            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            let (j, _) = open(&dir.0, S).unwrap();
             let all: Vec<StorePath> = (0..n).map(path).collect();
             j.append(&all).unwrap();
             j.drop_paths(&all[..n - 3]);
@@ -756,7 +719,7 @@ mod tests {
         }
         let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
         assert_eq!(text.lines().count(), 3, "compacted to the live records");
-        let (_, r) = Journal::open(&dir.0, S).unwrap();
+        let (_, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(n - 3), path(n - 2), path(n - 1)]);
     }
 
@@ -764,17 +727,17 @@ mod tests {
     fn failed_compaction_is_not_fatal() {
         let dir = Dir::new("nocompact");
         {
-            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            let (j, _) = open(&dir.0, S).unwrap();
             j.append(&[path(1), path(2), path(3)]).unwrap();
             j.drop_paths(&[path(1), path(2)]);
         }
         // A directory where the compacted copy would be written.
         fs::create_dir(dir.0.join(format!("{FILE_NAME}.tmp"))).unwrap();
-        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        let (j, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(3)]);
         j.append(&[path(4)]).unwrap();
         drop(j);
-        let (_, r) = Journal::open(&dir.0, S).unwrap();
+        let (_, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(3), path(4)]);
     }
 
@@ -786,7 +749,7 @@ mod tests {
         inner.apply(&Record::Add(path(1), 0));
         let mut buf = Vec::new();
         Record::Add(path(1), 0).write(&mut buf);
-        inner.queue(&buf);
+        inner.pending.extend(buf);
         inner.pending_adds.push(path(1));
         disk
     }
@@ -798,7 +761,6 @@ mod tests {
         for p in std::mem::take(&mut inner.pending_adds) {
             inner.apply(&Record::Done(p));
         }
-        inner.flushed = inner.queued;
         inner.failed = (inner.failed.0 + failures, "disk full".into());
         drop((inner, disk));
     }
@@ -806,7 +768,7 @@ mod tests {
     #[test]
     fn already_queued_path_is_acknowledged_only_once_on_disk() {
         let dir = Dir::new("inflight");
-        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        let (j, _) = open(&dir.0, S).unwrap();
         let j = Arc::new(j);
         let disk = writing_path_1(&j);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -827,7 +789,7 @@ mod tests {
             .unwrap();
         assert_eq!(added, vec![path(1)], "the waiting caller writes it itself");
         drop(j);
-        let (_, r) = Journal::open(&dir.0, S).unwrap();
+        let (_, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(1)]);
     }
 
@@ -837,7 +799,7 @@ mod tests {
     #[test]
     fn a_late_waiter_reads_its_own_groups_failure() {
         let dir = Dir::new("latewaiter");
-        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        let (j, _) = open(&dir.0, S).unwrap();
         let j = Arc::new(j);
         // A write in progress, so the caller's record waits for the next.
         let disk = j.disk();
@@ -877,7 +839,7 @@ mod tests {
             // Enough dead records that a successful open would compact.
             let text = format!("+ 5 {good}\n- {good}\n+ 6 {good}\n{bad}\n");
             fs::write(&file, &text).unwrap();
-            let e = Journal::open(&dir.0, S).err().expect(&bad);
+            let e = open(&dir.0, S).err().expect(&bad);
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{bad}");
             let shown = e.to_string();
             assert!(shown.contains("line 4"), "{shown}");
@@ -893,26 +855,26 @@ mod tests {
         let other = "/tmp/other/store";
         let theirs = StorePath::parse(&format!("{other}/{:032}-x", 1), other).unwrap();
         {
-            let (j, _) = Journal::open(&dir.0, other).unwrap();
+            let (j, _) = open(&dir.0, other).unwrap();
             j.append(std::slice::from_ref(&theirs)).unwrap();
         }
         let file = dir.0.join(FILE_NAME);
         let before = fs::read(&file).unwrap();
-        let e = Journal::open(&dir.0, S)
+        let e = open(&dir.0, S)
             .err()
             .expect("opened another store's journal");
         let shown = e.to_string();
         assert!(shown.contains(&format!("store-dir = {other}")), "{shown}");
         assert!(shown.contains(&format!("uses store-dir {S}")), "{shown}");
         assert_eq!(fs::read(&file).unwrap(), before, "the journal is unchanged");
-        let (_, r) = Journal::open(&dir.0, other).unwrap();
+        let (_, r) = open(&dir.0, other).unwrap();
         assert_eq!(r.paths, vec![theirs], "still there for the right store dir");
     }
 
     #[test]
     fn replace_inherits_place_in_line() {
         let dir = Dir::new("replace");
-        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        let (j, _) = open(&dir.0, S).unwrap();
         let drv = StorePath::parse(&format!("{S}/{:032}-x.drv", 9), S).unwrap();
         j.append(&[drv.clone(), path(1)]).unwrap();
         let e = j.entry(&drv).unwrap();
@@ -942,7 +904,7 @@ mod tests {
             "secrets masked"
         );
         {
-            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            let (j, _) = open(&dir.0, S).unwrap();
             j.append(&[path(1), path(2), path(3)]).unwrap();
             assert!(j.give_up(&path(2), given_up(a, "first\nerror")).unwrap());
             assert!(j.give_up(&path(2), given_up(a, "nix copy failed")).unwrap());
@@ -951,7 +913,7 @@ mod tests {
         }
         let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
         assert_eq!(text.lines().count(), 6, "{text}");
-        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        let (j, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(1), path(2), path(3)], "still queued");
         assert!(j.is_given_up(&path(2), a));
         assert!(!j.is_given_up(&path(2), b), "per target");
@@ -963,16 +925,13 @@ mod tests {
         assert_eq!(listed[0].1.attempts, 10);
         assert_eq!(j.given_up_up_to(1, a), vec![]);
 
-        assert_eq!(
-            j.requeue(Some(&[path(2), path(2), path(1)])).unwrap(),
-            vec![path(2)]
-        );
+        assert_eq!(j.requeue(Some(&[path(2), path(2), path(1)])), vec![path(2)]);
         assert!(!j.is_given_up(&path(2), a));
-        assert_eq!(j.requeue(None).unwrap(), vec![path(3)]);
+        assert_eq!(j.requeue(None), vec![path(3)]);
         assert!(j.given_up_on(b).is_empty());
         j.give_up(&path(1), given_up(a, "again")).unwrap();
         drop(j);
-        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        let (j, _) = open(&dir.0, S).unwrap();
         assert!(j.is_given_up(&path(1), a));
         assert!(!j.is_given_up(&path(2), a) && !j.is_given_up(&path(3), b));
         // Dropped: its failure goes with it, and compaction keeps the rest.
@@ -985,7 +944,7 @@ mod tests {
             text.contains(&format!("! 1700000000 {a} 10 {} again\n", path(1))),
             "{text}"
         );
-        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        let (j, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(1), path(3)]);
         assert!(j.is_given_up(&path(1), a));
     }
@@ -1000,13 +959,13 @@ mod tests {
             format!("+ 5 {p}\n! 6 {a} 10 {p} nix copy failed\n", p = path(1)),
         )
         .unwrap();
-        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        let (j, _) = open(&dir.0, S).unwrap();
         assert_eq!(j.entry(&path(1)).unwrap().queued_at, 5);
-        assert_eq!(j.requeue(None).unwrap(), vec![path(1)]);
+        assert_eq!(j.requeue(None), vec![path(1)]);
         let now = j.entry(&path(1)).unwrap().queued_at;
         assert!(now > 1_700_000_000, "{now}");
         drop(j);
-        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        let (j, _) = open(&dir.0, S).unwrap();
         assert_eq!(j.entry(&path(1)).unwrap().queued_at, now, "on disk");
         assert!(!j.is_given_up(&path(1), a));
     }
@@ -1019,7 +978,7 @@ mod tests {
             TargetId::of(Some("ssh://b")),
         );
         {
-            let (j, _) = Journal::open(&dir.0, S).unwrap();
+            let (j, _) = open(&dir.0, S).unwrap();
             j.append(&[path(1), path(2), path(3)]).unwrap();
             // One target: done at once, no `>` record.
             assert_eq!(j.deliver(&[path(3)], a, &[a]).unwrap(), vec![path(3)]);
@@ -1029,19 +988,19 @@ mod tests {
         }
         let text = fs::read_to_string(dir.0.join(FILE_NAME)).unwrap();
         assert_eq!(text.matches("\n> ").count(), 2, "{text}");
-        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        let (j, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(1), path(2)]);
         assert!(j.is_delivered(&path(2), a));
         assert_eq!(j.deliver(&[path(1)], b, &[a, b]).unwrap(), vec![path(1)]);
         j.compact(0);
         drop(j);
-        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        let (j, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(2)]);
         assert!(j.is_delivered(&path(2), a), "kept by compaction");
         // Target b taken out of the configuration: a has it all.
-        assert_eq!(j.settle(&[a]).unwrap(), 1);
-        assert!(j.is_empty());
-        assert_eq!(j.settle(&[a]).unwrap(), 0);
+        assert_eq!(j.recover(&[a]), (1, vec![], 0));
+        assert_eq!(j.len(), 0);
+        assert_eq!(j.recover(&[a]), (0, vec![], 0));
     }
 
     #[test]
@@ -1060,7 +1019,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let (j, r) = Journal::open(&dir.0, S).unwrap();
+        let (j, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(2), path(3)]);
         assert!(j.given_up_on(TargetId::of(None)).is_empty());
         assert_eq!(j.entry(&path(2)).unwrap().queued_at, 6);
@@ -1069,7 +1028,7 @@ mod tests {
     #[test]
     fn concurrent_appends_share_fsyncs_and_lose_nothing() {
         let dir = Dir::new("concurrent");
-        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        let (j, _) = open(&dir.0, S).unwrap();
         let j = Arc::new(j);
         let threads: Vec<_> = (0..8)
             .map(|t| {
@@ -1085,7 +1044,7 @@ mod tests {
             t.join().unwrap();
         }
         drop(j);
-        let (_, r) = Journal::open(&dir.0, S).unwrap();
+        let (_, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths.len(), 800);
     }
 
@@ -1094,7 +1053,7 @@ mod tests {
     #[test]
     fn compaction_keeps_what_came_while_it_wrote() {
         let dir = Dir::new("compactmeanwhile");
-        let (j, _) = Journal::open(&dir.0, S).unwrap();
+        let (j, _) = open(&dir.0, S).unwrap();
         j.append(&[path(1), path(2), path(3)]).unwrap();
         j.drop_paths(&[path(2)]);
         // The copy as compaction takes it, then records arrive meanwhile.
@@ -1112,7 +1071,7 @@ mod tests {
         j.replace_file(&tmp, &data, from).unwrap();
         j.append(&[path(5)]).unwrap();
         drop(j);
-        let (_, r) = Journal::open(&dir.0, S).unwrap();
+        let (_, r) = open(&dir.0, S).unwrap();
         assert_eq!(r.paths, vec![path(3), path(4), path(5)]);
         assert!(!tmp.exists());
     }

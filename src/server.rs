@@ -1,7 +1,6 @@
-//! The daemon: recovery at start, the listener, and one thread per client
-//! (at most `max-connections`), which journals paths before acknowledging
-//! them. `retry`, `requeue` and `drop` are taken only from root and the
-//! daemon's own user (the peer's credentials, as the kernel saw them).
+//! The daemon: recovery at start, the listener, and one thread per client (at most
+//! `max-connections`), which journals paths before acknowledging them. `retry`, `requeue` and
+//! `drop` are taken only from root and the daemon's own user (the peer's credentials).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -39,8 +38,7 @@ const PRIVATE_PREFIX: &str = ".post-build-hook-queue-";
 pub enum ServeError {
     /// The configuration can never work (exit 78).
     Config(String),
-    /// Something a restart may get past (exit 1): the journal's I/O, the
-    /// state directory locked by another daemon, the socket in use.
+    /// Something a restart may get past (exit 1): journal I/O, a locked state-dir, a socket in use.
     Transient(String),
 }
 
@@ -75,14 +73,14 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     // Held until the process ends: one daemon per journal.
     let _lock = lock_state_dir(&config.state_dir)?;
     let journal_error = format!("cannot open the journal in {}", config.state_dir.display());
-    let (journal, replay) =
+    let (journal, torn) =
         Journal::open(&config.state_dir, &config.store_dir).map_err(transient(journal_error))?;
     // After the journal, whose refusal matters more; before the socket.
     target::check_at_start(&config).map_err(ServeError::Config)?;
-    if let n @ 1.. = replay.torn_bytes {
-        warning!("journal: cut off a torn last record of {n} bytes (a crash during a write)");
+    if torn > 0 {
+        warning!("journal: cut off a torn last record of {torn} bytes (a crash during a write)");
     }
-    let (file, n) = (config.state_dir.join(FILE_NAME), replay.paths.len());
+    let (file, n) = (config.state_dir.join(FILE_NAME), journal.len());
     info!("journal {} replayed: {n} paths queued", file.display());
     // Ours: a hook running as root writes into it, we delete what we ingested.
     let spool = config.spool_dir();
@@ -90,18 +88,14 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         warning!("cannot create the spool directory {}: {e}", spool.display());
     }
     let targets = target::configured(&config);
-    let target_ids: Vec<TargetId> = targets.iter().map(|t| t.id).collect();
-    // Paths every target has already (a target left the configuration).
-    if let Ok(n @ 1..) = journal.settle(&target_ids) {
-        info!("journal: {n} paths every target has already are done");
+    let (settled, to_upload, given_up) =
+        journal.recover(&targets.iter().map(|t| t.id).collect::<Vec<_>>());
+    if settled > 0 {
+        info!("journal: {settled} paths every target has already are done");
     }
-    let needed = |p: &StorePath, t: &TargetId| !journal.is_settled(p, *t);
-    let (to_upload, given_up): (Vec<StorePath>, Vec<StorePath>) = (replay.paths.into_iter())
-        .filter(|p| journal.entry(p).is_some())
-        .partition(|p| target_ids.iter().any(|t| needed(p, t)));
-    if let n @ 1.. = given_up.len() {
+    if given_up > 0 {
         warning!(
-            "{n} paths were given up on after repeated failures and are not tried again; \
+            "{given_up} paths were given up on after repeated failures and are not tried again; \
              see `post-build-hook-queue status`, then requeue or drop them"
         );
     }
@@ -152,9 +146,8 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     builder.spawn(f).map_err(transient("cannot start a thread"))
 }
 
-/// Locks the state directory (its file `lock`, which holds the pid), so
-/// that no second daemon appends to the same journal. The flock goes with
-/// the process, also on `kill -9`: a stale one never blocks a start.
+/// Locks the state directory (its file `lock`, holding the pid): one daemon per journal. The
+/// flock goes with the process, also on `kill -9`: a stale one never blocks a start.
 fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
     fs::create_dir_all(dir).map_err(err())?;
@@ -162,7 +155,6 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     open.read(true).write(true).create(true).truncate(false);
     let mut file = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
     match file.try_lock() {
-        Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
@@ -171,7 +163,7 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
             let why = why + "; stop it or choose another state-dir";
             return Err(ServeError::Transient(why));
         }
-        Err(fs::TryLockError::Error(e)) => return Err(err()(e)),
+        result => result.map_err(io::Error::from).map_err(err())?,
     }
     // Padded over whatever pid was there, so that no truncate is needed.
     let pid = format!("{:<10}\n", std::process::id());
@@ -179,10 +171,10 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     Ok(file)
 }
 
-/// Binds the socket path, replacing only a stale socket (nothing answers),
-/// through a private directory beside it (mode 0700, unguessable, checked on
-/// its descriptor, reached as `/proc/self/fd/N/s`: short for any path): given
-/// its mode and group there, it is renamed into place, never looser.
+/// Binds the socket path, replacing only a stale socket (nothing answers), through a private
+/// directory beside it (mode 0700, unguessable, checked on its descriptor, reached as
+/// `/proc/self/fd/N/s`: short for any path): given its mode and group there, it is renamed
+/// into place, never looser.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let fail = |why: &str| Err(ServeError::Transient(format!("{} {why}", path.display())));
@@ -274,9 +266,8 @@ fn write_metrics(ctx: &Context, file: &Path) {
     }
 }
 
-/// The one way to stop: on SIGTERM or SIGINT, refuse new work, let the nix
-/// calls in progress finish within the grace period (then kill them), and
-/// exit. Whatever was not uploaded is still in the journal.
+/// The one way to stop: on SIGTERM or SIGINT, refuse new work, let the nix calls in progress
+/// finish within the grace period (then kill them), and exit; the journal keeps the rest.
 fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     let sig = match sys::wait_for_stop_signal() {
         Ok(sig) => sig,
@@ -308,9 +299,8 @@ fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     std::process::exit(0);
 }
 
-/// Accepts connections for good (`waiting` first), each served by a thread
-/// of its own; turns them away while stopping or when `max-connections`
-/// are being served (each holds a reference to `ctx`: they are counted).
+/// Accepts connections for good (`waiting` first), each served by a thread of its own; turns
+/// them away while stopping or when `max-connections` are served (each holds a `ctx`: counted).
 fn accept_connections(
     ctx: &Arc<Context>,
     listener: &UnixListener,
@@ -397,9 +387,8 @@ fn handle(ctx: &Context, mut stream: &UnixStream) {
     }
 }
 
-/// The reply to `req` from a peer of user `uid`: root and the daemon's own
-/// user may change the queue; others may add to it and look (a peer that
-/// cannot be told is not trusted).
+/// The reply to `req` from a peer of user `uid`: root and the daemon's own user may change the
+/// queue; others may add to it and look (a peer that cannot be told is not trusted).
 fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -> String {
     let admin = uid.is_some_and(|uid| uid == 0 || uid == sys::uid());
     if !admin && matches!(req, Request::Retry | Request::Requeue(_) | Request::Drop(_)) {
@@ -433,9 +422,9 @@ fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -
         }
         Request::Wait => wait(ctx, stream),
         Request::Requeue(chosen) => {
-            let requeued = ctx.journal.requeue(chosen.as_deref()).unwrap_or_default();
+            let requeued = ctx.journal.requeue(chosen.as_deref());
             if !requeued.is_empty() {
-                let list = named(&requeued, requeued.len());
+                let list = named(&requeued);
                 info!("requeued {list} (an operator's request): tried again");
             }
             queued(requeued)
@@ -453,17 +442,16 @@ fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -
     }
 }
 
-/// The first three of `total` items, and how many more there are.
-fn named<T: std::fmt::Display>(first: &[T], total: usize) -> String {
-    let list: Vec<String> = first.iter().take(3).map(T::to_string).collect();
-    match total.saturating_sub(list.len()) {
+/// The first three items, and how many more there are.
+fn named<T: std::fmt::Display>(all: &[T]) -> String {
+    let list: Vec<String> = all.iter().take(3).map(T::to_string).collect();
+    match all.len() - list.len() {
         0 => list.join(", "),
         more => format!("{} and {more} more", list.join(", ")),
     }
 }
 
-/// Every target's paths given up on that arrived at or before `seq`, the
-/// target named in the error when there are several.
+/// Every target's paths given up on up to `seq`, the target named in the error when several.
 fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
     let mut all = Vec::new();
     for t in &ctx.targets {
@@ -477,15 +465,12 @@ fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
     all
 }
 
-/// The `wait` reply: `remaining N failing M` lines while paths queued
-/// before the request are still queued (with `error PATH TEXT`, the last
-/// error of the first failing one, when M > 0), then `ok ...` or `err ...`
-/// when every target has each path or is given up on for it. Paths given
-/// up on or dropped while it waits make it `err` (named); those given up on
-/// before it are only mentioned.
+/// The `wait` reply: `remaining N failing M` lines while paths queued before the request are
+/// still queued (with `error PATH TEXT`, the last error of the first failing one, when M > 0),
+/// then `ok ...` or `err ...` when every target has each path or gave up on it. Paths given up
+/// on or dropped while it waits make it `err` (named); those given up on before, only mentioned.
 fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
-    let upto = ctx.journal.last_seq();
-    let drops = ctx.journal.watch_drops(upto);
+    let (upto, drops) = ctx.journal.watch_drops();
     // The batch being gathered need not wait for its quiet period.
     let _ = ctx.tx.send(Msg::Flush);
     // Not this wait's failure (another job's, maybe); `status` lists them.
@@ -503,16 +488,16 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                 let listed: Vec<String> = (new.iter())
                     .map(|(p, g)| format!("{p} ({})", shorten(&g.error, 300)))
                     .collect();
-                let (listed, next) = (named(&listed, n), "see status, then requeue or drop them");
+                let (listed, next) = (named(&listed), "see status, then requeue or drop them");
                 problems.push(format!(
                     "{n} path(s) failed and were given up on: {listed}; {next}"
                 ));
             }
-            let (dropped, some) = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if dropped > 0 {
-                let listed = named(&some, dropped);
+            let dropped = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let n @ 1.. = dropped.len() {
+                let listed = named(&dropped);
                 problems.push(format!(
-                    "{dropped} path(s) were dropped ({listed}); see the daemon's log"
+                    "{n} path(s) were dropped ({listed}); see the daemon's log"
                 ));
             }
             return match (problems.is_empty(), old.len()) {

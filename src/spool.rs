@@ -1,7 +1,6 @@
-//! The spool: where the hook leaves its request (`<time>-<pid>.req`) when
-//! the daemon is away. The daemon queues the spooled requests at start and
-//! when idle, and deletes a file once its paths are journaled; a file with
-//! a bad or long-unfinished line is set aside as `.bad`, the rest queued.
+//! The spool: where the hook leaves its request (`<time>-<pid>.req`) when the daemon is away.
+//! The daemon queues the spooled requests at start and when idle, and deletes a file once its
+//! paths are journaled, or set aside as `.bad` (a bad or long-unfinished line; the rest queued).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -93,8 +92,9 @@ impl Spool {
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let (name, path) = (entry.file_name(), entry.path());
             // A temporary file of a hook killed between writing and renaming.
-            let tmp = name.to_string_lossy();
-            let tmp = tmp.starts_with('.') && tmp.ends_with(".tmp");
+            let tmp = name
+                .to_str()
+                .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"));
             if tmp && fs::symlink_metadata(&path).is_ok_and(|m| abandoned(&m)) {
                 let _ = fs::remove_file(&path);
             } else if is_request(&name) {
@@ -103,11 +103,9 @@ impl Spool {
         }
         names.sort();
         self.done.retain(|p, _| names.binary_search(p).is_ok());
-        let mut queued = Vec::new();
         // In order, until the journal cannot be written.
-        names
-            .iter()
-            .all(|file| self.ingest_file(journal, file, &mut queued));
+        let ingested = names.iter().map_while(|f| self.ingest_file(journal, f));
+        let queued = ingested.flatten().collect();
         let notes = std::mem::take(&mut self.notes);
         for note in notes.iter().take(NAMED) {
             crate::warning!("{note}");
@@ -118,31 +116,31 @@ impl Spool {
         queued
     }
 
-    /// Ingests one file; false when the journal cannot be written now.
-    fn ingest_file(&mut self, journal: &Journal, file: &Path, queued: &mut Vec<StorePath>) -> bool {
+    /// Ingests one file; returns the paths newly queued, `None` when the
+    /// journal cannot be written now.
+    fn ingest_file(&mut self, journal: &Journal, file: &Path) -> Option<Vec<StorePath>> {
         let meta = match fs::symlink_metadata(file) {
             Ok(m) if self.done.get(file) != Some(&file_id(&m)) => m,
-            _ => return true,
+            _ => return Some(Vec::new()),
         };
         let data = match regular(&meta).then(|| fs::read(file)).transpose() {
             Ok(data) => data.unwrap_or_default(),
             Err(e) => {
                 (self.notes).push(format!("cannot read spool file {}: {e}", file.display()));
-                return true;
+                return Some(Vec::new());
             }
         };
         // Without a line end at the end, the writer is not done (or died).
         let unfinished = regular(&meta) && data.last() != Some(&b'\n');
         if unfinished && !abandoned(&meta) {
-            return true;
+            return Some(Vec::new());
         }
         let end = data.iter().rposition(|&b| b == b'\n').unwrap_or(0);
         let (paths, mut problems) = self.parse(&data[..end]);
-        if let Err(e) = journal.append(&paths).map(|added| queued.extend(added)) {
-            let f = file.display();
-            crate::warning!("cannot journal spool file {f}: {e}; will try again");
-            return false;
-        }
+        let f = file.display();
+        let added = (journal.append(&paths))
+            .inspect_err(|e| crate::warning!("cannot journal spool file {f}: {e}; will try again"))
+            .ok()?;
         if !regular(&meta) {
             problems.push(format!("is not a regular file of at most {MAX_FILE} bytes"));
         } else if unfinished {
@@ -155,27 +153,23 @@ impl Spool {
             let why = format!("its paths are queued, but it cannot be removed: {e}");
             self.set_aside(file, &meta, why, false);
         }
-        true
+        Some(added)
     }
 
     /// The paths of a spool file's lines, and what is wrong with the others.
     fn parse(&self, complete: &[u8]) -> (Vec<StorePath>, Vec<String>) {
-        let (mut paths, mut bad, mut more) = (Vec::new(), Vec::new(), 0);
-        for (n, line) in complete.split(|&b| b == b'\n').enumerate() {
-            let found = match parse_request(line, &self.store_dir) {
-                _ if line.is_empty() => continue,
-                Ok(Request::Enqueue(p)) => Ok(p),
-                Ok(Request::Drv(d)) => Ok(vec![d]),
-                Ok(other) => Err(format!("{other:?} is not a queue request")),
-                Err(e) => Err(e.to_string()),
-            };
-            match found {
-                Ok(p) => paths.extend(p),
-                Err(problem) if bad.len() < NAMED => bad.push(format!("line {} {problem}", n + 1)),
-                Err(_) => more += 1,
+        let (mut paths, mut bad) = (Vec::new(), Vec::new());
+        for (n, line) in (1..).zip(complete.split(|&b| b == b'\n')) {
+            match parse_request(line, &self.store_dir) {
+                _ if line.is_empty() => {}
+                Ok(Request::Enqueue(p)) => paths.extend(p),
+                Ok(Request::Drv(d)) => paths.push(d),
+                Ok(other) => bad.push(format!("line {n} {other:?} is not a queue request")),
+                Err(e) => bad.push(format!("line {n} {e}")),
             }
         }
-        if more > 0 {
+        if let more @ 1.. = bad.len().saturating_sub(NAMED) {
+            bad.truncate(NAMED);
             bad.push(format!("{more} more bad lines"));
         }
         (paths, bad)
@@ -299,7 +293,7 @@ mod tests {
             s.ingest(&journal).is_empty(),
             "nothing of it before it is done"
         );
-        assert!(journal.is_empty());
+        assert_eq!(journal.len(), 0);
         assert_eq!(names(&spool), vec!["1-1.req".to_string()]);
         // The writer finishes.
         fs::write(
