@@ -1,6 +1,5 @@
-//! What the daemon knows about its own progress besides the journal, and
-//! one table of fields that renders it as `status` text, `status json` and
-//! Prometheus metrics.
+//! The daemon's progress besides the journal, and one table of fields that
+//! renders it as `status` text, `status json` and Prometheus metrics.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -39,7 +38,6 @@ pub struct Backoff {
 }
 
 /// One target's state since the daemon started.
-#[derive(Debug)]
 pub struct TargetStats {
     /// The journal's name for the target.
     pub id: TargetId,
@@ -60,7 +58,7 @@ pub struct TargetStats {
 }
 
 /// Counters and state since the daemon started.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Stats {
     /// Paths that every target has (or that were only signed).
     pub uploaded: u64,
@@ -111,8 +109,7 @@ pub struct Shared {
     pub started: Instant,
     /// Set when the daemon is stopping: no new connections, no new batches.
     pub stopping: AtomicBool,
-    /// Process groups of the nix calls running now (0: none), the front's
-    /// then one per target, killed when a stop outlasts its grace period.
+    /// Process groups of the running nix calls (0: none), front then targets.
     running: Vec<Arc<AtomicU32>>,
 }
 
@@ -196,14 +193,11 @@ last_error text - -";
 /// The values of a table's fields, in its order (`None`: unknown).
 type Row = Vec<Option<String>>;
 
-/// A listed path: attempts, seconds (to the next try, or since it was
-/// given up on) and the last error.
+/// A listed path, attempts, seconds (to the next try, or since given up), error.
 type Item = (StorePath, u32, f64, String);
 
-/// One consistent look at the daemon, for `status` and the metrics file:
-/// the values of [`FIELDS`], of [`TARGET_FIELDS`] for each target shown, the
-/// paths in flight, backing off (soonest first, one per path and target)
-/// and given up on (oldest first).
+/// One look at the daemon: [`FIELDS`], [`TARGET_FIELDS`] per target shown, paths in
+/// flight, backing off (soonest first, per path and target), given up on.
 pub struct Snapshot {
     fields: Row,
     targets: Vec<Row>,
@@ -231,6 +225,8 @@ impl Snapshot {
         let (at, now) = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH));
         let now = now.map_or(0, |d| d.as_secs());
         let s = |v: &dyn ToString| Some(v.to_string());
+        let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
+        let oldest = journal.oldest().map(|e| now.saturating_sub(e.queued_at));
         let stats = shared.lock();
         let (mut failed, mut backoff, mut targets) = (Vec::new(), Vec::new(), Vec::new());
         let mut in_flight = stats.in_flight_paths.clone();
@@ -275,8 +271,6 @@ impl Snapshot {
         let recent: u64 = stats.recent_uploads.iter().filter_map(fresh).sum();
         let rate = recent as f64 * 60.0 / window.as_secs_f64().max(1.0);
         let labels: Vec<_> = targets.iter().flat_map(|t: &Row| t[0].as_deref()).collect();
-        let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
-        let oldest = journal.oldest().map(|e| now.saturating_sub(e.queued_at));
         let sum = |f: fn(&TargetStats) -> u64| stats.targets.iter().map(f).sum::<u64>();
         Snapshot {
             fields: vec![
@@ -452,8 +446,7 @@ fn metrics(table: &'static str, rows: &[(String, &Row)]) -> String {
     text
 }
 
-/// A duration for people: `0.4s`, `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
-/// Fractions are shown only under 10 seconds.
+/// A duration for people: `0.4s` (fractions under 10s), `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
 fn human_duration(seconds: f64) -> String {
     if (0.0..10.0).contains(&seconds) && seconds.fract() != 0.0 {
         return format!("{seconds:.1}s");
@@ -478,9 +471,8 @@ fn json_string(text: &str) -> String {
     format!("\"{text}\"")
 }
 
-/// Writes `text` to `path` atomically, through a `.tmp` file (unique per
-/// call: two threads may write at once) that node-exporter ignores. Mode
-/// 0644 whatever the umask: counters only, read by another user.
+/// Writes `text` to `path` through a `.tmp` file (unique: two threads may write
+/// at once; node-exporter ignores it); mode 0644 whatever the umask.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
