@@ -1,6 +1,5 @@
-//! What the daemon knows about its own progress besides the journal, and
-//! one table of fields that renders it as `status` text, `status json` and
-//! Prometheus metrics.
+//! The daemon's progress besides the journal, and one table of fields that
+//! renders it as `status` text, `status json` and Prometheus metrics.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -23,11 +22,10 @@ const LISTED: usize = 100;
 /// Paths of the calls in progress the text names.
 const TEXT_IN_FLIGHT: usize = 5;
 
-/// A path its target's lane still needs: handed over and not tried yet (no
-/// attempts), or backing off after a failure.
+/// A path its target's lane still needs: not tried yet, or backing off.
 #[derive(Debug, Clone, Default)]
 pub struct Backoff {
-    /// Failed attempts so far (since the daemon started).
+    /// Failed attempts since the daemon started.
     pub attempts: u32,
     /// Those failures the policy blamed on the path.
     pub failures: Failures,
@@ -40,7 +38,6 @@ pub struct Backoff {
 }
 
 /// One target's state since the daemon started.
-#[derive(Debug)]
 pub struct TargetStats {
     /// The journal's name for the target.
     pub id: TargetId,
@@ -61,11 +58,11 @@ pub struct TargetStats {
 }
 
 /// Counters and state since the daemon started.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Stats {
     /// Paths that every target has (or that were only signed).
     pub uploaded: u64,
-    /// Paths dropped (gone from the store, or by an operator).
+    /// Paths gone from the store, or dropped by an operator.
     pub dropped: u64,
     /// Failed nix calls outside the targets' (signing a batch).
     pub failed_calls: u64,
@@ -112,8 +109,7 @@ pub struct Shared {
     pub started: Instant,
     /// Set when the daemon is stopping: no new connections, no new batches.
     pub stopping: AtomicBool,
-    /// Process groups of the nix calls running now (0: none), the front's
-    /// then one per target, killed when a stop outlasts its grace period.
+    /// Process groups of the running nix calls (0: none), front then targets.
     running: Vec<Arc<AtomicU32>>,
 }
 
@@ -130,11 +126,10 @@ impl Shared {
             failed_calls: 0,
             last_error: None,
         };
-        let targets: Vec<TargetStats> = targets.iter().map(target).collect();
         Shared {
             running: (0..=targets.len()).map(|_| Arc::default()).collect(),
             stats: Mutex::new(Stats {
-                targets,
+                targets: targets.iter().map(target).collect(),
                 ..Stats::default()
             }),
             started: Instant::now(),
@@ -198,123 +193,106 @@ last_error text - -";
 /// The values of a table's fields, in its order (`None`: unknown).
 type Row = Vec<Option<String>>;
 
-/// A listed path: attempts, seconds (to the next try, or since it was
-/// given up on) and the last error.
+/// A listed path, attempts, seconds (to the next try, or since given up), error.
 type Item = (StorePath, u32, f64, String);
 
-/// One consistent look at the daemon, for `status` and the metrics file.
-#[derive(Debug, Clone)]
+/// One look at the daemon: [`FIELDS`], [`TARGET_FIELDS`] per target shown, paths in
+/// flight, backing off (soonest first, per path and target), given up on.
 pub struct Snapshot {
-    /// The values of [`FIELDS`].
     fields: Row,
-    /// The values of [`TARGET_FIELDS`] for each target shown.
     targets: Vec<Row>,
-    /// The paths of the calls in progress (and of the batch being prepared).
     in_flight: Vec<StorePath>,
-    /// Backing-off paths, soonest first, one per path and target.
     backoff: Vec<Item>,
-    /// Paths given up on for a target now, oldest first.
     failed: Vec<Item>,
 }
 
-/// The fields of `table` with their values: `[KEY, KIND, METRIC, HELP]`.
-fn fields<'a>(
-    table: &'static str,
-    row: &'a [Option<String>],
-) -> Vec<([&'static str; 4], Option<&'a str>)> {
-    let split = |line| {
-        let mut words = str::splitn(line, 4, ' ');
+/// A field of a table, `[KEY, KIND, METRIC, HELP]`, with its value.
+type Field<'a> = ([&'static str; 4], Option<&'a str>);
+
+/// The fields of `table` with the values of `row`.
+fn fields<'a>(table: &'static str, row: &'a [Option<String>]) -> impl Iterator<Item = Field<'a>> {
+    let split = |line: &'static str| {
+        let mut words = line.splitn(4, ' ');
         [(); 4].map(|()| words.next().unwrap_or(""))
     };
     let values = row.iter().map(Option::as_deref);
-    table.lines().map(split).zip(values).collect()
+    table.lines().map(split).zip(values)
 }
 
 impl Snapshot {
     /// Takes a snapshot of the journal and the statistics, secrets masked.
     pub fn take(journal: &Journal, shared: &Shared, spool_dir: &Path, signing: bool) -> Snapshot {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH);
+        let (at, now) = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH));
         let now = now.map_or(0, |d| d.as_secs());
-        let oldest = journal.oldest();
-        let oldest = oldest.map(|e| now.saturating_sub(e.queued_at).to_string());
+        let s = |v: &dyn ToString| Some(v.to_string());
         let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
+        let oldest = journal.oldest().map(|e| now.saturating_sub(e.queued_at));
         let stats = shared.lock();
-        // Errors quote nix, which may repeat a target with its password.
-        let tagged = |label: &str, error: &str| match stats.targets.len() {
-            1 => redact::text(error),
-            _ => redact::text(&format!("{label}: {error}")),
-        };
-        let n = |n: u64| Some(n.to_string());
-        let sum = |f: fn(&TargetStats) -> u64| stats.targets.iter().map(f).sum::<u64>();
         let (mut failed, mut backoff, mut targets) = (Vec::new(), Vec::new(), Vec::new());
         let mut in_flight = stats.in_flight_paths.clone();
         for t in &stats.targets {
-            let gave_up = journal.given_up_up_to(u64::MAX, t.id);
-            let gave_up_now = gave_up.len() as u64;
-            for (p, g) in gave_up {
+            // Errors quote nix, which may repeat a target with its password.
+            let tagged = |error: &str| match stats.targets.len() {
+                1 => redact::text(error),
+                _ => redact::text(&format!("{}: {error}", t.label)),
+            };
+            let (backing_off, failing) = (backoff.len(), failed.len());
+            for (p, g) in journal.given_up_up_to(u64::MAX, t.id) {
                 let ago = now.saturating_sub(g.at) as f64;
-                failed.push((p, g.attempts, ago, tagged(&t.label, &g.error)));
+                failed.push((p, g.attempts, ago, tagged(&g.error)));
             }
-            let before = backoff.len();
             for (p, b) in t.backoff.iter().filter(|(_, b)| b.attempts > 0) {
-                let next = b
-                    .next_try
-                    .map(|t| t.saturating_duration_since(Instant::now()));
+                let next = b.next_try.map(|t| t.saturating_duration_since(at));
                 let next = (next.map_or(0.0, |d| d.as_secs_f64()) * 10.0).round() / 10.0;
-                backoff.push((p.clone(), b.attempts, next, tagged(&t.label, &b.last_error)));
+                backoff.push((p.clone(), b.attempts, next, tagged(&b.last_error)));
             }
             in_flight.extend(t.in_flight.iter().cloned());
-            let state = t.last_error.as_ref().map_or("ok", |_| "failing");
-            targets.extend((t.label != "-").then(|| {
-                vec![
-                    Some(t.label.clone()),
-                    Some(t.id.to_string()),
-                    Some(state.to_string()),
-                    n(journal.count_waiting_up_to(u64::MAX, &[t.id]) as u64),
-                    n(t.delivered),
-                    n((backoff.len() - before) as u64),
-                    n(gave_up_now),
-                    n(t.given_up),
-                    n(t.failed_calls),
-                    n(u64::from(t.last_error.is_none())),
-                    t.last_error.as_deref().map(redact::text),
-                ]
-            }));
+            let row = vec![
+                s(&t.label),
+                s(&t.id),
+                s(&t.last_error.as_ref().map_or("ok", |_| "failing")),
+                s(&journal.count_waiting_up_to(u64::MAX, &[t.id])),
+                s(&t.delivered),
+                s(&(backoff.len() - backing_off)),
+                s(&(failed.len() - failing)),
+                s(&t.given_up),
+                s(&t.failed_calls),
+                s(&u8::from(t.last_error.is_none())),
+                t.last_error.as_deref().map(redact::text),
+            ];
+            targets.extend((t.label != "-").then_some(row));
         }
         let mut seen = HashSet::new();
         in_flight.retain(|p| seen.insert(p.clone()));
         backoff.sort_by(|a, b| a.2.total_cmp(&b.2));
         // Paths per minute over the last RATE_WINDOW, or since start if shorter.
         let window = RATE_WINDOW.min(shared.started.elapsed());
-        let recent = stats
-            .recent_uploads
-            .iter()
-            .filter(|(t, _)| t.elapsed() <= window);
-        let rate =
-            recent.map(|(_, n)| n).sum::<u64>() as f64 * 60.0 / window.as_secs_f64().max(1.0);
-        let labels: Vec<&str> = targets.iter().filter_map(|t| t[0].as_deref()).collect();
-        let fields = vec![
-            Some(crate::VERSION.to_string()),
-            n(shared.started.elapsed().as_secs()),
-            n(journal.len() as u64),
-            n(in_flight.len() as u64),
-            n(stats.uploaded),
-            n(stats.dropped),
-            n(stats.failed_calls + sum(|t| t.failed_calls)),
-            n(stats.backing_off() as u64),
-            n(failed.len() as u64),
-            oldest,
-            Some(format!("{:.3}", stats.upload_seconds)),
-            n(stats.upload_batches),
-            Some(format!("{rate:.1}")),
-            n(spool_files as u64),
-            n(spool_paths as u64),
-            Some(signing.to_string()),
-            Some(labels.join(", ")).filter(|l| !l.is_empty()),
-            n(sum(|t| t.given_up)),
-        ];
+        let fresh = |(t, n): &(Instant, u64)| (t.elapsed() <= window).then_some(*n);
+        let recent: u64 = stats.recent_uploads.iter().filter_map(fresh).sum();
+        let rate = recent as f64 * 60.0 / window.as_secs_f64().max(1.0);
+        let labels: Vec<_> = targets.iter().flat_map(|t: &Row| t[0].as_deref()).collect();
+        let sum = |f: fn(&TargetStats) -> u64| stats.targets.iter().map(f).sum::<u64>();
         Snapshot {
-            fields,
+            fields: vec![
+                s(&crate::VERSION),
+                s(&shared.started.elapsed().as_secs()),
+                s(&journal.len()),
+                s(&in_flight.len()),
+                s(&stats.uploaded),
+                s(&stats.dropped),
+                s(&(stats.failed_calls + sum(|t| t.failed_calls))),
+                s(&stats.backing_off()),
+                s(&failed.len()),
+                oldest.map(|o| o.to_string()),
+                s(&format!("{:.3}", stats.upload_seconds)),
+                s(&stats.upload_batches),
+                s(&format!("{rate:.1}")),
+                s(&spool_files),
+                s(&spool_paths),
+                s(&signing),
+                Some(labels.join(", ")).filter(|l| !l.is_empty()),
+                s(&sum(|t| t.given_up)),
+            ],
             targets,
             in_flight,
             backoff,
@@ -329,20 +307,20 @@ impl Snapshot {
             if key != "-" {
                 s += &format!("{:<13} {}\n", format!("{}:", label(key)), human(kind, v));
             }
+            let total = number(v) as usize;
+            let uploading = |p: &StorePath| format!("uploading {p}");
             s += &match key {
-                "in_flight" => {
-                    let paths = self.in_flight.iter().map(|p| format!("uploading {p}"));
-                    listed(paths, self.in_flight.len(), TEXT_IN_FLIGHT)
-                }
-                "backing_off" => {
-                    listed(self.backoff.iter().map(backoff), number(v) as usize, LISTED)
-                }
-                "failed" => listed(self.failed.iter().map(given_up), self.failed.len(), LISTED),
-                "target" => listed(
-                    self.targets.iter().map(|t| target(t)),
-                    self.targets.len(),
-                    LISTED,
-                ),
+                "in_flight" => listed(&self.in_flight, TEXT_IN_FLIGHT, total, uploading),
+                "backing_off" => listed(&self.backoff, LISTED, total, |(p, a, next, e)| {
+                    let when = format!("next try in {}", human_duration(*next));
+                    let when = if *next > 0.0 { &when } else { "retrying now" };
+                    format!("{p}: attempt {a} failed, {when}: {e}")
+                }),
+                "failed" => listed(&self.failed, LISTED, total, |(p, a, ago, e)| {
+                    let ago = human_duration(*ago);
+                    format!("{p}: FAILED, given up on {ago} ago after {a} attempts: {e}")
+                }),
+                "target" => listed(&self.targets, LISTED, total, |t| target(t)),
                 _ => String::new(),
             };
         }
@@ -351,58 +329,38 @@ impl Snapshot {
 
     /// `status json`: one JSON object on one line.
     pub fn json(&self) -> String {
-        let items = |items: &[Item], seconds: &str| {
-            let items = items.iter().take(LISTED).map(|(p, attempts, s, e)| {
-                let (p, e) = (json_string(p.as_str()), json_string(&one_line(e)));
-                format!(
-                    "{{\"path\":{p},\"attempts\":{attempts},\"{seconds}\":{s},\"last_error\":{e}}}"
-                )
-            });
-            items.collect::<Vec<_>>().join(",")
+        let item = |key: &'static str| {
+            move |(p, a, s, e): &Item| {
+                let (p, e) = (json_string(p.as_str()), json_string(e));
+                format!(r#"{{"path":{p},"attempts":{a},"{key}":{s},"last_error":{e}}}"#)
+            }
         };
-        let in_flight = self
-            .in_flight
-            .iter()
-            .take(LISTED)
-            .map(|p| json_string(p.as_str()));
-        let targets = self.targets.iter().map(|t| object(TARGET_FIELDS, t, ""));
         let lists = format!(
-            ",\"backoff\":[{}],\"failed_paths\":[{}],\"in_flight_paths\":[{}],\"targets\":[{}]",
-            items(&self.backoff, "next_try_seconds"),
-            items(&self.failed, "given_up_seconds_ago"),
-            in_flight.collect::<Vec<_>>().join(","),
-            targets.collect::<Vec<_>>().join(",")
+            r#","backoff":[{}],"failed_paths":[{}],"in_flight_paths":[{}],"targets":[{}]"#,
+            capped(&self.backoff, item("next_try_seconds")),
+            capped(&self.failed, item("given_up_seconds_ago")),
+            capped(&self.in_flight, |p| json_string(p.as_str())),
+            capped(&self.targets, |t| object(TARGET_FIELDS, t, "")),
         );
         object(FIELDS, &self.fields, &lists) + "\n"
     }
 
     /// The Prometheus text exposition of the snapshot.
     pub fn prometheus(&self) -> String {
-        let mut text = String::new();
-        for ([_, kind, name, help], v) in fields(FIELDS, &self.fields) {
-            if name != "-" {
-                text += &(declare(name, kind, help) + &format!("{M}{name} {}\n", number(v)));
-            }
-        }
-        let by_target = self.targets.iter().map(|t| fields(TARGET_FIELDS, t));
-        let by_target: Vec<_> = by_target.collect();
-        for (i, &([_, kind, name, help], _)) in by_target.first().into_iter().flatten().enumerate()
-        {
-            if name == "-" {
-                continue;
-            }
-            text += &declare(name, kind, help);
-            for t in &by_target {
-                let label = label_value(t[0].1.unwrap_or(""));
-                text += &format!("{M}{name}{{target=\"{label}\"}} {}\n", number(t[i].1));
-            }
-        }
+        let targets = self.targets.iter().map(|t| {
+            let label = t[0].as_deref().unwrap_or("").replace('\\', "\\\\");
+            let label = label.replace('"', "\\\"").replace('\n', "\\n");
+            (format!("{{target=\"{label}\"}}"), t)
+        });
+        let targets: Vec<_> = targets.collect();
+        let text =
+            metrics(FIELDS, &[(String::new(), &self.fields)]) + &metrics(TARGET_FIELDS, &targets);
         let [sum, count] = [10, 11].map(|i| number(self.fields[i].as_deref()));
-        let help = "Time spent in successful upload calls.";
-        text + &declare("upload_duration_seconds", "summary", help)
-            + &format!(
-                "{M}upload_duration_seconds_sum {sum}\n{M}upload_duration_seconds_count {count}\n"
-            )
+        let d = format!("{M}upload_duration_seconds");
+        text + &format!(
+            "# HELP {d} Time spent in successful upload calls.\n# TYPE {d} summary\n\
+             {d}_sum {sum}\n{d}_count {count}\n"
+        )
     }
 }
 
@@ -414,15 +372,13 @@ fn label(key: &str) -> String {
 
 /// A value as `status` shows it to people, by its kind.
 fn human(kind: &str, value: Option<&str>) -> String {
-    let Some(v) = value else {
-        return "none".to_string();
-    };
-    match kind {
-        "counter" => format!("{v} since start"),
-        "seconds" => human_duration(number(value)),
-        "rate" => format!("{v} paths/min lately"),
-        "flag" => (if v == "true" { "on" } else { "off" }).to_string(),
-        _ => one_line(v),
+    match (kind, value) {
+        (_, None) => "none".to_string(),
+        ("counter", Some(v)) => format!("{v} since start"),
+        ("seconds", _) => human_duration(number(value)),
+        ("rate", Some(v)) => format!("{v} paths/min lately"),
+        ("flag", Some(v)) => (if v == "true" { "on" } else { "off" }).to_string(),
+        (_, Some(v)) => one_line(v),
     }
 }
 
@@ -434,125 +390,102 @@ fn number(value: Option<&str>) -> f64 {
 /// The fields of a table that `status json` shows, as one JSON object
 /// ending with `more`.
 fn object(table: &'static str, row: &[Option<String>], more: &str) -> String {
-    let shown = fields(table, row).into_iter().filter(|(f, _)| f[0] != "-");
+    let shown = fields(table, row).filter(|(f, _)| f[0] != "-");
     let pairs = shown.map(|([key, kind, ..], v)| match (kind, v) {
         (_, None) => format!("\"{key}\":null"),
-        ("text", Some(v)) => format!("\"{key}\":{}", json_string(&one_line(v))),
+        ("text", Some(v)) => format!("\"{key}\":{}", json_string(v)),
         (_, Some(v)) => format!("\"{key}\":{v}"),
     });
     format!("{{{}{more}}}", pairs.collect::<Vec<_>>().join(","))
 }
 
+/// At most [`LISTED`] of `items` for `status json`, comma-separated.
+fn capped<T>(items: &[T], item: impl Fn(&T) -> String) -> String {
+    let items: Vec<_> = items.iter().take(LISTED).map(item).collect();
+    items.join(",")
+}
+
 /// A target's line in `status`: its label, then its fields.
 fn target(row: &[Option<String>]) -> String {
-    let all = fields(TARGET_FIELDS, row).into_iter().skip(1);
-    let shown = all.filter(|(f, _)| f[0] != "-");
-    let shown = shown.filter_map(|([key, kind, ..], v)| Some((key, kind, v?)));
-    let shown = shown.map(|(key, kind, v)| format!("{} {}", label(key), human(kind, Some(v))));
+    let shown = fields(TARGET_FIELDS, row).skip(1);
+    let shown = shown.filter_map(|([key, kind, ..], v)| match key {
+        "-" => None,
+        _ => Some(format!("{} {}", label(key), human(kind, Some(v?)))),
+    });
     let label = row[0].as_deref().unwrap_or("");
     format!("{label}: {}", shown.collect::<Vec<_>>().join(", "))
 }
 
-/// A backing-off path's line in `status`.
-fn backoff((path, attempts, next, error): &Item) -> String {
-    let when = match *next > 0.0 {
-        true => format!("next try in {}", human_duration(*next)),
-        false => "retrying now".to_string(),
-    };
-    format!("{path}: attempt {attempts} failed, {when}: {error}")
-}
-
-/// A given-up-on path's line in `status`.
-fn given_up((path, attempts, ago, error): &Item) -> String {
-    let ago = human_duration(*ago);
-    format!("{path}: FAILED, given up on {ago} ago after {attempts} attempts: {error}")
-}
-
-/// Indented lines, at most `cap` of them, then how many of `total` it left out.
-fn listed(lines: impl Iterator<Item = String>, total: usize, cap: usize) -> String {
-    let lines: Vec<String> = lines.take(cap).collect();
-    let mut s: String = lines
-        .iter()
-        .map(|l| format!("  {}\n", one_line(l)))
-        .collect();
-    if total > lines.len() {
-        s += &format!("  ... and {} more\n", total - lines.len());
-    }
-    s
+/// `items` as indented lines, at most `cap` of them, then how many of
+/// `total` (at least all of `items`) it left out.
+fn listed<T>(items: &[T], cap: usize, total: usize, line: impl Fn(&T) -> String) -> String {
+    let shown = &items[..items.len().min(cap)];
+    let lines = shown.iter().map(|i| format!("  {}\n", one_line(&line(i))));
+    let left = total.max(items.len()) - shown.len();
+    let more = (left > 0).then(|| format!("  ... and {left} more\n"));
+    lines.chain(more).collect()
 }
 
 /// The prefix of every metric's name.
 const M: &str = "nix_post_build_hook_queue_";
 
-/// A metric's `# HELP` and `# TYPE` lines; every KIND but `counter` and
-/// `summary` is a gauge.
-fn declare(name: &str, kind: &str, help: &str) -> String {
-    let kind = if matches!(kind, "counter" | "summary") {
-        kind
-    } else {
-        "gauge"
-    };
-    format!("# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n")
-}
-
-/// A duration for people: `0.4s`, `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
-/// Fractions are shown only under 10 seconds.
-fn human_duration(seconds: f64) -> String {
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return "0s".to_string();
-    }
-    if seconds < 10.0 && seconds.fract() != 0.0 {
-        return format!("{seconds:.1}s");
-    }
-    let s = seconds.round() as u64;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m {}s", s / 60, s % 60),
-        3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
-    }
-}
-
-/// A JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => out += &format!("\\u{:04x}", c as u32),
-            c => out.push(c),
+/// The metrics of a table (every KIND but `counter` is a gauge), each
+/// declared once, then sampled for every row with the row's labels.
+fn metrics(table: &'static str, rows: &[(String, &Row)]) -> String {
+    let mut text = String::new();
+    let first = rows.first().map(|(_, r)| &r[..]).unwrap_or_default();
+    for (i, ([_, kind, name, help], _)) in fields(table, first).enumerate() {
+        if name != "-" {
+            let kind = if kind == "counter" { kind } else { "gauge" };
+            text += &format!("# HELP {M}{name} {help}\n# TYPE {M}{name} {kind}\n");
+            for (labels, row) in rows {
+                text += &format!("{M}{name}{labels} {}\n", number(row[i].as_deref()));
+            }
         }
     }
-    out + "\""
+    text
 }
 
-/// `text` as a Prometheus label value (between the quotes).
-fn label_value(text: &str) -> String {
-    let text = text.replace('\\', "\\\\").replace('"', "\\\"");
-    text.replace('\n', "\\n")
+/// A duration for people: `0.4s` (fractions under 10s), `42s`, `5m 3s`, `1h 3m`, `2d 5h`.
+fn human_duration(seconds: f64) -> String {
+    if (0.0..10.0).contains(&seconds) && seconds.fract() != 0.0 {
+        return format!("{seconds:.1}s");
+    }
+    match seconds.round() as u64 {
+        _ if !seconds.is_finite() => "0s".to_string(),
+        s @ 0..=59 => format!("{s}s"),
+        s @ 60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        s @ 3600..=86_399 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
 }
 
-/// Writes `text` to `path` atomically, through a `.tmp` file (unique per
-/// call: two threads may write at once) that node-exporter ignores. Mode
-/// 0644 whatever the umask: counters only, read by another user.
+/// `text` on one line as a JSON string literal.
+fn json_string(text: &str) -> String {
+    let escape = |c: char| match c {
+        '"' | '\\' => format!("\\{c}"),
+        c if c.is_control() => format!("\\u{:04x}", c as u32),
+        c => c.to_string(),
+    };
+    let text: String = one_line(text).chars().map(escape).collect();
+    format!("\"{text}\"")
+}
+
+/// Writes `text` to `path` through a `.tmp` file (unique: two threads may write
+/// at once; node-exporter ignores it); mode 0644 whatever the umask.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.{n}.tmp", std::process::id()));
-    let mut file = std::fs::OpenOptions::new();
-    let file = file.write(true).create_new(true).mode(0o644).open(&tmp);
-    let result = file
-        .and_then(|mut f| {
-            std::io::Write::write_all(&mut f, text.as_bytes())?;
-            f.set_permissions(std::fs::Permissions::from_mode(0o644))
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let write = || {
+        let mut file = std::fs::OpenOptions::new();
+        let mut file = file.write(true).create_new(true).mode(0o644).open(&tmp)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        std::fs::rename(&tmp, path)
+    };
+    write().inspect_err(|_| drop(std::fs::remove_file(&tmp)))
 }
 
 #[cfg(test)]
