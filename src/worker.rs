@@ -13,24 +13,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::journal::{GivenUp, Journal, TargetId};
-use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
+use crate::nix::{self, Failure, Nix, MAX_ARG_BYTES};
 use crate::policy::{self, Answer, Blame, Next, Policy, Streak};
 use crate::spool::Spool;
 use crate::status::{Backoff, Shared};
 use crate::store_path::StorePath;
 use crate::target::{Kind, Target};
-use crate::{drv, error, info, sys, warning};
+use crate::{drv, error, info, warning};
 
 /// A batch starts once no new path arrived for this long...
 const BATCH_QUIET: Duration = Duration::from_millis(200);
 /// ...or once it has waited this long for more paths.
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(2);
-/// Nice steps the worker, and so every nix call, runs below the daemon.
-pub const UPLOAD_NICE: i32 = 10;
 /// How often an idle thread looks up (the spool, the stop flag).
 const IDLE_TICK: Duration = Duration::from_secs(1);
-/// Longest `nix store ping` may take when a path failed alone.
-const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Messages to the worker.
 #[derive(Debug)]
@@ -65,15 +61,21 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn settled(&self, path: &StorePath, id: TargetId) -> bool {
-        self.journal.is_delivered(path, id) || self.journal.is_given_up(path, id)
+    /// Whether some target of `ids` still needs `path`.
+    fn needed(&self, path: &StorePath, ids: &[TargetId]) -> bool {
+        let settled =
+            |&id| self.journal.is_delivered(path, id) || self.journal.is_given_up(path, id);
+        self.journal.entry(path).is_some() && !ids.iter().all(settled)
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.stopping.load(Ordering::SeqCst)
     }
 }
 
-/// Builds come first: the uploads take the CPU the builds leave, and every
-/// nix call a thread starts inherits its nice.
+/// Builds come first: every nix call a thread starts inherits its nice.
 fn lower_priority() {
-    if let Err(e) = sys::lower_thread_priority(UPLOAD_NICE) {
+    if let Err(e) = nix::lower_priority() {
         warning!("cannot lower the worker's CPU priority: {e}");
     }
 }
@@ -90,25 +92,33 @@ fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool)
     (!msgs.any(&mut stop)).then_some(true)
 }
 
-/// Adds `path` to `batch` unless that is full: `limit` paths, or one command
-/// line (`bytes` so far).
-fn fits(batch: &mut Vec<StorePath>, bytes: &mut usize, path: StorePath, limit: usize) -> bool {
-    let full = batch.len() >= limit || *bytes + path.as_str().len() >= MAX_ARG_BYTES;
-    if full && !batch.is_empty() {
-        return false;
+/// Takes from the front of `queue` the next call's paths: each once, those
+/// `needed` keeps, at most `limit` and one command line of them.
+fn take(
+    queue: &mut VecDeque<StorePath>,
+    limit: usize,
+    needed: impl Fn(&StorePath) -> bool,
+) -> Vec<StorePath> {
+    let (mut out, mut bytes, mut seen) = (Vec::new(), 0, HashSet::new());
+    while let Some(p) = queue.pop_front() {
+        if !needed(&p) || !seen.insert(p.clone()) {
+            continue;
+        }
+        let full = out.len() >= limit || bytes + p.as_str().len() >= MAX_ARG_BYTES;
+        if full && !out.is_empty() {
+            queue.push_front(p);
+            break;
+        }
+        bytes += p.as_str().len() + 1;
+        out.push(p);
     }
-    *bytes += path.as_str().len() + 1;
-    batch.push(path);
-    true
+    out
 }
 
 /// The worker's threads, for [`Worker::run`].
-pub struct Worker {
-    rx: Receiver<Msg>,
-    front: Front,
-    lanes: Vec<(Lane, Receiver<ToLane>)>,
-}
+pub struct Worker(Front, Receiver<Msg>);
 
+/// The thread that gathers batches and starts the lanes.
 struct Front {
     ctx: Arc<Ctx>,
     nix: Nix,
@@ -146,52 +156,55 @@ impl Worker {
             uploads,
             work: config.signing_key_file.is_some() || uploads,
         });
-        let nix_for = |url: Option<&str>, i: usize| {
-            Nix::from_config(config, url).with_running(ctx.shared.running(i))
+        let front = Front {
+            nix: Nix::from_config(config, None).with_running(ctx.shared.running(0)),
+            spool: Spool::new(&config.spool_dir(), &config.store_dir),
+            ready: VecDeque::new(),
+            flush: false,
+            txs: Vec::new(),
+            drvs: HashMap::new(),
+            ctx,
         };
-        let (mut lanes, mut txs) = (Vec::new(), Vec::new());
-        for (i, target) in targets.into_iter().enumerate() {
-            let (tx, rx) = mpsc::channel();
-            txs.push(tx);
+        Worker(front, rx)
+    }
+
+    /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the
+    /// lanes and waits for their calls.
+    pub fn run(self) {
+        let Worker(front, rx) = self;
+        front.run(rx);
+    }
+}
+
+impl Front {
+    fn run(mut self, rx: Receiver<Msg>) {
+        if !self.ctx.work {
+            info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
+        }
+        let mut threads = Vec::new();
+        for (i, target) in crate::target::configured(&self.ctx.config)
+            .into_iter()
+            .enumerate()
+        {
             let url = match &target.kind {
                 Kind::Url(url) => Some(url.as_str()),
                 _ => None,
             };
-            let (nix, ctx) = (nix_for(url, i + 1), Arc::clone(&ctx));
-            let (limit, down, streak) = (config.batch_size, None, Streak::default());
+            let nix = Nix::from_config(&self.ctx.config, url);
+            let nix = nix.with_running(self.ctx.shared.running(i + 1));
+            let (ctx, limit) = (Arc::clone(&self.ctx), self.ctx.config.batch_size);
             let lane = Lane {
                 ctx,
                 i,
                 target,
                 nix,
                 limit,
-                down,
-                streak,
+                down: None,
+                streak: Streak::default(),
             };
-            lanes.push((lane, rx));
-        }
-        let front = Front {
-            nix: nix_for(None, 0),
-            ctx,
-            spool: Spool::new(&config.spool_dir(), &config.store_dir),
-            ready: VecDeque::new(),
-            flush: false,
-            txs,
-            drvs: HashMap::new(),
-        };
-        Worker { rx, front, lanes }
-    }
-
-    /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the
-    /// lanes and waits for their calls.
-    pub fn run(self) {
-        let (rx, mut front) = (self.rx, self.front);
-        if !front.ctx.work {
-            info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
-        }
-        let mut threads = Vec::new();
-        for (lane, rx) in self.lanes {
-            let thread = std::thread::Builder::new().name(format!("lane {}", lane.i));
+            let (tx, rx) = mpsc::channel();
+            self.txs.push(tx);
+            let thread = std::thread::Builder::new().name(format!("lane {i}"));
             match thread.spawn(move || lane.run(rx)) {
                 Ok(t) => threads.push(t),
                 Err(e) => return error!("cannot start a thread for a target: {e}"),
@@ -199,43 +212,43 @@ impl Worker {
         }
         // After the lanes started: a thread inherits its creator's nice.
         lower_priority();
-        front.ingest_spool();
+        self.ingest_spool();
         loop {
-            let next_drv = front.drvs.values().filter_map(|d| d.next_try).min();
+            let next_drv = self.drvs.values().filter_map(|d| d.next_try).min();
             let wait = match next_drv {
-                _ if !front.ready.is_empty() => Duration::ZERO,
+                _ if !self.ready.is_empty() => Duration::ZERO,
                 Some(next) => next.saturating_duration_since(Instant::now()),
                 None => IDLE_TICK,
             };
-            let got = receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m));
-            if got.is_none()
-                || !front.gather(&rx)
-                || front.ctx.shared.stopping.load(Ordering::SeqCst)
+            if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
+                || !self.gather(&rx)
+                || self.ctx.stopping()
             {
                 break;
             }
             let now = Some(Instant::now());
-            let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
+            let due = self.drvs.iter().filter(|d| d.1.next_try <= now);
             let due: Vec<StorePath> = due.map(|d| d.0.clone()).collect();
-            front.ready.extend(due);
-            if front.ready.is_empty() {
-                front.flush = false;
-                front.ingest_spool();
+            self.ready.extend(due);
+            if self.ready.is_empty() {
+                self.flush = false;
+                self.ingest_spool();
             } else {
-                let batch = front.take_batch();
-                front.process(batch);
+                let ctx = Arc::clone(&self.ctx);
+                let batch = take(&mut self.ready, ctx.config.batch_size, |p| {
+                    ctx.needed(p, &ctx.ids)
+                });
+                self.process(batch);
             }
         }
-        for tx in &front.txs {
+        for tx in &self.txs {
             let _ = tx.send(ToLane::Shutdown);
         }
         for t in threads {
             let _ = t.join();
         }
     }
-}
 
-impl Front {
     /// Gathers paths into one batch until none came for [`BATCH_QUIET`], it
     /// is full, [`BATCH_MAX_WAIT`] passed or a `wait` asks. False on a stop.
     fn gather(&mut self, rx: &Receiver<Msg>) -> bool {
@@ -270,22 +283,6 @@ impl Front {
             Msg::Shutdown => return true,
         }
         false
-    }
-
-    /// The next batch: queued paths some target still needs, each once.
-    fn take_batch(&mut self) -> Vec<StorePath> {
-        let (ctx, limit) = (Arc::clone(&self.ctx), self.ctx.config.batch_size);
-        let (mut batch, mut bytes, mut taken) = (Vec::new(), 0, HashSet::new());
-        while let Some(p) = self.ready.pop_front() {
-            let settled = ctx.ids.iter().all(|&id| ctx.settled(&p, id));
-            let needed = ctx.journal.entry(&p).is_some() && !settled && !taken.contains(&p);
-            if needed && !fits(&mut batch, &mut bytes, p.clone(), limit) {
-                self.ready.push_front(p);
-                break;
-            }
-            taken.insert(p);
-        }
-        batch
     }
 
     /// Resolves, checks and signs a batch once, then hands it to the lanes.
@@ -406,16 +403,19 @@ fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
 
 /// Journals that `path` is given up on for target `i`; false if that failed.
 fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) -> bool {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH);
+    let at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let (target, error) = (ctx.ids[i], error.to_string());
-    let at = now.map_or(0, |d| d.as_secs());
-    let record = GivenUp {
-        target,
-        at,
-        attempts,
-        error,
-    };
-    match ctx.journal.give_up(path, record) {
+    match ctx.journal.give_up(
+        path,
+        GivenUp {
+            target,
+            at,
+            attempts,
+            error,
+        },
+    ) {
         Ok(given_up) => {
             ctx.shared.lock().targets[i].given_up += u64::from(given_up);
             true
@@ -447,22 +447,27 @@ impl Lane {
         f(&mut self.ctx.shared.lock().targets[self.i].backoff)
     }
 
+    /// When the target is down, until when.
+    fn down_until(&self) -> Option<Instant> {
+        self.down.as_ref().and_then(|d| d.next_try)
+    }
+
     fn run(mut self, rx: Receiver<ToLane>) {
         lower_priority();
         loop {
             let now = Instant::now();
-            let down = self.down.as_ref().and_then(|d| d.next_try);
-            let down = down.filter(|&t| t > now);
             let next = |h: &mut HashMap<_, Backoff>| h.values().filter_map(|b| b.next_try).min();
-            let next = down.or_else(|| self.held(next));
+            let next = self
+                .down_until()
+                .filter(|&t| t > now)
+                .or_else(|| self.held(next));
             let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
             if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
-                || self.ctx.shared.stopping.load(Ordering::SeqCst)
+                || self.ctx.stopping()
             {
                 return;
             }
-            let down = self.down.as_ref().and_then(|d| d.next_try);
-            if down.is_none_or(|t| t <= Instant::now()) {
+            if self.down_until().is_none_or(|t| t <= Instant::now()) {
                 let batch = self.take(Instant::now());
                 if !batch.is_empty() {
                     self.round(batch);
@@ -479,8 +484,7 @@ impl Lane {
                 // While the target is down, new paths join the failed group.
                 let down = self.down.clone().filter(|d| d.next_try > now);
                 let mut group = down.unwrap_or_default();
-                group.next_try = group.next_try.or(now);
-                group.signed = signed;
+                (group.next_try, group.signed) = (group.next_try.or(now), signed);
                 self.held(|held| {
                     for p in paths {
                         held.entry(p).or_insert(group.clone());
@@ -490,9 +494,8 @@ impl Lane {
             ToLane::Retry => {
                 self.down = None;
                 self.held(|held| {
-                    for b in held.values_mut() {
-                        b.next_try = b.next_try.and(now);
-                    }
+                    held.values_mut()
+                        .for_each(|b| b.next_try = b.next_try.and(now))
                 });
             }
             ToLane::Shutdown => return true,
@@ -500,24 +503,19 @@ impl Lane {
         false
     }
 
-    /// The next call's paths: those due, in queue order, within the limit.
+    /// The next call's paths: those due, in queue order, within the limit;
+    /// those no longer needed leave.
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
-        let (ctx, id) = (Arc::clone(&self.ctx), self.target.id);
+        let (ctx, id) = (Arc::clone(&self.ctx), [self.target.id]);
         let limit = self.limit.min(ctx.config.batch_size);
         let (out, retries) = self.held(|held| {
+            held.retain(|p, _| ctx.needed(p, &id));
             let due = held
                 .iter()
                 .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
             let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
             due.sort_by_key(|p| ctx.journal.entry(p).map_or(u64::MAX, |e| e.seq));
-            let (mut out, mut bytes) = (Vec::new(), 0);
-            for p in due {
-                if ctx.journal.entry(&p).is_none() || ctx.settled(&p, id) {
-                    held.remove(&p);
-                } else if !fits(&mut out, &mut bytes, p, limit) {
-                    break;
-                }
-            }
+            let out = take(&mut due.into(), limit, |_| true);
             let mut retries = false;
             for p in &out {
                 if let Some(b) = held.get_mut(p) {
@@ -535,76 +533,71 @@ impl Lane {
     }
 
     /// A call for `batch`; when it fails, the policy's canary, bisection and
-    /// backoff.
+    /// backoff, as a worklist of groups.
     fn round(&mut self, batch: Vec<StorePath>) {
         let (len, max) = (batch.len(), self.ctx.config.batch_size);
         // Signed before each copy when the front could not sign some of them.
         let sign = self.held(|held| batch.iter().any(|p| held.get(p).is_some_and(|b| !b.signed)));
-        let (mut groups, mut answer, mut budget) = (vec![batch], None, 0);
-        let (mut first, mut note) = (true, None);
-        while let Some(mut group) = groups.pop() {
-            if !first && self.ctx.shared.stopping.load(Ordering::SeqCst) {
+        let (mut groups, mut answer, mut budget, mut note) = (vec![batch], None, 0, None);
+        for call in 0.. {
+            let Some(mut group) = groups.pop() else {
+                return;
+            };
+            // After the canary, unless that ended the round.
+            if let Some(note) = note.take() {
+                warning!("{note}");
+            }
+            if call > 0 && self.ctx.stopping() {
                 return; // Still journaled: uploaded after the restart.
             }
             let started = Instant::now();
-            match self.attempt(&group, sign) {
-                Ok(()) => {
-                    if first {
-                        self.limit = policy::next_limit(self.limit, len, false, max);
-                    }
-                    self.took(&group, started);
-                    answer = Some(Answer::TookSome);
+            let Err(f) = self.attempt(&group, sign) else {
+                if call == 0 {
+                    self.limit = policy::next_limit(self.limit, len, false, max);
                 }
-                Err(f) => match policy::after_failure(group.len(), f.timed_out(), first, budget) {
-                    // Before a canary: does the target answer at all? A
-                    // ping costs less than a copy.
-                    Next::Canary if *answer.get_or_insert_with(|| self.ask()) == Answer::Silent => {
-                        group.extend(groups.drain(..).flatten());
-                        self.back_off(group, &f, Blame::Target);
-                    }
-                    Next::Outage => {
-                        if group.len() > 1 && f.timed_out() {
-                            self.limit = policy::next_limit(self.limit, group.len(), true, max);
-                            let (n, to, limit) = (group.len(), self.named(), self.limit);
-                            warning!("a batch of {n} paths timed out{to}; the next batches take at most {limit}");
-                        }
-                        group.extend(groups.drain(..).flatten());
-                        self.back_off(group, &f, Blame::Target);
-                    }
-                    Next::Judge => {
-                        let blame = self.judge(&group[0], &mut answer);
-                        if blame == Blame::Target {
-                            // An outage after all: the rest waits with it.
-                            group.extend(groups.drain(..).flatten());
-                        }
-                        self.back_off(group, &f, blame);
-                    }
-                    Next::Canary => {
-                        let counted = self.held(|held| {
-                            let counted =
-                                |p| held.get(p).map_or(0, |b: &Backoff| b.failures.counted);
-                            group.iter().map(counted).collect::<Vec<_>>()
-                        });
-                        let canary = group.remove(policy::pick_canary(&counted, random_unit()));
-                        budget = policy::bisection_budget(group.len());
-                        note = Some(format!("batch of {len} paths failed while the target{} works, splitting it to find the paths at fault: {f}", self.named()));
-                        groups.extend([group, vec![canary]]);
-                        first = false;
-                        continue;
-                    }
-                    Next::Split => {
-                        budget -= 1;
-                        let right = group.split_off(group.len() / 2);
-                        groups.extend([right, group]);
-                    }
-                    Next::BackOff => self.back_off(group, &f, Blame::Target),
-                },
+                self.took(&group, started);
+                answer = Some(Answer::TookSome);
+                continue;
+            };
+            let blame = match policy::after_failure(group.len(), f.timed_out(), call == 0, budget) {
+                Next::Canary if *answer.get_or_insert_with(|| self.ask()) != Answer::Silent => {
+                    let counted = self.held(|held| {
+                        let counted = |p| held.get(p).map_or(0, |b: &Backoff| b.failures.counted);
+                        group.iter().map(counted).collect::<Vec<_>>()
+                    });
+                    let canary = group.remove(policy::pick_canary(&counted, random_unit()));
+                    budget = policy::bisection_budget(group.len());
+                    note = Some(format!("batch of {len} paths failed while the target{} works, splitting it to find the paths at fault: {f}", self.named()));
+                    groups.extend([group, vec![canary]]);
+                    continue;
+                }
+                Next::Split => {
+                    budget -= 1;
+                    let right = group.split_off(group.len() / 2);
+                    groups.extend([right, group]);
+                    continue;
+                }
+                Next::BackOff => {
+                    self.back_off(group, &f, Blame::Target);
+                    continue;
+                }
+                Next::Judge => self.judge(&group[0], &mut answer),
+                Next::Outage if group.len() > 1 => {
+                    self.limit = policy::next_limit(self.limit, group.len(), true, max);
+                    let (n, to, limit) = (group.len(), self.named(), self.limit);
+                    warning!(
+                        "a batch of {n} paths timed out{to}; the next batches take at most {limit}"
+                    );
+                    Blame::Target
+                }
+                // An outage, or a canary the target does not answer for.
+                Next::Outage | Next::Canary => Blame::Target,
+            };
+            if blame == Blame::Target {
+                // An outage: the rest of the round waits with it.
+                group.extend(groups.drain(..).flatten());
             }
-            first = false;
-            // After the canary, unless that ended the round.
-            if let Some(note) = note.take().filter(|_| !groups.is_empty()) {
-                warning!("{note}");
-            }
+            self.back_off(group, &f, blame);
         }
     }
 
@@ -626,7 +619,10 @@ impl Lane {
             Kind::SignOnly => return Answer::Answers,
             Kind::Url(url) => url,
         };
-        let Err(e) = self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) else {
+        let Err(e) = self
+            .nix
+            .ping(url, nix::PING_TIMEOUT.min(self.nix.timeout()))
+        else {
             return Answer::Answers;
         };
         self.count_failure(&e);
@@ -704,37 +700,49 @@ impl Lane {
     /// try, so that they are retried in one call, or gives up on them. When
     /// blamed on the target, it is down until then.
     fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
-        let (now, last_error) = (Instant::now(), error.to_string());
-        let take = |held: &mut HashMap<_, Backoff>| {
-            let held = paths.iter().map(|p| held.remove(p).unwrap_or_default());
-            held.collect::<Vec<_>>()
+        let now = Instant::now();
+        let old: Vec<Backoff> = self.held(|held| {
+            paths
+                .iter()
+                .map(|p| held.remove(p).unwrap_or_default())
+                .collect()
+        });
+        let attempts = 1 + old.iter().map(|b| b.attempts).max().unwrap_or(0);
+        let delay = self.ctx.policy.delay(attempts, random_unit());
+        let next_try = Some(now + delay);
+        let (last_error, to) = (error.to_string(), self.named());
+        let group = Backoff {
+            attempts,
+            next_try,
+            last_error,
+            ..Backoff::default()
         };
-        let mut held = self.held(take);
-        let attempts = 1 + held.iter().map(|b| b.attempts).max().unwrap_or(0);
-        let next_try = Some(now + self.ctx.policy.delay(attempts, random_unit()));
         let mut kept = Vec::new();
-        for (p, mut b) in paths.into_iter().zip(held.drain(..)) {
-            (b.attempts, b.next_try, b.last_error) = (attempts, next_try, last_error.clone());
+        for (p, old) in paths.into_iter().zip(old) {
+            let mut b = Backoff {
+                failures: old.failures,
+                signed: old.signed,
+                ..group.clone()
+            };
             match self.ctx.policy.fail(&mut b.failures, blame, now) {
-                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &last_error) => {
-                    let on = self.named().replacen(' ', " for ", 1);
-                    warning!("giving up on {p}{on} after {why}: {last_error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
+                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &group.last_error) => {
+                    let (on, e) = (to.replacen(' ', " for ", 1), &group.last_error);
+                    warning!("giving up on {p}{on} after {why}: {e}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
                 }
                 _ => kept.push((p, b)),
             }
         }
         if !kept.is_empty() {
-            let kept_paths: Vec<StorePath> = kept.iter().map(|k| k.0.clone()).collect();
-            let (n, names, to) = (kept.len(), names(&kept_paths), self.named());
-            let next = next_try.map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
-            warning!("{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {last_error}");
+            let (n, names) = (kept.len(), names(kept.iter().map(|k| &k.0)));
+            let (next, e) = (delay.as_secs_f64(), &group.last_error);
+            warning!(
+                "{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {e}"
+            );
         }
         let journal = &self.ctx.journal;
         self.held(|held| held.extend(kept.into_iter().filter(|k| journal.entry(&k.0).is_some())));
         if blame == Blame::Target {
-            let mut down = Backoff::default();
-            (down.attempts, down.next_try, down.last_error) = (attempts, next_try, last_error);
-            self.down = Some(down);
+            self.down = Some(group);
         }
     }
 }
@@ -760,9 +768,10 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
 }
 
 /// The first few of `paths`, for a log line: `A, B, C, ...`.
-fn names(paths: &[StorePath]) -> String {
-    let named: Vec<String> = paths.iter().take(3).map(StorePath::to_string).collect();
-    named.join(", ") + if paths.len() > 3 { ", ..." } else { "" }
+fn names<'a>(paths: impl IntoIterator<Item = &'a StorePath>) -> String {
+    let mut paths = paths.into_iter();
+    let named: Vec<String> = paths.by_ref().take(3).map(StorePath::to_string).collect();
+    named.join(", ") + if paths.next().is_some() { ", ..." } else { "" }
 }
 
 /// A number in [0, 1) from the standard library's randomly seeded hasher.
