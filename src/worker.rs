@@ -1,8 +1,6 @@
-//! The worker: signs and uploads queued paths with `nix`, each target at its
-//! own pace. A front thread batches what was journaled, resolves derivations,
+//! The worker: a front thread batches journaled paths, resolves derivations,
 //! drops paths gone from the store and signs once; a lane thread per target
-//! copies, following [`crate::policy`] when a call fails, and keeps the paths
-//! it still needs in [`Shared`], where `status` reads them.
+//! uploads at its own pace, following [`crate::policy`] when a call fails.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -16,7 +14,7 @@ use crate::journal::{GivenUp, Journal, TargetId};
 use crate::nix::{self, Failure, Nix, MAX_ARG_BYTES};
 use crate::policy::{self, Answer, Blame, Next, Policy, Streak};
 use crate::spool::Spool;
-use crate::status::{Backoff, Shared};
+use crate::status::{Backoff, Shared, TargetStats};
 use crate::store_path::StorePath;
 use crate::target::{Kind, Target};
 use crate::{drv, error, info, warning};
@@ -35,8 +33,7 @@ pub enum Msg {
     Queued(Vec<StorePath>),
     /// Make every backing-off path due now.
     Retry,
-    /// A `wait` is pending: start the batch being gathered now, without its
-    /// quiet period.
+    /// A `wait` is pending: start the batch now, without its quiet period.
     Flush,
     /// Finish the calls in progress and return.
     Shutdown,
@@ -46,7 +43,6 @@ pub enum Msg {
 enum ToLane {
     Batch(Vec<StorePath>, bool),
     Retry,
-    Shutdown,
 }
 
 struct Ctx {
@@ -73,15 +69,7 @@ impl Ctx {
     }
 }
 
-/// Builds come first: every nix call a thread starts inherits its nice.
-fn lower_priority() {
-    if let Err(e) = nix::lower_priority() {
-        warning!("cannot lower the worker's CPU priority: {e}");
-    }
-}
-
-/// Handles the messages that come within `wait`, and those behind them:
-/// `None` on a stop or when the senders are gone, else whether any came.
+/// Handles the messages within `wait`: `None` on a stop, else whether any came.
 fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool) -> Option<bool> {
     let first = match rx.recv_timeout(wait) {
         Ok(msg) => msg,
@@ -92,21 +80,21 @@ fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool)
     (!msgs.any(&mut stop)).then_some(true)
 }
 
-/// Takes from the front of `queue` the next call's paths: each once, those
-/// `needed` keeps, at most `limit` and one command line of them.
+/// Takes from the front of `q` the next call's paths: each once, those `keep`
+/// keeps, at most `limit` and one command line of them.
 fn take(
-    queue: &mut VecDeque<StorePath>,
+    q: &mut VecDeque<StorePath>,
     limit: usize,
-    needed: impl Fn(&StorePath) -> bool,
+    keep: impl Fn(&StorePath) -> bool,
 ) -> Vec<StorePath> {
     let (mut out, mut bytes, mut seen) = (Vec::new(), 0, HashSet::new());
-    while let Some(p) = queue.pop_front() {
-        if !needed(&p) || !seen.insert(p.clone()) {
+    while let Some(p) = q.pop_front() {
+        if !keep(&p) || !seen.insert(p.clone()) {
             continue;
         }
         let full = out.len() >= limit || bytes + p.as_str().len() >= MAX_ARG_BYTES;
         if full && !out.is_empty() {
-            queue.push_front(p);
+            q.push_front(p);
             break;
         }
         bytes += p.as_str().len() + 1;
@@ -132,8 +120,7 @@ struct Front {
 }
 
 impl Worker {
-    /// A worker for `config` and its [`crate::target::configured`] targets
-    /// (those `shared` was made for), reading messages from `rx`.
+    /// A worker for the targets of `config` (those `shared` was made for).
     pub fn new(
         config: &Config,
         journal: Arc<Journal>,
@@ -168,89 +155,88 @@ impl Worker {
         Worker(front, rx)
     }
 
-    /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the
-    /// lanes and waits for their calls.
+    /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the lanes.
     pub fn run(self) {
-        let Worker(front, rx) = self;
-        front.run(rx);
-    }
-}
-
-impl Front {
-    fn run(mut self, rx: Receiver<Msg>) {
-        if !self.ctx.work {
+        let Worker(mut front, rx) = self;
+        // Builds come first: the lanes inherit the front's nice, and every
+        // nix call that of the thread that starts it.
+        if let Err(e) = nix::lower_priority() {
+            warning!("cannot lower the worker's CPU priority: {e}");
+        }
+        if !front.ctx.work {
             info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
         }
         let mut threads = Vec::new();
-        for (i, target) in crate::target::configured(&self.ctx.config)
-            .into_iter()
-            .enumerate()
-        {
+        let targets = crate::target::configured(&front.ctx.config);
+        for (i, target) in targets.into_iter().enumerate() {
             let url = match &target.kind {
                 Kind::Url(url) => Some(url.as_str()),
                 _ => None,
             };
-            let nix = Nix::from_config(&self.ctx.config, url);
-            let nix = nix.with_running(self.ctx.shared.running(i + 1));
-            let (ctx, limit) = (Arc::clone(&self.ctx), self.ctx.config.batch_size);
+            let nix = Nix::from_config(&front.ctx.config, url);
+            let nix = nix.with_running(front.ctx.shared.running(i + 1));
+            let (ctx, limit) = (Arc::clone(&front.ctx), front.ctx.config.batch_size);
+            let to = match ctx.ids.len() {
+                1 => String::new(),
+                _ => format!(" {}", target.label),
+            };
             let lane = Lane {
                 ctx,
                 i,
                 target,
                 nix,
+                to,
                 limit,
                 down: None,
                 streak: Streak::default(),
             };
             let (tx, rx) = mpsc::channel();
-            self.txs.push(tx);
+            front.txs.push(tx);
             let thread = std::thread::Builder::new().name(format!("lane {i}"));
             match thread.spawn(move || lane.run(rx)) {
                 Ok(t) => threads.push(t),
                 Err(e) => return error!("cannot start a thread for a target: {e}"),
             }
         }
-        // After the lanes started: a thread inherits its creator's nice.
-        lower_priority();
-        self.ingest_spool();
+        front.ingest_spool();
         loop {
-            let next_drv = self.drvs.values().filter_map(|d| d.next_try).min();
+            let next_drv = front.drvs.values().filter_map(|d| d.next_try).min();
             let wait = match next_drv {
-                _ if !self.ready.is_empty() => Duration::ZERO,
+                _ if !front.ready.is_empty() => Duration::ZERO,
                 Some(next) => next.saturating_duration_since(Instant::now()),
                 None => IDLE_TICK,
             };
-            if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
-                || !self.gather(&rx)
-                || self.ctx.stopping()
+            if receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m)).is_none()
+                || !front.gather(&rx)
+                || front.ctx.stopping()
             {
                 break;
             }
-            let now = Some(Instant::now());
-            let due = self.drvs.iter().filter(|d| d.1.next_try <= now);
+            let (now, journal) = (Some(Instant::now()), &front.ctx.journal);
+            front.drvs.retain(|p, _| journal.entry(p).is_some());
+            let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
             let due: Vec<StorePath> = due.map(|d| d.0.clone()).collect();
-            self.ready.extend(due);
-            if self.ready.is_empty() {
-                self.flush = false;
-                self.ingest_spool();
+            front.ready.extend(due);
+            if front.ready.is_empty() {
+                front.flush = false;
+                front.ingest_spool();
             } else {
-                let ctx = Arc::clone(&self.ctx);
-                let batch = take(&mut self.ready, ctx.config.batch_size, |p| {
+                let ctx = Arc::clone(&front.ctx);
+                let batch = take(&mut front.ready, ctx.config.batch_size, |p| {
                     ctx.needed(p, &ctx.ids)
                 });
-                self.process(batch);
+                front.process(batch);
             }
         }
-        for tx in &self.txs {
-            let _ = tx.send(ToLane::Shutdown);
-        }
+        front.txs.clear();
         for t in threads {
             let _ = t.join();
         }
     }
+}
 
-    /// Gathers paths into one batch until none came for [`BATCH_QUIET`], it
-    /// is full, [`BATCH_MAX_WAIT`] passed or a `wait` asks. False on a stop.
+impl Front {
+    /// Gathers a batch until it is quiet, full, old or a `wait` asks. False on a stop.
     fn gather(&mut self, rx: &Receiver<Msg>) -> bool {
         let start = Instant::now();
         while !self.flush
@@ -291,19 +277,15 @@ impl Front {
         ctx.shared.lock().in_flight_paths.clone_from(&batch);
         let batch = self.resolve_derivations(batch);
         let batch = drop_gone(&ctx, &self.nix, batch);
-        // Once per batch, before any copy. When it fails, each lane signs
-        // what it copies, so that its bisection finds the paths at fault.
-        let signed = match &ctx.config.signing_key_file {
-            Some(key) if ctx.uploads && !batch.is_empty() => {
-                let signed = self.nix.sign(key, ctx.config.sign_closure, &batch);
-                if let Err(e) = &signed {
-                    ctx.shared.lock().failed_calls += 1;
-                    warning!("signing a batch of {} paths failed: {e}", batch.len());
-                }
-                signed.is_ok()
-            }
-            _ => false,
-        };
+        // When this fails, each lane signs what it copies, so that its bisection finds the culprits.
+        let key = ctx.config.signing_key_file.as_ref();
+        let key = key.filter(|_| ctx.uploads && !batch.is_empty());
+        let signed = key.map(|key| self.nix.sign(key, ctx.config.sign_closure, &batch));
+        if let Some(Err(e)) = &signed {
+            ctx.shared.lock().failed_calls += 1;
+            warning!("signing a batch of {} paths failed: {e}", batch.len());
+        }
+        let signed = matches!(signed, Some(Ok(())));
         for tx in self.txs.iter().filter(|_| !batch.is_empty()) {
             let _ = tx.send(ToLane::Batch(batch.clone(), signed));
         }
@@ -312,12 +294,9 @@ impl Front {
 
     /// Replaces derivations by their outputs, in the journal and the batch.
     fn resolve_derivations(&mut self, batch: Vec<StorePath>) -> Vec<StorePath> {
-        let (mut out, mut gone) = (Vec::with_capacity(batch.len()), Vec::new());
-        for path in batch {
-            if !path.is_drv() {
-                out.push(path);
-                continue;
-            }
+        let (drvs, mut out): (Vec<_>, Vec<_>) = batch.into_iter().partition(StorePath::is_drv);
+        let mut gone = Vec::new();
+        for path in drvs {
             let outputs = match drv::read_outputs(&path, &self.ctx.config.store_dir) {
                 Err(drv::DrvError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                     gone.push(path);
@@ -356,43 +335,37 @@ impl Front {
 
     /// Backs off a derivation that could not be resolved, or gives up on it.
     fn unresolved(&mut self, path: StorePath, error: &str, blame: Blame) {
-        let now = Instant::now();
-        let mut d = self.drvs.remove(&path).unwrap_or_default();
+        let (now, mut d) = (Instant::now(), self.drvs.remove(&path).unwrap_or_default());
         d.attempts += 1;
-        let attempts = d.attempts;
-        let Some(why) = self.ctx.policy.fail(&mut d.failures, blame, now) else {
-            let delay = self.ctx.policy.delay(attempts, random_unit());
-            let next = delay.as_secs_f64();
-            warning!("cannot find the outputs of {path} (attempt {attempts}, next try in {next:.1} s): {error}");
-            d.next_try = Some(now + delay);
-            self.drvs.insert(path, d);
-            return;
-        };
-        for i in 0..self.ctx.ids.len() {
-            give_up(&self.ctx, i, &path, attempts, error);
+        if let Some(why) = self.ctx.policy.fail(&mut d.failures, blame, now) {
+            for i in 0..self.ctx.ids.len() {
+                give_up(&self.ctx, i, &path, d.attempts, error);
+            }
+            return warning!("giving up on {path} after {why}: {error}");
         }
-        warning!("giving up on {path} after {why}: {error}");
+        let delay = self.ctx.policy.delay(d.attempts, random_unit());
+        let (n, next) = (d.attempts, delay.as_secs_f64());
+        warning!(
+            "cannot find the outputs of {path} (attempt {n}, next try in {next:.1} s): {error}"
+        );
+        d.next_try = Some(now + delay);
+        self.drvs.insert(path, d);
     }
 
-    /// Queues what clients spooled while we were away or busy, once some lane
-    /// has no call in progress.
+    /// Queues what clients spooled, once some lane has no call in progress.
     fn ingest_spool(&mut self) {
-        let stats = self.ctx.shared.lock();
-        if stats.targets.iter().any(|t| t.in_flight.is_empty()) {
-            drop(stats);
-            let paths = self.spool.ingest(&self.ctx.journal);
-            self.ready.extend(paths);
+        let idle = |t: &TargetStats| t.in_flight.is_empty();
+        if self.ctx.shared.lock().targets.iter().any(idle) {
+            self.ready.extend(self.spool.ingest(&self.ctx.journal));
         }
     }
 }
 
 /// Drops the paths of `batch` gone from the store; returns the others.
 fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
-    if !ctx.work || batch.is_empty() {
-        return batch;
-    }
-    let Ok(invalid) = nix.invalid_paths(&batch) else {
-        return batch;
+    let invalid = match ctx.work && !batch.is_empty() {
+        true => nix.invalid_paths(&batch).unwrap_or_default(),
+        false => return batch,
     };
     let gone = |p: &StorePath| invalid.iter().any(|i| i == p.as_str());
     let (gone, valid): (Vec<_>, Vec<_>) = batch.into_iter().partition(gone);
@@ -403,19 +376,14 @@ fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
 
 /// Journals that `path` is given up on for target `i`; false if that failed.
 fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) -> bool {
-    let at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (target, error) = (ctx.ids[i], error.to_string());
-    match ctx.journal.give_up(
-        path,
-        GivenUp {
-            target,
-            at,
-            attempts,
-            error,
-        },
-    ) {
+    let at = SystemTime::now().duration_since(UNIX_EPOCH);
+    let record = GivenUp {
+        target: ctx.ids[i],
+        at: at.map_or(0, |d| d.as_secs()),
+        attempts,
+        error: error.to_string(),
+    };
+    match ctx.journal.give_up(path, record) {
         Ok(given_up) => {
             ctx.shared.lock().targets[i].given_up += u64::from(given_up);
             true
@@ -433,6 +401,8 @@ struct Lane {
     i: usize,
     target: Target,
     nix: Nix,
+    /// ` LABEL` when there are several targets, for log lines.
+    to: String,
     /// Most paths in the next call (see [`policy::next_limit`]).
     limit: usize,
     /// While the target is down: its failed group, which new paths join.
@@ -441,33 +411,27 @@ struct Lane {
 }
 
 impl Lane {
-    /// Runs `f` on the paths this lane still needs, kept in [`Shared`] for
-    /// `status`.
+    /// Runs `f` on the paths this lane still needs, kept in [`Shared`].
     fn held<R>(&self, f: impl FnOnce(&mut HashMap<StorePath, Backoff>) -> R) -> R {
         f(&mut self.ctx.shared.lock().targets[self.i].backoff)
     }
 
-    /// When the target is down, until when.
-    fn down_until(&self) -> Option<Instant> {
-        self.down.as_ref().and_then(|d| d.next_try)
-    }
-
     fn run(mut self, rx: Receiver<ToLane>) {
-        lower_priority();
         loop {
             let now = Instant::now();
-            let next = |h: &mut HashMap<_, Backoff>| h.values().filter_map(|b| b.next_try).min();
-            let next = self
-                .down_until()
-                .filter(|&t| t > now)
-                .or_else(|| self.held(next));
+            // While the target is down, nothing is taken before it is due.
+            self.down = self.down.take().filter(|d| d.next_try > Some(now));
+            let next = match &self.down {
+                Some(down) => down.next_try,
+                None => self.held(|h| h.values().filter_map(|b| b.next_try).min()),
+            };
             let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
             if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
                 || self.ctx.stopping()
             {
                 return;
             }
-            if self.down_until().is_none_or(|t| t <= Instant::now()) {
+            if self.down.is_none() {
                 let batch = self.take(Instant::now());
                 if !batch.is_empty() {
                     self.round(batch);
@@ -476,7 +440,7 @@ impl Lane {
         }
     }
 
-    /// True for [`ToLane::Shutdown`].
+    /// Never a stop: a lane stops when the front drops its sender.
     fn handle(&mut self, msg: ToLane) -> bool {
         let now = Some(Instant::now());
         match msg {
@@ -498,13 +462,11 @@ impl Lane {
                         .for_each(|b| b.next_try = b.next_try.and(now))
                 });
             }
-            ToLane::Shutdown => return true,
         }
         false
     }
 
-    /// The next call's paths: those due, in queue order, within the limit;
-    /// those no longer needed leave.
+    /// The next call's paths: those due, in queue order, within the limit.
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
         let (ctx, id) = (Arc::clone(&self.ctx), [self.target.id]);
         let limit = self.limit.min(ctx.config.batch_size);
@@ -532,8 +494,7 @@ impl Lane {
         }
     }
 
-    /// A call for `batch`; when it fails, the policy's canary, bisection and
-    /// backoff, as a worklist of groups.
+    /// Calls for `batch`: when one fails, the policy's canary, bisection, backoff.
     fn round(&mut self, batch: Vec<StorePath>) {
         let (len, max) = (batch.len(), self.ctx.config.batch_size);
         // Signed before each copy when the front could not sign some of them.
@@ -567,7 +528,8 @@ impl Lane {
                     });
                     let canary = group.remove(policy::pick_canary(&counted, random_unit()));
                     budget = policy::bisection_budget(group.len());
-                    note = Some(format!("batch of {len} paths failed while the target{} works, splitting it to find the paths at fault: {f}", self.named()));
+                    let to = &self.to;
+                    note = Some(format!("batch of {len} paths failed while the target{to} works, splitting it to find the paths at fault: {f}"));
                     groups.extend([group, vec![canary]]);
                     continue;
                 }
@@ -581,10 +543,19 @@ impl Lane {
                     self.back_off(group, &f, Blame::Target);
                     continue;
                 }
-                Next::Judge => self.judge(&group[0], &mut answer),
+                Next::Judge => {
+                    // Asked once a round, unless a call of the round went through.
+                    let a = *answer.get_or_insert_with(|| self.ask());
+                    let refuses_all = a == Answer::Answers && self.streak.failed(group[0].clone());
+                    if refuses_all {
+                        let (n, to) = (policy::REFUSES_ALL, &self.to);
+                        info!("{n} different paths failed alone while the target{to} answers and took none: it seems to refuse everything, which does not count against the paths");
+                    }
+                    policy::blame_alone(a, refuses_all)
+                }
                 Next::Outage if group.len() > 1 => {
                     self.limit = policy::next_limit(self.limit, group.len(), true, max);
-                    let (n, to, limit) = (group.len(), self.named(), self.limit);
+                    let (n, to, limit) = (group.len(), &self.to, self.limit);
                     warning!(
                         "a batch of {n} paths timed out{to}; the next batches take at most {limit}"
                     );
@@ -601,32 +572,18 @@ impl Lane {
         }
     }
 
-    /// Whom to blame for `path`, which failed alone: asks the target once a
-    /// round, unless a call of the round went through.
-    fn judge(&mut self, path: &StorePath, answer: &mut Option<Answer>) -> Blame {
-        let a = *answer.get_or_insert_with(|| self.ask());
-        let refuses_all = a == Answer::Answers && self.streak.failed(path.clone());
-        if refuses_all {
-            let (n, to) = (policy::REFUSES_ALL, self.named());
-            info!("{n} different paths failed alone while the target{to} answers and took none: it seems to refuse everything, which does not count against the paths");
-        }
-        policy::blame_alone(a, refuses_all)
-    }
-
     fn ask(&self) -> Answer {
         let url = match &self.target.kind {
             Kind::Command(_) => return Answer::Unknown,
             Kind::SignOnly => return Answer::Answers,
             Kind::Url(url) => url,
         };
-        let Err(e) = self
-            .nix
-            .ping(url, nix::PING_TIMEOUT.min(self.nix.timeout()))
-        else {
+        let timeout = nix::PING_TIMEOUT.min(self.nix.timeout());
+        let Err(e) = self.nix.ping(url, timeout) else {
             return Answer::Answers;
         };
         self.count_failure(&e);
-        let to = self.named();
+        let to = &self.to;
         info!("the target{to} does not answer either, so the failure does not count against the path: {e}");
         Answer::Silent
     }
@@ -650,14 +607,6 @@ impl Lane {
         result
     }
 
-    /// ` LABEL` when there are several targets, else nothing.
-    fn named(&self) -> String {
-        match self.ctx.ids.len() {
-            1 => String::new(),
-            _ => format!(" {}", self.target.label),
-        }
-    }
-
     fn count_failure(&self, failure: &Failure) {
         let t = &mut self.ctx.shared.lock().targets[self.i];
         t.failed_calls += 1;
@@ -676,7 +625,7 @@ impl Lane {
             Vec::new()
         });
         if ctx.work {
-            let (n, names, to) = (paths.len(), names(paths), self.named());
+            let (n, names, to) = (paths.len(), names(paths), &self.to);
             info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
         }
         let mut stats = ctx.shared.lock();
@@ -696,21 +645,13 @@ impl Lane {
         }
     }
 
-    /// Backs off paths that failed together with one attempt count and next
-    /// try, so that they are retried in one call, or gives up on them. When
-    /// blamed on the target, it is down until then.
+    /// Backs off paths that failed together as one group, or gives up on them.
     fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
-        let now = Instant::now();
-        let old: Vec<Backoff> = self.held(|held| {
-            paths
-                .iter()
-                .map(|p| held.remove(p).unwrap_or_default())
-                .collect()
-        });
-        let attempts = 1 + old.iter().map(|b| b.attempts).max().unwrap_or(0);
+        let (now, to) = (Instant::now(), &self.to);
+        let old = |p| self.held(|h| h.get(p).map_or(0, |b: &Backoff| b.attempts));
+        let attempts = 1 + paths.iter().map(old).max().unwrap_or(0);
         let delay = self.ctx.policy.delay(attempts, random_unit());
-        let next_try = Some(now + delay);
-        let (last_error, to) = (error.to_string(), self.named());
+        let (next_try, last_error) = (Some(now + delay), error.to_string());
         let group = Backoff {
             attempts,
             next_try,
@@ -718,7 +659,8 @@ impl Lane {
             ..Backoff::default()
         };
         let mut kept = Vec::new();
-        for (p, old) in paths.into_iter().zip(old) {
+        for p in paths {
+            let old = self.held(|held| held.remove(&p)).unwrap_or_default();
             let mut b = Backoff {
                 failures: old.failures,
                 signed: old.signed,
