@@ -63,10 +63,6 @@ impl Ctx {
             |&id| self.journal.is_delivered(path, id) || self.journal.is_given_up(path, id);
         self.journal.entry(path).is_some() && !ids.iter().all(settled)
     }
-
-    fn stopping(&self) -> bool {
-        self.shared.stopping.load(Ordering::SeqCst)
-    }
 }
 
 /// Handles the messages within `wait`: `None` on a stop, else whether any came.
@@ -80,8 +76,7 @@ fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool)
     (!msgs.any(&mut stop)).then_some(true)
 }
 
-/// Takes from the front of `q` the next call's paths: each once, those `keep`
-/// keeps, at most `limit` and one command line of them.
+/// The next call's paths off `q`: each once if `keep`, within `limit` and one command line.
 fn take(
     q: &mut VecDeque<StorePath>,
     limit: usize,
@@ -158,8 +153,7 @@ impl Worker {
     /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the lanes.
     pub fn run(self) {
         let Worker(mut front, rx) = self;
-        // Builds come first: the lanes inherit the front's nice, and every
-        // nix call that of the thread that starts it.
+        // Builds come first; lanes and nix calls inherit the nice of their starter.
         if let Err(e) = nix::lower_priority() {
             warning!("cannot lower the worker's CPU priority: {e}");
         }
@@ -208,15 +202,14 @@ impl Worker {
             };
             if receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m)).is_none()
                 || !front.gather(&rx)
-                || front.ctx.stopping()
+                || front.ctx.shared.stopping.load(Ordering::SeqCst)
             {
                 break;
             }
             let (now, journal) = (Some(Instant::now()), &front.ctx.journal);
             front.drvs.retain(|p, _| journal.entry(p).is_some());
             let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
-            let due: Vec<StorePath> = due.map(|d| d.0.clone()).collect();
-            front.ready.extend(due);
+            front.ready.extend(due.map(|d| d.0.clone()));
             if front.ready.is_empty() {
                 front.flush = false;
                 front.ingest_spool();
@@ -259,9 +252,8 @@ impl Front {
             Msg::Queued(paths) => self.ready.extend(paths),
             Msg::Flush => self.flush = true,
             Msg::Retry => {
-                for d in self.drvs.values_mut() {
-                    d.next_try = Some(Instant::now());
-                }
+                let due = |d: &mut Backoff| d.next_try = Some(Instant::now());
+                self.drvs.values_mut().for_each(due);
                 for tx in &self.txs {
                     let _ = tx.send(ToLane::Retry);
                 }
@@ -277,7 +269,7 @@ impl Front {
         ctx.shared.lock().in_flight_paths.clone_from(&batch);
         let batch = self.resolve_derivations(batch);
         let batch = drop_gone(&ctx, &self.nix, batch);
-        // When this fails, each lane signs what it copies, so that its bisection finds the culprits.
+        // If this fails, each lane signs what it copies: its bisection finds the culprits.
         let key = ctx.config.signing_key_file.as_ref();
         let key = key.filter(|_| ctx.uploads && !batch.is_empty());
         let signed = key.map(|key| self.nix.sign(key, ctx.config.sign_closure, &batch));
@@ -384,15 +376,13 @@ fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) ->
         error: error.to_string(),
     };
     match ctx.journal.give_up(path, record) {
-        Ok(given_up) => {
-            ctx.shared.lock().targets[i].given_up += u64::from(given_up);
-            true
-        }
+        Ok(given_up) => ctx.shared.lock().targets[i].given_up += u64::from(given_up),
         Err(e) => {
             warning!("cannot journal that {path} is given up on ({e}); it is retried");
-            false
+            return false;
         }
     }
+    true
 }
 
 /// One target's thread: its calls, canary, bisection and backoff.
@@ -427,7 +417,7 @@ impl Lane {
             };
             let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
             if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
-                || self.ctx.stopping()
+                || self.ctx.shared.stopping.load(Ordering::SeqCst)
             {
                 return;
             }
@@ -457,10 +447,8 @@ impl Lane {
             }
             ToLane::Retry => {
                 self.down = None;
-                self.held(|held| {
-                    held.values_mut()
-                        .for_each(|b| b.next_try = b.next_try.and(now))
-                });
+                let due = |b: &mut Backoff| b.next_try = b.next_try.and(now);
+                self.held(|held| held.values_mut().for_each(due));
             }
         }
         false
@@ -500,32 +488,31 @@ impl Lane {
         // Signed before each copy when the front could not sign some of them.
         let sign = self.held(|held| batch.iter().any(|p| held.get(p).is_some_and(|b| !b.signed)));
         let (mut groups, mut answer, mut budget, mut note) = (vec![batch], None, 0, None);
-        for call in 0.. {
-            let Some(mut group) = groups.pop() else {
-                return;
-            };
-            // After the canary, unless that ended the round.
-            if let Some(note) = note.take() {
+        let mut calls = 0;
+        while let Some(mut group) = groups.pop() {
+            // After the canary's call, unless that ended the round.
+            if let Some(note) = note.take_if(|_| calls > 1) {
                 warning!("{note}");
             }
-            if call > 0 && self.ctx.stopping() {
+            if calls > 0 && self.ctx.shared.stopping.load(Ordering::SeqCst) {
                 return; // Still journaled: uploaded after the restart.
             }
+            calls += 1;
             let started = Instant::now();
             let Err(f) = self.attempt(&group, sign) else {
-                if call == 0 {
+                if calls == 1 {
                     self.limit = policy::next_limit(self.limit, len, false, max);
                 }
                 self.took(&group, started);
                 answer = Some(Answer::TookSome);
                 continue;
             };
-            let blame = match policy::after_failure(group.len(), f.timed_out(), call == 0, budget) {
+            let next = policy::after_failure(group.len(), f.timed_out(), calls == 1, budget);
+            let blame = match next {
+                // Before a canary: a ping costs less than a copy.
                 Next::Canary if *answer.get_or_insert_with(|| self.ask()) != Answer::Silent => {
-                    let counted = self.held(|held| {
-                        let counted = |p| held.get(p).map_or(0, |b: &Backoff| b.failures.counted);
-                        group.iter().map(counted).collect::<Vec<_>>()
-                    });
+                    let counted = |p| self.held(|h| h.get(p).map_or(0, |b| b.failures.counted));
+                    let counted: Vec<u32> = group.iter().map(counted).collect();
                     let canary = group.remove(policy::pick_canary(&counted, random_unit()));
                     budget = policy::bisection_budget(group.len());
                     let to = &self.to;
@@ -537,10 +524,6 @@ impl Lane {
                     budget -= 1;
                     let right = group.split_off(group.len() / 2);
                     groups.extend([right, group]);
-                    continue;
-                }
-                Next::BackOff => {
-                    self.back_off(group, &f, Blame::Target);
                     continue;
                 }
                 Next::Judge => {
@@ -561,10 +544,9 @@ impl Lane {
                     );
                     Blame::Target
                 }
-                // An outage, or a canary the target does not answer for.
-                Next::Outage | Next::Canary => Blame::Target,
+                Next::Outage | Next::Canary | Next::BackOff => Blame::Target,
             };
-            if blame == Blame::Target {
+            if blame == Blame::Target && next != Next::BackOff {
                 // An outage: the rest of the round waits with it.
                 group.extend(groups.drain(..).flatten());
             }
@@ -601,10 +583,7 @@ impl Lane {
             Kind::SignOnly => Ok(()),
         });
         self.ctx.shared.lock().targets[self.i].in_flight.clear();
-        if let Err(f) = &result {
-            self.count_failure(f);
-        }
-        result
+        result.inspect_err(|f| self.count_failure(f))
     }
 
     fn count_failure(&self, failure: &Failure) {
@@ -640,9 +619,7 @@ impl Lane {
             stats.upload_seconds += took;
             stats.upload_batches += 1;
         }
-        for p in &done {
-            stats.forget(p);
-        }
+        done.iter().for_each(|p| stats.forget(p));
     }
 
     /// Backs off paths that failed together as one group, or gives up on them.
@@ -660,12 +637,8 @@ impl Lane {
         };
         let mut kept = Vec::new();
         for p in paths {
-            let old = self.held(|held| held.remove(&p)).unwrap_or_default();
-            let mut b = Backoff {
-                failures: old.failures,
-                signed: old.signed,
-                ..group.clone()
-            };
+            let mut b = self.held(|held| held.remove(&p)).unwrap_or_default();
+            (b.attempts, b.next_try, b.last_error) = (attempts, next_try, group.last_error.clone());
             match self.ctx.policy.fail(&mut b.failures, blame, now) {
                 Some(why) if give_up(&self.ctx, self.i, &p, attempts, &group.last_error) => {
                     let (on, e) = (to.replacen(' ', " for ", 1), &group.last_error);
@@ -701,9 +674,7 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
     };
     warning!("dropping {}{count}: {why}", names(&paths));
     let mut stats = shared.lock();
-    for p in &paths {
-        stats.forget(p);
-    }
+    paths.iter().for_each(|p| stats.forget(p));
     stats.dropped += paths.len() as u64;
     drop(stats);
     journal.drop_paths(&paths).len()
