@@ -194,6 +194,9 @@ impl Worker {
         }
         front.ingest_spool();
         loop {
+            // Resolved or dropped meanwhile: no longer retried.
+            let journal = &front.ctx.journal;
+            front.drvs.retain(|p, _| journal.entry(p).is_some());
             let next_drv = front.drvs.values().filter_map(|d| d.next_try).min();
             let wait = match next_drv {
                 _ if !front.ready.is_empty() => Duration::ZERO,
@@ -206,8 +209,7 @@ impl Worker {
             {
                 break;
             }
-            let (now, journal) = (Some(Instant::now()), &front.ctx.journal);
-            front.drvs.retain(|p, _| journal.entry(p).is_some());
+            let now = Some(Instant::now());
             let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
             front.ready.extend(due.map(|d| d.0.clone()));
             if front.ready.is_empty() {
@@ -303,10 +305,7 @@ impl Front {
                 added.map_err(|e| (format!("cannot journal the outputs: {e}"), Blame::Target))
             });
             match added {
-                Ok(added) => {
-                    self.drvs.remove(&path);
-                    out.extend(added);
-                }
+                Ok(added) => out.extend(added),
                 Err((error, blame)) => self.unresolved(path, &error, blame),
             }
         }
