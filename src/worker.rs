@@ -1,8 +1,6 @@
-//! The worker: signs and uploads queued paths with `nix`, each target at its
-//! own pace. A front thread batches what was journaled, resolves derivations,
+//! The worker: a front thread batches journaled paths, resolves derivations,
 //! drops paths gone from the store and signs once; a lane thread per target
-//! copies, following [`crate::policy`] when a call fails, and keeps the paths
-//! it still needs in [`Shared`], where `status` reads them.
+//! uploads at its own pace, following [`crate::policy`] when a call fails.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -13,24 +11,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
 use crate::journal::{GivenUp, Journal, TargetId};
-use crate::nix::{Failure, Nix, MAX_ARG_BYTES};
+use crate::nix::{self, Failure, Nix, MAX_ARG_BYTES};
 use crate::policy::{self, Answer, Blame, Next, Policy, Streak};
 use crate::spool::Spool;
-use crate::status::{Backoff, Shared};
+use crate::status::{Backoff, Shared, TargetStats};
 use crate::store_path::StorePath;
 use crate::target::{Kind, Target};
-use crate::{drv, error, info, sys, warning};
+use crate::{drv, error, info, warning};
 
 /// A batch starts once no new path arrived for this long...
 const BATCH_QUIET: Duration = Duration::from_millis(200);
 /// ...or once it has waited this long for more paths.
 const BATCH_MAX_WAIT: Duration = Duration::from_secs(2);
-/// Nice steps the worker, and so every nix call, runs below the daemon.
-pub const UPLOAD_NICE: i32 = 10;
 /// How often an idle thread looks up (the spool, the stop flag).
 const IDLE_TICK: Duration = Duration::from_secs(1);
-/// Longest `nix store ping` may take when a path failed alone.
-const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Messages to the worker.
 #[derive(Debug)]
@@ -39,8 +33,7 @@ pub enum Msg {
     Queued(Vec<StorePath>),
     /// Make every backing-off path due now.
     Retry,
-    /// A `wait` is pending: start the batch being gathered now, without its
-    /// quiet period.
+    /// A `wait` is pending: start the batch now, without its quiet period.
     Flush,
     /// Finish the calls in progress and return.
     Shutdown,
@@ -50,7 +43,6 @@ pub enum Msg {
 enum ToLane {
     Batch(Vec<StorePath>, bool),
     Retry,
-    Shutdown,
 }
 
 struct Ctx {
@@ -65,21 +57,14 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn settled(&self, path: &StorePath, id: TargetId) -> bool {
-        self.journal.is_settled(path, id)
+    /// Whether some target of `ids` still needs `path`.
+    fn needed(&self, path: &StorePath, ids: &[TargetId]) -> bool {
+        let settled = |&id| self.journal.is_settled(path, id);
+        self.journal.entry(path).is_some() && !ids.iter().all(settled)
     }
 }
 
-/// Builds come first: the uploads take the CPU the builds leave, and every
-/// nix call a thread starts inherits its nice.
-fn lower_priority() {
-    if let Err(e) = sys::lower_thread_priority(UPLOAD_NICE) {
-        warning!("cannot lower the worker's CPU priority: {e}");
-    }
-}
-
-/// Handles the messages that come within `wait`, and those behind them:
-/// `None` on a stop or when the senders are gone, else whether any came.
+/// Handles the messages within `wait`: `None` on a stop, else whether any came.
 fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool) -> Option<bool> {
     let first = match rx.recv_timeout(wait) {
         Ok(msg) => msg,
@@ -90,25 +75,32 @@ fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool)
     (!msgs.any(&mut stop)).then_some(true)
 }
 
-/// Adds `path` to `batch` unless that is full: `limit` paths, or one command
-/// line (`bytes` so far).
-fn fits(batch: &mut Vec<StorePath>, bytes: &mut usize, path: StorePath, limit: usize) -> bool {
-    let full = batch.len() >= limit || *bytes + path.as_str().len() >= MAX_ARG_BYTES;
-    if full && !batch.is_empty() {
-        return false;
+/// The next call's paths off `q`: each once if `keep`, within `limit` and one command line.
+fn take(
+    q: &mut VecDeque<StorePath>,
+    limit: usize,
+    keep: impl Fn(&StorePath) -> bool,
+) -> Vec<StorePath> {
+    let (mut out, mut bytes, mut seen) = (Vec::new(), 0, HashSet::new());
+    while let Some(p) = q.pop_front() {
+        if !keep(&p) || !seen.insert(p.clone()) {
+            continue;
+        }
+        let full = out.len() >= limit || bytes + p.as_str().len() >= MAX_ARG_BYTES;
+        if full && !out.is_empty() {
+            q.push_front(p);
+            break;
+        }
+        bytes += p.as_str().len() + 1;
+        out.push(p);
     }
-    *bytes += path.as_str().len() + 1;
-    batch.push(path);
-    true
+    out
 }
 
 /// The worker's threads, for [`Worker::run`].
-pub struct Worker {
-    rx: Receiver<Msg>,
-    front: Front,
-    lanes: Vec<(Lane, Receiver<ToLane>)>,
-}
+pub struct Worker(Front, Receiver<Msg>);
 
+/// The thread that gathers batches and starts the lanes.
 struct Front {
     ctx: Arc<Ctx>,
     nix: Nix,
@@ -122,8 +114,7 @@ struct Front {
 }
 
 impl Worker {
-    /// A worker for `config` and its [`crate::target::configured`] targets
-    /// (those `shared` was made for), reading messages from `rx`.
+    /// A worker for the targets of `config` (those `shared` was made for).
     pub fn new(
         config: &Config,
         journal: Arc<Journal>,
@@ -146,69 +137,72 @@ impl Worker {
             uploads,
             work: config.signing_key_file.is_some() || uploads,
         });
-        let nix_for = |url: Option<&str>, i: usize| {
-            Nix::from_config(config, url).with_running(ctx.shared.running(i))
+        let front = Front {
+            nix: Nix::from_config(config, None).with_running(ctx.shared.running(0)),
+            spool: Spool::new(&config.spool_dir(), &config.store_dir),
+            ready: VecDeque::new(),
+            flush: false,
+            txs: Vec::new(),
+            drvs: HashMap::new(),
+            ctx,
         };
-        let (mut lanes, mut txs) = (Vec::new(), Vec::new());
+        Worker(front, rx)
+    }
+
+    /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the lanes.
+    pub fn run(self) {
+        let Worker(mut front, rx) = self;
+        // Builds come first; lanes and nix calls inherit the nice of their starter.
+        if let Err(e) = nix::lower_priority() {
+            warning!("cannot lower the worker's CPU priority: {e}");
+        }
+        if !front.ctx.work {
+            info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
+        }
+        let mut threads = Vec::new();
+        let targets = crate::target::configured(&front.ctx.config);
         for (i, target) in targets.into_iter().enumerate() {
-            let (tx, rx) = mpsc::channel();
-            txs.push(tx);
             let url = match &target.kind {
                 Kind::Url(url) => Some(url.as_str()),
                 _ => None,
             };
-            let (nix, ctx) = (nix_for(url, i + 1), Arc::clone(&ctx));
-            let (limit, down, streak) = (config.batch_size, None, Streak::default());
+            let nix = Nix::from_config(&front.ctx.config, url);
+            let nix = nix.with_running(front.ctx.shared.running(i + 1));
+            let (ctx, limit) = (Arc::clone(&front.ctx), front.ctx.config.batch_size);
+            let to = match ctx.ids.len() {
+                1 => String::new(),
+                _ => format!(" {}", target.label),
+            };
             let lane = Lane {
                 ctx,
                 i,
                 target,
                 nix,
+                to,
                 limit,
-                down,
-                streak,
+                down: None,
+                streak: Streak::default(),
             };
-            lanes.push((lane, rx));
-        }
-        let front = Front {
-            nix: nix_for(None, 0),
-            ctx,
-            spool: Spool::new(&config.spool_dir(), &config.store_dir),
-            ready: VecDeque::new(),
-            flush: false,
-            txs,
-            drvs: HashMap::new(),
-        };
-        Worker { rx, front, lanes }
-    }
-
-    /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the
-    /// lanes and waits for their calls.
-    pub fn run(self) {
-        let (rx, mut front) = (self.rx, self.front);
-        if !front.ctx.work {
-            info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
-        }
-        let mut threads = Vec::new();
-        for (lane, rx) in self.lanes {
-            let thread = std::thread::Builder::new().name(format!("lane {}", lane.i));
+            let (tx, rx) = mpsc::channel();
+            front.txs.push(tx);
+            let thread = std::thread::Builder::new().name(format!("lane {i}"));
             match thread.spawn(move || lane.run(rx)) {
                 Ok(t) => threads.push(t),
                 Err(e) => return error!("cannot start a thread for a target: {e}"),
             }
         }
-        // After the lanes started: a thread inherits its creator's nice.
-        lower_priority();
         front.ingest_spool();
         loop {
+            // Resolved or dropped meanwhile: no longer retried.
+            let journal = &front.ctx.journal;
+            front.drvs.retain(|p, _| journal.entry(p).is_some());
             let next_drv = front.drvs.values().filter_map(|d| d.next_try).min();
             let wait = match next_drv {
                 _ if !front.ready.is_empty() => Duration::ZERO,
                 Some(next) => next.saturating_duration_since(Instant::now()),
                 None => IDLE_TICK,
             };
-            let got = receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m));
-            if got.is_none()
+            if receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m)).is_none()
                 || !front.gather(&rx)
                 || front.ctx.shared.stopping.load(Ordering::SeqCst)
             {
@@ -216,19 +210,19 @@ impl Worker {
             }
             let now = Some(Instant::now());
             let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
-            let due: Vec<StorePath> = due.map(|d| d.0.clone()).collect();
-            front.ready.extend(due);
+            front.ready.extend(due.map(|d| d.0.clone()));
             if front.ready.is_empty() {
                 front.flush = false;
                 front.ingest_spool();
             } else {
-                let batch = front.take_batch();
+                let ctx = Arc::clone(&front.ctx);
+                let batch = take(&mut front.ready, ctx.config.batch_size, |p| {
+                    ctx.needed(p, &ctx.ids)
+                });
                 front.process(batch);
             }
         }
-        for tx in &front.txs {
-            let _ = tx.send(ToLane::Shutdown);
-        }
+        front.txs.clear();
         for t in threads {
             let _ = t.join();
         }
@@ -236,8 +230,7 @@ impl Worker {
 }
 
 impl Front {
-    /// Gathers paths into one batch until none came for [`BATCH_QUIET`], it
-    /// is full, [`BATCH_MAX_WAIT`] passed or a `wait` asks. False on a stop.
+    /// Gathers a batch until it is quiet, full, old or a `wait` asks. False on a stop.
     fn gather(&mut self, rx: &Receiver<Msg>) -> bool {
         let start = Instant::now();
         while !self.flush
@@ -260,9 +253,8 @@ impl Front {
             Msg::Queued(paths) => self.ready.extend(paths),
             Msg::Flush => self.flush = true,
             Msg::Retry => {
-                for d in self.drvs.values_mut() {
-                    d.next_try = Some(Instant::now());
-                }
+                let due = |d: &mut Backoff| d.next_try = Some(Instant::now());
+                self.drvs.values_mut().for_each(due);
                 for tx in &self.txs {
                     let _ = tx.send(ToLane::Retry);
                 }
@@ -272,41 +264,21 @@ impl Front {
         false
     }
 
-    /// The next batch: queued paths some target still needs, each once.
-    fn take_batch(&mut self) -> Vec<StorePath> {
-        let (ctx, limit) = (Arc::clone(&self.ctx), self.ctx.config.batch_size);
-        let (mut batch, mut bytes, mut taken) = (Vec::new(), 0, HashSet::new());
-        while let Some(p) = self.ready.pop_front() {
-            let settled = ctx.ids.iter().all(|&id| ctx.settled(&p, id));
-            let needed = ctx.journal.entry(&p).is_some() && !settled && !taken.contains(&p);
-            if needed && !fits(&mut batch, &mut bytes, p.clone(), limit) {
-                self.ready.push_front(p);
-                break;
-            }
-            taken.insert(p);
-        }
-        batch
-    }
-
     /// Resolves, checks and signs a batch once, then hands it to the lanes.
     fn process(&mut self, batch: Vec<StorePath>) {
         let ctx = Arc::clone(&self.ctx);
         ctx.shared.lock().in_flight_paths.clone_from(&batch);
         let batch = self.resolve_derivations(batch);
         let batch = drop_gone(&ctx, &self.nix, batch);
-        // Once per batch, before any copy. When it fails, each lane signs
-        // what it copies, so that its bisection finds the paths at fault.
-        let signed = match &ctx.config.signing_key_file {
-            Some(key) if ctx.uploads && !batch.is_empty() => {
-                let signed = self.nix.sign(key, ctx.config.sign_closure, &batch);
-                if let Err(e) = &signed {
-                    ctx.shared.lock().failed_calls += 1;
-                    warning!("signing a batch of {} paths failed: {e}", batch.len());
-                }
-                signed.is_ok()
-            }
-            _ => false,
-        };
+        // If this fails, each lane signs what it copies: its bisection finds the culprits.
+        let key = ctx.config.signing_key_file.as_ref();
+        let key = key.filter(|_| ctx.uploads && !batch.is_empty());
+        let signed = key.map(|key| self.nix.sign(key, ctx.config.sign_closure, &batch));
+        if let Some(Err(e)) = &signed {
+            ctx.shared.lock().failed_calls += 1;
+            warning!("signing a batch of {} paths failed: {e}", batch.len());
+        }
+        let signed = matches!(signed, Some(Ok(())));
         for tx in self.txs.iter().filter(|_| !batch.is_empty()) {
             let _ = tx.send(ToLane::Batch(batch.clone(), signed));
         }
@@ -315,12 +287,9 @@ impl Front {
 
     /// Replaces derivations by their outputs, in the journal and the batch.
     fn resolve_derivations(&mut self, batch: Vec<StorePath>) -> Vec<StorePath> {
-        let (mut out, mut gone) = (Vec::with_capacity(batch.len()), Vec::new());
-        for path in batch {
-            if !path.is_drv() {
-                out.push(path);
-                continue;
-            }
+        let (drvs, mut out): (Vec<_>, Vec<_>) = batch.into_iter().partition(StorePath::is_drv);
+        let mut gone = Vec::new();
+        for path in drvs {
             let outputs = match drv::read_outputs(&path, &self.ctx.config.store_dir) {
                 Err(drv::DrvError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                     gone.push(path);
@@ -335,10 +304,7 @@ impl Front {
                 added.map_err(|e| (format!("cannot journal the outputs: {e}"), Blame::Target))
             });
             match added {
-                Ok(added) => {
-                    self.drvs.remove(&path);
-                    out.extend(added);
-                }
+                Ok(added) => out.extend(added),
                 Err((error, blame)) => self.unresolved(path, &error, blame),
             }
         }
@@ -359,43 +325,37 @@ impl Front {
 
     /// Backs off a derivation that could not be resolved, or gives up on it.
     fn unresolved(&mut self, path: StorePath, error: &str, blame: Blame) {
-        let now = Instant::now();
-        let mut d = self.drvs.remove(&path).unwrap_or_default();
+        let (now, mut d) = (Instant::now(), self.drvs.remove(&path).unwrap_or_default());
         d.attempts += 1;
-        let attempts = d.attempts;
-        let Some(why) = self.ctx.policy.fail(&mut d.failures, blame, now) else {
-            let delay = self.ctx.policy.delay(attempts, random_unit());
-            let next = delay.as_secs_f64();
-            warning!("cannot find the outputs of {path} (attempt {attempts}, next try in {next:.1} s): {error}");
-            d.next_try = Some(now + delay);
-            self.drvs.insert(path, d);
-            return;
-        };
-        for i in 0..self.ctx.ids.len() {
-            give_up(&self.ctx, i, &path, attempts, error);
+        if let Some(why) = self.ctx.policy.fail(&mut d.failures, blame, now) {
+            for i in 0..self.ctx.ids.len() {
+                give_up(&self.ctx, i, &path, d.attempts, error);
+            }
+            return warning!("giving up on {path} after {why}: {error}");
         }
-        warning!("giving up on {path} after {why}: {error}");
+        let delay = self.ctx.policy.delay(d.attempts, random_unit());
+        let (n, next) = (d.attempts, delay.as_secs_f64());
+        warning!(
+            "cannot find the outputs of {path} (attempt {n}, next try in {next:.1} s): {error}"
+        );
+        d.next_try = Some(now + delay);
+        self.drvs.insert(path, d);
     }
 
-    /// Queues what clients spooled while we were away or busy, once some lane
-    /// has no call in progress.
+    /// Queues what clients spooled, once some lane has no call in progress.
     fn ingest_spool(&mut self) {
-        let stats = self.ctx.shared.lock();
-        if stats.targets.iter().any(|t| t.in_flight.is_empty()) {
-            drop(stats);
-            let paths = self.spool.ingest(&self.ctx.journal);
-            self.ready.extend(paths);
+        let idle = |t: &TargetStats| t.in_flight.is_empty();
+        if self.ctx.shared.lock().targets.iter().any(idle) {
+            self.ready.extend(self.spool.ingest(&self.ctx.journal));
         }
     }
 }
 
 /// Drops the paths of `batch` gone from the store; returns the others.
 fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
-    if !ctx.work || batch.is_empty() {
-        return batch;
-    }
-    let Ok(invalid) = nix.invalid_paths(&batch) else {
-        return batch;
+    let invalid = match ctx.work && !batch.is_empty() {
+        true => nix.invalid_paths(&batch).unwrap_or_default(),
+        false => return batch,
     };
     let gone = |p: &StorePath| invalid.iter().any(|i| i == p.as_str());
     let (gone, valid): (Vec<_>, Vec<_>) = batch.into_iter().partition(gone);
@@ -406,25 +366,21 @@ fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
 
 /// Journals that `path` is given up on for target `i`; false if that failed.
 fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) -> bool {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH);
-    let (target, error) = (ctx.ids[i], error.to_string());
-    let at = now.map_or(0, |d| d.as_secs());
+    let at = SystemTime::now().duration_since(UNIX_EPOCH);
     let record = GivenUp {
-        target,
-        at,
+        target: ctx.ids[i],
+        at: at.map_or(0, |d| d.as_secs()),
         attempts,
-        error,
+        error: error.to_string(),
     };
     match ctx.journal.give_up(path, record) {
-        Ok(given_up) => {
-            ctx.shared.lock().targets[i].given_up += u64::from(given_up);
-            true
-        }
+        Ok(given_up) => ctx.shared.lock().targets[i].given_up += u64::from(given_up),
         Err(e) => {
             warning!("cannot journal that {path} is given up on ({e}); it is retried");
-            false
+            return false;
         }
     }
+    true
 }
 
 /// One target's thread: its calls, canary, bisection and backoff.
@@ -433,6 +389,8 @@ struct Lane {
     i: usize,
     target: Target,
     nix: Nix,
+    /// ` LABEL` when there are several targets, for log lines.
+    to: String,
     /// Most paths in the next call (see [`policy::next_limit`]).
     limit: usize,
     /// While the target is down: its failed group, which new paths join.
@@ -441,28 +399,27 @@ struct Lane {
 }
 
 impl Lane {
-    /// Runs `f` on the paths this lane still needs, kept in [`Shared`] for
-    /// `status`.
+    /// Runs `f` on the paths this lane still needs, kept in [`Shared`].
     fn held<R>(&self, f: impl FnOnce(&mut HashMap<StorePath, Backoff>) -> R) -> R {
         f(&mut self.ctx.shared.lock().targets[self.i].backoff)
     }
 
     fn run(mut self, rx: Receiver<ToLane>) {
-        lower_priority();
         loop {
             let now = Instant::now();
-            let down = self.down.as_ref().and_then(|d| d.next_try);
-            let down = down.filter(|&t| t > now);
-            let next = |h: &mut HashMap<_, Backoff>| h.values().filter_map(|b| b.next_try).min();
-            let next = down.or_else(|| self.held(next));
+            // While the target is down, nothing is taken before it is due.
+            self.down = self.down.take().filter(|d| d.next_try > Some(now));
+            let next = match &self.down {
+                Some(down) => down.next_try,
+                None => self.held(|h| h.values().filter_map(|b| b.next_try).min()),
+            };
             let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
             if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
                 || self.ctx.shared.stopping.load(Ordering::SeqCst)
             {
                 return;
             }
-            let down = self.down.as_ref().and_then(|d| d.next_try);
-            if down.is_none_or(|t| t <= Instant::now()) {
+            if self.down.is_none() {
                 let batch = self.take(Instant::now());
                 if !batch.is_empty() {
                     self.round(batch);
@@ -471,7 +428,7 @@ impl Lane {
         }
     }
 
-    /// True for [`ToLane::Shutdown`].
+    /// Never a stop: a lane stops when the front drops its sender.
     fn handle(&mut self, msg: ToLane) -> bool {
         let now = Some(Instant::now());
         match msg {
@@ -479,8 +436,7 @@ impl Lane {
                 // While the target is down, new paths join the failed group.
                 let down = self.down.clone().filter(|d| d.next_try > now);
                 let mut group = down.unwrap_or_default();
-                group.next_try = group.next_try.or(now);
-                group.signed = signed;
+                (group.next_try, group.signed) = (group.next_try.or(now), signed);
                 self.held(|held| {
                     for p in paths {
                         held.entry(p).or_insert(group.clone());
@@ -489,35 +445,25 @@ impl Lane {
             }
             ToLane::Retry => {
                 self.down = None;
-                self.held(|held| {
-                    for b in held.values_mut() {
-                        b.next_try = b.next_try.and(now);
-                    }
-                });
+                let due = |b: &mut Backoff| b.next_try = b.next_try.and(now);
+                self.held(|held| held.values_mut().for_each(due));
             }
-            ToLane::Shutdown => return true,
         }
         false
     }
 
     /// The next call's paths: those due, in queue order, within the limit.
     fn take(&mut self, now: Instant) -> Vec<StorePath> {
-        let (ctx, id) = (Arc::clone(&self.ctx), self.target.id);
+        let (ctx, id) = (Arc::clone(&self.ctx), [self.target.id]);
         let limit = self.limit.min(ctx.config.batch_size);
         let (out, retries) = self.held(|held| {
+            held.retain(|p, _| ctx.needed(p, &id));
             let due = held
                 .iter()
                 .filter(|h| h.1.next_try.is_some_and(|t| t <= now));
             let mut due: Vec<StorePath> = due.map(|h| h.0.clone()).collect();
             due.sort_by_key(|p| ctx.journal.entry(p).map_or(u64::MAX, |e| e.seq));
-            let (mut out, mut bytes) = (Vec::new(), 0);
-            for p in due {
-                if ctx.journal.entry(&p).is_none() || ctx.settled(&p, id) {
-                    held.remove(&p);
-                } else if !fits(&mut out, &mut bytes, p, limit) {
-                    break;
-                }
-            }
+            let out = take(&mut due.into(), limit, |_| true);
             let mut retries = false;
             for p in &out {
                 if let Some(b) = held.get_mut(p) {
@@ -534,90 +480,76 @@ impl Lane {
         }
     }
 
-    /// A call for `batch`; when it fails, the policy's canary, bisection and
-    /// backoff.
+    /// Calls for `batch`: when one fails, the policy's canary, bisection, backoff.
     fn round(&mut self, batch: Vec<StorePath>) {
         let (len, max) = (batch.len(), self.ctx.config.batch_size);
         // Signed before each copy when the front could not sign some of them.
         let sign = self.held(|held| batch.iter().any(|p| held.get(p).is_some_and(|b| !b.signed)));
-        let (mut groups, mut answer, mut budget) = (vec![batch], None, 0);
-        let (mut first, mut note) = (true, None);
+        let (mut groups, mut answer, mut budget, mut note) = (vec![batch], None, 0, None);
+        let mut calls = 0;
         while let Some(mut group) = groups.pop() {
-            if !first && self.ctx.shared.stopping.load(Ordering::SeqCst) {
-                return; // Still journaled: uploaded after the restart.
-            }
-            let started = Instant::now();
-            match self.attempt(&group, sign) {
-                Ok(()) => {
-                    if first {
-                        self.limit = policy::next_limit(self.limit, len, false, max);
-                    }
-                    self.took(&group, started);
-                    answer = Some(Answer::TookSome);
-                }
-                Err(f) => match policy::after_failure(group.len(), f.timed_out(), first, budget) {
-                    // Before a canary: does the target answer at all? A
-                    // ping costs less than a copy.
-                    Next::Canary if *answer.get_or_insert_with(|| self.ask()) == Answer::Silent => {
-                        group.extend(groups.drain(..).flatten());
-                        self.back_off(group, &f, Blame::Target);
-                    }
-                    Next::Outage => {
-                        if group.len() > 1 && f.timed_out() {
-                            self.limit = policy::next_limit(self.limit, group.len(), true, max);
-                            let (n, to, limit) = (group.len(), self.named(), self.limit);
-                            warning!("a batch of {n} paths timed out{to}; the next batches take at most {limit}");
-                        }
-                        group.extend(groups.drain(..).flatten());
-                        self.back_off(group, &f, Blame::Target);
-                    }
-                    Next::Judge => {
-                        let blame = self.judge(&group[0], &mut answer);
-                        if blame == Blame::Target {
-                            // An outage after all: the rest waits with it.
-                            group.extend(groups.drain(..).flatten());
-                        }
-                        self.back_off(group, &f, blame);
-                    }
-                    Next::Canary => {
-                        let counted = self.held(|held| {
-                            let counted =
-                                |p| held.get(p).map_or(0, |b: &Backoff| b.failures.counted);
-                            group.iter().map(counted).collect::<Vec<_>>()
-                        });
-                        let canary = group.remove(policy::pick_canary(&counted, random_unit()));
-                        budget = policy::bisection_budget(group.len());
-                        note = Some(format!("batch of {len} paths failed while the target{} works, splitting it to find the paths at fault: {f}", self.named()));
-                        groups.extend([group, vec![canary]]);
-                        first = false;
-                        continue;
-                    }
-                    Next::Split => {
-                        budget -= 1;
-                        let right = group.split_off(group.len() / 2);
-                        groups.extend([right, group]);
-                    }
-                    Next::BackOff => self.back_off(group, &f, Blame::Target),
-                },
-            }
-            first = false;
-            // After the canary, unless that ended the round.
-            if let Some(note) = note.take().filter(|_| !groups.is_empty()) {
+            // After the canary's call, unless that ended the round.
+            if let Some(note) = note.take_if(|_| calls > 1) {
                 warning!("{note}");
             }
+            if calls > 0 && self.ctx.shared.stopping.load(Ordering::SeqCst) {
+                return; // Still journaled: uploaded after the restart.
+            }
+            calls += 1;
+            let started = Instant::now();
+            let Err(f) = self.attempt(&group, sign) else {
+                if calls == 1 {
+                    self.limit = policy::next_limit(self.limit, len, false, max);
+                }
+                self.took(&group, started);
+                answer = Some(Answer::TookSome);
+                continue;
+            };
+            let next = policy::after_failure(group.len(), f.timed_out(), calls == 1, budget);
+            let blame = match next {
+                // Before a canary: a ping costs less than a copy.
+                Next::Canary if *answer.get_or_insert_with(|| self.ask()) != Answer::Silent => {
+                    let counted = |p| self.held(|h| h.get(p).map_or(0, |b| b.failures.counted));
+                    let counted: Vec<u32> = group.iter().map(counted).collect();
+                    let canary = group.remove(policy::pick_canary(&counted, random_unit()));
+                    budget = policy::bisection_budget(group.len());
+                    let to = &self.to;
+                    note = Some(format!("batch of {len} paths failed while the target{to} works, splitting it to find the paths at fault: {f}"));
+                    groups.extend([group, vec![canary]]);
+                    continue;
+                }
+                Next::Split => {
+                    budget -= 1;
+                    let right = group.split_off(group.len() / 2);
+                    groups.extend([right, group]);
+                    continue;
+                }
+                Next::Judge => {
+                    // Asked once a round, unless a call of the round went through.
+                    let a = *answer.get_or_insert_with(|| self.ask());
+                    let refuses_all = a == Answer::Answers && self.streak.failed(group[0].clone());
+                    if refuses_all {
+                        let (n, to) = (policy::REFUSES_ALL, &self.to);
+                        info!("{n} different paths failed alone while the target{to} answers and took none: it seems to refuse everything, which does not count against the paths");
+                    }
+                    policy::blame_alone(a, refuses_all)
+                }
+                Next::Outage if group.len() > 1 => {
+                    self.limit = policy::next_limit(self.limit, group.len(), true, max);
+                    let (n, to, limit) = (group.len(), &self.to, self.limit);
+                    warning!(
+                        "a batch of {n} paths timed out{to}; the next batches take at most {limit}"
+                    );
+                    Blame::Target
+                }
+                Next::Outage | Next::Canary | Next::BackOff => Blame::Target,
+            };
+            if blame == Blame::Target && next != Next::BackOff {
+                // An outage: the rest of the round waits with it.
+                group.extend(groups.drain(..).flatten());
+            }
+            self.back_off(group, &f, blame);
         }
-    }
-
-    /// Whom to blame for `path`, which failed alone: asks the target once a
-    /// round, unless a call of the round went through.
-    fn judge(&mut self, path: &StorePath, answer: &mut Option<Answer>) -> Blame {
-        let a = *answer.get_or_insert_with(|| self.ask());
-        let refuses_all = a == Answer::Answers && self.streak.failed(path.clone());
-        if refuses_all {
-            let (n, to) = (policy::REFUSES_ALL, self.named());
-            info!("{n} different paths failed alone while the target{to} answers and took none: it seems to refuse everything, which does not count against the paths");
-        }
-        policy::blame_alone(a, refuses_all)
     }
 
     fn ask(&self) -> Answer {
@@ -626,11 +558,12 @@ impl Lane {
             Kind::SignOnly => return Answer::Answers,
             Kind::Url(url) => url,
         };
-        let Err(e) = self.nix.ping(url, PING_TIMEOUT.min(self.nix.timeout())) else {
+        let timeout = nix::PING_TIMEOUT.min(self.nix.timeout());
+        let Err(e) = self.nix.ping(url, timeout) else {
             return Answer::Answers;
         };
         self.count_failure(&e);
-        let to = self.named();
+        let to = &self.to;
         info!("the target{to} does not answer either, so the failure does not count against the path: {e}");
         Answer::Silent
     }
@@ -648,18 +581,7 @@ impl Lane {
             Kind::SignOnly => Ok(()),
         });
         self.ctx.shared.lock().targets[self.i].in_flight.clear();
-        if let Err(f) = &result {
-            self.count_failure(f);
-        }
-        result
-    }
-
-    /// ` LABEL` when there are several targets, else nothing.
-    fn named(&self) -> String {
-        match self.ctx.ids.len() {
-            1 => String::new(),
-            _ => format!(" {}", self.target.label),
-        }
+        result.inspect_err(|f| self.count_failure(f))
     }
 
     fn count_failure(&self, failure: &Failure) {
@@ -680,7 +602,7 @@ impl Lane {
             Vec::new()
         });
         if ctx.work {
-            let (n, names, to) = (paths.len(), names(paths), self.named());
+            let (n, names, to) = (paths.len(), names(paths), &self.to);
             info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
         }
         let mut stats = ctx.shared.lock();
@@ -695,46 +617,45 @@ impl Lane {
             stats.upload_seconds += took;
             stats.upload_batches += 1;
         }
-        for p in &done {
-            stats.forget(p);
-        }
+        done.iter().for_each(|p| stats.forget(p));
     }
 
-    /// Backs off paths that failed together with one attempt count and next
-    /// try, so that they are retried in one call, or gives up on them. When
-    /// blamed on the target, it is down until then.
+    /// Backs off paths that failed together as one group, or gives up on them.
     fn back_off(&mut self, paths: Vec<StorePath>, error: &Failure, blame: Blame) {
-        let (now, last_error) = (Instant::now(), error.to_string());
-        let take = |held: &mut HashMap<_, Backoff>| {
-            let held = paths.iter().map(|p| held.remove(p).unwrap_or_default());
-            held.collect::<Vec<_>>()
+        let (now, to) = (Instant::now(), &self.to);
+        let old = |p| self.held(|h| h.get(p).map_or(0, |b: &Backoff| b.attempts));
+        let attempts = 1 + paths.iter().map(old).max().unwrap_or(0);
+        let delay = self.ctx.policy.delay(attempts, random_unit());
+        let (next_try, last_error) = (Some(now + delay), error.to_string());
+        let group = Backoff {
+            attempts,
+            next_try,
+            last_error,
+            ..Backoff::default()
         };
-        let mut held = self.held(take);
-        let attempts = 1 + held.iter().map(|b| b.attempts).max().unwrap_or(0);
-        let next_try = Some(now + self.ctx.policy.delay(attempts, random_unit()));
         let mut kept = Vec::new();
-        for (p, mut b) in paths.into_iter().zip(held.drain(..)) {
-            (b.attempts, b.next_try, b.last_error) = (attempts, next_try, last_error.clone());
+        for p in paths {
+            let mut b = self.held(|held| held.remove(&p)).unwrap_or_default();
+            (b.attempts, b.next_try, b.last_error) = (attempts, next_try, group.last_error.clone());
             match self.ctx.policy.fail(&mut b.failures, blame, now) {
-                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &last_error) => {
-                    let on = self.named().replacen(' ', " for ", 1);
-                    warning!("giving up on {p}{on} after {why}: {last_error}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
+                Some(why) if give_up(&self.ctx, self.i, &p, attempts, &group.last_error) => {
+                    let (on, e) = (to.replacen(' ', " for ", 1), &group.last_error);
+                    warning!("giving up on {p}{on} after {why}: {e}; it stays in the journal, not tried again until `post-build-hook-queue requeue {p}` (or `drop {p}`)");
                 }
                 _ => kept.push((p, b)),
             }
         }
         if !kept.is_empty() {
-            let kept_paths: Vec<StorePath> = kept.iter().map(|k| k.0.clone()).collect();
-            let (n, names, to) = (kept.len(), names(&kept_paths), self.named());
-            let next = next_try.map_or(0.0, |t| t.saturating_duration_since(now).as_secs_f64());
-            warning!("{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {last_error}");
+            let (n, names) = (kept.len(), names(kept.iter().map(|k| &k.0)));
+            let (next, e) = (delay.as_secs_f64(), &group.last_error);
+            warning!(
+                "{n} path(s) ({names}) failed attempt {attempts}{to}, next try in {next:.1} s: {e}"
+            );
         }
         let journal = &self.ctx.journal;
         self.held(|held| held.extend(kept.into_iter().filter(|k| journal.entry(&k.0).is_some())));
         if blame == Blame::Target {
-            let mut down = Backoff::default();
-            (down.attempts, down.next_try, down.last_error) = (attempts, next_try, last_error);
-            self.down = Some(down);
+            self.down = Some(group);
         }
     }
 }
@@ -751,18 +672,17 @@ pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: 
     };
     warning!("dropping {}{count}: {why}", names(&paths));
     let mut stats = shared.lock();
-    for p in &paths {
-        stats.forget(p);
-    }
+    paths.iter().for_each(|p| stats.forget(p));
     stats.dropped += paths.len() as u64;
     drop(stats);
     journal.drop_paths(&paths).len()
 }
 
 /// The first few of `paths`, for a log line: `A, B, C, ...`.
-fn names(paths: &[StorePath]) -> String {
-    let named: Vec<String> = paths.iter().take(3).map(StorePath::to_string).collect();
-    named.join(", ") + if paths.len() > 3 { ", ..." } else { "" }
+fn names<'a>(paths: impl IntoIterator<Item = &'a StorePath>) -> String {
+    let mut paths = paths.into_iter();
+    let named: Vec<String> = paths.by_ref().take(3).map(StorePath::to_string).collect();
+    named.join(", ") + if paths.next().is_some() { ", ..." } else { "" }
 }
 
 /// A number in [0, 1) from the standard library's randomly seeded hasher.
