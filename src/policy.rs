@@ -1,20 +1,11 @@
-//! The retry policy: what to do after a failed upload call, decided without
-//! I/O, threads or clock reads (time and randomness are arguments), so that
-//! each decision has a unit test. A failed call of several paths is followed
-//! by one path alone (a canary); a path that failed alone is at fault if the
-//! target works, else the target is (an outage, which ends the round). The
-//! rest is then split in halves within a budget of calls. A timeout ends the
-//! round. Paths that failed together back off together, with exponential
-//! delays and jitter. Only failures blamed on the paths count towards giving
-//! up: an outage never ends a path.
+//! The retry policy after a failed upload call, without I/O, threads or clock
+//! reads (time and randomness are arguments), so each decision has a unit test.
 
 use std::collections::HashSet;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-/// Different paths that failed alone in a row, while the target answered
-/// and took nothing, after which the target is taken to refuse everything
-/// (a full disk answers `nix store ping` too).
+/// Different paths failing alone in a row, target answering, after which it refuses everything.
 pub const REFUSES_ALL: usize = 4;
 
 /// Whose fault a failed call was.
@@ -39,9 +30,7 @@ pub enum Answer {
     Unknown,
 }
 
-/// Whom to blame for a path that failed alone. `refuses_all`: enough
-/// different paths failed alone in a row while nothing went through
-/// ([`Streak`]).
+/// Whom to blame for a path that failed alone; `refuses_all` from [`Streak`].
 pub fn blame_alone(answer: Answer, refuses_all: bool) -> Blame {
     match answer {
         Answer::TookSome => Blame::Paths,
@@ -53,13 +42,11 @@ pub fn blame_alone(answer: Answer, refuses_all: bool) -> Blame {
 /// What follows a failed call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
-    /// The target hangs: back off the call's paths and the rest of the
-    /// round, blamed on the target, without bisection.
+    /// The target hangs: back off the round's paths, blamed on the target.
     Outage,
     /// Judge the one path ([`blame_alone`]).
     Judge,
-    /// The round's first call: try one path alone ([`pick_canary`]), then
-    /// the rest within a budget of splits ([`bisection_budget`]).
+    /// The round's first call: one path alone, then bisect the rest.
     Canary,
     /// Split the paths in halves.
     Split,
@@ -67,8 +54,7 @@ pub enum Next {
     BackOff,
 }
 
-/// The step after a failed call of `len` paths; `first`: the round's first
-/// call; `budget`: splits left.
+/// The step after a failed call of `len` paths (`first` of the round, `budget` splits left).
 pub fn after_failure(len: usize, timed_out: bool, first: bool, budget: u32) -> Next {
     match (timed_out, len, first) {
         (true, _, _) => Next::Outage,
@@ -79,9 +65,7 @@ pub fn after_failure(len: usize, timed_out: bool, first: bool, budget: u32) -> N
     }
 }
 
-/// The index of the canary: one of the paths with the fewest counted
-/// failures (one that failed alone before is the likeliest to be at fault),
-/// chosen among those by `jitter` in [0, 1) so that it varies.
+/// The canary: one of the paths with the fewest counted failures, picked by `jitter` in [0, 1).
 pub fn pick_canary(counted: &[u32], jitter: f64) -> usize {
     let fewest = counted.iter().copied().min().unwrap_or(0);
     let candidates: Vec<usize> = (0..counted.len())
@@ -92,15 +76,12 @@ pub fn pick_canary(counted: &[u32], jitter: f64) -> usize {
     candidates.get(pick).copied().unwrap_or(0)
 }
 
-/// Splits a bisection may make for `len` paths: enough to find one bad path
-/// by halving, plus a little.
+/// Splits a bisection may make for `len` paths: enough to find one bad path, plus a little.
 pub fn bisection_budget(len: usize) -> u32 {
     2 * (usize::BITS - len.leading_zeros()) + 2
 }
 
-/// The batch limit after a call of `len` paths: halved after a timeout (the
-/// batch may have been too big to finish in time), doubled after a success,
-/// within 1..=`max`.
+/// The batch limit after a call of `len` paths: halved after a timeout, doubled after a success.
 pub fn next_limit(limit: usize, len: usize, timed_out: bool, max: usize) -> usize {
     if timed_out {
         (len / 2).max(1).min(limit)
@@ -109,8 +90,7 @@ pub fn next_limit(limit: usize, len: usize, timed_out: bool, max: usize) -> usiz
     }
 }
 
-/// Different paths that failed alone in a row while the target answered
-/// and took nothing; a success ends it.
+/// Different paths that failed alone in a row while the target answered; a success ends it.
 #[derive(Debug)]
 pub struct Streak<P>(HashSet<P>);
 
@@ -126,8 +106,7 @@ impl<P: Hash + Eq> Streak<P> {
         self.0.clear();
     }
 
-    /// `path` failed alone while the target answered; true when the target
-    /// now seems to refuse everything ([`REFUSES_ALL`] different paths).
+    /// `path` failed alone while the target answered; true once it seems to refuse everything.
     pub fn failed(&mut self, path: P) -> bool {
         self.0.insert(path);
         self.0.len() >= REFUSES_ALL
@@ -139,8 +118,7 @@ impl<P: Hash + Eq> Streak<P> {
 pub struct Policy {
     /// Failures blamed on a path after which it is given up on.
     pub max_attempts: Option<u32>,
-    /// How long a path may keep failing by its own fault, from its first
-    /// such failure in this run, before it is given up on.
+    /// How long a path may fail by its own fault (from the first such failure this run).
     pub give_up_after: Option<Duration>,
     /// The first retry's delay.
     pub retry_initial: Duration,
@@ -148,7 +126,7 @@ pub struct Policy {
     pub retry_max: Duration,
 }
 
-/// One path's failures on one target in this run.
+/// One path's failures blamed on it, on one target in this run, and when the first was.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Failures {
     /// Those blamed on the path.
@@ -158,10 +136,7 @@ pub struct Failures {
 }
 
 impl Policy {
-    /// Records a failure of a path at `now`. Returns why the path is given
-    /// up on, if it is: only a failure blamed on it can end it, so an
-    /// outage, a long downtime or a clock that starts in the past (the time
-    /// is monotonic, from this run) never does.
+    /// Records a failure at `now`; returns why the path is given up on (only for its own fault).
     pub fn fail(&self, f: &mut Failures, blame: Blame, now: Instant) -> Option<String> {
         if blame == Blame::Target {
             return None;
@@ -184,9 +159,7 @@ impl Policy {
         }
     }
 
-    /// The delay before attempt `attempts + 1`: between half and all of
-    /// `initial * 2^(attempts-1)` as `jitter` goes from 0 to 1, capped at
-    /// the maximum delay.
+    /// The delay before attempt `attempts + 1`: half to all of `initial * 2^(attempts-1)`, capped.
     pub fn delay(&self, attempts: u32, jitter: f64) -> Duration {
         let factor = 2f64.powi(attempts.saturating_sub(1).min(40) as i32);
         let max = self.retry_max.max(self.retry_initial).as_secs_f64();
