@@ -162,24 +162,21 @@ impl Worker {
         let mut threads = Vec::new();
         let targets = crate::target::configured(&front.ctx.config);
         for (i, target) in targets.into_iter().enumerate() {
+            let ctx = Arc::clone(&front.ctx);
             let url = match &target.kind {
                 Kind::Url(url) => Some(url.as_str()),
                 _ => None,
             };
-            let nix = Nix::from_config(&front.ctx.config, url);
-            let nix = nix.with_running(front.ctx.shared.running(i + 1));
-            let (ctx, limit) = (Arc::clone(&front.ctx), front.ctx.config.batch_size);
-            let to = match ctx.ids.len() {
-                1 => String::new(),
-                _ => format!(" {}", target.label),
-            };
             let lane = Lane {
+                nix: Nix::from_config(&ctx.config, url).with_running(ctx.shared.running(i + 1)),
+                to: match ctx.ids.len() {
+                    1 => String::new(),
+                    _ => format!(" {}", target.label),
+                },
+                limit: ctx.config.batch_size,
                 ctx,
                 i,
                 target,
-                nix,
-                to,
-                limit,
                 down: None,
                 streak: Streak::default(),
             };
@@ -291,12 +288,12 @@ impl Front {
         let mut gone = Vec::new();
         for path in drvs {
             let outputs = match drv::read_outputs(&path, &self.ctx.config.store_dir) {
-                Err(drv::DrvError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     gone.push(path);
                     continue;
                 }
-                Ok(outputs) => Ok(outputs),
-                Err(_) => self.query_outputs(&path),
+                Ok(Some(outputs)) => Ok(outputs),
+                _ => self.query_outputs(&path),
             };
             let journal = &self.ctx.journal;
             let added = outputs.map_err(|e| (e, Blame::Paths)).and_then(|outputs| {
