@@ -23,7 +23,7 @@ use crate::protocol::{ERR_BUSY, ERR_JOURNAL, ERR_STOPPING, ERR_WORKER_GONE, MAX_
 use crate::status::{self, Shared, Snapshot};
 use crate::store_path::StorePath;
 use crate::target::{self, Target};
-use crate::worker::{Msg, Worker};
+use crate::worker::{self, Msg};
 use crate::{error, info, redact, sys, systemd, warning};
 
 /// Longest a client may take to send one request line.
@@ -112,8 +112,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         None => (bind(&config)?, None),
     };
     let (journal, shared) = (Arc::new(journal), Arc::new(Shared::new(&targets)));
-    let worker = Worker::new(&config, Arc::clone(&journal), Arc::clone(&shared), rx);
-    let worker = spawn("worker", move || worker.run())?;
+    let (c, j, s) = (config.clone(), Arc::clone(&journal), Arc::clone(&shared));
+    let worker = spawn("worker", move || worker::run(&c, j, s, rx))?;
     let labels: Vec<&str> = targets.iter().map(|t| t.label.as_str()).collect();
     let to = match targets.as_slice() {
         [t] if matches!(t.kind, target::Kind::SignOnly) => "(none)".into(),

@@ -97,9 +97,6 @@ fn take(
     out
 }
 
-/// The worker's threads, for [`Worker::run`].
-pub struct Worker(Front, Receiver<Msg>);
-
 /// The thread that gathers batches and starts the lanes.
 struct Front {
     ctx: Arc<Ctx>,
@@ -113,116 +110,103 @@ struct Front {
     drvs: HashMap<StorePath, Backoff>,
 }
 
-impl Worker {
-    /// A worker for the targets of `config` (those `shared` was made for).
-    pub fn new(
-        config: &Config,
-        journal: Arc<Journal>,
-        shared: Arc<Shared>,
-        rx: Receiver<Msg>,
-    ) -> Worker {
-        let targets = crate::target::configured(config);
-        let uploads = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
-        let ctx = Arc::new(Ctx {
-            config: config.clone(),
-            journal,
-            shared,
-            policy: Policy {
-                max_attempts: config.max_attempts,
-                give_up_after: config.give_up_after,
-                retry_initial: config.retry_initial_delay,
-                retry_max: config.retry_max_delay,
-            },
-            ids: targets.iter().map(|t| t.id).collect(),
-            uploads,
-            work: config.signing_key_file.is_some() || uploads,
-        });
-        let front = Front {
-            nix: Nix::from_config(config, None).with_running(ctx.shared.running(0)),
-            spool: Spool::new(&config.spool_dir(), &config.store_dir),
-            ready: VecDeque::new(),
-            flush: false,
-            txs: Vec::new(),
-            drvs: HashMap::new(),
-            ctx,
-        };
-        Worker(front, rx)
+/// Runs the worker for the targets of `config` (those `shared` was made for) until
+/// [`Msg::Shutdown`] or every sender is gone, then stops the lanes.
+pub fn run(config: &Config, journal: Arc<Journal>, shared: Arc<Shared>, rx: Receiver<Msg>) {
+    let targets = crate::target::configured(config);
+    let uploads = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
+    let ctx = Arc::new(Ctx {
+        config: config.clone(),
+        journal,
+        shared,
+        policy: Policy {
+            max_attempts: config.max_attempts,
+            give_up_after: config.give_up_after,
+            retry_initial: config.retry_initial_delay,
+            retry_max: config.retry_max_delay,
+        },
+        ids: targets.iter().map(|t| t.id).collect(),
+        uploads,
+        work: config.signing_key_file.is_some() || uploads,
+    });
+    let mut front = Front {
+        nix: Nix::from_config(config, None).with_running(ctx.shared.running(0)),
+        spool: Spool::new(&config.spool_dir(), &config.store_dir),
+        ready: VecDeque::new(),
+        flush: false,
+        txs: Vec::new(),
+        drvs: HashMap::new(),
+        ctx,
+    };
+    // Builds come first; lanes and nix calls inherit the nice of their starter.
+    if let Err(e) = nix::lower_priority() {
+        warning!("cannot lower the worker's CPU priority: {e}");
     }
-
-    /// Runs until [`Msg::Shutdown`] or every sender is gone, then stops the lanes.
-    pub fn run(self) {
-        let Worker(mut front, rx) = self;
-        // Builds come first; lanes and nix calls inherit the nice of their starter.
-        if let Err(e) = nix::lower_priority() {
-            warning!("cannot lower the worker's CPU priority: {e}");
+    if !front.ctx.work {
+        info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
+    }
+    let mut threads = Vec::new();
+    for (i, target) in targets.into_iter().enumerate() {
+        let ctx = Arc::clone(&front.ctx);
+        let url = match &target.kind {
+            Kind::Url(url) => Some(url.as_str()),
+            _ => None,
+        };
+        let lane = Lane {
+            nix: Nix::from_config(&ctx.config, url).with_running(ctx.shared.running(i + 1)),
+            to: match ctx.ids.len() {
+                1 => String::new(),
+                _ => format!(" {}", target.label),
+            },
+            limit: ctx.config.batch_size,
+            ctx,
+            i,
+            target,
+            down: None,
+            streak: Streak::default(),
+        };
+        let (tx, rx) = mpsc::channel();
+        front.txs.push(tx);
+        let thread = std::thread::Builder::new().name(format!("lane {i}"));
+        match thread.spawn(move || lane.run(rx)) {
+            Ok(t) => threads.push(t),
+            Err(e) => return error!("cannot start a thread for a target: {e}"),
         }
-        if !front.ctx.work {
-            info!("none of signing-key-file, upload-to and upload-command is set: paths are acknowledged and then dropped from the queue, nothing to do");
+    }
+    front.ingest_spool();
+    loop {
+        // Resolved or dropped meanwhile: no longer retried.
+        let journal = &front.ctx.journal;
+        front.drvs.retain(|p, _| journal.entry(p).is_some());
+        let next_drv = front.drvs.values().filter_map(|d| d.next_try).min();
+        let wait = match next_drv {
+            _ if !front.ready.is_empty() => Duration::ZERO,
+            Some(next) => next.saturating_duration_since(Instant::now()),
+            None => IDLE_TICK,
+        };
+        if receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m)).is_none()
+            || !front.gather(&rx)
+            || front.ctx.shared.stopping.load(Ordering::SeqCst)
+        {
+            break;
         }
-        let mut threads = Vec::new();
-        let targets = crate::target::configured(&front.ctx.config);
-        for (i, target) in targets.into_iter().enumerate() {
+        let now = Some(Instant::now());
+        let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
+        front.ready.extend(due.map(|d| d.0.clone()));
+        if front.ready.is_empty() {
+            front.flush = false;
+            front.ingest_spool();
+        } else {
             let ctx = Arc::clone(&front.ctx);
-            let url = match &target.kind {
-                Kind::Url(url) => Some(url.as_str()),
-                _ => None,
-            };
-            let lane = Lane {
-                nix: Nix::from_config(&ctx.config, url).with_running(ctx.shared.running(i + 1)),
-                to: match ctx.ids.len() {
-                    1 => String::new(),
-                    _ => format!(" {}", target.label),
-                },
-                limit: ctx.config.batch_size,
-                ctx,
-                i,
-                target,
-                down: None,
-                streak: Streak::default(),
-            };
-            let (tx, rx) = mpsc::channel();
-            front.txs.push(tx);
-            let thread = std::thread::Builder::new().name(format!("lane {i}"));
-            match thread.spawn(move || lane.run(rx)) {
-                Ok(t) => threads.push(t),
-                Err(e) => return error!("cannot start a thread for a target: {e}"),
-            }
+            let batch = take(&mut front.ready, ctx.config.batch_size, |p| {
+                ctx.needed(p, &ctx.ids)
+            });
+            front.process(batch);
         }
-        front.ingest_spool();
-        loop {
-            // Resolved or dropped meanwhile: no longer retried.
-            let journal = &front.ctx.journal;
-            front.drvs.retain(|p, _| journal.entry(p).is_some());
-            let next_drv = front.drvs.values().filter_map(|d| d.next_try).min();
-            let wait = match next_drv {
-                _ if !front.ready.is_empty() => Duration::ZERO,
-                Some(next) => next.saturating_duration_since(Instant::now()),
-                None => IDLE_TICK,
-            };
-            if receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m)).is_none()
-                || !front.gather(&rx)
-                || front.ctx.shared.stopping.load(Ordering::SeqCst)
-            {
-                break;
-            }
-            let now = Some(Instant::now());
-            let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
-            front.ready.extend(due.map(|d| d.0.clone()));
-            if front.ready.is_empty() {
-                front.flush = false;
-                front.ingest_spool();
-            } else {
-                let ctx = Arc::clone(&front.ctx);
-                let batch = take(&mut front.ready, ctx.config.batch_size, |p| {
-                    ctx.needed(p, &ctx.ids)
-                });
-                front.process(batch);
-            }
-        }
-        front.txs.clear();
-        for t in threads {
-            let _ = t.join();
-        }
+    }
+    front.txs.clear();
+    for t in threads {
+        let _ = t.join();
     }
 }
 
