@@ -354,14 +354,12 @@ fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) ->
         attempts,
         error: error.to_string(),
     };
-    match ctx.journal.give_up(path, record) {
-        Ok(given_up) => ctx.shared.lock().targets[i].given_up += u64::from(given_up),
-        Err(e) => {
-            warning!("cannot journal that {path} is given up on ({e}); it is retried");
-            return false;
-        }
+    let given_up = ctx.journal.give_up(path, record);
+    match &given_up {
+        Ok(n) => ctx.shared.lock().targets[i].given_up += u64::from(*n),
+        Err(e) => warning!("cannot journal that {path} is given up on ({e}); it is retried"),
     }
-    true
+    given_up.is_ok()
 }
 
 /// One target's thread: its calls, canary, bisection and backoff.
