@@ -492,8 +492,7 @@ impl Lane {
                     let counted: Vec<u32> = group.iter().map(counted).collect();
                     let canary = group.remove(policy::pick_canary(&counted, random_unit()));
                     budget = policy::bisection_budget(group.len());
-                    let to = &self.to;
-                    note = Some(format!("batch of {len} paths failed while the target{to} works, splitting it to find the paths at fault: {f}"));
+                    note = Some(format!("batch of {len} paths failed while the target{} works, splitting it to find the paths at fault: {f}", self.to));
                     groups.extend([group, vec![canary]]);
                     continue;
                 }
@@ -542,8 +541,7 @@ impl Lane {
             return Answer::Answers;
         };
         self.count_failure(&e);
-        let to = &self.to;
-        info!("the target{to} does not answer either, so the failure does not count against the path: {e}");
+        info!("the target{} does not answer either, so the failure does not count against the path: {e}", self.to);
         Answer::Silent
     }
 
@@ -580,10 +578,6 @@ impl Lane {
             warning!("cannot journal {} finished paths: {e}", paths.len());
             Vec::new()
         });
-        if ctx.work {
-            let (n, names, to) = (paths.len(), names(paths), &self.to);
-            info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
-        }
         let mut stats = ctx.shared.lock();
         let t = &mut stats.targets[self.i];
         for p in paths {
@@ -593,6 +587,8 @@ impl Lane {
         t.last_error = None;
         stats.record_uploads(done.len() as u64);
         if ctx.work {
+            let (n, names, to) = (paths.len(), names(paths), &self.to);
+            info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
             stats.upload_seconds += took;
             stats.upload_batches += 1;
         }
