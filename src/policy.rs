@@ -71,9 +71,8 @@ pub fn pick_canary(counted: &[u32], jitter: f64) -> usize {
     let candidates: Vec<usize> = (0..counted.len())
         .filter(|&i| counted[i] == fewest)
         .collect();
-    let pick =
-        ((jitter * candidates.len() as f64) as usize).min(candidates.len().saturating_sub(1));
-    candidates.get(pick).copied().unwrap_or(0)
+    let pick = candidates.get((jitter * candidates.len() as f64) as usize);
+    pick.or(candidates.last()).copied().unwrap_or(0)
 }
 
 /// Splits a bisection may make for `len` paths: enough to find one bad path, plus a little.

@@ -64,15 +64,16 @@ impl Ctx {
     }
 }
 
-/// Handles the messages within `wait`: `None` on a stop, else whether any came.
-fn receive<T>(rx: &Receiver<T>, wait: Duration, mut stop: impl FnMut(T) -> bool) -> Option<bool> {
-    let first = match rx.recv_timeout(wait) {
+/// Runs `f` on messages until `at` (at most [`IDLE_TICK`]): `None` if `f` stopped, else if any.
+fn receive<T>(rx: &Receiver<T>, at: Option<Instant>, mut f: impl FnMut(T) -> bool) -> Option<bool> {
+    let wait = at.map_or(IDLE_TICK, |t| t.saturating_duration_since(Instant::now()));
+    let first = match rx.recv_timeout(wait.min(IDLE_TICK)) {
         Ok(msg) => msg,
         Err(RecvTimeoutError::Timeout) => return Some(false),
         Err(RecvTimeoutError::Disconnected) => return None,
     };
     let mut msgs = std::iter::once(first).chain(rx.try_iter());
-    (!msgs.any(&mut stop)).then_some(true)
+    (!msgs.any(&mut f)).then_some(true)
 }
 
 /// The next call's paths off `q`: each once if `keep`, within `limit` and one command line.
@@ -178,13 +179,10 @@ pub fn run(config: &Config, journal: Arc<Journal>, shared: Arc<Shared>, rx: Rece
         // Resolved or dropped meanwhile: no longer retried.
         let journal = &front.ctx.journal;
         front.drvs.retain(|p, _| journal.entry(p).is_some());
-        let next_drv = front.drvs.values().filter_map(|d| d.next_try).min();
-        let wait = match next_drv {
-            _ if !front.ready.is_empty() => Duration::ZERO,
-            Some(next) => next.saturating_duration_since(Instant::now()),
-            None => IDLE_TICK,
-        };
-        if receive(&rx, wait.min(IDLE_TICK), |m| front.handle(m)).is_none()
+        // Now if paths are ready, else when a derivation is due.
+        let next = front.ready.front().map(|_| Instant::now());
+        let next = next.or(front.drvs.values().filter_map(|d| d.next_try).min());
+        if receive(&rx, next, |m| front.handle(m)).is_none()
             || !front.gather(&rx)
             || front.ctx.shared.stopping.load(Ordering::SeqCst)
         {
@@ -219,7 +217,7 @@ impl Front {
             && self.ready.len() < self.ctx.config.batch_size
             && start.elapsed() < BATCH_MAX_WAIT
         {
-            match receive(rx, BATCH_QUIET, |m| self.handle(m)) {
+            match receive(rx, Some(Instant::now() + BATCH_QUIET), |m| self.handle(m)) {
                 None => return false,
                 Some(false) => break,
                 Some(true) => {}
@@ -392,8 +390,7 @@ impl Lane {
                 Some(down) => down.next_try,
                 None => self.held(|h| h.values().filter_map(|b| b.next_try).min()),
             };
-            let wait = next.map_or(IDLE_TICK, |t| t.saturating_duration_since(now));
-            if receive(&rx, wait.min(IDLE_TICK), |m| self.handle(m)).is_none()
+            if receive(&rx, next, |m| self.handle(m)).is_none()
                 || self.ctx.shared.stopping.load(Ordering::SeqCst)
             {
                 return;
