@@ -575,6 +575,10 @@ impl Lane {
             warning!("cannot journal {} finished paths: {e}", paths.len());
             Vec::new()
         });
+        if ctx.work {
+            let (n, names, to) = (paths.len(), names(paths), &self.to);
+            info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
+        }
         let mut stats = ctx.shared.lock();
         let t = &mut stats.targets[self.i];
         for p in paths {
@@ -584,8 +588,6 @@ impl Lane {
         t.last_error = None;
         stats.record_uploads(done.len() as u64);
         if ctx.work {
-            let (n, names, to) = (paths.len(), names(paths), &self.to);
-            info!("uploaded {n} path(s) ({names}){to} in {took:.3} s");
             stats.upload_seconds += took;
             stats.upload_batches += 1;
         }
