@@ -277,14 +277,13 @@ impl Front {
                 Ok(Some(outputs)) => Ok(outputs),
                 _ => self.query_outputs(&path),
             };
-            let journal = &self.ctx.journal;
-            let added = outputs.map_err(|e| (e, Blame::Paths)).and_then(|outputs| {
-                let added = journal.replace(&path, &outputs);
-                added.map_err(|e| (format!("cannot journal the outputs: {e}"), Blame::Target))
-            });
-            match added {
-                Ok(added) => out.extend(added),
-                Err((error, blame)) => self.unresolved(path, &error, blame),
+            match outputs.map(|o| self.ctx.journal.replace(&path, &o)) {
+                Ok(Ok(added)) => out.extend(added),
+                Ok(Err(e)) => {
+                    let e = format!("cannot journal the outputs: {e}");
+                    self.unresolved(path, &e, Blame::Target)
+                }
+                Err(e) => self.unresolved(path, &e, Blame::Paths),
             }
         }
         let why = "the derivation is no longer in the store";
