@@ -2,7 +2,8 @@
 //! its settings (`check-config`) and the admin commands, and their help.
 
 use std::ffi::OsString;
-use std::io::{BufRead, ErrorKind, IsTerminal, Write};
+use std::io::ErrorKind::{self, TimedOut, WouldBlock};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -30,8 +31,7 @@ Exit statuses:
     daemon at the socket
 ";
 
-/// Each command: its synopsis on the first line, then its help; commands
-/// are separated by a blank line.
+/// Each command: its synopsis on the first line, then its help; a blank line between.
 const COMMANDS: &str = "\
 serve [--config FILE] [--KEY VALUE]...
 Runs the daemon (also without a COMMAND) until SIGTERM or SIGINT. Settings: the
@@ -108,8 +108,7 @@ fn fail(message: &str, status: i32) -> i32 {
     status
 }
 
-/// Runs the command with `args` (without the program name); returns the
-/// exit status.
+/// Runs the command with `args` (without the program name); returns the exit status.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     // Every setting, command and path this program takes is UTF-8.
     let args: Vec<String> = match args.into_iter().map(OsString::into_string).collect() {
@@ -150,18 +149,15 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     }
 }
 
-/// The daemon's configuration from `args` (see [`Config::from_args`]); else
-/// every problem is shown, one line each, and the status is [`EXIT_CONFIG`].
+/// The configuration from `args`; else every problem, one line each, and [`EXIT_CONFIG`].
 fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
     let (config, mut problems) = Config::from_args(args, at_start);
     // The journal names targets by their URL without secrets.
     let targets = target::configured(&config);
     for (i, t) in targets.iter().enumerate() {
         if targets[..i].iter().any(|u| u.id == t.id) {
-            let shown = &t.label;
-            problems.push(format!(
-                "upload-to: the target {shown} is given twice; give each target once"
-            ));
+            let twice = format!("upload-to: the target {} is given twice", t.label);
+            problems.push(format!("{twice}; give each target once"));
         }
     }
     for problem in &problems {
@@ -282,9 +278,8 @@ fn connect_error(e: &ClientError) -> String {
     }
 }
 
-/// The store path an argument names: itself when it is directly in the
-/// store, else the one a chain of links leads to (`./result`). Unless
-/// `must_exist` (requeue, drop), a missing path is sent as given.
+/// The store path an argument names: itself, or where its links lead (`./result`).
+/// Unless `must_exist` (requeue, drop), a missing path is sent as given.
 fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, String> {
     let mut path = std::path::absolute(arg)
         .map_err(|e| format!("{arg}: cannot read the current directory: {e}"))?;
@@ -337,9 +332,10 @@ fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<
         let (_, n) = conn.request(line)?;
         done += n.parse::<usize>().unwrap_or(0);
     }
-    let of = Some(paths.len())
-        .filter(|n| *n > 0)
-        .map_or(String::new(), |n| format!(" of {n}"));
+    let of = match paths.len() {
+        0 => String::new(),
+        n => format!(" of {n}"),
+    };
     let already = paths.len().saturating_sub(done);
     match command {
         "enqueue" => println!("queued {done} new path(s); {already} were already queued"),
@@ -349,8 +345,7 @@ fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<
     Ok(())
 }
 
-/// Reads the daemon's reply lines, up to a deadline, handing each to `each`
-/// until the last: `ok MESSAGE` (the message returned) or `err REASON`.
+/// Hands each reply line to `each`, up to a deadline, until `ok MESSAGE` (returned) or `err`.
 fn replies(
     conn: &mut Connection,
     deadline: Option<Instant>,
@@ -371,8 +366,7 @@ fn replies(
     }
 }
 
-/// `remaining N failing M [error PATH TEXT]` from the daemon as a phrase,
-/// with the error part when `error`.
+/// `remaining N failing M [error PATH TEXT]` as a phrase (the error part when `error`).
 fn describe_remaining(line: &str, error: bool) -> Option<String> {
     let mut words = line.splitn(6, ' ');
     let (Some("remaining"), Some(n), Some("failing"), Some(m)) =
@@ -388,9 +382,8 @@ fn describe_remaining(line: &str, error: bool) -> Option<String> {
     Some(text)
 }
 
-/// Blocks until the paths queued before the call are gone from the queue;
-/// its timeout is a refusal saying what is left. The progress on a terminal
-/// is one line replaced in place, ending with a newline however `wait` ends.
+/// Blocks until the paths queued before the call are gone; a timeout is a refusal
+/// saying what is left. On a terminal, one progress line is replaced in place.
 fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientError> {
     let tty = std::io::stderr().is_terminal();
     let (mut progress, mut last) = (false, String::new());
@@ -405,17 +398,14 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientEr
         }
         last = line;
     });
-    let timed_out =
-        |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
-    match reply {
-        Err(ClientError::Io(e)) if timeout.is_some() && timed_out(&e) => {
-            let secs = timeout.unwrap_or_default().as_secs_f64();
+    match (reply, timeout) {
+        (Err(ClientError::Io(e)), Some(t)) if matches!(e.kind(), WouldBlock | TimedOut) => {
             let state = describe_remaining(&last, true);
             let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
-            let message = format!("wait timed out after {secs}s: {state}");
+            let message = format!("wait timed out after {}s: {state}", t.as_secs_f64());
             Err(ClientError::Refused(message))
         }
-        reply => reply.map(|message| println!("{message}")),
+        (reply, _) => reply.map(|message| println!("{message}")),
     }
 }
 

@@ -10,8 +10,7 @@ use std::time::Duration;
 use crate::sys;
 use crate::wire::{parse_seconds, with_places};
 
-/// Every setting: each field is the key of its name in [`KEYS`] (`None`: none).
-/// [`Config::new`] has the defaults; `Config::default()` is blank.
+/// Every setting, each field the key of its name in [`KEYS`]; [`Config::new`] has the defaults.
 #[derive(Debug, Clone, PartialEq, Default)]
 #[allow(missing_docs)]
 pub struct Config {
@@ -38,8 +37,7 @@ pub struct Config {
     pub give_up_after: Option<Duration>,
 }
 
-/// Every key (`key | default | accepted form`), as `--help` shows it and
-/// [`Config::new`] applies; an empty default is none.
+/// Every key (`key | default | accepted form`), as `--help` shows it; empty: no default.
 pub const KEYS: &str = "\
 socket                    | (below)     | path of the unix socket
 state-dir                 | (below)     | directory of the journal
@@ -95,9 +93,8 @@ impl Config {
         let mut config = Config::default();
         let (socket, state_dir) = with_places(|p| (p.socket(), p.state_dir()));
         (config.socket, config.state_dir) = (socket.into(), state_dir.into());
-        let store_dir = std::env::var("NIX_STORE_DIR")
-            .ok()
-            .filter(|d| !d.is_empty());
+        let store_dir = Some(std::env::var("NIX_STORE_DIR").unwrap_or_default());
+        let store_dir = store_dir.filter(|d| !d.is_empty());
         config.store_dir =
             store_dir.map_or("/nix/store".into(), |d| d.trim_end_matches('/').into());
         for [key, default, _] in keys() {
@@ -111,13 +108,14 @@ impl Config {
 
     /// The spool directory: `spool-dir` if set, else `<state-dir>/spool`.
     pub fn spool_dir(&self) -> PathBuf {
-        let default = || self.state_dir.join("spool");
-        self.spool_dir.clone().unwrap_or_else(default)
+        self.spool_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("spool"))
     }
 
     /// Applies one `key = value` setting; the error says what is accepted.
-    /// No control characters: a line break would end a `status` line early.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        // No control characters: a line break would end a `status` line early.
         if let Some(c) = value.chars().find(|c| c.is_control()) {
             return Err(format!("no setting takes a control character ({c:?})"));
         }
@@ -261,17 +259,16 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     }
 }
 
-/// Checks the signing key file (never showing the key): a regular file with
-/// a Nix secret key; `at_start`, also readable, and not by every user.
+/// Checks the signing key file (never showing the key) holds a Nix secret key;
+/// `at_start`, also that it is readable, and not by every user.
 fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
     let shown = key.display();
     let mut text = Vec::new();
     // At most 4 KiB (a key is about 100 bytes); never a FIFO's read.
     let read = std::fs::metadata(key).and_then(|meta| {
         if meta.is_file() {
-            std::fs::File::open(key)?
-                .take(4096)
-                .read_to_end(&mut text)?;
+            let mut file = std::fs::File::open(key)?.take(4096);
+            file.read_to_end(&mut text)?;
         }
         Ok(meta)
     });
@@ -297,8 +294,7 @@ fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
     ))
 }
 
-/// Checks that the `upload-command` program can be run: an executable file
-/// at its absolute path, or (a bare name) in a directory of `PATH`.
+/// Checks that the `upload-command` program is an executable file, at its path or on `PATH`.
 fn check_program(program: &str) -> Result<(), String> {
     let runnable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -92,8 +92,7 @@ pub struct Nix {
 }
 
 impl Nix {
-    /// The `nix` for calls to `upload_to` (`None`: signing and queries) with
-    /// the settings of `config`; ssh gets a connect timeout (no `NIX_SSHOPTS`).
+    /// The `nix` for calls to `upload_to` (`None`: signing, queries); ssh gets a connect timeout.
     pub fn from_config(config: &Config, upload_to: Option<&str>) -> Nix {
         let ssh = upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
         let no_opts = std::env::var_os("NIX_SSHOPTS").is_none();
@@ -204,8 +203,7 @@ impl Nix {
         Err(Failure { what, kind, stderr })
     }
 
-    /// Runs the commands in one new process group: each one's stdout, or the
-    /// first failure.
+    /// Runs the commands in one new process group: each one's stdout, or the first failure.
     fn run_all(&self, what: &'static str, cmds: Vec<Command>) -> Result<Vec<Capture>, Failure> {
         let (exited_tx, exited) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel();
@@ -251,8 +249,8 @@ impl Nix {
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
         self.running.store(0, Ordering::SeqCst);
-        // The streams, up to a deadline: a process that left the group may
-        // hold them. One more: those of a command that could not be started.
+        // The streams, up to a deadline (a process that left the group may hold them),
+        // and those of a command that could not be started.
         let _ = until.set(Instant::now() + OUTPUT_AFTER_EXIT);
         let mut captures: Vec<[Capture; 2]> = (0..=count).map(|_| Default::default()).collect();
         for (i, which, capture) in ended {
@@ -327,8 +325,7 @@ fn read_stream(mut from: impl Read, which: usize, until: &OnceLock<Instant>) -> 
     c
 }
 
-/// The end of a stderr on one line, without control characters or colour
-/// sequences (`ESC [ ... letter`), which could move a terminal's cursor.
+/// The end of a stderr on one line, without control characters or colour sequences (cursor moves).
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let (mut clean, mut chars) = (String::new(), text.chars().peekable());

@@ -1,6 +1,5 @@
-//! Keeping secrets (`ssh://u:pw@h`, `?secret-key=`, `--token T`,
-//! `AUTH_TOKEN=T`) out of what is shown: every line passes through [`text`];
-//! [`url`] is the narrower form the journal's target names are made from.
+//! Keeping secrets (`ssh://u:pw@h`, `?secret-key=`, `--token T`, `AUTH_TOKEN=T`) out of
+//! what is shown: every line passes through [`text`]; the journal's target names, [`url`].
 
 use std::sync::Mutex;
 
@@ -13,8 +12,7 @@ const PART_ENDS: [char; 4] = ['&', '?', ',', ';'];
 /// Secrets to mask, with their masks; only extended (a poisoned lock is fine).
 static REMEMBERED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
-/// Remembers the secrets of a configured target (a URL, an uploader's
-/// command line) for [`text`] to mask where no pattern finds them.
+/// Remembers a configured target's secrets for [`text`] to mask where no pattern finds them.
 pub fn remember(target: &str) {
     let authority = target
         .split_once("://")

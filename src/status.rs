@@ -37,23 +37,19 @@ pub struct Backoff {
     pub signed: bool,
 }
 
-/// One target's state since the daemon started.
+/// One target's state since the daemon started: its journal name, its label
+/// (secrets masked), the paths its lane still needs and those of its call in
+/// progress, paths it took and given up on for it, its failed calls, and the
+/// error of its last call if that call failed.
+#[allow(missing_docs)]
 pub struct TargetStats {
-    /// The journal's name for the target.
     pub id: TargetId,
-    /// How it is shown (secrets masked).
     pub label: String,
-    /// The paths its lane still needs.
     pub backoff: HashMap<StorePath, Backoff>,
-    /// The paths of its call in progress.
     pub in_flight: Vec<StorePath>,
-    /// Paths it took.
     pub delivered: u64,
-    /// Paths given up on for it.
     pub given_up: u64,
-    /// Failed calls to it.
     pub failed_calls: u64,
-    /// The error of its last call, if that call failed.
     pub last_error: Option<String>,
 }
 
@@ -154,8 +150,7 @@ impl Shared {
     }
 }
 
-/// The daemon's fields: `KEY KIND METRIC HELP`. KEY names it in `status
-/// json` and `status` (`-`: a metric only); METRIC `-`: not a metric.
+/// The daemon's fields: `KEY KIND METRIC HELP`; KEY or METRIC `-`: not in status, not a metric.
 const FIELDS: &str = "\
 version text - -
 uptime_seconds seconds - -
@@ -196,8 +191,7 @@ type Row = Vec<Option<String>>;
 /// A listed path, attempts, seconds (to the next try, or since given up), error.
 type Item = (StorePath, u32, f64, String);
 
-/// One look at the daemon: [`FIELDS`], [`TARGET_FIELDS`] per target shown, paths in
-/// flight, backing off (soonest first, per path and target), given up on.
+/// One look at the daemon: its fields, each shown target's, and the paths listed.
 pub struct Snapshot {
     fields: Row,
     targets: Vec<Row>,
@@ -387,8 +381,7 @@ fn number(value: Option<&str>) -> f64 {
     value.and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
-/// The fields of a table that `status json` shows, as one JSON object
-/// ending with `more`.
+/// The fields of a table that `status json` shows, as one JSON object ending with `more`.
 fn object(table: &'static str, row: &[Option<String>], more: &str) -> String {
     let shown = fields(table, row).filter(|(f, _)| f[0] != "-");
     let pairs = shown.map(|([key, kind, ..], v)| match (kind, v) {
@@ -416,8 +409,7 @@ fn target(row: &[Option<String>]) -> String {
     format!("{label}: {}", shown.collect::<Vec<_>>().join(", "))
 }
 
-/// `items` as indented lines, at most `cap` of them, then how many of
-/// `total` (at least all of `items`) it left out.
+/// `items` as indented lines, at most `cap`, then how many of `total` it left out.
 fn listed<T>(items: &[T], cap: usize, total: usize, line: impl Fn(&T) -> String) -> String {
     let shown = &items[..items.len().min(cap)];
     let lines = shown.iter().map(|i| format!("  {}\n", one_line(&line(i))));
@@ -426,11 +418,9 @@ fn listed<T>(items: &[T], cap: usize, total: usize, line: impl Fn(&T) -> String)
     lines.chain(more).collect()
 }
 
-/// The prefix of every metric's name.
 const M: &str = "nix_post_build_hook_queue_";
 
-/// The metrics of a table (every KIND but `counter` is a gauge), each
-/// declared once, then sampled for every row with the row's labels.
+/// The metrics of a table (every KIND but `counter` is a gauge), sampled for every row.
 fn metrics(table: &'static str, rows: &[(String, &Row)]) -> String {
     let mut text = String::new();
     let first = rows.first().map(|(_, r)| &r[..]).unwrap_or_default();
@@ -471,8 +461,7 @@ fn json_string(text: &str) -> String {
     format!("\"{text}\"")
 }
 
-/// Writes `text` to `path` through a `.tmp` file (unique: two threads may write
-/// at once; node-exporter ignores it); mode 0644 whatever the umask.
+/// Writes `text` to `path` through a unique `.tmp` file (two threads may write at once), mode 0644.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

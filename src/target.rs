@@ -1,6 +1,5 @@
-//! The upload targets (each `upload-to` URL, and the `upload-command`),
-//! and the check at start of each URL: one nix can never use stops the
-//! daemon; one that may mend (a host that does not answer) is a warning.
+//! The upload targets, and the check at start of each URL: one nix can never
+//! use stops the daemon; one that may mend (a host that does not answer) warns.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -21,8 +20,7 @@ pub enum Kind {
     SignOnly,
 }
 
-/// One target: what it is, its journal name (a hash of its URL or command
-/// line) and its label for logs, `status` and metrics, secrets masked.
+/// One target: what it is, its journal name and its label (secrets masked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct Target {
@@ -32,8 +30,7 @@ pub struct Target {
 }
 
 impl Target {
-    /// A target named `name` in the journal, whose secrets are remembered
-    /// to be masked everywhere.
+    /// A target named `name` in the journal, its secrets remembered to be masked everywhere.
     fn new(kind: Kind, name: Option<&str>) -> Target {
         name.inspect(|name| redact::remember(name));
         let label = name.map_or_else(|| "-".into(), redact::text);
@@ -62,8 +59,7 @@ impl Target {
 /// judged in the background, so that a dead host never delays the socket.
 pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 
-/// The targets of `config`: each `upload-to`, then the `upload-command`;
-/// or signing only (the name older versions gave it) when none is set.
+/// The targets of `config`: each `upload-to`, then the `upload-command`; or signing only.
 pub fn configured(config: &Config) -> Vec<Target> {
     let mut targets: Vec<Target> = config.upload_to.iter().map(|u| Target::url(u)).collect();
     targets.extend(config.upload_command.as_deref().map(Target::command));
@@ -73,9 +69,7 @@ pub fn configured(config: &Config) -> Vec<Target> {
     targets
 }
 
-/// Checks every `upload-to` URL, one after the other (the uploader's
-/// program is checked with the configuration). `Err` holds the reason the
-/// daemon cannot run with one, secrets masked.
+/// Checks every `upload-to` URL in turn; `Err`: why the daemon cannot run with one.
 pub fn check_at_start(config: &Config) -> Result<(), String> {
     for url in &config.upload_to {
         let nix = Nix::from_config(config, Some(url));
@@ -100,9 +94,8 @@ pub fn check_at_start(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// What a finished check means: `Err` when the target can never work,
-/// that is when nix could not be started, the URL is not a store URL, or
-/// nix does not know the kind of store (a wording of Nix 2.0 to 2.26).
+/// `Err` when the target can never work: nix could not be started, the URL is not
+/// a store URL, or nix does not know the kind of store (Nix 2.0 to 2.26's wording).
 fn judge(url: &str, result: Result<(), Failure>) -> Result<(), String> {
     let shown = redact::text(url);
     let Err(failure) = result else {
