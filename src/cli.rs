@@ -236,16 +236,14 @@ fn admin(command: &str, args: &[String]) -> i32 {
         }
         Err(e) => return fail(&format!("{command}: {e}"), EXIT_USAGE),
     };
-    let mut out = std::io::stdout().lock();
     let result = match command {
         "enqueue" | "requeue" | "drop" => send_paths(&mut conn, command, &paths),
         "status" => {
             let line = request_line("status", if a.json { &["json"] } else { &[] });
             // A bounded reply (`request` keeps at most MAX_KEPT), then printed.
-            let print = |(lines, _): (Vec<String>, _)| {
-                lines.iter().for_each(|l| drop(writeln!(out, "{l}")))
-            };
-            conn.request(&line).map(print)
+            let print = |l: &String| drop(writeln!(std::io::stdout(), "{l}"));
+            conn.request(&line)
+                .map(|(lines, _)| lines.iter().for_each(print))
         }
         "wait" => wait(&mut conn, a.timeout),
         _ => conn
@@ -290,10 +288,8 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
             Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(arg.to_string()),
             Err(e) if e.kind() == ErrorKind::NotFound && !must_exist => return Ok(arg.to_string()),
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                let leads = match path.as_os_str() == arg {
-                    true => String::new(),
-                    false => format!(" leads to {}, which", path.display()),
-                };
+                let leads = format!(" leads to {}, which", path.display());
+                let leads = if path.as_os_str() == arg { "" } else { &leads };
                 return Err(format!("{arg}{leads} does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built, or links to them such as ./result"));
             }
             Err(e) => return Err(format!("{arg}: {e}")),

@@ -229,9 +229,8 @@ impl Config {
 fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     let store = (!given.contains(&"store-dir")).then_some("NIX_STORE_DIR");
     let places = sys::uid() != 0 && !(given.contains(&"socket") && given.contains(&"state-dir"));
-    let place_vars = ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(Some);
-    let place_vars = place_vars.into_iter().flatten().filter(|_| places);
-    for var in store.into_iter().chain(place_vars) {
+    let place_vars = ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].into_iter();
+    for var in store.into_iter().chain(place_vars.filter(|_| places)) {
         let value = std::env::var_os(var).filter(|v| !v.is_empty());
         match value.map(std::ffi::OsString::into_string) {
             Some(Ok(v)) if !v.starts_with('/') || v.contains(char::is_control) => problems.push(

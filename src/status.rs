@@ -22,18 +22,16 @@ const LISTED: usize = 100;
 /// Paths of the calls in progress the text names.
 const TEXT_IN_FLIGHT: usize = 5;
 
-/// A path its target's lane still needs: not tried yet, or backing off.
+/// A path its target's lane still needs: not tried yet, or backing off. Its failed
+/// attempts since the daemon started, those the policy blamed on the path, when it is
+/// tried next (`None` while it is tried), its last error, and if the front signed it.
 #[derive(Debug, Clone, Default)]
+#[allow(missing_docs)]
 pub struct Backoff {
-    /// Failed attempts since the daemon started.
     pub attempts: u32,
-    /// Those failures the policy blamed on the path.
     pub failures: Failures,
-    /// When it is tried next; `None` while it is being tried.
     pub next_try: Option<Instant>,
-    /// What went wrong the last time.
     pub last_error: String,
-    /// Signed already, by the front.
     pub signed: bool,
 }
 
@@ -53,24 +51,21 @@ pub struct TargetStats {
     pub last_error: Option<String>,
 }
 
-/// Counters and state since the daemon started.
+/// Counters and state since the daemon started: paths uploaded (every target has them,
+/// or they were only signed) and dropped (gone from the store, or by an operator), failed
+/// nix calls outside the targets' (signing), the batch being prepared, the time spent in
+/// successful upload calls and their number, the targets in the configuration's order.
 #[derive(Default)]
+#[allow(missing_docs)]
 pub struct Stats {
-    /// Paths that every target has (or that were only signed).
     pub uploaded: u64,
-    /// Paths gone from the store, or dropped by an operator.
     pub dropped: u64,
-    /// Failed nix calls outside the targets' (signing a batch).
     pub failed_calls: u64,
-    /// The batch being prepared (derivations resolved, signed).
     pub in_flight_paths: Vec<StorePath>,
     /// Paths finished in the last [`RATE_WINDOW`], with when.
     recent_uploads: VecDeque<(Instant, u64)>,
-    /// Time spent in successful upload calls.
     pub upload_seconds: f64,
-    /// Their number.
     pub upload_batches: u64,
-    /// In the order of the configuration.
     pub targets: Vec<TargetStats>,
 }
 

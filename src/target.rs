@@ -43,12 +43,6 @@ impl Target {
         Target::new(Kind::Url(url.to_string()), Some(url))
     }
 
-    /// The `upload-command` target.
-    pub fn command(argv: &[String]) -> Target {
-        let line = format!("upload-command: {}", argv.join(" "));
-        Target::new(Kind::Command(argv.to_vec()), Some(&line))
-    }
-
     /// Signing only, when no target is configured.
     pub fn sign_only() -> Target {
         Target::new(Kind::SignOnly, None)
@@ -62,7 +56,10 @@ pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 /// The targets of `config`: each `upload-to`, then the `upload-command`; or signing only.
 pub fn configured(config: &Config) -> Vec<Target> {
     let mut targets: Vec<Target> = config.upload_to.iter().map(|u| Target::url(u)).collect();
-    targets.extend(config.upload_command.as_deref().map(Target::command));
+    if let Some(argv) = &config.upload_command {
+        let line = format!("upload-command: {}", argv.join(" "));
+        targets.push(Target::new(Kind::Command(argv.clone()), Some(&line)));
+    }
     if targets.is_empty() {
         targets.push(Target::sign_only());
     }
@@ -213,7 +210,11 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        let t = Target::command(&argv);
+        let config = Config {
+            upload_command: Some(argv),
+            ..Config::default()
+        };
+        let t = configured(&config).remove(0);
         assert_eq!(
             t.label,
             "upload-command: cachix push --token *** CACHIX_AUTH_TOKEN=*** c"
