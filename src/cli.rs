@@ -94,8 +94,7 @@ fn usage() -> String {
 /// `COMMAND --help`: what a command does, its arguments and exit statuses.
 fn command_help(command: &str) -> String {
     let (name, synopsis, text) = commands().find(|c| c.0 == command).unwrap_or_default();
-    let (socket, env) = (Config::new().socket, wire::ENV_SOCKET);
-    let socket = socket.display();
+    let (socket, env) = (Config::new().socket.display().to_string(), wire::ENV_SOCKET);
     let more = match name {
         "serve" | "check-config" => settings_help(),
         _ => format!("The socket is {socket} unless --socket or ${env} says otherwise.\n"),

@@ -38,7 +38,7 @@ pub struct Config {
 }
 
 /// Every key (`key | default | accepted form`), as `--help` shows it; empty: no default.
-pub const KEYS: &str = "\
+const KEYS: &str = "\
 socket                    | (below)     | path of the unix socket
 state-dir                 | (below)     | directory of the journal
 spool-dir                 | STATE/spool | directory where the hook leaves requests while the daemon is away
@@ -62,8 +62,7 @@ max-attempts              | 10          | failed attempts (while the target answ
 give-up-after             | 86400       | seconds after it was queued that a failing path is given up on; 0: never
 ";
 
-/// The keys, each with its default and accepted form.
-pub fn keys() -> impl Iterator<Item = [&'static str; 3]> {
+pub(crate) fn keys() -> impl Iterator<Item = [&'static str; 3]> {
     KEYS.lines().map(|line| {
         let mut cells = line.splitn(3, '|').map(str::trim);
         [(); 3].map(|()| cells.next().unwrap_or(""))

@@ -22,7 +22,7 @@ pub const MAX_ARG_BYTES: usize = 512 * 1024;
 /// Longest a check that a target answers may take.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 /// Fewest paths worth a `nix copy` call of their own.
-pub const MIN_PATHS_PER_COPY: usize = 32;
+const MIN_PATHS_PER_COPY: usize = 32;
 /// How long a call's output is still read after it exited or was killed.
 pub const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Bytes kept of the end of a call's stderr, where nix says what went wrong.
@@ -153,13 +153,12 @@ impl Nix {
     /// Copies the closure to `url`: `upload-jobs` calls of [`MIN_PATHS_PER_COPY`]+ paths.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
-        let cmds = paths
-            .chunks(paths.len().div_ceil(calls).max(1))
-            .map(|chunk| {
-                let mut cmd = self.nix_command(&["copy", "--to", url]);
-                cmd.args(self.substitute_on_destination).args(chunk);
-                cmd
-            });
+        let size = paths.len().div_ceil(calls).max(1);
+        let cmds = paths.chunks(size).map(|chunk| {
+            let mut cmd = self.nix_command(&["copy", "--to", url]);
+            cmd.args(self.substitute_on_destination).args(chunk);
+            cmd
+        });
         self.run_all("nix copy", cmds.collect()).map(drop)
     }
 
