@@ -298,13 +298,11 @@ fn check_program(program: &str) -> Result<(), String> {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_path = || std::env::split_paths(&path).any(|d| runnable(&d.join(program)));
     let (found, place) = match program {
         p if p.starts_with('/') => (runnable(Path::new(p)), ""),
         p if p.contains('/') => (false, " (a relative path)"),
-        p => (
-            std::env::split_paths(&path).any(|d| runnable(&d.join(p))),
-            " in any directory of PATH",
-        ),
+        _ => (on_path(), " in any directory of PATH"),
     };
     found.then_some(()).ok_or_else(|| {
         format!("upload-command: {program} is not an executable file{place}; give its absolute path, or install it")

@@ -14,9 +14,8 @@ static REMEMBERED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
 /// Remembers a configured target's secrets for [`text`] to mask where no pattern finds them.
 pub fn remember(target: &str) {
-    let authority = target
-        .split_once("://")
-        .and_then(|(_, r)| r.split(['/', '?']).next());
+    let rest = target.split_once("://").map_or("", |(_, r)| r);
+    let authority = rest.split(['/', '?']).next();
     let userinfo = authority.and_then(|a| a.rsplit_once('@')?.0.split_once(':'));
     let mut secrets: Vec<(String, String)> = (userinfo.into_iter())
         .map(|(user, pw)| (format!("{user}:{pw}@"), format!("{user}:***@")))
@@ -97,10 +96,8 @@ fn is_secret_flag(word: &str) -> bool {
 
 /// `user:***@host` for a word `user:password@host`; other words unchanged.
 fn mask_userinfo(word: &str) -> String {
-    match word
-        .rsplit_once('@')
-        .and_then(|(u, h)| Some((u.split_once(':')?.0, h)))
-    {
+    let userinfo = word.rsplit_once('@');
+    match userinfo.and_then(|(u, h)| Some((u.split_once(':')?.0, h))) {
         Some((user, host)) => format!("{user}:***@{host}"),
         None => word.to_string(),
     }
