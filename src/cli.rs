@@ -250,10 +250,11 @@ fn admin(command: &str, args: &[String]) -> i32 {
             .map(|(_, n)| println!("{n} backing-off path(s) will be tried again now")),
     };
     // A "not now" (stopping, too many clients) counts as no daemon.
-    let (busy, stopping) = (protocol::ERR_BUSY, protocol::ERR_STOPPING);
+    let not_now =
+        |m: &str| m.starts_with(protocol::ERR_BUSY) || m.starts_with(protocol::ERR_STOPPING);
     match result {
         Ok(()) => 0,
-        Err(ClientError::Refused(m)) if m.starts_with(busy) || m.starts_with(stopping) => fail(
+        Err(ClientError::Refused(m)) if not_now(&m) => fail(
             &format!("the daemon cannot serve this now: {m}"),
             EXIT_USAGE,
         ),
@@ -340,27 +341,6 @@ fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<
     Ok(())
 }
 
-/// Hands each reply line to `each`, up to a deadline, until `ok MESSAGE` (returned) or `err`.
-fn replies(
-    conn: &mut Connection,
-    deadline: Option<Instant>,
-    mut each: impl FnMut(String),
-) -> Result<String, ClientError> {
-    loop {
-        if let Some(left) = deadline.map(|d| d.saturating_duration_since(Instant::now())) {
-            conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-        }
-        let line = conn.read_line()?;
-        if let Some(message) = wire::final_word(&line, "ok") {
-            return Ok(message.to_string());
-        }
-        if let Some(reason) = wire::final_word(&line, "err") {
-            return Err(ClientError::Refused(reason.to_string()));
-        }
-        each(line);
-    }
-}
-
 /// `remaining N failing M [error PATH TEXT]` as a phrase (the error part when `error`).
 fn describe_remaining(line: &str, error: bool) -> Option<String> {
     let mut words = line.splitn(6, ' ');
@@ -384,7 +364,26 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientEr
     let (mut progress, mut last) = (false, String::new());
     conn.send(&request_line("wait", &[]))?;
     let deadline = timeout.map(|t| Instant::now() + t);
-    let reply = replies(conn, deadline, |line| {
+    loop {
+        if let Some(left) = deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+            conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        }
+        let line = match (conn.read_line(), timeout) {
+            (Err(ClientError::Io(e)), Some(t)) if matches!(e.kind(), WouldBlock | TimedOut) => {
+                let state = describe_remaining(&last, true);
+                let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
+                let message = format!("wait timed out after {}s: {state}", t.as_secs_f64());
+                return Err(ClientError::Refused(message));
+            }
+            (line, _) => line?,
+        };
+        if let Some(message) = wire::final_word(&line, "ok") {
+            println!("{message}");
+            return Ok(());
+        }
+        if let Some(reason) = wire::final_word(&line, "err") {
+            return Err(ClientError::Refused(reason.to_string()));
+        }
         if let Some(text) = describe_remaining(&line, false).filter(|_| tty) {
             // Up to the previous progress line, cleared, replaced.
             let up = if progress { "\x1b[1A\r\x1b[K" } else { "" };
@@ -392,15 +391,6 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientEr
             progress = true;
         }
         last = line;
-    });
-    match (reply, timeout) {
-        (Err(ClientError::Io(e)), Some(t)) if matches!(e.kind(), WouldBlock | TimedOut) => {
-            let state = describe_remaining(&last, true);
-            let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
-            let message = format!("wait timed out after {}s: {state}", t.as_secs_f64());
-            Err(ClientError::Refused(message))
-        }
-        (reply, _) => reply.map(|message| println!("{message}")),
     }
 }
 

@@ -107,9 +107,8 @@ impl Config {
 
     /// The spool directory: `spool-dir` if set, else `<state-dir>/spool`.
     pub fn spool_dir(&self) -> PathBuf {
-        self.spool_dir
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("spool"))
+        let default = || self.state_dir.join("spool");
+        self.spool_dir.clone().unwrap_or_else(default)
     }
 
     /// Applies one `key = value` setting; the error says what is accepted.

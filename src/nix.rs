@@ -273,10 +273,8 @@ impl Nix {
             match status.unwrap_or_else(|| Err(std::io::Error::other("no result"))) {
                 Ok(s) if s.success() => outputs.push(out),
                 Ok(s) => {
-                    let signal = || format!("killed by signal {}", s.signal().unwrap_or(0));
-                    let how = s
-                        .code()
-                        .map_or_else(signal, |code| format!("exit status {code}"));
+                    let sig = format!("killed by signal {}", s.signal().unwrap_or(0));
+                    let how = s.code().map_or(sig, |code| format!("exit status {code}"));
                     return fail(FailureKind::Exit(format!("failed ({how})")), &err);
                 }
                 Err(e) => return fail(FailureKind::Spawn(e.to_string()), &err),
