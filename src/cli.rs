@@ -83,12 +83,10 @@ fn settings_help() -> String {
 }
 
 fn usage() -> String {
-    let mut s = String::from("Usage:\n");
-    for (_, synopsis, _) in commands() {
-        s += &format!("  post-build-hook-queue {synopsis}\n");
-    }
-    s += "  post-build-hook-queue COMMAND --help | --help | --version\n\n";
-    format!("{s}{EXIT_STATUSES}\n{}", settings_help())
+    let line = |c: (_, &str, _)| format!("  post-build-hook-queue {}\n", c.1);
+    let (synopses, settings) = (commands().map(line).collect::<String>(), settings_help());
+    let help = "  post-build-hook-queue COMMAND --help | --help | --version\n";
+    format!("Usage:\n{synopses}{help}\n{EXIT_STATUSES}\n{settings}")
 }
 
 /// `COMMAND --help`: what a command does, its arguments and exit statuses.
@@ -250,11 +248,10 @@ fn admin(command: &str, args: &[String]) -> i32 {
             .map(|(_, n)| println!("{n} backing-off path(s) will be tried again now")),
     };
     // A "not now" (stopping, too many clients) counts as no daemon.
-    let not_now =
-        |m: &str| m.starts_with(protocol::ERR_BUSY) || m.starts_with(protocol::ERR_STOPPING);
+    let (busy, stopping) = (protocol::ERR_BUSY, protocol::ERR_STOPPING);
     match result {
         Ok(()) => 0,
-        Err(ClientError::Refused(m)) if not_now(&m) => fail(
+        Err(ClientError::Refused(m)) if m.starts_with(busy) || m.starts_with(stopping) => fail(
             &format!("the daemon cannot serve this now: {m}"),
             EXIT_USAGE,
         ),

@@ -72,8 +72,7 @@ pub(crate) fn keys() -> impl Iterator<Item = [&'static str; 3]> {
 /// The settings as `--help` lists them, with their defaults here and now.
 pub fn help_table() -> String {
     let here = Config::new();
-    let mut s = String::new();
-    for [key, default, form] in keys() {
+    let line = |[key, default, form]: [&str; 3]| {
         let default = match key {
             "socket" => here.socket.display().to_string(),
             "state-dir" => here.state_dir.display().to_string(),
@@ -81,9 +80,9 @@ pub fn help_table() -> String {
             _ if default.is_empty() => "none".into(),
             _ => default.into(),
         };
-        s.push_str(&format!("  {key:<26}{form} [default: {default}]\n"));
-    }
-    s
+        format!("  {key:<26}{form} [default: {default}]\n")
+    };
+    keys().map(line).collect()
 }
 
 impl Config {
