@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::io::ErrorKind::{self, TimedOut, WouldBlock};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -190,10 +190,9 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
                 out.timeout = Some(seconds.map_err(|e| format!("--timeout: {e}"))?)
             }
             "-" if command == "enqueue" => {
-                for line in std::io::stdin().lock().lines() {
-                    let line = line.map_err(|e| format!("reading paths from stdin: {e}"))?;
-                    out.paths.extend(line.split_whitespace().map(String::from));
-                }
+                let text = std::io::read_to_string(std::io::stdin());
+                let text = text.map_err(|e| format!("reading paths from stdin: {e}"))?;
+                out.paths.extend(text.split_whitespace().map(String::from));
             }
             "--all-failed" if command == "requeue" || command == "drop" => out.all_failed = true,
             p if matches!(command, "enqueue" | "requeue" | "drop") && !p.starts_with("--") => {

@@ -173,8 +173,18 @@ impl Config {
     /// The configuration from the arguments, and every problem (`ORIGIN: WHAT`);
     /// unless `at_start` (check-config, in a sandbox?) an unreadable key is skipped.
     pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
-        let mut problems = Vec::new();
-        let flags = split_flags(args, &mut problems);
+        let (mut problems, mut flags, mut iter) = (Vec::new(), Vec::new(), args.iter());
+        // `--key value` and `--key=value`.
+        while let Some(arg) = iter.next() {
+            match arg.strip_prefix("--").map(|f| (f, f.split_once('='))) {
+                None => problems.push(format!("{arg}: expected a flag such as --upload-to URL")),
+                Some((_, Some((k, v)))) => flags.push((k.to_string(), v.to_string())),
+                Some((flag, None)) => match iter.next() {
+                    Some(value) => flags.push((flag.to_string(), value.clone())),
+                    None => problems.push(format!("{arg}: --{flag} needs a value")),
+                },
+            }
+        }
         let mut settings: Vec<(String, String, String)> = Vec::new();
         for (_, file) in flags.iter().filter(|(f, _)| f == "config") {
             let text = std::fs::read_to_string(file).unwrap_or_else(|e| {
@@ -195,10 +205,8 @@ impl Config {
         }
         let flags = flags.into_iter().filter(|(f, _)| f != "config");
         settings.extend(flags.map(|(key, value)| (format!("--{key}"), key, value)));
-        let mut config = Config::new();
-        let mut given = Vec::new();
         // The first --upload-to flag replaces the file's targets.
-        let mut flag_targets = false;
+        let (mut config, mut given, mut flag_targets) = (Config::new(), Vec::new(), false);
         for (origin, key, value) in &settings {
             let flag = origin.starts_with("--");
             if flag && key == "upload-to" && !std::mem::replace(&mut flag_targets, true) {
@@ -333,22 +341,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-/// Splits `--key value` and `--key=value` arguments into pairs.
-fn split_flags(args: &[String], problems: &mut Vec<String>) -> Vec<(String, String)> {
-    let (mut out, mut iter) = (Vec::new(), args.iter());
-    while let Some(arg) = iter.next() {
-        match arg.strip_prefix("--").map(|f| (f, f.split_once('='))) {
-            None => problems.push(format!("{arg}: expected a flag such as --upload-to URL")),
-            Some((_, Some((k, v)))) => out.push((k.to_string(), v.to_string())),
-            Some((flag, None)) => match iter.next() {
-                Some(value) => out.push((flag.to_string(), value.clone())),
-                None => problems.push(format!("{arg}: --{flag} needs a value")),
-            },
-        }
-    }
-    out
 }
 
 /// True for `NAME:BASE64` of a 64-byte ed25519 secret key, as Nix reads it.
