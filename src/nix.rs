@@ -66,16 +66,15 @@ impl Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
-            FailureKind::Spawn(e) => write!(f, "{} could not be started: {e}", self.what)?,
-            FailureKind::Exit(how) => write!(f, "{} {how}", self.what)?,
+        let how = match &self.kind {
+            FailureKind::Spawn(e) => format!("could not be started: {e}"),
+            FailureKind::Exit(how) => how.clone(),
             FailureKind::TimedOut(d) => {
-                let secs = d.as_secs_f64();
-                write!(f, "{} ran longer than {secs} s and was killed", self.what)?
+                format!("ran longer than {} s and was killed", d.as_secs_f64())
             }
-        }
+        };
         let sep = if self.stderr.is_empty() { "" } else { ": " };
-        write!(f, "{sep}{}", self.stderr)
+        write!(f, "{} {how}{sep}{}", self.what, self.stderr)
     }
 }
 

@@ -100,10 +100,8 @@ fn judge(url: &str, result: Result<(), Failure>) -> Result<(), String> {
         return Ok(());
     };
     let reason = redact::text(&failure.to_string());
-    if matches!(failure.kind, FailureKind::Spawn(_))
-        || !is_store_url(url)
-        || failure.stderr.contains("don't know how to open")
-    {
+    let never = matches!(failure.kind, FailureKind::Spawn(_)) || !is_store_url(url);
+    if never || failure.stderr.contains("don't know how to open") {
         return Err(format!(
             "upload-to {shown}: nix cannot use this store URL: {reason} (store URLs look like \
              file:///var/cache/nix, ssh-ng://host, s3://bucket or https://host/path)"
