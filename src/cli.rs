@@ -107,7 +107,6 @@ fn fail(message: &str, status: i32) -> i32 {
 
 /// Runs the command with `args` (without the program name); returns the exit status.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    // Every setting, command and path this program takes is UTF-8.
     let args: Vec<String> = match args.into_iter().map(OsString::into_string).collect() {
         Ok(args) => args,
         Err(arg) => {
@@ -300,10 +299,8 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
         }
         let target =
             std::fs::read_link(&path).map_err(|e| format!("{arg}: cannot read the link: {e}"))?;
-        path = match path.parent() {
-            Some(dir) if target.is_relative() => dir.join(target),
-            _ => target,
-        };
+        // Relative to the link's directory (`join` keeps an absolute target as it is).
+        path = path.parent().unwrap_or(&path).join(target);
     }
     Err(format!("{arg}: more than 40 links in a row"))
 }

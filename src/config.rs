@@ -174,7 +174,6 @@ impl Config {
     /// unless `at_start` (check-config, in a sandbox?) an unreadable key is skipped.
     pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
         let (mut problems, mut flags, mut iter) = (Vec::new(), Vec::new(), args.iter());
-        // `--key value` and `--key=value`.
         while let Some(arg) = iter.next() {
             match arg.strip_prefix("--").map(|f| (f, f.split_once('='))) {
                 None => problems.push(format!("{arg}: expected a flag such as --upload-to URL")),

@@ -247,8 +247,7 @@ impl Nix {
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
         self.running.store(0, Ordering::SeqCst);
-        // The streams, up to a deadline (a process that left the group may hold them),
-        // and those of a command that could not be started.
+        // The streams (one more: an unstarted command's) until a deadline: a leaver may hold them.
         let _ = until.set(Instant::now() + OUTPUT_AFTER_EXIT);
         let mut captures: Vec<[Capture; 2]> = (0..=count).map(|_| Default::default()).collect();
         for (i, which, capture) in ended {
