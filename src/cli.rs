@@ -307,18 +307,14 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
 
 /// `enqueue`, `requeue` or `drop` of `paths` (none: every path given up on).
 fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<(), ClientError> {
-    let lines: Vec<String> = if paths.is_empty() && command != "enqueue" {
-        vec![request_line(&format!("{command}-failed"), &[])]
-    } else {
-        // Lines as long as enqueue's at most (`drop` is shorter).
-        wire::enqueue_lines(paths)
-            .into_iter()
-            .map(|l| format!("{command}{}", &l["enqueue".len()..]))
-            .collect()
+    let lines = match paths.is_empty() && command != "enqueue" {
+        true => vec![request_line(&format!("{command}-failed"), &[])],
+        // enqueue's lines with this command (`drop` is shorter).
+        false => wire::enqueue_lines(paths),
     };
     let mut done = 0usize;
     for line in &lines {
-        let (_, n) = conn.request(line)?;
+        let (_, n) = conn.request(&line.replacen("enqueue", command, 1))?;
         done += n.parse::<usize>().unwrap_or(0);
     }
     let of = match paths.len() {
@@ -336,15 +332,13 @@ fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<
 
 /// `remaining N failing M [error PATH TEXT]` as a phrase (the error part when `error`).
 fn describe_remaining(line: &str, error: bool) -> Option<String> {
-    let mut words = line.splitn(6, ' ');
-    let (Some("remaining"), Some(n), Some("failing"), Some(m)) =
-        (words.next(), words.next(), words.next(), words.next())
-    else {
+    let mut words = line.splitn(7, ' ');
+    let words: [_; 7] = std::array::from_fn(|_| words.next());
+    let [Some("remaining"), Some(n), Some("failing"), Some(m), tag, path, why] = words else {
         return None;
     };
     let mut text = format!("{n} path(s) still queued, {m} of them failing");
-    let (tag, rest) = (words.next(), words.next().and_then(|r| r.split_once(' ')));
-    if let (true, Some("error"), Some((path, why))) = (error, tag, rest) {
+    if let (true, Some("error"), Some(path), Some(why)) = (error, tag, path, why) {
         text.push_str(&format!("; last error ({path}): {why}"));
     }
     Some(text)

@@ -9,14 +9,13 @@ use crate::journal::TargetId;
 use crate::nix::{Failure, FailureKind, Nix, PING_TIMEOUT};
 use crate::{info, redact, warning};
 
-/// Where paths are delivered to.
+/// Where paths are delivered to: a store URL for `nix copy --to`, an uploader's
+/// program and arguments (the paths appended), or nowhere (they are only signed).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
 pub enum Kind {
-    /// A store URL for `nix copy --to`.
     Url(String),
-    /// An uploader's program and arguments; the paths are appended.
     Command(Vec<String>),
-    /// No target: the paths are only signed.
     SignOnly,
 }
 
