@@ -3,8 +3,7 @@
 
 use std::sync::Mutex;
 
-/// The query parameters whose values [`url`] masks; the parts of a name
-/// that mark its value secret in [`text`]; the ends of a word's parts.
+/// Query parameters [`url`] masks; parts of a name that mark its value secret; part ends.
 const SECRET_PARAMS: &[&str] = &["secret-key", "password", "token", "access-key", "secret"];
 const SECRET_NAMES: &[&str] = &["token", "passw", "secret", "key", "auth", "credential"];
 const PART_ENDS: [char; 4] = ['&', '?', ',', ';'];

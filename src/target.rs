@@ -48,8 +48,7 @@ impl Target {
     }
 }
 
-/// How long start-up waits for the check of each URL; a slower one is
-/// judged in the background, so that a dead host never delays the socket.
+/// Start-up waits this long per URL check; a dead host's is judged in the background.
 pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 
 /// The targets of `config`: each `upload-to`, then the `upload-command`; or signing only.
