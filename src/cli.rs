@@ -2,7 +2,8 @@
 //! its settings (`check-config`) and the admin commands, and their help.
 
 use std::ffi::OsString;
-use std::io::{BufRead, ErrorKind, IsTerminal, Write};
+use std::io::ErrorKind::{self, TimedOut, WouldBlock};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -30,8 +31,7 @@ Exit statuses:
     daemon at the socket
 ";
 
-/// Each command: its synopsis on the first line, then its help; commands
-/// are separated by a blank line.
+/// Each command: its synopsis on the first line, then its help; a blank line between.
 const COMMANDS: &str = "\
 serve [--config FILE] [--KEY VALUE]...
 Runs the daemon (also without a COMMAND) until SIGTERM or SIGINT. Settings: the
@@ -83,19 +83,16 @@ fn settings_help() -> String {
 }
 
 fn usage() -> String {
-    let mut s = String::from("Usage:\n");
-    for (_, synopsis, _) in commands() {
-        s += &format!("  post-build-hook-queue {synopsis}\n");
-    }
-    s += "  post-build-hook-queue COMMAND --help | --help | --version\n\n";
-    format!("{s}{EXIT_STATUSES}\n{}", settings_help())
+    let line = |c: (_, &str, _)| format!("  post-build-hook-queue {}\n", c.1);
+    let (synopses, settings) = (commands().map(line).collect::<String>(), settings_help());
+    let help = "  post-build-hook-queue COMMAND --help | --help | --version\n";
+    format!("Usage:\n{synopses}{help}\n{EXIT_STATUSES}\n{settings}")
 }
 
 /// `COMMAND --help`: what a command does, its arguments and exit statuses.
 fn command_help(command: &str) -> String {
     let (name, synopsis, text) = commands().find(|c| c.0 == command).unwrap_or_default();
-    let (socket, env) = (Config::new().socket, wire::ENV_SOCKET);
-    let socket = socket.display();
+    let (socket, env) = (Config::new().socket.display().to_string(), wire::ENV_SOCKET);
     let more = match name {
         "serve" | "check-config" => settings_help(),
         _ => format!("The socket is {socket} unless --socket or ${env} says otherwise.\n"),
@@ -108,10 +105,8 @@ fn fail(message: &str, status: i32) -> i32 {
     status
 }
 
-/// Runs the command with `args` (without the program name); returns the
-/// exit status.
+/// Runs the command with `args` (without the program name); returns the exit status.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    // Every setting, command and path this program takes is UTF-8.
     let args: Vec<String> = match args.into_iter().map(OsString::into_string).collect() {
         Ok(args) => args,
         Err(arg) => {
@@ -150,18 +145,15 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
     }
 }
 
-/// The daemon's configuration from `args` (see [`Config::from_args`]); else
-/// every problem is shown, one line each, and the status is [`EXIT_CONFIG`].
+/// The configuration from `args`; else every problem, one line each, and [`EXIT_CONFIG`].
 fn configure(args: &[String], at_start: bool) -> Result<Config, i32> {
     let (config, mut problems) = Config::from_args(args, at_start);
     // The journal names targets by their URL without secrets.
     let targets = target::configured(&config);
     for (i, t) in targets.iter().enumerate() {
         if targets[..i].iter().any(|u| u.id == t.id) {
-            let shown = &t.label;
-            problems.push(format!(
-                "upload-to: the target {shown} is given twice; give each target once"
-            ));
+            let twice = format!("upload-to: the target {} is given twice", t.label);
+            problems.push(format!("{twice}; give each target once"));
         }
     }
     for problem in &problems {
@@ -197,10 +189,9 @@ fn parse_admin(command: &str, args: &[String]) -> Result<AdminArgs, String> {
                 out.timeout = Some(seconds.map_err(|e| format!("--timeout: {e}"))?)
             }
             "-" if command == "enqueue" => {
-                for line in std::io::stdin().lock().lines() {
-                    let line = line.map_err(|e| format!("reading paths from stdin: {e}"))?;
-                    out.paths.extend(line.split_whitespace().map(String::from));
-                }
+                let text = std::io::read_to_string(std::io::stdin());
+                let text = text.map_err(|e| format!("reading paths from stdin: {e}"))?;
+                out.paths.extend(text.split_whitespace().map(String::from));
             }
             "--all-failed" if command == "requeue" || command == "drop" => out.all_failed = true,
             p if matches!(command, "enqueue" | "requeue" | "drop") && !p.starts_with("--") => {
@@ -240,16 +231,14 @@ fn admin(command: &str, args: &[String]) -> i32 {
         }
         Err(e) => return fail(&format!("{command}: {e}"), EXIT_USAGE),
     };
-    let mut out = std::io::stdout().lock();
     let result = match command {
         "enqueue" | "requeue" | "drop" => send_paths(&mut conn, command, &paths),
         "status" => {
             let line = request_line("status", if a.json { &["json"] } else { &[] });
             // A bounded reply (`request` keeps at most MAX_KEPT), then printed.
-            let print = |(lines, _): (Vec<String>, _)| {
-                lines.iter().for_each(|l| drop(writeln!(out, "{l}")))
-            };
-            conn.request(&line).map(print)
+            let print = |l: &String| drop(writeln!(std::io::stdout(), "{l}"));
+            conn.request(&line)
+                .map(|(lines, _)| lines.iter().for_each(print))
         }
         "wait" => wait(&mut conn, a.timeout),
         _ => conn
@@ -282,9 +271,8 @@ fn connect_error(e: &ClientError) -> String {
     }
 }
 
-/// The store path an argument names: itself when it is directly in the
-/// store, else the one a chain of links leads to (`./result`). Unless
-/// `must_exist` (requeue, drop), a missing path is sent as given.
+/// The store path an argument names: itself, or where its links lead (`./result`).
+/// Unless `must_exist` (requeue, drop), a missing path is sent as given.
 fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, String> {
     let mut path = std::path::absolute(arg)
         .map_err(|e| format!("{arg}: cannot read the current directory: {e}"))?;
@@ -295,10 +283,8 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
             Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(arg.to_string()),
             Err(e) if e.kind() == ErrorKind::NotFound && !must_exist => return Ok(arg.to_string()),
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                let leads = match path.as_os_str() == arg {
-                    true => String::new(),
-                    false => format!(" leads to {}, which", path.display()),
-                };
+                let leads = format!(" leads to {}, which", path.display());
+                let leads = if path.as_os_str() == arg { "" } else { &leads };
                 return Err(format!("{arg}{leads} does not exist; enqueue takes paths in the Nix store ({store_dir}) that were built, or links to them such as ./result"));
             }
             Err(e) => return Err(format!("{arg}: {e}")),
@@ -313,33 +299,28 @@ fn resolve_path(arg: &str, store_dir: &str, must_exist: bool) -> Result<String, 
         }
         let target =
             std::fs::read_link(&path).map_err(|e| format!("{arg}: cannot read the link: {e}"))?;
-        path = match path.parent() {
-            Some(dir) if target.is_relative() => dir.join(target),
-            _ => target,
-        };
+        // Relative to the link's directory (`join` keeps an absolute target as it is).
+        path = path.parent().unwrap_or(&path).join(target);
     }
     Err(format!("{arg}: more than 40 links in a row"))
 }
 
 /// `enqueue`, `requeue` or `drop` of `paths` (none: every path given up on).
 fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<(), ClientError> {
-    let lines: Vec<String> = if paths.is_empty() && command != "enqueue" {
-        vec![request_line(&format!("{command}-failed"), &[])]
-    } else {
-        // Lines as long as enqueue's at most (`drop` is shorter).
-        wire::enqueue_lines(paths)
-            .into_iter()
-            .map(|l| format!("{command}{}", &l["enqueue".len()..]))
-            .collect()
+    let lines = match paths.is_empty() && command != "enqueue" {
+        true => vec![request_line(&format!("{command}-failed"), &[])],
+        // enqueue's lines with this command (`drop` is shorter).
+        false => wire::enqueue_lines(paths),
     };
     let mut done = 0usize;
     for line in &lines {
-        let (_, n) = conn.request(line)?;
+        let (_, n) = conn.request(&line.replacen("enqueue", command, 1))?;
         done += n.parse::<usize>().unwrap_or(0);
     }
-    let of = Some(paths.len())
-        .filter(|n| *n > 0)
-        .map_or(String::new(), |n| format!(" of {n}"));
+    let of = match paths.len() {
+        0 => String::new(),
+        n => format!(" of {n}"),
+    };
     let already = paths.len().saturating_sub(done);
     match command {
         "enqueue" => println!("queued {done} new path(s); {already} were already queued"),
@@ -349,54 +330,47 @@ fn send_paths(conn: &mut Connection, command: &str, paths: &[String]) -> Result<
     Ok(())
 }
 
-/// Reads the daemon's reply lines, up to a deadline, handing each to `each`
-/// until the last: `ok MESSAGE` (the message returned) or `err REASON`.
-fn replies(
-    conn: &mut Connection,
-    deadline: Option<Instant>,
-    mut each: impl FnMut(String),
-) -> Result<String, ClientError> {
-    loop {
-        if let Some(left) = deadline.map(|d| d.saturating_duration_since(Instant::now())) {
-            conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-        }
-        let line = conn.read_line()?;
-        if let Some(message) = wire::final_word(&line, "ok") {
-            return Ok(message.to_string());
-        }
-        if let Some(reason) = wire::final_word(&line, "err") {
-            return Err(ClientError::Refused(reason.to_string()));
-        }
-        each(line);
-    }
-}
-
-/// `remaining N failing M [error PATH TEXT]` from the daemon as a phrase,
-/// with the error part when `error`.
+/// `remaining N failing M [error PATH TEXT]` as a phrase (the error part when `error`).
 fn describe_remaining(line: &str, error: bool) -> Option<String> {
-    let mut words = line.splitn(6, ' ');
-    let (Some("remaining"), Some(n), Some("failing"), Some(m)) =
-        (words.next(), words.next(), words.next(), words.next())
-    else {
+    let mut words = line.splitn(7, ' ');
+    let words: [_; 7] = std::array::from_fn(|_| words.next());
+    let [Some("remaining"), Some(n), Some("failing"), Some(m), tag, path, why] = words else {
         return None;
     };
     let mut text = format!("{n} path(s) still queued, {m} of them failing");
-    let (tag, rest) = (words.next(), words.next().and_then(|r| r.split_once(' ')));
-    if let (true, Some("error"), Some((path, why))) = (error, tag, rest) {
+    if let (true, Some("error"), Some(path), Some(why)) = (error, tag, path, why) {
         text.push_str(&format!("; last error ({path}): {why}"));
     }
     Some(text)
 }
 
-/// Blocks until the paths queued before the call are gone from the queue;
-/// its timeout is a refusal saying what is left. The progress on a terminal
-/// is one line replaced in place, ending with a newline however `wait` ends.
+/// Blocks until the paths queued before the call are gone; a timeout is a refusal
+/// saying what is left. On a terminal, one progress line is replaced in place.
 fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientError> {
     let tty = std::io::stderr().is_terminal();
     let (mut progress, mut last) = (false, String::new());
     conn.send(&request_line("wait", &[]))?;
     let deadline = timeout.map(|t| Instant::now() + t);
-    let reply = replies(conn, deadline, |line| {
+    loop {
+        if let Some(left) = deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+            conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+        }
+        let line = match (conn.read_line(), timeout) {
+            (Err(ClientError::Io(e)), Some(t)) if matches!(e.kind(), WouldBlock | TimedOut) => {
+                let state = describe_remaining(&last, true);
+                let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
+                let message = format!("wait timed out after {}s: {state}", t.as_secs_f64());
+                return Err(ClientError::Refused(message));
+            }
+            (line, _) => line?,
+        };
+        if let Some(message) = wire::final_word(&line, "ok") {
+            println!("{message}");
+            return Ok(());
+        }
+        if let Some(reason) = wire::final_word(&line, "err") {
+            return Err(ClientError::Refused(reason.to_string()));
+        }
         if let Some(text) = describe_remaining(&line, false).filter(|_| tty) {
             // Up to the previous progress line, cleared, replaced.
             let up = if progress { "\x1b[1A\r\x1b[K" } else { "" };
@@ -404,18 +378,6 @@ fn wait(conn: &mut Connection, timeout: Option<Duration>) -> Result<(), ClientEr
             progress = true;
         }
         last = line;
-    });
-    let timed_out =
-        |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
-    match reply {
-        Err(ClientError::Io(e)) if timeout.is_some() && timed_out(&e) => {
-            let secs = timeout.unwrap_or_default().as_secs_f64();
-            let state = describe_remaining(&last, true);
-            let state = state.unwrap_or_else(|| "the daemon reported no progress".into());
-            let message = format!("wait timed out after {secs}s: {state}");
-            Err(ClientError::Refused(message))
-        }
-        reply => reply.map(|message| println!("{message}")),
     }
 }
 

@@ -10,8 +10,7 @@ use std::time::Duration;
 use crate::sys;
 use crate::wire::{parse_seconds, with_places};
 
-/// Every setting: each field is the key of its name in [`KEYS`] (`None`: none).
-/// [`Config::new`] has the defaults; `Config::default()` is blank.
+/// Every setting, each field the key of its name in [`KEYS`]; [`Config::new`] has the defaults.
 #[derive(Debug, Clone, PartialEq, Default)]
 #[allow(missing_docs)]
 pub struct Config {
@@ -38,9 +37,8 @@ pub struct Config {
     pub give_up_after: Option<Duration>,
 }
 
-/// Every key (`key | default | accepted form`), as `--help` shows it and
-/// [`Config::new`] applies; an empty default is none.
-pub const KEYS: &str = "\
+/// Every key (`key | default | accepted form`), as `--help` shows it; empty: no default.
+const KEYS: &str = "\
 socket                    | (below)     | path of the unix socket
 state-dir                 | (below)     | directory of the journal
 spool-dir                 | STATE/spool | directory where the hook leaves requests while the daemon is away
@@ -64,8 +62,7 @@ max-attempts              | 10          | failed attempts (while the target answ
 give-up-after             | 86400       | seconds after it was queued that a failing path is given up on; 0: never
 ";
 
-/// The keys, each with its default and accepted form.
-pub fn keys() -> impl Iterator<Item = [&'static str; 3]> {
+pub(crate) fn keys() -> impl Iterator<Item = [&'static str; 3]> {
     KEYS.lines().map(|line| {
         let mut cells = line.splitn(3, '|').map(str::trim);
         [(); 3].map(|()| cells.next().unwrap_or(""))
@@ -75,8 +72,7 @@ pub fn keys() -> impl Iterator<Item = [&'static str; 3]> {
 /// The settings as `--help` lists them, with their defaults here and now.
 pub fn help_table() -> String {
     let here = Config::new();
-    let mut s = String::new();
-    for [key, default, form] in keys() {
+    let line = |[key, default, form]: [&str; 3]| {
         let default = match key {
             "socket" => here.socket.display().to_string(),
             "state-dir" => here.state_dir.display().to_string(),
@@ -84,9 +80,9 @@ pub fn help_table() -> String {
             _ if default.is_empty() => "none".into(),
             _ => default.into(),
         };
-        s.push_str(&format!("  {key:<26}{form} [default: {default}]\n"));
-    }
-    s
+        format!("  {key:<26}{form} [default: {default}]\n")
+    };
+    keys().map(line).collect()
 }
 
 impl Config {
@@ -95,9 +91,8 @@ impl Config {
         let mut config = Config::default();
         let (socket, state_dir) = with_places(|p| (p.socket(), p.state_dir()));
         (config.socket, config.state_dir) = (socket.into(), state_dir.into());
-        let store_dir = std::env::var("NIX_STORE_DIR")
-            .ok()
-            .filter(|d| !d.is_empty());
+        let store_dir = Some(std::env::var("NIX_STORE_DIR").unwrap_or_default());
+        let store_dir = store_dir.filter(|d| !d.is_empty());
         config.store_dir =
             store_dir.map_or("/nix/store".into(), |d| d.trim_end_matches('/').into());
         for [key, default, _] in keys() {
@@ -116,8 +111,8 @@ impl Config {
     }
 
     /// Applies one `key = value` setting; the error says what is accepted.
-    /// No control characters: a line break would end a `status` line early.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        // No control characters: a line break would end a `status` line early.
         if let Some(c) = value.chars().find(|c| c.is_control()) {
             return Err(format!("no setting takes a control character ({c:?})"));
         }
@@ -178,8 +173,17 @@ impl Config {
     /// The configuration from the arguments, and every problem (`ORIGIN: WHAT`);
     /// unless `at_start` (check-config, in a sandbox?) an unreadable key is skipped.
     pub fn from_args(args: &[String], at_start: bool) -> (Config, Vec<String>) {
-        let mut problems = Vec::new();
-        let flags = split_flags(args, &mut problems);
+        let (mut problems, mut flags, mut iter) = (Vec::new(), Vec::new(), args.iter());
+        while let Some(arg) = iter.next() {
+            match arg.strip_prefix("--").map(|f| (f, f.split_once('='))) {
+                None => problems.push(format!("{arg}: expected a flag such as --upload-to URL")),
+                Some((_, Some((k, v)))) => flags.push((k.to_string(), v.to_string())),
+                Some((flag, None)) => match iter.next() {
+                    Some(value) => flags.push((flag.to_string(), value.clone())),
+                    None => problems.push(format!("{arg}: --{flag} needs a value")),
+                },
+            }
+        }
         let mut settings: Vec<(String, String, String)> = Vec::new();
         for (_, file) in flags.iter().filter(|(f, _)| f == "config") {
             let text = std::fs::read_to_string(file).unwrap_or_else(|e| {
@@ -200,10 +204,8 @@ impl Config {
         }
         let flags = flags.into_iter().filter(|(f, _)| f != "config");
         settings.extend(flags.map(|(key, value)| (format!("--{key}"), key, value)));
-        let mut config = Config::new();
-        let mut given = Vec::new();
         // The first --upload-to flag replaces the file's targets.
-        let mut flag_targets = false;
+        let (mut config, mut given, mut flag_targets) = (Config::new(), Vec::new(), false);
         for (origin, key, value) in &settings {
             let flag = origin.starts_with("--");
             if flag && key == "upload-to" && !std::mem::replace(&mut flag_targets, true) {
@@ -231,9 +233,8 @@ impl Config {
 fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     let store = (!given.contains(&"store-dir")).then_some("NIX_STORE_DIR");
     let places = sys::uid() != 0 && !(given.contains(&"socket") && given.contains(&"state-dir"));
-    let place_vars = ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].map(Some);
-    let place_vars = place_vars.into_iter().flatten().filter(|_| places);
-    for var in store.into_iter().chain(place_vars) {
+    let place_vars = ["XDG_RUNTIME_DIR", "XDG_STATE_HOME", "HOME", "TMPDIR"].into_iter();
+    for var in store.into_iter().chain(place_vars.filter(|_| places)) {
         let value = std::env::var_os(var).filter(|v| !v.is_empty());
         match value.map(std::ffi::OsString::into_string) {
             Some(Ok(v)) if !v.starts_with('/') || v.contains(char::is_control) => problems.push(
@@ -261,17 +262,16 @@ fn check_environment(given: &[&str], problems: &mut Vec<String>) {
     }
 }
 
-/// Checks the signing key file (never showing the key): a regular file with
-/// a Nix secret key; `at_start`, also readable, and not by every user.
+/// Checks the signing key file (never showing the key) holds a Nix secret key;
+/// `at_start`, also that it is readable, and not by every user.
 fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
     let shown = key.display();
     let mut text = Vec::new();
     // At most 4 KiB (a key is about 100 bytes); never a FIFO's read.
     let read = std::fs::metadata(key).and_then(|meta| {
         if meta.is_file() {
-            std::fs::File::open(key)?
-                .take(4096)
-                .read_to_end(&mut text)?;
+            let mut file = std::fs::File::open(key)?.take(4096);
+            file.read_to_end(&mut text)?;
         }
         Ok(meta)
     });
@@ -297,20 +297,17 @@ fn check_signing_key(key: &Path, at_start: bool) -> Result<(), String> {
     ))
 }
 
-/// Checks that the `upload-command` program can be run: an executable file
-/// at its absolute path, or (a bare name) in a directory of `PATH`.
+/// Checks that the `upload-command` program is an executable file, at its path or on `PATH`.
 fn check_program(program: &str) -> Result<(), String> {
     let runnable = |p: &Path| {
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_path = || std::env::split_paths(&path).any(|d| runnable(&d.join(program)));
     let (found, place) = match program {
         p if p.starts_with('/') => (runnable(Path::new(p)), ""),
         p if p.contains('/') => (false, " (a relative path)"),
-        p => (
-            std::env::split_paths(&path).any(|d| runnable(&d.join(p))),
-            " in any directory of PATH",
-        ),
+        _ => (on_path(), " in any directory of PATH"),
     };
     found.then_some(()).ok_or_else(|| {
         format!("upload-command: {program} is not an executable file{place}; give its absolute path, or install it")
@@ -343,22 +340,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-/// Splits `--key value` and `--key=value` arguments into pairs.
-fn split_flags(args: &[String], problems: &mut Vec<String>) -> Vec<(String, String)> {
-    let (mut out, mut iter) = (Vec::new(), args.iter());
-    while let Some(arg) = iter.next() {
-        match arg.strip_prefix("--").map(|f| (f, f.split_once('='))) {
-            None => problems.push(format!("{arg}: expected a flag such as --upload-to URL")),
-            Some((_, Some((k, v)))) => out.push((k.to_string(), v.to_string())),
-            Some((flag, None)) => match iter.next() {
-                Some(value) => out.push((flag.to_string(), value.clone())),
-                None => problems.push(format!("{arg}: --{flag} needs a value")),
-            },
-        }
-    }
-    out
 }
 
 /// True for `NAME:BASE64` of a 64-byte ed25519 secret key, as Nix reads it.

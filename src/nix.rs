@@ -22,7 +22,7 @@ pub const MAX_ARG_BYTES: usize = 512 * 1024;
 /// Longest a check that a target answers may take.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 /// Fewest paths worth a `nix copy` call of their own.
-pub const MIN_PATHS_PER_COPY: usize = 32;
+const MIN_PATHS_PER_COPY: usize = 32;
 /// How long a call's output is still read after it exited or was killed.
 pub const OUTPUT_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Bytes kept of the end of a call's stderr, where nix says what went wrong.
@@ -66,16 +66,15 @@ impl Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
-            FailureKind::Spawn(e) => write!(f, "{} could not be started: {e}", self.what)?,
-            FailureKind::Exit(how) => write!(f, "{} {how}", self.what)?,
+        let how = match &self.kind {
+            FailureKind::Spawn(e) => format!("could not be started: {e}"),
+            FailureKind::Exit(how) => how.clone(),
             FailureKind::TimedOut(d) => {
-                let secs = d.as_secs_f64();
-                write!(f, "{} ran longer than {secs} s and was killed", self.what)?
+                format!("ran longer than {} s and was killed", d.as_secs_f64())
             }
-        }
+        };
         let sep = if self.stderr.is_empty() { "" } else { ": " };
-        write!(f, "{sep}{}", self.stderr)
+        write!(f, "{} {how}{sep}{}", self.what, self.stderr)
     }
 }
 
@@ -92,8 +91,7 @@ pub struct Nix {
 }
 
 impl Nix {
-    /// The `nix` for calls to `upload_to` (`None`: signing and queries) with
-    /// the settings of `config`; ssh gets a connect timeout (no `NIX_SSHOPTS`).
+    /// The `nix` for calls to `upload_to` (`None`: signing, queries); ssh gets a connect timeout.
     pub fn from_config(config: &Config, upload_to: Option<&str>) -> Nix {
         let ssh = upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
         let no_opts = std::env::var_os("NIX_SSHOPTS").is_none();
@@ -154,13 +152,12 @@ impl Nix {
     /// Copies the closure to `url`: `upload-jobs` calls of [`MIN_PATHS_PER_COPY`]+ paths.
     pub fn copy(&self, url: &str, paths: &[StorePath]) -> Result<(), Failure> {
         let calls = (paths.len() / MIN_PATHS_PER_COPY).clamp(1, self.copy_jobs);
-        let cmds = paths
-            .chunks(paths.len().div_ceil(calls).max(1))
-            .map(|chunk| {
-                let mut cmd = self.nix_command(&["copy", "--to", url]);
-                cmd.args(self.substitute_on_destination).args(chunk);
-                cmd
-            });
+        let size = paths.len().div_ceil(calls).max(1);
+        let cmds = paths.chunks(size).map(|chunk| {
+            let mut cmd = self.nix_command(&["copy", "--to", url]);
+            cmd.args(self.substitute_on_destination).args(chunk);
+            cmd
+        });
         self.run_all("nix copy", cmds.collect()).map(drop)
     }
 
@@ -204,8 +201,7 @@ impl Nix {
         Err(Failure { what, kind, stderr })
     }
 
-    /// Runs the commands in one new process group: each one's stdout, or the
-    /// first failure.
+    /// Runs the commands in one new process group: each one's stdout, or the first failure.
     fn run_all(&self, what: &'static str, cmds: Vec<Command>) -> Result<Vec<Capture>, Failure> {
         let (exited_tx, exited) = mpsc::channel();
         let (ended_tx, ended) = mpsc::channel();
@@ -251,8 +247,7 @@ impl Nix {
             let _ = sys::kill_process_group(pgid, sys::SIGKILL);
         }
         self.running.store(0, Ordering::SeqCst);
-        // The streams, up to a deadline: a process that left the group may
-        // hold them. One more: those of a command that could not be started.
+        // The streams (one more: an unstarted command's) until a deadline: a leaver may hold them.
         let _ = until.set(Instant::now() + OUTPUT_AFTER_EXIT);
         let mut captures: Vec<[Capture; 2]> = (0..=count).map(|_| Default::default()).collect();
         for (i, which, capture) in ended {
@@ -276,9 +271,8 @@ impl Nix {
             match status.unwrap_or_else(|| Err(std::io::Error::other("no result"))) {
                 Ok(s) if s.success() => outputs.push(out),
                 Ok(s) => {
-                    let how = s.code().map(|code| format!("exit status {code}"));
-                    let how =
-                        how.unwrap_or(format!("killed by signal {}", s.signal().unwrap_or(0)));
+                    let sig = format!("killed by signal {}", s.signal().unwrap_or(0));
+                    let how = s.code().map_or(sig, |code| format!("exit status {code}"));
                     return fail(FailureKind::Exit(format!("failed ({how})")), &err);
                 }
                 Err(e) => return fail(FailureKind::Spawn(e.to_string()), &err),
@@ -327,8 +321,7 @@ fn read_stream(mut from: impl Read, which: usize, until: &OnceLock<Instant>) -> 
     c
 }
 
-/// The end of a stderr on one line, without control characters or colour
-/// sequences (`ESC [ ... letter`), which could move a terminal's cursor.
+/// The end of a stderr on one line, without control characters or colour sequences (cursor moves).
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let (mut clean, mut chars) = (String::new(), text.chars().peekable());

@@ -1,11 +1,9 @@
-//! Keeping secrets (`ssh://u:pw@h`, `?secret-key=`, `--token T`,
-//! `AUTH_TOKEN=T`) out of what is shown: every line passes through [`text`];
-//! [`url`] is the narrower form the journal's target names are made from.
+//! Keeping secrets (`ssh://u:pw@h`, `?secret-key=`, `--token T`, `AUTH_TOKEN=T`) out of
+//! what is shown: every line passes through [`text`]; the journal's target names, [`url`].
 
 use std::sync::Mutex;
 
-/// The query parameters whose values [`url`] masks; the parts of a name
-/// that mark its value secret in [`text`]; the ends of a word's parts.
+/// Query parameters [`url`] masks; parts of a name that mark its value secret; part ends.
 const SECRET_PARAMS: &[&str] = &["secret-key", "password", "token", "access-key", "secret"];
 const SECRET_NAMES: &[&str] = &["token", "passw", "secret", "key", "auth", "credential"];
 const PART_ENDS: [char; 4] = ['&', '?', ',', ';'];
@@ -13,12 +11,10 @@ const PART_ENDS: [char; 4] = ['&', '?', ',', ';'];
 /// Secrets to mask, with their masks; only extended (a poisoned lock is fine).
 static REMEMBERED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
-/// Remembers the secrets of a configured target (a URL, an uploader's
-/// command line) for [`text`] to mask where no pattern finds them.
+/// Remembers a configured target's secrets for [`text`] to mask where no pattern finds them.
 pub fn remember(target: &str) {
-    let authority = target
-        .split_once("://")
-        .and_then(|(_, r)| r.split(['/', '?']).next());
+    let rest = target.split_once("://").map_or("", |(_, r)| r);
+    let authority = rest.split(['/', '?']).next();
     let userinfo = authority.and_then(|a| a.rsplit_once('@')?.0.split_once(':'));
     let mut secrets: Vec<(String, String)> = (userinfo.into_iter())
         .map(|(user, pw)| (format!("{user}:{pw}@"), format!("{user}:***@")))
@@ -99,10 +95,8 @@ fn is_secret_flag(word: &str) -> bool {
 
 /// `user:***@host` for a word `user:password@host`; other words unchanged.
 fn mask_userinfo(word: &str) -> String {
-    match word
-        .rsplit_once('@')
-        .and_then(|(u, h)| Some((u.split_once(':')?.0, h)))
-    {
+    let userinfo = word.rsplit_once('@');
+    match userinfo.and_then(|(u, h)| Some((u.split_once(':')?.0, h))) {
         Some((user, host)) => format!("{user}:***@{host}"),
         None => word.to_string(),
     }

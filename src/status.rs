@@ -22,59 +22,50 @@ const LISTED: usize = 100;
 /// Paths of the calls in progress the text names.
 const TEXT_IN_FLIGHT: usize = 5;
 
-/// A path its target's lane still needs: not tried yet, or backing off.
+/// A path its target's lane still needs: not tried yet, or backing off. Its failed
+/// attempts since the daemon started, those the policy blamed on the path, when it is
+/// tried next (`None` while it is tried), its last error, and if the front signed it.
 #[derive(Debug, Clone, Default)]
+#[allow(missing_docs)]
 pub struct Backoff {
-    /// Failed attempts since the daemon started.
     pub attempts: u32,
-    /// Those failures the policy blamed on the path.
     pub failures: Failures,
-    /// When it is tried next; `None` while it is being tried.
     pub next_try: Option<Instant>,
-    /// What went wrong the last time.
     pub last_error: String,
-    /// Signed already, by the front.
     pub signed: bool,
 }
 
-/// One target's state since the daemon started.
+/// One target's state since the daemon started: its journal name, its label
+/// (secrets masked), the paths its lane still needs and those of its call in
+/// progress, paths it took and given up on for it, its failed calls, and the
+/// error of its last call if that call failed.
+#[allow(missing_docs)]
 pub struct TargetStats {
-    /// The journal's name for the target.
     pub id: TargetId,
-    /// How it is shown (secrets masked).
     pub label: String,
-    /// The paths its lane still needs.
     pub backoff: HashMap<StorePath, Backoff>,
-    /// The paths of its call in progress.
     pub in_flight: Vec<StorePath>,
-    /// Paths it took.
     pub delivered: u64,
-    /// Paths given up on for it.
     pub given_up: u64,
-    /// Failed calls to it.
     pub failed_calls: u64,
-    /// The error of its last call, if that call failed.
     pub last_error: Option<String>,
 }
 
-/// Counters and state since the daemon started.
+/// Counters and state since the daemon started: paths uploaded (every target has them,
+/// or they were only signed) and dropped (gone from the store, or by an operator), failed
+/// nix calls outside the targets' (signing), the batch being prepared, the time spent in
+/// successful upload calls and their number, the targets in the configuration's order.
 #[derive(Default)]
+#[allow(missing_docs)]
 pub struct Stats {
-    /// Paths that every target has (or that were only signed).
     pub uploaded: u64,
-    /// Paths gone from the store, or dropped by an operator.
     pub dropped: u64,
-    /// Failed nix calls outside the targets' (signing a batch).
     pub failed_calls: u64,
-    /// The batch being prepared (derivations resolved, signed).
     pub in_flight_paths: Vec<StorePath>,
     /// Paths finished in the last [`RATE_WINDOW`], with when.
     recent_uploads: VecDeque<(Instant, u64)>,
-    /// Time spent in successful upload calls.
     pub upload_seconds: f64,
-    /// Their number.
     pub upload_batches: u64,
-    /// In the order of the configuration.
     pub targets: Vec<TargetStats>,
 }
 
@@ -154,8 +145,7 @@ impl Shared {
     }
 }
 
-/// The daemon's fields: `KEY KIND METRIC HELP`. KEY names it in `status
-/// json` and `status` (`-`: a metric only); METRIC `-`: not a metric.
+/// The daemon's fields: `KEY KIND METRIC HELP`; KEY or METRIC `-`: not in status, not a metric.
 const FIELDS: &str = "\
 version text - -
 uptime_seconds seconds - -
@@ -196,8 +186,7 @@ type Row = Vec<Option<String>>;
 /// A listed path, attempts, seconds (to the next try, or since given up), error.
 type Item = (StorePath, u32, f64, String);
 
-/// One look at the daemon: [`FIELDS`], [`TARGET_FIELDS`] per target shown, paths in
-/// flight, backing off (soonest first, per path and target), given up on.
+/// One look at the daemon: its fields, each shown target's, and the paths listed.
 pub struct Snapshot {
     fields: Row,
     targets: Vec<Row>,
@@ -387,8 +376,7 @@ fn number(value: Option<&str>) -> f64 {
     value.and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
-/// The fields of a table that `status json` shows, as one JSON object
-/// ending with `more`.
+/// The fields of a table that `status json` shows, as one JSON object ending with `more`.
 fn object(table: &'static str, row: &[Option<String>], more: &str) -> String {
     let shown = fields(table, row).filter(|(f, _)| f[0] != "-");
     let pairs = shown.map(|([key, kind, ..], v)| match (kind, v) {
@@ -416,8 +404,7 @@ fn target(row: &[Option<String>]) -> String {
     format!("{label}: {}", shown.collect::<Vec<_>>().join(", "))
 }
 
-/// `items` as indented lines, at most `cap` of them, then how many of
-/// `total` (at least all of `items`) it left out.
+/// `items` as indented lines, at most `cap`, then how many of `total` it left out.
 fn listed<T>(items: &[T], cap: usize, total: usize, line: impl Fn(&T) -> String) -> String {
     let shown = &items[..items.len().min(cap)];
     let lines = shown.iter().map(|i| format!("  {}\n", one_line(&line(i))));
@@ -426,11 +413,9 @@ fn listed<T>(items: &[T], cap: usize, total: usize, line: impl Fn(&T) -> String)
     lines.chain(more).collect()
 }
 
-/// The prefix of every metric's name.
 const M: &str = "nix_post_build_hook_queue_";
 
-/// The metrics of a table (every KIND but `counter` is a gauge), each
-/// declared once, then sampled for every row with the row's labels.
+/// The metrics of a table (every KIND but `counter` is a gauge), sampled for every row.
 fn metrics(table: &'static str, rows: &[(String, &Row)]) -> String {
     let mut text = String::new();
     let first = rows.first().map(|(_, r)| &r[..]).unwrap_or_default();
@@ -471,8 +456,7 @@ fn json_string(text: &str) -> String {
     format!("\"{text}\"")
 }
 
-/// Writes `text` to `path` through a `.tmp` file (unique: two threads may write
-/// at once; node-exporter ignores it); mode 0644 whatever the umask.
+/// Writes `text` to `path` through a unique `.tmp` file (two threads may write at once), mode 0644.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

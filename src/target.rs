@@ -1,6 +1,5 @@
-//! The upload targets (each `upload-to` URL, and the `upload-command`),
-//! and the check at start of each URL: one nix can never use stops the
-//! daemon; one that may mend (a host that does not answer) is a warning.
+//! The upload targets, and the check at start of each URL: one nix can never
+//! use stops the daemon; one that may mend (a host that does not answer) warns.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -10,19 +9,17 @@ use crate::journal::TargetId;
 use crate::nix::{Failure, FailureKind, Nix, PING_TIMEOUT};
 use crate::{info, redact, warning};
 
-/// Where paths are delivered to.
+/// Where paths are delivered to: a store URL for `nix copy --to`, an uploader's
+/// program and arguments (the paths appended), or nowhere (they are only signed).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
 pub enum Kind {
-    /// A store URL for `nix copy --to`.
     Url(String),
-    /// An uploader's program and arguments; the paths are appended.
     Command(Vec<String>),
-    /// No target: the paths are only signed.
     SignOnly,
 }
 
-/// One target: what it is, its journal name (a hash of its URL or command
-/// line) and its label for logs, `status` and metrics, secrets masked.
+/// One target: what it is, its journal name and its label (secrets masked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub struct Target {
@@ -32,8 +29,7 @@ pub struct Target {
 }
 
 impl Target {
-    /// A target named `name` in the journal, whose secrets are remembered
-    /// to be masked everywhere.
+    /// A target named `name` in the journal, its secrets remembered to be masked everywhere.
     fn new(kind: Kind, name: Option<&str>) -> Target {
         name.inspect(|name| redact::remember(name));
         let label = name.map_or_else(|| "-".into(), redact::text);
@@ -46,36 +42,29 @@ impl Target {
         Target::new(Kind::Url(url.to_string()), Some(url))
     }
 
-    /// The `upload-command` target.
-    pub fn command(argv: &[String]) -> Target {
-        let line = format!("upload-command: {}", argv.join(" "));
-        Target::new(Kind::Command(argv.to_vec()), Some(&line))
-    }
-
     /// Signing only, when no target is configured.
     pub fn sign_only() -> Target {
         Target::new(Kind::SignOnly, None)
     }
 }
 
-/// How long start-up waits for the check of each URL; a slower one is
-/// judged in the background, so that a dead host never delays the socket.
+/// Start-up waits this long per URL check; a dead host's is judged in the background.
 pub const CHECK_WAIT: Duration = Duration::from_secs(3);
 
-/// The targets of `config`: each `upload-to`, then the `upload-command`;
-/// or signing only (the name older versions gave it) when none is set.
+/// The targets of `config`: each `upload-to`, then the `upload-command`; or signing only.
 pub fn configured(config: &Config) -> Vec<Target> {
     let mut targets: Vec<Target> = config.upload_to.iter().map(|u| Target::url(u)).collect();
-    targets.extend(config.upload_command.as_deref().map(Target::command));
+    if let Some(argv) = &config.upload_command {
+        let line = format!("upload-command: {}", argv.join(" "));
+        targets.push(Target::new(Kind::Command(argv.clone()), Some(&line)));
+    }
     if targets.is_empty() {
         targets.push(Target::sign_only());
     }
     targets
 }
 
-/// Checks every `upload-to` URL, one after the other (the uploader's
-/// program is checked with the configuration). `Err` holds the reason the
-/// daemon cannot run with one, secrets masked.
+/// Checks every `upload-to` URL in turn; `Err`: why the daemon cannot run with one.
 pub fn check_at_start(config: &Config) -> Result<(), String> {
     for url in &config.upload_to {
         let nix = Nix::from_config(config, Some(url));
@@ -100,9 +89,8 @@ pub fn check_at_start(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// What a finished check means: `Err` when the target can never work,
-/// that is when nix could not be started, the URL is not a store URL, or
-/// nix does not know the kind of store (a wording of Nix 2.0 to 2.26).
+/// `Err` when the target can never work: nix could not be started, the URL is not
+/// a store URL, or nix does not know the kind of store (Nix 2.0 to 2.26's wording).
 fn judge(url: &str, result: Result<(), Failure>) -> Result<(), String> {
     let shown = redact::text(url);
     let Err(failure) = result else {
@@ -110,10 +98,8 @@ fn judge(url: &str, result: Result<(), Failure>) -> Result<(), String> {
         return Ok(());
     };
     let reason = redact::text(&failure.to_string());
-    if matches!(failure.kind, FailureKind::Spawn(_))
-        || !is_store_url(url)
-        || failure.stderr.contains("don't know how to open")
-    {
+    let never = matches!(failure.kind, FailureKind::Spawn(_)) || !is_store_url(url);
+    if never || failure.stderr.contains("don't know how to open") {
         return Err(format!(
             "upload-to {shown}: nix cannot use this store URL: {reason} (store URLs look like \
              file:///var/cache/nix, ssh-ng://host, s3://bucket or https://host/path)"
@@ -220,7 +206,11 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        let t = Target::command(&argv);
+        let config = Config {
+            upload_command: Some(argv),
+            ..Config::default()
+        };
+        let t = configured(&config).remove(0);
         assert_eq!(
             t.label,
             "upload-command: cachix push --token *** CACHIX_AUTH_TOKEN=*** c"
