@@ -1,7 +1,5 @@
-//! The socket protocol: one request line (`VERB [ARG...]`, UTF-8, single
-//! spaces) in; reply lines out, the last starting with `ok` or `err`.
-//! Parsing validates every path: a [`Request`] holds only paths that are
-//! safe to journal and to hand to `nix`.
+//! The socket protocol: one request line (`VERB [ARG...]`, UTF-8) in, reply lines out, the last
+//! `ok` or `err`. A parsed [`Request`] holds only paths safe to journal and hand to `nix`.
 
 use crate::store_path::{PathError, StorePath};
 
@@ -16,8 +14,7 @@ pub enum Request {
     Drv(StorePath),
     /// Liveness check; the reply carries the daemon's version.
     Ping,
-    /// The queue's state: in lines for people, or (`status json`, true)
-    /// in one JSON object line.
+    /// The queue's state: in lines for people, or (`status json`, true) one JSON object line.
     Status(bool),
     /// Block until everything queued before this request is done.
     Wait,
@@ -25,8 +22,7 @@ pub enum Request {
     Retry,
     /// Requeue paths given up on (`requeue PATH...`; `requeue-failed`: None).
     Requeue(Option<Vec<StorePath>>),
-    /// Drop queued paths from the journal (`drop PATH...`; `drop-failed`:
-    /// None, every path given up on).
+    /// Drop queued paths (`drop PATH...`; `drop-failed`: None, every path given up on).
     Drop(Option<Vec<StorePath>>),
 }
 
@@ -39,8 +35,7 @@ pub fn too_long() -> String {
     format!("request line longer than {MAX_LINE} bytes")
 }
 
-/// Parses one request line (without its `\n`) against the store directory;
-/// the error is sent back after `err `.
+/// Parses one request line (without its `\n`); the error is sent back after `err `.
 pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, String> {
     if line.len() >= MAX_LINE {
         return Err(too_long());
@@ -98,10 +93,8 @@ fn paths(rest: &str, store_dir: &str, parse: ParseFn) -> Result<Vec<StorePath>, 
             "{n} paths in one request; at most {MAX_PATHS} are accepted"
         ));
     }
-    let parsed = args.iter().enumerate();
-    parsed
-        .map(|(i, a)| parse(a, store_dir).map_err(|e| format!("path {}: {e}", i + 1)))
-        .collect()
+    let parse = |(i, a): (usize, &&str)| parse(a, store_dir).map_err(|e| format!("path {i}: {e}"));
+    (1..).zip(&args).map(parse).collect()
 }
 
 /// The final reply line: `ok ...` or `err ...`, newline included.

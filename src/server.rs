@@ -105,10 +105,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     }
     let own_socket = activated.is_none();
     let (listener, waiting) = match activated {
-        Some(passed) => {
-            info!("listening on the socket passed by systemd");
-            passed
-        }
+        Some(passed) => passed,
         None => (bind(&config)?, None),
     };
     let (journal, shared) = (Arc::new(journal), Arc::new(Shared::new(&targets)));
@@ -146,8 +143,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     builder.spawn(f).map_err(transient("cannot start a thread"))
 }
 
-/// Locks the state directory (its file `lock`, holding the pid): one daemon per journal. The
-/// flock goes with the process, also on `kill -9`: a stale one never blocks a start.
+/// Locks the state directory's file `lock` (holding the pid); the flock dies with the process.
 fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
     fs::create_dir_all(dir).map_err(err())?;
@@ -171,10 +167,8 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     Ok(file)
 }
 
-/// Binds the socket path, replacing only a stale socket (nothing answers), through a private
-/// directory beside it (mode 0700, unguessable, checked on its descriptor, reached as
-/// `/proc/self/fd/N/s`: short for any path): given its mode and group there, it is renamed
-/// into place, never looser.
+/// Binds the socket path (replacing only a stale socket) in a private 0700 directory beside it,
+/// reached as `/proc/self/fd/N/s` (short for any path), then renames it into place, never looser.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let fail = |why: &str| Err(ServeError::Transient(format!("{} {why}", path.display())));
@@ -223,8 +217,7 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Removes our own private directories in `parent` that a daemon killed
-/// while binding left behind (a minute old: none is in use that long).
+/// Removes private directories of ours a daemon killed while binding left (a minute old).
 fn remove_leftovers(parent: &Path) {
     let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age.as_secs() > 60);
     // Not through a symlink: an entry's `metadata` does not follow it.
@@ -299,8 +292,8 @@ fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     std::process::exit(0);
 }
 
-/// Accepts connections for good (`waiting` first), each served by a thread of its own; turns
-/// them away while stopping or when `max-connections` are served (each holds a `ctx`: counted).
+/// Serves each connection (`waiting` first) on a thread; turns them away while stopping or when
+/// `max-connections` are served (each holds a `ctx`: counted).
 fn accept_connections(
     ctx: &Arc<Context>,
     listener: &UnixListener,
@@ -348,8 +341,7 @@ impl Read for Timed<'_> {
     }
 }
 
-/// Reads one line of less than `MAX_LINE` bytes, all of it within
-/// `REQUEST_TIMEOUT`, into `line`. `Ok(false)` at a clean end of stream.
+/// Reads one line (under `MAX_LINE` bytes, within `REQUEST_TIMEOUT`); `Ok(false)` at the end.
 fn read_line(reader: &mut BufReader<Timed>, line: &mut Vec<u8>) -> Result<bool, String> {
     reader.get_mut().1 = Instant::now() + REQUEST_TIMEOUT;
     line.clear();
@@ -387,8 +379,7 @@ fn handle(ctx: &Context, mut stream: &UnixStream) {
     }
 }
 
-/// The reply to `req` from a peer of user `uid`: root and the daemon's own user may change the
-/// queue; others may add to it and look (a peer that cannot be told is not trusted).
+/// The reply to `req` from user `uid`: only root and the daemon's user may change the queue.
 fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -> String {
     let admin = uid.is_some_and(|uid| uid == 0 || uid == sys::uid());
     if !admin && matches!(req, Request::Retry | Request::Requeue(_) | Request::Drop(_)) {
@@ -465,10 +456,8 @@ fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
     all
 }
 
-/// The `wait` reply: `remaining N failing M` lines while paths queued before the request are
-/// still queued (with `error PATH TEXT`, the last error of the first failing one, when M > 0),
-/// then `ok ...` or `err ...` when every target has each path or gave up on it. Paths given up
-/// on or dropped while it waits make it `err` (named); those given up on before, only mentioned.
+/// The `wait` reply: `remaining N failing M [error PATH TEXT]` lines until every path queued before
+/// it is settled, then `err` naming paths given up on or dropped meanwhile, else `ok`.
 fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
     let (upto, drops) = ctx.journal.watch_drops();
     // The batch being gathered need not wait for its quiet period.
@@ -515,16 +504,13 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
             let failing: HashMap<&StorePath, &String> = (backoff.filter(|(_, b)| b.attempts > 0))
                 .map(|(p, b)| (p, &b.last_error))
                 .collect();
-            // The error of the first failing path waited for.
             let first = (failing.iter())
                 .filter_map(|(p, e)| Some((ctx.journal.entry(p)?.seq, p, e)))
                 .filter(|(seq, _, _)| *seq <= upto)
                 .min_by_key(|(seq, _, _)| *seq)
                 .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
-            (
-                failing.len().min(remaining),
-                one_line(&first.unwrap_or_default()),
-            )
+            let first = one_line(&first.unwrap_or_default());
+            (failing.len().min(remaining), first)
         };
         if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {
             let line = format!("remaining {remaining} failing {failing}{first_error}\n");

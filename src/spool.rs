@@ -1,6 +1,5 @@
-//! The spool: where the hook leaves its request (`<time>-<pid>.req`) when the daemon is away.
-//! The daemon queues the spooled requests at start and when idle, and deletes a file once its
-//! paths are journaled, or set aside as `.bad` (a bad or long-unfinished line; the rest queued).
+//! The spool, where the hook leaves requests (`<time>-<pid>.req`) when the daemon is away: queued
+//! at start and when idle, each file deleted once journaled or set aside as `.bad`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -21,8 +20,7 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
 /// Problems named (bad lines of a file, files of one pass); others counted.
 const NAMED: usize = 5;
 
-/// Only regular files of a plausible size are read (a link could point
-/// anywhere, a huge file would only cost memory).
+/// Only regular files of a plausible size are read (a link could point anywhere).
 fn regular(meta: &fs::Metadata) -> bool {
     meta.is_file() && meta.len() <= MAX_FILE
 }
@@ -35,8 +33,7 @@ fn is_request(name: &OsStr) -> bool {
 /// Path counts of request files by name and inode: each is read once.
 static COUNTED: Mutex<BTreeMap<OsString, (u64, usize)>> = Mutex::new(BTreeMap::new());
 
-/// The backlog, for `status`: request files not ingested yet, and the
-/// paths they ask for (the words after each line's verb, unchecked).
+/// For `status`: request files not ingested yet, and the paths (words after a verb) they ask for.
 pub fn backlog(dir: &Path) -> (usize, usize) {
     let mut counted = COUNTED.lock().unwrap_or_else(|e| e.into_inner());
     let mut now = BTreeMap::new();
@@ -70,8 +67,7 @@ fn abandoned(meta: &fs::Metadata) -> bool {
 pub struct Spool {
     dir: PathBuf,
     store_dir: String,
-    /// Files journaled that stay (not deleted nor set aside): not read again
-    /// while they stay as they are.
+    /// Files journaled that could not be deleted nor set aside: not read again while unchanged.
     done: HashMap<PathBuf, (u64, u64, u64, i64, i64)>,
     /// This pass's warnings, logged together at its end.
     notes: Vec<String>,
@@ -85,8 +81,7 @@ impl Spool {
         spool
     }
 
-    /// Journals every finished spooled request and deletes (or sets aside)
-    /// its file; returns the paths newly queued.
+    /// Journals every finished request file and deletes it (or sets it aside); returns new paths.
     pub fn ingest(&mut self, journal: &Journal) -> Vec<StorePath> {
         let mut names = Vec::new();
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
@@ -116,8 +111,7 @@ impl Spool {
         queued
     }
 
-    /// Ingests one file; returns the paths newly queued, `None` when the
-    /// journal cannot be written now.
+    /// Ingests one file; returns the paths newly queued, `None` when the journal cannot be written.
     fn ingest_file(&mut self, journal: &Journal, file: &Path) -> Option<Vec<StorePath>> {
         let meta = match fs::symlink_metadata(file) {
             Ok(m) if self.done.get(file) != Some(&file_id(&m)) => m,
@@ -175,9 +169,8 @@ impl Spool {
         (paths, bad)
     }
 
-    /// Sets a spool file aside as `.bad` (with `rename`), or else remembers
-    /// it as done until it changes or the daemon restarts (at most one more
-    /// upload); says why.
+    /// Sets a spool file aside as `.bad` (with `rename`), or else remembers it as done while it
+    /// stays unchanged (at most one more upload after a restart); notes why.
     fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: String, rename: bool) {
         let bad = file.with_extension("bad");
         let mut note = format!("spool file {}: {why}", file.display());

@@ -7,10 +7,8 @@ use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 
 use crate::sys;
 
-/// The listening socket systemd passed us, if any, with the connection
-/// already waiting on it (the one that started us, usually). Variables
-/// meant for us are removed, as `sd_listen_fds(1)` does, so that nix never
-/// sees them: call it before other threads start.
+/// The listening socket systemd passed us, if any, with a connection waiting on it; removes the
+/// variables (as `sd_listen_fds(1)` does) so nix never sees them: call it before other threads.
 pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream>)>> {
     let (Ok(pid), Ok(fds)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
         return Ok(None);
@@ -33,8 +31,7 @@ pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream
     let listener = UnixListener::from(sys::take_inherited_fd(3)?);
     // Fails if fd 3 is not a unix socket (a TCP socket, say).
     listener.local_addr()?;
-    // accept tells a socket that does not listen (EINVAL) from one that
-    // does, with a connection waiting or none yet (EAGAIN).
+    // accept tells a socket that does not listen (EINVAL) from one that does (EAGAIN or a stream).
     listener.set_nonblocking(true)?;
     let waiting = match listener.accept() {
         Ok((stream, _)) => Some(stream),
@@ -45,11 +42,11 @@ pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream
         Err(e) => return Err(e),
     };
     listener.set_nonblocking(false)?;
+    crate::info!("listening on the socket passed by systemd");
     Ok(Some((listener, waiting)))
 }
 
-/// Tells the service manager, when it asked to be told, our `state`
-/// (`READY=1`, `STOPPING=1`).
+/// Tells the service manager, when it asked to be told, our `state` (`READY=1`, `STOPPING=1`).
 pub fn notify(state: &str) -> io::Result<()> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) else {
         return Ok(());
