@@ -117,8 +117,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         _ => labels.join(", "),
     };
     let signing = config.signing_key_file.as_ref().map_or("off", |_| "on");
-    let store = &config.store_dir;
-    info!("ready: store {store}, signing {signing}, upload to {to}");
+    info!(
+        "ready: store {}, signing {signing}, upload to {to}",
+        config.store_dir
+    );
     let ctx = Arc::new(Context {
         config,
         journal,
@@ -315,13 +317,11 @@ fn accept_connections(
             continue;
         }
         let ctx = Arc::clone(ctx);
+        let serve = move || handle(&ctx, &stream);
         let thread = std::thread::Builder::new().name("conn".into());
-        // A small stack: a connection reads into the heap.
-        let spawned = thread
-            .stack_size(64 * 1024)
-            .spawn(move || handle(&ctx, &stream));
-        if let Err(e) = spawned {
-            // The connection went with the closure: the client sees it closed.
+        // A small stack: a connection reads into the heap. On failure the connection went with
+        // the closure: the client sees it closed.
+        if let Err(e) = thread.stack_size(64 * 1024).spawn(serve) {
             warning!("cannot start a connection thread: {e}");
         }
     }
@@ -460,7 +460,6 @@ fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
 /// it is settled, then `err` naming paths given up on or dropped meanwhile, else `ok`.
 fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
     let (upto, drops) = ctx.journal.watch_drops();
-    // The batch being gathered need not wait for its quiet period.
     let _ = ctx.tx.send(Msg::Flush);
     // Not this wait's failure (another job's, maybe); `status` lists them.
     let earlier = given_up(ctx, upto);

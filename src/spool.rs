@@ -98,7 +98,6 @@ impl Spool {
         }
         names.sort();
         self.done.retain(|p, _| names.binary_search(p).is_ok());
-        // In order, until the journal cannot be written.
         let ingested = names.iter().map_while(|f| self.ingest_file(journal, f));
         let queued = ingested.flatten().collect();
         let notes = std::mem::take(&mut self.notes);
