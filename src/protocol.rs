@@ -49,21 +49,23 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, String> {
     let usage = |u: &str| format!("usage: {u}");
     // `ping ` (a trailing space) is an empty argument, refused like any other.
     let plain = |req| (verb.len() == line.len()).then_some(req).ok_or(usage(verb));
-    let listed = |u: &str, parse: ParseFn| match rest {
-        "" => Err(usage(u)),
-        _ => paths(rest, store_dir, parse),
+    let args: Vec<&str> = rest.split(' ').collect();
+    // Space-separated store paths, at most [`MAX_PATHS`].
+    let listed = |parse: ParseFn| match args.len() {
+        _ if rest.is_empty() && verb == "enqueue" => Err(usage("enqueue PATH [PATH...]")),
+        _ if rest.is_empty() => Err(usage(&format!("{verb} PATH [PATH...] (or {verb}-failed)"))),
+        n if n > MAX_PATHS => Err(format!(
+            "{n} paths in one request; at most {MAX_PATHS} are accepted"
+        )),
+        _ => (1..)
+            .zip(&args)
+            .map(|(i, a)| parse(a, store_dir).map_err(|e| format!("path {i}: {e}")))
+            .collect(),
     };
     match verb {
-        "enqueue" => {
-            listed("enqueue PATH [PATH...]", StorePath::parse_output).map(Request::Enqueue)
-        }
-        "requeue" => listed(
-            "requeue PATH [PATH...] (or requeue-failed)",
-            StorePath::parse,
-        )
-        .map(|p| Request::Requeue(Some(p))),
-        "drop" => listed("drop PATH [PATH...] (or drop-failed)", StorePath::parse)
-            .map(|p| Request::Drop(Some(p))),
+        "enqueue" => listed(StorePath::parse_output).map(Request::Enqueue),
+        "requeue" => Ok(Request::Requeue(Some(listed(StorePath::parse)?))),
+        "drop" => Ok(Request::Drop(Some(listed(StorePath::parse)?))),
         "requeue-failed" => plain(Request::Requeue(None)),
         "drop-failed" => plain(Request::Drop(None)),
         "drv" if !rest.is_empty() && !rest.contains(' ') => StorePath::parse_drv(rest, store_dir)
@@ -83,19 +85,6 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, String> {
 }
 
 type ParseFn = fn(&str, &str) -> Result<StorePath, PathError>;
-
-/// Parses space-separated store paths, at most [`MAX_PATHS`] of them.
-fn paths(rest: &str, store_dir: &str, parse: ParseFn) -> Result<Vec<StorePath>, String> {
-    let args: Vec<&str> = rest.split(' ').collect();
-    if args.len() > MAX_PATHS {
-        let n = args.len();
-        return Err(format!(
-            "{n} paths in one request; at most {MAX_PATHS} are accepted"
-        ));
-    }
-    let parse = |(i, a): (usize, &&str)| parse(a, store_dir).map_err(|e| format!("path {i}: {e}"));
-    (1..).zip(&args).map(parse).collect()
-}
 
 /// The final reply line: `ok ...` or `err ...`, newline included.
 pub fn final_line(result: Result<&str, &str>) -> String {
