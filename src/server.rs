@@ -151,11 +151,10 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
     fs::create_dir_all(dir).map_err(err())?;
     let mut open = fs::OpenOptions::new();
     open.read(true).write(true).create(true).truncate(false);
-    let mut file = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
+    let file = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
     match file.try_lock() {
         Err(fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
+            let pid = fs::read_to_string(dir.join("lock")).unwrap_or_default();
             let (dir, pid) = (dir.display(), pid.trim());
             let why = format!("state-dir {dir} is in use by another daemon (pid {pid})");
             let why = why + "; stop it or choose another state-dir";
@@ -199,8 +198,7 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
             return Err(io::Error::other(why));
         }
         let tmp = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
-        let listener = UnixListener::bind(&tmp);
-        let result = listener.and_then(|l| {
+        let result = UnixListener::bind(&tmp).and_then(|l| {
             fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))?;
             if let Some(group) = &config.socket_group {
                 std::os::unix::fs::chown(&tmp, None, Some(group_id(group)?))?;
@@ -482,8 +480,7 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                 ));
             }
             let dropped = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let n @ 1.. = dropped.len() {
-                let listed = named(&dropped);
+            if let (n @ 1.., listed) = (dropped.len(), named(&dropped)) {
                 problems.push(format!(
                     "{n} path(s) were dropped ({listed}); see the daemon's log"
                 ));
