@@ -300,8 +300,7 @@ impl Journal {
         Ok((journal, torn))
     }
 
-    /// Queues the paths not queued yet; returns them once all the paths are
-    /// on disk. On error, the paths of the failed write are not queued.
+    /// Queues the paths not queued yet, returning them once all are on disk (on error: not queued).
     pub fn append(&self, paths: &[StorePath]) -> io::Result<Vec<StorePath>> {
         self.append_at(paths, None)
     }
@@ -543,8 +542,7 @@ impl Journal {
         }
     }
 
-    /// Writes `data` to `tmp`, then, holding the file, what came after `from`,
-    /// and renames `tmp` over the journal.
+    /// Writes `data` and (holding the file) the records after `from` to `tmp`, renamed into place.
     fn replace_file(&self, tmp: &Path, data: &[u8], from: u64) -> io::Result<()> {
         // Opened for appending before the rename: no later failure leaves us writing the old file.
         let mut f = open_append(tmp)?;

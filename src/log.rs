@@ -1,5 +1,4 @@
-//! One event per line on stderr, prefixed with its sd-daemon priority under journald, else its
-//! level as a word; secrets masked.
+//! Event lines on stderr, prefixed `<priority>` under journald, else `level:`; secrets masked.
 
 use std::fmt;
 use std::io::Write;

@@ -1,5 +1,5 @@
-//! The socket protocol: one request line (`VERB [ARG...]`, UTF-8) in, reply lines out, the last
-//! `ok` or `err`. A parsed [`Request`] holds only paths safe to journal and hand to `nix`.
+//! The socket protocol: one request line in, reply lines out (the last `ok` or `err`); a parsed
+//! [`Request`] holds only paths safe to journal and hand to `nix`.
 
 use crate::store_path::{PathError, StorePath};
 

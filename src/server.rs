@@ -1,6 +1,5 @@
-//! The daemon: recovery at start, the listener, and one thread per client (at most
-//! `max-connections`), which journals paths before acknowledging them. `retry`, `requeue` and
-//! `drop` are taken only from root and the daemon's own user (the peer's credentials).
+//! The daemon: recovery, the listener, a thread per client (journaling paths before acknowledging
+//! them); `retry`, `requeue` and `drop` only from root and the daemon's user (peer credentials).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -259,8 +258,7 @@ fn write_metrics(ctx: &Context, file: &Path) {
     }
 }
 
-/// The one way to stop: on SIGTERM or SIGINT, refuse new work, let the nix calls in progress
-/// finish within the grace period (then kill them), and exit; the journal keeps the rest.
+/// The one way to stop (SIGTERM, SIGINT): refuse new work, give nix calls a grace period, exit.
 fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     let sig = match sys::wait_for_stop_signal() {
         Ok(sig) => sig,
@@ -292,8 +290,7 @@ fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     std::process::exit(0);
 }
 
-/// Serves each connection (`waiting` first) on a thread; turns them away while stopping or when
-/// `max-connections` are served (each holds a `ctx`: counted).
+/// Serves each connection on a thread, turned away while stopping or at `max-connections`.
 fn accept_connections(
     ctx: &Arc<Context>,
     listener: &UnixListener,

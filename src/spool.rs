@@ -87,9 +87,8 @@ impl Spool {
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let (name, path) = (entry.file_name(), entry.path());
             // A temporary file of a hook killed between writing and renaming.
-            let tmp = name
-                .to_str()
-                .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"));
+            let tmp = name.to_string_lossy();
+            let tmp = tmp.starts_with('.') && tmp.ends_with(".tmp");
             if tmp && fs::symlink_metadata(&path).is_ok_and(|m| abandoned(&m)) {
                 let _ = fs::remove_file(&path);
             } else if is_request(&name) {
@@ -168,8 +167,7 @@ impl Spool {
         (paths, bad)
     }
 
-    /// Sets a spool file aside as `.bad` (with `rename`), or else remembers it as done while it
-    /// stays unchanged (at most one more upload after a restart); notes why.
+    /// Sets a file aside as `.bad`, or else remembers it as done while unchanged; notes why.
     fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: String, rename: bool) {
         let bad = file.with_extension("bad");
         let mut note = format!("spool file {}: {why}", file.display());

@@ -1,5 +1,4 @@
-//! systemd integration without a library: socket activation (sd_listen_fds(3):
-//! fd 3 when `LISTEN_PID` is our pid) and sd_notify(3) datagrams.
+//! systemd without a library: socket activation (sd_listen_fds(3)) and sd_notify(3) datagrams.
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;
