@@ -184,7 +184,16 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     };
     let err = || transient(format!("cannot listen on {}", path.display()));
     fs::create_dir_all(parent).map_err(err())?;
-    remove_leftovers(parent);
+    // Private directories of ours a daemon killed while binding left (a minute old).
+    let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age.as_secs() > 60);
+    // Not through a symlink: an entry's `metadata` does not follow it.
+    let ours = |m: fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.modified().is_ok_and(old);
+    for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(PRIVATE_PREFIX) && entry.metadata().is_ok_and(ours) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
     // Keyed from the operating system's random source: others cannot guess it.
     let random = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0);
     let private = parent.join(format!("{PRIVATE_PREFIX}{random:016x}"));
@@ -214,19 +223,6 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let (shown, mode) = (path.display(), config.socket_mode);
     info!("listening on {shown} (mode {mode:04o})");
     Ok(listener)
-}
-
-/// Removes private directories of ours a daemon killed while binding left (a minute old).
-fn remove_leftovers(parent: &Path) {
-    let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age.as_secs() > 60);
-    // Not through a symlink: an entry's `metadata` does not follow it.
-    let ours = |m: fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.modified().is_ok_and(old);
-    for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        if name.to_string_lossy().starts_with(PRIVATE_PREFIX) && entry.metadata().is_ok_and(ours) {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
 }
 
 /// Resolves a group name (from /etc/group) or number.
@@ -336,39 +332,38 @@ impl Read for Timed<'_> {
     }
 }
 
-/// Reads one line (under `MAX_LINE` bytes, within `REQUEST_TIMEOUT`); `Ok(false)` at the end.
-fn read_line(reader: &mut BufReader<Timed>, line: &mut Vec<u8>) -> Result<bool, String> {
-    reader.get_mut().1 = Instant::now() + REQUEST_TIMEOUT;
-    line.clear();
-    match reader.take(MAX_LINE as u64).read_until(b'\n', line) {
-        Ok(0) => Ok(false),
-        Ok(_) if line.pop_if(|b| *b == b'\n').is_some() => Ok(true),
-        Ok(n) if n >= MAX_LINE => Err(too_long()),
-        Ok(_) => Err("request line not terminated by a newline".into()),
-        Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => Err(format!(
-            "no complete request line within {} s",
-            REQUEST_TIMEOUT.as_secs()
-        )),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 fn handle(ctx: &Context, mut stream: &UnixStream) {
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     let uid = sys::peer(stream.as_fd()).ok().map(|p| p.uid);
     let mut reader = BufReader::new(Timed(stream, Instant::now()));
     let mut line = Vec::new();
     loop {
-        let (reply, end) = match read_line(&mut reader, &mut line) {
-            Ok(false) => return,
-            // The connection ends: where the next request starts is unknown.
-            Err(why) => (final_line(Err(&why)), true),
-            Ok(true) => match parse_request(&line, &ctx.config.store_dir) {
-                Ok(req) => (respond(ctx, stream, req, uid), false),
-                Err(e) => (final_line(Err(&e)), false),
+        reader.get_mut().1 = Instant::now() + REQUEST_TIMEOUT;
+        line.clear();
+        // A line under `MAX_LINE` bytes, all within `REQUEST_TIMEOUT`, or the connection ends
+        // after the error: where the next request starts is unknown.
+        let failed = match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) => return,
+            Ok(_) if line.pop_if(|b| *b == b'\n').is_some() => None,
+            Ok(n) if n >= MAX_LINE => Some(too_long()),
+            Ok(_) => Some("request line not terminated by a newline".into()),
+            Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => Some(format!(
+                "no complete request line within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            )),
+            Err(e) => Some(e.to_string()),
+        };
+        let reply = match &failed {
+            Some(why) => final_line(Err(why)),
+            None => match parse_request(&line, &ctx.config.store_dir) {
+                Ok(req) => respond(ctx, stream, req, uid),
+                Err(e) => final_line(Err(&e)),
             },
         };
-        if stream.write_all(reply.as_bytes()).is_err() || end {
+        if stream.write_all(reply.as_bytes()).is_err() || failed.is_some() {
             return;
         }
     }
