@@ -116,10 +116,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         _ => labels.join(", "),
     };
     let signing = config.signing_key_file.as_ref().map_or("off", |_| "on");
-    info!(
-        "ready: store {}, signing {signing}, upload to {to}",
-        config.store_dir
-    );
+    let store = &config.store_dir;
+    info!("ready: store {store}, signing {signing}, upload to {to}");
     let ctx = Arc::new(Context {
         config,
         journal,
@@ -129,14 +127,48 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     });
     if let Some(file) = ctx.config.metrics_file.clone() {
         let ctx = Arc::clone(&ctx);
-        spawn("metrics", move || write_metrics(&ctx, &file))?;
+        let mut failing = false;
+        spawn("metrics", move || loop {
+            let result = status::write_atomically(&file, &snapshot(&ctx).prometheus());
+            if let (Err(e), false) = (&result, failing) {
+                warning!("cannot write metrics file {}: {e}", file.display());
+            }
+            failing = result.is_err();
+            std::thread::sleep(Duration::from_secs(5));
+        })?;
     }
     let stopper = Arc::clone(&ctx);
     spawn("stop", move || stop_on_signal(&stopper, worker, own_socket))?;
     if let Err(e) = systemd::notify("READY=1") {
         warning!("cannot notify systemd of readiness: {e}");
     }
-    accept_connections(&ctx, &listener, waiting)
+    // Each connection on a thread, turned away while stopping or at `max-connections` (each holds
+    // a `ctx`: counted).
+    let others = Arc::strong_count(&ctx);
+    for accepted in waiting.into_iter().map(Ok).chain(listener.incoming()) {
+        let Ok(mut stream) = accepted.inspect_err(|e| error!("accept failed: {e}")) else {
+            // Out of descriptors, say: wait for connections to end.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let stopping = ctx.shared.stopping.load(SeqCst);
+        if stopping || Arc::strong_count(&ctx) - others >= ctx.config.max_connections {
+            let why = if stopping { ERR_STOPPING } else { ERR_BUSY };
+            // A fresh connection's buffer takes one line without waiting.
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = stream.write_all(final_line(Err(why)).as_bytes());
+            continue;
+        }
+        let ctx = Arc::clone(&ctx);
+        let serve = move || handle(&ctx, &stream);
+        let thread = std::thread::Builder::new().name("conn".into());
+        // A small stack: a connection reads into the heap. On failure the connection went with
+        // the closure: the client sees it closed.
+        if let Err(e) = thread.stack_size(64 * 1024).spawn(serve) {
+            warning!("cannot start a connection thread: {e}");
+        }
+    }
+    unreachable!("a listener's incoming() never ends")
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ServeError> {
@@ -242,18 +274,6 @@ fn snapshot(ctx: &Context) -> Snapshot {
     Snapshot::take(&ctx.journal, &ctx.shared, &ctx.config.spool_dir(), signing)
 }
 
-fn write_metrics(ctx: &Context, file: &Path) {
-    let mut failing = false;
-    loop {
-        let result = status::write_atomically(file, &snapshot(ctx).prometheus());
-        if let (Err(e), false) = (&result, failing) {
-            warning!("cannot write metrics file {}: {e}", file.display());
-        }
-        failing = result.is_err();
-        std::thread::sleep(Duration::from_secs(5));
-    }
-}
-
 /// The one way to stop (SIGTERM, SIGINT): refuse new work, give nix calls a grace period, exit.
 fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     let sig = match sys::wait_for_stop_signal() {
@@ -284,39 +304,6 @@ fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     let n = ctx.journal.len();
     info!("stopped; {n} paths stay queued in the journal");
     std::process::exit(0);
-}
-
-/// Serves each connection on a thread, turned away while stopping or at `max-connections`.
-fn accept_connections(
-    ctx: &Arc<Context>,
-    listener: &UnixListener,
-    waiting: Option<UnixStream>,
-) -> Result<(), ServeError> {
-    let others = Arc::strong_count(ctx);
-    for accepted in waiting.into_iter().map(Ok).chain(listener.incoming()) {
-        let Ok(mut stream) = accepted.inspect_err(|e| error!("accept failed: {e}")) else {
-            // Out of descriptors, say: wait for connections to end.
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        };
-        let stopping = ctx.shared.stopping.load(SeqCst);
-        if stopping || Arc::strong_count(ctx) - others >= ctx.config.max_connections {
-            let why = if stopping { ERR_STOPPING } else { ERR_BUSY };
-            // A fresh connection's buffer takes one line without waiting.
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = stream.write_all(final_line(Err(why)).as_bytes());
-            continue;
-        }
-        let ctx = Arc::clone(ctx);
-        let serve = move || handle(&ctx, &stream);
-        let thread = std::thread::Builder::new().name("conn".into());
-        // A small stack: a connection reads into the heap. On failure the connection went with
-        // the closure: the client sees it closed.
-        if let Err(e) = thread.stack_size(64 * 1024).spawn(serve) {
-            warning!("cannot start a connection thread: {e}");
-        }
-    }
-    unreachable!("a listener's incoming() never ends")
 }
 
 /// A connection read with one deadline for the whole of each request line.
