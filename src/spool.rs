@@ -128,7 +128,20 @@ impl Spool {
             return Some(Vec::new());
         }
         let end = data.iter().rposition(|&b| b == b'\n').unwrap_or(0);
-        let (paths, mut problems) = self.parse(&data[..end]);
+        let (mut paths, mut problems) = (Vec::new(), Vec::new());
+        for (n, line) in (1..).zip(data[..end].split(|&b| b == b'\n')) {
+            match parse_request(line, &self.store_dir) {
+                _ if line.is_empty() => {}
+                Ok(Request::Enqueue(p)) => paths.extend(p),
+                Ok(Request::Drv(d)) => paths.push(d),
+                Ok(other) => problems.push(format!("line {n} {other:?} is not a queue request")),
+                Err(e) => problems.push(format!("line {n} {e}")),
+            }
+        }
+        if let more @ 1.. = problems.len().saturating_sub(NAMED) {
+            problems.truncate(NAMED);
+            problems.push(format!("{more} more bad lines"));
+        }
         let f = file.display();
         let added = (journal.append(&paths))
             .inspect_err(|e| crate::warning!("cannot journal spool file {f}: {e}; will try again"))
@@ -146,25 +159,6 @@ impl Spool {
             self.set_aside(file, &meta, why, false);
         }
         Some(added)
-    }
-
-    /// The paths of a spool file's lines, and what is wrong with the others.
-    fn parse(&self, complete: &[u8]) -> (Vec<StorePath>, Vec<String>) {
-        let (mut paths, mut bad) = (Vec::new(), Vec::new());
-        for (n, line) in (1..).zip(complete.split(|&b| b == b'\n')) {
-            match parse_request(line, &self.store_dir) {
-                _ if line.is_empty() => {}
-                Ok(Request::Enqueue(p)) => paths.extend(p),
-                Ok(Request::Drv(d)) => paths.push(d),
-                Ok(other) => bad.push(format!("line {n} {other:?} is not a queue request")),
-                Err(e) => bad.push(format!("line {n} {e}")),
-            }
-        }
-        if let more @ 1.. = bad.len().saturating_sub(NAMED) {
-            bad.truncate(NAMED);
-            bad.push(format!("{more} more bad lines"));
-        }
-        (paths, bad)
     }
 
     /// Sets a file aside as `.bad`, or else remembers it as done while unchanged; notes why.
