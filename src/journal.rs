@@ -271,7 +271,6 @@ impl Journal {
         let mut inner = Inner::default();
         inner.live.reserve(capacity.min(1 << 22));
         let (mut len, mut torn) = (0, 0);
-        // Record by record, so replay needs no copy of the whole file.
         let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
         let mut line = Vec::with_capacity(256);
         for line_no in 1.. {

@@ -187,9 +187,8 @@ fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
         Err(fs::TryLockError::WouldBlock) => {
             let pid = fs::read_to_string(dir.join("lock")).unwrap_or_default();
             let (dir, pid) = (dir.display(), pid.trim());
-            let why = format!("state-dir {dir} is in use by another daemon (pid {pid})");
-            let why = why + "; stop it or choose another state-dir";
-            return Err(ServeError::Transient(why));
+            let why = format!("state-dir {dir} is in use by another daemon (pid {pid}); stop it");
+            return Err(ServeError::Transient(why + " or choose another state-dir"));
         }
         result => result.map_err(io::Error::from).map_err(err())?,
     }
