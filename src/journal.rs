@@ -187,24 +187,22 @@ impl Inner {
             return false;
         };
         let before = marks.len();
+        let set = |marks: &mut Marks, target: TargetId, mark| {
+            marks.retain(|(t, _)| *t != target);
+            marks.push((target, mark));
+        };
         match record {
             Record::Done(_) => {
                 self.live.remove(path);
                 self.live_records -= 1 + before;
                 return true;
             }
-            Record::GiveUp(_, g) => {
-                marks.retain(|(t, _)| *t != g.target);
-                marks.push((g.target, Some(g.clone())));
-            }
+            Record::GiveUp(_, g) => set(marks, g.target, Some(g.clone())),
             Record::Requeue(_, at) => {
                 entry.queued_at = *at;
                 marks.retain(|(_, g)| g.is_none());
             }
-            Record::Delivered(_, t) if !marks.contains(&(*t, None)) => {
-                marks.retain(|(x, _)| x != t);
-                marks.push((*t, None));
-            }
+            Record::Delivered(_, t) if !marks.contains(&(*t, None)) => set(marks, *t, None),
             _ => return false,
         }
         self.live_records = self.live_records + marks.len() - before;
