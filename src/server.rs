@@ -69,8 +69,26 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         .map_err(transient("cannot use the socket passed by systemd"))?;
     // Before anything can fail and quote the target.
     config.upload_to.iter().for_each(|u| redact::remember(u));
-    // Held until the process ends: one daemon per journal.
-    let _lock = lock_state_dir(&config.state_dir)?;
+    // One daemon per journal: the state-dir's file `lock` (holding our pid), held until the
+    // process ends; the flock dies with it.
+    let dir = &config.state_dir;
+    let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
+    fs::create_dir_all(dir).map_err(err())?;
+    let mut open = fs::OpenOptions::new();
+    open.read(true).write(true).create(true).truncate(false);
+    let lock = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
+    match lock.try_lock() {
+        Err(fs::TryLockError::WouldBlock) => {
+            let pid = fs::read_to_string(dir.join("lock")).unwrap_or_default();
+            let (dir, pid) = (dir.display(), pid.trim());
+            let why = format!("state-dir {dir} is in use by another daemon (pid {pid}); stop it");
+            return Err(ServeError::Transient(why + " or choose another state-dir"));
+        }
+        result => result.map_err(io::Error::from).map_err(err())?,
+    }
+    // Padded over whatever pid was there, so that no truncate is needed.
+    let pid = format!("{:<10}\n", std::process::id());
+    std::os::unix::fs::FileExt::write_all_at(&lock, pid.as_bytes(), 0).map_err(err())?;
     let journal_error = format!("cannot open the journal in {}", config.state_dir.display());
     let (journal, torn) =
         Journal::open(&config.state_dir, &config.store_dir).map_err(transient(journal_error))?;
@@ -174,28 +192,6 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ServeError> {
     let builder = std::thread::Builder::new().name(name.into());
     builder.spawn(f).map_err(transient("cannot start a thread"))
-}
-
-/// Locks the state directory's file `lock` (holding the pid); the flock dies with the process.
-fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
-    let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
-    fs::create_dir_all(dir).map_err(err())?;
-    let mut open = fs::OpenOptions::new();
-    open.read(true).write(true).create(true).truncate(false);
-    let file = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
-    match file.try_lock() {
-        Err(fs::TryLockError::WouldBlock) => {
-            let pid = fs::read_to_string(dir.join("lock")).unwrap_or_default();
-            let (dir, pid) = (dir.display(), pid.trim());
-            let why = format!("state-dir {dir} is in use by another daemon (pid {pid}); stop it");
-            return Err(ServeError::Transient(why + " or choose another state-dir"));
-        }
-        result => result.map_err(io::Error::from).map_err(err())?,
-    }
-    // Padded over whatever pid was there, so that no truncate is needed.
-    let pid = format!("{:<10}\n", std::process::id());
-    std::os::unix::fs::FileExt::write_all_at(&file, pid.as_bytes(), 0).map_err(err())?;
-    Ok(file)
 }
 
 /// Binds the socket path (replacing only a stale socket) in a private 0700 directory beside it,
