@@ -23,11 +23,8 @@ fn under_journald() -> bool {
 /// Writes one event line to stderr: `priority` is sd-daemon(3)'s (3, 4, 6), `word` its name.
 pub fn log(priority: u8, word: &str, args: fmt::Arguments<'_>) {
     let text = crate::redact::text(&crate::protocol::one_line(&args.to_string()));
-    let line = if under_journald() {
-        format!("<{priority}>{text}\n")
-    } else {
-        format!("{word}: {text}\n")
-    };
+    let prefix = under_journald().then(|| format!("<{priority}>"));
+    let line = format!("{}{text}\n", prefix.unwrap_or_else(|| format!("{word}: ")));
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 

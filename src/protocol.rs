@@ -88,10 +88,7 @@ type ParseFn = fn(&str, &str) -> Result<StorePath, PathError>;
 
 /// The final reply line: `ok ...` or `err ...`, newline included.
 pub fn final_line(result: Result<&str, &str>) -> String {
-    let (word, text) = match result {
-        Ok(t) => ("ok", t),
-        Err(t) => ("err", t),
-    };
+    let (word, text) = result.map_or_else(|t| ("err", t), |t| ("ok", t));
     let space = if text.is_empty() { "" } else { " " };
     format!("{word}{space}{}\n", one_line(text))
 }
