@@ -434,8 +434,7 @@ impl Journal {
         lock(&self.inner).live.values().filter(waiting).count()
     }
 
-    /// At start: completes the paths each of `targets` has (a target left the configuration);
-    /// returns how many, the paths some target still needs (oldest first), and how many others.
+    /// At start: completes paths all `targets` have; returns their count, paths to upload, others.
     pub fn recover(&self, targets: &[TargetId]) -> (usize, Vec<StorePath>, usize) {
         let inner = lock(&self.inner);
         let done = inner.in_order(|p, _, m| {
