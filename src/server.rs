@@ -467,21 +467,20 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                 ))),
             };
         }
-        let (failing, first_error) = {
-            let s = ctx.shared.lock();
-            // Each path once, with the error of the first target it fails on.
-            let backoff = s.targets.iter().rev().flat_map(|t| &t.backoff);
-            let failing: HashMap<&StorePath, &String> = (backoff.filter(|(_, b)| b.attempts > 0))
-                .map(|(p, b)| (p, &b.last_error))
-                .collect();
-            let first = (failing.iter())
-                .filter_map(|(p, e)| Some((ctx.journal.entry(p)?.seq, p, e)))
-                .filter(|(seq, _, _)| *seq <= upto)
-                .min_by_key(|(seq, _, _)| *seq)
-                .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
-            let first = one_line(&first.unwrap_or_default());
-            (failing.len().min(remaining), first)
-        };
+        let s = ctx.shared.lock();
+        // Each path once, with the error of the first target it fails on.
+        let backoff = s.targets.iter().rev().flat_map(|t| &t.backoff);
+        let failing: HashMap<&StorePath, &String> = (backoff.filter(|(_, b)| b.attempts > 0))
+            .map(|(p, b)| (p, &b.last_error))
+            .collect();
+        let first = (failing.iter())
+            .filter_map(|(p, e)| Some((ctx.journal.entry(p)?.seq, p, e)))
+            .filter(|(seq, _, _)| *seq <= upto)
+            .min_by_key(|(seq, _, _)| *seq)
+            .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
+        let first_error = one_line(&first.unwrap_or_default());
+        let failing = failing.len().min(remaining);
+        drop(s);
         if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {
             let line = format!("remaining {remaining} failing {failing}{first_error}\n");
             if stream.write_all(line.as_bytes()).is_err() {
