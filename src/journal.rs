@@ -1,10 +1,8 @@
-//! The durable queue: an append-only journal file, the truth about what is queued. A path is
-//! acknowledged once its `+` record is fsynced; startup replays the file, cutting off a torn
-//! last line. Records, one per line: `+ <secs> <path>` queued; `- <path>` done (uploaded or
-//! dropped); `! <secs> <target> <attempts> <path> <error>` given up on for a target;
-//! `= <secs> * <path>` requeued; `> <target> <path>` that target has it. A `<target>` is a
-//! [`TargetId`], never the URL. A failed write of `+` records is undone and refuses their
-//! `enqueue`; any other failure ends the daemon (status 1): no reply rests on a record not on disk.
+//! The durable queue: an append-only journal, a path acknowledged once its `+` record is fsynced;
+//! startup replays it, cutting off a torn last line. Records: `+ <secs> <path>` queued, `- <path>`
+//! done, `! <secs> <target> <attempts> <path> <error>` given up on, `= <secs> * <path>` requeued,
+//! `> <target> <path>` delivered (`<target>`: a [`TargetId`]). A failed `+` write is undone and
+//! refused; any other failed write ends the daemon (status 1): no reply rests on a lost record.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -31,8 +29,7 @@ pub struct Entry {
     pub queued_at: u64,
 }
 
-/// A target in records: an FNV-1a hash of its URL, secrets masked (stable
-/// across versions, unlike std's hashers), shown as 16 hex digits.
+/// A target in records: FNV-1a of its URL, secrets masked (stable across versions), in hex.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TargetId(u64);
 
@@ -190,24 +187,22 @@ impl Inner {
             return false;
         };
         let before = marks.len();
+        let set = |marks: &mut Marks, target: TargetId, mark| {
+            marks.retain(|(t, _)| *t != target);
+            marks.push((target, mark));
+        };
         match record {
             Record::Done(_) => {
                 self.live.remove(path);
                 self.live_records -= 1 + before;
                 return true;
             }
-            Record::GiveUp(_, g) => {
-                marks.retain(|(t, _)| *t != g.target);
-                marks.push((g.target, Some(g.clone())));
-            }
+            Record::GiveUp(_, g) => set(marks, g.target, Some(g.clone())),
             Record::Requeue(_, at) => {
                 entry.queued_at = *at;
                 marks.retain(|(_, g)| g.is_none());
             }
-            Record::Delivered(_, t) if !marks.contains(&(*t, None)) => {
-                marks.retain(|(x, _)| x != t);
-                marks.push((*t, None));
-            }
+            Record::Delivered(_, t) if !marks.contains(&(*t, None)) => set(marks, *t, None),
             _ => return false,
         }
         self.live_records = self.live_records + marks.len() - before;
@@ -240,6 +235,11 @@ fn open_append(path: &Path) -> io::Result<File> {
     options.create(true).append(true).read(true).open(path)
 }
 
+/// Locks `m`: each update is finished under one hold, so a poisoned lock's data is whole.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -269,7 +269,6 @@ impl Journal {
         let mut inner = Inner::default();
         inner.live.reserve(capacity.min(1 << 22));
         let (mut len, mut torn) = (0, 0);
-        // Record by record, so replay needs no copy of the whole file.
         let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
         let mut line = Vec::with_capacity(256);
         for line_no in 1.. {
@@ -298,17 +297,7 @@ impl Journal {
         Ok((journal, torn))
     }
 
-    // Each update is finished under one hold: a poisoned lock's data is whole.
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn disk(&self) -> MutexGuard<'_, (File, u64)> {
-        self.disk.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues the paths not queued yet; returns them once all the paths are
-    /// on disk. On error, the paths of the failed write are not queued.
+    /// Queues the paths not queued yet, returning them once all are on disk (on error: not queued).
     pub fn append(&self, paths: &[StorePath]) -> io::Result<Vec<StorePath>> {
         self.append_at(paths, None)
     }
@@ -316,7 +305,7 @@ impl Journal {
     fn append_at(&self, paths: &[StorePath], inherit: Option<Entry>) -> io::Result<Vec<StorePath>> {
         let mut added = Vec::new();
         loop {
-            let mut inner = self.lock();
+            let mut inner = lock(&self.inner);
             let mut records = Vec::new();
             for path in paths {
                 let at = inherit.map_or_else(now_secs, |e| e.queued_at);
@@ -334,7 +323,7 @@ impl Journal {
             let failed = inner.failed.0;
             drop(inner);
             self.flush();
-            let inner = self.lock();
+            let inner = lock(&self.inner);
             if inner.failed.0 == failed {
                 return Ok(added);
             }
@@ -345,12 +334,11 @@ impl Journal {
         }
     }
 
-    /// Writes every record queued. Callers share fsyncs: records another caller took are on disk
-    /// once it lets go of the file. A failed write of `+` records only is undone, their paths
-    /// taken back; any other failure ends the daemon.
+    /// Writes the pending records; a caller whose records another took waits for its fsync on the
+    /// file's lock. A failed write of `+` records only is undone; any other ends the daemon.
     fn flush(&self) {
-        let mut disk = self.disk();
-        let mut inner = self.lock();
+        let mut disk = lock(&self.disk);
+        let mut inner = lock(&self.inner);
         if inner.pending.is_empty() {
             return;
         }
@@ -360,7 +348,7 @@ impl Journal {
         if let Some(Err(e)) = result.is_ok().then(|| disk.0.sync_data()) {
             fatal("cannot sync", &e);
         }
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         let Err(e) = result else {
             disk.1 += buf.len() as u64;
             inner.records += count_lines(&buf);
@@ -378,8 +366,7 @@ impl Journal {
         inner.failed = (inner.failed.0 + 1, e.to_string());
     }
 
-    /// Applies `records` and writes them; returns the paths of those that
-    /// changed something. A failure ends the daemon.
+    /// Applies and writes `records`, returning the paths they changed; a failure ends the daemon.
     fn write(&self, mut inner: MutexGuard<'_, Inner>, records: Vec<Record>) -> Vec<StorePath> {
         let (mut buf, mut changed) = (Vec::new(), Vec::new());
         for r in records.into_iter().filter(|r| inner.apply(r)) {
@@ -395,33 +382,31 @@ impl Journal {
 
     /// Drops queued paths (`-`), telling the `wait`s for them; returns them.
     pub fn drop_paths(&self, paths: &[StorePath]) -> Vec<StorePath> {
-        let inner = self.lock();
+        let inner = lock(&self.inner);
         for (up_to, drops) in (inner.watches.iter()).filter_map(|(s, w)| Some((s, w.upgrade()?))) {
             let theirs = |p: &&StorePath| inner.live.get(*p).is_some_and(|(e, _)| e.seq <= *up_to);
-            let mut drops = drops.lock().unwrap_or_else(|e| e.into_inner());
-            drops.extend(paths.iter().filter(theirs).cloned());
+            lock(&drops).extend(paths.iter().filter(theirs).cloned());
         }
         self.write(inner, paths.iter().cloned().map(Record::Done).collect())
     }
 
     /// The newest path's sequence number, and the paths up to it dropped while the result is held.
     pub fn watch_drops(&self) -> (u64, Arc<Mutex<Vec<StorePath>>>) {
-        let (drops, mut inner) = (Arc::default(), self.lock());
+        let (drops, mut inner) = (Arc::default(), lock(&self.inner));
         inner.watches.retain(|(_, w)| w.strong_count() > 0);
         let seq = inner.next_seq;
         inner.watches.push((seq, Arc::downgrade(&drops)));
         (seq, drops)
     }
 
-    /// Records that `target` has the paths: `-` for those every one of
-    /// `targets` now has (returned), `>` for the others.
+    /// Records that `target` has the paths: `-` (returned) where all `targets` have them, else `>`.
     pub fn deliver(
         &self,
         paths: &[StorePath],
         target: TargetId,
         targets: &[TargetId],
     ) -> io::Result<Vec<StorePath>> {
-        let inner = self.lock();
+        let inner = lock(&self.inner);
         let (mut records, mut done) = (Vec::new(), Vec::new());
         for (path, (_, m)) in paths.iter().filter_map(|p| Some((p, inner.live.get(p)?))) {
             let has = |t: &TargetId| *t == target || mark(m, *t) == Some(&None);
@@ -438,7 +423,7 @@ impl Journal {
 
     /// True when `target` has `path` or gave up on it.
     pub fn is_settled(&self, path: &StorePath, target: TargetId) -> bool {
-        matches!(self.lock().live.get(path), Some((_, m)) if mark(m, target).is_some())
+        matches!(lock(&self.inner).live.get(path), Some((_, m)) if mark(m, target).is_some())
     }
 
     /// Paths up to sequence number `seq` some of `targets` has not settled.
@@ -446,19 +431,18 @@ impl Journal {
         let waiting = |(e, m): &&(Entry, Marks)| {
             e.seq <= seq && targets.iter().any(|t| mark(m, *t).is_none())
         };
-        self.lock().live.values().filter(waiting).count()
+        lock(&self.inner).live.values().filter(waiting).count()
     }
 
-    /// At start: completes the paths each of `targets` has (a target left the configuration);
-    /// returns how many, the paths some target still needs (oldest first), and how many others.
+    /// At start: completes paths all `targets` have; returns their count, paths to upload, others.
     pub fn recover(&self, targets: &[TargetId]) -> (usize, Vec<StorePath>, usize) {
-        let inner = self.lock();
+        let inner = lock(&self.inner);
         let done = inner.in_order(|p, _, m| {
             let has = targets.iter().all(|t| mark(m, *t) == Some(&None));
             has.then(|| Record::Done(p.clone()))
         });
         let n = self.write(inner, done).len();
-        let inner = self.lock();
+        let inner = lock(&self.inner);
         let needed = |m: &Marks| targets.iter().any(|t| mark(m, *t).is_none());
         let to_upload = inner.in_order(|p, _, m| needed(m).then(|| p.clone()));
         let given_up = inner.live.len() - to_upload.len();
@@ -468,19 +452,20 @@ impl Journal {
     /// Replaces a derivation by its outputs, in its place; returns those new.
     pub fn replace(&self, drv: &StorePath, outputs: &[StorePath]) -> io::Result<Vec<StorePath>> {
         let added = self.append_at(outputs, self.entry(drv))?;
-        self.write(self.lock(), vec![Record::Done(drv.clone())]);
+        self.write(lock(&self.inner), vec![Record::Done(drv.clone())]);
         Ok(added)
     }
 
     /// Gives up on a path for a target until requeued; false if not queued.
     pub fn give_up(&self, path: &StorePath, given_up: GivenUp) -> io::Result<bool> {
-        let changed = self.write(self.lock(), vec![Record::GiveUp(path.clone(), given_up)]);
+        let record = Record::GiveUp(path.clone(), given_up);
+        let changed = self.write(lock(&self.inner), vec![record]);
         Ok(!changed.is_empty())
     }
 
     /// Requeues paths given up on (`None`: all), as queued now; returns them.
     pub fn requeue(&self, paths: Option<&[StorePath]>) -> Vec<StorePath> {
-        let inner = self.lock();
+        let inner = lock(&self.inner);
         let wanted: Option<HashSet<&StorePath>> = paths.map(|p| p.iter().collect());
         let chosen = inner.in_order(|p, _, m| {
             let wanted = wanted.as_ref().is_none_or(|w| w.contains(p));
@@ -494,7 +479,7 @@ impl Journal {
 
     /// The paths up to `seq` given up on for `target`, oldest first.
     pub fn given_up_up_to(&self, seq: u64, target: TargetId) -> Vec<(StorePath, GivenUp)> {
-        self.lock().in_order(|p, e, m| {
+        lock(&self.inner).in_order(|p, e, m| {
             let g = mark(m, target)?.as_ref()?;
             (e.seq <= seq).then(|| (p.clone(), g.clone()))
         })
@@ -502,18 +487,18 @@ impl Journal {
 
     /// The entry of a queued path, if it is queued.
     pub fn entry(&self, path: &StorePath) -> Option<Entry> {
-        self.lock().live.get(path).map(|(e, _)| *e)
+        lock(&self.inner).live.get(path).map(|(e, _)| *e)
     }
 
     /// Number of queued paths.
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {
-        self.lock().live.len()
+        lock(&self.inner).live.len()
     }
 
     /// The oldest queued path's entry, by sequence number.
     pub fn oldest(&self) -> Option<Entry> {
-        let inner = self.lock();
+        let inner = lock(&self.inner);
         inner.live.values().map(|(e, _)| *e).min_by_key(|e| e.seq)
     }
 
@@ -521,8 +506,8 @@ impl Journal {
     /// records, and most, are dead. Written without the locks; a failure before the rename warns.
     fn compact(&self, min_dead: usize) {
         let (mut records, from) = loop {
-            let disk = self.disk();
-            let mut inner = self.lock();
+            let disk = lock(&self.disk);
+            let mut inner = lock(&self.inner);
             let dead = inner.records.saturating_sub(inner.live_records);
             // `compact_at` is `MAX` while another compaction runs.
             if dead < min_dead.max(inner.compact_at) || dead < inner.live.len() {
@@ -542,7 +527,7 @@ impl Journal {
         records.iter().for_each(|(_, r)| r.write(&mut data));
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         let result = self.replace_file(&tmp, &data, from);
-        let mut inner = self.lock();
+        let mut inner = lock(&self.inner);
         inner.compact_at = 0;
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
@@ -553,22 +538,21 @@ impl Journal {
         }
     }
 
-    /// Writes `data` to `tmp`, then, holding the file, what came after `from`,
-    /// and renames `tmp` over the journal.
+    /// Writes `data` and (holding the file) the records after `from` to `tmp`, renamed into place.
     fn replace_file(&self, tmp: &Path, data: &[u8], from: u64) -> io::Result<()> {
         // Opened for appending before the rename: no later failure leaves us writing the old file.
         let mut f = open_append(tmp)?;
         f.set_len(0)?;
         f.write_all(data)?;
         f.sync_data()?;
-        let mut disk = self.disk();
+        let mut disk = lock(&self.disk);
         let mut meanwhile = vec![0; usize::try_from(disk.1 - from).unwrap_or(0)];
         disk.0.read_exact_at(&mut meanwhile, from)?;
         f.write_all(&meanwhile)?;
         f.sync_data()?;
         fs::rename(tmp, self.dir.join(FILE_NAME))?;
         *disk = (f, (data.len() + meanwhile.len()) as u64);
-        self.lock().records = count_lines(data) + count_lines(&meanwhile);
+        lock(&self.inner).records = count_lines(data) + count_lines(&meanwhile);
         // Records go to the new file from now on: its name must be durable.
         if let Err(e) = sync_dir(&self.dir) {
             fatal("cannot sync the directory after compacting", &e);
@@ -613,6 +597,14 @@ mod tests {
     }
 
     impl Journal {
+        fn lock(&self) -> MutexGuard<'_, Inner> {
+            lock(&self.inner)
+        }
+
+        fn disk(&self) -> MutexGuard<'_, (File, u64)> {
+            lock(&self.disk)
+        }
+
         fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
             self.lock().mark(path, target) == Some(&None)
         }

@@ -1,5 +1,4 @@
-//! One event per line on stderr, prefixed with its sd-daemon priority when
-//! stderr is the journal, else its level as a word; secrets masked.
+//! Event lines on stderr, prefixed `<priority>` under journald, else `level:`; secrets masked.
 
 use std::fmt;
 use std::io::Write;
@@ -7,8 +6,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::OnceLock;
 
-/// True when `JOURNAL_STREAM` (`DEVICE:INODE`) names stderr itself, not a
-/// stream a parent had (systemd.exec(5)).
+/// True when `JOURNAL_STREAM` (`DEVICE:INODE`) names stderr itself, not a parent's stream.
 fn under_journald() -> bool {
     static JOURNAL: OnceLock<bool> = OnceLock::new();
     *JOURNAL.get_or_init(|| {
@@ -22,15 +20,11 @@ fn under_journald() -> bool {
     })
 }
 
-/// Writes one event line to stderr: `priority` is sd-daemon(3)'s (3 error,
-/// 4 warning, 6 info), `word` its name.
+/// Writes one event line to stderr: `priority` is sd-daemon(3)'s (3, 4, 6), `word` its name.
 pub fn log(priority: u8, word: &str, args: fmt::Arguments<'_>) {
     let text = crate::redact::text(&crate::protocol::one_line(&args.to_string()));
-    let line = if under_journald() {
-        format!("<{priority}>{text}\n")
-    } else {
-        format!("{word}: {text}\n")
-    };
+    let prefix = under_journald().then(|| format!("<{priority}>"));
+    let line = format!("{}{text}\n", prefix.unwrap_or_else(|| format!("{word}: ")));
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 

@@ -1,7 +1,5 @@
-//! The socket protocol: one request line (`VERB [ARG...]`, UTF-8, single
-//! spaces) in; reply lines out, the last starting with `ok` or `err`.
-//! Parsing validates every path: a [`Request`] holds only paths that are
-//! safe to journal and to hand to `nix`.
+//! The socket protocol: one request line in, reply lines out (the last `ok` or `err`); a parsed
+//! [`Request`] holds only paths safe to journal and hand to `nix`.
 
 use crate::store_path::{PathError, StorePath};
 
@@ -16,8 +14,7 @@ pub enum Request {
     Drv(StorePath),
     /// Liveness check; the reply carries the daemon's version.
     Ping,
-    /// The queue's state: in lines for people, or (`status json`, true)
-    /// in one JSON object line.
+    /// The queue's state: in lines for people, or (`status json`, true) one JSON object line.
     Status(bool),
     /// Block until everything queued before this request is done.
     Wait,
@@ -25,8 +22,7 @@ pub enum Request {
     Retry,
     /// Requeue paths given up on (`requeue PATH...`; `requeue-failed`: None).
     Requeue(Option<Vec<StorePath>>),
-    /// Drop queued paths from the journal (`drop PATH...`; `drop-failed`:
-    /// None, every path given up on).
+    /// Drop queued paths (`drop PATH...`; `drop-failed`: None, every path given up on).
     Drop(Option<Vec<StorePath>>),
 }
 
@@ -39,8 +35,7 @@ pub fn too_long() -> String {
     format!("request line longer than {MAX_LINE} bytes")
 }
 
-/// Parses one request line (without its `\n`) against the store directory;
-/// the error is sent back after `err `.
+/// Parses one request line (without its `\n`); the error is sent back after `err `.
 pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, String> {
     if line.len() >= MAX_LINE {
         return Err(too_long());
@@ -54,21 +49,23 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, String> {
     let usage = |u: &str| format!("usage: {u}");
     // `ping ` (a trailing space) is an empty argument, refused like any other.
     let plain = |req| (verb.len() == line.len()).then_some(req).ok_or(usage(verb));
-    let listed = |u: &str, parse: ParseFn| match rest {
-        "" => Err(usage(u)),
-        _ => paths(rest, store_dir, parse),
+    let args: Vec<&str> = rest.split(' ').collect();
+    // Space-separated store paths, at most [`MAX_PATHS`].
+    let listed = |parse: ParseFn| match args.len() {
+        _ if rest.is_empty() && verb == "enqueue" => Err(usage("enqueue PATH [PATH...]")),
+        _ if rest.is_empty() => Err(usage(&format!("{verb} PATH [PATH...] (or {verb}-failed)"))),
+        n if n > MAX_PATHS => Err(format!(
+            "{n} paths in one request; at most {MAX_PATHS} are accepted"
+        )),
+        _ => (1..)
+            .zip(&args)
+            .map(|(i, a)| parse(a, store_dir).map_err(|e| format!("path {i}: {e}")))
+            .collect(),
     };
     match verb {
-        "enqueue" => {
-            listed("enqueue PATH [PATH...]", StorePath::parse_output).map(Request::Enqueue)
-        }
-        "requeue" => listed(
-            "requeue PATH [PATH...] (or requeue-failed)",
-            StorePath::parse,
-        )
-        .map(|p| Request::Requeue(Some(p))),
-        "drop" => listed("drop PATH [PATH...] (or drop-failed)", StorePath::parse)
-            .map(|p| Request::Drop(Some(p))),
+        "enqueue" => listed(StorePath::parse_output).map(Request::Enqueue),
+        "requeue" => Ok(Request::Requeue(Some(listed(StorePath::parse)?))),
+        "drop" => Ok(Request::Drop(Some(listed(StorePath::parse)?))),
         "requeue-failed" => plain(Request::Requeue(None)),
         "drop-failed" => plain(Request::Drop(None)),
         "drv" if !rest.is_empty() && !rest.contains(' ') => StorePath::parse_drv(rest, store_dir)
@@ -89,27 +86,9 @@ pub fn parse_request(line: &[u8], store_dir: &str) -> Result<Request, String> {
 
 type ParseFn = fn(&str, &str) -> Result<StorePath, PathError>;
 
-/// Parses space-separated store paths, at most [`MAX_PATHS`] of them.
-fn paths(rest: &str, store_dir: &str, parse: ParseFn) -> Result<Vec<StorePath>, String> {
-    let args: Vec<&str> = rest.split(' ').collect();
-    if args.len() > MAX_PATHS {
-        let n = args.len();
-        return Err(format!(
-            "{n} paths in one request; at most {MAX_PATHS} are accepted"
-        ));
-    }
-    let parsed = args.iter().enumerate();
-    parsed
-        .map(|(i, a)| parse(a, store_dir).map_err(|e| format!("path {}: {e}", i + 1)))
-        .collect()
-}
-
 /// The final reply line: `ok ...` or `err ...`, newline included.
 pub fn final_line(result: Result<&str, &str>) -> String {
-    let (word, text) = match result {
-        Ok(t) => ("ok", t),
-        Err(t) => ("err", t),
-    };
+    let (word, text) = result.map_or_else(|t| ("err", t), |t| ("ok", t));
     let space = if text.is_empty() { "" } else { " " };
     format!("{word}{space}{}\n", one_line(text))
 }

@@ -1,6 +1,5 @@
-//! The daemon: recovery at start, the listener, and one thread per client (at most
-//! `max-connections`), which journals paths before acknowledging them. `retry`, `requeue` and
-//! `drop` are taken only from root and the daemon's own user (the peer's credentials).
+//! The daemon: recovery, the listener, a thread per client (journaling paths before acknowledging
+//! them); `retry`, `requeue` and `drop` only from root and the daemon's user (peer credentials).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -70,8 +69,26 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         .map_err(transient("cannot use the socket passed by systemd"))?;
     // Before anything can fail and quote the target.
     config.upload_to.iter().for_each(|u| redact::remember(u));
-    // Held until the process ends: one daemon per journal.
-    let _lock = lock_state_dir(&config.state_dir)?;
+    // One daemon per journal: the state-dir's file `lock` (holding our pid), held until the
+    // process ends; the flock dies with it.
+    let dir = &config.state_dir;
+    let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
+    fs::create_dir_all(dir).map_err(err())?;
+    let mut open = fs::OpenOptions::new();
+    open.read(true).write(true).create(true).truncate(false);
+    let lock = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
+    match lock.try_lock() {
+        Err(fs::TryLockError::WouldBlock) => {
+            let pid = fs::read_to_string(dir.join("lock")).unwrap_or_default();
+            let (dir, pid) = (dir.display(), pid.trim());
+            let why = format!("state-dir {dir} is in use by another daemon (pid {pid}); stop it");
+            return Err(ServeError::Transient(why + " or choose another state-dir"));
+        }
+        result => result.map_err(io::Error::from).map_err(err())?,
+    }
+    // Padded over whatever pid was there, so that no truncate is needed.
+    let pid = format!("{:<10}\n", std::process::id());
+    std::os::unix::fs::FileExt::write_all_at(&lock, pid.as_bytes(), 0).map_err(err())?;
     let journal_error = format!("cannot open the journal in {}", config.state_dir.display());
     let (journal, torn) =
         Journal::open(&config.state_dir, &config.store_dir).map_err(transient(journal_error))?;
@@ -105,10 +122,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     }
     let own_socket = activated.is_none();
     let (listener, waiting) = match activated {
-        Some(passed) => {
-            info!("listening on the socket passed by systemd");
-            passed
-        }
+        Some(passed) => passed,
         None => (bind(&config)?, None),
     };
     let (journal, shared) = (Arc::new(journal), Arc::new(Shared::new(&targets)));
@@ -131,14 +145,48 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     });
     if let Some(file) = ctx.config.metrics_file.clone() {
         let ctx = Arc::clone(&ctx);
-        spawn("metrics", move || write_metrics(&ctx, &file))?;
+        let mut failing = false;
+        spawn("metrics", move || loop {
+            let result = status::write_atomically(&file, &snapshot(&ctx).prometheus());
+            if let (Err(e), false) = (&result, failing) {
+                warning!("cannot write metrics file {}: {e}", file.display());
+            }
+            failing = result.is_err();
+            std::thread::sleep(Duration::from_secs(5));
+        })?;
     }
     let stopper = Arc::clone(&ctx);
     spawn("stop", move || stop_on_signal(&stopper, worker, own_socket))?;
     if let Err(e) = systemd::notify("READY=1") {
         warning!("cannot notify systemd of readiness: {e}");
     }
-    accept_connections(&ctx, &listener, waiting)
+    // Each connection on a thread, turned away while stopping or at `max-connections` (each holds
+    // a `ctx`: counted).
+    let others = Arc::strong_count(&ctx);
+    for accepted in waiting.into_iter().map(Ok).chain(listener.incoming()) {
+        let Ok(mut stream) = accepted.inspect_err(|e| error!("accept failed: {e}")) else {
+            // Out of descriptors, say: wait for connections to end.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        let stopping = ctx.shared.stopping.load(SeqCst);
+        if stopping || Arc::strong_count(&ctx) - others >= ctx.config.max_connections {
+            let why = if stopping { ERR_STOPPING } else { ERR_BUSY };
+            // A fresh connection's buffer takes one line without waiting.
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = stream.write_all(final_line(Err(why)).as_bytes());
+            continue;
+        }
+        let ctx = Arc::clone(&ctx);
+        let serve = move || handle(&ctx, &stream);
+        let thread = std::thread::Builder::new().name("conn".into());
+        // A small stack: a connection reads into the heap. On failure the connection went with
+        // the closure: the client sees it closed.
+        if let Err(e) = thread.stack_size(64 * 1024).spawn(serve) {
+            warning!("cannot start a connection thread: {e}");
+        }
+    }
+    unreachable!("a listener's incoming() never ends")
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ServeError> {
@@ -146,35 +194,8 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     builder.spawn(f).map_err(transient("cannot start a thread"))
 }
 
-/// Locks the state directory (its file `lock`, holding the pid): one daemon per journal. The
-/// flock goes with the process, also on `kill -9`: a stale one never blocks a start.
-fn lock_state_dir(dir: &Path) -> Result<fs::File, ServeError> {
-    let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
-    fs::create_dir_all(dir).map_err(err())?;
-    let mut open = fs::OpenOptions::new();
-    open.read(true).write(true).create(true).truncate(false);
-    let mut file = open.mode(0o644).open(dir.join("lock")).map_err(err())?;
-    match file.try_lock() {
-        Err(fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            let (dir, pid) = (dir.display(), pid.trim());
-            let why = format!("state-dir {dir} is in use by another daemon (pid {pid})");
-            let why = why + "; stop it or choose another state-dir";
-            return Err(ServeError::Transient(why));
-        }
-        result => result.map_err(io::Error::from).map_err(err())?,
-    }
-    // Padded over whatever pid was there, so that no truncate is needed.
-    let pid = format!("{:<10}\n", std::process::id());
-    std::os::unix::fs::FileExt::write_all_at(&file, pid.as_bytes(), 0).map_err(err())?;
-    Ok(file)
-}
-
-/// Binds the socket path, replacing only a stale socket (nothing answers), through a private
-/// directory beside it (mode 0700, unguessable, checked on its descriptor, reached as
-/// `/proc/self/fd/N/s`: short for any path): given its mode and group there, it is renamed
-/// into place, never looser.
+/// Binds the socket path (replacing only a stale socket) in a private 0700 directory beside it,
+/// reached as `/proc/self/fd/N/s` (short for any path), then renames it into place, never looser.
 fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let path = &config.socket;
     let fail = |why: &str| Err(ServeError::Transient(format!("{} {why}", path.display())));
@@ -190,7 +211,16 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     };
     let err = || transient(format!("cannot listen on {}", path.display()));
     fs::create_dir_all(parent).map_err(err())?;
-    remove_leftovers(parent);
+    // Private directories of ours a daemon killed while binding left (a minute old).
+    let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age.as_secs() > 60);
+    // Not through a symlink: an entry's `metadata` does not follow it.
+    let ours = |m: fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.modified().is_ok_and(old);
+    for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with(PRIVATE_PREFIX) && entry.metadata().is_ok_and(ours) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
     // Keyed from the operating system's random source: others cannot guess it.
     let random = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0);
     let private = parent.join(format!("{PRIVATE_PREFIX}{random:016x}"));
@@ -203,8 +233,7 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
             return Err(io::Error::other(why));
         }
         let tmp = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
-        let listener = UnixListener::bind(&tmp);
-        let result = listener.and_then(|l| {
+        let result = UnixListener::bind(&tmp).and_then(|l| {
             fs::set_permissions(&tmp, fs::Permissions::from_mode(config.socket_mode))?;
             if let Some(group) = &config.socket_group {
                 std::os::unix::fs::chown(&tmp, None, Some(group_id(group)?))?;
@@ -221,20 +250,6 @@ fn bind(config: &Config) -> Result<UnixListener, ServeError> {
     let (shown, mode) = (path.display(), config.socket_mode);
     info!("listening on {shown} (mode {mode:04o})");
     Ok(listener)
-}
-
-/// Removes our own private directories in `parent` that a daemon killed
-/// while binding left behind (a minute old: none is in use that long).
-fn remove_leftovers(parent: &Path) {
-    let old = |t: std::time::SystemTime| t.elapsed().is_ok_and(|age| age.as_secs() > 60);
-    // Not through a symlink: an entry's `metadata` does not follow it.
-    let ours = |m: fs::Metadata| m.is_dir() && m.uid() == sys::uid() && m.modified().is_ok_and(old);
-    for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
-        let name = entry.file_name();
-        if name.to_string_lossy().starts_with(PRIVATE_PREFIX) && entry.metadata().is_ok_and(ours) {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
 }
 
 /// Resolves a group name (from /etc/group) or number.
@@ -254,20 +269,7 @@ fn snapshot(ctx: &Context) -> Snapshot {
     Snapshot::take(&ctx.journal, &ctx.shared, &ctx.config.spool_dir(), signing)
 }
 
-fn write_metrics(ctx: &Context, file: &Path) {
-    let mut failing = false;
-    loop {
-        let result = status::write_atomically(file, &snapshot(ctx).prometheus());
-        if let (Err(e), false) = (&result, failing) {
-            warning!("cannot write metrics file {}: {e}", file.display());
-        }
-        failing = result.is_err();
-        std::thread::sleep(Duration::from_secs(5));
-    }
-}
-
-/// The one way to stop: on SIGTERM or SIGINT, refuse new work, let the nix calls in progress
-/// finish within the grace period (then kill them), and exit; the journal keeps the rest.
+/// The one way to stop (SIGTERM, SIGINT): refuse new work, give nix calls a grace period, exit.
 fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     let sig = match sys::wait_for_stop_signal() {
         Ok(sig) => sig,
@@ -299,42 +301,6 @@ fn stop_on_signal(ctx: &Context, worker: JoinHandle<()>, own_socket: bool) {
     std::process::exit(0);
 }
 
-/// Accepts connections for good (`waiting` first), each served by a thread of its own; turns
-/// them away while stopping or when `max-connections` are served (each holds a `ctx`: counted).
-fn accept_connections(
-    ctx: &Arc<Context>,
-    listener: &UnixListener,
-    waiting: Option<UnixStream>,
-) -> Result<(), ServeError> {
-    let others = Arc::strong_count(ctx);
-    for accepted in waiting.into_iter().map(Ok).chain(listener.incoming()) {
-        let Ok(mut stream) = accepted.inspect_err(|e| error!("accept failed: {e}")) else {
-            // Out of descriptors, say: wait for connections to end.
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        };
-        let stopping = ctx.shared.stopping.load(SeqCst);
-        if stopping || Arc::strong_count(ctx) - others >= ctx.config.max_connections {
-            let why = if stopping { ERR_STOPPING } else { ERR_BUSY };
-            // A fresh connection's buffer takes one line without waiting.
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = stream.write_all(final_line(Err(why)).as_bytes());
-            continue;
-        }
-        let ctx = Arc::clone(ctx);
-        let thread = std::thread::Builder::new().name("conn".into());
-        // A small stack: a connection reads into the heap.
-        let spawned = thread
-            .stack_size(64 * 1024)
-            .spawn(move || handle(&ctx, &stream));
-        if let Err(e) = spawned {
-            // The connection went with the closure: the client sees it closed.
-            warning!("cannot start a connection thread: {e}");
-        }
-    }
-    unreachable!("a listener's incoming() never ends")
-}
-
 /// A connection read with one deadline for the whole of each request line.
 struct Timed<'a>(&'a UnixStream, Instant);
 
@@ -348,47 +314,44 @@ impl Read for Timed<'_> {
     }
 }
 
-/// Reads one line of less than `MAX_LINE` bytes, all of it within
-/// `REQUEST_TIMEOUT`, into `line`. `Ok(false)` at a clean end of stream.
-fn read_line(reader: &mut BufReader<Timed>, line: &mut Vec<u8>) -> Result<bool, String> {
-    reader.get_mut().1 = Instant::now() + REQUEST_TIMEOUT;
-    line.clear();
-    match reader.take(MAX_LINE as u64).read_until(b'\n', line) {
-        Ok(0) => Ok(false),
-        Ok(_) if line.pop_if(|b| *b == b'\n').is_some() => Ok(true),
-        Ok(n) if n >= MAX_LINE => Err(too_long()),
-        Ok(_) => Err("request line not terminated by a newline".into()),
-        Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => Err(format!(
-            "no complete request line within {} s",
-            REQUEST_TIMEOUT.as_secs()
-        )),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 fn handle(ctx: &Context, mut stream: &UnixStream) {
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     let uid = sys::peer(stream.as_fd()).ok().map(|p| p.uid);
     let mut reader = BufReader::new(Timed(stream, Instant::now()));
     let mut line = Vec::new();
     loop {
-        let (reply, end) = match read_line(&mut reader, &mut line) {
-            Ok(false) => return,
-            // The connection ends: where the next request starts is unknown.
-            Err(why) => (final_line(Err(&why)), true),
-            Ok(true) => match parse_request(&line, &ctx.config.store_dir) {
-                Ok(req) => (respond(ctx, stream, req, uid), false),
-                Err(e) => (final_line(Err(&e)), false),
+        reader.get_mut().1 = Instant::now() + REQUEST_TIMEOUT;
+        line.clear();
+        // A line under `MAX_LINE` bytes, all within `REQUEST_TIMEOUT`, or the connection ends
+        // after the error: where the next request starts is unknown.
+        let failed = match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) => return,
+            Ok(_) if line.pop_if(|b| *b == b'\n').is_some() => None,
+            Ok(n) if n >= MAX_LINE => Some(too_long()),
+            Ok(_) => Some("request line not terminated by a newline".into()),
+            Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => Some(format!(
+                "no complete request line within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            )),
+            Err(e) => Some(e.to_string()),
+        };
+        let reply = match &failed {
+            Some(why) => final_line(Err(why)),
+            None => match parse_request(&line, &ctx.config.store_dir) {
+                Ok(req) => respond(ctx, stream, req, uid),
+                Err(e) => final_line(Err(&e)),
             },
         };
-        if stream.write_all(reply.as_bytes()).is_err() || end {
+        if stream.write_all(reply.as_bytes()).is_err() || failed.is_some() {
             return;
         }
     }
 }
 
-/// The reply to `req` from a peer of user `uid`: root and the daemon's own user may change the
-/// queue; others may add to it and look (a peer that cannot be told is not trusted).
+/// The reply to `req` from user `uid`: only root and the daemon's user may change the queue.
 fn respond(ctx: &Context, stream: &UnixStream, req: Request, uid: Option<u32>) -> String {
     let admin = uid.is_some_and(|uid| uid == 0 || uid == sys::uid());
     if !admin && matches!(req, Request::Retry | Request::Requeue(_) | Request::Drop(_)) {
@@ -465,13 +428,10 @@ fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
     all
 }
 
-/// The `wait` reply: `remaining N failing M` lines while paths queued before the request are
-/// still queued (with `error PATH TEXT`, the last error of the first failing one, when M > 0),
-/// then `ok ...` or `err ...` when every target has each path or gave up on it. Paths given up
-/// on or dropped while it waits make it `err` (named); those given up on before, only mentioned.
+/// The `wait` reply: `remaining N failing M [error PATH TEXT]` lines until every path queued before
+/// it is settled, then `err` naming paths given up on or dropped meanwhile, else `ok`.
 fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
     let (upto, drops) = ctx.journal.watch_drops();
-    // The batch being gathered need not wait for its quiet period.
     let _ = ctx.tx.send(Msg::Flush);
     // Not this wait's failure (another job's, maybe); `status` lists them.
     let earlier = given_up(ctx, upto);
@@ -494,8 +454,7 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                 ));
             }
             let dropped = drops.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let n @ 1.. = dropped.len() {
-                let listed = named(&dropped);
+            if let (n @ 1.., listed) = (dropped.len(), named(&dropped)) {
                 problems.push(format!(
                     "{n} path(s) were dropped ({listed}); see the daemon's log"
                 ));
@@ -508,24 +467,20 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
                 ))),
             };
         }
-        let (failing, first_error) = {
-            let s = ctx.shared.lock();
-            // Each path once, with the error of the first target it fails on.
-            let backoff = s.targets.iter().rev().flat_map(|t| &t.backoff);
-            let failing: HashMap<&StorePath, &String> = (backoff.filter(|(_, b)| b.attempts > 0))
-                .map(|(p, b)| (p, &b.last_error))
-                .collect();
-            // The error of the first failing path waited for.
-            let first = (failing.iter())
-                .filter_map(|(p, e)| Some((ctx.journal.entry(p)?.seq, p, e)))
-                .filter(|(seq, _, _)| *seq <= upto)
-                .min_by_key(|(seq, _, _)| *seq)
-                .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
-            (
-                failing.len().min(remaining),
-                one_line(&first.unwrap_or_default()),
-            )
-        };
+        let s = ctx.shared.lock();
+        // Each path once, with the error of the first target it fails on.
+        let backoff = s.targets.iter().rev().flat_map(|t| &t.backoff);
+        let failing: HashMap<&StorePath, &String> = (backoff.filter(|(_, b)| b.attempts > 0))
+            .map(|(p, b)| (p, &b.last_error))
+            .collect();
+        let first = (failing.iter())
+            .filter_map(|(p, e)| Some((ctx.journal.entry(p)?.seq, p, e)))
+            .filter(|(seq, _, _)| *seq <= upto)
+            .min_by_key(|(seq, _, _)| *seq)
+            .map(|(_, p, e)| format!(" error {p} {}", redact::text(&shorten(e, 500))));
+        let first_error = one_line(&first.unwrap_or_default());
+        let failing = failing.len().min(remaining);
+        drop(s);
         if last != Some((remaining, failing)) || last_sent.elapsed() >= Duration::from_secs(1) {
             let line = format!("remaining {remaining} failing {failing}{first_error}\n");
             if stream.write_all(line.as_bytes()).is_err() {

@@ -1,6 +1,5 @@
-//! The spool: where the hook leaves its request (`<time>-<pid>.req`) when the daemon is away.
-//! The daemon queues the spooled requests at start and when idle, and deletes a file once its
-//! paths are journaled, or set aside as `.bad` (a bad or long-unfinished line; the rest queued).
+//! The spool, where the hook leaves requests (`<time>-<pid>.req`) when the daemon is away: queued
+//! at start and when idle, each file deleted once journaled or set aside as `.bad`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -21,8 +20,7 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(3600);
 /// Problems named (bad lines of a file, files of one pass); others counted.
 const NAMED: usize = 5;
 
-/// Only regular files of a plausible size are read (a link could point
-/// anywhere, a huge file would only cost memory).
+/// Only regular files of a plausible size are read (a link could point anywhere).
 fn regular(meta: &fs::Metadata) -> bool {
     meta.is_file() && meta.len() <= MAX_FILE
 }
@@ -35,8 +33,7 @@ fn is_request(name: &OsStr) -> bool {
 /// Path counts of request files by name and inode: each is read once.
 static COUNTED: Mutex<BTreeMap<OsString, (u64, usize)>> = Mutex::new(BTreeMap::new());
 
-/// The backlog, for `status`: request files not ingested yet, and the
-/// paths they ask for (the words after each line's verb, unchecked).
+/// For `status`: request files not ingested yet, and the paths (words after a verb) they ask for.
 pub fn backlog(dir: &Path) -> (usize, usize) {
     let mut counted = COUNTED.lock().unwrap_or_else(|e| e.into_inner());
     let mut now = BTreeMap::new();
@@ -70,8 +67,7 @@ fn abandoned(meta: &fs::Metadata) -> bool {
 pub struct Spool {
     dir: PathBuf,
     store_dir: String,
-    /// Files journaled that stay (not deleted nor set aside): not read again
-    /// while they stay as they are.
+    /// Files journaled that could not be deleted nor set aside: not read again while unchanged.
     done: HashMap<PathBuf, (u64, u64, u64, i64, i64)>,
     /// This pass's warnings, logged together at its end.
     notes: Vec<String>,
@@ -85,16 +81,14 @@ impl Spool {
         spool
     }
 
-    /// Journals every finished spooled request and deletes (or sets aside)
-    /// its file; returns the paths newly queued.
+    /// Journals every finished request file and deletes it (or sets it aside); returns new paths.
     pub fn ingest(&mut self, journal: &Journal) -> Vec<StorePath> {
         let mut names = Vec::new();
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let (name, path) = (entry.file_name(), entry.path());
             // A temporary file of a hook killed between writing and renaming.
-            let tmp = name
-                .to_str()
-                .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"));
+            let tmp = name.to_string_lossy();
+            let tmp = tmp.starts_with('.') && tmp.ends_with(".tmp");
             if tmp && fs::symlink_metadata(&path).is_ok_and(|m| abandoned(&m)) {
                 let _ = fs::remove_file(&path);
             } else if is_request(&name) {
@@ -103,7 +97,6 @@ impl Spool {
         }
         names.sort();
         self.done.retain(|p, _| names.binary_search(p).is_ok());
-        // In order, until the journal cannot be written.
         let ingested = names.iter().map_while(|f| self.ingest_file(journal, f));
         let queued = ingested.flatten().collect();
         let notes = std::mem::take(&mut self.notes);
@@ -116,8 +109,7 @@ impl Spool {
         queued
     }
 
-    /// Ingests one file; returns the paths newly queued, `None` when the
-    /// journal cannot be written now.
+    /// Ingests one file; returns the paths newly queued, `None` when the journal cannot be written.
     fn ingest_file(&mut self, journal: &Journal, file: &Path) -> Option<Vec<StorePath>> {
         let meta = match fs::symlink_metadata(file) {
             Ok(m) if self.done.get(file) != Some(&file_id(&m)) => m,
@@ -136,7 +128,20 @@ impl Spool {
             return Some(Vec::new());
         }
         let end = data.iter().rposition(|&b| b == b'\n').unwrap_or(0);
-        let (paths, mut problems) = self.parse(&data[..end]);
+        let (mut paths, mut problems) = (Vec::new(), Vec::new());
+        for (n, line) in (1..).zip(data[..end].split(|&b| b == b'\n')) {
+            match parse_request(line, &self.store_dir) {
+                _ if line.is_empty() => {}
+                Ok(Request::Enqueue(p)) => paths.extend(p),
+                Ok(Request::Drv(d)) => paths.push(d),
+                Ok(other) => problems.push(format!("line {n} {other:?} is not a queue request")),
+                Err(e) => problems.push(format!("line {n} {e}")),
+            }
+        }
+        if let more @ 1.. = problems.len().saturating_sub(NAMED) {
+            problems.truncate(NAMED);
+            problems.push(format!("{more} more bad lines"));
+        }
         let f = file.display();
         let added = (journal.append(&paths))
             .inspect_err(|e| crate::warning!("cannot journal spool file {f}: {e}; will try again"))
@@ -156,28 +161,7 @@ impl Spool {
         Some(added)
     }
 
-    /// The paths of a spool file's lines, and what is wrong with the others.
-    fn parse(&self, complete: &[u8]) -> (Vec<StorePath>, Vec<String>) {
-        let (mut paths, mut bad) = (Vec::new(), Vec::new());
-        for (n, line) in (1..).zip(complete.split(|&b| b == b'\n')) {
-            match parse_request(line, &self.store_dir) {
-                _ if line.is_empty() => {}
-                Ok(Request::Enqueue(p)) => paths.extend(p),
-                Ok(Request::Drv(d)) => paths.push(d),
-                Ok(other) => bad.push(format!("line {n} {other:?} is not a queue request")),
-                Err(e) => bad.push(format!("line {n} {e}")),
-            }
-        }
-        if let more @ 1.. = bad.len().saturating_sub(NAMED) {
-            bad.truncate(NAMED);
-            bad.push(format!("{more} more bad lines"));
-        }
-        (paths, bad)
-    }
-
-    /// Sets a spool file aside as `.bad` (with `rename`), or else remembers
-    /// it as done until it changes or the daemon restarts (at most one more
-    /// upload); says why.
+    /// Sets a file aside as `.bad`, or else remembers it as done while unchanged; notes why.
     fn set_aside(&mut self, file: &Path, meta: &fs::Metadata, why: String, rename: bool) {
         let bad = file.with_extension("bad");
         let mut note = format!("spool file {}: {why}", file.display());

@@ -1,5 +1,4 @@
-//! systemd integration without a library: socket activation (sd_listen_fds(3):
-//! fd 3 when `LISTEN_PID` is our pid) and sd_notify(3) datagrams.
+//! systemd without a library: socket activation (sd_listen_fds(3)) and sd_notify(3) datagrams.
 
 use std::io;
 use std::os::linux::net::SocketAddrExt;
@@ -7,10 +6,8 @@ use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener, UnixStream};
 
 use crate::sys;
 
-/// The listening socket systemd passed us, if any, with the connection
-/// already waiting on it (the one that started us, usually). Variables
-/// meant for us are removed, as `sd_listen_fds(1)` does, so that nix never
-/// sees them: call it before other threads start.
+/// The listening socket systemd passed us, if any, with a connection waiting on it; removes the
+/// variables (as `sd_listen_fds(1)` does) so nix never sees them: call it before other threads.
 pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream>)>> {
     let (Ok(pid), Ok(fds)) = (std::env::var("LISTEN_PID"), std::env::var("LISTEN_FDS")) else {
         return Ok(None);
@@ -33,8 +30,7 @@ pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream
     let listener = UnixListener::from(sys::take_inherited_fd(3)?);
     // Fails if fd 3 is not a unix socket (a TCP socket, say).
     listener.local_addr()?;
-    // accept tells a socket that does not listen (EINVAL) from one that
-    // does, with a connection waiting or none yet (EAGAIN).
+    // accept tells a socket that does not listen (EINVAL) from one that does (EAGAIN or a stream).
     listener.set_nonblocking(true)?;
     let waiting = match listener.accept() {
         Ok((stream, _)) => Some(stream),
@@ -45,17 +41,16 @@ pub fn listener_from_env() -> io::Result<Option<(UnixListener, Option<UnixStream
         Err(e) => return Err(e),
     };
     listener.set_nonblocking(false)?;
+    crate::info!("listening on the socket passed by systemd");
     Ok(Some((listener, waiting)))
 }
 
-/// Tells the service manager, when it asked to be told, our `state`
-/// (`READY=1`, `STOPPING=1`).
+/// Tells the service manager, when it asked to be told, our `state` (`READY=1`, `STOPPING=1`).
 pub fn notify(state: &str) -> io::Result<()> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET").filter(|p| !p.is_empty()) else {
         return Ok(());
     };
-    let bytes = path.as_encoded_bytes();
-    let addr = match bytes.strip_prefix(b"@") {
+    let addr = match path.as_encoded_bytes().strip_prefix(b"@") {
         Some(name) => SocketAddr::from_abstract_name(name)?,
         None => SocketAddr::from_pathname(&path)?,
     };
