@@ -1,7 +1,6 @@
-//! nix-post-build-hook-queue: a Nix `post-build-hook` that hands the built
-//! paths over ([`client`], [`wire`]; the [`spool`] when the daemon is away)
-//! and returns at once, and a daemon ([`server`]) that journals them
-//! ([`journal`]), then signs and uploads them with `nix` ([`worker`]).
+//! A Nix `post-build-hook` that hands the built paths to a daemon ([`client`], [`wire`];
+//! the [`spool`] when it is away) and returns at once, and the daemon ([`server`]) that
+//! journals them ([`journal`]), then signs and uploads them with `nix` ([`worker`]).
 
 #![warn(missing_docs)]
 

@@ -69,8 +69,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         .map_err(transient("cannot use the socket passed by systemd"))?;
     // Before anything can fail and quote the target.
     config.upload_to.iter().for_each(|u| redact::remember(u));
-    // One daemon per journal: the state-dir's file `lock` (holding our pid), held until the
-    // process ends; the flock dies with it.
+    // One daemon per journal: a flock on the state-dir's `lock` (our pid), gone when we are.
     let dir = &config.state_dir;
     let err = || transient(format!("cannot lock the state-dir {}", dir.display()));
     fs::create_dir_all(dir).map_err(err())?;
@@ -160,8 +159,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     if let Err(e) = systemd::notify("READY=1") {
         warning!("cannot notify systemd of readiness: {e}");
     }
-    // Each connection on a thread, turned away while stopping or at `max-connections` (each holds
-    // a `ctx`: counted).
+    // A thread per connection, refused while stopping or past `max-connections` (counted by `ctx`).
     let others = Arc::strong_count(&ctx);
     for accepted in waiting.into_iter().map(Ok).chain(listener.incoming()) {
         let Ok(mut stream) = accepted.inspect_err(|e| error!("accept failed: {e}")) else {
@@ -180,8 +178,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         let ctx = Arc::clone(&ctx);
         let serve = move || handle(&ctx, &stream);
         let thread = std::thread::Builder::new().name("conn".into());
-        // A small stack: a connection reads into the heap. On failure the connection went with
-        // the closure: the client sees it closed.
+        // A small stack (reads go to the heap); if it fails, the client sees the connection close.
         if let Err(e) = thread.stack_size(64 * 1024).spawn(serve) {
             warning!("cannot start a connection thread: {e}");
         }
@@ -322,8 +319,7 @@ fn handle(ctx: &Context, mut stream: &UnixStream) {
     loop {
         reader.get_mut().1 = Instant::now() + REQUEST_TIMEOUT;
         line.clear();
-        // A line under `MAX_LINE` bytes, all within `REQUEST_TIMEOUT`, or the connection ends
-        // after the error: where the next request starts is unknown.
+        // Under `MAX_LINE` bytes within `REQUEST_TIMEOUT`, or the connection ends (no next line).
         let failed = match (&mut reader)
             .take(MAX_LINE as u64)
             .read_until(b'\n', &mut line)

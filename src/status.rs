@@ -22,9 +22,8 @@ const LISTED: usize = 100;
 /// Paths of the calls in progress the text names.
 const TEXT_IN_FLIGHT: usize = 5;
 
-/// A path its target's lane still needs: not tried yet, or backing off. Its failed
-/// attempts since the daemon started, those the policy blamed on the path, when it is
-/// tried next (`None` while it is tried), its last error, and if the front signed it.
+/// A path its target's lane still needs (not tried yet, or backing off): failed attempts since
+/// start, those blamed on it, its next try (`None` while tried), last error, signed by the front.
 #[derive(Debug, Clone, Default)]
 #[allow(missing_docs)]
 pub struct Backoff {

@@ -28,14 +28,11 @@ pub fn uid() -> u32 {
     unsafe { getuid() }
 }
 
-/// Lowers the calling thread's CPU priority by `inc` nice steps (Linux keeps
-/// the nice value per thread), and with it that of every process the thread
-/// starts from now on.
+/// Lowers the calling thread's priority by `inc` nice steps (Linux keeps nice per
+/// thread), and so that of every process it starts from now on.
 pub fn lower_thread_priority(inc: i32) -> io::Result<()> {
-    // nice returns the new value, which may legitimately be -1, so errno,
-    // cleared first, is what tells a failure (as POSIX prescribes).
-    // SAFETY: errno's location is valid for the calling thread; nice takes a
-    // plain integer and touches no memory of ours.
+    // nice may return -1 legitimately: errno, cleared first, tells a failure (POSIX).
+    // SAFETY: errno's location is valid for this thread; nice takes a plain integer.
     let rc = unsafe {
         *__errno_location() = 0;
         nice(inc)
@@ -104,9 +101,8 @@ pub fn wait_for_stop_signal() -> io::Result<i32> {
     errno(unsafe { sigwait(&set, &mut sig) }).map(|()| sig)
 }
 
-/// Makes `cmd` start its program with no signal blocked, whatever the mask
-/// of the thread that spawns it: a `nix` (and the ssh it starts) that
-/// inherited the daemon's blocked SIGTERM could not be stopped by it.
+/// Makes `cmd` start with no signal blocked, whatever the spawning thread's mask: a
+/// `nix` (and its ssh) that inherited the daemon's blocked SIGTERM could not be stopped.
 pub fn unblock_signals_in_child(cmd: &mut Command) {
     let empty = SigSet::of(&[]);
     // SAFETY: the closure runs in the child between fork and exec, where
@@ -117,9 +113,8 @@ pub fn unblock_signals_in_child(cmd: &mut Command) {
     };
 }
 
-/// Takes descriptor `fd`, inherited from systemd's socket activation, as a
-/// close-on-exec duplicate (the original is closed, so that `nix` does not
-/// inherit it). Call it once per descriptor, before other threads start.
+/// Takes `fd` from systemd's socket activation as a close-on-exec duplicate (the original
+/// closed, so `nix` does not inherit it); once per descriptor, before other threads start.
 pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // Whether it is open, without touching it.
     std::fs::symlink_metadata(format!("/proc/self/fd/{fd}"))

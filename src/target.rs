@@ -48,9 +48,6 @@ impl Target {
     }
 }
 
-/// Start-up waits this long per URL check; a dead host's is judged in the background.
-pub const CHECK_WAIT: Duration = Duration::from_secs(3);
-
 /// The targets of `config`: each `upload-to`, then the `upload-command`; or signing only.
 pub fn configured(config: &Config) -> Vec<Target> {
     let mut targets: Vec<Target> = config.upload_to.iter().map(|u| Target::url(u)).collect();
@@ -82,7 +79,8 @@ pub fn check_at_start(config: &Config) -> Result<(), String> {
         let thread = std::thread::Builder::new().name("target-check".into());
         let started = thread.spawn(check);
         started.map_err(|e| format!("cannot start the check of a target: {e}"))?;
-        if let Ok(result) = rx.recv_timeout(CHECK_WAIT) {
+        // Start-up waits 3 s per URL; a dead host's check is judged in the background.
+        if let Ok(result) = rx.recv_timeout(Duration::from_secs(3)) {
             judge(shown, result)?;
         }
     }

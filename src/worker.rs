@@ -111,8 +111,7 @@ struct Front {
     drvs: HashMap<StorePath, Backoff>,
 }
 
-/// Runs the worker for the targets of `config` (those `shared` was made for) until
-/// [`Msg::Shutdown`] or every sender is gone, then stops the lanes.
+/// Runs the worker for `config`'s targets until [`Msg::Shutdown`] or every sender is gone.
 pub fn run(config: &Config, journal: Arc<Journal>, shared: Arc<Shared>, rx: Receiver<Msg>) {
     let targets = crate::target::configured(config);
     let uploads = targets.iter().any(|t| !matches!(t.kind, Kind::SignOnly));
@@ -633,8 +632,7 @@ impl Lane {
     }
 }
 
-/// Drops queued paths from the journal with one warning for them all (gone
-/// from the store, or the `drop` request); returns how many were queued.
+/// Drops queued paths (gone from the store, or `drop`) with one warning; returns how many.
 pub fn drop_paths(journal: &Journal, shared: &Shared, paths: &[StorePath], why: &str) -> usize {
     let queued = paths.iter().filter(|p| journal.entry(p).is_some());
     let paths: Vec<StorePath> = queued.cloned().collect();
