@@ -376,8 +376,9 @@ pub fn write_script(path: &Path, text: &str) {
 /// A directory with `nix` and `nix-store` wrappers that sleep for an hour
 /// before running the real program ("nix-delay-wrapper"): a daemon using it
 /// keeps its queue, which the memory and restart figures need. The check
-/// of the target at start (`nix store ping`) runs at once, as it would with
-/// a local cache, so that the daemon starts as it does in production.
+/// of the target at start (`nix --version`, then `nix store ping` or `info`)
+/// runs at once, as it would with a local cache, so that the daemon starts
+/// as it does in production.
 pub fn nix_delay_wrapper(env: &NixEnv) -> PathBuf {
     let dir = env.root().join("nix-delay-wrapper");
     fs::create_dir_all(&dir).expect("create wrapper dir");
@@ -386,7 +387,7 @@ pub fn nix_delay_wrapper(env: &NixEnv) -> PathBuf {
             &dir.join(prog),
             &format!(
                 "#!/bin/sh\n# nix-delay-wrapper: hold the daemon's nix calls so its queue stays full.\n\
-                 case \" $* \" in *\" store ping \"*) exec {prog} \"$@\" ;; esac\n\
+                 case \" $* \" in *\" store ping \"* | *\" store info \"* | \" --version \") exec {prog} \"$@\" ;; esac\n\
                  sleep 3600\nexec {prog} \"$@\"\n"
             ),
         );
