@@ -30,7 +30,7 @@ pub struct Entry {
 }
 
 /// A target in records: FNV-1a of its URL, secrets masked (stable across versions), in hex.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct TargetId(u64);
 
 impl TargetId {
@@ -147,6 +147,8 @@ struct Inner {
     /// Records not written yet, and the paths their `+` records queue.
     pending: Vec<u8>,
     pending_adds: Vec<StorePath>,
+    /// Bytes taken from `pending` by writes: a caller's records are written once it passes them.
+    flushed: u64,
     /// Writes that failed (and were undone), and the last one's error.
     failed: (u64, String),
     /// Dead records to compact at: raised after a failure (a full disk).
@@ -320,9 +322,9 @@ impl Journal {
                 }
             }
             inner.pending.extend(records);
-            let failed = inner.failed.0;
+            let (failed, mine) = (inner.failed.0, inner.flushed + inner.pending.len() as u64);
             drop(inner);
-            self.flush();
+            self.flush(mine);
             let inner = lock(&self.inner);
             if inner.failed.0 == failed {
                 return Ok(added);
@@ -336,13 +338,14 @@ impl Journal {
 
     /// Writes the pending records; a caller whose records another took waits for its fsync on the
     /// file's lock. A failed write of `+` records only is undone; any other ends the daemon.
-    fn flush(&self) {
+    fn flush(&self, upto: u64) {
         let mut disk = lock(&self.disk);
         let mut inner = lock(&self.inner);
-        if inner.pending.is_empty() {
+        if inner.pending.is_empty() || inner.flushed >= upto {
             return;
         }
         let (buf, adds) = (take(&mut inner.pending), take(&mut inner.pending_adds));
+        inner.flushed += buf.len() as u64;
         drop(inner);
         let result = (&disk.0).write_all(&buf);
         if let Some(Err(e)) = result.is_ok().then(|| disk.0.sync_data()) {
@@ -374,8 +377,9 @@ impl Journal {
             changed.push(r.path().clone());
         }
         inner.pending.extend(buf);
+        let mine = inner.flushed + inner.pending.len() as u64;
         drop(inner);
-        self.flush();
+        self.flush(mine);
         self.compact(COMPACT_MIN_DEAD);
         changed
     }
@@ -519,7 +523,7 @@ impl Journal {
                 break (inner.snapshot(), disk.1);
             }
             drop((inner, disk));
-            self.flush();
+            self.flush(u64::MAX);
         };
         // A stable sort: each path's `+` stays first.
         records.sort_by_key(|(seq, _)| *seq);

@@ -38,6 +38,7 @@ pub struct Backoff {
 /// (secrets masked), the paths its lane still needs and those of its call in
 /// progress, paths it took and given up on for it, its failed calls, and the
 /// error of its last call if that call failed.
+#[derive(Default)]
 #[allow(missing_docs)]
 pub struct TargetStats {
     pub id: TargetId,
@@ -109,12 +110,7 @@ impl Shared {
         let target = |t: &Target| TargetStats {
             id: t.id,
             label: t.label.clone(),
-            backoff: HashMap::new(),
-            in_flight: Vec::new(),
-            delivered: 0,
-            given_up: 0,
-            failed_calls: 0,
-            last_error: None,
+            ..TargetStats::default()
         };
         Shared {
             running: (0..=targets.len()).map(|_| Arc::default()).collect(),
