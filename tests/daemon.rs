@@ -278,23 +278,7 @@ fn wait_names_a_dropped_path_after_ten_thousand_other_drops() {
 #[test]
 fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     let env = NixEnv::new("daemon-fullwrite");
-    let mount = env.root().join("statefs");
-    fs::create_dir_all(&mount).unwrap();
-    let o = run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&mount));
-    assert!(
-        o.status.success(),
-        "mount (this test needs root): {}",
-        show(&o)
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-        }
-    }
-    let _unmount = Unmount(mount.clone());
+    let (mount, _unmount) = small_tmpfs(&env);
     let (uploader, hold) = held_uploader(&env);
     let up = uploader.display().to_string();
     let state = mount.join("state").display().to_string();
@@ -563,23 +547,7 @@ fn an_inherited_socket_that_does_not_listen_is_refused() {
 #[test]
 fn a_half_written_record_that_cannot_be_cut_off_ends_the_daemon() {
     let env = NixEnv::new("daemon-halfrecord");
-    let mount = env.root().join("statefs");
-    fs::create_dir_all(&mount).unwrap();
-    let o = run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&mount));
-    assert!(
-        o.status.success(),
-        "mount (this test needs root): {}",
-        show(&o)
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-        }
-    }
-    let _unmount = Unmount(mount.clone());
+    let (mount, _unmount) = small_tmpfs(&env);
     let state = mount.join("state").display().to_string();
     let mut d = Daemon::new_stopped(&env, &[("state-dir", state.as_str())], NO_ENV);
     let log = fs::File::create(d.log_path()).unwrap();
@@ -666,4 +634,28 @@ fn spool_warnings_are_summarised() {
     let log = d.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("spool file")).collect();
     assert!(lines.len() <= 6, "{lines:#?}");
+}
+
+/// A 64 KiB tmpfs under the test's root (a state directory that fills up),
+/// unmounted when the guard drops.
+fn small_tmpfs(env: &NixEnv) -> (PathBuf, Unmount) {
+    let mount = env.root().join("statefs");
+    fs::create_dir_all(&mount).unwrap();
+    let o = run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&mount));
+    assert!(
+        o.status.success(),
+        "mount (this test needs root): {}",
+        show(&o)
+    );
+    (mount.clone(), Unmount(mount))
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
 }
