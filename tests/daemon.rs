@@ -381,19 +381,13 @@ fn strace_calls(log: &str) -> Vec<Call> {
     out
 }
 
-/// Runs a daemon under `strace -f` with `config`, calls `during` with its
-/// socket, stops it, and returns the calls.
-fn under_strace(env: &NixEnv, config: &[(&str, &str)], during: impl FnOnce(&Daemon)) -> Vec<Call> {
-    let d = Daemon::new_stopped(env, config, NO_ENV);
-    let trace = env.root().join("strace.log");
+/// Starts `d`'s daemon under `strace -f -qq` with `strace_args`, its output
+/// in its log, and waits until it accepts.
+fn spawn_under_strace(env: &NixEnv, d: &Daemon, strace_args: &[&str]) -> std::process::Child {
     let log = fs::File::create(d.log_path()).unwrap();
     let mut cmd = Command::new(which("strace"));
-    cmd.args(["-f", "-qq", "-s", "64", "-o"])
-        .arg(&trace)
-        .args([
-            "-e",
-            "trace=openat,fsync,fdatasync,rename,renameat,renameat2,write,sendto",
-        ])
+    cmd.args(["-f", "-qq"])
+        .args(strace_args)
         .arg(daemon_bin())
         .args(["serve", "--config"])
         .arg(d.config_path())
@@ -403,13 +397,24 @@ fn under_strace(env: &NixEnv, config: &[(&str, &str)], during: impl FnOnce(&Daem
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     env.apply_env(&mut cmd);
-    let mut child = cmd.spawn().unwrap();
+    let child = cmd.spawn().unwrap();
     wait_until_diag(
         DAEMON_START_TIMEOUT * 3,
         "the daemon under strace to accept",
         || std::os::unix::net::UnixStream::connect(d.socket()).is_ok(),
         || d.log(),
     );
+    child
+}
+
+/// Runs a daemon under `strace -f` with `config`, calls `during` with its
+/// socket, stops it, and returns the calls.
+fn under_strace(env: &NixEnv, config: &[(&str, &str)], during: impl FnOnce(&Daemon)) -> Vec<Call> {
+    let d = Daemon::new_stopped(env, config, NO_ENV);
+    let trace = env.root().join("strace.log");
+    let trace_s = trace.display().to_string();
+    let calls = "trace=openat,fsync,fdatasync,rename,renameat,renameat2,write,sendto";
+    let mut child = spawn_under_strace(env, &d, &["-s", "64", "-o", &trace_s, "-e", calls]);
     during(&d);
     signal_pids("TERM", &descendants(child.id()));
     let stopped = Instant::now();
@@ -550,26 +555,15 @@ fn a_half_written_record_that_cannot_be_cut_off_ends_the_daemon() {
     let (mount, _unmount) = small_tmpfs(&env);
     let state = mount.join("state").display().to_string();
     let mut d = Daemon::new_stopped(&env, &[("state-dir", state.as_str())], NO_ENV);
-    let log = fs::File::create(d.log_path()).unwrap();
-    let mut cmd = Command::new(which("strace"));
-    cmd.args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=ftruncate"])
-        .args(["-e", "inject=ftruncate:error=EIO"])
-        .arg(daemon_bin())
-        .args(["serve", "--config"])
-        .arg(d.config_path())
-        .env_remove("NIX_REMOTE")
-        .env_remove("NIX_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    env.apply_env(&mut cmd);
-    let mut child = cmd.spawn().unwrap();
-    wait_until_diag(
-        DAEMON_START_TIMEOUT * 3,
-        "the daemon under strace to accept",
-        || std::os::unix::net::UnixStream::connect(d.socket()).is_ok(),
-        || d.log(),
-    );
+    let inject = [
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=ftruncate",
+        "-e",
+        "inject=ftruncate:error=EIO",
+    ];
+    let mut child = spawn_under_strace(&env, &d, &inject);
     let first = fake_paths(&env, "npbhq-half-first", 1).pop().unwrap();
     assert_eq!(d.request(&format!("enqueue {first}")), "ok 1");
     // Full but for the slack of the journal's page: the next big write
