@@ -489,7 +489,11 @@ fn compaction_syncs_the_directory_after_its_rename() {
         .add_text_path("npbhq-compact-after", "x\n")
         .display()
         .to_string();
-    let calls = under_strace(&env, &[("state-dir", s.as_str())], |d| {
+    // A nix that never answers: the worker drops none of the fake paths
+    // itself, so each `drop` reply follows its own journal write.
+    let hang = FakeNix::hang(&env);
+    let config = [("state-dir", s.as_str()), ("nix", &hang.nix())];
+    let calls = under_strace(&env, &config, |d| {
         for chunk in fakes.chunks(2100) {
             assert!(d
                 .request(&format!("enqueue {}", chunk.join(" ")))
