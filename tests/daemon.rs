@@ -12,9 +12,9 @@ use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// An `upload-command` that holds every call while `hold` exists, then
 /// succeeds; returns the script and the hold file (created).
@@ -50,68 +50,6 @@ fn fake_paths(env: &NixEnv, tag: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Waits until the daemon's process has ended; its exit status.
-fn exited(d: &mut Daemon, within: Duration) -> Option<std::process::ExitStatus> {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if !d.is_running() {
-            return Some(d.stop());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "{}; stdout {:?}; stderr {:?}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// A user made for one test, removed on drop.
-struct User(String);
-
-impl User {
-    fn new(tag: &str) -> User {
-        let name = format!("npbhq{tag}{}", std::process::id() % 100_000);
-        let o = run(Command::new("useradd").args(["-M", "-s", "/usr/sbin/nologin", &name]));
-        assert!(
-            o.status.success(),
-            "useradd (this test needs root): {}",
-            show(&o)
-        );
-        User(name)
-    }
-
-    /// The CLI as this user, with a clean environment.
-    fn cli(&self, d: &Daemon, args: &[&str]) -> Output {
-        let socket = d.socket().display().to_string();
-        run(Command::new("setpriv")
-            .args([
-                "--reuid",
-                &self.0,
-                "--regid",
-                &self.0,
-                "--init-groups",
-                "--",
-            ])
-            .arg(daemon_bin())
-            .args(args)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("NPBHQ_SOCKET", socket))
-    }
-}
-
-impl Drop for User {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.0).output();
-    }
-}
-
 /// With the socket open to everyone (0666), another user's `drop`,
 /// `requeue` and `retry` are refused with the reason and change nothing;
 /// their `enqueue` and `status` work.
@@ -134,14 +72,18 @@ fn only_root_and_the_daemons_user_may_change_the_queue() {
     let journal = d.state_dir().join("journal");
     let before = fs::read(&journal).unwrap();
 
-    let user = User::new("p");
+    let user = User::new('p');
+    let cli = |args: &[&str]| {
+        let c = &mut user.command(&daemon_bin());
+        run(c.args(args).env("NPBHQ_SOCKET", d.socket()))
+    };
     for args in [
         vec!["drop", &held],
         vec!["requeue", &held],
         vec!["retry"],
         vec!["drop", "--all-failed"],
     ] {
-        let o = user.cli(&d, &args);
+        let o = cli(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
             !o.status.success() && err.contains("may not change the queue") && err.contains("root"),
@@ -156,11 +98,11 @@ fn only_root_and_the_daemons_user_may_change_the_queue() {
     );
     assert!(d.request("status").starts_with("ok"));
 
-    let o = user.cli(&d, &["enqueue", &mine]);
+    let o = cli(&["enqueue", &mine]);
     assert!(o.status.success(), "enqueue as another user: {}", show(&o));
     let text = String::from_utf8_lossy(&fs::read(&journal).unwrap()).into_owned();
     assert!(text.contains(&format!(" {mine}\n")), "{text}");
-    let o = user.cli(&d, &["status"]);
+    let o = cli(&["status"]);
     assert!(o.status.success(), "status as another user: {}", show(&o));
     // Root may: the held path is dropped.
     assert_eq!(d.request(&format!("drop {held}")), "ok 1");
@@ -278,7 +220,8 @@ fn wait_names_a_dropped_path_after_ten_thousand_other_drops() {
 #[test]
 fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     let env = NixEnv::new("daemon-fullwrite");
-    let (mount, _unmount) = small_tmpfs(&env);
+    let tmpfs = Mount::tmpfs(&env.root().join("statefs"), "64k");
+    let mount = &tmpfs.0;
     let (uploader, hold) = held_uploader(&env);
     let up = uploader.display().to_string();
     let state = mount.join("state").display().to_string();
@@ -299,25 +242,18 @@ fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
             r if r >= short + 5 => r - 4 - short,
             _ => break,
         };
-        let mut fake = fake_paths(&env, &"x".repeat(name), i + 1).pop().unwrap();
-        fake.truncate(fake.len());
+        let fake = fake_paths(&env, &"x".repeat(name), i + 1).pop().unwrap();
         assert_eq!(d.request(&format!("enqueue {fake}")), "ok 1");
     }
     // Fill the file system, then let the upload finish: its `-` cannot be written.
     let filler = mount.join("filler");
-    let mut f = fs::File::create(&filler).unwrap();
-    let chunk = vec![0u8; 4096];
-    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
-    drop(f);
+    fill(&filler);
     fs::remove_file(&hold).unwrap();
-    let status = exited(&mut d, Duration::from_secs(30)).unwrap_or_else(|| {
-        panic!(
-            "the daemon kept running after a failed journal write:\n{}",
-            d.log()
-        )
+    wait_until(Duration::from_secs(30), "the daemon to end", || {
+        !d.is_running()
     });
-    assert_eq!(status.code(), Some(1), "{}", d.log());
-    assert!(d.log().contains("journal: "), "{}", d.log());
+    assert_eq!(d.stop().code(), Some(1));
+    assert!(d.log().contains("journal: "));
     fs::remove_file(&filler).unwrap();
     d.try_spawn().unwrap();
     // The fake paths are dropped (not in the store); the real one arrives.
@@ -325,9 +261,8 @@ fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.code().is_some_and(|c| c < 2) && !err.contains(&path),
-        "wait after the restart: {}\n{}",
-        show(&o),
-        d.log()
+        "wait after the restart: {}",
+        show(&o)
     );
     d.stop();
     let text = fs::read_to_string(&journal).unwrap();
@@ -337,113 +272,20 @@ fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     );
 }
 
-/// One system call of an `strace -f` log: its thread, name, arguments
-/// (as strace shows them) and return value (None while unfinished).
-struct Call {
-    pid: String,
-    name: String,
-    args: String,
-    ret: Option<String>,
-}
-
-fn strace_calls(log: &str) -> Vec<Call> {
-    let mut out: Vec<Call> = Vec::new();
-    for line in log.lines() {
-        let Some((pid, call)) = line.trim_start().split_once(char::is_whitespace) else {
-            continue;
-        };
-        let ret = call
-            .rsplit_once(" = ")
-            .and_then(|(_, r)| r.split_whitespace().next())
-            .map(str::to_string);
-        if let Some(resumed) = call.trim_start().strip_prefix("<... ") {
-            // `<... NAME resumed>) = RET` finishes this thread's NAME call.
-            let name = resumed.split(' ').next().unwrap_or("");
-            let started = out
-                .iter_mut()
-                .rev()
-                .find(|c| c.pid == pid && c.name == name && c.ret.is_none());
-            if let Some(c) = started {
-                c.ret = ret;
-            }
-            continue;
-        }
-        let Some((name, args)) = call.trim_start().split_once('(') else {
-            continue;
-        };
-        out.push(Call {
-            pid: pid.to_string(),
-            name: name.to_string(),
-            args: args.to_string(),
-            ret,
-        });
-    }
-    out
-}
-
-/// Starts `d`'s daemon under `strace -f -qq` with `strace_args`, its output
-/// in its log, and waits until it accepts.
-fn spawn_under_strace(env: &NixEnv, d: &Daemon, strace_args: &[&str]) -> std::process::Child {
-    let log = fs::File::create(d.log_path()).unwrap();
-    let mut cmd = Command::new(which("strace"));
-    cmd.args(["-f", "-qq"])
-        .args(strace_args)
-        .arg(daemon_bin())
-        .args(["serve", "--config"])
-        .arg(d.config_path())
-        .env_remove("NIX_REMOTE")
-        .env_remove("NIX_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    env.apply_env(&mut cmd);
-    let child = cmd.spawn().unwrap();
-    wait_until_diag(
-        DAEMON_START_TIMEOUT * 3,
-        "the daemon under strace to accept",
-        || std::os::unix::net::UnixStream::connect(d.socket()).is_ok(),
-        || d.log(),
-    );
-    child
-}
-
-/// Runs a daemon under `strace -f` with `config`, calls `during` with its
-/// socket, stops it, and returns the calls.
-fn under_strace(env: &NixEnv, config: &[(&str, &str)], during: impl FnOnce(&Daemon)) -> Vec<Call> {
-    let d = Daemon::new_stopped(env, config, NO_ENV);
-    let trace = env.root().join("strace.log");
-    let trace_s = trace.display().to_string();
-    let calls = "trace=openat,fsync,fdatasync,rename,renameat,renameat2,write,sendto";
-    let mut child = spawn_under_strace(env, &d, &["-s", "64", "-o", &trace_s, "-e", calls]);
-    during(&d);
-    signal_pids("TERM", &descendants(child.id()));
-    let stopped = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if stopped.elapsed() > Duration::from_secs(30) {
-            kill_tree(child.id());
-            panic!("the daemon under strace did not stop\n{}", d.log());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    strace_calls(&fs::read_to_string(&trace).unwrap())
-}
+/// Calls traced for the directory syncs.
+const TRACED: &str = "openat,fsync,fdatasync,rename,renameat,renameat2,write,sendto";
 
 /// True when, between `from` and `to`, a descriptor opened on `dir` was
 /// fsynced (and the fsync returned 0).
 fn dir_synced(calls: &[Call], from: usize, to: usize, dir: &str) -> bool {
     let quoted = format!("\"{dir}\"");
-    let fds: Vec<String> = calls[..to]
+    let fds: Vec<&str> = calls[..to]
         .iter()
         .filter(|c| c.name == "openat" && c.args.contains(&quoted) && c.args.contains("O_RDONLY"))
-        .filter_map(|c| c.ret.clone())
+        .filter_map(|c| c.ret.as_deref())
         .collect();
-    calls[from..to].iter().any(|c| {
-        c.name == "fsync"
-            && c.ret.as_deref() == Some("0")
-            && fds.iter().any(|fd| {
-                c.args.starts_with(&format!("{fd})")) || c.args.starts_with(&format!("{fd} <"))
-            })
-    })
+    let synced = |c: &Call| c.name == "fsync" && c.ok() && fds.contains(&c.fd());
+    calls[from..to].iter().any(synced)
 }
 
 fn first_ok(calls: &[Call], from: usize) -> usize {
@@ -460,14 +302,10 @@ fn first_ok(calls: &[Call], from: usize) -> usize {
 #[test]
 fn the_state_directory_is_synced_before_the_first_ok() {
     let env = NixEnv::new("daemon-dirsync");
-    let state = env.root().join("fresh-state");
-    let s = state.display().to_string();
-    let path = env
-        .add_text_path("npbhq-dirsync", "x\n")
-        .display()
-        .to_string();
-    let calls = under_strace(&env, &[("state-dir", s.as_str())], |d| {
-        assert_eq!(d.request(&format!("enqueue {path}")), "ok 1");
+    let s = env.root().join("fresh-state").display().to_string();
+    let path = env.add_text_path("npbhq-dirsync", "x\n");
+    let calls = under_strace(&env, &[("state-dir", &s)], TRACED, |d| {
+        assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
     });
     let ok = first_ok(&calls, 0);
     assert!(
@@ -493,7 +331,7 @@ fn compaction_syncs_the_directory_after_its_rename() {
     // itself, so each `drop` reply follows its own journal write.
     let hang = FakeNix::hang(&env);
     let config = [("state-dir", s.as_str()), ("nix", &hang.nix())];
-    let calls = under_strace(&env, &config, |d| {
+    let calls = under_strace(&env, &config, TRACED, |d| {
         for chunk in fakes.chunks(2100) {
             assert!(d
                 .request(&format!("enqueue {}", chunk.join(" ")))
@@ -532,14 +370,7 @@ fn an_inherited_socket_that_does_not_listen_is_refused() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(30) {
-            kill_tree(child.id());
-            panic!("the daemon served a socket that does not listen");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    exit_of(&mut child, Duration::from_secs(30), "the daemon");
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -556,26 +387,18 @@ fn an_inherited_socket_that_does_not_listen_is_refused() {
 #[test]
 fn a_half_written_record_that_cannot_be_cut_off_ends_the_daemon() {
     let env = NixEnv::new("daemon-halfrecord");
-    let (mount, _unmount) = small_tmpfs(&env);
-    let state = mount.join("state").display().to_string();
+    let tmpfs = Mount::tmpfs(&env.root().join("statefs"), "64k");
+    let state = tmpfs.0.join("state").display().to_string();
     let mut d = Daemon::new_stopped(&env, &[("state-dir", state.as_str())], NO_ENV);
-    let inject = [
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=ftruncate",
-        "-e",
-        "inject=ftruncate:error=EIO",
-    ];
-    let mut child = spawn_under_strace(&env, &d, &inject);
+    let mut inject = strace(Path::new("/dev/null"), "ftruncate");
+    inject.args(["-e", "inject=ftruncate:error=EIO"]);
+    let mut child = spawn_under(&env, &d, inject);
     let first = fake_paths(&env, "npbhq-half-first", 1).pop().unwrap();
     assert_eq!(d.request(&format!("enqueue {first}")), "ok 1");
     // Full but for the slack of the journal's page: the next big write
     // goes in part.
-    let filler = mount.join("filler");
-    let mut f = fs::File::create(&filler).unwrap();
-    while std::io::Write::write_all(&mut f, &[0u8; 4096]).is_ok() {}
-    drop(f);
+    let filler = tmpfs.0.join("filler");
+    fill(&filler);
     let many = fake_paths(&env, "npbhq-half-many", 2000);
     let reply = std::os::unix::net::UnixStream::connect(d.socket()).map(|mut s| {
         let _ =
@@ -584,26 +407,13 @@ fn a_half_written_record_that_cannot_be_cut_off_ends_the_daemon() {
         let _ = std::io::Read::read_to_string(&mut s, &mut r);
         r
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            kill_tree(child.id());
-            panic!(
-                "the daemon kept running after a failed undo ({reply:?}):\n{}",
-                d.log()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(1), "{}", d.log());
+    let status = exit_of(&mut child, Duration::from_secs(30), "the daemon");
+    assert_eq!(status.code(), Some(1), "{reply:?}");
     assert!(!format!("{reply:?}").contains("ok"), "{reply:?}");
     fs::remove_file(&filler).unwrap();
     d.try_spawn()
         .unwrap_or_else(|e| panic!("the journal was refused after the half record: {e}"));
-    let text = fs::read_to_string(mount.join("state/journal")).unwrap();
+    let text = fs::read_to_string(tmpfs.0.join("state/journal")).unwrap();
     assert!(text.contains(&format!(" {first}\n")), "{text}");
 }
 
@@ -632,28 +442,4 @@ fn spool_warnings_are_summarised() {
     let log = d.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("spool file")).collect();
     assert!(lines.len() <= 6, "{lines:#?}");
-}
-
-/// A 64 KiB tmpfs under the test's root (a state directory that fills up),
-/// unmounted when the guard drops.
-fn small_tmpfs(env: &NixEnv) -> (PathBuf, Unmount) {
-    let mount = env.root().join("statefs");
-    fs::create_dir_all(&mount).unwrap();
-    let o = run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&mount));
-    assert!(
-        o.status.success(),
-        "mount (this test needs root): {}",
-        show(&o)
-    );
-    (mount.clone(), Unmount(mount))
-}
-
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
-    }
 }

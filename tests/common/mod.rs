@@ -2287,3 +2287,286 @@ pub fn try_ask(socket: &Path, line: &str) -> Result<String, String> {
 pub fn ask(socket: &Path, line: &str) -> String {
     try_ask(socket, line).unwrap_or_else(|e| panic!("{line:?} to {}: {e}", socket.display()))
 }
+
+// --- fixtures added by t-faults
+
+/// One system call of an `strace -f` log: its thread, name, arguments (as
+/// strace shows them), return value (None while unfinished), and `end`: the
+/// index of the first call that started after it returned.
+#[derive(Debug)]
+pub struct Call {
+    pub pid: String,
+    pub name: String,
+    pub args: String,
+    pub ret: Option<String>,
+    pub end: usize,
+}
+
+impl Call {
+    /// The first argument (a descriptor, for the calls traced here).
+    pub fn fd(&self) -> &str {
+        self.args.split([',', ' ', ')']).next().unwrap_or("")
+    }
+
+    /// The text a write-like call starts writing (escaped as strace shows it).
+    pub fn text(&self) -> &str {
+        self.args.split_once('"').map_or("", |(_, t)| t)
+    }
+
+    /// True when the call returned 0.
+    pub fn ok(&self) -> bool {
+        self.ret.as_deref() == Some("0")
+    }
+}
+
+/// The calls of an `strace -f` log, in the order they started; an
+/// unfinished call gets its return value from its `<... NAME resumed>` line.
+pub fn strace_calls(log: &str) -> Vec<Call> {
+    let mut out: Vec<Call> = Vec::new();
+    for line in log.lines() {
+        let Some((pid, call)) = line.trim_start().split_once(char::is_whitespace) else {
+            continue;
+        };
+        let call = call.trim_start();
+        let ret = call
+            .rsplit_once(" = ")
+            .filter(|_| !call.ends_with("<unfinished ...>"))
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .map(str::to_string);
+        let end = out.len();
+        if let Some(resumed) = call.strip_prefix("<... ") {
+            let name = resumed.split(' ').next().unwrap_or("");
+            let started = out
+                .iter_mut()
+                .rev()
+                .find(|c| c.pid == pid && c.name == name && c.ret.is_none());
+            if let Some(c) = started {
+                (c.ret, c.end) = (ret, end);
+            }
+        } else if let Some((name, args)) = call.split_once('(') {
+            let end = end + 1;
+            let (pid, name, args) = (pid.to_string(), name.to_string(), args.to_string());
+            out.push(Call {
+                pid,
+                name,
+                args,
+                ret,
+                end,
+            });
+        }
+    }
+    out
+}
+
+/// `strace -f -qq -s 4096 -o trace -e trace=CALLS`; add the program.
+pub fn strace(trace: &Path, calls: &str) -> Command {
+    let mut c = Command::new(which("strace"));
+    c.args(["-f", "-qq", "-s", "4096", "-o"])
+        .arg(trace)
+        .args(["-e", &format!("trace={calls}")]);
+    c
+}
+
+/// Starts `d`'s daemon (stopped) with `strace` (see [`strace`]) before
+/// it, its output in its log, and waits until it accepts.
+pub fn spawn_under(env: &NixEnv, d: &Daemon, mut strace: Command) -> Child {
+    let log = fs::File::create(d.log_path()).unwrap();
+    strace
+        .arg(daemon_bin())
+        .args(["serve", "--config"])
+        .arg(d.config_path())
+        .env_remove("NIX_REMOTE")
+        .env_remove("NIX_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    env.apply_env(&mut strace);
+    let child = strace.spawn().unwrap();
+    wait_until_diag(
+        DAEMON_START_TIMEOUT * 3,
+        "the daemon under strace to accept",
+        || UnixStream::connect(d.socket()).is_ok(),
+        || d.log(),
+    );
+    child
+}
+
+/// Runs a daemon with `config` under strace tracing `calls`, calls `during`
+/// with it, stops it (SIGTERM to all, so that strace writes out its log)
+/// and returns the calls.
+pub fn under_strace(
+    env: &NixEnv,
+    config: &[(&str, &str)],
+    calls: &str,
+    during: impl FnOnce(&Daemon),
+) -> Vec<Call> {
+    let d = Daemon::new_stopped(env, config, NO_ENV);
+    let trace = d.dir().join("strace.log");
+    let mut child = spawn_under(env, &d, strace(&trace, calls));
+    during(&d);
+    signal_pids("TERM", &descendants(child.id()));
+    exit_of(
+        &mut child,
+        Duration::from_secs(30),
+        "the daemon under strace",
+    );
+    strace_calls(&fs::read_to_string(&trace).unwrap())
+}
+
+/// Waits for `child` (`what`) to exit; kills it (and what it started) and
+/// panics when it runs longer than `within`.
+pub fn exit_of(child: &mut Child, within: Duration, what: &str) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > within {
+            kill_tree(child.id());
+            panic!("{what} still ran after {within:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A tmpfs or a bind mount for one test; unmounted (lazily) on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// A tmpfs of `size` at `dir`.
+    pub fn tmpfs(dir: &Path, size: &str) -> Mount {
+        fs::create_dir_all(dir).unwrap();
+        let size = format!("size={size}");
+        mount(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
+                .arg(dir),
+        );
+        Mount(dir.to_path_buf())
+    }
+
+    /// A read-only view of `src` at `dst`.
+    pub fn bind_read_only(src: &Path, dst: &Path) -> Mount {
+        fs::create_dir_all(dst).unwrap();
+        mount(Command::new("mount").arg("--bind").arg(src).arg(dst));
+        let m = Mount(dst.to_path_buf());
+        mount(
+            Command::new("mount")
+                .args(["-o", "remount,ro,bind"])
+                .arg(dst),
+        );
+        m
+    }
+}
+
+/// Runs a `mount` command, which must succeed (it needs root).
+fn mount(cmd: &mut Command) {
+    let o = run(cmd);
+    assert!(o.status.success(), "{cmd:?} (needs root): {}", show(&o));
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = run(Command::new("umount").arg("-l").arg(&self.0));
+    }
+}
+
+/// Fills the file system holding `file` by writing to it until ENOSPC.
+pub fn fill(file: &Path) {
+    let mut f = fs::File::create(file).unwrap();
+    let chunk = vec![0u8; 4096];
+    for _ in 0..100_000 {
+        match f.write(&chunk) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(28) => return,
+            Err(e) => panic!("filling {}: {e}", file.display()),
+        }
+    }
+    panic!("{} never filled up", file.display());
+}
+
+/// Serialises useradd/userdel within a test binary (they lock /etc/passwd).
+static USERDB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A throwaway user without home or shell (made with `useradd`, so the
+/// test needs root), removed on drop.
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+}
+
+impl User {
+    pub fn new(letter: char) -> User {
+        let me = run(Command::new("id").arg("-u"));
+        assert_eq!(
+            String::from_utf8_lossy(&me.stdout).trim(),
+            "0",
+            "this test makes users with useradd, which needs root (CI runs as root)"
+        );
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = format!(
+            "npbhq-{letter}{:x}{:05x}",
+            std::process::id() % 0xfff,
+            nanos % 0xfffff
+        );
+        User::admin(&["useradd", "-M", "-s", "/usr/sbin/nologin", &name]);
+        let id = run(Command::new("id").args(["-u", &name]));
+        let uid = String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
+        User { name, uid }
+    }
+
+    /// Runs a user-database command, retried while another test binary
+    /// holds the lock.
+    fn admin(args: &[&str]) {
+        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = None;
+        for _ in 0..50 {
+            let o = run(Command::new(args[0]).args(&args[1..]));
+            if o.status.success() {
+                return;
+            }
+            last = Some(o);
+            thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{args:?} failed: {last:?}");
+    }
+
+    /// `program` as this user, with a clean environment.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("setpriv");
+        let id = self.name.as_str();
+        c.args(["--reuid", id, "--regid", id, "--init-groups", "--"])
+            .arg(program)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        c
+    }
+
+    /// A directory `name` in `parent`, of this user's, mode 0755.
+    pub fn dir(&self, parent: &Path, name: &str) -> PathBuf {
+        let dir = parent.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = Command::new("userdel").arg(&self.name).output();
+    }
+}
+
+/// The contents of the files in the spool directory `dir` (none when it
+/// does not exist).
+pub fn spooled(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir).map_or(Vec::new(), |r| {
+        r.map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect()
+    })
+}
