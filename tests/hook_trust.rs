@@ -17,112 +17,21 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{daemon_bin, hook_bin, run, TempDir};
+use common::*;
 
 /// A store path that is well formed (the listeners here never check it).
 const PATH: &str = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-trust";
-
-/// Serialises useradd/userdel within this test binary (they lock /etc/passwd).
-static USERDB: Mutex<()> = Mutex::new(());
-
-/// A throwaway user without home or shell, removed on drop.
-struct User {
-    name: String,
-    uid: u32,
-}
-
-impl User {
-    fn new(letter: char) -> User {
-        let me = run(Command::new("id").arg("-u"));
-        assert_eq!(
-            String::from_utf8_lossy(&me.stdout).trim(),
-            "0",
-            "these tests make users with useradd, which needs root (CI runs as root)"
-        );
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = format!(
-            "npbhq-{letter}{:x}{:05x}",
-            std::process::id() % 0xfff,
-            nanos % 0xfffff
-        );
-        User::admin(&["useradd", "-M", "-s", "/usr/sbin/nologin", &name]);
-        let id = run(Command::new("id").args(["-u", &name]));
-        let uid = String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
-        User { name, uid }
-    }
-
-    /// Runs a user-database command, retried while another test binary
-    /// holds the lock.
-    fn admin(args: &[&str]) {
-        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-        let mut last = None;
-        for _ in 0..50 {
-            let o = run(Command::new(args[0]).args(&args[1..]));
-            if o.status.success() {
-                return;
-            }
-            last = Some(o);
-            thread::sleep(Duration::from_millis(200));
-        }
-        panic!("{args:?} failed: {last:?}");
-    }
-
-    /// `program args` as this user, with a clean environment.
-    fn command(&self, program: &Path) -> Command {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid",
-            &self.name,
-            "--regid",
-            &self.name,
-            "--init-groups",
-            "--",
-        ])
-        .arg(program)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-        c
-    }
-
-    /// A directory `name` in `parent`, of this user's, mode 0755.
-    fn dir(&self, parent: &Path, name: &str) -> PathBuf {
-        let dir = parent.join(name);
-        fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        dir
-    }
-}
-
-impl Drop for User {
-    fn drop(&mut self) {
-        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = Command::new("userdel").arg(&self.name).output();
-    }
-}
 
 /// A test directory every user may enter.
 fn open_tmp(tag: &str) -> TempDir {
     let tmp = TempDir::new(tag);
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
     tmp
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The root hook with `socket` and `spool`, handing over [`PATH`].
@@ -133,16 +42,6 @@ fn root_hook(socket: &Path, spool: &Path) -> Command {
         .env("OUT_PATHS", PATH)
         .env("DRV_PATH", "");
     c
-}
-
-/// The contents of the spool files in `dir`.
-fn spooled(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir)
-        .map(|r| {
-            r.map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Set in the copy of this test binary that runs as another user: the
@@ -194,14 +93,9 @@ fn a_listener_of_another_user_gets_nothing_from_root() {
             .spawn()
             .unwrap(),
     );
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the listener did not bind"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(30), "the listener to bind", || {
+        socket.exists()
+    });
     std::os::unix::fs::chown(&socket, Some(0), Some(0)).unwrap();
     // Root's own line: every connection before it has been read to its end.
     let sentinel = |word: &str| {
@@ -418,52 +312,39 @@ fn a_flooding_daemon_bounds_the_hook_and_status() {
 fn the_spool_directory_is_synced_after_the_rename() {
     let tmp = open_tmp("trust-strace");
     let (spool, trace) = (tmp.join("spool"), tmp.join("strace.log"));
-    let mut strace = Command::new("strace");
-    strace
-        .args(["-f", "-s", "4096", "-o"])
-        .arg(&trace)
-        .args([
-            "-e",
-            "trace=open,openat,rename,renameat,renameat2,fsync,fdatasync",
-        ])
-        .arg(hook_bin())
-        .env("NPBHQ_SOCKET", tmp.join("no.sock"))
-        .env("NPBHQ_SPOOL_DIR", &spool)
-        .env("OUT_PATHS", PATH);
-    let o = run(&mut strace);
+    let o = run(strace(
+        &trace,
+        "open,openat,rename,renameat,renameat2,fsync,fdatasync",
+    )
+    .arg(hook_bin())
+    .env("NPBHQ_SOCKET", tmp.join("no.sock"))
+    .env("NPBHQ_SPOOL_DIR", &spool)
+    .env("OUT_PATHS", PATH));
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(spooled(&spool).len(), 1, "{}", show(&o));
     let log = fs::read_to_string(&trace).unwrap();
-    // The descriptors that name the spool directory: opened by its path, or
-    // a `/proc/self/fd/N/` the rename goes through.
-    let spool_s = spool.display().to_string();
-    let mut dir_fds: Vec<String> = Vec::new();
-    let mut renamed = false;
-    let mut synced = false;
-    for line in log.lines() {
-        let call = line
-            .split_once(' ')
-            .map_or(line, |(_, rest)| rest.trim_start());
-        let result = line
-            .rsplit_once("= ")
-            .map(|(_, r)| r.split(' ').next().unwrap_or(""));
-        if call.starts_with("open") && call.contains(&format!("\"{spool_s}\"")) {
-            dir_fds.extend(result.map(str::to_string));
-        }
-        if call.starts_with("rename") && call.contains(".req\"") && result == Some("0") {
-            for part in call.split("/proc/self/fd/").skip(1) {
-                dir_fds.extend(part.split('/').next().map(str::to_string));
-            }
-            renamed = true;
-        }
-        if renamed && result == Some("0") {
-            let fd = call
-                .strip_prefix("fsync(")
-                .and_then(|r| r.split(')').next());
-            synced |= fd.is_some_and(|fd| dir_fds.iter().any(|d| d == fd));
-        }
-    }
-    assert!(renamed, "no rename into the spool:\n{log}");
+    let calls = strace_calls(&log);
+    let renamed = calls
+        .iter()
+        .position(|c| c.name.starts_with("rename") && c.args.contains(".req\"") && c.ok())
+        .unwrap_or_else(|| panic!("no rename into the spool:\n{log}"));
+    // The descriptors that name the spool directory before a call: opened
+    // by its path, or a `/proc/self/fd/N/` the rename goes through.
+    let through = calls[renamed].args.split("/proc/self/fd/").skip(1);
+    let through: Vec<&str> = through.filter_map(|p| p.split('/').next()).collect();
+    let quoted = format!("\"{}\"", spool.display());
+    let dir_fd = |i: usize, fd: &str| {
+        through.contains(&fd)
+            || calls[..i].iter().any(|c| {
+                c.name.starts_with("open")
+                    && c.args.contains(&quoted)
+                    && c.ret.as_deref() == Some(fd)
+            })
+    };
+    let synced = (renamed..calls.len()).any(|i| {
+        let c = &calls[i];
+        c.name == "fsync" && c.ok() && dir_fd(i, c.fd())
+    });
     assert!(
         synced,
         "no fsync of the spool directory after the rename:\n{log}"
