@@ -16,10 +16,9 @@ mod common;
 use common::*;
 use std::collections::HashSet;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1117,7 +1116,7 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
 
     // A read-only view of the spool: nothing in it can be deleted.
     let ro = env.root().join("spool-ro");
-    let _view = Mount::bind_read_only(&rw, &ro).unwrap_or_else(|e| panic!("{e}"));
+    let _view = Mount::bind_read_only(&rw, &ro);
     d.set_config("spool-dir", &ro.display().to_string());
     d.restart();
     fs::write(rw.join("4-1.req"), format!("enqueue {}\n", s[5])).unwrap();
@@ -1269,67 +1268,6 @@ fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     );
 }
 
-/// One system call of an `strace -f` log, as far as the durability check
-/// needs it.
-#[derive(Debug)]
-enum Traced {
-    /// `write(FD, "TEXT"...` (or writev, sendto, sendmsg): the call started.
-    Write { fd: String, text: String },
-    /// fdatasync or fsync of FD started.
-    SyncStart { pid: String, fd: String },
-    /// The sync that `pid` started returned 0.
-    SyncDone { pid: String },
-}
-
-/// True when a traced call's line ends in `= 0` (strace pads before `=`).
-fn returned_0(call: &str) -> bool {
-    call.rsplit_once('=').is_some_and(|(_, r)| r.trim() == "0")
-}
-
-/// The calls of an `strace -f -s 4096` log, in the order strace saw them.
-fn parse_strace(log: &str) -> Vec<Traced> {
-    let mut out = Vec::new();
-    for line in log.lines() {
-        let Some((pid, call)) = line.trim_start().split_once(char::is_whitespace) else {
-            continue;
-        };
-        let call = call.trim_start();
-        let pid = pid.to_string();
-        if let Some(rest) = call.strip_prefix("<... ") {
-            if (rest.starts_with("fdatasync resumed>") || rest.starts_with("fsync resumed>"))
-                && returned_0(rest)
-            {
-                out.push(Traced::SyncDone { pid });
-            }
-            continue;
-        }
-        let Some((name, args)) = call.split_once('(') else {
-            continue;
-        };
-        let fd = args.split([',', ' ', ')']).next().unwrap_or("").to_string();
-        match name {
-            "fdatasync" | "fsync" => {
-                out.push(Traced::SyncStart {
-                    pid: pid.clone(),
-                    fd,
-                });
-                if !call.contains("<unfinished") && returned_0(call) {
-                    out.push(Traced::SyncDone { pid });
-                }
-            }
-            "write" | "writev" | "sendto" | "sendmsg" => {
-                let text = args
-                    .split_once('"')
-                    .map(|(_, t)| t.to_string())
-                    .unwrap_or_default();
-                out.push(Traced::Write { fd, text });
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// The acknowledgement is durable: under strace, every `ok` the daemon
 /// writes to a client follows the completed fdatasync of the journal file
 /// the path's record was written to. (A `kill -9` keeps the page cache, so
@@ -1338,76 +1276,34 @@ fn parse_strace(log: &str) -> Vec<Traced> {
 #[test]
 fn ok_is_written_only_after_the_journal_record_is_synced() {
     let env = NixEnv::new("faults-strace");
-    let strace = which("strace");
-    let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
-    let trace = env.root().join("strace.log");
-    let log = fs::File::create(d.log_path()).unwrap();
-    let mut cmd = Command::new(strace);
-    cmd.args(["-f", "-qq", "-s", "4096", "-o"])
-        .arg(&trace)
-        .args(["-e", "trace=fdatasync,fsync,write,writev,sendto,sendmsg"])
-        .arg(daemon_bin())
-        .arg("serve")
-        .arg("--config")
-        .arg(d.config_path())
-        .env_remove("NIX_REMOTE")
-        .env_remove("NIX_CONFIG")
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    env.apply_env(&mut cmd);
-    let mut child = cmd.spawn().unwrap();
-    let socket = d.socket();
-    wait_until(
-        DAEMON_START_TIMEOUT * 3,
-        "the daemon under strace to accept",
-        || UnixStream::connect(&socket).is_ok(),
-    );
     let paths = add_text_paths(&env, 3, "strace");
-    for p in &paths {
-        assert_eq!(
-            try_ask(&socket, &enqueue_line(std::slice::from_ref(p))),
-            Ok("ok 1".to_string())
-        );
-    }
-    // Stopped in order, so that strace writes out its log and exits.
-    signal_pids("TERM", &descendants(child.id()));
-    let stopped = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if stopped.elapsed() > Duration::from_secs(30) {
-            kill_tree(child.id());
-            panic!("the daemon under strace did not stop");
+    let traced = "fdatasync,fsync,write,writev,sendto,sendmsg";
+    let calls = under_strace(&env, NO_ENV, traced, |d| {
+        for p in &paths {
+            let one = enqueue_line(std::slice::from_ref(p));
+            assert_eq!(try_ask(&d.socket(), &one), Ok("ok 1".to_string()));
         }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let calls = parse_strace(&fs::read_to_string(&trace).unwrap());
+    });
+    let write = |c: &Call| matches!(c.name.as_str(), "write" | "writev" | "sendto" | "sendmsg");
     for p in strs(&paths) {
-        let record = "+ ";
-        let (wrote, journal_fd) = calls
+        let wrote = calls
             .iter()
-            .enumerate()
-            .find_map(|(i, c)| match c {
-                Traced::Write { fd, text } if text.starts_with(record) && text.contains(&p) => {
-                    Some((i, fd.clone()))
-                }
-                _ => None,
-            })
+            .position(|c| write(c) && c.text().starts_with("+ ") && c.text().contains(&p))
             .unwrap_or_else(|| panic!("no journal write of {p} in the trace: {calls:?}"));
-        let acked = calls[wrote..]
-            .iter()
-            .position(|c| matches!(c, Traced::Write { text, fd } if text.starts_with("ok 1\\n") && *fd != journal_fd))
-            .map(|i| wrote + i)
+        let journal_fd = calls[wrote].fd();
+        let acked = (wrote..calls.len())
+            .find(|&i| {
+                let c = &calls[i];
+                write(c) && c.text().starts_with("ok 1\\n") && c.fd() != journal_fd
+            })
             .unwrap_or_else(|| panic!("no ok written after the record of {p}: {calls:?}"));
         // A sync of the journal's descriptor that started after the record
         // was written and returned before the ok was written.
-        let synced = calls[wrote..acked].iter().enumerate().any(|(i, c)| {
-            let Traced::SyncStart { pid, fd } = c else {
-                return false;
-            };
-            *fd == journal_fd
-                && calls[wrote + i..acked]
-                    .iter()
-                    .any(|d| matches!(d, Traced::SyncDone { pid: q } if q == pid))
+        let synced = calls[wrote..acked].iter().any(|c| {
+            matches!(c.name.as_str(), "fdatasync" | "fsync")
+                && c.fd() == journal_fd
+                && c.ok()
+                && c.end <= acked
         });
         assert!(
             synced,
@@ -1421,75 +1317,6 @@ fn ok_is_written_only_after_the_journal_record_is_synced() {
 // Full disk
 // ---------------------------------------------------------------------------
 
-/// A tmpfs mounted for a test; unmounted (lazily) on drop.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(dir: &Path, size: &str) -> Result<Mount, String> {
-        fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        let o = run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir));
-        if o.status.success() {
-            Ok(Mount(dir.to_path_buf()))
-        } else {
-            Err(format!(
-                "mount -t tmpfs failed ({}): {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))
-        }
-    }
-}
-
-impl Mount {
-    /// A read-only view of `src` at `dst` (a bind mount made read-only).
-    fn bind_read_only(src: &Path, dst: &Path) -> Result<Mount, String> {
-        fs::create_dir_all(dst).map_err(|e| e.to_string())?;
-        let o = run(Command::new("mount").arg("--bind").arg(src).arg(dst));
-        if !o.status.success() {
-            return Err(format!(
-                "mount --bind failed ({}): {}; this test needs root with CAP_SYS_ADMIN",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        let m = Mount(dst.to_path_buf());
-        let o = run(Command::new("mount")
-            .args(["-o", "remount,ro,bind"])
-            .arg(dst));
-        if !o.status.success() {
-            return Err(format!(
-                "mount -o remount,ro,bind failed ({}): {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
-        Ok(m)
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = run(Command::new("umount").arg("-l").arg(&self.0));
-    }
-}
-
-/// Fills the file system holding `file` by writing to it until ENOSPC.
-fn fill(file: &Path) {
-    let mut f = fs::File::create(file).unwrap();
-    let chunk = vec![0u8; 4096];
-    for _ in 0..100_000 {
-        match f.write(&chunk) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(28) => return,
-            Err(e) => panic!("filling {}: {e}", file.display()),
-        }
-    }
-    panic!("{} never filled up", file.display());
-}
-
 /// With the state directory on a full file system the daemon answers `err`
 /// with the reason instead of acknowledging, keeps running (and restarts)
 /// and works again once there is space; every path it did acknowledge
@@ -1497,10 +1324,7 @@ fn fill(file: &Path) {
 #[test]
 fn full_disk_refuses_with_reason_and_recovers() {
     let env = NixEnv::new("faults-full");
-    // CI runs as root with CAP_SYS_ADMIN: a run that cannot mount fails.
-    let mount = Mount::tmpfs(&env.root().join("statefs"), "64k").unwrap_or_else(|e| {
-        panic!("this test needs a tmpfs of its own (root, CAP_SYS_ADMIN): {e}")
-    });
+    let mount = Mount::tmpfs(&env.root().join("statefs"), "64k");
     let (sk, pk) = env.gen_signing_key("faults-full-1");
     let (upload, read) = file_cache(&env, "cache");
     let mut d = Daemon::start(
