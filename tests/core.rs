@@ -267,38 +267,51 @@ fn protocol_replies() {
     assert!(r.starts_with("ok"), "drv -> {r:?}");
 }
 
-/// 5. Journal durability: acked paths survive `kill -9` while the upload
-///    target is failing, and arrive after a restart with a working target.
-#[test]
-fn journal_survives_kill9_and_uploads_after_restart() {
-    let env = NixEnv::new("core-crash");
-    let (sk, pk) = env.gen_signing_key("core-crash-1");
+/// A daemon that signs, with a failing target, `stop`ped with 3 paths
+/// queued: none reached the cache, and after a restart with a working
+/// target every one arrives, signed.
+fn resumes_after(tag: &str, stop: impl FnOnce(&mut Daemon)) {
+    let env = NixEnv::new(&format!("core-{tag}"));
+    let (sk, pk) = env.gen_signing_key(&format!("core-{tag}-1"));
     let (upload, read) = file_cache(&env, "cache");
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", "file:///dev/null/x"),
-        ],
-    );
-    let paths = env.build_paths(3, "crash");
+    let sk = sk.display().to_string();
+    let config = [
+        ("signing-key-file", sk.as_str()),
+        ("upload-to", "file:///dev/null/x"),
+    ];
+    let mut d = Daemon::start(&env, &config);
+    let paths = env.build_paths(3, tag);
     let line = format!("enqueue {}", strs(&paths).join(" "));
-    let reply = d.request(&line);
-    assert_eq!(reply, "ok 3");
-    d.kill9();
+    assert_eq!(d.request(&line), "ok 3");
+    stop(&mut d);
     assert!(
         env.verify_in_cache(&read, &pk, &paths).is_err(),
         "paths were uploaded to the good cache before it was configured"
     );
     d.set_config("upload-to", &upload);
     d.restart();
-    wait_verified(
-        &env,
-        &read,
-        &pk,
-        &paths,
-        "journaled paths uploaded after kill -9 and restart",
-    );
+    let what = format!("queued paths uploaded after {tag} and a restart");
+    wait_verified(&env, &read, &pk, &paths, &what);
+}
+
+/// 5. Journal durability: acked paths survive `kill -9` while the upload
+///    target is failing, and arrive after a restart with a working target.
+#[test]
+fn journal_survives_kill9_and_uploads_after_restart() {
+    resumes_after("crash", Daemon::kill9);
+}
+
+/// SIGTERM stops the daemon cleanly (exit 0) and a restart resumes the
+/// queue from the journal.
+#[test]
+fn sigterm_stops_cleanly_and_restart_resumes_queue() {
+    resumes_after("term", |d| {
+        let status = d.stop();
+        assert!(
+            status.success(),
+            "daemon did not exit 0 on SIGTERM: {status}"
+        );
+    });
 }
 
 /// The harness's `hook_cmd` runs the client directly: with the daemon up,
@@ -340,7 +353,7 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
     d.kill9();
     closed(&d, &paths[0]);
     assert_eq!(
-        spool_contents(&d.spool_dir()),
+        spooled(&d.spool_dir()),
         vec![format!("enqueue {}\n", paths[0].display())],
         "one complete spool file with the request"
     );
@@ -367,12 +380,16 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     let path = env
         .store_dir()
         .join("0000000000000000000000000000000e-npbhq-epipe");
-    let mut hook = spawn_hook(&socket, &spool, "0.3", &path);
+    let mut hook = hook(&socket, &spool, "0.3", &path)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     drop(hook.stderr.take());
     let status = hook.wait().unwrap();
     assert!(status.success(), "the hook ended with {status}");
     assert_eq!(
-        spool_contents(&spool),
+        spooled(&spool),
         vec![format!("enqueue {}\n", path.display())]
     );
 }
@@ -469,23 +486,13 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     let path = env
         .store_dir()
         .join("0000000000000000000000000000000f-npbhq-backlog");
-    let mut hook = spawn_hook(&socket, &spool, "0.5", &path);
     // A correctness bound, far above the hook's 0.5 s: a hook blocked in
     // its connect never ends.
-    let waited = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = hook.try_wait().unwrap() {
-            break status;
-        }
-        if waited.elapsed() > Duration::from_secs(60) {
-            let _ = hook.kill();
-            let _ = hook.wait();
-            panic!("the hook still runs after 60 s against a full backlog");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut said = String::new();
-    std::io::Read::read_to_string(&mut hook.stderr.take().unwrap(), &mut said).unwrap();
+    let o = run_to_exit(
+        &mut hook(&socket, &spool, "0.5", &path),
+        Duration::from_secs(60),
+    );
+    let (status, said) = (o.status, String::from_utf8_lossy(&o.stderr));
     assert!(
         in_connect.load(Ordering::SeqCst) && connected.load(Ordering::SeqCst) == queued,
         "the backlog did not stay full while the hook ran ({queued} queued before)"
@@ -500,7 +507,7 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
         "{said:?}"
     );
     assert_eq!(
-        spool_contents(&spool),
+        spooled(&spool),
         vec![format!("enqueue {}\n", path.display())]
     );
     drop(listener);
@@ -509,30 +516,16 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     eprintln!("backlog: {held} connections queued before the hook ran");
 }
 
-/// Starts the hook for the one output `path`, with the daemon at `socket`,
-/// the spool `spool` and the timeout `timeout` (seconds); its stderr is a
-/// pipe.
-fn spawn_hook(socket: &Path, spool: &Path, timeout: &str, path: &Path) -> std::process::Child {
-    Command::new(hook_bin())
-        .env("NPBHQ_SOCKET", socket)
+/// The hook for the one output `path`, with the daemon at `socket`, the
+/// spool `spool` and the timeout `timeout` (seconds).
+fn hook(socket: &Path, spool: &Path, timeout: &str, path: &Path) -> Command {
+    let mut c = Command::new(hook_bin());
+    c.env("NPBHQ_SOCKET", socket)
         .env("NPBHQ_SPOOL_DIR", spool)
         .env("NPBHQ_TIMEOUT", timeout)
         .env("OUT_PATHS", path)
-        .env("DRV_PATH", "")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// The contents of every file in the spool directory `dir`.
-fn spool_contents(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| fs::read_to_string(e.path()).unwrap())
-        .collect()
+        .env("DRV_PATH", "");
+    c
 }
 
 /// The daemon started with its standard descriptors closed puts `/dev/null`
@@ -586,32 +579,19 @@ fn invalid_path_does_not_block_valid_ones() {
     let (upload, read) = file_cache(&env, "cache");
     let paths = env.build_paths(3, "invalid");
     let (good, victim) = ([paths[0].clone(), paths[2].clone()], paths[1].clone());
-    let wrapper = env.root().join("nix-gc-before-copy");
-    fs::create_dir_all(&wrapper).unwrap();
-    let nix = wrapper.join("nix");
-    let copies = env.root().join("copies.txt");
-    fs::write(
-        &nix,
-        format!(
-            "#!/bin/sh\n# The garbage collector strikes between the validity check and the copy.\n\
-             if [ \"$3\" = copy ]; then echo \"$*\" >> {}; {} --delete {} >/dev/null 2>&1; fi\n\
-             exec {} \"$@\"\n",
-            copies.display(),
-            which("nix-store").display(),
-            victim.display(),
-            which("nix").display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&nix, fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::symlink(which("nix-store"), wrapper.join("nix-store")).unwrap();
+    // The garbage collector strikes between the validity check and the copy.
+    let gc = format!(
+        "[ \"$3\" = copy ] && {} --delete {} >/dev/null 2>&1",
+        which("nix-store").display(),
+        victim.display()
+    );
+    let w = FakeNix::with_preludes(&env, &gc, "");
     let d = Daemon::start(
         &env,
         &[
             ("signing-key-file", &sk.display().to_string()),
             ("upload-to", &upload),
-            ("nix", &nix.display().to_string()),
+            ("nix", &w.nix()),
             ("retry-initial-delay", "0.05"),
         ],
     );
@@ -635,10 +615,13 @@ fn invalid_path_does_not_block_valid_ones() {
         },
     );
     let log = d.log();
-    let copied = fs::read_to_string(&copies).unwrap_or_default();
+    let copies = w.uploads();
     assert!(
-        copied.lines().next().is_some_and(|c| c.contains(&victim_s)),
-        "the path never reached nix copy: {copied:?}\n{log}"
+        copies
+            .iter()
+            .find(|c| c.0 == "copy")
+            .is_some_and(|c| c.2.contains(&victim_s)),
+        "the path never reached nix copy: {copies:?}"
     );
     let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
     assert!(
@@ -646,37 +629,4 @@ fn invalid_path_does_not_block_valid_ones() {
         "one warning about the collected path: {drops:?}"
     );
     assert!(!env.is_valid_in(&read, &victim));
-}
-
-/// SIGTERM stops the daemon cleanly (exit 0) and a restart resumes the
-/// queue from the journal.
-#[test]
-fn sigterm_stops_cleanly_and_restart_resumes_queue() {
-    let env = NixEnv::new("core-term");
-    let (sk, pk) = env.gen_signing_key("core-term-1");
-    let (upload, read) = file_cache(&env, "cache");
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", "file:///dev/null/x"),
-        ],
-    );
-    let paths = env.build_paths(2, "term");
-    let reply = d.request(&format!("enqueue {}", strs(&paths).join(" ")));
-    assert_eq!(reply, "ok 2");
-    let status = d.stop();
-    assert!(
-        status.success(),
-        "daemon did not exit 0 on SIGTERM: {status}"
-    );
-    d.set_config("upload-to", &upload);
-    d.restart();
-    wait_verified(
-        &env,
-        &read,
-        &pk,
-        &paths,
-        "queued paths uploaded after SIGTERM and restart",
-    );
 }

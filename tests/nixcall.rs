@@ -9,7 +9,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// An executable `sh` script at `dir/name`.
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -42,28 +42,11 @@ fn every_upload_to_is_checked_at_start() {
     let (good, _) = file_cache(&env, "cache");
     let bad = "fiel:///x";
     let d = Daemon::new_stopped(&env, &[("upload-to", &good), ("upload-to", bad)], NO_ENV);
-    let log = fs::File::create(d.log_path()).unwrap();
+    // A daemon that goes on serving is killed, and the test fails.
     let mut serve = d.cli_cmd();
-    serve
-        .arg("serve")
-        .arg("--config")
-        .arg(d.config_path())
-        .stderr(log);
-    let mut child = serve.spawn().unwrap();
-    // A daemon that goes on serving is stopped, so that the test fails
-    // rather than waits for ever.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        match child.try_wait().unwrap() {
-            Some(status) => break status,
-            None if Instant::now() > deadline => {
-                child.kill().unwrap();
-                break child.wait().unwrap();
-            }
-            None => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
-    let said = d.log();
+    serve.arg("serve").arg("--config").arg(d.config_path());
+    let o = run_to_exit(&mut serve, Duration::from_secs(60));
+    let (status, said) = (o.status, String::from_utf8_lossy(&o.stderr));
     assert!(!status.success(), "serve started with {bad}: {said}");
     assert_ne!(
         status.code(),
@@ -151,21 +134,8 @@ fn substitute_on_destination_copies_over_ssh_ng() {
     let env = NixEnv::new("nixcall-sod");
     let (sk, pk) = env.gen_signing_key("nixcall-sod-1");
     let sshd = Sshd::start(&env, &pk);
-    let record = env.root().join("calls");
-    let nix = script(
-        env.root(),
-        "nix",
-        &format!(
-            "echo \"$*\" >> {}\nexec {} \"$@\"",
-            record.display(),
-            which("nix").display()
-        ),
-    );
-    let (sk_s, nix_s, url) = (
-        sk.display().to_string(),
-        nix.display().to_string(),
-        sshd.url(),
-    );
+    let w = FakeNix::new(&env);
+    let (sk_s, nix_s, url) = (sk.display().to_string(), w.nix(), sshd.url());
     let config = [
         ("signing-key-file", sk_s.as_str()),
         ("upload-to", url.as_str()),
@@ -182,12 +152,10 @@ fn substitute_on_destination_copies_over_ssh_ng() {
         d.log(),
         sshd.log()
     );
-    let calls = fs::read_to_string(&record).unwrap();
-    let copy = calls
-        .lines()
-        .find(|l| l.contains(" copy "))
-        .unwrap_or_default();
-    assert!(copy.contains("--substitute-on-destination"), "{calls}");
+    let calls = w.calls();
+    let copy = calls.iter().find(|c| c.contains(&"copy".to_string()));
+    let sod = "--substitute-on-destination".to_string();
+    assert!(copy.is_some_and(|c| c.contains(&sod)), "{calls:?}");
     assert!(
         env.is_valid_in(&sshd.local_store_url(), &path),
         "log:\n{}",
@@ -203,30 +171,22 @@ fn substitute_on_destination_copies_over_ssh_ng() {
 fn a_newer_nix_is_asked_with_store_info() {
     let env = NixEnv::new("nixcall-info");
     let (upload, _) = file_cache(&env, "cache");
-    let record = env.root().join("calls");
-    let real = which("nix").display().to_string();
-    let wrapper = script(
-        env.root(),
-        "nix",
-        &format!(
-            "echo \"$*\" >> {record}\n\
-             [ \"$1\" = --version ] && {{ echo 'nix (Nix) 2.26.3'; exit 0; }}\n\
-             for a; do shift; [ \"$a\" = info ] && a=ping; set -- \"$@\" \"$a\"; done\n\
-             exec {real} \"$@\"",
-            record = record.display()
-        ),
+    let w = FakeNix::with_preludes(
+        &env,
+        "[ \"$1\" = --version ] && { echo 'nix (Nix) 2.26.3'; exit 0; }\n\
+         for a; do shift; [ \"$a\" = info ] && a=ping; set -- \"$@\" \"$a\"; done",
+        "",
     );
-    let wrapper_s = wrapper.display().to_string();
-    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &wrapper_s)]);
+    let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
     wait_until(Duration::from_secs(30), "the target check", || {
         d.log().contains("nix can open it")
     });
-    let calls = fs::read_to_string(&record).unwrap();
+    let calls: Vec<String> = w.calls().iter().map(|c| c.join(" ")).collect();
     assert!(
-        calls.lines().any(|l| l.contains("store info --store")),
-        "{calls}"
+        calls.iter().any(|l| l.contains("store info --store")),
+        "{calls:?}"
     );
-    assert!(!calls.contains("store ping"), "{calls}");
+    assert!(!calls.iter().any(|l| l.contains("store ping")), "{calls:?}");
     // With this machine's own nix, whichever it is, the check passes.
     let d = Daemon::start(&env, &[("upload-to", &upload)]);
     wait_until(Duration::from_secs(30), "the target check", || {
