@@ -4,11 +4,13 @@
 //! the environment, and `status` printing what the daemon renders. None of
 //! these needs Nix: the daemon is never asked to upload anything.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_post-build-hook-queue"));
@@ -24,20 +26,10 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
-/// Runs `c` to its end, or kills it after a minute (a daemon that should
-/// have refused to start): its exit status (`None` when killed) and output.
+/// Runs `c` to its end (a daemon that should have refused to start is
+/// killed after a minute, and the test fails): its exit status and output.
 fn run(c: &mut Command) -> (Option<i32>, String, String) {
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let o: Output = child.wait_with_output().unwrap();
+    let o = common::run_to_exit(c, Duration::from_secs(60));
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (o.status.code(), text(&o.stdout), text(&o.stderr))
 }
@@ -154,15 +146,13 @@ fn serve_exits_78_on_a_bad_setting_and_1_when_the_state_dir_is_locked() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !d.join("s.sock").exists() {
+    common::wait_until(Duration::from_secs(60), "the first daemon's socket", || {
         assert!(
             first.try_wait().unwrap().is_none(),
             "the first daemon ended"
         );
-        assert!(start.elapsed() < Duration::from_secs(60), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        d.join("s.sock").exists()
+    });
     let other = d.join("s2.sock").display().to_string();
     let second = run(bin().args(["serve", "--state-dir", &state, "--socket", &other]));
     first.kill().unwrap();

@@ -29,10 +29,6 @@ fn signing_daemon(env: &NixEnv, key_name: &str) -> (Daemon, String, String) {
     (d, read, pk)
 }
 
-fn wait_verified(env: &NixEnv, url: &str, pk: &str, paths: &[PathBuf], what: &str) {
-    wait_ok(UPLOAD_TIMEOUT, what, || env.verify_in_cache(url, pk, paths));
-}
-
 /// 1. A nix-build with our hook and a daemon that signs and uploads to a
 ///    file:// cache: the build succeeds and every output arrives, signed.
 ///    (Nix 2.8 passes an empty OUT_PATHS, so the daemon resolves DRV_PATH;
@@ -46,13 +42,7 @@ fn hook_build_is_signed_and_uploaded_to_file_cache() {
     let b = env.build(3, "file", Some(&hook_bin()), &d.hook_env());
     assert!(b.status.success(), "build failed: {}", b.stderr);
     assert_eq!(b.out_paths.len(), 3, "{b:?}");
-    wait_verified(
-        &env,
-        &read,
-        &pk,
-        &b.out_paths,
-        "all 3 outputs signed in the file:// cache",
-    );
+    wait_verified(&env, &read, &pk, &b.out_paths, "all 3 outputs");
 }
 
 /// 2. The same to an ssh-ng receiver that requires signatures: the outputs
@@ -113,11 +103,7 @@ fn build_succeeds_when_daemon_is_down() {
             ("NPBHQ_SPOOL_DIR", spool.display().to_string()),
         ],
     );
-    assert!(
-        b.status.success(),
-        "build failed with the daemon down: {}",
-        b.stderr
-    );
+    b.assert_success();
     assert_eq!(b.out_paths.len(), 1);
     let hook_lines = b.hook_lines();
     assert_eq!(
@@ -160,13 +146,7 @@ fn spooled_paths_are_uploaded_when_daemon_starts() {
         b.stderr
     );
     d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
-    wait_verified(
-        &env,
-        &read,
-        &pk,
-        &b.out_paths,
-        "spooled outputs uploaded after the daemon started",
-    );
+    wait_verified(&env, &read, &pk, &b.out_paths, "spooled outputs");
 }
 
 /// 4. `post-build-hook-queue enqueue` of an existing path uploads it; bad
@@ -182,21 +162,13 @@ fn enqueue_cli_uploads_and_rejects_bad_arguments() {
         .cli_cmd()
         .args(["enqueue", "--socket", &sock])
         .args(&paths));
-    assert!(
-        o.status.success(),
-        "enqueue failed ({}): {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", show(&o));
     wait_verified(&env, &read, &pk, &paths, "enqueued paths uploaded");
 
     for bad in [vec!["/tmp/x"], vec!["--to"], vec!["/tmp/x", "--to"]] {
         let o = run(d.cli_cmd().args(["enqueue", "--socket", &sock]).args(&bad));
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success(),
-            "enqueue {bad:?} exited 0; stderr: {err}"
-        );
+        assert!(!o.status.success(), "enqueue {bad:?}: {err}");
         assert_eq!(
             err.trim_end().lines().count(),
             1,
@@ -219,11 +191,7 @@ fn enqueue_cli_reads_stdin() {
             .arg("-"),
         &input,
     );
-    assert!(
-        o.status.success(),
-        "enqueue - failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", show(&o));
     wait_verified(&env, &read, &pk, &paths, "stdin-enqueued paths uploaded");
 }
 
@@ -238,11 +206,9 @@ fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
     let p = env.build_paths(1, "idle");
     let reply = d.request(&format!("enqueue {}", p[0].display()));
     assert!(reply.starts_with("ok"), "enqueue reply: {reply}");
-    wait_until(
-        Duration::from_secs(10),
-        "the daemon log to say it has nothing to do",
-        || d.log().to_lowercase().contains("nothing to do"),
-    );
+    wait_until(Duration::from_secs(10), "nothing to do in the log", || {
+        d.log().to_lowercase().contains("nothing to do")
+    });
 }
 
 /// 4d. Protocol replies for `ping`, `enqueue`, `drv` and bad requests.
@@ -252,12 +218,8 @@ fn protocol_replies() {
     let (upload, _read) = file_cache(&env, "cache");
     let d = Daemon::start(&env, &[("upload-to", &upload)]);
     let paths = env.build_paths(2, "proto");
-    let reply = d.request(&format!(
-        "enqueue {} {}",
-        paths[0].display(),
-        paths[1].display()
-    ));
-    assert_eq!(reply, "ok 2");
+    let line = format!("enqueue {}", strs(&paths).join(" "));
+    assert_eq!(d.request(&line), "ok 2");
     for bad in ["enqueue /tmp/x", "frobnicate", "enqueue"] {
         let r = d.request(bad);
         assert!(r.starts_with("err "), "{bad:?} -> {r:?}");
@@ -323,12 +285,7 @@ fn hook_client_run_directly_hands_over_drv() {
     let paths = env.build_paths(1, "direct");
     let drv = env.deriver(&paths[0]);
     let o = run(d.hook_cmd().env("DRV_PATH", &drv).env("OUT_PATHS", ""));
-    assert!(
-        o.status.success(),
-        "hook exited {}: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", show(&o));
     wait_verified(&env, &read, &pk, &paths, "directly hooked path uploaded");
 }
 
@@ -595,15 +552,9 @@ fn invalid_path_does_not_block_valid_ones() {
             ("retry-initial-delay", "0.05"),
         ],
     );
-    let reply = d.request(&format!("enqueue {}", strs(&paths).join(" ")));
-    assert_eq!(reply, "ok 3");
-    wait_verified(
-        &env,
-        &read,
-        &pk,
-        &good,
-        "valid paths uploaded despite an invalid one in the same batch",
-    );
+    let line = format!("enqueue {}", strs(&paths).join(" "));
+    assert_eq!(d.request(&line), "ok 3");
+    wait_verified(&env, &read, &pk, &good, "the valid paths");
     let victim_s = victim.display().to_string();
     wait_until(
         Duration::from_secs(30),

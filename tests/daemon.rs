@@ -200,13 +200,7 @@ fn wait_names_a_dropped_path_after_ten_thousand_other_drops() {
     fs::remove_file(&hold).unwrap();
     let o = wait.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "wait: {}\nlog:\n{}",
-        show(&o),
-        d.log()
-    );
+    assert_eq!(o.status.code(), Some(1), "wait: {}", show(&o));
     assert!(
         err.contains("1 path(s) were dropped") && err.contains(&dropped),
         "{err}"
@@ -429,12 +423,9 @@ fn spool_warnings_are_summarised() {
         fs::write(spool.join(format!("{i}-1.req")), "retry\n").unwrap();
     }
     d.try_spawn().unwrap();
-    wait_until_diag(
-        Duration::from_secs(30),
-        "the spool files set aside, with a count",
-        || d.log().contains("15 more spool files"),
-        || d.log(),
-    );
+    wait_until(Duration::from_secs(30), "the spool files' count", || {
+        d.log().contains("15 more spool files")
+    });
     let left = fs::read_dir(&spool).unwrap().flatten();
     assert!(left
         .into_iter()

@@ -20,14 +20,12 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
+// --- Helpers
 
 fn enqueue_line(paths: &[PathBuf]) -> String {
     format!("enqueue {}", strs(paths).join(" "))
@@ -54,26 +52,39 @@ fn add_text_paths(env: &NixEnv, n: usize, tag: &str) -> Vec<PathBuf> {
 
 /// Ok when every path is valid in the cache at `url` (no signature check).
 fn all_in_cache(env: &NixEnv, url: &str, paths: &[PathBuf]) -> Result<(), String> {
-    if paths.is_empty() {
-        return Ok(());
-    }
-    let infos = env.path_infos(url, paths)?;
+    let infos = match paths {
+        [] => Vec::new(),
+        _ => env.path_infos(url, paths)?,
+    };
     let valid: HashSet<&PathBuf> = infos
         .iter()
         .filter(|(_, s)| s.is_some())
         .map(|(p, _)| p)
         .collect();
     let missing: Vec<&PathBuf> = paths.iter().filter(|p| !valid.contains(p)).collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
+    match missing.first() {
+        None => Ok(()),
+        Some(p) => Err(format!(
             "{} of {} paths not in {url}, e.g. {}",
             missing.len(),
             paths.len(),
-            missing[0].display()
-        ))
+            p.display()
+        )),
     }
+}
+
+/// Waits until `paths` are in the cache at `url` (see [`all_in_cache`]).
+fn wait_in_cache(env: &NixEnv, url: &str, paths: &[PathBuf]) {
+    wait_ok(UPLOAD_TIMEOUT, "the paths in the cache", || {
+        all_in_cache(env, url, paths)
+    });
+}
+
+/// Waits until `d`'s queue is empty.
+fn wait_drained(d: &Daemon) {
+    wait_until(Duration::from_secs(30), "an empty queue", || {
+        d.status().num("queued") == 0
+    });
 }
 
 /// A small xorshift generator; the seed is printed so a failing run can be
@@ -82,16 +93,10 @@ struct Rng(u64);
 
 impl Rng {
     fn new(test: &str) -> Rng {
-        let seed = std::env::var("NPBHQ_FAULTS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-                    | 1
-            });
+        let now = SystemTime::now().duration_since(UNIX_EPOCH);
+        let now = now.map_or(1, |d| d.as_nanos() as u64) | 1;
+        let seed = std::env::var("NPBHQ_FAULTS_SEED").ok();
+        let seed = seed.and_then(|s| s.parse().ok()).unwrap_or(now);
         eprintln!("{test}: random seed {seed} (set NPBHQ_FAULTS_SEED to repeat)");
         Rng(seed)
     }
@@ -145,9 +150,7 @@ fn log_lines(d: &Daemon, needle: &str) -> Vec<String> {
         .collect()
 }
 
-// ---------------------------------------------------------------------------
-// Crash
-// ---------------------------------------------------------------------------
+// --- Crash
 
 /// `kill -9` of the whole daemon tree at random moments (while requests are
 /// being journaled, and while `nix copy` runs), many times, under continuous
@@ -181,39 +184,34 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
 
     // The enqueuer: a few paths per request, paced, retrying a request until
     // it gets a reply; only an `ok` reply makes its paths "acked".
-    let acked: Arc<Mutex<Vec<PathBuf>>> = Arc::new(Mutex::new(Vec::new()));
-    let refusals: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let requests = Arc::new(AtomicUsize::new(0));
-    let in_request = Arc::new(AtomicBool::new(false));
+    #[derive(Default)]
+    struct Enqueuer {
+        acked: Mutex<Vec<PathBuf>>,
+        refusals: Mutex<Vec<String>>,
+        stop: AtomicBool,
+        requests: AtomicUsize,
+        in_request: AtomicBool,
+    }
+    let q = Arc::new(Enqueuer::default());
     let enqueuer = {
-        let (acked, refusals, stop, requests, in_request) = (
-            Arc::clone(&acked),
-            Arc::clone(&refusals),
-            Arc::clone(&stop),
-            Arc::clone(&requests),
-            Arc::clone(&in_request),
-        );
-        let socket = d.socket();
-        let paths = paths.clone();
+        let (q, socket, paths) = (Arc::clone(&q), d.socket(), paths.clone());
         thread::spawn(move || {
-            let mut i = 0;
-            let mut k = 1;
-            while i < paths.len() && !stop.load(Ordering::SeqCst) {
+            let (mut i, mut k) = (0, 1);
+            while i < paths.len() && !q.stop.load(SeqCst) {
                 let chunk = &paths[i..(i + k).min(paths.len())];
-                requests.fetch_add(1, Ordering::SeqCst);
-                in_request.store(true, Ordering::SeqCst);
+                q.requests.fetch_add(1, SeqCst);
+                q.in_request.store(true, SeqCst);
                 let reply = try_ask(&socket, &enqueue_line(chunk));
-                in_request.store(false, Ordering::SeqCst);
+                q.in_request.store(false, SeqCst);
                 match reply {
                     Ok(r) if r.starts_with("ok") => {
-                        acked.lock().unwrap().extend_from_slice(chunk);
+                        q.acked.lock().unwrap().extend_from_slice(chunk);
                         i += chunk.len();
                         k = k % 3 + 1;
                         thread::sleep(Duration::from_millis(15));
                     }
                     Ok(r) => {
-                        refusals.lock().unwrap().push(r);
+                        q.refusals.lock().unwrap().push(r);
                         thread::sleep(Duration::from_millis(5));
                     }
                     // Daemon down or killed mid-request: try again.
@@ -242,11 +240,11 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
         if copy_running(&d) {
             kills_during_copy += 1;
         }
-        if in_request.load(Ordering::SeqCst) {
+        if q.in_request.load(SeqCst) {
             kills_during_request += 1;
         }
         d.kill9();
-        let acked_now: Vec<PathBuf> = acked.lock().unwrap().clone();
+        let acked_now = q.acked.lock().unwrap().clone();
         let j = d.journal();
         assert!(
             j.duplicates.is_empty(),
@@ -260,21 +258,20 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
             .filter(|p| !live.contains(p.to_str().unwrap()))
             .cloned()
             .collect();
-        if let Err(e) = all_in_cache(&env, &read, &not_live) {
-            panic!("cycle {cycle}: an acknowledged path is neither in the journal nor in the cache: {e}"
-            );
-        }
+        all_in_cache(&env, &read, &not_live).unwrap_or_else(|e| {
+            panic!("cycle {cycle}: an acknowledged path is neither in the journal nor in the cache: {e}")
+        });
         d.try_spawn()
             .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
     }
-    stop.store(true, Ordering::SeqCst);
+    q.stop.store(true, SeqCst);
     enqueuer.join().unwrap();
     let cycles_took = started.elapsed();
-    let acked: Vec<PathBuf> = acked.lock().unwrap().clone();
+    let acked = q.acked.lock().unwrap().clone();
+    let refusals = q.refusals.lock().unwrap();
     assert!(
-        refusals.lock().unwrap().is_empty(),
-        "the daemon refused requests: {:?}",
-        refusals.lock().unwrap()
+        refusals.is_empty(),
+        "the daemon refused requests: {refusals:?}"
     );
     assert!(
         acked.len() > 100,
@@ -333,16 +330,10 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     d.kill9();
     d.set_config("upload-to", &upload);
     d.try_spawn().unwrap();
-    wait_ok(
-        UPLOAD_TIMEOUT,
-        "every acknowledged path in the cache",
-        || all_in_cache(&env, &read, &acked),
-    );
+    wait_in_cache(&env, &read, &acked);
     env.verify_in_cache(&read, &pk, &acked)
         .unwrap_or_else(|e| panic!("{e}"));
-    wait_until(Duration::from_secs(30), "an empty queue", || {
-        d.status().num("queued") == 0
-    });
+    wait_drained(&d);
     // A clean restart compacts the (now all dead) journal to nothing.
     d.restart();
     let last = d.journal();
@@ -357,7 +348,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
          {} requests, {} paths acked, up to {} live at a crash, {} live after the cycles \
          ({} dead records), compacted to {} live, {} torn-tail warnings, total {:.1} s",
         cycles_took.as_secs_f64(),
-        requests.load(Ordering::SeqCst),
+        q.requests.load(SeqCst),
         acked.len(),
         max_live,
         before.live.len(),
@@ -368,9 +359,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     );
 }
 
-// ---------------------------------------------------------------------------
-// Outage
-// ---------------------------------------------------------------------------
+// --- Outage
 
 /// (attempt, delay) of each backoff line of the daemon log.
 fn backoff_delays(d: &Daemon) -> Vec<(u32, f64)> {
@@ -423,16 +412,8 @@ fn outage_backs_off_then_delivers_everything() {
     fs::remove_file(&blocker).unwrap();
     let outage = outage.elapsed();
     let recovered = Instant::now();
-    wait_ok(
-        UPLOAD_TIMEOUT,
-        "every path in the cache after the outage",
-        || env.verify_in_cache(&read, &pk, &paths),
-    );
-    wait_until(
-        Duration::from_secs(30),
-        "the queue empty after the outage",
-        || d.status().num("queued") == 0,
-    );
+    wait_verified(&env, &read, &pk, &paths, "after the outage");
+    wait_drained(&d);
     let after = d.status();
     let delays = backoff_delays(&d);
     eprintln!(
@@ -462,9 +443,7 @@ fn outage_backs_off_then_delivers_everything() {
     );
 }
 
-// ---------------------------------------------------------------------------
-// Hang
-// ---------------------------------------------------------------------------
+// --- Hang
 
 /// A TCP listener that accepts and never answers. Counts connections
 /// accepted and connections the other side closed.
@@ -484,13 +463,13 @@ impl BlackHole {
         thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
-                a.fetch_add(1, Ordering::SeqCst);
+                a.fetch_add(1, SeqCst);
                 let c = Arc::clone(&c);
                 thread::spawn(move || {
                     // Read (ssh sends its banner) and never answer.
                     let mut buf = [0u8; 4096];
                     while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
-                    c.fetch_add(1, Ordering::SeqCst);
+                    c.fetch_add(1, SeqCst);
                 });
             }
         });
@@ -544,9 +523,9 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     wait_until(
         Duration::from_secs(10),
         "the listener to see a killed ssh close its connection",
-        || hole.closed.load(Ordering::SeqCst) >= 1,
+        || hole.closed.load(SeqCst) >= 1,
     );
-    assert!(hole.accepted.load(Ordering::SeqCst) >= 2);
+    assert!(hole.accepted.load(SeqCst) >= 2);
     let ssh_below = d.pid().map_or(0, |pid| {
         descendant_cmdlines(pid)
             .iter()
@@ -571,16 +550,12 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     let (upload, read) = file_cache(&env, "cache");
     d.set_config("upload-to", &upload);
     d.restart();
-    wait_ok(
-        UPLOAD_TIMEOUT,
-        "paths in the working cache after the switch",
-        || env.verify_in_cache(&read, &pk, &paths),
-    );
+    wait_verified(&env, &read, &pk, &paths, "in the working cache");
     eprintln!(
         "hang: 2 timed-out calls after {:.1} s; listener accepted {}, saw {} closed",
         two_kills.as_secs_f64(),
-        hole.accepted.load(Ordering::SeqCst),
-        hole.closed.load(Ordering::SeqCst)
+        hole.accepted.load(SeqCst),
+        hole.closed.load(SeqCst)
     );
 }
 
@@ -676,13 +651,12 @@ fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
         ),
         "",
     );
-    let recorder_s = recorder.nix();
+    let (sk, nix) = (sk.display().to_string(), recorder.nix());
     let config = [
-        ("signing-key-file", sk.display().to_string()),
-        ("upload-to", upload),
-        ("nix", recorder_s),
+        ("signing-key-file", sk.as_str()),
+        ("upload-to", &upload),
+        ("nix", &nix),
     ];
-    let config: Vec<(&str, &str)> = config.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let inherited = std::env::var("GLIBC_TUNABLES").ok();
     let users = "glibc.malloc.perturb=0";
     for (round, extra, n) in [
@@ -767,11 +741,7 @@ fi"#,
     );
     let paths = add_text_paths(&env, 8, "size");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
-    wait_ok(
-        UPLOAD_TIMEOUT,
-        "all 8 paths uploaded in batches small enough",
-        || all_in_cache(&env, &read, &paths),
-    );
+    wait_in_cache(&env, &read, &paths);
     assert!(
         !log_lines(&d, "timed out; the next batches take at most 4").is_empty(),
         "the first timeout halves the batch"
@@ -791,21 +761,10 @@ fi"#,
 #[test]
 fn hung_ssh_target_is_ended_by_default_connect_timeout() {
     let env = NixEnv::new("faults-connect");
-    let mut hole = None;
-    let mut why = Vec::new();
-    for last in 2..20 {
-        let addr = format!("127.0.0.{last}");
-        match BlackHole::bind((addr.as_str(), 22)) {
-            Ok(h) => {
-                hole = Some((addr, h));
-                break;
-            }
-            Err(e) => why.push(format!("{addr}:22: {e}")),
-        }
-    }
-    let Some((addr, hole)) = hole else {
-        panic!("no loopback address with a free port 22: {why:?}");
-    };
+    let (addr, hole) = (2..20)
+        .map(|last| format!("127.0.0.{last}"))
+        .find_map(|addr| Some((addr.clone(), BlackHole::bind((addr.as_str(), 22)).ok()?)))
+        .expect("a loopback address with a free port 22");
     let target = format!(
         "ssh-ng://root@{addr}?remote-store={}",
         env.root().join("remote").display()
@@ -836,16 +795,14 @@ fn hung_ssh_target_is_ended_by_default_connect_timeout() {
         "expected ssh's connect timeout: {failed:?}"
     );
     assert!(log_lines(&d, "was killed").is_empty());
-    assert!(hole.accepted.load(Ordering::SeqCst) >= 1);
+    assert!(hole.accepted.load(SeqCst) >= 1);
     eprintln!(
         "connect-timeout: first failure after {:.1} s",
         started.elapsed().as_secs_f64()
     );
 }
 
-// ---------------------------------------------------------------------------
-// Poison
-// ---------------------------------------------------------------------------
+// --- Poison
 
 /// One batch of good paths plus a garbage-collected path and a path the
 /// target rejects (unsigned, to an ssh-ng receiver that requires
@@ -945,14 +902,10 @@ fn poison_paths_do_not_hold_back_good_ones() {
     );
 
     // Fix the path, ask for a retry: it goes through.
-    env.sign(&sk, std::slice::from_ref(&rejected));
-    let r = d.request("retry");
-    assert_eq!(r, "ok 1");
-    wait_ok(
-        UPLOAD_TIMEOUT,
-        "the fixed path in the receiver after retry",
-        || env.verify_in_cache(&recv, &pk, std::slice::from_ref(&rejected)),
-    );
+    let fixed = std::slice::from_ref(&rejected);
+    env.sign(&sk, fixed);
+    assert_eq!(d.request("retry"), "ok 1");
+    wait_verified(&env, &recv, &pk, fixed, "after retry");
     eprintln!(
         "poison: {} failed calls, {} split lines",
         d.status().num("failed-calls"),
@@ -960,9 +913,7 @@ fn poison_paths_do_not_hold_back_good_ones() {
     );
 }
 
-// ---------------------------------------------------------------------------
-// Daemon down
-// ---------------------------------------------------------------------------
+// --- Daemon down
 
 /// Builds succeed while the daemon is away — never started, killed (stale
 /// socket file), or stopped with SIGSTOP (no acknowledgement in time) — and
@@ -1012,11 +963,7 @@ fn builds_succeed_while_daemon_is_away_and_spool_is_delivered() {
     run_ok(Command::new("kill").args(["-STOP", &pid]));
     build_away(&d, "frozen", &[("NPBHQ_TIMEOUT", "1")]);
     run_ok(Command::new("kill").args(["-CONT", &pid]));
-    wait_ok(
-        UPLOAD_TIMEOUT,
-        "every path built while the daemon was away",
-        || env.verify_in_cache(&read, &pk, &built),
-    );
+    wait_verified(&env, &read, &pk, &built, "built while away");
     wait_until(Duration::from_secs(10), "an empty spool", || {
         fs::read_dir(d.spool_dir()).map_or(0, |r| r.count()) == 0
     });
@@ -1061,9 +1008,7 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     // `total` uploads since it started (it counts a batch once the batch is
     // done, a moment after the copy); returns its count then.
     let uploaded = |d: &Daemon, paths: &[PathBuf], total: u64| {
-        wait_ok(UPLOAD_TIMEOUT, "spooled paths in the cache", || {
-            all_in_cache(&env, &read, paths)
-        });
+        wait_in_cache(&env, &read, paths);
         wait_until(
             Duration::from_secs(30),
             "the uploads counted and the queue empty",
@@ -1140,9 +1085,7 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     d.kill9();
 }
 
-// ---------------------------------------------------------------------------
-// Torn journal
-// ---------------------------------------------------------------------------
+// --- Torn journal
 
 /// A journal cut at every byte offset of its last record: the real daemon
 /// starts, cuts the torn bytes off the file, and keeps every earlier record
@@ -1261,11 +1204,7 @@ fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     d.set_config("store-dir", &store);
     d.set_config("upload-to", &upload);
     d.try_spawn().unwrap();
-    wait_ok(
-        UPLOAD_TIMEOUT,
-        "the queued paths in the cache after a start with the right store dir",
-        || all_in_cache(&env, &read, &paths),
-    );
+    wait_in_cache(&env, &read, &paths);
 }
 
 /// The acknowledgement is durable: under strace, every `ok` the daemon
@@ -1313,9 +1252,7 @@ fn ok_is_written_only_after_the_journal_record_is_synced() {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Full disk
-// ---------------------------------------------------------------------------
+// --- Full disk
 
 /// With the state directory on a full file system the daemon answers `err`
 /// with the reason instead of acknowledging, keeps running (and restarts)
@@ -1341,31 +1278,17 @@ fn full_disk_refuses_with_reason_and_recovers() {
     let first = add_text_paths(&env, 40, "full-first");
     assert_eq!(d.request(&enqueue_line(&first)), "ok 40");
     let mut acked = first.clone();
-    wait_ok(UPLOAD_TIMEOUT, "the first paths uploaded", || {
-        env.verify_in_cache(&read, &pk, &first)
-    });
-    wait_until(
-        Duration::from_secs(30),
-        "the first paths journaled as done",
-        || d.status().num("queued") == 0,
-    );
+    wait_verified(&env, &read, &pk, &first, "the first paths uploaded");
+    wait_drained(&d);
 
     let filler = mount.0.join("filler");
     fill(&filler);
     let more = add_text_paths(&env, 200, "full");
-    let mut refusal = None;
-    let mut next = 0;
-    while next < more.len() {
-        let r = d.request(&enqueue_line(&more[next..next + 1]));
-        if r.starts_with("ok") {
-            acked.push(more[next].clone());
-            next += 1;
-        } else {
-            refusal = Some(r);
-            break;
-        }
-    }
-    let refusal = refusal.expect("every enqueue was acknowledged on a full disk");
+    let (next, refusal) = (0..more.len())
+        .map(|i| (i, d.request(&enqueue_line(&more[i..i + 1]))))
+        .find(|(_, r)| !r.starts_with("ok"))
+        .expect("every enqueue was acknowledged on a full disk");
+    acked.extend_from_slice(&more[..next]);
     assert!(
         refusal.starts_with("err ") && refusal.contains("No space left on device"),
         "{refusal}"
@@ -1387,12 +1310,10 @@ fn full_disk_refuses_with_reason_and_recovers() {
         lines.len() == 1 && lines[0].contains("NOT queued"),
         "{lines:?}"
     );
-    let leftovers: Vec<_> = fs::read_dir(d.spool_dir())
-        .map(|r| r.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let leftovers = spooled(&d.spool_dir());
     assert!(
         leftovers.is_empty(),
-        "a failed spool write left files behind: {leftovers:?}"
+        "a failed spool write left {leftovers:?}"
     );
 
     // A crash while the disk is full: the daemon comes back (replay wants to
@@ -1420,11 +1341,7 @@ fn full_disk_refuses_with_reason_and_recovers() {
         );
     }
     acked.extend_from_slice(rest);
-    wait_ok(
-        UPLOAD_TIMEOUT,
-        "every acknowledged path in the cache",
-        || env.verify_in_cache(&read, &pk, &acked),
-    );
+    wait_verified(&env, &read, &pk, &acked, "every acked path");
     eprintln!(
         "full: {} paths acknowledged before the first refusal on the full disk: {refusal}",
         next

@@ -2570,3 +2570,9 @@ pub fn spooled(dir: &Path) -> Vec<String> {
             .collect()
     })
 }
+
+/// Waits until every one of `paths` is in the store at `url`, signed by
+/// the key `pk` (see [`NixEnv::verify_in_cache`]).
+pub fn wait_verified(env: &NixEnv, url: &str, pk: &str, paths: &[PathBuf], what: &str) {
+    wait_ok(UPLOAD_TIMEOUT, what, || env.verify_in_cache(url, pk, paths));
+}
