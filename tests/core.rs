@@ -300,10 +300,10 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
     let closed = |d: &Daemon, out: &PathBuf| {
         let mut c = Command::new("sh");
         c.args(["-c", "exec \"$0\" <&- >&- 2>&-"]).arg(hook_bin());
-        for (k, v) in d.hook_env() {
-            c.env(k, v);
-        }
-        let o = run(c.env("OUT_PATHS", out).env("DRV_PATH", ""));
+        let o = run(c
+            .envs(d.hook_env())
+            .env("OUT_PATHS", out)
+            .env("DRV_PATH", ""));
         assert!(o.status.success(), "hook exited {}", o.status);
     };
 

@@ -312,14 +312,12 @@ fn a_flooding_daemon_bounds_the_hook_and_status() {
 fn the_spool_directory_is_synced_after_the_rename() {
     let tmp = open_tmp("trust-strace");
     let (spool, trace) = (tmp.join("spool"), tmp.join("strace.log"));
-    let o = run(strace(
-        &trace,
-        "open,openat,rename,renameat,renameat2,fsync,fdatasync",
-    )
-    .arg(hook_bin())
-    .env("NPBHQ_SOCKET", tmp.join("no.sock"))
-    .env("NPBHQ_SPOOL_DIR", &spool)
-    .env("OUT_PATHS", PATH));
+    let traced = "open,openat,rename,renameat,renameat2,fsync,fdatasync";
+    let o = run(strace(&trace, traced)
+        .arg(hook_bin())
+        .env("NPBHQ_SOCKET", tmp.join("no.sock"))
+        .env("NPBHQ_SPOOL_DIR", &spool)
+        .env("OUT_PATHS", PATH));
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(spooled(&spool).len(), 1, "{}", show(&o));
     let log = fs::read_to_string(&trace).unwrap();
