@@ -1,28 +1,24 @@
-//! Operating the daemon (issue 4): the admin commands `status` (human and
-//! `--json`), `wait`, `retry` and `enqueue -`, a missing daemon, systemd
-//! socket activation and readiness, journald priorities, the metrics file,
-//! and stopping with SIGTERM; and (issue 16) paths given up on after
-//! repeated failures with `requeue` and `drop`, the target checked at start,
-//! `COMMAND --help` and `enqueue ./result`, a status that answers more, the
-//! journal's per-target records, and `upload-command`.
+//! Operating the daemon: the admin commands (`status` in text and JSON,
+//! `wait`, `retry`, `enqueue`, `requeue`, `drop`, `--help`), a missing
+//! daemon, systemd socket activation, readiness and journald, the metrics
+//! file, SIGTERM, paths given up on, the journal's records, the target
+//! checked at start, several targets and `upload-command`.
 //!
-//! Every test runs the real daemon against real Nix in a private store. A
-//! failing or slow cache is simulated with a [`FakeNix`] around the real
-//! `nix`. Timeouts in `wait_until` are correctness bounds, never speed
-//! assertions.
+//! Every test runs the real daemon against real Nix in a private store; a
+//! failing or slow cache is a [`FakeNix`]. Timeouts are correctness bounds,
+//! never speed assertions.
 
 mod common;
 
 use common::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::Read;
+use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------
@@ -38,28 +34,20 @@ fn missing_path(env: &NixEnv, name: &str) -> String {
 }
 
 /// What a CLI call did.
+#[derive(Debug)]
 struct Ran {
     code: Option<i32>,
     stdout: String,
     stderr: String,
 }
 
-impl std::fmt::Debug for Ran {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout:\n{}--- stderr:\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
 impl From<Output> for Ran {
     fn from(o: Output) -> Ran {
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
         Ran {
             code: o.status.code(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            stdout: text(o.stdout),
+            stderr: text(o.stderr),
         }
     }
 }
@@ -68,47 +56,42 @@ impl From<Output> for Ran {
 /// returns (dropping broke, say) fails its test instead of hanging it.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
 
+/// `retry-initial-delay` and `retry-max-delay` that retry at once.
+const FAST_RETRY: [(&str, &str); 2] = [("retry-initial-delay", "0.05"), ("retry-max-delay", "0.2")];
+
 /// The output of `child` once it ends; kills it (and what it started) and
-/// panics when it outlasts [`COMMAND_DEADLINE`].
-fn finish_within_deadline(child: Child, what: &str) -> Output {
+/// panics when it outlasts `within`.
+fn finish_within(child: Child, what: &str, within: Duration) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(COMMAND_DEADLINE) {
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(within) {
         Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
         Err(_) => {
             kill_tree(pid);
-            panic!("{what} did not end within {COMMAND_DEADLINE:?}")
+            panic!("{what} did not end within {within:?}")
         }
     }
 }
 
-/// Runs `cmd` with `input` (if any) on stdin, within [`COMMAND_DEADLINE`].
-fn run_bounded(cmd: &mut Command, input: Option<&str>) -> Output {
-    let mut child = cmd
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+/// Starts `post-build-hook-queue ARGS... --socket SOCKET`, its standard
+/// streams piped.
+fn spawn_cli(d: &Daemon, args: &[&str]) -> Child {
+    let mut c = d.cli_cmd();
+    c.args(args).arg("--socket").arg(d.socket());
+    c.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
-        use std::io::Write;
-        stdin.write_all(input.as_bytes()).unwrap();
-    }
-    finish_within_deadline(child, &format!("{cmd:?}"))
+        .stderr(Stdio::piped());
+    c.spawn()
+        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"))
 }
 
-/// Runs `post-build-hook-queue ARGS... --socket SOCKET`.
+/// Runs `post-build-hook-queue ARGS... --socket SOCKET` (stdin empty)
+/// within [`COMMAND_DEADLINE`].
 fn cli(d: &Daemon, args: &[&str]) -> Ran {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
-    run_bounded(&mut c, None).into()
+    run_to_exit(&mut c, COMMAND_DEADLINE).into()
 }
 
 /// [`cli`], and panics unless it exits 0.
@@ -120,46 +103,51 @@ fn cli_ok(d: &Daemon, args: &[&str]) -> Ran {
 
 /// `enqueue PATHS...` through the CLI; panics unless it exits 0.
 fn enqueue_cli(d: &Daemon, paths: &[PathBuf]) -> Ran {
-    let mut c = d.cli_cmd();
-    c.arg("enqueue").args(paths).arg("--socket").arg(d.socket());
-    let r: Ran = run(&mut c).into();
-    assert_eq!(r.code, Some(0), "enqueue: {r:?}");
-    r
-}
-
-/// Runs the CLI with `input` on stdin.
-fn cli_stdin(d: &Daemon, args: &[&str], input: &str) -> Ran {
-    let mut c = d.cli_cmd();
-    c.args(args).arg("--socket").arg(d.socket());
-    run_bounded(&mut c, Some(input)).into()
+    let paths = strs(paths);
+    let args: Vec<&str> = ["enqueue"]
+        .into_iter()
+        .chain(paths.iter().map(String::as_str))
+        .collect();
+    cli_ok(d, &args)
 }
 
 /// `status --json`, checked to be one JSON object on one line.
 fn status_json(d: &Daemon) -> Json {
-    let r = cli(d, &["status", "--json"]);
-    assert_eq!(r.code, Some(0), "status --json: {r:?}");
-    assert_eq!(
-        r.stdout.lines().count(),
-        1,
-        "status --json prints one line: {r:?}"
-    );
-    let j = Json::parse(&r.stdout).unwrap_or_else(|e| panic!("invalid JSON ({e}): {r:?}"));
-    assert!(matches!(j, Json::Obj(_)), "not an object: {r:?}");
-    j
+    let r = cli_ok(d, &["status", "--json"]);
+    assert_eq!(r.stdout.lines().count(), 1, "one line: {r:?}");
+    match Json::parse(&r.stdout) {
+        Ok(j @ Json::Obj(_)) => j,
+        other => panic!("not a JSON object ({other:?}): {r:?}"),
+    }
 }
 
-/// A number field of the status object.
+/// A number field of a JSON object.
 fn num(j: &Json, key: &str) -> f64 {
     j.get(key)
         .and_then(Json::as_f64)
         .unwrap_or_else(|| panic!("{key} is not a number in {j:?}"))
 }
 
+/// The number fields `keys` of a JSON object.
+fn nums(j: &Json, keys: &[&str]) -> Vec<f64> {
+    keys.iter().map(|k| num(j, k)).collect()
+}
+
+/// A string field of a JSON object.
+fn jstr<'a>(j: &'a Json, key: &str) -> Option<&'a str> {
+    j.get(key).and_then(Json::as_str)
+}
+
+/// An array field of a JSON object; panics when there is none.
+fn list<'a>(j: &'a Json, key: &str) -> &'a [Json] {
+    j.get(key)
+        .and_then(Json::as_array)
+        .unwrap_or_else(|| panic!("{key} is not an array in {j:?}"))
+}
+
 /// Human `status`; panics unless it exits 0.
 fn status_text(d: &Daemon) -> String {
-    let r = cli(d, &["status"]);
-    assert_eq!(r.code, Some(0), "status: {r:?}");
-    r.stdout
+    cli_ok(d, &["status"]).stdout
 }
 
 /// The value after `label:` in the human status.
@@ -170,45 +158,47 @@ fn field<'a>(text: &'a str, label: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
 }
 
-/// Every field `status --json` documents, in order.
-const JSON_FIELDS: &[&str] = &[
-    "version",
-    "uptime_seconds",
-    "queued",
-    "in_flight",
-    "uploaded",
-    "dropped",
-    "failed_calls",
-    "backing_off",
-    "failed",
-    "oldest_queued_seconds",
-    "upload_seconds_sum",
-    "upload_batches",
-    "upload_rate_per_minute",
-    "spool_files",
-    "spool_paths",
-    "signing",
-    "target",
-    "backoff",
-    "failed_paths",
-    "in_flight_paths",
-    "targets",
-];
+/// Panics unless each of `paths` is in the cache `read` (`there`), or
+/// none is (`!there`).
+fn assert_in(env: &NixEnv, read: &str, paths: &[PathBuf], there: bool) {
+    for p in paths {
+        let shown = if there { "missing from" } else { "in" };
+        assert_eq!(
+            env.is_valid_in(read, p),
+            there,
+            "{} {shown} {read}",
+            p.display()
+        );
+    }
+}
 
-/// Kills a process tree on drop (for daemons the test spawns itself).
+/// A daemon uploading to the `file://` cache `cache` through a new
+/// [`FakeNix`], with `extra` settings: the daemon, the wrapper, the
+/// cache's URL for uploads and its URL for reading.
+fn faked(env: &NixEnv, extra: &[(&str, &str)]) -> (Daemon, FakeNix, String, String) {
+    let (upload, read) = file_cache(env, "cache");
+    let w = FakeNix::new(env);
+    let nix = w.nix();
+    let mut config = vec![("upload-to", upload.as_str()), ("nix", nix.as_str())];
+    config.extend_from_slice(extra);
+    (Daemon::start(env, &config), w, upload, read)
+}
+
+/// A child process; on drop, it and what it started are killed.
 struct ChildGuard(Option<Child>);
 
 impl ChildGuard {
-    /// SIGTERM, then the exit status (bounded wait).
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.0.take().expect("running");
-        run_ok(Command::new("kill").args(["-TERM", &c.id().to_string()]));
-        let mut status = None;
-        wait_until(Duration::from_secs(30), "daemon exit after SIGTERM", || {
-            status = c.try_wait().unwrap();
-            status.is_some()
-        });
-        status.unwrap()
+    /// Its output once it ends (see [`finish_within`]).
+    fn finish(&mut self, what: &str, within: Duration) -> Output {
+        finish_within(self.0.take().expect("running"), what, within)
+    }
+
+    /// SIGTERM, then its exit status (within 30 s).
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = self.0.as_ref().expect("running").id().to_string();
+        run_ok(Command::new("kill").args(["-TERM", &pid]));
+        self.finish("exit after SIGTERM", Duration::from_secs(30))
+            .status
     }
 }
 
@@ -221,128 +211,101 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Reads a child's stdout into a shared buffer on a thread.
-fn collect_stdout(child: &mut Child) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let mut out = child.stdout.take().unwrap();
-    let b = Arc::clone(&buf);
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = out.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            b.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    buf
-}
-
 /// Parses Prometheus text exposition (version 0.0.4) strictly enough to
 /// catch what node-exporter's textfile collector rejects: every sample is
-/// `name value` with a float value, belongs to a family declared with one
-/// `# HELP` and one `# TYPE` before its samples (summary samples end in
-/// `_sum`/`_count`), no sample twice, the file ends with a newline.
+/// `name[{labels}] value [timestamp]` with a float value, belongs to a
+/// family declared with one `# HELP` and one `# TYPE` before its samples
+/// (summary samples end in `_sum`/`_count`), no sample twice, no TYPE
+/// without samples, the file ends with a newline.
 fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
-    fn valid_name(n: &str) -> bool {
-        let mut cs = n.chars();
-        matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
-            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-    }
-    if !text.ends_with('\n') {
-        return Err("does not end with a newline".into());
-    }
-    let mut help = HashSet::new();
-    let mut types: HashMap<String, String> = HashMap::new();
-    let mut seen_families = HashSet::new();
+    let valid_name = |n: &str| {
+        n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    let kinds = ["counter", "gauge", "summary", "histogram", "untyped"];
+    let (mut help, mut types, mut seen) = (HashSet::new(), HashMap::new(), HashSet::new());
     let mut samples = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let at = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
-        if line.trim().is_empty() {
-            continue;
-        }
         if let Some(rest) = line.strip_prefix("# HELP ") {
             let (name, doc) = rest
                 .split_once(' ')
                 .ok_or_else(|| at("HELP without text"))?;
-            if !valid_name(name) || doc.trim().is_empty() || !help.insert(name.to_string()) {
+            if !valid_name(name) || doc.trim().is_empty() || !help.insert(name) {
                 return Err(at("bad or repeated HELP"));
             }
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest
                 .split_once(' ')
                 .ok_or_else(|| at("TYPE without type"))?;
             if !valid_name(name)
-                || !["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind)
-                || seen_families.contains(name)
-                || types.insert(name.to_string(), kind.to_string()).is_some()
+                || !kinds.contains(&kind)
+                || seen.contains(name)
+                || types.insert(name, kind).is_some()
             {
                 return Err(at("bad, late or repeated TYPE"));
             }
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        // `name{labels} value`: the labels (quoted, maybe with spaces)
-        // are part of the sample's key.
-        let (sample, rest) = match line.split_once('{') {
-            Some((n, labels)) => {
-                let (labels, rest) = labels
-                    .rsplit_once('}')
-                    .ok_or_else(|| at("labels without `}`"))?;
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            // The sample's key is its name and its labels (quoted, maybe
+            // with spaces).
+            let end = line.find([' ', '{']).ok_or_else(|| at("no value"))?;
+            let name = &line[..end];
+            let key_end = if line[end..].starts_with('{') {
+                let close = end
+                    + line[end..]
+                        .rfind('}')
+                        .ok_or_else(|| at("labels without `}`"))?;
+                let labels = &line[end + 1..close];
                 if !labels.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
                     || !labels.ends_with('"')
                 {
                     return Err(at("bad labels"));
                 }
-                (format!("{n}{{{labels}}}"), rest)
-            }
-            None => {
-                let (n, rest) = line.split_once(' ').ok_or_else(|| at("no value"))?;
-                (n.to_string(), rest)
-            }
-        };
-        let parts: Vec<&str> = rest.split_whitespace().collect();
-        let value = match parts.as_slice() {
-            [v] => *v,
-            [v, ts] if ts.parse::<i64>().is_ok() => *v,
-            _ => return Err(at("expected `name value`")),
-        };
-        let name = sample.split_once('{').map_or(sample.as_str(), |(n, _)| n);
-        if !valid_name(name) {
-            return Err(at("bad metric name"));
-        }
-        let value: f64 = value.parse().map_err(|_| at("value is not a float"))?;
-        let family = if types.contains_key(name) {
-            name.to_string()
-        } else {
+                close + 1
+            } else {
+                end
+            };
+            let (key, rest) = line.split_at(key_end);
+            let value = match rest.split_whitespace().collect::<Vec<_>>()[..] {
+                [v] => v,
+                [v, ts] if ts.parse::<i64>().is_ok() => v,
+                _ => return Err(at("expected `name value`")),
+            };
+            let value: f64 = value.parse().map_err(|_| at("value is not a float"))?;
             let base = name
                 .strip_suffix("_sum")
-                .or_else(|| name.strip_suffix("_count"))
-                .ok_or_else(|| at("sample before its TYPE"))?;
-            match types.get(base).map(String::as_str) {
-                Some("summary" | "histogram") => base.to_string(),
-                _ => return Err(at("_sum/_count of a family that is not a summary")),
+                .or_else(|| name.strip_suffix("_count"));
+            let family = match (types.contains_key(name), base.map(|b| types.get(b))) {
+                (true, _) => name,
+                (false, Some(Some(&("summary" | "histogram")))) => base.unwrap_or(name),
+                _ => return Err(at("sample before its TYPE (or _sum/_count of no summary)")),
+            };
+            if !valid_name(name) || !help.contains(family) {
+                return Err(at("bad metric name, or no HELP for this family"));
             }
-        };
-        if !help.contains(&family) {
-            return Err(at("no HELP for this family"));
-        }
-        seen_families.insert(family);
-        if samples.insert(sample.clone(), value).is_some() {
-            return Err(at("sample repeated"));
+            seen.insert(family);
+            if samples.insert(key.to_string(), value).is_some() {
+                return Err(at("sample repeated"));
+            }
         }
     }
-    if let Some(f) = types.keys().find(|f| !seen_families.contains(*f)) {
-        return Err(format!("family {f} has a TYPE but no samples"));
+    if !text.ends_with('\n') {
+        return Err("does not end with a newline".into());
     }
-    Ok(samples)
+    match types.keys().find(|f| !seen.contains(*f)) {
+        Some(f) => Err(format!("family {f} has a TYPE but no samples")),
+        None => Ok(samples),
+    }
 }
 
 const M: &str = "nix_post_build_hook_queue_";
+
+/// The metrics file, checked by [`parse_prometheus`].
+fn read_metrics(file: &Path) -> Result<BTreeMap<String, f64>, String> {
+    let text = fs::read_to_string(file).map_err(|e| e.to_string())?;
+    parse_prometheus(&text).map_err(|e| format!("{e}\n{text}"))
+}
 
 /// Waits until the metrics file, valid Prometheus text, has these samples
 /// (names without the `M` prefix).
@@ -351,12 +314,9 @@ fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
         Duration::from_secs(30),
         &format!("metrics {want:?}"),
         || {
-            let t = fs::read_to_string(file).map_err(|e| e.to_string())?;
-            let m = parse_prometheus(&t)?;
-            want.iter()
-                .all(|(name, v)| m.get(&format!("{M}{name}")) == Some(v))
-                .then_some(())
-                .ok_or(t)
+            let m = read_metrics(file)?;
+            let have = |(name, v): &(&str, f64)| m.get(&format!("{M}{name}")) == Some(v);
+            want.iter().all(have).then_some(()).ok_or(format!("{m:?}"))
         },
         || format!("the metrics file of the daemon in {}", d.dir().display()),
     );
@@ -365,6 +325,12 @@ fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
 // ---------------------------------------------------------------------------
 // status, retry, wait
 // ---------------------------------------------------------------------------
+
+/// Every field `status --json` documents, in order.
+const JSON_FIELDS: &str = "version uptime_seconds queued in_flight uploaded dropped failed_calls \
+    backing_off failed oldest_queued_seconds upload_seconds_sum upload_batches \
+    upload_rate_per_minute spool_files spool_paths signing target backoff failed_paths \
+    in_flight_paths targets";
 
 /// The status fields move as paths flow: fresh daemon; paths queued through
 /// `enqueue -` fail and back off (attempts, next try, last error, oldest
@@ -377,52 +343,44 @@ fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
 fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let env = NixEnv::new("op-status");
     let (sk, pk) = env.gen_signing_key("op-status-1");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
+    let sk = sk.display().to_string();
+    let config = [
+        ("signing-key-file", sk.as_str()),
+        ("retry-initial-delay", "3600"),
+        ("retry-max-delay", "7200"),
+    ];
+    let (d, w, upload, read) = faked(&env, &config);
     w.set_fail(true);
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("retry-initial-delay", "3600"),
-            ("retry-max-delay", "7200"),
-        ],
-    );
 
     // Fresh.
     let j = status_json(&d);
-    let keys: Vec<&str> = match &j {
-        Json::Obj(m) => m.iter().map(|(k, _)| k.as_str()).collect(),
-        _ => unreachable!(),
+    let Json::Obj(members) = &j else {
+        unreachable!()
     };
-    assert_eq!(keys, JSON_FIELDS, "documented fields: {j:?}");
-    for k in ["queued", "in_flight", "uploaded", "dropped", "backing_off"] {
-        assert_eq!(num(&j, k), 0.0, "{k} at start: {j:?}");
-    }
+    let keys: Vec<&str> = members.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys.join(" "), JSON_FIELDS, "documented fields: {j:?}");
+    let counts = ["queued", "in_flight", "uploaded", "dropped", "backing_off"];
+    assert_eq!(nums(&j, &counts), [0.0; 5], "at start: {j:?}");
     assert_eq!(j.get("oldest_queued_seconds"), Some(&Json::Null));
     assert_eq!(j.get("signing"), Some(&Json::Bool(true)));
-    assert_eq!(
-        j.get("target").and_then(Json::as_str),
-        Some(upload.as_str())
-    );
-    assert_eq!(
-        j.get("version").and_then(Json::as_str),
-        Some(env!("CARGO_PKG_VERSION"))
-    );
-    assert_eq!(j.get("backoff").and_then(Json::as_array), Some(&[][..]));
+    assert_eq!(jstr(&j, "target"), Some(upload.as_str()));
+    assert_eq!(jstr(&j, "version"), Some(env!("CARGO_PKG_VERSION")));
+    assert!(list(&j, "backoff").is_empty(), "{j:?}");
     let uptime0 = num(&j, "uptime_seconds");
     let text = status_text(&d);
-    assert_eq!(field(&text, "queued"), "0", "{text}");
-    assert_eq!(field(&text, "signing"), "on", "{text}");
-    assert_eq!(field(&text, "target"), upload, "{text}");
+    let shown = ["queued", "signing", "target"].map(|l| field(&text, l));
+    assert_eq!(shown, ["0", "on", upload.as_str()], "{text}");
 
     // Queue two paths through stdin; the cache fails; they back off.
     let paths = env.build_paths(2, "status");
-    let r = cli_stdin(&d, &["enqueue", "-"], &(strs(&paths).join("\n") + "\n"));
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert_eq!(r.stdout, "queued 2 new path(s); 0 were already queued\n");
+    let p = strs(&paths);
+    let mut c = spawn_cli(&d, &["enqueue", "-"]);
+    let mut stdin = c.stdin.take().unwrap();
+    stdin.write_all((p.join("\n") + "\n").as_bytes()).unwrap();
+    drop(stdin);
+    let r: Ran = finish_within(c, "enqueue -", COMMAND_DEADLINE).into();
+    let queued = "queued 2 new path(s); 0 were already queued\n";
+    assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
     wait_until(UPLOAD_TIMEOUT, "both paths backing off", || {
         num(&status_json(&d), "backing_off") == 2.0
     });
@@ -430,20 +388,17 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         num(&status_json(&d), "oldest_queued_seconds") >= 1.0
     });
     let j = status_json(&d);
-    assert_eq!(num(&j, "queued"), 2.0, "{j:?}");
-    assert_eq!(num(&j, "uploaded"), 0.0, "{j:?}");
-    assert!(num(&j, "failed_calls") >= 1.0, "{j:?}");
+    assert_eq!(nums(&j, &["queued", "uploaded"]), [2.0, 0.0], "{j:?}");
     let failed_calls = num(&j, "failed_calls");
-    let backoff = j.get("backoff").and_then(Json::as_array).unwrap();
-    assert_eq!(backoff.len(), 2, "{j:?}");
-    for b in backoff {
-        let p = b.get("path").and_then(Json::as_str).unwrap();
-        assert!(strs(&paths).iter().any(|q| q == p), "{p} in {j:?}");
+    assert!(failed_calls >= 1.0, "{j:?}");
+    assert_eq!(list(&j, "backoff").len(), 2, "{j:?}");
+    for b in list(&j, "backoff") {
+        assert!(p.iter().any(|q| jstr(b, "path") == Some(q)), "{j:?}");
         assert_eq!(num(b, "attempts"), 1.0, "{j:?}");
         // Jitter puts the first retry between half and all of an hour.
         let next = num(b, "next_try_seconds");
         assert!((1000.0..=3600.0).contains(&next), "next try {next}: {j:?}");
-        let err = b.get("last_error").and_then(Json::as_str).unwrap();
+        let err = jstr(b, "last_error").unwrap();
         assert!(
             err.contains("nix copy failed") && err.contains("fake nix: injected failure"),
             "{err}"
@@ -455,9 +410,8 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         "{text}"
     );
     assert_eq!(field(&text, "backing off"), "2", "{text}");
-    for p in strs(&paths) {
-        let line = text
-            .lines()
+    for p in &p {
+        let line = (text.lines())
             .find(|l| l.trim_start().starts_with(&format!("{p}:")))
             .unwrap_or_else(|| panic!("no line for {p} in:\n{text}"));
         assert!(
@@ -467,18 +421,11 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
             "{line}"
         );
     }
-    println!(
-        "status while failing:\n{text}\n{}",
-        cli(&d, &["status", "--json"]).stdout
-    );
 
     // wait gives up at its timeout with exit 1; no progress without a terminal.
     let r = cli(&d, &["wait", "--timeout", "1.5"]);
-    assert_eq!(r.code, Some(1), "{r:?}");
-    assert_eq!(r.stdout, "", "{r:?}");
-    let first = paths
-        .iter()
-        .map(|p| p.display().to_string())
+    assert_eq!((r.code, r.stdout.as_str()), (Some(1), ""), "{r:?}");
+    let first = (p.iter())
         .find(|p| r.stderr.contains(&format!("last error ({p}): ")))
         .unwrap_or_else(|| panic!("no last error of a waited-for path: {r:?}"));
     assert_eq!(
@@ -498,41 +445,35 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         num(&status_json(&d), "in_flight") == 2.0
     });
     let text = status_text(&d);
-    println!("status while in flight:\n{text}");
     assert_eq!(field(&text, "in flight"), "2", "{text}");
-    assert_eq!(
-        text.matches(": attempt 1 failed, retrying now: ").count(),
-        2,
-        "{text}"
-    );
-    let mut waiter = d
-        .cli_cmd()
-        .args(["wait", "--timeout", "60", "--socket"])
-        .arg(d.socket())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let retrying = text.matches(": attempt 1 failed, retrying now: ").count();
+    assert_eq!(retrying, 2, "{text}");
+    let mut waiter = spawn_cli(&d, &["wait", "--timeout", "60"]);
     // The upload is held, so wait cannot have returned; first make sure its
     // request reached the daemon (it answers status in the meantime).
     assert_eq!(num(&status_json(&d), "queued"), 2.0);
     assert!(waiter.try_wait().unwrap().is_none(), "wait returned early");
     w.set_hold(false);
-    let r: Ran = finish_within_deadline(waiter, "wait --timeout 60").into();
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
-    assert_eq!(r.stderr, "", "{r:?}");
+    let r: Ran = finish_within(waiter, "wait --timeout 60", COMMAND_DEADLINE).into();
+    let said = (r.code, r.stdout.as_str(), r.stderr.as_str());
+    assert_eq!(said, (Some(0), "all uploaded\n", ""), "{r:?}");
     // wait returned, so they are in the cache now: no polling.
     env.verify_in_cache(&read, &pk, &paths)
         .unwrap_or_else(|e| panic!("wait returned before the upload: {e}"));
 
     let j = status_json(&d);
-    assert_eq!(num(&j, "queued"), 0.0, "{j:?}");
-    assert_eq!(num(&j, "in_flight"), 0.0, "{j:?}");
-    assert_eq!(num(&j, "uploaded"), 2.0, "{j:?}");
-    assert_eq!(num(&j, "backing_off"), 0.0, "{j:?}");
-    assert_eq!(num(&j, "failed_calls"), failed_calls, "{j:?}");
+    let counts = [
+        "queued",
+        "in_flight",
+        "uploaded",
+        "backing_off",
+        "failed_calls",
+    ];
+    assert_eq!(
+        nums(&j, &counts),
+        [0.0, 0.0, 2.0, 0.0, failed_calls],
+        "{j:?}"
+    );
     assert!(num(&j, "upload_batches") >= 1.0, "{j:?}");
     assert!(num(&j, "upload_seconds_sum") > 0.0, "{j:?}");
     assert_eq!(j.get("oldest_queued_seconds"), Some(&Json::Null));
@@ -544,9 +485,9 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let r = cli(&d, &["retry"]);
     assert_eq!(r.stdout, "0 backing-off path(s) will be tried again now\n");
     // `enqueue -` with nothing on stdin queues nothing and succeeds.
-    let r = cli_stdin(&d, &["enqueue", "-"], "");
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert_eq!(r.stdout, "queued 0 new path(s); 0 were already queued\n");
+    let r = cli(&d, &["enqueue", "-"]);
+    let queued = "queued 0 new path(s); 0 were already queued\n";
+    assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
 
     // A path that is not in the store is dropped.
     let gone = missing_path(&env, "op-gone");
@@ -555,40 +496,39 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         num(&status_json(&d), "dropped") == 1.0
     });
     let text = status_text(&d);
-    assert_eq!(field(&text, "dropped"), "1 since start", "{text}");
-    let uploaded = field(&text, "uploaded");
+    let shown = ["dropped", "uploaded"].map(|l| field(&text, l));
+    assert_eq!(shown, ["1 since start", "2 since start"], "{text}");
     assert!(
-        uploaded == "2 since start" && field(&text, "upload rate").ends_with(" paths/min lately"),
+        field(&text, "upload rate").ends_with(" paths/min lately"),
         "{text}"
     );
-    println!("status after:\n{text}");
 }
 
-/// Runs `wait` on a terminal (`script` gives it one); returns the `script`
-/// process and what the terminal shows, as it comes.
-fn wait_on_a_terminal(d: &Daemon) -> (Child, Arc<Mutex<Vec<u8>>>) {
+/// Runs `wait` on a terminal (`script` gives it one): the `script` process
+/// and what the terminal has shown so far.
+fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
+    let bin = daemon_bin();
     let cmd = format!(
         "'{}' wait --socket '{}'",
-        daemon_bin().display(),
+        bin.display(),
         d.socket().display()
     );
-    let c = d.cli_cmd();
+    let shown = d.dir().join("terminal");
     let mut script = Command::new("script");
     script.args(["-q", "-e", "-f", "-c", &cmd, "/dev/null"]);
-    for (k, v) in c.get_envs() {
+    for (k, v) in d.cli_cmd().get_envs() {
         match v {
             Some(v) => script.env(k, v),
             None => script.env_remove(k),
         };
     }
-    let mut child = script
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+    let child = (script.stdin(Stdio::null()))
+        .stdout(fs::File::create(&shown).unwrap())
         .stderr(Stdio::piped())
         .spawn()
         .expect("script (util-linux) runs a command on a terminal");
-    let out = collect_stdout(&mut child);
-    (child, out)
+    let text = move || String::from_utf8_lossy(&fs::read(&shown).unwrap_or_default()).into_owned();
+    (ChildGuard(Some(child)), text)
 }
 
 /// `wait` on a terminal shows its progress on stderr, and exits 1 when a
@@ -601,113 +541,124 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
     let gone = missing_path(&env, "op-wait-gone");
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
 
-    // `script` gives the command a terminal; its output comes back on our pipe.
-    let (child, out) = wait_on_a_terminal(&d);
-    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    let (mut child, shown) = wait_on_a_terminal(&d);
+    let progress = "waiting: 2 path(s) still queued, 0 of them failing";
+    let on_terminal = "progress on the terminal";
     wait_until_diag(
         Duration::from_secs(30),
-        "progress on the terminal",
-        || text().contains("waiting: 2 path(s) still queued, 0 of them failing"),
-        text,
+        on_terminal,
+        || shown().contains(progress),
+        &shown,
     );
     w.set_hold(false);
-    let status = finish_within_deadline(child, "wait on a terminal").status;
-    let shown = text();
+    let status = child.finish("wait on a terminal", COMMAND_DEADLINE).status;
+    let shown = shown();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{shown}");
     assert!(
-        shown.contains("waiting: 2 path(s) still queued, 0 of them failing\r\n")
+        shown.contains(&format!("{progress}\r\n"))
             && shown.ends_with(&format!(
                 "post-build-hook-queue: 1 path(s) were dropped ({gone}); see the daemon's log\r\n"
             )),
         "terminal showed: {shown:?}"
     );
-    println!("wait on a terminal showed: {shown:?}");
-    wait_ok(UPLOAD_TIMEOUT, "good path uploaded", || {
+    wait_until(UPLOAD_TIMEOUT, "good path uploaded", || {
         env.is_valid_in(&read, &good)
-            .then_some(())
-            .ok_or_else(|| "not in cache".to_string())
     });
+}
+
+/// `wait` on a terminal ends its progress line with a newline, so that
+/// Ctrl-C (SIGINT, which kills it) leaves the terminal on a fresh line.
+#[test]
+fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
+    let env = NixEnv::new("op-wait-int");
+    let (d, w, _, _) = daemon_with_a_held_copy(&env, "wait-int");
+    let (mut child, shown) = wait_on_a_terminal(&d);
+    wait_until_diag(
+        Duration::from_secs(30),
+        "progress on the terminal, twice (a rewrite)",
+        || shown().matches("waiting: 1 path(s) still queued").count() >= 2,
+        &shown,
+    );
+    let script = child.0.as_ref().unwrap().id();
+    let wait_pids: Vec<u32> = (descendants(script).into_iter())
+        .filter(|p| {
+            fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\0wait\0"))
+        })
+        .collect();
+    assert_eq!(wait_pids.len(), 1, "the wait process under script");
+    signal_pids("INT", &wait_pids);
+    child.finish("script after SIGINT", Duration::from_secs(30));
+    let shown = shown();
+    assert!(
+        shown.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n"),
+        "the terminal is not left on a fresh line: {shown:?}"
+    );
+    assert!(
+        shown.contains("\x1b[1A\r\x1b[Kwaiting: "),
+        "rewritten in place: {shown:?}"
+    );
+    w.set_hold(false);
 }
 
 /// Against a cache that keeps failing: `status` (human and JSON) shows the
 /// target and the errors with the URL's password and `secret-key` masked
-/// (nix's own error repeats the URL), the log does not leak them either,
-/// and `wait --timeout` exits 1.
+/// (nix's own error repeats the URL), `wait --timeout` exits 1 with that
+/// error, and neither they nor the log leak the credentials.
 #[test]
 fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
     // One download attempt: nix gives up on the dead cache at once.
     let env = NixEnv::with_conf("op-mask", "download-attempts = 1");
     let (sk, _pk) = env.gen_signing_key("op-mask-1");
-    let port = free_port();
-    let secret_key = sk.display().to_string();
+    let (port, secret_key) = (free_port(), sk.display().to_string());
     let target = format!(
         "http://npbhq:hunter2@127.0.0.1:{port}/cache?compression=none&secret-key={secret_key}"
     );
     let masked = format!("http://npbhq:***@127.0.0.1:{port}/cache?compression=none&secret-key=***");
     let d = Daemon::start(
         &env,
-        &[
-            ("upload-to", &target),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
+        &[&[("upload-to", target.as_str())], &FAST_RETRY[..]].concat(),
     );
     let paths = env.build_paths(1, "mask");
-    let r = cli(&d, &["enqueue", &paths[0].display().to_string()]);
+    let r = enqueue_cli(&d, &paths);
     assert_eq!(r.stdout, "queued 1 new path(s); 0 were already queued\n");
     wait_until(UPLOAD_TIMEOUT, "several failed attempts", || {
-        status_json(&d)
-            .get("backoff")
-            .and_then(Json::as_array)
-            .and_then(|b| b.first().map(|b| num(b, "attempts") >= 3.0))
-            .unwrap_or(false)
+        let j = status_json(&d);
+        list(&j, "backoff")
+            .first()
+            .is_some_and(|b| num(b, "attempts") >= 3.0)
     });
     let text = status_text(&d);
-    let json = cli(&d, &["status", "--json"]).stdout;
+    let json = cli_ok(&d, &["status", "--json"]).stdout;
     let j = Json::parse(&json).unwrap();
-    assert_eq!(field(&text, "target"), masked, "{text}");
-    assert_eq!(field(&text, "signing"), "off", "{text}");
-    assert_eq!(
-        j.get("target").and_then(Json::as_str),
-        Some(masked.as_str())
-    );
-    let err = j.get("backoff").and_then(Json::as_array).unwrap()[0]
-        .get("last_error")
-        .and_then(Json::as_str)
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("nix copy failed") && err.contains("npbhq:***@127.0.0.1"),
-        "the error should show nix's message, masked: {err}"
-    );
-    let log = d.log();
-    for (what, shown) in [("status", &text), ("status --json", &json), ("log", &log)] {
-        assert!(
-            !shown.contains("hunter2") && !shown.contains(&secret_key),
-            "{what} leaks a credential:\n{shown}"
-        );
-    }
-    println!("status against a dead cache:\n{text}\n{json}");
+    let shown = ["target", "signing"].map(|l| field(&text, l));
+    assert_eq!(shown, [masked.as_str(), "off"], "{text}");
+    assert_eq!(jstr(&j, "target"), Some(masked.as_str()));
+    let nix_said = |e: &str| e.contains("nix copy failed") && e.contains("npbhq:***@127.0.0.1");
+    let err = jstr(&list(&j, "backoff")[0], "last_error").unwrap();
+    assert!(nix_said(err), "nix's message, masked: {err}");
 
     let r = cli(&d, &["wait", "--timeout", "1"]);
-    assert_eq!(r.code, Some(1), "{r:?}");
+    assert_eq!((r.code, r.stderr.lines().count()), (Some(1), 1), "{r:?}");
     // With the last error of what it still waits for.
-    let said = r
-        .stderr
+    let said = (r.stderr)
         .strip_prefix(&format!(
             "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing; last error ({}): ",
             paths[0].display()
         ))
         .unwrap_or_else(|| panic!("{r:?}"));
-    assert!(
-        said.contains("nix copy failed") && said.contains("npbhq:***@127.0.0.1"),
-        "{r:?}"
-    );
-    assert!(
-        !said.contains("hunter2") && !said.contains(&secret_key),
-        "{r:?}"
-    );
-    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    assert!(nix_said(said), "{r:?}");
+    let shown = [
+        ("status", &text),
+        ("status --json", &json),
+        ("wait", &r.stderr),
+    ];
+    for (what, shown) in shown.into_iter().chain([("log", &d.log())]) {
+        assert!(
+            !shown.contains("hunter2") && !shown.contains(&secret_key),
+            "{what} leaks a credential:\n{shown}"
+        );
+    }
     let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "1 backing-off path(s) will be tried again now\n");
 }
@@ -733,18 +684,14 @@ fn missing_daemon_is_explained_in_one_line_with_exit_2() {
         &["retry"],
     ];
     for socket in [d.socket(), stale] {
+        let no_daemon = format!("post-build-hook-queue: no daemon at {} (", socket.display());
         for args in commands {
-            let mut c = d.cli_cmd();
-            c.args(*args).arg("--socket").arg(&socket);
-            let r: Ran = run(&mut c).into();
-            assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
-            assert_eq!(r.stdout, "", "{args:?}: {r:?}");
-            assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+            let r: Ran = run(d.cli_cmd().args(*args).arg("--socket").arg(&socket)).into();
+            let said = (r.code, r.stdout.as_str(), r.stderr.lines().count());
+            assert_eq!(said, (Some(2), "", 1), "{args:?}: {r:?}");
             assert!(
-                r.stderr.starts_with(&format!(
-                    "post-build-hook-queue: no daemon at {} (",
-                    socket.display()
-                )) && r.stderr.contains("is post-build-hook-queue running?"),
+                r.stderr.starts_with(&no_daemon)
+                    && r.stderr.contains("is post-build-hook-queue running?"),
                 "{args:?}: {r:?}"
             );
         }
@@ -752,11 +699,8 @@ fn missing_daemon_is_explained_in_one_line_with_exit_2() {
     // The socket also comes from $NPBHQ_SOCKET.
     let r: Ran = run(d.cli_cmd().arg("status")).into();
     assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(
-        r.stderr
-            .contains(&format!("no daemon at {}", d.socket().display())),
-        "{r:?}"
-    );
+    let no_daemon = format!("no daemon at {}", d.socket().display());
+    assert!(r.stderr.contains(&no_daemon), "{r:?}");
     for args in [
         &["wait", "--timeout", "soon"][..],
         &["wait", "--timeout"],
@@ -766,8 +710,11 @@ fn missing_daemon_is_explained_in_one_line_with_exit_2() {
         &["frobnicate"],
     ] {
         let r: Ran = run(d.cli_cmd().args(args)).into();
-        assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
-        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+        assert_eq!(
+            (r.code, r.stderr.lines().count()),
+            (Some(2), 1),
+            "{args:?}: {r:?}"
+        );
     }
 }
 
@@ -776,28 +723,20 @@ fn missing_daemon_is_explained_in_one_line_with_exit_2() {
 /// abort, no connection attempt, no daemon started.
 #[test]
 fn a_non_utf8_argument_is_one_line_and_exit_2() {
-    use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
     let env = NixEnv::new("op-nonutf8");
     let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
-    let bad = OsStr::from_bytes(b"/tmp/\xff");
-    for args in [
-        &["status", "--socket"][..],
-        &["enqueue", "--socket"],
-        &["wait", "--socket"],
-        &["retry", "--socket"],
-        &["serve", "--socket"],
-        &["--socket"],
-    ] {
+    let bad = std::ffi::OsStr::from_bytes(b"/tmp/\xff");
+    for command in ["status", "enqueue", "wait", "retry", "serve", ""] {
+        let args = [command, "--socket"].into_iter().filter(|a| !a.is_empty());
         let r: Ran = run(d.cli_cmd().args(args).arg(bad)).into();
-        assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
-        assert_eq!(r.stdout, "", "{args:?}: {r:?}");
-        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+        let said = (r.code, r.stdout.as_str(), r.stderr.lines().count());
+        assert_eq!(said, (Some(2), "", 1), "{command}: {r:?}");
         assert!(
             r.stderr.starts_with(
                 "post-build-hook-queue: argument \"/tmp/\u{fffd}\" is not valid UTF-8"
             ),
-            "{args:?}: {r:?}"
+            "{command}: {r:?}"
         );
     }
 }
@@ -807,8 +746,8 @@ fn a_non_utf8_argument_is_one_line_and_exit_2() {
 // ---------------------------------------------------------------------------
 
 /// Starts `post-build-hook-queue serve --config CONFIG` with `listener` as
-/// fd 3 and `LISTEN_FDS=1`, `LISTEN_PID=<its pid>` (and `extra` variables),
-/// the way systemd does: the socket goes in as stdin, the shell moves it to
+/// fd 3 and `LISTEN_FDS=1`, `LISTEN_PID=<its pid>` (or `listen_pid`), the
+/// way systemd does: the socket goes in as stdin, the shell moves it to
 /// fd 3 and execs the daemon in its own process, so `$$` is the daemon's pid.
 fn spawn_activated(
     env: &NixEnv,
@@ -847,16 +786,15 @@ fn socket_activation_serves_the_passed_socket() {
     let passed = env.root().join("passed.sock");
     let listener = UnixListener::bind(&passed).unwrap();
     let mut daemon = spawn_activated(&env, listener, config, &log, None);
+    let cli_at = |socket: &Path, args: &[&str]| -> Ran {
+        let mut c = env.cmd(daemon_bin());
+        c.args(args).arg("--socket").arg(socket);
+        run_to_exit(&mut c, COMMAND_DEADLINE).into()
+    };
 
     // The listener was bound before the daemon started: this connects even
     // before the daemon accepts, and is answered once it does.
-    let socket = passed.display().to_string();
-    let cli_at = |args: &[&str]| -> Ran {
-        let mut c = env.cmd(daemon_bin());
-        c.args(args).args(["--socket", &socket]);
-        run_bounded(&mut c, None).into()
-    };
-    let r = cli_at(&["status"]);
+    let r = cli_at(&passed, &["status"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(d
         .log()
@@ -864,25 +802,16 @@ fn socket_activation_serves_the_passed_socket() {
     assert!(!own.exists(), "the daemon created {}", own.display());
 
     let paths = env.build_paths(2, "activate");
-    let mut c = env.cmd(daemon_bin());
-    c.arg("enqueue")
-        .args(strs(&paths))
-        .args(["--socket", &socket]);
-    let r: Ran = run(&mut c).into();
+    let p = strs(&paths);
+    let r = cli_at(&passed, &["enqueue", &p[0], &p[1]]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    let r = cli_at(&["wait", "--timeout", "60"]);
+    let r = cli_at(&passed, &["wait", "--timeout", "60"]);
     assert_eq!(
         (r.code, r.stdout.as_str()),
         (Some(0), "all uploaded\n"),
         "{r:?}"
     );
-    for p in &paths {
-        assert!(
-            env.is_valid_in(&read, p),
-            "{} not in the cache",
-            p.display()
-        );
-    }
+    assert_in(&env, &read, &paths, true);
     // nix ran without the LISTEN_* variables (they were for the daemon).
     let copy_env = fs::read_to_string(w.dir().join("copy.env")).unwrap();
     assert!(copy_env.contains("NIX_STORE_DIR="), "{copy_env}");
@@ -907,9 +836,7 @@ fn socket_activation_serves_the_passed_socket() {
         "the daemon binds its own socket",
         || std::os::unix::net::UnixStream::connect(&own).is_ok(),
     );
-    let mut c = env.cmd(daemon_bin());
-    c.arg("status").arg("--socket").arg(&own);
-    let r: Ran = run(&mut c).into();
+    let r = cli_at(&own, &["status"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(daemon.terminate().success());
     assert!(!own.exists(), "own socket removed on stop");
@@ -957,7 +884,7 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
         let stream = format!("{}:{}", meta.dev(), meta.ino() + u64::from(!journal));
         d.set_env("JOURNAL_STREAM", &stream);
         d.try_spawn().unwrap();
-        cli_ok(&d, &["enqueue", &paths[0].display().to_string()]);
+        enqueue_cli(&d, &paths);
         // A failing upload: something to warn about.
         wait_until(UPLOAD_TIMEOUT, "a warning", || {
             d.log().contains("failed attempt")
@@ -976,13 +903,12 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
                 "JOURNAL_STREAM on stderr: {journal}; line {line:?} in\n{text}"
             );
         }
-        let warning = if journal { "<4>" } else { "warning: " };
+        let warning = prefixes[1];
         assert!(
             text.lines()
                 .any(|l| l.starts_with(warning) && l.contains("failed attempt 1")),
             "{text}"
         );
-        println!("log with JOURNAL_STREAM on stderr {journal}:\n{text}");
     }
 }
 
@@ -998,50 +924,26 @@ fn metrics_file_is_prometheus_text_and_moves() {
     let (upload, read) = file_cache(&env, "cache");
     let metrics = env.root().join("metrics/npbhq.prom");
     fs::create_dir_all(metrics.parent().unwrap()).unwrap();
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("metrics-file", &metrics.display().to_string()),
-        ],
-    );
-    let read_metrics = || -> Result<BTreeMap<String, f64>, String> {
-        let text = fs::read_to_string(&metrics).map_err(|e| e.to_string())?;
-        parse_prometheus(&text).map_err(|e| format!("{e}\n{text}"))
-    };
+    let file = metrics.display().to_string();
+    let mut d = Daemon::start(&env, &[("upload-to", &upload), ("metrics-file", &file)]);
     wait_until(Duration::from_secs(10), "metrics file", || metrics.exists());
-    let m = read_metrics().unwrap();
-    let expected = [
-        "queued",
-        "in_flight",
-        "backing_off",
-        "spool_files",
-        "spool_paths",
-        "failed",
-        "given_up_total",
-        "uploaded_total",
-        "dropped_total",
-        "failed_calls_total",
-        "oldest_queued_age_seconds",
-        "upload_duration_seconds_sum",
-        "upload_duration_seconds_count",
-    ];
-    let mut names: Vec<String> = expected.iter().map(|n| format!("{M}{n}")).collect();
+    let m = read_metrics(&metrics).unwrap();
+    let mut names: Vec<String> = "queued in_flight backing_off spool_files spool_paths failed \
+        given_up_total uploaded_total dropped_total failed_calls_total oldest_queued_age_seconds \
+        upload_duration_seconds_sum upload_duration_seconds_count"
+        .split_whitespace()
+        .map(|n| format!("{M}{n}"))
+        .collect();
     // And per target, labelled with its URL: up (1) and zeros.
-    for n in [
-        "target_queued",
-        "target_delivered_total",
-        "target_backing_off",
-        "target_failed",
-        "target_given_up_total",
-        "target_failed_calls_total",
-        "target_up",
-    ] {
-        names.push(format!("{M}{n}{{target=\"{upload}\"}}"));
+    let per_target =
+        "queued delivered_total backing_off failed given_up_total failed_calls_total up";
+    for n in per_target.split(' ') {
+        names.push(format!("{M}target_{n}{{target=\"{upload}\"}}"));
     }
+    names.sort();
     assert_eq!(
-        m.keys().cloned().collect::<HashSet<_>>(),
-        names.iter().cloned().collect::<HashSet<_>>()
+        m.keys().collect::<Vec<_>>(),
+        names.iter().collect::<Vec<_>>()
     );
     assert!(
         m.iter()
@@ -1051,7 +953,7 @@ fn metrics_file_is_prometheus_text_and_moves() {
 
     let paths = env.build_paths(2, "metrics");
     let gone = missing_path(&env, "op-metrics-gone");
-    enqueue_cli(&d, &[paths[0].clone(), paths[1].clone()]);
+    enqueue_cli(&d, &paths);
     // The CLI refuses a missing path; through the socket it is acknowledged
     // and then dropped.
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
@@ -1059,25 +961,17 @@ fn metrics_file_is_prometheus_text_and_moves() {
         UPLOAD_TIMEOUT,
         "metrics show 2 uploaded and 1 dropped",
         || {
-            let m = read_metrics()?;
+            let m = read_metrics(&metrics)?;
             let v = |n: &str| m[&format!("{M}{n}")];
-            if v("uploaded_total") == 2.0
+            let moved = v("uploaded_total") == 2.0
                 && v("dropped_total") == 1.0
                 && v("upload_duration_seconds_count") >= 1.0
                 && v("upload_duration_seconds_sum") > 0.0
-                && v("queued") == 0.0
-            {
-                Ok(())
-            } else {
-                Err(format!("{m:?}"))
-            }
+                && v("queued") == 0.0;
+            moved.then_some(()).ok_or(format!("{m:?}"))
         },
     );
-    for p in &paths {
-        assert!(env.is_valid_in(&read, p));
-    }
-    let text = fs::read_to_string(&metrics).unwrap();
-    println!("metrics file:\n{text}");
+    assert_in(&env, &read, &paths, true);
     let leftovers: Vec<_> = fs::read_dir(metrics.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -1087,56 +981,8 @@ fn metrics_file_is_prometheus_text_and_moves() {
     // The final write on stop: remove the file, stop, it is back.
     fs::remove_file(&metrics).unwrap();
     assert!(d.stop().success());
-    let m = read_metrics().expect("metrics written on stop");
+    let m = read_metrics(&metrics).expect("metrics written on stop");
     assert_eq!(m[&format!("{M}uploaded_total")], 2.0);
-}
-
-/// `wait` on a terminal ends its progress line with a newline, so that
-/// Ctrl-C (SIGINT, which kills it) leaves the terminal on a fresh line.
-#[test]
-fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
-    let env = NixEnv::new("op-wait-int");
-    let (d, w, _, _) = daemon_with_a_held_copy(&env, "wait-int");
-    let (child, out) = wait_on_a_terminal(&d);
-    let script_pid = child.id();
-    let mut child = ChildGuard(Some(child));
-    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    wait_until_diag(
-        Duration::from_secs(30),
-        "progress on the terminal, twice (a rewrite)",
-        || text().matches("waiting: 1 path(s) still queued").count() >= 2,
-        text,
-    );
-    let wait_pids: Vec<u32> = descendants(script_pid)
-        .into_iter()
-        .filter(|p| {
-            fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\0wait\0"))
-        })
-        .collect();
-    assert_eq!(wait_pids.len(), 1, "the wait process under script");
-    signal_pids("INT", &wait_pids);
-    let mut c = child.0.take().unwrap();
-    let mut status = None;
-    wait_until(
-        Duration::from_secs(30),
-        "script to end after SIGINT",
-        || {
-            status = c.try_wait().unwrap();
-            status.is_some()
-        },
-    );
-    std::thread::sleep(Duration::from_millis(200));
-    let shown = text();
-    assert!(
-        shown.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n"),
-        "the terminal is not left on a fresh line: {shown:?}"
-    );
-    assert!(
-        shown.contains("\x1b[1A\r\x1b[Kwaiting: "),
-        "rewritten in place: {shown:?}"
-    );
-    w.set_hold(false);
 }
 
 /// `status` answers an operator's questions: the paths of the nix call in
@@ -1145,21 +991,14 @@ fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
 #[test]
 fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     let env = NixEnv::new("op-status-more");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
-    w.set_hold(true);
     let metrics = env.root().join("m.prom");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("metrics-file", &metrics.display().to_string()),
-        ],
+    let (d, w, _, read) = faked(&env, &[("metrics-file", &metrics.display().to_string())]);
+    w.set_hold(true);
+    let (first, later) = (
+        env.build_paths(2, "in-flight"),
+        env.build_paths(3, "spooled"),
     );
-    let first = env.build_paths(2, "in-flight");
-    let later = env.build_paths(3, "spooled");
-    enqueue_cli(&d, &[first[0].clone(), first[1].clone()]);
+    enqueue_cli(&d, &first);
     wait_until(Duration::from_secs(30), "copy held", || {
         !w.copy_pids().is_empty()
     });
@@ -1168,47 +1007,36 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     let spool = d.spool_dir();
     fs::create_dir_all(&spool).unwrap();
     let p = strs(&later);
-    fs::write(
-        spool.join("00000000000000000001-1.req"),
-        format!("enqueue {} {}\n", p[0], p[1]),
-    )
-    .unwrap();
-    fs::write(
-        spool.join("00000000000000000002-1.req"),
-        format!("enqueue {}\n", p[2]),
-    )
-    .unwrap();
+    let req = |n: u8, paths: &[String]| {
+        let file = spool.join(format!("0000000000000000000{n}-1.req"));
+        fs::write(file, format!("enqueue {}\n", paths.join(" "))).unwrap();
+    };
+    req(1, &p[..2]);
+    req(2, &p[2..]);
 
     let j = status_json(&d);
-    assert_eq!(num(&j, "in_flight"), 2.0, "{j:?}");
-    let mut in_flight: Vec<String> = j
-        .get("in_flight_paths")
-        .and_then(Json::as_array)
-        .unwrap()
+    let mut in_flight: Vec<&str> = list(&j, "in_flight_paths")
         .iter()
-        .filter_map(|v| v.as_str().map(String::from))
+        .filter_map(Json::as_str)
         .collect();
-    in_flight.sort();
+    in_flight.sort_unstable();
     let mut want = strs(&first);
     want.sort();
     assert_eq!(in_flight, want, "{j:?}");
-    assert_eq!(
-        (num(&j, "spool_files"), num(&j, "spool_paths")),
-        (2.0, 3.0),
-        "{j:?}"
-    );
-    assert_eq!(num(&j, "upload_rate_per_minute"), 0.0, "{j:?}");
+    let counts = [
+        "in_flight",
+        "spool_files",
+        "spool_paths",
+        "upload_rate_per_minute",
+    ];
+    assert_eq!(nums(&j, &counts), [2.0, 2.0, 3.0, 0.0], "{j:?}");
     let text = status_text(&d);
     for p in &want {
         assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
     }
-    assert_eq!(
-        (field(&text, "spool files"), field(&text, "spool paths")),
-        ("2", "3"),
-        "{text}"
-    );
+    let shown = ["spool files", "spool paths"].map(|l| field(&text, l));
+    assert_eq!(shown, ["2", "3"], "{text}");
     wait_for_metrics(&d, &metrics, &[("spool_files", 2.0), ("spool_paths", 3.0)]);
-    println!("status during a held upload with a spool backlog:\n{text}");
 
     w.set_hold(false);
     cli_ok(&d, &["wait", "--timeout", "120"]);
@@ -1217,18 +1045,15 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     });
     let j = status_json(&d);
     assert_eq!(
-        (num(&j, "spool_files"), num(&j, "spool_paths")),
-        (0.0, 0.0),
+        nums(&j, &["spool_files", "spool_paths"]),
+        [0.0, 0.0],
         "{j:?}"
     );
-    assert_eq!(
-        j.get("in_flight_paths").and_then(Json::as_array),
-        Some(&[][..])
-    );
+    assert!(list(&j, "in_flight_paths").is_empty(), "{j:?}");
     assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
     let text = status_text(&d);
-    assert!(field(&text, "uploaded") == "5 since start", "{text}");
-    assert_eq!(field(&text, "spool files"), "0", "{text}");
+    let shown = ["uploaded", "spool files"].map(|l| field(&text, l));
+    assert_eq!(shown, ["5 since start", "0"], "{text}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1244,39 +1069,25 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
 #[test]
 fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     let env = NixEnv::new("op-given-up");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
-    w.set_poison(true);
     let metrics = env.root().join("metrics.prom");
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("max-attempts", "3"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-            ("metrics-file", &metrics.display().to_string()),
-        ],
-    );
-    let good = env.build_paths(2, "fine");
-    let poison = env.build_paths(2, "poison");
+    let file = metrics.display().to_string();
+    let config = [("max-attempts", "3"), ("metrics-file", file.as_str())];
+    let (mut d, w, _, read) = faked(&env, &[&config[..], &FAST_RETRY].concat());
+    w.set_poison(true);
+    let (good, poison) = (env.build_paths(2, "fine"), env.build_paths(2, "poison"));
     let (p1, p2) = (
         poison[0].display().to_string(),
         poison[1].display().to_string(),
     );
-    let all: Vec<PathBuf> = vec![
-        good[0].clone(),
-        poison[0].clone(),
-        good[1].clone(),
-        poison[1].clone(),
-    ];
-    enqueue_cli(&d, &all);
+    enqueue_cli(
+        &d,
+        &[&good[..1], &poison[..1], &good[1..], &poison[1..]].concat(),
+    );
 
     // `wait` ends (its timeout is only a bound for a broken daemon) and
     // names both poison paths with the error.
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(1), "{r:?}");
+    assert_eq!((r.code, r.stderr.lines().count()), (Some(1), 1), "{r:?}");
     assert!(
         r.stderr.contains("2 path(s) failed and were given up on")
             && r.stderr.contains(&p1)
@@ -1284,32 +1095,25 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
             && r.stderr.contains("refusing a poison path"),
         "{r:?}"
     );
-    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
-    for p in &good {
-        assert!(
-            env.is_valid_in(&read, p),
-            "good path {} not uploaded",
-            p.display()
-        );
-    }
+    assert_in(&env, &read, &good, true);
 
     let j = status_json(&d);
-    assert_eq!(num(&j, "queued"), 2.0, "{j:?}");
-    assert_eq!(num(&j, "failed"), 2.0, "{j:?}");
-    assert_eq!(num(&j, "backing_off"), 0.0, "no longer retried: {j:?}");
-    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
-    let mut listed: Vec<&str> = failed
-        .iter()
-        .filter_map(|f| f.get("path")?.as_str())
-        .collect();
+    let counts = nums(&j, &["queued", "failed", "backing_off"]);
+    assert_eq!(
+        counts,
+        [2.0, 2.0, 0.0],
+        "2 given up on, no longer retried: {j:?}"
+    );
+    let failed = list(&j, "failed_paths");
+    let mut listed: Vec<&str> = failed.iter().filter_map(|f| jstr(f, "path")).collect();
     listed.sort_unstable();
-    let mut want = vec![p1.as_str(), p2.as_str()];
-    want.sort_unstable();
+    let mut want = strs(&poison);
+    want.sort();
     assert_eq!(listed, want, "{j:?}");
     for f in failed {
         assert!(num(f, "attempts") >= 3.0, "{f:?}");
         assert!(num(f, "given_up_seconds_ago") >= 0.0, "{f:?}");
-        let e = f.get("last_error").and_then(Json::as_str).unwrap();
+        let e = jstr(f, "last_error").unwrap();
         assert!(
             e.contains("nix copy failed") && e.contains("refusing a poison path"),
             "{e}"
@@ -1317,6 +1121,8 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     }
     let text = status_text(&d);
     assert_eq!(field(&text, "failed"), "2", "{text}");
+    wait_for_metrics(&d, &metrics, &[("failed", 2.0), ("given_up_total", 2.0)]);
+    let log = d.log();
     for p in [&p1, &p2] {
         assert!(
             text.lines().any(|l| l.contains(p.as_str())
@@ -1324,10 +1130,6 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
                 && l.contains("refusing a poison path")),
             "{text}"
         );
-    }
-    wait_for_metrics(&d, &metrics, &[("failed", 2.0), ("given_up_total", 2.0)]);
-    let log = d.log();
-    for p in [&p1, &p2] {
         assert!(
             log.lines().any(|l| l.starts_with("warning:")
                 && l.contains("giving up on")
@@ -1335,17 +1137,17 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
             "{log}"
         );
     }
-    println!("status with paths given up on:\n{text}");
 
     // Journaled: after a restart they are still given up on, not tried.
     let copies = w.copy_pids().len();
     d.restart();
+    let journal = |d: &Daemon| fs::read_to_string(d.journal_path()).unwrap_or_default();
     let j = status_json(&d);
     assert_eq!(
         num(&j, "failed"),
         2.0,
         "after restart: {j:?}\n{}",
-        fs::read_to_string(d.journal_path()).unwrap_or_default()
+        journal(&d)
     );
     // A later wait (another CI job's, say) does not wait for them, and does
     // not fail for them: they were given up on before it.
@@ -1354,19 +1156,14 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
         r.stdout,
         "all uploaded, but for 2 path(s) given up on before this wait (see status)\n"
     );
-    assert_eq!(
-        w.copy_pids().len(),
-        copies,
-        "a path given up on was tried after the restart"
-    );
+    let tried = "a path given up on was tried after the restart";
+    assert_eq!(w.copy_pids().len(), copies, "{tried}");
 
     // Mended: requeue one; drop the rest.
     w.set_poison(false);
     let r = cli_ok(&d, &["requeue", &p1]);
-    assert_eq!(
-        r.stdout,
-        "requeued 1 of 1 path(s) given up on; they are tried again\n"
-    );
+    let requeued = "requeued 1 of 1 path(s) given up on; they are tried again\n";
+    assert_eq!(r.stdout, requeued);
     wait_until(UPLOAD_TIMEOUT, "the requeued path uploaded", || {
         env.is_valid_in(&read, &poison[0])
     });
@@ -1384,21 +1181,15 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
             && l.contains("operator")),
         "{log}"
     );
-    assert!(!env.is_valid_in(&read, &poison[1]));
+    assert_in(&env, &read, &poison[1..], false);
     d.restart();
     let j = status_json(&d);
-    assert_eq!(
-        (num(&j, "queued"), num(&j, "failed")),
-        (0.0, 0.0),
-        "{j:?}\n{}",
-        fs::read_to_string(d.journal_path()).unwrap_or_default()
-    );
+    let counts = nums(&j, &["queued", "failed"]);
+    assert_eq!(counts, [0.0, 0.0], "{j:?}\n{}", journal(&d));
     // Nothing to requeue or drop now.
     let r = cli(&d, &["requeue", "--all-failed"]);
-    assert_eq!(
-        r.stdout, "requeued 0 path(s) given up on; they are tried again\n",
-        "{r:?}"
-    );
+    let requeued = "requeued 0 path(s) given up on; they are tried again\n";
+    assert_eq!(r.stdout, requeued, "{r:?}");
 }
 
 /// Failures while the target is down do not count towards `max-attempts`
@@ -1409,45 +1200,44 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
 #[test]
 fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
     let env = NixEnv::with_conf("op-outage", "download-attempts = 1");
-    let port = free_port();
-    let target = format!("http://127.0.0.1:{port}/cache");
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &target),
-            ("max-attempts", "2"),
-            ("give-up-after", "0"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
-    );
+    let target = format!("http://127.0.0.1:{}/cache", free_port());
+    let config = [
+        ("upload-to", target.as_str()),
+        ("max-attempts", "2"),
+        ("give-up-after", "0"),
+    ];
+    let mut d = Daemon::start(&env, &[&config[..], &FAST_RETRY].concat());
     let paths = env.build_paths(3, "outage");
-    // One alone first (the ping decides), then two together (the canary).
-    cli_ok(&d, &["enqueue", &paths[0].display().to_string()]);
     let attempts = |d: &Daemon| -> Vec<f64> {
-        status_json(d)
-            .get("backoff")
-            .and_then(Json::as_array)
-            .map(|b| b.iter().map(|e| num(e, "attempts")).collect())
-            .unwrap_or_default()
+        let j = status_json(d);
+        list(&j, "backoff")
+            .iter()
+            .map(|e| num(e, "attempts"))
+            .collect()
     };
+    let all_failing = |d: &Daemon, n: f64| {
+        let a = attempts(d);
+        a.len() == 3 && a.iter().all(|a| *a >= n)
+    };
+    let none_given_up = |d: &Daemon| {
+        let j = status_json(d);
+        assert_eq!(num(&j, "failed"), 0.0, "an outage made paths fail: {j:?}");
+        assert!(!d.log().contains("giving up"), "{}", d.log());
+    };
+    // One alone first (the ping decides), then two together (the canary).
+    enqueue_cli(&d, &paths[..1]);
     wait_until(
         UPLOAD_TIMEOUT,
         "a lone path failing 4 times against a dead target",
         || attempts(&d).first().is_some_and(|a| *a >= 4.0),
     );
-    enqueue_cli(&d, &[paths[1].clone(), paths[2].clone()]);
+    enqueue_cli(&d, &paths[1..]);
     wait_until(
         UPLOAD_TIMEOUT,
         "three paths failing 4 times or more",
-        || {
-            let a = attempts(&d);
-            a.len() == 3 && a.iter().all(|n| *n >= 4.0)
-        },
+        || all_failing(&d, 4.0),
     );
-    let j = status_json(&d);
-    assert_eq!(num(&j, "failed"), 0.0, "an outage made paths fail: {j:?}");
-    assert!(!d.log().contains("giving up"));
+    none_given_up(&d);
 
     // A day is long; a second will do here. Queued more than a second ago
     // and failing for more than a second after the restart (16 attempts of
@@ -1458,14 +1248,22 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
     wait_until(
         UPLOAD_TIMEOUT,
         "three paths failing 16 times after the restart",
-        || {
-            let a = attempts(&d);
-            a.len() == 3 && a.iter().all(|n| *n >= 16.0)
-        },
+        || all_failing(&d, 16.0),
     );
-    let j = status_json(&d);
-    assert_eq!(num(&j, "failed"), 0.0, "an outage ended paths: {j:?}");
-    assert!(!d.log().contains("giving up"), "{}", d.log());
+    none_given_up(&d);
+}
+
+// ---------------------------------------------------------------------------
+// The journal
+// ---------------------------------------------------------------------------
+
+/// A daemon uploading to `upload`, started on the journal `text`.
+fn start_on_journal(env: &NixEnv, upload: &str, text: String) -> Daemon {
+    let mut d = Daemon::new_stopped(env, &[("upload-to", upload)], NO_ENV);
+    fs::create_dir_all(d.state_dir()).unwrap();
+    fs::write(d.journal_path(), text).unwrap();
+    d.try_spawn().unwrap();
+    d
 }
 
 /// A journal written before paths could be given up on (`+` and `-`
@@ -1474,19 +1272,16 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
 fn journal_of_the_previous_format_replays() {
     let env = NixEnv::new("op-oldjournal");
     let (upload, read) = file_cache(&env, "cache");
-    let mut d = Daemon::new_stopped(&env, &[("upload-to", upload.as_str())], NO_ENV);
     let paths = env.build_paths(3, "old");
     let p = strs(&paths);
-    fs::create_dir_all(d.state_dir()).unwrap();
-    fs::write(
-        d.state_dir().join("journal"),
+    let d = start_on_journal(
+        &env,
+        &upload,
         format!(
             "+ 1700000000 {}\n+ 1700000001 {}\n- {}\n+ 1700000002 {}\n",
             p[0], p[1], p[0], p[2]
         ),
-    )
-    .unwrap();
-    d.try_spawn().unwrap();
+    );
     wait_until(
         UPLOAD_TIMEOUT,
         "the two live paths of the old journal uploaded",
@@ -1497,112 +1292,6 @@ fn journal_of_the_previous_format_replays() {
         "a done path was uploaded"
     );
     assert!(!d.log().contains("unreadable"));
-}
-
-// ---------------------------------------------------------------------------
-// Rough edges a first-time user hit
-// ---------------------------------------------------------------------------
-
-/// Every subcommand answers `--help` (exit 0, its own usage, no daemon
-/// needed); `enqueue ./result` queues the store path the link leads to; a
-/// path that does not exist is refused in one line, nothing queued; a
-/// mistyped setting (file or flag) names the nearest known key.
-#[test]
-fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
-    let env = NixEnv::new("op-edges");
-    let (upload, read) = file_cache(&env, "cache");
-    let d = Daemon::start(&env, &[("upload-to", &upload)]);
-    for command in ["enqueue", "status", "wait", "retry", "requeue", "drop"] {
-        for help in ["--help", "-h"] {
-            let r: Ran = run(d
-                .cli_cmd()
-                .args([command, help])
-                .arg("--socket")
-                .arg("/nonexistent/s"))
-            .into();
-            assert_eq!(r.code, Some(0), "{command} {help}: {r:?}");
-            assert!(
-                r.stdout
-                    .starts_with(&format!("Usage: post-build-hook-queue {command} ")),
-                "{command} {help}: {r:?}"
-            );
-        }
-    }
-    let r: Ran = run(d.cli_cmd().args(["serve", "--help"])).into();
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert!(
-        r.stdout.contains("max-attempts") && r.stdout.contains("requeue"),
-        "{r:?}"
-    );
-
-    // ./result, relative to the working directory, and a link to a link.
-    let built = env.build_paths(2, "edges");
-    let work = env.root().join("work");
-    fs::create_dir_all(&work).unwrap();
-    std::os::unix::fs::symlink(&built[0], work.join("result")).unwrap();
-    std::os::unix::fs::symlink(&built[1], work.join("result-2")).unwrap();
-    std::os::unix::fs::symlink("result-2", work.join("again")).unwrap();
-    let mut c = d.cli_cmd();
-    c.current_dir(&work)
-        .args(["enqueue", "./result", "again", "--socket"])
-        .arg(d.socket());
-    let r: Ran = run(&mut c).into();
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert_eq!(r.stdout, "queued 2 new path(s); 0 were already queued\n");
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "the store paths behind the links uploaded",
-        || built.iter().all(|p| env.is_valid_in(&read, p)),
-    );
-
-    // Missing: refused, one line, nothing queued.
-    let gone = missing_path(&env, "op-edges-gone");
-    std::os::unix::fs::symlink(&gone, work.join("dangling")).unwrap();
-    let dangling = work.join("dangling").display().to_string();
-    for (arg, says) in [(&gone, gone.as_str()), (&dangling, gone.as_str())] {
-        let r = cli(&d, &["enqueue", &built[0].display().to_string(), arg]);
-        assert_eq!(r.code, Some(2), "{arg}: {r:?}");
-        assert_eq!(r.stdout, "", "{arg}: {r:?}");
-        assert_eq!(r.stderr.lines().count(), 1, "{arg}: {r:?}");
-        assert!(
-            r.stderr.contains("does not exist")
-                && r.stderr.contains(says)
-                && r.stderr.contains("nothing was queued"),
-            "{arg}: {r:?}"
-        );
-    }
-    assert_eq!(num(&status_json(&d), "queued"), 0.0);
-    assert!(
-        !d.log().contains("op-edges-gone"),
-        "the daemon logged the missing path"
-    );
-
-    // Mistyped keys, in the file and as a flag.
-    let mut bad = Daemon::new_stopped(&env, &[("uplaod-to", upload.as_str())], NO_ENV);
-    assert!(bad.try_spawn().is_err());
-    assert!(bad.log().contains("did you mean \"upload-to\"?"));
-    assert_eq!(bad.log().lines().count(), 1);
-    let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
-    assert_eq!(r.code, Some(78), "{r:?}");
-    assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
-    // The same target twice (a password aside) is refused, not taken as
-    // two (private socket and state, should it start all the same).
-    let own = env.root().join("second-target");
-    let r: Ran = run(d
-        .cli_cmd()
-        .args(["serve", "--upload-to", "ssh://u:one@mirror"])
-        .args(["--upload-to", "ssh://u:two@mirror", "--socket"])
-        .arg(own.join("s.sock"))
-        .arg("--state-dir")
-        .arg(&own))
-    .into();
-    assert_eq!(r.code, Some(78), "{r:?}");
-    assert!(
-        r.stderr.contains("is given twice")
-            && !r.stderr.contains("one@")
-            && r.stderr.lines().count() == 1,
-        "{r:?}"
-    );
 }
 
 /// The journal's name for a target: FNV-1a (64 bits) of its URL, in 16
@@ -1625,13 +1314,12 @@ fn target_id(url: &str) -> String {
 fn journal_records_of_several_targets_replay() {
     let env = NixEnv::new("op-targets-journal");
     let (upload, read) = file_cache(&env, "cache");
-    let mut d = Daemon::new_stopped(&env, &[("upload-to", upload.as_str())], NO_ENV);
     let paths = env.build_paths(4, "targets");
     let p = strs(&paths);
     let (ours, other) = (target_id(&upload), target_id("ssh-ng://mirror"));
-    fs::create_dir_all(d.state_dir()).unwrap();
-    fs::write(
-        d.state_dir().join("journal"),
+    let d = start_on_journal(
+        &env,
+        &upload,
         format!(
             "+ 1700000000 {p0}\n+ 1700000001 {p1}\n+ 1700000002 {p2}\n+ 1700000003 {p3}\n\
              > {ours} {p0}\n> {other} {p1}\n! 1700000009 {other} 10 {p2} nix copy failed: x\n\
@@ -1641,26 +1329,114 @@ fn journal_records_of_several_targets_replay() {
             p2 = p[2],
             p3 = p[3],
         ),
-    )
-    .unwrap();
-    d.try_spawn().unwrap();
+    );
     let r = cli_ok(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
     assert!(
         !env.is_valid_in(&read, &paths[0]),
         "the target had it already"
     );
-    for q in &paths[1..] {
-        assert!(env.is_valid_in(&read, q), "{} not uploaded", q.display());
-    }
+    assert_in(&env, &read, &paths[1..], true);
     let j = status_json(&d);
-    assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");
+    assert_eq!(nums(&j, &["queued", "failed"]), [0.0, 0.0], "{j:?}");
     assert!(!d.log().contains("unreadable"));
 }
 
 // ---------------------------------------------------------------------------
-// The target, checked at start
+// Rough edges a first-time user hit; the target, checked at start
 // ---------------------------------------------------------------------------
+
+/// Every subcommand answers `--help` (exit 0, its own usage, no daemon
+/// needed); `enqueue ./result` queues the store path the link leads to; a
+/// path that does not exist is refused in one line, nothing queued; a
+/// mistyped setting (file or flag) names the nearest known key.
+#[test]
+fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
+    let env = NixEnv::new("op-edges");
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(&env, &[("upload-to", &upload)]);
+    for command in ["enqueue", "status", "wait", "retry", "requeue", "drop"] {
+        let usage = format!("Usage: post-build-hook-queue {command} ");
+        for help in ["--help", "-h"] {
+            let r: Ran = run(d
+                .cli_cmd()
+                .args([command, help, "--socket", "/nonexistent/s"]))
+            .into();
+            assert_eq!(r.code, Some(0), "{command} {help}: {r:?}");
+            assert!(r.stdout.starts_with(&usage), "{command} {help}: {r:?}");
+        }
+    }
+    let r: Ran = run(d.cli_cmd().args(["serve", "--help"])).into();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        r.stdout.contains("max-attempts") && r.stdout.contains("requeue"),
+        "{r:?}"
+    );
+
+    // ./result, relative to the working directory, and a link to a link.
+    let built = env.build_paths(2, "edges");
+    let work = env.root().join("work");
+    fs::create_dir_all(&work).unwrap();
+    symlink(&built[0], work.join("result")).unwrap();
+    symlink(&built[1], work.join("result-2")).unwrap();
+    symlink("result-2", work.join("again")).unwrap();
+    let mut c = d.cli_cmd();
+    c.current_dir(&work)
+        .args(["enqueue", "./result", "again", "--socket"]);
+    let r: Ran = run(c.arg(d.socket())).into();
+    let queued = "queued 2 new path(s); 0 were already queued\n";
+    assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
+    wait_until(
+        UPLOAD_TIMEOUT,
+        "the store paths behind the links uploaded",
+        || built.iter().all(|p| env.is_valid_in(&read, p)),
+    );
+
+    // Missing: refused, one line, nothing queued.
+    let gone = missing_path(&env, "op-edges-gone");
+    symlink(&gone, work.join("dangling")).unwrap();
+    let dangling = work.join("dangling").display().to_string();
+    for arg in [&gone, &dangling] {
+        let r = cli(&d, &["enqueue", &built[0].display().to_string(), arg]);
+        let said = (r.code, r.stdout.as_str(), r.stderr.lines().count());
+        assert_eq!(said, (Some(2), "", 1), "{arg}: {r:?}");
+        assert!(
+            r.stderr.contains("does not exist")
+                && r.stderr.contains(&gone)
+                && r.stderr.contains("nothing was queued"),
+            "{arg}: {r:?}"
+        );
+    }
+    assert_eq!(num(&status_json(&d), "queued"), 0.0);
+    let logged = d.log().contains("op-edges-gone");
+    assert!(!logged, "the daemon logged the missing path");
+
+    // Mistyped keys, in the file and as a flag.
+    let mut bad = Daemon::new_stopped(&env, &[("uplaod-to", upload.as_str())], NO_ENV);
+    assert!(bad.try_spawn().is_err());
+    assert!(bad.log().contains("did you mean \"upload-to\"?"));
+    assert_eq!(bad.log().lines().count(), 1);
+    let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
+    assert_eq!(r.code, Some(78), "{r:?}");
+    assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
+    // The same target twice (a password aside) is refused, not taken as
+    // two (private socket and state, should it start all the same).
+    let own = env.root().join("second-target");
+    let mut c = d.cli_cmd();
+    c.args(["serve", "--upload-to", "ssh://u:one@mirror"])
+        .args(["--upload-to", "ssh://u:two@mirror", "--socket"])
+        .arg(own.join("s.sock"))
+        .arg("--state-dir")
+        .arg(&own);
+    let r: Ran = run(&mut c).into();
+    assert_eq!(r.code, Some(78), "{r:?}");
+    assert!(
+        r.stderr.contains("is given twice")
+            && !r.stderr.contains("one@")
+            && r.stderr.lines().count() == 1,
+        "{r:?}"
+    );
+}
 
 /// A mistyped target (an unknown kind of store, or no store URL at all)
 /// stops the daemon with exit 78 and nix's reason, before it listens; a
@@ -1669,79 +1445,73 @@ fn journal_records_of_several_targets_replay() {
 fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
     let env = NixEnv::with_conf("op-target", "download-attempts = 1");
     let cache = env.root().join("cache").display().to_string();
-    for url in [format!("fiel://{cache}"), "cache.example.org".to_string()] {
+    // `store info` from Nix 2.19 on, `store ping` before.
+    let after_nix = |log: &str| {
+        (log.split_once("nix store ping failed"))
+            .or_else(|| log.split_once("nix store info failed"))
+            .map(|(_, said)| said.to_string())
+    };
+    for url in [
+        format!("fiel://{cache}"),
+        "cache.example.org".into(),
+        "fiel:///x".into(),
+    ] {
         let mut d = Daemon::new_stopped(&env, &[("upload-to", url.as_str())], NO_ENV);
         let e = d.try_spawn().expect_err(&url);
         assert!(e.contains("exit status: 78"), "{url}: {e}");
         let log = d.log();
-        let lines: Vec<&str> = log.lines().collect();
-        assert_eq!(lines.len(), 1, "{url}: one line: {log}");
+        assert_eq!(log.lines().count(), 1, "{url}: one line: {log}");
+        let start = format!("post-build-hook-queue: upload-to {url}: ");
         assert!(
-            lines[0].starts_with(&format!("post-build-hook-queue: upload-to {url}: "))
-                // `store info` from Nix 2.19 on, `store ping` before.
-                && (lines[0].contains("nix store ping failed")
-                    || lines[0].contains("nix store info failed")),
+            log.starts_with(&start) && after_nix(&log).is_some(),
             "{url}: {log}"
         );
         assert!(!d.socket().exists(), "{url}: the daemon listened");
+        if url == "fiel:///x" {
+            // Nix's own reason, whatever its version's words: an error that
+            // names the scheme (Nix 2.8 quotes the URL, 2.26 the scheme).
+            let nix_said = after_nix(&log).unwrap_or_default();
+            assert!(
+                nix_said.contains("error:") && nix_said.contains("fiel"),
+                "{log}"
+            );
+        }
     }
-    // Nix's own reason, whatever its version's words: an error that names
-    // the scheme (Nix 2.8 quotes the URL, 2.26 the scheme).
-    let mut d = Daemon::new_stopped(&env, &[("upload-to", "fiel:///x")], NO_ENV);
-    assert!(d.try_spawn().is_err());
-    let log = d.log();
-    let nix_said = (log.split_once("nix store ping failed"))
-        .or_else(|| log.split_once("nix store info failed"))
-        .map_or("", |(_, r)| r);
-    assert!(
-        nix_said.contains("error:") && nix_said.contains("fiel"),
-        "{log}"
-    );
 
-    let port = free_port();
-    let target = format!("http://127.0.0.1:{port}/cache");
+    let target = format!("http://127.0.0.1:{}/cache", free_port());
     let d = Daemon::start(&env, &[("upload-to", &target)]);
+    let upload_to = format!("upload-to {target}");
     wait_until(
         Duration::from_secs(30),
         "a warning that the target does not answer",
         || {
-            d.log().lines().any(|l| {
-                l.starts_with("warning:")
-                    && l.contains(&format!("upload-to {target}"))
-                    && l.contains("starting anyway")
+            (d.log().lines()).any(|l| {
+                l.starts_with("warning:") && l.contains(&upload_to) && l.contains("starting anyway")
             })
         },
     );
     assert_eq!(field(&status_text(&d), "target"), target);
 }
 
-// ---------------------------------------------------------------------------
-// Any uploader
-// ---------------------------------------------------------------------------
-
 /// `upload-command` runs an uploader with the paths as its last arguments,
 /// with the queue's durability, batching and retries: here `nix copy`
 /// itself, through a [`FakeNix`] (a real uploader to a file cache),
 /// failing for a while and then delivering. Its words are run as words,
 /// never by a shell; a program that is not there stops the daemon (exit 78).
+/// Beside `upload-to`, the uploader is one more target.
 #[test]
 fn upload_command_delivers_with_retries_and_without_a_shell() {
     let env = NixEnv::new("op-uploader");
     let (upload, read) = file_cache(&env, "cache");
     let w = FakeNix::new(&env);
     w.set_fail(true);
-    let command = format!(
-        "{} --extra-experimental-features nix-command copy --to {upload}",
-        w.nix()
-    );
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-command", command.as_str()),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
-    );
+    let copy_to = |to: &str| {
+        let nix = w.nix();
+        format!("{nix} --extra-experimental-features nix-command copy --to {to}")
+    };
+    let command = copy_to(&upload);
+    let config = [("upload-command", command.as_str())];
+    let d = Daemon::start(&env, &[&config[..], &FAST_RETRY].concat());
     let paths = env.build_paths(3, "uploader");
     enqueue_cli(&d, &paths);
     wait_until(
@@ -1753,77 +1523,47 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
         },
     );
     let j = status_json(&d);
-    assert_eq!(
-        j.get("target").and_then(Json::as_str),
-        Some(format!("upload-command: {command}").as_str()),
-        "{j:?}"
-    );
-    let err = j.get("backoff").and_then(Json::as_array).unwrap()[0]
-        .get("last_error")
-        .and_then(Json::as_str)
-        .unwrap()
-        .to_string();
+    let label = format!("upload-command: {command}");
+    assert_eq!(jstr(&j, "target"), Some(label.as_str()), "{j:?}");
+    let err = jstr(&list(&j, "backoff")[0], "last_error").unwrap();
     assert!(
         err.starts_with("upload-command failed (exit status 1): fake nix: injected failure"),
         "{err}"
     );
-    assert!(paths.iter().all(|p| !env.is_valid_in(&read, p)));
+    assert_in(&env, &read, &paths, false);
     w.set_fail(false);
     cli_ok(&d, &["wait", "--timeout", "120"]);
-    for p in &paths {
-        assert!(
-            env.is_valid_in(&read, p),
-            "{} not in the cache",
-            p.display()
-        );
-    }
+    assert_in(&env, &read, &paths, true);
     assert!(!w.copy_pids().is_empty(), "the uploader ran");
 
     // Words that a shell would act on are arguments like any other.
     let marker = env.root().join("shell-ran");
-    let words = format!(
-        "/bin/echo $(touch {m}) ;touch {m} |touch {m}",
-        m = marker.display()
-    );
+    let m = marker.display();
+    let words = format!("/bin/echo $(touch {m}) ;touch {m} |touch {m}");
     let d2 = Daemon::start(&env, &[("upload-command", words.as_str())]);
-    cli_ok(&d2, &["enqueue", &paths[0].display().to_string()]);
+    enqueue_cli(&d2, &paths[..1]);
     cli_ok(&d2, &["wait", "--timeout", "120"]);
     assert!(!marker.exists(), "upload-command went through a shell");
 
-    let mut d3 = Daemon::new_stopped(
-        &env,
-        &[("upload-command", "/nonexistent/cachix push c")],
-        NO_ENV,
-    );
+    let missing = [("upload-command", "/nonexistent/cachix push c")];
+    let mut d3 = Daemon::new_stopped(&env, &missing, NO_ENV);
     let e = d3.try_spawn().expect_err("a missing uploader");
     assert!(e.contains("exit status: 78"), "{e}");
-    assert!(d3
-        .log()
-        .contains("upload-command: /nonexistent/cachix is not an executable file"));
-    // Beside upload-to, the uploader is one more target: both get a path.
+    let said = "upload-command: /nonexistent/cachix is not an executable file";
+    assert!(d3.log().contains(said));
+
     let (upload2, read2) = file_cache(&env, "cache-beside");
-    let beside = format!(
-        "{} --extra-experimental-features nix-command copy --to {upload2}",
-        w.nix()
-    );
-    let d4 = Daemon::start(
-        &env,
-        &[
-            ("upload-command", beside.as_str()),
-            ("upload-to", upload.as_str()),
-        ],
-    );
+    let beside = copy_to(&upload2);
+    let config = [
+        ("upload-command", beside.as_str()),
+        ("upload-to", upload.as_str()),
+    ];
+    let d4 = Daemon::start(&env, &config);
     let fresh = env.build_paths(1, "uploader-beside");
     enqueue_cli(&d4, &fresh);
     cli_ok(&d4, &["wait", "--timeout", "120"]);
-    assert!(
-        env.is_valid_in(&read, &fresh[0]),
-        "upload-to did not get it"
-    );
-    assert!(
-        env.is_valid_in(&read2, &fresh[0]),
-        "the uploader did not get it"
-    );
+    assert_in(&env, &read, &fresh, true);
+    assert_in(&env, &read2, &fresh, true);
 }
 
 // ---------------------------------------------------------------------------
@@ -1852,22 +1592,19 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
         )
     };
     let w = FakeNix::with_preludes(&env, &record("nix"), &record("nix-store"));
-    let nix = w.nix();
-    let key = sk.display().to_string();
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &key),
-            ("upload-to", &upload),
-            ("nix", &nix),
-        ],
-    );
+    let (nix, key) = (w.nix(), sk.display().to_string());
+    let config = [
+        ("signing-key-file", &key),
+        ("upload-to", &upload),
+        ("nix", &nix),
+    ];
+    let mut d = Daemon::start(&env, &config.map(|(k, v)| (k, v.as_str())));
     let paths = env.build_paths(2, "sigmask");
     for p in &paths {
         assert_eq!(d.request(&format!("enqueue {}", p.display())), "ok 1");
     }
     assert_eq!(d.request("wait"), "ok all uploaded");
-    assert!(paths.iter().all(|p| env.is_valid_in(&read, p)));
+    assert_in(&env, &read, &paths, true);
     let calls = fs::read_to_string(&sigblk).unwrap_or_default();
     for what in [
         "nix-store --check-validity",
@@ -1952,24 +1689,18 @@ fn sigterm_kills_a_hung_upload_after_the_grace_period_and_keeps_the_path() {
 // Several targets
 // ---------------------------------------------------------------------------
 
-/// The `targets` list of `status --json`, by label.
-fn targets_json(d: &Daemon) -> Vec<Json> {
-    status_json(d)
-        .get("targets")
-        .and_then(Json::as_array)
-        .map(<[Json]>::to_vec)
-        .unwrap_or_default()
+/// The entry of the `targets` list of `status --json` whose label holds
+/// `part`.
+fn target_json(d: &Daemon, part: &str) -> Json {
+    let j = status_json(d);
+    let has = |t: &&Json| jstr(t, "target").is_some_and(|l| l.contains(part));
+    let found = list(&j, "targets").iter().find(has).cloned();
+    found.unwrap_or_else(|| panic!("no target {part} in status: {j:?}"))
 }
 
-fn target_json(d: &Daemon, label_part: &str) -> Json {
-    targets_json(d)
-        .into_iter()
-        .find(|t| {
-            t.get("target")
-                .and_then(Json::as_str)
-                .is_some_and(|l| l.contains(label_part))
-        })
-        .unwrap_or_else(|| panic!("no target {label_part} in status: {:?}", status_json(d)))
+/// A target's state, and its counts `keys`.
+fn target_counts(t: &Json, keys: &[&str]) -> (Option<String>, Vec<f64>) {
+    (jstr(t, "state").map(String::from), nums(t, keys))
 }
 
 /// Two `upload-to` lines (as the module renders a list): every path goes
@@ -1979,14 +1710,10 @@ fn target_json(d: &Daemon, label_part: &str) -> Json {
 fn two_targets_both_receive_every_path_signed_once() {
     let env = NixEnv::new("op-two-targets");
     let (key, public) = env.gen_signing_key("two-targets");
-    let metrics = env.root().join("metrics.prom");
-    let (d, w, [(up_a, read_a), (up_b, read_b)]) = two_targets(
-        &env,
-        &[
-            ("signing-key-file", &key.display().to_string()),
-            ("metrics-file", &metrics.display().to_string()),
-        ],
-    );
+    let (key, metrics) = (key.display().to_string(), env.root().join("metrics.prom"));
+    let file = metrics.display().to_string();
+    let config = [("signing-key-file", key.as_str()), ("metrics-file", &file)];
+    let (d, w, [(up_a, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     let paths = env.build_paths(3, "two");
     enqueue_cli(&d, &paths);
     cli_ok(&d, &["wait", "--timeout", "120"]);
@@ -1998,24 +1725,15 @@ fn two_targets_both_receive_every_path_signed_once() {
     let calls = w.uploads();
     let at = |verb| -> Vec<usize> { (0..calls.len()).filter(|&i| calls[i].0 == verb).collect() };
     let (signs, copies) = (at("sign"), at("copy"));
-    assert_eq!(signs.len(), 1, "{calls:#?}");
-    assert_eq!(copies.len(), 2, "{calls:#?}");
+    assert_eq!((signs.len(), copies.len()), (1, 2), "{calls:#?}");
     assert!(signs[0] < copies[0], "signed after a copy: {calls:#?}");
     let j = status_json(&d);
-    assert_eq!(
-        (num(&j, "queued"), num(&j, "uploaded")),
-        (0.0, 3.0),
-        "{j:?}"
-    );
+    assert_eq!(nums(&j, &["queued", "uploaded"]), [0.0, 3.0], "{j:?}");
     for (part, label) in [("cache-a", &up_a), ("cache-b", &up_b)] {
         let t = target_json(&d, part);
-        assert_eq!(t.get("target").and_then(Json::as_str), Some(label.as_str()));
-        assert_eq!(
-            (num(&t, "delivered"), num(&t, "queued")),
-            (3.0, 0.0),
-            "{t:?}"
-        );
-        assert_eq!(t.get("state").and_then(Json::as_str), Some("ok"), "{t:?}");
+        assert_eq!(jstr(&t, "target"), Some(label.as_str()));
+        let counts = target_counts(&t, &["delivered", "queued"]);
+        assert_eq!(counts, (Some("ok".into()), vec![3.0, 0.0]), "{t:?}");
     }
     let samples: Vec<(String, f64)> = [&up_a, &up_b]
         .iter()
@@ -2040,58 +1758,41 @@ fn one_target_down_does_not_hold_back_the_other() {
     let config = [("retry-initial-delay", "0.2"), ("retry-max-delay", "1")];
     let (d, w, [(_, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     w.set("fail", Some("cache-b"));
-    let first = env.build_paths(2, "down-first");
-    enqueue_cli(&d, &first);
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "cache-a has the first paths while cache-b is down",
-        || first.iter().all(|p| env.is_valid_in(&read_a, p)),
+    // Paths at first, and more while b is down: a takes them all.
+    let (first, more) = (
+        env.build_paths(2, "down-first"),
+        env.build_paths(2, "down-more"),
     );
-    // More while b is down: a takes them too.
-    let more = env.build_paths(2, "down-more");
-    enqueue_cli(&d, &more);
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "cache-a has the later paths while cache-b is down",
-        || more.iter().all(|p| env.is_valid_in(&read_a, p)),
-    );
-    let all: Vec<PathBuf> = first.iter().chain(&more).cloned().collect();
-    assert!(all.iter().all(|p| !env.is_valid_in(&read_b, p)));
+    for (paths, what) in [(&first, "the first paths"), (&more, "the later paths")] {
+        enqueue_cli(&d, paths);
+        let what = format!("cache-a has {what} while cache-b is down");
+        wait_until(UPLOAD_TIMEOUT, &what, || {
+            paths.iter().all(|p| env.is_valid_in(&read_a, p))
+        });
+    }
+    let all = [first, more].concat();
+    assert_in(&env, &read_b, &all, false);
     wait_until_diag(
         UPLOAD_TIMEOUT,
         "status shows cache-b failing with all four paths",
         || {
-            let b = target_json(&d, "cache-b");
-            b.get("state").and_then(Json::as_str) == Some("failing")
-                && num(&b, "queued") == 4.0
-                && num(&b, "backing_off") == 4.0
+            let counts = target_counts(&target_json(&d, "cache-b"), &["queued", "backing_off"]);
+            counts == (Some("failing".into()), vec![4.0, 4.0])
         },
         || format!("{:?}", status_json(&d)),
     );
     let a = target_json(&d, "cache-a");
-    assert_eq!(
-        (num(&a, "delivered"), num(&a, "queued")),
-        (4.0, 0.0),
-        "{a:?}"
-    );
-    assert_eq!(a.get("state").and_then(Json::as_str), Some("ok"), "{a:?}");
+    let counts = target_counts(&a, &["delivered", "queued"]);
+    assert_eq!(counts, (Some("ok".into()), vec![4.0, 0.0]), "{a:?}");
     let b = target_json(&d, "cache-b");
-    let e = b.get("last_error").and_then(Json::as_str).unwrap_or("");
+    let e = jstr(&b, "last_error").unwrap_or("");
     assert!(e.contains("fake nix: injected failure"), "{b:?}");
     let j = status_json(&d);
     assert_eq!(num(&j, "queued"), 4.0, "{j:?}");
     let text = status_text(&d);
-    assert!(
-        text.lines()
-            .any(|l| l.contains(&up_b) && l.contains("failing")),
-        "{text}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.contains("last error") && l.contains("injected failure")),
-        "{text}"
-    );
-    println!("status with one target down:\n{text}");
+    let shows = |a: &str, b: &str| text.lines().any(|l| l.contains(a) && l.contains(b));
+    assert!(shows(&up_b, "failing"), "{text}");
+    assert!(shows("last error", "injected failure"), "{text}");
     let r = cli(&d, &["wait", "--timeout", "2"]);
     assert_eq!(r.code, Some(1), "wait did not wait for cache-b: {r:?}");
     assert!(r.stderr.contains("4 path(s) still queued"), "{r:?}");
@@ -2099,16 +1800,12 @@ fn one_target_down_does_not_hold_back_the_other() {
     w.set("fail", None);
     cli_ok(&d, &["retry"]);
     cli_ok(&d, &["wait", "--timeout", "120"]);
+    assert_in(&env, &read_b, &all, true);
     for p in &all {
-        assert!(
-            env.is_valid_in(&read_b, p),
-            "{} not in cache-b",
-            p.display()
-        );
         assert_eq!(w.copies_of("cache-a", p), 1, "copied to cache-a again");
     }
     let b = target_json(&d, "cache-b");
-    assert_eq!(b.get("state").and_then(Json::as_str), Some("ok"), "{b:?}");
+    assert_eq!(jstr(&b, "state"), Some("ok"), "{b:?}");
 }
 
 /// Killed (-9) after one target has a path and while the other's copy is
@@ -2131,29 +1828,22 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
     );
     d.kill9();
     let journal = fs::read_to_string(d.journal_path()).unwrap_or_default();
-    let a_id = target_id(&up_a);
     for p in &paths {
-        assert!(
-            journal.contains(&format!("> {a_id} {}\n", p.display())),
-            "{journal}"
-        );
+        let record = format!("> {} {}\n", target_id(&up_a), p.display());
+        assert!(journal.contains(&record), "{journal}");
     }
     w.set("hold", None);
     d.restart();
     cli_ok(&d, &["wait", "--timeout", "120"]);
+    assert_in(&env, &read_b, &paths, true);
     for p in &paths {
-        assert!(
-            env.is_valid_in(&read_b, p),
-            "{} not in cache-b",
-            p.display()
-        );
+        let copies = [w.copies_of("cache-a", p), w.copies_of("cache-b", p)];
         assert_eq!(
-            w.copies_of("cache-a", p),
-            1,
-            "copied to cache-a again after the restart: {:#?}",
+            copies,
+            [1, 2],
+            "cache-a once, cache-b again: {:#?}",
             w.uploads()
         );
-        assert_eq!(w.copies_of("cache-b", p), 2, "{:#?}", w.uploads());
     }
     assert_eq!(num(&status_json(&d), "queued"), 0.0);
 }
@@ -2164,17 +1854,12 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
 #[test]
 fn a_path_given_up_on_one_target_only() {
     let env = NixEnv::new("op-target-poison");
-    let config = [
-        ("max-attempts", "2"),
-        ("retry-initial-delay", "0.05"),
-        ("retry-max-delay", "0.2"),
-    ];
+    let config = [&[("max-attempts", "2")], &FAST_RETRY[..]].concat();
     let (mut d, w, [(_, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     w.set("poison", Some("cache-b"));
-    let good = env.build_paths(1, "fine");
-    let poison = env.build_paths(2, "poison");
+    let (good, poison) = (env.build_paths(1, "fine"), env.build_paths(2, "poison"));
     let p = poison[0].display().to_string();
-    enqueue_cli(&d, &[good[0].clone(), poison[0].clone(), poison[1].clone()]);
+    enqueue_cli(&d, &[&good[..], &poison[..]].concat());
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.code, Some(1), "{r:?}");
     assert!(
@@ -2184,18 +1869,15 @@ fn a_path_given_up_on_one_target_only() {
             && r.stderr.contains("refusing a poison path"),
         "{r:?}"
     );
-    for q in &poison {
-        assert!(env.is_valid_in(&read_a, q), "cache-a lacks {}", q.display());
-        assert!(!env.is_valid_in(&read_b, q));
-    }
-    assert!(env.is_valid_in(&read_b, &good[0]));
+    assert_in(&env, &read_a, &poison, true);
+    assert_in(&env, &read_b, &poison, false);
+    assert_in(&env, &read_b, &good, true);
     let (a, b) = (target_json(&d, "cache-a"), target_json(&d, "cache-b"));
-    assert_eq!((num(&a, "failed"), num(&a, "queued")), (0.0, 0.0), "{a:?}");
-    assert_eq!((num(&b, "failed"), num(&b, "queued")), (2.0, 0.0), "{b:?}");
+    assert_eq!(nums(&a, &["failed", "queued"]), [0.0, 0.0], "{a:?}");
+    assert_eq!(nums(&b, &["failed", "queued"]), [2.0, 0.0], "{b:?}");
     let j = status_json(&d);
-    assert_eq!((num(&j, "queued"), num(&j, "failed")), (2.0, 2.0), "{j:?}");
-    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
-    let e = failed[0].get("last_error").and_then(Json::as_str).unwrap();
+    assert_eq!(nums(&j, &["queued", "failed"]), [2.0, 2.0], "{j:?}");
+    let e = jstr(&list(&j, "failed_paths")[0], "last_error").unwrap();
     assert!(e.starts_with(&format!("{up_b}: ")), "{e}");
 
     // Still given up on (for b only) after a restart; then requeued, b
@@ -2206,22 +1888,23 @@ fn a_path_given_up_on_one_target_only() {
     let copies_a = w.copies_of("cache-a", &poison[0]);
     cli_ok(&d, &["requeue", &p]);
     cli_ok(&d, &["wait", "--timeout", "120"]);
-    assert!(env.is_valid_in(&read_b, &poison[0]));
+    assert_in(&env, &read_b, &poison[..1], true);
     // The other one, dropped: for every target, and b never gets it.
     let r = cli_ok(&d, &["drop", "--all-failed"]);
     assert_eq!(
         r.stdout,
         "dropped 1 queued path(s); they will not be uploaded\n"
     );
-    assert!(!env.is_valid_in(&read_b, &poison[1]));
+    assert_in(&env, &read_b, &poison[1..], false);
+    let again = w.copies_of("cache-a", &poison[0]);
     assert_eq!(
-        w.copies_of("cache-a", &poison[0]),
+        again,
         copies_a,
         "the requeue copied to cache-a again: {:#?}",
         w.uploads()
     );
     let j = status_json(&d);
-    assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");
+    assert_eq!(nums(&j, &["queued", "failed"]), [0.0, 0.0], "{j:?}");
 }
 
 /// Two paths the cache refuses, queued together with `max-attempts 2`: the
@@ -2231,41 +1914,24 @@ fn a_path_given_up_on_one_target_only() {
 #[test]
 fn two_refused_paths_together_are_given_up_after_exactly_max_attempts() {
     let env = NixEnv::new("op-refused-pair");
-    let (upload, _) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
+    let (d, w, _, _) = faked(&env, &[&[("max-attempts", "2")], &FAST_RETRY[..]].concat());
     w.set_poison(true);
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("max-attempts", "2"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
-    );
     let poison = env.build_paths(2, "poison");
     enqueue_cli(&d, &poison);
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
-    assert!(
-        r.stderr.contains("2 path(s) failed and were given up on"),
-        "{r:?}"
-    );
+    let given_up = "2 path(s) failed and were given up on";
+    assert!(r.stderr.contains(given_up), "{r:?}");
     let j = status_json(&d);
-    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
+    let failed = list(&j, "failed_paths");
     assert_eq!(failed.len(), 2, "{j:?}");
     for f in failed {
         assert_eq!(num(f, "attempts"), 2.0, "{f:?}\nlog:\n{}", d.log());
     }
     let log = d.log();
-    for p in &poison {
-        let p = p.display().to_string();
-        assert!(
-            log.lines()
-                .any(|l| l.contains(&format!("giving up on {p} after 2 failed attempts"))),
-            "{log}"
-        );
+    for p in strs(&poison) {
+        let line = format!("giving up on {p} after 2 failed attempts");
+        assert!(log.lines().any(|l| l.contains(&line)), "{log}");
     }
 }
 
@@ -2277,28 +1943,21 @@ fn two_refused_paths_together_are_given_up_after_exactly_max_attempts() {
 #[test]
 fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
     let env = NixEnv::new("op-refuses-all");
-    let (upload, _) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
+    let config = [
+        ("max-attempts", "2"),
+        ("retry-initial-delay", "20"),
+        ("retry-max-delay", "20"),
+    ];
+    let (d, w, _, _) = faked(&env, &config);
     w.set_fail(true);
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("max-attempts", "2"),
-            ("retry-initial-delay", "20"),
-            ("retry-max-delay", "20"),
-        ],
-    );
     let paths = env.build_paths(4, "refused");
-    let backing_off = |d: &Daemon| num(&status_json(d), "backing_off");
     // One at a time, so that each fails alone.
-    for (i, p) in paths.iter().enumerate() {
-        enqueue_cli(&d, std::slice::from_ref(p));
+    for i in 0..paths.len() {
+        enqueue_cli(&d, &paths[i..=i]);
         wait_until_diag(
             UPLOAD_TIMEOUT,
             "the path failing alone",
-            || backing_off(&d) == (i + 1) as f64,
+            || num(&status_json(&d), "backing_off") == (i + 1) as f64,
             || d.log(),
         );
     }
@@ -2307,11 +1966,7 @@ fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
         "every path failing a second time",
         || {
             let j = status_json(&d);
-            let b = j
-                .get("backoff")
-                .and_then(Json::as_array)
-                .unwrap_or(&[])
-                .to_vec();
+            let b = list(&j, "backoff");
             b.len() == 4 && b.iter().all(|e| num(e, "attempts") >= 2.0)
         },
         || format!("{:?}\n{}", status_json(&d), d.log()),
@@ -2366,8 +2021,8 @@ fn a_hung_target_does_not_hold_back_a_healthy_one() {
         || d.log(),
     );
     let j = status_json(&d);
-    let in_flight = j.get("in_flight_paths").and_then(Json::as_array).unwrap();
     let first = paths[0].display().to_string();
+    let in_flight = list(&j, "in_flight_paths");
     assert!(
         in_flight.iter().any(|p| p.as_str() == Some(first.as_str())),
         "the hung call is in progress: {j:?}"
