@@ -1,12 +1,8 @@
-//! Operating the daemon: the admin commands (`status` in text and JSON,
-//! `wait`, `retry`, `enqueue`, `requeue`, `drop`, `--help`), a missing
-//! daemon, systemd socket activation, readiness and journald, the metrics
-//! file, SIGTERM, paths given up on, the journal's records, the target
-//! checked at start, several targets and `upload-command`.
-//!
-//! Every test runs the real daemon against real Nix in a private store; a
-//! failing or slow cache is a [`FakeNix`]. Timeouts are correctness bounds,
-//! never speed assertions.
+//! Operating the daemon: the admin commands, a missing daemon, systemd
+//! (socket activation, readiness, journald), the metrics file, SIGTERM,
+//! paths given up on, the journal's records, the target checked at start,
+//! several targets and `upload-command`. Real daemon, real Nix in a private
+//! store; a failing or slow cache is a [`FakeNix`].
 
 mod common;
 
@@ -15,21 +11,20 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::symlink;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
+// --- Helpers
 /// A well-formed store path that does not exist: the daemon acknowledges it
 /// and then drops it ("no longer valid in the store").
 fn missing_path(env: &NixEnv, name: &str) -> String {
+    let store = env.store_dir();
     format!(
         "{}/0123456789abcdfghijklmnpqrsvwxyz-{name}",
-        env.store_dir().display()
+        store.display()
     )
 }
 
@@ -44,23 +39,25 @@ struct Ran {
 impl From<Output> for Ran {
     fn from(o: Output) -> Ran {
         let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        let (stdout, stderr) = (text(o.stdout), text(o.stderr));
+        let code = o.status.code();
         Ran {
-            code: o.status.code(),
-            stdout: text(o.stdout),
-            stderr: text(o.stderr),
+            code,
+            stdout,
+            stderr,
         }
     }
 }
 
 /// Longest any command of these tests may run: a `wait` that never
-/// returns (dropping broke, say) fails its test instead of hanging it.
+/// returns fails its test instead of hanging it.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
 
-/// `retry-initial-delay` and `retry-max-delay` that retry at once.
+/// Retry settings that retry at once.
 const FAST_RETRY: [(&str, &str); 2] = [("retry-initial-delay", "0.05"), ("retry-max-delay", "0.2")];
 
-/// The output of `child` once it ends; kills it (and what it started) and
-/// panics when it outlasts `within`.
+/// The output of `child` once it ends; kills its tree and panics when it
+/// outlasts `within`.
 fn finish_within(child: Child, what: &str, within: Duration) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -86,8 +83,7 @@ fn spawn_cli(d: &Daemon, args: &[&str]) -> Child {
         .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"))
 }
 
-/// Runs `post-build-hook-queue ARGS... --socket SOCKET` (stdin empty)
-/// within [`COMMAND_DEADLINE`].
+/// Runs `post-build-hook-queue ARGS... --socket SOCKET` (stdin empty).
 fn cli(d: &Daemon, args: &[&str]) -> Ran {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
@@ -104,11 +100,10 @@ fn cli_ok(d: &Daemon, args: &[&str]) -> Ran {
 /// `enqueue PATHS...` through the CLI; panics unless it exits 0.
 fn enqueue_cli(d: &Daemon, paths: &[PathBuf]) -> Ran {
     let paths = strs(paths);
-    let args: Vec<&str> = ["enqueue"]
+    let args = ["enqueue"]
         .into_iter()
-        .chain(paths.iter().map(String::as_str))
-        .collect();
-    cli_ok(d, &args)
+        .chain(paths.iter().map(String::as_str));
+    cli_ok(d, &args.collect::<Vec<_>>())
 }
 
 /// `status --json`, checked to be one JSON object on one line.
@@ -123,9 +118,8 @@ fn status_json(d: &Daemon) -> Json {
 
 /// A number field of a JSON object.
 fn num(j: &Json, key: &str) -> f64 {
-    j.get(key)
-        .and_then(Json::as_f64)
-        .unwrap_or_else(|| panic!("{key} is not a number in {j:?}"))
+    let n = j.get(key).and_then(Json::as_f64);
+    n.unwrap_or_else(|| panic!("{key} is not a number in {j:?}"))
 }
 
 /// The number fields `keys` of a JSON object.
@@ -140,9 +134,8 @@ fn jstr<'a>(j: &'a Json, key: &str) -> Option<&'a str> {
 
 /// An array field of a JSON object; panics when there is none.
 fn list<'a>(j: &'a Json, key: &str) -> &'a [Json] {
-    j.get(key)
-        .and_then(Json::as_array)
-        .unwrap_or_else(|| panic!("{key} is not an array in {j:?}"))
+    let a = j.get(key).and_then(Json::as_array);
+    a.unwrap_or_else(|| panic!("{key} is not an array in {j:?}"))
 }
 
 /// Human `status`; panics unless it exits 0.
@@ -152,23 +145,31 @@ fn status_text(d: &Daemon) -> String {
 
 /// The value after `label:` in the human status.
 fn field<'a>(text: &'a str, label: &str) -> &'a str {
-    text.lines()
-        .find_map(|l| l.strip_prefix(label)?.strip_prefix(':'))
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(label)?.strip_prefix(':'));
+    value
         .map(str::trim)
         .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
 }
 
+/// True when `text` contains every one of `parts`.
+fn contains_all(text: &str, parts: &[&str]) -> bool {
+    parts.iter().all(|p| text.contains(p))
+}
+
+/// True when a line of `text` starts with `start` and contains `parts`.
+fn has_line(text: &str, start: &str, parts: &[&str]) -> bool {
+    text.lines()
+        .any(|l| l.starts_with(start) && contains_all(l, parts))
+}
+
 /// Panics unless each of `paths` is in the cache `read` (`there`), or
-/// none is (`!there`).
+/// none is.
 fn assert_in(env: &NixEnv, read: &str, paths: &[PathBuf], there: bool) {
     for p in paths {
-        let shown = if there { "missing from" } else { "in" };
-        assert_eq!(
-            env.is_valid_in(read, p),
-            there,
-            "{} {shown} {read}",
-            p.display()
-        );
+        let (p, is) = (p.display(), env.is_valid_in(read, p));
+        assert_eq!(is, there, "{p} in {read}: {is}");
     }
 }
 
@@ -193,12 +194,12 @@ impl ChildGuard {
         finish_within(self.0.take().expect("running"), what, within)
     }
 
-    /// SIGTERM, then its exit status (within 30 s).
+    /// SIGTERM, then its exit status.
     fn terminate(&mut self) -> ExitStatus {
         let pid = self.0.as_ref().expect("running").id().to_string();
         run_ok(Command::new("kill").args(["-TERM", &pid]));
-        self.finish("exit after SIGTERM", Duration::from_secs(30))
-            .status
+        let out = self.finish("exit after SIGTERM", Duration::from_secs(30));
+        out.status
     }
 }
 
@@ -218,70 +219,59 @@ impl Drop for ChildGuard {
 /// (summary samples end in `_sum`/`_count`), no sample twice, no TYPE
 /// without samples, the file ends with a newline.
 fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
-    let valid_name = |n: &str| {
-        n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_' || c == ':')
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    let valid = |n: &str| {
+        let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+        !n.starts_with(|c: char| c.is_ascii_digit()) && !n.is_empty() && n.chars().all(ok)
     };
     let kinds = ["counter", "gauge", "summary", "histogram", "untyped"];
     let (mut help, mut types, mut seen) = (HashSet::new(), HashMap::new(), HashSet::new());
     let mut samples = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let at = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, doc) = rest
+        if let Some(rest) = line
+            .strip_prefix("# HELP ")
+            .or(line.strip_prefix("# TYPE "))
+        {
+            let (name, said) = rest
                 .split_once(' ')
-                .ok_or_else(|| at("HELP without text"))?;
-            if !valid_name(name) || doc.trim().is_empty() || !help.insert(name) {
-                return Err(at("bad or repeated HELP"));
-            }
-        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest
-                .split_once(' ')
-                .ok_or_else(|| at("TYPE without type"))?;
-            if !valid_name(name)
-                || !kinds.contains(&kind)
-                || seen.contains(name)
-                || types.insert(name, kind).is_some()
-            {
-                return Err(at("bad, late or repeated TYPE"));
+                .ok_or_else(|| at("HELP or TYPE alone"))?;
+            let fine = if line.starts_with("# HELP") {
+                !said.trim().is_empty() && help.insert(name)
+            } else {
+                kinds.contains(&said) && !seen.contains(name) && types.insert(name, said).is_none()
+            };
+            if !valid(name) || !fine {
+                return Err(at("bad, late or repeated HELP or TYPE"));
             }
         } else if !line.starts_with('#') && !line.trim().is_empty() {
-            // The sample's key is its name and its labels (quoted, maybe
-            // with spaces).
-            let end = line.find([' ', '{']).ok_or_else(|| at("no value"))?;
-            let name = &line[..end];
-            let key_end = if line[end..].starts_with('{') {
-                let close = end
-                    + line[end..]
-                        .rfind('}')
-                        .ok_or_else(|| at("labels without `}`"))?;
-                let labels = &line[end + 1..close];
-                if !labels.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                    || !labels.ends_with('"')
-                {
-                    return Err(at("bad labels"));
-                }
-                close + 1
-            } else {
-                end
+            // The key is the name and the labels (quoted, maybe with spaces).
+            let key_end = match line.rfind('}') {
+                Some(close) => close + 1,
+                None => line.find(' ').ok_or_else(|| at("no value"))?,
             };
             let (key, rest) = line.split_at(key_end);
+            let (name, labels) = key
+                .split_once('{')
+                .map_or((key, None), |(n, l)| (n, Some(l)));
+            let label_ok = |l: &str| {
+                l.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') && l.ends_with("\"}")
+            };
+            if !labels.is_none_or(label_ok) {
+                return Err(at("bad labels"));
+            }
             let value = match rest.split_whitespace().collect::<Vec<_>>()[..] {
-                [v] => v,
-                [v, ts] if ts.parse::<i64>().is_ok() => v,
+                [v] => v.parse::<f64>(),
+                [v, ts] if ts.parse::<i64>().is_ok() => v.parse(),
                 _ => return Err(at("expected `name value`")),
             };
-            let value: f64 = value.parse().map_err(|_| at("value is not a float"))?;
-            let base = name
-                .strip_suffix("_sum")
-                .or_else(|| name.strip_suffix("_count"));
-            let family = match (types.contains_key(name), base.map(|b| types.get(b))) {
-                (true, _) => name,
-                (false, Some(Some(&("summary" | "histogram")))) => base.unwrap_or(name),
+            let value = value.map_err(|_| at("value is not a float"))?;
+            let base = name.strip_suffix("_sum").or(name.strip_suffix("_count"));
+            let family = match (types.get(name), base.map(|b| (b, types.get(b)))) {
+                (Some(_), _) => name,
+                (None, Some((b, Some(&("summary" | "histogram"))))) => b,
                 _ => return Err(at("sample before its TYPE (or _sum/_count of no summary)")),
             };
-            if !valid_name(name) || !help.contains(family) {
+            if !valid(name) || !help.contains(family) {
                 return Err(at("bad metric name, or no HELP for this family"));
             }
             seen.insert(family);
@@ -307,24 +297,17 @@ fn read_metrics(file: &Path) -> Result<BTreeMap<String, f64>, String> {
     parse_prometheus(&text).map_err(|e| format!("{e}\n{text}"))
 }
 
-/// Waits until the metrics file, valid Prometheus text, has these samples
-/// (names without the `M` prefix).
+/// Waits until the metrics file has these samples (names without [`M`]).
 fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
-    wait_until_ok(
-        Duration::from_secs(30),
-        &format!("metrics {want:?}"),
-        || {
-            let m = read_metrics(file)?;
-            let have = |(name, v): &(&str, f64)| m.get(&format!("{M}{name}")) == Some(v);
-            want.iter().all(have).then_some(()).ok_or(format!("{m:?}"))
-        },
-        || format!("the metrics file of the daemon in {}", d.dir().display()),
-    );
+    let what = format!("metrics {want:?} of the daemon in {}", d.dir().display());
+    wait_ok(Duration::from_secs(30), &what, || {
+        let m = read_metrics(file)?;
+        let has = |(name, v): &(&str, f64)| m.get(&format!("{M}{name}")) == Some(v);
+        want.iter().all(has).then_some(()).ok_or(format!("{m:?}"))
+    });
 }
 
-// ---------------------------------------------------------------------------
-// status, retry, wait
-// ---------------------------------------------------------------------------
+// --- status, retry, wait
 
 /// Every field `status --json` documents, in order.
 const JSON_FIELDS: &str = "version uptime_seconds queued in_flight uploaded dropped failed_calls \
@@ -332,27 +315,22 @@ const JSON_FIELDS: &str = "version uptime_seconds queued in_flight uploaded drop
     upload_rate_per_minute spool_files spool_paths signing target backoff failed_paths \
     in_flight_paths targets";
 
-/// The status fields move as paths flow: fresh daemon; paths queued through
-/// `enqueue -` fail and back off (attempts, next try, last error, oldest
-/// age); `wait --timeout` gives up with exit 1; with the cache healed,
-/// `retry` makes them due at once although the retry delay is an hour
-/// (in flight while the copy is held; a `wait` started then returns exactly
-/// when they are uploaded); then uploaded, and a dropped path makes `wait`
-/// exit 1.
+/// The status fields move as paths flow: fresh; queued through `enqueue -`,
+/// failing and backing off; `wait --timeout` exits 1; healed, `retry`
+/// makes them due at once despite an hour's delay (a `wait` started while
+/// the copy is held returns when they are uploaded); a dropped path.
 #[test]
 fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let env = NixEnv::new("op-status");
     let (sk, pk) = env.gen_signing_key("op-status-1");
     let sk = sk.display().to_string();
-    let config = [
-        ("signing-key-file", sk.as_str()),
-        ("retry-initial-delay", "3600"),
-        ("retry-max-delay", "7200"),
-    ];
-    let (d, w, upload, read) = faked(&env, &config);
+    let delays = [("retry-initial-delay", "3600"), ("retry-max-delay", "7200")];
+    let (d, w, upload, read) = faked(
+        &env,
+        &[&[("signing-key-file", sk.as_str())], &delays[..]].concat(),
+    );
     w.set_fail(true);
 
-    // Fresh.
     let j = status_json(&d);
     let Json::Obj(members) = &j else {
         unreachable!()
@@ -400,24 +378,22 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         assert!((1000.0..=3600.0).contains(&next), "next try {next}: {j:?}");
         let err = jstr(b, "last_error").unwrap();
         assert!(
-            err.contains("nix copy failed") && err.contains("fake nix: injected failure"),
+            contains_all(err, &["nix copy failed", "fake nix: injected failure"]),
             "{err}"
         );
     }
     let text = status_text(&d);
-    assert!(
-        field(&text, "queued") == "2" && field(&text, "oldest queued") != "none",
-        "{text}"
-    );
-    assert_eq!(field(&text, "backing off"), "2", "{text}");
+    let shown = ["queued", "backing off"].map(|l| field(&text, l));
+    assert_eq!(shown, ["2", "2"], "{text}");
+    assert_ne!(field(&text, "oldest queued"), "none", "{text}");
     for p in &p {
-        let line = (text.lines())
-            .find(|l| l.trim_start().starts_with(&format!("{p}:")))
-            .unwrap_or_else(|| panic!("no line for {p} in:\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{p}:")));
+        let line = line.unwrap_or_else(|| panic!("no line for {p} in:\n{text}"));
+        let retry = contains_all(line, &[": attempt 1 failed, next try in ", "m "]);
         assert!(
-            line.contains(": attempt 1 failed, next try in ")
-                && line.contains("m ")
-                && line.ends_with("fake nix: injected failure"),
+            retry && line.ends_with("fake nix: injected failure"),
             "{line}"
         );
     }
@@ -425,9 +401,10 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     // wait gives up at its timeout with exit 1; no progress without a terminal.
     let r = cli(&d, &["wait", "--timeout", "1.5"]);
     assert_eq!((r.code, r.stdout.as_str()), (Some(1), ""), "{r:?}");
-    let first = (p.iter())
-        .find(|p| r.stderr.contains(&format!("last error ({p}): ")))
-        .unwrap_or_else(|| panic!("no last error of a waited-for path: {r:?}"));
+    let first = p
+        .iter()
+        .find(|p| r.stderr.contains(&format!("last error ({p}): ")));
+    let first = first.unwrap_or_else(|| panic!("no last error of a waited-for path: {r:?}"));
     assert_eq!(
         r.stderr,
         format!(
@@ -458,8 +435,8 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let said = (r.code, r.stdout.as_str(), r.stderr.as_str());
     assert_eq!(said, (Some(0), "all uploaded\n", ""), "{r:?}");
     // wait returned, so they are in the cache now: no polling.
-    env.verify_in_cache(&read, &pk, &paths)
-        .unwrap_or_else(|e| panic!("wait returned before the upload: {e}"));
+    let uploaded = env.verify_in_cache(&read, &pk, &paths);
+    uploaded.unwrap_or_else(|e| panic!("wait returned before the upload: {e}"));
 
     let j = status_json(&d);
     let counts = [
@@ -474,8 +451,8 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         [0.0, 0.0, 2.0, 0.0, failed_calls],
         "{j:?}"
     );
-    assert!(num(&j, "upload_batches") >= 1.0, "{j:?}");
-    assert!(num(&j, "upload_seconds_sum") > 0.0, "{j:?}");
+    let spent = (num(&j, "upload_batches"), num(&j, "upload_seconds_sum"));
+    assert!(spent.0 >= 1.0 && spent.1 > 0.0, "{j:?}");
     assert_eq!(j.get("oldest_queued_seconds"), Some(&Json::Null));
     wait_until(Duration::from_secs(30), "uptime moves", || {
         num(&status_json(&d), "uptime_seconds") > uptime0
@@ -489,7 +466,6 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let queued = "queued 0 new path(s); 0 were already queued\n";
     assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
 
-    // A path that is not in the store is dropped.
     let gone = missing_path(&env, "op-gone");
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
     wait_until(UPLOAD_TIMEOUT, "path dropped", || {
@@ -498,21 +474,15 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let text = status_text(&d);
     let shown = ["dropped", "uploaded"].map(|l| field(&text, l));
     assert_eq!(shown, ["1 since start", "2 since start"], "{text}");
-    assert!(
-        field(&text, "upload rate").ends_with(" paths/min lately"),
-        "{text}"
-    );
+    let rate = field(&text, "upload rate");
+    assert!(rate.ends_with(" paths/min lately"), "{text}");
 }
 
 /// Runs `wait` on a terminal (`script` gives it one): the `script` process
 /// and what the terminal has shown so far.
 fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
-    let bin = daemon_bin();
-    let cmd = format!(
-        "'{}' wait --socket '{}'",
-        bin.display(),
-        d.socket().display()
-    );
+    let (bin, socket) = (daemon_bin(), d.socket());
+    let cmd = format!("'{}' wait --socket '{}'", bin.display(), socket.display());
     let shown = d.dir().join("terminal");
     let mut script = Command::new("script");
     script.args(["-q", "-e", "-f", "-c", &cmd, "/dev/null"]);
@@ -522,11 +492,11 @@ fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
             None => script.env_remove(k),
         };
     }
-    let child = (script.stdin(Stdio::null()))
-        .stdout(fs::File::create(&shown).unwrap())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("script (util-linux) runs a command on a terminal");
+    script
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&shown).unwrap());
+    let child = script.stderr(Stdio::piped()).spawn();
+    let child = child.expect("script (util-linux) runs a command on a terminal");
     let text = move || String::from_utf8_lossy(&fs::read(&shown).unwrap_or_default()).into_owned();
     (ChildGuard(Some(child)), text)
 }
@@ -540,25 +510,18 @@ fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
     let (d, w, read, good) = daemon_with_a_held_copy(&env, "wait");
     let gone = missing_path(&env, "op-wait-gone");
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-
     let (mut child, shown) = wait_on_a_terminal(&d);
     let progress = "waiting: 2 path(s) still queued, 0 of them failing";
-    let on_terminal = "progress on the terminal";
-    wait_until_diag(
-        Duration::from_secs(30),
-        on_terminal,
-        || shown().contains(progress),
-        &shown,
-    );
+    let shows_progress = || shown().contains(progress);
+    wait_until_diag(Duration::from_secs(30), "progress", shows_progress, &shown);
     w.set_hold(false);
     let status = child.finish("wait on a terminal", COMMAND_DEADLINE).status;
     let shown = shown();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{shown}");
+    let dropped =
+        format!("post-build-hook-queue: 1 path(s) were dropped ({gone}); see the daemon's log\r\n");
     assert!(
-        shown.contains(&format!("{progress}\r\n"))
-            && shown.ends_with(&format!(
-                "post-build-hook-queue: 1 path(s) were dropped ({gone}); see the daemon's log\r\n"
-            )),
+        shown.contains(&format!("{progress}\r\n")) && shown.ends_with(&dropped),
         "terminal showed: {shown:?}"
     );
     wait_until(UPLOAD_TIMEOUT, "good path uploaded", || {
@@ -573,48 +536,42 @@ fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
     let env = NixEnv::new("op-wait-int");
     let (d, w, _, _) = daemon_with_a_held_copy(&env, "wait-int");
     let (mut child, shown) = wait_on_a_terminal(&d);
+    let rewritten = || shown().matches("waiting: 1 path(s) still queued").count() >= 2;
     wait_until_diag(
         Duration::from_secs(30),
-        "progress on the terminal, twice (a rewrite)",
-        || shown().matches("waiting: 1 path(s) still queued").count() >= 2,
+        "progress, twice",
+        rewritten,
         &shown,
     );
     let script = child.0.as_ref().unwrap().id();
-    let wait_pids: Vec<u32> = (descendants(script).into_iter())
-        .filter(|p| {
-            fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\0wait\0"))
-        })
-        .collect();
+    let is_wait = |p: &u32| {
+        let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).contains("\0wait\0")
+    };
+    let wait_pids: Vec<u32> = descendants(script).into_iter().filter(is_wait).collect();
     assert_eq!(wait_pids.len(), 1, "the wait process under script");
     signal_pids("INT", &wait_pids);
     child.finish("script after SIGINT", Duration::from_secs(30));
     let shown = shown();
-    assert!(
-        shown.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n"),
-        "the terminal is not left on a fresh line: {shown:?}"
-    );
-    assert!(
-        shown.contains("\x1b[1A\r\x1b[Kwaiting: "),
-        "rewritten in place: {shown:?}"
-    );
+    let fresh = shown.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n");
+    assert!(fresh, "the terminal is not left on a fresh line: {shown:?}");
+    let in_place = shown.contains("\x1b[1A\r\x1b[Kwaiting: ");
+    assert!(in_place, "rewritten in place: {shown:?}");
     w.set_hold(false);
 }
 
-/// Against a cache that keeps failing: `status` (human and JSON) shows the
-/// target and the errors with the URL's password and `secret-key` masked
-/// (nix's own error repeats the URL), `wait --timeout` exits 1 with that
-/// error, and neither they nor the log leak the credentials.
+/// Against a cache that keeps failing: `status` (text and JSON) and `wait
+/// --timeout` (exit 1) show the target and nix's error with the URL's
+/// password and `secret-key` masked; nor does the log leak them.
 #[test]
 fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
     // One download attempt: nix gives up on the dead cache at once.
     let env = NixEnv::with_conf("op-mask", "download-attempts = 1");
     let (sk, _pk) = env.gen_signing_key("op-mask-1");
     let (port, secret_key) = (free_port(), sk.display().to_string());
-    let target = format!(
-        "http://npbhq:hunter2@127.0.0.1:{port}/cache?compression=none&secret-key={secret_key}"
-    );
-    let masked = format!("http://npbhq:***@127.0.0.1:{port}/cache?compression=none&secret-key=***");
+    let cache = format!("127.0.0.1:{port}/cache?compression=none&secret-key=");
+    let target = format!("http://npbhq:hunter2@{cache}{secret_key}");
+    let masked = format!("http://npbhq:***@{cache}***");
     let d = Daemon::start(
         &env,
         &[&[("upload-to", target.as_str())], &FAST_RETRY[..]].concat(),
@@ -634,30 +591,27 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
     let shown = ["target", "signing"].map(|l| field(&text, l));
     assert_eq!(shown, [masked.as_str(), "off"], "{text}");
     assert_eq!(jstr(&j, "target"), Some(masked.as_str()));
-    let nix_said = |e: &str| e.contains("nix copy failed") && e.contains("npbhq:***@127.0.0.1");
+    let nix_said = ["nix copy failed", "npbhq:***@127.0.0.1"];
     let err = jstr(&list(&j, "backoff")[0], "last_error").unwrap();
-    assert!(nix_said(err), "nix's message, masked: {err}");
+    assert!(contains_all(err, &nix_said), "nix's message, masked: {err}");
 
     let r = cli(&d, &["wait", "--timeout", "1"]);
     assert_eq!((r.code, r.stderr.lines().count()), (Some(1), 1), "{r:?}");
     // With the last error of what it still waits for.
-    let said = (r.stderr)
-        .strip_prefix(&format!(
-            "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing; last error ({}): ",
-            paths[0].display()
-        ))
-        .unwrap_or_else(|| panic!("{r:?}"));
-    assert!(nix_said(said), "{r:?}");
-    let shown = [
+    let said = r.stderr.strip_prefix(&format!(
+        "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing; last error ({}): ",
+        paths[0].display()
+    ));
+    assert!(said.is_some_and(|s| contains_all(s, &nix_said)), "{r:?}");
+    let log = d.log();
+    for (what, shown) in [
         ("status", &text),
         ("status --json", &json),
         ("wait", &r.stderr),
-    ];
-    for (what, shown) in shown.into_iter().chain([("log", &d.log())]) {
-        assert!(
-            !shown.contains("hunter2") && !shown.contains(&secret_key),
-            "{what} leaks a credential:\n{shown}"
-        );
+        ("log", &log),
+    ] {
+        let leaks = shown.contains("hunter2") || shown.contains(&secret_key);
+        assert!(!leaks, "{what} leaks a credential:\n{shown}");
     }
     let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "1 backing-off path(s) will be tried again now\n");
@@ -689,9 +643,9 @@ fn missing_daemon_is_explained_in_one_line_with_exit_2() {
             let r: Ran = run(d.cli_cmd().args(*args).arg("--socket").arg(&socket)).into();
             let said = (r.code, r.stdout.as_str(), r.stderr.lines().count());
             assert_eq!(said, (Some(2), "", 1), "{args:?}: {r:?}");
+            let running = r.stderr.contains("is post-build-hook-queue running?");
             assert!(
-                r.stderr.starts_with(&no_daemon)
-                    && r.stderr.contains("is post-build-hook-queue running?"),
+                r.stderr.starts_with(&no_daemon) && running,
                 "{args:?}: {r:?}"
             );
         }
@@ -702,19 +656,16 @@ fn missing_daemon_is_explained_in_one_line_with_exit_2() {
     let no_daemon = format!("no daemon at {}", d.socket().display());
     assert!(r.stderr.contains(&no_daemon), "{r:?}");
     for args in [
-        &["wait", "--timeout", "soon"][..],
-        &["wait", "--timeout"],
-        &["status", "--verbose"],
-        &["retry", "now"],
-        &["enqueue"],
-        &["frobnicate"],
+        "wait --timeout soon",
+        "wait --timeout",
+        "status --verbose",
+        "retry now",
+        "enqueue",
+        "frobnicate",
     ] {
-        let r: Ran = run(d.cli_cmd().args(args)).into();
-        assert_eq!(
-            (r.code, r.stderr.lines().count()),
-            (Some(2), 1),
-            "{args:?}: {r:?}"
-        );
+        let r: Ran = run(d.cli_cmd().args(args.split(' '))).into();
+        let said = (r.code, r.stderr.lines().count());
+        assert_eq!(said, (Some(2), 1), "{args}: {r:?}");
     }
 }
 
@@ -727,45 +678,36 @@ fn a_non_utf8_argument_is_one_line_and_exit_2() {
     let env = NixEnv::new("op-nonutf8");
     let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
     let bad = std::ffi::OsStr::from_bytes(b"/tmp/\xff");
+    let refused = "post-build-hook-queue: argument \"/tmp/\u{fffd}\" is not valid UTF-8";
     for command in ["status", "enqueue", "wait", "retry", "serve", ""] {
         let args = [command, "--socket"].into_iter().filter(|a| !a.is_empty());
         let r: Ran = run(d.cli_cmd().args(args).arg(bad)).into();
         let said = (r.code, r.stdout.as_str(), r.stderr.lines().count());
         assert_eq!(said, (Some(2), "", 1), "{command}: {r:?}");
-        assert!(
-            r.stderr.starts_with(
-                "post-build-hook-queue: argument \"/tmp/\u{fffd}\" is not valid UTF-8"
-            ),
-            "{command}: {r:?}"
-        );
+        assert!(r.stderr.starts_with(refused), "{command}: {r:?}");
     }
 }
 
-// ---------------------------------------------------------------------------
-// systemd: socket activation, readiness, journald
-// ---------------------------------------------------------------------------
+// --- systemd: socket activation, readiness, journald
 
-/// Starts `post-build-hook-queue serve --config CONFIG` with `listener` as
-/// fd 3 and `LISTEN_FDS=1`, `LISTEN_PID=<its pid>` (or `listen_pid`), the
-/// way systemd does: the socket goes in as stdin, the shell moves it to
-/// fd 3 and execs the daemon in its own process, so `$$` is the daemon's pid.
+/// Starts `post-build-hook-queue serve --config CONFIG` as systemd does,
+/// with `listener` as fd 3, `LISTEN_FDS=1` and `LISTEN_PID=<its pid>` (or
+/// `listen_pid` unless empty): the shell moves stdin to fd 3 and execs it.
 fn spawn_activated(
     env: &NixEnv,
     listener: UnixListener,
-    config: &Path,
-    log: &Path,
-    listen_pid: Option<&str>,
+    d: &Daemon,
+    listen_pid: &str,
 ) -> ChildGuard {
-    let log = fs::File::create(log).unwrap();
+    let log = fs::File::create(d.log_path()).unwrap();
     let mut c = env.cmd("/bin/sh");
-    c.arg("-c")
-        .arg(format!(
-            "exec 3<&0 </dev/null; LISTEN_PID={} LISTEN_FDS=1 exec \"$0\" serve --config \"$1\"",
-            listen_pid.unwrap_or("$$")
-        ))
+    let script =
+        "exec 3<&0 </dev/null; LISTEN_PID=${2:-$$} LISTEN_FDS=1 exec \"$0\" serve --config \"$1\"";
+    c.args(["-c", script])
         .arg(daemon_bin())
-        .arg(config)
-        .stdin(Stdio::from(OwnedFd::from(listener)))
+        .arg(d.config_path())
+        .arg(listen_pid);
+    c.stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     ChildGuard(Some(c.spawn().unwrap()))
@@ -782,10 +724,8 @@ fn socket_activation_serves_the_passed_socket() {
     let (upload, read) = file_cache(&env, "cache");
     let w = FakeNix::new(&env);
     let d = Daemon::new_stopped(&env, &[("upload-to", &upload), ("nix", &w.nix())], NO_ENV);
-    let (own, config, log) = (d.socket(), d.config_path(), d.log_path());
-    let passed = env.root().join("passed.sock");
-    let listener = UnixListener::bind(&passed).unwrap();
-    let mut daemon = spawn_activated(&env, listener, config, &log, None);
+    let (own, passed) = (d.socket(), env.root().join("passed.sock"));
+    let mut daemon = spawn_activated(&env, UnixListener::bind(&passed).unwrap(), &d, "");
     let cli_at = |socket: &Path, args: &[&str]| -> Ran {
         let mut c = env.cmd(daemon_bin());
         c.args(args).arg("--socket").arg(socket);
@@ -815,10 +755,8 @@ fn socket_activation_serves_the_passed_socket() {
     // nix ran without the LISTEN_* variables (they were for the daemon).
     let copy_env = fs::read_to_string(w.dir().join("copy.env")).unwrap();
     assert!(copy_env.contains("NIX_STORE_DIR="), "{copy_env}");
-    assert!(
-        !copy_env.contains("LISTEN_FDS=") && !copy_env.contains("LISTEN_PID="),
-        "nix copy inherited LISTEN_*:\n{copy_env}"
-    );
+    let listen = copy_env.contains("LISTEN_FDS=") || copy_env.contains("LISTEN_PID=");
+    assert!(!listen, "nix copy inherited LISTEN_*:\n{copy_env}");
 
     let st = daemon.terminate();
     assert!(st.success(), "exit on SIGTERM: {st}");
@@ -829,8 +767,8 @@ fn socket_activation_serves_the_passed_socket() {
     assert!(!own.exists());
 
     // LISTEN_PID names another process: fd 3 is not for us.
-    let listener = UnixListener::bind(env.root().join("other.sock")).unwrap();
-    let mut daemon = spawn_activated(&env, listener, config, &log, Some("1"));
+    let other = UnixListener::bind(env.root().join("other.sock")).unwrap();
+    let mut daemon = spawn_activated(&env, other, &d, "1");
     wait_until(
         Duration::from_secs(10),
         "the daemon binds its own socket",
@@ -891,30 +829,24 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
         });
         assert!(d.stop().success());
         let text = d.log();
-        let prefixes: &[&str] = if journal {
-            &["<3>", "<4>", "<6>"]
-        } else {
-            &["error: ", "warning: ", "info: "]
+        let prefixes = match journal {
+            true => ["<3>", "<4>", "<6>"],
+            false => ["error: ", "warning: ", "info: "],
         };
         assert!(text.lines().count() >= 4, "{text}");
         for line in text.lines() {
-            assert!(
-                prefixes.iter().any(|p| line.starts_with(p)) && !line.contains("info: <"),
-                "JOURNAL_STREAM on stderr: {journal}; line {line:?} in\n{text}"
-            );
+            let prefixed = prefixes.iter().any(|p| line.starts_with(p));
+            let why = format!("JOURNAL_STREAM on stderr: {journal}; line {line:?} in\n{text}");
+            assert!(prefixed && !line.contains("info: <"), "{why}");
         }
-        let warning = prefixes[1];
         assert!(
-            text.lines()
-                .any(|l| l.starts_with(warning) && l.contains("failed attempt 1")),
+            has_line(&text, prefixes[1], &["failed attempt 1"]),
             "{text}"
         );
     }
 }
 
-// ---------------------------------------------------------------------------
-// metrics
-// ---------------------------------------------------------------------------
+// --- metrics
 
 /// The metrics file is valid Prometheus text from the start, its values move
 /// as paths are uploaded and dropped, and the stop writes it one last time.
@@ -928,16 +860,17 @@ fn metrics_file_is_prometheus_text_and_moves() {
     let mut d = Daemon::start(&env, &[("upload-to", &upload), ("metrics-file", &file)]);
     wait_until(Duration::from_secs(10), "metrics file", || metrics.exists());
     let m = read_metrics(&metrics).unwrap();
-    let mut names: Vec<String> = "queued in_flight backing_off spool_files spool_paths failed \
-        given_up_total uploaded_total dropped_total failed_calls_total oldest_queued_age_seconds \
-        upload_duration_seconds_sum upload_duration_seconds_count"
+    let names = "queued in_flight backing_off spool_files spool_paths failed given_up_total \
+        uploaded_total dropped_total failed_calls_total oldest_queued_age_seconds \
+        upload_duration_seconds_sum upload_duration_seconds_count";
+    let mut names: Vec<String> = names
         .split_whitespace()
         .map(|n| format!("{M}{n}"))
         .collect();
     // And per target, labelled with its URL: up (1) and zeros.
-    let per_target =
-        "queued delivered_total backing_off failed given_up_total failed_calls_total up";
-    for n in per_target.split(' ') {
+    for n in
+        "queued delivered_total backing_off failed given_up_total failed_calls_total up".split(' ')
+    {
         names.push(format!("{M}target_{n}{{target=\"{upload}\"}}"));
     }
     names.sort();
@@ -945,11 +878,8 @@ fn metrics_file_is_prometheus_text_and_moves() {
         m.keys().collect::<Vec<_>>(),
         names.iter().collect::<Vec<_>>()
     );
-    assert!(
-        m.iter()
-            .all(|(k, v)| *v == if k.contains("target_up{") { 1.0 } else { 0.0 }),
-        "{m:?}"
-    );
+    let up_or_zero = |(k, v): (&String, &f64)| *v == f64::from(k.contains("target_up{"));
+    assert!(m.iter().all(up_or_zero), "{m:?}");
 
     let paths = env.build_paths(2, "metrics");
     let gone = missing_path(&env, "op-metrics-gone");
@@ -963,19 +893,15 @@ fn metrics_file_is_prometheus_text_and_moves() {
         || {
             let m = read_metrics(&metrics)?;
             let v = |n: &str| m[&format!("{M}{n}")];
-            let moved = v("uploaded_total") == 2.0
-                && v("dropped_total") == 1.0
-                && v("upload_duration_seconds_count") >= 1.0
-                && v("upload_duration_seconds_sum") > 0.0
-                && v("queued") == 0.0;
-            moved.then_some(()).ok_or(format!("{m:?}"))
+            let done = [v("uploaded_total"), v("dropped_total"), v("queued")] == [2.0, 1.0, 0.0];
+            let timed =
+                v("upload_duration_seconds_count") >= 1.0 && v("upload_duration_seconds_sum") > 0.0;
+            (done && timed).then_some(()).ok_or(format!("{m:?}"))
         },
     );
     assert_in(&env, &read, &paths, true);
-    let leftovers: Vec<_> = fs::read_dir(metrics.parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let dir = fs::read_dir(metrics.parent().unwrap()).unwrap();
+    let leftovers: Vec<_> = dir.map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers, vec!["npbhq.prom"], "temporary files left");
 
     // The final write on stop: remove the file, stop, it is back.
@@ -1007,12 +933,10 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     let spool = d.spool_dir();
     fs::create_dir_all(&spool).unwrap();
     let p = strs(&later);
-    let req = |n: u8, paths: &[String]| {
+    for (n, paths) in [(1, &p[..2]), (2, &p[2..])] {
         let file = spool.join(format!("0000000000000000000{n}-1.req"));
         fs::write(file, format!("enqueue {}\n", paths.join(" "))).unwrap();
-    };
-    req(1, &p[..2]);
-    req(2, &p[2..]);
+    }
 
     let j = status_json(&d);
     let mut in_flight: Vec<&str> = list(&j, "in_flight_paths")
@@ -1056,9 +980,7 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     assert_eq!(shown, ["5 since start", "0"], "{text}");
 }
 
-// ---------------------------------------------------------------------------
-// Poison paths: failure has an end
-// ---------------------------------------------------------------------------
+// --- Poison paths: failure has an end
 
 /// Paths that can never upload (the wrapper refuses them while the target
 /// takes the others) are given up on after `max-attempts`: `wait` exits 1
@@ -1253,9 +1175,7 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
     none_given_up(&d);
 }
 
-// ---------------------------------------------------------------------------
-// The journal
-// ---------------------------------------------------------------------------
+// --- The journal
 
 /// A daemon uploading to `upload`, started on the journal `text`.
 fn start_on_journal(env: &NixEnv, upload: &str, text: String) -> Daemon {
@@ -1342,9 +1262,7 @@ fn journal_records_of_several_targets_replay() {
     assert!(!d.log().contains("unreadable"));
 }
 
-// ---------------------------------------------------------------------------
-// Rough edges a first-time user hit; the target, checked at start
-// ---------------------------------------------------------------------------
+// --- Rough edges a first-time user hit; the target, checked at start
 
 /// Every subcommand answers `--help` (exit 0, its own usage, no daemon
 /// needed); `enqueue ./result` queues the store path the link leads to; a
@@ -1566,9 +1484,7 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
     assert_in(&env, &read2, &fresh, true);
 }
 
-// ---------------------------------------------------------------------------
-// SIGTERM
-// ---------------------------------------------------------------------------
+// --- SIGTERM
 
 /// The nix calls run with no signal blocked, although the daemon blocks
 /// SIGTERM and SIGINT in its own threads to receive them in order: every
@@ -1685,9 +1601,7 @@ fn sigterm_kills_a_hung_upload_after_the_grace_period_and_keeps_the_path() {
     assert!(d.log().contains("replayed: 1 paths queued"));
 }
 
-// ---------------------------------------------------------------------------
-// Several targets
-// ---------------------------------------------------------------------------
+// --- Several targets
 
 /// The entry of the `targets` list of `status --json` whose label holds
 /// `part`.
@@ -1982,37 +1896,22 @@ fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
 #[test]
 fn a_hung_target_does_not_hold_back_a_healthy_one() {
     let env = NixEnv::new("op-hung-lane");
-    let (upload, read) = file_cache(&env, "cache");
-    let dir = env.root().join("hang");
-    fs::create_dir_all(&dir).unwrap();
-    let (started, release) = (dir.join("started"), dir.join("release"));
-    let script = dir.join("hang.sh");
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\ntouch '{}'\ni=0\nwhile [ ! -e '{}' ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\nexit 1\n",
-            started.display(),
-            release.display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-command", &script.display().to_string()),
-            ("upload-to", &upload),
-            ("command-timeout", "300"),
-        ],
+    let ((upload, read), (stuck, _)) = (file_cache(&env, "cache"), file_cache(&env, "stuck"));
+    let w = FakeNix::new(&env);
+    w.set("hold", Some("/stuck?"));
+    let uploader = format!(
+        "{} --extra-experimental-features nix-command copy --to {stuck}",
+        w.nix()
     );
+    let config = [
+        ("upload-command", uploader.as_str()),
+        ("upload-to", &upload),
+    ];
+    let d = Daemon::start(&env, &[&config[..], &[("command-timeout", "300")]].concat());
     let paths = env.build_paths(2, "hung-lane");
     enqueue_cli(&d, &paths[..1]);
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "the uploader hanging",
-        || started.exists(),
-        || d.log(),
-    );
+    let hanging = || !w.copy_pids().is_empty();
+    wait_until_diag(UPLOAD_TIMEOUT, "the uploader hanging", hanging, || d.log());
     enqueue_cli(&d, &paths[1..]);
     wait_until_diag(
         UPLOAD_TIMEOUT,
@@ -2027,7 +1926,6 @@ fn a_hung_target_does_not_hold_back_a_healthy_one() {
         in_flight.iter().any(|p| p.as_str() == Some(first.as_str())),
         "the hung call is in progress: {j:?}"
     );
-    fs::write(&release, "").unwrap();
 }
 
 /// Many queued paths gone from the store are dropped with one warning for
