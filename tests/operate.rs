@@ -501,48 +501,17 @@ fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
     (ChildGuard(Some(child)), text)
 }
 
-/// `wait` on a terminal shows its progress on stderr, and exits 1 when a
-/// path queued before it is dropped while it waits.
+/// `wait` on a terminal shows its progress on stderr, rewritten in place
+/// and ended with a newline, so that Ctrl-C (SIGINT, which kills it) leaves
+/// the terminal on a fresh line; it exits 1 when a path queued before it is
+/// dropped while it waits.
 #[test]
-fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
+fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop() {
     let env = NixEnv::new("op-wait");
-    // The good path's copy is held, so the missing path waits behind it.
     let (d, w, read, good) = daemon_with_a_held_copy(&env, "wait");
-    let gone = missing_path(&env, "op-wait-gone");
-    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-    let (mut child, shown) = wait_on_a_terminal(&d);
-    let progress = "waiting: 2 path(s) still queued, 0 of them failing";
-    let shows_progress = || shown().contains(progress);
-    wait_until_diag(Duration::from_secs(30), "progress", shows_progress, &shown);
-    w.set_hold(false);
-    let status = child.finish("wait on a terminal", COMMAND_DEADLINE).status;
-    let shown = shown();
-    assert_eq!(status.code(), Some(1), "terminal showed:\n{shown}");
-    let dropped =
-        format!("post-build-hook-queue: 1 path(s) were dropped ({gone}); see the daemon's log\r\n");
-    assert!(
-        shown.contains(&format!("{progress}\r\n")) && shown.ends_with(&dropped),
-        "terminal showed: {shown:?}"
-    );
-    wait_until(UPLOAD_TIMEOUT, "good path uploaded", || {
-        env.is_valid_in(&read, &good)
-    });
-}
-
-/// `wait` on a terminal ends its progress line with a newline, so that
-/// Ctrl-C (SIGINT, which kills it) leaves the terminal on a fresh line.
-#[test]
-fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
-    let env = NixEnv::new("op-wait-int");
-    let (d, w, _, _) = daemon_with_a_held_copy(&env, "wait-int");
     let (mut child, shown) = wait_on_a_terminal(&d);
     let rewritten = || shown().matches("waiting: 1 path(s) still queued").count() >= 2;
-    wait_until_diag(
-        Duration::from_secs(30),
-        "progress, twice",
-        rewritten,
-        &shown,
-    );
+    wait_until_diag(Duration::from_secs(30), "progress twice", rewritten, &shown);
     let script = child.0.as_ref().unwrap().id();
     let is_wait = |p: &u32| {
         let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
@@ -552,12 +521,33 @@ fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
     assert_eq!(wait_pids.len(), 1, "the wait process under script");
     signal_pids("INT", &wait_pids);
     child.finish("script after SIGINT", Duration::from_secs(30));
-    let shown = shown();
-    let fresh = shown.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n");
-    assert!(fresh, "the terminal is not left on a fresh line: {shown:?}");
-    let in_place = shown.contains("\x1b[1A\r\x1b[Kwaiting: ");
-    assert!(in_place, "rewritten in place: {shown:?}");
+    let text = shown();
+    let fresh = text.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n");
+    assert!(fresh, "the terminal is not left on a fresh line: {text:?}");
+    let in_place = text.contains("\x1b[1A\r\x1b[Kwaiting: ");
+    assert!(in_place, "rewritten in place: {text:?}");
+
+    // The good path's copy is held, so the missing path waits behind it.
+    let gone = missing_path(&env, "op-wait-gone");
+    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
+    let (mut child, shown) = wait_on_a_terminal(&d);
+    let progress = "waiting: 2 path(s) still queued, 0 of them failing";
+    let shows_progress = || shown().contains(progress);
+    wait_until_diag(Duration::from_secs(30), "progress", shows_progress, &shown);
     w.set_hold(false);
+    let status = child.finish("wait on a terminal", COMMAND_DEADLINE).status;
+    let text = shown();
+    assert_eq!(status.code(), Some(1), "terminal showed:\n{text}");
+    let dropped = format!("{gone}); see the daemon's log\r\n");
+    let dropped = format!("post-build-hook-queue: 1 path(s) were dropped ({dropped}");
+    let ends = text.ends_with(&dropped);
+    assert!(
+        text.contains(&format!("{progress}\r\n")) && ends,
+        "{text:?}"
+    );
+    wait_until(UPLOAD_TIMEOUT, "good path uploaded", || {
+        env.is_valid_in(&read, &good)
+    });
 }
 
 /// Against a cache that keeps failing: `status` (text and JSON) and `wait
@@ -617,66 +607,42 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
     assert_eq!(r.stdout, "1 backing-off path(s) will be tried again now\n");
 }
 
-/// Every admin command explains a missing daemon in one line and exits 2,
-/// whether the socket file is missing or stale (nothing listens); usage
-/// errors exit 2 too.
+/// A CLI error is one line and exit 2: every admin command without a daemon
+/// (the socket file missing or stale, from `--socket` or `$NPBHQ_SOCKET`),
+/// usage errors, and an argument that is not UTF-8 (for every command and
+/// the daemon's own settings: no abort, no connection, no daemon started).
 #[test]
-fn missing_daemon_is_explained_in_one_line_with_exit_2() {
-    let env = NixEnv::new("op-nodaemon");
+fn cli_errors_are_one_line_and_exit_2() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = NixEnv::new("op-cli-errors");
     let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
     let stale = env.root().join("stale.sock");
     drop(UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
-    let path = missing_path(&env, "op-x");
-    let commands: &[&[&str]] = &[
-        &["enqueue", &path],
-        &["enqueue", "-"],
-        &["status"],
-        &["status", "--json"],
-        &["wait"],
-        &["wait", "--timeout", "5"],
-        &["retry"],
-    ];
+    let enqueue = format!("enqueue {}", missing_path(&env, "op-x"));
+    let commands = "enqueue -|status|status --json|wait|wait --timeout 5|retry";
     for socket in [d.socket(), stale] {
         let no_daemon = format!("post-build-hook-queue: no daemon at {} (", socket.display());
-        for args in commands {
-            let r: Ran = run(d.cli_cmd().args(*args).arg("--socket").arg(&socket)).into();
+        for args in commands.split('|').chain([enqueue.as_str()]) {
+            let mut c = d.cli_cmd();
+            let r: Ran = run(c.args(args.split(' ')).arg("--socket").arg(&socket)).into();
             let said = (r.code, r.stdout.as_str(), r.stderr.lines().count());
-            assert_eq!(said, (Some(2), "", 1), "{args:?}: {r:?}");
+            assert_eq!(said, (Some(2), "", 1), "{args}: {r:?}");
             let running = r.stderr.contains("is post-build-hook-queue running?");
-            assert!(
-                r.stderr.starts_with(&no_daemon) && running,
-                "{args:?}: {r:?}"
-            );
+            assert!(r.stderr.starts_with(&no_daemon) && running, "{args}: {r:?}");
         }
     }
-    // The socket also comes from $NPBHQ_SOCKET.
     let r: Ran = run(d.cli_cmd().arg("status")).into();
     assert_eq!(r.code, Some(2), "{r:?}");
     let no_daemon = format!("no daemon at {}", d.socket().display());
     assert!(r.stderr.contains(&no_daemon), "{r:?}");
-    for args in [
-        "wait --timeout soon",
-        "wait --timeout",
-        "status --verbose",
-        "retry now",
-        "enqueue",
-        "frobnicate",
-    ] {
+    let usage = "wait --timeout soon|wait --timeout|status --verbose|retry now|enqueue|frobnicate";
+    for args in usage.split('|') {
         let r: Ran = run(d.cli_cmd().args(args.split(' '))).into();
         let said = (r.code, r.stderr.lines().count());
         assert_eq!(said, (Some(2), 1), "{args}: {r:?}");
     }
-}
 
-/// An argument that is not UTF-8 (here a socket path, for every command and
-/// for the daemon's own settings) is refused in one line with exit 2: no
-/// abort, no connection attempt, no daemon started.
-#[test]
-fn a_non_utf8_argument_is_one_line_and_exit_2() {
-    use std::os::unix::ffi::OsStrExt;
-    let env = NixEnv::new("op-nonutf8");
-    let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
     let bad = std::ffi::OsStr::from_bytes(b"/tmp/\xff");
     let refused = "post-build-hook-queue: argument \"/tmp/\u{fffd}\" is not valid UTF-8";
     for command in ["status", "enqueue", "wait", "retry", "serve", ""] {
