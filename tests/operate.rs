@@ -21,11 +21,8 @@ use std::time::Duration;
 /// A well-formed store path that does not exist: the daemon acknowledges it
 /// and then drops it ("no longer valid in the store").
 fn missing_path(env: &NixEnv, name: &str) -> String {
-    let store = env.store_dir();
-    format!(
-        "{}/0123456789abcdfghijklmnpqrsvwxyz-{name}",
-        store.display()
-    )
+    let store = env.store_dir().display().to_string();
+    format!("{store}/0123456789abcdfghijklmnpqrsvwxyz-{name}")
 }
 
 /// What a CLI call did.
@@ -76,11 +73,9 @@ fn finish_within(child: Child, what: &str, within: Duration) -> Output {
 fn spawn_cli(d: &Daemon, args: &[&str]) -> Child {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
-    c.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c.spawn()
-        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"))
+    let piped = Stdio::piped;
+    c.stdin(piped()).stdout(piped()).stderr(piped());
+    c.spawn().unwrap_or_else(|e| panic!("{c:?}: {e}"))
 }
 
 /// Runs `post-build-hook-queue ARGS... --socket SOCKET` (stdin empty).
@@ -99,11 +94,9 @@ fn cli_ok(d: &Daemon, args: &[&str]) -> Ran {
 
 /// `enqueue PATHS...` through the CLI; panics unless it exits 0.
 fn enqueue_cli(d: &Daemon, paths: &[PathBuf]) -> Ran {
-    let paths = strs(paths);
-    let args = ["enqueue"]
-        .into_iter()
-        .chain(paths.iter().map(String::as_str));
-    cli_ok(d, &args.collect::<Vec<_>>())
+    let (paths, mut args) = (strs(paths), vec!["enqueue"]);
+    args.extend(paths.iter().map(String::as_str));
+    cli_ok(d, &args)
 }
 
 /// `status --json`, checked to be one JSON object on one line.
@@ -173,9 +166,8 @@ fn assert_in(env: &NixEnv, read: &str, paths: &[PathBuf], there: bool) {
     }
 }
 
-/// A daemon uploading to the `file://` cache `cache` through a new
-/// [`FakeNix`], with `extra` settings: the daemon, the wrapper, the
-/// cache's URL for uploads and its URL for reading.
+/// A daemon with `extra` settings uploading to the `file://` cache `cache`
+/// through a new [`FakeNix`]; the cache's upload and read URLs.
 fn faked(env: &NixEnv, extra: &[(&str, &str)]) -> (Daemon, FakeNix, String, String) {
     let (upload, read) = file_cache(env, "cache");
     let w = FakeNix::new(env);
@@ -228,14 +220,12 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
     let mut samples = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         let at = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
-        if let Some(rest) = line
-            .strip_prefix("# HELP ")
-            .or(line.strip_prefix("# TYPE "))
-        {
+        let meta = ["# HELP ", "# TYPE "].map(|p| line.strip_prefix(p));
+        if let Some(rest) = meta[0].or(meta[1]) {
             let (name, said) = rest
                 .split_once(' ')
                 .ok_or_else(|| at("HELP or TYPE alone"))?;
-            let fine = if line.starts_with("# HELP") {
+            let fine = if meta[0].is_some() {
                 !said.trim().is_empty() && help.insert(name)
             } else {
                 kinds.contains(&said) && !seen.contains(name) && types.insert(name, said).is_none()
@@ -315,10 +305,9 @@ const JSON_FIELDS: &str = "version uptime_seconds queued in_flight uploaded drop
     upload_rate_per_minute spool_files spool_paths signing target backoff failed_paths \
     in_flight_paths targets";
 
-/// The status fields move as paths flow: fresh; queued through `enqueue -`,
-/// failing and backing off; `wait --timeout` exits 1; healed, `retry`
-/// makes them due at once despite an hour's delay (a `wait` started while
-/// the copy is held returns when they are uploaded); a dropped path.
+/// The status fields move: fresh; paths from `enqueue -` back off; `wait
+/// --timeout` exits 1; healed, `retry` makes them due at once despite an
+/// hour's delay, and a `wait` returns when they are uploaded; a drop.
 #[test]
 fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let env = NixEnv::new("op-status");
@@ -502,9 +491,8 @@ fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
 }
 
 /// `wait` on a terminal shows its progress on stderr, rewritten in place
-/// and ended with a newline, so that Ctrl-C (SIGINT, which kills it) leaves
-/// the terminal on a fresh line; it exits 1 when a path queued before it is
-/// dropped while it waits.
+/// and ended with a newline (Ctrl-C leaves the terminal on a fresh line);
+/// it exits 1 when a path queued before it is dropped while it waits.
 #[test]
 fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop() {
     let env = NixEnv::new("op-wait");
@@ -679,11 +667,9 @@ fn spawn_activated(
     ChildGuard(Some(c.spawn().unwrap()))
 }
 
-/// Socket activation: the daemon serves the listening socket it gets as
-/// fd 3, creates no socket file of its own, uploads what comes through it,
-/// keeps the LISTEN_* variables from its nix commands, and leaves the socket
-/// (systemd's) in place when it stops. With a LISTEN_PID that is not its
-/// own it ignores fd 3 and binds its configured socket.
+/// Socket activation: the daemon serves the socket it gets as fd 3 (no
+/// socket file of its own, no LISTEN_* for nix) and leaves it in place when
+/// it stops; with another process's LISTEN_PID it binds its own socket.
 #[test]
 fn socket_activation_serves_the_passed_socket() {
     let env = NixEnv::new("op-activate");
@@ -702,9 +688,10 @@ fn socket_activation_serves_the_passed_socket() {
     // before the daemon accepts, and is answered once it does.
     let r = cli_at(&passed, &["status"]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    assert!(d
+    let listening = d
         .log()
-        .contains("listening on the socket passed by systemd"));
+        .contains("listening on the socket passed by systemd");
+    assert!(listening, "{}", d.log());
     assert!(!own.exists(), "the daemon created {}", own.display());
 
     let paths = env.build_paths(2, "activate");
@@ -712,11 +699,8 @@ fn socket_activation_serves_the_passed_socket() {
     let r = cli_at(&passed, &["enqueue", &p[0], &p[1]]);
     assert_eq!(r.code, Some(0), "{r:?}");
     let r = cli_at(&passed, &["wait", "--timeout", "60"]);
-    assert_eq!(
-        (r.code, r.stdout.as_str()),
-        (Some(0), "all uploaded\n"),
-        "{r:?}"
-    );
+    let said = (r.code, r.stdout.as_str());
+    assert_eq!(said, (Some(0), "all uploaded\n"), "{r:?}");
     assert_in(&env, &read, &paths, true);
     // nix ran without the LISTEN_* variables (they were for the daemon).
     let copy_env = fs::read_to_string(w.dir().join("copy.env")).unwrap();
@@ -726,20 +710,15 @@ fn socket_activation_serves_the_passed_socket() {
 
     let st = daemon.terminate();
     assert!(st.success(), "exit on SIGTERM: {st}");
-    assert!(
-        passed.exists(),
-        "the daemon removed the socket systemd owns"
-    );
+    let kept = passed.exists();
+    assert!(kept, "the daemon removed the socket systemd owns");
     assert!(!own.exists());
 
     // LISTEN_PID names another process: fd 3 is not for us.
     let other = UnixListener::bind(env.root().join("other.sock")).unwrap();
     let mut daemon = spawn_activated(&env, other, &d, "1");
-    wait_until(
-        Duration::from_secs(10),
-        "the daemon binds its own socket",
-        || std::os::unix::net::UnixStream::connect(&own).is_ok(),
-    );
+    let bound = || std::os::unix::net::UnixStream::connect(&own).is_ok();
+    wait_until(Duration::from_secs(10), "its own socket bound", bound);
     let r = cli_at(&own, &["status"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(daemon.terminate().success());
@@ -769,9 +748,8 @@ fn notify_socket_gets_ready_and_stopping() {
 }
 
 /// journald: when `JOURNAL_STREAM` names the daemon's stderr, every log line
-/// starts with its priority (`<6>` info, `<4>` warning, `<3>` error); when
-/// it was merely inherited (stderr goes elsewhere), lines carry the level
-/// as a word.
+/// starts with its priority (`<6>`, `<4>`, `<3>`); when it was merely
+/// inherited, lines carry the level as a word.
 #[test]
 fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
     use std::os::unix::fs::MetadataExt;
@@ -948,11 +926,9 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
 
 // --- Poison paths: failure has an end
 
-/// Paths that can never upload (refused while the others are taken) are
-/// given up on after `max-attempts`: `wait` exits 1 naming them with the
-/// error; `status` and the metrics show them; a restart keeps them given up
-/// on and untried; `requeue PATH` tries one again once mended, `drop
-/// --all-failed` drops the other; both are logged and hold across a restart.
+/// Paths the cache refuses are given up on after `max-attempts`: `wait`
+/// exits 1 naming them, `status` and the metrics show them, a restart keeps
+/// them so; `requeue PATH` and `drop --all-failed` end them, logged, for good.
 #[test]
 fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     let env = NixEnv::new("op-given-up");
@@ -1118,11 +1094,10 @@ fn target_id(url: &str) -> String {
     format!("{h:016x}")
 }
 
-/// Journals replay: one written before paths could be given up on (`+` and
-/// `-` records only), and the per-target records of a daemon with several
-/// targets (`>`: a target has the path; `!`: given up on for a target; `=`:
-/// requeued). A path done, or one this target has, is not uploaded; one
-/// only another target has, or given up on for another target, is.
+/// Journals replay: one of `+` and `-` records only (an older daemon's), and
+/// one with the records of several targets (`>` has it, `!` given up on,
+/// `=` requeued): a path done or this target has is not uploaded; one only
+/// another target has, or given up on for another, is.
 #[test]
 fn journal_records_replay() {
     let env = NixEnv::new("op-journals");
@@ -1167,10 +1142,9 @@ fn refused_start(env: &NixEnv, config: &[(&str, &str)]) -> String {
     log
 }
 
-/// Every subcommand answers `--help` (exit 0, its own usage, no daemon
-/// needed); `enqueue ./result` queues the store path the link leads to; a
-/// path that does not exist is refused in one line, nothing queued; a
-/// mistyped setting (file or flag) names the nearest known key.
+/// Every subcommand answers `--help` without a daemon; `enqueue ./result`
+/// follows the link; a missing path is refused in one line, nothing queued;
+/// a mistyped setting names the nearest key.
 #[test]
 fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
     let env = NixEnv::new("op-edges");
@@ -1281,11 +1255,9 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
     assert_eq!(field(&status_text(&d), "target"), target);
 }
 
-/// `upload-command` runs an uploader with the paths as its last arguments,
-/// with the queue's durability, batching and retries: here `nix copy`
-/// through a [`FakeNix`], failing for a while, then delivering. Its words
-/// are not run by a shell; a missing program stops the daemon (exit 78).
-/// Beside `upload-to`, the uploader is one more target.
+/// `upload-command` (here `nix copy` through a [`FakeNix`]) gets the paths
+/// as its last arguments, with retries; no shell runs its words; a missing
+/// program stops the daemon; beside `upload-to` it is one more target.
 #[test]
 fn upload_command_delivers_with_retries_and_without_a_shell() {
     let env = NixEnv::new("op-uploader");
@@ -1410,11 +1382,13 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     assert!(d.is_running());
 }
 
-/// SIGTERM during an upload: the nix call in progress may finish (within
-/// the grace period) and the daemon exits 0 with nothing left queued.
+/// SIGTERM during an upload: the nix call in progress may finish within
+/// the grace period, and the daemon exits 0 with nothing left queued; one
+/// that hangs is killed after it with all it started, the daemon exits 0,
+/// and the path, still in the journal, is uploaded on the next start.
 #[test]
-fn sigterm_lets_the_upload_in_progress_finish() {
-    let env = NixEnv::new("op-term-finish");
+fn sigterm_lets_the_upload_in_progress_finish_and_kills_a_hung_one() {
+    let env = NixEnv::new("op-term");
     let (mut d, w, read, path) = daemon_with_a_held_copy(&env, "term-finish");
     run_ok(Command::new("kill").args(["-TERM", &d.pid().unwrap().to_string()]));
     wait_until(Duration::from_secs(30), "daemon saw the signal", || {
@@ -1425,14 +1399,7 @@ fn sigterm_lets_the_upload_in_progress_finish() {
     assert!(st.success(), "{st}");
     assert!(env.is_valid_in(&read, &path));
     assert!(d.log().contains("stopped; 0 paths stay queued"));
-}
 
-/// SIGTERM while an upload hangs: after the grace period the daemon kills
-/// the nix call and everything it started, exits 0, and the path is still
-/// in the journal: the next start uploads it.
-#[test]
-fn sigterm_kills_a_hung_upload_after_the_grace_period_and_keeps_the_path() {
-    let env = NixEnv::new("op-term-kill");
     let (mut d, w, read, path) = daemon_with_a_held_copy(&env, "term-kill");
     let copy = w.copy_pids()[0];
     let st = d.stop();
@@ -1504,10 +1471,8 @@ fn two_targets_both_receive_every_path_signed_once() {
     wait_for_metrics(&d, &metrics, &want);
 }
 
-/// One target down, the other up: the other keeps delivering (also what
-/// comes while the first is down), `status` shows which target fails and
-/// why, `wait` waits for the one that is down; once it is back, it gets
-/// every path.
+/// One target down: the other keeps delivering, `status` shows which one
+/// fails and why, `wait` waits for it; once back, it gets every path.
 #[test]
 fn one_target_down_does_not_hold_back_the_other() {
     let env = NixEnv::new("op-target-down");
@@ -1515,10 +1480,8 @@ fn one_target_down_does_not_hold_back_the_other() {
     let (d, w, [(_, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     w.set("fail", Some("cache-b"));
     // Paths at first, and more while b is down: a takes them all.
-    let (first, more) = (
-        env.build_paths(2, "down-first"),
-        env.build_paths(2, "down-more"),
-    );
+    let first = env.build_paths(2, "down-first");
+    let more = env.build_paths(2, "down-more");
     for paths in [&first, &more] {
         enqueue_cli(&d, paths);
         wait_until(UPLOAD_TIMEOUT, "cache-a has them, cache-b down", || {
@@ -1532,12 +1495,7 @@ fn one_target_down_does_not_hold_back_the_other() {
         (state.as_str(), counts) == ("failing", vec![4.0, 4.0])
     };
     let status = || format!("{:?}", status_json(&d));
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "cache-b failing with 4 paths",
-        b_failing,
-        status,
-    );
+    wait_until_diag(UPLOAD_TIMEOUT, "cache-b failing", b_failing, status);
     let (_, state, counts, a) = target(&d, "cache-a", &["delivered", "queued"]);
     assert_eq!((state.as_str(), counts), ("ok", vec![4.0, 0.0]), "{a:?}");
     let (_, _, _, b) = target(&d, "cache-b", &[]);
@@ -1547,10 +1505,8 @@ fn one_target_down_does_not_hold_back_the_other() {
     assert_eq!(num(&j, "queued"), 4.0, "{j:?}");
     let text = status_text(&d);
     assert!(has_line(&text, "", &[&up_b, "failing"]), "{text}");
-    assert!(
-        has_line(&text, "", &["last error", "injected failure"]),
-        "{text}"
-    );
+    let error = has_line(&text, "", &["last error", "injected failure"]);
+    assert!(error, "{text}");
     let r = cli(&d, &["wait", "--timeout", "2"]);
     assert_eq!(r.code, Some(1), "wait did not wait for cache-b: {r:?}");
     assert!(r.stderr.contains("4 path(s) still queued"), "{r:?}");
@@ -1686,10 +1642,8 @@ fn two_refused_paths_together_are_given_up_after_exactly_max_attempts() {
 }
 
 /// A cache that refuses every path while it answers `nix store ping` (a
-/// full disk): paths that fail alone one after another count against
-/// themselves only until a few different ones did so with nothing taken;
-/// then it is the target's fault, and no path is given up on however often
-/// it fails, `max-attempts 2` notwithstanding.
+/// full disk): once a few paths failed alone with nothing taken, it is the
+/// target's fault, and no path is given up on, `max-attempts 2` or not.
 #[test]
 fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
     let env = NixEnv::new("op-refuses-all");
