@@ -577,7 +577,8 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
     assert_eq!((r.code, r.stderr.lines().count()), (Some(1), 1), "{r:?}");
     // With the last error of what it still waits for.
     let said = r.stderr.strip_prefix(&format!(
-        "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing; last error ({}): ",
+        "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing; \
+         last error ({}): ",
         paths[0].display()
     ));
     assert!(said.is_some_and(|s| contains_all(s, &nix_said)), "{r:?}");
