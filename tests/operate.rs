@@ -1,114 +1,88 @@
-//! Operating the daemon (issue 4): the admin commands `status` (human and
-//! `--json`), `wait`, `retry` and `enqueue -`, a missing daemon, systemd
-//! socket activation and readiness, journald priorities, the metrics file,
-//! and stopping with SIGTERM; and (issue 16) paths given up on after
-//! repeated failures with `requeue` and `drop`, the target checked at start,
-//! `COMMAND --help` and `enqueue ./result`, a status that answers more, the
-//! journal's per-target records, and `upload-command`.
-//!
-//! Every test runs the real daemon against real Nix in a private store. A
-//! failing or slow cache is simulated with a [`FakeNix`] around the real
-//! `nix`. Timeouts in `wait_until` are correctness bounds, never speed
-//! assertions.
+//! Operating the daemon: the admin commands, a missing daemon, systemd
+//! (socket activation, readiness, journald), the metrics file, SIGTERM,
+//! paths given up on, the journal's records, the target checked at start,
+//! several targets and `upload-command`. Real daemon, real Nix in a private
+//! store; a failing or slow cache is a [`FakeNix`].
 
 mod common;
 
 use common::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::Read;
+use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::symlink;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
+// --- Helpers
 /// A well-formed store path that does not exist: the daemon acknowledges it
 /// and then drops it ("no longer valid in the store").
 fn missing_path(env: &NixEnv, name: &str) -> String {
-    format!(
-        "{}/0123456789abcdfghijklmnpqrsvwxyz-{name}",
-        env.store_dir().display()
-    )
+    let store = env.store_dir().display().to_string();
+    format!("{store}/0123456789abcdfghijklmnpqrsvwxyz-{name}")
 }
 
 /// What a CLI call did.
+#[derive(Debug)]
 struct Ran {
     code: Option<i32>,
     stdout: String,
     stderr: String,
 }
 
-impl std::fmt::Debug for Ran {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout:\n{}--- stderr:\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
 impl From<Output> for Ran {
     fn from(o: Output) -> Ran {
+        let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        let (stdout, stderr) = (text(o.stdout), text(o.stderr));
+        let code = o.status.code();
         Ran {
-            code: o.status.code(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            code,
+            stdout,
+            stderr,
         }
     }
 }
 
 /// Longest any command of these tests may run: a `wait` that never
-/// returns (dropping broke, say) fails its test instead of hanging it.
+/// returns fails its test instead of hanging it.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
 
-/// The output of `child` once it ends; kills it (and what it started) and
-/// panics when it outlasts [`COMMAND_DEADLINE`].
-fn finish_within_deadline(child: Child, what: &str) -> Output {
+/// Retry settings that retry at once.
+const FAST_RETRY: [(&str, &str); 2] = [("retry-initial-delay", "0.05"), ("retry-max-delay", "0.2")];
+
+/// The output of `child` once it ends; kills its tree and panics when it
+/// outlasts `within`.
+fn finish_within(child: Child, what: &str, within: Duration) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(COMMAND_DEADLINE) {
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(within) {
         Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
         Err(_) => {
             kill_tree(pid);
-            panic!("{what} did not end within {COMMAND_DEADLINE:?}")
+            panic!("{what} did not end within {within:?}")
         }
     }
 }
 
-/// Runs `cmd` with `input` (if any) on stdin, within [`COMMAND_DEADLINE`].
-fn run_bounded(cmd: &mut Command, input: Option<&str>) -> Output {
-    let mut child = cmd
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
-        use std::io::Write;
-        stdin.write_all(input.as_bytes()).unwrap();
-    }
-    finish_within_deadline(child, &format!("{cmd:?}"))
+/// Starts `post-build-hook-queue ARGS... --socket SOCKET`, its standard
+/// streams piped.
+fn spawn_cli(d: &Daemon, args: &[&str]) -> Child {
+    let mut c = d.cli_cmd();
+    c.args(args).arg("--socket").arg(d.socket());
+    let piped = Stdio::piped;
+    c.stdin(piped()).stdout(piped()).stderr(piped());
+    c.spawn().unwrap_or_else(|e| panic!("{c:?}: {e}"))
 }
 
-/// Runs `post-build-hook-queue ARGS... --socket SOCKET`.
+/// Runs `post-build-hook-queue ARGS... --socket SOCKET` (stdin empty).
 fn cli(d: &Daemon, args: &[&str]) -> Ran {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
-    run_bounded(&mut c, None).into()
+    run_to_exit(&mut c, COMMAND_DEADLINE).into()
 }
 
 /// [`cli`], and panics unless it exits 0.
@@ -120,95 +94,104 @@ fn cli_ok(d: &Daemon, args: &[&str]) -> Ran {
 
 /// `enqueue PATHS...` through the CLI; panics unless it exits 0.
 fn enqueue_cli(d: &Daemon, paths: &[PathBuf]) -> Ran {
-    let mut c = d.cli_cmd();
-    c.arg("enqueue").args(paths).arg("--socket").arg(d.socket());
-    let r: Ran = run(&mut c).into();
-    assert_eq!(r.code, Some(0), "enqueue: {r:?}");
-    r
-}
-
-/// Runs the CLI with `input` on stdin.
-fn cli_stdin(d: &Daemon, args: &[&str], input: &str) -> Ran {
-    let mut c = d.cli_cmd();
-    c.args(args).arg("--socket").arg(d.socket());
-    run_bounded(&mut c, Some(input)).into()
+    let (paths, mut args) = (strs(paths), vec!["enqueue"]);
+    args.extend(paths.iter().map(String::as_str));
+    cli_ok(d, &args)
 }
 
 /// `status --json`, checked to be one JSON object on one line.
 fn status_json(d: &Daemon) -> Json {
-    let r = cli(d, &["status", "--json"]);
-    assert_eq!(r.code, Some(0), "status --json: {r:?}");
-    assert_eq!(
-        r.stdout.lines().count(),
-        1,
-        "status --json prints one line: {r:?}"
-    );
-    let j = Json::parse(&r.stdout).unwrap_or_else(|e| panic!("invalid JSON ({e}): {r:?}"));
-    assert!(matches!(j, Json::Obj(_)), "not an object: {r:?}");
-    j
+    let r = cli_ok(d, &["status", "--json"]);
+    assert_eq!(r.stdout.lines().count(), 1, "one line: {r:?}");
+    match Json::parse(&r.stdout) {
+        Ok(j @ Json::Obj(_)) => j,
+        other => panic!("not a JSON object ({other:?}): {r:?}"),
+    }
 }
 
-/// A number field of the status object.
+/// A number field of a JSON object.
 fn num(j: &Json, key: &str) -> f64 {
-    j.get(key)
-        .and_then(Json::as_f64)
-        .unwrap_or_else(|| panic!("{key} is not a number in {j:?}"))
+    let n = j.get(key).and_then(Json::as_f64);
+    n.unwrap_or_else(|| panic!("{key} is not a number in {j:?}"))
+}
+
+/// The number fields `keys` of a JSON object.
+fn nums(j: &Json, keys: &[&str]) -> Vec<f64> {
+    keys.iter().map(|k| num(j, k)).collect()
+}
+
+/// A string field of a JSON object.
+fn jstr<'a>(j: &'a Json, key: &str) -> Option<&'a str> {
+    j.get(key).and_then(Json::as_str)
+}
+
+/// An array field of a JSON object; panics when there is none.
+fn list<'a>(j: &'a Json, key: &str) -> &'a [Json] {
+    let a = j.get(key).and_then(Json::as_array);
+    a.unwrap_or_else(|| panic!("{key} is not an array in {j:?}"))
 }
 
 /// Human `status`; panics unless it exits 0.
 fn status_text(d: &Daemon) -> String {
-    let r = cli(d, &["status"]);
-    assert_eq!(r.code, Some(0), "status: {r:?}");
-    r.stdout
+    cli_ok(d, &["status"]).stdout
 }
 
 /// The value after `label:` in the human status.
 fn field<'a>(text: &'a str, label: &str) -> &'a str {
-    text.lines()
-        .find_map(|l| l.strip_prefix(label)?.strip_prefix(':'))
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(label)?.strip_prefix(':'));
+    value
         .map(str::trim)
         .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
 }
 
-/// Every field `status --json` documents, in order.
-const JSON_FIELDS: &[&str] = &[
-    "version",
-    "uptime_seconds",
-    "queued",
-    "in_flight",
-    "uploaded",
-    "dropped",
-    "failed_calls",
-    "backing_off",
-    "failed",
-    "oldest_queued_seconds",
-    "upload_seconds_sum",
-    "upload_batches",
-    "upload_rate_per_minute",
-    "spool_files",
-    "spool_paths",
-    "signing",
-    "target",
-    "backoff",
-    "failed_paths",
-    "in_flight_paths",
-    "targets",
-];
+/// True when `text` contains every one of `parts`.
+fn contains_all(text: &str, parts: &[&str]) -> bool {
+    parts.iter().all(|p| text.contains(p))
+}
 
-/// Kills a process tree on drop (for daemons the test spawns itself).
+/// True when a line of `text` starts with `start` and contains `parts`.
+fn has_line(text: &str, start: &str, parts: &[&str]) -> bool {
+    text.lines()
+        .any(|l| l.starts_with(start) && contains_all(l, parts))
+}
+
+/// Panics unless each of `paths` is in the cache `read` (`there`), or
+/// none is.
+fn assert_in(env: &NixEnv, read: &str, paths: &[PathBuf], there: bool) {
+    for p in paths {
+        let (p, is) = (p.display(), env.is_valid_in(read, p));
+        assert_eq!(is, there, "{p} in {read}: {is}");
+    }
+}
+
+/// A daemon with `extra` settings uploading to the `file://` cache `cache`
+/// through a new [`FakeNix`]; the cache's upload and read URLs.
+fn faked(env: &NixEnv, extra: &[(&str, &str)]) -> (Daemon, FakeNix, String, String) {
+    let (upload, read) = file_cache(env, "cache");
+    let w = FakeNix::new(env);
+    let nix = w.nix();
+    let mut config = vec![("upload-to", upload.as_str()), ("nix", nix.as_str())];
+    config.extend_from_slice(extra);
+    (Daemon::start(env, &config), w, upload, read)
+}
+
+/// A child process; on drop, it and what it started are killed.
 struct ChildGuard(Option<Child>);
 
 impl ChildGuard {
-    /// SIGTERM, then the exit status (bounded wait).
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut c = self.0.take().expect("running");
-        run_ok(Command::new("kill").args(["-TERM", &c.id().to_string()]));
-        let mut status = None;
-        wait_until(Duration::from_secs(30), "daemon exit after SIGTERM", || {
-            status = c.try_wait().unwrap();
-            status.is_some()
-        });
-        status.unwrap()
+    /// Its output once it ends (see [`finish_within`]).
+    fn finish(&mut self, what: &str, within: Duration) -> Output {
+        finish_within(self.0.take().expect("running"), what, within)
+    }
+
+    /// SIGTERM, then its exit status.
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = self.0.as_ref().expect("running").id().to_string();
+        run_ok(Command::new("kill").args(["-TERM", &pid]));
+        let out = self.finish("exit after SIGTERM", Duration::from_secs(30));
+        out.status
     }
 }
 
@@ -221,208 +204,150 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Reads a child's stdout into a shared buffer on a thread.
-fn collect_stdout(child: &mut Child) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let mut out = child.stdout.take().unwrap();
-    let b = Arc::clone(&buf);
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = out.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            b.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    buf
-}
-
 /// Parses Prometheus text exposition (version 0.0.4) strictly enough to
 /// catch what node-exporter's textfile collector rejects: every sample is
-/// `name value` with a float value, belongs to a family declared with one
-/// `# HELP` and one `# TYPE` before its samples (summary samples end in
-/// `_sum`/`_count`), no sample twice, the file ends with a newline.
+/// `name[{labels}] value [timestamp]` with a float value, belongs to a
+/// family declared with one `# HELP` and one `# TYPE` before its samples
+/// (summary samples end in `_sum`/`_count`), no sample twice, no TYPE
+/// without samples, the file ends with a newline.
 fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
-    fn valid_name(n: &str) -> bool {
-        let mut cs = n.chars();
-        matches!(cs.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
-            && cs.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    let valid = |n: &str| {
+        let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+        !n.starts_with(|c: char| c.is_ascii_digit()) && !n.is_empty() && n.chars().all(ok)
+    };
+    let kinds = ["counter", "gauge", "summary", "histogram", "untyped"];
+    let (mut help, mut types, mut seen) = (HashSet::new(), HashMap::new(), HashSet::new());
+    let mut samples = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let at = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
+        let meta = ["# HELP ", "# TYPE "].map(|p| line.strip_prefix(p));
+        if let Some(rest) = meta[0].or(meta[1]) {
+            let (name, said) = rest
+                .split_once(' ')
+                .ok_or_else(|| at("HELP or TYPE alone"))?;
+            let fine = if meta[0].is_some() {
+                !said.trim().is_empty() && help.insert(name)
+            } else {
+                kinds.contains(&said) && !seen.contains(name) && types.insert(name, said).is_none()
+            };
+            if !valid(name) || !fine {
+                return Err(at("bad, late or repeated HELP or TYPE"));
+            }
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            // The key is the name and the labels (quoted, maybe with spaces).
+            let key_end = match line.rfind('}') {
+                Some(close) => close + 1,
+                None => line.find(' ').ok_or_else(|| at("no value"))?,
+            };
+            let (key, rest) = line.split_at(key_end);
+            let (name, labels) = key
+                .split_once('{')
+                .map_or((key, None), |(n, l)| (n, Some(l)));
+            let label_ok = |l: &str| {
+                l.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') && l.ends_with("\"}")
+            };
+            if !labels.is_none_or(label_ok) {
+                return Err(at("bad labels"));
+            }
+            let value = match rest.split_whitespace().collect::<Vec<_>>()[..] {
+                [v] => v.parse::<f64>(),
+                [v, ts] if ts.parse::<i64>().is_ok() => v.parse(),
+                _ => return Err(at("expected `name value`")),
+            };
+            let value = value.map_err(|_| at("value is not a float"))?;
+            let base = name.strip_suffix("_sum").or(name.strip_suffix("_count"));
+            let family = match (types.get(name), base.map(|b| (b, types.get(b)))) {
+                (Some(_), _) => name,
+                (None, Some((b, Some(&("summary" | "histogram"))))) => b,
+                _ => return Err(at("sample before its TYPE (or _sum/_count of no summary)")),
+            };
+            if !valid(name) || !help.contains(family) {
+                return Err(at("bad metric name, or no HELP for this family"));
+            }
+            seen.insert(family);
+            if samples.insert(key.to_string(), value).is_some() {
+                return Err(at("sample repeated"));
+            }
+        }
     }
     if !text.ends_with('\n') {
         return Err("does not end with a newline".into());
     }
-    let mut help = HashSet::new();
-    let mut types: HashMap<String, String> = HashMap::new();
-    let mut seen_families = HashSet::new();
-    let mut samples = BTreeMap::new();
-    for (i, line) in text.lines().enumerate() {
-        let at = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
-        if line.trim().is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, doc) = rest
-                .split_once(' ')
-                .ok_or_else(|| at("HELP without text"))?;
-            if !valid_name(name) || doc.trim().is_empty() || !help.insert(name.to_string()) {
-                return Err(at("bad or repeated HELP"));
-            }
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest
-                .split_once(' ')
-                .ok_or_else(|| at("TYPE without type"))?;
-            if !valid_name(name)
-                || !["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind)
-                || seen_families.contains(name)
-                || types.insert(name.to_string(), kind.to_string()).is_some()
-            {
-                return Err(at("bad, late or repeated TYPE"));
-            }
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        // `name{labels} value`: the labels (quoted, maybe with spaces)
-        // are part of the sample's key.
-        let (sample, rest) = match line.split_once('{') {
-            Some((n, labels)) => {
-                let (labels, rest) = labels
-                    .rsplit_once('}')
-                    .ok_or_else(|| at("labels without `}`"))?;
-                if !labels.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                    || !labels.ends_with('"')
-                {
-                    return Err(at("bad labels"));
-                }
-                (format!("{n}{{{labels}}}"), rest)
-            }
-            None => {
-                let (n, rest) = line.split_once(' ').ok_or_else(|| at("no value"))?;
-                (n.to_string(), rest)
-            }
-        };
-        let parts: Vec<&str> = rest.split_whitespace().collect();
-        let value = match parts.as_slice() {
-            [v] => *v,
-            [v, ts] if ts.parse::<i64>().is_ok() => *v,
-            _ => return Err(at("expected `name value`")),
-        };
-        let name = sample.split_once('{').map_or(sample.as_str(), |(n, _)| n);
-        if !valid_name(name) {
-            return Err(at("bad metric name"));
-        }
-        let value: f64 = value.parse().map_err(|_| at("value is not a float"))?;
-        let family = if types.contains_key(name) {
-            name.to_string()
-        } else {
-            let base = name
-                .strip_suffix("_sum")
-                .or_else(|| name.strip_suffix("_count"))
-                .ok_or_else(|| at("sample before its TYPE"))?;
-            match types.get(base).map(String::as_str) {
-                Some("summary" | "histogram") => base.to_string(),
-                _ => return Err(at("_sum/_count of a family that is not a summary")),
-            }
-        };
-        if !help.contains(&family) {
-            return Err(at("no HELP for this family"));
-        }
-        seen_families.insert(family);
-        if samples.insert(sample.clone(), value).is_some() {
-            return Err(at("sample repeated"));
-        }
+    match types.keys().find(|f| !seen.contains(*f)) {
+        Some(f) => Err(format!("family {f} has a TYPE but no samples")),
+        None => Ok(samples),
     }
-    if let Some(f) = types.keys().find(|f| !seen_families.contains(*f)) {
-        return Err(format!("family {f} has a TYPE but no samples"));
-    }
-    Ok(samples)
 }
 
 const M: &str = "nix_post_build_hook_queue_";
 
-/// Waits until the metrics file, valid Prometheus text, has these samples
-/// (names without the `M` prefix).
-fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
-    wait_until_ok(
-        Duration::from_secs(30),
-        &format!("metrics {want:?}"),
-        || {
-            let t = fs::read_to_string(file).map_err(|e| e.to_string())?;
-            let m = parse_prometheus(&t)?;
-            want.iter()
-                .all(|(name, v)| m.get(&format!("{M}{name}")) == Some(v))
-                .then_some(())
-                .ok_or(t)
-        },
-        || format!("the metrics file of the daemon in {}", d.dir().display()),
-    );
+/// The metrics file, checked by [`parse_prometheus`].
+fn read_metrics(file: &Path) -> Result<BTreeMap<String, f64>, String> {
+    let text = fs::read_to_string(file).map_err(|e| e.to_string())?;
+    parse_prometheus(&text).map_err(|e| format!("{e}\n{text}"))
 }
 
-// ---------------------------------------------------------------------------
-// status, retry, wait
-// ---------------------------------------------------------------------------
+/// Waits until the metrics file has these samples (names without [`M`]).
+fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
+    let what = format!("metrics {want:?} of the daemon in {}", d.dir().display());
+    wait_ok(Duration::from_secs(30), &what, || {
+        let m = read_metrics(file)?;
+        let has = |(name, v): &(&str, f64)| m.get(&format!("{M}{name}")) == Some(v);
+        want.iter().all(has).then_some(()).ok_or(format!("{m:?}"))
+    });
+}
 
-/// The status fields move as paths flow: fresh daemon; paths queued through
-/// `enqueue -` fail and back off (attempts, next try, last error, oldest
-/// age); `wait --timeout` gives up with exit 1; with the cache healed,
-/// `retry` makes them due at once although the retry delay is an hour
-/// (in flight while the copy is held; a `wait` started then returns exactly
-/// when they are uploaded); then uploaded, and a dropped path makes `wait`
-/// exit 1.
+// --- status, retry, wait
+
+/// Every field `status --json` documents, in order.
+const JSON_FIELDS: &str = "version uptime_seconds queued in_flight uploaded dropped failed_calls \
+    backing_off failed oldest_queued_seconds upload_seconds_sum upload_batches \
+    upload_rate_per_minute spool_files spool_paths signing target backoff failed_paths \
+    in_flight_paths targets";
+
+/// The status fields move: fresh; paths from `enqueue -` back off; `wait
+/// --timeout` exits 1; healed, `retry` makes them due at once despite an
+/// hour's delay, and a `wait` returns when they are uploaded; a drop.
 #[test]
 fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let env = NixEnv::new("op-status");
     let (sk, pk) = env.gen_signing_key("op-status-1");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
-    w.set_fail(true);
-    let d = Daemon::start(
+    let sk = sk.display().to_string();
+    let delays = [("retry-initial-delay", "3600"), ("retry-max-delay", "7200")];
+    let (d, w, upload, read) = faked(
         &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("retry-initial-delay", "3600"),
-            ("retry-max-delay", "7200"),
-        ],
+        &[&[("signing-key-file", sk.as_str())], &delays[..]].concat(),
     );
+    w.set_fail(true);
 
-    // Fresh.
     let j = status_json(&d);
-    let keys: Vec<&str> = match &j {
-        Json::Obj(m) => m.iter().map(|(k, _)| k.as_str()).collect(),
-        _ => unreachable!(),
+    let Json::Obj(members) = &j else {
+        unreachable!()
     };
-    assert_eq!(keys, JSON_FIELDS, "documented fields: {j:?}");
-    for k in ["queued", "in_flight", "uploaded", "dropped", "backing_off"] {
-        assert_eq!(num(&j, k), 0.0, "{k} at start: {j:?}");
-    }
+    let keys: Vec<&str> = members.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys.join(" "), JSON_FIELDS, "documented fields: {j:?}");
+    let counts = ["queued", "in_flight", "uploaded", "dropped", "backing_off"];
+    assert_eq!(nums(&j, &counts), [0.0; 5], "at start: {j:?}");
     assert_eq!(j.get("oldest_queued_seconds"), Some(&Json::Null));
     assert_eq!(j.get("signing"), Some(&Json::Bool(true)));
-    assert_eq!(
-        j.get("target").and_then(Json::as_str),
-        Some(upload.as_str())
-    );
-    assert_eq!(
-        j.get("version").and_then(Json::as_str),
-        Some(env!("CARGO_PKG_VERSION"))
-    );
-    assert_eq!(j.get("backoff").and_then(Json::as_array), Some(&[][..]));
+    assert_eq!(jstr(&j, "target"), Some(upload.as_str()));
+    assert_eq!(jstr(&j, "version"), Some(env!("CARGO_PKG_VERSION")));
+    assert!(list(&j, "backoff").is_empty(), "{j:?}");
     let uptime0 = num(&j, "uptime_seconds");
     let text = status_text(&d);
-    assert_eq!(field(&text, "queued"), "0", "{text}");
-    assert_eq!(field(&text, "signing"), "on", "{text}");
-    assert_eq!(field(&text, "target"), upload, "{text}");
+    let shown = ["queued", "signing", "target"].map(|l| field(&text, l));
+    assert_eq!(shown, ["0", "on", upload.as_str()], "{text}");
 
     // Queue two paths through stdin; the cache fails; they back off.
     let paths = env.build_paths(2, "status");
-    let r = cli_stdin(&d, &["enqueue", "-"], &(strs(&paths).join("\n") + "\n"));
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert_eq!(r.stdout, "queued 2 new path(s); 0 were already queued\n");
+    let p = strs(&paths);
+    let mut c = spawn_cli(&d, &["enqueue", "-"]);
+    let mut stdin = c.stdin.take().unwrap();
+    stdin.write_all((p.join("\n") + "\n").as_bytes()).unwrap();
+    drop(stdin);
+    let r: Ran = finish_within(c, "enqueue -", COMMAND_DEADLINE).into();
+    let queued = "queued 2 new path(s); 0 were already queued\n";
+    assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
     wait_until(UPLOAD_TIMEOUT, "both paths backing off", || {
         num(&status_json(&d), "backing_off") == 2.0
     });
@@ -430,57 +355,45 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         num(&status_json(&d), "oldest_queued_seconds") >= 1.0
     });
     let j = status_json(&d);
-    assert_eq!(num(&j, "queued"), 2.0, "{j:?}");
-    assert_eq!(num(&j, "uploaded"), 0.0, "{j:?}");
-    assert!(num(&j, "failed_calls") >= 1.0, "{j:?}");
+    assert_eq!(nums(&j, &["queued", "uploaded"]), [2.0, 0.0], "{j:?}");
     let failed_calls = num(&j, "failed_calls");
-    let backoff = j.get("backoff").and_then(Json::as_array).unwrap();
-    assert_eq!(backoff.len(), 2, "{j:?}");
-    for b in backoff {
-        let p = b.get("path").and_then(Json::as_str).unwrap();
-        assert!(strs(&paths).iter().any(|q| q == p), "{p} in {j:?}");
+    assert!(failed_calls >= 1.0, "{j:?}");
+    assert_eq!(list(&j, "backoff").len(), 2, "{j:?}");
+    for b in list(&j, "backoff") {
+        assert!(p.iter().any(|q| jstr(b, "path") == Some(q)), "{j:?}");
         assert_eq!(num(b, "attempts"), 1.0, "{j:?}");
         // Jitter puts the first retry between half and all of an hour.
         let next = num(b, "next_try_seconds");
         assert!((1000.0..=3600.0).contains(&next), "next try {next}: {j:?}");
-        let err = b.get("last_error").and_then(Json::as_str).unwrap();
+        let err = jstr(b, "last_error").unwrap();
         assert!(
-            err.contains("nix copy failed") && err.contains("fake nix: injected failure"),
+            contains_all(err, &["nix copy failed", "fake nix: injected failure"]),
             "{err}"
         );
     }
     let text = status_text(&d);
-    assert!(
-        field(&text, "queued") == "2" && field(&text, "oldest queued") != "none",
-        "{text}"
-    );
-    assert_eq!(field(&text, "backing off"), "2", "{text}");
-    for p in strs(&paths) {
+    let shown = ["queued", "backing off"].map(|l| field(&text, l));
+    assert_eq!(shown, ["2", "2"], "{text}");
+    assert_ne!(field(&text, "oldest queued"), "none", "{text}");
+    for p in &p {
         let line = text
             .lines()
-            .find(|l| l.trim_start().starts_with(&format!("{p}:")))
-            .unwrap_or_else(|| panic!("no line for {p} in:\n{text}"));
+            .find(|l| l.trim_start().starts_with(&format!("{p}:")));
+        let line = line.unwrap_or_else(|| panic!("no line for {p} in:\n{text}"));
+        let retry = contains_all(line, &[": attempt 1 failed, next try in ", "m "]);
         assert!(
-            line.contains(": attempt 1 failed, next try in ")
-                && line.contains("m ")
-                && line.ends_with("fake nix: injected failure"),
+            retry && line.ends_with("fake nix: injected failure"),
             "{line}"
         );
     }
-    println!(
-        "status while failing:\n{text}\n{}",
-        cli(&d, &["status", "--json"]).stdout
-    );
 
     // wait gives up at its timeout with exit 1; no progress without a terminal.
     let r = cli(&d, &["wait", "--timeout", "1.5"]);
-    assert_eq!(r.code, Some(1), "{r:?}");
-    assert_eq!(r.stdout, "", "{r:?}");
-    let first = paths
+    assert_eq!((r.code, r.stdout.as_str()), (Some(1), ""), "{r:?}");
+    let first = p
         .iter()
-        .map(|p| p.display().to_string())
-        .find(|p| r.stderr.contains(&format!("last error ({p}): ")))
-        .unwrap_or_else(|| panic!("no last error of a waited-for path: {r:?}"));
+        .find(|p| r.stderr.contains(&format!("last error ({p}): ")));
+    let first = first.unwrap_or_else(|| panic!("no last error of a waited-for path: {r:?}"));
     assert_eq!(
         r.stderr,
         format!(
@@ -498,43 +411,37 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         num(&status_json(&d), "in_flight") == 2.0
     });
     let text = status_text(&d);
-    println!("status while in flight:\n{text}");
     assert_eq!(field(&text, "in flight"), "2", "{text}");
-    assert_eq!(
-        text.matches(": attempt 1 failed, retrying now: ").count(),
-        2,
-        "{text}"
-    );
-    let mut waiter = d
-        .cli_cmd()
-        .args(["wait", "--timeout", "60", "--socket"])
-        .arg(d.socket())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let retrying = text.matches(": attempt 1 failed, retrying now: ").count();
+    assert_eq!(retrying, 2, "{text}");
+    let mut waiter = spawn_cli(&d, &["wait", "--timeout", "60"]);
     // The upload is held, so wait cannot have returned; first make sure its
     // request reached the daemon (it answers status in the meantime).
     assert_eq!(num(&status_json(&d), "queued"), 2.0);
     assert!(waiter.try_wait().unwrap().is_none(), "wait returned early");
     w.set_hold(false);
-    let r: Ran = finish_within_deadline(waiter, "wait --timeout 60").into();
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
-    assert_eq!(r.stderr, "", "{r:?}");
+    let r: Ran = finish_within(waiter, "wait --timeout 60", COMMAND_DEADLINE).into();
+    let said = (r.code, r.stdout.as_str(), r.stderr.as_str());
+    assert_eq!(said, (Some(0), "all uploaded\n", ""), "{r:?}");
     // wait returned, so they are in the cache now: no polling.
-    env.verify_in_cache(&read, &pk, &paths)
-        .unwrap_or_else(|e| panic!("wait returned before the upload: {e}"));
+    let uploaded = env.verify_in_cache(&read, &pk, &paths);
+    uploaded.unwrap_or_else(|e| panic!("wait returned before the upload: {e}"));
 
     let j = status_json(&d);
-    assert_eq!(num(&j, "queued"), 0.0, "{j:?}");
-    assert_eq!(num(&j, "in_flight"), 0.0, "{j:?}");
-    assert_eq!(num(&j, "uploaded"), 2.0, "{j:?}");
-    assert_eq!(num(&j, "backing_off"), 0.0, "{j:?}");
-    assert_eq!(num(&j, "failed_calls"), failed_calls, "{j:?}");
-    assert!(num(&j, "upload_batches") >= 1.0, "{j:?}");
-    assert!(num(&j, "upload_seconds_sum") > 0.0, "{j:?}");
+    let counts = [
+        "queued",
+        "in_flight",
+        "uploaded",
+        "backing_off",
+        "failed_calls",
+    ];
+    assert_eq!(
+        nums(&j, &counts),
+        [0.0, 0.0, 2.0, 0.0, failed_calls],
+        "{j:?}"
+    );
+    let spent = (num(&j, "upload_batches"), num(&j, "upload_seconds_sum"));
+    assert!(spent.0 >= 1.0 && spent.1 > 0.0, "{j:?}");
     assert_eq!(j.get("oldest_queued_seconds"), Some(&Json::Null));
     wait_until(Duration::from_secs(30), "uptime moves", || {
         num(&status_json(&d), "uptime_seconds") > uptime0
@@ -544,372 +451,276 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let r = cli(&d, &["retry"]);
     assert_eq!(r.stdout, "0 backing-off path(s) will be tried again now\n");
     // `enqueue -` with nothing on stdin queues nothing and succeeds.
-    let r = cli_stdin(&d, &["enqueue", "-"], "");
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert_eq!(r.stdout, "queued 0 new path(s); 0 were already queued\n");
+    let r = cli(&d, &["enqueue", "-"]);
+    let queued = "queued 0 new path(s); 0 were already queued\n";
+    assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
 
-    // A path that is not in the store is dropped.
     let gone = missing_path(&env, "op-gone");
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
     wait_until(UPLOAD_TIMEOUT, "path dropped", || {
         num(&status_json(&d), "dropped") == 1.0
     });
     let text = status_text(&d);
-    assert_eq!(field(&text, "dropped"), "1 since start", "{text}");
-    let uploaded = field(&text, "uploaded");
-    assert!(
-        uploaded == "2 since start" && field(&text, "upload rate").ends_with(" paths/min lately"),
-        "{text}"
-    );
-    println!("status after:\n{text}");
+    let shown = ["dropped", "uploaded"].map(|l| field(&text, l));
+    assert_eq!(shown, ["1 since start", "2 since start"], "{text}");
+    let rate = field(&text, "upload rate");
+    assert!(rate.ends_with(" paths/min lately"), "{text}");
 }
 
-/// Runs `wait` on a terminal (`script` gives it one); returns the `script`
-/// process and what the terminal shows, as it comes.
-fn wait_on_a_terminal(d: &Daemon) -> (Child, Arc<Mutex<Vec<u8>>>) {
-    let cmd = format!(
-        "'{}' wait --socket '{}'",
-        daemon_bin().display(),
-        d.socket().display()
-    );
-    let c = d.cli_cmd();
+/// Runs `wait` on a terminal (`script` gives it one): the `script` process
+/// and what the terminal has shown so far.
+fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
+    let (bin, socket) = (daemon_bin(), d.socket());
+    let cmd = format!("'{}' wait --socket '{}'", bin.display(), socket.display());
+    let shown = d.dir().join("terminal");
     let mut script = Command::new("script");
     script.args(["-q", "-e", "-f", "-c", &cmd, "/dev/null"]);
-    for (k, v) in c.get_envs() {
+    for (k, v) in d.cli_cmd().get_envs() {
         match v {
             Some(v) => script.env(k, v),
             None => script.env_remove(k),
         };
     }
-    let mut child = script
+    script
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("script (util-linux) runs a command on a terminal");
-    let out = collect_stdout(&mut child);
-    (child, out)
+        .stdout(fs::File::create(&shown).unwrap());
+    let child = script.stderr(Stdio::piped()).spawn();
+    let child = child.expect("script (util-linux) runs a command on a terminal");
+    let text = move || String::from_utf8_lossy(&fs::read(&shown).unwrap_or_default()).into_owned();
+    (ChildGuard(Some(child)), text)
 }
 
-/// `wait` on a terminal shows its progress on stderr, and exits 1 when a
-/// path queued before it is dropped while it waits.
+/// `wait` on a terminal shows its progress on stderr, rewritten in place
+/// and ended with a newline (Ctrl-C leaves the terminal on a fresh line);
+/// it exits 1 when a path queued before it is dropped while it waits.
 #[test]
-fn wait_shows_progress_on_a_terminal_and_exits_1_when_paths_are_dropped() {
+fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop() {
     let env = NixEnv::new("op-wait");
-    // The good path's copy is held, so the missing path waits behind it.
     let (d, w, read, good) = daemon_with_a_held_copy(&env, "wait");
+    let (mut child, shown) = wait_on_a_terminal(&d);
+    let rewritten = || shown().matches("waiting: 1 path(s) still queued").count() >= 2;
+    wait_until_diag(Duration::from_secs(30), "progress twice", rewritten, &shown);
+    let script = child.0.as_ref().unwrap().id();
+    let is_wait = |p: &u32| {
+        let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).contains("\0wait\0")
+    };
+    let wait_pids: Vec<u32> = descendants(script).into_iter().filter(is_wait).collect();
+    assert_eq!(wait_pids.len(), 1, "the wait process under script");
+    signal_pids("INT", &wait_pids);
+    child.finish("script after SIGINT", Duration::from_secs(30));
+    let text = shown();
+    let fresh = text.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n");
+    assert!(fresh, "the terminal is not left on a fresh line: {text:?}");
+    let in_place = text.contains("\x1b[1A\r\x1b[Kwaiting: ");
+    assert!(in_place, "rewritten in place: {text:?}");
+
+    // The good path's copy is held, so the missing path waits behind it.
     let gone = missing_path(&env, "op-wait-gone");
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-
-    // `script` gives the command a terminal; its output comes back on our pipe.
-    let (child, out) = wait_on_a_terminal(&d);
-    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    wait_until_diag(
-        Duration::from_secs(30),
-        "progress on the terminal",
-        || text().contains("waiting: 2 path(s) still queued, 0 of them failing"),
-        text,
-    );
+    let (mut child, shown) = wait_on_a_terminal(&d);
+    let progress = "waiting: 2 path(s) still queued, 0 of them failing";
+    let shows_progress = || shown().contains(progress);
+    wait_until_diag(Duration::from_secs(30), "progress", shows_progress, &shown);
     w.set_hold(false);
-    let status = finish_within_deadline(child, "wait on a terminal").status;
-    let shown = text();
-    assert_eq!(status.code(), Some(1), "terminal showed:\n{shown}");
+    let status = child.finish("wait on a terminal", COMMAND_DEADLINE).status;
+    let text = shown();
+    assert_eq!(status.code(), Some(1), "terminal showed:\n{text}");
+    let dropped = format!("{gone}); see the daemon's log\r\n");
+    let dropped = format!("post-build-hook-queue: 1 path(s) were dropped ({dropped}");
+    let ends = text.ends_with(&dropped);
     assert!(
-        shown.contains("waiting: 2 path(s) still queued, 0 of them failing\r\n")
-            && shown.ends_with(&format!(
-                "post-build-hook-queue: 1 path(s) were dropped ({gone}); see the daemon's log\r\n"
-            )),
-        "terminal showed: {shown:?}"
+        text.contains(&format!("{progress}\r\n")) && ends,
+        "{text:?}"
     );
-    println!("wait on a terminal showed: {shown:?}");
-    wait_ok(UPLOAD_TIMEOUT, "good path uploaded", || {
+    wait_until(UPLOAD_TIMEOUT, "good path uploaded", || {
         env.is_valid_in(&read, &good)
-            .then_some(())
-            .ok_or_else(|| "not in cache".to_string())
     });
 }
 
-/// Against a cache that keeps failing: `status` (human and JSON) shows the
-/// target and the errors with the URL's password and `secret-key` masked
-/// (nix's own error repeats the URL), the log does not leak them either,
-/// and `wait --timeout` exits 1.
+/// Against a cache that keeps failing: `status` (text and JSON) and `wait
+/// --timeout` (exit 1) show the target and nix's error with the URL's
+/// password and `secret-key` masked; nor does the log leak them.
 #[test]
 fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
     // One download attempt: nix gives up on the dead cache at once.
     let env = NixEnv::with_conf("op-mask", "download-attempts = 1");
     let (sk, _pk) = env.gen_signing_key("op-mask-1");
-    let port = free_port();
-    let secret_key = sk.display().to_string();
-    let target = format!(
-        "http://npbhq:hunter2@127.0.0.1:{port}/cache?compression=none&secret-key={secret_key}"
-    );
-    let masked = format!("http://npbhq:***@127.0.0.1:{port}/cache?compression=none&secret-key=***");
+    let (port, secret_key) = (free_port(), sk.display().to_string());
+    let cache = format!("127.0.0.1:{port}/cache?compression=none&secret-key=");
+    let target = format!("http://npbhq:hunter2@{cache}{secret_key}");
+    let masked = format!("http://npbhq:***@{cache}***");
     let d = Daemon::start(
         &env,
-        &[
-            ("upload-to", &target),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
+        &[&[("upload-to", target.as_str())], &FAST_RETRY[..]].concat(),
     );
     let paths = env.build_paths(1, "mask");
-    let r = cli(&d, &["enqueue", &paths[0].display().to_string()]);
+    let r = enqueue_cli(&d, &paths);
     assert_eq!(r.stdout, "queued 1 new path(s); 0 were already queued\n");
     wait_until(UPLOAD_TIMEOUT, "several failed attempts", || {
-        status_json(&d)
-            .get("backoff")
-            .and_then(Json::as_array)
-            .and_then(|b| b.first().map(|b| num(b, "attempts") >= 3.0))
-            .unwrap_or(false)
+        let j = status_json(&d);
+        list(&j, "backoff")
+            .first()
+            .is_some_and(|b| num(b, "attempts") >= 3.0)
     });
     let text = status_text(&d);
-    let json = cli(&d, &["status", "--json"]).stdout;
+    let json = cli_ok(&d, &["status", "--json"]).stdout;
     let j = Json::parse(&json).unwrap();
-    assert_eq!(field(&text, "target"), masked, "{text}");
-    assert_eq!(field(&text, "signing"), "off", "{text}");
-    assert_eq!(
-        j.get("target").and_then(Json::as_str),
-        Some(masked.as_str())
-    );
-    let err = j.get("backoff").and_then(Json::as_array).unwrap()[0]
-        .get("last_error")
-        .and_then(Json::as_str)
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("nix copy failed") && err.contains("npbhq:***@127.0.0.1"),
-        "the error should show nix's message, masked: {err}"
-    );
-    let log = d.log();
-    for (what, shown) in [("status", &text), ("status --json", &json), ("log", &log)] {
-        assert!(
-            !shown.contains("hunter2") && !shown.contains(&secret_key),
-            "{what} leaks a credential:\n{shown}"
-        );
-    }
-    println!("status against a dead cache:\n{text}\n{json}");
+    let shown = ["target", "signing"].map(|l| field(&text, l));
+    assert_eq!(shown, [masked.as_str(), "off"], "{text}");
+    assert_eq!(jstr(&j, "target"), Some(masked.as_str()));
+    let nix_said = ["nix copy failed", "npbhq:***@127.0.0.1"];
+    let err = jstr(&list(&j, "backoff")[0], "last_error").unwrap();
+    assert!(contains_all(err, &nix_said), "nix's message, masked: {err}");
 
     let r = cli(&d, &["wait", "--timeout", "1"]);
-    assert_eq!(r.code, Some(1), "{r:?}");
+    assert_eq!((r.code, r.stderr.lines().count()), (Some(1), 1), "{r:?}");
     // With the last error of what it still waits for.
-    let said = r
-        .stderr
-        .strip_prefix(&format!(
-            "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing; last error ({}): ",
-            paths[0].display()
-        ))
-        .unwrap_or_else(|| panic!("{r:?}"));
-    assert!(
-        said.contains("nix copy failed") && said.contains("npbhq:***@127.0.0.1"),
-        "{r:?}"
-    );
-    assert!(
-        !said.contains("hunter2") && !said.contains(&secret_key),
-        "{r:?}"
-    );
-    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    let said = r.stderr.strip_prefix(&format!(
+        "post-build-hook-queue: wait timed out after 1s: 1 path(s) still queued, 1 of them failing; \
+         last error ({}): ",
+        paths[0].display()
+    ));
+    assert!(said.is_some_and(|s| contains_all(s, &nix_said)), "{r:?}");
+    let log = d.log();
+    for (what, shown) in [
+        ("status", &text),
+        ("status --json", &json),
+        ("wait", &r.stderr),
+        ("log", &log),
+    ] {
+        let leaks = shown.contains("hunter2") || shown.contains(&secret_key);
+        assert!(!leaks, "{what} leaks a credential:\n{shown}");
+    }
     let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "1 backing-off path(s) will be tried again now\n");
 }
 
-/// Every admin command explains a missing daemon in one line and exits 2,
-/// whether the socket file is missing or stale (nothing listens); usage
-/// errors exit 2 too.
+/// A CLI error is one line and exit 2: every admin command without a daemon
+/// (the socket file missing or stale, from `--socket` or `$NPBHQ_SOCKET`),
+/// usage errors, and an argument that is not UTF-8 (for every command and
+/// the daemon's own settings: no abort, no connection, no daemon started).
 #[test]
-fn missing_daemon_is_explained_in_one_line_with_exit_2() {
-    let env = NixEnv::new("op-nodaemon");
+fn cli_errors_are_one_line_and_exit_2() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = NixEnv::new("op-cli-errors");
     let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
     let stale = env.root().join("stale.sock");
     drop(UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
-    let path = missing_path(&env, "op-x");
-    let commands: &[&[&str]] = &[
-        &["enqueue", &path],
-        &["enqueue", "-"],
-        &["status"],
-        &["status", "--json"],
-        &["wait"],
-        &["wait", "--timeout", "5"],
-        &["retry"],
-    ];
+    let enqueue = format!("enqueue {}", missing_path(&env, "op-x"));
+    let commands = "enqueue -|status|status --json|wait|wait --timeout 5|retry";
     for socket in [d.socket(), stale] {
-        for args in commands {
+        let no_daemon = format!("post-build-hook-queue: no daemon at {} (", socket.display());
+        for args in commands.split('|').chain([enqueue.as_str()]) {
             let mut c = d.cli_cmd();
-            c.args(*args).arg("--socket").arg(&socket);
-            let r: Ran = run(&mut c).into();
-            assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
-            assert_eq!(r.stdout, "", "{args:?}: {r:?}");
-            assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
-            assert!(
-                r.stderr.starts_with(&format!(
-                    "post-build-hook-queue: no daemon at {} (",
-                    socket.display()
-                )) && r.stderr.contains("is post-build-hook-queue running?"),
-                "{args:?}: {r:?}"
-            );
+            let r: Ran = run(c.args(args.split(' ')).arg("--socket").arg(&socket)).into();
+            let said = (r.code, r.stdout.as_str(), r.stderr.lines().count());
+            assert_eq!(said, (Some(2), "", 1), "{args}: {r:?}");
+            let running = r.stderr.contains("is post-build-hook-queue running?");
+            assert!(r.stderr.starts_with(&no_daemon) && running, "{args}: {r:?}");
         }
     }
-    // The socket also comes from $NPBHQ_SOCKET.
     let r: Ran = run(d.cli_cmd().arg("status")).into();
     assert_eq!(r.code, Some(2), "{r:?}");
-    assert!(
-        r.stderr
-            .contains(&format!("no daemon at {}", d.socket().display())),
-        "{r:?}"
-    );
-    for args in [
-        &["wait", "--timeout", "soon"][..],
-        &["wait", "--timeout"],
-        &["status", "--verbose"],
-        &["retry", "now"],
-        &["enqueue"],
-        &["frobnicate"],
-    ] {
-        let r: Ran = run(d.cli_cmd().args(args)).into();
-        assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
-        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+    let no_daemon = format!("no daemon at {}", d.socket().display());
+    assert!(r.stderr.contains(&no_daemon), "{r:?}");
+    let usage = "wait --timeout soon|wait --timeout|status --verbose|retry now|enqueue|frobnicate";
+    for args in usage.split('|') {
+        let r: Ran = run(d.cli_cmd().args(args.split(' '))).into();
+        let said = (r.code, r.stderr.lines().count());
+        assert_eq!(said, (Some(2), 1), "{args}: {r:?}");
     }
-}
 
-/// An argument that is not UTF-8 (here a socket path, for every command and
-/// for the daemon's own settings) is refused in one line with exit 2: no
-/// abort, no connection attempt, no daemon started.
-#[test]
-fn a_non_utf8_argument_is_one_line_and_exit_2() {
-    use std::ffi::OsStr;
-    use std::os::unix::ffi::OsStrExt;
-    let env = NixEnv::new("op-nonutf8");
-    let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
-    let bad = OsStr::from_bytes(b"/tmp/\xff");
-    for args in [
-        &["status", "--socket"][..],
-        &["enqueue", "--socket"],
-        &["wait", "--socket"],
-        &["retry", "--socket"],
-        &["serve", "--socket"],
-        &["--socket"],
-    ] {
+    let bad = std::ffi::OsStr::from_bytes(b"/tmp/\xff");
+    let refused = "post-build-hook-queue: argument \"/tmp/\u{fffd}\" is not valid UTF-8";
+    for command in ["status", "enqueue", "wait", "retry", "serve", ""] {
+        let args = [command, "--socket"].into_iter().filter(|a| !a.is_empty());
         let r: Ran = run(d.cli_cmd().args(args).arg(bad)).into();
-        assert_eq!(r.code, Some(2), "{args:?}: {r:?}");
-        assert_eq!(r.stdout, "", "{args:?}: {r:?}");
-        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
-        assert!(
-            r.stderr.starts_with(
-                "post-build-hook-queue: argument \"/tmp/\u{fffd}\" is not valid UTF-8"
-            ),
-            "{args:?}: {r:?}"
-        );
+        let said = (r.code, r.stdout.as_str(), r.stderr.lines().count());
+        assert_eq!(said, (Some(2), "", 1), "{command}: {r:?}");
+        assert!(r.stderr.starts_with(refused), "{command}: {r:?}");
     }
 }
 
-// ---------------------------------------------------------------------------
-// systemd: socket activation, readiness, journald
-// ---------------------------------------------------------------------------
+// --- systemd: socket activation, readiness, journald
 
-/// Starts `post-build-hook-queue serve --config CONFIG` with `listener` as
-/// fd 3 and `LISTEN_FDS=1`, `LISTEN_PID=<its pid>` (and `extra` variables),
-/// the way systemd does: the socket goes in as stdin, the shell moves it to
-/// fd 3 and execs the daemon in its own process, so `$$` is the daemon's pid.
+/// Starts `post-build-hook-queue serve --config CONFIG` as systemd does,
+/// with `listener` as fd 3, `LISTEN_FDS=1` and `LISTEN_PID=<its pid>` (or
+/// `listen_pid` unless empty): the shell moves stdin to fd 3 and execs it.
 fn spawn_activated(
     env: &NixEnv,
     listener: UnixListener,
-    config: &Path,
-    log: &Path,
-    listen_pid: Option<&str>,
+    d: &Daemon,
+    listen_pid: &str,
 ) -> ChildGuard {
-    let log = fs::File::create(log).unwrap();
+    let log = fs::File::create(d.log_path()).unwrap();
     let mut c = env.cmd("/bin/sh");
-    c.arg("-c")
-        .arg(format!(
-            "exec 3<&0 </dev/null; LISTEN_PID={} LISTEN_FDS=1 exec \"$0\" serve --config \"$1\"",
-            listen_pid.unwrap_or("$$")
-        ))
+    let script =
+        "exec 3<&0 </dev/null; LISTEN_PID=${2:-$$} LISTEN_FDS=1 exec \"$0\" serve --config \"$1\"";
+    c.args(["-c", script])
         .arg(daemon_bin())
-        .arg(config)
-        .stdin(Stdio::from(OwnedFd::from(listener)))
+        .arg(d.config_path())
+        .arg(listen_pid);
+    c.stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     ChildGuard(Some(c.spawn().unwrap()))
 }
 
-/// Socket activation: the daemon serves the listening socket it gets as
-/// fd 3, creates no socket file of its own, uploads what comes through it,
-/// keeps the LISTEN_* variables from its nix commands, and leaves the socket
-/// (systemd's) in place when it stops. With a LISTEN_PID that is not its
-/// own it ignores fd 3 and binds its configured socket.
+/// Socket activation: the daemon serves the socket it gets as fd 3 (no
+/// socket file of its own, no LISTEN_* for nix) and leaves it in place when
+/// it stops; with another process's LISTEN_PID it binds its own socket.
 #[test]
 fn socket_activation_serves_the_passed_socket() {
     let env = NixEnv::new("op-activate");
     let (upload, read) = file_cache(&env, "cache");
     let w = FakeNix::new(&env);
     let d = Daemon::new_stopped(&env, &[("upload-to", &upload), ("nix", &w.nix())], NO_ENV);
-    let (own, config, log) = (d.socket(), d.config_path(), d.log_path());
-    let passed = env.root().join("passed.sock");
-    let listener = UnixListener::bind(&passed).unwrap();
-    let mut daemon = spawn_activated(&env, listener, config, &log, None);
+    let (own, passed) = (d.socket(), env.root().join("passed.sock"));
+    let mut daemon = spawn_activated(&env, UnixListener::bind(&passed).unwrap(), &d, "");
+    let cli_at = |socket: &Path, args: &[&str]| -> Ran {
+        let mut c = env.cmd(daemon_bin());
+        c.args(args).arg("--socket").arg(socket);
+        run_to_exit(&mut c, COMMAND_DEADLINE).into()
+    };
 
     // The listener was bound before the daemon started: this connects even
     // before the daemon accepts, and is answered once it does.
-    let socket = passed.display().to_string();
-    let cli_at = |args: &[&str]| -> Ran {
-        let mut c = env.cmd(daemon_bin());
-        c.args(args).args(["--socket", &socket]);
-        run_bounded(&mut c, None).into()
-    };
-    let r = cli_at(&["status"]);
+    let r = cli_at(&passed, &["status"]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    assert!(d
+    let listening = d
         .log()
-        .contains("listening on the socket passed by systemd"));
+        .contains("listening on the socket passed by systemd");
+    assert!(listening, "{}", d.log());
     assert!(!own.exists(), "the daemon created {}", own.display());
 
     let paths = env.build_paths(2, "activate");
-    let mut c = env.cmd(daemon_bin());
-    c.arg("enqueue")
-        .args(strs(&paths))
-        .args(["--socket", &socket]);
-    let r: Ran = run(&mut c).into();
+    let p = strs(&paths);
+    let r = cli_at(&passed, &["enqueue", &p[0], &p[1]]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    let r = cli_at(&["wait", "--timeout", "60"]);
-    assert_eq!(
-        (r.code, r.stdout.as_str()),
-        (Some(0), "all uploaded\n"),
-        "{r:?}"
-    );
-    for p in &paths {
-        assert!(
-            env.is_valid_in(&read, p),
-            "{} not in the cache",
-            p.display()
-        );
-    }
+    let r = cli_at(&passed, &["wait", "--timeout", "60"]);
+    let said = (r.code, r.stdout.as_str());
+    assert_eq!(said, (Some(0), "all uploaded\n"), "{r:?}");
+    assert_in(&env, &read, &paths, true);
     // nix ran without the LISTEN_* variables (they were for the daemon).
     let copy_env = fs::read_to_string(w.dir().join("copy.env")).unwrap();
     assert!(copy_env.contains("NIX_STORE_DIR="), "{copy_env}");
-    assert!(
-        !copy_env.contains("LISTEN_FDS=") && !copy_env.contains("LISTEN_PID="),
-        "nix copy inherited LISTEN_*:\n{copy_env}"
-    );
+    let listen = copy_env.contains("LISTEN_FDS=") || copy_env.contains("LISTEN_PID=");
+    assert!(!listen, "nix copy inherited LISTEN_*:\n{copy_env}");
 
     let st = daemon.terminate();
     assert!(st.success(), "exit on SIGTERM: {st}");
-    assert!(
-        passed.exists(),
-        "the daemon removed the socket systemd owns"
-    );
+    let kept = passed.exists();
+    assert!(kept, "the daemon removed the socket systemd owns");
     assert!(!own.exists());
 
     // LISTEN_PID names another process: fd 3 is not for us.
-    let listener = UnixListener::bind(env.root().join("other.sock")).unwrap();
-    let mut daemon = spawn_activated(&env, listener, config, &log, Some("1"));
-    wait_until(
-        Duration::from_secs(10),
-        "the daemon binds its own socket",
-        || std::os::unix::net::UnixStream::connect(&own).is_ok(),
-    );
-    let mut c = env.cmd(daemon_bin());
-    c.arg("status").arg("--socket").arg(&own);
-    let r: Ran = run(&mut c).into();
+    let other = UnixListener::bind(env.root().join("other.sock")).unwrap();
+    let mut daemon = spawn_activated(&env, other, &d, "1");
+    let bound = || std::os::unix::net::UnixStream::connect(&own).is_ok();
+    wait_until(Duration::from_secs(10), "its own socket bound", bound);
+    let r = cli_at(&own, &["status"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(daemon.terminate().success());
     assert!(!own.exists(), "own socket removed on stop");
@@ -938,9 +749,8 @@ fn notify_socket_gets_ready_and_stopping() {
 }
 
 /// journald: when `JOURNAL_STREAM` names the daemon's stderr, every log line
-/// starts with its priority (`<6>` info, `<4>` warning, `<3>` error); when
-/// it was merely inherited (stderr goes elsewhere), lines carry the level
-/// as a word.
+/// starts with its priority (`<6>`, `<4>`, `<3>`); when it was merely
+/// inherited, lines carry the level as a word.
 #[test]
 fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
     use std::os::unix::fs::MetadataExt;
@@ -957,38 +767,31 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
         let stream = format!("{}:{}", meta.dev(), meta.ino() + u64::from(!journal));
         d.set_env("JOURNAL_STREAM", &stream);
         d.try_spawn().unwrap();
-        cli_ok(&d, &["enqueue", &paths[0].display().to_string()]);
+        enqueue_cli(&d, &paths);
         // A failing upload: something to warn about.
         wait_until(UPLOAD_TIMEOUT, "a warning", || {
             d.log().contains("failed attempt")
         });
         assert!(d.stop().success());
         let text = d.log();
-        let prefixes: &[&str] = if journal {
-            &["<3>", "<4>", "<6>"]
-        } else {
-            &["error: ", "warning: ", "info: "]
+        let prefixes = match journal {
+            true => ["<3>", "<4>", "<6>"],
+            false => ["error: ", "warning: ", "info: "],
         };
         assert!(text.lines().count() >= 4, "{text}");
         for line in text.lines() {
-            assert!(
-                prefixes.iter().any(|p| line.starts_with(p)) && !line.contains("info: <"),
-                "JOURNAL_STREAM on stderr: {journal}; line {line:?} in\n{text}"
-            );
+            let prefixed = prefixes.iter().any(|p| line.starts_with(p));
+            let why = format!("JOURNAL_STREAM on stderr: {journal}; line {line:?} in\n{text}");
+            assert!(prefixed && !line.contains("info: <"), "{why}");
         }
-        let warning = if journal { "<4>" } else { "warning: " };
         assert!(
-            text.lines()
-                .any(|l| l.starts_with(warning) && l.contains("failed attempt 1")),
+            has_line(&text, prefixes[1], &["failed attempt 1"]),
             "{text}"
         );
-        println!("log with JOURNAL_STREAM on stderr {journal}:\n{text}");
     }
 }
 
-// ---------------------------------------------------------------------------
-// metrics
-// ---------------------------------------------------------------------------
+// --- metrics
 
 /// The metrics file is valid Prometheus text from the start, its values move
 /// as paths are uploaded and dropped, and the stop writes it one last time.
@@ -998,60 +801,34 @@ fn metrics_file_is_prometheus_text_and_moves() {
     let (upload, read) = file_cache(&env, "cache");
     let metrics = env.root().join("metrics/npbhq.prom");
     fs::create_dir_all(metrics.parent().unwrap()).unwrap();
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("metrics-file", &metrics.display().to_string()),
-        ],
-    );
-    let read_metrics = || -> Result<BTreeMap<String, f64>, String> {
-        let text = fs::read_to_string(&metrics).map_err(|e| e.to_string())?;
-        parse_prometheus(&text).map_err(|e| format!("{e}\n{text}"))
-    };
+    let file = metrics.display().to_string();
+    let mut d = Daemon::start(&env, &[("upload-to", &upload), ("metrics-file", &file)]);
     wait_until(Duration::from_secs(10), "metrics file", || metrics.exists());
-    let m = read_metrics().unwrap();
-    let expected = [
-        "queued",
-        "in_flight",
-        "backing_off",
-        "spool_files",
-        "spool_paths",
-        "failed",
-        "given_up_total",
-        "uploaded_total",
-        "dropped_total",
-        "failed_calls_total",
-        "oldest_queued_age_seconds",
-        "upload_duration_seconds_sum",
-        "upload_duration_seconds_count",
-    ];
-    let mut names: Vec<String> = expected.iter().map(|n| format!("{M}{n}")).collect();
+    let m = read_metrics(&metrics).unwrap();
+    let names = "queued in_flight backing_off spool_files spool_paths failed given_up_total \
+        uploaded_total dropped_total failed_calls_total oldest_queued_age_seconds \
+        upload_duration_seconds_sum upload_duration_seconds_count";
+    let mut names: Vec<String> = names
+        .split_whitespace()
+        .map(|n| format!("{M}{n}"))
+        .collect();
     // And per target, labelled with its URL: up (1) and zeros.
-    for n in [
-        "target_queued",
-        "target_delivered_total",
-        "target_backing_off",
-        "target_failed",
-        "target_given_up_total",
-        "target_failed_calls_total",
-        "target_up",
-    ] {
-        names.push(format!("{M}{n}{{target=\"{upload}\"}}"));
+    for n in
+        "queued delivered_total backing_off failed given_up_total failed_calls_total up".split(' ')
+    {
+        names.push(format!("{M}target_{n}{{target=\"{upload}\"}}"));
     }
+    names.sort();
     assert_eq!(
-        m.keys().cloned().collect::<HashSet<_>>(),
-        names.iter().cloned().collect::<HashSet<_>>()
+        m.keys().collect::<Vec<_>>(),
+        names.iter().collect::<Vec<_>>()
     );
-    assert!(
-        m.iter()
-            .all(|(k, v)| *v == if k.contains("target_up{") { 1.0 } else { 0.0 }),
-        "{m:?}"
-    );
+    let up_or_zero = |(k, v): (&String, &f64)| *v == f64::from(k.contains("target_up{"));
+    assert!(m.iter().all(up_or_zero), "{m:?}");
 
     let paths = env.build_paths(2, "metrics");
     let gone = missing_path(&env, "op-metrics-gone");
-    enqueue_cli(&d, &[paths[0].clone(), paths[1].clone()]);
+    enqueue_cli(&d, &paths);
     // The CLI refuses a missing path; through the socket it is acknowledged
     // and then dropped.
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
@@ -1059,84 +836,24 @@ fn metrics_file_is_prometheus_text_and_moves() {
         UPLOAD_TIMEOUT,
         "metrics show 2 uploaded and 1 dropped",
         || {
-            let m = read_metrics()?;
+            let m = read_metrics(&metrics)?;
             let v = |n: &str| m[&format!("{M}{n}")];
-            if v("uploaded_total") == 2.0
-                && v("dropped_total") == 1.0
-                && v("upload_duration_seconds_count") >= 1.0
-                && v("upload_duration_seconds_sum") > 0.0
-                && v("queued") == 0.0
-            {
-                Ok(())
-            } else {
-                Err(format!("{m:?}"))
-            }
+            let done = [v("uploaded_total"), v("dropped_total"), v("queued")] == [2.0, 1.0, 0.0];
+            let timed =
+                v("upload_duration_seconds_count") >= 1.0 && v("upload_duration_seconds_sum") > 0.0;
+            (done && timed).then_some(()).ok_or(format!("{m:?}"))
         },
     );
-    for p in &paths {
-        assert!(env.is_valid_in(&read, p));
-    }
-    let text = fs::read_to_string(&metrics).unwrap();
-    println!("metrics file:\n{text}");
-    let leftovers: Vec<_> = fs::read_dir(metrics.parent().unwrap())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    assert_in(&env, &read, &paths, true);
+    let dir = fs::read_dir(metrics.parent().unwrap()).unwrap();
+    let leftovers: Vec<_> = dir.map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers, vec!["npbhq.prom"], "temporary files left");
 
     // The final write on stop: remove the file, stop, it is back.
     fs::remove_file(&metrics).unwrap();
     assert!(d.stop().success());
-    let m = read_metrics().expect("metrics written on stop");
+    let m = read_metrics(&metrics).expect("metrics written on stop");
     assert_eq!(m[&format!("{M}uploaded_total")], 2.0);
-}
-
-/// `wait` on a terminal ends its progress line with a newline, so that
-/// Ctrl-C (SIGINT, which kills it) leaves the terminal on a fresh line.
-#[test]
-fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
-    let env = NixEnv::new("op-wait-int");
-    let (d, w, _, _) = daemon_with_a_held_copy(&env, "wait-int");
-    let (child, out) = wait_on_a_terminal(&d);
-    let script_pid = child.id();
-    let mut child = ChildGuard(Some(child));
-    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    wait_until_diag(
-        Duration::from_secs(30),
-        "progress on the terminal, twice (a rewrite)",
-        || text().matches("waiting: 1 path(s) still queued").count() >= 2,
-        text,
-    );
-    let wait_pids: Vec<u32> = descendants(script_pid)
-        .into_iter()
-        .filter(|p| {
-            fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\0wait\0"))
-        })
-        .collect();
-    assert_eq!(wait_pids.len(), 1, "the wait process under script");
-    signal_pids("INT", &wait_pids);
-    let mut c = child.0.take().unwrap();
-    let mut status = None;
-    wait_until(
-        Duration::from_secs(30),
-        "script to end after SIGINT",
-        || {
-            status = c.try_wait().unwrap();
-            status.is_some()
-        },
-    );
-    std::thread::sleep(Duration::from_millis(200));
-    let shown = text();
-    assert!(
-        shown.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n"),
-        "the terminal is not left on a fresh line: {shown:?}"
-    );
-    assert!(
-        shown.contains("\x1b[1A\r\x1b[Kwaiting: "),
-        "rewritten in place: {shown:?}"
-    );
-    w.set_hold(false);
 }
 
 /// `status` answers an operator's questions: the paths of the nix call in
@@ -1145,21 +862,14 @@ fn wait_interrupted_on_a_terminal_leaves_a_fresh_line() {
 #[test]
 fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     let env = NixEnv::new("op-status-more");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
-    w.set_hold(true);
     let metrics = env.root().join("m.prom");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("metrics-file", &metrics.display().to_string()),
-        ],
+    let (d, w, _, read) = faked(&env, &[("metrics-file", &metrics.display().to_string())]);
+    w.set_hold(true);
+    let (first, later) = (
+        env.build_paths(2, "in-flight"),
+        env.build_paths(3, "spooled"),
     );
-    let first = env.build_paths(2, "in-flight");
-    let later = env.build_paths(3, "spooled");
-    enqueue_cli(&d, &[first[0].clone(), first[1].clone()]);
+    enqueue_cli(&d, &first);
     wait_until(Duration::from_secs(30), "copy held", || {
         !w.copy_pids().is_empty()
     });
@@ -1168,47 +878,34 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     let spool = d.spool_dir();
     fs::create_dir_all(&spool).unwrap();
     let p = strs(&later);
-    fs::write(
-        spool.join("00000000000000000001-1.req"),
-        format!("enqueue {} {}\n", p[0], p[1]),
-    )
-    .unwrap();
-    fs::write(
-        spool.join("00000000000000000002-1.req"),
-        format!("enqueue {}\n", p[2]),
-    )
-    .unwrap();
+    for (n, paths) in [(1, &p[..2]), (2, &p[2..])] {
+        let file = spool.join(format!("0000000000000000000{n}-1.req"));
+        fs::write(file, format!("enqueue {}\n", paths.join(" "))).unwrap();
+    }
 
     let j = status_json(&d);
-    assert_eq!(num(&j, "in_flight"), 2.0, "{j:?}");
-    let mut in_flight: Vec<String> = j
-        .get("in_flight_paths")
-        .and_then(Json::as_array)
-        .unwrap()
+    let mut in_flight: Vec<&str> = list(&j, "in_flight_paths")
         .iter()
-        .filter_map(|v| v.as_str().map(String::from))
+        .filter_map(Json::as_str)
         .collect();
-    in_flight.sort();
+    in_flight.sort_unstable();
     let mut want = strs(&first);
     want.sort();
     assert_eq!(in_flight, want, "{j:?}");
-    assert_eq!(
-        (num(&j, "spool_files"), num(&j, "spool_paths")),
-        (2.0, 3.0),
-        "{j:?}"
-    );
-    assert_eq!(num(&j, "upload_rate_per_minute"), 0.0, "{j:?}");
+    let counts = [
+        "in_flight",
+        "spool_files",
+        "spool_paths",
+        "upload_rate_per_minute",
+    ];
+    assert_eq!(nums(&j, &counts), [2.0, 2.0, 3.0, 0.0], "{j:?}");
     let text = status_text(&d);
     for p in &want {
         assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
     }
-    assert_eq!(
-        (field(&text, "spool files"), field(&text, "spool paths")),
-        ("2", "3"),
-        "{text}"
-    );
+    let shown = ["spool files", "spool paths"].map(|l| field(&text, l));
+    assert_eq!(shown, ["2", "3"], "{text}");
     wait_for_metrics(&d, &metrics, &[("spool_files", 2.0), ("spool_paths", 3.0)]);
-    println!("status during a held upload with a spool backlog:\n{text}");
 
     w.set_hold(false);
     cli_ok(&d, &["wait", "--timeout", "120"]);
@@ -1217,156 +914,97 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     });
     let j = status_json(&d);
     assert_eq!(
-        (num(&j, "spool_files"), num(&j, "spool_paths")),
-        (0.0, 0.0),
+        nums(&j, &["spool_files", "spool_paths"]),
+        [0.0, 0.0],
         "{j:?}"
     );
-    assert_eq!(
-        j.get("in_flight_paths").and_then(Json::as_array),
-        Some(&[][..])
-    );
+    assert!(list(&j, "in_flight_paths").is_empty(), "{j:?}");
     assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
     let text = status_text(&d);
-    assert!(field(&text, "uploaded") == "5 since start", "{text}");
-    assert_eq!(field(&text, "spool files"), "0", "{text}");
+    let shown = ["uploaded", "spool files"].map(|l| field(&text, l));
+    assert_eq!(shown, ["5 since start", "0"], "{text}");
 }
 
-// ---------------------------------------------------------------------------
-// Poison paths: failure has an end
-// ---------------------------------------------------------------------------
+// --- Poison paths: failure has an end
 
-/// Paths that can never upload (the wrapper refuses them while the target
-/// takes the others) are given up on after `max-attempts`: `wait` exits 1
-/// naming them with the error instead of blocking; `status` (text and JSON)
-/// and the metrics show them; they stay given up on across a restart and
-/// are not tried again; `requeue PATH` tries one again once mended, `drop
-/// --all-failed` drops the other; both are logged and hold across a restart.
+/// Paths the cache refuses are given up on after `max-attempts`: `wait`
+/// exits 1 naming them, `status` and the metrics show them, a restart keeps
+/// them so; `requeue PATH` and `drop --all-failed` end them, logged, for good.
 #[test]
 fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     let env = NixEnv::new("op-given-up");
-    let (upload, read) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
-    w.set_poison(true);
     let metrics = env.root().join("metrics.prom");
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("max-attempts", "3"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-            ("metrics-file", &metrics.display().to_string()),
-        ],
+    let file = metrics.display().to_string();
+    let config = [("max-attempts", "3"), ("metrics-file", file.as_str())];
+    let (mut d, w, _, read) = faked(&env, &[&config[..], &FAST_RETRY].concat());
+    w.set_poison(true);
+    let (good, poison) = (env.build_paths(2, "fine"), env.build_paths(2, "poison"));
+    let p = strs(&poison);
+    enqueue_cli(
+        &d,
+        &[&good[..1], &poison[..1], &good[1..], &poison[1..]].concat(),
     );
-    let good = env.build_paths(2, "fine");
-    let poison = env.build_paths(2, "poison");
-    let (p1, p2) = (
-        poison[0].display().to_string(),
-        poison[1].display().to_string(),
-    );
-    let all: Vec<PathBuf> = vec![
-        good[0].clone(),
-        poison[0].clone(),
-        good[1].clone(),
-        poison[1].clone(),
-    ];
-    enqueue_cli(&d, &all);
 
     // `wait` ends (its timeout is only a bound for a broken daemon) and
     // names both poison paths with the error.
     let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(1), "{r:?}");
-    assert!(
-        r.stderr.contains("2 path(s) failed and were given up on")
-            && r.stderr.contains(&p1)
-            && r.stderr.contains(&p2)
-            && r.stderr.contains("refusing a poison path"),
-        "{r:?}"
-    );
-    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
-    for p in &good {
-        assert!(
-            env.is_valid_in(&read, p),
-            "good path {} not uploaded",
-            p.display()
-        );
-    }
+    assert_eq!((r.code, r.stderr.lines().count()), (Some(1), 1), "{r:?}");
+    let named = [
+        &p[0],
+        &p[1],
+        "2 path(s) failed and were given up on",
+        "refusing a poison path",
+    ];
+    assert!(contains_all(&r.stderr, &named), "{r:?}");
+    assert_in(&env, &read, &good, true);
 
     let j = status_json(&d);
-    assert_eq!(num(&j, "queued"), 2.0, "{j:?}");
-    assert_eq!(num(&j, "failed"), 2.0, "{j:?}");
-    assert_eq!(num(&j, "backing_off"), 0.0, "no longer retried: {j:?}");
-    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
-    let mut listed: Vec<&str> = failed
-        .iter()
-        .filter_map(|f| f.get("path")?.as_str())
-        .collect();
+    let counts = nums(&j, &["queued", "failed", "backing_off"]);
+    assert_eq!(counts, [2.0, 2.0, 0.0], "no longer retried: {j:?}");
+    let failed = list(&j, "failed_paths");
+    let mut listed: Vec<&str> = failed.iter().filter_map(|f| jstr(f, "path")).collect();
     listed.sort_unstable();
-    let mut want = vec![p1.as_str(), p2.as_str()];
-    want.sort_unstable();
+    let mut want = p.clone();
+    want.sort();
     assert_eq!(listed, want, "{j:?}");
     for f in failed {
-        assert!(num(f, "attempts") >= 3.0, "{f:?}");
-        assert!(num(f, "given_up_seconds_ago") >= 0.0, "{f:?}");
-        let e = f.get("last_error").and_then(Json::as_str).unwrap();
+        let times = (num(f, "attempts"), num(f, "given_up_seconds_ago"));
+        assert!(times.0 >= 3.0 && times.1 >= 0.0, "{f:?}");
+        let e = jstr(f, "last_error").unwrap();
         assert!(
-            e.contains("nix copy failed") && e.contains("refusing a poison path"),
+            contains_all(e, &["nix copy failed", "refusing a poison path"]),
             "{e}"
         );
     }
     let text = status_text(&d);
     assert_eq!(field(&text, "failed"), "2", "{text}");
-    for p in [&p1, &p2] {
-        assert!(
-            text.lines().any(|l| l.contains(p.as_str())
-                && l.contains("FAILED")
-                && l.contains("refusing a poison path")),
-            "{text}"
-        );
-    }
     wait_for_metrics(&d, &metrics, &[("failed", 2.0), ("given_up_total", 2.0)]);
     let log = d.log();
-    for p in [&p1, &p2] {
+    for p in &p {
         assert!(
-            log.lines().any(|l| l.starts_with("warning:")
-                && l.contains("giving up on")
-                && l.contains(p.as_str())),
-            "{log}"
+            has_line(&text, "", &[p, "FAILED", "refusing a poison path"]),
+            "{text}"
         );
+        assert!(has_line(&log, "warning:", &["giving up on", p]), "{log}");
     }
-    println!("status with paths given up on:\n{text}");
 
     // Journaled: after a restart they are still given up on, not tried.
     let copies = w.copy_pids().len();
     d.restart();
+    let journal = |d: &Daemon| fs::read_to_string(d.journal_path()).unwrap_or_default();
     let j = status_json(&d);
-    assert_eq!(
-        num(&j, "failed"),
-        2.0,
-        "after restart: {j:?}\n{}",
-        fs::read_to_string(d.journal_path()).unwrap_or_default()
-    );
-    // A later wait (another CI job's, say) does not wait for them, and does
-    // not fail for them: they were given up on before it.
+    assert_eq!(num(&j, "failed"), 2.0, "{j:?}\n{}", journal(&d));
+    // A later wait (another CI job's, say) neither waits nor fails for them.
     let r = cli_ok(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(
-        r.stdout,
-        "all uploaded, but for 2 path(s) given up on before this wait (see status)\n"
-    );
-    assert_eq!(
-        w.copy_pids().len(),
-        copies,
-        "a path given up on was tried after the restart"
-    );
+    let before = "all uploaded, but for 2 path(s) given up on before this wait (see status)\n";
+    assert_eq!(r.stdout, before);
+    assert_eq!(w.copy_pids().len(), copies, "a path given up on was tried");
 
     // Mended: requeue one; drop the rest.
     w.set_poison(false);
-    let r = cli_ok(&d, &["requeue", &p1]);
-    assert_eq!(
-        r.stdout,
-        "requeued 1 of 1 path(s) given up on; they are tried again\n"
-    );
+    let r = cli_ok(&d, &["requeue", &p[0]]);
+    let requeued = "requeued 1 of 1 path(s) given up on; they are tried again\n";
+    assert_eq!(r.stdout, requeued);
     wait_until(UPLOAD_TIMEOUT, "the requeued path uploaded", || {
         env.is_valid_in(&read, &poison[0])
     });
@@ -1377,77 +1015,60 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     );
     cli_ok(&d, &["wait", "--timeout", "120"]);
     let log = d.log();
-    assert!(log.contains(&format!("requeued {p1}")), "{log}");
+    assert!(log.contains(&format!("requeued {}", p[0])), "{log}");
+    let dropping = format!("dropping {}", p[1]);
     assert!(
-        log.lines().any(|l| l.starts_with("warning:")
-            && l.contains(&format!("dropping {p2}"))
-            && l.contains("operator")),
+        has_line(&log, "warning:", &[&dropping, "operator"]),
         "{log}"
     );
-    assert!(!env.is_valid_in(&read, &poison[1]));
+    assert_in(&env, &read, &poison[1..], false);
     d.restart();
     let j = status_json(&d);
-    assert_eq!(
-        (num(&j, "queued"), num(&j, "failed")),
-        (0.0, 0.0),
-        "{j:?}\n{}",
-        fs::read_to_string(d.journal_path()).unwrap_or_default()
-    );
-    // Nothing to requeue or drop now.
+    let counts = nums(&j, &["queued", "failed"]);
+    assert_eq!(counts, [0.0, 0.0], "{j:?}\n{}", journal(&d));
     let r = cli(&d, &["requeue", "--all-failed"]);
-    assert_eq!(
-        r.stdout, "requeued 0 path(s) given up on; they are tried again\n",
-        "{r:?}"
-    );
+    let requeued = "requeued 0 path(s) given up on; they are tried again\n";
+    assert_eq!(r.stdout, requeued, "{r:?}");
 }
 
-/// Failures while the target is down do not count towards `max-attempts`
-/// (the one-path canary fails too, or the target does not answer `nix store
-/// ping`): paths keep backing off through an outage. Nor does
-/// `give-up-after`: paths queued long ago, failing for longer than it after
-/// a restart, are still not given up on.
+/// Failures while the target is down (the one-path canary fails too, or the
+/// target does not answer `nix store ping`) count towards neither
+/// `max-attempts` nor `give-up-after`: paths queued long ago keep backing
+/// off through an outage, even after a restart.
 #[test]
 fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
     let env = NixEnv::with_conf("op-outage", "download-attempts = 1");
-    let port = free_port();
-    let target = format!("http://127.0.0.1:{port}/cache");
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &target),
-            ("max-attempts", "2"),
-            ("give-up-after", "0"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
-    );
+    let target = format!("http://127.0.0.1:{}/cache", free_port());
+    let config = [("upload-to", target.as_str()), ("max-attempts", "2")];
+    let config = [&config[..], &FAST_RETRY, &[("give-up-after", "0")]].concat();
+    let mut d = Daemon::start(&env, &config);
     let paths = env.build_paths(3, "outage");
-    // One alone first (the ping decides), then two together (the canary).
-    cli_ok(&d, &["enqueue", &paths[0].display().to_string()]);
     let attempts = |d: &Daemon| -> Vec<f64> {
-        status_json(d)
-            .get("backoff")
-            .and_then(Json::as_array)
-            .map(|b| b.iter().map(|e| num(e, "attempts")).collect())
-            .unwrap_or_default()
+        let j = status_json(d);
+        list(&j, "backoff")
+            .iter()
+            .map(|e| num(e, "attempts"))
+            .collect()
     };
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "a lone path failing 4 times against a dead target",
-        || attempts(&d).first().is_some_and(|a| *a >= 4.0),
-    );
-    enqueue_cli(&d, &[paths[1].clone(), paths[2].clone()]);
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "three paths failing 4 times or more",
-        || {
-            let a = attempts(&d);
-            a.len() == 3 && a.iter().all(|n| *n >= 4.0)
-        },
-    );
-    let j = status_json(&d);
-    assert_eq!(num(&j, "failed"), 0.0, "an outage made paths fail: {j:?}");
-    assert!(!d.log().contains("giving up"));
+    let all_failing = |d: &Daemon, n: f64| {
+        let a = attempts(d);
+        a.len() == 3 && a.iter().all(|a| *a >= n)
+    };
+    let none_given_up = |d: &Daemon| {
+        let j = status_json(d);
+        assert_eq!(num(&j, "failed"), 0.0, "an outage made paths fail: {j:?}");
+        assert!(!d.log().contains("giving up"), "{}", d.log());
+    };
+    // One alone first (the ping decides), then two together (the canary).
+    enqueue_cli(&d, &paths[..1]);
+    wait_until(UPLOAD_TIMEOUT, "a lone path failing 4 times", || {
+        attempts(&d).first().is_some_and(|a| *a >= 4.0)
+    });
+    enqueue_cli(&d, &paths[1..]);
+    wait_until(UPLOAD_TIMEOUT, "three paths failing 4 times", || {
+        all_failing(&d, 4.0)
+    });
+    none_given_up(&d);
 
     // A day is long; a second will do here. Queued more than a second ago
     // and failing for more than a second after the restart (16 attempts of
@@ -1455,155 +1076,13 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
     std::thread::sleep(Duration::from_millis(1100));
     d.set_config("give-up-after", "1");
     d.restart();
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "three paths failing 16 times after the restart",
-        || {
-            let a = attempts(&d);
-            a.len() == 3 && a.iter().all(|n| *n >= 16.0)
-        },
-    );
-    let j = status_json(&d);
-    assert_eq!(num(&j, "failed"), 0.0, "an outage ended paths: {j:?}");
-    assert!(!d.log().contains("giving up"), "{}", d.log());
+    wait_until(UPLOAD_TIMEOUT, "three paths failing 16 times", || {
+        all_failing(&d, 16.0)
+    });
+    none_given_up(&d);
 }
 
-/// A journal written before paths could be given up on (`+` and `-`
-/// records only) replays: its paths are uploaded.
-#[test]
-fn journal_of_the_previous_format_replays() {
-    let env = NixEnv::new("op-oldjournal");
-    let (upload, read) = file_cache(&env, "cache");
-    let mut d = Daemon::new_stopped(&env, &[("upload-to", upload.as_str())], NO_ENV);
-    let paths = env.build_paths(3, "old");
-    let p = strs(&paths);
-    fs::create_dir_all(d.state_dir()).unwrap();
-    fs::write(
-        d.state_dir().join("journal"),
-        format!(
-            "+ 1700000000 {}\n+ 1700000001 {}\n- {}\n+ 1700000002 {}\n",
-            p[0], p[1], p[0], p[2]
-        ),
-    )
-    .unwrap();
-    d.try_spawn().unwrap();
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "the two live paths of the old journal uploaded",
-        || env.is_valid_in(&read, &paths[1]) && env.is_valid_in(&read, &paths[2]),
-    );
-    assert!(
-        !env.is_valid_in(&read, &paths[0]),
-        "a done path was uploaded"
-    );
-    assert!(!d.log().contains("unreadable"));
-}
-
-// ---------------------------------------------------------------------------
-// Rough edges a first-time user hit
-// ---------------------------------------------------------------------------
-
-/// Every subcommand answers `--help` (exit 0, its own usage, no daemon
-/// needed); `enqueue ./result` queues the store path the link leads to; a
-/// path that does not exist is refused in one line, nothing queued; a
-/// mistyped setting (file or flag) names the nearest known key.
-#[test]
-fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
-    let env = NixEnv::new("op-edges");
-    let (upload, read) = file_cache(&env, "cache");
-    let d = Daemon::start(&env, &[("upload-to", &upload)]);
-    for command in ["enqueue", "status", "wait", "retry", "requeue", "drop"] {
-        for help in ["--help", "-h"] {
-            let r: Ran = run(d
-                .cli_cmd()
-                .args([command, help])
-                .arg("--socket")
-                .arg("/nonexistent/s"))
-            .into();
-            assert_eq!(r.code, Some(0), "{command} {help}: {r:?}");
-            assert!(
-                r.stdout
-                    .starts_with(&format!("Usage: post-build-hook-queue {command} ")),
-                "{command} {help}: {r:?}"
-            );
-        }
-    }
-    let r: Ran = run(d.cli_cmd().args(["serve", "--help"])).into();
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert!(
-        r.stdout.contains("max-attempts") && r.stdout.contains("requeue"),
-        "{r:?}"
-    );
-
-    // ./result, relative to the working directory, and a link to a link.
-    let built = env.build_paths(2, "edges");
-    let work = env.root().join("work");
-    fs::create_dir_all(&work).unwrap();
-    std::os::unix::fs::symlink(&built[0], work.join("result")).unwrap();
-    std::os::unix::fs::symlink(&built[1], work.join("result-2")).unwrap();
-    std::os::unix::fs::symlink("result-2", work.join("again")).unwrap();
-    let mut c = d.cli_cmd();
-    c.current_dir(&work)
-        .args(["enqueue", "./result", "again", "--socket"])
-        .arg(d.socket());
-    let r: Ran = run(&mut c).into();
-    assert_eq!(r.code, Some(0), "{r:?}");
-    assert_eq!(r.stdout, "queued 2 new path(s); 0 were already queued\n");
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "the store paths behind the links uploaded",
-        || built.iter().all(|p| env.is_valid_in(&read, p)),
-    );
-
-    // Missing: refused, one line, nothing queued.
-    let gone = missing_path(&env, "op-edges-gone");
-    std::os::unix::fs::symlink(&gone, work.join("dangling")).unwrap();
-    let dangling = work.join("dangling").display().to_string();
-    for (arg, says) in [(&gone, gone.as_str()), (&dangling, gone.as_str())] {
-        let r = cli(&d, &["enqueue", &built[0].display().to_string(), arg]);
-        assert_eq!(r.code, Some(2), "{arg}: {r:?}");
-        assert_eq!(r.stdout, "", "{arg}: {r:?}");
-        assert_eq!(r.stderr.lines().count(), 1, "{arg}: {r:?}");
-        assert!(
-            r.stderr.contains("does not exist")
-                && r.stderr.contains(says)
-                && r.stderr.contains("nothing was queued"),
-            "{arg}: {r:?}"
-        );
-    }
-    assert_eq!(num(&status_json(&d), "queued"), 0.0);
-    assert!(
-        !d.log().contains("op-edges-gone"),
-        "the daemon logged the missing path"
-    );
-
-    // Mistyped keys, in the file and as a flag.
-    let mut bad = Daemon::new_stopped(&env, &[("uplaod-to", upload.as_str())], NO_ENV);
-    assert!(bad.try_spawn().is_err());
-    assert!(bad.log().contains("did you mean \"upload-to\"?"));
-    assert_eq!(bad.log().lines().count(), 1);
-    let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
-    assert_eq!(r.code, Some(78), "{r:?}");
-    assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
-    // The same target twice (a password aside) is refused, not taken as
-    // two (private socket and state, should it start all the same).
-    let own = env.root().join("second-target");
-    let r: Ran = run(d
-        .cli_cmd()
-        .args(["serve", "--upload-to", "ssh://u:one@mirror"])
-        .args(["--upload-to", "ssh://u:two@mirror", "--socket"])
-        .arg(own.join("s.sock"))
-        .arg("--state-dir")
-        .arg(&own))
-    .into();
-    assert_eq!(r.code, Some(78), "{r:?}");
-    assert!(
-        r.stderr.contains("is given twice")
-            && !r.stderr.contains("one@")
-            && r.stderr.lines().count() == 1,
-        "{r:?}"
-    );
-}
+// --- The journal
 
 /// The journal's name for a target: FNV-1a (64 bits) of its URL, in 16
 /// hex digits (the URL here holds no secret to mask).
@@ -1616,51 +1095,129 @@ fn target_id(url: &str) -> String {
     format!("{h:016x}")
 }
 
-/// Per-target records (`>`: a target has the path; `!`: given up on for a
-/// target; `=`: requeued), as a daemon with several targets writes them,
-/// replay: a path the configured target has is done at start without an
-/// upload; one only another target has, or given up on for another target,
-/// is uploaded to this one.
+/// Journals replay: one of `+` and `-` records only (an older daemon's), and
+/// one with the records of several targets (`>` has it, `!` given up on,
+/// `=` requeued): a path done or this target has is not uploaded; one only
+/// another target has, or given up on for another, is.
 #[test]
-fn journal_records_of_several_targets_replay() {
-    let env = NixEnv::new("op-targets-journal");
-    let (upload, read) = file_cache(&env, "cache");
-    let mut d = Daemon::new_stopped(&env, &[("upload-to", upload.as_str())], NO_ENV);
-    let paths = env.build_paths(4, "targets");
-    let p = strs(&paths);
-    let (ours, other) = (target_id(&upload), target_id("ssh-ng://mirror"));
-    fs::create_dir_all(d.state_dir()).unwrap();
-    fs::write(
-        d.state_dir().join("journal"),
-        format!(
-            "+ 1700000000 {p0}\n+ 1700000001 {p1}\n+ 1700000002 {p2}\n+ 1700000003 {p3}\n\
-             > {ours} {p0}\n> {other} {p1}\n! 1700000009 {other} 10 {p2} nix copy failed: x\n\
-             ! 1700000009 {ours} 10 {p3} nix copy failed: y\n= 1700000010 * {p3}\n",
-            p0 = p[0],
-            p1 = p[1],
-            p2 = p[2],
-            p3 = p[3],
-        ),
-    )
-    .unwrap();
-    d.try_spawn().unwrap();
-    let r = cli_ok(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.stdout, "all uploaded\n", "{r:?}");
-    assert!(
-        !env.is_valid_in(&read, &paths[0]),
-        "the target had it already"
-    );
-    for q in &paths[1..] {
-        assert!(env.is_valid_in(&read, q), "{} not uploaded", q.display());
+fn journal_records_replay() {
+    let env = NixEnv::new("op-journals");
+    let paths = env.build_paths(4, "journal");
+    let [p0, p1, p2, p3] = [0, 1, 2, 3].map(|i| paths[i].display().to_string());
+    for (cache, uploaded) in [("old", 3), ("targets", 4)] {
+        let (upload, read) = file_cache(&env, cache);
+        let (ours, other) = (target_id(&upload), target_id("ssh-ng://mirror"));
+        let journal = match cache {
+            "old" => format!("+ 1700000000 {p0}\n+ 1700000001 {p1}\n- {p0}\n+ 1700000002 {p2}\n"),
+            _ => format!(
+                "+ 1700000000 {p0}\n+ 1700000001 {p1}\n+ 1700000002 {p2}\n+ 1700000003 {p3}\n\
+                 > {ours} {p0}\n> {other} {p1}\n! 1700000009 {other} 10 {p2} nix copy failed: x\n\
+                 ! 1700000009 {ours} 10 {p3} nix copy failed: y\n= 1700000010 * {p3}\n"
+            ),
+        };
+        let mut d = Daemon::new_stopped(&env, &[("upload-to", upload.as_str())], NO_ENV);
+        fs::create_dir_all(d.state_dir()).unwrap();
+        fs::write(d.journal_path(), journal).unwrap();
+        d.try_spawn().unwrap();
+        let r = cli_ok(&d, &["wait", "--timeout", "120"]);
+        assert_eq!(r.stdout, "all uploaded\n", "{cache}: {r:?}");
+        assert_in(&env, &read, &paths[..1], false);
+        assert_in(&env, &read, &paths[1..uploaded], true);
+        let j = status_json(&d);
+        assert_eq!(nums(&j, &["queued", "failed"]), [0.0, 0.0], "{j:?}");
+        assert!(!d.log().contains("unreadable"), "{cache}: {}", d.log());
     }
-    let j = status_json(&d);
-    assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");
-    assert!(!d.log().contains("unreadable"));
 }
 
-// ---------------------------------------------------------------------------
-// The target, checked at start
-// ---------------------------------------------------------------------------
+// --- Rough edges a first-time user hit; the target, checked at start
+
+/// The one line a daemon with `config` logs as it refuses to start: exit
+/// 78, before it listens.
+fn refused_start(env: &NixEnv, config: &[(&str, &str)]) -> String {
+    let mut d = Daemon::new_stopped(env, config, NO_ENV);
+    let e = d.try_spawn().expect_err("a daemon that should not start");
+    let log = d.log();
+    assert!(e.contains("exit status: 78"), "{e}");
+    assert_eq!(log.lines().count(), 1, "one line: {log}");
+    assert!(!d.socket().exists(), "the daemon listened: {log}");
+    log
+}
+
+/// Every subcommand answers `--help` without a daemon; `enqueue ./result`
+/// follows the link; a missing path is refused in one line, nothing queued;
+/// a mistyped setting names the nearest key.
+#[test]
+fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
+    let env = NixEnv::new("op-edges");
+    let (upload, read) = file_cache(&env, "cache");
+    let d = Daemon::start(&env, &[("upload-to", &upload)]);
+    for command in ["enqueue", "status", "wait", "retry", "requeue", "drop"] {
+        let usage = format!("Usage: post-build-hook-queue {command} ");
+        for help in ["--help", "-h"] {
+            let args = [command, help, "--socket", "/nonexistent/s"];
+            let r: Ran = run(d.cli_cmd().args(args)).into();
+            let usage_shown = r.stdout.starts_with(&usage);
+            assert!(r.code == Some(0) && usage_shown, "{command} {help}: {r:?}");
+        }
+    }
+    let r: Ran = run(d.cli_cmd().args(["serve", "--help"])).into();
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(
+        contains_all(&r.stdout, &["max-attempts", "requeue"]),
+        "{r:?}"
+    );
+
+    // ./result, relative to the working directory, and a link to a link.
+    let built = env.build_paths(2, "edges");
+    let work = env.root().join("work");
+    fs::create_dir_all(&work).unwrap();
+    symlink(&built[0], work.join("result")).unwrap();
+    symlink(&built[1], work.join("result-2")).unwrap();
+    symlink("result-2", work.join("again")).unwrap();
+    let mut c = d.cli_cmd();
+    c.current_dir(&work).args(["enqueue", "./result", "again"]);
+    let r: Ran = run(c.arg("--socket").arg(d.socket())).into();
+    let queued = "queued 2 new path(s); 0 were already queued\n";
+    assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
+    wait_until(
+        UPLOAD_TIMEOUT,
+        "the paths behind the links uploaded",
+        || built.iter().all(|p| env.is_valid_in(&read, p)),
+    );
+
+    // Missing: refused, one line, nothing queued.
+    let gone = missing_path(&env, "op-edges-gone");
+    symlink(&gone, work.join("dangling")).unwrap();
+    let dangling = work.join("dangling").display().to_string();
+    for arg in [&gone, &dangling] {
+        let r = cli(&d, &["enqueue", &built[0].display().to_string(), arg]);
+        let said = (r.code, r.stdout.as_str(), r.stderr.lines().count());
+        assert_eq!(said, (Some(2), "", 1), "{arg}: {r:?}");
+        let refused = ["does not exist", &gone, "nothing was queued"];
+        assert!(contains_all(&r.stderr, &refused), "{arg}: {r:?}");
+    }
+    assert_eq!(num(&status_json(&d), "queued"), 0.0);
+    let logged = d.log().contains("op-edges-gone");
+    assert!(!logged, "the daemon logged the missing path");
+
+    // Mistyped keys, in the file and as a flag.
+    let log = refused_start(&env, &[("uplaod-to", upload.as_str())]);
+    assert!(log.contains("did you mean \"upload-to\"?"), "{log}");
+    let r: Ran = run(d.cli_cmd().args(["serve", "--max-atempts", "3"])).into();
+    assert_eq!(r.code, Some(78), "{r:?}");
+    assert!(r.stderr.contains("did you mean \"max-attempts\"?"), "{r:?}");
+    // The same target twice (a password aside) is refused, not taken as
+    // two (private socket and state, should it start all the same).
+    let own = env.root().join("second-target");
+    let mut c = d.cli_cmd();
+    c.args(["serve", "--upload-to", "ssh://u:one@mirror"]);
+    c.args(["--upload-to", "ssh://u:two@mirror", "--socket"]);
+    c.arg(own.join("s.sock")).arg("--state-dir").arg(&own);
+    let r: Ran = run(&mut c).into();
+    assert_eq!((r.code, r.stderr.lines().count()), (Some(78), 1), "{r:?}");
+    let twice = r.stderr.contains("is given twice") && !r.stderr.contains("one@");
+    assert!(twice, "{r:?}");
+}
 
 /// A mistyped target (an unknown kind of store, or no store URL at all)
 /// stops the daemon with exit 78 and nix's reason, before it listens; a
@@ -1669,172 +1226,100 @@ fn journal_records_of_several_targets_replay() {
 fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
     let env = NixEnv::with_conf("op-target", "download-attempts = 1");
     let cache = env.root().join("cache").display().to_string();
-    for url in [format!("fiel://{cache}"), "cache.example.org".to_string()] {
-        let mut d = Daemon::new_stopped(&env, &[("upload-to", url.as_str())], NO_ENV);
-        let e = d.try_spawn().expect_err(&url);
-        assert!(e.contains("exit status: 78"), "{url}: {e}");
-        let log = d.log();
-        let lines: Vec<&str> = log.lines().collect();
-        assert_eq!(lines.len(), 1, "{url}: one line: {log}");
+    for url in [
+        format!("fiel://{cache}"),
+        "cache.example.org".into(),
+        "fiel:///x".into(),
+    ] {
+        let log = refused_start(&env, &[("upload-to", url.as_str())]);
+        let start = format!("post-build-hook-queue: upload-to {url}: ");
+        // `store info` from Nix 2.19 on, `store ping` before.
+        let nix_said = (log.split_once("nix store ping failed"))
+            .or_else(|| log.split_once("nix store info failed"))
+            .map(|(_, said)| said);
         assert!(
-            lines[0].starts_with(&format!("post-build-hook-queue: upload-to {url}: "))
-                // `store info` from Nix 2.19 on, `store ping` before.
-                && (lines[0].contains("nix store ping failed")
-                    || lines[0].contains("nix store info failed")),
+            log.starts_with(&start) && nix_said.is_some(),
             "{url}: {log}"
         );
-        assert!(!d.socket().exists(), "{url}: the daemon listened");
+        // Nix's own reason, whatever its version's words: an error that
+        // names the scheme (Nix 2.8 quotes the URL, 2.26 the scheme).
+        let reason = nix_said.is_some_and(|s| contains_all(s, &["error:", "fiel"]));
+        assert!(reason || url != "fiel:///x", "{log}");
     }
-    // Nix's own reason, whatever its version's words: an error that names
-    // the scheme (Nix 2.8 quotes the URL, 2.26 the scheme).
-    let mut d = Daemon::new_stopped(&env, &[("upload-to", "fiel:///x")], NO_ENV);
-    assert!(d.try_spawn().is_err());
-    let log = d.log();
-    let nix_said = (log.split_once("nix store ping failed"))
-        .or_else(|| log.split_once("nix store info failed"))
-        .map_or("", |(_, r)| r);
-    assert!(
-        nix_said.contains("error:") && nix_said.contains("fiel"),
-        "{log}"
-    );
 
-    let port = free_port();
-    let target = format!("http://127.0.0.1:{port}/cache");
+    let target = format!("http://127.0.0.1:{}/cache", free_port());
     let d = Daemon::start(&env, &[("upload-to", &target)]);
-    wait_until(
-        Duration::from_secs(30),
-        "a warning that the target does not answer",
-        || {
-            d.log().lines().any(|l| {
-                l.starts_with("warning:")
-                    && l.contains(&format!("upload-to {target}"))
-                    && l.contains("starting anyway")
-            })
-        },
-    );
+    let upload_to = format!("upload-to {target}");
+    wait_until(Duration::from_secs(30), "a warning of no answer", || {
+        has_line(&d.log(), "warning:", &[&upload_to, "starting anyway"])
+    });
     assert_eq!(field(&status_text(&d), "target"), target);
 }
 
-// ---------------------------------------------------------------------------
-// Any uploader
-// ---------------------------------------------------------------------------
-
-/// `upload-command` runs an uploader with the paths as its last arguments,
-/// with the queue's durability, batching and retries: here `nix copy`
-/// itself, through a [`FakeNix`] (a real uploader to a file cache),
-/// failing for a while and then delivering. Its words are run as words,
-/// never by a shell; a program that is not there stops the daemon (exit 78).
+/// `upload-command` (here `nix copy` through a [`FakeNix`]) gets the paths
+/// as its last arguments, with retries; no shell runs its words; a missing
+/// program stops the daemon; beside `upload-to` it is one more target.
 #[test]
 fn upload_command_delivers_with_retries_and_without_a_shell() {
     let env = NixEnv::new("op-uploader");
     let (upload, read) = file_cache(&env, "cache");
     let w = FakeNix::new(&env);
     w.set_fail(true);
-    let command = format!(
-        "{} --extra-experimental-features nix-command copy --to {upload}",
-        w.nix()
-    );
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-command", command.as_str()),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
-    );
+    let copy_to = |to: &str| {
+        let nix = w.nix();
+        format!("{nix} --extra-experimental-features nix-command copy --to {to}")
+    };
+    let command = copy_to(&upload);
+    let config = [("upload-command", command.as_str())];
+    let d = Daemon::start(&env, &[&config[..], &FAST_RETRY].concat());
     let paths = env.build_paths(3, "uploader");
     enqueue_cli(&d, &paths);
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "the uploader failing, the paths backing off",
-        || {
-            let j = status_json(&d);
-            num(&j, "backing_off") == 3.0 && num(&j, "failed_calls") >= 2.0
-        },
-    );
+    wait_until(UPLOAD_TIMEOUT, "the uploader failing", || {
+        let j = status_json(&d);
+        num(&j, "backing_off") == 3.0 && num(&j, "failed_calls") >= 2.0
+    });
     let j = status_json(&d);
-    assert_eq!(
-        j.get("target").and_then(Json::as_str),
-        Some(format!("upload-command: {command}").as_str()),
-        "{j:?}"
-    );
-    let err = j.get("backoff").and_then(Json::as_array).unwrap()[0]
-        .get("last_error")
-        .and_then(Json::as_str)
-        .unwrap()
-        .to_string();
-    assert!(
-        err.starts_with("upload-command failed (exit status 1): fake nix: injected failure"),
-        "{err}"
-    );
-    assert!(paths.iter().all(|p| !env.is_valid_in(&read, p)));
+    let label = format!("upload-command: {command}");
+    assert_eq!(jstr(&j, "target"), Some(label.as_str()), "{j:?}");
+    let err = jstr(&list(&j, "backoff")[0], "last_error").unwrap();
+    let failed = "upload-command failed (exit status 1): fake nix: injected failure";
+    assert!(err.starts_with(failed), "{err}");
+    assert_in(&env, &read, &paths, false);
     w.set_fail(false);
     cli_ok(&d, &["wait", "--timeout", "120"]);
-    for p in &paths {
-        assert!(
-            env.is_valid_in(&read, p),
-            "{} not in the cache",
-            p.display()
-        );
-    }
+    assert_in(&env, &read, &paths, true);
     assert!(!w.copy_pids().is_empty(), "the uploader ran");
 
     // Words that a shell would act on are arguments like any other.
     let marker = env.root().join("shell-ran");
-    let words = format!(
-        "/bin/echo $(touch {m}) ;touch {m} |touch {m}",
-        m = marker.display()
-    );
+    let m = marker.display();
+    let words = format!("/bin/echo $(touch {m}) ;touch {m} |touch {m}");
     let d2 = Daemon::start(&env, &[("upload-command", words.as_str())]);
-    cli_ok(&d2, &["enqueue", &paths[0].display().to_string()]);
+    enqueue_cli(&d2, &paths[..1]);
     cli_ok(&d2, &["wait", "--timeout", "120"]);
     assert!(!marker.exists(), "upload-command went through a shell");
 
-    let mut d3 = Daemon::new_stopped(
-        &env,
-        &[("upload-command", "/nonexistent/cachix push c")],
-        NO_ENV,
-    );
-    let e = d3.try_spawn().expect_err("a missing uploader");
-    assert!(e.contains("exit status: 78"), "{e}");
-    assert!(d3
-        .log()
-        .contains("upload-command: /nonexistent/cachix is not an executable file"));
-    // Beside upload-to, the uploader is one more target: both get a path.
+    let log = refused_start(&env, &[("upload-command", "/nonexistent/cachix push c")]);
+    let said = "upload-command: /nonexistent/cachix is not an executable file";
+    assert!(log.contains(said), "{log}");
+
     let (upload2, read2) = file_cache(&env, "cache-beside");
-    let beside = format!(
-        "{} --extra-experimental-features nix-command copy --to {upload2}",
-        w.nix()
-    );
-    let d4 = Daemon::start(
-        &env,
-        &[
-            ("upload-command", beside.as_str()),
-            ("upload-to", upload.as_str()),
-        ],
-    );
+    let beside = copy_to(&upload2);
+    let config = [("upload-command", beside.as_str()), ("upload-to", &upload)];
+    let d4 = Daemon::start(&env, &config);
     let fresh = env.build_paths(1, "uploader-beside");
     enqueue_cli(&d4, &fresh);
     cli_ok(&d4, &["wait", "--timeout", "120"]);
-    assert!(
-        env.is_valid_in(&read, &fresh[0]),
-        "upload-to did not get it"
-    );
-    assert!(
-        env.is_valid_in(&read2, &fresh[0]),
-        "the uploader did not get it"
-    );
+    assert_in(&env, &read, &fresh, true);
+    assert_in(&env, &read2, &fresh, true);
 }
 
-// ---------------------------------------------------------------------------
-// SIGTERM
-// ---------------------------------------------------------------------------
+// --- SIGTERM
 
 /// The nix calls run with no signal blocked, although the daemon blocks
-/// SIGTERM and SIGINT in its own threads to receive them in order: every
-/// call of a [`FakeNix`] (for `nix` and `nix-store`) writes down the
-/// `SigBlk` it was started with, before it runs any other program, and a
-/// held `nix copy` ends on `kill -TERM`, as it would on systemd's stop.
+/// SIGTERM and SIGINT in its threads: every call of a [`FakeNix`] (`nix`
+/// and `nix-store`) writes down the `SigBlk` it was started with before it
+/// runs any other program, and a held `nix copy` ends on `kill -TERM`.
 #[test]
 fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     let env = NixEnv::new("op-sigmask");
@@ -1852,22 +1337,19 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
         )
     };
     let w = FakeNix::with_preludes(&env, &record("nix"), &record("nix-store"));
-    let nix = w.nix();
-    let key = sk.display().to_string();
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &key),
-            ("upload-to", &upload),
-            ("nix", &nix),
-        ],
-    );
+    let (nix, key) = (w.nix(), sk.display().to_string());
+    let config = [
+        ("signing-key-file", &key),
+        ("upload-to", &upload),
+        ("nix", &nix),
+    ];
+    let mut d = Daemon::start(&env, &config.map(|(k, v)| (k, v.as_str())));
     let paths = env.build_paths(2, "sigmask");
     for p in &paths {
         assert_eq!(d.request(&format!("enqueue {}", p.display())), "ok 1");
     }
     assert_eq!(d.request("wait"), "ok all uploaded");
-    assert!(paths.iter().all(|p| env.is_valid_in(&read, p)));
+    assert_in(&env, &read, &paths, true);
     let calls = fs::read_to_string(&sigblk).unwrap_or_default();
     for what in [
         "nix-store --check-validity",
@@ -1876,12 +1358,11 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     ] {
         assert!(calls.contains(what), "a {what} call was recorded:\n{calls}");
     }
-    for line in calls.lines() {
-        assert!(
-            line.starts_with("0000000000000000 "),
-            "a nix call started with signals blocked (SigBlk, then the call):\n{calls}"
-        );
-    }
+    let unblocked = calls.lines().all(|l| l.starts_with("0000000000000000 "));
+    assert!(
+        unblocked,
+        "a nix call started with signals blocked (SigBlk, the call):\n{calls}"
+    );
 
     let copies_before = w.copy_pids().len();
     w.set_hold(true);
@@ -1893,24 +1374,22 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     let pid = *w.copy_pids().last().unwrap();
     assert!(w.is_alive(pid), "the hung copy {pid} runs");
     run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
-    wait_until(
-        Duration::from_secs(20),
-        "the hung nix copy ends on SIGTERM",
-        || !w.is_alive(pid),
-    );
-    wait_until(
-        Duration::from_secs(20),
-        "the daemon reports the call killed by SIGTERM",
-        || d.log().contains("killed by signal 15"),
-    );
+    wait_until(Duration::from_secs(20), "the copy ends on SIGTERM", || {
+        !w.is_alive(pid)
+    });
+    wait_until(Duration::from_secs(20), "the call reported killed", || {
+        d.log().contains("killed by signal 15")
+    });
     assert!(d.is_running());
 }
 
-/// SIGTERM during an upload: the nix call in progress may finish (within
-/// the grace period) and the daemon exits 0 with nothing left queued.
+/// SIGTERM during an upload: the nix call in progress may finish within
+/// the grace period, and the daemon exits 0 with nothing left queued; one
+/// that hangs is killed after it with all it started, the daemon exits 0,
+/// and the path, still in the journal, is uploaded on the next start.
 #[test]
-fn sigterm_lets_the_upload_in_progress_finish() {
-    let env = NixEnv::new("op-term-finish");
+fn sigterm_lets_the_upload_in_progress_finish_and_kills_a_hung_one() {
+    let env = NixEnv::new("op-term");
     let (mut d, w, read, path) = daemon_with_a_held_copy(&env, "term-finish");
     run_ok(Command::new("kill").args(["-TERM", &d.pid().unwrap().to_string()]));
     wait_until(Duration::from_secs(30), "daemon saw the signal", || {
@@ -1921,24 +1400,15 @@ fn sigterm_lets_the_upload_in_progress_finish() {
     assert!(st.success(), "{st}");
     assert!(env.is_valid_in(&read, &path));
     assert!(d.log().contains("stopped; 0 paths stay queued"));
-}
 
-/// SIGTERM while an upload hangs: after the grace period the daemon kills
-/// the nix call and everything it started, exits 0, and the path is still
-/// in the journal: the next start uploads it.
-#[test]
-fn sigterm_kills_a_hung_upload_after_the_grace_period_and_keeps_the_path() {
-    let env = NixEnv::new("op-term-kill");
     let (mut d, w, read, path) = daemon_with_a_held_copy(&env, "term-kill");
     let copy = w.copy_pids()[0];
     let st = d.stop();
     assert!(st.success(), "{st}");
     assert!(d.log().contains("outlasted the 10 s grace period"));
-    wait_until(
-        Duration::from_secs(10),
-        "the held nix copy killed with the daemon's stop",
-        || !w.is_alive(copy),
-    );
+    wait_until(Duration::from_secs(10), "the held copy killed", || {
+        !w.is_alive(copy)
+    });
     assert!(d.log().contains("stopped; 1 paths stay queued"));
     w.set_hold(false);
     d.restart();
@@ -1948,28 +1418,17 @@ fn sigterm_kills_a_hung_upload_after_the_grace_period_and_keeps_the_path() {
     assert!(d.log().contains("replayed: 1 paths queued"));
 }
 
-// ---------------------------------------------------------------------------
-// Several targets
-// ---------------------------------------------------------------------------
+// --- Several targets
 
-/// The `targets` list of `status --json`, by label.
-fn targets_json(d: &Daemon) -> Vec<Json> {
-    status_json(d)
-        .get("targets")
-        .and_then(Json::as_array)
-        .map(<[Json]>::to_vec)
-        .unwrap_or_default()
-}
-
-fn target_json(d: &Daemon, label_part: &str) -> Json {
-    targets_json(d)
-        .into_iter()
-        .find(|t| {
-            t.get("target")
-                .and_then(Json::as_str)
-                .is_some_and(|l| l.contains(label_part))
-        })
-        .unwrap_or_else(|| panic!("no target {label_part} in status: {:?}", status_json(d)))
+/// The entry of `status --json`'s `targets` whose label holds `part`: its
+/// label, state, and its counts `keys`.
+fn target(d: &Daemon, part: &str, keys: &[&str]) -> (String, String, Vec<f64>, Json) {
+    let j = status_json(d);
+    let has = |t: &&Json| jstr(t, "target").is_some_and(|l| l.contains(part));
+    let t = list(&j, "targets").iter().find(has);
+    let t = t.unwrap_or_else(|| panic!("no target {part} in status: {j:?}"));
+    let text = |k| jstr(t, k).unwrap_or_default().to_string();
+    (text("target"), text("state"), nums(t, keys), t.clone())
 }
 
 /// Two `upload-to` lines (as the module renders a list): every path goes
@@ -1979,119 +1438,76 @@ fn target_json(d: &Daemon, label_part: &str) -> Json {
 fn two_targets_both_receive_every_path_signed_once() {
     let env = NixEnv::new("op-two-targets");
     let (key, public) = env.gen_signing_key("two-targets");
-    let metrics = env.root().join("metrics.prom");
-    let (d, w, [(up_a, read_a), (up_b, read_b)]) = two_targets(
-        &env,
-        &[
-            ("signing-key-file", &key.display().to_string()),
-            ("metrics-file", &metrics.display().to_string()),
-        ],
-    );
+    let (key, metrics) = (key.display().to_string(), env.root().join("metrics.prom"));
+    let file = metrics.display().to_string();
+    let config = [("signing-key-file", key.as_str()), ("metrics-file", &file)];
+    let (d, w, [(up_a, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     let paths = env.build_paths(3, "two");
     enqueue_cli(&d, &paths);
     cli_ok(&d, &["wait", "--timeout", "120"]);
     for read in [&read_a, &read_b] {
-        env.verify_in_cache(read, &public, &paths)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let signed = env.verify_in_cache(read, &public, &paths);
+        signed.unwrap_or_else(|e| panic!("{e}"));
     }
     // One request, one batch: one signing, then one copy per target.
     let calls = w.uploads();
     let at = |verb| -> Vec<usize> { (0..calls.len()).filter(|&i| calls[i].0 == verb).collect() };
     let (signs, copies) = (at("sign"), at("copy"));
-    assert_eq!(signs.len(), 1, "{calls:#?}");
-    assert_eq!(copies.len(), 2, "{calls:#?}");
+    assert_eq!((signs.len(), copies.len()), (1, 2), "{calls:#?}");
     assert!(signs[0] < copies[0], "signed after a copy: {calls:#?}");
     let j = status_json(&d);
-    assert_eq!(
-        (num(&j, "queued"), num(&j, "uploaded")),
-        (0.0, 3.0),
-        "{j:?}"
-    );
+    assert_eq!(nums(&j, &["queued", "uploaded"]), [0.0, 3.0], "{j:?}");
+    let mut samples = vec![];
     for (part, label) in [("cache-a", &up_a), ("cache-b", &up_b)] {
-        let t = target_json(&d, part);
-        assert_eq!(t.get("target").and_then(Json::as_str), Some(label.as_str()));
+        let (shown, state, counts, t) = target(&d, part, &["delivered", "queued"]);
         assert_eq!(
-            (num(&t, "delivered"), num(&t, "queued")),
-            (3.0, 0.0),
+            (&shown, state.as_str(), counts),
+            (label, "ok", vec![3.0, 0.0]),
             "{t:?}"
         );
-        assert_eq!(t.get("state").and_then(Json::as_str), Some("ok"), "{t:?}");
+        samples.push((format!("target_delivered_total{{target=\"{label}\"}}"), 3.0));
+        samples.push((format!("target_up{{target=\"{label}\"}}"), 1.0));
     }
-    let samples: Vec<(String, f64)> = [&up_a, &up_b]
-        .iter()
-        .flat_map(|u| {
-            [
-                (format!("target_delivered_total{{target=\"{u}\"}}"), 3.0),
-                (format!("target_up{{target=\"{u}\"}}"), 1.0),
-            ]
-        })
-        .collect();
     let want: Vec<(&str, f64)> = samples.iter().map(|(n, v)| (n.as_str(), *v)).collect();
     wait_for_metrics(&d, &metrics, &want);
 }
 
-/// One target down, the other up: the other keeps delivering (also what
-/// comes while the first is down), `status` shows which target fails and
-/// why, `wait` waits for the one that is down; once it is back, it gets
-/// every path.
+/// One target down: the other keeps delivering, `status` shows which one
+/// fails and why, `wait` waits for it; once back, it gets every path.
 #[test]
 fn one_target_down_does_not_hold_back_the_other() {
     let env = NixEnv::new("op-target-down");
     let config = [("retry-initial-delay", "0.2"), ("retry-max-delay", "1")];
     let (d, w, [(_, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     w.set("fail", Some("cache-b"));
+    // Paths at first, and more while b is down: a takes them all.
     let first = env.build_paths(2, "down-first");
-    enqueue_cli(&d, &first);
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "cache-a has the first paths while cache-b is down",
-        || first.iter().all(|p| env.is_valid_in(&read_a, p)),
-    );
-    // More while b is down: a takes them too.
     let more = env.build_paths(2, "down-more");
-    enqueue_cli(&d, &more);
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "cache-a has the later paths while cache-b is down",
-        || more.iter().all(|p| env.is_valid_in(&read_a, p)),
-    );
-    let all: Vec<PathBuf> = first.iter().chain(&more).cloned().collect();
-    assert!(all.iter().all(|p| !env.is_valid_in(&read_b, p)));
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "status shows cache-b failing with all four paths",
-        || {
-            let b = target_json(&d, "cache-b");
-            b.get("state").and_then(Json::as_str) == Some("failing")
-                && num(&b, "queued") == 4.0
-                && num(&b, "backing_off") == 4.0
-        },
-        || format!("{:?}", status_json(&d)),
-    );
-    let a = target_json(&d, "cache-a");
-    assert_eq!(
-        (num(&a, "delivered"), num(&a, "queued")),
-        (4.0, 0.0),
-        "{a:?}"
-    );
-    assert_eq!(a.get("state").and_then(Json::as_str), Some("ok"), "{a:?}");
-    let b = target_json(&d, "cache-b");
-    let e = b.get("last_error").and_then(Json::as_str).unwrap_or("");
+    for paths in [&first, &more] {
+        enqueue_cli(&d, paths);
+        wait_until(UPLOAD_TIMEOUT, "cache-a has them, cache-b down", || {
+            paths.iter().all(|p| env.is_valid_in(&read_a, p))
+        });
+    }
+    let all = [first, more].concat();
+    assert_in(&env, &read_b, &all, false);
+    let b_failing = || {
+        let (_, state, counts, _) = target(&d, "cache-b", &["queued", "backing_off"]);
+        (state.as_str(), counts) == ("failing", vec![4.0, 4.0])
+    };
+    let status = || format!("{:?}", status_json(&d));
+    wait_until_diag(UPLOAD_TIMEOUT, "cache-b failing", b_failing, status);
+    let (_, state, counts, a) = target(&d, "cache-a", &["delivered", "queued"]);
+    assert_eq!((state.as_str(), counts), ("ok", vec![4.0, 0.0]), "{a:?}");
+    let (_, _, _, b) = target(&d, "cache-b", &[]);
+    let e = jstr(&b, "last_error").unwrap_or("");
     assert!(e.contains("fake nix: injected failure"), "{b:?}");
     let j = status_json(&d);
     assert_eq!(num(&j, "queued"), 4.0, "{j:?}");
     let text = status_text(&d);
-    assert!(
-        text.lines()
-            .any(|l| l.contains(&up_b) && l.contains("failing")),
-        "{text}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.contains("last error") && l.contains("injected failure")),
-        "{text}"
-    );
-    println!("status with one target down:\n{text}");
+    assert!(has_line(&text, "", &[&up_b, "failing"]), "{text}");
+    let error = has_line(&text, "", &["last error", "injected failure"]);
+    assert!(error, "{text}");
     let r = cli(&d, &["wait", "--timeout", "2"]);
     assert_eq!(r.code, Some(1), "wait did not wait for cache-b: {r:?}");
     assert!(r.stderr.contains("4 path(s) still queued"), "{r:?}");
@@ -2099,16 +1515,12 @@ fn one_target_down_does_not_hold_back_the_other() {
     w.set("fail", None);
     cli_ok(&d, &["retry"]);
     cli_ok(&d, &["wait", "--timeout", "120"]);
+    assert_in(&env, &read_b, &all, true);
     for p in &all {
-        assert!(
-            env.is_valid_in(&read_b, p),
-            "{} not in cache-b",
-            p.display()
-        );
         assert_eq!(w.copies_of("cache-a", p), 1, "copied to cache-a again");
     }
-    let b = target_json(&d, "cache-b");
-    assert_eq!(b.get("state").and_then(Json::as_str), Some("ok"), "{b:?}");
+    let (_, state, _, b) = target(&d, "cache-b", &[]);
+    assert_eq!(state, "ok", "{b:?}");
 }
 
 /// Killed (-9) after one target has a path and while the other's copy is
@@ -2121,39 +1533,23 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
     w.set("hold", Some("cache-b"));
     let paths = env.build_paths(2, "kill");
     enqueue_cli(&d, &paths);
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "cache-a has the paths and the copy to cache-b is held",
-        || {
-            paths.iter().all(|p| w.copies_of("cache-b", p) == 1)
-                && paths.iter().all(|p| env.is_valid_in(&read_a, p))
-        },
-    );
+    wait_until(UPLOAD_TIMEOUT, "cache-a has them, cache-b held", || {
+        let held = paths.iter().all(|p| w.copies_of("cache-b", p) == 1);
+        held && paths.iter().all(|p| env.is_valid_in(&read_a, p))
+    });
     d.kill9();
     let journal = fs::read_to_string(d.journal_path()).unwrap_or_default();
-    let a_id = target_id(&up_a);
     for p in &paths {
-        assert!(
-            journal.contains(&format!("> {a_id} {}\n", p.display())),
-            "{journal}"
-        );
+        let record = format!("> {} {}\n", target_id(&up_a), p.display());
+        assert!(journal.contains(&record), "{journal}");
     }
     w.set("hold", None);
     d.restart();
     cli_ok(&d, &["wait", "--timeout", "120"]);
+    assert_in(&env, &read_b, &paths, true);
     for p in &paths {
-        assert!(
-            env.is_valid_in(&read_b, p),
-            "{} not in cache-b",
-            p.display()
-        );
-        assert_eq!(
-            w.copies_of("cache-a", p),
-            1,
-            "copied to cache-a again after the restart: {:#?}",
-            w.uploads()
-        );
-        assert_eq!(w.copies_of("cache-b", p), 2, "{:#?}", w.uploads());
+        let copies = [w.copies_of("cache-a", p), w.copies_of("cache-b", p)];
+        assert_eq!(copies, [1, 2], "cache-a once, b again: {:#?}", w.uploads());
     }
     assert_eq!(num(&status_json(&d), "queued"), 0.0);
 }
@@ -2164,38 +1560,31 @@ fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
 #[test]
 fn a_path_given_up_on_one_target_only() {
     let env = NixEnv::new("op-target-poison");
-    let config = [
-        ("max-attempts", "2"),
-        ("retry-initial-delay", "0.05"),
-        ("retry-max-delay", "0.2"),
-    ];
+    let config = [&[("max-attempts", "2")], &FAST_RETRY[..]].concat();
     let (mut d, w, [(_, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     w.set("poison", Some("cache-b"));
-    let good = env.build_paths(1, "fine");
-    let poison = env.build_paths(2, "poison");
+    let (good, poison) = (env.build_paths(1, "fine"), env.build_paths(2, "poison"));
     let p = poison[0].display().to_string();
-    enqueue_cli(&d, &[good[0].clone(), poison[0].clone(), poison[1].clone()]);
+    enqueue_cli(&d, &[&good[..], &poison[..]].concat());
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.code, Some(1), "{r:?}");
-    assert!(
-        r.stderr.contains("2 path(s) failed and were given up on")
-            && r.stderr.contains(&p)
-            && r.stderr.contains(&up_b)
-            && r.stderr.contains("refusing a poison path"),
-        "{r:?}"
-    );
-    for q in &poison {
-        assert!(env.is_valid_in(&read_a, q), "cache-a lacks {}", q.display());
-        assert!(!env.is_valid_in(&read_b, q));
+    let named = [
+        "2 path(s) failed and were given up on",
+        &p,
+        &up_b,
+        "refusing a poison path",
+    ];
+    assert!(contains_all(&r.stderr, &named), "{r:?}");
+    assert_in(&env, &read_a, &poison, true);
+    assert_in(&env, &read_b, &poison, false);
+    assert_in(&env, &read_b, &good, true);
+    for (part, failed) in [("cache-a", 0.0), ("cache-b", 2.0)] {
+        let (_, _, counts, t) = target(&d, part, &["failed", "queued"]);
+        assert_eq!(counts, [failed, 0.0], "{t:?}");
     }
-    assert!(env.is_valid_in(&read_b, &good[0]));
-    let (a, b) = (target_json(&d, "cache-a"), target_json(&d, "cache-b"));
-    assert_eq!((num(&a, "failed"), num(&a, "queued")), (0.0, 0.0), "{a:?}");
-    assert_eq!((num(&b, "failed"), num(&b, "queued")), (2.0, 0.0), "{b:?}");
     let j = status_json(&d);
-    assert_eq!((num(&j, "queued"), num(&j, "failed")), (2.0, 2.0), "{j:?}");
-    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
-    let e = failed[0].get("last_error").and_then(Json::as_str).unwrap();
+    assert_eq!(nums(&j, &["queued", "failed"]), [2.0, 2.0], "{j:?}");
+    let e = jstr(&list(&j, "failed_paths")[0], "last_error").unwrap();
     assert!(e.starts_with(&format!("{up_b}: ")), "{e}");
 
     // Still given up on (for b only) after a restart; then requeued, b
@@ -2206,22 +1595,23 @@ fn a_path_given_up_on_one_target_only() {
     let copies_a = w.copies_of("cache-a", &poison[0]);
     cli_ok(&d, &["requeue", &p]);
     cli_ok(&d, &["wait", "--timeout", "120"]);
-    assert!(env.is_valid_in(&read_b, &poison[0]));
+    assert_in(&env, &read_b, &poison[..1], true);
     // The other one, dropped: for every target, and b never gets it.
     let r = cli_ok(&d, &["drop", "--all-failed"]);
     assert_eq!(
         r.stdout,
         "dropped 1 queued path(s); they will not be uploaded\n"
     );
-    assert!(!env.is_valid_in(&read_b, &poison[1]));
+    assert_in(&env, &read_b, &poison[1..], false);
+    let again = w.copies_of("cache-a", &poison[0]);
     assert_eq!(
-        w.copies_of("cache-a", &poison[0]),
+        again,
         copies_a,
-        "the requeue copied to cache-a again: {:#?}",
+        "the requeue copied to cache-a: {:#?}",
         w.uploads()
     );
     let j = status_json(&d);
-    assert_eq!((num(&j, "queued"), num(&j, "failed")), (0.0, 0.0), "{j:?}");
+    assert_eq!(nums(&j, &["queued", "failed"]), [0.0, 0.0], "{j:?}");
 }
 
 /// Two paths the cache refuses, queued together with `max-attempts 2`: the
@@ -2231,90 +1621,59 @@ fn a_path_given_up_on_one_target_only() {
 #[test]
 fn two_refused_paths_together_are_given_up_after_exactly_max_attempts() {
     let env = NixEnv::new("op-refused-pair");
-    let (upload, _) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
+    let (d, w, _, _) = faked(&env, &[&[("max-attempts", "2")], &FAST_RETRY[..]].concat());
     w.set_poison(true);
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("max-attempts", "2"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
-    );
     let poison = env.build_paths(2, "poison");
     enqueue_cli(&d, &poison);
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
-    assert!(
-        r.stderr.contains("2 path(s) failed and were given up on"),
-        "{r:?}"
-    );
+    let given_up = "2 path(s) failed and were given up on";
+    assert!(r.stderr.contains(given_up), "{r:?}");
     let j = status_json(&d);
-    let failed = j.get("failed_paths").and_then(Json::as_array).unwrap();
+    let failed = list(&j, "failed_paths");
     assert_eq!(failed.len(), 2, "{j:?}");
     for f in failed {
         assert_eq!(num(f, "attempts"), 2.0, "{f:?}\nlog:\n{}", d.log());
     }
     let log = d.log();
-    for p in &poison {
-        let p = p.display().to_string();
-        assert!(
-            log.lines()
-                .any(|l| l.contains(&format!("giving up on {p} after 2 failed attempts"))),
-            "{log}"
-        );
+    for p in strs(&poison) {
+        let line = format!("giving up on {p} after 2 failed attempts");
+        assert!(log.contains(&line), "{log}");
     }
 }
 
 /// A cache that refuses every path while it answers `nix store ping` (a
-/// full disk): paths that fail alone one after another count against
-/// themselves only until a few different ones did so with nothing taken;
-/// then it is the target's fault, and no path is given up on however often
-/// it fails, `max-attempts 2` notwithstanding.
+/// full disk): once a few paths failed alone with nothing taken, it is the
+/// target's fault, and no path is given up on, `max-attempts 2` or not.
 #[test]
 fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
     let env = NixEnv::new("op-refuses-all");
-    let (upload, _) = file_cache(&env, "cache");
-    let w = FakeNix::new(&env);
+    let delays = [("retry-initial-delay", "20"), ("retry-max-delay", "20")];
+    let (d, w, _, _) = faked(&env, &[&[("max-attempts", "2")], &delays[..]].concat());
     w.set_fail(true);
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("max-attempts", "2"),
-            ("retry-initial-delay", "20"),
-            ("retry-max-delay", "20"),
-        ],
-    );
     let paths = env.build_paths(4, "refused");
-    let backing_off = |d: &Daemon| num(&status_json(d), "backing_off");
     // One at a time, so that each fails alone.
-    for (i, p) in paths.iter().enumerate() {
-        enqueue_cli(&d, std::slice::from_ref(p));
+    for i in 0..paths.len() {
+        enqueue_cli(&d, &paths[i..=i]);
+        let failed_alone = || num(&status_json(&d), "backing_off") == (i + 1) as f64;
         wait_until_diag(
             UPLOAD_TIMEOUT,
             "the path failing alone",
-            || backing_off(&d) == (i + 1) as f64,
+            failed_alone,
             || d.log(),
         );
     }
+    let all_failed_twice = || {
+        let j = status_json(&d);
+        let b = list(&j, "backoff");
+        b.len() == 4 && b.iter().all(|e| num(e, "attempts") >= 2.0)
+    };
+    let diag = || format!("{:?}\n{}", status_json(&d), d.log());
     wait_until_diag(
         Duration::from_secs(120),
-        "every path failing a second time",
-        || {
-            let j = status_json(&d);
-            let b = j
-                .get("backoff")
-                .and_then(Json::as_array)
-                .unwrap_or(&[])
-                .to_vec();
-            b.len() == 4 && b.iter().all(|e| num(e, "attempts") >= 2.0)
-        },
-        || format!("{:?}\n{}", status_json(&d), d.log()),
+        "every path failing twice",
+        all_failed_twice,
+        diag,
     );
     let j = status_json(&d);
     assert_eq!(num(&j, "failed"), 0.0, "{j:?}\n{}", d.log());
@@ -2327,52 +1686,34 @@ fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
 #[test]
 fn a_hung_target_does_not_hold_back_a_healthy_one() {
     let env = NixEnv::new("op-hung-lane");
-    let (upload, read) = file_cache(&env, "cache");
-    let dir = env.root().join("hang");
-    fs::create_dir_all(&dir).unwrap();
-    let (started, release) = (dir.join("started"), dir.join("release"));
-    let script = dir.join("hang.sh");
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\ntouch '{}'\ni=0\nwhile [ ! -e '{}' ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\nexit 1\n",
-            started.display(),
-            release.display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    let d = Daemon::start(
-        &env,
-        &[
-            ("upload-command", &script.display().to_string()),
-            ("upload-to", &upload),
-            ("command-timeout", "300"),
-        ],
-    );
+    let ((upload, read), (stuck, _)) = (file_cache(&env, "cache"), file_cache(&env, "stuck"));
+    let w = FakeNix::new(&env);
+    w.set("hold", Some("/stuck?"));
+    let nix = w.nix();
+    let uploader = format!("{nix} --extra-experimental-features nix-command copy --to {stuck}");
+    let config = [
+        ("upload-command", uploader.as_str()),
+        ("upload-to", &upload),
+    ];
+    let d = Daemon::start(&env, &[&config[..], &[("command-timeout", "300")]].concat());
     let paths = env.build_paths(2, "hung-lane");
     enqueue_cli(&d, &paths[..1]);
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "the uploader hanging",
-        || started.exists(),
-        || d.log(),
-    );
+    let hanging = || !w.copy_pids().is_empty();
+    wait_until_diag(UPLOAD_TIMEOUT, "the uploader hanging", hanging, || d.log());
     enqueue_cli(&d, &paths[1..]);
+    let delivered = || env.is_valid_in(&read, &paths[1]);
     wait_until_diag(
         UPLOAD_TIMEOUT,
-        "the later path in the file cache while the uploader hangs",
-        || env.is_valid_in(&read, &paths[1]),
+        "the later path delivered",
+        delivered,
         || d.log(),
     );
     let j = status_json(&d);
-    let in_flight = j.get("in_flight_paths").and_then(Json::as_array).unwrap();
     let first = paths[0].display().to_string();
-    assert!(
-        in_flight.iter().any(|p| p.as_str() == Some(first.as_str())),
-        "the hung call is in progress: {j:?}"
-    );
-    fs::write(&release, "").unwrap();
+    let in_flight = list(&j, "in_flight_paths")
+        .iter()
+        .any(|p| p.as_str() == Some(&first));
+    assert!(in_flight, "the hung call is in progress: {j:?}");
 }
 
 /// Many queued paths gone from the store are dropped with one warning for
@@ -2384,7 +1725,7 @@ fn paths_gone_from_the_store_are_dropped_with_one_summary_line() {
     let d = Daemon::start(&env, &[("upload-to", &upload)]);
     let store = env.store_dir().display().to_string();
     let gone: Vec<String> = (0..50)
-        .map(|i| format!("{store}/{:0>32}-npbhq-gone-{i}", i))
+        .map(|i| format!("{store}/{i:0>32}-npbhq-gone-{i}"))
         .collect();
     assert_eq!(d.request(&format!("enqueue {}", gone.join(" "))), "ok 50");
     let r = cli(&d, &["wait", "--timeout", "60"]);
@@ -2392,11 +1733,8 @@ fn paths_gone_from_the_store_are_dropped_with_one_summary_line() {
     let log = d.log();
     let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
     assert_eq!(drops.len(), 1, "{log}");
-    assert!(
-        drops[0].starts_with(&format!("warning: dropping {}, ", gone[0]))
-            && drops[0].contains(", ... (50 paths): "),
-        "{}",
-        drops[0]
-    );
+    let first = format!("warning: dropping {}, ", gone[0]);
+    let summary = drops[0].starts_with(&first) && drops[0].contains(", ... (50 paths): ");
+    assert!(summary, "{}", drops[0]);
     assert_eq!(num(&status_json(&d), "dropped"), 50.0);
 }
