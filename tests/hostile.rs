@@ -365,58 +365,46 @@ fn fuzz_seed() -> u64 {
 /// decides (one valid by chance must be accepted).
 fn gen_edge_path(rng: &mut Rng, store: &str) -> String {
     let (h, n) = (gen_chars(rng, NIX_BASE32, 32), gen_name(rng));
-    let parent = Path::new(store).parent().unwrap().display();
-    let odd = "/tmp/x / relative/path - -- -L --to --store=/x --recursive -rf `id` ;id |id &&id .. . ~root";
-    let odd = odd.split(' ').collect::<Vec<_>>();
+    let mut odd: Vec<&str> = "/tmp/x / relative/path - -- -L --to --store=/x --recursive -rf \
+        `id` ;id |id &&id .. . ~root"
+        .split(' ')
+        .collect();
+    odd.extend(["", "$(touch /tmp/npbhq-pwned)"]);
     let chars = "/:$`;|&*~!@#%^()[]{}<>,'\"\\é\u{7f}\t\r\0 \u{a0}\u{2028}\u{1b}\u{85}💥";
-    let chars: Vec<char> = chars.chars().collect();
-    let c = rng.pick(&chars);
-    let at = rng.below(n.len() + 1);
-    let len = *rng.pick(&[0, 1, 31, 33, 52]);
-    let short = gen_chars(rng, NIX_BASE32, len);
-    let (at_h, wrong) = (
-        rng.below(32),
-        rng.pick(&["e", "o", "t", "u", "A", "Z", "_", ".", "+", "é", "="]),
+    let (c, at) = (
+        rng.pick(&chars.chars().collect::<Vec<_>>()).to_string(),
+        rng.below(n.len() + 1),
     );
-    let bad_hash = format!("{}{wrong}{}", &h[..at_h], &h[at_h + 1..]);
-    let long = "n".repeat(MAX_NAME + 1 + rng.below(50));
-    let lead = rng.pick(&[" ", "\t", "\0", "\u{feff}"]);
-    let cases = [
-        rng.pick(&odd).to_string(),
-        String::new(),
-        "$(touch /tmp/npbhq-pwned)".into(),
-        format!("{store}x/{h}-{n}"),
-        format!("{parent}/{h}-{n}"),
-        format!("{h}-{n}"),
-        format!("{store}/"),
-        store.to_string(),
-        format!("{store}//{h}-{n}"),
-        format!("{store}/.."),
-        format!("{store}/../etc/passwd"),
-        format!("{store}/{h}-{n}/.."),
-        format!("{store}/{h}-.."),
-        format!("{store}/{h}-."),
-        format!("{store}/./{h}-{n}"),
-        format!("{store}/{h}-../../x"),
-        format!("{store}/../{h}-{n}"),
-        format!("-{h}-{n}"),
-        format!("{store}/-{h}-{n}"),
-        format!("{store}/{h}-{}{c}{}", &n[..at], &n[at..]),
-        format!("{store}/{h}-{}{c}{}", &n[..at], &n[at..]),
-        format!("{store}/{short}-{n}"),
-        format!("{store}/{bad_hash}-{n}"),
-        format!("{store}/{h}-"),
-        format!("{store}/{h}-{long}"),
-        format!("{store}/{h}-.{n}"),
-        format!("{store}/{h}"),
-        format!("{store}/{h}{n}"),
-        format!("{store}/{h}-{n}/bin"),
-        format!("{store}/{h}-$(id)"),
-        format!("{store}/{h}-x;id"),
-        format!("{store}/{h}-`id`"),
-        format!("{lead}{store}/{h}-{n}"),
+    let len = *rng.pick(&[0, 1, 31, 33, 52]);
+    let at_h = rng.below(32);
+    let wrong = rng.pick(&["e", "o", "t", "u", "A", "Z", "_", ".", "+", "é", "="]);
+    // {o} an odd word, {s} the store, {p} its parent, {h} a hash, {n} a name,
+    // {c} the name with a forbidden character, {k} a hash of the wrong
+    // length, {w} one with a wrong character, {l} too long a name, {b} a blank.
+    let templates: Vec<&str> = "{o} {o} {o} {s}x/{h}-{n} {p}/{h}-{n} {h}-{n} {s}/ {s} {s}//{h}-{n} \
+        {s}/.. {s}/../etc/passwd {s}/{h}-{n}/.. {s}/{h}-.. {s}/{h}-. {s}/./{h}-{n} {s}/{h}-../../x \
+        {s}/../{h}-{n} -{h}-{n} {s}/-{h}-{n} {s}/{h}-{c} {s}/{h}-{c} {s}/{k}-{n} {s}/{w}-{n} {s}/{h}- \
+        {s}/{h}-{l} {s}/{h}-.{n} {s}/{h} {s}/{h}{n} {s}/{h}-{n}/bin {s}/{h}-$(id) {s}/{h}-x;id \
+        {s}/{h}-`id` {b}{s}/{h}-{n}"
+        .split(' ')
+        .collect();
+    let values = [
+        ("{s}", store.to_string()),
+        (
+            "{p}",
+            Path::new(store).parent().unwrap().display().to_string(),
+        ),
+        ("{h}", h.clone()),
+        ("{n}", n.clone()),
+        ("{k}", gen_chars(rng, NIX_BASE32, len)),
+        ("{w}", format!("{}{wrong}{}", &h[..at_h], &h[at_h + 1..])),
+        ("{l}", "n".repeat(MAX_NAME + 1 + rng.below(50))),
+        ("{b}", rng.pick(&[" ", "\t", "\0", "\u{feff}"]).to_string()),
+        ("{o}", rng.pick(&odd).to_string()),
+        ("{c}", format!("{}{c}{}", &n[..at], &n[at..])),
     ];
-    rng.pick(&cases).clone()
+    let t = rng.pick(&templates).to_string();
+    values.iter().fold(t, |t, (k, v)| t.replace(k, v))
 }
 
 /// One fuzz worker: its generator and what it saw.
@@ -505,37 +493,13 @@ impl Fuzzer<'_> {
             77..=78 => format!("drv {good}"),
             // Verb-level oddities.
             79..=88 => {
-                let v = [
-                    String::new(),
-                    "\r".into(),
-                    " ".into(),
-                    format!("ENQUEUE {good}"),
-                    "Ping".into(),
-                    "PING".into(),
-                    "ping ".into(),
-                    "ping x".into(),
-                    "ping\0".into(),
-                    "\u{feff}ping".into(),
-                    "status now".into(),
-                    "wait 1".into(),
-                    "retry all".into(),
-                    "enqueue".into(),
-                    "enqueue ".into(),
-                    format!("enqueue  {good}"),
-                    format!(" enqueue {good}"),
-                    format!("enqueue\t{good}"),
-                    format!("enqueue {good} "),
-                    format!("enqueue {good}\r"),
-                    format!("enqueue {good}\r\r"),
-                    "drv".into(),
-                    "drv ".into(),
-                    format!("drv {drv} {drv}"),
-                    format!("drv {drv}\r"),
-                    format!("drv  {drv}"),
-                    "enqueue-x".into(),
-                    "status\r".into(),
-                ];
-                self.rng.pick(&v).clone()
+                let v: Vec<&str> = "|\r| |ENQUEUE {g}|Ping|PING|ping |ping x|ping\0|\u{feff}ping|\
+                    status now|wait 1|retry all|enqueue|enqueue |enqueue  {g}| enqueue {g}|\
+                    enqueue\t{g}|enqueue {g} |enqueue {g}\r|enqueue {g}\r\r|drv|drv |drv {d} {d}|\
+                    drv {d}\r|drv  {d}|enqueue-x|status\r"
+                    .split('|')
+                    .collect();
+                self.rng.pick(&v).replace("{g}", &good).replace("{d}", &drv)
             }
             // A newline inside a path: two lines on the wire.
             89..=93 => {
