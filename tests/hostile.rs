@@ -36,7 +36,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -890,86 +890,178 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
 /// Serialises useradd/userdel within this test binary (they lock /etc/passwd).
 static USERDB: Mutex<()> = Mutex::new(());
 
-/// Users and groups made for one test, removed on drop (also on failure).
-#[derive(Default)]
-struct TestAccounts {
-    users: Vec<String>,
-    groups: Vec<String>,
+/// Runs a user-database command (`useradd`, `groupadd`), retried while
+/// another process holds the lock.
+fn userdb(args: &[&str]) {
+    let root = fs::metadata("/proc/self").unwrap().uid() == 0;
+    assert!(
+        root,
+        "this test makes users and groups, which needs root (CI runs as root)"
+    );
+    let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+    let mut last = String::new();
+    for _ in 0..5 {
+        let o = run(Command::new(args[0]).args(&args[1..]));
+        if o.status.success() {
+            return;
+        }
+        last = show(&o);
+        thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{args:?} failed: {last}");
 }
 
-impl TestAccounts {
-    fn run_admin(args: &[&str]) {
-        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-        let mut last = String::new();
-        for _ in 0..5 {
-            let o = run(Command::new(args[0]).args(&args[1..]));
-            if o.status.success() {
-                return;
-            }
-            last = show(&o);
-            thread::sleep(Duration::from_millis(200));
-        }
-        panic!("{args:?} failed: {last}");
-    }
+/// A user or group made for one test: `userdel` or `groupdel` on drop.
+struct Account(&'static str, String);
 
-    fn group(&mut self, name: &str) {
-        TestAccounts::run_admin(&["groupadd", name]);
-        self.groups.push(name.to_string());
-    }
-
-    /// A user without home or login shell, with supplementary `groups`.
-    fn user(&mut self, name: &str, groups: &[&str]) {
-        let mut args = vec!["useradd", "-M", "-s", "/usr/sbin/nologin"];
-        let joined = groups.join(",");
-        if !groups.is_empty() {
-            args.extend(["-G", &joined]);
-        }
-        args.push(name);
-        TestAccounts::run_admin(&args);
-        self.users.push(name.to_string());
-    }
-}
-
-impl Drop for TestAccounts {
+impl Drop for Account {
     fn drop(&mut self) {
         let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-        for u in &self.users {
-            let _ = Command::new("userdel").arg(u).output();
-        }
-        for g in &self.groups {
-            let _ = Command::new("groupdel").arg(g).output();
-        }
+        let _ = Command::new(self.0).arg(&self.1).output();
     }
-}
-
-fn is_root() -> bool {
-    String::from_utf8_lossy(&run(Command::new("id").arg("-u")).stdout).trim() == "0"
 }
 
 /// A short name suffix unique to this run.
 fn short_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+        .map_or(0, |d| d.subsec_nanos());
     format!("{:x}{:05x}", std::process::id() % 0xfff, nanos % 0xfffff)
 }
 
-/// `BIN` as `user` (with its groups from /etc/group), a clean environment
-/// and `env`.
-fn as_user_cmd(user: &str, bin: &Path, env: &[(String, std::ffi::OsString)]) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args(["--reuid", user, "--regid", user, "--init-groups", "--"])
-        .arg(bin)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env.iter().map(|(k, v)| (k, v)));
-    c
+type Vars = [(String, std::ffi::OsString)];
+
+/// A user without home or login shell, in the supplementary `groups`
+/// (comma-separated), removed on drop; and copies of the hook and the daemon
+/// under `env/bin` that every user may run.
+struct User {
+    name: String,
+    uid: u32,
+    hook: PathBuf,
+    daemon: PathBuf,
+    _account: Account,
 }
 
-/// Runs `BIN ARGS` as `user` (see [`as_user_cmd`]).
-fn as_user(user: &str, bin: &Path, args: &[&str], env: &[(String, std::ffi::OsString)]) -> Output {
-    run(as_user_cmd(user, bin, env).args(args))
+impl User {
+    fn new(env: &NixEnv, letter: char, groups: &str) -> User {
+        let name = format!("npbhq-{letter}{}", short_id());
+        userdb(&[
+            "useradd",
+            "-M",
+            "-s",
+            "/usr/sbin/nologin",
+            "-G",
+            groups,
+            &name,
+        ]);
+        let _account = Account("userdel", name.clone());
+        let uid = run_ok(Command::new("id").args(["-u", &name]))
+            .trim()
+            .parse()
+            .unwrap();
+        let bin = env.root().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let mut dir = Some(bin.as_path());
+        while let Some(d) = dir {
+            let mode = fs::metadata(d).unwrap().permissions().mode();
+            if d.starts_with(env.root()) {
+                fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o755)).unwrap();
+            } else {
+                let why = "is not traversable by other users; use NPBHQ_TEST_TMP";
+                assert!(mode & 0o001 != 0, "{} {why} (mode {mode:o})", d.display());
+            }
+            dir = d.parent();
+        }
+        let (hook, daemon) = (
+            bin.join("post-build-hook"),
+            bin.join("post-build-hook-queue"),
+        );
+        // Copied by `cp`: a file this process held open for writing could go
+        // into a child another test forks meanwhile (exec: text file busy).
+        for (from, to) in [(hook_bin(), &hook), (daemon_bin(), &daemon)] {
+            if !to.exists() {
+                run_ok(Command::new("cp").arg(from).arg(to));
+            }
+        }
+        User {
+            name,
+            uid,
+            hook,
+            daemon,
+            _account,
+        }
+    }
+
+    /// `program` as this user (with its groups), a clean environment and `vars`.
+    fn cmd(&self, program: &Path, vars: &Vars) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            &self.name,
+            "--regid",
+            &self.name,
+            "--init-groups",
+            "--",
+        ])
+        .arg(program)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(vars.iter().cloned());
+        c
+    }
+
+    /// `post-build-hook-queue ARGS` as this user, to its exit (bounded: a
+    /// daemon that starts after all must not hold the test).
+    fn cli(&self, args: &[&str], vars: &Vars) -> Output {
+        run_to_exit(
+            self.cmd(&self.daemon, vars).args(args),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// A directory of this user's own (mode 0700) under `env`.
+    fn own_dir(&self, env: &NixEnv, name: &str) -> PathBuf {
+        let dir = env.root().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
+    /// `serve ARGS` as this user, its stderr to `log`; returns once the
+    /// socket `socket` is there.
+    fn serve(&self, args: &[&str], vars: &Vars, log: &Path, socket: &Path) -> Running {
+        let mut c = self.cmd(&self.daemon, vars);
+        c.arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let mut child = Running(c.stderr(fs::File::create(log).unwrap()).spawn().unwrap());
+        let what = format!("the daemon of {} to make {}", self.name, socket.display());
+        let log = || fs::read_to_string(log).unwrap_or_default();
+        let up = || {
+            let ended = child.0.try_wait().unwrap();
+            assert!(
+                ended.is_none(),
+                "the daemon of {} ended: {ended:?}\n{}",
+                self.name,
+                log()
+            );
+            socket.exists()
+        };
+        wait_until_diag(REPLY_TIMEOUT, &what, up, log);
+        child
+    }
+}
+
+/// A process killed, with its children, on drop.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        kill_tree(self.0.id());
+        let _ = self.0.wait();
+    }
 }
 
 /// Socket mode 0660 with a group: a user outside the group is denied (the
@@ -979,56 +1071,32 @@ fn as_user(user: &str, bin: &Path, args: &[&str], env: &[(String, std::ffi::OsSt
 /// line naming the file.
 #[test]
 fn access_socket_mode_and_group_decide_who_may_connect() {
-    // CI runs the tests as root: a run that cannot create users fails.
-    assert!(
-        is_root(),
-        "access_socket_mode_and_group_decide_who_may_connect needs root (it creates users and groups)"
-    );
-    let id = short_id();
-    let (group, outsider, member) = (
-        format!("npbhq-g{id}"),
-        format!("npbhq-o{id}"),
-        format!("npbhq-m{id}"),
-    );
-    let mut accounts = TestAccounts::default();
-    accounts.group(&group);
-    accounts.user(&outsider, &[]);
-    accounts.user(&member, &[&group]);
-
     let env = NixEnv::new("hostile-access");
-    let (_, bin) = shared_bins(&env);
-
-    let d = Daemon::start(
-        &env,
-        &[("socket-mode", "0660"), ("socket-group", group.as_str())],
-    );
+    let group = format!("npbhq-g{}", short_id());
+    userdb(&["groupadd", &group]);
+    let _group = Account("groupdel", group.clone());
+    let (outsider, member) = (User::new(&env, 'o', ""), User::new(&env, 'm', &group));
+    let d = Daemon::start(&env, &[("socket-mode", "0660"), ("socket-group", &group)]);
     fs::set_permissions(d.dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let socket = d.socket();
     let sock_s = socket.display().to_string();
     let meta = fs::metadata(&socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660, "socket mode");
-    let gid: u32 =
-        String::from_utf8_lossy(&run(Command::new("getent").args(["group", &group])).stdout)
-            .split(':')
-            .nth(2)
-            .and_then(|g| g.trim().parse().ok())
-            .expect("gid of the test group");
-    assert_eq!(meta.gid(), gid, "socket group");
+    let owner = run_ok(Command::new("stat").args(["-c", "%G"]).arg(&socket));
+    assert_eq!(owner.trim(), group, "socket group");
 
     let store = env.store_dir().display().to_string();
     let p_out = format!("{store}/{}-outsider", index_hash(1, 1));
     let p_mem = format!("{store}/{}-member", index_hash(1, 2));
     // The CLI refuses to enqueue a path that does not exist.
     fs::write(&p_mem, "").unwrap();
-    let no_env: Vec<(String, std::ffi::OsString)> = Vec::new();
-
     for args in [
         vec!["status", "--socket", &sock_s],
         vec!["enqueue", "--socket", &sock_s, &p_out],
         vec!["retry", "--socket", &sock_s],
     ] {
-        let o = as_user(&outsider, &bin, &args, &no_env);
+        let o = outsider.cli(&args, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(
             o.status.code(),
@@ -1049,31 +1117,30 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         );
     }
     for args in [
-        vec!["status", "--socket", &sock_s],
-        vec!["enqueue", "--socket", &sock_s, &p_mem],
+        ["status", "--socket", &sock_s].as_slice(),
+        &["enqueue", "--socket", &sock_s, &p_mem],
     ] {
-        let o = as_user(&member, &bin, &args, &no_env);
+        let o = member.cli(args, &[]);
         assert!(o.status.success(), "{args:?} as member: {}", show(&o));
     }
     // Changing the queue is for root and the daemon's user only.
-    let o = as_user(&member, &bin, &["retry", "--socket", &sock_s], &no_env);
+    let o = member.cli(&["retry", "--socket", &sock_s], &[]);
     assert!(!o.status.success(), "retry as member: {}", show(&o));
-    let j = d.journal();
     assert_eq!(
-        j.added,
-        vec![p_mem.clone()],
+        d.journal().added,
+        [p_mem],
         "only the member's path is queued"
     );
 
     // Default mode 0600: only the daemon's user (root) gets in.
     let d2 = Daemon::start(&env, &[]);
     fs::set_permissions(d2.dir(), fs::Permissions::from_mode(0o755)).unwrap();
-    let sock2 = d2.socket().display().to_string();
-    assert_eq!(
-        fs::metadata(d2.socket()).unwrap().permissions().mode() & 0o7777,
-        0o600
+    let mode = fs::metadata(d2.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o600);
+    let o = member.cli(
+        &["status", "--socket", &d2.socket().display().to_string()],
+        &[],
     );
-    let o = as_user(&member, &bin, &["status", "--socket", &sock2], &no_env);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     assert!(String::from_utf8_lossy(&o.stderr)
         .to_lowercase()
@@ -1088,22 +1155,18 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     fs::create_dir_all(&udir).unwrap();
     fs::set_permissions(&udir, fs::Permissions::from_mode(0o777)).unwrap();
     let sk_s = sk.display().to_string();
-    let usock = udir.join("sock").display().to_string();
-    let ustate = udir.join("state").display().to_string();
-    let o = as_user(
-        &outsider,
-        &bin,
-        &[
-            "serve",
-            "--socket",
-            &usock,
-            "--state-dir",
-            &ustate,
-            "--signing-key-file",
-            &sk_s,
-        ],
-        &env.env_vars(),
-    );
+    let (usock, ustate) = (udir.join("sock"), udir.join("state").display().to_string());
+    let usock_s = usock.display().to_string();
+    let args = [
+        "serve",
+        "--socket",
+        &usock_s,
+        "--state-dir",
+        &ustate,
+        "--signing-key-file",
+        &sk_s,
+    ];
+    let o = outsider.cli(&args, &env.env_vars());
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(78), "{}", show(&o));
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
@@ -1111,122 +1174,7 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         err.contains(&sk_s) && err.to_lowercase().contains("permission denied"),
         "should name the unreadable key file: {err:?}"
     );
-    assert!(!Path::new(&usock).exists(), "no socket for a refused start");
-    drop(accounts);
-}
-
-/// Copies of the hook and the daemon under `env/bin` that every user may
-/// run (the directories above must let others through).
-fn shared_bins(env: &NixEnv) -> (PathBuf, PathBuf) {
-    let bin = env.root().join("bin");
-    fs::create_dir_all(&bin).unwrap();
-    let mut dir = Some(bin.as_path());
-    while let Some(d) = dir {
-        let mode = fs::metadata(d).unwrap().permissions().mode();
-        if d.starts_with(env.root()) {
-            fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o755)).unwrap();
-        } else {
-            assert!(
-                mode & 0o001 != 0,
-                "{} is not traversable by other users (mode {mode:o}); use NPBHQ_TEST_TMP",
-                d.display()
-            );
-        }
-        dir = d.parent();
-    }
-    let (hook, daemon) = (
-        bin.join("post-build-hook"),
-        bin.join("post-build-hook-queue"),
-    );
-    // Copied by `cp`: a file this process held open for writing could go
-    // into a child another test forks meanwhile (exec: text file busy).
-    for (from, to) in [(hook_bin(), &hook), (daemon_bin(), &daemon)] {
-        run_ok(Command::new("cp").arg(from).arg(to));
-    }
-    (hook, daemon)
-}
-
-/// A user made for one test (removed on drop) and copies of both binaries
-/// under the test's directory that every user may run.
-struct OtherUser {
-    _accounts: TestAccounts,
-    name: String,
-    uid: u32,
-    hook: PathBuf,
-    daemon: PathBuf,
-}
-
-impl OtherUser {
-    fn new(env: &NixEnv, letter: char) -> OtherUser {
-        assert!(
-            is_root(),
-            "this test makes a second user with useradd, which needs root (CI runs as root)"
-        );
-        let name = format!("npbhq-{letter}{}", short_id());
-        let mut accounts = TestAccounts::default();
-        accounts.user(&name, &[]);
-        let uid = String::from_utf8_lossy(&run(Command::new("id").args(["-u", &name])).stdout)
-            .trim()
-            .parse()
-            .expect("uid of the test user");
-        let (hook, daemon) = shared_bins(env);
-        OtherUser {
-            _accounts: accounts,
-            name,
-            uid,
-            hook,
-            daemon,
-        }
-    }
-
-    /// A directory of this user's own (mode 0700) under `env`.
-    fn own_dir(&self, env: &NixEnv, name: &str) -> PathBuf {
-        let dir = env.root().join(name);
-        fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
-        dir
-    }
-
-    /// Starts `post-build-hook-queue serve ARGS` as this user, with a clean
-    /// environment and `env`; its stderr goes to `log`. Returns once the
-    /// socket `socket` is there.
-    fn serve(
-        &self,
-        args: &[&str],
-        env: &[(String, std::ffi::OsString)],
-        log: &Path,
-        socket: &Path,
-    ) -> std::process::Child {
-        let mut c = as_user_cmd(&self.name, &self.daemon, env);
-        c.arg("serve")
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(log).unwrap());
-        let mut child = c.spawn().unwrap();
-        let started = Instant::now();
-        while !socket.exists() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "the daemon of {} ended with {status} before {} appeared:\n{}",
-                    self.name,
-                    socket.display(),
-                    fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            if started.elapsed() > REPLY_TIMEOUT {
-                let _ = child.kill();
-                panic!(
-                    "no socket at {} after {REPLY_TIMEOUT:?}:\n{}",
-                    socket.display(),
-                    fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        child
-    }
+    assert!(!usock.exists(), "no socket for a refused start");
 }
 
 /// Another local user's daemon, listening on a socket that user bound: it
@@ -1238,21 +1186,13 @@ impl OtherUser {
 #[test]
 fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     let env = NixEnv::new("hostile-trust");
-    let other = OtherUser::new(&env, 't');
+    let other = User::new(&env, 't', "");
     let dir = other.own_dir(&env, "theirs");
     let (socket, state) = (dir.join("sock"), dir.join("state"));
+    let (sock_s, state_s) = (socket.display().to_string(), state.display().to_string());
     let log = env.root().join("theirs.log");
-    let mut theirs = other.serve(
-        &[
-            "--socket",
-            &socket.display().to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-        ],
-        &env.env_vars(),
-        &log,
-        &socket,
-    );
+    let args = ["--socket", &sock_s, "--state-dir", &state_s];
+    let _theirs = other.serve(&args, &env.env_vars(), &log, &socket);
     assert_eq!(fs::metadata(&socket).unwrap().uid(), other.uid);
     let store = env.store_dir().display().to_string();
     let (p_root, p_cli, p_own) = (
@@ -1272,7 +1212,7 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     assert_eq!(said.lines().count(), 1, "one line: {said:?}");
     assert!(
         said.contains("refusing the socket")
-            && said.contains(&socket.display().to_string())
+            && said.contains(&sock_s)
             && said.contains(&format!("uid {}", other.uid))
             && said.contains("spooled the paths to"),
         "{said:?}"
@@ -1283,12 +1223,11 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
         .collect();
     assert_eq!(spooled, vec![format!("enqueue {p_root}\n")]);
 
-    let sock_s = socket.display().to_string();
     for args in [
-        vec!["status", "--socket", &sock_s],
-        vec!["enqueue", "--socket", &sock_s, &p_cli],
+        ["status", "--socket", &sock_s].as_slice(),
+        &["enqueue", "--socket", &sock_s, &p_cli],
     ] {
-        let o = run(Command::new(daemon_bin()).args(&args));
+        let o = run(Command::new(daemon_bin()).args(args));
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
@@ -1298,11 +1237,11 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
         );
     }
 
-    let theirs_env = vec![
-        ("NPBHQ_SOCKET".to_string(), socket.clone().into_os_string()),
-        ("OUT_PATHS".to_string(), p_own.clone().into()),
+    let theirs_env: &Vars = &[
+        ("NPBHQ_SOCKET".into(), sock_s.clone().into()),
+        ("OUT_PATHS".into(), p_own.clone().into()),
     ];
-    let o = as_user(&other.name, &other.hook, &[], &theirs_env);
+    let o = run(&mut other.cmd(&other.hook, theirs_env));
     assert!(
         o.status.success() && o.stderr.is_empty(),
         "their own hook is served: {}",
@@ -1317,8 +1256,6 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
         !journal.contains(&p_root) && !journal.contains(&p_cli),
         "root's paths never reached their daemon: {journal}"
     );
-    let _ = theirs.kill();
-    let _ = theirs.wait();
 }
 
 /// A user without `XDG_RUNTIME_DIR`: the daemon, the hook and the admin
@@ -1328,25 +1265,21 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
 #[test]
 fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
     let env = NixEnv::new("hostile-dsock");
-    let user = OtherUser::new(&env, 'd');
+    let user = User::new(&env, 'd', "");
     let home = user.own_dir(&env, "h");
     let state = home.join(".local/state/nix-post-build-hook-queue");
-    let socket = state.join("socket");
-    let mut vars: Vec<(String, std::ffi::OsString)> = env
-        .env_vars()
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("XDG_") && k != "HOME")
-        .collect();
+    let mut vars = env.env_vars();
+    vars.retain(|(k, _)| !k.starts_with("XDG_") && k != "HOME");
     vars.push(("HOME".into(), home.clone().into()));
     let log = env.root().join("default-socket.log");
-    let mut daemon = user.serve(&[], &vars, &log, &socket);
+    let _daemon = user.serve(&[], &vars, &log, &state.join("socket"));
     let in_tmp = PathBuf::from(format!("/tmp/nix-post-build-hook-queue-{}.sock", user.uid));
     assert!(!in_tmp.exists(), "{} exists", in_tmp.display());
 
     let path = format!("{}/{}-default", env.store_dir().display(), index_hash(8, 1));
     let mut hook_env = vars.clone();
     hook_env.push(("OUT_PATHS".into(), path.clone().into()));
-    let o = as_user(&user.name, &user.hook, &[], &hook_env);
+    let o = run(&mut user.cmd(&user.hook, &hook_env));
     assert!(
         o.status.success() && o.stderr.is_empty(),
         "the hook finds the daemon at the default socket: {}",
@@ -1357,7 +1290,7 @@ fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
             || fs::read_dir(state.join("spool")).unwrap().next().is_none(),
         "nothing spooled"
     );
-    let o = as_user(&user.name, &user.daemon, &["status"], &vars);
+    let o = user.cli(&["status"], &vars);
     assert!(
         o.status.success(),
         "status at the default socket: {}",
@@ -1365,8 +1298,6 @@ fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
     );
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
     assert!(journal.contains(&path), "the path is journaled: {journal}");
-    let _ = daemon.kill();
-    let _ = daemon.wait();
 }
 
 // ---------------------------------------------------------------------------
@@ -2299,33 +2230,19 @@ fn planted_names_beside_the_socket_change_nothing() {
 #[test]
 fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
     let env = NixEnv::new("hostile-tmpstate");
-    let user = OtherUser::new(&env, 't');
+    let user = User::new(&env, 't', "");
     let tmp = env.root().join("tmp");
     fs::create_dir_all(&tmp).unwrap();
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
     let state = tmp.join(format!("nix-post-build-hook-queue-{}", user.uid));
     fs::create_dir(&state).unwrap();
     let vars = [("TMPDIR".to_string(), tmp.clone().into_os_string())];
-    // Bounded: a daemon that starts after all must not hold the test.
-    let as_them = |args: &[&str], vars: &[(String, std::ffi::OsString)]| {
-        let mut c = Command::new("timeout");
-        c.args([
-            "60", "setpriv", "--reuid", &user.name, "--regid", &user.name,
-        ])
-        .args(["--init-groups", "--"])
-        .arg(&user.daemon)
-        .args(args)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(vars.iter().cloned());
-        run(&mut c)
-    };
     // Root's (another user's to them), then theirs but writable by all.
     for owner in [0, user.uid] {
         std::os::unix::fs::chown(&state, Some(owner), Some(owner)).unwrap();
         fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
         for command in ["check-config", "serve"] {
-            let o = as_them(&[command], &vars);
+            let o = user.cli(&[command], &vars);
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(
                 o.status.code(),
@@ -2342,7 +2259,7 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         }
     }
     fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
-    let o = as_them(&["check-config"], &vars);
+    let o = user.cli(&["check-config"], &vars);
     assert_eq!(o.status.code(), Some(0), "their own: {}", show(&o));
 
     let home = user.own_dir(&env, "home");
@@ -2350,7 +2267,7 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         ("HOME".to_string(), home.into_os_string()),
         ("XDG_RUNTIME_DIR".to_string(), "run/user".into()),
     ];
-    let o = as_them(&["check-config"], &relative);
+    let o = user.cli(&["check-config"], &relative);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(78), "{}", show(&o));
     assert!(
