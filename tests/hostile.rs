@@ -1329,65 +1329,41 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
     );
     let socket = d.socket();
     let store = env.store_dir().display().to_string();
-    let built = env.build_paths(2, "inject");
-    let (bait, good) = (
-        built[0].display().to_string(),
-        built[1].display().to_string(),
-    );
-    let h = bait
-        .rsplit('/')
-        .next()
-        .and_then(|b| b.split('-').next())
-        .unwrap()
-        .to_string();
+    let built = strs(&env.build_paths(2, "inject"));
+    let (bait, good) = (built[0].clone(), built[1].clone());
+    let h = &bait[store.len() + 1..][..32];
     let marker = env.root().join("pwned");
-    let m = marker.display();
-    let hostile: Vec<String> = vec![
-        "--to".into(),
-        "-L".into(),
-        "--store=/x".into(),
-        "--recursive".into(),
-        "--key-file=/etc/shadow".into(),
-        "-".into(),
-        format!("$(touch {m})"),
-        format!("`touch {m}`"),
-        format!(";touch {m}"),
-        format!("|touch {m}"),
-        format!("&&touch {m}"),
-        format!("{store}/{h}-x y"),
-        format!("{store}/{h}-$(touch {m})"),
-        format!("{store}/{h}-`touch {m}`"),
-        format!("{store}/{h}-x;touch"),
-        format!("{store}/{h}-x|touch"),
-        format!("{store}/{h}-x&touch"),
-        format!("{store}/{h}->x"),
-        format!("{store}/{h}-x\ttouch"),
-        format!("{store}/{h}-x\0y"),
-        format!("{store}/../{h}-x"),
-        format!("{store}/{h}-x/../../etc"),
-        format!("{store}/-{h}-x"),
-        format!("{store}/{h}-*"),
-        format!("{bait} --to file:///tmp/npbhq-evil"),
-        format!("{store}/{h}-x\n--to"),
-        format!("{store}/{h}-x\r"),
-    ];
+    let hostile: Vec<String> =
+        "--to,-L,--store=/x,--recursive,--key-file=/etc/shadow,-,$(touch {m}),\
+        `touch {m}`,;touch {m},|touch {m},&&touch {m},{s}/{h}-x y,{s}/{h}-$(touch {m}),\
+        {s}/{h}-`touch {m}`,{s}/{h}-x;touch,{s}/{h}-x|touch,{s}/{h}-x&touch,{s}/{h}->x,\
+        {s}/{h}-x\ttouch,{s}/{h}-x\0y,{s}/../{h}-x,{s}/{h}-x/../../etc,{s}/-{h}-x,{s}/{h}-*,\
+        {b} --to file:///tmp/npbhq-evil,{s}/{h}-x\n--to,{s}/{h}-x\r"
+            .split(',')
+            .map(|t| {
+                t.replace("{m}", &marker.display().to_string())
+                    .replace("{s}", &store)
+            })
+            .map(|t| t.replace("{h}", h).replace("{b}", &bait))
+            .collect();
     let spool = d.spool_dir();
     fs::create_dir_all(&spool).unwrap();
     for (i, bad) in hostile.iter().enumerate() {
         // On the socket and in the spool a line break ends the request (the
         // fuzz test covers that); it matters where arguments are joined into
         // a request: the CLI and the hook.
-        let line_break = bad.contains(['\n', '\r']);
-        // Socket: enqueue and drv.
-        for line in [format!("enqueue {bait} {bad}"), format!("drv {bad}")] {
-            if line_break {
-                break;
+        if !bad.contains(['\n', '\r']) {
+            for line in [format!("enqueue {bait} {bad}"), format!("drv {bad}")] {
+                let replies = exchange(&socket, format!("{line}\n").into_bytes(), "inject");
+                let refused = replies.len() == 1 && replies[0].starts_with("err ");
+                assert!(refused, "{line:?} was not refused: {replies:?}");
             }
-            let replies = exchange(&socket, format!("{line}\n").into_bytes(), "inject");
-            assert!(
-                replies.len() == 1 && replies[0].starts_with("err "),
-                "{line:?} was not refused: {replies:?}"
-            );
+            let req = format!("enqueue {bait} {bad}\ndrv {bad}\nenqueue ").into_bytes();
+            fs::write(
+                spool.join(format!("{i:020}-{i}.req")),
+                [&req[..], b"\xff\xfe\n"].concat(),
+            )
+            .unwrap();
         }
         // CLI (arguments are never options to the daemon; `-` is its own
         // "read stdin" argument, so not hostile there).
@@ -1398,49 +1374,23 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         // Hook: as OUT_PATHS and as DRV_PATH (it always exits 0; a refused
         // request is reported, not spooled, as it would be refused again).
         // OUT_PATHS is whitespace-separated: skip what splits into valid paths.
-        let splits_valid = bad
-            .split_whitespace()
-            .all(|w| path_rules(w, &store, false).is_empty());
-        if !bad.contains('\0') && !splits_valid {
-            for (out, drv) in [
-                (format!("{bait} {bad}"), String::new()),
-                (String::new(), bad.clone()),
-            ] {
-                let o = run(d.hook_cmd().env("OUT_PATHS", &out).env("DRV_PATH", &drv));
-                assert!(o.status.success(), "hook {out:?}/{drv:?}: {}", show(&o));
-                let said = String::from_utf8_lossy(&o.stderr);
-                assert!(
-                    said.contains("NOT queued") || said.contains("nothing to queue"),
-                    "hook {out:?}/{drv:?}: {}",
-                    show(&o)
-                );
-                assert!(
-                    !said.contains("spooled"),
-                    "hook {out:?}/{drv:?}: {}",
-                    show(&o)
-                );
-            }
-        }
-        // Spool file written directly.
-        if line_break {
+        let splits_valid =
+            (bad.split_whitespace()).all(|w| path_rules(w, &store, false).is_empty());
+        if bad.contains('\0') || splits_valid {
             continue;
         }
-        let mut req = format!("enqueue {bait} {bad}\ndrv {bad}\n").into_bytes();
-        req.extend_from_slice(b"enqueue \xff\xfe\n");
-        fs::write(spool.join(format!("{:020}-{i}.req", i)), req).unwrap();
+        for (out, drv) in [(format!("{bait} {bad}"), ""), (String::new(), bad.as_str())] {
+            let o = run(d.hook_cmd().env("OUT_PATHS", &out).env("DRV_PATH", drv));
+            let said = String::from_utf8_lossy(&o.stderr);
+            let reported = said.contains("NOT queued") || said.contains("nothing to queue");
+            let ok = o.status.success() && reported && !said.contains("spooled");
+            assert!(ok, "hook {out:?}/{drv:?}: {}", show(&o));
+        }
     }
-    wait_until(
-        Duration::from_secs(30),
-        "the daemon to ingest (and refuse) every spool file",
-        || {
-            fs::read_dir(&spool)
-                .map(|r| {
-                    r.flatten()
-                        .all(|e| !e.file_name().to_string_lossy().ends_with(".req"))
-                })
-                .unwrap_or(true)
-        },
-    );
+    let req = |e: fs::DirEntry| e.file_name().to_string_lossy().ends_with(".req");
+    let ingested = || fs::read_dir(&spool).map_or(true, |r| !r.flatten().any(req));
+    let what = "the daemon to ingest (and refuse) every spool file";
+    wait_until(Duration::from_secs(30), what, ingested);
     // Now the one legitimate path, so that nix has been called for sure.
     let o = run(d.cli_cmd().arg("enqueue").arg(&good));
     assert!(o.status.success(), "{}", show(&o));
@@ -1453,30 +1403,12 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         calls.iter().any(|c| c.contains(&good)),
         "the wrapper recorded no call with the good path: {calls:?}"
     );
-    let allowed: HashSet<&str> = [
-        "--extra-experimental-features",
-        "nix-command",
-        "store",
-        "sign",
-        "--key-file",
-        sk_s.as_str(),
-        "--recursive",
-        "copy",
-        "--to",
-        upload.as_str(),
-        "--query",
-        "--outputs",
-        "--check-validity",
-        "--print-invalid",
-        // The target's check at start (and when a path fails alone), and
-        // the version that decides between `store info` and `store ping`.
-        "ping",
-        "info",
-        "--store",
-        "--version",
-    ]
-    .into_iter()
-    .collect();
+    // The daemon's own arguments; `ping`, `info` and `--store` for the
+    // target's check at start (and when a path fails alone), `--version` for
+    // the choice between `store info` and `store ping`.
+    let allowed = "--extra-experimental-features nix-command store sign --key-file --recursive \
+        copy --to --query --outputs --check-validity --print-invalid ping info --store --version";
+    let allowed: HashSet<&str> = allowed.split(' ').chain([sk_s.as_str(), &upload]).collect();
     for call in &calls {
         for (i, arg) in call.iter().enumerate().skip(1) {
             let ok = allowed.contains(arg.as_str())
