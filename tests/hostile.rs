@@ -1428,58 +1428,46 @@ fn key_secret(sk: &Path) -> String {
 fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
     let env = NixEnv::new("hostile-secret");
     let (sk, pk) = env.gen_signing_key("secret-1");
-    let secret = key_secret(&sk);
-    let cache = env.root().join("cache");
-    let upload = format!(
-        "file://{}?compression=none&secret-key={}",
-        cache.display(),
-        sk.display()
-    );
-    let read = format!("file://{}", cache.display());
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-            ("retry-initial-delay", "0.05"),
-        ],
-    );
+    let (secret, sk_s) = (key_secret(&sk), sk.display().to_string());
+    let (upload, read) = file_cache(&env, "cache");
+    let upload = format!("{upload}&secret-key={sk_s}");
+    let config = [
+        ("signing-key-file", sk_s.as_str()),
+        ("upload-to", &upload),
+        ("retry-initial-delay", "0.05"),
+    ];
+    let d = Daemon::start(&env, &config);
     let b = env.build(2, "secret", Some(&hook_bin()), &d.hook_env());
     b.assert_success();
     wait_ok(UPLOAD_TIMEOUT, "uploaded and signed", || {
         env.verify_in_cache(&read, &pk, &b.out_paths)
     });
-    let shown = everything_shown(&d);
-    for (what, text) in &shown {
+    for (i, (what, text)) in everything_shown(&d).iter().enumerate() {
         assert!(
             !text.contains(&secret),
             "{what} shows the secret key: {text}"
         );
+        let url_secret = text.contains(&format!("secret-key={sk_s}"));
         assert!(
-            !text.contains(&format!("secret-key={}", sk.display())),
+            !url_secret,
             "{what} shows the secret-key value of the URL: {text}"
         );
-    }
-    for (what, text) in &shown[..2] {
-        assert!(
-            text.contains("secret-key=***"),
-            "{what} shows the masked target: {text}"
-        );
+        let masked = text.contains("secret-key=***");
+        assert!(masked || i >= 2, "{what} shows the masked target: {text}");
     }
 }
 
 /// Everything the daemon shows a person: `status`, its log, `status --json`
 /// and the raw `status` reply, by name (in that order).
 fn everything_shown(d: &Daemon) -> [(&'static str, String); 4] {
-    let raw = exchange(&d.socket(), b"status\n".to_vec(), "status");
+    let json = run_ok(d.cli_cmd().args(["status", "--json"]));
+    let raw = exchange(&d.socket(), b"status\n".to_vec(), "status").join("\n");
+    let status = run_ok(d.cli_cmd().arg("status"));
     [
-        ("status", run_ok(d.cli_cmd().arg("status"))),
+        ("status", status),
         ("log", d.log()),
-        (
-            "status --json",
-            run_ok(d.cli_cmd().args(["status", "--json"])),
-        ),
-        ("raw status", raw.join("\n")),
+        ("status --json", json),
+        ("raw status", raw),
     ]
 }
 
@@ -1494,23 +1482,19 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
     for scheme in ["ssh-ng", "ssh"] {
         let password = format!("hunter2pw{}", short_id());
         // Nothing listens on this port: ssh fails fast, and nix says so.
-        let port = free_port();
         let url = format!("{scheme}://npbhq:{password}@127.0.0.1?secret-key=/npbhq/x");
         let sshopts = format!(
-            "-p {port} -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+            "-p {} -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+            free_port()
         );
-        let d = Daemon::start_with_env(
-            &env,
-            &[("upload-to", &url), ("retry-initial-delay", "60")],
-            &[("NIX_SSHOPTS", sshopts.as_str())],
-        );
+        let config = [("upload-to", url.as_str()), ("retry-initial-delay", "60")];
+        let d = Daemon::start_with_env(&env, &config, &[("NIX_SSHOPTS", sshopts.as_str())]);
         let o = run(d.cli_cmd().arg("enqueue").arg(&paths[0]));
         assert!(o.status.success(), "{}", show(&o));
-        wait_until(
-            UPLOAD_TIMEOUT,
-            "the failed upload to show in status",
-            || d.status().get("backing-off") == "1",
-        );
+        let what = "the failed upload to show in status";
+        wait_until(UPLOAD_TIMEOUT, what, || {
+            d.status().get("backing-off") == "1"
+        });
         let shown = everything_shown(&d);
         let log = &shown[1].1;
         assert!(
@@ -1522,23 +1506,41 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
                 !text.contains(&password),
                 "{scheme}: {what} shows the URL's password: {text}"
             );
+            let url_secret = text.contains("secret-key=/npbhq/x");
             assert!(
-                !text.contains("secret-key=/npbhq/x"),
+                !url_secret,
                 "{scheme}: {what} shows the URL's secret-key value: {text}"
             );
-            assert!(
-                text.contains("npbhq:***@127.0.0.1"),
-                "{scheme}: {what} shows the masked target: {text}"
-            );
+            let masked = text.contains("npbhq:***@127.0.0.1");
+            assert!(masked, "{scheme}: {what} shows the masked target: {text}");
         }
     }
 }
 
-/// `serve` with the config file of `d` and `extra_args`; it must not start.
-fn serve_refused(d: &Daemon, extra_args: &[&str]) -> Output {
+/// Asserts that `o` (what `ctx` ran) ended with `code` and wrote one line to
+/// stderr; returns that line.
+fn one_line(o: &Output, code: i32, ctx: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(code), "{ctx}: {}", show(o));
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{ctx}: one line: {err:?}"
+    );
+    err
+}
+
+/// `serve` with the config file of `d` and `args`: it must stop at start
+/// (exit 78, one line, no socket); returns the line.
+fn refused_at_start(d: &Daemon, args: &[&str]) -> String {
     let mut cmd = d.cli_cmd();
-    cmd.arg("serve").arg("--config").arg(d.config_path());
-    run_to_exit(cmd.args(extra_args), DAEMON_START_TIMEOUT)
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(d.config_path())
+        .args(args);
+    let o = run_to_exit(&mut cmd, DAEMON_START_TIMEOUT);
+    assert!(!d.socket().exists(), "no socket for a refused start");
+    one_line(&o, 78, &format!("serve {args:?}"))
 }
 
 /// A signing key file others can read, one that is missing, a directory, a
@@ -1549,22 +1551,25 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
     let env = NixEnv::new("hostile-keyperm");
     let (sk, pk) = env.gen_signing_key("perm-1");
     let secret = key_secret(&sk);
-    let open_key = env.root().join("open-key");
-    fs::copy(&sk, &open_key).unwrap();
-    fs::set_permissions(&open_key, fs::Permissions::from_mode(0o644)).unwrap();
-    let missing = env.root().join("no-such-key");
-    let dir = env.root().join("key-dir");
+    let file = |name: &str, contents: &str, mode: u32| {
+        let p = env.root().join(name);
+        fs::write(&p, contents).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let open_key = file("open-key", &fs::read_to_string(&sk).unwrap(), 0o644);
+    let (public, garbage) = (
+        file("public-key", &pk, 0o600),
+        file("garbage-key", "not a key\n", 0o600),
+    );
+    let (missing, dir, fifo) = (
+        env.root().join("no-such-key"),
+        env.root().join("key-dir"),
+        env.root().join("key-fifo"),
+    );
     fs::create_dir(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
-    let fifo = env.root().join("key-fifo");
     run_ok(Command::new("mkfifo").arg("-m").arg("600").arg(&fifo));
-    let public = env.root().join("public-key");
-    fs::write(&public, &pk).unwrap();
-    let garbage = env.root().join("garbage-key");
-    fs::write(&garbage, "not a key\n").unwrap();
-    for p in [&public, &garbage] {
-        fs::set_permissions(p, fs::Permissions::from_mode(0o600)).unwrap();
-    }
     for (key, want) in [
         (&open_key, "readable by every user"),
         (&missing, "No such file"),
@@ -1575,20 +1580,15 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
     ] {
         let key_s = key.display().to_string();
         let d = Daemon::new_stopped(&env, &[("signing-key-file", key_s.as_str())], NO_ENV);
-        let o = serve_refused(&d, &[]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(78), "{key_s}: {}", show(&o));
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        let err = refused_at_start(&d, &[]);
         assert!(
             err.contains(&key_s) && err.contains(want),
             "the message names the file and the problem ({want}): {err:?}"
         );
         assert!(!err.contains(&secret));
-        assert!(!d.socket().exists(), "no socket for a refused start");
     }
     // The real key is accepted.
-    let sk_s = sk.display().to_string();
-    let d = Daemon::start(&env, &[("signing-key-file", sk_s.as_str())]);
+    let d = Daemon::start(&env, &[("signing-key-file", &sk.display().to_string())]);
     assert!(d.request("ping").starts_with("ok"));
 }
 
@@ -1605,28 +1605,19 @@ fn control_characters_in_settings_refused_at_start() {
         ("--socket-group", "wheel\u{1b}[2J"),
         ("--nix", "/bin/nix\tx"),
     ] {
-        let o = serve_refused(&d, &[flag, value]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(78), "{flag} {value:?}: {}", show(&o));
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        let err = refused_at_start(&d, &[flag, value]);
         assert!(
             err.contains(flag) && err.contains("control character"),
             "{err:?}"
         );
-        assert!(!d.socket().exists(), "no socket for a refused start");
     }
     // In the file too: a carriage return survives `lines()`.
-    fs::write(
-        d.config_path(),
-        format!(
-            "socket = {}\nupload-to = file:///tmp/c\rok\n",
-            d.socket().display()
-        ),
-    )
-    .unwrap();
-    let o = serve_refused(&d, &[]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
+    let config = format!(
+        "socket = {}\nupload-to = file:///tmp/c\rok\n",
+        d.socket().display()
+    );
+    fs::write(d.config_path(), config).unwrap();
+    let err = refused_at_start(&d, &[]);
     assert!(
         err.contains(":2:") && err.contains("control character"),
         "{err:?}"
