@@ -284,11 +284,7 @@ fn read_until_closed(stream: UnixStream, what: &str) -> Vec<String> {
             Err(e) if e.kind() == ErrorKind::ConnectionReset => return lines,
             Err(e) => panic!("{what}: reading replies: {e}; got so far {lines:?}"),
             Ok(_) => {
-                assert_eq!(
-                    buf.pop(),
-                    Some(b'\n'),
-                    "{what}: reply without newline after {lines:?}"
-                );
+                assert_eq!(buf.pop(), Some(b'\n'), "{what}: no newline after {lines:?}");
                 lines.push(String::from_utf8_lossy(&buf).into_owned());
             }
         }
@@ -323,10 +319,7 @@ fn read_one_line(s: &UnixStream) -> std::io::Result<String> {
 
 fn assert_no_panic(d: &Daemon, ctx: &str) {
     let log = d.log();
-    assert!(
-        !log.contains("panicked"),
-        "{ctx}: the daemon panicked; log:\n{log}"
-    );
+    assert!(!log.contains("panicked"), "{ctx}: a panic; log:\n{log}");
 }
 
 /// A daemon whose queue never drains (see [`FakeNix::hang`]).
@@ -345,10 +338,8 @@ fn hanging_daemon(env: &NixEnv) -> (Daemon, FakeNix) {
 fn assert_alive(d: &mut Daemon, ctx: &str) {
     assert!(d.is_running(), "{ctx}: the daemon exited");
     let pong = ask(&d.socket(), "ping");
-    assert!(
-        pong.starts_with("ok nix-post-build-hook-queue "),
-        "{ctx}: ping answered {pong:?}"
-    );
+    let pong_ok = pong.starts_with("ok nix-post-build-hook-queue ");
+    assert!(pong_ok, "{ctx}: ping answered {pong:?}");
     assert_no_panic(d, ctx);
 }
 
@@ -629,10 +620,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     let mut seeder = Rng::new(seed);
     let pool: Vec<String> = (0..1500).map(|_| gen_output(&mut seeder, &store)).collect();
     for p in &pool {
-        assert!(
-            path_rules(p, &store, false).is_empty(),
-            "{ctx}: generator made an invalid pool path {p}"
-        );
+        assert!(path_rules(p, &store, false).is_empty(), "{ctx}: {p}");
     }
     // `NPBHQ_FUZZ_ROUNDS=N` for a longer run by hand.
     let rounds = std::env::var("NPBHQ_FUZZ_ROUNDS").map_or(14, |r| r.parse().unwrap());
@@ -674,61 +662,38 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
         queued.len()
     );
     let first = &failures[..failures.len().min(10)];
-    assert!(
-        failures.is_empty(),
-        "{ctx}: {} failures, first ones:\n{}",
-        failures.len(),
-        first.join("\n")
-    );
-    assert!(
-        total.requests >= 2000 && total.refused >= 1000,
-        "{ctx}: too few requests to mean anything: {} ({} refused)",
-        total.requests,
-        total.refused
-    );
+    let first = first.join("\n");
+    let n = failures.len();
+    assert!(failures.is_empty(), "{ctx}: {n} failures:\n{first}");
+    let (requests, refused) = (total.requests, total.refused);
+    let enough = requests >= 2000 && refused >= 1000;
+    assert!(enough, "{ctx}: {requests} requests, {refused} refused");
 
     assert_alive(&mut d, &ctx);
     // Each acknowledged path was counted once, over all clients.
     let why = "sum of `ok N` differs from the number of distinct valid paths sent";
     assert_eq!(total.ok_sum, queued.len(), "{ctx}: {why}");
     let j = d.journal();
-    assert!(
-        j.malformed.is_empty(),
-        "{ctx}: malformed journal records: {:?}",
-        j.malformed
-    );
+    let malformed = &j.malformed;
+    assert!(malformed.is_empty(), "{ctx}: malformed: {malformed:?}");
     let added: HashSet<&String> = j.added.iter().collect();
-    assert_eq!(
-        added.len(),
-        j.added.len(),
-        "{ctx}: a path was journaled twice"
-    );
+    assert_eq!(added.len(), j.added.len(), "{ctx}: a path journaled twice");
     for p in &j.added {
-        assert!(
-            queued.contains(p),
-            "{ctx}: journaled, never sent in a valid request: {p:?}"
-        );
-        assert!(
-            path_rules(p, &store, p.ends_with(".drv")).is_empty(),
-            "{ctx}: invalid path in the journal: {p:?}"
-        );
+        assert!(queued.contains(p), "{ctx}: journaled, never acked: {p:?}");
+        let valid = path_rules(p, &store, p.ends_with(".drv")).is_empty();
+        assert!(valid, "{ctx}: invalid path in the journal: {p:?}");
     }
     let live: HashSet<&String> = j.live.iter().collect();
     for p in queued {
-        assert!(
-            added.contains(p),
-            "{ctx}: acknowledged, missing from the journal: {p:?}"
-        );
+        assert!(added.contains(p), "{ctx}: acked, not journaled: {p:?}");
         // Only derivations leave the queue here (the worker drops the ones
         // that are not in the store; the hanging `nix copy` holds the rest).
         let left = !live.contains(p) && !p.ends_with(".drv");
         assert!(!left, "{ctx}: {p} left the journal without an upload");
     }
     for p in &j.done {
-        assert!(
-            p.ends_with(".drv") && added.contains(p),
-            "{ctx}: unexpected `-` record for {p}"
-        );
+        let drv = p.ends_with(".drv") && added.contains(p);
+        assert!(drv, "{ctx}: unexpected `-` record for {p}");
     }
     wait_until_diag(
         Duration::from_secs(30),
@@ -815,11 +780,8 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
     });
     let secs = started.elapsed().as_secs_f64();
     eprintln!("load: {CLIENTS} x {PER_CLIENT} paths acked in {secs:.2} s");
-    assert!(
-        hook_out.status.success() && hook_out.stderr.is_empty(),
-        "the hook was not acknowledged (it says why on stderr): {}",
-        show(&hook_out),
-    );
+    let acked = hook_out.status.success() && hook_out.stderr.is_empty();
+    assert!(acked, "the hook was not acknowledged: {}", show(&hook_out));
     let spooled: Vec<_> =
         fs::read_dir(d.spool_dir()).map_or(vec![], |r| r.flatten().map(|e| e.path()).collect());
     assert!(spooled.is_empty(), "the hook spooled: {spooled:?}");
@@ -836,22 +798,17 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
     expected.insert(hook_path.clone());
     let n = expected.len();
     let missing = expected.iter().filter(|p| !got.contains(p)).count();
-    assert!(
-        got.len() == n && missing == 0,
-        "journal: {} paths, {missing} of {n} missing",
-        got.len()
-    );
+    let journaled = got.len();
+    let ok = journaled == n && missing == 0;
+    assert!(ok, "journal: {journaled} paths, {missing} missing");
     assert_eq!(d.status().num("queued") as usize, n);
     assert_alive(&mut d, "after load");
 
     // Replay: a crashed daemon comes back with the same queue.
     d.kill9();
     d.try_spawn().unwrap_or_else(|e| panic!("restart: {e}"));
-    assert_eq!(
-        d.status().num("queued") as usize,
-        n,
-        "queue after kill -9 and replay"
-    );
+    let queued = d.status().num("queued") as usize;
+    assert_eq!(queued, n, "queue after kill -9 and replay");
     let replayed = format!("replayed: {n} paths queued");
     assert!(d.log().contains(&replayed), "{replayed}");
     assert_alive(&mut d, "after replay");
@@ -868,10 +825,7 @@ static USERDB: Mutex<()> = Mutex::new(());
 /// another process holds the lock.
 fn userdb(args: &[&str]) {
     let root = fs::metadata("/proc/self").unwrap().uid() == 0;
-    assert!(
-        root,
-        "this test makes users and groups, which needs root (CI runs as root)"
-    );
+    assert!(root, "this test makes users and groups: it needs root");
     let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
     let mut last = String::new();
     for _ in 0..5 {
@@ -1015,12 +969,7 @@ impl User {
         let log = || fs::read_to_string(log).unwrap_or_default();
         let up = || {
             let ended = child.0.try_wait().unwrap();
-            assert!(
-                ended.is_none(),
-                "the daemon of {} ended: {ended:?}\n{}",
-                self.name,
-                log()
-            );
+            assert!(ended.is_none(), "{what}: ended {ended:?}\n{}", log());
             socket.exists()
         };
         wait_until_diag(REPLY_TIMEOUT, &what, up, log);
@@ -1072,23 +1021,14 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     ] {
         let o = outsider.cli(&args, &[]);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(
-            o.status.code(),
-            Some(2),
-            "{args:?} as outsider: {}",
-            show(&o)
-        );
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
-        assert!(
-            err.to_lowercase().contains("permission denied") && err.contains(&sock_s),
-            "{args:?} as outsider should explain the refusal: {err:?}"
-        );
+        let why = err.to_lowercase().contains("permission denied") && err.contains(&sock_s);
+        assert!(why, "{args:?} should explain the refusal: {err:?}");
         // The daemon is running: blaming its absence would send the user
         // the wrong way.
-        assert!(
-            !err.contains("no daemon") && !err.contains("is post-build-hook-queue running"),
-            "{args:?} as outsider: the refusal is not a missing daemon: {err:?}"
-        );
+        let missing = err.contains("no daemon") || err.contains("is post-build-hook-queue running");
+        assert!(!missing, "{args:?}: not a missing daemon: {err:?}");
     }
     for args in [
         ["status", "--socket", &sock_s].as_slice(),
@@ -1100,11 +1040,8 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     // Changing the queue is for root and the daemon's user only.
     let o = member.cli(&["retry", "--socket", &sock_s], &[]);
     assert!(!o.status.success(), "retry as member: {}", show(&o));
-    assert_eq!(
-        d.journal().added,
-        [p_mem],
-        "only the member's path is queued"
-    );
+    let only = d.journal().added == [p_mem];
+    assert!(only, "only the member's path is queued");
 
     // Default mode 0600: only the daemon's user (root) gets in.
     let d2 = Daemon::start(&env, &[]);
@@ -1144,10 +1081,8 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(78), "{}", show(&o));
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
-    assert!(
-        err.contains(&sk_s) && err.to_lowercase().contains("permission denied"),
-        "should name the unreadable key file: {err:?}"
-    );
+    let named = err.contains(&sk_s) && err.to_lowercase().contains("permission denied");
+    assert!(named, "should name the unreadable key file: {err:?}");
     assert!(!usock.exists(), "no socket for a refused start");
 }
 
@@ -1184,13 +1119,9 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     let said = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(said.lines().count(), 1, "one line: {said:?}");
-    assert!(
-        said.contains("refusing the socket")
-            && said.contains(&sock_s)
-            && said.contains(&format!("uid {}", other.uid))
-            && said.contains("spooled the paths to"),
-        "{said:?}"
-    );
+    let uid = format!("uid {}", other.uid);
+    let why = [&sock_s, "refusing the socket", &uid, "spooled the paths to"];
+    assert!(why.iter().all(|w| said.contains(*w)), "{said:?}");
     let spooled: Vec<String> = fs::read_dir(&spool)
         .unwrap()
         .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
@@ -1205,10 +1136,8 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
-        assert!(
-            err.contains("refusing the socket") && err.contains(&sock_s),
-            "{args:?}: {err:?}"
-        );
+        let why = err.contains("refusing the socket") && err.contains(&sock_s);
+        assert!(why, "{args:?}: {err:?}");
     }
 
     let theirs_env: &Vars = &[
@@ -1216,20 +1145,12 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
         ("OUT_PATHS".into(), p_own.clone().into()),
     ];
     let o = run(&mut other.cmd(&other.hook, theirs_env));
-    assert!(
-        o.status.success() && o.stderr.is_empty(),
-        "their own hook is served: {}",
-        show(&o)
-    );
+    let served = o.status.success() && o.stderr.is_empty();
+    assert!(served, "their own hook is served: {}", show(&o));
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
-    assert!(
-        journal.contains(&p_own),
-        "their path is journaled: {journal}"
-    );
-    assert!(
-        !journal.contains(&p_root) && !journal.contains(&p_cli),
-        "root's paths never reached their daemon: {journal}"
-    );
+    assert!(journal.contains(&p_own), "their path: {journal}");
+    let reached = journal.contains(&p_root) || journal.contains(&p_cli);
+    assert!(!reached, "root's paths reached their daemon: {journal}");
 }
 
 /// A user without `XDG_RUNTIME_DIR`: the daemon, the hook and the admin
@@ -1254,22 +1175,13 @@ fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
     let mut hook_env = vars.clone();
     hook_env.push(("OUT_PATHS".into(), path.clone().into()));
     let o = run(&mut user.cmd(&user.hook, &hook_env));
-    assert!(
-        o.status.success() && o.stderr.is_empty(),
-        "the hook finds the daemon at the default socket: {}",
-        show(&o)
-    );
-    assert!(
-        !state.join("spool").exists()
-            || fs::read_dir(state.join("spool")).unwrap().next().is_none(),
-        "nothing spooled"
-    );
+    let served = o.status.success() && o.stderr.is_empty();
+    assert!(served, "the hook at the default socket: {}", show(&o));
+    let spool = state.join("spool");
+    let empty = !spool.exists() || fs::read_dir(spool).unwrap().next().is_none();
+    assert!(empty, "nothing spooled");
     let o = user.cli(&["status"], &vars);
-    assert!(
-        o.status.success(),
-        "status at the default socket: {}",
-        show(&o)
-    );
+    assert!(o.status.success(), "status: {}", show(&o));
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
     assert!(journal.contains(&path), "the path is journaled: {journal}");
 }
@@ -1373,10 +1285,8 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
     });
 
     let calls = w.calls();
-    assert!(
-        calls.iter().any(|c| c.contains(&good)),
-        "the wrapper recorded no call with the good path: {calls:?}"
-    );
+    let with_good = calls.iter().any(|c| c.contains(&good));
+    assert!(with_good, "no call with the good path: {calls:?}");
     // The daemon's own arguments; `ping`, `info` and `--store` for the
     // target's check at start (and when a path fails alone), `--version` for
     // the choice between `store info` and `store ping`.
@@ -1390,22 +1300,14 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
                 || path_rules(arg, &store, true).is_empty();
             assert!(ok, "argument {i} {arg:?} reached nix: {call:?}");
         }
-        assert!(
-            !call.contains(&bait),
-            "the path sent together with a hostile one reached nix: {call:?}"
-        );
+        assert!(!call.contains(&bait), "sent with a hostile one: {call:?}");
     }
     assert!(!marker.exists(), "a shell ran a hostile command");
-    assert!(
-        !env.is_valid_in(&read, Path::new(&bait)),
-        "the path sent with a hostile one was uploaded"
-    );
+    let uploaded = env.is_valid_in(&read, Path::new(&bait));
+    assert!(!uploaded, "the path sent with a hostile one was uploaded");
     let j = d.journal();
-    assert!(
-        j.added.iter().all(|p| *p == good),
-        "only the good path was ever journaled: {:?}",
-        j.added
-    );
+    let only_good = j.added.iter().all(|p| *p == good);
+    assert!(only_good, "only the good path is journaled: {:?}", j.added);
     assert_no_panic(&d, "injection");
 }
 
@@ -1443,15 +1345,9 @@ fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
         env.verify_in_cache(&read, &pk, &b.out_paths)
     });
     for (i, (what, text)) in everything_shown(&d).iter().enumerate() {
-        assert!(
-            !text.contains(&secret),
-            "{what} shows the secret key: {text}"
-        );
+        assert!(!text.contains(&secret), "{what} shows the key: {text}");
         let url_secret = text.contains(&format!("secret-key={sk_s}"));
-        assert!(
-            !url_secret,
-            "{what} shows the secret-key value of the URL: {text}"
-        );
+        assert!(!url_secret, "{what} shows the URL's secret-key: {text}");
         let masked = text.contains("secret-key=***");
         assert!(masked || i >= 2, "{what} shows the masked target: {text}");
     }
@@ -1497,20 +1393,13 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
         });
         let shown = everything_shown(&d);
         let log = &shown[1].1;
-        assert!(
-            log.contains("nix copy failed"),
-            "{scheme}: the failure is logged: {log}"
-        );
+        let logged = log.contains("nix copy failed");
+        assert!(logged, "{scheme}: the failure is logged: {log}");
         for (what, text) in &shown {
-            assert!(
-                !text.contains(&password),
-                "{scheme}: {what} shows the URL's password: {text}"
-            );
+            let shows = text.contains(&password);
+            assert!(!shows, "{scheme}: {what} shows the password: {text}");
             let url_secret = text.contains("secret-key=/npbhq/x");
-            assert!(
-                !url_secret,
-                "{scheme}: {what} shows the URL's secret-key value: {text}"
-            );
+            assert!(!url_secret, "{scheme}: {what} shows the secret-key: {text}");
             let masked = text.contains("npbhq:***@127.0.0.1");
             assert!(masked, "{scheme}: {what} shows the masked target: {text}");
         }
@@ -1522,11 +1411,8 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
 fn one_line(o: &Output, code: i32, ctx: &str) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(code), "{ctx}: {}", show(o));
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{ctx}: one line: {err:?}"
-    );
+    let lines = err.trim_end().lines().count();
+    assert_eq!(lines, 1, "{ctx}: one line: {err:?}");
     err
 }
 
@@ -1581,10 +1467,8 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
         let key_s = key.display().to_string();
         let d = Daemon::new_stopped(&env, &[("signing-key-file", key_s.as_str())], NO_ENV);
         let err = refused_at_start(&d, &[]);
-        assert!(
-            err.contains(&key_s) && err.contains(want),
-            "the message names the file and the problem ({want}): {err:?}"
-        );
+        let named = err.contains(&key_s) && err.contains(want);
+        assert!(named, "naming the file and the problem ({want}): {err:?}");
         assert!(!err.contains(&secret));
     }
     // The real key is accepted.
@@ -1606,10 +1490,8 @@ fn control_characters_in_settings_refused_at_start() {
         ("--nix", "/bin/nix\tx"),
     ] {
         let err = refused_at_start(&d, &[flag, value]);
-        assert!(
-            err.contains(flag) && err.contains("control character"),
-            "{err:?}"
-        );
+        let why = err.contains(flag) && err.contains("control character");
+        assert!(why, "{err:?}");
     }
     // In the file too: a carriage return survives `lines()`.
     let config = format!(
@@ -1618,10 +1500,8 @@ fn control_characters_in_settings_refused_at_start() {
     );
     fs::write(d.config_path(), config).unwrap();
     let err = refused_at_start(&d, &[]);
-    assert!(
-        err.contains(":2:") && err.contains("control character"),
-        "{err:?}"
-    );
+    let why = err.contains(":2:") && err.contains("control character");
+    assert!(why, "{err:?}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1682,16 +1562,12 @@ fn limits_over_long_line_gets_err_and_close() {
     let line = format!("enqueue {}\n", paths.join(" "));
     assert_eq!(line.len(), MAX_LINE);
     let replies = exchange(&socket, format!("{line}ping\n").into_bytes(), "max line");
-    assert_eq!(
-        replies.len(),
-        2,
-        "a line of exactly {MAX_LINE} bytes is served, then the next request: {:?}",
-        replies.iter().map(|r| tail(r, 200)).collect::<Vec<_>>()
-    );
-    assert!(
-        replies[0].starts_with("ok ") && replies[1].starts_with("ok nix-post-build-hook-queue"),
-        "{replies:?}"
-    );
+    let short: Vec<&str> = replies.iter().map(|r| tail(r, 200)).collect();
+    let n = replies.len();
+    assert_eq!(n, 2, "{MAX_LINE} bytes, then ping: {short:?}");
+    let ok =
+        replies[0].starts_with("ok ") && replies[1].starts_with("ok nix-post-build-hook-queue");
+    assert!(ok, "{replies:?}");
 
     for (what, mut data) in [
         ("one byte over", vec![b'a'; MAX_LINE]),
@@ -1705,15 +1581,11 @@ fn limits_over_long_line_gets_err_and_close() {
     ] {
         data.extend_from_slice(b"\nping\n");
         let replies = exchange(&socket, data, what);
-        assert_eq!(
-            replies.len(),
-            1,
-            "{what}: one reply, then close: {replies:?}"
-        );
-        assert!(
-            replies[0].starts_with("err ") && replies[0].contains("longer than 1048576 bytes"),
-            "{what}: {replies:?}"
-        );
+        let n = replies.len();
+        assert_eq!(n, 1, "{what}: one reply, then close: {replies:?}");
+        let long =
+            replies[0].starts_with("err ") && replies[0].contains("longer than 1048576 bytes");
+        assert!(long, "{what}: {replies:?}");
     }
     assert_alive(&mut d, "after over-long lines");
 }
@@ -1774,25 +1646,16 @@ fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
         t_silent.as_secs_f64()
     );
     assert!(closed, "the trickling client was never dropped: {reply:?}");
-    assert!(
-        sent < trickle_len,
-        "the daemon waited for the whole trickled line ({sent} bytes)"
-    );
+    assert!(sent < trickle_len, "the daemon waited for all {sent} bytes");
     assert_eq!(reply.lines().count(), 1, "{reply:?}");
-    assert!(
-        reply.starts_with("err ") && reply.contains("no complete request line within 10 s"),
-        "{reply:?}"
-    );
+    let timeout = "no complete request line within 10 s";
+    let timed_out = reply.starts_with("err ") && reply.contains(timeout);
+    assert!(timed_out, "{reply:?}");
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(
-        lines[0].contains("no complete request line within 10 s"),
-        "{lines:?}"
-    );
+    assert!(lines[0].contains(timeout), "{lines:?}");
     let j = d.journal();
-    assert!(
-        !j.added.contains(&slow_path) && j.added.contains(&fast_path),
-        "{j:?}"
-    );
+    let served = !j.added.contains(&slow_path) && j.added.contains(&fast_path);
+    assert!(served, "{j:?}");
     assert_alive(&mut d, "after slow clients");
 }
 
@@ -1841,11 +1704,8 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
         assert!(line.starts_with("ok"), "{line}");
     }
     let grown = thread_ids(&d).len();
-    assert!(
-        grown >= idle.len() + 32,
-        "32 open connections are served at once: {grown} threads, {} idle",
-        idle.len()
-    );
+    let n = idle.len();
+    assert!(grown >= n + 32, "served at once: {grown} threads, {n} idle");
     drop(burst);
     wait_until(Duration::from_secs(10), "the burst's threads end", || {
         thread_ids(&d).len() == idle.len()
@@ -1927,17 +1787,12 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     entries.sort();
-    assert_eq!(
-        entries,
-        ["config", "daemon.log", "sock", "state"],
-        "only the daemon's own files, no temporary socket left"
-    );
+    let own = entries == ["config", "daemon.log", "sock", "state"];
+    assert!(own, "only the daemon's own files: {entries:?}");
     // Stale socket: replaced.
     d.kill9();
-    assert!(
-        fs::symlink_metadata(d.socket()).is_ok(),
-        "kill -9 leaves the socket file"
-    );
+    let left = fs::symlink_metadata(d.socket()).is_ok();
+    assert!(left, "kill -9 leaves the socket file");
     d.try_spawn()
         .unwrap_or_else(|e| panic!("stale socket not replaced: {e}"));
     assert!(ask(&d.socket(), "ping").starts_with("ok "));
@@ -1953,10 +1808,8 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
             .try_spawn()
             .expect_err("the daemon must refuse a path that is not a socket");
         assert_eq!(fs::read_to_string(&precious).unwrap(), "keep me\n");
-        assert!(
-            err.contains(&format!("{t} exists and is not a socket")),
-            "{err}"
-        );
+        let why = err.contains(&format!("{t} exists and is not a socket"));
+        assert!(why, "{err}");
     }
     assert!(fs::symlink_metadata(&link)
         .unwrap()
@@ -1994,17 +1847,11 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     let pid = d.pid().unwrap();
-    assert!(
-        stderr.contains(&format!(
-            "state-dir {} is in use by another daemon (pid {pid})",
-            d.state_dir().display()
-        )),
-        "{stderr}"
-    );
-    assert!(
-        fs::symlink_metadata(&other_socket).is_err(),
-        "the second daemon bound no socket"
-    );
+    let state = d.state_dir().display().to_string();
+    let holder = format!("state-dir {state} is in use by another daemon (pid {pid})");
+    assert!(stderr.contains(&holder), "{stderr}");
+    let bound = fs::symlink_metadata(&other_socket).is_ok();
+    assert!(!bound, "the second daemon bound no socket");
     assert_eq!(fs::read(&journal).unwrap(), before, "the journal untouched");
     assert!(ask(&d.socket(), "status").starts_with("ok"));
     assert_alive(&mut d, "after a second daemon was refused");
@@ -2099,20 +1946,16 @@ fn planted_names_beside_the_socket_change_nothing() {
             },
         );
         assert!(ask(&socket, "ping").starts_with("ok "), "{what}");
-        assert!(
-            fs::symlink_metadata(&planted).is_ok(),
-            "{what}: still there"
-        );
+        let there = fs::symlink_metadata(&planted).is_ok();
+        assert!(there, "{what}: still there");
         assert_eq!(fs::read_to_string(victim.join("s")).unwrap(), "keep me\n");
-        assert_eq!(
-            fs::read_to_string(planted.join("s")).unwrap(),
-            if what.starts_with("a symlink") {
-                "keep me\n"
-            } else {
-                "keep me too\n"
-            },
-            "{what}"
-        );
+        let kept = if what.starts_with("a symlink") {
+            "keep me\n"
+        } else {
+            "keep me too\n"
+        };
+        let s = fs::read_to_string(planted.join("s")).unwrap();
+        assert_eq!(s, kept, "{what}");
         kill_tree(child.id());
         let _ = child.wait();
     }
@@ -2141,17 +1984,11 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         for command in ["check-config", "serve"] {
             let o = user.cli(&[command], &vars);
             let err = String::from_utf8_lossy(&o.stderr);
-            assert_eq!(
-                o.status.code(),
-                Some(78),
-                "{command}, owner {owner}: {}",
-                show(&o)
-            );
+            let code = o.status.code();
+            assert_eq!(code, Some(78), "{command}, {owner}: {}", show(&o));
             assert_eq!(err.lines().count(), 1, "{err}");
-            assert!(
-                err.contains("$TMPDIR") && err.contains(&state.display().to_string()),
-                "{err}"
-            );
+            let named = err.contains("$TMPDIR") && err.contains(&*state.to_string_lossy());
+            assert!(named, "{err}");
             assert!(fs::read_dir(&state).unwrap().next().is_none(), "written to");
         }
     }
@@ -2167,8 +2004,6 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
     let o = user.cli(&["check-config"], &relative);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(78), "{}", show(&o));
-    assert!(
-        err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: "),
-        "{err}"
-    );
+    let named = err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: ");
+    assert!(named, "{err}");
 }
