@@ -1019,10 +1019,7 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         vec!["enqueue", "--socket", &sock_s, &p_out],
         vec!["retry", "--socket", &sock_s],
     ] {
-        let o = outsider.cli(&args, &[]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        let err = one_line(&outsider.cli(&args, &[]), 2, &format!("{args:?}"));
         let why = err.to_lowercase().contains("permission denied") && err.contains(&sock_s);
         assert!(why, "{args:?} should explain the refusal: {err:?}");
         // The daemon is running: blaming its absence would send the user
@@ -1077,10 +1074,11 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         "--signing-key-file",
         &sk_s,
     ];
-    let o = outsider.cli(&args, &env.env_vars());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    let err = one_line(
+        &outsider.cli(&args, &env.env_vars()),
+        78,
+        "serve, an unreadable key",
+    );
     let named = err.contains(&sk_s) && err.to_lowercase().contains("permission denied");
     assert!(named, "should name the unreadable key file: {err:?}");
     assert!(!usock.exists(), "no socket for a refused start");
@@ -1116,9 +1114,7 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
         .env("NPBHQ_SPOOL_DIR", &spool)
         .env("OUT_PATHS", &p_root)
         .env("DRV_PATH", ""));
-    let said = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+    let said = one_line(&o, 0, "root's hook");
     let uid = format!("uid {}", other.uid);
     let why = [&sock_s, "refusing the socket", &uid, "spooled the paths to"];
     assert!(why.iter().all(|w| said.contains(*w)), "{said:?}");
@@ -1132,10 +1128,11 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
         ["status", "--socket", &sock_s].as_slice(),
         &["enqueue", "--socket", &sock_s, &p_cli],
     ] {
-        let o = run(Command::new(daemon_bin()).args(args));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        let err = one_line(
+            &run(Command::new(daemon_bin()).args(args)),
+            2,
+            &format!("{args:?}"),
+        );
         let why = err.contains("refusing the socket") && err.contains(&sock_s);
         assert!(why, "{args:?}: {err:?}");
     }
@@ -1411,8 +1408,7 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
 fn one_line(o: &Output, code: i32, ctx: &str) -> String {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(code), "{ctx}: {}", show(o));
-    let lines = err.trim_end().lines().count();
-    assert_eq!(lines, 1, "{ctx}: one line: {err:?}");
+    assert_eq!(err.lines().count(), 1, "{ctx}: one line: {err:?}");
     err
 }
 
@@ -1543,22 +1539,14 @@ fn limits_over_long_line_gets_err_and_close() {
     let store = env.store_dir().display().to_string();
 
     // Exactly MAX_LINE bytes with the newline: valid paths with long names.
-    let per = store.len() + 1 + 32 + 1; // "<store>/<hash>-"
-    let body = MAX_LINE - 1 - "enqueue".len();
-    let n = body.div_ceil(1 + per + MAX_NAME);
-    let mut name_total = body - n * (1 + per);
-    let mut paths = Vec::with_capacity(n);
-    for i in 0..n {
-        let left = n - i - 1;
-        let len = (name_total - left).min(MAX_NAME);
-        name_total -= len;
-        let name: String = format!("m{i}-")
-            .chars()
-            .chain(std::iter::repeat('x'))
-            .take(len)
-            .collect();
-        paths.push(format!("{store}/{}-{name}", index_hash(9, i)));
-    }
+    let per = " <store>/<hash>-".len() - "<store><hash>".len() + store.len() + 32;
+    let body = MAX_LINE - "enqueue\n".len();
+    let n = body.div_ceil(per + MAX_NAME);
+    let (len, extra) = ((body - n * per) / n, (body - n * per) % n);
+    let name = |i| "x".repeat(len + usize::from(i < extra));
+    let paths: Vec<String> = (0..n)
+        .map(|i| format!("{store}/{}-{}", index_hash(9, i), name(i)))
+        .collect();
     let line = format!("enqueue {}\n", paths.join(" "));
     assert_eq!(line.len(), MAX_LINE);
     let replies = exchange(&socket, format!("{line}ping\n").into_bytes(), "max line");
@@ -1571,12 +1559,10 @@ fn limits_over_long_line_gets_err_and_close() {
 
     for (what, mut data) in [
         ("one byte over", vec![b'a'; MAX_LINE]),
-        ("over-long enqueue", {
-            let mut v = line.clone().into_bytes();
-            v.pop();
-            v.extend_from_slice(b" x");
-            v
-        }),
+        (
+            "over-long enqueue",
+            format!("{} x", line.trim_end()).into_bytes(),
+        ),
         ("4 MiB without newline", vec![b'z'; 4 * MAX_LINE]),
     ] {
         data.extend_from_slice(b"\nping\n");
@@ -1640,11 +1626,7 @@ fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
 
     let (sent, reply, closed, t_trickle) = trickler.join().unwrap();
     let (lines, t_silent) = silent.join().unwrap();
-    eprintln!(
-        "trickler dropped after {:.1} s ({sent} of {trickle_len} bytes), silent client after {:.1} s",
-        t_trickle.as_secs_f64(),
-        t_silent.as_secs_f64()
-    );
+    eprintln!("trickler dropped after {t_trickle:?} ({sent} bytes), silent after {t_silent:?}");
     assert!(closed, "the trickling client was never dropped: {reply:?}");
     assert!(sent < trickle_len, "the daemon waited for all {sent} bytes");
     assert_eq!(reply.lines().count(), 1, "{reply:?}");
@@ -1680,13 +1662,14 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
     // The harness's start-up probe may still be served; wait for the
     // settled, idle set.
     thread::sleep(Duration::from_millis(200));
-    let idle = thread_ids(&d);
+    let idle = thread_ids(&d).len();
+    let settled = || thread_ids(&d).len() == idle;
     for i in 0..50 {
         assert!(ask(&d.socket(), "ping").starts_with("ok"), "ping {i}");
         wait_until(
             Duration::from_secs(10),
-            "the connection's thread ends with it",
-            || thread_ids(&d).len() == idle.len(),
+            "the connection's thread ends",
+            settled,
         );
     }
 
@@ -1704,12 +1687,12 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
         assert!(line.starts_with("ok"), "{line}");
     }
     let grown = thread_ids(&d).len();
-    let n = idle.len();
-    assert!(grown >= n + 32, "served at once: {grown} threads, {n} idle");
+    assert!(
+        grown >= idle + 32,
+        "served at once: {grown} threads, {idle} idle"
+    );
     drop(burst);
-    wait_until(Duration::from_secs(10), "the burst's threads end", || {
-        thread_ids(&d).len() == idle.len()
-    });
+    wait_until(Duration::from_secs(10), "the burst's threads end", settled);
     assert_alive(&mut d, "after the burst");
 }
 
@@ -1745,28 +1728,18 @@ fn limits_max_connections_busy_reply_while_others_work() {
         let l = read_one_line(s).unwrap_or_else(|e| panic!("held connection {i}: {e}"));
         assert!(l.starts_with("ok nix-post-build-hook-queue"), "{l}");
     }
+    // The slots free as each connection's thread sees its client leave, not
+    // at the client's close: until then a ping may still get `err busy`.
+    let served = || try_ask(&socket, "ping").is_ok_and(|l| l.starts_with("ok "));
     held.pop();
     wait_until(
         Duration::from_secs(20),
         "a free slot after one client left",
-        || ping_is_served(&socket),
+        served,
     );
-    // The slots free as each connection's thread sees its client leave, not
-    // at the client's close: until then a ping may still get `err busy`.
     drop(held);
-    let socket = d.socket();
-    wait_until(Duration::from_secs(20), "every slot free again", || {
-        ping_is_served(&socket)
-    });
+    wait_until(Duration::from_secs(20), "every slot free again", served);
     assert_alive(&mut d, "after busy");
-}
-
-/// Whether a `ping` on a new connection is answered `ok` (not `err busy`).
-fn ping_is_served(socket: &Path) -> bool {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-    let _ = s.write_all(b"ping\n");
-    read_one_line(&s).is_ok_and(|l| l.starts_with("ok "))
 }
 
 /// The socket is created 0600 by default with no temporary file left
@@ -1811,10 +1784,11 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
         let why = err.contains(&format!("{t} exists and is not a socket"));
         assert!(why, "{err}");
     }
-    assert!(fs::symlink_metadata(&link)
+    let link_kept = fs::symlink_metadata(&link)
         .unwrap()
         .file_type()
-        .is_symlink());
+        .is_symlink();
+    assert!(link_kept);
 }
 
 /// One daemon per state directory: a second one on the same state-dir (with
@@ -1834,18 +1808,13 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
     let journal = d.state_dir().join("journal");
     let before = fs::read(&journal).unwrap();
     let other_socket = d.dir().join("second.sock");
+    let mut second = d.cli_cmd();
+    second.arg("serve").arg("--state-dir").arg(d.state_dir());
     let out = run_to_exit(
-        d.cli_cmd()
-            .arg("serve")
-            .arg("--state-dir")
-            .arg(d.state_dir())
-            .arg("--socket")
-            .arg(&other_socket),
+        second.arg("--socket").arg(&other_socket),
         Duration::from_secs(20),
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let stderr = one_line(&out, 1, "a second daemon");
     let pid = d.pid().unwrap();
     let state = d.state_dir().display().to_string();
     let holder = format!("state-dir {state} is in use by another daemon (pid {pid})");
@@ -1910,37 +1879,37 @@ fn planted_names_beside_the_socket_change_nothing() {
     let blocker = env.root().join("blocker");
     fs::create_dir_all(&blocker).unwrap();
     fs::write(blocker.join("s"), "keep me too\n").unwrap();
+    let (ln, cp) = (
+        format!("ln -s '{}'", victim.display()),
+        format!("cp -r '{}'", blocker.display()),
+    );
     for (what, plant) in [
-        (
-            "a symlink to another directory",
-            format!("ln -s '{}'", victim.display()),
-        ),
-        (
-            "a directory with a file",
-            format!("cp -r '{}'", blocker.display()),
-        ),
+        ("a symlink to another directory", ln),
+        ("a directory with a file", cp),
     ] {
         let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
         let socket = d.socket();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "{plant} \"$1.$$.d\" && exec \"$0\" serve --config \"$2\""
-            ))
-            .arg(daemon_bin())
-            .arg(&socket)
-            .arg(d.config_path())
-            .envs(d.cli_cmd().get_envs().filter_map(|(k, v)| Some((k, v?))))
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(d.log_path()).unwrap())
-            .spawn()
-            .unwrap();
-        let planted = PathBuf::from(format!("{}.{}.d", socket.display(), child.id()));
+        let mut child = Running(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "{plant} \"$1.$$.d\" && exec \"$0\" serve --config \"$2\""
+                ))
+                .arg(daemon_bin())
+                .arg(&socket)
+                .arg(d.config_path())
+                .envs(d.cli_cmd().get_envs().filter_map(|(k, v)| Some((k, v?))))
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(d.log_path()).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let planted = PathBuf::from(format!("{}.{}.d", socket.display(), child.0.id()));
         wait_until(
             Duration::from_secs(30),
             &format!("{what}: the socket"),
             || {
-                let exited = child.try_wait().unwrap();
+                let exited = child.0.try_wait().unwrap();
                 assert!(exited.is_none(), "{what}: the daemon exited ({exited:?})");
                 UnixStream::connect(&socket).is_ok()
             },
@@ -1956,8 +1925,6 @@ fn planted_names_beside_the_socket_change_nothing() {
         };
         let s = fs::read_to_string(planted.join("s")).unwrap();
         assert_eq!(s, kept, "{what}");
-        kill_tree(child.id());
-        let _ = child.wait();
     }
 }
 
@@ -1982,11 +1949,11 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         std::os::unix::fs::chown(&state, Some(owner), Some(owner)).unwrap();
         fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
         for command in ["check-config", "serve"] {
-            let o = user.cli(&[command], &vars);
-            let err = String::from_utf8_lossy(&o.stderr);
-            let code = o.status.code();
-            assert_eq!(code, Some(78), "{command}, {owner}: {}", show(&o));
-            assert_eq!(err.lines().count(), 1, "{err}");
+            let err = one_line(
+                &user.cli(&[command], &vars),
+                78,
+                &format!("{command}, {owner}"),
+            );
             let named = err.contains("$TMPDIR") && err.contains(&*state.to_string_lossy());
             assert!(named, "{err}");
             assert!(fs::read_dir(&state).unwrap().next().is_none(), "written to");
@@ -2001,9 +1968,7 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         ("HOME".to_string(), home.into_os_string()),
         ("XDG_RUNTIME_DIR".to_string(), "run/user".into()),
     ];
-    let o = user.cli(&["check-config"], &relative);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
+    let err = one_line(&user.cli(&["check-config"], &relative), 78, "relative");
     let named = err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: ");
     assert!(named, "{err}");
 }
