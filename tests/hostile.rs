@@ -2,27 +2,13 @@
 //! lets no one in. Every test runs the real daemon binary; the ones about
 //! signing and uploading use real Nix in a private store.
 //!
-//! - **Protocol fuzz**: thousands of generated requests (random bytes,
-//!   truncated and over-long lines, NUL, non-UTF-8, edge-case paths, too
-//!   many paths, `.drv` mix-ups) mixed with valid ones, over several
-//!   connections at once. Each reply is checked against [`model`], an
-//!   independent reading of the README's rules, so a request the daemon
-//!   wrongly accepts fails the test as surely as one it wrongly refuses.
-//!   The generator is a std-only xorshift PRNG with a fixed seed that every
-//!   failure message prints; `NPBHQ_FUZZ_SEED=<n>` replays another seed.
-//! - **Load**: 64 clients enqueue 1,000 paths each (and some of each
-//!   other's) while 100 idle connections are held open and a real hook runs.
-//! - **Access**: socket mode and group decide who may connect; the hook and
-//!   the admin commands talk only to a socket of root or of their own user;
-//!   a user's default socket is in that user's own state directory. Checked
-//!   with real users (`useradd`, root only).
-//! - **Injection**: paths that look like options or shell are refused before
-//!   any command is built; a [`FakeNix`] around the real `nix` records
-//!   which arguments reached Nix.
-//! - **Secrets**: key contents never appear, URL credentials are masked, key
-//!   files others can read (or that cannot be read) stop the daemon.
-//! - **Limits**: over-long lines, slow clients, `max-connections`, and the
-//!   socket file itself.
+//! - **Protocol fuzz**: thousands of generated requests, malformed and valid,
+//!   over several connections at once; each reply is checked against
+//!   [`model`], an independent reading of the README's rules, so a request
+//!   wrongly accepted fails as surely as one wrongly refused. The seed is
+//!   fixed and printed; `NPBHQ_FUZZ_SEED=<n>` replays another.
+//! - **Load**, **access** (real users, root only), **injection**, **secrets**
+//!   and **limits** (long lines, slow clients, `max-connections`, the socket).
 //!
 //! Where a test needs the queue to stay full, [`FakeNix::hang`] stands in
 //! for `nix`. Timeouts below are correctness bounds, never speed assertions.
@@ -343,9 +329,7 @@ fn assert_alive(d: &mut Daemon, ctx: &str) {
     assert_no_panic(d, ctx);
 }
 
-// ---------------------------------------------------------------------------
 // Protocol fuzz
-// ---------------------------------------------------------------------------
 
 /// The fixed seed, or `NPBHQ_FUZZ_SEED` to replay another.
 fn fuzz_seed() -> u64 {
@@ -403,7 +387,7 @@ struct Fuzzer<'a> {
     rng: Rng,
     store: &'a str,
     pool: &'a [String],
-    t: Tally,
+    t: &'a Mutex<Tally>,
 }
 
 /// What the fuzz saw, summed over workers.
@@ -413,7 +397,6 @@ struct Tally {
     refused: usize,
     ok_sum: usize,
     queued: HashSet<String>,
-    failures: Vec<String>,
 }
 
 impl Fuzzer<'_> {
@@ -575,29 +558,26 @@ impl Fuzzer<'_> {
         }
         let reply_lines = exchange(socket, data, round);
         let replies: Vec<&[String]> = reply_lines.split_inclusive(|l| is_final(l)).collect();
-        if replies.len() != expects.len() {
-            let n = expects.len();
-            (self.t.failures).push(format!(
-                "{round}: {n} requests but {} replies: {replies:?}",
-                replies.len()
-            ));
-            return;
-        }
+        let n = expects.len();
+        assert_eq!(
+            replies.len(),
+            n,
+            "{round}: {n} requests, replies {replies:?}"
+        );
+        let mut t = self.t.lock().unwrap_or_else(|e| e.into_inner());
         for (i, (e, r)) in expects.iter().zip(replies).enumerate() {
-            self.t.requests += 1;
-            match (check_reply(e, r), e) {
-                (Ok(n), Expect::Queue(paths)) => {
-                    self.t.ok_sum += n;
-                    self.t.queued.extend(paths.iter().cloned());
+            let line = lines
+                .get(i)
+                .map(|l| String::from_utf8_lossy(&l[..l.len().min(200)]));
+            let n = check_reply(e, r).unwrap_or_else(|why| panic!("{round} #{i} {line:?}: {why}"));
+            t.requests += 1;
+            match e {
+                Expect::Queue(paths) => {
+                    t.ok_sum += n;
+                    t.queued.extend(paths.iter().cloned());
                 }
-                (Ok(_), Expect::Err(_)) => self.t.refused += 1,
-                (Ok(_), _) => {}
-                (Err(why), _) => {
-                    let line = lines
-                        .get(i)
-                        .map(|l| String::from_utf8_lossy(&l[..l.len().min(200)]));
-                    (self.t.failures).push(format!("{round} request {i} {line:?}: {why}"));
-                }
+                Expect::Err(_) => t.refused += 1,
+                _ => {}
             }
         }
     }
@@ -624,55 +604,41 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     }
     // `NPBHQ_FUZZ_ROUNDS=N` for a longer run by hand.
     let rounds = std::env::var("NPBHQ_FUZZ_ROUNDS").map_or(14, |r| r.parse().unwrap());
-    let mut total = Tally::default();
+    let total = Mutex::new(Tally::default());
     thread::scope(|s| {
-        let workers: Vec<_> = (1..=6u64)
-            .map(|w| {
-                let rng = Rng::new(seed ^ w.wrapping_mul(0x9e37_79b9));
-                let t = Tally::default();
-                let mut f = Fuzzer {
-                    rng,
-                    store: &store,
-                    pool: &pool,
-                    t,
-                };
-                let (socket, ctx) = (&socket, &ctx);
-                s.spawn(move || {
-                    for round in 0..rounds {
-                        f.round(socket, &format!("{ctx}: worker {w} round {round}"));
-                    }
-                    f.t
-                })
-            })
-            .collect();
-        for w in workers {
-            let t = w.join().expect("fuzz worker panicked");
-            total.requests += t.requests;
-            total.refused += t.refused;
-            total.ok_sum += t.ok_sum;
-            total.queued.extend(t.queued);
-            total.failures.extend(t.failures);
+        for w in 1..=6u64 {
+            let rng = Rng::new(seed ^ w.wrapping_mul(0x9e37_79b9));
+            let mut f = Fuzzer {
+                rng,
+                store: &store,
+                pool: &pool,
+                t: &total,
+            };
+            let (socket, ctx) = (&socket, &ctx);
+            s.spawn(move || {
+                for round in 0..rounds {
+                    f.round(socket, &format!("{ctx}: worker {w} round {round}"));
+                }
+            });
         }
     });
-    let (failures, queued) = (&total.failures, &total.queued);
+    let Tally {
+        requests,
+        refused,
+        ok_sum,
+        queued,
+    } = total.into_inner().unwrap();
     eprintln!(
-        "{ctx}: {} requests, {} refused, {} paths queued",
-        total.requests,
-        total.refused,
+        "{ctx}: {requests} requests, {refused} refused, {} queued",
         queued.len()
     );
-    let first = &failures[..failures.len().min(10)];
-    let first = first.join("\n");
-    let n = failures.len();
-    assert!(failures.is_empty(), "{ctx}: {n} failures:\n{first}");
-    let (requests, refused) = (total.requests, total.refused);
     let enough = requests >= 2000 && refused >= 1000;
     assert!(enough, "{ctx}: {requests} requests, {refused} refused");
 
     assert_alive(&mut d, &ctx);
     // Each acknowledged path was counted once, over all clients.
     let why = "sum of `ok N` differs from the number of distinct valid paths sent";
-    assert_eq!(total.ok_sum, queued.len(), "{ctx}: {why}");
+    assert_eq!(ok_sum, queued.len(), "{ctx}: {why}");
     let j = d.journal();
     let malformed = &j.malformed;
     assert!(malformed.is_empty(), "{ctx}: malformed: {malformed:?}");
@@ -684,7 +650,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
         assert!(valid, "{ctx}: invalid path in the journal: {p:?}");
     }
     let live: HashSet<&String> = j.live.iter().collect();
-    for p in queued {
+    for p in &queued {
         assert!(added.contains(p), "{ctx}: acked, not journaled: {p:?}");
         // Only derivations leave the queue here (the worker drops the ones
         // that are not in the store; the hanging `nix copy` holds the rest).
@@ -703,9 +669,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     );
 }
 
-// ---------------------------------------------------------------------------
 // Load
-// ---------------------------------------------------------------------------
 
 /// 64 clients enqueue 1,000 paths each, in requests of 1 to 100 paths, and
 /// also re-send 100 of their neighbour's: every path is acknowledged as new
@@ -814,19 +778,18 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
     assert_alive(&mut d, "after replay");
 }
 
-// ---------------------------------------------------------------------------
 // Access
-// ---------------------------------------------------------------------------
 
 /// Serialises useradd/userdel within this test binary (they lock /etc/passwd).
 static USERDB: Mutex<()> = Mutex::new(());
 
-/// Runs a user-database command (`useradd`, `groupadd`), retried while
-/// another process holds the lock.
-fn userdb(args: &[&str]) {
+/// Runs a user-database command line (`useradd ...`, words split at
+/// spaces), retried while another process holds the lock.
+fn userdb(cmd: &str) {
     let root = fs::metadata("/proc/self").unwrap().uid() == 0;
     assert!(root, "this test makes users and groups: it needs root");
     let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+    let args: Vec<&str> = cmd.split(' ').collect();
     let mut last = String::new();
     for _ in 0..5 {
         let o = run(Command::new(args[0]).args(&args[1..]));
@@ -836,7 +799,7 @@ fn userdb(args: &[&str]) {
         last = show(&o);
         thread::sleep(Duration::from_millis(200));
     }
-    panic!("{args:?} failed: {last}");
+    panic!("{cmd} failed: {last}");
 }
 
 /// A user or group made for one test: `userdel` or `groupdel` on drop.
@@ -873,20 +836,12 @@ struct User {
 impl User {
     fn new(env: &NixEnv, letter: char, groups: &str) -> User {
         let name = format!("npbhq-{letter}{}", short_id());
-        userdb(&[
-            "useradd",
-            "-M",
-            "-s",
-            "/usr/sbin/nologin",
-            "-G",
-            groups,
-            &name,
-        ]);
+        userdb(&format!(
+            "useradd -M -s /usr/sbin/nologin -G {groups} {name}"
+        ));
         let _account = Account("userdel", name.clone());
-        let uid = run_ok(Command::new("id").args(["-u", &name]))
-            .trim()
-            .parse()
-            .unwrap();
+        let uid = run_ok(Command::new("id").args(["-u", &name]));
+        let uid = uid.trim().parse().unwrap();
         let bin = env.root().join("bin");
         fs::create_dir_all(&bin).unwrap();
         let mut dir = Some(bin.as_path());
@@ -900,10 +855,8 @@ impl User {
             }
             dir = d.parent();
         }
-        let (hook, daemon) = (
-            bin.join("post-build-hook"),
-            bin.join("post-build-hook-queue"),
-        );
+        let hook = bin.join("post-build-hook");
+        let daemon = bin.join("post-build-hook-queue");
         // Copied by `cp`: a file this process held open for writing could go
         // into a child another test forks meanwhile (exec: text file busy).
         for (from, to) in [(hook_bin(), &hook), (daemon_bin(), &daemon)] {
@@ -923,28 +876,20 @@ impl User {
     /// `program` as this user (with its groups), a clean environment and `vars`.
     fn cmd(&self, program: &Path, vars: &Vars) -> Command {
         let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid",
-            &self.name,
-            "--regid",
-            &self.name,
-            "--init-groups",
-            "--",
-        ])
-        .arg(program)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(vars.iter().cloned());
+        let n = self.name.as_str();
+        c.args(["--reuid", n, "--regid", n, "--init-groups", "--"])
+            .arg(program)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(vars.iter().cloned());
         c
     }
 
-    /// `post-build-hook-queue ARGS` as this user, to its exit (bounded: a
-    /// daemon that starts after all must not hold the test).
-    fn cli(&self, args: &[&str], vars: &Vars) -> Output {
-        run_to_exit(
-            self.cmd(&self.daemon, vars).args(args),
-            Duration::from_secs(60),
-        )
+    /// `post-build-hook-queue ARGS` (split at spaces) as this user, to its
+    /// exit (bounded: a daemon that starts after all must not hold the test).
+    fn cli(&self, args: &str, vars: &Vars) -> Output {
+        let mut c = self.cmd(&self.daemon, vars);
+        run_to_exit(c.args(args.split(' ')), Duration::from_secs(60))
     }
 
     /// A directory of this user's own (mode 0700) under `env`.
@@ -996,7 +941,7 @@ impl Drop for Running {
 fn access_socket_mode_and_group_decide_who_may_connect() {
     let env = NixEnv::new("hostile-access");
     let group = format!("npbhq-g{}", short_id());
-    userdb(&["groupadd", &group]);
+    userdb(&format!("groupadd {group}"));
     let _group = Account("groupdel", group.clone());
     let (outsider, member) = (User::new(&env, 'o', ""), User::new(&env, 'm', &group));
     let d = Daemon::start(&env, &[("socket-mode", "0660"), ("socket-group", &group)]);
@@ -1015,11 +960,11 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     // The CLI refuses to enqueue a path that does not exist.
     fs::write(&p_mem, "").unwrap();
     for args in [
-        vec!["status", "--socket", &sock_s],
-        vec!["enqueue", "--socket", &sock_s, &p_out],
-        vec!["retry", "--socket", &sock_s],
+        format!("status --socket {sock_s}"),
+        format!("enqueue --socket {sock_s} {p_out}"),
+        format!("retry --socket {sock_s}"),
     ] {
-        let err = one_line(&outsider.cli(&args, &[]), 2, &format!("{args:?}"));
+        let err = one_line(&outsider.cli(&args, &[]), 2, &args);
         let why = err.to_lowercase().contains("permission denied") && err.contains(&sock_s);
         assert!(why, "{args:?} should explain the refusal: {err:?}");
         // The daemon is running: blaming its absence would send the user
@@ -1028,14 +973,14 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         assert!(!missing, "{args:?}: not a missing daemon: {err:?}");
     }
     for args in [
-        ["status", "--socket", &sock_s].as_slice(),
-        &["enqueue", "--socket", &sock_s, &p_mem],
+        format!("status --socket {sock_s}"),
+        format!("enqueue --socket {sock_s} {p_mem}"),
     ] {
-        let o = member.cli(args, &[]);
+        let o = member.cli(&args, &[]);
         assert!(o.status.success(), "{args:?} as member: {}", show(&o));
     }
     // Changing the queue is for root and the daemon's user only.
-    let o = member.cli(&["retry", "--socket", &sock_s], &[]);
+    let o = member.cli(&format!("retry --socket {sock_s}"), &[]);
     assert!(!o.status.success(), "retry as member: {}", show(&o));
     let only = d.journal().added == [p_mem];
     assert!(only, "only the member's path is queued");
@@ -1045,14 +990,10 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     fs::set_permissions(d2.dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let mode = fs::metadata(d2.socket()).unwrap().permissions().mode();
     assert_eq!(mode & 0o7777, 0o600);
-    let o = member.cli(
-        &["status", "--socket", &d2.socket().display().to_string()],
-        &[],
-    );
+    let o = member.cli(&format!("status --socket {}", d2.socket().display()), &[]);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(String::from_utf8_lossy(&o.stderr)
-        .to_lowercase()
-        .contains("permission denied"));
+    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(err.contains("permission denied"), "{err}");
     assert!(ask(&d2.socket(), "ping").starts_with("ok "));
 
     // A signing key the daemon's user cannot read: refused at start, one line.
@@ -1063,22 +1004,14 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     fs::create_dir_all(&udir).unwrap();
     fs::set_permissions(&udir, fs::Permissions::from_mode(0o777)).unwrap();
     let sk_s = sk.display().to_string();
-    let (usock, ustate) = (udir.join("sock"), udir.join("state").display().to_string());
-    let usock_s = usock.display().to_string();
-    let args = [
-        "serve",
-        "--socket",
-        &usock_s,
-        "--state-dir",
-        &ustate,
-        "--signing-key-file",
-        &sk_s,
-    ];
-    let err = one_line(
-        &outsider.cli(&args, &env.env_vars()),
-        78,
-        "serve, an unreadable key",
+    let (usock, ustate) = (udir.join("sock"), udir.join("state"));
+    let args = format!(
+        "serve --socket {} --state-dir {}",
+        usock.display(),
+        ustate.display()
     );
+    let args = format!("{args} --signing-key-file {sk_s}");
+    let err = one_line(&outsider.cli(&args, &env.env_vars()), 78, &args);
     let named = err.contains(&sk_s) && err.to_lowercase().contains("permission denied");
     assert!(named, "should name the unreadable key file: {err:?}");
     assert!(!usock.exists(), "no socket for a refused start");
@@ -1177,15 +1110,13 @@ fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
     let spool = state.join("spool");
     let empty = !spool.exists() || fs::read_dir(spool).unwrap().next().is_none();
     assert!(empty, "nothing spooled");
-    let o = user.cli(&["status"], &vars);
+    let o = user.cli("status", &vars);
     assert!(o.status.success(), "status: {}", show(&o));
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
     assert!(journal.contains(&path), "the path is journaled: {journal}");
 }
 
-// ---------------------------------------------------------------------------
 // Injection
-// ---------------------------------------------------------------------------
 
 /// Paths that would be options or shell (`--to`, `-L`, `--store=/x`,
 /// spaces, `$(...)`, backticks, `;`, ...) sent by every way in (the socket,
@@ -1308,9 +1239,7 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
     assert_no_panic(&d, "injection");
 }
 
-// ---------------------------------------------------------------------------
 // Secrets
-// ---------------------------------------------------------------------------
 
 /// The base64 part of a secret key file (`name:base64`).
 fn key_secret(sk: &Path) -> String {
@@ -1500,9 +1429,7 @@ fn control_characters_in_settings_refused_at_start() {
     assert!(why, "{err:?}");
 }
 
-// ---------------------------------------------------------------------------
 // Limits
-// ---------------------------------------------------------------------------
 
 /// A log reader that went away (stderr a pipe with no reader, e.g. after
 /// `post-build-hook-queue serve 2>&1 | head`) makes each log line fail with
@@ -1950,7 +1877,7 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
         for command in ["check-config", "serve"] {
             let err = one_line(
-                &user.cli(&[command], &vars),
+                &user.cli(command, &vars),
                 78,
                 &format!("{command}, {owner}"),
             );
@@ -1960,7 +1887,7 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         }
     }
     fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
-    let o = user.cli(&["check-config"], &vars);
+    let o = user.cli("check-config", &vars);
     assert_eq!(o.status.code(), Some(0), "their own: {}", show(&o));
 
     let home = user.own_dir(&env, "home");
@@ -1968,7 +1895,7 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         ("HOME".to_string(), home.into_os_string()),
         ("XDG_RUNTIME_DIR".to_string(), "run/user".into()),
     ];
-    let err = one_line(&user.cli(&["check-config"], &relative), 78, "relative");
+    let err = one_line(&user.cli("check-config", &relative), 78, "relative");
     let named = err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: ");
     assert!(named, "{err}");
 }
