@@ -426,9 +426,8 @@ impl Fuzzer<'_> {
             }
             // Random printable text after a verb.
             34..=37 => {
-                let verb = self
-                    .rng
-                    .pick(&["enqueue", "drv", "ping", "status", "wait", "retry", "x"]);
+                let verbs = ["enqueue", "drv", "ping", "status", "wait", "retry", "x"];
+                let verb = self.rng.pick(&verbs);
                 let len = self.rng.range(0, 80);
                 let tail: String = (0..len)
                     .map(|_| (b' ' + self.rng.below(95) as u8) as char)
@@ -439,17 +438,12 @@ impl Fuzzer<'_> {
             38..=49 => {
                 let mut l = self.valid_enqueue().into_bytes();
                 let at = self.rng.below(l.len() + 1);
-                let bad: &[&[u8]] = &[
-                    b"\0",
-                    b"\xff",
-                    b"\xc3",
-                    b"\xed\xa0\x80",
-                    b"\xf8\x88\x80\x80\x80",
-                ];
+                let bad = b"\0|\xff|\xc3|\xed\xa0\x80|\xf8\x88\x80\x80\x80";
+                let bad: Vec<&[u8]> = bad.split(|&b| b == b'|').collect();
                 if pick < 44 {
                     l.truncate(at);
                 } else {
-                    l.splice(at..at, self.rng.pick(bad).iter().copied());
+                    l.splice(at..at, self.rng.pick(&bad).iter().copied());
                 }
                 return l;
             }
@@ -484,14 +478,13 @@ impl Fuzzer<'_> {
             // unless long names made it too long: the cap still applies).
             94 if self.rng.below(100) < 15 => {
                 let n = MAX_PATHS + self.rng.range(1, 3);
-                let paths: Vec<&str> = (0..n)
-                    .map(|i| self.pool[i % self.pool.len()].as_str())
-                    .collect();
+                let paths: Vec<String> = self.pool.iter().cycle().take(n).cloned().collect();
                 let line = format!("enqueue {}", paths.join(" "));
-                if line.len() + 1 < MAX_LINE {
+                let xs = format!("enqueue {}", vec!["x"; n].join(" "));
+                if line.len() < MAX_LINE {
                     line
                 } else {
-                    format!("enqueue {}", vec!["x"; n].join(" "))
+                    xs
                 }
             }
             _ => format!("enqueue {}", gen_edge_path(&mut self.rng, store)),
@@ -525,12 +518,7 @@ impl Fuzzer<'_> {
         for _ in 0..self.rng.range(1, 120) {
             lines.extend(self.case().split(|&b| b == b'\n').map(<[u8]>::to_vec));
         }
-        let wire = |ls: &[Vec<u8>]| -> Vec<u8> {
-            ls.iter()
-                .flat_map(|l| l.iter().chain(b"\n"))
-                .copied()
-                .collect()
-        };
+        let wire = |ls: &[Vec<u8>]| [ls.join(&b'\n'), vec![b'\n']].concat();
         let mut expects: Vec<Expect> = lines.iter().map(|l| model(l, self.store)).collect();
         // How the connection ends: normally, with a fragment that has no
         // newline, with an over-long line (the daemon then closes), or
@@ -559,11 +547,7 @@ impl Fuzzer<'_> {
         let reply_lines = exchange(socket, data, round);
         let replies: Vec<&[String]> = reply_lines.split_inclusive(|l| is_final(l)).collect();
         let n = expects.len();
-        assert_eq!(
-            replies.len(),
-            n,
-            "{round}: {n} requests, replies {replies:?}"
-        );
+        assert_eq!(replies.len(), n, "{round}: replies {replies:?}");
         let mut t = self.t.lock().unwrap_or_else(|e| e.into_inner());
         for (i, (e, r)) in expects.iter().zip(replies).enumerate() {
             let line = lines
@@ -622,14 +606,10 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
             });
         }
     });
-    let Tally {
-        requests,
-        refused,
-        ok_sum,
-        queued,
-    } = total.into_inner().unwrap();
+    let t = total.into_inner().unwrap();
+    let (requests, refused, queued) = (t.requests, t.refused, t.queued);
     eprintln!(
-        "{ctx}: {requests} requests, {refused} refused, {} queued",
+        "{ctx}: {requests} requests, {refused} refused, {}",
         queued.len()
     );
     let enough = requests >= 2000 && refused >= 1000;
@@ -638,7 +618,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     assert_alive(&mut d, &ctx);
     // Each acknowledged path was counted once, over all clients.
     let why = "sum of `ok N` differs from the number of distinct valid paths sent";
-    assert_eq!(ok_sum, queued.len(), "{ctx}: {why}");
+    assert_eq!(t.ok_sum, queued.len(), "{ctx}: {why}");
     let j = d.journal();
     let malformed = &j.malformed;
     assert!(malformed.is_empty(), "{ctx}: malformed: {malformed:?}");
@@ -814,8 +794,8 @@ impl Drop for Account {
 
 /// A short name suffix unique to this run.
 fn short_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    let nanos = std::time::UNIX_EPOCH
+        .elapsed()
         .map_or(0, |d| d.subsec_nanos());
     format!("{:x}{:05x}", std::process::id() % 0xfff, nanos % 0xfffff)
 }
@@ -905,10 +885,8 @@ impl User {
     /// socket `socket` is there.
     fn serve(&self, args: &[&str], vars: &Vars, log: &Path, socket: &Path) -> Running {
         let mut c = self.cmd(&self.daemon, vars);
-        c.arg("serve")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        c.arg("serve").args(args).stdout(Stdio::null());
+        c.stdin(Stdio::null());
         let mut child = Running(c.stderr(fs::File::create(log).unwrap()).spawn().unwrap());
         let what = format!("the daemon of {} to make {}", self.name, socket.display());
         let log = || fs::read_to_string(log).unwrap_or_default();
@@ -1005,12 +983,11 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     fs::set_permissions(&udir, fs::Permissions::from_mode(0o777)).unwrap();
     let sk_s = sk.display().to_string();
     let (usock, ustate) = (udir.join("sock"), udir.join("state"));
+    let args = format!("serve --socket {}", usock.display());
     let args = format!(
-        "serve --socket {} --state-dir {}",
-        usock.display(),
+        "{args} --state-dir {} --signing-key-file {sk_s}",
         ustate.display()
     );
-    let args = format!("{args} --signing-key-file {sk_s}");
     let err = one_line(&outsider.cli(&args, &env.env_vars()), 78, &args);
     let named = err.contains(&sk_s) && err.to_lowercase().contains("permission denied");
     assert!(named, "should name the unreadable key file: {err:?}");
