@@ -118,50 +118,31 @@ fn path_rules(p: &str, store: &str, drv: bool) -> Vec<&'static str> {
     if p.is_empty() {
         return vec!["empty path"];
     }
-    let mut broken = Vec::new();
-    if p.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        broken.push("spaces and control characters are not allowed");
-    }
-    let Some(base) = p.strip_prefix(store).and_then(|r| r.strip_prefix('/')) else {
-        broken.push("not directly under the store directory");
-        return broken;
-    };
-    if base.contains('/') {
-        broken.push("inside a store object");
-        return broken;
-    }
-    let Some((hash, name)) = base.split_once('-') else {
-        broken.push("hash part has");
-        return broken;
-    };
-    let outside = |s: &str, set: &[u8]| {
-        s.chars()
-            .any(|c| !c.is_ascii() || !set.contains(&(c as u8)))
-    };
-    if hash.len() != 32 || hash.chars().count() != 32 {
-        broken.push("hash part has");
-    }
-    if outside(hash, NIX_BASE32) {
-        broken.push("hash part contains");
-    }
-    if name.is_empty() {
-        broken.push("no name after the hash");
-    }
-    if name.len() > MAX_NAME {
-        broken.push("at most 211");
-    }
-    if outside(name, NAME_CHARS) {
-        broken.push("name contains");
-    }
-    if name.starts_with('.') {
-        broken.push("starts with '.'");
-    }
+    let base = p.strip_prefix(store).and_then(|r| r.strip_prefix('/'));
+    let flat = base.filter(|b| !b.contains('/'));
+    let split = flat.is_some_and(|b| b.contains('-'));
+    let (hash, name) = flat.and_then(|b| b.split_once('-')).unwrap_or_default();
+    let hash_len = flat.is_some() && (!split || hash.len() != 32 || hash.chars().count() != 32);
+    let outside = |s: &str, set: &[u8]| s.bytes().any(|c| !set.contains(&c));
+    let blank = p.chars().any(|c| c.is_control() || c.is_whitespace());
+    let rules = [
+        (blank, "spaces and control characters are not allowed"),
+        (base.is_none(), "not directly under the store directory"),
+        (base.is_some() && flat.is_none(), "inside a store object"),
+        (hash_len, "hash part has"),
+        (outside(hash, NIX_BASE32), "hash part contains"),
+        (split && name.is_empty(), "no name after the hash"),
+        (name.len() > MAX_NAME, "at most 211"),
+        (outside(name, NAME_CHARS), "name contains"),
+        (name.starts_with('.'), "starts with '.'"),
+    ];
+    let mut broken: Vec<&str> = rules.iter().filter(|r| r.0).map(|r| r.1).collect();
+    let kind = [
+        "derivation (.drv) was given where an output path is expected",
+        "not a derivation",
+    ];
     if broken.is_empty() && p.ends_with(".drv") != drv {
-        broken.push(if drv {
-            "not a derivation"
-        } else {
-            "derivation (.drv) was given where an output path is expected"
-        });
+        broken.push(kind[usize::from(drv)]);
     }
     broken
 }
