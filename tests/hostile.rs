@@ -183,11 +183,9 @@ fn model(line: &[u8], store: &str) -> Expect {
         if let Some((i, rules)) = rules.enumerate().find(|(_, r)| !r.is_empty()) {
             alts.extend(rules.into_iter().map(|r| (format!("path {}: ", i + 1), r)));
         }
-        if paths.len() > MAX_PATHS {
-            alts.push((
-                format!("{} paths in one request; at most {MAX_PATHS}", paths.len()),
-                "",
-            ));
+        let n = paths.len();
+        if n > MAX_PATHS {
+            alts.push((format!("{n} paths in one request; at most {MAX_PATHS}"), ""));
         }
         if alts.is_empty() {
             Expect::Queue(paths.into_iter().map(String::from).collect())
@@ -215,19 +213,17 @@ fn check_reply(expect: &Expect, reply: &[String]) -> Result<usize, String> {
     let n = match expect {
         Expect::OtherOk => (last == "ok" || last.starts_with("ok ")).then_some(0),
         _ if reply.len() != 1 => None,
-        Expect::Ping => last
-            .starts_with("ok nix-post-build-hook-queue ")
-            .then_some(0),
+        Expect::Ping => Some(0).filter(|_| last.starts_with("ok nix-post-build-hook-queue ")),
         Expect::Queue(paths) => (last.strip_prefix("ok ").and_then(|n| n.parse().ok()))
             .filter(|&n| n <= paths.iter().collect::<HashSet<_>>().len()),
         // Short and on one line, naming the broken rule.
-        Expect::Err(alts) => (last.starts_with("err ")
-            && !last.contains('\r')
-            && last.len() <= 600
-            && alts
+        Expect::Err(alts) => {
+            let named = alts
                 .iter()
-                .any(|(a, b)| last.contains(a.as_str()) && last.contains(b)))
-        .then_some(0),
+                .any(|(a, b)| last.contains(a.as_str()) && last.contains(b));
+            let short = last.starts_with("err ") && !last.contains('\r') && last.len() <= 600;
+            (short && named).then_some(0)
+        }
     };
     n.ok_or_else(|| format!("expected {expect:?}, got {reply:?}"))
 }
@@ -273,6 +269,13 @@ fn exchange(socket: &Path, data: Vec<u8>, what: &str) -> Vec<String> {
     let out = read_until_closed(stream, what);
     w.join().expect("writer thread");
     out
+}
+
+/// Sends `line` on a held connection and reads the one reply line.
+fn send(mut s: &UnixStream, line: &str) -> std::io::Result<String> {
+    s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    read_one_line(s)
 }
 
 /// Reads one reply line from a held connection (an error at its end).
@@ -667,17 +670,13 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
         for i in (1..mine.len()).rev() {
             mine.swap(i, rng.below(i + 1));
         }
-        let mut conn = UnixStream::connect(&socket).expect("connect");
-        conn.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+        let conn = UnixStream::connect(&socket).expect("connect");
         let mut sum = 0;
         while !mine.is_empty() {
             let n = rng.range(1, 100).min(mine.len());
-            let line = format!(
-                "enqueue {}\n",
-                mine.drain(..n).collect::<Vec<_>>().join(" ")
-            );
-            conn.write_all(line.as_bytes()).expect("write");
-            let reply = read_one_line(&conn).unwrap_or_else(|e| panic!("client {c}: reply: {e}"));
+            let paths: Vec<String> = mine.drain(..n).collect();
+            let line = format!("enqueue {}", paths.join(" "));
+            let reply = send(&conn, &line).unwrap_or_else(|e| panic!("client {c}: {e}"));
             let k = reply.strip_prefix("ok ").and_then(|k| k.parse().ok());
             let k: usize = k.unwrap_or_else(|| panic!("client {c}: reply {reply:?}"));
             assert!(k <= n, "client {c}: ok {k} for {n} paths");
@@ -690,17 +689,10 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
         let clients: Vec<_> = (0..CLIENTS).map(|c| s.spawn(move || client(c))).collect();
         // The hook, while the clients run; a generous timeout: the outcome
         // (acknowledged, not spooled) is under test, not its speed.
-        let hook = d
-            .hook_cmd()
-            .env("OUT_PATHS", &hook_path)
-            .env("DRV_PATH", "")
-            .env("NPBHQ_TIMEOUT", "20")
-            .output()
-            .unwrap();
-        let sums: Vec<usize> = clients
-            .into_iter()
-            .map(|h| h.join().expect("client"))
-            .collect();
+        let mut hook = d.hook_cmd();
+        hook.env("OUT_PATHS", &hook_path).env("DRV_PATH", "");
+        let hook = run(hook.env("NPBHQ_TIMEOUT", "20"));
+        let sums: Vec<usize> = clients.into_iter().map(|h| h.join().unwrap()).collect();
         (sums, hook)
     });
     let secs = started.elapsed().as_secs_f64();
@@ -1327,15 +1319,9 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
         p
     };
     let open_key = file("open-key", &fs::read_to_string(&sk).unwrap(), 0o644);
-    let (public, garbage) = (
-        file("public-key", &pk, 0o600),
-        file("garbage-key", "not a key\n", 0o600),
-    );
-    let (missing, dir, fifo) = (
-        env.root().join("no-such-key"),
-        env.root().join("key-dir"),
-        env.root().join("key-fifo"),
-    );
+    let public = file("public-key", &pk, 0o600);
+    let garbage = file("garbage-key", "not a key\n", 0o600);
+    let [missing, dir, fifo] = ["no-such-key", "key-dir", "key-fifo"].map(|n| env.root().join(n));
     fs::create_dir(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
     run_ok(Command::new("mkfifo").arg("-m").arg("600").arg(&fifo));
@@ -1591,14 +1577,10 @@ fn limits_max_connections_busy_reply_while_others_work() {
     let socket = d.socket();
     let mut held: Vec<UnixStream> = Vec::new();
     wait_until(Duration::from_secs(20), "four served connections", || {
-        let mut s = UnixStream::connect(&socket).unwrap();
-        s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-        s.write_all(b"ping\n").unwrap();
+        let s = UnixStream::connect(&socket).unwrap();
         // A busy reply here means a probe connection still held a slot.
-        if let Ok(l) = read_one_line(&s) {
-            if l.starts_with("ok ") {
-                held.push(s);
-            }
+        if send(&s, "ping").is_ok_and(|l| l.starts_with("ok ")) {
+            held.push(s);
         }
         held.len() == 4
     });
@@ -1608,9 +1590,8 @@ fn limits_max_connections_busy_reply_while_others_work() {
     assert_eq!(busy.len(), 1, "{busy:?}");
     assert!(busy[0].starts_with("err busy"), "{busy:?}");
     let _ = fifth.write_all(b"ping\n");
-    for (i, s) in held.iter_mut().enumerate() {
-        s.write_all(b"ping\n").unwrap();
-        let l = read_one_line(s).unwrap_or_else(|e| panic!("held connection {i}: {e}"));
+    for (i, s) in held.iter().enumerate() {
+        let l = send(s, "ping").unwrap_or_else(|e| panic!("held connection {i}: {e}"));
         assert!(l.starts_with("ok nix-post-build-hook-queue"), "{l}");
     }
     // The slots free as each connection's thread sees its client leave, not
@@ -1619,7 +1600,7 @@ fn limits_max_connections_busy_reply_while_others_work() {
     held.pop();
     wait_until(
         Duration::from_secs(20),
-        "a free slot after one client left",
+        "a free slot after one left",
         served,
     );
     drop(held);
@@ -1639,10 +1620,9 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
     let meta = fs::metadata(d.socket()).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
-    let mut entries: Vec<String> = fs::read_dir(d.dir())
+    let mut entries: Vec<_> = fs::read_dir(d.dir())
         .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .map(|e| e.unwrap().file_name())
         .collect();
     entries.sort();
     let own = entries == ["config", "daemon.log", "sock", "state"];
@@ -1651,8 +1631,7 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
     d.kill9();
     let left = fs::symlink_metadata(d.socket()).is_ok();
     assert!(left, "kill -9 leaves the socket file");
-    d.try_spawn()
-        .unwrap_or_else(|e| panic!("stale socket not replaced: {e}"));
+    d.try_spawn().expect("a stale socket is replaced");
     assert!(ask(&d.socket(), "ping").starts_with("ok "));
 
     let precious = env.root().join("precious");
@@ -1662,18 +1641,12 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
     for target in [&precious, &link] {
         let t = target.display().to_string();
         let mut d2 = Daemon::new_stopped(&env, &[("socket", t.as_str())], NO_ENV);
-        let err = d2
-            .try_spawn()
-            .expect_err("the daemon must refuse a path that is not a socket");
+        let err = d2.try_spawn().expect_err("refuse what is not a socket");
         assert_eq!(fs::read_to_string(&precious).unwrap(), "keep me\n");
         let why = err.contains(&format!("{t} exists and is not a socket"));
         assert!(why, "{err}");
     }
-    let link_kept = fs::symlink_metadata(&link)
-        .unwrap()
-        .file_type()
-        .is_symlink();
-    assert!(link_kept);
+    assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
 }
 
 /// One daemon per state directory: a second one on the same state-dir (with
@@ -1684,22 +1657,21 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
 fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
     let env = NixEnv::new("hostile-statelock");
     let mut d = Daemon::start(&env, &[]);
-    let path = format!(
-        "{}/{}-npbhq-held",
-        env.store_dir().display(),
-        "a".repeat(32)
-    );
-    assert_eq!(d.request(&format!("enqueue {path}")), "ok 1");
+    let path = env
+        .store_dir()
+        .join(format!("{}-npbhq-held", "a".repeat(32)));
+    assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
     let journal = d.state_dir().join("journal");
     let before = fs::read(&journal).unwrap();
     let other_socket = d.dir().join("second.sock");
     let mut second = d.cli_cmd();
     second.arg("serve").arg("--state-dir").arg(d.state_dir());
-    let out = run_to_exit(
-        second.arg("--socket").arg(&other_socket),
-        Duration::from_secs(20),
+    second.arg("--socket").arg(&other_socket);
+    let stderr = one_line(
+        &run_to_exit(&mut second, Duration::from_secs(20)),
+        1,
+        "second",
     );
-    let stderr = one_line(&out, 1, "a second daemon");
     let pid = d.pid().unwrap();
     let state = d.state_dir().display().to_string();
     let holder = format!("state-dir {state} is in use by another daemon (pid {pid})");
@@ -1712,7 +1684,7 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
 
     d.kill9();
     d.try_spawn()
-        .unwrap_or_else(|e| panic!("a lock left by a killed daemon blocks the start: {e}"));
+        .expect("a lock left by a killed daemon blocks no start");
     let holder = fs::read_to_string(d.state_dir().join("lock")).unwrap();
     assert_eq!(holder.trim(), d.pid().unwrap().to_string());
 }
@@ -1733,8 +1705,7 @@ fn socket_paths_up_to_107_bytes_work() {
         assert_eq!(socket.as_os_str().len(), len);
         let s = socket.display().to_string();
         let mut d = Daemon::new_stopped(&env, &[("socket", s.as_str())], NO_ENV);
-        d.try_spawn()
-            .unwrap_or_else(|e| panic!("a {len}-byte socket path: {e}"));
+        d.try_spawn().unwrap_or_else(|e| panic!("{len} bytes: {e}"));
         assert!(ask(&socket, "ping").starts_with("ok "), "{len} bytes");
         let r = run(d.cli_cmd().arg("status"));
         assert!(r.status.success(), "{len} bytes: {r:?}");
@@ -1744,8 +1715,7 @@ fn socket_paths_up_to_107_bytes_work() {
     }
     let left: Vec<_> = fs::read_dir(&base)
         .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
+        .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "nothing left beside the sockets: {left:?}");
 }
@@ -1758,56 +1728,45 @@ fn socket_paths_up_to_107_bytes_work() {
 #[test]
 fn planted_names_beside_the_socket_change_nothing() {
     let env = NixEnv::new("hostile-planted");
-    let victim = env.root().join("victim");
-    fs::create_dir_all(&victim).unwrap();
-    fs::write(victim.join("s"), "keep me\n").unwrap();
-    let blocker = env.root().join("blocker");
-    fs::create_dir_all(&blocker).unwrap();
-    fs::write(blocker.join("s"), "keep me too\n").unwrap();
-    let (ln, cp) = (
-        format!("ln -s '{}'", victim.display()),
-        format!("cp -r '{}'", blocker.display()),
+    let dir_with = |name: &str, text: &str| {
+        let dir = env.root().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("s"), text).unwrap();
+        dir.display().to_string()
+    };
+    let (victim, blocker) = (
+        dir_with("victim", "keep me\n"),
+        dir_with("blocker", "keep me too\n"),
     );
-    for (what, plant) in [
-        ("a symlink to another directory", ln),
-        ("a directory with a file", cp),
+    for (what, plant, kept) in [
+        ("a symlink", format!("ln -s '{victim}'"), "keep me\n"),
+        ("a directory", format!("cp -r '{blocker}'"), "keep me too\n"),
     ] {
         let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
         let socket = d.socket();
-        let mut child = Running(
-            Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "{plant} \"$1.$$.d\" && exec \"$0\" serve --config \"$2\""
-                ))
-                .arg(daemon_bin())
-                .arg(&socket)
-                .arg(d.config_path())
-                .envs(d.cli_cmd().get_envs().filter_map(|(k, v)| Some((k, v?))))
-                .stdout(Stdio::null())
-                .stderr(fs::File::create(d.log_path()).unwrap())
-                .spawn()
-                .unwrap(),
-        );
+        let script = format!("{plant} \"$1.$$.d\" && exec \"$0\" serve --config \"$2\"");
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(script).arg(daemon_bin()).arg(&socket);
+        sh.arg(d.config_path()).stdout(Stdio::null());
+        sh.envs(d.cli_cmd().get_envs().filter_map(|(k, v)| Some((k, v?))));
+        let log = fs::File::create(d.log_path()).unwrap();
+        let mut child = Running(sh.stderr(log).spawn().unwrap());
         let planted = PathBuf::from(format!("{}.{}.d", socket.display(), child.0.id()));
-        wait_until(
-            Duration::from_secs(30),
-            &format!("{what}: the socket"),
-            || {
-                let exited = child.0.try_wait().unwrap();
-                assert!(exited.is_none(), "{what}: the daemon exited ({exited:?})");
-                UnixStream::connect(&socket).is_ok()
-            },
-        );
-        assert!(ask(&socket, "ping").starts_with("ok "), "{what}");
-        let there = fs::symlink_metadata(&planted).is_ok();
-        assert!(there, "{what}: still there");
-        assert_eq!(fs::read_to_string(victim.join("s")).unwrap(), "keep me\n");
-        let kept = if what.starts_with("a symlink") {
-            "keep me\n"
-        } else {
-            "keep me too\n"
+        let up = || {
+            let exited = child.0.try_wait().unwrap();
+            assert!(exited.is_none(), "{what}: the daemon exited ({exited:?})");
+            UnixStream::connect(&socket).is_ok()
         };
+        wait_until(Duration::from_secs(30), &format!("{what}: the socket"), up);
+        assert!(ask(&socket, "ping").starts_with("ok "), "{what}");
+        assert!(
+            fs::symlink_metadata(&planted).is_ok(),
+            "{what}: still there"
+        );
+        assert_eq!(
+            fs::read_to_string(format!("{victim}/s")).unwrap(),
+            "keep me\n"
+        );
         let s = fs::read_to_string(planted.join("s")).unwrap();
         assert_eq!(s, kept, "{what}");
     }
