@@ -85,11 +85,8 @@ fn index_hash(salt: u64, i: usize) -> String {
 
 /// A valid output name (never `.drv`, never starting with `.`).
 fn gen_name(rng: &mut Rng) -> String {
-    let len = if rng.below(100) < 3 {
-        MAX_NAME
-    } else {
-        rng.range(1, 24)
-    };
+    let len = rng.range(1, 24);
+    let len = if rng.below(100) < 3 { MAX_NAME } else { len };
     let mut s = gen_chars(rng, NAME_CHARS, len);
     if s.starts_with('.') {
         s.replace_range(0..1, "x");
@@ -592,10 +589,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     });
     let t = total.into_inner().unwrap();
     let (requests, refused, queued) = (t.requests, t.refused, t.queued);
-    eprintln!(
-        "{ctx}: {requests} requests, {refused} refused, {}",
-        queued.len()
-    );
+    eprintln!("{ctx}: {requests} requests, {refused} refused");
     let enough = requests >= 2000 && refused >= 1000;
     assert!(enough, "{ctx}: {requests} requests, {refused} refused");
 
@@ -789,9 +783,8 @@ struct User {
 impl User {
     fn new(env: &NixEnv, letter: char, groups: &str) -> User {
         let name = format!("npbhq-{letter}{}", short_id());
-        userdb(&format!(
-            "useradd -M -s /usr/sbin/nologin -G {groups} {name}"
-        ));
+        let shell = "/usr/sbin/nologin";
+        userdb(&format!("useradd -M -s {shell} -G {groups} {name}"));
         let _account = Account("userdel", name.clone());
         let uid = run_ok(Command::new("id").args(["-u", &name]));
         let uid = uid.trim().parse().unwrap();
@@ -957,10 +950,8 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     let sk_s = sk.display().to_string();
     let (usock, ustate) = (udir.join("sock"), udir.join("state"));
     let args = format!("serve --socket {}", usock.display());
-    let args = format!(
-        "{args} --state-dir {} --signing-key-file {sk_s}",
-        ustate.display()
-    );
+    let args = format!("{args} --state-dir {}", ustate.display());
+    let args = format!("{args} --signing-key-file {sk_s}");
     let err = one_line(&outsider.cli(&args, &env.env_vars()), 78, &args);
     let named = err.contains(&sk_s) && err.to_lowercase().contains("permission denied");
     assert!(named, "should name the unreadable key file: {err:?}");
@@ -985,11 +976,9 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     let _theirs = other.serve(&args, &env.env_vars(), &log, &socket);
     assert_eq!(fs::metadata(&socket).unwrap().uid(), other.uid);
     let store = env.store_dir().display().to_string();
-    let (p_root, p_cli, p_own) = (
-        format!("{store}/{}-sent-by-root", index_hash(7, 1)),
-        format!("{store}/{}-enqueued-by-root", index_hash(7, 2)),
-        format!("{store}/{}-their-own", index_hash(7, 3)),
-    );
+    let path = |i, name| format!("{store}/{}-{name}", index_hash(7, i));
+    let (p_root, p_cli) = (path(1, "sent-by-root"), path(2, "enqueued-by-root"));
+    let p_own = path(3, "their-own");
 
     let spool = env.root().join("root-spool");
     let o = run(Command::new(hook_bin())
@@ -1001,21 +990,16 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     let uid = format!("uid {}", other.uid);
     let why = [&sock_s, "refusing the socket", &uid, "spooled the paths to"];
     assert!(why.iter().all(|w| said.contains(*w)), "{said:?}");
-    let spooled: Vec<String> = fs::read_dir(&spool)
-        .unwrap()
-        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
+    let spooled = fs::read_dir(&spool).unwrap().map(|e| e.unwrap().path());
+    let spooled: Vec<String> = spooled.map(|p| fs::read_to_string(p).unwrap()).collect();
     assert_eq!(spooled, vec![format!("enqueue {p_root}\n")]);
 
     for args in [
-        ["status", "--socket", &sock_s].as_slice(),
-        &["enqueue", "--socket", &sock_s, &p_cli],
+        format!("status --socket {sock_s}"),
+        format!("enqueue --socket {sock_s} {p_cli}"),
     ] {
-        let err = one_line(
-            &run(Command::new(daemon_bin()).args(args)),
-            2,
-            &format!("{args:?}"),
-        );
+        let o = run(Command::new(daemon_bin()).args(args.split(' ')));
+        let err = one_line(&o, 2, &args);
         let why = err.contains("refusing the socket") && err.contains(&sock_s);
         assert!(why, "{args:?}: {err:?}");
     }
@@ -1123,11 +1107,8 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
                 assert!(refused, "{line:?} was not refused: {replies:?}");
             }
             let req = format!("enqueue {bait} {bad}\ndrv {bad}\nenqueue ").into_bytes();
-            fs::write(
-                spool.join(format!("{i:020}-{i}.req")),
-                [&req[..], b"\xff\xfe\n"].concat(),
-            )
-            .unwrap();
+            let req = [&req[..], b"\xff\xfe\n"].concat();
+            fs::write(spool.join(format!("{i:020}-{i}.req")), req).unwrap();
         }
         // CLI (arguments are never options to the daemon; `-` is its own
         // "read stdin" argument, so not hostile there).
@@ -1255,10 +1236,8 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
         let password = format!("hunter2pw{}", short_id());
         // Nothing listens on this port: ssh fails fast, and nix says so.
         let url = format!("{scheme}://npbhq:{password}@127.0.0.1?secret-key=/npbhq/x");
-        let sshopts = format!(
-            "-p {} -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
-            free_port()
-        );
+        let opts = "-o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no";
+        let sshopts = format!("-p {} {opts} -o UserKnownHostsFile=/dev/null", free_port());
         let config = [("upload-to", url.as_str()), ("retry-initial-delay", "60")];
         let d = Daemon::start_with_env(&env, &config, &[("NIX_SSHOPTS", sshopts.as_str())]);
         let o = run(d.cli_cmd().arg("enqueue").arg(&paths[0]));
@@ -1391,11 +1370,8 @@ fn limits_a_log_reader_that_went_away_does_not_end_the_daemon() {
         .store_dir()
         .join("0000000000000000000000000000000b-npbhq-never-built");
     assert_eq!(d.request(&format!("enqueue {}", bogus.display())), "ok 1");
-    wait_until(
-        Duration::from_secs(30),
-        "the unbuilt path is dropped",
-        || d.status().num("queued") == 0,
-    );
+    let dropped = || d.status().num("queued") == 0;
+    wait_until(Duration::from_secs(30), "the unbuilt path dropped", dropped);
     assert_alive(&mut d, "after logging into a pipe nobody reads");
 }
 
@@ -1537,20 +1513,16 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
     let settled = || thread_ids(&d).len() == idle;
     for i in 0..50 {
         assert!(ask(&d.socket(), "ping").starts_with("ok"), "ping {i}");
-        wait_until(
-            Duration::from_secs(10),
-            "the connection's thread ends",
-            settled,
-        );
+        wait_until(Duration::from_secs(10), "its thread ends", settled);
     }
 
-    let mut burst: Vec<UnixStream> = (0..32)
-        .map(|_| UnixStream::connect(d.socket()).expect("connect"))
-        .collect();
-    for s in &mut burst {
+    let socket = d.socket();
+    let connect = |_| UnixStream::connect(&socket).unwrap();
+    let burst: Vec<_> = (0..32).map(connect).collect();
+    for mut s in &burst {
         s.write_all(b"ping\n").expect("send");
     }
-    for (i, s) in burst.iter_mut().enumerate() {
+    for (i, s) in burst.iter().enumerate() {
         // Served one after another, the second would wait for the first's
         // request timeout.
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1558,10 +1530,7 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
         assert!(line.starts_with("ok"), "{line}");
     }
     let grown = thread_ids(&d).len();
-    assert!(
-        grown >= idle + 32,
-        "served at once: {grown} threads, {idle} idle"
-    );
+    assert!(grown >= idle + 32, "at once: {grown} threads, {idle} idle");
     drop(burst);
     wait_until(Duration::from_secs(10), "the burst's threads end", settled);
     assert_alive(&mut d, "after the burst");
@@ -1598,11 +1567,7 @@ fn limits_max_connections_busy_reply_while_others_work() {
     // at the client's close: until then a ping may still get `err busy`.
     let served = || try_ask(&socket, "ping").is_ok_and(|l| l.starts_with("ok "));
     held.pop();
-    wait_until(
-        Duration::from_secs(20),
-        "a free slot after one left",
-        served,
-    );
+    wait_until(Duration::from_secs(20), "a free slot", served);
     drop(held);
     wait_until(Duration::from_secs(20), "every slot free again", served);
     assert_alive(&mut d, "after busy");
@@ -1667,11 +1632,8 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
     let mut second = d.cli_cmd();
     second.arg("serve").arg("--state-dir").arg(d.state_dir());
     second.arg("--socket").arg(&other_socket);
-    let stderr = one_line(
-        &run_to_exit(&mut second, Duration::from_secs(20)),
-        1,
-        "second",
-    );
+    let out = run_to_exit(&mut second, Duration::from_secs(20));
+    let stderr = one_line(&out, 1, "second");
     let pid = d.pid().unwrap();
     let state = d.state_dir().display().to_string();
     let holder = format!("state-dir {state} is in use by another daemon (pid {pid})");
@@ -1759,14 +1721,9 @@ fn planted_names_beside_the_socket_change_nothing() {
         };
         wait_until(Duration::from_secs(30), &format!("{what}: the socket"), up);
         assert!(ask(&socket, "ping").starts_with("ok "), "{what}");
-        assert!(
-            fs::symlink_metadata(&planted).is_ok(),
-            "{what}: still there"
-        );
-        assert_eq!(
-            fs::read_to_string(format!("{victim}/s")).unwrap(),
-            "keep me\n"
-        );
+        assert!(fs::symlink_metadata(&planted).is_ok(), "{what}: gone");
+        let victim_s = fs::read_to_string(format!("{victim}/s")).unwrap();
+        assert_eq!(victim_s, "keep me\n");
         let s = fs::read_to_string(planted.join("s")).unwrap();
         assert_eq!(s, kept, "{what}");
     }
@@ -1793,11 +1750,8 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         std::os::unix::fs::chown(&state, Some(owner), Some(owner)).unwrap();
         fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
         for command in ["check-config", "serve"] {
-            let err = one_line(
-                &user.cli(command, &vars),
-                78,
-                &format!("{command}, {owner}"),
-            );
+            let o = user.cli(command, &vars);
+            let err = one_line(&o, 78, &format!("{command}, {owner}"));
             let named = err.contains("$TMPDIR") && err.contains(&*state.to_string_lossy());
             assert!(named, "{err}");
             assert!(fs::read_dir(&state).unwrap().next().is_none(), "written to");
