@@ -1386,7 +1386,7 @@ fn limits_over_long_line_gets_err_and_close() {
     let store = env.store_dir().display().to_string();
 
     // Exactly MAX_LINE bytes with the newline: valid paths with long names.
-    let per = " <store>/<hash>-".len() - "<store><hash>".len() + store.len() + 32;
+    let per = store.len() + 35; // " <store>/<32-char hash>-"
     let body = MAX_LINE - "enqueue\n".len();
     let n = body.div_ceil(per + MAX_NAME);
     let (len, extra) = ((body - n * per) / n, (body - n * per) % n);
