@@ -1,28 +1,14 @@
-//! Hostile input, load and access (issue 5): the daemon stays up, rejects
-//! clearly and lets no one in. Every test runs the real daemon binary; the
-//! ones about signing and uploading use real Nix in a private store.
+//! Hostile input, load and access: the daemon stays up, rejects clearly and
+//! lets no one in. Every test runs the real daemon binary; the ones about
+//! signing and uploading use real Nix in a private store.
 //!
-//! - **Protocol fuzz**: thousands of generated requests (random bytes,
-//!   truncated and over-long lines, NUL, non-UTF-8, edge-case paths, too
-//!   many paths, `.drv` mix-ups) mixed with valid ones, over several
-//!   connections at once. Each reply is checked against [`model`], an
-//!   independent reading of the README's rules, so a request the daemon
-//!   wrongly accepts fails the test as surely as one it wrongly refuses.
-//!   The generator is a std-only xorshift PRNG with a fixed seed that every
-//!   failure message prints; `NPBHQ_FUZZ_SEED=<n>` replays another seed.
-//! - **Load**: 64 clients enqueue 1,000 paths each (and some of each
-//!   other's) while 100 idle connections are held open and a real hook runs.
-//! - **Access**: socket mode and group decide who may connect; the hook and
-//!   the admin commands talk only to a socket of root or of their own user;
-//!   a user's default socket is in that user's own state directory. Checked
-//!   with real users (`useradd`, root only).
-//! - **Injection**: paths that look like options or shell are refused before
-//!   any command is built; a [`FakeNix`] around the real `nix` records
-//!   which arguments reached Nix.
-//! - **Secrets**: key contents never appear, URL credentials are masked, key
-//!   files others can read (or that cannot be read) stop the daemon.
-//! - **Limits**: over-long lines, slow clients, `max-connections`, and the
-//!   socket file itself.
+//! - **Protocol fuzz**: thousands of generated requests, malformed and valid,
+//!   over several connections at once; each reply is checked against
+//!   [`model`], an independent reading of the README's rules, so a request
+//!   wrongly accepted fails as surely as one wrongly refused. The seed is
+//!   fixed and printed; `NPBHQ_FUZZ_SEED=<n>` replays another.
+//! - **Load**, **access** (real users, root only), **injection**, **secrets**
+//!   and **limits** (long lines, slow clients, `max-connections`, the socket).
 //!
 //! Where a test needs the queue to stay full, [`FakeNix::hang`] stands in
 //! for `nix`. Timeouts below are correctness bounds, never speed assertions.
@@ -36,220 +22,130 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Longest request line, newline included (README: 1 MiB).
+/// Longest request line, newline included, and most paths per request (README).
 const MAX_LINE: usize = 1 << 20;
-/// Most paths per request (README: 10,000).
 const MAX_PATHS: usize = 10_000;
-/// Nix's base-32 alphabet.
+/// Nix's base-32 alphabet, the characters of a store path name, its longest length.
 const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
-/// Characters Nix allows in a store path name.
 const NAME_CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-._?=";
-/// Longest name after the hash.
 const MAX_NAME: usize = 211;
-/// The fuzz seed unless `NPBHQ_FUZZ_SEED` says otherwise.
-const DEFAULT_SEED: u64 = 0x5eed_0005_6e9f_2024;
 /// Bound for reading one reply; generous, a correctness bound.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-// ---------------------------------------------------------------------------
-// PRNG
-// ---------------------------------------------------------------------------
-
-/// xorshift64* (Vigna): tiny, std-only, reproducible from its seed.
-#[derive(Clone, Debug)]
+/// xorshift64* (Vigna), seeded through splitmix64: std-only, reproducible.
 struct Rng(u64);
 
 impl Rng {
-    /// Seeds through splitmix64, so that nearby seeds give unrelated streams.
     fn new(seed: u64) -> Rng {
         let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        Rng(if z == 0 { 0x2545_f491_4f6c_dd1d } else { z })
+        Rng((z ^ (z >> 31)) | 1)
     }
 
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A number in `0..n` (0 when n is 0).
+    /// A number in `0..n` (n > 0).
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n as u64) as usize
     }
 
-    /// A number in `lo..=hi`.
     fn range(&mut self, lo: usize, hi: usize) -> usize {
         lo + self.below(hi - lo + 1)
-    }
-
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
     }
 
     fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         &xs[self.below(xs.len())]
     }
-}
 
-fn fuzz_seed() -> u64 {
-    match std::env::var("NPBHQ_FUZZ_SEED") {
-        Ok(s) => {
-            let s = s.trim();
-            match s.strip_prefix("0x") {
-                Some(hex) => u64::from_str_radix(hex, 16),
-                None => s.parse(),
-            }
-            .unwrap_or_else(|e| panic!("NPBHQ_FUZZ_SEED={s:?}: {e}"))
-        }
-        Err(_) => DEFAULT_SEED,
+    /// `len` random bytes, with `nl` instead of a newline.
+    fn bytes(&mut self, len: usize, nl: u8) -> Vec<u8> {
+        let b = |b: u8| if b == b'\n' { nl } else { b };
+        (0..len).map(|_| b(self.below(256) as u8)).collect()
     }
 }
 
-// ---------------------------------------------------------------------------
-// Store paths: generators and an independent model of the rules
-// ---------------------------------------------------------------------------
-
-fn gen_hash(rng: &mut Rng) -> String {
-    (0..32).map(|_| NIX_BASE32[rng.below(32)] as char).collect()
+fn gen_chars(rng: &mut Rng, alphabet: &[u8], len: usize) -> String {
+    (0..len).map(|_| *rng.pick(alphabet) as char).collect()
 }
 
 /// A 32-character nix-base32 hash unique to `i` (and `salt`).
 fn index_hash(salt: u64, i: usize) -> String {
     let mut rng = Rng::new(salt.wrapping_mul(0x1000_0000_01b3) ^ i as u64);
-    let mut h: Vec<u8> = (0..24).map(|_| NIX_BASE32[rng.below(32)]).collect();
-    let mut n = i;
-    for _ in 0..8 {
-        h.push(NIX_BASE32[n % 32]);
-        n /= 32;
-    }
-    String::from_utf8(h).expect("ascii")
+    let mut h = gen_chars(&mut rng, NIX_BASE32, 24);
+    h.extend((0..8).map(|k| NIX_BASE32[(i >> (5 * k)) % 32] as char));
+    h
 }
 
 /// A valid output name (never `.drv`, never starting with `.`).
 fn gen_name(rng: &mut Rng) -> String {
-    let len = if rng.chance(3) {
-        MAX_NAME
-    } else {
-        rng.range(1, 24)
-    };
-    let mut s: String = (0..len)
-        .map(|_| NAME_CHARS[rng.below(NAME_CHARS.len())] as char)
-        .collect();
+    let len = rng.range(1, 24);
+    let len = if rng.below(100) < 3 { MAX_NAME } else { len };
+    let mut s = gen_chars(rng, NAME_CHARS, len);
     if s.starts_with('.') {
         s.replace_range(0..1, "x");
     }
     if s.ends_with(".drv") {
-        s.pop();
-        s.push('x');
+        s.replace_range(len - 1.., "x");
     }
     s
 }
 
 fn gen_output(rng: &mut Rng, store: &str) -> String {
-    format!("{store}/{}-{}", gen_hash(rng), gen_name(rng))
+    let h = gen_chars(rng, NIX_BASE32, 32);
+    format!("{store}/{h}-{}", gen_name(rng))
 }
 
 fn gen_drv(rng: &mut Rng, store: &str) -> String {
-    let mut name = gen_name(rng);
-    name.truncate(MAX_NAME - 4);
-    format!("{store}/{}-{name}.drv", gen_hash(rng))
+    let mut p = gen_output(rng, store);
+    p.truncate(store.len() + 34 + MAX_NAME - 4);
+    p + ".drv"
 }
 
-/// What a path is expected to be.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    Output,
-    Drv,
-}
-
-// The fragment of the daemon's message for each rule (README, Protocol).
-const R_EMPTY: &str = "empty path";
-const R_BYTE: &str = "spaces and control characters are not allowed";
-const R_OUTSIDE: &str = "not directly under the store directory";
-const R_SUBPATH: &str = "inside a store object";
-const R_HASH_LEN: &str = "hash part has";
-const R_HASH_CHAR: &str = "hash part contains";
-const R_NO_NAME: &str = "no name after the hash";
-const R_NAME_LONG: &str = "at most 211";
-const R_NAME_CHAR: &str = "name contains";
-const R_NAME_DOT: &str = "starts with '.'";
-const R_DRV: &str = "derivation (.drv) was given where an output path is expected";
-const R_NOT_DRV: &str = "not a derivation";
-
-/// Every rule `p` breaks (empty when it is a valid path of that kind). The
-/// daemon may report any one of them.
-fn path_rules(p: &str, store: &str, kind: Kind) -> Vec<&'static str> {
+/// Every store-path rule `p` breaks, as the fragment of the daemon's message
+/// for it (README, Protocol); empty for a valid output path (`drv`: a valid
+/// derivation). The daemon may report any one of them.
+fn path_rules(p: &str, store: &str, drv: bool) -> Vec<&'static str> {
     if p.is_empty() {
-        return vec![R_EMPTY];
+        return vec!["empty path"];
     }
-    let mut broken = Vec::new();
-    if p.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        broken.push(R_BYTE);
-    }
-    let Some(base) = p.strip_prefix(store).and_then(|r| r.strip_prefix('/')) else {
-        broken.push(R_OUTSIDE);
-        return broken;
-    };
-    if base.contains('/') {
-        broken.push(R_SUBPATH);
-        return broken;
-    }
-    let Some((hash, name)) = base.split_once('-') else {
-        broken.push(R_HASH_LEN);
-        return broken;
-    };
-    if hash.len() != 32 || hash.chars().count() != 32 {
-        broken.push(R_HASH_LEN);
-    }
-    if hash
-        .chars()
-        .any(|c| !c.is_ascii() || !NIX_BASE32.contains(&(c as u8)))
-    {
-        broken.push(R_HASH_CHAR);
-    }
-    if name.is_empty() {
-        broken.push(R_NO_NAME);
-    } else {
-        if name.len() > MAX_NAME {
-            broken.push(R_NAME_LONG);
-        }
-        if name
-            .chars()
-            .any(|c| !c.is_ascii() || !NAME_CHARS.contains(&(c as u8)))
-        {
-            broken.push(R_NAME_CHAR);
-        }
-        if name.starts_with('.') {
-            broken.push(R_NAME_DOT);
-        }
-    }
-    if broken.is_empty() {
-        match kind {
-            Kind::Output if p.ends_with(".drv") => broken.push(R_DRV),
-            Kind::Drv if !p.ends_with(".drv") => broken.push(R_NOT_DRV),
-            _ => {}
-        }
+    let base = p.strip_prefix(store).and_then(|r| r.strip_prefix('/'));
+    let flat = base.filter(|b| !b.contains('/'));
+    let split = flat.is_some_and(|b| b.contains('-'));
+    let (hash, name) = flat.and_then(|b| b.split_once('-')).unwrap_or_default();
+    let hash_len = flat.is_some() && (!split || hash.len() != 32 || hash.chars().count() != 32);
+    let outside = |s: &str, set: &[u8]| s.bytes().any(|c| !set.contains(&c));
+    let blank = p.chars().any(|c| c.is_control() || c.is_whitespace());
+    let rules = [
+        (blank, "spaces and control characters are not allowed"),
+        (base.is_none(), "not directly under the store directory"),
+        (base.is_some() && flat.is_none(), "inside a store object"),
+        (hash_len, "hash part has"),
+        (outside(hash, NIX_BASE32), "hash part contains"),
+        (split && name.is_empty(), "no name after the hash"),
+        (name.len() > MAX_NAME, "at most 211"),
+        (outside(name, NAME_CHARS), "name contains"),
+        (name.starts_with('.'), "starts with '.'"),
+    ];
+    let mut broken: Vec<&str> = rules.iter().filter(|r| r.0).map(|r| r.1).collect();
+    let kind = [
+        "derivation (.drv) was given where an output path is expected",
+        "not a derivation",
+    ];
+    if broken.is_empty() && p.ends_with(".drv") != drv {
+        broken.push(kind[usize::from(drv)]);
     }
     broken
 }
 
 /// What the daemon must answer to one request line (without its `\n`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 enum Expect {
     /// `ok N`, N of these (distinct) paths newly queued.
     Queue(Vec<String>),
@@ -257,12 +153,12 @@ enum Expect {
     Ping,
     /// Another valid verb (`status`, `wait`, `retry`): a final `ok`.
     OtherOk,
-    /// One `err` line containing every fragment of at least one alternative.
-    Err(Vec<Vec<String>>),
+    /// One `err` line holding both fragments of at least one alternative.
+    Err(Vec<(String, &'static str)>),
 }
 
-fn err1(fragment: &str) -> Expect {
-    Expect::Err(vec![vec![fragment.to_string()]])
+fn err1(fragment: &'static str) -> Expect {
+    Expect::Err(vec![(String::new(), fragment)])
 }
 
 /// The protocol as the README states it, written independently of
@@ -275,163 +171,82 @@ fn model(line: &[u8], store: &str) -> Expect {
         return err1("not valid UTF-8");
     };
     let text = text.strip_suffix('\r').unwrap_or(text);
-    if text.is_empty() {
-        return err1("empty request");
-    }
-    let (verb, rest) = match text.split_once(' ') {
-        Some((v, r)) => (v, Some(r)),
-        None => (text, None),
+    let (verb, rest) = text
+        .split_once(' ')
+        .map_or((text, None), |(v, r)| (v, Some(r)));
+    let queue = |paths: Vec<&str>, drv: bool| {
+        let mut alts = Vec::new();
+        let rules = paths.iter().map(|p| path_rules(p, store, drv));
+        if let Some((i, rules)) = rules.enumerate().find(|(_, r)| !r.is_empty()) {
+            alts.extend(rules.into_iter().map(|r| (format!("path {}: ", i + 1), r)));
+        }
+        let n = paths.len();
+        if n > MAX_PATHS {
+            alts.push((format!("{n} paths in one request; at most {MAX_PATHS}"), ""));
+        }
+        if alts.is_empty() {
+            Expect::Queue(paths.into_iter().map(String::from).collect())
+        } else {
+            Expect::Err(alts)
+        }
     };
     match (verb, rest) {
+        ("", None) => err1("empty request"),
         ("ping", None) => Expect::Ping,
         ("status" | "wait" | "retry", None) => Expect::OtherOk,
         ("ping" | "status" | "wait" | "retry", Some(_)) => err1("usage: "),
         ("enqueue", None | Some("")) => err1("usage: enqueue PATH"),
-        ("enqueue", Some(r)) => {
-            let args: Vec<&str> = r.split(' ').collect();
-            let mut alts = Vec::new();
-            if args.len() > MAX_PATHS {
-                alts.push(vec![format!(
-                    "{} paths in one request; at most {MAX_PATHS}",
-                    args.len()
-                )]);
-            }
-            let first_bad = args
-                .iter()
-                .enumerate()
-                .map(|(i, a)| (i, path_rules(a, store, Kind::Output)))
-                .find(|(_, rules)| !rules.is_empty());
-            if let Some((i, rules)) = first_bad {
-                for r in rules {
-                    alts.push(vec![format!("path {}: ", i + 1), r.to_string()]);
-                }
-            }
-            if alts.is_empty() {
-                Expect::Queue(args.iter().map(|a| a.to_string()).collect())
-            } else {
-                Expect::Err(alts)
-            }
-        }
-        ("drv", None | Some("")) => err1("usage: drv DRV_PATH"),
-        ("drv", Some(r)) if r.contains(' ') => err1("usage: drv DRV_PATH"),
-        ("drv", Some(r)) => {
-            let rules = path_rules(r, store, Kind::Drv);
-            if rules.is_empty() {
-                Expect::Queue(vec![r.to_string()])
-            } else {
-                Expect::Err(
-                    rules
-                        .into_iter()
-                        .map(|x| vec!["path 1: ".to_string(), x.to_string()])
-                        .collect(),
-                )
-            }
-        }
+        ("enqueue", Some(r)) => queue(r.split(' ').collect(), false),
+        ("drv", Some(r)) if !r.is_empty() && !r.contains(' ') => queue(vec![r], true),
+        ("drv", _) => err1("usage: drv DRV_PATH"),
         _ => err1("unknown verb"),
     }
 }
 
 /// Checks one reply (its lines, the final one last) against the model;
 /// returns N for an `ok N` to a queue request.
-fn check_reply(expect: &Expect, reply: &[String]) -> Result<Option<usize>, String> {
+fn check_reply(expect: &Expect, reply: &[String]) -> Result<usize, String> {
     let last = reply.last().ok_or("no reply")?;
-    if matches!(expect, Expect::OtherOk) {
-        return if last == "ok" || last.starts_with("ok ") {
-            Ok(None)
-        } else {
-            Err(format!("expected a final ok, got {reply:?}"))
-        };
-    }
-    if reply.len() != 1 {
-        return Err(format!("expected exactly one reply line, got {reply:?}"));
-    }
-    match expect {
-        Expect::Queue(paths) => {
-            let distinct: HashSet<&String> = paths.iter().collect();
-            let n: usize = last
-                .strip_prefix("ok ")
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| format!("expected `ok N`, got {last:?}"))?;
-            if n > distinct.len() {
-                return Err(format!(
-                    "ok {n} for {} distinct paths: {last:?}",
-                    distinct.len()
-                ));
-            }
-            Ok(Some(n))
-        }
-        Expect::Ping => {
-            if last.starts_with("ok nix-post-build-hook-queue ") {
-                Ok(None)
-            } else {
-                Err(format!("expected the ping reply, got {last:?}"))
-            }
-        }
-        Expect::OtherOk => unreachable!(),
+    let n = match expect {
+        Expect::OtherOk => (last == "ok" || last.starts_with("ok ")).then_some(0),
+        _ if reply.len() != 1 => None,
+        Expect::Ping => Some(0).filter(|_| last.starts_with("ok nix-post-build-hook-queue ")),
+        Expect::Queue(paths) => (last.strip_prefix("ok ").and_then(|n| n.parse().ok()))
+            .filter(|&n| n <= paths.iter().collect::<HashSet<_>>().len()),
+        // Short and on one line, naming the broken rule.
         Expect::Err(alts) => {
-            if !last.starts_with("err ") {
-                return Err(format!("expected `err REASON`, got {last:?}"));
-            }
-            if last.contains('\r') || last.len() > 600 {
-                return Err(format!("err line is not a short single line: {last:?}"));
-            }
-            if alts
+            let named = alts
                 .iter()
-                .any(|frags| frags.iter().all(|f| last.contains(f.as_str())))
-            {
-                Ok(None)
-            } else {
-                Err(format!(
-                    "err does not name the broken rule; wanted one of {alts:?}, got {last:?}"
-                ))
-            }
+                .any(|(a, b)| last.contains(a.as_str()) && last.contains(b));
+            let short = last.starts_with("err ") && !last.contains('\r') && last.len() <= 600;
+            (short && named).then_some(0)
         }
-    }
+    };
+    n.ok_or_else(|| format!("expected {expect:?}, got {reply:?}"))
 }
-
-// ---------------------------------------------------------------------------
-// Raw protocol I/O
-// ---------------------------------------------------------------------------
 
 /// True for a final reply line (`ok`, `ok ...`, `err`, `err ...`).
 fn is_final(line: &str) -> bool {
     line == "ok" || line == "err" || line.starts_with("ok ") || line.starts_with("err ")
 }
 
-/// How a connection ended after its replies.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    /// Clean end of stream.
-    Eof,
-    /// The daemon closed with our data unread (ECONNRESET): also a close.
-    Reset,
-}
-
-/// Reads reply lines until the daemon closes the connection; panics on a
-/// read timeout (the daemon must answer or close).
-fn read_until_closed(stream: UnixStream, what: &str) -> (Vec<String>, End) {
-    stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .expect("set_read_timeout");
+/// Reads reply lines until the daemon closes the connection (a reset, our
+/// data left unread, is a close too); panics on a read timeout (the daemon
+/// must answer or close).
+fn read_until_closed(stream: UnixStream, what: &str) -> Vec<String> {
+    stream.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
     let mut r = BufReader::new(stream);
     let mut lines = Vec::new();
     loop {
         let mut buf = Vec::new();
         match r.read_until(b'\n', &mut buf) {
-            Ok(0) => return (lines, End::Eof),
+            Ok(0) => return lines,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return lines,
+            Err(e) => panic!("{what}: reading replies: {e}; got so far {lines:?}"),
             Ok(_) => {
-                assert_eq!(
-                    buf.last(),
-                    Some(&b'\n'),
-                    "{what}: reply without newline: {:?}",
-                    String::from_utf8_lossy(&buf)
-                );
-                buf.pop();
+                assert_eq!(buf.pop(), Some(b'\n'), "{what}: no newline after {lines:?}");
                 lines.push(String::from_utf8_lossy(&buf).into_owned());
             }
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (lines, End::Reset),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("{what}: reading replies: {e}; got so far {lines:?}"),
         }
     }
 }
@@ -439,12 +254,10 @@ fn read_until_closed(stream: UnixStream, what: &str) -> (Vec<String>, End) {
 /// Connects, writes `data` from a second thread (write errors after the
 /// daemon closed are expected and ignored), shuts down the write side, and
 /// returns every reply line until the daemon closes.
-fn exchange(socket: &Path, data: Vec<u8>, what: &str) -> (Vec<String>, End) {
+fn exchange(socket: &Path, data: Vec<u8>, what: &str) -> Vec<String> {
     let stream = UnixStream::connect(socket)
         .unwrap_or_else(|e| panic!("{what}: connect {}: {e}", socket.display()));
-    stream
-        .set_write_timeout(Some(REPLY_TIMEOUT))
-        .expect("set_write_timeout");
+    stream.set_write_timeout(Some(REPLY_TIMEOUT)).unwrap();
     let mut writer = stream.try_clone().expect("try_clone");
     let w = thread::spawn(move || {
         let _ = writer.write_all(&data);
@@ -455,53 +268,25 @@ fn exchange(socket: &Path, data: Vec<u8>, what: &str) -> (Vec<String>, End) {
     out
 }
 
-/// Groups reply lines into replies (each ends with its final line).
-fn group_replies(lines: Vec<String>) -> Vec<Vec<String>> {
-    let mut out = Vec::new();
-    let mut cur = Vec::new();
-    for l in lines {
-        let fin = is_final(&l);
-        cur.push(l);
-        if fin {
-            out.push(std::mem::take(&mut cur));
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
+/// Sends `line` on a held connection and reads the one reply line.
+fn send(mut s: &UnixStream, line: &str) -> std::io::Result<String> {
+    s.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    read_one_line(s)
 }
 
-/// Reads one line from a held connection.
-fn read_one_line(s: &mut UnixStream) -> std::io::Result<String> {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    ErrorKind::UnexpectedEof,
-                    format!("closed after {:?}", String::from_utf8_lossy(&out)),
-                ))
-            }
-            Ok(_) if b[0] == b'\n' => return Ok(String::from_utf8_lossy(&out).into_owned()),
-            Ok(_) => out.push(b[0]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Reads one reply line from a held connection (an error at its end).
+fn read_one_line(s: &UnixStream) -> std::io::Result<String> {
+    let mut l = String::new();
+    match BufReader::new(s).read_line(&mut l)? {
+        0 => Err(ErrorKind::UnexpectedEof.into()),
+        _ => Ok(l.trim_end_matches('\n').to_string()),
     }
 }
-
-// ---------------------------------------------------------------------------
-// Journal, logs, wrappers
-// ---------------------------------------------------------------------------
 
 fn assert_no_panic(d: &Daemon, ctx: &str) {
     let log = d.log();
-    assert!(
-        !log.contains("panicked"),
-        "{ctx}: the daemon panicked; log:\n{log}"
-    );
+    assert!(!log.contains("panicked"), "{ctx}: a panic; log:\n{log}");
 }
 
 /// A daemon whose queue never drains (see [`FakeNix::hang`]).
@@ -520,123 +305,88 @@ fn hanging_daemon(env: &NixEnv) -> (Daemon, FakeNix) {
 fn assert_alive(d: &mut Daemon, ctx: &str) {
     assert!(d.is_running(), "{ctx}: the daemon exited");
     let pong = ask(&d.socket(), "ping");
-    assert!(
-        pong.starts_with("ok nix-post-build-hook-queue "),
-        "{ctx}: ping answered {pong:?}"
-    );
+    let pong_ok = pong.starts_with("ok nix-post-build-hook-queue ");
+    assert!(pong_ok, "{ctx}: ping answered {pong:?}");
     assert_no_panic(d, ctx);
 }
 
-// ---------------------------------------------------------------------------
 // Protocol fuzz
-// ---------------------------------------------------------------------------
 
-/// A path that is probably invalid, aimed at the edges of the rules (the
-/// model decides; a few of these are valid by chance, and must be accepted).
-fn gen_edge_path(rng: &mut Rng, store: &str) -> String {
-    let h = gen_hash(rng);
-    let n = gen_name(rng);
-    let parent = Path::new(store)
-        .parent()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let bad_chars = [
-        "/", ":", "$", "`", ";", "|", "&", "*", "~", "!", "@", "#", "%", "^", "(", ")", "[", "]",
-        "{", "}", "<", ">", ",", "'", "\"", "\\", "é", "\u{7f}", "\t", "\r", "\0", " ", "\u{a0}",
-        "\u{2028}", "\u{1b}", "\u{85}", "💥",
-    ];
-    match rng.below(24) {
-        0 => rng
-            .pick(&[
-                "/tmp/x",
-                "/",
-                "",
-                "relative/path",
-                "-",
-                "--",
-                "-L",
-                "--to",
-                "--store=/x",
-                "--recursive",
-                "-rf",
-                "$(touch /tmp/npbhq-pwned)",
-                "`id`",
-                ";id",
-                "|id",
-                "&&id",
-                "..",
-                ".",
-                "~root",
-            ])
-            .to_string(),
-        1 => format!("{store}x/{h}-{n}"),
-        2 => format!("{parent}/{h}-{n}"),
-        3 => format!("{h}-{n}"),
-        4 => format!("{store}/"),
-        5 => store.to_string(),
-        6 => format!("{store}//{h}-{n}"),
-        7 => rng
-            .pick(&[
-                format!("{store}/.."),
-                format!("{store}/../etc/passwd"),
-                format!("{store}/{h}-{n}/.."),
-                format!("{store}/{h}-.."),
-                format!("{store}/{h}-."),
-                format!("{store}/./{h}-{n}"),
-                format!("{store}/{h}-../../x"),
-                format!("{store}/../{h}-{n}"),
-            ])
-            .clone(),
-        8 => format!("-{h}-{n}"),
-        9 => format!("{store}/-{h}-{n}"),
-        10 | 11 => {
-            // A forbidden character somewhere in the name.
-            let c = rng.pick(&bad_chars);
-            let at = rng.below(n.len() + 1);
-            format!("{store}/{h}-{}{c}{}", &n[..at], &n[at..])
-        }
-        12 => {
-            let len = *rng.pick(&[0usize, 1, 31, 33, 52]);
-            let hh: String = (0..len)
-                .map(|_| NIX_BASE32[rng.below(32)] as char)
-                .collect();
-            format!("{store}/{hh}-{n}")
-        }
-        13 => {
-            // One character of the hash outside nix-base32.
-            let c = rng.pick(&["e", "o", "t", "u", "A", "Z", "_", ".", "+", "é", "="]);
-            let at = rng.below(32);
-            let mut hh = h.clone();
-            hh.replace_range(at..at + 1, c);
-            format!("{store}/{hh}-{n}")
-        }
-        14 => format!("{store}/{h}-"),
-        15 => format!("{store}/{h}-{}", "n".repeat(MAX_NAME + 1 + rng.below(50))),
-        16 => format!("{store}/{h}-.{n}"),
-        17 => format!("{store}/{h}"),
-        18 => format!("{store}/{h}{n}"),
-        19 => format!("{store}/{h}-{n}/bin"),
-        20 => format!("{store}/{h}-$(id)"),
-        21 => format!("{store}/{h}-x;id"),
-        22 => format!("{store}/{h}-`id`"),
-        _ => format!(
-            "{}{store}/{h}-{n}",
-            rng.pick(&[" ", "\t", "\0", "\u{feff}"])
-        ),
-    }
+/// The fixed seed, or `NPBHQ_FUZZ_SEED` to replay another.
+fn fuzz_seed() -> u64 {
+    std::env::var("NPBHQ_FUZZ_SEED").map_or(0x5eed_0005_6e9f_2024, |s| s.parse().unwrap())
 }
 
-/// The mutable state of one fuzz worker.
+/// A path aimed at the edges of the rules: mostly invalid, but the model
+/// decides (one valid by chance must be accepted).
+fn gen_edge_path(rng: &mut Rng, store: &str) -> String {
+    let (h, n) = (gen_chars(rng, NIX_BASE32, 32), gen_name(rng));
+    let mut odd: Vec<&str> = "/tmp/x / relative/path - -- -L --to --store=/x --recursive -rf \
+        `id` ;id |id &&id .. . ~root"
+        .split(' ')
+        .collect();
+    odd.extend(["", "$(touch /tmp/npbhq-pwned)"]);
+    let chars = "/:$`;|&*~!@#%^()[]{}<>,'\"\\é\u{7f}\t\r\0 \u{a0}\u{2028}\u{1b}\u{85}💥";
+    let (c, at) = (
+        rng.pick(&chars.chars().collect::<Vec<_>>()).to_string(),
+        rng.below(n.len() + 1),
+    );
+    let len = *rng.pick(&[0, 1, 31, 33, 52]);
+    let at_h = rng.below(32);
+    let wrong = rng.pick(&["e", "o", "t", "u", "A", "Z", "_", ".", "+", "é", "="]);
+    // {o} an odd word, {s} the store, {p} its parent, {h} a hash, {n} a name,
+    // {c} the name with a forbidden character, {k} a hash of the wrong
+    // length, {w} one with a wrong character, {l} too long a name, {b} a blank.
+    let templates: Vec<&str> = "{o} {o} {o} {s}x/{h}-{n} {p}/{h}-{n} {h}-{n} {s}/ {s} {s}//{h}-{n} \
+        {s}/.. {s}/../etc/passwd {s}/{h}-{n}/.. {s}/{h}-.. {s}/{h}-. {s}/./{h}-{n} {s}/{h}-../../x \
+        {s}/../{h}-{n} -{h}-{n} {s}/-{h}-{n} {s}/{h}-{c} {s}/{h}-{c} {s}/{k}-{n} {s}/{w}-{n} {s}/{h}- \
+        {s}/{h}-{l} {s}/{h}-.{n} {s}/{h} {s}/{h}{n} {s}/{h}-{n}/bin {s}/{h}-$(id) {s}/{h}-x;id \
+        {s}/{h}-`id` {b}{s}/{h}-{n}"
+        .split(' ')
+        .collect();
+    let values = [
+        ("{s}", store.to_string()),
+        (
+            "{p}",
+            Path::new(store).parent().unwrap().display().to_string(),
+        ),
+        ("{h}", h.clone()),
+        ("{n}", n.clone()),
+        ("{k}", gen_chars(rng, NIX_BASE32, len)),
+        ("{w}", format!("{}{wrong}{}", &h[..at_h], &h[at_h + 1..])),
+        ("{l}", "n".repeat(MAX_NAME + 1 + rng.below(50))),
+        ("{b}", rng.pick(&[" ", "\t", "\0", "\u{feff}"]).to_string()),
+        ("{o}", rng.pick(&odd).to_string()),
+        ("{c}", format!("{}{c}{}", &n[..at], &n[at..])),
+    ];
+    let t = rng.pick(&templates).to_string();
+    values.iter().fold(t, |t, (k, v)| t.replace(k, v))
+}
+
+/// One fuzz worker: its generator and what it saw.
 struct Fuzzer<'a> {
     rng: Rng,
     store: &'a str,
     pool: &'a [String],
+    t: &'a Mutex<Tally>,
+}
+
+/// What the fuzz saw, summed over workers.
+#[derive(Default)]
+struct Tally {
+    requests: usize,
+    refused: usize,
+    ok_sum: usize,
+    queued: HashSet<String>,
 }
 
 impl Fuzzer<'_> {
+    fn good(&mut self) -> String {
+        self.rng.pick(self.pool).clone()
+    }
+
     fn valid_enqueue(&mut self) -> String {
-        let n = self.rng.range(1, 20);
-        let paths: Vec<&str> = (0..n).map(|_| self.rng.pick(self.pool).as_str()).collect();
+        let paths: Vec<String> = (0..self.rng.range(1, 20)).map(|_| self.good()).collect();
         format!("enqueue {}", paths.join(" "))
     }
 
@@ -644,259 +394,156 @@ impl Fuzzer<'_> {
     fn case(&mut self) -> Vec<u8> {
         let store = self.store;
         let pick = self.rng.below(100);
-        let too_many = pick == 94 && self.rng.chance(15);
-        let rng = &mut self.rng;
-        match pick {
+        let (good, drv) = (self.good(), gen_drv(&mut self.rng, store));
+        let line = match pick {
             // Valid requests: about a quarter.
-            0..=15 => self.valid_enqueue().into_bytes(),
-            16..=19 => format!("drv {}", gen_drv(rng, store)).into_bytes(),
-            20..=23 => b"ping".to_vec(),
+            0..=15 => self.valid_enqueue(),
+            16..=19 => format!("drv {drv}"),
+            20..=23 => "ping".into(),
             // Random bytes, no newline.
             24..=33 => {
-                let len = rng.range(0, 200);
-                (0..len)
-                    .map(|_| match rng.next() as u8 {
-                        b'\n' => b'x',
-                        b => b,
-                    })
-                    .collect()
+                let len = self.rng.range(0, 200);
+                return self.rng.bytes(len, b'x');
             }
             // Random printable text after a verb.
             34..=37 => {
-                let verb = *rng.pick(&["enqueue", "drv", "ping", "status", "wait", "retry", "x"]);
-                let len = rng.range(0, 80);
+                let verbs = ["enqueue", "drv", "ping", "status", "wait", "retry", "x"];
+                let verb = self.rng.pick(&verbs);
+                let len = self.rng.range(0, 80);
                 let tail: String = (0..len)
-                    .map(|_| (b' ' + rng.below(95) as u8) as char)
+                    .map(|_| (b' ' + self.rng.below(95) as u8) as char)
                     .collect();
-                format!("{verb} {tail}").into_bytes()
+                format!("{verb} {tail}")
             }
-            // A valid line cut short.
-            38..=43 => {
-                let mut l = self.valid_enqueue().into_bytes();
-                let cut = self.rng.below(l.len() + 1);
-                l.truncate(cut);
-                l
-            }
-            // NUL or a non-UTF-8 byte inside a valid line.
-            44..=49 => {
+            // A valid line cut short, or with NUL or a non-UTF-8 byte inside.
+            38..=49 => {
                 let mut l = self.valid_enqueue().into_bytes();
                 let at = self.rng.below(l.len() + 1);
-                let bad: &[u8] = match self.rng.below(5) {
-                    0 => b"\0",
-                    1 => b"\xff",
-                    2 => b"\xc3",
-                    3 => b"\xed\xa0\x80",
-                    _ => b"\xf8\x88\x80\x80\x80",
-                };
-                l.splice(at..at, bad.iter().copied());
-                l
-            }
-            // One edge-case path among valid ones.
-            50..=69 => {
-                let mut paths: Vec<String> = (0..self.rng.range(0, 4))
-                    .map(|_| self.rng.pick(self.pool).clone())
-                    .collect();
-                let bad = gen_edge_path(&mut self.rng, store);
-                let at = self.rng.below(paths.len() + 1);
-                paths.insert(at, bad);
-                format!("enqueue {}", paths.join(" ")).into_bytes()
-            }
-            // An edge-case path as a derivation.
-            70..=74 => format!("drv {}", gen_edge_path(rng, store)).into_bytes(),
-            // `.drv` where an output is expected, and the reverse.
-            75..=78 => {
-                let good = self.rng.pick(self.pool).clone();
-                let drv = gen_drv(&mut self.rng, store);
-                if self.rng.chance(50) {
-                    format!("enqueue {good} {drv}").into_bytes()
+                let bad = b"\0|\xff|\xc3|\xed\xa0\x80|\xf8\x88\x80\x80\x80";
+                let bad: Vec<&[u8]> = bad.split(|&b| b == b'|').collect();
+                if pick < 44 {
+                    l.truncate(at);
                 } else {
-                    format!("drv {good}").into_bytes()
+                    l.splice(at..at, self.rng.pick(&bad).iter().copied());
                 }
+                return l;
             }
+            // One edge-case path among valid ones, or as a derivation.
+            50..=69 => {
+                let mut paths: Vec<String> =
+                    (0..self.rng.range(0, 4)).map(|_| self.good()).collect();
+                let at = self.rng.below(paths.len() + 1);
+                paths.insert(at, gen_edge_path(&mut self.rng, store));
+                format!("enqueue {}", paths.join(" "))
+            }
+            70..=74 => format!("drv {}", gen_edge_path(&mut self.rng, store)),
+            // `.drv` where an output is expected, and the reverse.
+            75..=76 => format!("enqueue {good} {drv}"),
+            77..=78 => format!("drv {good}"),
             // Verb-level oddities.
             79..=88 => {
-                let good = self.rng.pick(self.pool).clone();
-                let drv = gen_drv(&mut self.rng, store);
-                let v = [
-                    String::new(),
-                    "\r".into(),
-                    " ".into(),
-                    format!("ENQUEUE {good}"),
-                    "Ping".into(),
-                    "PING".into(),
-                    "ping ".into(),
-                    "ping x".into(),
-                    "ping\0".into(),
-                    "\u{feff}ping".into(),
-                    "status now".into(),
-                    "wait 1".into(),
-                    "retry all".into(),
-                    "enqueue".into(),
-                    "enqueue ".into(),
-                    format!("enqueue  {good}"),
-                    format!(" enqueue {good}"),
-                    format!("enqueue\t{good}"),
-                    format!("enqueue {good} "),
-                    format!("enqueue {good}\r"),
-                    format!("enqueue {good}\r\r"),
-                    "drv".into(),
-                    "drv ".into(),
-                    format!("drv {drv} {drv}"),
-                    format!("drv {drv}\r"),
-                    format!("drv  {drv}"),
-                    "enqueue-x".into(),
-                    "status\r".into(),
-                ];
-                self.rng.pick(&v).clone().into_bytes()
+                let v: Vec<&str> = "|\r| |ENQUEUE {g}|Ping|PING|ping |ping x|ping\0|\u{feff}ping|\
+                    status now|wait 1|retry all|enqueue|enqueue |enqueue  {g}| enqueue {g}|\
+                    enqueue\t{g}|enqueue {g} |enqueue {g}\r|enqueue {g}\r\r|drv|drv |drv {d} {d}|\
+                    drv {d}\r|drv  {d}|enqueue-x|status\r"
+                    .split('|')
+                    .collect();
+                self.rng.pick(&v).replace("{g}", &good).replace("{d}", &drv)
             }
             // A newline inside a path: two lines on the wire.
             89..=93 => {
-                let good = self.rng.pick(self.pool).clone();
                 let at = self.rng.range(1, good.len() - 1);
-                format!("enqueue {}\n{}", &good[..at], &good[at..]).into_bytes()
+                format!("enqueue {}\n{}", &good[..at], &good[at..])
             }
-            // Too many paths (about 900 KB, still under the line limit).
-            94 if too_many => {
+            // Too many paths (about 900 KB, still under the line limit
+            // unless long names made it too long: the cap still applies).
+            94 if self.rng.below(100) < 15 => {
                 let n = MAX_PATHS + self.rng.range(1, 3);
-                let paths: Vec<&str> = (0..n)
-                    .map(|i| self.pool[i % self.pool.len()].as_str())
-                    .collect();
+                let paths: Vec<String> = self.pool.iter().cycle().take(n).cloned().collect();
                 let line = format!("enqueue {}", paths.join(" "));
-                if line.len() + 1 < MAX_LINE {
-                    line.into_bytes()
+                let xs = format!("enqueue {}", vec!["x"; n].join(" "));
+                if line.len() < MAX_LINE {
+                    line
                 } else {
-                    // Long names made it too long: the cap still applies.
-                    format!("enqueue {}", vec!["x"; n].join(" ")).into_bytes()
+                    xs
                 }
             }
-            _ => format!("enqueue {}", gen_edge_path(rng, store)).into_bytes(),
-        }
+            _ => format!("enqueue {}", gen_edge_path(&mut self.rng, store)),
+        };
+        line.into_bytes()
     }
 
-    /// An over-long line (more than 1 MiB before its newline).
+    /// A line of at least MAX_LINE bytes before its newline.
     fn over_long(&mut self) -> Vec<u8> {
         match self.rng.below(3) {
             0 => {
-                let mut l = b"enqueue ".to_vec();
+                let mut l = b"enqueue".to_vec();
                 while l.len() < MAX_LINE {
-                    l.extend_from_slice(self.rng.pick(self.pool).as_bytes());
                     l.push(b' ');
+                    l.extend(self.good().bytes());
                 }
                 l
             }
-            1 => {
-                // Exactly at the limit: MAX_LINE bytes before the newline.
-                vec![b'a'; MAX_LINE]
-            }
+            1 => vec![b'a'; MAX_LINE],
             _ => {
                 let len = MAX_LINE + self.rng.range(1, 300_000);
-                (0..len)
-                    .map(|_| match self.rng.next() as u8 {
-                        b'\n' => 0,
-                        b => b,
-                    })
-                    .collect()
+                self.rng.bytes(len, 0)
             }
         }
     }
-}
 
-/// Results of the fuzz, merged over workers.
-#[derive(Default)]
-struct FuzzTally {
-    requests: usize,
-    refused: usize,
-    ok_sum: usize,
-    queued_sent: HashSet<String>,
-    failures: Vec<String>,
-}
-
-/// One connection: send `lines` (and maybe an unterminated fragment or an
-/// over-long last line), then check every reply against the model.
-fn fuzz_round(socket: &Path, store: &str, f: &mut Fuzzer, tally: &mut FuzzTally, round: &str) {
-    let mut lines: Vec<Vec<u8>> = Vec::new();
-    let cases = f.rng.range(1, 120);
-    for _ in 0..cases {
-        let c = f.case();
-        lines.extend(c.split(|&b| b == b'\n').map(<[u8]>::to_vec));
-    }
-    // How the connection ends: normally, with a fragment that has no
-    // newline, with an over-long line (the daemon then closes), or rudely:
-    // the client hangs up without reading a reply (malformed requests
-    // only, so nothing unacknowledged can be journaled).
-    let ending = f.rng.below(100);
-    if ending >= 95 {
-        let mut data = Vec::new();
-        for l in lines
-            .iter()
-            .filter(|l| matches!(model(l, store), Expect::Err(_)))
-        {
-            data.extend_from_slice(l);
-            data.push(b'\n');
+    /// One connection: send up to 120 cases (and maybe an unterminated
+    /// fragment or an over-long last line), then check every reply.
+    fn round(&mut self, socket: &Path, round: &str) {
+        let mut lines: Vec<Vec<u8>> = Vec::new();
+        for _ in 0..self.rng.range(1, 120) {
+            lines.extend(self.case().split(|&b| b == b'\n').map(<[u8]>::to_vec));
         }
-        if let Ok(mut s) = UnixStream::connect(socket) {
-            let _ = s.set_write_timeout(Some(REPLY_TIMEOUT));
-            let _ = s.write_all(&data);
+        let wire = |ls: &[Vec<u8>]| [ls.join(&b'\n'), vec![b'\n']].concat();
+        let mut expects: Vec<Expect> = lines.iter().map(|l| model(l, self.store)).collect();
+        // How the connection ends: normally, with a fragment that has no
+        // newline, with an over-long line (the daemon then closes), or
+        // rudely: the client hangs up without reading a reply (malformed
+        // requests only, so nothing unacknowledged can be journaled).
+        let ending = self.rng.below(100);
+        if ending >= 95 {
+            lines.retain(|l| matches!(model(l, self.store), Expect::Err(_)));
+            if let Ok(mut s) = UnixStream::connect(socket) {
+                let _ = s.set_write_timeout(Some(REPLY_TIMEOUT));
+                let _ = s.write_all(&wire(&lines));
+            }
+            return;
         }
-        return;
-    }
-    let mut data = Vec::new();
-    for l in &lines {
-        data.extend_from_slice(l);
-        data.push(b'\n');
-    }
-    let mut expects: Vec<Expect> = lines.iter().map(|l| model(l, store)).collect();
-    let mut closes_early = false;
-    if ending < 8 {
-        let mut frag = f.case();
-        frag.retain(|&b| b != b'\n');
-        if frag.is_empty() {
-            frag.push(b'p');
+        let mut data = wire(&lines);
+        if ending < 8 {
+            let mut frag = self.case();
+            frag.retain(|&b| b != b'\n');
+            data.extend(if frag.is_empty() { b"p".to_vec() } else { frag });
+            expects.push(err1("not terminated by a newline"));
+        } else if ending < 13 {
+            data.extend(self.over_long());
+            data.extend(b"\nping\n");
+            expects.push(err1("longer than 1048576 bytes"));
         }
-        data.extend_from_slice(&frag);
-        expects.push(err1("not terminated by a newline"));
-    } else if ending < 13 {
-        let long = f.over_long();
-        data.extend_from_slice(&long);
-        data.push(b'\n');
-        data.extend_from_slice(b"ping\n");
-        expects.push(err1("longer than 1048576 bytes"));
-        closes_early = true;
-    }
-    let (reply_lines, _end) = exchange(socket, data, round);
-    let replies = group_replies(reply_lines);
-    if replies.len() != expects.len() {
-        tally.failures.push(format!(
-            "{round}: {} requests{} but {} replies; replies {:?}",
-            expects.len(),
-            if closes_early {
-                " (last over-long)"
-            } else {
-                ""
-            },
-            replies.len(),
-            replies
-        ));
-        return;
-    }
-    for (i, (e, r)) in expects.iter().zip(&replies).enumerate() {
-        tally.requests += 1;
-        let line = lines
-            .get(i)
-            .map(|l| String::from_utf8_lossy(&l[..l.len().min(200)]).into_owned())
-            .unwrap_or_else(|| "(fragment or over-long line)".into());
-        match check_reply(e, r) {
-            Ok(n) => {
-                if let Expect::Queue(paths) = e {
-                    tally.ok_sum += n.unwrap_or(0);
-                    tally.queued_sent.extend(paths.iter().cloned());
-                } else if matches!(e, Expect::Err(_)) {
-                    tally.refused += 1;
+        let reply_lines = exchange(socket, data, round);
+        let replies: Vec<&[String]> = reply_lines.split_inclusive(|l| is_final(l)).collect();
+        let n = expects.len();
+        assert_eq!(replies.len(), n, "{round}: replies {replies:?}");
+        let mut t = self.t.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, (e, r)) in expects.iter().zip(replies).enumerate() {
+            let line = lines
+                .get(i)
+                .map(|l| String::from_utf8_lossy(&l[..l.len().min(200)]));
+            let n = check_reply(e, r).unwrap_or_else(|why| panic!("{round} #{i} {line:?}: {why}"));
+            t.requests += 1;
+            match e {
+                Expect::Queue(paths) => {
+                    t.ok_sum += n;
+                    t.queued.extend(paths.iter().cloned());
                 }
+                Expect::Err(_) => t.refused += 1,
+                _ => {}
             }
-            Err(why) => tally
-                .failures
-                .push(format!("{round} request {i} {line:?}: {why}")),
         }
     }
 }
@@ -909,148 +556,69 @@ fn fuzz_round(socket: &Path, store: &str, f: &mut Fuzzer, tally: &mut FuzzTally,
 #[test]
 fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clean() {
     let seed = fuzz_seed();
-    let ctx = format!("fuzz seed {seed:#x} (replay: NPBHQ_FUZZ_SEED={seed:#x})");
+    let ctx = format!("fuzz seed {seed} (replay: NPBHQ_FUZZ_SEED={seed})");
     eprintln!("{ctx}");
     let env = NixEnv::new("hostile-fuzz");
     let (mut d, _w) = hanging_daemon(&env);
     let store = env.store_dir().display().to_string();
     let socket = d.socket();
-
     let mut seeder = Rng::new(seed);
     let pool: Vec<String> = (0..1500).map(|_| gen_output(&mut seeder, &store)).collect();
     for p in &pool {
-        assert!(
-            path_rules(p, &store, Kind::Output).is_empty(),
-            "{ctx}: generator made an invalid pool path {p}"
-        );
+        assert!(path_rules(p, &store, false).is_empty(), "{ctx}: {p}");
     }
-
-    const WORKERS: u64 = 6;
     // `NPBHQ_FUZZ_ROUNDS=N` for a longer run by hand.
-    let rounds: usize = std::env::var("NPBHQ_FUZZ_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(14);
-    let tallies: Vec<FuzzTally> = thread::scope(|s| {
-        let handles: Vec<_> = (0..WORKERS)
-            .map(|wid| {
-                let (store, pool, socket, ctx) = (&store, &pool, &socket, &ctx);
-                s.spawn(move || {
-                    let mut f = Fuzzer {
-                        rng: Rng::new(seed ^ (wid + 1).wrapping_mul(0x9e37_79b9)),
-                        store,
-                        pool,
-                    };
-                    let mut tally = FuzzTally::default();
-                    for round in 0..rounds {
-                        let name = format!("{ctx}: worker {wid} round {round}");
-                        fuzz_round(socket, store, &mut f, &mut tally, &name);
-                    }
-                    tally
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("fuzz worker panicked"))
-            .collect()
+    let rounds = std::env::var("NPBHQ_FUZZ_ROUNDS").map_or(14, |r| r.parse().unwrap());
+    let total = Mutex::new(Tally::default());
+    thread::scope(|s| {
+        for w in 1..=6u64 {
+            let rng = Rng::new(seed ^ w.wrapping_mul(0x9e37_79b9));
+            let mut f = Fuzzer {
+                rng,
+                store: &store,
+                pool: &pool,
+                t: &total,
+            };
+            let (socket, ctx) = (&socket, &ctx);
+            s.spawn(move || {
+                for round in 0..rounds {
+                    f.round(socket, &format!("{ctx}: worker {w} round {round}"));
+                }
+            });
+        }
     });
-    let mut total = FuzzTally::default();
-    for t in tallies {
-        total.requests += t.requests;
-        total.refused += t.refused;
-        total.ok_sum += t.ok_sum;
-        total.queued_sent.extend(t.queued_sent);
-        total.failures.extend(t.failures);
-    }
-    eprintln!(
-        "{ctx}: {} requests, {} refused, {} paths queued",
-        total.requests,
-        total.refused,
-        total.queued_sent.len()
-    );
-    assert!(
-        total.failures.is_empty(),
-        "{ctx}: {} failures, first ones:\n{}",
-        total.failures.len(),
-        total.failures[..total.failures.len().min(10)].join("\n"),
-    );
-    assert!(
-        total.requests >= 2000 && total.refused >= 1000,
-        "{ctx}: too few requests to mean anything: {} ({} refused)",
-        total.requests,
-        total.refused
-    );
+    let t = total.into_inner().unwrap();
+    let (requests, refused, queued) = (t.requests, t.refused, t.queued);
+    eprintln!("{ctx}: {requests} requests, {refused} refused");
+    let enough = requests >= 2000 && refused >= 1000;
+    assert!(enough, "{ctx}: {requests} requests, {refused} refused");
 
     assert_alive(&mut d, &ctx);
     // Each acknowledged path was counted once, over all clients.
-    assert_eq!(
-        total.ok_sum,
-        total.queued_sent.len(),
-        "{ctx}: sum of `ok N` differs from the number of distinct valid paths sent"
-    );
+    let why = "sum of `ok N` differs from the number of distinct valid paths sent";
+    assert_eq!(t.ok_sum, queued.len(), "{ctx}: {why}");
     let j = d.journal();
-    assert!(
-        j.malformed.is_empty(),
-        "{ctx}: malformed journal records: {:?}",
-        &j.malformed[..j.malformed.len().min(5)]
-    );
-    let stray: Vec<&String> = j
-        .added
-        .iter()
-        .filter(|p| !total.queued_sent.contains(*p))
-        .collect();
-    assert!(
-        stray.is_empty(),
-        "{ctx}: journal holds paths that were never sent in a valid request: {:?}",
-        &stray[..stray.len().min(5)]
-    );
-    for p in &j.added {
-        let kind = if p.ends_with(".drv") {
-            Kind::Drv
-        } else {
-            Kind::Output
-        };
-        assert!(
-            path_rules(p, &store, kind).is_empty(),
-            "{ctx}: invalid path in the journal: {p:?}"
-        );
-    }
+    let malformed = &j.malformed;
+    assert!(malformed.is_empty(), "{ctx}: malformed: {malformed:?}");
     let added: HashSet<&String> = j.added.iter().collect();
-    assert_eq!(
-        added.len(),
-        j.added.len(),
-        "{ctx}: a path was journaled twice"
-    );
-    let missing: Vec<&String> = total
-        .queued_sent
-        .iter()
-        .filter(|p| !added.contains(p))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{ctx}: acknowledged paths missing from the journal: {:?}",
-        &missing[..missing.len().min(5)]
-    );
-    // Only derivations leave the queue here (the worker drops the ones that
-    // are not in the store; the hanging `nix copy` holds everything else).
-    for p in &j.done {
-        assert!(
-            p.ends_with(".drv") && added.contains(p),
-            "{ctx}: unexpected `-` record for {p}"
-        );
+    assert_eq!(added.len(), j.added.len(), "{ctx}: a path journaled twice");
+    for p in &j.added {
+        assert!(queued.contains(p), "{ctx}: journaled, never acked: {p:?}");
+        let valid = path_rules(p, &store, p.ends_with(".drv")).is_empty();
+        assert!(valid, "{ctx}: invalid path in the journal: {p:?}");
     }
-    let live: HashSet<String> = j.live.iter().cloned().collect();
-    let outputs: HashSet<String> = total
-        .queued_sent
-        .iter()
-        .filter(|p| !p.ends_with(".drv"))
-        .cloned()
-        .collect();
-    assert!(
-        outputs.is_subset(&live),
-        "{ctx}: queued outputs left the journal without an upload"
-    );
+    let live: HashSet<&String> = j.live.iter().collect();
+    for p in &queued {
+        assert!(added.contains(p), "{ctx}: acked, not journaled: {p:?}");
+        // Only derivations leave the queue here (the worker drops the ones
+        // that are not in the store; the hanging `nix copy` holds the rest).
+        let left = !live.contains(p) && !p.ends_with(".drv");
+        assert!(!left, "{ctx}: {p} left the journal without an upload");
+    }
+    for p in &j.done {
+        let drv = p.ends_with(".drv") && added.contains(p);
+        assert!(drv, "{ctx}: unexpected `-` record for {p}");
+    }
     wait_until_diag(
         Duration::from_secs(30),
         "status `queued` to match the journal",
@@ -1059,9 +627,7 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     );
 }
 
-// ---------------------------------------------------------------------------
 // Load
-// ---------------------------------------------------------------------------
 
 /// 64 clients enqueue 1,000 paths each, in requests of 1 to 100 paths, and
 /// also re-send 100 of their neighbour's: every path is acknowledged as new
@@ -1083,421 +649,193 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
 
     // The idle connections: accepted (a ping on a later connection is
     // answered, and accept is in order), then left silent.
-    let idle: Vec<UnixStream> = (0..100)
-        .map(|i| {
-            UnixStream::connect(&socket).unwrap_or_else(|e| panic!("idle connection {i}: {e}"))
-        })
+    let idle: Vec<_> = (0..100)
+        .map(|_| UnixStream::connect(&socket).unwrap())
         .collect();
     assert!(ask(&socket, "ping").starts_with("ok "));
 
     let hook_path = format!("{store}/{}-load-hook", index_hash(seed ^ 1, 0));
+    let client = |c: usize| {
+        let mut rng = Rng::new(seed ^ (c as u64 + 7).wrapping_mul(0x1234_5678_9abc));
+        let mut mine: Vec<String> = (c * PER_CLIENT..(c + 1) * PER_CLIENT).map(path).collect();
+        let next = (c + 1) % CLIENTS;
+        mine.extend((0..SHARED).map(|_| path(next * PER_CLIENT + rng.below(PER_CLIENT))));
+        // Shuffle (Fisher-Yates) so shared paths race.
+        for i in (1..mine.len()).rev() {
+            mine.swap(i, rng.below(i + 1));
+        }
+        let conn = UnixStream::connect(&socket).expect("connect");
+        let mut sum = 0;
+        while !mine.is_empty() {
+            let n = rng.range(1, 100).min(mine.len());
+            let paths: Vec<String> = mine.drain(..n).collect();
+            let line = format!("enqueue {}", paths.join(" "));
+            let reply = send(&conn, &line).unwrap_or_else(|e| panic!("client {c}: {e}"));
+            let k = reply.strip_prefix("ok ").and_then(|k| k.parse().ok());
+            let k: usize = k.unwrap_or_else(|| panic!("client {c}: reply {reply:?}"));
+            assert!(k <= n, "client {c}: ok {k} for {n} paths");
+            sum += k;
+        }
+        sum
+    };
     let started = Instant::now();
     let (sums, hook_out) = thread::scope(|s| {
-        let clients: Vec<_> = (0..CLIENTS)
-            .map(|c| {
-                let path = &path;
-                let socket = &socket;
-                s.spawn(move || {
-                    let mut rng = Rng::new(seed ^ (c as u64 + 7).wrapping_mul(0x1234_5678_9abc));
-                    let mut mine: Vec<String> =
-                        (c * PER_CLIENT..(c + 1) * PER_CLIENT).map(path).collect();
-                    let next = (c + 1) % CLIENTS;
-                    for _ in 0..SHARED {
-                        mine.push(path(next * PER_CLIENT + rng.below(PER_CLIENT)));
-                    }
-                    // Shuffle (Fisher-Yates) so shared paths race.
-                    for i in (1..mine.len()).rev() {
-                        let j = rng.below(i + 1);
-                        mine.swap(i, j);
-                    }
-                    let mut conn = UnixStream::connect(socket)
-                        .unwrap_or_else(|e| panic!("client {c}: connect: {e}"));
-                    conn.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-                    let mut sum = 0usize;
-                    let mut i = 0;
-                    while i < mine.len() {
-                        let n = rng.range(1, 100).min(mine.len() - i);
-                        let line = format!("enqueue {}\n", mine[i..i + n].join(" "));
-                        conn.write_all(line.as_bytes())
-                            .unwrap_or_else(|e| panic!("client {c}: write: {e}"));
-                        let reply = read_one_line(&mut conn)
-                            .unwrap_or_else(|e| panic!("client {c}: reply: {e}"));
-                        let k: usize = reply
-                            .strip_prefix("ok ")
-                            .and_then(|k| k.parse().ok())
-                            .unwrap_or_else(|| panic!("client {c}: reply {reply:?}"));
-                        assert!(k <= n, "client {c}: ok {k} for {n} paths");
-                        sum += k;
-                        i += n;
-                    }
-                    sum
-                })
-            })
-            .collect();
+        let clients: Vec<_> = (0..CLIENTS).map(|c| s.spawn(move || client(c))).collect();
         // The hook, while the clients run; a generous timeout: the outcome
         // (acknowledged, not spooled) is under test, not its speed.
-        let hook = d
-            .hook_cmd()
-            .env("OUT_PATHS", &hook_path)
-            .env("DRV_PATH", "")
-            .env("NPBHQ_TIMEOUT", "20")
-            .output()
-            .expect("run the hook");
-        let sums: Vec<usize> = clients
-            .into_iter()
-            .map(|h| h.join().expect("client panicked"))
-            .collect();
+        let mut hook = d.hook_cmd();
+        hook.env("OUT_PATHS", &hook_path).env("DRV_PATH", "");
+        let hook = run(hook.env("NPBHQ_TIMEOUT", "20"));
+        let sums: Vec<usize> = clients.into_iter().map(|h| h.join().unwrap()).collect();
         (sums, hook)
     });
-    let elapsed = started.elapsed();
-    eprintln!(
-        "load: {} paths from {CLIENTS} clients acked in {:.2} s",
-        CLIENTS * PER_CLIENT,
-        elapsed.as_secs_f64()
-    );
-    assert!(
-        hook_out.status.success() && hook_out.stderr.is_empty(),
-        "the hook was not acknowledged (it says why on stderr): {}",
-        show(&hook_out),
-    );
-    let spooled: Vec<_> = fs::read_dir(d.spool_dir())
-        .map(|r| r.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("load: {CLIENTS} x {PER_CLIENT} paths acked in {secs:.2} s");
+    let acked = hook_out.status.success() && hook_out.stderr.is_empty();
+    assert!(acked, "the hook was not acknowledged: {}", show(&hook_out));
+    let spooled: Vec<_> =
+        fs::read_dir(d.spool_dir()).map_or(vec![], |r| r.flatten().map(|e| e.path()).collect());
     assert!(spooled.is_empty(), "the hook spooled: {spooled:?}");
     drop(idle);
 
-    let total: usize = sums.iter().sum();
-    assert_eq!(
-        total,
-        CLIENTS * PER_CLIENT,
-        "sum of `ok N` over all clients (each path is new exactly once)"
-    );
+    let why = "sum of `ok N` over all clients (each path is new exactly once)";
+    assert_eq!(sums.iter().sum::<usize>(), CLIENTS * PER_CLIENT, "{why}");
     let j = d.journal();
     assert!(j.malformed.is_empty(), "malformed: {:?}", j.malformed);
     assert!(j.done.is_empty(), "nothing can have finished: {:?}", j.done);
-    let distinct: HashSet<&String> = j.added.iter().collect();
-    assert_eq!(distinct.len(), j.added.len(), "a path was journaled twice");
+    let got: HashSet<&String> = j.added.iter().collect();
+    assert_eq!(got.len(), j.added.len(), "a path was journaled twice");
     let mut expected: HashSet<String> = (0..CLIENTS * PER_CLIENT).map(path).collect();
     expected.insert(hook_path.clone());
-    let got: HashSet<String> = j.added.iter().cloned().collect();
-    assert!(
-        got == expected,
-        "journal differs: {} journaled, {} expected, {} missing, {} extra",
-        got.len(),
-        expected.len(),
-        expected.difference(&got).count(),
-        got.difference(&expected).count()
-    );
-    assert_eq!(d.status().num("queued") as usize, expected.len());
+    let n = expected.len();
+    let missing = expected.iter().filter(|p| !got.contains(p)).count();
+    let journaled = got.len();
+    let ok = journaled == n && missing == 0;
+    assert!(ok, "journal: {journaled} paths, {missing} missing");
+    assert_eq!(d.status().num("queued") as usize, n);
     assert_alive(&mut d, "after load");
 
     // Replay: a crashed daemon comes back with the same queue.
     d.kill9();
     d.try_spawn().unwrap_or_else(|e| panic!("restart: {e}"));
-    assert_eq!(
-        d.status().num("queued") as usize,
-        expected.len(),
-        "queue after kill -9 and replay"
-    );
-    let replayed = format!("replayed: {} paths queued", expected.len());
+    let queued = d.status().num("queued") as usize;
+    assert_eq!(queued, n, "queue after kill -9 and replay");
+    let replayed = format!("replayed: {n} paths queued");
     assert!(d.log().contains(&replayed), "{replayed}");
     assert_alive(&mut d, "after replay");
 }
 
-// ---------------------------------------------------------------------------
 // Access
-// ---------------------------------------------------------------------------
 
 /// Serialises useradd/userdel within this test binary (they lock /etc/passwd).
 static USERDB: Mutex<()> = Mutex::new(());
 
-/// Users and groups made for one test, removed on drop (also on failure).
-#[derive(Default)]
-struct TestAccounts {
-    users: Vec<String>,
-    groups: Vec<String>,
+/// Runs a user-database command line (`useradd ...`, words split at
+/// spaces), retried while another process holds the lock.
+fn userdb(cmd: &str) {
+    let root = fs::metadata("/proc/self").unwrap().uid() == 0;
+    assert!(root, "this test makes users and groups: it needs root");
+    let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
+    let args: Vec<&str> = cmd.split(' ').collect();
+    let mut last = String::new();
+    for _ in 0..5 {
+        let o = run(Command::new(args[0]).args(&args[1..]));
+        if o.status.success() {
+            return;
+        }
+        last = show(&o);
+        thread::sleep(Duration::from_millis(200));
+    }
+    panic!("{cmd} failed: {last}");
 }
 
-impl TestAccounts {
-    fn run_admin(args: &[&str]) {
-        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-        let mut last = String::new();
-        for _ in 0..5 {
-            let o = run(Command::new(args[0]).args(&args[1..]));
-            if o.status.success() {
-                return;
-            }
-            last = show(&o);
-            thread::sleep(Duration::from_millis(200));
-        }
-        panic!("{args:?} failed: {last}");
-    }
+/// A user or group made for one test: `userdel` or `groupdel` on drop.
+struct Account(&'static str, String);
 
-    fn group(&mut self, name: &str) {
-        TestAccounts::run_admin(&["groupadd", name]);
-        self.groups.push(name.to_string());
-    }
-
-    /// A user without home or login shell, with supplementary `groups`.
-    fn user(&mut self, name: &str, groups: &[&str]) {
-        let mut args = vec!["useradd", "-M", "-s", "/usr/sbin/nologin"];
-        let joined = groups.join(",");
-        if !groups.is_empty() {
-            args.extend(["-G", &joined]);
-        }
-        args.push(name);
-        TestAccounts::run_admin(&args);
-        self.users.push(name.to_string());
-    }
-}
-
-impl Drop for TestAccounts {
+impl Drop for Account {
     fn drop(&mut self) {
         let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-        for u in &self.users {
-            let _ = Command::new("userdel").arg(u).output();
-        }
-        for g in &self.groups {
-            let _ = Command::new("groupdel").arg(g).output();
-        }
+        let _ = Command::new(self.0).arg(&self.1).output();
     }
-}
-
-fn is_root() -> bool {
-    String::from_utf8_lossy(&run(Command::new("id").arg("-u")).stdout).trim() == "0"
 }
 
 /// A short name suffix unique to this run.
 fn short_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos = std::time::UNIX_EPOCH
+        .elapsed()
+        .map_or(0, |d| d.subsec_nanos());
     format!("{:x}{:05x}", std::process::id() % 0xfff, nanos % 0xfffff)
 }
 
-/// `BIN` as `user` (with its groups from /etc/group), a clean environment
-/// and `env`.
-fn as_user_cmd(user: &str, bin: &Path, env: &[(String, std::ffi::OsString)]) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args(["--reuid", user, "--regid", user, "--init-groups", "--"])
-        .arg(bin)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env.iter().map(|(k, v)| (k, v)));
-    c
-}
+type Vars = [(String, std::ffi::OsString)];
 
-/// Runs `BIN ARGS` as `user` (see [`as_user_cmd`]).
-fn as_user(user: &str, bin: &Path, args: &[&str], env: &[(String, std::ffi::OsString)]) -> Output {
-    run(as_user_cmd(user, bin, env).args(args))
-}
-
-/// Socket mode 0660 with a group: a user outside the group is denied (the
-/// CLI says so in one line) for status, enqueue and retry; a member may do
-/// all three. With the default mode 0600 even the member is denied. A
-/// signing key the daemon's user cannot read stops the daemon with one
-/// line naming the file.
-#[test]
-fn access_socket_mode_and_group_decide_who_may_connect() {
-    // CI runs the tests as root: a run that cannot create users fails.
-    assert!(
-        is_root(),
-        "access_socket_mode_and_group_decide_who_may_connect needs root (it creates users and groups)"
-    );
-    let id = short_id();
-    let (group, outsider, member) = (
-        format!("npbhq-g{id}"),
-        format!("npbhq-o{id}"),
-        format!("npbhq-m{id}"),
-    );
-    let mut accounts = TestAccounts::default();
-    accounts.group(&group);
-    accounts.user(&outsider, &[]);
-    accounts.user(&member, &[&group]);
-
-    let env = NixEnv::new("hostile-access");
-    let (_, bin) = shared_bins(&env);
-
-    let d = Daemon::start(
-        &env,
-        &[("socket-mode", "0660"), ("socket-group", group.as_str())],
-    );
-    fs::set_permissions(d.dir(), fs::Permissions::from_mode(0o755)).unwrap();
-    let socket = d.socket();
-    let sock_s = socket.display().to_string();
-    let meta = fs::metadata(&socket).unwrap();
-    assert!(meta.file_type().is_socket());
-    assert_eq!(meta.permissions().mode() & 0o7777, 0o660, "socket mode");
-    let gid: u32 =
-        String::from_utf8_lossy(&run(Command::new("getent").args(["group", &group])).stdout)
-            .split(':')
-            .nth(2)
-            .and_then(|g| g.trim().parse().ok())
-            .expect("gid of the test group");
-    assert_eq!(meta.gid(), gid, "socket group");
-
-    let store = env.store_dir().display().to_string();
-    let p_out = format!("{store}/{}-outsider", index_hash(1, 1));
-    let p_mem = format!("{store}/{}-member", index_hash(1, 2));
-    // The CLI refuses to enqueue a path that does not exist.
-    fs::write(&p_mem, "").unwrap();
-    let no_env: Vec<(String, std::ffi::OsString)> = Vec::new();
-
-    for args in [
-        vec!["status", "--socket", &sock_s],
-        vec!["enqueue", "--socket", &sock_s, &p_out],
-        vec!["retry", "--socket", &sock_s],
-    ] {
-        let o = as_user(&outsider, &bin, &args, &no_env);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(
-            o.status.code(),
-            Some(2),
-            "{args:?} as outsider: {}",
-            show(&o)
-        );
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
-        assert!(
-            err.to_lowercase().contains("permission denied") && err.contains(&sock_s),
-            "{args:?} as outsider should explain the refusal: {err:?}"
-        );
-        // The daemon is running: blaming its absence would send the user
-        // the wrong way.
-        assert!(
-            !err.contains("no daemon") && !err.contains("is post-build-hook-queue running"),
-            "{args:?} as outsider: the refusal is not a missing daemon: {err:?}"
-        );
-    }
-    for args in [
-        vec!["status", "--socket", &sock_s],
-        vec!["enqueue", "--socket", &sock_s, &p_mem],
-    ] {
-        let o = as_user(&member, &bin, &args, &no_env);
-        assert!(o.status.success(), "{args:?} as member: {}", show(&o));
-    }
-    // Changing the queue is for root and the daemon's user only.
-    let o = as_user(&member, &bin, &["retry", "--socket", &sock_s], &no_env);
-    assert!(!o.status.success(), "retry as member: {}", show(&o));
-    let j = d.journal();
-    assert_eq!(
-        j.added,
-        vec![p_mem.clone()],
-        "only the member's path is queued"
-    );
-
-    // Default mode 0600: only the daemon's user (root) gets in.
-    let d2 = Daemon::start(&env, &[]);
-    fs::set_permissions(d2.dir(), fs::Permissions::from_mode(0o755)).unwrap();
-    let sock2 = d2.socket().display().to_string();
-    assert_eq!(
-        fs::metadata(d2.socket()).unwrap().permissions().mode() & 0o7777,
-        0o600
-    );
-    let o = as_user(&member, &bin, &["status", "--socket", &sock2], &no_env);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(String::from_utf8_lossy(&o.stderr)
-        .to_lowercase()
-        .contains("permission denied"));
-    assert!(ask(&d2.socket(), "ping").starts_with("ok "));
-
-    // A signing key the daemon's user cannot read: refused at start, one line.
-    let (sk, _) = env.gen_signing_key("access-1");
-    fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
-    fs::set_permissions(sk.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
-    let udir = env.root().join("as-user");
-    fs::create_dir_all(&udir).unwrap();
-    fs::set_permissions(&udir, fs::Permissions::from_mode(0o777)).unwrap();
-    let sk_s = sk.display().to_string();
-    let usock = udir.join("sock").display().to_string();
-    let ustate = udir.join("state").display().to_string();
-    let o = as_user(
-        &outsider,
-        &bin,
-        &[
-            "serve",
-            "--socket",
-            &usock,
-            "--state-dir",
-            &ustate,
-            "--signing-key-file",
-            &sk_s,
-        ],
-        &env.env_vars(),
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
-    assert!(
-        err.contains(&sk_s) && err.to_lowercase().contains("permission denied"),
-        "should name the unreadable key file: {err:?}"
-    );
-    assert!(!Path::new(&usock).exists(), "no socket for a refused start");
-    drop(accounts);
-}
-
-/// Copies of the hook and the daemon under `env/bin` that every user may
-/// run (the directories above must let others through).
-fn shared_bins(env: &NixEnv) -> (PathBuf, PathBuf) {
-    let bin = env.root().join("bin");
-    fs::create_dir_all(&bin).unwrap();
-    let mut dir = Some(bin.as_path());
-    while let Some(d) = dir {
-        let mode = fs::metadata(d).unwrap().permissions().mode();
-        if d.starts_with(env.root()) {
-            fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o755)).unwrap();
-        } else {
-            assert!(
-                mode & 0o001 != 0,
-                "{} is not traversable by other users (mode {mode:o}); use NPBHQ_TEST_TMP",
-                d.display()
-            );
-        }
-        dir = d.parent();
-    }
-    let (hook, daemon) = (
-        bin.join("post-build-hook"),
-        bin.join("post-build-hook-queue"),
-    );
-    // Copied by `cp`: a file this process held open for writing could go
-    // into a child another test forks meanwhile (exec: text file busy).
-    for (from, to) in [(hook_bin(), &hook), (daemon_bin(), &daemon)] {
-        run_ok(Command::new("cp").arg(from).arg(to));
-    }
-    (hook, daemon)
-}
-
-/// A user made for one test (removed on drop) and copies of both binaries
-/// under the test's directory that every user may run.
-struct OtherUser {
-    _accounts: TestAccounts,
+/// A user without home or login shell, in the supplementary `groups`
+/// (comma-separated), removed on drop; and copies of the hook and the daemon
+/// under `env/bin` that every user may run.
+struct User {
     name: String,
     uid: u32,
     hook: PathBuf,
     daemon: PathBuf,
+    _account: Account,
 }
 
-impl OtherUser {
-    fn new(env: &NixEnv, letter: char) -> OtherUser {
-        assert!(
-            is_root(),
-            "this test makes a second user with useradd, which needs root (CI runs as root)"
-        );
+impl User {
+    fn new(env: &NixEnv, letter: char, groups: &str) -> User {
         let name = format!("npbhq-{letter}{}", short_id());
-        let mut accounts = TestAccounts::default();
-        accounts.user(&name, &[]);
-        let uid = String::from_utf8_lossy(&run(Command::new("id").args(["-u", &name])).stdout)
-            .trim()
-            .parse()
-            .expect("uid of the test user");
-        let (hook, daemon) = shared_bins(env);
-        OtherUser {
-            _accounts: accounts,
+        let shell = "/usr/sbin/nologin";
+        userdb(&format!("useradd -M -s {shell} -G {groups} {name}"));
+        let _account = Account("userdel", name.clone());
+        let uid = run_ok(Command::new("id").args(["-u", &name]));
+        let uid = uid.trim().parse().unwrap();
+        let bin = env.root().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let mut dir = Some(bin.as_path());
+        while let Some(d) = dir {
+            let mode = fs::metadata(d).unwrap().permissions().mode();
+            if d.starts_with(env.root()) {
+                fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o755)).unwrap();
+            } else {
+                let why = "is not traversable by other users; use NPBHQ_TEST_TMP";
+                assert!(mode & 0o001 != 0, "{} {why} (mode {mode:o})", d.display());
+            }
+            dir = d.parent();
+        }
+        let hook = bin.join("post-build-hook");
+        let daemon = bin.join("post-build-hook-queue");
+        // Copied by `cp`: a file this process held open for writing could go
+        // into a child another test forks meanwhile (exec: text file busy).
+        for (from, to) in [(hook_bin(), &hook), (daemon_bin(), &daemon)] {
+            if !to.exists() {
+                run_ok(Command::new("cp").arg(from).arg(to));
+            }
+        }
+        User {
             name,
             uid,
             hook,
             daemon,
+            _account,
         }
+    }
+
+    /// `program` as this user (with its groups), a clean environment and `vars`.
+    fn cmd(&self, program: &Path, vars: &Vars) -> Command {
+        let mut c = Command::new("setpriv");
+        let n = self.name.as_str();
+        c.args(["--reuid", n, "--regid", n, "--init-groups", "--"])
+            .arg(program)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .envs(vars.iter().cloned());
+        c
+    }
+
+    /// `post-build-hook-queue ARGS` (split at spaces) as this user, to its
+    /// exit (bounded: a daemon that starts after all must not hold the test).
+    fn cli(&self, args: &str, vars: &Vars) -> Output {
+        let mut c = self.cmd(&self.daemon, vars);
+        run_to_exit(c.args(args.split(' ')), Duration::from_secs(60))
     }
 
     /// A directory of this user's own (mode 0700) under `env`.
@@ -1509,45 +847,115 @@ impl OtherUser {
         dir
     }
 
-    /// Starts `post-build-hook-queue serve ARGS` as this user, with a clean
-    /// environment and `env`; its stderr goes to `log`. Returns once the
+    /// `serve ARGS` as this user, its stderr to `log`; returns once the
     /// socket `socket` is there.
-    fn serve(
-        &self,
-        args: &[&str],
-        env: &[(String, std::ffi::OsString)],
-        log: &Path,
-        socket: &Path,
-    ) -> std::process::Child {
-        let mut c = as_user_cmd(&self.name, &self.daemon, env);
-        c.arg("serve")
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(log).unwrap());
-        let mut child = c.spawn().unwrap();
-        let started = Instant::now();
-        while !socket.exists() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "the daemon of {} ended with {status} before {} appeared:\n{}",
-                    self.name,
-                    socket.display(),
-                    fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            if started.elapsed() > REPLY_TIMEOUT {
-                let _ = child.kill();
-                panic!(
-                    "no socket at {} after {REPLY_TIMEOUT:?}:\n{}",
-                    socket.display(),
-                    fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+    fn serve(&self, args: &[&str], vars: &Vars, log: &Path, socket: &Path) -> Running {
+        let mut c = self.cmd(&self.daemon, vars);
+        c.arg("serve").args(args).stdout(Stdio::null());
+        c.stdin(Stdio::null());
+        let mut child = Running(c.stderr(fs::File::create(log).unwrap()).spawn().unwrap());
+        let what = format!("the daemon of {} to make {}", self.name, socket.display());
+        let log = || fs::read_to_string(log).unwrap_or_default();
+        let up = || {
+            let ended = child.0.try_wait().unwrap();
+            assert!(ended.is_none(), "{what}: ended {ended:?}\n{}", log());
+            socket.exists()
+        };
+        wait_until_diag(REPLY_TIMEOUT, &what, up, log);
         child
     }
+}
+
+/// A process killed, with its children, on drop.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        kill_tree(self.0.id());
+        let _ = self.0.wait();
+    }
+}
+
+/// Socket mode 0660 with a group: a user outside the group is denied (the
+/// CLI says so in one line) for status, enqueue and retry; a member may do
+/// all three. With the default mode 0600 even the member is denied. A
+/// signing key the daemon's user cannot read stops the daemon with one
+/// line naming the file.
+#[test]
+fn access_socket_mode_and_group_decide_who_may_connect() {
+    let env = NixEnv::new("hostile-access");
+    let group = format!("npbhq-g{}", short_id());
+    userdb(&format!("groupadd {group}"));
+    let _group = Account("groupdel", group.clone());
+    let (outsider, member) = (User::new(&env, 'o', ""), User::new(&env, 'm', &group));
+    let d = Daemon::start(&env, &[("socket-mode", "0660"), ("socket-group", &group)]);
+    fs::set_permissions(d.dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = d.socket();
+    let sock_s = socket.display().to_string();
+    let meta = fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o660, "socket mode");
+    let owner = run_ok(Command::new("stat").args(["-c", "%G"]).arg(&socket));
+    assert_eq!(owner.trim(), group, "socket group");
+
+    let store = env.store_dir().display().to_string();
+    let p_out = format!("{store}/{}-outsider", index_hash(1, 1));
+    let p_mem = format!("{store}/{}-member", index_hash(1, 2));
+    // The CLI refuses to enqueue a path that does not exist.
+    fs::write(&p_mem, "").unwrap();
+    for args in [
+        format!("status --socket {sock_s}"),
+        format!("enqueue --socket {sock_s} {p_out}"),
+        format!("retry --socket {sock_s}"),
+    ] {
+        let err = one_line(&outsider.cli(&args, &[]), 2, &args);
+        let why = err.to_lowercase().contains("permission denied") && err.contains(&sock_s);
+        assert!(why, "{args:?} should explain the refusal: {err:?}");
+        // The daemon is running: blaming its absence would send the user
+        // the wrong way.
+        let missing = err.contains("no daemon") || err.contains("is post-build-hook-queue running");
+        assert!(!missing, "{args:?}: not a missing daemon: {err:?}");
+    }
+    for args in [
+        format!("status --socket {sock_s}"),
+        format!("enqueue --socket {sock_s} {p_mem}"),
+    ] {
+        let o = member.cli(&args, &[]);
+        assert!(o.status.success(), "{args:?} as member: {}", show(&o));
+    }
+    // Changing the queue is for root and the daemon's user only.
+    let o = member.cli(&format!("retry --socket {sock_s}"), &[]);
+    assert!(!o.status.success(), "retry as member: {}", show(&o));
+    let only = d.journal().added == [p_mem];
+    assert!(only, "only the member's path is queued");
+
+    // Default mode 0600: only the daemon's user (root) gets in.
+    let d2 = Daemon::start(&env, &[]);
+    fs::set_permissions(d2.dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = fs::metadata(d2.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o600);
+    let o = member.cli(&format!("status --socket {}", d2.socket().display()), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(ask(&d2.socket(), "ping").starts_with("ok "));
+
+    // A signing key the daemon's user cannot read: refused at start, one line.
+    let (sk, _) = env.gen_signing_key("access-1");
+    fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(sk.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+    let udir = env.root().join("as-user");
+    fs::create_dir_all(&udir).unwrap();
+    fs::set_permissions(&udir, fs::Permissions::from_mode(0o777)).unwrap();
+    let sk_s = sk.display().to_string();
+    let (usock, ustate) = (udir.join("sock"), udir.join("state"));
+    let args = format!("serve --socket {}", usock.display());
+    let args = format!("{args} --state-dir {}", ustate.display());
+    let args = format!("{args} --signing-key-file {sk_s}");
+    let err = one_line(&outsider.cli(&args, &env.env_vars()), 78, &args);
+    let named = err.contains(&sk_s) && err.to_lowercase().contains("permission denied");
+    assert!(named, "should name the unreadable key file: {err:?}");
+    assert!(!usock.exists(), "no socket for a refused start");
 }
 
 /// Another local user's daemon, listening on a socket that user bound: it
@@ -1559,28 +967,18 @@ impl OtherUser {
 #[test]
 fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     let env = NixEnv::new("hostile-trust");
-    let other = OtherUser::new(&env, 't');
+    let other = User::new(&env, 't', "");
     let dir = other.own_dir(&env, "theirs");
     let (socket, state) = (dir.join("sock"), dir.join("state"));
+    let (sock_s, state_s) = (socket.display().to_string(), state.display().to_string());
     let log = env.root().join("theirs.log");
-    let mut theirs = other.serve(
-        &[
-            "--socket",
-            &socket.display().to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-        ],
-        &env.env_vars(),
-        &log,
-        &socket,
-    );
+    let args = ["--socket", &sock_s, "--state-dir", &state_s];
+    let _theirs = other.serve(&args, &env.env_vars(), &log, &socket);
     assert_eq!(fs::metadata(&socket).unwrap().uid(), other.uid);
     let store = env.store_dir().display().to_string();
-    let (p_root, p_cli, p_own) = (
-        format!("{store}/{}-sent-by-root", index_hash(7, 1)),
-        format!("{store}/{}-enqueued-by-root", index_hash(7, 2)),
-        format!("{store}/{}-their-own", index_hash(7, 3)),
-    );
+    let path = |i, name| format!("{store}/{}-{name}", index_hash(7, i));
+    let (p_root, p_cli) = (path(1, "sent-by-root"), path(2, "enqueued-by-root"));
+    let p_own = path(3, "their-own");
 
     let spool = env.root().join("root-spool");
     let o = run(Command::new(hook_bin())
@@ -1588,58 +986,35 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
         .env("NPBHQ_SPOOL_DIR", &spool)
         .env("OUT_PATHS", &p_root)
         .env("DRV_PATH", ""));
-    let said = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
-    assert!(
-        said.contains("refusing the socket")
-            && said.contains(&socket.display().to_string())
-            && said.contains(&format!("uid {}", other.uid))
-            && said.contains("spooled the paths to"),
-        "{said:?}"
-    );
-    let spooled: Vec<String> = fs::read_dir(&spool)
-        .unwrap()
-        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
+    let said = one_line(&o, 0, "root's hook");
+    let uid = format!("uid {}", other.uid);
+    let why = [&sock_s, "refusing the socket", &uid, "spooled the paths to"];
+    assert!(why.iter().all(|w| said.contains(*w)), "{said:?}");
+    let spooled = fs::read_dir(&spool).unwrap().map(|e| e.unwrap().path());
+    let spooled: Vec<String> = spooled.map(|p| fs::read_to_string(p).unwrap()).collect();
     assert_eq!(spooled, vec![format!("enqueue {p_root}\n")]);
 
-    let sock_s = socket.display().to_string();
     for args in [
-        vec!["status", "--socket", &sock_s],
-        vec!["enqueue", "--socket", &sock_s, &p_cli],
+        format!("status --socket {sock_s}"),
+        format!("enqueue --socket {sock_s} {p_cli}"),
     ] {
-        let o = run(Command::new(daemon_bin()).args(&args));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
-        assert!(
-            err.contains("refusing the socket") && err.contains(&sock_s),
-            "{args:?}: {err:?}"
-        );
+        let o = run(Command::new(daemon_bin()).args(args.split(' ')));
+        let err = one_line(&o, 2, &args);
+        let why = err.contains("refusing the socket") && err.contains(&sock_s);
+        assert!(why, "{args:?}: {err:?}");
     }
 
-    let theirs_env = vec![
-        ("NPBHQ_SOCKET".to_string(), socket.clone().into_os_string()),
-        ("OUT_PATHS".to_string(), p_own.clone().into()),
+    let theirs_env: &Vars = &[
+        ("NPBHQ_SOCKET".into(), sock_s.clone().into()),
+        ("OUT_PATHS".into(), p_own.clone().into()),
     ];
-    let o = as_user(&other.name, &other.hook, &[], &theirs_env);
-    assert!(
-        o.status.success() && o.stderr.is_empty(),
-        "their own hook is served: {}",
-        show(&o)
-    );
+    let o = run(&mut other.cmd(&other.hook, theirs_env));
+    let served = o.status.success() && o.stderr.is_empty();
+    assert!(served, "their own hook is served: {}", show(&o));
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
-    assert!(
-        journal.contains(&p_own),
-        "their path is journaled: {journal}"
-    );
-    assert!(
-        !journal.contains(&p_root) && !journal.contains(&p_cli),
-        "root's paths never reached their daemon: {journal}"
-    );
-    let _ = theirs.kill();
-    let _ = theirs.wait();
+    assert!(journal.contains(&p_own), "their path: {journal}");
+    let reached = journal.contains(&p_root) || journal.contains(&p_cli);
+    assert!(!reached, "root's paths reached their daemon: {journal}");
 }
 
 /// A user without `XDG_RUNTIME_DIR`: the daemon, the hook and the admin
@@ -1649,50 +1024,33 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
 #[test]
 fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
     let env = NixEnv::new("hostile-dsock");
-    let user = OtherUser::new(&env, 'd');
+    let user = User::new(&env, 'd', "");
     let home = user.own_dir(&env, "h");
     let state = home.join(".local/state/nix-post-build-hook-queue");
-    let socket = state.join("socket");
-    let mut vars: Vec<(String, std::ffi::OsString)> = env
-        .env_vars()
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("XDG_") && k != "HOME")
-        .collect();
+    let mut vars = env.env_vars();
+    vars.retain(|(k, _)| !k.starts_with("XDG_") && k != "HOME");
     vars.push(("HOME".into(), home.clone().into()));
     let log = env.root().join("default-socket.log");
-    let mut daemon = user.serve(&[], &vars, &log, &socket);
+    let _daemon = user.serve(&[], &vars, &log, &state.join("socket"));
     let in_tmp = PathBuf::from(format!("/tmp/nix-post-build-hook-queue-{}.sock", user.uid));
     assert!(!in_tmp.exists(), "{} exists", in_tmp.display());
 
     let path = format!("{}/{}-default", env.store_dir().display(), index_hash(8, 1));
     let mut hook_env = vars.clone();
     hook_env.push(("OUT_PATHS".into(), path.clone().into()));
-    let o = as_user(&user.name, &user.hook, &[], &hook_env);
-    assert!(
-        o.status.success() && o.stderr.is_empty(),
-        "the hook finds the daemon at the default socket: {}",
-        show(&o)
-    );
-    assert!(
-        !state.join("spool").exists()
-            || fs::read_dir(state.join("spool")).unwrap().next().is_none(),
-        "nothing spooled"
-    );
-    let o = as_user(&user.name, &user.daemon, &["status"], &vars);
-    assert!(
-        o.status.success(),
-        "status at the default socket: {}",
-        show(&o)
-    );
+    let o = run(&mut user.cmd(&user.hook, &hook_env));
+    let served = o.status.success() && o.stderr.is_empty();
+    assert!(served, "the hook at the default socket: {}", show(&o));
+    let spool = state.join("spool");
+    let empty = !spool.exists() || fs::read_dir(spool).unwrap().next().is_none();
+    assert!(empty, "nothing spooled");
+    let o = user.cli("status", &vars);
+    assert!(o.status.success(), "status: {}", show(&o));
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
     assert!(journal.contains(&path), "the path is journaled: {journal}");
-    let _ = daemon.kill();
-    let _ = daemon.wait();
 }
 
-// ---------------------------------------------------------------------------
 // Injection
-// ---------------------------------------------------------------------------
 
 /// Paths that would be options or shell (`--to`, `-L`, `--store=/x`,
 /// spaces, `$(...)`, backticks, `;`, ...) sent by every way in (the socket,
@@ -1719,65 +1077,38 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
     );
     let socket = d.socket();
     let store = env.store_dir().display().to_string();
-    let built = env.build_paths(2, "inject");
-    let (bait, good) = (
-        built[0].display().to_string(),
-        built[1].display().to_string(),
-    );
-    let h = bait
-        .rsplit('/')
-        .next()
-        .and_then(|b| b.split('-').next())
-        .unwrap()
-        .to_string();
+    let built = strs(&env.build_paths(2, "inject"));
+    let (bait, good) = (built[0].clone(), built[1].clone());
+    let h = &bait[store.len() + 1..][..32];
     let marker = env.root().join("pwned");
-    let m = marker.display();
-    let hostile: Vec<String> = vec![
-        "--to".into(),
-        "-L".into(),
-        "--store=/x".into(),
-        "--recursive".into(),
-        "--key-file=/etc/shadow".into(),
-        "-".into(),
-        format!("$(touch {m})"),
-        format!("`touch {m}`"),
-        format!(";touch {m}"),
-        format!("|touch {m}"),
-        format!("&&touch {m}"),
-        format!("{store}/{h}-x y"),
-        format!("{store}/{h}-$(touch {m})"),
-        format!("{store}/{h}-`touch {m}`"),
-        format!("{store}/{h}-x;touch"),
-        format!("{store}/{h}-x|touch"),
-        format!("{store}/{h}-x&touch"),
-        format!("{store}/{h}->x"),
-        format!("{store}/{h}-x\ttouch"),
-        format!("{store}/{h}-x\0y"),
-        format!("{store}/../{h}-x"),
-        format!("{store}/{h}-x/../../etc"),
-        format!("{store}/-{h}-x"),
-        format!("{store}/{h}-*"),
-        format!("{bait} --to file:///tmp/npbhq-evil"),
-        format!("{store}/{h}-x\n--to"),
-        format!("{store}/{h}-x\r"),
-    ];
+    let hostile: Vec<String> =
+        "--to,-L,--store=/x,--recursive,--key-file=/etc/shadow,-,$(touch {m}),\
+        `touch {m}`,;touch {m},|touch {m},&&touch {m},{s}/{h}-x y,{s}/{h}-$(touch {m}),\
+        {s}/{h}-`touch {m}`,{s}/{h}-x;touch,{s}/{h}-x|touch,{s}/{h}-x&touch,{s}/{h}->x,\
+        {s}/{h}-x\ttouch,{s}/{h}-x\0y,{s}/../{h}-x,{s}/{h}-x/../../etc,{s}/-{h}-x,{s}/{h}-*,\
+        {b} --to file:///tmp/npbhq-evil,{s}/{h}-x\n--to,{s}/{h}-x\r"
+            .split(',')
+            .map(|t| {
+                t.replace("{m}", &marker.display().to_string())
+                    .replace("{s}", &store)
+            })
+            .map(|t| t.replace("{h}", h).replace("{b}", &bait))
+            .collect();
     let spool = d.spool_dir();
     fs::create_dir_all(&spool).unwrap();
     for (i, bad) in hostile.iter().enumerate() {
         // On the socket and in the spool a line break ends the request (the
         // fuzz test covers that); it matters where arguments are joined into
         // a request: the CLI and the hook.
-        let line_break = bad.contains(['\n', '\r']);
-        // Socket: enqueue and drv.
-        for line in [format!("enqueue {bait} {bad}"), format!("drv {bad}")] {
-            if line_break {
-                break;
+        if !bad.contains(['\n', '\r']) {
+            for line in [format!("enqueue {bait} {bad}"), format!("drv {bad}")] {
+                let replies = exchange(&socket, format!("{line}\n").into_bytes(), "inject");
+                let refused = replies.len() == 1 && replies[0].starts_with("err ");
+                assert!(refused, "{line:?} was not refused: {replies:?}");
             }
-            let (replies, _) = exchange(&socket, format!("{line}\n").into_bytes(), "inject");
-            assert!(
-                replies.len() == 1 && replies[0].starts_with("err "),
-                "{line:?} was not refused: {replies:?}"
-            );
+            let req = format!("enqueue {bait} {bad}\ndrv {bad}\nenqueue ").into_bytes();
+            let req = [&req[..], b"\xff\xfe\n"].concat();
+            fs::write(spool.join(format!("{i:020}-{i}.req")), req).unwrap();
         }
         // CLI (arguments are never options to the daemon; `-` is its own
         // "read stdin" argument, so not hostile there).
@@ -1788,49 +1119,23 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         // Hook: as OUT_PATHS and as DRV_PATH (it always exits 0; a refused
         // request is reported, not spooled, as it would be refused again).
         // OUT_PATHS is whitespace-separated: skip what splits into valid paths.
-        let splits_valid = bad
-            .split_whitespace()
-            .all(|w| path_rules(w, &store, Kind::Output).is_empty());
-        if !bad.contains('\0') && !splits_valid {
-            for (out, drv) in [
-                (format!("{bait} {bad}"), String::new()),
-                (String::new(), bad.clone()),
-            ] {
-                let o = run(d.hook_cmd().env("OUT_PATHS", &out).env("DRV_PATH", &drv));
-                assert!(o.status.success(), "hook {out:?}/{drv:?}: {}", show(&o));
-                let said = String::from_utf8_lossy(&o.stderr);
-                assert!(
-                    said.contains("NOT queued") || said.contains("nothing to queue"),
-                    "hook {out:?}/{drv:?}: {}",
-                    show(&o)
-                );
-                assert!(
-                    !said.contains("spooled"),
-                    "hook {out:?}/{drv:?}: {}",
-                    show(&o)
-                );
-            }
-        }
-        // Spool file written directly.
-        if line_break {
+        let splits_valid =
+            (bad.split_whitespace()).all(|w| path_rules(w, &store, false).is_empty());
+        if bad.contains('\0') || splits_valid {
             continue;
         }
-        let mut req = format!("enqueue {bait} {bad}\ndrv {bad}\n").into_bytes();
-        req.extend_from_slice(b"enqueue \xff\xfe\n");
-        fs::write(spool.join(format!("{:020}-{i}.req", i)), req).unwrap();
+        for (out, drv) in [(format!("{bait} {bad}"), ""), (String::new(), bad.as_str())] {
+            let o = run(d.hook_cmd().env("OUT_PATHS", &out).env("DRV_PATH", drv));
+            let said = String::from_utf8_lossy(&o.stderr);
+            let reported = said.contains("NOT queued") || said.contains("nothing to queue");
+            let ok = o.status.success() && reported && !said.contains("spooled");
+            assert!(ok, "hook {out:?}/{drv:?}: {}", show(&o));
+        }
     }
-    wait_until(
-        Duration::from_secs(30),
-        "the daemon to ingest (and refuse) every spool file",
-        || {
-            fs::read_dir(&spool)
-                .map(|r| {
-                    r.flatten()
-                        .all(|e| !e.file_name().to_string_lossy().ends_with(".req"))
-                })
-                .unwrap_or(true)
-        },
-    );
+    let req = |e: fs::DirEntry| e.file_name().to_string_lossy().ends_with(".req");
+    let ingested = || fs::read_dir(&spool).map_or(true, |r| !r.flatten().any(req));
+    let what = "the daemon to ingest (and refuse) every spool file";
+    wait_until(Duration::from_secs(30), what, ingested);
     // Now the one legitimate path, so that nix has been called for sure.
     let o = run(d.cli_cmd().arg("enqueue").arg(&good));
     assert!(o.status.success(), "{}", show(&o));
@@ -1839,63 +1144,33 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
     });
 
     let calls = w.calls();
-    assert!(
-        calls.iter().any(|c| c.contains(&good)),
-        "the wrapper recorded no call with the good path: {calls:?}"
-    );
-    let allowed: HashSet<&str> = [
-        "--extra-experimental-features",
-        "nix-command",
-        "store",
-        "sign",
-        "--key-file",
-        sk_s.as_str(),
-        "--recursive",
-        "copy",
-        "--to",
-        upload.as_str(),
-        "--query",
-        "--outputs",
-        "--check-validity",
-        "--print-invalid",
-        // The target's check at start (and when a path fails alone), and
-        // the version that decides between `store info` and `store ping`.
-        "ping",
-        "info",
-        "--store",
-        "--version",
-    ]
-    .into_iter()
-    .collect();
+    let with_good = calls.iter().any(|c| c.contains(&good));
+    assert!(with_good, "no call with the good path: {calls:?}");
+    // The daemon's own arguments; `ping`, `info` and `--store` for the
+    // target's check at start (and when a path fails alone), `--version` for
+    // the choice between `store info` and `store ping`.
+    let allowed = "--extra-experimental-features nix-command store sign --key-file --recursive \
+        copy --to --query --outputs --check-validity --print-invalid ping info --store --version";
+    let allowed: HashSet<&str> = allowed.split(' ').chain([sk_s.as_str(), &upload]).collect();
     for call in &calls {
         for (i, arg) in call.iter().enumerate().skip(1) {
             let ok = allowed.contains(arg.as_str())
-                || path_rules(arg, &store, Kind::Output).is_empty()
-                || path_rules(arg, &store, Kind::Drv).is_empty();
+                || path_rules(arg, &store, false).is_empty()
+                || path_rules(arg, &store, true).is_empty();
             assert!(ok, "argument {i} {arg:?} reached nix: {call:?}");
         }
-        assert!(
-            !call.contains(&bait),
-            "the path sent together with a hostile one reached nix: {call:?}"
-        );
+        assert!(!call.contains(&bait), "sent with a hostile one: {call:?}");
     }
     assert!(!marker.exists(), "a shell ran a hostile command");
-    assert!(
-        !env.is_valid_in(&read, Path::new(&bait)),
-        "the path sent with a hostile one was uploaded"
-    );
+    let uploaded = env.is_valid_in(&read, Path::new(&bait));
+    assert!(!uploaded, "the path sent with a hostile one was uploaded");
     let j = d.journal();
-    assert!(
-        j.added.iter().all(|p| *p == good),
-        "only the good path was ever journaled: {:?}",
-        j.added
-    );
+    let only_good = j.added.iter().all(|p| *p == good);
+    assert!(only_good, "only the good path is journaled: {:?}", j.added);
     assert_no_panic(&d, "injection");
 }
 
-// ---------------------------------------------------------------------------
 // Secrets
-// ---------------------------------------------------------------------------
 
 /// The base64 part of a secret key file (`name:base64`).
 fn key_secret(sk: &Path) -> String {
@@ -1912,58 +1187,40 @@ fn key_secret(sk: &Path) -> String {
 fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
     let env = NixEnv::new("hostile-secret");
     let (sk, pk) = env.gen_signing_key("secret-1");
-    let secret = key_secret(&sk);
-    let cache = env.root().join("cache");
-    let upload = format!(
-        "file://{}?compression=none&secret-key={}",
-        cache.display(),
-        sk.display()
-    );
-    let read = format!("file://{}", cache.display());
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-            ("retry-initial-delay", "0.05"),
-        ],
-    );
+    let (secret, sk_s) = (key_secret(&sk), sk.display().to_string());
+    let (upload, read) = file_cache(&env, "cache");
+    let upload = format!("{upload}&secret-key={sk_s}");
+    let config = [
+        ("signing-key-file", sk_s.as_str()),
+        ("upload-to", &upload),
+        ("retry-initial-delay", "0.05"),
+    ];
+    let d = Daemon::start(&env, &config);
     let b = env.build(2, "secret", Some(&hook_bin()), &d.hook_env());
     b.assert_success();
     wait_ok(UPLOAD_TIMEOUT, "uploaded and signed", || {
         env.verify_in_cache(&read, &pk, &b.out_paths)
     });
-    let shown = everything_shown(&d);
-    for (what, text) in &shown {
-        assert!(
-            !text.contains(&secret),
-            "{what} shows the secret key: {text}"
-        );
-        assert!(
-            !text.contains(&format!("secret-key={}", sk.display())),
-            "{what} shows the secret-key value of the URL: {text}"
-        );
-    }
-    for (what, text) in &shown[..2] {
-        assert!(
-            text.contains("secret-key=***"),
-            "{what} shows the masked target: {text}"
-        );
+    for (i, (what, text)) in everything_shown(&d).iter().enumerate() {
+        assert!(!text.contains(&secret), "{what} shows the key: {text}");
+        let url_secret = text.contains(&format!("secret-key={sk_s}"));
+        assert!(!url_secret, "{what} shows the URL's secret-key: {text}");
+        let masked = text.contains("secret-key=***");
+        assert!(masked || i >= 2, "{what} shows the masked target: {text}");
     }
 }
 
 /// Everything the daemon shows a person: `status`, its log, `status --json`
 /// and the raw `status` reply, by name (in that order).
 fn everything_shown(d: &Daemon) -> [(&'static str, String); 4] {
-    let (raw, _) = exchange(&d.socket(), b"status\n".to_vec(), "status");
+    let json = run_ok(d.cli_cmd().args(["status", "--json"]));
+    let raw = exchange(&d.socket(), b"status\n".to_vec(), "status").join("\n");
+    let status = run_ok(d.cli_cmd().arg("status"));
     [
-        ("status", run_ok(d.cli_cmd().arg("status"))),
+        ("status", status),
         ("log", d.log()),
-        (
-            "status --json",
-            run_ok(d.cli_cmd().args(["status", "--json"])),
-        ),
-        ("raw status", raw.join("\n")),
+        ("status --json", json),
+        ("raw status", raw),
     ]
 }
 
@@ -1978,51 +1235,52 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
     for scheme in ["ssh-ng", "ssh"] {
         let password = format!("hunter2pw{}", short_id());
         // Nothing listens on this port: ssh fails fast, and nix says so.
-        let port = free_port();
         let url = format!("{scheme}://npbhq:{password}@127.0.0.1?secret-key=/npbhq/x");
-        let sshopts = format!(
-            "-p {port} -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
-        );
-        let d = Daemon::start_with_env(
-            &env,
-            &[("upload-to", &url), ("retry-initial-delay", "60")],
-            &[("NIX_SSHOPTS", sshopts.as_str())],
-        );
+        let opts = "-o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no";
+        let sshopts = format!("-p {} {opts} -o UserKnownHostsFile=/dev/null", free_port());
+        let config = [("upload-to", url.as_str()), ("retry-initial-delay", "60")];
+        let d = Daemon::start_with_env(&env, &config, &[("NIX_SSHOPTS", sshopts.as_str())]);
         let o = run(d.cli_cmd().arg("enqueue").arg(&paths[0]));
         assert!(o.status.success(), "{}", show(&o));
-        wait_until(
-            UPLOAD_TIMEOUT,
-            "the failed upload to show in status",
-            || d.status().get("backing-off") == "1",
-        );
+        let what = "the failed upload to show in status";
+        wait_until(UPLOAD_TIMEOUT, what, || {
+            d.status().get("backing-off") == "1"
+        });
         let shown = everything_shown(&d);
         let log = &shown[1].1;
-        assert!(
-            log.contains("nix copy failed"),
-            "{scheme}: the failure is logged: {log}"
-        );
+        let logged = log.contains("nix copy failed");
+        assert!(logged, "{scheme}: the failure is logged: {log}");
         for (what, text) in &shown {
-            assert!(
-                !text.contains(&password),
-                "{scheme}: {what} shows the URL's password: {text}"
-            );
-            assert!(
-                !text.contains("secret-key=/npbhq/x"),
-                "{scheme}: {what} shows the URL's secret-key value: {text}"
-            );
-            assert!(
-                text.contains("npbhq:***@127.0.0.1"),
-                "{scheme}: {what} shows the masked target: {text}"
-            );
+            let shows = text.contains(&password);
+            assert!(!shows, "{scheme}: {what} shows the password: {text}");
+            let url_secret = text.contains("secret-key=/npbhq/x");
+            assert!(!url_secret, "{scheme}: {what} shows the secret-key: {text}");
+            let masked = text.contains("npbhq:***@127.0.0.1");
+            assert!(masked, "{scheme}: {what} shows the masked target: {text}");
         }
     }
 }
 
-/// `serve` with the config file of `d` and `extra_args`; it must not start.
-fn serve_refused(d: &Daemon, extra_args: &[&str]) -> Output {
+/// Asserts that `o` (what `ctx` ran) ended with `code` and wrote one line to
+/// stderr; returns that line.
+fn one_line(o: &Output, code: i32, ctx: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(code), "{ctx}: {}", show(o));
+    assert_eq!(err.lines().count(), 1, "{ctx}: one line: {err:?}");
+    err
+}
+
+/// `serve` with the config file of `d` and `args`: it must stop at start
+/// (exit 78, one line, no socket); returns the line.
+fn refused_at_start(d: &Daemon, args: &[&str]) -> String {
     let mut cmd = d.cli_cmd();
-    cmd.arg("serve").arg("--config").arg(d.config_path());
-    run_to_exit(cmd.args(extra_args), DAEMON_START_TIMEOUT)
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(d.config_path())
+        .args(args);
+    let o = run_to_exit(&mut cmd, DAEMON_START_TIMEOUT);
+    assert!(!d.socket().exists(), "no socket for a refused start");
+    one_line(&o, 78, &format!("serve {args:?}"))
 }
 
 /// A signing key file others can read, one that is missing, a directory, a
@@ -2033,22 +1291,19 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
     let env = NixEnv::new("hostile-keyperm");
     let (sk, pk) = env.gen_signing_key("perm-1");
     let secret = key_secret(&sk);
-    let open_key = env.root().join("open-key");
-    fs::copy(&sk, &open_key).unwrap();
-    fs::set_permissions(&open_key, fs::Permissions::from_mode(0o644)).unwrap();
-    let missing = env.root().join("no-such-key");
-    let dir = env.root().join("key-dir");
+    let file = |name: &str, contents: &str, mode: u32| {
+        let p = env.root().join(name);
+        fs::write(&p, contents).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let open_key = file("open-key", &fs::read_to_string(&sk).unwrap(), 0o644);
+    let public = file("public-key", &pk, 0o600);
+    let garbage = file("garbage-key", "not a key\n", 0o600);
+    let [missing, dir, fifo] = ["no-such-key", "key-dir", "key-fifo"].map(|n| env.root().join(n));
     fs::create_dir(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
-    let fifo = env.root().join("key-fifo");
     run_ok(Command::new("mkfifo").arg("-m").arg("600").arg(&fifo));
-    let public = env.root().join("public-key");
-    fs::write(&public, &pk).unwrap();
-    let garbage = env.root().join("garbage-key");
-    fs::write(&garbage, "not a key\n").unwrap();
-    for p in [&public, &garbage] {
-        fs::set_permissions(p, fs::Permissions::from_mode(0o600)).unwrap();
-    }
     for (key, want) in [
         (&open_key, "readable by every user"),
         (&missing, "No such file"),
@@ -2059,20 +1314,13 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
     ] {
         let key_s = key.display().to_string();
         let d = Daemon::new_stopped(&env, &[("signing-key-file", key_s.as_str())], NO_ENV);
-        let o = serve_refused(&d, &[]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(78), "{key_s}: {}", show(&o));
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
-        assert!(
-            err.contains(&key_s) && err.contains(want),
-            "the message names the file and the problem ({want}): {err:?}"
-        );
+        let err = refused_at_start(&d, &[]);
+        let named = err.contains(&key_s) && err.contains(want);
+        assert!(named, "naming the file and the problem ({want}): {err:?}");
         assert!(!err.contains(&secret));
-        assert!(!d.socket().exists(), "no socket for a refused start");
     }
     // The real key is accepted.
-    let sk_s = sk.display().to_string();
-    let d = Daemon::start(&env, &[("signing-key-file", sk_s.as_str())]);
+    let d = Daemon::start(&env, &[("signing-key-file", &sk.display().to_string())]);
     assert!(d.request("ping").starts_with("ok"));
 }
 
@@ -2089,37 +1337,22 @@ fn control_characters_in_settings_refused_at_start() {
         ("--socket-group", "wheel\u{1b}[2J"),
         ("--nix", "/bin/nix\tx"),
     ] {
-        let o = serve_refused(&d, &[flag, value]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(78), "{flag} {value:?}: {}", show(&o));
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
-        assert!(
-            err.contains(flag) && err.contains("control character"),
-            "{err:?}"
-        );
-        assert!(!d.socket().exists(), "no socket for a refused start");
+        let err = refused_at_start(&d, &[flag, value]);
+        let why = err.contains(flag) && err.contains("control character");
+        assert!(why, "{err:?}");
     }
     // In the file too: a carriage return survives `lines()`.
-    fs::write(
-        d.config_path(),
-        format!(
-            "socket = {}\nupload-to = file:///tmp/c\rok\n",
-            d.socket().display()
-        ),
-    )
-    .unwrap();
-    let o = serve_refused(&d, &[]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
-    assert!(
-        err.contains(":2:") && err.contains("control character"),
-        "{err:?}"
+    let config = format!(
+        "socket = {}\nupload-to = file:///tmp/c\rok\n",
+        d.socket().display()
     );
+    fs::write(d.config_path(), config).unwrap();
+    let err = refused_at_start(&d, &[]);
+    let why = err.contains(":2:") && err.contains("control character");
+    assert!(why, "{err:?}");
 }
 
-// ---------------------------------------------------------------------------
 // Limits
-// ---------------------------------------------------------------------------
 
 /// A log reader that went away (stderr a pipe with no reader, e.g. after
 /// `post-build-hook-queue serve 2>&1 | head`) makes each log line fail with
@@ -2137,11 +1370,8 @@ fn limits_a_log_reader_that_went_away_does_not_end_the_daemon() {
         .store_dir()
         .join("0000000000000000000000000000000b-npbhq-never-built");
     assert_eq!(d.request(&format!("enqueue {}", bogus.display())), "ok 1");
-    wait_until(
-        Duration::from_secs(30),
-        "the unbuilt path is dropped",
-        || d.status().num("queued") == 0,
-    );
+    let dropped = || d.status().num("queued") == 0;
+    wait_until(Duration::from_secs(30), "the unbuilt path dropped", dropped);
     assert_alive(&mut d, "after logging into a pipe nobody reads");
 }
 
@@ -2156,58 +1386,39 @@ fn limits_over_long_line_gets_err_and_close() {
     let store = env.store_dir().display().to_string();
 
     // Exactly MAX_LINE bytes with the newline: valid paths with long names.
-    let per = store.len() + 1 + 32 + 1; // "<store>/<hash>-"
-    let body = MAX_LINE - 1 - "enqueue".len();
-    let n = body.div_ceil(1 + per + MAX_NAME);
-    let mut name_total = body - n * (1 + per);
-    let mut paths = Vec::with_capacity(n);
-    for i in 0..n {
-        let left = n - i - 1;
-        let len = (name_total - left).min(MAX_NAME);
-        name_total -= len;
-        let name: String = format!("m{i}-")
-            .chars()
-            .chain(std::iter::repeat('x'))
-            .take(len)
-            .collect();
-        paths.push(format!("{store}/{}-{name}", index_hash(9, i)));
-    }
+    let per = store.len() + 35; // " <store>/<32-char hash>-"
+    let body = MAX_LINE - "enqueue\n".len();
+    let n = body.div_ceil(per + MAX_NAME);
+    let (len, extra) = ((body - n * per) / n, (body - n * per) % n);
+    let name = |i| "x".repeat(len + usize::from(i < extra));
+    let paths: Vec<String> = (0..n)
+        .map(|i| format!("{store}/{}-{}", index_hash(9, i), name(i)))
+        .collect();
     let line = format!("enqueue {}\n", paths.join(" "));
     assert_eq!(line.len(), MAX_LINE);
-    let (replies, _) = exchange(&socket, format!("{line}ping\n").into_bytes(), "max line");
-    assert_eq!(
-        replies.len(),
-        2,
-        "a line of exactly {MAX_LINE} bytes is served, then the next request: {:?}",
-        replies.iter().map(|r| tail(r, 200)).collect::<Vec<_>>()
-    );
-    assert!(
-        replies[0].starts_with("ok ") && replies[1].starts_with("ok nix-post-build-hook-queue"),
-        "{replies:?}"
-    );
+    let replies = exchange(&socket, format!("{line}ping\n").into_bytes(), "max line");
+    let short: Vec<&str> = replies.iter().map(|r| tail(r, 200)).collect();
+    let n = replies.len();
+    assert_eq!(n, 2, "{MAX_LINE} bytes, then ping: {short:?}");
+    let ok =
+        replies[0].starts_with("ok ") && replies[1].starts_with("ok nix-post-build-hook-queue");
+    assert!(ok, "{replies:?}");
 
     for (what, mut data) in [
         ("one byte over", vec![b'a'; MAX_LINE]),
-        ("over-long enqueue", {
-            let mut v = line.clone().into_bytes();
-            v.pop();
-            v.extend_from_slice(b" x");
-            v
-        }),
+        (
+            "over-long enqueue",
+            format!("{} x", line.trim_end()).into_bytes(),
+        ),
         ("4 MiB without newline", vec![b'z'; 4 * MAX_LINE]),
     ] {
         data.extend_from_slice(b"\nping\n");
-        let (replies, end) = exchange(&socket, data, what);
-        assert_eq!(
-            replies.len(),
-            1,
-            "{what}: one reply, then close: {replies:?}"
-        );
-        assert!(
-            replies[0].starts_with("err ") && replies[0].contains("longer than 1048576 bytes"),
-            "{what}: {replies:?}"
-        );
-        eprintln!("{what}: closed with {end:?}");
+        let replies = exchange(&socket, data, what);
+        let n = replies.len();
+        assert_eq!(n, 1, "{what}: one reply, then close: {replies:?}");
+        let long =
+            replies[0].starts_with("err ") && replies[0].contains("longer than 1048576 bytes");
+        assert!(long, "{what}: {replies:?}");
     }
     assert_alive(&mut d, "after over-long lines");
 }
@@ -2249,8 +1460,7 @@ fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
     let silent = thread::spawn(move || {
         let s = UnixStream::connect(&s2).unwrap();
         let start = Instant::now();
-        let (lines, end) = read_until_closed(s, "silent client");
-        (lines, end, start.elapsed())
+        (read_until_closed(s, "silent client"), start.elapsed())
     });
     // Others are served while both are connected.
     let fast_path = format!("{store}/{}-fast", index_hash(3, 2));
@@ -2262,32 +1472,19 @@ fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
     assert_eq!(ask(&socket, &format!("enqueue {fast_path}")), "ok 1");
 
     let (sent, reply, closed, t_trickle) = trickler.join().unwrap();
-    let (lines, _, t_silent) = silent.join().unwrap();
-    eprintln!(
-        "trickler dropped after {:.1} s ({sent} of {trickle_len} bytes), silent client after {:.1} s",
-        t_trickle.as_secs_f64(),
-        t_silent.as_secs_f64()
-    );
+    let (lines, t_silent) = silent.join().unwrap();
+    eprintln!("trickler dropped after {t_trickle:?} ({sent} bytes), silent after {t_silent:?}");
     assert!(closed, "the trickling client was never dropped: {reply:?}");
-    assert!(
-        sent < trickle_len,
-        "the daemon waited for the whole trickled line ({sent} bytes)"
-    );
+    assert!(sent < trickle_len, "the daemon waited for all {sent} bytes");
     assert_eq!(reply.lines().count(), 1, "{reply:?}");
-    assert!(
-        reply.starts_with("err ") && reply.contains("no complete request line within 10 s"),
-        "{reply:?}"
-    );
+    let timeout = "no complete request line within 10 s";
+    let timed_out = reply.starts_with("err ") && reply.contains(timeout);
+    assert!(timed_out, "{reply:?}");
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(
-        lines[0].contains("no complete request line within 10 s"),
-        "{lines:?}"
-    );
+    assert!(lines[0].contains(timeout), "{lines:?}");
     let j = d.journal();
-    assert!(
-        !j.added.contains(&slow_path) && j.added.contains(&fast_path),
-        "{j:?}"
-    );
+    let served = !j.added.contains(&slow_path) && j.added.contains(&fast_path);
+    assert!(served, "{j:?}");
     assert_alive(&mut d, "after slow clients");
 }
 
@@ -2312,23 +1509,20 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
     // The harness's start-up probe may still be served; wait for the
     // settled, idle set.
     thread::sleep(Duration::from_millis(200));
-    let idle = thread_ids(&d);
+    let idle = thread_ids(&d).len();
+    let settled = || thread_ids(&d).len() == idle;
     for i in 0..50 {
         assert!(ask(&d.socket(), "ping").starts_with("ok"), "ping {i}");
-        wait_until(
-            Duration::from_secs(10),
-            "the connection's thread ends with it",
-            || thread_ids(&d).len() == idle.len(),
-        );
+        wait_until(Duration::from_secs(10), "its thread ends", settled);
     }
 
-    let mut burst: Vec<UnixStream> = (0..32)
-        .map(|_| UnixStream::connect(d.socket()).expect("connect"))
-        .collect();
-    for s in &mut burst {
+    let socket = d.socket();
+    let connect = |_| UnixStream::connect(&socket).unwrap();
+    let burst: Vec<_> = (0..32).map(connect).collect();
+    for mut s in &burst {
         s.write_all(b"ping\n").expect("send");
     }
-    for (i, s) in burst.iter_mut().enumerate() {
+    for (i, s) in burst.iter().enumerate() {
         // Served one after another, the second would wait for the first's
         // request timeout.
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -2336,15 +1530,9 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
         assert!(line.starts_with("ok"), "{line}");
     }
     let grown = thread_ids(&d).len();
-    assert!(
-        grown >= idle.len() + 32,
-        "32 open connections are served at once: {grown} threads, {} idle",
-        idle.len()
-    );
+    assert!(grown >= idle + 32, "at once: {grown} threads, {idle} idle");
     drop(burst);
-    wait_until(Duration::from_secs(10), "the burst's threads end", || {
-        thread_ids(&d).len() == idle.len()
-    });
+    wait_until(Duration::from_secs(10), "the burst's threads end", settled);
     assert_alive(&mut d, "after the burst");
 }
 
@@ -2358,50 +1546,31 @@ fn limits_max_connections_busy_reply_while_others_work() {
     let socket = d.socket();
     let mut held: Vec<UnixStream> = Vec::new();
     wait_until(Duration::from_secs(20), "four served connections", || {
-        let mut s = UnixStream::connect(&socket).unwrap();
-        s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-        s.write_all(b"ping\n").unwrap();
+        let s = UnixStream::connect(&socket).unwrap();
         // A busy reply here means a probe connection still held a slot.
-        if let Ok(l) = read_one_line(&mut s) {
-            if l.starts_with("ok ") {
-                held.push(s);
-            }
+        if send(&s, "ping").is_ok_and(|l| l.starts_with("ok ")) {
+            held.push(s);
         }
         held.len() == 4
     });
     let mut fifth = UnixStream::connect(&socket).unwrap();
     fifth.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-    let (busy, end) = read_until_closed(fifth.try_clone().unwrap(), "fifth");
-    assert_eq!(busy.len(), 1, "{busy:?} {end:?}");
+    let busy = read_until_closed(fifth.try_clone().unwrap(), "fifth");
+    assert_eq!(busy.len(), 1, "{busy:?}");
     assert!(busy[0].starts_with("err busy"), "{busy:?}");
     let _ = fifth.write_all(b"ping\n");
-    for (i, s) in held.iter_mut().enumerate() {
-        s.write_all(b"ping\n").unwrap();
-        let l = read_one_line(s).unwrap_or_else(|e| panic!("held connection {i}: {e}"));
+    for (i, s) in held.iter().enumerate() {
+        let l = send(s, "ping").unwrap_or_else(|e| panic!("held connection {i}: {e}"));
         assert!(l.starts_with("ok nix-post-build-hook-queue"), "{l}");
     }
-    held.pop();
-    wait_until(
-        Duration::from_secs(20),
-        "a free slot after one client left",
-        || ping_is_served(&socket),
-    );
     // The slots free as each connection's thread sees its client leave, not
     // at the client's close: until then a ping may still get `err busy`.
+    let served = || try_ask(&socket, "ping").is_ok_and(|l| l.starts_with("ok "));
+    held.pop();
+    wait_until(Duration::from_secs(20), "a free slot", served);
     drop(held);
-    let socket = d.socket();
-    wait_until(Duration::from_secs(20), "every slot free again", || {
-        ping_is_served(&socket)
-    });
+    wait_until(Duration::from_secs(20), "every slot free again", served);
     assert_alive(&mut d, "after busy");
-}
-
-/// Whether a `ping` on a new connection is answered `ok` (not `err busy`).
-fn ping_is_served(socket: &Path) -> bool {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-    let _ = s.write_all(b"ping\n");
-    read_one_line(&mut s).is_ok_and(|l| l.starts_with("ok "))
 }
 
 /// The socket is created 0600 by default with no temporary file left
@@ -2416,25 +1585,18 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
     let meta = fs::metadata(d.socket()).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
-    let mut entries: Vec<String> = fs::read_dir(d.dir())
+    let mut entries: Vec<_> = fs::read_dir(d.dir())
         .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .map(|e| e.unwrap().file_name())
         .collect();
     entries.sort();
-    assert_eq!(
-        entries,
-        ["config", "daemon.log", "sock", "state"],
-        "only the daemon's own files, no temporary socket left"
-    );
+    let own = entries == ["config", "daemon.log", "sock", "state"];
+    assert!(own, "only the daemon's own files: {entries:?}");
     // Stale socket: replaced.
     d.kill9();
-    assert!(
-        fs::symlink_metadata(d.socket()).is_ok(),
-        "kill -9 leaves the socket file"
-    );
-    d.try_spawn()
-        .unwrap_or_else(|e| panic!("stale socket not replaced: {e}"));
+    let left = fs::symlink_metadata(d.socket()).is_ok();
+    assert!(left, "kill -9 leaves the socket file");
+    d.try_spawn().expect("a stale socket is replaced");
     assert!(ask(&d.socket(), "ping").starts_with("ok "));
 
     let precious = env.root().join("precious");
@@ -2444,19 +1606,12 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
     for target in [&precious, &link] {
         let t = target.display().to_string();
         let mut d2 = Daemon::new_stopped(&env, &[("socket", t.as_str())], NO_ENV);
-        let err = d2
-            .try_spawn()
-            .expect_err("the daemon must refuse a path that is not a socket");
+        let err = d2.try_spawn().expect_err("refuse what is not a socket");
         assert_eq!(fs::read_to_string(&precious).unwrap(), "keep me\n");
-        assert!(
-            err.contains(&format!("{t} exists and is not a socket")),
-            "{err}"
-        );
+        let why = err.contains(&format!("{t} exists and is not a socket"));
+        assert!(why, "{err}");
     }
-    assert!(fs::symlink_metadata(&link)
-        .unwrap()
-        .file_type()
-        .is_symlink());
+    assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
 }
 
 /// One daemon per state directory: a second one on the same state-dir (with
@@ -2467,46 +1622,31 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
 fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
     let env = NixEnv::new("hostile-statelock");
     let mut d = Daemon::start(&env, &[]);
-    let path = format!(
-        "{}/{}-npbhq-held",
-        env.store_dir().display(),
-        "a".repeat(32)
-    );
-    assert_eq!(d.request(&format!("enqueue {path}")), "ok 1");
+    let path = env
+        .store_dir()
+        .join(format!("{}-npbhq-held", "a".repeat(32)));
+    assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
     let journal = d.state_dir().join("journal");
     let before = fs::read(&journal).unwrap();
     let other_socket = d.dir().join("second.sock");
-    let out = run_to_exit(
-        d.cli_cmd()
-            .arg("serve")
-            .arg("--state-dir")
-            .arg(d.state_dir())
-            .arg("--socket")
-            .arg(&other_socket),
-        Duration::from_secs(20),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let mut second = d.cli_cmd();
+    second.arg("serve").arg("--state-dir").arg(d.state_dir());
+    second.arg("--socket").arg(&other_socket);
+    let out = run_to_exit(&mut second, Duration::from_secs(20));
+    let stderr = one_line(&out, 1, "second");
     let pid = d.pid().unwrap();
-    assert!(
-        stderr.contains(&format!(
-            "state-dir {} is in use by another daemon (pid {pid})",
-            d.state_dir().display()
-        )),
-        "{stderr}"
-    );
-    assert!(
-        fs::symlink_metadata(&other_socket).is_err(),
-        "the second daemon bound no socket"
-    );
+    let state = d.state_dir().display().to_string();
+    let holder = format!("state-dir {state} is in use by another daemon (pid {pid})");
+    assert!(stderr.contains(&holder), "{stderr}");
+    let bound = fs::symlink_metadata(&other_socket).is_ok();
+    assert!(!bound, "the second daemon bound no socket");
     assert_eq!(fs::read(&journal).unwrap(), before, "the journal untouched");
     assert!(ask(&d.socket(), "status").starts_with("ok"));
     assert_alive(&mut d, "after a second daemon was refused");
 
     d.kill9();
     d.try_spawn()
-        .unwrap_or_else(|e| panic!("a lock left by a killed daemon blocks the start: {e}"));
+        .expect("a lock left by a killed daemon blocks no start");
     let holder = fs::read_to_string(d.state_dir().join("lock")).unwrap();
     assert_eq!(holder.trim(), d.pid().unwrap().to_string());
 }
@@ -2527,8 +1667,7 @@ fn socket_paths_up_to_107_bytes_work() {
         assert_eq!(socket.as_os_str().len(), len);
         let s = socket.display().to_string();
         let mut d = Daemon::new_stopped(&env, &[("socket", s.as_str())], NO_ENV);
-        d.try_spawn()
-            .unwrap_or_else(|e| panic!("a {len}-byte socket path: {e}"));
+        d.try_spawn().unwrap_or_else(|e| panic!("{len} bytes: {e}"));
         assert!(ask(&socket, "ping").starts_with("ok "), "{len} bytes");
         let r = run(d.cli_cmd().arg("status"));
         assert!(r.status.success(), "{len} bytes: {r:?}");
@@ -2538,8 +1677,7 @@ fn socket_paths_up_to_107_bytes_work() {
     }
     let left: Vec<_> = fs::read_dir(&base)
         .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
+        .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "nothing left beside the sockets: {left:?}");
 }
@@ -2552,64 +1690,42 @@ fn socket_paths_up_to_107_bytes_work() {
 #[test]
 fn planted_names_beside_the_socket_change_nothing() {
     let env = NixEnv::new("hostile-planted");
-    let victim = env.root().join("victim");
-    fs::create_dir_all(&victim).unwrap();
-    fs::write(victim.join("s"), "keep me\n").unwrap();
-    let blocker = env.root().join("blocker");
-    fs::create_dir_all(&blocker).unwrap();
-    fs::write(blocker.join("s"), "keep me too\n").unwrap();
-    for (what, plant) in [
-        (
-            "a symlink to another directory",
-            format!("ln -s '{}'", victim.display()),
-        ),
-        (
-            "a directory with a file",
-            format!("cp -r '{}'", blocker.display()),
-        ),
+    let dir_with = |name: &str, text: &str| {
+        let dir = env.root().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("s"), text).unwrap();
+        dir.display().to_string()
+    };
+    let (victim, blocker) = (
+        dir_with("victim", "keep me\n"),
+        dir_with("blocker", "keep me too\n"),
+    );
+    for (what, plant, kept) in [
+        ("a symlink", format!("ln -s '{victim}'"), "keep me\n"),
+        ("a directory", format!("cp -r '{blocker}'"), "keep me too\n"),
     ] {
         let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
         let socket = d.socket();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "{plant} \"$1.$$.d\" && exec \"$0\" serve --config \"$2\""
-            ))
-            .arg(daemon_bin())
-            .arg(&socket)
-            .arg(d.config_path())
-            .envs(d.cli_cmd().get_envs().filter_map(|(k, v)| Some((k, v?))))
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(d.log_path()).unwrap())
-            .spawn()
-            .unwrap();
-        let planted = PathBuf::from(format!("{}.{}.d", socket.display(), child.id()));
-        wait_until(
-            Duration::from_secs(30),
-            &format!("{what}: the socket"),
-            || {
-                let exited = child.try_wait().unwrap();
-                assert!(exited.is_none(), "{what}: the daemon exited ({exited:?})");
-                UnixStream::connect(&socket).is_ok()
-            },
-        );
+        let script = format!("{plant} \"$1.$$.d\" && exec \"$0\" serve --config \"$2\"");
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(script).arg(daemon_bin()).arg(&socket);
+        sh.arg(d.config_path()).stdout(Stdio::null());
+        sh.envs(d.cli_cmd().get_envs().filter_map(|(k, v)| Some((k, v?))));
+        let log = fs::File::create(d.log_path()).unwrap();
+        let mut child = Running(sh.stderr(log).spawn().unwrap());
+        let planted = PathBuf::from(format!("{}.{}.d", socket.display(), child.0.id()));
+        let up = || {
+            let exited = child.0.try_wait().unwrap();
+            assert!(exited.is_none(), "{what}: the daemon exited ({exited:?})");
+            UnixStream::connect(&socket).is_ok()
+        };
+        wait_until(Duration::from_secs(30), &format!("{what}: the socket"), up);
         assert!(ask(&socket, "ping").starts_with("ok "), "{what}");
-        assert!(
-            fs::symlink_metadata(&planted).is_ok(),
-            "{what}: still there"
-        );
-        assert_eq!(fs::read_to_string(victim.join("s")).unwrap(), "keep me\n");
-        assert_eq!(
-            fs::read_to_string(planted.join("s")).unwrap(),
-            if what.starts_with("a symlink") {
-                "keep me\n"
-            } else {
-                "keep me too\n"
-            },
-            "{what}"
-        );
-        kill_tree(child.id());
-        let _ = child.wait();
+        assert!(fs::symlink_metadata(&planted).is_ok(), "{what}: gone");
+        let victim_s = fs::read_to_string(format!("{victim}/s")).unwrap();
+        assert_eq!(victim_s, "keep me\n");
+        let s = fs::read_to_string(planted.join("s")).unwrap();
+        assert_eq!(s, kept, "{what}");
     }
 }
 
@@ -2622,50 +1738,27 @@ fn planted_names_beside_the_socket_change_nothing() {
 #[test]
 fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
     let env = NixEnv::new("hostile-tmpstate");
-    let user = OtherUser::new(&env, 't');
+    let user = User::new(&env, 't', "");
     let tmp = env.root().join("tmp");
     fs::create_dir_all(&tmp).unwrap();
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
     let state = tmp.join(format!("nix-post-build-hook-queue-{}", user.uid));
     fs::create_dir(&state).unwrap();
     let vars = [("TMPDIR".to_string(), tmp.clone().into_os_string())];
-    // Bounded: a daemon that starts after all must not hold the test.
-    let as_them = |args: &[&str], vars: &[(String, std::ffi::OsString)]| {
-        let mut c = Command::new("timeout");
-        c.args([
-            "60", "setpriv", "--reuid", &user.name, "--regid", &user.name,
-        ])
-        .args(["--init-groups", "--"])
-        .arg(&user.daemon)
-        .args(args)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(vars.iter().cloned());
-        run(&mut c)
-    };
     // Root's (another user's to them), then theirs but writable by all.
     for owner in [0, user.uid] {
         std::os::unix::fs::chown(&state, Some(owner), Some(owner)).unwrap();
         fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
         for command in ["check-config", "serve"] {
-            let o = as_them(&[command], &vars);
-            let err = String::from_utf8_lossy(&o.stderr);
-            assert_eq!(
-                o.status.code(),
-                Some(78),
-                "{command}, owner {owner}: {}",
-                show(&o)
-            );
-            assert_eq!(err.lines().count(), 1, "{err}");
-            assert!(
-                err.contains("$TMPDIR") && err.contains(&state.display().to_string()),
-                "{err}"
-            );
+            let o = user.cli(command, &vars);
+            let err = one_line(&o, 78, &format!("{command}, {owner}"));
+            let named = err.contains("$TMPDIR") && err.contains(&*state.to_string_lossy());
+            assert!(named, "{err}");
             assert!(fs::read_dir(&state).unwrap().next().is_none(), "written to");
         }
     }
     fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
-    let o = as_them(&["check-config"], &vars);
+    let o = user.cli("check-config", &vars);
     assert_eq!(o.status.code(), Some(0), "their own: {}", show(&o));
 
     let home = user.own_dir(&env, "home");
@@ -2673,11 +1766,7 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         ("HOME".to_string(), home.into_os_string()),
         ("XDG_RUNTIME_DIR".to_string(), "run/user".into()),
     ];
-    let o = as_them(&["check-config"], &relative);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(78), "{}", show(&o));
-    assert!(
-        err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: "),
-        "{err}"
-    );
+    let err = one_line(&user.cli("check-config", &relative), 78, "relative");
+    let named = err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: ");
+    assert!(named, "{err}");
 }
