@@ -92,25 +92,13 @@ pub fn unique_id() -> String {
 /// Turns `s` into something valid inside a Nix store path name
 /// (`A-Za-z0-9+-._?=`, not starting with a dot); other characters become `-`.
 pub fn sanitize_name(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "+-._?=".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    if out.is_empty() || out.starts_with('.') {
-        out.insert(0, 'x');
+    let ok = |c: char| c.is_ascii_alphanumeric() || "+-._?=".contains(c);
+    let out: String = s.chars().map(|c| if ok(c) { c } else { '-' }).collect();
+    match out.starts_with('.') || out.is_empty() {
+        true => format!("x{out}"),
+        false => out,
     }
-    out
 }
-
-// ---------------------------------------------------------------------------
-// TempDir
-// ---------------------------------------------------------------------------
 
 /// A unique directory under `$NPBHQ_TEST_TMP` (or the system temp dir),
 /// removed recursively on drop unless `NPBHQ_KEEP_TMP` is set.
@@ -212,10 +200,6 @@ pub fn remove_tree(p: &Path) {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Processes
-// ---------------------------------------------------------------------------
-
 /// `(pid, ppid, state)` of every process, from `/proc/*/stat`.
 fn proc_table() -> Vec<(u32, u32, char)> {
     let mut out = Vec::new();
@@ -246,8 +230,7 @@ pub fn descendants(pid: u32) -> Vec<u32> {
     let table = proc_table();
     let mut found = vec![pid];
     let mut i = 0;
-    while i < found.len() {
-        let parent = found[i];
+    while let Some(&parent) = found.get(i) {
         for &(p, pp, state) in &table {
             if pp == parent && state != 'Z' && !found.contains(&p) {
                 found.push(p);
@@ -255,8 +238,7 @@ pub fn descendants(pid: u32) -> Vec<u32> {
         }
         i += 1;
     }
-    found.remove(0);
-    found
+    found.split_off(1)
 }
 
 /// Sends `sig` (e.g. `"KILL"`) to `pids` with the `kill` command; errors
@@ -293,42 +275,26 @@ pub fn kill_tree(pid: u32) {
     }
     signal_pids("KILL", &all);
     // Wait (bounded) until the descendants are gone or zombies.
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
+    poll(Duration::from_secs(5), 10, || {
         let table = proc_table();
-        let alive = all[1..]
-            .iter()
-            .any(|p| table.iter().any(|&(q, _, st)| q == *p && st != 'Z'));
-        if !alive {
-            break;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
+        let alive = |p: &u32| table.iter().any(|&(q, _, st)| q == *p && st != 'Z');
+        (!all[1..].iter().any(alive)).then_some(())
+    });
 }
-
-// ---------------------------------------------------------------------------
-// Tools
-// ---------------------------------------------------------------------------
 
 /// Panics (so the test fails, never skips) unless the Nix 2.x command line
 /// tools are on PATH. Checked once per test binary.
 pub fn require_nix() {
-    static CHECK: OnceLock<Result<String, String>> = OnceLock::new();
+    static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
     let r = CHECK.get_or_init(|| {
         for tool in ["nix", "nix-build", "nix-store"] {
             match Command::new(tool).arg("--version").output() {
                 Ok(o) if o.status.success() => {}
-                Ok(o) => {
-                    return Err(format!(
-                        "`{tool} --version` failed: {}",
-                        String::from_utf8_lossy(&o.stderr)
-                    ))
-                }
+                Ok(o) => return Err(format!("`{tool} --version` failed: {}", show(&o))),
                 Err(e) => return Err(format!("`{tool}` not runnable: {e}")),
             }
         }
-        let o = Command::new("nix").arg("--version").output().unwrap();
-        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+        Ok(())
     });
     if let Err(e) = r {
         panic!("Nix is required for these tests (apt-get install nix-bin): {e}");
@@ -343,13 +309,8 @@ pub fn require_sshd() -> PathBuf {
         "sshd is required for these tests (apt-get install openssh-server)"
     );
     for tool in ["ssh", "ssh-keygen"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool} >/dev/null")])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
         assert!(
-            found,
+            on_path(tool).is_some(),
             "{tool} is required for these tests (apt-get install openssh-client)"
         );
     }
@@ -381,28 +342,21 @@ pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(input.as_bytes()).unwrap();
-    }
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
-/// Runs `cmd` and panics with its stderr unless it exits 0; returns stdout.
+/// Runs `cmd` and panics with its output unless it exits 0; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let o = run(cmd);
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{cmd:?} failed: {}", show(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
-
-// ---------------------------------------------------------------------------
-// wait_until
-// ---------------------------------------------------------------------------
 
 /// Polls `cond` (every 50 ms, first call at once) until it returns true;
 /// panics with `what` if `timeout` passes first. The timeout bounds
@@ -419,16 +373,12 @@ pub fn wait_until_diag(
     mut cond: impl FnMut() -> bool,
     diag: impl FnOnce() -> String,
 ) {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return;
-        }
-        if start.elapsed() >= timeout {
-            panic!("timed out after {timeout:?} waiting for {what}\n{}", diag());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_ok(
+        timeout,
+        what,
+        || cond().then_some(()).ok_or_else(String::new),
+        diag,
+    );
 }
 
 /// [`wait_until_ok`] without a diagnostic (a [`Daemon`] prints its log
@@ -446,25 +396,30 @@ pub fn wait_until_ok(
     mut check: impl FnMut() -> Result<(), String>,
     diag: impl FnOnce() -> String,
 ) {
-    let start = Instant::now();
-    loop {
-        let last = match check() {
-            Ok(()) => return,
-            Err(e) => e,
-        };
-        if start.elapsed() >= timeout {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\nlast check: {last}\n{}",
-                diag()
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
+    let mut last = String::new();
+    let done = poll(timeout, 50, || check().map_err(|e| last = e).ok());
+    if done.is_none() {
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\nlast check: {last}\n{}",
+            diag()
+        );
     }
 }
 
-// ---------------------------------------------------------------------------
-// NixEnv
-// ---------------------------------------------------------------------------
+/// Calls `f` every `step_ms` (the first call at once) until it gives Some,
+/// or `timeout` has passed (None).
+fn poll<T>(timeout: Duration, step_ms: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(step_ms));
+    }
+}
 
 /// One entry of [`NixEnv::path_infos`]: the path and, if it is valid in that
 /// store, its signatures.
@@ -542,15 +497,7 @@ impl NixEnv {
     pub fn with_conf(tag: &str, extra_conf: &str) -> NixEnv {
         require_nix();
         let tmp = TempDir::new(tag);
-        for d in [
-            "store",
-            "var",
-            "log",
-            "etc",
-            "home",
-            "home/.cache",
-            "home/.config",
-        ] {
+        for d in ["store", "var", "log", "etc", "home/.cache", "home/.config"] {
             fs::create_dir_all(tmp.join(d)).unwrap();
         }
         let conf = format!(
@@ -908,10 +855,6 @@ pub fn refused_for_signature(text: &str) -> bool {
     })
 }
 
-// ---------------------------------------------------------------------------
-// Sshd
-// ---------------------------------------------------------------------------
-
 /// A real sshd on 127.0.0.1 serving a separate receiving Nix store over
 /// `ssh-ng://`.
 ///
@@ -1021,32 +964,21 @@ impl Sshd {
             .unwrap();
             let logf = fs::File::create(&log).unwrap();
             let mut child = Command::new(&sshd_bin)
-                .arg("-D")
-                .arg("-e")
-                .arg("-f")
+                .args(["-D", "-e", "-f"])
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(logf.try_clone().unwrap())
                 .stderr(logf)
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start sshd: {e}"));
-            let start = Instant::now();
-            let mut up = false;
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(st)) = child.try_wait() {
-                    last_err = format!(
-                        "sshd exited {st}: {}",
-                        fs::read_to_string(&log).unwrap_or_default()
-                    );
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    up = matches!(child.try_wait(), Ok(None));
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            if up {
+            let up = poll(Duration::from_secs(10), 20, || match child.try_wait() {
+                Ok(Some(st)) => Some(Err(format!("sshd exited {st}: "))),
+                _ => TcpStream::connect(("127.0.0.1", port))
+                    .is_ok()
+                    .then_some(Ok(())),
+            });
+            let up = up.unwrap_or_else(|| Err(format!("sshd did not listen on port {port}: ")));
+            if up.is_ok() && matches!(child.try_wait(), Ok(None)) {
                 return Sshd {
                     tmp,
                     child,
@@ -1057,12 +989,8 @@ impl Sshd {
             }
             let _ = child.kill();
             let _ = child.wait();
-            if last_err.is_empty() {
-                last_err = format!(
-                    "sshd did not listen on port {port}: {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
+            let log = fs::read_to_string(&log).unwrap_or_default();
+            last_err = format!("{}{log}", up.err().unwrap_or("sshd exited: ".into()));
         }
         panic!("could not start sshd: {last_err}");
     }
@@ -1139,10 +1067,6 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("bind 127.0.0.1:0")
 }
-
-// ---------------------------------------------------------------------------
-// Daemon
-// ---------------------------------------------------------------------------
 
 /// The real `post-build-hook-queue serve --config FILE` daemon for a
 /// [`NixEnv`].
@@ -1323,29 +1247,22 @@ impl Daemon {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", daemon_bin().display()))?;
         drop(child.stderr.take());
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Err(format!(
-                    "daemon exited ({st}) before its socket accepted; log:\n{}",
-                    self.log()
-                ));
-            }
-            if UnixStream::connect(self.socket()).is_ok() {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if start.elapsed() > DAEMON_START_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "daemon socket {} did not accept within {DAEMON_START_TIMEOUT:?}; log:\n{}",
-                    self.socket().display(),
-                    self.log()
-                ));
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        let up = poll(DAEMON_START_TIMEOUT, 20, || match child.try_wait() {
+            Ok(Some(st)) => Some(Err(format!(
+                "daemon exited ({st}) before its socket accepted"
+            ))),
+            _ => UnixStream::connect(self.socket()).is_ok().then_some(Ok(())),
+        });
+        let up = up.unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!(
+                "daemon socket {} did not accept within {DAEMON_START_TIMEOUT:?}",
+                self.socket().display()
+            ))
+        });
+        self.child = Some(child).filter(|_| up.is_ok());
+        up.map_err(|e| format!("{e}; log:\n{}", self.log()))
     }
 
     /// The socket path.
@@ -1424,18 +1341,11 @@ impl Daemon {
             return st;
         }
         run_ok(Command::new("kill").args(["-TERM", &c.id().to_string()]));
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("daemon ignored SIGTERM for 30 s; log:\n{}", self.log());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        poll(Duration::from_secs(30), 20, || c.try_wait().ok().flatten()).unwrap_or_else(|| {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("daemon ignored SIGTERM for 30 s; log:\n{}", self.log());
+        })
     }
 
     /// Stops the daemon if it runs (SIGTERM) and starts it again with the
@@ -1522,42 +1432,14 @@ impl Daemon {
     /// including the final `ok`/`err` line (informational lines of `status`
     /// and `wait` come first).
     pub fn request_lines(&self, line: &str) -> Vec<String> {
-        let mut r = self.connect_and_send(line);
-        let mut lines = Vec::new();
-        loop {
-            let mut l = String::new();
-            let n = r
-                .read_line(&mut l)
-                .unwrap_or_else(|e| panic!("reading reply to {line:?}: {e}\nlog:\n{}", self.log()));
-            if n == 0 {
-                panic!(
-                    "connection closed before a final ok/err line in reply to {line:?}; \
-                     got {lines:?}\nlog:\n{}",
-                    self.log()
-                );
-            }
-            let l = l.trim_end_matches(['\n', '\r']).to_string();
-            let last = l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ");
-            lines.push(l);
-            if last {
-                return lines;
-            }
-        }
-    }
-
-    fn connect_and_send(&self, line: &str) -> BufReader<UnixStream> {
-        let mut s = UnixStream::connect(self.socket()).unwrap_or_else(|e| {
+        exchange(&self.socket(), line).unwrap_or_else(|e| {
+            let socket = self.socket();
             panic!(
-                "connect {}: {e}\nlog:\n{}",
-                self.socket().display(),
+                "{line:?} to {}: {e}\nlog:\n{}",
+                socket.display(),
                 self.log()
             )
-        });
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(format!("{line}\n").as_bytes())
-            .unwrap_or_else(|e| panic!("sending {line:?}: {e}"));
-        BufReader::new(s)
+        })
     }
 }
 
@@ -1738,24 +1620,14 @@ pub fn rerun_test(name: &str, script: &str, env: &[(&str, &str)]) -> Output {
     run(&mut c)
 }
 
-// ---------------------------------------------------------------------------
-// Json
-// ---------------------------------------------------------------------------
-
 /// A parsed JSON value (numbers as f64, objects keep their key order).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Json {
-    /// `null`
     Null,
-    /// `true` / `false`
     Bool(bool),
-    /// any number
     Num(f64),
-    /// a string
     Str(String),
-    /// an array
     Arr(Vec<Json>),
-    /// an object
     Obj(Vec<(String, Json)>),
 }
 
@@ -1767,51 +1639,36 @@ impl Json {
             i: 0,
         };
         let v = p.value()?;
-        p.ws();
-        if p.i != p.b.len() {
-            return Err(format!("trailing data at byte {}", p.i));
+        match p.peek() {
+            None => Ok(v),
+            Some(_) => Err(format!("trailing data at byte {}", p.i)),
         }
-        Ok(v)
     }
 
     /// Member `key` of an object.
     pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
+        let Json::Obj(m) = self else { return None };
+        m.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
-    /// The string, if this is one.
     pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
+        let Json::Str(s) = self else { return None };
+        Some(s)
     }
 
-    /// The number, if this is one.
     pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Json::Num(n) => Some(*n),
-            _ => None,
-        }
+        let Json::Num(n) = self else { return None };
+        Some(*n)
     }
 
-    /// The boolean, if this is one.
     pub fn as_bool(&self) -> Option<bool> {
-        match self {
-            Json::Bool(b) => Some(*b),
-            _ => None,
-        }
+        let Json::Bool(b) = self else { return None };
+        Some(*b)
     }
 
-    /// The elements, if this is an array.
     pub fn as_array(&self) -> Option<&[Json]> {
-        match self {
-            Json::Arr(a) => Some(a),
-            _ => None,
-        }
+        let Json::Arr(a) = self else { return None };
+        Some(a)
     }
 }
 
@@ -1821,95 +1678,67 @@ struct JsonParser<'a> {
 }
 
 impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
+    /// The next byte after whitespace (not consumed).
+    fn peek(&mut self) -> Option<u8> {
+        while self.b.get(self.i).is_some_and(u8::is_ascii_whitespace) {
             self.i += 1;
         }
+        self.b.get(self.i).copied()
     }
 
     fn eat(&mut self, c: u8) -> Result<(), String> {
-        self.ws();
-        if self.b.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(format!("expected {:?} at byte {}", c as char, self.i))
+        if self.peek() != Some(c) {
+            return Err(format!("expected {:?} at byte {}", c as char, self.i));
         }
+        self.i += 1;
+        Ok(())
     }
 
-    fn lit(&mut self, word: &str, v: Json) -> Result<Json, String> {
-        if self.b[self.i..].starts_with(word.as_bytes()) {
-            self.i += word.len();
-            Ok(v)
-        } else {
-            Err(format!("bad literal at byte {}", self.i))
+    /// The comma-separated items after an opening bracket, up to `close`.
+    fn items<T>(
+        &mut self,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Result<T, String>,
+    ) -> Result<Vec<T>, String> {
+        self.i += 1;
+        let mut v = Vec::new();
+        if self.peek() == Some(close) {
+            self.i += 1;
+            return Ok(v);
+        }
+        loop {
+            v.push(item(self)?);
+            if self.peek() != Some(b',') {
+                self.eat(close)?;
+                return Ok(v);
+            }
+            self.i += 1;
         }
     }
 
     fn value(&mut self) -> Result<Json, String> {
-        self.ws();
-        match self.b.get(self.i) {
-            None => Err("unexpected end".into()),
-            Some(b'n') => self.lit("null", Json::Null),
-            Some(b't') => self.lit("true", Json::Bool(true)),
-            Some(b'f') => self.lit("false", Json::Bool(false)),
-            Some(b'"') => self.string().map(Json::Str),
-            Some(b'[') => {
-                self.i += 1;
-                let mut v = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(v));
-                }
-                loop {
-                    v.push(self.value()?);
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(v));
-                        }
-                        _ => return Err(format!("expected , or ] at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(b'{') => {
-                self.i += 1;
-                let mut m = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(m));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.eat(b':')?;
-                    let v = self.value()?;
-                    m.push((k, v));
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(m));
-                        }
-                        _ => return Err(format!("expected , or }} at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(_) => {
+        let member = |p: &mut Self| Ok((p.string()?, p.eat(b':').and_then(|()| p.value())?));
+        match self.peek().ok_or("unexpected end")? {
+            b'"' => self.string().map(Json::Str),
+            b'[' => self.items(b']', Self::value).map(Json::Arr),
+            b'{' => self.items(b'}', member).map(Json::Obj),
+            _ => {
                 let start = self.i;
-                while self.i < self.b.len() && b"+-.0123456789eE".contains(&self.b[self.i]) {
-                    self.i += 1;
+                let rest = &self.b[start..];
+                let len = rest
+                    .iter()
+                    .take_while(|c| c.is_ascii_alphanumeric() || b"+-.".contains(c));
+                self.i += len.count();
+                match std::str::from_utf8(&self.b[start..self.i]).unwrap_or("") {
+                    "null" => Ok(Json::Null),
+                    "true" => Ok(Json::Bool(true)),
+                    "false" => Ok(Json::Bool(false)),
+                    n if n.bytes().all(|c| b"+-.0123456789eE".contains(&c)) => n
+                        .parse()
+                        .map(Json::Num)
+                        .map_err(|_| format!("bad number at byte {start}")),
+                    _ => Err(format!("bad value at byte {start}")),
                 }
-                std::str::from_utf8(&self.b[start..self.i])
-                    .ok()
-                    .and_then(|s| s.parse::<f64>().ok())
-                    .map(Json::Num)
-                    .ok_or_else(|| format!("bad value at byte {start}"))
             }
         }
     }
@@ -1927,49 +1756,37 @@ impl JsonParser<'_> {
 
     fn string(&mut self) -> Result<String, String> {
         self.eat(b'"')?;
-        let mut out: Vec<u8> = Vec::new();
+        let mut out = String::new();
         loop {
-            let c = *self.b.get(self.i).ok_or("unterminated string")?;
-            self.i += 1;
-            match c {
-                b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
-                b'\\' => {
-                    let e = *self.b.get(self.i).ok_or("unterminated escape")?;
-                    self.i += 1;
-                    let ch = match e {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => {
-                            let mut cp = self.hex4()?;
-                            if (0xd800..0xdc00).contains(&cp)
-                                && self.b.get(self.i..self.i + 2) == Some(b"\\u")
-                            {
-                                self.i += 2;
-                                let lo = self.hex4()?;
-                                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo.wrapping_sub(0xdc00));
-                            }
-                            char::from_u32(cp).unwrap_or('\u{fffd}')
-                        }
-                        _ => return Err(format!("bad escape at byte {}", self.i)),
-                    };
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                }
-                _ => out.push(c),
+            let rest = &self.b[self.i..];
+            let end = rest.iter().position(|c| b"\"\\".contains(c));
+            let end = end.ok_or("unterminated string")?;
+            out.push_str(std::str::from_utf8(&rest[..end]).map_err(|e| e.to_string())?);
+            self.i += end + 1;
+            if rest[end] == b'"' {
+                return Ok(out);
             }
+            let e = *self.b.get(self.i).ok_or("unterminated escape")?;
+            self.i += 1;
+            let simple = "\"\\/bfnrt".find(e as char);
+            out.push(
+                match simple.and_then(|k| "\"\\/\u{8}\u{c}\n\r\t".chars().nth(k)) {
+                    Some(c) => c,
+                    None if e == b'u' => {
+                        let mut cp = self.hex4()?;
+                        if (0xd800..0xdc00).contains(&cp) && self.b[self.i..].starts_with(b"\\u") {
+                            self.i += 2;
+                            let lo = self.hex4()?;
+                            cp = 0x10000 + ((cp - 0xd800) << 10) + (lo.wrapping_sub(0xdc00));
+                        }
+                        char::from_u32(cp).unwrap_or('\u{fffd}')
+                    }
+                    None => return Err(format!("bad escape at byte {}", self.i)),
+                },
+            );
         }
     }
 }
-
-// ---------------------------------------------------------------------------
-// Small helpers shared by the test files
-// ---------------------------------------------------------------------------
 
 /// A `file://` cache named `name` under the env: (URL for uploads, without
 /// compression to keep tests fast; URL for reading).
@@ -1986,17 +1803,16 @@ pub fn strs(paths: &[PathBuf]) -> Vec<String> {
 
 /// The absolute path of `program` on `PATH` (panics when it is missing).
 pub fn which(program: &str) -> PathBuf {
+    on_path(program).unwrap_or_else(|| panic!("{program} is not on PATH"))
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{program} is not on PATH"))
 }
-
-// ---------------------------------------------------------------------------
-// FakeNix: a wrapper around the real nix
-// ---------------------------------------------------------------------------
 
 /// A wrapper nix: a directory with `nix` and `nix-store` scripts (the
 /// daemon takes `nix-store` from beside its `nix` setting) that record
@@ -2246,14 +2062,10 @@ pub fn run_to_exit(cmd: &mut Command, within: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let start = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if start.elapsed() > within {
-            kill_tree(child.id());
-            let out = child.wait_with_output().expect("wait");
-            panic!("{cmd:?} still ran after {within:?}: {}", show(&out));
-        }
-        thread::sleep(Duration::from_millis(20));
+    if poll(within, 20, || child.try_wait().expect("try_wait")).is_none() {
+        kill_tree(child.id());
+        let out = child.wait_with_output().expect("wait");
+        panic!("{cmd:?} still ran after {within:?}: {}", show(&out));
     }
     child.wait_with_output().expect("wait")
 }
@@ -2262,6 +2074,12 @@ pub fn run_to_exit(cmd: &mut Command, within: Duration) -> Output {
 /// (`ok ...`/`err ...`), or Err when the daemon is not there or the
 /// connection breaks (30 s timeouts).
 pub fn try_ask(socket: &Path, line: &str) -> Result<String, String> {
+    Ok(exchange(socket, line)?.pop().unwrap_or_default())
+}
+
+/// Sends `line` on a fresh connection to `socket` and reads every reply
+/// line up to and including the final `ok`/`err` line (30 s timeouts).
+fn exchange(socket: &Path, line: &str) -> Result<Vec<String>, String> {
     let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
     let t = Some(Duration::from_secs(30));
     s.set_read_timeout(t).map_err(|e| e.to_string())?;
@@ -2269,16 +2087,19 @@ pub fn try_ask(socket: &Path, line: &str) -> Result<String, String> {
     s.write_all(format!("{line}\n").as_bytes())
         .map_err(|e| format!("write: {e}"))?;
     let mut r = BufReader::new(s);
+    let mut lines = Vec::new();
     loop {
         let mut l = String::new();
         match r.read_line(&mut l) {
-            Ok(0) => return Err("connection closed without a reply".into()),
+            Ok(0) => return Err(format!("connection closed without a final line: {lines:?}")),
             Ok(_) => {}
             Err(e) => return Err(format!("read: {e}")),
         }
         let l = l.trim_end_matches(['\n', '\r']).to_string();
-        if l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ") {
-            return Ok(l);
+        let last = l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ");
+        lines.push(l);
+        if last {
+            return Ok(lines);
         }
     }
 }
