@@ -17,7 +17,9 @@
 
 mod common;
 
-use common::{daemon_bin, hook_bin, unique_id, wait_until_ok};
+use common::{
+    daemon_bin, hook_bin, on_path, poll, run_to_exit, unique_id, wait_until_ok, write_script,
+};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -46,10 +48,6 @@ fn rendered_dir() -> PathBuf {
         .unwrap_or_else(|| repo().join("tests/system/rendered"))
 }
 
-// ---------------------------------------------------------------------------
-// Commands with a deadline
-// ---------------------------------------------------------------------------
-
 /// What a finished command left.
 struct Ran {
     status: ExitStatus,
@@ -66,46 +64,16 @@ impl Ran {
     }
 }
 
-/// Runs `cmd` with its output in files under `dir`, killing it (and failing
-/// the test) if it outlasts `deadline`.
-fn run_deadline(cmd: &mut Command, dir: &Path, deadline: Duration) -> Ran {
-    let tag = unique_id();
-    let out = dir.join(format!("out-{tag}"));
-    let err = dir.join(format!("err-{tag}"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out).expect("stdout file"))
-        .stderr(fs::File::create(&err).expect("stderr file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} ran longer than {deadline:?}; stderr so far:\n{}",
-                fs::read_to_string(&err).unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let ran = Ran {
-        status,
-        stdout: fs::read_to_string(&out).unwrap_or_default(),
-        stderr: fs::read_to_string(&err).unwrap_or_default(),
-    };
-    let _ = fs::remove_file(out);
-    let _ = fs::remove_file(err);
-    ran
+/// Runs `cmd`, killing it (and failing the test) if it outlasts `deadline`.
+fn run_deadline(cmd: &mut Command, deadline: Duration) -> Ran {
+    let out = run_to_exit(cmd, deadline);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Ran {
+        status: out.status,
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
+    }
 }
-
-// ---------------------------------------------------------------------------
-// The rendered units
-// ---------------------------------------------------------------------------
 
 /// One rendered configuration: the parts of tests/system/rendered/NAME.txt,
 /// each `=== KIND NAME` and its text.
@@ -134,27 +102,19 @@ impl Rendered {
         Rendered { parts }
     }
 
-    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
-        self.parts
-            .iter()
-            .filter(move |(k, _, _)| k == kind)
-            .map(|(_, n, t)| (n.as_str(), t.as_str()))
+    fn of_kind(&self, kind: &str) -> impl Iterator<Item = (&str, &str)> {
+        let kind = kind.to_string();
+        let parts = self.parts.iter().filter(move |(k, _, _)| *k == kind);
+        parts.map(|(_, n, t)| (n.as_str(), t.as_str()))
     }
 
     fn part(&self, kind: &str) -> &str {
-        self.parts
-            .iter()
-            .find(|(k, _, _)| k == kind)
-            .map(|(_, _, t)| t.as_str())
-            .unwrap_or("")
+        self.of_kind(kind).next().map_or("", |(_, t)| t)
     }
 
     fn unit(&self, name: &str) -> &str {
-        self.parts
-            .iter()
-            .find(|(k, n, _)| k == "unit" && n == name)
-            .map(|(_, _, t)| t.as_str())
-            .unwrap_or_else(|| panic!("no unit {name} rendered"))
+        let unit = self.of_kind("unit").find(|(n, _)| *n == name);
+        unit.unwrap_or_else(|| panic!("no unit {name} rendered")).1
     }
 
     /// The first `Key=` value of the service unit.
@@ -167,11 +127,17 @@ impl Rendered {
 
     /// The config file the service's ExecStart names.
     fn config_file(&self) -> (&str, &str) {
-        self.parts
-            .iter()
-            .find(|(k, n, _)| k == "file" && n.ends_with(".conf"))
-            .map(|(_, n, t)| (n.as_str(), t.as_str()))
-            .expect("a rendered config file")
+        let file = self.of_kind("file").find(|(n, _)| n.ends_with(".conf"));
+        file.expect("a rendered config file")
+    }
+
+    /// The value of `key` in the rendered config file.
+    fn setting(&self, key: &str) -> Option<&str> {
+        let prefix = format!("{key} = ");
+        self.config_file()
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
     }
 
     /// The user the service runs as.
@@ -179,10 +145,6 @@ impl Rendered {
         self.service_value("User").expect("User= in the service")
     }
 }
-
-// ---------------------------------------------------------------------------
-// The container
-// ---------------------------------------------------------------------------
 
 /// A booted container: systemd-nspawn in a cgroup of its own, its PID 1, and
 /// a scratch directory on the host. Dropping it powers it off and removes
@@ -196,13 +158,9 @@ struct Container {
 }
 
 /// The root file system, built by tests/system/mkroot.sh when missing.
-fn rootfs(scratch: &Path) -> PathBuf {
+fn rootfs() -> PathBuf {
     let script = repo().join("tests/system/mkroot.sh");
-    let ran = run_deadline(
-        &mut Command::new(&script),
-        scratch,
-        Duration::from_secs(900),
-    );
+    let ran = run_deadline(&mut Command::new(&script), Duration::from_secs(900));
     assert!(
         ran.status.success(),
         "tests/system/mkroot.sh failed (it needs root and debootstrap): {}",
@@ -235,38 +193,32 @@ fn preflight() {
             "the system tier cannot run here: no {name} (systemd-nspawn needs it {why}); run as root on a machine, or in a container with {name}"
         );
     }
+    for tool in ["systemd-nspawn", "nsenter"] {
+        assert!(
+            on_path(tool).is_some(),
+            "{tool} is not installed: the system tier needs it (apt-get install systemd-container util-linux)"
+        );
+    }
 }
 
 /// The pid (in the host's namespace) of the child of `parent` that is PID 1
-/// of its own pid namespace.
+/// of its own pid namespace, once it runs systemd.
 fn container_pid1(parent: u32) -> Option<u32> {
-    for entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
-            continue;
-        };
+    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.split_whitespace().collect::<Vec<_>>())
-                .unwrap_or_default()
+            let value = status.lines().find_map(|l| l.strip_prefix(name));
+            value.map_or(Vec::new(), |v| v.split_whitespace().collect::<Vec<_>>())
         };
-        let ppid = field("PPid:");
         let nspid = field("NSpid:");
-        // Until nspawn's child has become systemd, it is not PID 1 yet.
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if ppid.first() == Some(&parent.to_string().as_str())
+        let is_pid1 = field("PPid:") == [parent.to_string().as_str()]
             && nspid.len() >= 2
             && nspid.last() == Some(&"1")
-            && comm.trim() == "systemd"
-        {
-            return Some(pid);
-        }
-    }
-    None
+            && comm.trim() == "systemd";
+        is_pid1.then_some(pid)
+    })
 }
 
 impl Container {
@@ -274,22 +226,10 @@ impl Container {
     /// (read-only) and waits until systemd reports the system running.
     fn boot(tag: &str) -> Container {
         preflight();
-        for tool in ["systemd-nspawn", "nsenter"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            assert!(
-                found,
-                "{tool} is not installed: the system tier needs it (apt-get install systemd-container util-linux)"
-            );
-        }
         let id = unique_id();
         let scratch = std::env::temp_dir().join(format!("npbhq-system-{tag}-{id}"));
         fs::create_dir_all(&scratch).expect("scratch dir");
-        let root = rootfs(&scratch);
+        let root = rootfs();
         // Short and unique: it names the cgroups and nspawn's directories.
         let machine = format!("npbhq-{tag}-{}", id.replace('-', ""));
         let machine: String = machine.chars().take(60).collect();
@@ -307,33 +247,28 @@ impl Container {
             .iter()
             .map(|d| format!("echo $$ > {}/cgroup.procs && ", d.display()))
             .collect();
+        let bind =
+            |bin: PathBuf, name: &str| format!("--bind-ro={}:/opt/npbhq/bin/{name}", bin.display());
         let log = fs::File::create(scratch.join("nspawn.log")).expect("log");
         let nspawn = Command::new("sh")
             .arg("-c")
             .arg(format!("{enter}exec \"$@\""))
-            .arg("sh")
-            .arg("systemd-nspawn")
-            .arg("--quiet")
-            .arg("-D")
+            .args(["sh", "systemd-nspawn", "--quiet", "-D"])
             .arg(&root)
-            .arg("--machine")
-            .arg(&machine)
             .args([
+                "--machine",
+                &machine,
                 "--boot",
                 "--register=no",
                 "--keep-unit",
+            ])
+            .args([
                 "--private-network",
                 "--volatile=overlay",
                 "--console=read-only",
             ])
-            .arg(format!(
-                "--bind-ro={}:/opt/npbhq/bin/post-build-hook-queue",
-                daemon_bin().display()
-            ))
-            .arg(format!(
-                "--bind-ro={}:/opt/npbhq/bin/post-build-hook",
-                hook_bin().display()
-            ))
+            .arg(bind(daemon_bin(), "post-build-hook-queue"))
+            .arg(bind(hook_bin(), "post-build-hook"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -347,33 +282,29 @@ impl Container {
             scratch,
         };
         let start = Instant::now();
-        loop {
-            if let Some(pid) = container_pid1(c.nspawn.id()) {
-                c.pid1 = pid;
-                break;
-            }
+        let pid1 = poll(Duration::from_secs(60), 20, || {
             if let Ok(Some(status)) = c.nspawn.try_wait() {
                 panic!(
                     "systemd-nspawn exited ({status}) before the container started:\n{}",
                     c.nspawn_log()
                 );
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
+            container_pid1(c.nspawn.id())
+        });
+        c.pid1 = pid1.unwrap_or_else(|| {
+            panic!(
                 "the container's PID 1 did not appear within 60 s:\n{}",
                 c.nspawn_log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+            )
+        });
         let started = start.elapsed();
         // Before its bus is up, systemctl fails or says "offline" at once.
-        let mut state = c.sh("systemctl is-system-running --wait");
-        while (state.stdout.trim() == "offline" || state.stdout.trim().is_empty())
-            && start.elapsed() < Duration::from_secs(60)
-        {
-            thread::sleep(Duration::from_millis(50));
-            state = c.sh("systemctl is-system-running --wait");
-        }
+        let state = poll(Duration::from_secs(60), 50, || {
+            let state = c.sh("systemctl is-system-running --wait");
+            let up = !matches!(state.stdout.trim(), "offline" | "");
+            up.then_some(state)
+        });
+        let state = state.unwrap_or_else(|| c.sh("systemctl is-system-running --wait"));
         assert!(
             state.stdout.trim() == "running",
             "the container did not come up cleanly ({}); failed units:\n{}",
@@ -403,20 +334,17 @@ impl Container {
     /// Runs a shell script inside the container as root, with a plain
     /// environment.
     fn sh(&self, script: &str) -> Ran {
+        let pid1 = self.pid1.to_string();
+        let env = [
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME=/root",
+            "LANG=C.UTF-8",
+        ];
         run_deadline(
             Command::new("nsenter")
-                .arg("-t")
-                .arg(self.pid1.to_string())
-                .args(["-a", "/usr/bin/env", "-i"])
-                .args([
-                    "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                    "HOME=/root",
-                    "LANG=C.UTF-8",
-                    "/bin/sh",
-                    "-c",
-                    script,
-                ]),
-            &self.scratch,
+                .args(["-t", &pid1, "-a", "/usr/bin/env", "-i"])
+                .args(env)
+                .args(["/bin/sh", "-c", script]),
             COMMAND_DEADLINE,
         )
     }
@@ -442,6 +370,12 @@ impl Container {
         fs::write(&host, text).unwrap_or_else(|e| panic!("write {path} in the container: {e}"));
     }
 
+    /// Writes an executable script inside the container.
+    fn write_script(&self, path: &str, text: &str) {
+        self.write(path, text);
+        self.ok(&format!("chmod 755 {path}"));
+    }
+
     /// The service's journal, for failure messages.
     fn journal(&self) -> String {
         let ran = self.sh(&format!(
@@ -456,48 +390,52 @@ impl Container {
             .trim()
             .to_string()
     }
+
+    /// Waits (bounded by `deadline`, a correctness bound) until `done`
+    /// holds; on a timeout the failure shows the service's journal.
+    fn wait_for(&self, deadline: Duration, what: &str, mut done: impl FnMut() -> bool) {
+        let check = || done().then_some(()).ok_or_else(|| "not yet".to_string());
+        wait_until_ok(deadline, what, check, || self.journal());
+    }
 }
 
 impl Drop for Container {
     fn drop(&mut self) {
         if self.pid1 != 0 {
             // Bounded: a wedged container must not hang the test run.
-            let _ = Command::new("nsenter")
-                .arg("-t")
-                .arg(self.pid1.to_string())
-                .args(["-a", "systemctl", "poweroff", "--no-block"])
+            let poweroff = Command::new("nsenter")
+                .args(["-t", &self.pid1.to_string(), "-a", "systemctl", "poweroff"])
+                .arg("--no-block")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .spawn()
-                .map(|mut child| {
-                    let start = Instant::now();
-                    while start.elapsed() < Duration::from_secs(10) {
-                        if let Ok(Some(_)) = child.try_wait() {
-                            return;
-                        }
-                        thread::sleep(Duration::from_millis(20));
-                    }
+                .spawn();
+            if let Ok(mut child) = poweroff {
+                let waited = poll(Duration::from_secs(10), 20, || child.try_wait().ok()?);
+                if waited.is_none() {
                     let _ = child.kill();
                     let _ = child.wait();
-                });
-        }
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                break;
+                }
             }
-            thread::sleep(Duration::from_millis(50));
         }
-        if !matches!(self.nspawn.try_wait(), Ok(Some(_))) {
+        let off = poll(Duration::from_secs(20), 50, || {
+            self.nspawn.try_wait().ok()?
+        });
+        if off.is_none() {
             let _ = self.nspawn.kill();
             let _ = self.nspawn.wait();
         }
-        // Whatever is left in the cgroups (nothing, after a clean poweroff).
+        // Whatever is left in the cgroups (nothing, after a clean poweroff),
+        // then the cgroups themselves, deepest first.
         for dir in &self.cgroups {
-            kill_cgroup(dir);
+            in_cgroup(dir, &|d| {
+                let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
         }
         for dir in &self.cgroups {
-            remove_cgroup(dir);
+            in_cgroup(dir, &|d| drop(fs::remove_dir(d)));
         }
         let _ = fs::remove_dir_all(Path::new("/run/systemd/nspawn/propagate").join(&self.machine));
         if std::env::var_os("NPBHQ_KEEP_TMP").is_none() {
@@ -506,37 +444,15 @@ impl Drop for Container {
     }
 }
 
-fn kill_cgroup(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                kill_cgroup(&e.path());
-            }
+/// Calls `f` on every cgroup under `dir`, deepest first, and on `dir` last.
+fn in_cgroup(dir: &Path, f: &dyn Fn(&Path)) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            in_cgroup(&e.path(), f);
         }
     }
-    for pid in fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-    {
-        let _ = Command::new("kill").args(["-9", pid]).status();
-    }
+    f(dir);
 }
-
-/// Removes a cgroup and everything under it, deepest first.
-fn remove_cgroup(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                remove_cgroup(&e.path());
-            }
-        }
-    }
-    let _ = fs::remove_dir(dir);
-}
-
-// ---------------------------------------------------------------------------
-// Installing the rendered configuration, as NixOS would
-// ---------------------------------------------------------------------------
 
 /// What the tests set up besides the module: the Nix daemon's configuration
 /// (no sandbox and no substituters, as in the host tier; the test key
@@ -607,12 +523,15 @@ fn install_module(c: &Container, module: &Rendered) {
     c.ok("systemctl daemon-reload");
 }
 
-/// A fresh start of the module's units: enabled (as NixOS links them into
-/// sockets.target and multi-user.target) and started.
+/// Enables the module's units (as NixOS links them into sockets.target and
+/// multi-user.target) and starts them.
+const START_UNITS: &str =
+    "systemctl enable nix-post-build-hook-queue.socket nix-post-build-hook-queue.service && \
+     systemctl start nix-post-build-hook-queue.socket nix-post-build-hook-queue.service";
+
+/// A fresh start of the module's units ([`START_UNITS`]), which must succeed.
 fn start_module(c: &Container) {
-    let ran = c.sh(&format!(
-        "systemctl enable {UNIT}.socket {UNIT}.service && systemctl start {UNIT}.socket {UNIT}.service"
-    ));
+    let ran = c.sh(START_UNITS);
     assert!(
         ran.status.success(),
         "the module's units did not start: {}\n{}",
@@ -633,16 +552,17 @@ fn boot_with(tag: &str, variant: &str) -> (Container, Rendered) {
 /// Builds a distinct one-file derivation as root through the nix-daemon
 /// (which runs the post-build-hook, as root); returns its output path.
 fn build(c: &Container, tag: &str) -> String {
-    build_as(c, "root", tag)
+    build_as(c, "root", tag, "")
 }
 
 /// [`build`] by `user` (a client of the nix-daemon like any other: the
-/// daemon runs the hook, as root, whoever asked for the build).
-fn build_as(c: &Container, user: &str, tag: &str) -> String {
+/// daemon runs the hook, as root, whoever asked for the build), whose
+/// output also holds the Nix expression `with` (a dependency).
+fn build_as(c: &Container, user: &str, tag: &str, with: &str) -> String {
     let nonce = unique_id();
     let out = c.ok(&format!(
         "cd / && runuser -u {user} -- env HOME=/tmp NIX_REMOTE=daemon nix-build --no-out-link -E 'derivation {{ name = \"npbhq-{tag}\"; \
-         system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {nonce} > $out\" ]; }}'"
+         system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {with} {nonce} > $out\" ]; }}'"
     ));
     let path = out.lines().last().unwrap_or_default().trim().to_string();
     assert!(
@@ -652,16 +572,18 @@ fn build_as(c: &Container, user: &str, tag: &str) -> String {
     path
 }
 
-/// Whether `path` is in the file:// cache with a signature the test key
-/// verifies.
+/// Whether `path` is in `store` with a signature the test key verifies.
 fn verified_in(c: &Container, store: &str, path: &str) -> Result<(), String> {
     let ran = c.sh(&format!(
         "nix store verify --no-contents --store '{store}' --trusted-public-keys \"$(cat {PUBLIC_KEY})\" {path}"
     ));
-    if ran.status.success() {
-        Ok(())
-    } else {
-        Err(ran.both())
+    ran.status.success().then_some(()).ok_or_else(|| ran.both())
+}
+
+/// [`verified_in`] for each path, which must hold.
+fn assert_verified(c: &Container, store: &str, paths: &[String]) {
+    for p in paths {
+        verified_in(c, store, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
     }
 }
 
@@ -669,44 +591,47 @@ fn verified_in(c: &Container, store: &str, path: &str) -> Result<(), String> {
 /// root's nix would create the cache's files, owned by root, and the
 /// daemon's user could then no longer write there.
 fn in_cache_dir(c: &Container, path: &str) -> bool {
-    let hash = path
-        .trim_start_matches("/nix/store/")
-        .split('-')
-        .next()
-        .unwrap_or_default();
-    c.sh(&format!("test -e {CACHE_DIR}/{hash}.narinfo"))
-        .status
-        .success()
+    let hash = path.trim_start_matches("/nix/store/").split('-').next();
+    let narinfo = format!("{CACHE_DIR}/{}.narinfo", hash.unwrap_or_default());
+    c.sh(&format!("test -e {narinfo}")).status.success()
 }
 
 /// Waits until every path is in the file:// cache, then verifies each
 /// with the test key.
 fn wait_delivered(c: &Container, paths: &[String]) {
     for p in paths {
-        wait_until_ok(
-            DELIVERY_DEADLINE,
-            &format!("{p} in {CACHE_DIR}"),
-            || {
-                in_cache_dir(c, p)
-                    .then_some(())
-                    .ok_or_else(|| "no narinfo yet".to_string())
-            },
-            || c.journal(),
-        );
+        c.wait_for(DELIVERY_DEADLINE, &format!("{p} in {CACHE_DIR}"), || {
+            in_cache_dir(c, p)
+        });
     }
-    for p in paths {
-        verified_in(c, CACHE_URL, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
-    }
+    assert_verified(c, CACHE_URL, paths);
+}
+
+/// `wait` as root, which must end with every path uploaded.
+fn wait_all(c: &Container) {
+    let waited = daemon(c, "wait --timeout 100");
+    assert!(
+        waited.status.success(),
+        "wait: {}\n{}",
+        waited.both(),
+        c.journal()
+    );
+}
+
+/// Sleeps longer than the service's RestartSec: long enough for systemd
+/// to have restarted it, had it meant to.
+fn sleep_past_restart_sec(module: &Rendered) {
+    let restart_sec: f64 = module
+        .service_value("RestartSec")
+        .and_then(|v| v.parse().ok())
+        .expect("RestartSec");
+    thread::sleep(Duration::from_secs_f64(restart_sec + 2.0));
 }
 
 /// The service is up and was never restarted: checked longer than
 /// RestartSec after it last served, as an operator would.
 fn assert_stays_up(c: &Container, module: &Rendered) {
-    let restart_sec: f64 = module
-        .service_value("RestartSec")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5.0);
-    thread::sleep(Duration::from_secs_f64(restart_sec + 2.0));
+    sleep_past_restart_sec(module);
     let props = c.ok(&format!(
         "systemctl show -p NRestarts,ActiveState,SubState,Result,ExecMainStatus {UNIT}.service"
     ));
@@ -721,9 +646,23 @@ fn daemon(c: &Container, args: &str) -> Ran {
     c.sh(&format!("/opt/npbhq/bin/post-build-hook-queue {args}"))
 }
 
-// ---------------------------------------------------------------------------
-// Scenarios
-// ---------------------------------------------------------------------------
+/// `nix copy` to the ssh-ng receiver with root's key, of what follows.
+const SSH_COPY: &str = "NIX_SSHOPTS='-i /etc/npbhq-test/ssh-key -o BatchMode=yes' nix copy --to 'ssh-ng://root@127.0.0.1?remote-store=/srv/receiver'";
+
+/// The ssh-ng receiver: root's ssh key runs an untrusted nix-daemon on its
+/// own store at [`RECEIVER`] (as `nix.sshServe` does), with `options`, so a
+/// path is accepted only with a signature by a key in the receiver's
+/// trusted-public-keys. (A trusted one, as root's own `nix-daemon --stdio`
+/// is, takes any locally built path unsigned.)
+fn ssh_receiver(c: &Container, options: &str) {
+    c.ok(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f /etc/npbhq-test/ssh-key && \
+         install -d -m 700 /root/.ssh && \
+         echo \"restrict,command=\\\"nix-daemon --extra-experimental-features daemon-trust-override --stdio --force-untrusted --store {RECEIVER}{options}\\\" $(cat /etc/npbhq-test/ssh-key.pub)\" > /root/.ssh/authorized_keys && \
+         echo \"127.0.0.1 $(cat /etc/ssh/ssh_host_ed25519_key.pub)\" > /etc/ssh/ssh_known_hosts && \
+         mkdir -p {RECEIVER} && systemctl restart ssh.service"
+    ));
+}
 
 #[test]
 fn rendered_units_match_module_nix() {
@@ -758,35 +697,18 @@ fn rendered_module_facts() {
             .unwrap_or_else(|| panic!("checks.txt has no {name}"))
             .to_string()
     };
-    for name in [
-        "default-user-created",
-        "nix-pb-user-created",
-        "normal-user-left-alone",
-        "known-settings-key-accepted",
-        "unknown-settings-key-fails",
-        "module-owned-key-fails",
-        "old-nix-signing-untrusted-fails",
-        "key-in-store-fails",
-        "environment-file-in-store-fails",
-        "empty-upload-to-fails",
-        "empty-upload-to-in-list-fails",
-        "null-upload-to-accepted",
-        "negative-timeout-fails",
-        "zero-delay-fails",
-        "zero-delay-string-fails",
-        "give-up-never-accepted",
-        "empty-upload-command-fails",
-        "bare-upload-command-fails",
-        "absolute-upload-command-accepted",
-        "warns-when-it-only-journals",
-        "quiet-with-a-target",
-        "warns-when-signed-twice",
-        "config-check-off",
-        "config-check-cross",
-        "overlaid-package-runs",
-        "overlaid-package-installed",
-        "default-package-installed",
-    ] {
+    // Facts that must be true, as render.nix names them.
+    let true_facts = "default-user-created nix-pb-user-created normal-user-left-alone \
+        known-settings-key-accepted unknown-settings-key-fails module-owned-key-fails \
+        old-nix-signing-untrusted-fails key-in-store-fails \
+        environment-file-in-store-fails empty-upload-to-fails \
+        empty-upload-to-in-list-fails null-upload-to-accepted negative-timeout-fails \
+        zero-delay-fails zero-delay-string-fails give-up-never-accepted \
+        empty-upload-command-fails bare-upload-command-fails \
+        absolute-upload-command-accepted warns-when-it-only-journals quiet-with-a-target \
+        warns-when-signed-twice config-check-off config-check-cross \
+        overlaid-package-runs overlaid-package-installed default-package-installed";
+    for name in true_facts.split_whitespace() {
         assert_eq!(fact(name), "true", "module.nix: {name}");
     }
     assert_eq!(
@@ -934,17 +856,9 @@ fn module_service_serves_signs_uploads_and_stays_up() {
         "nobody reached the socket: {}",
         refused.both()
     );
-    paths.push(build_as(&c, "nobody", "serve-nobody"));
-    let waited = daemon(&c, "wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait as root: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
-    for p in &paths {
-        verified_in(&c, CACHE_URL, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
-    }
+    paths.push(build_as(&c, "nobody", "serve-nobody", ""));
+    wait_all(&c);
+    assert_verified(&c, CACHE_URL, &paths);
     // The verification means something: another key does not verify.
     let other = c.ok(
         "nix-store --generate-binary-cache-key other /tmp/other.sk /tmp/other.pk && cat /tmp/other.pk",
@@ -1021,18 +935,7 @@ fn module_service_serves_signs_uploads_and_stays_up() {
 #[test]
 fn module_service_uploads_over_ssh_ng_to_a_receiver_requiring_signatures() {
     let (c, module) = boot_with("ssh", "ssh");
-    // The receiver: root's ssh key runs an untrusted nix-daemon on its own
-    // store (as `nix.sshServe` does), so a path is accepted only with a
-    // signature by a key in the receiver's trusted-public-keys. (A trusted
-    // one, as root's own `nix-daemon --stdio` is, takes any locally built
-    // path unsigned.)
-    c.ok(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -f /etc/npbhq-test/ssh-key && \
-         install -d -m 700 /root/.ssh && \
-         echo \"restrict,command=\\\"nix-daemon --extra-experimental-features daemon-trust-override --stdio --force-untrusted --store {RECEIVER}\\\" $(cat /etc/npbhq-test/ssh-key.pub)\" > /root/.ssh/authorized_keys && \
-         echo \"127.0.0.1 $(cat /etc/ssh/ssh_host_ed25519_key.pub)\" > /etc/ssh/ssh_known_hosts && \
-         mkdir -p {RECEIVER} && systemctl restart ssh.service"
-    ));
+    ssh_receiver(&c, "");
     // The receiver's own check, without our daemon: it refuses an unsigned
     // path, and takes the same path once it is signed with the test key
     // (so the refusal was about the signature, not the connection).
@@ -1040,9 +943,7 @@ fn module_service_uploads_over_ssh_ng_to_a_receiver_requiring_signatures() {
     // --add` makes, needs no signature anywhere. The service is not started
     // yet, so the hook spools it.
     let unsigned = build(&c, "unsigned");
-    let copy = format!(
-        "NIX_SSHOPTS='-i /etc/npbhq-test/ssh-key -o BatchMode=yes' nix copy --to 'ssh-ng://root@127.0.0.1?remote-store={RECEIVER}' {unsigned}"
-    );
+    let copy = format!("{SSH_COPY} {unsigned}");
     let refused = c.sh(&copy);
     assert!(
         !refused.status.success() && verified_in(&c, RECEIVER, &unsigned).is_err(),
@@ -1055,16 +956,8 @@ fn module_service_uploads_over_ssh_ng_to_a_receiver_requiring_signatures() {
     verified_in(&c, RECEIVER, &unsigned).unwrap_or_else(|e| panic!("signed by hand: {e}"));
     start_module(&c);
     let paths: Vec<String> = (0..3).map(|i| build(&c, &format!("ssh{i}"))).collect();
-    let waited = daemon(&c, "wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
-    for p in &paths {
-        verified_in(&c, RECEIVER, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
-    }
+    wait_all(&c);
+    assert_verified(&c, RECEIVER, &paths);
     assert_stays_up(&c, &module);
 }
 
@@ -1099,16 +992,11 @@ fn restart_in_the_middle_of_an_upload_loses_nothing() {
     let (c, module) = boot_with("restart", "file");
     // The module's config file, with the slow nix: a changed configuration
     // of the same module (settings.nix), written where the unit reads it.
-    let (config_path, config_text) = module.config_file();
-    c.write(
+    c.write_script(
         "/usr/local/bin/npbhq-slow-nix",
         "#!/bin/sh\ncase \" $* \" in *\" copy \"*) echo copy >> \"$HOME/copies\"; sleep 4;; esac\nexec /usr/bin/nix \"$@\"\n",
     );
-    c.ok("chmod 755 /usr/local/bin/npbhq-slow-nix");
-    c.write(
-        config_path,
-        &format!("{config_text}nix = /usr/local/bin/npbhq-slow-nix\n"),
-    );
+    append_to_config(&c, &module, "nix = /usr/local/bin/npbhq-slow-nix");
     // Built before the daemon first starts: the hook spools both, and the
     // daemon uploads them in one `nix copy`.
     let paths: Vec<String> = (0..2).map(|i| build(&c, &format!("restart{i}"))).collect();
@@ -1119,16 +1007,9 @@ fn restart_in_the_middle_of_an_upload_loses_nothing() {
             .lines()
             .count()
     };
-    wait_until_ok(
-        Duration::from_secs(60),
-        "an upload in progress",
-        || {
-            (copies() > 0)
-                .then_some(())
-                .ok_or_else(|| "no copy yet".to_string())
-        },
-        || c.journal(),
-    );
+    c.wait_for(Duration::from_secs(60), "an upload in progress", || {
+        copies() > 0
+    });
     c.ok(&format!("systemctl restart {UNIT}.service"));
     wait_delivered(&c, &paths);
     let json = daemon(&c, "status --json");
@@ -1184,16 +1065,12 @@ fn switch_to_a_changed_unit_drains_the_queue() {
 /// tests failing with `sshd did not listen on port N`.
 #[test]
 fn container_tiers_say_in_one_line_why_they_cannot_run() {
-    let scratch = std::env::temp_dir().join(format!("npbhq-system-preflight-{}", unique_id()));
-    fs::create_dir_all(&scratch).expect("scratch dir");
     let without = |program: &Path, args: &[&str]| {
         run_deadline(
             Command::new("setpriv")
-                .arg("--bounding-set=-net_admin")
-                .arg("--")
+                .args(["--bounding-set=-net_admin", "--"])
                 .arg(program)
                 .args(args),
-            &scratch,
             Duration::from_secs(600),
         )
     };
@@ -1231,7 +1108,6 @@ fn container_tiers_say_in_one_line_why_they_cannot_run() {
         "{}",
         tier.both()
     );
-    let _ = fs::remove_dir_all(&scratch);
 }
 
 /// The module's config file with one more line, written where the unit
@@ -1248,19 +1124,13 @@ fn append_to_config(c: &Container, module: &Rendered, line: &str) {
 fn a_configuration_error_exits_78_and_is_not_restarted() {
     let (c, module) = boot_with("exit78", "file");
     append_to_config(&c, &module, "batch-size = 0");
-    let started = c.sh(&format!(
-        "systemctl enable {UNIT}.socket {UNIT}.service && systemctl start {UNIT}.socket {UNIT}.service"
-    ));
+    let started = c.sh(START_UNITS);
     assert!(
         !started.status.success(),
         "the service started with batch-size = 0: {}",
         started.both()
     );
-    let restart_sec: f64 = module
-        .service_value("RestartSec")
-        .and_then(|v| v.parse().ok())
-        .expect("RestartSec");
-    thread::sleep(Duration::from_secs_f64(restart_sec + 2.0));
+    sleep_past_restart_sec(&module);
     let props = c.ok(&format!(
         "systemctl show -p NRestarts,ActiveState,Result,ExecMainStatus {UNIT}.service"
     ));
@@ -1280,44 +1150,26 @@ fn a_configuration_error_exits_78_and_is_not_restarted() {
 #[test]
 fn upload_command_gets_its_token_from_the_environment_file() {
     let (c, module) = boot_with("token", "token");
-    let command = module
-        .config_file()
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("upload-command = "))
-        .expect("upload-command in the rendered config")
-        .to_string();
-    let uploaded = command
-        .split_whitespace()
-        .last()
-        .expect("the uploader's --to file")
-        .to_string();
+    let command = module.setting("upload-command").expect("upload-command");
+    let uploaded = command.split_whitespace().last().expect("the --to file");
     // The uploader: refuses (and notes it) without NPBHQ_TEST_TOKEN=sekrit
     // in its environment, else records the paths it was given.
-    c.write(
+    c.write_script(
         "/usr/local/bin/npbhq-token-upload",
         "#!/bin/sh\n[ \"$1\" = --to ] || exit 2\nout=$2; shift 2\n\
          if [ \"$NPBHQ_TEST_TOKEN\" != sekrit ]; then echo refused >> \"$out.refused\"; \
          echo 'npbhq-token-upload: no token' >&2; exit 1; fi\n\
          for p; do echo \"$p\" >> \"$out\"; done\n",
     );
-    c.ok("chmod 755 /usr/local/bin/npbhq-token-upload");
     c.write("/etc/npbhq-test/uploader.env", "NPBHQ_TEST_OTHER=1\n");
     c.ok("chmod 600 /etc/npbhq-test/uploader.env");
     start_module(&c);
     let path = build(&c, "token");
-    wait_until_ok(
-        DELIVERY_DEADLINE,
-        "the uploader refused, having no token",
-        || {
-            c.sh(&format!("test -s {uploaded}.refused"))
-                .status
-                .success()
-                .then_some(())
-                .ok_or_else(|| "not yet".to_string())
-        },
-        || c.journal(),
-    );
+    c.wait_for(DELIVERY_DEADLINE, "the uploader's refusal", || {
+        c.sh(&format!("test -s {uploaded}.refused"))
+            .status
+            .success()
+    });
     let none = c.sh(&format!("cat {uploaded}"));
     assert!(
         !none.stdout.contains(&path),
@@ -1329,13 +1181,7 @@ fn upload_command_gets_its_token_from_the_environment_file() {
         "NPBHQ_TEST_OTHER=1\nNPBHQ_TEST_TOKEN=sekrit\n",
     );
     c.ok(&format!("systemctl restart {UNIT}.service"));
-    let waited = daemon(&c, "wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
+    wait_all(&c);
     let list = c.ok(&format!("cat {uploaded}"));
     assert!(
         list.lines().any(|l| l == path),
@@ -1365,12 +1211,11 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
         variables.starts_with("NPBHQ_SOCKET=/"),
         "the module names the socket for the group: {variables}"
     );
-    let group = module
-        .unit(&format!("{UNIT}.socket"))
+    let socket_unit = module.unit(&format!("{UNIT}.socket"));
+    let group = socket_unit
         .lines()
-        .find_map(|l| l.strip_prefix("SocketGroup="))
-        .expect("SocketGroup=")
-        .to_string();
+        .find_map(|l| l.strip_prefix("SocketGroup="));
+    let group = group.expect("SocketGroup=");
     start_module(&c);
     let socket = c.ok(&format!("stat -c '%U %G %a' /run/{UNIT}.sock"));
     assert_eq!(socket.trim(), format!("root {group} 660"));
@@ -1394,29 +1239,19 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
             variables.trim().replace('\n', " ")
         ))
     };
-    let substituted = as_ci(&format!("nix-store --realise {path} --add-root result"));
-    assert!(
-        substituted.status.success(),
-        "ci substitutes: {}",
-        substituted.both()
-    );
-    let enqueued = as_ci("/opt/npbhq/bin/post-build-hook-queue enqueue ./result");
-    assert!(
-        enqueued.status.success(),
-        "enqueue ./result as a member of {group}: {}\n{}",
-        enqueued.both(),
-        c.journal()
-    );
-    let waited = as_ci("/opt/npbhq/bin/post-build-hook-queue wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait as a member of {group}: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
+    let as_ci_ok = |script: &str| {
+        let ran = as_ci(script);
+        let (out, log) = (ran.both(), c.journal());
+        assert!(
+            ran.status.success(),
+            "{script} as a member of {group}: {out}\n{log}"
+        );
+    };
+    as_ci_ok(&format!("nix-store --realise {path} --add-root result"));
+    as_ci_ok("/opt/npbhq/bin/post-build-hook-queue enqueue ./result");
+    as_ci_ok("/opt/npbhq/bin/post-build-hook-queue wait --timeout 100");
     wait_delivered(&c, &[path.to_string()]);
-    let status = as_ci("/opt/npbhq/bin/post-build-hook-queue status");
-    assert!(status.status.success(), "status as ci: {}", status.both());
+    as_ci_ok("/opt/npbhq/bin/post-build-hook-queue status");
     let dropped = as_ci(&format!("/opt/npbhq/bin/post-build-hook-queue drop {path}"));
     assert_eq!(
         dropped.status.code(),
@@ -1444,28 +1279,14 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
 #[test]
 fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
     let (c, module) = boot_with("subst", "substitute");
-    assert!(
-        module
-            .config_file()
-            .1
-            .lines()
-            .any(|l| l == "substitute-on-destination = true"),
-        "the rendered config does not set substitute-on-destination"
-    );
+    assert_eq!(module.setting("substitute-on-destination"), Some("true"));
     let upstream = c.ok(
         "nix-store --generate-binary-cache-key npbhq-upstream /etc/npbhq-test/upstream.sk /etc/npbhq-test/upstream.pk && \
          cat /etc/npbhq-test/upstream.pk && \
          echo \"extra-trusted-public-keys = $(cat /etc/npbhq-test/upstream.pk)\" >> /etc/nix/nix.conf",
     );
-    // The receiver, as in the ssh-ng test, whose nix-daemon substitutes
-    // from the upstream cache.
-    c.ok(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -f /etc/npbhq-test/ssh-key && \
-         install -d -m 700 /root/.ssh && \
-         echo \"restrict,command=\\\"nix-daemon --extra-experimental-features daemon-trust-override --stdio --force-untrusted --store {RECEIVER} --option substituters file:///srv/upstream\\\" $(cat /etc/npbhq-test/ssh-key.pub)\" > /root/.ssh/authorized_keys && \
-         echo \"127.0.0.1 $(cat /etc/ssh/ssh_host_ed25519_key.pub)\" > /etc/ssh/ssh_known_hosts && \
-         mkdir -p {RECEIVER} && systemctl restart ssh.service"
-    ));
+    // The receiver, whose nix-daemon substitutes from the upstream cache.
+    ssh_receiver(&c, " --option substituters file:///srv/upstream");
     // The dependency: built here, unsigned (the service is not started: the
     // hook spools it, and the spool is emptied, so only the top path is
     // queued), and put in the upstream cache signed by the upstream key.
@@ -1475,35 +1296,22 @@ fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
          nix copy --to 'file:///srv/upstream?secret-key=/etc/npbhq-test/upstream.sk' {dep}"
     ));
     // Over ssh alone the receiver refuses it (unsigned here).
-    let copy = c.sh(&format!(
-        "NIX_SSHOPTS='-i /etc/npbhq-test/ssh-key -o BatchMode=yes' nix copy --to 'ssh-ng://root@127.0.0.1?remote-store={RECEIVER}' {dep}"
-    ));
+    let copy = c.sh(&format!("{SSH_COPY} {dep}"));
     assert!(
         !copy.status.success() && verified_in(&c, RECEIVER, &dep).is_err(),
         "the receiver took the unsigned dependency over ssh: {}",
         copy.both()
     );
     start_module(&c);
-    let out = c.ok(&format!(
-        "cd / && nix-build --no-out-link -E 'derivation {{ name = \"npbhq-subst-top\"; \
-         system = builtins.currentSystem; builder = \"/bin/sh\"; \
-         args = [ \"-c\" \"echo ${{builtins.storePath \"{dep}\"}} {} > $out\" ]; }}'",
-        unique_id()
-    ));
-    let top = out.lines().last().unwrap_or_default().trim().to_string();
+    let with_dep = format!("${{builtins.storePath \"{dep}\"}}");
+    let top = build_as(&c, "root", "subst-top", &with_dep);
     let refs = c.ok(&format!("nix-store -q --references {top}"));
     assert!(
         refs.contains(&dep),
         "{top} does not depend on {dep}: {refs}"
     );
-    let waited = daemon(&c, "wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
-    verified_in(&c, RECEIVER, &top).unwrap_or_else(|e| panic!("{top}: {e}\n{}", c.journal()));
+    wait_all(&c);
+    assert_verified(&c, RECEIVER, &[top]);
     let sigs = c.ok(&format!("nix path-info --sigs --store {RECEIVER} {dep}"));
     assert!(
         sigs.contains(
@@ -1531,12 +1339,7 @@ fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
     let bin = scratch.join("bin");
     fs::create_dir_all(&bin).expect("scratch dir");
     let fake = bin.join("debootstrap");
-    fs::write(&fake, "#!/bin/sh\necho \"debootstrap-args: $*\"\nexit 1\n").expect("fake");
-    run_deadline(
-        Command::new("chmod").arg("755").arg(&fake),
-        &scratch,
-        COMMAND_DEADLINE,
-    );
+    write_script(&fake, "#!/bin/sh\necho \"debootstrap-args: $*\"\nexit 1\n");
     let path = format!(
         "{}:{}",
         bin.display(),
@@ -1547,7 +1350,6 @@ fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
             .env("PATH", path)
             .env_remove("NPBHQ_DEBIAN_MIRROR")
             .env("NPBHQ_ROOTFS", scratch.join("root")),
-        &scratch,
         COMMAND_DEADLINE,
     );
     assert!(!ran.status.success(), "{}", ran.both());

@@ -11,9 +11,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{hook_bin, Daemon, NixEnv, NO_ENV};
+use crate::common::{hook_bin, write_script, Daemon, NixEnv, NO_ENV};
 use crate::stats::{Goal, Row, Samples};
-use crate::util::{keep_until_the_end, nix_delay_wrapper, write_script, Mode};
+use crate::util::{keep_until_the_end, nix_delay_wrapper, Mode};
 
 /// The Nix manual's example hook ("Using the post-build-hook"), with the
 /// fallback Nix 2.8 needs for its empty `OUT_PATHS` (NixOS/nix#6446).
@@ -54,16 +54,14 @@ pub fn run(mode: &Mode) -> Vec<Row> {
         ],
     );
     let wrapper = nix_delay_wrapper(&env).display().to_string();
-    let mut held = Daemon::new_stopped(
+    let held = Daemon::start(
         &env,
         &[
             ("signing-key-file", sk.display().to_string().as_str()),
             ("upload-to", &cache),
             ("nix", &wrapper),
         ],
-        NO_ENV,
     );
-    held.try_spawn().unwrap_or_else(|e| panic!("{e}"));
     let inline_hook = env.root().join("inline-hook.sh");
     write_script(&inline_hook, INLINE_HOOK);
     let inline_env = [

@@ -11,11 +11,10 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{hook_bin, run_ok, Daemon, NixEnv, NO_ENV};
+use crate::common::{hook_bin, run_ok, write_script, Daemon, NixEnv, NO_ENV};
 use crate::stats::{Goal, Row, Samples};
 use crate::util::{
-    add_store_paths, fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, write_script,
-    Conn, Mode,
+    add_store_paths, fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, Conn, Mode,
 };
 
 /// Milliseconds since `start`.

@@ -59,16 +59,14 @@ pub fn enqueue(mode: &Mode) -> Vec<Row> {
     let (sk, _pk) = env.gen_signing_key("bench-1");
     let cache = format!("file://{}", env.root().join("cache").display());
     let wrapper = nix_delay_wrapper(&env).display().to_string();
-    let mut d = Daemon::new_stopped(
+    let d = Daemon::start(
         &env,
         &[
             ("signing-key-file", sk.display().to_string().as_str()),
             ("upload-to", &cache),
             ("nix", &wrapper),
         ],
-        NO_ENV,
     );
-    d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
     let store = env.store_dir();
     let (mut fresh, mut kept) = (Samples::new(), Samples::new());
     for round in 0..mode.enqueue_rounds {

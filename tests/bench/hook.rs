@@ -15,7 +15,7 @@
 use std::fs::{self, File};
 use std::process::{Command, Stdio};
 
-use crate::common::{hook_bin, Daemon, NixEnv, NO_ENV};
+use crate::common::{hook_bin, Daemon, NixEnv};
 use crate::floor::{fdatasync_ms, spool_write_ms, FloorProgram};
 use crate::stats::{Goal, Row, Samples};
 use crate::util::{fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, Mode};
@@ -39,16 +39,14 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
     let (sk, _pk) = env.gen_signing_key("bench-1");
     let cache = format!("file://{}", env.root().join("cache").display());
     let wrapper = nix_delay_wrapper(&env);
-    let mut d = Daemon::new_stopped(
+    let d = Daemon::start(
         &env,
         &[
             ("signing-key-file", sk.display().to_string().as_str()),
             ("upload-to", &cache),
             ("nix", &wrapper.display().to_string()),
         ],
-        NO_ENV,
     );
-    d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
     let store = env.store_dir();
     let socket = d.socket().display().to_string();
     let spool = d.spool_dir().display().to_string();

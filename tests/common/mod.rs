@@ -408,7 +408,7 @@ pub fn wait_until_ok(
 
 /// Calls `f` every `step_ms` (the first call at once) until it gives Some,
 /// or `timeout` has passed (None).
-fn poll<T>(timeout: Duration, step_ms: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn poll<T>(timeout: Duration, step_ms: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -463,25 +463,19 @@ impl BuildResult {
     }
 }
 
+/// The `nix.conf` of every store here: single-user (no nixbld group),
+/// no sandbox (builders need /bin/sh), no substituters (no network), and
+/// no fsync of the store DB (not under test). `require-sigs` is Nix's
+/// default spelled out: it matters only for paths imported *into* the
+/// store (`nix copy --from`, a receiver), never for locally built or added
+/// ones.
+pub const BASE_NIX_CONF: &str = "build-users-group =\nsandbox = false\nsubstituters =\n\
+    experimental-features = nix-command\nrequire-sigs = true\nfsync-metadata = false\n";
+
 /// A private Nix store for one test: `store/`, `var/`, `log/`, `etc/nix.conf`
 /// and a `home/` under a [`TempDir`]. Every command made by [`NixEnv::cmd`]
 /// uses only these (no `NIX_REMOTE`, no user config, no substituters).
-///
-/// The `nix.conf` written is
-///
-/// ```text
-/// build-users-group =            # single-user, no nixbld group needed
-/// sandbox = false                # builders need /bin/sh
-/// substituters =                 # no network
-/// experimental-features = nix-command
-/// require-sigs = true            # Nix's default, spelled out
-/// fsync-metadata = false         # faster; the store DB is not under test
-/// ```
-///
-/// `require-sigs` stays true: on the sending side it only matters when paths
-/// are imported *into* this store (e.g. `nix copy --from`), and there it should
-/// demand signatures. Locally built and `nix-store --add`ed paths are always
-/// accepted.
+/// Its `nix.conf` is [`BASE_NIX_CONF`].
 #[derive(Debug)]
 pub struct NixEnv {
     tmp: TempDir,
@@ -500,15 +494,7 @@ impl NixEnv {
         for d in ["store", "var", "log", "etc", "home/.cache", "home/.config"] {
             fs::create_dir_all(tmp.join(d)).unwrap();
         }
-        let conf = format!(
-            "build-users-group =\n\
-             sandbox = false\n\
-             substituters =\n\
-             experimental-features = nix-command\n\
-             require-sigs = true\n\
-             fsync-metadata = false\n\
-             {extra_conf}\n"
-        );
+        let conf = format!("{BASE_NIX_CONF}{extra_conf}\n");
         fs::write(tmp.join("etc/nix.conf"), conf).unwrap();
         NixEnv { tmp }
     }
@@ -911,19 +897,8 @@ impl Sshd {
         fs::create_dir_all(&receiver_root).unwrap();
         fs::create_dir_all(&recv_etc).unwrap();
         fs::create_dir_all(recv_home.join(".cache")).unwrap();
-        fs::write(
-            recv_etc.join("nix.conf"),
-            format!(
-                "build-users-group =\n\
-                 sandbox = false\n\
-                 substituters =\n\
-                 experimental-features = nix-command\n\
-                 fsync-metadata = false\n\
-                 require-sigs = true\n\
-                 trusted-public-keys = {trusted_public_keys}\n"
-            ),
-        )
-        .unwrap();
+        let conf = format!("{BASE_NIX_CONF}trusted-public-keys = {trusted_public_keys}\n");
+        fs::write(recv_etc.join("nix.conf"), conf).unwrap();
         let set_env = format!(
             "NIX_STORE_DIR={} NIX_STATE_DIR={} NIX_LOG_DIR={} NIX_CONF_DIR={} \
              NIX_USER_CONF_FILES={} XDG_CACHE_HOME={}",
@@ -1150,12 +1125,8 @@ impl Daemon {
             cfg.push(("state-dir".into(), dir.join("state").display().to_string()));
         }
         let mut vars = env.env_vars();
-        for (k, v) in extra_env {
-            vars.push((
-                k.as_ref().to_string_lossy().into_owned(),
-                v.as_ref().to_os_string(),
-            ));
-        }
+        let text = |k: &K| k.as_ref().to_string_lossy().into_owned();
+        vars.extend(extra_env.iter().map(|(k, v)| (text(k), v.as_ref().into())));
         let d = Daemon {
             config_path: dir.join("config"),
             dir,
@@ -1219,26 +1190,21 @@ impl Daemon {
             .open(self.log_path())
             .unwrap();
         let mut cmd = if self.launch == Launch::ClosedStd {
-            let mut c = Command::new("sh");
+            let mut c = self.command("sh".into());
             c.args(["-c", "exec \"$0\" \"$@\" <&- >&- 2>&-"])
                 .arg(daemon_bin());
             c
         } else {
-            Command::new(daemon_bin())
+            self.command(daemon_bin())
         };
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config_path)
-            .env_remove("NIX_REMOTE")
-            .env_remove("NIX_CONFIG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         if self.launch == Launch::StderrGone {
             cmd.stderr(Stdio::piped());
-        }
-        for (k, v) in &self.env {
-            cmd.env(k, v);
         }
         for k in &self.unset {
             cmd.env_remove(k);
@@ -1272,10 +1238,7 @@ impl Daemon {
 
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
-        PathBuf::from(
-            self.config_value("state-dir")
-                .expect("state-dir is always set"),
-        )
+        PathBuf::from(self.config_value("state-dir").expect("always set"))
     }
 
     /// The spool directory clients should use: the `spool-dir` config value,
@@ -1314,10 +1277,8 @@ impl Daemon {
 
     /// True if the daemon process is alive.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
+        let running = |c: &mut Child| matches!(c.try_wait(), Ok(None));
+        self.child.as_mut().is_some_and(running)
     }
 
     /// SIGKILLs the daemon *and every process it started* (its running
@@ -1395,14 +1356,16 @@ impl Daemon {
     /// A [`Command`] for the `post-build-hook` client with the NixEnv's
     /// environment and [`Daemon::hook_env`] (add `DRV_PATH`/`OUT_PATHS`).
     pub fn hook_cmd(&self) -> Command {
-        let mut c = Command::new(hook_bin());
+        let mut c = self.command(hook_bin());
+        c.envs(self.hook_env());
+        c
+    }
+
+    /// A [`Command`] for `program` with the daemon's environment.
+    fn command(&self, program: PathBuf) -> Command {
+        let mut c = Command::new(program);
         c.env_remove("NIX_REMOTE").env_remove("NIX_CONFIG");
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        for (k, v) in self.hook_env() {
-            c.env(k, v);
-        }
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -1410,11 +1373,7 @@ impl Daemon {
     /// with the same environment as the daemon and `NPBHQ_SOCKET` set. Pass
     /// `--socket` yourself where the CLI needs it.
     pub fn cli_cmd(&self) -> Command {
-        let mut c = Command::new(daemon_bin());
-        c.env_remove("NIX_REMOTE").env_remove("NIX_CONFIG");
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
+        let mut c = self.command(daemon_bin());
         c.env("NPBHQ_SOCKET", self.socket());
         c
     }
@@ -1801,12 +1760,19 @@ pub fn strs(paths: &[PathBuf]) -> Vec<String> {
     paths.iter().map(|p| p.display().to_string()).collect()
 }
 
+/// Writes an executable (0755) script.
+pub fn write_script(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 /// The absolute path of `program` on `PATH` (panics when it is missing).
 pub fn which(program: &str) -> PathBuf {
     on_path(program).unwrap_or_else(|| panic!("{program} is not on PATH"))
 }
 
-fn on_path(program: &str) -> Option<PathBuf> {
+/// The path of `program` on `PATH`, if it is there.
+pub fn on_path(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
@@ -2053,8 +2019,8 @@ pub fn show(o: &Output) -> String {
     )
 }
 
-/// Runs `cmd` (stdout and stderr piped) to its exit; panics (after killing
-/// it) if it still runs after `within`.
+/// Runs `cmd` (stdout and stderr read as they come) to its exit; panics
+/// (after killing it and what it started) if it still runs after `within`.
 pub fn run_to_exit(cmd: &mut Command, within: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())
@@ -2062,12 +2028,30 @@ pub fn run_to_exit(cmd: &mut Command, within: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if poll(within, 20, || child.try_wait().expect("try_wait")).is_none() {
+    fn drain(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    }
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    let exited = poll(within, 20, || child.try_wait().expect("try_wait"));
+    if exited.is_none() {
         kill_tree(child.id());
-        let out = child.wait_with_output().expect("wait");
+    }
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let status = child.wait().expect("wait");
+    let out = Output {
+        status,
+        stdout,
+        stderr,
+    };
+    if exited.is_none() {
         panic!("{cmd:?} still ran after {within:?}: {}", show(&out));
     }
-    child.wait_with_output().expect("wait")
+    out
 }
 
 /// One request on a fresh connection to `socket`: the final reply line
