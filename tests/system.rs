@@ -18,7 +18,8 @@
 mod common;
 
 use common::{
-    daemon_bin, hook_bin, on_path, poll, run_to_exit, unique_id, wait_until_ok, write_script,
+    daemon_bin, hook_bin, on_path, poll, rendered_check, run_to_exit, unique_id, wait_until_ok,
+    write_script, Rendered,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -72,77 +73,6 @@ fn run_deadline(cmd: &mut Command, deadline: Duration) -> Ran {
         status: out.status,
         stdout: text(&out.stdout),
         stderr: text(&out.stderr),
-    }
-}
-
-/// One rendered configuration: the parts of tests/system/rendered/NAME.txt,
-/// each `=== KIND NAME` and its text.
-struct Rendered {
-    parts: Vec<(String, String, String)>,
-}
-
-impl Rendered {
-    fn load(variant: &str) -> Rendered {
-        let file = rendered_dir().join(format!("{variant}.txt"));
-        let text = fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
-        let mut parts: Vec<(String, String, String)> = Vec::new();
-        for line in text.split_inclusive('\n') {
-            if let Some(head) = line.strip_prefix("=== ") {
-                let mut words = head.trim_end().splitn(2, ' ');
-                let kind = words.next().unwrap_or_default().to_string();
-                let name = words.next().unwrap_or_default().to_string();
-                parts.push((kind, name, String::new()));
-            } else if let Some(last) = parts.last_mut() {
-                last.2.push_str(line);
-            } else {
-                panic!("{}: text before the first === line", file.display());
-            }
-        }
-        Rendered { parts }
-    }
-
-    fn of_kind(&self, kind: &str) -> impl Iterator<Item = (&str, &str)> {
-        let kind = kind.to_string();
-        let parts = self.parts.iter().filter(move |(k, _, _)| *k == kind);
-        parts.map(|(_, n, t)| (n.as_str(), t.as_str()))
-    }
-
-    fn part(&self, kind: &str) -> &str {
-        self.of_kind(kind).next().map_or("", |(_, t)| t)
-    }
-
-    fn unit(&self, name: &str) -> &str {
-        let unit = self.of_kind("unit").find(|(n, _)| *n == name);
-        unit.unwrap_or_else(|| panic!("no unit {name} rendered")).1
-    }
-
-    /// The first `Key=` value of the service unit.
-    fn service_value(&self, key: &str) -> Option<String> {
-        let prefix = format!("{key}=");
-        self.unit(&format!("{UNIT}.service"))
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix).map(String::from))
-    }
-
-    /// The config file the service's ExecStart names.
-    fn config_file(&self) -> (&str, &str) {
-        let file = self.of_kind("file").find(|(n, _)| n.ends_with(".conf"));
-        file.expect("a rendered config file")
-    }
-
-    /// The value of `key` in the rendered config file.
-    fn setting(&self, key: &str) -> Option<&str> {
-        let prefix = format!("{key} = ");
-        self.config_file()
-            .1
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-    }
-
-    /// The user the service runs as.
-    fn user(&self) -> String {
-        self.service_value("User").expect("User= in the service")
     }
 }
 
@@ -542,7 +472,7 @@ fn start_module(c: &Container) {
 
 /// A container with `variant` installed and running.
 fn boot_with(tag: &str, variant: &str) -> (Container, Rendered) {
-    let module = Rendered::load(variant);
+    let module = Rendered::load(&rendered_dir(), variant);
     let c = Container::boot(tag);
     prepare_nix(&c, &module);
     install_module(&c, &module);
@@ -688,15 +618,7 @@ fn rendered_units_match_module_nix() {
 
 #[test]
 fn rendered_module_facts() {
-    let checks = fs::read_to_string(repo().join("tests/system/rendered/checks.txt"))
-        .expect("tests/system/rendered/checks.txt");
-    let fact = |name: &str| {
-        checks
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
-            .unwrap_or_else(|| panic!("checks.txt has no {name}"))
-            .to_string()
-    };
+    let fact = rendered_check;
     // Facts that must be true, as render.nix names them.
     let true_facts = "default-user-created nix-pb-user-created normal-user-left-alone \
         known-settings-key-accepted unknown-settings-key-fails module-owned-key-fails \
@@ -762,7 +684,7 @@ fn rendered_module_facts() {
     // a bad configuration not restarted, a stop that outlasts the daemon's
     // grace and leaves the nix call to the daemon.
     for variant in ["file", "ssh", "token", "group", "substitute"] {
-        let r = Rendered::load(variant);
+        let r = Rendered::load(&rendered_dir(), variant);
         let service = r.unit(&format!("{UNIT}.service"));
         let filter: Vec<&str> = service
             .lines()
@@ -820,7 +742,7 @@ fn rendered_module_facts() {
 #[test]
 fn module_service_serves_signs_uploads_and_stays_up() {
     let c = Container::boot("serve");
-    let module = Rendered::load("file");
+    let module = Rendered::load(&rendered_dir(), "file");
     // Neither the cache nor the metrics directory exists: the module's
     // tmpfiles rules create them.
     c.ok(&format!(

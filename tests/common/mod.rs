@@ -118,23 +118,12 @@ impl TempDir {
             .unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&base)
             .unwrap_or_else(|e| panic!("cannot create test tmp base {}: {e}", base.display()));
-        let prefix = sanitize_name(prefix);
-        for _ in 0..100 {
-            let path = base.join(format!("npbhq-{prefix}-{}", unique_id()));
-            match fs::create_dir(&path) {
-                Ok(()) => {
-                    // Canonical, so that store paths and URLs built from it are stable.
-                    let path = fs::canonicalize(&path).unwrap_or(path);
-                    return TempDir { path };
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => panic!("cannot create temp dir {}: {e}", path.display()),
-            }
-        }
-        panic!(
-            "could not find a free temp dir name under {}",
-            base.display()
-        );
+        let path = base.join(format!("npbhq-{}-{}", sanitize_name(prefix), unique_id()));
+        fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create temp dir {}: {e}", path.display()));
+        // Canonical, so that store paths and URLs built from it are stable.
+        let path = fs::canonicalize(&path).unwrap_or(path);
+        TempDir { path }
     }
 
     /// The directory.
@@ -171,10 +160,8 @@ pub fn make_dirs_writable(p: &Path) {
     if mode & 0o700 != 0o700 {
         let _ = fs::set_permissions(p, fs::Permissions::from_mode(mode | 0o700));
     }
-    if let Ok(rd) = fs::read_dir(p) {
-        for e in rd.flatten() {
-            make_dirs_writable(&e.path());
-        }
+    for e in fs::read_dir(p).into_iter().flatten().flatten() {
+        make_dirs_writable(&e.path());
     }
 }
 
@@ -183,46 +170,33 @@ pub fn make_dirs_writable(p: &Path) {
 /// Retries a few times: a process killed a moment ago may still finish a
 /// last write.
 pub fn remove_tree(p: &Path) {
-    let mut last = None;
-    for attempt in 0..5 {
-        if attempt > 0 {
-            thread::sleep(Duration::from_millis(50));
-            make_dirs_writable(p);
-        }
+    for attempt in 1..=5 {
         match fs::remove_dir_all(p) {
-            Ok(()) => return,
-            Err(_) if !p.exists() => return,
-            Err(e) => last = Some(e),
+            Err(e) if p.exists() && attempt == 5 => {
+                eprintln!("warning: could not remove {}: {e}", p.display())
+            }
+            Err(_) if p.exists() => {
+                thread::sleep(Duration::from_millis(50));
+                make_dirs_writable(p);
+            }
+            _ => return,
         }
-    }
-    if let Some(e) = last {
-        eprintln!("warning: could not remove {}: {e}", p.display());
     }
 }
 
 /// `(pid, ppid, state)` of every process, from `/proc/*/stat`.
 fn proc_table() -> Vec<(u32, u32, char)> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
+    let entries = fs::read_dir("/proc").into_iter().flatten().flatten();
+    let row = |e: fs::DirEntry| {
+        let pid = e.file_name().to_str()?.parse().ok()?;
+        let stat = fs::read_to_string(e.path().join("stat")).ok()?;
         // "pid (comm) state ppid ...": comm may contain spaces and parens.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
+        let mut f = stat[stat.rfind(')')? + 1..].split_whitespace();
         let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        out.push((pid, ppid, state));
-    }
-    out
+        Some((pid, ppid, state))
+    };
+    entries.filter_map(row).collect()
 }
 
 /// All live descendants of `pid` (children, grandchildren, ...).
@@ -437,8 +411,6 @@ pub struct BuildResult {
     /// Everything `nix-build` wrote to stderr (including hook output, each
     /// line prefixed `post-build-hook: `).
     pub stderr: String,
-    /// The generated `.nix` file.
-    pub nix_file: PathBuf,
 }
 
 impl BuildResult {
@@ -534,10 +506,7 @@ impl NixEnv {
     /// `NIX_CONFIG` (so nothing talks to a system nix-daemon).
     pub fn apply_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         cmd.env_remove("NIX_REMOTE").env_remove("NIX_CONFIG");
-        for (k, v) in self.env_vars() {
-            cmd.env(k, v);
-        }
-        cmd
+        cmd.envs(self.env_vars())
     }
 
     /// A [`Command`] for `program` in this environment.
@@ -557,18 +526,6 @@ impl NixEnv {
         tag: &str,
         hook: Option<&Path>,
         env: &[(K, V)],
-    ) -> BuildResult {
-        self.build_args(n, tag, hook, env, &[])
-    }
-
-    /// [`NixEnv::build`] with extra `nix-build` arguments (e.g. `["-j", "4"]`).
-    pub fn build_args<K: AsRef<OsStr>, V: AsRef<OsStr>>(
-        &self,
-        n: usize,
-        tag: &str,
-        hook: Option<&Path>,
-        env: &[(K, V)],
-        extra_args: &[&str],
     ) -> BuildResult {
         let id = unique_id();
         let tag = sanitize_name(tag);
@@ -590,10 +547,7 @@ impl NixEnv {
         if let Some(h) = hook {
             cmd.arg("--option").arg("post-build-hook").arg(h);
         }
-        cmd.args(extra_args).arg(&nix_file);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        cmd.arg(&nix_file).envs(env.iter().map(|(k, v)| (k, v)));
         let start = Instant::now();
         let out = run(&mut cmd);
         let elapsed = start.elapsed();
@@ -606,7 +560,6 @@ impl NixEnv {
             elapsed,
             status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            nix_file,
         }
     }
 
@@ -633,26 +586,19 @@ impl NixEnv {
 
     /// The outputs of derivation `drv` (`nix-store --query --outputs`).
     pub fn drv_outputs(&self, drv: &Path) -> Vec<PathBuf> {
-        run_ok(
-            self.cmd("nix-store")
-                .args(["--query", "--outputs"])
-                .arg(drv),
-        )
-        .lines()
-        .map(PathBuf::from)
-        .collect()
+        self.query("--outputs", drv)
+            .lines()
+            .map(PathBuf::from)
+            .collect()
     }
 
     /// The derivation that built `path` (`nix-store --query --deriver`).
     pub fn deriver(&self, path: &Path) -> PathBuf {
-        PathBuf::from(
-            run_ok(
-                self.cmd("nix-store")
-                    .args(["--query", "--deriver"])
-                    .arg(path),
-            )
-            .trim(),
-        )
+        PathBuf::from(self.query("--deriver", path).trim())
+    }
+
+    fn query(&self, what: &str, path: &Path) -> String {
+        run_ok(self.cmd("nix-store").args(["--query", what]).arg(path))
     }
 
     /// Makes a binary-cache signing key pair named `name` (e.g. `test-1`).
@@ -662,12 +608,11 @@ impl NixEnv {
         fs::create_dir_all(&dir).unwrap();
         let sk = dir.join("secret");
         let pk = dir.join("public");
+        let mut generate = self.cmd("nix-store");
         run_ok(
-            self.cmd("nix-store")
-                .arg("--generate-binary-cache-key")
-                .arg(name)
-                .arg(&sk)
-                .arg(&pk),
+            generate
+                .args(["--generate-binary-cache-key", name])
+                .args([&sk, &pk]),
         );
         let public = fs::read_to_string(&pk).unwrap().trim().to_string();
         (sk, public)
@@ -694,10 +639,7 @@ impl NixEnv {
     ) -> Output {
         let mut c = self.cmd("nix");
         c.args(["copy", "--to", url]).args(extra_args).args(paths);
-        for (k, v) in extra_env {
-            c.env(k, v);
-        }
-        run(&mut c)
+        run(c.envs(extra_env.iter().map(|(k, v)| (k, v))))
     }
 
     /// Ok if every path is present in the store at `store_url` (a binary
@@ -720,25 +662,19 @@ impl NixEnv {
             .args(["store", "verify", "--store", store_url])
             .args(["--trusted-public-keys", public_key])
             .args(paths));
-        if !o.status.success() {
-            return Err(format!(
-                "nix store verify exited {}: {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
+        succeeded("nix store verify", &o)?;
         let key_name = public_key.split(':').next().unwrap_or(public_key);
         let infos = self.path_infos(store_url, paths)?;
         for p in paths {
             let sigs = infos
                 .iter()
                 .find(|(q, _)| q == p)
-                .and_then(|(_, s)| s.clone())
-                .ok_or_else(|| format!("{} is not in {store_url}", p.display()))?;
+                .and_then(|(_, s)| s.as_ref());
+            let sigs = sigs.ok_or_else(|| format!("{} is not in {store_url}", p.display()))?;
             if !sigs.iter().any(|s| s.starts_with(&format!("{key_name}:"))) {
+                let p = p.display();
                 return Err(format!(
-                    "{} in {store_url} has no signature by {key_name}: {sigs:?}",
-                    p.display()
+                    "{p} in {store_url} has no signature by {key_name}: {sigs:?}"
                 ));
             }
         }
@@ -769,15 +705,16 @@ impl NixEnv {
             .cmd("nix")
             .args(["path-info", "--json", "--sigs", "--store", store_url])
             .args(paths));
-        if !o.status.success() {
-            return Err(format!(
-                "nix path-info exited {}: {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
+        succeeded("nix path-info", &o)?;
         parse_path_infos(&String::from_utf8_lossy(&o.stdout))
     }
+}
+
+/// Err with `what` and its stderr unless `o` is of a command that exited 0.
+fn succeeded(what: &str, o: &Output) -> Result<(), String> {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let failed = format!("{what} exited {}: {}", o.status, stderr.trim());
+    o.status.success().then_some(()).ok_or(failed)
 }
 
 /// Reads `nix path-info --json [--sigs]` output of either shape into
@@ -793,14 +730,13 @@ impl NixEnv {
 pub fn parse_path_infos(text: &str) -> Result<Vec<PathInfo>, String> {
     let json = Json::parse(text).map_err(|e| format!("bad path-info JSON ({e}): {text}"))?;
     let sigs_of = |info: &Json| -> Vec<String> {
-        info.get("signatures")
+        let sigs = info
+            .get("signatures")
             .and_then(Json::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .unwrap_or(&[]);
+        sigs.iter()
+            .filter_map(|s| Some(s.as_str()?.to_string()))
+            .collect()
     };
     match json {
         Json::Arr(items) => items
@@ -1780,6 +1716,91 @@ pub fn on_path(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// One configuration module.nix renders (tests/system/rendered/NAME.txt):
+/// its parts, each `=== KIND NAME` and its text.
+pub struct Rendered {
+    /// (kind, name, text) of each part.
+    pub parts: Vec<(String, String, String)>,
+}
+
+impl Rendered {
+    /// `DIR/VARIANT.txt` (as tests/system/render.sh writes them).
+    pub fn load(dir: &Path, variant: &str) -> Rendered {
+        let file = dir.join(format!("{variant}.txt"));
+        let text = fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+        let mut parts: Vec<(String, String, String)> = Vec::new();
+        for line in text.split_inclusive('\n') {
+            if let Some(head) = line.strip_prefix("=== ") {
+                let mut words = head.trim_end().splitn(2, ' ');
+                let kind = words.next().unwrap_or_default().to_string();
+                let name = words.next().unwrap_or_default().to_string();
+                parts.push((kind, name, String::new()));
+            } else if let Some(last) = parts.last_mut() {
+                last.2.push_str(line);
+            } else {
+                panic!("{}: text before the first === line", file.display());
+            }
+        }
+        Rendered { parts }
+    }
+
+    pub fn of_kind(&self, kind: &str) -> impl Iterator<Item = (&str, &str)> {
+        let kind = kind.to_string();
+        let parts = self.parts.iter().filter(move |(k, _, _)| *k == kind);
+        parts.map(|(_, n, t)| (n.as_str(), t.as_str()))
+    }
+
+    pub fn part(&self, kind: &str) -> &str {
+        self.of_kind(kind).next().map_or("", |(_, t)| t)
+    }
+
+    pub fn unit(&self, name: &str) -> &str {
+        let unit = self.of_kind("unit").find(|(n, _)| *n == name);
+        unit.unwrap_or_else(|| panic!("no unit {name} rendered")).1
+    }
+
+    /// The first `Key=` value of the service unit.
+    pub fn service_value(&self, key: &str) -> Option<String> {
+        let prefix = format!("{key}=");
+        self.unit("nix-post-build-hook-queue.service")
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(String::from))
+    }
+
+    /// The config file the service's ExecStart names.
+    pub fn config_file(&self) -> (&str, &str) {
+        let file = self.of_kind("file").find(|(n, _)| n.ends_with(".conf"));
+        file.expect("a rendered config file")
+    }
+
+    /// The value of `key` in the rendered config file.
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        let prefix = format!("{key} = ");
+        self.config_file()
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+    }
+
+    /// The user the service runs as.
+    pub fn user(&self) -> String {
+        self.service_value("User").expect("User= in the service")
+    }
+}
+
+/// The fact `name` of tests/system/rendered/checks.txt (what render.nix
+/// evaluated from module.nix), as written there.
+pub fn rendered_check(name: &str) -> String {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/system/rendered/checks.txt");
+    let checks = fs::read_to_string(&file).expect("tests/system/rendered/checks.txt");
+    let fact = checks
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} = ")));
+    fact.unwrap_or_else(|| panic!("checks.txt has no {name}"))
+        .to_string()
+}
+
 /// A wrapper nix: a directory with `nix` and `nix-store` scripts (the
 /// daemon takes `nix-store` from beside its `nix` setting) that record
 /// every call's argv, run a test's shell prelude, and then `exec` the real
@@ -1872,9 +1893,7 @@ impl FakeNix {
         let f = self.dir.join(what);
         match target {
             Some(t) => fs::write(f, t).unwrap(),
-            None => {
-                let _ = fs::remove_file(f);
-            }
+            None => drop(fs::remove_file(f)),
         }
     }
 
@@ -1911,24 +1930,19 @@ impl FakeNix {
     /// The recorded `nix copy` calls (`copy`) and `nix store sign` calls
     /// (`sign`), in order, as `(verb, the --to URL, the store paths)`.
     pub fn uploads(&self) -> Vec<(&'static str, String, Vec<String>)> {
-        let mut out = Vec::new();
-        for c in self.calls() {
-            let verb = if c.iter().any(|a| a == "copy") {
-                "copy"
-            } else if c.iter().any(|a| a == "sign") {
-                "sign"
-            } else {
-                continue;
-            };
-            let to = c.iter().skip_while(|a| *a != "--to").nth(1).cloned();
+        let upload = |c: Vec<String>| {
+            let verb = ["copy", "sign"]
+                .into_iter()
+                .find(|v| c.iter().any(|a| a == v))?;
+            let to = c.iter().skip_while(|a| *a != "--to").nth(1);
             let paths = c.iter().filter(|a| a.starts_with(&self.store));
-            out.push((
+            Some((
                 verb,
-                to.clone().unwrap_or_default(),
+                to.cloned().unwrap_or_default(),
                 paths.cloned().collect(),
-            ));
-        }
-        out
+            ))
+        };
+        self.calls().into_iter().filter_map(upload).collect()
     }
 
     /// How many `nix copy` calls to targets whose URL holds `target` named
