@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::{hook_bin, write_script, Daemon, NixEnv, NO_ENV};
 use crate::stats::{Goal, Row, Samples};
-use crate::util::{keep_until_the_end, nix_delay_wrapper, Mode};
+use crate::util::{held_daemon, keep_until_the_end, Mode};
 
 /// The Nix manual's example hook ("Using the post-build-hook"), with the
 /// fallback Nix 2.8 needs for its empty `OUT_PATHS` (NixOS/nix#6446).
@@ -53,15 +53,7 @@ pub fn run(mode: &Mode) -> Vec<Row> {
             ("upload-to", &cache),
         ],
     );
-    let wrapper = nix_delay_wrapper(&env).display().to_string();
-    let held = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", sk.display().to_string().as_str()),
-            ("upload-to", &cache),
-            ("nix", &wrapper),
-        ],
-    );
+    let held = held_daemon(&env, &sk);
     let inline_hook = env.root().join("inline-hook.sh");
     write_script(&inline_hook, INLINE_HOOK);
     let inline_env = [

@@ -15,10 +15,10 @@
 use std::fs::{self, File};
 use std::process::{Command, Stdio};
 
-use crate::common::{hook_bin, Daemon, NixEnv};
+use crate::common::{hook_bin, NixEnv};
 use crate::floor::{fdatasync_ms, spool_write_ms, FloorProgram};
 use crate::stats::{Goal, Row, Samples};
-use crate::util::{fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, Mode};
+use crate::util::{fake_paths, held_daemon, keep_until_the_end, time_run, Mode};
 
 /// Warm-up runs per variant, not recorded.
 const WARMUP: usize = 20;
@@ -37,16 +37,7 @@ struct Variant {
 pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
     let env = NixEnv::new("bench-hook");
     let (sk, _pk) = env.gen_signing_key("bench-1");
-    let cache = format!("file://{}", env.root().join("cache").display());
-    let wrapper = nix_delay_wrapper(&env);
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", sk.display().to_string().as_str()),
-            ("upload-to", &cache),
-            ("nix", &wrapper.display().to_string()),
-        ],
-    );
+    let d = held_daemon(&env, &sk);
     let store = env.store_dir();
     let socket = d.socket().display().to_string();
     let spool = d.spool_dir().display().to_string();

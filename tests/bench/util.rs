@@ -362,6 +362,21 @@ pub fn nix_delay_wrapper(env: &NixEnv) -> PathBuf {
     dir.join("nix")
 }
 
+/// A daemon as in production (signing with `sk`, uploading to the
+/// `file://` cache `cache` under `env`) whose nix calls a
+/// [`nix_delay_wrapper`] holds, so that its queue stays as made.
+pub fn held_daemon(env: &NixEnv, sk: &Path) -> Daemon {
+    let cache = format!("file://{}", env.root().join("cache").display());
+    let wrapper = nix_delay_wrapper(env).display().to_string();
+    let sk = sk.display().to_string();
+    let config = [
+        ("signing-key-file", sk.as_str()),
+        ("upload-to", &cache),
+        ("nix", &wrapper),
+    ];
+    Daemon::start(env, &config)
+}
+
 /// What finished figures leave on disk, deleted only when the benchmark
 /// ends. On ext4 without a journal (as here), creating files soon after
 /// many were deleted is slower: the allocator skips recently freed inodes.
