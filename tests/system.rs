@@ -19,7 +19,7 @@ mod common;
 
 use common::{
     daemon_bin, hook_bin, on_path, poll, rendered_check, run_to_exit, unique_id, wait_until_ok,
-    write_script, Rendered,
+    write_script, Rendered, TempDir,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,10 @@ const STATE_DIR: &str = "/var/lib/nix-post-build-hook-queue";
 const METRICS_FILE: &str = "/var/lib/npbhq-test-metrics/metrics.prom";
 const RECEIVER: &str = "/srv/receiver";
 const PUBLIC_KEY: &str = "/etc/npbhq-test/signing-key.pub";
+/// How every container boots: systemd as PID 1, in a network namespace of
+/// its own, its root file system never changed (writes go to a tmpfs).
+const NSPAWN_OPTIONS: &str =
+    "--boot --register=no --keep-unit --private-network --volatile=overlay --console=read-only";
 /// Longest any one command inside the container may take.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
 /// Longest a delivery may take (generous: a bound, not a speed figure).
@@ -185,18 +189,8 @@ impl Container {
             .arg(format!("{enter}exec \"$@\""))
             .args(["sh", "systemd-nspawn", "--quiet", "-D"])
             .arg(&root)
-            .args([
-                "--machine",
-                &machine,
-                "--boot",
-                "--register=no",
-                "--keep-unit",
-            ])
-            .args([
-                "--private-network",
-                "--volatile=overlay",
-                "--console=read-only",
-            ])
+            .args(["--machine", &machine])
+            .args(NSPAWN_OPTIONS.split(' '))
             .arg(bind(daemon_bin(), "post-build-hook-queue"))
             .arg(bind(hook_bin(), "post-build-hook"))
             .stdin(Stdio::null())
@@ -504,8 +498,14 @@ fn build_as(c: &Container, user: &str, tag: &str, with: &str) -> String {
 
 /// Whether `path` is in `store` with a signature the test key verifies.
 fn verified_in(c: &Container, store: &str, path: &str) -> Result<(), String> {
+    verified_by(c, PUBLIC_KEY, store, path)
+}
+
+/// Whether `path` is in `store` with a signature the public key in the
+/// file `key` verifies.
+fn verified_by(c: &Container, key: &str, store: &str, path: &str) -> Result<(), String> {
     let ran = c.sh(&format!(
-        "nix store verify --no-contents --store '{store}' --trusted-public-keys \"$(cat {PUBLIC_KEY})\" {path}"
+        "nix store verify --no-contents --store '{store}' --trusted-public-keys \"$(cat {key})\" {path}"
     ));
     ran.status.success().then_some(()).ok_or_else(|| ran.both())
 }
@@ -770,19 +770,9 @@ fn module_service_serves_signs_uploads_and_stays_up() {
     wait_all(&c);
     assert_verified(&c, CACHE_URL, &paths);
     // The verification means something: another key does not verify.
-    let other = c.ok(
-        "nix-store --generate-binary-cache-key other /tmp/other.sk /tmp/other.pk && cat /tmp/other.pk",
-    );
-    let wrong = c.sh(&format!(
-        "nix store verify --no-contents --store '{CACHE_URL}' --trusted-public-keys '{}' {}",
-        other.trim(),
-        paths[0]
-    ));
-    assert!(
-        !wrong.status.success(),
-        "a wrong key verified: {}",
-        wrong.both()
-    );
+    c.ok("nix-store --generate-binary-cache-key other /tmp/other.sk /tmp/other.pk");
+    let wrong = verified_by(&c, "/tmp/other.pk", CACHE_URL, &paths[0]);
+    assert!(wrong.is_err(), "a wrong key verified {}", paths[0]);
 
     // Signed through the nix-daemon, by the module's user.
     let pid = c.show("MainPID");
@@ -1190,9 +1180,8 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
 fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
     let (c, module) = boot_with("subst", "substitute");
     assert_eq!(module.setting("substitute-on-destination"), Some("true"));
-    let upstream = c.ok(
+    c.ok(
         "nix-store --generate-binary-cache-key npbhq-upstream /etc/npbhq-test/upstream.sk /etc/npbhq-test/upstream.pk && \
-         cat /etc/npbhq-test/upstream.pk && \
          echo \"extra-trusted-public-keys = $(cat /etc/npbhq-test/upstream.pk)\" >> /etc/nix/nix.conf",
     );
     // The receiver, whose nix-daemon substitutes from the upstream cache.
@@ -1224,13 +1213,7 @@ fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
     assert_verified(&c, RECEIVER, &[top]);
     let sigs = c.ok(&format!("nix path-info --sigs --store {RECEIVER} {dep}"));
     assert!(
-        sigs.contains(
-            upstream
-                .trim()
-                .split(':')
-                .next()
-                .unwrap_or("npbhq-upstream")
-        ),
+        sigs.contains("npbhq-upstream:"),
         "the receiver's {dep} did not come from upstream: {sigs}"
     );
     assert!(
@@ -1245,7 +1228,7 @@ fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
 /// passes a mirror found in /etc/apt.
 #[test]
 fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
-    let scratch = std::env::temp_dir().join(format!("npbhq-mkroot-{}", unique_id()));
+    let scratch = TempDir::new("mkroot");
     let bin = scratch.join("bin");
     fs::create_dir_all(&bin).expect("scratch dir");
     let fake = bin.join("debootstrap");
@@ -1270,14 +1253,16 @@ fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
         .and_then(|args| args.split_whitespace().last())
         .unwrap_or_else(|| panic!("debootstrap was not run: {}", ran.both()))
         .to_string();
-    let mut sources = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    for entry in fs::read_dir("/etc/apt/sources.list.d")
+    let lists = fs::read_dir("/etc/apt/sources.list.d")
         .into_iter()
         .flatten()
-        .flatten()
-    {
-        sources.push_str(&fs::read_to_string(entry.path()).unwrap_or_default());
-    }
+        .flatten();
+    let lists = lists
+        .map(|e| e.path())
+        .chain(["/etc/apt/sources.list".into()]);
+    let sources: String = lists
+        .map(|f| fs::read_to_string(f).unwrap_or_default())
+        .collect();
     assert!(
         mirror.contains("://") && sources.contains(mirror.trim_end_matches('/')),
         "the mirror {mirror} is not one of this machine's apt sources"
@@ -1292,5 +1277,4 @@ fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
         !host.is_empty() && !script.contains(host),
         "mkroot.sh names the mirror's host {host}"
     );
-    let _ = fs::remove_dir_all(&scratch);
 }

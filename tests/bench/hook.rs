@@ -96,17 +96,10 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         "the hook did not hand over: {text}\n{}",
         d.log()
     );
-    let spooled = fs::read_dir(&down_spool)
-        .map(|r| {
-            r.filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".req"))
-            })
-            .count()
-        })
-        .unwrap_or(0);
+    let spooled = fs::read_dir(&down_spool).into_iter().flatten().flatten();
+    let spooled = spooled.filter(|e| e.file_name().to_string_lossy().ends_with(".req"));
     assert_eq!(
-        spooled,
+        spooled.count(),
         WARMUP + mode.hook_runs,
         "daemon-down runs must each leave a spool file"
     );
@@ -123,50 +116,46 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
     let sync_floor = fdatasync_ms(&d.state_dir(), n);
     let spool_floor = spool_write_ms(&env.root().join("spool-floor"), n);
     let (up, down) = (get("up"), get("down"));
+    let info = |name: &str, s: &Samples, note: &str| {
+        Row::from_samples(name, s, "ms", Goal::Info).note(note)
+    };
     let rows = vec![
-        Row::from_samples(
+        info(
             "1a hook, daemon up: exec to exit, acknowledged",
             &up,
-            "ms",
-            Goal::Info,
-        )
-        .note(format!(
-            "{:+.3} ms against 1d; the daemon's answer includes one fdatasync (1e)",
-            up.median() - floor_ms
-        )),
-        Row::from_samples(
+            &format!(
+                "{:+.3} ms against 1d; the daemon's answer includes one fdatasync (1e)",
+                up.median() - floor_ms
+            ),
+        ),
+        info(
             "1b hook, daemon down: exec to exit, spooled",
             &down,
-            "ms",
-            Goal::Info,
-        )
-        .note(format!(
-            "{:+.3} ms against 1d; a crash-safe file (1f) included",
-            down.median() - floor_ms
-        )),
-        Row::from_samples("1c /bin/true", &get("true"), "ms", Goal::Info)
-            .note("exec to exit, same environment"),
-        Row::from_samples(
+            &format!(
+                "{:+.3} ms against 1d; a crash-safe file (1f) included",
+                down.median() - floor_ms
+            ),
+        ),
+        info(
+            "1c /bin/true",
+            &get("true"),
+            "exec to exit, same environment",
+        ),
+        info(
             "1d floor: a std program that does nothing, same profile",
             &get("floor"),
-            "ms",
-            Goal::Info,
-        )
-        .note("exec to exit, same environment"),
-        Row::from_samples(
+            "exec to exit, same environment",
+        ),
+        info(
             "1e floor: fdatasync of one journal record",
             &sync_floor,
-            "ms",
-            Goal::Info,
-        )
-        .note("in the daemon's state directory"),
-        Row::from_samples(
+            "in the daemon's state directory",
+        ),
+        info(
             "1f floor: crash-safe new file (create, fdatasync, rename, fsync dir)",
             &spool_floor,
-            "ms",
-            Goal::Info,
-        )
-        .note("what a spooled request costs in any program"),
+            "what a spooled request costs in any program",
+        ),
     ];
 
     // Figure 4: one hook call carrying a burst of paths, exec to exit.

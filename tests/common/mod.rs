@@ -126,12 +126,10 @@ impl TempDir {
         TempDir { path }
     }
 
-    /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// `self.path().join(rel)`.
     pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.path.join(rel)
     }
@@ -471,7 +469,6 @@ impl NixEnv {
         NixEnv { tmp }
     }
 
-    /// The temp directory holding everything of this environment.
     pub fn root(&self) -> &Path {
         self.tmp.path()
     }
@@ -509,7 +506,6 @@ impl NixEnv {
         cmd.envs(self.env_vars())
     }
 
-    /// A [`Command`] for `program` in this environment.
     pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new(program);
         self.apply_env(&mut c);
@@ -792,11 +788,7 @@ pub fn refused_for_signature(text: &str) -> bool {
 ///   sender's `NIX_STORE_DIR` and the receiver's own `NIX_CONF_DIR`, whose
 ///   `nix.conf` has `require-sigs = true` and `trusted-public-keys = <key>`.
 ///
-/// What holds (Nix 2.8 and 2.26): a path signed by the trusted key copies
-/// with plain `nix copy --to URL`; an unsigned input-addressed path is
-/// refused (exit 1, [`refused_for_signature`]); `--no-check-sigs` lets the unsigned
-/// path in (root is a trusted client); content-addressed paths are accepted
-/// unsigned.
+/// What holds there: see the module's facts about Nix.
 #[derive(Debug)]
 pub struct Sshd {
     tmp: TempDir,
@@ -906,7 +898,6 @@ impl Sshd {
         panic!("could not start sshd: {last_err}");
     }
 
-    /// The port sshd listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -943,7 +934,6 @@ impl Sshd {
         format!("local?root={}", self.receiver_root.display())
     }
 
-    /// sshd's stderr so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.tmp.join("sshd.log")).unwrap_or_default()
     }
@@ -1107,7 +1097,6 @@ impl Daemon {
         self.unset.push(key.to_string());
     }
 
-    /// The value of config key `key`, if set.
     pub fn config_value(&self, key: &str) -> Option<&str> {
         self.config
             .iter()
@@ -1167,7 +1156,6 @@ impl Daemon {
         up.map_err(|e| format!("{e}; log:\n{}", self.log()))
     }
 
-    /// The socket path.
     pub fn socket(&self) -> PathBuf {
         PathBuf::from(self.config_value("socket").expect("socket is always set"))
     }
@@ -1186,32 +1174,26 @@ impl Daemon {
             .unwrap_or_else(|| self.state_dir().join("spool"))
     }
 
-    /// The config file.
     pub fn config_path(&self) -> &Path {
         &self.config_path
     }
 
-    /// This daemon's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The log file (stdout+stderr of all runs).
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("daemon.log")
     }
 
-    /// Everything the daemon wrote so far (all runs).
     pub fn log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// The daemon's pid, if running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
-    /// True if the daemon process is alive.
     pub fn is_running(&mut self) -> bool {
         let running = |c: &mut Child| matches!(c.try_wait(), Ok(None));
         self.child.as_mut().is_some_and(running)
@@ -1451,7 +1433,6 @@ impl Journal {
 }
 
 impl Daemon {
-    /// The journal file.
     pub fn journal_path(&self) -> PathBuf {
         self.state_dir().join("journal")
     }
@@ -1540,7 +1521,6 @@ impl Json {
         }
     }
 
-    /// Member `key` of an object.
     pub fn get(&self, key: &str) -> Option<&Json> {
         let Json::Obj(m) = self else { return None };
         m.iter().find(|(k, _)| k == key).map(|(_, v)| v)
@@ -1691,7 +1671,6 @@ pub fn file_cache(env: &NixEnv, name: &str) -> (String, String) {
     (format!("{read}?compression=none"), read)
 }
 
-/// Paths as strings.
 pub fn strs(paths: &[PathBuf]) -> Vec<String> {
     paths.iter().map(|p| p.display().to_string()).collect()
 }
@@ -1877,12 +1856,10 @@ impl FakeNix {
         FakeNix::with_preludes(env, "exec sleep 900", "exit 0")
     }
 
-    /// The value for the daemon's `nix` setting.
     pub fn nix(&self) -> String {
         self.dir.join("nix").display().to_string()
     }
 
-    /// This wrapper's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -1897,17 +1874,15 @@ impl FakeNix {
         }
     }
 
-    /// `set("fail", ...)` for every target.
+    /// `set("fail" / "poison" / "hold", ...)` for every target.
     pub fn set_fail(&self, on: bool) {
         self.set("fail", on.then_some(""));
     }
 
-    /// `set("poison", ...)` for every target.
     pub fn set_poison(&self, on: bool) {
         self.set("poison", on.then_some(""));
     }
 
-    /// `set("hold", ...)` for every target.
     pub fn set_hold(&self, on: bool) {
         self.set("hold", on.then_some(""));
     }
@@ -1955,7 +1930,6 @@ impl FakeNix {
             .count()
     }
 
-    /// Pids of the `nix copy` calls so far.
     pub fn copy_pids(&self) -> Vec<u32> {
         fs::read_to_string(self.dir.join("copy.pids"))
             .unwrap_or_default()
@@ -2023,7 +1997,6 @@ pub fn two_targets(
     (Daemon::start(env, &config), w, caches)
 }
 
-/// `Output` as text for messages.
 pub fn show(o: &Output) -> String {
     format!(
         "{}; stdout: {:?}; stderr: {:?}",
@@ -2102,7 +2075,6 @@ fn exchange(socket: &Path, line: &str) -> Result<Vec<String>, String> {
     }
 }
 
-/// [`try_ask`] that panics on an error.
 pub fn ask(socket: &Path, line: &str) -> String {
     try_ask(socket, line).unwrap_or_else(|e| panic!("{line:?} to {}: {e}", socket.display()))
 }
