@@ -199,9 +199,7 @@ fn signed_file_cache_verifies_with_right_key_only() {
     assert!(ca.starts_with(env.store_dir()));
 
     env.sign(&sk, &paths);
-    let cache = env.root().join("cache");
-    let url = format!("file://{}", cache.display());
-    let write_url = format!("{url}?compression=none");
+    let (write_url, url) = file_cache(&env, "cache");
     let mut all = paths.clone();
     all.extend(unsigned.iter().cloned());
     all.push(ca.clone());

@@ -65,18 +65,9 @@ pub fn run(mode: &Mode) -> Vec<Row> {
     ];
 
     let n = mode.build_drvs;
-    let (mut none, mut true_, mut ours, mut inline) = (
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-    );
-    let (mut r_ours, mut r_inline, mut r_held, mut per_hook) = (
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-    );
+    let [mut none, mut true_, mut ours, mut inline] = std::array::from_fn(|_| Samples::new());
+    let [mut r_ours, mut r_inline, mut r_held, mut per_hook] =
+        std::array::from_fn(|_| Samples::new());
     let mut uploaded: Vec<PathBuf> = Vec::new();
     let order = [Hook::None, Hook::True, Hook::Ours, Hook::Inline, Hook::Held];
     for round in 0..mode.build_rounds {

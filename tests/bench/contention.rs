@@ -260,12 +260,7 @@ fn build_and_wait(mode: &Mode) -> Row {
             env.root().join(format!("bare-{round}")).display()
         );
         let start = Instant::now();
-        run_ok(
-            env.cmd("nix")
-                .args(["store", "sign", "--key-file"])
-                .arg(&sk)
-                .args(&one),
-        );
+        env.sign(&sk, &one);
         run_ok(
             env.cmd("nix")
                 .args(["copy", "--to", &bare_cache])

@@ -1,22 +1,13 @@
 //! Integration-test harness for nix-post-build-hook-queue (std only, no crates).
 //!
 //! Every integration test file pulls this in with `mod common;`. Fixtures:
-//!
-//! - [`TempDir`]: a scratch directory, removed on drop (read-only store
-//!   trees too).
-//! - [`NixEnv`]: a private, hermetic Nix store per test: build paths (with a
-//!   post-build-hook), add, sign and copy them, verify a binary cache.
-//! - [`Sshd`]: a real sshd on 127.0.0.1 whose `nix-daemon --stdio` serves a
-//!   receiving store that demands signatures, as an `ssh-ng://` URL.
-//! - [`Daemon`]: the real `post-build-hook-queue serve` with a config file
-//!   and a log, which it prints when its test fails; `kill9`, `restart`,
-//!   `stop`, [`Daemon::request`], [`Daemon::status`], [`Daemon::journal`].
-//! - [`FakeNix`]: a wrapper around the real nix that records its calls and
-//!   holds, fails or refuses a target's `nix copy`; with it
-//!   [`daemon_with_a_held_copy`] and [`two_targets`].
-//! - [`wait_until`], [`wait_ok`]: bounded polling; the bound is for
-//!   correctness (the thing never happens), never a speed assertion.
-//! - [`kill_tree`], [`run_to_exit`], [`rerun_test`], [`Json`].
+//! [`TempDir`], [`NixEnv`] (a private Nix store), [`Sshd`] (a signing
+//! `ssh-ng://` receiver), [`Daemon`] (the real daemon; its log is printed
+//! when its test fails), [`FakeNix`] (a wrapper nix that records, holds,
+//! fails or refuses copies) with [`daemon_with_a_held_copy`] and
+//! [`two_targets`], [`Rendered`] (module.nix's units), bounded polling
+//! ([`wait_until`], [`wait_ok`], [`poll`]: a bound for correctness, never a
+//! speed assertion), [`kill_tree`], [`run_to_exit`], [`rerun_test`], [`Json`].
 //!
 //! Useful environment variables: `NPBHQ_KEEP_TMP=1` keeps every temp dir (its
 //! path is printed) for post-mortems; `NPBHQ_TEST_TMP=DIR` moves them (keep
@@ -425,10 +416,9 @@ impl BuildResult {
 
     /// The lines the post-build-hook wrote (prefix `post-build-hook: ` removed).
     pub fn hook_lines(&self) -> Vec<String> {
-        self.stderr
-            .lines()
-            .filter_map(|l| l.strip_prefix("post-build-hook: "))
-            .map(str::to_string)
+        let lines = self.stderr.lines();
+        lines
+            .filter_map(|l| Some(l.strip_prefix("post-build-hook: ")?.to_string()))
             .collect()
     }
 }
@@ -547,12 +537,10 @@ impl NixEnv {
         let start = Instant::now();
         let out = run(&mut cmd);
         let elapsed = start.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let out_paths = stdout.lines().map(str::trim).filter(|l| !l.is_empty());
         BuildResult {
-            out_paths: String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| PathBuf::from(l.trim()))
-                .collect(),
+            out_paths: out_paths.map(PathBuf::from).collect(),
             elapsed,
             status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -963,10 +951,8 @@ pub fn require_loopback() {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0).
 pub fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("its address").port()
 }
 
 /// The real `post-build-hook-queue serve --config FILE` daemon for a
@@ -1017,9 +1003,7 @@ impl Daemon {
         extra_env: &[(K, V)],
     ) -> Daemon {
         let mut d = Daemon::new_stopped(env, config, extra_env);
-        if let Err(e) = d.try_spawn() {
-            panic!("{e}");
-        }
+        d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
         d
     }
 
@@ -1030,14 +1014,11 @@ impl Daemon {
         config: &[(&str, &str)],
         extra_env: &[(K, V)],
     ) -> Daemon {
-        let dir = env
-            .root()
-            .join(format!("daemon-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = env.root().join(format!("daemon-{n}"));
         fs::create_dir_all(&dir).unwrap();
-        let mut cfg: Vec<(String, String)> = config
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let cfg = config.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let mut cfg: Vec<(String, String)> = cfg.collect();
         if !cfg.iter().any(|(k, _)| k == "socket") {
             let sock = dir.join("sock");
             assert!(
@@ -1098,10 +1079,8 @@ impl Daemon {
     }
 
     pub fn config_value(&self, key: &str) -> Option<&str> {
-        self.config
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        let entry = self.config.iter().find(|(k, _)| k == key);
+        entry.map(|(_, v)| v.as_str())
     }
 
     /// Spawns the daemon and waits for its socket. On failure (it exits, or
@@ -1376,6 +1355,16 @@ impl Daemon {
         }
         st
     }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir().join("journal")
+    }
+
+    /// The journal, read as the daemon replays it (empty if it is missing).
+    pub fn journal(&self) -> Journal {
+        let text = fs::read(self.journal_path()).unwrap_or_default();
+        Journal::parse(&String::from_utf8_lossy(&text))
+    }
 }
 
 /// A journal read the way the daemon replays it: `+ SECS PATH` queues a
@@ -1408,9 +1397,7 @@ impl Journal {
             torn: text.len() - complete.len(),
             ..Journal::default()
         };
-        let mut records = 0;
         for line in complete.lines().filter(|l| !l.is_empty()) {
-            records += 1;
             let add = line.strip_prefix("+ ").and_then(|r| r.split_once(' '));
             if let Some((_, p)) = add.filter(|(s, p)| s.parse::<u64>().is_ok() && !p.contains(' '))
             {
@@ -1427,21 +1414,8 @@ impl Journal {
                 j.malformed.push(line.to_string());
             }
         }
-        j.dead = records - j.live.len();
+        j.dead = j.added.len() + j.done.len() + j.malformed.len() - j.live.len();
         j
-    }
-}
-
-impl Daemon {
-    pub fn journal_path(&self) -> PathBuf {
-        self.state_dir().join("journal")
-    }
-
-    /// The journal, read as the daemon replays it (empty if it is missing).
-    pub fn journal(&self) -> Journal {
-        Journal::parse(&String::from_utf8_lossy(
-            &fs::read(self.journal_path()).unwrap_or_default(),
-        ))
     }
 }
 
@@ -1463,11 +1437,8 @@ impl Drop for Daemon {
 
 /// The last `n` bytes of `s` (from a character boundary).
 pub fn tail(s: &str, n: usize) -> &str {
-    let mut start = s.len().saturating_sub(n);
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
+    let start = (s.len().saturating_sub(n)..).find(|&i| s.is_char_boundary(i));
+    &s[start.unwrap_or(s.len())..]
 }
 
 /// The soft and hard limits on this process's open files
@@ -1931,11 +1902,8 @@ impl FakeNix {
     }
 
     pub fn copy_pids(&self) -> Vec<u32> {
-        fs::read_to_string(self.dir.join("copy.pids"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        let pids = fs::read_to_string(self.dir.join("copy.pids")).unwrap_or_default();
+        pids.lines().filter_map(|l| l.trim().parse().ok()).collect()
     }
 
     /// True if `pid` is a live (not zombie) process of this test.
