@@ -18,8 +18,8 @@
 mod common;
 
 use common::{
-    daemon_bin, hook_bin, on_path, poll, rendered_check, run_to_exit, unique_id, wait_until_ok,
-    write_script, Rendered, TempDir,
+    daemon_bin, hook_bin, line_after, on_path, poll, rendered_check, run_to_exit, unique_id,
+    wait_until_ok, write_script, Rendered, TempDir,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -62,10 +62,8 @@ struct Ran {
 
 impl Ran {
     fn both(&self) -> String {
-        format!(
-            "{}\nstdout:\n{}\nstderr:\n{}",
-            self.status, self.stdout, self.stderr
-        )
+        let (status, out, err) = (self.status, &self.stdout, &self.stderr);
+        format!("{status}\nstdout:\n{out}\nstderr:\n{err}")
     }
 }
 
@@ -109,11 +107,8 @@ fn rootfs() -> PathBuf {
 /// there would never listen).
 fn preflight() {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let capeff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+    let capeff = line_after(&status, "CapEff:").map(|v| u64::from_str_radix(v.trim(), 16));
+    let capeff = capeff.and_then(Result::ok).unwrap_or(0);
     for (bit, name, why) in [
         (21, "CAP_SYS_ADMIN", "for its mounts and namespaces"),
         (
@@ -551,10 +546,10 @@ fn wait_all(c: &Container) {
 /// Sleeps longer than the service's RestartSec: long enough for systemd
 /// to have restarted it, had it meant to.
 fn sleep_past_restart_sec(module: &Rendered) {
-    let restart_sec: f64 = module
+    let restart_sec = module
         .service_value("RestartSec")
-        .and_then(|v| v.parse().ok())
-        .expect("RestartSec");
+        .and_then(|v| v.parse().ok());
+    let restart_sec: f64 = restart_sec.expect("RestartSec");
     thread::sleep(Duration::from_secs_f64(restart_sec + 2.0));
 }
 
@@ -599,10 +594,8 @@ fn rendered_units_match_module_nix() {
     let source = fs::read_to_string(repo().join("tests/system/rendered/source.txt"))
         .expect("tests/system/rendered/source.txt");
     for file in ["module.nix", "tests/system/render.nix"] {
-        let recorded = source
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{file} ")))
-            .unwrap_or_else(|| panic!("source.txt records no hash of {file}"));
+        let recorded = line_after(&source, &format!("{file} "));
+        let recorded = recorded.unwrap_or_else(|| panic!("source.txt records no hash of {file}"));
         let out = Command::new("sha256sum")
             .arg(repo().join(file))
             .output()
@@ -696,10 +689,10 @@ fn rendered_module_facts() {
         ] {
             assert!(service.lines().any(|l| l == line), "{variant}: no {line}");
         }
-        let stop: u64 = r
+        let stop = r
             .service_value("TimeoutStopSec")
-            .and_then(|v| v.parse().ok())
-            .expect("TimeoutStopSec");
+            .and_then(|v| v.parse().ok());
+        let stop: u64 = stop.expect("TimeoutStopSec");
         assert!(
             stop > 10,
             "TimeoutStopSec={stop} is not longer than the daemon's 10 s grace"
@@ -803,10 +796,8 @@ fn module_service_serves_signs_uploads_and_stays_up() {
         "the metrics file counts the uploads",
         || {
             let m = c.sh(&format!("cat {METRICS_FILE}")).stdout;
-            let uploaded = m
-                .lines()
-                .find_map(|l| l.strip_prefix("nix_post_build_hook_queue_uploaded_total "))
-                .and_then(|v| v.trim().parse::<f64>().ok());
+            let uploaded = line_after(&m, "nix_post_build_hook_queue_uploaded_total ");
+            let uploaded = uploaded.and_then(|v| v.trim().parse::<f64>().ok());
             match uploaded {
                 Some(n) if n >= paths.len() as f64 => Ok(()),
                 _ => Err(m),
@@ -902,10 +893,8 @@ fn restart_in_the_middle_of_an_upload_loses_nothing() {
     let paths: Vec<String> = (0..2).map(|i| build(&c, &format!("restart{i}"))).collect();
     start_module(&c);
     let copies = || {
-        c.sh(&format!("cat {STATE_DIR}/copies"))
-            .stdout
-            .lines()
-            .count()
+        let copies = c.sh(&format!("cat {STATE_DIR}/copies")).stdout;
+        copies.lines().count()
     };
     c.wait_for(Duration::from_secs(60), "an upload in progress", || {
         copies() > 0
@@ -1112,10 +1101,7 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
         "the module names the socket for the group: {variables}"
     );
     let socket_unit = module.unit(&format!("{UNIT}.socket"));
-    let group = socket_unit
-        .lines()
-        .find_map(|l| l.strip_prefix("SocketGroup="));
-    let group = group.expect("SocketGroup=");
+    let group = line_after(socket_unit, "SocketGroup=").expect("SocketGroup=");
     start_module(&c);
     let socket = c.ok(&format!("stat -c '%U %G %a' /run/{UNIT}.sock"));
     assert_eq!(socket.trim(), format!("root {group} 660"));
@@ -1246,13 +1232,9 @@ fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
         COMMAND_DEADLINE,
     );
     assert!(!ran.status.success(), "{}", ran.both());
-    let mirror = ran
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("debootstrap-args: "))
-        .and_then(|args| args.split_whitespace().last())
-        .unwrap_or_else(|| panic!("debootstrap was not run: {}", ran.both()))
-        .to_string();
+    let mirror = line_after(&ran.stderr, "debootstrap-args: ");
+    let mirror = mirror.and_then(|args| args.split_whitespace().last());
+    let mirror = mirror.unwrap_or_else(|| panic!("debootstrap was not run: {}", ran.both()));
     let lists = fs::read_dir("/etc/apt/sources.list.d")
         .into_iter()
         .flatten()

@@ -1712,10 +1712,8 @@ impl Rendered {
 
     /// The first `Key=` value of the service unit.
     pub fn service_value(&self, key: &str) -> Option<String> {
-        let prefix = format!("{key}=");
-        self.unit("nix-post-build-hook-queue.service")
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix).map(String::from))
+        let service = self.unit("nix-post-build-hook-queue.service");
+        Some(line_after(service, &format!("{key}="))?.to_string())
     }
 
     /// The config file the service's ExecStart names.
@@ -1726,11 +1724,7 @@ impl Rendered {
 
     /// The value of `key` in the rendered config file.
     pub fn setting(&self, key: &str) -> Option<&str> {
-        let prefix = format!("{key} = ");
-        self.config_file()
-            .1
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix))
+        line_after(self.config_file().1, &format!("{key} = "))
     }
 
     /// The user the service runs as.
@@ -1744,11 +1738,14 @@ impl Rendered {
 pub fn rendered_check(name: &str) -> String {
     let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/system/rendered/checks.txt");
     let checks = fs::read_to_string(&file).expect("tests/system/rendered/checks.txt");
-    let fact = checks
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} = ")));
+    let fact = line_after(&checks, &format!("{name} = "));
     fact.unwrap_or_else(|| panic!("checks.txt has no {name}"))
         .to_string()
+}
+
+/// The rest of the first line of `text` that starts with `prefix`.
+pub fn line_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(prefix))
 }
 
 /// A wrapper nix: a directory with `nix` and `nix-store` scripts (the
