@@ -303,13 +303,6 @@ impl Container {
         ran.stdout
     }
 
-    /// `systemctl show` of the service, one property.
-    fn show(&self, property: &str) -> String {
-        self.ok(&format!("systemctl show -P {property} {UNIT}.service"))
-            .trim()
-            .to_string()
-    }
-
     /// Waits (bounded by `deadline`, a correctness bound) until `done`
     /// holds; on a timeout the failure shows the service's journal.
     fn wait_for(&self, deadline: Duration, what: &str, mut done: impl FnMut() -> bool) {
@@ -383,15 +376,12 @@ fn prepare_nix(c: &Container, module: &Rendered) {
          nix-store --generate-binary-cache-key npbhq-test /etc/npbhq-test/signing-key /etc/npbhq-test/signing-key.pub",
     );
     let public = c.ok(&format!("cat {PUBLIC_KEY}"));
-    c.write(
-        "/etc/nix/nix.conf",
-        &format!(
-            "sandbox = false\nsubstituters =\nexperimental-features = nix-command\n\
-             trusted-public-keys = {}\n{}",
-            public.trim(),
-            module.part("nix.conf")
-        ),
+    let (public, from_module) = (public.trim(), module.part("nix.conf"));
+    let conf = format!(
+        "sandbox = false\nsubstituters =\nexperimental-features = nix-command\n\
+         trusted-public-keys = {public}\n{from_module}"
     );
+    c.write("/etc/nix/nix.conf", &conf);
     // Debian lets only the group nix-users reach the nix-daemon (its
     // directory is 0770); NixOS lets everyone connect (allowed-users
     // decides). As on NixOS:
@@ -768,7 +758,8 @@ fn module_service_serves_signs_uploads_and_stays_up() {
     assert!(wrong.is_err(), "a wrong key verified {}", paths[0]);
 
     // Signed through the nix-daemon, by the module's user.
-    let pid = c.show("MainPID");
+    let pid = c.ok(&format!("systemctl show -P MainPID {UNIT}.service"));
+    let pid = pid.trim();
     let uid = c.ok(&format!("awk '/^Uid:/ {{print $2}}' /proc/{pid}/status"));
     let user_uid = c.ok(&format!("id -u {}", module.user()));
     assert_eq!(

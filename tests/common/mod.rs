@@ -1301,7 +1301,7 @@ impl Daemon {
 
 /// A parsed `status` reply: its `KEY VALUE` lines and its `backoff ...`
 /// lines (attempts, next try, path, error).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Status {
     pub fields: std::collections::HashMap<String, String>,
     pub backoff: Vec<String>,
@@ -1331,10 +1331,7 @@ impl Daemon {
         let Ok(Json::Obj(members)) = Json::parse(&lines[0]) else {
             panic!("status json reply: {lines:?}");
         };
-        let mut st = Status {
-            fields: Default::default(),
-            backoff: Vec::new(),
-        };
+        let mut st = Status::default();
         for (k, v) in members {
             match v {
                 Json::Num(n) => drop(st.fields.insert(k.replace('_', "-"), n.to_string())),
