@@ -402,13 +402,12 @@ fn install_module(c: &Container, module: &Rendered) {
         ));
     }
     for line in module.part("users").lines() {
-        let mut words = line.split_whitespace();
-        let name = words.next().expect("user name");
+        let name = line.split_whitespace().next().expect("user name");
         let field = |key: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{key}=")))
-                .unwrap_or_else(|| panic!("users line without {key}: {line}"))
-                .to_string()
+            let value = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")));
+            value.unwrap_or_else(|| panic!("users line without {key}: {line}"))
         };
         c.ok(&format!(
             "getent passwd {name} || useradd --system --gid {} --home-dir {} --no-create-home --shell /usr/sbin/nologin {name}",
@@ -419,13 +418,9 @@ fn install_module(c: &Container, module: &Rendered) {
     for (path, text) in module.of_kind("file") {
         c.write(path, text);
     }
-    c.write(
-        &format!("/etc/tmpfiles.d/{UNIT}.conf"),
-        module.part("tmpfiles"),
-    );
-    c.ok(&format!(
-        "systemd-tmpfiles --create /etc/tmpfiles.d/{UNIT}.conf"
-    ));
+    let tmpfiles = format!("/etc/tmpfiles.d/{UNIT}.conf");
+    c.write(&tmpfiles, module.part("tmpfiles"));
+    c.ok(&format!("systemd-tmpfiles --create {tmpfiles}"));
     for (name, text) in module.of_kind("unit") {
         c.write(&format!("/etc/systemd/system/{name}"), text);
     }
