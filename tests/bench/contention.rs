@@ -60,16 +60,16 @@ fn hung_target(mode: &Mode) -> Row {
         let url = format!("file://{}?compression=none", cache.display());
         // Retried soon after each failure: the hung target is tried again
         // and again, as a target in trouble is.
+        let hang = hang.display().to_string();
         let mut config = vec![
-            ("upload-to", url),
-            ("command-timeout", timeout.clone()),
-            ("retry-initial-delay", "0.1".to_string()),
-            ("retry-max-delay", "0.5".to_string()),
+            ("upload-to", url.as_str()),
+            ("command-timeout", &timeout),
+            ("retry-initial-delay", "0.1"),
+            ("retry-max-delay", "0.5"),
         ];
         if with_hang {
-            config.push(("upload-command", hang.display().to_string()));
+            config.push(("upload-command", &hang));
         }
-        let config: Vec<(&str, &str)> = config.iter().map(|(k, v)| (*k, v.as_str())).collect();
         (Daemon::start(&env, &config), cache)
     };
     let (alone, alone_cache) = daemon("alone", false);

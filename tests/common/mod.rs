@@ -892,10 +892,8 @@ impl Sshd {
 
     /// The `ssh-ng://` store URL of the receiving store.
     pub fn url(&self) -> String {
-        format!(
-            "ssh-ng://root@127.0.0.1?remote-store={}",
-            self.receiver_root.display()
-        )
+        let root = self.receiver_root.display();
+        format!("ssh-ng://root@127.0.0.1?remote-store={root}")
     }
 
     /// The `NIX_SSHOPTS` value to reach this sshd (port, key, no host key
@@ -1442,11 +1440,8 @@ pub fn tail(s: &str, n: usize) -> &str {
 /// (`/proc/self/limits`; `unlimited` is `u64::MAX`).
 pub fn open_file_limits() -> (u64, u64) {
     let limits = fs::read_to_string("/proc/self/limits").expect("read /proc/self/limits");
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .expect("an open-files line in /proc/self/limits");
-    let mut f = line["Max open files".len()..]
+    let line = line_after(&limits, "Max open files").expect("an open-files line");
+    let mut f = line
         .split_whitespace()
         .map(|v| v.parse().unwrap_or(u64::MAX));
     (f.next().unwrap_or(0), f.next().unwrap_or(0))
@@ -2037,6 +2032,7 @@ fn exchange(socket: &Path, line: &str) -> Result<Vec<String>, String> {
     }
 }
 
+/// [`try_ask`] that panics on an error.
 pub fn ask(socket: &Path, line: &str) -> String {
     try_ask(socket, line).unwrap_or_else(|e| panic!("{line:?} to {}: {e}", socket.display()))
 }
