@@ -114,12 +114,10 @@ fn build_with_hook_succeeds_runs_it_per_derivation_and_makes_new_paths() {
     let env = NixEnv::new("sc-build");
     let record = env.root().join("hook-runs");
     let hook = env.root().join("hook.sh");
-    fs::write(
+    write_script(
         &hook,
-        format!("#!/bin/sh\necho \"$DRV_PATH\" >> {}\n", record.display()),
-    )
-    .unwrap();
-    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+        &format!("#!/bin/sh\necho \"$DRV_PATH\" >> {}\n", record.display()),
+    );
     let b = env.build(2, "hookruns", Some(&hook), NO_ENV);
     b.assert_success();
     assert_eq!(b.out_paths.len(), 2, "{b:?}");
@@ -148,16 +146,12 @@ fn hook_inherits_nix_build_environment() {
     let env = NixEnv::new("sc-hookenv");
     let record = env.root().join("hook-record");
     let hook = env.root().join("hook.sh");
-    fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\necho \"$NPBHQ_PROBE|$NIX_STORE_DIR|$DRV_PATH|$OUT_PATHS\" >> {}\n\
-             echo one line from the hook >&2\n",
-            record.display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let script = format!(
+        "#!/bin/sh\necho \"$NPBHQ_PROBE|$NIX_STORE_DIR|$DRV_PATH|$OUT_PATHS\" >> {}\n\
+         echo one line from the hook >&2\n",
+        record.display()
+    );
+    write_script(&hook, &script);
     let b = env.build(2, "hookenv", Some(&hook), &[("NPBHQ_PROBE", "probe-42")]);
     b.assert_success();
     assert_eq!(
@@ -205,9 +199,7 @@ fn signed_file_cache_verifies_with_right_key_only() {
     assert!(ca.starts_with(env.store_dir()));
 
     env.sign(&sk, &paths);
-    let cache = env.root().join("cache");
-    let url = format!("file://{}", cache.display());
-    let write_url = format!("{url}?compression=none");
+    let (write_url, url) = file_cache(&env, "cache");
     let mut all = paths.clone();
     all.extend(unsigned.iter().cloned());
     all.push(ca.clone());

@@ -52,24 +52,12 @@ fn every_nix_file_parses() {
 /// for the `file` configuration of the system tier: (config text, the
 /// ExecStart words after the program).
 fn rendered_service() -> (String, Vec<String>) {
-    let file = repo().join("tests/system/rendered/file.txt");
-    let text = fs::read_to_string(&file).expect("tests/system/rendered/file.txt");
-    let part = |head: &str| -> String {
-        let start = text
-            .find(head)
-            .unwrap_or_else(|| panic!("no {head:?} in {}", file.display()));
-        let body = &text[start..];
-        let body = &body[body.find('\n').map_or(body.len(), |i| i + 1)..];
-        body[..body.find("\n=== ").map_or(body.len(), |i| i + 1)].to_string()
-    };
-    let config = part("=== file ");
-    let unit = part("=== unit nix-post-build-hook-queue.service");
-    let exec = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("ExecStart="))
-        .expect("ExecStart= in the rendered service");
-    let words: Vec<String> = exec.split_whitespace().skip(1).map(String::from).collect();
-    (config, words)
+    let r = Rendered::load(&repo().join("tests/system/rendered"), "file");
+    let exec = r
+        .service_value("ExecStart")
+        .expect("ExecStart= in the service");
+    let words = exec.split_whitespace().skip(1).map(String::from).collect();
+    (r.config_file().1.to_string(), words)
 }
 
 #[test]
@@ -196,12 +184,7 @@ fn daemon_reads_the_config_file_module_nix_renders() {
 #[test]
 fn module_knows_every_daemon_setting_and_no_other() {
     // module.nix's settings options, as evaluated (tests/system/render.nix).
-    let checks = fs::read_to_string(repo().join("tests/system/rendered/checks.txt"))
-        .expect("tests/system/rendered/checks.txt");
-    let keys = checks
-        .lines()
-        .find_map(|l| l.strip_prefix("settings-keys = "))
-        .expect("settings-keys in checks.txt");
+    let keys = rendered_check("settings-keys");
     let mut in_module: Vec<String> = keys
         .trim_matches('"')
         .split_whitespace()
@@ -255,12 +238,7 @@ fn module_knows_every_daemon_setting_and_no_other() {
 /// `$out`.
 #[test]
 fn module_config_check_fails_the_build_on_a_bad_setting() {
-    let checks = fs::read_to_string(repo().join("tests/system/rendered/checks.txt"))
-        .expect("tests/system/rendered/checks.txt");
-    let quoted = checks
-        .lines()
-        .find_map(|l| l.strip_prefix("config-check-script = "))
-        .expect("config-check-script in checks.txt");
+    let quoted = rendered_check("config-check-script");
     let script = quoted
         .trim_matches('"')
         .replace("\\n", "\n")

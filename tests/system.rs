@@ -17,7 +17,10 @@
 
 mod common;
 
-use common::{daemon_bin, hook_bin, unique_id, wait_until_ok};
+use common::{
+    daemon_bin, hook_bin, line_after, on_path, poll, rendered_check, run_to_exit, unique_id,
+    wait_until_ok, write_script, Rendered, TempDir,
+};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -31,6 +34,10 @@ const STATE_DIR: &str = "/var/lib/nix-post-build-hook-queue";
 const METRICS_FILE: &str = "/var/lib/npbhq-test-metrics/metrics.prom";
 const RECEIVER: &str = "/srv/receiver";
 const PUBLIC_KEY: &str = "/etc/npbhq-test/signing-key.pub";
+/// How every container boots: systemd as PID 1, in a network namespace of
+/// its own, its root file system never changed (writes go to a tmpfs).
+const NSPAWN_OPTIONS: &str =
+    "--boot --register=no --keep-unit --private-network --volatile=overlay --console=read-only";
 /// Longest any one command inside the container may take.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
 /// Longest a delivery may take (generous: a bound, not a speed figure).
@@ -46,10 +53,6 @@ fn rendered_dir() -> PathBuf {
         .unwrap_or_else(|| repo().join("tests/system/rendered"))
 }
 
-// ---------------------------------------------------------------------------
-// Commands with a deadline
-// ---------------------------------------------------------------------------
-
 /// What a finished command left.
 struct Ran {
     status: ExitStatus,
@@ -59,130 +62,21 @@ struct Ran {
 
 impl Ran {
     fn both(&self) -> String {
-        format!(
-            "{}\nstdout:\n{}\nstderr:\n{}",
-            self.status, self.stdout, self.stderr
-        )
+        let (status, out, err) = (self.status, &self.stdout, &self.stderr);
+        format!("{status}\nstdout:\n{out}\nstderr:\n{err}")
     }
 }
 
-/// Runs `cmd` with its output in files under `dir`, killing it (and failing
-/// the test) if it outlasts `deadline`.
-fn run_deadline(cmd: &mut Command, dir: &Path, deadline: Duration) -> Ran {
-    let tag = unique_id();
-    let out = dir.join(format!("out-{tag}"));
-    let err = dir.join(format!("err-{tag}"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out).expect("stdout file"))
-        .stderr(fs::File::create(&err).expect("stderr file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} ran longer than {deadline:?}; stderr so far:\n{}",
-                fs::read_to_string(&err).unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let ran = Ran {
-        status,
-        stdout: fs::read_to_string(&out).unwrap_or_default(),
-        stderr: fs::read_to_string(&err).unwrap_or_default(),
-    };
-    let _ = fs::remove_file(out);
-    let _ = fs::remove_file(err);
-    ran
-}
-
-// ---------------------------------------------------------------------------
-// The rendered units
-// ---------------------------------------------------------------------------
-
-/// One rendered configuration: the parts of tests/system/rendered/NAME.txt,
-/// each `=== KIND NAME` and its text.
-struct Rendered {
-    parts: Vec<(String, String, String)>,
-}
-
-impl Rendered {
-    fn load(variant: &str) -> Rendered {
-        let file = rendered_dir().join(format!("{variant}.txt"));
-        let text = fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
-        let mut parts: Vec<(String, String, String)> = Vec::new();
-        for line in text.split_inclusive('\n') {
-            if let Some(head) = line.strip_prefix("=== ") {
-                let mut words = head.trim_end().splitn(2, ' ');
-                let kind = words.next().unwrap_or_default().to_string();
-                let name = words.next().unwrap_or_default().to_string();
-                parts.push((kind, name, String::new()));
-            } else if let Some(last) = parts.last_mut() {
-                last.2.push_str(line);
-            } else {
-                panic!("{}: text before the first === line", file.display());
-            }
-        }
-        Rendered { parts }
-    }
-
-    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
-        self.parts
-            .iter()
-            .filter(move |(k, _, _)| k == kind)
-            .map(|(_, n, t)| (n.as_str(), t.as_str()))
-    }
-
-    fn part(&self, kind: &str) -> &str {
-        self.parts
-            .iter()
-            .find(|(k, _, _)| k == kind)
-            .map(|(_, _, t)| t.as_str())
-            .unwrap_or("")
-    }
-
-    fn unit(&self, name: &str) -> &str {
-        self.parts
-            .iter()
-            .find(|(k, n, _)| k == "unit" && n == name)
-            .map(|(_, _, t)| t.as_str())
-            .unwrap_or_else(|| panic!("no unit {name} rendered"))
-    }
-
-    /// The first `Key=` value of the service unit.
-    fn service_value(&self, key: &str) -> Option<String> {
-        let prefix = format!("{key}=");
-        self.unit(&format!("{UNIT}.service"))
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix).map(String::from))
-    }
-
-    /// The config file the service's ExecStart names.
-    fn config_file(&self) -> (&str, &str) {
-        self.parts
-            .iter()
-            .find(|(k, n, _)| k == "file" && n.ends_with(".conf"))
-            .map(|(_, n, t)| (n.as_str(), t.as_str()))
-            .expect("a rendered config file")
-    }
-
-    /// The user the service runs as.
-    fn user(&self) -> String {
-        self.service_value("User").expect("User= in the service")
+/// Runs `cmd`, killing it (and failing the test) if it outlasts `deadline`.
+fn run_deadline(cmd: &mut Command, deadline: Duration) -> Ran {
+    let out = run_to_exit(cmd, deadline);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Ran {
+        status: out.status,
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
     }
 }
-
-// ---------------------------------------------------------------------------
-// The container
-// ---------------------------------------------------------------------------
 
 /// A booted container: systemd-nspawn in a cgroup of its own, its PID 1, and
 /// a scratch directory on the host. Dropping it powers it off and removes
@@ -196,13 +90,9 @@ struct Container {
 }
 
 /// The root file system, built by tests/system/mkroot.sh when missing.
-fn rootfs(scratch: &Path) -> PathBuf {
+fn rootfs() -> PathBuf {
     let script = repo().join("tests/system/mkroot.sh");
-    let ran = run_deadline(
-        &mut Command::new(&script),
-        scratch,
-        Duration::from_secs(900),
-    );
+    let ran = run_deadline(&mut Command::new(&script), Duration::from_secs(900));
     assert!(
         ran.status.success(),
         "tests/system/mkroot.sh failed (it needs root and debootstrap): {}",
@@ -217,11 +107,8 @@ fn rootfs(scratch: &Path) -> PathBuf {
 /// there would never listen).
 fn preflight() {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let capeff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+    let capeff = line_after(&status, "CapEff:").map(|v| u64::from_str_radix(v.trim(), 16));
+    let capeff = capeff.and_then(Result::ok).unwrap_or(0);
     for (bit, name, why) in [
         (21, "CAP_SYS_ADMIN", "for its mounts and namespaces"),
         (
@@ -235,38 +122,32 @@ fn preflight() {
             "the system tier cannot run here: no {name} (systemd-nspawn needs it {why}); run as root on a machine, or in a container with {name}"
         );
     }
+    for tool in ["systemd-nspawn", "nsenter"] {
+        assert!(
+            on_path(tool).is_some(),
+            "{tool} is not installed: the system tier needs it (apt-get install systemd-container util-linux)"
+        );
+    }
 }
 
 /// The pid (in the host's namespace) of the child of `parent` that is PID 1
-/// of its own pid namespace.
+/// of its own pid namespace, once it runs systemd.
 fn container_pid1(parent: u32) -> Option<u32> {
-    for entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
-            continue;
-        };
+    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.split_whitespace().collect::<Vec<_>>())
-                .unwrap_or_default()
+            let value = status.lines().find_map(|l| l.strip_prefix(name));
+            value.map_or(Vec::new(), |v| v.split_whitespace().collect::<Vec<_>>())
         };
-        let ppid = field("PPid:");
         let nspid = field("NSpid:");
-        // Until nspawn's child has become systemd, it is not PID 1 yet.
         let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if ppid.first() == Some(&parent.to_string().as_str())
+        let is_pid1 = field("PPid:") == [parent.to_string().as_str()]
             && nspid.len() >= 2
             && nspid.last() == Some(&"1")
-            && comm.trim() == "systemd"
-        {
-            return Some(pid);
-        }
-    }
-    None
+            && comm.trim() == "systemd";
+        is_pid1.then_some(pid)
+    })
 }
 
 impl Container {
@@ -274,22 +155,10 @@ impl Container {
     /// (read-only) and waits until systemd reports the system running.
     fn boot(tag: &str) -> Container {
         preflight();
-        for tool in ["systemd-nspawn", "nsenter"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            assert!(
-                found,
-                "{tool} is not installed: the system tier needs it (apt-get install systemd-container util-linux)"
-            );
-        }
         let id = unique_id();
         let scratch = std::env::temp_dir().join(format!("npbhq-system-{tag}-{id}"));
         fs::create_dir_all(&scratch).expect("scratch dir");
-        let root = rootfs(&scratch);
+        let root = rootfs();
         // Short and unique: it names the cgroups and nspawn's directories.
         let machine = format!("npbhq-{tag}-{}", id.replace('-', ""));
         let machine: String = machine.chars().take(60).collect();
@@ -307,33 +176,18 @@ impl Container {
             .iter()
             .map(|d| format!("echo $$ > {}/cgroup.procs && ", d.display()))
             .collect();
+        let bind =
+            |bin: PathBuf, name: &str| format!("--bind-ro={}:/opt/npbhq/bin/{name}", bin.display());
         let log = fs::File::create(scratch.join("nspawn.log")).expect("log");
         let nspawn = Command::new("sh")
             .arg("-c")
             .arg(format!("{enter}exec \"$@\""))
-            .arg("sh")
-            .arg("systemd-nspawn")
-            .arg("--quiet")
-            .arg("-D")
+            .args(["sh", "systemd-nspawn", "--quiet", "-D"])
             .arg(&root)
-            .arg("--machine")
-            .arg(&machine)
-            .args([
-                "--boot",
-                "--register=no",
-                "--keep-unit",
-                "--private-network",
-                "--volatile=overlay",
-                "--console=read-only",
-            ])
-            .arg(format!(
-                "--bind-ro={}:/opt/npbhq/bin/post-build-hook-queue",
-                daemon_bin().display()
-            ))
-            .arg(format!(
-                "--bind-ro={}:/opt/npbhq/bin/post-build-hook",
-                hook_bin().display()
-            ))
+            .args(["--machine", &machine])
+            .args(NSPAWN_OPTIONS.split(' '))
+            .arg(bind(daemon_bin(), "post-build-hook-queue"))
+            .arg(bind(hook_bin(), "post-build-hook"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -347,33 +201,29 @@ impl Container {
             scratch,
         };
         let start = Instant::now();
-        loop {
-            if let Some(pid) = container_pid1(c.nspawn.id()) {
-                c.pid1 = pid;
-                break;
-            }
+        let pid1 = poll(Duration::from_secs(60), 20, || {
             if let Ok(Some(status)) = c.nspawn.try_wait() {
                 panic!(
                     "systemd-nspawn exited ({status}) before the container started:\n{}",
                     c.nspawn_log()
                 );
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
+            container_pid1(c.nspawn.id())
+        });
+        c.pid1 = pid1.unwrap_or_else(|| {
+            panic!(
                 "the container's PID 1 did not appear within 60 s:\n{}",
                 c.nspawn_log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+            )
+        });
         let started = start.elapsed();
         // Before its bus is up, systemctl fails or says "offline" at once.
-        let mut state = c.sh("systemctl is-system-running --wait");
-        while (state.stdout.trim() == "offline" || state.stdout.trim().is_empty())
-            && start.elapsed() < Duration::from_secs(60)
-        {
-            thread::sleep(Duration::from_millis(50));
-            state = c.sh("systemctl is-system-running --wait");
-        }
+        let state = poll(Duration::from_secs(60), 50, || {
+            let state = c.sh("systemctl is-system-running --wait");
+            let up = !matches!(state.stdout.trim(), "offline" | "");
+            up.then_some(state)
+        });
+        let state = state.unwrap_or_else(|| c.sh("systemctl is-system-running --wait"));
         assert!(
             state.stdout.trim() == "running",
             "the container did not come up cleanly ({}); failed units:\n{}",
@@ -403,20 +253,17 @@ impl Container {
     /// Runs a shell script inside the container as root, with a plain
     /// environment.
     fn sh(&self, script: &str) -> Ran {
+        let pid1 = self.pid1.to_string();
+        let env = [
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME=/root",
+            "LANG=C.UTF-8",
+        ];
         run_deadline(
             Command::new("nsenter")
-                .arg("-t")
-                .arg(self.pid1.to_string())
-                .args(["-a", "/usr/bin/env", "-i"])
-                .args([
-                    "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-                    "HOME=/root",
-                    "LANG=C.UTF-8",
-                    "/bin/sh",
-                    "-c",
-                    script,
-                ]),
-            &self.scratch,
+                .args(["-t", &pid1, "-a", "/usr/bin/env", "-i"])
+                .args(env)
+                .args(["/bin/sh", "-c", script]),
             COMMAND_DEADLINE,
         )
     }
@@ -442,6 +289,12 @@ impl Container {
         fs::write(&host, text).unwrap_or_else(|e| panic!("write {path} in the container: {e}"));
     }
 
+    /// Writes an executable script inside the container.
+    fn write_script(&self, path: &str, text: &str) {
+        self.write(path, text);
+        self.ok(&format!("chmod 755 {path}"));
+    }
+
     /// The service's journal, for failure messages.
     fn journal(&self) -> String {
         let ran = self.sh(&format!(
@@ -450,11 +303,11 @@ impl Container {
         ran.stdout
     }
 
-    /// `systemctl show` of the service, one property.
-    fn show(&self, property: &str) -> String {
-        self.ok(&format!("systemctl show -P {property} {UNIT}.service"))
-            .trim()
-            .to_string()
+    /// Waits (bounded by `deadline`, a correctness bound) until `done`
+    /// holds; on a timeout the failure shows the service's journal.
+    fn wait_for(&self, deadline: Duration, what: &str, mut done: impl FnMut() -> bool) {
+        let check = || done().then_some(()).ok_or_else(|| "not yet".to_string());
+        wait_until_ok(deadline, what, check, || self.journal());
     }
 }
 
@@ -462,42 +315,39 @@ impl Drop for Container {
     fn drop(&mut self) {
         if self.pid1 != 0 {
             // Bounded: a wedged container must not hang the test run.
-            let _ = Command::new("nsenter")
-                .arg("-t")
-                .arg(self.pid1.to_string())
-                .args(["-a", "systemctl", "poweroff", "--no-block"])
+            let poweroff = Command::new("nsenter")
+                .args(["-t", &self.pid1.to_string(), "-a", "systemctl", "poweroff"])
+                .arg("--no-block")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
-                .spawn()
-                .map(|mut child| {
-                    let start = Instant::now();
-                    while start.elapsed() < Duration::from_secs(10) {
-                        if let Ok(Some(_)) = child.try_wait() {
-                            return;
-                        }
-                        thread::sleep(Duration::from_millis(20));
-                    }
+                .spawn();
+            if let Ok(mut child) = poweroff {
+                let waited = poll(Duration::from_secs(10), 20, || child.try_wait().ok()?);
+                if waited.is_none() {
                     let _ = child.kill();
                     let _ = child.wait();
-                });
-        }
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                break;
+                }
             }
-            thread::sleep(Duration::from_millis(50));
         }
-        if !matches!(self.nspawn.try_wait(), Ok(Some(_))) {
+        let off = poll(Duration::from_secs(20), 50, || {
+            self.nspawn.try_wait().ok()?
+        });
+        if off.is_none() {
             let _ = self.nspawn.kill();
             let _ = self.nspawn.wait();
         }
-        // Whatever is left in the cgroups (nothing, after a clean poweroff).
+        // Whatever is left in the cgroups (nothing, after a clean poweroff),
+        // then the cgroups themselves, deepest first.
         for dir in &self.cgroups {
-            kill_cgroup(dir);
+            in_cgroup(dir, &|d| {
+                let procs = fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
         }
         for dir in &self.cgroups {
-            remove_cgroup(dir);
+            in_cgroup(dir, &|d| drop(fs::remove_dir(d)));
         }
         let _ = fs::remove_dir_all(Path::new("/run/systemd/nspawn/propagate").join(&self.machine));
         if std::env::var_os("NPBHQ_KEEP_TMP").is_none() {
@@ -506,37 +356,15 @@ impl Drop for Container {
     }
 }
 
-fn kill_cgroup(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                kill_cgroup(&e.path());
-            }
+/// Calls `f` on every cgroup under `dir`, deepest first, and on `dir` last.
+fn in_cgroup(dir: &Path, f: &dyn Fn(&Path)) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            in_cgroup(&e.path(), f);
         }
     }
-    for pid in fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-    {
-        let _ = Command::new("kill").args(["-9", pid]).status();
-    }
+    f(dir);
 }
-
-/// Removes a cgroup and everything under it, deepest first.
-fn remove_cgroup(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                remove_cgroup(&e.path());
-            }
-        }
-    }
-    let _ = fs::remove_dir(dir);
-}
-
-// ---------------------------------------------------------------------------
-// Installing the rendered configuration, as NixOS would
-// ---------------------------------------------------------------------------
 
 /// What the tests set up besides the module: the Nix daemon's configuration
 /// (no sandbox and no substituters, as in the host tier; the test key
@@ -548,15 +376,12 @@ fn prepare_nix(c: &Container, module: &Rendered) {
          nix-store --generate-binary-cache-key npbhq-test /etc/npbhq-test/signing-key /etc/npbhq-test/signing-key.pub",
     );
     let public = c.ok(&format!("cat {PUBLIC_KEY}"));
-    c.write(
-        "/etc/nix/nix.conf",
-        &format!(
-            "sandbox = false\nsubstituters =\nexperimental-features = nix-command\n\
-             trusted-public-keys = {}\n{}",
-            public.trim(),
-            module.part("nix.conf")
-        ),
+    let (public, from_module) = (public.trim(), module.part("nix.conf"));
+    let conf = format!(
+        "sandbox = false\nsubstituters =\nexperimental-features = nix-command\n\
+         trusted-public-keys = {public}\n{from_module}"
     );
+    c.write("/etc/nix/nix.conf", &conf);
     // Debian lets only the group nix-users reach the nix-daemon (its
     // directory is 0770); NixOS lets everyone connect (allowed-users
     // decides). As on NixOS:
@@ -577,13 +402,12 @@ fn install_module(c: &Container, module: &Rendered) {
         ));
     }
     for line in module.part("users").lines() {
-        let mut words = line.split_whitespace();
-        let name = words.next().expect("user name");
+        let name = line.split_whitespace().next().expect("user name");
         let field = |key: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{key}=")))
-                .unwrap_or_else(|| panic!("users line without {key}: {line}"))
-                .to_string()
+            let value = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")));
+            value.unwrap_or_else(|| panic!("users line without {key}: {line}"))
         };
         c.ok(&format!(
             "getent passwd {name} || useradd --system --gid {} --home-dir {} --no-create-home --shell /usr/sbin/nologin {name}",
@@ -594,25 +418,24 @@ fn install_module(c: &Container, module: &Rendered) {
     for (path, text) in module.of_kind("file") {
         c.write(path, text);
     }
-    c.write(
-        &format!("/etc/tmpfiles.d/{UNIT}.conf"),
-        module.part("tmpfiles"),
-    );
-    c.ok(&format!(
-        "systemd-tmpfiles --create /etc/tmpfiles.d/{UNIT}.conf"
-    ));
+    let tmpfiles = format!("/etc/tmpfiles.d/{UNIT}.conf");
+    c.write(&tmpfiles, module.part("tmpfiles"));
+    c.ok(&format!("systemd-tmpfiles --create {tmpfiles}"));
     for (name, text) in module.of_kind("unit") {
         c.write(&format!("/etc/systemd/system/{name}"), text);
     }
     c.ok("systemctl daemon-reload");
 }
 
-/// A fresh start of the module's units: enabled (as NixOS links them into
-/// sockets.target and multi-user.target) and started.
+/// Enables the module's units (as NixOS links them into sockets.target and
+/// multi-user.target) and starts them.
+const START_UNITS: &str =
+    "systemctl enable nix-post-build-hook-queue.socket nix-post-build-hook-queue.service && \
+     systemctl start nix-post-build-hook-queue.socket nix-post-build-hook-queue.service";
+
+/// A fresh start of the module's units ([`START_UNITS`]), which must succeed.
 fn start_module(c: &Container) {
-    let ran = c.sh(&format!(
-        "systemctl enable {UNIT}.socket {UNIT}.service && systemctl start {UNIT}.socket {UNIT}.service"
-    ));
+    let ran = c.sh(START_UNITS);
     assert!(
         ran.status.success(),
         "the module's units did not start: {}\n{}",
@@ -623,7 +446,7 @@ fn start_module(c: &Container) {
 
 /// A container with `variant` installed and running.
 fn boot_with(tag: &str, variant: &str) -> (Container, Rendered) {
-    let module = Rendered::load(variant);
+    let module = Rendered::load(&rendered_dir(), variant);
     let c = Container::boot(tag);
     prepare_nix(&c, &module);
     install_module(&c, &module);
@@ -633,16 +456,17 @@ fn boot_with(tag: &str, variant: &str) -> (Container, Rendered) {
 /// Builds a distinct one-file derivation as root through the nix-daemon
 /// (which runs the post-build-hook, as root); returns its output path.
 fn build(c: &Container, tag: &str) -> String {
-    build_as(c, "root", tag)
+    build_as(c, "root", tag, "")
 }
 
 /// [`build`] by `user` (a client of the nix-daemon like any other: the
-/// daemon runs the hook, as root, whoever asked for the build).
-fn build_as(c: &Container, user: &str, tag: &str) -> String {
+/// daemon runs the hook, as root, whoever asked for the build), whose
+/// output also holds the Nix expression `with` (a dependency).
+fn build_as(c: &Container, user: &str, tag: &str, with: &str) -> String {
     let nonce = unique_id();
     let out = c.ok(&format!(
         "cd / && runuser -u {user} -- env HOME=/tmp NIX_REMOTE=daemon nix-build --no-out-link -E 'derivation {{ name = \"npbhq-{tag}\"; \
-         system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {nonce} > $out\" ]; }}'"
+         system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"echo {with} {nonce} > $out\" ]; }}'"
     ));
     let path = out.lines().last().unwrap_or_default().trim().to_string();
     assert!(
@@ -652,16 +476,24 @@ fn build_as(c: &Container, user: &str, tag: &str) -> String {
     path
 }
 
-/// Whether `path` is in the file:// cache with a signature the test key
-/// verifies.
+/// Whether `path` is in `store` with a signature the test key verifies.
 fn verified_in(c: &Container, store: &str, path: &str) -> Result<(), String> {
+    verified_by(c, PUBLIC_KEY, store, path)
+}
+
+/// Whether `path` is in `store` with a signature the public key in the
+/// file `key` verifies.
+fn verified_by(c: &Container, key: &str, store: &str, path: &str) -> Result<(), String> {
     let ran = c.sh(&format!(
-        "nix store verify --no-contents --store '{store}' --trusted-public-keys \"$(cat {PUBLIC_KEY})\" {path}"
+        "nix store verify --no-contents --store '{store}' --trusted-public-keys \"$(cat {key})\" {path}"
     ));
-    if ran.status.success() {
-        Ok(())
-    } else {
-        Err(ran.both())
+    ran.status.success().then_some(()).ok_or_else(|| ran.both())
+}
+
+/// [`verified_in`] for each path, which must hold.
+fn assert_verified(c: &Container, store: &str, paths: &[String]) {
+    for p in paths {
+        verified_in(c, store, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
     }
 }
 
@@ -669,44 +501,47 @@ fn verified_in(c: &Container, store: &str, path: &str) -> Result<(), String> {
 /// root's nix would create the cache's files, owned by root, and the
 /// daemon's user could then no longer write there.
 fn in_cache_dir(c: &Container, path: &str) -> bool {
-    let hash = path
-        .trim_start_matches("/nix/store/")
-        .split('-')
-        .next()
-        .unwrap_or_default();
-    c.sh(&format!("test -e {CACHE_DIR}/{hash}.narinfo"))
-        .status
-        .success()
+    let hash = path.trim_start_matches("/nix/store/").split('-').next();
+    let narinfo = format!("{CACHE_DIR}/{}.narinfo", hash.unwrap_or_default());
+    c.sh(&format!("test -e {narinfo}")).status.success()
 }
 
 /// Waits until every path is in the file:// cache, then verifies each
 /// with the test key.
 fn wait_delivered(c: &Container, paths: &[String]) {
     for p in paths {
-        wait_until_ok(
-            DELIVERY_DEADLINE,
-            &format!("{p} in {CACHE_DIR}"),
-            || {
-                in_cache_dir(c, p)
-                    .then_some(())
-                    .ok_or_else(|| "no narinfo yet".to_string())
-            },
-            || c.journal(),
-        );
+        c.wait_for(DELIVERY_DEADLINE, &format!("{p} in {CACHE_DIR}"), || {
+            in_cache_dir(c, p)
+        });
     }
-    for p in paths {
-        verified_in(c, CACHE_URL, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
-    }
+    assert_verified(c, CACHE_URL, paths);
+}
+
+/// `wait` as root, which must end with every path uploaded.
+fn wait_all(c: &Container) {
+    let waited = daemon(c, "wait --timeout 100");
+    assert!(
+        waited.status.success(),
+        "wait: {}\n{}",
+        waited.both(),
+        c.journal()
+    );
+}
+
+/// Sleeps longer than the service's RestartSec: long enough for systemd
+/// to have restarted it, had it meant to.
+fn sleep_past_restart_sec(module: &Rendered) {
+    let restart_sec = module
+        .service_value("RestartSec")
+        .and_then(|v| v.parse().ok());
+    let restart_sec: f64 = restart_sec.expect("RestartSec");
+    thread::sleep(Duration::from_secs_f64(restart_sec + 2.0));
 }
 
 /// The service is up and was never restarted: checked longer than
 /// RestartSec after it last served, as an operator would.
 fn assert_stays_up(c: &Container, module: &Rendered) {
-    let restart_sec: f64 = module
-        .service_value("RestartSec")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5.0);
-    thread::sleep(Duration::from_secs_f64(restart_sec + 2.0));
+    sleep_past_restart_sec(module);
     let props = c.ok(&format!(
         "systemctl show -p NRestarts,ActiveState,SubState,Result,ExecMainStatus {UNIT}.service"
     ));
@@ -721,19 +556,31 @@ fn daemon(c: &Container, args: &str) -> Ran {
     c.sh(&format!("/opt/npbhq/bin/post-build-hook-queue {args}"))
 }
 
-// ---------------------------------------------------------------------------
-// Scenarios
-// ---------------------------------------------------------------------------
+/// `nix copy` to the ssh-ng receiver with root's key, of what follows.
+const SSH_COPY: &str = "NIX_SSHOPTS='-i /etc/npbhq-test/ssh-key -o BatchMode=yes' nix copy --to 'ssh-ng://root@127.0.0.1?remote-store=/srv/receiver'";
+
+/// The ssh-ng receiver: root's ssh key runs an untrusted nix-daemon on its
+/// own store at [`RECEIVER`] (as `nix.sshServe` does), with `options`, so a
+/// path is accepted only with a signature by a key in the receiver's
+/// trusted-public-keys. (A trusted one, as root's own `nix-daemon --stdio`
+/// is, takes any locally built path unsigned.)
+fn ssh_receiver(c: &Container, options: &str) {
+    c.ok(&format!(
+        "ssh-keygen -q -t ed25519 -N '' -f /etc/npbhq-test/ssh-key && \
+         install -d -m 700 /root/.ssh && \
+         echo \"restrict,command=\\\"nix-daemon --extra-experimental-features daemon-trust-override --stdio --force-untrusted --store {RECEIVER}{options}\\\" $(cat /etc/npbhq-test/ssh-key.pub)\" > /root/.ssh/authorized_keys && \
+         echo \"127.0.0.1 $(cat /etc/ssh/ssh_host_ed25519_key.pub)\" > /etc/ssh/ssh_known_hosts && \
+         mkdir -p {RECEIVER} && systemctl restart ssh.service"
+    ));
+}
 
 #[test]
 fn rendered_units_match_module_nix() {
     let source = fs::read_to_string(repo().join("tests/system/rendered/source.txt"))
         .expect("tests/system/rendered/source.txt");
     for file in ["module.nix", "tests/system/render.nix"] {
-        let recorded = source
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{file} ")))
-            .unwrap_or_else(|| panic!("source.txt records no hash of {file}"));
+        let recorded = line_after(&source, &format!("{file} "));
+        let recorded = recorded.unwrap_or_else(|| panic!("source.txt records no hash of {file}"));
         let out = Command::new("sha256sum")
             .arg(repo().join(file))
             .output()
@@ -749,44 +596,19 @@ fn rendered_units_match_module_nix() {
 
 #[test]
 fn rendered_module_facts() {
-    let checks = fs::read_to_string(repo().join("tests/system/rendered/checks.txt"))
-        .expect("tests/system/rendered/checks.txt");
-    let fact = |name: &str| {
-        checks
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
-            .unwrap_or_else(|| panic!("checks.txt has no {name}"))
-            .to_string()
-    };
-    for name in [
-        "default-user-created",
-        "nix-pb-user-created",
-        "normal-user-left-alone",
-        "known-settings-key-accepted",
-        "unknown-settings-key-fails",
-        "module-owned-key-fails",
-        "old-nix-signing-untrusted-fails",
-        "key-in-store-fails",
-        "environment-file-in-store-fails",
-        "empty-upload-to-fails",
-        "empty-upload-to-in-list-fails",
-        "null-upload-to-accepted",
-        "negative-timeout-fails",
-        "zero-delay-fails",
-        "zero-delay-string-fails",
-        "give-up-never-accepted",
-        "empty-upload-command-fails",
-        "bare-upload-command-fails",
-        "absolute-upload-command-accepted",
-        "warns-when-it-only-journals",
-        "quiet-with-a-target",
-        "warns-when-signed-twice",
-        "config-check-off",
-        "config-check-cross",
-        "overlaid-package-runs",
-        "overlaid-package-installed",
-        "default-package-installed",
-    ] {
+    let fact = rendered_check;
+    // Facts that must be true, as render.nix names them.
+    let true_facts = "default-user-created nix-pb-user-created normal-user-left-alone \
+        known-settings-key-accepted unknown-settings-key-fails module-owned-key-fails \
+        old-nix-signing-untrusted-fails key-in-store-fails \
+        environment-file-in-store-fails empty-upload-to-fails \
+        empty-upload-to-in-list-fails null-upload-to-accepted negative-timeout-fails \
+        zero-delay-fails zero-delay-string-fails give-up-never-accepted \
+        empty-upload-command-fails bare-upload-command-fails \
+        absolute-upload-command-accepted warns-when-it-only-journals quiet-with-a-target \
+        warns-when-signed-twice config-check-off config-check-cross \
+        overlaid-package-runs overlaid-package-installed default-package-installed";
+    for name in true_facts.split_whitespace() {
         assert_eq!(fact(name), "true", "module.nix: {name}");
     }
     assert_eq!(
@@ -799,48 +621,36 @@ fn rendered_module_facts() {
         fact("nothing-set-rendered"),
         "\"# nix-post-build-hook-queue configuration, generated by module.nix\\n\""
     );
-    // A string from one module and a list from another: both targets.
-    let merged = fact("merged-targets-rendered");
-    for line in [
-        "upload-to = file:///var/cache/a\\n",
-        "upload-to = ssh-ng://nix-ssh@mirror.example.com\\n",
-    ] {
-        assert!(merged.contains(line), "{line} not in {merged}");
-    }
-    // The config file is built by a derivation that runs the daemon's own
-    // check on it (tests/packaging.rs runs that script).
-    let script = fact("config-check-script");
-    assert!(
-        script.contains("/bin/post-build-hook-queue check-config --config"),
-        "{script}"
-    );
-    // uploadTo as a list: one `upload-to` line per target, as the daemon
-    // reads several targets; a plain string, one line.
-    let several = fact("several-targets-rendered");
-    assert!(
-        several.contains(
-            "upload-to = file:///var/cache/a?compression=none\\nupload-to = ssh-ng://nix-ssh@mirror.example.com\\n"
+    // What a rendered fact holds: a string from one module and a list from
+    // another give both targets; the config file is built by a derivation
+    // that runs the daemon's own check on it (tests/packaging.rs runs that
+    // script); uploadTo as a list gives one `upload-to` line per target, as
+    // the daemon reads several targets; a plain string, one line.
+    for (name, line) in [
+        ("merged-targets-rendered", "upload-to = file:///var/cache/a\\n"),
+        ("merged-targets-rendered", "upload-to = ssh-ng://nix-ssh@mirror.example.com\\n"),
+        ("config-check-script", "/bin/post-build-hook-queue check-config --config"),
+        (
+            "several-targets-rendered",
+            "upload-to = file:///var/cache/a?compression=none\\nupload-to = ssh-ng://nix-ssh@mirror.example.com\\n",
         ),
-        "{several}"
-    );
+        ("one-target-rendered", "upload-to = file:///var/cache/a\\n"),
+        ("decimal-seconds-rendered", "command-timeout = 2.5\\n"),
+        ("decimal-seconds-rendered", "retry-initial-delay = 1e-07\\n"),
+        ("decimal-seconds-rendered", "retry-max-delay = 7.5\\n"),
+    ] {
+        let fact = fact(name);
+        assert!(fact.contains(line), "{name}: {line} not in {fact}");
+    }
     let one = fact("one-target-rendered");
     assert_eq!(one.matches("upload-to = ").count(), 1, "{one}");
-    assert!(one.contains("upload-to = file:///var/cache/a\\n"), "{one}");
-    let decimals = fact("decimal-seconds-rendered");
-    for line in [
-        "command-timeout = 2.5\\n",
-        "retry-initial-delay = 1e-07\\n",
-        "retry-max-delay = 7.5\\n",
-    ] {
-        assert!(decimals.contains(line), "{line} not in {decimals}");
-    }
     // Every rendered configuration: the socket root-only, the filter one
     // item a line (systemd ignores a `~` that does not start its line),
     // setpriority allowed after @resources is denied, stray calls EPERM,
     // a bad configuration not restarted, a stop that outlasts the daemon's
     // grace and leaves the nix call to the daemon.
     for variant in ["file", "ssh", "token", "group", "substitute"] {
-        let r = Rendered::load(variant);
+        let r = Rendered::load(&rendered_dir(), variant);
         let service = r.unit(&format!("{UNIT}.service"));
         let filter: Vec<&str> = service
             .lines()
@@ -864,10 +674,10 @@ fn rendered_module_facts() {
         ] {
             assert!(service.lines().any(|l| l == line), "{variant}: no {line}");
         }
-        let stop: u64 = r
+        let stop = r
             .service_value("TimeoutStopSec")
-            .and_then(|v| v.parse().ok())
-            .expect("TimeoutStopSec");
+            .and_then(|v| v.parse().ok());
+        let stop: u64 = stop.expect("TimeoutStopSec");
         assert!(
             stop > 10,
             "TimeoutStopSec={stop} is not longer than the daemon's 10 s grace"
@@ -898,7 +708,7 @@ fn rendered_module_facts() {
 #[test]
 fn module_service_serves_signs_uploads_and_stays_up() {
     let c = Container::boot("serve");
-    let module = Rendered::load("file");
+    let module = Rendered::load(&rendered_dir(), "file");
     // Neither the cache nor the metrics directory exists: the module's
     // tmpfiles rules create them.
     c.ok(&format!(
@@ -934,34 +744,17 @@ fn module_service_serves_signs_uploads_and_stays_up() {
         "nobody reached the socket: {}",
         refused.both()
     );
-    paths.push(build_as(&c, "nobody", "serve-nobody"));
-    let waited = daemon(&c, "wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait as root: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
-    for p in &paths {
-        verified_in(&c, CACHE_URL, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
-    }
+    paths.push(build_as(&c, "nobody", "serve-nobody", ""));
+    wait_all(&c);
+    assert_verified(&c, CACHE_URL, &paths);
     // The verification means something: another key does not verify.
-    let other = c.ok(
-        "nix-store --generate-binary-cache-key other /tmp/other.sk /tmp/other.pk && cat /tmp/other.pk",
-    );
-    let wrong = c.sh(&format!(
-        "nix store verify --no-contents --store '{CACHE_URL}' --trusted-public-keys '{}' {}",
-        other.trim(),
-        paths[0]
-    ));
-    assert!(
-        !wrong.status.success(),
-        "a wrong key verified: {}",
-        wrong.both()
-    );
+    c.ok("nix-store --generate-binary-cache-key other /tmp/other.sk /tmp/other.pk");
+    let wrong = verified_by(&c, "/tmp/other.pk", CACHE_URL, &paths[0]);
+    assert!(wrong.is_err(), "a wrong key verified {}", paths[0]);
 
     // Signed through the nix-daemon, by the module's user.
-    let pid = c.show("MainPID");
+    let pid = c.ok(&format!("systemctl show -P MainPID {UNIT}.service"));
+    let pid = pid.trim();
     let uid = c.ok(&format!("awk '/^Uid:/ {{print $2}}' /proc/{pid}/status"));
     let user_uid = c.ok(&format!("id -u {}", module.user()));
     assert_eq!(
@@ -989,10 +782,8 @@ fn module_service_serves_signs_uploads_and_stays_up() {
         "the metrics file counts the uploads",
         || {
             let m = c.sh(&format!("cat {METRICS_FILE}")).stdout;
-            let uploaded = m
-                .lines()
-                .find_map(|l| l.strip_prefix("nix_post_build_hook_queue_uploaded_total "))
-                .and_then(|v| v.trim().parse::<f64>().ok());
+            let uploaded = line_after(&m, "nix_post_build_hook_queue_uploaded_total ");
+            let uploaded = uploaded.and_then(|v| v.trim().parse::<f64>().ok());
             match uploaded {
                 Some(n) if n >= paths.len() as f64 => Ok(()),
                 _ => Err(m),
@@ -1021,18 +812,7 @@ fn module_service_serves_signs_uploads_and_stays_up() {
 #[test]
 fn module_service_uploads_over_ssh_ng_to_a_receiver_requiring_signatures() {
     let (c, module) = boot_with("ssh", "ssh");
-    // The receiver: root's ssh key runs an untrusted nix-daemon on its own
-    // store (as `nix.sshServe` does), so a path is accepted only with a
-    // signature by a key in the receiver's trusted-public-keys. (A trusted
-    // one, as root's own `nix-daemon --stdio` is, takes any locally built
-    // path unsigned.)
-    c.ok(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -f /etc/npbhq-test/ssh-key && \
-         install -d -m 700 /root/.ssh && \
-         echo \"restrict,command=\\\"nix-daemon --extra-experimental-features daemon-trust-override --stdio --force-untrusted --store {RECEIVER}\\\" $(cat /etc/npbhq-test/ssh-key.pub)\" > /root/.ssh/authorized_keys && \
-         echo \"127.0.0.1 $(cat /etc/ssh/ssh_host_ed25519_key.pub)\" > /etc/ssh/ssh_known_hosts && \
-         mkdir -p {RECEIVER} && systemctl restart ssh.service"
-    ));
+    ssh_receiver(&c, "");
     // The receiver's own check, without our daemon: it refuses an unsigned
     // path, and takes the same path once it is signed with the test key
     // (so the refusal was about the signature, not the connection).
@@ -1040,9 +820,7 @@ fn module_service_uploads_over_ssh_ng_to_a_receiver_requiring_signatures() {
     // --add` makes, needs no signature anywhere. The service is not started
     // yet, so the hook spools it.
     let unsigned = build(&c, "unsigned");
-    let copy = format!(
-        "NIX_SSHOPTS='-i /etc/npbhq-test/ssh-key -o BatchMode=yes' nix copy --to 'ssh-ng://root@127.0.0.1?remote-store={RECEIVER}' {unsigned}"
-    );
+    let copy = format!("{SSH_COPY} {unsigned}");
     let refused = c.sh(&copy);
     assert!(
         !refused.status.success() && verified_in(&c, RECEIVER, &unsigned).is_err(),
@@ -1055,16 +833,8 @@ fn module_service_uploads_over_ssh_ng_to_a_receiver_requiring_signatures() {
     verified_in(&c, RECEIVER, &unsigned).unwrap_or_else(|e| panic!("signed by hand: {e}"));
     start_module(&c);
     let paths: Vec<String> = (0..3).map(|i| build(&c, &format!("ssh{i}"))).collect();
-    let waited = daemon(&c, "wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
-    for p in &paths {
-        verified_in(&c, RECEIVER, p).unwrap_or_else(|e| panic!("{p}: {e}\n{}", c.journal()));
-    }
+    wait_all(&c);
+    assert_verified(&c, RECEIVER, &paths);
     assert_stays_up(&c, &module);
 }
 
@@ -1099,36 +869,22 @@ fn restart_in_the_middle_of_an_upload_loses_nothing() {
     let (c, module) = boot_with("restart", "file");
     // The module's config file, with the slow nix: a changed configuration
     // of the same module (settings.nix), written where the unit reads it.
-    let (config_path, config_text) = module.config_file();
-    c.write(
+    c.write_script(
         "/usr/local/bin/npbhq-slow-nix",
         "#!/bin/sh\ncase \" $* \" in *\" copy \"*) echo copy >> \"$HOME/copies\"; sleep 4;; esac\nexec /usr/bin/nix \"$@\"\n",
     );
-    c.ok("chmod 755 /usr/local/bin/npbhq-slow-nix");
-    c.write(
-        config_path,
-        &format!("{config_text}nix = /usr/local/bin/npbhq-slow-nix\n"),
-    );
+    append_to_config(&c, &module, "nix = /usr/local/bin/npbhq-slow-nix");
     // Built before the daemon first starts: the hook spools both, and the
     // daemon uploads them in one `nix copy`.
     let paths: Vec<String> = (0..2).map(|i| build(&c, &format!("restart{i}"))).collect();
     start_module(&c);
     let copies = || {
-        c.sh(&format!("cat {STATE_DIR}/copies"))
-            .stdout
-            .lines()
-            .count()
+        let copies = c.sh(&format!("cat {STATE_DIR}/copies")).stdout;
+        copies.lines().count()
     };
-    wait_until_ok(
-        Duration::from_secs(60),
-        "an upload in progress",
-        || {
-            (copies() > 0)
-                .then_some(())
-                .ok_or_else(|| "no copy yet".to_string())
-        },
-        || c.journal(),
-    );
+    c.wait_for(Duration::from_secs(60), "an upload in progress", || {
+        copies() > 0
+    });
     c.ok(&format!("systemctl restart {UNIT}.service"));
     wait_delivered(&c, &paths);
     let json = daemon(&c, "status --json");
@@ -1184,16 +940,12 @@ fn switch_to_a_changed_unit_drains_the_queue() {
 /// tests failing with `sshd did not listen on port N`.
 #[test]
 fn container_tiers_say_in_one_line_why_they_cannot_run() {
-    let scratch = std::env::temp_dir().join(format!("npbhq-system-preflight-{}", unique_id()));
-    fs::create_dir_all(&scratch).expect("scratch dir");
     let without = |program: &Path, args: &[&str]| {
         run_deadline(
             Command::new("setpriv")
-                .arg("--bounding-set=-net_admin")
-                .arg("--")
+                .args(["--bounding-set=-net_admin", "--"])
                 .arg(program)
                 .args(args),
-            &scratch,
             Duration::from_secs(600),
         )
     };
@@ -1231,7 +983,6 @@ fn container_tiers_say_in_one_line_why_they_cannot_run() {
         "{}",
         tier.both()
     );
-    let _ = fs::remove_dir_all(&scratch);
 }
 
 /// The module's config file with one more line, written where the unit
@@ -1248,19 +999,13 @@ fn append_to_config(c: &Container, module: &Rendered, line: &str) {
 fn a_configuration_error_exits_78_and_is_not_restarted() {
     let (c, module) = boot_with("exit78", "file");
     append_to_config(&c, &module, "batch-size = 0");
-    let started = c.sh(&format!(
-        "systemctl enable {UNIT}.socket {UNIT}.service && systemctl start {UNIT}.socket {UNIT}.service"
-    ));
+    let started = c.sh(START_UNITS);
     assert!(
         !started.status.success(),
         "the service started with batch-size = 0: {}",
         started.both()
     );
-    let restart_sec: f64 = module
-        .service_value("RestartSec")
-        .and_then(|v| v.parse().ok())
-        .expect("RestartSec");
-    thread::sleep(Duration::from_secs_f64(restart_sec + 2.0));
+    sleep_past_restart_sec(&module);
     let props = c.ok(&format!(
         "systemctl show -p NRestarts,ActiveState,Result,ExecMainStatus {UNIT}.service"
     ));
@@ -1280,44 +1025,26 @@ fn a_configuration_error_exits_78_and_is_not_restarted() {
 #[test]
 fn upload_command_gets_its_token_from_the_environment_file() {
     let (c, module) = boot_with("token", "token");
-    let command = module
-        .config_file()
-        .1
-        .lines()
-        .find_map(|l| l.strip_prefix("upload-command = "))
-        .expect("upload-command in the rendered config")
-        .to_string();
-    let uploaded = command
-        .split_whitespace()
-        .last()
-        .expect("the uploader's --to file")
-        .to_string();
+    let command = module.setting("upload-command").expect("upload-command");
+    let uploaded = command.split_whitespace().last().expect("the --to file");
     // The uploader: refuses (and notes it) without NPBHQ_TEST_TOKEN=sekrit
     // in its environment, else records the paths it was given.
-    c.write(
+    c.write_script(
         "/usr/local/bin/npbhq-token-upload",
         "#!/bin/sh\n[ \"$1\" = --to ] || exit 2\nout=$2; shift 2\n\
          if [ \"$NPBHQ_TEST_TOKEN\" != sekrit ]; then echo refused >> \"$out.refused\"; \
          echo 'npbhq-token-upload: no token' >&2; exit 1; fi\n\
          for p; do echo \"$p\" >> \"$out\"; done\n",
     );
-    c.ok("chmod 755 /usr/local/bin/npbhq-token-upload");
     c.write("/etc/npbhq-test/uploader.env", "NPBHQ_TEST_OTHER=1\n");
     c.ok("chmod 600 /etc/npbhq-test/uploader.env");
     start_module(&c);
     let path = build(&c, "token");
-    wait_until_ok(
-        DELIVERY_DEADLINE,
-        "the uploader refused, having no token",
-        || {
-            c.sh(&format!("test -s {uploaded}.refused"))
-                .status
-                .success()
-                .then_some(())
-                .ok_or_else(|| "not yet".to_string())
-        },
-        || c.journal(),
-    );
+    c.wait_for(DELIVERY_DEADLINE, "the uploader's refusal", || {
+        c.sh(&format!("test -s {uploaded}.refused"))
+            .status
+            .success()
+    });
     let none = c.sh(&format!("cat {uploaded}"));
     assert!(
         !none.stdout.contains(&path),
@@ -1329,13 +1056,7 @@ fn upload_command_gets_its_token_from_the_environment_file() {
         "NPBHQ_TEST_OTHER=1\nNPBHQ_TEST_TOKEN=sekrit\n",
     );
     c.ok(&format!("systemctl restart {UNIT}.service"));
-    let waited = daemon(&c, "wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
+    wait_all(&c);
     let list = c.ok(&format!("cat {uploaded}"));
     assert!(
         list.lines().any(|l| l == path),
@@ -1365,12 +1086,8 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
         variables.starts_with("NPBHQ_SOCKET=/"),
         "the module names the socket for the group: {variables}"
     );
-    let group = module
-        .unit(&format!("{UNIT}.socket"))
-        .lines()
-        .find_map(|l| l.strip_prefix("SocketGroup="))
-        .expect("SocketGroup=")
-        .to_string();
+    let socket_unit = module.unit(&format!("{UNIT}.socket"));
+    let group = line_after(socket_unit, "SocketGroup=").expect("SocketGroup=");
     start_module(&c);
     let socket = c.ok(&format!("stat -c '%U %G %a' /run/{UNIT}.sock"));
     assert_eq!(socket.trim(), format!("root {group} 660"));
@@ -1394,29 +1111,19 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
             variables.trim().replace('\n', " ")
         ))
     };
-    let substituted = as_ci(&format!("nix-store --realise {path} --add-root result"));
-    assert!(
-        substituted.status.success(),
-        "ci substitutes: {}",
-        substituted.both()
-    );
-    let enqueued = as_ci("/opt/npbhq/bin/post-build-hook-queue enqueue ./result");
-    assert!(
-        enqueued.status.success(),
-        "enqueue ./result as a member of {group}: {}\n{}",
-        enqueued.both(),
-        c.journal()
-    );
-    let waited = as_ci("/opt/npbhq/bin/post-build-hook-queue wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait as a member of {group}: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
+    let as_ci_ok = |script: &str| {
+        let ran = as_ci(script);
+        let (out, log) = (ran.both(), c.journal());
+        assert!(
+            ran.status.success(),
+            "{script} as a member of {group}: {out}\n{log}"
+        );
+    };
+    as_ci_ok(&format!("nix-store --realise {path} --add-root result"));
+    as_ci_ok("/opt/npbhq/bin/post-build-hook-queue enqueue ./result");
+    as_ci_ok("/opt/npbhq/bin/post-build-hook-queue wait --timeout 100");
     wait_delivered(&c, &[path.to_string()]);
-    let status = as_ci("/opt/npbhq/bin/post-build-hook-queue status");
-    assert!(status.status.success(), "status as ci: {}", status.both());
+    as_ci_ok("/opt/npbhq/bin/post-build-hook-queue status");
     let dropped = as_ci(&format!("/opt/npbhq/bin/post-build-hook-queue drop {path}"));
     assert_eq!(
         dropped.status.code(),
@@ -1444,28 +1151,13 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
 #[test]
 fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
     let (c, module) = boot_with("subst", "substitute");
-    assert!(
-        module
-            .config_file()
-            .1
-            .lines()
-            .any(|l| l == "substitute-on-destination = true"),
-        "the rendered config does not set substitute-on-destination"
-    );
-    let upstream = c.ok(
+    assert_eq!(module.setting("substitute-on-destination"), Some("true"));
+    c.ok(
         "nix-store --generate-binary-cache-key npbhq-upstream /etc/npbhq-test/upstream.sk /etc/npbhq-test/upstream.pk && \
-         cat /etc/npbhq-test/upstream.pk && \
          echo \"extra-trusted-public-keys = $(cat /etc/npbhq-test/upstream.pk)\" >> /etc/nix/nix.conf",
     );
-    // The receiver, as in the ssh-ng test, whose nix-daemon substitutes
-    // from the upstream cache.
-    c.ok(&format!(
-        "ssh-keygen -q -t ed25519 -N '' -f /etc/npbhq-test/ssh-key && \
-         install -d -m 700 /root/.ssh && \
-         echo \"restrict,command=\\\"nix-daemon --extra-experimental-features daemon-trust-override --stdio --force-untrusted --store {RECEIVER} --option substituters file:///srv/upstream\\\" $(cat /etc/npbhq-test/ssh-key.pub)\" > /root/.ssh/authorized_keys && \
-         echo \"127.0.0.1 $(cat /etc/ssh/ssh_host_ed25519_key.pub)\" > /etc/ssh/ssh_known_hosts && \
-         mkdir -p {RECEIVER} && systemctl restart ssh.service"
-    ));
+    // The receiver, whose nix-daemon substitutes from the upstream cache.
+    ssh_receiver(&c, " --option substituters file:///srv/upstream");
     // The dependency: built here, unsigned (the service is not started: the
     // hook spools it, and the spool is emptied, so only the top path is
     // queued), and put in the upstream cache signed by the upstream key.
@@ -1475,44 +1167,25 @@ fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
          nix copy --to 'file:///srv/upstream?secret-key=/etc/npbhq-test/upstream.sk' {dep}"
     ));
     // Over ssh alone the receiver refuses it (unsigned here).
-    let copy = c.sh(&format!(
-        "NIX_SSHOPTS='-i /etc/npbhq-test/ssh-key -o BatchMode=yes' nix copy --to 'ssh-ng://root@127.0.0.1?remote-store={RECEIVER}' {dep}"
-    ));
+    let copy = c.sh(&format!("{SSH_COPY} {dep}"));
     assert!(
         !copy.status.success() && verified_in(&c, RECEIVER, &dep).is_err(),
         "the receiver took the unsigned dependency over ssh: {}",
         copy.both()
     );
     start_module(&c);
-    let out = c.ok(&format!(
-        "cd / && nix-build --no-out-link -E 'derivation {{ name = \"npbhq-subst-top\"; \
-         system = builtins.currentSystem; builder = \"/bin/sh\"; \
-         args = [ \"-c\" \"echo ${{builtins.storePath \"{dep}\"}} {} > $out\" ]; }}'",
-        unique_id()
-    ));
-    let top = out.lines().last().unwrap_or_default().trim().to_string();
+    let with_dep = format!("${{builtins.storePath \"{dep}\"}}");
+    let top = build_as(&c, "root", "subst-top", &with_dep);
     let refs = c.ok(&format!("nix-store -q --references {top}"));
     assert!(
         refs.contains(&dep),
         "{top} does not depend on {dep}: {refs}"
     );
-    let waited = daemon(&c, "wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
-    verified_in(&c, RECEIVER, &top).unwrap_or_else(|e| panic!("{top}: {e}\n{}", c.journal()));
+    wait_all(&c);
+    assert_verified(&c, RECEIVER, &[top]);
     let sigs = c.ok(&format!("nix path-info --sigs --store {RECEIVER} {dep}"));
     assert!(
-        sigs.contains(
-            upstream
-                .trim()
-                .split(':')
-                .next()
-                .unwrap_or("npbhq-upstream")
-        ),
+        sigs.contains("npbhq-upstream:"),
         "the receiver's {dep} did not come from upstream: {sigs}"
     );
     assert!(
@@ -1527,16 +1200,11 @@ fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
 /// passes a mirror found in /etc/apt.
 #[test]
 fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
-    let scratch = std::env::temp_dir().join(format!("npbhq-mkroot-{}", unique_id()));
+    let scratch = TempDir::new("mkroot");
     let bin = scratch.join("bin");
     fs::create_dir_all(&bin).expect("scratch dir");
     let fake = bin.join("debootstrap");
-    fs::write(&fake, "#!/bin/sh\necho \"debootstrap-args: $*\"\nexit 1\n").expect("fake");
-    run_deadline(
-        Command::new("chmod").arg("755").arg(&fake),
-        &scratch,
-        COMMAND_DEADLINE,
-    );
+    write_script(&fake, "#!/bin/sh\necho \"debootstrap-args: $*\"\nexit 1\n");
     let path = format!(
         "{}:{}",
         bin.display(),
@@ -1547,25 +1215,22 @@ fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
             .env("PATH", path)
             .env_remove("NPBHQ_DEBIAN_MIRROR")
             .env("NPBHQ_ROOTFS", scratch.join("root")),
-        &scratch,
         COMMAND_DEADLINE,
     );
     assert!(!ran.status.success(), "{}", ran.both());
-    let mirror = ran
-        .stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("debootstrap-args: "))
-        .and_then(|args| args.split_whitespace().last())
-        .unwrap_or_else(|| panic!("debootstrap was not run: {}", ran.both()))
-        .to_string();
-    let mut sources = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    for entry in fs::read_dir("/etc/apt/sources.list.d")
+    let mirror = line_after(&ran.stderr, "debootstrap-args: ");
+    let mirror = mirror.and_then(|args| args.split_whitespace().last());
+    let mirror = mirror.unwrap_or_else(|| panic!("debootstrap was not run: {}", ran.both()));
+    let lists = fs::read_dir("/etc/apt/sources.list.d")
         .into_iter()
         .flatten()
-        .flatten()
-    {
-        sources.push_str(&fs::read_to_string(entry.path()).unwrap_or_default());
-    }
+        .flatten();
+    let lists = lists
+        .map(|e| e.path())
+        .chain(["/etc/apt/sources.list".into()]);
+    let sources: String = lists
+        .map(|f| fs::read_to_string(f).unwrap_or_default())
+        .collect();
     assert!(
         mirror.contains("://") && sources.contains(mirror.trim_end_matches('/')),
         "the mirror {mirror} is not one of this machine's apt sources"
@@ -1580,5 +1245,4 @@ fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
         !host.is_empty() && !script.contains(host),
         "mkroot.sh names the mirror's host {host}"
     );
-    let _ = fs::remove_dir_all(&scratch);
 }

@@ -11,9 +11,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{hook_bin, Daemon, NixEnv, NO_ENV};
+use crate::common::{hook_bin, write_script, Daemon, NixEnv, NO_ENV};
 use crate::stats::{Goal, Row, Samples};
-use crate::util::{keep_until_the_end, nix_delay_wrapper, write_script, Mode};
+use crate::util::{held_daemon, keep_until_the_end, Mode};
 
 /// The Nix manual's example hook ("Using the post-build-hook"), with the
 /// fallback Nix 2.8 needs for its empty `OUT_PATHS` (NixOS/nix#6446).
@@ -53,17 +53,7 @@ pub fn run(mode: &Mode) -> Vec<Row> {
             ("upload-to", &cache),
         ],
     );
-    let wrapper = nix_delay_wrapper(&env).display().to_string();
-    let mut held = Daemon::new_stopped(
-        &env,
-        &[
-            ("signing-key-file", sk.display().to_string().as_str()),
-            ("upload-to", &cache),
-            ("nix", &wrapper),
-        ],
-        NO_ENV,
-    );
-    held.try_spawn().unwrap_or_else(|e| panic!("{e}"));
+    let held = held_daemon(&env, &sk);
     let inline_hook = env.root().join("inline-hook.sh");
     write_script(&inline_hook, INLINE_HOOK);
     let inline_env = [
@@ -75,18 +65,9 @@ pub fn run(mode: &Mode) -> Vec<Row> {
     ];
 
     let n = mode.build_drvs;
-    let (mut none, mut true_, mut ours, mut inline) = (
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-    );
-    let (mut r_ours, mut r_inline, mut r_held, mut per_hook) = (
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-    );
+    let [mut none, mut true_, mut ours, mut inline] = std::array::from_fn(|_| Samples::new());
+    let [mut r_ours, mut r_inline, mut r_held, mut per_hook] =
+        std::array::from_fn(|_| Samples::new());
     let mut uploaded: Vec<PathBuf> = Vec::new();
     let order = [Hook::None, Hook::True, Hook::Ours, Hook::Inline, Hook::Held];
     for round in 0..mode.build_rounds {

@@ -11,11 +11,10 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{hook_bin, run_ok, Daemon, NixEnv, NO_ENV};
+use crate::common::{hook_bin, run_ok, write_script, Daemon, NixEnv, NO_ENV};
 use crate::stats::{Goal, Row, Samples};
 use crate::util::{
-    add_store_paths, fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, write_script,
-    Conn, Mode,
+    add_store_paths, fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, Conn, Mode,
 };
 
 /// Milliseconds since `start`.
@@ -61,16 +60,16 @@ fn hung_target(mode: &Mode) -> Row {
         let url = format!("file://{}?compression=none", cache.display());
         // Retried soon after each failure: the hung target is tried again
         // and again, as a target in trouble is.
+        let hang = hang.display().to_string();
         let mut config = vec![
-            ("upload-to", url),
-            ("command-timeout", timeout.clone()),
-            ("retry-initial-delay", "0.1".to_string()),
-            ("retry-max-delay", "0.5".to_string()),
+            ("upload-to", url.as_str()),
+            ("command-timeout", &timeout),
+            ("retry-initial-delay", "0.1"),
+            ("retry-max-delay", "0.5"),
         ];
         if with_hang {
-            config.push(("upload-command", hang.display().to_string()));
+            config.push(("upload-command", &hang));
         }
-        let config: Vec<(&str, &str)> = config.iter().map(|(k, v)| (*k, v.as_str())).collect();
         (Daemon::start(&env, &config), cache)
     };
     let (alone, alone_cache) = daemon("alone", false);
@@ -261,12 +260,7 @@ fn build_and_wait(mode: &Mode) -> Row {
             env.root().join(format!("bare-{round}")).display()
         );
         let start = Instant::now();
-        run_ok(
-            env.cmd("nix")
-                .args(["store", "sign", "--key-file"])
-                .arg(&sk)
-                .args(&one),
-        );
+        env.sign(&sk, &one);
         run_ok(
             env.cmd("nix")
                 .args(["copy", "--to", &bare_cache])

@@ -11,7 +11,8 @@ use crate::common::{kill_tree, Daemon, NixEnv, NO_ENV};
 use crate::floor::FloorProgram;
 use crate::stats::{num, Goal, Row, Samples};
 use crate::util::{
-    fake_paths, keep_until_the_end, nix_delay_wrapper, vm_hwm_mib, Conn, DaemonProc, Mode,
+    fake_paths, held_daemon, keep_until_the_end, nix_delay_wrapper, vm_hwm_mib, Conn, DaemonProc,
+    Mode,
 };
 
 /// One round of `clients` threads each sending `per_client` paths; with
@@ -57,18 +58,7 @@ fn enqueue_round(
 pub fn enqueue(mode: &Mode) -> Vec<Row> {
     let env = NixEnv::new("bench-enqueue");
     let (sk, _pk) = env.gen_signing_key("bench-1");
-    let cache = format!("file://{}", env.root().join("cache").display());
-    let wrapper = nix_delay_wrapper(&env).display().to_string();
-    let mut d = Daemon::new_stopped(
-        &env,
-        &[
-            ("signing-key-file", sk.display().to_string().as_str()),
-            ("upload-to", &cache),
-            ("nix", &wrapper),
-        ],
-        NO_ENV,
-    );
-    d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
+    let d = held_daemon(&env, &sk);
     let store = env.store_dir();
     let (mut fresh, mut kept) = (Samples::new(), Samples::new());
     for round in 0..mode.enqueue_rounds {

@@ -7,7 +7,7 @@
 //! the bound that nix itself sets.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::common::{run_ok, Daemon, NixEnv};
@@ -18,15 +18,9 @@ use crate::util::{add_store_paths, keep_until_the_end, wait_drained, Conn, Mode}
 const DRAIN_BOUND: Duration = Duration::from_secs(600);
 
 fn narinfos(cache: &Path) -> usize {
-    fs::read_dir(cache)
-        .map(|r| {
-            r.filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
-            })
-            .count()
-        })
-        .unwrap_or(0)
+    let files = fs::read_dir(cache).into_iter().flatten().flatten();
+    let is_narinfo = |e: &fs::DirEntry| e.file_name().to_string_lossy().ends_with(".narinfo");
+    files.filter(is_narinfo).count()
 }
 
 /// Queues `paths` on a fresh daemon and returns paths per second.
@@ -66,13 +60,8 @@ pub fn run(mode: &Mode) -> Vec<Row> {
     let (sk, _pk) = env.gen_signing_key("bench-1");
     let paths = add_store_paths(&env, mode.drain_paths);
     let few = &paths[..mode.drain_bs1_paths];
-    let (mut def, mut bs1, mut bare, mut speedup, mut of_bare) = (
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-        Samples::new(),
-    );
+    let [mut def, mut bs1, mut bare, mut speedup, mut of_bare] =
+        std::array::from_fn(|_| Samples::new());
     for round in 0..mode.drain_rounds {
         let mut rate = [0.0f64; 3];
         for j in 0..3 {
@@ -83,13 +72,9 @@ pub fn run(mode: &Mode) -> Vec<Row> {
                 1 => drain_with(&env, &sk, &cache, few, Some("1")),
                 _ => {
                     let url = format!("file://{}", cache.display());
+                    let to_sign: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
                     let start = Instant::now();
-                    run_ok(
-                        env.cmd("nix")
-                            .args(["store", "sign", "--key-file"])
-                            .arg(&sk)
-                            .args(&paths),
-                    );
+                    env.sign(&sk, &to_sign);
                     run_ok(env.cmd("nix").args(["copy", "--to", &url]).args(&paths));
                     let took = start.elapsed();
                     assert_eq!(narinfos(&cache), paths.len());

@@ -15,10 +15,10 @@
 use std::fs::{self, File};
 use std::process::{Command, Stdio};
 
-use crate::common::{hook_bin, Daemon, NixEnv, NO_ENV};
+use crate::common::{hook_bin, NixEnv};
 use crate::floor::{fdatasync_ms, spool_write_ms, FloorProgram};
 use crate::stats::{Goal, Row, Samples};
-use crate::util::{fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, Mode};
+use crate::util::{fake_paths, held_daemon, keep_until_the_end, time_run, Mode};
 
 /// Warm-up runs per variant, not recorded.
 const WARMUP: usize = 20;
@@ -37,18 +37,7 @@ struct Variant {
 pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
     let env = NixEnv::new("bench-hook");
     let (sk, _pk) = env.gen_signing_key("bench-1");
-    let cache = format!("file://{}", env.root().join("cache").display());
-    let wrapper = nix_delay_wrapper(&env);
-    let mut d = Daemon::new_stopped(
-        &env,
-        &[
-            ("signing-key-file", sk.display().to_string().as_str()),
-            ("upload-to", &cache),
-            ("nix", &wrapper.display().to_string()),
-        ],
-        NO_ENV,
-    );
-    d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
+    let d = held_daemon(&env, &sk);
     let store = env.store_dir();
     let socket = d.socket().display().to_string();
     let spool = d.spool_dir().display().to_string();
@@ -107,17 +96,10 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         "the hook did not hand over: {text}\n{}",
         d.log()
     );
-    let spooled = fs::read_dir(&down_spool)
-        .map(|r| {
-            r.filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".req"))
-            })
-            .count()
-        })
-        .unwrap_or(0);
+    let spooled = fs::read_dir(&down_spool).into_iter().flatten().flatten();
+    let spooled = spooled.filter(|e| e.file_name().to_string_lossy().ends_with(".req"));
     assert_eq!(
-        spooled,
+        spooled.count(),
         WARMUP + mode.hook_runs,
         "daemon-down runs must each leave a spool file"
     );
@@ -134,50 +116,46 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
     let sync_floor = fdatasync_ms(&d.state_dir(), n);
     let spool_floor = spool_write_ms(&env.root().join("spool-floor"), n);
     let (up, down) = (get("up"), get("down"));
+    let info = |name: &str, s: &Samples, note: &str| {
+        Row::from_samples(name, s, "ms", Goal::Info).note(note)
+    };
     let rows = vec![
-        Row::from_samples(
+        info(
             "1a hook, daemon up: exec to exit, acknowledged",
             &up,
-            "ms",
-            Goal::Info,
-        )
-        .note(format!(
-            "{:+.3} ms against 1d; the daemon's answer includes one fdatasync (1e)",
-            up.median() - floor_ms
-        )),
-        Row::from_samples(
+            &format!(
+                "{:+.3} ms against 1d; the daemon's answer includes one fdatasync (1e)",
+                up.median() - floor_ms
+            ),
+        ),
+        info(
             "1b hook, daemon down: exec to exit, spooled",
             &down,
-            "ms",
-            Goal::Info,
-        )
-        .note(format!(
-            "{:+.3} ms against 1d; a crash-safe file (1f) included",
-            down.median() - floor_ms
-        )),
-        Row::from_samples("1c /bin/true", &get("true"), "ms", Goal::Info)
-            .note("exec to exit, same environment"),
-        Row::from_samples(
+            &format!(
+                "{:+.3} ms against 1d; a crash-safe file (1f) included",
+                down.median() - floor_ms
+            ),
+        ),
+        info(
+            "1c /bin/true",
+            &get("true"),
+            "exec to exit, same environment",
+        ),
+        info(
             "1d floor: a std program that does nothing, same profile",
             &get("floor"),
-            "ms",
-            Goal::Info,
-        )
-        .note("exec to exit, same environment"),
-        Row::from_samples(
+            "exec to exit, same environment",
+        ),
+        info(
             "1e floor: fdatasync of one journal record",
             &sync_floor,
-            "ms",
-            Goal::Info,
-        )
-        .note("in the daemon's state directory"),
-        Row::from_samples(
+            "in the daemon's state directory",
+        ),
+        info(
             "1f floor: crash-safe new file (create, fdatasync, rename, fsync dir)",
             &spool_floor,
-            "ms",
-            Goal::Info,
-        )
-        .note("what a spooled request costs in any program"),
+            "what a spooled request costs in any program",
+        ),
     ];
 
     // Figure 4: one hook call carrying a burst of paths, exec to exit.

@@ -77,8 +77,7 @@ fn main() {
     if want(1) || want(4) {
         step(1, "the hook's own cost, and 4: burst");
         let (h, b) = hook::run(&mode, &floor);
-        by_figure.push((1, h));
-        by_figure.push((4, b));
+        by_figure.extend([(1, h), (4, b)]);
     }
     if want(2) {
         step(2, "the build loop");
@@ -95,8 +94,7 @@ fn main() {
     if want(6) || want(7) {
         step(6, "memory, and 7: restart");
         let (m, r) = daemon::memory_and_restart(&mode, &floor);
-        by_figure.push((6, m));
-        by_figure.push((7, r));
+        by_figure.extend([(6, m), (7, r)]);
     }
     if want(8) {
         step(8, "size");

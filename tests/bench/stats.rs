@@ -11,17 +11,14 @@ use std::fmt::Write as _;
 pub struct Samples(Vec<f64>);
 
 impl Samples {
-    /// No samples yet.
     pub fn new() -> Samples {
         Samples(Vec::new())
     }
 
-    /// Adds one measurement.
     pub fn push(&mut self, x: f64) {
         self.0.push(x);
     }
 
-    /// How many measurements there are.
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -32,23 +29,25 @@ impl Samples {
         if self.0.is_empty() {
             return f64::NAN;
         }
-        let mut v = self.0.clone();
-        v.sort_by(|a, b| a.total_cmp(b));
+        let v = self.sorted();
         let rank = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
         v[rank.min(v.len() - 1)]
     }
 
-    /// The median.
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.0.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+
     pub fn median(&self) -> f64 {
         self.pct(50.0)
     }
 
-    /// The smallest sample.
     pub fn min(&self) -> f64 {
         self.pct(0.0)
     }
 
-    /// The largest sample.
     pub fn max(&self) -> f64 {
         self.pct(100.0)
     }
@@ -61,12 +60,8 @@ impl Samples {
         } else {
             ("min-max", self.min(), self.max())
         };
-        format!(
-            "{label} {}-{} (n={})",
-            num(lo, ""),
-            num(hi, unit),
-            self.len()
-        )
+        let (lo, hi, n) = (num(lo, ""), num(hi, unit), self.len());
+        format!("{label} {lo}-{hi} (n={n})")
     }
 
     /// A 95% confidence interval of the median that assumes nothing about
@@ -85,8 +80,7 @@ impl Samples {
         if k == 0 {
             return None;
         }
-        let mut v = self.0.clone();
-        v.sort_by(|a, b| a.total_cmp(b));
+        let v = self.sorted();
         Some((v[k - 1], v[n - k]))
     }
 }
@@ -123,14 +117,7 @@ impl Row {
     /// A row whose value is the median of `s` and whose spread is
     /// [`Samples::spread`].
     pub fn from_samples(name: &str, s: &Samples, unit: &'static str, goal: Goal) -> Row {
-        Row {
-            name: name.to_string(),
-            value: s.median(),
-            spread: s.spread(unit),
-            unit,
-            goal,
-            note: String::new(),
-        }
+        Row::single(name, s.median(), &s.spread(unit), unit, goal)
     }
 
     /// The row of [`Row::from_samples`], its spread led by the median's 95%
@@ -139,12 +126,8 @@ impl Row {
     pub fn from_samples_ci(name: &str, s: &Samples, unit: &'static str, goal: Goal) -> Row {
         let mut row = Row::from_samples(name, s, unit, goal);
         if let Some((lo, hi)) = s.median_ci() {
-            row.spread = format!(
-                "median 95% CI {}-{}, {}",
-                num(lo, ""),
-                num(hi, unit),
-                row.spread
-            );
+            let (lo, hi) = (num(lo, ""), num(hi, unit));
+            row.spread = format!("median 95% CI {lo}-{hi}, {}", row.spread);
         }
         row
     }
@@ -220,10 +203,9 @@ pub fn table(rows: &[Row]) -> String {
             Some(false) => "MISS",
             None => "info",
         };
-        let note = if r.note.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", r.note)
+        let note = match r.note.as_str() {
+            "" => String::new(),
+            note => format!(" ({note})"),
         };
         writeln!(
             out,

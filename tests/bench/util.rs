@@ -4,14 +4,13 @@
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::common::{kill_tree, Daemon, NixEnv};
+use crate::common::{kill_tree, write_script, Daemon, NixEnv};
 
 /// How much work each figure does: the full benchmark (`cargo bench`) or the
 /// quick mode `cargo test` runs so that the benchmark cannot rot.
@@ -71,58 +70,32 @@ pub struct Mode {
 impl Mode {
     /// The sizes for the full benchmark or the quick mode.
     pub fn new(quick: bool) -> Mode {
-        if quick {
-            Mode {
-                quick,
-                hook_runs: 20,
-                burst_runs: 3,
-                burst_paths: 1000,
-                build_rounds: 1,
-                build_drvs: 5,
-                inline_rounds: 1,
-                drain_rounds: 1,
-                drain_paths: 30,
-                drain_bs1_paths: 5,
-                clients: 16,
-                per_client: 10,
-                enqueue_rounds: 1,
-                idle_rounds: 1,
-                big_queue: 5_000,
-                restart_rounds: 2,
-                hang_paths: 2,
-                hang_timeout: Duration::from_secs(2),
-                compact_records: 5_000,
-                hook_samples: 5,
-                spool_files: 200,
-                status_samples: 3,
-                wait_rounds: 1,
-            }
-        } else {
-            Mode {
-                quick,
-                hook_runs: 1000,
-                burst_runs: 30,
-                burst_paths: 1000,
-                build_rounds: 41,
-                build_drvs: 50,
-                inline_rounds: 3,
-                drain_rounds: 5,
-                drain_paths: 1000,
-                drain_bs1_paths: 100,
-                clients: 16,
-                per_client: 500,
-                enqueue_rounds: 5,
-                idle_rounds: 15,
-                big_queue: 100_000,
-                restart_rounds: 7,
-                hang_paths: 7,
-                hang_timeout: Duration::from_secs(10),
-                compact_records: 100_000,
-                hook_samples: 100,
-                spool_files: 10_000,
-                status_samples: 15,
-                wait_rounds: 9,
-            }
+        // Each size as (quick, full).
+        let n = |q: usize, f: usize| if quick { q } else { f };
+        Mode {
+            quick,
+            hook_runs: n(20, 1000),
+            burst_runs: n(3, 30),
+            burst_paths: 1000,
+            build_rounds: n(1, 41),
+            build_drvs: n(5, 50),
+            inline_rounds: n(1, 3),
+            drain_rounds: n(1, 5),
+            drain_paths: n(30, 1000),
+            drain_bs1_paths: n(5, 100),
+            clients: 16,
+            per_client: n(10, 500),
+            enqueue_rounds: n(1, 5),
+            idle_rounds: n(1, 15),
+            big_queue: n(5_000, 100_000),
+            restart_rounds: n(2, 7),
+            hang_paths: n(2, 7),
+            hang_timeout: Duration::from_secs(n(2, 10) as u64),
+            compact_records: n(5_000, 100_000),
+            hook_samples: n(5, 100),
+            spool_files: n(200, 10_000),
+            status_samples: n(3, 15),
+            wait_rounds: n(1, 9),
         }
     }
 }
@@ -367,12 +340,6 @@ impl Drop for DaemonProc {
     }
 }
 
-/// Writes an executable shell script.
-pub fn write_script(path: &Path, text: &str) {
-    fs::write(path, text).expect("write script");
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod script");
-}
-
 /// A directory with `nix` and `nix-store` wrappers that sleep for an hour
 /// before running the real program ("nix-delay-wrapper"): a daemon using it
 /// keeps its queue, which the memory and restart figures need. The check
@@ -393,6 +360,21 @@ pub fn nix_delay_wrapper(env: &NixEnv) -> PathBuf {
         );
     }
     dir.join("nix")
+}
+
+/// A daemon as in production (signing with `sk`, uploading to the
+/// `file://` cache `cache` under `env`) whose nix calls a
+/// [`nix_delay_wrapper`] holds, so that its queue stays as made.
+pub fn held_daemon(env: &NixEnv, sk: &Path) -> Daemon {
+    let cache = format!("file://{}", env.root().join("cache").display());
+    let wrapper = nix_delay_wrapper(env).display().to_string();
+    let sk = sk.display().to_string();
+    let config = [
+        ("signing-key-file", sk.as_str()),
+        ("upload-to", &cache),
+        ("nix", &wrapper),
+    ];
+    Daemon::start(env, &config)
 }
 
 /// What finished figures leave on disk, deleted only when the benchmark

@@ -1,22 +1,13 @@
 //! Integration-test harness for nix-post-build-hook-queue (std only, no crates).
 //!
 //! Every integration test file pulls this in with `mod common;`. Fixtures:
-//!
-//! - [`TempDir`]: a scratch directory, removed on drop (read-only store
-//!   trees too).
-//! - [`NixEnv`]: a private, hermetic Nix store per test: build paths (with a
-//!   post-build-hook), add, sign and copy them, verify a binary cache.
-//! - [`Sshd`]: a real sshd on 127.0.0.1 whose `nix-daemon --stdio` serves a
-//!   receiving store that demands signatures, as an `ssh-ng://` URL.
-//! - [`Daemon`]: the real `post-build-hook-queue serve` with a config file
-//!   and a log, which it prints when its test fails; `kill9`, `restart`,
-//!   `stop`, [`Daemon::request`], [`Daemon::status`], [`Daemon::journal`].
-//! - [`FakeNix`]: a wrapper around the real nix that records its calls and
-//!   holds, fails or refuses a target's `nix copy`; with it
-//!   [`daemon_with_a_held_copy`] and [`two_targets`].
-//! - [`wait_until`], [`wait_ok`]: bounded polling; the bound is for
-//!   correctness (the thing never happens), never a speed assertion.
-//! - [`kill_tree`], [`run_to_exit`], [`rerun_test`], [`Json`].
+//! [`TempDir`], [`NixEnv`] (a private Nix store), [`Sshd`] (a signing
+//! `ssh-ng://` receiver), [`Daemon`] (the real daemon; its log is printed
+//! when its test fails), [`FakeNix`] (a wrapper nix that records, holds,
+//! fails or refuses copies) with [`daemon_with_a_held_copy`] and
+//! [`two_targets`], [`Rendered`] (module.nix's units), bounded polling
+//! ([`wait_until`], [`wait_ok`], [`poll`]: a bound for correctness, never a
+//! speed assertion), [`kill_tree`], [`run_to_exit`], [`rerun_test`], [`Json`].
 //!
 //! Useful environment variables: `NPBHQ_KEEP_TMP=1` keeps every temp dir (its
 //! path is printed) for post-mortems; `NPBHQ_TEST_TMP=DIR` moves them (keep
@@ -92,25 +83,13 @@ pub fn unique_id() -> String {
 /// Turns `s` into something valid inside a Nix store path name
 /// (`A-Za-z0-9+-._?=`, not starting with a dot); other characters become `-`.
 pub fn sanitize_name(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "+-._?=".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    if out.is_empty() || out.starts_with('.') {
-        out.insert(0, 'x');
+    let ok = |c: char| c.is_ascii_alphanumeric() || "+-._?=".contains(c);
+    let out: String = s.chars().map(|c| if ok(c) { c } else { '-' }).collect();
+    match out.starts_with('.') || out.is_empty() {
+        true => format!("x{out}"),
+        false => out,
     }
-    out
 }
-
-// ---------------------------------------------------------------------------
-// TempDir
-// ---------------------------------------------------------------------------
 
 /// A unique directory under `$NPBHQ_TEST_TMP` (or the system temp dir),
 /// removed recursively on drop unless `NPBHQ_KEEP_TMP` is set.
@@ -130,31 +109,18 @@ impl TempDir {
             .unwrap_or_else(std::env::temp_dir);
         fs::create_dir_all(&base)
             .unwrap_or_else(|e| panic!("cannot create test tmp base {}: {e}", base.display()));
-        let prefix = sanitize_name(prefix);
-        for _ in 0..100 {
-            let path = base.join(format!("npbhq-{prefix}-{}", unique_id()));
-            match fs::create_dir(&path) {
-                Ok(()) => {
-                    // Canonical, so that store paths and URLs built from it are stable.
-                    let path = fs::canonicalize(&path).unwrap_or(path);
-                    return TempDir { path };
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => panic!("cannot create temp dir {}: {e}", path.display()),
-            }
-        }
-        panic!(
-            "could not find a free temp dir name under {}",
-            base.display()
-        );
+        let path = base.join(format!("npbhq-{}-{}", sanitize_name(prefix), unique_id()));
+        fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create temp dir {}: {e}", path.display()));
+        // Canonical, so that store paths and URLs built from it are stable.
+        let path = fs::canonicalize(&path).unwrap_or(path);
+        TempDir { path }
     }
 
-    /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// `self.path().join(rel)`.
     pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
         self.path.join(rel)
     }
@@ -183,10 +149,8 @@ pub fn make_dirs_writable(p: &Path) {
     if mode & 0o700 != 0o700 {
         let _ = fs::set_permissions(p, fs::Permissions::from_mode(mode | 0o700));
     }
-    if let Ok(rd) = fs::read_dir(p) {
-        for e in rd.flatten() {
-            make_dirs_writable(&e.path());
-        }
+    for e in fs::read_dir(p).into_iter().flatten().flatten() {
+        make_dirs_writable(&e.path());
     }
 }
 
@@ -195,50 +159,33 @@ pub fn make_dirs_writable(p: &Path) {
 /// Retries a few times: a process killed a moment ago may still finish a
 /// last write.
 pub fn remove_tree(p: &Path) {
-    let mut last = None;
-    for attempt in 0..5 {
-        if attempt > 0 {
-            thread::sleep(Duration::from_millis(50));
-            make_dirs_writable(p);
-        }
+    for attempt in 1..=5 {
         match fs::remove_dir_all(p) {
-            Ok(()) => return,
-            Err(_) if !p.exists() => return,
-            Err(e) => last = Some(e),
+            Err(e) if p.exists() && attempt == 5 => {
+                eprintln!("warning: could not remove {}: {e}", p.display())
+            }
+            Err(_) if p.exists() => {
+                thread::sleep(Duration::from_millis(50));
+                make_dirs_writable(p);
+            }
+            _ => return,
         }
-    }
-    if let Some(e) = last {
-        eprintln!("warning: could not remove {}: {e}", p.display());
     }
 }
 
-// ---------------------------------------------------------------------------
-// Processes
-// ---------------------------------------------------------------------------
-
 /// `(pid, ppid, state)` of every process, from `/proc/*/stat`.
 fn proc_table() -> Vec<(u32, u32, char)> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
+    let entries = fs::read_dir("/proc").into_iter().flatten().flatten();
+    let row = |e: fs::DirEntry| {
+        let pid = e.file_name().to_str()?.parse().ok()?;
+        let stat = fs::read_to_string(e.path().join("stat")).ok()?;
         // "pid (comm) state ppid ...": comm may contain spaces and parens.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
+        let mut f = stat[stat.rfind(')')? + 1..].split_whitespace();
         let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        out.push((pid, ppid, state));
-    }
-    out
+        Some((pid, ppid, state))
+    };
+    entries.filter_map(row).collect()
 }
 
 /// All live descendants of `pid` (children, grandchildren, ...).
@@ -246,8 +193,7 @@ pub fn descendants(pid: u32) -> Vec<u32> {
     let table = proc_table();
     let mut found = vec![pid];
     let mut i = 0;
-    while i < found.len() {
-        let parent = found[i];
+    while let Some(&parent) = found.get(i) {
         for &(p, pp, state) in &table {
             if pp == parent && state != 'Z' && !found.contains(&p) {
                 found.push(p);
@@ -255,8 +201,7 @@ pub fn descendants(pid: u32) -> Vec<u32> {
         }
         i += 1;
     }
-    found.remove(0);
-    found
+    found.split_off(1)
 }
 
 /// Sends `sig` (e.g. `"KILL"`) to `pids` with the `kill` command; errors
@@ -293,42 +238,26 @@ pub fn kill_tree(pid: u32) {
     }
     signal_pids("KILL", &all);
     // Wait (bounded) until the descendants are gone or zombies.
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
+    poll(Duration::from_secs(5), 10, || {
         let table = proc_table();
-        let alive = all[1..]
-            .iter()
-            .any(|p| table.iter().any(|&(q, _, st)| q == *p && st != 'Z'));
-        if !alive {
-            break;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
+        let alive = |p: &u32| table.iter().any(|&(q, _, st)| q == *p && st != 'Z');
+        (!all[1..].iter().any(alive)).then_some(())
+    });
 }
-
-// ---------------------------------------------------------------------------
-// Tools
-// ---------------------------------------------------------------------------
 
 /// Panics (so the test fails, never skips) unless the Nix 2.x command line
 /// tools are on PATH. Checked once per test binary.
 pub fn require_nix() {
-    static CHECK: OnceLock<Result<String, String>> = OnceLock::new();
+    static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
     let r = CHECK.get_or_init(|| {
         for tool in ["nix", "nix-build", "nix-store"] {
             match Command::new(tool).arg("--version").output() {
                 Ok(o) if o.status.success() => {}
-                Ok(o) => {
-                    return Err(format!(
-                        "`{tool} --version` failed: {}",
-                        String::from_utf8_lossy(&o.stderr)
-                    ))
-                }
+                Ok(o) => return Err(format!("`{tool} --version` failed: {}", show(&o))),
                 Err(e) => return Err(format!("`{tool}` not runnable: {e}")),
             }
         }
-        let o = Command::new("nix").arg("--version").output().unwrap();
-        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+        Ok(())
     });
     if let Err(e) = r {
         panic!("Nix is required for these tests (apt-get install nix-bin): {e}");
@@ -343,13 +272,8 @@ pub fn require_sshd() -> PathBuf {
         "sshd is required for these tests (apt-get install openssh-server)"
     );
     for tool in ["ssh", "ssh-keygen"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool} >/dev/null")])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
         assert!(
-            found,
+            on_path(tool).is_some(),
             "{tool} is required for these tests (apt-get install openssh-client)"
         );
     }
@@ -381,28 +305,21 @@ pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(input.as_bytes()).unwrap();
-    }
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
-/// Runs `cmd` and panics with its stderr unless it exits 0; returns stdout.
+/// Runs `cmd` and panics with its output unless it exits 0; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let o = run(cmd);
-    assert!(
-        o.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{cmd:?} failed: {}", show(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
-
-// ---------------------------------------------------------------------------
-// wait_until
-// ---------------------------------------------------------------------------
 
 /// Polls `cond` (every 50 ms, first call at once) until it returns true;
 /// panics with `what` if `timeout` passes first. The timeout bounds
@@ -419,16 +336,12 @@ pub fn wait_until_diag(
     mut cond: impl FnMut() -> bool,
     diag: impl FnOnce() -> String,
 ) {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return;
-        }
-        if start.elapsed() >= timeout {
-            panic!("timed out after {timeout:?} waiting for {what}\n{}", diag());
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_ok(
+        timeout,
+        what,
+        || cond().then_some(()).ok_or_else(String::new),
+        diag,
+    );
 }
 
 /// [`wait_until_ok`] without a diagnostic (a [`Daemon`] prints its log
@@ -446,25 +359,30 @@ pub fn wait_until_ok(
     mut check: impl FnMut() -> Result<(), String>,
     diag: impl FnOnce() -> String,
 ) {
-    let start = Instant::now();
-    loop {
-        let last = match check() {
-            Ok(()) => return,
-            Err(e) => e,
-        };
-        if start.elapsed() >= timeout {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\nlast check: {last}\n{}",
-                diag()
-            );
-        }
-        thread::sleep(Duration::from_millis(50));
+    let mut last = String::new();
+    let done = poll(timeout, 50, || check().map_err(|e| last = e).ok());
+    if done.is_none() {
+        panic!(
+            "timed out after {timeout:?} waiting for {what}\nlast check: {last}\n{}",
+            diag()
+        );
     }
 }
 
-// ---------------------------------------------------------------------------
-// NixEnv
-// ---------------------------------------------------------------------------
+/// Calls `f` every `step_ms` (the first call at once) until it gives Some,
+/// or `timeout` has passed (None).
+pub fn poll<T>(timeout: Duration, step_ms: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() >= timeout {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(step_ms));
+    }
+}
 
 /// One entry of [`NixEnv::path_infos`]: the path and, if it is valid in that
 /// store, its signatures.
@@ -482,8 +400,6 @@ pub struct BuildResult {
     /// Everything `nix-build` wrote to stderr (including hook output, each
     /// line prefixed `post-build-hook: `).
     pub stderr: String,
-    /// The generated `.nix` file.
-    pub nix_file: PathBuf,
 }
 
 impl BuildResult {
@@ -500,33 +416,26 @@ impl BuildResult {
 
     /// The lines the post-build-hook wrote (prefix `post-build-hook: ` removed).
     pub fn hook_lines(&self) -> Vec<String> {
-        self.stderr
-            .lines()
-            .filter_map(|l| l.strip_prefix("post-build-hook: "))
-            .map(str::to_string)
+        let lines = self.stderr.lines();
+        lines
+            .filter_map(|l| Some(l.strip_prefix("post-build-hook: ")?.to_string()))
             .collect()
     }
 }
 
+/// The `nix.conf` of every store here: single-user (no nixbld group),
+/// no sandbox (builders need /bin/sh), no substituters (no network), and
+/// no fsync of the store DB (not under test). `require-sigs` is Nix's
+/// default spelled out: it matters only for paths imported *into* the
+/// store (`nix copy --from`, a receiver), never for locally built or added
+/// ones.
+pub const BASE_NIX_CONF: &str = "build-users-group =\nsandbox = false\nsubstituters =\n\
+    experimental-features = nix-command\nrequire-sigs = true\nfsync-metadata = false\n";
+
 /// A private Nix store for one test: `store/`, `var/`, `log/`, `etc/nix.conf`
 /// and a `home/` under a [`TempDir`]. Every command made by [`NixEnv::cmd`]
 /// uses only these (no `NIX_REMOTE`, no user config, no substituters).
-///
-/// The `nix.conf` written is
-///
-/// ```text
-/// build-users-group =            # single-user, no nixbld group needed
-/// sandbox = false                # builders need /bin/sh
-/// substituters =                 # no network
-/// experimental-features = nix-command
-/// require-sigs = true            # Nix's default, spelled out
-/// fsync-metadata = false         # faster; the store DB is not under test
-/// ```
-///
-/// `require-sigs` stays true: on the sending side it only matters when paths
-/// are imported *into* this store (e.g. `nix copy --from`), and there it should
-/// demand signatures. Locally built and `nix-store --add`ed paths are always
-/// accepted.
+/// Its `nix.conf` is [`BASE_NIX_CONF`].
 #[derive(Debug)]
 pub struct NixEnv {
     tmp: TempDir,
@@ -542,31 +451,14 @@ impl NixEnv {
     pub fn with_conf(tag: &str, extra_conf: &str) -> NixEnv {
         require_nix();
         let tmp = TempDir::new(tag);
-        for d in [
-            "store",
-            "var",
-            "log",
-            "etc",
-            "home",
-            "home/.cache",
-            "home/.config",
-        ] {
+        for d in ["store", "var", "log", "etc", "home/.cache", "home/.config"] {
             fs::create_dir_all(tmp.join(d)).unwrap();
         }
-        let conf = format!(
-            "build-users-group =\n\
-             sandbox = false\n\
-             substituters =\n\
-             experimental-features = nix-command\n\
-             require-sigs = true\n\
-             fsync-metadata = false\n\
-             {extra_conf}\n"
-        );
+        let conf = format!("{BASE_NIX_CONF}{extra_conf}\n");
         fs::write(tmp.join("etc/nix.conf"), conf).unwrap();
         NixEnv { tmp }
     }
 
-    /// The temp directory holding everything of this environment.
     pub fn root(&self) -> &Path {
         self.tmp.path()
     }
@@ -601,13 +493,9 @@ impl NixEnv {
     /// `NIX_CONFIG` (so nothing talks to a system nix-daemon).
     pub fn apply_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         cmd.env_remove("NIX_REMOTE").env_remove("NIX_CONFIG");
-        for (k, v) in self.env_vars() {
-            cmd.env(k, v);
-        }
-        cmd
+        cmd.envs(self.env_vars())
     }
 
-    /// A [`Command`] for `program` in this environment.
     pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new(program);
         self.apply_env(&mut c);
@@ -624,18 +512,6 @@ impl NixEnv {
         tag: &str,
         hook: Option<&Path>,
         env: &[(K, V)],
-    ) -> BuildResult {
-        self.build_args(n, tag, hook, env, &[])
-    }
-
-    /// [`NixEnv::build`] with extra `nix-build` arguments (e.g. `["-j", "4"]`).
-    pub fn build_args<K: AsRef<OsStr>, V: AsRef<OsStr>>(
-        &self,
-        n: usize,
-        tag: &str,
-        hook: Option<&Path>,
-        env: &[(K, V)],
-        extra_args: &[&str],
     ) -> BuildResult {
         let id = unique_id();
         let tag = sanitize_name(tag);
@@ -657,23 +533,17 @@ impl NixEnv {
         if let Some(h) = hook {
             cmd.arg("--option").arg("post-build-hook").arg(h);
         }
-        cmd.args(extra_args).arg(&nix_file);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        cmd.arg(&nix_file).envs(env.iter().map(|(k, v)| (k, v)));
         let start = Instant::now();
         let out = run(&mut cmd);
         let elapsed = start.elapsed();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let out_paths = stdout.lines().map(str::trim).filter(|l| !l.is_empty());
         BuildResult {
-            out_paths: String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(|l| PathBuf::from(l.trim()))
-                .collect(),
+            out_paths: out_paths.map(PathBuf::from).collect(),
             elapsed,
             status: out.status,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            nix_file,
         }
     }
 
@@ -700,26 +570,19 @@ impl NixEnv {
 
     /// The outputs of derivation `drv` (`nix-store --query --outputs`).
     pub fn drv_outputs(&self, drv: &Path) -> Vec<PathBuf> {
-        run_ok(
-            self.cmd("nix-store")
-                .args(["--query", "--outputs"])
-                .arg(drv),
-        )
-        .lines()
-        .map(PathBuf::from)
-        .collect()
+        self.query("--outputs", drv)
+            .lines()
+            .map(PathBuf::from)
+            .collect()
     }
 
     /// The derivation that built `path` (`nix-store --query --deriver`).
     pub fn deriver(&self, path: &Path) -> PathBuf {
-        PathBuf::from(
-            run_ok(
-                self.cmd("nix-store")
-                    .args(["--query", "--deriver"])
-                    .arg(path),
-            )
-            .trim(),
-        )
+        PathBuf::from(self.query("--deriver", path).trim())
+    }
+
+    fn query(&self, what: &str, path: &Path) -> String {
+        run_ok(self.cmd("nix-store").args(["--query", what]).arg(path))
     }
 
     /// Makes a binary-cache signing key pair named `name` (e.g. `test-1`).
@@ -729,12 +592,11 @@ impl NixEnv {
         fs::create_dir_all(&dir).unwrap();
         let sk = dir.join("secret");
         let pk = dir.join("public");
+        let mut generate = self.cmd("nix-store");
         run_ok(
-            self.cmd("nix-store")
-                .arg("--generate-binary-cache-key")
-                .arg(name)
-                .arg(&sk)
-                .arg(&pk),
+            generate
+                .args(["--generate-binary-cache-key", name])
+                .args([&sk, &pk]),
         );
         let public = fs::read_to_string(&pk).unwrap().trim().to_string();
         (sk, public)
@@ -761,10 +623,7 @@ impl NixEnv {
     ) -> Output {
         let mut c = self.cmd("nix");
         c.args(["copy", "--to", url]).args(extra_args).args(paths);
-        for (k, v) in extra_env {
-            c.env(k, v);
-        }
-        run(&mut c)
+        run(c.envs(extra_env.iter().map(|(k, v)| (k, v))))
     }
 
     /// Ok if every path is present in the store at `store_url` (a binary
@@ -787,25 +646,19 @@ impl NixEnv {
             .args(["store", "verify", "--store", store_url])
             .args(["--trusted-public-keys", public_key])
             .args(paths));
-        if !o.status.success() {
-            return Err(format!(
-                "nix store verify exited {}: {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
+        succeeded("nix store verify", &o)?;
         let key_name = public_key.split(':').next().unwrap_or(public_key);
         let infos = self.path_infos(store_url, paths)?;
         for p in paths {
             let sigs = infos
                 .iter()
                 .find(|(q, _)| q == p)
-                .and_then(|(_, s)| s.clone())
-                .ok_or_else(|| format!("{} is not in {store_url}", p.display()))?;
+                .and_then(|(_, s)| s.as_ref());
+            let sigs = sigs.ok_or_else(|| format!("{} is not in {store_url}", p.display()))?;
             if !sigs.iter().any(|s| s.starts_with(&format!("{key_name}:"))) {
+                let p = p.display();
                 return Err(format!(
-                    "{} in {store_url} has no signature by {key_name}: {sigs:?}",
-                    p.display()
+                    "{p} in {store_url} has no signature by {key_name}: {sigs:?}"
                 ));
             }
         }
@@ -836,15 +689,16 @@ impl NixEnv {
             .cmd("nix")
             .args(["path-info", "--json", "--sigs", "--store", store_url])
             .args(paths));
-        if !o.status.success() {
-            return Err(format!(
-                "nix path-info exited {}: {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
+        succeeded("nix path-info", &o)?;
         parse_path_infos(&String::from_utf8_lossy(&o.stdout))
     }
+}
+
+/// Err with `what` and its stderr unless `o` is of a command that exited 0.
+fn succeeded(what: &str, o: &Output) -> Result<(), String> {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let failed = format!("{what} exited {}: {}", o.status, stderr.trim());
+    o.status.success().then_some(()).ok_or(failed)
 }
 
 /// Reads `nix path-info --json [--sigs]` output of either shape into
@@ -860,14 +714,13 @@ impl NixEnv {
 pub fn parse_path_infos(text: &str) -> Result<Vec<PathInfo>, String> {
     let json = Json::parse(text).map_err(|e| format!("bad path-info JSON ({e}): {text}"))?;
     let sigs_of = |info: &Json| -> Vec<String> {
-        info.get("signatures")
+        let sigs = info
+            .get("signatures")
             .and_then(Json::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .unwrap_or(&[]);
+        sigs.iter()
+            .filter_map(|s| Some(s.as_str()?.to_string()))
+            .collect()
     };
     match json {
         Json::Arr(items) => items
@@ -908,10 +761,6 @@ pub fn refused_for_signature(text: &str) -> bool {
     })
 }
 
-// ---------------------------------------------------------------------------
-// Sshd
-// ---------------------------------------------------------------------------
-
 /// A real sshd on 127.0.0.1 serving a separate receiving Nix store over
 /// `ssh-ng://`.
 ///
@@ -927,11 +776,7 @@ pub fn refused_for_signature(text: &str) -> bool {
 ///   sender's `NIX_STORE_DIR` and the receiver's own `NIX_CONF_DIR`, whose
 ///   `nix.conf` has `require-sigs = true` and `trusted-public-keys = <key>`.
 ///
-/// What holds (Nix 2.8 and 2.26): a path signed by the trusted key copies
-/// with plain `nix copy --to URL`; an unsigned input-addressed path is
-/// refused (exit 1, [`refused_for_signature`]); `--no-check-sigs` lets the unsigned
-/// path in (root is a trusted client); content-addressed paths are accepted
-/// unsigned.
+/// What holds there: see the module's facts about Nix.
 #[derive(Debug)]
 pub struct Sshd {
     tmp: TempDir,
@@ -968,19 +813,8 @@ impl Sshd {
         fs::create_dir_all(&receiver_root).unwrap();
         fs::create_dir_all(&recv_etc).unwrap();
         fs::create_dir_all(recv_home.join(".cache")).unwrap();
-        fs::write(
-            recv_etc.join("nix.conf"),
-            format!(
-                "build-users-group =\n\
-                 sandbox = false\n\
-                 substituters =\n\
-                 experimental-features = nix-command\n\
-                 fsync-metadata = false\n\
-                 require-sigs = true\n\
-                 trusted-public-keys = {trusted_public_keys}\n"
-            ),
-        )
-        .unwrap();
+        let conf = format!("{BASE_NIX_CONF}trusted-public-keys = {trusted_public_keys}\n");
+        fs::write(recv_etc.join("nix.conf"), conf).unwrap();
         let set_env = format!(
             "NIX_STORE_DIR={} NIX_STATE_DIR={} NIX_LOG_DIR={} NIX_CONF_DIR={} \
              NIX_USER_CONF_FILES={} XDG_CACHE_HOME={}",
@@ -1021,32 +855,21 @@ impl Sshd {
             .unwrap();
             let logf = fs::File::create(&log).unwrap();
             let mut child = Command::new(&sshd_bin)
-                .arg("-D")
-                .arg("-e")
-                .arg("-f")
+                .args(["-D", "-e", "-f"])
                 .arg(&config)
                 .stdin(Stdio::null())
                 .stdout(logf.try_clone().unwrap())
                 .stderr(logf)
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start sshd: {e}"));
-            let start = Instant::now();
-            let mut up = false;
-            while start.elapsed() < Duration::from_secs(10) {
-                if let Ok(Some(st)) = child.try_wait() {
-                    last_err = format!(
-                        "sshd exited {st}: {}",
-                        fs::read_to_string(&log).unwrap_or_default()
-                    );
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    up = matches!(child.try_wait(), Ok(None));
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            if up {
+            let up = poll(Duration::from_secs(10), 20, || match child.try_wait() {
+                Ok(Some(st)) => Some(Err(format!("sshd exited {st}: "))),
+                _ => TcpStream::connect(("127.0.0.1", port))
+                    .is_ok()
+                    .then_some(Ok(())),
+            });
+            let up = up.unwrap_or_else(|| Err(format!("sshd did not listen on port {port}: ")));
+            if up.is_ok() && matches!(child.try_wait(), Ok(None)) {
                 return Sshd {
                     tmp,
                     child,
@@ -1057,27 +880,20 @@ impl Sshd {
             }
             let _ = child.kill();
             let _ = child.wait();
-            if last_err.is_empty() {
-                last_err = format!(
-                    "sshd did not listen on port {port}: {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
+            let log = fs::read_to_string(&log).unwrap_or_default();
+            last_err = format!("{}{log}", up.err().unwrap_or("sshd exited: ".into()));
         }
         panic!("could not start sshd: {last_err}");
     }
 
-    /// The port sshd listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
     }
 
     /// The `ssh-ng://` store URL of the receiving store.
     pub fn url(&self) -> String {
-        format!(
-            "ssh-ng://root@127.0.0.1?remote-store={}",
-            self.receiver_root.display()
-        )
+        let root = self.receiver_root.display();
+        format!("ssh-ng://root@127.0.0.1?remote-store={root}")
     }
 
     /// The `NIX_SSHOPTS` value to reach this sshd (port, key, no host key
@@ -1104,7 +920,6 @@ impl Sshd {
         format!("local?root={}", self.receiver_root.display())
     }
 
-    /// sshd's stderr so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.tmp.join("sshd.log")).unwrap_or_default()
     }
@@ -1134,15 +949,9 @@ pub fn require_loopback() {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0).
 pub fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("its address").port()
 }
-
-// ---------------------------------------------------------------------------
-// Daemon
-// ---------------------------------------------------------------------------
 
 /// The real `post-build-hook-queue serve --config FILE` daemon for a
 /// [`NixEnv`].
@@ -1192,9 +1001,7 @@ impl Daemon {
         extra_env: &[(K, V)],
     ) -> Daemon {
         let mut d = Daemon::new_stopped(env, config, extra_env);
-        if let Err(e) = d.try_spawn() {
-            panic!("{e}");
-        }
+        d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
         d
     }
 
@@ -1205,14 +1012,11 @@ impl Daemon {
         config: &[(&str, &str)],
         extra_env: &[(K, V)],
     ) -> Daemon {
-        let dir = env
-            .root()
-            .join(format!("daemon-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = env.root().join(format!("daemon-{n}"));
         fs::create_dir_all(&dir).unwrap();
-        let mut cfg: Vec<(String, String)> = config
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let cfg = config.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let mut cfg: Vec<(String, String)> = cfg.collect();
         if !cfg.iter().any(|(k, _)| k == "socket") {
             let sock = dir.join("sock");
             assert!(
@@ -1226,12 +1030,8 @@ impl Daemon {
             cfg.push(("state-dir".into(), dir.join("state").display().to_string()));
         }
         let mut vars = env.env_vars();
-        for (k, v) in extra_env {
-            vars.push((
-                k.as_ref().to_string_lossy().into_owned(),
-                v.as_ref().to_os_string(),
-            ));
-        }
+        let text = |k: &K| k.as_ref().to_string_lossy().into_owned();
+        vars.extend(extra_env.iter().map(|(k, v)| (text(k), v.as_ref().into())));
         let d = Daemon {
             config_path: dir.join("config"),
             dir,
@@ -1276,12 +1076,9 @@ impl Daemon {
         self.unset.push(key.to_string());
     }
 
-    /// The value of config key `key`, if set.
     pub fn config_value(&self, key: &str) -> Option<&str> {
-        self.config
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        let entry = self.config.iter().find(|(k, _)| k == key);
+        entry.map(|(_, v)| v.as_str())
     }
 
     /// Spawns the daemon and waits for its socket. On failure (it exits, or
@@ -1295,26 +1092,21 @@ impl Daemon {
             .open(self.log_path())
             .unwrap();
         let mut cmd = if self.launch == Launch::ClosedStd {
-            let mut c = Command::new("sh");
+            let mut c = self.command("sh".into());
             c.args(["-c", "exec \"$0\" \"$@\" <&- >&- 2>&-"])
                 .arg(daemon_bin());
             c
         } else {
-            Command::new(daemon_bin())
+            self.command(daemon_bin())
         };
         cmd.arg("serve")
             .arg("--config")
             .arg(&self.config_path)
-            .env_remove("NIX_REMOTE")
-            .env_remove("NIX_CONFIG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         if self.launch == Launch::StderrGone {
             cmd.stderr(Stdio::piped());
-        }
-        for (k, v) in &self.env {
-            cmd.env(k, v);
         }
         for k in &self.unset {
             cmd.env_remove(k);
@@ -1323,42 +1115,31 @@ impl Daemon {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", daemon_bin().display()))?;
         drop(child.stderr.take());
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Err(format!(
-                    "daemon exited ({st}) before its socket accepted; log:\n{}",
-                    self.log()
-                ));
-            }
-            if UnixStream::connect(self.socket()).is_ok() {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if start.elapsed() > DAEMON_START_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "daemon socket {} did not accept within {DAEMON_START_TIMEOUT:?}; log:\n{}",
-                    self.socket().display(),
-                    self.log()
-                ));
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        let up = poll(DAEMON_START_TIMEOUT, 20, || match child.try_wait() {
+            Ok(Some(st)) => Some(Err(format!(
+                "daemon exited ({st}) before its socket accepted"
+            ))),
+            _ => UnixStream::connect(self.socket()).is_ok().then_some(Ok(())),
+        });
+        let up = up.unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!(
+                "daemon socket {} did not accept within {DAEMON_START_TIMEOUT:?}",
+                self.socket().display()
+            ))
+        });
+        self.child = Some(child).filter(|_| up.is_ok());
+        up.map_err(|e| format!("{e}; log:\n{}", self.log()))
     }
 
-    /// The socket path.
     pub fn socket(&self) -> PathBuf {
         PathBuf::from(self.config_value("socket").expect("socket is always set"))
     }
 
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
-        PathBuf::from(
-            self.config_value("state-dir")
-                .expect("state-dir is always set"),
-        )
+        PathBuf::from(self.config_value("state-dir").expect("always set"))
     }
 
     /// The spool directory clients should use: the `spool-dir` config value,
@@ -1370,37 +1151,29 @@ impl Daemon {
             .unwrap_or_else(|| self.state_dir().join("spool"))
     }
 
-    /// The config file.
     pub fn config_path(&self) -> &Path {
         &self.config_path
     }
 
-    /// This daemon's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The log file (stdout+stderr of all runs).
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("daemon.log")
     }
 
-    /// Everything the daemon wrote so far (all runs).
     pub fn log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// The daemon's pid, if running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
-    /// True if the daemon process is alive.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
+        let running = |c: &mut Child| matches!(c.try_wait(), Ok(None));
+        self.child.as_mut().is_some_and(running)
     }
 
     /// SIGKILLs the daemon *and every process it started* (its running
@@ -1424,18 +1197,11 @@ impl Daemon {
             return st;
         }
         run_ok(Command::new("kill").args(["-TERM", &c.id().to_string()]));
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = c.try_wait() {
-                return st;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("daemon ignored SIGTERM for 30 s; log:\n{}", self.log());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        poll(Duration::from_secs(30), 20, || c.try_wait().ok().flatten()).unwrap_or_else(|| {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("daemon ignored SIGTERM for 30 s; log:\n{}", self.log());
+        })
     }
 
     /// Stops the daemon if it runs (SIGTERM) and starts it again with the
@@ -1485,14 +1251,16 @@ impl Daemon {
     /// A [`Command`] for the `post-build-hook` client with the NixEnv's
     /// environment and [`Daemon::hook_env`] (add `DRV_PATH`/`OUT_PATHS`).
     pub fn hook_cmd(&self) -> Command {
-        let mut c = Command::new(hook_bin());
+        let mut c = self.command(hook_bin());
+        c.envs(self.hook_env());
+        c
+    }
+
+    /// A [`Command`] for `program` with the daemon's environment.
+    fn command(&self, program: PathBuf) -> Command {
+        let mut c = Command::new(program);
         c.env_remove("NIX_REMOTE").env_remove("NIX_CONFIG");
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        for (k, v) in self.hook_env() {
-            c.env(k, v);
-        }
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -1500,11 +1268,7 @@ impl Daemon {
     /// with the same environment as the daemon and `NPBHQ_SOCKET` set. Pass
     /// `--socket` yourself where the CLI needs it.
     pub fn cli_cmd(&self) -> Command {
-        let mut c = Command::new(daemon_bin());
-        c.env_remove("NIX_REMOTE").env_remove("NIX_CONFIG");
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
+        let mut c = self.command(daemon_bin());
         c.env("NPBHQ_SOCKET", self.socket());
         c
     }
@@ -1522,48 +1286,20 @@ impl Daemon {
     /// including the final `ok`/`err` line (informational lines of `status`
     /// and `wait` come first).
     pub fn request_lines(&self, line: &str) -> Vec<String> {
-        let mut r = self.connect_and_send(line);
-        let mut lines = Vec::new();
-        loop {
-            let mut l = String::new();
-            let n = r
-                .read_line(&mut l)
-                .unwrap_or_else(|e| panic!("reading reply to {line:?}: {e}\nlog:\n{}", self.log()));
-            if n == 0 {
-                panic!(
-                    "connection closed before a final ok/err line in reply to {line:?}; \
-                     got {lines:?}\nlog:\n{}",
-                    self.log()
-                );
-            }
-            let l = l.trim_end_matches(['\n', '\r']).to_string();
-            let last = l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ");
-            lines.push(l);
-            if last {
-                return lines;
-            }
-        }
-    }
-
-    fn connect_and_send(&self, line: &str) -> BufReader<UnixStream> {
-        let mut s = UnixStream::connect(self.socket()).unwrap_or_else(|e| {
+        exchange(&self.socket(), line).unwrap_or_else(|e| {
+            let socket = self.socket();
             panic!(
-                "connect {}: {e}\nlog:\n{}",
-                self.socket().display(),
+                "{line:?} to {}: {e}\nlog:\n{}",
+                socket.display(),
                 self.log()
             )
-        });
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(format!("{line}\n").as_bytes())
-            .unwrap_or_else(|e| panic!("sending {line:?}: {e}"));
-        BufReader::new(s)
+        })
     }
 }
 
 /// A parsed `status` reply: its `KEY VALUE` lines and its `backoff ...`
 /// lines (attempts, next try, path, error).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Status {
     pub fields: std::collections::HashMap<String, String>,
     pub backoff: Vec<String>,
@@ -1593,10 +1329,7 @@ impl Daemon {
         let Ok(Json::Obj(members)) = Json::parse(&lines[0]) else {
             panic!("status json reply: {lines:?}");
         };
-        let mut st = Status {
-            fields: Default::default(),
-            backoff: Vec::new(),
-        };
+        let mut st = Status::default();
         for (k, v) in members {
             match v {
                 Json::Num(n) => drop(st.fields.insert(k.replace('_', "-"), n.to_string())),
@@ -1616,6 +1349,16 @@ impl Daemon {
             }
         }
         st
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir().join("journal")
+    }
+
+    /// The journal, read as the daemon replays it (empty if it is missing).
+    pub fn journal(&self) -> Journal {
+        let text = fs::read(self.journal_path()).unwrap_or_default();
+        Journal::parse(&String::from_utf8_lossy(&text))
     }
 }
 
@@ -1649,9 +1392,7 @@ impl Journal {
             torn: text.len() - complete.len(),
             ..Journal::default()
         };
-        let mut records = 0;
         for line in complete.lines().filter(|l| !l.is_empty()) {
-            records += 1;
             let add = line.strip_prefix("+ ").and_then(|r| r.split_once(' '));
             if let Some((_, p)) = add.filter(|(s, p)| s.parse::<u64>().is_ok() && !p.contains(' '))
             {
@@ -1668,22 +1409,8 @@ impl Journal {
                 j.malformed.push(line.to_string());
             }
         }
-        j.dead = records - j.live.len();
+        j.dead = j.added.len() + j.done.len() + j.malformed.len() - j.live.len();
         j
-    }
-}
-
-impl Daemon {
-    /// The journal file.
-    pub fn journal_path(&self) -> PathBuf {
-        self.state_dir().join("journal")
-    }
-
-    /// The journal, read as the daemon replays it (empty if it is missing).
-    pub fn journal(&self) -> Journal {
-        Journal::parse(&String::from_utf8_lossy(
-            &fs::read(self.journal_path()).unwrap_or_default(),
-        ))
     }
 }
 
@@ -1705,22 +1432,16 @@ impl Drop for Daemon {
 
 /// The last `n` bytes of `s` (from a character boundary).
 pub fn tail(s: &str, n: usize) -> &str {
-    let mut start = s.len().saturating_sub(n);
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
+    let start = (s.len().saturating_sub(n)..).find(|&i| s.is_char_boundary(i));
+    &s[start.unwrap_or(s.len())..]
 }
 
 /// The soft and hard limits on this process's open files
 /// (`/proc/self/limits`; `unlimited` is `u64::MAX`).
 pub fn open_file_limits() -> (u64, u64) {
     let limits = fs::read_to_string("/proc/self/limits").expect("read /proc/self/limits");
-    let line = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .expect("an open-files line in /proc/self/limits");
-    let mut f = line["Max open files".len()..]
+    let line = line_after(&limits, "Max open files").expect("an open-files line");
+    let mut f = line
         .split_whitespace()
         .map(|v| v.parse().unwrap_or(u64::MAX));
     (f.next().unwrap_or(0), f.next().unwrap_or(0))
@@ -1738,24 +1459,14 @@ pub fn rerun_test(name: &str, script: &str, env: &[(&str, &str)]) -> Output {
     run(&mut c)
 }
 
-// ---------------------------------------------------------------------------
-// Json
-// ---------------------------------------------------------------------------
-
 /// A parsed JSON value (numbers as f64, objects keep their key order).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Json {
-    /// `null`
     Null,
-    /// `true` / `false`
     Bool(bool),
-    /// any number
     Num(f64),
-    /// a string
     Str(String),
-    /// an array
     Arr(Vec<Json>),
-    /// an object
     Obj(Vec<(String, Json)>),
 }
 
@@ -1767,51 +1478,35 @@ impl Json {
             i: 0,
         };
         let v = p.value()?;
-        p.ws();
-        if p.i != p.b.len() {
-            return Err(format!("trailing data at byte {}", p.i));
+        match p.peek() {
+            None => Ok(v),
+            Some(_) => Err(format!("trailing data at byte {}", p.i)),
         }
-        Ok(v)
     }
 
-    /// Member `key` of an object.
     pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
+        let Json::Obj(m) = self else { return None };
+        m.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
-    /// The string, if this is one.
     pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
+        let Json::Str(s) = self else { return None };
+        Some(s)
     }
 
-    /// The number, if this is one.
     pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Json::Num(n) => Some(*n),
-            _ => None,
-        }
+        let Json::Num(n) = self else { return None };
+        Some(*n)
     }
 
-    /// The boolean, if this is one.
     pub fn as_bool(&self) -> Option<bool> {
-        match self {
-            Json::Bool(b) => Some(*b),
-            _ => None,
-        }
+        let Json::Bool(b) = self else { return None };
+        Some(*b)
     }
 
-    /// The elements, if this is an array.
     pub fn as_array(&self) -> Option<&[Json]> {
-        match self {
-            Json::Arr(a) => Some(a),
-            _ => None,
-        }
+        let Json::Arr(a) = self else { return None };
+        Some(a)
     }
 }
 
@@ -1821,95 +1516,67 @@ struct JsonParser<'a> {
 }
 
 impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
+    /// The next byte after whitespace (not consumed).
+    fn peek(&mut self) -> Option<u8> {
+        while self.b.get(self.i).is_some_and(u8::is_ascii_whitespace) {
             self.i += 1;
         }
+        self.b.get(self.i).copied()
     }
 
     fn eat(&mut self, c: u8) -> Result<(), String> {
-        self.ws();
-        if self.b.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(format!("expected {:?} at byte {}", c as char, self.i))
+        if self.peek() != Some(c) {
+            return Err(format!("expected {:?} at byte {}", c as char, self.i));
         }
+        self.i += 1;
+        Ok(())
     }
 
-    fn lit(&mut self, word: &str, v: Json) -> Result<Json, String> {
-        if self.b[self.i..].starts_with(word.as_bytes()) {
-            self.i += word.len();
-            Ok(v)
-        } else {
-            Err(format!("bad literal at byte {}", self.i))
+    /// The comma-separated items after an opening bracket, up to `close`.
+    fn items<T>(
+        &mut self,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Result<T, String>,
+    ) -> Result<Vec<T>, String> {
+        self.i += 1;
+        let mut v = Vec::new();
+        if self.peek() == Some(close) {
+            self.i += 1;
+            return Ok(v);
+        }
+        loop {
+            v.push(item(self)?);
+            if self.peek() != Some(b',') {
+                self.eat(close)?;
+                return Ok(v);
+            }
+            self.i += 1;
         }
     }
 
     fn value(&mut self) -> Result<Json, String> {
-        self.ws();
-        match self.b.get(self.i) {
-            None => Err("unexpected end".into()),
-            Some(b'n') => self.lit("null", Json::Null),
-            Some(b't') => self.lit("true", Json::Bool(true)),
-            Some(b'f') => self.lit("false", Json::Bool(false)),
-            Some(b'"') => self.string().map(Json::Str),
-            Some(b'[') => {
-                self.i += 1;
-                let mut v = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(v));
-                }
-                loop {
-                    v.push(self.value()?);
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(v));
-                        }
-                        _ => return Err(format!("expected , or ] at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(b'{') => {
-                self.i += 1;
-                let mut m = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(m));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.eat(b':')?;
-                    let v = self.value()?;
-                    m.push((k, v));
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(m));
-                        }
-                        _ => return Err(format!("expected , or }} at byte {}", self.i)),
-                    }
-                }
-            }
-            Some(_) => {
+        let member = |p: &mut Self| Ok((p.string()?, p.eat(b':').and_then(|()| p.value())?));
+        match self.peek().ok_or("unexpected end")? {
+            b'"' => self.string().map(Json::Str),
+            b'[' => self.items(b']', Self::value).map(Json::Arr),
+            b'{' => self.items(b'}', member).map(Json::Obj),
+            _ => {
                 let start = self.i;
-                while self.i < self.b.len() && b"+-.0123456789eE".contains(&self.b[self.i]) {
-                    self.i += 1;
+                let rest = &self.b[start..];
+                let len = rest
+                    .iter()
+                    .take_while(|c| c.is_ascii_alphanumeric() || b"+-.".contains(c));
+                self.i += len.count();
+                match std::str::from_utf8(&self.b[start..self.i]).unwrap_or("") {
+                    "null" => Ok(Json::Null),
+                    "true" => Ok(Json::Bool(true)),
+                    "false" => Ok(Json::Bool(false)),
+                    n if n.bytes().all(|c| b"+-.0123456789eE".contains(&c)) => n
+                        .parse()
+                        .map(Json::Num)
+                        .map_err(|_| format!("bad number at byte {start}")),
+                    _ => Err(format!("bad value at byte {start}")),
                 }
-                std::str::from_utf8(&self.b[start..self.i])
-                    .ok()
-                    .and_then(|s| s.parse::<f64>().ok())
-                    .map(Json::Num)
-                    .ok_or_else(|| format!("bad value at byte {start}"))
             }
         }
     }
@@ -1927,49 +1594,37 @@ impl JsonParser<'_> {
 
     fn string(&mut self) -> Result<String, String> {
         self.eat(b'"')?;
-        let mut out: Vec<u8> = Vec::new();
+        let mut out = String::new();
         loop {
-            let c = *self.b.get(self.i).ok_or("unterminated string")?;
-            self.i += 1;
-            match c {
-                b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
-                b'\\' => {
-                    let e = *self.b.get(self.i).ok_or("unterminated escape")?;
-                    self.i += 1;
-                    let ch = match e {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => {
-                            let mut cp = self.hex4()?;
-                            if (0xd800..0xdc00).contains(&cp)
-                                && self.b.get(self.i..self.i + 2) == Some(b"\\u")
-                            {
-                                self.i += 2;
-                                let lo = self.hex4()?;
-                                cp = 0x10000 + ((cp - 0xd800) << 10) + (lo.wrapping_sub(0xdc00));
-                            }
-                            char::from_u32(cp).unwrap_or('\u{fffd}')
-                        }
-                        _ => return Err(format!("bad escape at byte {}", self.i)),
-                    };
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                }
-                _ => out.push(c),
+            let rest = &self.b[self.i..];
+            let end = rest.iter().position(|c| b"\"\\".contains(c));
+            let end = end.ok_or("unterminated string")?;
+            out.push_str(std::str::from_utf8(&rest[..end]).map_err(|e| e.to_string())?);
+            self.i += end + 1;
+            if rest[end] == b'"' {
+                return Ok(out);
             }
+            let e = *self.b.get(self.i).ok_or("unterminated escape")?;
+            self.i += 1;
+            let simple = "\"\\/bfnrt".find(e as char);
+            out.push(
+                match simple.and_then(|k| "\"\\/\u{8}\u{c}\n\r\t".chars().nth(k)) {
+                    Some(c) => c,
+                    None if e == b'u' => {
+                        let mut cp = self.hex4()?;
+                        if (0xd800..0xdc00).contains(&cp) && self.b[self.i..].starts_with(b"\\u") {
+                            self.i += 2;
+                            let lo = self.hex4()?;
+                            cp = 0x10000 + ((cp - 0xd800) << 10) + (lo.wrapping_sub(0xdc00));
+                        }
+                        char::from_u32(cp).unwrap_or('\u{fffd}')
+                    }
+                    None => return Err(format!("bad escape at byte {}", self.i)),
+                },
+            );
         }
     }
 }
-
-// ---------------------------------------------------------------------------
-// Small helpers shared by the test files
-// ---------------------------------------------------------------------------
 
 /// A `file://` cache named `name` under the env: (URL for uploads, without
 /// compression to keep tests fast; URL for reading).
@@ -1979,24 +1634,111 @@ pub fn file_cache(env: &NixEnv, name: &str) -> (String, String) {
     (format!("{read}?compression=none"), read)
 }
 
-/// Paths as strings.
 pub fn strs(paths: &[PathBuf]) -> Vec<String> {
     paths.iter().map(|p| p.display().to_string()).collect()
 }
 
+/// Writes an executable (0755) script.
+pub fn write_script(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 /// The absolute path of `program` on `PATH` (panics when it is missing).
 pub fn which(program: &str) -> PathBuf {
+    on_path(program).unwrap_or_else(|| panic!("{program} is not on PATH"))
+}
+
+/// The path of `program` on `PATH`, if it is there.
+pub fn on_path(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{program} is not on PATH"))
 }
 
-// ---------------------------------------------------------------------------
-// FakeNix: a wrapper around the real nix
-// ---------------------------------------------------------------------------
+/// One configuration module.nix renders (tests/system/rendered/NAME.txt):
+/// its parts, each `=== KIND NAME` and its text.
+pub struct Rendered {
+    /// (kind, name, text) of each part.
+    pub parts: Vec<(String, String, String)>,
+}
+
+impl Rendered {
+    /// `DIR/VARIANT.txt` (as tests/system/render.sh writes them).
+    pub fn load(dir: &Path, variant: &str) -> Rendered {
+        let file = dir.join(format!("{variant}.txt"));
+        let text = fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+        let mut parts: Vec<(String, String, String)> = Vec::new();
+        for line in text.split_inclusive('\n') {
+            if let Some(head) = line.strip_prefix("=== ") {
+                let mut words = head.trim_end().splitn(2, ' ');
+                let kind = words.next().unwrap_or_default().to_string();
+                let name = words.next().unwrap_or_default().to_string();
+                parts.push((kind, name, String::new()));
+            } else if let Some(last) = parts.last_mut() {
+                last.2.push_str(line);
+            } else {
+                panic!("{}: text before the first === line", file.display());
+            }
+        }
+        Rendered { parts }
+    }
+
+    pub fn of_kind(&self, kind: &str) -> impl Iterator<Item = (&str, &str)> {
+        let kind = kind.to_string();
+        let parts = self.parts.iter().filter(move |(k, _, _)| *k == kind);
+        parts.map(|(_, n, t)| (n.as_str(), t.as_str()))
+    }
+
+    pub fn part(&self, kind: &str) -> &str {
+        self.of_kind(kind).next().map_or("", |(_, t)| t)
+    }
+
+    pub fn unit(&self, name: &str) -> &str {
+        let unit = self.of_kind("unit").find(|(n, _)| *n == name);
+        unit.unwrap_or_else(|| panic!("no unit {name} rendered")).1
+    }
+
+    /// The first `Key=` value of the service unit.
+    pub fn service_value(&self, key: &str) -> Option<String> {
+        let service = self.unit("nix-post-build-hook-queue.service");
+        Some(line_after(service, &format!("{key}="))?.to_string())
+    }
+
+    /// The config file the service's ExecStart names.
+    pub fn config_file(&self) -> (&str, &str) {
+        let file = self.of_kind("file").find(|(n, _)| n.ends_with(".conf"));
+        file.expect("a rendered config file")
+    }
+
+    /// The value of `key` in the rendered config file.
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        line_after(self.config_file().1, &format!("{key} = "))
+    }
+
+    /// The user the service runs as.
+    pub fn user(&self) -> String {
+        self.service_value("User").expect("User= in the service")
+    }
+}
+
+/// The fact `name` of tests/system/rendered/checks.txt (what render.nix
+/// evaluated from module.nix), as written there.
+pub fn rendered_check(name: &str) -> String {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/system/rendered/checks.txt");
+    let checks = fs::read_to_string(&file).expect("tests/system/rendered/checks.txt");
+    let fact = line_after(&checks, &format!("{name} = "));
+    fact.unwrap_or_else(|| panic!("checks.txt has no {name}"))
+        .to_string()
+}
+
+/// The rest of the first line of `text` that starts with `prefix`.
+pub fn line_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(prefix))
+}
 
 /// A wrapper nix: a directory with `nix` and `nix-store` scripts (the
 /// daemon takes `nix-store` from beside its `nix` setting) that record
@@ -2074,12 +1816,10 @@ impl FakeNix {
         FakeNix::with_preludes(env, "exec sleep 900", "exit 0")
     }
 
-    /// The value for the daemon's `nix` setting.
     pub fn nix(&self) -> String {
         self.dir.join("nix").display().to_string()
     }
 
-    /// This wrapper's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -2090,23 +1830,19 @@ impl FakeNix {
         let f = self.dir.join(what);
         match target {
             Some(t) => fs::write(f, t).unwrap(),
-            None => {
-                let _ = fs::remove_file(f);
-            }
+            None => drop(fs::remove_file(f)),
         }
     }
 
-    /// `set("fail", ...)` for every target.
+    /// `set("fail" / "poison" / "hold", ...)` for every target.
     pub fn set_fail(&self, on: bool) {
         self.set("fail", on.then_some(""));
     }
 
-    /// `set("poison", ...)` for every target.
     pub fn set_poison(&self, on: bool) {
         self.set("poison", on.then_some(""));
     }
 
-    /// `set("hold", ...)` for every target.
     pub fn set_hold(&self, on: bool) {
         self.set("hold", on.then_some(""));
     }
@@ -2129,24 +1865,19 @@ impl FakeNix {
     /// The recorded `nix copy` calls (`copy`) and `nix store sign` calls
     /// (`sign`), in order, as `(verb, the --to URL, the store paths)`.
     pub fn uploads(&self) -> Vec<(&'static str, String, Vec<String>)> {
-        let mut out = Vec::new();
-        for c in self.calls() {
-            let verb = if c.iter().any(|a| a == "copy") {
-                "copy"
-            } else if c.iter().any(|a| a == "sign") {
-                "sign"
-            } else {
-                continue;
-            };
-            let to = c.iter().skip_while(|a| *a != "--to").nth(1).cloned();
+        let upload = |c: Vec<String>| {
+            let verb = ["copy", "sign"]
+                .into_iter()
+                .find(|v| c.iter().any(|a| a == v))?;
+            let to = c.iter().skip_while(|a| *a != "--to").nth(1);
             let paths = c.iter().filter(|a| a.starts_with(&self.store));
-            out.push((
+            Some((
                 verb,
-                to.clone().unwrap_or_default(),
+                to.cloned().unwrap_or_default(),
                 paths.cloned().collect(),
-            ));
-        }
-        out
+            ))
+        };
+        self.calls().into_iter().filter_map(upload).collect()
     }
 
     /// How many `nix copy` calls to targets whose URL holds `target` named
@@ -2159,13 +1890,9 @@ impl FakeNix {
             .count()
     }
 
-    /// Pids of the `nix copy` calls so far.
     pub fn copy_pids(&self) -> Vec<u32> {
-        fs::read_to_string(self.dir.join("copy.pids"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        let pids = fs::read_to_string(self.dir.join("copy.pids")).unwrap_or_default();
+        pids.lines().filter_map(|l| l.trim().parse().ok()).collect()
     }
 
     /// True if `pid` is a live (not zombie) process of this test.
@@ -2227,7 +1954,6 @@ pub fn two_targets(
     (Daemon::start(env, &config), w, caches)
 }
 
-/// `Output` as text for messages.
 pub fn show(o: &Output) -> String {
     format!(
         "{}; stdout: {:?}; stderr: {:?}",
@@ -2237,8 +1963,8 @@ pub fn show(o: &Output) -> String {
     )
 }
 
-/// Runs `cmd` (stdout and stderr piped) to its exit; panics (after killing
-/// it) if it still runs after `within`.
+/// Runs `cmd` (stdout and stderr read as they come) to its exit; panics
+/// (after killing it and what it started) if it still runs after `within`.
 pub fn run_to_exit(cmd: &mut Command, within: Duration) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())
@@ -2246,22 +1972,42 @@ pub fn run_to_exit(cmd: &mut Command, within: Duration) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let start = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if start.elapsed() > within {
-            kill_tree(child.id());
-            let out = child.wait_with_output().expect("wait");
-            panic!("{cmd:?} still ran after {within:?}: {}", show(&out));
-        }
-        thread::sleep(Duration::from_millis(20));
+    fn drain(mut r: impl std::io::Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
+        thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
     }
-    child.wait_with_output().expect("wait")
+    let stdout = drain(child.stdout.take().unwrap());
+    let stderr = drain(child.stderr.take().unwrap());
+    let exited = poll(within, 20, || child.try_wait().expect("try_wait"));
+    if exited.is_none() {
+        kill_tree(child.id());
+    }
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let status = child.wait().expect("wait");
+    let out = Output {
+        status,
+        stdout,
+        stderr,
+    };
+    if exited.is_none() {
+        panic!("{cmd:?} still ran after {within:?}: {}", show(&out));
+    }
+    out
 }
 
 /// One request on a fresh connection to `socket`: the final reply line
 /// (`ok ...`/`err ...`), or Err when the daemon is not there or the
 /// connection breaks (30 s timeouts).
 pub fn try_ask(socket: &Path, line: &str) -> Result<String, String> {
+    Ok(exchange(socket, line)?.pop().unwrap_or_default())
+}
+
+/// Sends `line` on a fresh connection to `socket` and reads every reply
+/// line up to and including the final `ok`/`err` line (30 s timeouts).
+fn exchange(socket: &Path, line: &str) -> Result<Vec<String>, String> {
     let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
     let t = Some(Duration::from_secs(30));
     s.set_read_timeout(t).map_err(|e| e.to_string())?;
@@ -2269,16 +2015,19 @@ pub fn try_ask(socket: &Path, line: &str) -> Result<String, String> {
     s.write_all(format!("{line}\n").as_bytes())
         .map_err(|e| format!("write: {e}"))?;
     let mut r = BufReader::new(s);
+    let mut lines = Vec::new();
     loop {
         let mut l = String::new();
         match r.read_line(&mut l) {
-            Ok(0) => return Err("connection closed without a reply".into()),
+            Ok(0) => return Err(format!("connection closed without a final line: {lines:?}")),
             Ok(_) => {}
             Err(e) => return Err(format!("read: {e}")),
         }
         let l = l.trim_end_matches(['\n', '\r']).to_string();
-        if l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ") {
-            return Ok(l);
+        let last = l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ");
+        lines.push(l);
+        if last {
+            return Ok(lines);
         }
     }
 }
