@@ -33,20 +33,12 @@ fn held_uploader(env: &NixEnv) -> (PathBuf, PathBuf) {
     (script, hold)
 }
 
-/// `n` well-formed store paths that are not in the store.
+/// `n` well-formed store paths that are not in the store (their hashes
+/// are decimal numbers, all digits being nix-base32).
 fn fake_paths(env: &NixEnv, tag: &str, n: usize) -> Vec<String> {
-    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let store = env.store_dir();
     (0..n)
-        .map(|i| {
-            let mut hash = Vec::new();
-            let mut v = i;
-            for _ in 0..32 {
-                hash.push(ALPHABET[v % 32]);
-                v /= 32;
-            }
-            let hash = String::from_utf8(hash).unwrap();
-            format!("{}/{hash}-{tag}", env.store_dir().display())
-        })
+        .map(|i| format!("{}/{i:032}-{tag}", store.display()))
         .collect()
 }
 
@@ -59,12 +51,8 @@ fn only_root_and_the_daemons_user_may_change_the_queue() {
     let (uploader, _hold) = held_uploader(&env);
     let up = uploader.display().to_string();
     let d = Daemon::start(&env, &[("socket-mode", "0666"), ("upload-command", &up)]);
-    // The socket's directory must let the user reach the socket.
-    let mut dir = d.socket();
-    while dir.pop() && dir != Path::new("/") {
-        let mode = fs::metadata(&dir).unwrap().permissions().mode();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode | 0o011)).unwrap();
-    }
+    // The user reaches the socket (through `env`: see [`User::exe`]).
+    fs::set_permissions(d.dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let held = env.add_text_path("npbhq-peer-held", "held\n");
     let mine = env.add_text_path("npbhq-peer-user", "the user's\n");
     let (held, mine) = (held.display().to_string(), mine.display().to_string());
@@ -72,40 +60,33 @@ fn only_root_and_the_daemons_user_may_change_the_queue() {
     let journal = d.state_dir().join("journal");
     let before = fs::read(&journal).unwrap();
 
-    let user = User::new('p');
-    let cli = |args: &[&str]| {
-        let c = &mut user.command(&daemon_bin());
-        run(c.args(args).env("NPBHQ_SOCKET", d.socket()))
-    };
+    let user = User::new('p', "");
+    let vars = [("NPBHQ_SOCKET".to_string(), d.socket().into_os_string())];
+    let cli = |args: &str| user.cli(env.root(), args, &vars);
+    let drop = format!("drop {held}");
     for args in [
-        vec!["drop", &held],
-        vec!["requeue", &held],
-        vec!["retry"],
-        vec!["drop", "--all-failed"],
+        &drop,
+        &format!("requeue {held}"),
+        "retry",
+        "drop --all-failed",
     ] {
-        let o = cli(&args);
+        let o = cli(args);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && err.contains("may not change the queue") && err.contains("root"),
-            "{args:?} as another user: {}",
-            show(&o)
-        );
+        let why = err.contains("may not change the queue") && err.contains("root");
+        assert!(!o.status.success() && why, "{args:?}: {}", show(&o));
     }
-    assert_eq!(
-        fs::read(&journal).unwrap(),
-        before,
-        "a refused verb changed the journal"
-    );
+    let changed = fs::read(&journal).unwrap() != before;
+    assert!(!changed, "a refused verb changed the journal");
     assert!(d.request("status").starts_with("ok"));
 
-    let o = cli(&["enqueue", &mine]);
+    let o = cli(&format!("enqueue {mine}"));
     assert!(o.status.success(), "enqueue as another user: {}", show(&o));
     let text = String::from_utf8_lossy(&fs::read(&journal).unwrap()).into_owned();
     assert!(text.contains(&format!(" {mine}\n")), "{text}");
-    let o = cli(&["status"]);
+    let o = cli("status");
     assert!(o.status.success(), "status as another user: {}", show(&o));
     // Root may: the held path is dropped.
-    assert_eq!(d.request(&format!("drop {held}")), "ok 1");
+    assert_eq!(d.request(&drop), "ok 1");
 }
 
 /// A `.post-build-hook-queue-*` directory a daemon killed while binding
