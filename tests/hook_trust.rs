@@ -243,23 +243,12 @@ fn the_spool_directory_is_synced_after_the_rename() {
         .iter()
         .position(|c| c.name.starts_with("rename") && c.args.contains(".req\"") && c.ok())
         .unwrap_or_else(|| panic!("no rename into the spool:\n{log}"));
-    // The descriptors that name the spool directory before a call: opened
-    // by its path, or a `/proc/self/fd/N/` the rename goes through.
+    // A descriptor on the spool directory: a `/proc/self/fd/N/` the rename
+    // goes through, or one opened by its path.
     let through = calls[renamed].args.split("/proc/self/fd/").skip(1);
     let through: Vec<&str> = through.filter_map(|p| p.split('/').next()).collect();
-    let quoted = format!("\"{}\"", spool.display());
-    let dir_fd = |i: usize, fd: &str| {
-        through.contains(&fd)
-            || calls[..i].iter().any(|c| {
-                c.name.starts_with("open")
-                    && c.args.contains(&quoted)
-                    && c.ret.as_deref() == Some(fd)
-            })
-    };
-    let synced = (renamed..calls.len()).any(|i| {
-        let c = &calls[i];
-        c.name == "fsync" && c.ok() && dir_fd(i, c.fd())
-    });
+    let spool = spool.display().to_string();
+    let synced = dir_synced(&calls, renamed, calls.len(), &spool, &through);
     assert!(
         synced,
         "no fsync of the spool directory after the rename:\n{log}"

@@ -1473,17 +1473,23 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
 
 /// Every socket path the kernel takes works, up to its limit of 107 bytes,
 /// whatever the daemon's pid: the daemon binds through a short path and
-/// leaves nothing beside the socket.
+/// leaves nothing beside the socket. The private directory the socket is
+/// bound in is reached through its descriptor: in a directory of 101 bytes
+/// its own longer path does not matter.
 #[test]
 fn socket_paths_up_to_107_bytes_work() {
     let env = NixEnv::new("hostile-longsock");
     let base = env.root().join("s");
-    fs::create_dir_all(&base).unwrap();
+    let long = env.root().join("d-").display().to_string();
+    let long = PathBuf::from(format!("{long:x<101}"));
+    for dir in [&base, &long] {
+        fs::create_dir_all(dir).unwrap();
+    }
     let room = 107 - base.as_os_str().len() - 1;
     assert!(room >= 20, "test directory {} too long", base.display());
-    for len in 98..=107 {
-        let name = format!("{len:03}-{}", "x".repeat(room - 4 - (107 - len)));
-        let socket = base.join(name);
+    let named = |len| base.join(format!("{len:03}-{}", "x".repeat(room - 4 - (107 - len))));
+    let sockets = (98..=107).map(|len| (len, named(len)));
+    for (len, socket) in sockets.chain([(106, long.join("sock"))]) {
         assert_eq!(socket.as_os_str().len(), len);
         let s = socket.display().to_string();
         let mut d = Daemon::new_stopped(&env, &[("socket", s.as_str())], NO_ENV);
@@ -1495,11 +1501,10 @@ fn socket_paths_up_to_107_bytes_work() {
         assert_eq!(mode & 0o7777, 0o600, "{len} bytes");
         d.stop();
     }
-    let left: Vec<_> = fs::read_dir(&base)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "nothing left beside the sockets: {left:?}");
+    for dir in [&base, &long] {
+        let left: Vec<_> = fs::read_dir(dir).unwrap().collect();
+        assert!(left.is_empty(), "nothing left beside the sockets: {left:?}");
+    }
 }
 
 /// What another user may plant beside the socket changes nothing: not a

@@ -2358,6 +2358,22 @@ pub fn strace_calls(log: &str) -> Vec<Call> {
     out
 }
 
+/// True when a call in `calls[from..to]` is a successful fsync of a
+/// descriptor on the directory `dir`: one of `fds`, or one opened on its
+/// path before that call.
+pub fn dir_synced(calls: &[Call], from: usize, to: usize, dir: &str, fds: &[&str]) -> bool {
+    let quoted = format!("\"{dir}\"");
+    let on_dir = |c: &Call| c.name.starts_with("open") && c.args.contains(&quoted);
+    let opened = |i: usize, fd: &str| {
+        let by_path = calls[..i]
+            .iter()
+            .any(|c| on_dir(c) && c.ret.as_deref() == Some(fd));
+        by_path || fds.contains(&fd)
+    };
+    let synced = |(i, c): (usize, &Call)| c.name == "fsync" && c.ok() && opened(i, c.fd());
+    calls.iter().enumerate().take(to).skip(from).any(synced)
+}
+
 /// `strace -f -qq -s 4096 -o trace -e trace=CALLS`; add the program.
 pub fn strace(trace: &Path, calls: &str) -> Command {
     let mut c = Command::new(which("strace"));
