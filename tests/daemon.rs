@@ -107,15 +107,10 @@ fn leftover_bind_directories_are_removed_at_start() {
     let o = run(Command::new("touch").args(["-d", "2 hours ago"]).arg(&old));
     assert!(o.status.success(), "{}", show(&o));
     d.try_spawn().unwrap();
-    assert!(
-        !old.exists(),
-        "the leftover {} is still there",
-        old.display()
-    );
-    assert!(
-        fresh.join("s").exists(),
-        "a fresh private directory was removed"
-    );
+    let gone = !old.exists();
+    assert!(gone, "the leftover {old:?} is still there");
+    let kept = fresh.join("s").exists();
+    assert!(kept, "a fresh private directory was removed");
 }
 
 /// `wait` for a path that is dropped while it waits exits 1 naming it,
@@ -131,39 +126,27 @@ fn wait_names_a_dropped_path_after_ten_thousand_other_drops() {
     let (held, dropped) = (held.display().to_string(), dropped.display().to_string());
     assert_eq!(d.request(&format!("enqueue {held}")), "ok 1");
     assert_eq!(d.request(&format!("enqueue {dropped}")), "ok 1");
-    let wait = d
-        .cli_cmd()
-        .arg("wait")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut wait = d.cli_cmd();
+    wait.arg("wait").stdout(Stdio::piped());
+    let wait = wait.stderr(Stdio::piped()).spawn().unwrap();
     // Its request is in once its first progress line could be.
     thread::sleep(Duration::from_millis(500));
     assert_eq!(d.request(&format!("drop {dropped}")), "ok 1");
     let others = fake_paths(&env, "npbhq-drops-other", 10_001);
     for chunk in others.chunks(5000) {
-        let n = chunk.len();
-        assert_eq!(
-            d.request(&format!("enqueue {}", chunk.join(" "))),
-            format!("ok {n}")
-        );
+        let (n, chunk) = (chunk.len(), chunk.join(" "));
+        assert_eq!(d.request(&format!("enqueue {chunk}")), format!("ok {n}"));
         // The worker may drop some first (they are not in the store).
-        assert!(d
-            .request(&format!("drop {}", chunk.join(" ")))
-            .starts_with("ok "));
+        assert!(d.request(&format!("drop {chunk}")).starts_with("ok "));
     }
-    wait_until(Duration::from_secs(60), "10,002 paths dropped", || {
-        d.status().num("dropped") >= 10_002
-    });
+    let all = || d.status().num("dropped") >= 10_002;
+    wait_until(Duration::from_secs(60), "10,002 paths dropped", all);
     fs::remove_file(&hold).unwrap();
     let o = wait.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "wait: {}", show(&o));
-    assert!(
-        err.contains("1 path(s) were dropped") && err.contains(&dropped),
-        "{err}"
-    );
+    let named = err.contains("1 path(s) were dropped") && err.contains(&dropped);
+    assert!(named, "{err}");
 }
 
 /// A journal write that fails after an upload (the state directory's file
@@ -179,10 +162,8 @@ fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     let up = uploader.display().to_string();
     let state = mount.join("state").display().to_string();
     let mut d = Daemon::start(&env, &[("state-dir", &state), ("upload-command", &up)]);
-    let path = env
-        .add_text_path("npbhq-fullwrite", "full\n")
-        .display()
-        .to_string();
+    let path = env.add_text_path("npbhq-fullwrite", "full\n");
+    let path = path.display().to_string();
     assert_eq!(d.request(&format!("enqueue {path}")), "ok 1");
     // Queued behind it, paths that bring the journal within a few bytes of
     // its page's end, so that the next record needs a page of its own.
@@ -202,9 +183,8 @@ fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     let filler = mount.join("filler");
     fill(&filler);
     fs::remove_file(&hold).unwrap();
-    wait_until(Duration::from_secs(30), "the daemon to end", || {
-        !d.is_running()
-    });
+    let ended = || !d.is_running();
+    wait_until(Duration::from_secs(30), "the daemon to end", ended);
     assert_eq!(d.stop().code(), Some(1));
     assert!(d.log().contains("journal: "));
     fs::remove_file(&filler).unwrap();
@@ -212,17 +192,12 @@ fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     // The fake paths are dropped (not in the store); the real one arrives.
     let o = run(d.cli_cmd().args(["wait", "--timeout", "60"]));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.code().is_some_and(|c| c < 2) && !err.contains(&path),
-        "wait after the restart: {}",
-        show(&o)
-    );
+    let delivered = o.status.code().is_some_and(|c| c < 2) && !err.contains(&path);
+    assert!(delivered, "wait after the restart: {}", show(&o));
     d.stop();
     let text = fs::read_to_string(&journal).unwrap();
-    assert!(
-        text.contains(&format!("- {path}\n")),
-        "{path} not done: {text}"
-    );
+    let done = text.contains(&format!("- {path}\n"));
+    assert!(done, "{path} not done: {text}");
 }
 
 /// Calls traced for the directory syncs.
@@ -248,10 +223,8 @@ fn the_state_directory_is_synced_before_the_first_ok() {
         assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
     });
     let ok = first_ok(&calls, 0);
-    assert!(
-        dir_synced(&calls, 0, ok, &s, &[]),
-        "no fsync of {s} before the first ok"
-    );
+    let synced = dir_synced(&calls, 0, ok, &s, &[]);
+    assert!(synced, "no fsync of {s} before the first ok");
 }
 
 /// After compaction renames the new journal into place, the state
@@ -263,22 +236,16 @@ fn compaction_syncs_the_directory_after_its_rename() {
     let state = env.root().join("state");
     let s = state.display().to_string();
     let fakes = fake_paths(&env, "npbhq-compact", 4200);
-    let real = env
-        .add_text_path("npbhq-compact-after", "x\n")
-        .display()
-        .to_string();
+    let real = env.add_text_path("npbhq-compact-after", "x\n");
+    let real = real.display().to_string();
     // A nix that never answers: the worker drops none of the fake paths
     // itself, so each `drop` reply follows its own journal write.
     let hang = FakeNix::hang(&env);
     let config = [("state-dir", s.as_str()), ("nix", &hang.nix())];
     let calls = under_strace(&env, &config, TRACED, |d| {
-        for chunk in fakes.chunks(2100) {
-            assert!(d
-                .request(&format!("enqueue {}", chunk.join(" ")))
-                .starts_with("ok"));
-            assert!(d
-                .request(&format!("drop {}", chunk.join(" ")))
-                .starts_with("ok"));
+        for chunk in fakes.chunks(2100).map(|c| c.join(" ")) {
+            assert!(d.request(&format!("enqueue {chunk}")).starts_with("ok"));
+            assert!(d.request(&format!("drop {chunk}")).starts_with("ok"));
         }
         assert!(d.request(&format!("enqueue {real}")).starts_with("ok"));
     });
@@ -287,10 +254,8 @@ fn compaction_syncs_the_directory_after_its_rename() {
         .rposition(|c| c.name.starts_with("rename") && c.args.contains("journal.tmp"))
         .expect("no compaction (rename of journal.tmp) in the trace");
     let ok = first_ok(&calls, renamed);
-    assert!(
-        dir_synced(&calls, renamed, ok, &s, &[]),
-        "no fsync of {s} between the rename and the next ok"
-    );
+    let synced = dir_synced(&calls, renamed, ok, &s, &[]);
+    assert!(synced, "no fsync of {s} between the rename and the next ok");
 }
 
 /// Socket activation with an fd 3 that is a unix stream socket but does
@@ -311,13 +276,8 @@ fn an_inherited_socket_that_does_not_listen_is_refused() {
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     exit_of(&mut child, Duration::from_secs(30), "the daemon");
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("not a listening socket"),
-        "{}",
-        show(&o)
-    );
+    let err = one_line(&child.wait_with_output().unwrap(), 1, "the daemon");
+    assert!(err.contains("not a listening socket"), "{err}");
 }
 
 /// A write that fails half way (the file system fills up during it) and
@@ -369,13 +329,10 @@ fn spool_warnings_are_summarised() {
         fs::write(spool.join(format!("{i}-1.req")), "retry\n").unwrap();
     }
     d.try_spawn().unwrap();
-    wait_until(Duration::from_secs(30), "the spool files' count", || {
-        d.log().contains("15 more spool files")
-    });
-    let left = fs::read_dir(&spool).unwrap().flatten();
-    assert!(left
-        .into_iter()
-        .all(|e| e.path().extension() == Some("bad".as_ref())));
+    let counted = || d.log().contains("15 more spool files");
+    wait_until(Duration::from_secs(30), "the spool files' count", counted);
+    let bad = |e: fs::DirEntry| e.path().extension() == Some("bad".as_ref());
+    assert!(fs::read_dir(&spool).unwrap().flatten().all(bad));
     let log = d.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("spool file")).collect();
     assert!(lines.len() <= 6, "{lines:#?}");
