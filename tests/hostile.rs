@@ -785,19 +785,15 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     let mode = fs::metadata(d2.socket()).unwrap().permissions().mode();
     assert_eq!(mode & 0o7777, 0o600);
     let status = format!("status --socket {}", d2.socket().display());
-    let o = member.cli(env.root(), &status, &[]);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
-    assert!(err.contains("permission denied"), "{err}");
+    let err = one_line(&member.cli(env.root(), &status, &[]), 2, &status);
+    assert!(err.to_lowercase().contains("permission denied"), "{err}");
     assert!(ask(&d2.socket(), "ping").starts_with("ok "));
 
     // A signing key the daemon's user cannot read: refused at start, one line.
     let (sk, _) = env.gen_signing_key("access-1");
     fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
     fs::set_permissions(sk.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
-    let udir = env.root().join("as-user");
-    fs::create_dir_all(&udir).unwrap();
-    fs::set_permissions(&udir, fs::Permissions::from_mode(0o777)).unwrap();
+    let udir = outsider.dir(env.root(), "as-user", 0o700);
     let sk_s = sk.display().to_string();
     let (usock, ustate) = (udir.join("sock"), udir.join("state"));
     let args = format!("serve --socket {}", usock.display());
@@ -832,13 +828,8 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     let spool = env.root().join("root-spool");
     assert_root_refuses(&socket, other.uid, &spool, [&p_root, &p_cli]);
 
-    let theirs_env: &Vars = &[
-        ("NPBHQ_SOCKET".into(), sock_s.clone().into()),
-        ("OUT_PATHS".into(), p_own.clone().into()),
-    ];
-    let o = run(other
-        .exe(env.root(), &hook_bin())
-        .envs(theirs_env.iter().cloned()));
+    let mut hook = other.exe(env.root(), &hook_bin());
+    let o = run(hook.env("NPBHQ_SOCKET", &socket).env("OUT_PATHS", &p_own));
     let served = o.status.success() && o.stderr.is_empty();
     assert!(served, "their own hook is served: {}", show(&o));
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
@@ -865,14 +856,12 @@ fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
     assert!(!in_tmp.exists(), "{} exists", in_tmp.display());
 
     let path = format!("{}/{}-default", env.store_dir().display(), index_hash(8, 1));
-    let mut hook_env = vars.clone();
-    hook_env.push(("OUT_PATHS".into(), path.clone().into()));
-    let o = run(user.exe(env.root(), &hook_bin()).envs(hook_env));
+    let mut hook = user.exe(env.root(), &hook_bin());
+    let o = run(hook.envs(vars.clone()).env("OUT_PATHS", &path));
     let served = o.status.success() && o.stderr.is_empty();
     assert!(served, "the hook at the default socket: {}", show(&o));
-    let spool = state.join("spool");
-    let empty = !spool.exists() || fs::read_dir(spool).unwrap().next().is_none();
-    assert!(empty, "nothing spooled");
+    let spooled = spooled(&state.join("spool"));
+    assert!(spooled.is_empty(), "nothing spooled: {spooled:?}");
     let o = user.cli(env.root(), "status", &vars);
     assert!(o.status.success(), "status: {}", show(&o));
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
