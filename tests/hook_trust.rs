@@ -109,10 +109,7 @@ fn the_root_hook_follows_no_link_to_its_spool() {
     for spool in [state.join("spool"), state.join("link/spool")] {
         let said = one_line(&run(&mut root_hook(&socket, &spool, PATH)), 0, "hook");
         let made: Vec<_> = fs::read_dir(&victim).unwrap().collect();
-        assert!(
-            made.is_empty(),
-            "written through the link: {made:?}; {said}"
-        );
+        assert!(made.is_empty(), "through the link: {made:?}; {said}");
         let why = format!("cannot write the spool {}", spool.display());
         let why = said.contains(&why) && said.contains("following no link");
         assert!(why && said.contains("NOT queued"), "{said:?}");
@@ -150,10 +147,8 @@ fn a_spool_directory_of_an_untrusted_user_is_refused() {
         let said = one_line(&run(&mut hook), 0, "hook");
         assert_eq!(spooled(dir), Vec::<String>::new(), "{said}");
         let owner = format!("{} belongs to uid {nobody}", dir.display());
-        assert!(
-            said.contains(&owner) && said.contains("NOT queued"),
-            "{said:?}"
-        );
+        let refused = said.contains(&owner) && said.contains("NOT queued");
+        assert!(refused, "{said:?}");
     }
 }
 
@@ -168,11 +163,8 @@ fn peak_kib(pid: u32) -> Option<u64> {
 /// Runs `cmd` to its end (killed after a minute), polling its peak memory;
 /// returns its output and that peak in KiB.
 fn run_measured(cmd: &mut Command) -> (Output, u64) {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
@@ -230,11 +222,10 @@ fn the_spool_directory_is_synced_after_the_rename() {
     let tmp = open_tmp("trust-strace");
     let (spool, trace) = (tmp.join("spool"), tmp.join("strace.log"));
     let traced = "open,openat,rename,renameat,renameat2,fsync,fdatasync";
-    let o = run(strace(&trace, traced)
-        .arg(hook_bin())
-        .env("NPBHQ_SOCKET", tmp.join("no.sock"))
-        .env("NPBHQ_SPOOL_DIR", &spool)
-        .env("OUT_PATHS", PATH));
+    let mut hook = strace(&trace, traced);
+    hook.arg(hook_bin())
+        .env("NPBHQ_SOCKET", tmp.join("no.sock"));
+    let o = run(hook.env("NPBHQ_SPOOL_DIR", &spool).env("OUT_PATHS", PATH));
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(spooled(&spool).len(), 1, "{}", show(&o));
     let log = fs::read_to_string(&trace).unwrap();
@@ -249,8 +240,5 @@ fn the_spool_directory_is_synced_after_the_rename() {
     let through: Vec<&str> = through.filter_map(|p| p.split('/').next()).collect();
     let spool = spool.display().to_string();
     let synced = dir_synced(&calls, renamed, calls.len(), &spool, &through);
-    assert!(
-        synced,
-        "no fsync of the spool directory after the rename:\n{log}"
-    );
+    assert!(synced, "no fsync of the spool after the rename:\n{log}");
 }
