@@ -65,7 +65,7 @@ fn a_listener_of_another_user_gets_nothing_from_root() {
     }
     let tmp = open_tmp("trust-peer");
     let user = User::new('p', "");
-    let theirs = user.dir(tmp.path(), "theirs", 0o755);
+    let theirs = owned_dir(tmp.path(), "theirs", user.uid, 0o755);
     let (socket, log) = (theirs.join("sock"), theirs.join("received"));
     let mut listener = user.exe(tmp.path(), &std::env::current_exe().unwrap());
     let test = "a_listener_of_another_user_gets_nothing_from_root";
@@ -96,7 +96,7 @@ fn a_listener_of_another_user_gets_nothing_from_root() {
 fn the_root_hook_follows_no_link_to_its_spool() {
     let tmp = open_tmp("trust-spool");
     let user = User::new('s', "");
-    let state = user.dir(tmp.path(), "state", 0o755);
+    let state = owned_dir(tmp.path(), "state", user.uid, 0o755);
     let victim = tmp.join("victim");
     fs::create_dir(&victim).unwrap();
     let as_user = |program: &str, args: &[&Path]| {
@@ -131,13 +131,9 @@ fn a_spool_directory_of_an_untrusted_user_is_refused() {
     let tmp = open_tmp("trust-owner");
     let user = User::new('o', "");
     let nobody = 65534;
-    let sticky = tmp.join("sticky");
-    fs::create_dir(&sticky).unwrap();
-    std::os::unix::fs::chown(&sticky, Some(nobody), Some(nobody)).unwrap();
-    fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
-    let below = user.dir(tmp.path(), "theirs", 0o755).join("nobodys");
-    fs::create_dir(&below).unwrap();
-    std::os::unix::fs::chown(&below, Some(nobody), Some(nobody)).unwrap();
+    let sticky = owned_dir(tmp.path(), "sticky", nobody, 0o1777);
+    let theirs = owned_dir(tmp.path(), "theirs", user.uid, 0o755);
+    let below = owned_dir(&theirs, "nobodys", nobody, 0o755);
     let socket = tmp.join("no.sock");
     let mut as_user = user.command(hook_bin());
     as_user.env("NPBHQ_SOCKET", &socket).env("OUT_PATHS", PATH);

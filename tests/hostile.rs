@@ -793,7 +793,7 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     let (sk, _) = env.gen_signing_key("access-1");
     fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
     fs::set_permissions(sk.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
-    let udir = outsider.dir(env.root(), "as-user", 0o700);
+    let udir = owned_dir(env.root(), "as-user", outsider.uid, 0o700);
     let sk_s = sk.display().to_string();
     let (usock, ustate) = (udir.join("sock"), udir.join("state"));
     let args = format!("serve --socket {}", usock.display());
@@ -815,7 +815,7 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
 fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     let env = NixEnv::new("hostile-trust");
     let other = User::new('t', "");
-    let dir = other.dir(env.root(), "theirs", 0o700);
+    let dir = owned_dir(env.root(), "theirs", other.uid, 0o700);
     let (socket, state) = (dir.join("sock"), dir.join("state"));
     let (sock_s, state_s) = (socket.display().to_string(), state.display().to_string());
     let args = ["--socket", &sock_s, "--state-dir", &state_s];
@@ -846,7 +846,7 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
 fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
     let env = NixEnv::new("hostile-dsock");
     let user = User::new('d', "");
-    let home = user.dir(env.root(), "h", 0o700);
+    let home = owned_dir(env.root(), "h", user.uid, 0o700);
     let state = home.join(".local/state/nix-post-build-hook-queue");
     let mut vars = env.env_vars();
     vars.retain(|(k, _)| !k.starts_with("XDG_") && k != "HOME");
@@ -1553,9 +1553,7 @@ fn planted_names_beside_the_socket_change_nothing() {
 fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
     let env = NixEnv::new("hostile-tmpstate");
     let user = User::new('t', "");
-    let tmp = env.root().join("tmp");
-    fs::create_dir_all(&tmp).unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
+    let tmp = owned_dir(env.root(), "tmp", 0, 0o1777);
     let state = tmp.join(format!("nix-post-build-hook-queue-{}", user.uid));
     fs::create_dir(&state).unwrap();
     let vars = [("TMPDIR".to_string(), tmp.clone().into_os_string())];
@@ -1575,16 +1573,13 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
     let o = user.cli(env.root(), "check-config", &vars);
     assert_eq!(o.status.code(), Some(0), "their own: {}", show(&o));
 
-    let home = user.dir(env.root(), "home", 0o700);
+    let home = owned_dir(env.root(), "home", user.uid, 0o700);
     let relative = [
         ("HOME".to_string(), home.into_os_string()),
         ("XDG_RUNTIME_DIR".to_string(), "run/user".into()),
     ];
-    let err = one_line(
-        &user.cli(env.root(), "check-config", &relative),
-        78,
-        "relative",
-    );
+    let o = user.cli(env.root(), "check-config", &relative);
+    let err = one_line(&o, 78, "relative");
     let named = err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: ");
     assert!(named, "{err}");
 }

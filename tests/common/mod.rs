@@ -2618,15 +2618,6 @@ impl User {
         wait_until_diag(Duration::from_secs(30), &what, up, log);
         child
     }
-
-    /// A directory `name` in `parent`, of this user's, with `mode`.
-    pub fn dir(&self, parent: &Path, name: &str, mode: u32) -> PathBuf {
-        let dir = parent.join(name);
-        fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
-        dir
-    }
 }
 
 impl Drop for User {
@@ -2634,6 +2625,16 @@ impl Drop for User {
         let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
         let _ = Command::new(self.del).arg(&self.name).output();
     }
+}
+
+/// A directory `name` in `parent` (made if need be) of user and group
+/// `uid`, with `mode`.
+pub fn owned_dir(parent: &Path, name: &str, uid: u32, mode: u32) -> PathBuf {
+    let dir = parent.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+    dir
 }
 
 /// A process killed, with its children, on drop (before the user it may
