@@ -2524,6 +2524,7 @@ impl User {
         User::add(letter, &add, "passwd", "userdel")
     }
 
+    /// A group.
     pub fn group(letter: char) -> User {
         User::add(letter, "groupadd", "group", "groupdel")
     }
@@ -2585,10 +2586,7 @@ impl User {
         }
         let mode = |d: &Path| fs::metadata(d).unwrap().permissions().mode();
         let closed = copy.ancestors().find(|d| mode(d) & 0o001 == 0);
-        assert!(
-            closed.is_none(),
-            "{closed:?} is closed to others; use NPBHQ_TEST_TMP"
-        );
+        assert_eq!(closed, None, "closed to other users: use NPBHQ_TEST_TMP");
         self.command(copy)
     }
 
