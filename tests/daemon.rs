@@ -33,20 +33,12 @@ fn held_uploader(env: &NixEnv) -> (PathBuf, PathBuf) {
     (script, hold)
 }
 
-/// `n` well-formed store paths that are not in the store.
+/// `n` well-formed store paths that are not in the store (their hashes
+/// are decimal numbers, all digits being nix-base32).
 fn fake_paths(env: &NixEnv, tag: &str, n: usize) -> Vec<String> {
-    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let store = env.store_dir();
     (0..n)
-        .map(|i| {
-            let mut hash = Vec::new();
-            let mut v = i;
-            for _ in 0..32 {
-                hash.push(ALPHABET[v % 32]);
-                v /= 32;
-            }
-            let hash = String::from_utf8(hash).unwrap();
-            format!("{}/{hash}-{tag}", env.store_dir().display())
-        })
+        .map(|i| format!("{}/{i:032}-{tag}", store.display()))
         .collect()
 }
 
@@ -59,12 +51,8 @@ fn only_root_and_the_daemons_user_may_change_the_queue() {
     let (uploader, _hold) = held_uploader(&env);
     let up = uploader.display().to_string();
     let d = Daemon::start(&env, &[("socket-mode", "0666"), ("upload-command", &up)]);
-    // The socket's directory must let the user reach the socket.
-    let mut dir = d.socket();
-    while dir.pop() && dir != Path::new("/") {
-        let mode = fs::metadata(&dir).unwrap().permissions().mode();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode | 0o011)).unwrap();
-    }
+    // The user reaches the socket (through `env`: see [`User::exe`]).
+    fs::set_permissions(d.dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let held = env.add_text_path("npbhq-peer-held", "held\n");
     let mine = env.add_text_path("npbhq-peer-user", "the user's\n");
     let (held, mine) = (held.display().to_string(), mine.display().to_string());
@@ -72,40 +60,33 @@ fn only_root_and_the_daemons_user_may_change_the_queue() {
     let journal = d.state_dir().join("journal");
     let before = fs::read(&journal).unwrap();
 
-    let user = User::new('p');
-    let cli = |args: &[&str]| {
-        let c = &mut user.command(&daemon_bin());
-        run(c.args(args).env("NPBHQ_SOCKET", d.socket()))
-    };
+    let user = User::new('p', "");
+    let vars = [("NPBHQ_SOCKET".to_string(), d.socket().into_os_string())];
+    let cli = |args: &str| user.cli(env.root(), args, &vars);
+    let drop = format!("drop {held}");
     for args in [
-        vec!["drop", &held],
-        vec!["requeue", &held],
-        vec!["retry"],
-        vec!["drop", "--all-failed"],
+        &drop,
+        &format!("requeue {held}"),
+        "retry",
+        "drop --all-failed",
     ] {
-        let o = cli(&args);
+        let o = cli(args);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && err.contains("may not change the queue") && err.contains("root"),
-            "{args:?} as another user: {}",
-            show(&o)
-        );
+        let why = err.contains("may not change the queue") && err.contains("root");
+        assert!(!o.status.success() && why, "{args:?}: {}", show(&o));
     }
-    assert_eq!(
-        fs::read(&journal).unwrap(),
-        before,
-        "a refused verb changed the journal"
-    );
+    let changed = fs::read(&journal).unwrap() != before;
+    assert!(!changed, "a refused verb changed the journal");
     assert!(d.request("status").starts_with("ok"));
 
-    let o = cli(&["enqueue", &mine]);
+    let o = cli(&format!("enqueue {mine}"));
     assert!(o.status.success(), "enqueue as another user: {}", show(&o));
     let text = String::from_utf8_lossy(&fs::read(&journal).unwrap()).into_owned();
     assert!(text.contains(&format!(" {mine}\n")), "{text}");
-    let o = cli(&["status"]);
+    let o = cli("status");
     assert!(o.status.success(), "status as another user: {}", show(&o));
     // Root may: the held path is dropped.
-    assert_eq!(d.request(&format!("drop {held}")), "ok 1");
+    assert_eq!(d.request(&drop), "ok 1");
 }
 
 /// A `.post-build-hook-queue-*` directory a daemon killed while binding
@@ -126,37 +107,10 @@ fn leftover_bind_directories_are_removed_at_start() {
     let o = run(Command::new("touch").args(["-d", "2 hours ago"]).arg(&old));
     assert!(o.status.success(), "{}", show(&o));
     d.try_spawn().unwrap();
-    assert!(
-        !old.exists(),
-        "the leftover {} is still there",
-        old.display()
-    );
-    assert!(
-        fresh.join("s").exists(),
-        "a fresh private directory was removed"
-    );
-}
-
-/// A socket path of 106 bytes in a directory of 101: the private directory
-/// the socket is bound in is reached through its descriptor, so its own
-/// longer path does not matter.
-#[test]
-fn a_long_socket_directory_binds_through_the_private_directory() {
-    let env = NixEnv::new("daemon-longdir");
-    let mut dir = env.root().join("d").display().to_string();
-    assert!(dir.len() < 95, "test directory {dir} too long");
-    dir.push('-');
-    while dir.len() < 101 {
-        dir.push('x');
-    }
-    fs::create_dir_all(&dir).unwrap();
-    let socket = format!("{dir}/sock");
-    assert_eq!(socket.len(), 106);
-    let mut d = Daemon::new_stopped(&env, &[("socket", socket.as_str())], NO_ENV);
-    d.try_spawn()
-        .unwrap_or_else(|e| panic!("a 106-byte socket path: {e}"));
-    assert!(d.request("ping").starts_with("ok "));
-    d.stop();
+    let gone = !old.exists();
+    assert!(gone, "the leftover {old:?} is still there");
+    let kept = fresh.join("s").exists();
+    assert!(kept, "a fresh private directory was removed");
 }
 
 /// `wait` for a path that is dropped while it waits exits 1 naming it,
@@ -172,39 +126,27 @@ fn wait_names_a_dropped_path_after_ten_thousand_other_drops() {
     let (held, dropped) = (held.display().to_string(), dropped.display().to_string());
     assert_eq!(d.request(&format!("enqueue {held}")), "ok 1");
     assert_eq!(d.request(&format!("enqueue {dropped}")), "ok 1");
-    let wait = d
-        .cli_cmd()
-        .arg("wait")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut wait = d.cli_cmd();
+    wait.arg("wait").stdout(Stdio::piped());
+    let wait = wait.stderr(Stdio::piped()).spawn().unwrap();
     // Its request is in once its first progress line could be.
     thread::sleep(Duration::from_millis(500));
     assert_eq!(d.request(&format!("drop {dropped}")), "ok 1");
     let others = fake_paths(&env, "npbhq-drops-other", 10_001);
     for chunk in others.chunks(5000) {
-        let n = chunk.len();
-        assert_eq!(
-            d.request(&format!("enqueue {}", chunk.join(" "))),
-            format!("ok {n}")
-        );
+        let (n, chunk) = (chunk.len(), chunk.join(" "));
+        assert_eq!(d.request(&format!("enqueue {chunk}")), format!("ok {n}"));
         // The worker may drop some first (they are not in the store).
-        assert!(d
-            .request(&format!("drop {}", chunk.join(" ")))
-            .starts_with("ok "));
+        assert!(d.request(&format!("drop {chunk}")).starts_with("ok "));
     }
-    wait_until(Duration::from_secs(60), "10,002 paths dropped", || {
-        d.status().num("dropped") >= 10_002
-    });
+    let all = || d.status().num("dropped") >= 10_002;
+    wait_until(Duration::from_secs(60), "10,002 paths dropped", all);
     fs::remove_file(&hold).unwrap();
     let o = wait.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "wait: {}", show(&o));
-    assert!(
-        err.contains("1 path(s) were dropped") && err.contains(&dropped),
-        "{err}"
-    );
+    let named = err.contains("1 path(s) were dropped") && err.contains(&dropped);
+    assert!(named, "{err}");
 }
 
 /// A journal write that fails after an upload (the state directory's file
@@ -220,10 +162,8 @@ fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     let up = uploader.display().to_string();
     let state = mount.join("state").display().to_string();
     let mut d = Daemon::start(&env, &[("state-dir", &state), ("upload-command", &up)]);
-    let path = env
-        .add_text_path("npbhq-fullwrite", "full\n")
-        .display()
-        .to_string();
+    let path = env.add_text_path("npbhq-fullwrite", "full\n");
+    let path = path.display().to_string();
     assert_eq!(d.request(&format!("enqueue {path}")), "ok 1");
     // Queued behind it, paths that bring the journal within a few bytes of
     // its page's end, so that the next record needs a page of its own.
@@ -243,9 +183,8 @@ fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     let filler = mount.join("filler");
     fill(&filler);
     fs::remove_file(&hold).unwrap();
-    wait_until(Duration::from_secs(30), "the daemon to end", || {
-        !d.is_running()
-    });
+    let ended = || !d.is_running();
+    wait_until(Duration::from_secs(30), "the daemon to end", ended);
     assert_eq!(d.stop().code(), Some(1));
     assert!(d.log().contains("journal: "));
     fs::remove_file(&filler).unwrap();
@@ -253,34 +192,16 @@ fn a_failed_journal_write_after_an_upload_ends_the_daemon() {
     // The fake paths are dropped (not in the store); the real one arrives.
     let o = run(d.cli_cmd().args(["wait", "--timeout", "60"]));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.code().is_some_and(|c| c < 2) && !err.contains(&path),
-        "wait after the restart: {}",
-        show(&o)
-    );
+    let delivered = o.status.code().is_some_and(|c| c < 2) && !err.contains(&path);
+    assert!(delivered, "wait after the restart: {}", show(&o));
     d.stop();
     let text = fs::read_to_string(&journal).unwrap();
-    assert!(
-        text.contains(&format!("- {path}\n")),
-        "{path} not done: {text}"
-    );
+    let done = text.contains(&format!("- {path}\n"));
+    assert!(done, "{path} not done: {text}");
 }
 
 /// Calls traced for the directory syncs.
 const TRACED: &str = "openat,fsync,fdatasync,rename,renameat,renameat2,write,sendto";
-
-/// True when, between `from` and `to`, a descriptor opened on `dir` was
-/// fsynced (and the fsync returned 0).
-fn dir_synced(calls: &[Call], from: usize, to: usize, dir: &str) -> bool {
-    let quoted = format!("\"{dir}\"");
-    let fds: Vec<&str> = calls[..to]
-        .iter()
-        .filter(|c| c.name == "openat" && c.args.contains(&quoted) && c.args.contains("O_RDONLY"))
-        .filter_map(|c| c.ret.as_deref())
-        .collect();
-    let synced = |c: &Call| c.name == "fsync" && c.ok() && fds.contains(&c.fd());
-    calls[from..to].iter().any(synced)
-}
 
 fn first_ok(calls: &[Call], from: usize) -> usize {
     calls[from..]
@@ -302,10 +223,8 @@ fn the_state_directory_is_synced_before_the_first_ok() {
         assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
     });
     let ok = first_ok(&calls, 0);
-    assert!(
-        dir_synced(&calls, 0, ok, &s),
-        "no fsync of {s} before the first ok"
-    );
+    let synced = dir_synced(&calls, 0, ok, &s, &[]);
+    assert!(synced, "no fsync of {s} before the first ok");
 }
 
 /// After compaction renames the new journal into place, the state
@@ -317,22 +236,16 @@ fn compaction_syncs_the_directory_after_its_rename() {
     let state = env.root().join("state");
     let s = state.display().to_string();
     let fakes = fake_paths(&env, "npbhq-compact", 4200);
-    let real = env
-        .add_text_path("npbhq-compact-after", "x\n")
-        .display()
-        .to_string();
+    let real = env.add_text_path("npbhq-compact-after", "x\n");
+    let real = real.display().to_string();
     // A nix that never answers: the worker drops none of the fake paths
     // itself, so each `drop` reply follows its own journal write.
     let hang = FakeNix::hang(&env);
     let config = [("state-dir", s.as_str()), ("nix", &hang.nix())];
     let calls = under_strace(&env, &config, TRACED, |d| {
-        for chunk in fakes.chunks(2100) {
-            assert!(d
-                .request(&format!("enqueue {}", chunk.join(" ")))
-                .starts_with("ok"));
-            assert!(d
-                .request(&format!("drop {}", chunk.join(" ")))
-                .starts_with("ok"));
+        for chunk in fakes.chunks(2100).map(|c| c.join(" ")) {
+            assert!(d.request(&format!("enqueue {chunk}")).starts_with("ok"));
+            assert!(d.request(&format!("drop {chunk}")).starts_with("ok"));
         }
         assert!(d.request(&format!("enqueue {real}")).starts_with("ok"));
     });
@@ -341,10 +254,8 @@ fn compaction_syncs_the_directory_after_its_rename() {
         .rposition(|c| c.name.starts_with("rename") && c.args.contains("journal.tmp"))
         .expect("no compaction (rename of journal.tmp) in the trace");
     let ok = first_ok(&calls, renamed);
-    assert!(
-        dir_synced(&calls, renamed, ok, &s),
-        "no fsync of {s} between the rename and the next ok"
-    );
+    let synced = dir_synced(&calls, renamed, ok, &s, &[]);
+    assert!(synced, "no fsync of {s} between the rename and the next ok");
 }
 
 /// Socket activation with an fd 3 that is a unix stream socket but does
@@ -365,13 +276,8 @@ fn an_inherited_socket_that_does_not_listen_is_refused() {
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     exit_of(&mut child, Duration::from_secs(30), "the daemon");
-    let o = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("not a listening socket"),
-        "{}",
-        show(&o)
-    );
+    let err = one_line(&child.wait_with_output().unwrap(), 1, "the daemon");
+    assert!(err.contains("not a listening socket"), "{err}");
 }
 
 /// A write that fails half way (the file system fills up during it) and
@@ -423,13 +329,10 @@ fn spool_warnings_are_summarised() {
         fs::write(spool.join(format!("{i}-1.req")), "retry\n").unwrap();
     }
     d.try_spawn().unwrap();
-    wait_until(Duration::from_secs(30), "the spool files' count", || {
-        d.log().contains("15 more spool files")
-    });
-    let left = fs::read_dir(&spool).unwrap().flatten();
-    assert!(left
-        .into_iter()
-        .all(|e| e.path().extension() == Some("bad".as_ref())));
+    let counted = || d.log().contains("15 more spool files");
+    wait_until(Duration::from_secs(30), "the spool files' count", counted);
+    let bad = |e: fs::DirEntry| e.path().extension() == Some("bad".as_ref());
+    assert!(fs::read_dir(&spool).unwrap().flatten().all(bad));
     let log = d.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("spool file")).collect();
     assert!(lines.len() <= 6, "{lines:#?}");

@@ -34,16 +34,6 @@ fn open_tmp(tag: &str) -> TempDir {
     tmp
 }
 
-/// The root hook with `socket` and `spool`, handing over [`PATH`].
-fn root_hook(socket: &Path, spool: &Path) -> Command {
-    let mut c = Command::new(hook_bin());
-    c.env("NPBHQ_SOCKET", socket)
-        .env("NPBHQ_SPOOL_DIR", spool)
-        .env("OUT_PATHS", PATH)
-        .env("DRV_PATH", "");
-    c
-}
-
 /// Set in the copy of this test binary that runs as another user: the
 /// socket to listen on; every line received is appended to
 /// `$NPBHQ_TEST_LOG` and answered with `ok`, one connection at a time.
@@ -74,28 +64,16 @@ fn a_listener_of_another_user_gets_nothing_from_root() {
         return;
     }
     let tmp = open_tmp("trust-peer");
-    let user = User::new('p');
-    let theirs = user.dir(tmp.path(), "theirs");
+    let user = User::new('p', "");
+    let theirs = owned_dir(tmp.path(), "theirs", user.uid, 0o755);
     let (socket, log) = (theirs.join("sock"), theirs.join("received"));
-    let bin = tmp.join("listener");
-    fs::copy(std::env::current_exe().unwrap(), &bin).unwrap();
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
-    let _listener = Killed(
-        user.command(&bin)
-            .args([
-                "--exact",
-                "a_listener_of_another_user_gets_nothing_from_root",
-            ])
-            .env(LISTEN, &socket)
-            .env("NPBHQ_TEST_LOG", &log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until(Duration::from_secs(30), "the listener to bind", || {
-        socket.exists()
-    });
+    let mut listener = user.exe(tmp.path(), &std::env::current_exe().unwrap());
+    let test = "a_listener_of_another_user_gets_nothing_from_root";
+    listener.args(["--exact", test]).env(LISTEN, &socket);
+    let listener = listener.env("NPBHQ_TEST_LOG", &log).stdout(Stdio::null());
+    let _listener = Running(listener.stderr(Stdio::null()).spawn().unwrap());
+    let bound = || socket.exists();
+    wait_until(Duration::from_secs(30), "the listener to bind", bound);
     std::os::unix::fs::chown(&socket, Some(0), Some(0)).unwrap();
     // Root's own line: every connection before it has been read to its end.
     let sentinel = |word: &str| {
@@ -106,46 +84,8 @@ fn a_listener_of_another_user_gets_nothing_from_root() {
         fs::read_to_string(&log).unwrap()
     };
     assert_eq!(sentinel("first"), "first\n", "the listener works");
-
-    let spool = tmp.join("root-spool");
-    let o = run(&mut root_hook(&socket, &spool));
-    let said = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
-    assert!(
-        said.starts_with(&format!("refusing the socket {}", socket.display()))
-            && said.contains(&format!("runs as uid {}", user.uid))
-            && said.contains("spooled the paths to"),
-        "{said:?}"
-    );
-    assert_eq!(spooled(&spool), vec![format!("enqueue {PATH}\n")]);
-
-    let sock = socket.display().to_string();
-    for args in [
-        vec!["status", "--socket", &sock],
-        vec!["enqueue", "--socket", &sock, PATH],
-    ] {
-        let o = run(Command::new(daemon_bin()).args(&args));
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
-        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
-        assert!(
-            err.contains("refusing the socket") && err.contains(&format!("uid {}", user.uid)),
-            "{args:?}: {err:?}"
-        );
-    }
+    assert_root_refuses(&socket, user.uid, &tmp.join("root-spool"), [PATH, PATH]);
     assert_eq!(sentinel("last"), "first\nlast\n", "nothing else reached it");
-}
-
-/// A child process killed and reaped on drop (also when a test fails, and
-/// before the user it runs as is removed).
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The daemon's user made `spool` in its state directory a link to a
@@ -155,42 +95,30 @@ impl Drop for Killed {
 #[test]
 fn the_root_hook_follows_no_link_to_its_spool() {
     let tmp = open_tmp("trust-spool");
-    let user = User::new('s');
-    let state = user.dir(tmp.path(), "state");
+    let user = User::new('s', "");
+    let state = owned_dir(tmp.path(), "state", user.uid, 0o755);
     let victim = tmp.join("victim");
     fs::create_dir(&victim).unwrap();
     let as_user = |program: &str, args: &[&Path]| {
-        let o = run(user.command(Path::new(program)).args(args));
+        let o = run(user.command(program).args(args));
         assert!(o.status.success(), "{program}: {}", show(&o));
     };
     as_user("/bin/ln", &[Path::new("-s"), &victim, &state.join("spool")]);
     as_user("/bin/ln", &[Path::new("-s"), &victim, &state.join("link")]);
     let socket = state.join("socket");
     for spool in [state.join("spool"), state.join("link/spool")] {
-        let o = run(&mut root_hook(&socket, &spool));
-        let said = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{}", show(&o));
+        let said = one_line(&run(&mut root_hook(&socket, &spool, PATH)), 0, "hook");
         let made: Vec<_> = fs::read_dir(&victim).unwrap().collect();
-        assert!(
-            made.is_empty(),
-            "written through the link: {made:?}; {said}"
-        );
-        assert_eq!(said.lines().count(), 1, "one line: {said:?}");
-        assert!(
-            said.contains(&format!("cannot write the spool {}", spool.display()))
-                && said.contains("following no link")
-                && said.contains("NOT queued"),
-            "{said:?}"
-        );
+        assert!(made.is_empty(), "through the link: {made:?}; {said}");
+        let why = format!("cannot write the spool {}", spool.display());
+        let why = said.contains(&why) && said.contains("following no link");
+        assert!(why && said.contains("NOT queued"), "{said:?}");
     }
     as_user("/bin/rm", &[&state.join("spool")]);
     as_user("/bin/mkdir", &[&state.join("spool")]);
-    let o = run(&mut root_hook(&socket, &state.join("spool")));
+    let o = run(&mut root_hook(&socket, &state.join("spool"), PATH));
     assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(
-        spooled(&state.join("spool")),
-        vec![format!("enqueue {PATH}\n")]
-    );
+    assert_eq!(spooled(&state.join("spool")), [format!("enqueue {PATH}\n")]);
 }
 
 /// A spool directory of a user the hook does not trust: for a hook run by
@@ -201,32 +129,22 @@ fn the_root_hook_follows_no_link_to_its_spool() {
 #[test]
 fn a_spool_directory_of_an_untrusted_user_is_refused() {
     let tmp = open_tmp("trust-owner");
-    let user = User::new('o');
+    let user = User::new('o', "");
     let nobody = 65534;
-    let sticky = tmp.join("sticky");
-    fs::create_dir(&sticky).unwrap();
-    std::os::unix::fs::chown(&sticky, Some(nobody), Some(nobody)).unwrap();
-    fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
-    let below = user.dir(tmp.path(), "theirs").join("nobodys");
-    fs::create_dir(&below).unwrap();
-    std::os::unix::fs::chown(&below, Some(nobody), Some(nobody)).unwrap();
+    let sticky = owned_dir(tmp.path(), "sticky", nobody, 0o1777);
+    let theirs = owned_dir(tmp.path(), "theirs", user.uid, 0o755);
+    let below = owned_dir(&theirs, "nobodys", nobody, 0o755);
     let socket = tmp.join("no.sock");
-    let mut as_user = user.command(&hook_bin());
-    as_user
-        .env("NPBHQ_SOCKET", &socket)
-        .env("NPBHQ_SPOOL_DIR", &sticky)
-        .env("OUT_PATHS", PATH);
-    for (dir, mut hook) in [(&sticky, as_user), (&below, root_hook(&socket, &below))] {
-        let o = run(&mut hook);
-        let said = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{}", show(&o));
+    let mut as_user = user.command(hook_bin());
+    as_user.env("NPBHQ_SOCKET", &socket).env("OUT_PATHS", PATH);
+    as_user.env("NPBHQ_SPOOL_DIR", &sticky);
+    let root = root_hook(&socket, &below, PATH);
+    for (dir, mut hook) in [(&sticky, as_user), (&below, root)] {
+        let said = one_line(&run(&mut hook), 0, "hook");
         assert_eq!(spooled(dir), Vec::<String>::new(), "{said}");
-        assert_eq!(said.lines().count(), 1, "one line: {said:?}");
-        assert!(
-            said.contains(&format!("{} belongs to uid {nobody}", dir.display()))
-                && said.contains("NOT queued"),
-            "{said:?}"
-        );
+        let owner = format!("{} belongs to uid {nobody}", dir.display());
+        let refused = said.contains(&owner) && said.contains("NOT queued");
+        assert!(refused, "{said:?}");
     }
 }
 
@@ -241,11 +159,8 @@ fn peak_kib(pid: u32) -> Option<u64> {
 /// Runs `cmd` to its end (killed after a minute), polling its peak memory;
 /// returns its output and that peak in KiB.
 fn run_measured(cmd: &mut Command) -> (Output, u64) {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
@@ -279,27 +194,17 @@ fn a_flooding_daemon_bounds_the_hook_and_status() {
             }
         });
         let spool = tmp.join(format!("{name}-spool"));
-        let (o, peak) = run_measured(root_hook(&socket, &spool).env("NPBHQ_TIMEOUT", "3"));
-        let said = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{name}: {}", show(&o));
-        assert_eq!(said.lines().count(), 1, "{name}: one line: {said:?}");
-        assert!(
-            said.contains("longer than") && said.contains("spooled the paths to"),
-            "{name}: {said:?}"
-        );
-        assert_eq!(spooled(&spool), vec![format!("enqueue {PATH}\n")]);
+        let mut hook = root_hook(&socket, &spool, PATH);
+        let (o, peak) = run_measured(hook.env("NPBHQ_TIMEOUT", "3"));
+        let said = one_line(&o, 0, name);
+        let why = said.contains("longer than") && said.contains("spooled the paths to");
+        assert!(why, "{name}: {said:?}");
+        assert_eq!(spooled(&spool), [format!("enqueue {PATH}\n")]);
         assert!(peak < 32 * 1024, "{name}: the hook peaked at {peak} KiB");
 
         let mut status = Command::new(daemon_bin());
-        status.args(["status", "--socket"]).arg(&socket);
-        let (o, peak) = run_measured(&mut status);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{name}: {}", show(&o));
-        assert_eq!(
-            err.trim_end().lines().count(),
-            1,
-            "{name}: one line: {err:?}"
-        );
+        let (o, peak) = run_measured(status.args(["status", "--socket"]).arg(&socket));
+        let err = one_line(&o, 2, name);
         assert!(err.contains("longer than"), "{name}: {err:?}");
         assert!(peak < 32 * 1024, "{name}: status peaked at {peak} KiB");
     }
@@ -313,11 +218,10 @@ fn the_spool_directory_is_synced_after_the_rename() {
     let tmp = open_tmp("trust-strace");
     let (spool, trace) = (tmp.join("spool"), tmp.join("strace.log"));
     let traced = "open,openat,rename,renameat,renameat2,fsync,fdatasync";
-    let o = run(strace(&trace, traced)
-        .arg(hook_bin())
-        .env("NPBHQ_SOCKET", tmp.join("no.sock"))
-        .env("NPBHQ_SPOOL_DIR", &spool)
-        .env("OUT_PATHS", PATH));
+    let mut hook = strace(&trace, traced);
+    hook.arg(hook_bin())
+        .env("NPBHQ_SOCKET", tmp.join("no.sock"));
+    let o = run(hook.env("NPBHQ_SPOOL_DIR", &spool).env("OUT_PATHS", PATH));
     assert!(o.status.success(), "{}", show(&o));
     assert_eq!(spooled(&spool).len(), 1, "{}", show(&o));
     let log = fs::read_to_string(&trace).unwrap();
@@ -326,25 +230,11 @@ fn the_spool_directory_is_synced_after_the_rename() {
         .iter()
         .position(|c| c.name.starts_with("rename") && c.args.contains(".req\"") && c.ok())
         .unwrap_or_else(|| panic!("no rename into the spool:\n{log}"));
-    // The descriptors that name the spool directory before a call: opened
-    // by its path, or a `/proc/self/fd/N/` the rename goes through.
+    // A descriptor on the spool directory: a `/proc/self/fd/N/` the rename
+    // goes through, or one opened by its path.
     let through = calls[renamed].args.split("/proc/self/fd/").skip(1);
     let through: Vec<&str> = through.filter_map(|p| p.split('/').next()).collect();
-    let quoted = format!("\"{}\"", spool.display());
-    let dir_fd = |i: usize, fd: &str| {
-        through.contains(&fd)
-            || calls[..i].iter().any(|c| {
-                c.name.starts_with("open")
-                    && c.args.contains(&quoted)
-                    && c.ret.as_deref() == Some(fd)
-            })
-    };
-    let synced = (renamed..calls.len()).any(|i| {
-        let c = &calls[i];
-        c.name == "fsync" && c.ok() && dir_fd(i, c.fd())
-    });
-    assert!(
-        synced,
-        "no fsync of the spool directory after the rename:\n{log}"
-    );
+    let spool = spool.display().to_string();
+    let synced = dir_synced(&calls, renamed, calls.len(), &spool, &through);
+    assert!(synced, "no fsync of the spool after the rename:\n{log}");
 }

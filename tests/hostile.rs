@@ -22,7 +22,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -727,155 +727,6 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
 
 // Access
 
-/// Serialises useradd/userdel within this test binary (they lock /etc/passwd).
-static USERDB: Mutex<()> = Mutex::new(());
-
-/// Runs a user-database command line (`useradd ...`, words split at
-/// spaces), retried while another process holds the lock.
-fn userdb(cmd: &str) {
-    let root = fs::metadata("/proc/self").unwrap().uid() == 0;
-    assert!(root, "this test makes users and groups: it needs root");
-    let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-    let args: Vec<&str> = cmd.split(' ').collect();
-    let mut last = String::new();
-    for _ in 0..5 {
-        let o = run(Command::new(args[0]).args(&args[1..]));
-        if o.status.success() {
-            return;
-        }
-        last = show(&o);
-        thread::sleep(Duration::from_millis(200));
-    }
-    panic!("{cmd} failed: {last}");
-}
-
-/// A user or group made for one test: `userdel` or `groupdel` on drop.
-struct Account(&'static str, String);
-
-impl Drop for Account {
-    fn drop(&mut self) {
-        let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = Command::new(self.0).arg(&self.1).output();
-    }
-}
-
-/// A short name suffix unique to this run.
-fn short_id() -> String {
-    let nanos = std::time::UNIX_EPOCH
-        .elapsed()
-        .map_or(0, |d| d.subsec_nanos());
-    format!("{:x}{:05x}", std::process::id() % 0xfff, nanos % 0xfffff)
-}
-
-type Vars = [(String, std::ffi::OsString)];
-
-/// A user without home or login shell, in the supplementary `groups`
-/// (comma-separated), removed on drop; and copies of the hook and the daemon
-/// under `env/bin` that every user may run.
-struct User {
-    name: String,
-    uid: u32,
-    hook: PathBuf,
-    daemon: PathBuf,
-    _account: Account,
-}
-
-impl User {
-    fn new(env: &NixEnv, letter: char, groups: &str) -> User {
-        let name = format!("npbhq-{letter}{}", short_id());
-        let shell = "/usr/sbin/nologin";
-        userdb(&format!("useradd -M -s {shell} -G {groups} {name}"));
-        let _account = Account("userdel", name.clone());
-        let uid = run_ok(Command::new("id").args(["-u", &name]));
-        let uid = uid.trim().parse().unwrap();
-        let bin = env.root().join("bin");
-        fs::create_dir_all(&bin).unwrap();
-        let mut dir = Some(bin.as_path());
-        while let Some(d) = dir {
-            let mode = fs::metadata(d).unwrap().permissions().mode();
-            if d.starts_with(env.root()) {
-                fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o755)).unwrap();
-            } else {
-                let why = "is not traversable by other users; use NPBHQ_TEST_TMP";
-                assert!(mode & 0o001 != 0, "{} {why} (mode {mode:o})", d.display());
-            }
-            dir = d.parent();
-        }
-        let hook = bin.join("post-build-hook");
-        let daemon = bin.join("post-build-hook-queue");
-        // Copied by `cp`: a file this process held open for writing could go
-        // into a child another test forks meanwhile (exec: text file busy).
-        for (from, to) in [(hook_bin(), &hook), (daemon_bin(), &daemon)] {
-            if !to.exists() {
-                run_ok(Command::new("cp").arg(from).arg(to));
-            }
-        }
-        User {
-            name,
-            uid,
-            hook,
-            daemon,
-            _account,
-        }
-    }
-
-    /// `program` as this user (with its groups), a clean environment and `vars`.
-    fn cmd(&self, program: &Path, vars: &Vars) -> Command {
-        let mut c = Command::new("setpriv");
-        let n = self.name.as_str();
-        c.args(["--reuid", n, "--regid", n, "--init-groups", "--"])
-            .arg(program)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .envs(vars.iter().cloned());
-        c
-    }
-
-    /// `post-build-hook-queue ARGS` (split at spaces) as this user, to its
-    /// exit (bounded: a daemon that starts after all must not hold the test).
-    fn cli(&self, args: &str, vars: &Vars) -> Output {
-        let mut c = self.cmd(&self.daemon, vars);
-        run_to_exit(c.args(args.split(' ')), Duration::from_secs(60))
-    }
-
-    /// A directory of this user's own (mode 0700) under `env`.
-    fn own_dir(&self, env: &NixEnv, name: &str) -> PathBuf {
-        let dir = env.root().join(name);
-        fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
-        dir
-    }
-
-    /// `serve ARGS` as this user, its stderr to `log`; returns once the
-    /// socket `socket` is there.
-    fn serve(&self, args: &[&str], vars: &Vars, log: &Path, socket: &Path) -> Running {
-        let mut c = self.cmd(&self.daemon, vars);
-        c.arg("serve").args(args).stdout(Stdio::null());
-        c.stdin(Stdio::null());
-        let mut child = Running(c.stderr(fs::File::create(log).unwrap()).spawn().unwrap());
-        let what = format!("the daemon of {} to make {}", self.name, socket.display());
-        let log = || fs::read_to_string(log).unwrap_or_default();
-        let up = || {
-            let ended = child.0.try_wait().unwrap();
-            assert!(ended.is_none(), "{what}: ended {ended:?}\n{}", log());
-            socket.exists()
-        };
-        wait_until_diag(REPLY_TIMEOUT, &what, up, log);
-        child
-    }
-}
-
-/// A process killed, with its children, on drop.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        kill_tree(self.0.id());
-        let _ = self.0.wait();
-    }
-}
-
 /// Socket mode 0660 with a group: a user outside the group is denied (the
 /// CLI says so in one line) for status, enqueue and retry; a member may do
 /// all three. With the default mode 0600 even the member is denied. A
@@ -884,11 +735,10 @@ impl Drop for Running {
 #[test]
 fn access_socket_mode_and_group_decide_who_may_connect() {
     let env = NixEnv::new("hostile-access");
-    let group = format!("npbhq-g{}", short_id());
-    userdb(&format!("groupadd {group}"));
-    let _group = Account("groupdel", group.clone());
-    let (outsider, member) = (User::new(&env, 'o', ""), User::new(&env, 'm', &group));
-    let d = Daemon::start(&env, &[("socket-mode", "0660"), ("socket-group", &group)]);
+    let g = User::group('g');
+    let group = g.name.as_str();
+    let (outsider, member) = (User::new('o', ""), User::new('m', group));
+    let d = Daemon::start(&env, &[("socket-mode", "0660"), ("socket-group", group)]);
     fs::set_permissions(d.dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let socket = d.socket();
     let sock_s = socket.display().to_string();
@@ -908,7 +758,7 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         format!("enqueue --socket {sock_s} {p_out}"),
         format!("retry --socket {sock_s}"),
     ] {
-        let err = one_line(&outsider.cli(&args, &[]), 2, &args);
+        let err = one_line(&outsider.cli(env.root(), &args, &[]), 2, &args);
         let why = err.to_lowercase().contains("permission denied") && err.contains(&sock_s);
         assert!(why, "{args:?} should explain the refusal: {err:?}");
         // The daemon is running: blaming its absence would send the user
@@ -920,11 +770,11 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
         format!("status --socket {sock_s}"),
         format!("enqueue --socket {sock_s} {p_mem}"),
     ] {
-        let o = member.cli(&args, &[]);
+        let o = member.cli(env.root(), &args, &[]);
         assert!(o.status.success(), "{args:?} as member: {}", show(&o));
     }
     // Changing the queue is for root and the daemon's user only.
-    let o = member.cli(&format!("retry --socket {sock_s}"), &[]);
+    let o = member.cli(env.root(), &format!("retry --socket {sock_s}"), &[]);
     assert!(!o.status.success(), "retry as member: {}", show(&o));
     let only = d.journal().added == [p_mem];
     assert!(only, "only the member's path is queued");
@@ -934,25 +784,22 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     fs::set_permissions(d2.dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let mode = fs::metadata(d2.socket()).unwrap().permissions().mode();
     assert_eq!(mode & 0o7777, 0o600);
-    let o = member.cli(&format!("status --socket {}", d2.socket().display()), &[]);
-    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
-    assert!(err.contains("permission denied"), "{err}");
+    let status = format!("status --socket {}", d2.socket().display());
+    let err = one_line(&member.cli(env.root(), &status, &[]), 2, &status);
+    assert!(err.to_lowercase().contains("permission denied"), "{err}");
     assert!(ask(&d2.socket(), "ping").starts_with("ok "));
 
     // A signing key the daemon's user cannot read: refused at start, one line.
     let (sk, _) = env.gen_signing_key("access-1");
     fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
     fs::set_permissions(sk.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
-    let udir = env.root().join("as-user");
-    fs::create_dir_all(&udir).unwrap();
-    fs::set_permissions(&udir, fs::Permissions::from_mode(0o777)).unwrap();
+    let udir = owned_dir(env.root(), "as-user", outsider.uid, 0o700);
     let sk_s = sk.display().to_string();
     let (usock, ustate) = (udir.join("sock"), udir.join("state"));
     let args = format!("serve --socket {}", usock.display());
     let args = format!("{args} --state-dir {}", ustate.display());
     let args = format!("{args} --signing-key-file {sk_s}");
-    let err = one_line(&outsider.cli(&args, &env.env_vars()), 78, &args);
+    let err = one_line(&outsider.cli(env.root(), &args, &env.env_vars()), 78, &args);
     let named = err.contains(&sk_s) && err.to_lowercase().contains("permission denied");
     assert!(named, "should name the unreadable key file: {err:?}");
     assert!(!usock.exists(), "no socket for a refused start");
@@ -967,48 +814,22 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
 #[test]
 fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     let env = NixEnv::new("hostile-trust");
-    let other = User::new(&env, 't', "");
-    let dir = other.own_dir(&env, "theirs");
+    let other = User::new('t', "");
+    let dir = owned_dir(env.root(), "theirs", other.uid, 0o700);
     let (socket, state) = (dir.join("sock"), dir.join("state"));
     let (sock_s, state_s) = (socket.display().to_string(), state.display().to_string());
-    let log = env.root().join("theirs.log");
     let args = ["--socket", &sock_s, "--state-dir", &state_s];
-    let _theirs = other.serve(&args, &env.env_vars(), &log, &socket);
+    let _theirs = other.serve(env.root(), &args, &env.env_vars(), &socket);
     assert_eq!(fs::metadata(&socket).unwrap().uid(), other.uid);
     let store = env.store_dir().display().to_string();
     let path = |i, name| format!("{store}/{}-{name}", index_hash(7, i));
     let (p_root, p_cli) = (path(1, "sent-by-root"), path(2, "enqueued-by-root"));
     let p_own = path(3, "their-own");
-
     let spool = env.root().join("root-spool");
-    let o = run(Command::new(hook_bin())
-        .env("NPBHQ_SOCKET", &socket)
-        .env("NPBHQ_SPOOL_DIR", &spool)
-        .env("OUT_PATHS", &p_root)
-        .env("DRV_PATH", ""));
-    let said = one_line(&o, 0, "root's hook");
-    let uid = format!("uid {}", other.uid);
-    let why = [&sock_s, "refusing the socket", &uid, "spooled the paths to"];
-    assert!(why.iter().all(|w| said.contains(*w)), "{said:?}");
-    let spooled = fs::read_dir(&spool).unwrap().map(|e| e.unwrap().path());
-    let spooled: Vec<String> = spooled.map(|p| fs::read_to_string(p).unwrap()).collect();
-    assert_eq!(spooled, vec![format!("enqueue {p_root}\n")]);
+    assert_root_refuses(&socket, other.uid, &spool, [&p_root, &p_cli]);
 
-    for args in [
-        format!("status --socket {sock_s}"),
-        format!("enqueue --socket {sock_s} {p_cli}"),
-    ] {
-        let o = run(Command::new(daemon_bin()).args(args.split(' ')));
-        let err = one_line(&o, 2, &args);
-        let why = err.contains("refusing the socket") && err.contains(&sock_s);
-        assert!(why, "{args:?}: {err:?}");
-    }
-
-    let theirs_env: &Vars = &[
-        ("NPBHQ_SOCKET".into(), sock_s.clone().into()),
-        ("OUT_PATHS".into(), p_own.clone().into()),
-    ];
-    let o = run(&mut other.cmd(&other.hook, theirs_env));
+    let mut hook = other.exe(env.root(), &hook_bin());
+    let o = run(hook.env("NPBHQ_SOCKET", &socket).env("OUT_PATHS", &p_own));
     let served = o.status.success() && o.stderr.is_empty();
     assert!(served, "their own hook is served: {}", show(&o));
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
@@ -1024,27 +845,24 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
 #[test]
 fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
     let env = NixEnv::new("hostile-dsock");
-    let user = User::new(&env, 'd', "");
-    let home = user.own_dir(&env, "h");
+    let user = User::new('d', "");
+    let home = owned_dir(env.root(), "h", user.uid, 0o700);
     let state = home.join(".local/state/nix-post-build-hook-queue");
     let mut vars = env.env_vars();
     vars.retain(|(k, _)| !k.starts_with("XDG_") && k != "HOME");
     vars.push(("HOME".into(), home.clone().into()));
-    let log = env.root().join("default-socket.log");
-    let _daemon = user.serve(&[], &vars, &log, &state.join("socket"));
+    let _daemon = user.serve(env.root(), &[], &vars, &state.join("socket"));
     let in_tmp = PathBuf::from(format!("/tmp/nix-post-build-hook-queue-{}.sock", user.uid));
     assert!(!in_tmp.exists(), "{} exists", in_tmp.display());
 
     let path = format!("{}/{}-default", env.store_dir().display(), index_hash(8, 1));
-    let mut hook_env = vars.clone();
-    hook_env.push(("OUT_PATHS".into(), path.clone().into()));
-    let o = run(&mut user.cmd(&user.hook, &hook_env));
+    let mut hook = user.exe(env.root(), &hook_bin());
+    let o = run(hook.envs(vars.clone()).env("OUT_PATHS", &path));
     let served = o.status.success() && o.stderr.is_empty();
     assert!(served, "the hook at the default socket: {}", show(&o));
-    let spool = state.join("spool");
-    let empty = !spool.exists() || fs::read_dir(spool).unwrap().next().is_none();
-    assert!(empty, "nothing spooled");
-    let o = user.cli("status", &vars);
+    let spooled = spooled(&state.join("spool"));
+    assert!(spooled.is_empty(), "nothing spooled: {spooled:?}");
+    let o = user.cli(env.root(), "status", &vars);
     assert!(o.status.success(), "status: {}", show(&o));
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
     assert!(journal.contains(&path), "the path is journaled: {journal}");
@@ -1233,7 +1051,7 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
     let env = NixEnv::new("hostile-urlpw");
     let paths = env.build_paths(1, "urlpw");
     for scheme in ["ssh-ng", "ssh"] {
-        let password = format!("hunter2pw{}", short_id());
+        let password = format!("hunter2pw{}", unique_id());
         // Nothing listens on this port: ssh fails fast, and nix says so.
         let url = format!("{scheme}://npbhq:{password}@127.0.0.1?secret-key=/npbhq/x");
         let opts = "-o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no";
@@ -1259,15 +1077,6 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
             assert!(masked, "{scheme}: {what} shows the masked target: {text}");
         }
     }
-}
-
-/// Asserts that `o` (what `ctx` ran) ended with `code` and wrote one line to
-/// stderr; returns that line.
-fn one_line(o: &Output, code: i32, ctx: &str) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(code), "{ctx}: {}", show(o));
-    assert_eq!(err.lines().count(), 1, "{ctx}: one line: {err:?}");
-    err
 }
 
 /// `serve` with the config file of `d` and `args`: it must stop at start
@@ -1653,17 +1462,23 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
 
 /// Every socket path the kernel takes works, up to its limit of 107 bytes,
 /// whatever the daemon's pid: the daemon binds through a short path and
-/// leaves nothing beside the socket.
+/// leaves nothing beside the socket. The private directory the socket is
+/// bound in is reached through its descriptor: in a directory of 101 bytes
+/// its own longer path does not matter.
 #[test]
 fn socket_paths_up_to_107_bytes_work() {
     let env = NixEnv::new("hostile-longsock");
     let base = env.root().join("s");
-    fs::create_dir_all(&base).unwrap();
+    let long = env.root().join("d-").display().to_string();
+    let long = PathBuf::from(format!("{long:x<101}"));
+    for dir in [&base, &long] {
+        fs::create_dir_all(dir).unwrap();
+    }
     let room = 107 - base.as_os_str().len() - 1;
     assert!(room >= 20, "test directory {} too long", base.display());
-    for len in 98..=107 {
-        let name = format!("{len:03}-{}", "x".repeat(room - 4 - (107 - len)));
-        let socket = base.join(name);
+    let named = |len| base.join(format!("{len:03}-{}", "x".repeat(room - 4 - (107 - len))));
+    let sockets = (98..=107).map(|len| (len, named(len)));
+    for (len, socket) in sockets.chain([(106, long.join("sock"))]) {
         assert_eq!(socket.as_os_str().len(), len);
         let s = socket.display().to_string();
         let mut d = Daemon::new_stopped(&env, &[("socket", s.as_str())], NO_ENV);
@@ -1675,11 +1490,10 @@ fn socket_paths_up_to_107_bytes_work() {
         assert_eq!(mode & 0o7777, 0o600, "{len} bytes");
         d.stop();
     }
-    let left: Vec<_> = fs::read_dir(&base)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "nothing left beside the sockets: {left:?}");
+    for dir in [&base, &long] {
+        let left: Vec<_> = fs::read_dir(dir).unwrap().collect();
+        assert!(left.is_empty(), "nothing left beside the sockets: {left:?}");
+    }
 }
 
 /// What another user may plant beside the socket changes nothing: not a
@@ -1738,10 +1552,8 @@ fn planted_names_beside_the_socket_change_nothing() {
 #[test]
 fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
     let env = NixEnv::new("hostile-tmpstate");
-    let user = User::new(&env, 't', "");
-    let tmp = env.root().join("tmp");
-    fs::create_dir_all(&tmp).unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).unwrap();
+    let user = User::new('t', "");
+    let tmp = owned_dir(env.root(), "tmp", 0, 0o1777);
     let state = tmp.join(format!("nix-post-build-hook-queue-{}", user.uid));
     fs::create_dir(&state).unwrap();
     let vars = [("TMPDIR".to_string(), tmp.clone().into_os_string())];
@@ -1750,7 +1562,7 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         std::os::unix::fs::chown(&state, Some(owner), Some(owner)).unwrap();
         fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
         for command in ["check-config", "serve"] {
-            let o = user.cli(command, &vars);
+            let o = user.cli(env.root(), command, &vars);
             let err = one_line(&o, 78, &format!("{command}, {owner}"));
             let named = err.contains("$TMPDIR") && err.contains(&*state.to_string_lossy());
             assert!(named, "{err}");
@@ -1758,15 +1570,16 @@ fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
         }
     }
     fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
-    let o = user.cli("check-config", &vars);
+    let o = user.cli(env.root(), "check-config", &vars);
     assert_eq!(o.status.code(), Some(0), "their own: {}", show(&o));
 
-    let home = user.own_dir(&env, "home");
+    let home = owned_dir(env.root(), "home", user.uid, 0o700);
     let relative = [
         ("HOME".to_string(), home.into_os_string()),
         ("XDG_RUNTIME_DIR".to_string(), "run/user".into()),
     ];
-    let err = one_line(&user.cli("check-config", &relative), 78, "relative");
+    let o = user.cli(env.root(), "check-config", &relative);
+    let err = one_line(&o, 78, "relative");
     let named = err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: ");
     assert!(named, "{err}");
 }

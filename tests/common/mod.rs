@@ -2107,6 +2107,22 @@ pub fn strace_calls(log: &str) -> Vec<Call> {
     out
 }
 
+/// True when a call in `calls[from..to]` is a successful fsync of a
+/// descriptor on the directory `dir`: one of `fds`, or one opened on its
+/// path before that call.
+pub fn dir_synced(calls: &[Call], from: usize, to: usize, dir: &str, fds: &[&str]) -> bool {
+    let quoted = format!("\"{dir}\"");
+    let on_dir = |c: &Call| c.name.starts_with("open") && c.args.contains(&quoted);
+    let opened = |i: usize, fd: &str| {
+        let by_path = calls[..i]
+            .iter()
+            .any(|c| on_dir(c) && c.ret.as_deref() == Some(fd));
+        by_path || fds.contains(&fd)
+    };
+    let synced = |(i, c): (usize, &Call)| c.name == "fsync" && c.ok() && opened(i, c.fd());
+    calls.iter().enumerate().take(to).skip(from).any(synced)
+}
+
 /// `strace -f -qq -s 4096 -o trace -e trace=CALLS`; add the program.
 pub fn strace(trace: &Path, calls: &str) -> Command {
     let mut c = Command::new(which("strace"));
@@ -2238,53 +2254,62 @@ pub fn fill(file: &Path) {
 /// Serialises useradd/userdel within a test binary (they lock /etc/passwd).
 static USERDB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// A throwaway user without home or shell (made with `useradd`, so the
-/// test needs root), removed on drop.
+/// Environment variables for a command run as a [`User`].
+pub type Vars = [(String, OsString)];
+
+/// A throwaway user without home or login shell, or (see [`User::group`])
+/// a group, made with `useradd` or `groupadd` (so the test needs root, as
+/// CI runs) and removed on drop; a group's gid is its `uid`.
 pub struct User {
     pub name: String,
     pub uid: u32,
+    del: &'static str,
 }
 
 impl User {
-    pub fn new(letter: char) -> User {
-        let me = run(Command::new("id").arg("-u"));
-        assert_eq!(
-            String::from_utf8_lossy(&me.stdout).trim(),
-            "0",
-            "this test makes users with useradd, which needs root (CI runs as root)"
-        );
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = format!(
-            "npbhq-{letter}{:x}{:05x}",
-            std::process::id() % 0xfff,
-            nanos % 0xfffff
-        );
-        User::admin(&["useradd", "-M", "-s", "/usr/sbin/nologin", &name]);
-        let id = run(Command::new("id").args(["-u", &name]));
-        let uid = String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
-        User { name, uid }
+    /// A user in the supplementary `groups` (comma-separated, or "").
+    pub fn new(letter: char, groups: &str) -> User {
+        let add = format!("useradd -M -s /usr/sbin/nologin -G {groups}");
+        User::add(letter, &add, "passwd", "userdel")
     }
 
-    /// Runs a user-database command, retried while another test binary
-    /// holds the lock.
-    fn admin(args: &[&str]) {
+    /// A group.
+    pub fn group(letter: char) -> User {
+        User::add(letter, "groupadd", "group", "groupdel")
+    }
+
+    fn add(letter: char, add: &str, db: &str, del: &'static str) -> User {
+        let me = run_ok(Command::new("id").arg("-u"));
+        assert_eq!(me.trim(), "0", "this test makes users: it needs root");
+        let nanos = UNIX_EPOCH.elapsed().map_or(0, |d| d.subsec_nanos());
+        let id = (std::process::id() % 0xfff, nanos % 0xfffff);
+        let name = format!("npbhq-{letter}{:x}{:05x}", id.0, id.1);
+        User::admin(&format!("{add} {name}"));
+        let mut user = User { name, uid: 0, del };
+        let entry = run_ok(Command::new("getent").args([db, &user.name]));
+        user.uid = entry.split(':').nth(2).unwrap().parse().unwrap();
+        user
+    }
+
+    /// Runs a user-database command line (words split at spaces), retried
+    /// while another test binary holds the lock.
+    fn admin(cmd: &str) {
         let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-        let mut last = None;
+        let args: Vec<&str> = cmd.split(' ').collect();
+        let mut last = String::new();
         for _ in 0..50 {
             let o = run(Command::new(args[0]).args(&args[1..]));
             if o.status.success() {
                 return;
             }
-            last = Some(o);
+            last = show(&o);
             thread::sleep(Duration::from_millis(200));
         }
-        panic!("{args:?} failed: {last:?}");
+        panic!("{cmd} failed: {last}");
     }
 
-    /// `program` as this user, with a clean environment.
-    pub fn command(&self, program: &Path) -> Command {
+    /// `program` as this user (with its groups), with a clean environment.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new("setpriv");
         let id = self.name.as_str();
         c.args(["--reuid", id, "--regid", id, "--init-groups", "--"])
@@ -2294,20 +2319,118 @@ impl User {
         c
     }
 
-    /// A directory `name` in `parent`, of this user's, mode 0755.
-    pub fn dir(&self, parent: &Path, name: &str) -> PathBuf {
-        let dir = parent.join(name);
-        fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::chown(&dir, Some(self.uid), Some(self.uid)).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        dir
+    /// [`User::command`] for a copy of `program` in `root/bin`, where every
+    /// user may run it. Copied by `cp`: a file this process held open for
+    /// writing could go into a child another test forks meanwhile (then
+    /// `exec` fails: text file busy).
+    pub fn exe(&self, root: &Path, program: &Path) -> Command {
+        let bin = root.join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        for d in [root, &bin] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let copy = bin.join(program.file_name().unwrap());
+        if !copy.exists() {
+            run_ok(Command::new("cp").arg(program).arg(&copy));
+        }
+        let mode = |d: &Path| fs::metadata(d).unwrap().permissions().mode();
+        let closed = copy.ancestors().find(|d| mode(d) & 0o001 == 0);
+        assert_eq!(closed, None, "closed to other users: use NPBHQ_TEST_TMP");
+        self.command(copy)
+    }
+
+    /// `post-build-hook-queue ARGS` (split at spaces) as this user, to its
+    /// exit (bounded: a daemon that starts after all must not hold the test).
+    pub fn cli(&self, root: &Path, args: &str, vars: &Vars) -> Output {
+        let mut c = self.exe(root, &daemon_bin());
+        c.args(args.split(' ')).envs(vars.iter().cloned());
+        run_to_exit(&mut c, Duration::from_secs(60))
+    }
+
+    /// `serve ARGS` as this user, its stderr to `root/NAME.log`; returns
+    /// once the socket `socket` is there.
+    pub fn serve(&self, root: &Path, args: &[&str], vars: &Vars, socket: &Path) -> Running {
+        let mut c = self.exe(root, &daemon_bin());
+        let log = root.join(format!("{}.log", self.name));
+        c.arg("serve").args(args).envs(vars.iter().cloned());
+        c.stdin(Stdio::null()).stdout(Stdio::null());
+        let mut child = Running(c.stderr(fs::File::create(&log).unwrap()).spawn().unwrap());
+        let what = format!("the daemon of {} to make {}", self.name, socket.display());
+        let log = || fs::read_to_string(&log).unwrap_or_default();
+        let up = || {
+            let ended = child.0.try_wait().unwrap();
+            assert!(ended.is_none(), "{what}: ended {ended:?}\n{}", log());
+            socket.exists()
+        };
+        wait_until_diag(Duration::from_secs(30), &what, up, log);
+        child
     }
 }
 
 impl Drop for User {
     fn drop(&mut self) {
         let _g = USERDB.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = Command::new("userdel").arg(&self.name).output();
+        let _ = Command::new(self.del).arg(&self.name).output();
+    }
+}
+
+/// A directory `name` in `parent` (made if need be) of user and group
+/// `uid`, with `mode`.
+pub fn owned_dir(parent: &Path, name: &str, uid: u32, mode: u32) -> PathBuf {
+    let dir = parent.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).unwrap();
+    dir
+}
+
+/// A process killed, with its children, on drop (before the user it may
+/// run as is removed, when made after it).
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        kill_tree(self.0.id());
+        let _ = self.0.wait();
+    }
+}
+
+/// Asserts that `o` (what `ctx` ran) ended with `code` and wrote one line to
+/// stderr; returns that line.
+pub fn one_line(o: &Output, code: i32, ctx: &str) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(code), "{ctx}: {}", show(o));
+    assert_eq!(err.lines().count(), 1, "{ctx}: one line: {err:?}");
+    err
+}
+
+/// Root's hook handing over `out_paths`, with `socket` and `spool`.
+pub fn root_hook(socket: &Path, spool: &Path, out_paths: &str) -> Command {
+    let mut c = Command::new(hook_bin());
+    c.env("NPBHQ_SOCKET", socket)
+        .env("NPBHQ_SPOOL_DIR", spool)
+        .env("OUT_PATHS", out_paths)
+        .env("DRV_PATH", "");
+    c
+}
+
+/// A process of uid `uid` listens at `socket`: root's hook (handing over
+/// `paths[0]`) refuses it in one line naming that uid, spools the paths to
+/// `spool` and exits 0; root's `status` and `enqueue` (of `paths[1]`) exit
+/// 2 with one line naming the socket and the uid.
+pub fn assert_root_refuses(socket: &Path, uid: u32, spool: &Path, paths: [&str; 2]) {
+    let said = one_line(&run(&mut root_hook(socket, spool, paths[0])), 0, "hook");
+    let (sock, uid) = (socket.display().to_string(), format!("uid {uid}"));
+    let refused = said.starts_with(&format!("refusing the socket {sock}"));
+    let why = said.contains(&format!("runs as {uid}")) && said.contains("spooled the paths to");
+    assert!(refused && why, "{said:?}");
+    assert_eq!(spooled(spool), [format!("enqueue {}\n", paths[0])]);
+    for args in [vec!["status"], vec!["enqueue", paths[1]]] {
+        let mut cli = Command::new(daemon_bin());
+        cli.arg(args[0]).args(["--socket", &sock]).args(&args[1..]);
+        let err = one_line(&run(&mut cli), 2, &format!("{args:?}"));
+        let why = err.contains("refusing the socket") && err.contains(&sock);
+        assert!(why && err.contains(&uid), "{args:?}: {err:?}");
     }
 }
 
