@@ -59,14 +59,8 @@ fn check_config_lists_every_problem_one_line_each_and_exits_78_or_0() {
     .unwrap();
     let conf_s = conf.display().to_string();
     let mut c = bin();
-    c.args([
-        "check-config",
-        "--config",
-        &conf_s,
-        "--max-connections",
-        "0",
-    ]);
-    let (code, out, err) = run(c.arg("--socket-mode"));
+    c.args(["check-config", "--config", &conf_s]);
+    let (code, out, err) = run(c.args(["--max-connections", "0", "--socket-mode"]));
     assert_eq!(code, Some(78), "{err}");
     assert_eq!(out, "");
     let lines: Vec<&str> = err.lines().collect();
@@ -204,12 +198,9 @@ fn a_misspelt_flag_suggests_the_nearest_key() {
 #[test]
 fn settings_from_the_environment_are_checked_like_the_files() {
     let d = dir("environment");
+    let var = "NIX_STORE_DIR";
     let (state, sock) = (d.join("state"), d.join("s.sock"));
-    let (state, sock, var) = (
-        state.to_str().unwrap(),
-        sock.to_str().unwrap(),
-        "NIX_STORE_DIR",
-    );
+    let (state, sock) = (state.to_str().unwrap(), sock.to_str().unwrap());
     for value in ["nix/store", "/nix/store\nok"] {
         for command in ["serve", "check-config"] {
             let (code, _, err) = run(bin()

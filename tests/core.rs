@@ -139,13 +139,9 @@ fn enqueue_cli_reads_stdin() {
     let (d, read, pk) = signing_daemon(&env, "core-stdin-1");
     let paths = env.build_paths(2, "stdin");
     let input = strs(&paths).join("\n") + "\n";
-    let o = run_with_stdin(
-        d.cli_cmd()
-            .args(["enqueue", "--socket"])
-            .arg(d.socket())
-            .arg("-"),
-        &input,
-    );
+    let mut c = d.cli_cmd();
+    c.args(["enqueue", "--socket"]).arg(d.socket()).arg("-");
+    let o = run_with_stdin(&mut c, &input);
     assert!(o.status.success(), "{}", show(&o));
     wait_verified(&env, &read, &pk, &paths, "stdin-enqueued paths uploaded");
 }
@@ -161,9 +157,8 @@ fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
     let p = env.build_paths(1, "idle");
     let reply = d.request(&format!("enqueue {}", p[0].display()));
     assert!(reply.starts_with("ok"), "enqueue reply: {reply}");
-    wait_until(Duration::from_secs(10), "nothing to do in the log", || {
-        d.log().to_lowercase().contains("nothing to do")
-    });
+    let idle = || d.log().to_lowercase().contains("nothing to do");
+    wait_until(Duration::from_secs(10), "nothing to do in the log", idle);
 }
 
 /// 4d. Protocol replies for `ping`, `enqueue`, `drv` and bad requests.
@@ -336,10 +331,8 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("full.sock");
     let listener = UnixListener::bind(&socket).unwrap();
-    let (connected, in_connect) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let connected = Arc::new(AtomicUsize::new(0));
+    let in_connect = Arc::new(AtomicBool::new(false));
     let filler = {
         let (socket, connected, in_connect) =
             (socket.clone(), connected.clone(), in_connect.clone());
@@ -471,12 +464,8 @@ fn invalid_path_does_not_block_valid_ones() {
     let w = FakeNix::with_preludes(&env, &gc, "");
     let (sk, nix) = (sk.display().to_string(), w.nix());
     let config = [("signing-key-file", sk.as_str()), ("upload-to", &upload)];
-    let config = [
-        &config[..],
-        &[("nix", &nix), ("retry-initial-delay", "0.05")],
-    ]
-    .concat();
-    let d = Daemon::start(&env, &config);
+    let more = [("nix", nix.as_str()), ("retry-initial-delay", "0.05")];
+    let d = Daemon::start(&env, &[&config[..], &more].concat());
     let line = format!("enqueue {}", strs(&paths).join(" "));
     assert_eq!(d.request(&line), "ok 3");
     wait_verified(&env, &read, &pk, &good, "the valid paths");

@@ -61,35 +61,26 @@ fn all_in_cache(env: &NixEnv, url: &str, paths: &[PathBuf]) -> Result<(), String
         [] => Vec::new(),
         _ => env.path_infos(url, paths)?,
     };
-    let valid: HashSet<&PathBuf> = infos
-        .iter()
-        .filter(|(_, s)| s.is_some())
-        .map(|(p, _)| p)
-        .collect();
+    let valid = infos.iter().filter_map(|(p, s)| s.as_ref().and(Some(p)));
+    let valid: HashSet<&PathBuf> = valid.collect();
     let missing: Vec<&PathBuf> = paths.iter().filter(|p| !valid.contains(p)).collect();
+    let (n, all) = (missing.len(), paths.len());
     match missing.first() {
         None => Ok(()),
-        Some(p) => Err(format!(
-            "{} of {} paths not in {url}, e.g. {}",
-            missing.len(),
-            paths.len(),
-            p.display()
-        )),
+        Some(p) => Err(format!("{n} of {all} not in {url}, e.g. {p:?}")),
     }
 }
 
 /// Waits until `paths` are in the cache at `url` (see [`all_in_cache`]).
 fn wait_in_cache(env: &NixEnv, url: &str, paths: &[PathBuf]) {
-    wait_ok(UPLOAD_TIMEOUT, "the paths in the cache", || {
-        all_in_cache(env, url, paths)
-    });
+    let there = || all_in_cache(env, url, paths);
+    wait_ok(UPLOAD_TIMEOUT, "the paths in the cache", there);
 }
 
 /// Waits until `d`'s queue is empty.
 fn wait_drained(d: &Daemon) {
-    wait_until(Duration::from_secs(30), "an empty queue", || {
-        d.status().num("queued") == 0
-    });
+    let empty = || d.status().num("queued") == 0;
+    wait_until(secs(30), "an empty queue", empty);
 }
 
 /// A daemon that signs with the key file `sk` and uploads to `upload`, with
@@ -276,9 +267,8 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     d.set_config("nix", &which("nix").display().to_string());
     d.try_spawn().unwrap();
     let half = before.live.len() / 2;
-    wait_until(UPLOAD_TIMEOUT, "half of the queue uploaded", || {
-        d.status().num("queued") as usize <= half
-    });
+    let halfway = || d.status().num("queued") as usize <= half;
+    wait_until(UPLOAD_TIMEOUT, "half of the queue uploaded", halfway);
     d.kill9();
     let mid = d.journal();
     assert!(mid.duplicates.is_empty(), "{mid:?}");
@@ -979,11 +969,9 @@ fn full_disk_refuses_with_reason_and_recovers() {
     let mount = Mount::tmpfs(&env.root().join("statefs"), "64k");
     let (sk, pk) = env.gen_signing_key("faults-full-1");
     let (upload, read) = file_cache(&env, "cache");
-    let state = mount.0.join("state").display().to_string();
-    let config = [
-        ("state-dir", state.as_str()),
-        ("retry-initial-delay", "0.05"),
-    ];
+    let state = mount.0.join("state");
+    let state = ("state-dir", state.to_str().unwrap());
+    let config = [state, ("retry-initial-delay", "0.05")];
     let mut d = signing(&env, (&sk, &upload), &config, NO_ENV);
     // Some history first: 40 paths uploaded and journaled as done, so the
     // journal holds dead records that a restart wants to compact away.

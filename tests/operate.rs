@@ -892,11 +892,8 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!((r.code, r.stderr.lines().count()), (Some(1), 1), "{r:?}");
     let given_up = "2 path(s) failed and were given up on";
-    let named = contains_all(
-        &r.stderr,
-        &[&p[0], &p[1], given_up, "refusing a poison path"],
-    );
-    assert!(named, "{r:?}");
+    let named = [p[0].as_str(), &p[1], given_up, "refusing a poison path"];
+    assert!(contains_all(&r.stderr, &named), "{r:?}");
     assert_in(&env, &read, &good, true);
 
     let j = status_json(&d);
@@ -1169,9 +1166,8 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
     let target = format!("http://127.0.0.1:{}/cache", free_port());
     let d = Daemon::start(&env, &[("upload-to", &target)]);
     let upload_to = format!("upload-to {target}");
-    wait_until(HALF_MINUTE, "a warning of no answer", || {
-        has_line(&d.log(), "warning:", &[&upload_to, "starting anyway"])
-    });
+    let warned = || has_line(&d.log(), "warning:", &[&upload_to, "starting anyway"]);
+    wait_until(HALF_MINUTE, "a warning of no answer", warned);
     assert_eq!(field(&status_text(&d), "target"), target);
 }
 
@@ -1469,12 +1465,8 @@ fn a_path_given_up_on_one_target_only() {
     enqueue_cli(&d, &[&good[..], &poison[..]].concat());
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.code, Some(1), "{r:?}");
-    let named = [
-        "2 path(s) failed and were given up on",
-        &p,
-        &up_b,
-        "refusing a poison path",
-    ];
+    let given_up = "2 path(s) failed and were given up on";
+    let named = [given_up, &p, &up_b, "refusing a poison path"];
     assert!(contains_all(&r.stderr, &named), "{r:?}");
     assert_in(&env, &read_a, &poison, true);
     assert_in(&env, &read_b, &poison, false);
@@ -1575,10 +1567,8 @@ fn a_hung_target_does_not_hold_back_a_healthy_one() {
     let nix = w.nix();
     let uploader = format!("{nix} --extra-experimental-features nix-command copy --to {stuck}");
     let config = [("upload-to", upload.as_str()), ("command-timeout", "300")];
-    let d = Daemon::start(
-        &env,
-        &[&config[..], &[("upload-command", &uploader)]].concat(),
-    );
+    let config = [&config[..], &[("upload-command", uploader.as_str())]].concat();
+    let d = Daemon::start(&env, &config);
     let paths = env.build_paths(2, "hung-lane");
     enqueue_cli(&d, &paths[..1]);
     let hanging = || !w.copy_pids().is_empty();
