@@ -308,7 +308,8 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     if soft < need {
         assert!(
             hard >= need,
-            "this test fills a listen backlog of {backlog} (net.core.somaxconn) and needs {need} open files, but the hard limit is {hard}: raise it (ulimit -Hn) or lower somaxconn"
+            "a listen backlog of {backlog} (net.core.somaxconn) needs {need} open files, \
+             more than the hard limit {hard}: raise it (ulimit -Hn) or lower somaxconn"
         );
         assert!(
             std::env::var_os("NPBHQ_NOFILE_RAISED").is_none(),
@@ -345,7 +346,8 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
                 match c {
                     Ok(c) => held.push(c),
                     Err(e) if e.raw_os_error() == Some(24) => {
-                        panic!("out of file descriptors after {} connections: raise `ulimit -n` above the listen backlog (/proc/sys/net/core/somaxconn)", held.len())
+                        let n = held.len();
+                        panic!("out of descriptors after {n} connections: raise `ulimit -n`")
                     }
                     // The listener closed at the end of the test.
                     Err(_) => return held.len(),

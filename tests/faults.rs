@@ -846,10 +846,9 @@ fn torn_journal_at_every_offset_of_last_record_replays() {
     let s = strs(&p);
     // Fewer dead records (2) than live ones, so replay does not compact and
     // the file itself shows what replay kept.
-    let full = format!(
-        "+ 1700000000 {}\n+ 1700000001 {}\n- {}\n+ 1700000002 {}\n+ 1700000003 {}\n+ 1700000004 {}\n",
-        s[0], s[1], s[0], s[2], s[3], s[4]
-    );
+    let live = |i: usize| format!("+ 170000000{i} {}\n", s[i]);
+    let dead = format!("- {}\n", s[0]);
+    let full = [live(0), live(1), dead, live(2), live(3), live(4)].concat();
     let last_start = full[..full.len() - 1].rfind('\n').unwrap() + 1;
     // A failing target: nothing leaves the queue while we look.
     let mut d = Daemon::new_stopped(&env, &[("upload-to", UNREACHABLE)], NO_ENV);

@@ -464,9 +464,8 @@ fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
             None => script.env_remove(k),
         };
     }
-    script
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&shown).unwrap());
+    let terminal = fs::File::create(&shown).unwrap();
+    script.stdin(Stdio::null()).stdout(terminal);
     let child = script.stderr(Stdio::piped()).spawn();
     let child = child.expect("script (util-linux) runs a command on a terminal");
     let text = move || String::from_utf8_lossy(&fs::read(&shown).unwrap_or_default()).into_owned();
@@ -634,10 +633,8 @@ fn spawn_activated(
     let mut c = env.cmd("/bin/sh");
     let script =
         "exec 3<&0 </dev/null; LISTEN_PID=${2:-$$} LISTEN_FDS=1 exec \"$0\" serve --config \"$1\"";
-    c.args(["-c", script])
-        .arg(daemon_bin())
-        .arg(d.config_path())
-        .arg(listen_pid);
+    c.args(["-c", script]).arg(daemon_bin());
+    c.arg(d.config_path()).arg(listen_pid);
     c.stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
