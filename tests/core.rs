@@ -89,8 +89,6 @@ fn build_succeeds_when_daemon_is_down() {
     assert!(said, "{lines:?}");
 }
 
-/// 3b. What the hook spooled while the daemon was down is uploaded once a
-///     daemon using that spool dir starts.
 #[test]
 fn spooled_paths_are_uploaded_when_daemon_starts() {
     let env = NixEnv::new("core-spool");
@@ -132,7 +130,6 @@ fn enqueue_cli_uploads_and_rejects_bad_arguments() {
     }
 }
 
-/// 4b. `enqueue -` reads paths from stdin.
 #[test]
 fn enqueue_cli_reads_stdin() {
     let env = NixEnv::new("core-stdin");
@@ -146,8 +143,6 @@ fn enqueue_cli_reads_stdin() {
     wait_verified(&env, &read, &pk, &paths, "stdin-enqueued paths uploaded");
 }
 
-/// 4c. A daemon with neither a signing key nor an upload target acks
-///     requests and says in its log that it has nothing to do.
 #[test]
 fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
     let env = NixEnv::new("core-idle");
@@ -201,15 +196,11 @@ fn resumes_after(tag: &str, stop: impl FnOnce(&mut Daemon)) {
     wait_verified(&env, &read, &pk, &paths, &what);
 }
 
-/// 5. Journal durability: acked paths survive `kill -9` while the upload
-///    target is failing, and arrive after a restart with a working target.
 #[test]
 fn journal_survives_kill9_and_uploads_after_restart() {
     resumes_after("crash", Daemon::kill9);
 }
 
-/// SIGTERM stops the daemon cleanly (exit 0) and a restart resumes the
-/// queue from the journal.
 #[test]
 fn sigterm_stops_cleanly_and_restart_resumes_queue() {
     resumes_after("term", |d| {
