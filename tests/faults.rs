@@ -123,21 +123,21 @@ impl Rng {
     }
 }
 
-/// Command lines (arguments joined by spaces) of the processes below `pid`.
-fn descendant_cmdlines(pid: u32) -> Vec<String> {
-    descendants(pid)
-        .into_iter()
+/// Command lines (arguments joined by spaces) of the processes `pids`.
+fn cmdlines(pids: impl IntoIterator<Item = u32>) -> Vec<String> {
+    pids.into_iter()
         .filter_map(|p| fs::read(format!("/proc/{p}/cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .collect()
 }
 
+/// Command lines of the processes below the daemon.
+fn below(d: &Daemon) -> Vec<String> {
+    d.pid().map_or(vec![], |pid| cmdlines(descendants(pid)))
+}
+
 fn copy_running(d: &Daemon) -> bool {
-    d.pid().is_some_and(|pid| {
-        descendant_cmdlines(pid)
-            .iter()
-            .any(|c| c.contains(" copy --to "))
-    })
+    below(d).iter().any(|c| c.contains(" copy --to "))
 }
 
 /// The final line of a `wait` request; panics when it has not come within
@@ -421,8 +421,7 @@ fn hung_target_is_killed_by_command_timeout_and_retried() {
     let closed = || hole.closed.load(SeqCst) >= 1;
     wait_until(secs(10), "a killed ssh's connection closed", closed);
     assert!(hole.accepted.load(SeqCst) >= 2);
-    let below = d.pid().map_or(vec![], descendant_cmdlines);
-    let ssh_below = below.iter().filter(|c| c.starts_with("ssh ")).count();
+    let ssh_below = below(&d).iter().filter(|c| c.starts_with("ssh ")).count();
     assert!(ssh_below <= 1, "{ssh_below} ssh processes left behind");
     // A timeout is systemic and must not bisect the batch.
     let split = log_lines(&d, "splitting");
@@ -465,13 +464,10 @@ fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
     };
     wait_until(secs(300), "the paths done (or failed and retried)", done);
     let control_dir = control.path().display().to_string();
-    let masters: Vec<String> = fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.starts_with("ssh") && c.contains(&control_dir))
-        .collect();
+    let procs = fs::read_dir("/proc").unwrap().flatten();
+    let all = cmdlines(procs.filter_map(|e| e.file_name().to_str()?.parse().ok()));
+    let master = |c: &&String| c.starts_with("ssh") && c.contains(&control_dir);
+    let masters: Vec<&String> = all.iter().filter(master).collect();
     let mut exit = Command::new("ssh");
     exit.args(["-o", &format!("ControlPath={control_path}"), "-O", "exit"]);
     let _ = run(exit.arg("root@127.0.0.1"));

@@ -388,9 +388,8 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     // wait gives up at its timeout with exit 1; no progress without a terminal.
     let r = cli(&d, &["wait", "--timeout", "1.5"]);
     assert_eq!((r.code, r.stdout.as_str()), (Some(1), ""), "{r:?}");
-    let first = p
-        .iter()
-        .find(|p| r.stderr.contains(&format!("last error ({p}): ")));
+    let quoted = |p: &&String| r.stderr.contains(&format!("last error ({p}): "));
+    let first = p.iter().find(quoted);
     let first = first.unwrap_or_else(|| panic!("no last error of a waited-for path: {r:?}"));
     assert_eq!(
         r.stderr,
@@ -532,12 +531,12 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
     let paths = env.build_paths(1, "mask");
     let r = enqueue_cli(&d, &paths);
     assert_eq!(r.stdout, "queued 1 new path(s); 0 were already queued\n");
-    wait_until(UPLOAD_TIMEOUT, "several failed attempts", || {
+    let several = || {
         let j = status_json(&d);
-        list(&j, "backoff")
-            .first()
-            .is_some_and(|b| num(b, "attempts") >= 3.0)
-    });
+        let first = list(&j, "backoff").first().map(|b| num(b, "attempts"));
+        first.is_some_and(|a| a >= 3.0)
+    };
+    wait_until(UPLOAD_TIMEOUT, "several failed attempts", several);
     let text = status_text(&d);
     let json = cli_ok(&d, &["status", "--json"]).stdout;
     let j = Json::parse(&json).unwrap();
@@ -969,10 +968,8 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
     let paths = env.build_paths(3, "outage");
     let attempts = |d: &Daemon| -> Vec<f64> {
         let j = status_json(d);
-        list(&j, "backoff")
-            .iter()
-            .map(|e| num(e, "attempts"))
-            .collect()
+        let backoff = list(&j, "backoff");
+        backoff.iter().map(|e| num(e, "attempts")).collect()
     };
     let all_failing = |d: &Daemon, n: f64| {
         let a = attempts(d);
