@@ -58,14 +58,13 @@ fn check_config_lists_every_problem_one_line_each_and_exits_78_or_0() {
     )
     .unwrap();
     let conf_s = conf.display().to_string();
-    let (code, out, err) = run(bin().args(["check-config", "--config", &conf_s]).args([
-        "--max-connections",
-        "0",
-        "--socket-mode",
-    ]));
+    let mut c = bin();
+    c.args(["check-config", "--config", &conf_s]);
+    let (code, out, err) = run(c.args(["--max-connections", "0", "--socket-mode"]));
     assert_eq!(code, Some(78), "{err}");
     assert_eq!(out, "");
     let lines: Vec<&str> = err.lines().collect();
+    let mean = "did you mean \"upload-to\"?";
     let expected = [
         "--socket-mode: --socket-mode needs a value".to_string(),
         format!("{conf_s}:8: expected 'key = value'"),
@@ -73,9 +72,7 @@ fn check_config_lists_every_problem_one_line_each_and_exits_78_or_0() {
         format!("{conf_s}:2: key \"retry-initial-delay\": "),
         format!("{conf_s}:3: key \"upload-to\": "),
         format!("{conf_s}:4: key \"batch-size\": "),
-        format!(
-            "{conf_s}:5: key \"uplaod-to\": unknown key \"uplaod-to\"; did you mean \"upload-to\"?"
-        ),
+        format!("{conf_s}:5: key \"uplaod-to\": unknown key \"uplaod-to\"; {mean}"),
         "--max-connections: ".to_string(),
         format!(
             "signing-key-file {} does not hold a Nix secret key",
@@ -86,10 +83,8 @@ fn check_config_lists_every_problem_one_line_each_and_exits_78_or_0() {
     assert_eq!(lines.len(), expected.len(), "one line per problem:\n{err}");
     for e in &expected {
         let line = format!("post-build-hook-queue: {e}");
-        assert!(
-            lines.iter().any(|l| l.starts_with(&line)),
-            "no line starts with {line:?}:\n{err}"
-        );
+        let found = lines.iter().any(|l| l.starts_with(&line));
+        assert!(found, "no line starts with {line:?}:\n{err}");
     }
     assert!(!d.join("state").exists() && !d.join("s.sock").exists());
 
@@ -125,15 +120,18 @@ fn serve_exits_78_on_a_bad_setting_and_1_when_the_state_dir_is_locked() {
     let d = dir("serve");
     let state = d.join("state").display().to_string();
     let sock = d.join("s.sock").display().to_string();
+    let serve = |socket: &str| {
+        let mut c = bin();
+        c.args(["serve", "--state-dir", &state, "--socket", socket]);
+        c
+    };
     for bad in [
         &["--command-timeout", "-1.0"][..],
         &["--retry-initial-delay", "0"],
         &["--upload-command", "/nonexistent/uploader"],
         &["--upload", "file:///c"],
     ] {
-        let (code, _, err) = run(bin()
-            .args(["serve", "--state-dir", &state, "--socket", &sock])
-            .args(bad));
+        let (code, _, err) = run(serve(&sock).args(bad));
         assert_eq!(code, Some(78), "{bad:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{bad:?}: {err}");
         assert!(err.contains(bad[0]) || err.contains(&bad[1][..5]), "{err}");
@@ -141,20 +139,13 @@ fn serve_exits_78_on_a_bad_setting_and_1_when_the_state_dir_is_locked() {
     }
 
     let log = std::fs::File::create(d.join("first.log")).unwrap();
-    let mut first = bin()
-        .args(["serve", "--state-dir", &state, "--socket", &sock])
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut first = serve(&sock).stderr(log).spawn().unwrap();
     common::wait_until(Duration::from_secs(60), "the first daemon's socket", || {
-        assert!(
-            first.try_wait().unwrap().is_none(),
-            "the first daemon ended"
-        );
+        assert!(first.try_wait().unwrap().is_none(), "the first one ended");
         d.join("s.sock").exists()
     });
     let other = d.join("s2.sock").display().to_string();
-    let second = run(bin().args(["serve", "--state-dir", &state, "--socket", &other]));
+    let second = run(&mut serve(&other));
     first.kill().unwrap();
     first.wait().unwrap();
     let (code, _, err) = second;
@@ -168,41 +159,25 @@ fn serve_exits_78_on_a_bad_setting_and_1_when_the_state_dir_is_locked() {
 fn serve_help_is_its_own_with_the_defaults_and_every_exit_status() {
     let (code, out, _) = run(bin().args(["serve", "--help"]));
     assert_eq!(code, Some(0));
-    assert!(
-        out.starts_with("Usage: post-build-hook-queue serve "),
-        "{out}"
-    );
-    for line in [
-        "batch-size",
-        "[default: 1000]",
-        "max-attempts",
-        "[default: 10]",
-        "upload-to",
-        " 78 ",
-        " 1 ",
-    ] {
+    let usage = "Usage: post-build-hook-queue ";
+    assert!(out.starts_with(&format!("{usage}serve ")), "{out}");
+    let shown = "batch-size|[default: 1000]|max-attempts|[default: 10]|upload-to| 78 | 1 ";
+    for line in shown.split('|') {
         assert!(out.contains(line), "{line:?} missing:\n{out}");
     }
     let batch = out
         .lines()
-        .find(|l| l.trim_start().starts_with("batch-size"))
-        .unwrap();
+        .find(|l| l.trim_start().starts_with("batch-size"));
+    let batch = batch.unwrap();
     assert!(batch.ends_with("[default: 1000]"), "{batch}");
     let (code, out, _) = run(bin().args(["check-config", "--help"]));
     assert_eq!(code, Some(0));
-    assert!(
-        out.starts_with("Usage: post-build-hook-queue check-config "),
-        "{out}"
-    );
-    assert!(
-        out.contains("78") && out.contains("[default: 600]"),
-        "{out}"
-    );
+    assert!(out.starts_with(&format!("{usage}check-config ")), "{out}");
+    let documented = out.contains("78") && out.contains("[default: 600]");
+    assert!(documented, "{out}");
     let (_, out, _) = run(bin().arg("--help"));
-    assert!(
-        out.contains("check-config") && out.contains(" 78 ") && out.contains(" 2 "),
-        "{out}"
-    );
+    let statuses = out.contains(" 78 ") && out.contains(" 2 ");
+    assert!(out.contains("check-config") && statuses, "{out}");
 }
 
 /// A misspelt or shortened flag names the nearest key, as a misspelt key
@@ -213,10 +188,8 @@ fn a_misspelt_flag_suggests_the_nearest_key() {
     for (flag, key) in [("--upload", "upload-to"), ("--batchsize", "batch-size")] {
         let (code, _, err) = run(bin().args([flag, "x", "--state-dir"]).arg(d.join("state")));
         assert_eq!(code, Some(78), "{err}");
-        assert!(
-            err.contains(&format!("did you mean \"{key}\"?")),
-            "{flag}: {err}"
-        );
+        let mean = format!("did you mean \"{key}\"?");
+        assert!(err.contains(&mean), "{flag}: {err}");
     }
 }
 
@@ -225,22 +198,17 @@ fn a_misspelt_flag_suggests_the_nearest_key() {
 #[test]
 fn settings_from_the_environment_are_checked_like_the_files() {
     let d = dir("environment");
-    for (var, value) in [
-        ("NIX_STORE_DIR", "nix/store"),
-        ("NIX_STORE_DIR", "/nix/store\nok"),
-    ] {
+    let var = "NIX_STORE_DIR";
+    let (state, sock) = (d.join("state"), d.join("s.sock"));
+    let (state, sock) = (state.to_str().unwrap(), sock.to_str().unwrap());
+    for value in ["nix/store", "/nix/store\nok"] {
         for command in ["serve", "check-config"] {
             let (code, _, err) = run(bin()
-                .args([command, "--state-dir"])
-                .arg(d.join("state"))
-                .arg("--socket")
-                .arg(d.join("s.sock"))
+                .args([command, "--state-dir", state, "--socket", sock])
                 .env(var, value));
             assert_eq!(code, Some(78), "{command} {var}={value:?}: {err}");
-            assert!(
-                err.contains(&format!("${var}: expected an absolute path")),
-                "{err}"
-            );
+            let named = err.contains(&format!("${var}: expected an absolute path"));
+            assert!(named, "{err}");
             assert_eq!(err.lines().count(), 1, "{err}");
             assert!(!d.join("state").exists());
         }
@@ -270,9 +238,8 @@ fn status_prints_what_the_daemon_renders() {
             let mut line = String::new();
             BufReader::new(&stream).read_line(&mut line).unwrap();
             asked.push(line);
-            (&stream)
-                .write_all(format!("{reply}ok\n").as_bytes())
-                .unwrap();
+            let mut stream = stream;
+            stream.write_all(format!("{reply}ok\n").as_bytes()).unwrap();
         }
         asked
     });

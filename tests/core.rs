@@ -19,13 +19,8 @@ use std::time::Duration;
 fn signing_daemon(env: &NixEnv, key_name: &str) -> (Daemon, String, String) {
     let (sk, pk) = env.gen_signing_key(key_name);
     let (upload, read) = file_cache(env, "cache");
-    let d = Daemon::start(
-        env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-        ],
-    );
+    let sk = sk.display().to_string();
+    let d = Daemon::start(env, &[("signing-key-file", &sk), ("upload-to", &upload)]);
     (d, read, pk)
 }
 
@@ -52,36 +47,25 @@ fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
     let env = NixEnv::new("core-ssh");
     let (sk, pk) = env.gen_signing_key("core-ssh-1");
     let sshd = Sshd::start(&env, &pk);
-    let d = Daemon::start_with_env(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &sshd.url()),
-            ("command-timeout", "60"),
-        ],
-        &sshd.env(),
-    );
+    let (sk, url) = (sk.display().to_string(), sshd.url());
+    let config = [("signing-key-file", sk.as_str()), ("upload-to", &url)];
+    let config = [&config[..], &[("command-timeout", "60")]].concat();
+    let d = Daemon::start_with_env(&env, &config, &sshd.env());
     let b = env.build(3, "ssh", Some(&hook_bin()), &d.hook_env());
     assert!(b.status.success(), "build failed: {}", b.stderr);
     assert_eq!(b.out_paths.len(), 3, "{b:?}");
     let recv = sshd.local_store_url();
-    wait_until_ok(
-        UPLOAD_TIMEOUT,
-        "all 3 outputs in the ssh-ng receiver",
-        || {
-            b.out_paths
-                .iter()
-                .try_for_each(|p| env.path_sigs(&recv, p).map(drop))
-        },
-        || format!("sshd log:\n{}", sshd.log()),
-    );
+    let arrived = || {
+        b.out_paths
+            .iter()
+            .try_for_each(|p| env.path_sigs(&recv, p).map(drop))
+    };
+    let sshd_log = || format!("sshd log:\n{}", sshd.log());
+    wait_until_ok(UPLOAD_TIMEOUT, "all 3 outputs received", arrived, sshd_log);
     for p in &b.out_paths {
         let sigs = env.path_sigs(&recv, p).unwrap();
-        assert!(
-            sigs.iter().any(|s| s.starts_with("core-ssh-1:")),
-            "{} arrived without our signature: {sigs:?}",
-            p.display()
-        );
+        let ours = sigs.iter().any(|s| s.starts_with("core-ssh-1:"));
+        assert!(ours, "{} without our signature: {sigs:?}", p.display());
     }
     env.verify_in_cache(&recv, &pk, &b.out_paths).unwrap();
 }
@@ -94,57 +78,31 @@ fn build_succeeds_when_daemon_is_down() {
     let env = NixEnv::new("core-down");
     let spool = env.root().join("spool");
     let socket = env.root().join("no-daemon.sock");
-    let b = env.build(
-        1,
-        "down",
-        Some(&hook_bin()),
-        &[
-            ("NPBHQ_SOCKET", socket.display().to_string()),
-            ("NPBHQ_SPOOL_DIR", spool.display().to_string()),
-        ],
-    );
+    let envs = [("NPBHQ_SOCKET", &socket), ("NPBHQ_SPOOL_DIR", &spool)];
+    let b = env.build(1, "down", Some(&hook_bin()), &envs);
     b.assert_success();
     assert_eq!(b.out_paths.len(), 1);
-    let hook_lines = b.hook_lines();
-    assert_eq!(
-        hook_lines.len(),
-        1,
-        "expected exactly one line from the hook, got {hook_lines:?}\nstderr:\n{}",
-        b.stderr
-    );
-    assert!(
-        hook_lines[0].starts_with(&format!("no daemon at {}", socket.display()))
-            && hook_lines[0].contains("spooled the paths to"),
-        "{hook_lines:?}"
-    );
+    let lines = b.hook_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}\nstderr:\n{}", b.stderr);
+    let no_daemon = lines[0].starts_with(&format!("no daemon at {}", socket.display()));
+    let said = no_daemon && lines[0].contains("spooled the paths to");
+    assert!(said, "{lines:?}");
 }
 
-/// 3b. What the hook spooled while the daemon was down is uploaded once a
-///     daemon using that spool dir starts.
 #[test]
 fn spooled_paths_are_uploaded_when_daemon_starts() {
     let env = NixEnv::new("core-spool");
     let (sk, pk) = env.gen_signing_key("core-spool-1");
     let (upload, read) = file_cache(&env, "cache");
     let spool = env.root().join("spool");
-    let mut d = Daemon::new_stopped(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-            ("spool-dir", &spool.display().to_string()),
-        ],
-        NO_ENV,
-    );
+    let (sk, spool_s) = (sk.display().to_string(), spool.display().to_string());
+    let config = [("signing-key-file", sk.as_str()), ("upload-to", &upload)];
+    let config = [&config[..], &[("spool-dir", &spool_s)]].concat();
+    let mut d = Daemon::new_stopped(&env, &config, NO_ENV);
     let b = env.build(2, "spool", Some(&hook_bin()), &d.hook_env());
     b.assert_success();
     let spooled = fs::read_dir(&spool).map(|r| r.count()).unwrap_or(0);
-    assert!(
-        spooled > 0,
-        "the hook wrote nothing to NPBHQ_SPOOL_DIR {} with the daemon down; stderr:\n{}",
-        spool.display(),
-        b.stderr
-    );
+    assert!(spooled > 0, "nothing in {spool_s}; stderr:\n{}", b.stderr);
     d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
     wait_verified(&env, &read, &pk, &b.out_paths, "spooled outputs");
 }
@@ -158,10 +116,8 @@ fn enqueue_cli_uploads_and_rejects_bad_arguments() {
     let paths = env.build_paths(2, "enq");
     let sock = d.socket().display().to_string();
 
-    let o = run(d
-        .cli_cmd()
-        .args(["enqueue", "--socket", &sock])
-        .args(&paths));
+    let mut c = d.cli_cmd();
+    let o = run(c.args(["enqueue", "--socket", &sock]).args(&paths));
     assert!(o.status.success(), "{}", show(&o));
     wait_verified(&env, &read, &pk, &paths, "enqueued paths uploaded");
 
@@ -169,34 +125,24 @@ fn enqueue_cli_uploads_and_rejects_bad_arguments() {
         let o = run(d.cli_cmd().args(["enqueue", "--socket", &sock]).args(&bad));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "enqueue {bad:?}: {err}");
-        assert_eq!(
-            err.trim_end().lines().count(),
-            1,
-            "enqueue {bad:?}: expected a one-line error, got {err:?}"
-        );
+        let lines = err.trim_end().lines().count();
+        assert_eq!(lines, 1, "enqueue {bad:?}: not one line: {err:?}");
     }
 }
 
-/// 4b. `enqueue -` reads paths from stdin.
 #[test]
 fn enqueue_cli_reads_stdin() {
     let env = NixEnv::new("core-stdin");
     let (d, read, pk) = signing_daemon(&env, "core-stdin-1");
     let paths = env.build_paths(2, "stdin");
     let input = strs(&paths).join("\n") + "\n";
-    let o = run_with_stdin(
-        d.cli_cmd()
-            .args(["enqueue", "--socket"])
-            .arg(d.socket())
-            .arg("-"),
-        &input,
-    );
+    let mut c = d.cli_cmd();
+    c.args(["enqueue", "--socket"]).arg(d.socket()).arg("-");
+    let o = run_with_stdin(&mut c, &input);
     assert!(o.status.success(), "{}", show(&o));
     wait_verified(&env, &read, &pk, &paths, "stdin-enqueued paths uploaded");
 }
 
-/// 4c. A daemon with neither a signing key nor an upload target acks
-///     requests and says in its log that it has nothing to do.
 #[test]
 fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
     let env = NixEnv::new("core-idle");
@@ -206,9 +152,8 @@ fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
     let p = env.build_paths(1, "idle");
     let reply = d.request(&format!("enqueue {}", p[0].display()));
     assert!(reply.starts_with("ok"), "enqueue reply: {reply}");
-    wait_until(Duration::from_secs(10), "nothing to do in the log", || {
-        d.log().to_lowercase().contains("nothing to do")
-    });
+    let idle = || d.log().to_lowercase().contains("nothing to do");
+    wait_until(Duration::from_secs(10), "nothing to do in the log", idle);
 }
 
 /// 4d. Protocol replies for `ping`, `enqueue`, `drv` and bad requests.
@@ -237,42 +182,30 @@ fn resumes_after(tag: &str, stop: impl FnOnce(&mut Daemon)) {
     let (sk, pk) = env.gen_signing_key(&format!("core-{tag}-1"));
     let (upload, read) = file_cache(&env, "cache");
     let sk = sk.display().to_string();
-    let config = [
-        ("signing-key-file", sk.as_str()),
-        ("upload-to", "file:///dev/null/x"),
-    ];
-    let mut d = Daemon::start(&env, &config);
+    let bad = ("upload-to", "file:///dev/null/x");
+    let mut d = Daemon::start(&env, &[("signing-key-file", sk.as_str()), bad]);
     let paths = env.build_paths(3, tag);
     let line = format!("enqueue {}", strs(&paths).join(" "));
     assert_eq!(d.request(&line), "ok 3");
     stop(&mut d);
-    assert!(
-        env.verify_in_cache(&read, &pk, &paths).is_err(),
-        "paths were uploaded to the good cache before it was configured"
-    );
+    let early = env.verify_in_cache(&read, &pk, &paths).is_ok();
+    assert!(!early, "uploaded before the cache was configured");
     d.set_config("upload-to", &upload);
     d.restart();
     let what = format!("queued paths uploaded after {tag} and a restart");
     wait_verified(&env, &read, &pk, &paths, &what);
 }
 
-/// 5. Journal durability: acked paths survive `kill -9` while the upload
-///    target is failing, and arrive after a restart with a working target.
 #[test]
 fn journal_survives_kill9_and_uploads_after_restart() {
     resumes_after("crash", Daemon::kill9);
 }
 
-/// SIGTERM stops the daemon cleanly (exit 0) and a restart resumes the
-/// queue from the journal.
 #[test]
 fn sigterm_stops_cleanly_and_restart_resumes_queue() {
     resumes_after("term", |d| {
         let status = d.stop();
-        assert!(
-            status.success(),
-            "daemon did not exit 0 on SIGTERM: {status}"
-        );
+        assert!(status.success(), "not exit 0 on SIGTERM: {status}");
     });
 }
 
@@ -300,20 +233,15 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
     let closed = |d: &Daemon, out: &PathBuf| {
         let mut c = Command::new("sh");
         c.args(["-c", "exec \"$0\" <&- >&- 2>&-"]).arg(hook_bin());
-        let o = run(c
-            .envs(d.hook_env())
-            .env("OUT_PATHS", out)
-            .env("DRV_PATH", ""));
+        c.envs(d.hook_env()).env("OUT_PATHS", out);
+        let o = run(c.env("DRV_PATH", ""));
         assert!(o.status.success(), "hook exited {}", o.status);
     };
 
     d.kill9();
     closed(&d, &paths[0]);
-    assert_eq!(
-        spooled(&d.spool_dir()),
-        vec![format!("enqueue {}\n", paths[0].display())],
-        "one complete spool file with the request"
-    );
+    // One complete spool file with the request.
+    assert_eq!(spooled(&d.spool_dir()), request(&paths[0]));
 
     d.restart();
     closed(&d, &paths[1]);
@@ -345,10 +273,7 @@ fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     drop(hook.stderr.take());
     let status = hook.wait().unwrap();
     assert!(status.success(), "the hook ended with {status}");
-    assert_eq!(
-        spooled(&spool),
-        vec![format!("enqueue {}\n", path.display())]
-    );
+    assert_eq!(spooled(&spool), request(&path));
 }
 
 /// A daemon whose backlog is full (it has stopped accepting, and as many
@@ -374,7 +299,8 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     if soft < need {
         assert!(
             hard >= need,
-            "this test fills a listen backlog of {backlog} (net.core.somaxconn) and needs {need} open files, but the hard limit is {hard}: raise it (ulimit -Hn) or lower somaxconn"
+            "a listen backlog of {backlog} (net.core.somaxconn) needs {need} open files, \
+             more than the hard limit {hard}: raise it (ulimit -Hn) or lower somaxconn"
         );
         assert!(
             std::env::var_os("NPBHQ_NOFILE_RAISED").is_none(),
@@ -387,11 +313,8 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
             &[("NPBHQ_NOFILE_RAISED", "1")],
         );
         let said = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
-        assert!(
-            o.status.success() && said.contains("1 passed"),
-            "the re-run with `ulimit -n {want}` failed ({}):\n{said}",
-            o.status
-        );
+        let passed = o.status.success() && said.contains("1 passed");
+        assert!(passed, "the re-run with `ulimit -n {want}` failed:\n{said}");
         return;
     }
 
@@ -400,10 +323,8 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("full.sock");
     let listener = UnixListener::bind(&socket).unwrap();
-    let (connected, in_connect) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
+    let connected = Arc::new(AtomicUsize::new(0));
+    let in_connect = Arc::new(AtomicBool::new(false));
     let filler = {
         let (socket, connected, in_connect) =
             (socket.clone(), connected.clone(), in_connect.clone());
@@ -416,7 +337,8 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
                 match c {
                     Ok(c) => held.push(c),
                     Err(e) if e.raw_os_error() == Some(24) => {
-                        panic!("out of file descriptors after {} connections: raise `ulimit -n` above the listen backlog (/proc/sys/net/core/somaxconn)", held.len())
+                        let n = held.len();
+                        panic!("out of descriptors after {n} connections: raise `ulimit -n`")
                     }
                     // The listener closed at the end of the test.
                     Err(_) => return held.len(),
@@ -445,32 +367,29 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
         .join("0000000000000000000000000000000f-npbhq-backlog");
     // A correctness bound, far above the hook's 0.5 s: a hook blocked in
     // its connect never ends.
-    let o = run_to_exit(
-        &mut hook(&socket, &spool, "0.5", &path),
-        Duration::from_secs(60),
-    );
+    let o = run_to_exit(&mut hook(&socket, &spool, "0.5", &path), secs(60));
     let (status, said) = (o.status, String::from_utf8_lossy(&o.stderr));
-    assert!(
-        in_connect.load(Ordering::SeqCst) && connected.load(Ordering::SeqCst) == queued,
-        "the backlog did not stay full while the hook ran ({queued} queued before)"
-    );
+    let full = in_connect.load(Ordering::SeqCst) && connected.load(Ordering::SeqCst) == queued;
+    assert!(full, "the backlog did not stay full ({queued} queued)");
     assert!(status.success(), "the hook ended with {status}: {said}");
     assert_eq!(said.lines().count(), 1, "one line: {said:?}");
-    assert!(
-        said.starts_with(&format!(
-            "the daemon at {} did not accept the connection in time",
-            socket.display()
-        )) && said.contains("spooled the paths to"),
-        "{said:?}"
-    );
-    assert_eq!(
-        spooled(&spool),
-        vec![format!("enqueue {}\n", path.display())]
-    );
+    let socket_s = socket.display();
+    let late = format!("the daemon at {socket_s} did not accept the connection in time");
+    let spooled_it = said.starts_with(&late) && said.contains("spooled the paths to");
+    assert!(spooled_it, "{said:?}");
+    assert_eq!(spooled(&spool), request(&path));
     drop(listener);
     let _ = fs::remove_file(&socket);
-    let held = filler.join().expect("the connecting thread");
-    eprintln!("backlog: {held} connections queued before the hook ran");
+    filler.join().expect("the connecting thread");
+}
+
+/// What the spool holds after the hook handed over `path` alone.
+fn request(path: &Path) -> Vec<String> {
+    vec![format!("enqueue {}\n", path.display())]
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 /// The hook for the one output `path`, with the daemon at `socket`, the
@@ -499,29 +418,22 @@ fn daemon_with_closed_standard_descriptors_opens_dev_null_on_them() {
     // sh exec'd the daemon, so the pid is the daemon's.
     let pid = d.pid().expect("running");
     for fd in 0..3 {
-        assert_eq!(
-            fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok(),
-            Some(PathBuf::from("/dev/null")),
-            "descriptor {fd} of the daemon"
-        );
+        let on = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok();
+        assert_eq!(on, Some(PathBuf::from("/dev/null")), "descriptor {fd}");
     }
     for p in &paths {
         assert_eq!(d.request(&format!("enqueue {}", p.display())), "ok 1");
     }
     wait_verified(&env, &read, &pk, &paths, "both paths uploaded");
     let journal = fs::read_to_string(d.state_dir().join("journal")).unwrap();
-    assert!(
-        journal
-            .lines()
-            .all(|l| l.starts_with("+ ") || l.starts_with("- ")),
-        "only records in the journal:\n{journal}"
-    );
+    let records = journal
+        .lines()
+        .all(|l| l.starts_with("+ ") || l.starts_with("- "));
+    assert!(records, "only records in the journal:\n{journal}");
     d.restart();
     let log = d.log();
-    assert!(
-        log.contains("replayed: 0 paths queued") && log.lines().all(|l| l.starts_with("info: ")),
-        "a normal restart found nothing wrong with the journal:\n{log}"
-    );
+    let info = log.lines().all(|l| l.starts_with("info: "));
+    assert!(log.contains("replayed: 0 paths queued") && info, "{log}");
 }
 
 /// A path garbage-collected after the daemon checked it is valid, just
@@ -543,41 +455,27 @@ fn invalid_path_does_not_block_valid_ones() {
         victim.display()
     );
     let w = FakeNix::with_preludes(&env, &gc, "");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-            ("nix", &w.nix()),
-            ("retry-initial-delay", "0.05"),
-        ],
-    );
+    let (sk, nix) = (sk.display().to_string(), w.nix());
+    let config = [("signing-key-file", sk.as_str()), ("upload-to", &upload)];
+    let more = [("nix", nix.as_str()), ("retry-initial-delay", "0.05")];
+    let d = Daemon::start(&env, &[&config[..], &more].concat());
     let line = format!("enqueue {}", strs(&paths).join(" "));
     assert_eq!(d.request(&line), "ok 3");
     wait_verified(&env, &read, &pk, &good, "the valid paths");
     let victim_s = victim.display().to_string();
-    wait_until(
-        Duration::from_secs(30),
-        "the collected path dropped, the queue empty",
-        || {
-            let status = d.request_lines("status");
-            status.iter().any(|l| l == "dropped:      1 since start")
-                && status.iter().any(|l| l == "queued:       0")
-        },
-    );
+    let dropped = || {
+        let status = d.request_lines("status");
+        status.iter().any(|l| l == "dropped:      1 since start")
+            && status.iter().any(|l| l == "queued:       0")
+    };
+    wait_until(secs(30), "the collected path dropped, none queued", dropped);
     let log = d.log();
     let copies = w.uploads();
-    assert!(
-        copies
-            .iter()
-            .find(|c| c.0 == "copy")
-            .is_some_and(|c| c.2.contains(&victim_s)),
-        "the path never reached nix copy: {copies:?}"
-    );
+    let first = copies.iter().find(|c| c.0 == "copy");
+    let copied = first.is_some_and(|c| c.2.contains(&victim_s));
+    assert!(copied, "the path never reached nix copy: {copies:?}");
     let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
-    assert!(
-        drops.len() == 1 && drops[0].starts_with("warning:") && drops[0].contains(&victim_s),
-        "one warning about the collected path: {drops:?}"
-    );
+    let one = drops.len() == 1 && drops[0].starts_with("warning:");
+    assert!(one && drops[0].contains(&victim_s), "{drops:?}");
     assert!(!env.is_valid_in(&read, &victim));
 }

@@ -8,8 +8,7 @@
 //! so that kills land while an upload runs.
 //!
 //! Timeouts in `wait_until*` are correctness bounds ("this eventually
-//! happens"), never speed assertions. Figures printed with `eprintln!` (run
-//! with `--nocapture`) are for the notes, not asserted.
+//! happens"), never speed assertions.
 
 mod common;
 
@@ -18,7 +17,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::Read;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
@@ -26,6 +25,12 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 // --- Helpers
+
+/// A target that fails every upload.
+const UNREACHABLE: &str = "file:///dev/null/unreachable";
+
+/// Retry settings that retry at once.
+const FAST_RETRY: [(&str, &str); 2] = [("retry-initial-delay", "0.05"), ("retry-max-delay", "0.2")];
 
 fn enqueue_line(paths: &[PathBuf]) -> String {
     format!("enqueue {}", strs(paths).join(" "))
@@ -56,35 +61,44 @@ fn all_in_cache(env: &NixEnv, url: &str, paths: &[PathBuf]) -> Result<(), String
         [] => Vec::new(),
         _ => env.path_infos(url, paths)?,
     };
-    let valid: HashSet<&PathBuf> = infos
-        .iter()
-        .filter(|(_, s)| s.is_some())
-        .map(|(p, _)| p)
-        .collect();
+    let valid = infos.iter().filter_map(|(p, s)| s.as_ref().and(Some(p)));
+    let valid: HashSet<&PathBuf> = valid.collect();
     let missing: Vec<&PathBuf> = paths.iter().filter(|p| !valid.contains(p)).collect();
+    let (n, all) = (missing.len(), paths.len());
     match missing.first() {
         None => Ok(()),
-        Some(p) => Err(format!(
-            "{} of {} paths not in {url}, e.g. {}",
-            missing.len(),
-            paths.len(),
-            p.display()
-        )),
+        Some(p) => Err(format!("{n} of {all} not in {url}, e.g. {p:?}")),
     }
 }
 
 /// Waits until `paths` are in the cache at `url` (see [`all_in_cache`]).
 fn wait_in_cache(env: &NixEnv, url: &str, paths: &[PathBuf]) {
-    wait_ok(UPLOAD_TIMEOUT, "the paths in the cache", || {
-        all_in_cache(env, url, paths)
-    });
+    let there = || all_in_cache(env, url, paths);
+    wait_ok(UPLOAD_TIMEOUT, "the paths in the cache", there);
 }
 
 /// Waits until `d`'s queue is empty.
 fn wait_drained(d: &Daemon) {
-    wait_until(Duration::from_secs(30), "an empty queue", || {
-        d.status().num("queued") == 0
-    });
+    let empty = || d.status().num("queued") == 0;
+    wait_until(secs(30), "an empty queue", empty);
+}
+
+/// A daemon that signs with the key file `sk` and uploads to `upload`, with
+/// `extra` settings and environment `vars`.
+fn signing(
+    env: &NixEnv,
+    (sk, upload): (&Path, &str),
+    extra: &[(&str, &str)],
+    vars: &[(&str, &str)],
+) -> Daemon {
+    let sk = sk.display().to_string();
+    let mut config = vec![("signing-key-file", sk.as_str()), ("upload-to", upload)];
+    config.extend_from_slice(extra);
+    Daemon::start_with_env(env, &config, vars)
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 /// A small xorshift generator; the seed is printed so a failing run can be
@@ -109,21 +123,21 @@ impl Rng {
     }
 }
 
-/// Command lines (arguments joined by spaces) of the processes below `pid`.
-fn descendant_cmdlines(pid: u32) -> Vec<String> {
-    descendants(pid)
-        .into_iter()
+/// Command lines (arguments joined by spaces) of the processes `pids`.
+fn cmdlines(pids: impl IntoIterator<Item = u32>) -> Vec<String> {
+    pids.into_iter()
         .filter_map(|p| fs::read(format!("/proc/{p}/cmdline")).ok())
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .collect()
 }
 
+/// Command lines of the processes below the daemon.
+fn below(d: &Daemon) -> Vec<String> {
+    d.pid().map_or(vec![], |pid| cmdlines(descendants(pid)))
+}
+
 fn copy_running(d: &Daemon) -> bool {
-    d.pid().is_some_and(|pid| {
-        descendant_cmdlines(pid)
-            .iter()
-            .any(|c| c.contains(" copy --to "))
-    })
+    below(d).iter().any(|c| c.contains(" copy --to "))
 }
 
 /// The final line of a `wait` request; panics when it has not come within
@@ -160,27 +174,16 @@ fn log_lines(d: &Daemon, needle: &str) -> Vec<String> {
 #[test]
 fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     const CYCLES: usize = 20;
-    let started = Instant::now();
     let env = NixEnv::new("faults-crash");
-    let (sk, pk) = env.gen_signing_key("faults-crash-1");
     let (upload, read) = file_cache(&env, "cache");
     let paths = add_text_paths(&env, 1000, "crash");
-    let slow_nix = FakeNix::with_preludes(
-        &env,
-        "case \" $* \" in *\" copy \"*) sleep 0.15 ;; esac",
-        "",
-    );
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-            ("nix", &slow_nix.nix()),
-            ("batch-size", "50"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.5"),
-        ],
-    );
+    let slow = "case \" $* \" in *\" copy \"*) sleep 0.15 ;; esac";
+    let slow_nix = FakeNix::with_preludes(&env, slow, "");
+    let nix = slow_nix.nix();
+    let retry = [("retry-initial-delay", "0.05"), ("retry-max-delay", "0.5")];
+    let config = [&[("nix", nix.as_str()), ("batch-size", "50")][..], &retry].concat();
+    let (sk, pk) = env.gen_signing_key("faults-crash-1");
+    let mut d = signing(&env, (&sk, &upload), &config, NO_ENV);
 
     // The enqueuer: a few paths per request, paced, retrying a request until
     // it gets a reply; only an `ok` reply makes its paths "acked".
@@ -189,8 +192,6 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
         acked: Mutex<Vec<PathBuf>>,
         refusals: Mutex<Vec<String>>,
         stop: AtomicBool,
-        requests: AtomicUsize,
-        in_request: AtomicBool,
     }
     let q = Arc::new(Enqueuer::default());
     let enqueuer = {
@@ -199,11 +200,7 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
             let (mut i, mut k) = (0, 1);
             while i < paths.len() && !q.stop.load(SeqCst) {
                 let chunk = &paths[i..(i + k).min(paths.len())];
-                q.requests.fetch_add(1, SeqCst);
-                q.in_request.store(true, SeqCst);
-                let reply = try_ask(&socket, &enqueue_line(chunk));
-                q.in_request.store(false, SeqCst);
-                match reply {
+                match try_ask(&socket, &enqueue_line(chunk)) {
                     Ok(r) if r.starts_with("ok") => {
                         q.acked.lock().unwrap().extend_from_slice(chunk);
                         i += chunk.len();
@@ -223,8 +220,6 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
 
     let mut rng = Rng::new("crash");
     let mut kills_during_copy = 0;
-    let mut kills_during_request = 0;
-    let mut max_live = 0;
     for cycle in 0..CYCLES {
         if cycle % 2 == 1 {
             // Wait for an upload to start, then kill inside it (the wrapper
@@ -237,60 +232,34 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
         } else {
             thread::sleep(Duration::from_millis(30 + rng.below(400)));
         }
-        if copy_running(&d) {
-            kills_during_copy += 1;
-        }
-        if q.in_request.load(SeqCst) {
-            kills_during_request += 1;
-        }
+        kills_during_copy += usize::from(copy_running(&d));
         d.kill9();
         let acked_now = q.acked.lock().unwrap().clone();
         let j = d.journal();
-        assert!(
-            j.duplicates.is_empty(),
-            "cycle {cycle}: duplicate live records in the journal: {:?}",
-            &j.duplicates[..j.duplicates.len().min(3)]
-        );
-        max_live = max_live.max(j.live.len());
+        let dups = &j.duplicates[..j.duplicates.len().min(3)];
+        assert!(dups.is_empty(), "cycle {cycle}: duplicates: {dups:?}");
         let live: HashSet<&str> = j.live.iter().map(String::as_str).collect();
-        let not_live: Vec<PathBuf> = acked_now
-            .iter()
-            .filter(|p| !live.contains(p.to_str().unwrap()))
-            .cloned()
-            .collect();
-        all_in_cache(&env, &read, &not_live).unwrap_or_else(|e| {
-            panic!("cycle {cycle}: an acknowledged path is neither in the journal nor in the cache: {e}")
-        });
-        d.try_spawn()
-            .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
+        let live = |p: &&PathBuf| live.contains(p.to_str().unwrap());
+        let not_live: Vec<PathBuf> = acked_now.iter().filter(|p| !live(p)).cloned().collect();
+        let lost = all_in_cache(&env, &read, &not_live);
+        lost.unwrap_or_else(|e| panic!("cycle {cycle}: acked, not in journal nor cache: {e}"));
+        let started = d.try_spawn();
+        started.unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
     }
     q.stop.store(true, SeqCst);
     enqueuer.join().unwrap();
-    let cycles_took = started.elapsed();
     let acked = q.acked.lock().unwrap().clone();
     let refusals = q.refusals.lock().unwrap();
-    assert!(
-        refusals.is_empty(),
-        "the daemon refused requests: {refusals:?}"
-    );
-    assert!(
-        acked.len() > 100,
-        "only {} paths were acknowledged",
-        acked.len()
-    );
-    assert!(
-        kills_during_copy >= CYCLES / 4,
-        "only {kills_during_copy} of {CYCLES} kills landed during nix copy"
-    );
+    assert!(refusals.is_empty(), "the daemon refused: {refusals:?}");
+    assert!(acked.len() > 100, "only {} paths acked", acked.len());
+    let landed = kills_during_copy >= CYCLES / 4;
+    assert!(landed, "{kills_during_copy} of {CYCLES} during nix copy");
 
     // One more crash, then look at what is left in the journal.
     d.kill9();
     let before = d.journal();
-    assert!(
-        before.duplicates.is_empty(),
-        "{:?}",
-        &before.duplicates[..before.duplicates.len().min(3)]
-    );
+    let dups = &before.duplicates[..before.duplicates.len().min(3)];
+    assert!(dups.is_empty(), "{dups:?}");
 
     // Let the queue drain about half way (plain nix, no delay), then crash
     // again: the journal now holds at least as many dead records as live
@@ -298,65 +267,38 @@ fn crash_kill9_under_continuous_enqueueing_loses_nothing() {
     d.set_config("nix", &which("nix").display().to_string());
     d.try_spawn().unwrap();
     let half = before.live.len() / 2;
-    wait_until(UPLOAD_TIMEOUT, "half of the queue uploaded", || {
-        d.status().num("queued") as usize <= half
-    });
+    let halfway = || d.status().num("queued") as usize <= half;
+    wait_until(UPLOAD_TIMEOUT, "half of the queue uploaded", halfway);
     d.kill9();
     let mid = d.journal();
     assert!(mid.duplicates.is_empty(), "{mid:?}");
-    assert!(
-        mid.dead >= mid.live.len(),
-        "expected a journal worth compacting: {} dead, {} live",
-        mid.dead,
-        mid.live.len()
-    );
+    let (dead, live) = (mid.dead, mid.live.len());
+    assert!(dead >= live, "to compact: {dead} dead, {live} live");
 
     // Restart against a broken target, so nothing completes while we read:
     // replay compacted the journal to exactly the live records.
-    d.set_config("upload-to", "file:///dev/null/unreachable");
+    d.set_config("upload-to", UNREACHABLE);
     d.set_config("batch-size", "1000");
     d.try_spawn().unwrap();
     let after = d.journal();
     assert!(after.duplicates.is_empty(), "{after:?}");
     assert_eq!(after.live, mid.live, "replay changed the live set");
-    assert_eq!(
-        (after.dead, after.done.len(), after.torn),
-        (0, 0, 0),
-        "the journal was not compacted at start"
-    );
+    let left = (after.dead, after.done.len(), after.torn);
+    assert_eq!(left, (0, 0, 0), "the journal was not compacted at start");
     assert_eq!(d.status().num("queued"), mid.live.len() as u64);
 
     // Now with the real target: every acknowledged path arrives, signed.
     d.kill9();
     d.set_config("upload-to", &upload);
     d.try_spawn().unwrap();
-    wait_in_cache(&env, &read, &acked);
-    env.verify_in_cache(&read, &pk, &acked)
-        .unwrap_or_else(|e| panic!("{e}"));
+    wait_verified(&env, &read, &pk, &acked, "every acked path");
     wait_drained(&d);
     // A clean restart compacts the (now all dead) journal to nothing.
     d.restart();
     let last = d.journal();
-    assert!(
-        last.live.is_empty() && last.dead == 0,
-        "journal after compaction: {last:?}"
-    );
+    let empty = last.live.is_empty() && last.dead == 0;
+    assert!(empty, "journal after compaction: {last:?}");
     assert_eq!(d.status().num("queued"), 0);
-    eprintln!(
-        "crash: {CYCLES} kill -9 cycles ({kills_during_copy} during nix copy, \
-         {kills_during_request} during an enqueue request) in {:.1} s, \
-         {} requests, {} paths acked, up to {} live at a crash, {} live after the cycles \
-         ({} dead records), compacted to {} live, {} torn-tail warnings, total {:.1} s",
-        cycles_took.as_secs_f64(),
-        q.requests.load(SeqCst),
-        acked.len(),
-        max_live,
-        before.live.len(),
-        before.dead,
-        mid.live.len(),
-        log_lines(&d, "torn last record").len(),
-        started.elapsed().as_secs_f64()
-    );
 }
 
 // --- Outage
@@ -382,65 +324,34 @@ fn backoff_delays(d: &Daemon) -> Vec<(u32, f64)> {
 #[test]
 fn outage_backs_off_then_delivers_everything() {
     let env = NixEnv::new("faults-outage");
-    let (sk, pk) = env.gen_signing_key("faults-outage-1");
     let blocker = env.root().join("outage");
-    fs::write(
-        &blocker,
-        "a regular file where the cache's parent should be\n",
-    )
-    .unwrap();
+    fs::write(&blocker, "a regular file where the cache's parent is\n").unwrap();
     let read = format!("file://{}/cache", blocker.display());
     let upload = format!("{read}?compression=none");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-            ("retry-initial-delay", "0.1"),
-            ("retry-max-delay", "2"),
-        ],
-    );
+    let delays = [("retry-initial-delay", "0.1"), ("retry-max-delay", "2")];
+    let (sk, pk) = env.gen_signing_key("faults-outage-1");
+    let d = signing(&env, (&sk, &upload), &delays, NO_ENV);
     let paths = env.build_paths(8, "outage");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
-    let outage = Instant::now();
-    wait_until(
-        Duration::from_secs(120),
-        "4 failed attempts during the outage",
-        || backoff_delays(&d).iter().any(|(a, _)| *a >= 4),
-    );
-    let during = d.status();
+    let four = || backoff_delays(&d).iter().any(|(a, _)| *a >= 4);
+    wait_until(Duration::from_secs(120), "4 failed attempts", four);
     fs::remove_file(&blocker).unwrap();
-    let outage = outage.elapsed();
-    let recovered = Instant::now();
     wait_verified(&env, &read, &pk, &paths, "after the outage");
     wait_drained(&d);
-    let after = d.status();
+    let failed_calls = d.status().num("failed-calls");
     let delays = backoff_delays(&d);
-    eprintln!(
-        "outage: {:.1} s outage, {} failed calls, attempts/delays {delays:?}; \
-         {} backing off at the end of the outage; all arrived {:.1} s after recovery",
-        outage.as_secs_f64(),
-        after.num("failed-calls"),
-        during.num("backing-off"),
-        recovered.elapsed().as_secs_f64()
-    );
     // Jitter makes a delay between half and all of `initial * 2^(n-1)`:
     // the first is at most 0.1 s, the fourth at least 0.4 s.
     let first = delays.iter().find(|(a, _)| *a == 1).map(|(_, d)| *d);
     let fourth = delays.iter().find(|(a, _)| *a >= 4).map(|(_, d)| *d);
-    assert!(
-        matches!((first, fourth), (Some(f), Some(l)) if l > 2.0 * f),
-        "retry delays did not grow: {delays:?}"
-    );
-    // One more when the target came back between a batch's failure and
-    // its canary (then the batch is split, and its parts go through).
-    assert!(
-        after.num("failed-calls") <= 2 * delays.len() as u64 + 1,
-        "{} failed nix calls for {} failed attempts: more than the batch and one \
-         path alone per attempt",
-        after.num("failed-calls"),
-        delays.len(),
-    );
+    let grew = matches!((first, fourth), (Some(f), Some(l)) if l > 2.0 * f);
+    assert!(grew, "retry delays did not grow: {delays:?}");
+    // At most the batch and one path alone per attempt; one more when the
+    // target came back between a batch's failure and its canary (then the
+    // batch is split, and its parts go through).
+    let attempts = delays.len() as u64;
+    let bounded = failed_calls <= 2 * attempts + 1;
+    assert!(bounded, "{failed_calls} failed calls, {attempts} attempts");
 }
 
 // --- Hang
@@ -481,6 +392,12 @@ impl BlackHole {
     }
 }
 
+/// An `ssh-ng://` target at `addr` (with a remote store that is never used).
+fn hung_ssh(env: &NixEnv, addr: &str) -> String {
+    let remote = env.root().join("remote");
+    format!("ssh-ng://root@{addr}?remote-store={}", remote.display())
+}
+
 /// An `ssh-ng://` target that accepts the connection and never answers, with
 /// a user `NIX_SSHOPTS` that has no `ConnectTimeout`: only `command-timeout`
 /// saves the worker. The call is killed with everything it started (the ssh
@@ -489,74 +406,35 @@ impl BlackHole {
 #[test]
 fn hung_target_is_killed_by_command_timeout_and_retried() {
     let env = NixEnv::new("faults-hang");
-    let (sk, pk) = env.gen_signing_key("faults-hang-1");
     let hole = BlackHole::bind(("127.0.0.1", 0)).unwrap();
-    let ssh_opts = format!(
-        "-p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR",
-        hole.port
-    );
-    let target = format!(
-        "ssh-ng://root@127.0.0.1?remote-store={}",
-        env.root().join("remote").display()
-    );
-    let mut d = Daemon::start_with_env(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &target),
-            ("command-timeout", "2"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
-        &[("NIX_SSHOPTS", ssh_opts.as_str())],
-    );
+    let opts = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes";
+    let ssh_opts = format!("-p {} {opts} -o LogLevel=ERROR", hole.port);
+    let config = [&[("command-timeout", "2")][..], &FAST_RETRY].concat();
+    let (vars, target) = ([("NIX_SSHOPTS", &*ssh_opts)], hung_ssh(&env, "127.0.0.1"));
+    let (sk, pk) = env.gen_signing_key("faults-hang-1");
+    let mut d = signing(&env, (&sk, &target), &config, &vars);
     let paths = env.build_paths(3, "hang");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 3");
-    let started = Instant::now();
-    wait_until(
-        Duration::from_secs(30),
-        "two nix copy calls killed by the command timeout",
-        || log_lines(&d, "ran longer than 2 s and was killed").len() >= 2,
-    );
-    let two_kills = started.elapsed();
+    let killed = || log_lines(&d, "ran longer than 2 s and was killed").len() >= 2;
+    wait_until(secs(30), "two calls killed by the timeout", killed);
     // The kill reached ssh (nix's child): its connection was closed.
-    wait_until(
-        Duration::from_secs(10),
-        "the listener to see a killed ssh close its connection",
-        || hole.closed.load(SeqCst) >= 1,
-    );
+    let closed = || hole.closed.load(SeqCst) >= 1;
+    wait_until(secs(10), "a killed ssh's connection closed", closed);
     assert!(hole.accepted.load(SeqCst) >= 2);
-    let ssh_below = d.pid().map_or(0, |pid| {
-        descendant_cmdlines(pid)
-            .iter()
-            .filter(|c| c.starts_with("ssh "))
-            .count()
-    });
-    assert!(
-        ssh_below <= 1,
-        "{ssh_below} ssh processes below the daemon: killed calls left them behind"
-    );
-    assert!(
-        log_lines(&d, "splitting").is_empty(),
-        "a timeout is systemic and must not bisect the batch"
-    );
+    let ssh_below = below(&d).iter().filter(|c| c.starts_with("ssh ")).count();
+    assert!(ssh_below <= 1, "{ssh_below} ssh processes left behind");
+    // A timeout is systemic and must not bisect the batch.
+    let split = log_lines(&d, "splitting");
+    assert!(split.is_empty(), "{split:?}");
     let st = d.status();
     assert_eq!(st.num("queued"), 3);
-    assert!(
-        st.backoff.iter().any(|l| l.contains("was killed")),
-        "{st:?}"
-    );
+    let said = st.backoff.iter().any(|l| l.contains("was killed"));
+    assert!(said, "{st:?}");
 
     let (upload, read) = file_cache(&env, "cache");
     d.set_config("upload-to", &upload);
     d.restart();
     wait_verified(&env, &read, &pk, &paths, "in the working cache");
-    eprintln!(
-        "hang: 2 timed-out calls after {:.1} s; listener accepted {}, saw {} closed",
-        two_kills.as_secs_f64(),
-        hole.accepted.load(SeqCst),
-        hole.closed.load(SeqCst)
-    );
 }
 
 /// Uploads over ssh with a `ControlPersist` master: the first `nix copy`
@@ -572,53 +450,35 @@ fn upload_through_an_ssh_control_master_is_judged_by_its_exit() {
     // Short: a control socket path must fit a unix socket address.
     let control = TempDir::new("cm");
     let control_path = format!("{}/%C", control.path().display());
-    let ssh_opts = format!(
-        "{} -v -o ControlMaster=auto -o ControlPath={control_path} -o ControlPersist=300",
-        sshd.ssh_opts()
-    );
-    let d = Daemon::start_with_env(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &sshd.url()),
-            ("command-timeout", "60"),
-            ("retry-initial-delay", "0.05"),
-        ],
-        &[("NIX_SSHOPTS", ssh_opts.as_str())],
-    );
+    let master = format!("-o ControlPath={control_path} -o ControlPersist=300");
+    let ssh_opts = format!("{} -v -o ControlMaster=auto {master}", sshd.ssh_opts());
+    let config = [("command-timeout", "60"), ("retry-initial-delay", "0.05")];
+    let vars = [("NIX_SSHOPTS", ssh_opts.as_str())];
+    let d = signing(&env, (&sk, &sshd.url()), &config, &vars);
     let paths = add_text_paths(&env, 2, "persist");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 2");
     // (Counted once the batch is done, a moment after it left the queue.)
-    wait_until(
-        Duration::from_secs(300),
-        "the paths done (uploaded, or failed and retried)",
-        || {
-            let st = d.status();
-            st.num("queued") == 0 && st.num("uploaded") >= 2
-        },
-    );
-    let masters: Vec<String> = fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.starts_with("ssh") && c.contains(&control.path().display().to_string()))
-        .collect();
-    let _ = run(Command::new("ssh")
-        .args(["-o", &format!("ControlPath={control_path}"), "-O", "exit"])
-        .arg("root@127.0.0.1"));
+    let done = || {
+        let st = d.status();
+        st.num("queued") == 0 && st.num("uploaded") >= 2
+    };
+    wait_until(secs(300), "the paths done (or failed and retried)", done);
+    let control_dir = control.path().display().to_string();
+    let procs = fs::read_dir("/proc").unwrap().flatten();
+    let all = cmdlines(procs.filter_map(|e| e.file_name().to_str()?.parse().ok()));
+    let master = |c: &&String| c.starts_with("ssh") && c.contains(&control_dir);
+    let masters: Vec<&String> = all.iter().filter(master).collect();
+    let mut exit = Command::new("ssh");
+    exit.args(["-o", &format!("ControlPath={control_path}"), "-O", "exit"]);
+    let _ = run(exit.arg("root@127.0.0.1"));
     let st = d.status();
-    assert!(
-        log_lines(&d, "was killed").is_empty() && st.num("failed-calls") == 0,
-        "a nix copy that exited 0 was not judged by its exit: {st:?}"
-    );
+    let judged = log_lines(&d, "was killed").is_empty() && st.num("failed-calls") == 0;
+    assert!(judged, "a nix copy that exited 0, not judged by it: {st:?}");
     assert_eq!(st.num("uploaded"), 2, "{st:?}");
     let recv = sshd.local_store_url();
     env.verify_in_cache(&recv, &pk, &paths).unwrap();
-    assert!(
-        !masters.is_empty(),
-        "no ssh control master was left running: the test did not test it"
-    );
+    // Else the test did not test it.
+    assert!(!masters.is_empty(), "no ssh control master left running");
 }
 
 /// The nice value in `/proc/PID/stat` (field 19; the name in field 2 may
@@ -643,37 +503,24 @@ fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
     let (sk, _pk) = env.gen_signing_key("faults-nice-1");
     let (upload, _read) = file_cache(&env, "cache");
     let record = env.root().join("calls.txt");
-    let recorder = FakeNix::with_preludes(
-        &env,
-        &format!(
-            "echo \"$3 $4|$#|$(cat /proc/self/stat)|${{GLIBC_TUNABLES-unset}}\" >> {}",
-            record.display()
-        ),
-        "",
-    );
-    let (sk, nix) = (sk.display().to_string(), recorder.nix());
-    let config = [
-        ("signing-key-file", sk.as_str()),
-        ("upload-to", &upload),
-        ("nix", &nix),
-    ];
+    let line = "\"$3 $4|$#|$(cat /proc/self/stat)|${GLIBC_TUNABLES-unset}\"";
+    let prelude = format!("echo {line} >> {}", record.display());
+    let recorder = FakeNix::with_preludes(&env, &prelude, "");
+    let nix = recorder.nix();
     let inherited = std::env::var("GLIBC_TUNABLES").ok();
     let users = "glibc.malloc.perturb=0";
-    for (round, extra, n) in [
+    for (round, vars, n) in [
         ("default", NO_ENV, 64),
         ("user-set", &[("GLIBC_TUNABLES", users)][..], 2),
     ] {
         let _ = fs::remove_file(&record);
-        let d = Daemon::start_with_env(&env, &config, extra);
+        let d = signing(&env, (&sk, &upload), &[("nix", &nix)], vars);
         let paths = add_text_paths(&env, n, round);
         assert_eq!(d.request(&enqueue_line(&paths)), format!("ok {n}"));
-        assert_eq!(
-            wait_request(&d, Duration::from_secs(120)),
-            "ok all uploaded",
-            "{round}"
-        );
-        let daemon_nice =
-            nice_of(&fs::read_to_string(format!("/proc/{}/stat", d.pid().unwrap())).unwrap());
+        let waited = wait_request(&d, secs(120));
+        assert_eq!(waited, "ok all uploaded", "{round}");
+        let stat = fs::read_to_string(format!("/proc/{}/stat", d.pid().unwrap()));
+        let base = nice_of(&stat.unwrap());
         let calls = fs::read_to_string(&record).unwrap();
         let calls: Vec<(&str, usize, &str, &str)> = calls
             .lines()
@@ -684,24 +531,15 @@ fn nix_calls_run_below_the_daemon_and_copy_is_split_with_its_malloc_setting() {
             .collect();
         // nix copy's arguments: the experimental-features flag (2), copy,
         // --to and the URL, then the paths.
-        let copies: Vec<usize> = calls
-            .iter()
-            .filter(|c| c.0.starts_with("copy --to"))
-            .map(|c| c.1 - 5)
-            .collect();
+        let copies = calls.iter().filter(|c| c.0.starts_with("copy --to"));
+        let copies: Vec<usize> = copies.map(|c| c.1 - 5).collect();
         let expected_copies = if n == 64 { vec![32, 32] } else { vec![2] };
         assert_eq!(copies, expected_copies, "{round}: paths per nix copy call");
-        assert!(
-            calls.iter().any(|c| c.0 == "store sign")
-                && calls.iter().any(|c| c.0.starts_with("copy --to")),
-            "{round}: a sign and a copy call: {calls:?}"
-        );
+        let signed = calls.iter().any(|c| c.0 == "store sign");
+        assert!(signed, "{round}: a sign call: {calls:?}");
         for (what, _, stat, tunables) in &calls {
-            assert_eq!(
-                nice_of(stat),
-                (daemon_nice + 10).min(19),
-                "{round}: {what} runs 10 steps below the daemon (nice {daemon_nice})"
-            );
+            let nice = (base + 10).min(19);
+            assert_eq!(nice_of(stat), nice, "{round}: {what}, 10 below {base}");
             let expected = match (round, what.starts_with("copy"), &inherited) {
                 ("user-set", _, _) => users,
                 (_, _, Some(v)) => v.as_str(),
@@ -729,27 +567,17 @@ fi"#,
         "",
     );
     let (upload, read) = file_cache(&env, "cache");
-    let d = Daemon::start(
-        &env,
-        &[
-            ("nix", &slow_nix.nix()),
-            ("upload-to", &upload),
-            ("command-timeout", "1"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.2"),
-        ],
-    );
+    let nix = slow_nix.nix();
+    let config = [("nix", nix.as_str()), ("upload-to", &upload)];
+    let config = [&config[..], &FAST_RETRY, &[("command-timeout", "1")]].concat();
+    let d = Daemon::start(&env, &config);
     let paths = add_text_paths(&env, 8, "size");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 8");
     wait_in_cache(&env, &read, &paths);
-    assert!(
-        !log_lines(&d, "timed out; the next batches take at most 4").is_empty(),
-        "the first timeout halves the batch"
-    );
-    assert!(
-        log_lines(&d, "splitting").is_empty(),
-        "timeouts do not bisect"
-    );
+    let halved = log_lines(&d, "timed out; the next batches take at most 4");
+    assert!(!halved.is_empty(), "the first timeout halves the batch");
+    let split = log_lines(&d, "splitting");
+    assert!(split.is_empty(), "timeouts do not bisect: {split:?}");
 }
 
 /// The same hung target without any `NIX_SSHOPTS` (removed from the
@@ -765,41 +593,23 @@ fn hung_ssh_target_is_ended_by_default_connect_timeout() {
         .map(|last| format!("127.0.0.{last}"))
         .find_map(|addr| Some((addr.clone(), BlackHole::bind((addr.as_str(), 22)).ok()?)))
         .expect("a loopback address with a free port 22");
-    let target = format!(
-        "ssh-ng://root@{addr}?remote-store={}",
-        env.root().join("remote").display()
-    );
-    let mut d = Daemon::new_stopped(
-        &env,
-        &[
-            ("upload-to", &target),
-            ("command-timeout", "120"),
-            ("retry-initial-delay", "0.05"),
-        ],
-        NO_ENV,
-    );
+    let target = hung_ssh(&env, &addr);
+    let config = [("upload-to", target.as_str()), ("command-timeout", "120")];
+    let config = [&config[..], &[("retry-initial-delay", "0.05")]].concat();
+    let mut d = Daemon::new_stopped(&env, &config, NO_ENV);
     // Whatever the test runner's environment holds.
     d.unset_env("NIX_SSHOPTS");
     d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
     let paths = add_text_paths(&env, 1, "connect");
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 1");
-    let started = Instant::now();
-    wait_until(
-        Duration::from_secs(60),
-        "nix copy to fail by ssh's ConnectTimeout",
-        || !log_lines(&d, "next try in").is_empty(),
-    );
+    let failed = || !log_lines(&d, "next try in").is_empty();
+    wait_until(secs(60), "nix copy failing by ssh's ConnectTimeout", failed);
     let failed = log_lines(&d, "next try in");
-    assert!(
-        failed[0].contains("banner exchange") && failed[0].contains("nix copy failed"),
-        "expected ssh's connect timeout: {failed:?}"
-    );
+    let ssh_said = failed[0].contains("banner exchange");
+    let timed_out = ssh_said && failed[0].contains("nix copy failed");
+    assert!(timed_out, "not ssh's connect timeout: {failed:?}");
     assert!(log_lines(&d, "was killed").is_empty());
     assert!(hole.accepted.load(SeqCst) >= 1);
-    eprintln!(
-        "connect-timeout: first failure after {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
 }
 
 // --- Poison
@@ -823,18 +633,11 @@ fn poison_paths_do_not_hold_back_good_ones() {
     let mut batch = good.to_vec();
     batch.insert(2, rejected.clone());
     batch.insert(4, gone.clone());
-    let mut d = Daemon::start_with_env(
-        &env,
-        &[
-            ("upload-to", "file:///dev/null/unreachable"),
-            ("retry-initial-delay", "0.05"),
-            ("retry-max-delay", "0.5"),
-            ("command-timeout", "60"),
-            // Retried until the test mends it, however many attempts fail.
-            ("max-attempts", "0"),
-        ],
-        &sshd.env(),
-    );
+    let retry = [("retry-initial-delay", "0.05"), ("retry-max-delay", "0.5")];
+    // Retried until the test mends it, however many attempts fail.
+    let config = [("command-timeout", "60"), ("max-attempts", "0")];
+    let config = [&[("upload-to", UNREACHABLE)][..], &retry, &config].concat();
+    let mut d = Daemon::start_with_env(&env, &config, &sshd.env());
     assert_eq!(d.request(&enqueue_line(&batch)), "ok 7");
     d.kill9();
     run_ok(env.cmd("nix-store").arg("--delete").arg(&gone));
@@ -849,16 +652,13 @@ fn poison_paths_do_not_hold_back_good_ones() {
         || format!("sshd:\n{}", sshd.log()),
     );
     let rejected_s = rejected.display().to_string();
-    wait_until(
-        Duration::from_secs(30),
-        "the rejected path backing off on its own in status, the rest done",
-        || {
-            // A failed `nix copy` may have copied good paths before it
-            // failed: wait until the daemon itself has finished them.
-            let st = d.status();
-            st.backoff.len() == 1 && st.backoff[0].contains(&rejected_s) && st.num("queued") == 1
-        },
-    );
+    // A failed `nix copy` may have copied good paths before it failed: wait
+    // until the daemon itself has finished them.
+    let left = || {
+        let st = d.status();
+        st.backoff.len() == 1 && st.backoff[0].contains(&rejected_s) && st.num("queued") == 1
+    };
+    wait_until(secs(30), "only the rejected path left, backing off", left);
     let st = d.status();
     assert!(refused_for_signature(&st.backoff[0]), "{:?}", st.backoff);
     assert_eq!(st.num("dropped"), 1, "{st:?}");
@@ -869,48 +669,29 @@ fn poison_paths_do_not_hold_back_good_ones() {
     // the rejected path backs off, alone. (Without the split, the rest of
     // the batch would back off together and trickle out one path a round.)
     let log = d.log();
-    let splits: Vec<usize> = log
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| l.contains("splitting it to find the paths at fault"))
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(splits.len(), 1, "one split finds the rejected path:\n{log}");
-    let later: Vec<&str> = log
-        .lines()
-        .skip(splits[0])
-        .filter(|l| l.contains("failed attempt"))
-        .collect();
+    let split = |l: &&str| l.contains("splitting it to find the paths at fault");
+    let splits = log.lines().filter(split).count();
+    assert_eq!(splits, 1, "one split finds the rejected path:\n{log}");
+    let failed = |l: &&str| l.contains("failed attempt");
+    let after_split = log.lines().skip_while(|l| !split(l));
+    let later: Vec<&str> = after_split.filter(failed).collect();
     // The canary, chosen at random, may be the rejected path itself: then
     // its lone failure comes before the split.
     let alone = |l: &&str| l.contains("1 path(s)") && l.contains(&rejected_s);
-    assert!(
-        later.iter().all(alone),
-        "after the split only the rejected path backs off, alone: {later:?}"
-    );
-    assert!(
-        log.lines()
-            .filter(|l| l.contains("failed attempt"))
-            .any(|l| alone(&l)),
-        "the rejected path failed alone:\n{log}"
-    );
-    let gone_s = gone.display().to_string();
+    let only = later.iter().all(alone);
+    assert!(only, "after the split, only it, alone: {later:?}");
+    let lone = log.lines().filter(failed).any(|l| alone(&l));
+    assert!(lone, "the rejected path failed alone:\n{log}");
     let drops = log_lines(&d, "dropping");
-    assert!(
-        drops.len() == 1 && drops[0].contains(&gone_s) && drops[0].starts_with("warning:"),
-        "expected one warning about the collected path: {drops:?}"
-    );
+    let one = drops.len() == 1 && drops[0].starts_with("warning:");
+    let warned = one && drops[0].contains(&gone.display().to_string());
+    assert!(warned, "one warning about the collected path: {drops:?}");
 
     // Fix the path, ask for a retry: it goes through.
     let fixed = std::slice::from_ref(&rejected);
     env.sign(&sk, fixed);
     assert_eq!(d.request("retry"), "ok 1");
     wait_verified(&env, &recv, &pk, fixed, "after retry");
-    eprintln!(
-        "poison: {} failed calls, {} split lines",
-        d.status().num("failed-calls"),
-        log_lines(&d, "splitting").len()
-    );
 }
 
 // --- Daemon down
@@ -925,67 +706,46 @@ fn builds_succeed_while_daemon_is_away_and_spool_is_delivered() {
     let env = NixEnv::new("faults-away");
     let (sk, pk) = env.gen_signing_key("faults-away-1");
     let (upload, read) = file_cache(&env, "cache");
-    let mut d = Daemon::new_stopped(
-        &env,
-        &[
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-        ],
-        NO_ENV,
-    );
-    let mut built = Vec::new();
-    let mut timings = Vec::new();
-    let mut build_away = |d: &Daemon, tag: &str, extra: &[(&str, &str)]| {
+    let sk = sk.display().to_string();
+    let config = [("signing-key-file", sk.as_str()), ("upload-to", &upload)];
+    let mut d = Daemon::new_stopped(&env, &config, NO_ENV);
+    // Two builds with the hook (its environment and `extra`), each hook
+    // saying `said` in its one line: their outputs.
+    let build = |d: &Daemon, tag: &str, extra: &[(&str, &str)], said: &str| {
         let mut envs = d.hook_env();
         envs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let b = env.build(2, tag, Some(&hook_bin()), &envs);
         assert!(b.status.success(), "build failed: {}", b.stderr);
         let lines = b.hook_lines();
         assert_eq!(lines.len(), 2, "one hook line per build: {lines:?}");
-        assert!(
-            lines.iter().all(|l| l.contains("spooled the paths to")),
-            "{lines:?}"
-        );
-        timings.push((tag.to_string(), b.elapsed));
-        built.extend(b.out_paths);
+        assert!(lines.iter().all(|l| l.contains(said)), "{lines:?}");
+        b.out_paths
     };
+    let spooled = "spooled the paths to";
 
     // Never started: no socket file.
-    build_away(&d, "never", &[]);
+    let mut built = build(&d, "never", &[], spooled);
     d.try_spawn().unwrap();
     // Killed: the socket file is left behind, nobody accepts.
     d.kill9();
     assert!(d.socket().exists(), "kill -9 should leave the socket file");
-    build_away(&d, "killed", &[]);
+    built.extend(build(&d, "killed", &[], spooled));
     // Frozen: the connection is accepted by the kernel, no reply comes.
     d.try_spawn().unwrap();
     let pid = d.pid().unwrap().to_string();
     run_ok(Command::new("kill").args(["-STOP", &pid]));
-    build_away(&d, "frozen", &[("NPBHQ_TIMEOUT", "1")]);
+    built.extend(build(&d, "frozen", &[("NPBHQ_TIMEOUT", "1")], spooled));
     run_ok(Command::new("kill").args(["-CONT", &pid]));
     wait_verified(&env, &read, &pk, &built, "built while away");
-    wait_until(Duration::from_secs(10), "an empty spool", || {
-        fs::read_dir(d.spool_dir()).map_or(0, |r| r.count()) == 0
-    });
+    let empty = || fs::read_dir(d.spool_dir()).map_or(0, |r| r.count()) == 0;
+    wait_until(secs(10), "an empty spool", empty);
 
     // No daemon and no spool: the build still succeeds, the hook says so.
     d.kill9();
     let not_a_dir = env.root().join("regular-file");
     fs::write(&not_a_dir, "").unwrap();
-    let mut envs = d.hook_env();
-    envs.retain(|(k, _)| k != "NPBHQ_SPOOL_DIR");
-    envs.push((
-        "NPBHQ_SPOOL_DIR".into(),
-        not_a_dir.join("spool").display().to_string(),
-    ));
-    let b = env.build(1, "nospool", Some(&hook_bin()), &envs);
-    assert!(b.status.success(), "build failed: {}", b.stderr);
-    let lines = b.hook_lines();
-    assert!(
-        lines.len() == 1 && lines[0].contains("NOT queued"),
-        "{lines:?}"
-    );
-    eprintln!("away: build times (2 derivations each) {timings:?}");
+    let spool = not_a_dir.join("spool").display().to_string();
+    build(&d, "nospool", &[("NPBHQ_SPOOL_DIR", &spool)], "NOT queued");
 }
 
 /// Spool files the hook did not write: each is queued once and nothing in
@@ -1004,58 +764,48 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     fs::create_dir_all(&rw).unwrap();
     let rw_s = rw.display().to_string();
     let mut d = Daemon::start(&env, &[("upload-to", &upload), ("spool-dir", &rw_s)]);
+    let put = |file: &str, text: &str| fs::write(rw.join(file), text).unwrap();
+    let line = |i: usize| format!("enqueue {}\n", s[i]);
     // Waits until `paths` are in the cache and the daemon counted at least
     // `total` uploads since it started (it counts a batch once the batch is
     // done, a moment after the copy); returns its count then.
     let uploaded = |d: &Daemon, paths: &[PathBuf], total: u64| {
         wait_in_cache(&env, &read, paths);
-        wait_until(
-            Duration::from_secs(30),
-            "the uploads counted and the queue empty",
-            || {
-                let st = d.status();
-                st.num("uploaded") >= total && st.num("queued") == 0
-            },
-        );
+        let counted = || {
+            let st = d.status();
+            st.num("uploaded") >= total && st.num("queued") == 0
+        };
+        wait_until(secs(30), "the uploads counted, the queue empty", counted);
         d.status().num("uploaded")
     };
 
     // A line over the limit between two good ones.
     let long = format!("enqueue {}\n", s[0].repeat(1024 * 1024 / s[0].len() + 1));
-    let with_long = format!("enqueue {}\n{long}enqueue {}\n", s[0], s[1]);
-    fs::write(rw.join("1-1.req"), &with_long).unwrap();
+    let with_long = format!("{}{long}{}", line(0), line(1));
+    put("1-1.req", &with_long);
     uploaded(&d, &p[..2], 2);
-    assert_eq!(
-        fs::read(rw.join("1-1.bad")).ok().as_deref(),
-        Some(with_long.as_bytes()),
-        "the file with the long line set aside unchanged"
-    );
+    let bad = fs::read(rw.join("1-1.bad")).ok();
+    let unchanged = bad.as_deref() == Some(with_long.as_bytes());
+    assert!(unchanged, "the file with the long line set aside unchanged");
     let said = log_lines(&d, "1-1.req");
-    assert!(
-        said.len() == 1 && said[0].starts_with("warning:") && said[0].contains("line 2"),
-        "one warning naming the long line: {said:?}"
-    );
+    let one = said.len() == 1 && said[0].starts_with("warning:");
+    let named = one && said[0].contains("line 2");
+    assert!(named, "one warning naming the long line: {said:?}");
 
     // A file being written, cut in the middle of its second path, and a
     // finished one after it: once the finished one is delivered, the daemon
     // has looked at the cut one, and queued nothing of it.
-    let cut = format!("enqueue {}\nenqueue {}", s[2], &s[3][..s[3].len() - 5]);
-    fs::write(rw.join("2-1.req"), &cut).unwrap();
-    fs::write(rw.join("3-1.req"), format!("enqueue {}\n", s[4])).unwrap();
+    let cut = format!("{}enqueue {}", line(2), &s[3][..s[3].len() - 5]);
+    put("2-1.req", &cut);
+    put("3-1.req", &line(4));
     // Spooled in that order, a path of the cut file would have been done
     // with or before this one.
     assert_eq!(uploaded(&d, &p[4..5], 3), 3);
-    assert!(
-        rw.join("2-1.req").exists(),
-        "a file being written was taken"
-    );
+    let left = rw.join("2-1.req").exists();
+    assert!(left, "a file being written was taken");
     assert!(all_in_cache(&env, &read, &p[2..3]).is_err());
     // Its writer finishes it.
-    fs::write(
-        rw.join("2-1.req"),
-        format!("enqueue {}\nenqueue {}\n", s[2], s[3]),
-    )
-    .unwrap();
+    put("2-1.req", &(line(2) + &line(3)));
     uploaded(&d, &p[2..4], 5);
     assert!(!rw.join("2-1.req").exists());
 
@@ -1064,24 +814,19 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
     let _view = Mount::bind_read_only(&rw, &ro);
     d.set_config("spool-dir", &ro.display().to_string());
     d.restart();
-    fs::write(rw.join("4-1.req"), format!("enqueue {}\n", s[5])).unwrap();
+    put("4-1.req", &line(5));
     uploaded(&d, &p[5..6], 1);
     // A later file: delivered only after the daemon looked again at the
     // one it could not delete.
-    fs::write(rw.join("5-1.req"), format!("enqueue {}\n", s[6])).unwrap();
+    put("5-1.req", &line(6));
     // Read again in that pass before the later file, the undeletable one
     // would have been done with or before it.
     let count = uploaded(&d, &p[6..7], 2);
     let st = d.status();
-    assert_eq!(
-        count, 2,
-        "a spool file that cannot be deleted was delivered again: {st:?}"
-    );
+    assert_eq!(count, 2, "an undeletable file delivered again: {st:?}");
     let warned = log_lines(&d, "4-1.req");
-    assert!(
-        warned.len() == 1 && warned[0].contains("cannot be removed"),
-        "one warning for the file that stays: {warned:?}"
-    );
+    let once = warned.len() == 1 && warned[0].contains("cannot be removed");
+    assert!(once, "one warning for the file that stays: {warned:?}");
     d.kill9();
 }
 
@@ -1092,61 +837,38 @@ fn spool_files_set_aside_unfinished_or_undeletable_are_never_lost_or_repeated() 
 /// (`status` shows them queued).
 #[test]
 fn torn_journal_at_every_offset_of_last_record_replays() {
-    let started = Instant::now();
     let env = NixEnv::new("faults-torn");
     let p = env.build_paths(5, "torn");
     let s = strs(&p);
     // Fewer dead records (2) than live ones, so replay does not compact and
     // the file itself shows what replay kept.
-    let full = format!(
-        "+ 1700000000 {}\n+ 1700000001 {}\n- {}\n+ 1700000002 {}\n+ 1700000003 {}\n+ 1700000004 {}\n",
-        s[0], s[1], s[0], s[2], s[3], s[4]
-    );
+    let live = |i: usize| format!("+ 170000000{i} {}\n", s[i]);
+    let dead = format!("- {}\n", s[0]);
+    let full = [live(0), live(1), dead, live(2), live(3), live(4)].concat();
     let last_start = full[..full.len() - 1].rfind('\n').unwrap() + 1;
-    let mut d = Daemon::new_stopped(
-        &env,
-        // A failing target: nothing leaves the queue while we look.
-        &[("upload-to", "file:///dev/null/unreachable")],
-        NO_ENV,
-    );
+    // A failing target: nothing leaves the queue while we look.
+    let mut d = Daemon::new_stopped(&env, &[("upload-to", UNREACHABLE)], NO_ENV);
     fs::create_dir_all(d.state_dir()).unwrap();
     let journal = d.journal_path();
-    let mut runs = 0;
     for cut in last_start..=full.len() {
         fs::write(&journal, &full[..cut]).unwrap();
         let log_before = d.log().len();
-        d.try_spawn()
-            .unwrap_or_else(|e| panic!("cut at {cut}: daemon did not start: {e}"));
-        runs += 1;
+        let started = d.try_spawn();
+        started.unwrap_or_else(|e| panic!("cut at {cut}: daemon did not start: {e}"));
         let expected = if cut == full.len() { 4 } else { 3 };
-        let st = d.status();
-        assert_eq!(
-            st.num("queued"),
-            expected,
-            "cut at byte {cut} of {}: {st:?}\nlog:\n{}",
-            full.len(),
-            &d.log()[log_before..]
-        );
+        let (st, log) = (d.status(), &d.log()[log_before..]);
+        assert_eq!(st.num("queued"), expected, "cut at {cut}: {st:?}\n{log}");
         d.kill9();
         let kept = fs::read_to_string(&journal).unwrap();
         let torn = cut != full.len() && cut != last_start;
         if torn {
             assert_eq!(kept, full[..last_start], "cut at {cut}: torn bytes left");
-            assert!(
-                d.log()[log_before..]
-                    .contains(&format!("torn last record of {} bytes", cut - last_start)),
-                "cut at {cut}: no warning\n{}",
-                &d.log()[log_before..]
-            );
+            let warning = format!("torn last record of {} bytes", cut - last_start);
+            assert!(log.contains(&warning), "cut at {cut}: no warning\n{log}");
         } else {
             assert_eq!(kept, full[..cut], "cut at {cut}: intact journal changed");
         }
     }
-    eprintln!(
-        "torn: {runs} daemon starts (every offset of a {}-byte record) in {:.1} s",
-        full.len() - last_start,
-        started.elapsed().as_secs_f64()
-    );
 }
 
 /// A start with another store directory (here `/nix/store`, as a daemon
@@ -1158,12 +880,9 @@ fn torn_journal_at_every_offset_of_last_record_replays() {
 fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     let env = NixEnv::new("faults-storedir");
     let paths = add_text_paths(&env, 3, "storedir");
-    let mut d = Daemon::start(
-        &env,
-        // A failing target: the paths stay queued, and the journal gets
-        // dead records too (so a start would want to compact it).
-        &[("upload-to", "file:///dev/null/unreachable")],
-    );
+    // A failing target: the paths stay queued, and the journal gets dead
+    // records too (so a start would want to compact it).
+    let mut d = Daemon::start(&env, &[("upload-to", UNREACHABLE)]);
     assert_eq!(d.request(&enqueue_line(&paths)), "ok 3");
     // Three paths done as well: more dead records than live ones, so a
     // start that could not read them would compact them away.
@@ -1184,21 +903,12 @@ fn start_with_another_store_dir_refuses_and_keeps_the_journal() {
     let err = d.try_spawn().expect_err("started with another store dir");
     assert!(err.contains("exit status: 1"), "{err}");
     let log = d.log();
-    let said: Vec<&str> = log[log_before..]
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
+    let said = log[log_before..].lines().filter(|l| !l.trim().is_empty());
+    let said: Vec<&str> = said.collect();
     assert_eq!(said.len(), 1, "one line: {said:?}");
-    assert!(
-        said[0].contains(&format!("store-dir = {store}")) && said[0].contains("/nix/store"),
-        "names both store directories: {}",
-        said[0]
-    );
-    assert_eq!(
-        fs::read(&journal).unwrap(),
-        before,
-        "the journal was changed"
-    );
+    let ours = said[0].contains(&format!("store-dir = {store}"));
+    assert!(ours && said[0].contains("/nix/store"), "{said:?}");
+    assert_eq!(fs::read(&journal).unwrap(), before, "the journal changed");
 
     let (upload, read) = file_cache(&env, "cache");
     d.set_config("store-dir", &store);
@@ -1225,30 +935,20 @@ fn ok_is_written_only_after_the_journal_record_is_synced() {
     });
     let write = |c: &Call| matches!(c.name.as_str(), "write" | "writev" | "sendto" | "sendmsg");
     for p in strs(&paths) {
-        let wrote = calls
-            .iter()
-            .position(|c| write(c) && c.text().starts_with("+ ") && c.text().contains(&p))
-            .unwrap_or_else(|| panic!("no journal write of {p} in the trace: {calls:?}"));
+        let record = |c: &Call| write(c) && c.text().starts_with("+ ") && c.text().contains(&p);
+        let wrote = calls.iter().position(record);
+        let wrote = wrote.unwrap_or_else(|| panic!("no journal write of {p}: {calls:?}"));
         let journal_fd = calls[wrote].fd();
-        let acked = (wrote..calls.len())
-            .find(|&i| {
-                let c = &calls[i];
-                write(c) && c.text().starts_with("ok 1\\n") && c.fd() != journal_fd
-            })
-            .unwrap_or_else(|| panic!("no ok written after the record of {p}: {calls:?}"));
+        let ok = |c: &Call| write(c) && c.text().starts_with("ok 1\\n") && c.fd() != journal_fd;
+        let acked = (wrote..calls.len()).find(|&i| ok(&calls[i]));
+        let acked = acked.unwrap_or_else(|| panic!("no ok after the record of {p}: {calls:?}"));
         // A sync of the journal's descriptor that started after the record
         // was written and returned before the ok was written.
-        let synced = calls[wrote..acked].iter().any(|c| {
-            matches!(c.name.as_str(), "fdatasync" | "fsync")
-                && c.fd() == journal_fd
-                && c.ok()
-                && c.end <= acked
-        });
-        assert!(
-            synced,
-            "the ok for {p} was written before the journal (fd {journal_fd}) was synced: {:?}",
-            &calls[wrote..=acked]
-        );
+        let sync = |c: &Call| matches!(c.name.as_str(), "fdatasync" | "fsync");
+        let synced_before = |c: &Call| sync(c) && c.fd() == journal_fd && c.ok() && c.end <= acked;
+        let synced = calls[wrote..acked].iter().any(synced_before);
+        let between = &calls[wrote..=acked];
+        assert!(synced, "the ok for {p} before a sync: {between:?}");
     }
 }
 
@@ -1264,15 +964,10 @@ fn full_disk_refuses_with_reason_and_recovers() {
     let mount = Mount::tmpfs(&env.root().join("statefs"), "64k");
     let (sk, pk) = env.gen_signing_key("faults-full-1");
     let (upload, read) = file_cache(&env, "cache");
-    let mut d = Daemon::start(
-        &env,
-        &[
-            ("state-dir", &mount.0.join("state").display().to_string()),
-            ("signing-key-file", &sk.display().to_string()),
-            ("upload-to", &upload),
-            ("retry-initial-delay", "0.05"),
-        ],
-    );
+    let state = mount.0.join("state");
+    let state = ("state-dir", state.to_str().unwrap());
+    let config = [state, ("retry-initial-delay", "0.05")];
+    let mut d = signing(&env, (&sk, &upload), &config, NO_ENV);
     // Some history first: 40 paths uploaded and journaled as done, so the
     // journal holds dead records that a restart wants to compact away.
     let first = add_text_paths(&env, 40, "full-first");
@@ -1289,62 +984,42 @@ fn full_disk_refuses_with_reason_and_recovers() {
         .find(|(_, r)| !r.starts_with("ok"))
         .expect("every enqueue was acknowledged on a full disk");
     acked.extend_from_slice(&more[..next]);
-    assert!(
-        refusal.starts_with("err ") && refusal.contains("No space left on device"),
-        "{refusal}"
-    );
+    let said = refusal.starts_with("err ") && refusal.contains("No space left on device");
+    assert!(said, "{refusal}");
     assert!(d.is_running());
     assert!(d.request("ping").starts_with("ok"));
     let st = d.status();
-    assert!(
-        !st.fields.is_empty(),
-        "status must work on a full disk: {st:?}"
-    );
+    assert!(!st.fields.is_empty(), "status on a full disk: {st:?}");
 
     // The hook in a build on the full disk: refused, cannot spool, says so;
     // the build succeeds.
     let b = env.build(1, "full-hook", Some(&hook_bin()), &d.hook_env());
     assert!(b.status.success(), "{}", b.stderr);
     let lines = b.hook_lines();
-    assert!(
-        lines.len() == 1 && lines[0].contains("NOT queued"),
-        "{lines:?}"
-    );
+    let not_queued = lines.len() == 1 && lines[0].contains("NOT queued");
+    assert!(not_queued, "{lines:?}");
     let leftovers = spooled(&d.spool_dir());
-    assert!(
-        leftovers.is_empty(),
-        "a failed spool write left {leftovers:?}"
-    );
+    assert!(leftovers.is_empty(), "left in the spool: {leftovers:?}");
 
     // A crash while the disk is full: the daemon comes back (replay wants to
     // compact the journal and cannot, which must not stop it).
     d.kill9();
     let log_before = d.log().len();
-    d.try_spawn()
-        .unwrap_or_else(|e| panic!("the daemon does not start on a full disk: {e}"));
-    assert!(
-        d.log()[log_before..].contains("journal: cannot compact"),
-        "expected a failed compaction at start:\n{}",
-        &d.log()[log_before..]
-    );
-    assert!(d
-        .request(&enqueue_line(&more[next..next + 1]))
-        .starts_with("err "));
+    let back = d.try_spawn();
+    back.unwrap_or_else(|e| panic!("the daemon does not start on a full disk: {e}"));
+    let log = &d.log()[log_before..];
+    assert!(log.contains("journal: cannot compact"), "{log}");
+    let refused = d.request(&enqueue_line(&more[next..next + 1]));
+    assert!(refused.starts_with("err "), "{refused}");
 
     // Space returns: everything is accepted and arrives.
     fs::remove_file(&filler).unwrap();
     let rest = &more[next..];
     for chunk in rest.chunks(50) {
-        assert_eq!(
-            d.request(&enqueue_line(chunk)),
-            format!("ok {}", chunk.len())
-        );
+        let ok = format!("ok {}", chunk.len());
+        assert_eq!(d.request(&enqueue_line(chunk)), ok);
     }
     acked.extend_from_slice(rest);
     wait_verified(&env, &read, &pk, &acked, "every acked path");
-    eprintln!(
-        "full: {} paths acknowledged before the first refusal on the full disk: {refusal}",
-        next
-    );
     d.kill9();
 }

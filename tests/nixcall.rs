@@ -48,15 +48,10 @@ fn every_upload_to_is_checked_at_start() {
     let o = run_to_exit(&mut serve, Duration::from_secs(60));
     let (status, said) = (o.status, String::from_utf8_lossy(&o.stderr));
     assert!(!status.success(), "serve started with {bad}: {said}");
-    assert_ne!(
-        status.code(),
-        Some(1),
-        "a configuration error, not a transient one: {said}"
-    );
-    assert!(
-        said.contains(&format!("upload-to {bad}: ")),
-        "names the second target: {said}"
-    );
+    // A configuration error, not a transient one.
+    assert_ne!(status.code(), Some(1), "{said}");
+    let named = said.contains(&format!("upload-to {bad}: "));
+    assert!(named, "names the second target: {said}");
 }
 
 #[test]
@@ -74,11 +69,7 @@ fn what_an_uploader_leaves_in_its_process_group_is_ended_and_the_path_counts() {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
     assert_eq!(waited, "ok all uploaded");
-    assert_eq!(
-        left,
-        Vec::<u32>::new(),
-        "the uploader's helper outlived its call"
-    );
+    assert_eq!(left, Vec::<u32>::new(), "the helper outlived its call");
 }
 
 #[test]
@@ -92,23 +83,16 @@ fn tokens_in_uploader_arguments_are_shown_nowhere() {
         uploader.display()
     );
     let metrics_s = metrics.display().to_string();
-    let config = [
-        ("upload-command", command.as_str()),
-        ("metrics-file", &metrics_s),
-    ];
-    let d = Daemon::start(&env, &config);
+    let config = [("upload-command", &command), ("metrics-file", &metrics_s)];
+    let d = Daemon::start(&env, &config.map(|(k, v)| (k, v.as_str())));
     let path = env.add_text_path("token", "x");
     assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
-    wait_until(
-        Duration::from_secs(60),
-        "a failed upload in status and metrics",
-        || {
-            let metrics = fs::read_to_string(&metrics).unwrap_or_default();
-            d.log().contains("refused:")
-                && metrics.contains("upload-command")
-                && metrics.contains("failed")
-        },
-    );
+    let failed = || {
+        let metrics = fs::read_to_string(&metrics).unwrap_or_default();
+        let counted = metrics.contains("upload-command") && metrics.contains("failed");
+        d.log().contains("refused:") && counted
+    };
+    wait_until(Duration::from_secs(60), "a failure logged, counted", failed);
     let shown = [
         ("status", cli(&d, &["status"])),
         ("status --json", cli(&d, &["status", "--json"])),
@@ -116,14 +100,9 @@ fn tokens_in_uploader_arguments_are_shown_nowhere() {
         ("metrics", fs::read_to_string(&metrics).unwrap()),
     ];
     for (what, text) in shown {
-        assert!(
-            !text.contains("npbhq-secret"),
-            "{what} shows a token:\n{text}"
-        );
-        assert!(
-            text.contains("--token ***"),
-            "{what} shows the masked command:\n{text}"
-        );
+        assert!(!text.contains("npbhq-secret"), "{what}: a token:\n{text}");
+        let masked = text.contains("--token ***");
+        assert!(masked, "{what} shows the masked command:\n{text}");
     }
 }
 
@@ -136,21 +115,13 @@ fn substitute_on_destination_copies_over_ssh_ng() {
     let sshd = Sshd::start(&env, &pk);
     let w = FakeNix::new(&env);
     let (sk_s, nix_s, url) = (sk.display().to_string(), w.nix(), sshd.url());
-    let config = [
-        ("signing-key-file", sk_s.as_str()),
-        ("upload-to", url.as_str()),
-        ("substitute-on-destination", "true"),
-        ("nix", nix_s.as_str()),
-    ];
-    let d = Daemon::start_with_env(&env, &config, &sshd.env());
+    let config = [("signing-key-file", sk_s.as_str()), ("upload-to", &url)];
+    let more = [("substitute-on-destination", "true"), ("nix", &nix_s)];
+    let d = Daemon::start_with_env(&env, &[&config[..], &more].concat(), &sshd.env());
     let path = env.add_text_path("sod", "x");
     assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
-    assert_eq!(
-        d.request("wait"),
-        "ok all uploaded",
-        "sshd:\n{}",
-        sshd.log()
-    );
+    let waited = d.request("wait");
+    assert_eq!(waited, "ok all uploaded", "sshd:\n{}", sshd.log());
     let calls = w.calls();
     let copy = calls.iter().find(|c| c.contains(&"copy".to_string()));
     let sod = "--substitute-on-destination".to_string();
@@ -173,18 +144,15 @@ fn a_newer_nix_is_asked_with_store_info() {
         "",
     );
     let d = Daemon::start(&env, &[("upload-to", &upload), ("nix", &w.nix())]);
-    wait_until(Duration::from_secs(30), "the target check", || {
-        d.log().contains("nix can open it")
-    });
+    let checked = |d: &Daemon| {
+        let opened = || d.log().contains("nix can open it");
+        wait_until(Duration::from_secs(30), "the target check", opened);
+    };
+    checked(&d);
     let calls: Vec<String> = w.calls().iter().map(|c| c.join(" ")).collect();
-    assert!(
-        calls.iter().any(|l| l.contains("store info --store")),
-        "{calls:?}"
-    );
+    let info = calls.iter().any(|l| l.contains("store info --store"));
+    assert!(info, "{calls:?}");
     assert!(!calls.iter().any(|l| l.contains("store ping")), "{calls:?}");
     // With this machine's own nix, whichever it is, the check passes.
-    let d = Daemon::start(&env, &[("upload-to", &upload)]);
-    wait_until(Duration::from_secs(30), "the target check", || {
-        d.log().contains("nix can open it")
-    });
+    checked(&Daemon::start(&env, &[("upload-to", &upload)]));
 }

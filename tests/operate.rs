@@ -18,6 +18,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 // --- Helpers
+
 /// A well-formed store path that does not exist: the daemon acknowledges it
 /// and then drops it ("no longer valid in the store").
 fn missing_path(env: &NixEnv, name: &str) -> String {
@@ -50,22 +51,20 @@ impl From<Output> for Ran {
 /// returns fails its test instead of hanging it.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
 
+/// What `drop` says when it drops one path.
+const DROPPED_ONE: &str = "dropped 1 queued path(s); they will not be uploaded\n";
+
+/// A bound for what happens soon.
+const HALF_MINUTE: Duration = Duration::from_secs(30);
+
 /// Retry settings that retry at once.
 const FAST_RETRY: [(&str, &str); 2] = [("retry-initial-delay", "0.05"), ("retry-max-delay", "0.2")];
 
 /// The output of `child` once it ends; kills its tree and panics when it
 /// outlasts `within`.
-fn finish_within(child: Child, what: &str, within: Duration) -> Output {
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(child.wait_with_output()));
-    match rx.recv_timeout(within) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
-        Err(_) => {
-            kill_tree(pid);
-            panic!("{what} did not end within {within:?}")
-        }
-    }
+fn finish_within(mut child: Child, what: &str, within: Duration) -> Output {
+    exit_of(&mut child, within, what);
+    child.wait_with_output().expect(what)
 }
 
 /// Starts `post-build-hook-queue ARGS... --socket SOCKET`, its standard
@@ -131,6 +130,17 @@ fn list<'a>(j: &'a Json, key: &str) -> &'a [Json] {
     a.unwrap_or_else(|| panic!("{key} is not an array in {j:?}"))
 }
 
+/// Waits (`within`) until the number `key` of `status --json` passes `ok`.
+fn wait_num(d: &Daemon, within: Duration, key: &str, ok: impl Fn(f64) -> bool) {
+    wait_until(within, key, || ok(num(&status_json(d), key)));
+}
+
+/// Waits until each of `paths` is in the cache `read`.
+fn wait_in(env: &NixEnv, read: &str, paths: &[PathBuf]) {
+    let there = || paths.iter().all(|p| env.is_valid_in(read, p));
+    wait_until(UPLOAD_TIMEOUT, &format!("{paths:?} in {read}"), there);
+}
+
 /// Human `status`; panics unless it exits 0.
 fn status_text(d: &Daemon) -> String {
     cli_ok(d, &["status"]).stdout
@@ -190,8 +200,7 @@ impl ChildGuard {
     fn terminate(&mut self) -> ExitStatus {
         let pid = self.0.as_ref().expect("running").id().to_string();
         run_ok(Command::new("kill").args(["-TERM", &pid]));
-        let out = self.finish("exit after SIGTERM", Duration::from_secs(30));
-        out.status
+        self.finish("exit after SIGTERM", HALF_MINUTE).status
     }
 }
 
@@ -290,7 +299,7 @@ fn read_metrics(file: &Path) -> Result<BTreeMap<String, f64>, String> {
 /// Waits until the metrics file has these samples (names without [`M`]).
 fn wait_for_metrics(d: &Daemon, file: &Path, want: &[(&str, f64)]) {
     let what = format!("metrics {want:?} of the daemon in {}", d.dir().display());
-    wait_ok(Duration::from_secs(30), &what, || {
+    wait_ok(HALF_MINUTE, &what, || {
         let m = read_metrics(file)?;
         let has = |(name, v): &(&str, f64)| m.get(&format!("{M}{name}")) == Some(v);
         want.iter().all(has).then_some(()).ok_or(format!("{m:?}"))
@@ -314,10 +323,8 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let (sk, pk) = env.gen_signing_key("op-status-1");
     let sk = sk.display().to_string();
     let delays = [("retry-initial-delay", "3600"), ("retry-max-delay", "7200")];
-    let (d, w, upload, read) = faked(
-        &env,
-        &[&[("signing-key-file", sk.as_str())], &delays[..]].concat(),
-    );
+    let config = [&[("signing-key-file", sk.as_str())], &delays[..]].concat();
+    let (d, w, upload, read) = faked(&env, &config);
     w.set_fail(true);
 
     let j = status_json(&d);
@@ -348,12 +355,8 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let r: Ran = finish_within(c, "enqueue -", COMMAND_DEADLINE).into();
     let queued = "queued 2 new path(s); 0 were already queued\n";
     assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
-    wait_until(UPLOAD_TIMEOUT, "both paths backing off", || {
-        num(&status_json(&d), "backing_off") == 2.0
-    });
-    wait_until(Duration::from_secs(30), "oldest queued age >= 1", || {
-        num(&status_json(&d), "oldest_queued_seconds") >= 1.0
-    });
+    wait_num(&d, UPLOAD_TIMEOUT, "backing_off", |n| n == 2.0);
+    wait_num(&d, HALF_MINUTE, "oldest_queued_seconds", |n| n >= 1.0);
     let j = status_json(&d);
     assert_eq!(nums(&j, &["queued", "uploaded"]), [2.0, 0.0], "{j:?}");
     let failed_calls = num(&j, "failed_calls");
@@ -366,33 +369,27 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
         let next = num(b, "next_try_seconds");
         assert!((1000.0..=3600.0).contains(&next), "next try {next}: {j:?}");
         let err = jstr(b, "last_error").unwrap();
-        assert!(
-            contains_all(err, &["nix copy failed", "fake nix: injected failure"]),
-            "{err}"
-        );
+        let said = contains_all(err, &["nix copy failed", "fake nix: injected failure"]);
+        assert!(said, "{err}");
     }
     let text = status_text(&d);
     let shown = ["queued", "backing off"].map(|l| field(&text, l));
     assert_eq!(shown, ["2", "2"], "{text}");
     assert_ne!(field(&text, "oldest queued"), "none", "{text}");
     for p in &p {
-        let line = text
-            .lines()
-            .find(|l| l.trim_start().starts_with(&format!("{p}:")));
+        let at = format!("{p}:");
+        let line = text.lines().find(|l| l.trim_start().starts_with(&at));
         let line = line.unwrap_or_else(|| panic!("no line for {p} in:\n{text}"));
         let retry = contains_all(line, &[": attempt 1 failed, next try in ", "m "]);
-        assert!(
-            retry && line.ends_with("fake nix: injected failure"),
-            "{line}"
-        );
+        let shown = retry && line.ends_with("fake nix: injected failure");
+        assert!(shown, "{line}");
     }
 
     // wait gives up at its timeout with exit 1; no progress without a terminal.
     let r = cli(&d, &["wait", "--timeout", "1.5"]);
     assert_eq!((r.code, r.stdout.as_str()), (Some(1), ""), "{r:?}");
-    let first = p
-        .iter()
-        .find(|p| r.stderr.contains(&format!("last error ({p}): ")));
+    let quoted = |p: &&String| r.stderr.contains(&format!("last error ({p}): "));
+    let first = p.iter().find(quoted);
     let first = first.unwrap_or_else(|| panic!("no last error of a waited-for path: {r:?}"));
     assert_eq!(
         r.stderr,
@@ -407,9 +404,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     w.set_hold(true);
     let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "2 backing-off path(s) will be tried again now\n");
-    wait_until(Duration::from_secs(30), "both paths in flight", || {
-        num(&status_json(&d), "in_flight") == 2.0
-    });
+    wait_num(&d, HALF_MINUTE, "in_flight", |n| n == 2.0);
     let text = status_text(&d);
     assert_eq!(field(&text, "in flight"), "2", "{text}");
     let retrying = text.matches(": attempt 1 failed, retrying now: ").count();
@@ -428,24 +423,13 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     uploaded.unwrap_or_else(|e| panic!("wait returned before the upload: {e}"));
 
     let j = status_json(&d);
-    let counts = [
-        "queued",
-        "in_flight",
-        "uploaded",
-        "backing_off",
-        "failed_calls",
-    ];
-    assert_eq!(
-        nums(&j, &counts),
-        [0.0, 0.0, 2.0, 0.0, failed_calls],
-        "{j:?}"
-    );
+    let counts = nums(&j, &["queued", "in_flight", "uploaded", "backing_off"]);
+    assert_eq!(counts, [0.0, 0.0, 2.0, 0.0], "{j:?}");
+    assert_eq!(num(&j, "failed_calls"), failed_calls, "{j:?}");
     let spent = (num(&j, "upload_batches"), num(&j, "upload_seconds_sum"));
     assert!(spent.0 >= 1.0 && spent.1 > 0.0, "{j:?}");
     assert_eq!(j.get("oldest_queued_seconds"), Some(&Json::Null));
-    wait_until(Duration::from_secs(30), "uptime moves", || {
-        num(&status_json(&d), "uptime_seconds") > uptime0
-    });
+    wait_num(&d, HALF_MINUTE, "uptime_seconds", |n| n > uptime0);
     let r = cli(&d, &["wait"]);
     assert_eq!((r.code, r.stdout.as_str()), (Some(0), "all uploaded\n"));
     let r = cli(&d, &["retry"]);
@@ -457,9 +441,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
 
     let gone = missing_path(&env, "op-gone");
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-    wait_until(UPLOAD_TIMEOUT, "path dropped", || {
-        num(&status_json(&d), "dropped") == 1.0
-    });
+    wait_num(&d, UPLOAD_TIMEOUT, "dropped", |n| n == 1.0);
     let text = status_text(&d);
     let shown = ["dropped", "uploaded"].map(|l| field(&text, l));
     assert_eq!(shown, ["1 since start", "2 since start"], "{text}");
@@ -481,9 +463,8 @@ fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
             None => script.env_remove(k),
         };
     }
-    script
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&shown).unwrap());
+    let terminal = fs::File::create(&shown).unwrap();
+    script.stdin(Stdio::null()).stdout(terminal);
     let child = script.stderr(Stdio::piped()).spawn();
     let child = child.expect("script (util-linux) runs a command on a terminal");
     let text = move || String::from_utf8_lossy(&fs::read(&shown).unwrap_or_default()).into_owned();
@@ -499,7 +480,7 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let (d, w, read, good) = daemon_with_a_held_copy(&env, "wait");
     let (mut child, shown) = wait_on_a_terminal(&d);
     let rewritten = || shown().matches("waiting: 1 path(s) still queued").count() >= 2;
-    wait_until_diag(Duration::from_secs(30), "progress twice", rewritten, &shown);
+    wait_until_diag(HALF_MINUTE, "progress twice", rewritten, &shown);
     let script = child.0.as_ref().unwrap().id();
     let is_wait = |p: &u32| {
         let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
@@ -508,7 +489,7 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let wait_pids: Vec<u32> = descendants(script).into_iter().filter(is_wait).collect();
     assert_eq!(wait_pids.len(), 1, "the wait process under script");
     signal_pids("INT", &wait_pids);
-    child.finish("script after SIGINT", Duration::from_secs(30));
+    child.finish("script after SIGINT", HALF_MINUTE);
     let text = shown();
     let fresh = text.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n");
     assert!(fresh, "the terminal is not left on a fresh line: {text:?}");
@@ -521,21 +502,16 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let (mut child, shown) = wait_on_a_terminal(&d);
     let progress = "waiting: 2 path(s) still queued, 0 of them failing";
     let shows_progress = || shown().contains(progress);
-    wait_until_diag(Duration::from_secs(30), "progress", shows_progress, &shown);
+    wait_until_diag(HALF_MINUTE, "progress", shows_progress, &shown);
     w.set_hold(false);
     let status = child.finish("wait on a terminal", COMMAND_DEADLINE).status;
     let text = shown();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{text}");
     let dropped = format!("{gone}); see the daemon's log\r\n");
     let dropped = format!("post-build-hook-queue: 1 path(s) were dropped ({dropped}");
-    let ends = text.ends_with(&dropped);
-    assert!(
-        text.contains(&format!("{progress}\r\n")) && ends,
-        "{text:?}"
-    );
-    wait_until(UPLOAD_TIMEOUT, "good path uploaded", || {
-        env.is_valid_in(&read, &good)
-    });
+    let ended = text.contains(&format!("{progress}\r\n")) && text.ends_with(&dropped);
+    assert!(ended, "{text:?}");
+    wait_in(&env, &read, &[good]);
 }
 
 /// Against a cache that keeps failing: `status` (text and JSON) and `wait
@@ -550,19 +526,17 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
     let cache = format!("127.0.0.1:{port}/cache?compression=none&secret-key=");
     let target = format!("http://npbhq:hunter2@{cache}{secret_key}");
     let masked = format!("http://npbhq:***@{cache}***");
-    let d = Daemon::start(
-        &env,
-        &[&[("upload-to", target.as_str())], &FAST_RETRY[..]].concat(),
-    );
+    let config = [&[("upload-to", target.as_str())], &FAST_RETRY[..]].concat();
+    let d = Daemon::start(&env, &config);
     let paths = env.build_paths(1, "mask");
     let r = enqueue_cli(&d, &paths);
     assert_eq!(r.stdout, "queued 1 new path(s); 0 were already queued\n");
-    wait_until(UPLOAD_TIMEOUT, "several failed attempts", || {
+    let several = || {
         let j = status_json(&d);
-        list(&j, "backoff")
-            .first()
-            .is_some_and(|b| num(b, "attempts") >= 3.0)
-    });
+        let first = list(&j, "backoff").first().map(|b| num(b, "attempts"));
+        first.is_some_and(|a| a >= 3.0)
+    };
+    wait_until(UPLOAD_TIMEOUT, "several failed attempts", several);
     let text = status_text(&d);
     let json = cli_ok(&d, &["status", "--json"]).stdout;
     let j = Json::parse(&json).unwrap();
@@ -658,10 +632,8 @@ fn spawn_activated(
     let mut c = env.cmd("/bin/sh");
     let script =
         "exec 3<&0 </dev/null; LISTEN_PID=${2:-$$} LISTEN_FDS=1 exec \"$0\" serve --config \"$1\"";
-    c.args(["-c", script])
-        .arg(daemon_bin())
-        .arg(d.config_path())
-        .arg(listen_pid);
+    c.args(["-c", script]).arg(daemon_bin());
+    c.arg(d.config_path()).arg(listen_pid);
     c.stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
@@ -689,10 +661,9 @@ fn socket_activation_serves_the_passed_socket() {
     // before the daemon accepts, and is answered once it does.
     let r = cli_at(&passed, &["status"]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    let listening = d
-        .log()
-        .contains("listening on the socket passed by systemd");
-    assert!(listening, "{}", d.log());
+    let log = d.log();
+    let listening = log.contains("listening on the socket passed by systemd");
+    assert!(listening, "{log}");
     assert!(!own.exists(), "the daemon created {}", own.display());
 
     let paths = env.build_paths(2, "activate");
@@ -711,8 +682,7 @@ fn socket_activation_serves_the_passed_socket() {
 
     let st = daemon.terminate();
     assert!(st.success(), "exit on SIGTERM: {st}");
-    let kept = passed.exists();
-    assert!(kept, "the daemon removed the socket systemd owns");
+    assert!(passed.exists(), "the daemon removed systemd's socket");
     assert!(!own.exists());
 
     // LISTEN_PID names another process: fd 3 is not for us.
@@ -733,9 +703,7 @@ fn notify_socket_gets_ready_and_stopping() {
     let env = NixEnv::new("op-notify");
     let notify_path = env.root().join("notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
+    notify.set_read_timeout(Some(HALF_MINUTE)).unwrap();
     let notify_env = notify_path.display().to_string();
     let mut d = Daemon::start_with_env(&env, NO_ENV, &[("NOTIFY_SOCKET", notify_env.as_str())]);
     let mut buf = [0u8; 256];
@@ -757,10 +725,8 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
     let env = NixEnv::new("op-journal");
     let paths = env.build_paths(1, "journal");
     for journal in [true, false] {
-        let config = [
-            ("upload-to", "file:///dev/null/x"),
-            ("retry-initial-delay", "0.05"),
-        ];
+        let config = [("upload-to", "file:///dev/null/x")];
+        let config = [&config[..], &[("retry-initial-delay", "0.05")]].concat();
         let mut d = Daemon::new_stopped(&env, &config, NO_ENV);
         let meta = fs::File::create(d.log_path()).unwrap().metadata().unwrap();
         // The stream systemd would name: the log file, or some other file.
@@ -769,9 +735,8 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
         d.try_spawn().unwrap();
         enqueue_cli(&d, &paths);
         // A failing upload: something to warn about.
-        wait_until(UPLOAD_TIMEOUT, "a warning", || {
-            d.log().contains("failed attempt")
-        });
+        let warned = || d.log().contains("failed attempt");
+        wait_until(UPLOAD_TIMEOUT, "a warning", warned);
         assert!(d.stop().success());
         let text = d.log();
         let prefixes = match journal {
@@ -784,10 +749,8 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
             let why = format!("JOURNAL_STREAM on stderr: {journal}; line {line:?} in\n{text}");
             assert!(prefixed && !line.contains("info: <"), "{why}");
         }
-        assert!(
-            has_line(&text, prefixes[1], &["failed attempt 1"]),
-            "{text}"
-        );
+        let warning = has_line(&text, prefixes[1], &["failed attempt 1"]);
+        assert!(warning, "{text}");
     }
 }
 
@@ -808,10 +771,7 @@ fn metrics_file_is_prometheus_text_and_moves() {
     let names = "queued in_flight backing_off spool_files spool_paths failed given_up_total \
         uploaded_total dropped_total failed_calls_total oldest_queued_age_seconds \
         upload_duration_seconds_sum upload_duration_seconds_count";
-    let mut names: Vec<String> = names
-        .split_whitespace()
-        .map(|n| format!("{M}{n}"))
-        .collect();
+    let mut names: Vec<String> = names.split(' ').map(|n| format!("{M}{n}")).collect();
     // And per target, labelled with its URL: up (1) and zeros.
     for n in
         "queued delivered_total backing_off failed given_up_total failed_calls_total up".split(' ')
@@ -819,10 +779,8 @@ fn metrics_file_is_prometheus_text_and_moves() {
         names.push(format!("{M}target_{n}{{target=\"{upload}\"}}"));
     }
     names.sort();
-    assert_eq!(
-        m.keys().collect::<Vec<_>>(),
-        names.iter().collect::<Vec<_>>()
-    );
+    let keys: Vec<&String> = m.keys().collect();
+    assert_eq!(keys, names.iter().collect::<Vec<_>>());
     let up_or_zero = |(k, v): (&String, &f64)| *v == f64::from(k.contains("target_up{"));
     assert!(m.iter().all(up_or_zero), "{m:?}");
 
@@ -832,18 +790,15 @@ fn metrics_file_is_prometheus_text_and_moves() {
     // The CLI refuses a missing path; through the socket it is acknowledged
     // and then dropped.
     assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-    wait_ok(
-        UPLOAD_TIMEOUT,
-        "metrics show 2 uploaded and 1 dropped",
-        || {
-            let m = read_metrics(&metrics)?;
-            let v = |n: &str| m[&format!("{M}{n}")];
-            let done = [v("uploaded_total"), v("dropped_total"), v("queued")] == [2.0, 1.0, 0.0];
-            let timed =
-                v("upload_duration_seconds_count") >= 1.0 && v("upload_duration_seconds_sum") > 0.0;
-            (done && timed).then_some(()).ok_or(format!("{m:?}"))
-        },
-    );
+    let moved = || {
+        let m = read_metrics(&metrics)?;
+        let v = |n: &str| m[&format!("{M}{n}")];
+        let done = [v("uploaded_total"), v("dropped_total"), v("queued")] == [2.0, 1.0, 0.0];
+        let count = v("upload_duration_seconds_count");
+        let timed = count >= 1.0 && v("upload_duration_seconds_sum") > 0.0;
+        (done && timed).then_some(()).ok_or(format!("{m:?}"))
+    };
+    wait_ok(UPLOAD_TIMEOUT, "metrics: 2 uploaded, 1 dropped", moved);
     assert_in(&env, &read, &paths, true);
     let dir = fs::read_dir(metrics.parent().unwrap()).unwrap();
     let leftovers: Vec<_> = dir.map(|e| e.unwrap().file_name()).collect();
@@ -865,14 +820,10 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     let metrics = env.root().join("m.prom");
     let (d, w, _, read) = faked(&env, &[("metrics-file", &metrics.display().to_string())]);
     w.set_hold(true);
-    let (first, later) = (
-        env.build_paths(2, "in-flight"),
-        env.build_paths(3, "spooled"),
-    );
+    let first = env.build_paths(2, "in-flight");
+    let later = env.build_paths(3, "spooled");
     enqueue_cli(&d, &first);
-    wait_until(Duration::from_secs(30), "copy held", || {
-        !w.copy_pids().is_empty()
-    });
+    wait_until(HALF_MINUTE, "copy held", || !w.copy_pids().is_empty());
     // What the hook leaves while the daemon is busy or away; the busy
     // worker does not take it in until the call ends.
     let spool = d.spool_dir();
@@ -884,21 +835,15 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
     }
 
     let j = status_json(&d);
-    let mut in_flight: Vec<&str> = list(&j, "in_flight_paths")
-        .iter()
-        .filter_map(Json::as_str)
-        .collect();
+    let in_flight = list(&j, "in_flight_paths").iter().filter_map(Json::as_str);
+    let mut in_flight: Vec<&str> = in_flight.collect();
     in_flight.sort_unstable();
     let mut want = strs(&first);
     want.sort();
     assert_eq!(in_flight, want, "{j:?}");
-    let counts = [
-        "in_flight",
-        "spool_files",
-        "spool_paths",
-        "upload_rate_per_minute",
-    ];
-    assert_eq!(nums(&j, &counts), [2.0, 2.0, 3.0, 0.0], "{j:?}");
+    let counts = nums(&j, &["in_flight", "spool_files", "spool_paths"]);
+    assert_eq!(counts, [2.0, 2.0, 3.0], "{j:?}");
+    assert_eq!(num(&j, "upload_rate_per_minute"), 0.0, "{j:?}");
     let text = status_text(&d);
     for p in &want {
         assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
@@ -909,15 +854,10 @@ fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
 
     w.set_hold(false);
     cli_ok(&d, &["wait", "--timeout", "120"]);
-    wait_until(UPLOAD_TIMEOUT, "the spooled paths uploaded", || {
-        later.iter().all(|p| env.is_valid_in(&read, p))
-    });
+    wait_in(&env, &read, &later);
     let j = status_json(&d);
-    assert_eq!(
-        nums(&j, &["spool_files", "spool_paths"]),
-        [0.0, 0.0],
-        "{j:?}"
-    );
+    let spool = nums(&j, &["spool_files", "spool_paths"]);
+    assert_eq!(spool, [0.0, 0.0], "{j:?}");
     assert!(list(&j, "in_flight_paths").is_empty(), "{j:?}");
     assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
     let text = status_text(&d);
@@ -940,21 +880,15 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     w.set_poison(true);
     let (good, poison) = (env.build_paths(2, "fine"), env.build_paths(2, "poison"));
     let p = strs(&poison);
-    enqueue_cli(
-        &d,
-        &[&good[..1], &poison[..1], &good[1..], &poison[1..]].concat(),
-    );
+    let mixed = [&good[..1], &poison[..1], &good[1..], &poison[1..]].concat();
+    enqueue_cli(&d, &mixed);
 
     // `wait` ends (its timeout is only a bound for a broken daemon) and
     // names both poison paths with the error.
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!((r.code, r.stderr.lines().count()), (Some(1), 1), "{r:?}");
-    let named = [
-        &p[0],
-        &p[1],
-        "2 path(s) failed and were given up on",
-        "refusing a poison path",
-    ];
+    let given_up = "2 path(s) failed and were given up on";
+    let named = [p[0].as_str(), &p[1], given_up, "refusing a poison path"];
     assert!(contains_all(&r.stderr, &named), "{r:?}");
     assert_in(&env, &read, &good, true);
 
@@ -971,20 +905,16 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
         let times = (num(f, "attempts"), num(f, "given_up_seconds_ago"));
         assert!(times.0 >= 3.0 && times.1 >= 0.0, "{f:?}");
         let e = jstr(f, "last_error").unwrap();
-        assert!(
-            contains_all(e, &["nix copy failed", "refusing a poison path"]),
-            "{e}"
-        );
+        let said = contains_all(e, &["nix copy failed", "refusing a poison path"]);
+        assert!(said, "{e}");
     }
     let text = status_text(&d);
     assert_eq!(field(&text, "failed"), "2", "{text}");
     wait_for_metrics(&d, &metrics, &[("failed", 2.0), ("given_up_total", 2.0)]);
     let log = d.log();
     for p in &p {
-        assert!(
-            has_line(&text, "", &[p, "FAILED", "refusing a poison path"]),
-            "{text}"
-        );
+        let shown = has_line(&text, "", &[p, "FAILED", "refusing a poison path"]);
+        assert!(shown, "{text}");
         assert!(has_line(&log, "warning:", &["giving up on", p]), "{log}");
     }
 
@@ -1005,22 +935,15 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     let r = cli_ok(&d, &["requeue", &p[0]]);
     let requeued = "requeued 1 of 1 path(s) given up on; they are tried again\n";
     assert_eq!(r.stdout, requeued);
-    wait_until(UPLOAD_TIMEOUT, "the requeued path uploaded", || {
-        env.is_valid_in(&read, &poison[0])
-    });
+    wait_in(&env, &read, &poison[..1]);
     let r = cli_ok(&d, &["drop", "--all-failed"]);
-    assert_eq!(
-        r.stdout,
-        "dropped 1 queued path(s); they will not be uploaded\n"
-    );
+    assert_eq!(r.stdout, DROPPED_ONE);
     cli_ok(&d, &["wait", "--timeout", "120"]);
     let log = d.log();
     assert!(log.contains(&format!("requeued {}", p[0])), "{log}");
     let dropping = format!("dropping {}", p[1]);
-    assert!(
-        has_line(&log, "warning:", &[&dropping, "operator"]),
-        "{log}"
-    );
+    let warned = has_line(&log, "warning:", &[&dropping, "operator"]);
+    assert!(warned, "{log}");
     assert_in(&env, &read, &poison[1..], false);
     d.restart();
     let j = status_json(&d);
@@ -1045,10 +968,8 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
     let paths = env.build_paths(3, "outage");
     let attempts = |d: &Daemon| -> Vec<f64> {
         let j = status_json(d);
-        list(&j, "backoff")
-            .iter()
-            .map(|e| num(e, "attempts"))
-            .collect()
+        let backoff = list(&j, "backoff");
+        backoff.iter().map(|e| num(e, "attempts")).collect()
     };
     let all_failing = |d: &Daemon, n: f64| {
         let a = attempts(d);
@@ -1061,13 +982,11 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
     };
     // One alone first (the ping decides), then two together (the canary).
     enqueue_cli(&d, &paths[..1]);
-    wait_until(UPLOAD_TIMEOUT, "a lone path failing 4 times", || {
-        attempts(&d).first().is_some_and(|a| *a >= 4.0)
-    });
+    let lone = || attempts(&d).first().is_some_and(|a| *a >= 4.0);
+    wait_until(UPLOAD_TIMEOUT, "a lone path failing 4 times", lone);
     enqueue_cli(&d, &paths[1..]);
-    wait_until(UPLOAD_TIMEOUT, "three paths failing 4 times", || {
-        all_failing(&d, 4.0)
-    });
+    let three = || all_failing(&d, 4.0);
+    wait_until(UPLOAD_TIMEOUT, "three paths failing 4 times", three);
     none_given_up(&d);
 
     // A day is long; a second will do here. Queued more than a second ago
@@ -1076,9 +995,8 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
     std::thread::sleep(Duration::from_millis(1100));
     d.set_config("give-up-after", "1");
     d.restart();
-    wait_until(UPLOAD_TIMEOUT, "three paths failing 16 times", || {
-        all_failing(&d, 16.0)
-    });
+    let three = || all_failing(&d, 16.0);
+    wait_until(UPLOAD_TIMEOUT, "three paths failing 16 times", three);
     none_given_up(&d);
 }
 
@@ -1162,10 +1080,8 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
     }
     let r: Ran = run(d.cli_cmd().args(["serve", "--help"])).into();
     assert_eq!(r.code, Some(0), "{r:?}");
-    assert!(
-        contains_all(&r.stdout, &["max-attempts", "requeue"]),
-        "{r:?}"
-    );
+    let helps = contains_all(&r.stdout, &["max-attempts", "requeue"]);
+    assert!(helps, "{r:?}");
 
     // ./result, relative to the working directory, and a link to a link.
     let built = env.build_paths(2, "edges");
@@ -1179,11 +1095,7 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
     let r: Ran = run(c.arg("--socket").arg(d.socket())).into();
     let queued = "queued 2 new path(s); 0 were already queued\n";
     assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
-    wait_until(
-        UPLOAD_TIMEOUT,
-        "the paths behind the links uploaded",
-        || built.iter().all(|p| env.is_valid_in(&read, p)),
-    );
+    wait_in(&env, &read, &built);
 
     // Missing: refused, one line, nothing queued.
     let gone = missing_path(&env, "op-edges-gone");
@@ -1237,10 +1149,8 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
         let nix_said = (log.split_once("nix store ping failed"))
             .or_else(|| log.split_once("nix store info failed"))
             .map(|(_, said)| said);
-        assert!(
-            log.starts_with(&start) && nix_said.is_some(),
-            "{url}: {log}"
-        );
+        let refused = log.starts_with(&start) && nix_said.is_some();
+        assert!(refused, "{url}: {log}");
         // Nix's own reason, whatever its version's words: an error that
         // names the scheme (Nix 2.8 quotes the URL, 2.26 the scheme).
         let reason = nix_said.is_some_and(|s| contains_all(s, &["error:", "fiel"]));
@@ -1250,9 +1160,8 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
     let target = format!("http://127.0.0.1:{}/cache", free_port());
     let d = Daemon::start(&env, &[("upload-to", &target)]);
     let upload_to = format!("upload-to {target}");
-    wait_until(Duration::from_secs(30), "a warning of no answer", || {
-        has_line(&d.log(), "warning:", &[&upload_to, "starting anyway"])
-    });
+    let warned = || has_line(&d.log(), "warning:", &[&upload_to, "starting anyway"]);
+    wait_until(HALF_MINUTE, "a warning of no answer", warned);
     assert_eq!(field(&status_text(&d), "target"), target);
 }
 
@@ -1338,12 +1247,8 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     };
     let w = FakeNix::with_preludes(&env, &record("nix"), &record("nix-store"));
     let (nix, key) = (w.nix(), sk.display().to_string());
-    let config = [
-        ("signing-key-file", &key),
-        ("upload-to", &upload),
-        ("nix", &nix),
-    ];
-    let mut d = Daemon::start(&env, &config.map(|(k, v)| (k, v.as_str())));
+    let config = [("signing-key-file", key.as_str()), ("upload-to", &upload)];
+    let mut d = Daemon::start(&env, &[&config[..], &[("nix", &nix)]].concat());
     let paths = env.build_paths(2, "sigmask");
     for p in &paths {
         assert_eq!(d.request(&format!("enqueue {}", p.display())), "ok 1");
@@ -1358,28 +1263,23 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     ] {
         assert!(calls.contains(what), "a {what} call was recorded:\n{calls}");
     }
+    // Each line: SigBlk, the call.
     let unblocked = calls.lines().all(|l| l.starts_with("0000000000000000 "));
-    assert!(
-        unblocked,
-        "a nix call started with signals blocked (SigBlk, the call):\n{calls}"
-    );
+    assert!(unblocked, "started with signals blocked:\n{calls}");
 
     let copies_before = w.copy_pids().len();
     w.set_hold(true);
     let hung = env.build_paths(1, "sigmask-hung");
     assert_eq!(d.request(&format!("enqueue {}", hung[0].display())), "ok 1");
-    wait_until(Duration::from_secs(60), "the hung nix copy started", || {
-        w.copy_pids().len() > copies_before
-    });
+    let started = || w.copy_pids().len() > copies_before;
+    wait_until(Duration::from_secs(60), "the hung copy started", started);
     let pid = *w.copy_pids().last().unwrap();
     assert!(w.is_alive(pid), "the hung copy {pid} runs");
     run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
-    wait_until(Duration::from_secs(20), "the copy ends on SIGTERM", || {
-        !w.is_alive(pid)
-    });
-    wait_until(Duration::from_secs(20), "the call reported killed", || {
-        d.log().contains("killed by signal 15")
-    });
+    let ended = || !w.is_alive(pid);
+    wait_until(Duration::from_secs(20), "the copy ends on SIGTERM", ended);
+    let said = || d.log().contains("killed by signal 15");
+    wait_until(Duration::from_secs(20), "the call reported killed", said);
     assert!(d.is_running());
 }
 
@@ -1392,9 +1292,8 @@ fn sigterm_lets_the_upload_in_progress_finish_and_kills_a_hung_one() {
     let env = NixEnv::new("op-term");
     let (mut d, w, read, path) = daemon_with_a_held_copy(&env, "term-finish");
     run_ok(Command::new("kill").args(["-TERM", &d.pid().unwrap().to_string()]));
-    wait_until(Duration::from_secs(30), "daemon saw the signal", || {
-        d.log().contains("stopping")
-    });
+    let seen = || d.log().contains("stopping");
+    wait_until(HALF_MINUTE, "daemon saw the signal", seen);
     w.set_hold(false);
     let st = d.stop();
     assert!(st.success(), "{st}");
@@ -1406,15 +1305,12 @@ fn sigterm_lets_the_upload_in_progress_finish_and_kills_a_hung_one() {
     let st = d.stop();
     assert!(st.success(), "{st}");
     assert!(d.log().contains("outlasted the 10 s grace period"));
-    wait_until(Duration::from_secs(10), "the held copy killed", || {
-        !w.is_alive(copy)
-    });
+    let killed = || !w.is_alive(copy);
+    wait_until(Duration::from_secs(10), "the held copy killed", killed);
     assert!(d.log().contains("stopped; 1 paths stay queued"));
     w.set_hold(false);
     d.restart();
-    wait_until(UPLOAD_TIMEOUT, "path uploaded after restart", || {
-        env.is_valid_in(&read, &path)
-    });
+    wait_in(&env, &read, &[path]);
     assert!(d.log().contains("replayed: 1 paths queued"));
 }
 
@@ -1460,11 +1356,8 @@ fn two_targets_both_receive_every_path_signed_once() {
     let mut samples = vec![];
     for (part, label) in [("cache-a", &up_a), ("cache-b", &up_b)] {
         let (shown, state, counts, t) = target(&d, part, &["delivered", "queued"]);
-        assert_eq!(
-            (&shown, state.as_str(), counts),
-            (label, "ok", vec![3.0, 0.0]),
-            "{t:?}"
-        );
+        let seen = (&shown, state.as_str(), counts);
+        assert_eq!(seen, (label, "ok", vec![3.0, 0.0]), "{t:?}");
         samples.push((format!("target_delivered_total{{target=\"{label}\"}}"), 3.0));
         samples.push((format!("target_up{{target=\"{label}\"}}"), 1.0));
     }
@@ -1485,9 +1378,7 @@ fn one_target_down_does_not_hold_back_the_other() {
     let more = env.build_paths(2, "down-more");
     for paths in [&first, &more] {
         enqueue_cli(&d, paths);
-        wait_until(UPLOAD_TIMEOUT, "cache-a has them, cache-b down", || {
-            paths.iter().all(|p| env.is_valid_in(&read_a, p))
-        });
+        wait_in(&env, &read_a, paths);
     }
     let all = [first, more].concat();
     assert_in(&env, &read_b, &all, false);
@@ -1568,12 +1459,8 @@ fn a_path_given_up_on_one_target_only() {
     enqueue_cli(&d, &[&good[..], &poison[..]].concat());
     let r = cli(&d, &["wait", "--timeout", "120"]);
     assert_eq!(r.code, Some(1), "{r:?}");
-    let named = [
-        "2 path(s) failed and were given up on",
-        &p,
-        &up_b,
-        "refusing a poison path",
-    ];
+    let given_up = "2 path(s) failed and were given up on";
+    let named = [given_up, &p, &up_b, "refusing a poison path"];
     assert!(contains_all(&r.stderr, &named), "{r:?}");
     assert_in(&env, &read_a, &poison, true);
     assert_in(&env, &read_b, &poison, false);
@@ -1598,18 +1485,10 @@ fn a_path_given_up_on_one_target_only() {
     assert_in(&env, &read_b, &poison[..1], true);
     // The other one, dropped: for every target, and b never gets it.
     let r = cli_ok(&d, &["drop", "--all-failed"]);
-    assert_eq!(
-        r.stdout,
-        "dropped 1 queued path(s); they will not be uploaded\n"
-    );
+    assert_eq!(r.stdout, DROPPED_ONE);
     assert_in(&env, &read_b, &poison[1..], false);
-    let again = w.copies_of("cache-a", &poison[0]);
-    assert_eq!(
-        again,
-        copies_a,
-        "the requeue copied to cache-a: {:#?}",
-        w.uploads()
-    );
+    let (again, uploads) = (w.copies_of("cache-a", &poison[0]), w.uploads());
+    assert_eq!(again, copies_a, "copied to cache-a again: {uploads:#?}");
     let j = status_json(&d);
     assert_eq!(nums(&j, &["queued", "failed"]), [0.0, 0.0], "{j:?}");
 }
@@ -1656,25 +1535,15 @@ fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
     for i in 0..paths.len() {
         enqueue_cli(&d, &paths[i..=i]);
         let failed_alone = || num(&status_json(&d), "backing_off") == (i + 1) as f64;
-        wait_until_diag(
-            UPLOAD_TIMEOUT,
-            "the path failing alone",
-            failed_alone,
-            || d.log(),
-        );
+        wait_until(UPLOAD_TIMEOUT, "the path failing alone", failed_alone);
     }
-    let all_failed_twice = || {
+    let twice = || {
         let j = status_json(&d);
         let b = list(&j, "backoff");
         b.len() == 4 && b.iter().all(|e| num(e, "attempts") >= 2.0)
     };
-    let diag = || format!("{:?}\n{}", status_json(&d), d.log());
-    wait_until_diag(
-        Duration::from_secs(120),
-        "every path failing twice",
-        all_failed_twice,
-        diag,
-    );
+    let diag = || format!("{:?}", status_json(&d));
+    wait_until_diag(Duration::from_secs(120), "each failing twice", twice, diag);
     let j = status_json(&d);
     assert_eq!(num(&j, "failed"), 0.0, "{j:?}\n{}", d.log());
     assert!(!d.log().contains("giving up"), "{}", d.log());
@@ -1691,28 +1560,20 @@ fn a_hung_target_does_not_hold_back_a_healthy_one() {
     w.set("hold", Some("/stuck?"));
     let nix = w.nix();
     let uploader = format!("{nix} --extra-experimental-features nix-command copy --to {stuck}");
-    let config = [
-        ("upload-command", uploader.as_str()),
-        ("upload-to", &upload),
-    ];
-    let d = Daemon::start(&env, &[&config[..], &[("command-timeout", "300")]].concat());
+    let config = [("upload-to", upload.as_str()), ("command-timeout", "300")];
+    let config = [&config[..], &[("upload-command", uploader.as_str())]].concat();
+    let d = Daemon::start(&env, &config);
     let paths = env.build_paths(2, "hung-lane");
     enqueue_cli(&d, &paths[..1]);
     let hanging = || !w.copy_pids().is_empty();
-    wait_until_diag(UPLOAD_TIMEOUT, "the uploader hanging", hanging, || d.log());
+    wait_until(UPLOAD_TIMEOUT, "the uploader hanging", hanging);
     enqueue_cli(&d, &paths[1..]);
     let delivered = || env.is_valid_in(&read, &paths[1]);
-    wait_until_diag(
-        UPLOAD_TIMEOUT,
-        "the later path delivered",
-        delivered,
-        || d.log(),
-    );
+    wait_until(UPLOAD_TIMEOUT, "the later path delivered", delivered);
     let j = status_json(&d);
     let first = paths[0].display().to_string();
-    let in_flight = list(&j, "in_flight_paths")
-        .iter()
-        .any(|p| p.as_str() == Some(&first));
+    let listed = list(&j, "in_flight_paths");
+    let in_flight = listed.iter().any(|p| p.as_str() == Some(&first));
     assert!(in_flight, "the hung call is in progress: {j:?}");
 }
 
@@ -1724,9 +1585,8 @@ fn paths_gone_from_the_store_are_dropped_with_one_summary_line() {
     let (upload, _) = file_cache(&env, "cache");
     let d = Daemon::start(&env, &[("upload-to", &upload)]);
     let store = env.store_dir().display().to_string();
-    let gone: Vec<String> = (0..50)
-        .map(|i| format!("{store}/{i:0>32}-npbhq-gone-{i}"))
-        .collect();
+    let name = |i| format!("{store}/{i:0>32}-npbhq-gone-{i}");
+    let gone: Vec<String> = (0..50).map(name).collect();
     assert_eq!(d.request(&format!("enqueue {}", gone.join(" "))), "ok 50");
     let r = cli(&d, &["wait", "--timeout", "60"]);
     assert_eq!(r.code, Some(1), "{r:?}\n{}", d.log());
