@@ -11,7 +11,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{hook_bin, run_ok, write_script, Daemon, NixEnv, NO_ENV};
+use crate::common::{file_cache, hook_bin, run_ok, write_script, Daemon, NixEnv};
 use crate::stats::{Goal, Row, Samples};
 use crate::util::{
     add_store_paths, fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, Conn, Mode,
@@ -56,8 +56,7 @@ fn hung_target(mode: &Mode) -> Row {
     write_script(&hang, "#!/bin/sh\nexec sleep 3600\n");
     let timeout = mode.hang_timeout.as_secs_f64().to_string();
     let daemon = |name: &str, with_hang: bool| {
-        let cache = env.root().join(name);
-        let url = format!("file://{}?compression=none", cache.display());
+        let (url, _) = file_cache(&env, name);
         // Retried soon after each failure: the hung target is tried again
         // and again, as a target in trouble is.
         let hang = hang.display().to_string();
@@ -70,7 +69,7 @@ fn hung_target(mode: &Mode) -> Row {
         if with_hang {
             config.push(("upload-command", &hang));
         }
-        (Daemon::start(&env, &config), cache)
+        (Daemon::start(&env, &config), env.root().join(name))
     };
     let (alone, alone_cache) = daemon("alone", false);
     let (beside, beside_cache) = daemon("beside", true);
@@ -234,12 +233,8 @@ fn build_and_wait(mode: &Mode) -> Row {
     let n = mode.build_drvs;
     let (mut ratio, mut waited, mut bare) = (Samples::new(), Samples::new(), Samples::new());
     for round in 0..mode.wait_rounds {
-        let b = env.build(
-            n,
-            &format!("wait-{round}"),
-            Some(&hook_bin()),
-            &d.hook_env(),
-        );
+        let tag = format!("wait-{round}");
+        let b = env.build(n, &tag, Some(&hook_bin()), &d.hook_env());
         let start = Instant::now();
         let reply = d.request_lines("wait");
         let took = ms(start);
@@ -252,13 +247,8 @@ fn build_and_wait(mode: &Mode) -> Row {
         b.assert_success();
         env.verify_in_cache(&cache, &pk, &b.out_paths)
             .unwrap_or_else(|e| panic!("not signed in the cache: {e}\n{}", d.log()));
-        let one = env
-            .build(1, &format!("wait-bare-{round}"), None, NO_ENV)
-            .out_paths;
-        let bare_cache = format!(
-            "file://{}",
-            env.root().join(format!("bare-{round}")).display()
-        );
+        let one = env.build_paths(1, &format!("wait-bare-{round}"));
+        let (_, bare_cache) = file_cache(&env, &format!("bare-{round}"));
         let start = Instant::now();
         env.sign(&sk, &one);
         run_ok(

@@ -104,16 +104,13 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
     let (sk, _pk) = env.gen_signing_key("bench-1");
     let sk = sk.display().to_string();
     let cache = format!("file://{}", env.root().join("cache").display());
+    let config = [("signing-key-file", sk.as_str()), ("upload-to", &cache)];
 
     // Idle: a fresh daemon configured as in production, nothing queued,
     // and beside it, in the same rounds, the floor program sleeping.
     let (mut idle, mut floor_idle) = (Samples::new(), Samples::new());
     for _ in 0..mode.idle_rounds {
-        let d = Daemon::new_stopped(
-            &env,
-            &[("signing-key-file", sk.as_str()), ("upload-to", &cache)],
-            NO_ENV,
-        );
+        let d = Daemon::new_stopped(&env, &config, NO_ENV);
         let (p, _) = DaemonProc::start(&env, &d);
         let mut conn = Conn::open(&d.socket()).expect("connect");
         assert_eq!(conn.status_number("queued"), 0);
@@ -131,17 +128,8 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
 
     // A big queue: the daemon's nix calls are held by a delay wrapper, so
     // every path stays queued.
-    let wrapper = nix_delay_wrapper(&env);
-    let wrapper = wrapper.display().to_string();
-    let d = Daemon::new_stopped(
-        &env,
-        &[
-            ("signing-key-file", sk.as_str()),
-            ("upload-to", &cache),
-            ("nix", &wrapper),
-        ],
-        NO_ENV,
-    );
+    let wrapper = nix_delay_wrapper(&env).display().to_string();
+    let d = Daemon::new_stopped(&env, &[config[0], config[1], ("nix", &wrapper)], NO_ENV);
     let n = mode.big_queue;
     let paths = fake_paths(&env.store_dir(), n);
     let (p, _) = DaemonProc::start(&env, &d);
@@ -159,8 +147,7 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
     drop(conn);
     drop(p); // kill -9, the whole tree
 
-    let mut restart = Samples::new();
-    let mut replay_hwm = Samples::new();
+    let (mut restart, mut replay_hwm) = (Samples::new(), Samples::new());
     for _ in 0..mode.restart_rounds {
         let (p, ms) = DaemonProc::start(&env, &d);
         restart.push(ms);

@@ -22,6 +22,8 @@ use crate::util::{fake_paths, held_daemon, keep_until_the_end, time_run, Mode};
 
 /// Warm-up runs per variant, not recorded.
 const WARMUP: usize = 20;
+/// The note of the rows measured like the hook.
+const SAME: &str = "exec to exit, same environment";
 
 struct Variant {
     name: &'static str,
@@ -108,8 +110,9 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         variants
             .iter()
             .find(|v| v.name == name)
-            .map(|v| v.samples.clone())
             .unwrap()
+            .samples
+            .clone()
     };
     let floor_ms = get("floor").median();
     let n = mode.hook_runs.min(300);
@@ -136,15 +139,11 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
                 down.median() - floor_ms
             ),
         ),
-        info(
-            "1c /bin/true",
-            &get("true"),
-            "exec to exit, same environment",
-        ),
+        info("1c /bin/true", &get("true"), SAME),
         info(
             "1d floor: a std program that does nothing, same profile",
             &get("floor"),
-            "exec to exit, same environment",
+            SAME,
         ),
         info(
             "1e floor: fdatasync of one journal record",

@@ -134,25 +134,16 @@ pub fn fake_paths(store: &Path, n: usize) -> Vec<String> {
 pub fn add_store_paths(env: &NixEnv, n: usize) -> Vec<String> {
     let dir = env.root().join("files");
     fs::create_dir_all(&dir).expect("create files dir");
-    let files: Vec<PathBuf> = (0..n)
-        .map(|i| {
-            let f = dir.join(format!("bench-file-{i}"));
-            fs::write(
-                &f,
-                format!("benchmark file {i} {}\n", crate::common::unique_id()),
-            )
-            .expect("write bench file");
-            f
-        })
-        .collect();
+    let file = |i| {
+        let f = dir.join(format!("bench-file-{i}"));
+        let text = format!("benchmark file {i} {}\n", crate::common::unique_id());
+        fs::write(&f, text).expect("write bench file");
+        f
+    };
+    let files: Vec<PathBuf> = (0..n).map(file).collect();
     let out = crate::common::run_ok(env.cmd("nix-store").arg("--add").args(&files));
     let paths: Vec<String> = out.lines().map(str::to_string).collect();
-    assert_eq!(
-        paths.len(),
-        n,
-        "nix-store --add printed {} paths",
-        paths.len()
-    );
+    assert_eq!(paths.len(), n, "nix-store --add printed {paths:?}");
     paths
 }
 
