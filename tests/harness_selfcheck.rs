@@ -147,11 +147,7 @@ fn build_with_hook_runs_it_per_derivation_in_nix_builds_environment() {
         let mut given: Vec<PathBuf> = f[3].split_whitespace().map(PathBuf::from).collect();
         given.sort();
         let ok = given.is_empty() || given == drv_outs;
-        assert!(
-            ok,
-            "OUT_PATHS {given:?} against {drv_outs:?} of {}: {l}",
-            f[2]
-        );
+        assert!(ok, "OUT_PATHS of {l}: want {drv_outs:?}");
         outs.extend(drv_outs);
     }
     drvs.sort();
@@ -214,12 +210,8 @@ fn ssh_ng_receiver_accepts_signed_and_refuses_unsigned() {
 
     // Signed: arrives, with our signature.
     let o = env.copy_to(&url, &paths[..1], &[], &sshd.env());
-    let log = sshd.log();
-    assert!(
-        o.status.success(),
-        "signed copy: {}\nsshd log: {log}",
-        show(&o)
-    );
+    let (shown, log) = (show(&o), sshd.log());
+    assert!(o.status.success(), "signed copy: {shown}\nsshd log: {log}");
     let sigs = env.path_sigs(&recv, &paths[0]).unwrap();
     assert!(sigs.iter().any(|s| s.starts_with("sc-ssh-1:")), "{sigs:?}");
     env.verify_in_cache(&recv, &pk, &paths[..1]).unwrap();
@@ -278,11 +270,12 @@ fn a_failed_assertion_of_a_daemon_test_prints_the_daemon_log() {
     if std::env::var_os("NPBHQ_SELFCHECK_FAIL").is_some() {
         let env = NixEnv::new("selfcheck-droplog");
         let d = Daemon::start(&env, &[]);
+        let socket = d.socket();
         assert_eq!(
             d.request("ping"),
             "deliberately wrong",
             "{}",
-            d.socket().display()
+            socket.display()
         );
     }
     let o = rerun_test(name, "exec \"$0\" \"$@\"", &[("NPBHQ_SELFCHECK_FAIL", "1")]);

@@ -170,12 +170,8 @@ fn compaction_and_spool(mode: &Mode) -> Vec<Row> {
         )
         .expect("spool file");
     }
-    assert_eq!(
-        conn.status_number("spool-files"),
-        mode.spool_files as u64,
-        "{}",
-        d.log()
-    );
+    let spooled = conn.status_number("spool-files");
+    assert_eq!(spooled, mode.spool_files as u64, "{}", d.log());
     let (mut full, mut listing) = (Samples::new(), Samples::new());
     for _ in 0..mode.status_samples {
         let start = Instant::now();
@@ -238,12 +234,8 @@ fn build_and_wait(mode: &Mode) -> Row {
         let start = Instant::now();
         let reply = d.request_lines("wait");
         let took = ms(start);
-        assert_eq!(
-            reply.last().map(String::as_str),
-            Some("ok all uploaded"),
-            "{}",
-            d.log()
-        );
+        let last = reply.last().map(String::as_str);
+        assert_eq!(last, Some("ok all uploaded"), "{}", d.log());
         b.assert_success();
         env.verify_in_cache(&cache, &pk, &b.out_paths)
             .unwrap_or_else(|e| panic!("not signed in the cache: {e}\n{}", d.log()));

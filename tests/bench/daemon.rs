@@ -152,12 +152,8 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
         let (p, ms) = DaemonProc::start(&env, &d);
         restart.push(ms);
         let mut conn = Conn::open(&d.socket()).expect("connect");
-        assert_eq!(
-            conn.status_number("queued"),
-            n as u64,
-            "replay lost paths:\n{}",
-            d.log()
-        );
+        let queued = conn.status_number("queued");
+        assert_eq!(queued, n as u64, "replay lost paths:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(200));
         replay_hwm.push(p.vm_hwm_mib());
     }

@@ -93,11 +93,8 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
     // (it prints only when it could not hand the paths over), and with the
     // daemon down every run left a spool file.
     let text = fs::read_to_string(env.root().join("up.stderr")).unwrap();
-    assert!(
-        text.is_empty(),
-        "the hook did not hand over: {text}\n{}",
-        d.log()
-    );
+    let log = d.log();
+    assert!(text.is_empty(), "the hook did not hand over: {text}\n{log}");
     let spooled = fs::read_dir(&down_spool).into_iter().flatten().flatten();
     let spooled = spooled.filter(|e| e.file_name().to_string_lossy().ends_with(".req"));
     assert_eq!(

@@ -398,12 +398,8 @@ pub struct BuildResult {
 impl BuildResult {
     /// Panics with stderr unless the build exited 0.
     pub fn assert_success(&self) -> &Self {
-        assert!(
-            self.status.success(),
-            "nix-build failed ({}):\n{}",
-            self.status,
-            self.stderr
-        );
+        let (status, stderr) = (self.status, &self.stderr);
+        assert!(status.success(), "nix-build failed ({status}):\n{stderr}");
         self
     }
 
