@@ -90,11 +90,7 @@ fn signature_refusal_is_recognised_by_its_sense() {
 #[test]
 #[should_panic(expected = "timed out")]
 fn wait_until_panics_on_timeout() {
-    wait_until(
-        Duration::from_millis(100),
-        "something that never happens",
-        || false,
-    );
+    wait_until(Duration::from_millis(100), "the impossible", || false);
 }
 
 /// A build with a hook set succeeds and makes new paths in the private
@@ -172,9 +168,7 @@ fn signed_file_cache_verifies_with_right_key_only() {
 
     env.sign(&sk, &paths);
     let (write_url, url) = file_cache(&env, "cache");
-    let mut all = paths.clone();
-    all.extend(unsigned.iter().cloned());
-    all.push(ca.clone());
+    let all = [paths.clone(), unsigned.clone(), vec![ca.clone()]].concat();
     let o = env.copy_to(&write_url, &all, &[], NO_ENV);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
@@ -187,9 +181,7 @@ fn signed_file_cache_verifies_with_right_key_only() {
     assert!(env.verify_in_cache(&url, &pk, &unsigned).is_err());
     // `nix store verify` alone accepts an unsigned content-addressed path;
     // the harness's signature check does not.
-    let e = env
-        .verify_in_cache(&url, &pk, std::slice::from_ref(&ca))
-        .unwrap_err();
+    let e = env.verify_in_cache(&url, &pk, &[ca]).unwrap_err();
     assert!(e.contains("no signature"), "{e}");
     // A path that is not in the cache.
     let missing = env.build_paths(1, "cache-missing");
@@ -308,10 +300,7 @@ fn sshd_on_a_loopback_that_is_down_says_why_in_one_line() {
     let script = "exec unshare -n \"$0\" \"$@\"";
     let o = rerun_test(name, script, &[("NPBHQ_SELFCHECK_NO_LOOPBACK", "1")]);
     let said = String::from_utf8_lossy(&o.stdout) + String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success(),
-        "sshd started without a loopback: {said}"
-    );
+    assert!(!o.status.success(), "sshd ran without a loopback: {said}");
     let why = said
         .lines()
         .find(|l| l.contains("the loopback interface is down"))

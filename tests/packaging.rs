@@ -8,6 +8,7 @@
 mod common;
 
 use common::*;
+use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -105,19 +106,12 @@ fn daemon_reads_the_config_file_module_nix_renders() {
         .spawn()
         .unwrap();
     let log = || fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    wait_until_diag(
-        Duration::from_secs(10),
-        "the daemon accepts",
-        || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
-        log,
-    );
+    let accepts = || std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    let ten = Duration::from_secs(10);
+    wait_until_diag(ten, "the daemon accepts", accepts, log);
+    let cli = |a: &[&OsStr]| run_ok(env.cmd(daemon_bin()).args(a).arg("--socket").arg(&socket));
     let path = env.add_text_path("rendered", "rendered\n");
-    run_ok(
-        env.cmd(daemon_bin())
-            .args(["enqueue", "--socket"])
-            .arg(&socket)
-            .arg(&path),
-    );
+    cli(&["enqueue".as_ref(), path.as_ref()]);
     // retry-initial-delay 0.5 and retry-max-delay 2.5 from the file: from
     // the fourth failed attempt on, the next try is at most 2.5 s away (with
     // the defaults, 1 and 300 s, at least 4 s). Read from the daemon's log:
@@ -145,21 +139,13 @@ fn daemon_reads_the_config_file_module_nix_renders() {
             log()
         );
     }
-    let status = run_ok(
-        env.cmd(daemon_bin())
-            .args(["status", "--json", "--socket"])
-            .arg(&socket),
-    );
+    let status = cli(&["status".as_ref(), "--json".as_ref()]);
     assert!(status.contains("\"signing\":true"), "{status}");
     assert!(
         status.contains("file:///dev/null/npbhq"),
         "the --upload-to flag wins over the file's upload-to: {status}"
     );
-    wait_until(
-        Duration::from_secs(10),
-        "the metrics file is written",
-        || metrics.exists(),
-    );
+    wait_until(ten, "the metrics file is written", || metrics.exists());
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let exit = child.wait().unwrap();
     assert!(

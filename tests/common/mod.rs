@@ -299,12 +299,9 @@ pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
     child.wait_with_output().unwrap()
 }
 
@@ -330,12 +327,8 @@ pub fn wait_until_diag(
     mut cond: impl FnMut() -> bool,
     diag: impl FnOnce() -> String,
 ) {
-    wait_until_ok(
-        timeout,
-        what,
-        || cond().then_some(()).ok_or_else(String::new),
-        diag,
-    );
+    let check = || cond().then_some(()).ok_or_else(String::new);
+    wait_until_ok(timeout, what, check, diag);
 }
 
 /// [`wait_until_ok`] without a diagnostic (a [`Daemon`] prints its log
@@ -405,10 +398,11 @@ impl BuildResult {
 
     /// The lines the post-build-hook wrote (prefix `post-build-hook: ` removed).
     pub fn hook_lines(&self) -> Vec<String> {
-        let lines = self.stderr.lines();
-        lines
-            .filter_map(|l| Some(l.strip_prefix("post-build-hook: ")?.to_string()))
-            .collect()
+        let lines = self
+            .stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("post-build-hook: "));
+        lines.map(str::to_string).collect()
     }
 }
 
@@ -781,12 +775,11 @@ impl Sshd {
         let authorized = dir.join("authorized_keys");
         fs::copy(client_key.with_extension("pub"), &authorized).unwrap();
 
-        let receiver_root = dir.join("remote");
-        let recv_etc = dir.join("remote-etc");
-        let recv_home = dir.join("remote-home");
-        fs::create_dir_all(&receiver_root).unwrap();
-        fs::create_dir_all(&recv_etc).unwrap();
-        fs::create_dir_all(recv_home.join(".cache")).unwrap();
+        let [receiver_root, recv_etc, recv_home] =
+            ["remote", "remote-etc", "remote-home"].map(|d| dir.join(d));
+        for d in [&receiver_root, &recv_etc, &recv_home.join(".cache")] {
+            fs::create_dir_all(d).unwrap();
+        }
         let conf = format!("{BASE_NIX_CONF}trusted-public-keys = {trusted_public_keys}\n");
         fs::write(recv_etc.join("nix.conf"), conf).unwrap();
         let set_env = format!(
@@ -1955,10 +1948,8 @@ fn exchange(socket: &Path, line: &str) -> Result<Vec<String>, String> {
     let mut lines = Vec::new();
     loop {
         let mut l = String::new();
-        match r.read_line(&mut l) {
-            Ok(0) => return Err(format!("connection closed without a final line: {lines:?}")),
-            Ok(_) => {}
-            Err(e) => return Err(format!("read: {e}")),
+        if r.read_line(&mut l).map_err(|e| format!("read: {e}"))? == 0 {
+            return Err(format!("connection closed without a final line: {lines:?}"));
         }
         let l = l.trim_end_matches(['\n', '\r']).to_string();
         let last = l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ");
