@@ -113,13 +113,7 @@ fn compaction_and_spool(mode: &Mode) -> Vec<Row> {
     let wrapper = nix_delay_wrapper(&env).display().to_string();
     let d = Daemon::start(&env, &[("upload-to", &cache), ("nix", &wrapper)]);
     let store = env.store_dir();
-    let hook = |path: &str| {
-        let mut cmd = env.cmd(hook_bin());
-        cmd.envs(d.hook_env())
-            .env("OUT_PATHS", path)
-            .env("DRV_PATH", "");
-        time_run(&mut cmd)
-    };
+    let hook = |path: &str| time_run(d.hook_cmd().env("OUT_PATHS", path).env("DRV_PATH", ""));
     let mut conn = Conn::open(&d.socket()).expect("connect");
     let records = fake_paths(&store, mode.compact_records);
     for chunk in records.chunks(1000) {
@@ -137,13 +131,10 @@ fn compaction_and_spool(mode: &Mode) -> Vec<Row> {
     let dropper = std::thread::spawn(move || {
         let mut conn = Conn::open(&socket).expect("connect");
         for chunk in records.chunks(1000) {
-            let reply = conn
-                .request(&format!("drop {}", chunk.join(" ")))
-                .expect("drop");
-            assert!(
-                reply.last().is_some_and(|l| l.starts_with("ok")),
-                "{reply:?}"
-            );
+            let reply = conn.request(&format!("drop {}", chunk.join(" ")));
+            let reply = reply.expect("drop");
+            let dropped = reply.last().is_some_and(|l| l.starts_with("ok"));
+            assert!(dropped, "{reply:?}");
         }
     });
     let mut during = Samples::new();

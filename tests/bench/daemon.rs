@@ -4,6 +4,7 @@
 //! restart with that queue takes until the socket accepts again (journal
 //! replay).
 
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -15,16 +16,11 @@ use crate::util::{
     Mode,
 };
 
-/// One round of `clients` threads each sending `per_client` paths; with
-/// `fresh_connections` every path gets its own connection (as the hook
-/// does), else each client keeps one. Returns paths per second.
-fn enqueue_round(
-    socket: &std::path::Path,
-    store: &std::path::Path,
-    clients: usize,
-    per_client: usize,
-    fresh_connections: bool,
-) -> f64 {
+/// One round of `mode.clients` threads each sending `mode.per_client`
+/// paths; with `fresh_connections` every path gets its own connection (as
+/// the hook does), else each client keeps one. Returns paths per second.
+fn enqueue_round(socket: &Path, store: &Path, mode: &Mode, fresh_connections: bool) -> f64 {
+    let (clients, per_client) = (mode.clients, mode.per_client);
     let barrier = Arc::new(Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
@@ -64,13 +60,7 @@ pub fn enqueue(mode: &Mode) -> Vec<Row> {
     for round in 0..mode.enqueue_rounds {
         for j in 0..2 {
             let fresh_conn = (round + j) % 2 == 0;
-            let rate = enqueue_round(
-                &d.socket(),
-                &store,
-                mode.clients,
-                mode.per_client,
-                fresh_conn,
-            );
+            let rate = enqueue_round(&d.socket(), &store, mode, fresh_conn);
             if fresh_conn {
                 fresh.push(rate);
             } else {

@@ -13,6 +13,7 @@
 //! file write) are measured in the same run.
 
 use std::fs::{self, File};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::common::{hook_bin, NixEnv};
@@ -27,9 +28,9 @@ const SAME: &str = "exec to exit, same environment";
 
 struct Variant {
     name: &'static str,
-    program: std::path::PathBuf,
+    program: PathBuf,
     socket: String,
-    spool: String,
+    spool: PathBuf,
     stderr: File,
     samples: Samples,
 }
@@ -42,15 +43,15 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
     let d = held_daemon(&env, &sk);
     let store = env.store_dir();
     let socket = d.socket().display().to_string();
-    let spool = d.spool_dir().display().to_string();
+    let spool = d.spool_dir();
     let down_spool = env.root().join("spool-down");
     let down_socket = env.root().join("no-daemon.sock").display().to_string();
 
-    let variant = |name, program: &std::path::Path, socket: &str, spool: &str| Variant {
+    let variant = |name, program: &Path, socket: &str, spool: &Path| Variant {
         name,
         program: program.to_path_buf(),
         socket: socket.to_string(),
-        spool: spool.to_string(),
+        spool: spool.to_path_buf(),
         stderr: File::create(env.root().join(format!("{name}.stderr"))).unwrap(),
         samples: Samples::new(),
     };
@@ -58,12 +59,7 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         variant("true", "/bin/true".as_ref(), &socket, &spool),
         variant("floor", &floor.bin, &socket, &spool),
         variant("up", &hook_bin(), &socket, &spool),
-        variant(
-            "down",
-            &hook_bin(),
-            &down_socket,
-            &down_spool.display().to_string(),
-        ),
+        variant("down", &hook_bin(), &down_socket, &down_spool),
     ];
     let path_env = std::env::var("PATH").unwrap_or_default();
     let k = variants.len();
@@ -172,11 +168,9 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         let text = fs::read_to_string(&burst_err).unwrap();
         assert!(text.is_empty(), "burst: the hook did not hand over: {text}");
     }
+    let n = mode.burst_paths;
     let burst_rows = vec![Row::from_samples(
-        &format!(
-            "4 burst: hook with {} paths, exec to exit",
-            mode.burst_paths
-        ),
+        &format!("4 burst: hook with {n} paths, exec to exit"),
         &burst,
         "ms",
         Goal::AtMost(50.0),
