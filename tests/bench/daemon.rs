@@ -109,7 +109,7 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
             .spawn()
             .expect("start the floor program");
         std::thread::sleep(Duration::from_millis(300));
-        idle.push(p.vm_hwm_mib());
+        idle.push(vm_hwm_mib(p.child.id()));
         floor_idle.push(vm_hwm_mib(sleeper.id()));
         kill_tree(sleeper.id());
         let _ = sleeper.wait();
@@ -133,7 +133,7 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
     assert_eq!(queued, n);
     assert_eq!(conn.status_number("queued"), n as u64);
     std::thread::sleep(Duration::from_millis(300));
-    let live_hwm = p.vm_hwm_mib();
+    let live_hwm = vm_hwm_mib(p.child.id());
     drop(conn);
     drop(p); // kill -9, the whole tree
 
@@ -145,7 +145,7 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
         let queued = conn.status_number("queued");
         assert_eq!(queued, n as u64, "replay lost paths:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(200));
-        replay_hwm.push(p.vm_hwm_mib());
+        replay_hwm.push(vm_hwm_mib(p.child.id()));
     }
 
     let k = if n >= 1000 {

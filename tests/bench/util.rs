@@ -262,7 +262,7 @@ pub fn time_run(cmd: &mut Command) -> f64 {
 /// `exec` until the socket accepts is measured precisely. Killed with its
 /// whole process tree on drop.
 pub struct DaemonProc {
-    child: Child,
+    pub child: Child,
 }
 
 impl DaemonProc {
@@ -300,11 +300,6 @@ impl DaemonProc {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-    }
-
-    /// The daemon's peak resident memory ([`vm_hwm_mib`]).
-    pub fn vm_hwm_mib(&self) -> f64 {
-        vm_hwm_mib(self.child.id())
     }
 }
 

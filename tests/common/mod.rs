@@ -795,22 +795,18 @@ impl Sshd {
         let config = dir.join("sshd_config");
         let log = dir.join("sshd.log");
 
+        let (host, keys) = (host_key.display(), authorized.display());
         let mut last_err = String::new();
         for _attempt in 0..10 {
             let port = free_port();
-            fs::write(
-                &config,
-                format!(
-                    "ListenAddress 127.0.0.1\nPort {port}\nHostKey {}\nPidFile none\n\
-                     UsePAM no\nStrictModes no\nUseDNS no\nPermitRootLogin prohibit-password\n\
-                     PubkeyAuthentication yes\nPasswordAuthentication no\n\
-                     KbdInteractiveAuthentication no\nAuthorizedKeysFile {}\n\
-                     SetEnv {set_env}\nLogLevel ERROR\n",
-                    host_key.display(),
-                    authorized.display(),
-                ),
-            )
-            .unwrap();
+            let text = format!(
+                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {host}\nPidFile none\n\
+                 UsePAM no\nStrictModes no\nUseDNS no\nPermitRootLogin prohibit-password\n\
+                 PubkeyAuthentication yes\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nAuthorizedKeysFile {keys}\n\
+                 SetEnv {set_env}\nLogLevel ERROR\n",
+            );
+            fs::write(&config, text).unwrap();
             let logf = fs::File::create(&log).unwrap();
             let mut child = Command::new(&sshd_bin)
                 .args(["-D", "-e", "-f"])
