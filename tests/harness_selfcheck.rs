@@ -236,11 +236,8 @@ fn kill_tree_ends_grandchildren() {
         .args(["-c", "sleep 60 & sh -c 'sleep 60 & wait' & wait"])
         .spawn()
         .unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        "the shell to start its children",
-        || descendants(child.id()).len() >= 3,
-    );
+    let started = || descendants(child.id()).len() >= 3;
+    wait_until(Duration::from_secs(10), "the shell's children", started);
     let tree = descendants(child.id());
     kill_tree(child.id());
     child.wait().unwrap();

@@ -590,11 +590,8 @@ fn rendered_module_facts() {
     for name in true_facts.split_whitespace() {
         assert_eq!(fact(name), "true", "module.nix: {name}");
     }
-    assert_eq!(
-        fact("extra-allowed-users"),
-        "\"nix-post-build-hook-queue\"",
-        "nix-daemon must let the service user in"
-    );
+    let (users, want) = (fact("extra-allowed-users"), "\"nix-post-build-hook-queue\"");
+    assert_eq!(users, want, "nix-daemon must let the service user in");
     // A setting nobody set writes no line: the daemon's default applies.
     assert_eq!(
         fact("nothing-set-rendered"),
@@ -755,12 +752,12 @@ fn module_service_serves_signs_uploads_and_stays_up() {
     let security = c.ok(&format!(
         "systemd-analyze security --no-pager {UNIT}.service | tail -n 1"
     ));
-    let score: f64 = security
+    let score = security
         .split(':')
         .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure score in: {security}"));
+        .and_then(|s| s.split_whitespace().next());
+    let score: Option<f64> = score.and_then(|s| s.parse().ok());
+    let score = score.unwrap_or_else(|| panic!("no exposure score in: {security}"));
     eprintln!("systemd-analyze security: {}", security.trim());
     assert!(score <= 1.0, "the sandbox got weaker: {}", security.trim());
 }
@@ -862,15 +859,12 @@ fn switch_to_a_changed_unit_drains_the_queue() {
     // Paths queued while the upload target is unwritable: they wait.
     c.ok(&format!("chmod 000 {CACHE_DIR}"));
     let paths: Vec<String> = (0..3).map(|i| build(&c, &format!("switch{i}"))).collect();
-    wait_until_ok(
-        Duration::from_secs(60),
-        "three paths queued",
-        || {
-            let json = daemon(&c, "status --json").stdout;
-            json.contains("\"queued\":3").then_some(()).ok_or(json)
-        },
-        || c.journal(),
-    );
+    let queued = || {
+        let json = daemon(&c, "status --json").stdout;
+        json.contains("\"queued\":3").then_some(()).ok_or(json)
+    };
+    let minute = Duration::from_secs(60);
+    wait_until_ok(minute, "three paths queued", queued, || c.journal());
     // The switch: stop the service and the socket, activate the changed
     // configuration (here the service unit gains an environment line),
     // start the socket and the active targets.
