@@ -317,20 +317,10 @@ impl Drop for Container {
                 .stderr(Stdio::null())
                 .spawn();
             if let Ok(mut child) = poweroff {
-                let waited = poll(Duration::from_secs(10), 20, || child.try_wait().ok()?);
-                if waited.is_none() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
+                reap(&mut child, Duration::from_secs(10));
             }
         }
-        let off = poll(Duration::from_secs(20), 50, || {
-            self.nspawn.try_wait().ok()?
-        });
-        if off.is_none() {
-            let _ = self.nspawn.kill();
-            let _ = self.nspawn.wait();
-        }
+        reap(&mut self.nspawn, Duration::from_secs(20));
         // Whatever is left in the cgroups (nothing, after a clean poweroff),
         // then the cgroups themselves, deepest first.
         for dir in &self.cgroups {
@@ -348,6 +338,14 @@ impl Drop for Container {
         if std::env::var_os("NPBHQ_KEEP_TMP").is_none() {
             let _ = fs::remove_dir_all(&self.scratch);
         }
+    }
+}
+
+/// Waits for `child` to exit, and kills it if it still runs after `within`.
+fn reap(child: &mut Child, within: Duration) {
+    if poll(within, 20, || child.try_wait().ok()?).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

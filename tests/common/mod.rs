@@ -1602,10 +1602,9 @@ impl Rendered {
         let mut parts: Vec<(String, String, String)> = Vec::new();
         for line in text.split_inclusive('\n') {
             if let Some(head) = line.strip_prefix("=== ") {
-                let mut words = head.trim_end().splitn(2, ' ');
-                let kind = words.next().unwrap_or_default().to_string();
-                let name = words.next().unwrap_or_default().to_string();
-                parts.push((kind, name, String::new()));
+                let head = head.trim_end();
+                let (kind, name) = head.split_once(' ').unwrap_or((head, ""));
+                parts.push((kind.to_string(), name.to_string(), String::new()));
             } else if let Some(last) = parts.last_mut() {
                 last.2.push_str(line);
             } else {
