@@ -47,24 +47,19 @@ fn imports(code: &str, prefix: &str) -> BTreeSet<String> {
     let mut rest = code;
     while let Some(at) = rest.find(&needle) {
         rest = &rest[at + needle.len()..];
-        let names: Vec<&str> = if let Some(group) = rest.strip_prefix('{') {
-            let end = group.find('}').unwrap_or(group.len());
-            group[..end].split(',').collect()
-        } else {
-            vec![rest]
-        };
-        for name in names {
-            let name: String = name
-                .trim()
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
-            let name = match name.as_str() {
-                "info" | "warning" | "error" => "log".to_string(),
+        let group = rest
+            .strip_prefix('{')
+            .map(|g| &g[..g.find('}').unwrap_or(g.len())]);
+        for name in group.map_or(vec![rest], |g| g.split(',').collect()) {
+            let name = name.trim();
+            let end = name.find(|c: char| !(c.is_alphanumeric() || c == '_'));
+            let name = &name[..end.unwrap_or(name.len())];
+            let name = match name {
+                "info" | "warning" | "error" => "log",
                 _ => name,
             };
-            if !name.is_empty() && name.chars().next().is_some_and(|c| c.is_lowercase()) {
-                found.insert(name);
+            if name.starts_with(|c: char| c.is_lowercase()) {
+                found.insert(name.to_string());
             }
         }
     }

@@ -8,6 +8,7 @@
 mod common;
 
 use common::*;
+use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -27,24 +28,12 @@ fn every_nix_file_parses() {
         .filter(|p| p.extension().is_some_and(|x| x == "nix"))
         .collect();
     files.sort();
-    let names: Vec<String> = files
-        .iter()
-        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .collect();
     for expected in ["default.nix", "flake.nix", "module.nix", "render.nix"] {
-        assert!(
-            names.iter().any(|n| n == expected),
-            "{expected} missing: {names:?}"
-        );
+        let found = files.iter().any(|p| p.ends_with(expected));
+        assert!(found, "{expected} missing: {files:?}");
     }
     for file in &files {
-        let out = run(env.cmd("nix-instantiate").arg("--parse").arg(file));
-        assert!(
-            out.status.success(),
-            "{} does not parse: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(env.cmd("nix-instantiate").arg("--parse").arg(file));
     }
 }
 
@@ -117,19 +106,12 @@ fn daemon_reads_the_config_file_module_nix_renders() {
         .spawn()
         .unwrap();
     let log = || fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    wait_until_diag(
-        Duration::from_secs(10),
-        "the daemon accepts",
-        || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
-        log,
-    );
+    let accepts = || std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    let ten = Duration::from_secs(10);
+    wait_until_diag(ten, "the daemon accepts", accepts, log);
+    let cli = |a: &[&OsStr]| run_ok(env.cmd(daemon_bin()).args(a).arg("--socket").arg(&socket));
     let path = env.add_text_path("rendered", "rendered\n");
-    run_ok(
-        env.cmd(daemon_bin())
-            .args(["enqueue", "--socket"])
-            .arg(&socket)
-            .arg(&path),
-    );
+    cli(&["enqueue".as_ref(), path.as_ref()]);
     // retry-initial-delay 0.5 and retry-max-delay 2.5 from the file: from
     // the fourth failed attempt on, the next try is at most 2.5 s away (with
     // the defaults, 1 and 300 s, at least 4 s). Read from the daemon's log:
@@ -157,21 +139,13 @@ fn daemon_reads_the_config_file_module_nix_renders() {
             log()
         );
     }
-    let status = run_ok(
-        env.cmd(daemon_bin())
-            .args(["status", "--json", "--socket"])
-            .arg(&socket),
-    );
+    let status = cli(&["status".as_ref(), "--json".as_ref()]);
     assert!(status.contains("\"signing\":true"), "{status}");
     assert!(
         status.contains("file:///dev/null/npbhq"),
         "the --upload-to flag wins over the file's upload-to: {status}"
     );
-    wait_until(
-        Duration::from_secs(10),
-        "the metrics file is written",
-        || metrics.exists(),
-    );
+    wait_until(ten, "the metrics file is written", || metrics.exists());
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let exit = child.wait().unwrap();
     assert!(
@@ -185,11 +159,7 @@ fn daemon_reads_the_config_file_module_nix_renders() {
 fn module_knows_every_daemon_setting_and_no_other() {
     // module.nix's settings options, as evaluated (tests/system/render.nix).
     let keys = rendered_check("settings-keys");
-    let mut in_module: Vec<String> = keys
-        .trim_matches('"')
-        .split_whitespace()
-        .map(String::from)
-        .collect();
+    let mut in_module: Vec<&str> = keys.trim_matches('"').split_whitespace().collect();
     in_module.sort();
 
     let help = run_ok(Command::new(daemon_bin()).arg("--help"));
@@ -197,11 +167,8 @@ fn module_knows_every_daemon_setting_and_no_other() {
         .split("Daemon settings")
         .nth(1)
         .expect("--help lists the settings");
-    let lines: Vec<&str> = section
-        .lines()
-        .skip(1)
-        .take_while(|l| l.starts_with("  "))
-        .collect();
+    let lines = section.lines().skip(1);
+    let lines: Vec<&str> = lines.take_while(|l| l.starts_with("  ")).collect();
     // A line's key: its first word, or, where a key as wide as the key
     // column runs into its description, the longest module key that fills
     // the column and starts the word.
@@ -213,16 +180,16 @@ fn module_knows_every_daemon_setting_and_no_other() {
         })
         .min()
         .expect("a settings line with a description");
-    let mut in_daemon: Vec<String> = lines
+    let mut in_daemon: Vec<&str> = lines
         .iter()
         .filter_map(|l| {
             let word = l.split_whitespace().next()?;
             let glued = in_module
                 .iter()
-                .filter(|k| word.len() > k.len() && word.starts_with(k.as_str()))
+                .filter(|k| word.len() > k.len() && word.starts_with(*k))
                 .filter(|k| 2 + k.len() >= column - 1)
                 .max_by_key(|k| k.len());
-            Some(glued.unwrap_or(&word.to_string()).clone())
+            Some(glued.copied().unwrap_or(word))
         })
         .collect();
     in_daemon.sort();
@@ -262,12 +229,8 @@ fn module_config_check_fails_the_build_on_a_bad_setting() {
             .env("TMPDIR", dir.path())
             .env("unchecked", &unchecked)
             .env("out", dir.join(out)));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&ran.stdout),
-            String::from_utf8_lossy(&ran.stderr)
-        );
-        (ran.status.code(), text)
+        let text = String::from_utf8_lossy(&ran.stdout) + String::from_utf8_lossy(&ran.stderr);
+        (ran.status.code(), text.into_owned())
     };
     let (good, _) = rendered_service();
     let (status, text) = build(&good, "good");

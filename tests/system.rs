@@ -18,8 +18,8 @@
 mod common;
 
 use common::{
-    daemon_bin, hook_bin, line_after, on_path, poll, rendered_check, run_to_exit, unique_id,
-    wait_until_ok, write_script, Rendered, TempDir,
+    daemon_bin, hook_bin, line_after, on_path, poll, rendered_check, run_ok, run_to_exit,
+    unique_id, wait_until_ok, write_script, Rendered, TempDir,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -61,9 +61,15 @@ struct Ran {
 }
 
 impl Ran {
-    fn both(&self) -> String {
+    fn ok(&self) -> bool {
+        self.status.success()
+    }
+}
+
+impl std::fmt::Display for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         let (status, out, err) = (self.status, &self.stdout, &self.stderr);
-        format!("{status}\nstdout:\n{out}\nstderr:\n{err}")
+        write!(f, "{status}\nstdout:\n{out}\nstderr:\n{err}")
     }
 }
 
@@ -94,9 +100,8 @@ fn rootfs() -> PathBuf {
     let script = repo().join("tests/system/mkroot.sh");
     let ran = run_deadline(&mut Command::new(&script), Duration::from_secs(900));
     assert!(
-        ran.status.success(),
-        "tests/system/mkroot.sh failed (it needs root and debootstrap): {}",
-        ran.both()
+        ran.ok(),
+        "tests/system/mkroot.sh failed (it needs root and debootstrap): {ran}"
     );
     PathBuf::from(ran.stdout.trim())
 }
@@ -111,11 +116,7 @@ fn preflight() {
     let capeff = capeff.and_then(Result::ok).unwrap_or(0);
     for (bit, name, why) in [
         (21, "CAP_SYS_ADMIN", "for its mounts and namespaces"),
-        (
-            12,
-            "CAP_NET_ADMIN",
-            "to bring up the container's loopback, which the tests' sshd listens on",
-        ),
+        (12, "CAP_NET_ADMIN", "for the loopback the tests' sshd uses"),
     ] {
         assert!(
             (capeff >> bit) & 1 == 1,
@@ -226,8 +227,7 @@ impl Container {
         let state = state.unwrap_or_else(|| c.sh("systemctl is-system-running --wait"));
         assert!(
             state.stdout.trim() == "running",
-            "the container did not come up cleanly ({}); failed units:\n{}",
-            state.both(),
+            "the container did not come up cleanly ({state}); failed units:\n{}",
             c.sh("systemctl --failed --no-pager").stdout
         );
         let lo = c.ok("cat /sys/class/net/lo/flags");
@@ -237,11 +237,10 @@ impl Container {
             "the container's loopback is down (systemd-nspawn could not bring it up): the tests need 127.0.0.1"
         );
         // For reports (cargo test -- --nocapture), not an assertion.
+        let (pid1_s, up_s) = (started.as_secs_f64(), start.elapsed().as_secs_f64());
         eprintln!(
-            "{}: PID 1 after {:.2} s, running after {:.2} s",
-            c.machine,
-            started.as_secs_f64(),
-            start.elapsed().as_secs_f64()
+            "{}: PID 1 after {pid1_s:.2} s, running after {up_s:.2} s",
+            c.machine
         );
         c
     }
@@ -271,11 +270,7 @@ impl Container {
     /// [`Container::sh`] that must succeed; returns its stdout.
     fn ok(&self, script: &str) -> String {
         let ran = self.sh(script);
-        assert!(
-            ran.status.success(),
-            "in the container: {script}\n{}",
-            ran.both()
-        );
+        assert!(ran.ok(), "in the container: {script}\n{ran}");
         ran.stdout
     }
 
@@ -322,20 +317,10 @@ impl Drop for Container {
                 .stderr(Stdio::null())
                 .spawn();
             if let Ok(mut child) = poweroff {
-                let waited = poll(Duration::from_secs(10), 20, || child.try_wait().ok()?);
-                if waited.is_none() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
+                reap(&mut child, Duration::from_secs(10));
             }
         }
-        let off = poll(Duration::from_secs(20), 50, || {
-            self.nspawn.try_wait().ok()?
-        });
-        if off.is_none() {
-            let _ = self.nspawn.kill();
-            let _ = self.nspawn.wait();
-        }
+        reap(&mut self.nspawn, Duration::from_secs(20));
         // Whatever is left in the cgroups (nothing, after a clean poweroff),
         // then the cgroups themselves, deepest first.
         for dir in &self.cgroups {
@@ -353,6 +338,14 @@ impl Drop for Container {
         if std::env::var_os("NPBHQ_KEEP_TMP").is_none() {
             let _ = fs::remove_dir_all(&self.scratch);
         }
+    }
+}
+
+/// Waits for `child` to exit, and kills it if it still runs after `within`.
+fn reap(child: &mut Child, within: Duration) {
+    if poll(within, 20, || child.try_wait().ok()?).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -436,12 +429,8 @@ const START_UNITS: &str =
 /// A fresh start of the module's units ([`START_UNITS`]), which must succeed.
 fn start_module(c: &Container) {
     let ran = c.sh(START_UNITS);
-    assert!(
-        ran.status.success(),
-        "the module's units did not start: {}\n{}",
-        ran.both(),
-        c.journal()
-    );
+    let log = c.journal();
+    assert!(ran.ok(), "the module's units did not start: {ran}\n{log}");
 }
 
 /// A container with `variant` installed and running.
@@ -487,7 +476,7 @@ fn verified_by(c: &Container, key: &str, store: &str, path: &str) -> Result<(), 
     let ran = c.sh(&format!(
         "nix store verify --no-contents --store '{store}' --trusted-public-keys \"$(cat {key})\" {path}"
     ));
-    ran.status.success().then_some(()).ok_or_else(|| ran.both())
+    ran.ok().then_some(()).ok_or_else(|| ran.to_string())
 }
 
 /// [`verified_in`] for each path, which must hold.
@@ -503,7 +492,7 @@ fn assert_verified(c: &Container, store: &str, paths: &[String]) {
 fn in_cache_dir(c: &Container, path: &str) -> bool {
     let hash = path.trim_start_matches("/nix/store/").split('-').next();
     let narinfo = format!("{CACHE_DIR}/{}.narinfo", hash.unwrap_or_default());
-    c.sh(&format!("test -e {narinfo}")).status.success()
+    c.sh(&format!("test -e {narinfo}")).ok()
 }
 
 /// Waits until every path is in the file:// cache, then verifies each
@@ -520,12 +509,7 @@ fn wait_delivered(c: &Container, paths: &[String]) {
 /// `wait` as root, which must end with every path uploaded.
 fn wait_all(c: &Container) {
     let waited = daemon(c, "wait --timeout 100");
-    assert!(
-        waited.status.success(),
-        "wait: {}\n{}",
-        waited.both(),
-        c.journal()
-    );
+    assert!(waited.ok(), "wait: {waited}\n{}", c.journal());
 }
 
 /// Sleeps longer than the service's RestartSec: long enough for systemd
@@ -545,11 +529,8 @@ fn assert_stays_up(c: &Container, module: &Rendered) {
     let props = c.ok(&format!(
         "systemctl show -p NRestarts,ActiveState,SubState,Result,ExecMainStatus {UNIT}.service"
     ));
-    assert!(
-        props.contains("NRestarts=0") && props.contains("ActiveState=active"),
-        "the service did not stay up:\n{props}\n{}",
-        c.journal()
-    );
+    let up = props.contains("NRestarts=0") && props.contains("ActiveState=active");
+    assert!(up, "the service did not stay up:\n{props}\n{}", c.journal());
 }
 
 fn daemon(c: &Container, args: &str) -> Ran {
@@ -581,12 +562,8 @@ fn rendered_units_match_module_nix() {
     for file in ["module.nix", "tests/system/render.nix"] {
         let recorded = line_after(&source, &format!("{file} "));
         let recorded = recorded.unwrap_or_else(|| panic!("source.txt records no hash of {file}"));
-        let out = Command::new("sha256sum")
-            .arg(repo().join(file))
-            .output()
-            .expect("sha256sum");
-        let now = String::from_utf8_lossy(&out.stdout);
-        let now = now.split_whitespace().next().unwrap_or_default();
+        let out = run_ok(Command::new("sha256sum").arg(repo().join(file)));
+        let now = out.split_whitespace().next().unwrap_or_default();
         assert_eq!(
             recorded, now,
             "{file} changed since tests/system/rendered/ was rendered: run tests/system/render.sh NIXPKGS_LIB (see its header)"
@@ -611,11 +588,8 @@ fn rendered_module_facts() {
     for name in true_facts.split_whitespace() {
         assert_eq!(fact(name), "true", "module.nix: {name}");
     }
-    assert_eq!(
-        fact("extra-allowed-users"),
-        "\"nix-post-build-hook-queue\"",
-        "nix-daemon must let the service user in"
-    );
+    let (users, want) = (fact("extra-allowed-users"), "\"nix-post-build-hook-queue\"");
+    assert_eq!(users, want, "nix-daemon must let the service user in");
     // A setting nobody set writes no line: the daemon's default applies.
     assert_eq!(
         fact("nothing-set-rendered"),
@@ -652,20 +626,17 @@ fn rendered_module_facts() {
     for variant in ["file", "ssh", "token", "group", "substitute"] {
         let r = Rendered::load(&rendered_dir(), variant);
         let service = r.unit(&format!("{UNIT}.service"));
-        let filter: Vec<&str> = service
+        let filter = service
             .lines()
-            .filter_map(|l| l.strip_prefix("SystemCallFilter="))
-            .collect();
-        assert_eq!(
-            filter,
-            [
-                "@system-service",
-                "~@privileged",
-                "~@resources",
-                "setpriority"
-            ],
-            "{variant}"
-        );
+            .filter_map(|l| l.strip_prefix("SystemCallFilter="));
+        let filter: Vec<&str> = filter.collect();
+        let want = [
+            "@system-service",
+            "~@privileged",
+            "~@resources",
+            "setpriority",
+        ];
+        assert_eq!(filter, want, "{variant}");
         for line in [
             "SystemCallErrorNumber=EPERM",
             "RestartPreventExitStatus=78",
@@ -688,16 +659,10 @@ fn rendered_module_facts() {
             socket.lines().any(|l| l == format!("SocketMode={mode}")),
             "{variant}: {socket}"
         );
-        assert_eq!(
-            socket.lines().any(|l| l == "SocketGroup=npbhq-ci"),
-            variant == "group",
-            "{variant}: {socket}"
-        );
-        assert_eq!(
-            r.service_value("EnvironmentFile").is_some(),
-            variant == "token",
-            "{variant}: EnvironmentFile="
-        );
+        let group = socket.lines().any(|l| l == "SocketGroup=npbhq-ci");
+        assert_eq!(group, variant == "group", "{variant}: {socket}");
+        let env_file = r.service_value("EnvironmentFile").is_some();
+        assert_eq!(env_file, variant == "token", "{variant}: EnvironmentFile=");
     }
 }
 
@@ -720,12 +685,10 @@ fn module_service_serves_signs_uploads_and_stays_up() {
     // through nix-daemon all the same. Before the module's lines, as in
     // NixOS's nix.conf (sorted by key): a plain `allowed-users` after an
     // `extra-` line would replace what it added.
+    let (conf, user) = (module.part("nix.conf"), module.user());
     assert!(
-        module
-            .part("nix.conf")
-            .contains(&format!("extra-allowed-users = {}", module.user())),
-        "{}",
-        module.part("nix.conf")
+        conf.contains(&format!("extra-allowed-users = {user}")),
+        "{conf}"
     );
     c.ok("sed -i '1i allowed-users = root nobody' /etc/nix/nix.conf && systemctl restart nix-daemon.service");
     install_module(&c, &module);
@@ -739,11 +702,7 @@ fn module_service_serves_signs_uploads_and_stays_up() {
     let refused = c.sh(&format!(
         "runuser -u nobody -- /opt/npbhq/bin/post-build-hook-queue status --socket /run/{UNIT}.sock"
     ));
-    assert!(
-        !refused.status.success(),
-        "nobody reached the socket: {}",
-        refused.both()
-    );
+    assert!(!refused.ok(), "nobody reached the socket: {refused}");
     paths.push(build_as(&c, "nobody", "serve-nobody", ""));
     wait_all(&c);
     assert_verified(&c, CACHE_URL, &paths);
@@ -756,13 +715,9 @@ fn module_service_serves_signs_uploads_and_stays_up() {
     let pid = c.ok(&format!("systemctl show -P MainPID {UNIT}.service"));
     let pid = pid.trim();
     let uid = c.ok(&format!("awk '/^Uid:/ {{print $2}}' /proc/{pid}/status"));
-    let user_uid = c.ok(&format!("id -u {}", module.user()));
-    assert_eq!(
-        uid.trim(),
-        user_uid.trim(),
-        "the daemon runs as the module's user"
-    );
-    assert_ne!(uid.trim(), "0");
+    let (uid, user_uid) = (uid.trim(), c.ok(&format!("id -u {user}")));
+    assert_eq!(uid, user_uid.trim(), "the daemon runs as the module's user");
+    assert_ne!(uid, "0");
     let sigs = c.ok(&format!("nix path-info --sigs {}", paths[0]));
     assert!(
         sigs.contains("npbhq-test:"),
@@ -770,12 +725,11 @@ fn module_service_serves_signs_uploads_and_stays_up() {
     );
 
     let status = daemon(&c, "status");
-    assert!(status.status.success(), "status as root: {}", status.both());
+    assert!(status.ok(), "status as root: {status}");
     let json = daemon(&c, "status --json");
     assert!(
         json.stdout.contains("\"queued\":0") && json.stdout.contains("\"signing\":true"),
-        "status --json: {}",
-        json.both()
+        "status --json: {json}"
     );
     wait_until_ok(
         Duration::from_secs(30),
@@ -796,12 +750,12 @@ fn module_service_serves_signs_uploads_and_stays_up() {
     let security = c.ok(&format!(
         "systemd-analyze security --no-pager {UNIT}.service | tail -n 1"
     ));
-    let score: f64 = security
+    let score = security
         .split(':')
         .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure score in: {security}"));
+        .and_then(|s| s.split_whitespace().next());
+    let score: Option<f64> = score.and_then(|s| s.parse().ok());
+    let score = score.unwrap_or_else(|| panic!("no exposure score in: {security}"));
     eprintln!("systemd-analyze security: {}", security.trim());
     assert!(score <= 1.0, "the sandbox got weaker: {}", security.trim());
 }
@@ -823,9 +777,8 @@ fn module_service_uploads_over_ssh_ng_to_a_receiver_requiring_signatures() {
     let copy = format!("{SSH_COPY} {unsigned}");
     let refused = c.sh(&copy);
     assert!(
-        !refused.status.success() && verified_in(&c, RECEIVER, &unsigned).is_err(),
-        "the receiver accepted an unsigned path: {}",
-        refused.both()
+        !refused.ok() && verified_in(&c, RECEIVER, &unsigned).is_err(),
+        "the receiver accepted an unsigned path: {refused}"
     );
     c.ok(&format!(
         "nix store sign --key-file /etc/npbhq-test/signing-key {unsigned} && {copy}"
@@ -888,13 +841,9 @@ fn restart_in_the_middle_of_an_upload_loses_nothing() {
     c.ok(&format!("systemctl restart {UNIT}.service"));
     wait_delivered(&c, &paths);
     let json = daemon(&c, "status --json");
-    assert!(json.stdout.contains("\"queued\":0"), "{}", json.both());
-    assert_eq!(
-        copies(),
-        1,
-        "the copy in progress at the restart was cut short and had to run again\n{}",
-        c.journal()
-    );
+    assert!(json.stdout.contains("\"queued\":0"), "{json}");
+    let cut = "the copy in progress at the restart was cut short and had to run again";
+    assert_eq!(copies(), 1, "{cut}\n{}", c.journal());
 }
 
 /// What `nixos-rebuild switch` does to a changed socket-activated unit
@@ -908,15 +857,12 @@ fn switch_to_a_changed_unit_drains_the_queue() {
     // Paths queued while the upload target is unwritable: they wait.
     c.ok(&format!("chmod 000 {CACHE_DIR}"));
     let paths: Vec<String> = (0..3).map(|i| build(&c, &format!("switch{i}"))).collect();
-    wait_until_ok(
-        Duration::from_secs(60),
-        "three paths queued",
-        || {
-            let json = daemon(&c, "status --json").stdout;
-            json.contains("\"queued\":3").then_some(()).ok_or(json)
-        },
-        || c.journal(),
-    );
+    let queued = || {
+        let json = daemon(&c, "status --json").stdout;
+        json.contains("\"queued\":3").then_some(()).ok_or(json)
+    };
+    let minute = Duration::from_secs(60);
+    wait_until_ok(minute, "three paths queued", queued, || c.journal());
     // The switch: stop the service and the socket, activate the changed
     // configuration (here the service unit gains an environment line),
     // start the socket and the active targets.
@@ -953,36 +899,20 @@ fn container_tiers_say_in_one_line_why_they_cannot_run() {
         &repo().join("tests/system/run-suite-in-container.sh"),
         &["--test", "harness_selfcheck"],
     );
-    assert!(!suite.status.success(), "{}", suite.both());
-    assert_eq!(
-        suite.stderr.trim().lines().count(),
-        1,
-        "not one line: {}",
-        suite.both()
-    );
-    assert!(
-        suite.stderr.contains("no CAP_NET_ADMIN"),
-        "{}",
-        suite.both()
-    );
+    assert!(!suite.ok(), "{suite}");
+    let lines = suite.stderr.trim().lines().count();
+    assert_eq!(lines, 1, "not one line: {suite}");
+    assert!(suite.stderr.contains("no CAP_NET_ADMIN"), "{suite}");
     // This test binary, one container test of its own.
     let me = std::env::current_exe().expect("the test binary");
-    let tier = without(
-        &me,
-        &[
-            "--exact",
-            "builds_spool_while_stopped_and_arrive_after_start",
-            "--test-threads=1",
-        ],
+    let test = "builds_spool_while_stopped_and_arrive_after_start";
+    let tier = without(&me, &["--exact", test, "--test-threads=1"]);
+    let (said, why) = (
+        tier.to_string(),
+        "the system tier cannot run here: no CAP_NET_ADMIN",
     );
-    assert!(!tier.status.success(), "{}", tier.both());
-    assert!(
-        tier.both()
-            .lines()
-            .any(|l| l.starts_with("the system tier cannot run here: no CAP_NET_ADMIN")),
-        "{}",
-        tier.both()
-    );
+    assert!(!tier.ok(), "{said}");
+    assert!(said.lines().any(|l| l.starts_with(why)), "{said}");
 }
 
 /// The module's config file with one more line, written where the unit
@@ -1000,11 +930,7 @@ fn a_configuration_error_exits_78_and_is_not_restarted() {
     let (c, module) = boot_with("exit78", "file");
     append_to_config(&c, &module, "batch-size = 0");
     let started = c.sh(START_UNITS);
-    assert!(
-        !started.status.success(),
-        "the service started with batch-size = 0: {}",
-        started.both()
-    );
+    assert!(!started.ok(), "started with batch-size = 0: {started}");
     sleep_past_restart_sec(&module);
     let props = c.ok(&format!(
         "systemctl show -p NRestarts,ActiveState,Result,ExecMainStatus {UNIT}.service"
@@ -1041,16 +967,10 @@ fn upload_command_gets_its_token_from_the_environment_file() {
     start_module(&c);
     let path = build(&c, "token");
     c.wait_for(DELIVERY_DEADLINE, "the uploader's refusal", || {
-        c.sh(&format!("test -s {uploaded}.refused"))
-            .status
-            .success()
+        c.sh(&format!("test -s {uploaded}.refused")).ok()
     });
     let none = c.sh(&format!("cat {uploaded}"));
-    assert!(
-        !none.stdout.contains(&path),
-        "uploaded without the token: {}",
-        none.both()
-    );
+    assert!(!none.stdout.contains(&path), "uploaded without: {none}");
     c.write(
         "/etc/npbhq-test/uploader.env",
         "NPBHQ_TEST_OTHER=1\nNPBHQ_TEST_TOKEN=sekrit\n",
@@ -1058,18 +978,12 @@ fn upload_command_gets_its_token_from_the_environment_file() {
     c.ok(&format!("systemctl restart {UNIT}.service"));
     wait_all(&c);
     let list = c.ok(&format!("cat {uploaded}"));
-    assert!(
-        list.lines().any(|l| l == path),
-        "{path} not uploaded: {list}\n{}",
-        c.journal()
-    );
+    let arrived = list.lines().any(|l| l == path);
+    assert!(arrived, "{path} not uploaded: {list}\n{}", c.journal());
     for args in ["status", "status --json"] {
         let status = daemon(&c, args);
-        assert!(
-            status.status.success() && !status.both().contains("sekrit"),
-            "{args}: {}",
-            status.both()
-        );
+        let said = status.to_string();
+        assert!(status.ok() && !said.contains("sekrit"), "{args}: {said}");
     }
 }
 
@@ -1112,12 +1026,8 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
         ))
     };
     let as_ci_ok = |script: &str| {
-        let ran = as_ci(script);
-        let (out, log) = (ran.both(), c.journal());
-        assert!(
-            ran.status.success(),
-            "{script} as a member of {group}: {out}\n{log}"
-        );
+        let (ran, log) = (as_ci(script), c.journal());
+        assert!(ran.ok(), "{script} as a member of {group}: {ran}\n{log}");
     };
     as_ci_ok(&format!("nix-store --realise {path} --add-root result"));
     as_ci_ok("/opt/npbhq/bin/post-build-hook-queue enqueue ./result");
@@ -1128,17 +1038,15 @@ fn socket_group_members_enqueue_and_wait_but_may_not_drop() {
     assert_eq!(
         dropped.status.code(),
         Some(1),
-        "drop as a member of {group} must be refused by the daemon: {}",
-        dropped.both()
+        "drop as a member of {group} must be refused by the daemon: {dropped}"
     );
     let outsider = c.sh(&format!(
         "runuser -u nobody -- env {} /opt/npbhq/bin/post-build-hook-queue status",
         variables.trim()
     ));
     assert!(
-        !outsider.status.success(),
-        "nobody, outside {group}, reached the socket: {}",
-        outsider.both()
+        !outsider.ok(),
+        "nobody, outside {group}, reached the socket: {outsider}"
     );
 }
 
@@ -1169,9 +1077,8 @@ fn substitute_on_destination_fetches_dependencies_from_the_receivers_cache() {
     // Over ssh alone the receiver refuses it (unsigned here).
     let copy = c.sh(&format!("{SSH_COPY} {dep}"));
     assert!(
-        !copy.status.success() && verified_in(&c, RECEIVER, &dep).is_err(),
-        "the receiver took the unsigned dependency over ssh: {}",
-        copy.both()
+        !copy.ok() && verified_in(&c, RECEIVER, &dep).is_err(),
+        "the receiver took the unsigned dependency over ssh: {copy}"
     );
     start_module(&c);
     let with_dep = format!("${{builtins.storePath \"{dep}\"}}");
@@ -1217,17 +1124,13 @@ fn mkroot_takes_the_mirror_from_the_machines_apt_sources() {
             .env("NPBHQ_ROOTFS", scratch.join("root")),
         COMMAND_DEADLINE,
     );
-    assert!(!ran.status.success(), "{}", ran.both());
+    assert!(!ran.ok(), "{ran}");
     let mirror = line_after(&ran.stderr, "debootstrap-args: ");
     let mirror = mirror.and_then(|args| args.split_whitespace().last());
-    let mirror = mirror.unwrap_or_else(|| panic!("debootstrap was not run: {}", ran.both()));
-    let lists = fs::read_dir("/etc/apt/sources.list.d")
-        .into_iter()
-        .flatten()
-        .flatten();
-    let lists = lists
-        .map(|e| e.path())
-        .chain(["/etc/apt/sources.list".into()]);
+    let mirror = mirror.unwrap_or_else(|| panic!("debootstrap was not run: {ran}"));
+    let dir = fs::read_dir("/etc/apt/sources.list.d");
+    let lists = dir.into_iter().flatten().flatten().map(|e| e.path());
+    let lists = lists.chain(["/etc/apt/sources.list".into()]);
     let sources: String = lists
         .map(|f| fs::read_to_string(f).unwrap_or_default())
         .collect();

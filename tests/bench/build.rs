@@ -88,11 +88,8 @@ pub fn run(mode: &Mode) -> Vec<Row> {
             b.assert_success();
             assert_eq!(b.out_paths.len(), n, "nix-build printed {:?}", b.out_paths);
             if which == Hook::Ours || which == Hook::Held {
-                assert!(
-                    b.hook_lines().is_empty(),
-                    "our hook did not hand over: {:?}",
-                    b.hook_lines()
-                );
+                let said = b.hook_lines();
+                assert!(said.is_empty(), "our hook did not hand over: {said:?}");
             }
             if which == Hook::Ours {
                 // Let the background upload finish before the next build,

@@ -11,7 +11,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{hook_bin, run_ok, write_script, Daemon, NixEnv, NO_ENV};
+use crate::common::{file_cache, hook_bin, run_ok, write_script, Daemon, NixEnv};
 use crate::stats::{Goal, Row, Samples};
 use crate::util::{
     add_store_paths, fake_paths, keep_until_the_end, nix_delay_wrapper, time_run, Conn, Mode,
@@ -56,8 +56,7 @@ fn hung_target(mode: &Mode) -> Row {
     write_script(&hang, "#!/bin/sh\nexec sleep 3600\n");
     let timeout = mode.hang_timeout.as_secs_f64().to_string();
     let daemon = |name: &str, with_hang: bool| {
-        let cache = env.root().join(name);
-        let url = format!("file://{}?compression=none", cache.display());
+        let (url, _) = file_cache(&env, name);
         // Retried soon after each failure: the hung target is tried again
         // and again, as a target in trouble is.
         let hang = hang.display().to_string();
@@ -70,7 +69,7 @@ fn hung_target(mode: &Mode) -> Row {
         if with_hang {
             config.push(("upload-command", &hang));
         }
-        (Daemon::start(&env, &config), cache)
+        (Daemon::start(&env, &config), env.root().join(name))
     };
     let (alone, alone_cache) = daemon("alone", false);
     let (beside, beside_cache) = daemon("beside", true);
@@ -114,13 +113,7 @@ fn compaction_and_spool(mode: &Mode) -> Vec<Row> {
     let wrapper = nix_delay_wrapper(&env).display().to_string();
     let d = Daemon::start(&env, &[("upload-to", &cache), ("nix", &wrapper)]);
     let store = env.store_dir();
-    let hook = |path: &str| {
-        let mut cmd = env.cmd(hook_bin());
-        cmd.envs(d.hook_env())
-            .env("OUT_PATHS", path)
-            .env("DRV_PATH", "");
-        time_run(&mut cmd)
-    };
+    let hook = |path: &str| time_run(d.hook_cmd().env("OUT_PATHS", path).env("DRV_PATH", ""));
     let mut conn = Conn::open(&d.socket()).expect("connect");
     let records = fake_paths(&store, mode.compact_records);
     for chunk in records.chunks(1000) {
@@ -138,13 +131,10 @@ fn compaction_and_spool(mode: &Mode) -> Vec<Row> {
     let dropper = std::thread::spawn(move || {
         let mut conn = Conn::open(&socket).expect("connect");
         for chunk in records.chunks(1000) {
-            let reply = conn
-                .request(&format!("drop {}", chunk.join(" ")))
-                .expect("drop");
-            assert!(
-                reply.last().is_some_and(|l| l.starts_with("ok")),
-                "{reply:?}"
-            );
+            let reply = conn.request(&format!("drop {}", chunk.join(" ")));
+            let reply = reply.expect("drop");
+            let dropped = reply.last().is_some_and(|l| l.starts_with("ok"));
+            assert!(dropped, "{reply:?}");
         }
     });
     let mut during = Samples::new();
@@ -171,12 +161,8 @@ fn compaction_and_spool(mode: &Mode) -> Vec<Row> {
         )
         .expect("spool file");
     }
-    assert_eq!(
-        conn.status_number("spool-files"),
-        mode.spool_files as u64,
-        "{}",
-        d.log()
-    );
+    let spooled = conn.status_number("spool-files");
+    assert_eq!(spooled, mode.spool_files as u64, "{}", d.log());
     let (mut full, mut listing) = (Samples::new(), Samples::new());
     for _ in 0..mode.status_samples {
         let start = Instant::now();
@@ -234,31 +220,18 @@ fn build_and_wait(mode: &Mode) -> Row {
     let n = mode.build_drvs;
     let (mut ratio, mut waited, mut bare) = (Samples::new(), Samples::new(), Samples::new());
     for round in 0..mode.wait_rounds {
-        let b = env.build(
-            n,
-            &format!("wait-{round}"),
-            Some(&hook_bin()),
-            &d.hook_env(),
-        );
+        let tag = format!("wait-{round}");
+        let b = env.build(n, &tag, Some(&hook_bin()), &d.hook_env());
         let start = Instant::now();
         let reply = d.request_lines("wait");
         let took = ms(start);
-        assert_eq!(
-            reply.last().map(String::as_str),
-            Some("ok all uploaded"),
-            "{}",
-            d.log()
-        );
+        let last = reply.last().map(String::as_str);
+        assert_eq!(last, Some("ok all uploaded"), "{}", d.log());
         b.assert_success();
         env.verify_in_cache(&cache, &pk, &b.out_paths)
             .unwrap_or_else(|e| panic!("not signed in the cache: {e}\n{}", d.log()));
-        let one = env
-            .build(1, &format!("wait-bare-{round}"), None, NO_ENV)
-            .out_paths;
-        let bare_cache = format!(
-            "file://{}",
-            env.root().join(format!("bare-{round}")).display()
-        );
+        let one = env.build_paths(1, &format!("wait-bare-{round}"));
+        let (_, bare_cache) = file_cache(&env, &format!("bare-{round}"));
         let start = Instant::now();
         env.sign(&sk, &one);
         run_ok(

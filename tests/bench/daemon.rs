@@ -4,6 +4,7 @@
 //! restart with that queue takes until the socket accepts again (journal
 //! replay).
 
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -15,16 +16,11 @@ use crate::util::{
     Mode,
 };
 
-/// One round of `clients` threads each sending `per_client` paths; with
-/// `fresh_connections` every path gets its own connection (as the hook
-/// does), else each client keeps one. Returns paths per second.
-fn enqueue_round(
-    socket: &std::path::Path,
-    store: &std::path::Path,
-    clients: usize,
-    per_client: usize,
-    fresh_connections: bool,
-) -> f64 {
+/// One round of `mode.clients` threads each sending `mode.per_client`
+/// paths; with `fresh_connections` every path gets its own connection (as
+/// the hook does), else each client keeps one. Returns paths per second.
+fn enqueue_round(socket: &Path, store: &Path, mode: &Mode, fresh_connections: bool) -> f64 {
+    let (clients, per_client) = (mode.clients, mode.per_client);
     let barrier = Arc::new(Barrier::new(clients + 1));
     let threads: Vec<_> = (0..clients)
         .map(|_| {
@@ -64,13 +60,7 @@ pub fn enqueue(mode: &Mode) -> Vec<Row> {
     for round in 0..mode.enqueue_rounds {
         for j in 0..2 {
             let fresh_conn = (round + j) % 2 == 0;
-            let rate = enqueue_round(
-                &d.socket(),
-                &store,
-                mode.clients,
-                mode.per_client,
-                fresh_conn,
-            );
+            let rate = enqueue_round(&d.socket(), &store, mode, fresh_conn);
             if fresh_conn {
                 fresh.push(rate);
             } else {
@@ -104,16 +94,13 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
     let (sk, _pk) = env.gen_signing_key("bench-1");
     let sk = sk.display().to_string();
     let cache = format!("file://{}", env.root().join("cache").display());
+    let config = [("signing-key-file", sk.as_str()), ("upload-to", &cache)];
 
     // Idle: a fresh daemon configured as in production, nothing queued,
     // and beside it, in the same rounds, the floor program sleeping.
     let (mut idle, mut floor_idle) = (Samples::new(), Samples::new());
     for _ in 0..mode.idle_rounds {
-        let d = Daemon::new_stopped(
-            &env,
-            &[("signing-key-file", sk.as_str()), ("upload-to", &cache)],
-            NO_ENV,
-        );
+        let d = Daemon::new_stopped(&env, &config, NO_ENV);
         let (p, _) = DaemonProc::start(&env, &d);
         let mut conn = Conn::open(&d.socket()).expect("connect");
         assert_eq!(conn.status_number("queued"), 0);
@@ -122,7 +109,7 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
             .spawn()
             .expect("start the floor program");
         std::thread::sleep(Duration::from_millis(300));
-        idle.push(p.vm_hwm_mib());
+        idle.push(vm_hwm_mib(p.child.id()));
         floor_idle.push(vm_hwm_mib(sleeper.id()));
         kill_tree(sleeper.id());
         let _ = sleeper.wait();
@@ -131,17 +118,8 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
 
     // A big queue: the daemon's nix calls are held by a delay wrapper, so
     // every path stays queued.
-    let wrapper = nix_delay_wrapper(&env);
-    let wrapper = wrapper.display().to_string();
-    let d = Daemon::new_stopped(
-        &env,
-        &[
-            ("signing-key-file", sk.as_str()),
-            ("upload-to", &cache),
-            ("nix", &wrapper),
-        ],
-        NO_ENV,
-    );
+    let wrapper = nix_delay_wrapper(&env).display().to_string();
+    let d = Daemon::new_stopped(&env, &[config[0], config[1], ("nix", &wrapper)], NO_ENV);
     let n = mode.big_queue;
     let paths = fake_paths(&env.store_dir(), n);
     let (p, _) = DaemonProc::start(&env, &d);
@@ -155,24 +133,19 @@ pub fn memory_and_restart(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<R
     assert_eq!(queued, n);
     assert_eq!(conn.status_number("queued"), n as u64);
     std::thread::sleep(Duration::from_millis(300));
-    let live_hwm = p.vm_hwm_mib();
+    let live_hwm = vm_hwm_mib(p.child.id());
     drop(conn);
     drop(p); // kill -9, the whole tree
 
-    let mut restart = Samples::new();
-    let mut replay_hwm = Samples::new();
+    let (mut restart, mut replay_hwm) = (Samples::new(), Samples::new());
     for _ in 0..mode.restart_rounds {
         let (p, ms) = DaemonProc::start(&env, &d);
         restart.push(ms);
         let mut conn = Conn::open(&d.socket()).expect("connect");
-        assert_eq!(
-            conn.status_number("queued"),
-            n as u64,
-            "replay lost paths:\n{}",
-            d.log()
-        );
+        let queued = conn.status_number("queued");
+        assert_eq!(queued, n as u64, "replay lost paths:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(200));
-        replay_hwm.push(p.vm_hwm_mib());
+        replay_hwm.push(vm_hwm_mib(p.child.id()));
     }
 
     let k = if n >= 1000 {

@@ -39,12 +39,8 @@ fn drain_with(env: &NixEnv, sk: &Path, cache: &Path, paths: &[String], batch: Op
     let start = Instant::now();
     assert_eq!(conn.enqueue(paths), paths.len());
     let took = wait_drained(&mut conn, start, DRAIN_BOUND);
-    assert_eq!(
-        conn.status_number("dropped"),
-        0,
-        "paths dropped:\n{}",
-        d.log()
-    );
+    let dropped = conn.status_number("dropped");
+    assert_eq!(dropped, 0, "paths dropped:\n{}", d.log());
     assert_eq!(
         narinfos(cache),
         paths.len(),

@@ -64,18 +64,15 @@ impl FloorProgram {
 /// The lines of `toml` from the header `header` up to the next header
 /// (empty when there is no such section: cargo's defaults apply to both).
 fn section(toml: &str, header: &str) -> String {
-    let mut out = String::new();
     let mut inside = false;
-    for line in toml.lines() {
+    let mut keep = |line: &str| {
         if line.trim_start().starts_with('[') {
             inside = line.trim() == header;
         }
-        if inside {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
+        inside
+    };
+    let lines = toml.lines().filter(|l| keep(l));
+    lines.map(|l| format!("{l}\n")).collect()
 }
 
 /// Milliseconds of `fdatasync` after appending one journal-sized record to a

@@ -13,6 +13,7 @@
 //! file write) are measured in the same run.
 
 use std::fs::{self, File};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::common::{hook_bin, NixEnv};
@@ -22,12 +23,14 @@ use crate::util::{fake_paths, held_daemon, keep_until_the_end, time_run, Mode};
 
 /// Warm-up runs per variant, not recorded.
 const WARMUP: usize = 20;
+/// The note of the rows measured like the hook.
+const SAME: &str = "exec to exit, same environment";
 
 struct Variant {
     name: &'static str,
-    program: std::path::PathBuf,
+    program: PathBuf,
     socket: String,
-    spool: String,
+    spool: PathBuf,
     stderr: File,
     samples: Samples,
 }
@@ -40,15 +43,15 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
     let d = held_daemon(&env, &sk);
     let store = env.store_dir();
     let socket = d.socket().display().to_string();
-    let spool = d.spool_dir().display().to_string();
+    let spool = d.spool_dir();
     let down_spool = env.root().join("spool-down");
     let down_socket = env.root().join("no-daemon.sock").display().to_string();
 
-    let variant = |name, program: &std::path::Path, socket: &str, spool: &str| Variant {
+    let variant = |name, program: &Path, socket: &str, spool: &Path| Variant {
         name,
         program: program.to_path_buf(),
         socket: socket.to_string(),
-        spool: spool.to_string(),
+        spool: spool.to_path_buf(),
         stderr: File::create(env.root().join(format!("{name}.stderr"))).unwrap(),
         samples: Samples::new(),
     };
@@ -56,12 +59,7 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         variant("true", "/bin/true".as_ref(), &socket, &spool),
         variant("floor", &floor.bin, &socket, &spool),
         variant("up", &hook_bin(), &socket, &spool),
-        variant(
-            "down",
-            &hook_bin(),
-            &down_socket,
-            &down_spool.display().to_string(),
-        ),
+        variant("down", &hook_bin(), &down_socket, &down_spool),
     ];
     let path_env = std::env::var("PATH").unwrap_or_default();
     let k = variants.len();
@@ -91,11 +89,8 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
     // (it prints only when it could not hand the paths over), and with the
     // daemon down every run left a spool file.
     let text = fs::read_to_string(env.root().join("up.stderr")).unwrap();
-    assert!(
-        text.is_empty(),
-        "the hook did not hand over: {text}\n{}",
-        d.log()
-    );
+    let log = d.log();
+    assert!(text.is_empty(), "the hook did not hand over: {text}\n{log}");
     let spooled = fs::read_dir(&down_spool).into_iter().flatten().flatten();
     let spooled = spooled.filter(|e| e.file_name().to_string_lossy().ends_with(".req"));
     assert_eq!(
@@ -108,8 +103,9 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         variants
             .iter()
             .find(|v| v.name == name)
-            .map(|v| v.samples.clone())
             .unwrap()
+            .samples
+            .clone()
     };
     let floor_ms = get("floor").median();
     let n = mode.hook_runs.min(300);
@@ -136,15 +132,11 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
                 down.median() - floor_ms
             ),
         ),
-        info(
-            "1c /bin/true",
-            &get("true"),
-            "exec to exit, same environment",
-        ),
+        info("1c /bin/true", &get("true"), SAME),
         info(
             "1d floor: a std program that does nothing, same profile",
             &get("floor"),
-            "exec to exit, same environment",
+            SAME,
         ),
         info(
             "1e floor: fdatasync of one journal record",
@@ -176,11 +168,9 @@ pub fn run(mode: &Mode, floor: &FloorProgram) -> (Vec<Row>, Vec<Row>) {
         let text = fs::read_to_string(&burst_err).unwrap();
         assert!(text.is_empty(), "burst: the hook did not hand over: {text}");
     }
+    let n = mode.burst_paths;
     let burst_rows = vec![Row::from_samples(
-        &format!(
-            "4 burst: hook with {} paths, exec to exit",
-            mode.burst_paths
-        ),
+        &format!("4 burst: hook with {n} paths, exec to exit"),
         &burst,
         "ms",
         Goal::AtMost(50.0),

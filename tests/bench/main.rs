@@ -66,13 +66,10 @@ fn main() {
     let floor = floor::FloorProgram::build(if full { "release" } else { "dev" });
     let mut by_figure: Vec<(u32, Vec<Row>)> = Vec::new();
     let step = |fig: u32, what: &str| {
-        if !verbose {
-            return;
+        let so_far = started.elapsed().as_secs_f64();
+        if verbose {
+            eprintln!("bench: figure {fig}: {what} ({so_far:.0} s so far)");
         }
-        eprintln!(
-            "bench: figure {fig}: {what} ({:.0} s so far)",
-            started.elapsed().as_secs_f64()
-        );
     };
     if want(1) || want(4) {
         step(1, "the hook's own cost, and 4: burst");
@@ -112,19 +109,16 @@ fn main() {
 
     util::delete_kept();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mut out = String::new();
-    out.push('\n');
-    out.push_str(&format!(
-        "nix-post-build-hook-queue benchmark, {} mode, {}: {cores} cores, {}, load average {} before, {} after, {:.0} s",
+    let mut out = format!(
+        "\nnix-post-build-hook-queue benchmark, {} mode, {}: {cores} cores, {}, load average {} before, {} after, {:.0} s\n\n{}",
         if full { "full" } else { "quick" },
         output_of("date", &["-u", "+%F"]),
         output_of("nix", &["--version"]),
         load_before,
         loadavg(),
-        started.elapsed().as_secs_f64()
-    ));
-    out.push_str("\n\n");
-    out.push_str(&stats::table(&rows));
+        started.elapsed().as_secs_f64(),
+        stats::table(&rows)
+    );
     let missed = rows.iter().filter(|r| r.pass() == Some(false)).count();
     out.push_str(&format!(
         "\n{} of {} targets met\n",

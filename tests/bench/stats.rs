@@ -44,10 +44,6 @@ impl Samples {
         self.pct(50.0)
     }
 
-    pub fn min(&self) -> f64 {
-        self.pct(0.0)
-    }
-
     pub fn max(&self) -> f64 {
         self.pct(100.0)
     }
@@ -58,7 +54,7 @@ impl Samples {
         let (label, lo, hi) = if self.len() >= 10 {
             ("p10-p90", self.pct(10.0), self.pct(90.0))
         } else {
-            ("min-max", self.min(), self.max())
+            ("min-max", self.pct(0.0), self.max())
         };
         let (lo, hi, n) = (num(lo, ""), num(hi, unit), self.len());
         format!("{label} {lo}-{hi} (n={n})")
@@ -107,7 +103,6 @@ pub struct Row {
     pub spread: String,
     /// Unit printed after numbers (`ms`, `paths/s`, `x`, `MiB`, ...).
     pub unit: &'static str,
-    /// The target.
     pub goal: Goal,
     /// Free text shown after the verdict (what was measured, the bound).
     pub note: String,

@@ -13,57 +13,32 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::common::{kill_tree, write_script, Daemon, NixEnv};
 
 /// How much work each figure does: the full benchmark (`cargo bench`) or the
-/// quick mode `cargo test` runs so that the benchmark cannot rot.
+/// quick mode `cargo test` runs so that the benchmark cannot rot. Each size
+/// is explained where [`Mode::new`] sets it.
 #[derive(Debug, Clone)]
 pub struct Mode {
-    /// True for the quick mode.
     pub quick: bool,
-    /// Timed runs per hook variant (after warm-up runs).
     pub hook_runs: usize,
-    /// Timed runs of the 1,000-path burst.
     pub burst_runs: usize,
-    /// Paths in the burst.
     pub burst_paths: usize,
-    /// Rounds of the build-loop comparison: on a busy 2-core VM single
-    /// ratios spread by up to +-30%; the table shows the median's 95%
-    /// confidence interval (with 41 rounds the 14th to the 28th ratio).
     pub build_rounds: usize,
-    /// Derivations per `nix-build` call.
     pub build_drvs: usize,
-    /// Rounds that also build with the (slow) inline hook.
     pub inline_rounds: usize,
-    /// Rounds of the drain comparison.
     pub drain_rounds: usize,
-    /// Paths drained with the default batch size (and by bare nix).
     pub drain_paths: usize,
-    /// Paths drained with `batch-size = 1` (its rate is per call, so fewer
-    /// paths give the same figure in less time).
     pub drain_bs1_paths: usize,
-    /// Concurrent clients of the enqueue figure.
     pub clients: usize,
-    /// Connections (one path each) per client and round.
     pub per_client: usize,
-    /// Rounds of the enqueue figure.
     pub enqueue_rounds: usize,
-    /// Rounds of the idle-memory figure.
     pub idle_rounds: usize,
-    /// Paths in the big queue (memory and restart figures).
     pub big_queue: usize,
-    /// Timed restarts with the big queue.
     pub restart_rounds: usize,
-    /// Paths timed to a healthy target beside a hung one (and alone).
     pub hang_paths: usize,
-    /// `command-timeout` of the hung target.
     pub hang_timeout: Duration,
-    /// Records of the journal that is compacted.
     pub compact_records: usize,
-    /// Hook runs timed on the idle daemon.
     pub hook_samples: usize,
-    /// Spool files `status` counts.
     pub spool_files: usize,
-    /// Timed `status` requests per spool size.
     pub status_samples: usize,
-    /// Rounds of `build && wait`.
     pub wait_rounds: usize,
 }
 
@@ -74,27 +49,47 @@ impl Mode {
         let n = |q: usize, f: usize| if quick { q } else { f };
         Mode {
             quick,
+            // Timed runs per hook variant (after warm-up runs).
             hook_runs: n(20, 1000),
+            // Timed runs of the burst, and the paths in it.
             burst_runs: n(3, 30),
             burst_paths: 1000,
+            // Rounds of the build-loop comparison: on a busy 2-core VM single
+            // ratios spread by up to +-30%; the table shows the median's 95%
+            // confidence interval (with 41 rounds the 14th to the 28th ratio).
             build_rounds: n(1, 41),
+            // Derivations per `nix-build` call.
             build_drvs: n(5, 50),
+            // Rounds that also build with the (slow) inline hook.
             inline_rounds: n(1, 3),
             drain_rounds: n(1, 5),
+            // Paths drained with the default batch size (and by bare nix),
+            // and with `batch-size = 1` (its rate is per call, so fewer paths
+            // give the same figure in less time).
             drain_paths: n(30, 1000),
             drain_bs1_paths: n(5, 100),
+            // Concurrent clients of the enqueue figure; connections (one path
+            // each) per client and round.
             clients: 16,
             per_client: n(10, 500),
             enqueue_rounds: n(1, 5),
             idle_rounds: n(1, 15),
+            // Paths in the big queue (memory and restart figures).
             big_queue: n(5_000, 100_000),
             restart_rounds: n(2, 7),
+            // Paths timed to a healthy target beside a hung one (and alone),
+            // and the hung target's `command-timeout`.
             hang_paths: n(2, 7),
             hang_timeout: Duration::from_secs(n(2, 10) as u64),
+            // Records of the journal that is compacted, and hook runs timed on
+            // the idle daemon.
             compact_records: n(5_000, 100_000),
             hook_samples: n(5, 100),
+            // Spool files `status` counts, and timed `status` requests per
+            // spool size.
             spool_files: n(200, 10_000),
             status_samples: n(3, 15),
+            // Rounds of `build && wait`.
             wait_rounds: n(1, 9),
         }
     }
@@ -139,25 +134,16 @@ pub fn fake_paths(store: &Path, n: usize) -> Vec<String> {
 pub fn add_store_paths(env: &NixEnv, n: usize) -> Vec<String> {
     let dir = env.root().join("files");
     fs::create_dir_all(&dir).expect("create files dir");
-    let files: Vec<PathBuf> = (0..n)
-        .map(|i| {
-            let f = dir.join(format!("bench-file-{i}"));
-            fs::write(
-                &f,
-                format!("benchmark file {i} {}\n", crate::common::unique_id()),
-            )
-            .expect("write bench file");
-            f
-        })
-        .collect();
+    let file = |i| {
+        let f = dir.join(format!("bench-file-{i}"));
+        let text = format!("benchmark file {i} {}\n", crate::common::unique_id());
+        fs::write(&f, text).expect("write bench file");
+        f
+    };
+    let files: Vec<PathBuf> = (0..n).map(file).collect();
     let out = crate::common::run_ok(env.cmd("nix-store").arg("--add").args(&files));
     let paths: Vec<String> = out.lines().map(str::to_string).collect();
-    assert_eq!(
-        paths.len(),
-        n,
-        "nix-store --add printed {} paths",
-        paths.len()
-    );
+    assert_eq!(paths.len(), n, "nix-store --add printed {paths:?}");
     paths
 }
 
@@ -276,7 +262,7 @@ pub fn time_run(cmd: &mut Command) -> f64 {
 /// `exec` until the socket accepts is measured precisely. Killed with its
 /// whole process tree on drop.
 pub struct DaemonProc {
-    child: Child,
+    pub child: Child,
 }
 
 impl DaemonProc {
@@ -314,11 +300,6 @@ impl DaemonProc {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-    }
-
-    /// The daemon's peak resident memory ([`vm_hwm_mib`]).
-    pub fn vm_hwm_mib(&self) -> f64 {
-        vm_hwm_mib(self.child.id())
     }
 }
 

@@ -93,9 +93,6 @@ pub fn sanitize_name(s: &str) -> String {
 
 /// A unique directory under `$NPBHQ_TEST_TMP` (or the system temp dir),
 /// removed recursively on drop unless `NPBHQ_KEEP_TMP` is set.
-///
-/// Keep the base path short: unix socket paths inside it are limited to 107
-/// bytes.
 #[derive(Debug)]
 pub struct TempDir {
     path: PathBuf,
@@ -248,20 +245,17 @@ pub fn kill_tree(pid: u32) {
 /// Panics (so the test fails, never skips) unless the Nix 2.x command line
 /// tools are on PATH. Checked once per test binary.
 pub fn require_nix() {
-    static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
-    let r = CHECK.get_or_init(|| {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
         for tool in ["nix", "nix-build", "nix-store"] {
-            match Command::new(tool).arg("--version").output() {
-                Ok(o) if o.status.success() => {}
-                Ok(o) => return Err(format!("`{tool} --version` failed: {}", show(&o))),
-                Err(e) => return Err(format!("`{tool}` not runnable: {e}")),
-            }
+            let why = match Command::new(tool).arg("--version").output() {
+                Ok(o) if o.status.success() => continue,
+                Ok(o) => format!("`{tool} --version` failed: {}", show(&o)),
+                Err(e) => format!("`{tool}` not runnable: {e}"),
+            };
+            panic!("Nix is required for these tests (apt-get install nix-bin): {why}");
         }
-        Ok(())
     });
-    if let Err(e) = r {
-        panic!("Nix is required for these tests (apt-get install nix-bin): {e}");
-    }
 }
 
 /// Path of the sshd binary; panics (test fails) if it is not installed.
@@ -305,12 +299,9 @@ pub fn run_with_stdin(cmd: &mut Command, input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
     child.wait_with_output().unwrap()
 }
 
@@ -336,12 +327,8 @@ pub fn wait_until_diag(
     mut cond: impl FnMut() -> bool,
     diag: impl FnOnce() -> String,
 ) {
-    wait_until_ok(
-        timeout,
-        what,
-        || cond().then_some(()).ok_or_else(String::new),
-        diag,
-    );
+    let check = || cond().then_some(()).ok_or_else(String::new);
+    wait_until_ok(timeout, what, check, diag);
 }
 
 /// [`wait_until_ok`] without a diagnostic (a [`Daemon`] prints its log
@@ -395,7 +382,6 @@ pub struct BuildResult {
     pub out_paths: Vec<PathBuf>,
     /// Wall time of the `nix-build` command (for reports, not for assertions).
     pub elapsed: Duration,
-    /// Exit status of `nix-build`.
     pub status: ExitStatus,
     /// Everything `nix-build` wrote to stderr (including hook output, each
     /// line prefixed `post-build-hook: `).
@@ -405,21 +391,18 @@ pub struct BuildResult {
 impl BuildResult {
     /// Panics with stderr unless the build exited 0.
     pub fn assert_success(&self) -> &Self {
-        assert!(
-            self.status.success(),
-            "nix-build failed ({}):\n{}",
-            self.status,
-            self.stderr
-        );
+        let (status, stderr) = (self.status, &self.stderr);
+        assert!(status.success(), "nix-build failed ({status}):\n{stderr}");
         self
     }
 
     /// The lines the post-build-hook wrote (prefix `post-build-hook: ` removed).
     pub fn hook_lines(&self) -> Vec<String> {
-        let lines = self.stderr.lines();
-        lines
-            .filter_map(|l| Some(l.strip_prefix("post-build-hook: ")?.to_string()))
-            .collect()
+        let lines = self
+            .stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix("post-build-hook: "));
+        lines.map(str::to_string).collect()
     }
 }
 
@@ -472,21 +455,19 @@ impl NixEnv {
     /// [`NixEnv::cmd`] applies them; pass them to any other process that runs
     /// nix for this store.
     pub fn env_vars(&self) -> Vec<(String, OsString)> {
-        let r = self.root();
-        vec![
-            ("NIX_STORE_DIR".into(), r.join("store").into()),
-            ("NIX_STATE_DIR".into(), r.join("var").into()),
-            ("NIX_LOG_DIR".into(), r.join("log").into()),
-            ("NIX_CONF_DIR".into(), r.join("etc").into()),
+        let vars = [
+            ("NIX_STORE_DIR", "store"),
+            ("NIX_STATE_DIR", "var"),
+            ("NIX_LOG_DIR", "log"),
+            ("NIX_CONF_DIR", "etc"),
             // A file that does not exist: no user-level nix.conf is read.
-            (
-                "NIX_USER_CONF_FILES".into(),
-                r.join("etc/no-user.conf").into(),
-            ),
-            ("HOME".into(), r.join("home").into()),
-            ("XDG_CACHE_HOME".into(), r.join("home/.cache").into()),
-            ("XDG_CONFIG_HOME".into(), r.join("home/.config").into()),
-        ]
+            ("NIX_USER_CONF_FILES", "etc/no-user.conf"),
+            ("HOME", "home"),
+            ("XDG_CACHE_HOME", "home/.cache"),
+            ("XDG_CONFIG_HOME", "home/.config"),
+        ];
+        let var = |(k, rel): (&str, &str)| (k.to_string(), self.root().join(rel).into());
+        vars.into_iter().map(var).collect()
     }
 
     /// Applies [`NixEnv::env_vars`] to `cmd` and removes `NIX_REMOTE` and
@@ -568,21 +549,11 @@ impl NixEnv {
         PathBuf::from(out.trim())
     }
 
-    /// The outputs of derivation `drv` (`nix-store --query --outputs`).
-    pub fn drv_outputs(&self, drv: &Path) -> Vec<PathBuf> {
-        self.query("--outputs", drv)
-            .lines()
-            .map(PathBuf::from)
-            .collect()
-    }
-
     /// The derivation that built `path` (`nix-store --query --deriver`).
     pub fn deriver(&self, path: &Path) -> PathBuf {
-        PathBuf::from(self.query("--deriver", path).trim())
-    }
-
-    fn query(&self, what: &str, path: &Path) -> String {
-        run_ok(self.cmd("nix-store").args(["--query", what]).arg(path))
+        let query = ["--query", "--deriver"];
+        let drv = run_ok(self.cmd("nix-store").args(query).arg(path));
+        PathBuf::from(drv.trim())
     }
 
     /// Makes a binary-cache signing key pair named `name` (e.g. `test-1`).
@@ -764,9 +735,8 @@ pub fn refused_for_signature(text: &str) -> bool {
 /// A real sshd on 127.0.0.1 serving a separate receiving Nix store over
 /// `ssh-ng://`.
 ///
-/// - sshd runs as `/usr/sbin/sshd -D -e -f CONFIG` with a per-instance host
-///   key, key-only root login with a generated ed25519 client key,
-///   `UsePAM no`, `StrictModes no`; it is killed on drop.
+/// - sshd has a host key of its own and lets root in with a generated
+///   client key only; it is killed on drop.
 /// - The receiving store is the chroot-style store `local?root=<dir>/remote`:
 ///   its *logical* store dir is the sender's `NIX_STORE_DIR` (so the same
 ///   store paths are valid there), its files live under
@@ -775,8 +745,6 @@ pub fn refused_for_signature(text: &str) -> bool {
 /// - sshd's `SetEnv` gives the `nix-daemon --stdio` started by ssh-ng the
 ///   sender's `NIX_STORE_DIR` and the receiver's own `NIX_CONF_DIR`, whose
 ///   `nix.conf` has `require-sigs = true` and `trusted-public-keys = <key>`.
-///
-/// What holds there: see the module's facts about Nix.
 #[derive(Debug)]
 pub struct Sshd {
     tmp: TempDir,
@@ -807,12 +775,11 @@ impl Sshd {
         let authorized = dir.join("authorized_keys");
         fs::copy(client_key.with_extension("pub"), &authorized).unwrap();
 
-        let receiver_root = dir.join("remote");
-        let recv_etc = dir.join("remote-etc");
-        let recv_home = dir.join("remote-home");
-        fs::create_dir_all(&receiver_root).unwrap();
-        fs::create_dir_all(&recv_etc).unwrap();
-        fs::create_dir_all(recv_home.join(".cache")).unwrap();
+        let [receiver_root, recv_etc, recv_home] =
+            ["remote", "remote-etc", "remote-home"].map(|d| dir.join(d));
+        for d in [&receiver_root, &recv_etc, &recv_home.join(".cache")] {
+            fs::create_dir_all(d).unwrap();
+        }
         let conf = format!("{BASE_NIX_CONF}trusted-public-keys = {trusted_public_keys}\n");
         fs::write(recv_etc.join("nix.conf"), conf).unwrap();
         let set_env = format!(
@@ -828,31 +795,18 @@ impl Sshd {
         let config = dir.join("sshd_config");
         let log = dir.join("sshd.log");
 
+        let (host, keys) = (host_key.display(), authorized.display());
         let mut last_err = String::new();
         for _attempt in 0..10 {
             let port = free_port();
-            fs::write(
-                &config,
-                format!(
-                    "ListenAddress 127.0.0.1\n\
-                     Port {port}\n\
-                     HostKey {}\n\
-                     PidFile none\n\
-                     UsePAM no\n\
-                     StrictModes no\n\
-                     UseDNS no\n\
-                     PermitRootLogin prohibit-password\n\
-                     PubkeyAuthentication yes\n\
-                     PasswordAuthentication no\n\
-                     KbdInteractiveAuthentication no\n\
-                     AuthorizedKeysFile {}\n\
-                     SetEnv {set_env}\n\
-                     LogLevel ERROR\n",
-                    host_key.display(),
-                    authorized.display(),
-                ),
-            )
-            .unwrap();
+            let text = format!(
+                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {host}\nPidFile none\n\
+                 UsePAM no\nStrictModes no\nUseDNS no\nPermitRootLogin prohibit-password\n\
+                 PubkeyAuthentication yes\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nAuthorizedKeysFile {keys}\n\
+                 SetEnv {set_env}\nLogLevel ERROR\n",
+            );
+            fs::write(&config, text).unwrap();
             let logf = fs::File::create(&log).unwrap();
             let mut child = Command::new(&sshd_bin)
                 .args(["-D", "-e", "-f"])
@@ -1239,13 +1193,9 @@ impl Daemon {
 
     /// Environment for the hook and CLI: `NPBHQ_SOCKET` and `NPBHQ_SPOOL_DIR`.
     pub fn hook_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("NPBHQ_SOCKET".into(), self.socket().display().to_string()),
-            (
-                "NPBHQ_SPOOL_DIR".into(),
-                self.spool_dir().display().to_string(),
-            ),
-        ]
+        let text = |p: PathBuf| p.display().to_string();
+        let socket = ("NPBHQ_SOCKET".into(), text(self.socket()));
+        vec![socket, ("NPBHQ_SPOOL_DIR".into(), text(self.spool_dir()))]
     }
 
     /// A [`Command`] for the `post-build-hook` client with the NixEnv's
@@ -1286,8 +1236,8 @@ impl Daemon {
     /// including the final `ok`/`err` line (informational lines of `status`
     /// and `wait` come first).
     pub fn request_lines(&self, line: &str) -> Vec<String> {
-        exchange(&self.socket(), line).unwrap_or_else(|e| {
-            let socket = self.socket();
+        let socket = self.socket();
+        exchange(&socket, line).unwrap_or_else(|e| {
             panic!(
                 "{line:?} to {}: {e}\nlog:\n{}",
                 socket.display(),
@@ -1385,7 +1335,6 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Reads a journal's text.
     pub fn parse(text: &str) -> Journal {
         let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
         let mut j = Journal {
@@ -1581,17 +1530,8 @@ impl JsonParser<'_> {
         }
     }
 
-    fn hex4(&mut self) -> Result<u32, String> {
-        let h = self
-            .b
-            .get(self.i..self.i + 4)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u32::from_str_radix(h, 16).ok())
-            .ok_or_else(|| format!("bad \\u escape at byte {}", self.i))?;
-        self.i += 4;
-        Ok(h)
-    }
-
+    /// A string with the escapes `status json` and `nix path-info --json`
+    /// write: `\"`, `\\`, `\/` and `\uXXXX` (a control character).
     fn string(&mut self) -> Result<String, String> {
         self.eat(b'"')?;
         let mut out = String::new();
@@ -1600,28 +1540,16 @@ impl JsonParser<'_> {
             let end = rest.iter().position(|c| b"\"\\".contains(c));
             let end = end.ok_or("unterminated string")?;
             out.push_str(std::str::from_utf8(&rest[..end]).map_err(|e| e.to_string())?);
-            self.i += end + 1;
-            if rest[end] == b'"' {
-                return Ok(out);
-            }
-            let e = *self.b.get(self.i).ok_or("unterminated escape")?;
-            self.i += 1;
-            let simple = "\"\\/bfnrt".find(e as char);
-            out.push(
-                match simple.and_then(|k| "\"\\/\u{8}\u{c}\n\r\t".chars().nth(k)) {
-                    Some(c) => c,
-                    None if e == b'u' => {
-                        let mut cp = self.hex4()?;
-                        if (0xd800..0xdc00).contains(&cp) && self.b[self.i..].starts_with(b"\\u") {
-                            self.i += 2;
-                            let lo = self.hex4()?;
-                            cp = 0x10000 + ((cp - 0xd800) << 10) + (lo.wrapping_sub(0xdc00));
-                        }
-                        char::from_u32(cp).unwrap_or('\u{fffd}')
-                    }
-                    None => return Err(format!("bad escape at byte {}", self.i)),
-                },
-            );
+            let escape = rest.get(end + 1).filter(|_| rest[end] == b'\\');
+            self.i += end + 1 + escape.map_or(0, |&e| if e == b'u' { 5 } else { 1 });
+            let hex = std::str::from_utf8(rest.get(end + 2..end + 6).unwrap_or_default());
+            let code = hex.ok().and_then(|h| u32::from_str_radix(h, 16).ok());
+            out.push(match escape {
+                None if rest[end] == b'"' => return Ok(out),
+                Some(&c @ (b'"' | b'\\' | b'/')) => char::from(c),
+                Some(b'u') => code.and_then(char::from_u32).ok_or("bad \\u escape")?,
+                _ => return Err(format!("bad escape before byte {}", self.i)),
+            });
         }
     }
 }
@@ -1674,10 +1602,9 @@ impl Rendered {
         let mut parts: Vec<(String, String, String)> = Vec::new();
         for line in text.split_inclusive('\n') {
             if let Some(head) = line.strip_prefix("=== ") {
-                let mut words = head.trim_end().splitn(2, ' ');
-                let kind = words.next().unwrap_or_default().to_string();
-                let name = words.next().unwrap_or_default().to_string();
-                parts.push((kind, name, String::new()));
+                let head = head.trim_end();
+                let (kind, name) = head.split_once(' ').unwrap_or((head, ""));
+                parts.push((kind.to_string(), name.to_string(), String::new()));
             } else if let Some(last) = parts.last_mut() {
                 last.2.push_str(line);
             } else {
@@ -1798,9 +1725,7 @@ impl FakeNix {
                  exec '{}' \"$@\"\n",
                 which(prog).display()
             );
-            let p = dir.join(prog);
-            fs::write(&p, script).unwrap();
-            fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+            write_script(&dir.join(prog), &script);
         }
         FakeNix {
             marker: env.root().display().to_string(),
@@ -2018,10 +1943,8 @@ fn exchange(socket: &Path, line: &str) -> Result<Vec<String>, String> {
     let mut lines = Vec::new();
     loop {
         let mut l = String::new();
-        match r.read_line(&mut l) {
-            Ok(0) => return Err(format!("connection closed without a final line: {lines:?}")),
-            Ok(_) => {}
-            Err(e) => return Err(format!("read: {e}")),
+        if r.read_line(&mut l).map_err(|e| format!("read: {e}"))? == 0 {
+            return Err(format!("connection closed without a final line: {lines:?}"));
         }
         let l = l.trim_end_matches(['\n', '\r']).to_string();
         let last = l == "ok" || l == "err" || l.starts_with("ok ") || l.starts_with("err ");
