@@ -240,7 +240,9 @@ fn kill_tree_ends_grandchildren() {
     wait_until(Duration::from_secs(10), "the shell's children", started);
     let tree = descendants(child.id());
     kill_tree(child.id());
-    child.wait().unwrap();
+    let status = child.wait().unwrap();
+    let killed = std::os::unix::process::ExitStatusExt::signal(&status) == Some(9);
+    assert!(killed, "the shell was not killed: {status}");
     for pid in tree {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let state = stat.rfind(')').map(|i| stat[i + 1..].trim_start());
