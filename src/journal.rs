@@ -125,8 +125,8 @@ impl Record {
     }
 }
 
-/// Per target of a queued path: it has the path (`None`), or gave up on it.
-type Marks = Vec<(TargetId, Option<GivenUp>)>;
+/// Per target of a queued path: it has the path (`None`), or gave up on it; most paths have none.
+type Mark = (TargetId, Option<GivenUp>);
 
 /// The durable queue shared by the connection threads and the worker.
 pub struct Journal {
@@ -139,7 +139,8 @@ pub struct Journal {
 
 #[derive(Default)]
 struct Inner {
-    live: HashMap<StorePath, (Entry, Marks)>,
+    live: HashMap<StorePath, Entry>,
+    marks: HashMap<StorePath, Vec<Mark>>,
     next_seq: u64,
     /// Records in the file, and how many of them describe the live state.
     records: usize,
@@ -157,15 +158,16 @@ struct Inner {
     watches: Vec<(u64, Weak<Mutex<Vec<StorePath>>>)>,
 }
 
-fn mark(marks: &Marks, target: TargetId) -> Option<&Option<GivenUp>> {
-    marks.iter().find(|(t, _)| *t == target).map(|(_, m)| m)
-}
-
 impl Inner {
+    fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
+        let marks = self.marks.get(path)?;
+        marks.iter().find(|(t, _)| *t == target).map(|(_, m)| m)
+    }
+
     /// What `f` makes of the queued paths, oldest first.
-    fn in_order<T>(&self, f: impl Fn(&StorePath, &Entry, &Marks) -> Option<T>) -> Vec<T> {
+    fn in_order<T>(&self, f: impl Fn(&StorePath, &Entry) -> Option<T>) -> Vec<T> {
         let mut out: Vec<(u64, T)> = (self.live.iter())
-            .filter_map(|(p, (e, m))| Some((e.seq, f(p, e, m)?)))
+            .filter_map(|(p, e)| Some((e.seq, f(p, e)?)))
             .collect();
         out.sort_unstable_by_key(|(seq, _)| *seq);
         out.into_iter().map(|(_, t)| t).collect()
@@ -180,25 +182,24 @@ impl Inner {
             }
             self.next_seq += 1;
             let (seq, queued_at) = (self.next_seq, *queued_at);
-            self.live
-                .insert(path.clone(), (Entry { seq, queued_at }, Vec::new()));
+            self.live.insert(path.clone(), Entry { seq, queued_at });
             self.live_records += 1;
             return true;
         }
-        let Some((entry, marks)) = self.live.get_mut(path) else {
+        if matches!(record, Record::Done(_)) && self.live.remove(path).is_some() {
+            self.live_records -= 1 + self.marks.remove(path).map_or(0, |m| m.len());
+            return true;
+        }
+        let Some(entry) = self.live.get_mut(path) else {
             return false;
         };
+        let marks = self.marks.entry(path.clone()).or_default();
         let before = marks.len();
-        let set = |marks: &mut Marks, target: TargetId, mark| {
+        let set = |marks: &mut Vec<Mark>, target: TargetId, mark| {
             marks.retain(|(t, _)| *t != target);
             marks.push((target, mark));
         };
         match record {
-            Record::Done(_) => {
-                self.live.remove(path);
-                self.live_records -= 1 + before;
-                return true;
-            }
             Record::GiveUp(_, g) => set(marks, g.target, Some(g.clone())),
             Record::Requeue(_, at) => {
                 entry.queued_at = *at;
@@ -214,9 +215,9 @@ impl Inner {
     /// The live records, each with its path's place in line.
     fn snapshot(&self) -> Vec<(u64, Record)> {
         let mut out = Vec::with_capacity(self.live_records);
-        for (p, (e, marks)) in &self.live {
+        for (p, e) in &self.live {
             out.push((e.seq, Record::Add(p.clone(), e.queued_at)));
-            for (t, g) in marks {
+            for (t, g) in self.marks.get(p).into_iter().flatten() {
                 let r = g.clone().map_or(Record::Delivered(p.clone(), *t), |g| {
                     Record::GiveUp(p.clone(), g)
                 });
@@ -313,9 +314,7 @@ impl Journal {
                 let at = inherit.map_or_else(now_secs, |e| e.queued_at);
                 let record = Record::Add(path.clone(), at);
                 if inner.apply(&record) {
-                    if let (Some(e), Some(mine)) = (inherit, inner.live.get_mut(path)) {
-                        mine.0 = e;
-                    }
+                    inner.live.extend(inherit.map(|e| (path.clone(), e)));
                     record.write(&mut records);
                     inner.pending_adds.push(path.clone());
                     added.push(path.clone());
@@ -388,7 +387,7 @@ impl Journal {
     pub fn drop_paths(&self, paths: &[StorePath]) -> Vec<StorePath> {
         let inner = lock(&self.inner);
         for (up_to, drops) in (inner.watches.iter()).filter_map(|(s, w)| Some((s, w.upgrade()?))) {
-            let theirs = |p: &&StorePath| inner.live.get(*p).is_some_and(|(e, _)| e.seq <= *up_to);
+            let theirs = |p: &&StorePath| inner.live.get(*p).is_some_and(|e| e.seq <= *up_to);
             lock(&drops).extend(paths.iter().filter(theirs).cloned());
         }
         self.write(inner, paths.iter().cloned().map(Record::Done).collect())
@@ -412,8 +411,8 @@ impl Journal {
     ) -> io::Result<Vec<StorePath>> {
         let inner = lock(&self.inner);
         let (mut records, mut done) = (Vec::new(), Vec::new());
-        for (path, (_, m)) in paths.iter().filter_map(|p| Some((p, inner.live.get(p)?))) {
-            let has = |t: &TargetId| *t == target || mark(m, *t) == Some(&None);
+        for path in paths.iter().filter(|p| inner.live.contains_key(*p)) {
+            let has = |t: &TargetId| *t == target || inner.mark(path, *t) == Some(&None);
             if targets.iter().all(has) {
                 records.push(Record::Done(path.clone()));
                 done.push(path.clone());
@@ -427,28 +426,28 @@ impl Journal {
 
     /// True when `target` has `path` or gave up on it.
     pub fn is_settled(&self, path: &StorePath, target: TargetId) -> bool {
-        matches!(lock(&self.inner).live.get(path), Some((_, m)) if mark(m, target).is_some())
+        lock(&self.inner).mark(path, target).is_some()
     }
 
     /// Paths up to sequence number `seq` some of `targets` has not settled.
     pub fn count_waiting_up_to(&self, seq: u64, targets: &[TargetId]) -> usize {
-        let waiting = |(e, m): &&(Entry, Marks)| {
-            e.seq <= seq && targets.iter().any(|t| mark(m, *t).is_none())
-        };
-        lock(&self.inner).live.values().filter(waiting).count()
+        let inner = lock(&self.inner);
+        let waiting = |p| targets.iter().any(|t| inner.mark(p, *t).is_none());
+        let up_to = inner.live.iter().filter(|(_, e)| e.seq <= seq);
+        up_to.filter(|(p, _)| waiting(p)).count()
     }
 
     /// At start: completes paths all `targets` have; returns their count, paths to upload, others.
     pub fn recover(&self, targets: &[TargetId]) -> (usize, Vec<StorePath>, usize) {
         let inner = lock(&self.inner);
-        let done = inner.in_order(|p, _, m| {
-            let has = targets.iter().all(|t| mark(m, *t) == Some(&None));
+        let done = inner.in_order(|p, _| {
+            let has = targets.iter().all(|t| inner.mark(p, *t) == Some(&None));
             has.then(|| Record::Done(p.clone()))
         });
         let n = self.write(inner, done).len();
         let inner = lock(&self.inner);
-        let needed = |m: &Marks| targets.iter().any(|t| mark(m, *t).is_none());
-        let to_upload = inner.in_order(|p, _, m| needed(m).then(|| p.clone()));
+        let needed = |p: &StorePath| targets.iter().any(|t| inner.mark(p, *t).is_none());
+        let to_upload = inner.in_order(|p, _| needed(p).then(|| p.clone()));
         let given_up = inner.live.len() - to_upload.len();
         (n, to_upload, given_up)
     }
@@ -471,10 +470,10 @@ impl Journal {
     pub fn requeue(&self, paths: Option<&[StorePath]>) -> Vec<StorePath> {
         let inner = lock(&self.inner);
         let wanted: Option<HashSet<&StorePath>> = paths.map(|p| p.iter().collect());
-        let chosen = inner.in_order(|p, _, m| {
+        let chosen = inner.in_order(|p, _| {
+            let given_up = inner.marks.get(p)?.iter().any(|(_, g)| g.is_some());
             let wanted = wanted.as_ref().is_none_or(|w| w.contains(p));
-            let wanted = wanted && m.iter().any(|(_, g)| g.is_some());
-            wanted.then(|| p.clone())
+            (wanted && given_up).then(|| p.clone())
         });
         let now = now_secs();
         let requeue = |p| Record::Requeue(p, now);
@@ -483,15 +482,16 @@ impl Journal {
 
     /// The paths up to `seq` given up on for `target`, oldest first.
     pub fn given_up_up_to(&self, seq: u64, target: TargetId) -> Vec<(StorePath, GivenUp)> {
-        lock(&self.inner).in_order(|p, e, m| {
-            let g = mark(m, target)?.as_ref()?;
+        let inner = lock(&self.inner);
+        inner.in_order(|p, e| {
+            let g = inner.mark(p, target)?.as_ref()?;
             (e.seq <= seq).then(|| (p.clone(), g.clone()))
         })
     }
 
     /// The entry of a queued path, if it is queued.
     pub fn entry(&self, path: &StorePath) -> Option<Entry> {
-        lock(&self.inner).live.get(path).map(|(e, _)| *e)
+        lock(&self.inner).live.get(path).copied()
     }
 
     /// Number of queued paths.
@@ -503,7 +503,7 @@ impl Journal {
     /// The oldest queued path's entry, by sequence number.
     pub fn oldest(&self) -> Option<Entry> {
         let inner = lock(&self.inner);
-        inner.live.values().map(|(e, _)| *e).min_by_key(|e| e.seq)
+        inner.live.values().copied().min_by_key(|e| e.seq)
     }
 
     /// Rewrites the journal with only the live records, in order, once at least `min_dead`
@@ -594,12 +594,6 @@ mod tests {
 
     const S: &str = "/nix/store";
 
-    impl Inner {
-        fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
-            mark(&self.live.get(path)?.1, target)
-        }
-    }
-
     impl Journal {
         fn lock(&self) -> MutexGuard<'_, Inner> {
             lock(&self.inner)
@@ -630,7 +624,7 @@ mod tests {
     /// Opens the journal, with the paths it queues, oldest first.
     fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, Replay)> {
         let (j, torn_bytes) = Journal::open(dir, store_dir)?;
-        let paths = j.lock().in_order(|p, _, _| Some(p.clone()));
+        let paths = j.lock().in_order(|p, _| Some(p.clone()));
         Ok((j, Replay { paths, torn_bytes }))
     }
 
