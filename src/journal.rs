@@ -10,7 +10,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::mem::take;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::store_path::StorePath;
@@ -73,12 +73,10 @@ enum Record {
 
 impl Record {
     fn path(&self) -> &StorePath {
-        let (Record::Add(p, _)
-        | Record::Done(p)
-        | Record::GiveUp(p, _)
-        | Record::Requeue(p, _)
-        | Record::Delivered(p, _)) = self;
-        p
+        match self {
+            Record::Add(p, _) | Record::GiveUp(p, _) | Record::Requeue(p, _) => p,
+            Record::Done(p) | Record::Delivered(p, _) => p,
+        }
     }
 
     fn write(&self, buf: &mut Vec<u8>) {
@@ -131,10 +129,11 @@ type Mark = (TargetId, Option<GivenUp>);
 /// The durable queue shared by the connection threads and the worker.
 pub struct Journal {
     dir: PathBuf,
-    /// The state in memory, never held while the file is written.
+    /// The state in memory, never held while the file is written; `cv` signals a write's end.
     inner: Mutex<Inner>,
+    cv: Condvar,
     /// The file and its length, held by the writer; locked before `inner`.
-    disk: Mutex<(File, u64)>,
+    fd: Mutex<(File, u64)>,
 }
 
 #[derive(Default)]
@@ -148,8 +147,9 @@ struct Inner {
     /// Records not written yet, and the paths their `+` records queue.
     pending: Vec<u8>,
     pending_adds: Vec<StorePath>,
-    /// Bytes taken from `pending` by writes: a caller's records are written once it passes them.
+    /// Bytes taken from `pending` by writes, and by the writes ended (one write at a time).
     flushed: u64,
+    written: u64,
     /// Writes that failed (and were undone), and the last one's error.
     failed: (u64, String),
     /// Dead records to compact at: raised after a failure (a full disk).
@@ -228,7 +228,7 @@ impl Inner {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     let now = SystemTime::now().duration_since(UNIX_EPOCH);
     now.map_or(0, |d| d.as_secs())
 }
@@ -263,7 +263,7 @@ impl Journal {
     pub fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, usize)> {
         fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
-        let mut file = open_append(&path)?;
+        let file = open_append(&path)?;
         // Its name (and the directory's) durable before the first `ok`.
         sync_dir(dir)?;
         let _ = dir.parent().map(sync_dir);
@@ -272,7 +272,7 @@ impl Journal {
         let mut inner = Inner::default();
         inner.live.reserve(capacity.min(1 << 22));
         let (mut len, mut torn) = (0, 0);
-        let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
+        let mut reader = BufReader::with_capacity(64 * 1024, &file);
         let mut line = Vec::with_capacity(256);
         for line_no in 1.. {
             line.clear();
@@ -288,13 +288,12 @@ impl Journal {
                 inner.apply(&r.ok_or_else(|| unusable(&path, line_no, &line, store_dir))?);
             }
         }
-        drop(reader);
         if torn > 0 {
             file.set_len(len)?;
             file.sync_data()?;
         }
-        let (dir, inner, disk) = (dir.into(), Mutex::new(inner), Mutex::new((file, len)));
-        let journal = Journal { dir, inner, disk };
+        let (dir, inner, fd, cv) = (dir.into(), inner.into(), (file, len).into(), Condvar::new());
+        let journal = Journal { dir, inner, fd, cv };
         // Failure only warns: a full disk must not keep the daemon from starting.
         journal.compact(1);
         Ok((journal, torn))
@@ -309,22 +308,18 @@ impl Journal {
         let mut added = Vec::new();
         loop {
             let mut inner = lock(&self.inner);
-            let mut records = Vec::new();
             for path in paths {
                 let at = inherit.map_or_else(now_secs, |e| e.queued_at);
                 let record = Record::Add(path.clone(), at);
                 if inner.apply(&record) {
                     inner.live.extend(inherit.map(|e| (path.clone(), e)));
-                    record.write(&mut records);
+                    record.write(&mut inner.pending);
                     inner.pending_adds.push(path.clone());
                     added.push(path.clone());
                 }
             }
-            inner.pending.extend(records);
-            let (failed, mine) = (inner.failed.0, inner.flushed + inner.pending.len() as u64);
-            drop(inner);
-            self.flush(mine);
-            let inner = lock(&self.inner);
+            let failed = inner.failed.0;
+            let inner = self.flush(inner);
             if inner.failed.0 == failed {
                 return Ok(added);
             }
@@ -335,26 +330,31 @@ impl Journal {
         }
     }
 
-    /// Writes the pending records; a caller whose records another took waits for its fsync on the
-    /// file's lock. A failed write of `+` records only is undone; any other ends the daemon.
-    fn flush(&self, upto: u64) {
-        let mut disk = lock(&self.disk);
-        let mut inner = lock(&self.inner);
+    /// Writes the pending records, or waits for the write in progress (which may hold them) to end;
+    /// returns the lock. A failed write of `+` records only is undone; any other ends the daemon.
+    fn flush<'a>(&'a self, mut inner: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        let upto = inner.flushed + inner.pending.len() as u64;
+        while inner.written < inner.flushed.min(upto) {
+            inner = self.cv.wait(inner).unwrap_or_else(|e| e.into_inner());
+        }
         if inner.pending.is_empty() || inner.flushed >= upto {
-            return;
+            return inner;
         }
         let (buf, adds) = (take(&mut inner.pending), take(&mut inner.pending_adds));
         inner.flushed += buf.len() as u64;
         drop(inner);
+        let mut disk = lock(&self.fd);
         let result = (&disk.0).write_all(&buf);
         if let Some(Err(e)) = result.is_ok().then(|| disk.0.sync_data()) {
             fatal("cannot sync", &e);
         }
         let mut inner = lock(&self.inner);
+        inner.written = inner.flushed;
+        self.cv.notify_all();
         let Err(e) = result else {
             disk.1 += buf.len() as u64;
             inner.records += count_lines(&buf);
-            return;
+            return inner;
         };
         if let Err(cut) = disk.0.set_len(disk.1) {
             fatal(&format!("cannot write ({e}), nor cut it off"), &cut);
@@ -366,6 +366,7 @@ impl Journal {
             inner.apply(&Record::Done(path));
         }
         inner.failed = (inner.failed.0 + 1, e.to_string());
+        inner
     }
 
     /// Applies and writes `records`, returning the paths they changed; a failure ends the daemon.
@@ -376,9 +377,7 @@ impl Journal {
             changed.push(r.path().clone());
         }
         inner.pending.extend(buf);
-        let mine = inner.flushed + inner.pending.len() as u64;
-        drop(inner);
-        self.flush(mine);
+        drop(self.flush(inner));
         self.compact(COMPACT_MIN_DEAD);
         changed
     }
@@ -462,8 +461,7 @@ impl Journal {
     /// Gives up on a path for a target until requeued; false if not queued.
     pub fn give_up(&self, path: &StorePath, given_up: GivenUp) -> io::Result<bool> {
         let record = Record::GiveUp(path.clone(), given_up);
-        let changed = self.write(lock(&self.inner), vec![record]);
-        Ok(!changed.is_empty())
+        Ok(!self.write(lock(&self.inner), vec![record]).is_empty())
     }
 
     /// Requeues paths given up on (`None`: all), as queued now; returns them.
@@ -510,20 +508,20 @@ impl Journal {
     /// records, and most, are dead. Written without the locks; a failure before the rename warns.
     fn compact(&self, min_dead: usize) {
         let (mut records, from) = loop {
-            let disk = lock(&self.disk);
+            let disk = lock(&self.fd);
             let mut inner = lock(&self.inner);
             let dead = inner.records.saturating_sub(inner.live_records);
             // `compact_at` is `MAX` while another compaction runs.
             if dead < min_dead.max(inner.compact_at) || dead < inner.live.len() {
                 return;
             }
-            // With nothing pending, memory and file agree.
-            if inner.pending.is_empty() {
+            // With nothing pending nor being written, memory and file agree.
+            if inner.pending.is_empty() && inner.written == inner.flushed {
                 inner.compact_at = usize::MAX;
                 break (inner.snapshot(), disk.1);
             }
-            drop((inner, disk));
-            self.flush(u64::MAX);
+            drop(disk);
+            drop(self.flush(inner));
         };
         // A stable sort: each path's `+` stays first.
         records.sort_by_key(|(seq, _)| *seq);
@@ -549,7 +547,7 @@ impl Journal {
         f.set_len(0)?;
         f.write_all(data)?;
         f.sync_data()?;
-        let mut disk = lock(&self.disk);
+        let mut disk = lock(&self.fd);
         let mut meanwhile = vec![0; usize::try_from(disk.1 - from).unwrap_or(0)];
         disk.0.read_exact_at(&mut meanwhile, from)?;
         f.write_all(&meanwhile)?;
@@ -600,7 +598,7 @@ mod tests {
         }
 
         fn disk(&self) -> MutexGuard<'_, (File, u64)> {
-            lock(&self.disk)
+            lock(&self.fd)
         }
 
         fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
@@ -741,6 +739,7 @@ mod tests {
         Record::Add(path(1), 0).write(&mut buf);
         inner.pending.extend(buf);
         inner.pending_adds.push(path(1));
+        inner.flushed += 1;
         disk
     }
 
@@ -752,6 +751,8 @@ mod tests {
             inner.apply(&Record::Done(p));
         }
         inner.failed = (inner.failed.0 + failures, "disk full".into());
+        inner.written = inner.flushed;
+        j.cv.notify_all();
         drop((inner, disk));
     }
 
@@ -793,6 +794,7 @@ mod tests {
         let j = Arc::new(j);
         // A write in progress, so the caller's record waits for the next.
         let disk = j.disk();
+        j.lock().flushed += 1;
         let (tx, rx) = std::sync::mpsc::channel();
         let j2 = Arc::clone(&j);
         std::thread::spawn(move || {
