@@ -730,7 +730,9 @@ mod tests {
     }
 
     /// Puts path 1 in a write in progress by "another caller" (the test,
-    /// holding the file), the way `flush` leaves things while it writes.
+    /// holding the file, `flushed` past `written`), the way `flush` leaves
+    /// things while it writes; its record stays in `pending` for the failure
+    /// to take back.
     fn writing_path_1(j: &Journal) -> MutexGuard<'_, (File, u64)> {
         let disk = j.disk();
         let mut inner = j.lock();
@@ -743,7 +745,7 @@ mod tests {
         disk
     }
 
-    /// Ends that write as a failed one does: path 1 taken back.
+    /// Ends that write as a failed one does: path 1 taken back, waiters woken.
     fn fail_write(j: &Journal, disk: MutexGuard<'_, (File, u64)>, failures: u64) {
         let mut inner = j.lock();
         inner.pending.clear();
@@ -792,7 +794,8 @@ mod tests {
         let dir = Dir::new("latewaiter");
         let (j, _) = open(&dir.0, S).unwrap();
         let j = Arc::new(j);
-        // A write in progress, so the caller's record waits for the next.
+        // A write in progress (`flushed` past `written`), so the caller's
+        // record waits for the next.
         let disk = j.disk();
         j.lock().flushed += 1;
         let (tx, rx) = std::sync::mpsc::channel();
