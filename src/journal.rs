@@ -10,7 +10,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::mem::take;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::store_path::StorePath;
@@ -73,12 +73,10 @@ enum Record {
 
 impl Record {
     fn path(&self) -> &StorePath {
-        let (Record::Add(p, _)
-        | Record::Done(p)
-        | Record::GiveUp(p, _)
-        | Record::Requeue(p, _)
-        | Record::Delivered(p, _)) = self;
-        p
+        match self {
+            Record::Add(p, _) | Record::GiveUp(p, _) | Record::Requeue(p, _) => p,
+            Record::Done(p) | Record::Delivered(p, _) => p,
+        }
     }
 
     fn write(&self, buf: &mut Vec<u8>) {
@@ -125,21 +123,23 @@ impl Record {
     }
 }
 
-/// Per target of a queued path: it has the path (`None`), or gave up on it.
-type Marks = Vec<(TargetId, Option<GivenUp>)>;
+/// Per target of a queued path: it has the path (`None`), or gave up on it; most paths have none.
+type Mark = (TargetId, Option<GivenUp>);
 
 /// The durable queue shared by the connection threads and the worker.
 pub struct Journal {
     dir: PathBuf,
-    /// The state in memory, never held while the file is written.
+    /// The state in memory, never held while the file is written; `cv` signals a write's end.
     inner: Mutex<Inner>,
+    cv: Condvar,
     /// The file and its length, held by the writer; locked before `inner`.
-    disk: Mutex<(File, u64)>,
+    fd: Mutex<(File, u64)>,
 }
 
 #[derive(Default)]
 struct Inner {
-    live: HashMap<StorePath, (Entry, Marks)>,
+    live: HashMap<StorePath, Entry>,
+    marks: HashMap<StorePath, Vec<Mark>>,
     next_seq: u64,
     /// Records in the file, and how many of them describe the live state.
     records: usize,
@@ -147,8 +147,9 @@ struct Inner {
     /// Records not written yet, and the paths their `+` records queue.
     pending: Vec<u8>,
     pending_adds: Vec<StorePath>,
-    /// Bytes taken from `pending` by writes: a caller's records are written once it passes them.
+    /// Bytes taken from `pending` by writes, and by the writes ended (one write at a time).
     flushed: u64,
+    written: u64,
     /// Writes that failed (and were undone), and the last one's error.
     failed: (u64, String),
     /// Dead records to compact at: raised after a failure (a full disk).
@@ -157,15 +158,16 @@ struct Inner {
     watches: Vec<(u64, Weak<Mutex<Vec<StorePath>>>)>,
 }
 
-fn mark(marks: &Marks, target: TargetId) -> Option<&Option<GivenUp>> {
-    marks.iter().find(|(t, _)| *t == target).map(|(_, m)| m)
-}
-
 impl Inner {
+    fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
+        let marks = self.marks.get(path)?;
+        marks.iter().find(|(t, _)| *t == target).map(|(_, m)| m)
+    }
+
     /// What `f` makes of the queued paths, oldest first.
-    fn in_order<T>(&self, f: impl Fn(&StorePath, &Entry, &Marks) -> Option<T>) -> Vec<T> {
+    fn in_order<T>(&self, f: impl Fn(&StorePath, &Entry) -> Option<T>) -> Vec<T> {
         let mut out: Vec<(u64, T)> = (self.live.iter())
-            .filter_map(|(p, (e, m))| Some((e.seq, f(p, e, m)?)))
+            .filter_map(|(p, e)| Some((e.seq, f(p, e)?)))
             .collect();
         out.sort_unstable_by_key(|(seq, _)| *seq);
         out.into_iter().map(|(_, t)| t).collect()
@@ -180,25 +182,24 @@ impl Inner {
             }
             self.next_seq += 1;
             let (seq, queued_at) = (self.next_seq, *queued_at);
-            self.live
-                .insert(path.clone(), (Entry { seq, queued_at }, Vec::new()));
+            self.live.insert(path.clone(), Entry { seq, queued_at });
             self.live_records += 1;
             return true;
         }
-        let Some((entry, marks)) = self.live.get_mut(path) else {
+        if matches!(record, Record::Done(_)) && self.live.remove(path).is_some() {
+            self.live_records -= 1 + self.marks.remove(path).map_or(0, |m| m.len());
+            return true;
+        }
+        let Some(entry) = self.live.get_mut(path) else {
             return false;
         };
+        let marks = self.marks.entry(path.clone()).or_default();
         let before = marks.len();
-        let set = |marks: &mut Marks, target: TargetId, mark| {
+        let set = |marks: &mut Vec<Mark>, target: TargetId, mark| {
             marks.retain(|(t, _)| *t != target);
             marks.push((target, mark));
         };
         match record {
-            Record::Done(_) => {
-                self.live.remove(path);
-                self.live_records -= 1 + before;
-                return true;
-            }
             Record::GiveUp(_, g) => set(marks, g.target, Some(g.clone())),
             Record::Requeue(_, at) => {
                 entry.queued_at = *at;
@@ -214,9 +215,9 @@ impl Inner {
     /// The live records, each with its path's place in line.
     fn snapshot(&self) -> Vec<(u64, Record)> {
         let mut out = Vec::with_capacity(self.live_records);
-        for (p, (e, marks)) in &self.live {
+        for (p, e) in &self.live {
             out.push((e.seq, Record::Add(p.clone(), e.queued_at)));
-            for (t, g) in marks {
+            for (t, g) in self.marks.get(p).into_iter().flatten() {
                 let r = g.clone().map_or(Record::Delivered(p.clone(), *t), |g| {
                     Record::GiveUp(p.clone(), g)
                 });
@@ -227,7 +228,7 @@ impl Inner {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     let now = SystemTime::now().duration_since(UNIX_EPOCH);
     now.map_or(0, |d| d.as_secs())
 }
@@ -262,7 +263,7 @@ impl Journal {
     pub fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, usize)> {
         fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
-        let mut file = open_append(&path)?;
+        let file = open_append(&path)?;
         // Its name (and the directory's) durable before the first `ok`.
         sync_dir(dir)?;
         let _ = dir.parent().map(sync_dir);
@@ -271,7 +272,7 @@ impl Journal {
         let mut inner = Inner::default();
         inner.live.reserve(capacity.min(1 << 22));
         let (mut len, mut torn) = (0, 0);
-        let mut reader = BufReader::with_capacity(64 * 1024, &mut file);
+        let mut reader = BufReader::with_capacity(64 * 1024, &file);
         let mut line = Vec::with_capacity(256);
         for line_no in 1.. {
             line.clear();
@@ -287,13 +288,12 @@ impl Journal {
                 inner.apply(&r.ok_or_else(|| unusable(&path, line_no, &line, store_dir))?);
             }
         }
-        drop(reader);
         if torn > 0 {
             file.set_len(len)?;
             file.sync_data()?;
         }
-        let (dir, inner, disk) = (dir.into(), Mutex::new(inner), Mutex::new((file, len)));
-        let journal = Journal { dir, inner, disk };
+        let (dir, inner, fd, cv) = (dir.into(), inner.into(), (file, len).into(), Condvar::new());
+        let journal = Journal { dir, inner, fd, cv };
         // Failure only warns: a full disk must not keep the daemon from starting.
         journal.compact(1);
         Ok((journal, torn))
@@ -308,24 +308,18 @@ impl Journal {
         let mut added = Vec::new();
         loop {
             let mut inner = lock(&self.inner);
-            let mut records = Vec::new();
             for path in paths {
                 let at = inherit.map_or_else(now_secs, |e| e.queued_at);
                 let record = Record::Add(path.clone(), at);
                 if inner.apply(&record) {
-                    if let (Some(e), Some(mine)) = (inherit, inner.live.get_mut(path)) {
-                        mine.0 = e;
-                    }
-                    record.write(&mut records);
+                    inner.live.extend(inherit.map(|e| (path.clone(), e)));
+                    record.write(&mut inner.pending);
                     inner.pending_adds.push(path.clone());
                     added.push(path.clone());
                 }
             }
-            inner.pending.extend(records);
-            let (failed, mine) = (inner.failed.0, inner.flushed + inner.pending.len() as u64);
-            drop(inner);
-            self.flush(mine);
-            let inner = lock(&self.inner);
+            let failed = inner.failed.0;
+            let inner = self.flush(inner);
             if inner.failed.0 == failed {
                 return Ok(added);
             }
@@ -336,26 +330,31 @@ impl Journal {
         }
     }
 
-    /// Writes the pending records; a caller whose records another took waits for its fsync on the
-    /// file's lock. A failed write of `+` records only is undone; any other ends the daemon.
-    fn flush(&self, upto: u64) {
-        let mut disk = lock(&self.disk);
-        let mut inner = lock(&self.inner);
+    /// Writes the pending records, or waits for the write in progress (which may hold them) to end;
+    /// returns the lock. A failed write of `+` records only is undone; any other ends the daemon.
+    fn flush<'a>(&'a self, mut inner: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        let upto = inner.flushed + inner.pending.len() as u64;
+        while inner.written < inner.flushed.min(upto) {
+            inner = self.cv.wait(inner).unwrap_or_else(|e| e.into_inner());
+        }
         if inner.pending.is_empty() || inner.flushed >= upto {
-            return;
+            return inner;
         }
         let (buf, adds) = (take(&mut inner.pending), take(&mut inner.pending_adds));
         inner.flushed += buf.len() as u64;
         drop(inner);
+        let mut disk = lock(&self.fd);
         let result = (&disk.0).write_all(&buf);
         if let Some(Err(e)) = result.is_ok().then(|| disk.0.sync_data()) {
             fatal("cannot sync", &e);
         }
         let mut inner = lock(&self.inner);
+        inner.written = inner.flushed;
+        self.cv.notify_all();
         let Err(e) = result else {
             disk.1 += buf.len() as u64;
             inner.records += count_lines(&buf);
-            return;
+            return inner;
         };
         if let Err(cut) = disk.0.set_len(disk.1) {
             fatal(&format!("cannot write ({e}), nor cut it off"), &cut);
@@ -367,6 +366,7 @@ impl Journal {
             inner.apply(&Record::Done(path));
         }
         inner.failed = (inner.failed.0 + 1, e.to_string());
+        inner
     }
 
     /// Applies and writes `records`, returning the paths they changed; a failure ends the daemon.
@@ -377,9 +377,7 @@ impl Journal {
             changed.push(r.path().clone());
         }
         inner.pending.extend(buf);
-        let mine = inner.flushed + inner.pending.len() as u64;
-        drop(inner);
-        self.flush(mine);
+        drop(self.flush(inner));
         self.compact(COMPACT_MIN_DEAD);
         changed
     }
@@ -388,7 +386,7 @@ impl Journal {
     pub fn drop_paths(&self, paths: &[StorePath]) -> Vec<StorePath> {
         let inner = lock(&self.inner);
         for (up_to, drops) in (inner.watches.iter()).filter_map(|(s, w)| Some((s, w.upgrade()?))) {
-            let theirs = |p: &&StorePath| inner.live.get(*p).is_some_and(|(e, _)| e.seq <= *up_to);
+            let theirs = |p: &&StorePath| inner.live.get(*p).is_some_and(|e| e.seq <= *up_to);
             lock(&drops).extend(paths.iter().filter(theirs).cloned());
         }
         self.write(inner, paths.iter().cloned().map(Record::Done).collect())
@@ -412,8 +410,8 @@ impl Journal {
     ) -> io::Result<Vec<StorePath>> {
         let inner = lock(&self.inner);
         let (mut records, mut done) = (Vec::new(), Vec::new());
-        for (path, (_, m)) in paths.iter().filter_map(|p| Some((p, inner.live.get(p)?))) {
-            let has = |t: &TargetId| *t == target || mark(m, *t) == Some(&None);
+        for path in paths.iter().filter(|p| inner.live.contains_key(*p)) {
+            let has = |t: &TargetId| *t == target || inner.mark(path, *t) == Some(&None);
             if targets.iter().all(has) {
                 records.push(Record::Done(path.clone()));
                 done.push(path.clone());
@@ -427,28 +425,28 @@ impl Journal {
 
     /// True when `target` has `path` or gave up on it.
     pub fn is_settled(&self, path: &StorePath, target: TargetId) -> bool {
-        matches!(lock(&self.inner).live.get(path), Some((_, m)) if mark(m, target).is_some())
+        lock(&self.inner).mark(path, target).is_some()
     }
 
     /// Paths up to sequence number `seq` some of `targets` has not settled.
     pub fn count_waiting_up_to(&self, seq: u64, targets: &[TargetId]) -> usize {
-        let waiting = |(e, m): &&(Entry, Marks)| {
-            e.seq <= seq && targets.iter().any(|t| mark(m, *t).is_none())
-        };
-        lock(&self.inner).live.values().filter(waiting).count()
+        let inner = lock(&self.inner);
+        let waiting = |p| targets.iter().any(|t| inner.mark(p, *t).is_none());
+        let up_to = inner.live.iter().filter(|(_, e)| e.seq <= seq);
+        up_to.filter(|(p, _)| waiting(p)).count()
     }
 
     /// At start: completes paths all `targets` have; returns their count, paths to upload, others.
     pub fn recover(&self, targets: &[TargetId]) -> (usize, Vec<StorePath>, usize) {
         let inner = lock(&self.inner);
-        let done = inner.in_order(|p, _, m| {
-            let has = targets.iter().all(|t| mark(m, *t) == Some(&None));
+        let done = inner.in_order(|p, _| {
+            let has = targets.iter().all(|t| inner.mark(p, *t) == Some(&None));
             has.then(|| Record::Done(p.clone()))
         });
         let n = self.write(inner, done).len();
         let inner = lock(&self.inner);
-        let needed = |m: &Marks| targets.iter().any(|t| mark(m, *t).is_none());
-        let to_upload = inner.in_order(|p, _, m| needed(m).then(|| p.clone()));
+        let needed = |p: &StorePath| targets.iter().any(|t| inner.mark(p, *t).is_none());
+        let to_upload = inner.in_order(|p, _| needed(p).then(|| p.clone()));
         let given_up = inner.live.len() - to_upload.len();
         (n, to_upload, given_up)
     }
@@ -463,18 +461,17 @@ impl Journal {
     /// Gives up on a path for a target until requeued; false if not queued.
     pub fn give_up(&self, path: &StorePath, given_up: GivenUp) -> io::Result<bool> {
         let record = Record::GiveUp(path.clone(), given_up);
-        let changed = self.write(lock(&self.inner), vec![record]);
-        Ok(!changed.is_empty())
+        Ok(!self.write(lock(&self.inner), vec![record]).is_empty())
     }
 
     /// Requeues paths given up on (`None`: all), as queued now; returns them.
     pub fn requeue(&self, paths: Option<&[StorePath]>) -> Vec<StorePath> {
         let inner = lock(&self.inner);
         let wanted: Option<HashSet<&StorePath>> = paths.map(|p| p.iter().collect());
-        let chosen = inner.in_order(|p, _, m| {
+        let chosen = inner.in_order(|p, _| {
+            let given_up = inner.marks.get(p)?.iter().any(|(_, g)| g.is_some());
             let wanted = wanted.as_ref().is_none_or(|w| w.contains(p));
-            let wanted = wanted && m.iter().any(|(_, g)| g.is_some());
-            wanted.then(|| p.clone())
+            (wanted && given_up).then(|| p.clone())
         });
         let now = now_secs();
         let requeue = |p| Record::Requeue(p, now);
@@ -483,15 +480,16 @@ impl Journal {
 
     /// The paths up to `seq` given up on for `target`, oldest first.
     pub fn given_up_up_to(&self, seq: u64, target: TargetId) -> Vec<(StorePath, GivenUp)> {
-        lock(&self.inner).in_order(|p, e, m| {
-            let g = mark(m, target)?.as_ref()?;
+        let inner = lock(&self.inner);
+        inner.in_order(|p, e| {
+            let g = inner.mark(p, target)?.as_ref()?;
             (e.seq <= seq).then(|| (p.clone(), g.clone()))
         })
     }
 
     /// The entry of a queued path, if it is queued.
     pub fn entry(&self, path: &StorePath) -> Option<Entry> {
-        lock(&self.inner).live.get(path).map(|(e, _)| *e)
+        lock(&self.inner).live.get(path).copied()
     }
 
     /// Number of queued paths.
@@ -503,27 +501,27 @@ impl Journal {
     /// The oldest queued path's entry, by sequence number.
     pub fn oldest(&self) -> Option<Entry> {
         let inner = lock(&self.inner);
-        inner.live.values().map(|(e, _)| *e).min_by_key(|e| e.seq)
+        inner.live.values().copied().min_by_key(|e| e.seq)
     }
 
     /// Rewrites the journal with only the live records, in order, once at least `min_dead`
     /// records, and most, are dead. Written without the locks; a failure before the rename warns.
     fn compact(&self, min_dead: usize) {
         let (mut records, from) = loop {
-            let disk = lock(&self.disk);
+            let disk = lock(&self.fd);
             let mut inner = lock(&self.inner);
             let dead = inner.records.saturating_sub(inner.live_records);
             // `compact_at` is `MAX` while another compaction runs.
             if dead < min_dead.max(inner.compact_at) || dead < inner.live.len() {
                 return;
             }
-            // With nothing pending, memory and file agree.
-            if inner.pending.is_empty() {
+            // With nothing pending nor being written, memory and file agree.
+            if inner.pending.is_empty() && inner.written == inner.flushed {
                 inner.compact_at = usize::MAX;
                 break (inner.snapshot(), disk.1);
             }
-            drop((inner, disk));
-            self.flush(u64::MAX);
+            drop(disk);
+            drop(self.flush(inner));
         };
         // A stable sort: each path's `+` stays first.
         records.sort_by_key(|(seq, _)| *seq);
@@ -549,7 +547,7 @@ impl Journal {
         f.set_len(0)?;
         f.write_all(data)?;
         f.sync_data()?;
-        let mut disk = lock(&self.disk);
+        let mut disk = lock(&self.fd);
         let mut meanwhile = vec![0; usize::try_from(disk.1 - from).unwrap_or(0)];
         disk.0.read_exact_at(&mut meanwhile, from)?;
         f.write_all(&meanwhile)?;
@@ -594,19 +592,13 @@ mod tests {
 
     const S: &str = "/nix/store";
 
-    impl Inner {
-        fn mark(&self, path: &StorePath, target: TargetId) -> Option<&Option<GivenUp>> {
-            mark(&self.live.get(path)?.1, target)
-        }
-    }
-
     impl Journal {
         fn lock(&self) -> MutexGuard<'_, Inner> {
             lock(&self.inner)
         }
 
         fn disk(&self) -> MutexGuard<'_, (File, u64)> {
-            lock(&self.disk)
+            lock(&self.fd)
         }
 
         fn is_delivered(&self, path: &StorePath, target: TargetId) -> bool {
@@ -630,7 +622,7 @@ mod tests {
     /// Opens the journal, with the paths it queues, oldest first.
     fn open(dir: &Path, store_dir: &str) -> io::Result<(Journal, Replay)> {
         let (j, torn_bytes) = Journal::open(dir, store_dir)?;
-        let paths = j.lock().in_order(|p, _, _| Some(p.clone()));
+        let paths = j.lock().in_order(|p, _| Some(p.clone()));
         Ok((j, Replay { paths, torn_bytes }))
     }
 
@@ -738,7 +730,9 @@ mod tests {
     }
 
     /// Puts path 1 in a write in progress by "another caller" (the test,
-    /// holding the file), the way `flush` leaves things while it writes.
+    /// holding the file, `flushed` past `written`), the way `flush` leaves
+    /// things while it writes; its record stays in `pending` for the failure
+    /// to take back.
     fn writing_path_1(j: &Journal) -> MutexGuard<'_, (File, u64)> {
         let disk = j.disk();
         let mut inner = j.lock();
@@ -747,10 +741,11 @@ mod tests {
         Record::Add(path(1), 0).write(&mut buf);
         inner.pending.extend(buf);
         inner.pending_adds.push(path(1));
+        inner.flushed += 1;
         disk
     }
 
-    /// Ends that write as a failed one does: path 1 taken back.
+    /// Ends that write as a failed one does: path 1 taken back, waiters woken.
     fn fail_write(j: &Journal, disk: MutexGuard<'_, (File, u64)>, failures: u64) {
         let mut inner = j.lock();
         inner.pending.clear();
@@ -758,6 +753,8 @@ mod tests {
             inner.apply(&Record::Done(p));
         }
         inner.failed = (inner.failed.0 + failures, "disk full".into());
+        inner.written = inner.flushed;
+        j.cv.notify_all();
         drop((inner, disk));
     }
 
@@ -797,8 +794,10 @@ mod tests {
         let dir = Dir::new("latewaiter");
         let (j, _) = open(&dir.0, S).unwrap();
         let j = Arc::new(j);
-        // A write in progress, so the caller's record waits for the next.
+        // A write in progress (`flushed` past `written`), so the caller's
+        // record waits for the next.
         let disk = j.disk();
+        j.lock().flushed += 1;
         let (tx, rx) = std::sync::mpsc::channel();
         let j2 = Arc::clone(&j);
         std::thread::spawn(move || {

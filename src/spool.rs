@@ -1,12 +1,12 @@
 //! The spool, where the hook leaves requests (`<time>-<pid>.req`) when the daemon is away: queued
 //! at start and when idle, each file deleted once journaled or set aside as `.bad`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use crate::journal::Journal;
@@ -30,26 +30,28 @@ fn is_request(name: &OsStr) -> bool {
     name.ends_with(crate::wire::SPOOL_SUFFIX) && !name.starts_with('.')
 }
 
-/// Path counts of request files by name and inode: each is read once.
-static COUNTED: Mutex<BTreeMap<OsString, (u64, usize)>> = Mutex::new(BTreeMap::new());
+type Counted = HashMap<OsString, (u64, usize, bool)>;
+/// Path counts of request files by name and inode (each read once), marked while listed.
+static COUNTED: LazyLock<Mutex<Counted>> = LazyLock::new(Mutex::default);
 
 /// For `status`: request files not ingested yet, and the paths (words after a verb) they ask for.
 pub fn backlog(dir: &Path) -> (usize, usize) {
     let mut counted = COUNTED.lock().unwrap_or_else(|e| e.into_inner());
-    let mut now = BTreeMap::new();
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let (name, ino, file) = (entry.file_name(), entry.ino(), entry.path());
-        let paths = match counted.get(&name) {
-            _ if !is_request(&name) => continue,
-            Some(&(was, n)) if was == ino => n,
-            _ if !fs::symlink_metadata(&file).is_ok_and(|m| regular(&m)) => 0,
-            _ => fs::read(&file).map_or(0, |d| d.iter().filter(|&&b| b == b' ').count()),
+        let (name, ino) = (entry.file_name(), entry.ino());
+        if !is_request(&name) {
+            continue;
+        }
+        let (was, paths, listed) = counted.entry(name).or_default();
+        *paths = match *was == ino {
+            true => *paths,
+            _ if !fs::symlink_metadata(entry.path()).is_ok_and(|m| regular(&m)) => 0,
+            _ => fs::read(entry.path()).map_or(0, |d| d.iter().filter(|&&b| b == b' ').count()),
         };
-        now.insert(name, (ino, paths));
+        (*was, *listed) = (ino, true);
     }
-    let backlog = (now.len(), now.values().map(|(_, n)| n).sum());
-    *counted = now;
-    backlog
+    counted.retain(|_, (_, _, listed)| std::mem::take(listed));
+    (counted.len(), counted.values().map(|(_, n, _)| n).sum())
 }
 
 /// One version of a file: a new file, or one written again, is read again.

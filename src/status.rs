@@ -6,7 +6,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::journal::{Journal, TargetId};
 use crate::policy::Failures;
@@ -206,8 +206,7 @@ fn fields<'a>(table: &'static str, row: &'a [Option<String>]) -> impl Iterator<I
 impl Snapshot {
     /// Takes a snapshot of the journal and the statistics, secrets masked.
     pub fn take(journal: &Journal, shared: &Shared, spool_dir: &Path, signing: bool) -> Snapshot {
-        let (at, now) = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH));
-        let now = now.map_or(0, |d| d.as_secs());
+        let (at, now) = (Instant::now(), crate::journal::now_secs());
         let s = |v: &dyn ToString| Some(v.to_string());
         let (spool_files, spool_paths) = crate::spool::backlog(spool_dir);
         let oldest = journal.oldest().map(|e| now.saturating_sub(e.queued_at));
