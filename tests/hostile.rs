@@ -97,15 +97,12 @@ fn gen_name(rng: &mut Rng) -> String {
     s
 }
 
-fn gen_output(rng: &mut Rng, store: &str) -> String {
+/// A valid store path ending in `ext` (`""` for an output, `".drv"`).
+fn gen_path(rng: &mut Rng, store: &str, ext: &str) -> String {
     let h = gen_chars(rng, NIX_BASE32, 32);
-    format!("{store}/{h}-{}", gen_name(rng))
-}
-
-fn gen_drv(rng: &mut Rng, store: &str) -> String {
-    let mut p = gen_output(rng, store);
-    p.truncate(store.len() + 34 + MAX_NAME - 4);
-    p + ".drv"
+    let mut name = gen_name(rng);
+    name.truncate(MAX_NAME - ext.len());
+    format!("{store}/{h}-{name}{ext}")
 }
 
 /// Every store-path rule `p` breaks, as the fragment of the daemon's message
@@ -225,11 +222,6 @@ fn check_reply(expect: &Expect, reply: &[String]) -> Result<usize, String> {
     n.ok_or_else(|| format!("expected {expect:?}, got {reply:?}"))
 }
 
-/// True for a final reply line (`ok`, `ok ...`, `err`, `err ...`).
-fn is_final(line: &str) -> bool {
-    line == "ok" || line == "err" || line.starts_with("ok ") || line.starts_with("err ")
-}
-
 /// Reads reply lines until the daemon closes the connection (a reset, our
 /// data left unread, is a close too); panics on a read timeout (the daemon
 /// must answer or close).
@@ -272,21 +264,9 @@ fn exchange(socket: &Path, data: Vec<u8>, what: &str) -> Vec<String> {
 fn send(mut s: &UnixStream, line: &str) -> std::io::Result<String> {
     s.set_read_timeout(Some(REPLY_TIMEOUT))?;
     s.write_all(format!("{line}\n").as_bytes())?;
-    read_one_line(s)
-}
-
-/// Reads one reply line from a held connection (an error at its end).
-fn read_one_line(s: &UnixStream) -> std::io::Result<String> {
     let mut l = String::new();
-    match BufReader::new(s).read_line(&mut l)? {
-        0 => Err(ErrorKind::UnexpectedEof.into()),
-        _ => Ok(l.trim_end_matches('\n').to_string()),
-    }
-}
-
-fn assert_no_panic(d: &Daemon, ctx: &str) {
-    let log = d.log();
-    assert!(!log.contains("panicked"), "{ctx}: a panic; log:\n{log}");
+    BufReader::new(s).read_line(&mut l)?;
+    Ok(l.trim_end_matches('\n').to_string())
 }
 
 /// A daemon whose queue never drains (see [`FakeNix::hang`]).
@@ -307,7 +287,8 @@ fn assert_alive(d: &mut Daemon, ctx: &str) {
     let pong = ask(&d.socket(), "ping");
     let pong_ok = pong.starts_with("ok nix-post-build-hook-queue ");
     assert!(pong_ok, "{ctx}: ping answered {pong:?}");
-    assert_no_panic(d, ctx);
+    let log = d.log();
+    assert!(!log.contains("panicked"), "{ctx}: a panic; log:\n{log}");
 }
 
 // Protocol fuzz
@@ -327,10 +308,8 @@ fn gen_edge_path(rng: &mut Rng, store: &str) -> String {
         .collect();
     odd.extend(["", "$(touch /tmp/npbhq-pwned)"]);
     let chars = "/:$`;|&*~!@#%^()[]{}<>,'\"\\é\u{7f}\t\r\0 \u{a0}\u{2028}\u{1b}\u{85}💥";
-    let (c, at) = (
-        rng.pick(&chars.chars().collect::<Vec<_>>()).to_string(),
-        rng.below(n.len() + 1),
-    );
+    let c = rng.pick(&chars.chars().collect::<Vec<_>>()).to_string();
+    let at = rng.below(n.len() + 1);
     let len = *rng.pick(&[0, 1, 31, 33, 52]);
     let at_h = rng.below(32);
     let wrong = rng.pick(&["e", "o", "t", "u", "A", "Z", "_", ".", "+", "é", "="]);
@@ -344,12 +323,10 @@ fn gen_edge_path(rng: &mut Rng, store: &str) -> String {
         {s}/{h}-`id` {b}{s}/{h}-{n}"
         .split(' ')
         .collect();
+    let parent = Path::new(store).parent().unwrap().display().to_string();
     let values = [
         ("{s}", store.to_string()),
-        (
-            "{p}",
-            Path::new(store).parent().unwrap().display().to_string(),
-        ),
+        ("{p}", parent),
         ("{h}", h.clone()),
         ("{n}", n.clone()),
         ("{k}", gen_chars(rng, NIX_BASE32, len)),
@@ -394,7 +371,7 @@ impl Fuzzer<'_> {
     fn case(&mut self) -> Vec<u8> {
         let store = self.store;
         let pick = self.rng.below(100);
-        let (good, drv) = (self.good(), gen_drv(&mut self.rng, store));
+        let (good, drv) = (self.good(), gen_path(&mut self.rng, store, ".drv"));
         let line = match pick {
             // Valid requests: about a quarter.
             0..=15 => self.valid_enqueue(),
@@ -475,21 +452,14 @@ impl Fuzzer<'_> {
 
     /// A line of at least MAX_LINE bytes before its newline.
     fn over_long(&mut self) -> Vec<u8> {
-        match self.rng.below(3) {
-            0 => {
-                let mut l = b"enqueue".to_vec();
-                while l.len() < MAX_LINE {
-                    l.push(b' ');
-                    l.extend(self.good().bytes());
-                }
-                l
-            }
-            1 => vec![b'a'; MAX_LINE],
-            _ => {
-                let len = MAX_LINE + self.rng.range(1, 300_000);
-                self.rng.bytes(len, 0)
-            }
+        let mut paths = b"enqueue".to_vec();
+        while paths.len() < MAX_LINE {
+            paths.push(b' ');
+            paths.extend(self.good().bytes());
         }
+        let len = MAX_LINE + self.rng.range(1, 300_000);
+        let mut lines = vec![paths, vec![b'a'; MAX_LINE], self.rng.bytes(len, 0)];
+        lines.swap_remove(self.rng.below(3))
     }
 
     /// One connection: send up to 120 cases (and maybe an unterminated
@@ -526,7 +496,9 @@ impl Fuzzer<'_> {
             expects.push(err1("longer than 1048576 bytes"));
         }
         let reply_lines = exchange(socket, data, round);
-        let replies: Vec<&[String]> = reply_lines.split_inclusive(|l| is_final(l)).collect();
+        // A final reply line: `ok`, `ok ...`, `err` or `err ...`.
+        let last = |l: &String| matches!(l.split(' ').next(), Some("ok" | "err"));
+        let replies: Vec<&[String]> = reply_lines.split_inclusive(last).collect();
         let n = expects.len();
         assert_eq!(replies.len(), n, "{round}: replies {replies:?}");
         let mut t = self.t.lock().unwrap_or_else(|e| e.into_inner());
@@ -563,7 +535,9 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     let store = env.store_dir().display().to_string();
     let socket = d.socket();
     let mut seeder = Rng::new(seed);
-    let pool: Vec<String> = (0..1500).map(|_| gen_output(&mut seeder, &store)).collect();
+    let pool: Vec<String> = (0..1500)
+        .map(|_| gen_path(&mut seeder, &store, ""))
+        .collect();
     for p in &pool {
         assert!(path_rules(p, &store, false).is_empty(), "{ctx}: {p}");
     }
@@ -693,8 +667,7 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
     eprintln!("load: {CLIENTS} x {PER_CLIENT} paths acked in {secs:.2} s");
     let acked = hook_out.status.success() && hook_out.stderr.is_empty();
     assert!(acked, "the hook was not acknowledged: {}", show(&hook_out));
-    let spooled: Vec<_> =
-        fs::read_dir(d.spool_dir()).map_or(vec![], |r| r.flatten().map(|e| e.path()).collect());
+    let spooled = spooled(&d.spool_dir());
     assert!(spooled.is_empty(), "the hook spooled: {spooled:?}");
     drop(idle);
 
@@ -795,14 +768,12 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     fs::set_permissions(sk.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
     let udir = owned_dir(env.root(), "as-user", outsider.uid, 0o700);
     let sk_s = sk.display().to_string();
-    let (usock, ustate) = (udir.join("sock"), udir.join("state"));
-    let args = format!("serve --socket {}", usock.display());
-    let args = format!("{args} --state-dir {}", ustate.display());
-    let args = format!("{args} --signing-key-file {sk_s}");
+    let args = format!("--socket {0}/sock --state-dir {0}/state", udir.display());
+    let args = format!("serve {args} --signing-key-file {sk_s}");
     let err = one_line(&outsider.cli(env.root(), &args, &env.env_vars()), 78, &args);
     let named = err.contains(&sk_s) && err.to_lowercase().contains("permission denied");
     assert!(named, "should name the unreadable key file: {err:?}");
-    assert!(!usock.exists(), "no socket for a refused start");
+    assert!(!udir.join("sock").exists(), "no socket for a refused start");
 }
 
 /// Another local user's daemon, listening on a socket that user bound: it
@@ -884,7 +855,7 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
     let w = FakeNix::new(&env);
     let (upload, read) = file_cache(&env, "cache");
     let sk_s = sk.display().to_string();
-    let d = Daemon::start(
+    let mut d = Daemon::start(
         &env,
         &[
             ("signing-key-file", &sk_s),
@@ -899,6 +870,7 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
     let (bait, good) = (built[0].clone(), built[1].clone());
     let h = &bait[store.len() + 1..][..32];
     let marker = env.root().join("pwned");
+    let m = marker.display().to_string();
     let hostile: Vec<String> =
         "--to,-L,--store=/x,--recursive,--key-file=/etc/shadow,-,$(touch {m}),\
         `touch {m}`,;touch {m},|touch {m},&&touch {m},{s}/{h}-x y,{s}/{h}-$(touch {m}),\
@@ -907,10 +879,11 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         {b} --to file:///tmp/npbhq-evil,{s}/{h}-x\n--to,{s}/{h}-x\r"
             .split(',')
             .map(|t| {
-                t.replace("{m}", &marker.display().to_string())
+                t.replace("{m}", &m)
                     .replace("{s}", &store)
+                    .replace("{h}", h)
             })
-            .map(|t| t.replace("{h}", h).replace("{b}", &bait))
+            .map(|t| t.replace("{b}", &bait))
             .collect();
     let spool = d.spool_dir();
     fs::create_dir_all(&spool).unwrap();
@@ -985,7 +958,7 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
     let j = d.journal();
     let only_good = j.added.iter().all(|p| *p == good);
     assert!(only_good, "only the good path is journaled: {:?}", j.added);
-    assert_no_panic(&d, "injection");
+    assert_alive(&mut d, "injection");
 }
 
 // Secrets
@@ -1213,12 +1186,10 @@ fn limits_over_long_line_gets_err_and_close() {
         replies[0].starts_with("ok ") && replies[1].starts_with("ok nix-post-build-hook-queue");
     assert!(ok, "{replies:?}");
 
+    let over = format!("{} x", line.trim_end()).into_bytes();
     for (what, mut data) in [
         ("one byte over", vec![b'a'; MAX_LINE]),
-        (
-            "over-long enqueue",
-            format!("{} x", line.trim_end()).into_bytes(),
-        ),
+        ("over-long enqueue", over),
         ("4 MiB without newline", vec![b'z'; 4 * MAX_LINE]),
     ] {
         data.extend_from_slice(b"\nping\n");
@@ -1335,8 +1306,9 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
         // Served one after another, the second would wait for the first's
         // request timeout.
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let line = read_one_line(s).unwrap_or_else(|e| panic!("no reply on connection {i}: {e}"));
-        assert!(line.starts_with("ok"), "{line}");
+        let mut line = String::new();
+        let r = BufReader::new(s).read_line(&mut line);
+        assert!(line.starts_with("ok"), "connection {i}: {line:?}, {r:?}");
     }
     let grown = thread_ids(&d).len();
     assert!(grown >= idle + 32, "at once: {grown} threads, {idle} idle");
@@ -1510,10 +1482,8 @@ fn planted_names_beside_the_socket_change_nothing() {
         fs::write(dir.join("s"), text).unwrap();
         dir.display().to_string()
     };
-    let (victim, blocker) = (
-        dir_with("victim", "keep me\n"),
-        dir_with("blocker", "keep me too\n"),
-    );
+    let victim = dir_with("victim", "keep me\n");
+    let blocker = dir_with("blocker", "keep me too\n");
     for (what, plant, kept) in [
         ("a symlink", format!("ln -s '{victim}'"), "keep me\n"),
         ("a directory", format!("cp -r '{blocker}'"), "keep me too\n"),
