@@ -387,9 +387,8 @@ impl Fuzzer<'_> {
                 let verbs = ["enqueue", "drv", "ping", "status", "wait", "retry", "x"];
                 let verb = self.rng.pick(&verbs);
                 let len = self.rng.range(0, 80);
-                let tail: String = (0..len)
-                    .map(|_| (b' ' + self.rng.below(95) as u8) as char)
-                    .collect();
+                let printable: Vec<u8> = (b' '..=b'~').collect();
+                let tail = gen_chars(&mut self.rng, &printable, len);
                 format!("{verb} {tail}")
             }
             // A valid line cut short, or with NUL or a non-UTF-8 byte inside.
@@ -534,10 +533,8 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     let (mut d, _w) = hanging_daemon(&env);
     let store = env.store_dir().display().to_string();
     let socket = d.socket();
-    let mut seeder = Rng::new(seed);
-    let pool: Vec<String> = (0..1500)
-        .map(|_| gen_path(&mut seeder, &store, ""))
-        .collect();
+    let mut rng = Rng::new(seed);
+    let pool: Vec<String> = (0..1500).map(|_| gen_path(&mut rng, &store, "")).collect();
     for p in &pool {
         assert!(path_rules(p, &store, false).is_empty(), "{ctx}: {p}");
     }
@@ -878,12 +875,8 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
         {s}/{h}-x\ttouch,{s}/{h}-x\0y,{s}/../{h}-x,{s}/{h}-x/../../etc,{s}/-{h}-x,{s}/{h}-*,\
         {b} --to file:///tmp/npbhq-evil,{s}/{h}-x\n--to,{s}/{h}-x\r"
             .split(',')
-            .map(|t| {
-                t.replace("{m}", &m)
-                    .replace("{s}", &store)
-                    .replace("{h}", h)
-            })
-            .map(|t| t.replace("{b}", &bait))
+            .map(|t| t.replace("{m}", &m).replace("{s}", &store))
+            .map(|t| t.replace("{h}", h).replace("{b}", &bait))
             .collect();
     let spool = d.spool_dir();
     fs::create_dir_all(&spool).unwrap();
@@ -1052,27 +1045,28 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
     }
 }
 
-/// `serve` with the config file of `d` and `args`: it must stop at start
-/// (exit 78, one line, no socket); returns the line.
-fn refused_at_start(d: &Daemon, args: &[&str]) -> String {
-    let mut cmd = d.cli_cmd();
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(d.config_path())
-        .args(args);
-    let o = run_to_exit(&mut cmd, DAEMON_START_TIMEOUT);
-    assert!(!d.socket().exists(), "no socket for a refused start");
-    one_line(&o, 78, &format!("serve {args:?}"))
-}
-
-/// A signing key file others can read, one that is missing, a directory, a
-/// FIFO, or a file that is not a Nix secret key (the public key, say) stops
-/// the daemon before it opens its socket, with one line naming the file.
+/// A setting that cannot work stops `serve` before it opens its socket,
+/// with one line naming the setting and the problem (exit 78): a signing
+/// key file others can read, one that is missing, a directory, a FIFO, or a
+/// file that is not a Nix secret key (the public key, say); a line break or
+/// any control character in a setting, from a flag or the config file (in
+/// `upload-to` it would break the framing of `status` replies).
 #[test]
-fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
+fn bad_key_files_and_control_characters_refused_at_start() {
     let env = NixEnv::new("hostile-keyperm");
     let (sk, pk) = env.gen_signing_key("perm-1");
     let secret = key_secret(&sk);
+    let refused = |d: &Daemon, args: &[&str]| {
+        let mut cmd = d.cli_cmd();
+        cmd.args(["serve", "--config"])
+            .arg(d.config_path())
+            .args(args);
+        let o = run_to_exit(&mut cmd, DAEMON_START_TIMEOUT);
+        assert!(!d.socket().exists(), "no socket for a refused start");
+        let err = one_line(&o, 78, &format!("serve {args:?}"));
+        assert!(!err.contains(&secret), "{err}");
+        err
+    };
     let file = |name: &str, contents: &str, mode: u32| {
         let p = env.root().join(name);
         fs::write(&p, contents).unwrap();
@@ -1096,22 +1090,11 @@ fn secrets_world_readable_missing_or_malformed_key_file_refused_at_start() {
     ] {
         let key_s = key.display().to_string();
         let d = Daemon::new_stopped(&env, &[("signing-key-file", key_s.as_str())], NO_ENV);
-        let err = refused_at_start(&d, &[]);
+        let err = refused(&d, &[]);
         let named = err.contains(&key_s) && err.contains(want);
         assert!(named, "naming the file and the problem ({want}): {err:?}");
-        assert!(!err.contains(&secret));
     }
-    // The real key is accepted.
-    let d = Daemon::start(&env, &[("signing-key-file", &sk.display().to_string())]);
-    assert!(d.request("ping").starts_with("ok"));
-}
 
-/// A line break (or any control character) in a setting is refused at
-/// start, from the config file or a flag: an `upload-to` holding one would
-/// break the framing of `status` replies.
-#[test]
-fn control_characters_in_settings_refused_at_start() {
-    let env = NixEnv::new("hostile-ctl");
     let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
     for (flag, value) in [
         ("--upload-to", "file:///tmp/c\nok 5"),
@@ -1119,19 +1102,20 @@ fn control_characters_in_settings_refused_at_start() {
         ("--socket-group", "wheel\u{1b}[2J"),
         ("--nix", "/bin/nix\tx"),
     ] {
-        let err = refused_at_start(&d, &[flag, value]);
+        let err = refused(&d, &[flag, value]);
         let why = err.contains(flag) && err.contains("control character");
         assert!(why, "{err:?}");
     }
     // In the file too: a carriage return survives `lines()`.
-    let config = format!(
-        "socket = {}\nupload-to = file:///tmp/c\rok\n",
-        d.socket().display()
-    );
+    let socket = d.socket().display().to_string();
+    let config = format!("socket = {socket}\nupload-to = file:///tmp/c\rok\n");
     fs::write(d.config_path(), config).unwrap();
-    let err = refused_at_start(&d, &[]);
+    let err = refused(&d, &[]);
     let why = err.contains(":2:") && err.contains("control character");
     assert!(why, "{err:?}");
+    // The real key is accepted.
+    let d = Daemon::start(&env, &[("signing-key-file", &sk.display().to_string())]);
+    assert!(d.request("ping").starts_with("ok"));
 }
 
 // Limits
@@ -1355,12 +1339,15 @@ fn limits_max_connections_busy_reply_while_others_work() {
 }
 
 /// The socket is created 0600 by default with no temporary file left
-/// beside it; a stale socket (its daemon killed) is replaced, but the daemon
-/// never replaces something at the socket path that is not a socket: a
-/// config mistake such as `socket = /etc/important`, or a symlink, must not
-/// destroy a file.
+/// beside it. One daemon per state directory: a second one on the same
+/// state-dir (with another socket) says which pid holds it and exits 1,
+/// before it touches the journal or binds its socket; the first keeps
+/// serving. After `kill -9` the next start replaces the stale socket and
+/// takes the lock. But the daemon never replaces something at the socket
+/// path that is not a socket: a config mistake such as
+/// `socket = /etc/important`, or a symlink, must not destroy a file.
 #[test]
-fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
+fn socket_0600_state_dir_locked_and_a_regular_file_never_replaced() {
     let env = NixEnv::new("hostile-sockfile");
     let mut d = Daemon::start(&env, &[]);
     let meta = fs::metadata(d.socket()).unwrap();
@@ -1373,36 +1360,7 @@ fn socket_default_mode_0600_and_a_regular_file_is_never_replaced() {
     entries.sort();
     let own = entries == ["config", "daemon.log", "sock", "state"];
     assert!(own, "only the daemon's own files: {entries:?}");
-    // Stale socket: replaced.
-    d.kill9();
-    let left = fs::symlink_metadata(d.socket()).is_ok();
-    assert!(left, "kill -9 leaves the socket file");
-    d.try_spawn().expect("a stale socket is replaced");
-    assert!(ask(&d.socket(), "ping").starts_with("ok "));
 
-    let precious = env.root().join("precious");
-    fs::write(&precious, "keep me\n").unwrap();
-    let link = env.root().join("link");
-    std::os::unix::fs::symlink(&precious, &link).unwrap();
-    for target in [&precious, &link] {
-        let t = target.display().to_string();
-        let mut d2 = Daemon::new_stopped(&env, &[("socket", t.as_str())], NO_ENV);
-        let err = d2.try_spawn().expect_err("refuse what is not a socket");
-        assert_eq!(fs::read_to_string(&precious).unwrap(), "keep me\n");
-        let why = err.contains(&format!("{t} exists and is not a socket"));
-        assert!(why, "{err}");
-    }
-    assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
-}
-
-/// One daemon per state directory: a second one on the same state-dir (with
-/// another socket) says which pid holds it and exits 1, before it touches
-/// the journal or binds its socket; the first keeps serving. The lock goes
-/// with its holder: after `kill -9` the next start takes the directory.
-#[test]
-fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
-    let env = NixEnv::new("hostile-statelock");
-    let mut d = Daemon::start(&env, &[]);
     let path = env
         .store_dir()
         .join(format!("{}-npbhq-held", "a".repeat(32)));
@@ -1426,10 +1384,27 @@ fn state_dir_is_locked_a_second_daemon_names_the_holder_and_exits_1() {
     assert_alive(&mut d, "after a second daemon was refused");
 
     d.kill9();
+    let left = fs::symlink_metadata(d.socket()).is_ok();
+    assert!(left, "kill -9 leaves the socket file");
     d.try_spawn()
-        .expect("a lock left by a killed daemon blocks no start");
+        .expect("a stale socket or lock blocks no start");
+    assert!(ask(&d.socket(), "ping").starts_with("ok "));
     let holder = fs::read_to_string(d.state_dir().join("lock")).unwrap();
     assert_eq!(holder.trim(), d.pid().unwrap().to_string());
+
+    let precious = env.root().join("precious");
+    fs::write(&precious, "keep me\n").unwrap();
+    let link = env.root().join("link");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    for target in [&precious, &link] {
+        let t = target.display().to_string();
+        let mut d2 = Daemon::new_stopped(&env, &[("socket", t.as_str())], NO_ENV);
+        let err = d2.try_spawn().expect_err("refuse what is not a socket");
+        assert_eq!(fs::read_to_string(&precious).unwrap(), "keep me\n");
+        let why = err.contains(&format!("{t} exists and is not a socket"));
+        assert!(why, "{err}");
+    }
+    assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
 }
 
 /// Every socket path the kernel takes works, up to its limit of 107 bytes,
