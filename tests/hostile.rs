@@ -806,19 +806,54 @@ fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
     assert!(!reached, "root's paths reached their daemon: {journal}");
 }
 
-/// A user without `XDG_RUNTIME_DIR`: the daemon, the hook and the admin
-/// commands all default to `socket` in the user's own state directory
-/// (`~/.local/state/nix-post-build-hook-queue/`), never to a name in `/tmp`
-/// that another user could bind first, and find each other there.
+/// Where a user's daemon, hook and admin commands look when nothing is
+/// set. The state directory in `$TMPDIR` (a user with neither `HOME` nor
+/// `XDG_STATE_HOME`) is used only when it is the user's own: one that
+/// another user made, or that others may write, stops `serve` and
+/// `check-config` with exit 78 naming it, before anything is written there.
+/// A setting from the environment is checked like the file's (a relative
+/// `XDG_RUNTIME_DIR` is refused, naming the variable). Without
+/// `XDG_RUNTIME_DIR` the socket is `socket` in the user's own state
+/// directory (`~/.local/state/nix-post-build-hook-queue/`), never a name in
+/// `/tmp` that another user could bind first, and all of them find it there.
 #[test]
-fn default_socket_without_a_runtime_dir_is_in_the_users_own_state_dir() {
+fn default_socket_and_state_dir_are_the_users_own() {
     let env = NixEnv::new("hostile-dsock");
     let user = User::new('d', "");
+    let tmp = owned_dir(env.root(), "tmp", 0, 0o1777);
+    let state = tmp.join(format!("nix-post-build-hook-queue-{}", user.uid));
+    fs::create_dir(&state).unwrap();
+    let vars = [("TMPDIR".to_string(), tmp.clone().into_os_string())];
+    // Root's (another user's to them), then theirs but writable by all.
+    for owner in [0, user.uid] {
+        std::os::unix::fs::chown(&state, Some(owner), Some(owner)).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        for command in ["check-config", "serve"] {
+            let o = user.cli(env.root(), command, &vars);
+            let err = one_line(&o, 78, &format!("{command}, {owner}"));
+            let named = err.contains("$TMPDIR") && err.contains(&*state.to_string_lossy());
+            assert!(named, "{err}");
+            assert!(fs::read_dir(&state).unwrap().next().is_none(), "written to");
+        }
+    }
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    let o = user.cli(env.root(), "check-config", &vars);
+    assert_eq!(o.status.code(), Some(0), "their own: {}", show(&o));
+
     let home = owned_dir(env.root(), "h", user.uid, 0o700);
+    let relative = [
+        ("HOME".to_string(), home.clone().into_os_string()),
+        ("XDG_RUNTIME_DIR".to_string(), "run/user".into()),
+    ];
+    let o = user.cli(env.root(), "check-config", &relative);
+    let err = one_line(&o, 78, "relative");
+    let named = err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: ");
+    assert!(named, "{err}");
+
     let state = home.join(".local/state/nix-post-build-hook-queue");
     let mut vars = env.env_vars();
     vars.retain(|(k, _)| !k.starts_with("XDG_") && k != "HOME");
-    vars.push(("HOME".into(), home.clone().into()));
+    vars.push(("HOME".into(), home.into()));
     let _daemon = user.serve(env.root(), &[], &vars, &state.join("socket"));
     let in_tmp = PathBuf::from(format!("/tmp/nix-post-build-hook-queue-{}.sock", user.uid));
     assert!(!in_tmp.exists(), "{} exists", in_tmp.display());
@@ -1486,45 +1521,4 @@ fn planted_names_beside_the_socket_change_nothing() {
         let s = fs::read_to_string(planted.join("s")).unwrap();
         assert_eq!(s, kept, "{what}");
     }
-}
-
-/// The state directory in `$TMPDIR` (a user with neither `HOME` nor
-/// `XDG_STATE_HOME`) is used only when it is the user's own: one that
-/// another user made, or that others may write, stops `serve` and
-/// `check-config` with exit 78 naming it, before anything is written there.
-/// A setting from the environment is checked like the file's (a relative
-/// `XDG_RUNTIME_DIR` is refused, naming the variable).
-#[test]
-fn a_state_dir_in_tmpdir_is_used_only_when_it_is_the_users_own() {
-    let env = NixEnv::new("hostile-tmpstate");
-    let user = User::new('t', "");
-    let tmp = owned_dir(env.root(), "tmp", 0, 0o1777);
-    let state = tmp.join(format!("nix-post-build-hook-queue-{}", user.uid));
-    fs::create_dir(&state).unwrap();
-    let vars = [("TMPDIR".to_string(), tmp.clone().into_os_string())];
-    // Root's (another user's to them), then theirs but writable by all.
-    for owner in [0, user.uid] {
-        std::os::unix::fs::chown(&state, Some(owner), Some(owner)).unwrap();
-        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
-        for command in ["check-config", "serve"] {
-            let o = user.cli(env.root(), command, &vars);
-            let err = one_line(&o, 78, &format!("{command}, {owner}"));
-            let named = err.contains("$TMPDIR") && err.contains(&*state.to_string_lossy());
-            assert!(named, "{err}");
-            assert!(fs::read_dir(&state).unwrap().next().is_none(), "written to");
-        }
-    }
-    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
-    let o = user.cli(env.root(), "check-config", &vars);
-    assert_eq!(o.status.code(), Some(0), "their own: {}", show(&o));
-
-    let home = owned_dir(env.root(), "home", user.uid, 0o700);
-    let relative = [
-        ("HOME".to_string(), home.into_os_string()),
-        ("XDG_RUNTIME_DIR".to_string(), "run/user".into()),
-    ];
-    let o = user.cli(env.root(), "check-config", &relative);
-    let err = one_line(&o, 78, "relative");
-    let named = err.starts_with("post-build-hook-queue: $XDG_RUNTIME_DIR: ");
-    assert!(named, "{err}");
 }
