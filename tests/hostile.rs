@@ -200,7 +200,6 @@ fn check_reply(expect: &Expect, reply: &[String]) -> Result<usize, String> {
         Expect::Ping => Some(0).filter(|_| last.starts_with("ok nix-post-build-hook-queue ")),
         Expect::Queue(paths) => (last.strip_prefix("ok ").and_then(|n| n.parse().ok()))
             .filter(|&n| n <= paths.iter().collect::<HashSet<_>>().len()),
-        // Short and on one line, naming the broken rule.
         Expect::Err(alts) => {
             let named = alts
                 .iter()
@@ -280,8 +279,6 @@ fn assert_alive(d: &mut Daemon, ctx: &str) {
     let log = d.log();
     assert!(!log.contains("panicked"), "{ctx}: a panic; log:\n{log}");
 }
-
-// Protocol fuzz
 
 /// The fixed seed, or `NPBHQ_FUZZ_SEED` to replay another.
 fn fuzz_seed() -> u64 {
@@ -483,9 +480,8 @@ impl Fuzzer<'_> {
             expects.push(err1("longer than 1048576 bytes"));
         }
         let reply_lines = exchange(socket, data, round);
-        // A final reply line: `ok`, `ok ...`, `err` or `err ...`.
-        let last = |l: &String| matches!(l.split(' ').next(), Some("ok" | "err"));
-        let replies: Vec<&[String]> = reply_lines.split_inclusive(last).collect();
+        let final_line = |l: &String| matches!(l.split(' ').next(), Some("ok" | "err"));
+        let replies: Vec<&[String]> = reply_lines.split_inclusive(final_line).collect();
         let n = expects.len();
         assert_eq!(replies.len(), n, "{round}: replies {replies:?}");
         let mut t = self.t.lock().unwrap_or_else(|e| e.into_inner());
@@ -551,7 +547,6 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
     assert!(enough, "{ctx}: {requests} requests, {refused} refused");
 
     assert_alive(&mut d, &ctx);
-    // Each acknowledged path was counted once, over all clients.
     let why = "sum of `ok N` differs from the number of distinct valid paths sent";
     assert_eq!(t.ok_sum, queued.len(), "{ctx}: {why}");
     let j = d.journal();
@@ -583,8 +578,6 @@ fn protocol_fuzz_every_malformed_request_gets_one_err_and_the_journal_stays_clea
         || format!("{ctx}\nstatus: {:?}", d.status()),
     );
 }
-
-// Load
 
 /// 64 clients enqueue 1,000 paths each, in requests of 1 to 100 paths, and
 /// also re-send 100 of their neighbour's: every path is acknowledged as new
@@ -671,7 +664,6 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
     assert_eq!(d.status().num("queued") as usize, n);
     assert_alive(&mut d, "after load");
 
-    // Replay: a crashed daemon comes back with the same queue.
     d.kill9();
     d.try_spawn().unwrap_or_else(|e| panic!("restart: {e}"));
     let queued = d.status().num("queued") as usize;
@@ -680,8 +672,6 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
     assert!(d.log().contains(&replayed), "{replayed}");
     assert_alive(&mut d, "after replay");
 }
-
-// Access
 
 /// Socket mode 0660 with a group: a user outside the group is denied (the
 /// CLI says so in one line) for status, enqueue and retry; a member may do
@@ -735,7 +725,6 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     let only = d.journal().added == [p_mem];
     assert!(only, "only the member's path is queued");
 
-    // Default mode 0600: only the daemon's user (root) gets in.
     let d2 = Daemon::start(&env, &[]);
     fs::set_permissions(d2.dir(), fs::Permissions::from_mode(0o755)).unwrap();
     let mode = fs::metadata(d2.socket()).unwrap().permissions().mode();
@@ -745,7 +734,6 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     assert!(err.to_lowercase().contains("permission denied"), "{err}");
     assert!(ask(&d2.socket(), "ping").starts_with("ok "));
 
-    // A signing key the daemon's user cannot read: refused at start, one line.
     let (sk, _) = env.gen_signing_key("access-1");
     fs::set_permissions(&sk, fs::Permissions::from_mode(0o600)).unwrap();
     fs::set_permissions(sk.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -856,8 +844,6 @@ fn default_socket_and_state_dir_are_the_users_own() {
     let journal = fs::read_to_string(state.join("journal")).unwrap_or_default();
     assert!(journal.contains(&path), "the path is journaled: {journal}");
 }
-
-// Injection
 
 /// Paths that would be options or shell (`--to`, `-L`, `--store=/x`,
 /// spaces, `$(...)`, backticks, `;`, ...) sent by every way in (the socket,
@@ -974,8 +960,6 @@ fn injection_hostile_paths_never_reach_a_nix_command_line() {
     assert!(only_good, "only the good path is journaled: {:?}", j.added);
     assert_alive(&mut d, "injection");
 }
-
-// Secrets
 
 /// The base64 part of a secret key file (`name:base64`).
 fn key_secret(sk: &Path) -> String {
@@ -1134,12 +1118,9 @@ fn bad_key_files_and_control_characters_refused_at_start() {
     let err = refused(&d, &[]);
     let why = err.contains(":2:") && err.contains("control character");
     assert!(why, "{err:?}");
-    // The real key is accepted.
     let d = Daemon::start(&env, &[("signing-key-file", &sk.display().to_string())]);
     assert!(d.request("ping").starts_with("ok"));
 }
-
-// Limits
 
 /// A log reader that went away (stderr a pipe with no reader, e.g. after
 /// `post-build-hook-queue serve 2>&1 | head`) makes each log line fail with
