@@ -964,11 +964,16 @@ fn key_secret(sk: &Path) -> String {
     b64.to_string()
 }
 
-/// Signing with a key file and a target URL carrying `secret-key=`: the
-/// key's contents appear nowhere (log, status text and JSON, raw status),
-/// and the URL's secret query value is shown as `***`.
+/// Nothing the daemon shows a person (`status`, its log, `status --json`,
+/// the raw `status` reply) holds a secret. Signing with a key file and a
+/// target URL carrying `secret-key=`: the key's contents appear nowhere, and
+/// the URL's secret query value is shown as `***`. A target URL with
+/// `user:password@` that fails: nix's own error message repeats the URL
+/// (`ssh-ng://`), or its `user:password@host` part without the scheme
+/// (`ssh://`), and still the password appears nowhere (the failure text
+/// included), while the masked form does.
 #[test]
-fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
+fn secrets_never_shown_and_url_secrets_masked_even_in_nix_errors() {
     let env = NixEnv::new("hostile-secret");
     let (sk, pk) = env.gen_signing_key("secret-1");
     let (secret, sk_s) = (key_secret(&sk), sk.display().to_string());
@@ -985,6 +990,17 @@ fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
     wait_ok(UPLOAD_TIMEOUT, "uploaded and signed", || {
         env.verify_in_cache(&read, &pk, &b.out_paths)
     });
+    let everything_shown = |d: &Daemon| {
+        let json = run_ok(d.cli_cmd().args(["status", "--json"]));
+        let raw = exchange(&d.socket(), b"status\n".to_vec(), "status").join("\n");
+        let status = run_ok(d.cli_cmd().arg("status"));
+        [
+            ("status", status),
+            ("log", d.log()),
+            ("status --json", json),
+            ("raw status", raw),
+        ]
+    };
     for (i, (what, text)) in everything_shown(&d).iter().enumerate() {
         assert!(!text.contains(&secret), "{what} shows the key: {text}");
         let url_secret = text.contains(&format!("secret-key={sk_s}"));
@@ -992,30 +1008,7 @@ fn secrets_key_contents_never_shown_and_url_secret_key_masked() {
         let masked = text.contains("secret-key=***");
         assert!(masked || i >= 2, "{what} shows the masked target: {text}");
     }
-}
 
-/// Everything the daemon shows a person: `status`, its log, `status --json`
-/// and the raw `status` reply, by name (in that order).
-fn everything_shown(d: &Daemon) -> [(&'static str, String); 4] {
-    let json = run_ok(d.cli_cmd().args(["status", "--json"]));
-    let raw = exchange(&d.socket(), b"status\n".to_vec(), "status").join("\n");
-    let status = run_ok(d.cli_cmd().arg("status"));
-    [
-        ("status", status),
-        ("log", d.log()),
-        ("status --json", json),
-        ("raw status", raw),
-    ]
-}
-
-/// A target URL with `user:password@` that fails: nix's own error message
-/// repeats the URL (`ssh-ng://`), or its `user:password@host` part without
-/// the scheme (`ssh://`), and still the password appears nowhere in the log
-/// or `status` (the failure text included), while the masked form does.
-#[test]
-fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
-    let env = NixEnv::new("hostile-urlpw");
-    let paths = env.build_paths(1, "urlpw");
     for scheme in ["ssh-ng", "ssh"] {
         let password = format!("hunter2pw{}", unique_id());
         // Nothing listens on this port: ssh fails fast, and nix says so.
@@ -1024,7 +1017,7 @@ fn secrets_url_password_masked_in_log_and_status_even_in_nix_errors() {
         let sshopts = format!("-p {} {opts} -o UserKnownHostsFile=/dev/null", free_port());
         let config = [("upload-to", url.as_str()), ("retry-initial-delay", "60")];
         let d = Daemon::start_with_env(&env, &config, &[("NIX_SSHOPTS", sshopts.as_str())]);
-        let o = run(d.cli_cmd().arg("enqueue").arg(&paths[0]));
+        let o = run(d.cli_cmd().arg("enqueue").arg(&b.out_paths[0]));
         assert!(o.status.success(), "{}", show(&o));
         let what = "the failed upload to show in status";
         wait_until(UPLOAD_TIMEOUT, what, || {
