@@ -675,9 +675,13 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
 /// CLI says so in one line) for status, enqueue and retry; a member may do
 /// all three. With the default mode 0600 even the member is denied. A
 /// signing key the daemon's user cannot read stops the daemon with one
-/// line naming the file.
+/// line naming the file. Another user's daemon, on a socket that user bound,
+/// would keep or drop root's paths as it pleases: root's hook refuses it in
+/// one line and spools, root's admin commands refuse it (exit 2, one line),
+/// nothing reaches its journal; it serves its own user's hook, so the
+/// refusal is about the owner, not the socket.
 #[test]
-fn access_socket_mode_and_group_decide_who_may_connect() {
+fn access_socket_mode_group_and_owner_decide_who_may_connect() {
     let env = NixEnv::new("hostile-access");
     let g = User::group('g');
     let group = g.name.as_str();
@@ -697,28 +701,22 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     let p_mem = format!("{store}/{}-member", index_hash(1, 2));
     // The CLI refuses to enqueue a path that does not exist.
     fs::write(&p_mem, "").unwrap();
-    for args in [
-        format!("status --socket {sock_s}"),
-        format!("enqueue --socket {sock_s} {p_out}"),
-        format!("retry --socket {sock_s}"),
-    ] {
+    let verbs = ["status", "enqueue", "retry"];
+    let [status, enqueue, retry] = verbs.map(|v| format!("{v} --socket {sock_s}"));
+    for args in [status.clone(), format!("{enqueue} {p_out}"), retry.clone()] {
         let err = one_line(&outsider.cli(env.root(), &args, &[]), 2, &args);
         let why = err.to_lowercase().contains("permission denied") && err.contains(&sock_s);
         assert!(why, "{args:?} should explain the refusal: {err:?}");
-        // The daemon is running: blaming its absence would send the user
-        // the wrong way.
+        // Not blamed on a missing daemon: that would send the user the wrong way.
         let missing = err.contains("no daemon") || err.contains("is post-build-hook-queue running");
         assert!(!missing, "{args:?}: not a missing daemon: {err:?}");
     }
-    for args in [
-        format!("status --socket {sock_s}"),
-        format!("enqueue --socket {sock_s} {p_mem}"),
-    ] {
+    for args in [status, format!("{enqueue} {p_mem}")] {
         let o = member.cli(env.root(), &args, &[]);
         assert!(o.status.success(), "{args:?} as member: {}", show(&o));
     }
     // Changing the queue is for root and the daemon's user only.
-    let o = member.cli(env.root(), &format!("retry --socket {sock_s}"), &[]);
+    let o = member.cli(env.root(), &retry, &[]);
     assert!(!o.status.success(), "retry as member: {}", show(&o));
     let only = d.journal().added == [p_mem];
     assert!(only, "only the member's path is queued");
@@ -743,31 +741,18 @@ fn access_socket_mode_and_group_decide_who_may_connect() {
     let named = err.contains(&sk_s) && err.to_lowercase().contains("permission denied");
     assert!(named, "should name the unreadable key file: {err:?}");
     assert!(!udir.join("sock").exists(), "no socket for a refused start");
-}
 
-/// Another local user's daemon, on a socket that user bound, would keep or
-/// drop root's paths as it pleases: root's hook refuses it in one line and
-/// spools, root's admin commands refuse it (exit 2, one line), nothing
-/// reaches its journal; it serves its own user's hook, so the refusal is
-/// about the owner, not the socket.
-#[test]
-fn a_socket_of_another_user_is_refused_by_hook_and_cli() {
-    let env = NixEnv::new("hostile-trust");
-    let other = User::new('t', "");
-    let dir = owned_dir(env.root(), "theirs", other.uid, 0o700);
-    let (socket, state) = (dir.join("sock"), dir.join("state"));
+    let (socket, state) = (udir.join("sock"), udir.join("state"));
     let (sock_s, state_s) = (socket.display().to_string(), state.display().to_string());
     let args = ["--socket", &sock_s, "--state-dir", &state_s];
-    let _theirs = other.serve(env.root(), &args, &env.env_vars(), &socket);
-    assert_eq!(fs::metadata(&socket).unwrap().uid(), other.uid);
-    let store = env.store_dir().display().to_string();
+    let _theirs = outsider.serve(env.root(), &args, &env.env_vars(), &socket);
+    assert_eq!(fs::metadata(&socket).unwrap().uid(), outsider.uid);
     let path = |i, name| format!("{store}/{}-{name}", index_hash(7, i));
     let (p_root, p_cli) = (path(1, "sent-by-root"), path(2, "enqueued-by-root"));
     let p_own = path(3, "their-own");
     let spool = env.root().join("root-spool");
-    assert_root_refuses(&socket, other.uid, &spool, [&p_root, &p_cli]);
-
-    let mut hook = other.exe(env.root(), &hook_bin());
+    assert_root_refuses(&socket, outsider.uid, &spool, [&p_root, &p_cli]);
+    let mut hook = outsider.exe(env.root(), &hook_bin());
     let o = run(hook.env("NPBHQ_SOCKET", &socket).env("OUT_PATHS", &p_own));
     let served = o.status.success() && o.stderr.is_empty();
     assert!(served, "their own hook is served: {}", show(&o));
