@@ -631,8 +631,7 @@ fn load_64_clients_with_100_idle_connections_every_path_acked_once() {
         let clients: Vec<_> = (0..CLIENTS).map(|c| s.spawn(move || client(c))).collect();
         // The hook, while the clients run; a generous timeout: the outcome
         // (acknowledged, not spooled) is under test, not its speed.
-        let mut hook = d.hook_cmd();
-        hook.env("OUT_PATHS", &hook_path).env("DRV_PATH", "");
+        let mut hook = root_hook(&socket, &d.spool_dir(), &hook_path);
         let hook = run(hook.env("NPBHQ_TIMEOUT", "20"));
         let sums: Vec<usize> = clients.into_iter().map(|h| h.join().unwrap()).collect();
         (sums, hook)
@@ -1210,16 +1209,6 @@ fn limits_slow_and_silent_clients_are_dropped_others_are_served() {
     assert_alive(&mut d, "after slow clients");
 }
 
-/// The daemon's threads, by id.
-fn thread_ids(d: &Daemon) -> HashSet<String> {
-    let pid = d.pid().expect("daemon running");
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("read /proc/PID/task")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
 /// Each connection is served by a thread of its own, which ends with it:
 /// clients one after another leave no thread behind, 32 connections held
 /// open at once are served by 32 threads at once (not one after another),
@@ -1231,8 +1220,10 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
     // The harness's start-up probe may still be served; wait for the
     // settled, idle set.
     thread::sleep(Duration::from_millis(200));
-    let idle = thread_ids(&d).len();
-    let settled = || thread_ids(&d).len() == idle;
+    let tasks = format!("/proc/{}/task", d.pid().expect("daemon running"));
+    let threads = || fs::read_dir(&tasks).expect("read /proc/PID/task").count();
+    let idle = threads();
+    let settled = || threads() == idle;
     for i in 0..50 {
         assert!(ask(&d.socket(), "ping").starts_with("ok"), "ping {i}");
         wait_until(Duration::from_secs(10), "its thread ends", settled);
@@ -1252,7 +1243,7 @@ fn limits_a_thread_per_connection_that_ends_with_it() {
         let r = BufReader::new(s).read_line(&mut line);
         assert!(line.starts_with("ok"), "connection {i}: {line:?}, {r:?}");
     }
-    let grown = thread_ids(&d).len();
+    let grown = threads();
     assert!(grown >= idle + 32, "at once: {grown} threads, {idle} idle");
     drop(burst);
     wait_until(Duration::from_secs(10), "the burst's threads end", settled);
@@ -1319,9 +1310,8 @@ fn socket_0600_state_dir_locked_and_a_regular_file_never_replaced() {
     let own = entries == ["config", "daemon.log", "sock", "state"];
     assert!(own, "only the daemon's own files: {entries:?}");
 
-    let path = env
-        .store_dir()
-        .join(format!("{}-npbhq-held", "a".repeat(32)));
+    let held = format!("{}-npbhq-held", "a".repeat(32));
+    let path = env.store_dir().join(held);
     assert_eq!(d.request(&format!("enqueue {}", path.display())), "ok 1");
     let journal = d.state_dir().join("journal");
     let before = fs::read(&journal).unwrap();
@@ -1371,12 +1361,10 @@ fn socket_0600_state_dir_locked_and_a_regular_file_never_replaced() {
 #[test]
 fn socket_paths_up_to_107_bytes_work() {
     let env = NixEnv::new("hostile-longsock");
-    let base = env.root().join("s");
+    let base = owned_dir(env.root(), "s", 0, 0o755);
     let long = env.root().join("d-").display().to_string();
     let long = PathBuf::from(format!("{long:x<101}"));
-    for dir in [&base, &long] {
-        fs::create_dir_all(dir).unwrap();
-    }
+    fs::create_dir(&long).unwrap();
     let room = 107 - base.as_os_str().len() - 1;
     assert!(room >= 20, "test directory {} too long", base.display());
     let named = |len| base.join(format!("{len:03}-{}", "x".repeat(room - 4 - (107 - len))));
