@@ -1268,7 +1268,6 @@ fn limits_max_connections_busy_reply_while_others_work() {
         held.len() == 4
     });
     let mut fifth = UnixStream::connect(&socket).unwrap();
-    fifth.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
     let busy = read_until_closed(fifth.try_clone().unwrap(), "fifth");
     assert_eq!(busy.len(), 1, "{busy:?}");
     assert!(busy[0].starts_with("err busy"), "{busy:?}");
@@ -1394,17 +1393,13 @@ fn socket_paths_up_to_107_bytes_work() {
 #[test]
 fn planted_names_beside_the_socket_change_nothing() {
     let env = NixEnv::new("hostile-planted");
-    let dir_with = |name: &str, text: &str| {
-        let dir = env.root().join(name);
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("s"), text).unwrap();
-        dir.display().to_string()
-    };
-    let victim = dir_with("victim", "keep me\n");
-    let blocker = dir_with("blocker", "keep me too\n");
+    let [victim, blocker] = ["victim", "blocker"].map(|n| owned_dir(env.root(), n, 0, 0o755));
+    fs::write(victim.join("s"), "keep me\n").unwrap();
+    fs::write(blocker.join("s"), "keep me too\n").unwrap();
+    let (v, b) = (victim.display(), blocker.display());
     for (what, plant, kept) in [
-        ("a symlink", format!("ln -s '{victim}'"), "keep me\n"),
-        ("a directory", format!("cp -r '{blocker}'"), "keep me too\n"),
+        ("a symlink", format!("ln -s '{v}'"), "keep me\n"),
+        ("a directory", format!("cp -r '{b}'"), "keep me too\n"),
     ] {
         let d = Daemon::new_stopped(&env, NO_ENV, NO_ENV);
         let socket = d.socket();
@@ -1424,7 +1419,7 @@ fn planted_names_beside_the_socket_change_nothing() {
         wait_until(Duration::from_secs(30), &format!("{what}: the socket"), up);
         assert!(ask(&socket, "ping").starts_with("ok "), "{what}");
         assert!(fs::symlink_metadata(&planted).is_ok(), "{what}: gone");
-        let victim_s = fs::read_to_string(format!("{victim}/s")).unwrap();
+        let victim_s = fs::read_to_string(victim.join("s")).unwrap();
         assert_eq!(victim_s, "keep me\n");
         let s = fs::read_to_string(planted.join("s")).unwrap();
         assert_eq!(s, kept, "{what}");
