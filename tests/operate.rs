@@ -37,12 +37,11 @@ struct Ran {
 impl From<Output> for Ran {
     fn from(o: Output) -> Ran {
         let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-        let (stdout, stderr) = (text(o.stdout), text(o.stderr));
         let code = o.status.code();
         Ran {
             code,
-            stdout,
-            stderr,
+            stdout: text(o.stdout),
+            stderr: text(o.stderr),
         }
     }
 }
@@ -148,12 +147,8 @@ fn status_text(d: &Daemon) -> String {
 
 /// The value after `label:` in the human status.
 fn field<'a>(text: &'a str, label: &str) -> &'a str {
-    let value = text
-        .lines()
-        .find_map(|l| l.strip_prefix(label)?.strip_prefix(':'));
-    value
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
+    let value = line_after(text, &format!("{label}:")).map(str::trim);
+    value.unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
 }
 
 /// True when `text` contains every one of `parts`.
@@ -187,30 +182,10 @@ fn faked(env: &NixEnv, extra: &[(&str, &str)]) -> (Daemon, FakeNix, String, Stri
     (Daemon::start(env, &config), w, upload, read)
 }
 
-/// A child process; on drop, it and what it started are killed.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    /// Its output once it ends (see [`finish_within`]).
-    fn finish(&mut self, what: &str, within: Duration) -> Output {
-        finish_within(self.0.take().expect("running"), what, within)
-    }
-
-    /// SIGTERM, then its exit status.
-    fn terminate(&mut self) -> ExitStatus {
-        let pid = self.0.as_ref().expect("running").id().to_string();
-        run_ok(Command::new("kill").args(["-TERM", &pid]));
-        self.finish("exit after SIGTERM", HALF_MINUTE).status
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            kill_tree(c.id());
-            let _ = c.wait();
-        }
-    }
+/// SIGTERM to `child`, then its exit status.
+fn terminate(child: &mut Running) -> ExitStatus {
+    run_ok(Command::new("kill").args(["-TERM", &child.0.id().to_string()]));
+    exit_of(&mut child.0, HALF_MINUTE, "exit after SIGTERM")
 }
 
 /// Parses Prometheus text exposition (version 0.0.4) strictly enough to
@@ -224,6 +199,9 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
         let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
         !n.starts_with(|c: char| c.is_ascii_digit()) && !n.is_empty() && n.chars().all(ok)
     };
+    let labels_ok = |l: &str| {
+        l.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') && l.ends_with("\"}")
+    };
     let kinds = ["counter", "gauge", "summary", "histogram", "untyped"];
     let (mut help, mut types, mut seen) = (HashSet::new(), HashMap::new(), HashSet::new());
     let mut samples = BTreeMap::new();
@@ -231,48 +209,34 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
         let at = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
         let meta = ["# HELP ", "# TYPE "].map(|p| line.strip_prefix(p));
         if let Some(rest) = meta[0].or(meta[1]) {
-            let (name, said) = rest
-                .split_once(' ')
-                .ok_or_else(|| at("HELP or TYPE alone"))?;
-            let fine = if meta[0].is_some() {
-                !said.trim().is_empty() && help.insert(name)
-            } else {
-                kinds.contains(&said) && !seen.contains(name) && types.insert(name, said).is_none()
+            let (name, said) = rest.split_once(' ').unwrap_or_default();
+            let fine = match meta[0] {
+                Some(_) => !said.trim().is_empty() && help.insert(name),
+                None => kinds.contains(&said) && types.insert(name, said).is_none(),
             };
             if !valid(name) || !fine {
-                return Err(at("bad, late or repeated HELP or TYPE"));
+                return Err(at("bad or repeated HELP or TYPE"));
             }
         } else if !line.starts_with('#') && !line.trim().is_empty() {
             // The key is the name and the labels (quoted, maybe with spaces).
-            let key_end = match line.rfind('}') {
-                Some(close) => close + 1,
-                None => line.find(' ').ok_or_else(|| at("no value"))?,
-            };
-            let (key, rest) = line.split_at(key_end);
+            let key_end = line.rfind('}').map(|close| close + 1).or(line.find(' '));
+            let (key, rest) = line.split_at(key_end.unwrap_or(line.len()));
             let (name, labels) = key
                 .split_once('{')
                 .map_or((key, None), |(n, l)| (n, Some(l)));
-            let label_ok = |l: &str| {
-                l.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') && l.ends_with("\"}")
-            };
-            if !labels.is_none_or(label_ok) {
-                return Err(at("bad labels"));
-            }
             let value = match rest.split_whitespace().collect::<Vec<_>>()[..] {
-                [v] => v.parse::<f64>(),
-                [v, ts] if ts.parse::<i64>().is_ok() => v.parse(),
-                _ => return Err(at("expected `name value`")),
+                [v] => v.parse::<f64>().ok(),
+                [v, ts] if ts.parse::<i64>().is_ok() => v.parse().ok(),
+                _ => None,
             };
-            let value = value.map_err(|_| at("value is not a float"))?;
             let base = name.strip_suffix("_sum").or(name.strip_suffix("_count"));
-            let family = match (types.get(name), base.map(|b| (b, types.get(b)))) {
-                (Some(_), _) => name,
-                (None, Some((b, Some(&("summary" | "histogram"))))) => b,
-                _ => return Err(at("sample before its TYPE (or _sum/_count of no summary)")),
+            let summary = |b: &&str| matches!(types.get(b), Some(&("summary" | "histogram")));
+            let family = Some(name).filter(|n| types.contains_key(n));
+            let family = family.or(base.filter(summary)).filter(|f| help.contains(f));
+            let well_formed = valid(name) && labels.is_none_or(labels_ok);
+            let (Some(family), Some(value), true) = (family, value, well_formed) else {
+                return Err(at("malformed, or no HELP and TYPE before it"));
             };
-            if !valid(name) || !help.contains(family) {
-                return Err(at("bad metric name, or no HELP for this family"));
-            }
             seen.insert(family);
             if samples.insert(key.to_string(), value).is_some() {
                 return Err(at("sample repeated"));
@@ -451,7 +415,7 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
 
 /// Runs `wait` on a terminal (`script` gives it one): the `script` process
 /// and what the terminal has shown so far.
-fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
+fn wait_on_a_terminal(d: &Daemon) -> (Running, impl Fn() -> String) {
     let (bin, socket) = (daemon_bin(), d.socket());
     let cmd = format!("'{}' wait --socket '{}'", bin.display(), socket.display());
     let shown = d.dir().join("terminal");
@@ -468,7 +432,7 @@ fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
     let child = script.stderr(Stdio::piped()).spawn();
     let child = child.expect("script (util-linux) runs a command on a terminal");
     let text = move || String::from_utf8_lossy(&fs::read(&shown).unwrap_or_default()).into_owned();
-    (ChildGuard(Some(child)), text)
+    (Running(child), text)
 }
 
 /// `wait` on a terminal shows its progress on stderr, rewritten in place
@@ -481,7 +445,7 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let (mut child, shown) = wait_on_a_terminal(&d);
     let rewritten = || shown().matches("waiting: 1 path(s) still queued").count() >= 2;
     wait_until_diag(HALF_MINUTE, "progress twice", rewritten, &shown);
-    let script = child.0.as_ref().unwrap().id();
+    let script = child.0.id();
     let is_wait = |p: &u32| {
         let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
         String::from_utf8_lossy(&cmdline).contains("\0wait\0")
@@ -489,7 +453,7 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let wait_pids: Vec<u32> = descendants(script).into_iter().filter(is_wait).collect();
     assert_eq!(wait_pids.len(), 1, "the wait process under script");
     signal_pids("INT", &wait_pids);
-    child.finish("script after SIGINT", HALF_MINUTE);
+    exit_of(&mut child.0, HALF_MINUTE, "script after SIGINT");
     let text = shown();
     let fresh = text.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n");
     assert!(fresh, "the terminal is not left on a fresh line: {text:?}");
@@ -504,7 +468,7 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let shows_progress = || shown().contains(progress);
     wait_until_diag(HALF_MINUTE, "progress", shows_progress, &shown);
     w.set_hold(false);
-    let status = child.finish("wait on a terminal", COMMAND_DEADLINE).status;
+    let status = exit_of(&mut child.0, COMMAND_DEADLINE, "wait on a terminal");
     let text = shown();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{text}");
     let dropped = format!("{gone}); see the daemon's log\r\n");
@@ -622,12 +586,7 @@ fn cli_errors_are_one_line_and_exit_2() {
 /// Starts `post-build-hook-queue serve --config CONFIG` as systemd does,
 /// with `listener` as fd 3, `LISTEN_FDS=1` and `LISTEN_PID=<its pid>` (or
 /// `listen_pid` unless empty): the shell moves stdin to fd 3 and execs it.
-fn spawn_activated(
-    env: &NixEnv,
-    listener: UnixListener,
-    d: &Daemon,
-    listen_pid: &str,
-) -> ChildGuard {
+fn spawn_activated(env: &NixEnv, listener: UnixListener, d: &Daemon, listen_pid: &str) -> Running {
     let log = fs::File::create(d.log_path()).unwrap();
     let mut c = env.cmd("/bin/sh");
     let script =
@@ -637,7 +596,7 @@ fn spawn_activated(
     c.stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    ChildGuard(Some(c.spawn().unwrap()))
+    Running(c.spawn().unwrap())
 }
 
 /// Socket activation: the daemon serves the socket it gets as fd 3 (no
@@ -680,7 +639,7 @@ fn socket_activation_serves_the_passed_socket() {
     let listen = copy_env.contains("LISTEN_FDS=") || copy_env.contains("LISTEN_PID=");
     assert!(!listen, "nix copy inherited LISTEN_*:\n{copy_env}");
 
-    let st = daemon.terminate();
+    let st = terminate(&mut daemon);
     assert!(st.success(), "exit on SIGTERM: {st}");
     assert!(passed.exists(), "the daemon removed systemd's socket");
     assert!(!own.exists());
@@ -692,7 +651,7 @@ fn socket_activation_serves_the_passed_socket() {
     wait_until(Duration::from_secs(10), "its own socket bound", bound);
     let r = cli_at(&own, &["status"]);
     assert_eq!(r.code, Some(0), "{r:?}");
-    assert!(daemon.terminate().success());
+    assert!(terminate(&mut daemon).success());
     assert!(!own.exists(), "own socket removed on stop");
 }
 
@@ -725,8 +684,10 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
     let env = NixEnv::new("op-journal");
     let paths = env.build_paths(1, "journal");
     for journal in [true, false] {
-        let config = [("upload-to", "file:///dev/null/x")];
-        let config = [&config[..], &[("retry-initial-delay", "0.05")]].concat();
+        let config = [
+            ("upload-to", "file:///dev/null/x"),
+            ("retry-initial-delay", "0.05"),
+        ];
         let mut d = Daemon::new_stopped(&env, &config, NO_ENV);
         let meta = fs::File::create(d.log_path()).unwrap().metadata().unwrap();
         // The stream systemd would name: the log file, or some other file.
