@@ -107,19 +107,24 @@ fn spooled_paths_are_uploaded_when_daemon_starts() {
     wait_verified(&env, &read, &pk, &b.out_paths, "spooled outputs");
 }
 
-/// 4. `post-build-hook-queue enqueue` of an existing path uploads it; bad
-///    arguments give a non-zero exit and a one-line error.
+/// 4. `post-build-hook-queue enqueue` of existing paths, as arguments or
+///    on stdin (`-`), uploads them; bad arguments give a non-zero exit and
+///    a one-line error.
 #[test]
-fn enqueue_cli_uploads_and_rejects_bad_arguments() {
+fn enqueue_cli_uploads_paths_from_arguments_or_stdin_and_rejects_bad_arguments() {
     let env = NixEnv::new("core-enq");
     let (d, read, pk) = signing_daemon(&env, "core-enq-1");
-    let paths = env.build_paths(2, "enq");
+    let (paths, piped) = (env.build_paths(2, "enq"), env.build_paths(2, "stdin"));
     let sock = d.socket().display().to_string();
-
     let mut c = d.cli_cmd();
     let o = run(c.args(["enqueue", "--socket", &sock]).args(&paths));
     assert!(o.status.success(), "{}", show(&o));
-    wait_verified(&env, &read, &pk, &paths, "enqueued paths uploaded");
+    let mut c = d.cli_cmd();
+    c.args(["enqueue", "--socket", &sock, "-"]);
+    let o = run_with_stdin(&mut c, &(strs(&piped).join("\n") + "\n"));
+    assert!(o.status.success(), "{}", show(&o));
+    let all = [paths, piped].concat();
+    wait_verified(&env, &read, &pk, &all, "enqueued paths uploaded");
 
     for bad in [vec!["/tmp/x"], vec!["--to"], vec!["/tmp/x", "--to"]] {
         let o = run(d.cli_cmd().args(["enqueue", "--socket", &sock]).args(&bad));
@@ -128,19 +133,6 @@ fn enqueue_cli_uploads_and_rejects_bad_arguments() {
         let lines = err.trim_end().lines().count();
         assert_eq!(lines, 1, "enqueue {bad:?}: not one line: {err:?}");
     }
-}
-
-#[test]
-fn enqueue_cli_reads_stdin() {
-    let env = NixEnv::new("core-stdin");
-    let (d, read, pk) = signing_daemon(&env, "core-stdin-1");
-    let paths = env.build_paths(2, "stdin");
-    let input = strs(&paths).join("\n") + "\n";
-    let mut c = d.cli_cmd();
-    c.args(["enqueue", "--socket"]).arg(d.socket()).arg("-");
-    let o = run_with_stdin(&mut c, &input);
-    assert!(o.status.success(), "{}", show(&o));
-    wait_verified(&env, &read, &pk, &paths, "stdin-enqueued paths uploaded");
 }
 
 #[test]
@@ -367,7 +359,10 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
         .join("0000000000000000000000000000000f-npbhq-backlog");
     // A correctness bound, far above the hook's 0.5 s: a hook blocked in
     // its connect never ends.
-    let o = run_to_exit(&mut hook(&socket, &spool, "0.5", &path), secs(60));
+    let o = run_to_exit(
+        &mut hook(&socket, &spool, "0.5", &path),
+        Duration::from_secs(60),
+    );
     let (status, said) = (o.status, String::from_utf8_lossy(&o.stderr));
     let full = in_connect.load(Ordering::SeqCst) && connected.load(Ordering::SeqCst) == queued;
     assert!(full, "the backlog did not stay full ({queued} queued)");
@@ -388,19 +383,11 @@ fn request(path: &Path) -> Vec<String> {
     vec![format!("enqueue {}\n", path.display())]
 }
 
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
 /// The hook for the one output `path`, with the daemon at `socket`, the
 /// spool `spool` and the timeout `timeout` (seconds).
 fn hook(socket: &Path, spool: &Path, timeout: &str, path: &Path) -> Command {
-    let mut c = Command::new(hook_bin());
-    c.env("NPBHQ_SOCKET", socket)
-        .env("NPBHQ_SPOOL_DIR", spool)
-        .env("NPBHQ_TIMEOUT", timeout)
-        .env("OUT_PATHS", path)
-        .env("DRV_PATH", "");
+    let mut c = root_hook(socket, spool, &path.display().to_string());
+    c.env("NPBHQ_TIMEOUT", timeout);
     c
 }
 
@@ -468,7 +455,11 @@ fn invalid_path_does_not_block_valid_ones() {
         status.iter().any(|l| l == "dropped:      1 since start")
             && status.iter().any(|l| l == "queued:       0")
     };
-    wait_until(secs(30), "the collected path dropped, none queued", dropped);
+    wait_until(
+        Duration::from_secs(30),
+        "the collected path dropped, none queued",
+        dropped,
+    );
     let log = d.log();
     let copies = w.uploads();
     let first = copies.iter().find(|c| c.0 == "copy");
