@@ -421,12 +421,6 @@ fn wait_on_a_terminal(d: &Daemon) -> (Running, impl Fn() -> String) {
     let shown = d.dir().join("terminal");
     let mut script = Command::new("script");
     script.args(["-q", "-e", "-f", "-c", &cmd, "/dev/null"]);
-    for (k, v) in d.cli_cmd().get_envs() {
-        match v {
-            Some(v) => script.env(k, v),
-            None => script.env_remove(k),
-        };
-    }
     let terminal = fs::File::create(&shown).unwrap();
     script.stdin(Stdio::null()).stdout(terminal);
     let child = script.stderr(Stdio::piped()).spawn();
@@ -520,16 +514,13 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
         paths[0].display()
     ));
     assert!(said.is_some_and(|s| contains_all(s, &nix_said)), "{r:?}");
-    let log = d.log();
-    for (what, shown) in [
-        ("status", &text),
-        ("status --json", &json),
-        ("wait", &r.stderr),
-        ("log", &log),
-    ] {
-        let leaks = shown.contains("hunter2") || shown.contains(&secret_key);
-        assert!(!leaks, "{what} leaks a credential:\n{shown}");
-    }
+    let leaks = |shown: &str| shown.contains("hunter2") || shown.contains(&secret_key);
+    assert!(
+        !leaks(&text) && !leaks(&json),
+        "status leaks a credential:\n{text}\n{json}"
+    );
+    assert!(!leaks(&r.stderr), "wait leaks a credential: {r:?}");
+    assert!(!leaks(&d.log()), "the log leaks a credential:\n{}", d.log());
     let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "1 backing-off path(s) will be tried again now\n");
 }
@@ -734,14 +725,12 @@ fn metrics_file_is_prometheus_text_and_moves() {
         upload_duration_seconds_sum upload_duration_seconds_count";
     let mut names: Vec<String> = names.split(' ').map(|n| format!("{M}{n}")).collect();
     // And per target, labelled with its URL: up (1) and zeros.
-    for n in
-        "queued delivered_total backing_off failed given_up_total failed_calls_total up".split(' ')
-    {
-        names.push(format!("{M}target_{n}{{target=\"{upload}\"}}"));
-    }
+    let per_target = "queued delivered_total backing_off failed given_up_total \
+        failed_calls_total up";
+    let labelled = |n| format!("{M}target_{n}{{target=\"{upload}\"}}");
+    names.extend(per_target.split(' ').map(labelled));
     names.sort();
-    let keys: Vec<&String> = m.keys().collect();
-    assert_eq!(keys, names.iter().collect::<Vec<_>>());
+    assert!(m.keys().eq(names.iter()), "{names:?} in {m:?}");
     let up_or_zero = |(k, v): (&String, &f64)| *v == f64::from(k.contains("target_up{"));
     assert!(m.iter().all(up_or_zero), "{m:?}");
 
@@ -1099,12 +1088,9 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
 fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
     let env = NixEnv::with_conf("op-target", "download-attempts = 1");
     let cache = env.root().join("cache").display().to_string();
-    for url in [
-        format!("fiel://{cache}"),
-        "cache.example.org".into(),
-        "fiel:///x".into(),
-    ] {
-        let log = refused_start(&env, &[("upload-to", url.as_str())]);
+    let urls = format!("fiel://{cache}|cache.example.org|fiel:///x");
+    for url in urls.split('|') {
+        let log = refused_start(&env, &[("upload-to", url)]);
         let start = format!("post-build-hook-queue: upload-to {url}: ");
         // `store info` from Nix 2.19 on, `store ping` before.
         let nix_said = (log.split_once("nix store ping failed"))
@@ -1128,7 +1114,8 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
 
 /// `upload-command` (here `nix copy` through a [`FakeNix`]) gets the paths
 /// as its last arguments, with retries; no shell runs its words; a missing
-/// program stops the daemon; beside `upload-to` it is one more target.
+/// program stops the daemon; beside `upload-to` it is one more target, and
+/// a hung one does not hold back the other.
 #[test]
 fn upload_command_delivers_with_retries_and_without_a_shell() {
     let env = NixEnv::new("op-uploader");
@@ -1173,12 +1160,25 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
     let said = "upload-command: /nonexistent/cachix is not an executable file";
     assert!(log.contains(said), "{log}");
 
+    // Beside `upload-to`, one that hangs (a long `command-timeout`): a path
+    // queued while the hung call is in progress reaches the other target.
     let (upload2, read2) = file_cache(&env, "cache-beside");
     let beside = copy_to(&upload2);
     let config = [("upload-command", beside.as_str()), ("upload-to", &upload)];
-    let d4 = Daemon::start(&env, &config);
-    let fresh = env.build_paths(1, "uploader-beside");
-    enqueue_cli(&d4, &fresh);
+    let d4 = Daemon::start(&env, &[&config[..], &[("command-timeout", "300")]].concat());
+    w.set("hold", Some("/cache-beside?"));
+    let (fresh, copies) = (env.build_paths(2, "uploader-beside"), w.copy_pids().len());
+    enqueue_cli(&d4, &fresh[..1]);
+    let hanging = || w.copy_pids().len() > copies;
+    wait_until(UPLOAD_TIMEOUT, "the uploader hanging", hanging);
+    enqueue_cli(&d4, &fresh[1..]);
+    let delivered = || env.is_valid_in(&read, &fresh[1]);
+    wait_until(UPLOAD_TIMEOUT, "the later path delivered", delivered);
+    let (j, first) = (status_json(&d4), fresh[0].display().to_string());
+    let listed = list(&j, "in_flight_paths");
+    let in_flight = listed.iter().any(|p| p.as_str() == Some(&first));
+    assert!(in_flight, "the hung call is in progress: {j:?}");
+    w.set("hold", None);
     cli_ok(&d4, &["wait", "--timeout", "120"]);
     assert_in(&env, &read, &fresh, true);
     assert_in(&env, &read2, &fresh, true);
@@ -1217,11 +1217,7 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     assert_eq!(d.request("wait"), "ok all uploaded");
     assert_in(&env, &read, &paths, true);
     let calls = fs::read_to_string(&sigblk).unwrap_or_default();
-    for what in [
-        "nix-store --check-validity",
-        "nix-command store sign",
-        "nix-command copy",
-    ] {
+    for what in "nix-store --check-validity|nix-command store sign|nix-command copy".split('|') {
         assert!(calls.contains(what), "a {what} call was recorded:\n{calls}");
     }
     // Each line: SigBlk, the call.
@@ -1314,16 +1310,14 @@ fn two_targets_both_receive_every_path_signed_once() {
     assert!(signs[0] < copies[0], "signed after a copy: {calls:#?}");
     let j = status_json(&d);
     assert_eq!(nums(&j, &["queued", "uploaded"]), [0.0, 3.0], "{j:?}");
-    let mut samples = vec![];
     for (part, label) in [("cache-a", &up_a), ("cache-b", &up_b)] {
         let (shown, state, counts, t) = target(&d, part, &["delivered", "queued"]);
         let seen = (&shown, state.as_str(), counts);
         assert_eq!(seen, (label, "ok", vec![3.0, 0.0]), "{t:?}");
-        samples.push((format!("target_delivered_total{{target=\"{label}\"}}"), 3.0));
-        samples.push((format!("target_up{{target=\"{label}\"}}"), 1.0));
+        let delivered = format!("target_delivered_total{{target=\"{label}\"}}");
+        let up = format!("target_up{{target=\"{label}\"}}");
+        wait_for_metrics(&d, &metrics, &[(&delivered, 3.0), (&up, 1.0)]);
     }
-    let want: Vec<(&str, f64)> = samples.iter().map(|(n, v)| (n.as_str(), *v)).collect();
-    wait_for_metrics(&d, &metrics, &want);
 }
 
 /// One target down: the other keeps delivering, `status` shows which one
@@ -1508,34 +1502,6 @@ fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
     let j = status_json(&d);
     assert_eq!(num(&j, "failed"), 0.0, "{j:?}\n{}", d.log());
     assert!(!d.log().contains("giving up"), "{}", d.log());
-}
-
-/// Two targets, one an uploader that hangs (a long `command-timeout`): a
-/// path queued while the hung call is in progress reaches the other, a
-/// `file://` cache, before that call ends.
-#[test]
-fn a_hung_target_does_not_hold_back_a_healthy_one() {
-    let env = NixEnv::new("op-hung-lane");
-    let ((upload, read), (stuck, _)) = (file_cache(&env, "cache"), file_cache(&env, "stuck"));
-    let w = FakeNix::new(&env);
-    w.set("hold", Some("/stuck?"));
-    let nix = w.nix();
-    let uploader = format!("{nix} --extra-experimental-features nix-command copy --to {stuck}");
-    let config = [("upload-to", upload.as_str()), ("command-timeout", "300")];
-    let config = [&config[..], &[("upload-command", uploader.as_str())]].concat();
-    let d = Daemon::start(&env, &config);
-    let paths = env.build_paths(2, "hung-lane");
-    enqueue_cli(&d, &paths[..1]);
-    let hanging = || !w.copy_pids().is_empty();
-    wait_until(UPLOAD_TIMEOUT, "the uploader hanging", hanging);
-    enqueue_cli(&d, &paths[1..]);
-    let delivered = || env.is_valid_in(&read, &paths[1]);
-    wait_until(UPLOAD_TIMEOUT, "the later path delivered", delivered);
-    let j = status_json(&d);
-    let first = paths[0].display().to_string();
-    let listed = list(&j, "in_flight_paths");
-    let in_flight = listed.iter().any(|p| p.as_str() == Some(&first));
-    assert!(in_flight, "the hung call is in progress: {j:?}");
 }
 
 /// Many queued paths gone from the store are dropped with one warning for
