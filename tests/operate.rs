@@ -280,7 +280,7 @@ const JSON_FIELDS: &str = "version uptime_seconds queued in_flight uploaded drop
 
 /// The status fields move: fresh; paths from `enqueue -` back off; `wait
 /// --timeout` exits 1; healed, `retry` makes them due at once despite an
-/// hour's delay, and a `wait` returns when they are uploaded; a drop.
+/// hour's delay, and a `wait` returns when they are uploaded; drops.
 #[test]
 fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let env = NixEnv::new("op-status");
@@ -403,12 +403,24 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let queued = "queued 0 new path(s); 0 were already queued\n";
     assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
 
-    let gone = missing_path(&env, "op-gone");
-    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-    wait_num(&d, UPLOAD_TIMEOUT, "dropped", |n| n == 1.0);
+    // Many paths gone from the store: dropped with one warning for the
+    // batch (a count and a few names), not one line each; `wait` exits 1.
+    let store = env.store_dir().display().to_string();
+    let name = |i| format!("{store}/{i:0>32}-npbhq-gone-{i}");
+    let gone: Vec<String> = (0..50).map(name).collect();
+    assert_eq!(d.request(&format!("enqueue {}", gone.join(" "))), "ok 50");
+    let r = cli(&d, &["wait", "--timeout", "60"]);
+    assert_eq!(r.code, Some(1), "{r:?}\n{}", d.log());
+    let log = d.log();
+    let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
+    assert_eq!(drops.len(), 1, "{log}");
+    let first = format!("warning: dropping {}, ", gone[0]);
+    let summary = drops[0].starts_with(&first) && drops[0].contains(", ... (50 paths): ");
+    assert!(summary, "{}", drops[0]);
+    assert_eq!(num(&status_json(&d), "dropped"), 50.0);
     let text = status_text(&d);
     let shown = ["dropped", "uploaded"].map(|l| field(&text, l));
-    assert_eq!(shown, ["1 since start", "2 since start"], "{text}");
+    assert_eq!(shown, ["50 since start", "2 since start"], "{text}");
     let rate = field(&text, "upload rate");
     assert!(rate.ends_with(" paths/min lately"), "{text}");
 }
@@ -1502,26 +1514,4 @@ fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
     let j = status_json(&d);
     assert_eq!(num(&j, "failed"), 0.0, "{j:?}\n{}", d.log());
     assert!(!d.log().contains("giving up"), "{}", d.log());
-}
-
-/// Many queued paths gone from the store are dropped with one warning for
-/// the batch (a count and a few names), not one line each.
-#[test]
-fn paths_gone_from_the_store_are_dropped_with_one_summary_line() {
-    let env = NixEnv::new("op-drop-summary");
-    let (upload, _) = file_cache(&env, "cache");
-    let d = Daemon::start(&env, &[("upload-to", &upload)]);
-    let store = env.store_dir().display().to_string();
-    let name = |i| format!("{store}/{i:0>32}-npbhq-gone-{i}");
-    let gone: Vec<String> = (0..50).map(name).collect();
-    assert_eq!(d.request(&format!("enqueue {}", gone.join(" "))), "ok 50");
-    let r = cli(&d, &["wait", "--timeout", "60"]);
-    assert_eq!(r.code, Some(1), "{r:?}\n{}", d.log());
-    let log = d.log();
-    let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
-    assert_eq!(drops.len(), 1, "{log}");
-    let first = format!("warning: dropping {}, ", gone[0]);
-    let summary = drops[0].starts_with(&first) && drops[0].contains(", ... (50 paths): ");
-    assert!(summary, "{}", drops[0]);
-    assert_eq!(num(&status_json(&d), "dropped"), 50.0);
 }
