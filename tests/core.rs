@@ -127,25 +127,14 @@ fn enqueue_cli_uploads_paths_from_arguments_or_stdin_and_rejects_bad_arguments()
     }
 }
 
+/// 4d. Protocol replies for `ping`, `enqueue`, `drv` and bad requests, of a
+///     daemon without key or target, which logs that it has nothing to do.
 #[test]
-fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
-    let env = NixEnv::new("core-idle");
+fn protocol_replies_of_a_daemon_without_key_or_target_that_has_nothing_to_do() {
+    let env = NixEnv::new("core-proto");
     let d = Daemon::start(&env, &[]);
     let ping = d.request("ping");
     assert!(ping.starts_with("ok"), "ping: {ping}");
-    let p = env.build_paths(1, "idle");
-    let reply = d.request(&format!("enqueue {}", p[0].display()));
-    assert!(reply.starts_with("ok"), "enqueue reply: {reply}");
-    let idle = || d.log().to_lowercase().contains("nothing to do");
-    wait_until(Duration::from_secs(10), "nothing to do in the log", idle);
-}
-
-/// 4d. Protocol replies for `ping`, `enqueue`, `drv` and bad requests.
-#[test]
-fn protocol_replies() {
-    let env = NixEnv::new("core-proto");
-    let (upload, _read) = file_cache(&env, "cache");
-    let d = Daemon::start(&env, &[("upload-to", &upload)]);
     let paths = env.build_paths(2, "proto");
     let line = format!("enqueue {}", strs(&paths).join(" "));
     assert_eq!(d.request(&line), "ok 2");
@@ -156,6 +145,8 @@ fn protocol_replies() {
     let drv = env.deriver(&paths[0]);
     let r = d.request(&format!("drv {}", drv.display()));
     assert!(r.starts_with("ok"), "drv -> {r:?}");
+    let idle = || d.log().to_lowercase().contains("nothing to do");
+    wait_until(Duration::from_secs(10), "nothing to do in the log", idle);
 }
 
 /// A daemon that signs, with a failing target, `stop`ped with 3 paths
