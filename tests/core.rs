@@ -28,8 +28,8 @@ fn signing_daemon(env: &NixEnv, key_name: &str) -> (Daemon, String, String) {
 ///    file:// cache: the build succeeds and every output arrives, signed.
 ///    (Nix 2.8 passes an empty OUT_PATHS, so the daemon resolves DRV_PATH;
 ///    Nix 2.26 passes the outputs. The hook is run by hand each way below,
-///    on both versions: `hook_client_run_directly_hands_over_drv`,
-///    `hook_with_closed_standard_descriptors_spools_and_queues`.)
+///    on both versions:
+///    `hook_run_by_hand_hands_over_drv_and_works_with_closed_standard_descriptors`.)
 #[test]
 fn hook_build_is_signed_and_uploaded_to_file_cache() {
     let env = NixEnv::new("core-file");
@@ -184,27 +184,20 @@ fn sigterm_stops_cleanly_and_restart_resumes_queue() {
     });
 }
 
-/// The harness's `hook_cmd` runs the client directly: with the daemon up,
-/// a DRV_PATH handed over by hand is uploaded and the client exits 0.
+/// The hook run by hand (the harness's `hook_cmd`): with the daemon up, a
+/// DRV_PATH handed over is uploaded and the client exits 0. Started with its
+/// standard descriptors closed (as a careless caller might) it still works:
+/// it exits 0, the spool file holds exactly the request, and with the daemon
+/// up the path is queued.
 #[test]
-fn hook_client_run_directly_hands_over_drv() {
-    let env = NixEnv::new("core-direct");
-    let (d, read, pk) = signing_daemon(&env, "core-direct-1");
-    let paths = env.build_paths(1, "direct");
-    let drv = env.deriver(&paths[0]);
-    let o = run(d.hook_cmd().env("DRV_PATH", &drv).env("OUT_PATHS", ""));
-    assert!(o.status.success(), "{}", show(&o));
-    wait_verified(&env, &read, &pk, &paths, "directly hooked path uploaded");
-}
-
-/// The hook started with its standard descriptors closed (as a careless
-/// caller might) still works: it exits 0, the spool file holds exactly the
-/// request, and with the daemon up the path is queued.
-#[test]
-fn hook_with_closed_standard_descriptors_spools_and_queues() {
+fn hook_run_by_hand_hands_over_drv_and_works_with_closed_standard_descriptors() {
     let env = NixEnv::new("core-closed-fds");
     let (mut d, read, pk) = signing_daemon(&env, "core-closed-fds-1");
-    let paths = env.build_paths(2, "closedfds");
+    let paths = env.build_paths(3, "closedfds");
+    let drv = env.deriver(&paths[2]);
+    let o = run(d.hook_cmd().env("DRV_PATH", &drv).env("OUT_PATHS", ""));
+    assert!(o.status.success(), "{}", show(&o));
+    wait_verified(&env, &read, &pk, &paths[2..], "the DRV_PATH's output");
     let closed = |d: &Daemon, out: &PathBuf| {
         let mut c = Command::new("sh");
         c.args(["-c", "exec \"$0\" <&- >&- 2>&-"]).arg(hook_bin());
@@ -220,7 +213,7 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
 
     d.restart();
     closed(&d, &paths[1]);
-    wait_verified(&env, &read, &pk, &paths, "both paths uploaded");
+    wait_verified(&env, &read, &pk, &paths, "the paths uploaded");
 }
 
 /// Nix's log reader gone (the hook's stderr a pipe nobody reads): the hook's
