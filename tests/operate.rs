@@ -658,34 +658,26 @@ fn socket_activation_serves_the_passed_socket() {
     assert!(!own.exists(), "own socket removed on stop");
 }
 
-/// Readiness: with `NOTIFY_SOCKET` the daemon sends `READY=1` once it
-/// accepts, and `STOPPING=1` on SIGTERM, then exits 0.
+/// systemd's variables: with `NOTIFY_SOCKET` the daemon sends `READY=1` once
+/// it accepts, and `STOPPING=1` on SIGTERM, then exits 0; when
+/// `JOURNAL_STREAM` names its stderr, every log line starts with its
+/// priority (`<6>`, `<4>`, `<3>`); when it was merely inherited, lines carry
+/// the level as a word.
 #[test]
-fn notify_socket_gets_ready_and_stopping() {
-    let env = NixEnv::new("op-notify");
-    let notify_path = env.root().join("notify");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(HALF_MINUTE)).unwrap();
-    let notify_env = notify_path.display().to_string();
-    let mut d = Daemon::start_with_env(&env, NO_ENV, &[("NOTIFY_SOCKET", notify_env.as_str())]);
-    let mut buf = [0u8; 256];
-    let n = notify.recv(&mut buf).expect("READY=1 within 30 s");
-    assert_eq!(&buf[..n], b"READY=1");
-    assert_eq!(cli(&d, &["status"]).code, Some(0));
-    let st = d.stop();
-    assert!(st.success(), "exit on SIGTERM: {st}");
-    let n = notify.recv(&mut buf).expect("STOPPING=1 within 30 s");
-    assert_eq!(&buf[..n], b"STOPPING=1");
-}
-
-/// journald: when `JOURNAL_STREAM` names the daemon's stderr, every log line
-/// starts with its priority (`<6>`, `<4>`, `<3>`); when it was merely
-/// inherited, lines carry the level as a word.
-#[test]
-fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
+fn notify_socket_gets_ready_and_stopping_and_journal_stream_gives_priority_prefixes() {
     use std::os::unix::fs::MetadataExt;
     let env = NixEnv::new("op-journal");
     let paths = env.build_paths(1, "journal");
+    let notify_path = env.root().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(HALF_MINUTE)).unwrap();
+    let notified = |want: &str| {
+        let mut buf = [0u8; 256];
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{want} within 30 s: {e}"));
+        assert_eq!(String::from_utf8_lossy(&buf[..n]), want);
+    };
     for journal in [true, false] {
         let config = [
             ("upload-to", "file:///dev/null/x"),
@@ -696,12 +688,15 @@ fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
         // The stream systemd would name: the log file, or some other file.
         let stream = format!("{}:{}", meta.dev(), meta.ino() + u64::from(!journal));
         d.set_env("JOURNAL_STREAM", &stream);
+        d.set_env("NOTIFY_SOCKET", &notify_path.display().to_string());
         d.try_spawn().unwrap();
+        notified("READY=1");
         enqueue_cli(&d, &paths);
         // A failing upload: something to warn about.
         let warned = || d.log().contains("failed attempt");
         wait_until(UPLOAD_TIMEOUT, "a warning", warned);
         assert!(d.stop().success());
+        notified("STOPPING=1");
         let text = d.log();
         let prefixes = match journal {
             true => ["<3>", "<4>", "<6>"],
