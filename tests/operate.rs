@@ -652,8 +652,7 @@ fn socket_activation_serves_the_passed_socket() {
     let mut daemon = spawn_activated(&env, other, &d, "1");
     let bound = || std::os::unix::net::UnixStream::connect(&own).is_ok();
     wait_until(Duration::from_secs(10), "its own socket bound", bound);
-    let r = cli_at(&own, &["status"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["status"]);
     assert!(terminate(&mut daemon).success());
     assert!(!own.exists(), "own socket removed on stop");
 }
@@ -878,9 +877,8 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     // Journaled: after a restart they are still given up on, not tried.
     let copies = w.copy_pids().len();
     d.restart();
-    let journal = |d: &Daemon| fs::read_to_string(d.journal_path()).unwrap_or_default();
     let j = status_json(&d);
-    assert_eq!(num(&j, "failed"), 2.0, "{j:?}\n{}", journal(&d));
+    assert_eq!(num(&j, "failed"), 2.0, "{j:?}\n{:?}", d.journal());
     // A later wait (another CI job's, say) neither waits nor fails for them.
     let r = cli_ok(&d, &["wait", "--timeout", "120"]);
     let before = "all uploaded, but for 2 path(s) given up on before this wait (see status)\n";
@@ -905,7 +903,7 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     d.restart();
     let j = status_json(&d);
     let counts = nums(&j, &["queued", "failed"]);
-    assert_eq!(counts, [0.0, 0.0], "{j:?}\n{}", journal(&d));
+    assert_eq!(counts, [0.0, 0.0], "{j:?}\n{:?}", d.journal());
     let r = cli(&d, &["requeue", "--all-failed"]);
     let requeued = "requeued 0 path(s) given up on; they are tried again\n";
     assert_eq!(r.stdout, requeued, "{r:?}");
