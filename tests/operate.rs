@@ -907,6 +907,26 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     let r = cli(&d, &["requeue", "--all-failed"]);
     let requeued = "requeued 0 path(s) given up on; they are tried again\n";
     assert_eq!(r.stdout, requeued, "{r:?}");
+
+    // Two refused paths alone in a batch (its canary fails, the target
+    // answers): each given up on after exactly `max-attempts`, not one more.
+    w.set_poison(true);
+    let pair = env.build_paths(2, "poison-pair");
+    enqueue_cli(&d, &pair);
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
+    assert!(r.stderr.contains(given_up), "{r:?}");
+    let j = status_json(&d);
+    let failed = list(&j, "failed_paths");
+    assert_eq!(failed.len(), 2, "{j:?}");
+    for f in failed {
+        assert_eq!(num(f, "attempts"), 3.0, "{f:?}\nlog:\n{}", d.log());
+    }
+    let log = d.log();
+    for p in strs(&pair) {
+        let line = format!("giving up on {p} after 3 failed attempts");
+        assert!(log.contains(&line), "{log}");
+    }
 }
 
 /// Failures while the target is down (the one-path canary fails too, or the
@@ -1447,34 +1467,6 @@ fn a_path_given_up_on_one_target_only() {
     assert_eq!(again, copies_a, "copied to cache-a again: {uploads:#?}");
     let j = status_json(&d);
     assert_eq!(nums(&j, &["queued", "failed"]), [0.0, 0.0], "{j:?}");
-}
-
-/// Two paths the cache refuses, queued together with `max-attempts 2`: the
-/// failed batch's canary fails too, yet the target answers, so each failure
-/// counts against its path and both are given up on after exactly two
-/// attempts each (not retried for ever as an outage, and not one too many).
-#[test]
-fn two_refused_paths_together_are_given_up_after_exactly_max_attempts() {
-    let env = NixEnv::new("op-refused-pair");
-    let (d, w, _, _) = faked(&env, &[&[("max-attempts", "2")], &FAST_RETRY[..]].concat());
-    w.set_poison(true);
-    let poison = env.build_paths(2, "poison");
-    enqueue_cli(&d, &poison);
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
-    let given_up = "2 path(s) failed and were given up on";
-    assert!(r.stderr.contains(given_up), "{r:?}");
-    let j = status_json(&d);
-    let failed = list(&j, "failed_paths");
-    assert_eq!(failed.len(), 2, "{j:?}");
-    for f in failed {
-        assert_eq!(num(f, "attempts"), 2.0, "{f:?}\nlog:\n{}", d.log());
-    }
-    let log = d.log();
-    for p in strs(&poison) {
-        let line = format!("giving up on {p} after 2 failed attempts");
-        assert!(log.contains(&line), "{log}");
-    }
 }
 
 /// A cache that refuses every path while it answers `nix store ping` (a
