@@ -313,9 +313,8 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let paths = env.build_paths(2, "status");
     let p = strs(&paths);
     let mut c = spawn_cli(&d, &["enqueue", "-"]);
-    let mut stdin = c.stdin.take().unwrap();
-    stdin.write_all((p.join("\n") + "\n").as_bytes()).unwrap();
-    drop(stdin);
+    let input = p.join("\n") + "\n";
+    c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let r: Ran = finish_within(c, "enqueue -", COMMAND_DEADLINE).into();
     let queued = "queued 2 new path(s); 0 were already queued\n";
     assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
@@ -677,11 +676,9 @@ fn notify_socket_gets_ready_and_stopping_and_journal_stream_gives_priority_prefi
             .unwrap_or_else(|e| panic!("{want} within 30 s: {e}"));
         assert_eq!(String::from_utf8_lossy(&buf[..n]), want);
     };
+    let config = [("upload-to", "file:///dev/null/x")];
+    let config = [&config[..], &[("retry-initial-delay", "0.05")]].concat();
     for journal in [true, false] {
-        let config = [
-            ("upload-to", "file:///dev/null/x"),
-            ("retry-initial-delay", "0.05"),
-        ];
         let mut d = Daemon::new_stopped(&env, &config, NO_ENV);
         let meta = fs::File::create(d.log_path()).unwrap().metadata().unwrap();
         // The stream systemd would name: the log file, or some other file.
