@@ -977,12 +977,8 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
 /// The journal's name for a target: FNV-1a (64 bits) of its URL, in 16
 /// hex digits (the URL here holds no secret to mask).
 fn target_id(url: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in url.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    let step = |h: u64, b: u8| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    format!("{:016x}", url.bytes().fold(0xcbf2_9ce4_8422_2325, step))
 }
 
 /// Journals replay: one of `+` and `-` records only (an older daemon's), and
