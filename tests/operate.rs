@@ -37,17 +37,16 @@ struct Ran {
 impl From<Output> for Ran {
     fn from(o: Output) -> Ran {
         let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-        let code = o.status.code();
+        let (code, stdout, stderr) = (o.status.code(), text(o.stdout), text(o.stderr));
         Ran {
             code,
-            stdout: text(o.stdout),
-            stderr: text(o.stderr),
+            stdout,
+            stderr,
         }
     }
 }
 
-/// Longest any command of these tests may run: a `wait` that never
-/// returns fails its test instead of hanging it.
+/// Longest any command may run: a `wait` that never returns fails the test.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
 
 /// What `drop` says when it drops one path.
@@ -59,15 +58,13 @@ const HALF_MINUTE: Duration = Duration::from_secs(30);
 /// Retry settings that retry at once.
 const FAST_RETRY: [(&str, &str); 2] = [("retry-initial-delay", "0.05"), ("retry-max-delay", "0.2")];
 
-/// The output of `child` once it ends; kills its tree and panics when it
-/// outlasts `within`.
+/// The output of `child` once it ends within `within` (see [`exit_of`]).
 fn finish_within(mut child: Child, what: &str, within: Duration) -> Output {
     exit_of(&mut child, within, what);
     child.wait_with_output().expect(what)
 }
 
-/// Starts `post-build-hook-queue ARGS... --socket SOCKET`, its standard
-/// streams piped.
+/// Starts `post-build-hook-queue ARGS... --socket SOCKET`, stdio piped.
 fn spawn_cli(d: &Daemon, args: &[&str]) -> Child {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
