@@ -28,8 +28,7 @@ fn signing_daemon(env: &NixEnv, key_name: &str) -> (Daemon, String, String) {
 ///    file:// cache: the build succeeds and every output arrives, signed.
 ///    (Nix 2.8 passes an empty OUT_PATHS, so the daemon resolves DRV_PATH;
 ///    Nix 2.26 passes the outputs. The hook is run by hand each way below,
-///    on both versions:
-///    `hook_run_by_hand_hands_over_drv_and_works_with_closed_standard_descriptors`.)
+///    on both versions: `hook_with_closed_standard_descriptors_spools_and_queues`.)
 #[test]
 fn hook_build_is_signed_and_uploaded_to_file_cache() {
     let env = NixEnv::new("core-file");
@@ -75,7 +74,7 @@ fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
 ///    once: the hook does not repeat it. The daemon, started, uploads what
 ///    the hook spooled.
 #[test]
-fn build_succeeds_when_daemon_is_down_and_spooled_paths_are_uploaded_when_it_starts() {
+fn spooled_paths_are_uploaded_when_daemon_starts() {
     let env = NixEnv::new("core-spool");
     let (sk, pk) = env.gen_signing_key("core-spool-1");
     let (upload, read) = file_cache(&env, "cache");
@@ -103,7 +102,7 @@ fn build_succeeds_when_daemon_is_down_and_spooled_paths_are_uploaded_when_it_sta
 ///    on stdin (`-`), uploads them; bad arguments give a non-zero exit and
 ///    a one-line error.
 #[test]
-fn enqueue_cli_uploads_paths_from_arguments_or_stdin_and_rejects_bad_arguments() {
+fn enqueue_cli_uploads_and_rejects_bad_arguments() {
     let env = NixEnv::new("core-enq");
     let (d, read, pk) = signing_daemon(&env, "core-enq-1");
     let (paths, piped) = (env.build_paths(2, "enq"), env.build_paths(2, "stdin"));
@@ -130,7 +129,7 @@ fn enqueue_cli_uploads_paths_from_arguments_or_stdin_and_rejects_bad_arguments()
 /// 4d. Protocol replies for `ping`, `enqueue`, `drv` and bad requests, of a
 ///     daemon without key or target, which logs that it has nothing to do.
 #[test]
-fn protocol_replies_of_a_daemon_without_key_or_target_that_has_nothing_to_do() {
+fn protocol_replies() {
     let env = NixEnv::new("core-proto");
     let d = Daemon::start(&env, &[]);
     let ping = d.request("ping");
@@ -190,7 +189,7 @@ fn sigterm_stops_cleanly_and_restart_resumes_queue() {
 /// it exits 0, the spool file holds exactly the request, and with the daemon
 /// up the path is queued.
 #[test]
-fn hook_run_by_hand_hands_over_drv_and_works_with_closed_standard_descriptors() {
+fn hook_with_closed_standard_descriptors_spools_and_queues() {
     let env = NixEnv::new("core-closed-fds");
     let (mut d, read, pk) = signing_daemon(&env, "core-closed-fds-1");
     let paths = env.build_paths(3, "closedfds");

@@ -659,7 +659,7 @@ fn socket_activation_serves_the_passed_socket() {
 /// priority (`<6>`, `<4>`, `<3>`); when it was merely inherited, lines carry
 /// the level as a word.
 #[test]
-fn notify_socket_gets_ready_and_stopping_and_journal_stream_gives_priority_prefixes() {
+fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
     use std::os::unix::fs::MetadataExt;
     let env = NixEnv::new("op-journal");
     let paths = env.build_paths(1, "journal");
@@ -1339,7 +1339,7 @@ fn two_targets_both_receive_every_path_signed_once() {
 /// fails and why, `wait` waits for it; once back, it gets every path. A
 /// kill -9 between the two targets' copies loses nothing either.
 #[test]
-fn one_target_down_does_not_hold_back_the_other_nor_a_kill_9_between_them() {
+fn one_target_down_does_not_hold_back_the_other() {
     let env = NixEnv::new("op-target-down");
     let config = [("retry-initial-delay", "0.2"), ("retry-max-delay", "1")];
     let (mut d, w, [(up_a, read_a), (up_b, read_b)]) = two_targets(&env, &config);
