@@ -179,10 +179,29 @@ fn faked(env: &NixEnv, extra: &[(&str, &str)]) -> (Daemon, FakeNix, String, Stri
     (Daemon::start(env, &config), w, upload, read)
 }
 
-/// SIGTERM to `child`, then its exit status.
-fn terminate(child: &mut Running) -> ExitStatus {
-    run_ok(Command::new("kill").args(["-TERM", &child.0.id().to_string()]));
-    exit_of(&mut child.0, HALF_MINUTE, "exit after SIGTERM")
+/// A child killed on drop with what it started (as a [`Running`]), unless
+/// [`Guard::finish`] reaped it (its pid may then be another process's).
+struct Guard(Option<Child>);
+
+impl Guard {
+    /// Its exit status once it ends within `within` (see [`exit_of`]).
+    fn finish(&mut self, what: &str, within: Duration) -> ExitStatus {
+        let mut child = self.0.take().expect("running");
+        exit_of(&mut child, within, what)
+    }
+
+    /// SIGTERM, then its exit status.
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = self.0.as_ref().expect("running").id().to_string();
+        run_ok(Command::new("kill").args(["-TERM", &pid]));
+        self.finish("exit after SIGTERM", HALF_MINUTE)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        drop(self.0.take().map(Running));
+    }
 }
 
 /// Parses Prometheus text exposition (version 0.0.4) strictly enough to
@@ -277,15 +296,18 @@ const JSON_FIELDS: &str = "version uptime_seconds queued in_flight uploaded drop
 
 /// The status fields move: fresh; paths from `enqueue -` back off; `wait
 /// --timeout` exits 1; healed, `retry` makes them due at once despite an
-/// hour's delay, and a `wait` returns when they are uploaded; drops.
+/// hour's delay, and a `wait` returns when they are uploaded; drops. The
+/// call in progress, the spool's backlog (files the hook left, not yet
+/// queued) and the upload rate, in text, JSON and the metrics.
 #[test]
 fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let env = NixEnv::new("op-status");
     let (sk, pk) = env.gen_signing_key("op-status-1");
-    let sk = sk.display().to_string();
+    let (sk, metrics) = (sk.display().to_string(), env.root().join("m.prom"));
+    let file = metrics.display().to_string();
+    let config = [("signing-key-file", sk.as_str()), ("metrics-file", &file)];
     let delays = [("retry-initial-delay", "3600"), ("retry-max-delay", "7200")];
-    let config = [&[("signing-key-file", sk.as_str())], &delays[..]].concat();
-    let (d, w, upload, read) = faked(&env, &config);
+    let (d, w, upload, read) = faked(&env, &[&config[..], &delays].concat());
     w.set_fail(true);
 
     let j = status_json(&d);
@@ -365,10 +387,34 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "2 backing-off path(s) will be tried again now\n");
     wait_num(&d, HALF_MINUTE, "in_flight", |n| n == 2.0);
+    // What the hook leaves while the daemon is busy or away; the busy
+    // worker does not take it in until the call ends.
+    let (later, spool) = (env.build_paths(3, "spooled"), d.spool_dir());
+    fs::create_dir_all(&spool).unwrap();
+    let q = strs(&later);
+    for (n, paths) in [(1, &q[..2]), (2, &q[2..])] {
+        let file = spool.join(format!("0000000000000000000{n}-1.req"));
+        fs::write(file, format!("enqueue {}\n", paths.join(" "))).unwrap();
+    }
+    let j = status_json(&d);
+    let in_flight = list(&j, "in_flight_paths").iter().filter_map(Json::as_str);
+    let mut in_flight: Vec<&str> = in_flight.collect();
+    in_flight.sort_unstable();
+    let mut want = p.clone();
+    want.sort();
+    assert_eq!(in_flight, want, "{j:?}");
+    let counts = nums(&j, &["in_flight", "spool_files", "spool_paths"]);
+    assert_eq!(counts, [2.0, 2.0, 3.0], "{j:?}");
+    assert_eq!(num(&j, "upload_rate_per_minute"), 0.0, "{j:?}");
     let text = status_text(&d);
-    assert_eq!(field(&text, "in flight"), "2", "{text}");
+    let shown = ["in flight", "spool files", "spool paths"].map(|l| field(&text, l));
+    assert_eq!(shown, ["2", "2", "3"], "{text}");
     let retrying = text.matches(": attempt 1 failed, retrying now: ").count();
     assert_eq!(retrying, 2, "{text}");
+    for p in &want {
+        assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
+    }
+    wait_for_metrics(&d, &metrics, &[("spool_files", 2.0), ("spool_paths", 3.0)]);
     let mut waiter = spawn_cli(&d, &["wait", "--timeout", "60"]);
     // The upload is held, so wait cannot have returned; first make sure its
     // request reached the daemon (it answers status in the meantime).
@@ -381,10 +427,19 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     // wait returned, so they are in the cache now: no polling.
     let uploaded = env.verify_in_cache(&read, &pk, &paths);
     uploaded.unwrap_or_else(|e| panic!("wait returned before the upload: {e}"));
+    cli_ok(&d, &["wait", "--timeout", "120"]);
+    wait_in(&env, &read, &later);
 
     let j = status_json(&d);
     let counts = nums(&j, &["queued", "in_flight", "uploaded", "backing_off"]);
-    assert_eq!(counts, [0.0, 0.0, 2.0, 0.0], "{j:?}");
+    assert_eq!(counts, [0.0, 0.0, 5.0, 0.0], "{j:?}");
+    assert_eq!(
+        nums(&j, &["spool_files", "spool_paths"]),
+        [0.0, 0.0],
+        "{j:?}"
+    );
+    assert!(list(&j, "in_flight_paths").is_empty(), "{j:?}");
+    assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
     assert_eq!(num(&j, "failed_calls"), failed_calls, "{j:?}");
     let spent = (num(&j, "upload_batches"), num(&j, "upload_seconds_sum"));
     assert!(spent.0 >= 1.0 && spent.1 > 0.0, "{j:?}");
@@ -415,15 +470,15 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     assert!(summary, "{}", drops[0]);
     assert_eq!(num(&status_json(&d), "dropped"), 50.0);
     let text = status_text(&d);
-    let shown = ["dropped", "uploaded"].map(|l| field(&text, l));
-    assert_eq!(shown, ["50 since start", "2 since start"], "{text}");
+    let shown = ["dropped", "uploaded", "spool files"].map(|l| field(&text, l));
+    assert_eq!(shown, ["50 since start", "5 since start", "0"], "{text}");
     let rate = field(&text, "upload rate");
     assert!(rate.ends_with(" paths/min lately"), "{text}");
 }
 
 /// Runs `wait` on a terminal (`script` gives it one): the `script` process
 /// and what the terminal has shown so far.
-fn wait_on_a_terminal(d: &Daemon) -> (Running, impl Fn() -> String) {
+fn wait_on_a_terminal(d: &Daemon) -> (Guard, impl Fn() -> String) {
     let (bin, socket) = (daemon_bin(), d.socket());
     let cmd = format!("'{}' wait --socket '{}'", bin.display(), socket.display());
     let shown = d.dir().join("terminal");
@@ -434,7 +489,7 @@ fn wait_on_a_terminal(d: &Daemon) -> (Running, impl Fn() -> String) {
     let child = script.stderr(Stdio::piped()).spawn();
     let child = child.expect("script (util-linux) runs a command on a terminal");
     let text = move || String::from_utf8_lossy(&fs::read(&shown).unwrap_or_default()).into_owned();
-    (Running(child), text)
+    (Guard(Some(child)), text)
 }
 
 /// `wait` on a terminal shows its progress on stderr, rewritten in place
@@ -447,7 +502,7 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let (mut child, shown) = wait_on_a_terminal(&d);
     let rewritten = || shown().matches("waiting: 1 path(s) still queued").count() >= 2;
     wait_until_diag(HALF_MINUTE, "progress twice", rewritten, &shown);
-    let script = child.0.id();
+    let script = child.0.as_ref().unwrap().id();
     let is_wait = |p: &u32| {
         let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
         String::from_utf8_lossy(&cmdline).contains("\0wait\0")
@@ -455,7 +510,7 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let wait_pids: Vec<u32> = descendants(script).into_iter().filter(is_wait).collect();
     assert_eq!(wait_pids.len(), 1, "the wait process under script");
     signal_pids("INT", &wait_pids);
-    exit_of(&mut child.0, HALF_MINUTE, "script after SIGINT");
+    child.finish("script after SIGINT", HALF_MINUTE);
     let text = shown();
     let fresh = text.ends_with("waiting: 1 path(s) still queued, 0 of them failing\r\n");
     assert!(fresh, "the terminal is not left on a fresh line: {text:?}");
@@ -470,7 +525,7 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let shows_progress = || shown().contains(progress);
     wait_until_diag(HALF_MINUTE, "progress", shows_progress, &shown);
     w.set_hold(false);
-    let status = exit_of(&mut child.0, COMMAND_DEADLINE, "wait on a terminal");
+    let status = child.finish("wait on a terminal", COMMAND_DEADLINE);
     let text = shown();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{text}");
     let dropped = format!("{gone}); see the daemon's log\r\n");
@@ -585,7 +640,7 @@ fn cli_errors_are_one_line_and_exit_2() {
 /// Starts `post-build-hook-queue serve --config CONFIG` as systemd does,
 /// with `listener` as fd 3, `LISTEN_FDS=1` and `LISTEN_PID=<its pid>` (or
 /// `listen_pid` unless empty): the shell moves stdin to fd 3 and execs it.
-fn spawn_activated(env: &NixEnv, listener: UnixListener, d: &Daemon, listen_pid: &str) -> Running {
+fn spawn_activated(env: &NixEnv, listener: UnixListener, d: &Daemon, listen_pid: &str) -> Guard {
     let log = fs::File::create(d.log_path()).unwrap();
     let mut c = env.cmd("/bin/sh");
     let script =
@@ -595,7 +650,7 @@ fn spawn_activated(env: &NixEnv, listener: UnixListener, d: &Daemon, listen_pid:
     c.stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    Running(c.spawn().unwrap())
+    Guard(Some(c.spawn().unwrap()))
 }
 
 /// Socket activation: the daemon serves the socket it gets as fd 3 (no
@@ -638,7 +693,7 @@ fn socket_activation_serves_the_passed_socket() {
     let listen = copy_env.contains("LISTEN_FDS=") || copy_env.contains("LISTEN_PID=");
     assert!(!listen, "nix copy inherited LISTEN_*:\n{copy_env}");
 
-    let st = terminate(&mut daemon);
+    let st = daemon.terminate();
     assert!(st.success(), "exit on SIGTERM: {st}");
     assert!(passed.exists(), "the daemon removed systemd's socket");
     assert!(!own.exists());
@@ -649,7 +704,7 @@ fn socket_activation_serves_the_passed_socket() {
     let bound = || std::os::unix::net::UnixStream::connect(&own).is_ok();
     wait_until(Duration::from_secs(10), "its own socket bound", bound);
     cli_ok(&d, &["status"]);
-    assert!(terminate(&mut daemon).success());
+    assert!(daemon.terminate().success());
     assert!(!own.exists(), "own socket removed on stop");
 }
 
@@ -759,60 +814,6 @@ fn metrics_file_is_prometheus_text_and_moves() {
     assert!(d.stop().success());
     let m = read_metrics(&metrics).expect("metrics written on stop");
     assert_eq!(m[&format!("{M}uploaded_total")], 2.0);
-}
-
-/// `status` answers an operator's questions: the paths of the nix call in
-/// progress, the spool's backlog (files the hook left and their paths, not
-/// yet queued), the upload rate; in text, JSON and the metrics.
-#[test]
-fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
-    let env = NixEnv::new("op-status-more");
-    let metrics = env.root().join("m.prom");
-    let (d, w, _, read) = faked(&env, &[("metrics-file", &metrics.display().to_string())]);
-    w.set_hold(true);
-    let first = env.build_paths(2, "in-flight");
-    let later = env.build_paths(3, "spooled");
-    enqueue_cli(&d, &first);
-    wait_until(HALF_MINUTE, "copy held", || !w.copy_pids().is_empty());
-    // What the hook leaves while the daemon is busy or away; the busy
-    // worker does not take it in until the call ends.
-    let spool = d.spool_dir();
-    fs::create_dir_all(&spool).unwrap();
-    let p = strs(&later);
-    for (n, paths) in [(1, &p[..2]), (2, &p[2..])] {
-        let file = spool.join(format!("0000000000000000000{n}-1.req"));
-        fs::write(file, format!("enqueue {}\n", paths.join(" "))).unwrap();
-    }
-
-    let j = status_json(&d);
-    let in_flight = list(&j, "in_flight_paths").iter().filter_map(Json::as_str);
-    let mut in_flight: Vec<&str> = in_flight.collect();
-    in_flight.sort_unstable();
-    let mut want = strs(&first);
-    want.sort();
-    assert_eq!(in_flight, want, "{j:?}");
-    let counts = nums(&j, &["in_flight", "spool_files", "spool_paths"]);
-    assert_eq!(counts, [2.0, 2.0, 3.0], "{j:?}");
-    assert_eq!(num(&j, "upload_rate_per_minute"), 0.0, "{j:?}");
-    let text = status_text(&d);
-    for p in &want {
-        assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
-    }
-    let shown = ["spool files", "spool paths"].map(|l| field(&text, l));
-    assert_eq!(shown, ["2", "3"], "{text}");
-    wait_for_metrics(&d, &metrics, &[("spool_files", 2.0), ("spool_paths", 3.0)]);
-
-    w.set_hold(false);
-    cli_ok(&d, &["wait", "--timeout", "120"]);
-    wait_in(&env, &read, &later);
-    let j = status_json(&d);
-    let spool = nums(&j, &["spool_files", "spool_paths"]);
-    assert_eq!(spool, [0.0, 0.0], "{j:?}");
-    assert!(list(&j, "in_flight_paths").is_empty(), "{j:?}");
-    assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
-    let text = status_text(&d);
-    let shown = ["uploaded", "spool files"].map(|l| field(&text, l));
-    assert_eq!(shown, ["5 since start", "0"], "{text}");
 }
 
 // --- Poison paths: failure has an end
