@@ -70,9 +70,9 @@ fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
 }
 
 /// 3. With the hook set and no daemon running, the build still succeeds and
-///    the hook says so in one line per derivation, which Nix prefixes `post-build-hook: `
-///    once: the hook does not repeat it. The daemon, started, uploads what
-///    the hook spooled.
+///    the hook says so in one line per derivation, which Nix prefixes
+///    `post-build-hook: ` once: the hook does not repeat it. The daemon,
+///    started, uploads what the hook spooled.
 #[test]
 fn spooled_paths_are_uploaded_when_daemon_starts() {
     let env = NixEnv::new("core-spool");
