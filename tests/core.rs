@@ -28,8 +28,7 @@ fn signing_daemon(env: &NixEnv, key_name: &str) -> (Daemon, String, String) {
 ///    file:// cache: the build succeeds and every output arrives, signed.
 ///    (Nix 2.8 passes an empty OUT_PATHS, so the daemon resolves DRV_PATH;
 ///    Nix 2.26 passes the outputs. The hook is run by hand each way below,
-///    on both versions: `hook_client_run_directly_hands_over_drv`,
-///    `hook_with_closed_standard_descriptors_spools_and_queues`.)
+///    on both versions: `hook_with_closed_standard_descriptors_spools_and_queues`.)
 #[test]
 fn hook_build_is_signed_and_uploaded_to_file_cache() {
     let env = NixEnv::new("core-file");
@@ -71,24 +70,9 @@ fn hook_build_is_signed_and_uploaded_over_ssh_ng() {
 }
 
 /// 3. With the hook set and no daemon running, the build still succeeds and
-///    the hook says so in one line, which Nix prefixes `post-build-hook: `
-///    once: the hook does not repeat it.
-#[test]
-fn build_succeeds_when_daemon_is_down() {
-    let env = NixEnv::new("core-down");
-    let spool = env.root().join("spool");
-    let socket = env.root().join("no-daemon.sock");
-    let envs = [("NPBHQ_SOCKET", &socket), ("NPBHQ_SPOOL_DIR", &spool)];
-    let b = env.build(1, "down", Some(&hook_bin()), &envs);
-    b.assert_success();
-    assert_eq!(b.out_paths.len(), 1);
-    let lines = b.hook_lines();
-    assert_eq!(lines.len(), 1, "{lines:?}\nstderr:\n{}", b.stderr);
-    let no_daemon = lines[0].starts_with(&format!("no daemon at {}", socket.display()));
-    let said = no_daemon && lines[0].contains("spooled the paths to");
-    assert!(said, "{lines:?}");
-}
-
+///    the hook says so in one line per derivation, which Nix prefixes
+///    `post-build-hook: ` once: the hook does not repeat it. The daemon,
+///    started, uploads what the hook spooled.
 #[test]
 fn spooled_paths_are_uploaded_when_daemon_starts() {
     let env = NixEnv::new("core-spool");
@@ -101,25 +85,37 @@ fn spooled_paths_are_uploaded_when_daemon_starts() {
     let mut d = Daemon::new_stopped(&env, &config, NO_ENV);
     let b = env.build(2, "spool", Some(&hook_bin()), &d.hook_env());
     b.assert_success();
+    assert_eq!(b.out_paths.len(), 2);
+    // One line for each derivation the hook ran after.
+    let lines = b.hook_lines();
+    assert_eq!(lines.len(), 2, "{lines:?}\nstderr:\n{}", b.stderr);
+    let no_daemon = format!("no daemon at {}", d.socket().display());
+    let said = |l: &String| l.starts_with(&no_daemon) && l.contains("spooled the paths to");
+    assert!(lines.iter().all(said), "{lines:?}");
     let spooled = fs::read_dir(&spool).map(|r| r.count()).unwrap_or(0);
     assert!(spooled > 0, "nothing in {spool_s}; stderr:\n{}", b.stderr);
     d.try_spawn().unwrap_or_else(|e| panic!("{e}"));
     wait_verified(&env, &read, &pk, &b.out_paths, "spooled outputs");
 }
 
-/// 4. `post-build-hook-queue enqueue` of an existing path uploads it; bad
-///    arguments give a non-zero exit and a one-line error.
+/// 4. `post-build-hook-queue enqueue` of existing paths, as arguments or
+///    on stdin (`-`), uploads them; bad arguments give a non-zero exit and
+///    a one-line error.
 #[test]
 fn enqueue_cli_uploads_and_rejects_bad_arguments() {
     let env = NixEnv::new("core-enq");
     let (d, read, pk) = signing_daemon(&env, "core-enq-1");
-    let paths = env.build_paths(2, "enq");
+    let (paths, piped) = (env.build_paths(2, "enq"), env.build_paths(2, "stdin"));
     let sock = d.socket().display().to_string();
-
     let mut c = d.cli_cmd();
     let o = run(c.args(["enqueue", "--socket", &sock]).args(&paths));
     assert!(o.status.success(), "{}", show(&o));
-    wait_verified(&env, &read, &pk, &paths, "enqueued paths uploaded");
+    let mut c = d.cli_cmd();
+    c.args(["enqueue", "--socket", &sock, "-"]);
+    let o = run_with_stdin(&mut c, &(strs(&piped).join("\n") + "\n"));
+    assert!(o.status.success(), "{}", show(&o));
+    let all = [paths, piped].concat();
+    wait_verified(&env, &read, &pk, &all, "enqueued paths uploaded");
 
     for bad in [vec!["/tmp/x"], vec!["--to"], vec!["/tmp/x", "--to"]] {
         let o = run(d.cli_cmd().args(["enqueue", "--socket", &sock]).args(&bad));
@@ -130,38 +126,14 @@ fn enqueue_cli_uploads_and_rejects_bad_arguments() {
     }
 }
 
-#[test]
-fn enqueue_cli_reads_stdin() {
-    let env = NixEnv::new("core-stdin");
-    let (d, read, pk) = signing_daemon(&env, "core-stdin-1");
-    let paths = env.build_paths(2, "stdin");
-    let input = strs(&paths).join("\n") + "\n";
-    let mut c = d.cli_cmd();
-    c.args(["enqueue", "--socket"]).arg(d.socket()).arg("-");
-    let o = run_with_stdin(&mut c, &input);
-    assert!(o.status.success(), "{}", show(&o));
-    wait_verified(&env, &read, &pk, &paths, "stdin-enqueued paths uploaded");
-}
-
-#[test]
-fn daemon_without_key_or_target_acks_and_logs_nothing_to_do() {
-    let env = NixEnv::new("core-idle");
-    let d = Daemon::start(&env, &[]);
-    let ping = d.request("ping");
-    assert!(ping.starts_with("ok"), "ping: {ping}");
-    let p = env.build_paths(1, "idle");
-    let reply = d.request(&format!("enqueue {}", p[0].display()));
-    assert!(reply.starts_with("ok"), "enqueue reply: {reply}");
-    let idle = || d.log().to_lowercase().contains("nothing to do");
-    wait_until(Duration::from_secs(10), "nothing to do in the log", idle);
-}
-
-/// 4d. Protocol replies for `ping`, `enqueue`, `drv` and bad requests.
+/// 4d. Protocol replies for `ping`, `enqueue`, `drv` and bad requests, of a
+///     daemon without key or target, which logs that it has nothing to do.
 #[test]
 fn protocol_replies() {
     let env = NixEnv::new("core-proto");
-    let (upload, _read) = file_cache(&env, "cache");
-    let d = Daemon::start(&env, &[("upload-to", &upload)]);
+    let d = Daemon::start(&env, &[]);
+    let ping = d.request("ping");
+    assert!(ping.starts_with("ok"), "ping: {ping}");
     let paths = env.build_paths(2, "proto");
     let line = format!("enqueue {}", strs(&paths).join(" "));
     assert_eq!(d.request(&line), "ok 2");
@@ -172,6 +144,8 @@ fn protocol_replies() {
     let drv = env.deriver(&paths[0]);
     let r = d.request(&format!("drv {}", drv.display()));
     assert!(r.starts_with("ok"), "drv -> {r:?}");
+    let idle = || d.log().to_lowercase().contains("nothing to do");
+    wait_until(Duration::from_secs(10), "nothing to do in the log", idle);
 }
 
 /// A daemon that signs, with a failing target, `stop`ped with 3 paths
@@ -209,27 +183,20 @@ fn sigterm_stops_cleanly_and_restart_resumes_queue() {
     });
 }
 
-/// The harness's `hook_cmd` runs the client directly: with the daemon up,
-/// a DRV_PATH handed over by hand is uploaded and the client exits 0.
-#[test]
-fn hook_client_run_directly_hands_over_drv() {
-    let env = NixEnv::new("core-direct");
-    let (d, read, pk) = signing_daemon(&env, "core-direct-1");
-    let paths = env.build_paths(1, "direct");
-    let drv = env.deriver(&paths[0]);
-    let o = run(d.hook_cmd().env("DRV_PATH", &drv).env("OUT_PATHS", ""));
-    assert!(o.status.success(), "{}", show(&o));
-    wait_verified(&env, &read, &pk, &paths, "directly hooked path uploaded");
-}
-
-/// The hook started with its standard descriptors closed (as a careless
-/// caller might) still works: it exits 0, the spool file holds exactly the
-/// request, and with the daemon up the path is queued.
+/// The hook run by hand (the harness's `hook_cmd`): with the daemon up, a
+/// DRV_PATH handed over is uploaded and the client exits 0. Started with its
+/// standard descriptors closed (as a careless caller might) it still works:
+/// it exits 0, the spool file holds exactly the request, and with the daemon
+/// up the path is queued.
 #[test]
 fn hook_with_closed_standard_descriptors_spools_and_queues() {
     let env = NixEnv::new("core-closed-fds");
     let (mut d, read, pk) = signing_daemon(&env, "core-closed-fds-1");
-    let paths = env.build_paths(2, "closedfds");
+    let paths = env.build_paths(3, "closedfds");
+    let drv = env.deriver(&paths[2]);
+    let o = run(d.hook_cmd().env("DRV_PATH", &drv).env("OUT_PATHS", ""));
+    assert!(o.status.success(), "{}", show(&o));
+    wait_verified(&env, &read, &pk, &paths[2..], "the DRV_PATH's output");
     let closed = |d: &Daemon, out: &PathBuf| {
         let mut c = Command::new("sh");
         c.args(["-c", "exec \"$0\" <&- >&- 2>&-"]).arg(hook_bin());
@@ -245,7 +212,7 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
 
     d.restart();
     closed(&d, &paths[1]);
-    wait_verified(&env, &read, &pk, &paths, "both paths uploaded");
+    wait_verified(&env, &read, &pk, &paths, "the paths uploaded");
 }
 
 /// Nix's log reader gone (the hook's stderr a pipe nobody reads): the hook's
@@ -257,11 +224,8 @@ fn hook_with_closed_standard_descriptors_spools_and_queues() {
 #[test]
 fn hook_whose_log_reader_went_away_spools_and_exits_0() {
     let env = NixEnv::new("core-hook-epipe");
-    let dir = env.root().join("silent");
-    fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("silent.sock");
+    let (socket, spool) = (env.root().join("silent.sock"), env.root().join("spool"));
     let _silent = UnixListener::bind(&socket).unwrap();
-    let spool = dir.join("spool");
     let path = env
         .store_dir()
         .join("0000000000000000000000000000000e-npbhq-epipe");
@@ -319,9 +283,7 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     }
 
     let env = NixEnv::new("core-hook-backlog");
-    let dir = env.root().join("full");
-    fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("full.sock");
+    let (socket, spool) = (env.root().join("full.sock"), env.root().join("spool"));
     let listener = UnixListener::bind(&socket).unwrap();
     let connected = Arc::new(AtomicUsize::new(0));
     let in_connect = Arc::new(AtomicBool::new(false));
@@ -361,18 +323,18 @@ fn hook_spools_when_the_daemon_backlog_is_full() {
     }
     let queued = connected.load(Ordering::SeqCst);
 
-    let spool = dir.join("spool");
     let path = env
         .store_dir()
         .join("0000000000000000000000000000000f-npbhq-backlog");
     // A correctness bound, far above the hook's 0.5 s: a hook blocked in
     // its connect never ends.
-    let o = run_to_exit(&mut hook(&socket, &spool, "0.5", &path), secs(60));
-    let (status, said) = (o.status, String::from_utf8_lossy(&o.stderr));
+    let o = run_to_exit(
+        &mut hook(&socket, &spool, "0.5", &path),
+        Duration::from_secs(60),
+    );
     let full = in_connect.load(Ordering::SeqCst) && connected.load(Ordering::SeqCst) == queued;
     assert!(full, "the backlog did not stay full ({queued} queued)");
-    assert!(status.success(), "the hook ended with {status}: {said}");
-    assert_eq!(said.lines().count(), 1, "one line: {said:?}");
+    let said = one_line(&o, 0, "the hook");
     let socket_s = socket.display();
     let late = format!("the daemon at {socket_s} did not accept the connection in time");
     let spooled_it = said.starts_with(&late) && said.contains("spooled the paths to");
@@ -388,19 +350,11 @@ fn request(path: &Path) -> Vec<String> {
     vec![format!("enqueue {}\n", path.display())]
 }
 
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
-
 /// The hook for the one output `path`, with the daemon at `socket`, the
 /// spool `spool` and the timeout `timeout` (seconds).
 fn hook(socket: &Path, spool: &Path, timeout: &str, path: &Path) -> Command {
-    let mut c = Command::new(hook_bin());
-    c.env("NPBHQ_SOCKET", socket)
-        .env("NPBHQ_SPOOL_DIR", spool)
-        .env("NPBHQ_TIMEOUT", timeout)
-        .env("OUT_PATHS", path)
-        .env("DRV_PATH", "");
+    let mut c = root_hook(socket, spool, &path.display().to_string());
+    c.env("NPBHQ_TIMEOUT", timeout);
     c
 }
 
@@ -468,7 +422,11 @@ fn invalid_path_does_not_block_valid_ones() {
         status.iter().any(|l| l == "dropped:      1 since start")
             && status.iter().any(|l| l == "queued:       0")
     };
-    wait_until(secs(30), "the collected path dropped, none queued", dropped);
+    wait_until(
+        Duration::from_secs(30),
+        "the collected path dropped, none queued",
+        dropped,
+    );
     let log = d.log();
     let copies = w.uploads();
     let first = copies.iter().find(|c| c.0 == "copy");

@@ -37,8 +37,7 @@ struct Ran {
 impl From<Output> for Ran {
     fn from(o: Output) -> Ran {
         let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-        let (stdout, stderr) = (text(o.stdout), text(o.stderr));
-        let code = o.status.code();
+        let (code, stdout, stderr) = (o.status.code(), text(o.stdout), text(o.stderr));
         Ran {
             code,
             stdout,
@@ -47,8 +46,7 @@ impl From<Output> for Ran {
     }
 }
 
-/// Longest any command of these tests may run: a `wait` that never
-/// returns fails its test instead of hanging it.
+/// Longest any command may run: a `wait` that never returns fails the test.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(180);
 
 /// What `drop` says when it drops one path.
@@ -60,15 +58,13 @@ const HALF_MINUTE: Duration = Duration::from_secs(30);
 /// Retry settings that retry at once.
 const FAST_RETRY: [(&str, &str); 2] = [("retry-initial-delay", "0.05"), ("retry-max-delay", "0.2")];
 
-/// The output of `child` once it ends; kills its tree and panics when it
-/// outlasts `within`.
+/// The output of `child` once it ends within `within` (see [`exit_of`]).
 fn finish_within(mut child: Child, what: &str, within: Duration) -> Output {
     exit_of(&mut child, within, what);
     child.wait_with_output().expect(what)
 }
 
-/// Starts `post-build-hook-queue ARGS... --socket SOCKET`, its standard
-/// streams piped.
+/// Starts `post-build-hook-queue ARGS... --socket SOCKET`, stdio piped.
 fn spawn_cli(d: &Daemon, args: &[&str]) -> Child {
     let mut c = d.cli_cmd();
     c.args(args).arg("--socket").arg(d.socket());
@@ -148,12 +144,8 @@ fn status_text(d: &Daemon) -> String {
 
 /// The value after `label:` in the human status.
 fn field<'a>(text: &'a str, label: &str) -> &'a str {
-    let value = text
-        .lines()
-        .find_map(|l| l.strip_prefix(label)?.strip_prefix(':'));
-    value
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
+    let value = line_after(text, &format!("{label}:")).map(str::trim);
+    value.unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
 }
 
 /// True when `text` contains every one of `parts`.
@@ -187,29 +179,28 @@ fn faked(env: &NixEnv, extra: &[(&str, &str)]) -> (Daemon, FakeNix, String, Stri
     (Daemon::start(env, &config), w, upload, read)
 }
 
-/// A child process; on drop, it and what it started are killed.
-struct ChildGuard(Option<Child>);
+/// A child killed on drop with what it started (as a [`Running`]), unless
+/// [`Guard::finish`] reaped it (its pid may then be another process's).
+struct Guard(Option<Child>);
 
-impl ChildGuard {
-    /// Its output once it ends (see [`finish_within`]).
-    fn finish(&mut self, what: &str, within: Duration) -> Output {
-        finish_within(self.0.take().expect("running"), what, within)
+impl Guard {
+    /// Its exit status once it ends within `within` (see [`exit_of`]).
+    fn finish(&mut self, what: &str, within: Duration) -> ExitStatus {
+        let mut child = self.0.take().expect("running");
+        exit_of(&mut child, within, what)
     }
 
     /// SIGTERM, then its exit status.
     fn terminate(&mut self) -> ExitStatus {
         let pid = self.0.as_ref().expect("running").id().to_string();
         run_ok(Command::new("kill").args(["-TERM", &pid]));
-        self.finish("exit after SIGTERM", HALF_MINUTE).status
+        self.finish("exit after SIGTERM", HALF_MINUTE)
     }
 }
 
-impl Drop for ChildGuard {
+impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            kill_tree(c.id());
-            let _ = c.wait();
-        }
+        drop(self.0.take().map(Running));
     }
 }
 
@@ -224,6 +215,9 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
         let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
         !n.starts_with(|c: char| c.is_ascii_digit()) && !n.is_empty() && n.chars().all(ok)
     };
+    let labels_ok = |l: &str| {
+        l.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') && l.ends_with("\"}")
+    };
     let kinds = ["counter", "gauge", "summary", "histogram", "untyped"];
     let (mut help, mut types, mut seen) = (HashSet::new(), HashMap::new(), HashSet::new());
     let mut samples = BTreeMap::new();
@@ -231,48 +225,34 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
         let at = |why: &str| format!("line {}: {why}: {line:?}", i + 1);
         let meta = ["# HELP ", "# TYPE "].map(|p| line.strip_prefix(p));
         if let Some(rest) = meta[0].or(meta[1]) {
-            let (name, said) = rest
-                .split_once(' ')
-                .ok_or_else(|| at("HELP or TYPE alone"))?;
-            let fine = if meta[0].is_some() {
-                !said.trim().is_empty() && help.insert(name)
-            } else {
-                kinds.contains(&said) && !seen.contains(name) && types.insert(name, said).is_none()
+            let (name, said) = rest.split_once(' ').unwrap_or_default();
+            let fine = match meta[0] {
+                Some(_) => !said.trim().is_empty() && help.insert(name),
+                None => kinds.contains(&said) && types.insert(name, said).is_none(),
             };
             if !valid(name) || !fine {
-                return Err(at("bad, late or repeated HELP or TYPE"));
+                return Err(at("bad or repeated HELP or TYPE"));
             }
         } else if !line.starts_with('#') && !line.trim().is_empty() {
             // The key is the name and the labels (quoted, maybe with spaces).
-            let key_end = match line.rfind('}') {
-                Some(close) => close + 1,
-                None => line.find(' ').ok_or_else(|| at("no value"))?,
-            };
-            let (key, rest) = line.split_at(key_end);
+            let key_end = line.rfind('}').map(|close| close + 1).or(line.find(' '));
+            let (key, rest) = line.split_at(key_end.unwrap_or(line.len()));
             let (name, labels) = key
                 .split_once('{')
                 .map_or((key, None), |(n, l)| (n, Some(l)));
-            let label_ok = |l: &str| {
-                l.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') && l.ends_with("\"}")
-            };
-            if !labels.is_none_or(label_ok) {
-                return Err(at("bad labels"));
-            }
             let value = match rest.split_whitespace().collect::<Vec<_>>()[..] {
-                [v] => v.parse::<f64>(),
-                [v, ts] if ts.parse::<i64>().is_ok() => v.parse(),
-                _ => return Err(at("expected `name value`")),
+                [v] => v.parse::<f64>().ok(),
+                [v, ts] if ts.parse::<i64>().is_ok() => v.parse().ok(),
+                _ => None,
             };
-            let value = value.map_err(|_| at("value is not a float"))?;
             let base = name.strip_suffix("_sum").or(name.strip_suffix("_count"));
-            let family = match (types.get(name), base.map(|b| (b, types.get(b)))) {
-                (Some(_), _) => name,
-                (None, Some((b, Some(&("summary" | "histogram"))))) => b,
-                _ => return Err(at("sample before its TYPE (or _sum/_count of no summary)")),
+            let summary = |b: &&str| matches!(types.get(b), Some(&("summary" | "histogram")));
+            let family = Some(name).filter(|n| types.contains_key(n));
+            let family = family.or(base.filter(summary)).filter(|f| help.contains(f));
+            let well_formed = valid(name) && labels.is_none_or(labels_ok);
+            let (Some(family), Some(value), true) = (family, value, well_formed) else {
+                return Err(at("malformed, or no HELP and TYPE before it"));
             };
-            if !valid(name) || !help.contains(family) {
-                return Err(at("bad metric name, or no HELP for this family"));
-            }
             seen.insert(family);
             if samples.insert(key.to_string(), value).is_some() {
                 return Err(at("sample repeated"));
@@ -316,15 +296,18 @@ const JSON_FIELDS: &str = "version uptime_seconds queued in_flight uploaded drop
 
 /// The status fields move: fresh; paths from `enqueue -` back off; `wait
 /// --timeout` exits 1; healed, `retry` makes them due at once despite an
-/// hour's delay, and a `wait` returns when they are uploaded; a drop.
+/// hour's delay, and a `wait` returns when they are uploaded; drops. The
+/// call in progress, the spool's backlog (files the hook left, not yet
+/// queued) and the upload rate, in text, JSON and the metrics.
 #[test]
 fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let env = NixEnv::new("op-status");
     let (sk, pk) = env.gen_signing_key("op-status-1");
-    let sk = sk.display().to_string();
+    let (sk, metrics) = (sk.display().to_string(), env.root().join("m.prom"));
+    let file = metrics.display().to_string();
+    let config = [("signing-key-file", sk.as_str()), ("metrics-file", &file)];
     let delays = [("retry-initial-delay", "3600"), ("retry-max-delay", "7200")];
-    let config = [&[("signing-key-file", sk.as_str())], &delays[..]].concat();
-    let (d, w, upload, read) = faked(&env, &config);
+    let (d, w, upload, read) = faked(&env, &[&config[..], &delays].concat());
     w.set_fail(true);
 
     let j = status_json(&d);
@@ -349,9 +332,8 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let paths = env.build_paths(2, "status");
     let p = strs(&paths);
     let mut c = spawn_cli(&d, &["enqueue", "-"]);
-    let mut stdin = c.stdin.take().unwrap();
-    stdin.write_all((p.join("\n") + "\n").as_bytes()).unwrap();
-    drop(stdin);
+    let input = p.join("\n") + "\n";
+    c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let r: Ran = finish_within(c, "enqueue -", COMMAND_DEADLINE).into();
     let queued = "queued 2 new path(s); 0 were already queued\n";
     assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
@@ -405,10 +387,34 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "2 backing-off path(s) will be tried again now\n");
     wait_num(&d, HALF_MINUTE, "in_flight", |n| n == 2.0);
+    // What the hook leaves while the daemon is busy or away; the busy
+    // worker does not take it in until the call ends.
+    let (later, spool) = (env.build_paths(3, "spooled"), d.spool_dir());
+    fs::create_dir_all(&spool).unwrap();
+    let q = strs(&later);
+    for (n, paths) in [(1, &q[..2]), (2, &q[2..])] {
+        let file = spool.join(format!("0000000000000000000{n}-1.req"));
+        fs::write(file, format!("enqueue {}\n", paths.join(" "))).unwrap();
+    }
+    let j = status_json(&d);
+    let in_flight = list(&j, "in_flight_paths").iter().filter_map(Json::as_str);
+    let mut in_flight: Vec<&str> = in_flight.collect();
+    in_flight.sort_unstable();
+    let mut want = p.clone();
+    want.sort();
+    assert_eq!(in_flight, want, "{j:?}");
+    let counts = nums(&j, &["in_flight", "spool_files", "spool_paths"]);
+    assert_eq!(counts, [2.0, 2.0, 3.0], "{j:?}");
+    assert_eq!(num(&j, "upload_rate_per_minute"), 0.0, "{j:?}");
     let text = status_text(&d);
-    assert_eq!(field(&text, "in flight"), "2", "{text}");
+    let shown = ["in flight", "spool files", "spool paths"].map(|l| field(&text, l));
+    assert_eq!(shown, ["2", "2", "3"], "{text}");
     let retrying = text.matches(": attempt 1 failed, retrying now: ").count();
     assert_eq!(retrying, 2, "{text}");
+    for p in &want {
+        assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
+    }
+    wait_for_metrics(&d, &metrics, &[("spool_files", 2.0), ("spool_paths", 3.0)]);
     let mut waiter = spawn_cli(&d, &["wait", "--timeout", "60"]);
     // The upload is held, so wait cannot have returned; first make sure its
     // request reached the daemon (it answers status in the meantime).
@@ -421,10 +427,19 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     // wait returned, so they are in the cache now: no polling.
     let uploaded = env.verify_in_cache(&read, &pk, &paths);
     uploaded.unwrap_or_else(|e| panic!("wait returned before the upload: {e}"));
+    cli_ok(&d, &["wait", "--timeout", "120"]);
+    wait_in(&env, &read, &later);
 
     let j = status_json(&d);
     let counts = nums(&j, &["queued", "in_flight", "uploaded", "backing_off"]);
-    assert_eq!(counts, [0.0, 0.0, 2.0, 0.0], "{j:?}");
+    assert_eq!(counts, [0.0, 0.0, 5.0, 0.0], "{j:?}");
+    assert_eq!(
+        nums(&j, &["spool_files", "spool_paths"]),
+        [0.0, 0.0],
+        "{j:?}"
+    );
+    assert!(list(&j, "in_flight_paths").is_empty(), "{j:?}");
+    assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
     assert_eq!(num(&j, "failed_calls"), failed_calls, "{j:?}");
     let spent = (num(&j, "upload_batches"), num(&j, "upload_seconds_sum"));
     assert!(spent.0 >= 1.0 && spent.1 > 0.0, "{j:?}");
@@ -439,36 +454,42 @@ fn status_fields_move_and_retry_makes_backing_off_paths_due() {
     let queued = "queued 0 new path(s); 0 were already queued\n";
     assert_eq!((r.code, r.stdout.as_str()), (Some(0), queued), "{r:?}");
 
-    let gone = missing_path(&env, "op-gone");
-    assert_eq!(d.request(&format!("enqueue {gone}")), "ok 1");
-    wait_num(&d, UPLOAD_TIMEOUT, "dropped", |n| n == 1.0);
+    // Many paths gone from the store: dropped with one warning for the
+    // batch (a count and a few names), not one line each; `wait` exits 1.
+    let store = env.store_dir().display().to_string();
+    let name = |i| format!("{store}/{i:0>32}-npbhq-gone-{i}");
+    let gone: Vec<String> = (0..50).map(name).collect();
+    assert_eq!(d.request(&format!("enqueue {}", gone.join(" "))), "ok 50");
+    let r = cli(&d, &["wait", "--timeout", "60"]);
+    assert_eq!(r.code, Some(1), "{r:?}\n{}", d.log());
+    let log = d.log();
+    let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
+    assert_eq!(drops.len(), 1, "{log}");
+    let first = format!("warning: dropping {}, ", gone[0]);
+    let summary = drops[0].starts_with(&first) && drops[0].contains(", ... (50 paths): ");
+    assert!(summary, "{}", drops[0]);
+    assert_eq!(num(&status_json(&d), "dropped"), 50.0);
     let text = status_text(&d);
-    let shown = ["dropped", "uploaded"].map(|l| field(&text, l));
-    assert_eq!(shown, ["1 since start", "2 since start"], "{text}");
+    let shown = ["dropped", "uploaded", "spool files"].map(|l| field(&text, l));
+    assert_eq!(shown, ["50 since start", "5 since start", "0"], "{text}");
     let rate = field(&text, "upload rate");
     assert!(rate.ends_with(" paths/min lately"), "{text}");
 }
 
 /// Runs `wait` on a terminal (`script` gives it one): the `script` process
 /// and what the terminal has shown so far.
-fn wait_on_a_terminal(d: &Daemon) -> (ChildGuard, impl Fn() -> String) {
+fn wait_on_a_terminal(d: &Daemon) -> (Guard, impl Fn() -> String) {
     let (bin, socket) = (daemon_bin(), d.socket());
     let cmd = format!("'{}' wait --socket '{}'", bin.display(), socket.display());
     let shown = d.dir().join("terminal");
     let mut script = Command::new("script");
     script.args(["-q", "-e", "-f", "-c", &cmd, "/dev/null"]);
-    for (k, v) in d.cli_cmd().get_envs() {
-        match v {
-            Some(v) => script.env(k, v),
-            None => script.env_remove(k),
-        };
-    }
     let terminal = fs::File::create(&shown).unwrap();
     script.stdin(Stdio::null()).stdout(terminal);
     let child = script.stderr(Stdio::piped()).spawn();
     let child = child.expect("script (util-linux) runs a command on a terminal");
     let text = move || String::from_utf8_lossy(&fs::read(&shown).unwrap_or_default()).into_owned();
-    (ChildGuard(Some(child)), text)
+    (Guard(Some(child)), text)
 }
 
 /// `wait` on a terminal shows its progress on stderr, rewritten in place
@@ -504,7 +525,7 @@ fn wait_on_a_terminal_shows_progress_leaves_a_fresh_line_and_exits_1_on_a_drop()
     let shows_progress = || shown().contains(progress);
     wait_until_diag(HALF_MINUTE, "progress", shows_progress, &shown);
     w.set_hold(false);
-    let status = child.finish("wait on a terminal", COMMAND_DEADLINE).status;
+    let status = child.finish("wait on a terminal", COMMAND_DEADLINE);
     let text = shown();
     assert_eq!(status.code(), Some(1), "terminal showed:\n{text}");
     let dropped = format!("{gone}); see the daemon's log\r\n");
@@ -556,16 +577,13 @@ fn failing_target_is_shown_with_credentials_masked_and_wait_times_out() {
         paths[0].display()
     ));
     assert!(said.is_some_and(|s| contains_all(s, &nix_said)), "{r:?}");
-    let log = d.log();
-    for (what, shown) in [
-        ("status", &text),
-        ("status --json", &json),
-        ("wait", &r.stderr),
-        ("log", &log),
-    ] {
-        let leaks = shown.contains("hunter2") || shown.contains(&secret_key);
-        assert!(!leaks, "{what} leaks a credential:\n{shown}");
-    }
+    let leaks = |shown: &str| shown.contains("hunter2") || shown.contains(&secret_key);
+    assert!(
+        !leaks(&text) && !leaks(&json),
+        "status leaks a credential:\n{text}\n{json}"
+    );
+    assert!(!leaks(&r.stderr), "wait leaks a credential: {r:?}");
+    assert!(!leaks(&d.log()), "the log leaks a credential:\n{}", d.log());
     let r = cli_ok(&d, &["retry"]);
     assert_eq!(r.stdout, "1 backing-off path(s) will be tried again now\n");
 }
@@ -622,12 +640,7 @@ fn cli_errors_are_one_line_and_exit_2() {
 /// Starts `post-build-hook-queue serve --config CONFIG` as systemd does,
 /// with `listener` as fd 3, `LISTEN_FDS=1` and `LISTEN_PID=<its pid>` (or
 /// `listen_pid` unless empty): the shell moves stdin to fd 3 and execs it.
-fn spawn_activated(
-    env: &NixEnv,
-    listener: UnixListener,
-    d: &Daemon,
-    listen_pid: &str,
-) -> ChildGuard {
+fn spawn_activated(env: &NixEnv, listener: UnixListener, d: &Daemon, listen_pid: &str) -> Guard {
     let log = fs::File::create(d.log_path()).unwrap();
     let mut c = env.cmd("/bin/sh");
     let script =
@@ -637,7 +650,7 @@ fn spawn_activated(
     c.stdin(Stdio::from(OwnedFd::from(listener)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    ChildGuard(Some(c.spawn().unwrap()))
+    Guard(Some(c.spawn().unwrap()))
 }
 
 /// Socket activation: the daemon serves the socket it gets as fd 3 (no
@@ -690,54 +703,48 @@ fn socket_activation_serves_the_passed_socket() {
     let mut daemon = spawn_activated(&env, other, &d, "1");
     let bound = || std::os::unix::net::UnixStream::connect(&own).is_ok();
     wait_until(Duration::from_secs(10), "its own socket bound", bound);
-    let r = cli_at(&own, &["status"]);
-    assert_eq!(r.code, Some(0), "{r:?}");
+    cli_ok(&d, &["status"]);
     assert!(daemon.terminate().success());
     assert!(!own.exists(), "own socket removed on stop");
 }
 
-/// Readiness: with `NOTIFY_SOCKET` the daemon sends `READY=1` once it
-/// accepts, and `STOPPING=1` on SIGTERM, then exits 0.
-#[test]
-fn notify_socket_gets_ready_and_stopping() {
-    let env = NixEnv::new("op-notify");
-    let notify_path = env.root().join("notify");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(HALF_MINUTE)).unwrap();
-    let notify_env = notify_path.display().to_string();
-    let mut d = Daemon::start_with_env(&env, NO_ENV, &[("NOTIFY_SOCKET", notify_env.as_str())]);
-    let mut buf = [0u8; 256];
-    let n = notify.recv(&mut buf).expect("READY=1 within 30 s");
-    assert_eq!(&buf[..n], b"READY=1");
-    assert_eq!(cli(&d, &["status"]).code, Some(0));
-    let st = d.stop();
-    assert!(st.success(), "exit on SIGTERM: {st}");
-    let n = notify.recv(&mut buf).expect("STOPPING=1 within 30 s");
-    assert_eq!(&buf[..n], b"STOPPING=1");
-}
-
-/// journald: when `JOURNAL_STREAM` names the daemon's stderr, every log line
-/// starts with its priority (`<6>`, `<4>`, `<3>`); when it was merely
-/// inherited, lines carry the level as a word.
+/// systemd's variables: with `NOTIFY_SOCKET` the daemon sends `READY=1` once
+/// it accepts, and `STOPPING=1` on SIGTERM, then exits 0; when
+/// `JOURNAL_STREAM` names its stderr, every log line starts with its
+/// priority (`<6>`, `<4>`, `<3>`); when it was merely inherited, lines carry
+/// the level as a word.
 #[test]
 fn journal_stream_gives_priority_prefixes_only_on_the_journal() {
     use std::os::unix::fs::MetadataExt;
     let env = NixEnv::new("op-journal");
     let paths = env.build_paths(1, "journal");
+    let notify_path = env.root().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(HALF_MINUTE)).unwrap();
+    let notified = |want: &str| {
+        let mut buf = [0u8; 256];
+        let n = notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{want} within 30 s: {e}"));
+        assert_eq!(String::from_utf8_lossy(&buf[..n]), want);
+    };
+    let config = [("upload-to", "file:///dev/null/x")];
+    let config = [&config[..], &[("retry-initial-delay", "0.05")]].concat();
     for journal in [true, false] {
-        let config = [("upload-to", "file:///dev/null/x")];
-        let config = [&config[..], &[("retry-initial-delay", "0.05")]].concat();
         let mut d = Daemon::new_stopped(&env, &config, NO_ENV);
         let meta = fs::File::create(d.log_path()).unwrap().metadata().unwrap();
         // The stream systemd would name: the log file, or some other file.
         let stream = format!("{}:{}", meta.dev(), meta.ino() + u64::from(!journal));
         d.set_env("JOURNAL_STREAM", &stream);
+        d.set_env("NOTIFY_SOCKET", &notify_path.display().to_string());
         d.try_spawn().unwrap();
+        notified("READY=1");
         enqueue_cli(&d, &paths);
         // A failing upload: something to warn about.
         let warned = || d.log().contains("failed attempt");
         wait_until(UPLOAD_TIMEOUT, "a warning", warned);
         assert!(d.stop().success());
+        notified("STOPPING=1");
         let text = d.log();
         let prefixes = match journal {
             true => ["<3>", "<4>", "<6>"],
@@ -773,14 +780,12 @@ fn metrics_file_is_prometheus_text_and_moves() {
         upload_duration_seconds_sum upload_duration_seconds_count";
     let mut names: Vec<String> = names.split(' ').map(|n| format!("{M}{n}")).collect();
     // And per target, labelled with its URL: up (1) and zeros.
-    for n in
-        "queued delivered_total backing_off failed given_up_total failed_calls_total up".split(' ')
-    {
-        names.push(format!("{M}target_{n}{{target=\"{upload}\"}}"));
-    }
+    let per_target = "queued delivered_total backing_off failed given_up_total \
+        failed_calls_total up";
+    let labelled = |n| format!("{M}target_{n}{{target=\"{upload}\"}}");
+    names.extend(per_target.split(' ').map(labelled));
     names.sort();
-    let keys: Vec<&String> = m.keys().collect();
-    assert_eq!(keys, names.iter().collect::<Vec<_>>());
+    assert!(m.keys().eq(names.iter()), "{names:?} in {m:?}");
     let up_or_zero = |(k, v): (&String, &f64)| *v == f64::from(k.contains("target_up{"));
     assert!(m.iter().all(up_or_zero), "{m:?}");
 
@@ -809,60 +814,6 @@ fn metrics_file_is_prometheus_text_and_moves() {
     assert!(d.stop().success());
     let m = read_metrics(&metrics).expect("metrics written on stop");
     assert_eq!(m[&format!("{M}uploaded_total")], 2.0);
-}
-
-/// `status` answers an operator's questions: the paths of the nix call in
-/// progress, the spool's backlog (files the hook left and their paths, not
-/// yet queued), the upload rate; in text, JSON and the metrics.
-#[test]
-fn status_shows_the_call_in_progress_the_spool_backlog_and_the_rate() {
-    let env = NixEnv::new("op-status-more");
-    let metrics = env.root().join("m.prom");
-    let (d, w, _, read) = faked(&env, &[("metrics-file", &metrics.display().to_string())]);
-    w.set_hold(true);
-    let first = env.build_paths(2, "in-flight");
-    let later = env.build_paths(3, "spooled");
-    enqueue_cli(&d, &first);
-    wait_until(HALF_MINUTE, "copy held", || !w.copy_pids().is_empty());
-    // What the hook leaves while the daemon is busy or away; the busy
-    // worker does not take it in until the call ends.
-    let spool = d.spool_dir();
-    fs::create_dir_all(&spool).unwrap();
-    let p = strs(&later);
-    for (n, paths) in [(1, &p[..2]), (2, &p[2..])] {
-        let file = spool.join(format!("0000000000000000000{n}-1.req"));
-        fs::write(file, format!("enqueue {}\n", paths.join(" "))).unwrap();
-    }
-
-    let j = status_json(&d);
-    let in_flight = list(&j, "in_flight_paths").iter().filter_map(Json::as_str);
-    let mut in_flight: Vec<&str> = in_flight.collect();
-    in_flight.sort_unstable();
-    let mut want = strs(&first);
-    want.sort();
-    assert_eq!(in_flight, want, "{j:?}");
-    let counts = nums(&j, &["in_flight", "spool_files", "spool_paths"]);
-    assert_eq!(counts, [2.0, 2.0, 3.0], "{j:?}");
-    assert_eq!(num(&j, "upload_rate_per_minute"), 0.0, "{j:?}");
-    let text = status_text(&d);
-    for p in &want {
-        assert!(text.contains(&format!("  uploading {p}\n")), "{text}");
-    }
-    let shown = ["spool files", "spool paths"].map(|l| field(&text, l));
-    assert_eq!(shown, ["2", "3"], "{text}");
-    wait_for_metrics(&d, &metrics, &[("spool_files", 2.0), ("spool_paths", 3.0)]);
-
-    w.set_hold(false);
-    cli_ok(&d, &["wait", "--timeout", "120"]);
-    wait_in(&env, &read, &later);
-    let j = status_json(&d);
-    let spool = nums(&j, &["spool_files", "spool_paths"]);
-    assert_eq!(spool, [0.0, 0.0], "{j:?}");
-    assert!(list(&j, "in_flight_paths").is_empty(), "{j:?}");
-    assert!(num(&j, "upload_rate_per_minute") > 0.0, "{j:?}");
-    let text = status_text(&d);
-    let shown = ["uploaded", "spool files"].map(|l| field(&text, l));
-    assert_eq!(shown, ["5 since start", "0"], "{text}");
 }
 
 // --- Poison paths: failure has an end
@@ -921,9 +872,8 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     // Journaled: after a restart they are still given up on, not tried.
     let copies = w.copy_pids().len();
     d.restart();
-    let journal = |d: &Daemon| fs::read_to_string(d.journal_path()).unwrap_or_default();
     let j = status_json(&d);
-    assert_eq!(num(&j, "failed"), 2.0, "{j:?}\n{}", journal(&d));
+    assert_eq!(num(&j, "failed"), 2.0, "{j:?}\n{:?}", d.journal());
     // A later wait (another CI job's, say) neither waits nor fails for them.
     let r = cli_ok(&d, &["wait", "--timeout", "120"]);
     let before = "all uploaded, but for 2 path(s) given up on before this wait (see status)\n";
@@ -948,10 +898,30 @@ fn poison_paths_are_given_up_on_and_can_be_requeued_or_dropped() {
     d.restart();
     let j = status_json(&d);
     let counts = nums(&j, &["queued", "failed"]);
-    assert_eq!(counts, [0.0, 0.0], "{j:?}\n{}", journal(&d));
+    assert_eq!(counts, [0.0, 0.0], "{j:?}\n{:?}", d.journal());
     let r = cli(&d, &["requeue", "--all-failed"]);
     let requeued = "requeued 0 path(s) given up on; they are tried again\n";
     assert_eq!(r.stdout, requeued, "{r:?}");
+
+    // Two refused paths alone in a batch (its canary fails, the target
+    // answers): each given up on after exactly `max-attempts`, not one more.
+    w.set_poison(true);
+    let pair = env.build_paths(2, "poison-pair");
+    enqueue_cli(&d, &pair);
+    let r = cli(&d, &["wait", "--timeout", "120"]);
+    assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
+    assert!(r.stderr.contains(given_up), "{r:?}");
+    let j = status_json(&d);
+    let failed = list(&j, "failed_paths");
+    assert_eq!(failed.len(), 2, "{j:?}");
+    for f in failed {
+        assert_eq!(num(f, "attempts"), 3.0, "{f:?}\nlog:\n{}", d.log());
+    }
+    let log = d.log();
+    for p in strs(&pair) {
+        let line = format!("giving up on {p} after 3 failed attempts");
+        assert!(log.contains(&line), "{log}");
+    }
 }
 
 /// Failures while the target is down (the one-path canary fails too, or the
@@ -1005,12 +975,8 @@ fn outage_counts_towards_neither_max_attempts_nor_give_up_after() {
 /// The journal's name for a target: FNV-1a (64 bits) of its URL, in 16
 /// hex digits (the URL here holds no secret to mask).
 fn target_id(url: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in url.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    let step = |h: u64, b: u8| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    format!("{:016x}", url.bytes().fold(0xcbf2_9ce4_8422_2325, step))
 }
 
 /// Journals replay: one of `+` and `-` records only (an older daemon's), and
@@ -1138,12 +1104,9 @@ fn rough_edges_help_result_links_missing_paths_and_mistyped_keys() {
 fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
     let env = NixEnv::with_conf("op-target", "download-attempts = 1");
     let cache = env.root().join("cache").display().to_string();
-    for url in [
-        format!("fiel://{cache}"),
-        "cache.example.org".into(),
-        "fiel:///x".into(),
-    ] {
-        let log = refused_start(&env, &[("upload-to", url.as_str())]);
+    let urls = format!("fiel://{cache}|cache.example.org|fiel:///x");
+    for url in urls.split('|') {
+        let log = refused_start(&env, &[("upload-to", url)]);
         let start = format!("post-build-hook-queue: upload-to {url}: ");
         // `store info` from Nix 2.19 on, `store ping` before.
         let nix_said = (log.split_once("nix store ping failed"))
@@ -1167,7 +1130,8 @@ fn mistyped_target_stops_the_daemon_and_an_unreachable_one_is_a_warning() {
 
 /// `upload-command` (here `nix copy` through a [`FakeNix`]) gets the paths
 /// as its last arguments, with retries; no shell runs its words; a missing
-/// program stops the daemon; beside `upload-to` it is one more target.
+/// program stops the daemon; beside `upload-to` it is one more target, and
+/// a hung one does not hold back the other.
 #[test]
 fn upload_command_delivers_with_retries_and_without_a_shell() {
     let env = NixEnv::new("op-uploader");
@@ -1212,12 +1176,25 @@ fn upload_command_delivers_with_retries_and_without_a_shell() {
     let said = "upload-command: /nonexistent/cachix is not an executable file";
     assert!(log.contains(said), "{log}");
 
+    // Beside `upload-to`, one that hangs (a long `command-timeout`): a path
+    // queued while the hung call is in progress reaches the other target.
     let (upload2, read2) = file_cache(&env, "cache-beside");
     let beside = copy_to(&upload2);
     let config = [("upload-command", beside.as_str()), ("upload-to", &upload)];
-    let d4 = Daemon::start(&env, &config);
-    let fresh = env.build_paths(1, "uploader-beside");
-    enqueue_cli(&d4, &fresh);
+    let d4 = Daemon::start(&env, &[&config[..], &[("command-timeout", "300")]].concat());
+    w.set("hold", Some("/cache-beside?"));
+    let (fresh, copies) = (env.build_paths(2, "uploader-beside"), w.copy_pids().len());
+    enqueue_cli(&d4, &fresh[..1]);
+    let hanging = || w.copy_pids().len() > copies;
+    wait_until(UPLOAD_TIMEOUT, "the uploader hanging", hanging);
+    enqueue_cli(&d4, &fresh[1..]);
+    let delivered = || env.is_valid_in(&read, &fresh[1]);
+    wait_until(UPLOAD_TIMEOUT, "the later path delivered", delivered);
+    let (j, first) = (status_json(&d4), fresh[0].display().to_string());
+    let listed = list(&j, "in_flight_paths");
+    let in_flight = listed.iter().any(|p| p.as_str() == Some(&first));
+    assert!(in_flight, "the hung call is in progress: {j:?}");
+    w.set("hold", None);
     cli_ok(&d4, &["wait", "--timeout", "120"]);
     assert_in(&env, &read, &fresh, true);
     assert_in(&env, &read2, &fresh, true);
@@ -1256,11 +1233,7 @@ fn nix_calls_start_with_no_signal_blocked_and_end_on_sigterm() {
     assert_eq!(d.request("wait"), "ok all uploaded");
     assert_in(&env, &read, &paths, true);
     let calls = fs::read_to_string(&sigblk).unwrap_or_default();
-    for what in [
-        "nix-store --check-validity",
-        "nix-command store sign",
-        "nix-command copy",
-    ] {
+    for what in "nix-store --check-validity|nix-command store sign|nix-command copy".split('|') {
         assert!(calls.contains(what), "a {what} call was recorded:\n{calls}");
     }
     // Each line: SigBlk, the call.
@@ -1353,25 +1326,24 @@ fn two_targets_both_receive_every_path_signed_once() {
     assert!(signs[0] < copies[0], "signed after a copy: {calls:#?}");
     let j = status_json(&d);
     assert_eq!(nums(&j, &["queued", "uploaded"]), [0.0, 3.0], "{j:?}");
-    let mut samples = vec![];
     for (part, label) in [("cache-a", &up_a), ("cache-b", &up_b)] {
         let (shown, state, counts, t) = target(&d, part, &["delivered", "queued"]);
         let seen = (&shown, state.as_str(), counts);
         assert_eq!(seen, (label, "ok", vec![3.0, 0.0]), "{t:?}");
-        samples.push((format!("target_delivered_total{{target=\"{label}\"}}"), 3.0));
-        samples.push((format!("target_up{{target=\"{label}\"}}"), 1.0));
+        let delivered = format!("target_delivered_total{{target=\"{label}\"}}");
+        let up = format!("target_up{{target=\"{label}\"}}");
+        wait_for_metrics(&d, &metrics, &[(&delivered, 3.0), (&up, 1.0)]);
     }
-    let want: Vec<(&str, f64)> = samples.iter().map(|(n, v)| (n.as_str(), *v)).collect();
-    wait_for_metrics(&d, &metrics, &want);
 }
 
 /// One target down: the other keeps delivering, `status` shows which one
-/// fails and why, `wait` waits for it; once back, it gets every path.
+/// fails and why, `wait` waits for it; once back, it gets every path. A
+/// kill -9 between the two targets' copies loses nothing either.
 #[test]
 fn one_target_down_does_not_hold_back_the_other() {
     let env = NixEnv::new("op-target-down");
     let config = [("retry-initial-delay", "0.2"), ("retry-max-delay", "1")];
-    let (d, w, [(_, read_a), (up_b, read_b)]) = two_targets(&env, &config);
+    let (mut d, w, [(up_a, read_a), (up_b, read_b)]) = two_targets(&env, &config);
     w.set("fail", Some("cache-b"));
     // Paths at first, and more while b is down: a takes them all.
     let first = env.build_paths(2, "down-first");
@@ -1412,15 +1384,10 @@ fn one_target_down_does_not_hold_back_the_other() {
     }
     let (_, state, _, b) = target(&d, "cache-b", &[]);
     assert_eq!(state, "ok", "{b:?}");
-}
 
-/// Killed (-9) after one target has a path and while the other's copy is
-/// under way: the journal says which has it, and the restart delivers to
-/// the other target only; nothing is lost.
-#[test]
-fn kill_9_between_two_targets_delivers_to_the_missing_one_only() {
-    let env = NixEnv::new("op-target-kill");
-    let (mut d, w, [(up_a, read_a), (_, read_b)]) = two_targets(&env, &[]);
+    // Killed (-9) after cache-a has paths and while cache-b's copy is under
+    // way: the journal says which has them, and the restart delivers to
+    // cache-b only; nothing is lost.
     w.set("hold", Some("cache-b"));
     let paths = env.build_paths(2, "kill");
     enqueue_cli(&d, &paths);
@@ -1493,34 +1460,6 @@ fn a_path_given_up_on_one_target_only() {
     assert_eq!(nums(&j, &["queued", "failed"]), [0.0, 0.0], "{j:?}");
 }
 
-/// Two paths the cache refuses, queued together with `max-attempts 2`: the
-/// failed batch's canary fails too, yet the target answers, so each failure
-/// counts against its path and both are given up on after exactly two
-/// attempts each (not retried for ever as an outage, and not one too many).
-#[test]
-fn two_refused_paths_together_are_given_up_after_exactly_max_attempts() {
-    let env = NixEnv::new("op-refused-pair");
-    let (d, w, _, _) = faked(&env, &[&[("max-attempts", "2")], &FAST_RETRY[..]].concat());
-    w.set_poison(true);
-    let poison = env.build_paths(2, "poison");
-    enqueue_cli(&d, &poison);
-    let r = cli(&d, &["wait", "--timeout", "120"]);
-    assert_eq!(r.code, Some(1), "{r:?}\nlog:\n{}", d.log());
-    let given_up = "2 path(s) failed and were given up on";
-    assert!(r.stderr.contains(given_up), "{r:?}");
-    let j = status_json(&d);
-    let failed = list(&j, "failed_paths");
-    assert_eq!(failed.len(), 2, "{j:?}");
-    for f in failed {
-        assert_eq!(num(f, "attempts"), 2.0, "{f:?}\nlog:\n{}", d.log());
-    }
-    let log = d.log();
-    for p in strs(&poison) {
-        let line = format!("giving up on {p} after 2 failed attempts");
-        assert!(log.contains(&line), "{log}");
-    }
-}
-
 /// A cache that refuses every path while it answers `nix store ping` (a
 /// full disk): once a few paths failed alone with nothing taken, it is the
 /// target's fault, and no path is given up on, `max-attempts 2` or not.
@@ -1547,54 +1486,4 @@ fn a_target_refusing_every_path_while_it_answers_ends_no_path() {
     let j = status_json(&d);
     assert_eq!(num(&j, "failed"), 0.0, "{j:?}\n{}", d.log());
     assert!(!d.log().contains("giving up"), "{}", d.log());
-}
-
-/// Two targets, one an uploader that hangs (a long `command-timeout`): a
-/// path queued while the hung call is in progress reaches the other, a
-/// `file://` cache, before that call ends.
-#[test]
-fn a_hung_target_does_not_hold_back_a_healthy_one() {
-    let env = NixEnv::new("op-hung-lane");
-    let ((upload, read), (stuck, _)) = (file_cache(&env, "cache"), file_cache(&env, "stuck"));
-    let w = FakeNix::new(&env);
-    w.set("hold", Some("/stuck?"));
-    let nix = w.nix();
-    let uploader = format!("{nix} --extra-experimental-features nix-command copy --to {stuck}");
-    let config = [("upload-to", upload.as_str()), ("command-timeout", "300")];
-    let config = [&config[..], &[("upload-command", uploader.as_str())]].concat();
-    let d = Daemon::start(&env, &config);
-    let paths = env.build_paths(2, "hung-lane");
-    enqueue_cli(&d, &paths[..1]);
-    let hanging = || !w.copy_pids().is_empty();
-    wait_until(UPLOAD_TIMEOUT, "the uploader hanging", hanging);
-    enqueue_cli(&d, &paths[1..]);
-    let delivered = || env.is_valid_in(&read, &paths[1]);
-    wait_until(UPLOAD_TIMEOUT, "the later path delivered", delivered);
-    let j = status_json(&d);
-    let first = paths[0].display().to_string();
-    let listed = list(&j, "in_flight_paths");
-    let in_flight = listed.iter().any(|p| p.as_str() == Some(&first));
-    assert!(in_flight, "the hung call is in progress: {j:?}");
-}
-
-/// Many queued paths gone from the store are dropped with one warning for
-/// the batch (a count and a few names), not one line each.
-#[test]
-fn paths_gone_from_the_store_are_dropped_with_one_summary_line() {
-    let env = NixEnv::new("op-drop-summary");
-    let (upload, _) = file_cache(&env, "cache");
-    let d = Daemon::start(&env, &[("upload-to", &upload)]);
-    let store = env.store_dir().display().to_string();
-    let name = |i| format!("{store}/{i:0>32}-npbhq-gone-{i}");
-    let gone: Vec<String> = (0..50).map(name).collect();
-    assert_eq!(d.request(&format!("enqueue {}", gone.join(" "))), "ok 50");
-    let r = cli(&d, &["wait", "--timeout", "60"]);
-    assert_eq!(r.code, Some(1), "{r:?}\n{}", d.log());
-    let log = d.log();
-    let drops: Vec<&str> = log.lines().filter(|l| l.contains("dropping")).collect();
-    assert_eq!(drops.len(), 1, "{log}");
-    let first = format!("warning: dropping {}, ", gone[0]);
-    let summary = drops[0].starts_with(&first) && drops[0].contains(", ... (50 paths): ");
-    assert!(summary, "{}", drops[0]);
-    assert_eq!(num(&status_json(&d), "dropped"), 50.0);
 }
