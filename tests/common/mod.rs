@@ -2308,13 +2308,16 @@ pub fn owned_dir(parent: &Path, name: &str, uid: u32, mode: u32) -> PathBuf {
 }
 
 /// A process killed, with its children, on drop (before the user it may
-/// run as is removed, when made after it).
+/// run as is removed, when made after it). One already waited for is left
+/// alone: its pid may be another process's by then.
 pub struct Running(pub Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        kill_tree(self.0.id());
-        let _ = self.0.wait();
+        if let Ok(None) = self.0.try_wait() {
+            kill_tree(self.0.id());
+            let _ = self.0.wait();
+        }
     }
 }
 
