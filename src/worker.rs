@@ -196,7 +196,10 @@ pub fn run(config: &Config, journal: Arc<Journal>, shared: Arc<Shared>, rx: Rece
         }
         let now = Some(Instant::now());
         let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
-        front.add(due.map(|d| d.0.clone()).collect());
+        // Derivations are read as the batch starts, not beside the builds' acknowledgements.
+        let due = due.map(|d| d.0.clone());
+        let ready = front.ready.drain(..).chain(due).collect();
+        front.add(ready);
         if front.ready.is_empty() {
             front.ingest_spool();
         } else {
@@ -234,7 +237,7 @@ impl Front {
     /// True for [`Msg::Shutdown`].
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
-            Msg::Queued(paths) => self.add(paths),
+            Msg::Queued(paths) => self.ready.extend(paths),
             Msg::Flush(wait) => _ = self.ctx.wake(Some(wait)),
             Msg::Retry => {
                 let due = |d: &mut Backoff| d.next_try = Some(Instant::now());
@@ -268,7 +271,7 @@ impl Front {
         ctx.shared.lock().in_flight_paths.clear();
     }
 
-    /// Adds paths to the next batch, derivations replaced by their outputs as they come.
+    /// Adds paths to the next batch, derivations replaced by their outputs.
     fn add(&mut self, paths: Vec<StorePath>) {
         let (drvs, out): (Vec<_>, Vec<_>) = paths.into_iter().partition(StorePath::is_drv);
         self.ready.extend(out);
@@ -328,8 +331,7 @@ impl Front {
     fn ingest_spool(&mut self) {
         let idle = |t: &TargetStats| t.in_flight.is_empty();
         if self.ctx.shared.lock().targets.iter().any(idle) {
-            let paths = self.spool.ingest(&self.ctx.journal);
-            self.add(paths);
+            self.ready.extend(self.spool.ingest(&self.ctx.journal));
         }
     }
 }
@@ -721,12 +723,22 @@ mod tests {
         assert!(front.gather(&rx));
         assert_eq!(front.ready.len(), 2);
         // With one, the batch starts as it is.
-        let (wait, _woken) = mpsc::channel();
+        let (wait, woken) = mpsc::channel();
         assert!(!front.handle(Msg::Flush(wait)));
         tx.send(Msg::Queued(vec![path("c")])).unwrap();
         assert!(front.gather(&rx));
         assert_eq!(front.ready.len(), 2);
         assert!(matches!(rx.try_recv(), Ok(Msg::Queued(_))));
+        // It is woken as paths settle, while it waits.
+        while woken.try_recv().is_ok() {}
+        assert!(front.ctx.wake(None));
+        assert_eq!(woken.try_recv(), Ok(()));
+        // Once it is answered, paths gather with the quiet period again.
+        drop(woken);
+        tx.send(Msg::Queued(vec![path("d")])).unwrap();
+        assert!(front.gather(&rx));
+        assert_eq!(front.ready.len(), 3);
+        assert!(!front.ctx.wake(None));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
