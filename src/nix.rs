@@ -92,7 +92,8 @@ pub struct Nix {
 
 impl Nix {
     /// The `nix` for calls to `upload_to` (`None`: signing, queries); ssh gets a connect timeout.
-    pub fn from_config(config: &Config, upload_to: Option<&str>) -> Nix {
+    /// The running call's process group is published in `running`, for `stop`.
+    pub fn from_config(config: &Config, upload_to: Option<&str>, running: Arc<AtomicU32>) -> Nix {
         let ssh = upload_to.is_some_and(|u| u.starts_with("ssh://") || u.starts_with("ssh-ng://"));
         let no_opts = std::env::var_os("NIX_SSHOPTS").is_none();
         let on_destination = config.substitute_on_destination && ssh;
@@ -101,21 +102,10 @@ impl Nix {
             nix_store: config.nix.with_file_name("nix-store"),
             timeout: config.command_timeout,
             ssh_opts: (ssh && no_opts).then_some("-o ConnectTimeout=10"),
-            running: Arc::default(),
+            running,
             copy_jobs: config.upload_jobs.max(1),
             substitute_on_destination: on_destination.then_some("--substitute-on-destination"),
         }
-    }
-
-    /// Publishes the running call's process group in `running` for `stop`.
-    pub fn with_running(mut self, running: Arc<AtomicU32>) -> Nix {
-        self.running = running;
-        self
-    }
-
-    /// The longest a call may run (`command-timeout`).
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     fn nix_command(&self, subcommand: &[&str]) -> Command {
@@ -347,7 +337,7 @@ impl Nix {
     pub fn new(nix: &Path, timeout: Duration, upload_to: Option<&str>) -> Nix {
         let mut config = Config::new();
         (config.nix, config.command_timeout, config.upload_jobs) = (nix.into(), timeout, 1);
-        Nix::from_config(&config, upload_to)
+        Nix::from_config(&config, upload_to, Arc::default())
     }
     fn call(&self, what: &'static str, cmds: Vec<Command>) -> Result<(), Failure> {
         self.run_all(what, cmds).map(drop)

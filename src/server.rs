@@ -428,7 +428,8 @@ fn given_up(ctx: &Context, seq: u64) -> Vec<(StorePath, GivenUp)> {
 /// it is settled, then `err` naming paths given up on or dropped meanwhile, else `ok`.
 fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
     let (upto, drops) = ctx.journal.watch_drops();
-    let _ = ctx.tx.send(Msg::Flush);
+    let (waiting, woken) = mpsc::channel();
+    let _ = ctx.tx.send(Msg::Flush(waiting));
     // Not this wait's failure (another job's, maybe); `status` lists them.
     let earlier = given_up(ctx, upto);
     let ids: Vec<TargetId> = ctx.targets.iter().map(|t| t.id).collect();
@@ -484,6 +485,6 @@ fn wait(ctx: &Context, mut stream: &UnixStream) -> String {
             }
             (last, last_sent) = (Some((remaining, failing)), Instant::now());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let _ = woken.recv_timeout(Duration::from_millis(50));
     }
 }

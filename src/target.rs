@@ -64,7 +64,7 @@ pub fn configured(config: &Config) -> Vec<Target> {
 /// Checks every `upload-to` URL in turn; `Err`: why the daemon cannot run with one.
 pub fn check_at_start(config: &Config) -> Result<(), String> {
     for url in &config.upload_to {
-        let nix = Nix::from_config(config, Some(url));
+        let nix = Nix::from_config(config, Some(url), Default::default());
         // Handed over only while start-up waits; judged by the check after.
         let (tx, rx) = mpsc::sync_channel(0);
         let (url, shown) = (url.clone(), url.as_str());

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
@@ -33,8 +33,8 @@ pub enum Msg {
     Queued(Vec<StorePath>),
     /// Make every backing-off path due now.
     Retry,
-    /// A `wait` is pending: start the batch now, without its quiet period.
-    Flush,
+    /// A `wait` is pending: start the batch now, without its quiet period; wake it as paths settle.
+    Flush(Sender<()>),
     /// Finish the calls in progress and return.
     Shutdown,
 }
@@ -54,6 +54,7 @@ struct Ctx {
     /// Some target uploads; some signing or upload is configured.
     uploads: bool,
     work: bool,
+    waits: Mutex<Vec<Sender<()>>>,
 }
 
 impl Ctx {
@@ -61,6 +62,14 @@ impl Ctx {
     fn needed(&self, path: &StorePath, ids: &[TargetId]) -> bool {
         let settled = |&id| self.journal.is_settled(path, id);
         self.journal.entry(path).is_some() && !ids.iter().all(settled)
+    }
+
+    /// Wakes the pending `wait`s (and a `new` one); true if some is still pending.
+    fn wake(&self, new: Option<Sender<()>>) -> bool {
+        let mut waits = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        waits.extend(new);
+        waits.retain(|w| w.send(()).is_ok());
+        !waits.is_empty()
     }
 }
 
@@ -104,8 +113,6 @@ struct Front {
     nix: Nix,
     spool: Spool,
     ready: VecDeque<StorePath>,
-    /// A `wait` is pending: no quiet period.
-    flush: bool,
     txs: Vec<Sender<ToLane>>,
     /// Derivations whose outputs could not be found yet.
     drvs: HashMap<StorePath, Backoff>,
@@ -128,12 +135,12 @@ pub fn run(config: &Config, journal: Arc<Journal>, shared: Arc<Shared>, rx: Rece
         ids: targets.iter().map(|t| t.id).collect(),
         uploads,
         work: config.signing_key_file.is_some() || uploads,
+        waits: Mutex::default(),
     });
     let mut front = Front {
-        nix: Nix::from_config(config, None).with_running(ctx.shared.running(0)),
+        nix: Nix::from_config(config, None, ctx.shared.running(0)),
         spool: Spool::new(&config.spool_dir(), &config.store_dir),
         ready: VecDeque::new(),
-        flush: false,
         txs: Vec::new(),
         drvs: HashMap::new(),
         ctx,
@@ -153,7 +160,7 @@ pub fn run(config: &Config, journal: Arc<Journal>, shared: Arc<Shared>, rx: Rece
             _ => None,
         };
         let lane = Lane {
-            nix: Nix::from_config(&ctx.config, url).with_running(ctx.shared.running(i + 1)),
+            nix: Nix::from_config(&ctx.config, url, ctx.shared.running(i + 1)),
             to: match ctx.ids.len() {
                 1 => String::new(),
                 _ => format!(" {}", target.label),
@@ -189,9 +196,11 @@ pub fn run(config: &Config, journal: Arc<Journal>, shared: Arc<Shared>, rx: Rece
         }
         let now = Some(Instant::now());
         let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
-        front.ready.extend(due.map(|d| d.0.clone()));
+        // Derivations are read as the batch starts, not beside the builds' acknowledgements.
+        let due = due.map(|d| d.0.clone());
+        let ready = front.ready.drain(..).chain(due).collect();
+        front.add(ready);
         if front.ready.is_empty() {
-            front.flush = false;
             front.ingest_spool();
         } else {
             let ctx = Arc::clone(&front.ctx);
@@ -208,13 +217,13 @@ pub fn run(config: &Config, journal: Arc<Journal>, shared: Arc<Shared>, rx: Rece
 }
 
 impl Front {
-    /// Gathers a batch until it is quiet, full, old or a `wait` asks. False on a stop.
+    /// Gathers a batch until it is quiet, full, old or a `wait` is pending. False on a stop.
     fn gather(&mut self, rx: &Receiver<Msg>) -> bool {
         let start = Instant::now();
-        while !self.flush
-            && !self.ready.is_empty()
+        while !self.ready.is_empty()
             && self.ready.len() < self.ctx.config.batch_size
             && start.elapsed() < BATCH_MAX_WAIT
+            && !self.ctx.wake(None)
         {
             match receive(rx, Some(Instant::now() + BATCH_QUIET), |m| self.handle(m)) {
                 None => return false,
@@ -229,7 +238,7 @@ impl Front {
     fn handle(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Queued(paths) => self.ready.extend(paths),
-            Msg::Flush => self.flush = true,
+            Msg::Flush(wait) => _ = self.ctx.wake(Some(wait)),
             Msg::Retry => {
                 let due = |d: &mut Backoff| d.next_try = Some(Instant::now());
                 self.drvs.values_mut().for_each(due);
@@ -242,11 +251,10 @@ impl Front {
         false
     }
 
-    /// Resolves, checks and signs a batch once, then hands it to the lanes.
+    /// Checks and signs a batch once, then hands it to the lanes.
     fn process(&mut self, batch: Vec<StorePath>) {
         let ctx = Arc::clone(&self.ctx);
         ctx.shared.lock().in_flight_paths.clone_from(&batch);
-        let batch = self.resolve_derivations(batch);
         let batch = drop_gone(&ctx, &self.nix, batch);
         // If this fails, each lane signs what it copies: its bisection finds the culprits.
         let key = ctx.config.signing_key_file.as_ref();
@@ -263,9 +271,10 @@ impl Front {
         ctx.shared.lock().in_flight_paths.clear();
     }
 
-    /// Replaces derivations by their outputs, in the journal and the batch.
-    fn resolve_derivations(&mut self, batch: Vec<StorePath>) -> Vec<StorePath> {
-        let (drvs, mut out): (Vec<_>, Vec<_>) = batch.into_iter().partition(StorePath::is_drv);
+    /// Adds paths to the next batch, derivations replaced by their outputs.
+    fn add(&mut self, paths: Vec<StorePath>) {
+        let (drvs, out): (Vec<_>, Vec<_>) = paths.into_iter().partition(StorePath::is_drv);
+        self.ready.extend(out);
         let mut gone = Vec::new();
         for path in drvs {
             let outputs = match drv::read_outputs(&path, &self.ctx.config.store_dir) {
@@ -277,7 +286,7 @@ impl Front {
                 _ => self.query_outputs(&path),
             };
             match outputs.map(|o| self.ctx.journal.replace(&path, &o)) {
-                Ok(Ok(added)) => out.extend(added),
+                Ok(Ok(added)) => self.ready.extend(added),
                 Ok(Err(e)) => {
                     let e = format!("cannot journal the outputs: {e}");
                     self.unresolved(path, &e, Blame::Target)
@@ -287,7 +296,6 @@ impl Front {
         }
         let why = "the derivation is no longer in the store";
         drop_paths(&self.ctx.journal, &self.ctx.shared, &gone, why);
-        out
     }
 
     fn query_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, String> {
@@ -531,7 +539,7 @@ impl Lane {
             Kind::SignOnly => return Answer::Answers,
             Kind::Url(url) => url,
         };
-        let timeout = nix::PING_TIMEOUT.min(self.nix.timeout());
+        let timeout = nix::PING_TIMEOUT.min(self.ctx.config.command_timeout);
         let Err(e) = self.nix.ping(url, timeout) else {
             return Answer::Answers;
         };
@@ -590,6 +598,7 @@ impl Lane {
             stats.upload_batches += 1;
         }
         done.iter().for_each(|p| stats.forget(p));
+        ctx.wake(None);
     }
 
     /// Backs off paths that failed together as one group, or gives up on them.
@@ -698,13 +707,13 @@ mod tests {
             ids: Vec::new(),
             uploads: false,
             work: false,
+            waits: Mutex::default(),
         };
         let mut front = Front {
             ctx: Arc::new(ctx),
             nix: Nix::new(std::path::Path::new("nix"), Duration::from_secs(1), None),
             spool: Spool::new(&dir.join("spool"), STORE),
             ready: VecDeque::from([path("a")]),
-            flush: false,
             txs: Vec::new(),
             drvs: HashMap::new(),
         };
@@ -714,11 +723,22 @@ mod tests {
         assert!(front.gather(&rx));
         assert_eq!(front.ready.len(), 2);
         // With one, the batch starts as it is.
-        assert!(!front.handle(Msg::Flush));
+        let (wait, woken) = mpsc::channel();
+        assert!(!front.handle(Msg::Flush(wait)));
         tx.send(Msg::Queued(vec![path("c")])).unwrap();
         assert!(front.gather(&rx));
         assert_eq!(front.ready.len(), 2);
         assert!(matches!(rx.try_recv(), Ok(Msg::Queued(_))));
+        // It is woken as paths settle, while it waits.
+        while woken.try_recv().is_ok() {}
+        assert!(front.ctx.wake(None));
+        assert_eq!(woken.try_recv(), Ok(()));
+        // Once it is answered, paths gather with the quiet period again.
+        drop(woken);
+        tx.send(Msg::Queued(vec![path("d")])).unwrap();
+        assert!(front.gather(&rx));
+        assert_eq!(front.ready.len(), 3);
+        assert!(!front.ctx.wake(None));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
