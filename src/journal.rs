@@ -803,7 +803,10 @@ mod tests {
         std::thread::spawn(move || {
             let _ = tx.send(j2.append(&[path(2)]).map_err(|e| e.to_string()));
         });
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while j.lock().pending.is_empty() {
+            let waiting = std::time::Instant::now() < until;
+            assert!(waiting, "the record never waited for the write in progress");
             std::thread::yield_now();
         }
         fail_write(&j, disk, 101);
