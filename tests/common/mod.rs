@@ -1709,7 +1709,8 @@ impl FakeNix {
             let script = format!(
                 "#!/bin/sh\n\
                  # fake nix: the real {prog}, steered by the files in {d}\n\
-                 {{ for a in \"$0\" \"$@\"; do printf 'A%s\\0' \"$a\"; done; printf 'E\\0'; }} >> '{d}/argv.log'\n\
+                 # One call's record at a time: the targets' lanes call nix at once.\n\
+                 {{ flock 9; for a in \"$0\" \"$@\"; do printf 'A%s\\0' \"$a\"; done; printf 'E\\0'; }} 9>> '{d}/argv.log' >&9\n\
                  {prelude}\n\
                  to=; prev=\n\
                  for a in \"$@\"; do [ \"$prev\" = --to ] && to=$a; prev=$a; done\n\
