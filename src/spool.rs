@@ -43,11 +43,11 @@ pub fn backlog(dir: &Path) -> (usize, usize) {
             continue;
         }
         let (was, paths, listed) = counted.entry(name).or_default();
-        *paths = match *was == ino {
-            true => *paths,
-            _ if !fs::symlink_metadata(entry.path()).is_ok_and(|m| regular(&m)) => 0,
-            _ => fs::read(entry.path()).map_or(0, |d| d.iter().filter(|&&b| b == b' ').count()),
-        };
+        if *was != ino {
+            let file = fs::symlink_metadata(entry.path()).is_ok_and(|m| regular(&m));
+            let data = file.then(|| fs::read(entry.path()).unwrap_or_default());
+            *paths = data.map_or(0, |d| d.iter().filter(|&&b| b == b' ').count());
+        }
         (*was, *listed) = (ino, true);
     }
     counted.retain(|_, (_, _, listed)| std::mem::take(listed));

@@ -7,7 +7,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::journal::{GivenUp, Journal, TargetId};
@@ -196,10 +196,7 @@ pub fn run(config: &Config, journal: Arc<Journal>, shared: Arc<Shared>, rx: Rece
         }
         let now = Some(Instant::now());
         let due = front.drvs.iter().filter(|d| d.1.next_try <= now);
-        // Derivations are read as the batch starts, not beside the builds' acknowledgements.
-        let due = due.map(|d| d.0.clone());
-        let ready = front.ready.drain(..).chain(due).collect();
-        front.add(ready);
+        front.ready.extend(due.map(|d| d.0.clone()));
         if front.ready.is_empty() {
             front.ingest_spool();
         } else {
@@ -251,10 +248,11 @@ impl Front {
         false
     }
 
-    /// Checks and signs a batch once, then hands it to the lanes.
+    /// Resolves, checks and signs a batch once, then hands it to the lanes.
     fn process(&mut self, batch: Vec<StorePath>) {
         let ctx = Arc::clone(&self.ctx);
         ctx.shared.lock().in_flight_paths.clone_from(&batch);
+        let batch = self.resolve_derivations(batch);
         let batch = drop_gone(&ctx, &self.nix, batch);
         // If this fails, each lane signs what it copies: its bisection finds the culprits.
         let key = ctx.config.signing_key_file.as_ref();
@@ -271,10 +269,9 @@ impl Front {
         ctx.shared.lock().in_flight_paths.clear();
     }
 
-    /// Adds paths to the next batch, derivations replaced by their outputs.
-    fn add(&mut self, paths: Vec<StorePath>) {
-        let (drvs, out): (Vec<_>, Vec<_>) = paths.into_iter().partition(StorePath::is_drv);
-        self.ready.extend(out);
+    /// Replaces derivations by their outputs, in the journal and the batch.
+    fn resolve_derivations(&mut self, batch: Vec<StorePath>) -> Vec<StorePath> {
+        let (drvs, mut out): (Vec<_>, Vec<_>) = batch.into_iter().partition(StorePath::is_drv);
         let mut gone = Vec::new();
         for path in drvs {
             let outputs = match drv::read_outputs(&path, &self.ctx.config.store_dir) {
@@ -286,7 +283,7 @@ impl Front {
                 _ => self.query_outputs(&path),
             };
             match outputs.map(|o| self.ctx.journal.replace(&path, &o)) {
-                Ok(Ok(added)) => self.ready.extend(added),
+                Ok(Ok(added)) => out.extend(added),
                 Ok(Err(e)) => {
                     let e = format!("cannot journal the outputs: {e}");
                     self.unresolved(path, &e, Blame::Target)
@@ -296,6 +293,7 @@ impl Front {
         }
         let why = "the derivation is no longer in the store";
         drop_paths(&self.ctx.journal, &self.ctx.shared, &gone, why);
+        out
     }
 
     fn query_outputs(&self, drv: &StorePath) -> Result<Vec<StorePath>, String> {
@@ -351,10 +349,9 @@ fn drop_gone(ctx: &Ctx, nix: &Nix, batch: Vec<StorePath>) -> Vec<StorePath> {
 
 /// Journals that `path` is given up on for target `i`; false if that failed.
 fn give_up(ctx: &Ctx, i: usize, path: &StorePath, attempts: u32, error: &str) -> bool {
-    let at = SystemTime::now().duration_since(UNIX_EPOCH);
     let record = GivenUp {
         target: ctx.ids[i],
-        at: at.map_or(0, |d| d.as_secs()),
+        at: crate::journal::now_secs(),
         attempts,
         error: error.to_string(),
     };
